@@ -1,0 +1,186 @@
+"""Shared test helpers and tiny offline datasets.
+
+Datasets made here (nothing is downloaded):
+- cifar10_binary_dir: a folder holding cifar-10-batches-bin/data_batch_{1..5}.bin in the real binary layout.
+- cifar10_python_dir: a folder holding cifar-10-batches-py/data_batch_{1..5} pickled as the real python version.
+- image_folder: PNG and JPG images in class subfolders.
+Helpers: run_script (the real script in a subprocess, as a user runs it), run_until_line_then_kill, read_scalars,
+read_images, load_module (import a script by path), checkpoint_tensors (flatten a checkpoint for bitwise compares).
+"""
+import importlib.util
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+CIFAR_IMAGES_PER_BATCH = 20  # 5 batches x 20 = 100 tiny "CIFAR-10" images
+
+
+def script_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONWARNINGS"] = "ignore"
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    return env
+
+
+def run_script(script: str, *args, cwd=None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Runs `python <script> <args>` as a user would; with check=True a non-zero exit fails the test with its output."""
+    cmd = [PYTHON, str(ROOT / script), *map(str, args)]
+    result = subprocess.run(cmd, cwd=cwd or ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\n"
+                    f"stderr:\n{result.stderr[-5000:]}")
+    return result
+
+
+def run_until_line_then_kill(script: str, *args, line_startswith: str, cwd=None, timeout: float = 300,
+                             sig: int = signal.SIGKILL) -> str:
+    """Starts the script, reads its stdout, and sends `sig` as soon as a line starts with `line_startswith`.
+    Returns the stdout read so far. Fails the test if the process ends without printing the line."""
+    cmd = [PYTHON, str(ROOT / script), *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(line_startswith):
+                proc.send_signal(sig)
+                break
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if not any(line.startswith(line_startswith) for line in seen):
+        pytest.fail(f"{' '.join(cmd)} never printed {line_startswith!r}\nstdout:\n{''.join(seen)[-3000:]}\n"
+                    f"stderr:\n{proc.stderr.read()[-5000:]}")
+    return "".join(seen)
+
+
+def only_run_dir(output_dir: Path) -> Path:
+    """The single run folder written under output_dir."""
+    runs = [p for p in Path(output_dir).iterdir() if p.is_dir()]
+    assert len(runs) == 1, f"expected one run folder in {output_dir}, found {runs}"
+    return runs[0]
+
+
+def read_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """All scalars of a run's TensorBoard event files: tag -> [(step, value), ...] in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def read_image_tags(run_dir) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    acc.Reload()
+    return acc.Tags()["images"]
+
+
+def load_module(script: str):
+    """Imports a top-level script by path (scripts are single files, not packages)."""
+    name = Path(script).stem
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def checkpoint_tensors(path) -> dict[str, torch.Tensor]:
+    """Every tensor in a checkpoint (loaded with weights_only=True), keyed by its path in the nested dict."""
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, torch.Tensor):
+            flat[prefix] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}/{i}", v)
+
+    walk("", torch.load(path, map_location="cpu", weights_only=True))
+    return flat
+
+
+def assert_checkpoints_bitwise_equal(path_a, path_b, prefixes=("/model", "/ema", "/optimizer")):
+    a, b = checkpoint_tensors(path_a), checkpoint_tensors(path_b)
+    keys = [k for k in a if k.startswith(prefixes)]
+    assert keys, f"no tensors under {prefixes} in {path_a}"
+    assert set(keys) == {k for k in b if k.startswith(prefixes)}
+    different = [k for k in keys if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
+
+
+def tiny_cifar_arrays(seed: int = 0):
+    """5 batches of CIFAR-format uint8 images (N, 3072 channel-major) and labels; images carry a class-dependent
+    colour so that content is not pure noise."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(5):
+        labels = rng.integers(0, 10, CIFAR_IMAGES_PER_BATCH)
+        images = rng.integers(0, 256, (CIFAR_IMAGES_PER_BATCH, 3, 32, 32)).astype(np.uint8)
+        images[:, 0] = (labels * 25)[:, None, None]
+        batches.append((images, labels))
+    return batches
+
+
+@pytest.fixture(scope="session")
+def cifar10_binary_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar_bin")
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir()
+    for i, (images, labels) in enumerate(tiny_cifar_arrays(), start=1):
+        records = np.concatenate([labels.astype(np.uint8)[:, None], images.reshape(len(images), -1)], axis=1)
+        records.tofile(folder / f"data_batch_{i}.bin")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar10_python_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar_py")
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    for i, (images, labels) in enumerate(tiny_cifar_arrays(), start=1):
+        batch = {b"batch_label": f"training batch {i} of 5".encode(), b"labels": labels.tolist(),
+                 b"data": images.reshape(len(images), -1), b"filenames": [b"x.png"] * len(labels)}
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch, f, protocol=2)  # the real files are Python 2 pickles (protocol 2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """3 classes x 6 images, PNG and JPG, of various sizes (not square), in class subfolders."""
+    import cv2
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    colours = {"red": (40, 40, 220), "green": (40, 200, 40), "blue": (220, 60, 40)}  # BGR
+    for name, bgr in colours.items():
+        (root / name).mkdir()
+        for j in range(6):
+            h, w = int(rng.integers(20, 48)), int(rng.integers(20, 48))
+            img = np.full((h, w, 3), 30, np.uint8)
+            img[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = bgr
+            cv2.imwrite(str(root / name / f"{j}.{'png' if j % 2 else 'jpg'}"), img)
+    return root
