@@ -154,3 +154,64 @@ def test_plot_errors_are_one_line(tmp_path):
     write_events(tmp_path / "runs" / "Pong-v5__algo__1__1000", {"losses/x": [(0, 1.0)]})
     result = run_tool("plot.py", tmp_path / "runs", "--tag", "eval/nothing", check=False)
     assert result.returncode == 2 and "losses/x" in result.stderr and result.stderr.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# atari_scores.py
+
+
+def test_hns_and_iqm_against_hand_computed_values():
+    atari = load_tool("atari_scores.py")
+    assert len(atari.RANDOM_HUMAN) == 26 and set(atari.RANDOM_HUMAN) == set(atari.DIAMOND_PAPER_SCORES)
+    # HNS = (score - random) / (human - random), by hand from the table in ../shared/reference/atari.md
+    assert float(atari.human_normalized_score("Breakout-v5", 30.5)) == pytest.approx(1.0)
+    assert float(atari.human_normalized_score("ALE/Breakout-v5", 1.7)) == pytest.approx(0.0)
+    assert float(atari.human_normalized_score("PongNoFrameskip-v4", 20.4)) == pytest.approx(41.1 / 35.3)
+    assert float(atari.human_normalized_score("mspacman", 307.3 + 6644.3 / 2)) == pytest.approx(0.5)
+    # IQM = scipy.stats.trim_mean(x, 0.25): N = 10 drops int(2.5) = 2 at each end, no fractional weights
+    assert atari.iqm([300, 0, 1, 200, 2, 0, 3, 100, 4, 0]) == pytest.approx((0 + 1 + 2 + 3 + 4 + 100) / 6)
+    assert atari.iqm(np.arange(130.0)) == pytest.approx(np.arange(32, 98).mean())  # DIAMOND's 130 runs: middle 66
+    assert atari.iqm([1.0, 2.0, 3.0]) == pytest.approx(2.0)  # int(0.75) = 0: the plain mean
+
+    # Two games x 3 seeds, by hand: Boxing HNS = (s - 0.1) / 12; Pong HNS = (s + 20.7) / 35.3
+    scores = {("Boxing", 1): 12.1, ("Boxing", 2): 24.1, ("Boxing", 3): 0.1,
+              ("Pong", 1): -20.7, ("Pong", 2): 14.6, ("Pong", 3): 49.9}
+    boxing, pong = [1.0, 2.0, 0.0], [0.0, 1.0, 2.0]
+    _, result = atari.report(scores)
+    assert result["mean_hns"] == pytest.approx((1.0 + 1.0) / 2)
+    # 6 runs: int(1.5) = 1 dropped at each end of [0, 0, 1, 1, 2, 2] -> mean(0, 1, 1, 2) = 1
+    assert result["iqm"] == pytest.approx(1.0)
+    assert result["superhuman"] == 2 and result["num_runs"] == 6 and result["num_games"] == 2
+    assert atari.aggregate_hns({"a": boxing, "b": pong})["median_hns"] == pytest.approx(1.0)
+
+    # The paper's own per-game means give its mean HNS 1.46, 11 superhuman games, and an IQM of 0.757 over the
+    # 26 per-game means (the paper's 0.64 is over the 130 runs, which it does not list).
+    text, paper = atari.report({(game, 1): s for game, s in atari.DIAMOND_PAPER_SCORES.items()})
+    assert round(paper["mean_hns"], 2) == 1.46 and paper["superhuman"] == 11
+    assert paper["iqm"] == pytest.approx(0.757, abs=5e-4)
+    assert "| Breakout | 1 | 132.5 | 4.542 | 132.5 | 4.542 |" in text
+
+
+def test_atari_scores_reads_event_files_and_csv(tmp_path):
+    runs = tmp_path / "runs"
+    # the final value of eval/episodic_return is the score; an older duplicate of (Breakout, 1) is ignored
+    write_events(runs / "Breakout-v5__diamond_atari__1__2000", {"eval/episodic_return": [(10, 5.0), (1000, 30.5)]})
+    write_events(runs / "Breakout-v5__diamond_atari__1__1000", {"eval/episodic_return": [(1000, 999.0)]})
+    write_events(runs / "Breakout-v5__diamond_atari__2__2000", {"eval/episodic_return": [(1000, 59.3)]})
+    write_events(runs / "Pong-v5__diamond_atari__1__2000", {"eval/episodic_return": [(1000, -20.7)]})
+    write_events(runs / "Pong-v5__diamond_atari__2__2000", {"losses/x": [(1000, 1.0)]})  # no score yet: left out
+    csv_file = tmp_path / "scores.csv"
+    csv_file.write_text("game,seed,score\nBoxing,1,12.1\nBoxing,2,0.1\n")
+    out = tmp_path / "report.md"
+    result = run_tool("atari_scores.py", runs, "--csv", csv_file, "--out", out, "--bootstrap", 200)
+    # HNS: Breakout [1, 2], Pong [0], Boxing [1, 0] -> per-game means 1.5, 0, 0.5 -> mean 2/3;
+    # 5 runs [0, 0, 1, 1, 2]: int(1.25) = 1 dropped at each end -> mean(0, 1, 1) = 2/3
+    assert "| mean HNS (of per-game means) | 0.667 [" in result.stdout
+    assert "| IQM HNS (all runs, 25% trimmed) | 0.667 [" in result.stdout
+    assert "| Breakout | 2 | 44.9 +- 20.4 | 1.500 |" in result.stdout
+    assert "5 runs on 3 games (missing: Alien" in result.stdout
+    assert out.read_text() in result.stdout + "\n"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("game,seed,score\nNotAGame,1,3\n")
+    result = run_tool("atari_scores.py", "--csv", bad, check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: 'NotAGame' is not one of")
