@@ -86,6 +86,8 @@ class Args:
     """cifar10 (downloaded into --data-dir), folder (PNG/JPG under --data-dir) or shapes (generated, offline)"""
     data_dir: str = "data"
     """where CIFAR-10 is (or is downloaded to), or the image folder"""
+    download: bool = True
+    """download CIFAR-10 into --data-dir when it is not there"""
     img_size: int = 32
     """image side length (folder images are center-cropped and resized to it)"""
     num_shapes_images: int = 2048
@@ -166,7 +168,7 @@ PRESETS = {
 RESUME_MUTABLE_FIELDS = {
     "total_steps", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity", "resume",
     "sample_only", "num_samples", "sampler", "num_sampling_steps", "ddim_eta", "num_eval_samples", "eval_fid",
-    "fid_num_samples", "sample_batch_size", "cuda", "compile", "config", "output_dir",
+    "fid_num_samples", "sample_batch_size", "cuda", "compile", "config", "output_dir", "data_dir", "download",
 }
 
 
@@ -250,7 +252,9 @@ def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.n
         partial = archive.with_suffix(".part")
         try:
             print(f"downloading {CIFAR10_URL} to {root}/ ...", flush=True)
-            urllib.request.urlretrieve(CIFAR10_URL, partial)
+            with urllib.request.urlopen(CIFAR10_URL, timeout=60) as response, open(partial, "wb") as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
         except OSError as e:
             partial.unlink(missing_ok=True)
             raise UserError(f"could not download CIFAR-10 ({e.__class__.__name__}): put cifar-10-binary.tar.gz "
@@ -317,7 +321,7 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
 def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str]:
     """Returns uint8 images (N, 3, H, W), int64 labels, and the dataset id used in the run name."""
     if args.dataset == "cifar10":
-        images, labels = load_cifar10(args.data_dir)
+        images, labels = load_cifar10(args.data_dir, args.download)
         if args.img_size != 32:
             raise UserError(f"CIFAR-10 images are 32x32: use --img-size 32, not {args.img_size}")
         return images, labels, "cifar10"
@@ -578,13 +582,14 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 
 def ddim_timesteps(T: int, num_steps: int, spacing: str) -> list[int]:
     """Descending timesteps: "uniform" 0, T/S, 2T/S, ... (diffusers' "leading"); "quadratic" int(linspace(0,
-    sqrt(0.8 T), S)^2) (the DDIM paper's CIFAR-10 choice); "linspace" round(linspace(T-1, 0, S)) (the seed's)."""
+    sqrt(0.8 T), S)^2) (the DDIM paper's CIFAR-10 choice); "linspace" int(linspace(T-1, 0, S)) (the seed's; unlike
+    the seed's loop, which stops at t = 0, every spacing here ends with a step to the clean image)."""
     if spacing == "uniform":
         steps = [i * (T // num_steps) for i in range(num_steps)]
     elif spacing == "quadratic":
         steps = [int(s) for s in np.linspace(0, math.sqrt(T * 0.8), num_steps) ** 2]
-    elif spacing == "linspace":
-        steps = [int(round(s)) for s in np.linspace(0, T - 1, num_steps)]
+    elif spacing == "linspace":  # the seed's torch.linspace(T - 1, 0, S).long(): truncated, already descending
+        return [int(s) for s in np.linspace(T - 1, 0, num_steps)]
     else:
         raise ValueError(f"unknown DDIM spacing {spacing}")
     return steps[::-1]
@@ -667,25 +672,30 @@ def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
 # Evaluation: FID with torchmetrics (Inception from torch-fidelity, or any feature extractor module).
 
 
-def compute_fid(fake_images: torch.Tensor, real_images: torch.Tensor, feature_extractor: Optional[nn.Module] = None,
-                batch_size: int = 500, device: torch.device = torch.device("cpu")) -> float:
-    """FID between two sets of uint8 images (N, 3, H, W). feature_extractor None: Inception-v3 pool features (2048)
-    with the weights torch-fidelity downloads; a module: its (N, d) features (for tests and custom metrics)."""
+def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
+    """torchmetrics' FrechetInceptionDistance. feature_extractor None: Inception-v3 pool features (2048-d) with the
+    weights torch-fidelity downloads (the standard FID); a module: its (N, d) features (tests, custom metrics)."""
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError:
         raise UserError("--eval-fid needs torchmetrics: pip install -e '.[eval]'") from None
     try:
-        fid = FrechetInceptionDistance(feature=2048 if feature_extractor is None else feature_extractor,
-                                       reset_real_features=False).to(device)
+        return FrechetInceptionDistance(feature=2048 if feature_extractor is None else feature_extractor)
     except Exception as e:  # noqa: BLE001 - no torch-fidelity, or it cannot fetch the Inception weights
         raise UserError(f"FID needs torch-fidelity and the Inception weights pt_inception-2015-12-05-6726825d.pth "
                         f"(pip install -e '.[eval]'; offline, put the file in {torch.hub.get_dir()}/checkpoints/): "
                         f"{str(e).splitlines()[0] if str(e) else e.__class__.__name__}") from None
+
+
+def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor, batch_size: int = 500,
+                device: torch.device = torch.device("cpu")) -> float:
+    """FID = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) between two sets of uint8 images (N, 3, H, W)."""
+    fid_metric = fid_metric.to(device)
+    fid_metric.reset()
     for images, real in ((real_images, True), (fake_images, False)):
         for start in range(0, len(images), batch_size):
-            fid.update(images[start: start + batch_size].to(device), real=real)
-    return float(fid.compute())
+            fid_metric.update(images[start: start + batch_size].to(device), real=real)
+    return float(fid_metric.compute())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -959,9 +969,11 @@ def main(args: Args, given: set[str]):
                                      args.ddim_eta, generator).cpu())
         return torch.cat(out).numpy()
 
+    fid_metric = make_fid_metric() if args.eval_fid else None  # fail now, not after training, if it cannot be had
+
     def run_fid(writer=None) -> float:
         samples = torch.from_numpy(generate(args.fid_num_samples, args.sample_batch_size))
-        fid = compute_fid(samples, torch.from_numpy(images_np), batch_size=args.sample_batch_size, device=device)
+        fid = compute_fid(fid_metric, samples, torch.from_numpy(images_np), args.sample_batch_size, device)
         print(f"FID ({args.fid_num_samples} samples vs {num_images} training images, {args.sampler} "
               f"{args.num_sampling_steps} steps): {fid:.3f}")
         if writer is not None:
@@ -1024,8 +1036,7 @@ def main(args: Args, given: set[str]):
         nonlocal stop_requested
         stop_requested = True
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def save(step: int):
         # Check the loss and the gradients since the last log before writing: never save NaN weights.
@@ -1140,6 +1151,8 @@ def main(args: Args, given: set[str]):
         import wandb
 
         wandb.finish()
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
     if world_size > 1:
         dist.destroy_process_group()
 

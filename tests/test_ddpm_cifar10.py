@@ -1,0 +1,587 @@
+"""ddpm_cifar10.py: the U-Net against the paper and diffusers, the samplers against diffusers' schedulers step by step,
+a tiny model that must learn, the script as a user runs it, exact resume, torchrun, and every bad input."""
+import hashlib
+import json
+import math
+import os
+import pickle
+import shutil
+import subprocess
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import (PYTHON, ROOT, assert_checkpoints_bitwise_equal, checkpoint_tensors, load_module, only_run_dir,
+                      read_image_tags, read_scalars, run_script, run_until_line_then_kill, script_env)
+
+ddpm = load_module("ddpm_cifar10.py")
+SCRIPT = "ddpm_cifar10.py"
+TINY = ["--preset", "tiny"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def diffusers_ddpm_unet():
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
+                       norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
+                       attention_head_dim=None, dropout=0.1)
+
+
+def diffusers_key_to_ours(key: str) -> str:
+    """Maps a UNet2DModel state-dict key to ddpm_cifar10.UNet's (2 res blocks per level down, 3 up)."""
+    parts = key.split(".")
+    renames = {"time_emb_proj": "temb_proj", "conv_shortcut": "shortcut", "group_norm": "norm", "to_q": "q",
+               "to_k": "k", "to_v": "v"}
+    if parts[0] == "time_embedding":
+        return {"linear_1": "temb_dense1", "linear_2": "temb_dense2"}[parts[1]] + "." + parts[2]
+    if parts[0] == "conv_norm_out":
+        return "norm_out." + parts[1]
+    if parts[0] in ("down_blocks", "up_blocks"):
+        level, kind, index = int(parts[1]), parts[2], int(parts[3])
+        rest = parts[4:]
+        per_level = 2 if parts[0] == "down_blocks" else 3
+        side = parts[0].split("_")[0]
+        if kind in ("downsamplers", "upsamplers"):
+            return f"{kind[:-3]}es.{level}." + ".".join(rest)  # downsamplers.0.conv -> downsamples.{level}.conv
+        if kind == "attentions":
+            rest = ["proj_out", rest[-1]] if rest[0] == "to_out" else [renames.get(rest[0], rest[0]), rest[-1]]
+            return f"{side}_attns.{level * per_level + index}." + ".".join(rest)
+        return f"{side}_blocks.{level * per_level + index}." + ".".join(renames.get(p, p) for p in rest)
+    if parts[0] == "mid_block":
+        kind, index, rest = parts[1], int(parts[2]), parts[3:]
+        if kind == "attentions":
+            rest = ["proj_out", rest[-1]] if rest[0] == "to_out" else [renames.get(rest[0], rest[0]), rest[-1]]
+            return "mid_attn." + ".".join(rest)
+        return f"mid_block{index + 1}." + ".".join(renames.get(p, p) for p in rest)
+    return key
+
+
+def test_default_unet_has_the_papers_parameter_count():
+    model = ddpm.build_model(ddpm.Args())
+    assert sum(p.numel() for p in model.parameters()) == 35_746_307
+
+
+def test_unet_equals_diffusers_unet2dmodel_with_copied_weights():
+    torch.manual_seed(0)
+    theirs = diffusers_ddpm_unet().eval()
+    ours = ddpm.build_model(ddpm.Args()).eval()
+    mapped = {diffusers_key_to_ours(k): v for k, v in theirs.state_dict().items()}
+    assert set(mapped) == set(ours.state_dict())
+    ours.load_state_dict(mapped)  # strict: every tensor has the same shape
+    x = torch.randn(2, 3, 32, 32)
+    t = torch.tensor([3, 777])
+    with torch.no_grad():
+        expected = theirs(x, t).sample
+        got = ours(x, t)
+    assert expected.abs().mean() > 0.05  # a meaningful comparison: diffusers' init is not zero
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_unet_starts_as_zero_prediction_and_every_parameter_is_trained():
+    args = ddpm.replace(ddpm.Args(), channels=32, channel_mult=(1, 2), img_size=8, attn_resolutions=(4,))
+    model = ddpm.build_model(args)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(model(x, torch.tensor([1, 500])), torch.zeros_like(x))
+    # zero-init branches wake up one after another: after a few steps every parameter gets a gradient (no dead branch)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(4):
+        opt.zero_grad()
+        (model(x, torch.tensor([1, 500])) - x.flip(0)).square().mean().backward()
+        opt.step()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Schedule and samplers against diffusers
+
+
+def test_alphas_cumprod_matches_diffusers():
+    from diffusers import DDPMScheduler
+
+    ours = ddpm.make_alphas_cumprod(ddpm.make_beta_schedule("linear", 1000))
+    assert ours.dtype == torch.float64
+    theirs = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").alphas_cumprod
+    torch.testing.assert_close(ours.float(), theirs, atol=1e-6, rtol=0)
+    ours_cos = ddpm.make_alphas_cumprod(ddpm.make_beta_schedule("cosine", 1000))
+    theirs_cos = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod
+    torch.testing.assert_close(ours_cos.float(), theirs_cos, atol=1e-6, rtol=0)
+
+
+def alphas_cumprod():
+    return ddpm.make_alphas_cumprod(ddpm.make_beta_schedule("linear", 1000, 1e-4, 0.02))
+
+
+ABAR = alphas_cumprod().float()
+
+
+def fixed_model_fn(x, t):
+    """A deterministic, nonlinear stand-in for a trained noise model: it predicts x0 = 0.9 tanh(x_t + t/2000) and
+    returns the matching eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t), so samples stay in the data range."""
+    abar = ABAR[t][:, None, None, None]
+    x0 = 0.9 * torch.tanh(x + t[:, None, None, None] / 2000)
+    return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+
+def run_diffusers_loop(scheduler, x_T, num_steps, generator=None, **step_kwargs):
+    scheduler.set_timesteps(num_steps)
+    x = x_T.clone()
+    for t in scheduler.timesteps:
+        eps = fixed_model_fn(x, torch.full((x.shape[0],), int(t)))
+        kwargs = dict(step_kwargs, generator=generator) if generator is not None else step_kwargs
+        x = scheduler.step(eps, t, x, **kwargs).prev_sample
+    return x
+
+
+def x_T(seed=0):
+    return torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
+@pytest.mark.parametrize("num_steps", [None, 50])
+def test_ddpm_sample_matches_diffusers_ddpm_scheduler(variance, num_steps):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type=variance,
+                              clip_sample=True)
+    expected = run_diffusers_loop(scheduler, x_T(), num_steps or 1000, generator=torch.Generator().manual_seed(7))
+    got = ddpm.ddpm_sample(fixed_model_fn, x_T(), alphas_cumprod(), num_steps, variance=variance,
+                           clip_denoised=True, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_sample_matches_diffusers_ddim_scheduler(eta):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", set_alpha_to_one=True,
+                              clip_sample=False, timestep_spacing="leading", steps_offset=0)
+    expected = run_diffusers_loop(scheduler, x_T(), 50, generator=torch.Generator().manual_seed(3), eta=eta)
+    got = ddpm.ddim_sample(fixed_model_fn, x_T(), alphas_cumprod(), 50, eta=eta, spacing="uniform",
+                           generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("num_steps", [10, 20])
+def test_dpm_solver_sample_matches_diffusers_dpm_solver_multistep(num_steps):
+    from diffusers import DPMSolverMultistepScheduler
+
+    expected = run_diffusers_loop(DPMSolverMultistepScheduler(), x_T(), num_steps)
+    got = ddpm.dpm_solver_sample(fixed_model_fn, x_T(), alphas_cumprod(), num_steps)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_ddim_timestep_spacings_by_hand():
+    assert ddpm.ddim_timesteps(1000, 5, "uniform") == [800, 600, 400, 200, 0]
+    assert ddpm.ddim_timesteps(1000, 5, "linspace") == [999, 749, 499, 249, 0]  # the seed's linspace(999, 0, 5).long()
+    # DDIM's CIFAR-10 choice: int(linspace(0, sqrt(800), S)^2) = 0, 50, 200, 450, 800
+    assert ddpm.ddim_timesteps(1000, 5, "quadratic") == [800, 450, 200, 50, 0]
+
+
+def test_first_dpm_solver_step_is_ddim():
+    """With one step each, DPM-Solver++ and DDIM both land on the x0 prediction at t = 999; with two steps the first
+    (first-order) DPM-Solver++ step must equal a DDIM step between the same timesteps."""
+    abar = alphas_cumprod()
+    torch.testing.assert_close(ddpm.dpm_solver_sample(fixed_model_fn, x_T(), abar, 1),
+                               ddpm.ddim_sample(fixed_model_fn, x_T(), abar, 1, spacing="linspace"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A tiny model learns
+
+
+@pytest.fixture(scope="module")
+def tiny_trained_model():
+    """A small U-Net trained in-process for a few hundred steps on 4 fixed 8x8 images."""
+    torch.manual_seed(0)
+    images, _ = ddpm.make_shapes_dataset(4, 8, num_classes=4, seed=3)
+    data = torch.from_numpy(images).float() / 127.5 - 1
+    args = ddpm.replace(ddpm.Args(), channels=32, channel_mult=(1, 2), img_size=8, attn_resolutions=(4,), dropout=0.0)
+    model = ddpm.build_model(args)
+    abar = alphas_cumprod().float()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for step in range(500):
+        x0 = data[torch.randint(0, 4, (32,))]
+        t = torch.randint(0, 1000, (32,))
+        noise = torch.randn_like(x0)
+        x_t = abar[t].sqrt()[:, None, None, None] * x0 + (1 - abar[t]).sqrt()[:, None, None, None] * noise
+        loss = (model(x_t, t) - noise).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model.eval(), data, losses
+
+
+def test_tiny_model_loss_falls(tiny_trained_model):
+    _, _, losses = tiny_trained_model
+    assert np.mean(losses[:10]) > 0.5
+    assert np.mean(losses[-50:]) < 0.25 * np.mean(losses[:10])
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 20), ("dpm++", 20), ("ddpm", 100), ("ddpm", 1000)])
+def test_samples_land_near_the_training_images(tiny_trained_model, sampler, steps):
+    """Each sample is close to one of the 4 training images: mean squared distance to the nearest one below 0.05
+    (pixels in [-1, 1]; the images are 0.5 to 2.5 apart, pure noise is about 1.4 away). A sign error or a wrong
+    coefficient in any sampler lands far from the data."""
+    model, data, _ = tiny_trained_model
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    samples = ddpm.sample_images(model, x, alphas_cumprod(), sampler, steps,
+                                 generator=torch.Generator().manual_seed(2)).float() / 127.5 - 1
+    nearest = ((samples[:, None] - data[None]) ** 2).mean(dim=(2, 3, 4)).min(dim=1).values
+    assert nearest.mean() < 0.05, nearest
+    assert ((data[:, None] - data[None]) ** 2).mean(dim=(2, 3, 4)).fill_diagonal_(9).min() > 0.2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The script as a user runs it
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    result = run_script(SCRIPT, *TINY, "--output-dir", out)
+    return only_run_dir(out), result
+
+
+def test_tiny_preset_writes_events_config_samples_and_a_safe_checkpoint(tiny_run):
+    run_dir, result = tiny_run
+    assert run_dir.name.startswith("shapes__ddpm_cifar10__1__")
+    scalars = read_scalars(run_dir)
+    for tag in ("losses/mse", "charts/learning_rate", "charts/grad_norm", "charts/SPS", "perf/mfu"):
+        assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
+    steps = [s for s, _ in scalars["losses/mse"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 60
+    assert scalars["losses/mse"][-1][1] < 0.5 * scalars["losses/mse"][0][1]  # it learns
+    assert "samples/ema" in read_image_tags(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["preset"] == "tiny" and config["total_steps"] == 60
+    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    assert checkpoint["script"] == SCRIPT and checkpoint["step"] == 60
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in checkpoint["model"])
+    assert (run_dir / "samples" / "step00000060.png").exists()
+    assert "saved checkpoint at step 60" in result.stdout
+    assert "parameters" in result.stdout
+
+
+def test_sample_only_writes_png_and_uint8_npz(tiny_run):
+    run_dir, _ = tiny_run
+    result = run_script(SCRIPT, "--resume", run_dir, "--sample-only", "--num-samples", "5", "--sampler", "dpm++",
+                        "--num-sampling-steps", "5")
+    npz_files = sorted((run_dir / "samples").glob("sample_only_dpm++5_*.npz"))
+    assert len(npz_files) == 1, result.stdout
+    with np.load(npz_files[0], allow_pickle=False) as f:
+        images = f["arr_0"]
+    assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
+    assert images.std() > 10  # an image, not a constant
+    assert npz_files[0].with_suffix(".png").exists()
+
+
+def test_config_file_reproduces_the_run_settings(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    args, _ = ddpm.parse_args(["--config", str(run_dir / "config.json"), "--total-steps", "7"])
+    assert args.channels == 32 and args.channel_mult == (1, 2) and args.total_steps == 7 and args.dataset == "shapes"
+
+
+def tiny_data_run(out, *args):
+    return run_script(SCRIPT, *TINY, "--output-dir", out, "--total-steps", "3", "--save-every", "3",
+                      "--eval-every", "3", "--num-sampling-steps", "2", "--num-eval-samples", "4", *args)
+
+
+@pytest.mark.parametrize("fmt", ["binary", "python"])
+def test_runs_on_cifar10_format_data(fmt, cifar10_binary_dir, cifar10_python_dir, tmp_path):
+    data_dir = cifar10_binary_dir if fmt == "binary" else cifar10_python_dir
+    tiny_data_run(tmp_path, "--dataset", "cifar10", "--data-dir", data_dir, "--img-size", "32", "--no-download")
+    run_dir = only_run_dir(tmp_path)
+    assert run_dir.name.startswith("cifar10__")
+    assert {"losses/mse", "charts/SPS", "perf/mfu"} <= set(read_scalars(run_dir))
+    assert torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["step"] == 3
+
+
+def test_cifar10_loaders_read_the_same_images(cifar10_binary_dir, cifar10_python_dir):
+    images_bin, labels_bin = ddpm.load_cifar10(str(cifar10_binary_dir), download=False)
+    images_py, labels_py = ddpm.load_cifar10(str(cifar10_python_dir), download=False)
+    assert images_bin.shape == (100, 3, 32, 32) and images_bin.dtype == np.uint8
+    np.testing.assert_array_equal(images_bin, images_py)
+    np.testing.assert_array_equal(labels_bin, labels_py)
+    assert (images_bin[:, 0, 0, 0] == labels_bin * 25).all()  # channel-major layout read right
+
+
+def test_runs_on_an_image_folder(image_folder, tmp_path):
+    tiny_data_run(tmp_path, "--dataset", "folder", "--data-dir", image_folder, "--img-size", "16")
+    run_dir = only_run_dir(tmp_path)
+    assert run_dir.name.startswith(f"{image_folder.name}__")
+    assert "samples/ema" in read_image_tags(run_dir)
+    images, labels, classes = ddpm.load_image_folder(str(image_folder), 16)
+    assert images.shape == (18, 3, 16, 16) and classes == ["blue", "green", "red"]
+    red = images[labels == classes.index("red")]
+    assert (red[:, 0, 8, 8] > 150).all() and (red[:, 2, 8, 8] < 100).all()  # RGB order, not BGR
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exact resume, signals, torchrun
+
+
+RESUME_ARGS = [*TINY, "--total-steps", "40", "--save-every", "20", "--eval-every", "1000", "--dropout", "0.1"]
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    run_script(SCRIPT, *RESUME_ARGS, "--output-dir", reference)
+    run_until_line_then_kill(SCRIPT, *RESUME_ARGS, "--output-dir", interrupted,
+                             line_startswith="saved checkpoint at step 20")
+    run_dir = only_run_dir(interrupted)
+    assert torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["step"] == 20
+    run_script(SCRIPT, "--resume", run_dir)
+    assert_checkpoints_bitwise_equal(only_run_dir(reference) / "checkpoints" / "latest.pt",
+                                     run_dir / "checkpoints" / "latest.pt")
+    steps = [s for s, _ in read_scalars(run_dir)["losses/mse"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # no point logged twice after the resume
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    out = run_until_line_then_kill(SCRIPT, *TINY, "--total-steps", "100000", "--output-dir", tmp_path,
+                                   "--save-every", "5", line_startswith="saved checkpoint at step 5",
+                                   sig=__import__("signal").SIGTERM)
+    run_dir = only_run_dir(tmp_path)
+    step = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["step"]
+    assert step >= 5 and step < 100000
+    # the run can go on from where SIGTERM stopped it
+    run_script(SCRIPT, "--resume", run_dir, "--total-steps", str(step + 2))
+    assert torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["step"] == step + 2
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    common = [*TINY, "--total-steps", "3", "--batch-size", "8", "--dropout", "0", "--save-every", "3",
+              "--eval-every", "1000", "--num-eval-samples", "4"]
+    run_script(SCRIPT, *common, "--output-dir", tmp_path / "one")
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / SCRIPT), *common,
+           "--output-dir", str(tmp_path / "two")]
+    result = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-5000:]
+    one = checkpoint_tensors(only_run_dir(tmp_path / "one") / "checkpoints" / "latest.pt")
+    two = checkpoint_tensors(only_run_dir(tmp_path / "two") / "checkpoints" / "latest.pt")
+    model_keys = [k for k in one if k.startswith("/model/")]
+    assert model_keys
+    initial = ddpm.build_model(ddpm.parse_args(TINY)[0])
+    assert any(not torch.equal(one[f"/model/{k}"], v) for k, v in initial.state_dict().items())  # it trained
+    for key in model_keys + [k for k in one if k.startswith("/ema/")]:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing lost
+
+
+def file_hash(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.fixture()
+def saved_run(tiny_run, tmp_path):
+    """A copy of the tiny run, and the hash of its checkpoint (which a failed command must leave untouched)."""
+    run_dir = tmp_path / tiny_run[0].name
+    shutil.copytree(tiny_run[0], run_dir)
+    return run_dir, file_hash(run_dir / "checkpoints" / "latest.pt")
+
+
+def test_error_cifar10_missing_offline(tmp_path):
+    result = run_script(SCRIPT, "--data-dir", tmp_path, "--no-download", check=False)
+    assert_one_line_error(result, "cifar-10-binary.tar.gz", str(tmp_path))
+
+
+def test_error_cifar10_download_fails_without_network(tmp_path):
+    env = script_env()
+    env.update(https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")  # a closed port: no network
+    result = subprocess.run([PYTHON, str(ROOT / SCRIPT), "--data-dir", str(tmp_path)], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert_one_line_error(result, "cifar-10-binary.tar.gz", str(tmp_path))
+    assert not any(tmp_path.iterdir())  # no partial download left behind
+
+
+def test_error_cifar10_archive_corrupt(tmp_path):
+    (tmp_path / "cifar-10-binary.tar.gz").write_bytes(b"not a tar archive")
+    result = run_script(SCRIPT, "--data-dir", tmp_path, check=False)
+    assert_one_line_error(result, "corrupt", "md5")
+
+
+def test_cifar10_archive_is_verified_and_extracted(tmp_path, cifar10_binary_dir, monkeypatch):
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(cifar10_binary_dir / "cifar-10-batches-bin", arcname="cifar-10-batches-bin")
+    monkeypatch.setattr(ddpm, "CIFAR10_MD5", ddpm.md5_of(archive))
+    images, labels = ddpm.load_cifar10(str(tmp_path), download=False)
+    assert images.shape == (100, 3, 32, 32) and labels.shape == (100,)
+
+
+def test_error_folder_without_images(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    result = run_script(SCRIPT, "--dataset", "folder", "--data-dir", tmp_path, check=False)
+    assert_one_line_error(result, "no PNG/JPG images", str(tmp_path))
+
+
+def test_error_corrupt_checkpoint(saved_run):
+    run_dir, _ = saved_run
+    (run_dir / "checkpoints" / "latest.pt").write_bytes(b"\x00garbage")
+    assert_one_line_error(run_script(SCRIPT, "--resume", run_dir, check=False), "cannot load checkpoint")
+
+
+def test_error_checkpoint_of_another_script(saved_run, tmp_path):
+    run_dir, _ = saved_run
+    other = tmp_path / "other.pt"
+    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    torch.save(dict(checkpoint, script="dit_cifar10.py"), other)
+    assert_one_line_error(run_script(SCRIPT, "--resume", other, check=False), "dit_cifar10.py")
+
+
+def test_error_checkpoint_with_another_model_shape(saved_run, tmp_path):
+    run_dir, _ = saved_run
+    other = tmp_path / "other.pt"
+    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    checkpoint["args"]["channels"] = 64
+    torch.save(checkpoint, other)
+    assert_one_line_error(run_script(SCRIPT, "--resume", other, "--sample-only", check=False), "do not fit")
+
+
+def test_error_changed_flag_on_resume_leaves_checkpoint_untouched(saved_run):
+    run_dir, digest = saved_run
+    result = run_script(SCRIPT, "--resume", run_dir, "--learning-rate", "0.1", check=False)
+    assert_one_line_error(result, "--learning-rate")
+    assert file_hash(run_dir / "checkpoints" / "latest.pt") == digest
+
+
+def test_error_malicious_checkpoint_is_refused_without_running_code(saved_run, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"script": SCRIPT, "payload": Evil()}, evil)
+    assert_one_line_error(run_script(SCRIPT, "--resume", evil, check=False), "cannot load checkpoint")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--num-sampling-steps", "0"], ["--num-sampling-steps"]),
+    (["--channels", "48"], ["--channels", "32"]),
+    (["--img-size", "20"], ["--img-size"]),
+    (["--sample-only"], ["--resume"]),
+])
+def test_error_impossible_settings(flags, words, tmp_path):
+    result = run_script(SCRIPT, *TINY, "--output-dir", tmp_path, *flags, check=False)
+    assert_one_line_error(result, *words)
+    assert not any(tmp_path.iterdir())  # nothing written for a run that never started
+
+
+def test_error_batch_not_divisible_by_world_size(tmp_path):
+    env = dict(script_env(), WORLD_SIZE="3", RANK="0", LOCAL_RANK="0")
+    result = subprocess.run([PYTHON, str(ROOT / SCRIPT), *TINY, "--output-dir", str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert_one_line_error(result, "--batch-size 32", "3")
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = run_script(SCRIPT, *TINY, "--output-dir", tmp_path, "--learning-rate", "1e30", "--warmup-steps", "1",
+                        "--save-every", "1", "--total-steps", "50", check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "non-finite" in result.stderr.strip().splitlines()[-1]
+    checkpoint = torch.load(only_run_dir(tmp_path) / "checkpoints" / "latest.pt", weights_only=True)
+    assert 1 <= checkpoint["step"] < 50
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    payload = pickle.dumps({b"data": Evil(), b"labels": [0]}, protocol=2)
+    with pytest.raises(pickle.UnpicklingError):
+        ddpm.RestrictedUnpickler(__import__("io").BytesIO(payload), encoding="bytes").load()
+    # through the script: a python-format CIFAR folder with a malicious batch is one error line, and no code ran
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(payload)
+    result = run_script(SCRIPT, "--data-dir", tmp_path, "--no-download", check=False)
+    assert_one_line_error(result, "data_batch_1")
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FID code path (a small stand-in feature extractor: the Inception weights cannot be downloaded here)
+
+
+class StandInFeatures(torch.nn.Module):
+    """A fixed random projection of 4x4-pooled images: (N, 3, H, W) uint8 -> (N, 8) features."""
+
+    def __init__(self):
+        super().__init__()
+        self.projection = torch.nn.Linear(48, 8)
+        torch.nn.init.normal_(self.projection.weight, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
+        return self.projection(pooled)
+
+
+def frechet_distance_by_hand(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    # Tr((S_a S_b)^(1/2)) = sum of the square roots of the (real, non-negative) eigenvalues of S_a S_b
+    trace_sqrt = torch.linalg.eigvals(cov_a @ cov_b).real.clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt)
+
+
+def test_fid_code_path_with_a_stand_in_feature_extractor():
+    pytest.importorskip("torchmetrics")
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 256, (64, 3, 16, 16), generator=gen, dtype=torch.uint8)
+    fake = (real.float() * 0.7 + 40).to(torch.uint8)
+    extractor = StandInFeatures()
+    metric = ddpm.make_fid_metric(extractor)
+    fid = ddpm.compute_fid(metric, fake, real, batch_size=20)
+    with torch.no_grad():
+        expected = frechet_distance_by_hand(extractor(fake), extractor(real))
+    assert fid > 0.01
+    assert fid == pytest.approx(expected, rel=1e-3)
+    assert ddpm.compute_fid(metric, real, real, batch_size=20) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_fid_in_a_run_is_logged_with_its_sample_count(tmp_path, monkeypatch):
+    pytest.importorskip("torchmetrics")
+    real_make = ddpm.make_fid_metric
+    monkeypatch.setattr(ddpm, "make_fid_metric", lambda feature_extractor=None: real_make(StandInFeatures()))
+    monkeypatch.chdir(tmp_path)
+    ddpm.main(*ddpm.parse_args([*TINY, "--total-steps", "2", "--eval-fid", "--fid-num-samples", "24",
+                                "--num-sampling-steps", "2", "--output-dir", str(tmp_path / "runs")]))
+    scalars = read_scalars(only_run_dir(tmp_path / "runs"))
+    assert scalars["eval/fid_num_samples"] == [(2, 24.0)]
+    assert scalars["eval/fid"][0][0] == 2 and scalars["eval/fid"][0][1] > 0
+
+
+def test_error_fid_without_inception_weights(tmp_path):
+    result = run_script(SCRIPT, *TINY, "--output-dir", tmp_path, "--eval-fid", check=False)
+    assert_one_line_error(result, "Inception")
