@@ -215,3 +215,68 @@ def test_atari_scores_reads_event_files_and_csv(tmp_path):
     bad.write_text("game,seed,score\nNotAGame,1,3\n")
     result = run_tool("atari_scores.py", "--csv", bad, check=False)
     assert result.returncode == 2 and result.stderr.startswith("error: 'NotAGame' is not one of")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# speed.py (no timing is asserted: only that the peers are the same models and the report's arithmetic)
+
+
+def test_speed_peers_are_the_same_models():
+    """The peer models speed.py times against have the configs they claim: same parameter count (DDPM) and the same
+    FLOPs per image as ours, counted on the meta device (nothing runs)."""
+    import torch
+
+    speed = load_tool("speed.py")
+    ddpm, dit = speed.load_script("ddpm_cifar10.py"), speed.load_script("dit_cifar10.py")
+    with torch.device("meta"):
+        models = {"ddpm": ddpm.UNet(), "peer_ddpm": speed.diffusers_ddpm_unet(), "dit": dit.DiT(),
+                  "peer_dit": speed.diffusers_dit()}
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    assert params == {"ddpm": 35_746_307, "peer_ddpm": 35_746_307, "dit": 16_543_536, "peer_dit": 17_797_296}
+    x, t, y = torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    for train in (False, True):
+        ours = speed.model_flops(models["ddpm"], lambda m, x, t: m(x, t), (x, t), train)
+        peer = speed.model_flops(models["peer_ddpm"], lambda m, x, t: m(x, t).sample, (x, t), train)
+        assert ours == peer and ours / (3 if train else 1) == pytest.approx(12.44e9, rel=0.01)
+        ours = speed.model_flops(models["dit"], lambda m, x, t, y: m(x, t, y), (x, t, y), train)
+        peer = speed.model_flops(models["peer_dit"], lambda m, x, t, y: m(x, timestep=t, class_labels=y,
+                                                                           return_dict=False)[0], (x, t, y), train)
+        assert ours == pytest.approx(peer, rel=0.005)  # diffusers' per-block embedders add 0.2%
+
+
+def test_speed_round_robin_and_report_arithmetic():
+    import torch
+
+    speed = load_tool("speed.py")
+    order = []
+    candidates = [speed.Candidate(name, (lambda name=name: order.append(name)), items, flops, is_peer=peer, params=1)
+                  for name, items, flops, peer in (("a", 4, 8e9, False), ("b", 4, 8e9, True))]
+    reference = speed.Candidate("matmul", lambda: order.append("m"), 1, 1e9, is_reference=True)
+    cfg = type("Cfg", (), dict(device=torch.device("cpu"), warmup_steps=1, target_seconds=0.0, repeats=3,
+                               max_steps_per_repeat=5, compile=False, peak_flops=float("nan")))()
+    speed.run_round_robin(candidates + [reference], cfg)
+    # one warm-up each, then 3 rounds of one step each, the order rotated every round
+    assert order == ["a", "b", "m", "a", "b", "m", "b", "m", "a", "m", "a", "b"]
+    candidates[0].times, candidates[1].times, reference.times = [2.0, 1.0, 3.0], [4.0, 4.0, 8.0], [0.1, 0.1, 0.1]
+    text, rows = speed.report("title", "train", candidates, reference, cfg, [])
+    a, b = rows
+    assert a["median_s"] == 2.0 and a["items_per_s"] == 2.0 and a["ratio_vs_peer"] == 2.0  # peer median 4 / ours 2
+    assert a["utilisation"] == pytest.approx((8e9 / 2.0) / (1e9 / 0.1))  # achieved FLOP/s over the matmul's
+    assert "| a | 0.00M | 2000.0 [1000.0, 3000.0] | 2.0 | 2.00x | 0.40 | 8.0 |" in text
+    assert "best of ours: a, 2.00x the best peer variant (b)" in text
+
+
+def test_speed_smoke_dit(tmp_path):
+    """speed.py as a user runs it, shrunk: DiT and its diffusers peer, batch 2, one repetition."""
+    out = tmp_path / "speed.json"
+    result = run_tool("speed.py", "--only", "dit", "--batch-size", "2", "--repeats", "1", "--json", out, timeout=300)
+    assert "vs diffusers DiTTransformer2DModel" in result.stdout and "best of ours: dit_cifar10.DiT" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["kind"], r["label"]) for r in rows} == {(k, m) for k in ("train", "sample")
+                                                       for m in ("dit_cifar10.DiT", "diffusers DiTTransformer2DModel")}
+    for kind in ("train", "sample"):
+        ours, peer = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["is_peer"])
+        assert ours["ratio_vs_peer"] == pytest.approx(peer["median_s"] / ours["median_s"])
+        assert ours["utilisation"] == pytest.approx(ours["flops_per_step"] / ours["median_s"] / ours["matmul_flops_per_s"])
+    result = run_tool("speed.py", "--only", "nothing", check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: unknown benchmark nothing")
