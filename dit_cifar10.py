@@ -1,0 +1,1281 @@
+# cleanworlds: DiT (Peebles & Xie 2023) on CIFAR-10 with classifier-free guidance. Docs and measured results: README.md and benchmark/RESULTS.md
+"""
+Class-conditional Diffusion Transformer (adaLN-Zero and three other adaLN variants), with classifier-free guidance,
+in one file.
+
+Train the seed's CIFAR-10 config (patch 4, width 384, depth 6, 6 heads, batch 128, 100 epochs) on one GPU:
+    python dit_cifar10.py
+    python dit_cifar10.py --preset dit-s2 --eval-fid --fid-num-samples 50000   # DiT-S/2, FID at the end
+Compare the conditioning variants (adaLN-Zero, plain adaLN, adaLN-Single, adaLN-Diagonal):
+    python dit_cifar10.py --adaln single
+On 8 GPUs (global batch 128, 16 per GPU):
+    torchrun --standalone --nproc_per_node=8 dit_cifar10.py
+End to end in about 15 seconds on a CPU, offline (generated coloured shapes, 10 classes):
+    python dit_cifar10.py --preset tiny
+Your own labelled images (PNG/JPG, one subfolder per class), resized to 64x64; unconditional with --num-classes 0:
+    python dit_cifar10.py --dataset folder --data-dir path/to/images --img-size 64 --num-classes 5
+Continue a run, or sample one class from it with guidance:
+    python dit_cifar10.py --resume runs/cifar10__dit_cifar10__1__1700000000
+    python dit_cifar10.py --resume runs/cifar10__dit_cifar10__1__1700000000 --sample-only --class-label 3 --cfg-scale 4 --sampler ddim --num-sampling-steps 50
+Watch it:
+    tensorboard --logdir runs
+"""
+import argparse
+import contextlib
+import copy
+import difflib
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import random
+import signal
+import sys
+import tarfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+SCRIPT_NAME = "dit_cifar10.py"
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """deterministic algorithms (on CUDA also sets CUBLAS_WORKSPACE_CONFIG=:4096:8)"""
+    cuda: bool = True
+    """use CUDA when available (falls back to the CPU with a notice)"""
+    track: bool = False
+    """log to Weights and Biases as well as TensorBoard"""
+    wandb_project_name: str = "cleanworlds"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    output_dir: str = "runs"
+    """runs are written to {output_dir}/{run_name}/"""
+    preset: Optional[Literal["tiny", "dit-s2", "dit-b2"]] = None
+    """a named set of defaults: tiny = a full run on generated data in about 15 seconds on a CPU; dit-s2 / dit-b2 =
+    the paper's DiT-S/2 and DiT-B/2 (depth 12, width 384 / 768, 6 / 12 heads, patch 2)"""
+    config: Optional[str] = None
+    """a config.json written by an earlier run: its values become the defaults (flags still win)"""
+    resume: Optional[str] = None
+    """a run folder or checkpoint file to continue exactly where it stopped"""
+    sample_only: bool = False
+    """with --resume: load the checkpoint's EMA weights, only generate --num-samples images (of --class-label), and
+    exit"""
+    compile: bool = False
+    """torch.compile the model"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """autocast dtype on CUDA (float16 uses a GradScaler); the CPU always computes in float32"""
+
+    # Data
+    dataset: Literal["cifar10", "folder", "shapes"] = "cifar10"
+    """cifar10 (downloaded into --data-dir), folder (PNG/JPG under --data-dir, one subfolder per class) or shapes
+    (generated, offline)"""
+    data_dir: str = "data"
+    """where CIFAR-10 is (or is downloaded to), or the image folder"""
+    download: bool = True
+    """download CIFAR-10 into --data-dir when it is not there"""
+    img_size: int = 32
+    """image side length (folder images are center-cropped and resized to it)"""
+    num_shapes_images: int = 2048
+    """size of the generated shapes dataset"""
+    random_flip: bool = True
+    """random horizontal flips"""
+    num_classes: int = 10
+    """number of classes the model is conditioned on; it must match the data (CIFAR-10 and shapes: 10, folder: the
+    number of subfolders); 0 trains an unconditional model and ignores the labels"""
+
+    # Model (DiT, Peebles & Xie 2023)
+    patch: int = 4
+    """patch size P: the image becomes (img_size/P)^2 tokens"""
+    width: int = 384
+    """transformer width D (hidden size)"""
+    depth: int = 6
+    """number of DiT blocks"""
+    heads: int = 6
+    """attention heads (must divide --width)"""
+    mlp_ratio: float = 4.0
+    """MLP hidden size as a multiple of --width"""
+    adaln: Literal["zero", "plain", "single", "diagonal"] = "zero"
+    """how the timestep and class condition the blocks: zero (adaLN-Zero: per-block shift, scale and gate), plain
+    (per-block shift and scale, no gate), single (adaLN-Single, PixArt-alpha: one shared modulation MLP plus a
+    learned 6 x D table per block), diagonal (per-block shift and scale, and a learned per-channel scale on each
+    residual branch)"""
+    class_dropout: float = 0.1
+    """probability of replacing a training label by the null class (what classifier-free guidance needs)"""
+
+    # Diffusion
+    timesteps: int = 1000
+    """number of diffusion steps T"""
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    """linear (Ho et al.) or cosine (Nichol and Dhariwal)"""
+    beta_start: float = 1e-4
+    """beta_1 of the linear schedule"""
+    beta_end: float = 0.02
+    """beta_T of the linear schedule"""
+
+    # Training
+    epochs: int = 100
+    """passes over the dataset (the last partial batch of each epoch is dropped)"""
+    batch_size: int = 128
+    """global batch size (split across torchrun ranks)"""
+    learning_rate: float = 1e-4
+    """AdamW learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_steps: int = 0
+    """linear learning-rate warmup steps (0: none, as the reference DiT)"""
+    max_grad_norm: float = 0.0
+    """gradient clipping norm (0 turns it off, as the reference DiT)"""
+    ema_decay: float = 0.9999
+    """EMA decay of the weights used for sampling"""
+    log_every: int = 100
+    """log losses and throughput every N optimizer steps"""
+    save_every: int = 1
+    """write checkpoints/latest.pt every N epochs"""
+    eval_every: int = 10
+    """sample a grid (one row per class) from the EMA model every N epochs"""
+
+    # Sampling and evaluation
+    sampler: Literal["ddpm", "ddim", "dpm++"] = "ddpm"
+    """sampler for the grids, --sample-only and FID"""
+    num_sampling_steps: int = 250
+    """network evaluations per sample (ddpm with fewer than T steps is respaced; DiT samples with 250)"""
+    ddim_eta: float = 0.0
+    """DDIM eta (0: deterministic)"""
+    cfg_scale: float = 1.5
+    """classifier-free guidance scale s: eps = eps_u + s (eps_c - eps_u); 1 = no guidance, 1.5 = DiT's best FID
+    (ignored by an unconditional model)"""
+    class_label: Optional[int] = None
+    """with --sample-only: generate only this class (default: all classes in turn)"""
+    samples_per_class: int = 8
+    """images per class in each sample grid (one row per class; an unconditional model gets 8 rows)"""
+    num_samples: int = 64
+    """images generated by --sample-only"""
+    eval_fid: bool = False
+    """compute FID of EMA samples (all classes in turn) against the training set at the end (needs the eval extra
+    and Inception weights)"""
+    fid_num_samples: int = 50_000
+    """samples for FID (the paper protocol: 50k vs the train set)"""
+    sample_batch_size: int = 500
+    """batch size when generating many samples"""
+
+
+PRESETS = {
+    "tiny": dict(
+        dataset="shapes", img_size=16, num_shapes_images=512, patch=4, width=64, depth=3, heads=4, epochs=64,
+        batch_size=32, learning_rate=2e-3, ema_decay=0.9, log_every=16, save_every=16, eval_every=32, sampler="ddim",
+        num_sampling_steps=20, cfg_scale=3.0, samples_per_class=4, num_samples=16, fid_num_samples=64,
+        sample_batch_size=64,
+    ),
+    # The paper's model sizes at CIFAR-10 resolution (patch 2: 256 tokens).
+    "dit-s2": dict(patch=2, width=384, depth=12, heads=6),
+    "dit-b2": dict(patch=2, width=768, depth=12, heads=12),
+}
+# Flags that may change when a run is resumed: the run length, checkpoint/eval cadence, logging and sampling.
+RESUME_MUTABLE_FIELDS = {
+    "epochs", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity", "resume",
+    "sample_only", "num_samples", "sampler", "num_sampling_steps", "ddim_eta", "cfg_scale", "class_label",
+    "samples_per_class", "eval_fid", "fid_num_samples", "sample_batch_size", "cuda", "compile", "config", "output_dir",
+    "data_dir", "download",
+}
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+class TrainingFailure(Exception):
+    """The run cannot go on (a non-finite loss): printed as one line, exit status 1, last checkpoint kept."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: CIFAR-10 (binary, md5-checked), image folders, generated shapes. Everything becomes uint8 (N, 3, H, W).
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg"}
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Reads the python version of CIFAR-10 (a pickled dict of numpy arrays) and refuses anything that could run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode"),
+    } | {("builtins", name) for name in ("list", "dict", "tuple", "set", "frozenset", "bytes", "bytearray", "str",
+                                          "int", "float", "complex", "bool", "slice", "range")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} (only numpy arrays and plain containers)")
+
+
+def read_cifar10_binary(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for i in range(1, 6):
+        raw = np.fromfile(folder / f"data_batch_{i}.bin", dtype=np.uint8)
+        if raw.size % 3073:
+            raise UserError(f"{folder / f'data_batch_{i}.bin'} is truncated; delete it and the archive to download again")
+        records = raw.reshape(-1, 3073)  # 1 label byte, then 3x32x32 pixels, channel-major
+        labels.append(records[:, 0].astype(np.int64))
+        images.append(records[:, 1:].reshape(-1, 3, 32, 32))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def read_cifar10_python(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for i in range(1, 6):
+        with open(folder / f"data_batch_{i}", "rb") as f:
+            try:
+                batch = RestrictedUnpickler(f, encoding="bytes").load()
+            except (pickle.UnpicklingError, EOFError, ValueError) as e:
+                raise UserError(f"{folder / f'data_batch_{i}'} is not a CIFAR-10 python batch: {e}") from None
+        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The CIFAR-10 train split as uint8 (50000, 3, 32, 32) and int64 labels, from the binary archive (no pickle)."""
+    root = Path(data_dir)
+    if (root / "cifar-10-batches-bin" / "data_batch_5.bin").exists():
+        return read_cifar10_binary(root / "cifar-10-batches-bin")
+    if (root / "cifar-10-batches-py" / "data_batch_5").exists():
+        return read_cifar10_python(root / "cifar-10-batches-py")
+    archive = root / "cifar-10-binary.tar.gz"
+    if not archive.exists():
+        if not download:
+            raise UserError(f"CIFAR-10 not found: put cifar-10-binary.tar.gz ({CIFAR10_URL}) in {root}/")
+        root.mkdir(parents=True, exist_ok=True)
+        partial = archive.with_suffix(".part")
+        try:
+            print(f"downloading {CIFAR10_URL} to {root}/ ...", flush=True)
+            with urllib.request.urlopen(CIFAR10_URL, timeout=60) as response, open(partial, "wb") as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            raise UserError(f"could not download CIFAR-10 ({e.__class__.__name__}): put cifar-10-binary.tar.gz "
+                            f"({CIFAR10_URL}) in {root}/ and run again") from None
+        os.replace(partial, archive)
+    if md5_of(archive) != CIFAR10_MD5:
+        raise UserError(f"{archive} is corrupt (md5 is not {CIFAR10_MD5}): delete it and download it again")
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(root, filter="data")
+    return read_cifar10_binary(root / "cifar-10-batches-bin")
+
+
+def load_image_folder(data_dir: str, img_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every PNG/JPG under data_dir, center-cropped and resized; the class is the first subfolder's name (-1 for an
+    image directly in data_dir)."""
+    import cv2
+
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UserError(f"--data-dir {data_dir} is not a folder (--dataset folder reads PNG/JPG images from it)")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not paths:
+        raise UserError(f"no PNG/JPG images under {data_dir} (--dataset folder reads images from its subfolders)")
+    class_names = sorted({p.relative_to(root).parts[0] for p in paths if len(p.relative_to(root).parts) > 1})
+    class_index = {name: i for i, name in enumerate(class_names)}
+    images, labels = [], []
+    for p in paths:
+        bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise UserError(f"cannot read image {p}: remove it or replace it with a valid PNG/JPG")
+        h, w = bgr.shape[:2]
+        side = min(h, w)  # center crop to a square, then resize (INTER_AREA: no aliasing when shrinking)
+        top, left = (h - side) // 2, (w - side) // 2
+        square = bgr[top: top + side, left: left + side]
+        resized = cv2.resize(square, (img_size, img_size), interpolation=cv2.INTER_AREA)
+        images.append(resized[:, :, ::-1].transpose(2, 0, 1))  # BGR HWC -> RGB CHW
+        parts = p.relative_to(root).parts
+        labels.append(class_index[parts[0]] if len(parts) > 1 else -1)
+    return np.ascontiguousarray(np.stack(images)), np.asarray(labels, dtype=np.int64), class_names
+
+
+SHAPE_COLOURS = np.array([[230, 25, 25], [25, 200, 25], [40, 80, 240], [240, 220, 30], [230, 40, 230],
+                          [30, 220, 220], [250, 140, 20], [240, 240, 240]], dtype=np.uint8)
+
+
+def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, seed: int = 0):
+    """Coloured shapes on a dark background: class k has colour k % 8, a square for k < 8 and a disc above.
+
+    A labelled toy set that trains in seconds and whose classes a simple rule tells apart (the mean colour)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, num_images)
+    yy, xx = np.mgrid[0:img_size, 0:img_size]
+    images = np.full((num_images, img_size, img_size, 3), 20, dtype=np.uint8)
+    for i, k in enumerate(labels):
+        r = rng.integers(img_size // 6, img_size // 3 + 1)
+        cy, cx = rng.integers(r, img_size - r + 1, size=2)
+        if k < 8:
+            mask = (np.abs(yy - cy) < r) & (np.abs(xx - cx) < r)
+        else:
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        images[i][mask] = SHAPE_COLOURS[k % 8]
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels.astype(np.int64)
+
+
+def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str]:
+    """Returns uint8 images (N, 3, H, W), int64 labels, and the dataset id used in the run name. The data's class
+    count must be --num-classes (unless that is 0: an unconditional model, which ignores the labels)."""
+    if args.dataset == "cifar10":
+        images, labels = load_cifar10(args.data_dir, args.download)
+        if args.img_size != 32:
+            raise UserError(f"CIFAR-10 images are 32x32: use --img-size 32, not {args.img_size}")
+        dataset_id, num_data_classes = "cifar10", 10
+    elif args.dataset == "folder":
+        images, labels, class_names = load_image_folder(args.data_dir, args.img_size)
+        dataset_id, num_data_classes = Path(args.data_dir).resolve().name.replace("/", "_") or "folder", len(class_names)
+        if args.num_classes > 0 and (labels < 0).any():
+            raise UserError(f"{(labels < 0).sum()} images lie directly in {args.data_dir} and so have no class: move "
+                            f"them into a class subfolder, or train an unconditional model with --num-classes 0")
+    else:
+        images, labels = make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed)
+        dataset_id, num_data_classes = "shapes", 10
+    if args.num_classes > 0 and args.num_classes != num_data_classes:
+        raise UserError(f"--num-classes {args.num_classes} disagrees with the data: {dataset_id} has {num_data_classes} "
+                        f"classes; use --num-classes {num_data_classes} (or 0 for an unconditional model)")
+    return images, labels, dataset_id
+
+
+def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
+    # The data order is a pure function of (seed, epoch), so the position in it is just the step counter: an exact
+    # resume needs no saved sampler state, and every torchrun rank agrees on the global batch.
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_items, generator=generator)
+
+
+def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
+    """Indices of the step-th global batch: each epoch is one permutation cut into num_items // batch_size batches,
+    the last partial batch dropped (as the reference DiT's DataLoader(drop_last=True))."""
+    epoch, index = divmod(step, num_items // batch_size)
+    return epoch_permutation(num_items, epoch, seed)[index * batch_size: (index + 1) * batch_size]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Noise schedule. Everything is computed in float64 and cast at the point of use.
+
+
+def make_beta_schedule(kind: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    if kind == "linear":  # Ho et al.: beta_t linear from beta_1 to beta_T
+        return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+    if kind == "cosine":  # Nichol & Dhariwal: abar(t) = f(t)/f(0), f(t) = cos^2((t/T + s)/(1 + s) * pi/2), s = 0.008
+        s = 0.008
+        t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+        f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+        alphas_cumprod = f / f[0]
+        return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=0.999)  # beta_t = 1 - abar_t / abar_{t-1}
+    raise ValueError(f"unknown beta schedule {kind}")
+
+
+def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
+    return torch.cumprod(1.0 - betas, dim=0)  # abar_t = prod_{s<=t} (1 - beta_s)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model: DiT (Peebles & Xie 2023), 16,543,536 trainable parameters at the seed's CIFAR-10 config with adaLN-Zero.
+#
+# The --adaln variants, exactly (c = t_emb + y_emb is the conditioning vector, D the width, LN a LayerNorm without
+# affine parameters, modulate(h, shift, scale) = h (1 + scale) + shift):
+#   zero     adaLN-Zero (the DiT paper's choice). Each block has SiLU -> Linear(D, 6D) on c, zero-initialised, giving
+#            shift, scale and gate for the attention and for the MLP: x += gate * Attn(modulate(LN(x), shift, scale)),
+#            the same for the MLP. Gates start at 0, so every block starts as the identity. 6D^2 + 6D per block.
+#   plain    adaLN (the paper's "adaLN" ablation). Each block has SiLU -> Linear(D, 4D) on c, zero-initialised, giving
+#            shift and scale only; the residual branches are added ungated: x += Attn(modulate(LN(x), shift, scale)).
+#            4D^2 + 4D per block.
+#   single   adaLN-Single (PixArt-alpha, Chen et al. 2023). One SiLU -> Linear(D, 6D) on c shared by all blocks,
+#            computed once per forward; each block only adds its own learned (6, D) table (initialised N(0, 1/D)) to
+#            it and uses the six rows as in adaLN-Zero. The final layer adds a learned (2, D) table to c itself.
+#            6D per block: far fewer parameters.
+#   diagonal adaLN-Diagonal. plain adaLN's per-block shift and scale, plus a learned per-channel scale (a diagonal
+#            matrix, as LayerScale in CaiT) on each residual branch, not conditioned on c and initialised to 0:
+#            x += gamma_attn * Attn(modulate(LN(x), shift, scale)). Blocks start as the identity. 4D^2 + 6D per block.
+# In every variant the final layer's output Linear is zero-initialised, so the model starts by predicting eps = 0.
+
+TIMESTEP_FREQUENCY_DIM = 256  # the timestep's sinusoidal features before the MLP
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """DiT's frequency embedding: [cos(t w_i), sin(t w_i)], w_i = exp(-ln(10000) i / (dim/2)), i < dim/2."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
+    """The fixed 2D sin-cos position embedding of MAE and DiT, (grid_size^2, dim) for row-major tokens: the first dim/2
+    channels encode the column, the last dim/2 the row, each as [sin(p w_i), cos(p w_i)], w_i = 10000^(-i/(dim/4))."""
+    quarter = dim // 4
+    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    angles = torch.arange(grid_size, dtype=torch.float64)[:, None] * omega[None, :]
+    emb_1d = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (grid_size, dim/2)
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    return torch.cat([emb_1d[cols.flatten()], emb_1d[rows.flatten()]], dim=1).float()
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]  # adaLN: one (shift, scale) per sample and channel
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the tokens (fused qkv projection, SDPA)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d_head)) v per head, fused kernel
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class DiTBlock(nn.Module):
+    """Pre-LN transformer block conditioned through adaptive LayerNorm (see the --adaln variants above)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, adaln: str = "zero"):
+        super().__init__()
+        self.adaln = adaln
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        if adaln == "single":
+            self.scale_shift_table = nn.Parameter(torch.randn(6, width) / width ** 0.5)
+        else:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, (6 if adaln == "zero" else 4) * width))
+        if adaln == "diagonal":
+            self.gamma_attn = nn.Parameter(torch.zeros(width))
+            self.gamma_mlp = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x: tokens (B, N, D); c: the conditioning (B, D), or for adaLN-Single the shared modulation (B, 6D)."""
+        if self.adaln == "single":
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+                self.scale_shift_table[None] + c.reshape(c.shape[0], 6, -1)).unbind(1)
+        elif self.adaln == "zero":
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        else:
+            shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            gate_msa, gate_mlp = (self.gamma_attn[None], self.gamma_mlp[None]) if self.adaln == "diagonal" else (1, 1)
+        x = x + self.gated(gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        return x + self.gated(gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+
+    @staticmethod
+    def gated(gate, branch: torch.Tensor) -> torch.Tensor:
+        return branch if isinstance(gate, int) else gate[:, None] * branch  # gate (B or 1, D) broadcast over tokens
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then Linear(D, P*P*C) to the patch pixels, zero-initialised."""
+
+    def __init__(self, width: int, patch: int, out_channels: int, adaln: str = "zero"):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, patch * patch * out_channels)
+        if adaln == "single":
+            self.scale_shift_table = nn.Parameter(torch.randn(2, width) / width ** 0.5)
+        else:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "scale_shift_table"):
+            shift, scale = (self.scale_shift_table[None] + c[:, None]).unbind(1)
+        else:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Predicts the noise eps(x_t, t, y) for images in [-1, 1], integer timesteps t (B,) and class labels y (B,),
+    where y = num_classes is the null class (classifier-free guidance); num_classes 0: unconditional, y is ignored."""
+
+    def __init__(self, img_size: int = 32, patch: int = 4, in_channels: int = 3, width: int = 384, depth: int = 6,
+                 heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 10, adaln: str = "zero"):
+        super().__init__()
+        self.img_size, self.patch, self.in_channels, self.num_classes, self.adaln = (
+            img_size, patch, in_channels, num_classes, adaln)
+        self.x_embedder = nn.Conv2d(in_channels, width, patch, stride=patch)  # patchify: one token per P x P patch
+        # A buffer, not a parameter: fixed, and not in the checkpoint (it is a function of the config).
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(width, img_size // patch)[None], persistent=False)
+        self.t_embedder = nn.Sequential(nn.Linear(TIMESTEP_FREQUENCY_DIM, width), nn.SiLU(), nn.Linear(width, width))
+        # num_classes + 1 rows: the last one is the null class that dropped labels (and guidance) use.
+        self.y_embedder = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
+        if adaln == "single":
+            self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))  # the one shared modulation MLP
+        self.blocks = nn.ModuleList(DiTBlock(width, heads, mlp_ratio, adaln) for _ in range(depth))
+        self.final_layer = FinalLayer(width, patch, in_channels, adaln)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # As the reference: Xavier-uniform Linears with zero biases; the patch embedding like a Linear; N(0, 0.02)
+        # for the label table and the timestep MLP; zero for every adaLN modulation and for the output Linear.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.x_embedder.weight.view(self.x_embedder.weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder[2].weight, std=0.02)
+        if self.adaln == "single":
+            nn.init.normal_(self.t_block[1].weight, std=0.02)  # as PixArt-alpha
+        for module in list(self.blocks) + [self.final_layer]:
+            if hasattr(module, "adaLN_modulation"):
+                nn.init.zeros_(module.adaLN_modulation[1].weight)
+                nn.init.zeros_(module.adaLN_modulation[1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, P*P*C) tokens -> (B, C, H, W) images; each token's pixels in (row, column, channel) order."""
+        b, p, c, g = x.shape[0], self.patch, self.in_channels, self.img_size // self.patch
+        return x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D), N = (H/P)(W/P)
+        c = self.t_embedder(timestep_embedding(t, TIMESTEP_FREQUENCY_DIM))
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y)  # c = t_emb + y_emb
+        block_c = self.t_block(c) if self.adaln == "single" else c
+        for block in self.blocks:
+            h = block(h, block_c)
+        return self.unpatchify(self.final_layer(h, c))
+
+
+def build_model(args: Args) -> DiT:
+    if args.img_size % args.patch:
+        raise UserError(f"--patch {args.patch} does not divide --img-size {args.img_size}: choose a patch size that "
+                        f"divides it (e.g. 2 or 4 for 32)")
+    if args.width % args.heads:
+        raise UserError(f"--heads {args.heads} does not divide --width {args.width}: choose a head count that divides "
+                        f"it (e.g. --heads 6 for --width 384)")
+    if args.width % 4:
+        raise UserError(f"--width {args.width} must be divisible by 4 (the 2D sin-cos position embedding)")
+    return DiT(args.img_size, args.patch, 3, args.width, args.depth, args.heads, args.mlp_ratio, args.num_classes,
+               args.adaln)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Samplers. Each takes model_fn(x_t, t) -> predicted noise for integer timesteps t of shape (B,), the starting noise
+# x_T, and alphas_cumprod (float64, length T). Coefficients are computed in float64 and cast to x's dtype. The class
+# labels and the guidance live inside model_fn (guided_model_fn, at the end of this section).
+
+
+def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
+    return 1.0 if t < 0 else float(alphas_cumprod[t])  # abar at "t = -1" is 1: the clean image
+
+
+@torch.no_grad()
+def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: Optional[int] = None,
+                variance: str = "fixed_large", clip_denoised: bool = True,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Ancestral sampling (Ho et al. eq. 6-7). num_steps None: all T steps; fewer: respaced to the timesteps
+    0, T/S, 2T/S, ... ("leading", as diffusers' DDPMScheduler), with beta'_t = 1 - abar_t / abar_prev."""
+    T = len(alphas_cumprod)
+    num_steps = T if num_steps is None else num_steps
+    timesteps = list(range(0, T, T // num_steps))[:num_steps][::-1]
+    x = x_T
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
+        beta_t = 1 - abar_t / abar_prev
+        eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)  # x0_hat = (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        # posterior mean mu~_t = sqrt(abar_prev) beta_t / (1-abar_t) x0 + sqrt(1-beta_t) (1-abar_prev) / (1-abar_t) x_t
+        mean = (math.sqrt(abar_prev) * beta_t / (1 - abar_t)) * x0 \
+            + (math.sqrt(1 - beta_t) * (1 - abar_prev) / (1 - abar_t)) * x
+        if t > 0:  # no noise on the last step
+            if variance == "fixed_large":  # sigma_t^2 = beta_t (the paper's choice for CIFAR-10)
+                var = beta_t
+            elif variance == "fixed_small":  # sigma_t^2 = beta~_t = (1-abar_prev)/(1-abar_t) beta_t
+                var = max((1 - abar_prev) / (1 - abar_t) * beta_t, 1e-20)
+            else:
+                raise ValueError(f"unknown variance {variance}")
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = mean + math.sqrt(var) * noise
+        else:
+            x = mean
+    return x
+
+
+def ddim_timesteps(T: int, num_steps: int, spacing: str) -> list[int]:
+    """Descending timesteps: "uniform" 0, T/S, 2T/S, ... (diffusers' "leading"); "quadratic" int(linspace(0,
+    sqrt(0.8 T), S)^2) (the DDIM paper's CIFAR-10 choice); "linspace" int(linspace(T-1, 0, S)) (the seed's; unlike
+    the seed's loop, which stops at t = 0, every spacing here ends with a step to the clean image)."""
+    if spacing == "uniform":
+        steps = [i * (T // num_steps) for i in range(num_steps)]
+    elif spacing == "quadratic":
+        steps = [int(s) for s in np.linspace(0, math.sqrt(T * 0.8), num_steps) ** 2]
+    elif spacing == "linspace":  # the seed's torch.linspace(T - 1, 0, S).long(): truncated, already descending
+        return [int(s) for s in np.linspace(T - 1, 0, num_steps)]
+    else:
+        raise ValueError(f"unknown DDIM spacing {spacing}")
+    return steps[::-1]
+
+
+@torch.no_grad()
+def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int,
+                eta: float = 0.0, spacing: str = "uniform", clip_denoised: bool = False,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """DDIM (Song et al. eq. 12): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z, the last step
+    going to abar = 1 (diffusers' set_alpha_to_one=True)."""
+    timesteps = ddim_timesteps(len(alphas_cumprod), num_steps, spacing)
+    x = x_T
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
+        eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
+        if clip_denoised:  # clip x0, then re-derive eps from it so that the update stays consistent
+            x0 = x0.clamp(-1, 1)
+            eps = (x - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)
+        # s = eta sqrt((1-abar_prev)/(1-abar_t) (1 - abar_t/abar_prev))
+        s = eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+        x = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - s * s, 0.0)) * eps
+        if s > 0:
+            x = x + s * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x
+
+
+@torch.no_grad()
+def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
+                      num_steps: int) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep. Timesteps round(linspace(0, T-1, S+1))[::-1][:-1]
+    with a final sigma of 0, first-order first and last steps (diffusers' DPMSolverMultistepScheduler defaults)."""
+    T = len(alphas_cumprod)
+    timesteps = [int(round(s)) for s in np.linspace(0, T - 1, num_steps + 1)][::-1][:-1]
+    sigma_table = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()  # sigma_t = sqrt((1 - abar_t) / abar_t)
+    sigmas = [float(sigma_table[t]) for t in timesteps] + [0.0]
+
+    def alpha_and_s(sigma):  # alpha_t = 1/sqrt(sigma^2 + 1), s_t = sigma alpha_t, lambda_t = log(alpha_t / s_t)
+        alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
+        return alpha, sigma * alpha
+
+    x, previous_x0 = x_T, None
+    for i, t in enumerate(timesteps):
+        alpha_s0, s_s0 = alpha_and_s(sigmas[i])
+        alpha_t, s_t = alpha_and_s(sigmas[i + 1])
+        eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        x0 = (x - s_s0 * eps) / alpha_s0  # m = (x - s_t eps) / alpha_t
+        if sigmas[i + 1] == 0.0:  # lambda = +inf: the step lands on the data prediction itself (first order)
+            x = x0
+        else:
+            h = math.log(alpha_t / s_t) - math.log(alpha_s0 / s_s0)  # h = lambda_t - lambda_s0
+            if previous_x0 is None:  # first step: first order, identical to DDIM
+                x = (s_t / s_s0) * x - alpha_t * math.expm1(-h) * x0
+            else:
+                alpha_s1, s_s1 = alpha_and_s(sigmas[i - 1])
+                r0 = (math.log(alpha_s0 / s_s0) - math.log(alpha_s1 / s_s1)) / h  # r0 = (lambda_s0 - lambda_s1)/h
+                d1 = (x0 - previous_x0) / r0  # D1 = (m0 - m1) / r0
+                # x_t = (s_t/s_s0) x - alpha_t (e^-h - 1) D0 - 0.5 alpha_t (e^-h - 1) D1
+                x = (s_t / s_s0) * x - alpha_t * math.expm1(-h) * x0 - 0.5 * alpha_t * math.expm1(-h) * d1
+        previous_x0 = x0
+    return x
+
+
+def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
+                  num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Runs the chosen sampler and returns uint8 images (B, 3, H, W)."""
+    T = len(alphas_cumprod)
+    if sampler == "ddpm":
+        x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps if num_steps < T else None, generator=generator)
+    elif sampler == "ddim":
+        x = ddim_sample(model_fn, x_T, alphas_cumprod, num_steps, eta=eta, generator=generator)
+    else:
+        x = dpm_solver_sample(model_fn, x_T, alphas_cumprod, num_steps)
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> {0, ..., 255}
+
+
+def guided_model_fn(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale: float = 1.0,
+                    autocast=contextlib.nullcontext()) -> Callable:
+    """model_fn(x_t, t) for the samplers, with the class labels (B,) and classifier-free guidance inside:
+    eps = eps_u + s (eps_c - eps_u) (Ho & Salimans' (1 + w) eps_c - w eps_u with s = 1 + w), the conditional and
+    unconditional halves in one batched forward. labels None (an unconditional model) or s = 1: one plain forward."""
+    null_labels = None if labels is None else torch.full_like(labels, model.num_classes)
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            if labels is None or cfg_scale == 1.0:
+                return model(x, t, labels).float()
+            eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels])).float()
+        eps_cond, eps_uncond = eps.chunk(2)
+        return eps_uncond + cfg_scale * (eps_cond - eps_uncond)
+
+    return model_fn
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation: FID with torchmetrics (Inception from torch-fidelity, or any feature extractor module).
+
+
+def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
+    """torchmetrics' FrechetInceptionDistance. feature_extractor None: Inception-v3 pool features (2048-d) with the
+    weights torch-fidelity downloads (the standard FID); a module: its (N, d) features (tests, custom metrics)."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError:
+        raise UserError("--eval-fid needs torchmetrics: pip install -e '.[eval]'") from None
+    try:
+        return FrechetInceptionDistance(feature=2048 if feature_extractor is None else feature_extractor)
+    except Exception as e:  # noqa: BLE001 - no torch-fidelity, or it cannot fetch the Inception weights
+        raise UserError(f"FID needs torch-fidelity and the Inception weights pt_inception-2015-12-05-6726825d.pth "
+                        f"(pip install -e '.[eval]'; offline, put the file in {torch.hub.get_dir()}/checkpoints/): "
+                        f"{str(e).splitlines()[0] if str(e) else e.__class__.__name__}") from None
+
+
+def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor, batch_size: int = 500,
+                device: torch.device = torch.device("cpu")) -> float:
+    """FID = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) between two sets of uint8 images (N, 3, H, W)."""
+    fid_metric = fid_metric.to(device)
+    fid_metric.reset()
+    for images, real in ((real_images, True), (fake_images, False)):
+        for start in range(0, len(images), batch_size):
+            fid_metric.update(images[start: start + batch_size].to(device), real=real)
+    return float(fid_metric.compute())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Utilities: config, checkpoints, RNG state, throughput.
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
+    """defaults < --preset < --config < flags on the command line. Returns the args and the fields given as flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    defaults = Args()
+    if known.preset is not None:
+        if known.preset not in PRESETS:
+            raise UserError(f"unknown --preset {known.preset}: choose from {', '.join(PRESETS)}")
+        defaults = replace(defaults, preset=known.preset, **PRESETS[known.preset])
+    if known.config is not None:
+        defaults = replace(defaults, **read_config(known.config))
+    args = tyro.cli(Args, default=defaults, args=argv)
+    given = {f.name for f in fields(Args) for token in argv
+             if token.split("=")[0] in (f"--{f.name.replace('_', '-')}", f"--no-{f.name.replace('_', '-')}")}
+    return args, given
+
+
+def read_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read --config {path}: {e}") from None
+    return normalise_args_dict(values, f"--config {path}")
+
+
+def normalise_args_dict(values: dict, source: str) -> dict:
+    known = {f.name: f for f in fields(Args)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UserError(f"{source} has fields this script does not know: {', '.join(unknown)}")
+    # JSON turns tuples into lists; the dataclass holds tuples.
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def check_args(args: Args, world_size: int):
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} torchrun processes")
+    if args.num_sampling_steps < 1 or args.num_sampling_steps > args.timesteps:
+        raise UserError(f"--num-sampling-steps must be between 1 and --timesteps {args.timesteps}, "
+                        f"not {args.num_sampling_steps}")
+    if args.sample_only and not args.resume:
+        raise UserError("--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
+    for name in ("epochs", "batch_size", "log_every", "save_every", "eval_every", "timesteps", "samples_per_class"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if args.num_classes < 0:
+        raise UserError(f"--num-classes must be at least 0 (0: unconditional), not {args.num_classes}")
+    if args.class_label is not None and not 0 <= args.class_label < args.num_classes:
+        raise UserError(f"--class-label {args.class_label} is out of range: the model has {args.num_classes} classes "
+                        + (f"(0 to {args.num_classes - 1})" if args.num_classes else "(it is unconditional)"))
+    if not 0.0 <= args.class_dropout < 1.0:
+        raise UserError(f"--class-dropout must be in [0, 1), not {args.class_dropout}")
+
+
+def resolve_checkpoint_path(resume: str) -> Path:
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "latest.pt"
+    if not path.is_file():
+        raise UserError(f"--resume {resume}: no checkpoint at {path}")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        # weights_only=True: a checkpoint holds tensors and plain containers only, so a malicious file cannot run code
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read the file is the same user-facing error
+        raise UserError(f"cannot load checkpoint {path} (corrupt, or not a safe checkpoint): "
+                        f"{str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT_NAME:
+        found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
+        raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not of {SCRIPT_NAME}")
+    if checkpoint.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this script reads "
+                        f"{CHECKPOINT_FORMAT_VERSION}")
+    return checkpoint
+
+
+def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
+    """The run's arguments come from the checkpoint; only RESUME_MUTABLE_FIELDS may be changed by flags."""
+    saved = normalise_args_dict(saved, "the checkpoint's args")
+    for name in sorted(given - RESUME_MUTABLE_FIELDS):
+        if getattr(args, name) != saved.get(name):
+            flag = f"--{name.replace('_', '-')}"
+            raise UserError(f"{flag} is {saved.get(name)!r} in the checkpoint and cannot change on --resume (only the "
+                            f"run length, cadence, logging and sampling flags can); drop {flag} or start a new run")
+    return replace(Args(**saved), **{name: getattr(args, name) for name in given & RESUME_MUTABLE_FIELDS},
+                   resume=args.resume)
+
+
+def save_checkpoint(path: Path, state: dict):
+    """Atomic: write a temporary file in the same folder, flush and fsync, then rename over the old checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state(legacy=True)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # numpy's state as plain values: weights_only=True refuses numpy objects
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def matmul_peak_flops(device: torch.device) -> float:
+    """The device's peak FLOP/s for MFU: bf16 dense from a table on CUDA, a measured 2048^2 fp32 matmul on the CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+                 "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+        if "H100" in name and "PCIe" in name:
+            return 756e12
+        return next((peak for key, peak in table.items() if key in name), float("nan"))
+    a = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))  # not the global RNG: resume stays exact
+    torch.mm(a, a)
+    start = time.perf_counter()
+    for _ in range(3):
+        torch.mm(a, a)
+    return 3 * 2 * 2048 ** 3 / (time.perf_counter() - start)  # a (n x n) matmul is 2 n^3 FLOPs
+
+
+def forward_flops(model: nn.Module, *inputs) -> float:
+    """FLOPs of one forward pass, counted by torch's FLOP counter (matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*inputs)
+    return float(counter.get_total_flops())
+
+
+def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 2) -> np.ndarray:
+    """uint8 (N, 3, H, W) -> one uint8 (rows*(H+pad)+pad, columns*(W+pad)+pad, 3) image."""
+    n, _, h, w = images.shape
+    columns = columns or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / columns))
+    grid = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = \
+            images[i].transpose(1, 2, 0)
+    return grid
+
+
+def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[np.ndarray] = None,
+                  columns: Optional[int] = None) -> Path:
+    """A PNG grid and an .npz of the uint8 (N, H, W, 3) images (arr_0, the layout FID tools read) and, for a
+    class-conditional model, their int64 class labels (arr_1, as ADM's sample files)."""
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(folder / f"{stem}.png"), make_grid(images[:256], columns)[:, :, ::-1])
+    np.savez(folder / f"{stem}.npz", images.transpose(0, 2, 3, 1), *([] if labels is None else [labels]))
+    return folder / f"{stem}.png"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(args: Args, given: set[str]):
+    # Distributed setup: torchrun sets RANK/WORLD_SIZE; one process per GPU (or per CPU core group, gloo).
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    is_main = rank == 0
+
+    checkpoint, run_dir = None, None
+    if args.resume:
+        checkpoint_path = resolve_checkpoint_path(args.resume)
+        checkpoint = load_checkpoint(checkpoint_path)
+        args = merge_resumed_args(args, given, checkpoint["args"])
+        run_dir = checkpoint_path.parent.parent
+    check_args(args, world_size)
+
+    use_cuda = args.cuda and torch.cuda.is_available()
+    if args.cuda and not use_cuda and is_main:
+        print("notice: CUDA is not available, running on the CPU")
+    if args.torch_deterministic and use_cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        if not use_cuda:
+            torch.set_num_threads(1)  # one thread per rank on the CPU: ranks do not fight over cores
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic
+    if args.torch_deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs on Ampere+: ~free speed for fp32 parts
+    torch.backends.cudnn.allow_tf32 = True
+    autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    autocast = (torch.autocast("cuda", dtype=autocast_dtype) if use_cuda and autocast_dtype
+                else contextlib.nullcontext())
+
+    # Seeding: the same seed on every rank, so every rank builds the same initial weights.
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, label drops, timesteps, noise
+    sample_generator_seed = args.seed + 10_000  # fixed noise for the grids: comparable across steps
+
+    # Data
+    images_np, labels_np, dataset_id = load_dataset(args)
+    images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no host-device copy per step
+    labels = torch.from_numpy(labels_np).to(device)
+    num_images = len(images)
+    if num_images < args.batch_size:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the dataset ({num_images} images): lower it")
+    steps_per_epoch = num_images // args.batch_size  # the last partial batch of each epoch is dropped
+    total_steps = args.epochs * steps_per_epoch
+    conditional = args.num_classes > 0
+
+    # Model, EMA, optimizer, schedule
+    model = build_model(args).to(device)
+    ema_model = copy.deepcopy(model).requires_grad_(False).eval()
+    num_params = sum(p.numel() for p in model.parameters())  # trainable only: the position embedding is a buffer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  fused=use_cuda)
+    # linear warmup: lr_s = lr * min(1, (s + 1) / warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16")
+    alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
+                                                            args.beta_end))
+    sqrt_abar = alphas_cumprod.sqrt().float().to(device)
+    sqrt_one_minus_abar = (1 - alphas_cumprod).sqrt().float().to(device)
+
+    step = 0
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(checkpoint["model"])
+            ema_model.load_state_dict(checkpoint["ema"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint weights do not fit this model ({str(e).splitlines()[0]})") from None
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"])
+        train_generator.set_state(checkpoint["train_generator"])
+        step = checkpoint["step"]
+
+    def generate(num: int, batch_size: int, class_labels: Optional[torch.Tensor]) -> np.ndarray:
+        """num uint8 samples of the given classes (None: unconditional) from the EMA model with the configured
+        sampler and guidance scale (fixed noise)."""
+        generator = torch.Generator(device=device).manual_seed(sample_generator_seed)
+        out = []
+        for start in range(0, num, batch_size):
+            x_T = torch.randn((min(batch_size, num - start), 3, args.img_size, args.img_size), generator=generator,
+                              device=device)
+            y = None if class_labels is None else class_labels[start: start + len(x_T)].to(device)
+            model_fn = guided_model_fn(ema_model, y, args.cfg_scale, autocast)
+            out.append(sample_images(model_fn, x_T, alphas_cumprod, args.sampler, args.num_sampling_steps,
+                                     args.ddim_eta, generator).cpu())
+        return torch.cat(out).numpy()
+
+    def balanced_labels(num: int) -> Optional[torch.Tensor]:
+        return torch.arange(num) % args.num_classes if conditional else None  # every class in turn
+
+    fid_metric = make_fid_metric() if args.eval_fid else None  # fail now, not after training, if it cannot be had
+
+    def run_fid(writer=None) -> float:
+        samples = torch.from_numpy(generate(args.fid_num_samples, args.sample_batch_size,
+                                            balanced_labels(args.fid_num_samples)))
+        fid = compute_fid(fid_metric, samples, torch.from_numpy(images_np), args.sample_batch_size, device)
+        print(f"FID ({args.fid_num_samples} samples vs {num_images} training images, {args.sampler} "
+              f"{args.num_sampling_steps} steps" + (f", guidance {args.cfg_scale:g}" if conditional else "")
+              + f"): {fid:.3f}")
+        if writer is not None:
+            writer.add_scalar("eval/fid", fid, step)
+            writer.add_scalar("eval/fid_num_samples", args.fid_num_samples, step)
+        return fid
+
+    if args.sample_only:
+        if is_main:
+            class_labels = (torch.full((args.num_samples,), args.class_label) if args.class_label is not None
+                            else balanced_labels(args.num_samples))
+            samples = generate(args.num_samples, args.sample_batch_size, class_labels)
+            which = (f"_class{args.class_label}" if args.class_label is not None else "") + (
+                f"_cfg{args.cfg_scale:g}" if conditional else "")
+            stem = f"sample_only_{args.sampler}{args.num_sampling_steps}{which}_step{step}_{int(time.time())}"
+            path = write_samples(run_dir / "samples", stem, samples,
+                                 None if class_labels is None else class_labels.numpy())
+            print(f"wrote {len(samples)} samples to {path} and {path.with_suffix('.npz')}")
+            if args.eval_fid:
+                run_fid()
+        if world_size > 1:
+            dist.destroy_process_group()
+        return
+
+    # Run folder, TensorBoard, wandb (rank 0 only)
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if run_dir is None:
+            run_name = f"{dataset_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            run_dir = Path(args.output_dir) / run_name
+            while run_dir.exists():  # never overwrite an earlier run
+                run_dir = run_dir.with_name(run_dir.name + "_")
+            run_dir.mkdir(parents=True)
+            (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=asdict(args), name=run_dir.name, id=run_dir.name, resume="allow", save_code=True)
+        # purge_step: a resumed run drops the points a killed run logged after its last checkpoint
+        writer = SummaryWriter(str(run_dir), purge_step=step + 1 if step else None)
+        if step == 0:
+            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+                f"|{key}|{value}|" for key, value in asdict(args).items()))
+            writer.add_scalar("charts/num_parameters", num_params, 0)
+        print(f"run folder: {run_dir}")
+        print(f"model: DiT with adaLN-{args.adaln}, {num_params:,} parameters; data: {num_images:,} images of "
+              f"{args.img_size}x{args.img_size}, " + (f"{args.num_classes} classes" if conditional else "unconditional")
+              + f"; {steps_per_epoch} steps per epoch; device: {device}{f' x {world_size}' if world_size > 1 else ''}")
+
+    # Throughput accounting: the training step is about 3x the forward FLOPs (forward + backward).
+    example = torch.zeros(1, 3, args.img_size, args.img_size, device=device)
+    example_t = torch.zeros(1, dtype=torch.long, device=device)
+    train_flops_per_image = 3 * forward_flops(model, example, example_t, example_t if conditional else None)
+    peak_flops = matmul_peak_flops(device)
+
+    train_model = torch.compile(model) if args.compile else model
+    if world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[local_rank] if use_cuda else None)
+
+    # SIGTERM / SIGINT: finish the current step, save, exit 0.
+    stop_requested = False
+
+    def request_stop(signum, frame):
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    def save(step: int):
+        # Check the loss and the gradients since the last log before writing: never save NaN weights.
+        check_finite()
+        if is_main:
+            save_checkpoint(run_dir / "checkpoints" / "latest.pt", {
+                "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "args": asdict(args),
+                "step": step, "model": model.state_dict(), "ema": ema_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng_state(), "train_generator": train_generator.get_state(),
+                "data_position": {"epoch": step // steps_per_epoch, "index": step % steps_per_epoch * args.batch_size},
+            })
+            print(f"saved checkpoint at epoch {epoch_label(step)} (step {step})", flush=True)
+
+    def epoch_label(step: int) -> str:  # "3", or "3.25" when a signal stopped the run inside an epoch
+        return str(step // steps_per_epoch) if step % steps_per_epoch == 0 else f"{step / steps_per_epoch:.2f}"
+
+    def sample_grid() -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """EMA samples for the grids: one row per class (8 rows for an unconditional model)."""
+        rows = args.num_classes if conditional else 8
+        class_labels = torch.arange(rows).repeat_interleave(args.samples_per_class) if conditional else None
+        samples = generate(rows * args.samples_per_class, args.sample_batch_size, class_labels)
+        return samples, None if class_labels is None else class_labels.numpy()
+
+    local_batch = args.batch_size // world_size
+    loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync in the hot loop
+    grad_norm_sum = torch.zeros((), device=device)
+    steps_since_log, timed_steps, timer_start, first_step = 0, 0, time.perf_counter(), step
+
+    def check_finite():
+        if not (math.isfinite(loss_sum.item()) and math.isfinite(grad_norm_sum.item())):
+            raise TrainingFailure(f"the loss or gradient became non-finite before step {step}; the last good "
+                                  f"checkpoint is kept in {run_dir}/checkpoints (try a lower --learning-rate or "
+                                  f"--dtype float32)")
+
+    progress = None
+    if is_main:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    while step < total_steps:
+        # The global batch is drawn identically on every rank (indices, flips, label drops, t, noise), then each rank
+        # takes its slice: 2 ranks at batch B compute exactly what 1 rank at batch B does.
+        indices = global_batch_indices(step, args.batch_size, num_images, args.seed).to(device, non_blocking=True)
+        flips = torch.rand(args.batch_size, generator=train_generator, device=device) < 0.5
+        if conditional:  # classifier-free guidance training: a label becomes the null class with p = class_dropout
+            drops = torch.rand(args.batch_size, generator=train_generator, device=device) < args.class_dropout
+        t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
+        noise = torch.randn((args.batch_size, 3, args.img_size, args.img_size), generator=train_generator,
+                            device=device)
+        mine = slice(rank * local_batch, (rank + 1) * local_batch)
+        x0 = images[indices[mine]].float() / 127.5 - 1.0  # uint8 -> [-1, 1]
+        if args.random_flip:
+            x0 = torch.where(flips[mine, None, None, None], x0.flip(3), x0)
+        y = torch.where(drops[mine], args.num_classes, labels[indices[mine]]) if conditional else None
+        t, noise = t[mine], noise[mine]
+        x_t = sqrt_abar[t, None, None, None] * x0 + sqrt_one_minus_abar[t, None, None, None] * noise  # q(x_t | x_0)
+        with autocast:
+            eps_pred = train_model(x_t, t, y)
+        loss = F.mse_loss(eps_pred.float(), noise)  # L_simple = || eps - eps_theta(x_t, t) ||^2
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm > 0
+                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        with torch.no_grad():  # EMA: theta_ema <- decay theta_ema + (1 - decay) theta
+            ema_params, params = list(ema_model.parameters()), list(model.parameters())
+            torch._foreach_lerp_(ema_params, params, 1.0 - args.ema_decay)
+        loss_sum += loss.detach()
+        grad_norm_sum += grad_norm.detach().float()
+        step += 1
+        steps_since_log += 1
+        timed_steps += 1
+        if progress is not None:
+            progress.update(1)
+
+        if step % args.log_every == 0 or step == total_steps:
+            loss_value = loss_sum.item() / steps_since_log  # a host sync, once per log interval
+            check_finite()
+            images_per_second = timed_steps * args.batch_size / max(time.perf_counter() - timer_start, 1e-9)
+            mfu = images_per_second / world_size * train_flops_per_image / peak_flops
+            if is_main:
+                writer.add_scalar("losses/mse", loss_value, step)
+                writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+                writer.add_scalar("charts/grad_norm", grad_norm_sum.item() / steps_since_log, step)
+                writer.add_scalar("charts/SPS", images_per_second, step)
+                writer.add_scalar("perf/mfu", mfu, step)
+                progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images_per_second:.0f}", mfu=f"{mfu:.1%}")
+            loss_sum.zero_()
+            grad_norm_sum.zero_()
+            steps_since_log, timed_steps, timer_start = 0, 0, time.perf_counter()
+            if world_size > 1:  # every rank stops together: the stop flag is all-reduced at the log boundary
+                flag = torch.tensor(float(stop_requested), device=device)
+                dist.all_reduce(flag)
+                stop_requested = flag.item() > 0
+
+        epoch_end = step % steps_per_epoch == 0
+        eval_now = epoch_end and (step // steps_per_epoch) % args.eval_every == 0 or step == total_steps
+        save_now = epoch_end and (step // steps_per_epoch) % args.save_every == 0 or step == total_steps
+        if is_main and eval_now:
+            samples, sample_labels = sample_grid()
+            writer.add_image("samples/ema", make_grid(samples, columns=args.samples_per_class), step,
+                             dataformats="HWC")
+            write_samples(run_dir / "samples", f"step{step:08d}", samples, sample_labels, args.samples_per_class)
+        if save_now or stop_requested:
+            save(step)
+        if eval_now or save_now:  # keep sampling and saving out of SPS
+            timed_steps, timer_start = 0, time.perf_counter()
+        if stop_requested:
+            if is_main:
+                print(f"stopped by signal at step {step}")
+            break
+        if step == first_step + 1:  # leave the first step's warm-up (and compilation) out of the throughput
+            timed_steps, timer_start = 0, time.perf_counter()
+
+    if progress is not None:
+        progress.close()
+    if is_main and args.eval_fid and step == total_steps:
+        run_fid(writer)
+    if writer is not None:
+        writer.close()
+    if args.track and is_main:
+        import wandb
+
+        wandb.finish()
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(*parse_args())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

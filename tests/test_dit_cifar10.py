@@ -1,0 +1,470 @@
+"""Tests of dit_cifar10.py: the DiT model against the reference's facts, guidance, the adaLN variants, learning, the
+samplers against diffusers, and the contract (smoke, exact resume, torchrun, bad inputs).
+
+The subprocess runs use one thread each (OMP_NUM_THREADS=1) and run two at a time where they are independent: the
+models are tiny, and two single-threaded processes use the 2 cores far better than one process that spins two
+threads (and much better still on a machine that is busy).
+"""
+import importlib.util
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "dit_cifar10.py"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def load_dit():
+    spec = importlib.util.spec_from_file_location("dit_cifar10", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+dit = load_dit()
+
+
+def start(*args, cwd, torchrun=False):
+    """Starts the script (or torchrun with 2 CPU processes) with stdout and stderr in files under cwd."""
+    cwd = Path(cwd)
+    cwd.mkdir(parents=True, exist_ok=True)
+    command = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun
+               else [sys.executable]) + [str(SCRIPT), *map(str, args)]
+    stdout, stderr = open(cwd / "stdout.txt", "w"), open(cwd / "stderr.txt", "w")
+    process = subprocess.Popen(command, cwd=cwd, env=ENV, stdout=stdout, stderr=stderr, text=True)
+    process.out_path, process.err_path = cwd / "stdout.txt", cwd / "stderr.txt"
+    return process
+
+
+def finish(process, timeout=300):
+    """Waits for a started run; returns (returncode, stdout, stderr)."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return process.returncode, process.out_path.read_text(), process.err_path.read_text()
+
+
+def run_dir_of(stdout: str) -> Path:
+    line = next(line for line in stdout.splitlines() if line.startswith("run folder: "))
+    return Path(line[len("run folder: "):])
+
+
+def run_until_line_then_kill(*args, cwd, line: str, timeout=300):
+    """Starts the script, SIGKILLs it as soon as stdout shows `line`; returns the stdout seen so far."""
+    cwd = Path(cwd)
+    cwd.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    seen = []
+    try:
+        for out_line in process.stdout:
+            seen.append(out_line)
+            if line in out_line:
+                process.send_signal(signal.SIGKILL)
+                break
+    finally:
+        process.kill()
+        process.wait(timeout=timeout)
+    assert any(line in s for s in seen), "".join(seen)
+    return "".join(seen)
+
+
+def read_scalars(run_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def load_ema_model(run_dir: Path):
+    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
+    args = dit.Args(**dit.normalise_args_dict(checkpoint["args"], "test"))
+    model = dit.build_model(args)
+    model.load_state_dict(checkpoint["ema"])
+    return model.eval(), args, checkpoint
+
+
+def tensors_of(obj, prefix=""):
+    """Every tensor in a nested checkpoint, by path."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from tensors_of(value, f"{prefix}/{key}")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from tensors_of(value, f"{prefix}/{i}")
+
+
+TINY = ["--preset", "tiny"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared runs (module scope): the tiny run, and the same run killed on its first checkpoint line and resumed.
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("dit_tiny")
+    reference = start(*TINY, "--output-dir", base / "runs", cwd=base / "reference")  # runs beside the killed one
+    killed_stdout = run_until_line_then_kill(*TINY, "--output-dir", base / "runs", cwd=base / "killed",
+                                             line="saved checkpoint at epoch")
+    killed_dir = run_dir_of(killed_stdout)
+    resumed = subprocess.run([sys.executable, str(SCRIPT), "--resume", killed_dir], cwd=base, env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    code, stdout, stderr = finish(reference)
+    assert code == 0, stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return {"dir": run_dir_of(stdout), "stdout": stdout, "killed_dir": killed_dir, "killed_stdout": killed_stdout,
+            "resumed_stdout": resumed.stdout}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+def test_parameter_count_matches_reference_dit_at_seed_config():
+    args = dit.Args()
+    assert (args.img_size, args.patch, args.width, args.depth, args.heads, args.batch_size, args.epochs) == \
+        (32, 4, 384, 6, 6, 128, 100)
+    assert (args.timesteps, args.beta_start, args.beta_end, args.learning_rate, args.weight_decay, args.ema_decay) == \
+        (1000, 1e-4, 0.02, 1e-4, 0.0, 0.9999)
+    assert args.max_grad_norm == 0 and args.warmup_steps == 0 and args.adaln == "zero" and args.num_classes == 10
+    model = dit.build_model(args)
+    # facebookresearch/DiT with learn_sigma=False, 10 classes, class_dropout 0.1: 16,543,536 trainable parameters;
+    # its parameters() says 16,568,112 because its fixed position embedding (64 x 384) is a frozen Parameter.
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 16_543_536
+    assert sum(p.numel() for p in model.parameters()) == 16_543_536
+    assert model.pos_embed.numel() == 24_576 and "pos_embed" not in dict(model.named_parameters())
+    assert "pos_embed" not in model.state_dict()  # a function of the config, not a weight
+
+
+def test_every_block_is_identity_and_output_zero_at_init():
+    torch.manual_seed(0)
+    model = dit.build_model(dit.Args())
+    x = torch.randn(3, 3, 32, 32)
+    t = torch.tensor([0, 500, 999])
+    y = torch.tensor([1, 7, 10])  # 10 = the null class
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), torch.zeros_like(x))
+        tokens = torch.randn(3, 64, 384)
+        c = torch.randn(3, 384)
+        for block in model.blocks:
+            assert torch.equal(block(tokens, c), tokens)
+    # adaLN-Diagonal blocks start as the identity too (zero diagonal scales); every variant predicts 0.
+    for adaln in ("plain", "single", "diagonal"):
+        model = dit.DiT(16, 4, 3, 64, 2, 4, 4.0, 10, adaln)
+        with torch.no_grad():
+            assert torch.equal(model(torch.randn(2, 3, 16, 16), torch.tensor([3, 900]), torch.tensor([0, 10])),
+                               torch.zeros(2, 3, 16, 16))
+            if adaln == "diagonal":
+                tokens = torch.randn(2, 16, 64)
+                assert torch.equal(model.blocks[0](tokens, torch.randn(2, 64)), tokens)
+
+
+def test_embeddings_match_diffusers():
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
+
+    ours = dit.sincos_pos_embed_2d(384, 8)
+    theirs = get_2d_sincos_pos_embed(384, 8, base_size=8, interpolation_scale=1.0, output_type="pt")
+    torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=1e-6)
+    t = torch.tensor([0, 1, 17, 500, 999])
+    torch.testing.assert_close(dit.timestep_embedding(t, 256),  # DiT: cos first, frequencies / half
+                               get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0),
+                               rtol=0, atol=1e-5)
+
+
+def test_unpatchify_inverts_patch_order():
+    model = dit.DiT(16, 4, 3, 64, 1, 4, 4.0, 10)
+    x = torch.randn(2, 3, 16, 16)
+    # the token of patch (row i, col j) holds that patch's pixels in (row, column, channel) order
+    tokens = x.reshape(2, 3, 4, 4, 4, 4).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, 48)
+    assert torch.equal(model.unpatchify(tokens), x)
+
+
+def randomised(model, seed=0):
+    """The model with every parameter perturbed, so that outputs depend on t, y and x."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model.eval()
+
+
+def test_guidance_scale_one_is_conditional_and_zero_unconditional():
+    torch.manual_seed(0)
+    model = randomised(dit.DiT(16, 4, 3, 64, 2, 4, 4.0, 10, "zero"))
+    x, t, y = torch.randn(5, 3, 16, 16), torch.tensor([0, 10, 200, 600, 999]), torch.tensor([0, 3, 9, 3, 5])
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    with torch.no_grad():
+        eps_cond = model(x, t, y)
+        eps_uncond = model(x, t, torch.full_like(y, 10))
+        assert (eps_cond - eps_uncond).abs().max() > 1e-3  # the label matters
+        calls.clear()
+        torch.testing.assert_close(dit.guided_model_fn(model, y, 1.0)(x, t), eps_cond, rtol=0, atol=1e-6)
+        torch.testing.assert_close(dit.guided_model_fn(model, y, 0.0)(x, t), eps_uncond, rtol=0, atol=1e-6)
+        torch.testing.assert_close(dit.guided_model_fn(model, y, 4.0)(x, t), eps_uncond + 4.0 * (eps_cond - eps_uncond),
+                                   rtol=0, atol=1e-5)
+    assert calls == [5, 10, 10]  # s = 1: one plain forward; otherwise one batched forward of both halves
+
+
+def variant_counts(width=384, depth=6):
+    return {adaln: sum(p.numel() for p in dit.DiT(32, 4, 3, width, depth, 6, 4.0, 10, adaln).parameters())
+            for adaln in ("zero", "plain", "single", "diagonal")}
+
+
+def test_adaln_variant_parameter_counts():
+    counts = variant_counts()
+    d, depth = 384, 6
+    assert counts["zero"] == 16_543_536
+    assert counts["zero"] - counts["plain"] == depth * (2 * d * d + 2 * d)  # no gate rows
+    assert counts["diagonal"] - counts["plain"] == depth * 2 * d  # two diagonal scales per block
+    # single: the per-block Linear(D, 6D) becomes one shared Linear(D, 6D) plus a (6, D) table per block, and the
+    # final layer's Linear(D, 2D) a (2, D) table
+    assert counts["zero"] - counts["single"] == (depth - 1) * (6 * d * d + 6 * d) - depth * 6 * d + (2 * d * d)
+    assert counts["single"] < counts["plain"] < counts["diagonal"] < counts["zero"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Samplers against diffusers' schedulers, on a fixed deterministic model_fn
+
+ALPHAS_CUMPROD = dit.make_alphas_cumprod(dit.make_beta_schedule("linear", 1000, 1e-4, 0.02))
+
+
+def fixed_model_fn(x, t):
+    """A deterministic stand-in for a trained network: eps = sqrt(1-abar_t) x + sqrt(abar_t) f(x, t), whose predicted
+    x0 = sqrt(abar_t) x - sqrt(1-abar_t) f stays of order 1, so an absolute tolerance means something."""
+    abar = ALPHAS_CUMPROD[t].to(x.dtype)[:, None, None, None]
+    phase = t.to(x.dtype)[:, None, None, None] / 1000.0
+    wiggle = 0.5 * torch.tanh(2 * x) * torch.cos(3 * phase) + 0.3 * torch.sin(5 * phase + x)
+    return (1 - abar).sqrt() * x + abar.sqrt() * wiggle
+
+
+def x_T_for_samplers():
+    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def diffusers_loop(scheduler, num_steps, generator=None):
+    scheduler.set_timesteps(num_steps)
+    x = x_T_for_samplers()
+    for t in scheduler.timesteps:
+        eps = fixed_model_fn(x, torch.full((x.shape[0],), int(t)))
+        kwargs = {"generator": generator} if generator is not None else {}
+        x = scheduler.step(eps, t, x, **kwargs).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
+def test_ddpm_sampler_matches_diffusers(variance):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                              variance_type=variance, clip_sample=True)
+    theirs = diffusers_loop(scheduler, 1000, torch.Generator().manual_seed(1))
+    ours = dit.ddpm_sample(fixed_model_fn, x_T_for_samplers(), ALPHAS_CUMPROD, None, variance=variance,
+                           clip_denoised=True, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_ddim_sampler_matches_diffusers():
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                              timestep_spacing="leading", set_alpha_to_one=True, clip_sample=False)
+    theirs = diffusers_loop(scheduler, 50)
+    ours = dit.ddim_sample(fixed_model_fn, x_T_for_samplers(), ALPHAS_CUMPROD, 50, eta=0.0, spacing="uniform")
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_steps", [10, 20])
+def test_dpm_solver_matches_diffusers(num_steps):
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                            beta_schedule="linear")
+    theirs = diffusers_loop(scheduler, num_steps)
+    ours = dit.dpm_solver_sample(fixed_model_fn, x_T_for_samplers(), ALPHAS_CUMPROD, num_steps)
+    assert 0.1 < ours.abs().mean() < 2  # a sample of order 1, not noise blown up
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# End to end: smoke, learning, resume
+
+
+def test_tiny_run_smoke(tiny_runs):
+    run_dir, stdout = tiny_runs["dir"], tiny_runs["stdout"]
+    assert (run_dir / "config.json").is_file() and (run_dir / "checkpoints" / "latest.pt").is_file()
+    assert "DiT with adaLN-zero, 259,952 parameters" in stdout
+    assert [line for line in stdout.splitlines() if line.startswith("saved checkpoint")] == [
+        f"saved checkpoint at epoch {e} (step {e * 16})" for e in (16, 32, 48, 64)]
+    scalars = read_scalars(run_dir)
+    for tag in ("losses/mse", "charts/learning_rate", "charts/grad_norm", "charts/SPS", "perf/mfu"):
+        assert scalars[tag], tag
+    losses = [v for _, v in scalars["losses/mse"]]
+    assert losses[-1] < 0.5 * losses[0]
+    # the sample grids: one row per class (10 classes x 4 per class), labels beside the images
+    final = np.load(run_dir / "samples" / "step00001024.npz")
+    assert final["arr_0"].shape == (40, 16, 16, 3) and final["arr_0"].dtype == np.uint8
+    assert final["arr_1"].tolist() == [k for k in range(10) for _ in range(4)]
+    import cv2
+
+    assert cv2.imread(str(run_dir / "samples" / "step00001024.png")).shape[:2] == (10 * 18 + 2, 4 * 18 + 2)
+
+
+PALETTE = torch.cat([torch.full((1, 3), 20.0), torch.from_numpy(dit.SHAPE_COLOURS).float()])
+
+
+def colour_rule(images: torch.Tensor) -> torch.Tensor:
+    """The share of each image's pixels nearest to each of the 8 shape colours (the background excluded), (N, 8):
+    class k of the shapes set is drawn in colour k % 8, so the most common colour names the class."""
+    pixels = images.float().permute(0, 2, 3, 1).reshape(len(images), -1, 3)
+    nearest = torch.cdist(pixels, PALETTE[None].expand(len(images), -1, -1)).argmin(-1)
+    return torch.stack([(nearest == j + 1).float().mean(1) for j in range(8)], dim=1)
+
+
+def test_tiny_model_generates_the_asked_class_and_guidance_sharpens_it(tiny_runs):
+    model, args, _ = load_ema_model(tiny_runs["dir"])
+    per_class, accuracy, margin = 12, {}, {}
+    for scale in (0.0, 1.0, 3.0):
+        correct, margins = [], []
+        for k in range(10):
+            generator = torch.Generator().manual_seed(100 + k)
+            x_T = torch.randn(per_class, 3, 16, 16, generator=generator)
+            labels = torch.full((per_class,), k)
+            images = dit.sample_images(dit.guided_model_fn(model, labels, scale), x_T, ALPHAS_CUMPROD, "ddim", 20)
+            votes = colour_rule(images)
+            others = votes.clone()
+            others[:, k % 8] = -1
+            correct.append(votes.argmax(1) == k % 8)
+            margins.append(votes[:, k % 8] - others.max(1).values)
+        accuracy[scale], margin[scale] = torch.cat(correct).float().mean().item(), torch.cat(margins).mean().item()
+    print("accuracy", accuracy, "margin", margin)
+    assert accuracy[3.0] >= 0.4  # chance is 1/8
+    assert margin[0.0] < margin[1.0] < margin[3.0]
+
+
+def test_sample_only_one_class(tiny_runs, tmp_path):
+    run_dir = tiny_runs["dir"]
+    result = subprocess.run([sys.executable, str(SCRIPT), "--resume", run_dir, "--sample-only", "--class-label", "3",
+                             "--num-samples", "12"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    files = sorted((run_dir / "samples").glob("sample_only_ddim20_class3_cfg3_step1024_*.npz"))
+    assert len(files) == 1
+    samples = np.load(files[0])
+    assert samples["arr_0"].shape == (12, 16, 16, 3) and samples["arr_1"].tolist() == [3] * 12
+    votes = colour_rule(torch.from_numpy(samples["arr_0"]).permute(0, 3, 1, 2))
+    assert (votes.argmax(1) == 3).float().mean() >= 0.4  # yellow squares, mostly
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tiny_runs):
+    assert "saved checkpoint at epoch 16 (step 256)" in tiny_runs["killed_stdout"]
+    assert "saved checkpoint at epoch 64 (step 1024)" in tiny_runs["resumed_stdout"]
+    reference = torch.load(tiny_runs["dir"] / "checkpoints" / "latest.pt", weights_only=True)
+    resumed = torch.load(tiny_runs["killed_dir"] / "checkpoints" / "latest.pt", weights_only=True)
+    assert reference["step"] == resumed["step"] == 1024
+    ours, theirs = dict(tensors_of(reference)), dict(tensors_of(resumed))
+    assert ours.keys() == theirs.keys() and len(ours) > 50
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    # the resumed run's TensorBoard has no point twice (purge_step drops what the killed run logged after its save)
+    steps = [s for s, _ in read_scalars(tiny_runs["killed_dir"])["losses/mse"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 1024
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The adaLN variants train; torchrun matches one process; bad inputs
+
+
+@pytest.fixture(scope="module")
+def variant_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("dit_variants")
+    processes = {adaln: start(*TINY, "--adaln", adaln, "--epochs", 8, "--eval-every", 8, "--save-every", 8,
+                              "--output-dir", base / "runs", cwd=base / adaln) for adaln in ("plain", "single", "diagonal")}
+    return {adaln: finish(process) for adaln, process in processes.items()}
+
+
+@pytest.mark.parametrize("adaln", ["plain", "single", "diagonal"])
+def test_adaln_variant_trains(variant_runs, adaln):
+    code, stdout, stderr = variant_runs[adaln]
+    assert code == 0, stderr[-2000:]
+    args = dit.Args(**{**dit.PRESETS["tiny"], "adaln": adaln})
+    count = sum(p.numel() for p in dit.build_model(args).parameters())
+    assert f"DiT with adaLN-{adaln}, {count:,} parameters" in stdout
+    assert count < 259_952  # every variant is smaller than adaLN-Zero at the tiny config
+    losses = [v for _, v in read_scalars(run_dir_of(stdout))["losses/mse"]]
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    common = [*TINY, "--epochs", 1, "--num-shapes-images", 128, "--eval-every", 1, "--save-every", 1,
+              "--output-dir", tmp_path / "runs"]  # 4 optimizer steps at global batch 32
+    single = start(*common, "--exp-name", "single", cwd=tmp_path / "single")
+    code, stdout, stderr = finish(start(*common, "--exp-name", "ddp", cwd=tmp_path / "ddp", torchrun=True))
+    assert code == 0, stderr[-3000:]
+    code1, stdout1, stderr1 = finish(single)
+    assert code1 == 0, stderr1[-3000:]
+    two = torch.load(run_dir_of(stdout) / "checkpoints" / "latest.pt", weights_only=True)
+    one = torch.load(run_dir_of(stdout1) / "checkpoints" / "latest.pt", weights_only=True)
+    assert two["step"] == one["step"] == 4
+    for part in ("model", "ema"):
+        for key, value in one[part].items():
+            torch.testing.assert_close(two[part][key], value, rtol=0, atol=1e-5, msg=f"{part}/{key}")
+    moved = sum((one["model"][k] - dit.build_model(dit.Args(**dit.PRESETS["tiny"])).state_dict()[k]).abs().sum()
+                for k in one["model"])
+    assert moved > 0
+
+
+def make_class_folder(root: Path, num_classes: int) -> Path:
+    import cv2
+
+    for k in range(num_classes):
+        (root / f"class_{k}").mkdir(parents=True)
+        for i in range(4):
+            cv2.imwrite(str(root / f"class_{k}" / f"{i}.png"), np.full((20, 20, 3), 40 * k + i, dtype=np.uint8))
+    return root
+
+
+def test_bad_inputs_exit_2_with_one_line(tiny_runs, tmp_path):
+    folder = make_class_folder(tmp_path / "images", 3)
+    cases = {
+        "patch": ([*TINY, "--patch", 5], "--patch 5 does not divide --img-size 16"),
+        "heads": ([*TINY, "--heads", 5], "--heads 5 does not divide --width 64"),
+        "class_label": (["--resume", tiny_runs["dir"], "--sample-only", "--class-label", 10],
+                        "--class-label 10 is out of range"),
+        "num_classes": ([*TINY, "--dataset", "folder", "--data-dir", folder, "--num-classes", 10],
+                        "--num-classes 10 disagrees with the data"),
+    }
+    processes = {name: start(*args, "--output-dir", tmp_path / "runs", cwd=tmp_path / name)
+                 for name, (args, _) in cases.items()}
+    for name, process in processes.items():
+        code, stdout, stderr = finish(process)
+        lines = stderr.strip().splitlines()
+        assert code == 2, (name, stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("error: ") and cases[name][1] in lines[0], (name, stderr)
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_folder_dataset_classes_and_unconditional(tmp_path):
+    folder = make_class_folder(tmp_path / "images", 3)
+    args = dit.Args(dataset="folder", data_dir=str(folder), img_size=16, num_classes=3)
+    images, labels, dataset_id = dit.load_dataset(args)
+    assert images.shape == (12, 3, 16, 16) and labels.tolist() == [k for k in range(3) for _ in range(4)]
+    assert dataset_id == "images"
+    model = dit.build_model(dit.Args(**{**dit.PRESETS["tiny"], "num_classes": 0}))
+    assert model.y_embedder is None
+    fn = dit.guided_model_fn(model, None, 4.0)  # unconditional: guidance does not apply
+    assert fn(torch.zeros(2, 3, 16, 16), torch.tensor([1, 2])).shape == (2, 3, 16, 16)
