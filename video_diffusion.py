@@ -1,0 +1,1776 @@
+# cleanworlds: video diffusion for world generation (3D U-Net, text and actions). Docs and results: README.md and benchmark/RESULTS.md
+"""
+A 3D U-Net video diffusion model (Ho et al. 2022, "Video Diffusion Models") that generates controllable worlds: clips
+conditioned on a caption (a learned text encoder read by cross-attention) and on per-frame actions (discrete or
+continuous, added to the time embedding), sampled with DDPM or DDIM, extended beyond the training length
+autoregressively from the last k frames (with context noise augmentation, as GameNGen and DIAMOND), in one file.
+
+The seed's setting (model_channels 256, num_res_blocks 2, 16 frames of 64x64, linear schedule, T = 1000) on one GPU:
+    python video_diffusion.py                                            # the generated sprites world
+    python video_diffusion.py --dataset atari --env-id Breakout-v5       # random-policy Breakout clips (recorded once)
+    python video_diffusion.py --dataset folder --data-dir my_videos      # your videos (+ captions.json or captions.txt)
+On 8 GPUs (global batch 32, 4 per GPU):
+    torchrun --standalone --nproc_per_node=8 video_diffusion.py
+End to end in about 15 seconds on a CPU, offline (16x16 sprites, 8 frames):
+    python video_diffusion.py --preset tiny
+Continue a run, or sample from it (MP4s in samples/, with a long autoregressive video):
+    python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000
+    python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000 --sample-only --cfg-scale 3 --long-video-frames 64
+Watch it:
+    tensorboard --logdir runs
+"""
+import argparse
+import contextlib
+import copy
+import difflib
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+SCRIPT_NAME = "video_diffusion.py"
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """deterministic algorithms (on CUDA also sets CUBLAS_WORKSPACE_CONFIG=:4096:8)"""
+    cuda: bool = True
+    """use CUDA when available (falls back to the CPU with a notice)"""
+    track: bool = False
+    """log to Weights and Biases as well as TensorBoard"""
+    wandb_project_name: str = "cleanworlds"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    output_dir: str = "runs"
+    """runs are written to {output_dir}/{run_name}/"""
+    preset: Optional[Literal["tiny"]] = None
+    """a named set of defaults: tiny = a full run on the sprites world in about 15 seconds on a CPU"""
+    config: Optional[str] = None
+    """a config.json written by an earlier run: its values become the defaults (flags still win)"""
+    resume: Optional[str] = None
+    """a run folder or checkpoint file to continue exactly where it stopped"""
+    sample_only: bool = False
+    """with --resume: load the checkpoint's EMA weights, only generate --num-samples clips (and a long video), exit"""
+    compile: bool = False
+    """torch.compile the model"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """autocast dtype on CUDA (float16 uses a GradScaler); the CPU always computes in float32"""
+
+    # Data
+    dataset: Literal["sprites", "atari", "folder"] = "sprites"
+    """sprites (generated: a sprite moved by the actions, bouncing distractors, captions), atari (random-policy clips
+    recorded from an ALE game into --data-dir) or folder (videos readable by opencv under --data-dir)"""
+    data_dir: str = "data"
+    """atari: episode files are recorded to and read from {data_dir}/atari/{env id}/; folder: the videos"""
+    num_frames: int = 16
+    """frames per training clip"""
+    img_size: int = 64
+    """frame side length (frames are center-cropped to a square, then resized)"""
+    num_sprite_clips: int = 2048
+    """sprites: number of generated training clips"""
+    num_distractors: int = 2
+    """sprites: bouncing grey squares that no action moves"""
+    action_dim: int = 0
+    """0: discrete actions (an embedding); >0: continuous action vectors of this size through an MLP, as the seed's
+    ActionConditionedDiffusion (sprites: 2, a velocity)"""
+    env_id: str = "Breakout-v5"
+    """atari: the ALE game (Breakout, Breakout-v5 and ALE/Breakout-v5 are the same)"""
+    num_atari_episodes: int = 50
+    """atari: episodes recorded with a random policy (files already in the folder are reused)"""
+    atari_episode_steps: int = 1000
+    """atari: at most this many steps per recorded episode"""
+    captions_file: Optional[str] = None
+    """folder: a JSON {video file name: caption} or a text file of `name<TAB>caption` lines (default: captions.json
+    or captions.txt in --data-dir when there is one; videos without a caption get the empty caption)"""
+    frame_stride: int = 1
+    """folder: keep every N-th frame of the videos"""
+
+    # Model (the seed's 3D U-Net)
+    model_channels: int = 256
+    """base channel count of the 3D U-Net"""
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    """channel multiplier per resolution level (spatial halving between levels)"""
+    num_res_blocks: int = 2
+    """ResBlock3D per level on the way down (one more on the way up)"""
+    attn_resolutions: tuple[int, ...] = (32, 16)
+    """resolutions (in pixels) with spatio-temporal attention and text cross-attention after each ResBlock3D"""
+    num_heads: int = 8
+    """attention heads"""
+    norm_groups: int = 32
+    """GroupNorm groups"""
+    dropout: float = 0.0
+    """dropout in the residual blocks"""
+    text_dim: int = 256
+    """width of the learned text encoder"""
+    text_layers: int = 2
+    """transformer layers of the text encoder"""
+    max_text_len: int = 16
+    """caption tokens kept (words beyond are dropped)"""
+    cond_drop_prob: float = 0.1
+    """probability of dropping the caption and (independently) the actions to null during training (guidance)"""
+    context_frames: int = 4
+    """k: frames the model is conditioned on when it continues a video (autoregressive generation)"""
+    context_prob: float = 0.5
+    """fraction of training clips whose first k frames are given as context"""
+    context_noise_max_step: int = 100
+    """context noise augmentation: the context frames are noised to a step drawn from [0, this), told to the model"""
+    context_noise_sampling_step: int = 10
+    """the context noise step used when generating (a little noise limits drift)"""
+
+    # Diffusion
+    timesteps: int = 1000
+    """number of diffusion steps T"""
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    """linear (Ho et al.) or cosine (Nichol and Dhariwal)"""
+    beta_start: float = 1e-4
+    """beta_1 of the linear schedule"""
+    beta_end: float = 0.02
+    """beta_T of the linear schedule"""
+
+    # Training
+    total_steps: int = 200_000
+    """optimizer steps to train for"""
+    batch_size: int = 32
+    """global batch size in clips (split across torchrun ranks)"""
+    learning_rate: float = 1e-4
+    """Adam learning rate"""
+    warmup_steps: int = 1000
+    """linear learning-rate warmup steps"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0 turns it off)"""
+    ema_decay: float = 0.9999
+    """EMA decay of the weights used for sampling"""
+    log_every: int = 100
+    """log losses and throughput every N steps"""
+    save_every: int = 5000
+    """write checkpoints/latest.pt every N steps"""
+    eval_every: int = 10_000
+    """sample clips and compute the eval/ metrics with the EMA model every N steps"""
+
+    # Sampling and evaluation
+    sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
+    """sampler for the samples, the metrics and --sample-only"""
+    num_sampling_steps: int = 50
+    """network evaluations per clip (ddpm with fewer than T steps is respaced)"""
+    ddim_eta: float = 0.0
+    """DDIM eta (0: deterministic)"""
+    cfg_scale: float = 2.0
+    """classifier-free guidance scale s on caption and actions: eps_u + s (eps_c - eps_u); 1 = no guidance"""
+    num_eval_samples: int = 32
+    """clips generated for each evaluation (samples and metrics)"""
+    num_samples: int = 16
+    """clips generated by --sample-only"""
+    long_video_frames: int = 64
+    """length of the autoregressive long videos written at each evaluation and by --sample-only"""
+    sample_batch_size: int = 16
+    """batch size when generating clips"""
+
+
+PRESETS = {
+    "tiny": dict(
+        dataset="sprites", num_frames=8, img_size=16, num_sprite_clips=256, num_distractors=1, model_channels=16,
+        channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2, norm_groups=4, text_dim=32,
+        text_layers=1, context_frames=2, total_steps=40, batch_size=8, learning_rate=2e-3, warmup_steps=10,
+        ema_decay=0.9, log_every=10, save_every=20, eval_every=40, num_sampling_steps=8, num_eval_samples=8,
+        num_samples=8, long_video_frames=12, sample_batch_size=8,
+    ),
+}
+# Flags that may change when a run is resumed: the run length, checkpoint/eval cadence, logging and sampling.
+RESUME_MUTABLE_FIELDS = {
+    "total_steps", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity", "resume",
+    "sample_only", "num_samples", "sampler", "num_sampling_steps", "ddim_eta", "cfg_scale", "num_eval_samples",
+    "long_video_frames", "sample_batch_size", "context_noise_sampling_step", "cuda", "compile", "config",
+    "output_dir",
+}
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+class TrainingFailure(Exception):
+    """The run cannot go on (a non-finite loss): printed as one line, exit status 1, last checkpoint kept."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: the sprites world (generated), Atari clips (recorded with a random policy into episode .npz files), video
+# folders. Everything becomes one uint8 frame array (F, 3, H, W), the action that led into each frame, and clips
+# (a start index into the frames, a caption); a clip is frames[start : start + num_frames].
+
+
+@dataclass
+class VideoData:
+    frames: np.ndarray  # uint8 (F, 3, H, W)
+    actions: Optional[np.ndarray]  # the action that led into each frame: int64 (F,) or float32 (F, action_dim)
+    clip_starts: np.ndarray  # int64 (N,)
+    captions: list  # N strings ("" is the null caption)
+    directions: np.ndarray  # int64 (N,): sprites: the commanded direction (index into DIRECTIONS); -1 elsewhere
+    num_actions: int  # discrete actions (0: none, or continuous)
+    dataset_id: str  # the run name's first part
+    sprite_states: Optional[list] = None  # sprites: each clip's initial state, to re-render it with other actions
+
+
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif"}
+SPRITE_COLOURS = {"red": (230, 40, 40), "green": (40, 210, 40), "blue": (50, 90, 245), "yellow": (235, 215, 30)}
+DIRECTIONS = ["up", "down", "left", "right"]  # sprites: discrete action i + 1 moves the sprite DIRECTIONS[i]
+SPRITE_ACTIONS = ["noop"] + DIRECTIONS
+DIRECTION_VECTORS = np.array([[0, -1], [0, 1], [-1, 0], [1, 0]], dtype=np.float32)  # (dx, dy); y grows downwards
+BACKGROUND, DISTRACTOR_GREY = 20, 150
+
+
+def sprite_geometry(img_size: int) -> tuple[int, int, int]:
+    """Sprite side, distractor side and sprite speed (pixels per step) for a frame size."""
+    size = max(4, img_size // 8)
+    return size, max(2, size // 2), max(1, img_size // 32)
+
+
+def render_sprite_clip(state: dict, actions: np.ndarray, img_size: int) -> np.ndarray:
+    """Deterministic sprites world: uint8 (T, 3, H, W) from an initial state and the action leading into each frame
+    (actions[0] is ignored: frame 0 is the initial state). Discrete actions: 0 noop, 1-4 DIRECTIONS; continuous:
+    a (dx, dy) velocity in units of the sprite speed. Distractors bounce off the walls whatever the actions."""
+    size, dsize, speed = sprite_geometry(img_size)
+    pos = np.array(state["sprite"], dtype=np.float32)
+    dpos = np.array(state["distractors"], dtype=np.float32).reshape(-1, 2)
+    dvel = np.array(state["distractor_velocities"], dtype=np.float32).reshape(-1, 2)
+    colour = np.array(SPRITE_COLOURS[state["colour"]], dtype=np.uint8)
+    frames = np.full((len(actions), img_size, img_size, 3), BACKGROUND, dtype=np.uint8)
+    for i in range(len(actions)):
+        if i > 0:
+            a = actions[i]
+            move = (np.asarray(a, dtype=np.float32) if np.ndim(a) else
+                    (DIRECTION_VECTORS[int(a) - 1] if int(a) > 0 else np.zeros(2, np.float32)))
+            pos = np.clip(pos + move * speed, 0, img_size - size)
+            dpos = dpos + dvel
+            bounce = (dpos < 0) | (dpos > img_size - dsize)  # reflect off the walls
+            dvel = np.where(bounce, -dvel, dvel)
+            dpos = np.clip(dpos, 0, img_size - dsize)
+        for x, y in np.round(dpos).astype(int):
+            frames[i, y: y + dsize, x: x + dsize] = DISTRACTOR_GREY
+        x, y = np.round(pos).astype(int)
+        frames[i, y: y + size, x: x + size] = colour  # the sprite is drawn last: always fully visible
+    return frames.transpose(0, 3, 1, 2)
+
+
+def sprite_positions(state: dict, actions: np.ndarray, img_size: int) -> np.ndarray:
+    """The sprite's rendered top-left corner (T, 2) under the actions (the rule render_sprite_clip draws)."""
+    size, _, speed = sprite_geometry(img_size)
+    pos, out = np.array(state["sprite"], dtype=np.float32), []
+    for i in range(len(actions)):
+        if i > 0:
+            a = actions[i]
+            move = (np.asarray(a, dtype=np.float32) if np.ndim(a) else
+                    (DIRECTION_VECTORS[int(a) - 1] if int(a) > 0 else np.zeros(2, np.float32)))
+            pos = np.clip(pos + move * speed, 0, img_size - size)
+        out.append(np.round(pos))
+    return np.stack(out)
+
+
+def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_distractors: int = 1,
+                         action_dim: int = 0, seed: int = 0) -> VideoData:
+    """Clips of a coloured square that the actions move, with captions "a red square moves right".
+
+    Each clip has a commanded direction d: the action leading into each frame is d with probability 3/4, else a noop
+    or a perpendicular move, never the opposite; the start leaves room to move, and a clip is redrawn until the
+    sprite's net displacement is along d (so the caption is always true of the frames)."""
+    size, dsize, speed = sprite_geometry(img_size)
+    span = img_size - size
+    rng = np.random.default_rng(seed)
+    frames, actions, captions, directions, states = [], [], [], [], []
+    for _ in range(num_clips):
+        for _attempt in range(1000):
+            d = int(rng.integers(4))
+            room = min((num_frames - 1) * speed, span)
+            along = int(rng.integers(0, span - room + 1))  # coordinate along d, counted from the wall behind
+            across = int(rng.integers(0, span + 1))
+            axis = 0 if d >= 2 else 1  # left/right move x, up/down move y
+            forward = DIRECTION_VECTORS[d][axis] > 0
+            xy = [0, 0]
+            xy[axis] = along if forward else span - along
+            xy[1 - axis] = across
+            perpendicular = [e for e in range(4) if (e >= 2) != (d >= 2)]
+            choice = rng.random(num_frames)
+            discrete = np.where(choice < 0.75, d + 1,
+                                np.where(choice < 0.85, 0, np.array(perpendicular)[rng.integers(2, size=num_frames)] + 1))
+            discrete[0] = 0
+            if action_dim > 0:  # a velocity: the discrete move scaled by U(0.6, 1), plus a little sideways jitter
+                a = DIRECTION_VECTORS[np.maximum(discrete - 1, 0)] * (discrete > 0)[:, None]
+                a = a * rng.uniform(0.6, 1.0, (num_frames, 1)) + rng.normal(0, 0.05, (num_frames, 2))
+                a[0] = 0
+                clip_actions = a.astype(np.float32)
+            else:
+                clip_actions = discrete.astype(np.int64)
+            state = {"sprite": [float(xy[0]), float(xy[1])], "colour": list(SPRITE_COLOURS)[int(rng.integers(4))],
+                     "distractors": rng.uniform(0, img_size - dsize, (num_distractors, 2)).tolist(),
+                     "distractor_velocities": (rng.choice([-1.0, 1.0], (num_distractors, 2)) * speed).tolist()}
+            positions = sprite_positions(state, clip_actions, img_size)
+            if direction_of_displacement(positions[-1] - positions[0]) == d:
+                break
+        else:
+            raise UserError(f"--img-size {img_size} is too small for sprites moving over --num-frames {num_frames}")
+        frames.append(render_sprite_clip(state, clip_actions, img_size))
+        actions.append(clip_actions)
+        captions.append(f"a {state['colour']} square moves {DIRECTIONS[d]}")
+        directions.append(d)
+        states.append(state)
+    return VideoData(frames=np.concatenate(frames), actions=np.concatenate(actions),
+                     clip_starts=np.arange(num_clips, dtype=np.int64) * num_frames, captions=captions,
+                     directions=np.array(directions, dtype=np.int64), num_actions=0 if action_dim else 5,
+                     dataset_id="sprites", sprite_states=states)
+
+
+def resize_frame(rgb: np.ndarray, img_size: int) -> np.ndarray:
+    """uint8 (h, w, 3) -> (3, img_size, img_size): center crop to a square, resize with INTER_AREA (no aliasing)."""
+    import cv2
+
+    h, w = rgb.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = rgb[top: top + side, left: left + side]
+    return cv2.resize(square, (img_size, img_size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)
+
+
+def clips_of_episodes(episodes: list, num_frames: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """Concatenates episodes' frames; clips are windows of num_frames with a stride of num_frames // 2."""
+    offsets, starts, owners, total = [], [], [], 0
+    for e, frames in enumerate(episodes):
+        for s in range(0, len(frames) - num_frames + 1, max(1, num_frames // 2)):
+            starts.append(total + s)
+            owners.append((e, s))
+        offsets.append(total)
+        total += len(frames)
+    return np.concatenate(episodes), np.array(starts, dtype=np.int64), owners
+
+
+ATARI_AGENTS = {"Breakout": "paddle", "Pong": "paddle", "SpaceInvaders": "cannon", "Freeway": "chicken",
+                "Boxing": "boxer", "MsPacman": "pacman", "Seaquest": "submarine"}
+
+
+def atari_ids(env_id: str) -> tuple[str, str, str]:
+    """(gymnasium id, canonical id without a slash, game) for Breakout / Breakout-v5 / ALE/Breakout-v5 spellings."""
+    import ale_py
+    import gymnasium as gym
+
+    gym.register_envs(ale_py)
+    game = re.sub(r"(NoFrameskip)?(-v\d+)?$", "", env_id.split("/")[-1])
+    games = sorted({k.split("/")[-1][: -len("-v5")] for k in gym.registry if k.startswith("ALE/") and k.endswith("-v5")})
+    if game not in games:
+        close = difflib.get_close_matches(game, games, n=3)
+        raise UserError(f"unknown Atari game --env-id {env_id}" + (f": did you mean {', '.join(close)}?" if close else
+                                                                   f" (known: {', '.join(games[:8])}, ...)"))
+    return f"ALE/{game}-v5", f"{game}-v5", game
+
+
+def describe_atari_action(meaning: str) -> str:
+    """ALE action meaning -> words: RIGHTFIRE -> "moves right and fires", NOOP -> "stays still"."""
+    moves = [d for d in ("UP", "DOWN", "LEFT", "RIGHT") if d in meaning]
+    words = ["moves " + " and ".join(m.lower() for m in moves)] if moves else []
+    if "FIRE" in meaning:
+        words.append("fires")
+    return " and ".join(words) if words else "stays still"
+
+
+def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_steps: int, img_size: int, seed: int,
+                          game: str):
+    """Random-policy episodes (each action held for 1-8 steps, so that motion shows), as CONTRACT episode files."""
+    import gymnasium as gym
+
+    folder.mkdir(parents=True, exist_ok=True)
+    # repeat_action_probability 0: the recorded action is the one the emulator executed (no sticky actions)
+    env = gym.make(gym_id, repeat_action_probability=0.0)
+    try:
+        for i in range(num_episodes):
+            path = folder / f"episode_{i:05d}.npz"
+            if path.exists():
+                continue
+            rng = np.random.default_rng(seed * 1_000_003 + i)
+            obs, _ = env.reset(seed=seed * 1_000_003 + i)
+            frames, actions, rewards, terminated, truncated = [resize_frame(obs, img_size)], [], [], [], []
+            action, hold = 0, 0
+            for step in range(max_steps):
+                if hold == 0:
+                    action, hold = int(rng.integers(env.action_space.n)), int(rng.integers(1, 9))
+                hold -= 1
+                obs, reward, term, trunc, _ = env.step(action)
+                trunc = trunc or step == max_steps - 1
+                frames.append(resize_frame(obs, img_size))
+                actions.append(action), rewards.append(reward), terminated.append(term), truncated.append(trunc)
+                if term or trunc:
+                    break
+            tmp = folder / f".{path.stem}.tmp.npz"
+            np.savez(tmp, obs=np.stack(frames).transpose(0, 2, 3, 1), actions=np.array(actions, dtype=np.int64),
+                     rewards=np.array(rewards, dtype=np.float32), terminated=np.array(terminated, dtype=bool),
+                     truncated=np.array(truncated, dtype=bool), caption=np.array([game]))
+            os.replace(tmp, path)  # a killed recording never leaves a half-written episode
+    finally:
+        env.close()
+
+
+def load_atari_dataset(args: "Args") -> VideoData:
+    """Episode files (CONTRACT section 3) in {data_dir}/atari/{env}/, recorded first if there are too few. Each clip's
+    caption names the action held most often in it: "Breakout: the paddle moves left"."""
+    import gymnasium as gym
+
+    gym_id, canonical, game = atari_ids(args.env_id)
+    folder = Path(args.data_dir) / "atari" / canonical
+    record_atari_episodes(gym_id, folder, args.num_atari_episodes, args.atari_episode_steps, args.img_size, args.seed,
+                          game)
+    env = gym.make(gym_id)
+    meanings = env.unwrapped.get_action_meanings()
+    env.close()
+    episodes, episode_actions = [], []
+    for path in sorted(folder.glob("episode_*.npz"))[: args.num_atari_episodes]:
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                obs, actions = f["obs"], f["actions"].astype(np.int64)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"cannot read episode file {path} ({e}): delete it to record it again") from None
+        if obs.dtype != np.uint8 or obs.ndim != 4 or len(actions) != len(obs) - 1:
+            raise UserError(f"{path} is not an episode file (obs uint8 (T+1, H, W, 3), actions (T,)): delete it")
+        if actions.size and (actions.min() < 0 or actions.max() >= len(meanings)):
+            raise UserError(f"{path} has actions outside {game}'s {len(meanings)} actions: delete it")
+        if obs.shape[1:3] != (args.img_size, args.img_size):
+            obs = np.stack([resize_frame(o, args.img_size).transpose(1, 2, 0) for o in obs])
+        episodes.append(np.ascontiguousarray(obs.transpose(0, 3, 1, 2)))
+        episode_actions.append(np.concatenate([[0], actions]))  # NOOP (0) leads into the first frame
+    frames, starts, owners = clips_of_episodes(episodes, args.num_frames)
+    if len(starts) == 0:
+        raise UserError(f"no episode in {folder} has {args.num_frames} frames: raise --atari-episode-steps or lower "
+                        f"--num-frames")
+    agent = ATARI_AGENTS.get(game, "player")
+    captions = []
+    for e, s in owners:
+        held = np.bincount(episode_actions[e][s + 1: s + args.num_frames], minlength=len(meanings)).argmax()
+        captions.append(f"{game}: the {agent} {describe_atari_action(meanings[held])}")
+    return VideoData(frames=frames, actions=np.concatenate(episode_actions), clip_starts=starts, captions=captions,
+                     directions=np.full(len(starts), -1, dtype=np.int64), num_actions=len(meanings),
+                     dataset_id=canonical)
+
+
+def read_captions_file(path: Path) -> dict:
+    try:
+        text = path.read_text()
+        if path.suffix == ".json":
+            captions = json.loads(text)
+            if not isinstance(captions, dict):
+                raise ValueError("expected a JSON object {file name: caption}")
+            return {str(k): str(v) for k, v in captions.items()}
+        return dict(line.split("\t", 1) for line in text.splitlines() if line.strip())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read captions file {path} ({e}): use JSON {{name: caption}} or name<TAB>caption "
+                        f"lines") from None
+
+
+def load_video_folder(args: "Args") -> VideoData:
+    """Every video under data_dir that opencv can read, center-cropped and resized; optional captions by file name."""
+    import cv2
+
+    root = Path(args.data_dir)
+    if not root.is_dir():
+        raise UserError(f"--data-dir {args.data_dir} is not a folder (--dataset folder reads videos from it)")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+    if not paths:
+        raise UserError(f"no videos ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {args.data_dir}")
+    captions_path = Path(args.captions_file) if args.captions_file else next(
+        (root / n for n in ("captions.json", "captions.txt") if (root / n).is_file()), None)
+    by_name = read_captions_file(captions_path) if captions_path else {}
+    episodes, episode_captions = [], []
+    for p in paths:
+        capture = cv2.VideoCapture(str(p))
+        frames = []
+        while True:
+            ok, bgr = capture.read()
+            if not ok:
+                break
+            frames.append(resize_frame(bgr[:, :, ::-1], args.img_size))
+        capture.release()
+        frames = frames[:: args.frame_stride]
+        if len(frames) >= args.num_frames:
+            episodes.append(np.stack(frames))
+            rel = str(p.relative_to(root))
+            episode_captions.append(by_name.get(rel, by_name.get(p.name, by_name.get(p.stem, ""))))
+    if not episodes:
+        raise UserError(f"no video under {args.data_dir} has --num-frames {args.num_frames} readable frames (after "
+                        f"--frame-stride {args.frame_stride}): check the files or lower --num-frames")
+    frames, starts, owners = clips_of_episodes(episodes, args.num_frames)
+    return VideoData(frames=frames, actions=None, clip_starts=starts, captions=[episode_captions[e] for e, _ in owners],
+                     directions=np.full(len(starts), -1, dtype=np.int64), num_actions=0, dataset_id="folder")
+
+
+def load_dataset(args: "Args") -> VideoData:
+    if args.dataset == "sprites":
+        return make_sprites_dataset(args.num_sprite_clips, args.num_frames, args.img_size, args.num_distractors,
+                                    args.action_dim, seed=args.seed)
+    if args.dataset == "atari":
+        return load_atari_dataset(args)
+    return load_video_folder(args)
+
+
+def eval_subset(data: VideoData, args: "Args") -> VideoData:
+    """The clips the metrics use: held-out sprites (another seed), or clips spread evenly over the dataset."""
+    n = args.num_eval_samples
+    if args.dataset == "sprites":
+        return make_sprites_dataset(n, args.num_frames, args.img_size, args.num_distractors, args.action_dim,
+                                    seed=args.seed + 1_000)
+    chosen = np.linspace(0, len(data.clip_starts) - 1, n).round().astype(np.int64)
+    return replace(data, clip_starts=data.clip_starts[chosen], captions=[data.captions[i] for i in chosen],
+                   directions=data.directions[chosen])
+
+
+def gather_clips(frames: torch.Tensor, starts: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """uint8 frames (F, 3, H, W) and clip starts (B,) -> float clips (B, 3, T, H, W) in [-1, 1]."""
+    index = starts[:, None] + torch.arange(num_frames, device=starts.device)
+    return frames[index].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0
+
+
+def gather_actions(actions: Optional[torch.Tensor], starts: torch.Tensor, num_frames: int) -> Optional[torch.Tensor]:
+    if actions is None:
+        return None
+    return actions[starts[:, None] + torch.arange(num_frames, device=starts.device)]  # (B, T) or (B, T, A)
+
+
+def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
+    # The data order is a pure function of (seed, epoch), so the position in it is just the step counter: an exact
+    # resume needs no saved sampler state, and every torchrun rank agrees on the global batch.
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_items, generator=generator)
+
+
+def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
+    """Indices of the step-th global batch in an endless stream of per-epoch permutations (batches cross epochs)."""
+    position, chunks = step * batch_size, []
+    while batch_size > 0:
+        epoch, offset = divmod(position, num_items)
+        take = min(batch_size, num_items - offset)
+        chunks.append(epoch_permutation(num_items, epoch, seed)[offset: offset + take])
+        position, batch_size = position + take, batch_size - take
+    return torch.cat(chunks)
+
+
+# Words: a vocabulary built from the dataset's captions (a pretrained text encoder needs a hub; this one is learned
+# with the model). Token 0 pads; the empty caption is the single token <null>: the null condition for guidance.
+SPECIAL_TOKENS = ["<pad>", "<null>", "<unk>"]
+PAD_ID, NULL_ID, UNK_ID = 0, 1, 2
+
+
+def caption_words(caption: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", caption.lower())
+
+
+def build_vocabulary(captions: list) -> list[str]:
+    return SPECIAL_TOKENS + sorted({w for c in captions for w in caption_words(c)})
+
+
+def tokenize(captions: list, vocabulary: list, max_len: int) -> torch.Tensor:
+    """Captions -> int64 (N, max_len): word ids (unknown words -> <unk>), <null> for an empty caption, padded."""
+    index = {w: i for i, w in enumerate(vocabulary)}
+    out = torch.full((len(captions), max_len), PAD_ID, dtype=torch.long)
+    for i, caption in enumerate(captions):
+        ids = [index.get(w, UNK_ID) for w in caption_words(caption)][:max_len] or [NULL_ID]
+        out[i, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Noise schedule. Everything is computed in float64 and cast at the point of use.
+
+
+def make_beta_schedule(kind: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    if kind == "linear":  # Ho et al.: beta_t linear from beta_1 to beta_T
+        return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+    if kind == "cosine":  # Nichol & Dhariwal: abar(t) = f(t)/f(0), f(t) = cos^2((t/T + s)/(1 + s) * pi/2), s = 0.008
+        s = 0.008
+        t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+        f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+        alphas_cumprod = f / f[0]
+        return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=0.999)  # beta_t = 1 - abar_t / abar_{t-1}
+    raise ValueError(f"unknown beta schedule {kind}")
+
+
+def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
+    return torch.cumprod(1.0 - betas, dim=0)  # abar_t = prod_{s<=t} (1 - beta_s)
+
+
+def noise_context(context: torch.Tensor, level: torch.Tensor, alphas_cumprod: torch.Tensor,
+                  noise: torch.Tensor) -> torch.Tensor:
+    """Context noise augmentation: q(c_s | c) = sqrt(abar_s) c + sqrt(1 - abar_s) n at step s = level (B,); level 0
+    is (almost) clean. The model is told s, so it learns how much to trust its (possibly drifting) context."""
+    abar = alphas_cumprod.to(context.device)[level].float()[:, None, None, None, None]
+    return abar.sqrt() * context + (1 - abar).sqrt() * noise
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model: the seed's 3D U-Net (VideoDiffusionModel), factorised over space and time as in Video Diffusion Models.
+# Tensors are (B, C, T, H, W); the conditioning vector is per frame (B, T, 4C): time + context noise level + pooled
+# caption + that frame's action.
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(groups, channels), channels, eps=1e-6)
+
+
+class SinusoidalPosEmb(nn.Module):
+    """Transformer sinusoids as in DDPM: [sin(t w_i), cos(t w_i)], w_i = exp(-ln(10000) i / (dim/2 - 1))."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+        angles = t.float()[:, None] * freqs[None, :]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class ResBlock3D(nn.Module):
+    """GN-swish-conv(1x3x3), + Dense(swish(emb)) per frame, GN-swish-dropout-conv(1x3x3), shortcut; then temporal
+    mixing: + conv(3x1x1)(swish(GN(h))). The space convs see one frame at a time, the temporal conv one pixel over
+    three frames ((2+1)D factorisation). The last conv of each branch starts at zero: the block starts as identity."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0,
+                 norm_groups: int = 32):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, norm_groups)
+        self.conv1 = nn.Conv3d(in_channels, out_channels, (1, 3, 3), padding=(0, 1, 1))
+        self.emb_proj = nn.Linear(emb_channels, out_channels)
+        self.norm2 = group_norm(out_channels, norm_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, (1, 3, 3), padding=(0, 1, 1))
+        self.temporal_norm = group_norm(out_channels, norm_groups)
+        self.temporal_conv = nn.Conv3d(out_channels, out_channels, (3, 1, 1), padding=(1, 0, 0))
+        self.shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        nn.init.zeros_(self.temporal_conv.weight)
+        nn.init.zeros_(self.temporal_conv.bias)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb_proj(F.silu(emb)).permute(0, 2, 1)[:, :, :, None, None]  # emb (B, T, E) -> (B, C, T, 1, 1)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.shortcut(x) + h
+        return h + self.temporal_conv(F.silu(self.temporal_norm(h)))
+
+
+def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                         mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(N, Lq, C), (N, Lk, C) -> (N, Lq, C): softmax(q k^T / sqrt(d) + mask) v per head, through SDPA."""
+    n, lq, c = q.shape
+    q, k, v = (z.reshape(n, z.shape[1], num_heads, c // num_heads).transpose(1, 2) for z in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, lq, c)
+
+
+class CrossAttention(nn.Module):
+    """Video tokens (queries) attend to the caption's tokens (keys and values), as the seed's CrossAttention."""
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int = 8):
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(context_dim, dim)
+        self.to_v = nn.Linear(context_dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None):
+        # context_mask (B, L) True for real tokens: padding is never attended to
+        mask = None if context_mask is None else context_mask[:, None, None, :]
+        return self.to_out(multi_head_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.num_heads,
+                                                mask))
+
+
+class SpatioTemporalAttention(nn.Module):
+    """Spatial self-attention (frames as batch), then temporal self-attention (pixels as batch) with a learned
+    relative position bias (so frame order needs no absolute time, and any clip length works), then cross-attention
+    to the caption. Each is a residual branch whose output projection starts at zero."""
+
+    def __init__(self, channels: int, num_heads: int = 8, norm_groups: int = 32, context_dim: Optional[int] = None,
+                 max_relative_position: int = 32):
+        super().__init__()
+        self.num_heads, self.max_relative_position = num_heads, max_relative_position
+        self.spatial_norm = group_norm(channels, norm_groups)
+        self.spatial_qkv = nn.Linear(channels, 3 * channels)
+        self.spatial_out = nn.Linear(channels, channels)
+        self.temporal_norm = group_norm(channels, norm_groups)
+        self.temporal_qkv = nn.Linear(channels, 3 * channels)
+        self.temporal_out = nn.Linear(channels, channels)
+        self.relative_bias = nn.Parameter(torch.zeros(2 * max_relative_position + 1, num_heads))
+        self.cross_norm = nn.LayerNorm(channels) if context_dim else None
+        self.cross_attn = CrossAttention(channels, context_dim, num_heads) if context_dim else None
+        for linear in (self.spatial_out, self.temporal_out) + ((self.cross_attn.to_out,) if context_dim else ()):
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        tokens = self.spatial_norm(x).permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)  # (B*T, HW, C)
+        out = multi_head_attention(*self.spatial_qkv(tokens).chunk(3, dim=-1), self.num_heads)
+        x = x + self.spatial_out(out).reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+
+        tokens = self.temporal_norm(x).permute(0, 3, 4, 2, 1).reshape(b * h * w, t, c)  # (B*HW, T, C)
+        offsets = torch.arange(t, device=x.device)[None, :] - torch.arange(t, device=x.device)[:, None]  # j - i
+        m = self.max_relative_position
+        bias = self.relative_bias[offsets.clamp(-m, m) + m].permute(2, 0, 1).to(tokens.dtype)  # (heads, T, T)
+        out = multi_head_attention(*self.temporal_qkv(tokens).chunk(3, dim=-1), self.num_heads, bias)
+        x = x + self.temporal_out(out).reshape(b, h, w, t, c).permute(0, 4, 3, 1, 2)
+
+        if self.cross_attn is not None and context is not None:
+            tokens = self.cross_norm(x.permute(0, 2, 3, 4, 1).reshape(b, t * h * w, c))  # (B, THW, C)
+            out = self.cross_attn(tokens, context, context_mask)
+            x = x + out.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+        return x
+
+
+class Downsample3D(nn.Module):
+    """Stride-2 conv over space only (1x3x3): the clip keeps its frames."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv3d(channels, channels, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample3D(nn.Module):
+    """Nearest x2 over space only, then a 1x3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv3d(channels, channels, (1, 3, 3), padding=(0, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+
+
+class TextEncoder(nn.Module):
+    """Learned word embeddings + positions -> a small pre-norm transformer -> (B, L, dim) tokens and their mask."""
+
+    def __init__(self, vocab_size: int, dim: int = 256, depth: int = 2, num_heads: int = 4, max_len: int = 16):
+        super().__init__()
+        self.token_embed = nn.Embedding(vocab_size, dim)
+        self.pos_embed = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, num_heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = tokens != PAD_ID  # (B, L): True for real tokens (every caption has one: a word or <null>)
+        h = self.token_embed(tokens) + self.pos_embed[: tokens.shape[1]]
+        return self.norm(self.blocks(h, src_key_padding_mask=~mask)), mask
+
+
+class VideoDiffusionModel(nn.Module):
+    """The 3D U-Net: predicts the noise eps(x_t, t | caption, actions, context) for clips (B, 3, T, H, W) in [-1, 1].
+
+    Conditioning: the caption through cross-attention at the attention resolutions (and its mean token added to the
+    time embedding, as Video Diffusion Models add pooled text); per-frame actions (an embedding for discrete actions,
+    with a null row; an MLP for continuous ones, as the seed's ActionConditionedDiffusion, with a learned null vector)
+    added to the time embedding of their frame; context frames (for autoregressive continuation) concatenated on the
+    channels with their mask, the noisy input zeroed there, and their noise level embedded like the time."""
+
+    def __init__(self, in_channels: int = 3, model_channels: int = 256, num_res_blocks: int = 2,
+                 channel_mult: tuple[int, ...] = (1, 2, 2), attn_resolutions: tuple[int, ...] = (32, 16),
+                 img_size: int = 64, num_heads: int = 8, norm_groups: int = 32, dropout: float = 0.0,
+                 num_actions: int = 0, action_dim: int = 0, vocab_size: int = len(SPECIAL_TOKENS),
+                 text_dim: int = 256, text_layers: int = 2, max_text_len: int = 16):
+        super().__init__()
+        self.model_channels, self.num_actions, self.action_dim = model_channels, num_actions, action_dim
+        self.max_text_len = max_text_len
+        emb = 4 * model_channels
+        self.time_embed = nn.Sequential(SinusoidalPosEmb(model_channels), nn.Linear(model_channels, emb), nn.GELU(),
+                                        nn.Linear(emb, emb))
+        self.context_noise_embed = nn.Sequential(SinusoidalPosEmb(model_channels), nn.Linear(model_channels, emb),
+                                                 nn.GELU(), nn.Linear(emb, emb))
+        text_heads = text_dim // 64 if text_dim % 64 == 0 else 1  # heads of width 64 where the width allows
+        self.text_encoder = TextEncoder(vocab_size, text_dim, text_layers, text_heads, max_text_len)
+        self.text_pool = nn.Linear(text_dim, emb)
+        if action_dim > 0:  # the seed's ActionConditionedDiffusion: Linear(action_dim, 256) -> ReLU -> Linear(256, 4C)
+            self.action_encoder = nn.Sequential(nn.Linear(action_dim, 256), nn.ReLU(), nn.Linear(256, emb))
+            self.null_action = nn.Parameter(torch.zeros(emb))
+        elif num_actions > 0:
+            self.action_encoder = nn.Embedding(num_actions + 1, emb)  # row num_actions: the null action
+        else:
+            self.action_encoder = None
+
+        # in: the noisy clip, the context frames and the context mask
+        self.input_conv = nn.Conv3d(2 * in_channels + 1, model_channels, (1, 3, 3), padding=(0, 1, 1))
+        self.down_blocks, self.down_attns, self.downsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        skip_channels, current, resolution = [model_channels], model_channels, img_size
+
+        def attention(channels):
+            return (SpatioTemporalAttention(channels, num_heads, norm_groups, text_dim) if resolution in attn_resolutions
+                    else nn.Identity())
+
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                self.down_blocks.append(ResBlock3D(current, model_channels * mult, emb, dropout, norm_groups))
+                current = model_channels * mult
+                self.down_attns.append(attention(current))
+                skip_channels.append(current)
+            if level != len(channel_mult) - 1:
+                self.downsamples.append(Downsample3D(current))
+                skip_channels.append(current)
+                resolution //= 2
+        self.mid_block1 = ResBlock3D(current, current, emb, dropout, norm_groups)
+        self.mid_attn = SpatioTemporalAttention(current, num_heads, norm_groups, text_dim)
+        self.mid_block2 = ResBlock3D(current, current, emb, dropout, norm_groups)
+        self.up_blocks, self.up_attns, self.upsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up_blocks.append(ResBlock3D(current + skip_channels.pop(), model_channels * mult, emb, dropout,
+                                                 norm_groups))
+                current = model_channels * mult
+                self.up_attns.append(attention(current))
+            if level != 0:
+                self.upsamples.append(Upsample3D(current))
+                resolution *= 2
+        self.out_norm = group_norm(current, norm_groups)
+        self.out = nn.Conv3d(current, in_channels, 3, padding=1)  # the seed's 3x3x3 output conv, zero-initialised
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.num_levels, self.num_res_blocks = len(channel_mult), num_res_blocks
+
+    def null_text(self, batch: int, device: torch.device) -> torch.Tensor:
+        tokens = torch.full((batch, self.max_text_len), PAD_ID, dtype=torch.long, device=device)
+        tokens[:, 0] = NULL_ID
+        return tokens
+
+    def embed_actions(self, actions: Optional[torch.Tensor], drop_actions: Optional[torch.Tensor], batch: int,
+                      num_frames: int, device: torch.device) -> torch.Tensor:
+        """(B, T, 4C): each frame's action embedding; the null action where actions is None or drop_actions (B,)."""
+        if self.action_dim > 0:
+            if actions is None:
+                return self.null_action.expand(batch, num_frames, -1)
+            encoded = self.action_encoder(actions.float())
+            if drop_actions is None:
+                return encoded
+            return torch.where(drop_actions[:, None, None], self.null_action, encoded)
+        if actions is None:
+            actions = torch.full((batch, num_frames), self.num_actions, dtype=torch.long, device=device)
+        elif drop_actions is not None:
+            actions = torch.where(drop_actions[:, None], self.num_actions, actions)
+        return self.action_encoder(actions)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: Optional[torch.Tensor] = None,
+                actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
+                context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
+                context_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, 3, T, H, W), t (B,) int; text (B, L) tokens (None: the null caption); actions (B, T) int or
+        (B, T, A) float (None: null); drop_actions (B,) bool; context (B, 3, T, H, W) with context_mask (B, T) (1 for
+        context frames) and context_noise (B,) the step the context was noised to."""
+        b, _, num_frames, height, width = x.shape
+        emb = self.time_embed(t)
+        if context_noise is not None:
+            emb = emb + self.context_noise_embed(context_noise)
+        if text is None:
+            text = self.null_text(b, x.device)
+        text_tokens, text_mask = self.text_encoder(text)
+        pooled = (text_tokens * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True)
+        emb = (emb + self.text_pool(pooled))[:, None, :].expand(b, num_frames, -1)  # (B, T, 4C)
+        if self.action_encoder is not None:
+            emb = emb + self.embed_actions(actions, drop_actions, b, num_frames, x.device)
+        if context is None or context_mask is None:
+            mask = torch.zeros(b, 1, num_frames, 1, 1, dtype=x.dtype, device=x.device)
+            context = torch.zeros_like(x)
+        else:
+            mask = context_mask.to(x.dtype)[:, None, :, None, None]
+        h = self.input_conv(torch.cat([x * (1 - mask), context * mask, mask.expand(b, 1, num_frames, height, width)],
+                                      dim=1))
+
+        def attend(attn, h):
+            return h if isinstance(attn, nn.Identity) else attn(h, text_tokens, text_mask)
+
+        skips = [h]
+        block = 0
+        for level in range(self.num_levels):
+            for _ in range(self.num_res_blocks):
+                h = attend(self.down_attns[block], self.down_blocks[block](h, emb))
+                skips.append(h)
+                block += 1
+            if level != self.num_levels - 1:
+                h = self.downsamples[level](h)
+                skips.append(h)
+        h = self.mid_block2(self.mid_attn(self.mid_block1(h, emb), text_tokens, text_mask), emb)
+        block = 0
+        for level in range(self.num_levels):
+            for _ in range(self.num_res_blocks + 1):
+                h = attend(self.up_attns[block], self.up_blocks[block](torch.cat([h, skips.pop()], dim=1), emb))
+                block += 1
+            if level != self.num_levels - 1:
+                h = self.upsamples[level](h)
+        return self.out(F.silu(self.out_norm(h)))
+
+
+def build_model(args: "Args", vocab_size: int, num_actions: int) -> VideoDiffusionModel:
+    return VideoDiffusionModel(3, args.model_channels, args.num_res_blocks, args.channel_mult, args.attn_resolutions,
+                               args.img_size, args.num_heads, args.norm_groups, args.dropout, num_actions,
+                               args.action_dim, vocab_size, args.text_dim, args.text_layers, args.max_text_len)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Samplers. Each takes model_fn(x_t, t) -> predicted noise for integer timesteps t of shape (B,), the starting noise
+# x_T (any shape: here (B, 3, T, H, W)), and alphas_cumprod (float64, length T). Coefficients are computed in
+# float64 and cast to x's dtype.
+
+
+def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
+    return 1.0 if t < 0 else float(alphas_cumprod[t])  # abar at "t = -1" is 1: the clean image
+
+
+@torch.no_grad()
+def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: Optional[int] = None,
+                variance: str = "fixed_large", clip_denoised: bool = True,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Ancestral sampling (Ho et al. eq. 6-7). num_steps None: all T steps; fewer: respaced to the timesteps
+    0, T/S, 2T/S, ... ("leading", as diffusers' DDPMScheduler), with beta'_t = 1 - abar_t / abar_prev."""
+    T = len(alphas_cumprod)
+    num_steps = T if num_steps is None else num_steps
+    timesteps = list(range(0, T, T // num_steps))[:num_steps][::-1]
+    x = x_T
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
+        beta_t = 1 - abar_t / abar_prev
+        eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)  # x0_hat = (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        # posterior mean mu~_t = sqrt(abar_prev) beta_t / (1-abar_t) x0 + sqrt(1-beta_t) (1-abar_prev) / (1-abar_t) x_t
+        mean = (math.sqrt(abar_prev) * beta_t / (1 - abar_t)) * x0 \
+            + (math.sqrt(1 - beta_t) * (1 - abar_prev) / (1 - abar_t)) * x
+        if t > 0:  # no noise on the last step
+            if variance == "fixed_large":  # sigma_t^2 = beta_t (the paper's choice for CIFAR-10)
+                var = beta_t
+            elif variance == "fixed_small":  # sigma_t^2 = beta~_t = (1-abar_prev)/(1-abar_t) beta_t
+                var = max((1 - abar_prev) / (1 - abar_t) * beta_t, 1e-20)
+            else:
+                raise ValueError(f"unknown variance {variance}")
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = mean + math.sqrt(var) * noise
+        else:
+            x = mean
+    return x
+
+
+def ddim_timesteps(T: int, num_steps: int, spacing: str) -> list[int]:
+    """Descending timesteps: "uniform" 0, T/S, 2T/S, ... (diffusers' "leading"); "quadratic" int(linspace(0,
+    sqrt(0.8 T), S)^2) (the DDIM paper's CIFAR-10 choice); "linspace" round(linspace(T-1, 0, S)) (the seed's)."""
+    if spacing == "uniform":
+        steps = [i * (T // num_steps) for i in range(num_steps)]
+    elif spacing == "quadratic":
+        steps = [int(s) for s in np.linspace(0, math.sqrt(T * 0.8), num_steps) ** 2]
+    elif spacing == "linspace":
+        steps = [int(round(s)) for s in np.linspace(0, T - 1, num_steps)]
+    else:
+        raise ValueError(f"unknown DDIM spacing {spacing}")
+    return steps[::-1]
+
+
+@torch.no_grad()
+def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int,
+                eta: float = 0.0, spacing: str = "uniform", clip_denoised: bool = False,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """DDIM (Song et al. eq. 12): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z, the last step
+    going to abar = 1 (diffusers' set_alpha_to_one=True)."""
+    timesteps = ddim_timesteps(len(alphas_cumprod), num_steps, spacing)
+    x = x_T
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
+        eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
+        if clip_denoised:  # clip x0, then re-derive eps from it so that the update stays consistent
+            x0 = x0.clamp(-1, 1)
+            eps = (x - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)
+        # s = eta sqrt((1-abar_prev)/(1-abar_t) (1 - abar_t/abar_prev))
+        s = eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+        x = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - s * s, 0.0)) * eps
+        if s > 0:
+            x = x + s * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x
+
+
+@torch.no_grad()
+def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
+                      num_steps: int) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep. Timesteps round(linspace(0, T-1, S+1))[::-1][:-1]
+    with a final sigma of 0, first-order first and last steps (diffusers' DPMSolverMultistepScheduler defaults)."""
+    T = len(alphas_cumprod)
+    timesteps = [int(round(s)) for s in np.linspace(0, T - 1, num_steps + 1)][::-1][:-1]
+    sigma_table = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()  # sigma_t = sqrt((1 - abar_t) / abar_t)
+    sigmas = [float(sigma_table[t]) for t in timesteps] + [0.0]
+
+    def alpha_and_s(sigma):  # alpha_t = 1/sqrt(sigma^2 + 1), s_t = sigma alpha_t, lambda_t = log(alpha_t / s_t)
+        alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
+        return alpha, sigma * alpha
+
+    x, previous_x0 = x_T, None
+    for i, t in enumerate(timesteps):
+        alpha_s0, s_s0 = alpha_and_s(sigmas[i])
+        alpha_t, s_t = alpha_and_s(sigmas[i + 1])
+        eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        x0 = (x - s_s0 * eps) / alpha_s0  # m = (x - s_t eps) / alpha_t
+        if sigmas[i + 1] == 0.0:  # lambda = +inf: the step lands on the data prediction itself (first order)
+            x = x0
+        else:
+            h = math.log(alpha_t / s_t) - math.log(alpha_s0 / s_s0)  # h = lambda_t - lambda_s0
+            if previous_x0 is None:  # first step: first order, identical to DDIM
+                x = (s_t / s_s0) * x - alpha_t * math.expm1(-h) * x0
+            else:
+                alpha_s1, s_s1 = alpha_and_s(sigmas[i - 1])
+                r0 = (math.log(alpha_s0 / s_s0) - math.log(alpha_s1 / s_s1)) / h  # r0 = (lambda_s0 - lambda_s1)/h
+                d1 = (x0 - previous_x0) / r0  # D1 = (m0 - m1) / r0
+                # x_t = (s_t/s_s0) x - alpha_t (e^-h - 1) D0 - 0.5 alpha_t (e^-h - 1) D1
+                x = (s_t / s_s0) * x - alpha_t * math.expm1(-h) * x0 - 0.5 * alpha_t * math.expm1(-h) * d1
+        previous_x0 = x0
+    return x
+
+
+def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Tensor] = None,
+                    actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
+                    context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
+                    context_noise: Optional[torch.Tensor] = None, autocast=contextlib.nullcontext()) -> Callable:
+    """model_fn(x_t, t) with classifier-free guidance on caption and actions: eps = eps_u + s (eps_c - eps_u), where
+    eps_u has the null caption and null actions (the context frames stay: they are the past, not a condition).
+    Conditional and unconditional halves go through the network in one batched forward."""
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        null_text = model.null_text(b, x.device)
+        both = lambda z: None if z is None else torch.cat([z, z])  # noqa: E731
+        cond_text = null_text if text is None else text
+        drop = torch.zeros(b, dtype=torch.bool, device=x.device) if drop_actions is None else drop_actions
+        with autocast:
+            eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond_text, null_text]), both(actions),
+                        torch.cat([drop, torch.ones_like(drop)]), both(context), both(context_mask),
+                        both(context_noise)).float()
+        eps_c, eps_u = eps.chunk(2)
+        return eps_u + cfg_scale * (eps_c - eps_u)
+
+    return model_fn
+
+
+def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str, num_steps: int,
+                  eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Runs the chosen sampler and returns clips in [-1, 1] (B, 3, T, H, W)."""
+    T = len(alphas_cumprod)
+    if sampler == "ddpm":
+        x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps if num_steps < T else None, generator=generator)
+    elif sampler == "ddim":
+        x = ddim_sample(model_fn, x_T, alphas_cumprod, num_steps, eta=eta, generator=generator)
+    else:
+        x = dpm_solver_sample(model_fn, x_T, alphas_cumprod, num_steps)
+    return x.float().clamp(-1, 1)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, generator: torch.Generator,
+             text: Optional[torch.Tensor] = None, actions: Optional[torch.Tensor] = None,
+             drop_actions: Optional[torch.Tensor] = None, context: Optional[torch.Tensor] = None,
+             num_context: int = 0, context_noise_step: int = 0, cfg_scale: float = 1.0, sampler: str = "ddim",
+             num_steps: int = 50, eta: float = 0.0, autocast=contextlib.nullcontext()) -> torch.Tensor:
+    """One clip of shape (B, 3, T, H, W) in [-1, 1]; with context, its first num_context frames are given (noised to
+    context_noise_step, as in training) and copied into the result."""
+    b, _, num_frames = shape[:3]
+    device = generator.device
+    mask = level = None
+    if context is not None and num_context > 0:
+        mask = (torch.arange(num_frames, device=device) < num_context).float().expand(b, num_frames)
+        level = torch.full((b,), context_noise_step, dtype=torch.long, device=device)
+        noise = torch.randn(context.shape, generator=generator, device=device)
+        noisy_context = noise_context(context, level, alphas_cumprod, noise)
+    else:
+        noisy_context = None
+    x_T = torch.randn(shape, generator=generator, device=device)
+    model_fn = guided_model_fn(model, cfg_scale, text, actions, drop_actions, noisy_context, mask, level, autocast)
+    x = sample_videos(model_fn, x_T, alphas_cumprod, sampler, num_steps, eta, generator)
+    if mask is not None:
+        x[:, :, :num_context] = context[:, :, :num_context]
+    return x
+
+
+@torch.no_grad()
+def generate_long_video(model: nn.Module, alphas_cumprod: torch.Tensor, num_frames: int, clip_frames: int,
+                        num_context: int, shape: tuple, generator: torch.Generator, text: Optional[torch.Tensor] = None,
+                        actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
+                        **sample_kwargs) -> torch.Tensor:
+    """Autoregressive generation beyond the training length: a first clip of clip_frames, then clips whose first
+    num_context frames are the last frames generated so far, each adding clip_frames - num_context new frames.
+    actions (B, num_frames[, A]) cover the whole video. Returns (B, 3, num_frames, H, W) in [-1, 1]."""
+    b, c, _, h, w = shape
+    video = None
+    while video is None or video.shape[2] < num_frames:
+        start = 0 if video is None else video.shape[2] - num_context
+        block_actions = None
+        if actions is not None:
+            index = torch.arange(start, start + clip_frames, device=actions.device).clamp(max=actions.shape[1] - 1)
+            block_actions = actions[:, index]
+        context = None
+        if video is not None:
+            context = torch.zeros((b, c, clip_frames, h, w), device=video.device)
+            context[:, :, :num_context] = video[:, :, -num_context:]
+        block = generate(model, alphas_cumprod, (b, c, clip_frames, h, w), generator, text, block_actions, drop_actions,
+                         context, num_context if video is not None else 0, **sample_kwargs)
+        video = block if video is None else torch.cat([video, block[:, :, num_context:]], dim=2)
+    return video[:, :, :num_frames]
+
+
+def to_uint8(clips: torch.Tensor) -> np.ndarray:
+    return ((clips.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()  # [-1, 1] -> {0..255}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation: rollout PSNR with the true actions, with shuffled actions and of copying the last frame (Genie's
+# delta-PSNR: do the actions matter?), and on sprites whether the sprite moves the way the caption or actions say.
+
+
+def rollout_psnr(predicted: np.ndarray, real: np.ndarray, first_frame: int = 0) -> float:
+    """Mean over clips of PSNR (images in [0, 1], capped at 100 dB) of frames first_frame.. of uint8 (B, 3, T, H, W)."""
+    p = predicted[:, :, first_frame:].astype(np.float64) / 255.0
+    r = real[:, :, first_frame:].astype(np.float64) / 255.0
+    mse = ((p - r) ** 2).reshape(len(p), -1).mean(1)
+    return float(np.mean([100.0 if m <= 1e-10 else min(100.0, 10 * math.log10(1.0 / m)) for m in mse]))
+
+
+def sprite_centroids(clips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (B, 3, T, H, W) -> centroid (B, T, 2) as (x, y) of the saturated (coloured) pixels, and their weight
+    (B, T). The controlled sprite is the only saturated thing: background and distractors are grey."""
+    x = clips.astype(np.float32) / 255.0
+    saturation = x.max(1) - x.min(1)  # (B, T, H, W)
+    weight = np.clip(saturation - 0.25, 0, None)
+    h, w = weight.shape[-2:]
+    total = weight.sum((-1, -2))
+    cx = (weight * np.arange(w)[None, None, None, :]).sum((-1, -2)) / np.maximum(total, 1e-8)
+    cy = (weight * np.arange(h)[None, None, :, None]).sum((-1, -2)) / np.maximum(total, 1e-8)
+    return np.stack([cx, cy], -1), total
+
+
+def direction_of_displacement(displacement: np.ndarray, min_pixels: float = 0.5) -> int:
+    """(dx, dy) -> index into DIRECTIONS of its dominant component, or -1 when it moved less than min_pixels."""
+    dx, dy = float(displacement[0]), float(displacement[1])
+    scores = [-dy, dy, -dx, dx]
+    best = int(np.argmax(scores))
+    return best if scores[best] >= min_pixels else -1
+
+
+def movement_directions(clips: np.ndarray) -> np.ndarray:
+    """The direction each clip's sprite moved, first frame to last (-1: no sprite found, or it did not move)."""
+    centroids, weight = sprite_centroids(clips)
+    out = []
+    for c, wt in zip(centroids, weight):
+        found = wt[0] > 1.0 and wt[-1] > 1.0  # at least about one pixel of strong colour
+        out.append(direction_of_displacement(c[-1] - c[0]) if found else -1)
+    return np.array(out, dtype=np.int64)
+
+
+def direction_accuracy(clips: np.ndarray, directions: np.ndarray) -> float:
+    """Fraction of clips whose sprite moves in the given direction (chance: 1/4)."""
+    return float(np.mean(movement_directions(clips) == directions))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Utilities: config, checkpoints, RNG state, throughput.
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
+    """defaults < --preset < --config < flags on the command line. Returns the args and the fields given as flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    defaults = Args()
+    if known.preset is not None:
+        if known.preset not in PRESETS:
+            raise UserError(f"unknown --preset {known.preset}: choose from {', '.join(PRESETS)}")
+        defaults = replace(defaults, preset=known.preset, **PRESETS[known.preset])
+    if known.config is not None:
+        defaults = replace(defaults, **read_config(known.config))
+    args = tyro.cli(Args, default=defaults, args=argv)
+    given = {f.name for f in fields(Args) for token in argv
+             if token.split("=")[0] in (f"--{f.name.replace('_', '-')}", f"--no-{f.name.replace('_', '-')}")}
+    return args, given
+
+
+def read_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read --config {path}: {e}") from None
+    return normalise_args_dict(values, f"--config {path}")
+
+
+def normalise_args_dict(values: dict, source: str) -> dict:
+    known = {f.name: f for f in fields(Args)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UserError(f"{source} has fields this script does not know: {', '.join(unknown)}")
+    # JSON turns tuples into lists; the dataclass holds tuples.
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def check_args(args: Args, world_size: int):
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} torchrun processes")
+    if args.num_sampling_steps < 1 or args.num_sampling_steps > args.timesteps:
+        raise UserError(f"--num-sampling-steps must be between 1 and --timesteps {args.timesteps}, "
+                        f"not {args.num_sampling_steps}")
+    if args.sample_only and not args.resume:
+        raise UserError("--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
+    for name in ("total_steps", "batch_size", "log_every", "save_every", "eval_every", "timesteps", "num_frames",
+                 "model_channels", "num_heads", "text_layers", "max_text_len", "num_eval_samples", "num_samples",
+                 "sample_batch_size", "frame_stride", "num_atari_episodes", "atari_episode_steps", "num_sprite_clips"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if args.img_size % 2 ** (len(args.channel_mult) - 1):
+        raise UserError(f"--img-size {args.img_size} must be divisible by 2^{len(args.channel_mult) - 1} "
+                        f"(one halving per level of --channel-mult {' '.join(map(str, args.channel_mult))})")
+    widths = {args.model_channels * m for m in args.channel_mult}
+    if any(w % args.num_heads for w in widths):
+        raise UserError(f"--num-heads {args.num_heads} must divide every level's width {sorted(widths)} "
+                        f"(--model-channels {args.model_channels} x --channel-mult)")
+    if not 0 <= args.context_frames < args.num_frames:
+        raise UserError(f"--context-frames must be between 0 and --num-frames - 1 = {args.num_frames - 1}, "
+                        f"not {args.context_frames}")
+    if not 0 <= args.context_noise_sampling_step < args.timesteps or not 1 <= args.context_noise_max_step <= args.timesteps:
+        raise UserError(f"--context-noise-max-step must be in 1..--timesteps and --context-noise-sampling-step in "
+                        f"0..--timesteps - 1 (--timesteps {args.timesteps})")
+    if args.long_video_frames < args.num_frames:
+        raise UserError(f"--long-video-frames {args.long_video_frames} must be at least --num-frames {args.num_frames}")
+    if args.long_video_frames > args.num_frames and args.context_frames < 1:
+        raise UserError("--long-video-frames beyond --num-frames needs --context-frames of at least 1")
+    if args.action_dim < 0:
+        raise UserError(f"--action-dim must be 0 (discrete actions) or positive, not {args.action_dim}")
+    if args.action_dim and args.dataset != "sprites":
+        raise UserError(f"--action-dim {args.action_dim}: continuous actions exist in the sprites world only "
+                        f"({args.dataset} has {'discrete' if args.dataset == 'atari' else 'no'} actions); drop it")
+    if args.action_dim not in (0, 2) and args.dataset == "sprites":
+        raise UserError(f"--action-dim {args.action_dim}: the sprites world's continuous action is a 2-d velocity; "
+                        f"use --action-dim 2 (or 0 for discrete actions)")
+    if not 0 <= args.cond_drop_prob <= 1 or not 0 <= args.context_prob <= 1:
+        raise UserError("--cond-drop-prob and --context-prob are probabilities (between 0 and 1)")
+
+
+def resolve_checkpoint_path(resume: str) -> Path:
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "latest.pt"
+    if not path.is_file():
+        raise UserError(f"--resume {resume}: no checkpoint at {path}")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        # weights_only=True: a checkpoint holds tensors and plain containers only, so a malicious file cannot run code
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read the file is the same user-facing error
+        raise UserError(f"cannot load checkpoint {path} (corrupt, or not a safe checkpoint): "
+                        f"{str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT_NAME:
+        found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
+        raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not of {SCRIPT_NAME}")
+    if checkpoint.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this script reads "
+                        f"{CHECKPOINT_FORMAT_VERSION}")
+    return checkpoint
+
+
+def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
+    """The run's arguments come from the checkpoint; only RESUME_MUTABLE_FIELDS may be changed by flags."""
+    saved = normalise_args_dict(saved, "the checkpoint's args")
+    for name in sorted(given - RESUME_MUTABLE_FIELDS):
+        if getattr(args, name) != saved.get(name):
+            flag = f"--{name.replace('_', '-')}"
+            raise UserError(f"{flag} is {saved.get(name)!r} in the checkpoint and cannot change on --resume (only the "
+                            f"run length, cadence, logging and sampling flags can); drop {flag} or start a new run")
+    return replace(Args(**saved), **{name: getattr(args, name) for name in given & RESUME_MUTABLE_FIELDS},
+                   resume=args.resume)
+
+
+def save_checkpoint(path: Path, state: dict):
+    """Atomic: write a temporary file in the same folder, flush and fsync, then rename over the old checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state(legacy=True)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # numpy's state as plain values: weights_only=True refuses numpy objects
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def matmul_peak_flops(device: torch.device) -> float:
+    """The device's peak FLOP/s for MFU: bf16 dense from a table on CUDA, a measured 2048^2 fp32 matmul on the CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+                 "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+        if "H100" in name and "PCIe" in name:
+            return 756e12
+        return next((peak for key, peak in table.items() if key in name), float("nan"))
+    a = torch.randn(2048, 2048)
+    torch.mm(a, a)
+    start = time.perf_counter()
+    for _ in range(3):
+        torch.mm(a, a)
+    return 3 * 2 * 2048 ** 3 / (time.perf_counter() - start)  # a (n x n) matmul is 2 n^3 FLOPs
+
+
+def forward_flops(model: nn.Module, *inputs) -> float:
+    """FLOPs of one forward pass, counted by torch's FLOP counter (matmuls, convolutions and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*inputs)
+    return float(counter.get_total_flops())
+
+
+def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 2) -> np.ndarray:
+    """uint8 (N, 3, H, W) -> one uint8 (rows*(H+pad)+pad, columns*(W+pad)+pad, 3) image."""
+    n, _, h, w = images.shape
+    columns = columns or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / columns))
+    grid = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = \
+            images[i].transpose(1, 2, 0)
+    return grid
+
+
+def frame_strips(clips: np.ndarray) -> np.ndarray:
+    """uint8 (N, 3, T, H, W) -> one image with a row of frames per clip (for TensorBoard)."""
+    n, c, t, h, w = clips.shape
+    return make_grid(clips.transpose(0, 2, 1, 3, 4).reshape(n * t, c, h, w), columns=t)
+
+
+def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> Path:
+    """An MP4 (a grid of all clips per frame, written with opencv, enlarged to at least 256 px) and an .npz of the
+    uint8 clips (arr_0: (N, T, H, W, 3))."""
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    grids = [make_grid(clips[:64, :, i]) for i in range(clips.shape[2])]
+    scale = max(1, 256 // max(grids[0].shape[:2]))
+    height, width = grids[0].shape[0] * scale, grids[0].shape[1] * scale
+    path = folder / f"{stem}.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    for grid in grids:
+        writer.write(cv2.resize(grid, (width, height), interpolation=cv2.INTER_NEAREST)[:, :, ::-1])
+    writer.release()
+    np.savez(folder / f"{stem}.npz", clips.transpose(0, 2, 3, 4, 1))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(args: Args, given: set[str]):
+    # Distributed setup: torchrun sets RANK/WORLD_SIZE; one process per GPU (or per CPU core group, gloo).
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    is_main = rank == 0
+
+    checkpoint, run_dir = None, None
+    if args.resume:
+        checkpoint_path = resolve_checkpoint_path(args.resume)
+        checkpoint = load_checkpoint(checkpoint_path)
+        args = merge_resumed_args(args, given, checkpoint["args"])
+        run_dir = checkpoint_path.parent.parent
+    check_args(args, world_size)
+
+    use_cuda = args.cuda and torch.cuda.is_available()
+    if args.cuda and not use_cuda and is_main:
+        print("notice: CUDA is not available, running on the CPU")
+    if args.torch_deterministic and use_cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        if not use_cuda:
+            torch.set_num_threads(1)  # one thread per rank on the CPU: ranks do not fight over cores
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic
+    if args.torch_deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs on Ampere+: ~free speed for fp32 parts
+    torch.backends.cudnn.allow_tf32 = True
+    autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    autocast = (torch.autocast("cuda", dtype=autocast_dtype) if use_cuda and autocast_dtype
+                else contextlib.nullcontext())
+
+    # Seeding: the same seed on every rank, so every rank builds the same initial weights.
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # timesteps, noise, condition dropout
+    sample_generator_seed = args.seed + 10_000  # fixed noise for the samples: comparable across steps
+
+    # Data: uint8 frames on the device (no loader, no host-device copy per step); clips are index windows into them.
+    data = load_dataset(args)
+    eval_data = eval_subset(data, args)
+    # The vocabulary and the action count fix the model's shape: a resumed run takes them from its checkpoint.
+    vocabulary = checkpoint["vocabulary"] if checkpoint is not None else build_vocabulary(data.captions)
+    num_actions = checkpoint["num_actions"] if checkpoint is not None else data.num_actions
+    has_actions = data.actions is not None
+    frames = torch.from_numpy(data.frames).to(device)
+    clip_starts = torch.from_numpy(data.clip_starts).to(device)
+    frame_actions = torch.from_numpy(data.actions).to(device) if has_actions else None
+    clip_text = tokenize(data.captions, vocabulary, args.max_text_len).to(device)
+    num_clips = len(data.clip_starts)
+
+    # Model, EMA, optimizer, schedule
+    model = build_model(args, len(vocabulary), num_actions).to(device)
+    ema_model = copy.deepcopy(model).requires_grad_(False).eval()
+    num_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=use_cuda)
+    # linear warmup: lr_s = lr * min(1, (s + 1) / warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16")
+    alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
+                                                            args.beta_end))
+    sqrt_abar = alphas_cumprod.sqrt().float().to(device)
+    sqrt_one_minus_abar = (1 - alphas_cumprod).sqrt().float().to(device)
+    alphas_cumprod_on_device = alphas_cumprod.to(device)  # for the context noise in the hot loop
+
+    step = 0
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(checkpoint["model"])
+            ema_model.load_state_dict(checkpoint["ema"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint weights do not fit this model ({str(e).splitlines()[0]})") from None
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"])
+        train_generator.set_state(checkpoint["train_generator"])
+        step = checkpoint["step"]
+
+    sample_kwargs = dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale,
+                         sampler=args.sampler, num_steps=args.num_sampling_steps, eta=args.ddim_eta, autocast=autocast)
+    eval_starts = torch.from_numpy(eval_data.clip_starts).to(device)
+    eval_frames = torch.from_numpy(eval_data.frames).to(device)
+    eval_actions_all = torch.from_numpy(eval_data.actions).to(device) if has_actions else None
+    eval_text = tokenize(eval_data.captions, vocabulary, args.max_text_len).to(device)
+
+    def eval_batches(num: int):
+        """(slice, real clips, caption tokens, actions) over the first num eval clips (cycled when num is larger)."""
+        for start in range(0, num, args.sample_batch_size):
+            index = torch.arange(start, min(num, start + args.sample_batch_size), device=device) % len(eval_starts)
+            starts = eval_starts[index]
+            yield (index, gather_clips(eval_frames, starts, args.num_frames), eval_text[index],
+                   gather_actions(eval_actions_all, starts, args.num_frames))
+
+    def sample_clips(num: int, use_text: bool = True, use_actions: bool = True, actions_shift: int = 0,
+                     num_context: int = 0) -> np.ndarray:
+        """num uint8 clips from the EMA model, conditioned on the eval clips' captions and/or actions (optionally
+        the actions of another clip: shifted by actions_shift) and/or their first num_context frames."""
+        generator = torch.Generator(device=device).manual_seed(sample_generator_seed)
+        out = []
+        for index, real, text, actions in eval_batches(num):
+            b = len(index)
+            if actions is not None and actions_shift:
+                other = (index + actions_shift) % len(eval_starts)
+                actions = gather_actions(eval_actions_all, eval_starts[other], args.num_frames)
+            drop = torch.full((b,), not use_actions, dtype=torch.bool, device=device)
+            clip = generate(ema_model, alphas_cumprod, tuple(real.shape), generator,
+                            text if use_text else None, actions, drop, real if num_context else None, num_context,
+                            **sample_kwargs)
+            out.append(to_uint8(clip))
+        return np.concatenate(out)
+
+    def sample_long(num: int) -> np.ndarray:
+        """Autoregressive videos of --long-video-frames from the eval clips' captions (and their actions, repeated)."""
+        generator = torch.Generator(device=device).manual_seed(sample_generator_seed + 1)
+        out = []
+        for index, real, text, actions in eval_batches(num):
+            if actions is not None:  # the clip's actions, repeated to cover the long video
+                repeat = torch.arange(args.long_video_frames, device=device) % args.num_frames
+                actions = actions[:, repeat]
+            video = generate_long_video(ema_model, alphas_cumprod, args.long_video_frames, args.num_frames,
+                                        args.context_frames, tuple(real.shape), generator, text, actions,
+                                        **sample_kwargs)
+            out.append(to_uint8(video))
+        return np.concatenate(out)
+
+    def evaluate(writer, step: int):
+        n = args.num_eval_samples
+        real = np.concatenate([to_uint8(real) for _, real, _, _ in eval_batches(n)])
+        samples = sample_clips(n)
+        write_samples(run_dir / "samples", f"step{step:08d}", samples)
+        writer.add_image("samples/clips", frame_strips(samples[:8]), step, dataformats="HWC")
+        metrics = {}
+        k = args.context_frames
+        if has_actions and k > 0:  # multi-step rollouts from the first k real frames, without the caption
+            true = sample_clips(n, use_text=False, num_context=k)
+            shuffled = sample_clips(n, use_text=False, num_context=k, actions_shift=1)
+            copy_last = np.repeat(real[:, :, k - 1: k], args.num_frames, axis=2)
+            metrics["eval/psnr_true_actions"] = rollout_psnr(true, real, k)
+            metrics["eval/psnr_shuffled_actions"] = rollout_psnr(shuffled, real, k)
+            metrics["eval/psnr_copy_last"] = rollout_psnr(copy_last, real, k)
+            metrics["eval/action_control_dpsnr"] = metrics["eval/psnr_true_actions"] - metrics[
+                "eval/psnr_shuffled_actions"]
+            writer.add_image("samples/rollouts_true_actions", frame_strips(true[:8]), step, dataformats="HWC")
+        if args.dataset == "sprites":  # does the sprite go where the caption (alone) or the actions (alone) say?
+            directions = np.resize(eval_data.directions, n)
+            text_only = sample_clips(n, use_actions=False)
+            actions_only = sample_clips(n, use_text=False)
+            metrics["eval/text_direction_accuracy"] = direction_accuracy(text_only, directions)
+            metrics["eval/action_direction_accuracy"] = direction_accuracy(actions_only, directions)
+        if args.long_video_frames > args.num_frames:
+            long_videos = sample_long(min(n, 4))
+            write_samples(run_dir / "samples", f"long_step{step:08d}", long_videos)
+            writer.add_image("samples/long_video", frame_strips(long_videos), step, dataformats="HWC")
+        for tag, value in metrics.items():
+            writer.add_scalar(tag, value, step)
+        if metrics:
+            print("eval at step " + str(step) + ": " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()))
+        return metrics
+
+    if args.sample_only:
+        if is_main:
+            stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_{int(time.time())}"
+            path = write_samples(run_dir / "samples", stem, sample_clips(args.num_samples))
+            print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
+            if args.long_video_frames > args.num_frames:
+                path = write_samples(run_dir / "samples", "long_" + stem, sample_long(min(args.num_samples, 4)))
+                print(f"wrote long videos of {args.long_video_frames} frames to {path}")
+        if world_size > 1:
+            dist.destroy_process_group()
+        return
+
+    # Run folder, TensorBoard, wandb (rank 0 only)
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if run_dir is None:
+            run_name = f"{data.dataset_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            run_dir = Path(args.output_dir) / run_name
+            while run_dir.exists():  # never overwrite an earlier run
+                run_dir = run_dir.with_name(run_dir.name + "_")
+            run_dir.mkdir(parents=True)
+            (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=asdict(args), name=run_dir.name, id=run_dir.name, resume="allow", save_code=True)
+        # purge_step: a resumed run drops the points a killed run logged after its last checkpoint
+        writer = SummaryWriter(str(run_dir), purge_step=step + 1 if step else None)
+        if step == 0:
+            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+                f"|{key}|{value}|" for key, value in asdict(args).items()))
+            writer.add_scalar("charts/num_parameters", num_params, 0)
+        print(f"run folder: {run_dir}")
+        print(f"model: {num_params:,} parameters; data: {num_clips:,} clips of {args.num_frames} frames of "
+              f"{args.img_size}x{args.img_size}, {len(vocabulary) - len(SPECIAL_TOKENS)} words, "
+              f"{'continuous actions' if args.action_dim else f'{num_actions} actions'}; "
+              f"device: {device}{f' x {world_size}' if world_size > 1 else ''}")
+
+    # Throughput accounting: the training step is about 3x the forward FLOPs (forward + backward).
+    example = torch.zeros(1, 3, args.num_frames, args.img_size, args.img_size, device=device)
+    train_flops_per_clip = 3 * forward_flops(model, example, torch.zeros(1, dtype=torch.long, device=device),
+                                             clip_text[:1], gather_actions(frame_actions, clip_starts[:1],
+                                                                           args.num_frames))
+    peak_flops = matmul_peak_flops(device)
+
+    train_model = torch.compile(model) if args.compile else model
+    if world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[local_rank] if use_cuda else None)
+
+    # SIGTERM / SIGINT: finish the current step, save, exit 0.
+    stop_requested = False
+
+    def request_stop(signum, frame):
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    def save(step: int):
+        # Check the loss and the gradients since the last log before writing: never save NaN weights.
+        check_finite()
+        if is_main:
+            save_checkpoint(run_dir / "checkpoints" / "latest.pt", {
+                "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "args": asdict(args),
+                "step": step, "model": model.state_dict(), "ema": ema_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng_state(), "train_generator": train_generator.get_state(),
+                "data_position": {"epoch": step * args.batch_size // num_clips,
+                                  "index": step * args.batch_size % num_clips},
+                "vocabulary": vocabulary, "num_actions": num_actions,
+            })
+            print(f"saved checkpoint at step {step}", flush=True)
+
+    local_batch = args.batch_size // world_size
+    k = args.context_frames
+    clip_shape = (3, args.num_frames, args.img_size, args.img_size)
+    frame_index = torch.arange(args.num_frames, device=device)
+    loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync in the hot loop
+    grad_norm_sum = torch.zeros((), device=device)
+    steps_since_log, timed_steps, timer_start, first_step = 0, 0, time.perf_counter(), step
+
+    def check_finite():
+        if not (math.isfinite(loss_sum.item()) and math.isfinite(grad_norm_sum.item())):
+            raise TrainingFailure(f"the loss or gradient became non-finite before step {step}; the last good "
+                                  f"checkpoint is kept in {run_dir}/checkpoints (try a lower --learning-rate or "
+                                  f"--dtype float32)")
+
+    progress = None
+    if is_main:
+        from tqdm import tqdm
+
+        progress = tqdm(total=args.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    while step < args.total_steps:
+        # The global batch is drawn identically on every rank (clips, t, noise, dropped conditions, context), then
+        # each rank takes its slice: 2 ranks at batch B compute exactly what 1 rank at batch B does.
+        indices = global_batch_indices(step, args.batch_size, num_clips, args.seed).to(device, non_blocking=True)
+        t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
+        noise = torch.randn((args.batch_size, *clip_shape), generator=train_generator, device=device)
+        drop_text = torch.rand(args.batch_size, generator=train_generator, device=device) < args.cond_drop_prob
+        drop_actions = torch.rand(args.batch_size, generator=train_generator, device=device) < args.cond_drop_prob
+        use_context = torch.rand(args.batch_size, generator=train_generator, device=device) < args.context_prob
+        context_level = torch.randint(0, args.context_noise_max_step, (args.batch_size,), generator=train_generator,
+                                      device=device)
+        context_noise = torch.randn((args.batch_size, *clip_shape), generator=train_generator, device=device)
+        mine = slice(rank * local_batch, (rank + 1) * local_batch)
+        starts = clip_starts[indices[mine]]
+        x0 = gather_clips(frames, starts, args.num_frames)  # (b, 3, T, H, W) in [-1, 1]
+        actions = gather_actions(frame_actions, starts, args.num_frames)
+        text = torch.where(drop_text[mine, None], model.null_text(local_batch, device), clip_text[indices[mine]])
+        t, noise, context_level = t[mine], noise[mine], context_level[mine]
+        # context: the first k frames of some clips, noised to context_level (context noise augmentation)
+        context_mask = (use_context[mine, None] & (frame_index[None, :] < k)).float()  # (b, T)
+        context = noise_context(x0, context_level, alphas_cumprod_on_device, context_noise[mine])
+        x_t = sqrt_abar[t, None, None, None, None] * x0 + sqrt_one_minus_abar[t, None, None, None, None] * noise
+        with autocast:
+            eps_pred = train_model(x_t, t, text, actions, drop_actions[mine], context, context_mask, context_level)
+        # L_simple = || eps - eps_theta(x_t, t) ||^2 over the frames to generate (context frames are given, not
+        # predicted); divided by the full clip size so every rank's loss has the same scale under DDP
+        target_mask = (1 - context_mask)[:, None, :, None, None]
+        loss = ((eps_pred.float() - noise) ** 2 * target_mask).mean()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm > 0
+                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        with torch.no_grad():  # EMA: theta_ema <- decay theta_ema + (1 - decay) theta
+            ema_params, params = list(ema_model.parameters()), list(model.parameters())
+            torch._foreach_lerp_(ema_params, params, 1.0 - args.ema_decay)
+        loss_sum += loss.detach()
+        grad_norm_sum += grad_norm.detach().float()
+        step += 1
+        steps_since_log += 1
+        timed_steps += 1
+        if progress is not None:
+            progress.update(1)
+
+        if step % args.log_every == 0 or step == args.total_steps:
+            loss_value = loss_sum.item() / steps_since_log  # a host sync, once per log interval
+            check_finite()
+            clips_per_second = timed_steps * args.batch_size / max(time.perf_counter() - timer_start, 1e-9)
+            mfu = clips_per_second / world_size * train_flops_per_clip / peak_flops
+            if is_main:
+                writer.add_scalar("losses/mse", loss_value, step)
+                writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+                writer.add_scalar("charts/grad_norm", grad_norm_sum.item() / steps_since_log, step)
+                writer.add_scalar("charts/SPS", clips_per_second, step)
+                writer.add_scalar("perf/mfu", mfu, step)
+                progress.set_postfix(loss=f"{loss_value:.4f}", clips_s=f"{clips_per_second:.1f}", mfu=f"{mfu:.1%}")
+            loss_sum.zero_()
+            grad_norm_sum.zero_()
+            steps_since_log, timed_steps, timer_start = 0, 0, time.perf_counter()
+            if world_size > 1:  # every rank stops together: the stop flag is all-reduced at the log boundary
+                flag = torch.tensor(float(stop_requested), device=device)
+                dist.all_reduce(flag)
+                stop_requested = flag.item() > 0
+
+        if is_main and (step % args.eval_every == 0 or step == args.total_steps):
+            evaluate(writer, step)
+        if step % args.save_every == 0 or step == args.total_steps or stop_requested:
+            save(step)
+        if step % args.eval_every == 0 or step % args.save_every == 0:  # keep sampling and saving out of SPS
+            timed_steps, timer_start = 0, time.perf_counter()
+        if stop_requested:
+            if is_main:
+                print(f"stopped by signal at step {step}")
+            break
+        if step == first_step + 1:  # leave the first step's warm-up (and compilation) out of the throughput
+            timed_steps, timer_start = 0, time.perf_counter()
+
+    if progress is not None:
+        progress.close()
+    if writer is not None:
+        writer.close()
+    if args.track and is_main:
+        import wandb
+
+        wandb.finish()
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(*parse_args())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
