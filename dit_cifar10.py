@@ -869,8 +869,8 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
             flag = f"--{name.replace('_', '-')}"
             raise UserError(f"{flag} is {saved.get(name)!r} in the checkpoint and cannot change on --resume (only the "
                             f"run length, cadence, logging and sampling flags can); drop {flag} or start a new run")
-    return replace(Args(**saved), **{name: getattr(args, name) for name in given & RESUME_MUTABLE_FIELDS},
-                   resume=args.resume)
+    # (--resume itself is always given here, and is one of the mutable fields)
+    return replace(Args(**saved), **{name: getattr(args, name) for name in (given & RESUME_MUTABLE_FIELDS) | {"resume"}})
 
 
 def save_checkpoint(path: Path, state: dict):
