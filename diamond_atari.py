@@ -981,6 +981,28 @@ def human_normalized_score(game: str, score: float) -> Optional[float]:
     return (score - random_score) / (human_score - random_score)
 
 
+def report_score(game: str, returns: list[float], what: str):
+    mean = float(np.mean(returns))
+    score = human_normalized_score(game, mean)
+    line = f"{what}: mean return {mean:.2f} (std {np.std(returns):.2f})"
+    if score is not None:
+        random_score, human_score = ATARI_SCORES[game]
+        line += (f"; human-normalised score {score:.3f} = ({mean:.2f} - random {random_score}) / "
+                 f"(human {human_score} - random {random_score})")
+    else:
+        line += f" ({game} has no random/human reference scores here: raw score only)"
+    print(line, flush=True)
+
+
+def log_test_returns(writer, game: str, returns: list[float], step: int):
+    mean = float(np.mean(returns))
+    writer.add_scalar("eval/episodic_return", mean, step)
+    writer.add_scalar("eval/num_test_episodes", len(returns), step)
+    score = human_normalized_score(game, mean)
+    if score is not None:
+        writer.add_scalar("eval/human_normalized_score", score, step)
+
+
 @torch.no_grad()
 def run_test_episodes(actor_critic: ActorCritic, game: str, args: Args, num_episodes: int, seed: int,
                       device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16) -> list[float]:
@@ -1187,7 +1209,7 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
             flag = f"--{name.replace('_', '-')}"
             raise UserError(f"{flag} is {saved.get(name)!r} in the checkpoint and cannot change on --resume (only the "
                             f"run length, cadence, logging and evaluation flags can); drop {flag} or start a new run")
-    return replace(Args(**saved), **{name: getattr(args, name) for name in given & RESUME_MUTABLE_FIELDS},
+    return replace(Args(**saved), **{name: getattr(args, name) for name in given & RESUME_MUTABLE_FIELDS - {"resume"}},
                    resume=args.resume)
 
 
@@ -1305,6 +1327,8 @@ def main(args: Args, given: set[str]):
     autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     autocast = (torch.autocast("cuda", dtype=autocast_dtype) if use_cuda and autocast_dtype
                 else contextlib.nullcontext())
+
+    peak_flops = matmul_peak_flops(device)  # before seeding: its random matrix must not move the saved RNG states
 
     # Seeding. Two explicit generators carry every random draw of training, so that their saved states make a resume
     # exact; evaluation uses generators seeded from (seed, epoch) and never moves them.
@@ -1450,7 +1474,6 @@ def main(args: Args, given: set[str]):
                torch.zeros(1, 3 * c, args.obs_size, args.obs_size, device=device),
                torch.zeros(1, c, dtype=torch.long, device=device))
     denoiser_flops_per_sample = forward_flops(denoiser.net, *example)
-    peak_flops = matmul_peak_flops(device)
 
     # SIGTERM / SIGINT: finish the current step, save, exit 0.
     stop_requested = False
@@ -1577,6 +1600,8 @@ def main(args: Args, given: set[str]):
                                           args.seed * 7919 + epoch, denoiser_net, autocast)
             for key, value in metrics.items():
                 log_value(f"world_model/{key}", value)
+            if args.dataset_dir is None:  # trained on from now on: epochs that collect nothing log no world_model/*
+                heldout = heldout[:0]
 
         elif name in ("denoiser", "reward_end", "actor_critic") and not (
                 name == "actor_critic" and args.world_model_only):
@@ -1653,6 +1678,8 @@ def main(args: Args, given: set[str]):
                 if score is not None:
                     log_value("eval/human_normalized_score", score)
 
+        if epoch == 1 and position > steps_at_start:  # the first epoch is long (25k gradient steps): say where it is
+            print(f"epoch 1: {name} done ({position} steps, {time.perf_counter() - phase_start:.1f} s)", flush=True)
         if stop_requested:
             save()
             print(f"stopped by signal in epoch {epoch} ({name}, step {position})")
@@ -1663,14 +1690,16 @@ def main(args: Args, given: set[str]):
             log_value("charts/buffer_transitions", buffer.num_transitions())
             for key, values in epoch_log.items():
                 writer.add_scalar(key, float(np.mean(values)), epoch)
-            line = " | ".join(f"{label} {np.mean(epoch_log[key]):.4g}" for key, label in (
-                ("losses/denoiser", "denoiser"), ("losses/reward_end", "reward/end"), ("losses/actor_critic", "ac"),
-                ("world_model/next_frame_mse_changed", "changed-pixel mse"),
-                ("world_model/copy_last_frame_mse_changed", "(copy-last-frame"),
-                ("charts/episodic_return", "train return"), ("eval/episodic_return", "eval return"))
-                if key in epoch_log).replace(" | (copy-last-frame", " (copy-last-frame") 
+            parts = [f"{label} {np.mean(epoch_log[key]):.4g}" for key, label in (
+                ("losses/denoiser", "denoiser loss"), ("losses/reward_end", "reward/end loss"),
+                ("losses/actor_critic", "actor-critic loss"), ("charts/episodic_return", "train return"),
+                ("eval/episodic_return", "eval return")) if key in epoch_log]
+            if "world_model/next_frame_mse_changed" in epoch_log:
+                parts.append(f"next-frame mse on changed pixels {epoch_log['world_model/next_frame_mse_changed'][0]:.4g}"
+                             f" (copy-last-frame {epoch_log['world_model/copy_last_frame_mse_changed'][0]:.4g})")
             elapsed = time.perf_counter() - epoch_start
-            print(f"epoch {epoch}/{args.num_epochs} | env steps {env_steps} | {line} | {elapsed:.1f} s", flush=True)
+            print(f"epoch {epoch}/{args.num_epochs} | env steps {env_steps} | {' | '.join(parts)} | {elapsed:.1f} s",
+                  flush=True)
             epoch_log, epoch, phase, epoch_start = {}, epoch + 1, 0, time.perf_counter()
             if (epoch - 1) % args.save_every == 0 or epoch > args.num_epochs:
                 save()
@@ -1687,28 +1716,6 @@ def main(args: Args, given: set[str]):
         import wandb
 
         wandb.finish()
-
-
-def report_score(game: str, returns: list[float], what: str):
-    mean = float(np.mean(returns))
-    score = human_normalized_score(game, mean)
-    line = f"{what}: mean return {mean:.2f} (std {np.std(returns):.2f})"
-    if score is not None:
-        random_score, human_score = ATARI_SCORES[game]
-        line += (f"; human-normalised score {score:.3f} = ({mean:.2f} - random {random_score}) / "
-                 f"(human {human_score} - random {random_score})")
-    else:
-        line += f" ({game} has no random/human reference scores here: raw score only)"
-    print(line, flush=True)
-
-
-def log_test_returns(writer, game: str, returns: list[float], step: int):
-    mean = float(np.mean(returns))
-    writer.add_scalar("eval/episodic_return", mean, step)
-    writer.add_scalar("eval/num_test_episodes", len(returns), step)
-    score = human_normalized_score(game, mean)
-    if score is not None:
-        writer.add_scalar("eval/human_normalized_score", score, step)
 
 
 if __name__ == "__main__":
