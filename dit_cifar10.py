@@ -355,7 +355,8 @@ def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str]:
         dataset_id, num_data_classes = "cifar10", 10
     elif args.dataset == "folder":
         images, labels, class_names = load_image_folder(args.data_dir, args.img_size)
-        dataset_id, num_data_classes = Path(args.data_dir).resolve().name.replace("/", "_") or "folder", len(class_names)
+        dataset_id = Path(args.data_dir).resolve().name.replace("/", "_") or "folder"
+        num_data_classes = len(class_names)
         if args.num_classes > 0 and (labels < 0).any():
             raise UserError(f"{(labels < 0).sum()} images lie directly in {args.data_dir} and so have no class: move "
                             f"them into a class subfolder, or train an unconditional model with --num-classes 0")
@@ -363,8 +364,9 @@ def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str]:
         images, labels = make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed)
         dataset_id, num_data_classes = "shapes", 10
     if args.num_classes > 0 and args.num_classes != num_data_classes:
-        raise UserError(f"--num-classes {args.num_classes} disagrees with the data: {dataset_id} has {num_data_classes} "
-                        f"classes; use --num-classes {num_data_classes} (or 0 for an unconditional model)")
+        raise UserError(f"--num-classes {args.num_classes} disagrees with the data: {dataset_id} has "
+                        f"{num_data_classes} classes; use --num-classes {num_data_classes} (or 0 for an unconditional "
+                        f"model)")
     return images, labels, dataset_id
 
 
@@ -869,8 +871,8 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
             flag = f"--{name.replace('_', '-')}"
             raise UserError(f"{flag} is {saved.get(name)!r} in the checkpoint and cannot change on --resume (only the "
                             f"run length, cadence, logging and sampling flags can); drop {flag} or start a new run")
-    # (--resume itself is always given here, and is one of the mutable fields)
-    return replace(Args(**saved), **{name: getattr(args, name) for name in (given & RESUME_MUTABLE_FIELDS) | {"resume"}})
+    mutable = (given & RESUME_MUTABLE_FIELDS) | {"resume"}  # --resume itself is always given here
+    return replace(Args(**saved), **{name: getattr(args, name) for name in mutable})
 
 
 def save_checkpoint(path: Path, state: dict):

@@ -160,7 +160,7 @@ def test_parameter_count_matches_reference_dit_at_seed_config():
     assert "pos_embed" not in model.state_dict()  # a function of the config, not a weight
 
 
-def test_every_block_is_identity_and_output_zero_at_init():
+def test_every_block_is_identity_and_output_zero_at_init(one_thread):
     torch.manual_seed(0)
     model = dit.build_model(dit.Args())
     x = torch.randn(3, 3, 32, 32)
@@ -212,7 +212,7 @@ def randomised(model, seed=0):
     return model.eval()
 
 
-def test_guidance_scale_one_is_conditional_and_zero_unconditional():
+def test_guidance_scale_one_is_conditional_and_zero_unconditional(one_thread):
     torch.manual_seed(0)
     model = randomised(dit.DiT(16, 4, 3, 64, 2, 4, 4.0, 10, "zero"))
     x, t, y = torch.randn(5, 3, 16, 16), torch.tensor([0, 10, 200, 600, 999]), torch.tensor([0, 3, 9, 3, 5])
@@ -398,9 +398,10 @@ def test_resume_after_sigkill_is_bitwise_exact(tiny_runs):
 @pytest.fixture(scope="module")
 def variant_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("dit_variants")
-    processes = {adaln: start(*TINY, "--adaln", adaln, "--epochs", 8, "--eval-every", 8, "--save-every", 8,
-                              "--output-dir", base / "runs", cwd=base / adaln) for adaln in ("plain", "single", "diagonal")}
-    return {adaln: finish(process) for adaln, process in processes.items()}
+    short = [*TINY, "--epochs", 8, "--eval-every", 8, "--save-every", 8, "--output-dir", base / "runs"]
+    processes = {adaln: start(*short, "--adaln", adaln, cwd=base / adaln) for adaln in ("plain", "single", "diagonal")}
+    processes["unconditional"] = start(*short, "--num-classes", 0, cwd=base / "unconditional")
+    return {name: finish(process) for name, process in processes.items()}
 
 
 @pytest.mark.parametrize("adaln", ["plain", "single", "diagonal"])
@@ -413,6 +414,17 @@ def test_adaln_variant_trains(variant_runs, adaln):
     assert count < 259_952  # every variant is smaller than adaLN-Zero at the tiny config
     losses = [v for _, v in read_scalars(run_dir_of(stdout))["losses/mse"]]
     assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_unconditional_run(variant_runs):
+    code, stdout, stderr = variant_runs["unconditional"]
+    assert code == 0, stderr[-2000:]
+    assert "DiT with adaLN-zero, 259,248 parameters" in stdout and "unconditional" in stdout  # no label table
+    run_dir = run_dir_of(stdout)
+    samples = np.load(run_dir / "samples" / "step00000128.npz")
+    assert samples.files == ["arr_0"] and samples["arr_0"].shape == (8 * 4, 16, 16, 3)  # 8 rows, no labels
+    losses = [v for _, v in read_scalars(run_dir)["losses/mse"]]
     assert losses[-1] < 0.6 * losses[0]
 
 
