@@ -245,6 +245,10 @@ def test_adaln_variant_parameter_counts():
     # final layer's Linear(D, 2D) a (2, D) table
     assert counts["zero"] - counts["single"] == (depth - 1) * (6 * d * d + 6 * d) - depth * 6 * d + (2 * d * d)
     assert counts["single"] < counts["plain"] < counts["diagonal"] < counts["zero"]
+    # the paper's DiT-S/2 at 32 px with 10 classes: about 32.5M parameters with adaLN-Zero, 22.5M with adaLN-Single
+    for adaln, expected in (("zero", 32.5e6), ("single", 22.5e6)):
+        model = dit.build_model(dit.Args(**{**dit.PRESETS["dit-s2"], "adaln": adaln}))
+        assert abs(sum(p.numel() for p in model.parameters()) / expected - 1) < 0.005
 
 
 # ----------------------------------------------------------------------------------------------------------------------
