@@ -57,7 +57,7 @@ def tiny_ddpm_runs(tmp_path_factory) -> Path:
     for seed in (1, 2):
         run_script("ddpm_cifar10.py", "--preset", "tiny", "--seed", seed, "--output-dir", out, "--total-steps", 20,
                    "--log-every", 5, "--save-every", 20, "--eval-every", 20, "--num-eval-samples", 4,
-                   "--num-sampling-steps", 5, timeout=120)
+                   "--num-sampling-steps", 5, timeout=600)
     return out
 
 
@@ -280,3 +280,78 @@ def test_speed_smoke_dit(tmp_path):
         assert ours["utilisation"] == pytest.approx(ours["flops_per_step"] / ours["median_s"] / ours["matmul_flops_per_s"])
     result = run_tool("speed.py", "--only", "nothing", check=False)
     assert result.returncode == 2 and result.stderr.startswith("error: unknown benchmark nothing")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# samplers.py
+
+
+def test_frechet_distance_against_hand_computed_values():
+    samplers = load_tool("samplers.py")
+    a = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0]])  # mean (1, 1), covariance 4/3 I (ddof 1)
+    b = 2 * a + 1  # mean (3, 3), covariance 16/3 I
+    # diagonal case: |mu_a - mu_b|^2 + sum (sqrt(var_a) - sqrt(var_b))^2 = 8 + 2 (4/3) (1 - 2)^2
+    assert samplers.frechet_distance(a, b) == pytest.approx(8 + 8 / 3)
+    assert samplers.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-12)
+    # a full covariance: tr((S_a S_b)^(1/2)) is the sum of the square roots of the eigenvalues of S_a S_b
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 5)) @ rng.normal(size=(5, 5)), rng.normal(size=(300, 5)) @ rng.normal(size=(5, 5)) + 1
+    sa, sb = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    trace_sqrt = np.sqrt(np.linalg.eigvals(sa @ sb).real.clip(0)).sum()
+    expected = ((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * trace_sqrt
+    assert samplers.frechet_distance(x, y) == pytest.approx(expected, rel=1e-9)
+    assert samplers.parse_samplers("ddpm-1000,ddim-20,dpm++-10") == [("ddpm", 1000), ("ddim", 20), ("dpm++", 10)]
+    with pytest.raises(samplers.UserError):
+        samplers.parse_samplers("euler-10")
+
+
+def test_samplers_smoke_on_a_tiny_run(tiny_ddpm_runs, tmp_path):
+    """samplers.py on a tiny run (the table, the grids, the FD of every sampler; the numbers mean nothing here)."""
+    run = sorted(p for p in tiny_ddpm_runs.iterdir() if p.is_dir())[0]
+    out = tmp_path / "samplers"
+    result = run_tool("samplers.py", "--run", run, "--samplers", "ddpm-4,ddim-2,dpm++-3", "--num-samples", 40,
+                      "--feature-steps", 3, "--out-dir", out)
+    data = json.loads((out / "results.json").read_text())
+    assert [(r["sampler"], r["nfe"]) for r in data["rows"]] == [("ddpm", 4), ("ddim", 2), ("dpm++", 3)]
+    assert all(np.isfinite(r["fd"]) and r["fd"] > 0 for r in data["rows"]) and data["floor"] >= 0
+    assert "| DDIM (eta 0, uniform spacing) | 2 |" in result.stdout and "not FID" in result.stdout
+    assert {p.name for p in out.glob("*.png")} == {"ddpm-4.png", "ddim-2.png", "dpm++-3.png"}
+    # the default model: the MLP trained in-process (a few steps here)
+    result = run_tool("samplers.py", "--model", "mlp", "--train-steps", 10, "--samplers", "ddim-2", "--num-samples", 20,
+                      "--feature-steps", 2, "--out-dir", tmp_path / "mlp")
+    assert "MLPDenoiser (2,106,048 parameters" in result.stdout and "10 Adam steps" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# run_atari100k.py (with a stand-in script: the runner's scheduling, logs, markers and resume, not DIAMOND itself)
+
+
+def test_atari_runner_parallel_markers_and_resume(tmp_path):
+    fake = tmp_path / "fake_diamond.py"
+    fake.write_text(
+        "import sys, pathlib, time\n"
+        "args = sys.argv[1:]\n"
+        "print('args', args)\n"
+        "if '--resume' in args:\n"
+        "    sys.exit(0)\n"
+        "env, seed, out = args[args.index('--env-id') + 1], args[args.index('--seed') + 1], args[args.index('--output-dir') + 1]\n"
+        "run = pathlib.Path(out) / f'{env}__diamond_atari__{seed}__{int(time.time())}'\n"
+        "(run / 'checkpoints').mkdir(parents=True)\n"
+        "(run / 'checkpoints' / 'latest.pt').write_bytes(b'x')\n"
+        "sys.exit(3 if (env, seed) == ('Pong-v5', '2') else 0)\n")
+    out = tmp_path / "atari"
+    args = ["--script", fake, "--games", "Pong,Breakout-v5", "--seeds", "1-2", "--workers", 2, "--output-dir", out]
+    result = run_tool("run_atari100k.py", *args, "--", "--preset", "tiny", check=False)
+    assert result.returncode == 1 and "3 finished, 1 failed" in result.stdout
+    assert sorted(p.name for p in (out / "logs").glob("*.done")) == ["Breakout__1.done", "Breakout__2.done",
+                                                                     "Pong__1.done"]
+    assert "'--preset', 'tiny'" in (out / "logs" / "Breakout__1.log").read_text()
+    # again: the three done runs are skipped, the failed one is resumed from its run folder
+    result = run_tool("run_atari100k.py", *args)
+    assert "4 runs, 3 already done, 1 to go" in result.stdout and "1 finished, 0 failed" in result.stdout
+    log = (out / "logs" / "Pong__2.log").read_text()
+    assert "--resume" in log.split("$")[-1] and "Pong-v5__diamond_atari__2__" in log.split("$")[-1]
+    listed = run_tool("run_atari100k.py", "--print-commands", "--seeds", "1,3").stdout.splitlines()
+    assert len(listed) == 52 and "--env-id Alien-v5 --seed 1" in listed[0] and "--seed 3" in listed[-1]
+    bad = run_tool("run_atari100k.py", "--games", "Tetris", check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --games: 'Tetris'")
