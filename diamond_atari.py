@@ -63,7 +63,7 @@ class Args:
     output_dir: str = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "small", "medium", "large"]] = None
-    """tiny = a full run in about 15 seconds on a CPU; small/medium/large = TorchWM's network sizes (medium: the paper)"""
+    """tiny = a full run in about 15 s on a CPU; small/medium/large = TorchWM's network sizes (medium: the paper's)"""
     config: Optional[str] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
@@ -266,7 +266,8 @@ def atari_games() -> list[str]:
     import gymnasium as gym
 
     gym.register_envs(ale_py)
-    return sorted(key[len("ALE/"): -len("-v5")] for key in gym.registry if key.startswith("ALE/") and key.endswith("-v5"))
+    return sorted(key[len("ALE/"): -len("-v5")] for key in gym.registry
+                  if key.startswith("ALE/") and key.endswith("-v5"))
 
 
 def canonical_env_id(env_id: str) -> tuple[str, str]:
@@ -512,7 +513,8 @@ def edm_preconditioning(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_offs
 
 def sample_training_sigma(batch_size: int, args: Args, generator: torch.Generator, device) -> torch.Tensor:
     """ln(sigma) ~ N(loc, scale^2), clipped to [train_sigma_min, train_sigma_max]."""
-    log_sigma = torch.randn(batch_size, generator=generator, device=device) * args.train_sigma_scale + args.train_sigma_loc
+    log_sigma = args.train_sigma_loc + args.train_sigma_scale * torch.randn(batch_size, generator=generator,
+                                                                           device=device)
     return log_sigma.exp().clip(args.train_sigma_min, args.train_sigma_max)
 
 
@@ -811,7 +813,8 @@ def build_models(args: Args, num_actions: int) -> tuple[Denoiser, RewardEndModel
     net = DenoiserNet(num_actions, args.diffusion_channels, args.diffusion_res_blocks, args.diffusion_cond_dim,
                       args.num_conditioning_steps)
     return (Denoiser(net, args.sigma_data, args.sigma_offset_noise),
-            RewardEndModel(num_actions, args.obs_size, args.reward_channels, args.reward_cond_dim, args.reward_lstm_dim),
+            RewardEndModel(num_actions, args.obs_size, args.reward_channels, args.reward_cond_dim,
+                           args.reward_lstm_dim),
             ActorCritic(num_actions, args.obs_size, args.actor_channels, args.actor_lstm_dim))
 
 
@@ -1378,7 +1381,7 @@ def main(args: Args, given: set[str]):
             scalers[name].load_state_dict(checkpoint["scalers"][name])
         set_rng_state(checkpoint["rng"])
         cpu_generator.set_state(checkpoint["cpu_generator"])
-        generator.set_state(checkpoint["generator"].to(generator.device) if use_cuda else checkpoint["generator"])
+        generator.set_state(checkpoint["generator"])  # a CPU ByteTensor, for CUDA generators too
         epoch, phase, position = checkpoint["epoch"], PHASES.index(checkpoint["phase"]), checkpoint["position"]
         env_steps, num_buffer_files = checkpoint["env_steps"], checkpoint["num_buffer_files"]
         env.load_state_dict(checkpoint["env"])
@@ -1625,7 +1628,7 @@ def main(args: Args, given: set[str]):
                     with autocast:
                         reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], batch["actions"].to(device),
                                                                         obs[:, 1:])
-                    # cross-entropy on the reward sign (-1, 0, +1 -> classes 0, 1, 2) and on the end flag, real steps only
+                    # cross-entropy on the reward sign (-1, 0, +1 -> classes 0, 1, 2) and the end flag, real steps only
                     reward_class = batch["rewards"].to(device).sign().long() + 1
                     loss = (F.cross_entropy(reward_logits[mask].float(), reward_class[mask])
                             + F.cross_entropy(end_logits[mask].float(), batch["ends"].to(device).long()[mask]))
@@ -1695,8 +1698,9 @@ def main(args: Args, given: set[str]):
                 ("losses/actor_critic", "actor-critic loss"), ("charts/episodic_return", "train return"),
                 ("eval/episodic_return", "eval return")) if key in epoch_log]
             if "world_model/next_frame_mse_changed" in epoch_log:
-                parts.append(f"next-frame mse on changed pixels {epoch_log['world_model/next_frame_mse_changed'][0]:.4g}"
-                             f" (copy-last-frame {epoch_log['world_model/copy_last_frame_mse_changed'][0]:.4g})")
+                model_error = epoch_log["world_model/next_frame_mse_changed"][0]
+                copy_error = epoch_log["world_model/copy_last_frame_mse_changed"][0]
+                parts.append(f"next-frame mse on changed pixels {model_error:.4g} (copy-last-frame {copy_error:.4g})")
             elapsed = time.perf_counter() - epoch_start
             print(f"epoch {epoch}/{args.num_epochs} | env steps {env_steps} | {' | '.join(parts)} | {elapsed:.1f} s",
                   flush=True)

@@ -2,91 +2,40 @@
 against hand-computed values; a denoiser that learns; smoke runs as a user runs them (tiny preset, --world-model-only,
 --dataset-dir, --eval-only); exact resume after SIGKILL and after SIGTERM; bad inputs.
 
-Expensive runs are shared through module-scoped fixtures. Subprocesses run with one torch thread (OMP_NUM_THREADS=1):
-on a shared 2-core machine the tiny networks are far faster single-threaded."""
-import importlib.util
-import math
+Expensive runs are shared through module-scoped fixtures. The scripts run with one torch thread (OMP_NUM_THREADS=1):
+the tiny preset's small convolutions are faster single-threaded, above all on a shared machine."""
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import (checkpoint_tensors, load_module, only_run_dir, read_image_tags, read_scalars,
+                      run_script, run_until_line_then_kill)
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "diamond_atari.py"
+SCRIPT = "diamond_atari.py"
 TINY = ["--env-id", "Breakout-v5", "--num-sampling-steps", "3", "--preset", "tiny"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("diamond_atari", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_subprocesses():
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # conftest's script_env keeps a value that is already set
+    yield
+    if before is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = before
 
 
 @pytest.fixture(scope="module")
 def dia():
-    return load_script()
+    return load_module(SCRIPT)
 
 
-def script_env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def run(*args, cwd, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=script_env())
-
-
-def run_until_line_then(signum, line_prefix: str, *args, cwd, timeout=300) -> str:
-    """Starts the script, sends signum when a stdout line starts with line_prefix (or at once if it is empty), waits
-    for it to end and returns its stdout."""
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=script_env())
-    out = []
-    try:
-        for line in proc.stdout:
-            out.append(line)
-            if line.startswith(line_prefix):
-                proc.send_signal(signum)
-                break
-        out += proc.stdout.readlines()
-        proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return "".join(out)
-
-
-def run_dir_of(output_dir: Path) -> Path:
-    runs = sorted(p for p in output_dir.iterdir() if p.is_dir())
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
-def read_scalars(run_dir: Path) -> dict:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc.Tags()
-
-
-def flat_tensors(obj, prefix=""):
-    """Every tensor in a nested checkpoint, by path (args excluded: the output folders differ)."""
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            if key != "args":
-                yield from flat_tensors(value, f"{prefix}/{key}")
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            yield from flat_tensors(value, f"{prefix}/{i}")
+def run(*args, cwd, check=False):
+    return run_script(SCRIPT, *args, cwd=cwd, check=check)
 
 
 def plain_values(obj, prefix=""):
@@ -102,13 +51,16 @@ def plain_values(obj, prefix=""):
         yield prefix, obj
 
 
-def assert_same_checkpoints(a: Path, b: Path):
-    ca, cb = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
-    ta, tb = dict(flat_tensors(ca)), dict(flat_tensors(cb))
+def assert_same_checkpoints(a, b):
+    """Bitwise-equal tensors (models, optimizers, schedulers, every RNG, emulator state, partial episode) and equal
+    counters and positions."""
+    ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
+    ta, tb = ({k: v for k, v in t.items() if not k.startswith("/args")} for t in (ta, tb))
     assert ta.keys() == tb.keys()
-    assert len(ta) > 50
+    assert len(ta) > 50 and any(k.startswith("/env/ale") for k in ta) and any(k.startswith("/rng") for k in ta)
     different = [k for k in ta if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])]
     assert not different, f"tensors differ after resume: {different[:10]}"
+    ca, cb = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
     assert dict(plain_values(ca)) == dict(plain_values(cb))
 
 
@@ -130,6 +82,8 @@ def test_env_id_spellings_map_to_one_game(dia):
     assert dia.canonical_env_id("ALE/MsPacman-v5") == ("MsPacman", "MsPacman-v5")
     with pytest.raises(dia.UserError, match="Breakout-v5"):
         dia.canonical_env_id("Breakot-v5")
+    args, given = dia.parse_args(["--game", "ALE/Pong-v5"])  # --game: the seed's field name
+    assert args.env_id == "ALE/Pong-v5" and "env_id" in given
 
 
 def test_preprocessing_skip_maxpool_resize_and_no_sticky_actions(dia):
@@ -311,9 +265,8 @@ def test_denoiser_learns_next_frame_better_than_copying(dia, one_thread):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
-    result = run(*TINY, "--output-dir", out / "runs", cwd=out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir_of(out / "runs"), result.stdout
+    result = run(*TINY, "--output-dir", out / "runs", cwd=out, check=True)
+    return only_run_dir(out / "runs"), result.stdout
 
 
 EXPECTED_TAGS = [
@@ -328,12 +281,12 @@ EXPECTED_TAGS = [
 def test_tiny_run_writes_tags_video_checkpoint_and_episodes(tiny_run, dia):
     run_dir, stdout = tiny_run
     assert run_dir.name.startswith("Breakout-v5__diamond_atari__1__")
-    scalars, tags = read_scalars(run_dir)
+    scalars = read_scalars(run_dir)
     missing = [tag for tag in EXPECTED_TAGS if tag not in scalars]
     assert not missing, missing
-    assert "samples/imagined_vs_real" in tags["images"]
+    assert "samples/imagined_vs_real" in read_image_tags(run_dir)
     assert [step for step, _ in scalars["losses/denoiser"]] == [1, 2]
-    assert "hyperparameters" in str(tags.get("tensors", [])) or (run_dir / "config.json").exists()
+    assert (run_dir / "config.json").exists()
     mp4s = list((run_dir / "samples").glob("*.mp4"))
     assert mp4s and all(p.stat().st_size > 1000 for p in mp4s)
     import cv2
@@ -358,26 +311,23 @@ def test_tiny_run_writes_tags_video_checkpoint_and_episodes(tiny_run, dia):
 
 def test_eval_only(tiny_run, tmp_path):
     run_dir, _ = tiny_run
-    result = run("--resume", run_dir, "--eval-only", "--test-episodes", "1", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run("--resume", run_dir, "--eval-only", "--test-episodes", "1", cwd=tmp_path, check=True)
     assert "1 test episodes with the agent of epoch 2: mean return" in result.stdout
     assert "human-normalised score" in result.stdout
 
 
 def test_world_model_only_random_policy_and_dataset_dir(tiny_run, tmp_path):
-    result = run(*TINY, "--world-model-only", "--num-epochs", "1", "--output-dir", tmp_path / "runs", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    scalars, _ = read_scalars(run_dir_of(tmp_path / "runs"))
+    run(*TINY, "--world-model-only", "--num-epochs", "1", "--output-dir", tmp_path / "runs", cwd=tmp_path, check=True)
+    scalars = read_scalars(only_run_dir(tmp_path / "runs"))
     assert {"losses/denoiser", "losses/reward_end", "world_model/next_frame_mse_changed",
             "world_model/reward_accuracy"} <= scalars.keys()
     assert "losses/actor" not in scalars and "eval/episodic_return" not in scalars
     # the tiny run's episodes as a user's recorded dataset
     episodes = tiny_run[0] / "episodes"
-    result = run(*TINY, "--world-model-only", "--num-epochs", "1", "--dataset-dir", episodes, "--output-dir",
-                 tmp_path / "runs2", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    run_dir = run_dir_of(tmp_path / "runs2")
-    scalars, _ = read_scalars(run_dir)
+    run(*TINY, "--world-model-only", "--num-epochs", "1", "--dataset-dir", episodes, "--output-dir", tmp_path / "runs2",
+        cwd=tmp_path, check=True)
+    run_dir = only_run_dir(tmp_path / "runs2")
+    scalars = read_scalars(run_dir)
     assert "world_model/next_frame_mse" in scalars and "charts/episodic_return" not in scalars
     assert not (run_dir / "episodes").exists()  # nothing collected
 
@@ -389,16 +339,15 @@ def test_world_model_only_random_policy_and_dataset_dir(tiny_run, tmp_path):
 def test_resume_after_sigkill_is_exact(tiny_run, tmp_path):
     reference, _ = tiny_run
     out = tmp_path / "runs"
-    stdout = run_until_line_then(signal.SIGKILL, "saved checkpoint at epoch 1", *TINY, "--output-dir", out,
-                                 cwd=tmp_path)
-    assert "saved checkpoint at epoch 1" in stdout and "epoch 2/2" not in stdout
-    killed = run_dir_of(out)
-    result = run("--resume", killed, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
+    stdout = run_until_line_then_kill(SCRIPT, *TINY, "--output-dir", out, line_startswith="saved checkpoint at epoch 1",
+                                      cwd=tmp_path)
+    assert "epoch 2/2" not in stdout
+    killed = only_run_dir(out)
+    run("--resume", killed, cwd=tmp_path, check=True)
     assert_same_checkpoints(reference / "checkpoints" / "latest.pt", killed / "checkpoints" / "latest.pt")
     count = torch.load(killed / "checkpoints" / "latest.pt", weights_only=True)["num_buffer_files"]
     assert_same_episodes(reference, killed, count)
-    scalars, _ = read_scalars(killed)
+    scalars = read_scalars(killed)
     assert [step for step, _ in scalars["losses/denoiser"]] == [1, 2]  # no point logged twice
 
 
@@ -406,12 +355,13 @@ def test_resume_after_sigterm_inside_an_epoch_is_exact(tiny_run, tmp_path):
     reference, _ = tiny_run
     out = tmp_path / "runs"
     # SIGTERM when the first denoiser phase ends: the run stops inside epoch 1 (in whichever phase the signal lands),
-    # finishes its step, saves the phase and the position in it, and exits 0
-    stdout = run_until_line_then(signal.SIGTERM, "epoch 1: denoiser done", *TINY, "--output-dir", out, cwd=tmp_path)
-    assert "stopped by signal in epoch" in stdout and "inside epoch" in stdout, stdout
-    stopped = run_dir_of(out)
-    result = run("--resume", stopped, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
+    # finishes its step, saves the phase and the position in it, and exits
+    run_until_line_then_kill(SCRIPT, *TINY, "--output-dir", out, line_startswith="epoch 1: denoiser done",
+                             cwd=tmp_path, sig=signal.SIGTERM)
+    stopped = only_run_dir(out)
+    saved = torch.load(stopped / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 1 and saved["phase"] != "collect"  # a checkpoint from inside the epoch
+    run("--resume", stopped, cwd=tmp_path, check=True)
     assert_same_checkpoints(reference / "checkpoints" / "latest.pt", stopped / "checkpoints" / "latest.pt")
 
 
