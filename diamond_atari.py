@@ -20,7 +20,6 @@ Watch it (world_model/* says whether the world model beats copying the last fram
 """
 import argparse
 import contextlib
-import copy
 import difflib
 import json
 import math
@@ -1568,7 +1567,7 @@ def main(args: Args, given: set[str]):
             partial, collect_hidden = None, None
         return reward
 
-    run_start, epoch_start = time.perf_counter(), time.perf_counter()
+    run_start, epoch_start, first_epoch = time.perf_counter(), time.perf_counter(), epoch
     collect_epochs = args.num_epochs - args.final_epochs_without_collection
     while epoch <= args.num_epochs:
         name = PHASES[phase]
@@ -1646,8 +1645,11 @@ def main(args: Args, given: set[str]):
                 check_finite()
                 count = float(num_steps)
                 log_value(f"losses/{name}", sums.pop(f"{name}_loss").item() / count)
-                log_value(f"charts/grad_norm_{name}", sums.pop(f"{name}_grad_norm").item() / count)
-                log_value(f"charts/learning_rate_{name}", schedulers[name].get_last_lr()[0])
+                # the denoiser's as charts/grad_norm and charts/learning_rate (the three share one schedule)
+                suffix = "" if name == "denoiser" else f"_{name}"
+                log_value(f"charts/grad_norm{suffix}", sums.pop(f"{name}_grad_norm").item() / count)
+                if name == "denoiser":
+                    log_value("charts/learning_rate", schedulers[name].get_last_lr()[0])
                 if name == "actor_critic":
                     for key in ("actor", "critic", "entropy"):
                         log_value(f"losses/{key}", sums.pop(key).item() / count)
@@ -1702,8 +1704,10 @@ def main(args: Args, given: set[str]):
                 copy_error = epoch_log["world_model/copy_last_frame_mse_changed"][0]
                 parts.append(f"next-frame mse on changed pixels {model_error:.4g} (copy-last-frame {copy_error:.4g})")
             elapsed = time.perf_counter() - epoch_start
-            print(f"epoch {epoch}/{args.num_epochs} | env steps {env_steps} | {' | '.join(parts)} | {elapsed:.1f} s",
-                  flush=True)
+            epochs_here = epoch - first_epoch + 1  # ETA from this process's epochs (epoch 1 is the long one)
+            eta = (time.perf_counter() - run_start) / epochs_here * (args.num_epochs - epoch)
+            print(f"epoch {epoch}/{args.num_epochs} | env steps {env_steps} | {' | '.join(parts)} | {elapsed:.1f} s, "
+                  f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
             epoch_log, epoch, phase, epoch_start = {}, epoch + 1, 0, time.perf_counter()
             if (epoch - 1) % args.save_every == 0 or epoch > args.num_epochs:
                 save()
