@@ -144,6 +144,26 @@ def test_life_loss_ends_training_episodes_only(dia):
     assert np.array_equal(train.reset(), obs_before)  # the next training episode continues the same game
 
 
+def test_replay_segments_padding_mask_and_recency_weights(dia):
+    buffer = dia.ReplayBuffer(None, (0.1, 0.1, 0.1, 0.7), num_conditioning_steps=4)
+    for k in range(8):  # 8 episodes of 5 transitions; frame t of episode k is filled with 10 k + t
+        obs = np.stack([np.full((4, 4, 3), 10 * k + t, np.uint8) for t in range(6)])
+        buffer.add({"obs": obs, "actions": np.arange(1, 6), "rewards": np.array([0, 1, 0, -2, 0], np.float32),
+                    "terminated": np.array([0, 0, 0, 0, 1], bool), "truncated": np.zeros(5, bool)}, write=False)
+    batch = buffer.segments([(0, -3), (1, 3)], 5)
+    # starts before the episode: the first frame repeats, NOOP actions, masked; past the end: the last frame repeats
+    assert batch["obs"][:, :, 0, 0, 0].tolist() == [[0, 0, 0, 0, 1], [13, 14, 15, 15, 15]]
+    assert batch["mask"].tolist() == [[False, False, False, True], [True, True, False, False]]
+    assert batch["actions"].tolist() == [[0, 0, 0, 1], [4, 5, 0, 0]]
+    assert batch["rewards"].tolist() == [[0, 0, 0, 0], [-2, 0, 0, 0]]
+    assert batch["ends"].tolist() == [[False] * 4, [False, True, False, False]]
+    refs = buffer.sample_starts(20_000, torch.Generator().manual_seed(0))
+    episodes = np.array([e for e, _ in refs])
+    starts = np.array([s for _, s in refs])
+    assert abs(np.mean(episodes >= 6) - 0.7) < 0.02  # the newest quarter of the episodes gets weight 0.7
+    assert starts.min() == -3 and starts.max() == 1  # in [-(c-1), T-c]: the c-th frame is a real non-final frame
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # EDM preconditioning, Karras sigmas, Euler and Heun, lambda-returns: against hand-computed values
 
@@ -314,14 +334,20 @@ def test_eval_only(tiny_run, tmp_path):
     result = run("--resume", run_dir, "--eval-only", "--test-episodes", "1", cwd=tmp_path, check=True)
     assert "1 test episodes with the agent of epoch 2: mean return" in result.stdout
     assert "human-normalised score" in result.stdout
+    assert (2, 1.0) in read_scalars(run_dir)["eval/num_test_episodes"]  # logged into the run, beside the final test
 
 
 def test_world_model_only_random_policy_and_dataset_dir(tiny_run, tmp_path):
     run(*TINY, "--world-model-only", "--num-epochs", "1", "--output-dir", tmp_path / "runs", cwd=tmp_path, check=True)
-    scalars = read_scalars(only_run_dir(tmp_path / "runs"))
-    assert {"losses/denoiser", "losses/reward_end", "world_model/next_frame_mse_changed",
-            "world_model/reward_accuracy"} <= scalars.keys()
+    run_dir = only_run_dir(tmp_path / "runs")
+    scalars = read_scalars(run_dir)
+    assert {"losses/denoiser", "losses/reward_end", "world_model/next_frame_mse", "world_model/copy_last_frame_mse",
+            "world_model/next_frame_mse_changed", "world_model/copy_last_frame_mse_changed",
+            "world_model/reward_accuracy", "world_model/end_accuracy", "charts/SPS"} <= scalars.keys()
     assert "losses/actor" not in scalars and "eval/episodic_return" not in scalars
+    assert "samples/imagined_vs_real" in read_image_tags(run_dir) and list((run_dir / "samples").glob("*.mp4"))
+    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["args"]["world_model_only"] and checkpoint["num_buffer_files"] > 0
     # the tiny run's episodes as a user's recorded dataset
     episodes = tiny_run[0] / "episodes"
     run(*TINY, "--world-model-only", "--num-epochs", "1", "--dataset-dir", episodes, "--output-dir", tmp_path / "runs2",
