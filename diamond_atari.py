@@ -532,6 +532,30 @@ def karras_sigmas(n: int, sigma_min: float = 2e-3, sigma_max: float = 5.0, rho: 
 # Model: DIAMOND's denoiser U-Net (about 4.4M parameters for a 4-action game), reward/end model, actor-critic.
 
 
+def init_lstm(lstm: nn.Module):
+    """Xavier input weights, orthogonal recurrent weights, zero biases except the forget gate's (1)."""
+    for name, p in lstm.named_parameters():
+        if "weight_ih" in name:
+            nn.init.xavier_uniform_(p)
+        elif "weight_hh" in name:
+            nn.init.orthogonal_(p)
+        elif "bias" in name:
+            nn.init.zeros_(p)
+            if "bias_ih" in name:  # gates are ordered input, forget, cell, output
+                nn.init.ones_(p[p.shape[0] // 4: p.shape[0] // 2])
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on the weights of linear, convolution and LSTM layers only (not on biases, norms, embeddings)."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            is_weight = name == "weight" or name.startswith("weight_")
+            decayed = is_weight and isinstance(module, (nn.Linear, nn.Conv2d, nn.LSTM, nn.LSTMCell))
+            (decay if decayed else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def group_norm(channels: int, affine: bool = True) -> nn.GroupNorm:
     return nn.GroupNorm(max(1, channels // 32), channels, eps=1e-5, affine=affine)  # groups of 32 channels
 
@@ -562,7 +586,10 @@ class AdaGroupNorm(nn.Module):
 
 
 class SelfAttention2d(nn.Module):
-    """Multi-head self-attention over the H*W positions (head dim 8), residual, zero-initialised output."""
+    """Multi-head self-attention over the H*W positions (head dim 8), zero-initialised output projection.
+
+    As in DIAMOND's reference code, the residual adds the attention output to the group-normalised input (not to the
+    raw input): the block computes GN(x) + proj(attention(GN(x)))."""
 
     def __init__(self, channels: int, head_dim: int = 8):
         super().__init__()
@@ -575,7 +602,8 @@ class SelfAttention2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2)
+        x = self.norm(x)
+        qkv = self.qkv(x).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2)
         out = F.scaled_dot_product_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])  # (B, heads, HW, head_dim)
         return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
 
@@ -618,6 +646,7 @@ class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        nn.init.orthogonal_(self.conv.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -679,7 +708,6 @@ class DenoiserNet(nn.Module):
         self.norm_out = group_norm(channels[0])
         self.conv_out = nn.Conv2d(channels[0], img_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, obs: torch.Tensor, act: torch.Tensor):
         cond = self.cond_proj(self.noise_emb(c_noise) + self.act_emb(act).flatten(1))
@@ -732,7 +760,7 @@ def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, 
         model_output, denoised = denoiser(noisy, sigma, past, act, net)
         per_sample = ((model_output - target) ** 2).mean(dim=(1, 2, 3))
         total = total + (per_sample * valid).sum() / valid.sum().clamp(min=1)
-        obs[:, k + c] = denoised.detach().clamp(-1, 1)
+        obs[:, k + c] = to_float(to_uint8(denoised.detach()))  # the next step sees an 8-bit frame, as in sampling
     return total / args.num_autoregressive_steps
 
 
@@ -751,9 +779,9 @@ class RewardEndModel(nn.Module):
                                     for i in range(4))
         self.downsamples = nn.ModuleList(Downsample(channels) for _ in range(3))
         self.mid_blocks = ResBlocks([channels] * 2, [channels] * 2, cond_dim, attention=True)
-        self.norm_out = group_norm(channels)
         self.lstm = nn.LSTM(channels * (obs_size // 8) ** 2, lstm_dim, batch_first=True)
         self.head = nn.Sequential(nn.Linear(lstm_dim, lstm_dim), nn.SiLU(), nn.Linear(lstm_dim, 3 + 2, bias=False))
+        init_lstm(self.lstm)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden=None):
         """obs, next_obs: (B, T, 3, H, W) in [-1, 1]; act: (B, T). Returns reward logits (B, T, 3), end logits
@@ -766,7 +794,7 @@ class RewardEndModel(nn.Module):
             if i < 3:
                 x = self.downsamples[i](x)
         x, _ = self.mid_blocks(x, cond)
-        x = F.silu(self.norm_out(x)).reshape(b, t, -1)
+        x = x.reshape(b, t, -1)
         x, hidden = self.lstm(x, hidden)
         logits = self.head(x)
         return logits[..., :3], logits[..., 3:], hidden
@@ -801,6 +829,7 @@ class ActorCritic(nn.Module):
         for layer in (self.actor_linear, self.critic_linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        init_lstm(self.lstm)
 
     def forward(self, obs: torch.Tensor, hidden=None):
         """obs (B, 3, H, W) in [-1, 1] -> policy logits (B, A), value (B,), new LSTM state (hx, cx)."""
@@ -1351,8 +1380,8 @@ def main(args: Args, given: set[str]):
     weight_decay = {"denoiser": args.weight_decay, "reward_end": args.weight_decay, "actor_critic": 0.0}
     max_grad_norm = {"denoiser": args.denoiser_max_grad_norm, "reward_end": args.max_grad_norm,
                      "actor_critic": args.max_grad_norm}
-    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
-                                          weight_decay=weight_decay[name], fused=use_cuda)
+    optimizers = {name: torch.optim.AdamW(weight_decay_groups(model, weight_decay[name]), lr=args.learning_rate,
+                                          eps=args.adam_eps, fused=use_cuda)
                   for name, model in models.items()}
     # linear warmup: lr_s = lr * min(1, (s + 1) / warmup)
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
@@ -1432,7 +1461,9 @@ def main(args: Args, given: set[str]):
 
     # The replay buffer: episodes this run collected (the first num_buffer_files files: a killed run may have written
     # more after its last checkpoint, and those are rewritten), or the user's recorded episodes.
-    buffer = ReplayBuffer(run_dir / "episodes", args.recency_weights, args.num_conditioning_steps)
+    # (a static dataset is sampled uniformly, as DIAMOND does: the recency weights are about the agent's own data)
+    buffer = ReplayBuffer(run_dir / "episodes", args.recency_weights if args.dataset_dir is None else (1.0,),
+                          args.num_conditioning_steps)
     train_ids: Optional[list[int]] = None  # None: every episode; with --dataset-dir, all but the held-out ones
     if args.dataset_dir is not None:
         paths = sorted(Path(args.dataset_dir).glob("*.npz")) if Path(args.dataset_dir).is_dir() else []
