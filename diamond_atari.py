@@ -1435,6 +1435,30 @@ def main(args: Args, given: set[str]):
             log_test_returns(writer, game, returns, completed)
         return
 
+    # The replay buffer: episodes this run collected (the first num_buffer_files files: a killed run may have written
+    # more after its last checkpoint, and those are rewritten), or the user's recorded episodes.
+    # (a static dataset is sampled uniformly, as DIAMOND does: the recency weights are about the agent's own data)
+    buffer = ReplayBuffer(None, args.recency_weights if args.dataset_dir is None else (1.0,),
+                          args.num_conditioning_steps)
+    train_ids: Optional[list[int]] = None  # None: every episode; with --dataset-dir, all but the held-out ones
+    if args.dataset_dir is not None:
+        paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))  # no temp files
+        paths = paths if Path(args.dataset_dir).is_dir() else []
+        if not paths:
+            raise UserError(f"--dataset-dir {args.dataset_dir}: no episode .npz files (one per episode: obs, "
+                            f"actions, rewards, terminated, truncated)")
+        if len(paths) < 2:
+            raise UserError(f"--dataset-dir {args.dataset_dir} has 1 episode: give at least 2 (the last 10% of the "
+                            f"episodes are held out to measure the world model)")
+        for path in paths:
+            buffer.add(load_episode(path, args.obs_size, num_actions), write=False)
+        num_heldout_episodes = max(1, len(paths) // 10)
+        train_ids = list(range(len(paths) - num_heldout_episodes))
+        pairs = [(e, t) for e in range(len(paths) - num_heldout_episodes, len(paths))
+                 for t in range(len(buffer.episodes[e]["actions"]))]
+        picks = np.linspace(0, len(pairs) - 1, min(args.num_heldout_transitions, len(pairs))).round().astype(int)
+        heldout = torch.tensor([pairs[i] for i in picks], dtype=torch.long)
+
     # Run folder, TensorBoard, wandb
     from torch.utils.tensorboard import SummaryWriter
 
@@ -1459,29 +1483,8 @@ def main(args: Args, given: set[str]):
         for name, count in num_params.items():
             writer.add_scalar(f"charts/num_parameters_{name}", count, 0)
 
-    # The replay buffer: episodes this run collected (the first num_buffer_files files: a killed run may have written
-    # more after its last checkpoint, and those are rewritten), or the user's recorded episodes.
-    # (a static dataset is sampled uniformly, as DIAMOND does: the recency weights are about the agent's own data)
-    buffer = ReplayBuffer(run_dir / "episodes", args.recency_weights if args.dataset_dir is None else (1.0,),
-                          args.num_conditioning_steps)
-    train_ids: Optional[list[int]] = None  # None: every episode; with --dataset-dir, all but the held-out ones
-    if args.dataset_dir is not None:
-        paths = sorted(Path(args.dataset_dir).glob("*.npz")) if Path(args.dataset_dir).is_dir() else []
-        if not paths:
-            raise UserError(f"--dataset-dir {args.dataset_dir}: no episode .npz files (one per episode: obs, "
-                            f"actions, rewards, terminated, truncated)")
-        if len(paths) < 2:
-            raise UserError(f"--dataset-dir {args.dataset_dir} has 1 episode: give at least 2 (the last 10% of the "
-                            f"episodes are held out to measure the world model)")
-        for path in paths:
-            buffer.add(load_episode(path, args.obs_size, num_actions), write=False)
-        num_heldout_episodes = max(1, len(paths) // 10)
-        train_ids = list(range(len(paths) - num_heldout_episodes))
-        pairs = [(e, t) for e in range(len(paths) - num_heldout_episodes, len(paths))
-                 for t in range(len(buffer.episodes[e]["actions"]))]
-        picks = np.linspace(0, len(pairs) - 1, min(args.num_heldout_transitions, len(pairs))).round().astype(int)
-        heldout = torch.tensor([pairs[i] for i in picks], dtype=torch.long)
-    else:
+    if args.dataset_dir is None:
+        buffer.folder = run_dir / "episodes"
         for i in range(num_buffer_files):
             buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions), write=False)
 

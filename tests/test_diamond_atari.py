@@ -240,7 +240,7 @@ def one_thread():
 
 def test_denoiser_learns_next_frame_better_than_copying(dia, one_thread):
     """13 real Breakout transitions (32x32), 150 steps: the loss falls 3x and the 3-step Euler sample of the next
-    frame beats copying the last frame on the pixels that change, with less than 0.8x its error (0.69x measured)."""
+    frame beats copying the last frame on the pixels that change, with less than 0.8x its error (0.66x measured)."""
     torch.manual_seed(0)
     args = dia.Args(obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=32,
                     learning_rate=2e-3)
@@ -420,3 +420,4 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
     np.savez(episodes / "a.npz", obs=np.array([{"x": 1}], dtype=object), actions=np.zeros(1, np.int64))
     np.savez(episodes / "b.npz", obs=np.array([{"x": 1}], dtype=object), actions=np.zeros(1, np.int64))
     assert_one_line_error(run(*TINY, "--world-model-only", "--dataset-dir", episodes, cwd=tmp_path), "a.npz")
+    assert not (tmp_path / "runs").exists()  # refused before a run folder is made
