@@ -165,7 +165,8 @@ def report(scores: dict, bootstrap: int = 0) -> tuple[str, dict]:
         by_game.setdefault(game, {})[seed] = score
     hns_by_game = {game: human_normalized_score(game, list(s.values())) for game, s in by_game.items()}
     result = aggregate_hns(hns_by_game)
-    lines = ["| game | seeds | score (mean +- std) | HNS | DIAMOND paper score | paper HNS |", "|---|---|---|---|---|---|"]
+    lines = ["| game | seeds | score (mean +- std) | HNS | DIAMOND paper score | paper HNS |",
+             "|---|---|---|---|---|---|"]
     for game, seeds in by_game.items():
         values = np.array(list(seeds.values()))
         std = f" +- {values.std(ddof=1):.1f}" if len(values) > 1 else ""

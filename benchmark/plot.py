@@ -236,7 +236,8 @@ def tag_file_name(tag: str) -> str:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("paths", nargs="+", help="runs/ folders (searched recursively) or run folders")
     parser.add_argument("--tag", action="append", default=None,
                         help=f"scalar tag or glob pattern, repeatable (default: {' '.join(DEFAULT_TAGS)})")

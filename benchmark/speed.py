@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -221,12 +222,12 @@ def bench_ddpm(cfg) -> tuple:
             one = inputs(1, channels_last)
             x, t = inputs(batch, channels_last)
             noise = torch.randn(x.shape, device=device)
-            train.append(Candidate(name, make_train_step(model, lambda net=net, x=x, t=t, call=call: call(net, x, t), noise,
-                                                         cfg.autocast), batch,
-                                   model_flops(model, call, one, train=True) * batch, is_peer, params=params))
             xs, ts = inputs(sample_batch, channels_last)
-            sample.append(Candidate(name, make_sample_step(model, lambda net=net, x=xs, t=ts, call=call: call(net, x, t),
-                                                           cfg.autocast), sample_batch,
+            train_forward = partial(call, net, x, t)
+            sample_forward = partial(call, net, xs, ts)
+            train.append(Candidate(name, make_train_step(model, train_forward, noise, cfg.autocast), batch,
+                                   model_flops(model, call, one, train=True) * batch, is_peer, params=params))
+            sample.append(Candidate(name, make_sample_step(model, sample_forward, cfg.autocast), sample_batch,
                                     model_flops(model, call, one, train=False) * sample_batch, is_peer, params=params))
     return ("DDPM U-Net, CIFAR-10 config (35.7M), 32x32", train, sample,
             [f"training batch {batch}, sampling batch {sample_batch}; dropout 0.1 in training, as the paper"])
@@ -252,18 +253,18 @@ def bench_dit(cfg) -> tuple:
     for is_peer in (False, True):
         call = call_peer if is_peer else call_ours
         for compiled in ((False, True) if cfg.compile else (False,)):
-            name = ("diffusers DiTTransformer2DModel" if is_peer else "dit_cifar10.DiT") + (" compile" if compiled else "")
+            name = "diffusers DiTTransformer2DModel" if is_peer else "dit_cifar10.DiT"
+            name += " compile" if compiled else ""
             model = (diffusers_dit() if is_peer else dit.DiT()).to(device)
             net = maybe_compile(model, compiled)
             params = sum(p.numel() for p in model.parameters())
             one, (x, t, y), (xs, ts, ys) = inputs(1), inputs(batch), inputs(sample_batch)
-            train.append(Candidate(name, make_train_step(model, lambda net=net, x=x, t=t, y=y, call=call: call(net, x, t, y),
-                                                         torch.randn(x.shape, device=device), cfg.autocast), batch,
+            train_forward, sample_forward = partial(call, net, x, t, y), partial(call, net, xs, ts, ys)
+            train.append(Candidate(name, make_train_step(model, train_forward, torch.randn(x.shape, device=device),
+                                                         cfg.autocast), batch,
                                    model_flops(model, call, one, train=True) * batch, is_peer, params=params))
-            sample.append(Candidate(name, make_sample_step(model, lambda net=net, x=xs, t=ts, y=ys, call=call: call(net, x, t, y),
-                                                           cfg.autocast),
-                                    sample_batch, model_flops(model, call, one, train=False) * sample_batch, is_peer,
-                                    params=params))
+            sample.append(Candidate(name, make_sample_step(model, sample_forward, cfg.autocast), sample_batch,
+                                    model_flops(model, call, one, train=False) * sample_batch, is_peer, params=params))
     return ("DiT, the seed's CIFAR-10 config (patch 4, width 384, depth 6, 6 heads, adaLN-Zero), 32x32", train, sample,
             [f"training batch {batch}, sampling batch {sample_batch}; diffusers' model has 1.25M more parameters "
              f"(a timestep and label embedder in every block)"])
@@ -354,10 +355,10 @@ def bench_video(cfg) -> tuple:
         params = sum(p.numel() for p in model.parameters())
         one, (x, t), (xs, ts) = inputs(1), inputs(batch), inputs(sample_batch)
         name = "VideoDiffusionModel" + (" compile" if compiled else "")
-        train.append(Candidate(name, make_train_step(model, lambda net=net, x=x, t=t: call(net, x, t),
+        train.append(Candidate(name, make_train_step(model, partial(call, net, x, t),
                                                      torch.randn(x.shape, device=device), cfg.autocast), batch,
                                model_flops(model, call, one, train=True) * batch, params=params))
-        sample.append(Candidate(name, make_sample_step(model, lambda net=net, x=xs, t=ts: call(net, x, t), cfg.autocast),
+        sample.append(Candidate(name, make_sample_step(model, partial(call, net, xs, ts), cfg.autocast),
                                 sample_batch, model_flops(model, call, one, train=False) * sample_batch,
                                 params=params))
     return (f"Video diffusion 3D U-Net (defaults: {args.model_channels} ch, {args.num_frames} frames of "
@@ -413,8 +414,9 @@ def report(title: str, kind: str, candidates: list[Candidate], reference: Candid
     best_peer = min(peers, key=lambda c: c.median) if peers else None
     measure = "MFU (bf16 peak)" if cfg.device.type == "cuda" else "fraction of matmul FLOP/s"
     unit = {"train": "items/s", "sample": "items x NFE/s"}[kind]
-    lines = [f"| {kind}: model | params | ms/step median [min, max] | {unit} | vs {peer_default.label if peers else 'peer'}"
-             f" | {measure} | GFLOP/step |", "|---|---|---|---|---|---|---|"]
+    versus = f"vs {peer_default.label}" if peers else "vs peer"
+    lines = [f"| {kind}: model | params | ms/step median [min, max] | {unit} | {versus} | {measure} | GFLOP/step |",
+             "|---|---|---|---|---|---|---|"]
     rows = []
     for c in candidates:
         achieved = c.flops_per_step / c.median
@@ -490,13 +492,13 @@ def make_config(ns) -> Config:
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 repetitions of short timings (a few minutes on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="3 short repetitions (a few minutes on 2 cores)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--only", default=",".join(ALL_BENCHMARKS), help=f"comma-separated subset of {ALL_BENCHMARKS}")
     parser.add_argument("--compile", action="store_true", help="add torch.compile variants")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per candidate (3 quick, 7)")
     parser.add_argument("--batch-size", type=int, default=None, help="override the DDPM/DiT batch sizes")
-    parser.add_argument("--video-frames", type=int, default=None, help="frames per clip (default: 16 on CUDA, 1 on a CPU)")
+    parser.add_argument("--video-frames", type=int, default=None, help="frames per clip (16 on CUDA, 1 on a CPU)")
     parser.add_argument("--skip-sampling", action="store_true", help="time the training steps only")
     parser.add_argument("--json", default=None, help="write every number to this JSON file")
     ns = parser.parse_args(argv)
@@ -533,8 +535,9 @@ def main(argv=None) -> list:
             text, rows = report(title, kind, candidates, reference, cfg, notes)
             matmul_rate = reference.flops_per_step / reference.median
             print(text)
-            print(f"({reference.label}: {matmul_rate / 1e9:.1f} GFLOP/s median [{reference.flops_per_step / max(reference.times) / 1e9:.1f}, "
-                  f"{reference.flops_per_step / min(reference.times) / 1e9:.1f}]; {time.perf_counter() - start:.0f} s; "
+            low, high = reference.flops_per_step / max(reference.times), reference.flops_per_step / min(reference.times)
+            print(f"({reference.label}: {matmul_rate / 1e9:.1f} GFLOP/s median [{low / 1e9:.1f}, {high / 1e9:.1f}]; "
+                  f"{time.perf_counter() - start:.0f} s; "
                   f"load average after: {load_average()})", flush=True)
             for row in rows:
                 row.update(matmul_flops_per_s=matmul_rate, load_average=load_average(), device=str(cfg.device))
