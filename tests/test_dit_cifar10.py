@@ -209,7 +209,7 @@ def variant_counts(width=384, depth=6):
 def test_adaln_variant_parameter_counts():
     counts = variant_counts()
     d, depth = 384, 6
-    assert counts["zero"] == 16_543_536
+    assert counts == {"zero": 16_543_536, "plain": 14_769_456, "single": 11_827_248, "diagonal": 14_774_064}
     assert counts["zero"] - counts["plain"] == depth * (2 * d * d + 2 * d)  # no gate rows
     assert counts["diagonal"] - counts["plain"] == depth * 2 * d  # two diagonal scales per block
     # single: the per-block Linear(D, 6D) becomes one shared Linear(D, 6D) plus a (6, D) table per block, and the
