@@ -1195,6 +1195,9 @@ def check_args(args: Args):
                  "reward_segment_length", "num_heldout_transitions"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if args.num_conditioning_steps < 2:
+        raise UserError(f"--num-conditioning-steps must be at least 2 (the actor's memory is burnt in on the earlier "
+                        f"frames), not {args.num_conditioning_steps}")
     if args.diffusion_cond_dim % args.num_conditioning_steps:
         raise UserError(f"--diffusion-cond-dim {args.diffusion_cond_dim} must be divisible by "
                         f"--num-conditioning-steps {args.num_conditioning_steps} (one action embedding per step)")
