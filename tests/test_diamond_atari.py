@@ -164,6 +164,16 @@ def test_replay_segments_padding_mask_and_recency_weights(dia):
     assert starts.min() == -3 and starts.max() == 1  # in [-(c-1), T-c]: the c-th frame is a real non-final frame
 
 
+def test_time_limit_truncates_the_game(dia):
+    env = dia.AtariEnv("Breakout", max_episode_steps=5, seed=0)
+    env.reset()
+    flags = [env.step(0)[2:] for _ in range(5)]
+    assert flags[:4] == [(False, False)] * 4 and flags[4] == (False, True) and env.game_over
+    frame = env.ale.getEpisodeFrameNumber()
+    env.reset()  # a new game (with 1 to 30 no-ops)
+    assert env.game_steps == 0 and 1 <= env.ale.getEpisodeFrameNumber() <= 30 < frame
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # EDM preconditioning, Karras sigmas, Euler and Heun, lambda-returns: against hand-computed values
 
