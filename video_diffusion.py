@@ -128,7 +128,8 @@ class Args:
     max_text_len: int = 16
     """caption tokens kept (words beyond are dropped)"""
     cond_drop_prob: float = 0.1
-    """probability of dropping the caption and (independently) the actions to null during training (guidance)"""
+    """probability of dropping the caption, the actions (each alone), and both together to null in training (the
+    both-null model is the unconditional one that classifier-free guidance subtracts)"""
     context_frames: int = 4
     """k: frames the model is conditioned on when it continues a video (autoregressive generation)"""
     context_prob: float = 0.5
@@ -139,6 +140,9 @@ class Args:
     """the context noise step used when generating (a little noise limits drift)"""
 
     # Diffusion
+    prediction: Literal["eps", "v"] = "eps"
+    """what the network predicts: eps (the noise, as the seed and DDPM) or v = sqrt(abar) eps - sqrt(1-abar) x0
+    (Salimans and Ho 2022: its x0 estimate stays accurate at high noise, so small models learn far faster)"""
     timesteps: int = 1000
     """number of diffusion steps T"""
     beta_schedule: Literal["linear", "cosine"] = "linear"
@@ -191,9 +195,9 @@ PRESETS = {
     "tiny": dict(
         dataset="sprites", num_frames=8, img_size=16, num_sprite_clips=256, num_distractors=1, model_channels=16,
         channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2, norm_groups=4, text_dim=32,
-        text_layers=1, context_frames=2, total_steps=40, batch_size=8, learning_rate=2e-3, warmup_steps=10,
-        ema_decay=0.9, log_every=10, save_every=20, eval_every=40, num_sampling_steps=8, num_eval_samples=8,
-        num_samples=8, long_video_frames=12, sample_batch_size=8,
+        text_layers=1, context_frames=2, prediction="v", total_steps=40, batch_size=8, learning_rate=2e-3,
+        warmup_steps=10, ema_decay=0.9, log_every=10, save_every=20, eval_every=40, num_sampling_steps=8,
+        num_eval_samples=8, num_samples=8, long_video_frames=12, sample_batch_size=8,
     ),
 }
 # Flags that may change when a run is resumed: the run length, checkpoint/eval cadence, logging and sampling.
@@ -240,9 +244,9 @@ BACKGROUND, DISTRACTOR_GREY = 20, 150
 
 
 def sprite_geometry(img_size: int) -> tuple[int, int, int]:
-    """Sprite side, distractor side and sprite speed (pixels per step) for a frame size."""
-    size = max(4, img_size // 8)
-    return size, max(2, size // 2), max(1, img_size // 32)
+    """Sprite side, distractor side and sprite speed (pixels per step) for a frame size (8 px: 2, 16 px: 4, 64 px: 8)."""
+    size = max(2, img_size // 4) if img_size <= 16 else max(4, img_size // 8)
+    return size, max(1, size // 2), max(1, img_size // 32)
 
 
 def render_sprite_clip(state: dict, actions: np.ndarray, img_size: int) -> np.ndarray:
@@ -634,12 +638,13 @@ class SinusoidalPosEmb(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.dim = dim
+        half = dim // 2
+        # a buffer (not saved): it follows the module's device and dtype
+        self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) /
+                                                (half - 1)), persistent=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
-        angles = t.float()[:, None] * freqs[None, :]
+        angles = t.to(self.freqs.dtype)[:, None] * self.freqs[None, :]
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
@@ -864,7 +869,7 @@ class VideoDiffusionModel(nn.Module):
         if self.action_dim > 0:
             if actions is None:
                 return self.null_action.expand(batch, num_frames, -1)
-            encoded = self.action_encoder(actions.float())
+            encoded = self.action_encoder(actions.to(self.null_action.dtype))
             if drop_actions is None:
                 return encoded
             return torch.where(drop_actions[:, None, None], self.null_action, encoded)
@@ -1052,10 +1057,12 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
 def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Tensor] = None,
                     actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
                     context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
-                    context_noise: Optional[torch.Tensor] = None, autocast=contextlib.nullcontext()) -> Callable:
-    """model_fn(x_t, t) with classifier-free guidance on caption and actions: eps = eps_u + s (eps_c - eps_u), where
-    eps_u has the null caption and null actions (the context frames stay: they are the past, not a condition).
-    Conditional and unconditional halves go through the network in one batched forward."""
+                    context_noise: Optional[torch.Tensor] = None, autocast=contextlib.nullcontext(),
+                    prediction: str = "eps", alphas_cumprod: Optional[torch.Tensor] = None) -> Callable:
+    """model_fn(x_t, t) -> eps with classifier-free guidance on caption and actions: eps = eps_u + s (eps_c - eps_u),
+    where eps_u has the null caption and null actions (the context frames stay: they are the past, not a condition).
+    Conditional and unconditional halves go through the network in one batched forward. A v-predicting network's
+    output is turned into eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t (affine in v: guiding v or eps is the same)."""
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
@@ -1066,9 +1073,13 @@ def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Ten
         with autocast:
             eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond_text, null_text]), both(actions),
                         torch.cat([drop, torch.ones_like(drop)]), both(context), both(context_mask),
-                        both(context_noise)).float()
+                        both(context_noise)).to(x.dtype)
         eps_c, eps_u = eps.chunk(2)
-        return eps_u + cfg_scale * (eps_c - eps_u)
+        guided = eps_u + cfg_scale * (eps_c - eps_u)
+        if prediction == "v":
+            abar = alphas_cumprod.to(x.device)[t].to(x.dtype)[:, None, None, None, None]
+            guided = abar.sqrt() * guided + (1 - abar).sqrt() * x
+        return guided
 
     return model_fn
 
@@ -1080,7 +1091,8 @@ def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
     if sampler == "ddpm":
         x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps if num_steps < T else None, generator=generator)
     elif sampler == "ddim":
-        x = ddim_sample(model_fn, x_T, alphas_cumprod, num_steps, eta=eta, generator=generator)
+        # x0 clipped to [-1, 1] at every step: keeps an undertrained model's samples in range
+        x = ddim_sample(model_fn, x_T, alphas_cumprod, num_steps, eta=eta, clip_denoised=True, generator=generator)
     else:
         x = dpm_solver_sample(model_fn, x_T, alphas_cumprod, num_steps)
     return x.float().clamp(-1, 1)
@@ -1091,7 +1103,8 @@ def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, gener
              text: Optional[torch.Tensor] = None, actions: Optional[torch.Tensor] = None,
              drop_actions: Optional[torch.Tensor] = None, context: Optional[torch.Tensor] = None,
              num_context: int = 0, context_noise_step: int = 0, cfg_scale: float = 1.0, sampler: str = "ddim",
-             num_steps: int = 50, eta: float = 0.0, autocast=contextlib.nullcontext()) -> torch.Tensor:
+             num_steps: int = 50, eta: float = 0.0, autocast=contextlib.nullcontext(),
+             prediction: str = "eps") -> torch.Tensor:
     """One clip of shape (B, 3, T, H, W) in [-1, 1]; with context, its first num_context frames are given (noised to
     context_noise_step, as in training) and copied into the result."""
     b, _, num_frames = shape[:3]
@@ -1105,7 +1118,8 @@ def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, gener
     else:
         noisy_context = None
     x_T = torch.randn(shape, generator=generator, device=device)
-    model_fn = guided_model_fn(model, cfg_scale, text, actions, drop_actions, noisy_context, mask, level, autocast)
+    model_fn = guided_model_fn(model, cfg_scale, text, actions, drop_actions, noisy_context, mask, level, autocast,
+                               prediction, alphas_cumprod)
     x = sample_videos(model_fn, x_T, alphas_cumprod, sampler, num_steps, eta, generator)
     if mask is not None:
         x[:, :, :num_context] = context[:, :, :num_context]
@@ -1160,7 +1174,7 @@ def sprite_centroids(clips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     (B, T). The controlled sprite is the only saturated thing: background and distractors are grey."""
     x = clips.astype(np.float32) / 255.0
     saturation = x.max(1) - x.min(1)  # (B, T, H, W)
-    weight = np.clip(saturation - 0.25, 0, None)
+    weight = np.clip(saturation - 0.4, 0, None)  # sprite colours have saturation 0.67 to 0.8
     h, w = weight.shape[-2:]
     total = weight.sum((-1, -2))
     cx = (weight * np.arange(w)[None, None, None, :]).sum((-1, -2)) / np.maximum(total, 1e-8)
@@ -1308,7 +1322,7 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
             flag = f"--{name.replace('_', '-')}"
             raise UserError(f"{flag} is {saved.get(name)!r} in the checkpoint and cannot change on --resume (only the "
                             f"run length, cadence, logging and sampling flags can); drop {flag} or start a new run")
-    return replace(Args(**saved), **{name: getattr(args, name) for name in given & RESUME_MUTABLE_FIELDS},
+    return replace(Args(**saved), **{name: getattr(args, name) for name in (given & RESUME_MUTABLE_FIELDS) - {"resume"}},
                    resume=args.resume)
 
 
@@ -1354,7 +1368,7 @@ def matmul_peak_flops(device: torch.device) -> float:
         if "H100" in name and "PCIe" in name:
             return 756e12
         return next((peak for key, peak in table.items() if key in name), float("nan"))
-    a = torch.randn(2048, 2048)
+    a = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone (resume)
     torch.mm(a, a)
     start = time.perf_counter()
     for _ in range(3):
@@ -1367,8 +1381,11 @@ def forward_flops(model: nn.Module, *inputs) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.eval()  # no dropout: counting must not draw from the global RNG (an exact resume depends on it)
     with torch.no_grad(), counter:
         model(*inputs)
+    model.train(was_training)
     return float(counter.get_total_flops())
 
 
@@ -1497,7 +1514,8 @@ def main(args: Args, given: set[str]):
         step = checkpoint["step"]
 
     sample_kwargs = dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale,
-                         sampler=args.sampler, num_steps=args.num_sampling_steps, eta=args.ddim_eta, autocast=autocast)
+                         sampler=args.sampler, num_steps=args.num_sampling_steps, eta=args.ddim_eta, autocast=autocast,
+                         prediction=args.prediction)
     eval_starts = torch.from_numpy(eval_data.clip_starts).to(device)
     eval_frames = torch.from_numpy(eval_data.frames).to(device)
     eval_actions_all = torch.from_numpy(eval_data.actions).to(device) if has_actions else None
@@ -1679,8 +1697,11 @@ def main(args: Args, given: set[str]):
         indices = global_batch_indices(step, args.batch_size, num_clips, args.seed).to(device, non_blocking=True)
         t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
         noise = torch.randn((args.batch_size, *clip_shape), generator=train_generator, device=device)
-        drop_text = torch.rand(args.batch_size, generator=train_generator, device=device) < args.cond_drop_prob
-        drop_actions = torch.rand(args.batch_size, generator=train_generator, device=device) < args.cond_drop_prob
+        drop_both = torch.rand(args.batch_size, generator=train_generator, device=device) < args.cond_drop_prob
+        drop_text = drop_both | (torch.rand(args.batch_size, generator=train_generator, device=device) <
+                                 args.cond_drop_prob)
+        drop_actions = drop_both | (torch.rand(args.batch_size, generator=train_generator, device=device) <
+                                    args.cond_drop_prob)
         use_context = torch.rand(args.batch_size, generator=train_generator, device=device) < args.context_prob
         context_level = torch.randint(0, args.context_noise_max_step, (args.batch_size,), generator=train_generator,
                                       device=device)
@@ -1697,10 +1718,14 @@ def main(args: Args, given: set[str]):
         x_t = sqrt_abar[t, None, None, None, None] * x0 + sqrt_one_minus_abar[t, None, None, None, None] * noise
         with autocast:
             eps_pred = train_model(x_t, t, text, actions, drop_actions[mine], context, context_mask, context_level)
-        # L_simple = || eps - eps_theta(x_t, t) ||^2 over the frames to generate (context frames are given, not
-        # predicted); divided by the full clip size so every rank's loss has the same scale under DDP
+        # L_simple = || eps - eps_theta(x_t, t) ||^2 (or the same on v) over the frames to generate (context frames
+        # are given, not predicted); divided by the full clip size so every rank's loss has the same scale under DDP
+        if args.prediction == "v":  # v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0
+            target = sqrt_abar[t, None, None, None, None] * noise - sqrt_one_minus_abar[t, None, None, None, None] * x0
+        else:
+            target = noise
         target_mask = (1 - context_mask)[:, None, :, None, None]
-        loss = ((eps_pred.float() - noise) ** 2 * target_mask).mean()
+        loss = ((eps_pred.float() - target) ** 2 * target_mask).mean()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)

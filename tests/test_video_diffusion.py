@@ -1,0 +1,552 @@
+"""video_diffusion.py: every block's shapes, zero output at init, guidance at s = 1 and s = 0, the samplers against
+ddpm_cifar10.py's, the metrics on ground truth, autoregressive generation, a tiny model that must learn action and text
+control, the script on every dataset kind, exact resume, torchrun, and bad inputs."""
+import hashlib
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import (PYTHON, ROOT, assert_checkpoints_bitwise_equal, checkpoint_tensors, load_module, only_run_dir,
+                      read_image_tags, read_scalars, run_script, run_until_line_then_kill, script_env)
+
+vd = load_module("video_diffusion.py")
+SCRIPT = "video_diffusion.py"
+TINY = ["--preset", "tiny"]
+# The smallest end-to-end run: a few steps, a small evaluation (it runs at the last step).
+QUICK = [*TINY, "--num-eval-samples", "2", "--sample-batch-size", "2", "--num-sampling-steps", "2",
+         "--long-video-frames", "10"]
+
+
+def small_model(**overrides) -> "vd.VideoDiffusionModel":
+    config = dict(in_channels=3, model_channels=16, num_res_blocks=1, channel_mult=(1, 2), attn_resolutions=(8,),
+                  img_size=16, num_heads=2, norm_groups=4, num_actions=5, vocab_size=12, text_dim=32, text_layers=1,
+                  max_text_len=6)
+    config.update(overrides)
+    return vd.VideoDiffusionModel(**config)
+
+
+def randomise_(model: torch.nn.Module, seed: int = 0):
+    """Gives every parameter (the zero-initialised ones too) random values, so that every path carries signal."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return model
+
+
+def conditions(batch: int, num_frames: int, num_actions: int = 5, action_dim: int = 0, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.zeros(batch, 6, dtype=torch.long)
+    text[:, :3] = torch.randint(3, 12, (batch, 3), generator=generator)
+    if action_dim:
+        actions = torch.randn(batch, num_frames, action_dim, generator=generator)
+    else:
+        actions = torch.randint(0, num_actions, (batch, num_frames), generator=generator)
+    return text, actions
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+
+
+@pytest.mark.parametrize("num_frames,height,width", [(1, 8, 8), (3, 16, 8), (6, 8, 24)])
+def test_every_block_keeps_its_shape_for_several_clip_sizes(num_frames, height, width):
+    b, c, emb = 2, 16, 64
+    x = torch.randn(b, c, num_frames, height, width)
+    per_frame_emb = torch.randn(b, num_frames, emb)
+    text = torch.randn(b, 5, 32)
+    text_mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    assert vd.SinusoidalPosEmb(c)(torch.tensor([0, 999])).shape == (2, c)
+    assert vd.ResBlock3D(c, 2 * c, emb, norm_groups=4)(x, per_frame_emb).shape == (b, 2 * c, num_frames, height, width)
+    attention = randomise_(vd.SpatioTemporalAttention(c, num_heads=2, norm_groups=4, context_dim=32))
+    out = attention(x, text, text_mask)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    tokens = x.permute(0, 2, 3, 4, 1).reshape(b, -1, c)
+    assert vd.CrossAttention(c, 32, num_heads=2)(tokens, text, text_mask).shape == tokens.shape
+    assert vd.Downsample3D(c)(x).shape == (b, c, num_frames, height // 2, width // 2)
+    assert vd.Upsample3D(c)(x).shape == (b, c, num_frames, 2 * height, 2 * width)
+    model = randomise_(small_model())
+    clip = torch.randn(b, 3, num_frames, height, width)
+    text_tokens, actions = conditions(b, num_frames)
+    eps = model(clip, torch.tensor([5, 900]), text_tokens, actions)
+    assert eps.shape == clip.shape and torch.isfinite(eps).all()
+
+
+def test_model_predicts_zero_at_initialisation_and_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    for action_dim in (0, 2):
+        model = small_model(action_dim=action_dim, num_actions=0 if action_dim else 5)
+        x = torch.randn(3, 3, 4, 16, 16)
+        text, actions = conditions(3, 4, action_dim=action_dim)
+        context_mask = torch.tensor([[1.0, 1, 0, 0]] * 3)
+        eps = model(x, torch.tensor([1, 500, 999]), text, actions, torch.tensor([False, True, False]),
+                    torch.randn_like(x), context_mask, torch.tensor([0, 5, 50]))
+        assert torch.equal(eps, torch.zeros_like(eps))
+    # after one step on random targets every parameter has moved away from its init (nothing is disconnected)
+    model = randomise_(small_model(), seed=1)
+    x = torch.randn(2, 3, 4, 16, 16)
+    text, actions = conditions(2, 4)
+    model(x, torch.tensor([3, 700]), text, actions, torch.tensor([False, True]), torch.randn_like(x),
+          torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]]), torch.tensor([3, 0])).square().mean().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, no_grad
+
+
+@pytest.mark.parametrize("action_dim", [0, 2])
+def test_guidance_scale_one_is_conditional_and_zero_is_unconditional(action_dim):
+    # float64: batched and separate forwards then agree far below 1e-6, so the test sees only the guidance formula
+    model = randomise_(small_model(action_dim=action_dim, num_actions=0 if action_dim else 5)).double().eval()
+    b, num_frames = 3, 4
+    x = torch.randn(b, 3, num_frames, 8, 8, dtype=torch.float64)
+    t = torch.tensor([10, 400, 990])
+    text, actions = conditions(b, num_frames, action_dim=action_dim)
+    actions = actions.double() if action_dim else actions
+    context = torch.randn_like(x)
+    context_mask = torch.tensor([[1.0, 1, 0, 0]] * b, dtype=torch.float64)
+    level = torch.tensor([2, 2, 2])
+    with torch.no_grad():
+        conditional = model(x, t, text, actions, None, context, context_mask, level)
+        unconditional = model(x, t, None, None, None, context, context_mask, level)
+        null_by_flags = model(x, t, model.null_text(b, x.device), actions, torch.ones(b, dtype=torch.bool), context,
+                              context_mask, level)
+        assert (conditional - unconditional).abs().max() > 1e-2  # the conditions matter in this model
+        torch.testing.assert_close(null_by_flags, unconditional, atol=1e-6, rtol=0)
+        guided = {s: vd.guided_model_fn(model, s, text, actions, None, context, context_mask, level)(x, t)
+                  for s in (0.0, 1.0, 3.0)}
+    torch.testing.assert_close(guided[1.0], conditional, atol=1e-6, rtol=0)
+    torch.testing.assert_close(guided[0.0], unconditional, atol=1e-6, rtol=0)
+    torch.testing.assert_close(guided[3.0], unconditional + 3.0 * (conditional - unconditional), atol=1e-5, rtol=0)
+
+
+def test_guidance_runs_one_batched_forward_per_step():
+    model = randomise_(small_model()).eval()
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    x = torch.randn(2, 3, 4, 16, 16)
+    text, actions = conditions(2, 4)
+    with torch.no_grad():
+        vd.guided_model_fn(model, 2.0, text, actions)(x, torch.tensor([5, 5]))
+    assert calls == [4]
+
+
+def test_tokenizer_vocabulary_null_and_unknown_words():
+    vocabulary = vd.build_vocabulary(["a red square moves right", "A blue square moves UP!", ""])
+    assert vocabulary[:3] == vd.SPECIAL_TOKENS and "right" in vocabulary and "up" in vocabulary
+    tokens = vd.tokenize(["a red square", "", "a purple square"], vocabulary, 5)
+    assert tokens.shape == (3, 5)
+    assert tokens[0, :3].tolist() == [vocabulary.index(w) for w in ("a", "red", "square")] and tokens[0, 3] == vd.PAD_ID
+    assert tokens[1].tolist() == [vd.NULL_ID] + [vd.PAD_ID] * 4  # the empty caption is the null condition
+    assert tokens[2, 1] == vd.UNK_ID
+    model = small_model(vocab_size=len(vocabulary), max_text_len=5)
+    assert torch.equal(model.null_text(1, torch.device("cpu"))[0], tokens[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Samplers: the same code as ddpm_cifar10.py's, on video-shaped tensors
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_samplers_equal_ddpm_cifar10s_on_video_tensors(sampler):
+    ddpm = load_module("ddpm_cifar10.py")
+    alphas_cumprod = vd.make_alphas_cumprod(vd.make_beta_schedule("linear", 1000))
+    torch.testing.assert_close(alphas_cumprod, ddpm.make_alphas_cumprod(ddpm.make_beta_schedule("linear", 1000)),
+                               atol=0, rtol=0)
+    weight = torch.linspace(-0.5, 0.5, 3 * 4)
+
+    def model_fn(x, t):  # a smooth stand-in network: depends on x and t
+        return torch.tanh(x * weight.reshape(1, 3, 4, 1, 1) + t.float()[:, None, None, None, None] / 1000)
+
+    x_T = torch.randn(2, 3, 4, 5, 6, generator=torch.Generator().manual_seed(0))
+    ours, theirs = [], []
+    for module, out in ((vd, ours), (ddpm, theirs)):
+        generator = torch.Generator().manual_seed(1)
+        if sampler == "ddpm":
+            out.append(module.ddpm_sample(model_fn, x_T, alphas_cumprod, 20, generator=generator))
+        else:
+            out.append(module.ddim_sample(model_fn, x_T, alphas_cumprod, 20, eta=0.5, generator=generator))
+    assert ours[0].shape == x_T.shape
+    assert torch.equal(ours[0], theirs[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Metrics on ground truth
+
+
+@pytest.fixture(scope="module")
+def sprites():
+    return vd.make_sprites_dataset(400, 8, 16, num_distractors=2, seed=3)
+
+
+def clips_of(data) -> np.ndarray:
+    t = data.frames.shape[0] // len(data.clip_starts)
+    return data.frames.reshape(len(data.clip_starts), t, *data.frames.shape[1:]).transpose(0, 2, 1, 3, 4)
+
+
+def test_sprites_world_follows_its_actions_and_captions(sprites):
+    assert sprites.frames.dtype == np.uint8 and sprites.frames.shape == (400 * 8, 3, 16, 16)
+    assert sprites.actions.shape == (400 * 8,) and sprites.num_actions == 5
+    for i in range(5):
+        d = sprites.directions[i]
+        assert sprites.captions[i].endswith(f"square moves {vd.DIRECTIONS[d]}")
+        clip_actions = sprites.actions[i * 8:(i + 1) * 8]
+        assert (clip_actions == d + 1).mean() >= 0.25 and not (clip_actions == vd.SPRITE_ACTIONS.index(
+            {"up": "down", "down": "up", "left": "right", "right": "left"}[vd.DIRECTIONS[d]])).any()
+        # re-rendering from the initial state with the same actions gives the same frames
+        rendered = vd.render_sprite_clip(sprites.sprite_states[i], clip_actions, 16)
+        assert np.array_equal(rendered, sprites.frames[i * 8:(i + 1) * 8])
+
+
+def test_real_clips_score_text_direction_accuracy_one_and_shuffled_captions_near_chance(sprites):
+    clips = clips_of(sprites)
+    assert vd.direction_accuracy(clips, sprites.directions) == 1.0
+    shuffled = np.random.default_rng(0).permutation(sprites.directions)
+    accuracy = vd.direction_accuracy(clips, shuffled)
+    assert 0.15 < accuracy < 0.35  # chance is 1/4
+    # with continuous actions too
+    continuous = vd.make_sprites_dataset(40, 8, 16, num_distractors=1, action_dim=2, seed=4)
+    assert continuous.actions.shape == (40 * 8, 2) and continuous.actions.dtype == np.float32
+    assert vd.direction_accuracy(clips_of(continuous), continuous.directions) == 1.0
+
+
+def test_true_actions_beat_shuffled_actions_in_rollout_psnr(sprites):
+    real = clips_of(sprites)[:64]
+    actions = sprites.actions.reshape(400, 8)[:64]
+    states = sprites.sprite_states[:64]
+
+    def rollouts(action_rows):  # a perfect world model: the simulator, from each clip's initial state
+        return np.stack([vd.render_sprite_clip(s, a, 16).transpose(1, 0, 2, 3) for s, a in zip(states, action_rows)])
+
+    k = 2
+    true = vd.rollout_psnr(rollouts(actions), real, k)
+    shuffled = vd.rollout_psnr(rollouts(np.roll(actions, 1, axis=0)), real, k)
+    copy_last = vd.rollout_psnr(np.repeat(real[:, :, k - 1:k], 8, axis=2), real, k)
+    assert true == 100.0  # identical frames: capped at 100 dB
+    assert shuffled < 40.0 and copy_last < 40.0
+    assert vd.rollout_psnr(np.zeros_like(real), np.full_like(real, 255)) == 0.0  # all-wrong [0, 1] images: 0 dB
+
+
+def test_movement_direction_from_centroids_by_hand():
+    clips = np.full((4, 3, 3, 16, 16), 20, dtype=np.uint8)
+    for i, (dx, dy) in enumerate([(0, -2), (0, 3), (-2, 0), (4, 1)]):
+        for f in range(3):
+            x, y = 6 + dx * f // 2, 6 + dy * f // 2
+            clips[i, :, f, y:y + 4, x:x + 4] = np.array([230, 40, 40])[:, None, None]
+            clips[i, :, f, 0:2, 12 - f * 3:14 - f * 3] = 150  # a grey distractor moving left: ignored
+    assert vd.movement_directions(clips).tolist() == [0, 1, 2, 3]
+    clips[0, :, -1] = 20  # the sprite vanished: no direction
+    assert vd.movement_directions(clips)[0] == -1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Autoregressive generation
+
+
+def test_autoregressive_generation_is_longer_than_training_clips_and_keeps_its_context():
+    model = randomise_(small_model(), seed=2).eval()
+    for p in model.parameters():
+        p.data.mul_(0.3)
+    alphas_cumprod = vd.make_alphas_cumprod(vd.make_beta_schedule("linear", 1000))
+    text, actions = conditions(2, 19)
+    generator = torch.Generator().manual_seed(0)
+    video = vd.generate_long_video(model, alphas_cumprod, 19, 6, 2, (2, 3, 6, 16, 16), generator, text, actions,
+                                   cfg_scale=1.5, num_steps=3)
+    assert video.shape == (2, 3, 19, 16, 16)
+    assert torch.isfinite(video).all() and video.abs().max() <= 1.0
+    # a continuation block starts from the given frames: generate() copies its context into the result
+    context = torch.rand(2, 3, 6, 16, 16) * 2 - 1
+    block = vd.generate(model, alphas_cumprod, (2, 3, 6, 16, 16), torch.Generator().manual_seed(0), text,
+                        actions[:, :6], None, context, 2, context_noise_step=10, num_steps=3)
+    assert torch.equal(block[:, :, :2], context[:, :, :2])
+
+
+def test_context_noise_is_q_sample_at_the_given_level():
+    alphas_cumprod = vd.make_alphas_cumprod(vd.make_beta_schedule("linear", 1000))
+    context, noise = torch.randn(2, 3, 4, 5, 5), torch.randn(2, 3, 4, 5, 5)
+    out = vd.noise_context(context, torch.tensor([0, 99]), alphas_cumprod, noise)
+    for i, level in enumerate((0, 99)):
+        abar = float(alphas_cumprod[level])
+        torch.testing.assert_close(out[i], abar ** 0.5 * context[i] + (1 - abar) ** 0.5 * noise[i])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The script as a user runs it
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("video_tiny")
+    result = run_script(SCRIPT, *TINY, "--output-dir", out)
+    return only_run_dir(out), result
+
+
+def read_mp4(path) -> list:
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    capture.release()
+    return frames
+
+
+def test_tiny_preset_writes_events_config_mp4s_metrics_and_a_safe_checkpoint(tiny_run):
+    run_dir, result = tiny_run
+    assert run_dir.name.startswith("sprites__video_diffusion__1__")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["preset"] == "tiny" and config["num_frames"] == 8
+    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    assert checkpoint["script"] == SCRIPT and checkpoint["step"] == 40 and checkpoint["num_actions"] == 5
+    assert "right" in checkpoint["vocabulary"]
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
+    assert "saved checkpoint at step 40" in result.stdout
+    scalars = read_scalars(run_dir)
+    for tag in ("losses/mse", "charts/learning_rate", "charts/grad_norm", "charts/SPS", "perf/mfu",
+                "eval/psnr_true_actions", "eval/psnr_shuffled_actions", "eval/psnr_copy_last",
+                "eval/action_control_dpsnr", "eval/text_direction_accuracy", "eval/action_direction_accuracy"):
+        assert tag in scalars, tag
+    assert all(np.isfinite(v) for _, v in scalars["losses/mse"])
+    assert 0 < scalars["perf/mfu"][-1][1] < 1
+    psnr = {k: scalars[f"eval/{k}"][-1][1] for k in ("psnr_true_actions", "psnr_shuffled_actions")}
+    assert scalars["eval/action_control_dpsnr"][-1][1] == pytest.approx(psnr["psnr_true_actions"] -
+                                                                        psnr["psnr_shuffled_actions"], abs=1e-4)
+    assert {"samples/clips", "samples/rollouts_true_actions", "samples/long_video"} <= set(read_image_tags(run_dir))
+    clips = np.load(run_dir / "samples" / "step00000040.npz")["arr_0"]
+    assert clips.dtype == np.uint8 and clips.shape == (8, 8, 16, 16, 3)  # (N, T, H, W, 3)
+    assert len(read_mp4(run_dir / "samples" / "step00000040.mp4")) == 8
+    long_videos = np.load(run_dir / "samples" / "long_step00000040.npz")["arr_0"]
+    assert long_videos.shape[1] == 12 and len(read_mp4(run_dir / "samples" / "long_step00000040.mp4")) == 12
+
+
+def test_sample_only_writes_clips_and_a_long_video(tiny_run, tmp_path):
+    run_dir = tmp_path / tiny_run[0].name
+    shutil.copytree(tiny_run[0], run_dir)
+    result = run_script(SCRIPT, "--resume", run_dir, "--sample-only", "--num-samples", "3", "--cfg-scale", "3",
+                        "--long-video-frames", "20", "--num-sampling-steps", "2")
+    assert "wrote 3 clips" in result.stdout
+    npz = [p for p in (run_dir / "samples").glob("sample_only_*.npz")]
+    assert len(npz) == 1 and np.load(npz[0])["arr_0"].shape == (3, 8, 16, 16, 3)
+    long_npz = list((run_dir / "samples").glob("long_sample_only_*.npz"))
+    assert len(long_npz) == 1 and np.load(long_npz[0])["arr_0"].shape == (3, 20, 16, 16, 3)
+
+
+def test_atari_clips_are_recorded_as_episode_files_and_train(tmp_path):
+    out, data_dir = tmp_path / "runs", tmp_path / "data"
+    run_script(SCRIPT, *QUICK, "--dataset", "atari", "--env-id", "ALE/Breakout-v5", "--data-dir", data_dir,
+               "--num-atari-episodes", "2", "--atari-episode-steps", "12", "--total-steps", "2", "--output-dir", out)
+    files = sorted((data_dir / "atari" / "Breakout-v5").glob("episode_*.npz"))
+    assert len(files) == 2
+    with np.load(files[0], allow_pickle=False) as f:
+        assert f["obs"].dtype == np.uint8 and f["obs"].shape[1:] == (16, 16, 3)
+        n = len(f["actions"])
+        assert f["actions"].dtype == np.int64 and f["obs"].shape[0] == n + 1
+        assert f["rewards"].dtype == np.float32 and f["terminated"].dtype == bool and f["truncated"].dtype == bool
+        assert f["caption"].tolist() == ["Breakout"]
+    run_dir = only_run_dir(out)
+    assert run_dir.name.startswith("Breakout-v5__video_diffusion__")
+    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    assert checkpoint["num_actions"] == 4 and "paddle" in checkpoint["vocabulary"]
+    assert "eval/psnr_true_actions" in read_scalars(run_dir)
+
+
+def test_atari_captions_name_the_action_held_most():
+    assert vd.describe_atari_action("RIGHTFIRE") == "moves right and fires"
+    assert vd.describe_atari_action("NOOP") == "stays still"
+    assert vd.atari_ids("Breakout") == ("ALE/Breakout-v5", "Breakout-v5", "Breakout")
+
+
+def write_video(path, frames, fps=10):
+    import cv2
+
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+
+
+def test_runs_on_a_folder_of_videos_with_captions(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i, colour in enumerate([(40, 40, 220), (40, 200, 40)]):
+        frames = []
+        for f in range(12):
+            frame = np.full((30, 40, 3), 20, np.uint8)
+            frame[10:18, 2 + 2 * f: 10 + 2 * f] = colour
+            frames.append(frame)
+        write_video(videos / f"clip{i}.mp4", frames)
+    (videos / "captions.json").write_text(json.dumps({"clip0.mp4": "a red block slides right"}))
+    out = tmp_path / "runs"
+    run_script(SCRIPT, *QUICK, "--dataset", "folder", "--data-dir", videos, "--total-steps", "2", "--output-dir", out)
+    run_dir = only_run_dir(out)
+    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    assert "slides" in checkpoint["vocabulary"] and checkpoint["num_actions"] == 0
+    data = vd.load_video_folder(vd.parse_args(["--dataset", "folder", "--data-dir", str(videos), *TINY])[0])
+    assert data.frames.shape[1:] == (3, 16, 16) and len(data.clip_starts) == 4  # 2 videos x windows 0, 4
+    assert data.captions.count("a red block slides right") == 2 and data.captions.count("") == 2
+
+
+def test_continuous_actions_run(tmp_path):
+    run_script(SCRIPT, *QUICK, "--action-dim", "2", "--total-steps", "2", "--output-dir", tmp_path)
+    checkpoint = torch.load(only_run_dir(tmp_path) / "checkpoints" / "latest.pt", weights_only=True)
+    assert checkpoint["model"]["action_encoder.0.weight"].shape == (256, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exact resume, signals, torchrun
+
+
+RESUME_ARGS = [*QUICK, "--total-steps", "8", "--save-every", "4", "--eval-every", "1000", "--log-every", "2"]
+
+
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    run_script(SCRIPT, *RESUME_ARGS, "--output-dir", reference)
+    run_until_line_then_kill(SCRIPT, *RESUME_ARGS, "--output-dir", interrupted,
+                             line_startswith="saved checkpoint at step 4")
+    run_dir = only_run_dir(interrupted)
+    assert torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["step"] == 4
+    run_script(SCRIPT, "--resume", run_dir)
+    assert_checkpoints_bitwise_equal(only_run_dir(reference) / "checkpoints" / "latest.pt",
+                                     run_dir / "checkpoints" / "latest.pt")
+    a = checkpoint_tensors(only_run_dir(reference) / "checkpoints" / "latest.pt")
+    b = checkpoint_tensors(run_dir / "checkpoints" / "latest.pt")
+    assert torch.equal(a["/train_generator"], b["/train_generator"]) and torch.equal(a["/rng/torch"], b["/rng/torch"])
+    steps = [s for s, _ in read_scalars(run_dir)["losses/mse"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 8  # no point logged twice after the resume
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    out = run_until_line_then_kill(SCRIPT, *QUICK, "--total-steps", "100000", "--output-dir", tmp_path,
+                                   "--save-every", "2", line_startswith="saved checkpoint at step 2",
+                                   sig=__import__("signal").SIGTERM)
+    assert "stopped by signal" in out or "saved checkpoint" in out
+    step = torch.load(only_run_dir(tmp_path) / "checkpoints" / "latest.pt", weights_only=True)["step"]
+    assert 2 <= step < 100000
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    common = [*QUICK, "--total-steps", "2", "--batch-size", "4", "--save-every", "2", "--eval-every", "1000",
+              "--num-sprite-clips", "16"]
+    run_script(SCRIPT, *common, "--output-dir", tmp_path / "one")
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / SCRIPT), *common,
+           "--output-dir", str(tmp_path / "two")]
+    result = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-5000:]
+    one = checkpoint_tensors(only_run_dir(tmp_path / "one") / "checkpoints" / "latest.pt")
+    two = checkpoint_tensors(only_run_dir(tmp_path / "two") / "checkpoints" / "latest.pt")
+    model_keys = [k for k in one if k.startswith("/model/")]
+    assert model_keys
+    args = vd.parse_args(common)[0]
+    initial = vd.build_model(args, len(torch.load(only_run_dir(tmp_path / "one") / "checkpoints" / "latest.pt",
+                                                  weights_only=True)["vocabulary"]), 5)
+    assert any(not torch.equal(one[f"/model/{k}"], v) for k, v in initial.state_dict().items())  # it trained
+    for key in model_keys + [k for k in one if k.startswith("/ema/")]:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing lost
+
+
+def file_hash(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.fixture()
+def saved_run(tiny_run, tmp_path):
+    run_dir = tmp_path / tiny_run[0].name
+    shutil.copytree(tiny_run[0], run_dir)
+    return run_dir, file_hash(run_dir / "checkpoints" / "latest.pt")
+
+
+def test_error_corrupt_checkpoint(saved_run):
+    run_dir, _ = saved_run
+    (run_dir / "checkpoints" / "latest.pt").write_bytes(b"\x00garbage")
+    assert_one_line_error(run_script(SCRIPT, "--resume", run_dir, check=False), "cannot load checkpoint")
+
+
+def test_error_checkpoint_of_another_script_or_another_model_shape(saved_run, tmp_path):
+    run_dir, _ = saved_run
+    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    other = tmp_path / "other.pt"
+    torch.save(dict(checkpoint, script="ddpm_cifar10.py"), other)
+    assert_one_line_error(run_script(SCRIPT, "--resume", other, check=False), "ddpm_cifar10.py")
+    checkpoint["args"]["model_channels"] = 32
+    torch.save(checkpoint, other)
+    assert_one_line_error(run_script(SCRIPT, "--resume", other, "--sample-only", check=False), "do not fit")
+
+
+def test_error_changed_flag_on_resume_leaves_checkpoint_untouched(saved_run):
+    run_dir, digest = saved_run
+    result = run_script(SCRIPT, "--resume", run_dir, "--learning-rate", "0.1", check=False)
+    assert_one_line_error(result, "--learning-rate")
+    assert file_hash(run_dir / "checkpoints" / "latest.pt") == digest
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--num-sampling-steps", "0"], ["--num-sampling-steps"]),
+    (["--num-heads", "3"], ["--num-heads", "divide"]),
+])
+def test_error_impossible_settings(flags, words, tmp_path):
+    result = run_script(SCRIPT, *TINY, "--output-dir", tmp_path, *flags, check=False)
+    assert_one_line_error(result, *words)
+    assert not any(tmp_path.iterdir())  # nothing written for a run that never started
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--img-size", "15"], ["--img-size"]),
+    (["--context-frames", "8"], ["--context-frames"]),
+    (["--dataset", "atari", "--action-dim", "3"], ["--action-dim", "sprites"]),
+    (["--action-dim", "3"], ["--action-dim 2"]),
+    (["--sample-only"], ["--resume"]),
+    (["--long-video-frames", "4"], ["--long-video-frames"]),
+])
+def test_check_args_refuses_impossible_settings(flags, words):
+    args = vd.parse_args([*TINY, *flags])[0]
+    with pytest.raises(vd.UserError) as error:
+        vd.check_args(args, 1)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_error_batch_not_divisible_by_world_size(tmp_path):
+    env = dict(script_env(), WORLD_SIZE="3", RANK="0", LOCAL_RANK="0")
+    result = subprocess.run([PYTHON, str(ROOT / SCRIPT), *TINY, "--output-dir", str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert_one_line_error(result, "--batch-size 8", "3")
+
+
+def test_error_folder_without_videos_and_unknown_game(tmp_path):
+    (tmp_path / "notes.txt").write_text("no videos here")
+    result = run_script(SCRIPT, *TINY, "--dataset", "folder", "--data-dir", tmp_path, "--output-dir", tmp_path / "o",
+                        check=False)
+    assert_one_line_error(result, "no videos", str(tmp_path))
+    with pytest.raises(vd.UserError, match="did you mean Breakout"):
+        vd.atari_ids("Breakot-v5")
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = run_script(SCRIPT, *QUICK, "--output-dir", tmp_path, "--learning-rate", "1e30", "--warmup-steps", "1",
+                        "--save-every", "1", "--log-every", "1", "--total-steps", "30", check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "non-finite" in result.stderr.strip().splitlines()[-1]
+    checkpoint = torch.load(only_run_dir(tmp_path) / "checkpoints" / "latest.pt", weights_only=True)
+    assert 1 <= checkpoint["step"] < 30
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
