@@ -166,7 +166,7 @@ PRESETS = {
 }
 # Flags that may change when a run is resumed: the run length, checkpoint/eval cadence, logging and sampling.
 RESUME_MUTABLE_FIELDS = {
-    "total_steps", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity", "resume",
+    "total_steps", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity",
     "sample_only", "num_samples", "sampler", "num_sampling_steps", "ddim_eta", "num_eval_samples", "eval_fid",
     "fid_num_samples", "sample_batch_size", "cuda", "compile", "config", "output_dir", "data_dir", "download",
 }
@@ -781,7 +781,7 @@ def load_checkpoint(path: Path) -> dict:
 def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
     """The run's arguments come from the checkpoint; only RESUME_MUTABLE_FIELDS may be changed by flags."""
     saved = normalise_args_dict(saved, "the checkpoint's args")
-    for name in sorted(given - RESUME_MUTABLE_FIELDS):
+    for name in sorted(given - RESUME_MUTABLE_FIELDS - {"resume"}):
         if getattr(args, name) != saved.get(name):
             flag = f"--{name.replace('_', '-')}"
             raise UserError(f"{flag} is {saved.get(name)!r} in the checkpoint and cannot change on --resume (only the "
@@ -832,7 +832,7 @@ def matmul_peak_flops(device: torch.device) -> float:
         if "H100" in name and "PCIe" in name:
             return 756e12
         return next((peak for key, peak in table.items() if key in name), float("nan"))
-    a = torch.randn(2048, 2048)
+    a = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
     torch.mm(a, a)  # warm-up: thread pool and caches
     best = float("inf")
     for _ in range(5):  # the best of 5: a peak, not an average disturbed by other processes
@@ -847,8 +847,11 @@ def forward_flops(model: nn.Module, *inputs) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.eval()  # no dropout: counting must not draw from the RNG (an exact resume depends on it)
     with torch.no_grad(), counter:
         model(*inputs)
+    model.train(was_training)
     return float(counter.get_total_flops())
 
 

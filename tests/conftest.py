@@ -26,7 +26,9 @@ CIFAR_IMAGES_PER_BATCH = 20  # 5 batches x 20 = 100 tiny "CIFAR-10" images
 
 def script_env() -> dict:
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "2")
+    # One thread per script: tiny runs gain little from a second one, and on a busy machine OpenMP threads that spin
+    # while waiting for each other make a run many times slower.
+    env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONWARNINGS"] = "ignore"
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
