@@ -182,7 +182,7 @@ PRESETS = {
 }
 # Flags that may change when a run is resumed: the run length, checkpoint/eval cadence, logging and sampling.
 RESUME_MUTABLE_FIELDS = {
-    "epochs", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity", "resume",
+    "epochs", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity",
     "sample_only", "num_samples", "sampler", "num_sampling_steps", "ddim_eta", "cfg_scale", "class_label",
     "samples_per_class", "eval_fid", "fid_num_samples", "sample_batch_size", "cuda", "compile", "config", "output_dir",
     "data_dir", "download",
@@ -857,13 +857,13 @@ def load_checkpoint(path: Path) -> dict:
 def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
     """The run's arguments come from the checkpoint; only RESUME_MUTABLE_FIELDS may be changed by flags."""
     saved = normalise_args_dict(saved, "the checkpoint's args")
-    for name in sorted(given - RESUME_MUTABLE_FIELDS):
+    for name in sorted(given - RESUME_MUTABLE_FIELDS - {"resume"}):
         if getattr(args, name) != saved.get(name):
             flag = f"--{name.replace('_', '-')}"
             raise UserError(f"{flag} is {saved.get(name)!r} in the checkpoint and cannot change on --resume (only the "
                             f"run length, cadence, logging and sampling flags can); drop {flag} or start a new run")
-    mutable = (given & RESUME_MUTABLE_FIELDS) | {"resume"}  # --resume itself is always given here
-    return replace(Args(**saved), **{name: getattr(args, name) for name in mutable})
+    return replace(Args(**saved), **{name: getattr(args, name) for name in given & RESUME_MUTABLE_FIELDS},
+                   resume=args.resume)
 
 
 def save_checkpoint(path: Path, state: dict):
@@ -908,7 +908,7 @@ def matmul_peak_flops(device: torch.device) -> float:
         if "H100" in name and "PCIe" in name:
             return 756e12
         return next((peak for key, peak in table.items() if key in name), float("nan"))
-    a = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))  # not the global RNG: resume stays exact
+    a = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
     torch.mm(a, a)  # warm-up: thread pool and caches
     best = float("inf")
     for _ in range(5):  # the best of 5: a peak, not an average disturbed by other processes
@@ -923,8 +923,11 @@ def forward_flops(model: nn.Module, *inputs) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.eval()  # no dropout: counting must not draw from the RNG (an exact resume depends on it)
     with torch.no_grad(), counter:
         model(*inputs)
+    model.train(was_training)
     return float(counter.get_total_flops())
 
 
