@@ -1,7 +1,9 @@
 # cleanworlds benchmark: sample quality per number of network evaluations (NFE). Results: benchmark/RESULTS.md
 """
 Sample quality per NFE for one fixed trained model: DDPM-1000 (ancestral), DDIM-10/20/50/100 (eta 0) and
-DPM-Solver++(2M)-10/20, all from the same starting noise, with the samplers of ddpm_cifar10.py.
+DPM-Solver++(2M)-10/20, all from the same starting noise, with the samplers of ddpm_cifar10.py exactly as its
+--sampler flag runs them (sample_images); and DDIM with the predicted x0 clipped at every step (ddim_sample's
+clip_denoised option), since DDPM's ancestral sampler clips and the others do not.
 
 Two models, both trained here on ddpm_cifar10.py's generated shapes data at 8x8 (linear schedule, T = 1000):
 - `--model mlp` (default): an MLP (3 residual blocks of width 512, 2.1M parameters, 4 MFLOP per image) trained in
@@ -42,7 +44,10 @@ TRAIN_ARGS = ["--dataset", "shapes", "--img-size", "8", "--num-shapes-images", "
               "--batch-size", "64", "--learning-rate", "1e-3", "--warmup-steps", "100", "--ema-decay", "0.995",
               "--total-steps", "1500", "--log-every", "100", "--save-every", "500", "--eval-every", "500",
               "--num-eval-samples", "16", "--sampler", "ddim", "--num-sampling-steps", "20", "--exp-name", "samplers"]
-DEFAULT_SAMPLERS = "ddpm-1000,ddim-10,ddim-20,ddim-50,ddim-100,dpm++-10,dpm++-20"
+DEFAULT_SAMPLERS = ("ddpm-1000,ddim-10,ddim-20,ddim-50,ddim-100,dpm++-10,dpm++-20,"
+                    "ddim-clip-10,ddim-clip-20,ddim-clip-100")
+SAMPLER_LABELS = {"ddpm": "DDPM (ancestral, sigma^2 = beta, x0 clipped)", "ddim": "DDIM (eta 0, uniform spacing)",
+                  "dpm++": "DPM-Solver++(2M)", "ddim-clip": "DDIM, x0 clipped to [-1, 1] each step"}
 FEATURE_SEED, HELDOUT_SEED, FLOOR_SEED = 2_000, 3_000, 4_000  # the shapes sets: classifier, held-out, floor
 NOISE_SEED = 5_000
 
@@ -219,8 +224,8 @@ def parse_samplers(text: str) -> list[tuple[str, int]]:
     out = []
     for item in text.split(","):
         name, _, steps = item.strip().rpartition("-")
-        if name not in ("ddpm", "ddim", "dpm++") or not steps.isdigit() or int(steps) < 1:
-            raise UserError(f"--samplers item {item!r} is not <ddpm|ddim|dpm++>-<steps>, e.g. ddim-20")
+        if name not in SAMPLER_LABELS or not steps.isdigit() or int(steps) < 1:
+            raise UserError(f"--samplers item {item!r} is not <{'|'.join(SAMPLER_LABELS)}>-<steps>, e.g. ddim-20")
         out.append((name, int(steps)))
     return out
 
@@ -310,12 +315,15 @@ def main(argv=None) -> dict:
         for first in range(0, n, ns.sample_batch_size):
             x_T = torch.randn((min(ns.sample_batch_size, n - first), 3, img_size, img_size),
                               generator=generator)
-            images.append(ddpm.sample_images(model_fn, x_T, alphas_cumprod, name, steps, 0.0, generator).numpy())
+            if name == "ddim-clip":  # DDIM with x0_hat clipped to [-1, 1] at every step (ddim_sample's option)
+                x = ddpm.ddim_sample(model_fn, x_T, alphas_cumprod, steps, clip_denoised=True)
+                images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy())
+            else:  # exactly what ddpm_cifar10.py --sampler NAME --num-sampling-steps STEPS does
+                images.append(ddpm.sample_images(model_fn, x_T, alphas_cumprod, name, steps, 0.0, generator).numpy())
         seconds = time.perf_counter() - start
         images = np.concatenate(images)
         fd = frechet_distance(features_of(feature_net, images), heldout_features)
-        label = {"ddpm": "DDPM (ancestral, sigma^2 = beta)", "ddim": "DDIM (eta 0, uniform spacing)",
-                 "dpm++": "DPM-Solver++(2M)"}[name]
+        label = SAMPLER_LABELS[name]
         rows.append(dict(sampler=name, label=label, nfe=steps, fd=fd, seconds=seconds))
         import cv2
 

@@ -263,7 +263,7 @@ def test_speed_round_robin_and_report_arithmetic():
     a, b = rows
     assert a["median_s"] == 2.0 and a["items_per_s"] == 2.0 and a["ratio_vs_peer"] == 2.0  # peer median 4 / ours 2
     assert a["utilisation"] == pytest.approx((8e9 / 2.0) / (1e9 / 0.1))  # achieved FLOP/s over the matmul's
-    assert "| a | 0.00M | 2000.0 [1000.0, 3000.0] | 2.0 | 2.00x | 0.40 | 8.0 |" in text
+    assert "| a | 0.00M | 2000.0 [1000.0, 3000.0] | 2.0 | 2.00x | 4.00x | 0.40 | 8.0 |" in text
     assert "best of ours: a, 2.00x the best peer variant (b)" in text
 
 
@@ -311,13 +311,15 @@ def test_samplers_smoke_on_a_tiny_run(tiny_ddpm_runs, tmp_path):
     """samplers.py on a tiny run (the table, the grids, the FD of every sampler; the numbers mean nothing here)."""
     run = sorted(p for p in tiny_ddpm_runs.iterdir() if p.is_dir())[0]
     out = tmp_path / "samplers"
-    result = run_tool("samplers.py", "--run", run, "--samplers", "ddpm-4,ddim-2,dpm++-3", "--num-samples", 40,
+    result = run_tool("samplers.py", "--run", run, "--samplers", "ddpm-4,ddim-2,dpm++-3,ddim-clip-2",
+                      "--num-samples", 40,
                       "--feature-steps", 3, "--out-dir", out)
     data = json.loads((out / "results.json").read_text())
-    assert [(r["sampler"], r["nfe"]) for r in data["rows"]] == [("ddpm", 4), ("ddim", 2), ("dpm++", 3)]
+    assert [(r["sampler"], r["nfe"]) for r in data["rows"]] == [("ddpm", 4), ("ddim", 2), ("dpm++", 3),
+                                                                ("ddim-clip", 2)]
     assert all(np.isfinite(r["fd"]) and r["fd"] > 0 for r in data["rows"]) and data["floor"] >= 0
     assert "| DDIM (eta 0, uniform spacing) | 2 |" in result.stdout and "not FID" in result.stdout
-    assert {p.name for p in out.glob("*.png")} == {"ddpm-4.png", "ddim-2.png", "dpm++-3.png"}
+    assert {p.name for p in out.glob("*.png")} == {"ddpm-4.png", "ddim-2.png", "dpm++-3.png", "ddim-clip-2.png"}
     # the default model: the MLP trained in-process (a few steps here)
     result = run_tool("samplers.py", "--model", "mlp", "--train-steps", 10, "--samplers", "ddim-2", "--num-samples", 20,
                       "--feature-steps", 2, "--out-dir", tmp_path / "mlp")
