@@ -1,4 +1,4 @@
-# cleanworlds: video diffusion for world generation (3D U-Net, text and actions). Docs and results: README.md and benchmark/RESULTS.md
+# cleanworlds: text- and action-conditioned video diffusion. Docs and results: README.md and benchmark/RESULTS.md
 """
 A 3D U-Net video diffusion model (Ho et al. 2022, "Video Diffusion Models") that generates controllable worlds: clips
 conditioned on a caption (a learned text encoder read by cross-attention) and on per-frame actions (discrete or
@@ -9,13 +9,14 @@ The seed's setting (model_channels 256, num_res_blocks 2, 16 frames of 64x64, li
     python video_diffusion.py                                            # the generated sprites world
     python video_diffusion.py --dataset atari --env-id Breakout-v5       # random-policy Breakout clips (recorded once)
     python video_diffusion.py --dataset folder --data-dir my_videos      # your videos (+ captions.json or captions.txt)
-On 8 GPUs (global batch 32, 4 per GPU):
-    torchrun --standalone --nproc_per_node=8 video_diffusion.py
+On 8 GPUs (global batch 64, 8 clips per GPU):
+    torchrun --standalone --nproc_per_node=8 video_diffusion.py --batch-size 64
 End to end in about 15 seconds on a CPU, offline (16x16 sprites, 8 frames):
     python video_diffusion.py --preset tiny
 Continue a run, or sample from it (MP4s in samples/, with a long autoregressive video):
     python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000
-    python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000 --sample-only --cfg-scale 3 --long-video-frames 64
+    python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000 --sample-only --cfg-scale 3 \
+        --long-video-frames 64
 Watch it:
     tensorboard --logdir runs
 """
@@ -155,8 +156,9 @@ class Args:
     # Training
     total_steps: int = 200_000
     """optimizer steps to train for"""
-    batch_size: int = 32
-    """global batch size in clips (split across torchrun ranks)"""
+    batch_size: int = 8
+    """global batch size in clips (split across torchrun ranks; 8 clips of 16x64x64 at the default width is an
+    estimated 50 GB of activations in bf16)"""
     learning_rate: float = 1e-4
     """Adam learning rate"""
     warmup_steps: int = 1000
@@ -244,7 +246,7 @@ BACKGROUND, DISTRACTOR_GREY = 20, 150
 
 
 def sprite_geometry(img_size: int) -> tuple[int, int, int]:
-    """Sprite side, distractor side and sprite speed (pixels per step) for a frame size (8 px: 2, 16 px: 4, 64 px: 8)."""
+    """Sprite side, distractor side and sprite speed (pixels per step) for a frame size (8 px: 2, 16: 4, 64: 8)."""
     size = max(2, img_size // 4) if img_size <= 16 else max(4, img_size // 8)
     return size, max(1, size // 2), max(1, img_size // 32)
 
@@ -314,8 +316,8 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
             xy[1 - axis] = across
             perpendicular = [e for e in range(4) if (e >= 2) != (d >= 2)]
             choice = rng.random(num_frames)
-            discrete = np.where(choice < 0.75, d + 1,
-                                np.where(choice < 0.85, 0, np.array(perpendicular)[rng.integers(2, size=num_frames)] + 1))
+            sideways = np.array(perpendicular)[rng.integers(2, size=num_frames)] + 1
+            discrete = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways))
             discrete[0] = 0
             if action_dim > 0:  # a velocity: the discrete move scaled by U(0.6, 1), plus a little sideways jitter
                 a = DIRECTION_VECTORS[np.maximum(discrete - 1, 0)] * (discrete > 0)[:, None]
@@ -377,7 +379,7 @@ def atari_ids(env_id: str) -> tuple[str, str, str]:
 
     gym.register_envs(ale_py)
     game = re.sub(r"(NoFrameskip)?(-v\d+)?$", "", env_id.split("/")[-1])
-    games = sorted({k.split("/")[-1][: -len("-v5")] for k in gym.registry if k.startswith("ALE/") and k.endswith("-v5")})
+    games = sorted({k[len("ALE/"): -len("-v5")] for k in gym.registry if k.startswith("ALE/") and k.endswith("-v5")})
     if game not in games:
         close = difflib.get_close_matches(game, games, n=3)
         raise UserError(f"unknown Atari game --env-id {env_id}" + (f": did you mean {', '.join(close)}?" if close else
@@ -826,8 +828,9 @@ class VideoDiffusionModel(nn.Module):
         skip_channels, current, resolution = [model_channels], model_channels, img_size
 
         def attention(channels):
-            return (SpatioTemporalAttention(channels, num_heads, norm_groups, text_dim) if resolution in attn_resolutions
-                    else nn.Identity())
+            if resolution in attn_resolutions:
+                return SpatioTemporalAttention(channels, num_heads, norm_groups, text_dim)
+            return nn.Identity()
 
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
@@ -1270,7 +1273,8 @@ def check_args(args: Args, world_size: int):
     if not 0 <= args.context_frames < args.num_frames:
         raise UserError(f"--context-frames must be between 0 and --num-frames - 1 = {args.num_frames - 1}, "
                         f"not {args.context_frames}")
-    if not 0 <= args.context_noise_sampling_step < args.timesteps or not 1 <= args.context_noise_max_step <= args.timesteps:
+    if not (0 <= args.context_noise_sampling_step < args.timesteps
+            and 1 <= args.context_noise_max_step <= args.timesteps):
         raise UserError(f"--context-noise-max-step must be in 1..--timesteps and --context-noise-sampling-step in "
                         f"0..--timesteps - 1 (--timesteps {args.timesteps})")
     if args.long_video_frames < args.num_frames:
@@ -1322,8 +1326,8 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
             flag = f"--{name.replace('_', '-')}"
             raise UserError(f"{flag} is {saved.get(name)!r} in the checkpoint and cannot change on --resume (only the "
                             f"run length, cadence, logging and sampling flags can); drop {flag} or start a new run")
-    return replace(Args(**saved), **{name: getattr(args, name) for name in (given & RESUME_MUTABLE_FIELDS) - {"resume"}},
-                   resume=args.resume)
+    changed = (given & RESUME_MUTABLE_FIELDS) - {"resume"}  # (resume itself is set below: never twice)
+    return replace(Args(**saved), **{name: getattr(args, name) for name in changed}, resume=args.resume)
 
 
 def save_checkpoint(path: Path, state: dict):
@@ -1600,7 +1604,8 @@ def main(args: Args, given: set[str]):
 
     if args.sample_only:
         if is_main:
-            stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_{int(time.time())}"
+            stem = (f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_"
+                    f"{int(time.time())}")
             path = write_samples(run_dir / "samples", stem, sample_clips(args.num_samples))
             print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
             if args.long_video_frames > args.num_frames:

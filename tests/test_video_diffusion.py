@@ -275,12 +275,14 @@ def test_context_noise_is_q_sample_at_the_given_level():
 # ---------------------------------------------------------------------------------------------------------------------
 # A tiny model learns action control and text control (one run, measured separately by the script's own metrics)
 
-# 8x8 sprites (a 2x2 square moving 1 px per step), 6 frames, no distractor, v-prediction (the tiny preset's).
+# 8x8 sprites (a 2x2 square moving 1 px per step), 6 frames, no distractor, v-prediction (the tiny preset's). The
+# direction metrics generate each clip from the real first frame (where the sprite starts) under one condition alone.
+# Measured at this config: caption 0.62 and actions 0.78 (seed 1); at 400 steps the caption alone is already ~0.6.
 LEARN_STEPS = 600
 LEARN = [*TINY, "--img-size", "8", "--num-frames", "6", "--num-distractors", "0", "--num-sprite-clips", "2048",
-         "--batch-size", "32", "--learning-rate", "1e-3", "--total-steps", str(LEARN_STEPS), "--eval-every",
-         str(LEARN_STEPS), "--save-every", str(LEARN_STEPS), "--log-every", "100", "--num-eval-samples", "64",
-         "--sample-batch-size", "64", "--long-video-frames", "6"]
+         "--batch-size", "32", "--learning-rate", "1e-3", "--context-frames", "3", "--cfg-scale", "3",
+         "--total-steps", str(LEARN_STEPS), "--eval-every", str(LEARN_STEPS), "--save-every", str(LEARN_STEPS),
+         "--log-every", "100", "--num-eval-samples", "64", "--sample-batch-size", "64", "--long-video-frames", "6"]
 
 
 @pytest.fixture(scope="module")
