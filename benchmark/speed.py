@@ -442,6 +442,10 @@ def report(title: str, kind: str, candidates: list[Candidate], reference: Candid
                        f"({best_peer.label}), {peer_default.median / best.median:.2f}x {peer_default.label} (medians; "
                        f"fastest repetitions: {min(min(c.times) for c in peers) / min(min(c.times) for c in ours):.2f}x "
                        f"the best peer variant)")
+    spread = max(max(c.times) / min(c.times) for c in candidates)
+    if spread > 1.5:  # a busy machine: oversubscribed OpenMP threads make some repetitions many times slower
+        summary.append(f"warning: unstable timings (slowest / fastest repetition up to {spread:.1f}x): the machine is "
+                       f"busy; the medians are unreliable, quote the fastest repetitions or measure again")
     text = "\n".join(lines) + "\n" + "".join(f"\n{s}" for s in summary)
     return text, rows
 
