@@ -476,7 +476,8 @@ def make_config(ns) -> Config:
     device = torch.device(ns.device)
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available")
+        print("error: --device cuda but CUDA is not available here (use --device cpu)", file=sys.stderr)
+        sys.exit(2)
     peak = float("nan")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -282,6 +282,11 @@ def test_speed_smoke_dit(tmp_path):
         assert ours["utilisation"] == pytest.approx(achieved / ours["matmul_flops_per_s"])
     result = run_tool("speed.py", "--only", "nothing", check=False)
     assert result.returncode == 2 and result.stderr.startswith("error: unknown benchmark nothing")
+    import torch
+
+    if not torch.cuda.is_available():
+        result = run_tool("speed.py", "--device", "cuda", check=False)
+        assert result.returncode == 2 and result.stderr.startswith("error: --device cuda but CUDA is not available")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
