@@ -20,6 +20,11 @@ over one forward (sampling) or forward + backward (training) of each model, on t
     python benchmark/speed.py --only ddpm --compile       # also torch.compile variants (slow to compile on a CPU)
     python benchmark/speed.py --device cuda               # GPU: bf16 autocast, channels_last, MFU vs the bf16 peak
     python benchmark/speed.py --quick --json speed.json   # keep the numbers
+    OMP_WAIT_POLICY=PASSIVE python benchmark/speed.py --quick   # on a machine shared with other jobs (see below)
+
+On a CPU shared with other jobs, OpenMP threads that spin at barriers make some repetitions 10 to 30 times slower
+than others (the report warns when the spread is large); OMP_WAIT_POLICY=PASSIVE makes the timings stable (and all of
+them slower), which keeps the ratios meaningful.
 
 A training step is forward, MSE loss, backward and an Adam(W) step, in train mode (dropout on where the config has
 it). The sampling figure is one network evaluation in eval mode under no_grad: a sampler with N steps makes N of them.
@@ -438,14 +443,15 @@ def report(title: str, kind: str, candidates: list[Candidate], reference: Candid
     ours = [c for c in candidates if not c.is_peer]
     if peers:
         best = min(ours, key=lambda c: c.median)
+        fastest_ratio = min(min(c.times) for c in peers) / min(min(c.times) for c in ours)
         summary.append(f"best of ours: {best.label}, {best_peer.median / best.median:.2f}x the best peer variant "
                        f"({best_peer.label}), {peer_default.median / best.median:.2f}x {peer_default.label} (medians; "
-                       f"fastest repetitions: {min(min(c.times) for c in peers) / min(min(c.times) for c in ours):.2f}x "
-                       f"the best peer variant)")
+                       f"fastest repetitions: {fastest_ratio:.2f}x the best peer variant)")
     spread = max(max(c.times) / min(c.times) for c in candidates)
     if spread > 1.5:  # a busy machine: oversubscribed OpenMP threads make some repetitions many times slower
         summary.append(f"warning: unstable timings (slowest / fastest repetition up to {spread:.1f}x): the machine is "
-                       f"busy; the medians are unreliable, quote the fastest repetitions or measure again")
+                       f"busy; the medians are unreliable: quote the fastest repetitions, or measure again with "
+                       f"OMP_WAIT_POLICY=PASSIVE or on a quiet machine")
     text = "\n".join(lines) + "\n" + "".join(f"\n{s}" for s in summary)
     return text, rows
 
