@@ -240,7 +240,8 @@ def train_model(output_dir: Path, extra_args: list[str]) -> tuple[Path, str]:
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
-        raise UserError(f"training failed (exit {result.returncode}): {result.stderr.strip().splitlines()[-1:]}")
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"training with ddpm_cifar10.py failed (exit {result.returncode}): {last}")
     new = sorted(set(output_dir.iterdir()) - before)
     print(f"trained in {time.perf_counter() - start:.0f} s: {new[-1]}", flush=True)
     return new[-1], shown
@@ -266,7 +267,7 @@ def main(argv=None) -> dict:
     if ns.model == "mlp" and ns.run is None:
         img_size = 8
         alphas_cumprod = ddpm.make_alphas_cumprod(ddpm.make_beta_schedule("linear", 1000))
-        print("training the MLP epsilon-model ...", flush=True)
+        print("training the MLP (v-prediction) ...", flush=True)
         model_fn, train_command = train_mlp(ddpm, img_size, alphas_cumprod, ns.train_steps or MLP_STEPS)
         model_name = "MLPDenoiser (2,106,048 parameters, v-prediction served as eps, EMA weights)"
         run_dir = Path(ns.train_output_dir) / "samplers_mlp"
