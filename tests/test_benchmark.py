@@ -270,7 +270,8 @@ def test_speed_round_robin_and_report_arithmetic():
 def test_speed_smoke_dit(tmp_path):
     """speed.py as a user runs it, shrunk: DiT and its diffusers peer, batch 2, one repetition."""
     out = tmp_path / "speed.json"
-    result = run_tool("speed.py", "--only", "dit", "--batch-size", "2", "--repeats", "1", "--json", out, timeout=300)
+    result = run_tool("speed.py", "--quick", "--only", "dit", "--batch-size", "2", "--repeats", "1", "--json", out,
+                      timeout=300)
     assert "vs diffusers DiTTransformer2DModel" in result.stdout and "best of ours: dit_cifar10.DiT" in result.stdout
     rows = json.loads(out.read_text())["rows"]
     assert {(r["kind"], r["label"]) for r in rows} == {(k, m) for k in ("train", "sample")
