@@ -1166,6 +1166,8 @@ def main(args: Args, given: set[str]):
 
     def check_finite():
         if not (math.isfinite(loss_sum.item()) and math.isfinite(grad_norm_sum.item())):
+            if progress is not None:
+                progress.close()  # end the progress line, so that the error is a line of its own
             raise TrainingFailure(f"the loss or gradient became non-finite before step {step}; the last good "
                                   f"checkpoint is kept in {run_dir}/checkpoints (try a lower --learning-rate or "
                                   f"--dtype float32)")
