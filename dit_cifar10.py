@@ -23,9 +23,7 @@ Watch it:
 import argparse
 import contextlib
 import copy
-import difflib
 import hashlib
-import io
 import json
 import math
 import os
