@@ -158,7 +158,7 @@ PRESETS = {
     "tiny": dict(
         dataset="shapes", img_size=16, num_shapes_images=256, channels=32, channel_mult=(1, 2), num_res_blocks=1,
         attn_resolutions=(8,), dropout=0.0, total_steps=60, batch_size=32, learning_rate=1e-3, warmup_steps=10,
-        ema_decay=0.9, log_every=10, save_every=30, eval_every=30, sampler="ddim", num_sampling_steps=20,
+        ema_decay=0.9, log_every=10, save_every=30, eval_every=30, sampler="ddpm", num_sampling_steps=100,
         num_eval_samples=16, num_samples=16, fid_num_samples=64, sample_batch_size=64,
     ),
 }
@@ -1024,8 +1024,11 @@ def main(args: Args, given: set[str]):
               f"device: {device}{f' x {world_size}' if world_size > 1 else ''}")
 
     # Throughput accounting: the training step is about 3x the forward FLOPs (forward + backward).
-    example = torch.zeros(1, 3, args.img_size, args.img_size, device=device)
-    train_flops_per_image = 3 * forward_flops(model, example, torch.zeros(1, dtype=torch.long, device=device))
+    # Counted on the meta device: no compute, no RNG draws, and the attention kernels are seen on every backend.
+    with torch.device("meta"):
+        meta_model = build_model(args)
+        example, example_t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
+    train_flops_per_image = 3 * forward_flops(meta_model, example, example_t)
     peak_flops = matmul_peak_flops(device)
 
     train_model = torch.compile(model) if args.compile else model
