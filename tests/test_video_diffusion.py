@@ -275,11 +275,13 @@ def test_context_noise_is_q_sample_at_the_given_level():
 # ---------------------------------------------------------------------------------------------------------------------
 # A tiny model learns action control and text control (one run, measured separately by the script's own metrics)
 
-# 8x8 sprites (a 2x2 square moving 1 px per step), 6 frames, no distractor, v-prediction (the tiny preset's). The
-# direction metrics generate each clip from the real first frame (where the sprite starts) under one condition alone.
-# Measured at 1000 steps: caption 0.77 / 0.69 and actions 0.83 / 0.73 (seeds 1 / 2), rollout delta-PSNR 3.0 / 3.8 dB;
-# at 500-600 steps learning has only begun (0.4-0.6). cond_drop_prob 0.3: the actions must often do the work alone
-# (when a caption gives the direction away, the model learns the caption first).
+# 8x8 sprites (a 2x2 square moving 1 px per step), 6 frames, no distractor, v-prediction (the tiny preset's). Each
+# clip is generated from a real first frame under one condition alone. A clip starts with room to move its way, so
+# the first frame hints at the direction: the "swapped" metrics command each first frame with ANOTHER clip's caption
+# or actions, which the hint matches only by chance (1/4); following them is control.
+# Measured at 1000 steps (seed 1): actions 0.83 own / 0.53 swapped, rollout delta-PSNR 3.0 dB; caption 0.77 own but
+# 0.27 swapped (chance): the caption's effect is not learned in this budget (the model follows the start hint).
+# cond_drop_prob 0.3: the actions must often do the work alone.
 LEARN_STEPS = 1000
 LEARN = [*TINY, "--img-size", "8", "--num-frames", "6", "--num-distractors", "0", "--num-sprite-clips", "2048",
          "--batch-size", "32", "--learning-rate", "1e-3", "--context-frames", "3", "--cfg-scale", "3",
@@ -292,23 +294,26 @@ LEARN = [*TINY, "--img-size", "8", "--num-frames", "6", "--num-distractors", "0"
 def learned_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("video_learn")
     run_script(SCRIPT, *LEARN, "--output-dir", out, timeout=900)
-    return only_run_dir(out)
+    return {k: v[-1][1] for k, v in read_scalars(only_run_dir(out)).items() if k.startswith("eval/")}
 
 
 @pytest.mark.slow
 def test_tiny_model_moves_the_sprite_where_the_actions_say(learned_run):
-    # samples conditioned on the actions alone (null caption): chance is 1/4; 64 clips, so 0.4 is ~2.8 sigma above it
-    scalars = read_scalars(learned_run)
-    assert scalars["eval/action_direction_accuracy"][-1][1] >= 0.4, scalars["eval/action_direction_accuracy"]
-    # and rollouts from real context frames are closer to the real clip with the true actions than with shuffled ones
-    assert scalars["eval/action_control_dpsnr"][-1][1] > 1.0, scalars["eval/action_control_dpsnr"]
+    # another clip's actions (null caption) from this clip's first frame: chance is 1/4; 64 clips, so 0.4 is ~2.8
+    # sigma above it
+    assert learned_run["eval/action_direction_accuracy_swapped"] >= 0.4, learned_run
+    assert learned_run["eval/action_direction_accuracy"] >= 0.5, learned_run
+    # rollouts from real context frames are closer to the real clip with the true actions than with shuffled ones
+    assert learned_run["eval/action_control_dpsnr"] > 1.0, learned_run
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(reason="not learned in the CPU budget: at 1000 steps the caption alone moves the sprite its way "
+                          "only from its own clip's first frame (0.77), not from another's (0.27, chance 0.25)",
+                   strict=False)
 def test_tiny_model_moves_the_sprite_where_the_caption_says(learned_run):
-    # samples conditioned on the caption alone (null actions)
-    scalars = read_scalars(learned_run)
-    assert scalars["eval/text_direction_accuracy"][-1][1] >= 0.4, scalars["eval/text_direction_accuracy"]
+    # another clip's caption (null actions) from this clip's first frame
+    assert learned_run["eval/text_direction_accuracy_swapped"] >= 0.4, learned_run
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -349,7 +354,8 @@ def test_tiny_preset_writes_events_config_mp4s_metrics_and_a_safe_checkpoint(tin
     scalars = read_scalars(run_dir)
     for tag in ("losses/mse", "charts/learning_rate", "charts/grad_norm", "charts/SPS", "perf/mfu",
                 "eval/psnr_true_actions", "eval/psnr_shuffled_actions", "eval/psnr_copy_last",
-                "eval/action_control_dpsnr", "eval/text_direction_accuracy", "eval/action_direction_accuracy"):
+                "eval/action_control_dpsnr", "eval/text_direction_accuracy", "eval/action_direction_accuracy",
+                "eval/text_direction_accuracy_swapped", "eval/action_direction_accuracy_swapped"):
         assert tag in scalars, tag
     assert all(np.isfinite(v) for _, v in scalars["losses/mse"])
     assert 0 < scalars["perf/mfu"][-1][1] < 1
