@@ -7,6 +7,7 @@ Datasets made here (nothing is downloaded):
 Helpers: run_script (the real script in a subprocess, as a user runs it), run_until_line_then_kill, read_scalars,
 read_images, load_module (import a script by path), checkpoint_tensors (flatten a checkpoint for bitwise compares).
 """
+import hashlib
 import importlib.util
 import os
 import pickle
@@ -131,6 +132,20 @@ def assert_checkpoints_bitwise_equal(path_a, path_b, prefixes=("/model", "/ema",
     assert set(keys) == {k for k in b if k.startswith(prefixes)}
     different = [k for k in keys if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
+
+
+def file_hash(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def assert_one_line_error(result, *words):
+    """Bad input (CONTRACT section 6): exit 2, one line on stderr starting with "error: ", naming each word."""
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word.lower() in lines[0].lower(), lines[0]
 
 
 def tiny_cifar_arrays(seed: int = 0):

@@ -1,8 +1,6 @@
 """ddpm_cifar10.py: the U-Net against the paper and diffusers, the samplers against diffusers' schedulers step by step,
 a tiny model that must learn, the script as a user runs it, exact resume, torchrun, and every bad input."""
-import hashlib
 import json
-import math
 import os
 import pickle
 import shutil
@@ -13,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (PYTHON, ROOT, assert_checkpoints_bitwise_equal, checkpoint_tensors, load_module, only_run_dir,
+from conftest import (PYTHON, ROOT, assert_checkpoints_bitwise_equal, assert_one_line_error, checkpoint_tensors, file_hash,
+                      load_module, only_run_dir,
                       read_image_tags, read_scalars, run_script, run_until_line_then_kill, script_env)
 
 ddpm = load_module("ddpm_cifar10.py")
@@ -391,9 +390,9 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
-    out = run_until_line_then_kill(SCRIPT, *TINY, "--total-steps", "100000", "--output-dir", tmp_path,
-                                   "--save-every", "5", line_startswith="saved checkpoint at step 5",
-                                   sig=__import__("signal").SIGTERM)
+    run_until_line_then_kill(SCRIPT, *TINY, "--total-steps", "100000", "--output-dir", tmp_path,
+                            "--save-every", "5", line_startswith="saved checkpoint at step 5",
+                            sig=__import__("signal").SIGTERM)
     run_dir = only_run_dir(tmp_path)
     step = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["step"]
     assert step >= 5 and step < 100000
@@ -422,19 +421,6 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, nothing lost
-
-
-def file_hash(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
-
-
-def assert_one_line_error(result, *words):
-    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for word in words:
-        assert word.lower() in lines[0].lower(), lines[0]
 
 
 @pytest.fixture()

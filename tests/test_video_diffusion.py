@@ -1,7 +1,6 @@
 """video_diffusion.py: every block's shapes, zero output at init, guidance at s = 1 and s = 0, the samplers against
 ddpm_cifar10.py's, the metrics on ground truth, autoregressive generation, a tiny model that must learn action and text
 control, the script on every dataset kind, exact resume, torchrun, and bad inputs."""
-import hashlib
 import json
 import shutil
 import subprocess
@@ -10,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (PYTHON, ROOT, assert_checkpoints_bitwise_equal, checkpoint_tensors, load_module, only_run_dir,
+from conftest import (PYTHON, ROOT, assert_checkpoints_bitwise_equal, assert_one_line_error, checkpoint_tensors, file_hash,
+                      load_module, only_run_dir,
                       read_image_tags, read_scalars, run_script, run_until_line_then_kill, script_env)
 
 vd = load_module("video_diffusion.py")
@@ -494,19 +494,6 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, nothing lost
-
-
-def file_hash(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
-
-
-def assert_one_line_error(result, *words):
-    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for word in words:
-        assert word.lower() in lines[0].lower(), lines[0]
 
 
 @pytest.fixture()
