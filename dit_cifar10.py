@@ -864,6 +864,15 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
                    resume=args.resume)
 
 
+def leave_process_group(world_size: int):
+    """Every rank tears the process group down at the same point, after a barrier: a rank that leaves while another is
+    still sampling or saving can be aborted by gloo at exit. What follows (final samples, FID) is rank 0's alone and
+    needs no collective."""
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def save_checkpoint(path: Path, state: dict):
     """Atomic: write a temporary file in the same folder, flush and fsync, then rename over the old checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -987,6 +996,9 @@ def main(args: Args, given: set[str]):
     torch.backends.cudnn.benchmark = not args.torch_deterministic
     if args.torch_deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # ...without its NaN fill of every new uninitialised tensor: one extra kernel per allocation, 10 to 12% of a
+        # DDPM or DIAMOND training step on an H100 (benchmark/RESULTS.md); no kernel reads memory it did not write.
+        torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs on Ampere+: ~free speed for fp32 parts
     torch.backends.cudnn.allow_tf32 = True
     autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -1071,6 +1083,7 @@ def main(args: Args, given: set[str]):
         return fid
 
     if args.sample_only:
+        leave_process_group(world_size)  # sampling is rank 0's alone
         if is_main:
             class_labels = (torch.full((args.num_samples,), args.class_label) if args.class_label is not None
                             else balanced_labels(args.num_samples))
@@ -1083,8 +1096,6 @@ def main(args: Args, given: set[str]):
             print(f"wrote {len(samples)} samples to {path} and {path.with_suffix('.npz')}")
             if args.eval_fid:
                 run_fid()
-        if world_size > 1:
-            dist.destroy_process_group()
         return
 
     # Run folder, TensorBoard, wandb (rank 0 only)
@@ -1255,6 +1266,7 @@ def main(args: Args, given: set[str]):
 
     if progress is not None:
         progress.close()
+    leave_process_group(world_size)  # before the final FID, which rank 0 computes alone
     if is_main and args.eval_fid and step == total_steps:
         run_fid(writer)
     if writer is not None:
@@ -1265,8 +1277,6 @@ def main(args: Args, given: set[str]):
         wandb.finish()
     for sig, handler in previous_handlers.items():
         signal.signal(sig, handler)
-    if world_size > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1334,6 +1334,15 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
                    resume=args.resume)
 
 
+def leave_process_group(world_size: int):
+    """Every rank tears the process group down at the same point, after a barrier: a rank that leaves while another is
+    still sampling or saving can be aborted by gloo at exit. What follows (final samples, FID) is rank 0's alone and
+    needs no collective."""
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def save_checkpoint(path: Path, state: dict):
     """Atomic: write a temporary file in the same folder, flush and fsync, then rename over the old checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1469,6 +1478,9 @@ def main(args: Args, given: set[str]):
     torch.backends.cudnn.benchmark = not args.torch_deterministic
     if args.torch_deterministic and use_cuda:  # (the CPU kernels used here are deterministic; the call costs seconds)
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # ...without its NaN fill of every new uninitialised tensor: one extra kernel per allocation, 10 to 12% of a
+        # DDPM or DIAMOND training step on an H100 (benchmark/RESULTS.md); no kernel reads memory it did not write.
+        torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs on Ampere+: ~free speed for fp32 parts
     torch.backends.cudnn.allow_tf32 = True
     autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -1617,6 +1629,7 @@ def main(args: Args, given: set[str]):
         return metrics
 
     if args.sample_only:
+        leave_process_group(world_size)  # sampling is rank 0's alone
         if is_main:
             stem = (f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_"
                     f"{int(time.time())}")
@@ -1625,8 +1638,6 @@ def main(args: Args, given: set[str]):
             if args.long_video_frames > args.num_frames:
                 path = write_samples(run_dir / "samples", "long_" + stem, sample_long(min(args.num_samples, 4)))
                 print(f"wrote long videos of {args.long_video_frames} frames to {path}")
-        if world_size > 1:
-            dist.destroy_process_group()
         return
 
     # Run folder, TensorBoard, wandb (rank 0 only)
@@ -1805,14 +1816,13 @@ def main(args: Args, given: set[str]):
 
     if progress is not None:
         progress.close()
+    leave_process_group(world_size)
     if writer is not None:
         writer.close()
     if args.track and is_main:
         import wandb
 
         wandb.finish()
-    if world_size > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

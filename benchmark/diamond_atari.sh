@@ -6,6 +6,8 @@
 #   e.g. Breakout 132.5 (81 to 200 across seeds), Boxing 86.9, Pong 20.4, Krull 8610.1.
 #   benchmark/atari_scores.py prints the paper's per-game scores beside yours.
 # Cost (paper): about 2.9 days per game and seed on one RTX 4090, 12 GB of GPU memory: 130 runs = 377 GPU-days.
+# Measured here (benchmark/RESULTS.md, section 0): about 6 days per run on one H100 at the eager rates; the
+# actor-critic's imagination is launch-bound, so try --compile first and check perf/* in TensorBoard.
 # Several runs share a large GPU well (each is small); --workers sets how many run at once, spread over the GPUs
 # listed in CUDA_VISIBLE_DEVICES.
 #
@@ -22,7 +24,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/atari100k}
+# --no-torch-deterministic: imagination runs 1.8x faster on an H100 without it (benchmark/RESULTS.md, section 0);
+# bitwise-exact resume is a CPU promise anyway.
 python benchmark/run_atari100k.py --games "${GAMES:-all}" --seeds "${SEEDS:-1-5}" --workers "${WORKERS:-4}" \
-  --output-dir "$OUT" -- --num-sampling-steps 3
+  --output-dir "$OUT" -- --num-sampling-steps 3 --no-torch-deterministic
 python benchmark/atari_scores.py "$OUT" --bootstrap 2000 --out "$OUT/scores.md"
 python benchmark/plot.py "$OUT" --tag eval/episodic_return --tag eval/human_normalized_score --out-dir "$OUT/plots"
