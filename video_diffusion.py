@@ -133,8 +133,11 @@ class Args:
     max_text_len: int = 16
     """caption tokens kept (words beyond are dropped)"""
     cond_drop_prob: float = 0.1
-    """probability of dropping the caption, the actions (each alone), and both together to null in training (the
-    both-null model is the unconditional one that classifier-free guidance subtracts)"""
+    """probability of dropping the caption to null in training, and independently the actions (a condition learns to
+    steer alone only in the samples where the other one is dropped)"""
+    null_cond_prob: float = 0.1
+    """probability of dropping both together in training (the unconditional model that classifier-free guidance
+    subtracts)"""
     context_frames: int = 4
     """k: frames the model is conditioned on when it continues a video (autoregressive generation)"""
     context_prob: float = 0.5
@@ -301,8 +304,9 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
     """Clips of a coloured square that the actions move, with captions "a red square moves right".
 
     Each clip has a commanded direction d: the action leading into each frame is d with probability 3/4, else a noop
-    or a perpendicular move, never the opposite; the start leaves room to move, and a clip is redrawn until the
-    sprite's net displacement is along d (so the caption is always true of the frames)."""
+    or a perpendicular move, never the opposite. The start is uniform over the frame whatever d, so the first frame
+    says (almost) nothing of where the sprite will go: the caption or the actions must. The sprite stops at the walls,
+    and a clip is redrawn until its net displacement is along d (the caption is always true of the frames)."""
     size, dsize, speed = sprite_geometry(img_size)
     span = img_size - size
     rng = np.random.default_rng(seed)
@@ -310,14 +314,7 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
     for _ in range(num_clips):
         for _attempt in range(1000):
             d = int(rng.integers(4))
-            room = min((num_frames - 1) * speed, span)
-            along = int(rng.integers(0, span - room + 1))  # coordinate along d, counted from the wall behind
-            across = int(rng.integers(0, span + 1))
-            axis = 0 if d >= 2 else 1  # left/right move x, up/down move y
-            forward = DIRECTION_VECTORS[d][axis] > 0
-            xy = [0, 0]
-            xy[axis] = along if forward else span - along
-            xy[1 - axis] = across
+            xy = rng.integers(0, span + 1, size=2).tolist()  # independent of d: no start-position hint
             perpendicular = [e for e in range(4) if (e >= 2) != (d >= 2)]
             choice = rng.random(num_frames)
             sideways = np.array(perpendicular)[rng.integers(2, size=num_frames)] + 1
@@ -1293,8 +1290,8 @@ def check_args(args: Args, world_size: int):
     if args.action_dim not in (0, 2) and args.dataset == "sprites":
         raise UserError(f"--action-dim {args.action_dim}: the sprites world's continuous action is a 2-d velocity; "
                         f"use --action-dim 2 (or 0 for discrete actions)")
-    if not 0 <= args.cond_drop_prob <= 1 or not 0 <= args.context_prob <= 1:
-        raise UserError("--cond-drop-prob and --context-prob are probabilities (between 0 and 1)")
+    if not all(0 <= p <= 1 for p in (args.cond_drop_prob, args.null_cond_prob, args.context_prob)):
+        raise UserError("--cond-drop-prob, --null-cond-prob and --context-prob are probabilities (between 0 and 1)")
 
 
 def resolve_checkpoint_path(resume: str) -> Path:
@@ -1607,9 +1604,8 @@ def main(args: Args, given: set[str]):
             # Does the sprite go where the caption (alone) or the actions (alone) say? Clips are generated from the
             # real first frame (which shows where the sprite starts, not where it goes): this measures control, not
             # whether the model can draw a sprite from nothing.
-            # The start position hints at the direction (a clip starts with room to move its way), so the "swapped"
-            # metrics command each first frame with another clip's caption or actions: following them is control,
-            # following the hint is not (it agrees with the other clip's command only by chance).
+            # The "swapped" metrics command each first frame with another clip's caption or actions: a model that
+            # learned a direction from anything but the command (a start-position prior, say) scores chance there.
             directions = np.resize(eval_data.directions, n)
             others = eval_data.directions[(np.arange(n) + 1) % len(eval_data.directions)]
             for kind, flags, shift in (("text", dict(use_actions=False), "text_shift"),
@@ -1732,7 +1728,7 @@ def main(args: Args, given: set[str]):
         indices = global_batch_indices(step, args.batch_size, num_clips, args.seed).to(device, non_blocking=True)
         t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
         noise = torch.randn((args.batch_size, *clip_shape), generator=train_generator, device=device)
-        drop_both = torch.rand(args.batch_size, generator=train_generator, device=device) < args.cond_drop_prob
+        drop_both = torch.rand(args.batch_size, generator=train_generator, device=device) < args.null_cond_prob
         drop_text = drop_both | (torch.rand(args.batch_size, generator=train_generator, device=device) <
                                  args.cond_drop_prob)
         drop_actions = drop_both | (torch.rand(args.batch_size, generator=train_generator, device=device) <
