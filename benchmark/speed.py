@@ -16,7 +16,7 @@ and the achieved FLOP/s as a fraction of a 2048x2048 fp32 matmul measured in the
 utilisation against the GPU's bf16 dense peak, with bf16 autocast). FLOPs are counted by torch.utils.flop_counter
 over one forward (sampling) or forward + backward (training) of each model, on the meta device.
 
-    python benchmark/speed.py --quick                     # a few minutes on 2 CPU cores
+    python benchmark/speed.py --quick                     # about 80 s on 2 quiet CPU cores, all four
     python benchmark/speed.py --only ddpm --compile       # also torch.compile variants (slow to compile on a CPU)
     python benchmark/speed.py --device cuda               # GPU: bf16 autocast, channels_last, MFU vs the bf16 peak
     python benchmark/speed.py --quick --json speed.json   # keep the numbers
@@ -510,7 +510,7 @@ def make_config(ns) -> Config:
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 short repetitions (a few minutes on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="3 short repetitions (about 80 s on 2 quiet cores)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--only", default=",".join(ALL_BENCHMARKS), help=f"comma-separated subset of {ALL_BENCHMARKS}")
     parser.add_argument("--compile", action="store_true", help="add torch.compile variants")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import PYTHON, ROOT, read_scalars, run_script, script_env
 
@@ -366,3 +367,31 @@ def test_atari_runner_parallel_markers_and_resume(tmp_path):
     assert len(listed) == 52 and "--env-id Alien-v5 --seed 1" in listed[0] and "--seed 3" in listed[-1]
     bad = run_tool("run_atari100k.py", "--games", "Tetris", check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --games: 'Tetris'")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# unet_vs_dit.py
+
+
+def test_unet_vs_dit_trains_both_for_the_budget_and_scores_their_samples(tmp_path):
+    """Both scripts run as users run them, stopped by SIGTERM at the budget (they save and exit 0), then sampled."""
+    out = tmp_path / "cmp"
+    result = run_tool("unet_vs_dit.py", "--budget-seconds", 20, "--img-size", 8, "--num-samples", 24,
+                      "--num-sampling-steps", 3, "--feature-steps", 3, "--output-dir", out, timeout=600)
+    data = json.loads((out / "results.json").read_text())
+    rows = data["rows"]
+    assert list(rows) == ["U-Net (ddpm_cifar10.py)", "DiT (dit_cifar10.py)"]
+    unet_vs_dit = load_tool("unet_vs_dit.py")
+    for label, row in rows.items():
+        script = "ddpm_cifar10.py" if "U-Net" in label else "dit_cifar10.py"
+        checkpoint = torch.load(Path(row["run"]) / "checkpoints" / "latest.pt", weights_only=True)
+        assert row["steps"] == checkpoint["step"] > 0  # stopped inside its run length by the budget, and saved
+        module = unet_vs_dit.load_script(script)
+        args = module.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()})
+        assert row["parameters"] == sum(p.numel() for p in module.build_model(args).parameters())
+        assert args.img_size == 8 and args.dataset == "shapes" and args.batch_size == 64
+        assert np.isfinite(row["fd_shapes_cnn"]) and row["fd_shapes_cnn"] > 0 and row["train_gflop_per_image"] > 0
+    assert json.loads((Path(rows["DiT (dit_cifar10.py)"]["run"]) / "config.json").read_text())["num_classes"] == 0
+    assert "| U-Net (ddpm_cifar10.py) |" in result.stdout and "FD-shapes-CNN floor" in result.stdout
+    bad = run_tool("unet_vs_dit.py", "--budget-seconds", 0, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
