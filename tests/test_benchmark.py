@@ -395,3 +395,30 @@ def test_unet_vs_dit_trains_both_for_the_budget_and_scores_their_samples(tmp_pat
     assert "| U-Net (ddpm_cifar10.py) |" in result.stdout and "FD-shapes-CNN floor" in result.stdout
     bad = run_tool("unet_vs_dit.py", "--budget-seconds", 0, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The GPU recipes (benchmark/*.sh): they need a GPU and days, so here they are parsed, and every flag they pass must be
+# one that a script or a benchmark tool accepts (a renamed flag would otherwise surface only on a rented GPU).
+
+
+def test_recipes_parse_and_pass_only_known_flags():
+    import dataclasses
+    import re
+
+    known = {"--standalone", "--nproc_per_node"}  # torchrun's
+    for script in ("ddpm_cifar10.py", "dit_cifar10.py", "video_diffusion.py", "diamond_atari.py"):
+        module = load_tool(f"../{script}")
+        for f in dataclasses.fields(module.Args):
+            flag = "--" + f.name.replace("_", "-")
+            known |= {flag, "--no-" + f.name.replace("_", "-")} if f.type in (bool, "bool") else {flag}
+        known |= set(getattr(module, "FLAG_ALIASES", {}))
+    for tool in ("speed.py", "samplers.py", "plot.py", "atari_scores.py", "run_atari100k.py", "unet_vs_dit.py"):
+        known |= set(re.findall(r"--[a-z][a-z0-9_-]*", run_tool(tool, "--help").stdout))
+    recipes = sorted((ROOT / "benchmark").glob("*.sh"))
+    assert len(recipes) >= 6
+    for recipe in recipes:
+        assert subprocess.run(["bash", "-n", str(recipe)]).returncode == 0, recipe
+        code = "\n".join(line for line in recipe.read_text().splitlines() if not line.lstrip().startswith("#"))
+        flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", code))
+        assert flags <= known, (recipe.name, sorted(flags - known))
