@@ -103,7 +103,7 @@ def test_plot_groups_envs_and_seeds_with_known_values(tmp_path):
             "charts/episodic_return": [(0, 0.0), (100, finals / 2), (200, finals)],
             "losses/loss": [(0, 1.0), (200, 0.5)]})
     # seed 3 again, older: ignored
-    write_events(runs / f"Pong-v5__algo__3__900", {"charts/episodic_return": [(0, 0.0), (200, 999.0)]})
+    write_events(runs / "Pong-v5__algo__3__900", {"charts/episodic_return": [(0, 0.0), (200, 999.0)]})
     # env A, exp "other": one seed
     write_events(runs / "Pong-v5__other__1__1000", {"charts/episodic_return": [(0, 1.0), (200, 3.0)]})
     # env B (exp name with double underscores inside), two seeds on different grids; seed 2 was killed and resumed:
