@@ -89,18 +89,26 @@ def sample_run(script: str, run_dir: Path, num_samples: int, num_steps: int) -> 
         return np.ascontiguousarray(data["arr_0"].transpose(0, 3, 1, 2))
 
 
-def run_summary(run_dir: Path) -> dict:
-    """Step, parameters and images/s of a finished run, from its checkpoint and TensorBoard events."""
+def run_summary(module, run_dir: Path, img_size: int) -> dict:
+    """Step, parameters (as the run logged them), images/s and training FLOPs per image of a finished run, from its
+    checkpoint (the network rebuilt from the run's own arguments) and its TensorBoard events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True, map_location="cpu")
+    args = module.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()})
+    model = module.build_model(args)
+    # forward + backward ~ 3 x forward; both forwards take (x, t) (the unconditional DiT's label defaults to None)
+    x, t = torch.zeros(1, 3, img_size, img_size), torch.zeros(1, dtype=torch.long)
+    train_flops = 3 * module.forward_flops(model, x, t)
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     scalars = events.Tags()["scalars"]
     last = {tag: events.Scalars(tag)[-1].value for tag in ("charts/SPS", "losses/mse", "charts/num_parameters")
             if tag in scalars}
-    return {"steps": int(checkpoint["step"]), "parameters": int(last.get("charts/num_parameters", float("nan"))),
-            "images_per_second": last.get("charts/SPS", float("nan")), "last_loss": last.get("losses/mse", float("nan"))}
+    nan = float("nan")
+    return {"steps": int(checkpoint["step"]), "parameters": int(last.get("charts/num_parameters", -1)),
+            "images_per_second": last.get("charts/SPS", nan), "last_loss": last.get("losses/mse", nan),
+            "train_gflop_per_image": train_flops / 1e9}
 
 
 def main(argv=None) -> dict:
@@ -123,7 +131,6 @@ def main(argv=None) -> dict:
     extra = {"ddpm_cifar10.py": shlex.split(ns.unet_args), "dit_cifar10.py": shlex.split(ns.dit_args)}
 
     ddpm = load_script("ddpm_cifar10.py")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print("training the feature network ...", flush=True)
     feature_net, accuracy = train_feature_net(ddpm, ns.img_size, steps=ns.feature_steps)
     heldout, _ = ddpm.make_shapes_dataset(ns.num_samples, ns.img_size, seed=HELDOUT_SEED)
@@ -139,13 +146,10 @@ def main(argv=None) -> dict:
     for label, (script, args) in SCRIPTS.items():
         full_args = [*common, *args, *extra[script]]
         run_dir, seconds = train_for(script, full_args, output_dir, ns.budget_seconds)
-        summary = run_summary(run_dir)
-        module = load_script(script)
-        train_flops = module.forward_flops(*forward_flops_inputs(module, script, run_dir, ns.img_size)) * 3
+        summary = run_summary(load_script(script), run_dir, ns.img_size)
         samples = sample_run(script, run_dir, ns.num_samples, ns.num_sampling_steps)
         fd = frechet_distance(features_of(feature_net, samples), heldout_features)
-        rows[label] = {**summary, "seconds": round(seconds, 1), "train_gflop_per_image": train_flops / 1e9,
-                       "fd_shapes_cnn": fd, "run": str(run_dir),
+        rows[label] = {**summary, "seconds": round(seconds, 1), "fd_shapes_cnn": fd, "run": str(run_dir),
                        "command": f"python {script} {' '.join(full_args)}"}
         print(f"{label}: {summary['steps']} steps in {seconds:.0f} s, FD-shapes-CNN {fd:.3f}", flush=True)
 
@@ -164,17 +168,6 @@ def main(argv=None) -> dict:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (output_dir / "results.json").write_text(json.dumps(result, indent=2))
     return result
-
-
-def forward_flops_inputs(module, script: str, run_dir: Path, img_size: int) -> tuple:
-    """(model, *inputs) for the script's forward_flops: the run's network and one image."""
-    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True, map_location="cpu")
-    args = module.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()})
-    model = module.build_model(args) if hasattr(module, "build_model") else None
-    if model is None:
-        raise UserError(f"{script} has no build_model")
-    x, t = torch.zeros(1, 3, img_size, img_size), torch.zeros(1, dtype=torch.long)
-    return (model, x, t) if script == "ddpm_cifar10.py" else (model, x, t, None)
 
 
 if __name__ == "__main__":

@@ -540,6 +540,7 @@ def test_error_changed_flag_on_resume_leaves_checkpoint_untouched(saved_run):
 @pytest.mark.parametrize("flags,words", [
     (["--num-sampling-steps", "0"], ["--num-sampling-steps"]),
     (["--num-heads", "3"], ["--num-heads", "divide"]),
+    (["--null-cond-prob", "1.5"], ["--null-cond-prob", "probabilities"]),
 ])
 def test_error_impossible_settings(flags, words, tmp_path):
     result = run_script(SCRIPT, *TINY, "--output-dir", tmp_path, *flags, check=False)
