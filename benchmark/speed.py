@@ -488,7 +488,8 @@ def make_config(ns) -> Config:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-        peak = load_script("ddpm_cifar10.py").matmul_peak_flops(device)  # the scripts' table of bf16 dense peaks
+        ddpm = load_script("ddpm_cifar10.py")
+        peak = ddpm.peak_flops(ddpm.Setup(device), "bfloat16")  # the scripts' table of bf16 dense peaks
     scale = 8 if cuda else 1
     return Config(
         device=device, quick=ns.quick, compile=ns.compile, repeats=ns.repeats or (3 if ns.quick else 7),

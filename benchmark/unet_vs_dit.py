@@ -96,10 +96,9 @@ def run_summary(module, run_dir: Path, img_size: int) -> dict:
 
     checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True, map_location="cpu")
     args = module.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["args"].items()})
-    model = module.build_model(args)
     # forward + backward ~ 3 x forward; both forwards take (x, t) (the unconditional DiT's label defaults to None)
     x, t = torch.zeros(1, 3, img_size, img_size), torch.zeros(1, dtype=torch.long)
-    train_flops = 3 * module.forward_flops(model, x, t)
+    train_flops = 3 * module.forward_flops(lambda: module.build_model(args), x, t)
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     scalars = events.Tags()["scalars"]
