@@ -1508,6 +1508,10 @@ def run_main(main: Callable):
     """Bad input: one line, exit 2. A fault during the run (non-finite loss, full disk, read-only folder): one line,
     exit 1. Ctrl-C before the signal handlers are up: one line, exit 130. Under torchrun only rank 0 prints."""
     def fail(message: str, status: int):
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()  # end any progress line, so that the error is a line of its own
         if torchrun_world()[1] == 0:
             print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(status)

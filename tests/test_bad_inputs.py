@@ -1,0 +1,442 @@
+"""Every bad input gets one line and exit 2, every fault during a run one line and exit 1, and nothing saved is lost
+(CONTRACT section 6; issue 9's classes). Each class is checked in process through the scripts' own functions for
+every script it applies to, and once per script through the whole path (a subprocess as a user runs it).
+
+Classes: 1 numeric flags outside their domain; 2 bad --config files; 3 an output folder that cannot be written, a disk
+that fills or a folder that turns read-only during a save; 4 incomplete, non-finite or malicious checkpoints;
+6 signals during sampling and start-up, and the handler installed before the run folder exists; 7 flags spelled with
+underscores on --resume; 11 MFU's denominator an upper bound; 12 messages that say what is true."""
+import errno
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import signal
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import get_args, get_origin, get_type_hints
+
+import pytest
+import torch
+from conftest import ROOT, assert_one_line_error, file_hash, load_module, only_run_dir, run_script, script_env
+
+SCRIPTS = ["ddpm_cifar10.py", "dit_cifar10.py", "video_diffusion.py", "diamond_atari.py"]
+GENERATIVE = ["ddpm_cifar10.py", "dit_cifar10.py", "video_diffusion.py"]
+TINY = {"ddpm_cifar10.py": ["--preset", "tiny"], "dit_cifar10.py": ["--preset", "tiny"],
+        "video_diffusion.py": ["--preset", "tiny"], "diamond_atari.py": ["--env-id", "Breakout-v5", "--preset", "tiny"]}
+# A short run of each generative script, with a checkpoint at its end: two optimizer steps (DiT counts epochs).
+SHORT = {"ddpm_cifar10.py": ["--total-steps", "2", "--save-every", "1", "--eval-every", "2", "--num-sampling-steps",
+                             "4", "--sampler", "ddim"],
+         "dit_cifar10.py": ["--epochs", "1", "--num-sampling-steps", "4", "--sampler", "ddim"],
+         "video_diffusion.py": ["--total-steps", "2", "--save-every", "1", "--eval-every", "2",
+                                "--num-sampling-steps", "4", "--sampler", "ddim"]}
+# The issue's examples, in every script that has the flag.
+ISSUE_EXAMPLES = [("seed", "-1"), ("learning_rate", "-1"), ("dropout", "2"), ("patch", "0"), ("heads", "0"),
+                  ("noop_max", "-1"), ("sample_batch_size", "0"), ("num_eval_samples", "0")]
+
+
+def module(script: str):
+    return load_module(script)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def numeric(hint) -> bool:
+    """int, float, Optional of them, or a tuple of them."""
+    if hint in (int, float):
+        return True
+    return get_origin(hint) is not None and any(numeric(arg) for arg in get_args(hint) if arg is not Ellipsis)
+
+
+def outside(domain: str, is_int: bool) -> list:
+    """Values outside a domain written in ARG_DOMAINS' notation, plus non-finite ones for float flags."""
+    if domain.startswith(">="):
+        bad = [float(domain[2:]) - 1]
+    elif domain.startswith(">"):
+        bad = [float(domain[1:]), float(domain[1:]) - 1]
+    else:
+        low, high = (float(b) for b in domain[1:-1].split(","))
+        bad = [low - 1, high + 1] + ([low] if domain[0] == "(" else []) + ([high] if domain[-1] == ")" else [])
+    bad = [int(v) if is_int else v for v in bad if not is_int or v == int(v)]
+    return bad + ([] if is_int else [math.nan, math.inf])
+
+
+def tiny_args(script: str):
+    return module(script).parse_args(TINY[script])[0]
+
+
+# ---- class 1: every numeric flag inside its domain, checked at start-up
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_numeric_flag_has_a_domain(script):
+    m = module(script)
+    hints = get_type_hints(m.Args)
+    missing = [name for name, hint in hints.items() if numeric(hint) and name not in m.ARG_DOMAINS]
+    assert not missing, f"{script}: numeric flags without an ARG_DOMAINS entry: {missing}"
+    assert set(m.ARG_DOMAINS) <= set(hints)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_value_outside_a_domain_is_refused_naming_its_flag(script):
+    m = module(script)
+    args = tiny_args(script)
+    m.check_args(args, 1)  # the tiny preset itself passes
+    hints = get_type_hints(m.Args)
+    for name, domain in m.ARG_DOMAINS.items():
+        current = getattr(args, name)
+        is_int = int in (hints[name], *get_args(hints[name]))
+        for bad in outside(domain, is_int):
+            value = (bad,) + tuple(current[1:]) if isinstance(current, tuple) and current else bad
+            if isinstance(current, tuple) and not current:
+                value = (bad,)
+            with pytest.raises(m.UserError, match=flag(name)):
+                m.check_args(replace(args, **{name: value}), 1)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_issue_examples_are_refused_through_the_parser(script):
+    m = module(script)
+    names = {f.name for f in fields(m.Args)}
+    examples = [(name, value) for name, value in ISSUE_EXAMPLES if name in names]
+    assert examples
+    for name, value in examples:
+        args, given = m.parse_args([*TINY[script], flag(name), value])
+        assert name in given
+        with pytest.raises(m.UserError, match=flag(name)):
+            m.check_args(args, 1)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_bad_value_is_one_line_before_anything_is_written(script, tmp_path):
+    result = run_script(script, *TINY[script], "--seed", "-1", "--output-dir", tmp_path / "runs", check=False)
+    assert_one_line_error(result, "--seed")
+    assert not (tmp_path / "runs").exists()
+
+
+# ---- class 2: --config files
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_config_files_are_refused_by_name(script, tmp_path):
+    m = module(script)
+    cases = {
+        "binary.json": (b"\x80\x81\xfe\xff\x00garbage", "not a text file"),
+        "list.json": (b"[1, 2, 3]", "object"),
+        "broken.json": (b'{"seed": 1,', "not valid JSON"),
+        "wrong_type.json": (json.dumps({"seed": "one"}).encode(), "seed"),
+        "bool_as_int.json": (json.dumps({"cuda": 1}).encode(), "cuda"),
+        "float_as_int.json": (json.dumps({"seed": 1.5}).encode(), "seed"),
+        "unknown.json": (json.dumps({"no_such_flag": 1}).encode(), "no_such_flag"),
+        "broken.yaml": (b"seed: [1, 2\n", "YAML"),
+        "config.yaml.json": (b"seed: 3\n", "YAML needs a .yaml"),
+    }
+    for name, (content, words) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(m.UserError, match=words):
+            m.parse_args(["--config", str(tmp_path / name)])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_yaml_config_is_read(script, tmp_path):
+    pytest.importorskip("yaml")
+    m = module(script)
+    (tmp_path / "config.yaml").write_text("seed: 7\nexp_name: from_yaml\n")
+    args, _ = m.parse_args(["--config", str(tmp_path / "config.yaml")])
+    assert (args.seed, args.exp_name) == (7, "from_yaml")
+    # a config written by a run (tuples as JSON lists) reads back as the same Args
+    (tmp_path / "config.json").write_text(json.dumps(m.asdict(tiny_args(script))))
+    read = m.parse_args(["--config", str(tmp_path / "config.json")])[0]
+    assert read == replace(tiny_args(script), config=str(tmp_path / "config.json"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_binary_config_is_one_line(script, tmp_path):
+    (tmp_path / "config.json").write_bytes(bytes(range(256)))
+    result = run_script(script, "--config", tmp_path / "config.json", check=False)
+    assert_one_line_error(result, "--config")
+
+
+# ---- class 3: folders that cannot be written, a full disk, a folder turned read-only
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("fault", [errno.ENOSPC, errno.EROFS])
+def test_a_failed_save_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(script, fault, tmp_path,
+                                                                                    monkeypatch):
+    m = module(script)
+    path = tmp_path / "checkpoints" / "latest.pt"
+    m.save_checkpoint(path, {"step": 1, "weights": torch.arange(4.0)})
+    before = file_hash(path)
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")  # the disk fills (or turns read-only) in the middle of the write
+        raise OSError(fault, os.strerror(fault))
+
+    monkeypatch.setattr(m.torch, "save", failing_save)
+    with pytest.raises(m.TrainingFailure, match="previous one is intact"):
+        m.save_checkpoint(path, {"step": 2, "weights": torch.zeros(4)})
+    assert file_hash(path) == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["latest.pt"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_output_dir_that_is_a_file_is_one_line(script, tmp_path):
+    (tmp_path / "runs").write_text("not a folder")
+    result = run_script(script, *TINY[script], "--output-dir", tmp_path / "runs", check=False)
+    assert_one_line_error(result, "--output-dir")
+    assert (tmp_path / "runs").read_text() == "not a folder"
+
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory):
+    """One short run of each generative script, with its checkpoint (shared by the resume tests below)."""
+    runs = {}
+    for script in GENERATIVE:
+        out = tmp_path_factory.mktemp(Path(script).stem)
+        run_script(script, *TINY[script], *SHORT[script], "--output-dir", out)
+        runs[script] = only_run_dir(out)
+    return runs
+
+
+# A run whose every checkpoint write fails as a full disk does: the script as a user runs it, torch.save patched.
+FULL_DISK = """import errno, os, runpy, sys, torch
+def failing_save(obj, f, *args, **kwargs):
+    f.write(b"half a checkpoint")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+torch.save = failing_save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", GENERATIVE)
+def test_a_full_disk_during_a_run_is_one_line_exit_1_and_loses_nothing(script, short_runs, tmp_path):
+    run_dir = short_runs[script]
+    latest = run_dir / "checkpoints" / "latest.pt"
+    before = file_hash(latest)
+    length = ["--epochs", "2"] if script == "dit_cifar10.py" else ["--total-steps", "3"]
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, str(ROOT / script), "--resume", str(run_dir), *length],
+                            cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and not re.search(r"\d+%\|", line)]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "No space left" in lines[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert file_hash(latest) == before
+    assert sorted(p.name for p in latest.parent.iterdir()) == ["latest.pt"]
+
+
+# ---- class 4: checkpoints that are incomplete, non-finite or malicious
+
+
+def a_checkpoint(m) -> dict:
+    return {"script": m.SCRIPT_NAME, "format_version": m.CHECKPOINT_FORMAT_VERSION,
+            **{key: {"w": torch.zeros(2)} for key in m.CHECKPOINT_KEYS}}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_incomplete_non_finite_and_malicious_checkpoints_are_refused(script, tmp_path):
+    m = module(script)
+    complete = a_checkpoint(m)
+    torch.save(complete, tmp_path / "complete.pt")
+    assert m.load_checkpoint(tmp_path / "complete.pt").keys() == complete.keys()
+    for key in sorted(m.CHECKPOINT_KEYS)[:3]:
+        torch.save({k: v for k, v in complete.items() if k != key}, tmp_path / "missing.pt")
+        with pytest.raises(m.UserError, match=f"lacks {key}"):
+            m.load_checkpoint(tmp_path / "missing.pt")
+    for bad in (math.nan, math.inf):
+        broken = a_checkpoint(m)
+        broken[sorted(m.CHECKPOINT_KEYS)[0]]["w"][1] = bad
+        torch.save(broken, tmp_path / "non_finite.pt")
+        with pytest.raises(m.UserError, match="non-finite"):
+            m.load_checkpoint(tmp_path / "non_finite.pt")
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with open(tmp_path / "malicious.pt", "wb") as f:
+        pickle.dump({"script": m.SCRIPT_NAME, "x": Exploit()}, f)
+    with pytest.raises(m.UserError) as refused:
+        m.load_checkpoint(tmp_path / "malicious.pt")
+    assert "could run code" in str(refused.value) and "weights_only=False" not in str(refused.value)
+
+
+@pytest.mark.parametrize("script", GENERATIVE)
+def test_a_checkpoint_with_nan_weights_is_one_line_and_stays_as_it_was(script, short_runs, tmp_path):
+    checkpoint = torch.load(short_runs[script] / "checkpoints" / "latest.pt", weights_only=True)
+    name = next(k for k, v in checkpoint["ema"].items() if v.is_floating_point())
+    checkpoint["ema"][name].view(-1)[0] = math.nan
+    torch.save(checkpoint, tmp_path / "nan.pt")
+    before = file_hash(tmp_path / "nan.pt")
+    result = run_script(script, "--resume", tmp_path / "nan.pt", "--sample-only", check=False)
+    assert_one_line_error(result, "non-finite", "ema")
+    assert file_hash(tmp_path / "nan.pt") == before
+
+
+# ---- class 6: signals
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_signal_handler_is_installed_before_the_run_folder_exists(script, tmp_path, monkeypatch):
+    """A SIGTERM before the handler kills a process that has written nothing; after it, the run saves a checkpoint.
+    So the handler must be in place when the run folder is created."""
+    m = module(script)
+    seen = {}
+
+    class Created(Exception):
+        pass
+
+    def create_run_dir(args, run_id):
+        seen["handler"] = signal.getsignal(signal.SIGTERM)
+        raise Created
+
+    monkeypatch.setattr(m, "create_run_dir", create_run_dir)
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Created):
+        m.main(*m.parse_args([*TINY[script], "--output-dir", str(tmp_path)]))
+    handler = seen["handler"]
+    assert getattr(handler, "__self__", None).__class__.__name__ == "StopFlag", handler
+    signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def signal_on_first_sampler_call(m, monkeypatch, sig):
+    """Patches the script's sampler entry so that the process signals itself when sampling starts, and counts the
+    network evaluations that follow: a stop flag checked inside sampling allows none."""
+    name = "sample_videos" if hasattr(m, "sample_videos") else "sample_images"
+    original, calls = getattr(m, name), []
+
+    def sampler(model_fn, *args, **kwargs):
+        os.kill(os.getpid(), sig)
+
+        def counted(*a, **k):
+            calls.append(1)
+            return model_fn(*a, **k)
+
+        return original(counted, *args, **kwargs)
+
+    monkeypatch.setattr(m, name, sampler)
+    return calls
+
+
+@pytest.mark.parametrize("script", GENERATIVE)
+def test_sigterm_during_the_evaluation_abandons_it_saves_and_stops(script, short_runs, tmp_path, monkeypatch,
+                                                                   capsys):
+    m = module(script)
+    run_dir = tmp_path / "run"
+    shutil.copytree(short_runs[script], run_dir)
+    calls = signal_on_first_sampler_call(m, monkeypatch, signal.SIGTERM)
+    length = ["--epochs", "2"] if script == "dit_cifar10.py" else ["--total-steps", "3"]
+    m.main(*m.parse_args(["--resume", str(run_dir), *length, "--eval-every", "1"]))
+    out = capsys.readouterr().out
+    assert "stopped by signal at" in out, out
+    assert len(calls) <= 1  # abandoned at its first network evaluation, not after the whole sampler
+    saved = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    before = torch.load(short_runs[script] / "checkpoints" / "latest.pt", weights_only=True)
+    assert saved["step"] == before["step"] + 1  # the step that was evaluated is saved
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.mark.parametrize("script", GENERATIVE)
+def test_sigint_during_sample_only_is_one_line_not_a_traceback(script, short_runs, tmp_path, monkeypatch, capsys):
+    m = module(script)
+    calls = signal_on_first_sampler_call(m, monkeypatch, signal.SIGINT)
+    m.main(*m.parse_args(["--resume", str(short_runs[script]), "--sample-only"]))
+    out = capsys.readouterr().out
+    assert "stopped by signal" in out and len(calls) <= 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the caller's handler is back
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_ctrl_c_during_start_up_is_one_line(script, monkeypatch, capsys):
+    m = module(script)
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(m, "setup_device", interrupted)
+    monkeypatch.setattr(sys, "argv", [script, *TINY[script]])
+    with pytest.raises(SystemExit) as exit_:
+        m.run_main(m.main)
+    assert exit_.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: interrupted"), err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_only_rank_0_prints_the_error(script, monkeypatch, capsys):
+    m = module(script)
+    monkeypatch.setattr(sys, "argv", [script, *TINY[script], "--seed", "-1"])
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_:
+            m.run_main(m.main)
+        assert exit_.value.code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == lines
+
+
+# ---- class 7: flags spelled with underscores
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_flag_counts_as_given_whatever_its_spelling(script):
+    m = module(script)
+    for argv in (["--exp_name", "x"], ["--exp-name", "x"], ["--exp_name=x"], ["--exp-name=x"]):
+        assert "exp_name" in m.parse_args(argv)[1], argv
+    assert "cuda" in m.parse_args(["--no_cuda"])[1] and "cuda" in m.parse_args(["--no-cuda"])[1]
+
+
+@pytest.mark.parametrize("script", GENERATIVE)
+def test_resume_with_underscore_flags_samples_and_refuses_as_with_hyphens(script, short_runs, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(short_runs[script], run_dir)
+    latest = run_dir / "checkpoints" / "latest.pt"
+    before = file_hash(latest)
+    result = run_script(script, "--resume", run_dir, "--sample_only", "--num_samples", "4", check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert file_hash(latest) == before  # sampled, not trained on and overwritten
+    assert any(p.name.startswith("sample_only") for p in (run_dir / "samples").iterdir())
+    result = run_script(script, "--resume", run_dir, "--learning_rate", "0.5", check=False)
+    assert_one_line_error(result, "--learning-rate")
+    assert file_hash(latest) == before
+
+
+# ---- class 11: MFU's denominator
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_cpu_peak_is_an_upper_bound(script):
+    m = module(script)
+    setup = m.Setup(torch.device("cpu"))
+    peak = m.peak_flops(setup, "float32")
+    assert peak >= m.cpu_peak_flops() and peak >= 0.9 * m.measured_matmul_flops()
+    # cores x clock x lanes x FMA: at least 2 FLOPs x 4 lanes per cycle at 1 GHz per thread
+    assert m.cpu_peak_flops() >= torch.get_num_threads() * 1e9 * 4 * 2
+
+
+@pytest.mark.parametrize("script", GENERATIVE)
+def test_logged_mfu_is_a_fraction(script, short_runs):
+    from conftest import read_scalars
+
+    mfu = [value for _, value in read_scalars(short_runs[script])["perf/mfu"]]
+    assert mfu and all(0 < value <= 1 for value in mfu), mfu
+
+
+# ---- class 12: messages that say what is true
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_non_finite_message_says_whether_a_checkpoint_exists(script, tmp_path):
+    m = module(script)
+    assert "no checkpoint was saved yet" in str(m.non_finite_failure("at step 3", tmp_path))
+    assert "no checkpoint was saved yet" in str(m.non_finite_failure("at step 3", None))
+    m.save_checkpoint(tmp_path / "checkpoints" / "latest.pt", {"step": 1})
+    assert "last good checkpoint is kept" in str(m.non_finite_failure("at step 3", tmp_path))

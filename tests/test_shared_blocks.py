@@ -1,0 +1,65 @@
+"""The text meant to be identical in several scripts is identical (issue 9: written once, drift fails CI).
+
+- The shared machinery (flags, config, checkpoints, RNG, device, torchrun, run folder, signals, MFU, entry point): one
+  fenced block at the end of all four scripts, byte-identical, followed only by the `__main__` stanza.
+- Every name the block reads from its script is defined in each script."""
+import ast
+import re
+
+import pytest
+from conftest import ROOT
+
+SCRIPTS = ["ddpm_cifar10.py", "dit_cifar10.py", "video_diffusion.py", "diamond_atari.py"]
+BEGIN, END = "# BEGIN SHARED MACHINERY", "# END SHARED MACHINERY"
+# What the block reads from the script that holds it (its first comment says so).
+SCRIPT_NAMES = ["SCRIPT_NAME", "CHECKPOINT_FORMAT_VERSION", "CHECKPOINT_KEYS", "Args", "PRESETS", "ARG_DOMAINS",
+                "RESUME_MUTABLE_FIELDS", "FLAG_ALIASES"]
+
+
+def fenced(text: str, begin: str, end: str) -> str:
+    """The text from the ruler line above `begin` to the ruler line below `end`."""
+    start, stop = text.index(begin), text.index(end)
+    start = text.rindex("\n# ====", 0, start) + 1
+    stop = text.index("\n", text.index("\n", stop) + 1) + 1
+    return text[start:stop]
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return {script: (ROOT / script).read_text() for script in SCRIPTS}
+
+
+def test_the_shared_machinery_is_byte_identical_in_every_script(texts):
+    blocks = {script: fenced(text, BEGIN, END) for script, text in texts.items()}
+    reference = blocks["ddpm_cifar10.py"]
+    assert reference.count("\ndef ") + reference.count("\nclass ") > 20  # the block holds the machinery, not a stub
+    for script, block in blocks.items():
+        assert block == reference, f"{script}'s shared block differs from ddpm_cifar10.py's: copy it back"
+        assert texts[script].count(BEGIN) == 1 and texts[script].count(END) == 1
+
+
+def test_the_block_ends_each_script_and_only_the_entry_point_follows(texts):
+    for script, text in texts.items():
+        after = text[text.index(END):].split("\n", 2)[2]
+        assert after.strip() == 'if __name__ == "__main__":\n    run_main(main)', (script, after)
+
+
+def test_every_name_the_block_reads_is_defined_by_each_script(texts):
+    for script, text in texts.items():
+        above = text[:text.index(BEGIN)]
+        defined = {node.targets[0].id for node in ast.parse(above).body
+                   if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+        defined |= {node.target.id for node in ast.parse(above).body
+                    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+        defined |= {node.name for node in ast.parse(above).body if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
+        missing = [name for name in SCRIPT_NAMES + ["check_args", "main"] if name not in defined]
+        assert not missing, f"{script} does not define {missing}"
+
+
+def test_nothing_above_the_block_redefines_a_name_of_the_block(texts):
+    """A script-specific copy of a shared function (drift waiting to happen) is refused."""
+    for script, text in texts.items():
+        block = fenced(text, BEGIN, END)
+        shared = set(re.findall(r"^(?:def|class) (\w+)", block, flags=re.M))
+        above = set(re.findall(r"^(?:def|class) (\w+)", text[:text.index(BEGIN)], flags=re.M))
+        assert not shared & above, f"{script} redefines {sorted(shared & above)} outside the shared block"
