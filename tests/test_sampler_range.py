@@ -59,7 +59,6 @@ SAMPLERS = {  # name -> (abar, model_fn, x_T, S) -> x_0; DDPM unclipped, so that
        for sp in ("uniform", "linspace", "quadratic")},
     "dpm++": lambda abar, fn, x, S: ddpm.dpm_solver_sample(fn, x, abar, S),
 }
-DETERMINISTIC = ["ddim-uniform", "ddim-linspace", "ddim-quadratic", "dpm++"]
 # S = 1, 2, one that divides neither T, one between T/2 and T (leading's T // S stride stopped at S-1 there), T-1, T;
 # at T = 1000 fewer, to stay fast (S = T there: in the convergence test)
 STEP_COUNTS = {100: (1, 2, 7, 60, 99, 100), 1000: (1, 7, 600)}
@@ -181,8 +180,9 @@ def test_one_step_lands_on_the_denoised_prediction_at_the_top(sampler):
     assert (x - posterior_mean).abs().max() < 1e-9, (x - posterior_mean).abs().max()
 
 
-@pytest.mark.parametrize("sampler,T,final_error", [(sampler, 100, 0.06) for sampler in DETERMINISTIC]
-                         + [("ddim-uniform", 1000, 0.015), ("dpm++", 1000, 0.015)])
+@pytest.mark.parametrize("sampler,T,final_error", [  # measured: 0.0437, 0.0437, 0.0500, 0.0092, 0.0051, 0.00099
+    ("ddim-uniform", 100, 0.05), ("ddim-linspace", 100, 0.05), ("ddim-quadratic", 100, 0.06), ("dpm++", 100, 0.011),
+    ("ddim-uniform", 1000, 0.006), ("dpm++", 1000, 0.0012)])  # DPM-Solver++ with 0.45 for its 0.5 D1: 0.0122, 0.0014
 def test_deterministic_samplers_approach_the_probability_flow_solution_as_steps_grow(sampler, T, final_error):
     """The largest error over 256 x 4 values does not grow (by more than 0.1%) from one S to the next larger, and ends
     below final_error at S = T; what remains there is mostly the last step's first-order jump from t = 0 to the
