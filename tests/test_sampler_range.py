@@ -200,7 +200,7 @@ def test_deterministic_samplers_approach_the_probability_flow_solution_as_steps_
 @pytest.mark.parametrize("S", [100, 99])
 def test_ancestral_ddpm_samples_have_the_datas_mean_and_variance(sampler, S):
     """4000 samples at T = 100: each dimension's mean within 4 standard errors (4 s / sqrt(4000)) of mu, its standard
-    deviation within 10% of s (the fixed-large variance beta_t gives +3% to +7% at T = 100; beta~_t would give -21%)."""
+    deviation within 10% of s (the fixed-large variance beta_t gives +1% to +7% at T = 100; beta~_t would give -21%)."""
     abar = linear_alphas_cumprod(100)
     n = 4000
     x = SAMPLERS[sampler](abar, exact_model_fn(abar), noise(n), S)
