@@ -603,8 +603,13 @@ def tokenize(captions: list, vocabulary: list, max_len: int) -> torch.Tensor:
 
 
 def make_beta_schedule(kind: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    if kind == "linear":  # Ho et al.: beta_t linear from beta_1 to beta_T
-        return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+    """betas (T,) in float64 for T = timesteps. "linear": Ho et al.'s linspace(beta_start, beta_end, T), both ends
+    scaled by 1000 / T as improved-diffusion's get_named_beta_schedule("linear") does, so that T = 1000 is the paper's
+    schedule and a shorter one still ends in noise (T = 100: sqrt(abar_T) = 0.0045, not 0.60), capped at 0.999
+    (T < 20 would reach beta >= 1). "cosine": Nichol & Dhariwal. Raises ValueError on another kind."""
+    if kind == "linear":  # beta_t = (1000 / T) linear from beta_1 to beta_T
+        scale = 1000 / timesteps  # exactly 1.0 at T = 1000
+        return torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64).clamp(max=0.999)
     if kind == "cosine":  # Nichol & Dhariwal: abar(t) = f(t)/f(0), f(t) = cos^2((t/T + s)/(1 + s) * pi/2), s = 0.008
         s = 0.008
         t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
@@ -945,19 +950,50 @@ def build_model(args: "Args", vocab_size: int, num_actions: int) -> VideoDiffusi
 # float64 and cast to x's dtype.
 
 
+# ==== BEGIN SHARED SAMPLERS: identical in ddpm_cifar10.py, dit_cifar10.py, video_diffusion.py (tests check it) ====
+
+
 def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
     return 1.0 if t < 0 else float(alphas_cumprod[t])  # abar at "t = -1" is 1: the clean image
+
+
+def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
+    """The num_steps = S timesteps (descending) that DDIM, and DDPM with fewer than T steps, evaluate; every sampler
+    then steps from the last one to the clean image (abar = 1). Raises ValueError unless 1 <= S <= T.
+    - "uniform": floor(i T / S), i = 0..S-1. Where S divides T this is exactly diffusers' "leading" 0, T/S, 2T/S, ...
+      (the DDIM paper's protocol); where it does not, leading's integer stride T // S would stop at (S-1)(T // S),
+      as low as S-1 for T/2 < S < T, while floor(i T / S) still reaches above T-1 - T/S.
+    - "linspace": round(linspace(0, T-1, S)), half to even, as diffusers' "linspace" (the seed truncated instead), and
+      as DiT's respacing (space_timesteps with one section, facebookresearch/DiT diffusion/respace.py): ends at T-1.
+    - "quadratic": int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice. It starts at 0.8 T by design
+      and repeats small timesteps when S is large (a repeated timestep is an identity step: one wasted evaluation).
+    - S = 1, every spacing: [T-1], one jump from noise to the clean image (each formula gives [0]: a sampler would
+      then read the starting noise as an almost clean image and return it)."""
+    if spacing not in ("uniform", "linspace", "quadratic"):
+        raise ValueError(f"unknown timestep spacing {spacing}")
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
+    if num_steps == 1:
+        return [T - 1]
+    if spacing == "uniform":
+        steps = [i * T // num_steps for i in range(num_steps)]  # integer floor(i T / S) = i (T // S) when S | T
+    elif spacing == "linspace":
+        steps = [int(s) for s in np.linspace(0, T - 1, num_steps).round()]
+    else:
+        steps = [int(s) for s in np.linspace(0, math.sqrt(T * 0.8), num_steps) ** 2]
+    return steps[::-1]
 
 
 @torch.no_grad()
 def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: Optional[int] = None,
                 variance: str = "fixed_large", clip_denoised: bool = True,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Ancestral sampling (Ho et al. eq. 6-7). num_steps None: all T steps; fewer: respaced to the timesteps
-    0, T/S, 2T/S, ... ("leading", as diffusers' DDPMScheduler), with beta'_t = 1 - abar_t / abar_prev."""
+                generator: Optional[torch.Generator] = None, spacing: str = "uniform") -> torch.Tensor:
+    """Ancestral sampling (Ho et al. eq. 6-7); returns x_0 with x_T's shape and dtype. num_steps None: all T steps;
+    fewer: respaced to ddim_timesteps(T, S, spacing) ("uniform" as diffusers' DDPMScheduler where S divides T,
+    "linspace" as DiT's respacing) with beta'_t = 1 - abar_t / abar_prev. Raises ValueError on an unknown variance or
+    spacing, or S outside 1..T."""
     T = len(alphas_cumprod)
-    num_steps = T if num_steps is None else num_steps
-    timesteps = list(range(0, T, T // num_steps))[:num_steps][::-1]
+    timesteps = ddim_timesteps(T, T if num_steps is None else num_steps, spacing)
     x = x_T
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
@@ -970,7 +1006,7 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
         # posterior mean mu~_t = sqrt(abar_prev) beta_t / (1-abar_t) x0 + sqrt(1-beta_t) (1-abar_prev) / (1-abar_t) x_t
         mean = (math.sqrt(abar_prev) * beta_t / (1 - abar_t)) * x0 \
             + (math.sqrt(1 - beta_t) * (1 - abar_prev) / (1 - abar_t)) * x
-        if t > 0:  # no noise on the last step
+        if t_prev >= 0:  # no noise on the last step (to the clean image), wherever it starts (one step: from T-1)
             if variance == "fixed_large":  # sigma_t^2 = beta_t (the paper's choice for CIFAR-10)
                 var = beta_t
             elif variance == "fixed_small":  # sigma_t^2 = beta~_t = (1-abar_prev)/(1-abar_t) beta_t
@@ -984,26 +1020,13 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
     return x
 
 
-def ddim_timesteps(T: int, num_steps: int, spacing: str) -> list[int]:
-    """Descending timesteps: "uniform" 0, T/S, 2T/S, ... (diffusers' "leading"); "quadratic" int(linspace(0,
-    sqrt(0.8 T), S)^2) (the DDIM paper's CIFAR-10 choice); "linspace" round(linspace(T-1, 0, S)) (the seed's)."""
-    if spacing == "uniform":
-        steps = [i * (T // num_steps) for i in range(num_steps)]
-    elif spacing == "quadratic":
-        steps = [int(s) for s in np.linspace(0, math.sqrt(T * 0.8), num_steps) ** 2]
-    elif spacing == "linspace":
-        steps = [int(round(s)) for s in np.linspace(0, T - 1, num_steps)]
-    else:
-        raise ValueError(f"unknown DDIM spacing {spacing}")
-    return steps[::-1]
-
-
 @torch.no_grad()
 def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int,
                 eta: float = 0.0, spacing: str = "uniform", clip_denoised: bool = False,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """DDIM (Song et al. eq. 12): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z, the last step
-    going to abar = 1 (diffusers' set_alpha_to_one=True)."""
+    """DDIM (Song et al. eq. 12): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z, at the timesteps
+    ddim_timesteps(T, num_steps, spacing), the last step going to abar = 1 (diffusers' set_alpha_to_one=True).
+    Returns x_0 with x_T's shape and dtype. Raises ValueError on an unknown spacing or num_steps outside 1..T."""
     timesteps = ddim_timesteps(len(alphas_cumprod), num_steps, spacing)
     x = x_T
     for i, t in enumerate(timesteps):
@@ -1025,10 +1048,17 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 @torch.no_grad()
 def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
                       num_steps: int) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep. Timesteps round(linspace(0, T-1, S+1))[::-1][:-1]
-    with a final sigma of 0, first-order first and last steps (diffusers' DPMSolverMultistepScheduler defaults)."""
+    """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep; returns x_0 with x_T's shape and dtype.
+    Timesteps round(linspace(0, T-1, S+1))[::-1][:-1] with a final sigma of 0, first-order first and last steps
+    (diffusers' DPMSolverMultistepScheduler defaults); S = T takes every timestep T-1, ..., 0. Raises ValueError
+    unless 1 <= num_steps <= T."""
     T = len(alphas_cumprod)
-    timesteps = [int(round(s)) for s in np.linspace(0, T - 1, num_steps + 1)][::-1][:-1]
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
+    if num_steps == T:  # T+1 points 1 - 1/T apart round to a repeated timestep: h = 0 and r0 = 0/0
+        timesteps = list(range(T - 1, -1, -1))
+    else:  # points at least 1 apart: distinct after rounding
+        timesteps = [int(s) for s in np.linspace(0, T - 1, num_steps + 1).round()][::-1][:-1]
     sigma_table = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()  # sigma_t = sqrt((1 - abar_t) / abar_t)
     sigmas = [float(sigma_table[t]) for t in timesteps] + [0.0]
 
@@ -1056,6 +1086,9 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
                 x = (s_t / s_s0) * x - alpha_t * math.expm1(-h) * x0 - 0.5 * alpha_t * math.expm1(-h) * d1
         previous_x0 = x0
     return x
+
+
+# ==== END SHARED SAMPLERS ====
 
 
 def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Tensor] = None,

@@ -179,7 +179,8 @@ def test_dpm_solver_sample_matches_diffusers_dpm_solver_multistep(num_steps):
 
 def test_ddim_timestep_spacings_by_hand():
     assert ddpm.ddim_timesteps(1000, 5, "uniform") == [800, 600, 400, 200, 0]
-    assert ddpm.ddim_timesteps(1000, 5, "linspace") == [999, 749, 499, 249, 0]  # the seed's linspace(999, 0, 5).long()
+    # diffusers' "linspace": round(linspace(0, 999, 5)) half to even (the seed's .long() truncated to 499, 249)
+    assert ddpm.ddim_timesteps(1000, 5, "linspace") == [999, 749, 500, 250, 0]
     # DDIM's CIFAR-10 choice: int(linspace(0, sqrt(800), S)^2) = 0, 50, 200, 450, 800
     assert ddpm.ddim_timesteps(1000, 5, "quadratic") == [800, 450, 200, 50, 0]
 
