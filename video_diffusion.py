@@ -407,6 +407,8 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
     import gymnasium as gym
 
     folder.mkdir(parents=True, exist_ok=True)
+    if all((folder / f"episode_{i:05d}.npz").exists() for i in range(num_episodes)):
+        return  # all recorded: no emulator to start
     # repeat_action_probability 0: the recorded action is the one the emulator executed (no sticky actions)
     env = gym.make(gym_id, repeat_action_probability=0.0)
     try:
