@@ -265,6 +265,7 @@ def atari_games() -> list[str]:
     import gymnasium as gym
 
     gym.register_envs(ale_py)
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Warning)  # no banner on stderr: an error stays one line
     return sorted(key[len("ALE/"): -len("-v5")] for key in gym.registry
                   if key.startswith("ALE/") and key.endswith("-v5"))
 
@@ -388,33 +389,52 @@ def save_episode(path: Path, episode: dict):
     os.replace(tmp, path)
 
 
-def load_episode(path: Path, obs_size: int, num_actions: int) -> dict:
-    """Reads an episode .npz with allow_pickle=False (a file cannot run code) and checks its layout."""
-    import cv2
+def read_episode(path: Path, num_actions: int, fix: str) -> dict:
+    """An episode .npz (CONTRACT section 3), read with allow_pickle=False (a file cannot run code) and checked field by
+    field; a bad file is refused with one line naming it, the field and `fix`. Returns the fields in their dtypes."""
+    def bad(problem: str) -> UserError:
+        return UserError(f"{path}: {problem}; {fix}")
 
     try:
         with np.load(path, allow_pickle=False) as data:
             episode = {key: data[key] for key in EPISODE_KEYS if key in data}
-    except Exception as e:  # noqa: BLE001 - a corrupt or pickled file is the same user-facing error
-        raise UserError(f"cannot read episode {path} (corrupt, or holds pickled objects): "
-                        f"{str(e).splitlines()[0][:150] if str(e) else e.__class__.__name__}") from None
-    missing = sorted(set(EPISODE_KEYS) - set(episode))
+    except Exception as e:  # noqa: BLE001 - a missing, corrupt or pickled file is the same user-facing error
+        reason = str(e).splitlines()[0][:150] if str(e) else e.__class__.__name__
+        raise bad(f"cannot read it as an episode .npz ({reason})") from None
+    missing = [key for key in EPISODE_KEYS if key not in episode]
     if missing:
-        raise UserError(f"episode {path} lacks {', '.join(missing)} (an episode .npz holds obs, actions, rewards, "
-                        f"terminated, truncated)")
-    obs, T = episode["obs"], len(episode["actions"])
-    if obs.dtype != np.uint8 or obs.ndim != 4 or obs.shape[-1] != 3 or len(obs) != T + 1 or T < 1:
-        raise UserError(f"episode {path}: obs must be uint8 (T+1, H, W, 3) with T >= 1 actions, got {obs.dtype} "
-                        f"{obs.shape} for {T} actions")
-    if any(len(episode[key]) != T for key in ("rewards", "terminated", "truncated")):
-        raise UserError(f"episode {path}: actions, rewards, terminated and truncated must all have length {T}")
-    actions = episode["actions"].astype(np.int64)
+        raise bad(f"no {', '.join(missing)} (an episode .npz holds obs uint8 (T+1, H, W, 3), actions int64 (T,), "
+                  f"rewards float32 (T,), terminated and truncated bool (T,))")
+    obs = episode["obs"]
+    if obs.dtype != np.uint8 or obs.ndim != 4 or obs.shape[-1] != 3 or min(obs.shape[:3]) < 1:
+        raise bad(f"obs is {obs.dtype} {obs.shape}, not uint8 (T+1, H, W, 3) RGB frames")
+    if len(obs) < 2:
+        raise bad("obs holds a single frame: an episode needs at least one step")
+    for key, kinds in (("actions", "iu"), ("rewards", "fiu"), ("terminated", "b"), ("truncated", "b")):
+        value = episode[key]
+        if value.dtype.kind not in kinds or value.shape != (len(obs) - 1,):
+            raise bad(f"{key} is {value.dtype} {value.shape}, not {np.dtype(EPISODE_KEYS[key]).name} "
+                      f"({len(obs) - 1},) (one per step between the {len(obs)} frames of obs)")
+    actions, rewards = episode["actions"], episode["rewards"]
     if actions.min() < 0 or actions.max() >= num_actions:
-        raise UserError(f"episode {path}: actions must be in [0, {num_actions}) (the game's minimal action set)")
-    if obs.shape[1:3] != (obs_size, obs_size):
-        obs = np.stack([cv2.resize(frame, (obs_size, obs_size), interpolation=cv2.INTER_AREA) for frame in obs])
-    return {"obs": obs, "actions": actions, "rewards": episode["rewards"].astype(np.float32),
-            "terminated": episode["terminated"].astype(bool), "truncated": episode["truncated"].astype(bool)}
+        raise bad(f"actions holds {actions.min() if actions.min() < 0 else actions.max()}, outside the game's "
+                  f"{num_actions} actions 0..{num_actions - 1}")
+    if not np.isfinite(rewards).all():
+        step = int(np.flatnonzero(~np.isfinite(rewards))[0])
+        raise bad(f"rewards holds {rewards[step]} at step {step}: rewards must be finite")
+    return {"obs": obs, "actions": actions.astype(np.int64), "rewards": rewards.astype(np.float32),
+            "terminated": episode["terminated"], "truncated": episode["truncated"]}
+
+
+def load_episode(path: Path, obs_size: int, num_actions: int, fix: str = "fix the file or remove it") -> dict:
+    """An episode file (read_episode), its frames resized to obs_size."""
+    import cv2
+
+    episode = read_episode(path, num_actions, fix)
+    if episode["obs"].shape[1:3] != (obs_size, obs_size):
+        episode["obs"] = np.stack([cv2.resize(frame, (obs_size, obs_size), interpolation=cv2.INTER_AREA)
+                                   for frame in episode["obs"]])
+    return episode
 
 
 class ReplayBuffer:
@@ -1457,7 +1477,8 @@ def main(args: Args, given: set[str]):
             raise UserError(f"--dataset-dir {args.dataset_dir} has 1 episode: give at least 2 (the last 10% of the "
                             f"episodes are held out to measure the world model)")
         for path in paths:
-            buffer.add(load_episode(path, args.obs_size, num_actions), write=False)
+            buffer.add(load_episode(path, args.obs_size, num_actions, "fix it or move it out of --dataset-dir"),
+                       write=False)
         num_heldout_episodes = max(1, len(paths) // 10)
         train_ids = list(range(len(paths) - num_heldout_episodes))
         pairs = [(e, t) for e in range(len(paths) - num_heldout_episodes, len(paths))
@@ -1492,7 +1513,9 @@ def main(args: Args, given: set[str]):
     if args.dataset_dir is None:
         buffer.folder = run_dir / "episodes"
         for i in range(num_buffer_files):
-            buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions), write=False)
+            buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions,
+                                    "restore the file the run wrote there, or start a new run"),
+                       write=False)
 
     def partial_tensors():
         if partial is None:

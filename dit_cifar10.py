@@ -29,6 +29,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import signal
 import sys
 import tarfile
@@ -230,10 +231,17 @@ class RestrictedUnpickler(pickle.Unpickler):
 def read_cifar10_binary(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for i in range(1, 6):
-        raw = np.fromfile(folder / f"data_batch_{i}.bin", dtype=np.uint8)
-        if raw.size % 3073:
-            raise UserError(f"{folder / f'data_batch_{i}.bin'} is truncated; delete it and the archive to download again")
+        path = folder / f"data_batch_{i}.bin"
+        fix = f"delete the folder {folder} to extract (or download) CIFAR-10 again"
+        if not path.is_file():
+            raise UserError(f"{path} is missing (CIFAR-10 has data_batch_1.bin to data_batch_5.bin); {fix}")
+        raw = np.fromfile(path, dtype=np.uint8)
+        if raw.size == 0 or raw.size % 3073:
+            raise UserError(f"{path}: {raw.size} bytes is not a whole number of 3073-byte CIFAR-10 records (empty or "
+                            f"truncated); {fix}")
         records = raw.reshape(-1, 3073)  # 1 label byte, then 3x32x32 pixels, channel-major
+        if records[:, 0].max() > 9:
+            raise UserError(f"{path}: labels above 9, not a CIFAR-10 batch; {fix}")
         labels.append(records[:, 0].astype(np.int64))
         images.append(records[:, 1:].reshape(-1, 3, 32, 32))
     return np.concatenate(images), np.concatenate(labels)
@@ -242,22 +250,40 @@ def read_cifar10_binary(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 def read_cifar10_python(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for i in range(1, 6):
-        with open(folder / f"data_batch_{i}", "rb") as f:
-            try:
+        path = folder / f"data_batch_{i}"
+        fix = f"delete the folder {folder} to download CIFAR-10 (the binary version) again"
+        if not path.is_file():
+            raise UserError(f"{path} is missing (CIFAR-10 has data_batch_1 to data_batch_5); {fix}")
+        try:
+            with open(path, "rb") as f:
                 batch = RestrictedUnpickler(f, encoding="bytes").load()
-            except (pickle.UnpicklingError, EOFError, ValueError) as e:
-                raise UserError(f"{folder / f'data_batch_{i}'} is not a CIFAR-10 python batch: {e}") from None
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        except Exception as e:  # noqa: BLE001 - whatever the bytes hold, it is the same user-facing error
+            reason = str(e).splitlines()[0][:150] if str(e) else e.__class__.__name__
+            raise UserError(f"{path} is not a CIFAR-10 python batch ({reason}); {fix}") from None
+        data = batch.get(b"data") if isinstance(batch, dict) else None
+        batch_labels = batch.get(b"labels") if isinstance(batch, dict) else None
+        if not isinstance(data, np.ndarray) or not isinstance(batch_labels, list):
+            raise UserError(f"{path} is not a CIFAR-10 python batch (a dict with b'data', a uint8 array, and "
+                            f"b'labels', a list); {fix}")
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) == 0:
+            raise UserError(f"{path}: b'data' is {data.dtype} {data.shape}, not uint8 (N, 3072) with N >= 1; {fix}")
+        batch_labels = np.asarray(batch_labels)
+        if batch_labels.shape != (len(data),) or batch_labels.dtype.kind not in "iu" or (batch_labels.size and (
+                batch_labels.min() < 0 or batch_labels.max() > 9)):
+            raise UserError(f"{path}: b'labels' is not {len(data)} integers in 0..9 (one per image); {fix}")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(batch_labels.astype(np.int64))
     return np.concatenate(images), np.concatenate(labels)
 
 
 def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The CIFAR-10 train split as uint8 (50000, 3, 32, 32) and int64 labels, from the binary archive (no pickle)."""
     root = Path(data_dir)
-    if (root / "cifar-10-batches-bin" / "data_batch_5.bin").exists():
+    # An extracted folder is the data (the archive is extracted atomically, so an incomplete folder is refused with
+    # the name of what is wrong in it rather than read in part or silently replaced)
+    if (root / "cifar-10-batches-bin").is_dir():
         return read_cifar10_binary(root / "cifar-10-batches-bin")
-    if (root / "cifar-10-batches-py" / "data_batch_5").exists():
+    if (root / "cifar-10-batches-py").is_dir():
         return read_cifar10_python(root / "cifar-10-batches-py")
     archive = root / "cifar-10-binary.tar.gz"
     if not archive.exists():
@@ -277,14 +303,72 @@ def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.n
         os.replace(partial, archive)
     if md5_of(archive) != CIFAR10_MD5:
         raise UserError(f"{archive} is corrupt (md5 is not {CIFAR10_MD5}): delete it and download it again")
+    extracting = root / ".cifar-10-extracting"  # extract, then rename: a killed extraction leaves no partial folder
+    shutil.rmtree(extracting, ignore_errors=True)
     with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(root, filter="data")
+        tar.extractall(extracting, filter="data")
+    if not (extracting / "cifar-10-batches-bin").is_dir():
+        shutil.rmtree(extracting, ignore_errors=True)
+        raise UserError(f"{archive} holds no cifar-10-batches-bin folder: delete it and download it again")
+    os.replace(extracting / "cifar-10-batches-bin", root / "cifar-10-batches-bin")
+    shutil.rmtree(extracting, ignore_errors=True)
     return read_cifar10_binary(root / "cifar-10-batches-bin")
 
 
+def jpeg_is_complete(data: bytes) -> bool:
+    """False if a JPEG ends before its end-of-image marker (OpenCV decodes a truncated JPEG's top part and only warns).
+    The header's segments are skipped by their length (an EXIF thumbnail's own marker is not the image's); in the
+    scans, FF D9 can only be that marker (a data byte FF is stuffed as FF 00). Data after it (a motion photo's video)
+    is allowed."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] not in (0xD9, 0xDA):  # up to the first scan
+        i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2: i + 4], "big")
+    return data.find(b"\xff\xd9", i) >= 0
+
+
+def png_is_complete(data: bytes) -> bool:
+    """Walks a PNG's chunks (length, type, data, CRC) from the signature to IEND: False if the data ends first."""
+    i = 8
+    while i + 8 <= len(data):
+        if data[i + 4: i + 8] == b"IEND":
+            return True
+        i += 12 + int.from_bytes(data[i: i + 4], "big")
+    return False
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A PNG/JPG file as uint8 BGR (H, W, 3); a file that is truncated or that OpenCV cannot decode is refused."""
+    import cv2
+
+    fix = "replace it with a valid PNG/JPG or remove it"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror}); {fix}") from None
+    if data.startswith(b"\xff\xd8") and not jpeg_is_complete(data):
+        raise UserError(f"{path}: truncated JPEG (it ends before its end-of-image marker); {fix}")
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and not png_is_complete(data):
+        raise UserError(f"{path}: truncated PNG (it ends before its IEND chunk); {fix}")
+    log_level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # the error below is the one line the user sees
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    except cv2.error as e:
+        if "CV_IO_MAX_IMAGE_PIXELS" in str(e):
+            raise UserError(f"{path}: more pixels than OpenCV reads (the environment variable "
+                            f"OPENCV_IO_MAX_IMAGE_PIXELS, default 2^30); shrink the image or raise that "
+                            f"limit") from None
+        raise UserError(f"{path}: OpenCV cannot decode it ({str(e).strip().splitlines()[-1][:150]}); {fix}") from None
+    finally:
+        cv2.utils.logging.setLogLevel(log_level)
+    if bgr is None:
+        raise UserError(f"{path}: {'empty file' if not data else 'not a PNG/JPG image OpenCV can decode'}; {fix}")
+    return bgr
+
+
 def load_image_folder(data_dir: str, img_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Every PNG/JPG under data_dir, center-cropped and resized; the class is the first subfolder's name (-1 for an
-    image directly in data_dir)."""
+    """Every PNG/JPG under data_dir, center-cropped and resized. The class is the name of the subfolder of data_dir
+    the image is in (at any depth below it); an image directly in data_dir has no class: label -1."""
     import cv2
 
     root = Path(data_dir)
@@ -297,9 +381,7 @@ def load_image_folder(data_dir: str, img_size: int) -> tuple[np.ndarray, np.ndar
     class_index = {name: i for i, name in enumerate(class_names)}
     images, labels = [], []
     for p in paths:
-        bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise UserError(f"cannot read image {p}: remove it or replace it with a valid PNG/JPG")
+        bgr = read_image(p)
         h, w = bgr.shape[:2]
         side = min(h, w)  # center crop to a square, then resize (INTER_AREA: no aliasing when shrinking)
         top, left = (h - side) // 2, (w - side) // 2

@@ -307,6 +307,9 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
     or a perpendicular move, never the opposite. The start is uniform over the frame whatever d, so the first frame
     says (almost) nothing of where the sprite will go: the caption or the actions must. The sprite stops at the walls,
     and a clip is redrawn until its net displacement is along d (the caption is always true of the frames)."""
+    if num_frames < 2:
+        raise UserError(f"--num-frames {num_frames}: a sprites clip needs at least 2 frames to show a move; use "
+                        f"--num-frames 2 or more")
     size, dsize, speed = sprite_geometry(img_size)
     span = img_size - size
     rng = np.random.default_rng(seed)
@@ -379,6 +382,7 @@ def atari_ids(env_id: str) -> tuple[str, str, str]:
     import gymnasium as gym
 
     gym.register_envs(ale_py)
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Warning)  # no banner on stderr: an error stays one line
     game = re.sub(r"(NoFrameskip)?(-v\d+)?$", "", env_id.split("/")[-1])
     games = sorted({k[len("ALE/"): -len("-v5")] for k in gym.registry if k.startswith("ALE/") and k.endswith("-v5")})
     if game not in games:
@@ -403,6 +407,8 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
     import gymnasium as gym
 
     folder.mkdir(parents=True, exist_ok=True)
+    if all((folder / f"episode_{i:05d}.npz").exists() for i in range(num_episodes)):
+        return  # all recorded: no emulator to start
     # repeat_action_probability 0: the recorded action is the one the emulator executed (no sticky actions)
     env = gym.make(gym_id, repeat_action_probability=0.0)
     try:
@@ -433,6 +439,47 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
         env.close()
 
 
+EPISODE_KEYS = {"obs": np.uint8, "actions": np.int64, "rewards": np.float32, "terminated": np.bool_,
+                "truncated": np.bool_}
+
+
+def read_episode(path: Path, num_actions: int, fix: str) -> dict:
+    """An episode .npz (CONTRACT section 3), read with allow_pickle=False (a file cannot run code) and checked field by
+    field; a bad file is refused with one line naming it, the field and `fix`. Returns the fields in their dtypes."""
+    def bad(problem: str) -> UserError:
+        return UserError(f"{path}: {problem}; {fix}")
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            episode = {key: data[key] for key in EPISODE_KEYS if key in data}
+    except Exception as e:  # noqa: BLE001 - a missing, corrupt or pickled file is the same user-facing error
+        reason = str(e).splitlines()[0][:150] if str(e) else e.__class__.__name__
+        raise bad(f"cannot read it as an episode .npz ({reason})") from None
+    missing = [key for key in EPISODE_KEYS if key not in episode]
+    if missing:
+        raise bad(f"no {', '.join(missing)} (an episode .npz holds obs uint8 (T+1, H, W, 3), actions int64 (T,), "
+                  f"rewards float32 (T,), terminated and truncated bool (T,))")
+    obs = episode["obs"]
+    if obs.dtype != np.uint8 or obs.ndim != 4 or obs.shape[-1] != 3 or min(obs.shape[:3]) < 1:
+        raise bad(f"obs is {obs.dtype} {obs.shape}, not uint8 (T+1, H, W, 3) RGB frames")
+    if len(obs) < 2:
+        raise bad("obs holds a single frame: an episode needs at least one step")
+    for key, kinds in (("actions", "iu"), ("rewards", "fiu"), ("terminated", "b"), ("truncated", "b")):
+        value = episode[key]
+        if value.dtype.kind not in kinds or value.shape != (len(obs) - 1,):
+            raise bad(f"{key} is {value.dtype} {value.shape}, not {np.dtype(EPISODE_KEYS[key]).name} "
+                      f"({len(obs) - 1},) (one per step between the {len(obs)} frames of obs)")
+    actions, rewards = episode["actions"], episode["rewards"]
+    if actions.min() < 0 or actions.max() >= num_actions:
+        raise bad(f"actions holds {actions.min() if actions.min() < 0 else actions.max()}, outside the game's "
+                  f"{num_actions} actions 0..{num_actions - 1}")
+    if not np.isfinite(rewards).all():
+        step = int(np.flatnonzero(~np.isfinite(rewards))[0])
+        raise bad(f"rewards holds {rewards[step]} at step {step}: rewards must be finite")
+    return {"obs": obs, "actions": actions.astype(np.int64), "rewards": rewards.astype(np.float32),
+            "terminated": episode["terminated"], "truncated": episode["truncated"]}
+
+
 def load_atari_dataset(args: "Args") -> VideoData:
     """Episode files (CONTRACT section 3) in {data_dir}/atari/{env}/, recorded first if there are too few. Each clip's
     caption names the action held most often in it: "Breakout: the paddle moves left"."""
@@ -447,15 +494,8 @@ def load_atari_dataset(args: "Args") -> VideoData:
     env.close()
     episodes, episode_actions = [], []
     for path in sorted(folder.glob("episode_*.npz"))[: args.num_atari_episodes]:
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                obs, actions = f["obs"], f["actions"].astype(np.int64)
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"cannot read episode file {path} ({e}): delete it to record it again") from None
-        if obs.dtype != np.uint8 or obs.ndim != 4 or len(actions) != len(obs) - 1:
-            raise UserError(f"{path} is not an episode file (obs uint8 (T+1, H, W, 3), actions (T,)): delete it")
-        if actions.size and (actions.min() < 0 or actions.max() >= len(meanings)):
-            raise UserError(f"{path} has actions outside {game}'s {len(meanings)} actions: delete it")
+        episode = read_episode(path, len(meanings), "delete it (a missing episode is recorded again)")
+        obs, actions = episode["obs"], episode["actions"]
         if obs.shape[1:3] != (args.img_size, args.img_size):
             obs = np.stack([resize_frame(o, args.img_size).transpose(1, 2, 0) for o in obs])
         episodes.append(np.ascontiguousarray(obs.transpose(0, 3, 1, 2)))
