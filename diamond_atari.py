@@ -73,8 +73,9 @@ class Args:
     """train and evaluate only the world model (denoiser, reward/end model), on random-policy data or --dataset-dir"""
     compile: bool = False
     """torch.compile the denoiser's U-Net"""
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    """autocast dtype on CUDA (float16 uses GradScalers); the CPU always computes in float32"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """float32 (with TF32 matmuls on CUDA, as DIAMOND's reference), or bfloat16/float16 autocast on CUDA (float16
+    uses GradScalers); the CPU always computes in float32"""
 
     # Environment: Atari 100k as DIAMOND runs it
     env_id: Annotated[str, tyro.conf.arg(aliases=("--game",))] = "Breakout-v5"
@@ -116,7 +117,8 @@ class Args:
     train_sigma_max: float = 20.0
     """training noise levels are clipped to [train_sigma_min, train_sigma_max]"""
     num_autoregressive_steps: int = 1
-    """denoiser training steps per segment: 2 adds a step conditioned on its own first prediction"""
+    """extra denoiser predictions per training segment, each conditioned on the previous one's 8-bit output (DIAMOND:
+    1, i.e. segments of num_conditioning_steps + 2 frames and two predictions; 0: one prediction)"""
 
     # Sampler
     sampler: Literal["euler", "heun"] = "euler"
@@ -129,6 +131,8 @@ class Args:
     """largest sigma of the Karras schedule"""
     rho: float = 7.0
     """rho of the Karras schedule"""
+    edm_initial_noise: bool = False
+    """start sampling from sigma_max * noise (EDM) instead of unit-variance noise (DIAMOND's reference code)"""
 
     # Reward / termination model
     reward_channels: int = 32
@@ -138,7 +142,8 @@ class Args:
     reward_lstm_dim: int = 512
     """LSTM size of the reward/end model"""
     reward_segment_length: int = 19
-    """transitions per reward/end training segment (imagination horizon + conditioning steps)"""
+    """frames per reward/end training segment, so one transition fewer (DIAMOND: imagination horizon 15 + 4
+    conditioning steps)"""
 
     # Actor-critic
     actor_channels: tuple[int, ...] = (32, 32, 64, 64)
@@ -166,9 +171,12 @@ class Args:
     min_nonzero_rewards: int = 10
     """epoch 1 collects until the buffer holds this many transitions with a non-zero reward"""
     collection_steps_per_epoch: int = 100
-    """env steps collected in each later epoch"""
+    """env steps collected in each epoch after the first collection (epoch 1 included)"""
+    env_step_budget: int = 100_000
+    """env steps collected in the whole run (Atari 100k): the first collection, then collection_steps_per_epoch per
+    epoch until the budget is spent"""
     final_epochs_without_collection: int = 50
-    """the last epochs only train (this keeps the total at about 100k env steps)"""
+    """epochs that only train, after the budget is spent"""
     denoiser_steps_per_epoch: int = 400
     """denoiser gradient steps per epoch"""
     reward_steps_per_epoch: int = 400
@@ -184,7 +192,8 @@ class Args:
     batch_size: int = 32
     """segments per denoiser and reward/end model batch"""
     recency_weights: tuple[float, ...] = (0.1, 0.1, 0.1, 0.7)
-    """replay sampling weight of each chronological slice of the episodes (oldest first)"""
+    """replay sampling weight of each chronological slice of the episodes (oldest first; with fewer episodes than
+    slices, episodes are weighted by their length)"""
     learning_rate: float = 1e-4
     """AdamW learning rate (all three components)"""
     adam_eps: float = 1e-8
@@ -420,11 +429,13 @@ def load_episode(path: Path, obs_size: int, num_actions: int) -> dict:
 class ReplayBuffer:
     """Finished episodes (in memory, and one .npz file each in the run folder) plus the episode being collected.
 
-    Sampling: an episode with probability given by the recency weights over chronological slices of the episodes
-    (DIAMOND: [0.1, 0.1, 0.1, 0.7] over quarters), then a segment uniformly inside it. Segments may start before the
-    episode (the missing frames repeat its first frame, NOOP actions, masked out of the losses)."""
+    Sampling as DIAMOND's reference does it: an episode with the recency weights over chronological slices of the
+    episodes (DIAMOND: [0.1, 0.1, 0.1, 0.7] over quarters; fewer episodes than slices, or no weights: in proportion to
+    their length), a time step t uniformly inside it, then a segment around t. Frames outside the episode are padding:
+    mid-grey (0.0 in [-1, 1]), action 0, and masked out of every loss."""
 
-    def __init__(self, folder: Optional[Path], recency_weights: tuple[float, ...], num_conditioning_steps: int):
+    def __init__(self, folder: Optional[Path], recency_weights: Optional[tuple[float, ...]],
+                 num_conditioning_steps: int):
         self.folder, self.recency_weights, self.num_cond = folder, recency_weights, num_conditioning_steps
         self.episodes: list[dict] = []
         self.partial: Optional[dict] = None  # the episode being collected (sampled too, as the newest)
@@ -452,32 +463,49 @@ class ReplayBuffer:
     def num_transitions(self) -> int:
         return sum(len(self.episode(i)["actions"]) for i in self.sampleable())
 
-    def sample_starts(self, batch_size: int, generator: torch.Generator,
-                      ids: Optional[list[int]] = None) -> list[tuple[int, int]]:
-        """(episode id, start) pairs: starts in [-(c-1), T-c], so the c-th frame of the segment is a real
-        non-terminal observation (c = conditioning steps)."""
+    def episode_weights(self, ids: list[int]) -> torch.Tensor:
+        """Sampling probability of each episode in ids (oldest first). With k recency weights and n >= k episodes, the
+        weight w_s is shared by the n // k episodes of slice s, and the newest slice also takes the n % k leftovers;
+        with n < k (or no weights): p_i = T_i / sum_j T_j."""
+        n, weights = len(ids), self.recency_weights
+        lengths = torch.tensor([len(self.episode(i)["actions"]) for i in ids], dtype=torch.float64)
+        if weights is None or n < len(weights):
+            return lengths / lengths.sum()
+        k = len(weights)
+        sizes = [n // k] * (k - 1) + [n // k + n % k]  # chronological slices; the leftovers go to the newest
+        probs = torch.tensor([w / size for w, size in zip(weights, sizes) for _ in range(size)], dtype=torch.float64)
+        return probs / probs.sum()
+
+    def sample_segments(self, batch_size: int, num_obs: int, generator: torch.Generator,
+                        ids: Optional[list[int]] = None, beyond_end: bool = False) -> list[tuple[int, int]]:
+        """(episode id, start) of batch_size segments of num_obs frames. t ~ U{0..T-1} in the chosen episode; then
+        beyond_end=False (denoiser, imagination starts): stop = min(T, t + 1 + U{0..L-1}), start = stop - L, so the
+        segment ends at or before frame T-1 and may start before the episode; beyond_end=True (reward/end model):
+        start = t - U{0..L-1}, padded on both sides."""
         ids = self.sampleable() if ids is None else ids
-        n, slices = len(ids), len(self.recency_weights)
-        slice_of = [min(slices - 1, i * slices // n) for i in range(n)]
-        slice_sizes = [slice_of.count(s) for s in range(slices)]
-        weights = torch.tensor([self.recency_weights[s] / slice_sizes[s] for s in slice_of], dtype=torch.float64)
-        chosen = torch.multinomial(weights, batch_size, replacement=True, generator=generator).tolist()
-        u = torch.rand(batch_size, generator=generator, dtype=torch.float64).tolist()
-        return [(ids[k], int(u_i * len(self.episode(ids[k])["actions"])) - (self.num_cond - 1))
-                for k, u_i in zip(chosen, u)]
+        chosen = torch.multinomial(self.episode_weights(ids), batch_size, replacement=True, generator=generator)
+        lengths = torch.tensor([len(self.episode(ids[k])["actions"]) for k in chosen.tolist()])
+        t = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * lengths).long()  # U{0..T-1}
+        offset = torch.randint(num_obs, (batch_size,), generator=generator)  # U{0..L-1}
+        starts = t - offset if beyond_end else torch.minimum(lengths, t + 1 + offset) - num_obs
+        return [(ids[k], s) for k, s in zip(chosen.tolist(), starts.tolist())]
 
     def segments(self, refs: list[tuple[int, int]], num_obs: int) -> dict:
-        """Batches segments of num_obs frames starting at the given (episode, start): obs uint8 (B, L, 3, H, W),
-        actions/rewards/ends (B, L-1) and mask (B, L-1) (True where the transition is real)."""
-        out = {key: [] for key in ("obs", "actions", "rewards", "ends", "mask")}
+        """Batches segments of num_obs frames starting at the given (episode, start): obs uint8 (B, L, 3, H, W) with
+        obs_mask (B, L) (True where the frame belongs to the episode: frames 0..T); actions/rewards/ends (B, L-1) and
+        mask (B, L-1) (True where the transition is real). Padding holds 0 in obs (segment_obs turns it into 0.0) and
+        in actions and rewards."""
+        out = {key: [] for key in ("obs", "obs_mask", "actions", "rewards", "ends", "mask")}
         for index, start in refs:
             ep = self.episode(index)
             T = len(ep["actions"])
             frames = torch.arange(start, start + num_obs)
+            real_frame = (frames >= 0) & (frames <= T)
             steps = frames[:-1]
             valid = (steps >= 0) & (steps < T)
             clipped = steps.clamp(0, T - 1)
-            out["obs"].append(ep["obs"][frames.clamp(0, T)])
+            out["obs"].append(ep["obs"][frames.clamp(0, T)] * real_frame[:, None, None, None])
+            out["obs_mask"].append(real_frame)
             out["actions"].append(torch.where(valid, ep["actions"][clipped], 0))
             out["rewards"].append(torch.where(valid, ep["rewards"][clipped], 0.0))
             out["ends"].append(valid & ep["terminated"][clipped])
@@ -490,7 +518,40 @@ def to_float(obs_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def to_uint8(obs: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> {0..255}, rounding: the exact inverse of to_float on 8-bit frames (for storing and showing frames)."""
     return ((obs.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
+    """The denoiser's output as an 8-bit frame, back in [-1, 1], as DIAMOND's reference quantises it: clamp, then
+    floor((x + 1) / 2 * 255) (a cast to uint8), then q / 255 * 2 - 1."""
+    return ((x.float().clamp(-1, 1) + 1) / 2 * 255).floor() / 127.5 - 1.0
+
+
+def segment_obs(batch: dict, device: torch.device) -> torch.Tensor:
+    """The segments' frames on the device, in [-1, 1], with padding frames mid-grey (0.0) as DIAMOND pads them."""
+    obs = to_float(batch["obs"].to(device, non_blocking=True))
+    return torch.where(batch["obs_mask"].to(device)[:, :, None, None, None], obs, 0.0)
+
+
+def sample_denoiser_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
+                          ids: Optional[list[int]] = None) -> dict:
+    """A denoiser batch: segments of c + 1 + num_autoregressive_steps frames (DIAMOND: 4 + 1 + 1 = 6) as
+    denoiser_loss takes them: obs float (B, L, 3, H, W), actions (B, L - 1), obs_mask (B, L)."""
+    num_obs = args.num_conditioning_steps + 1 + args.num_autoregressive_steps
+    batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids), num_obs)
+    return {"obs": segment_obs(batch, device), "actions": batch["actions"].to(device),
+            "obs_mask": batch["obs_mask"].to(device)}
+
+
+def sample_reward_end_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
+                            ids: Optional[list[int]] = None) -> dict:
+    """A reward/end batch: segments of reward_segment_length frames (DIAMOND: 19, i.e. 18 transitions) starting at
+    t - U{0..18}, padded on both sides: obs float (B, L, 3, H, W), actions/rewards/ends/mask (B, L - 1)."""
+    num_obs = args.reward_segment_length
+    batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids, beyond_end=True), num_obs)
+    return {"obs": segment_obs(batch, device),
+            **{key: batch[key].to(device) for key in ("actions", "rewards", "ends", "mask")}}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -568,8 +629,10 @@ class FourierFeatures(nn.Module):
         self.register_buffer("weight", torch.randn(1, dim // 2))
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
-        angles = 2 * math.pi * c_noise[:, None].float() @ self.weight
-        return torch.cat([angles.cos(), angles.sin()], dim=1)
+        # always fp32: in bf16 the angles 2 pi w c_noise (up to ~20 rad) would lose about 0.1 rad
+        with torch.autocast(c_noise.device.type, enabled=False):
+            angles = 2 * math.pi * c_noise[:, None].float() @ self.weight.float()
+            return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
 class AdaGroupNorm(nn.Module):
@@ -732,36 +795,43 @@ class Denoiser(nn.Module):
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, net=None):
-        """D(x; sigma) for sampling: clamped to [-1, 1] and quantised to 8 bits (the frames are 8-bit images)."""
+        """D(x; sigma) for sampling: clamped to [-1, 1] and quantised to 8 bits by flooring (the frames are 8-bit
+        images; DIAMOND's reference casts to uint8)."""
         _, denoised = self(x, sigma, obs, act, net)
-        return to_float(to_uint8(denoised))
+        return quantize_8bit(denoised)
 
 
-def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor, args: Args,
+def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, obs_mask: torch.Tensor, args: Args,
                   generator: torch.Generator, net=None) -> torch.Tensor:
-    """EDM loss on segments: obs (B, c + n, 3, H, W) in [-1, 1], actions (B, c + n - 1), mask (B, c + n - 1).
+    """EDM loss on segments of c + 1 + n frames (DIAMOND: c = 4, n = num_autoregressive_steps = 1, so 6 frames):
+    obs (B, c + 1 + n, 3, H, W) in [-1, 1], actions (B, >= c + n), obs_mask (B, c + 1 + n) (True for real frames).
 
-    x_noisy = x0 + sigma_offset n_bc + sigma n; loss = || F(...) - (x0 - c_skip x_noisy) / c_out ||^2 (plain MSE,
-    which with the EDM c_out equals the weighted loss on D). With n > 1 autoregressive steps, step k conditions on
-    step k-1's denoised prediction (no gradient through it) and the losses are averaged."""
+    Prediction k = 0..n denoises frame c + k from frames k..c+k-1 and actions k..c+k-1:
+    x_noisy = x0 + sigma_offset n_bc + sigma n; loss_k = || F(...) - (x0 - c_skip x_noisy) / c_out ||^2 (plain MSE,
+    which with the EDM c_out equals the weighted loss on D), over the segments whose frame c + k is real. Frame c + k
+    is then replaced by D's clamped, 8-bit-quantised output (no gradient through it), which prediction k + 1 sees as
+    its last past frame, as it would in imagination. loss = mean_k loss_k."""
     c = args.num_conditioning_steps
+    num_predictions = obs.shape[1] - c  # 1 + num_autoregressive_steps (the segment length decides, as in DIAMOND)
     obs = obs.clone()
     b, _, ch, h, w = obs.shape
     total = obs.new_zeros(())
-    for k in range(args.num_autoregressive_steps):
+    for k in range(num_predictions):
         past, next_obs = obs[:, k: k + c].reshape(b, c * ch, h, w), obs[:, k + c]
-        act, valid = actions[:, k: k + c], mask[:, k + c - 1]
+        act, valid = actions[:, k: k + c], obs_mask[:, k + c].float()
         sigma = sample_training_sigma(b, args, generator, obs.device)
         offset_noise = args.sigma_offset_noise * torch.randn((b, ch, 1, 1), generator=generator, device=obs.device)
         noise = torch.randn(next_obs.shape, generator=generator, device=obs.device)
-        noisy = next_obs + offset_noise + sigma[:, None, None, None] * noise
+        noisy = next_obs + offset_noise + sigma[:, None, None, None] * noise  # x0 + sigma_offset n_bc + sigma n
         _, c_skip, c_out, _ = edm_preconditioning(sigma, args.sigma_data, args.sigma_offset_noise)
         target = (next_obs - c_skip[:, None, None, None] * noisy) / c_out[:, None, None, None]
         model_output, denoised = denoiser(noisy, sigma, past, act, net)
         per_sample = ((model_output - target) ** 2).mean(dim=(1, 2, 3))
+        # the mean over the real targets' pixels (0, not NaN, if a batch has none)
         total = total + (per_sample * valid).sum() / valid.sum().clamp(min=1)
-        obs[:, k + c] = to_float(to_uint8(denoised.detach()))  # the next step sees an 8-bit frame, as in sampling
-    return total / args.num_autoregressive_steps
+        if k + 1 < num_predictions:  # the next prediction sees an 8-bit frame, as in sampling
+            obs[:, k + c] = quantize_8bit(denoised.detach())
+    return total / num_predictions
 
 
 class RewardEndModel(nn.Module):
@@ -774,9 +844,9 @@ class RewardEndModel(nn.Module):
         super().__init__()
         self.act_emb = nn.Embedding(num_actions, cond_dim)
         self.conv_in = nn.Conv2d(2 * img_channels, channels, 3, padding=1)
-        # 4 stages of 2 ResBlocks (attention in the last), 3 downsamples between them, then 2 ResBlocks with attention
-        self.stages = nn.ModuleList(ResBlocks([channels] * 2, [channels] * 2, cond_dim, attention=i == 3)
-                                    for i in range(4))
+        # 4 stages of 2 ResBlocks without attention (DIAMOND's attn_depths [0, 0, 0, 0]), 3 downsamples between
+        # them, then 2 ResBlocks with attention at the lowest resolution
+        self.stages = nn.ModuleList(ResBlocks([channels] * 2, [channels] * 2, cond_dim) for _ in range(4))
         self.downsamples = nn.ModuleList(Downsample(channels) for _ in range(3))
         self.mid_blocks = ResBlocks([channels] * 2, [channels] * 2, cond_dim, attention=True)
         self.lstm = nn.LSTM(channels * (obs_size // 8) ** 2, lstm_dim, batch_first=True)
@@ -798,6 +868,16 @@ class RewardEndModel(nn.Module):
         x, hidden = self.lstm(x, hidden)
         logits = self.head(x)
         return logits[..., :3], logits[..., 3:], hidden
+
+
+def reward_end_loss(reward_end_model: RewardEndModel, batch: dict) -> torch.Tensor:
+    """CE(reward sign + 1) + CE(end) over the real transitions of reward/end segments (sample_reward_end_batch),
+    the LSTM starting from a zero state at each segment's first frame."""
+    obs, mask = batch["obs"], batch["mask"]
+    reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], batch["actions"], obs[:, 1:])
+    reward_class = batch["rewards"].sign().long() + 1  # -1, 0, +1 -> classes 0, 1, 2
+    return (F.cross_entropy(reward_logits[mask].float(), reward_class[mask])
+            + F.cross_entropy(end_logits[mask].float(), batch["ends"].long()[mask]))
 
 
 class SmallResBlock(nn.Module):
@@ -889,9 +969,11 @@ def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, 
     b, c, ch, h, w = obs.shape
     past = obs.reshape(b, c * ch, h, w)
     sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho)
-    # Starts from sigma_max * noise, as EDM does (DIAMOND's code starts from unit-variance noise: nearly the same,
-    # since c_skip(5.0) is about 0.01 and the first denoised frame hardly depends on x).
-    x_T = float(sigmas[0]) * torch.randn((b, ch, h, w), generator=generator, device=obs.device)
+    # DIAMOND's reference starts from unit-variance noise x ~ N(0, I), not from EDM's sigma_max * N(0, I); its
+    # agents' scores come from that sampler (the first step's D(x; sigma_max) hardly depends on x: c_skip(5) ~ 0.01).
+    x_T = torch.randn((b, ch, h, w), generator=generator, device=obs.device)
+    if args.edm_initial_noise:
+        x_T = float(sigmas[0]) * x_T
 
     def denoise_fn(x, sigma):
         with autocast:
@@ -918,8 +1000,8 @@ class WorldModelEnv:
         """Fresh segments: returns (current frame (n, 3, H, W), the c - 1 earlier frames for the actor's burn-in)
         and sets the state of these n envs (past frames, past actions, reward/end LSTM)."""
         c = self.args.num_conditioning_steps
-        batch = self.buffer.segments(self.buffer.sample_starts(num_envs, self.cpu_generator), c)
-        obs = to_float(batch["obs"].to(self.device))  # (n, c, 3, H, W)
+        batch = self.buffer.segments(self.buffer.sample_segments(num_envs, c, self.cpu_generator), c)
+        obs = segment_obs(batch, self.device)  # (n, c, 3, H, W), frames before the episode mid-grey
         actions = batch["actions"].to(self.device)  # (n, c - 1)
         with self.autocast:
             _, _, hidden = self.reward_end_model(obs[:, :-1], actions, obs[:, 1:])
@@ -1002,6 +1084,32 @@ def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Ar
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Schedules: Atari 100k's env-step budget, the learning-rate warmup.
+
+
+def collection_schedule(first_collection_steps: int, env_step_budget: int = 100_000, steps_per_epoch: int = 100,
+                        final_epochs: int = 50) -> list[int]:
+    """Env steps to collect in each epoch (item e - 1 for epoch e), as DIAMOND spends the Atari 100k budget: the first
+    collection of N steps, then steps_per_epoch in each of (budget - N) / steps_per_epoch epochs, epoch 1 included
+    (so epoch 1 collects N + steps_per_epoch), then final_epochs epochs that only train. The items sum to exactly
+    env_step_budget; N = 5000 gives 950 + 50 = 1000 epochs. A remainder (budget - N not a multiple of
+    steps_per_epoch) is collected in the last collecting epoch."""
+    if not 0 < first_collection_steps <= env_step_budget:
+        raise ValueError(f"the first collection ({first_collection_steps} steps) must be within the env-step budget "
+                         f"({env_step_budget})")
+    remaining = env_step_budget - first_collection_steps
+    collecting_epochs = max(1, math.ceil(remaining / steps_per_epoch))  # epoch 1 always collects (the first N)
+    steps = [min(steps_per_epoch, remaining - steps_per_epoch * e) for e in range(collecting_epochs)]
+    steps[0] += first_collection_steps
+    return steps + [0] * final_epochs
+
+
+def lr_warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warmup from 0, as DIAMOND's reference: lr_s = lr * min(1, s / warmup_steps) (0 on the first step)."""
+    return 1.0 if step >= warmup_steps else step / max(1, warmup_steps)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Evaluation: test episodes, human-normalised score, world-model metrics on unseen real transitions, rollout videos.
 
 
@@ -1077,7 +1185,7 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
     sums = {key: 0.0 for key in ("mse", "copy", "mse_changed", "copy_changed", "changed", "pixels", "reward", "end")}
     for first in range(0, len(refs), 64):
         batch = buffer.segments([(e, t - (c - 1)) for e, t in refs[first: first + 64]], c + 1)
-        obs = to_float(batch["obs"].to(device))  # (B, c + 1, 3, H, W)
+        obs = segment_obs(batch, device)  # (B, c + 1, 3, H, W)
         actions = batch["actions"].to(device)
         predicted = generate_next_obs(denoiser, obs[:, :-1], actions, args, generator, net, autocast)
         target, last = (obs[:, -1] + 1) / 2, (obs[:, -2] + 1) / 2  # pixels in [0, 1]
@@ -1114,7 +1222,7 @@ def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, devic
     horizon = min(horizon, T - c) if T > c else 1
     start = int(torch.randint(max(T - c - horizon + 1, 1), (1,), generator=generator)) if T > c else -(c - 1)
     batch = buffer.segments([(index, start)], c + horizon)
-    real = to_float(batch["obs"].to(device))
+    real = segment_obs(batch, device)
     actions = batch["actions"].to(device)
     device_generator = torch.Generator(device=device).manual_seed(seed)
     obs, imagined = real[:, :c], []
@@ -1191,10 +1299,15 @@ def check_args(args: Args):
     if args.dataset_dir is not None and not args.world_model_only:
         raise UserError("--dataset-dir needs --world-model-only (the agent learns from the episodes it collects)")
     for name in ("num_epochs", "batch_size", "save_every", "eval_every", "num_conditioning_steps", "frame_skip",
-                 "imagination_horizon", "num_imagined_envs", "num_autoregressive_steps", "max_episode_steps",
-                 "reward_segment_length", "num_heldout_transitions"):
+                 "imagination_horizon", "num_imagined_envs", "max_episode_steps", "num_heldout_transitions"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if args.num_autoregressive_steps < 0:
+        raise UserError(f"--num-autoregressive-steps must be at least 0 (DIAMOND uses 1), not "
+                        f"{args.num_autoregressive_steps}")
+    if args.reward_segment_length < 2:
+        raise UserError(f"--reward-segment-length must be at least 2 frames (one transition), not "
+                        f"{args.reward_segment_length}")
     if args.num_conditioning_steps < 2:
         raise UserError(f"--num-conditioning-steps must be at least 2 (the actor's memory is burnt in on the earlier "
                         f"frames), not {args.num_conditioning_steps}")
@@ -1389,8 +1502,7 @@ def main(args: Args, given: set[str]):
     optimizers = {name: torch.optim.AdamW(weight_decay_groups(model, weight_decay[name]), lr=args.learning_rate,
                                           eps=args.adam_eps, fused=use_cuda)
                   for name, model in models.items()}
-    # linear warmup: lr_s = lr * min(1, (s + 1) / warmup)
-    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_warmup_factor(s, args.warmup_steps))
                   for name, opt in optimizers.items()}
     scalers = {name: torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16") for name in models}
     num_params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
@@ -1443,8 +1555,9 @@ def main(args: Args, given: set[str]):
 
     # The replay buffer: episodes this run collected (the first num_buffer_files files: a killed run may have written
     # more after its last checkpoint, and those are rewritten), or the user's recorded episodes.
-    # (a static dataset is sampled uniformly, as DIAMOND does: the recency weights are about the agent's own data)
-    buffer = ReplayBuffer(None, args.recency_weights if args.dataset_dir is None else (1.0,),
+    # (a static dataset is sampled in proportion to episode lengths, as DIAMOND does: the recency weights are about
+    # the agent's own data)
+    buffer = ReplayBuffer(None, args.recency_weights if args.dataset_dir is None else None,
                           args.num_conditioning_steps)
     train_ids: Optional[list[int]] = None  # None: every episode; with --dataset-dir, all but the held-out ones
     if args.dataset_dir is not None:
@@ -1653,24 +1766,14 @@ def main(args: Args, given: set[str]):
                                    denoiser_net, autocast)
             while position < num_steps and not stop_requested:
                 if name == "denoiser":
-                    refs = buffer.sample_starts(args.batch_size, cpu_generator, train_ids)
-                    batch = buffer.segments(refs, c + args.num_autoregressive_steps)
+                    batch = sample_denoiser_batch(buffer, args, cpu_generator, device, train_ids)
                     with autocast:
-                        loss = denoiser_loss(denoiser, to_float(batch["obs"].to(device, non_blocking=True)),
-                                             batch["actions"].to(device), batch["mask"].to(device), args, generator,
-                                             denoiser_net)
+                        loss = denoiser_loss(denoiser, batch["obs"], batch["actions"], batch["obs_mask"], args,
+                                             generator, denoiser_net)
                 elif name == "reward_end":
-                    refs = buffer.sample_starts(args.batch_size, cpu_generator, train_ids)
-                    batch = buffer.segments(refs, args.reward_segment_length + 1)
-                    obs = to_float(batch["obs"].to(device, non_blocking=True))
-                    mask = batch["mask"].to(device)
+                    batch = sample_reward_end_batch(buffer, args, cpu_generator, device, train_ids)
                     with autocast:
-                        reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], batch["actions"].to(device),
-                                                                        obs[:, 1:])
-                    # cross-entropy on the reward sign (-1, 0, +1 -> classes 0, 1, 2) and the end flag, real steps only
-                    reward_class = batch["rewards"].to(device).sign().long() + 1
-                    loss = (F.cross_entropy(reward_logits[mask].float(), reward_class[mask])
-                            + F.cross_entropy(end_logits[mask].float(), batch["ends"].to(device).long()[mask]))
+                        loss = reward_end_loss(reward_end_model, batch)
                 else:
                     loss, parts = actor_critic_loss(actor_critic, wm_env, args, generator, autocast)
                     for key, value in parts.items():
@@ -1701,7 +1804,7 @@ def main(args: Args, given: set[str]):
                 per_second = done_steps / (time.perf_counter() - phase_start)
                 log_value(f"perf/{name}_steps_per_s", per_second)
                 if name == "denoiser":
-                    flops = 3 * denoiser_flops_per_sample * args.batch_size * args.num_autoregressive_steps
+                    flops = 3 * denoiser_flops_per_sample * args.batch_size * (1 + args.num_autoregressive_steps)
                     log_value("perf/mfu", per_second * flops / peak_flops)
                 if name == "actor_critic":
                     log_value("perf/imagination_frames_per_s",
