@@ -151,7 +151,9 @@ class Args:
     actor_lstm_dim: int = 512
     """LSTM size of the actor-critic"""
     imagination_horizon: int = 15
-    """imagined steps per actor-critic update"""
+    """an imagined episode is truncated after this many steps and restarts from a real segment"""
+    backup_every: int = 15
+    """imagined steps per actor-critic update (the imagined episodes go on across updates)"""
     num_imagined_envs: int = 32
     """imagined environments per actor-critic update"""
     discount_factor: float = 0.985
@@ -223,7 +225,7 @@ PRESETS = {
     "tiny": dict(
         obs_size=32, diffusion_channels=(8, 8, 8), diffusion_res_blocks=1, diffusion_cond_dim=16, reward_channels=8,
         reward_cond_dim=8, reward_lstm_dim=16, actor_channels=(8, 8, 8, 8), actor_lstm_dim=16, imagination_horizon=4,
-        num_imagined_envs=4, reward_segment_length=8, num_epochs=2, initial_collection_steps=200,
+        backup_every=4, num_imagined_envs=4, reward_segment_length=8, num_epochs=2, initial_collection_steps=200,
         max_initial_collection_steps=300, min_nonzero_rewards=1, collection_steps_per_epoch=50,
         final_epochs_without_collection=0, denoiser_steps_per_epoch=10, reward_steps_per_epoch=10,
         actor_critic_steps_per_epoch=5, first_epoch_denoiser_steps=20, first_epoch_reward_steps=20,
@@ -926,16 +928,22 @@ def build_models(args: Args, num_actions: int) -> tuple[Denoiser, RewardEndModel
             ActorCritic(num_actions, args.obs_size, args.actor_channels, args.actor_lstm_dim))
 
 
-def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, values: torch.Tensor, gamma: float,
-                   lam: float) -> torch.Tensor:
-    """Lambda-returns on sign-clipped rewards. rewards, ends: (B, H); values: (B, H + 1) with V of the last state.
+def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, truncs: torch.Tensor, bootstrap: torch.Tensor,
+                   gamma: float, lam: float) -> torch.Tensor:
+    """Lambda-returns on sign-clipped rewards, with truncation apart from termination (DIAMOND's
+    compute_lambda_returns). rewards, ends, truncs, bootstrap: (B, H); bootstrap[:, t] = V'_t, the value of the
+    frame after step t (of the final frame where the episode stopped at t).
 
-    Lambda_t = sign(r_t) + gamma (1 - end_t) [(1 - lambda) V(s_t+1) + lambda Lambda_t+1], Lambda_H = V(s_H)."""
+    Lambda_t = sign(r_t) + gamma (1 - end_t) [trunc_t V'_t + (1 - trunc_t) ((1 - lambda) V'_t + lambda Lambda_t+1)],
+    with Lambda_H = V'_(H-1): a terminated step stops the return, a truncated one bootstraps from V'_t alone."""
     rewards, not_end = rewards.sign(), 1.0 - ends.float()
+    truncs = truncs.float()
     returns = torch.empty_like(rewards)
-    next_return = values[:, -1]
+    next_return = bootstrap[:, -1]
     for t in reversed(range(rewards.shape[1])):
-        next_return = rewards[:, t] + gamma * not_end[:, t] * ((1 - lam) * values[:, t + 1] + lam * next_return)
+        v = bootstrap[:, t]
+        continued = (1 - lam) * v + lam * next_return
+        next_return = rewards[:, t] + gamma * not_end[:, t] * (truncs[:, t] * v + (1 - truncs[:, t]) * continued)
         returns[:, t] = next_return
     return returns
 
@@ -983,10 +991,12 @@ def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, 
 
 
 class WorldModelEnv:
-    """num_envs imagined environments. Each starts from a real segment (c frames, c - 1 actions) from the replay
-    buffer, burns the reward/end model's LSTM in on the real transitions, then steps: the denoiser generates the next
-    frame, the reward/end model samples the reward sign and the end flag. An env that ends restarts from a new real
-    segment at the next step."""
+    """num_imagined_envs imagined environments that live across actor-critic updates, as in DIAMOND. Each starts from
+    a real segment (c frames, c - 1 actions) from the replay buffer, burns the reward/end model's LSTM in on its real
+    transitions, then steps: the denoiser generates the next frame, the reward/end model samples the reward sign and
+    the end flag. An imagined episode ends when the end flag is sampled (terminated) or after imagination_horizon
+    steps of its own life (truncated), and restarts from a new real segment at the same step. Its state (frames,
+    actions, LSTM states, ages, and the actor's LSTM state kept here for actor_critic_loss) goes into checkpoints."""
 
     def __init__(self, denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, args: Args,
                  device: torch.device, generator: torch.Generator, cpu_generator: torch.Generator, net=None,
@@ -994,14 +1004,16 @@ class WorldModelEnv:
         self.denoiser, self.reward_end_model, self.buffer, self.args = denoiser, reward_end_model, buffer, args
         self.device, self.generator, self.cpu_generator, self.net, self.autocast = (device, generator, cpu_generator,
                                                                                      net, autocast)
+        self.obs: Optional[torch.Tensor] = None  # (n, c, 3, H, W); None until the first reset
+        self.act = self.hidden = self.age = self.actor_hidden = None
 
     @torch.no_grad()
     def start(self, num_envs: int):
-        """Fresh segments: returns (current frame (n, 3, H, W), the c - 1 earlier frames for the actor's burn-in)
-        and sets the state of these n envs (past frames, past actions, reward/end LSTM)."""
+        """Fresh segments: (frames (n, c, 3, H, W), actions (n, c) whose last slot is for the actor, reward/end LSTM
+        state after the burn-in on the c - 1 real transitions). Frames before an episode are mid-grey padding."""
         c = self.args.num_conditioning_steps
         batch = self.buffer.segments(self.buffer.sample_segments(num_envs, c, self.cpu_generator), c)
-        obs = segment_obs(batch, self.device)  # (n, c, 3, H, W), frames before the episode mid-grey
+        obs = segment_obs(batch, self.device)  # (n, c, 3, H, W)
         actions = batch["actions"].to(self.device)  # (n, c - 1)
         with self.autocast:
             _, _, hidden = self.reward_end_model(obs[:, :-1], actions, obs[:, 1:])
@@ -1009,13 +1021,16 @@ class WorldModelEnv:
         return obs, act, hidden
 
     def reset(self):
+        """Starts every env: returns the current frames (n, 3, H, W) and the c - 1 earlier ones for the actor."""
         self.obs, self.act, self.hidden = self.start(self.args.num_imagined_envs)
+        self.age = torch.zeros(self.args.num_imagined_envs, dtype=torch.long, device=self.device)
         return self.obs[:, -1], self.obs[:, :-1]
 
     @torch.no_grad()
     def step(self, action: torch.Tensor):
-        """Returns (next frame, reward sign, end). Ended envs are restarted: their returned frame is the new start
-        and restarted holds (indices, burn-in frames) for the actor."""
+        """Returns (next frame, reward sign, end, truncated, restarted). Envs that ended or were truncated restart:
+        their returned frame is the new start, and restarted = (indices, burn-in frames (k, c - 1, 3, H, W), final
+        frames (k, 3, H, W) of the episodes that stopped), or None."""
         self.act[:, -1] = action
         next_obs = generate_next_obs(self.denoiser, self.obs, self.act, self.args, self.generator, self.net,
                                      self.autocast)
@@ -1024,20 +1039,37 @@ class WorldModelEnv:
                 self.obs[:, -1:], action[:, None], next_obs[:, None], self.hidden)
         reward = torch.multinomial(reward_logits[:, 0].float().softmax(-1), 1, generator=self.generator)[:, 0] - 1
         end = torch.multinomial(end_logits[:, 0].float().softmax(-1), 1, generator=self.generator)[:, 0]
+        self.age += 1
+        truncated = (self.age >= self.args.imagination_horizon) & (end == 0)  # the horizon, unless it ended anyway
         self.obs = torch.cat([self.obs[:, 1:], next_obs[:, None]], dim=1)
         self.act = torch.cat([self.act[:, 1:], torch.zeros_like(self.act[:, :1])], dim=1)
         restarted = None
-        ended = end.nonzero()[:, 0]
-        if len(ended):  # a host sync, as in DIAMOND: restart the ended envs from new real segments
-            obs, act, hidden = self.start(len(ended))
-            self.obs[ended], self.act[ended] = obs, act
-            self.hidden = tuple(hc.index_copy(1, ended, new) for hc, new in zip(self.hidden, hidden))
-            restarted = (ended, obs[:, :-1])
-        return self.obs[:, -1], reward.float(), end.float(), restarted
+        stopped = ((end == 1) | truncated).nonzero()[:, 0]
+        if len(stopped):  # a host sync, as in DIAMOND: restart these envs from new real segments
+            obs, act, hidden = self.start(len(stopped))
+            self.obs[stopped], self.act[stopped], self.age[stopped] = obs, act, 0
+            self.hidden = tuple(hc.index_copy(1, stopped, new) for hc, new in zip(self.hidden, hidden))
+            restarted = (stopped, obs[:, :-1], next_obs[stopped])
+        return self.obs[:, -1], reward.float(), end.float(), truncated.float(), restarted
+
+    def state_dict(self) -> dict:
+        if self.obs is None:
+            return {}
+        copy = lambda x: x.detach().cpu().clone()  # noqa: E731 - a copy: stepping changes act and age in place
+        return {"obs": copy(self.obs), "act": copy(self.act), "hidden": [copy(h) for h in self.hidden],
+                "age": copy(self.age), "actor_hidden": [copy(h) for h in self.actor_hidden]}
+
+    def load_state_dict(self, state: dict):
+        if not state:
+            self.obs = self.act = self.hidden = self.age = self.actor_hidden = None
+            return
+        self.obs, self.act, self.age = (state[key].to(self.device) for key in ("obs", "act", "age"))
+        self.hidden = tuple(h.to(self.device) for h in state["hidden"])
+        self.actor_hidden = tuple(h.to(self.device) for h in state["actor_hidden"])
 
 
 def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=contextlib.nullcontext()):
-    """The actor-critic's LSTM state after the frames (n, k, 3, H, W), without gradients."""
+    """The actor-critic's LSTM state after the frames (n, k, 3, H, W), from a zero state, without gradients."""
     hidden = None
     with torch.no_grad(), autocast:
         for k in range(frames.shape[1]):
@@ -1047,37 +1079,54 @@ def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=cont
 
 def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, generator: torch.Generator,
                       autocast=contextlib.nullcontext()):
-    """One imagined rollout (num_imagined_envs x imagination_horizon) and the actor-critic losses on it:
-    value MSE to the lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
-    obs, burn_in = wm_env.reset()
-    hidden = actor_burn_in(actor_critic, burn_in, autocast)
-    logits_list, values, actions, rewards, ends = [], [], [], [], []
-    for _ in range(args.imagination_horizon):
+    """backup_every more steps of the persistent imagined episodes (num_imagined_envs of them) and the actor-critic
+    losses on them: value MSE to the lambda-returns, REINFORCE with the baseline V, and an entropy bonus.
+
+    The actor's LSTM state carries over from the last update (detached); an episode that stops at step t bootstraps
+    from V of its final frame (the actor's state stepped on it), then the actor's memory is burnt in on the new
+    segment's c - 1 earlier frames."""
+    if wm_env.obs is None:  # the first update: start the imagined episodes
+        _, burn_in = wm_env.reset()
+        wm_env.actor_hidden = actor_burn_in(actor_critic, burn_in, autocast)
+    obs, hidden = wm_env.obs[:, -1], tuple(h.detach() for h in wm_env.actor_hidden)
+    logits_list, values, bootstrap, actions, rewards, ends, truncs = [], [], [], [], [], [], []
+    stopped = None  # (indices, V(final frame)) of the episodes that stopped at the previous step
+    for t in range(args.backup_every):
         with autocast:
             logits, value, hidden = actor_critic(obs, hidden)
         action = torch.multinomial(logits.detach().float().softmax(-1), 1, generator=generator)[:, 0]
-        obs, reward, end, restarted = wm_env.step(action)
-        if restarted is not None:  # the actor's memory restarts too, burnt in on the new segment
-            index, frames = restarted
-            new_hidden = actor_burn_in(actor_critic, frames, autocast)
+        if t > 0:  # V'_(t-1) = V(s_t), or V(final frame) where the episode stopped at t - 1
+            bootstrap.append(value.detach().float() if stopped is None else
+                             value.detach().float().index_copy(0, *stopped))
+        obs, reward, end, trunc, restarted = wm_env.step(action)
+        stopped = None
+        if restarted is not None:
+            index, frames, final_obs = restarted
+            with torch.no_grad(), autocast:
+                _, final_value, _ = actor_critic(final_obs, tuple(h[index] for h in hidden))
+            stopped = (index, final_value.float())
+            new_hidden = actor_burn_in(actor_critic, frames, autocast)  # the actor's memory restarts too
             hidden = tuple(h.index_copy(0, index, new.to(h.dtype)) for h, new in zip(hidden, new_hidden))
         logits_list.append(logits.float())
         values.append(value.float())
         actions.append(action)
         rewards.append(reward)
         ends.append(end)
-    with autocast:
-        _, last_value, _ = actor_critic(obs, hidden)
-    values.append(last_value.float())
-    logits, values = torch.stack(logits_list, 1), torch.stack(values, 1)  # (B, H, A), (B, H + 1)
-    actions, rewards, ends = torch.stack(actions, 1), torch.stack(rewards, 1), torch.stack(ends, 1)
+        truncs.append(trunc)
+    with torch.no_grad(), autocast:
+        _, last_value, _ = actor_critic(obs, hidden)  # V(s_H), without stepping the kept LSTM state
+    bootstrap.append(last_value.float() if stopped is None else last_value.float().index_copy(0, *stopped))
+    wm_env.actor_hidden = tuple(h.detach() for h in hidden)
+    logits, values, bootstrap = torch.stack(logits_list, 1), torch.stack(values, 1), torch.stack(bootstrap, 1)
+    actions, rewards = torch.stack(actions, 1), torch.stack(rewards, 1)
+    ends, truncs = torch.stack(ends, 1), torch.stack(truncs, 1)
     with torch.no_grad():
-        returns = lambda_returns(rewards, ends, values.detach(), args.discount_factor, args.td_lambda)
+        returns = lambda_returns(rewards, ends, truncs, bootstrap, args.discount_factor, args.td_lambda)
     log_probs = logits.log_softmax(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
-    advantage = (returns - values[:, :-1]).detach()
+    advantage = (returns - values).detach()
     actor_loss = -(log_probs.gather(-1, actions[..., None])[..., 0] * advantage).mean()
-    critic_loss = F.mse_loss(values[:, :-1], returns)
+    critic_loss = F.mse_loss(values, returns)
     loss = actor_loss + critic_loss - args.entropy_weight * entropy
     return loss, {"actor": actor_loss.detach(), "critic": critic_loss.detach(), "entropy": entropy.detach(),
                   "imagined_reward": rewards.mean(), "imagined_end": ends.mean()}
@@ -1299,7 +1348,8 @@ def check_args(args: Args):
     if args.dataset_dir is not None and not args.world_model_only:
         raise UserError("--dataset-dir needs --world-model-only (the agent learns from the episodes it collects)")
     for name in ("num_epochs", "batch_size", "save_every", "eval_every", "num_conditioning_steps", "frame_skip",
-                 "imagination_horizon", "num_imagined_envs", "max_episode_steps", "num_heldout_transitions"):
+                 "imagination_horizon", "backup_every", "num_imagined_envs", "max_episode_steps",
+                 "num_heldout_transitions"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
     if args.num_autoregressive_steps < 0:
@@ -1665,7 +1715,7 @@ def main(args: Args, given: set[str]):
             "rng": rng_state(), "cpu_generator": cpu_generator.get_state(), "generator": generator.get_state().cpu(),
             "env": env.state_dict(), "partial": partial_tensors(),
             "collect_hidden": None if collect_hidden is None else tuple(h.cpu() for h in collect_hidden),
-            "heldout": heldout, "epoch_log": epoch_log,
+            "heldout": heldout, "epoch_log": epoch_log, "imagination": wm_env.state_dict(),
             "phase_sums": {key: value.item() for key, value in sums.items()},
         })
         where = "" if phase == 0 and position == 0 else f" (inside epoch {epoch}: {PHASES[phase]}, step {position})"
@@ -1720,6 +1770,12 @@ def main(args: Args, given: set[str]):
             partial, collect_hidden = None, None
         return reward
 
+    # The imagined episodes live across actor-critic updates and epochs (and checkpoints), as in DIAMOND
+    wm_env = WorldModelEnv(denoiser, reward_end_model, buffer, args, device, generator, cpu_generator, denoiser_net,
+                           autocast)
+    if checkpoint is not None:
+        wm_env.load_state_dict(checkpoint.get("imagination", {}))
+
     run_start, epoch_start, first_epoch = time.perf_counter(), time.perf_counter(), epoch
     collect_epochs = args.num_epochs - args.final_epochs_without_collection
     while epoch <= args.num_epochs:
@@ -1762,8 +1818,6 @@ def main(args: Args, given: set[str]):
                 name == "actor_critic" and args.world_model_only):
             num_steps = phase_length(name)
             model = models[name]
-            wm_env = WorldModelEnv(denoiser, reward_end_model, buffer, args, device, generator, cpu_generator,
-                                   denoiser_net, autocast)
             while position < num_steps and not stop_requested:
                 if name == "denoiser":
                     batch = sample_denoiser_batch(buffer, args, cpu_generator, device, train_ids)
@@ -1808,7 +1862,7 @@ def main(args: Args, given: set[str]):
                     log_value("perf/mfu", per_second * flops / peak_flops)
                 if name == "actor_critic":
                     log_value("perf/imagination_frames_per_s",
-                              per_second * args.num_imagined_envs * args.imagination_horizon)
+                              per_second * args.num_imagined_envs * args.backup_every)
 
         elif name == "evaluate" and (epoch % args.eval_every == 0 or epoch == args.num_epochs):
             real, imagined = imagined_vs_real(denoiser, buffer, args, device, args.seed * 7919 + epoch, denoiser_net,

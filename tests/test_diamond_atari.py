@@ -225,12 +225,13 @@ def test_euler_and_heun_steps_by_hand(dia):
 
 
 def test_lambda_returns_with_a_termination(dia):
-    # gamma 0.5, lambda 0.5; rewards 1, 2, -3 (sign-clipped to 1, 1, -1); the episode ends at t = 1; V = .5, 1, 2, 4
-    # L3 = 4; L2 = -1 + .5 (.5 * 4 + .5 * 4) = 1; L1 = 1 (ends); L0 = 1 + .5 (.5 * 1 + .5 * 1) = 1.5
+    # gamma 0.5, lambda 0.5; rewards 1, 2, -3 (sign-clipped to 1, 1, -1); the episode ends at t = 1; V' = 1, 2, 4
+    # (V'_t: the value after step t); L3 := V'_2 = 4; L2 = -1 + .5 (.5 * 4 + .5 * 4) = 1; L1 = 1 (ends);
+    # L0 = 1 + .5 (.5 * 1 + .5 * 1) = 1.5
     rewards = torch.tensor([[1.0, 2.0, -3.0]])
     ends = torch.tensor([[0.0, 1.0, 0.0]])
-    values = torch.tensor([[0.5, 1.0, 2.0, 4.0]])
-    returns = dia.lambda_returns(rewards, ends, values, gamma=0.5, lam=0.5)
+    bootstrap = torch.tensor([[1.0, 2.0, 4.0]])
+    returns = dia.lambda_returns(rewards, ends, torch.zeros_like(ends), bootstrap, gamma=0.5, lam=0.5)
     assert returns.tolist() == [[1.5, 1.0, 1.0]]
 
 

@@ -138,7 +138,7 @@ def test_padding_is_grey_action_0_and_masked(dia):
     model = dia.RewardEndModel(4, 8, 8, 8, 16)
     rb = {"obs": obs, **{key: batch[key] for key in ("actions", "rewards", "ends", "mask")}}
     changed = dict(rb, rewards=torch.where(rb["mask"], rb["rewards"], 1.0), ends=rb["ends"] | ~rb["mask"])
-    assert float(dia.reward_end_loss(model, rb)) == float(dia.reward_end_loss(model, changed))
+    assert dia.reward_end_loss(model, rb).item() == dia.reward_end_loss(model, changed).item()
     # masked out of the denoiser loss: a batch whose only target is padding has loss 0
     denoiser = dia.Denoiser(dia.DenoiserNet(4, (8, 8), 1, 16, 4))
     torch.nn.init.normal_(denoiser.net.conv_out.weight)
@@ -238,3 +238,72 @@ def test_defaults_are_fp32_and_the_references_segment_lengths(dia):
     assert (args.env_step_budget, args.final_epochs_without_collection, args.collection_steps_per_epoch) == (
         100_000, 50, 100)
     assert math.isclose(sum(args.recency_weights), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Imagination: persistent imagined episodes, truncation apart from termination
+
+
+def test_lambda_returns_bootstrap_truncated_steps_and_stop_terminated_ones(dia):
+    # gamma 0.5, lambda 0.5, rewards 1, 2, -3, 0.5 (signs 1, 1, -1, 1), V' = 1, 2, 4, 8 (the value after each step)
+    # row 0, truncated at t = 1: L3 = 1 + .5 (.5 * 8 + .5 * 8) = 5; L2 = -1 + .5 (.5 * 4 + .5 * 5) = 1.25;
+    #   L1 = 1 + .5 * 2 = 2 (bootstraps from V'_1 alone); L0 = 1 + .5 (.5 * 1 + .5 * 2) = 1.75
+    # row 1, terminated at t = 1: L1 = 1; L0 = 1 + .5 (.5 * 1 + .5 * 1) = 1.5
+    rewards = torch.tensor([[1.0, 2.0, -3.0, 0.5]] * 2)
+    ends = torch.tensor([[0.0, 0, 0, 0], [0, 1, 0, 0]])
+    truncs = torch.tensor([[0.0, 1, 0, 0], [0, 0, 0, 0]])
+    bootstrap = torch.tensor([[1.0, 2.0, 4.0, 8.0]] * 2)
+    returns = dia.lambda_returns(rewards, ends, truncs, bootstrap, gamma=0.5, lam=0.5)
+    assert returns.tolist() == [[1.75, 2.0, 1.25, 5.0], [1.5, 1.0, 1.25, 5.0]]
+
+
+class StubDenoiser:
+    def denoise(self, x, sigma, past, act, net=None):
+        return past[:, -3:].clamp(-1, 1)  # repeats the last frame
+
+
+class StubRewardEnd(torch.nn.Module):
+    """Reward sign 0 or +1 at random, never an end; an LSTM-shaped state that counts the transitions seen."""
+
+    def forward(self, obs, act, next_obs, hidden=None):
+        b, t = act.shape
+        count = (hidden[0] if hidden is not None else torch.zeros(1, b, 2)) + t
+        return (torch.tensor([-30.0, 0.0, 0.0]).expand(b, t, 3), torch.tensor([30.0, -30.0]).expand(b, t, 2),
+                (count, count.clone()))
+
+
+def test_imagined_episodes_persist_across_updates_and_resume(dia, monkeypatch):
+    torch.manual_seed(0)
+    buffer = make_buffer(dia, [6, 9, 12])
+    buffer.episodes = [dict(ep, obs=ep["obs"][:, :, :, :].repeat(1, 1, 2, 2)) for ep in buffer.episodes]  # 16 px
+    args = dia.Args(num_imagined_envs=3, imagination_horizon=5, backup_every=3)
+    actor = dia.ActorCritic(4, 16, (4, 4, 4, 4), 8)
+    seen = []
+    monkeypatch.setattr(dia, "lambda_returns", lambda r, e, tr, v, g, lam: seen.append((e, tr, v)) or
+                        torch.zeros_like(r))
+
+    def make_env(seed):
+        return dia.WorldModelEnv(StubDenoiser(), StubRewardEnd(), buffer, args, torch.device("cpu"),
+                                 torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1))
+
+    env, g = make_env(0), torch.Generator().manual_seed(5)
+    dia.actor_critic_loss(actor, env, args, g)
+    assert env.age.tolist() == [3, 3, 3]  # 3 steps into their episodes
+    state = env.state_dict()
+    rng = (env.generator.get_state(), env.cpu_generator.get_state(), g.get_state())
+    loss, _ = dia.actor_critic_loss(actor, env, args, g)
+    # the same episodes went on: steps 4 and 5 of their life, truncated at 5 (horizon), restarted, then 1 step
+    assert env.age.tolist() == [1, 1, 1]
+    ends, truncs, bootstrap = seen[-1]
+    assert truncs.tolist() == [[0.0, 1.0, 0.0]] * 3 and ends.tolist() == [[0.0] * 3] * 3
+    assert env.hidden[0][0, :, 0].tolist() == [3 + 1, 3 + 1, 3 + 1]  # reward/end burn-in (3) + 1 imagined step
+
+    # a fresh env given the saved state and generators continues exactly (an exact resume)
+    resumed = make_env(0)
+    resumed.load_state_dict(state)
+    resumed.generator.set_state(rng[0])
+    resumed.cpu_generator.set_state(rng[1])
+    g.set_state(rng[2])
+    loss_resumed, _ = dia.actor_critic_loss(actor, resumed, args, g)
+    assert torch.equal(seen[-1][2], bootstrap) and torch.equal(resumed.obs, env.obs)
+    assert loss_resumed.item() == loss.item()
