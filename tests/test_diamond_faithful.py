@@ -144,7 +144,7 @@ def test_padding_is_grey_action_0_and_masked(dia):
     torch.nn.init.normal_(denoiser.net.conv_out.weight)
     obs_mask = torch.zeros(1, 5, dtype=torch.bool)
     loss = dia.denoiser_loss(denoiser, obs[:1, 1:], batch["actions"][:1], obs_mask, dia.Args(), torch.Generator())
-    assert float(loss) == 0.0
+    assert loss.item() == 0.0
 
 
 def test_segment_starts_as_the_reference_samples_them(dia):
