@@ -73,8 +73,9 @@ class Args:
     """train and evaluate only the world model (denoiser, reward/end model), on random-policy data or --dataset-dir"""
     compile: bool = False
     """torch.compile the denoiser's U-Net"""
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    """autocast dtype on CUDA (float16 uses GradScalers); the CPU always computes in float32"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """float32 (with TF32 matmuls on CUDA, as DIAMOND's reference), or bfloat16/float16 autocast on CUDA (float16
+    uses GradScalers); the CPU always computes in float32"""
 
     # Environment: Atari 100k as DIAMOND runs it
     env_id: Annotated[str, tyro.conf.arg(aliases=("--game",))] = "Breakout-v5"
@@ -116,7 +117,8 @@ class Args:
     train_sigma_max: float = 20.0
     """training noise levels are clipped to [train_sigma_min, train_sigma_max]"""
     num_autoregressive_steps: int = 1
-    """denoiser training steps per segment: 2 adds a step conditioned on its own first prediction"""
+    """extra denoiser predictions per training segment, each conditioned on the previous one's 8-bit output (DIAMOND:
+    1, i.e. segments of num_conditioning_steps + 2 frames and two predictions; 0: one prediction)"""
 
     # Sampler
     sampler: Literal["euler", "heun"] = "euler"
@@ -129,6 +131,8 @@ class Args:
     """largest sigma of the Karras schedule"""
     rho: float = 7.0
     """rho of the Karras schedule"""
+    edm_initial_noise: bool = False
+    """start sampling from sigma_max * noise (EDM) instead of unit-variance noise (DIAMOND's reference code)"""
 
     # Reward / termination model
     reward_channels: int = 32
@@ -138,7 +142,8 @@ class Args:
     reward_lstm_dim: int = 512
     """LSTM size of the reward/end model"""
     reward_segment_length: int = 19
-    """transitions per reward/end training segment (imagination horizon + conditioning steps)"""
+    """frames per reward/end training segment, so one transition fewer (DIAMOND: imagination horizon 15 + 4
+    conditioning steps)"""
 
     # Actor-critic
     actor_channels: tuple[int, ...] = (32, 32, 64, 64)
@@ -146,7 +151,9 @@ class Args:
     actor_lstm_dim: int = 512
     """LSTM size of the actor-critic"""
     imagination_horizon: int = 15
-    """imagined steps per actor-critic update"""
+    """an imagined episode is truncated after this many steps and restarts from a real segment"""
+    backup_every: int = 15
+    """imagined steps per actor-critic update (the imagined episodes go on across updates)"""
     num_imagined_envs: int = 32
     """imagined environments per actor-critic update"""
     discount_factor: float = 0.985
@@ -166,9 +173,12 @@ class Args:
     min_nonzero_rewards: int = 10
     """epoch 1 collects until the buffer holds this many transitions with a non-zero reward"""
     collection_steps_per_epoch: int = 100
-    """env steps collected in each later epoch"""
+    """env steps collected in each epoch after the first collection (epoch 1 included)"""
+    env_step_budget: int = 100_000
+    """env steps collected in the whole run (Atari 100k): the first collection, then collection_steps_per_epoch per
+    epoch until the budget is spent"""
     final_epochs_without_collection: int = 50
-    """the last epochs only train (this keeps the total at about 100k env steps)"""
+    """epochs that only train, after the budget is spent"""
     denoiser_steps_per_epoch: int = 400
     """denoiser gradient steps per epoch"""
     reward_steps_per_epoch: int = 400
@@ -184,7 +194,8 @@ class Args:
     batch_size: int = 32
     """segments per denoiser and reward/end model batch"""
     recency_weights: tuple[float, ...] = (0.1, 0.1, 0.1, 0.7)
-    """replay sampling weight of each chronological slice of the episodes (oldest first)"""
+    """replay sampling weight of each chronological slice of the episodes (oldest first; with fewer episodes than
+    slices, episodes are weighted by their length)"""
     learning_rate: float = 1e-4
     """AdamW learning rate (all three components)"""
     adam_eps: float = 1e-8
@@ -214,7 +225,7 @@ PRESETS = {
     "tiny": dict(
         obs_size=32, diffusion_channels=(8, 8, 8), diffusion_res_blocks=1, diffusion_cond_dim=16, reward_channels=8,
         reward_cond_dim=8, reward_lstm_dim=16, actor_channels=(8, 8, 8, 8), actor_lstm_dim=16, imagination_horizon=4,
-        num_imagined_envs=4, reward_segment_length=8, num_epochs=2, initial_collection_steps=200,
+        backup_every=4, num_imagined_envs=4, reward_segment_length=8, num_epochs=2, initial_collection_steps=200,
         max_initial_collection_steps=300, min_nonzero_rewards=1, collection_steps_per_epoch=50,
         final_epochs_without_collection=0, denoiser_steps_per_epoch=10, reward_steps_per_epoch=10,
         actor_critic_steps_per_epoch=5, first_epoch_denoiser_steps=20, first_epoch_reward_steps=20,
@@ -440,11 +451,13 @@ def load_episode(path: Path, obs_size: int, num_actions: int, fix: str = "fix th
 class ReplayBuffer:
     """Finished episodes (in memory, and one .npz file each in the run folder) plus the episode being collected.
 
-    Sampling: an episode with probability given by the recency weights over chronological slices of the episodes
-    (DIAMOND: [0.1, 0.1, 0.1, 0.7] over quarters), then a segment uniformly inside it. Segments may start before the
-    episode (the missing frames repeat its first frame, NOOP actions, masked out of the losses)."""
+    Sampling as DIAMOND's reference does it: an episode with the recency weights over chronological slices of the
+    episodes (DIAMOND: [0.1, 0.1, 0.1, 0.7] over quarters; fewer episodes than slices, or no weights: in proportion to
+    their length), a time step t uniformly inside it, then a segment around t. Frames outside the episode are padding:
+    mid-grey (0.0 in [-1, 1]), action 0, and masked out of every loss."""
 
-    def __init__(self, folder: Optional[Path], recency_weights: tuple[float, ...], num_conditioning_steps: int):
+    def __init__(self, folder: Optional[Path], recency_weights: Optional[tuple[float, ...]],
+                 num_conditioning_steps: int):
         self.folder, self.recency_weights, self.num_cond = folder, recency_weights, num_conditioning_steps
         self.episodes: list[dict] = []
         self.partial: Optional[dict] = None  # the episode being collected (sampled too, as the newest)
@@ -472,32 +485,49 @@ class ReplayBuffer:
     def num_transitions(self) -> int:
         return sum(len(self.episode(i)["actions"]) for i in self.sampleable())
 
-    def sample_starts(self, batch_size: int, generator: torch.Generator,
-                      ids: Optional[list[int]] = None) -> list[tuple[int, int]]:
-        """(episode id, start) pairs: starts in [-(c-1), T-c], so the c-th frame of the segment is a real
-        non-terminal observation (c = conditioning steps)."""
+    def episode_weights(self, ids: list[int]) -> torch.Tensor:
+        """Sampling probability of each episode in ids (oldest first). With k recency weights and n >= k episodes, the
+        weight w_s is shared by the n // k episodes of slice s, and the newest slice also takes the n % k leftovers;
+        with n < k (or no weights): p_i = T_i / sum_j T_j."""
+        n, weights = len(ids), self.recency_weights
+        lengths = torch.tensor([len(self.episode(i)["actions"]) for i in ids], dtype=torch.float64)
+        if weights is None or n < len(weights):
+            return lengths / lengths.sum()
+        k = len(weights)
+        sizes = [n // k] * (k - 1) + [n // k + n % k]  # chronological slices; the leftovers go to the newest
+        probs = torch.tensor([w / size for w, size in zip(weights, sizes) for _ in range(size)], dtype=torch.float64)
+        return probs / probs.sum()
+
+    def sample_segments(self, batch_size: int, num_obs: int, generator: torch.Generator,
+                        ids: Optional[list[int]] = None, beyond_end: bool = False) -> list[tuple[int, int]]:
+        """(episode id, start) of batch_size segments of num_obs frames. t ~ U{0..T-1} in the chosen episode; then
+        beyond_end=False (denoiser, imagination starts): stop = min(T, t + 1 + U{0..L-1}), start = stop - L, so the
+        segment ends at or before frame T-1 and may start before the episode; beyond_end=True (reward/end model):
+        start = t - U{0..L-1}, padded on both sides."""
         ids = self.sampleable() if ids is None else ids
-        n, slices = len(ids), len(self.recency_weights)
-        slice_of = [min(slices - 1, i * slices // n) for i in range(n)]
-        slice_sizes = [slice_of.count(s) for s in range(slices)]
-        weights = torch.tensor([self.recency_weights[s] / slice_sizes[s] for s in slice_of], dtype=torch.float64)
-        chosen = torch.multinomial(weights, batch_size, replacement=True, generator=generator).tolist()
-        u = torch.rand(batch_size, generator=generator, dtype=torch.float64).tolist()
-        return [(ids[k], int(u_i * len(self.episode(ids[k])["actions"])) - (self.num_cond - 1))
-                for k, u_i in zip(chosen, u)]
+        chosen = torch.multinomial(self.episode_weights(ids), batch_size, replacement=True, generator=generator)
+        lengths = torch.tensor([len(self.episode(ids[k])["actions"]) for k in chosen.tolist()])
+        t = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * lengths).long()  # U{0..T-1}
+        offset = torch.randint(num_obs, (batch_size,), generator=generator)  # U{0..L-1}
+        starts = t - offset if beyond_end else torch.minimum(lengths, t + 1 + offset) - num_obs
+        return [(ids[k], s) for k, s in zip(chosen.tolist(), starts.tolist())]
 
     def segments(self, refs: list[tuple[int, int]], num_obs: int) -> dict:
-        """Batches segments of num_obs frames starting at the given (episode, start): obs uint8 (B, L, 3, H, W),
-        actions/rewards/ends (B, L-1) and mask (B, L-1) (True where the transition is real)."""
-        out = {key: [] for key in ("obs", "actions", "rewards", "ends", "mask")}
+        """Batches segments of num_obs frames starting at the given (episode, start): obs uint8 (B, L, 3, H, W) with
+        obs_mask (B, L) (True where the frame belongs to the episode: frames 0..T); actions/rewards/ends (B, L-1) and
+        mask (B, L-1) (True where the transition is real). Padding holds 0 in obs (segment_obs turns it into 0.0) and
+        in actions and rewards."""
+        out = {key: [] for key in ("obs", "obs_mask", "actions", "rewards", "ends", "mask")}
         for index, start in refs:
             ep = self.episode(index)
             T = len(ep["actions"])
             frames = torch.arange(start, start + num_obs)
+            real_frame = (frames >= 0) & (frames <= T)
             steps = frames[:-1]
             valid = (steps >= 0) & (steps < T)
             clipped = steps.clamp(0, T - 1)
-            out["obs"].append(ep["obs"][frames.clamp(0, T)])
+            out["obs"].append(ep["obs"][frames.clamp(0, T)] * real_frame[:, None, None, None])
+            out["obs_mask"].append(real_frame)
             out["actions"].append(torch.where(valid, ep["actions"][clipped], 0))
             out["rewards"].append(torch.where(valid, ep["rewards"][clipped], 0.0))
             out["ends"].append(valid & ep["terminated"][clipped])
@@ -510,7 +540,40 @@ def to_float(obs_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def to_uint8(obs: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> {0..255}, rounding: the exact inverse of to_float on 8-bit frames (for storing and showing frames)."""
     return ((obs.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
+    """The denoiser's output as an 8-bit frame, back in [-1, 1], as DIAMOND's reference quantises it: clamp, then
+    floor((x + 1) / 2 * 255) (a cast to uint8), then q / 255 * 2 - 1."""
+    return ((x.float().clamp(-1, 1) + 1) / 2 * 255).floor() / 127.5 - 1.0
+
+
+def segment_obs(batch: dict, device: torch.device) -> torch.Tensor:
+    """The segments' frames on the device, in [-1, 1], with padding frames mid-grey (0.0) as DIAMOND pads them."""
+    obs = to_float(batch["obs"].to(device, non_blocking=True))
+    return torch.where(batch["obs_mask"].to(device)[:, :, None, None, None], obs, 0.0)
+
+
+def sample_denoiser_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
+                          ids: Optional[list[int]] = None) -> dict:
+    """A denoiser batch: segments of c + 1 + num_autoregressive_steps frames (DIAMOND: 4 + 1 + 1 = 6) as
+    denoiser_loss takes them: obs float (B, L, 3, H, W), actions (B, L - 1), obs_mask (B, L)."""
+    num_obs = args.num_conditioning_steps + 1 + args.num_autoregressive_steps
+    batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids), num_obs)
+    return {"obs": segment_obs(batch, device), "actions": batch["actions"].to(device),
+            "obs_mask": batch["obs_mask"].to(device)}
+
+
+def sample_reward_end_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
+                            ids: Optional[list[int]] = None) -> dict:
+    """A reward/end batch: segments of reward_segment_length frames (DIAMOND: 19, i.e. 18 transitions) starting at
+    t - U{0..18}, padded on both sides: obs float (B, L, 3, H, W), actions/rewards/ends/mask (B, L - 1)."""
+    num_obs = args.reward_segment_length
+    batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids, beyond_end=True), num_obs)
+    return {"obs": segment_obs(batch, device),
+            **{key: batch[key].to(device) for key in ("actions", "rewards", "ends", "mask")}}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -588,8 +651,10 @@ class FourierFeatures(nn.Module):
         self.register_buffer("weight", torch.randn(1, dim // 2))
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
-        angles = 2 * math.pi * c_noise[:, None].float() @ self.weight
-        return torch.cat([angles.cos(), angles.sin()], dim=1)
+        # always fp32: in bf16 the angles 2 pi w c_noise (up to ~20 rad) would lose about 0.1 rad
+        with torch.autocast(c_noise.device.type, enabled=False):
+            angles = 2 * math.pi * c_noise[:, None].float() @ self.weight.float()
+            return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
 class AdaGroupNorm(nn.Module):
@@ -752,36 +817,43 @@ class Denoiser(nn.Module):
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, net=None):
-        """D(x; sigma) for sampling: clamped to [-1, 1] and quantised to 8 bits (the frames are 8-bit images)."""
+        """D(x; sigma) for sampling: clamped to [-1, 1] and quantised to 8 bits by flooring (the frames are 8-bit
+        images; DIAMOND's reference casts to uint8)."""
         _, denoised = self(x, sigma, obs, act, net)
-        return to_float(to_uint8(denoised))
+        return quantize_8bit(denoised)
 
 
-def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor, args: Args,
+def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, obs_mask: torch.Tensor, args: Args,
                   generator: torch.Generator, net=None) -> torch.Tensor:
-    """EDM loss on segments: obs (B, c + n, 3, H, W) in [-1, 1], actions (B, c + n - 1), mask (B, c + n - 1).
+    """EDM loss on segments of c + 1 + n frames (DIAMOND: c = 4, n = num_autoregressive_steps = 1, so 6 frames):
+    obs (B, c + 1 + n, 3, H, W) in [-1, 1], actions (B, >= c + n), obs_mask (B, c + 1 + n) (True for real frames).
 
-    x_noisy = x0 + sigma_offset n_bc + sigma n; loss = || F(...) - (x0 - c_skip x_noisy) / c_out ||^2 (plain MSE,
-    which with the EDM c_out equals the weighted loss on D). With n > 1 autoregressive steps, step k conditions on
-    step k-1's denoised prediction (no gradient through it) and the losses are averaged."""
+    Prediction k = 0..n denoises frame c + k from frames k..c+k-1 and actions k..c+k-1:
+    x_noisy = x0 + sigma_offset n_bc + sigma n; loss_k = || F(...) - (x0 - c_skip x_noisy) / c_out ||^2 (plain MSE,
+    which with the EDM c_out equals the weighted loss on D), over the segments whose frame c + k is real. Frame c + k
+    is then replaced by D's clamped, 8-bit-quantised output (no gradient through it), which prediction k + 1 sees as
+    its last past frame, as it would in imagination. loss = mean_k loss_k."""
     c = args.num_conditioning_steps
+    num_predictions = obs.shape[1] - c  # 1 + num_autoregressive_steps (the segment length decides, as in DIAMOND)
     obs = obs.clone()
     b, _, ch, h, w = obs.shape
     total = obs.new_zeros(())
-    for k in range(args.num_autoregressive_steps):
+    for k in range(num_predictions):
         past, next_obs = obs[:, k: k + c].reshape(b, c * ch, h, w), obs[:, k + c]
-        act, valid = actions[:, k: k + c], mask[:, k + c - 1]
+        act, valid = actions[:, k: k + c], obs_mask[:, k + c].float()
         sigma = sample_training_sigma(b, args, generator, obs.device)
         offset_noise = args.sigma_offset_noise * torch.randn((b, ch, 1, 1), generator=generator, device=obs.device)
         noise = torch.randn(next_obs.shape, generator=generator, device=obs.device)
-        noisy = next_obs + offset_noise + sigma[:, None, None, None] * noise
+        noisy = next_obs + offset_noise + sigma[:, None, None, None] * noise  # x0 + sigma_offset n_bc + sigma n
         _, c_skip, c_out, _ = edm_preconditioning(sigma, args.sigma_data, args.sigma_offset_noise)
         target = (next_obs - c_skip[:, None, None, None] * noisy) / c_out[:, None, None, None]
         model_output, denoised = denoiser(noisy, sigma, past, act, net)
         per_sample = ((model_output - target) ** 2).mean(dim=(1, 2, 3))
+        # the mean over the real targets' pixels (0, not NaN, if a batch has none)
         total = total + (per_sample * valid).sum() / valid.sum().clamp(min=1)
-        obs[:, k + c] = to_float(to_uint8(denoised.detach()))  # the next step sees an 8-bit frame, as in sampling
-    return total / args.num_autoregressive_steps
+        if k + 1 < num_predictions:  # the next prediction sees an 8-bit frame, as in sampling
+            obs[:, k + c] = quantize_8bit(denoised.detach())
+    return total / num_predictions
 
 
 class RewardEndModel(nn.Module):
@@ -794,9 +866,9 @@ class RewardEndModel(nn.Module):
         super().__init__()
         self.act_emb = nn.Embedding(num_actions, cond_dim)
         self.conv_in = nn.Conv2d(2 * img_channels, channels, 3, padding=1)
-        # 4 stages of 2 ResBlocks (attention in the last), 3 downsamples between them, then 2 ResBlocks with attention
-        self.stages = nn.ModuleList(ResBlocks([channels] * 2, [channels] * 2, cond_dim, attention=i == 3)
-                                    for i in range(4))
+        # 4 stages of 2 ResBlocks without attention (DIAMOND's attn_depths [0, 0, 0, 0]), 3 downsamples between
+        # them, then 2 ResBlocks with attention at the lowest resolution
+        self.stages = nn.ModuleList(ResBlocks([channels] * 2, [channels] * 2, cond_dim) for _ in range(4))
         self.downsamples = nn.ModuleList(Downsample(channels) for _ in range(3))
         self.mid_blocks = ResBlocks([channels] * 2, [channels] * 2, cond_dim, attention=True)
         self.lstm = nn.LSTM(channels * (obs_size // 8) ** 2, lstm_dim, batch_first=True)
@@ -818,6 +890,16 @@ class RewardEndModel(nn.Module):
         x, hidden = self.lstm(x, hidden)
         logits = self.head(x)
         return logits[..., :3], logits[..., 3:], hidden
+
+
+def reward_end_loss(reward_end_model: RewardEndModel, batch: dict) -> torch.Tensor:
+    """CE(reward sign + 1) + CE(end) over the real transitions of reward/end segments (sample_reward_end_batch),
+    the LSTM starting from a zero state at each segment's first frame."""
+    obs, mask = batch["obs"], batch["mask"]
+    reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], batch["actions"], obs[:, 1:])
+    reward_class = batch["rewards"].sign().long() + 1  # -1, 0, +1 -> classes 0, 1, 2
+    return (F.cross_entropy(reward_logits[mask].float(), reward_class[mask])
+            + F.cross_entropy(end_logits[mask].float(), batch["ends"].long()[mask]))
 
 
 class SmallResBlock(nn.Module):
@@ -866,16 +948,22 @@ def build_models(args: Args, num_actions: int) -> tuple[Denoiser, RewardEndModel
             ActorCritic(num_actions, args.obs_size, args.actor_channels, args.actor_lstm_dim))
 
 
-def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, values: torch.Tensor, gamma: float,
-                   lam: float) -> torch.Tensor:
-    """Lambda-returns on sign-clipped rewards. rewards, ends: (B, H); values: (B, H + 1) with V of the last state.
+def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, truncs: torch.Tensor, bootstrap: torch.Tensor,
+                   gamma: float, lam: float) -> torch.Tensor:
+    """Lambda-returns on sign-clipped rewards, with truncation apart from termination (DIAMOND's
+    compute_lambda_returns). rewards, ends, truncs, bootstrap: (B, H); bootstrap[:, t] = V'_t, the value of the
+    frame after step t (of the final frame where the episode stopped at t).
 
-    Lambda_t = sign(r_t) + gamma (1 - end_t) [(1 - lambda) V(s_t+1) + lambda Lambda_t+1], Lambda_H = V(s_H)."""
+    Lambda_t = sign(r_t) + gamma (1 - end_t) [trunc_t V'_t + (1 - trunc_t) ((1 - lambda) V'_t + lambda Lambda_t+1)],
+    with Lambda_H = V'_(H-1): a terminated step stops the return, a truncated one bootstraps from V'_t alone."""
     rewards, not_end = rewards.sign(), 1.0 - ends.float()
+    truncs = truncs.float()
     returns = torch.empty_like(rewards)
-    next_return = values[:, -1]
+    next_return = bootstrap[:, -1]
     for t in reversed(range(rewards.shape[1])):
-        next_return = rewards[:, t] + gamma * not_end[:, t] * ((1 - lam) * values[:, t + 1] + lam * next_return)
+        v = bootstrap[:, t]
+        continued = (1 - lam) * v + lam * next_return
+        next_return = rewards[:, t] + gamma * not_end[:, t] * (truncs[:, t] * v + (1 - truncs[:, t]) * continued)
         returns[:, t] = next_return
     return returns
 
@@ -909,9 +997,11 @@ def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, 
     b, c, ch, h, w = obs.shape
     past = obs.reshape(b, c * ch, h, w)
     sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho)
-    # Starts from sigma_max * noise, as EDM does (DIAMOND's code starts from unit-variance noise: nearly the same,
-    # since c_skip(5.0) is about 0.01 and the first denoised frame hardly depends on x).
-    x_T = float(sigmas[0]) * torch.randn((b, ch, h, w), generator=generator, device=obs.device)
+    # DIAMOND's reference starts from unit-variance noise x ~ N(0, I), not from EDM's sigma_max * N(0, I); its
+    # agents' scores come from that sampler (the first step's D(x; sigma_max) hardly depends on x: c_skip(5) ~ 0.01).
+    x_T = torch.randn((b, ch, h, w), generator=generator, device=obs.device)
+    if args.edm_initial_noise:
+        x_T = float(sigmas[0]) * x_T
 
     def denoise_fn(x, sigma):
         with autocast:
@@ -921,10 +1011,12 @@ def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, 
 
 
 class WorldModelEnv:
-    """num_envs imagined environments. Each starts from a real segment (c frames, c - 1 actions) from the replay
-    buffer, burns the reward/end model's LSTM in on the real transitions, then steps: the denoiser generates the next
-    frame, the reward/end model samples the reward sign and the end flag. An env that ends restarts from a new real
-    segment at the next step."""
+    """num_imagined_envs imagined environments that live across actor-critic updates, as in DIAMOND. Each starts from
+    a real segment (c frames, c - 1 actions) from the replay buffer, burns the reward/end model's LSTM in on its real
+    transitions, then steps: the denoiser generates the next frame, the reward/end model samples the reward sign and
+    the end flag. An imagined episode ends when the end flag is sampled (terminated) or after imagination_horizon
+    steps of its own life (truncated), and restarts from a new real segment at the same step. Its state (frames,
+    actions, LSTM states, ages, and the actor's LSTM state kept here for actor_critic_loss) goes into checkpoints."""
 
     def __init__(self, denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, args: Args,
                  device: torch.device, generator: torch.Generator, cpu_generator: torch.Generator, net=None,
@@ -932,14 +1024,16 @@ class WorldModelEnv:
         self.denoiser, self.reward_end_model, self.buffer, self.args = denoiser, reward_end_model, buffer, args
         self.device, self.generator, self.cpu_generator, self.net, self.autocast = (device, generator, cpu_generator,
                                                                                      net, autocast)
+        self.obs: Optional[torch.Tensor] = None  # (n, c, 3, H, W); None until the first reset
+        self.act = self.hidden = self.age = self.actor_hidden = None
 
     @torch.no_grad()
     def start(self, num_envs: int):
-        """Fresh segments: returns (current frame (n, 3, H, W), the c - 1 earlier frames for the actor's burn-in)
-        and sets the state of these n envs (past frames, past actions, reward/end LSTM)."""
+        """Fresh segments: (frames (n, c, 3, H, W), actions (n, c) whose last slot is for the actor, reward/end LSTM
+        state after the burn-in on the c - 1 real transitions). Frames before an episode are mid-grey padding."""
         c = self.args.num_conditioning_steps
-        batch = self.buffer.segments(self.buffer.sample_starts(num_envs, self.cpu_generator), c)
-        obs = to_float(batch["obs"].to(self.device))  # (n, c, 3, H, W)
+        batch = self.buffer.segments(self.buffer.sample_segments(num_envs, c, self.cpu_generator), c)
+        obs = segment_obs(batch, self.device)  # (n, c, 3, H, W)
         actions = batch["actions"].to(self.device)  # (n, c - 1)
         with self.autocast:
             _, _, hidden = self.reward_end_model(obs[:, :-1], actions, obs[:, 1:])
@@ -947,13 +1041,16 @@ class WorldModelEnv:
         return obs, act, hidden
 
     def reset(self):
+        """Starts every env: returns the current frames (n, 3, H, W) and the c - 1 earlier ones for the actor."""
         self.obs, self.act, self.hidden = self.start(self.args.num_imagined_envs)
+        self.age = torch.zeros(self.args.num_imagined_envs, dtype=torch.long, device=self.device)
         return self.obs[:, -1], self.obs[:, :-1]
 
     @torch.no_grad()
     def step(self, action: torch.Tensor):
-        """Returns (next frame, reward sign, end). Ended envs are restarted: their returned frame is the new start
-        and restarted holds (indices, burn-in frames) for the actor."""
+        """Returns (next frame, reward sign, end, truncated, restarted). Envs that ended or were truncated restart:
+        their returned frame is the new start, and restarted = (indices, burn-in frames (k, c - 1, 3, H, W), final
+        frames (k, 3, H, W) of the episodes that stopped), or None."""
         self.act[:, -1] = action
         next_obs = generate_next_obs(self.denoiser, self.obs, self.act, self.args, self.generator, self.net,
                                      self.autocast)
@@ -962,20 +1059,37 @@ class WorldModelEnv:
                 self.obs[:, -1:], action[:, None], next_obs[:, None], self.hidden)
         reward = torch.multinomial(reward_logits[:, 0].float().softmax(-1), 1, generator=self.generator)[:, 0] - 1
         end = torch.multinomial(end_logits[:, 0].float().softmax(-1), 1, generator=self.generator)[:, 0]
+        self.age += 1
+        truncated = (self.age >= self.args.imagination_horizon) & (end == 0)  # the horizon, unless it ended anyway
         self.obs = torch.cat([self.obs[:, 1:], next_obs[:, None]], dim=1)
         self.act = torch.cat([self.act[:, 1:], torch.zeros_like(self.act[:, :1])], dim=1)
         restarted = None
-        ended = end.nonzero()[:, 0]
-        if len(ended):  # a host sync, as in DIAMOND: restart the ended envs from new real segments
-            obs, act, hidden = self.start(len(ended))
-            self.obs[ended], self.act[ended] = obs, act
-            self.hidden = tuple(hc.index_copy(1, ended, new) for hc, new in zip(self.hidden, hidden))
-            restarted = (ended, obs[:, :-1])
-        return self.obs[:, -1], reward.float(), end.float(), restarted
+        stopped = ((end == 1) | truncated).nonzero()[:, 0]
+        if len(stopped):  # a host sync, as in DIAMOND: restart these envs from new real segments
+            obs, act, hidden = self.start(len(stopped))
+            self.obs[stopped], self.act[stopped], self.age[stopped] = obs, act, 0
+            self.hidden = tuple(hc.index_copy(1, stopped, new) for hc, new in zip(self.hidden, hidden))
+            restarted = (stopped, obs[:, :-1], next_obs[stopped])
+        return self.obs[:, -1], reward.float(), end.float(), truncated.float(), restarted
+
+    def state_dict(self) -> dict:
+        if self.obs is None:
+            return {}
+        copy = lambda x: x.detach().cpu().clone()  # noqa: E731 - a copy: stepping changes act and age in place
+        return {"obs": copy(self.obs), "act": copy(self.act), "hidden": [copy(h) for h in self.hidden],
+                "age": copy(self.age), "actor_hidden": [copy(h) for h in self.actor_hidden]}
+
+    def load_state_dict(self, state: dict):
+        if not state:
+            self.obs = self.act = self.hidden = self.age = self.actor_hidden = None
+            return
+        self.obs, self.act, self.age = (state[key].to(self.device) for key in ("obs", "act", "age"))
+        self.hidden = tuple(h.to(self.device) for h in state["hidden"])
+        self.actor_hidden = tuple(h.to(self.device) for h in state["actor_hidden"])
 
 
 def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=contextlib.nullcontext()):
-    """The actor-critic's LSTM state after the frames (n, k, 3, H, W), without gradients."""
+    """The actor-critic's LSTM state after the frames (n, k, 3, H, W), from a zero state, without gradients."""
     hidden = None
     with torch.no_grad(), autocast:
         for k in range(frames.shape[1]):
@@ -985,40 +1099,83 @@ def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=cont
 
 def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, generator: torch.Generator,
                       autocast=contextlib.nullcontext()):
-    """One imagined rollout (num_imagined_envs x imagination_horizon) and the actor-critic losses on it:
-    value MSE to the lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
-    obs, burn_in = wm_env.reset()
-    hidden = actor_burn_in(actor_critic, burn_in, autocast)
-    logits_list, values, actions, rewards, ends = [], [], [], [], []
-    for _ in range(args.imagination_horizon):
+    """backup_every more steps of the persistent imagined episodes (num_imagined_envs of them) and the actor-critic
+    losses on them: value MSE to the lambda-returns, REINFORCE with the baseline V, and an entropy bonus.
+
+    The actor's LSTM state carries over from the last update (detached); an episode that stops at step t bootstraps
+    from V of its final frame (the actor's state stepped on it), then the actor's memory is burnt in on the new
+    segment's c - 1 earlier frames."""
+    if wm_env.obs is None:  # the first update: start the imagined episodes
+        _, burn_in = wm_env.reset()
+        wm_env.actor_hidden = actor_burn_in(actor_critic, burn_in, autocast)
+    obs, hidden = wm_env.obs[:, -1], tuple(h.detach() for h in wm_env.actor_hidden)
+    logits_list, values, bootstrap, actions, rewards, ends, truncs = [], [], [], [], [], [], []
+    stopped = None  # (indices, V(final frame)) of the episodes that stopped at the previous step
+    for t in range(args.backup_every):
         with autocast:
             logits, value, hidden = actor_critic(obs, hidden)
         action = torch.multinomial(logits.detach().float().softmax(-1), 1, generator=generator)[:, 0]
-        obs, reward, end, restarted = wm_env.step(action)
-        if restarted is not None:  # the actor's memory restarts too, burnt in on the new segment
-            index, frames = restarted
-            new_hidden = actor_burn_in(actor_critic, frames, autocast)
+        if t > 0:  # V'_(t-1) = V(s_t), or V(final frame) where the episode stopped at t - 1
+            bootstrap.append(value.detach().float() if stopped is None else
+                             value.detach().float().index_copy(0, *stopped))
+        obs, reward, end, trunc, restarted = wm_env.step(action)
+        stopped = None
+        if restarted is not None:
+            index, frames, final_obs = restarted
+            with torch.no_grad(), autocast:
+                _, final_value, _ = actor_critic(final_obs, tuple(h[index] for h in hidden))
+            stopped = (index, final_value.float())
+            new_hidden = actor_burn_in(actor_critic, frames, autocast)  # the actor's memory restarts too
             hidden = tuple(h.index_copy(0, index, new.to(h.dtype)) for h, new in zip(hidden, new_hidden))
         logits_list.append(logits.float())
         values.append(value.float())
         actions.append(action)
         rewards.append(reward)
         ends.append(end)
-    with autocast:
-        _, last_value, _ = actor_critic(obs, hidden)
-    values.append(last_value.float())
-    logits, values = torch.stack(logits_list, 1), torch.stack(values, 1)  # (B, H, A), (B, H + 1)
-    actions, rewards, ends = torch.stack(actions, 1), torch.stack(rewards, 1), torch.stack(ends, 1)
+        truncs.append(trunc)
+    with torch.no_grad(), autocast:
+        _, last_value, _ = actor_critic(obs, hidden)  # V(s_H), without stepping the kept LSTM state
+    bootstrap.append(last_value.float() if stopped is None else last_value.float().index_copy(0, *stopped))
+    wm_env.actor_hidden = tuple(h.detach() for h in hidden)
+    logits, values, bootstrap = torch.stack(logits_list, 1), torch.stack(values, 1), torch.stack(bootstrap, 1)
+    actions, rewards = torch.stack(actions, 1), torch.stack(rewards, 1)
+    ends, truncs = torch.stack(ends, 1), torch.stack(truncs, 1)
     with torch.no_grad():
-        returns = lambda_returns(rewards, ends, values.detach(), args.discount_factor, args.td_lambda)
+        returns = lambda_returns(rewards, ends, truncs, bootstrap, args.discount_factor, args.td_lambda)
     log_probs = logits.log_softmax(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
-    advantage = (returns - values[:, :-1]).detach()
+    advantage = (returns - values).detach()
     actor_loss = -(log_probs.gather(-1, actions[..., None])[..., 0] * advantage).mean()
-    critic_loss = F.mse_loss(values[:, :-1], returns)
+    critic_loss = F.mse_loss(values, returns)
     loss = actor_loss + critic_loss - args.entropy_weight * entropy
     return loss, {"actor": actor_loss.detach(), "critic": critic_loss.detach(), "entropy": entropy.detach(),
                   "imagined_reward": rewards.mean(), "imagined_end": ends.mean()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Schedules: Atari 100k's env-step budget, the learning-rate warmup.
+
+
+def collection_schedule(first_collection_steps: int, env_step_budget: int = 100_000, steps_per_epoch: int = 100,
+                        final_epochs: int = 50) -> list[int]:
+    """Env steps to collect in each epoch (item e - 1 for epoch e), as DIAMOND spends the Atari 100k budget: the first
+    collection of N steps, then steps_per_epoch in each of (budget - N) / steps_per_epoch epochs, epoch 1 included
+    (so epoch 1 collects N + steps_per_epoch), then final_epochs epochs that only train. The items sum to exactly
+    env_step_budget; N = 5000 gives 950 + 50 = 1000 epochs. A remainder (budget - N not a multiple of
+    steps_per_epoch) is collected in the last collecting epoch."""
+    if not 0 < first_collection_steps <= env_step_budget:
+        raise ValueError(f"the first collection ({first_collection_steps} steps) must be within the env-step budget "
+                         f"({env_step_budget})")
+    remaining = env_step_budget - first_collection_steps
+    collecting_epochs = max(1, math.ceil(remaining / steps_per_epoch))  # epoch 1 always collects (the first N)
+    steps = [min(steps_per_epoch, remaining - steps_per_epoch * e) for e in range(collecting_epochs)]
+    steps[0] += first_collection_steps
+    return steps + [0] * final_epochs
+
+
+def lr_warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warmup from 0, as DIAMOND's reference: lr_s = lr * min(1, s / warmup_steps) (0 on the first step)."""
+    return 1.0 if step >= warmup_steps else step / max(1, warmup_steps)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1097,7 +1254,7 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
     sums = {key: 0.0 for key in ("mse", "copy", "mse_changed", "copy_changed", "changed", "pixels", "reward", "end")}
     for first in range(0, len(refs), 64):
         batch = buffer.segments([(e, t - (c - 1)) for e, t in refs[first: first + 64]], c + 1)
-        obs = to_float(batch["obs"].to(device))  # (B, c + 1, 3, H, W)
+        obs = segment_obs(batch, device)  # (B, c + 1, 3, H, W)
         actions = batch["actions"].to(device)
         predicted = generate_next_obs(denoiser, obs[:, :-1], actions, args, generator, net, autocast)
         target, last = (obs[:, -1] + 1) / 2, (obs[:, -2] + 1) / 2  # pixels in [0, 1]
@@ -1134,7 +1291,7 @@ def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, devic
     horizon = min(horizon, T - c) if T > c else 1
     start = int(torch.randint(max(T - c - horizon + 1, 1), (1,), generator=generator)) if T > c else -(c - 1)
     batch = buffer.segments([(index, start)], c + horizon)
-    real = to_float(batch["obs"].to(device))
+    real = segment_obs(batch, device)
     actions = batch["actions"].to(device)
     device_generator = torch.Generator(device=device).manual_seed(seed)
     obs, imagined = real[:, :c], []
@@ -1211,10 +1368,16 @@ def check_args(args: Args):
     if args.dataset_dir is not None and not args.world_model_only:
         raise UserError("--dataset-dir needs --world-model-only (the agent learns from the episodes it collects)")
     for name in ("num_epochs", "batch_size", "save_every", "eval_every", "num_conditioning_steps", "frame_skip",
-                 "imagination_horizon", "num_imagined_envs", "num_autoregressive_steps", "max_episode_steps",
-                 "reward_segment_length", "num_heldout_transitions"):
+                 "imagination_horizon", "backup_every", "num_imagined_envs", "max_episode_steps",
+                 "num_heldout_transitions"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if args.num_autoregressive_steps < 0:
+        raise UserError(f"--num-autoregressive-steps must be at least 0 (DIAMOND uses 1), not "
+                        f"{args.num_autoregressive_steps}")
+    if args.reward_segment_length < 2:
+        raise UserError(f"--reward-segment-length must be at least 2 frames (one transition), not "
+                        f"{args.reward_segment_length}")
     if args.num_conditioning_steps < 2:
         raise UserError(f"--num-conditioning-steps must be at least 2 (the actor's memory is burnt in on the earlier "
                         f"frames), not {args.num_conditioning_steps}")
@@ -1409,8 +1572,7 @@ def main(args: Args, given: set[str]):
     optimizers = {name: torch.optim.AdamW(weight_decay_groups(model, weight_decay[name]), lr=args.learning_rate,
                                           eps=args.adam_eps, fused=use_cuda)
                   for name, model in models.items()}
-    # linear warmup: lr_s = lr * min(1, (s + 1) / warmup)
-    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_warmup_factor(s, args.warmup_steps))
                   for name, opt in optimizers.items()}
     scalers = {name: torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16") for name in models}
     num_params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
@@ -1463,8 +1625,9 @@ def main(args: Args, given: set[str]):
 
     # The replay buffer: episodes this run collected (the first num_buffer_files files: a killed run may have written
     # more after its last checkpoint, and those are rewritten), or the user's recorded episodes.
-    # (a static dataset is sampled uniformly, as DIAMOND does: the recency weights are about the agent's own data)
-    buffer = ReplayBuffer(None, args.recency_weights if args.dataset_dir is None else (1.0,),
+    # (a static dataset is sampled in proportion to episode lengths, as DIAMOND does: the recency weights are about
+    # the agent's own data)
+    buffer = ReplayBuffer(None, args.recency_weights if args.dataset_dir is None else None,
                           args.num_conditioning_steps)
     train_ids: Optional[list[int]] = None  # None: every episode; with --dataset-dir, all but the held-out ones
     if args.dataset_dir is not None:
@@ -1575,7 +1738,7 @@ def main(args: Args, given: set[str]):
             "rng": rng_state(), "cpu_generator": cpu_generator.get_state(), "generator": generator.get_state().cpu(),
             "env": env.state_dict(), "partial": partial_tensors(),
             "collect_hidden": None if collect_hidden is None else tuple(h.cpu() for h in collect_hidden),
-            "heldout": heldout, "epoch_log": epoch_log,
+            "heldout": heldout, "epoch_log": epoch_log, "imagination": wm_env.state_dict(),
             "phase_sums": {key: value.item() for key, value in sums.items()},
         })
         where = "" if phase == 0 and position == 0 else f" (inside epoch {epoch}: {PHASES[phase]}, step {position})"
@@ -1630,6 +1793,12 @@ def main(args: Args, given: set[str]):
             partial, collect_hidden = None, None
         return reward
 
+    # The imagined episodes live across actor-critic updates and epochs (and checkpoints), as in DIAMOND
+    wm_env = WorldModelEnv(denoiser, reward_end_model, buffer, args, device, generator, cpu_generator, denoiser_net,
+                           autocast)
+    if checkpoint is not None:
+        wm_env.load_state_dict(checkpoint.get("imagination", {}))
+
     run_start, epoch_start, first_epoch = time.perf_counter(), time.perf_counter(), epoch
     collect_epochs = args.num_epochs - args.final_epochs_without_collection
     while epoch <= args.num_epochs:
@@ -1672,28 +1841,16 @@ def main(args: Args, given: set[str]):
                 name == "actor_critic" and args.world_model_only):
             num_steps = phase_length(name)
             model = models[name]
-            wm_env = WorldModelEnv(denoiser, reward_end_model, buffer, args, device, generator, cpu_generator,
-                                   denoiser_net, autocast)
             while position < num_steps and not stop_requested:
                 if name == "denoiser":
-                    refs = buffer.sample_starts(args.batch_size, cpu_generator, train_ids)
-                    batch = buffer.segments(refs, c + args.num_autoregressive_steps)
+                    batch = sample_denoiser_batch(buffer, args, cpu_generator, device, train_ids)
                     with autocast:
-                        loss = denoiser_loss(denoiser, to_float(batch["obs"].to(device, non_blocking=True)),
-                                             batch["actions"].to(device), batch["mask"].to(device), args, generator,
-                                             denoiser_net)
+                        loss = denoiser_loss(denoiser, batch["obs"], batch["actions"], batch["obs_mask"], args,
+                                             generator, denoiser_net)
                 elif name == "reward_end":
-                    refs = buffer.sample_starts(args.batch_size, cpu_generator, train_ids)
-                    batch = buffer.segments(refs, args.reward_segment_length + 1)
-                    obs = to_float(batch["obs"].to(device, non_blocking=True))
-                    mask = batch["mask"].to(device)
+                    batch = sample_reward_end_batch(buffer, args, cpu_generator, device, train_ids)
                     with autocast:
-                        reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], batch["actions"].to(device),
-                                                                        obs[:, 1:])
-                    # cross-entropy on the reward sign (-1, 0, +1 -> classes 0, 1, 2) and the end flag, real steps only
-                    reward_class = batch["rewards"].to(device).sign().long() + 1
-                    loss = (F.cross_entropy(reward_logits[mask].float(), reward_class[mask])
-                            + F.cross_entropy(end_logits[mask].float(), batch["ends"].to(device).long()[mask]))
+                        loss = reward_end_loss(reward_end_model, batch)
                 else:
                     loss, parts = actor_critic_loss(actor_critic, wm_env, args, generator, autocast)
                     for key, value in parts.items():
@@ -1724,11 +1881,11 @@ def main(args: Args, given: set[str]):
                 per_second = done_steps / (time.perf_counter() - phase_start)
                 log_value(f"perf/{name}_steps_per_s", per_second)
                 if name == "denoiser":
-                    flops = 3 * denoiser_flops_per_sample * args.batch_size * args.num_autoregressive_steps
+                    flops = 3 * denoiser_flops_per_sample * args.batch_size * (1 + args.num_autoregressive_steps)
                     log_value("perf/mfu", per_second * flops / peak_flops)
                 if name == "actor_critic":
                     log_value("perf/imagination_frames_per_s",
-                              per_second * args.num_imagined_envs * args.imagination_horizon)
+                              per_second * args.num_imagined_envs * args.backup_every)
 
         elif name == "evaluate" and (epoch % args.eval_every == 0 or epoch == args.num_epochs):
             real, imagined = imagined_vs_real(denoiser, buffer, args, device, args.seed * 7919 + epoch, denoiser_net,

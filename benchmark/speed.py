@@ -289,9 +289,10 @@ def bench_diamond(cfg) -> tuple:
         net = maybe_compile(denoiser.net, compiled)
         params = sum(p.numel() for p in denoiser.parameters())
         g = torch.Generator().manual_seed(0)
-        obs = (torch.rand(batch, c + n, 3, size, size, generator=g) * 2 - 1).to(device)
-        actions = torch.randint(0, num_actions, (batch, c + n - 1), generator=g).to(device)
-        mask = torch.ones(batch, c + n - 1, dtype=torch.bool, device=device)
+        # DIAMOND's segments: c + 1 + n frames (4 + 1 + 1), 1 + n denoiser predictions per training step
+        obs = (torch.rand(batch, c + 1 + n, 3, size, size, generator=g) * 2 - 1).to(device)
+        actions = torch.randint(0, num_actions, (batch, c + n), generator=g).to(device)
+        mask = torch.ones(batch, c + 1 + n, dtype=torch.bool, device=device)
         optimizer = torch.optim.AdamW(denoiser.parameters(), lr=args.learning_rate, eps=args.adam_eps,
                                       weight_decay=args.weight_decay)
         generator = torch.Generator(device=device).manual_seed(0)

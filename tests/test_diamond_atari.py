@@ -151,17 +151,20 @@ def test_replay_segments_padding_mask_and_recency_weights(dia):
         buffer.add({"obs": obs, "actions": np.arange(1, 6), "rewards": np.array([0, 1, 0, -2, 0], np.float32),
                     "terminated": np.array([0, 0, 0, 0, 1], bool), "truncated": np.zeros(5, bool)}, write=False)
     batch = buffer.segments([(0, -3), (1, 3)], 5)
-    # starts before the episode: the first frame repeats, NOOP actions, masked; past the end: the last frame repeats
-    assert batch["obs"][:, :, 0, 0, 0].tolist() == [[0, 0, 0, 0, 1], [13, 14, 15, 15, 15]]
+    # frames outside the episode are padding: mid-grey (0.0 in [-1, 1]) as DIAMOND pads them, NOOP actions, masked
+    assert batch["obs_mask"].tolist() == [[False, False, False, True, True], [True, True, True, False, False]]
+    obs = dia.segment_obs(batch, torch.device("cpu"))[:, :, 0, 0, 0]
+    assert torch.equal(obs, torch.tensor([[0.0, 0.0, 0.0, 0 / 127.5 - 1, 1 / 127.5 - 1],
+                                          [13 / 127.5 - 1, 14 / 127.5 - 1, 15 / 127.5 - 1, 0.0, 0.0]]))
     assert batch["mask"].tolist() == [[False, False, False, True], [True, True, False, False]]
     assert batch["actions"].tolist() == [[0, 0, 0, 1], [4, 5, 0, 0]]
     assert batch["rewards"].tolist() == [[0, 0, 0, 0], [-2, 0, 0, 0]]
     assert batch["ends"].tolist() == [[False] * 4, [False, True, False, False]]
-    refs = buffer.sample_starts(20_000, torch.Generator().manual_seed(0))
+    refs = buffer.sample_segments(20_000, 6, torch.Generator().manual_seed(0))
     episodes = np.array([e for e, _ in refs])
     starts = np.array([s for _, s in refs])
     assert abs(np.mean(episodes >= 6) - 0.7) < 0.02  # the newest quarter of the episodes gets weight 0.7
-    assert starts.min() == -3 and starts.max() == 1  # in [-(c-1), T-c]: the c-th frame is a real non-final frame
+    assert starts.min() == -5 and starts.max() == -1  # stop = min(T, t + 1 + U{0..5}) <= T, start = stop - 6
 
 
 def test_time_limit_truncates_the_game(dia):
@@ -222,12 +225,13 @@ def test_euler_and_heun_steps_by_hand(dia):
 
 
 def test_lambda_returns_with_a_termination(dia):
-    # gamma 0.5, lambda 0.5; rewards 1, 2, -3 (sign-clipped to 1, 1, -1); the episode ends at t = 1; V = .5, 1, 2, 4
-    # L3 = 4; L2 = -1 + .5 (.5 * 4 + .5 * 4) = 1; L1 = 1 (ends); L0 = 1 + .5 (.5 * 1 + .5 * 1) = 1.5
+    # gamma 0.5, lambda 0.5; rewards 1, 2, -3 (sign-clipped to 1, 1, -1); the episode ends at t = 1; V' = 1, 2, 4
+    # (V'_t: the value after step t); L3 := V'_2 = 4; L2 = -1 + .5 (.5 * 4 + .5 * 4) = 1; L1 = 1 (ends);
+    # L0 = 1 + .5 (.5 * 1 + .5 * 1) = 1.5
     rewards = torch.tensor([[1.0, 2.0, -3.0]])
     ends = torch.tensor([[0.0, 1.0, 0.0]])
-    values = torch.tensor([[0.5, 1.0, 2.0, 4.0]])
-    returns = dia.lambda_returns(rewards, ends, values, gamma=0.5, lam=0.5)
+    bootstrap = torch.tensor([[1.0, 2.0, 4.0]])
+    returns = dia.lambda_returns(rewards, ends, torch.zeros_like(ends), bootstrap, gamma=0.5, lam=0.5)
     assert returns.tolist() == [[1.5, 1.0, 1.0]]
 
 
@@ -269,7 +273,7 @@ def test_denoiser_learns_next_frame_better_than_copying(dia, one_thread):
                 "terminated": np.zeros(T, bool), "truncated": np.zeros(T, bool)}, write=False)
     refs = [(0, t) for t in range(3, T)]  # the transitions with 4 real past frames
     batch = buffer.segments([(0, t - 3) for _, t in refs], 5)
-    obs, acts, mask = dia.to_float(batch["obs"]), batch["actions"], batch["mask"]
+    obs, acts, mask = dia.segment_obs(batch, torch.device("cpu")), batch["actions"], batch["obs_mask"]
     denoiser = dia.Denoiser(dia.DenoiserNet(4, args.diffusion_channels, 1, 32, 4))
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=args.learning_rate)
     generator = torch.Generator().manual_seed(0)
