@@ -1368,7 +1368,9 @@ def setup_device(args: Args) -> Setup:
         torch.cuda.set_device(device)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cudnn.benchmark = not args.torch_deterministic
-    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)  # CPU and CUDA alike
+    if use_cuda:  # the CPU's kernels are deterministic already at a fixed thread count (exact resume is tested so);
+        # there the call would only cost seconds at every start (it imports the compiler to set its config)
+        torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
     # ...without its NaN fill of every new uninitialised tensor: one extra kernel per allocation, 10 to 12% of a
     # DDPM or DIAMOND training step on an H100 (benchmark/RESULTS.md); no kernel reads memory it did not write.
     torch.utils.deterministic.fill_uninitialized_memory = False
