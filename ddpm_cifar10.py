@@ -806,6 +806,46 @@ def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> {0, ..., 255}
 
 
+def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args, num: int,
+                     autocast=contextlib.nullcontext(), should_stop: Callable[[], None] = lambda: None) -> np.ndarray:
+    """num uint8 images (num, 3, H, W) from `model` (the EMA model) with --sampler and --num-sampling-steps, in batches
+    of --sample-batch-size. The noise is seeded from --seed: grids are comparable across training steps.
+    should_stop() runs before every network evaluation (a signal abandons the sampling by raising there)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
+
+    def model_fn(x, t):
+        should_stop()
+        with autocast:
+            return model(x, t).float()
+
+    out = []
+    for start in range(0, num, args.sample_batch_size):
+        x_T = torch.randn((min(args.sample_batch_size, num - start), 3, args.img_size, args.img_size),
+                          generator=generator, device=device)
+        out.append(sample_images(model_fn, x_T, alphas_cumprod, args.sampler, args.num_sampling_steps, args.ddim_eta,
+                                 generator).cpu())
+    return torch.cat(out).numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loss: L_simple of Ho et al. (eq. 14), the noise-prediction MSE at a uniformly drawn timestep.
+
+
+def ddpm_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
+              autocast=contextlib.nullcontext(), channels_last: bool = False) -> torch.Tensor:
+    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2, averaged over the batch.
+
+    x0, noise: (B, 3, H, W) in [-1, 1] and N(0, I); t: int64 (B,); alphas_cumprod: float (T,) on x0's device."""
+    abar = alphas_cumprod[t].float()[:, None, None, None]
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
+    if channels_last:
+        x_t = x_t.contiguous(memory_format=torch.channels_last)
+    with autocast:
+        eps_pred = model(x_t, t)
+    return F.mse_loss(eps_pred.float(), noise)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation: FID with torchmetrics (Inception from torch-fidelity, or any feature extractor module).
 
@@ -836,22 +876,18 @@ def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor
     return float(fid_metric.compute())
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Loss: L_simple of Ho et al. (eq. 14), the noise-prediction MSE at a uniformly drawn timestep.
-
-
-def ddpm_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
-              autocast=contextlib.nullcontext(), channels_last: bool = False) -> torch.Tensor:
-    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2, averaged over the batch.
-
-    x0, noise: (B, 3, H, W) in [-1, 1] and N(0, I); t: int64 (B,); alphas_cumprod: float (T,) on x0's device."""
-    abar = alphas_cumprod[t].float()[:, None, None, None]
-    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
-    if channels_last:
-        x_t = x_t.contiguous(memory_format=torch.channels_last)
-    with autocast:
-        eps_pred = model(x_t, t)
-    return F.mse_loss(eps_pred.float(), noise)
+def evaluate_fid(fid_metric, generate: Callable[[int], np.ndarray], real_images: np.ndarray, args: Args,
+                 device: torch.device, writer=None, step: int = 0) -> float:
+    """FID of --fid-num-samples generated images against the training images (the paper's protocol: 50k vs the
+    train set), printed and logged as eval/fid."""
+    samples = torch.from_numpy(generate(args.fid_num_samples))
+    fid = compute_fid(fid_metric, samples, torch.from_numpy(real_images), args.sample_batch_size, device)
+    print(f"FID ({args.fid_num_samples} samples vs {len(real_images)} training images, {args.sampler} "
+          f"{args.num_sampling_steps} steps): {fid:.3f}")
+    if writer is not None:
+        writer.add_scalar("eval/fid", fid, step)
+        writer.add_scalar("eval/fid_num_samples", args.fid_num_samples, step)
+    return fid
 
 
 def write_samples(folder: Path, stem: str, images: np.ndarray) -> Path:
@@ -907,35 +943,10 @@ def main(args: Args, given: set[str]):
         train_generator.set_state(checkpoint["train_generator"])
         step = checkpoint["step"]
 
-    def generate(num: int) -> np.ndarray:
-        """num uint8 samples from the EMA model with the configured sampler; the same noise every time, so that grids
-        are comparable across steps. A signal abandons it (StopRequested)."""
-        generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
-
-        def model_fn(x, t):
-            stop.check()
-            with autocast:
-                return ema_model(x, t).float()
-
-        out = []
-        for start in range(0, num, args.sample_batch_size):
-            x_T = torch.randn((min(args.sample_batch_size, num - start), 3, args.img_size, args.img_size),
-                              generator=generator, device=device)
-            out.append(sample_images(model_fn, x_T, alphas_cumprod, args.sampler, args.num_sampling_steps,
-                                     args.ddim_eta, generator).cpu())
-        return torch.cat(out).numpy()
+    def generate(num: int) -> np.ndarray:  # a signal abandons the sampling (StopRequested)
+        return generate_samples(ema_model, alphas_cumprod, args, num, autocast, stop.check)
 
     fid_metric = make_fid_metric() if args.eval_fid else None  # fail now, not after training, if it cannot be had
-
-    def evaluate(writer=None):
-        """FID of --fid-num-samples EMA samples against the training images (the paper's protocol)."""
-        samples = torch.from_numpy(generate(args.fid_num_samples))
-        fid = compute_fid(fid_metric, samples, torch.from_numpy(images_np), args.sample_batch_size, device)
-        print(f"FID ({args.fid_num_samples} samples vs {len(images)} training images, {args.sampler} "
-              f"{args.num_sampling_steps} steps): {fid:.3f}")
-        if writer is not None:
-            writer.add_scalar("eval/fid", fid, step)
-            writer.add_scalar("eval/fid_num_samples", args.fid_num_samples, step)
 
     if args.sample_only:
         leave_process_group(setup.world_size)  # sampling is rank 0's alone
@@ -946,7 +957,7 @@ def main(args: Args, given: set[str]):
                 path = write_samples(run_dir / "samples", stem, samples)
                 print(f"wrote {len(samples)} samples to {path} and {path.with_suffix('.npz')}")
                 if args.eval_fid:
-                    evaluate()
+                    evaluate_fid(fid_metric, generate, images_np, args, device)
             except StopRequested:
                 print("stopped by signal while sampling; nothing more was written")
         stop.restore()
@@ -1048,7 +1059,7 @@ def main(args: Args, given: set[str]):
     leave_process_group(setup.world_size)  # before the final FID, which rank 0 computes alone
     if setup.is_main and args.eval_fid and step == args.total_steps:
         with contextlib.suppress(StopRequested):
-            evaluate(writer)
+            evaluate_fid(fid_metric, generate, images_np, args, device, writer, step)
     close_writer(args, writer)
     stop.restore()
 
