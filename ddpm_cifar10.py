@@ -1242,11 +1242,13 @@ def load_checkpoint(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read the file is the same user-facing error
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
-            raise UserError(f"refusing checkpoint {path}: it holds Python objects other than tensors and plain "
+        # weights_only=True names a refused class or function "GLOBAL module.name"; garbage bytes fail otherwise
+        if "GLOBAL" in str(e):
+            raise UserError(f"cannot load checkpoint {path}: it holds Python objects other than tensors and plain "
                             f"containers, which could run code when loaded; a checkpoint this script wrote never "
                             f"does, so resume from one of those") from None
-        reason = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__
+        reason = (str(e).splitlines()[0][:200] if str(e) and "weights only" not in str(e).lower()
+                  else e.__class__.__name__)
         raise UserError(f"cannot load checkpoint {path} (corrupt or not a checkpoint: {reason}); resume from "
                         f"another checkpoint") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT_NAME:
@@ -1274,8 +1276,8 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
             flag = f"--{name.replace('_', '-')}"
             raise UserError(f"{flag} is {saved.get(name)!r} in the checkpoint and cannot change on --resume (only the "
                             f"run length, cadence, logging and sampling flags can); drop {flag} or start a new run")
-    return replace(Args(**saved), **{name: getattr(args, name) for name in given & RESUME_MUTABLE_FIELDS},
-                   resume=args.resume)
+    mutable = given & RESUME_MUTABLE_FIELDS - {"resume"}
+    return replace(Args(**saved), **{name: getattr(args, name) for name in mutable}, resume=args.resume)
 
 
 def save_checkpoint(path: Path, state: dict):
