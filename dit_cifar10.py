@@ -111,7 +111,7 @@ class Args:
     adaln: Literal["zero", "plain", "single", "diagonal"] = "zero"
     """conditioning: zero (adaLN-Zero), plain (adaLN, no gate), single (adaLN-Single), diagonal (see Model section)"""
     class_dropout: float = 0.1
-    """probability of replacing a training label by the null class (what classifier-free guidance needs)"""
+    """probability of replacing a training label by the null class (what guidance needs; 0: only --cfg-scale 1)"""
 
     # Diffusion
     timesteps: int = 1000
@@ -198,9 +198,9 @@ ARG_DOMAINS = {
     "width": ">= 1", "depth": ">= 1", "heads": ">= 1", "mlp_ratio": "> 0", "class_dropout": "[0, 1)",
     "timesteps": ">= 1", "beta_start": "(0, 1)", "beta_end": "(0, 1)", "epochs": ">= 1", "batch_size": ">= 1",
     "learning_rate": "> 0", "weight_decay": ">= 0", "warmup_steps": ">= 0", "max_grad_norm": ">= 0",
-    "ema_decay": "[0, 1]", "log_every": ">= 1", "save_every": ">= 1", "eval_every": ">= 1", "num_sampling_steps": ">= 1",
-    "ddim_eta": "[0, 1]", "cfg_scale": ">= 0", "class_label": ">= 0", "samples_per_class": ">= 1", "num_samples": ">= 1",
-    "fid_num_samples": ">= 2", "sample_batch_size": ">= 1",
+    "ema_decay": "[0, 1]", "log_every": ">= 1", "save_every": ">= 1", "eval_every": ">= 1",
+    "num_sampling_steps": ">= 1", "ddim_eta": "[0, 1]", "cfg_scale": ">= 0", "class_label": ">= 0",
+    "samples_per_class": ">= 1", "num_samples": ">= 1", "fid_num_samples": ">= 2", "sample_batch_size": ">= 1",
 }
 
 
@@ -814,6 +814,10 @@ def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: t
     return F.mse_loss(eps_pred.float(), noise)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Samples from the EMA model (guided, abandoned on a signal), the sample files, the epoch in the log lines.
+
+
 def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[np.ndarray] = None,
                   columns: Optional[int] = None) -> Path:
     """A PNG grid and an .npz of the uint8 (N, H, W, 3) images (arr_0, the layout FID tools read) and, for a
@@ -821,6 +825,35 @@ def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[
     write_png(folder / f"{stem}.png", make_grid(images[:256], columns))
     np.savez(folder / f"{stem}.npz", images.transpose(0, 2, 3, 1), *([] if labels is None else [labels]))
     return folder / f"{stem}.png"
+
+
+def labels_in_turn(num: int, num_classes: int) -> Optional[torch.Tensor]:
+    """Class labels 0, 1, ..., num_classes - 1, 0, 1, ... for num samples (None for an unconditional model)."""
+    return torch.arange(num) % num_classes if num_classes > 0 else None
+
+
+def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torch.Tensor], args: Args,
+                     alphas_cumprod: torch.Tensor, autocast, stop: "StopFlag") -> np.ndarray:
+    """num uint8 (N, 3, H, W) samples of the given classes (None: unconditional) from the EMA model, with the sampler
+    and guidance scale of args, in batches of --sample-batch-size. The same noise every time (seed + 10,000), so that
+    grids are comparable across steps. stop.check() before every network evaluation: a signal abandons the sampling
+    (StopRequested) within one evaluation, not after minutes."""
+    device = next(ema_model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
+    out = []
+    for start in range(0, num, args.sample_batch_size):
+        x_T = torch.randn((min(args.sample_batch_size, num - start), 3, args.img_size, args.img_size),
+                          generator=generator, device=device)
+        y = None if class_labels is None else class_labels[start: start + len(x_T)].to(device)
+        guided = guided_model_fn(ema_model, y, args.cfg_scale, autocast)
+
+        def model_fn(x, t):
+            stop.check()
+            return guided(x, t)
+
+        out.append(sample_images(model_fn, x_T, alphas_cumprod, args.sampler, args.num_sampling_steps, args.ddim_eta,
+                                 generator).cpu())
+    return torch.cat(out).numpy()
 
 
 def epoch_label(step: int, steps_per_epoch: int) -> str:
@@ -880,33 +913,14 @@ def main(args: Args, given: set[str]):
         step = checkpoint["step"]
 
     def generate(num: int, class_labels: Optional[torch.Tensor]) -> np.ndarray:
-        """num uint8 samples of the given classes (None: unconditional) from the EMA model with the configured sampler
-        and guidance scale; the same noise every time, so that grids are comparable across steps. A signal abandons
-        it (StopRequested) within one network evaluation."""
-        generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
-        out = []
-        for start in range(0, num, args.sample_batch_size):
-            x_T = torch.randn((min(args.sample_batch_size, num - start), 3, args.img_size, args.img_size),
-                              generator=generator, device=device)
-            y = None if class_labels is None else class_labels[start: start + len(x_T)].to(device)
-            guided = guided_model_fn(ema_model, y, args.cfg_scale, autocast)
-
-            def model_fn(x, t):
-                stop.check()
-                return guided(x, t)
-
-            out.append(sample_images(model_fn, x_T, alphas_cumprod, args.sampler, args.num_sampling_steps,
-                                     args.ddim_eta, generator).cpu())
-        return torch.cat(out).numpy()
-
-    def balanced_labels(num: int) -> Optional[torch.Tensor]:
-        return torch.arange(num) % args.num_classes if conditional else None  # every class in turn
+        return generate_samples(ema_model, num, class_labels, args, alphas_cumprod, autocast, stop)
 
     fid_metric = make_fid_metric() if args.eval_fid else None  # fail now, not after training, if it cannot be had
 
     def evaluate(writer=None):
         """FID of --fid-num-samples EMA samples (all classes in turn) against the training images."""
-        samples = torch.from_numpy(generate(args.fid_num_samples, balanced_labels(args.fid_num_samples)))
+        class_labels = labels_in_turn(args.fid_num_samples, args.num_classes)  # every class equally often
+        samples = torch.from_numpy(generate(args.fid_num_samples, class_labels))
         fid = compute_fid(fid_metric, samples, torch.from_numpy(images_np), args.sample_batch_size, device)
         print(f"FID ({args.fid_num_samples} samples vs {len(images)} training images, {args.sampler} "
               f"{args.num_sampling_steps} steps" + (f", guidance {args.cfg_scale:g}" if conditional else "")
@@ -920,7 +934,7 @@ def main(args: Args, given: set[str]):
         if setup.is_main:
             try:
                 class_labels = (torch.full((args.num_samples,), args.class_label) if args.class_label is not None
-                                else balanced_labels(args.num_samples))
+                                else labels_in_turn(args.num_samples, args.num_classes))
                 samples = generate(args.num_samples, class_labels)
                 which = (f"_class{args.class_label}" if args.class_label is not None else "") + (
                     f"_cfg{args.cfg_scale:g}" if conditional else "")
