@@ -34,10 +34,11 @@ import signal
 import sys
 import tarfile
 import time
+import types
 import urllib.request
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
@@ -111,7 +112,7 @@ class Args:
     adaln: Literal["zero", "plain", "single", "diagonal"] = "zero"
     """conditioning: zero (adaLN-Zero), plain (adaLN, no gate), single (adaLN-Single), diagonal (see Model section)"""
     class_dropout: float = 0.1
-    """probability of replacing a training label by the null class (what classifier-free guidance needs)"""
+    """probability of replacing a training label by the null class (what guidance needs; 0: only --cfg-scale 1)"""
 
     # Diffusion
     timesteps: int = 1000
@@ -188,12 +189,51 @@ RESUME_MUTABLE_FIELDS = {
 }
 
 
-class UserError(Exception):
-    """Bad input: printed as one line, exit status 2."""
+# Flags spelled otherwise on the command line (none here; diamond_atari.py accepts --game for --env-id).
+FLAG_ALIASES: dict[str, str] = {}
+# What a checkpoint must hold to be resumed or sampled from.
+CHECKPOINT_KEYS = {"args", "step", "model", "ema", "optimizer", "scheduler", "scaler", "rng", "train_generator"}
+# The domain of every numeric flag, checked at start-up (check_arg_domains): '>= 1', '> 0', '[0, 1)' ...
+ARG_DOMAINS = {
+    "seed": ">= 0", "img_size": ">= 1", "num_shapes_images": ">= 1", "num_classes": ">= 0", "patch": ">= 1",
+    "width": ">= 1", "depth": ">= 1", "heads": ">= 1", "mlp_ratio": "> 0", "class_dropout": "[0, 1)",
+    "timesteps": ">= 1", "beta_start": "(0, 1)", "beta_end": "(0, 1)", "epochs": ">= 1", "batch_size": ">= 1",
+    "learning_rate": "> 0", "weight_decay": ">= 0", "warmup_steps": ">= 0", "max_grad_norm": ">= 0",
+    "ema_decay": "[0, 1]", "log_every": ">= 1", "save_every": ">= 1", "eval_every": ">= 1",
+    "num_sampling_steps": ">= 1", "ddim_eta": "[0, 1]", "cfg_scale": ">= 0", "class_label": ">= 0",
+    "samples_per_class": ">= 1", "num_samples": ">= 1", "fid_num_samples": ">= 2", "sample_batch_size": ">= 1",
+}
 
 
-class TrainingFailure(Exception):
-    """The run cannot go on (a non-finite loss): printed as one line, exit status 1, last checkpoint kept."""
+def check_args(args: Args, world_size: int):
+    """Settings that cannot work, refused at start-up in one line (before any data is read or run folder made). On
+    --resume these are the merged args: a --sample-only of a checkpoint is checked as strictly as a new run."""
+    check_arg_domains(args)
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} torchrun processes")
+    if args.num_sampling_steps > args.timesteps:
+        raise UserError(f"--num-sampling-steps must be between 1 and --timesteps {args.timesteps}, "
+                        f"not {args.num_sampling_steps}")
+    if args.beta_start > args.beta_end:
+        raise UserError(f"--beta-start {args.beta_start} must not exceed --beta-end {args.beta_end}")
+    if args.img_size % args.patch:
+        raise UserError(f"--patch {args.patch} does not divide --img-size {args.img_size}: choose a patch size that "
+                        f"divides it (e.g. 2 or 4 for 32)")
+    if args.width % args.heads:
+        raise UserError(f"--heads {args.heads} does not divide --width {args.width}: choose a head count that divides "
+                        f"it (e.g. --heads 6 for --width 384)")
+    if args.width % 4:
+        raise UserError(f"--width {args.width} must be divisible by 4 (the 2D sin-cos position embedding)")
+    if args.class_label is not None and not args.class_label < args.num_classes:
+        raise UserError(f"--class-label {args.class_label} is out of range: the model has {args.num_classes} classes "
+                        + (f"(0 to {args.num_classes - 1})" if args.num_classes else "(it is unconditional)"))
+    # Guidance mixes in eps(x_t, t, null class); with --class-dropout 0 the null class's embedding is never trained
+    # (it keeps its random initialisation), so any scale but 1 steers the samples by noise.
+    if args.num_classes > 0 and args.class_dropout == 0 and args.cfg_scale != 1:
+        raise UserError(f"--cfg-scale {args.cfg_scale:g} needs the null class, which --class-dropout 0 never trains: "
+                        f"use --cfg-scale 1 (no guidance), or train with --class-dropout above 0 (DiT: 0.1)")
+    if args.sample_only and not args.resume:
+        raise UserError("--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -659,14 +699,8 @@ class DiT(nn.Module):
 
 
 def build_model(args: Args) -> DiT:
-    if args.img_size % args.patch:
-        raise UserError(f"--patch {args.patch} does not divide --img-size {args.img_size}: choose a patch size that "
-                        f"divides it (e.g. 2 or 4 for 32)")
-    if args.width % args.heads:
-        raise UserError(f"--heads {args.heads} does not divide --width {args.width}: choose a head count that divides "
-                        f"it (e.g. --heads 6 for --width 384)")
-    if args.width % 4:
-        raise UserError(f"--width {args.width} must be divisible by 4 (the 2D sin-cos position embedding)")
+    """The DiT of the flags (check_args has refused a patch that does not divide the image, heads that do not divide
+    the width)."""
     return DiT(args.img_size, args.patch, 3, args.width, args.depth, args.heads, args.mlp_ratio, args.num_classes,
                args.adaln)
 
@@ -878,16 +912,318 @@ def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor
         for start in range(0, len(images), batch_size):
             fid_metric.update(images[start: start + batch_size].to(device), real=real)
     return float(fid_metric.compute())
+# ----------------------------------------------------------------------------------------------------------------------
+# Loss: L_simple of Ho et al. (eq. 14), the noise-prediction MSE at a uniformly drawn timestep, with the class label.
+
+
+def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: torch.Tensor, noise: torch.Tensor,
+             alphas_cumprod: torch.Tensor, autocast=contextlib.nullcontext()) -> torch.Tensor:
+    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, y) ||^2, averaged over the batch.
+
+    x0, noise: (B, 3, H, W) in [-1, 1] and N(0, I); y: int64 (B,) class labels, num_classes for the null class (None:
+    an unconditional model); t: int64 (B,); alphas_cumprod: float (T,) on x0's device."""
+    abar = alphas_cumprod[t].float()[:, None, None, None]
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
+    with autocast:
+        eps_pred = model(x_t, t, y)
+    return F.mse_loss(eps_pred.float(), noise)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Utilities: config, checkpoints, RNG state, throughput.
+# Samples from the EMA model (guided, abandoned on a signal), the sample files, the epoch in the log lines.
+
+
+def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[np.ndarray] = None,
+                  columns: Optional[int] = None) -> Path:
+    """A PNG grid and an .npz of the uint8 (N, H, W, 3) images (arr_0, the layout FID tools read) and, for a
+    class-conditional model, their int64 class labels (arr_1, as ADM's sample files). A failed write raises OSError."""
+    write_png(folder / f"{stem}.png", make_grid(images[:256], columns))
+    np.savez(folder / f"{stem}.npz", images.transpose(0, 2, 3, 1), *([] if labels is None else [labels]))
+    return folder / f"{stem}.png"
+
+
+def labels_in_turn(num: int, num_classes: int) -> Optional[torch.Tensor]:
+    """Class labels 0, 1, ..., num_classes - 1, 0, 1, ... for num samples (None for an unconditional model)."""
+    return torch.arange(num) % num_classes if num_classes > 0 else None
+
+
+def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torch.Tensor], args: Args,
+                     alphas_cumprod: torch.Tensor, autocast, stop: "StopFlag") -> np.ndarray:
+    """num uint8 (N, 3, H, W) samples of the given classes (None: unconditional) from the EMA model, with the sampler
+    and guidance scale of args, in batches of --sample-batch-size. The same noise every time (seed + 10,000), so that
+    grids are comparable across steps. stop.check() before every network evaluation: a signal abandons the sampling
+    (StopRequested) within one evaluation, not after minutes."""
+    device = next(ema_model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
+    out = []
+    for start in range(0, num, args.sample_batch_size):
+        x_T = torch.randn((min(args.sample_batch_size, num - start), 3, args.img_size, args.img_size),
+                          generator=generator, device=device)
+        y = None if class_labels is None else class_labels[start: start + len(x_T)].to(device)
+        guided = guided_model_fn(ema_model, y, args.cfg_scale, autocast)
+
+        def model_fn(x, t):
+            stop.check()
+            return guided(x, t)
+
+        out.append(sample_images(model_fn, x_T, alphas_cumprod, args.sampler, args.num_sampling_steps, args.ddim_eta,
+                                 generator).cpu())
+    return torch.cat(out).numpy()
+
+
+def epoch_label(step: int, steps_per_epoch: int) -> str:
+    """'3', or '3.25' when a signal stopped the run inside an epoch."""
+    return str(step // steps_per_epoch) if step % steps_per_epoch == 0 else f"{step / steps_per_epoch:.2f}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(args: Args, given: set[str]):
+    # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, data, model, optimizer
+    checkpoint, run_dir = None, None
+    if args.resume:
+        checkpoint_path = resolve_checkpoint_path(args.resume)
+        checkpoint = load_checkpoint(checkpoint_path)
+        args = merge_resumed_args(args, given, checkpoint["args"])
+        run_dir = checkpoint_path.parent.parent
+    check_args(args, torchrun_world()[0])
+    setup = setup_device(args)
+    device, autocast = setup.device, autocast_context(setup, args.dtype)
+    seed_everything(args.seed)
+    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, label drops, timesteps, noise
+    stop = StopFlag()  # from here on SIGTERM/SIGINT finish the step (or abandon sampling), save and exit 0
+
+    images_np, labels_np, dataset_id = load_dataset(args)
+    images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no host-device copy per step
+    labels = torch.from_numpy(labels_np).to(device)
+    if len(images) < args.batch_size:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the dataset ({len(images)} images): lower it")
+    steps_per_epoch = len(images) // args.batch_size  # the last partial batch of each epoch is dropped
+    total_steps = args.epochs * steps_per_epoch
+    conditional = args.num_classes > 0
+    model = build_model(args).to(device)
+    ema_model = copy.deepcopy(model).requires_grad_(False).eval()
+    num_params = sum(p.numel() for p in model.parameters())  # trainable only: the position embedding is a buffer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  fused=setup.use_cuda)
+    # linear warmup: lr_s = lr * min(1, (s + 1) / warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    scaler = torch.amp.GradScaler("cuda", enabled=setup.use_cuda and args.dtype == "float16")
+    alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
+                                                            args.beta_end))
+    alphas_cumprod_device = alphas_cumprod.float().to(device)
+    step = 0
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(checkpoint["model"])
+            ema_model.load_state_dict(checkpoint["ema"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint weights do not fit this model ({str(e).splitlines()[0]})") from None
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"])
+        train_generator.set_state(checkpoint["train_generator"])
+        step = checkpoint["step"]
+
+    def generate(num: int, class_labels: Optional[torch.Tensor]) -> np.ndarray:
+        return generate_samples(ema_model, num, class_labels, args, alphas_cumprod, autocast, stop)
+
+    fid_metric = make_fid_metric() if args.eval_fid else None  # fail now, not after training, if it cannot be had
+
+    def evaluate(writer=None):
+        """FID of --fid-num-samples EMA samples (all classes in turn) against the training images."""
+        class_labels = labels_in_turn(args.fid_num_samples, args.num_classes)  # every class equally often
+        samples = torch.from_numpy(generate(args.fid_num_samples, class_labels))
+        fid = compute_fid(fid_metric, samples, torch.from_numpy(images_np), args.sample_batch_size, device)
+        print(f"FID ({args.fid_num_samples} samples vs {len(images)} training images, {args.sampler} "
+              f"{args.num_sampling_steps} steps" + (f", guidance {args.cfg_scale:g}" if conditional else "")
+              + f"): {fid:.3f}")
+        if writer is not None:
+            writer.add_scalar("eval/fid", fid, step)
+            writer.add_scalar("eval/fid_num_samples", args.fid_num_samples, step)
+
+    if args.sample_only:
+        leave_process_group(setup.world_size)  # sampling is rank 0's alone
+        if setup.is_main:
+            try:
+                class_labels = (torch.full((args.num_samples,), args.class_label) if args.class_label is not None
+                                else labels_in_turn(args.num_samples, args.num_classes))
+                samples = generate(args.num_samples, class_labels)
+                which = (f"_class{args.class_label}" if args.class_label is not None else "") + (
+                    f"_cfg{args.cfg_scale:g}" if conditional else "")
+                stem = f"sample_only_{args.sampler}{args.num_sampling_steps}{which}_step{step}_{int(time.time())}"
+                path = write_samples(run_dir / "samples", stem, samples,
+                                     None if class_labels is None else class_labels.numpy())
+                print(f"wrote {len(samples)} samples to {path} and {path.with_suffix('.npz')}")
+                if args.eval_fid:
+                    evaluate()
+            except StopRequested:
+                print("stopped by signal while sampling; nothing more was written")
+        stop.restore()
+        return
+
+    # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, throughput
+    writer = None
+    if setup.is_main:
+        run_dir = run_dir or create_run_dir(args, dataset_id)
+        writer = open_writer(args, run_dir, step)
+        if step == 0:
+            writer.add_scalar("charts/num_parameters", num_params, 0)
+        print(f"run folder: {run_dir}")
+        print(f"model: DiT with adaLN-{args.adaln}, {num_params:,} parameters; data: {len(images):,} images of "
+              f"{args.img_size}x{args.img_size}, " + (f"{args.num_classes} classes" if conditional else "unconditional")
+              + f"; {steps_per_epoch} steps per epoch; device: {device}"
+              + (f" x {setup.world_size}" if setup.world_size > 1 else ""))
+    example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long),
+               torch.zeros(1, dtype=torch.long) if conditional else None)
+    meter = Meter(device, 3 * forward_flops(lambda: build_model(args), *example), peak_flops(setup, args.dtype),
+                  setup.world_size)
+    train_model = torch.compile(model) if args.compile else model
+    if setup.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
+                                                          if setup.use_cuda else None)
+
+    def save():
+        if not meter.finite():  # never write NaN weights over a good checkpoint
+            raise non_finite_failure(f"before step {step}", run_dir)
+        if setup.is_main:
+            save_checkpoint(run_dir / "checkpoints" / "latest.pt", {
+                "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "args": asdict(args),
+                "step": step, "model": model.state_dict(), "ema": ema_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng_state(), "train_generator": train_generator.get_state(),
+                "data_position": {"epoch": step // steps_per_epoch, "index": step % steps_per_epoch * args.batch_size},
+            })
+            print(f"saved checkpoint at epoch {epoch_label(step, steps_per_epoch)} (step {step})", flush=True)
+
+    # ---- train
+    local_batch = args.batch_size // setup.world_size
+    mine = slice(setup.rank * local_batch, (setup.rank + 1) * local_batch)
+    first_step = step
+    progress = progress_bar(total_steps, step, "train", "step", setup.is_main)
+    while step < total_steps:
+        # The global batch is drawn identically on every rank (indices, flips, label drops, t, noise), then each rank
+        # takes its slice: 2 ranks at batch B compute exactly what 1 rank at batch B does.
+        indices = global_batch_indices(step, args.batch_size, len(images), args.seed).to(device, non_blocking=True)
+        flips = torch.rand(args.batch_size, generator=train_generator, device=device) < 0.5
+        if conditional:  # classifier-free guidance training: a label becomes the null class with p = class_dropout
+            drops = torch.rand(args.batch_size, generator=train_generator, device=device) < args.class_dropout
+        t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
+        noise = torch.randn((args.batch_size, 3, args.img_size, args.img_size), generator=train_generator,
+                            device=device)
+        x0 = images[indices[mine]].float() / 127.5 - 1.0  # uint8 -> [-1, 1]
+        if args.random_flip:
+            x0 = torch.where(flips[mine, None, None, None], x0.flip(3), x0)
+        y = torch.where(drops[mine], args.num_classes, labels[indices[mine]]) if conditional else None
+        loss = dit_loss(train_model, x0, y, t[mine], noise[mine], alphas_cumprod_device, autocast)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        # --max-grad-norm 0 (the reference DiT): no clipping; an infinite bound still returns the norm to log
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        with torch.no_grad():  # EMA: theta_ema <- decay theta_ema + (1 - decay) theta
+            torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1.0 - args.ema_decay)
+        meter.add(loss, grad_norm, local_batch)
+        step += 1
+        progress.update(1)
+
+        if step % args.log_every == 0 or step == total_steps:
+            if not meter.finite():
+                progress.close()  # end the progress line, so that the error is a line of its own
+                raise non_finite_failure(f"before step {step}", run_dir)
+            logged = meter.read()
+            if setup.is_main:
+                writer.add_scalar("losses/mse", logged["loss"], step)
+                writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+                writer.add_scalar("charts/grad_norm", logged["grad_norm"], step)
+                writer.add_scalar("charts/SPS", logged["SPS"], step)
+                writer.add_scalar("perf/mfu", logged["mfu"], step)
+                progress.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['SPS']:.0f}",
+                                     mfu=f"{logged['mfu']:.1%}")
+        # Every rank stops at the same step: all-reduced at the log boundary under torchrun, at once alone.
+        stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
+        epoch_end, epoch = step % steps_per_epoch == 0, step // steps_per_epoch
+        eval_now = epoch_end and epoch % args.eval_every == 0 or step == total_steps
+        save_now = epoch_end and epoch % args.save_every == 0 or step == total_steps
+        if setup.is_main and not stopping and eval_now:
+            with contextlib.suppress(StopRequested):  # a signal abandons the grid; the checkpoint below is saved
+                rows = args.num_classes if conditional else 8  # one row per class (8 rows unconditional)
+                grid_labels = torch.arange(rows).repeat_interleave(args.samples_per_class) if conditional else None
+                samples = generate(rows * args.samples_per_class, grid_labels)
+                writer.add_image("samples/ema", make_grid(samples, columns=args.samples_per_class), step,
+                                 dataformats="HWC")
+                write_samples(run_dir / "samples", f"step{step:08d}", samples,
+                              None if grid_labels is None else grid_labels.numpy(), args.samples_per_class)
+            stopping = stop.sync(setup) if setup.world_size == 1 else stopping
+        if save_now or stopping:
+            save()
+        if eval_now or save_now or step == first_step + 1:
+            meter.restart_clock()  # sampling, saving and the first (warm-up, compiling) step stay out of SPS
+        if stopping:
+            if setup.is_main:
+                print(f"stopped by signal at step {step}", flush=True)
+            break
+
+    # ---- teardown
+    progress.close()
+    leave_process_group(setup.world_size)  # before the final FID, which rank 0 computes alone
+    if setup.is_main and args.eval_fid and step == total_steps:
+        with contextlib.suppress(StopRequested):
+            evaluate(writer)
+    close_writer(args, writer)
+    stop.restore()
+
+
+# ======================================================================================================================
+# BEGIN SHARED MACHINERY: byte-identical in all four cleanworlds scripts (tests/test_shared_blocks.py checks it).
+# The contract every script keeps (CONTRACT.md): flags and --config, checkpoints and RNG state, device, determinism
+# and torchrun setup, the run folder and TensorBoard, signals, throughput and MFU, images, the entry point. It reads
+# the script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args, PRESETS, ARG_DOMAINS,
+# RESUME_MUTABLE_FIELDS, FLAG_ALIASES. diamond_atari.py runs one process per game: it never calls the torchrun parts
+# (a world size above 1, leave_process_group, the all-reduce in StopFlag.sync) and ddpm/dit never call write_mp4.
+# ======================================================================================================================
+
+
+class UserError(Exception):
+    """Bad input: printed as one line naming the problem and the fix; exit status 2; nothing saved is touched."""
+
+
+class TrainingFailure(Exception):
+    """A fault during the run (a non-finite loss, a full disk, a read-only folder): one line, exit status 1; the last
+    checkpoint stays intact."""
+
+
+class StopRequested(Exception):
+    """SIGTERM or SIGINT arrived during sampling, an evaluation or test episodes: the work is abandoned, not finished."""
+
+
+# ---- flags and config: defaults < --preset < --config < flags on the command line
+
+
+def flag_field(token: str) -> Optional[str]:
+    """The Args field a command-line token sets, whatever spelling the parser accepts: '--total_steps=5',
+    '--total-steps', '--no-cuda' and aliases (FLAG_ALIASES) all count. None for values and unknown flags."""
+    if not token.startswith("--"):
+        return None
+    name = token.split("=")[0]
+    if name in FLAG_ALIASES:
+        return FLAG_ALIASES[name]
+    name = name[2:].replace("-", "_")
+    names = {f.name for f in fields(Args)}
+    if name in names:
+        return name
+    return name[3:] if name.startswith("no_") and name[3:] in names else None
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
-    """defaults < --preset < --config < flags on the command line. Returns the args and the fields given as flags."""
+    """Returns the args and the set of fields given on the command line (which --resume may let change)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--preset")
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
@@ -899,47 +1235,98 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
     if known.config is not None:
         defaults = replace(defaults, **read_config(known.config))
     args = tyro.cli(Args, default=defaults, args=argv)
-    given = {f.name for f in fields(Args) for token in argv
-             if token.split("=")[0] in (f"--{f.name.replace('_', '-')}", f"--no-{f.name.replace('_', '-')}")}
-    return args, given
+    return args, {name for name in map(flag_field, argv) if name is not None}
 
 
 def read_config(path: str) -> dict:
+    """--config: the config.json an earlier run wrote (a JSON object of Args fields); YAML when PyYAML is installed."""
     try:
-        with open(path) as f:
-            values = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read --config {path}: {e}") from None
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"--config {path} is not a text file: give the config.json an earlier run wrote") from None
+    except OSError as e:
+        raise UserError(f"cannot read --config {path}: {e.strerror or e}") from None
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise UserError(f"--config {path} is YAML, which needs PyYAML: pip install pyyaml (or give the "
+                            f"config.json an earlier run wrote)") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--config {path} is not valid JSON ({e}); give the config.json an earlier run wrote "
+                            f"(YAML needs a .yaml or .yml name)") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path} must hold an object of flag names and values, not a {type(values).__name__}")
     return normalise_args_dict(values, f"--config {path}")
 
 
+def value_fits(value, hint) -> bool:
+    """Whether a value read from JSON or YAML fits an Args field's type (bool is not an int here, an int is a float)."""
+    origin, options = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return any(value == option and type(value) is type(option) for option in options)
+    if origin is Union or (hasattr(types, "UnionType") and origin is getattr(types, "UnionType")):
+        return any(value_fits(value, option) for option in options)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(options) == 2 and options[1] is Ellipsis:
+            return all(value_fits(v, options[0]) for v in value)
+        return len(value) == len(options) and all(map(value_fits, value, options))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
 def normalise_args_dict(values: dict, source: str) -> dict:
-    known = {f.name: f for f in fields(Args)}
-    unknown = sorted(set(values) - set(known))
+    """Checks names and types of Args values read from a file; JSON's lists become the dataclass's tuples."""
+    hints = get_type_hints(Args)
+    unknown = sorted(set(values) - set(hints))
     if unknown:
         raise UserError(f"{source} has fields this script does not know: {', '.join(unknown)}")
-    # JSON turns tuples into lists; the dataclass holds tuples.
+    for name, value in values.items():
+        if not value_fits(value, hints[name]):
+            raise UserError(f"{source}: {name} is {value!r}, which is not a valid --{name.replace('_', '-')} "
+                            f"(expected {getattr(hints[name], '__name__', hints[name])})")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
-def check_args(args: Args, world_size: int):
-    if args.batch_size % world_size:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} torchrun processes")
-    if args.num_sampling_steps < 1 or args.num_sampling_steps > args.timesteps:
-        raise UserError(f"--num-sampling-steps must be between 1 and --timesteps {args.timesteps}, "
-                        f"not {args.num_sampling_steps}")
-    if args.sample_only and not args.resume:
-        raise UserError("--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
-    for name in ("epochs", "batch_size", "log_every", "save_every", "eval_every", "timesteps", "samples_per_class"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
-    if args.num_classes < 0:
-        raise UserError(f"--num-classes must be at least 0 (0: unconditional), not {args.num_classes}")
-    if args.class_label is not None and not 0 <= args.class_label < args.num_classes:
-        raise UserError(f"--class-label {args.class_label} is out of range: the model has {args.num_classes} classes "
-                        + (f"(0 to {args.num_classes - 1})" if args.num_classes else "(it is unconditional)"))
-    if not 0.0 <= args.class_dropout < 1.0:
-        raise UserError(f"--class-dropout must be in [0, 1), not {args.class_dropout}")
+def in_domain(value, domain: str) -> bool:
+    """ARG_DOMAINS' notation: '>= 0', '> 0', '[0, 1)', '(0, 1]' ... Non-finite numbers are in no domain."""
+    if not math.isfinite(value):
+        return False
+    if domain.startswith(">="):
+        return value >= float(domain[2:])
+    if domain.startswith(">"):
+        return value > float(domain[1:])
+    low, high = (float(bound) for bound in domain[1:-1].split(","))
+    return (low <= value if domain[0] == "[" else low < value) and (value <= high if domain[-1] == "]" else value < high)
+
+
+def check_arg_domains(args: Args):
+    """Every numeric flag inside its domain at start-up, so that a bad value fails here and not deep inside a run
+    (after the training since the last save). A tuple flag's every element is checked."""
+    for name, domain in ARG_DOMAINS.items():
+        value = getattr(args, name)
+        for element in value if isinstance(value, tuple) else (value,):
+            if element is not None and not in_domain(element, domain):
+                shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+                raise UserError(f"--{name.replace('_', '-')} must be {'in ' if domain[0] in '[(' else ''}{domain}, "
+                                f"not {shown}")
+
+
+# ---- checkpoints: one file, written atomically, loaded with weights_only=True
 
 
 def resolve_checkpoint_path(resume: str) -> Path:
@@ -951,19 +1338,46 @@ def resolve_checkpoint_path(resume: str) -> Path:
     return path
 
 
+def floating_tensors(tree, prefix: str = ""):
+    """(name, tensor) for every floating-point tensor in nested dicts and lists."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point():
+            yield prefix, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from floating_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from floating_tensors(value, f"{prefix}.{i}")
+
+
 def load_checkpoint(path: Path) -> dict:
+    """Loads with weights_only=True (a malicious file cannot run code) and refuses, in one line, a file that is not
+    a complete, finite checkpoint of this script."""
     try:
-        # weights_only=True: a checkpoint holds tensors and plain containers only, so a malicious file cannot run code
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read the file is the same user-facing error
-        raise UserError(f"cannot load checkpoint {path} (corrupt, or not a safe checkpoint): "
-                        f"{str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__}") from None
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise UserError(f"refusing checkpoint {path}: it holds Python objects other than tensors and plain "
+                            f"containers, which could run code when loaded; a checkpoint this script wrote never "
+                            f"does, so resume from one of those") from None
+        reason = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__
+        raise UserError(f"cannot load checkpoint {path} (corrupt or not a checkpoint: {reason}); resume from "
+                        f"another checkpoint") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT_NAME:
         found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
         raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not of {SCRIPT_NAME}")
     if checkpoint.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this script reads "
                         f"{CHECKPOINT_FORMAT_VERSION}")
+    missing = sorted(CHECKPOINT_KEYS - set(checkpoint))
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of {SCRIPT_NAME}; resume from "
+                        f"a checkpoint the script wrote")
+    bad = next((name for name, tensor in floating_tensors(checkpoint) if not torch.isfinite(tensor).all()), None)
+    if bad is not None:
+        raise UserError(f"{path} holds non-finite values (in {bad}): it would sample or train on NaN; resume from an "
+                        f"earlier checkpoint")
     return checkpoint
 
 
@@ -979,32 +1393,41 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
                    resume=args.resume)
 
 
-def leave_process_group(world_size: int):
-    """Every rank tears the process group down at the same point, after a barrier: a rank that leaves while another is
-    still sampling or saving can be aborted by gloo at exit. What follows (final samples, FID) is rank 0's alone and
-    needs no collective."""
-    if world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def save_checkpoint(path: Path, state: dict):
-    """Atomic: write a temporary file in the same folder, flush and fsync, then rename over the old checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomic: a temporary file in the same folder, flushed and fsynced, then renamed over the old checkpoint. A full
+    disk or a read-only folder raises TrainingFailure with the temporary file removed and the old checkpoint intact."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise TrainingFailure(f"cannot write checkpoint {path} ({reason}); "
+                              f"{'the previous one is intact' if path.exists() else 'no checkpoint was saved'}: free "
+                              f"disk space or make the folder writable, then --resume") from None
+
+
+def non_finite_failure(where: str, run_dir: Optional[Path]) -> TrainingFailure:
+    """The error of a run whose loss or gradients became NaN or infinite: it says whether a checkpoint exists."""
+    latest = run_dir / "checkpoints" / "latest.pt" if run_dir is not None else None
+    kept = (f"the last good checkpoint is kept in {latest}" if latest is not None and latest.exists()
+            else "no checkpoint was saved yet")
+    return TrainingFailure(f"the loss or gradients became non-finite {where}; {kept} (try a lower --learning-rate "
+                           f"or --dtype float32)")
 
 
 def rng_state() -> dict:
+    """Every global RNG as plain values (weights_only=True refuses numpy objects)."""
     np_state = np.random.get_state(legacy=True)
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        # numpy's state as plain values: weights_only=True refuses numpy objects
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
                   float(np_state[4])],
         "python": random.getstate(),
@@ -1021,36 +1444,265 @@ def set_rng_state(state: dict):
     random.setstate((version, tuple(internal), gauss))
 
 
-def matmul_peak_flops(device: torch.device) -> float:
-    """The device's peak FLOP/s for MFU: bf16 dense from a table on CUDA, a measured 2048^2 fp32 matmul on the CPU."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
-                 "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
-        if "H100" in name and "PCIe" in name:
-            return 756e12
-        return next((peak for key, peak in table.items() if key in name), float("nan"))
-    a = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+def seed_everything(seed: int):
+    """The same seed on every torchrun rank: every rank builds the same initial weights."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- device, determinism, torchrun
+
+
+@dataclass
+class Setup:
+    """Where this process runs: the device, and its place among torchrun's processes (world_size 1 without)."""
+    device: torch.device
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def use_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def torchrun_world() -> tuple[int, int, int]:
+    """(world_size, rank, local_rank) from the variables torchrun sets; (1, 0, 0) for a plain `python script.py`."""
+    return tuple(int(os.environ.get(name, default)) for name, default in
+                 (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")))
+
+
+def setup_device(args: Args) -> Setup:
+    """CUDA when asked and available (else the CPU, with a notice), determinism, TF32, and the process group."""
+    world_size, rank, local_rank = torchrun_world()
+    use_cuda = args.cuda and torch.cuda.is_available()
+    if args.cuda and not use_cuda and rank == 0:
+        print("notice: CUDA is not available, running on the CPU")
+    if args.torch_deterministic and use_cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        if not use_cuda:
+            torch.set_num_threads(1)  # one thread per rank on the CPU: ranks do not fight over cores
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic
+    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)  # CPU and CUDA alike
+    # ...without its NaN fill of every new uninitialised tensor: one extra kernel per allocation, 10 to 12% of a
+    # DDPM or DIAMOND training step on an H100 (benchmark/RESULTS.md); no kernel reads memory it did not write.
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs on Ampere+: ~free speed for fp32 parts
+    torch.backends.cudnn.allow_tf32 = True
+    return Setup(device, world_size, rank, local_rank)
+
+
+def autocast_context(setup: Setup, dtype: str):
+    """bf16/fp16 autocast on CUDA; a no-op for float32 and on the CPU (which computes in float32)."""
+    autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return torch.autocast("cuda", dtype=autocast_dtype) if setup.use_cuda and autocast_dtype else contextlib.nullcontext()
+
+
+def leave_process_group(world_size: int):
+    """Every rank tears the process group down at the same point, after a barrier: a rank that leaves while another is
+    still sampling or saving can be aborted by gloo at exit. What follows (final samples, FID) is rank 0's alone and
+    needs no collective."""
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---- signals: SIGTERM / SIGINT finish the current step, save, exit 0
+
+
+class StopFlag:
+    """Installs SIGTERM and SIGINT handlers that set a flag instead of killing the process. The training loop stops at
+    the next step boundary; sampling, evaluations and test episodes call check() inside their loops and are abandoned.
+    Install it before the run folder exists: a signal before it kills a process that has written nothing."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def request(self, signum=None, frame=None):
+        self.requested = True
+
+    def check(self):
+        """Raises StopRequested once a signal arrived: call it between steps of long work."""
+        if self.requested:
+            raise StopRequested()
+
+    def sync(self, setup: Setup) -> bool:
+        """Under torchrun every rank stops at the same step: the flag is all-reduced (a collective: all ranks call it
+        at the same steps). Returns whether to stop."""
+        if setup.world_size > 1:
+            flag = torch.tensor(float(self.requested), device=setup.device)
+            dist.all_reduce(flag)
+            self.requested = flag.item() > 0
+        return self.requested
+
+    def restore(self):
+        """Puts the previous handlers back (the scripts are importable: a caller keeps its own)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# ---- the run folder, TensorBoard, wandb
+
+
+def create_run_dir(args: Args, run_id: str) -> Path:
+    """{output_dir}/{run_id}__{exp_name}__{seed}__{unix time}/ with config.json; never an existing folder."""
+    run_dir = Path(args.output_dir) / f"{run_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    while run_dir.exists():  # never overwrite an earlier run
+        run_dir = run_dir.with_name(run_dir.name + "_")
+    try:
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
+    except OSError as e:
+        raise UserError(f"--output-dir {args.output_dir}: cannot create the run folder {run_dir} "
+                        f"({e.strerror or e}); give a writable folder") from None
+    return run_dir
+
+
+def open_writer(args: Args, run_dir: Path, step: int):
+    """TensorBoard (and wandb with --track) in the run folder. purge_step: a resumed run drops the points a killed run
+    logged after its last checkpoint, so that no point is logged twice."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_dir.name, id=run_dir.name, resume="allow", save_code=True)
+    writer = SummaryWriter(str(run_dir), purge_step=step + 1 if step else None)
+    if step == 0:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+            f"|{key}|{value}|" for key, value in asdict(args).items()))
+    return writer
+
+
+def close_writer(args: Args, writer):
+    if writer is not None:
+        writer.close()
+    if args.track:
+        import wandb
+
+        wandb.finish()
+
+
+def progress_bar(total: int, initial: int, desc: str, unit: str, enabled: bool = True):
+    """A tqdm bar with step, speed and ETA (the loss goes in its postfix); a silent one on ranks other than 0."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled)
+
+
+# ---- throughput and model FLOPs utilisation
+
+
+def cpu_peak_flops() -> float:
+    """An upper bound of the CPU's fp32 FLOP/s: cores x max clock x vector lanes x 2 (FMA) x 2 (FMA units), from
+    /proc/cpuinfo and cpufreq (Linux; elsewhere 4 GHz and AVX-512 are assumed, which only lowers MFU)."""
+    cores = min(torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else os.cpu_count() or 1)
+    ghz, lanes = 4.0, 16
+    with contextlib.suppress(OSError, ValueError):
+        info = Path("/proc/cpuinfo").read_text()
+        flags = set(next(line for line in info.splitlines() if line.startswith(("flags", "Features"))).split())
+        lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags or "avx" in flags else 4
+        mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
+        max_khz = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+        ghz = float(max_khz.read_text()) / 1e6 if max_khz.exists() else max(mhz) / 1e3 * 1.5  # turbo headroom
+    return cores * ghz * 1e9 * lanes * 2 * 2
+
+
+def measured_matmul_flops() -> float:
+    """The best of 5 timed 2048^2 fp32 matmuls (an (n x n) matmul is 2 n^3 FLOPs); leaves the global RNG alone."""
+    a = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))
     torch.mm(a, a)  # warm-up: thread pool and caches
     best = float("inf")
-    for _ in range(5):  # the best of 5: a peak, not an average disturbed by other processes
+    for _ in range(5):
         start = time.perf_counter()
         torch.mm(a, a)
         best = min(best, time.perf_counter() - start)
-    return 2 * 2048 ** 3 / best  # an (n x n) matmul is 2 n^3 FLOPs
+    return 2 * 2048 ** 3 / best
 
 
-def forward_flops(model: nn.Module, *inputs) -> float:
-    """FLOPs of one forward pass, counted by torch's FLOP counter (matmuls and convolutions)."""
+CUDA_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+                   "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16
+
+
+def peak_flops(setup: Setup, dtype: str) -> float:
+    """The MFU denominator, an upper bound of the device's FLOP/s: on CUDA the dense bf16/fp16 tensor-core peak from
+    a table (TF32, used for float32, is half of it; NaN for an unknown GPU); on the CPU the larger of cpu_peak_flops()
+    and a measured matmul's rate, so that MFU cannot exceed 1."""
+    if setup.use_cuda:
+        name = torch.cuda.get_device_name(setup.device)
+        peak = 756e12 if "H100" in name and "PCIe" in name else next(
+            (flops for key, flops in CUDA_PEAK_FLOPS.items() if key in name), float("nan"))
+        return peak / 2 if dtype == "float32" else peak
+    return max(cpu_peak_flops(), measured_matmul_flops())
+
+
+def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> float:
+    """FLOPs of one forward pass of the model build() returns, counted by torch's FLOP counter (matmuls,
+    convolutions, attention) on the meta device: no compute, no RNG draws (an exact resume depends on it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    with torch.device("meta"):
+        model = build().eval()
     counter = FlopCounterMode(display=False)
-    was_training = model.training
-    model.eval()  # no dropout: counting must not draw from the RNG (an exact resume depends on it)
     with torch.no_grad(), counter:
-        model(*inputs)
-    model.train(was_training)
+        model(*(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs))
     return float(counter.get_total_flops())
+
+
+class Meter:
+    """Training-loop accounting without a host sync per step: device-side sums of the loss and the gradient norm,
+    samples per second over the timed steps, and MFU = achieved FLOP/s / peak FLOP/s (a training step counts as 3x
+    the forward FLOPs: forward plus a backward of twice its cost). read() syncs once per log interval."""
+
+    def __init__(self, device: torch.device, train_flops_per_sample: float, peak: float, world_size: int = 1):
+        self.train_flops_per_sample, self.peak, self.world_size = train_flops_per_sample, peak, world_size
+        self.loss_sum = torch.zeros((), device=device)
+        self.grad_norm_sum = torch.zeros((), device=device)
+        self.steps = 0
+        self.restart_clock()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, num_samples: int):
+        self.loss_sum += loss.detach().float()
+        self.grad_norm_sum += grad_norm.detach().float()
+        self.steps += 1
+        self.timed_samples += num_samples
+
+    def restart_clock(self):
+        """Leaves what follows out of the throughput: the first (compiling) step, sampling, saving."""
+        self.timed_samples, self.clock = 0, time.perf_counter()
+
+    def finite(self) -> bool:
+        """Whether every loss and gradient norm since the last read() was finite (a host sync)."""
+        return math.isfinite(self.loss_sum.item()) and math.isfinite(self.grad_norm_sum.item())
+
+    def read(self) -> dict:
+        """Means since the last read, samples/s (global: the per-rank count times the world size) and MFU; resets."""
+        samples_per_second = self.timed_samples * self.world_size / max(time.perf_counter() - self.clock, 1e-9)
+        values = {"loss": self.loss_sum.item() / max(self.steps, 1),
+                  "grad_norm": self.grad_norm_sum.item() / max(self.steps, 1), "SPS": samples_per_second,
+                  "mfu": samples_per_second / self.world_size * self.train_flops_per_sample / self.peak}
+        self.loss_sum.zero_()
+        self.grad_norm_sum.zero_()
+        self.steps = 0
+        self.restart_clock()
+        return values
+
+
+# ---- images and video files
 
 
 def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 2) -> np.ndarray:
@@ -1066,340 +1718,57 @@ def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 2) -
     return grid
 
 
-def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[np.ndarray] = None,
-                  columns: Optional[int] = None) -> Path:
-    """A PNG grid and an .npz of the uint8 (N, H, W, 3) images (arr_0, the layout FID tools read) and, for a
-    class-conditional model, their int64 class labels (arr_1, as ADM's sample files)."""
+def write_png(path: Path, rgb: np.ndarray):
+    """uint8 (H, W, 3) RGB -> PNG. OpenCV reports a failed write by returning False: raise instead."""
     import cv2
 
-    folder.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(folder / f"{stem}.png"), make_grid(images[:256], columns)[:, :, ::-1])
-    np.savez(folder / f"{stem}.npz", images.transpose(0, 2, 3, 1), *([] if labels is None else [labels]))
-    return folder / f"{stem}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1])):
+        raise OSError(f"cannot write {path}")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+def write_mp4(path: Path, frames: np.ndarray, fps: int = 15, min_side: int = 256):
+    """uint8 (T, H, W, 3) RGB frames -> MP4 (opencv, mp4v), enlarged by an integer factor to at least min_side."""
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scale = max(1, min_side // max(frames.shape[1:3]))
+    height, width = frames.shape[1] * scale, frames.shape[2] * scale
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    if not writer.isOpened():
+        raise OSError(f"cannot write {path}")
+    for frame in frames:
+        writer.write(cv2.resize(frame, (width, height), interpolation=cv2.INTER_NEAREST)[:, :, ::-1])
+    writer.release()
 
 
-def main(args: Args, given: set[str]):
-    # Distributed setup: torchrun sets RANK/WORLD_SIZE; one process per GPU (or per CPU core group, gloo).
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    is_main = rank == 0
-
-    checkpoint, run_dir = None, None
-    if args.resume:
-        checkpoint_path = resolve_checkpoint_path(args.resume)
-        checkpoint = load_checkpoint(checkpoint_path)
-        args = merge_resumed_args(args, given, checkpoint["args"])
-        run_dir = checkpoint_path.parent.parent
-    check_args(args, world_size)
-
-    use_cuda = args.cuda and torch.cuda.is_available()
-    if args.cuda and not use_cuda and is_main:
-        print("notice: CUDA is not available, running on the CPU")
-    if args.torch_deterministic and use_cuda:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
-    if world_size > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        if not use_cuda:
-            torch.set_num_threads(1)  # one thread per rank on the CPU: ranks do not fight over cores
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.backends.cudnn.benchmark = not args.torch_deterministic
-    if args.torch_deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        # ...without its NaN fill of every new uninitialised tensor: one extra kernel per allocation, 10 to 12% of a
-        # DDPM or DIAMOND training step on an H100 (benchmark/RESULTS.md); no kernel reads memory it did not write.
-        torch.utils.deterministic.fill_uninitialized_memory = False
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs on Ampere+: ~free speed for fp32 parts
-    torch.backends.cudnn.allow_tf32 = True
-    autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    autocast = (torch.autocast("cuda", dtype=autocast_dtype) if use_cuda and autocast_dtype
-                else contextlib.nullcontext())
-
-    # Seeding: the same seed on every rank, so every rank builds the same initial weights.
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, label drops, timesteps, noise
-    sample_generator_seed = args.seed + 10_000  # fixed noise for the grids: comparable across steps
-
-    # Data
-    images_np, labels_np, dataset_id = load_dataset(args)
-    images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no host-device copy per step
-    labels = torch.from_numpy(labels_np).to(device)
-    num_images = len(images)
-    if num_images < args.batch_size:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the dataset ({num_images} images): lower it")
-    steps_per_epoch = num_images // args.batch_size  # the last partial batch of each epoch is dropped
-    total_steps = args.epochs * steps_per_epoch
-    conditional = args.num_classes > 0
-
-    # Model, EMA, optimizer, schedule
-    model = build_model(args).to(device)
-    ema_model = copy.deepcopy(model).requires_grad_(False).eval()
-    num_params = sum(p.numel() for p in model.parameters())  # trainable only: the position embedding is a buffer
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  fused=use_cuda)
-    # linear warmup: lr_s = lr * min(1, (s + 1) / warmup)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
-    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16")
-    alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
-                                                            args.beta_end))
-    sqrt_abar = alphas_cumprod.sqrt().float().to(device)
-    sqrt_one_minus_abar = (1 - alphas_cumprod).sqrt().float().to(device)
-
-    step = 0
-    if checkpoint is not None:
-        try:
-            model.load_state_dict(checkpoint["model"])
-            ema_model.load_state_dict(checkpoint["ema"])
-        except RuntimeError as e:
-            raise UserError(f"checkpoint weights do not fit this model ({str(e).splitlines()[0]})") from None
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
-        train_generator.set_state(checkpoint["train_generator"])
-        step = checkpoint["step"]
-
-    def generate(num: int, batch_size: int, class_labels: Optional[torch.Tensor]) -> np.ndarray:
-        """num uint8 samples of the given classes (None: unconditional) from the EMA model with the configured
-        sampler and guidance scale (fixed noise)."""
-        generator = torch.Generator(device=device).manual_seed(sample_generator_seed)
-        out = []
-        for start in range(0, num, batch_size):
-            x_T = torch.randn((min(batch_size, num - start), 3, args.img_size, args.img_size), generator=generator,
-                              device=device)
-            y = None if class_labels is None else class_labels[start: start + len(x_T)].to(device)
-            model_fn = guided_model_fn(ema_model, y, args.cfg_scale, autocast)
-            out.append(sample_images(model_fn, x_T, alphas_cumprod, args.sampler, args.num_sampling_steps,
-                                     args.ddim_eta, generator).cpu())
-        return torch.cat(out).numpy()
-
-    def balanced_labels(num: int) -> Optional[torch.Tensor]:
-        return torch.arange(num) % args.num_classes if conditional else None  # every class in turn
-
-    fid_metric = make_fid_metric() if args.eval_fid else None  # fail now, not after training, if it cannot be had
-
-    def run_fid(writer=None) -> float:
-        samples = torch.from_numpy(generate(args.fid_num_samples, args.sample_batch_size,
-                                            balanced_labels(args.fid_num_samples)))
-        fid = compute_fid(fid_metric, samples, torch.from_numpy(images_np), args.sample_batch_size, device)
-        print(f"FID ({args.fid_num_samples} samples vs {num_images} training images, {args.sampler} "
-              f"{args.num_sampling_steps} steps" + (f", guidance {args.cfg_scale:g}" if conditional else "")
-              + f"): {fid:.3f}")
-        if writer is not None:
-            writer.add_scalar("eval/fid", fid, step)
-            writer.add_scalar("eval/fid_num_samples", args.fid_num_samples, step)
-        return fid
-
-    if args.sample_only:
-        leave_process_group(world_size)  # sampling is rank 0's alone
-        if is_main:
-            class_labels = (torch.full((args.num_samples,), args.class_label) if args.class_label is not None
-                            else balanced_labels(args.num_samples))
-            samples = generate(args.num_samples, args.sample_batch_size, class_labels)
-            which = (f"_class{args.class_label}" if args.class_label is not None else "") + (
-                f"_cfg{args.cfg_scale:g}" if conditional else "")
-            stem = f"sample_only_{args.sampler}{args.num_sampling_steps}{which}_step{step}_{int(time.time())}"
-            path = write_samples(run_dir / "samples", stem, samples,
-                                 None if class_labels is None else class_labels.numpy())
-            print(f"wrote {len(samples)} samples to {path} and {path.with_suffix('.npz')}")
-            if args.eval_fid:
-                run_fid()
-        return
-
-    # Run folder, TensorBoard, wandb (rank 0 only)
-    writer = None
-    if is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        if run_dir is None:
-            run_name = f"{dataset_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-            run_dir = Path(args.output_dir) / run_name
-            while run_dir.exists():  # never overwrite an earlier run
-                run_dir = run_dir.with_name(run_dir.name + "_")
-            run_dir.mkdir(parents=True)
-            (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
-        if args.track:
-            import wandb
-
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=asdict(args), name=run_dir.name, id=run_dir.name, resume="allow", save_code=True)
-        # purge_step: a resumed run drops the points a killed run logged after its last checkpoint
-        writer = SummaryWriter(str(run_dir), purge_step=step + 1 if step else None)
-        if step == 0:
-            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-                f"|{key}|{value}|" for key, value in asdict(args).items()))
-            writer.add_scalar("charts/num_parameters", num_params, 0)
-        print(f"run folder: {run_dir}")
-        print(f"model: DiT with adaLN-{args.adaln}, {num_params:,} parameters; data: {num_images:,} images of "
-              f"{args.img_size}x{args.img_size}, " + (f"{args.num_classes} classes" if conditional else "unconditional")
-              + f"; {steps_per_epoch} steps per epoch; device: {device}{f' x {world_size}' if world_size > 1 else ''}")
-
-    # Throughput accounting: the training step is about 3x the forward FLOPs (forward + backward).
-    example = torch.zeros(1, 3, args.img_size, args.img_size, device=device)
-    example_t = torch.zeros(1, dtype=torch.long, device=device)
-    train_flops_per_image = 3 * forward_flops(model, example, example_t, example_t if conditional else None)
-    peak_flops = matmul_peak_flops(device)
-
-    train_model = torch.compile(model) if args.compile else model
-    if world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[local_rank] if use_cuda else None)
-
-    # SIGTERM / SIGINT: finish the current step, save, exit 0.
-    stop_requested = False
-
-    def request_stop(signum, frame):
-        nonlocal stop_requested
-        stop_requested = True
-
-    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def save(step: int):
-        # Check the loss and the gradients since the last log before writing: never save NaN weights.
-        check_finite()
-        if is_main:
-            save_checkpoint(run_dir / "checkpoints" / "latest.pt", {
-                "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "args": asdict(args),
-                "step": step, "model": model.state_dict(), "ema": ema_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng_state(), "train_generator": train_generator.get_state(),
-                "data_position": {"epoch": step // steps_per_epoch, "index": step % steps_per_epoch * args.batch_size},
-            })
-            print(f"saved checkpoint at epoch {epoch_label(step)} (step {step})", flush=True)
-
-    def epoch_label(step: int) -> str:  # "3", or "3.25" when a signal stopped the run inside an epoch
-        return str(step // steps_per_epoch) if step % steps_per_epoch == 0 else f"{step / steps_per_epoch:.2f}"
-
-    def sample_grid() -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """EMA samples for the grids: one row per class (8 rows for an unconditional model)."""
-        rows = args.num_classes if conditional else 8
-        class_labels = torch.arange(rows).repeat_interleave(args.samples_per_class) if conditional else None
-        samples = generate(rows * args.samples_per_class, args.sample_batch_size, class_labels)
-        return samples, None if class_labels is None else class_labels.numpy()
-
-    local_batch = args.batch_size // world_size
-    loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync in the hot loop
-    grad_norm_sum = torch.zeros((), device=device)
-    steps_since_log, timed_steps, timer_start, first_step = 0, 0, time.perf_counter(), step
-
-    def check_finite():
-        if not (math.isfinite(loss_sum.item()) and math.isfinite(grad_norm_sum.item())):
-            if progress is not None:
-                progress.close()  # end the progress line, so that the error is a line of its own
-            raise TrainingFailure(f"the loss or gradient became non-finite before step {step}; the last good "
-                                  f"checkpoint is kept in {run_dir}/checkpoints (try a lower --learning-rate or "
-                                  f"--dtype float32)")
-
-    progress = None
-    if is_main:
-        from tqdm import tqdm
-
-        progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    while step < total_steps:
-        # The global batch is drawn identically on every rank (indices, flips, label drops, t, noise), then each rank
-        # takes its slice: 2 ranks at batch B compute exactly what 1 rank at batch B does.
-        indices = global_batch_indices(step, args.batch_size, num_images, args.seed).to(device, non_blocking=True)
-        flips = torch.rand(args.batch_size, generator=train_generator, device=device) < 0.5
-        if conditional:  # classifier-free guidance training: a label becomes the null class with p = class_dropout
-            drops = torch.rand(args.batch_size, generator=train_generator, device=device) < args.class_dropout
-        t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
-        noise = torch.randn((args.batch_size, 3, args.img_size, args.img_size), generator=train_generator,
-                            device=device)
-        mine = slice(rank * local_batch, (rank + 1) * local_batch)
-        x0 = images[indices[mine]].float() / 127.5 - 1.0  # uint8 -> [-1, 1]
-        if args.random_flip:
-            x0 = torch.where(flips[mine, None, None, None], x0.flip(3), x0)
-        y = torch.where(drops[mine], args.num_classes, labels[indices[mine]]) if conditional else None
-        t, noise = t[mine], noise[mine]
-        x_t = sqrt_abar[t, None, None, None] * x0 + sqrt_one_minus_abar[t, None, None, None] * noise  # q(x_t | x_0)
-        with autocast:
-            eps_pred = train_model(x_t, t, y)
-        loss = F.mse_loss(eps_pred.float(), noise)  # L_simple = || eps - eps_theta(x_t, t) ||^2
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm > 0
-                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        with torch.no_grad():  # EMA: theta_ema <- decay theta_ema + (1 - decay) theta
-            ema_params, params = list(ema_model.parameters()), list(model.parameters())
-            torch._foreach_lerp_(ema_params, params, 1.0 - args.ema_decay)
-        loss_sum += loss.detach()
-        grad_norm_sum += grad_norm.detach().float()
-        step += 1
-        steps_since_log += 1
-        timed_steps += 1
-        if progress is not None:
-            progress.update(1)
-
-        if step % args.log_every == 0 or step == total_steps:
-            loss_value = loss_sum.item() / steps_since_log  # a host sync, once per log interval
-            check_finite()
-            images_per_second = timed_steps * args.batch_size / max(time.perf_counter() - timer_start, 1e-9)
-            mfu = images_per_second / world_size * train_flops_per_image / peak_flops
-            if is_main:
-                writer.add_scalar("losses/mse", loss_value, step)
-                writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
-                writer.add_scalar("charts/grad_norm", grad_norm_sum.item() / steps_since_log, step)
-                writer.add_scalar("charts/SPS", images_per_second, step)
-                writer.add_scalar("perf/mfu", mfu, step)
-                progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images_per_second:.0f}", mfu=f"{mfu:.1%}")
-            loss_sum.zero_()
-            grad_norm_sum.zero_()
-            steps_since_log, timed_steps, timer_start = 0, 0, time.perf_counter()
-            if world_size > 1:  # every rank stops together: the stop flag is all-reduced at the log boundary
-                flag = torch.tensor(float(stop_requested), device=device)
-                dist.all_reduce(flag)
-                stop_requested = flag.item() > 0
-
-        epoch_end = step % steps_per_epoch == 0
-        eval_now = epoch_end and (step // steps_per_epoch) % args.eval_every == 0 or step == total_steps
-        save_now = epoch_end and (step // steps_per_epoch) % args.save_every == 0 or step == total_steps
-        if is_main and eval_now:
-            samples, sample_labels = sample_grid()
-            writer.add_image("samples/ema", make_grid(samples, columns=args.samples_per_class), step,
-                             dataformats="HWC")
-            write_samples(run_dir / "samples", f"step{step:08d}", samples, sample_labels, args.samples_per_class)
-        if save_now or stop_requested:
-            save(step)
-        if eval_now or save_now:  # keep sampling and saving out of SPS
-            timed_steps, timer_start = 0, time.perf_counter()
-        if stop_requested:
-            if is_main:
-                print(f"stopped by signal at step {step}")
-            break
-        if step == first_step + 1:  # leave the first step's warm-up (and compilation) out of the throughput
-            timed_steps, timer_start = 0, time.perf_counter()
-
-    if progress is not None:
-        progress.close()
-    leave_process_group(world_size)  # before the final FID, which rank 0 computes alone
-    if is_main and args.eval_fid and step == total_steps:
-        run_fid(writer)
-    if writer is not None:
-        writer.close()
-    if args.track and is_main:
-        import wandb
-
-        wandb.finish()
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
+# ---- the entry point
 
 
-if __name__ == "__main__":
+def run_main(main: Callable):
+    """Bad input: one line, exit 2. A fault during the run (non-finite loss, full disk, read-only folder): one line,
+    exit 1. Ctrl-C before the signal handlers are up: one line, exit 130. Under torchrun only rank 0 prints."""
+    def fail(message: str, status: int):
+        if torchrun_world()[1] == 0:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(status)
+
     try:
         main(*parse_args())
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e), 2)
     except TrainingFailure as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e), 1)
+    except OSError as e:
+        fail(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}; check the disk and the "
+             f"folder's permissions, then --resume", 1)
+    except KeyboardInterrupt:
+        fail("interrupted before the run started; nothing was saved", 130)
+
+
+# END SHARED MACHINERY
+# ======================================================================================================================
+
+
+if __name__ == "__main__":
+    run_main(main)

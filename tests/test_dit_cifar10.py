@@ -9,6 +9,8 @@ import math
 import os
 import signal
 import subprocess
+import typing
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -461,3 +463,40 @@ def test_folder_dataset_classes_and_unconditional(image_folder, tmp_path):
     assert model.y_embedder is None
     fn = dit.guided_model_fn(model, None, 4.0)  # unconditional: guidance does not apply
     assert fn(torch.zeros(2, 3, 16, 16), torch.tensor([1, 2])).shape == (2, 3, 16, 16)
+
+
+def test_every_numeric_flag_has_a_domain_and_bad_values_are_refused():
+    hints = typing.get_type_hints(dit.Args)
+    numeric = {name for name, hint in hints.items() if {int, float} & {hint, *typing.get_args(hint)}}
+    assert numeric == set(dit.ARG_DOMAINS)
+    dit.check_args(dit.Args(), 1)  # the defaults are valid
+    for name, bad in {"seed": -1, "learning_rate": -1.0, "class_dropout": 1.0, "patch": 0, "heads": 0, "width": 0,
+                      "mlp_ratio": 0.0, "sample_batch_size": 0, "num_classes": -1, "class_label": -1,
+                      "cfg_scale": -1.0, "ema_decay": 1.5, "epochs": 0, "beta_start": float("nan")}.items():
+        with pytest.raises(dit.UserError, match=f"--{name.replace('_', '-')} must be"):
+            dit.check_args(replace(dit.Args(), **{name: bad}), 1)
+
+
+def test_guidance_needs_a_trained_null_class():
+    with pytest.raises(dit.UserError, match="--class-dropout 0 never trains"):
+        dit.check_args(dit.Args(class_dropout=0.0), 1)  # the default --cfg-scale 1.5 mixes in the null class
+    dit.check_args(dit.Args(class_dropout=0.0, cfg_scale=1.0), 1)  # no guidance: fine
+    dit.check_args(dit.Args(class_dropout=0.0, num_classes=0), 1)  # unconditional: the scale is unused
+    for changes, message in (({"patch": 5}, "--patch 5 does not divide --img-size 32"),
+                             ({"heads": 5}, "--heads 5 does not divide --width 384"),
+                             ({"class_label": 10}, "--class-label 10 is out of range")):
+        with pytest.raises(dit.UserError, match=message):
+            dit.check_args(replace(dit.Args(), **changes), 1)
+
+
+def test_dit_loss_at_init_is_the_noise_power():
+    # the final layer starts at zero, so eps_theta = 0 and L_simple = mean(eps^2), whatever x0, y and t
+    model = dit.DiT(16, 4, 3, 64, 2, 4, 4.0, 10)
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 16, 16, generator=generator) * 2 - 1
+    noise = torch.randn(4, 3, 16, 16, generator=generator)
+    loss = dit.dit_loss(model, x0, torch.tensor([0, 3, 10, 7]), torch.tensor([0, 10, 500, 999]), noise,
+                        ALPHAS_CUMPROD.float())
+    torch.testing.assert_close(loss, noise.pow(2).mean())
+    loss.backward()  # and it trains: the zero-initialised output layer gets a gradient
+    assert model.final_layer.linear.weight.grad.abs().sum() > 0
