@@ -885,6 +885,23 @@ def guided_model_fn(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Loss: L_simple of Ho et al. (eq. 14), the noise-prediction MSE at a uniformly drawn timestep, with the class label.
+
+
+def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: torch.Tensor, noise: torch.Tensor,
+             alphas_cumprod: torch.Tensor, autocast=contextlib.nullcontext()) -> torch.Tensor:
+    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, y) ||^2, averaged over the batch.
+
+    x0, noise: (B, 3, H, W) in [-1, 1] and N(0, I); y: int64 (B,) class labels, num_classes for the null class (None:
+    an unconditional model); t: int64 (B,); alphas_cumprod: float (T,) on x0's device."""
+    abar = alphas_cumprod[t].float()[:, None, None, None]
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
+    with autocast:
+        eps_pred = model(x_t, t, y)
+    return F.mse_loss(eps_pred.float(), noise)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Evaluation: FID with torchmetrics (Inception from torch-fidelity, or any feature extractor module).
 
 
@@ -912,23 +929,6 @@ def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor
         for start in range(0, len(images), batch_size):
             fid_metric.update(images[start: start + batch_size].to(device), real=real)
     return float(fid_metric.compute())
-# ----------------------------------------------------------------------------------------------------------------------
-# Loss: L_simple of Ho et al. (eq. 14), the noise-prediction MSE at a uniformly drawn timestep, with the class label.
-
-
-def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: torch.Tensor, noise: torch.Tensor,
-             alphas_cumprod: torch.Tensor, autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, y) ||^2, averaged over the batch.
-
-    x0, noise: (B, 3, H, W) in [-1, 1] and N(0, I); y: int64 (B,) class labels, num_classes for the null class (None:
-    an unconditional model); t: int64 (B,); alphas_cumprod: float (T,) on x0's device."""
-    abar = alphas_cumprod[t].float()[:, None, None, None]
-    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
-    with autocast:
-        eps_pred = model(x_t, t, y)
-    return F.mse_loss(eps_pred.float(), noise)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Samples from the EMA model (guided, abandoned on a signal), the sample files, the epoch in the log lines.
 
