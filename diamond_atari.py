@@ -1648,6 +1648,7 @@ def main(args: Args, given: set[str]):
     # ---- --eval-only: the checkpoint's agent plays --test-episodes full games
     if args.eval_only:
         completed = checkpoint["epoch"] - 1
+        print(f"running {args.test_episodes} test episodes with the agent of epoch {completed} ...", flush=True)
         try:
             returns = run_test_episodes(actor_critic, game, args, args.test_episodes, args.seed * 7919 + 1_000_003,
                                         device, autocast, check=stop.check)
