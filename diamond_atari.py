@@ -233,8 +233,8 @@ PRESETS = {
 }
 # Flags that may change when a run is resumed: the run length, checkpoint/eval cadence, logging and evaluation.
 RESUME_MUTABLE_FIELDS = {
-    "num_epochs", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity", "resume",
-    "eval_only", "eval_episodes", "test_episodes", "cuda", "compile", "config", "output_dir",
+    "num_epochs", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity", "eval_only",
+    "eval_episodes", "test_episodes", "cuda", "compile", "config", "output_dir",
 }
 # Flags spelled otherwise on the command line: --game is the seed's name for --env-id.
 FLAG_ALIASES = {"--game": "env_id"}
@@ -1379,11 +1379,31 @@ def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> 
         optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=args.learning_rate,
                                       eps=args.adam_eps, fused=use_cuda)
         # linear warmup: lr_s = lr * min(1, (s + 1) / warmup)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                      lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
         scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16")
         max_grad_norm = args.denoiser_max_grad_norm if name == "denoiser" else args.max_grad_norm
         learners[name] = Learner(model, optimizer, scheduler, scaler, max_grad_norm)
     return learners
+
+
+def learners_state(learners: dict[str, Learner]) -> dict:
+    """The checkpoint's models, optimizers, schedulers and grad scalers, each a dict by model name."""
+    return {key: {name: getattr(learner, attribute).state_dict() for name, learner in learners.items()}
+            for key, attribute in (("models", "model"), ("optimizers", "optimizer"), ("schedulers", "scheduler"),
+                                   ("scalers", "scaler"))}
+
+
+def load_learners(learners: dict[str, Learner], checkpoint: dict):
+    try:
+        for name, learner in learners.items():
+            learner.model.load_state_dict(checkpoint["models"][name])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights do not fit these models ({str(e).splitlines()[0]})") from None
+    for name, learner in learners.items():
+        learner.optimizer.load_state_dict(checkpoint["optimizers"][name])
+        learner.scheduler.load_state_dict(checkpoint["schedulers"][name])
+        learner.scaler.load_state_dict(checkpoint["scalers"][name])
 
 
 @dataclass
@@ -1405,6 +1425,8 @@ class Run:
     writer: object  # a SummaryWriter
     stop: "StopFlag"
     run_dir: Path
+    denoiser_update_flops: float  # FLOPs of one denoiser update, for MFU
+    peak_flops: float  # the device's peak FLOP/s
 
     def checked_net(self, *inputs):
         """The denoiser's network for evaluations: a signal abandons them within a network call (StopRequested)."""
@@ -1456,7 +1478,7 @@ def collect(run: Run, collector: Collector, pos: RunPosition, log: EpochLog):
     min_nonzero_rewards transitions with a reward, up to max_initial_collection_steps."""
     args = run.args
     nonzero = sum(int((run.buffer.episode(i)["rewards"] != 0).sum()) for i in run.buffer.sampleable())
-    total = args.max_initial_collection_steps if pos.epoch == 1 else args.collection_steps_per_epoch
+    total = args.initial_collection_steps if pos.epoch == 1 else args.collection_steps_per_epoch  # (at least)
     progress, start, first = progress_bar(total, pos.step, f"epoch {pos.epoch} collect", "env step"), \
         time.perf_counter(), pos.step
     while not run.stop.requested:
@@ -1495,7 +1517,7 @@ def measure_world_model(run: Run, collector: Collector, pos: RunPosition, log: E
         collector.heldout = collector.heldout[:0]
 
 
-def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog, flops_per_update: float, peak: float):
+def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
     """This epoch's gradient updates of one model (denoiser, reward_end or actor_critic), from pos.step on, until
     they are done or a signal arrives (the current update is finished first). Losses are written every log_every
     updates at the global step."""
@@ -1527,7 +1549,7 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog, flops_per_
         per_second = (pos.step - first) / (time.perf_counter() - start)
         log.add(f"perf/{name}_steps_per_s", per_second)
         if name == "denoiser":  # MFU = achieved FLOP/s / peak FLOP/s
-            log.add("perf/mfu", per_second * flops_per_update / peak)
+            log.add("perf/mfu", per_second * run.denoiser_update_flops / run.peak_flops)
         if name == "actor_critic":
             log.add("perf/imagination_frames_per_s", per_second * args.num_imagined_envs * args.imagination_horizon)
 
@@ -1625,24 +1647,14 @@ def main(args: Args, given: set[str]):
     train_ids = None  # None: every episode; with --dataset-dir, all but the held-out ones
     if args.dataset_dir is not None:
         train_ids, collector.heldout = load_dataset_dir(args, buffer, num_actions)
-    num_buffer_files = 0
     if checkpoint is not None:
-        try:
-            for name, model in models.items():
-                model.load_state_dict(checkpoint["models"][name])
-        except RuntimeError as e:
-            raise UserError(f"checkpoint weights do not fit these models ({str(e).splitlines()[0]})") from None
-        for name, learner in learners.items():
-            learner.optimizer.load_state_dict(checkpoint["optimizers"][name])
-            learner.scheduler.load_state_dict(checkpoint["schedulers"][name])
-            learner.scaler.load_state_dict(checkpoint["scalers"][name])
+        load_learners(learners, checkpoint)
         set_rng_state(checkpoint["rng"])
         cpu_generator.set_state(checkpoint["cpu_generator"])
         generator.set_state(checkpoint["generator"])  # a CPU ByteTensor, for CUDA generators too
         pos.load_state_dict(checkpoint)
         collector.load_state_dict(checkpoint)
         log.load_state_dict(checkpoint)
-        num_buffer_files = checkpoint["num_buffer_files"]
     denoiser_net = torch.compile(denoiser.net) if args.compile else denoiser.net
 
     # ---- --eval-only: the checkpoint's agent plays --test-episodes full games
@@ -1674,25 +1686,24 @@ def main(args: Args, given: set[str]):
         # this run's episodes: the first num_buffer_files files (a killed run may have written more after its last
         # checkpoint; those are collected and written again)
         buffer.folder = run_dir / "episodes"
-        for i in range(num_buffer_files):
+        for i in range(checkpoint["num_buffer_files"] if checkpoint is not None else 0):
             buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions), write=False)
     collector.share_partial()
     wm_env = WorldModelEnv(denoiser, reward_end_model, buffer, args, device, generator, cpu_generator, denoiser_net,
                            autocast)
-    run = Run(args, game, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net,
-              wm_env, writer, stop, run_dir)
-    print(f"run folder: {run_dir}")
-    print(f"game: {game} ({num_actions} actions); parameters: denoiser {num_params['denoiser']:,}, reward/end "
-          f"{num_params['reward_end']:,}, actor-critic {num_params['actor_critic']:,}; device: {device}")
-    if checkpoint is not None:
-        print(f"resuming at {pos}", flush=True)
     # MFU of the denoiser: an update is about 3x the forward FLOPs (forward + backward), per autoregressive step
     c = args.num_conditioning_steps
     example = (torch.zeros(1, 3, args.obs_size, args.obs_size), torch.zeros(1),
                torch.zeros(1, 3 * c, args.obs_size, args.obs_size), torch.zeros(1, c, dtype=torch.long))
     denoiser_update_flops = 3 * args.batch_size * args.num_autoregressive_steps * forward_flops(
         lambda: build_models(args, num_actions)[0].net, *example)
-    peak = peak_flops(setup, args.dtype)
+    run = Run(args, game, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net,
+              wm_env, writer, stop, run_dir, denoiser_update_flops, peak_flops(setup, args.dtype))
+    print(f"run folder: {run_dir}")
+    print(f"game: {game} ({num_actions} actions); parameters: denoiser {num_params['denoiser']:,}, reward/end "
+          f"{num_params['reward_end']:,}, actor-critic {num_params['actor_critic']:,}; device: {device}")
+    if checkpoint is not None:
+        print(f"resuming at {pos}", flush=True)
 
     def save():
         if not log.finite():  # never write NaN weights over a good checkpoint
@@ -1701,11 +1712,8 @@ def main(args: Args, given: set[str]):
             "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "args": asdict(args),
             **pos.state_dict(), **collector.state_dict(), **log.state_dict(),
             "num_buffer_files": len(buffer.episodes) if args.dataset_dir is None else 0,
-            "models": {name: model.state_dict() for name, model in models.items()},
-            "optimizers": {name: learner.optimizer.state_dict() for name, learner in learners.items()},
-            "schedulers": {name: learner.scheduler.state_dict() for name, learner in learners.items()},
-            "scalers": {name: learner.scaler.state_dict() for name, learner in learners.items()},
-            "rng": rng_state(), "cpu_generator": cpu_generator.get_state(), "generator": generator.get_state().cpu(),
+            **learners_state(learners), "rng": rng_state(), "cpu_generator": cpu_generator.get_state(),
+            "generator": generator.get_state().cpu(),
         })
         where = "" if pos.phase == 0 and pos.step == 0 else f" (inside epoch {pos.epoch}: {pos.name}, step {pos.step})"
         print(f"saved checkpoint at epoch {pos.epoch - 1}{where}", flush=True)
@@ -1721,7 +1729,7 @@ def main(args: Args, given: set[str]):
                 elif name == "world_model_eval" and len(collector.heldout):
                     measure_world_model(run, collector, pos, log)
                 elif name in ("denoiser", "reward_end", "actor_critic"):
-                    train_model(run, name, pos, log, denoiser_update_flops, peak)
+                    train_model(run, name, pos, log)
                 elif name == "evaluate":
                     evaluate(run, pos, log)
         except StopRequested:
