@@ -1423,7 +1423,7 @@ class Run:
     denoiser_net: nn.Module  # the denoiser's network, compiled with --compile
     wm_env: WorldModelEnv
     writer: object  # a SummaryWriter
-    stop: "StopFlag"
+    stop: object  # the StopFlag (defined in the shared block below)
     run_dir: Path
     denoiser_update_flops: float  # FLOPs of one denoiser update, for MFU
     peak_flops: float  # the device's peak FLOP/s
@@ -1563,8 +1563,15 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
                                       args.seed * 7919 + epoch, run.checked_net, run.autocast)
     returns = None
     if not args.world_model_only and epoch < args.num_epochs:
+        progress = progress_bar(None, 0, f"epoch {epoch} evaluate ({args.eval_episodes} test episodes)", "env step")
+
+        def check():  # every step of the test episodes: a signal abandons them
+            run.stop.check()
+            progress.update(1)
+
         returns = run_test_episodes(run.learners["actor_critic"].model, run.game, args, args.eval_episodes,
-                                    args.seed * 7919 + epoch, run.device, run.autocast, check=run.stop.check)
+                                    args.seed * 7919 + epoch, run.device, run.autocast, check=check)
+        progress.close()
     both = np.concatenate([real, imagined])  # a strip: real on top, imagined below
     run.writer.add_image("samples/imagined_vs_real", make_grid(both, columns=len(real)), pos.global_step,
                          dataformats="HWC")
@@ -1949,11 +1956,13 @@ def load_checkpoint(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read the file is the same user-facing error
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
-            raise UserError(f"refusing checkpoint {path}: it holds Python objects other than tensors and plain "
+        # weights_only=True names a refused class or function "GLOBAL module.name"; garbage bytes fail otherwise
+        if "GLOBAL" in str(e):
+            raise UserError(f"cannot load checkpoint {path}: it holds Python objects other than tensors and plain "
                             f"containers, which could run code when loaded; a checkpoint this script wrote never "
                             f"does, so resume from one of those") from None
-        reason = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__
+        reason = str(e).splitlines()[0][:200] if str(e) and "weights only" not in str(e).lower() \
+            else e.__class__.__name__
         raise UserError(f"cannot load checkpoint {path} (corrupt or not a checkpoint: {reason}); resume from "
                         f"another checkpoint") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT_NAME:
