@@ -500,3 +500,12 @@ def test_every_numeric_flag_has_a_domain_and_bad_values_are_refused(dia):
 def test_one_process_per_game(dia):
     with pytest.raises(dia.UserError, match="one process per game"):
         dia.check_args(dia.Args(), 2)
+
+
+def test_sample_and_video_writes_raise_on_failure(dia, tmp_path):
+    blocker = tmp_path / "a_file"  # a folder that cannot be made: a file is in the way
+    blocker.write_text("x")
+    with pytest.raises(OSError):
+        dia.write_mp4(blocker / "rollout.mp4", np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(OSError):
+        dia.write_samples(blocker, "rollout", np.zeros((2, 3, 8, 8), np.uint8))
