@@ -6,13 +6,15 @@ Expensive runs are shared through module-scoped fixtures. The scripts run with o
 the tiny preset's small convolutions are faster single-threaded, above all on a shared machine."""
 import os
 import signal
+import subprocess
 from pathlib import Path
+from typing import Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import pytest
 import torch
-from conftest import (checkpoint_tensors, load_module, only_run_dir, read_image_tags, read_scalars,
-                      run_script, run_until_line_then_kill)
+from conftest import (PYTHON, ROOT, checkpoint_tensors, load_module, only_run_dir, read_image_tags, read_scalars,
+                      run_script, run_until_line_then_kill, script_env)
 
 SCRIPT = "diamond_atari.py"
 TINY = ["--env-id", "Breakout-v5", "--num-sampling-steps", "3", "--preset", "tiny"]
@@ -36,6 +38,26 @@ def dia():
 
 def run(*args, cwd, check=False):
     return run_script(SCRIPT, *args, cwd=cwd, check=check)
+
+
+def run_until_line_then_signal(*args, line_startswith: str, cwd, sig=signal.SIGTERM, timeout: float = 300):
+    """Starts the script, sends `sig` when a stdout line starts with `line_startswith`, and waits for it to exit.
+    Returns (stdout, stderr, exit status)."""
+    proc = subprocess.Popen([PYTHON, str(ROOT / SCRIPT), *map(str, args)], cwd=cwd, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(line_startswith):
+            proc.send_signal(sig)
+            break
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert any(line.startswith(line_startswith) for line in seen), "".join(seen)[-3000:] + err[-3000:]
+    return "".join(seen) + out, err, proc.returncode
 
 
 def plain_values(obj, prefix=""):
@@ -319,7 +341,10 @@ def test_tiny_run_writes_tags_video_checkpoint_and_episodes(tiny_run, dia):
     missing = [tag for tag in EXPECTED_TAGS if tag not in scalars]
     assert not missing, missing
     assert "samples/imagined_vs_real" in read_image_tags(run_dir)
-    assert [step for step, _ in scalars["losses/denoiser"]] == [1, 2]
+    # one global step, the gradient updates of the three models: epoch 1 has 20 + 20 + 5, epoch 2 10 + 10 + 5;
+    # losses every 10 updates (--log-every) and at the end of a phase, the epoch's numbers at its end
+    assert [step for step, _ in scalars["losses/denoiser"]] == [10, 20, 55]
+    assert scalars["charts/epoch"] == [(45, 1.0), (70, 2.0)] and [s for s, _ in scalars["charts/env_steps"]] == [45, 70]
     assert (run_dir / "config.json").exists()
     mp4s = list((run_dir / "samples").glob("*.mp4"))
     assert mp4s and all(p.stat().st_size > 1000 for p in mp4s)
@@ -330,6 +355,7 @@ def test_tiny_run_writes_tags_video_checkpoint_and_episodes(tiny_run, dia):
     assert ok and frame.shape == (128, 256, 3)  # real | imagined, 32x32 frames upscaled 4x
     checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
     assert checkpoint["script"] == "diamond_atari.py" and checkpoint["epoch"] == 3 and checkpoint["phase"] == "collect"
+    assert checkpoint["global_step"] == 70
     assert checkpoint["env"]["ale"].dtype == torch.uint8 and checkpoint["env"]["ale"].numel() > 1000
     assert checkpoint["num_buffer_files"] == len(list((run_dir / "episodes").glob("episode_*.npz"))) > 0
     with np.load(run_dir / "episodes" / "episode_000000.npz", allow_pickle=False) as episode:
@@ -343,12 +369,21 @@ def test_tiny_run_writes_tags_video_checkpoint_and_episodes(tiny_run, dia):
     assert "config.json" in os.listdir(run_dir)
 
 
+def test_a_signal_during_eval_only_exits_0_in_one_line(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    stdout, stderr, status = run_until_line_then_signal("--resume", run_dir, "--eval-only", "--test-episodes", "50",
+                                                        line_startswith="running 50 test episodes", cwd=tmp_path)
+    assert status == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert stdout.count("stopped by signal") == 1 and "mean return" not in stdout
+
+
 def test_eval_only(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     result = run("--resume", run_dir, "--eval-only", "--test-episodes", "1", cwd=tmp_path, check=True)
     assert "1 test episodes with the agent of epoch 2: mean return" in result.stdout
     assert "human-normalised score" in result.stdout
-    assert (2, 1.0) in read_scalars(run_dir)["eval/num_test_episodes"]  # logged into the run, beside the final test
+    # logged into the run at the checkpoint's global step, beside the final test
+    assert (70, 1.0) in read_scalars(run_dir)["eval/num_test_episodes"]
 
 
 def test_world_model_only_random_policy_and_dataset_dir(tiny_run, tmp_path):
@@ -388,7 +423,8 @@ def test_resume_after_sigkill_is_exact(tiny_run, tmp_path):
     count = torch.load(killed / "checkpoints" / "latest.pt", weights_only=True)["num_buffer_files"]
     assert_same_episodes(reference, killed, count)
     scalars = read_scalars(killed)
-    assert [step for step, _ in scalars["losses/denoiser"]] == [1, 2]  # no point logged twice
+    assert [step for step, _ in scalars["losses/denoiser"]] == [10, 20, 55]  # no point logged twice
+    assert [step for step, _ in scalars["charts/epoch"]] == [45, 70]
 
 
 def test_resume_after_sigterm_inside_an_epoch_is_exact(tiny_run, tmp_path):
@@ -396,12 +432,15 @@ def test_resume_after_sigterm_inside_an_epoch_is_exact(tiny_run, tmp_path):
     out = tmp_path / "runs"
     # SIGTERM when the first denoiser phase ends: the run stops inside epoch 1 (in whichever phase the signal lands),
     # finishes its step, saves the phase and the position in it, and exits
-    run_until_line_then_kill(SCRIPT, *TINY, "--output-dir", out, line_startswith="epoch 1: denoiser done",
-                             cwd=tmp_path, sig=signal.SIGTERM)
+    stdout, stderr, status = run_until_line_then_signal(*TINY, "--output-dir", out,
+                                                        line_startswith="epoch 1: denoiser done", cwd=tmp_path)
+    assert status == 0 and "stopped by signal at epoch 1 (" in stdout and "Traceback" not in stderr, stderr[-2000:]
+    assert "epoch 1: reward_end done" not in stdout  # a phase cut short is not reported as done
     stopped = only_run_dir(out)
     saved = torch.load(stopped / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
     assert saved["epoch"] == 1 and saved["phase"] != "collect"  # a checkpoint from inside the epoch
-    run("--resume", stopped, cwd=tmp_path, check=True)
+    resumed = run("--resume", stopped, cwd=tmp_path, check=True)
+    assert f"resuming at epoch 1 ({saved['phase']}, step {saved['position']}" in resumed.stdout
     assert_same_checkpoints(reference / "checkpoints" / "latest.pt", stopped / "checkpoints" / "latest.pt")
 
 
@@ -411,8 +450,7 @@ def test_resume_after_sigterm_inside_an_epoch_is_exact(tiny_run, tmp_path):
 
 def assert_one_line_error(result, *needles):
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "A.L.E" not in line
-             and "Powered by Stella" not in line]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]  # no ALE banner before the error either
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr
     for needle in needles:
@@ -435,3 +473,43 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
     np.savez(episodes / "b.npz", obs=np.array([{"x": 1}], dtype=object), actions=np.zeros(1, np.int64))
     assert_one_line_error(run(*TINY, "--world-model-only", "--dataset-dir", episodes, cwd=tmp_path), "a.npz")
     assert not (tmp_path / "runs").exists()  # refused before a run folder is made
+
+
+def numeric_fields(dia) -> list[str]:
+    """Every Args field holding numbers: int, float, tuples of them, Optional numbers."""
+    def numeric(hint) -> bool:
+        if hint in (int, float):
+            return True
+        if get_origin(hint) in (tuple, Union) or str(get_origin(hint)) == "<class 'types.UnionType'>":
+            return any(numeric(h) for h in get_args(hint) if h is not Ellipsis and h is not type(None))
+        return False
+
+    return [name for name, hint in get_type_hints(dia.Args).items() if numeric(hint)]
+
+
+def test_every_numeric_flag_has_a_domain_and_bad_values_are_refused(dia):
+    names = numeric_fields(dia)
+    assert "recency_weights" in names and "diffusion_channels" in names and "train_sigma_loc" in names
+    assert sorted(set(names) - set(dia.ARG_DOMAINS)) == []
+    assert sorted(set(dia.ARG_DOMAINS) - set(names)) == []
+    for name, value in (("seed", -1), ("learning_rate", -1.0), ("noop_max", -1), ("num_sampling_steps", 0),
+                        ("epsilon", 2.0), ("discount_factor", 1.5), ("diffusion_channels", (8, 0)),
+                        ("recency_weights", (0.5, 0.0)), ("train_sigma_loc", float("nan")), ("log_every", 0)):
+        with pytest.raises(dia.UserError, match=f"--{name.replace('_', '-')}"):
+            dia.check_args(dia.Args(**{name: value}), 1)
+    dia.check_args(dia.Args(), 1)
+    dia.check_args(dia.Args(**dia.PRESETS["tiny"]), 1)
+
+
+def test_one_process_per_game(dia):
+    with pytest.raises(dia.UserError, match="one process per game"):
+        dia.check_args(dia.Args(), 2)
+
+
+def test_sample_and_video_writes_raise_on_failure(dia, tmp_path):
+    blocker = tmp_path / "a_file"  # a folder that cannot be made: a file is in the way
+    blocker.write_text("x")
+    with pytest.raises(OSError):
+        dia.write_mp4(blocker / "rollout.mp4", np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(OSError):
+        dia.write_samples(blocker, "rollout", np.zeros((2, 3, 8, 8), np.uint8))
