@@ -3,13 +3,16 @@
 DIAMOND: a diffusion world model (EDM denoiser on the last 4 frames and actions), a reward/termination model and an
 actor-critic trained entirely in the world model's imagination, on the Atari 100k benchmark, in one file.
 
-Reproduce the paper (Breakout 132.5, mean human-normalised score 1.46 over 26 games; about 3 days per game) on one GPU:
+Reproduce the paper (Breakout 132.5, mean human-normalised score 1.46 over 26 games; the paper: 2.9 days per game on an
+RTX 4090, this script: about 6 to 10 days on an H100 as measured in benchmark/RESULTS.md) on one GPU:
     python diamond_atari.py --env-id Breakout-v5 --num-sampling-steps 3
 The same with smaller or larger networks (TorchWM's presets; medium is the paper's):
     python diamond_atari.py --env-id Pong-v5 --preset small
 End to end in about 15 seconds on a CPU, offline (a shrunken protocol: small first epoch, short episodes):
     python diamond_atari.py --preset tiny
-Only the world model, on a random policy's data or on your own recorded episodes (one .npz per episode):
+The whole agent from your own recorded episodes (one .npz per episode: a static dataset, nothing collected):
+    python diamond_atari.py --env-id Breakout-v5 --dataset-dir path/to/episodes
+Only the world model, on a random policy's data or on your own recorded episodes:
     python diamond_atari.py --world-model-only --env-id Breakout-v5
     python diamond_atari.py --world-model-only --env-id Breakout-v5 --dataset-dir path/to/episodes
 Continue a run, or run the 100 test episodes with its agent:
@@ -95,7 +98,8 @@ class Args:
     epsilon: float = 0.01
     """probability of a uniformly random action when collecting (test episodes use 0)"""
     dataset_dir: Optional[str] = None
-    """with --world-model-only: train on the episode .npz files in this folder instead of collecting"""
+    """a static dataset: train on the episode .npz files in this folder (sampled in proportion to their lengths; the
+    last 10% held out) instead of collecting; the whole agent, or only the world model with --world-model-only"""
 
     # Denoiser (the diffusion world model)
     diffusion_channels: tuple[int, ...] = (64, 64, 64, 64)
@@ -166,21 +170,24 @@ class Args:
     """weight of the entropy bonus"""
 
     # Training loop
-    num_epochs: int = 1000
-    """epochs to train for (collect, then train denoiser, reward/end model, actor-critic)"""
+    num_epochs: Optional[int] = None
+    """the run length in epochs (each: collect, then train denoiser, reward/end model, actor-critic). Default: the
+    Atari 100k schedule's length, the epochs that spend --env-step-budget plus --final-epochs-without-collection
+    (1000 when the first collection is 5000 env steps; with --dataset-dir: --final-epochs-without-collection). A
+    given value only sets the run length: collection follows the schedule and never goes beyond the budget"""
     initial_collection_steps: int = 5000
-    """env steps collected in epoch 1"""
+    """the first collection N (before epoch 1's own share): at least this many env steps"""
     max_initial_collection_steps: int = 10_000
-    """epoch 1 keeps collecting (100 steps at a time) until --min-nonzero-rewards rewards are seen, up to this"""
-    min_nonzero_rewards: int = 10
-    """epoch 1 collects until the buffer holds this many transitions with a non-zero reward"""
+    """the first collection grows 100 env steps at a time until --min-rare-rewards is met, up to this many"""
+    min_rare_rewards: int = 10
+    """the first collection goes on until the two rarer reward signs (of -1, 0, +1) together occur this often"""
     collection_steps_per_epoch: int = 100
     """env steps collected in each epoch after the first collection (epoch 1 included)"""
     env_step_budget: int = 100_000
-    """env steps collected in the whole run (Atari 100k): the first collection, then collection_steps_per_epoch per
-    epoch until the budget is spent"""
+    """env steps collected in the whole run (Atari 100k): the first collection N, then collection_steps_per_epoch in
+    each of (budget - N) / collection_steps_per_epoch epochs, epoch 1 included"""
     final_epochs_without_collection: int = 50
-    """epochs that only train, after the budget is spent"""
+    """epochs that only train, after the budget is spent (with --dataset-dir: the run length)"""
     denoiser_steps_per_epoch: int = 400
     """denoiser gradient steps per epoch"""
     reward_steps_per_epoch: int = 400
@@ -214,6 +221,11 @@ class Args:
     """write the losses to TensorBoard every N gradient updates of a model (at the global step)"""
     save_every: int = 1
     """write checkpoints/latest.pt every N epochs"""
+    save_agent_every: int = 5
+    """every N epochs: checkpoints/agent_epoch_NNNNN.pt, the actor-critic's weights alone (a learning curve of agents
+    to evaluate; torch.load(path, weights_only=True) gives the state dict)"""
+    num_agents_to_keep: int = 11
+    """the newest N agent_epoch_*.pt files are kept"""
     eval_every: int = 10
     """every N epochs: test episodes and an imagined rollout beside the real one"""
     eval_episodes: int = 4
@@ -229,12 +241,12 @@ PRESETS = {
     "tiny": dict(
         obs_size=32, diffusion_channels=(8, 8, 8), diffusion_res_blocks=1, diffusion_cond_dim=16, reward_channels=8,
         reward_cond_dim=8, reward_lstm_dim=16, actor_channels=(8, 8, 8, 8), actor_lstm_dim=16, imagination_horizon=4,
-        backup_every=4, num_imagined_envs=4, reward_segment_length=8, num_epochs=2, initial_collection_steps=200,
-        max_initial_collection_steps=300, min_nonzero_rewards=1, collection_steps_per_epoch=50,
-        final_epochs_without_collection=0, denoiser_steps_per_epoch=10, reward_steps_per_epoch=10,
+        backup_every=4, num_imagined_envs=4, reward_segment_length=8, initial_collection_steps=200,
+        max_initial_collection_steps=300, min_rare_rewards=1, collection_steps_per_epoch=50, env_step_budget=350,
+        final_epochs_without_collection=1, denoiser_steps_per_epoch=10, reward_steps_per_epoch=10,
         actor_critic_steps_per_epoch=5, first_epoch_denoiser_steps=20, first_epoch_reward_steps=20,
         first_epoch_actor_critic_steps=5, batch_size=8, learning_rate=1e-3, warmup_steps=5, max_episode_steps=200,
-        log_every=10, eval_every=1, eval_episodes=1, test_episodes=2, num_heldout_transitions=32,
+        log_every=10, eval_every=1, eval_episodes=1, test_episodes=2, num_heldout_transitions=32, save_agent_every=1,
     ),
     "small": dict(diffusion_channels=(32, 32, 32, 32), diffusion_cond_dim=128, reward_channels=16,
                   reward_lstm_dim=256, actor_channels=(16, 16, 32, 32), actor_lstm_dim=256),
@@ -254,7 +266,7 @@ FLAG_ALIASES = {"--game": "env_id"}
 CHECKPOINT_KEYS = {
     "args", "epoch", "phase", "position", "global_step", "env_steps", "num_buffer_files", "models", "optimizers",
     "schedulers", "scalers", "rng", "cpu_generator", "generator", "env", "partial", "collect_hidden", "heldout",
-    "epoch_log", "phase_sums", "imagination",
+    "epoch_log", "phase_sums", "imagination", "first_collection_steps",
 }
 # The domain of every numeric flag, checked at start-up (check_arg_domains): '>= 1', '> 0', '[0, 1)' ...
 ARG_DOMAINS = {
@@ -265,14 +277,17 @@ ARG_DOMAINS = {
     "train_sigma_scale": ">= 0", "train_sigma_min": "> 0", "train_sigma_max": "> 0", "num_autoregressive_steps": ">= 0",
     "num_sampling_steps": ">= 1", "sigma_min": "> 0", "sigma_max": "> 0", "rho": "> 0", "reward_channels": ">= 1",
     "reward_cond_dim": ">= 1", "reward_lstm_dim": ">= 1", "reward_segment_length": ">= 2", "actor_channels": ">= 1",
-    "actor_lstm_dim": ">= 1", "imagination_horizon": ">= 1", "backup_every": ">= 1", "num_imagined_envs": ">= 1", "discount_factor": "[0, 1]",
+    "actor_lstm_dim": ">= 1", "imagination_horizon": ">= 1", "backup_every": ">= 1", "num_imagined_envs": ">= 1",
+    "discount_factor": "[0, 1]",
     "td_lambda": "[0, 1]", "entropy_weight": ">= 0", "num_epochs": ">= 1", "initial_collection_steps": ">= 1",
-    "max_initial_collection_steps": ">= 1", "min_nonzero_rewards": ">= 0", "collection_steps_per_epoch": ">= 1", "env_step_budget": ">= 1",
+    "max_initial_collection_steps": ">= 1", "min_rare_rewards": ">= 0", "collection_steps_per_epoch": ">= 1",
+    "env_step_budget": ">= 1",
     "final_epochs_without_collection": ">= 0", "denoiser_steps_per_epoch": ">= 1", "reward_steps_per_epoch": ">= 1",
     "actor_critic_steps_per_epoch": ">= 1", "first_epoch_denoiser_steps": ">= 1", "first_epoch_reward_steps": ">= 1",
     "first_epoch_actor_critic_steps": ">= 1", "batch_size": ">= 1", "recency_weights": "> 0", "learning_rate": "> 0",
     "adam_eps": "> 0", "warmup_steps": ">= 0", "weight_decay": ">= 0", "denoiser_max_grad_norm": "> 0",
-    "max_grad_norm": "> 0", "log_every": ">= 1", "save_every": ">= 1", "eval_every": ">= 1", "eval_episodes": ">= 1",
+    "max_grad_norm": "> 0", "log_every": ">= 1", "save_every": ">= 1", "save_agent_every": ">= 1",
+    "num_agents_to_keep": ">= 1", "eval_every": ">= 1", "eval_episodes": ">= 1",
     "test_episodes": ">= 1", "num_heldout_transitions": ">= 1",
 }
 
@@ -287,8 +302,6 @@ def check_args(args: Args, world_size: int):
         raise UserError("--eval-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
     if args.eval_only and args.world_model_only:
         raise UserError("--eval-only runs the agent's test episodes: a --world-model-only run has no trained agent")
-    if args.dataset_dir is not None and not args.world_model_only:
-        raise UserError("--dataset-dir needs --world-model-only (the agent learns from the episodes it collects)")
     if args.diffusion_cond_dim % args.num_conditioning_steps:
         raise UserError(f"--diffusion-cond-dim {args.diffusion_cond_dim} must be divisible by "
                         f"--num-conditioning-steps {args.num_conditioning_steps} (one action embedding per step)")
@@ -299,6 +312,13 @@ def check_args(args: Args, world_size: int):
         raise UserError("--recency-weights needs at least one weight")
     if args.sigma_min >= args.sigma_max:
         raise UserError(f"--sigma-min {args.sigma_min} must be below --sigma-max {args.sigma_max}")
+    if not args.initial_collection_steps <= args.max_initial_collection_steps <= args.env_step_budget:
+        raise UserError(f"need --initial-collection-steps {args.initial_collection_steps} <= "
+                        f"--max-initial-collection-steps {args.max_initial_collection_steps} <= --env-step-budget "
+                        f"{args.env_step_budget} (the first collection is part of the budget)")
+    if args.dataset_dir is not None and args.num_epochs is None and args.final_epochs_without_collection < 1:
+        raise UserError("--dataset-dir runs --final-epochs-without-collection epochs (or --num-epochs): give at "
+                        "least 1")
     if args.train_sigma_min > args.train_sigma_max:
         raise UserError(f"--train-sigma-min {args.train_sigma_min} must not exceed --train-sigma-max "
                         f"{args.train_sigma_max}")
@@ -1076,8 +1096,9 @@ class WorldModelEnv:
 
     def __init__(self, denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, args: Args,
                  device: torch.device, generator: torch.Generator, cpu_generator: torch.Generator, net=None,
-                 autocast=contextlib.nullcontext()):
+                 autocast=contextlib.nullcontext(), ids: Optional[list[int]] = None):
         self.denoiser, self.reward_end_model, self.buffer, self.args = denoiser, reward_end_model, buffer, args
+        self.ids = ids  # the episodes imagination starts from (None: all; --dataset-dir holds some out)
         self.device, self.generator, self.cpu_generator, self.net, self.autocast = (device, generator, cpu_generator,
                                                                                      net, autocast)
         self.obs: Optional[torch.Tensor] = None  # (n, c, 3, H, W); None until the first reset
@@ -1088,7 +1109,7 @@ class WorldModelEnv:
         """Fresh segments: (frames (n, c, 3, H, W), actions (n, c) whose last slot is for the actor, reward/end LSTM
         state after the burn-in on the c - 1 real transitions). Frames before an episode are mid-grey padding."""
         c = self.args.num_conditioning_steps
-        batch = self.buffer.segments(self.buffer.sample_segments(num_envs, c, self.cpu_generator), c)
+        batch = self.buffer.segments(self.buffer.sample_segments(num_envs, c, self.cpu_generator, self.ids), c)
         obs = segment_obs(batch, self.device)  # (n, c, 3, H, W)
         actions = batch["actions"].to(self.device)  # (n, c - 1)
         with self.autocast:
@@ -1229,6 +1250,21 @@ def collection_schedule(first_collection_steps: int, env_step_budget: int = 100_
     return steps + [0] * final_epochs
 
 
+def run_schedule(args: Args, first_collection_steps: int = 0) -> list[int]:
+    """Env steps collected in each epoch of this run (its length is the run length): collection_schedule with the
+    first collection N (initial_collection_steps while epoch 1 has not decided it yet); with --dataset-dir no
+    collection and final_epochs_without_collection epochs. --num-epochs cuts or extends it (extra epochs collect
+    nothing: never beyond the budget)."""
+    if args.dataset_dir is not None:
+        steps = [0] * args.final_epochs_without_collection
+    else:
+        steps = collection_schedule(first_collection_steps or args.initial_collection_steps, args.env_step_budget,
+                                    args.collection_steps_per_epoch, args.final_epochs_without_collection)
+    if args.num_epochs is not None:
+        steps = (steps + [0] * args.num_epochs)[: args.num_epochs]
+    return steps
+
+
 def lr_warmup_factor(step: int, warmup_steps: int) -> float:
     """Linear warmup from 0, as DIAMOND's reference: lr_s = lr * min(1, s / warmup_steps) (0 on the first step)."""
     return 1.0 if step >= warmup_steps else step / max(1, warmup_steps)
@@ -1270,10 +1306,11 @@ def log_test_returns(writer, game: str, returns: list[float], step: int):
 @torch.no_grad()
 def run_test_episodes(actor_critic: ActorCritic, game: str, args: Args, num_episodes: int, seed: int,
                       device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16,
-                      check: Callable[[], None] = lambda: None) -> list[float]:
+                      check: Callable[[], None] = lambda: None, record: Optional[list] = None) -> list[float]:
     """Full games (life loss does not end them), epsilon 0, actions sampled from the policy; up to max_parallel games
     at once with a batched policy. Seeded by `seed` only, so that evaluating never moves the training RNGs. check()
-    is called at every step (StopFlag.check: a signal abandons the episodes within a step)."""
+    is called at every step (StopFlag.check: a signal abandons the episodes within a step). With `record`, each
+    game is appended to it as an episode dict (obs, actions, rewards, terminated, truncated)."""
     generator = torch.Generator().manual_seed(seed)
     returns = []
     while len(returns) < num_episodes:
@@ -1282,6 +1319,7 @@ def run_test_episodes(actor_critic: ActorCritic, game: str, args: Args, num_epis
                          args.max_episode_steps, end_on_life_loss=False, generator=generator,
                          seed=seed * 1000 + len(returns) + i) for i in range(n)]
         obs = [env.reset() for env in envs]
+        episodes = [{"obs": [o.copy()], "actions": [], "rewards": [], "terminated": [], "truncated": []} for o in obs]
         hidden, active = None, list(range(n))
         while active:
             check()
@@ -1291,7 +1329,10 @@ def run_test_episodes(actor_critic: ActorCritic, game: str, args: Args, num_epis
             actions = torch.multinomial(logits.float().softmax(-1).cpu(), 1, generator=generator)[:, 0].tolist()
             still = []
             for row, (i, action) in enumerate(zip(active, actions)):
-                obs[i], _, terminated, truncated = envs[i].step(action)
+                obs[i], reward, terminated, truncated = envs[i].step(action)
+                for key, value in (("obs", obs[i].copy()), ("actions", action), ("rewards", reward),
+                                   ("terminated", terminated), ("truncated", truncated)):
+                    episodes[i][key].append(value)
                 if not (terminated or truncated):
                     still.append(row)
             if len(still) < len(active):
@@ -1299,7 +1340,44 @@ def run_test_episodes(actor_critic: ActorCritic, game: str, args: Args, num_epis
                 hidden = tuple(h[keep] for h in hidden)
                 active = [active[row] for row in still]
         returns += [env.game_return for env in envs]
+        if record is not None:
+            record += [{key: np.asarray(value) for key, value in episode.items()} for episode in episodes]
     return returns
+
+
+@torch.no_grad()
+def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, ids: list[int],
+                    args: Args, device: torch.device, seed: int, net=None,
+                    autocast=contextlib.nullcontext()) -> dict[str, float]:
+    """The training losses of the denoiser and the reward/end model on held-out episodes (`ids` of the buffer), as
+    DIAMOND's test of its world model: each episode cut into consecutive segments so that every frame is a denoiser
+    target once and every transition is a reward/end target once, with noise from a generator seeded by `seed` (the
+    training RNGs do not move). Returns the mean loss per segment of each model."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    c, length = args.num_conditioning_steps, args.reward_segment_length
+    num_predictions = 1 + args.num_autoregressive_steps
+    lengths = {i: len(buffer.episode(i)["actions"]) for i in ids}
+    # denoiser segments start at s = 1 - c, 1 - c + num_predictions, ...: their targets are frames s + c .. (1..T)
+    denoiser_refs = [(i, s) for i in ids for s in range(1 - c, lengths[i] - c + 1, num_predictions)]
+    # reward/end segments share their boundary frame: transitions 0..L-2, L-1..2L-3, ...
+    reward_refs = [(i, s) for i in ids for s in range(0, lengths[i], length - 1)]
+    losses = {}
+    for name, refs, num_obs in (("denoiser", denoiser_refs, c + num_predictions), ("reward_end", reward_refs, length)):
+        total = 0.0
+        for first in range(0, len(refs), args.batch_size):
+            chunk = refs[first: first + args.batch_size]
+            batch = buffer.segments(chunk, num_obs)
+            obs = segment_obs(batch, device)
+            with autocast:
+                if name == "denoiser":
+                    loss = denoiser_loss(denoiser, obs, batch["actions"].to(device), batch["obs_mask"].to(device), args,
+                                         generator, net)
+                else:
+                    loss = reward_end_loss(reward_end_model, {"obs": obs, **{key: batch[key].to(device) for key in (
+                        "actions", "rewards", "ends", "mask")}})
+            total += float(loss) * len(chunk)
+        losses[f"{name}_test_loss"] = total / max(len(refs), 1)
+    return losses
 
 
 @torch.no_grad()
@@ -1411,6 +1489,7 @@ class Collector:
         self.partial: Optional[dict] = None  # lists of obs, actions, rewards, terminated, truncated
         self.hidden = None  # the actor's LSTM state
         self.env_steps = 0
+        self.first_collection_steps = 0  # the first collection N, once epoch 1 has decided it (0: not yet)
         self.heldout = torch.zeros((0, 2), dtype=torch.long)  # (episode index in the buffer, t)
 
     @torch.no_grad()
@@ -1456,12 +1535,14 @@ class Collector:
                 ("actions", torch.int64), ("rewards", torch.float32), ("terminated", torch.bool),
                 ("truncated", torch.bool))}}
         return {"env": self.env.state_dict(), "env_steps": self.env_steps, "partial": partial,
+                "first_collection_steps": self.first_collection_steps,
                 "collect_hidden": None if self.hidden is None else tuple(h.cpu() for h in self.hidden),
                 "heldout": self.heldout}
 
     def load_state_dict(self, state: dict):
         self.env.load_state_dict(state["env"])
         self.env_steps, self.heldout = state["env_steps"], state["heldout"]
+        self.first_collection_steps = state["first_collection_steps"]
         partial = state["partial"]
         self.partial = None if partial is None else {
             "obs": list(partial["obs"].numpy()),
@@ -1599,11 +1680,17 @@ class Run:
     learners: dict[str, Learner]
     denoiser_net: nn.Module  # the denoiser's network, compiled with --compile
     wm_env: WorldModelEnv
+    collector: Collector
     writer: object  # a SummaryWriter
     stop: object  # the StopFlag (defined in the shared block below)
     run_dir: Path
     denoiser_update_flops: float  # FLOPs of one denoiser update, for MFU
     peak_flops: float  # the device's peak FLOP/s
+
+    @property
+    def num_epochs(self) -> int:
+        """The run length (run_schedule): final once epoch 1 has decided the first collection."""
+        return len(run_schedule(self.args, self.collector.first_collection_steps))
 
     def checked_net(self, *inputs):
         """The denoiser's network for evaluations: a signal abandons them within a network call (StopRequested)."""
@@ -1642,25 +1729,30 @@ def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tenso
 
 
 def collect(run: Run, collector: Collector, pos: RunPosition, log: EpochLog):
-    """Env steps with the agent (a random policy with --world-model-only) until this epoch's share is collected.
-    Epoch 1 collects at least initial_collection_steps, then 100 more at a time until the buffer holds
-    min_nonzero_rewards transitions with a reward, up to max_initial_collection_steps."""
-    args = run.args
-    nonzero = sum(int((run.buffer.episode(i)["rewards"] != 0).sum()) for i in run.buffer.sampleable())
-    total = args.initial_collection_steps if pos.epoch == 1 else args.collection_steps_per_epoch  # (at least)
+    """Env steps with the agent (a random policy with --world-model-only) until this epoch's share of the budget is
+    collected (run_schedule). Epoch 1 first decides the first collection N as DIAMOND does: at least
+    initial_collection_steps, then collection_steps_per_epoch (100) more at a time until the two rarer reward signs
+    together occur min_rare_rewards times, or N reaches max_initial_collection_steps; then it collects its own share."""
+    args, buffer = run.args, run.buffer
+    # counts of the reward signs -1, 0, +1 in the buffer (the episode in progress included)
+    counts = [sum(int((buffer.episode(i)["rewards"].sign() == sign).sum()) for i in buffer.sampleable())
+              for sign in (-1, 0, 1)]
+    total = run_schedule(args, collector.first_collection_steps)[pos.epoch - 1]
     progress, start, first = progress_bar(total, pos.step, f"epoch {pos.epoch} collect", "env step"), \
         time.perf_counter(), pos.step
     while not run.stop.requested:
-        if pos.epoch == 1:
-            done = pos.step >= args.max_initial_collection_steps or (
-                pos.step >= args.initial_collection_steps and nonzero >= args.min_nonzero_rewards
-                and (pos.step - args.initial_collection_steps) % 100 == 0)
-        else:
-            done = pos.step >= args.collection_steps_per_epoch
-        if done:
+        if pos.epoch == 1 and not collector.first_collection_steps:
+            extra = pos.step - args.initial_collection_steps
+            if extra >= 0 and extra % args.collection_steps_per_epoch == 0 and (
+                    sum(sorted(counts)[:2]) >= args.min_rare_rewards or pos.step >= args.max_initial_collection_steps):
+                collector.first_collection_steps = pos.step  # N: the run's schedule and length are now fixed
+                total = progress.total = run_schedule(args, pos.step)[0]
+                progress.write(f"first collection: {pos.step} env steps (reward signs -1/0/+1: {counts}); the run: "
+                               f"{run.num_epochs} epochs, {args.env_step_budget} env steps", file=sys.stdout)
+        if collector.first_collection_steps and pos.step >= total:
             break
         reward, game = collector.step(run.learners["actor_critic"].model, args, run.autocast, args.world_model_only)
-        nonzero += reward != 0
+        counts[int(np.sign(reward)) + 1] += 1
         if game is not None:
             log.add("charts/episodic_return", game[0])
             log.add("charts/episodic_length", game[1])
@@ -1728,19 +1820,35 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
     eval_episodes test episodes. A signal abandons it (StopRequested) before anything is written: a resumed run
     evaluates again and writes each picture once."""
     args, epoch = run.args, pos.epoch
-    real, imagined = imagined_vs_real(run.learners["denoiser"].model, run.buffer, args, run.device,
-                                      args.seed * 7919 + epoch, run.checked_net, run.autocast)
-    returns = None
-    if not args.world_model_only and epoch < args.num_epochs:
-        progress = progress_bar(None, 0, f"epoch {epoch} evaluate ({args.eval_episodes} test episodes)", "env step")
+    denoiser, reward_end_model = run.learners["denoiser"].model, run.learners["reward_end"].model
+    real, imagined = imagined_vs_real(denoiser, run.buffer, args, run.device, args.seed * 7919 + epoch,
+                                      run.checked_net, run.autocast)
+    returns, test_episodes = None, []
+    if not args.world_model_only and epoch < run.num_epochs:
+        # with --dataset-dir, DIAMOND plays no game: these real-game test episodes are this script's addition
+        what = "real-game test episodes, not in DIAMOND's static-dataset mode" if args.dataset_dir else "test episodes"
+        progress = progress_bar(None, 0, f"epoch {epoch} evaluate ({args.eval_episodes} {what})", "env step")
 
         def check():  # every step of the test episodes: a signal abandons them
             run.stop.check()
             progress.update(1)
 
         returns = run_test_episodes(run.learners["actor_critic"].model, run.game, args, args.eval_episodes,
-                                    args.seed * 7919 + epoch, run.device, run.autocast, check=check)
+                                    args.seed * 7919 + epoch, run.device, run.autocast, check=check,
+                                    record=test_episodes)
         progress.close()
+    # Test-set losses on episodes never trained on: --dataset-dir's held-out episodes, else (as DIAMOND) the test
+    # episodes just played (epsilon 0); a --world-model-only run that collects plays none, so it has none.
+    if args.dataset_dir is not None:
+        held_out = run.buffer
+        ids = sorted(set(range(len(held_out.episodes))) - set(run.train_ids))
+    else:
+        held_out = ReplayBuffer(None, None, args.num_conditioning_steps)
+        for episode in test_episodes:
+            held_out.add(episode, write=False)
+        ids = list(range(len(test_episodes)))
+    test_losses = test_set_losses(denoiser, reward_end_model, held_out, ids, args, run.device,
+                                  args.seed * 7919 + epoch, run.checked_net, run.autocast) if ids else {}
     both = np.concatenate([real, imagined])  # a strip: real on top, imagined below
     run.writer.add_image("samples/imagined_vs_real", make_grid(both, columns=len(real)), pos.global_step,
                          dataformats="HWC")
@@ -1748,6 +1856,8 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
     write_mp4(run.run_dir / "samples" / f"rollout_epoch{epoch:05d}.mp4",
               np.concatenate([real, imagined], axis=3).transpose(0, 2, 3, 1))
     write_samples(run.run_dir / "samples", f"rollout_epoch{epoch:05d}", both, columns=len(real))
+    for key, value in test_losses.items():
+        log.add(f"eval/{key}", value)
     if returns is not None:
         log.add("eval/episodic_return", float(np.mean(returns)))
         score = human_normalized_score(run.game, float(np.mean(returns)))
@@ -1755,14 +1865,24 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
             log.add("eval/human_normalized_score", score)
 
 
-def phase_runs(args: Args, name: str, epoch: int) -> bool:
+def keep_agent_copy(folder: Path, epoch: int, actor_critic: ActorCritic, keep: int):
+    """checkpoints/agent_epoch_{epoch}.pt: the actor-critic's weights alone (atomic, on the CPU); older copies beyond
+    the newest `keep` are deleted."""
+    save_checkpoint(folder / f"agent_epoch_{epoch:05d}.pt", {k: v.cpu() for k, v in actor_critic.state_dict().items()})
+    for old in sorted(folder.glob("agent_epoch_*.pt"))[:-keep]:
+        old.unlink()
+
+
+def phase_runs(run: Run, name: str, epoch: int) -> bool:
     """Whether a phase has work in this epoch."""
-    if name == "collect":  # the last final_epochs_without_collection epochs only train
-        return args.dataset_dir is None and epoch <= max(args.num_epochs - args.final_epochs_without_collection, 1)
+    args = run.args
+    if name == "collect":  # epoch 1 decides the first collection; the final epochs only train
+        return args.dataset_dir is None and (epoch == 1 or run_schedule(args, run.collector.first_collection_steps)[
+            epoch - 1] > 0)
     if name == "actor_critic":
         return not args.world_model_only
     if name == "evaluate":
-        return epoch % args.eval_every == 0 or epoch == args.num_epochs
+        return epoch % args.eval_every == 0 or epoch == run.num_epochs
     return True
 
 
@@ -1785,6 +1905,36 @@ def load_dataset_dir(args: Args, buffer: ReplayBuffer, num_actions: int) -> tupl
              for t in range(len(buffer.episodes[e]["actions"]))]
     picks = np.linspace(0, len(pairs) - 1, min(args.num_heldout_transitions, len(pairs))).round().astype(int)
     return list(range(len(paths) - num_heldout_episodes)), torch.tensor([pairs[i] for i in picks], dtype=torch.long)
+
+
+def denoiser_update_flops(args: Args, num_actions: int) -> float:
+    """FLOPs of one denoiser update, for MFU: about 3x the forward FLOPs (forward + backward) per prediction."""
+    c = args.num_conditioning_steps
+    example = (torch.zeros(1, 3, args.obs_size, args.obs_size), torch.zeros(1),
+               torch.zeros(1, 3 * c, args.obs_size, args.obs_size), torch.zeros(1, c, dtype=torch.long))
+    return 3 * args.batch_size * (1 + args.num_autoregressive_steps) * forward_flops(
+        lambda: build_models(args, num_actions)[0].net, *example)
+
+
+def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCritic, game: str, device: torch.device,
+              autocast, stop):
+    """--eval-only: the checkpoint's agent plays --test-episodes full games; the score goes into the run's TensorBoard
+    at the checkpoint's global step. A signal abandons the episodes and logs nothing."""
+    completed = checkpoint["epoch"] - 1
+    print(f"running {args.test_episodes} test episodes with the agent of epoch {completed} ...", flush=True)
+    try:
+        returns = run_test_episodes(actor_critic, game, args, args.test_episodes, args.seed * 7919 + 1_000_003,
+                                    device, autocast, check=stop.check)
+    except StopRequested:
+        print("stopped by signal during the test episodes; nothing was logged", flush=True)
+        return
+    finally:
+        stop.restore()
+    report_score(game, returns, f"{args.test_episodes} test episodes with the agent of epoch {completed}")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run_dir)) as writer:
+        log_test_returns(writer, game, returns, checkpoint["global_step"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1834,24 +1984,8 @@ def main(args: Args, given: set[str]):
         log.load_state_dict(checkpoint)
     denoiser_net = torch.compile(denoiser.net) if args.compile else denoiser.net
 
-    # ---- --eval-only: the checkpoint's agent plays --test-episodes full games
-    if args.eval_only:
-        completed = checkpoint["epoch"] - 1
-        print(f"running {args.test_episodes} test episodes with the agent of epoch {completed} ...", flush=True)
-        try:
-            returns = run_test_episodes(actor_critic, game, args, args.test_episodes, args.seed * 7919 + 1_000_003,
-                                        device, autocast, check=stop.check)
-        except StopRequested:
-            print("stopped by signal during the test episodes; nothing was logged", flush=True)
-            return
-        finally:
-            stop.restore()
-        report_score(game, returns, f"{args.test_episodes} test episodes with the agent of epoch {completed}")
-        from torch.utils.tensorboard import SummaryWriter
-
-        with SummaryWriter(str(run_dir)) as writer:
-            log_test_returns(writer, game, returns, checkpoint["global_step"])
-        return
+    if args.eval_only:  # the checkpoint's agent plays --test-episodes full games
+        return eval_only(args, checkpoint, run_dir, actor_critic, game, device, autocast, stop)
 
     # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, episodes
     run_dir = run_dir or create_run_dir(args, env_name)
@@ -1869,20 +2003,19 @@ def main(args: Args, given: set[str]):
     collector.share_partial()
     # The imagined episodes live across actor-critic updates, epochs and checkpoints, as in DIAMOND
     wm_env = WorldModelEnv(denoiser, reward_end_model, buffer, args, device, generator, cpu_generator, denoiser_net,
-                           autocast)
+                           autocast, train_ids)
     if checkpoint is not None:
         wm_env.load_state_dict(checkpoint["imagination"])
-    # MFU of the denoiser: an update is about 3x the forward FLOPs (forward + backward), per prediction
-    c = args.num_conditioning_steps
-    example = (torch.zeros(1, 3, args.obs_size, args.obs_size), torch.zeros(1),
-               torch.zeros(1, 3 * c, args.obs_size, args.obs_size), torch.zeros(1, c, dtype=torch.long))
-    denoiser_update_flops = 3 * args.batch_size * (1 + args.num_autoregressive_steps) * forward_flops(
-        lambda: build_models(args, num_actions)[0].net, *example)
     run = Run(args, game, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net,
-              wm_env, writer, stop, run_dir, denoiser_update_flops, peak_flops(setup, args.dtype))
+              wm_env, collector, writer, stop, run_dir, denoiser_update_flops(args, num_actions),
+              peak_flops(setup, args.dtype))
     print(f"run folder: {run_dir}")
     print(f"game: {game} ({num_actions} actions); parameters: denoiser {num_params['denoiser']:,}, reward/end "
           f"{num_params['reward_end']:,}, actor-critic {num_params['actor_critic']:,}; device: {device}")
+    decided = collector.first_collection_steps or args.dataset_dir is not None
+    print(f"the run: {run.num_epochs} epochs" + ("" if decided else f" if the first collection is "
+          f"{args.initial_collection_steps} env steps (fixed when it ends)") + (
+          "" if args.dataset_dir else f", {args.env_step_budget} env steps"), flush=True)
     if checkpoint is not None:
         print(f"resuming at {pos}", flush=True)
 
@@ -1901,10 +2034,10 @@ def main(args: Args, given: set[str]):
 
     # ---- train: each epoch collects, measures the world model, trains the three models in turn, evaluates
     run_start, epoch_start, first_epoch = time.perf_counter(), time.perf_counter(), pos.epoch
-    while pos.epoch <= args.num_epochs:
+    while pos.epoch <= run.num_epochs:
         name, phase_start, first_step = pos.name, time.perf_counter(), pos.step
         try:
-            if phase_runs(args, name, pos.epoch):
+            if phase_runs(run, name, pos.epoch):
                 if name == "collect":
                     collect(run, collector, pos, log)
                 elif name == "world_model_eval" and len(collector.heldout):
@@ -1928,12 +2061,14 @@ def main(args: Args, given: set[str]):
             log.add("charts/buffer_transitions", buffer.num_transitions())
             log.write_pending(writer, pos.global_step)
             elapsed, epochs_here = time.perf_counter() - epoch_start, pos.epoch - first_epoch + 1
-            eta = (time.perf_counter() - run_start) / epochs_here * (args.num_epochs - pos.epoch)  # epoch 1 is long
-            print(f"epoch {pos.epoch}/{args.num_epochs} | env steps {collector.env_steps} | global step "
+            eta = (time.perf_counter() - run_start) / epochs_here * (run.num_epochs - pos.epoch)  # epoch 1 is long
+            print(f"epoch {pos.epoch}/{run.num_epochs} | env steps {collector.env_steps} | global step "
                   f"{pos.global_step} | {' | '.join(log.summary())} | {elapsed:.1f} s, ETA {int(eta // 3600)}:"
                   f"{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
+            if not args.world_model_only and pos.epoch % args.save_agent_every == 0:  # the curve of agents
+                keep_agent_copy(run_dir / "checkpoints", pos.epoch, actor_critic, args.num_agents_to_keep)
             pos.epoch, pos.phase, epoch_start, log = pos.epoch + 1, 0, time.perf_counter(), EpochLog(device)
-            if (pos.epoch - 1) % args.save_every == 0 or pos.epoch > args.num_epochs:
+            if (pos.epoch - 1) % args.save_every == 0 or pos.epoch > run.num_epochs:
                 save()
 
     # ---- the test: the score the paper reports (full games, epsilon 0), then teardown
@@ -1941,13 +2076,15 @@ def main(args: Args, given: set[str]):
         try:
             returns = run_test_episodes(actor_critic, game, args, args.test_episodes, args.seed * 7919 + 1_000_003,
                                         device, autocast, check=stop.check)
-            report_score(game, returns, f"{args.test_episodes} test episodes after {args.num_epochs} epochs, "
-                                        f"{collector.env_steps} env steps")
+            report_score(game, returns, f"{args.test_episodes} test episodes after {run.num_epochs} epochs, "
+                                        f"{collector.env_steps} env steps" + (
+                                            " (real-game test episodes: this script's addition, DIAMOND plays none "
+                                            "with a static dataset)" if args.dataset_dir else ""))
             log_test_returns(writer, game, returns, pos.global_step)
         except StopRequested:  # the checkpoint after the last epoch is saved: --eval-only runs the test again
-            print(f"stopped by signal at the test episodes after epoch {args.num_epochs}; run them with --resume "
+            print(f"stopped by signal at the test episodes after epoch {run.num_epochs}; run them with --resume "
                   f"{run_dir} --eval-only", flush=True)
-    print(f"done in {time.perf_counter() - run_start:.1f} s: {run_dir}")
+    print(f"{'stopped' if stop.requested else 'done'} after {time.perf_counter() - run_start:.1f} s: {run_dir}")
     close_writer(args, writer)
     stop.restore()
 

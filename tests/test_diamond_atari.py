@@ -5,6 +5,7 @@ against hand-computed values; a denoiser that learns; smoke runs as a user runs 
 Expensive runs are shared through module-scoped fixtures. The scripts run with one torch thread (OMP_NUM_THREADS=1):
 the tiny preset's small convolutions are faster single-threaded, above all on a shared machine."""
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -322,6 +323,7 @@ def test_denoiser_learns_next_frame_better_than_copying(dia, one_thread):
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     result = run(*TINY, "--output-dir", out / "runs", cwd=out, check=True)
+    (out / "stderr.txt").write_text(result.stderr)  # the progress bars, for test_progress_bars_*
     return only_run_dir(out / "runs"), result.stdout
 
 
@@ -513,3 +515,122 @@ def test_sample_and_video_writes_raise_on_failure(dia, tmp_path):
         dia.write_mp4(blocker / "rollout.mp4", np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(OSError):
         dia.write_samples(blocker, "rollout", np.zeros((2, 3, 8, 8), np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The Atari 100k budget, the static-dataset mode, test-set losses, agent copies, progress bars
+
+
+def test_tiny_run_spends_the_env_step_budget_exactly(tiny_run, dia):
+    # the tiny preset scales the protocol down: budget 350, first collection 200..300 growing 50 at a time, 50 env
+    # steps per epoch, 1 final epoch without collection
+    run_dir, stdout = tiny_run
+    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
+    args = checkpoint["args"]
+    first = checkpoint["first_collection_steps"]
+    assert 200 <= first <= 300 and (first - 200) % 50 == 0
+    schedule = dia.collection_schedule(first, args["env_step_budget"], args["collection_steps_per_epoch"],
+                                       args["final_epochs_without_collection"])
+    assert sum(schedule) == checkpoint["env_steps"] == args["env_step_budget"] == 350
+    assert schedule[-1] == 0 and checkpoint["epoch"] - 1 == len(schedule)  # ended after the final epoch
+    scalars = read_scalars(run_dir)
+    assert scalars["charts/env_steps"][-1][1] == 350 and scalars["charts/epoch"][-1][1] == len(schedule)
+    assert f"first collection: {first} env steps" in stdout and f"the run: {len(schedule)} epochs" in stdout
+
+
+def test_run_schedule_and_num_epochs(dia):
+    assert len(dia.run_schedule(dia.Args())) == 1000  # first collection 5000: 950 collecting + 50 final epochs
+    assert len(dia.run_schedule(dia.Args(), 10_000)) == 950
+    assert dia.run_schedule(dia.Args(num_epochs=3)) == [5100, 100, 100]  # --num-epochs only sets the run length
+    longer = dia.run_schedule(dia.Args(num_epochs=1200))
+    assert len(longer) == 1200 and sum(longer) == 100_000  # never collects beyond the budget
+    assert dia.run_schedule(dia.Args(dataset_dir="episodes")) == [0] * 50  # a static dataset: 50 epochs
+    with pytest.raises(dia.UserError, match="--env-step-budget"):
+        dia.check_args(dia.Args(env_step_budget=4000), 1)
+
+
+def test_static_dataset_trains_the_whole_agent(tiny_run, tmp_path, dia):
+    episodes = tiny_run[0] / "episodes"
+    result = run(*TINY, "--dataset-dir", episodes, "--output-dir", tmp_path / "runs", cwd=tmp_path, check=True)
+    run_dir = only_run_dir(tmp_path / "runs")
+    assert not (run_dir / "episodes").exists()  # nothing collected
+    scalars = read_scalars(run_dir)
+    for tag in ("losses/denoiser", "losses/reward_end", "losses/actor", "losses/critic", "eval/denoiser_test_loss",
+                "eval/reward_end_test_loss"):
+        assert tag in scalars and all(np.isfinite(v) for _, v in scalars[tag]), tag
+    assert "charts/episodic_return" not in scalars and scalars["charts/env_steps"][-1][1] == 0
+    assert "this script's addition" in result.stdout  # the real-game test is labelled as not DIAMOND's
+    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
+    dia.seed_everything(1)  # the run's initial weights: seeded as main seeds them, then built
+    initial = dia.build_models(dia.Args(**dia.PRESETS["tiny"]), 4)
+    for name, model in zip(("denoiser", "reward_end", "actor_critic"), initial):
+        trained = checkpoint["models"][name]
+        changed = [key for key, value in model.state_dict().items()
+                   if value.is_floating_point() and not torch.equal(value, trained[key])]
+        assert changed, f"{name}: no weight changed"
+
+
+def test_test_set_losses_are_logged_and_leave_the_training_rngs_alone(tiny_run, dia):
+    scalars = read_scalars(tiny_run[0])
+    # epoch 1's evaluation plays a test episode (epsilon 0), on which both world-model losses are measured
+    assert [step for step, _ in scalars["eval/denoiser_test_loss"]] == [45]
+    assert [step for step, _ in scalars["eval/reward_end_test_loss"]] == [45]
+    args = dia.Args(**dia.PRESETS["tiny"])
+    denoiser, reward_end_model, _ = dia.build_models(args, 4)
+    buffer = dia.ReplayBuffer(None, None, args.num_conditioning_steps)
+    rng = np.random.default_rng(0)
+    for T in (7, 12):
+        buffer.add({"obs": rng.integers(0, 256, (T + 1, 32, 32, 3), dtype=np.uint8), "actions": np.zeros(T, np.int64),
+                    "rewards": np.zeros(T, np.float32), "terminated": np.eye(T, dtype=bool)[-1],
+                    "truncated": np.zeros(T, bool)}, write=False)
+    before = torch.get_rng_state()
+    a = dia.test_set_losses(denoiser, reward_end_model, buffer, [0, 1], args, torch.device("cpu"), seed=5)
+    b = dia.test_set_losses(denoiser, reward_end_model, buffer, [0, 1], args, torch.device("cpu"), seed=5)
+    assert a == b and set(a) == {"denoiser_test_loss", "reward_end_test_loss"}
+    assert all(np.isfinite(v) and v > 0 for v in a.values()) and torch.equal(before, torch.get_rng_state())
+
+
+def test_agent_copies_every_nth_epoch_newest_kept(tiny_run, dia, tmp_path):
+    run_dir, _ = tiny_run  # the tiny preset keeps an agent every epoch
+    latest = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
+    copies = sorted((run_dir / "checkpoints").glob("agent_epoch_*.pt"))
+    assert [p.name for p in copies] == ["agent_epoch_00001.pt", "agent_epoch_00002.pt"]
+    agent = torch.load(copies[-1], map_location="cpu", weights_only=True)
+    assert agent.keys() == latest["models"]["actor_critic"].keys()
+    assert all(torch.equal(agent[k], latest["models"]["actor_critic"][k]) for k in agent)
+    actor_critic = dia.build_models(dia.Args(**dia.PRESETS["tiny"]), 4)[2]
+    actor_critic.load_state_dict(torch.load(copies[0], weights_only=True))  # loads into the model as it is
+    for epoch in range(5, 30, 5):
+        dia.keep_agent_copy(tmp_path, epoch, actor_critic, keep=3)
+    assert [p.name for p in sorted(tmp_path.glob("agent_epoch_*.pt"))] == [
+        "agent_epoch_00015.pt", "agent_epoch_00020.pt", "agent_epoch_00025.pt"]
+
+
+def test_progress_bars_name_their_phase_and_a_sigterm_reports_where_it_stopped(tiny_run, tmp_path):
+    stderr = (tiny_run[0].parent.parent / "stderr.txt").read_text()
+    for phase in ("collect", "denoiser", "reward_end", "actor_critic", "evaluate"):
+        assert f"epoch 1 {phase}" in stderr, phase
+    assert "epoch 1 collect: 100%" in stderr and "350/350" in stderr  # the collect bar grows with the first collection
+    # a run whose denoiser phase is lengthened, stopped by SIGTERM on that phase's first progress line (stderr)
+    proc = subprocess.Popen([PYTHON, str(ROOT / SCRIPT), *TINY, "--first-epoch-denoiser-steps", "400",
+                             "--output-dir", str(tmp_path / "runs")], cwd=tmp_path, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    try:
+        while b"epoch 1 denoiser:" not in seen:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            assert chunk, seen.decode()[-2000:]
+            seen += chunk
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stdout, stderr = out.decode(), (seen + err).decode()
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    saved = torch.load(only_run_dir(tmp_path / "runs") / "checkpoints" / "latest.pt", weights_only=True)
+    assert saved["phase"] == "denoiser" and 0 <= saved["position"] < 400
+    assert f"stopped by signal at epoch 1 (denoiser, step {saved['position']};" in stdout
+    assert "epoch 1: denoiser done" not in stdout and "done after" not in stdout and "stopped after" in stdout
+    counts = re.findall(r"epoch 1 denoiser:[^\r\n]*?(\d+)/400", stderr)
+    assert int(counts[-1]) == saved["position"]  # the bar's last count is the updates done
