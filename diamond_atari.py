@@ -227,7 +227,7 @@ class Args:
     num_agents_to_keep: int = 11
     """the newest N agent_epoch_*.pt files are kept"""
     eval_every: int = 10
-    """every N epochs: test episodes and an imagined rollout beside the real one"""
+    """every N epochs: test episodes, the world model's test-set losses and an imagined rollout beside the real one"""
     eval_episodes: int = 4
     """test episodes at each evaluation"""
     test_episodes: int = 100
@@ -278,17 +278,16 @@ ARG_DOMAINS = {
     "num_sampling_steps": ">= 1", "sigma_min": "> 0", "sigma_max": "> 0", "rho": "> 0", "reward_channels": ">= 1",
     "reward_cond_dim": ">= 1", "reward_lstm_dim": ">= 1", "reward_segment_length": ">= 2", "actor_channels": ">= 1",
     "actor_lstm_dim": ">= 1", "imagination_horizon": ">= 1", "backup_every": ">= 1", "num_imagined_envs": ">= 1",
-    "discount_factor": "[0, 1]",
-    "td_lambda": "[0, 1]", "entropy_weight": ">= 0", "num_epochs": ">= 1", "initial_collection_steps": ">= 1",
-    "max_initial_collection_steps": ">= 1", "min_rare_rewards": ">= 0", "collection_steps_per_epoch": ">= 1",
-    "env_step_budget": ">= 1",
-    "final_epochs_without_collection": ">= 0", "denoiser_steps_per_epoch": ">= 1", "reward_steps_per_epoch": ">= 1",
-    "actor_critic_steps_per_epoch": ">= 1", "first_epoch_denoiser_steps": ">= 1", "first_epoch_reward_steps": ">= 1",
-    "first_epoch_actor_critic_steps": ">= 1", "batch_size": ">= 1", "recency_weights": "> 0", "learning_rate": "> 0",
+    "discount_factor": "[0, 1]", "td_lambda": "[0, 1]", "entropy_weight": ">= 0", "num_epochs": ">= 1",
+    "initial_collection_steps": ">= 1", "max_initial_collection_steps": ">= 1", "min_rare_rewards": ">= 0",
+    "collection_steps_per_epoch": ">= 1", "env_step_budget": ">= 1", "final_epochs_without_collection": ">= 0",
+    "denoiser_steps_per_epoch": ">= 1", "reward_steps_per_epoch": ">= 1", "actor_critic_steps_per_epoch": ">= 1",
+    "first_epoch_denoiser_steps": ">= 1", "first_epoch_reward_steps": ">= 1", "first_epoch_actor_critic_steps": ">= 1",
+    "batch_size": ">= 1", "recency_weights": "> 0", "learning_rate": "> 0",
     "adam_eps": "> 0", "warmup_steps": ">= 0", "weight_decay": ">= 0", "denoiser_max_grad_norm": "> 0",
     "max_grad_norm": "> 0", "log_every": ">= 1", "save_every": ">= 1", "save_agent_every": ">= 1",
-    "num_agents_to_keep": ">= 1", "eval_every": ">= 1", "eval_episodes": ">= 1",
-    "test_episodes": ">= 1", "num_heldout_transitions": ">= 1",
+    "num_agents_to_keep": ">= 1", "eval_every": ">= 1", "eval_episodes": ">= 1", "test_episodes": ">= 1",
+    "num_heldout_transitions": ">= 1",
 }
 
 
@@ -2267,13 +2266,12 @@ def load_checkpoint(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read the file is the same user-facing error
-        # weights_only=True names a refused class or function "GLOBAL module.name"; garbage bytes fail otherwise
-        if "GLOBAL" in str(e):
+        if "GLOBAL" in str(e):  # the weights-only unpickler refused a Python object it names (GLOBAL module.name)
             raise UserError(f"cannot load checkpoint {path}: it holds Python objects other than tensors and plain "
                             f"containers, which could run code when loaded; a checkpoint this script wrote never "
                             f"does, so resume from one of those") from None
-        reason = (str(e).splitlines()[0][:200] if str(e) and "weights only" not in str(e).lower()
-                  else e.__class__.__name__)
+        message = str(e).split("WeightsUnpickler error:")[-1].strip()  # the unpickler's words, not torch's advice
+        reason = message.splitlines()[0][:200] if message else e.__class__.__name__
         raise UserError(f"cannot load checkpoint {path} (corrupt or not a checkpoint: {reason}); resume from "
                         f"another checkpoint") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT_NAME:
