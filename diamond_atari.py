@@ -3,13 +3,16 @@
 DIAMOND: a diffusion world model (EDM denoiser on the last 4 frames and actions), a reward/termination model and an
 actor-critic trained entirely in the world model's imagination, on the Atari 100k benchmark, in one file.
 
-Reproduce the paper (Breakout 132.5, mean human-normalised score 1.46 over 26 games; about 3 days per game) on one GPU:
+Reproduce the paper (Breakout 132.5, mean human-normalised score 1.46 over 26 games; the paper: 2.9 days per game on an
+RTX 4090, this script: about 6 to 10 days on an H100 as measured in benchmark/RESULTS.md) on one GPU:
     python diamond_atari.py --env-id Breakout-v5 --num-sampling-steps 3
 The same with smaller or larger networks (TorchWM's presets; medium is the paper's):
     python diamond_atari.py --env-id Pong-v5 --preset small
 End to end in about 15 seconds on a CPU, offline (a shrunken protocol: small first epoch, short episodes):
     python diamond_atari.py --preset tiny
-Only the world model, on a random policy's data or on your own recorded episodes (one .npz per episode):
+The whole agent from your own recorded episodes (one .npz per episode: a static dataset, nothing collected):
+    python diamond_atari.py --env-id Breakout-v5 --dataset-dir path/to/episodes
+Only the world model, on a random policy's data or on your own recorded episodes:
     python diamond_atari.py --world-model-only --env-id Breakout-v5
     python diamond_atari.py --world-model-only --env-id Breakout-v5 --dataset-dir path/to/episodes
 Continue a run, or run the 100 test episodes with its agent:
@@ -29,18 +32,20 @@ import re
 import signal
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Annotated, Callable, Literal, Optional
+from typing import Annotated, Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
 SCRIPT_NAME = "diamond_atari.py"
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 3  # 2: global_step (the one TensorBoard step); 3: the imagined episodes
 
 
 @dataclass
@@ -93,7 +98,8 @@ class Args:
     epsilon: float = 0.01
     """probability of a uniformly random action when collecting (test episodes use 0)"""
     dataset_dir: Optional[str] = None
-    """with --world-model-only: train on the episode .npz files in this folder instead of collecting"""
+    """a static dataset: train on the episode .npz files in this folder (sampled in proportion to their lengths; the
+    last 10% held out) instead of collecting; the whole agent, or only the world model with --world-model-only"""
 
     # Denoiser (the diffusion world model)
     diffusion_channels: tuple[int, ...] = (64, 64, 64, 64)
@@ -164,21 +170,24 @@ class Args:
     """weight of the entropy bonus"""
 
     # Training loop
-    num_epochs: int = 1000
-    """epochs to train for (collect, then train denoiser, reward/end model, actor-critic)"""
+    num_epochs: Optional[int] = None
+    """the run length in epochs (each: collect, then train denoiser, reward/end model, actor-critic). Default: the
+    Atari 100k schedule's length, the epochs that spend --env-step-budget plus --final-epochs-without-collection
+    (1000 when the first collection is 5000 env steps; with --dataset-dir: --final-epochs-without-collection). A
+    given value only sets the run length: collection follows the schedule and never goes beyond the budget"""
     initial_collection_steps: int = 5000
-    """env steps collected in epoch 1"""
+    """the first collection N (before epoch 1's own share): at least this many env steps"""
     max_initial_collection_steps: int = 10_000
-    """epoch 1 keeps collecting (100 steps at a time) until --min-nonzero-rewards rewards are seen, up to this"""
-    min_nonzero_rewards: int = 10
-    """epoch 1 collects until the buffer holds this many transitions with a non-zero reward"""
+    """the first collection grows 100 env steps at a time until --min-rare-rewards is met, up to this many"""
+    min_rare_rewards: int = 10
+    """the first collection goes on until the two rarer reward signs (of -1, 0, +1) together occur this often"""
     collection_steps_per_epoch: int = 100
     """env steps collected in each epoch after the first collection (epoch 1 included)"""
     env_step_budget: int = 100_000
-    """env steps collected in the whole run (Atari 100k): the first collection, then collection_steps_per_epoch per
-    epoch until the budget is spent"""
+    """env steps collected in the whole run (Atari 100k): the first collection N, then collection_steps_per_epoch in
+    each of (budget - N) / collection_steps_per_epoch epochs, epoch 1 included"""
     final_epochs_without_collection: int = 50
-    """epochs that only train, after the budget is spent"""
+    """epochs that only train, after the budget is spent (with --dataset-dir: the run length)"""
     denoiser_steps_per_epoch: int = 400
     """denoiser gradient steps per epoch"""
     reward_steps_per_epoch: int = 400
@@ -208,10 +217,17 @@ class Args:
     """gradient clipping norm of the denoiser"""
     max_grad_norm: float = 100.0
     """gradient clipping norm of the reward/end model and the actor-critic"""
+    log_every: int = 100
+    """write the losses to TensorBoard every N gradient updates of a model (at the global step)"""
     save_every: int = 1
     """write checkpoints/latest.pt every N epochs"""
+    save_agent_every: int = 5
+    """every N epochs: checkpoints/agent_epoch_NNNNN.pt, the actor-critic's weights alone (a learning curve of agents
+    to evaluate; torch.load(path, weights_only=True) gives the state dict)"""
+    num_agents_to_keep: int = 11
+    """the newest N agent_epoch_*.pt files are kept"""
     eval_every: int = 10
-    """every N epochs: test episodes and an imagined rollout beside the real one"""
+    """every N epochs: test episodes, the world model's test-set losses and an imagined rollout beside the real one"""
     eval_episodes: int = 4
     """test episodes at each evaluation"""
     test_episodes: int = 100
@@ -225,12 +241,12 @@ PRESETS = {
     "tiny": dict(
         obs_size=32, diffusion_channels=(8, 8, 8), diffusion_res_blocks=1, diffusion_cond_dim=16, reward_channels=8,
         reward_cond_dim=8, reward_lstm_dim=16, actor_channels=(8, 8, 8, 8), actor_lstm_dim=16, imagination_horizon=4,
-        backup_every=4, num_imagined_envs=4, reward_segment_length=8, num_epochs=2, initial_collection_steps=200,
-        max_initial_collection_steps=300, min_nonzero_rewards=1, collection_steps_per_epoch=50,
-        final_epochs_without_collection=0, denoiser_steps_per_epoch=10, reward_steps_per_epoch=10,
+        backup_every=4, num_imagined_envs=4, reward_segment_length=8, initial_collection_steps=200,
+        max_initial_collection_steps=300, min_rare_rewards=1, collection_steps_per_epoch=50, env_step_budget=350,
+        final_epochs_without_collection=1, denoiser_steps_per_epoch=10, reward_steps_per_epoch=10,
         actor_critic_steps_per_epoch=5, first_epoch_denoiser_steps=20, first_epoch_reward_steps=20,
         first_epoch_actor_critic_steps=5, batch_size=8, learning_rate=1e-3, warmup_steps=5, max_episode_steps=200,
-        eval_every=1, eval_episodes=1, test_episodes=2, num_heldout_transitions=32,
+        log_every=10, eval_every=1, eval_episodes=1, test_episodes=2, num_heldout_transitions=32, save_agent_every=1,
     ),
     "small": dict(diffusion_channels=(32, 32, 32, 32), diffusion_cond_dim=128, reward_channels=16,
                   reward_lstm_dim=256, actor_channels=(16, 16, 32, 32), actor_lstm_dim=256),
@@ -240,18 +256,71 @@ PRESETS = {
 }
 # Flags that may change when a run is resumed: the run length, checkpoint/eval cadence, logging and evaluation.
 RESUME_MUTABLE_FIELDS = {
-    "num_epochs", "save_every", "eval_every", "track", "wandb_project_name", "wandb_entity", "resume", "eval_only",
+    "num_epochs", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity", "eval_only",
     "eval_episodes", "test_episodes", "cuda", "compile", "config", "output_dir",
 }
+# Flags spelled otherwise on the command line: --game is the seed's name for --env-id.
 FLAG_ALIASES = {"--game": "env_id"}
+# What a checkpoint must hold to be resumed or evaluated: the position in the run (epoch, phase, position in the
+# phase, the global step), the three models with their optimizers, every RNG, and the collector's state.
+CHECKPOINT_KEYS = {
+    "args", "epoch", "phase", "position", "global_step", "env_steps", "num_buffer_files", "models", "optimizers",
+    "schedulers", "scalers", "rng", "cpu_generator", "generator", "env", "partial", "collect_hidden", "heldout",
+    "epoch_log", "phase_sums", "imagination", "first_collection_steps",
+}
+# The domain of every numeric flag, checked at start-up (check_arg_domains): '>= 1', '> 0', '[0, 1)' ...
+ARG_DOMAINS = {
+    "seed": ">= 0", "noop_max": ">= 0", "frame_skip": ">= 1", "obs_size": ">= 1", "max_episode_steps": ">= 1",
+    "epsilon": "[0, 1]", "diffusion_channels": ">= 1", "diffusion_res_blocks": ">= 1", "diffusion_cond_dim": ">= 1",
+    "num_conditioning_steps": ">= 2", "sigma_data": "> 0", "sigma_offset_noise": ">= 0",
+    "train_sigma_loc": "> -inf",  # ln(sigma): any finite number
+    "train_sigma_scale": ">= 0", "train_sigma_min": "> 0", "train_sigma_max": "> 0", "num_autoregressive_steps": ">= 0",
+    "num_sampling_steps": ">= 1", "sigma_min": "> 0", "sigma_max": "> 0", "rho": "> 0", "reward_channels": ">= 1",
+    "reward_cond_dim": ">= 1", "reward_lstm_dim": ">= 1", "reward_segment_length": ">= 2", "actor_channels": ">= 1",
+    "actor_lstm_dim": ">= 1", "imagination_horizon": ">= 1", "backup_every": ">= 1", "num_imagined_envs": ">= 1",
+    "discount_factor": "[0, 1]", "td_lambda": "[0, 1]", "entropy_weight": ">= 0", "num_epochs": ">= 1",
+    "initial_collection_steps": ">= 1", "max_initial_collection_steps": ">= 1", "min_rare_rewards": ">= 0",
+    "collection_steps_per_epoch": ">= 1", "env_step_budget": ">= 1", "final_epochs_without_collection": ">= 0",
+    "denoiser_steps_per_epoch": ">= 1", "reward_steps_per_epoch": ">= 1", "actor_critic_steps_per_epoch": ">= 1",
+    "first_epoch_denoiser_steps": ">= 1", "first_epoch_reward_steps": ">= 1", "first_epoch_actor_critic_steps": ">= 1",
+    "batch_size": ">= 1", "recency_weights": "> 0", "learning_rate": "> 0",
+    "adam_eps": "> 0", "warmup_steps": ">= 0", "weight_decay": ">= 0", "denoiser_max_grad_norm": "> 0",
+    "max_grad_norm": "> 0", "log_every": ">= 1", "save_every": ">= 1", "save_agent_every": ">= 1",
+    "num_agents_to_keep": ">= 1", "eval_every": ">= 1", "eval_episodes": ">= 1", "test_episodes": ">= 1",
+    "num_heldout_transitions": ">= 1",
+}
 
 
-class UserError(Exception):
-    """Bad input: printed as one line, exit status 2."""
-
-
-class TrainingFailure(Exception):
-    """The run cannot go on (a non-finite loss): printed as one line, exit status 1, last checkpoint kept."""
+def check_args(args: Args, world_size: int):
+    """Settings that cannot work, refused at start-up in one line (before any data is read or run folder made)."""
+    check_arg_domains(args)
+    if world_size > 1:
+        raise UserError(f"diamond_atari.py runs one process per game and seed, not {world_size} torchrun processes: "
+                        f"run it with python (benchmark/run_atari100k.py runs many games and seeds in parallel)")
+    if args.eval_only and not args.resume:
+        raise UserError("--eval-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
+    if args.eval_only and args.world_model_only:
+        raise UserError("--eval-only runs the agent's test episodes: a --world-model-only run has no trained agent")
+    if args.diffusion_cond_dim % args.num_conditioning_steps:
+        raise UserError(f"--diffusion-cond-dim {args.diffusion_cond_dim} must be divisible by "
+                        f"--num-conditioning-steps {args.num_conditioning_steps} (one action embedding per step)")
+    if args.obs_size % 2 ** max(len(args.diffusion_channels) - 1, len(args.actor_channels), 3):
+        raise UserError(f"--obs-size {args.obs_size} must be divisible by 2^{len(args.actor_channels)} "
+                        f"(the actor-critic's max-pools) and 2^{len(args.diffusion_channels) - 1} (the U-Net levels)")
+    if len(args.recency_weights) < 1:
+        raise UserError("--recency-weights needs at least one weight")
+    if args.sigma_min >= args.sigma_max:
+        raise UserError(f"--sigma-min {args.sigma_min} must be below --sigma-max {args.sigma_max}")
+    if not args.initial_collection_steps <= args.max_initial_collection_steps <= args.env_step_budget:
+        raise UserError(f"need --initial-collection-steps {args.initial_collection_steps} <= "
+                        f"--max-initial-collection-steps {args.max_initial_collection_steps} <= --env-step-budget "
+                        f"{args.env_step_budget} (the first collection is part of the budget)")
+    if args.dataset_dir is not None and args.num_epochs is None and args.final_epochs_without_collection < 1:
+        raise UserError("--dataset-dir runs --final-epochs-without-collection epochs (or --num-epochs): give at "
+                        "least 1")
+    if args.train_sigma_min > args.train_sigma_max:
+        raise UserError(f"--train-sigma-min {args.train_sigma_min} must not exceed --train-sigma-max "
+                        f"{args.train_sigma_max}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -270,13 +339,20 @@ ATARI_SCORES = {
 }
 
 
-def atari_games() -> list[str]:
-    """Every game ale-py ships (from gymnasium's registry of ALE/<Game>-v5 ids)."""
+def import_gym():
+    """gymnasium with ale-py's games registered, and ALE's banner ('A.L.E: Arcade Learning Environment ...', printed
+    on stderr by every new emulator) silenced: an error must be the only line on stderr. ALE's errors still print."""
     import ale_py
     import gymnasium as gym
 
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
     gym.register_envs(ale_py)
-    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Warning)  # no banner on stderr: an error stays one line
+    return gym
+
+
+def atari_games() -> list[str]:
+    """Every game ale-py ships (from gymnasium's registry of ALE/<Game>-v5 ids)."""
+    gym = import_gym()
     return sorted(key[len("ALE/"): -len("-v5")] for key in gym.registry
                   if key.startswith("ALE/") and key.endswith("-v5"))
 
@@ -311,10 +387,7 @@ class AtariEnv:
     def __init__(self, game: str, obs_size: int = 64, frame_skip: int = 4, noop_max: int = 30,
                  sticky_actions: bool = False, max_episode_steps: int = 27_000, end_on_life_loss: bool = True,
                  generator: Optional[torch.Generator] = None, seed: int = 0):
-        import ale_py
-        import gymnasium as gym
-
-        gym.register_envs(ale_py)
+        gym = import_gym()
         # max_num_frames_per_episode=0: the time limit is counted here, in agent steps, so that it is part of our state
         self.env = gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=0.25 if sticky_actions else 0.0,
                             full_action_space=False, max_num_frames_per_episode=0).unwrapped
@@ -652,7 +725,9 @@ class FourierFeatures(nn.Module):
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         # always fp32: in bf16 the angles 2 pi w c_noise (up to ~20 rad) would lose about 0.1 rad
-        with torch.autocast(c_noise.device.type, enabled=False):
+        # (the meta device of forward_flops has no autocast to turn off)
+        device_type = c_noise.device.type
+        with torch.autocast(device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext():
             angles = 2 * math.pi * c_noise[:, None].float() @ self.weight.float()
             return torch.cat([angles.cos(), angles.sin()], dim=1)
 
@@ -1020,8 +1095,9 @@ class WorldModelEnv:
 
     def __init__(self, denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, args: Args,
                  device: torch.device, generator: torch.Generator, cpu_generator: torch.Generator, net=None,
-                 autocast=contextlib.nullcontext()):
+                 autocast=contextlib.nullcontext(), ids: Optional[list[int]] = None):
         self.denoiser, self.reward_end_model, self.buffer, self.args = denoiser, reward_end_model, buffer, args
+        self.ids = ids  # the episodes imagination starts from (None: all; --dataset-dir holds some out)
         self.device, self.generator, self.cpu_generator, self.net, self.autocast = (device, generator, cpu_generator,
                                                                                      net, autocast)
         self.obs: Optional[torch.Tensor] = None  # (n, c, 3, H, W); None until the first reset
@@ -1032,7 +1108,7 @@ class WorldModelEnv:
         """Fresh segments: (frames (n, c, 3, H, W), actions (n, c) whose last slot is for the actor, reward/end LSTM
         state after the burn-in on the c - 1 real transitions). Frames before an episode are mid-grey padding."""
         c = self.args.num_conditioning_steps
-        batch = self.buffer.segments(self.buffer.sample_segments(num_envs, c, self.cpu_generator), c)
+        batch = self.buffer.segments(self.buffer.sample_segments(num_envs, c, self.cpu_generator, self.ids), c)
         obs = segment_obs(batch, self.device)  # (n, c, 3, H, W)
         actions = batch["actions"].to(self.device)  # (n, c - 1)
         with self.autocast:
@@ -1173,6 +1249,21 @@ def collection_schedule(first_collection_steps: int, env_step_budget: int = 100_
     return steps + [0] * final_epochs
 
 
+def run_schedule(args: Args, first_collection_steps: int = 0) -> list[int]:
+    """Env steps collected in each epoch of this run (its length is the run length): collection_schedule with the
+    first collection N (initial_collection_steps while epoch 1 has not decided it yet); with --dataset-dir no
+    collection and final_epochs_without_collection epochs. --num-epochs cuts or extends it (extra epochs collect
+    nothing: never beyond the budget)."""
+    if args.dataset_dir is not None:
+        steps = [0] * args.final_epochs_without_collection
+    else:
+        steps = collection_schedule(first_collection_steps or args.initial_collection_steps, args.env_step_budget,
+                                    args.collection_steps_per_epoch, args.final_epochs_without_collection)
+    if args.num_epochs is not None:
+        steps = (steps + [0] * args.num_epochs)[: args.num_epochs]
+    return steps
+
+
 def lr_warmup_factor(step: int, warmup_steps: int) -> float:
     """Linear warmup from 0, as DIAMOND's reference: lr_s = lr * min(1, s / warmup_steps) (0 on the first step)."""
     return 1.0 if step >= warmup_steps else step / max(1, warmup_steps)
@@ -1213,9 +1304,12 @@ def log_test_returns(writer, game: str, returns: list[float], step: int):
 
 @torch.no_grad()
 def run_test_episodes(actor_critic: ActorCritic, game: str, args: Args, num_episodes: int, seed: int,
-                      device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16) -> list[float]:
+                      device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16,
+                      check: Callable[[], None] = lambda: None, record: Optional[list] = None) -> list[float]:
     """Full games (life loss does not end them), epsilon 0, actions sampled from the policy; up to max_parallel games
-    at once with a batched policy. Seeded by `seed` only, so that evaluating never moves the training RNGs."""
+    at once with a batched policy. Seeded by `seed` only, so that evaluating never moves the training RNGs. check()
+    is called at every step (StopFlag.check: a signal abandons the episodes within a step). With `record`, each
+    game is appended to it as an episode dict (obs, actions, rewards, terminated, truncated)."""
     generator = torch.Generator().manual_seed(seed)
     returns = []
     while len(returns) < num_episodes:
@@ -1224,15 +1318,20 @@ def run_test_episodes(actor_critic: ActorCritic, game: str, args: Args, num_epis
                          args.max_episode_steps, end_on_life_loss=False, generator=generator,
                          seed=seed * 1000 + len(returns) + i) for i in range(n)]
         obs = [env.reset() for env in envs]
+        episodes = [{"obs": [o.copy()], "actions": [], "rewards": [], "terminated": [], "truncated": []} for o in obs]
         hidden, active = None, list(range(n))
         while active:
+            check()
             x = to_float(torch.from_numpy(np.stack([obs[i] for i in active])).permute(0, 3, 1, 2).to(device))
             with autocast:
                 logits, _, hidden = actor_critic(x, hidden)
             actions = torch.multinomial(logits.float().softmax(-1).cpu(), 1, generator=generator)[:, 0].tolist()
             still = []
             for row, (i, action) in enumerate(zip(active, actions)):
-                obs[i], _, terminated, truncated = envs[i].step(action)
+                obs[i], reward, terminated, truncated = envs[i].step(action)
+                for key, value in (("obs", obs[i].copy()), ("actions", action), ("rewards", reward),
+                                   ("terminated", terminated), ("truncated", truncated)):
+                    episodes[i][key].append(value)
                 if not (terminated or truncated):
                     still.append(row)
             if len(still) < len(active):
@@ -1240,7 +1339,44 @@ def run_test_episodes(actor_critic: ActorCritic, game: str, args: Args, num_epis
                 hidden = tuple(h[keep] for h in hidden)
                 active = [active[row] for row in still]
         returns += [env.game_return for env in envs]
+        if record is not None:
+            record += [{key: np.asarray(value) for key, value in episode.items()} for episode in episodes]
     return returns
+
+
+@torch.no_grad()
+def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, ids: list[int],
+                    args: Args, device: torch.device, seed: int, net=None,
+                    autocast=contextlib.nullcontext()) -> dict[str, float]:
+    """The training losses of the denoiser and the reward/end model on held-out episodes (`ids` of the buffer), as
+    DIAMOND's test of its world model: each episode cut into consecutive segments so that every frame is a denoiser
+    target once and every transition is a reward/end target once, with noise from a generator seeded by `seed` (the
+    training RNGs do not move). Returns the mean loss per segment of each model."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    c, length = args.num_conditioning_steps, args.reward_segment_length
+    num_predictions = 1 + args.num_autoregressive_steps
+    lengths = {i: len(buffer.episode(i)["actions"]) for i in ids}
+    # denoiser segments start at s = 1 - c, 1 - c + num_predictions, ...: their targets are frames s + c .. (1..T)
+    denoiser_refs = [(i, s) for i in ids for s in range(1 - c, lengths[i] - c + 1, num_predictions)]
+    # reward/end segments share their boundary frame: transitions 0..L-2, L-1..2L-3, ...
+    reward_refs = [(i, s) for i in ids for s in range(0, lengths[i], length - 1)]
+    losses = {}
+    for name, refs, num_obs in (("denoiser", denoiser_refs, c + num_predictions), ("reward_end", reward_refs, length)):
+        total = 0.0
+        for first in range(0, len(refs), args.batch_size):
+            chunk = refs[first: first + args.batch_size]
+            batch = buffer.segments(chunk, num_obs)
+            obs = segment_obs(batch, device)
+            with autocast:
+                if name == "denoiser":
+                    loss = denoiser_loss(denoiser, obs, batch["actions"].to(device), batch["obs_mask"].to(device), args,
+                                         generator, net)
+                else:
+                    loss = reward_end_loss(reward_end_model, {"obs": obs, **{key: batch[key].to(device) for key in (
+                        "actions", "rewards", "ends", "mask")}})
+            total += float(loss) * len(chunk)
+        losses[f"{name}_test_loss"] = total / max(len(refs), 1)
+    return losses
 
 
 @torch.no_grad()
@@ -1302,27 +1438,701 @@ def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, devic
     return to_uint8(real[0, c:]).cpu().numpy(), to_uint8(torch.cat(imagined)).cpu().numpy()
 
 
-def write_mp4(path: Path, frames: np.ndarray, fps: int = 15, scale: int = 4):
-    """uint8 (N, 3, H, W) frames -> an MP4 (opencv, mp4v), each frame upscaled by `scale` (nearest)."""
-    import cv2
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _, _, h, w = frames.shape
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w * scale, h * scale))
-    for frame in frames:
-        big = cv2.resize(frame.transpose(1, 2, 0), (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
-        writer.write(np.ascontiguousarray(big[:, :, ::-1]))
-    writer.release()
+def write_samples(folder: Path, stem: str, images: np.ndarray, columns: Optional[int] = None) -> Path:
+    """A PNG grid and an .npz of the uint8 (N, H, W, 3) images (arr_0, the layout FID tools read); raises OSError
+    when either cannot be written."""
+    write_png(folder / f"{stem}.png", make_grid(images[:256], columns))
+    np.savez(folder / f"{stem}.npz", images.transpose(0, 2, 3, 1))
+    return folder / f"{stem}.png"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Utilities: config, checkpoints, RNG state, throughput.
+# The training loop's parts: the run's position, the collector, the epoch's log, the learners, one function per phase.
+
+# Each epoch runs these phases in order; a checkpoint records the phase and the position inside it.
+PHASES = ("collect", "world_model_eval", "denoiser", "reward_end", "actor_critic", "evaluate")
+
+
+@dataclass
+class RunPosition:
+    """Where the run is: the epoch (from 1), the phase (an index into PHASES), the step inside the phase (env steps
+    or gradient updates), and the global step: the gradient updates of the three models so far, TensorBoard's one
+    x axis (monotone across phases, epochs and resumes)."""
+    epoch: int = 1
+    phase: int = 0
+    step: int = 0
+    global_step: int = 0
+
+    @property
+    def name(self) -> str:
+        return PHASES[self.phase]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "phase": self.name, "position": self.step, "global_step": self.global_step}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.phase, self.step = state["epoch"], PHASES.index(state["phase"]), state["position"]
+        self.global_step = state["global_step"]
+
+    def __str__(self) -> str:
+        return f"epoch {self.epoch} ({self.name}, step {self.step}; global step {self.global_step})"
+
+
+class Collector:
+    """The real environment and what is collected from it: the emulator, the episode in progress (sampled by the
+    replay buffer as its newest), the actor's LSTM state, the env step count, and the held-out transitions: those
+    collected since the world model was last measured, which it has never trained on."""
+
+    def __init__(self, env: AtariEnv, buffer: ReplayBuffer, generator: torch.Generator, device: torch.device):
+        self.env, self.buffer, self.generator, self.device = env, buffer, generator, device
+        self.partial: Optional[dict] = None  # lists of obs, actions, rewards, terminated, truncated
+        self.hidden = None  # the actor's LSTM state
+        self.env_steps = 0
+        self.first_collection_steps = 0  # the first collection N, once epoch 1 has decided it (0: not yet)
+        self.heldout = torch.zeros((0, 2), dtype=torch.long)  # (episode index in the buffer, t)
+
+    @torch.no_grad()
+    def step(self, actor_critic: ActorCritic, args: Args, autocast, random_policy: bool):
+        """One env step with the agent (epsilon-greedy over a sampled action) or a uniform random policy. Returns the
+        reward and, when the step ended a game, the game's (return, length)."""
+        if self.partial is None:
+            self.partial = {"obs": [self.env.reset().copy()], "actions": [], "rewards": [], "terminated": [],
+                            "truncated": []}
+        # the transition about to be collected, as (the index its episode will have in the buffer, t)
+        ref = (len(self.buffer.episodes), len(self.partial["actions"]))
+        explore = float(torch.rand(1, generator=self.generator)) < args.epsilon
+        random_action = int(torch.randint(self.env.num_actions, (1,), generator=self.generator))
+        action = random_action
+        if not random_policy:
+            x = to_float(torch.from_numpy(self.partial["obs"][-1]).permute(2, 0, 1)[None].to(self.device))
+            with autocast:
+                logits, _, self.hidden = actor_critic(x, self.hidden)
+            sampled = int(torch.multinomial(logits.float().softmax(-1).cpu(), 1, generator=self.generator))
+            action = random_action if explore else sampled
+        obs, reward, terminated, truncated = self.env.step(action)
+        self.env_steps += 1
+        for key, value in (("obs", obs.copy()), ("actions", action), ("rewards", reward),
+                           ("terminated", terminated), ("truncated", truncated)):
+            self.partial[key].append(value)
+        self.heldout = torch.cat([self.heldout, torch.tensor([ref])])[-args.num_heldout_transitions:]
+        game = None
+        if terminated or truncated:
+            self.buffer.add({key: np.asarray(value) for key, value in self.partial.items()})
+            if self.env.game_over:
+                game = (self.env.game_return, self.env.game_steps)
+            self.partial, self.hidden = None, None
+        return reward, game
+
+    def share_partial(self):
+        """The episode in progress becomes the buffer's newest episode (sampled by the training phases)."""
+        self.buffer.partial = None if self.partial is None else ReplayBuffer.to_tensors(self.partial)
+
+    def state_dict(self) -> dict:
+        partial = None if self.partial is None else {
+            "obs": torch.from_numpy(np.stack(self.partial["obs"])),
+            **{key: torch.tensor(self.partial[key], dtype=dtype) for key, dtype in (
+                ("actions", torch.int64), ("rewards", torch.float32), ("terminated", torch.bool),
+                ("truncated", torch.bool))}}
+        return {"env": self.env.state_dict(), "env_steps": self.env_steps, "partial": partial,
+                "first_collection_steps": self.first_collection_steps,
+                "collect_hidden": None if self.hidden is None else tuple(h.cpu() for h in self.hidden),
+                "heldout": self.heldout}
+
+    def load_state_dict(self, state: dict):
+        self.env.load_state_dict(state["env"])
+        self.env_steps, self.heldout = state["env_steps"], state["heldout"]
+        self.first_collection_steps = state["first_collection_steps"]
+        partial = state["partial"]
+        self.partial = None if partial is None else {
+            "obs": list(partial["obs"].numpy()),
+            **{key: partial[key].tolist() for key in ("actions", "rewards", "terminated", "truncated")}}
+        hidden = state["collect_hidden"]
+        self.hidden = None if hidden is None else tuple(h.to(self.device) for h in hidden)
+
+
+class EpochLog:
+    """An epoch's numbers. Losses and gradient norms are summed on the device (no host sync per update) and written
+    every log_every updates at the global step. Everything else (collection, world-model metrics, evaluations,
+    speeds) waits in `pending` and is written at the end of the epoch, before its checkpoint: so a run resumed from a
+    checkpoint at global step G (TensorBoard drops the points after G) never writes a point at a step twice."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending: dict[str, list[float]] = {}  # written as means at the end of the epoch
+        self.means: dict[str, list[float]] = {}  # the losses' logged means, for the epoch's printed line
+        self.sums: dict[str, torch.Tensor] = {}  # the current log window, on the device
+
+    def add(self, key: str, value: float):
+        self.pending.setdefault(key, []).append(float(value))
+
+    def accumulate(self, values: dict[str, torch.Tensor]):
+        for key, value in values.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+
+    def finite(self) -> bool:
+        """Whether every loss and gradient norm of the current window is finite (a host sync)."""
+        return all(math.isfinite(value.item()) for value in self.sums.values())
+
+    def flush(self, writer, step: int, count: int) -> dict[str, float]:
+        """Writes the window's means over its `count` updates at the global step and starts a new window."""
+        means = {key: value.item() / count for key, value in self.sums.items()}
+        for key, value in means.items():
+            writer.add_scalar(key, value, step)
+            self.means.setdefault(key, []).append(value)
+        self.sums = {}
+        return means
+
+    def write_pending(self, writer, step: int):
+        for key, values in self.pending.items():
+            writer.add_scalar(key, float(np.mean(values)), step)
+
+    def summary(self) -> list[str]:
+        """The epoch's printed line: mean losses, returns, and the world model against copying the last frame."""
+        values = {**self.means, **self.pending}
+        parts = [f"{label} {np.mean(values[key]):.4g}" for key, label in (
+            ("losses/denoiser", "denoiser loss"), ("losses/reward_end", "reward/end loss"),
+            ("losses/actor_critic", "actor-critic loss"), ("charts/episodic_return", "train return"),
+            ("eval/episodic_return", "eval return")) if key in values]
+        if "world_model/next_frame_mse_changed" in values:
+            parts.append(f"next-frame mse on changed pixels {values['world_model/next_frame_mse_changed'][0]:.4g} "
+                         f"(copy-last-frame {values['world_model/copy_last_frame_mse_changed'][0]:.4g})")
+        return parts
+
+    def state_dict(self) -> dict:
+        return {"epoch_log": {"pending": self.pending, "means": self.means},
+                "phase_sums": {key: value.item() for key, value in self.sums.items()}}
+
+    def load_state_dict(self, state: dict):
+        self.pending, self.means = state["epoch_log"]["pending"], state["epoch_log"]["means"]
+        self.sums = {key: torch.tensor(value, device=self.device) for key, value in state["phase_sums"].items()}
+
+
+@dataclass
+class Learner:
+    """One of the three models with its AdamW, linear-warmup schedule, grad scaler (fp16 only) and clipping norm."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    max_grad_norm: float
+
+    def update(self, loss: torch.Tensor) -> torch.Tensor:
+        """One gradient step on the loss; returns the gradient norm before clipping."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return grad_norm
+
+
+def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> dict[str, Learner]:
+    learners = {}
+    for name, model in models.items():
+        # AdamW with weight decay on the weights of the world model only (DIAMOND: the actor-critic uses none)
+        weight_decay = 0.0 if name == "actor_critic" else args.weight_decay
+        optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=args.learning_rate,
+                                      eps=args.adam_eps, fused=use_cuda)
+        # linear warmup from 0: lr_s = lr * min(1, s / warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_warmup_factor(s, args.warmup_steps))
+        scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16")
+        max_grad_norm = args.denoiser_max_grad_norm if name == "denoiser" else args.max_grad_norm
+        learners[name] = Learner(model, optimizer, scheduler, scaler, max_grad_norm)
+    return learners
+
+
+def learners_state(learners: dict[str, Learner]) -> dict:
+    """The checkpoint's models, optimizers, schedulers and grad scalers, each a dict by model name."""
+    return {key: {name: getattr(learner, attribute).state_dict() for name, learner in learners.items()}
+            for key, attribute in (("models", "model"), ("optimizers", "optimizer"), ("schedulers", "scheduler"),
+                                   ("scalers", "scaler"))}
+
+
+def load_learners(learners: dict[str, Learner], checkpoint: dict):
+    try:
+        for name, learner in learners.items():
+            learner.model.load_state_dict(checkpoint["models"][name])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights do not fit these models ({str(e).splitlines()[0]})") from None
+    for name, learner in learners.items():
+        learner.optimizer.load_state_dict(checkpoint["optimizers"][name])
+        learner.scheduler.load_state_dict(checkpoint["schedulers"][name])
+        learner.scaler.load_state_dict(checkpoint["scalers"][name])
+
+
+@dataclass
+class Run:
+    """What the phases of an epoch share: the arguments, the device, the training generators (cpu_generator: no-ops,
+    exploration, replay sampling; generator: diffusion noise, imagination), the replay buffer, the models and
+    their learners, the imagined environments, the TensorBoard writer and the stop flag."""
+    args: Args
+    game: str
+    device: torch.device
+    autocast: object
+    generator: torch.Generator
+    cpu_generator: torch.Generator
+    buffer: ReplayBuffer
+    train_ids: Optional[list[int]]  # the episodes the world model trains on (None: all; --dataset-dir holds some out)
+    learners: dict[str, Learner]
+    denoiser_net: nn.Module  # the denoiser's network, compiled with --compile
+    wm_env: WorldModelEnv
+    collector: Collector
+    writer: object  # a SummaryWriter
+    stop: object  # the StopFlag (defined in the shared block below)
+    run_dir: Path
+    denoiser_update_flops: float  # FLOPs of one denoiser update, for MFU
+    peak_flops: float  # the device's peak FLOP/s
+
+    @property
+    def num_epochs(self) -> int:
+        """The run length (run_schedule): final once epoch 1 has decided the first collection."""
+        return len(run_schedule(self.args, self.collector.first_collection_steps))
+
+    def checked_net(self, *inputs):
+        """The denoiser's network for evaluations: a signal abandons them within a network call (StopRequested)."""
+        self.stop.check()
+        return self.denoiser_net(*inputs)
+
+
+def phase_length(args: Args, name: str, epoch: int) -> int:
+    """Gradient updates of a model phase in this epoch (the first epoch trains much longer on its big first batch)."""
+    first = epoch == 1
+    return {"denoiser": args.first_epoch_denoiser_steps if first else args.denoiser_steps_per_epoch,
+            "reward_end": args.first_epoch_reward_steps if first else args.reward_steps_per_epoch,
+            "actor_critic": args.first_epoch_actor_critic_steps if first else args.actor_critic_steps_per_epoch}[name]
+
+
+def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one gradient update of a model (denoiser, reward_end or actor_critic) on a fresh batch, and the
+    extra values to log. The denoiser and the reward/end model learn from real segments of the replay buffer, the
+    actor-critic from an imagined rollout."""
+    args, device, autocast = run.args, run.device, run.autocast
+    denoiser, reward_end_model = run.learners["denoiser"].model, run.learners["reward_end"].model
+    if name == "denoiser":  # 6-frame segments, two predictions (the second on the first's 8-bit output)
+        batch = sample_denoiser_batch(run.buffer, args, run.cpu_generator, device, run.train_ids)
+        with autocast:
+            loss = denoiser_loss(denoiser, batch["obs"], batch["actions"], batch["obs_mask"], args, run.generator,
+                                 run.denoiser_net)
+        return loss, {}
+    if name == "reward_end":  # 19-frame segments from t - U[0, 19), the LSTM from a zero state
+        batch = sample_reward_end_batch(run.buffer, args, run.cpu_generator, device, run.train_ids)
+        with autocast:
+            loss = reward_end_loss(reward_end_model, batch)
+        return loss, {}
+    loss, parts = actor_critic_loss(run.learners["actor_critic"].model, run.wm_env, args, run.generator, autocast)
+    return loss, {f"losses/{key}" if key in ("actor", "critic", "entropy") else f"charts/{key}": value
+                  for key, value in parts.items()}
+
+
+def collect(run: Run, collector: Collector, pos: RunPosition, log: EpochLog):
+    """Env steps with the agent (a random policy with --world-model-only) until this epoch's share of the budget is
+    collected (run_schedule). Epoch 1 first decides the first collection N as DIAMOND does: at least
+    initial_collection_steps, then collection_steps_per_epoch (100) more at a time until the two rarer reward signs
+    together occur min_rare_rewards times, or N reaches max_initial_collection_steps; then it collects its own share."""
+    args, buffer = run.args, run.buffer
+    # counts of the reward signs -1, 0, +1 in the buffer (the episode in progress included)
+    counts = [sum(int((buffer.episode(i)["rewards"].sign() == sign).sum()) for i in buffer.sampleable())
+              for sign in (-1, 0, 1)]
+    total = run_schedule(args, collector.first_collection_steps)[pos.epoch - 1]
+    progress, start, first = progress_bar(total, pos.step, f"epoch {pos.epoch} collect", "env step"), \
+        time.perf_counter(), pos.step
+    while not run.stop.requested:
+        if pos.epoch == 1 and not collector.first_collection_steps:
+            extra = pos.step - args.initial_collection_steps
+            if extra >= 0 and extra % args.collection_steps_per_epoch == 0 and (
+                    sum(sorted(counts)[:2]) >= args.min_rare_rewards or pos.step >= args.max_initial_collection_steps):
+                collector.first_collection_steps = pos.step  # N: the run's schedule and length are now fixed
+                total = progress.total = run_schedule(args, pos.step)[0]
+                progress.write(f"first collection: {pos.step} env steps (reward signs -1/0/+1: {counts}); the run: "
+                               f"{run.num_epochs} epochs, {args.env_step_budget} env steps", file=sys.stdout)
+        if collector.first_collection_steps and pos.step >= total:
+            break
+        reward, game = collector.step(run.learners["actor_critic"].model, args, run.autocast, args.world_model_only)
+        counts[int(np.sign(reward)) + 1] += 1
+        if game is not None:
+            log.add("charts/episodic_return", game[0])
+            log.add("charts/episodic_length", game[1])
+        pos.step += 1
+        progress.update(1)
+    progress.close()
+    collector.share_partial()
+    if pos.step > first:
+        log.add("charts/SPS", (pos.step - first) / (time.perf_counter() - start))
+
+
+def measure_world_model(run: Run, collector: Collector, pos: RunPosition, log: EpochLog):
+    """world_model/*: the sampled next frame against copying the last one, and the reward/end accuracy, on the
+    transitions just collected (or --dataset-dir's held-out episodes), which the world model has not trained on."""
+    buffer = run.buffer
+    refs = [(e if e < len(buffer.episodes) else -1, t) for e, t in collector.heldout.tolist()]
+    metrics = world_model_metrics(run.learners["denoiser"].model, run.learners["reward_end"].model, buffer, refs,
+                                  run.args, run.device, run.args.seed * 7919 + pos.epoch, run.checked_net,
+                                  run.autocast)
+    for key, value in metrics.items():
+        log.add(f"world_model/{key}", value)
+    if run.args.dataset_dir is None:  # trained on from now on: epochs that collect nothing log no world_model/*
+        collector.heldout = collector.heldout[:0]
+
+
+def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
+    """This epoch's gradient updates of one model (denoiser, reward_end or actor_critic), from pos.step on, until
+    they are done or a signal arrives (the current update is finished first). Losses are written every log_every
+    updates at the global step."""
+    args, learner = run.args, run.learners[name]
+    num_steps = phase_length(args, name, pos.epoch)
+    progress = progress_bar(num_steps, pos.step, f"epoch {pos.epoch} {name}", "update")
+    start, first = time.perf_counter(), pos.step
+    learner.model.train()
+    suffix = "" if name == "denoiser" else f"_{name}"  # the denoiser's is charts/grad_norm
+    while pos.step < num_steps and not run.stop.requested:
+        loss, parts = phase_loss(run, name)
+        grad_norm = learner.update(loss)
+        log.accumulate({f"losses/{name}": loss, f"charts/grad_norm{suffix}": grad_norm, **parts})
+        pos.step += 1
+        pos.global_step += 1
+        progress.update(1)
+        if pos.step % args.log_every == 0 or pos.step == num_steps:
+            if not log.finite():
+                raise non_finite_failure(f"in epoch {pos.epoch} ({name}, update {pos.step})", run.run_dir)
+            count = pos.step % args.log_every or min(args.log_every, pos.step)  # updates in this window
+            means = log.flush(run.writer, pos.global_step, count)
+            if name == "denoiser":  # the three models share one learning-rate schedule
+                run.writer.add_scalar("charts/learning_rate", learner.scheduler.get_last_lr()[0], pos.global_step)
+            progress.set_postfix(loss=f"{means[f'losses/{name}']:.4f}")
+    progress.close()
+    if pos.step > first:
+        if run.device.type == "cuda":
+            torch.cuda.synchronize()
+        per_second = (pos.step - first) / (time.perf_counter() - start)
+        log.add(f"perf/{name}_steps_per_s", per_second)
+        if name == "denoiser":  # MFU = achieved FLOP/s / peak FLOP/s
+            log.add("perf/mfu", per_second * run.denoiser_update_flops / run.peak_flops)
+        if name == "actor_critic":
+            log.add("perf/imagination_frames_per_s", per_second * args.num_imagined_envs * args.backup_every)
+
+
+def evaluate(run: Run, pos: RunPosition, log: EpochLog):
+    """An open-loop imagined rollout beside the real frames and, except in the last epoch (which gets the full test),
+    eval_episodes test episodes. A signal abandons it (StopRequested) before anything is written: a resumed run
+    evaluates again and writes each picture once."""
+    args, epoch = run.args, pos.epoch
+    denoiser, reward_end_model = run.learners["denoiser"].model, run.learners["reward_end"].model
+    real, imagined = imagined_vs_real(denoiser, run.buffer, args, run.device, args.seed * 7919 + epoch,
+                                      run.checked_net, run.autocast)
+    returns, test_episodes = None, []
+    if not args.world_model_only and epoch < run.num_epochs:
+        # with --dataset-dir, DIAMOND plays no game: these real-game test episodes are this script's addition
+        what = "real-game test episodes, not in DIAMOND's static-dataset mode" if args.dataset_dir else "test episodes"
+        progress = progress_bar(None, 0, f"epoch {epoch} evaluate ({args.eval_episodes} {what})", "env step")
+
+        def check():  # every step of the test episodes: a signal abandons them
+            run.stop.check()
+            progress.update(1)
+
+        returns = run_test_episodes(run.learners["actor_critic"].model, run.game, args, args.eval_episodes,
+                                    args.seed * 7919 + epoch, run.device, run.autocast, check=check,
+                                    record=test_episodes)
+        progress.close()
+    # Test-set losses on episodes never trained on: --dataset-dir's held-out episodes, else (as DIAMOND) the test
+    # episodes just played (epsilon 0); a --world-model-only run that collects plays none, so it has none.
+    if args.dataset_dir is not None:
+        held_out = run.buffer
+        ids = sorted(set(range(len(held_out.episodes))) - set(run.train_ids))
+    else:
+        held_out = ReplayBuffer(None, None, args.num_conditioning_steps)
+        for episode in test_episodes:
+            held_out.add(episode, write=False)
+        ids = list(range(len(test_episodes)))
+    test_losses = test_set_losses(denoiser, reward_end_model, held_out, ids, args, run.device,
+                                  args.seed * 7919 + epoch, run.checked_net, run.autocast) if ids else {}
+    both = np.concatenate([real, imagined])  # a strip: real on top, imagined below
+    run.writer.add_image("samples/imagined_vs_real", make_grid(both, columns=len(real)), pos.global_step,
+                         dataformats="HWC")
+    # the video: real | imagined side by side, uint8 (T, H, 2W, 3)
+    write_mp4(run.run_dir / "samples" / f"rollout_epoch{epoch:05d}.mp4",
+              np.concatenate([real, imagined], axis=3).transpose(0, 2, 3, 1))
+    write_samples(run.run_dir / "samples", f"rollout_epoch{epoch:05d}", both, columns=len(real))
+    for key, value in test_losses.items():
+        log.add(f"eval/{key}", value)
+    if returns is not None:
+        log.add("eval/episodic_return", float(np.mean(returns)))
+        score = human_normalized_score(run.game, float(np.mean(returns)))
+        if score is not None:
+            log.add("eval/human_normalized_score", score)
+
+
+def keep_agent_copy(folder: Path, epoch: int, actor_critic: ActorCritic, keep: int):
+    """checkpoints/agent_epoch_{epoch}.pt: the actor-critic's weights alone (atomic, on the CPU); older copies beyond
+    the newest `keep` are deleted."""
+    save_checkpoint(folder / f"agent_epoch_{epoch:05d}.pt", {k: v.cpu() for k, v in actor_critic.state_dict().items()})
+    for old in sorted(folder.glob("agent_epoch_*.pt"))[:-keep]:
+        old.unlink()
+
+
+def phase_runs(run: Run, name: str, epoch: int) -> bool:
+    """Whether a phase has work in this epoch."""
+    args = run.args
+    if name == "collect":  # epoch 1 decides the first collection; the final epochs only train
+        return args.dataset_dir is None and (epoch == 1 or run_schedule(args, run.collector.first_collection_steps)[
+            epoch - 1] > 0)
+    if name == "actor_critic":
+        return not args.world_model_only
+    if name == "evaluate":
+        return epoch % args.eval_every == 0 or epoch == run.num_epochs
+    return True
+
+
+def load_dataset_dir(args: Args, buffer: ReplayBuffer, num_actions: int) -> tuple[list[int], torch.Tensor]:
+    """--dataset-dir: every episode .npz into the buffer. Returns the training episodes and the held-out transitions
+    (the last 10% of the episodes, never trained on, are where world_model/* is measured)."""
+    paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))  # no temp files
+    paths = paths if Path(args.dataset_dir).is_dir() else []
+    if not paths:
+        raise UserError(f"--dataset-dir {args.dataset_dir}: no episode .npz files (one per episode: obs, "
+                        f"actions, rewards, terminated, truncated)")
+    if len(paths) < 2:
+        raise UserError(f"--dataset-dir {args.dataset_dir} has 1 episode: give at least 2 (the last 10% of the "
+                        f"episodes are held out to measure the world model)")
+    for path in paths:
+        buffer.add(load_episode(path, args.obs_size, num_actions, "fix it or move it out of --dataset-dir"),
+                   write=False)
+    num_heldout_episodes = max(1, len(paths) // 10)
+    pairs = [(e, t) for e in range(len(paths) - num_heldout_episodes, len(paths))
+             for t in range(len(buffer.episodes[e]["actions"]))]
+    picks = np.linspace(0, len(pairs) - 1, min(args.num_heldout_transitions, len(pairs))).round().astype(int)
+    return list(range(len(paths) - num_heldout_episodes)), torch.tensor([pairs[i] for i in picks], dtype=torch.long)
+
+
+def denoiser_update_flops(args: Args, num_actions: int) -> float:
+    """FLOPs of one denoiser update, for MFU: about 3x the forward FLOPs (forward + backward) per prediction."""
+    c = args.num_conditioning_steps
+    example = (torch.zeros(1, 3, args.obs_size, args.obs_size), torch.zeros(1),
+               torch.zeros(1, 3 * c, args.obs_size, args.obs_size), torch.zeros(1, c, dtype=torch.long))
+    return 3 * args.batch_size * (1 + args.num_autoregressive_steps) * forward_flops(
+        lambda: build_models(args, num_actions)[0].net, *example)
+
+
+def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCritic, game: str, device: torch.device,
+              autocast, stop):
+    """--eval-only: the checkpoint's agent plays --test-episodes full games; the score goes into the run's TensorBoard
+    at the checkpoint's global step. A signal abandons the episodes and logs nothing."""
+    completed = checkpoint["epoch"] - 1
+    print(f"running {args.test_episodes} test episodes with the agent of epoch {completed} ...", flush=True)
+    try:
+        returns = run_test_episodes(actor_critic, game, args, args.test_episodes, args.seed * 7919 + 1_000_003,
+                                    device, autocast, check=stop.check)
+    except StopRequested:
+        print("stopped by signal during the test episodes; nothing was logged", flush=True)
+        return
+    finally:
+        stop.restore()
+    report_score(game, returns, f"{args.test_episodes} test episodes with the agent of epoch {completed}")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run_dir)) as writer:
+        log_test_returns(writer, game, returns, checkpoint["global_step"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(args: Args, given: set[str]):
+    # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, environment, models
+    checkpoint, run_dir = None, None
+    if args.resume:
+        checkpoint_path = resolve_checkpoint_path(args.resume)
+        checkpoint = load_checkpoint(checkpoint_path)
+        args = merge_resumed_args(args, given, checkpoint["args"])
+        run_dir = checkpoint_path.parent.parent
+    check_args(args, torchrun_world()[0])
+    game, env_name = canonical_env_id(args.env_id)
+    setup = setup_device(args)
+    device, autocast = setup.device, autocast_context(setup, args.dtype)
+    # Two explicit generators carry every random draw of training, so that their saved states make a resume exact;
+    # evaluations use generators seeded from (seed, epoch) and never move them.
+    seed_everything(args.seed)
+    cpu_generator = torch.Generator().manual_seed(args.seed)  # no-ops, exploration, replay sampling
+    generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # diffusion noise, imagination
+    stop = StopFlag()  # from here on SIGTERM/SIGINT finish the step (or abandon an evaluation), save and exit 0
+
+    env = AtariEnv(game, args.obs_size, args.frame_skip, args.noop_max, args.sticky_actions, args.max_episode_steps,
+                   end_on_life_loss=True, generator=cpu_generator, seed=args.seed)
+    num_actions = env.num_actions  # the game's minimal action set sizes the networks
+    denoiser, reward_end_model, actor_critic = (m.to(device) for m in build_models(args, num_actions))
+    models = {"denoiser": denoiser, "reward_end": reward_end_model, "actor_critic": actor_critic}
+    learners = build_learners(args, models, setup.use_cuda)
+    num_params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+    # The replay buffer: episodes this run collects, or the user's recorded episodes (sampled in proportion to their
+    # lengths, as DIAMOND does: the recency weights are about the agent's own data).
+    buffer = ReplayBuffer(None, args.recency_weights if args.dataset_dir is None else None,
+                          args.num_conditioning_steps)
+    collector, pos, log = Collector(env, buffer, cpu_generator, device), RunPosition(), EpochLog(device)
+    train_ids = None  # None: every episode; with --dataset-dir, all but the held-out ones
+    if args.dataset_dir is not None:
+        train_ids, collector.heldout = load_dataset_dir(args, buffer, num_actions)
+    if checkpoint is not None:
+        load_learners(learners, checkpoint)
+        set_rng_state(checkpoint["rng"])
+        cpu_generator.set_state(checkpoint["cpu_generator"])
+        generator.set_state(checkpoint["generator"])  # a CPU ByteTensor, for CUDA generators too
+        pos.load_state_dict(checkpoint)
+        collector.load_state_dict(checkpoint)
+        log.load_state_dict(checkpoint)
+    denoiser_net = torch.compile(denoiser.net) if args.compile else denoiser.net
+
+    if args.eval_only:  # the checkpoint's agent plays --test-episodes full games
+        return eval_only(args, checkpoint, run_dir, actor_critic, game, device, autocast, stop)
+
+    # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, episodes
+    run_dir = run_dir or create_run_dir(args, env_name)
+    writer = open_writer(args, run_dir, pos.global_step)
+    if checkpoint is None:
+        for name, count in num_params.items():
+            writer.add_scalar(f"charts/num_parameters_{name}", count, 0)
+    if args.dataset_dir is None:
+        # this run's episodes: the first num_buffer_files files (a killed run may have written more after its last
+        # checkpoint; those are collected and written again)
+        buffer.folder = run_dir / "episodes"
+        for i in range(checkpoint["num_buffer_files"] if checkpoint is not None else 0):
+            buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions,
+                                    "restore the file the run wrote there, or start a new run"), write=False)
+    collector.share_partial()
+    # The imagined episodes live across actor-critic updates, epochs and checkpoints, as in DIAMOND
+    wm_env = WorldModelEnv(denoiser, reward_end_model, buffer, args, device, generator, cpu_generator, denoiser_net,
+                           autocast, train_ids)
+    if checkpoint is not None:
+        wm_env.load_state_dict(checkpoint["imagination"])
+    run = Run(args, game, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net,
+              wm_env, collector, writer, stop, run_dir, denoiser_update_flops(args, num_actions),
+              peak_flops(setup, args.dtype))
+    print(f"run folder: {run_dir}")
+    print(f"game: {game} ({num_actions} actions); parameters: denoiser {num_params['denoiser']:,}, reward/end "
+          f"{num_params['reward_end']:,}, actor-critic {num_params['actor_critic']:,}; device: {device}")
+    decided = collector.first_collection_steps or args.dataset_dir is not None
+    print(f"the run: {run.num_epochs} epochs" + ("" if decided else f" if the first collection is "
+          f"{args.initial_collection_steps} env steps (fixed when it ends)") + (
+          "" if args.dataset_dir else f", {args.env_step_budget} env steps"), flush=True)
+    if checkpoint is not None:
+        print(f"resuming at {pos}", flush=True)
+
+    def save():
+        if not log.finite():  # never write NaN weights over a good checkpoint
+            raise non_finite_failure(f"in {pos}", run_dir)
+        save_checkpoint(run_dir / "checkpoints" / "latest.pt", {
+            "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "args": asdict(args),
+            **pos.state_dict(), **collector.state_dict(), **log.state_dict(),
+            "num_buffer_files": len(buffer.episodes) if args.dataset_dir is None else 0,
+            **learners_state(learners), "rng": rng_state(), "cpu_generator": cpu_generator.get_state(),
+            "generator": generator.get_state().cpu(), "imagination": wm_env.state_dict(),
+        })
+        where = "" if pos.phase == 0 and pos.step == 0 else f" (inside epoch {pos.epoch}: {pos.name}, step {pos.step})"
+        print(f"saved checkpoint at epoch {pos.epoch - 1}{where}", flush=True)
+
+    # ---- train: each epoch collects, measures the world model, trains the three models in turn, evaluates
+    run_start, epoch_start, first_epoch = time.perf_counter(), time.perf_counter(), pos.epoch
+    while pos.epoch <= run.num_epochs:
+        name, phase_start, first_step = pos.name, time.perf_counter(), pos.step
+        try:
+            if phase_runs(run, name, pos.epoch):
+                if name == "collect":
+                    collect(run, collector, pos, log)
+                elif name == "world_model_eval" and len(collector.heldout):
+                    measure_world_model(run, collector, pos, log)
+                elif name in ("denoiser", "reward_end", "actor_critic"):
+                    train_model(run, name, pos, log)
+                elif name == "evaluate":
+                    evaluate(run, pos, log)
+        except StopRequested:
+            pass  # an evaluation abandoned: the checkpoint below restarts it on resume
+        if stop.requested:  # the phase was cut short: save where it stands, not as done
+            save()
+            print(f"stopped by signal at {pos}", flush=True)
+            break
+        if pos.epoch == 1 and pos.step > first_step:  # the first epoch is long (25k updates): say where it is
+            print(f"epoch 1: {name} done ({pos.step} steps, {time.perf_counter() - phase_start:.1f} s)", flush=True)
+        pos.phase, pos.step = pos.phase + 1, 0
+        if pos.phase == len(PHASES):  # the end of the epoch: write its numbers at the global step, then maybe save
+            log.add("charts/epoch", pos.epoch)
+            log.add("charts/env_steps", collector.env_steps)
+            log.add("charts/buffer_transitions", buffer.num_transitions())
+            log.write_pending(writer, pos.global_step)
+            elapsed, epochs_here = time.perf_counter() - epoch_start, pos.epoch - first_epoch + 1
+            eta = (time.perf_counter() - run_start) / epochs_here * (run.num_epochs - pos.epoch)  # epoch 1 is long
+            print(f"epoch {pos.epoch}/{run.num_epochs} | env steps {collector.env_steps} | global step "
+                  f"{pos.global_step} | {' | '.join(log.summary())} | {elapsed:.1f} s, ETA {int(eta // 3600)}:"
+                  f"{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
+            if not args.world_model_only and pos.epoch % args.save_agent_every == 0:  # the curve of agents
+                keep_agent_copy(run_dir / "checkpoints", pos.epoch, actor_critic, args.num_agents_to_keep)
+            pos.epoch, pos.phase, epoch_start, log = pos.epoch + 1, 0, time.perf_counter(), EpochLog(device)
+            if (pos.epoch - 1) % args.save_every == 0 or pos.epoch > run.num_epochs:
+                save()
+
+    # ---- the test: the score the paper reports (full games, epsilon 0), then teardown
+    if not stop.requested and not args.world_model_only:
+        try:
+            returns = run_test_episodes(actor_critic, game, args, args.test_episodes, args.seed * 7919 + 1_000_003,
+                                        device, autocast, check=stop.check)
+            report_score(game, returns, f"{args.test_episodes} test episodes after {run.num_epochs} epochs, "
+                                        f"{collector.env_steps} env steps" + (
+                                            " (real-game test episodes: this script's addition, DIAMOND plays none "
+                                            "with a static dataset)" if args.dataset_dir else ""))
+            log_test_returns(writer, game, returns, pos.global_step)
+        except StopRequested:  # the checkpoint after the last epoch is saved: --eval-only runs the test again
+            print(f"stopped by signal at the test episodes after epoch {run.num_epochs}; run them with --resume "
+                  f"{run_dir} --eval-only", flush=True)
+    print(f"{'stopped' if stop.requested else 'done'} after {time.perf_counter() - run_start:.1f} s: {run_dir}")
+    close_writer(args, writer)
+    stop.restore()
+
+
+# ======================================================================================================================
+# BEGIN SHARED MACHINERY: byte-identical in all four cleanworlds scripts (tests/test_shared_blocks.py checks it).
+# The contract every script keeps (CONTRACT.md): flags and --config, checkpoints and RNG state, device, determinism
+# and torchrun setup, the run folder and TensorBoard, signals, throughput and MFU, images, the entry point. It reads
+# the script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args, PRESETS, ARG_DOMAINS,
+# RESUME_MUTABLE_FIELDS, FLAG_ALIASES. diamond_atari.py runs one process per game: it never calls the torchrun parts
+# (a world size above 1, leave_process_group, the all-reduce in StopFlag.sync) and ddpm/dit never call write_mp4.
+# ======================================================================================================================
+
+
+class UserError(Exception):
+    """Bad input: printed as one line naming the problem and the fix; exit status 2; nothing saved is touched."""
+
+
+class TrainingFailure(Exception):
+    """A fault during the run (a non-finite loss, a full disk, a read-only folder): one line, exit status 1; the last
+    checkpoint stays intact."""
+
+
+class StopRequested(Exception):
+    """SIGTERM or SIGINT arrived during sampling, an evaluation or test episodes: the work is abandoned, not finished."""
+
+
+# ---- flags and config: defaults < --preset < --config < flags on the command line
+
+
+def flag_field(token: str) -> Optional[str]:
+    """The Args field a command-line token sets, whatever spelling the parser accepts: '--total_steps=5',
+    '--total-steps', '--no-cuda' and aliases (FLAG_ALIASES) all count. None for values and unknown flags."""
+    if not token.startswith("--"):
+        return None
+    name = token.split("=")[0]
+    if name in FLAG_ALIASES:
+        return FLAG_ALIASES[name]
+    name = name[2:].replace("-", "_")
+    names = {f.name for f in fields(Args)}
+    if name in names:
+        return name
+    return name[3:] if name.startswith("no_") and name[3:] in names else None
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
-    """defaults < --preset < --config < flags on the command line. Returns the args and the fields given as flags."""
+    """Returns the args and the set of fields given on the command line (which --resume may let change)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--preset")
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
@@ -1334,63 +2144,98 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
     if known.config is not None:
         defaults = replace(defaults, **read_config(known.config))
     args = tyro.cli(Args, default=defaults, args=argv)
-    given = {f.name for f in fields(Args) for token in argv
-             if token.split("=")[0] in (f"--{f.name.replace('_', '-')}", f"--no-{f.name.replace('_', '-')}")}
-    given |= {name for token in argv for flag, name in FLAG_ALIASES.items() if token.split("=")[0] == flag}
-    return args, given
+    return args, {name for name in map(flag_field, argv) if name is not None}
 
 
 def read_config(path: str) -> dict:
+    """--config: the config.json an earlier run wrote (a JSON object of Args fields); YAML when PyYAML is installed."""
     try:
-        with open(path) as f:
-            values = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read --config {path}: {e}") from None
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"--config {path} is not a text file: give the config.json an earlier run wrote") from None
+    except OSError as e:
+        raise UserError(f"cannot read --config {path}: {e.strerror or e}") from None
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise UserError(f"--config {path} is YAML, which needs PyYAML: pip install pyyaml (or give the "
+                            f"config.json an earlier run wrote)") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--config {path} is not valid JSON ({e}); give the config.json an earlier run wrote "
+                            f"(YAML needs a .yaml or .yml name)") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path} must hold an object of flag names and values, not a {type(values).__name__}")
     return normalise_args_dict(values, f"--config {path}")
 
 
+def value_fits(value, hint) -> bool:
+    """Whether a value read from JSON or YAML fits an Args field's type (bool is not an int here, an int is a float)."""
+    origin, options = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return any(value == option and type(value) is type(option) for option in options)
+    if origin is Union or (hasattr(types, "UnionType") and origin is getattr(types, "UnionType")):
+        return any(value_fits(value, option) for option in options)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(options) == 2 and options[1] is Ellipsis:
+            return all(value_fits(v, options[0]) for v in value)
+        return len(value) == len(options) and all(map(value_fits, value, options))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
 def normalise_args_dict(values: dict, source: str) -> dict:
-    known = {f.name: f for f in fields(Args)}
-    unknown = sorted(set(values) - set(known))
+    """Checks names and types of Args values read from a file; JSON's lists become the dataclass's tuples."""
+    hints = get_type_hints(Args)
+    unknown = sorted(set(values) - set(hints))
     if unknown:
         raise UserError(f"{source} has fields this script does not know: {', '.join(unknown)}")
-    # JSON turns tuples into lists; the dataclass holds tuples.
+    for name, value in values.items():
+        if not value_fits(value, hints[name]):
+            raise UserError(f"{source}: {name} is {value!r}, which is not a valid --{name.replace('_', '-')} "
+                            f"(expected {getattr(hints[name], '__name__', hints[name])})")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
-def check_args(args: Args):
-    if args.num_sampling_steps < 1:
-        raise UserError(f"--num-sampling-steps must be at least 1 (DIAMOND uses 3), not {args.num_sampling_steps}")
-    if args.eval_only and not args.resume:
-        raise UserError("--eval-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
-    if args.eval_only and args.world_model_only:
-        raise UserError("--eval-only runs the agent's test episodes: a --world-model-only run has no trained agent")
-    if args.dataset_dir is not None and not args.world_model_only:
-        raise UserError("--dataset-dir needs --world-model-only (the agent learns from the episodes it collects)")
-    for name in ("num_epochs", "batch_size", "save_every", "eval_every", "num_conditioning_steps", "frame_skip",
-                 "imagination_horizon", "backup_every", "num_imagined_envs", "max_episode_steps",
-                 "num_heldout_transitions"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
-    if args.num_autoregressive_steps < 0:
-        raise UserError(f"--num-autoregressive-steps must be at least 0 (DIAMOND uses 1), not "
-                        f"{args.num_autoregressive_steps}")
-    if args.reward_segment_length < 2:
-        raise UserError(f"--reward-segment-length must be at least 2 frames (one transition), not "
-                        f"{args.reward_segment_length}")
-    if args.num_conditioning_steps < 2:
-        raise UserError(f"--num-conditioning-steps must be at least 2 (the actor's memory is burnt in on the earlier "
-                        f"frames), not {args.num_conditioning_steps}")
-    if args.diffusion_cond_dim % args.num_conditioning_steps:
-        raise UserError(f"--diffusion-cond-dim {args.diffusion_cond_dim} must be divisible by "
-                        f"--num-conditioning-steps {args.num_conditioning_steps} (one action embedding per step)")
-    if args.obs_size % 2 ** max(len(args.diffusion_channels) - 1, len(args.actor_channels), 3):
-        raise UserError(f"--obs-size {args.obs_size} must be divisible by 2^{len(args.actor_channels)} "
-                        f"(the actor-critic's max-pools) and 2^{len(args.diffusion_channels) - 1} (the U-Net levels)")
-    if len(args.recency_weights) < 1 or min(args.recency_weights) <= 0:
-        raise UserError("--recency-weights must be positive numbers")
-    if not (0 < args.sigma_min < args.sigma_max):
-        raise UserError(f"need 0 < --sigma-min < --sigma-max, got {args.sigma_min} and {args.sigma_max}")
+def in_domain(value, domain: str) -> bool:
+    """ARG_DOMAINS' notation: '>= 0', '> 0', '[0, 1)', '(0, 1]' ... Non-finite numbers are in no domain."""
+    if not math.isfinite(value):
+        return False
+    if domain.startswith(">="):
+        return value >= float(domain[2:])
+    if domain.startswith(">"):
+        return value > float(domain[1:])
+    low, high = (float(bound) for bound in domain[1:-1].split(","))
+    return (low <= value if domain[0] == "[" else low < value) and (value <= high if domain[-1] == "]" else value < high)
+
+
+def check_arg_domains(args: Args):
+    """Every numeric flag inside its domain at start-up, so that a bad value fails here and not deep inside a run
+    (after the training since the last save). A tuple flag's every element is checked."""
+    for name, domain in ARG_DOMAINS.items():
+        value = getattr(args, name)
+        for element in value if isinstance(value, tuple) else (value,):
+            if element is not None and not in_domain(element, domain):
+                shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+                raise UserError(f"--{name.replace('_', '-')} must be {'in ' if domain[0] in '[(' else ''}{domain}, "
+                                f"not {shown}")
+
+
+# ---- checkpoints: one file, written atomically, loaded with weights_only=True
 
 
 def resolve_checkpoint_path(resume: str) -> Path:
@@ -1402,51 +2247,97 @@ def resolve_checkpoint_path(resume: str) -> Path:
     return path
 
 
+def floating_tensors(tree, prefix: str = ""):
+    """(name, tensor) for every floating-point tensor in nested dicts and lists."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point():
+            yield prefix, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from floating_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from floating_tensors(value, f"{prefix}.{i}")
+
+
 def load_checkpoint(path: Path) -> dict:
+    """Loads with weights_only=True (a malicious file cannot run code) and refuses, in one line, a file that is not
+    a complete, finite checkpoint of this script."""
     try:
-        # weights_only=True: a checkpoint holds tensors and plain containers only, so a malicious file cannot run code
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read the file is the same user-facing error
-        raise UserError(f"cannot load checkpoint {path} (corrupt, or not a safe checkpoint): "
-                        f"{str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__}") from None
+        if "GLOBAL" in str(e):  # the weights-only unpickler refused a Python object it names (GLOBAL module.name)
+            raise UserError(f"cannot load checkpoint {path}: it holds Python objects other than tensors and plain "
+                            f"containers, which could run code when loaded; a checkpoint this script wrote never "
+                            f"does, so resume from one of those") from None
+        message = str(e).split("WeightsUnpickler error:")[-1].strip()  # the unpickler's words, not torch's advice
+        reason = message.splitlines()[0][:200] if message else e.__class__.__name__
+        raise UserError(f"cannot load checkpoint {path} (corrupt or not a checkpoint: {reason}); resume from "
+                        f"another checkpoint") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT_NAME:
         found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
         raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not of {SCRIPT_NAME}")
     if checkpoint.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this script reads "
                         f"{CHECKPOINT_FORMAT_VERSION}")
+    missing = sorted(CHECKPOINT_KEYS - set(checkpoint))
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of {SCRIPT_NAME}; resume from "
+                        f"a checkpoint the script wrote")
+    bad = next((name for name, tensor in floating_tensors(checkpoint) if not torch.isfinite(tensor).all()), None)
+    if bad is not None:
+        raise UserError(f"{path} holds non-finite values (in {bad}): it would sample or train on NaN; resume from an "
+                        f"earlier checkpoint")
     return checkpoint
 
 
 def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
     """The run's arguments come from the checkpoint; only RESUME_MUTABLE_FIELDS may be changed by flags."""
     saved = normalise_args_dict(saved, "the checkpoint's args")
-    for name in sorted(given - RESUME_MUTABLE_FIELDS):
+    for name in sorted(given - RESUME_MUTABLE_FIELDS - {"resume"}):
         if getattr(args, name) != saved.get(name):
             flag = f"--{name.replace('_', '-')}"
             raise UserError(f"{flag} is {saved.get(name)!r} in the checkpoint and cannot change on --resume (only the "
-                            f"run length, cadence, logging and evaluation flags can); drop {flag} or start a new run")
-    return replace(Args(**saved), **{name: getattr(args, name) for name in given & RESUME_MUTABLE_FIELDS - {"resume"}},
-                   resume=args.resume)
+                            f"run length, cadence, logging and sampling flags can); drop {flag} or start a new run")
+    mutable = given & RESUME_MUTABLE_FIELDS - {"resume"}
+    return replace(Args(**saved), **{name: getattr(args, name) for name in mutable}, resume=args.resume)
 
 
 def save_checkpoint(path: Path, state: dict):
-    """Atomic: write a temporary file in the same folder, flush and fsync, then rename over the old checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomic: a temporary file in the same folder, flushed and fsynced, then renamed over the old checkpoint. A full
+    disk or a read-only folder raises TrainingFailure with the temporary file removed and the old checkpoint intact."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise TrainingFailure(f"cannot write checkpoint {path} ({reason}); "
+                              f"{'the previous one is intact' if path.exists() else 'no checkpoint was saved'}: free "
+                              f"disk space or make the folder writable, then --resume") from None
+
+
+def non_finite_failure(where: str, run_dir: Optional[Path]) -> TrainingFailure:
+    """The error of a run whose loss or gradients became NaN or infinite: it says whether a checkpoint exists."""
+    latest = run_dir / "checkpoints" / "latest.pt" if run_dir is not None else None
+    kept = (f"the last good checkpoint is kept in {latest}" if latest is not None and latest.exists()
+            else "no checkpoint was saved yet")
+    return TrainingFailure(f"the loss or gradients became non-finite {where}; {kept} (try a lower --learning-rate "
+                           f"or --dtype float32)")
 
 
 def rng_state() -> dict:
+    """Every global RNG as plain values (weights_only=True refuses numpy objects)."""
     np_state = np.random.get_state(legacy=True)
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        # numpy's state as plain values: weights_only=True refuses numpy objects
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
                   float(np_state[4])],
         "python": random.getstate(),
@@ -1463,31 +2354,267 @@ def set_rng_state(state: dict):
     random.setstate((version, tuple(internal), gauss))
 
 
-def matmul_peak_flops(device: torch.device) -> float:
-    """The device's peak FLOP/s for MFU: bf16 dense from a table on CUDA, a measured 2048^2 fp32 matmul on the CPU."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
-                 "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
-        if "H100" in name and "PCIe" in name:
-            return 756e12
-        return next((peak for key, peak in table.items() if key in name), float("nan"))
-    a = torch.randn(2048, 2048)
-    torch.mm(a, a)
-    start = time.perf_counter()
-    for _ in range(3):
+def seed_everything(seed: int):
+    """The same seed on every torchrun rank: every rank builds the same initial weights."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- device, determinism, torchrun
+
+
+@dataclass
+class Setup:
+    """Where this process runs: the device, and its place among torchrun's processes (world_size 1 without)."""
+    device: torch.device
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def use_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def torchrun_world() -> tuple[int, int, int]:
+    """(world_size, rank, local_rank) from the variables torchrun sets; (1, 0, 0) for a plain `python script.py`."""
+    return tuple(int(os.environ.get(name, default)) for name, default in
+                 (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")))
+
+
+def setup_device(args: Args) -> Setup:
+    """CUDA when asked and available (else the CPU, with a notice), determinism, TF32, and the process group."""
+    world_size, rank, local_rank = torchrun_world()
+    use_cuda = args.cuda and torch.cuda.is_available()
+    if args.cuda and not use_cuda and rank == 0:
+        print("notice: CUDA is not available, running on the CPU")
+    if args.torch_deterministic and use_cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        if not use_cuda:
+            torch.set_num_threads(1)  # one thread per rank on the CPU: ranks do not fight over cores
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic
+    if use_cuda:  # the CPU's kernels are deterministic already at a fixed thread count (exact resume is tested so);
+        # there the call would only cost seconds at every start (it imports the compiler to set its config)
+        torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
+    # ...without its NaN fill of every new uninitialised tensor: one extra kernel per allocation, 10 to 12% of a
+    # DDPM or DIAMOND training step on an H100 (benchmark/RESULTS.md); no kernel reads memory it did not write.
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs on Ampere+: ~free speed for fp32 parts
+    torch.backends.cudnn.allow_tf32 = True
+    return Setup(device, world_size, rank, local_rank)
+
+
+def autocast_context(setup: Setup, dtype: str):
+    """bf16/fp16 autocast on CUDA; a no-op for float32 and on the CPU (which computes in float32)."""
+    autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return torch.autocast("cuda", dtype=autocast_dtype) if setup.use_cuda and autocast_dtype else contextlib.nullcontext()
+
+
+def leave_process_group(world_size: int):
+    """Every rank tears the process group down at the same point, after a barrier: a rank that leaves while another is
+    still sampling or saving can be aborted by gloo at exit. What follows (final samples, FID) is rank 0's alone and
+    needs no collective."""
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---- signals: SIGTERM / SIGINT finish the current step, save, exit 0
+
+
+class StopFlag:
+    """Installs SIGTERM and SIGINT handlers that set a flag instead of killing the process. The training loop stops at
+    the next step boundary; sampling, evaluations and test episodes call check() inside their loops and are abandoned.
+    Install it before the run folder exists: a signal before it kills a process that has written nothing."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def request(self, signum=None, frame=None):
+        self.requested = True
+
+    def check(self):
+        """Raises StopRequested once a signal arrived: call it between steps of long work."""
+        if self.requested:
+            raise StopRequested()
+
+    def sync(self, setup: Setup) -> bool:
+        """Under torchrun every rank stops at the same step: the flag is all-reduced (a collective: all ranks call it
+        at the same steps). Returns whether to stop."""
+        if setup.world_size > 1:
+            flag = torch.tensor(float(self.requested), device=setup.device)
+            dist.all_reduce(flag)
+            self.requested = flag.item() > 0
+        return self.requested
+
+    def restore(self):
+        """Puts the previous handlers back (the scripts are importable: a caller keeps its own)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# ---- the run folder, TensorBoard, wandb
+
+
+def create_run_dir(args: Args, run_id: str) -> Path:
+    """{output_dir}/{run_id}__{exp_name}__{seed}__{unix time}/ with config.json; never an existing folder."""
+    run_dir = Path(args.output_dir) / f"{run_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    while run_dir.exists():  # never overwrite an earlier run
+        run_dir = run_dir.with_name(run_dir.name + "_")
+    try:
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
+    except OSError as e:
+        raise UserError(f"--output-dir {args.output_dir}: cannot create the run folder {run_dir} "
+                        f"({e.strerror or e}); give a writable folder") from None
+    return run_dir
+
+
+def open_writer(args: Args, run_dir: Path, step: int):
+    """TensorBoard (and wandb with --track) in the run folder. purge_step: a resumed run drops the points a killed run
+    logged after its last checkpoint, so that no point is logged twice."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_dir.name, id=run_dir.name, resume="allow", save_code=True)
+    writer = SummaryWriter(str(run_dir), purge_step=step + 1 if step else None)
+    if step == 0:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+            f"|{key}|{value}|" for key, value in asdict(args).items()))
+    return writer
+
+
+def close_writer(args: Args, writer):
+    if writer is not None:
+        writer.close()
+    if args.track:
+        import wandb
+
+        wandb.finish()
+
+
+def progress_bar(total: int, initial: int, desc: str, unit: str, enabled: bool = True):
+    """A tqdm bar with step, speed and ETA (the loss goes in its postfix); a silent one on ranks other than 0."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled)
+
+
+# ---- throughput and model FLOPs utilisation
+
+
+def cpu_peak_flops() -> float:
+    """An upper bound of the CPU's fp32 FLOP/s: cores x max clock x vector lanes x 2 (FMA) x 2 (FMA units), from
+    /proc/cpuinfo and cpufreq (Linux; elsewhere 4 GHz and AVX-512 are assumed, which only lowers MFU)."""
+    cores = min(torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else os.cpu_count() or 1)
+    ghz, lanes = 4.0, 16
+    with contextlib.suppress(OSError, ValueError):
+        info = Path("/proc/cpuinfo").read_text()
+        flags = set(next(line for line in info.splitlines() if line.startswith(("flags", "Features"))).split())
+        lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags or "avx" in flags else 4
+        mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
+        max_khz = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+        ghz = float(max_khz.read_text()) / 1e6 if max_khz.exists() else max(mhz) / 1e3 * 1.5  # turbo headroom
+    return cores * ghz * 1e9 * lanes * 2 * 2
+
+
+def measured_matmul_flops() -> float:
+    """The best of 5 timed 2048^2 fp32 matmuls (an (n x n) matmul is 2 n^3 FLOPs); leaves the global RNG alone."""
+    a = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))
+    torch.mm(a, a)  # warm-up: thread pool and caches
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
         torch.mm(a, a)
-    return 3 * 2 * 2048 ** 3 / (time.perf_counter() - start)  # a (n x n) matmul is 2 n^3 FLOPs
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048 ** 3 / best
 
 
-def forward_flops(model: nn.Module, *inputs) -> float:
-    """FLOPs of one forward pass, counted by torch's FLOP counter (matmuls and convolutions)."""
+CUDA_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+                   "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16
+
+
+def peak_flops(setup: Setup, dtype: str) -> float:
+    """The MFU denominator, an upper bound of the device's FLOP/s: on CUDA the dense bf16/fp16 tensor-core peak from
+    a table (TF32, used for float32, is half of it; NaN for an unknown GPU); on the CPU the larger of cpu_peak_flops()
+    and a measured matmul's rate, so that MFU cannot exceed 1."""
+    if setup.use_cuda:
+        name = torch.cuda.get_device_name(setup.device)
+        peak = 756e12 if "H100" in name and "PCIe" in name else next(
+            (flops for key, flops in CUDA_PEAK_FLOPS.items() if key in name), float("nan"))
+        return peak / 2 if dtype == "float32" else peak
+    return max(cpu_peak_flops(), measured_matmul_flops())
+
+
+def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> float:
+    """FLOPs of one forward pass of the model build() returns, counted by torch's FLOP counter (matmuls,
+    convolutions, attention) on the meta device: no compute, no RNG draws (an exact resume depends on it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    with torch.device("meta"):
+        model = build().eval()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(*inputs)
+        model(*(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs))
     return float(counter.get_total_flops())
+
+
+class Meter:
+    """Training-loop accounting without a host sync per step: device-side sums of the loss and the gradient norm,
+    samples per second over the timed steps, and MFU = achieved FLOP/s / peak FLOP/s (a training step counts as 3x
+    the forward FLOPs: forward plus a backward of twice its cost). read() syncs once per log interval."""
+
+    def __init__(self, device: torch.device, train_flops_per_sample: float, peak: float, world_size: int = 1):
+        self.train_flops_per_sample, self.peak, self.world_size = train_flops_per_sample, peak, world_size
+        self.loss_sum = torch.zeros((), device=device)
+        self.grad_norm_sum = torch.zeros((), device=device)
+        self.steps = 0
+        self.restart_clock()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, num_samples: int):
+        self.loss_sum += loss.detach().float()
+        self.grad_norm_sum += grad_norm.detach().float()
+        self.steps += 1
+        self.timed_samples += num_samples
+
+    def restart_clock(self):
+        """Leaves what follows out of the throughput: the first (compiling) step, sampling, saving."""
+        self.timed_samples, self.clock = 0, time.perf_counter()
+
+    def finite(self) -> bool:
+        """Whether every loss and gradient norm since the last read() was finite (a host sync)."""
+        return math.isfinite(self.loss_sum.item()) and math.isfinite(self.grad_norm_sum.item())
+
+    def read(self) -> dict:
+        """Means since the last read, samples/s (global: the per-rank count times the world size) and MFU; resets."""
+        samples_per_second = self.timed_samples * self.world_size / max(time.perf_counter() - self.clock, 1e-9)
+        values = {"loss": self.loss_sum.item() / max(self.steps, 1),
+                  "grad_norm": self.grad_norm_sum.item() / max(self.steps, 1), "SPS": samples_per_second,
+                  "mfu": samples_per_second / self.world_size * self.train_flops_per_sample / self.peak}
+        self.loss_sum.zero_()
+        self.grad_norm_sum.zero_()
+        self.steps = 0
+        self.restart_clock()
+        return values
+
+
+# ---- images and video files
 
 
 def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 2) -> np.ndarray:
@@ -1503,455 +2630,61 @@ def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 2) -
     return grid
 
 
-def write_samples(folder: Path, stem: str, images: np.ndarray, columns: Optional[int] = None) -> Path:
-    """A PNG grid and an .npz of the uint8 (N, H, W, 3) images (arr_0, the layout FID tools read)."""
+def write_png(path: Path, rgb: np.ndarray):
+    """uint8 (H, W, 3) RGB -> PNG. OpenCV reports a failed write by returning False: raise instead."""
     import cv2
 
-    folder.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(folder / f"{stem}.png"), make_grid(images[:256], columns)[:, :, ::-1])
-    np.savez(folder / f"{stem}.npz", images.transpose(0, 2, 3, 1))
-    return folder / f"{stem}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1])):
+        raise OSError(f"cannot write {path}")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+def write_mp4(path: Path, frames: np.ndarray, fps: int = 15, min_side: int = 256):
+    """uint8 (T, H, W, 3) RGB frames -> MP4 (opencv, mp4v), enlarged by an integer factor to at least min_side."""
+    import cv2
 
-# Each epoch runs these phases in order; a checkpoint records the phase and the position inside it.
-PHASES = ("collect", "world_model_eval", "denoiser", "reward_end", "actor_critic", "evaluate")
-
-
-def main(args: Args, given: set[str]):
-    checkpoint, run_dir = None, None
-    if args.resume:
-        checkpoint_path = resolve_checkpoint_path(args.resume)
-        checkpoint = load_checkpoint(checkpoint_path)
-        args = merge_resumed_args(args, given, checkpoint["args"])
-        run_dir = checkpoint_path.parent.parent
-    check_args(args)
-    game, env_name = canonical_env_id(args.env_id)
-
-    use_cuda = args.cuda and torch.cuda.is_available()
-    if args.cuda and not use_cuda:
-        print("notice: CUDA is not available, running on the CPU")
-    if args.torch_deterministic and use_cuda:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
-    device = torch.device("cuda" if use_cuda else "cpu")
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.backends.cudnn.benchmark = not args.torch_deterministic
-    if args.torch_deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        # ...without its NaN fill of every new uninitialised tensor: one extra kernel per allocation, 10 to 12% of a
-        # DDPM or DIAMOND training step on an H100 (benchmark/RESULTS.md); no kernel reads memory it did not write.
-        torch.utils.deterministic.fill_uninitialized_memory = False
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs on Ampere+: ~free speed for fp32 parts
-    torch.backends.cudnn.allow_tf32 = True
-    autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    autocast = (torch.autocast("cuda", dtype=autocast_dtype) if use_cuda and autocast_dtype
-                else contextlib.nullcontext())
-
-    peak_flops = matmul_peak_flops(device)  # before seeding: its random matrix must not move the saved RNG states
-
-    # Seeding. Two explicit generators carry every random draw of training, so that their saved states make a resume
-    # exact; evaluation uses generators seeded from (seed, epoch) and never moves them.
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    cpu_generator = torch.Generator().manual_seed(args.seed)  # no-ops, exploration, replay sampling
-    generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # diffusion noise, imagination
-
-    # The training environment (its minimal action set sizes the networks)
-    env = AtariEnv(game, args.obs_size, args.frame_skip, args.noop_max, args.sticky_actions, args.max_episode_steps,
-                   end_on_life_loss=True, generator=cpu_generator, seed=args.seed)
-    num_actions = env.num_actions
-
-    # Models, optimizers (AdamW with linear warmup), grad scalers
-    denoiser, reward_end_model, actor_critic = (m.to(device) for m in build_models(args, num_actions))
-    models = {"denoiser": denoiser, "reward_end": reward_end_model, "actor_critic": actor_critic}
-    weight_decay = {"denoiser": args.weight_decay, "reward_end": args.weight_decay, "actor_critic": 0.0}
-    max_grad_norm = {"denoiser": args.denoiser_max_grad_norm, "reward_end": args.max_grad_norm,
-                     "actor_critic": args.max_grad_norm}
-    optimizers = {name: torch.optim.AdamW(weight_decay_groups(model, weight_decay[name]), lr=args.learning_rate,
-                                          eps=args.adam_eps, fused=use_cuda)
-                  for name, model in models.items()}
-    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_warmup_factor(s, args.warmup_steps))
-                  for name, opt in optimizers.items()}
-    scalers = {name: torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16") for name in models}
-    num_params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
-
-    # Training state: the position in the run is (epoch, phase, position inside the phase)
-    epoch, phase, position, env_steps = 1, 0, 0, 0
-    partial: Optional[dict] = None  # the episode being collected: lists of obs, actions, rewards, flags
-    collect_hidden = None  # the actor's LSTM state while collecting
-    heldout = torch.zeros((0, 2), dtype=torch.long)  # (episode, t) of the transitions world_model/* is computed on
-    epoch_log: dict[str, list[float]] = {}
-    phase_sums: dict[str, float] = {}
-    num_buffer_files = 0
-    if checkpoint is not None:
-        try:
-            for name, model in models.items():
-                model.load_state_dict(checkpoint["models"][name])
-        except RuntimeError as e:
-            raise UserError(f"checkpoint weights do not fit these models ({str(e).splitlines()[0]})") from None
-        for name in models:
-            optimizers[name].load_state_dict(checkpoint["optimizers"][name])
-            schedulers[name].load_state_dict(checkpoint["schedulers"][name])
-            scalers[name].load_state_dict(checkpoint["scalers"][name])
-        set_rng_state(checkpoint["rng"])
-        cpu_generator.set_state(checkpoint["cpu_generator"])
-        generator.set_state(checkpoint["generator"])  # a CPU ByteTensor, for CUDA generators too
-        epoch, phase, position = checkpoint["epoch"], PHASES.index(checkpoint["phase"]), checkpoint["position"]
-        env_steps, num_buffer_files = checkpoint["env_steps"], checkpoint["num_buffer_files"]
-        env.load_state_dict(checkpoint["env"])
-        saved_partial = checkpoint["partial"]
-        if saved_partial is not None:
-            partial = {"obs": list(saved_partial["obs"].numpy()),
-                       **{key: saved_partial[key].tolist() for key in ("actions", "rewards", "terminated",
-                                                                        "truncated")}}
-        collect_hidden = (None if checkpoint["collect_hidden"] is None
-                          else tuple(h.to(device) for h in checkpoint["collect_hidden"]))
-        heldout, epoch_log, phase_sums = checkpoint["heldout"], checkpoint["epoch_log"], checkpoint["phase_sums"]
-
-    denoiser_net = torch.compile(denoiser.net) if args.compile else denoiser.net
-
-    if args.eval_only:
-        completed = checkpoint["epoch"] - 1
-        returns = run_test_episodes(actor_critic, game, args, args.test_episodes, args.seed * 7919 + 1_000_003,
-                                    device, autocast)
-        report_score(game, returns, f"{args.test_episodes} test episodes with the agent of epoch {completed}")
-        from torch.utils.tensorboard import SummaryWriter
-
-        with SummaryWriter(str(run_dir)) as writer:
-            log_test_returns(writer, game, returns, completed)
-        return
-
-    # The replay buffer: episodes this run collected (the first num_buffer_files files: a killed run may have written
-    # more after its last checkpoint, and those are rewritten), or the user's recorded episodes.
-    # (a static dataset is sampled in proportion to episode lengths, as DIAMOND does: the recency weights are about
-    # the agent's own data)
-    buffer = ReplayBuffer(None, args.recency_weights if args.dataset_dir is None else None,
-                          args.num_conditioning_steps)
-    train_ids: Optional[list[int]] = None  # None: every episode; with --dataset-dir, all but the held-out ones
-    if args.dataset_dir is not None:
-        paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))  # no temp files
-        paths = paths if Path(args.dataset_dir).is_dir() else []
-        if not paths:
-            raise UserError(f"--dataset-dir {args.dataset_dir}: no episode .npz files (one per episode: obs, "
-                            f"actions, rewards, terminated, truncated)")
-        if len(paths) < 2:
-            raise UserError(f"--dataset-dir {args.dataset_dir} has 1 episode: give at least 2 (the last 10% of the "
-                            f"episodes are held out to measure the world model)")
-        for path in paths:
-            buffer.add(load_episode(path, args.obs_size, num_actions, "fix it or move it out of --dataset-dir"),
-                       write=False)
-        num_heldout_episodes = max(1, len(paths) // 10)
-        train_ids = list(range(len(paths) - num_heldout_episodes))
-        pairs = [(e, t) for e in range(len(paths) - num_heldout_episodes, len(paths))
-                 for t in range(len(buffer.episodes[e]["actions"]))]
-        picks = np.linspace(0, len(pairs) - 1, min(args.num_heldout_transitions, len(pairs))).round().astype(int)
-        heldout = torch.tensor([pairs[i] for i in picks], dtype=torch.long)
-
-    # Run folder, TensorBoard, wandb
-    from torch.utils.tensorboard import SummaryWriter
-
-    if run_dir is None:
-        run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir = Path(args.output_dir) / run_name
-        while run_dir.exists():  # never overwrite an earlier run
-            run_dir = run_dir.with_name(run_dir.name + "_")
-        run_dir.mkdir(parents=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=asdict(args), name=run_dir.name, id=run_dir.name, resume="allow", save_code=True)
-    # purge_step: a resumed run drops the points a killed run logged after its last checkpoint (all logging happens
-    # at the end of an epoch, at step = epoch)
-    writer = SummaryWriter(str(run_dir), purge_step=epoch if checkpoint is not None else None)
-    if checkpoint is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-            f"|{key}|{value}|" for key, value in asdict(args).items()))
-        for name, count in num_params.items():
-            writer.add_scalar(f"charts/num_parameters_{name}", count, 0)
-
-    if args.dataset_dir is None:
-        buffer.folder = run_dir / "episodes"
-        for i in range(num_buffer_files):
-            buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions,
-                                    "restore the file the run wrote there, or start a new run"),
-                       write=False)
-
-    def partial_tensors():
-        if partial is None:
-            return None
-        return {"obs": torch.from_numpy(np.stack(partial["obs"])),
-                **{key: torch.tensor(partial[key], dtype=dtype) for key, dtype in
-                   (("actions", torch.int64), ("rewards", torch.float32), ("terminated", torch.bool),
-                    ("truncated", torch.bool))}}
-
-    def sync_partial():  # the episode being collected is sampled too (as the newest episode)
-        buffer.partial = None if partial is None else ReplayBuffer.to_tensors(partial)
-
-    sync_partial()
-    print(f"run folder: {run_dir}")
-    print(f"game: {game} ({num_actions} actions); parameters: denoiser {num_params['denoiser']:,}, reward/end "
-          f"{num_params['reward_end']:,}, actor-critic {num_params['actor_critic']:,}; device: {device}")
-
-    # Throughput accounting: a training step is about 3x the forward FLOPs (forward + backward).
-    c = args.num_conditioning_steps
-    example = (torch.zeros(1, 3, args.obs_size, args.obs_size, device=device), torch.zeros(1, device=device),
-               torch.zeros(1, 3 * c, args.obs_size, args.obs_size, device=device),
-               torch.zeros(1, c, dtype=torch.long, device=device))
-    denoiser_flops_per_sample = forward_flops(denoiser.net, *example)
-
-    # SIGTERM / SIGINT: finish the current step, save, exit 0.
-    stop_requested = False
-
-    def request_stop(signum, frame):
-        nonlocal stop_requested
-        stop_requested = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-
-    sums: dict[str, torch.Tensor] = {key: torch.tensor(value, device=device) for key, value in phase_sums.items()}
-
-    def add_sum(key: str, value: torch.Tensor):  # accumulated on the device: no host sync in the hot loop
-        sums[key] = sums[key] + value.detach().float() if key in sums else value.detach().float().clone()
-
-    def check_finite():
-        bad = [key for key, value in sums.items() if not math.isfinite(value.item())]
-        if bad:
-            raise TrainingFailure(f"{', '.join(bad)} became non-finite in epoch {epoch} ({PHASES[phase]}); the last "
-                                  f"good checkpoint is kept in {run_dir}/checkpoints (try a lower --learning-rate "
-                                  f"or --dtype float32)")
-
-    def save():
-        check_finite()  # never save NaN weights
-        save_checkpoint(run_dir / "checkpoints" / "latest.pt", {
-            "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "args": asdict(args),
-            "epoch": epoch, "phase": PHASES[phase], "position": position, "env_steps": env_steps,
-            "num_buffer_files": len(buffer.episodes) if args.dataset_dir is None else 0,
-            "models": {name: model.state_dict() for name, model in models.items()},
-            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-            "schedulers": {name: sched.state_dict() for name, sched in schedulers.items()},
-            "scalers": {name: scaler.state_dict() for name, scaler in scalers.items()},
-            "rng": rng_state(), "cpu_generator": cpu_generator.get_state(), "generator": generator.get_state().cpu(),
-            "env": env.state_dict(), "partial": partial_tensors(),
-            "collect_hidden": None if collect_hidden is None else tuple(h.cpu() for h in collect_hidden),
-            "heldout": heldout, "epoch_log": epoch_log, "imagination": wm_env.state_dict(),
-            "phase_sums": {key: value.item() for key, value in sums.items()},
-        })
-        where = "" if phase == 0 and position == 0 else f" (inside epoch {epoch}: {PHASES[phase]}, step {position})"
-        print(f"saved checkpoint at epoch {epoch - 1}{where}", flush=True)
-
-    def log_value(key: str, value: float):
-        epoch_log.setdefault(key, []).append(float(value))
-
-    def phase_length(name: str) -> int:
-        first = epoch == 1
-        return {"denoiser": args.first_epoch_denoiser_steps if first else args.denoiser_steps_per_epoch,
-                "reward_end": args.first_epoch_reward_steps if first else args.reward_steps_per_epoch,
-                "actor_critic": args.first_epoch_actor_critic_steps if first else args.actor_critic_steps_per_epoch,
-                }[name]
-
-    def gradient_step(name: str, loss: torch.Tensor) -> torch.Tensor:
-        optimizer, scaler, model = optimizers[name], scalers[name], models[name]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm[name])
-        scaler.step(optimizer)
-        scaler.update()
-        schedulers[name].step()
-        return grad_norm
-
-    def collect_step(random_policy: bool):
-        """One env step with the agent (epsilon-greedy over a sampled policy) or a uniform random policy."""
-        nonlocal partial, collect_hidden, env_steps
-        if partial is None:
-            partial = {"obs": [env.reset().copy()], "actions": [], "rewards": [], "terminated": [], "truncated": []}
-        explore = float(torch.rand(1, generator=cpu_generator)) < args.epsilon
-        random_action = int(torch.randint(num_actions, (1,), generator=cpu_generator))
-        if random_policy:
-            action = random_action
-        else:
-            x = to_float(torch.from_numpy(partial["obs"][-1]).permute(2, 0, 1)[None].to(device))
-            with torch.no_grad(), autocast:
-                logits, _, collect_hidden = actor_critic(x, collect_hidden)
-            sampled = int(torch.multinomial(logits.float().softmax(-1).cpu(), 1, generator=cpu_generator))
-            action = random_action if explore else sampled
-        obs, reward, terminated, truncated = env.step(action)
-        env_steps += 1
-        for key, value in (("obs", obs.copy()), ("actions", action), ("rewards", reward),
-                           ("terminated", terminated), ("truncated", truncated)):
-            partial[key].append(value)
-        if terminated or truncated:
-            buffer.add({key: np.asarray(value) for key, value in partial.items()})
-            if env.game_over:
-                log_value("charts/episodic_return", env.game_return)
-                log_value("charts/episodic_length", env.game_steps)
-            partial, collect_hidden = None, None
-        return reward
-
-    # The imagined episodes live across actor-critic updates and epochs (and checkpoints), as in DIAMOND
-    wm_env = WorldModelEnv(denoiser, reward_end_model, buffer, args, device, generator, cpu_generator, denoiser_net,
-                           autocast)
-    if checkpoint is not None:
-        wm_env.load_state_dict(checkpoint.get("imagination", {}))
-
-    run_start, epoch_start, first_epoch = time.perf_counter(), time.perf_counter(), epoch
-    collect_epochs = args.num_epochs - args.final_epochs_without_collection
-    while epoch <= args.num_epochs:
-        name = PHASES[phase]
-        phase_start = time.perf_counter()
-        steps_at_start = position
-
-        if name == "collect" and args.dataset_dir is None and epoch <= max(collect_epochs, 1):
-            nonzero = sum(int((buffer.episode(i)["rewards"] != 0).sum()) for i in buffer.sampleable())
-            while True:
-                if epoch == 1:  # at least initial_collection_steps, then 100 more at a time until enough rewards
-                    done = position >= args.max_initial_collection_steps or (
-                        position >= args.initial_collection_steps and nonzero >= args.min_nonzero_rewards
-                        and (position - args.initial_collection_steps) % 100 == 0)
-                else:
-                    done = position >= args.collection_steps_per_epoch
-                if done or stop_requested:
-                    break
-                # the transition about to be collected, as (index its episode will have in the buffer, t)
-                ref = (len(buffer.episodes), 0 if partial is None else len(partial["actions"]))
-                nonzero += collect_step(random_policy=args.world_model_only) != 0
-                heldout = torch.cat([heldout if position else heldout[:0], torch.tensor([ref])])
-                heldout = heldout[-args.num_heldout_transitions:]
-                position += 1
-            sync_partial()
-            if position > steps_at_start:
-                log_value("charts/SPS", (position - steps_at_start) / (time.perf_counter() - phase_start))
-
-        elif name == "world_model_eval" and len(heldout):
-            # The transitions just collected (or the held-out episodes of --dataset-dir): never trained on yet.
-            refs = [(e if e < len(buffer.episodes) else -1, t) for e, t in heldout.tolist()]
-            metrics = world_model_metrics(denoiser, reward_end_model, buffer, refs, args, device,
-                                          args.seed * 7919 + epoch, denoiser_net, autocast)
-            for key, value in metrics.items():
-                log_value(f"world_model/{key}", value)
-            if args.dataset_dir is None:  # trained on from now on: epochs that collect nothing log no world_model/*
-                heldout = heldout[:0]
-
-        elif name in ("denoiser", "reward_end", "actor_critic") and not (
-                name == "actor_critic" and args.world_model_only):
-            num_steps = phase_length(name)
-            model = models[name]
-            while position < num_steps and not stop_requested:
-                if name == "denoiser":
-                    batch = sample_denoiser_batch(buffer, args, cpu_generator, device, train_ids)
-                    with autocast:
-                        loss = denoiser_loss(denoiser, batch["obs"], batch["actions"], batch["obs_mask"], args,
-                                             generator, denoiser_net)
-                elif name == "reward_end":
-                    batch = sample_reward_end_batch(buffer, args, cpu_generator, device, train_ids)
-                    with autocast:
-                        loss = reward_end_loss(reward_end_model, batch)
-                else:
-                    loss, parts = actor_critic_loss(actor_critic, wm_env, args, generator, autocast)
-                    for key, value in parts.items():
-                        add_sum(key, value)
-                model.train()
-                grad_norm = gradient_step(name, loss)
-                add_sum(f"{name}_loss", loss)
-                add_sum(f"{name}_grad_norm", grad_norm)
-                position += 1
-            done_steps = position - steps_at_start
-            if done_steps and position == num_steps:
-                check_finite()
-                count = float(num_steps)
-                log_value(f"losses/{name}", sums.pop(f"{name}_loss").item() / count)
-                # the denoiser's as charts/grad_norm and charts/learning_rate (the three share one schedule)
-                suffix = "" if name == "denoiser" else f"_{name}"
-                log_value(f"charts/grad_norm{suffix}", sums.pop(f"{name}_grad_norm").item() / count)
-                if name == "denoiser":
-                    log_value("charts/learning_rate", schedulers[name].get_last_lr()[0])
-                if name == "actor_critic":
-                    for key in ("actor", "critic", "entropy"):
-                        log_value(f"losses/{key}", sums.pop(key).item() / count)
-                    for key in ("imagined_reward", "imagined_end"):
-                        log_value(f"charts/{key}", sums.pop(key).item() / count)
-            if done_steps:
-                if use_cuda:
-                    torch.cuda.synchronize()
-                per_second = done_steps / (time.perf_counter() - phase_start)
-                log_value(f"perf/{name}_steps_per_s", per_second)
-                if name == "denoiser":
-                    flops = 3 * denoiser_flops_per_sample * args.batch_size * (1 + args.num_autoregressive_steps)
-                    log_value("perf/mfu", per_second * flops / peak_flops)
-                if name == "actor_critic":
-                    log_value("perf/imagination_frames_per_s",
-                              per_second * args.num_imagined_envs * args.backup_every)
-
-        elif name == "evaluate" and (epoch % args.eval_every == 0 or epoch == args.num_epochs):
-            real, imagined = imagined_vs_real(denoiser, buffer, args, device, args.seed * 7919 + epoch, denoiser_net,
-                                              autocast)
-            strip = make_grid(np.concatenate([real, imagined]), columns=len(real))  # top: real, bottom: imagined
-            writer.add_image("samples/imagined_vs_real", strip, epoch, dataformats="HWC")
-            write_mp4(run_dir / "samples" / f"rollout_epoch{epoch:05d}.mp4", np.concatenate([real, imagined], axis=3))
-            write_samples(run_dir / "samples", f"rollout_epoch{epoch:05d}", np.concatenate([real, imagined]),
-                          columns=len(real))
-            if not args.world_model_only and epoch < args.num_epochs:  # the last epoch gets the full test below
-                returns = run_test_episodes(actor_critic, game, args, args.eval_episodes, args.seed * 7919 + epoch,
-                                            device, autocast)
-                log_value("eval/episodic_return", float(np.mean(returns)))
-                score = human_normalized_score(game, float(np.mean(returns)))
-                if score is not None:
-                    log_value("eval/human_normalized_score", score)
-
-        if epoch == 1 and position > steps_at_start:  # the first epoch is long (25k gradient steps): say where it is
-            print(f"epoch 1: {name} done ({position} steps, {time.perf_counter() - phase_start:.1f} s)", flush=True)
-        if stop_requested:
-            save()
-            print(f"stopped by signal in epoch {epoch} ({name}, step {position})")
-            break
-        phase, position = phase + 1, 0
-        if phase == len(PHASES):  # end of the epoch: log everything at step = epoch, then maybe save
-            log_value("charts/env_steps", env_steps)
-            log_value("charts/buffer_transitions", buffer.num_transitions())
-            for key, values in epoch_log.items():
-                writer.add_scalar(key, float(np.mean(values)), epoch)
-            parts = [f"{label} {np.mean(epoch_log[key]):.4g}" for key, label in (
-                ("losses/denoiser", "denoiser loss"), ("losses/reward_end", "reward/end loss"),
-                ("losses/actor_critic", "actor-critic loss"), ("charts/episodic_return", "train return"),
-                ("eval/episodic_return", "eval return")) if key in epoch_log]
-            if "world_model/next_frame_mse_changed" in epoch_log:
-                model_error = epoch_log["world_model/next_frame_mse_changed"][0]
-                copy_error = epoch_log["world_model/copy_last_frame_mse_changed"][0]
-                parts.append(f"next-frame mse on changed pixels {model_error:.4g} (copy-last-frame {copy_error:.4g})")
-            elapsed = time.perf_counter() - epoch_start
-            epochs_here = epoch - first_epoch + 1  # ETA from this process's epochs (epoch 1 is the long one)
-            eta = (time.perf_counter() - run_start) / epochs_here * (args.num_epochs - epoch)
-            print(f"epoch {epoch}/{args.num_epochs} | env steps {env_steps} | {' | '.join(parts)} | {elapsed:.1f} s, "
-                  f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
-            epoch_log, epoch, phase, epoch_start = {}, epoch + 1, 0, time.perf_counter()
-            if (epoch - 1) % args.save_every == 0 or epoch > args.num_epochs:
-                save()
-
-    if not stop_requested and not args.world_model_only:
-        returns = run_test_episodes(actor_critic, game, args, args.test_episodes, args.seed * 7919 + 1_000_003,
-                                    device, autocast)
-        report_score(game, returns, f"{args.test_episodes} test episodes after {args.num_epochs} epochs, "
-                                    f"{env_steps} env steps")
-        log_test_returns(writer, game, returns, args.num_epochs)
-    print(f"done in {time.perf_counter() - run_start:.1f} s: {run_dir}")
-    writer.close()
-    if args.track:
-        import wandb
-
-        wandb.finish()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scale = max(1, min_side // max(frames.shape[1:3]))
+    height, width = frames.shape[1] * scale, frames.shape[2] * scale
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    if not writer.isOpened():
+        raise OSError(f"cannot write {path}")
+    for frame in frames:
+        writer.write(cv2.resize(frame, (width, height), interpolation=cv2.INTER_NEAREST)[:, :, ::-1])
+    writer.release()
 
 
-if __name__ == "__main__":
+# ---- the entry point
+
+
+def run_main(main: Callable):
+    """Bad input: one line, exit 2. A fault during the run (non-finite loss, full disk, read-only folder): one line,
+    exit 1. Ctrl-C before the signal handlers are up: one line, exit 130. Under torchrun only rank 0 prints."""
+    def fail(message: str, status: int):
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()  # end any progress line, so that the error is a line of its own
+        if torchrun_world()[1] == 0:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(status)
+
     try:
         main(*parse_args())
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e), 2)
     except TrainingFailure as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e), 1)
+    except OSError as e:
+        fail(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}; check the disk and the "
+             f"folder's permissions, then --resume", 1)
+    except KeyboardInterrupt:
+        fail("interrupted before the run started; nothing was saved", 130)
+
+
+# END SHARED MACHINERY
+# ======================================================================================================================
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -5,14 +5,17 @@ against hand-computed values; a denoiser that learns; smoke runs as a user runs 
 Expensive runs are shared through module-scoped fixtures. The scripts run with one torch thread (OMP_NUM_THREADS=1):
 the tiny preset's small convolutions are faster single-threaded, above all on a shared machine."""
 import os
+import re
 import signal
+import subprocess
 from pathlib import Path
+from typing import Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import pytest
 import torch
-from conftest import (checkpoint_tensors, load_module, only_run_dir, read_image_tags, read_scalars,
-                      run_script, run_until_line_then_kill)
+from conftest import (PYTHON, ROOT, checkpoint_tensors, load_module, only_run_dir, read_image_tags, read_scalars,
+                      run_script, run_until_line_then_kill, script_env)
 
 SCRIPT = "diamond_atari.py"
 TINY = ["--env-id", "Breakout-v5", "--num-sampling-steps", "3", "--preset", "tiny"]
@@ -36,6 +39,26 @@ def dia():
 
 def run(*args, cwd, check=False):
     return run_script(SCRIPT, *args, cwd=cwd, check=check)
+
+
+def run_until_line_then_signal(*args, line_startswith: str, cwd, sig=signal.SIGTERM, timeout: float = 300):
+    """Starts the script, sends `sig` when a stdout line starts with `line_startswith`, and waits for it to exit.
+    Returns (stdout, stderr, exit status)."""
+    proc = subprocess.Popen([PYTHON, str(ROOT / SCRIPT), *map(str, args)], cwd=cwd, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(line_startswith):
+            proc.send_signal(sig)
+            break
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert any(line.startswith(line_startswith) for line in seen), "".join(seen)[-3000:] + err[-3000:]
+    return "".join(seen) + out, err, proc.returncode
 
 
 def plain_values(obj, prefix=""):
@@ -300,6 +323,7 @@ def test_denoiser_learns_next_frame_better_than_copying(dia, one_thread):
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     result = run(*TINY, "--output-dir", out / "runs", cwd=out, check=True)
+    (out / "stderr.txt").write_text(result.stderr)  # the progress bars, for test_progress_bars_*
     return only_run_dir(out / "runs"), result.stdout
 
 
@@ -319,7 +343,10 @@ def test_tiny_run_writes_tags_video_checkpoint_and_episodes(tiny_run, dia):
     missing = [tag for tag in EXPECTED_TAGS if tag not in scalars]
     assert not missing, missing
     assert "samples/imagined_vs_real" in read_image_tags(run_dir)
-    assert [step for step, _ in scalars["losses/denoiser"]] == [1, 2]
+    # one global step, the gradient updates of the three models: epoch 1 has 20 + 20 + 5, epoch 2 10 + 10 + 5;
+    # losses every 10 updates (--log-every) and at the end of a phase, the epoch's numbers at its end
+    assert [step for step, _ in scalars["losses/denoiser"]] == [10, 20, 55]
+    assert scalars["charts/epoch"] == [(45, 1.0), (70, 2.0)] and [s for s, _ in scalars["charts/env_steps"]] == [45, 70]
     assert (run_dir / "config.json").exists()
     mp4s = list((run_dir / "samples").glob("*.mp4"))
     assert mp4s and all(p.stat().st_size > 1000 for p in mp4s)
@@ -330,6 +357,7 @@ def test_tiny_run_writes_tags_video_checkpoint_and_episodes(tiny_run, dia):
     assert ok and frame.shape == (128, 256, 3)  # real | imagined, 32x32 frames upscaled 4x
     checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
     assert checkpoint["script"] == "diamond_atari.py" and checkpoint["epoch"] == 3 and checkpoint["phase"] == "collect"
+    assert checkpoint["global_step"] == 70
     assert checkpoint["env"]["ale"].dtype == torch.uint8 and checkpoint["env"]["ale"].numel() > 1000
     assert checkpoint["num_buffer_files"] == len(list((run_dir / "episodes").glob("episode_*.npz"))) > 0
     with np.load(run_dir / "episodes" / "episode_000000.npz", allow_pickle=False) as episode:
@@ -343,12 +371,21 @@ def test_tiny_run_writes_tags_video_checkpoint_and_episodes(tiny_run, dia):
     assert "config.json" in os.listdir(run_dir)
 
 
+def test_a_signal_during_eval_only_exits_0_in_one_line(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    stdout, stderr, status = run_until_line_then_signal("--resume", run_dir, "--eval-only", "--test-episodes", "50",
+                                                        line_startswith="running 50 test episodes", cwd=tmp_path)
+    assert status == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert stdout.count("stopped by signal") == 1 and "mean return" not in stdout
+
+
 def test_eval_only(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     result = run("--resume", run_dir, "--eval-only", "--test-episodes", "1", cwd=tmp_path, check=True)
     assert "1 test episodes with the agent of epoch 2: mean return" in result.stdout
     assert "human-normalised score" in result.stdout
-    assert (2, 1.0) in read_scalars(run_dir)["eval/num_test_episodes"]  # logged into the run, beside the final test
+    # logged into the run at the checkpoint's global step, beside the final test
+    assert (70, 1.0) in read_scalars(run_dir)["eval/num_test_episodes"]
 
 
 def test_world_model_only_random_policy_and_dataset_dir(tiny_run, tmp_path):
@@ -388,7 +425,8 @@ def test_resume_after_sigkill_is_exact(tiny_run, tmp_path):
     count = torch.load(killed / "checkpoints" / "latest.pt", weights_only=True)["num_buffer_files"]
     assert_same_episodes(reference, killed, count)
     scalars = read_scalars(killed)
-    assert [step for step, _ in scalars["losses/denoiser"]] == [1, 2]  # no point logged twice
+    assert [step for step, _ in scalars["losses/denoiser"]] == [10, 20, 55]  # no point logged twice
+    assert [step for step, _ in scalars["charts/epoch"]] == [45, 70]
 
 
 def test_resume_after_sigterm_inside_an_epoch_is_exact(tiny_run, tmp_path):
@@ -396,12 +434,15 @@ def test_resume_after_sigterm_inside_an_epoch_is_exact(tiny_run, tmp_path):
     out = tmp_path / "runs"
     # SIGTERM when the first denoiser phase ends: the run stops inside epoch 1 (in whichever phase the signal lands),
     # finishes its step, saves the phase and the position in it, and exits
-    run_until_line_then_kill(SCRIPT, *TINY, "--output-dir", out, line_startswith="epoch 1: denoiser done",
-                             cwd=tmp_path, sig=signal.SIGTERM)
+    stdout, stderr, status = run_until_line_then_signal(*TINY, "--output-dir", out,
+                                                        line_startswith="epoch 1: denoiser done", cwd=tmp_path)
+    assert status == 0 and "stopped by signal at epoch 1 (" in stdout and "Traceback" not in stderr, stderr[-2000:]
+    assert "epoch 1: reward_end done" not in stdout  # a phase cut short is not reported as done
     stopped = only_run_dir(out)
     saved = torch.load(stopped / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
     assert saved["epoch"] == 1 and saved["phase"] != "collect"  # a checkpoint from inside the epoch
-    run("--resume", stopped, cwd=tmp_path, check=True)
+    resumed = run("--resume", stopped, cwd=tmp_path, check=True)
+    assert f"resuming at epoch 1 ({saved['phase']}, step {saved['position']}" in resumed.stdout
     assert_same_checkpoints(reference / "checkpoints" / "latest.pt", stopped / "checkpoints" / "latest.pt")
 
 
@@ -411,8 +452,7 @@ def test_resume_after_sigterm_inside_an_epoch_is_exact(tiny_run, tmp_path):
 
 def assert_one_line_error(result, *needles):
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "A.L.E" not in line
-             and "Powered by Stella" not in line]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]  # no ALE banner before the error either
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr
     for needle in needles:
@@ -435,3 +475,162 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
     np.savez(episodes / "b.npz", obs=np.array([{"x": 1}], dtype=object), actions=np.zeros(1, np.int64))
     assert_one_line_error(run(*TINY, "--world-model-only", "--dataset-dir", episodes, cwd=tmp_path), "a.npz")
     assert not (tmp_path / "runs").exists()  # refused before a run folder is made
+
+
+def numeric_fields(dia) -> list[str]:
+    """Every Args field holding numbers: int, float, tuples of them, Optional numbers."""
+    def numeric(hint) -> bool:
+        if hint in (int, float):
+            return True
+        if get_origin(hint) in (tuple, Union) or str(get_origin(hint)) == "<class 'types.UnionType'>":
+            return any(numeric(h) for h in get_args(hint) if h is not Ellipsis and h is not type(None))
+        return False
+
+    return [name for name, hint in get_type_hints(dia.Args).items() if numeric(hint)]
+
+
+def test_every_numeric_flag_has_a_domain_and_bad_values_are_refused(dia):
+    names = numeric_fields(dia)
+    assert "recency_weights" in names and "diffusion_channels" in names and "train_sigma_loc" in names
+    assert sorted(set(names) - set(dia.ARG_DOMAINS)) == []
+    assert sorted(set(dia.ARG_DOMAINS) - set(names)) == []
+    for name, value in (("seed", -1), ("learning_rate", -1.0), ("noop_max", -1), ("num_sampling_steps", 0),
+                        ("epsilon", 2.0), ("discount_factor", 1.5), ("diffusion_channels", (8, 0)),
+                        ("recency_weights", (0.5, 0.0)), ("train_sigma_loc", float("nan")), ("log_every", 0)):
+        with pytest.raises(dia.UserError, match=f"--{name.replace('_', '-')}"):
+            dia.check_args(dia.Args(**{name: value}), 1)
+    dia.check_args(dia.Args(), 1)
+    dia.check_args(dia.Args(**dia.PRESETS["tiny"]), 1)
+
+
+def test_one_process_per_game(dia):
+    with pytest.raises(dia.UserError, match="one process per game"):
+        dia.check_args(dia.Args(), 2)
+
+
+def test_sample_and_video_writes_raise_on_failure(dia, tmp_path):
+    blocker = tmp_path / "a_file"  # a folder that cannot be made: a file is in the way
+    blocker.write_text("x")
+    with pytest.raises(OSError):
+        dia.write_mp4(blocker / "rollout.mp4", np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(OSError):
+        dia.write_samples(blocker, "rollout", np.zeros((2, 3, 8, 8), np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The Atari 100k budget, the static-dataset mode, test-set losses, agent copies, progress bars
+
+
+def test_tiny_run_spends_the_env_step_budget_exactly(tiny_run, dia):
+    # the tiny preset scales the protocol down: budget 350, first collection 200..300 growing 50 at a time, 50 env
+    # steps per epoch, 1 final epoch without collection
+    run_dir, stdout = tiny_run
+    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
+    args = checkpoint["args"]
+    first = checkpoint["first_collection_steps"]
+    assert 200 <= first <= 300 and (first - 200) % 50 == 0
+    schedule = dia.collection_schedule(first, args["env_step_budget"], args["collection_steps_per_epoch"],
+                                       args["final_epochs_without_collection"])
+    assert sum(schedule) == checkpoint["env_steps"] == args["env_step_budget"] == 350
+    assert schedule[-1] == 0 and checkpoint["epoch"] - 1 == len(schedule)  # ended after the final epoch
+    scalars = read_scalars(run_dir)
+    assert scalars["charts/env_steps"][-1][1] == 350 and scalars["charts/epoch"][-1][1] == len(schedule)
+    assert f"first collection: {first} env steps" in stdout and f"the run: {len(schedule)} epochs" in stdout
+
+
+def test_run_schedule_and_num_epochs(dia):
+    assert len(dia.run_schedule(dia.Args())) == 1000  # first collection 5000: 950 collecting + 50 final epochs
+    assert len(dia.run_schedule(dia.Args(), 10_000)) == 950
+    assert dia.run_schedule(dia.Args(num_epochs=3)) == [5100, 100, 100]  # --num-epochs only sets the run length
+    longer = dia.run_schedule(dia.Args(num_epochs=1200))
+    assert len(longer) == 1200 and sum(longer) == 100_000  # never collects beyond the budget
+    assert dia.run_schedule(dia.Args(dataset_dir="episodes")) == [0] * 50  # a static dataset: 50 epochs
+    with pytest.raises(dia.UserError, match="--env-step-budget"):
+        dia.check_args(dia.Args(env_step_budget=4000), 1)
+
+
+def test_static_dataset_trains_the_whole_agent(tiny_run, tmp_path, dia):
+    episodes = tiny_run[0] / "episodes"
+    result = run(*TINY, "--dataset-dir", episodes, "--output-dir", tmp_path / "runs", cwd=tmp_path, check=True)
+    run_dir = only_run_dir(tmp_path / "runs")
+    assert not (run_dir / "episodes").exists()  # nothing collected
+    scalars = read_scalars(run_dir)
+    for tag in ("losses/denoiser", "losses/reward_end", "losses/actor", "losses/critic", "eval/denoiser_test_loss",
+                "eval/reward_end_test_loss"):
+        assert tag in scalars and all(np.isfinite(v) for _, v in scalars[tag]), tag
+    assert "charts/episodic_return" not in scalars and scalars["charts/env_steps"][-1][1] == 0
+    assert "this script's addition" in result.stdout  # the real-game test is labelled as not DIAMOND's
+    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
+    dia.seed_everything(1)  # the run's initial weights: seeded as main seeds them, then built
+    initial = dia.build_models(dia.Args(**dia.PRESETS["tiny"]), 4)
+    for name, model in zip(("denoiser", "reward_end", "actor_critic"), initial):
+        trained = checkpoint["models"][name]
+        changed = [key for key, value in model.state_dict().items()
+                   if value.is_floating_point() and not torch.equal(value, trained[key])]
+        assert changed, f"{name}: no weight changed"
+
+
+def test_test_set_losses_are_logged_and_leave_the_training_rngs_alone(tiny_run, dia):
+    scalars = read_scalars(tiny_run[0])
+    # epoch 1's evaluation plays a test episode (epsilon 0), on which both world-model losses are measured
+    assert [step for step, _ in scalars["eval/denoiser_test_loss"]] == [45]
+    assert [step for step, _ in scalars["eval/reward_end_test_loss"]] == [45]
+    args = dia.Args(**dia.PRESETS["tiny"])
+    denoiser, reward_end_model, _ = dia.build_models(args, 4)
+    buffer = dia.ReplayBuffer(None, None, args.num_conditioning_steps)
+    rng = np.random.default_rng(0)
+    for T in (7, 12):
+        buffer.add({"obs": rng.integers(0, 256, (T + 1, 32, 32, 3), dtype=np.uint8), "actions": np.zeros(T, np.int64),
+                    "rewards": np.zeros(T, np.float32), "terminated": np.eye(T, dtype=bool)[-1],
+                    "truncated": np.zeros(T, bool)}, write=False)
+    before = torch.get_rng_state()
+    a = dia.test_set_losses(denoiser, reward_end_model, buffer, [0, 1], args, torch.device("cpu"), seed=5)
+    b = dia.test_set_losses(denoiser, reward_end_model, buffer, [0, 1], args, torch.device("cpu"), seed=5)
+    assert a == b and set(a) == {"denoiser_test_loss", "reward_end_test_loss"}
+    assert all(np.isfinite(v) and v > 0 for v in a.values()) and torch.equal(before, torch.get_rng_state())
+
+
+def test_agent_copies_every_nth_epoch_newest_kept(tiny_run, dia, tmp_path):
+    run_dir, _ = tiny_run  # the tiny preset keeps an agent every epoch
+    latest = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
+    copies = sorted((run_dir / "checkpoints").glob("agent_epoch_*.pt"))
+    assert [p.name for p in copies] == ["agent_epoch_00001.pt", "agent_epoch_00002.pt"]
+    agent = torch.load(copies[-1], map_location="cpu", weights_only=True)
+    assert agent.keys() == latest["models"]["actor_critic"].keys()
+    assert all(torch.equal(agent[k], latest["models"]["actor_critic"][k]) for k in agent)
+    actor_critic = dia.build_models(dia.Args(**dia.PRESETS["tiny"]), 4)[2]
+    actor_critic.load_state_dict(torch.load(copies[0], weights_only=True))  # loads into the model as it is
+    for epoch in range(5, 30, 5):
+        dia.keep_agent_copy(tmp_path, epoch, actor_critic, keep=3)
+    assert [p.name for p in sorted(tmp_path.glob("agent_epoch_*.pt"))] == [
+        "agent_epoch_00015.pt", "agent_epoch_00020.pt", "agent_epoch_00025.pt"]
+
+
+def test_progress_bars_name_their_phase_and_a_sigterm_reports_where_it_stopped(tiny_run, tmp_path):
+    stderr = (tiny_run[0].parent.parent / "stderr.txt").read_text()
+    for phase in ("collect", "denoiser", "reward_end", "actor_critic", "evaluate"):
+        assert f"epoch 1 {phase}" in stderr, phase
+    assert "epoch 1 collect: 100%" in stderr and "350/350" in stderr  # the collect bar grows with the first collection
+    # a run whose denoiser phase is lengthened, stopped by SIGTERM on that phase's first progress line (stderr)
+    proc = subprocess.Popen([PYTHON, str(ROOT / SCRIPT), *TINY, "--first-epoch-denoiser-steps", "400",
+                             "--output-dir", str(tmp_path / "runs")], cwd=tmp_path, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    try:
+        while b"epoch 1 denoiser:" not in seen:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            assert chunk, seen.decode()[-2000:]
+            seen += chunk
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stdout, stderr = out.decode(), (seen + err).decode()
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    saved = torch.load(only_run_dir(tmp_path / "runs") / "checkpoints" / "latest.pt", weights_only=True)
+    assert saved["phase"] == "denoiser" and 0 <= saved["position"] < 400
+    assert f"stopped by signal at epoch 1 (denoiser, step {saved['position']};" in stdout
+    assert "epoch 1: denoiser done" not in stdout and "done after" not in stdout and "stopped after" in stdout
+    counts = re.findall(r"epoch 1 denoiser:[^\r\n]*?(\d+)/400", stderr)
+    assert int(counts[-1]) == saved["position"]  # the bar's last count is the updates done
