@@ -1788,11 +1788,12 @@ def load_checkpoint(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read the file is the same user-facing error
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
-            raise UserError(f"refusing checkpoint {path}: it holds Python objects other than tensors and plain "
+        if "GLOBAL" in str(e):  # the weights-only unpickler refused a Python object it names (GLOBAL module.name)
+            raise UserError(f"cannot load checkpoint {path}: it holds Python objects other than tensors and plain "
                             f"containers, which could run code when loaded; a checkpoint this script wrote never "
                             f"does, so resume from one of those") from None
-        reason = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__
+        message = str(e).split("WeightsUnpickler error:")[-1].strip()  # the unpickler's words, not torch's advice
+        reason = message.splitlines()[0][:200] if message else e.__class__.__name__
         raise UserError(f"cannot load checkpoint {path} (corrupt or not a checkpoint: {reason}); resume from "
                         f"another checkpoint") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT_NAME:
