@@ -555,6 +555,15 @@ def test_error_changed_flag_on_resume_leaves_checkpoint_untouched(saved_run):
     assert file_hash(run_dir / "checkpoints" / "latest.pt") == digest
 
 
+
+def test_error_guidance_from_a_checkpoint_without_a_trained_null_condition(saved_run, tmp_path):
+    run_dir, _ = saved_run
+    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    checkpoint["args"]["null_cond_prob"] = 0.0
+    torch.save(checkpoint, tmp_path / "no_null.pt")
+    result = run_script(SCRIPT, "--resume", tmp_path / "no_null.pt", "--sample-only", "--cfg-scale", "3", check=False)
+    assert_one_line_error(result, "--cfg-scale 3", "--null-cond-prob 0")
+
 @pytest.mark.parametrize("flags,words", [
     (["--num-sampling-steps", "0"], ["--num-sampling-steps"]),
     (["--num-heads", "3"], ["--num-heads", "divide"]),
