@@ -36,9 +36,10 @@ import re
 import signal
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
@@ -133,11 +134,13 @@ class Args:
     max_text_len: int = 16
     """caption tokens kept (words beyond are dropped)"""
     cond_drop_prob: float = 0.1
-    """probability of dropping the caption to null in training, and independently the actions (a condition learns to
-    steer alone only in the samples where the other one is dropped)"""
+    """p: in training the caption is dropped to null with probability p, and independently the actions; with
+    --null-cond-prob q each is null in q + (1 - q) p of the samples, and steers alone (the other one dropped) in
+    (1 - q)(1 - p) p of them"""
     null_cond_prob: float = 0.1
-    """probability of dropping both together in training (the unconditional model that classifier-free guidance
-    subtracts)"""
+    """q: probability of dropping both together in training; both are null (the unconditional model that
+    classifier-free guidance subtracts) in q + (1 - q) p^2 of the samples. Guidance (--cfg-scale other than 1) needs
+    q > 0"""
     context_frames: int = 4
     """k: frames the model is conditioned on when it continues a video (autoregressive generation)"""
     context_prob: float = 0.5
@@ -189,7 +192,8 @@ class Args:
     ddim_eta: float = 0.0
     """DDIM eta (0: deterministic)"""
     cfg_scale: float = 2.0
-    """classifier-free guidance scale s on caption and actions: eps_u + s (eps_c - eps_u); 1 = no guidance"""
+    """classifier-free guidance scale s on caption and actions: eps_u + s (eps_c - eps_u); 1 = no guidance, 0 = the
+    unconditional model (anything but 1 needs --null-cond-prob > 0)"""
     num_eval_samples: int = 32
     """clips generated for each evaluation (samples and metrics)"""
     num_samples: int = 16
@@ -217,13 +221,68 @@ RESUME_MUTABLE_FIELDS = {
     "output_dir", "data_dir",
 }
 
+# Flags spelled otherwise on the command line (none here; diamond_atari.py accepts --game for --env-id).
+FLAG_ALIASES: dict[str, str] = {}
+# What a checkpoint must hold to be resumed or sampled from (the vocabulary and the action count fix the model's shape).
+CHECKPOINT_KEYS = {"args", "step", "model", "ema", "optimizer", "scheduler", "scaler", "rng", "train_generator",
+                   "vocabulary", "num_actions"}
+# The domain of every numeric flag, checked at start-up (check_arg_domains): '>= 1', '> 0', '[0, 1)' ...
+ARG_DOMAINS = {
+    "seed": ">= 0", "num_frames": ">= 1", "img_size": ">= 1", "num_sprite_clips": ">= 1", "num_distractors": ">= 0",
+    "action_dim": ">= 0", "num_atari_episodes": ">= 1", "atari_episode_steps": ">= 1", "frame_stride": ">= 1",
+    "model_channels": ">= 1", "channel_mult": ">= 1", "num_res_blocks": ">= 1", "attn_resolutions": ">= 1",
+    "num_heads": ">= 1", "norm_groups": ">= 1", "dropout": "[0, 1)", "text_dim": ">= 1", "text_layers": ">= 1",
+    "max_text_len": ">= 1", "cond_drop_prob": "[0, 1]", "null_cond_prob": "[0, 1]", "context_frames": ">= 0",
+    "context_prob": "[0, 1]", "context_noise_max_step": ">= 1", "context_noise_sampling_step": ">= 0",
+    "timesteps": ">= 1", "beta_start": "(0, 1)", "beta_end": "(0, 1)", "total_steps": ">= 1", "batch_size": ">= 1",
+    "learning_rate": "> 0", "warmup_steps": ">= 0", "max_grad_norm": ">= 0", "ema_decay": "[0, 1]", "log_every": ">= 1",
+    "save_every": ">= 1", "eval_every": ">= 1", "num_sampling_steps": ">= 1", "ddim_eta": "[0, 1]", "cfg_scale": ">= 0",
+    "num_eval_samples": ">= 1", "num_samples": ">= 1", "long_video_frames": ">= 1", "sample_batch_size": ">= 1",
+}
 
-class UserError(Exception):
-    """Bad input: printed as one line, exit status 2."""
 
+def check_args(args: Args, world_size: int):
+    """Settings that cannot work, refused at start-up in one line (before any data is read or run folder made)."""
+    check_arg_domains(args)
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} torchrun processes")
+    if args.num_sampling_steps > args.timesteps:
+        raise UserError(f"--num-sampling-steps must be between 1 and --timesteps {args.timesteps}, "
+                        f"not {args.num_sampling_steps}")
+    if args.beta_start > args.beta_end:
+        raise UserError(f"--beta-start {args.beta_start} must not exceed --beta-end {args.beta_end}")
+    if args.sample_only and not args.resume:
+        raise UserError("--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
+    if args.img_size % 2 ** (len(args.channel_mult) - 1):
+        raise UserError(f"--img-size {args.img_size} must be divisible by 2^{len(args.channel_mult) - 1} "
+                        f"(one halving per level of --channel-mult {' '.join(map(str, args.channel_mult))})")
+    widths = {args.model_channels * m for m in args.channel_mult}
+    if any(w % args.num_heads for w in widths):
+        raise UserError(f"--num-heads {args.num_heads} must divide every level's width {sorted(widths)} "
+                        f"(--model-channels {args.model_channels} x --channel-mult)")
+    if args.context_frames >= args.num_frames:
+        raise UserError(f"--context-frames must be between 0 and --num-frames - 1 = {args.num_frames - 1}, "
+                        f"not {args.context_frames}")
+    if args.context_noise_sampling_step >= args.timesteps or args.context_noise_max_step > args.timesteps:
+        raise UserError(f"--context-noise-max-step must be in 1..--timesteps and --context-noise-sampling-step in "
+                        f"0..--timesteps - 1 (--timesteps {args.timesteps})")
+    if args.long_video_frames < args.num_frames:
+        raise UserError(f"--long-video-frames {args.long_video_frames} must be at least --num-frames {args.num_frames}")
+    if args.long_video_frames > args.num_frames and args.context_frames < 1:
+        raise UserError("--long-video-frames beyond --num-frames needs --context-frames of at least 1")
+    if args.action_dim and args.dataset != "sprites":
+        raise UserError(f"--action-dim {args.action_dim}: continuous actions exist in the sprites world only "
+                        f"({args.dataset} has {'discrete' if args.dataset == 'atari' else 'no'} actions); drop it")
+    if args.action_dim not in (0, 2) and args.dataset == "sprites":
+        raise UserError(f"--action-dim {args.action_dim}: the sprites world's continuous action is a 2-d velocity; "
+                        f"use --action-dim 2 (or 0 for discrete actions)")
+    # Guidance extrapolates from the unconditional model eps_u (null caption and null actions). --null-cond-prob is
+    # the rate that trains it on purpose; without it eps_u is learned only from the chance coincidence of both
+    # independent drops (p^2 of the samples, none at all when --cond-drop-prob is 0 too).
+    if args.null_cond_prob == 0 and args.cfg_scale != 1:
+        raise UserError(f"--cfg-scale {args.cfg_scale:g} guides with the unconditional model, which --null-cond-prob 0 "
+                        f"does not train; use --cfg-scale 1 (no guidance), or train with --null-cond-prob > 0")
 
-class TrainingFailure(Exception):
-    """The run cannot go on (a non-finite loss): printed as one line, exit status 1, last checkpoint kept."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -672,7 +731,8 @@ def noise_context(context: torch.Tensor, level: torch.Tensor, alphas_cumprod: to
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Model: the seed's 3D U-Net (VideoDiffusionModel), factorised over space and time as in Video Diffusion Models.
+# Model: the seed's 3D U-Net (VideoDiffusionModel): its blocks are factorised over space and time as in Video
+# Diffusion Models; its output conv (the seed's) is a full 3x3x3.
 # Tensors are (B, C, T, H, W); the conditioning vector is per frame (B, T, 4C): time + context noise level + pooled
 # caption + that frame's action.
 
@@ -1232,6 +1292,33 @@ def generate_long_video(model: nn.Module, alphas_cumprod: torch.Tensor, num_fram
 def to_uint8(clips: torch.Tensor) -> np.ndarray:
     return ((clips.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()  # [-1, 1] -> {0..255}
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Loss: L_simple of Ho et al. (eq. 14) on the frames to generate, with eps or v as the target.
+
+
+def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                         alphas_cumprod: torch.Tensor, text: Optional[torch.Tensor] = None,
+                         actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
+                         context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
+                         context_level: Optional[torch.Tensor] = None, prediction: str = "eps",
+                         autocast=contextlib.nullcontext()) -> torch.Tensor:
+    """L_simple = || target - f_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, conditions) ||^2 over the frames to
+    generate, with target = eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 for prediction="v".
+
+    x0, noise: (B, 3, T, H, W) in [-1, 1] and N(0, I); t: int64 (B,); alphas_cumprod: float64 (T,) on x0's device (the
+    square roots are taken in float64, as the schedule is computed); the conditions as VideoDiffusionModel.forward
+    takes them. Context frames (context_mask 1) are given, not predicted: they are left out of the sum, which is
+    still divided by the full clip size, so that every rank's loss has the same scale under DDP."""
+    sqrt_abar = alphas_cumprod[t].sqrt().float()[:, None, None, None, None]
+    sqrt_one_minus_abar = (1 - alphas_cumprod[t]).sqrt().float()[:, None, None, None, None]
+    x_t = sqrt_abar * x0 + sqrt_one_minus_abar * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
+    with autocast:
+        output = model(x_t, t, text, actions, drop_actions, context, context_mask, context_level)
+    target = sqrt_abar * noise - sqrt_one_minus_abar * x0 if prediction == "v" else noise
+    generated = 1.0 if context_mask is None else (1 - context_mask)[:, None, :, None, None]  # (B, 1, T, 1, 1)
+    return ((output.float() - target) ** 2 * generated).mean()
+
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation: rollout PSNR with the true actions, with shuffled actions and of copying the last frame (Genie's
@@ -1281,15 +1368,366 @@ def direction_accuracy(clips: np.ndarray, directions: np.ndarray) -> float:
     """Fraction of clips whose sprite moves in the given direction (chance: 1/4)."""
     return float(np.mean(movement_directions(clips) == directions))
 
+class EvalSampler:
+    """Clips and long videos from a model (the EMA weights), conditioned on held-out clips: their captions, their
+    actions, their first frames. Seeded generators give the same noise every time: samples stay comparable across
+    steps, and sampling never touches the training RNGs (an exact resume depends on it)."""
+
+    def __init__(self, model: nn.Module, alphas_cumprod: torch.Tensor, eval_data: VideoData, vocabulary: list,
+                 args: Args, autocast, device: torch.device):
+        self.model, self.alphas_cumprod, self.args, self.device = model, alphas_cumprod, args, device
+        self.frames = torch.from_numpy(eval_data.frames).to(device)
+        self.starts = torch.from_numpy(eval_data.clip_starts).to(device)
+        self.actions = torch.from_numpy(eval_data.actions).to(device) if eval_data.actions is not None else None
+        self.text = tokenize(eval_data.captions, vocabulary, args.max_text_len).to(device)
+        self.directions = eval_data.directions
+        self.sample_kwargs = dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale,
+                                  sampler=args.sampler, num_steps=args.num_sampling_steps, eta=args.ddim_eta,
+                                  autocast=autocast, prediction=args.prediction)
+
+    def batches(self, num: int):
+        """(index, real clips, caption tokens, actions) over the first num eval clips (cycled when num is larger)."""
+        for start in range(0, num, self.args.sample_batch_size):
+            index = torch.arange(start, min(num, start + self.args.sample_batch_size), device=self.device)
+            index = index % len(self.starts)
+            starts = self.starts[index]
+            yield (index, gather_clips(self.frames, starts, self.args.num_frames), self.text[index],
+                   gather_actions(self.actions, starts, self.args.num_frames))
+
+    def clips(self, num: int, use_text: bool = True, use_actions: bool = True, actions_shift: int = 0,
+              num_context: int = 0, text_shift: int = 0) -> np.ndarray:
+        """num uint8 clips conditioned on the eval clips' captions and/or actions (optionally those of another clip:
+        shifted by text_shift / actions_shift) and/or their first num_context frames."""
+        generator = torch.Generator(device=self.device).manual_seed(self.args.seed + 10_000)
+        out = []
+        for index, real, text, actions in self.batches(num):
+            if actions is not None and actions_shift:
+                other = (index + actions_shift) % len(self.starts)
+                actions = gather_actions(self.actions, self.starts[other], self.args.num_frames)
+            if text_shift:
+                text = self.text[(index + text_shift) % len(self.starts)]
+            drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=self.device)
+            clip = generate(self.model, self.alphas_cumprod, tuple(real.shape), generator, text if use_text else None,
+                            actions, drop, real if num_context else None, num_context, **self.sample_kwargs)
+            out.append(to_uint8(clip))
+        return np.concatenate(out)
+
+    def long_videos(self, num: int) -> np.ndarray:
+        """Autoregressive videos of --long-video-frames from the eval clips' captions (and their actions, repeated)."""
+        generator = torch.Generator(device=self.device).manual_seed(self.args.seed + 10_001)
+        out = []
+        for _, real, text, actions in self.batches(num):
+            if actions is not None:  # the clip's actions, repeated to cover the long video
+                repeat = torch.arange(self.args.long_video_frames, device=self.device) % self.args.num_frames
+                actions = actions[:, repeat]
+            video = generate_long_video(self.model, self.alphas_cumprod, self.args.long_video_frames,
+                                        self.args.num_frames, self.args.context_frames, tuple(real.shape), generator,
+                                        text, actions, **self.sample_kwargs)
+            out.append(to_uint8(video))
+        return np.concatenate(out)
+
+
+def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict:
+    """Samples (MP4, .npz, TensorBoard strips) and the eval/ metrics at one step; returns the metrics."""
+    args, n, k = sampler.args, sampler.args.num_eval_samples, sampler.args.context_frames
+    real = np.concatenate([to_uint8(real) for _, real, _, _ in sampler.batches(n)])
+    samples = sampler.clips(n)
+    write_samples(samples_dir, f"step{step:08d}", samples)
+    writer.add_image("samples/clips", frame_strips(samples[:8]), step, dataformats="HWC")
+    metrics = {}
+    if sampler.actions is not None and k > 0:  # multi-step rollouts from the first k real frames, without the caption
+        true = sampler.clips(n, use_text=False, num_context=k)
+        shuffled = sampler.clips(n, use_text=False, num_context=k, actions_shift=1)
+        copy_last = np.repeat(real[:, :, k - 1: k], args.num_frames, axis=2)
+        metrics["eval/psnr_true_actions"] = rollout_psnr(true, real, k)
+        metrics["eval/psnr_shuffled_actions"] = rollout_psnr(shuffled, real, k)
+        metrics["eval/psnr_copy_last"] = rollout_psnr(copy_last, real, k)
+        # Genie's delta-PSNR: how much closer to the real clip the true actions bring a rollout
+        metrics["eval/action_control_dpsnr"] = metrics["eval/psnr_true_actions"] - metrics["eval/psnr_shuffled_actions"]
+        writer.add_image("samples/rollouts_true_actions", frame_strips(true[:8]), step, dataformats="HWC")
+    if args.dataset == "sprites" and k > 0:
+        # Does the sprite go where the caption (alone) or the actions (alone) say? Clips are generated from the real
+        # first frame (which shows where the sprite starts, not where it goes): this measures control, not whether the
+        # model can draw a sprite from nothing. The "swapped" metrics command each first frame with another clip's
+        # caption or actions: a model that learned a direction from anything but the command (a start-position prior,
+        # say) scores chance there.
+        directions = np.resize(sampler.directions, n)
+        others = sampler.directions[(np.arange(n) + 1) % len(sampler.directions)]
+        for kind, flags, shift in (("text", dict(use_actions=False), "text_shift"),
+                                   ("action", dict(use_text=False), "actions_shift")):
+            own = sampler.clips(n, num_context=1, **flags)
+            swapped = sampler.clips(n, num_context=1, **flags, **{shift: 1})
+            metrics[f"eval/{kind}_direction_accuracy"] = direction_accuracy(own, directions)
+            metrics[f"eval/{kind}_direction_accuracy_swapped"] = direction_accuracy(swapped, others)
+    if args.long_video_frames > args.num_frames:
+        long_videos = sampler.long_videos(min(n, 4))
+        write_samples(samples_dir, f"long_step{step:08d}", long_videos)
+        writer.add_image("samples/long_video", frame_strips(long_videos), step, dataformats="HWC")
+    for tag, value in metrics.items():
+        writer.add_scalar(tag, value, step)
+    if metrics:
+        print(f"eval at step {step}: " + ", ".join(f"{tag[5:]} {value:.3f}" for tag, value in metrics.items()))
+    return metrics
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Utilities: config, checkpoints, RNG state, throughput.
+# Utilities: sample files (the shared machinery, at the end of the file, writes them).
+
+
+def frame_strips(clips: np.ndarray) -> np.ndarray:
+    """uint8 (N, 3, T, H, W) -> one image with a row of frames per clip (for TensorBoard)."""
+    n, c, t, h, w = clips.shape
+    return make_grid(clips.transpose(0, 2, 1, 3, 4).reshape(n * t, c, h, w), columns=t)
+
+
+def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> Path:
+    """An MP4 (each frame a grid of the clips, enlarged to at least 256 px) and an .npz of the uint8 clips (arr_0:
+    (N, T, H, W, 3)). A failed write raises OSError (one line and exit 1 through run_main)."""
+    write_mp4(folder / f"{stem}.mp4", np.stack([make_grid(clips[:64, :, i]) for i in range(clips.shape[2])]), fps)
+    np.savez(folder / f"{stem}.npz", clips.transpose(0, 2, 3, 4, 1))
+    return folder / f"{stem}.mp4"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(args: Args, given: set[str]):
+    # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, data, model, optimizer
+    checkpoint, run_dir = None, None
+    if args.resume:
+        checkpoint_path = resolve_checkpoint_path(args.resume)
+        checkpoint = load_checkpoint(checkpoint_path)
+        args = merge_resumed_args(args, given, checkpoint["args"])
+        run_dir = checkpoint_path.parent.parent
+    check_args(args, torchrun_world()[0])
+    setup = setup_device(args)
+    device, autocast = setup.device, autocast_context(setup, args.dtype)
+    seed_everything(args.seed)
+    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # t, noise, dropped conditions, context
+
+    # uint8 frames on the device (no loader, no host-device copy per step); a clip is a window of them from its start
+    data = load_dataset(args)
+    eval_data = eval_subset(data, args)
+    # The vocabulary and the action count fix the model's shape: a resumed run takes them from its checkpoint.
+    vocabulary = checkpoint["vocabulary"] if checkpoint is not None else build_vocabulary(data.captions)
+    num_actions = checkpoint["num_actions"] if checkpoint is not None else data.num_actions
+    frames = torch.from_numpy(data.frames).to(device)
+    clip_starts = torch.from_numpy(data.clip_starts).to(device)
+    frame_actions = torch.from_numpy(data.actions).to(device) if data.actions is not None else None
+    clip_text = tokenize(data.captions, vocabulary, args.max_text_len).to(device)
+    num_clips = len(data.clip_starts)
+    model = build_model(args, len(vocabulary), num_actions).to(device)
+    ema_model = copy.deepcopy(model).requires_grad_(False).eval()
+    num_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=setup.use_cuda)
+    # linear warmup: lr_s = lr * min(1, (s + 1) / warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    scaler = torch.amp.GradScaler("cuda", enabled=setup.use_cuda and args.dtype == "float16")
+    alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
+                                                            args.beta_end))
+    alphas_cumprod_device = alphas_cumprod.to(device)  # float64, for the loss and the context noise in the hot loop
+    step = 0
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(checkpoint["model"])
+            ema_model.load_state_dict(checkpoint["ema"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint weights do not fit this model ({str(e).splitlines()[0]})") from None
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"])
+        train_generator.set_state(checkpoint["train_generator"])
+        step = checkpoint["step"]
+
+    stop = StopFlag()  # from here on SIGTERM/SIGINT finish the step (or abandon sampling), save and exit 0
+    # The EMA model is only ever called by the samplers: checking for a signal before each of its network evaluations
+    # abandons minutes of sampling (an evaluation, --sample-only) within one sampling step.
+    ema_model.register_forward_pre_hook(lambda module, inputs: stop.check())
+    sampler = EvalSampler(ema_model, alphas_cumprod, eval_data, vocabulary, args, autocast, device)
+
+    if args.sample_only:
+        leave_process_group(setup.world_size)  # sampling is rank 0's alone
+        if setup.is_main:
+            try:
+                stem = (f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_"
+                        f"{int(time.time())}")
+                path = write_samples(run_dir / "samples", stem, sampler.clips(args.num_samples))
+                print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
+                if args.long_video_frames > args.num_frames:
+                    videos = sampler.long_videos(min(args.num_samples, 4))
+                    path = write_samples(run_dir / "samples", "long_" + stem, videos)
+                    print(f"wrote long videos of {args.long_video_frames} frames to {path}")
+            except StopRequested:
+                print("stopped by signal while sampling; nothing more was written")
+        stop.restore()
+        return
+
+    # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, throughput
+    writer = None
+    if setup.is_main:
+        run_dir = run_dir or create_run_dir(args, data.dataset_id)
+        writer = open_writer(args, run_dir, step)
+        if step == 0:
+            writer.add_scalar("charts/num_parameters", num_params, 0)
+        print(f"run folder: {run_dir}")
+        print(f"model: {num_params:,} parameters; data: {num_clips:,} clips of {args.num_frames} frames of "
+              f"{args.img_size}x{args.img_size}, {len(vocabulary) - len(SPECIAL_TOKENS)} words, "
+              f"{'continuous actions' if args.action_dim else f'{num_actions} actions'}; "
+              f"device: {device}{f' x {setup.world_size}' if setup.world_size > 1 else ''}")
+    example = (torch.zeros(1, 3, args.num_frames, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long),
+               clip_text[:1], gather_actions(frame_actions, clip_starts[:1], args.num_frames))
+    meter = Meter(device, 3 * forward_flops(lambda: build_model(args, len(vocabulary), num_actions), *example),
+                  peak_flops(setup, args.dtype), setup.world_size)
+    train_model = torch.compile(model) if args.compile else model
+    if setup.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
+                                                          if setup.use_cuda else None)
+
+    def save():
+        if not meter.finite():  # never write NaN weights over a good checkpoint
+            raise non_finite_failure(f"before step {step}", run_dir)
+        if setup.is_main:
+            save_checkpoint(run_dir / "checkpoints" / "latest.pt", {
+                "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "args": asdict(args),
+                "step": step, "model": model.state_dict(), "ema": ema_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng_state(), "train_generator": train_generator.get_state(),
+                "data_position": {"epoch": step * args.batch_size // num_clips,
+                                  "index": step * args.batch_size % num_clips},
+                "vocabulary": vocabulary, "num_actions": num_actions,
+            })
+            print(f"saved checkpoint at step {step}", flush=True)
+
+    # ---- train
+    local_batch = args.batch_size // setup.world_size
+    mine = slice(setup.rank * local_batch, (setup.rank + 1) * local_batch)
+    clip_shape = (3, args.num_frames, args.img_size, args.img_size)
+    frame_index = torch.arange(args.num_frames, device=device)
+    first_step = step
+    progress = progress_bar(args.total_steps, step, "train", "step", setup.is_main)
+    while step < args.total_steps:
+        # The global batch is drawn identically on every rank (clips, t, noise, dropped conditions, context), then
+        # each rank takes its slice: 2 ranks at batch B compute exactly what 1 rank at batch B does.
+        indices = global_batch_indices(step, args.batch_size, num_clips, args.seed).to(device, non_blocking=True)
+        t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
+        noise = torch.randn((args.batch_size, *clip_shape), generator=train_generator, device=device)
+        # Condition dropout for classifier-free guidance: both null with probability q = --null-cond-prob, else the
+        # caption and the actions each with p = --cond-drop-prob, independently: each is null in q + (1 - q) p of the
+        # samples, both in q + (1 - q) p^2 (the unconditional model eps_u).
+        drop_both = torch.rand(args.batch_size, generator=train_generator, device=device) < args.null_cond_prob
+        drop_text = drop_both | (torch.rand(args.batch_size, generator=train_generator, device=device) <
+                                 args.cond_drop_prob)
+        drop_actions = drop_both | (torch.rand(args.batch_size, generator=train_generator, device=device) <
+                                    args.cond_drop_prob)
+        # Context: the first 1..k frames of some clips, noised to a level in [0, context_noise_max_step) that the
+        # model is told (context noise augmentation, so that generated context frames do not drift at sampling).
+        use_context = torch.rand(args.batch_size, generator=train_generator, device=device) < args.context_prob
+        num_context = torch.randint(1, max(args.context_frames, 1) + 1, (args.batch_size,), generator=train_generator,
+                                    device=device)
+        context_level = torch.randint(0, args.context_noise_max_step, (args.batch_size,), generator=train_generator,
+                                      device=device)
+        context_noise = torch.randn((args.batch_size, *clip_shape), generator=train_generator, device=device)
+        starts = clip_starts[indices[mine]]
+        x0 = gather_clips(frames, starts, args.num_frames)  # (b, 3, T, H, W) in [-1, 1]
+        text = torch.where(drop_text[mine, None], model.null_text(local_batch, device), clip_text[indices[mine]])
+        context_mask = (use_context[mine, None] & (frame_index[None, :] < num_context[mine, None])).float()  # (b, T)
+        context = noise_context(x0, context_level[mine], alphas_cumprod_device, context_noise[mine])
+        loss = video_diffusion_loss(train_model, x0, t[mine], noise[mine], alphas_cumprod_device, text,
+                                    gather_actions(frame_actions, starts, args.num_frames), drop_actions[mine],
+                                    context, context_mask, context_level[mine], args.prediction, autocast)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        with torch.no_grad():  # EMA: theta_ema <- decay theta_ema + (1 - decay) theta
+            torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1.0 - args.ema_decay)
+        meter.add(loss, grad_norm, local_batch)
+        step += 1
+        progress.update(1)
+
+        if step % args.log_every == 0 or step == args.total_steps:
+            if not meter.finite():
+                progress.close()  # the error line comes last, after the progress bar's final state
+                raise non_finite_failure(f"before step {step}", run_dir)
+            logged = meter.read()
+            if setup.is_main:
+                writer.add_scalar("losses/mse", logged["loss"], step)
+                writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+                writer.add_scalar("charts/grad_norm", logged["grad_norm"], step)
+                writer.add_scalar("charts/SPS", logged["SPS"], step)
+                writer.add_scalar("perf/mfu", logged["mfu"], step)
+                progress.set_postfix(loss=f"{logged['loss']:.4f}", clips_s=f"{logged['SPS']:.1f}",
+                                     mfu=f"{logged['mfu']:.1%}")
+        # Every rank stops at the same step: all-reduced at the log boundary under torchrun, at once alone.
+        stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
+        if setup.is_main and not stopping and (step % args.eval_every == 0 or step == args.total_steps):
+            with contextlib.suppress(StopRequested):  # a signal abandons the evaluation; the checkpoint below is saved
+                evaluate(sampler, writer, step, run_dir / "samples")
+            stopping = stop.sync(setup) if setup.world_size == 1 else stopping
+        if step % args.save_every == 0 or step == args.total_steps or stopping:
+            save()
+        if step % args.eval_every == 0 or step % args.save_every == 0 or step == first_step + 1:
+            meter.restart_clock()  # sampling, saving and the first (warm-up, compiling) step stay out of SPS
+        if stopping:
+            if setup.is_main:
+                print(f"stopped by signal at step {step}", flush=True)
+            break
+
+    # ---- teardown
+    progress.close()
+    leave_process_group(setup.world_size)
+    close_writer(args, writer)
+    stop.restore()
+
+
+# ======================================================================================================================
+# BEGIN SHARED MACHINERY: byte-identical in all four cleanworlds scripts (tests/test_shared_blocks.py checks it).
+# The contract every script keeps (CONTRACT.md): flags and --config, checkpoints and RNG state, device, determinism
+# and torchrun setup, the run folder and TensorBoard, signals, throughput and MFU, images, the entry point. It reads
+# the script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args, PRESETS, ARG_DOMAINS,
+# RESUME_MUTABLE_FIELDS, FLAG_ALIASES. diamond_atari.py runs one process per game: it never calls the torchrun parts
+# (a world size above 1, leave_process_group, the all-reduce in StopFlag.sync) and ddpm/dit never call write_mp4.
+# ======================================================================================================================
+
+
+class UserError(Exception):
+    """Bad input: printed as one line naming the problem and the fix; exit status 2; nothing saved is touched."""
+
+
+class TrainingFailure(Exception):
+    """A fault during the run (a non-finite loss, a full disk, a read-only folder): one line, exit status 1; the last
+    checkpoint stays intact."""
+
+
+class StopRequested(Exception):
+    """SIGTERM or SIGINT arrived during sampling, an evaluation or test episodes: the work is abandoned, not finished."""
+
+
+# ---- flags and config: defaults < --preset < --config < flags on the command line
+
+
+def flag_field(token: str) -> Optional[str]:
+    """The Args field a command-line token sets, whatever spelling the parser accepts: '--total_steps=5',
+    '--total-steps', '--no-cuda' and aliases (FLAG_ALIASES) all count. None for values and unknown flags."""
+    if not token.startswith("--"):
+        return None
+    name = token.split("=")[0]
+    if name in FLAG_ALIASES:
+        return FLAG_ALIASES[name]
+    name = name[2:].replace("-", "_")
+    names = {f.name for f in fields(Args)}
+    if name in names:
+        return name
+    return name[3:] if name.startswith("no_") and name[3:] in names else None
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
-    """defaults < --preset < --config < flags on the command line. Returns the args and the fields given as flags."""
+    """Returns the args and the set of fields given on the command line (which --resume may let change)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--preset")
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
@@ -1301,70 +1739,98 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
     if known.config is not None:
         defaults = replace(defaults, **read_config(known.config))
     args = tyro.cli(Args, default=defaults, args=argv)
-    given = {f.name for f in fields(Args) for token in argv
-             if token.split("=")[0] in (f"--{f.name.replace('_', '-')}", f"--no-{f.name.replace('_', '-')}")}
-    return args, given
+    return args, {name for name in map(flag_field, argv) if name is not None}
 
 
 def read_config(path: str) -> dict:
+    """--config: the config.json an earlier run wrote (a JSON object of Args fields); YAML when PyYAML is installed."""
     try:
-        with open(path) as f:
-            values = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read --config {path}: {e}") from None
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"--config {path} is not a text file: give the config.json an earlier run wrote") from None
+    except OSError as e:
+        raise UserError(f"cannot read --config {path}: {e.strerror or e}") from None
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise UserError(f"--config {path} is YAML, which needs PyYAML: pip install pyyaml (or give the "
+                            f"config.json an earlier run wrote)") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--config {path} is not valid JSON ({e}); give the config.json an earlier run wrote "
+                            f"(YAML needs a .yaml or .yml name)") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path} must hold an object of flag names and values, not a {type(values).__name__}")
     return normalise_args_dict(values, f"--config {path}")
 
 
+def value_fits(value, hint) -> bool:
+    """Whether a value read from JSON or YAML fits an Args field's type (bool is not an int here, an int is a float)."""
+    origin, options = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return any(value == option and type(value) is type(option) for option in options)
+    if origin is Union or (hasattr(types, "UnionType") and origin is getattr(types, "UnionType")):
+        return any(value_fits(value, option) for option in options)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(options) == 2 and options[1] is Ellipsis:
+            return all(value_fits(v, options[0]) for v in value)
+        return len(value) == len(options) and all(map(value_fits, value, options))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
 def normalise_args_dict(values: dict, source: str) -> dict:
-    known = {f.name: f for f in fields(Args)}
-    unknown = sorted(set(values) - set(known))
+    """Checks names and types of Args values read from a file; JSON's lists become the dataclass's tuples."""
+    hints = get_type_hints(Args)
+    unknown = sorted(set(values) - set(hints))
     if unknown:
         raise UserError(f"{source} has fields this script does not know: {', '.join(unknown)}")
-    # JSON turns tuples into lists; the dataclass holds tuples.
+    for name, value in values.items():
+        if not value_fits(value, hints[name]):
+            raise UserError(f"{source}: {name} is {value!r}, which is not a valid --{name.replace('_', '-')} "
+                            f"(expected {getattr(hints[name], '__name__', hints[name])})")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
-def check_args(args: Args, world_size: int):
-    if args.batch_size % world_size:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} torchrun processes")
-    if args.num_sampling_steps < 1 or args.num_sampling_steps > args.timesteps:
-        raise UserError(f"--num-sampling-steps must be between 1 and --timesteps {args.timesteps}, "
-                        f"not {args.num_sampling_steps}")
-    if args.sample_only and not args.resume:
-        raise UserError("--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
-    for name in ("total_steps", "batch_size", "log_every", "save_every", "eval_every", "timesteps", "num_frames",
-                 "model_channels", "num_heads", "text_layers", "max_text_len", "num_eval_samples", "num_samples",
-                 "sample_batch_size", "frame_stride", "num_atari_episodes", "atari_episode_steps", "num_sprite_clips"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
-    if args.img_size % 2 ** (len(args.channel_mult) - 1):
-        raise UserError(f"--img-size {args.img_size} must be divisible by 2^{len(args.channel_mult) - 1} "
-                        f"(one halving per level of --channel-mult {' '.join(map(str, args.channel_mult))})")
-    widths = {args.model_channels * m for m in args.channel_mult}
-    if any(w % args.num_heads for w in widths):
-        raise UserError(f"--num-heads {args.num_heads} must divide every level's width {sorted(widths)} "
-                        f"(--model-channels {args.model_channels} x --channel-mult)")
-    if not 0 <= args.context_frames < args.num_frames:
-        raise UserError(f"--context-frames must be between 0 and --num-frames - 1 = {args.num_frames - 1}, "
-                        f"not {args.context_frames}")
-    if not (0 <= args.context_noise_sampling_step < args.timesteps
-            and 1 <= args.context_noise_max_step <= args.timesteps):
-        raise UserError(f"--context-noise-max-step must be in 1..--timesteps and --context-noise-sampling-step in "
-                        f"0..--timesteps - 1 (--timesteps {args.timesteps})")
-    if args.long_video_frames < args.num_frames:
-        raise UserError(f"--long-video-frames {args.long_video_frames} must be at least --num-frames {args.num_frames}")
-    if args.long_video_frames > args.num_frames and args.context_frames < 1:
-        raise UserError("--long-video-frames beyond --num-frames needs --context-frames of at least 1")
-    if args.action_dim < 0:
-        raise UserError(f"--action-dim must be 0 (discrete actions) or positive, not {args.action_dim}")
-    if args.action_dim and args.dataset != "sprites":
-        raise UserError(f"--action-dim {args.action_dim}: continuous actions exist in the sprites world only "
-                        f"({args.dataset} has {'discrete' if args.dataset == 'atari' else 'no'} actions); drop it")
-    if args.action_dim not in (0, 2) and args.dataset == "sprites":
-        raise UserError(f"--action-dim {args.action_dim}: the sprites world's continuous action is a 2-d velocity; "
-                        f"use --action-dim 2 (or 0 for discrete actions)")
-    if not all(0 <= p <= 1 for p in (args.cond_drop_prob, args.null_cond_prob, args.context_prob)):
-        raise UserError("--cond-drop-prob, --null-cond-prob and --context-prob are probabilities (between 0 and 1)")
+def in_domain(value, domain: str) -> bool:
+    """ARG_DOMAINS' notation: '>= 0', '> 0', '[0, 1)', '(0, 1]' ... Non-finite numbers are in no domain."""
+    if not math.isfinite(value):
+        return False
+    if domain.startswith(">="):
+        return value >= float(domain[2:])
+    if domain.startswith(">"):
+        return value > float(domain[1:])
+    low, high = (float(bound) for bound in domain[1:-1].split(","))
+    return (low <= value if domain[0] == "[" else low < value) and (value <= high if domain[-1] == "]" else value < high)
+
+
+def check_arg_domains(args: Args):
+    """Every numeric flag inside its domain at start-up, so that a bad value fails here and not deep inside a run
+    (after the training since the last save). A tuple flag's every element is checked."""
+    for name, domain in ARG_DOMAINS.items():
+        value = getattr(args, name)
+        for element in value if isinstance(value, tuple) else (value,):
+            if element is not None and not in_domain(element, domain):
+                shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+                raise UserError(f"--{name.replace('_', '-')} must be {'in ' if domain[0] in '[(' else ''}{domain}, "
+                                f"not {shown}")
+
+
+# ---- checkpoints: one file, written atomically, loaded with weights_only=True
 
 
 def resolve_checkpoint_path(resume: str) -> Path:
@@ -1376,19 +1842,47 @@ def resolve_checkpoint_path(resume: str) -> Path:
     return path
 
 
+def floating_tensors(tree, prefix: str = ""):
+    """(name, tensor) for every floating-point tensor in nested dicts and lists."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point():
+            yield prefix, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from floating_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from floating_tensors(value, f"{prefix}.{i}")
+
+
 def load_checkpoint(path: Path) -> dict:
+    """Loads with weights_only=True (a malicious file cannot run code) and refuses, in one line, a file that is not
+    a complete, finite checkpoint of this script."""
     try:
-        # weights_only=True: a checkpoint holds tensors and plain containers only, so a malicious file cannot run code
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read the file is the same user-facing error
-        raise UserError(f"cannot load checkpoint {path} (corrupt, or not a safe checkpoint): "
-                        f"{str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__}") from None
+        if "GLOBAL" in str(e):  # the weights-only unpickler refused a Python object it names (GLOBAL module.name)
+            raise UserError(f"cannot load checkpoint {path}: it holds Python objects other than tensors and plain "
+                            f"containers, which could run code when loaded; a checkpoint this script wrote never "
+                            f"does, so resume from one of those") from None
+        message = str(e).split("WeightsUnpickler error:")[-1].strip()  # the unpickler's words, not torch's advice
+        reason = message.splitlines()[0][:200] if message else e.__class__.__name__
+        raise UserError(f"cannot load checkpoint {path} (corrupt or not a checkpoint: {reason}); resume from "
+                        f"another checkpoint") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT_NAME:
         found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
         raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not of {SCRIPT_NAME}")
     if checkpoint.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this script reads "
                         f"{CHECKPOINT_FORMAT_VERSION}")
+    missing = sorted(CHECKPOINT_KEYS - set(checkpoint))
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of {SCRIPT_NAME}; resume from "
+                        f"a checkpoint the script wrote")
+    bad = next((name for name, tensor in floating_tensors(checkpoint) if not torch.isfinite(tensor).all()), None)
+    if bad is not None:
+        raise UserError(f"{path} holds non-finite values (in {bad}): it would sample or train on NaN; resume from an "
+                        f"earlier checkpoint")
     return checkpoint
 
 
@@ -1404,32 +1898,41 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
                    resume=args.resume)
 
 
-def leave_process_group(world_size: int):
-    """Every rank tears the process group down at the same point, after a barrier: a rank that leaves while another is
-    still sampling or saving can be aborted by gloo at exit. What follows (final samples, FID) is rank 0's alone and
-    needs no collective."""
-    if world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def save_checkpoint(path: Path, state: dict):
-    """Atomic: write a temporary file in the same folder, flush and fsync, then rename over the old checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomic: a temporary file in the same folder, flushed and fsynced, then renamed over the old checkpoint. A full
+    disk or a read-only folder raises TrainingFailure with the temporary file removed and the old checkpoint intact."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise TrainingFailure(f"cannot write checkpoint {path} ({reason}); "
+                              f"{'the previous one is intact' if path.exists() else 'no checkpoint was saved'}: free "
+                              f"disk space or make the folder writable, then --resume") from None
+
+
+def non_finite_failure(where: str, run_dir: Optional[Path]) -> TrainingFailure:
+    """The error of a run whose loss or gradients became NaN or infinite: it says whether a checkpoint exists."""
+    latest = run_dir / "checkpoints" / "latest.pt" if run_dir is not None else None
+    kept = (f"the last good checkpoint is kept in {latest}" if latest is not None and latest.exists()
+            else "no checkpoint was saved yet")
+    return TrainingFailure(f"the loss or gradients became non-finite {where}; {kept} (try a lower --learning-rate "
+                           f"or --dtype float32)")
 
 
 def rng_state() -> dict:
+    """Every global RNG as plain values (weights_only=True refuses numpy objects)."""
     np_state = np.random.get_state(legacy=True)
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        # numpy's state as plain values: weights_only=True refuses numpy objects
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
                   float(np_state[4])],
         "python": random.getstate(),
@@ -1446,36 +1949,265 @@ def set_rng_state(state: dict):
     random.setstate((version, tuple(internal), gauss))
 
 
-def matmul_peak_flops(device: torch.device) -> float:
-    """The device's peak FLOP/s for MFU: bf16 dense from a table on CUDA, a measured 2048^2 fp32 matmul on the CPU."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
-                 "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
-        if "H100" in name and "PCIe" in name:
-            return 756e12
-        return next((peak for key, peak in table.items() if key in name), float("nan"))
-    a = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+def seed_everything(seed: int):
+    """The same seed on every torchrun rank: every rank builds the same initial weights."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- device, determinism, torchrun
+
+
+@dataclass
+class Setup:
+    """Where this process runs: the device, and its place among torchrun's processes (world_size 1 without)."""
+    device: torch.device
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def use_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def torchrun_world() -> tuple[int, int, int]:
+    """(world_size, rank, local_rank) from the variables torchrun sets; (1, 0, 0) for a plain `python script.py`."""
+    return tuple(int(os.environ.get(name, default)) for name, default in
+                 (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")))
+
+
+def setup_device(args: Args) -> Setup:
+    """CUDA when asked and available (else the CPU, with a notice), determinism, TF32, and the process group."""
+    world_size, rank, local_rank = torchrun_world()
+    use_cuda = args.cuda and torch.cuda.is_available()
+    if args.cuda and not use_cuda and rank == 0:
+        print("notice: CUDA is not available, running on the CPU")
+    if args.torch_deterministic and use_cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        if not use_cuda:
+            torch.set_num_threads(1)  # one thread per rank on the CPU: ranks do not fight over cores
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic
+    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)  # CPU and CUDA alike
+    # ...without its NaN fill of every new uninitialised tensor: one extra kernel per allocation, 10 to 12% of a
+    # DDPM or DIAMOND training step on an H100 (benchmark/RESULTS.md); no kernel reads memory it did not write.
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs on Ampere+: ~free speed for fp32 parts
+    torch.backends.cudnn.allow_tf32 = True
+    return Setup(device, world_size, rank, local_rank)
+
+
+def autocast_context(setup: Setup, dtype: str):
+    """bf16/fp16 autocast on CUDA; a no-op for float32 and on the CPU (which computes in float32)."""
+    autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return torch.autocast("cuda", dtype=autocast_dtype) if setup.use_cuda and autocast_dtype else contextlib.nullcontext()
+
+
+def leave_process_group(world_size: int):
+    """Every rank tears the process group down at the same point, after a barrier: a rank that leaves while another is
+    still sampling or saving can be aborted by gloo at exit. What follows (final samples, FID) is rank 0's alone and
+    needs no collective."""
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---- signals: SIGTERM / SIGINT finish the current step, save, exit 0
+
+
+class StopFlag:
+    """Installs SIGTERM and SIGINT handlers that set a flag instead of killing the process. The training loop stops at
+    the next step boundary; sampling, evaluations and test episodes call check() inside their loops and are abandoned.
+    Install it before the run folder exists: a signal before it kills a process that has written nothing."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def request(self, signum=None, frame=None):
+        self.requested = True
+
+    def check(self):
+        """Raises StopRequested once a signal arrived: call it between steps of long work."""
+        if self.requested:
+            raise StopRequested()
+
+    def sync(self, setup: Setup) -> bool:
+        """Under torchrun every rank stops at the same step: the flag is all-reduced (a collective: all ranks call it
+        at the same steps). Returns whether to stop."""
+        if setup.world_size > 1:
+            flag = torch.tensor(float(self.requested), device=setup.device)
+            dist.all_reduce(flag)
+            self.requested = flag.item() > 0
+        return self.requested
+
+    def restore(self):
+        """Puts the previous handlers back (the scripts are importable: a caller keeps its own)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# ---- the run folder, TensorBoard, wandb
+
+
+def create_run_dir(args: Args, run_id: str) -> Path:
+    """{output_dir}/{run_id}__{exp_name}__{seed}__{unix time}/ with config.json; never an existing folder."""
+    run_dir = Path(args.output_dir) / f"{run_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    while run_dir.exists():  # never overwrite an earlier run
+        run_dir = run_dir.with_name(run_dir.name + "_")
+    try:
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
+    except OSError as e:
+        raise UserError(f"--output-dir {args.output_dir}: cannot create the run folder {run_dir} "
+                        f"({e.strerror or e}); give a writable folder") from None
+    return run_dir
+
+
+def open_writer(args: Args, run_dir: Path, step: int):
+    """TensorBoard (and wandb with --track) in the run folder. purge_step: a resumed run drops the points a killed run
+    logged after its last checkpoint, so that no point is logged twice."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_dir.name, id=run_dir.name, resume="allow", save_code=True)
+    writer = SummaryWriter(str(run_dir), purge_step=step + 1 if step else None)
+    if step == 0:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+            f"|{key}|{value}|" for key, value in asdict(args).items()))
+    return writer
+
+
+def close_writer(args: Args, writer):
+    if writer is not None:
+        writer.close()
+    if args.track:
+        import wandb
+
+        wandb.finish()
+
+
+def progress_bar(total: int, initial: int, desc: str, unit: str, enabled: bool = True):
+    """A tqdm bar with step, speed and ETA (the loss goes in its postfix); a silent one on ranks other than 0."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled)
+
+
+# ---- throughput and model FLOPs utilisation
+
+
+def cpu_peak_flops() -> float:
+    """An upper bound of the CPU's fp32 FLOP/s: cores x max clock x vector lanes x 2 (FMA) x 2 (FMA units), from
+    /proc/cpuinfo and cpufreq (Linux; elsewhere 4 GHz and AVX-512 are assumed, which only lowers MFU)."""
+    cores = min(torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else os.cpu_count() or 1)
+    ghz, lanes = 4.0, 16
+    with contextlib.suppress(OSError, ValueError):
+        info = Path("/proc/cpuinfo").read_text()
+        flags = set(next(line for line in info.splitlines() if line.startswith(("flags", "Features"))).split())
+        lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags or "avx" in flags else 4
+        mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
+        max_khz = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+        ghz = float(max_khz.read_text()) / 1e6 if max_khz.exists() else max(mhz) / 1e3 * 1.5  # turbo headroom
+    return cores * ghz * 1e9 * lanes * 2 * 2
+
+
+def measured_matmul_flops() -> float:
+    """The best of 5 timed 2048^2 fp32 matmuls (an (n x n) matmul is 2 n^3 FLOPs); leaves the global RNG alone."""
+    a = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))
     torch.mm(a, a)  # warm-up: thread pool and caches
     best = float("inf")
-    for _ in range(5):  # the best of 5: a peak, not an average disturbed by other processes
+    for _ in range(5):
         start = time.perf_counter()
         torch.mm(a, a)
         best = min(best, time.perf_counter() - start)
-    return 2 * 2048 ** 3 / best  # an (n x n) matmul is 2 n^3 FLOPs
+    return 2 * 2048 ** 3 / best
 
 
-def forward_flops(model: nn.Module, *inputs) -> float:
-    """FLOPs of one forward pass, counted by torch's FLOP counter (matmuls and convolutions)."""
+CUDA_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+                   "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16
+
+
+def peak_flops(setup: Setup, dtype: str) -> float:
+    """The MFU denominator, an upper bound of the device's FLOP/s: on CUDA the dense bf16/fp16 tensor-core peak from
+    a table (TF32, used for float32, is half of it; NaN for an unknown GPU); on the CPU the larger of cpu_peak_flops()
+    and a measured matmul's rate, so that MFU cannot exceed 1."""
+    if setup.use_cuda:
+        name = torch.cuda.get_device_name(setup.device)
+        peak = 756e12 if "H100" in name and "PCIe" in name else next(
+            (flops for key, flops in CUDA_PEAK_FLOPS.items() if key in name), float("nan"))
+        return peak / 2 if dtype == "float32" else peak
+    return max(cpu_peak_flops(), measured_matmul_flops())
+
+
+def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> float:
+    """FLOPs of one forward pass of the model build() returns, counted by torch's FLOP counter (matmuls,
+    convolutions, attention) on the meta device: no compute, no RNG draws (an exact resume depends on it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    with torch.device("meta"):
+        model = build().eval()
     counter = FlopCounterMode(display=False)
-    was_training = model.training
-    model.eval()  # no dropout: counting must not draw from the RNG (an exact resume depends on it)
     with torch.no_grad(), counter:
-        model(*inputs)
-    model.train(was_training)
+        model(*(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs))
     return float(counter.get_total_flops())
+
+
+class Meter:
+    """Training-loop accounting without a host sync per step: device-side sums of the loss and the gradient norm,
+    samples per second over the timed steps, and MFU = achieved FLOP/s / peak FLOP/s (a training step counts as 3x
+    the forward FLOPs: forward plus a backward of twice its cost). read() syncs once per log interval."""
+
+    def __init__(self, device: torch.device, train_flops_per_sample: float, peak: float, world_size: int = 1):
+        self.train_flops_per_sample, self.peak, self.world_size = train_flops_per_sample, peak, world_size
+        self.loss_sum = torch.zeros((), device=device)
+        self.grad_norm_sum = torch.zeros((), device=device)
+        self.steps = 0
+        self.restart_clock()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, num_samples: int):
+        self.loss_sum += loss.detach().float()
+        self.grad_norm_sum += grad_norm.detach().float()
+        self.steps += 1
+        self.timed_samples += num_samples
+
+    def restart_clock(self):
+        """Leaves what follows out of the throughput: the first (compiling) step, sampling, saving."""
+        self.timed_samples, self.clock = 0, time.perf_counter()
+
+    def finite(self) -> bool:
+        """Whether every loss and gradient norm since the last read() was finite (a host sync)."""
+        return math.isfinite(self.loss_sum.item()) and math.isfinite(self.grad_norm_sum.item())
+
+    def read(self) -> dict:
+        """Means since the last read, samples/s (global: the per-rank count times the world size) and MFU; resets."""
+        samples_per_second = self.timed_samples * self.world_size / max(time.perf_counter() - self.clock, 1e-9)
+        values = {"loss": self.loss_sum.item() / max(self.steps, 1),
+                  "grad_norm": self.grad_norm_sum.item() / max(self.steps, 1), "SPS": samples_per_second,
+                  "mfu": samples_per_second / self.world_size * self.train_flops_per_sample / self.peak}
+        self.loss_sum.zero_()
+        self.grad_norm_sum.zero_()
+        self.steps = 0
+        self.restart_clock()
+        return values
+
+
+# ---- images and video files
 
 
 def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 2) -> np.ndarray:
@@ -1491,415 +2223,57 @@ def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 2) -
     return grid
 
 
-def frame_strips(clips: np.ndarray) -> np.ndarray:
-    """uint8 (N, 3, T, H, W) -> one image with a row of frames per clip (for TensorBoard)."""
-    n, c, t, h, w = clips.shape
-    return make_grid(clips.transpose(0, 2, 1, 3, 4).reshape(n * t, c, h, w), columns=t)
-
-
-def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> Path:
-    """An MP4 (a grid of all clips per frame, written with opencv, enlarged to at least 256 px) and an .npz of the
-    uint8 clips (arr_0: (N, T, H, W, 3))."""
+def write_png(path: Path, rgb: np.ndarray):
+    """uint8 (H, W, 3) RGB -> PNG. OpenCV reports a failed write by returning False: raise instead."""
     import cv2
 
-    folder.mkdir(parents=True, exist_ok=True)
-    grids = [make_grid(clips[:64, :, i]) for i in range(clips.shape[2])]
-    scale = max(1, 256 // max(grids[0].shape[:2]))
-    height, width = grids[0].shape[0] * scale, grids[0].shape[1] * scale
-    path = folder / f"{stem}.mp4"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1])):
+        raise OSError(f"cannot write {path}")
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: int = 15, min_side: int = 256):
+    """uint8 (T, H, W, 3) RGB frames -> MP4 (opencv, mp4v), enlarged by an integer factor to at least min_side."""
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scale = max(1, min_side // max(frames.shape[1:3]))
+    height, width = frames.shape[1] * scale, frames.shape[2] * scale
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    for grid in grids:
-        writer.write(cv2.resize(grid, (width, height), interpolation=cv2.INTER_NEAREST)[:, :, ::-1])
+    if not writer.isOpened():
+        raise OSError(f"cannot write {path}")
+    for frame in frames:
+        writer.write(cv2.resize(frame, (width, height), interpolation=cv2.INTER_NEAREST)[:, :, ::-1])
     writer.release()
-    np.savez(folder / f"{stem}.npz", clips.transpose(0, 2, 3, 4, 1))
-    return path
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- the entry point
 
 
-def main(args: Args, given: set[str]):
-    # Distributed setup: torchrun sets RANK/WORLD_SIZE; one process per GPU (or per CPU core group, gloo).
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    is_main = rank == 0
+def run_main(main: Callable):
+    """Bad input: one line, exit 2. A fault during the run (non-finite loss, full disk, read-only folder): one line,
+    exit 1. Ctrl-C before the signal handlers are up: one line, exit 130. Under torchrun only rank 0 prints."""
+    def fail(message: str, status: int):
+        if torchrun_world()[1] == 0:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(status)
 
-    checkpoint, run_dir = None, None
-    if args.resume:
-        checkpoint_path = resolve_checkpoint_path(args.resume)
-        checkpoint = load_checkpoint(checkpoint_path)
-        args = merge_resumed_args(args, given, checkpoint["args"])
-        run_dir = checkpoint_path.parent.parent
-    check_args(args, world_size)
-
-    use_cuda = args.cuda and torch.cuda.is_available()
-    if args.cuda and not use_cuda and is_main:
-        print("notice: CUDA is not available, running on the CPU")
-    if args.torch_deterministic and use_cuda:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
-    if world_size > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        if not use_cuda:
-            torch.set_num_threads(1)  # one thread per rank on the CPU: ranks do not fight over cores
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.backends.cudnn.benchmark = not args.torch_deterministic
-    if args.torch_deterministic and use_cuda:  # (the CPU kernels used here are deterministic; the call costs seconds)
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        # ...without its NaN fill of every new uninitialised tensor: one extra kernel per allocation, 10 to 12% of a
-        # DDPM or DIAMOND training step on an H100 (benchmark/RESULTS.md); no kernel reads memory it did not write.
-        torch.utils.deterministic.fill_uninitialized_memory = False
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs on Ampere+: ~free speed for fp32 parts
-    torch.backends.cudnn.allow_tf32 = True
-    autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    autocast = (torch.autocast("cuda", dtype=autocast_dtype) if use_cuda and autocast_dtype
-                else contextlib.nullcontext())
-
-    # Seeding: the same seed on every rank, so every rank builds the same initial weights.
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # timesteps, noise, condition dropout
-    sample_generator_seed = args.seed + 10_000  # fixed noise for the samples: comparable across steps
-
-    # Data: uint8 frames on the device (no loader, no host-device copy per step); clips are index windows into them.
-    data = load_dataset(args)
-    eval_data = eval_subset(data, args)
-    # The vocabulary and the action count fix the model's shape: a resumed run takes them from its checkpoint.
-    vocabulary = checkpoint["vocabulary"] if checkpoint is not None else build_vocabulary(data.captions)
-    num_actions = checkpoint["num_actions"] if checkpoint is not None else data.num_actions
-    has_actions = data.actions is not None
-    frames = torch.from_numpy(data.frames).to(device)
-    clip_starts = torch.from_numpy(data.clip_starts).to(device)
-    frame_actions = torch.from_numpy(data.actions).to(device) if has_actions else None
-    clip_text = tokenize(data.captions, vocabulary, args.max_text_len).to(device)
-    num_clips = len(data.clip_starts)
-
-    # Model, EMA, optimizer, schedule
-    model = build_model(args, len(vocabulary), num_actions).to(device)
-    ema_model = copy.deepcopy(model).requires_grad_(False).eval()
-    num_params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=use_cuda)
-    # linear warmup: lr_s = lr * min(1, (s + 1) / warmup)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
-    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16")
-    alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
-                                                            args.beta_end))
-    sqrt_abar = alphas_cumprod.sqrt().float().to(device)
-    sqrt_one_minus_abar = (1 - alphas_cumprod).sqrt().float().to(device)
-    alphas_cumprod_on_device = alphas_cumprod.to(device)  # for the context noise in the hot loop
-
-    step = 0
-    if checkpoint is not None:
-        try:
-            model.load_state_dict(checkpoint["model"])
-            ema_model.load_state_dict(checkpoint["ema"])
-        except RuntimeError as e:
-            raise UserError(f"checkpoint weights do not fit this model ({str(e).splitlines()[0]})") from None
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
-        train_generator.set_state(checkpoint["train_generator"])
-        step = checkpoint["step"]
-
-    sample_kwargs = dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale,
-                         sampler=args.sampler, num_steps=args.num_sampling_steps, eta=args.ddim_eta, autocast=autocast,
-                         prediction=args.prediction)
-    eval_starts = torch.from_numpy(eval_data.clip_starts).to(device)
-    eval_frames = torch.from_numpy(eval_data.frames).to(device)
-    eval_actions_all = torch.from_numpy(eval_data.actions).to(device) if has_actions else None
-    eval_text = tokenize(eval_data.captions, vocabulary, args.max_text_len).to(device)
-
-    def eval_batches(num: int):
-        """(slice, real clips, caption tokens, actions) over the first num eval clips (cycled when num is larger)."""
-        for start in range(0, num, args.sample_batch_size):
-            index = torch.arange(start, min(num, start + args.sample_batch_size), device=device) % len(eval_starts)
-            starts = eval_starts[index]
-            yield (index, gather_clips(eval_frames, starts, args.num_frames), eval_text[index],
-                   gather_actions(eval_actions_all, starts, args.num_frames))
-
-    def sample_clips(num: int, use_text: bool = True, use_actions: bool = True, actions_shift: int = 0,
-                     num_context: int = 0, text_shift: int = 0) -> np.ndarray:
-        """num uint8 clips from the EMA model, conditioned on the eval clips' captions and/or actions (optionally
-        those of another clip: shifted by text_shift / actions_shift) and/or their first num_context frames."""
-        generator = torch.Generator(device=device).manual_seed(sample_generator_seed)
-        out = []
-        for index, real, text, actions in eval_batches(num):
-            b = len(index)
-            if actions is not None and actions_shift:
-                other = (index + actions_shift) % len(eval_starts)
-                actions = gather_actions(eval_actions_all, eval_starts[other], args.num_frames)
-            if text_shift:
-                text = eval_text[(index + text_shift) % len(eval_starts)]
-            drop = torch.full((b,), not use_actions, dtype=torch.bool, device=device)
-            clip = generate(ema_model, alphas_cumprod, tuple(real.shape), generator,
-                            text if use_text else None, actions, drop, real if num_context else None, num_context,
-                            **sample_kwargs)
-            out.append(to_uint8(clip))
-        return np.concatenate(out)
-
-    def sample_long(num: int) -> np.ndarray:
-        """Autoregressive videos of --long-video-frames from the eval clips' captions (and their actions, repeated)."""
-        generator = torch.Generator(device=device).manual_seed(sample_generator_seed + 1)
-        out = []
-        for index, real, text, actions in eval_batches(num):
-            if actions is not None:  # the clip's actions, repeated to cover the long video
-                repeat = torch.arange(args.long_video_frames, device=device) % args.num_frames
-                actions = actions[:, repeat]
-            video = generate_long_video(ema_model, alphas_cumprod, args.long_video_frames, args.num_frames,
-                                        args.context_frames, tuple(real.shape), generator, text, actions,
-                                        **sample_kwargs)
-            out.append(to_uint8(video))
-        return np.concatenate(out)
-
-    def evaluate(writer, step: int):
-        n = args.num_eval_samples
-        real = np.concatenate([to_uint8(real) for _, real, _, _ in eval_batches(n)])
-        samples = sample_clips(n)
-        write_samples(run_dir / "samples", f"step{step:08d}", samples)
-        writer.add_image("samples/clips", frame_strips(samples[:8]), step, dataformats="HWC")
-        metrics = {}
-        k = args.context_frames
-        if has_actions and k > 0:  # multi-step rollouts from the first k real frames, without the caption
-            true = sample_clips(n, use_text=False, num_context=k)
-            shuffled = sample_clips(n, use_text=False, num_context=k, actions_shift=1)
-            copy_last = np.repeat(real[:, :, k - 1: k], args.num_frames, axis=2)
-            metrics["eval/psnr_true_actions"] = rollout_psnr(true, real, k)
-            metrics["eval/psnr_shuffled_actions"] = rollout_psnr(shuffled, real, k)
-            metrics["eval/psnr_copy_last"] = rollout_psnr(copy_last, real, k)
-            metrics["eval/action_control_dpsnr"] = metrics["eval/psnr_true_actions"] - metrics[
-                "eval/psnr_shuffled_actions"]
-            writer.add_image("samples/rollouts_true_actions", frame_strips(true[:8]), step, dataformats="HWC")
-        if args.dataset == "sprites" and k > 0:
-            # Does the sprite go where the caption (alone) or the actions (alone) say? Clips are generated from the
-            # real first frame (which shows where the sprite starts, not where it goes): this measures control, not
-            # whether the model can draw a sprite from nothing.
-            # The "swapped" metrics command each first frame with another clip's caption or actions: a model that
-            # learned a direction from anything but the command (a start-position prior, say) scores chance there.
-            directions = np.resize(eval_data.directions, n)
-            others = eval_data.directions[(np.arange(n) + 1) % len(eval_data.directions)]
-            for kind, flags, shift in (("text", dict(use_actions=False), "text_shift"),
-                                       ("action", dict(use_text=False), "actions_shift")):
-                own = sample_clips(n, num_context=1, **flags)
-                swapped = sample_clips(n, num_context=1, **flags, **{shift: 1})
-                metrics[f"eval/{kind}_direction_accuracy"] = direction_accuracy(own, directions)
-                metrics[f"eval/{kind}_direction_accuracy_swapped"] = direction_accuracy(swapped, others)
-        if args.long_video_frames > args.num_frames:
-            long_videos = sample_long(min(n, 4))
-            write_samples(run_dir / "samples", f"long_step{step:08d}", long_videos)
-            writer.add_image("samples/long_video", frame_strips(long_videos), step, dataformats="HWC")
-        for tag, value in metrics.items():
-            writer.add_scalar(tag, value, step)
-        if metrics:
-            print("eval at step " + str(step) + ": " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()))
-        return metrics
-
-    if args.sample_only:
-        leave_process_group(world_size)  # sampling is rank 0's alone
-        if is_main:
-            stem = (f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_"
-                    f"{int(time.time())}")
-            path = write_samples(run_dir / "samples", stem, sample_clips(args.num_samples))
-            print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
-            if args.long_video_frames > args.num_frames:
-                path = write_samples(run_dir / "samples", "long_" + stem, sample_long(min(args.num_samples, 4)))
-                print(f"wrote long videos of {args.long_video_frames} frames to {path}")
-        return
-
-    # Run folder, TensorBoard, wandb (rank 0 only)
-    writer = None
-    if is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        if run_dir is None:
-            run_name = f"{data.dataset_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-            run_dir = Path(args.output_dir) / run_name
-            while run_dir.exists():  # never overwrite an earlier run
-                run_dir = run_dir.with_name(run_dir.name + "_")
-            run_dir.mkdir(parents=True)
-            (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
-        if args.track:
-            import wandb
-
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=asdict(args), name=run_dir.name, id=run_dir.name, resume="allow", save_code=True)
-        # purge_step: a resumed run drops the points a killed run logged after its last checkpoint
-        writer = SummaryWriter(str(run_dir), purge_step=step + 1 if step else None)
-        if step == 0:
-            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-                f"|{key}|{value}|" for key, value in asdict(args).items()))
-            writer.add_scalar("charts/num_parameters", num_params, 0)
-        print(f"run folder: {run_dir}")
-        print(f"model: {num_params:,} parameters; data: {num_clips:,} clips of {args.num_frames} frames of "
-              f"{args.img_size}x{args.img_size}, {len(vocabulary) - len(SPECIAL_TOKENS)} words, "
-              f"{'continuous actions' if args.action_dim else f'{num_actions} actions'}; "
-              f"device: {device}{f' x {world_size}' if world_size > 1 else ''}")
-
-    # Throughput accounting: the training step is about 3x the forward FLOPs (forward + backward).
-    example = torch.zeros(1, 3, args.num_frames, args.img_size, args.img_size, device=device)
-    train_flops_per_clip = 3 * forward_flops(model, example, torch.zeros(1, dtype=torch.long, device=device),
-                                             clip_text[:1], gather_actions(frame_actions, clip_starts[:1],
-                                                                           args.num_frames))
-    peak_flops = matmul_peak_flops(device)
-
-    train_model = torch.compile(model) if args.compile else model
-    if world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[local_rank] if use_cuda else None)
-
-    # SIGTERM / SIGINT: finish the current step, save, exit 0.
-    stop_requested = False
-
-    def request_stop(signum, frame):
-        nonlocal stop_requested
-        stop_requested = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-
-    def save(step: int):
-        # Check the loss and the gradients since the last log before writing: never save NaN weights.
-        check_finite()
-        if is_main:
-            save_checkpoint(run_dir / "checkpoints" / "latest.pt", {
-                "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "args": asdict(args),
-                "step": step, "model": model.state_dict(), "ema": ema_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng_state(), "train_generator": train_generator.get_state(),
-                "data_position": {"epoch": step * args.batch_size // num_clips,
-                                  "index": step * args.batch_size % num_clips},
-                "vocabulary": vocabulary, "num_actions": num_actions,
-            })
-            print(f"saved checkpoint at step {step}", flush=True)
-
-    local_batch = args.batch_size // world_size
-    k = args.context_frames
-    clip_shape = (3, args.num_frames, args.img_size, args.img_size)
-    frame_index = torch.arange(args.num_frames, device=device)
-    loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync in the hot loop
-    grad_norm_sum = torch.zeros((), device=device)
-    steps_since_log, timed_steps, timer_start, first_step = 0, 0, time.perf_counter(), step
-
-    def check_finite():
-        if not (math.isfinite(loss_sum.item()) and math.isfinite(grad_norm_sum.item())):
-            if progress is not None:
-                progress.close()  # the error line comes last, after the progress bar's final state
-            raise TrainingFailure(f"the loss or gradient became non-finite before step {step}; the last good "
-                                  f"checkpoint is kept in {run_dir}/checkpoints (try a lower --learning-rate or "
-                                  f"--dtype float32)")
-
-    progress = None
-    if is_main:
-        from tqdm import tqdm
-
-        progress = tqdm(total=args.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    while step < args.total_steps:
-        # The global batch is drawn identically on every rank (clips, t, noise, dropped conditions, context), then
-        # each rank takes its slice: 2 ranks at batch B compute exactly what 1 rank at batch B does.
-        indices = global_batch_indices(step, args.batch_size, num_clips, args.seed).to(device, non_blocking=True)
-        t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
-        noise = torch.randn((args.batch_size, *clip_shape), generator=train_generator, device=device)
-        drop_both = torch.rand(args.batch_size, generator=train_generator, device=device) < args.null_cond_prob
-        drop_text = drop_both | (torch.rand(args.batch_size, generator=train_generator, device=device) <
-                                 args.cond_drop_prob)
-        drop_actions = drop_both | (torch.rand(args.batch_size, generator=train_generator, device=device) <
-                                    args.cond_drop_prob)
-        use_context = torch.rand(args.batch_size, generator=train_generator, device=device) < args.context_prob
-        num_context = torch.randint(1, max(k, 1) + 1, (args.batch_size,), generator=train_generator, device=device)
-        context_level = torch.randint(0, args.context_noise_max_step, (args.batch_size,), generator=train_generator,
-                                      device=device)
-        context_noise = torch.randn((args.batch_size, *clip_shape), generator=train_generator, device=device)
-        mine = slice(rank * local_batch, (rank + 1) * local_batch)
-        starts = clip_starts[indices[mine]]
-        x0 = gather_clips(frames, starts, args.num_frames)  # (b, 3, T, H, W) in [-1, 1]
-        actions = gather_actions(frame_actions, starts, args.num_frames)
-        text = torch.where(drop_text[mine, None], model.null_text(local_batch, device), clip_text[indices[mine]])
-        t, noise, context_level = t[mine], noise[mine], context_level[mine]
-        # context: the first 1..k frames of some clips, noised to context_level (context noise augmentation)
-        context_mask = (use_context[mine, None] & (frame_index[None, :] < num_context[mine, None])).float()  # (b, T)
-        context = noise_context(x0, context_level, alphas_cumprod_on_device, context_noise[mine])
-        x_t = sqrt_abar[t, None, None, None, None] * x0 + sqrt_one_minus_abar[t, None, None, None, None] * noise
-        with autocast:
-            eps_pred = train_model(x_t, t, text, actions, drop_actions[mine], context, context_mask, context_level)
-        # L_simple = || eps - eps_theta(x_t, t) ||^2 (or the same on v) over the frames to generate (context frames
-        # are given, not predicted); divided by the full clip size so every rank's loss has the same scale under DDP
-        if args.prediction == "v":  # v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0
-            target = sqrt_abar[t, None, None, None, None] * noise - sqrt_one_minus_abar[t, None, None, None, None] * x0
-        else:
-            target = noise
-        target_mask = (1 - context_mask)[:, None, :, None, None]
-        loss = ((eps_pred.float() - target) ** 2 * target_mask).mean()
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm) if args.max_grad_norm > 0
-                     else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        with torch.no_grad():  # EMA: theta_ema <- decay theta_ema + (1 - decay) theta
-            ema_params, params = list(ema_model.parameters()), list(model.parameters())
-            torch._foreach_lerp_(ema_params, params, 1.0 - args.ema_decay)
-        loss_sum += loss.detach()
-        grad_norm_sum += grad_norm.detach().float()
-        step += 1
-        steps_since_log += 1
-        timed_steps += 1
-        if progress is not None:
-            progress.update(1)
-
-        if step % args.log_every == 0 or step == args.total_steps:
-            loss_value = loss_sum.item() / steps_since_log  # a host sync, once per log interval
-            check_finite()
-            clips_per_second = timed_steps * args.batch_size / max(time.perf_counter() - timer_start, 1e-9)
-            mfu = clips_per_second / world_size * train_flops_per_clip / peak_flops
-            if is_main:
-                writer.add_scalar("losses/mse", loss_value, step)
-                writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
-                writer.add_scalar("charts/grad_norm", grad_norm_sum.item() / steps_since_log, step)
-                writer.add_scalar("charts/SPS", clips_per_second, step)
-                writer.add_scalar("perf/mfu", mfu, step)
-                progress.set_postfix(loss=f"{loss_value:.4f}", clips_s=f"{clips_per_second:.1f}", mfu=f"{mfu:.1%}")
-            loss_sum.zero_()
-            grad_norm_sum.zero_()
-            steps_since_log, timed_steps, timer_start = 0, 0, time.perf_counter()
-            if world_size > 1:  # every rank stops together: the stop flag is all-reduced at the log boundary
-                flag = torch.tensor(float(stop_requested), device=device)
-                dist.all_reduce(flag)
-                stop_requested = flag.item() > 0
-
-        if is_main and (step % args.eval_every == 0 or step == args.total_steps):
-            evaluate(writer, step)
-        if step % args.save_every == 0 or step == args.total_steps or stop_requested:
-            save(step)
-        if step % args.eval_every == 0 or step % args.save_every == 0:  # keep sampling and saving out of SPS
-            timed_steps, timer_start = 0, time.perf_counter()
-        if stop_requested:
-            if is_main:
-                print(f"stopped by signal at step {step}")
-            break
-        if step == first_step + 1:  # leave the first step's warm-up (and compilation) out of the throughput
-            timed_steps, timer_start = 0, time.perf_counter()
-
-    if progress is not None:
-        progress.close()
-    leave_process_group(world_size)
-    if writer is not None:
-        writer.close()
-    if args.track and is_main:
-        import wandb
-
-        wandb.finish()
-
-
-if __name__ == "__main__":
     try:
         main(*parse_args())
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e), 2)
     except TrainingFailure as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e), 1)
+    except OSError as e:
+        fail(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}; check the disk and the "
+             f"folder's permissions, then --resume", 1)
+    except KeyboardInterrupt:
+        fail("interrupted before the run started; nothing was saved", 130)
+
+
+# END SHARED MACHINERY
+# ======================================================================================================================
+
+
+if __name__ == "__main__":
+    run_main(main)

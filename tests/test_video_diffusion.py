@@ -283,6 +283,24 @@ def test_context_noise_is_q_sample_at_the_given_level():
         torch.testing.assert_close(out[i], abar ** 0.5 * context[i] + (1 - abar) ** 0.5 * noise[i])
 
 
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_loss_is_l_simple_on_the_frames_to_generate(prediction):
+    # the output conv starts at zero: the network predicts 0, so the loss is the mean square of the target over the
+    # frames that are not context, divided by the full clip size
+    model = small_model()
+    alphas_cumprod = vd.make_alphas_cumprod(vd.make_beta_schedule("linear", 1000))
+    x0, noise = torch.rand(2, 3, 6, 16, 16) * 2 - 1, torch.randn(2, 3, 6, 16, 16)
+    t = torch.tensor([10, 900])
+    mask = torch.zeros(2, 6)
+    mask[0, :2] = 1  # the first clip has 2 context frames
+    loss = vd.video_diffusion_loss(model, x0, t, noise, alphas_cumprod, context=x0, context_mask=mask,
+                                   context_level=torch.zeros(2, dtype=torch.long), prediction=prediction)
+    abar = alphas_cumprod[t].float()[:, None, None, None, None]
+    target = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if prediction == "v" else noise
+    torch.testing.assert_close(loss, (target ** 2 * (1 - mask)[:, None, :, None, None]).mean())
+    loss.backward()  # the zero output conv gets a gradient: the loss trains the network
+
 # ---------------------------------------------------------------------------------------------------------------------
 # A tiny model learns action control and text control (one run, measured separately by the script's own metrics)
 
@@ -537,10 +555,19 @@ def test_error_changed_flag_on_resume_leaves_checkpoint_untouched(saved_run):
     assert file_hash(run_dir / "checkpoints" / "latest.pt") == digest
 
 
+
+def test_error_guidance_from_a_checkpoint_without_a_trained_null_condition(saved_run, tmp_path):
+    run_dir, _ = saved_run
+    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    checkpoint["args"]["null_cond_prob"] = 0.0
+    torch.save(checkpoint, tmp_path / "no_null.pt")
+    result = run_script(SCRIPT, "--resume", tmp_path / "no_null.pt", "--sample-only", "--cfg-scale", "3", check=False)
+    assert_one_line_error(result, "--cfg-scale 3", "--null-cond-prob 0")
+
 @pytest.mark.parametrize("flags,words", [
     (["--num-sampling-steps", "0"], ["--num-sampling-steps"]),
     (["--num-heads", "3"], ["--num-heads", "divide"]),
-    (["--null-cond-prob", "1.5"], ["--null-cond-prob", "probabilities"]),
+    (["--null-cond-prob", "1.5"], ["--null-cond-prob", "[0, 1]"]),
 ])
 def test_error_impossible_settings(flags, words, tmp_path):
     result = run_script(SCRIPT, *TINY, "--output-dir", tmp_path, *flags, check=False)
@@ -555,6 +582,10 @@ def test_error_impossible_settings(flags, words, tmp_path):
     (["--action-dim", "3"], ["--action-dim 2"]),
     (["--sample-only"], ["--resume"]),
     (["--long-video-frames", "4"], ["--long-video-frames"]),
+    (["--null-cond-prob", "0", "--cfg-scale", "3"], ["--cfg-scale 3", "--null-cond-prob 0"]),
+    (["--seed", "-1"], ["--seed"]),
+    (["--dropout", "2"], ["--dropout"]),
+    (["--channel-mult", "1", "0"], ["--channel-mult"]),
 ])
 def test_check_args_refuses_impossible_settings(flags, words):
     args = vd.parse_args([*TINY, *flags])[0]
