@@ -1894,8 +1894,8 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
             flag = f"--{name.replace('_', '-')}"
             raise UserError(f"{flag} is {saved.get(name)!r} in the checkpoint and cannot change on --resume (only the "
                             f"run length, cadence, logging and sampling flags can); drop {flag} or start a new run")
-    return replace(Args(**saved), **{name: getattr(args, name) for name in given & RESUME_MUTABLE_FIELDS},
-                   resume=args.resume)
+    mutable = given & RESUME_MUTABLE_FIELDS - {"resume"}
+    return replace(Args(**saved), **{name: getattr(args, name) for name in mutable}, resume=args.resume)
 
 
 def save_checkpoint(path: Path, state: dict):
@@ -1999,7 +1999,9 @@ def setup_device(args: Args) -> Setup:
         torch.cuda.set_device(device)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cudnn.benchmark = not args.torch_deterministic
-    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)  # CPU and CUDA alike
+    if use_cuda:  # the CPU's kernels are deterministic already at a fixed thread count (exact resume is tested so);
+        # there the call would only cost seconds at every start (it imports the compiler to set its config)
+        torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
     # ...without its NaN fill of every new uninitialised tensor: one extra kernel per allocation, 10 to 12% of a
     # DDPM or DIAMOND training step on an H100 (benchmark/RESULTS.md); no kernel reads memory it did not write.
     torch.utils.deterministic.fill_uninitialized_memory = False
@@ -2254,6 +2256,10 @@ def run_main(main: Callable):
     """Bad input: one line, exit 2. A fault during the run (non-finite loss, full disk, read-only folder): one line,
     exit 1. Ctrl-C before the signal handlers are up: one line, exit 130. Under torchrun only rank 0 prints."""
     def fail(message: str, status: int):
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()  # end any progress line, so that the error is a line of its own
         if torchrun_world()[1] == 0:
             print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(status)
