@@ -58,7 +58,8 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """deterministic algorithms (on CUDA also sets CUBLAS_WORKSPACE_CONFIG=:4096:8)"""
+    """on CUDA: deterministic algorithms, cudnn.deterministic, CUBLAS_WORKSPACE_CONFIG=:4096:8; on the CPU (deterministic at
+    a fixed thread count: exact resume is tested there) only cudnn.benchmark off"""
     cuda: bool = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: bool = False
