@@ -5,7 +5,10 @@ every script it applies to, and once per script through the whole path (a subpro
 Classes: 1 numeric flags outside their domain; 2 bad --config files; 3 an output folder that cannot be written, a disk
 that fills or a folder that turns read-only during a save; 4 incomplete, non-finite or malicious checkpoints;
 6 signals during sampling and start-up, and the handler installed before the run folder exists; 7 flags spelled with
-underscores on --resume; 11 MFU's denominator an upper bound; 12 messages that say what is true."""
+underscores on --resume; 10 guidance with a null condition never trained; 11 MFU's denominator an upper bound;
+12 messages that say what is true. Elsewhere: class 5 (data files) in test_bad_data.py, classes 8 and 9 (samplers
+over their whole range, a schedule that reaches noise) in test_sampler_range.py, ALE's banner before the one line in
+test_diamond_atari.py, guidance refused at --sample-only from such a checkpoint in test_video_diffusion.py."""
 import errno
 import json
 import math
@@ -410,6 +413,23 @@ def test_resume_with_underscore_flags_samples_and_refuses_as_with_hyphens(script
     result = run_script(script, "--resume", run_dir, "--learning_rate", "0.5", check=False)
     assert_one_line_error(result, "--learning-rate")
     assert file_hash(latest) == before
+
+
+# ---- class 10: guidance needs a trained null condition
+
+
+@pytest.mark.parametrize("script, dropout_flag", [("dit_cifar10.py", "--class-dropout"),
+                                                  ("video_diffusion.py", "--null-cond-prob")])
+def test_guidance_without_a_trained_null_condition_is_refused(script, dropout_flag):
+    m = module(script)
+    for scale, refused in (("3", True), ("0", True), ("1", False)):
+        args, _ = m.parse_args([*TINY[script], dropout_flag, "0", "--cfg-scale", scale])
+        if refused:
+            with pytest.raises(m.UserError, match=dropout_flag):
+                m.check_args(args, 1)
+        else:
+            m.check_args(args, 1)
+    m.check_args(m.parse_args([*TINY[script], dropout_flag, "0.1", "--cfg-scale", "3"])[0], 1)
 
 
 # ---- class 11: MFU's denominator
