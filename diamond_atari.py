@@ -75,6 +75,23 @@ class Args:
     """a run folder or checkpoint file to continue exactly where it stopped"""
     eval_only: bool = False
     """with --resume: only run --test-episodes test episodes with the checkpoint's agent"""
+    play: bool = False
+    """with --resume: play the world model live in a window (pygame: pip install pygame-ce, or the `play` extra):
+    arrows and space (fire) pick the game's actions, Enter restarts from a fresh real start, Tab switches to the real
+    game, R records (real game: episode .npz files --dataset-dir reads; world model: MP4), Esc quits"""
+    play_keys: Optional[str] = None
+    """headless play (no window, no pygame; implies --play): one letter per step, N noop, F fire, U D L R, Q E Z C the
+    diagonals up-left up-right down-left down-right, lowercase u d l r q e z c the same with fire, / restart;
+    spaces are ignored. Writes the session's MP4 (and the real game's episode .npz files) to {run}/play/"""
+    play_world: Literal["imagined", "real", "both"] = "imagined"
+    """headless play: the world model (imagined), the real game, or both in turn with the same keys"""
+    play_size: int = 512
+    """play: the frame's side in the window and in the play MP4s, in pixels"""
+    play_fps: float = 15.0
+    """play: the window's steps per second at most (the game's own rate: 60 Hz / frame skip 4)"""
+    episode_to_mp4: Optional[str] = None
+    """an episode .npz (a collected, recorded or --dataset-dir one) -> an MP4 beside it, with step, action and reward
+    written on each frame (--env-id names the game's actions); nothing else runs"""
     world_model_only: bool = False
     """train and evaluate only the world model (denoiser, reward/end model), on random-policy data or --dataset-dir"""
     compile: bool = False
@@ -255,10 +272,12 @@ PRESETS = {
     "large": dict(diffusion_channels=(128, 128, 128, 128), diffusion_res_blocks=3, diffusion_cond_dim=512,
                   reward_channels=64, reward_lstm_dim=1024, actor_channels=(64, 64, 128, 128), actor_lstm_dim=1024),
 }
-# Flags that may change when a run is resumed: the run length, checkpoint/eval cadence, logging and evaluation.
+# Flags that may change when a run is resumed: the run length, checkpoint/eval cadence, logging, evaluation, play and
+# the sampler (how many denoising steps a generated frame costs).
 RESUME_MUTABLE_FIELDS = {
     "num_epochs", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity", "eval_only",
-    "eval_episodes", "test_episodes", "cuda", "compile", "config", "output_dir",
+    "eval_episodes", "test_episodes", "cuda", "compile", "config", "output_dir", "play", "play_keys", "play_world",
+    "play_size", "play_fps", "episode_to_mp4", "num_sampling_steps", "sampler",
 }
 # Flags spelled otherwise on the command line: --game is the seed's name for --env-id.
 FLAG_ALIASES = {"--game": "env_id"}
@@ -288,7 +307,7 @@ ARG_DOMAINS = {
     "adam_eps": "> 0", "warmup_steps": ">= 0", "weight_decay": ">= 0", "denoiser_max_grad_norm": "> 0",
     "max_grad_norm": "> 0", "log_every": ">= 1", "save_every": ">= 1", "save_agent_every": ">= 1",
     "num_agents_to_keep": ">= 1", "eval_every": ">= 1", "eval_episodes": ">= 1", "test_episodes": ">= 1",
-    "num_heldout_transitions": ">= 1",
+    "num_heldout_transitions": ">= 1", "play_size": ">= 16", "play_fps": "> 0",
 }
 
 
@@ -300,6 +319,8 @@ def check_args(args: Args, world_size: int):
                         f"run it with python (benchmark/run_atari100k.py runs many games and seeds in parallel)")
     if args.eval_only and not args.resume:
         raise UserError("--eval-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
+    if (args.play or args.play_keys is not None) and not args.resume:
+        raise UserError("--play needs --resume RUN_FOLDER_OR_CHECKPOINT (a trained world model to play)")
     if args.eval_only and args.world_model_only:
         raise UserError("--eval-only runs the agent's test episodes: a --world-model-only run has no trained agent")
     if args.diffusion_cond_dim % args.num_conditioning_steps:
@@ -1938,11 +1959,408 @@ def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCr
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Play: the world model (or the real game) as a game, in a pygame window or headless from a key sequence.
+
+# --play-keys letters of the 18 Atari actions: N noop, F fire, U/D/L/R, the diagonals on a QWERTY keyboard around S
+# (Q up-left, E up-right, Z down-left, C down-right), lowercase: the same move with fire. '/' restarts.
+ACTION_LETTERS = {"NOOP": "N", "FIRE": "F", "UP": "U", "DOWN": "D", "LEFT": "L", "RIGHT": "R", "UPLEFT": "Q",
+                  "UPRIGHT": "E", "DOWNLEFT": "Z", "DOWNRIGHT": "C", "UPFIRE": "u", "DOWNFIRE": "d", "LEFTFIRE": "l",
+                  "RIGHTFIRE": "r", "UPLEFTFIRE": "q", "UPRIGHTFIRE": "e", "DOWNLEFTFIRE": "z", "DOWNRIGHTFIRE": "c"}
+RESTART_LETTER = "/"
+
+
+def action_meanings(game: str) -> list[str]:
+    """The names of the game's minimal action set, in action-index order (NOOP, FIRE, RIGHT, LEFT for Breakout)."""
+    gym = import_gym()
+    return list(gym.make(f"ALE/{game}-v5").unwrapped.get_action_meanings())
+
+
+def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
+    """--play-keys -> one action index per step (None: restart). A letter the game has no action for is refused."""
+    index = {ACTION_LETTERS.get(name, name): i for i, name in enumerate(meanings)}
+    steps = []
+    for letter in keys:
+        if letter.isspace():
+            continue
+        if letter == RESTART_LETTER:
+            steps.append(None)
+        elif letter in index:
+            steps.append(index[letter])
+        else:
+            known = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
+            raise UserError(f"--play-keys: {letter!r} is no action of this game; its letters: {known}, "
+                            f"{RESTART_LETTER} restart")
+    if not steps:
+        raise UserError("--play-keys is empty: give one letter per step, e.g. FRRRLLL")
+    return steps
+
+
+def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, meanings: list[str]) -> int:
+    """Held keys -> the game's action: UP/DOWN, then LEFT/RIGHT, then FIRE make the ALE name (UPLEFTFIRE ...); a
+    combination the game lacks drops the vertical part, then the horizontal one (Breakout's up-right is RIGHT)."""
+    vertical = "UP" if up and not down else "DOWN" if down and not up else ""
+    horizontal = "LEFT" if left and not right else "RIGHT" if right and not left else ""
+    suffix = "FIRE" if fire else ""
+    for name in (vertical + horizontal + suffix, horizontal + suffix, vertical + suffix, suffix,
+                 vertical + horizontal, horizontal, vertical):
+        if name and name in meanings:
+            return meanings.index(name)
+    return meanings.index("NOOP") if "NOOP" in meanings else 0
+
+
+def put_text(image: np.ndarray, text: str, x: int, y: int, scale: float = 0.4, colour=(255, 255, 255)):
+    """Small text (OpenCV's Hershey font) with its baseline at (x, y), drawn into an RGB uint8 image in place."""
+    import cv2
+
+    cv2.putText(image, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
+
+
+def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
+    """A uint8 (h, w, 3) frame enlarged to (size, size) (nearest: the pixels stay sharp), above a black margin holding
+    one line of text per entry: what the window shows and the play MP4s hold."""
+    import cv2
+
+    big = cv2.resize(np.ascontiguousarray(frame), (size, size), interpolation=cv2.INTER_NEAREST)
+    margin = np.zeros((8 + 18 * len(lines), size, 3), dtype=np.uint8)
+    for i, line in enumerate(lines):
+        put_text(margin, line, 6, 18 + 18 * i, 0.45)
+    return np.concatenate([big, margin])
+
+
+def labelled_rows(rows: list[np.ndarray], row_labels: list[str], column_labels: Optional[list[str]] = None,
+                  pad: int = 2) -> np.ndarray:
+    """Rows of uint8 (N, 3, h, w) frames as one RGB image, each row named in a left margin and each column (the
+    action taken into that frame) in a top margin: a picture that says which row is real and which imagined."""
+    import cv2
+
+    n, h = rows[0].shape[0], rows[0].shape[2]
+    scale = max(1, 64 // h)  # small frames are enlarged, so that a label fits above each
+    grids = [make_grid(np.stack([cv2.resize(f.transpose(1, 2, 0), None, fx=scale, fy=scale,
+                                            interpolation=cv2.INTER_NEAREST).transpose(2, 0, 1) for f in row]),
+                       columns=n, pad=pad) for row in rows]
+    left = 8 + 7 * max(len(label) for label in row_labels)
+    top = 16 if column_labels else 0
+    cell = h * scale + pad
+    image = np.zeros((top + sum(g.shape[0] for g in grids), left + grids[0].shape[1], 3), dtype=np.uint8)
+    y = top
+    for grid, label in zip(grids, row_labels):
+        image[y: y + grid.shape[0], left:] = grid
+        put_text(image, label, 4, y + grid.shape[0] // 2 + 4, 0.35)
+        y += grid.shape[0]
+    for i, label in enumerate(column_labels or []):
+        put_text(image, label[: max(1, cell // 6)], left + pad + i * cell, 12, 0.3)
+    return image
+
+
+class ImaginedGame:
+    """The world model as a game. reset() takes a real start (c frames, c - 1 actions) from starts() and burns the
+    reward/end model's LSTM in on it; step(action) asks next_frame(frames (1, c, 3, H, W) in [-1, 1], actions (1, c))
+    for the next frame (1, 3, H, W) and samples the reward sign and the end flag (none without a reward/end model).
+    Any callable works as next_frame: the tests play a stand-in that shifts the last frame by the action."""
+    name = "world model"
+
+    def __init__(self, next_frame: Callable, starts: Callable, reward_end_model: Optional[nn.Module] = None,
+                 generator: Optional[torch.Generator] = None):
+        self.next_frame, self.starts, self.reward_end_model = next_frame, starts, reward_end_model
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.obs = self.act = self.hidden = None
+
+    @torch.no_grad()
+    def reset(self) -> np.ndarray:
+        obs, actions = self.starts()
+        self.obs, self.hidden = obs, None
+        self.act = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)  # the last slot: the player's
+        if self.reward_end_model is not None:
+            _, _, self.hidden = self.reward_end_model(obs[:, :-1], actions, obs[:, 1:])
+        return to_uint8(obs[0, -1]).permute(1, 2, 0).cpu().numpy()
+
+    @torch.no_grad()
+    def step(self, action: int) -> tuple[np.ndarray, float, bool]:
+        self.act[:, -1] = action
+        next_obs = self.next_frame(self.obs, self.act).clamp(-1, 1)
+        reward, end = 0.0, False
+        if self.reward_end_model is not None:
+            reward_logits, end_logits, self.hidden = self.reward_end_model(
+                self.obs[:, -1:], self.act[:, -1:], next_obs[:, None], self.hidden)
+            # sampled, as in imagination: the reward sign in {-1, 0, 1} and the end flag
+            reward = float(torch.multinomial(reward_logits[0, 0].float().softmax(-1).cpu(), 1,
+                                             generator=self.generator)) - 1.0
+            end = bool(torch.multinomial(end_logits[0, 0].float().softmax(-1).cpu(), 1, generator=self.generator))
+        self.obs = torch.cat([self.obs[:, 1:], next_obs[:, None]], dim=1)
+        self.act = torch.cat([self.act[:, 1:], torch.zeros_like(self.act[:, :1])], dim=1)
+        return to_uint8(next_obs[0]).permute(1, 2, 0).cpu().numpy(), reward, end
+
+
+class RealGame:
+    """The real game (DIAMOND's protocol, training episodes: a life lost ends an episode) with the same interface.
+    While recording, each episode is kept as the episode .npz fields (CONTRACT section 3); an episode cut short (the
+    recording stopped, a restart) is marked truncated at its last step."""
+    name = "real game"
+
+    def __init__(self, env: "AtariEnv"):
+        self.env, self.recording, self.finished = env, False, []
+        self.episode = None
+
+    def new_episode(self, obs: np.ndarray):
+        self.episode = {"obs": [obs.copy()], "actions": [], "rewards": [], "terminated": [], "truncated": []}
+
+    def reset(self) -> np.ndarray:
+        """A new game; when recording, the episode so far is kept (cut short) and the new game is recorded too."""
+        recording = self.recording
+        self.stop_recording()
+        self.env.game_over = True
+        obs = self.env.reset()
+        self.recording = recording
+        self.new_episode(obs)
+        return obs
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool]:
+        obs, reward, terminated, truncated = self.env.step(action)
+        for key, value in (("actions", action), ("rewards", reward), ("terminated", terminated),
+                           ("truncated", truncated)):
+            self.episode[key].append(value)
+        self.episode["obs"].append(obs.copy())
+        if terminated or truncated:  # the episode ends: keep it, go on with the next life (or a new game)
+            if self.recording:
+                self.finished.append(self.episode)
+            obs = self.env.reset()
+            self.new_episode(obs)
+        return obs, reward, terminated or truncated
+
+    def start_recording(self):
+        self.recording = True
+        self.new_episode(self.env.obs)
+
+    def stop_recording(self):
+        """Keeps the episode recorded so far (truncated at its last step: it did not end) and stops recording."""
+        if self.recording and self.episode is not None and self.episode["actions"]:
+            self.episode["truncated"][-1] = not self.episode["terminated"][-1]
+            self.finished.append(self.episode)
+        self.recording, self.episode = False, {"obs": [self.env.obs.copy()], "actions": [], "rewards": [],
+                                               "terminated": [], "truncated": []}
+
+    def take_episodes(self) -> list[dict]:
+        done, self.finished = self.finished, []
+        return done
+
+
+def caption_lines(game, meanings: list[str], step: int, action: Optional[int], reward: float, total: float,
+                  end: bool, fps: Optional[float] = None, recording: bool = False) -> list[str]:
+    what = meanings[action].lower() if action is not None else "-"
+    line = f"{game.name}  step {step}  action {what}  reward {reward:+g}  return {total:g}" + ("  END" if end else "")
+    status = (f"{fps:.1f} fps  " if fps is not None else "") + ("REC" if recording else "")
+    return [line, status] if status else [line]
+
+
+def play_keys(game, steps: list[Optional[int]], meanings: list[str], size: int) -> dict:
+    """A headless session: the game played with the given actions (None: restart). Returns the raw frames uint8
+    (T + 1, H, W, 3), the captioned frames for the MP4, the rewards and ends per step, and the frames per second."""
+    frame = game.reset()
+    frames, shown, rewards, ends, total = [frame], [with_caption(frame, size, caption_lines(game, meanings, 0, None,
+                                                                                               0.0, 0.0, False))], [], [], 0.0
+    start = time.perf_counter()
+    for i, action in enumerate(steps):
+        if action is None:
+            frame, reward, end, total = game.reset(), 0.0, False, 0.0
+        else:
+            frame, reward, end = game.step(action)
+            total += reward
+        frames.append(frame)
+        rewards.append(reward)
+        ends.append(end)
+        shown.append(with_caption(frame, size, caption_lines(game, meanings, i + 1, action, reward, total, end)))
+        if end:
+            total = 0.0
+    seconds = time.perf_counter() - start
+    return {"frames": np.stack(frames), "shown": np.stack(shown), "rewards": rewards, "ends": ends,
+            "fps": len(steps) / max(seconds, 1e-9)}
+
+
+def save_play_files(out_dir: Path, stem: str, shown: np.ndarray, episodes: list[dict], fps: float = 15) -> list[Path]:
+    """The session's MP4 and the real game's recorded episodes (one .npz each, the --dataset-dir format)."""
+    paths = [out_dir / f"{stem}.mp4"]
+    write_mp4(paths[0], shown, fps=int(round(fps)))
+    for i, episode in enumerate(episodes):
+        paths.append(out_dir / f"{stem}_episode_{i:03d}.npz")
+        save_episode(paths[-1], episode)
+    return paths
+
+
+def import_pygame():
+    """pygame (pygame-ce or pygame) for the play window, or one line with the install command."""
+    try:
+        import pygame
+    except ImportError:
+        raise UserError("--play opens a window with pygame, which is not installed: pip install pygame-ce (or pip "
+                        "install -e '.[play]'); --play-keys KEYS plays headless without it") from None
+    return pygame
+
+
+def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float):
+    """The live session: the world model (Tab: the real game) steps at most max_fps times a second with the held
+    keys' action; Enter restarts, R starts and stops recording, Esc or closing the window quits."""
+    pygame = import_pygame()
+    pygame.init()
+    try:
+        screen = pygame.display.set_mode((size, size + 8 + 18 * 2))
+    except pygame.error as e:
+        raise UserError(f"cannot open a window ({e}); play headless with --play-keys KEYS") from None
+    pygame.display.set_caption(f"cleanworlds play: {SCRIPT_NAME}")
+    clock, mode = pygame.time.Clock(), "imagined"
+    game = games[mode]()
+    frame, step, total, reward, end, action = game.reset(), 0, 0.0, 0.0, False, None
+    recording, shown = False, []
+
+    def save_recording():
+        stem = f"play_{mode}_{time.strftime('%Y%m%d_%H%M%S')}"
+        episodes = game.take_episodes() if isinstance(game, RealGame) else []
+        for path in save_play_files(out_dir, stem, np.stack(shown), episodes, max_fps):
+            print(f"wrote {path}", flush=True)
+
+    running = True
+    while running:
+        restart = switch = toggle = False
+        for event in pygame.event.get():
+            if event.type == pygame.QUIT or (event.type == pygame.KEYDOWN and event.key == pygame.K_ESCAPE):
+                running = False
+            elif event.type == pygame.KEYDOWN:
+                restart = restart or event.key == pygame.K_RETURN
+                switch = switch or event.key == pygame.K_TAB
+                toggle = toggle or event.key == pygame.K_r
+        if toggle or (recording and (switch or not running)):  # recording stops here (a switch ends it too)
+            if recording:
+                if isinstance(game, RealGame):
+                    game.stop_recording()
+                if shown:
+                    save_recording()
+                recording, shown = False, []
+            elif toggle:
+                recording = True
+                if isinstance(game, RealGame):
+                    game.start_recording()
+        if not running:
+            break
+        if switch:
+            mode = "real" if mode == "imagined" else "imagined"
+            game, restart = games[mode](), True
+            print(f"now playing the {game.name}", flush=True)
+        if restart:
+            frame, step, total, reward, end, action = game.reset(), 0, 0.0, 0.0, False, None
+        else:
+            pressed = pygame.key.get_pressed()
+            action = action_from_keys(pressed[pygame.K_UP], pressed[pygame.K_DOWN], pressed[pygame.K_LEFT],
+                                      pressed[pygame.K_RIGHT], pressed[pygame.K_SPACE], meanings)
+            frame, reward, end = game.step(action)
+            step, total = step + 1, total + reward
+        image = with_caption(frame, size, caption_lines(game, meanings, step, action, reward, total, end,
+                                                        clock.get_fps(), recording))
+        if recording:
+            shown.append(image)
+        screen.blit(pygame.image.frombuffer(image.tobytes(), (image.shape[1], image.shape[0]), "RGB"), (0, 0))
+        pygame.display.flip()
+        if end:
+            total = 0.0
+        clock.tick(max_fps)
+    pygame.quit()
+
+
+def play_starts(args: Args, run_dir: Path, checkpoint: dict, num_actions: int, device: torch.device,
+                generator: torch.Generator, max_episodes: int = 16) -> Callable:
+    """starts() for ImaginedGame: a fresh real segment (c frames, c - 1 actions) from up to max_episodes episodes of
+    the run's replay buffer (or of its --dataset-dir), as imagination starts in training."""
+    if args.dataset_dir is not None:
+        paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))
+    else:
+        paths = [run_dir / "episodes" / f"episode_{i:06d}.npz" for i in range(checkpoint["num_buffer_files"])]
+    if not paths:
+        raise UserError(f"{run_dir} has no episodes yet to start playing from; resume it for an epoch first")
+    picks = torch.randperm(len(paths), generator=generator)[:max_episodes].sort().values.tolist()
+    buffer = ReplayBuffer(None, None, args.num_conditioning_steps)
+    for i in picks:
+        buffer.add(load_episode(paths[i], args.obs_size, num_actions, "restore the run's episode files"), write=False)
+    c = args.num_conditioning_steps
+
+    def starts():
+        batch = buffer.segments(buffer.sample_segments(1, c, generator), c)
+        return segment_obs(batch, device), batch["actions"].to(device)
+
+    return starts
+
+
+def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser, reward_end_model: RewardEndModel,
+         game: str, meanings: list[str], device: torch.device, autocast):
+    """--play: the world model of a checkpoint as a game, in a window or (--play-keys) headless."""
+    steps = parse_play_keys(args.play_keys, meanings) if args.play_keys is not None else None
+    if steps is None:
+        import_pygame()  # before anything slow: a missing pygame is one line
+    denoiser.eval(), reward_end_model.eval()
+    generator = torch.Generator(device=device).manual_seed(args.seed)  # diffusion noise
+    cpu_generator = torch.Generator().manual_seed(args.seed)  # starts, reward and end samples
+
+    def next_frame(obs, act):
+        return generate_next_obs(denoiser, obs, act, args, generator, autocast=autocast)
+
+    starts = play_starts(args, run_dir, checkpoint, len(meanings), device, cpu_generator)
+
+    class RewardEnd(nn.Module):  # the reward/end model under autocast
+        def forward(self, *inputs):
+            with autocast:
+                return reward_end_model(*inputs)
+
+    games = {"imagined": lambda: ImaginedGame(next_frame, starts, RewardEnd(), cpu_generator),
+             "real": lambda: RealGame(AtariEnv(game, args.obs_size, args.frame_skip, args.noop_max,
+                                               args.sticky_actions, args.max_episode_steps, seed=args.seed))}
+    out_dir = run_dir / "play"
+    print("keys: " + ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings) + (
+        f", {RESTART_LETTER} restart (--play-keys letters)" if steps is not None else
+        "; window: arrows and space (fire) pick these, Enter restarts, Tab switches world model / real game, "
+        "R records, Esc quits"), flush=True)
+    print(f"sampler: {args.sampler}, {args.num_sampling_steps} denoising steps per frame", flush=True)
+    if steps is None:
+        return play_window(games, meanings, out_dir, args.play_size, args.play_fps)
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    for mode in (("imagined", "real") if args.play_world == "both" else (args.play_world,)):
+        session_game = games[mode]()
+        if isinstance(session_game, RealGame):
+            session_game.recording = True
+        session = play_keys(session_game, steps, meanings, args.play_size)
+        episodes = []
+        if isinstance(session_game, RealGame):
+            session_game.stop_recording()
+            episodes = session_game.take_episodes()
+        paths = save_play_files(out_dir, f"play_{mode}_{stamp}", session["shown"], episodes)
+        print(f"{session_game.name}: {len(steps)} steps at {session['fps']:.1f} frames/s, return "
+              f"{sum(session['rewards']):g}; wrote {', '.join(map(str, paths))}", flush=True)
+
+
+def episode_to_mp4(path: str, meanings: list[str], size: int = 256) -> Path:
+    """--episode-to-mp4: an episode .npz -> PATH.mp4, each frame captioned with the step, action, reward and end."""
+    episode = read_episode(Path(path), len(meanings), "give an episode .npz and the --env-id it was recorded in")
+    T, total, shown = len(episode["actions"]), 0.0, []
+    for t, frame in enumerate(episode["obs"]):
+        action = meanings[int(episode["actions"][t - 1])].lower() if t else "-"
+        reward = float(episode["rewards"][t - 1]) if t else 0.0
+        total += reward
+        end = "  terminated" if t and episode["terminated"][t - 1] else "  truncated" if t and episode["truncated"][
+            t - 1] else ""
+        shown.append(with_caption(frame, size, [f"step {t}/{T}  action {action}  reward {reward:+g}  return "
+                                                f"{total:g}{end}"]))
+    out = Path(path).with_suffix(".mp4")
+    write_mp4(out, np.stack(shown))
+    print(f"wrote {out} ({T} steps)")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def main(args: Args, given: set[str]):
     # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, environment, models
     checkpoint, run_dir = None, None
+    if args.episode_to_mp4 is not None:  # a file conversion: nothing else runs
+        return episode_to_mp4(args.episode_to_mp4, action_meanings(canonical_env_id(args.env_id)[0]))
+    if args.play and args.play_keys is None:
+        import_pygame()  # a windowed session without pygame: one line, before any loading
     if args.resume:
         checkpoint_path = resolve_checkpoint_path(args.resume)
         checkpoint = load_checkpoint(checkpoint_path)
@@ -1986,6 +2404,10 @@ def main(args: Args, given: set[str]):
 
     if args.eval_only:  # the checkpoint's agent plays --test-episodes full games
         return eval_only(args, checkpoint, run_dir, actor_critic, game, device, autocast, stop)
+    if args.play or args.play_keys is not None:  # the world model as a game: a window, or headless with --play-keys
+        stop.restore()
+        return play(args, run_dir, checkpoint, denoiser, reward_end_model, game, env.env.get_action_meanings(),
+                    device, autocast)
 
     # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, episodes
     run_dir = run_dir or create_run_dir(args, env_name)
