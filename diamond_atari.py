@@ -1440,7 +1440,7 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
 def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, device: torch.device, seed: int,
                      net=None, autocast=contextlib.nullcontext()) -> tuple[np.ndarray, np.ndarray]:
     """An open-loop imagined rollout from a real segment with the real actions, beside the real frames:
-    uint8 (H, 3, h, w) each, H = imagination_horizon (or what the episode has)."""
+    uint8 (H, 3, h, w) each, H = imagination_horizon (or what the episode has), and the H actions taken."""
     c, horizon = args.num_conditioning_steps, args.imagination_horizon
     generator = torch.Generator().manual_seed(seed)
     ids = [i for i in buffer.sampleable() if len(buffer.episode(i)["actions"]) >= c + horizon] or buffer.sampleable()
@@ -1457,7 +1457,8 @@ def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, devic
         next_obs = generate_next_obs(denoiser, obs, actions[:, k: k + c], args, device_generator, net, autocast)
         imagined.append(next_obs)
         obs = torch.cat([obs[:, 1:], next_obs[:, None]], dim=1)
-    return to_uint8(real[0, c:]).cpu().numpy(), to_uint8(torch.cat(imagined)).cpu().numpy()
+    taken = actions[0, c - 1: c - 1 + horizon].cpu().numpy()  # the action that led into each of the frames
+    return to_uint8(real[0, c:]).cpu().numpy(), to_uint8(torch.cat(imagined)).cpu().numpy(), taken
 
 
 def write_samples(folder: Path, stem: str, images: np.ndarray, columns: Optional[int] = None) -> Path:
@@ -1842,8 +1843,8 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
     evaluates again and writes each picture once."""
     args, epoch = run.args, pos.epoch
     denoiser, reward_end_model = run.learners["denoiser"].model, run.learners["reward_end"].model
-    real, imagined = imagined_vs_real(denoiser, run.buffer, args, run.device, args.seed * 7919 + epoch,
-                                      run.checked_net, run.autocast)
+    real, imagined, taken = imagined_vs_real(denoiser, run.buffer, args, run.device, args.seed * 7919 + epoch,
+                                             run.checked_net, run.autocast)
     returns, test_episodes = None, []
     if not args.world_model_only and epoch < run.num_epochs:
         # with --dataset-dir, DIAMOND plays no game: these real-game test episodes are this script's addition
@@ -1870,13 +1871,19 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
         ids = list(range(len(test_episodes)))
     test_losses = test_set_losses(denoiser, reward_end_model, held_out, ids, args, run.device,
                                   args.seed * 7919 + epoch, run.checked_net, run.autocast) if ids else {}
-    both = np.concatenate([real, imagined])  # a strip: real on top, imagined below
-    run.writer.add_image("samples/imagined_vs_real", make_grid(both, columns=len(real)), pos.global_step,
-                         dataformats="HWC")
-    # the video: real | imagined side by side, uint8 (T, H, 2W, 3)
-    write_mp4(run.run_dir / "samples" / f"rollout_epoch{epoch:05d}.mp4",
-              np.concatenate([real, imagined], axis=3).transpose(0, 2, 3, 1))
-    write_samples(run.run_dir / "samples", f"rollout_epoch{epoch:05d}", both, columns=len(real))
+    # a strip: real on top, imagined below, each row named and each column headed by the action taken into it
+    meanings = run.collector.env.env.get_action_meanings()
+    names = [meanings[a].lower() for a in taken]
+    strip = labelled_rows([real, imagined], ["real", "imagined"], names)
+    run.writer.add_image("samples/imagined_vs_real", strip, pos.global_step, dataformats="HWC")
+    # the video: real | imagined side by side, captioned with the step and the action
+    write_mp4(run.run_dir / "samples" / f"rollout_epoch{epoch:05d}.mp4", np.stack([
+        with_caption(np.concatenate([r, i], axis=2).transpose(1, 2, 0), 256,
+                     ["left real, right imagined", f"step {k + 1}  action {names[k]}"])
+        for k, (r, i) in enumerate(zip(real, imagined))]))
+    write_samples(run.run_dir / "samples", f"rollout_epoch{epoch:05d}", np.concatenate([real, imagined]),
+                  columns=len(real))
+    write_png(run.run_dir / "samples" / f"rollout_epoch{epoch:05d}.png", strip)
     for key, value in test_losses.items():
         log.add(f"eval/{key}", value)
     if returns is not None:
@@ -1997,12 +2004,13 @@ def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
 
 def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, meanings: list[str]) -> int:
     """Held keys -> the game's action: UP/DOWN, then LEFT/RIGHT, then FIRE make the ALE name (UPLEFTFIRE ...); a
-    combination the game lacks drops the vertical part, then the horizontal one (Breakout's up-right is RIGHT)."""
+    combination the game lacks drops the vertical part, then fire (moving matters more): Breakout's up-right and
+    left+fire are RIGHT and LEFT."""
     vertical = "UP" if up and not down else "DOWN" if down and not up else ""
     horizontal = "LEFT" if left and not right else "RIGHT" if right and not left else ""
     suffix = "FIRE" if fire else ""
-    for name in (vertical + horizontal + suffix, horizontal + suffix, vertical + suffix, suffix,
-                 vertical + horizontal, horizontal, vertical):
+    for name in (vertical + horizontal + suffix, horizontal + suffix, vertical + horizontal, horizontal,
+                 vertical + suffix, vertical, suffix):
         if name and name in meanings:
             return meanings.index(name)
     return meanings.index("NOOP") if "NOOP" in meanings else 0
@@ -2016,11 +2024,12 @@ def put_text(image: np.ndarray, text: str, x: int, y: int, scale: float = 0.4, c
 
 
 def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
-    """A uint8 (h, w, 3) frame enlarged to (size, size) (nearest: the pixels stay sharp), above a black margin holding
+    """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a black margin holding
     one line of text per entry: what the window shows and the play MP4s hold."""
     import cv2
 
-    big = cv2.resize(np.ascontiguousarray(frame), (size, size), interpolation=cv2.INTER_NEAREST)
+    height = int(round(frame.shape[0] * size / frame.shape[1]))
+    big = cv2.resize(np.ascontiguousarray(frame), (size, height), interpolation=cv2.INTER_NEAREST)
     margin = np.zeros((8 + 18 * len(lines), size, 3), dtype=np.uint8)
     for i, line in enumerate(lines):
         put_text(margin, line, 6, 18 + 18 * i, 0.45)

@@ -354,7 +354,8 @@ def test_tiny_run_writes_tags_video_checkpoint_and_episodes(tiny_run, dia):
 
     capture = cv2.VideoCapture(str(mp4s[0]))
     ok, frame = capture.read()
-    assert ok and frame.shape == (128, 256, 3)  # real | imagined, 32x32 frames upscaled 4x
+    # real | imagined, 32x32 frames upscaled 4x, above a caption margin (the step and the action)
+    assert ok and frame.shape == (128 + 44, 256, 3) and frame[128:].max() > 100
     checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
     assert checkpoint["script"] == "diamond_atari.py" and checkpoint["epoch"] == 3 and checkpoint["phase"] == "collect"
     assert checkpoint["global_step"] == 70
@@ -634,3 +635,98 @@ def test_progress_bars_name_their_phase_and_a_sigterm_reports_where_it_stopped(t
     assert "epoch 1: denoiser done" not in stdout and "done after" not in stdout and "stopped after" in stdout
     counts = re.findall(r"epoch 1 denoiser:[^\r\n]*?(\d+)/400", stderr)
     assert int(counts[-1]) == saved["position"]  # the bar's last count is the updates done
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --play: the world model (and the real game) as a game; headless with --play-keys
+
+
+def stand_in_game(dia, seed: int = 0):
+    """An ImaginedGame whose 'world model' shifts the last frame right by (action + 1) pixels: no training."""
+    frames = torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (1, 4, 3, 16, 16), dtype=np.uint8))
+
+    def starts():
+        return dia.to_float(frames), torch.zeros((1, 3), dtype=torch.long)
+
+    def next_frame(obs, act):
+        return torch.roll(obs[:, -1], shifts=int(act[0, -1]) + 1, dims=-1)
+
+    return dia.ImaginedGame(next_frame, starts), dia.to_uint8(dia.to_float(frames[0, -1])).permute(1, 2, 0).numpy()
+
+
+def test_play_wiring_keys_reach_the_model_and_sessions_are_written(dia, tmp_path):
+    meanings = ["NOOP", "FIRE", "RIGHT", "LEFT"]  # Breakout's
+    assert dia.parse_play_keys("FR L/N", meanings) == [1, 2, 3, None, 0]
+    with pytest.raises(dia.UserError, match="'U' is no action of this game; its letters: N noop, F fire"):
+        dia.parse_play_keys("FU", meanings)
+    assert dia.action_from_keys(True, False, False, True, False, meanings) == 2  # up-right: Breakout has RIGHT
+    assert dia.action_from_keys(False, False, True, False, True, meanings) == 3  # left + fire: LEFT (no LEFTFIRE)
+    assert dia.action_from_keys(False, False, False, False, True, meanings) == 1
+    assert dia.action_from_keys(False, False, False, False, False, meanings) == 0
+    sessions = {}
+    for keys in ("RRRL", "LLLR", "RRRL"):
+        game, first = stand_in_game(dia)
+        sessions.setdefault(keys, []).append(dia.play_keys(game, dia.parse_play_keys(keys, meanings), meanings, 64))
+    a, b, again = sessions["RRRL"][0], sessions["LLLR"][0], sessions["RRRL"][1]
+    assert np.array_equal(a["frames"][0], first) and a["frames"].shape == (5, 16, 16, 3)
+    assert np.array_equal(a["frames"][1], np.roll(first, 3, axis=1))  # RIGHT is action 2: shifted by 3 pixels
+    assert not np.array_equal(a["frames"][1], b["frames"][1]) and np.array_equal(a["frames"], again["frames"])
+    assert a["shown"].shape == (5, 64 + 26, 64, 3)  # enlarged, above a caption line
+    paths = dia.save_play_files(tmp_path / "play", "imagined", a["shown"], [])
+    import cv2
+
+    capture = cv2.VideoCapture(str(paths[0]))
+    assert sum(1 for _ in iter(lambda: capture.read()[0], False)) == 5
+
+    # the real game with the same keys, recorded: a restart ('/') cuts the first episode, so two episode files
+    real = dia.RealGame(dia.AtariEnv("Breakout", obs_size=32, seed=1))
+    real.recording = True
+    session = dia.play_keys(real, dia.parse_play_keys("FRRRLLL/FRRN", meanings), meanings, 64)
+    real.stop_recording()
+    paths = dia.save_play_files(tmp_path / "episodes", "real", session["shown"], real.take_episodes())
+    assert len(paths) == 3
+    lengths = []
+    for path in paths[1:]:
+        with np.load(path, allow_pickle=False) as data:
+            assert {k: data[k].dtype for k in data} == {"obs": np.uint8, "actions": np.int64, "rewards": np.float32,
+                                                        "terminated": bool, "truncated": bool}
+            lengths.append(len(data["actions"]))
+            assert data["obs"].shape == (lengths[-1] + 1, 32, 32, 3) and data["truncated"][-1]
+        episode = dia.load_episode(path, 32, 4)
+        assert np.array_equal(episode["obs"][-1], session["frames"][sum(lengths) + len(lengths) - 1])
+    assert lengths == [7, 4] and session["frames"].shape == (13, 32, 32, 3)
+    buffer = dia.ReplayBuffer(None, None, 4)
+    train_ids, _ = dia.load_dataset_dir(dia.Args(dataset_dir=str(tmp_path / "episodes"), obs_size=32), buffer, 4)
+    assert train_ids == [0] and len(buffer.episodes) == 2  # the --dataset-dir checks accept them
+    mp4 = dia.episode_to_mp4(str(paths[1]), meanings)
+    assert mp4.exists() and mp4.stat().st_size > 1000
+
+
+def test_play_without_pygame_is_one_line_with_the_install_command(tmp_path, dia, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "pygame", None)  # `import pygame` raises ImportError
+    with pytest.raises(dia.UserError, match="pip install pygame-ce"):
+        dia.import_pygame()
+    shim = tmp_path / "shim" / "pygame"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('No module named pygame')\n")
+    env = {**script_env(), "PYTHONPATH": str(shim.parent)}
+    result = subprocess.run([PYTHON, str(ROOT / SCRIPT), "--resume", str(tmp_path / "no_run"), "--play"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert_one_line_error(result, "pip install pygame-ce", "--play-keys")
+
+
+def test_headless_play_of_a_tiny_run(tiny_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    result = run("--resume", run_dir, "--play-keys", "FRRRLLL/RRN", "--play-world", "both", "--num-sampling-steps",
+                 "1", "--sampler", "heun", cwd=tmp_path, check=True)
+    assert "keys: N noop, F fire, R right, L left" in result.stdout and "sampler: heun, 1 denoising" in result.stdout
+    assert "world model: 10 steps at" in result.stdout and "real game: 10 steps at" in result.stdout
+    mp4s = sorted((run_dir / "play").glob("*.mp4"))
+    assert [p.name.split("_")[1] for p in mp4s] == ["imagined", "real"] and all(p.stat().st_size > 1000 for p in mp4s)
+    assert len(list((run_dir / "play").glob("play_real_*_episode_*.npz"))) >= 2
+    # the checkpoint is untouched; the run's arguments other than play and sampling flags still cannot change
+    refused = run("--resume", run_dir, "--play-keys", "F", "--batch-size", "3", cwd=tmp_path)
+    assert refused.returncode == 2 and "--batch-size" in refused.stderr
