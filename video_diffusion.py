@@ -77,6 +77,22 @@ class Args:
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
     """a run folder or checkpoint file to continue exactly where it stopped"""
+    play: bool = False
+    """with --resume: play an action-conditioned model live in a window (pygame: pip install pygame-ce, or the
+    `play` extra): arrows steer (the sprites world: the sprite), Enter restarts from a fresh start, Tab switches to
+    the real sprites world, R records an MP4, Esc quits"""
+    play_keys: Optional[str] = None
+    """headless play (no window, no pygame; implies --play): one letter per step, N noop, U D L R, (Atari models)
+    F fire, Q E Z C the diagonals up-left up-right down-left down-right, lowercase u d l r q e z c the same with fire,
+    / restart; spaces are ignored. Writes the session's MP4 to {run}/play/"""
+    play_caption: Optional[str] = None
+    """play: the caption the frames are generated with (default: none, the null caption: the keys alone steer)"""
+    play_world: Literal["imagined", "real", "both"] = "imagined"
+    """headless play: the model (imagined), the real sprites world, or both in turn with the same keys"""
+    play_size: int = 512
+    """play: the frame's side in the window and in the play MP4s, in pixels"""
+    play_fps: float = 15.0
+    """play: the window's steps per second at most"""
     sample_only: bool = False
     """with --resume: load the checkpoint's EMA weights, only generate --num-samples clips (and a long video), exit"""
     compile: bool = False
@@ -219,7 +235,7 @@ RESUME_MUTABLE_FIELDS = {
     "total_steps", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity",
     "sample_only", "num_samples", "sampler", "num_sampling_steps", "ddim_eta", "cfg_scale", "num_eval_samples",
     "long_video_frames", "sample_batch_size", "context_noise_sampling_step", "cuda", "compile", "config",
-    "output_dir", "data_dir",
+    "output_dir", "data_dir", "play", "play_keys", "play_caption", "play_world", "play_size", "play_fps",
 }
 
 # Flags spelled otherwise on the command line (none here; diamond_atari.py accepts --game for --env-id).
@@ -239,6 +255,7 @@ ARG_DOMAINS = {
     "learning_rate": "> 0", "warmup_steps": ">= 0", "max_grad_norm": ">= 0", "ema_decay": "[0, 1]", "log_every": ">= 1",
     "save_every": ">= 1", "eval_every": ">= 1", "num_sampling_steps": ">= 1", "ddim_eta": "[0, 1]", "cfg_scale": ">= 0",
     "num_eval_samples": ">= 1", "num_samples": ">= 1", "long_video_frames": ">= 1", "sample_batch_size": ">= 1",
+    "play_size": ">= 16", "play_fps": "> 0",
 }
 
 
@@ -252,6 +269,8 @@ def check_args(args: Args, world_size: int):
                         f"not {args.num_sampling_steps}")
     if args.beta_start > args.beta_end:
         raise UserError(f"--beta-start {args.beta_start} must not exceed --beta-end {args.beta_end}")
+    if (args.play or args.play_keys is not None) and not args.resume:
+        raise UserError("--play needs --resume RUN_FOLDER_OR_CHECKPOINT (a trained action-conditioned model to play)")
     if args.sample_only and not args.resume:
         raise UserError("--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
     if args.img_size % 2 ** (len(args.channel_mult) - 1):
@@ -1381,7 +1400,7 @@ class EvalSampler:
         self.starts = torch.from_numpy(eval_data.clip_starts).to(device)
         self.actions = torch.from_numpy(eval_data.actions).to(device) if eval_data.actions is not None else None
         self.text = tokenize(eval_data.captions, vocabulary, args.max_text_len).to(device)
-        self.directions = eval_data.directions
+        self.directions, self.captions = eval_data.directions, list(eval_data.captions)
         self.sample_kwargs = dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale,
                                   sampler=args.sampler, num_steps=args.num_sampling_steps, eta=args.ddim_eta,
                                   autocast=autocast, prediction=args.prediction)
@@ -1434,7 +1453,8 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict
     real = np.concatenate([to_uint8(real) for _, real, _, _ in sampler.batches(n)])
     samples = sampler.clips(n)
     write_samples(samples_dir, f"step{step:08d}", samples)
-    writer.add_image("samples/clips", frame_strips(samples[:8]), step, dataformats="HWC")
+    writer.add_image("samples/clips", frame_strips(samples[:8], [f"generated: {caption}" for caption in (
+        sampler.captions * n)[:min(8, n)]]), step, dataformats="HWC")
     metrics = {}
     if sampler.actions is not None and k > 0:  # multi-step rollouts from the first k real frames, without the caption
         true = sampler.clips(n, use_text=False, num_context=k)
@@ -1445,7 +1465,14 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict
         metrics["eval/psnr_copy_last"] = rollout_psnr(copy_last, real, k)
         # Genie's delta-PSNR: how much closer to the real clip the true actions bring a rollout
         metrics["eval/action_control_dpsnr"] = metrics["eval/psnr_true_actions"] - metrics["eval/psnr_shuffled_actions"]
-        writer.add_image("samples/rollouts_true_actions", frame_strips(true[:8]), step, dataformats="HWC")
+        # real and generated rows in turn, each frame headed by the action that led into it
+        shown = min(4, n)
+        actions = np.concatenate([a.cpu().numpy() for _, _, _, a in sampler.batches(shown)])
+        labels = action_labels(actions, k, args.dataset)
+        pairs = np.stack([real[:shown], true[:shown]], axis=1).reshape(2 * shown, *real.shape[1:])
+        writer.add_image("samples/rollouts_true_actions", frame_strips(
+            pairs, [name for i in range(shown) for name in (f"real {i}", f"generated {i}")],
+            [labels[i // 2] for i in range(2 * shown)]), step, dataformats="HWC")
     if args.dataset == "sprites" and k > 0:
         # Does the sprite go where the caption (alone) or the actions (alone) say? Clips are generated from the real
         # first frame (which shows where the sprite starts, not where it goes): this measures control, not whether the
@@ -1474,10 +1501,51 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict
 # Utilities: sample files (the shared machinery, at the end of the file, writes them).
 
 
-def frame_strips(clips: np.ndarray) -> np.ndarray:
-    """uint8 (N, 3, T, H, W) -> one image with a row of frames per clip (for TensorBoard)."""
+def frame_strips(clips: np.ndarray, row_labels: Optional[list] = None,
+                 frame_labels: Optional[list] = None) -> np.ndarray:
+    """uint8 (N, 3, T, H, W) -> one image with a row of frames per clip (for TensorBoard). With labels, each row is
+    named in a left margin (real, generated, its caption) and each frame headed by its label (the action that led
+    into it, or "context"): small frames are enlarged so that the text fits."""
     n, c, t, h, w = clips.shape
-    return make_grid(clips.transpose(0, 2, 1, 3, 4).reshape(n * t, c, h, w), columns=t)
+    if row_labels is None and frame_labels is None:
+        return make_grid(clips.transpose(0, 2, 1, 3, 4).reshape(n * t, c, h, w), columns=t)
+    import cv2
+
+    scale, pad = max(1, 48 // h), 2
+    row_labels = row_labels or [""] * n
+    left = 8 + 6 * max(len(label) for label in row_labels) if any(row_labels) else 0
+    band = 12 if frame_labels is not None else 0
+    cell_w, cell_h = w * scale + pad, h * scale + pad + band
+    image = np.zeros((n * cell_h + pad, left + t * cell_w + pad, 3), dtype=np.uint8)
+    for i in range(n):
+        top = i * cell_h + band
+        for j in range(t):
+            frame = cv2.resize(clips[i, :, j].transpose(1, 2, 0), (w * scale, h * scale),
+                               interpolation=cv2.INTER_NEAREST)
+            image[top + pad: top + pad + h * scale, left + pad + j * cell_w: left + pad + j * cell_w + w * scale] = frame
+            if frame_labels is not None:
+                put_text(image, str(frame_labels[i][j])[: max(1, cell_w // 6)], left + pad + j * cell_w, top - 1, 0.3)
+        put_text(image, row_labels[i], 3, top + pad + h * scale // 2 + 4, 0.33)
+    return image
+
+
+def action_labels(actions: Optional[np.ndarray], num_context: int, dataset: str) -> Optional[list]:
+    """The action that led into each frame, as words: (B, T) discrete or (B, T, 2) velocities -> B lists of T labels
+    ("context" for the given frames)."""
+    if actions is None:
+        return None
+    out = []
+    for clip in actions:
+        labels = []
+        for j, a in enumerate(clip):
+            if j < num_context:
+                labels.append("context")
+            elif np.ndim(a):
+                labels.append(f"{a[0]:+.1f},{a[1]:+.1f}")
+            else:
+                labels.append(SPRITE_ACTIONS[int(a)] if dataset == "sprites" else f"a{int(a)}")
+        out.append(labels)
+    return out
 
 
 def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> Path:
@@ -1489,11 +1557,287 @@ def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> P
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Play: an action-conditioned model as a game, generating each frame from the last --context-frames frames (the
+# autoregressive generation above), in a pygame window or headless from a key sequence.
+
+# --play-keys letters: N noop, U D L R (the sprites world's moves; an Atari model's actions of those names), F fire,
+# Q E Z C the diagonals (up-left, up-right, down-left, down-right), lowercase: the same with fire. '/' restarts.
+ACTION_LETTERS = {"NOOP": "N", "FIRE": "F", "UP": "U", "DOWN": "D", "LEFT": "L", "RIGHT": "R", "UPLEFT": "Q",
+                  "UPRIGHT": "E", "DOWNLEFT": "Z", "DOWNRIGHT": "C", "UPFIRE": "u", "DOWNFIRE": "d", "LEFTFIRE": "l",
+                  "RIGHTFIRE": "r", "UPLEFTFIRE": "q", "UPRIGHTFIRE": "e", "DOWNLEFTFIRE": "z", "DOWNRIGHTFIRE": "c"}
+RESTART_LETTER = "/"
+
+
+def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
+    """--play-keys -> one action index per step (None: restart). A letter the model has no action for is refused."""
+    index = {ACTION_LETTERS.get(name, name): i for i, name in enumerate(meanings)}
+    steps = []
+    for letter in keys:
+        if letter.isspace():
+            continue
+        if letter == RESTART_LETTER:
+            steps.append(None)
+        elif letter in index:
+            steps.append(index[letter])
+        else:
+            known = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
+            raise UserError(f"--play-keys: {letter!r} is no action of this model; its letters: {known}, "
+                            f"{RESTART_LETTER} restart")
+    if not steps:
+        raise UserError("--play-keys is empty: give one letter per step, e.g. RRRDDD")
+    return steps
+
+
+def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, meanings: list[str]) -> int:
+    """Held keys -> an action: UP/DOWN, then LEFT/RIGHT, then FIRE make the name (UPLEFTFIRE ...); a combination the
+    model lacks drops the vertical part, then fire (the sprites world has no diagonals: up-right is RIGHT)."""
+    vertical = "UP" if up and not down else "DOWN" if down and not up else ""
+    horizontal = "LEFT" if left and not right else "RIGHT" if right and not left else ""
+    suffix = "FIRE" if fire else ""
+    for name in (vertical + horizontal + suffix, horizontal + suffix, vertical + horizontal, horizontal,
+                 vertical + suffix, vertical, suffix):
+        if name and name in meanings:
+            return meanings.index(name)
+    return meanings.index("NOOP") if "NOOP" in meanings else 0
+
+
+def put_text(image: np.ndarray, text: str, x: int, y: int, scale: float = 0.4, colour=(255, 255, 255)):
+    """Small text (OpenCV's Hershey font) with its baseline at (x, y), drawn into an RGB uint8 image in place."""
+    import cv2
+
+    cv2.putText(image, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
+
+
+def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
+    """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a black margin holding
+    one line of text per entry: what the window shows and the play MP4s hold."""
+    import cv2
+
+    height = int(round(frame.shape[0] * size / frame.shape[1]))
+    big = cv2.resize(np.ascontiguousarray(frame), (size, height), interpolation=cv2.INTER_NEAREST)
+    margin = np.zeros((8 + 18 * len(lines), size, 3), dtype=np.uint8)
+    for i, line in enumerate(lines):
+        put_text(margin, line, 6, 18 + 18 * i, 0.45)
+    return np.concatenate([big, margin])
+
+
+class ImaginedVideo:
+    """The model as a game. reset() takes a start (frames (1, 3, k, H, W) in [-1, 1] and the k actions that led into
+    them) from starts(); step(action) asks next_frame(frames (1, 3, k, H, W), actions (1, k + 1[, A])) for the next
+    frame (1, 3, H, W), conditioned on the last k frames and actions and the new one. Any callable works as
+    next_frame: the tests play a stand-in that shifts the last frame by the action."""
+    name = "video model"
+
+    def __init__(self, next_frame: Callable, starts: Callable, action_value: Callable):
+        self.next_frame, self.starts, self.action_value = next_frame, starts, action_value
+        self.frames = self.actions = None
+
+    @torch.no_grad()
+    def reset(self) -> np.ndarray:
+        self.frames, self.actions = self.starts()
+        return to_uint8(self.frames[0, :, -1:])[:, 0].transpose(1, 2, 0)
+
+    @torch.no_grad()
+    def step(self, action: int) -> tuple[np.ndarray, float, bool]:
+        new = self.action_value(action).to(self.actions.device)[None, None]  # (1, 1[, A])
+        actions = torch.cat([self.actions, new.to(self.actions.dtype)], dim=1)
+        next_frame = self.next_frame(self.frames, actions).clamp(-1, 1)
+        self.frames = torch.cat([self.frames[:, :, 1:], next_frame[:, :, None]], dim=2)
+        self.actions = actions[:, 1:]
+        return to_uint8(next_frame[:, :, None])[0, :, 0].transpose(1, 2, 0), 0.0, False
+
+
+class RealSprites:
+    """The sprites world itself, from the same start: the clip's initial state re-rendered under the start's actions
+    and the keys' (render_sprite_clip), to compare with what the model makes of the same keys."""
+    name = "real sprites"
+
+    def __init__(self, state: dict, start_actions: np.ndarray, img_size: int, action_value: Callable):
+        self.state, self.start_actions, self.img_size = state, start_actions, img_size
+        self.action_value, self.history = action_value, list(start_actions)
+
+    def reset(self) -> np.ndarray:
+        self.history = list(self.start_actions)
+        return render_sprite_clip(self.state, np.array(self.history), self.img_size)[-1].transpose(1, 2, 0)
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool]:
+        self.history.append(self.action_value(action).numpy())
+        return render_sprite_clip(self.state, np.array(self.history), self.img_size)[-1].transpose(1, 2, 0), 0.0, False
+
+
+def play_keys(game, steps: list[Optional[int]], meanings: list[str], size: int) -> dict:
+    """A headless session: the game played with the given actions (None: restart). Returns the raw frames uint8
+    (T + 1, H, W, 3), the captioned frames for the MP4 and the frames per second."""
+    def caption(step, action):
+        return [f"{game.name}  step {step}  action {meanings[action].lower() if action is not None else '-'}"]
+
+    frame = game.reset()
+    frames, shown = [frame], [with_caption(frame, size, caption(0, None))]
+    start = time.perf_counter()
+    for i, action in enumerate(steps):
+        frame = game.reset() if action is None else game.step(action)[0]
+        frames.append(frame)
+        shown.append(with_caption(frame, size, caption(i + 1, action)))
+    seconds = time.perf_counter() - start
+    return {"frames": np.stack(frames), "shown": np.stack(shown), "fps": len(steps) / max(seconds, 1e-9)}
+
+
+def import_pygame():
+    """pygame (pygame-ce or pygame) for the play window, or one line with the install command."""
+    try:
+        import pygame
+    except ImportError:
+        raise UserError("--play opens a window with pygame, which is not installed: pip install pygame-ce (or pip "
+                        "install -e '.[play]'); --play-keys KEYS plays headless without it") from None
+    return pygame
+
+
+def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float):
+    """The live session: the model (Tab: the real sprites world) steps at most max_fps times a second with the held
+    keys' action; Enter restarts, R starts and stops recording (an MP4), Esc or closing the window quits."""
+    pygame = import_pygame()
+    pygame.init()
+    try:
+        screen = pygame.display.set_mode((size, size + 8 + 18 * 2))
+    except pygame.error as e:
+        raise UserError(f"cannot open a window ({e}); play headless with --play-keys KEYS") from None
+    pygame.display.set_caption(f"cleanworlds play: {SCRIPT_NAME}")
+    clock, modes = pygame.time.Clock(), list(games)
+    mode = modes[0]
+    game = games[mode]()
+    frame, step, action, recording, shown = game.reset(), 0, None, False, []
+    running = True
+    while running:
+        restart = switch = toggle = False
+        for event in pygame.event.get():
+            if event.type == pygame.QUIT or (event.type == pygame.KEYDOWN and event.key == pygame.K_ESCAPE):
+                running = False
+            elif event.type == pygame.KEYDOWN:
+                restart = restart or event.key == pygame.K_RETURN
+                switch = switch or (event.key == pygame.K_TAB and len(modes) > 1)
+                toggle = toggle or event.key == pygame.K_r
+        if recording and (toggle or switch or not running):
+            path = out_dir / f"play_{mode}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
+            write_mp4(path, np.stack(shown), fps=int(round(max_fps)))
+            print(f"wrote {path}", flush=True)
+            recording, shown, toggle = False, [], False
+        recording = recording or toggle
+        if not running:
+            break
+        if switch:
+            mode = modes[(modes.index(mode) + 1) % len(modes)]
+            game, restart = games[mode](), True
+            print(f"now playing the {game.name}", flush=True)
+        if restart:
+            frame, step, action = game.reset(), 0, None
+        else:
+            pressed = pygame.key.get_pressed()
+            action = action_from_keys(pressed[pygame.K_UP], pressed[pygame.K_DOWN], pressed[pygame.K_LEFT],
+                                      pressed[pygame.K_RIGHT], pressed[pygame.K_SPACE], meanings)
+            frame, step = game.step(action)[0], step + 1
+        image = with_caption(frame, size, [
+            f"{game.name}  step {step}  action {meanings[action].lower() if action is not None else '-'}",
+            f"{clock.get_fps():.1f} fps" + ("  REC" if recording else "")])
+        if recording:
+            shown.append(image)
+        screen.blit(pygame.image.frombuffer(image.tobytes(), (image.shape[1], image.shape[0]), "RGB"), (0, 0))
+        pygame.display.flip()
+        clock.tick(max_fps)
+    pygame.quit()
+
+
+def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, autocast):
+    """--play: the checkpoint's EMA model as a game: each step generates one frame from the last --context-frames
+    frames (a clip of --num-frames whose first k frames are the context, as the long videos are made; the new action
+    is held over the frames after it), in a window or (--play-keys) headless."""
+    num_actions = checkpoint["num_actions"]
+    if args.dataset == "folder" or (num_actions == 0 and args.action_dim == 0):
+        raise UserError("--play needs an action-conditioned model (the sprites world or Atari clips): this run's "
+                        "videos have no actions")
+    if args.context_frames < 1:
+        raise UserError("--play generates each frame from the last frames: the run needs --context-frames >= 1")
+    if args.dataset == "sprites":
+        meanings = [name.upper() for name in SPRITE_ACTIONS]
+        data = make_sprites_dataset(16, args.num_frames, args.img_size, args.num_distractors, args.action_dim,
+                                    seed=args.seed + 2_000)  # starts the model never trained on
+    else:
+        import gymnasium as gym
+
+        data = load_atari_dataset(args)
+        meanings = list(gym.make(atari_ids(args.env_id)[0]).unwrapped.get_action_meanings())
+    steps = parse_play_keys(args.play_keys, meanings) if args.play_keys is not None else None
+    if steps is None:
+        import_pygame()  # before anything slow: a missing pygame is one line
+
+    def action_value(action: int) -> torch.Tensor:  # a key's action as the model takes it
+        if args.action_dim:  # continuous: the move's velocity (noop: none)
+            return torch.from_numpy(DIRECTION_VECTORS[action - 1] if action else np.zeros(2, np.float32))
+        return torch.tensor(action, dtype=torch.long)
+
+    vocabulary = checkpoint["vocabulary"]
+    model = build_model(args, len(vocabulary), num_actions).to(device)
+    model.load_state_dict(checkpoint["ema"])
+    model.eval()
+    alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
+                                                            args.beta_end))
+    k, n = args.context_frames, args.num_frames
+    caption = args.play_caption if args.play_caption is not None else ""
+    text = tokenize([caption], vocabulary, args.max_text_len).to(device) if caption else None
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    chooser = torch.Generator().manual_seed(args.seed)
+    clip = int(torch.randint(len(data.clip_starts), (1,), generator=chooser))
+    start = int(data.clip_starts[clip])
+    start_frames = torch.from_numpy(data.frames[start: start + k]).to(device).permute(1, 0, 2, 3)[None] / 127.5 - 1.0
+    start_actions = data.actions[start: start + k]
+    sample_kwargs = dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale,
+                         sampler=args.sampler, num_steps=args.num_sampling_steps, eta=args.ddim_eta,
+                         autocast=autocast, prediction=args.prediction)
+
+    def next_frame(frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        context = torch.zeros((1, 3, n, args.img_size, args.img_size), device=device)
+        context[:, :, :k] = frames
+        index = torch.arange(n, device=device).clamp(max=k)  # the new action leads into every frame after the context
+        clip_frames = generate(model, alphas_cumprod, tuple(context.shape), generator, text, actions.to(device)[:, index],
+                               None, context, k, **sample_kwargs)
+        return clip_frames[:, :, k]
+
+    def starts():
+        return start_frames.clone(), torch.from_numpy(start_actions).to(device)[None]
+
+    games = {"imagined": lambda: ImaginedVideo(next_frame, starts, action_value)}
+    if args.dataset == "sprites":
+        games["real"] = lambda: RealSprites(data.sprite_states[clip], start_actions, args.img_size, action_value)
+    print("keys: " + ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings) + (
+        f", {RESTART_LETTER} restart (--play-keys letters)" if steps is not None else
+        "; window: arrows and space (fire) pick these, Enter restarts, Tab switches model / real world, "
+        "R records, Esc quits"), flush=True)
+    print(f"caption: {caption!r}; sampler: {args.sampler}, {args.num_sampling_steps} steps per frame, cfg scale "
+          f"{args.cfg_scale:g}; start: clip {clip} ({data.captions[clip]!r})", flush=True)
+    out_dir = run_dir / "play"
+    if steps is None:
+        return play_window(games, meanings, out_dir, args.play_size, args.play_fps)
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    if args.play_world != "imagined" and "real" not in games:
+        raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for real here")
+    sessions = {}
+    for mode in (("imagined", "real") if args.play_world == "both" else (args.play_world,)):
+        session_game = games[mode]()
+        sessions[mode] = play_keys(session_game, steps, meanings, args.play_size)
+        path = out_dir / f"play_{mode}_{stamp}.mp4"
+        write_mp4(path, sessions[mode]["shown"], fps=int(round(args.play_fps)))
+        print(f"{session_game.name}: {len(steps)} steps at {sessions[mode]['fps']:.2f} frames/s; wrote {path}",
+              flush=True)
+    return sessions
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def main(args: Args, given: set[str]):
     # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, data, model, optimizer
     checkpoint, run_dir = None, None
+    if args.play and args.play_keys is None:
+        import_pygame()  # a windowed session without pygame: one line, before any loading
     if args.resume:
         checkpoint_path = resolve_checkpoint_path(args.resume)
         checkpoint = load_checkpoint(checkpoint_path)
@@ -1503,6 +1847,9 @@ def main(args: Args, given: set[str]):
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
     seed_everything(args.seed)
+    if args.play or args.play_keys is not None:  # the model as a game: a window, or headless with --play-keys
+        play(args, checkpoint, run_dir, device, autocast)
+        return
     train_generator = torch.Generator(device=device).manual_seed(args.seed)  # t, noise, dropped conditions, context
 
     # uint8 frames on the device (no loader, no host-device copy per step); a clip is a window of them from its start

@@ -723,7 +723,7 @@ def test_headless_play_of_a_tiny_run(tiny_run, tmp_path):
     result = run("--resume", run_dir, "--play-keys", "FRRRLLL/RRN", "--play-world", "both", "--num-sampling-steps",
                  "1", "--sampler", "heun", cwd=tmp_path, check=True)
     assert "keys: N noop, F fire, R right, L left" in result.stdout and "sampler: heun, 1 denoising" in result.stdout
-    assert "world model: 10 steps at" in result.stdout and "real game: 10 steps at" in result.stdout
+    assert "world model: 11 steps at" in result.stdout and "real game: 11 steps at" in result.stdout
     mp4s = sorted((run_dir / "play").glob("*.mp4"))
     assert [p.name.split("_")[1] for p in mp4s] == ["imagined", "real"] and all(p.stat().st_size > 1000 for p in mp4s)
     assert len(list((run_dir / "play").glob("play_real_*_episode_*.npz"))) >= 2

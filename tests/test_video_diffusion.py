@@ -619,3 +619,59 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     checkpoint = torch.load(only_run_dir(tmp_path) / "checkpoints" / "latest.pt", weights_only=True)
     assert 1 <= checkpoint["step"] < 30
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --play: an action-conditioned model as a game; headless with --play-keys
+
+
+def test_play_wiring_keys_reach_the_model_and_the_real_sprites_follow_them(tmp_path, monkeypatch):
+    meanings = [name.upper() for name in vd.SPRITE_ACTIONS]  # NOOP UP DOWN LEFT RIGHT
+    assert vd.parse_play_keys("RR D/N", meanings) == [4, 4, 2, None, 0]
+    with pytest.raises(vd.UserError, match="'F' is no action of this model; its letters: N noop, U up"):
+        vd.parse_play_keys("F", meanings)
+    assert vd.action_from_keys(True, False, False, True, False, meanings) == 4  # no diagonals: up-right is RIGHT
+    data = vd.make_sprites_dataset(1, 6, 16, num_distractors=1, seed=3)
+    k = 2
+    start = torch.from_numpy(data.frames[:k]).permute(1, 0, 2, 3)[None] / 127.5 - 1.0
+    seen = []
+
+    def next_frame(frames, actions):  # a stand-in model: the last frame shifted right by (action + 1) pixels
+        seen.append(actions.clone())
+        return torch.roll(frames[:, :, -1], shifts=int(actions[0, -1]) + 1, dims=-1)
+
+    def game():
+        return vd.ImaginedVideo(next_frame, lambda: (start.clone(), torch.from_numpy(data.actions[:k])[None]),
+                                lambda a: torch.tensor(a))
+
+    runs = [vd.play_keys(game(), vd.parse_play_keys(keys, meanings), meanings, 64) for keys in ("RRU", "LLU", "RRU")]
+    first = data.frames[k - 1].transpose(1, 2, 0)
+    assert np.array_equal(runs[0]["frames"][0], first)
+    assert np.array_equal(runs[0]["frames"][1], np.roll(first, 5, axis=1))  # RIGHT is action 4
+    assert not np.array_equal(runs[0]["frames"], runs[1]["frames"]) and np.array_equal(runs[0]["frames"],
+                                                                                      runs[2]["frames"])
+    assert seen[1].tolist() == [[data.actions[k - 1], 4, 4]]  # the last k actions and the new one reach the model
+    vd.write_mp4(tmp_path / "play.mp4", runs[0]["shown"])
+    assert len(read_mp4(tmp_path / "play.mp4")) == 4
+    # the real sprites world from the same start follows the keys: right, right, then down
+    real = vd.play_keys(vd.RealSprites(data.sprite_states[0], data.actions[:k], 16, lambda a: torch.tensor(a)),
+                        vd.parse_play_keys("RRDD", meanings), meanings, 64)
+    assert np.array_equal(real["frames"][0], first)
+    moves = vd.movement_directions(real["frames"].transpose(3, 0, 1, 2)[None, :, [0, 2]])
+    down = vd.movement_directions(real["frames"].transpose(3, 0, 1, 2)[None, :, [2, 4]])
+    assert [vd.DIRECTIONS[moves[0]], vd.DIRECTIONS[down[0]]] == ["right", "down"]
+    monkeypatch.setitem(__import__("sys").modules, "pygame", None)
+    with pytest.raises(vd.UserError, match="pip install pygame-ce"):
+        vd.import_pygame()
+
+
+def test_headless_play_of_a_tiny_run(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    result = run_script(SCRIPT, "--resume", run_dir, "--play-keys", "RD", "--play-world", "both",
+                        "--num-sampling-steps", "2", "--play-caption", "a red square moves up", cwd=tmp_path)
+    assert "keys: N noop, U up, D down, L left, R right" in result.stdout
+    assert "caption: 'a red square moves up'; sampler: ddim, 2 steps" in result.stdout
+    mp4s = sorted((run_dir / "play").glob("*.mp4"))
+    assert [p.name.split("_")[1] for p in mp4s] == ["imagined", "real"]
+    assert [len(read_mp4(p)) for p in mp4s] == [3, 3]
