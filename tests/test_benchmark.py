@@ -90,7 +90,8 @@ def test_plot_on_tiny_runs_png_and_table_equal_logged_values(tiny_ddpm_runs, tmp
         assert row["mean"] == pytest.approx(np.mean(finals), rel=1e-12)
         assert row["std"] == pytest.approx(np.std(finals, ddof=1), rel=1e-12)
         assert f"{np.mean(finals):.6g} +- {np.std(finals, ddof=1):.6g} (2)" in table
-    assert "| shapes | ddpm_cifar10 |" in table
+    assert "| ddpm_cifar10.py | shapes | ddpm_cifar10 |" in table  # the script from the run's config.json
+    assert all(row["script"] == "ddpm_cifar10.py" for row in rows.values())
 
 
 def test_plot_groups_envs_and_seeds_with_known_values(tmp_path):
@@ -128,9 +129,9 @@ def test_plot_groups_envs_and_seeds_with_known_values(tmp_path):
     b = by_group[("Breakout-v5", "my__exp")]
     assert b["per_seed"] == {"1": 8.0, "2": 6.0}  # the purged 50 and 60 are gone
     table = (out / "final_values.md").read_text()
-    assert "| Pong-v5 | algo | 15 +- 5.56776 (3) |" in table
-    assert "| Pong-v5 | other | 3 (1) |" in table
-    assert "| Breakout-v5 | my__exp | 7 +- 1.41421 (2) |" in table
+    assert "| - | Pong-v5 | algo | 15 +- 5.56776 (3) |" in table  # no config.json: the script is unknown
+    assert "| - | Pong-v5 | other | 3 (1) |" in table
+    assert "| - | Breakout-v5 | my__exp | 7 +- 1.41421 (2) |" in table
     assert (out / "charts_episodic_return.png").stat().st_size > 5000
 
     # the resumed seed reads as 0, 1, 2, 6 at steps 0, 100, 200, 400; the two seeds are interpolated onto one grid
@@ -148,6 +149,46 @@ def test_plot_groups_envs_and_seeds_with_known_values(tmp_path):
     low, high = plot.band(values, "ci95")
     assert high[0] - 15.0 == pytest.approx(4.303 * values.std(ddof=1) / math.sqrt(3))
     assert plot.ema_smooth(np.array([1.0, 1.0, 1.0]), 0.9).tolist() == pytest.approx([1, 1, 1])  # debiased
+
+
+def test_plot_keeps_two_scripts_runs_with_one_exp_name_apart_and_names_their_steps(tmp_path, monkeypatch):
+    """A DIAMOND run and a video run on Breakout with the same exp_name, seed and time (in two runs folders): two
+    groups, two panels, each x axis named by its script's global step; the output goes beside the runs."""
+    fields = {"diamond_atari.py": ["denoiser_steps_per_epoch", "imagination_horizon", "exp_name"],
+              "video_diffusion.py": ["context_frames", "long_video_frames", "exp_name"]}
+    for folder, (script, names), final in zip(("runs_a", "runs_b"), fields.items(), (3.0, 5.0)):
+        run = tmp_path / folder / "Breakout-v5__same__1__1000"
+        write_events(run, {"losses/x": [(0, 1.0), (10, final)]})
+        (run / "config.json").write_text(json.dumps({name: 1 for name in names}))
+    plot = load_tool("plot.py")
+    monkeypatch.chdir(tmp_path)
+    panels = []
+    real_plot_tag = plot.plot_tag
+    monkeypatch.setattr(plot, "plot_tag", lambda *a: panels.extend(real_plot_tag(*a)) or panels)
+    rows = plot.main([str(tmp_path / "runs_a"), str(tmp_path / "runs_b"), "--tag", "losses/x"])
+    assert {(r["script"], r["exp_name"]): r["per_seed"] for r in rows} == {
+        ("diamond_atari.py", "same"): {"1": 3.0}, ("video_diffusion.py", "same"): {"1": 5.0}}
+    assert panels == [("Breakout-v5 (diamond_atari.py)", "global step (gradient updates of the three models)"),
+                      ("Breakout-v5 (video_diffusion.py)", "global step (optimizer steps)")]
+    assert (tmp_path / "runs_a" / "plots" / "losses_x.png").exists() and not (tmp_path / "plots").exists()
+    table = (tmp_path / "runs_a" / "plots" / "final_values.md").read_text()
+    assert "| diamond_atari.py | Breakout-v5 | same | 3 (1) |" in table
+    assert "| video_diffusion.py | Breakout-v5 | same | 5 (1) |" in table
+    # a run folder given alone: the plots go beside it
+    plot.main([str(tmp_path / "runs_b" / "Breakout-v5__same__1__1000"), "--tag", "losses/x"])
+    assert (tmp_path / "runs_b" / "plots" / "final_values.md").exists()
+
+
+def test_plot_without_matplotlib_is_one_line_naming_the_extra(tmp_path):
+    shim = tmp_path / "shim" / "matplotlib"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    write_events(tmp_path / "runs" / "Pong-v5__algo__1__1000", {"losses/x": [(0, 1.0)]})
+    env = {**script_env(), "PYTHONPATH": str(shim.parent)}
+    result = subprocess.run([PYTHON, str(ROOT / "benchmark" / "plot.py"), str(tmp_path / "runs")], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "pip install matplotlib" in result.stderr and "[plot]" in result.stderr
 
 
 def test_plot_errors_are_one_line(tmp_path):
