@@ -2205,11 +2205,12 @@ def import_pygame():
     return pygame
 
 
-def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float):
+def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float,
+                max_steps: Optional[int] = None) -> float:
     """The live session: the world model (Tab: the real game) steps at most max_fps times a second with the held
     keys' action; Enter restarts, R starts and stops recording, Esc or closing the window quits."""
     pygame = import_pygame()
-    pygame.init()
+    pygame.display.init()  # the display alone: no audio device needed
     try:
         screen = pygame.display.set_mode((size, size + 8 + 18 * 2))
     except pygame.error as e:
@@ -2226,7 +2227,7 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
         for path in save_play_files(out_dir, stem, np.stack(shown), episodes, max_fps):
             print(f"wrote {path}", flush=True)
 
-    running = True
+    running, num_frames, started = True, 0, time.perf_counter()
     while running:
         restart = switch = toggle = False
         for event in pygame.event.get():
@@ -2267,10 +2268,13 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
             shown.append(image)
         screen.blit(pygame.image.frombuffer(image.tobytes(), (image.shape[1], image.shape[0]), "RGB"), (0, 0))
         pygame.display.flip()
+        num_frames += 1
+        running = running and (max_steps is None or num_frames < max_steps)  # max_steps: a timed session (benchmark/)
         if end:
             total = 0.0
         clock.tick(max_fps)
     pygame.quit()
+    return num_frames / (time.perf_counter() - started)  # frames shown per second
 
 
 def play_starts(args: Args, run_dir: Path, checkpoint: dict, num_actions: int, device: torch.device,

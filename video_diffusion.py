@@ -1692,11 +1692,12 @@ def import_pygame():
     return pygame
 
 
-def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float):
+def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float,
+                max_steps: Optional[int] = None) -> float:
     """The live session: the model (Tab: the real sprites world) steps at most max_fps times a second with the held
     keys' action; Enter restarts, R starts and stops recording (an MP4), Esc or closing the window quits."""
     pygame = import_pygame()
-    pygame.init()
+    pygame.display.init()  # the display alone: no audio device needed
     try:
         screen = pygame.display.set_mode((size, size + 8 + 18 * 2))
     except pygame.error as e:
@@ -1706,7 +1707,7 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
     mode = modes[0]
     game = games[mode]()
     frame, step, action, recording, shown = game.reset(), 0, None, False, []
-    running = True
+    running, num_frames, started = True, 0, time.perf_counter()
     while running:
         restart = switch = toggle = False
         for event in pygame.event.get():
@@ -1742,14 +1743,19 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
             shown.append(image)
         screen.blit(pygame.image.frombuffer(image.tobytes(), (image.shape[1], image.shape[0]), "RGB"), (0, 0))
         pygame.display.flip()
+        num_frames += 1
+        running = running and (max_steps is None or num_frames < max_steps)  # max_steps: a timed session (benchmark/)
         clock.tick(max_fps)
     pygame.quit()
+    return num_frames / (time.perf_counter() - started)  # frames shown per second
 
 
-def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, autocast):
-    """--play: the checkpoint's EMA model as a game: each step generates one frame from the last --context-frames
-    frames (a clip of --num-frames whose first k frames are the context, as the long videos are made; the new action
-    is held over the frames after it), in a window or (--play-keys) headless."""
+def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=contextlib.nullcontext(),
+               clip: Optional[int] = None) -> dict:
+    """The checkpoint's EMA model as a game: each step generates one frame from the last --context-frames frames (a
+    clip of --num-frames whose first k frames are the context, as the long videos are made; the new action is held
+    over the frames after it). Starts from held-out clip `clip` (default: one drawn with --seed). Returns the games
+    ({"imagined": factory, and for sprites "real": factory}), the action names, the caption and the start clip."""
     num_actions = checkpoint["num_actions"]
     if args.dataset == "folder" or (num_actions == 0 and args.action_dim == 0):
         raise UserError("--play needs an action-conditioned model (the sprites world or Atari clips): this run's "
@@ -1758,16 +1764,13 @@ def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, auto
         raise UserError("--play generates each frame from the last frames: the run needs --context-frames >= 1")
     if args.dataset == "sprites":
         meanings = [name.upper() for name in SPRITE_ACTIONS]
-        data = make_sprites_dataset(16, args.num_frames, args.img_size, args.num_distractors, args.action_dim,
+        data = make_sprites_dataset(64, args.num_frames, args.img_size, args.num_distractors, args.action_dim,
                                     seed=args.seed + 2_000)  # starts the model never trained on
     else:
         import gymnasium as gym
 
         data = load_atari_dataset(args)
         meanings = list(gym.make(atari_ids(args.env_id)[0]).unwrapped.get_action_meanings())
-    steps = parse_play_keys(args.play_keys, meanings) if args.play_keys is not None else None
-    if steps is None:
-        import_pygame()  # before anything slow: a missing pygame is one line
 
     def action_value(action: int) -> torch.Tensor:  # a key's action as the model takes it
         if args.action_dim:  # continuous: the move's velocity (noop: none)
@@ -1784,8 +1787,8 @@ def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, auto
     caption = args.play_caption if args.play_caption is not None else ""
     text = tokenize([caption], vocabulary, args.max_text_len).to(device) if caption else None
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    chooser = torch.Generator().manual_seed(args.seed)
-    clip = int(torch.randint(len(data.clip_starts), (1,), generator=chooser))
+    if clip is None:
+        clip = int(torch.randint(len(data.clip_starts), (1,), generator=torch.Generator().manual_seed(args.seed)))
     start = int(data.clip_starts[clip])
     start_frames = torch.from_numpy(data.frames[start: start + k]).to(device).permute(1, 0, 2, 3)[None] / 127.5 - 1.0
     start_actions = data.actions[start: start + k]
@@ -1807,12 +1810,23 @@ def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, auto
     games = {"imagined": lambda: ImaginedVideo(next_frame, starts, action_value)}
     if args.dataset == "sprites":
         games["real"] = lambda: RealSprites(data.sprite_states[clip], start_actions, args.img_size, action_value)
+    return {"games": games, "meanings": meanings, "caption": caption, "clip": clip,
+            "clip_caption": data.captions[clip]}
+
+
+def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, autocast):
+    """--play: the checkpoint's model as a game (play_games), in a window or (--play-keys) headless."""
+    if args.play_keys is None:
+        import_pygame()  # before anything slow: a missing pygame is one line
+    built = play_games(args, checkpoint, device, autocast)
+    games, meanings, caption, clip = built["games"], built["meanings"], built["caption"], built["clip"]
+    steps = parse_play_keys(args.play_keys, meanings) if args.play_keys is not None else None
     print("keys: " + ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings) + (
         f", {RESTART_LETTER} restart (--play-keys letters)" if steps is not None else
         "; window: arrows and space (fire) pick these, Enter restarts, Tab switches model / real world, "
         "R records, Esc quits"), flush=True)
     print(f"caption: {caption!r}; sampler: {args.sampler}, {args.num_sampling_steps} steps per frame, cfg scale "
-          f"{args.cfg_scale:g}; start: clip {clip} ({data.captions[clip]!r})", flush=True)
+          f"{args.cfg_scale:g}; start: held-out clip {clip} ({built['clip_caption']!r})", flush=True)
     out_dir = run_dir / "play"
     if steps is None:
         return play_window(games, meanings, out_dir, args.play_size, args.play_fps)

@@ -454,7 +454,8 @@ def test_recipes_parse_and_pass_only_known_flags():
             flag = "--" + f.name.replace("_", "-")
             known |= {flag, "--no-" + f.name.replace("_", "-")} if f.type in (bool, "bool") else {flag}
         known |= set(getattr(module, "FLAG_ALIASES", {}))
-    for tool in ("speed.py", "samplers.py", "plot.py", "atari_scores.py", "run_atari100k.py", "unet_vs_dit.py"):
+    for tool in ("speed.py", "samplers.py", "plot.py", "atari_scores.py", "run_atari100k.py", "unet_vs_dit.py",
+                 "play_fps.py", "play_steering.py"):
         known |= set(re.findall(r"--[a-z][a-z0-9_-]*", run_tool(tool, "--help").stdout))
     recipes = sorted((ROOT / "benchmark").glob("*.sh"))
     assert len(recipes) >= 6
@@ -463,3 +464,24 @@ def test_recipes_parse_and_pass_only_known_flags():
         code = "\n".join(line for line in recipe.read_text().splitlines() if not line.lstrip().startswith("#"))
         flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", code))
         assert flags <= known, (recipe.name, sorted(flags - known))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# play_fps.py and play_steering.py (their full runs are in RESULTS.md; here the parts, at tiny sizes)
+
+
+def test_play_fps_measures_headless_play_of_the_papers_networks():
+    rows = load_tool("play_fps.py").main(["--size", "32", "--frames", "2", "--steps", "1", "--no-window"])
+    assert [row["sampling_steps"] for row in rows] == [1] and rows[0]["headless_fps"] > 0
+
+
+def test_play_steering_reads_the_sprites_moves_step_by_step():
+    steering = load_tool("play_steering.py")
+    vd = steering.load_script("video_diffusion.py")
+    data = vd.make_sprites_dataset(1, 6, 8, num_distractors=0, seed=3)
+    meanings = [name.upper() for name in vd.SPRITE_ACTIONS]
+    game = vd.RealSprites(data.sprite_states[0], data.actions[:3], 8, lambda a: torch.tensor(a))
+    frames = vd.play_keys(game, vd.parse_play_keys("RDLU", meanings), meanings, 32)["frames"]
+    positions = vd.sprite_positions(data.sprite_states[0], np.array([*data.actions[:3], 4, 2, 3, 1]), 8)[2:]
+    expected = [vd.direction_of_displacement(b - a) for a, b in zip(positions[:-1], positions[1:])]
+    assert steering.steps_moved(vd, frames).tolist() == expected and max(expected) >= 0

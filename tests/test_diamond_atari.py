@@ -730,3 +730,12 @@ def test_headless_play_of_a_tiny_run(tiny_run, tmp_path):
     # the checkpoint is untouched; the run's arguments other than play and sampling flags still cannot change
     refused = run("--resume", run_dir, "--play-keys", "F", "--batch-size", "3", cwd=tmp_path)
     assert refused.returncode == 2 and "--batch-size" in refused.stderr
+
+
+def test_play_window_on_a_dummy_display(dia, monkeypatch, tmp_path):
+    pytest.importorskip("pygame")  # the optional `play` extra: CI does not install it
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    game, _ = stand_in_game(dia)
+    fps = dia.play_window({"imagined": lambda: game}, ["NOOP", "FIRE", "RIGHT", "LEFT"], tmp_path, 64, 1000.0,
+                          max_steps=5)
+    assert fps > 0
