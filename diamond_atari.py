@@ -2329,8 +2329,17 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser, reward
         "; window: arrows and space (fire) pick these, Enter restarts, Tab switches world model / real game, "
         "R records, Esc quits"), flush=True)
     print(f"sampler: {args.sampler}, {args.num_sampling_steps} denoising steps per frame", flush=True)
-    if steps is None:
-        return play_window(games, meanings, out_dir, args.play_size, args.play_fps)
+    try:
+        if steps is None:
+            play_window(games, meanings, out_dir, args.play_size, args.play_fps)
+        else:
+            play_headless(games, steps, meanings, out_dir, args)
+    except KeyboardInterrupt:  # Ctrl-C ends a session like Esc (an unsaved recording is lost)
+        print("play stopped by Ctrl-C", flush=True)
+
+
+def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], out_dir: Path, args: Args):
+    """--play-keys: each game of --play-world played with the keys; its MP4 and (real game) episodes written."""
     stamp = time.strftime("%Y%m%d_%H%M%S")
     for mode in (("imagined", "real") if args.play_world == "both" else (args.play_world,)):
         session_game = games[mode]()

@@ -1827,12 +1827,20 @@ def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, auto
         "R records, Esc quits"), flush=True)
     print(f"caption: {caption!r}; sampler: {args.sampler}, {args.num_sampling_steps} steps per frame, cfg scale "
           f"{args.cfg_scale:g}; start: held-out clip {clip} ({built['clip_caption']!r})", flush=True)
-    out_dir = run_dir / "play"
-    if steps is None:
-        return play_window(games, meanings, out_dir, args.play_size, args.play_fps)
-    stamp = time.strftime("%Y%m%d_%H%M%S")
     if args.play_world != "imagined" and "real" not in games:
         raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for real here")
+    try:
+        if steps is None:
+            play_window(games, meanings, run_dir / "play", args.play_size, args.play_fps)
+        else:
+            play_headless(games, steps, meanings, run_dir / "play", args)
+    except KeyboardInterrupt:  # Ctrl-C ends a session like Esc (an unsaved recording is lost)
+        print("play stopped by Ctrl-C", flush=True)
+
+
+def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], out_dir: Path, args: Args) -> dict:
+    """--play-keys: each game of --play-world played with the keys; its MP4 written to out_dir."""
+    stamp = time.strftime("%Y%m%d_%H%M%S")
     sessions = {}
     for mode in (("imagined", "real") if args.play_world == "both" else (args.play_world,)):
         session_game = games[mode]()
