@@ -1490,7 +1490,9 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict
     if args.long_video_frames > args.num_frames:
         long_videos = sampler.long_videos(min(n, 4))
         write_samples(samples_dir, f"long_step{step:08d}", long_videos)
-        writer.add_image("samples/long_video", frame_strips(long_videos), step, dataformats="HWC")
+        writer.add_image("samples/long_video", frame_strips(long_videos, [f"generated {i} (autoregressive)" for i in
+                                                                           range(len(long_videos))]), step,
+                         dataformats="HWC")
     for tag, value in metrics.items():
         writer.add_scalar(tag, value, step)
     if metrics:
