@@ -2211,6 +2211,11 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
     keys' action; Enter restarts, R starts and stops recording, Esc or closing the window quits."""
     pygame = import_pygame()
     pygame.display.init()  # the display alone: no audio device needed
+    driver = pygame.display.get_driver()
+    if driver in ("offscreen", "dummy") and not os.environ.get("SDL_VIDEODRIVER"):  # no screen: SDL fell back
+        pygame.quit()
+        raise UserError(f"no display to open a window on (SDL fell back to its {driver} driver): play headless with "
+                        f"--play-keys KEYS, or set SDL_VIDEODRIVER={driver} to run the window unseen")
     try:
         screen = pygame.display.set_mode((size, size + 8 + 18 * 2))
     except pygame.error as e:
