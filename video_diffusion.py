@@ -160,9 +160,9 @@ class Args:
     beta_schedule: Literal["linear", "cosine"] = "linear"
     """linear (Ho et al.) or cosine (Nichol and Dhariwal)"""
     beta_start: float = 1e-4
-    """beta_1 of the linear schedule"""
+    """beta_1 of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps (improved diffusion)"""
     beta_end: float = 0.02
-    """beta_T of the linear schedule"""
+    """beta_T of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps, capped at 0.999"""
 
     # Training
     total_steps: int = 200_000
