@@ -58,8 +58,8 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """on CUDA: deterministic algorithms, cudnn.deterministic, CUBLAS_WORKSPACE_CONFIG=:4096:8; on the CPU (deterministic at
-    a fixed thread count: exact resume is tested there) only cudnn.benchmark off"""
+    """on CUDA: deterministic algorithms, cudnn.deterministic, CUBLAS_WORKSPACE_CONFIG=:4096:8; on the CPU
+    (deterministic at a fixed thread count: exact resume is tested there) only cudnn.benchmark off"""
     cuda: bool = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: bool = False
@@ -121,9 +121,9 @@ class Args:
     beta_schedule: Literal["linear", "cosine"] = "linear"
     """linear (Ho et al.) or cosine (Nichol and Dhariwal)"""
     beta_start: float = 1e-4
-    """beta_1 of the linear schedule"""
+    """beta_1 of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps (improved diffusion)"""
     beta_end: float = 0.02
-    """beta_T of the linear schedule"""
+    """beta_T of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps, capped at 0.999"""
 
     # Training
     epochs: int = 100
@@ -902,6 +902,17 @@ def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: t
     return F.mse_loss(eps_pred.float(), noise)
 
 
+def step_memory_profile(args: Args) -> tuple[int, float]:
+    """(parameters, activation bytes autograd saves per sample) of a training step, counted on the meta device: the
+    memory check runs before anything is allocated at full size."""
+    with torch.device("meta"):
+        model = build_model(args)
+        x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
+        y = torch.zeros(1, dtype=torch.long) if args.num_classes > 0 else None
+        activations = saved_activation_bytes(lambda: dit_loss(model, x0, y, t, x0, torch.ones(args.timesteps)))
+    return sum(p.numel() for p in model.parameters()), activations
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation: FID with torchmetrics (Inception from torch-fidelity, or any feature extractor module).
 
@@ -994,6 +1005,8 @@ def main(args: Args, given: set[str]):
     seed_everything(args.seed)
     train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, label drops, timesteps, noise
     stop = StopFlag()  # from here on SIGTERM/SIGINT finish the step (or abandon sampling), save and exit 0
+    if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
+        check_step_memory(setup, args.batch_size, *step_memory_profile(args), args.dtype)
 
     images_np, labels_np, dataset_id = load_dataset(args)
     images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no host-device copy per step
@@ -1146,6 +1159,9 @@ def main(args: Args, given: set[str]):
                 writer.add_scalar("perf/mfu", logged["mfu"], step)
                 progress.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['SPS']:.0f}",
                                      mfu=f"{logged['mfu']:.1%}")
+                if step - first_step <= args.log_every:  # the first measured steps: how long the whole run takes
+                    progress.write("\n".join(run_time_notice(args.batch_size / logged["SPS"], total_steps - step,
+                                                              setup)))
         # Every rank stops at the same step: all-reduced at the log boundary under torchrun, at once alone.
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         epoch_end, epoch = step % steps_per_epoch == 0, step // steps_per_epoch
@@ -1200,7 +1216,7 @@ class TrainingFailure(Exception):
 
 
 class StopRequested(Exception):
-    """SIGTERM or SIGINT arrived during sampling, an evaluation or test episodes: the work is abandoned, not finished."""
+    """SIGTERM or SIGINT arrived during sampling, an evaluation or test episodes: the work is abandoned."""
 
 
 # ---- flags and config: defaults < --preset < --config < flags on the command line
@@ -1312,7 +1328,8 @@ def in_domain(value, domain: str) -> bool:
     if domain.startswith(">"):
         return value > float(domain[1:])
     low, high = (float(bound) for bound in domain[1:-1].split(","))
-    return (low <= value if domain[0] == "[" else low < value) and (value <= high if domain[-1] == "]" else value < high)
+    above_low = low <= value if domain[0] == "[" else low < value
+    return above_low and (value <= high if domain[-1] == "]" else value < high)
 
 
 def check_arg_domains(args: Args):
@@ -1510,7 +1527,9 @@ def setup_device(args: Args) -> Setup:
 def autocast_context(setup: Setup, dtype: str):
     """bf16/fp16 autocast on CUDA; a no-op for float32 and on the CPU (which computes in float32)."""
     autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return torch.autocast("cuda", dtype=autocast_dtype) if setup.use_cuda and autocast_dtype else contextlib.nullcontext()
+    if setup.use_cuda and autocast_dtype:
+        return torch.autocast("cuda", dtype=autocast_dtype)
+    return contextlib.nullcontext()
 
 
 def leave_process_group(world_size: int):
@@ -1704,6 +1723,83 @@ class Meter:
         self.steps = 0
         self.restart_clock()
         return values
+
+
+# ---- memory and time: will a training step fit, how long will the run take
+
+
+def available_memory(setup: Setup) -> float:
+    """Bytes a training step may still take: CUDA's free memory; on the CPU the lowest of MemAvailable, the cgroup's
+    memory.max less its usage, and RLIMIT_AS less this process's address space (inf where none can be read)."""
+    if setup.use_cuda:
+        return float(torch.cuda.mem_get_info(setup.device)[0])
+
+    def field(path: str, name: str) -> float:  # "Name:   123 kB" -> bytes
+        line = next(line for line in Path(path).read_text().splitlines() if line.startswith(name))
+        return 1024 * float(line.split()[1])
+
+    limits = [math.inf]
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        limits.append(field("/proc/meminfo", "MemAvailable:"))
+    with contextlib.suppress(OSError, ValueError):
+        cgroup_max = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if cgroup_max != "max":
+            limits.append(float(cgroup_max) - float(Path("/sys/fs/cgroup/memory.current").read_text()))
+    with contextlib.suppress(OSError, ValueError, StopIteration, ImportError):
+        import resource
+
+        soft_limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft_limit != resource.RLIM_INFINITY:
+            limits.append(soft_limit - field("/proc/self/status", "VmSize:"))
+    return min(limits)
+
+
+def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor]) -> float:
+    """Bytes autograd keeps for the backward pass of loss_fn(), which builds its model and inputs on the meta device:
+    nothing is computed or allocated. Tensors saved twice (or as views of one tensor) count once; weights not at all."""
+    saved = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        base = tensor if tensor._base is None else tensor._base
+        if not (base.is_leaf and base.requires_grad):
+            saved[id(base)] = base
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss_fn()
+    return float(sum(tensor.numel() * tensor.element_size() for tensor in saved.values()))
+
+
+def check_step_memory(setup: Setup, batch_size: int, num_params: int, activation_bytes_per_sample: float,
+                      dtype: str) -> float:
+    """Refuses, before anything is allocated at full size, a training step that cannot fit in available_memory():
+    one line naming --batch-size and the largest that fits. The estimate, in bytes per process:
+    5 x 4 bytes per parameter (weights, gradients, two Adam moments, EMA) + per-process batch x the activations autograd
+    saves per sample (halved under bf16/fp16 autocast on CUDA). On the CPU it is within 15% above a measured step."""
+    local_batch = batch_size // setup.world_size
+    per_sample = activation_bytes_per_sample * (0.5 if setup.use_cuda and dtype != "float32" else 1.0)
+    fixed = 5 * 4 * num_params
+    needed, available = fixed + local_batch * per_sample, available_memory(setup)
+    if needed > available:
+        fits = int((available - fixed) // per_sample) * setup.world_size if available > fixed else 0
+        raise UserError(f"--batch-size {batch_size} needs about {needed / 2**30:.1f} GiB per process for a training "
+                        f"step, {available / 2**30:.1f} GiB is available on {setup.device}: use --batch-size "
+                        f"{fits} or less" + (" (or a smaller model)" if fits < setup.world_size else ""))
+    return needed
+
+
+def run_time_notice(seconds_per_step: float, remaining_steps: int, setup: Setup) -> list[str]:
+    """The lines that announce the run's length from its measured step time; on a CPU, a run of more than a day says
+    so (the defaults are the papers' GPU settings)."""
+    seconds = seconds_per_step * remaining_steps
+    days, rest = divmod(int(seconds), 86_400)
+    length = f"{f'{days} d ' if days else ''}{rest // 3600} h {rest % 3600 // 60} min"
+    lines = [f"estimated time to the end of the run: {length} ({seconds_per_step:.3g} s per step on {setup.device}, "
+             f"{remaining_steps:,} steps to go)"]
+    if not setup.use_cuda and seconds > 86_400:
+        lines.append("notice: on this CPU the run takes more than a day: the defaults are the paper's GPU settings "
+                     "(--preset tiny runs in seconds)")
+    return lines
 
 
 # ---- images and video files

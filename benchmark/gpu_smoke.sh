@@ -37,7 +37,7 @@ run video 170 $PY video_diffusion.py --total-steps 80 --log-every 20 --eval-ever
   --num-eval-samples 8 --sample-batch-size 8 --num-sampling-steps 20 --exp-name gpu --output-dir "$OUT/video" $EXTRA
 # DIAMOND on Breakout with the paper's networks, shortened epochs: collection, all three trainers, imagination, eval.
 run diamond 180 $PY diamond_atari.py --env-id Breakout-v5 --num-sampling-steps 3 --num-epochs 3 \
-  --initial-collection-steps 1000 --max-initial-collection-steps 2000 --min-nonzero-rewards 1 \
+  --initial-collection-steps 1000 --max-initial-collection-steps 2000 --min-rare-rewards 1 \
   --first-epoch-denoiser-steps 200 --first-epoch-reward-steps 200 --first-epoch-actor-critic-steps 100 \
   --denoiser-steps-per-epoch 100 --reward-steps-per-epoch 100 --actor-critic-steps-per-epoch 100 \
   --final-epochs-without-collection 1 --eval-every 3 --eval-episodes 1 --test-episodes 2 \

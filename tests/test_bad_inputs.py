@@ -463,3 +463,26 @@ def test_the_non_finite_message_says_whether_a_checkpoint_exists(script, tmp_pat
     assert "no checkpoint was saved yet" in str(m.non_finite_failure("at step 3", None))
     m.save_checkpoint(tmp_path / "checkpoints" / "latest.pt", {"step": 1})
     assert "last good checkpoint is kept" in str(m.non_finite_failure("at step 3", tmp_path))
+
+
+# ---- a training step that cannot fit in memory (issue 13): refused before anything is allocated at full size
+
+
+@pytest.mark.parametrize("script", ["ddpm_cifar10.py"])
+def test_a_step_that_cannot_fit_under_rlimit_as_is_one_line_naming_the_batch_size(script, tmp_path):
+    import resource
+    import subprocess
+
+    limit = 6 * 2**30  # address space for python, torch and the data; the paper's step at batch 128 needs ~7 GiB more
+
+    def limit_address_space():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    cmd = [sys.executable, str(ROOT / script), "--dataset", "shapes", "--num-shapes-images", "64", "--total-steps", "1",
+           "--output-dir", str(tmp_path)]
+    result = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=300,
+                            preexec_fn=limit_address_space)
+    assert_one_line_error(result, "--batch-size 128", "GiB")
+    fits = int(re.search(r"use --batch-size (\d+)", result.stderr).group(1))
+    assert 1 <= fits < 128
+    assert not any(tmp_path.iterdir())  # refused before the run folder
