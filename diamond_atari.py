@@ -18,6 +18,10 @@ Only the world model, on a random policy's data or on your own recorded episodes
 Continue a run, or run the 100 test episodes with its agent:
     python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000
     python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000 --eval-only
+Play its world model (a pygame window: pip install pygame-ce), headless from keys, or watch an episode file:
+    python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000 --play
+    python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000 --play-keys FRRRLL --play-world both
+    python diamond_atari.py --episode-to-mp4 runs/Breakout-v5__diamond_atari__1__1700000000/episodes/episode_000000.npz
 Watch it (world_model/* says whether the world model beats copying the last frame):
     tensorboard --logdir runs
 """
@@ -2165,8 +2169,8 @@ def play_keys(game, steps: list[Optional[int]], meanings: list[str], size: int) 
     """A headless session: the game played with the given actions (None: restart). Returns the raw frames uint8
     (T + 1, H, W, 3), the captioned frames for the MP4, the rewards and ends per step, and the frames per second."""
     frame = game.reset()
-    frames, shown, rewards, ends, total = [frame], [with_caption(frame, size, caption_lines(game, meanings, 0, None,
-                                                                                               0.0, 0.0, False))], [], [], 0.0
+    first = with_caption(frame, size, caption_lines(game, meanings, 0, None, 0.0, 0.0, False))
+    frames, shown, rewards, ends, total = [frame], [first], [], [], 0.0
     start = time.perf_counter()
     for i, action in enumerate(steps):
         if action is None:
@@ -2311,7 +2315,8 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser, reward
     steps = parse_play_keys(args.play_keys, meanings) if args.play_keys is not None else None
     if steps is None:
         import_pygame()  # before anything slow: a missing pygame is one line
-    denoiser.eval(), reward_end_model.eval()
+    denoiser.eval()
+    reward_end_model.eval()
     generator = torch.Generator(device=device).manual_seed(args.seed)  # diffusion noise
     cpu_generator = torch.Generator().manual_seed(args.seed)  # starts, reward and end samples
 

@@ -21,6 +21,9 @@ Continue a run, or sample from it (MP4s in samples/, with a long autoregressive 
     python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000
     python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000 --sample-only --cfg-scale 3 \
         --long-video-frames 64
+Steer a sprites model live (a pygame window: pip install pygame-ce), or headless from keys (an MP4 in {run}/play/):
+    python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000 --play
+    python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000 --play-keys RRRDDD --play-world both
 Watch it:
     tensorboard --logdir runs
 """
@@ -1538,7 +1541,8 @@ def frame_strips(clips: np.ndarray, row_labels: Optional[list] = None,
         for j in range(t):
             frame = cv2.resize(clips[i, :, j].transpose(1, 2, 0), (w * scale, h * scale),
                                interpolation=cv2.INTER_NEAREST)
-            image[top + pad: top + pad + h * scale, left + pad + j * cell_w: left + pad + j * cell_w + w * scale] = frame
+            x = left + pad + j * cell_w
+            image[top + pad: top + pad + h * scale, x: x + w * scale] = frame
             if frame_labels is not None:
                 put_text(image, str(frame_labels[i][j])[: max(1, cell_w // 6)], left + pad + j * cell_w, top - 1, 0.3)
         put_text(image, row_labels[i], 3, top + pad + h * scale // 2 + 4, 0.33)
@@ -1821,8 +1825,8 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
         context = torch.zeros((1, 3, n, args.img_size, args.img_size), device=device)
         context[:, :, :k] = frames
         index = torch.arange(n, device=device).clamp(max=k)  # the new action leads into every frame after the context
-        clip_frames = generate(model, alphas_cumprod, tuple(context.shape), generator, text, actions.to(device)[:, index],
-                               None, context, k, **sample_kwargs)
+        clip_frames = generate(model, alphas_cumprod, tuple(context.shape), generator, text,
+                               actions.to(device)[:, index], None, context, k, **sample_kwargs)
         return clip_frames[:, :, k]
 
     def starts():

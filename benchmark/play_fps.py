@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import os
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
