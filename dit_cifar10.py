@@ -175,7 +175,7 @@ class Args:
 PRESETS = {
     "tiny": dict(
         dataset="shapes", img_size=16, num_shapes_images=512, patch=4, width=64, depth=3, heads=4, epochs=64,
-        batch_size=32, learning_rate=2e-3, ema_decay=0.9, log_every=16, save_every=16, eval_every=32, sampler="ddim",
+        batch_size=32, learning_rate=2e-3, log_every=16, save_every=16, eval_every=32, sampler="ddim",
         num_sampling_steps=20, cfg_scale=3.0, samples_per_class=4, num_samples=16, fid_num_samples=64,
         sample_batch_size=64,
     ),

@@ -13,6 +13,7 @@ scores the samples.
     python benchmark/digits.py                                   # the issue's setting: DiT 220 epochs (~6,000 steps)
     python benchmark/digits.py --model ddpm --ddpm-steps 6000
     python benchmark/digits.py --epochs 40 --patch 4             # a smaller budget (state it with the figures)
+    python benchmark/digits.py --patch 4 --plain-loop dit diffusers   # the bisection: the same models, a plain loop
 """
 import argparse
 import re
@@ -88,6 +89,84 @@ def samples_of(stdout: str) -> dict:
         return {"images": data["arr_0"].transpose(0, 3, 1, 2), "labels": data["arr_1"] if "arr_1" in data else None}
 
 
+PLAIN_LOOP_MODELS = ["dit", "dit-label-std1", "dit-adaln-default-init", "diffusers"]
+
+
+def plain_loop(variant: str, folder: Path, judge, args) -> list:
+    """The bisection of #14: the script's DiT (or a variant, or diffusers' DiTTransformer2DModel at the same size) in
+    a plain loop of a few lines, on the script's own reading of the folder: AdamW, batches drawn at random, labels
+    dropped to the null class with p = 0.1, t uniform, L_simple, no EMA (the raw weights are sampled). Variants of the
+    official DiT: dit-label-std1 initialises the label table N(0, 1) (PyTorch's nn.Embedding default, as diffusers)
+    instead of DiT's N(0, 0.02); dit-adaln-default-init leaves the adaLN modulations at PyTorch's Linear init instead
+    of zero. Returns [(scale, class accuracy)] for --cfg-scales."""
+    import importlib.util
+
+    import torch
+    import torch.nn.functional as F
+
+    spec = importlib.util.spec_from_file_location("dit_cifar10", ROOT / "dit_cifar10.py")
+    dit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dit)
+    images, labels, names = dit.load_image_folder(str(folder), args.img_size)
+    assert names == [str(k) for k in range(10)], names  # folder label k is digit k (what the judge calls k)
+    x_all, y_all = torch.from_numpy(images).float() / 127.5 - 1, torch.from_numpy(labels)
+    alphas_cumprod = dit.make_alphas_cumprod(dit.make_beta_schedule("linear", 1000))
+    torch.manual_seed(args.seed)
+    if variant == "diffusers":
+        from diffusers import DiTTransformer2DModel
+
+        class Peer(torch.nn.Module):  # per-block timestep and label embedders, each dropping labels on its own
+            num_classes = 10
+
+            def __init__(self):
+                super().__init__()
+                self.net = DiTTransformer2DModel(
+                    num_attention_heads=args.heads, attention_head_dim=args.width // args.heads, in_channels=3,
+                    out_channels=3, num_layers=args.depth, sample_size=args.img_size, patch_size=args.patch,
+                    num_embeds_ada_norm=10)
+
+            def forward(self, x, t, y):
+                return self.net(x, t, class_labels=y).sample
+
+        model, drop_labels = Peer(), False
+    else:
+        model, drop_labels = dit.DiT(args.img_size, args.patch, 3, args.width, args.depth, args.heads, 4.0, 10), True
+        if variant == "dit-label-std1":
+            torch.nn.init.normal_(model.y_embedder.weight, std=1.0)
+        if variant == "dit-adaln-default-init":
+            for module in list(model.blocks) + [model.final_layer]:
+                module.adaLN_modulation[1].reset_parameters()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(args.seed)
+    abar = alphas_cumprod.float()
+    start = time.time()
+    for step in range(args.plain_steps):
+        model.train()
+        index = torch.randint(0, len(x_all), (args.batch_size,), generator=generator)
+        x0, y = x_all[index], y_all[index]
+        if drop_labels:
+            y = torch.where(torch.rand(len(y), generator=generator) < 0.1, 10, y)
+        t = torch.randint(0, 1000, (len(y),), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        a = abar[t][:, None, None, None]
+        loss = F.mse_loss(model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, y), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    asked = torch.arange(10 * args.samples_per_class) % 10
+    x_T = torch.randn(len(asked), 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(5))
+    rows = []
+    for scale in args.cfg_scales:
+        with torch.no_grad():
+            out = dit.sample_images(dit.guided_model_fn(model, asked, scale), x_T, alphas_cumprod, "ddim",
+                                    args.sampling_steps)
+        rows.append((scale, float((judge.predict(to_features(out.numpy())) == asked.numpy()).mean())))
+    print(f"plain loop {variant}: {args.plain_steps} steps in {time.time() - start:.0f} s, last loss "
+          f"{loss.item():.4f}, class accuracy " + ", ".join(f"guidance {s:g}: {a:.3f}" for s, a in rows), flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["dit", "ddpm", "both"], default="dit")
@@ -110,6 +189,9 @@ def main():
     # sampling and judging
     parser.add_argument("--samples-per-class", type=int, default=30)
     parser.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--plain-loop", nargs="+", choices=PLAIN_LOOP_MODELS, default=[],
+                        help="instead of the scripts: these models in a plain loop (the bisection of issue #14)")
+    parser.add_argument("--plain-steps", type=int, default=600)
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further flags for the scripts")
     args = parser.parse_args()
 
@@ -120,6 +202,10 @@ def main():
     judge, real_accuracy, real_confident = train_judge(images, labels, args.seed)
     print(f"digits: {len(images)} images of {args.img_size}x{args.img_size} in {folder}; judge (logistic regression) "
           f"on held-out real digits: accuracy {real_accuracy:.3f}, confident (p > 0.9) {real_confident:.3f}")
+    if args.plain_loop:
+        for variant in args.plain_loop:
+            plain_loop(variant, folder, judge, args)
+        return
     log = work / "log.txt"
     common = ["--dataset", "folder", "--data-dir", folder, "--img-size", args.img_size, "--no-random-flip",
               "--seed", args.seed, "--output-dir", work / "runs", "--log-every", 50]
