@@ -440,8 +440,8 @@ def test_digits_benchmark_smoke(tmp_path):
     # both scripts end to end at a toy size: a handful of steps, 10 samples of 2 DDIM steps each
     result = run_tool("digits.py", "--model", "both", "--work-dir", tmp_path / "work", "--img-size", 8, "--patch", 4,
                       "--width", 32, "--depth", 1, "--heads", 2, "--batch-size", 256, "--epochs", 1, "--ddpm-steps", 2,
-                      "--samples-per-class", 1, "--sampling-steps", 2, "--cfg-scales", 1, 3, timeout=600)
-    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| guidance | class accuracy") and [row.split(" | ")[0] for row in table[2:]] == [
-        "| 1", "| 3"]
+                      "--samples-per-class", 1, "--sampling-steps", 2, "--cfg-scales", 3, timeout=600)
+    table = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| guidance | class accuracy") and table[2].startswith("| 3 | ")
+    assert 0 <= float(table[2].split(" | ")[1]) <= 1 and len(table) == 3
     assert "class histogram:" in result.stdout and "confident (p > 0.9):" in result.stdout
