@@ -138,8 +138,11 @@ class Args:
     """linear learning-rate warmup steps (0: none, as the reference DiT)"""
     max_grad_norm: float = 0.0
     """gradient clipping norm (0 turns it off, as the reference DiT)"""
+    # The warm-up keeps a short run from sampling a mostly initial model: with 0.9999 and none, the EMA still holds 55%
+    # of the initial weights after 6,000 steps. The reference DiT has none; the warmed-up decay reaches 0.9999 at step
+    # 90,000, and at the paper's 400k steps the two are the same (the initial weights' share is below 1e-17 either way).
     ema_decay: float = 0.9999
-    """EMA decay of the weights used for sampling"""
+    """EMA decay of the sampling weights, warmed up: step t uses min(decay, (1 + t) / (10 + t)) (the reference DiT: no warm-up; same at 400k steps)"""
     log_every: int = 100
     """log losses and throughput every N optimizer steps"""
     save_every: int = 1
@@ -171,9 +174,10 @@ class Args:
 
 
 PRESETS = {
+    # tiny keeps the paper's EMA decay 0.9999: the warm-up (ema_decay_at) makes it follow a 1,024-step run.
     "tiny": dict(
         dataset="shapes", img_size=16, num_shapes_images=512, patch=4, width=64, depth=3, heads=4, epochs=64,
-        batch_size=32, learning_rate=2e-3, ema_decay=0.9, log_every=16, save_every=16, eval_every=32, sampler="ddim",
+        batch_size=32, learning_rate=2e-3, log_every=16, save_every=16, eval_every=32, sampler="ddim",
         num_sampling_steps=20, cfg_scale=3.0, samples_per_class=4, num_samples=16, fid_num_samples=64,
         sample_batch_size=64,
     ),
@@ -983,6 +987,12 @@ def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torc
     return torch.cat(out).numpy()
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """The EMA decay of update number step (0, 1, ...): d_t = min(decay, (1 + t) / (10 + t)), the warm-up of common
+    diffusion codebases. A pure function of the step counter (in the checkpoint), so a resume stays exact."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 def epoch_label(step: int, steps_per_epoch: int) -> str:
     """'3', or '3.25' when a signal stopped the run inside an epoch."""
     return str(step // steps_per_epoch) if step % steps_per_epoch == 0 else f"{step / steps_per_epoch:.2f}"
@@ -1140,8 +1150,9 @@ def main(args: Args, given: set[str]):
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        with torch.no_grad():  # EMA: theta_ema <- decay theta_ema + (1 - decay) theta
-            torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1.0 - args.ema_decay)
+        with torch.no_grad():  # EMA: theta_ema <- d theta_ema + (1 - d) theta, d warmed up (ema_decay_at)
+            torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()),
+                                 1.0 - ema_decay_at(step, args.ema_decay))
         meter.add(loss, grad_norm, local_batch)
         step += 1
         progress.update(1)

@@ -485,3 +485,26 @@ def test_play_steering_reads_the_sprites_moves_step_by_step():
     positions = vd.sprite_positions(data.sprite_states[0], np.array([*data.actions[:3], 4, 2, 3, 1]), 8)[2:]
     expected = [vd.direction_of_displacement(b - a) for a, b in zip(positions[:-1], positions[1:])]
     assert steering.steps_moved(vd, frames).tolist() == expected and max(expected) >= 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# digits.py (scikit-learn's bundled digits; the bench extra, which CI does not install)
+
+
+def test_digits_benchmark_smoke(tmp_path):
+    pytest.importorskip("sklearn")
+    digits = load_tool("digits.py")
+    images, labels = digits.make_digits_folder(tmp_path / "folder", 8)
+    assert images.shape == (1797, 8, 8) and sorted({p.name for p in (tmp_path / "folder").iterdir()}) == \
+        [str(k) for k in range(10)]
+    assert len(list((tmp_path / "folder" / "3").glob("*.png"))) == (labels == 3).sum()
+    judge, accuracy, _ = digits.train_judge(images, labels)
+    assert accuracy > 0.9  # the judge knows real digits
+    # both scripts end to end at a toy size: a handful of steps, 10 samples of 2 DDIM steps each
+    result = run_tool("digits.py", "--model", "both", "--work-dir", tmp_path / "work", "--img-size", 8, "--patch", 4,
+                      "--width", 32, "--depth", 1, "--heads", 2, "--batch-size", 256, "--epochs", 1, "--ddpm-steps", 2,
+                      "--samples-per-class", 1, "--sampling-steps", 2, "--cfg-scales", 3, timeout=600)
+    table = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| guidance | class accuracy") and table[2].startswith("| 3 | ")
+    assert 0 <= float(table[2].split(" | ")[1]) <= 1 and len(table) == 3
+    assert "class histogram:" in result.stdout and "confident (p > 0.9):" in result.stdout
