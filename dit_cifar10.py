@@ -1123,6 +1123,8 @@ def main(args: Args, given: set[str]):
             print(f"saved checkpoint at epoch {epoch_label(step, steps_per_epoch)} (step {step})", flush=True)
 
     # ---- train
+    if step >= total_steps and setup.is_main:  # a resumed run that has nothing left to do says so
+        print(f"the run is already at epoch {args.epochs} of --epochs {args.epochs}: raise --epochs to train on")
     local_batch = args.batch_size // setup.world_size
     mine = slice(setup.rank * local_batch, (setup.rank + 1) * local_batch)
     first_step = step

@@ -1996,6 +1996,8 @@ def main(args: Args, given: set[str]):
             print(f"saved checkpoint at step {step}", flush=True)
 
     # ---- train
+    if step >= args.total_steps and setup.is_main:  # a resumed run that has nothing left to do says so
+        print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps to train on")
     local_batch = args.batch_size // setup.world_size
     mine = slice(setup.rank * local_batch, (setup.rank + 1) * local_batch)
     clip_shape = (3, args.num_frames, args.img_size, args.img_size)
