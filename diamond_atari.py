@@ -28,6 +28,7 @@ Watch it (world_model/* says whether the world model beats copying the last fram
 import argparse
 import contextlib
 import difflib
+import io
 import json
 import math
 import os
@@ -2397,7 +2398,7 @@ def main(args: Args, given: set[str]):
         checkpoint_path = resolve_checkpoint_path(args.resume)
         checkpoint = load_checkpoint(checkpoint_path)
         args = merge_resumed_args(args, given, checkpoint["args"])
-        run_dir = checkpoint_path.parent.parent
+        run_dir = run_dir_of(checkpoint_path, trains=not (args.eval_only or args.play))
     check_args(args, torchrun_world()[0])
     game, env_name = canonical_env_id(args.env_id)
     setup = setup_device(args)
@@ -2425,13 +2426,17 @@ def main(args: Args, given: set[str]):
     if args.dataset_dir is not None:
         train_ids, collector.heldout = load_dataset_dir(args, buffer, num_actions)
     if checkpoint is not None:
-        load_learners(learners, checkpoint)
-        set_rng_state(checkpoint["rng"])
-        cpu_generator.set_state(checkpoint["cpu_generator"])
-        generator.set_state(checkpoint["generator"])  # a CPU ByteTensor, for CUDA generators too
-        pos.load_state_dict(checkpoint)
-        collector.load_state_dict(checkpoint)
-        log.load_state_dict(checkpoint)
+        try:  # weights of another shape, or a damaged state: one line, not a traceback
+            load_learners(learners, checkpoint)
+            set_rng_state(checkpoint["rng"])
+            cpu_generator.set_state(checkpoint["cpu_generator"])
+            generator.set_state(checkpoint["generator"])  # a CPU ByteTensor, for CUDA generators too
+            pos.load_state_dict(checkpoint)
+            collector.load_state_dict(checkpoint)
+            log.load_state_dict(checkpoint)
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+            raise UserError(f"checkpoint weights do not fit this model, or its state is damaged ({error_reason(e)}); "
+                            f"resume from another checkpoint") from None
     denoiser_net = torch.compile(denoiser.net) if args.compile else denoiser.net
 
     if args.eval_only:  # the checkpoint's agent plays --test-episodes full games
@@ -2598,8 +2603,36 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
         defaults = replace(defaults, preset=known.preset, **PRESETS[known.preset])
     if known.config is not None:
         defaults = replace(defaults, **read_config(known.config))
-    args = tyro.cli(Args, default=defaults, args=argv)
+    quiet = not {"-h", "--help"} & set(argv)  # tyro's error box is many lines: ours is one (--help stays tyro's)
+    box = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(box) if quiet else contextlib.nullcontext():
+            args = tyro.cli(Args, default=defaults, args=argv)
+    except SystemExit as e:
+        if not quiet or not e.code:
+            raise
+        raise UserError(command_line_problem(argv, box.getvalue())) from None
     return args, {name for name in map(flag_field, argv) if name is not None}
+
+
+def command_line_problem(argv: list[str], box: str) -> str:
+    """What tyro refused, in one line: an unknown flag (with close matches), or the first line of tyro's message."""
+    import difflib
+
+    flags = [f"--{f.name.replace('_', '-')}" for f in fields(Args)] + list(FLAG_ALIASES)
+    unknown = [token.split("=")[0] for token in argv if token.startswith("--") and flag_field(token) is None
+               and token.split("=")[0] not in ("--help",)]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0].replace("_", "-"), flags, n=3)
+        return (f"unknown flag {unknown[0]}" + (f" (did you mean {' or '.join(close)}?)" if close else "")
+                + f"; {SCRIPT_NAME} --help lists the flags")
+    said = []  # the box's first paragraph: the lines under its title, up to its first rule
+    for line in box.splitlines()[1:]:
+        if line.strip("│─╭╮╰╯ "):
+            said.append(line.strip("│ "))
+        elif said:
+            break
+    return f"{' '.join(said).rstrip('.') or 'a bad value'}; {SCRIPT_NAME} --help gives each flag's type and choices"
 
 
 def read_config(path: str) -> dict:
@@ -2703,6 +2736,18 @@ def resolve_checkpoint_path(resume: str) -> Path:
     return path
 
 
+def run_dir_of(checkpoint_path: Path, trains: bool) -> Path:
+    """The folder a resumed run writes to: RUN for RUN/checkpoints/*.pt, else the checkpoint's own folder. Training
+    continues only from a run's checkpoints/latest.pt, the file it goes on overwriting: from any other file it would
+    overwrite a newer checkpoint, or another run's. Sampling, evaluating or playing from any file writes beside it."""
+    in_run = checkpoint_path.parent.name == "checkpoints"
+    if trains and not (in_run and checkpoint_path.name == "latest.pt"):
+        raise UserError(f"--resume {checkpoint_path}: training continues only from a run folder's "
+                        f"checkpoints/latest.pt (it is overwritten as the run goes on); copy the file to "
+                        f"NEW_RUN/checkpoints/latest.pt and --resume NEW_RUN")
+    return checkpoint_path.parent.parent if in_run else checkpoint_path.parent
+
+
 def floating_tensors(tree, prefix: str = ""):
     """(name, tensor) for every floating-point tensor in nested dicts and lists."""
     if isinstance(tree, torch.Tensor):
@@ -2745,6 +2790,12 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"{path} holds non-finite values (in {bad}): it would sample or train on NaN; resume from an "
                         f"earlier checkpoint")
     return checkpoint
+
+
+def error_reason(e: Exception) -> str:
+    """An exception's message as one short line, without torch's "Error(s) in loading state_dict" header."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith("Error(s) in")]
+    return (lines[0] if lines else e.__class__.__name__)[:200]
 
 
 def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:

@@ -486,3 +486,53 @@ def test_a_step_that_cannot_fit_under_rlimit_as_is_one_line_naming_the_batch_siz
     fits = int(re.search(r"use --batch-size (\d+)", result.stderr).group(1))
     assert 1 <= fits < 128
     assert not any(tmp_path.iterdir())  # refused before the run folder
+
+
+# ---- found by trying to break the scripts: the command line, where a resumed run writes, damaged states
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_command_line_errors_are_one_line_and_help_is_whole(script, capsys):
+    m = module(script)
+    with pytest.raises(m.UserError, match="--batch-size"):
+        m.parse_args(["--batch-size", "abc"])
+    with pytest.raises(m.UserError, match="unknown flag --batch_sise .*--batch-size"):
+        m.parse_args(["--batch_sise", "8"])
+    with pytest.raises(m.UserError, match="--dtype"):
+        m.parse_args(["--dtype", "float64"])
+    assert "Traceback" not in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        m.parse_args(["--help"])
+    assert exit_.value.code == 0 and "--batch-size" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_training_continues_only_from_a_runs_latest_checkpoint(script, tmp_path):
+    """Resuming training from any other file would overwrite a newer checkpoint, or another run's."""
+    m = module(script)
+    run = tmp_path / "run"
+    assert m.run_dir_of(run / "checkpoints" / "latest.pt", trains=True) == run
+    for elsewhere in (run / "keep" / "other.pt", run / "checkpoints" / "backup.pt", tmp_path / "loose.pt"):
+        with pytest.raises(m.UserError, match="latest.pt"):
+            m.run_dir_of(elsewhere, trains=True)
+    assert m.run_dir_of(run / "checkpoints" / "backup.pt", trains=False) == run  # sampling writes into the run
+    assert m.run_dir_of(tmp_path / "loose.pt", trains=False) == tmp_path  # ...or beside a loose file
+
+
+@pytest.mark.parametrize("script", GENERATIVE)
+def test_a_damaged_state_in_a_checkpoint_is_one_line(script, short_runs, tmp_path):
+    m = module(script)
+    checkpoint = torch.load(short_runs[script] / "checkpoints" / "latest.pt", weights_only=True)
+    for damage in ("optimizer", "rng", "step"):
+        broken = dict(checkpoint)
+        if damage == "optimizer":
+            broken["optimizer"] = {**checkpoint["optimizer"], "param_groups": []}
+        elif damage == "rng":
+            broken["rng"] = {**checkpoint["rng"], "torch": torch.zeros(3, dtype=torch.uint8)}
+        else:
+            broken["step"] = "7"
+        (tmp_path / damage / "checkpoints").mkdir(parents=True)
+        torch.save(broken, tmp_path / damage / "checkpoints" / "latest.pt")
+        with pytest.raises(m.UserError, match="damaged"):
+            m.main(*m.parse_args(["--resume", str(tmp_path / damage)]))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
