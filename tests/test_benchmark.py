@@ -40,11 +40,16 @@ def write_events(run_dir: Path, scalars: dict, purge_step=None):
     """Writes tag -> [(step, value)] into a TensorBoard event file in run_dir."""
     from torch.utils.tensorboard import SummaryWriter
 
+    before = set(Path(run_dir).glob("events.out.tfevents.*"))
     writer = SummaryWriter(str(run_dir), purge_step=purge_step)
     for tag, points in scalars.items():
         for step, value in points:
             writer.add_scalar(tag, value, step)
     writer.close()
+    # Readers take a folder's event files in name order. Two writers in the same second are told apart only by a
+    # process-wide counter, which sorts as text (writer 10 before writer 9): name the files in the order written.
+    for new_file in set(Path(run_dir).glob("events.out.tfevents.*")) - before:
+        new_file.rename(new_file.with_name(f"events.out.tfevents.{1_000_000_000 + len(before)}.test"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
