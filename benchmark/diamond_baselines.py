@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "diamond_atari.py"
-TEST_LINE = re.compile(r"^(\d+) test episodes after (\d+) epochs, (\d+) env steps.*?: mean return (-?[\d.]+) "
-                       r"\(std ([\d.]+)\)", re.M)
+# the final test of a run that finished, or --eval-only on a run's checkpoint (a run stopped before its last epoch)
+TEST_LINE = re.compile(r"^(\d+) test episodes (?:after (\d+) epochs, (\d+) env steps|with the agent of epoch (\d+)())"
+                       r".*?: mean return (-?[\d.]+) \(std ([\d.]+)\)", re.M)
 RUN_NAME = re.compile(r"^(?P<env>.+?)__(?P<exp>.+)__(?P<seed>-?\d+)__(?P<time>\d+)$")
 
 
@@ -105,7 +106,8 @@ def baselines(args):
 
 
 def agent_runs(out_dir: Path, logs: Path) -> dict:
-    """{env: [(seed, n, mean, std, epochs, env_steps)]} from the final test line of each run's log."""
+    """{env: [(seed, n, mean, std, epochs, env_steps)]} from the last test line of each run's log (diamond_learns_<env>
+    _<seed>.log, with the --eval-only output appended when the run was stopped early; env_steps -1 when unknown)."""
     runs = {}
     for log in sorted(logs.glob("diamond_learns_*_*.log")):
         m = re.fullmatch(r"diamond_learns_(.+)_(\d+)\.log", log.name)
@@ -113,9 +115,9 @@ def agent_runs(out_dir: Path, logs: Path) -> dict:
             continue
         found = TEST_LINE.findall(log.read_text(errors="replace").replace("\r", "\n"))
         if found:
-            n, epochs, env_steps, mean, std = found[-1]
-            runs.setdefault(m.group(1), []).append((int(m.group(2)), int(n), float(mean), float(std), int(epochs),
-                                                   int(env_steps)))
+            n, epochs, env_steps, epochs_eval_only, _, mean, std = found[-1]
+            runs.setdefault(m.group(1), []).append((int(m.group(2)), int(n), float(mean), float(std),
+                                                   int(epochs or epochs_eval_only), int(env_steps or -1)))
     return runs
 
 
@@ -142,7 +144,8 @@ def summarize(args):
         best = max((r, "random"), (b, "action"), key=lambda x: x[0]["mean"])[0]
         diff = a["mean"] - best["mean"]
         diff_ci = 1.96 * math.sqrt(a["std"] ** 2 / a["n"] + best["std"] ** 2 / best["n"])
-        seeds = ", ".join(f"seed {s}: {m:.2f} (n={n}, {e} epochs, {st} env steps)" for s, n, m, _, e, st in rows)
+        seeds = ", ".join(f"seed {s}: {m:.2f} (n={n}, {e} epochs" + (f", {st} env steps)" if st >= 0 else ")")
+                          for s, n, m, _, e, st in rows)
         print(f"| {env} | {seeds} | **{a['mean']:.2f} +- {a['ci95']:.2f}** (n={a['n']}) | {r['mean']:.2f} +- "
               f"{r['ci95']:.2f} (n={r['n']}) | {b['meaning']}: {b['mean']:.2f} +- {b['ci95']:.2f} (n={b['n']}) | "
               f"{diff:+.2f} +- {diff_ci:.2f} |")

@@ -26,7 +26,8 @@
 #
 #   bash benchmark/diamond_learns.sh                                   # the measurement (about an hour)
 #   GAMES="Pong-v5" SEEDS="1 2 3" bash benchmark/diamond_learns.sh     # other games or seeds
-#   EXTRA="--num-epochs 1 ..." BASELINE_EPISODES=2 ...                 # a shrunken run (tests/test_benchmark.py)
+#   PRESET=tiny MAX_EPISODE_STEPS=30 BASELINE_EPISODES=2 SCREEN_EPISODES=1 EXTRA="--num-epochs 1" ...
+#                                                 # the whole pipeline in seconds (tests/test_benchmark.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -34,16 +35,19 @@ GAMES=${GAMES:-"Breakout-v5 Boxing-v5"}
 SEEDS=${SEEDS:-"1 2"}
 OUT=${OUT:-benchmark/out/diamond_learns}
 LOGS=${LOGS:-benchmark/logs}
+PRESET=${PRESET:-cpu}
 EXTRA=${EXTRA:-}
 MAX_EPISODE_STEPS=${MAX_EPISODE_STEPS:-500}
 BASELINE_EPISODES=${BASELINE_EPISODES:-200}
+SCREEN_EPISODES=${SCREEN_EPISODES:-3}
+NICE=${NICE:-10}  # the machine is shared: the runs yield to other work
 mkdir -p "$OUT" "$LOGS"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 pids=()
 for game in $GAMES; do
   for seed in $SEEDS; do
     # shellcheck disable=SC2086
-    nice -n 10 "$PY" diamond_atari.py --preset cpu --env-id "$game" --seed "$seed" --no-cuda \
+    nice -n "$NICE" "$PY" diamond_atari.py --preset "$PRESET" --env-id "$game" --seed "$seed" --no-cuda \
       --max-episode-steps "$MAX_EPISODE_STEPS" --output-dir "$OUT" $EXTRA \
       > "$LOGS/diamond_learns_${game}_${seed}.log" 2>&1 &
     pids+=($!)
@@ -54,9 +58,10 @@ for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 [ "$status" = 0 ] || { echo "a run failed: see $LOGS/diamond_learns_*.log" >&2; exit 1; }
 # the baselines under the same protocol and cap, then the table and the curves
 # shellcheck disable=SC2086
-nice -n 10 "$PY" benchmark/diamond_baselines.py --games $GAMES --episodes "$BASELINE_EPISODES" \
-  --max-episode-steps "$MAX_EPISODE_STEPS" --out "$OUT/baselines.json" | tee "$LOGS/diamond_learns_baselines.txt"
-"$PY" benchmark/diamond_baselines.py --games $GAMES --summarize "$OUT" --baselines "$OUT/baselines.json" \
+nice -n "$NICE" "$PY" benchmark/diamond_baselines.py --games $GAMES --episodes "$BASELINE_EPISODES" \
+  --screen-episodes "$SCREEN_EPISODES" --max-episode-steps "$MAX_EPISODE_STEPS" --out "$OUT/baselines.json" \
+  | tee "$LOGS/diamond_learns_baselines.txt"
+"$PY" benchmark/diamond_baselines.py --summarize "$OUT" --baselines "$OUT/baselines.json" --logs "$LOGS" \
   | tee "$LOGS/diamond_learns_summary.md"
 "$PY" benchmark/plot.py "$OUT" --tag eval/episodic_return --tag losses/denoiser --tag losses/reward_end \
   --tag world_model/next_frame_mse_changed --out-dir "$OUT/plots"
