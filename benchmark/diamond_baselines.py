@@ -3,7 +3,7 @@
 Two baselines under exactly the protocol of diamond_atari.py's test episodes, and the table that puts the agent's
 pooled test returns beside them (benchmark/diamond_learns.sh runs both).
 
-    python benchmark/diamond_baselines.py --games Breakout-v5 Boxing-v5 --episodes 200 --max-episode-steps 500 \
+    python benchmark/diamond_baselines.py --games Breakout-v5 Boxing-v5 --episodes 100 --max-episode-steps 500 \
         --out benchmark/out/diamond_learns/baselines.json
     python benchmark/diamond_baselines.py --summarize benchmark/out/diamond_learns \
         --baselines benchmark/out/diamond_learns/baselines.json --logs benchmark/logs
@@ -156,7 +156,7 @@ def summarize(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--games", nargs="+", default=["Breakout-v5", "Boxing-v5"])
-    parser.add_argument("--episodes", type=int, default=200, help="games of the random policy and of the best action")
+    parser.add_argument("--episodes", type=int, default=100, help="games of the random policy and of the best action")
     parser.add_argument("--screen-episodes", type=int, default=3, help="games per action to choose the best one")
     parser.add_argument("--max-episode-steps", type=int, default=500, help="the cap of the agent's runs")
     parser.add_argument("--seed", type=int, default=12345)
