@@ -67,7 +67,7 @@ class Args:
     output_dir: str = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu", "small", "medium", "large"]] = None
-    """tiny = a full run in about 15 s on a CPU; cpu = the whole loop at CPU scale, 20 epochs in about 50 minutes
+    """tiny = a full run in about 15 s on a CPU; cpu = the whole loop at CPU scale, 20 short epochs on 32x32 frames
     (benchmark/diamond_learns.sh); small/medium/large = TorchWM's network sizes (medium: the paper's)"""
     config: Optional[str] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
@@ -250,9 +250,9 @@ PRESETS = {
         log_every=10, eval_every=1, eval_episodes=1, test_episodes=2, num_heldout_transitions=32, save_agent_every=1,
     ),
     # DIAMOND's whole loop on 2 CPU cores (benchmark/diamond_learns.sh: 4 runs at once in about an hour): see there.
-    # DIAMOND's whole loop at CPU scale: 4 runs at once on 2 shared cores in about 50 minutes (measured, and why these
-    # sizes: benchmark/diamond_learns.sh). 32x32 frames, 16-channel 3-level U-Net with one Euler step and no
-    # autoregressive step, 8-channel reward/end model, 16 imagined envs for 8 steps, 20 epochs, at most 4000 env steps.
+    # DIAMOND's whole loop at CPU scale (why these sizes: benchmark/diamond_learns.sh; measured: benchmark/RESULTS.md
+    # 3c): 32x32 frames, 16-channel 3-level U-Net with one Euler step and no autoregressive step, 8-channel reward/end
+    # model, 16 imagined envs for 8 steps, 20 short epochs, at most 4000 env steps, 500-step episodes.
     "cpu": dict(
         obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
         num_autoregressive_steps=0, num_sampling_steps=1,
