@@ -29,7 +29,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "diamond_atari.py"
 # the final test of a run that finished, or --eval-only on a run's checkpoint (a run stopped before its last epoch)
@@ -47,6 +46,8 @@ def load_script():
 
 def play(da, game: str, policy, num_episodes: int, seed: int, max_episode_steps: int, num_actions: int) -> list:
     """num_episodes full games with policy(rng) -> action; each game's env seeded as run_test_episodes seeds them."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     returns = []

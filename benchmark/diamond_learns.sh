@@ -62,7 +62,7 @@ while [ "$(date +%s)" -lt "$deadline" ]; do
   alive=0
   for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
   [ "$alive" = 1 ] || break
-  sleep 5
+  sleep 1
 done
 for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
 status=0

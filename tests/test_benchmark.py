@@ -413,7 +413,7 @@ def test_diamond_learns_pipeline_with_tiny_sizes(tmp_path):
     out, logs = tmp_path / "out", tmp_path / "logs"
     env = script_env() | {"PYTHON": PYTHON, "GAMES": "Breakout-v5", "SEEDS": "3", "OUT": str(out), "LOGS": str(logs),
                           "PRESET": "tiny", "MAX_EPISODE_STEPS": "30", "BASELINE_EPISODES": "2", "SCREEN_EPISODES": "1",
-                          "NICE": "0", "EXTRA": "--first-epoch-denoiser-steps 5 --first-epoch-reward-steps 5 "
+                          "NICE": "0", "EXTRA": "--num-epochs 1 --first-epoch-denoiser-steps 5 --first-epoch-reward-steps 5 "
                                                 "--test-episodes 3"}
     result = subprocess.run(["bash", str(ROOT / "benchmark" / "diamond_learns.sh")], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
@@ -424,7 +424,7 @@ def test_diamond_learns_pipeline_with_tiny_sizes(tmp_path):
     base = json.loads((out / "baselines.json").read_text())["Breakout-v5"]
     assert base["random"]["n"] == base["best_action"]["n"] == 2 and list(base["screen"]) == [
         "NOOP", "FIRE", "RIGHT", "LEFT"]
-    row = [line for line in result.stdout.splitlines() if line.startswith("| Breakout-v5 |")]
+    row = [line for line in result.stdout.splitlines() if line.startswith("| Breakout-v5 | seed")]
     assert len(row) == 1 and "(n=3)" in row[0] and "seed 3:" in row[0]
     assert list((out / "plots").rglob("*.png"))
     # a run stopped early and tested with --eval-only is read from the line --eval-only prints
