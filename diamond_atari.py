@@ -72,8 +72,9 @@ class Args:
     """the wandb entity (team)"""
     output_dir: str = "runs"
     """runs are written to {output_dir}/{run_name}/"""
-    preset: Optional[Literal["tiny", "small", "medium", "large"]] = None
-    """tiny = a full run in about 15 s on a CPU; small/medium/large = TorchWM's network sizes (medium: the paper's)"""
+    preset: Optional[Literal["tiny", "cpu", "small", "medium", "large"]] = None
+    """tiny = a full run in about 15 s on a CPU; cpu = the whole loop at CPU scale, 20 short epochs on 32x32 frames
+    (benchmark/diamond_learns.sh); small/medium/large = TorchWM's network sizes (medium: the paper's)"""
     config: Optional[str] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
@@ -270,6 +271,22 @@ PRESETS = {
         actor_critic_steps_per_epoch=5, first_epoch_denoiser_steps=20, first_epoch_reward_steps=20,
         first_epoch_actor_critic_steps=5, batch_size=8, learning_rate=1e-3, warmup_steps=5, max_episode_steps=200,
         log_every=10, eval_every=1, eval_episodes=1, test_episodes=2, num_heldout_transitions=32, save_agent_every=1,
+    ),
+    # DIAMOND's whole loop on 2 CPU cores (benchmark/diamond_learns.sh: 4 runs at once in about an hour): see there.
+    # DIAMOND's whole loop at CPU scale (why these sizes: benchmark/diamond_learns.sh; measured: benchmark/RESULTS.md
+    # 3c): 32x32 frames, 16-channel 3-level U-Net with one Euler step and no autoregressive step, 8-channel reward/end
+    # model, 16 imagined envs for 8 steps, 20 short epochs, at most 4000 env steps, 500-step episodes.
+    "cpu": dict(
+        obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
+        num_autoregressive_steps=0, num_sampling_steps=1,
+        reward_channels=8, reward_cond_dim=32, reward_lstm_dim=64, reward_segment_length=12,
+        actor_channels=(16, 16, 32, 32), actor_lstm_dim=128, imagination_horizon=8, backup_every=8,
+        num_imagined_envs=16, num_epochs=20, initial_collection_steps=1000, max_initial_collection_steps=2000,
+        collection_steps_per_epoch=100, env_step_budget=4000, final_epochs_without_collection=0,
+        denoiser_steps_per_epoch=60, reward_steps_per_epoch=30, actor_critic_steps_per_epoch=15,
+        first_epoch_denoiser_steps=300, first_epoch_reward_steps=200, first_epoch_actor_critic_steps=40,
+        batch_size=16, learning_rate=1e-3, warmup_steps=20, max_episode_steps=500, log_every=20, eval_every=4,
+        eval_episodes=4, test_episodes=100, num_heldout_transitions=64, save_agent_every=4,
     ),
     "small": dict(diffusion_channels=(32, 32, 32, 32), diffusion_cond_dim=128, reward_channels=16,
                   reward_lstm_dim=256, actor_channels=(16, 16, 32, 32), actor_lstm_dim=256),

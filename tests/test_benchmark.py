@@ -444,6 +444,50 @@ def test_unet_vs_dit_trains_both_for_the_budget_and_scores_their_samples(tmp_pat
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# diamond_learns.sh: DIAMOND shown to learn at CPU scale (about an hour); here its whole pipeline with tiny sizes
+
+
+def test_diamond_learns_pipeline_with_tiny_sizes(tmp_path):
+    """The recipe as written (runs in parallel, baselines with the script's own AtariEnv, the pooled table, the
+    plots), shrunk through its environment variables to --preset tiny, one game and seed, 30-step episodes."""
+    import dataclasses
+
+    diamond = load_tool("../diamond_atari.py")
+    cpu = dataclasses.replace(diamond.Args(), preset="cpu", **diamond.PRESETS["cpu"])
+    diamond.check_args(cpu, world_size=1)  # the measured settings are ones the script accepts
+    assert cpu.num_epochs == 20 and cpu.obs_size == 32 and cpu.test_episodes == 100
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    env = script_env() | {"PYTHON": PYTHON, "GAMES": "Breakout-v5", "SEEDS": "3", "OUT": str(out), "LOGS": str(logs),
+                          "PRESET": "tiny", "MAX_EPISODE_STEPS": "30", "BASELINE_EPISODES": "2", "SCREEN_EPISODES": "1",
+                          "NICE": "0", "EXTRA": "--num-epochs 1 --first-epoch-denoiser-steps 5 --first-epoch-reward-steps 5 "
+                                                "--test-episodes 3"}
+    result = subprocess.run(["bash", str(ROOT / "benchmark" / "diamond_learns.sh")], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:],
+                                    [p.read_text()[-2000:] for p in logs.glob("*.log")])
+    log = (logs / "diamond_learns_Breakout-v5_3.log").read_text()
+    assert "3 test episodes after" in log and (logs / "diamond_learns_summary.md").exists()
+    base = json.loads((out / "baselines.json").read_text())["Breakout-v5"]
+    assert base["random"]["n"] == base["best_action"]["n"] == 2 and list(base["screen"]) == [
+        "NOOP", "FIRE", "RIGHT", "LEFT"]
+    row = [line for line in result.stdout.splitlines() if line.startswith("| Breakout-v5 | seed")]
+    assert len(row) == 1 and "(n=3)" in row[0] and "seed 3:" in row[0]
+    assert list((out / "plots").rglob("*.png"))
+    # a run stopped early and tested with --eval-only is read from the line --eval-only prints
+    (logs / "diamond_learns_Breakout-v5_4.log").write_text(
+        "100 test episodes with the agent of epoch 7: mean return 2.50 (std 1.00); human-normalised score 0.03\n")
+    rows = load_tool("diamond_baselines.py").agent_runs(out, logs)["Breakout-v5"]
+    assert rows[-1] == (4, 100, 2.5, 1.0, 7, -1)
+    # the pooled figures equal the episodes' own mean and CI (per-run mean and population std -> pooled sample std)
+    baselines = load_tool("diamond_baselines.py")
+    a, b = np.array([1.0, 2.0, 4.0]), np.array([0.0, 5.0])
+    got = baselines.pooled([(1, 3, a.mean(), a.std(), 1, 1), (2, 2, b.mean(), b.std(), 1, 1)])
+    both = np.concatenate([a, b])
+    assert math.isclose(got["mean"], both.mean()) and math.isclose(got["std"], both.std(ddof=1))
+    assert math.isclose(got["ci95"], 1.96 * both.std(ddof=1) / math.sqrt(5)) and got["n"] == 5
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The GPU recipes (benchmark/*.sh): they need a GPU and days, so here they are parsed, and every flag they pass must be
 # one that a script or a benchmark tool accepts (a renamed flag would otherwise surface only on a rented GPU).
 
@@ -460,7 +504,7 @@ def test_recipes_parse_and_pass_only_known_flags():
             known |= {flag, "--no-" + f.name.replace("_", "-")} if f.type in (bool, "bool") else {flag}
         known |= set(getattr(module, "FLAG_ALIASES", {}))
     for tool in ("speed.py", "samplers.py", "plot.py", "atari_scores.py", "run_atari100k.py", "unet_vs_dit.py",
-                 "play_fps.py", "play_steering.py"):
+                 "play_fps.py", "play_steering.py", "diamond_baselines.py"):
         known |= set(re.findall(r"--[a-z][a-z0-9_-]*", run_tool(tool, "--help").stdout))
     recipes = sorted((ROOT / "benchmark").glob("*.sh"))
     assert len(recipes) >= 6
