@@ -23,6 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 CIFAR_IMAGES_PER_BATCH = 20  # 5 batches x 20 = 100 tiny "CIFAR-10" images
+# In-process tests use one thread too: two test workers share 2 cores (pyproject's -n 2), and tiny networks gain
+# nothing from a second thread that spins while waiting for the other worker's.
+torch.set_num_threads(1)
 
 
 def script_env() -> dict:
