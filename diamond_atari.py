@@ -1349,8 +1349,8 @@ class ImaginationGraphs:
                  mode: Optional[str] = None):
         self.wm_env, self.actor_critic, self.args, self.device = wm_env, actor_critic, args, device
         self.amp_dtype = amp_dtype  # bf16/fp16 autocast on CUDA (entered inside the graphs), None: float32
-        self.autocast = self.amp()  # for the eager burn-ins around the graphs
         self.sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
+        self.backend, self.mode = backend, mode
         compile_fn = (lambda fn: fn) if backend is None else (
             lambda fn: torch.compile(fn, backend=backend, mode=mode, dynamic=False))
         self.policy = compile_fn(self.policy_step)
@@ -1383,8 +1383,9 @@ class ImaginationGraphs:
         last slot is filled with action (n,)), hidden the reward/end LSTM state, age (n,) the steps of each life,
         actor_hidden the actor's state after this step's frame, noise (n, 3, H, W) the sampler's start, uniforms
         (2, n) for the reward sign and the end, start the restart pool (obs, act, reward/end state).
-        Returns the next state, reward sign, end, truncated, stopped, V(final frame) and, for the tests, the last
-        denoiser call's D(x; sigma) before 8-bit quantisation and the reward/end logits."""
+        Returns the next state, reward sign, end, truncated, stopped, V(final frame) and, for the checks, the next
+        frame before restarts, every denoiser call's D(x; sigma) before 8-bit quantisation (num_calls, n, 3, H, W)
+        and the reward/end logits."""
         args, denoiser = self.args, self.wm_env.denoiser
         act = torch.cat([act[:, :-1], action[:, None]], dim=1)
         past = obs.flatten(1, 2)  # (n, c * 3, H, W)
@@ -1414,7 +1415,8 @@ class ImaginationGraphs:
         age = torch.where(stopped, 0, age)
         return {"obs": obs, "act": act, "hidden": hidden, "age": age, "reward": reward.float(), "end": end.float(),
                 "truncated": truncated.float(), "stopped": stopped, "final_value": final_value.float(),
-                "denoised": raw[-1].float(), "reward_logits": reward_logits.float(), "end_logits": end_logits.float()}
+                "next_obs": next_obs, "denoised": torch.stack(raw).float(), "reward_logits": reward_logits.float(),
+                "end_logits": end_logits.float()}
 
     def rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """backup_every steps as imagine() returns them, through the compiled steps."""
@@ -1422,11 +1424,11 @@ class ImaginationGraphs:
         begin = time.perf_counter()
         if env.obs is None:  # the first update: start the imagined episodes
             _, burn_in = env.reset()
-            env.actor_hidden = actor_burn_in(actor_critic, burn_in, self.autocast)
+            env.actor_hidden = actor_burn_in(actor_critic, burn_in, self.amp())
         # the restart pool: a fresh real segment per env, burnt in with the weights of this rollout
         start_obs, start_act, start_hidden = env.start(n)
         start = (start_obs, start_act, tuple(h.float() for h in start_hidden))
-        start_actor_hidden = actor_burn_in(actor_critic, start_obs[:, :-1], self.autocast)
+        start_actor_hidden = actor_burn_in(actor_critic, start_obs[:, :-1], self.amp())
         # every random number of the rollout, drawn before it from the run's generator
         steps, size = args.backup_every, args.obs_size
         noise = torch.randn((steps, n, 3, size, size), generator=generator, device=self.device)
@@ -1466,6 +1468,18 @@ class ImaginationGraphs:
                 torch.cuda.synchronize()
             self.compile_seconds = time.perf_counter() - begin
         return {key: torch.stack(value, 1) for key, value in out.items()}
+
+
+def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv,
+                       actor_critic: ActorCritic) -> Optional[ImaginationGraphs]:
+    """--imagination-graphs: on (auto: on CUDA) the compiled imagination step, as CUDA graphs on CUDA (torch.compile's
+    "reduce-overhead", with the run's autocast inside) and default inductor on the CPU; None: the eager step."""
+    if args.world_model_only or args.imagination_graphs == "off" or (args.imagination_graphs == "auto"
+                                                                      and not setup.use_cuda):
+        return None
+    amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    return ImaginationGraphs(wm_env, actor_critic, args, setup.device, amp_dtype if setup.use_cuda else None,
+                             mode="reduce-overhead" if setup.use_cuda else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -2686,12 +2700,7 @@ def main(args: Args, given: set[str]):
                            autocast, train_ids)
     if checkpoint is not None:
         wm_env.load_state_dict(checkpoint["imagination"])
-    graphs = None  # the imagination step as CUDA graphs (inductor on the CPU), or eager
-    if not args.world_model_only and (args.imagination_graphs == "on" or (args.imagination_graphs == "auto"
-                                                                           and setup.use_cuda)):
-        amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-        graphs = ImaginationGraphs(wm_env, actor_critic, args, device, amp_dtype if setup.use_cuda else None,
-                                   mode="reduce-overhead" if setup.use_cuda else None)
+    graphs = imagination_graphs(args, setup, wm_env, actor_critic)  # the compiled imagination step, or None
     run = Run(args, game, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net,
               wm_env, graphs, collector, writer, stop, run_dir, denoiser_update_flops(args, num_actions),
               peak_flops(setup, args.dtype))
