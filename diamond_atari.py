@@ -955,7 +955,7 @@ class Denoiser(nn.Module):
         act: (B, 4) past actions. net: the (possibly compiled) network to call."""
         c_in, c_skip, c_out, c_noise = edm_preconditioning(sigma.float(), self.sigma_data, self.sigma_offset_noise)
         c_in, c_skip, c_out = (c[:, None, None, None] for c in (c_in, c_skip, c_out))
-        model_output = (net or self.net)(c_in * x, c_noise, obs / self.sigma_data, act).float()
+        model_output = (self.net if net is None else net)(c_in * x, c_noise, obs / self.sigma_data, act).float()
         return model_output, c_skip * x + c_out * model_output
 
     @torch.no_grad()
