@@ -4,7 +4,8 @@ DIAMOND: a diffusion world model (EDM denoiser on the last 4 frames and actions)
 actor-critic trained entirely in the world model's imagination, on the Atari 100k benchmark, in one file.
 
 Reproduce the paper (Breakout 132.5, mean human-normalised score 1.46 over 26 games; the paper: 2.9 days per game on an
-RTX 4090, this script: about 6 to 10 days on an H100 as measured in benchmark/RESULTS.md) on one GPU:
+RTX 4090, this script: 6 to 10 days on an H100 as measured eager in benchmark/RESULTS.md, before its imagination step
+ran as CUDA graphs by default; bash benchmark/gpu_diamond.sh measures the fast path) on one GPU:
     python diamond_atari.py --env-id Breakout-v5 --num-sampling-steps 3
 The same with smaller or larger networks (TorchWM's presets; medium is the paper's):
     python diamond_atari.py --env-id Pong-v5 --preset small
