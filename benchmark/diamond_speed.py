@@ -49,7 +49,8 @@ def load_script():
 
 
 def parse(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     parser.add_argument("--preset", default=None, help="a preset of diamond_atari.py (tiny: a smoke run on a CPU)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per figure (the median is reported)")

@@ -772,7 +772,8 @@ def fast_setup(dia, backend):
                             torch.Generator().manual_seed(2))
     graphs = dia.ImaginationGraphs(env, actor_critic, args, cpu, backend=backend)
     learner = dia.build_learners(args, {"actor_critic": actor_critic}, use_cuda=False)["actor_critic"]
-    return SimpleNamespace(args=args, env=env, graphs=graphs, learner=learner, generator=torch.Generator().manual_seed(3))
+    return SimpleNamespace(args=args, env=env, graphs=graphs, learner=learner,
+                           generator=torch.Generator().manual_seed(3))
 
 
 def fast_updates(dia, s, count: int) -> list[torch.Tensor]:
@@ -808,7 +809,8 @@ def test_fast_path_is_compiled_bitwise_as_eager_and_actually_taken(dia, compiled
         assert torch.equal(a, b)
     for key in ("obs", "act", "age"):
         assert torch.equal(getattr(s.env, key), getattr(ref.env, key)), key
-    assert all(torch.equal(a, b) for a, b in zip(s.env.hidden + s.env.actor_hidden, ref.env.hidden + ref.env.actor_hidden))
+    assert all(torch.equal(a, b) for a, b in zip(s.env.hidden + s.env.actor_hidden,
+                                                 ref.env.hidden + ref.env.actor_hidden))
     assert torch.equal(s.generator.get_state(), ref.generator.get_state())
     # the imagined envs restarted from the pool (ages reset) and the uniforms are consumed the same way
     assert s.env.age.max() < s.args.imagination_horizon
@@ -840,8 +842,9 @@ def test_fast_path_step_agrees_with_the_eager_modules(dia, compiled_fast):
     x = fast_step_inputs(s)
     stopped = x["stopped"]
     # called as the rollout calls them (grad mode on: the policy step learns), so no new graph is compiled
-    logits, value, action, bootstrap, swapped, stepped = (v.detach() if torch.is_tensor(v) else v for v in graphs.policy(
-        env.obs[:, -1], x["actor_hidden"], stopped, x["start_actor_hidden"], x["final_value"], x["uniforms"][0]))
+    outputs = graphs.policy(env.obs[:, -1], x["actor_hidden"], stopped, x["start_actor_hidden"], x["final_value"],
+                            x["uniforms"][0])
+    logits, value, action, bootstrap, swapped, stepped = (v.detach() if torch.is_tensor(v) else v for v in outputs)
     step = graphs.world_model(env.obs, env.act, env.hidden, env.age, action, tuple(h.detach() for h in stepped),
                               x["noise"], x["uniforms"][1:], x["start"])
     with torch.no_grad():
