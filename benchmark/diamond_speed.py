@@ -219,6 +219,9 @@ def main(argv=None) -> int:
                   f"{'match' if check['ok'] else 'MISMATCH'}; {run.graphs.calls} compiled calls", flush=True)
         del run
     print("\n".join(report(figures, args)))
+    print("fast path: the imagination step as diamond_atari.py's ImaginationGraphs (its default on CUDA) and the "
+          "denoiser update compiled as --compile does (off by default); eager: neither. The epoch leaves out the 100 "
+          "env steps of collection and the evaluations, which the paper's days include.")
     if opts.json:
         Path(opts.json).write_text(json.dumps({"figures": figures, "check": check, "paper_ms": PAPER_MS}, indent=1))
     return 0 if check["ok"] else 1
