@@ -106,8 +106,9 @@ class Args:
     """torch.compile the denoiser's U-Net"""
     imagination_graphs: Literal["auto", "on", "off"] = "auto"
     """the imagination step (the Euler denoiser calls, the reward/end model, the policy) as compiled graphs, as
-    DIAMOND's reference: CUDA graphs on CUDA (torch.compile "reduce-overhead"), inductor on the CPU; auto: on for
-    CUDA, off for the CPU. Both sample the same processes, not the same numbers (ImaginationGraphs)"""
+    DIAMOND's reference: CUDA graphs on CUDA (torch.compile "reduce-overhead"), inductor on the CPU (compiling takes
+    minutes there); auto: on for CUDA, off for the CPU. Both sample the same processes, not the same numbers
+    (ImaginationGraphs)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """float32 (with TF32 matmuls on CUDA, as DIAMOND's reference), or bfloat16/float16 autocast on CUDA (float16
     uses GradScalers); the CPU always computes in float32"""

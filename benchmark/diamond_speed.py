@@ -142,18 +142,21 @@ def check_fast_path(dia, run, tolerance: float) -> dict:
         noise = torch.randn((n, 3, args.obs_size, args.obs_size), generator=run.generator, device=run.device)
         uniforms = torch.rand((3, n), generator=run.generator, device=run.device)
         stopped = torch.rand(n, generator=run.generator, device=run.device) < 0.5
-        final_value = torch.zeros(n, device=run.device)
-        inputs = (env.obs[:, -1], tuple(h.float() for h in env.actor_hidden), stopped, start_actor, final_value,
-                  uniforms[0])
-        ref_policy, fast_policy = eager.policy_step(*inputs), graphs.policy(*inputs)
-        diffs = {"policy logits": (fast_policy[0] - ref_policy[0]).abs().max().item()}
-        action = ref_policy[2]
-        step_inputs = (env.obs, env.act, tuple(h.float() for h in env.hidden), env.age, action, ref_policy[5],
-                       noise, uniforms[1:], start)
-        ref, fast = eager.world_model_step(*step_inputs), graphs.world_model(*step_inputs)
-        diffs["D(x; sigma_max) before quantisation"] = (fast["denoised"] - ref["denoised"]).abs().max().item()
-        for key in ("reward_logits", "end_logits"):
-            diffs[key.replace("_", " ")] = (fast[key] - ref[key]).abs().max().item()
+    final_value = torch.zeros(n, device=run.device)
+    inputs = (env.obs[:, -1], tuple(h.float() for h in env.actor_hidden), stopped, start_actor, final_value,
+              uniforms[0])
+    # called in grad mode, as the rollout calls them: the graphs compiled there are the ones checked
+    if run.device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+    ref_policy, fast_policy = eager.policy_step(*inputs), graphs.policy(*inputs)
+    diffs = {"policy logits": (fast_policy[0] - ref_policy[0]).abs().max().item()}
+    action = ref_policy[2]
+    step_inputs = (env.obs, env.act, tuple(h.float() for h in env.hidden), env.age, action,
+                   tuple(h.detach() for h in ref_policy[5]), noise, uniforms[1:], start)
+    ref, fast = eager.world_model_step(*step_inputs), graphs.world_model(*step_inputs)
+    diffs["D(x; sigma_max) before quantisation"] = (fast["denoised"][0] - ref["denoised"][0]).abs().max().item()
+    for key in ("reward_logits", "end_logits"):
+        diffs[key.replace("_", " ")] = (fast[key] - ref[key]).abs().max().item()
     return {"max_abs_diff": diffs, "tolerance": tolerance, "ok": all(d <= tolerance for d in diffs.values())}
 
 
@@ -211,7 +214,8 @@ def main(argv=None) -> int:
         run = build_run(dia, args, device, num_actions, fast, opts.backend)
         start = time.perf_counter()
         figures[label] = measure(dia, run, opts.repeats, opts.warmup)
-        print(f"{label}: measured in {time.perf_counter() - start:.0f} s", flush=True)
+        print(f"{label}: measured in {time.perf_counter() - start:.0f} s; " + ", ".join(
+            f"{key} {value['median_ms']:.1f} ms" for key, value in figures[label].items()), flush=True)
         if fast:
             check = check_fast_path(dia, run, tolerance)
             print(f"fast path vs eager from identical inputs: largest differences "
