@@ -4,7 +4,8 @@ DIAMOND: a diffusion world model (EDM denoiser on the last 4 frames and actions)
 actor-critic trained entirely in the world model's imagination, on the Atari 100k benchmark, in one file.
 
 Reproduce the paper (Breakout 132.5, mean human-normalised score 1.46 over 26 games; the paper: 2.9 days per game on an
-RTX 4090, this script: about 6 to 10 days on an H100 as measured in benchmark/RESULTS.md) on one GPU:
+RTX 4090, this script: 6 to 10 days on an H100 as measured eager in benchmark/RESULTS.md, before its imagination step
+ran as CUDA graphs by default; bash benchmark/gpu_diamond.sh measures the fast path) on one GPU:
     python diamond_atari.py --env-id Breakout-v5 --num-sampling-steps 3
 The same with smaller or larger networks (TorchWM's presets; medium is the paper's):
     python diamond_atari.py --env-id Pong-v5 --preset small
@@ -60,8 +61,9 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """on CUDA: deterministic algorithms, cudnn.deterministic, CUBLAS_WORKSPACE_CONFIG=:4096:8; on the CPU
-    (deterministic at a fixed thread count: exact resume is tested there) only cudnn.benchmark off"""
+    """on the CPU: deterministic (exact resume is promised and tested there, at a fixed thread count); on CUDA:
+    cudnn.deterministic, cudnn.benchmark off, CUBLAS_WORKSPACE_CONFIG=:4096:8, but not torch's strict deterministic
+    algorithms (they cost 1.3x to 1.8x there, benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
     cuda: bool = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: bool = False
@@ -102,6 +104,11 @@ class Args:
     """train and evaluate only the world model (denoiser, reward/end model), on random-policy data or --dataset-dir"""
     compile: bool = False
     """torch.compile the denoiser's U-Net"""
+    imagination_graphs: Literal["auto", "on", "off"] = "auto"
+    """the imagination step (the Euler denoiser calls, the reward/end model, the policy) as compiled graphs, as
+    DIAMOND's reference: CUDA graphs on CUDA (torch.compile "reduce-overhead"), inductor on the CPU (compiling takes
+    minutes there); auto: on for CUDA, off for the CPU. Both sample the same processes, not the same numbers
+    (ImaginationGraphs)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """float32 (with TF32 matmuls on CUDA, as DIAMOND's reference), or bfloat16/float16 autocast on CUDA (float16
     uses GradScalers); the CPU always computes in float32"""
@@ -299,7 +306,7 @@ PRESETS = {
 RESUME_MUTABLE_FIELDS = {
     "num_epochs", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity", "eval_only",
     "eval_episodes", "test_episodes", "cuda", "compile", "config", "output_dir", "play", "play_keys", "play_world",
-    "play_size", "play_fps", "episode_to_mp4", "num_sampling_steps", "sampler",
+    "play_size", "play_fps", "episode_to_mp4", "num_sampling_steps", "sampler", "imagination_graphs",
 }
 # Flags spelled otherwise on the command line: --game is the seed's name for --env-id.
 FLAG_ALIASES = {"--game": "env_id"}
@@ -745,6 +752,25 @@ def init_lstm(lstm: nn.Module):
                 nn.init.ones_(p[p.shape[0] // 4: p.shape[0] // 2])
 
 
+def lstm_step(x: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor], weight_ih: torch.Tensor,
+              weight_hh: torch.Tensor, bias_ih: torch.Tensor, bias_hh: torch.Tensor):
+    """One LSTM step written out (PyTorch's gate order i, f, g, o), which torch.compile traces into one graph where
+    nn.LSTM and nn.LSTMCell would break it: x (B, D_in), h and c (B, D) -> (h', c').
+    gates = x W_ih^T + b_ih + h W_hh^T + b_hh; c' = sigmoid(f) c + sigmoid(i) tanh(g); h' = sigmoid(o) tanh(c')."""
+    h, c = hidden
+    i, f, g, o = (F.linear(x, weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)).chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def sample_categorical(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """A class index per row of logits (B, K) with P(k) = softmax(logits)_k, by the inverse CDF of uniform (B,) in
+    [0, 1): k = #{j : cdf_j <= u}. The uniforms come from the run's generator outside a compiled graph, so that the
+    graph holds no generator and a run stays reproducible from its seed."""
+    cdf = logits.detach().float().softmax(-1).cumsum(-1)
+    return (cdf <= uniform[:, None]).sum(-1).clamp(max=logits.shape[-1] - 1)
+
+
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on the weights of linear, convolution and LSTM layers only (not on biases, norms, embeddings)."""
     decay, no_decay = [], []
@@ -931,7 +957,7 @@ class Denoiser(nn.Module):
         act: (B, 4) past actions. net: the (possibly compiled) network to call."""
         c_in, c_skip, c_out, c_noise = edm_preconditioning(sigma.float(), self.sigma_data, self.sigma_offset_noise)
         c_in, c_skip, c_out = (c[:, None, None, None] for c in (c_in, c_skip, c_out))
-        model_output = (net or self.net)(c_in * x, c_noise, obs / self.sigma_data, act).float()
+        model_output = (self.net if net is None else net)(c_in * x, c_noise, obs / self.sigma_data, act).float()
         return model_output, c_skip * x + c_out * model_output
 
     @torch.no_grad()
@@ -994,9 +1020,8 @@ class RewardEndModel(nn.Module):
         self.head = nn.Sequential(nn.Linear(lstm_dim, lstm_dim), nn.SiLU(), nn.Linear(lstm_dim, 3 + 2, bias=False))
         init_lstm(self.lstm)
 
-    def forward(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden=None):
-        """obs, next_obs: (B, T, 3, H, W) in [-1, 1]; act: (B, T). Returns reward logits (B, T, 3), end logits
-        (B, T, 2) and the LSTM state."""
+    def encode(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+        """obs, next_obs: (B, T, 3, H, W) in [-1, 1]; act: (B, T) -> the LSTM's inputs (B, T, channels * (H/8)^2)."""
         b, t = act.shape
         cond = self.act_emb(act.reshape(b * t))
         x = self.conv_in(torch.cat([obs, next_obs], dim=2).flatten(0, 1))
@@ -1005,10 +1030,25 @@ class RewardEndModel(nn.Module):
             if i < 3:
                 x = self.downsamples[i](x)
         x, _ = self.mid_blocks(x, cond)
-        x = x.reshape(b, t, -1)
-        x, hidden = self.lstm(x, hidden)
+        return x.reshape(b, t, -1)
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden=None):
+        """obs, next_obs: (B, T, 3, H, W) in [-1, 1]; act: (B, T). Returns reward logits (B, T, 3), end logits
+        (B, T, 2) and the LSTM state."""
+        x, hidden = self.lstm(self.encode(obs, act, next_obs), hidden)
         logits = self.head(x)
         return logits[..., :3], logits[..., 3:], hidden
+
+    def step(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden):
+        """One transition, as forward with T = 1 but with the LSTM step written out (traceable into one graph):
+        obs, next_obs (B, 3, H, W), act (B,), hidden (h, c) each (1, B, lstm_dim). Returns reward logits (B, 3), end
+        logits (B, 2) and the new state (1, B, lstm_dim) x 2."""
+        x = self.encode(obs[:, None], act[:, None], next_obs[:, None])[:, 0]
+        lstm = self.lstm
+        h, c = lstm_step(x, (hidden[0][0], hidden[1][0]), lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0,
+                         lstm.bias_hh_l0)
+        logits = self.head(h)
+        return logits[:, :3], logits[:, 3:], (h[None], c[None])
 
 
 def reward_end_loss(reward_end_model: RewardEndModel, batch: dict) -> torch.Tensor:
@@ -1055,6 +1095,13 @@ class ActorCritic(nn.Module):
     def forward(self, obs: torch.Tensor, hidden=None):
         """obs (B, 3, H, W) in [-1, 1] -> policy logits (B, A), value (B,), new LSTM state (hx, cx)."""
         hx, cx = self.lstm(self.encoder(obs).flatten(1), hidden)
+        return self.actor_linear(hx), self.critic_linear(hx).squeeze(-1), (hx, cx)
+
+    def step(self, obs: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor]):
+        """forward with the LSTM cell written out (traceable into one graph); hidden is required."""
+        lstm = self.lstm
+        hx, cx = lstm_step(self.encoder(obs).flatten(1), hidden, lstm.weight_ih, lstm.weight_hh, lstm.bias_ih,
+                           lstm.bias_hh)
         return self.actor_linear(hx), self.critic_linear(hx).squeeze(-1), (hx, cx)
 
 
@@ -1217,10 +1264,11 @@ def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=cont
     return tuple(h.float() for h in hidden)
 
 
-def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, generator: torch.Generator,
-                      autocast=contextlib.nullcontext()):
-    """backup_every more steps of the persistent imagined episodes (num_imagined_envs of them) and the actor-critic
-    losses on them: value MSE to the lambda-returns, REINFORCE with the baseline V, and an entropy bonus.
+def imagine(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, generator: torch.Generator,
+            autocast=contextlib.nullcontext()) -> dict[str, torch.Tensor]:
+    """backup_every more steps of the persistent imagined episodes (num_imagined_envs of them), step by step in eager
+    mode: the policy's logits (n, H, A) and values (n, H) with gradients, and without: the bootstraps V'_t (n, H),
+    actions, reward signs, ends and truncations (n, H).
 
     The actor's LSTM state carries over from the last update (detached); an episode that stops at step t bootstraps
     from V of its final frame (the actor's state stepped on it), then the actor's memory is burnt in on the new
@@ -1257,11 +1305,21 @@ def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Ar
         _, last_value, _ = actor_critic(obs, hidden)  # V(s_H), without stepping the kept LSTM state
     bootstrap.append(last_value.float() if stopped is None else last_value.float().index_copy(0, *stopped))
     wm_env.actor_hidden = tuple(h.detach() for h in hidden)
-    logits, values, bootstrap = torch.stack(logits_list, 1), torch.stack(values, 1), torch.stack(bootstrap, 1)
-    actions, rewards = torch.stack(actions, 1), torch.stack(rewards, 1)
-    ends, truncs = torch.stack(ends, 1), torch.stack(truncs, 1)
+    return {key: torch.stack(value, 1) for key, value in (
+        ("logits", logits_list), ("values", values), ("bootstrap", bootstrap), ("actions", actions),
+        ("rewards", rewards), ("ends", ends), ("truncs", truncs))}
+
+
+def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, generator: torch.Generator,
+                      autocast=contextlib.nullcontext(), graphs: Optional["ImaginationGraphs"] = None):
+    """The actor-critic losses on backup_every more imagined steps (eager, or graphs' compiled step): value MSE to
+    the lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
+    rollout = graphs.rollout(generator) if graphs is not None else imagine(actor_critic, wm_env, args, generator,
+                                                                           autocast)
+    logits, values, rewards, actions = rollout["logits"], rollout["values"], rollout["rewards"], rollout["actions"]
     with torch.no_grad():
-        returns = lambda_returns(rewards, ends, truncs, bootstrap, args.discount_factor, args.td_lambda)
+        returns = lambda_returns(rewards, rollout["ends"], rollout["truncs"], rollout["bootstrap"],
+                                 args.discount_factor, args.td_lambda)
     log_probs = logits.log_softmax(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
     advantage = (returns - values).detach()
@@ -1269,7 +1327,161 @@ def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Ar
     critic_loss = F.mse_loss(values, returns)
     loss = actor_loss + critic_loss - args.entropy_weight * entropy
     return loss, {"actor": actor_loss.detach(), "critic": critic_loss.detach(), "entropy": entropy.detach(),
-                  "imagined_reward": rewards.mean(), "imagined_end": ends.mean()}
+                  "imagined_reward": rewards.mean(), "imagined_end": rollout["ends"].mean()}
+
+
+class ImaginationGraphs:
+    """The imagination step as two compiled functions, captured as CUDA graphs on CUDA (torch.compile's
+    "reduce-overhead"; default inductor on the CPU), as DIAMOND's reference compiles its world-model env: the policy
+    step (with gradients) and the world-model step (the Euler denoiser calls, the reward/end model, the restarts).
+
+    What makes them graphs: fixed shapes (num_imagined_envs), no generator inside (the rollout's noise and uniforms
+    are drawn from the run's generator before it, sample_categorical turns uniforms into classes), and no host sync:
+    an env that stops swaps in, by torch.where, its slot of a restart pool of num_imagined_envs real segments that
+    were sampled from the buffer and burnt in (reward/end and actor LSTMs) before the rollout. Nothing the pool
+    depends on (the buffer, the models' weights) changes during a rollout, so a restart from the pool is a restart
+    from a fresh real segment, except for an env that stops twice in one rollout: it starts its slot's segment again.
+    The state stays in wm_env (its checkpoint format), so a run resumes either way.
+
+    backend None runs the same functions uncompiled (the reference the tests compare with); `calls` counts the
+    compiled calls and compile_seconds is the first rollout's time (tracing and compiling included)."""
+
+    def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args, device: torch.device,
+                 amp_dtype: Optional[torch.dtype] = None, backend: Optional[str] = "inductor",
+                 mode: Optional[str] = None):
+        self.wm_env, self.actor_critic, self.args, self.device = wm_env, actor_critic, args, device
+        self.amp_dtype = amp_dtype  # bf16/fp16 autocast on CUDA (entered inside the graphs), None: float32
+        self.sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
+        self.backend, self.mode = backend, mode
+        compile_fn = (lambda fn: fn) if backend is None else (
+            lambda fn: torch.compile(fn, backend=backend, mode=mode, dynamic=False))
+        self.policy = compile_fn(self.policy_step)
+        self.world_model = compile_fn(self.world_model_step)
+        self.calls, self.compile_seconds, self.reported = 0, None, False
+        if backend is not None:  # the steps read the LSTMs' weights (lstm_step), which dynamo refuses by default
+            torch._dynamo.config.allow_rnn = True
+
+    def amp(self):
+        """The autocast context, made where it is entered (inside a compiled function too)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def policy_step(self, obs, hidden, stopped, start_hidden, final_value, uniform):
+        """The actor-critic on the current frames obs (n, 3, H, W), after swapping in the burnt-in LSTM state of the
+        envs that restarted (stopped (n,) from the previous step): logits (n, A), value (n,), the sampled action
+        (n,), the previous step's bootstrap V'_(t-1) (V(s_t), or V(final frame) where the episode stopped), the
+        swapped-in state and the stepped one."""
+        hidden = tuple(torch.where(stopped[:, None], s, h) for s, h in zip(start_hidden, hidden))
+        with self.amp():
+            logits, value, new_hidden = self.actor_critic.step(obs, hidden)
+        action = sample_categorical(logits, uniform)
+        bootstrap = torch.where(stopped, final_value, value.detach().float())
+        return logits.float(), value.float(), action, bootstrap, hidden, new_hidden
+
+    @torch.no_grad()
+    def world_model_step(self, obs, act, hidden, age, action, actor_hidden, noise, uniforms, start):
+        """One step of every imagined env: obs (n, c, 3, H, W) and act (n, c) the last c frames and actions (act's
+        last slot is filled with action (n,)), hidden the reward/end LSTM state, age (n,) the steps of each life,
+        actor_hidden the actor's state after this step's frame, noise (n, 3, H, W) the sampler's start, uniforms
+        (2, n) for the reward sign and the end, start the restart pool (obs, act, reward/end state).
+        Returns the next state, reward sign, end, truncated, stopped, V(final frame) and, for the checks, the next
+        frame before restarts, every denoiser call's D(x; sigma) before 8-bit quantisation (num_calls, n, 3, H, W)
+        and the reward/end logits."""
+        args, denoiser = self.args, self.wm_env.denoiser
+        act = torch.cat([act[:, :-1], action[:, None]], dim=1)
+        past = obs.flatten(1, 2)  # (n, c * 3, H, W)
+        x_T = self.sigmas[0] * noise if args.edm_initial_noise else noise
+        raw = []
+
+        def denoise_fn(x, sigma):
+            with self.amp():
+                _, denoised = denoiser(x, sigma, past, act)
+            raw.append(denoised)
+            return quantize_8bit(denoised)
+
+        next_obs = euler_sample(denoise_fn, x_T, self.sigmas, order=2 if args.sampler == "heun" else 1).clamp(-1, 1)
+        with self.amp():
+            reward_logits, end_logits, hidden = self.wm_env.reward_end_model.step(obs[:, -1], action, next_obs,
+                                                                                   hidden)
+            _, final_value, _ = self.actor_critic.step(next_obs, actor_hidden)  # V(final frame) if it stops here
+        reward = sample_categorical(reward_logits, uniforms[0]) - 1
+        end = sample_categorical(end_logits, uniforms[1])
+        age = age + 1
+        truncated = (age >= args.imagination_horizon) & (end == 0)  # the horizon, unless it ended anyway
+        stopped = (end == 1) | truncated
+        start_obs, start_act, start_hidden = start
+        obs = torch.where(stopped[:, None, None, None, None], start_obs, torch.cat([obs[:, 1:], next_obs[:, None]], 1))
+        act = torch.where(stopped[:, None], start_act, torch.cat([act[:, 1:], torch.zeros_like(act[:, :1])], 1))
+        hidden = tuple(torch.where(stopped[None, :, None], s, h.to(s.dtype)) for s, h in zip(start_hidden, hidden))
+        age = torch.where(stopped, 0, age)
+        return {"obs": obs, "act": act, "hidden": hidden, "age": age, "reward": reward.float(), "end": end.float(),
+                "truncated": truncated.float(), "stopped": stopped, "final_value": final_value.float(),
+                "next_obs": next_obs, "denoised": torch.stack(raw).float(), "reward_logits": reward_logits.float(),
+                "end_logits": end_logits.float()}
+
+    def rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """backup_every steps as imagine() returns them, through the compiled steps."""
+        args, env, actor_critic, n = self.args, self.wm_env, self.actor_critic, self.args.num_imagined_envs
+        begin = time.perf_counter()
+        if env.obs is None:  # the first update: start the imagined episodes
+            _, burn_in = env.reset()
+            env.actor_hidden = actor_burn_in(actor_critic, burn_in, self.amp())
+        # the restart pool: a fresh real segment per env, burnt in with the weights of this rollout
+        start_obs, start_act, start_hidden = env.start(n)
+        start = (start_obs, start_act, tuple(h.float() for h in start_hidden))
+        start_actor_hidden = actor_burn_in(actor_critic, start_obs[:, :-1], self.amp())
+        # every random number of the rollout, drawn before it from the run's generator
+        steps, size = args.backup_every, args.obs_size
+        noise = torch.randn((steps, n, 3, size, size), generator=generator, device=self.device)
+        uniforms = torch.rand((steps, 3, n), generator=generator, device=self.device)  # action, reward, end
+        if self.device.type == "cuda":  # a new rollout: the graphs may reuse the memory of the last one's outputs
+            torch.compiler.cudagraph_mark_step_begin()
+        obs, act, hidden, age = env.obs, env.act, tuple(h.float() for h in env.hidden), env.age
+        actor_hidden = tuple(h.detach().float() for h in env.actor_hidden)
+        stopped = torch.zeros(n, dtype=torch.bool, device=self.device)
+        final_value = torch.zeros(n, device=self.device)
+        out = {key: [] for key in ("logits", "values", "bootstrap", "actions", "rewards", "ends", "truncs")}
+        for t in range(steps):
+            logits, value, action, bootstrap, _, actor_hidden = self.policy(
+                obs[:, -1], actor_hidden, stopped, start_actor_hidden, final_value, uniforms[t, 0])
+            if t > 0:
+                out["bootstrap"].append(bootstrap.clone())
+            step = self.world_model(obs, act, hidden, age, action, tuple(h.detach() for h in actor_hidden),
+                                    noise[t], uniforms[t, 1:], start)
+            self.calls += 2
+            obs, act, hidden, age = step["obs"], step["act"], step["hidden"], step["age"]
+            stopped, final_value = step["stopped"], step["final_value"]
+            for key, value_t in (("logits", logits), ("values", value), ("actions", action.clone()),
+                                 ("rewards", step["reward"].clone()), ("ends", step["end"].clone()),
+                                 ("truncs", step["truncated"].clone())):
+                out[key].append(value_t)
+        with torch.no_grad():  # V(s_H), without stepping the kept LSTM state
+            _, _, _, bootstrap, actor_hidden, _ = self.policy(obs[:, -1], actor_hidden, stopped, start_actor_hidden,
+                                                              final_value, uniforms[0, 0])
+        self.calls += 1
+        out["bootstrap"].append(bootstrap.clone())
+        # the persistent state leaves the graphs' memory (a later replay may write over their outputs)
+        env.obs, env.act, env.age = obs.clone(), act.clone(), age.clone()
+        env.hidden = tuple(h.to(env.hidden[0].dtype).clone() for h in hidden)
+        env.actor_hidden = tuple(h.detach().clone() for h in actor_hidden)
+        if self.compile_seconds is None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.compile_seconds = time.perf_counter() - begin
+        return {key: torch.stack(value, 1) for key, value in out.items()}
+
+
+def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv,
+                       actor_critic: ActorCritic) -> Optional[ImaginationGraphs]:
+    """--imagination-graphs: on (auto: on CUDA) the compiled imagination step, as CUDA graphs on CUDA (torch.compile's
+    "reduce-overhead", with the run's autocast inside) and default inductor on the CPU; None: the eager step."""
+    if args.world_model_only or args.imagination_graphs == "off" or (args.imagination_graphs == "auto"
+                                                                      and not setup.use_cuda):
+        return None
+    amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    return ImaginationGraphs(wm_env, actor_critic, args, setup.device, amp_dtype if setup.use_cuda else None,
+                             mode="reduce-overhead" if setup.use_cuda else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1724,6 +1936,7 @@ class Run:
     learners: dict[str, Learner]
     denoiser_net: nn.Module  # the denoiser's network, compiled with --compile
     wm_env: WorldModelEnv
+    graphs: Optional[ImaginationGraphs]  # the compiled imagination step (--imagination-graphs), or None: eager
     collector: Collector
     writer: object  # a SummaryWriter
     stop: object  # the StopFlag (defined in the shared block below)
@@ -1767,7 +1980,8 @@ def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tenso
         with autocast:
             loss = reward_end_loss(reward_end_model, batch)
         return loss, {}
-    loss, parts = actor_critic_loss(run.learners["actor_critic"].model, run.wm_env, args, run.generator, autocast)
+    loss, parts = actor_critic_loss(run.learners["actor_critic"].model, run.wm_env, args, run.generator, autocast,
+                                    run.graphs)
     return loss, {f"losses/{key}" if key in ("actor", "critic", "entropy") else f"charts/{key}": value
                   for key, value in parts.items()}
 
@@ -1857,6 +2071,12 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
             log.add("perf/mfu", per_second * run.denoiser_update_flops / run.peak_flops)
         if name == "actor_critic":
             log.add("perf/imagination_frames_per_s", per_second * args.num_imagined_envs * args.backup_every)
+    graphs = run.graphs
+    if name == "actor_critic" and graphs is not None and graphs.compile_seconds is not None and not graphs.reported:
+        graphs.reported = True  # once per process: the first rollout traced and compiled the graphs
+        print(f"imagination graphs: compiled in {graphs.compile_seconds:.1f} s (the first rollout, compilation "
+              f"included); {graphs.calls} compiled calls so far", flush=True)
+        log.add("perf/imagination_compile_s", graphs.compile_seconds)
 
 
 def evaluate(run: Run, pos: RunPosition, log: EpochLog):
@@ -2482,12 +2702,14 @@ def main(args: Args, given: set[str]):
                            autocast, train_ids)
     if checkpoint is not None:
         wm_env.load_state_dict(checkpoint["imagination"])
+    graphs = imagination_graphs(args, setup, wm_env, actor_critic)  # the compiled imagination step, or None
     run = Run(args, game, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net,
-              wm_env, collector, writer, stop, run_dir, denoiser_update_flops(args, num_actions),
+              wm_env, graphs, collector, writer, stop, run_dir, denoiser_update_flops(args, num_actions),
               peak_flops(setup, args.dtype))
     print(f"run folder: {run_dir}")
     print(f"game: {game} ({num_actions} actions); parameters: denoiser {num_params['denoiser']:,}, reward/end "
-          f"{num_params['reward_end']:,}, actor-critic {num_params['actor_critic']:,}; device: {device}")
+          f"{num_params['reward_end']:,}, actor-critic {num_params['actor_critic']:,}; device: {device}; imagination: "
+          f"{'eager' if graphs is None else 'CUDA graphs' if setup.use_cuda else 'compiled (inductor)'}")
     decided = collector.first_collection_steps or args.dataset_dir is not None
     print(f"the run: {run.num_epochs} epochs" + ("" if decided else f" if the first collection is "
           f"{args.initial_collection_steps} env steps (fixed when it ends)") + (
@@ -2928,12 +3150,10 @@ def setup_device(args: Args) -> Setup:
         torch.cuda.set_device(device)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cudnn.benchmark = not args.torch_deterministic
-    if use_cuda:  # the CPU's kernels are deterministic already at a fixed thread count (exact resume is tested so);
-        # there the call would only cost seconds at every start (it imports the compiler to set its config)
-        torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
-    # ...without its NaN fill of every new uninitialised tensor: one extra kernel per allocation, 10 to 12% of a
-    # DDPM or DIAMOND training step on an H100 (benchmark/RESULTS.md); no kernel reads memory it did not write.
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    # No torch.use_deterministic_algorithms(True): the CPU's kernels are deterministic already at a fixed thread count
+    # (exact resume is tested so), and on CUDA the strict algorithms cost more than 10% (measured on an H100,
+    # benchmark/RESULTS.md section 0: a DIAMOND imagination rollout 1.8x slower, a DDPM step 1.3x), which CONTRACT.md
+    # section 1 allows the CUDA default not to pay.
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs on Ampere+: ~free speed for fp32 parts
     torch.backends.cudnn.allow_tf32 = True
     return Setup(device, world_size, rank, local_rank)

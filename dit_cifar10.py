@@ -59,8 +59,9 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """on CUDA: deterministic algorithms, cudnn.deterministic, CUBLAS_WORKSPACE_CONFIG=:4096:8; on the CPU
-    (deterministic at a fixed thread count: exact resume is tested there) only cudnn.benchmark off"""
+    """on the CPU: deterministic (exact resume is promised and tested there, at a fixed thread count); on CUDA:
+    cudnn.deterministic, cudnn.benchmark off, CUBLAS_WORKSPACE_CONFIG=:4096:8, but not torch's strict deterministic
+    algorithms (they cost 1.3x to 1.8x there, benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
     cuda: bool = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: bool = False
@@ -1576,12 +1577,10 @@ def setup_device(args: Args) -> Setup:
         torch.cuda.set_device(device)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cudnn.benchmark = not args.torch_deterministic
-    if use_cuda:  # the CPU's kernels are deterministic already at a fixed thread count (exact resume is tested so);
-        # there the call would only cost seconds at every start (it imports the compiler to set its config)
-        torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
-    # ...without its NaN fill of every new uninitialised tensor: one extra kernel per allocation, 10 to 12% of a
-    # DDPM or DIAMOND training step on an H100 (benchmark/RESULTS.md); no kernel reads memory it did not write.
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    # No torch.use_deterministic_algorithms(True): the CPU's kernels are deterministic already at a fixed thread count
+    # (exact resume is tested so), and on CUDA the strict algorithms cost more than 10% (measured on an H100,
+    # benchmark/RESULTS.md section 0: a DIAMOND imagination rollout 1.8x slower, a DDPM step 1.3x), which CONTRACT.md
+    # section 1 allows the CUDA default not to pay.
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs on Ampere+: ~free speed for fp32 parts
     torch.backends.cudnn.allow_tf32 = True
     return Setup(device, world_size, rank, local_rank)

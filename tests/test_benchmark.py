@@ -2,6 +2,7 @@
 hand-computed values, and smoke runs of speed.py and samplers.py (no timing is asserted anywhere)."""
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -557,3 +558,39 @@ def test_digits_benchmark_smoke(tmp_path):
     assert table[0].startswith("| guidance | class accuracy") and table[2].startswith("| 3 | ")
     assert 0 <= float(table[2].split(" | ")[1]) <= 1 and len(table) == 3
     assert "class histogram:" in result.stdout and "confident (p > 0.9):" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# gpu_diamond.sh: DIAMOND's update and imagination-step times beside the paper on one GPU; here on the CPU with the
+# tiny preset and torch.compile's eager backend, so that the prepared GPU script cannot rot
+
+
+def test_gpu_diamond_script_runs_on_the_cpu_with_tiny_sizes(tmp_path):
+    env = script_env() | {"PYTHON": PYTHON, "LOG": str(tmp_path / "gpu_diamond.txt"),
+                          "SPEED_ARGS": "--device cpu --preset tiny --num-sampling-steps 1 --repeats 1 --warmup 1 "
+                                        f"--backend eager --json {tmp_path / 'speed.json'}"}
+    result = subprocess.run(["bash", str(ROOT / "benchmark" / "gpu_diamond.sh")], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    out = result.stdout
+    log = tmp_path / "gpu_diamond.txt"
+    assert out == log.read_text() + f"gpu_diamond.sh: exit 0; log in {log}\n"  # the whole output is logged
+    # the fast path's outputs match eager's from identical inputs, and the compiled steps ran
+    check = [line for line in out.splitlines() if line.startswith("fast path vs eager")]
+    assert len(check) == 1 and ": match;" in check[0] and re.search(r"; [1-9]\d* compiled calls", check[0])
+    # each figure beside the paper's, for both paths, and the epoch and days they imply
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in out.splitlines()
+            if line.startswith("| ")}
+    for label, paper in (("denoiser update", "88.0 ms"), ("reward/end update", "115.0 ms"),
+                         ("actor-critic update", "340.0 ms"), ("imagination step", "20.4 ms")):
+        cells = rows[f"{label} (median [min, max])"]
+        assert cells[0] == paper and len(cells) == 3 and all(c.endswith("]") or c.endswith("] |") for c in cells[1:])
+    assert rows["epoch (400 + 400 + 400 updates)"][0] == "217 s"
+    figures = json.loads((tmp_path / "speed.json").read_text())
+    assert set(figures["figures"]) == {"fast path (eager)", "eager"} and figures["check"]["ok"]
+    fast = figures["figures"]["fast path (eager)"]
+    days = float(rows["Atari 100k (1000 epochs), days"][1])
+    epoch = sum(400 * fast[k]["median_ms"] for k in ("denoiser update", "reward/end update", "actor-critic update"))
+    first = 10_000 * (fast["denoiser update"]["median_ms"] + fast["reward/end update"]["median_ms"]) + \
+        5000 * fast["actor-critic update"]["median_ms"]
+    assert days == pytest.approx((first + 999 * epoch) / 1000 / 86400, abs=0.006)

@@ -14,6 +14,7 @@ from typing import Union, get_args, get_origin, get_type_hints
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from conftest import (PYTHON, ROOT, checkpoint_tensors, load_module, only_run_dir, read_image_tags, read_scalars,
                       run_script, run_until_line_then_kill, script_env)
 
@@ -739,3 +740,212 @@ def test_play_window_on_a_dummy_display(dia, monkeypatch, tmp_path):
     fps = dia.play_window({"imagined": lambda: game}, ["NOOP", "FIRE", "RIGHT", "LEFT"], tmp_path, 64, 1000.0,
                           max_steps=5)
     assert fps > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The fast path (--imagination-graphs): the imagination step as compiled graphs (CUDA graphs on CUDA). On the CPU it
+# is compiled here with torch.compile's eager backend (dynamo traces the graphs, nothing is code-generated): bitwise
+# the same as the functions run uncompiled; inductor's code-generated kernels are compared to eager to 1e-4 on the
+# smallest piece (compiling the whole step with inductor takes minutes on 2 shared cores).
+
+GRAPH_ARGS = dict(obs_size=16, diffusion_channels=(4, 4), diffusion_res_blocks=1, diffusion_cond_dim=8,
+                  reward_channels=4, reward_cond_dim=4, reward_lstm_dim=8, actor_channels=(4, 4, 4, 4),
+                  actor_lstm_dim=8, imagination_horizon=3, backup_every=4, num_imagined_envs=3, num_sampling_steps=1)
+
+
+def fast_setup(dia, backend):
+    """Tiny models, a replay buffer of random 16x16 episodes, the imagined envs and their ImaginationGraphs (backend
+    None: the same functions uncompiled), the actor-critic's learner and the run's generator, all seeded alike."""
+    from types import SimpleNamespace
+
+    args = dia.Args(**GRAPH_ARGS)
+    rng = np.random.default_rng(0)
+    buffer = dia.ReplayBuffer(None, args.recency_weights, args.num_conditioning_steps)
+    for T in (7, 9, 12, 5):
+        buffer.add({"obs": rng.integers(0, 256, (T + 1, 16, 16, 3), dtype=np.uint8), "actions": rng.integers(0, 4, T),
+                    "rewards": rng.integers(-1, 2, T).astype(np.float32), "terminated": np.arange(T) == T - 1,
+                    "truncated": np.zeros(T, bool)}, write=False)
+    torch.manual_seed(0)
+    denoiser, reward_end, actor_critic = dia.build_models(args, 4)
+    cpu = torch.device("cpu")
+    env = dia.WorldModelEnv(denoiser, reward_end, buffer, args, cpu, torch.Generator().manual_seed(1),
+                            torch.Generator().manual_seed(2))
+    graphs = dia.ImaginationGraphs(env, actor_critic, args, cpu, backend=backend)
+    learner = dia.build_learners(args, {"actor_critic": actor_critic}, use_cuda=False)["actor_critic"]
+    return SimpleNamespace(args=args, env=env, graphs=graphs, learner=learner,
+                           generator=torch.Generator().manual_seed(3))
+
+
+def fast_updates(dia, s, count: int) -> list[torch.Tensor]:
+    """count actor-critic updates through the fast path; the losses."""
+    losses = []
+    for _ in range(count):
+        loss, _ = dia.actor_critic_loss(s.learner.model, s.env, s.args, s.generator, graphs=s.graphs)
+        s.learner.update(loss)
+        losses.append(loss.detach())
+    return losses
+
+
+@pytest.fixture(scope="session")
+def compiled_fast(tmp_path_factory):
+    """The session's one compiled fast path (eager backend), and dynamo's counters after its first two updates."""
+    import torch._dynamo
+
+    dia = load_module(SCRIPT)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    s = fast_setup(dia, "eager")
+    losses = fast_updates(dia, s, 2)
+    counters = {key: dict(value) for key, value in torch._dynamo.utils.counters.items()}
+    return s, losses, counters
+
+
+def test_fast_path_is_compiled_bitwise_as_eager_and_actually_taken(dia, compiled_fast):
+    s, losses, counters = compiled_fast
+    ref = fast_setup(dia, None)
+    ref_losses = fast_updates(dia, ref, 2)
+    assert all(torch.equal(a, b) for a, b in zip(losses, ref_losses))  # bitwise
+    for a, b in zip(s.learner.model.parameters(), ref.learner.model.parameters()):
+        assert torch.equal(a, b)
+    for key in ("obs", "act", "age"):
+        assert torch.equal(getattr(s.env, key), getattr(ref.env, key)), key
+    assert all(torch.equal(a, b) for a, b in zip(s.env.hidden + s.env.actor_hidden,
+                                                 ref.env.hidden + ref.env.actor_hidden))
+    assert torch.equal(s.generator.get_state(), ref.generator.get_state())
+    # the imagined envs restarted from the pool (ages reset) and the uniforms are consumed the same way
+    assert s.env.age.max() < s.args.imagination_horizon
+    # taken: per update backup_every policy and world-model calls and the final value, each a dynamo-compiled frame
+    assert s.graphs.calls == 2 * (2 * s.args.backup_every + 1) and s.graphs.compile_seconds > 0
+    assert counters["stats"]["calls_captured"] > 100 and counters["stats"]["unique_graphs"] >= 2
+    assert not counters.get("graph_break"), counters.get("graph_break")  # each step is one graph
+
+
+def fast_step_inputs(s, seed: int = 0):
+    """Inputs of one fast step: the imagined envs' state, a restart pool, noise and uniforms, half the envs stopped."""
+    env, n = s.env, s.args.num_imagined_envs
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        start_obs, start_act, start_hidden = env.start(n)
+    actor_hidden = tuple(h.clone() for h in env.actor_hidden)
+    return dict(start=(start_obs, start_act, start_hidden), noise=torch.randn(n, 3, 16, 16, generator=g),
+                uniforms=torch.rand(3, n, generator=g), stopped=torch.arange(n) % 2 == 0, actor_hidden=actor_hidden,
+                start_actor_hidden=tuple(torch.randn(h.shape, generator=g) for h in actor_hidden),
+                final_value=torch.randn(n, generator=g))
+
+
+def test_fast_path_step_agrees_with_the_eager_modules(dia, compiled_fast):
+    """From identical inputs, the compiled step's pieces (the LSTMs written out, categorical sampling by inverse CDF,
+    restarts by mask) agree with the script's eager modules: D(x; sigma) before 8-bit quantisation, the next frame,
+    reward/end and policy logits, the swapped-in states."""
+    s = compiled_fast[0]
+    env, args, graphs, actor_critic = s.env, s.args, s.graphs, s.learner.model
+    x = fast_step_inputs(s)
+    stopped = x["stopped"]
+    # called as the rollout calls them (grad mode on: the policy step learns), so no new graph is compiled
+    outputs = graphs.policy(env.obs[:, -1], x["actor_hidden"], stopped, x["start_actor_hidden"], x["final_value"],
+                            x["uniforms"][0])
+    logits, value, action, bootstrap, swapped, stepped = (v.detach() if torch.is_tensor(v) else v for v in outputs)
+    step = graphs.world_model(env.obs, env.act, env.hidden, env.age, action, tuple(h.detach() for h in stepped),
+                              x["noise"], x["uniforms"][1:], x["start"])
+    with torch.no_grad():
+        expected_hidden = tuple(torch.where(stopped[:, None], a, b) for a, b in zip(x["start_actor_hidden"],
+                                                                                    x["actor_hidden"]))
+        ref_logits, ref_value, ref_stepped = actor_critic(env.obs[:, -1], expected_hidden)  # nn.LSTMCell
+        act = torch.cat([env.act[:, :-1], action[:, None]], 1)
+        sigmas = dia.karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho)
+        _, denoised = env.denoiser(x["noise"], torch.full((3,), float(sigmas[0])), env.obs.flatten(1, 2), act)
+        next_obs = dia.euler_sample(lambda x_, sigma: env.denoiser.denoise(x_, sigma, env.obs.flatten(1, 2), act),
+                                    x["noise"], sigmas).clamp(-1, 1)
+        ref_reward, ref_end, _ = env.reward_end_model(env.obs[:, -1:], action[:, None], next_obs[:, None], env.hidden)
+    assert all(torch.equal(a.detach(), b) for a, b in zip(swapped, expected_hidden))
+    assert (logits - ref_logits).abs().max() < 1e-5 and (value - ref_value).abs().max() < 1e-5
+    assert (stepped[0] - ref_stepped[0]).abs().max() < 1e-5
+    assert torch.equal(bootstrap, torch.where(stopped, x["final_value"], value))
+    # the action by inverse CDF: the class whose cumulative probability interval holds the uniform
+    cdf = ref_logits.softmax(-1).cumsum(-1)
+    assert torch.equal(action, (cdf <= x["uniforms"][0][:, None]).sum(-1).clamp(max=3))
+    assert step["denoised"].shape == (args.num_sampling_steps, 3, 3, 16, 16)
+    assert (step["denoised"][0] - denoised).abs().max() < 1e-4  # before 8-bit quantisation
+    assert torch.equal(step["next_obs"], next_obs)
+    assert (step["reward_logits"] - ref_reward[:, 0]).abs().max() < 1e-4
+    assert (step["end_logits"] - ref_end[:, 0]).abs().max() < 1e-4
+    # stopped envs took their pool slot: frames, actions, state and age 0
+    stop = step["stopped"]
+    assert torch.equal(step["obs"][stop], x["start"][0][stop]) and torch.equal(step["act"][stop], x["start"][1][stop])
+    assert (step["age"][stop] == 0).all() and (step["age"][~stop] == env.age[~stop] + 1).all()
+    assert torch.equal(step["obs"][~stop][:, -1], next_obs[~stop])
+
+
+def test_inductor_compiled_lstm_step_and_sampling_agree_with_eager_to_1e_4(dia, tmp_path_factory, monkeypatch):
+    """inductor's code-generated kernels on the smallest piece of the fast step: the reward/end model's LSTM step as
+    the graphs write it out, and the inverse-CDF sampling, against nn.LSTM and the eager function. (The whole step
+    compiled by inductor matched too, by hand: 3 updates' losses equal, gradients within 6e-8; but its compilation
+    took 11 minutes on 2 shared cores, and the policy alone 2.4, too long for the suite.)"""
+    import shutil
+
+    if shutil.which("gcc") is None and shutil.which("cc") is None:
+        pytest.skip("inductor needs a C compiler on the CPU")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "inductor_cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no pool of compile workers on 2 cores
+    torch.manual_seed(0)
+    lstm = nn.LSTM(12, 8, batch_first=True)
+    dia.init_lstm(lstm)
+
+    def piece(x, h, c, uniform):
+        h, c = dia.lstm_step(x, (h, c), lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
+        return h, c, dia.sample_categorical(h, uniform)
+
+    x, h, c, uniform = torch.randn(5, 12), torch.randn(5, 8), torch.randn(5, 8), torch.rand(5)
+    with torch.no_grad():
+        compiled_h, compiled_c, compiled_k = torch.compile(piece, backend="inductor", dynamic=False)(x, h, c, uniform)
+        _, (ref_h, ref_c) = lstm(x[:, None], (h[None], c[None]))
+    assert (compiled_h - ref_h[0]).abs().max() < 1e-4 and (compiled_c - ref_c[0]).abs().max() < 1e-4
+    assert torch.equal(compiled_k, dia.sample_categorical(ref_h[0], uniform))
+
+
+def test_a_fast_path_run_saves_stops_and_resumes_from_the_same_state(dia, compiled_fast, tmp_path):
+    """In process: the fast path's state (the imagined envs, the actor-critic and its optimizer, the generators) goes
+    into a checkpoint file; two more updates from there, then the checkpoint loaded back (weights_only) and the same
+    two updates again: the same losses, weights and imagined envs, bitwise."""
+    s = compiled_fast[0]
+    learner = s.learner
+
+    def state():
+        return {"imagination": s.env.state_dict(), "model": learner.model.state_dict(),
+                "optimizer": learner.optimizer.state_dict(), "scheduler": learner.scheduler.state_dict(),
+                "generator": s.generator.get_state(), "env_generator": s.env.generator.get_state(),
+                "cpu_generator": s.env.cpu_generator.get_state(), "calls": s.graphs.calls}
+
+    path = tmp_path / "latest.pt"
+    dia.save_checkpoint(path, state())  # atomic, plain tensors and containers
+    calls = s.graphs.calls
+    first = fast_updates(dia, s, 2)
+    after = {k: v.clone() for k, v in s.env.state_dict().items() if torch.is_tensor(v)}
+    weights = [p.detach().clone() for p in learner.model.parameters()]
+    assert s.graphs.calls == calls + 2 * (2 * s.args.backup_every + 1)  # the compiled steps ran
+    saved = torch.load(path, weights_only=True)
+    s.env.load_state_dict(saved["imagination"])
+    learner.model.load_state_dict(saved["model"])
+    learner.optimizer.load_state_dict(saved["optimizer"])
+    learner.scheduler.load_state_dict(saved["scheduler"])
+    s.generator.set_state(saved["generator"])
+    s.env.generator.set_state(saved["env_generator"])
+    s.env.cpu_generator.set_state(saved["cpu_generator"])
+    second = fast_updates(dia, s, 2)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(weights, learner.model.parameters()))
+    assert all(torch.equal(v, getattr(s.env, k)) for k, v in after.items())
+
+
+def test_imagination_graphs_flag_selects_the_fast_path(dia):
+    env, actor = object(), object()
+    cpu, cuda = dia.Setup(torch.device("cpu")), dia.Setup(torch.device("cuda"))
+    pick = lambda setup, **kw: dia.imagination_graphs(dia.Args(**kw), setup, env, actor)  # noqa: E731
+    assert pick(cpu) is None and pick(cpu, imagination_graphs="off") is None  # auto: off on the CPU
+    on_cpu = pick(cpu, imagination_graphs="on")
+    assert isinstance(on_cpu, dia.ImaginationGraphs) and on_cpu.mode is None and on_cpu.backend == "inductor"
+    on_cuda = pick(cuda)  # auto: CUDA graphs on CUDA (nothing runs until the first rollout)
+    assert on_cuda.mode == "reduce-overhead" and on_cuda.amp_dtype is None
+    assert pick(cuda, dtype="bfloat16").amp_dtype == torch.bfloat16
+    assert pick(cuda, imagination_graphs="off") is None and pick(cuda, world_model_only=True) is None
+    assert "imagination_graphs" in dia.RESUME_MUTABLE_FIELDS
