@@ -14,8 +14,11 @@ scores the samples.
     python benchmark/digits.py --model ddpm --ddpm-steps 6000
     python benchmark/digits.py --epochs 40 --patch 4             # a smaller budget (state it with the figures)
     python benchmark/digits.py --patch 4 --plain-loop dit diffusers   # the bisection: the same models, a plain loop
+    python benchmark/digits.py --patch 4 --epochs 50 100 150       # accuracy vs steps: one run, judged at each
+    python benchmark/digits.py --patch 4 --plain-loop dit dit-label-std1 --plain-steps 1400 2800 4200
 """
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -65,6 +68,12 @@ def train_judge(images: np.ndarray, labels: np.ndarray, seed: int = 0):
     return judge, accuracy, float((probabilities.max(1) > 0.9).mean())
 
 
+def stamp() -> str:
+    """The time (UTC) and the load average (1, 5, 15 min), printed beside each result: this machine is shared."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + ", load average " + " ".join(
+        f"{x:.2f}" for x in os.getloadavg())
+
+
 def run(command: list, log: Path) -> str:
     """Runs one script as a user does; its output goes to the log (and the last lines to the error if it fails)."""
     print("$", " ".join(map(str, command)), flush=True)
@@ -89,6 +98,47 @@ def samples_of(stdout: str) -> dict:
         return {"images": data["arr_0"].transpose(0, 3, 1, 2), "labels": data["arr_1"] if "arr_1" in data else None}
 
 
+def class_signal(dit, model, x_all, alphas_cumprod) -> str:
+    """How loud the class is inside a DiT of dit_cifar10.py: the mean norm of the label table's class rows beside the
+    timestep embedding's (mean over t), which are added into the one conditioning vector c = t_emb + y_emb, and how
+    far the predicted noise moves between the 10 classes (rms over classes, pixels and 64 noised real digits at
+    t = 500) beside its own rms."""
+    import torch
+
+    with torch.no_grad():
+        labels = model.y_embedder.weight[:10].norm(dim=1).mean()
+        steps = torch.arange(0, 1000, 50)
+        timesteps = model.t_embedder(dit.timestep_embedding(steps, dit.TIMESTEP_FREQUENCY_DIM)).norm(dim=1).mean()
+        generator = torch.Generator().manual_seed(7)
+        x0 = x_all[torch.randperm(len(x_all), generator=generator)[:64]]
+        t, a = torch.full((64,), 500), alphas_cumprod[500].float()
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=generator)
+        eps = torch.stack([model(x_t, t, torch.full((64,), k)) for k in range(10)])
+        spread = (eps - eps.mean(0)).pow(2).mean().sqrt()
+    return (f"class signal: label rows |y| {labels:.3f}, timestep embedding |t| {timesteps:.2f} (ratio "
+            f"{labels / timesteps:.3f}); eps between classes rms {spread:.4f} of eps rms {eps.pow(2).mean().sqrt():.3f}"
+            f" (t = 500)")
+
+
+def load_script_model(dit, run_dir: Path, args):
+    """The EMA weights of a dit_cifar10.py run (what --sample-only samples), in a DiT of the run's size."""
+    import torch
+
+    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
+    model = dit.DiT(args.img_size, args.patch, 3, args.width, args.depth, args.heads, 4.0, 10)
+    model.load_state_dict(checkpoint["ema"])
+    return model.eval()
+
+
+def load_dit_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dit_cifar10", ROOT / "dit_cifar10.py")
+    dit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dit)
+    return dit
+
+
 PLAIN_LOOP_MODELS = ["dit", "dit-label-std1", "dit-adaln-default-init", "diffusers"]
 
 
@@ -98,15 +148,11 @@ def plain_loop(variant: str, folder: Path, judge, args) -> list:
     dropped to the null class with p = 0.1, t uniform, L_simple, no EMA (the raw weights are sampled). Variants of the
     official DiT: dit-label-std1 initialises the label table N(0, 1) (PyTorch's nn.Embedding default, as diffusers)
     instead of DiT's N(0, 0.02); dit-adaln-default-init leaves the adaLN modulations at PyTorch's Linear init instead
-    of zero. Returns [(scale, class accuracy)] for --cfg-scales."""
-    import importlib.util
-
+    of zero. Judged after each of --plain-steps (one run): returns [(step, [(scale, class accuracy)])]."""
     import torch
     import torch.nn.functional as F
 
-    spec = importlib.util.spec_from_file_location("dit_cifar10", ROOT / "dit_cifar10.py")
-    dit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dit)
+    dit = load_dit_module()
     images, labels, names = dit.load_image_folder(str(folder), args.img_size)
     assert names == [str(k) for k in range(10)], names  # folder label k is digit k (what the judge calls k)
     x_all, y_all = torch.from_numpy(images).float() / 127.5 - 1, torch.from_numpy(labels)
@@ -139,8 +185,10 @@ def plain_loop(variant: str, folder: Path, judge, args) -> list:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
     abar = alphas_cumprod.float()
-    start = time.time()
-    for step in range(args.plain_steps):
+    asked = torch.arange(10 * args.samples_per_class) % 10
+    x_T = torch.randn(len(asked), 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(5))
+    start, judging, rows = time.time(), 0.0, []
+    for step in range(1, max(args.plain_steps) + 1):
         model.train()
         index = torch.randint(0, len(x_all), (args.batch_size,), generator=generator)
         x0, y = x_all[index], y_all[index]
@@ -153,17 +201,21 @@ def plain_loop(variant: str, folder: Path, judge, args) -> list:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    model.eval()
-    asked = torch.arange(10 * args.samples_per_class) % 10
-    x_T = torch.randn(len(asked), 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(5))
-    rows = []
-    for scale in args.cfg_scales:
-        with torch.no_grad():
-            out = dit.sample_images(dit.guided_model_fn(model, asked, scale), x_T, alphas_cumprod, "ddim",
-                                    args.sampling_steps)
-        rows.append((scale, float((judge.predict(to_features(out.numpy())) == asked.numpy()).mean())))
-    print(f"plain loop {variant}: {args.plain_steps} steps in {time.time() - start:.0f} s, last loss "
-          f"{loss.item():.4f}, class accuracy " + ", ".join(f"guidance {s:g}: {a:.3f}" for s, a in rows), flush=True)
+        if step not in args.plain_steps:
+            continue
+        model.eval()  # judged at this step (the raw weights); sampling draws nothing from the training generator
+        judge_start, row = time.time(), []
+        for scale in args.cfg_scales:
+            with torch.no_grad():
+                out = dit.sample_images(dit.guided_model_fn(model, asked, scale), x_T, alphas_cumprod, "ddim",
+                                        args.sampling_steps)
+            row.append((scale, float((judge.predict(to_features(out.numpy())) == asked.numpy()).mean())))
+        signal = "" if variant == "diffusers" else "; " + class_signal(dit, model, x_all, alphas_cumprod)
+        judging += time.time() - judge_start
+        print(f"plain loop {variant}: {step} steps ({time.time() - start - judging:.0f} s of training), last loss "
+              f"{loss.item():.4f}, class accuracy " + ", ".join(f"guidance {s:g}: {a:.3f}" for s, a in row)
+              + f"{signal} ({stamp()})", flush=True)
+        rows.append((step, row))
     return rows
 
 
@@ -181,7 +233,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--epochs", type=int, default=220, help="DiT epochs (28 steps each at batch 64)")
+    parser.add_argument("--epochs", type=int, nargs="+", default=[220],
+                        help="DiT epochs (28 steps each at batch 64); several: one run, resumed to each and judged")
     parser.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 1.5, 3.0])
     # DDPM: a small U-Net
     parser.add_argument("--ddpm-steps", type=int, default=6000)
@@ -191,7 +244,7 @@ def main():
     parser.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--plain-loop", nargs="+", choices=PLAIN_LOOP_MODELS, default=[],
                         help="instead of the scripts: these models in a plain loop (the bisection of issue #14)")
-    parser.add_argument("--plain-steps", type=int, default=600)
+    parser.add_argument("--plain-steps", type=int, nargs="+", default=[600], help="judged after each")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further flags for the scripts")
     args = parser.parse_args()
 
@@ -201,7 +254,8 @@ def main():
     images, labels = make_digits_folder(folder, args.img_size)
     judge, real_accuracy, real_confident = train_judge(images, labels, args.seed)
     print(f"digits: {len(images)} images of {args.img_size}x{args.img_size} in {folder}; judge (logistic regression) "
-          f"on held-out real digits: accuracy {real_accuracy:.3f}, confident (p > 0.9) {real_confident:.3f}")
+          f"on held-out real digits: accuracy {real_accuracy:.3f}, confident (p > 0.9) {real_confident:.3f}; "
+          f"{stamp()}")
     if args.plain_loop:
         for variant in args.plain_loop:
             plain_loop(variant, folder, judge, args)
@@ -214,26 +268,40 @@ def main():
                 "--num-samples", num_samples, "--sample-batch-size", min(num_samples, 500)]
 
     if args.model in ("dit", "both"):
-        train = run(["dit_cifar10.py", *common, "--num-classes", 10, "--patch", args.patch, "--width", args.width,
-                     "--depth", args.depth, "--heads", args.heads, "--batch-size", args.batch_size,
-                     "--learning-rate", args.learning_rate, "--ema-decay", args.ema_decay, "--epochs", args.epochs,
-                     "--eval-every", 10 ** 6, "--save-every", 10 ** 6, "--sampler", "ddim", "--num-sampling-steps",
-                     args.sampling_steps, "--samples-per-class", 2, *args.extra], log)  # a small final grid
-        run_dir = run_folder(train)
-        steps = args.epochs * (len(images) // args.batch_size)
-        rows = []
-        for scale in args.cfg_scales:  # every class in turn, the labels beside the images in the .npz
-            out = samples_of(run(["dit_cifar10.py", "--resume", run_dir, *sampling, "--cfg-scale", scale], log))
-            predicted = judge.predict(to_features(out["images"]))
-            per_class = [float((predicted[out["labels"] == k] == k).mean()) for k in range(10)]
-            rows.append((scale, float((predicted == out["labels"]).mean()), min(per_class), max(per_class)))
-        print(f"\nDiT on digits, {steps} steps ({args.epochs} epochs), EMA {args.ema_decay}, lr {args.learning_rate}, "
-              f"patch {args.patch}, width {args.width}, depth {args.depth}; {num_samples} samples, DDIM-"
-              f"{args.sampling_steps}; {run_dir}")
-        print("| guidance | class accuracy | worst class | best class | chance | real vs real |")
-        print("|---|---|---|---|---|---|")
-        for scale, accuracy, worst, best in rows:
-            print(f"| {scale:g} | {accuracy:.3f} | {worst:.2f} | {best:.2f} | 0.100 | {real_accuracy:.3f} |")
+        import torch
+
+        dit = load_dit_module()
+        x_all = torch.from_numpy(dit.load_image_folder(str(folder), args.img_size)[0]).float() / 127.5 - 1
+        alphas_cumprod = dit.make_alphas_cumprod(dit.make_beta_schedule("linear", 1000))
+        run_dir = None
+        for epochs in sorted(args.epochs):  # the first budget trains from scratch, each further one resumes the run
+            if run_dir is None:
+                train = run(["dit_cifar10.py", *common, "--num-classes", 10, "--patch", args.patch, "--width",
+                             args.width, "--depth", args.depth, "--heads", args.heads, "--batch-size",
+                             args.batch_size, "--learning-rate", args.learning_rate, "--ema-decay", args.ema_decay,
+                             "--epochs", epochs, "--eval-every", 10 ** 6, "--save-every", 10 ** 6, "--sampler",
+                             "ddim", "--num-sampling-steps", args.sampling_steps, "--samples-per-class", 2,
+                             *args.extra], log)  # a small final grid
+                run_dir = run_folder(train)
+            else:
+                run(["dit_cifar10.py", "--resume", run_dir, "--epochs", epochs], log)
+            steps = epochs * (len(images) // args.batch_size)
+            rows = []
+            for scale in args.cfg_scales:  # every class in turn, the labels beside the images in the .npz
+                out = samples_of(run(["dit_cifar10.py", "--resume", run_dir, *sampling, "--cfg-scale", scale], log))
+                predicted = judge.predict(to_features(out["images"]))
+                per_class = [float((predicted[out["labels"] == k] == k).mean()) for k in range(10)]
+                rows.append((scale, float((predicted == out["labels"]).mean()), min(per_class), max(per_class)))
+            print(f"\nDiT on digits, {steps} steps ({epochs} epochs), EMA {args.ema_decay}, lr {args.learning_rate}, "
+                  f"patch {args.patch}, width {args.width}, depth {args.depth}; {num_samples} samples, DDIM-"
+                  f"{args.sampling_steps}; {run_dir}; {stamp()}")
+            print("| guidance | class accuracy | worst class | best class | chance | real vs real |")
+            print("|---|---|---|---|---|---|")
+            for scale, accuracy, worst, best in rows:
+                print(f"| {scale:g} | {accuracy:.3f} | {worst:.2f} | {best:.2f} | 0.100 | {real_accuracy:.3f} |",
+                      flush=True)
+            # the EMA weights sampled above: how loud their class is
+            print(class_signal(dit, load_script_model(dit, run_dir, args), x_all, alphas_cumprod), flush=True)
 
     if args.model in ("ddpm", "both"):
         train = run(["ddpm_cifar10.py", *common, "--channels", args.ddpm_channels, "--channel-mult", 1, 2, 2,
