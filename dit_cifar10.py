@@ -1049,7 +1049,8 @@ def step_memory_profile(args: Args) -> tuple[int, float]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Evaluation: FID with torchmetrics (Inception from torch-fidelity, or any feature extractor module).
+# Evaluation: FID with torchmetrics (Inception from torch-fidelity, or any feature extractor module) for CIFAR-10 and
+# image folders; on the generated shapes, the judge (the shared block above) at each evaluation.
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
@@ -1087,6 +1088,18 @@ def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[
     write_png(folder / f"{stem}.png", make_grid(images[:256], columns))
     np.savez(folder / f"{stem}.npz", images.transpose(0, 2, 3, 1), *([] if labels is None else [labels]))
     return folder / f"{stem}.png"
+
+
+JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own shapes sets (a run trains on --seed's)
+
+
+def make_shapes_judge(args: Args, num_samples: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
+    """The judge of the 10 shapes classes at --img-size (trained on 4096 generated images once, then cached in
+    {data_dir}/judge/) and 2 * num_samples held-out real shapes, uint8 (2N, 3, H, W) and their labels (2N,)."""
+    judge = load_or_train_judge(
+        Path(args.data_dir) / "judge", f"shapes_{args.img_size}px_10classes_seed{JUDGE_DATA_SEED}",
+        lambda: make_shapes_dataset(4096, args.img_size, seed=JUDGE_DATA_SEED), 10, JUDGE_DATA_SEED)
+    return (judge, *make_shapes_dataset(2 * num_samples, args.img_size, seed=JUDGE_HELDOUT_SEED))
 
 
 def labels_in_turn(num: int, num_classes: int) -> Optional[torch.Tensor]:
@@ -1189,6 +1202,7 @@ def main(args: Args, given: set[str]):
         return generate_samples(ema_model, num, class_labels, args, alphas_cumprod, autocast, stop)
 
     fid_metric = make_fid_metric() if args.eval_fid else None  # fail now, not after training, if it cannot be had
+    judge = None  # on the shapes data: (judge, held-out images, labels), made at the first evaluation
 
     def evaluate(writer=None):
         """FID of --fid-num-samples EMA samples (all classes in turn) against the training images."""
@@ -1323,6 +1337,15 @@ def main(args: Args, given: set[str]):
                                  dataformats="HWC")
                 write_samples(run_dir / "samples", f"step{step:08d}", samples,
                               None if grid_labels is None else grid_labels.numpy(), args.samples_per_class)
+                if args.dataset == "shapes":  # eval/judge_*: how recognisable the samples are (FID needs Inception)
+                    judge = judge or make_shapes_judge(args, len(samples))
+                    asked = None if grid_labels is None else grid_labels.numpy()
+                    log_judge_scores(writer, judge_scores(judge[0], samples, asked, judge[1], judge[2]), step)
+                    if conditional and args.cfg_scale != 1.0:  # the same noise without guidance: what guidance adds
+                        plain = generate_samples(ema_model, len(samples), grid_labels, replace(args, cfg_scale=1.0),
+                                                 alphas_cumprod, autocast, stop)
+                        log_judge_scores(writer, judge_scores(judge[0], plain, asked, judge[1], judge[2]), step,
+                                         "_cfg1")
             stopping = stop.sync(setup) if setup.world_size == 1 else stopping
         if save_now or stopping:
             save()

@@ -1549,6 +1549,7 @@ class EvalSampler:
         self.actions = torch.from_numpy(eval_data.actions).to(device) if eval_data.actions is not None else None
         self.text = tokenize(eval_data.captions, vocabulary, args.max_text_len).to(device)
         self.directions, self.captions = eval_data.directions, list(eval_data.captions)
+        self.judge = None  # sprites: (judge, held-out frames, their colours), made at the first evaluation
         self.sample_kwargs = dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale,
                                   sampler=args.sampler, num_steps=args.num_sampling_steps, eta=args.ddim_eta,
                                   autocast=autocast, prediction=args.prediction)
@@ -1595,6 +1596,31 @@ class EvalSampler:
         return np.concatenate(out)
 
 
+JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own sprites sets (a run trains on --seed's)
+
+
+def sprite_colour_labels(captions: list) -> np.ndarray:
+    """The index in SPRITE_COLOURS of the colour each sprites caption names ("a red square moves up" -> 0)."""
+    return np.array([next(i for i, c in enumerate(SPRITE_COLOURS) if c in caption.split()) for caption in captions])
+
+
+def sprite_frames(data: VideoData, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """A sprites dataset's frames, uint8 (N T, 3, H, W), and the colour of each frame's sprite (N T,)."""
+    return data.frames, np.repeat(sprite_colour_labels(data.captions), num_frames)
+
+
+def make_sprites_judge(args: Args, num_frames_scored: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
+    """The judge of the sprite's colour on single frames at --img-size (trained on 512 generated clips of 8 frames
+    once, then cached in {data_dir}/judge/) and at least 2 * num_frames_scored held-out real frames and colours."""
+    key = f"sprites_{args.img_size}px_{args.num_distractors}distractors_4classes_seed{JUDGE_DATA_SEED}"
+    judge = load_or_train_judge(Path(args.data_dir) / "judge", key, lambda: sprite_frames(make_sprites_dataset(
+        512, 8, args.img_size, args.num_distractors, seed=JUDGE_DATA_SEED), 8), len(SPRITE_COLOURS), JUDGE_DATA_SEED)
+    clips = -(-2 * num_frames_scored // args.num_frames)
+    heldout = make_sprites_dataset(clips, args.num_frames, args.img_size, args.num_distractors,
+                                   seed=JUDGE_HELDOUT_SEED)
+    return (judge, *sprite_frames(heldout, args.num_frames))
+
+
 def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict:
     """Samples (MP4, .npz, TensorBoard strips) and the eval/ metrics at one step; returns the metrics."""
     args, n, k = sampler.args, sampler.args.num_eval_samples, sampler.args.context_frames
@@ -1604,6 +1630,13 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict
     writer.add_image("samples/clips", frame_strips(samples[:8], [f"generated: {caption}" for caption in (
         sampler.captions * n)[:min(8, n)]]), step, dataformats="HWC")
     metrics = {}
+    if args.dataset == "sprites":  # eval/judge_*: every generated frame, its sprite's colour against the caption's
+        sampler.judge = sampler.judge or make_sprites_judge(args, samples.shape[0] * samples.shape[2])
+        frames = samples.transpose(0, 2, 1, 3, 4).reshape(-1, *samples.shape[1:2], *samples.shape[3:])
+        asked = np.repeat(sprite_colour_labels((sampler.captions * n)[:n]), samples.shape[2])
+        judge, heldout, heldout_labels = sampler.judge
+        scores = judge_scores(judge, frames, asked, heldout, heldout_labels)
+        metrics.update({f"eval/judge_{name}": value for name, value in scores.items()})
     if sampler.actions is not None and k > 0:  # multi-step rollouts from the first k real frames, without the caption
         true = sampler.clips(n, use_text=False, num_context=k)
         shuffled = sampler.clips(n, use_text=False, num_context=k, actions_shift=1)
