@@ -931,7 +931,8 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
     make_data() and cached. A cache that does not load (damaged, another shape) is retrained, not an
     error; a cache that cannot be written is only not cached."""
     path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
-    judge = JudgeNet(num_classes)
+    with torch.random.fork_rng(devices=[]):  # initialised weights that the cache overwrites: no draw from the run's RNG
+        judge = JudgeNet(num_classes)
     if path.is_file():
         try:
             judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -957,7 +958,8 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     eigenvalues of S_a S_b (real and >= 0 up to rounding: it is similar to S_a^(1/2) S_b S_a^(1/2)), as torchmetrics
     computes it: no scipy.linalg.sqrtm."""
     a, b = feats_a.double(), feats_b.double()
-    mu_a, mu_b, cov_a, cov_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
     trace_sqrt = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()
     return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt)
 
