@@ -108,7 +108,8 @@ MEANS = 0.6 * torch.eye(NUM_CLASSES, DIM, dtype=torch.float64)  # class k: N(m_k
 class ExactMixtureDenoiser(torch.nn.Module):
     """model(x_t, t, y) as DiT's forward: the exact E[eps | x_t, y] of class y's Gaussian, and for the null label
     (y = num_classes) the exact E[eps | x_t] of the equal-weight mixture: sum_k p(k | x_t) E[eps | x_t, k].
-    For N(m, s^2 I): x_t ~ N(sqrt(a) m, (a s^2 + 1 - a) I) and E[eps | x_t] = sqrt(1-a) (x_t - sqrt(a) m)/(a s^2 + 1 - a)."""
+    For N(m, s^2 I): x_t ~ N(sqrt(a) m, (a s^2 + 1 - a) I) and
+    E[eps | x_t] = sqrt(1-a) (x_t - sqrt(a) m) / (a s^2 + 1 - a)."""
 
     num_classes = NUM_CLASSES
 
