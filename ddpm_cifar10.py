@@ -9,6 +9,8 @@ On 8 GPUs (global batch 128, 16 per GPU):
     torchrun --standalone --nproc_per_node=8 ddpm_cifar10.py
 End to end in about 15 seconds on a CPU, offline (generated coloured shapes):
     python ddpm_cifar10.py --preset tiny
+Recognisable shapes in 10 to 20 minutes on 2 CPU cores, scored by the judge (eval/judge_*):
+    python ddpm_cifar10.py --preset cpu
 Your own images (PNG/JPG, any folder tree), resized to 64x64:
     python ddpm_cifar10.py --dataset folder --data-dir path/to/images --img-size 64 --attn-resolutions 16
 Continue a run, or sample from it with any sampler:

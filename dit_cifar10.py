@@ -12,6 +12,8 @@ On 8 GPUs (global batch 128, 16 per GPU):
     torchrun --standalone --nproc_per_node=8 dit_cifar10.py
 End to end in about 15 seconds on a CPU, offline (generated coloured shapes, 10 classes):
     python dit_cifar10.py --preset tiny
+Shapes of the asked class in 10 to 20 minutes on 2 CPU cores, scored by the judge (eval/judge_*):
+    python dit_cifar10.py --preset cpu
 Your own labelled images (PNG/JPG, one subfolder per class), resized to 64x64; unconditional with --num-classes 0:
     python dit_cifar10.py --dataset folder --data-dir path/to/images --img-size 64 --num-classes 5
 Continue a run, or sample one class from it with guidance:
