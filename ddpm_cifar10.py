@@ -168,12 +168,13 @@ PRESETS = {
         ema_decay=0.9, log_every=10, save_every=30, eval_every=30, sampler="ddpm", num_sampling_steps=100,
         num_eval_samples=16, num_samples=16, fid_num_samples=64, sample_batch_size=64,
     ),
-    # Recognisable 16x16 shapes in 10 to 20 minutes on 2 CPU cores: the tiny preset's 0.7M-parameter U-Net (attention
-    # at 8x8), 1500 steps of batch 64 on 8192 images, EMA 0.995 (a half-life of 140 steps), ancestral sampling
-    # respaced to 100 steps; the judge scores the 128 samples of each evaluation (eval/judge_*). Measured: README.
+    # Recognisable 16x16 shapes in 10 to 20 minutes on 2 CPU cores (estimated: benchmark/RESULTS.md 2d): the tiny
+    # preset's 0.7M-parameter U-Net (attention at 8x8), 5000 steps of batch 64 on 8192 images at a constant lr 1e-3,
+    # EMA 0.995 (a half-life of 140 steps), ancestral sampling respaced to 100 steps (DDIM and DPM-Solver++ diverge
+    # on this model early in training, RESULTS 2d); the judge scores the 128 samples of each evaluation.
     "cpu": dict(
         dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2), num_res_blocks=1,
-        attn_resolutions=(8,), dropout=0.0, total_steps=1500, batch_size=64, learning_rate=1e-3, warmup_steps=100,
+        attn_resolutions=(8,), dropout=0.0, total_steps=5000, batch_size=64, learning_rate=1e-3, warmup_steps=100,
         ema_decay=0.995, log_every=50, save_every=250, eval_every=500, sampler="ddpm", num_sampling_steps=100,
         num_eval_samples=128, num_samples=128, fid_num_samples=2000, sample_batch_size=128,
     ),
