@@ -898,7 +898,7 @@ class JudgeNet(nn.Module):
         return self.body(images.float() / 127.5 - 1.0)  # uint8 -> [-1, 1], as the diffusion models see them
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))  # logits (N, num_classes)
+        return self.head(self.features(images))  # logits (N, num_classes + 1)
 
 
 def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, steps: int = 200,
