@@ -9,6 +9,8 @@ On 8 GPUs (global batch 128, 16 per GPU):
     torchrun --standalone --nproc_per_node=8 ddpm_cifar10.py
 End to end in about 15 seconds on a CPU, offline (generated coloured shapes):
     python ddpm_cifar10.py --preset tiny
+Recognisable shapes in 10 to 20 minutes on 2 CPU cores, scored by the judge (eval/judge_*):
+    python ddpm_cifar10.py --preset cpu
 Your own images (PNG/JPG, any folder tree), resized to 64x64:
     python ddpm_cifar10.py --dataset folder --data-dir path/to/images --img-size 64 --attn-resolutions 16
 Continue a run, or sample from it with any sampler:
@@ -69,8 +71,9 @@ class Args:
     """the wandb entity (team)"""
     output_dir: str = "runs"
     """runs are written to {output_dir}/{run_name}/"""
-    preset: Optional[Literal["tiny"]] = None
-    """a named set of defaults: tiny = a full run on generated data in about 15 seconds on a CPU"""
+    preset: Optional[Literal["tiny", "cpu"]] = None
+    """a named set of defaults: tiny = a full run on generated data in about 15 seconds on a CPU; cpu = recognisable
+    shapes in 10 to 20 minutes on 2 CPU cores (generated data; README)"""
     config: Optional[str] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
@@ -165,6 +168,16 @@ PRESETS = {
         attn_resolutions=(8,), dropout=0.0, total_steps=60, batch_size=32, learning_rate=1e-3, warmup_steps=10,
         ema_decay=0.9, log_every=10, save_every=30, eval_every=30, sampler="ddpm", num_sampling_steps=100,
         num_eval_samples=16, num_samples=16, fid_num_samples=64, sample_batch_size=64,
+    ),
+    # Recognisable 16x16 shapes in 10 to 20 minutes on 2 CPU cores (estimated: benchmark/RESULTS.md 2d): the tiny
+    # preset's 0.7M-parameter U-Net (attention at 8x8), 5000 steps of batch 64 on 8192 images at a constant lr 1e-3,
+    # EMA 0.995 (a half-life of 140 steps), ancestral sampling respaced to 100 steps (DDIM and DPM-Solver++ diverge
+    # on this model early in training, RESULTS 2d); the judge scores the 128 samples of each evaluation.
+    "cpu": dict(
+        dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2), num_res_blocks=1,
+        attn_resolutions=(8,), dropout=0.0, total_steps=5000, batch_size=64, learning_rate=1e-3, warmup_steps=100,
+        ema_decay=0.995, log_every=50, save_every=250, eval_every=500, sampler="ddpm", num_sampling_steps=100,
+        num_eval_samples=128, num_samples=128, fid_num_samples=2000, sample_batch_size=128,
     ),
 }
 # Flags that may change when a run is resumed: the run length, checkpoint/eval cadence, logging and sampling.
@@ -796,6 +809,138 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
 # ==== END SHARED SAMPLERS ====
 
 
+# ==== BEGIN SHARED JUDGE: identical in ddpm_cifar10.py, dit_cifar10.py, video_diffusion.py (tests check it) ====
+# An offline sample-quality score for the generated datasets (FID needs Inception weights; these need nothing): a
+# small CNN classifier, trained once on real generated images and cached, judges the samples. Its scores are
+# eval/judge_*: the share of samples it recognises, the class accuracy of conditional samples, and the Frechet distance
+# of its penultimate features to held-out real images, beside the same distance between two real sets of that size
+# (the floor: the value a perfect sampler gets at this sample count). Not FID: the values mean nothing across datasets.
+
+JUDGE_VERSION = 1  # part of the cache file name: a changed network never loads an old cache
+
+
+class JudgeNet(nn.Module):
+    """Classifier of uint8 images (N, 3, H, W) into num_classes + 1 classes, the last one "none" (noise: not a shape
+    at all). Three 3x3 convs with a 2x max-pool after the first two, a global average pool, a linear head;
+    features() is the pooled (4 * width)-d layer the Frechet distance compares."""
+
+    def __init__(self, num_classes: int, width: int = 8):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4 * width, num_classes + 1)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images.float() / 127.5 - 1.0)  # uint8 -> [-1, 1], as the diffusion models see them
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))  # logits (N, num_classes + 1)
+
+
+def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, steps: int = 200,
+                batch_size: int = 64, lr: float = 3e-3) -> JudgeNet:
+    """Adam on the cross-entropy of uint8 images (N, 3, H, W) with int labels (N,) in 0..num_classes-1, and of "none"
+    images: a quarter of each batch is noise, x = (1 - a) x_real + a n with n ~ N(0, 1) and a ~ U(0.4, 1) in [-1, 1]
+    units, labelled num_classes. A pure function of the seed (its own generator: the run's RNG streams are untouched,
+    so an exact resume stays exact)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        judge = JudgeNet(num_classes)
+    generator = torch.Generator().manual_seed(seed)
+    images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels).long()
+    optimizer = torch.optim.Adam(judge.parameters(), lr=lr)
+    for _ in range(steps):
+        index = torch.randint(0, len(images_t), (batch_size,), generator=generator)
+        x, y = images_t[index].float() / 127.5 - 1.0, labels_t[index].clone()
+        a = torch.rand(batch_size // 4, 1, 1, 1, generator=generator) * 0.6 + 0.4
+        noise = torch.randn(x[: batch_size // 4].shape, generator=generator)
+        x[: batch_size // 4] = ((1 - a) * x[: batch_size // 4] + a * noise).clamp(-1, 1)
+        y[: batch_size // 4] = num_classes
+        loss = F.cross_entropy(judge.head(judge.body(x)), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return judge.eval().requires_grad_(False)
+
+
+def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
+                        num_classes: int, seed: int) -> JudgeNet:
+    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt (key: dataset kind, image size, class count and the
+    seed of its training images; the scripts keep it in {data_dir}/judge/, shared by all their runs), or trained on
+    make_data() and cached. A cache that does not load (damaged, another shape) is retrained, not an
+    error; a cache that cannot be written is only not cached."""
+    path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
+    with torch.random.fork_rng(devices=[]):  # initialised weights that the cache overwrites: no draw from the run's RNG
+        judge = JudgeNet(num_classes)
+    if path.is_file():
+        try:
+            judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return judge.eval().requires_grad_(False)
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, the fix is to retrain it
+            print(f"judge cache {path} does not load ({e.__class__.__name__}): training the judge again")
+    images, labels = make_data()
+    judge = train_judge(images, labels, num_classes, seed)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:  # atomic, as the checkpoints: a killed run never leaves a half-written cache
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(judge.state_dict(), tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError):
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return judge
+
+
+def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
+    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature sets (N, d)
+    (FID's formula, Heusel et al. 2017), in float64. Tr((S_a S_b)^(1/2)) is the sum of the square roots of the
+    eigenvalues of S_a S_b (real and >= 0 up to rounding: it is similar to S_a^(1/2) S_b S_a^(1/2)), as torchmetrics
+    computes it: no scipy.linalg.sqrtm."""
+    a, b = feats_a.double(), feats_b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
+    trace_sqrt = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()
+    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt)
+
+
+@torch.no_grad()
+def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np.ndarray], real_heldout: np.ndarray,
+                 real_labels: Optional[np.ndarray] = None, threshold: float = 0.9) -> dict:
+    """Scores of N uint8 samples (N, 3, H, W) against at least 2N held-out real images (M, 3, H, W):
+    recognised: share of samples the judge takes for a shape (or sprite) at all, P(not "none") >= threshold;
+    class_accuracy: share whose most likely class (of the real ones) is the asked one (asked_labels (N,) given);
+    frechet: d^2 of the judge's features, samples vs real_heldout[:N]; frechet_real: real_heldout[:N] vs [N:2N];
+    recognised_real, class_accuracy_real: the same shares on real_heldout[:N] (the ceiling the data allow)."""
+    n = len(samples)
+    if len(real_heldout) < 2 * n:
+        raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
+    samples_t, real_a, real_b = (torch.from_numpy(np.ascontiguousarray(x)) for x in (
+        samples, real_heldout[:n], real_heldout[n: 2 * n]))
+    feats_s, feats_a, feats_b = judge.features(samples_t), judge.features(real_a), judge.features(real_b)
+    probs_s, probs_a = judge.head(feats_s).softmax(1), judge.head(feats_a).softmax(1)
+    scores = {"recognised": float((1 - probs_s[:, -1] >= threshold).float().mean()),  # the last class is "none"
+              "recognised_real": float((1 - probs_a[:, -1] >= threshold).float().mean()),
+              "frechet": frechet_distance(feats_s, feats_a), "frechet_real": frechet_distance(feats_b, feats_a)}
+    if asked_labels is not None:
+        scores["class_accuracy"] = float((probs_s[:, :-1].argmax(1).numpy() == np.asarray(asked_labels)).mean())
+    if real_labels is not None:
+        scores["class_accuracy_real"] = float((probs_a[:, :-1].argmax(1).numpy() == np.asarray(real_labels[:n])).mean())
+    return scores
+
+
+def log_judge_scores(writer, scores: dict, step: int, suffix: str = ""):
+    """Logs judge_scores' dict as eval/judge_{name}{suffix} and prints it on one line."""
+    for name, value in scores.items():
+        writer.add_scalar(f"eval/judge_{name}{suffix}", value, step)
+    print(f"judge at step {step}{suffix.replace('_', ', ')}: " + ", ".join(f"{k} {v:.3g}" for k, v in scores.items()),
+          flush=True)
+
+
+# ==== END SHARED JUDGE ====
+
+
 def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
                   num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Runs the chosen sampler and returns uint8 images (B, 3, H, W)."""
@@ -860,7 +1005,8 @@ def step_memory_profile(args: Args) -> tuple[int, float]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Evaluation: FID with torchmetrics (Inception from torch-fidelity, or any feature extractor module).
+# Evaluation: FID with torchmetrics (Inception from torch-fidelity, or any feature extractor module) for CIFAR-10 and
+# image folders; on the generated shapes, the judge (the shared block above) at each evaluation.
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
@@ -901,6 +1047,18 @@ def evaluate_fid(fid_metric, generate: Callable[[int], np.ndarray], real_images:
         writer.add_scalar("eval/fid", fid, step)
         writer.add_scalar("eval/fid_num_samples", args.fid_num_samples, step)
     return fid
+
+
+JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own shapes sets (a run trains on --seed's)
+
+
+def make_shapes_judge(args: Args, num_samples: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
+    """The judge of the 10 shapes classes at --img-size (trained on 4096 generated images once, then cached in
+    {data_dir}/judge/) and 2 * num_samples held-out real shapes, uint8 (2N, 3, H, W) and their labels (2N,)."""
+    judge = load_or_train_judge(
+        Path(args.data_dir) / "judge", f"shapes_{args.img_size}px_10classes_seed{JUDGE_DATA_SEED}",
+        lambda: make_shapes_dataset(4096, args.img_size, seed=JUDGE_DATA_SEED), 10, JUDGE_DATA_SEED)
+    return (judge, *make_shapes_dataset(2 * num_samples, args.img_size, seed=JUDGE_HELDOUT_SEED))
 
 
 def write_samples(folder: Path, stem: str, images: np.ndarray) -> Path:
@@ -965,6 +1123,7 @@ def main(args: Args, given: set[str]):
         return generate_samples(ema_model, alphas_cumprod, args, num, autocast, stop.check)
 
     fid_metric = make_fid_metric() if args.eval_fid else None  # fail now, not after training, if it cannot be had
+    judge = None  # on the shapes data: (judge, held-out images, labels), made at the first evaluation
 
     if args.sample_only:
         leave_process_group(setup.world_size)  # sampling is rank 0's alone
@@ -1067,6 +1226,9 @@ def main(args: Args, given: set[str]):
                 samples = generate(args.num_eval_samples)
                 writer.add_image("samples/ema", make_grid(samples), step, dataformats="HWC")
                 write_samples(run_dir / "samples", f"step{step:08d}", samples)
+                if args.dataset == "shapes":  # eval/judge_*: how recognisable the samples are (FID needs Inception)
+                    judge = judge or make_shapes_judge(args, args.num_eval_samples)
+                    log_judge_scores(writer, judge_scores(judge[0], samples, None, judge[1], judge[2]), step)
             stopping = stop.sync(setup) if setup.world_size == 1 else stopping
         if step % args.save_every == 0 or step == args.total_steps or stopping:
             save()

@@ -13,10 +13,8 @@ On 8 GPUs (global batch 64, 8 clips per GPU):
     torchrun --standalone --nproc_per_node=8 video_diffusion.py --batch-size 64
 End to end in about 15 seconds on a CPU, offline (16x16 sprites, 8 frames):
     python video_diffusion.py --preset tiny
-Learn action and text control of the sprite on a CPU in a few minutes (8x8 frames; what the tests check):
-    python video_diffusion.py --preset tiny --img-size 8 --num-frames 6 --num-distractors 0 --num-sprite-clips 2048 \
-        --batch-size 32 --learning-rate 1e-3 --context-frames 3 --cfg-scale 3 --cond-drop-prob 0.3 --total-steps 1000 \
-        --eval-every 1000 --num-eval-samples 64 --sample-batch-size 64 --long-video-frames 6
+Learn action and text control of the sprite on a CPU in about 10 minutes (8x8 frames; the tests run its first third):
+    python video_diffusion.py --preset cpu
 Continue a run, or sample from it (MP4s in samples/, with a long autoregressive video):
     python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000
     python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000 --sample-only --cfg-scale 3 \
@@ -76,8 +74,9 @@ class Args:
     """the wandb entity (team)"""
     output_dir: str = "runs"
     """runs are written to {output_dir}/{run_name}/"""
-    preset: Optional[Literal["tiny"]] = None
-    """a named set of defaults: tiny = a full run on the sprites world in about 15 seconds on a CPU"""
+    preset: Optional[Literal["tiny", "cpu"]] = None
+    """a named set of defaults: tiny = a full run on the sprites world in about 15 seconds on a CPU; cpu = sprites
+    that move as their caption and actions say, in about 10 minutes on 2 CPU cores (README)"""
     config: Optional[str] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
@@ -233,6 +232,17 @@ PRESETS = {
         text_layers=1, context_frames=2, prediction="v", total_steps=40, batch_size=8, learning_rate=2e-3,
         warmup_steps=10, ema_decay=0.9, log_every=10, save_every=20, eval_every=40, num_sampling_steps=8,
         num_eval_samples=8, num_samples=8, long_video_frames=12, sample_batch_size=8,
+    ),
+    # Caption and action control in about 10 minutes on 2 CPU cores (benchmark/video_control.sh's recipe, RESULTS 3b):
+    # the tiny 3D U-Net on 8x8 sprites (a 2x2 square, 6 frames, no distractor), 3000 steps of batch 32, each
+    # condition dropped alone half the time, guidance 3; the judge and the direction accuracies on 128 clips.
+    "cpu": dict(
+        dataset="sprites", num_frames=6, img_size=8, num_sprite_clips=2048, num_distractors=0, model_channels=16,
+        channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2, norm_groups=4, text_dim=32,
+        text_layers=1, context_frames=3, prediction="v", cond_drop_prob=0.5, null_cond_prob=0.1, cfg_scale=3.0,
+        total_steps=3000, batch_size=32, learning_rate=1e-3, warmup_steps=10, ema_decay=0.9, log_every=100,
+        save_every=500, eval_every=1000, num_sampling_steps=8, num_eval_samples=128, num_samples=16,
+        long_video_frames=6, sample_batch_size=128,
     ),
 }
 # Flags that may change when a run is resumed: the run length, checkpoint/eval cadence, logging and sampling.
@@ -1216,6 +1226,138 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
 # ==== END SHARED SAMPLERS ====
 
 
+# ==== BEGIN SHARED JUDGE: identical in ddpm_cifar10.py, dit_cifar10.py, video_diffusion.py (tests check it) ====
+# An offline sample-quality score for the generated datasets (FID needs Inception weights; these need nothing): a
+# small CNN classifier, trained once on real generated images and cached, judges the samples. Its scores are
+# eval/judge_*: the share of samples it recognises, the class accuracy of conditional samples, and the Frechet distance
+# of its penultimate features to held-out real images, beside the same distance between two real sets of that size
+# (the floor: the value a perfect sampler gets at this sample count). Not FID: the values mean nothing across datasets.
+
+JUDGE_VERSION = 1  # part of the cache file name: a changed network never loads an old cache
+
+
+class JudgeNet(nn.Module):
+    """Classifier of uint8 images (N, 3, H, W) into num_classes + 1 classes, the last one "none" (noise: not a shape
+    at all). Three 3x3 convs with a 2x max-pool after the first two, a global average pool, a linear head;
+    features() is the pooled (4 * width)-d layer the Frechet distance compares."""
+
+    def __init__(self, num_classes: int, width: int = 8):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4 * width, num_classes + 1)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images.float() / 127.5 - 1.0)  # uint8 -> [-1, 1], as the diffusion models see them
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))  # logits (N, num_classes + 1)
+
+
+def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, steps: int = 200,
+                batch_size: int = 64, lr: float = 3e-3) -> JudgeNet:
+    """Adam on the cross-entropy of uint8 images (N, 3, H, W) with int labels (N,) in 0..num_classes-1, and of "none"
+    images: a quarter of each batch is noise, x = (1 - a) x_real + a n with n ~ N(0, 1) and a ~ U(0.4, 1) in [-1, 1]
+    units, labelled num_classes. A pure function of the seed (its own generator: the run's RNG streams are untouched,
+    so an exact resume stays exact)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        judge = JudgeNet(num_classes)
+    generator = torch.Generator().manual_seed(seed)
+    images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels).long()
+    optimizer = torch.optim.Adam(judge.parameters(), lr=lr)
+    for _ in range(steps):
+        index = torch.randint(0, len(images_t), (batch_size,), generator=generator)
+        x, y = images_t[index].float() / 127.5 - 1.0, labels_t[index].clone()
+        a = torch.rand(batch_size // 4, 1, 1, 1, generator=generator) * 0.6 + 0.4
+        noise = torch.randn(x[: batch_size // 4].shape, generator=generator)
+        x[: batch_size // 4] = ((1 - a) * x[: batch_size // 4] + a * noise).clamp(-1, 1)
+        y[: batch_size // 4] = num_classes
+        loss = F.cross_entropy(judge.head(judge.body(x)), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return judge.eval().requires_grad_(False)
+
+
+def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
+                        num_classes: int, seed: int) -> JudgeNet:
+    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt (key: dataset kind, image size, class count and the
+    seed of its training images; the scripts keep it in {data_dir}/judge/, shared by all their runs), or trained on
+    make_data() and cached. A cache that does not load (damaged, another shape) is retrained, not an
+    error; a cache that cannot be written is only not cached."""
+    path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
+    with torch.random.fork_rng(devices=[]):  # initialised weights that the cache overwrites: no draw from the run's RNG
+        judge = JudgeNet(num_classes)
+    if path.is_file():
+        try:
+            judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return judge.eval().requires_grad_(False)
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, the fix is to retrain it
+            print(f"judge cache {path} does not load ({e.__class__.__name__}): training the judge again")
+    images, labels = make_data()
+    judge = train_judge(images, labels, num_classes, seed)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:  # atomic, as the checkpoints: a killed run never leaves a half-written cache
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(judge.state_dict(), tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError):
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return judge
+
+
+def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
+    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature sets (N, d)
+    (FID's formula, Heusel et al. 2017), in float64. Tr((S_a S_b)^(1/2)) is the sum of the square roots of the
+    eigenvalues of S_a S_b (real and >= 0 up to rounding: it is similar to S_a^(1/2) S_b S_a^(1/2)), as torchmetrics
+    computes it: no scipy.linalg.sqrtm."""
+    a, b = feats_a.double(), feats_b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
+    trace_sqrt = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()
+    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt)
+
+
+@torch.no_grad()
+def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np.ndarray], real_heldout: np.ndarray,
+                 real_labels: Optional[np.ndarray] = None, threshold: float = 0.9) -> dict:
+    """Scores of N uint8 samples (N, 3, H, W) against at least 2N held-out real images (M, 3, H, W):
+    recognised: share of samples the judge takes for a shape (or sprite) at all, P(not "none") >= threshold;
+    class_accuracy: share whose most likely class (of the real ones) is the asked one (asked_labels (N,) given);
+    frechet: d^2 of the judge's features, samples vs real_heldout[:N]; frechet_real: real_heldout[:N] vs [N:2N];
+    recognised_real, class_accuracy_real: the same shares on real_heldout[:N] (the ceiling the data allow)."""
+    n = len(samples)
+    if len(real_heldout) < 2 * n:
+        raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
+    samples_t, real_a, real_b = (torch.from_numpy(np.ascontiguousarray(x)) for x in (
+        samples, real_heldout[:n], real_heldout[n: 2 * n]))
+    feats_s, feats_a, feats_b = judge.features(samples_t), judge.features(real_a), judge.features(real_b)
+    probs_s, probs_a = judge.head(feats_s).softmax(1), judge.head(feats_a).softmax(1)
+    scores = {"recognised": float((1 - probs_s[:, -1] >= threshold).float().mean()),  # the last class is "none"
+              "recognised_real": float((1 - probs_a[:, -1] >= threshold).float().mean()),
+              "frechet": frechet_distance(feats_s, feats_a), "frechet_real": frechet_distance(feats_b, feats_a)}
+    if asked_labels is not None:
+        scores["class_accuracy"] = float((probs_s[:, :-1].argmax(1).numpy() == np.asarray(asked_labels)).mean())
+    if real_labels is not None:
+        scores["class_accuracy_real"] = float((probs_a[:, :-1].argmax(1).numpy() == np.asarray(real_labels[:n])).mean())
+    return scores
+
+
+def log_judge_scores(writer, scores: dict, step: int, suffix: str = ""):
+    """Logs judge_scores' dict as eval/judge_{name}{suffix} and prints it on one line."""
+    for name, value in scores.items():
+        writer.add_scalar(f"eval/judge_{name}{suffix}", value, step)
+    print(f"judge at step {step}{suffix.replace('_', ', ')}: " + ", ".join(f"{k} {v:.3g}" for k, v in scores.items()),
+          flush=True)
+
+
+# ==== END SHARED JUDGE ====
+
+
 def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Tensor] = None,
                     actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
                     context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
@@ -1420,6 +1562,7 @@ class EvalSampler:
         self.actions = torch.from_numpy(eval_data.actions).to(device) if eval_data.actions is not None else None
         self.text = tokenize(eval_data.captions, vocabulary, args.max_text_len).to(device)
         self.directions, self.captions = eval_data.directions, list(eval_data.captions)
+        self.judge = None  # sprites: (judge, held-out frames, their colours), made at the first evaluation
         self.sample_kwargs = dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale,
                                   sampler=args.sampler, num_steps=args.num_sampling_steps, eta=args.ddim_eta,
                                   autocast=autocast, prediction=args.prediction)
@@ -1466,6 +1609,31 @@ class EvalSampler:
         return np.concatenate(out)
 
 
+JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own sprites sets (a run trains on --seed's)
+
+
+def sprite_colour_labels(captions: list) -> np.ndarray:
+    """The index in SPRITE_COLOURS of the colour each sprites caption names ("a red square moves up" -> 0)."""
+    return np.array([next(i for i, c in enumerate(SPRITE_COLOURS) if c in caption.split()) for caption in captions])
+
+
+def sprite_frames(data: VideoData, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """A sprites dataset's frames, uint8 (N T, 3, H, W), and the colour of each frame's sprite (N T,)."""
+    return data.frames, np.repeat(sprite_colour_labels(data.captions), num_frames)
+
+
+def make_sprites_judge(args: Args, num_frames_scored: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
+    """The judge of the sprite's colour on single frames at --img-size (trained on 512 generated clips of 8 frames
+    once, then cached in {data_dir}/judge/) and at least 2 * num_frames_scored held-out real frames and colours."""
+    key = f"sprites_{args.img_size}px_{args.num_distractors}distractors_4classes_seed{JUDGE_DATA_SEED}"
+    judge = load_or_train_judge(Path(args.data_dir) / "judge", key, lambda: sprite_frames(make_sprites_dataset(
+        512, 8, args.img_size, args.num_distractors, seed=JUDGE_DATA_SEED), 8), len(SPRITE_COLOURS), JUDGE_DATA_SEED)
+    clips = -(-2 * num_frames_scored // args.num_frames)
+    heldout = make_sprites_dataset(clips, args.num_frames, args.img_size, args.num_distractors,
+                                   seed=JUDGE_HELDOUT_SEED)
+    return (judge, *sprite_frames(heldout, args.num_frames))
+
+
 def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict:
     """Samples (MP4, .npz, TensorBoard strips) and the eval/ metrics at one step; returns the metrics."""
     args, n, k = sampler.args, sampler.args.num_eval_samples, sampler.args.context_frames
@@ -1475,6 +1643,13 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict
     writer.add_image("samples/clips", frame_strips(samples[:8], [f"generated: {caption}" for caption in (
         sampler.captions * n)[:min(8, n)]]), step, dataformats="HWC")
     metrics = {}
+    if args.dataset == "sprites":  # eval/judge_*: every generated frame, its sprite's colour against the caption's
+        sampler.judge = sampler.judge or make_sprites_judge(args, samples.shape[0] * samples.shape[2])
+        frames = samples.transpose(0, 2, 1, 3, 4).reshape(-1, *samples.shape[1:2], *samples.shape[3:])
+        asked = np.repeat(sprite_colour_labels((sampler.captions * n)[:n]), samples.shape[2])
+        judge, heldout, heldout_labels = sampler.judge
+        scores = judge_scores(judge, frames, asked, heldout, heldout_labels)
+        metrics.update({f"eval/judge_{name}": value for name, value in scores.items()})
     if sampler.actions is not None and k > 0:  # multi-step rollouts from the first k real frames, without the caption
         true = sampler.clips(n, use_text=False, num_context=k)
         shuffled = sampler.clips(n, use_text=False, num_context=k, actions_shift=1)

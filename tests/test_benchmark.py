@@ -594,3 +594,22 @@ def test_gpu_diamond_script_runs_on_the_cpu_with_tiny_sizes(tmp_path):
     first = 10_000 * (fast["denoiser update"]["median_ms"] + fast["reward/end update"]["median_ms"]) + \
         5000 * fast["actor-critic update"]["median_ms"]
     assert days == pytest.approx((first + 999 * epoch) / 1000 / 86400, abs=0.006)
+
+
+def test_samplers_cpu_smoke_on_a_tiny_run(tiny_ddpm_runs, tmp_path):
+    """samplers_cpu.py on a tiny run (every sampler of the table, two seeds, the judge's excess Frechet distance and
+    the 1.5x check; the numbers mean nothing at this size)."""
+    run = sorted(p for p in tiny_ddpm_runs.iterdir() if p.is_dir())[0]
+    out = tmp_path / "samplers_cpu"
+    result = run_tool("samplers_cpu.py", "--run", run, "--samplers", "ddpm-5,ddim-2,dpm++-20", "--num-samples", 8,
+                      "--seeds", "1,2", "--out-dir", out)
+    data = json.loads((out / "results.json").read_text())
+    assert [(r["sampler"], r["nfe"], r["seed"]) for r in data["rows"]] == [
+        ("ddpm", 5, 1), ("ddim", 2, 1), ("dpm++", 20, 1), ("ddpm", 5, 2), ("ddim", 2, 2), ("dpm++", 20, 2)]
+    for r in data["rows"]:
+        assert r["excess"] == pytest.approx(r["frechet"] - r["frechet_real"]) and 0 <= r["recognised"] <= 1
+    assert "| DDIM (eta 0) | 2 |" in result.stdout and "not FID" in result.stdout
+    assert set(data["within_1.5x_of_ddpm"]) == {"dpm++-20"} and "within 1.5x DDPM-5's excess" in result.stdout
+    assert len(list(out.glob("*.png"))) == 6
+    bad = run_tool("samplers_cpu.py", "--run", run, "--samplers", "euler-10", check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1

@@ -344,6 +344,31 @@ def test_tiny_model_generates_the_asked_class_and_guidance_sharpens_it(tiny_runs
     assert margin[0.0] < margin[1.0] < margin[3.0]
 
 
+def test_the_judge_scores_each_evaluation_and_guidance_raises_its_class_accuracy(tiny_runs, one_thread):
+    """eval/judge_* at each evaluation of the tiny run (1,024 steps, 4 samples per class), guided (scale 3) and at
+    guidance 1 (_cfg1) from the same noise. Measured: step 0 recognised 0; step 1,024 recognised 0.625 guided and
+    0.425 unguided, class accuracy 0.575 guided and 0.35 unguided (chance 0.1, real images 0.725)."""
+    run_dir = tiny_runs["dir"]
+    logged = {k[len("eval/judge_"):]: v for k, v in read_scalars(run_dir).items() if k.startswith("eval/judge_")}
+    for name in ("recognised", "recognised_real", "frechet", "frechet_real", "class_accuracy", "class_accuracy_real"):
+        assert [s for s, _ in logged[name]] == [512, 1024] and [s for s, _ in logged[f"{name}_cfg1"]] == [512, 1024]
+    final = {name: values[-1][1] for name, values in logged.items()}
+    # step 0: the zero-initialised final layer predicts eps = 0; the same noise and sampler as the run's evaluation
+    _, args, _ = load_ema_model(run_dir)
+    args = replace(args, data_dir=str(ROOT / "data"))
+    labels = torch.arange(10).repeat_interleave(args.samples_per_class)
+    untrained = dit.build_model(args).eval()
+    samples = dit.generate_samples(untrained, len(labels), labels, args, ALPHAS_CUMPROD, torch.autocast("cpu",
+                                   enabled=False), type("NoStop", (), {"check": lambda self: None})())
+    judge, heldout, heldout_labels = dit.make_shapes_judge(args, len(labels))
+    step0 = dit.judge_scores(judge, samples, labels.numpy(), heldout, heldout_labels)
+    assert step0["recognised"] <= 0.1 and final["recognised_real"] >= 0.9
+    assert final["recognised"] >= step0["recognised"] + 0.3 and final["frechet"] <= step0["frechet"] / 3
+    assert final["frechet_real"] <= final["frechet"]
+    assert 0.3 <= final["class_accuracy"] <= final["class_accuracy_real"] + 0.1  # chance is 0.1
+    assert final["class_accuracy"] >= final["class_accuracy_cfg1"] + 0.1  # guidance raises class accuracy
+
+
 def test_sample_only_one_class(tiny_runs, tmp_path):
     run_dir = tiny_runs["dir"]
     result = subprocess.run([PYTHON, str(SCRIPT), "--resume", run_dir, "--sample-only", "--class-label", "3",

@@ -63,3 +63,19 @@ def test_nothing_above_the_block_redefines_a_name_of_the_block(texts):
         shared = set(re.findall(r"^(?:def|class) (\w+)", block, flags=re.M))
         above = set(re.findall(r"^(?:def|class) (\w+)", text[:text.index(BEGIN)], flags=re.M))
         assert not shared & above, f"{script} redefines {sorted(shared & above)} outside the shared block"
+
+
+def test_the_judge_block_is_byte_identical_in_the_three_generative_scripts(texts):
+    """The judge (classifier, cache, Frechet distance, scores) is one text in ddpm, dit and video."""
+    begin, end = "# ==== BEGIN SHARED JUDGE", "# ==== END SHARED JUDGE ===="
+    blocks = {}
+    for script in ("ddpm_cifar10.py", "dit_cifar10.py", "video_diffusion.py"):
+        text = texts[script]
+        assert text.count(begin) == 1 and text.count(end) == 1, script
+        blocks[script] = text[text.index(begin): text.index(end) + len(end)]
+    reference = blocks["ddpm_cifar10.py"]
+    for name in ("JudgeNet", "train_judge", "load_or_train_judge", "frechet_distance", "judge_scores"):
+        assert re.search(rf"^(?:def|class) {name}\b", reference, flags=re.M), f"{name} is not in the judge block"
+    assert all(len(line) <= 120 for line in reference.splitlines())
+    for script, block in blocks.items():
+        assert block == reference, f"{script}'s judge block differs from ddpm_cifar10.py's: copy it back"

@@ -1,0 +1,140 @@
+# cleanworlds benchmark: few-step samplers on the cpu preset's model, scored by the script's judge. Results: RESULTS.md
+"""
+Few-step samplers against DDPM-1000 on one trained ddpm_cifar10.py model of the generated shapes (the cpu preset's:
+`python ddpm_cifar10.py --preset cpu`): DDPM-1000 (ancestral), DDIM-10/20/50 (eta 0) and DPM-Solver++(2M)-10/20,
+each exactly as `--sampler S --num-sampling-steps N` runs it (ddpm_cifar10.sample_images), all from the same noise.
+
+The score is the script's own judge (its "SHARED JUDGE" block, the one that logs eval/judge_*): the Frechet distance of
+the judge's features, N samples against N held-out real shapes, minus the same distance between two real sets of N
+(the floor at this sample count): the "excess" Frechet distance. Not FID. Also the share the judge recognises as a
+shape. Repeated for each noise seed (each with its own held-out sets); the issue's check: DDIM-50 and
+DPM-Solver++-20 within 1.5 times DDPM-1000's excess.
+
+    python benchmark/samplers_cpu.py --run runs/shapes__ddpm_cifar10__1__1700000000       # 2,000 samples, 2 seeds
+    python benchmark/samplers_cpu.py --run runs/<run> --samplers ddim-50,dpm++-20 --num-samples 500 --seeds 1
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SAMPLERS = "ddpm-1000,ddim-10,ddim-20,ddim-50,dpm++-10,dpm++-20"
+LABELS = {"ddpm": "DDPM (ancestral, sigma^2 = beta, x0 clipped)", "ddim": "DDIM (eta 0)", "dpm++": "DPM-Solver++(2M)"}
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+def load_script(file_name: str):
+    import importlib.util
+
+    name = f"cleanworlds_{Path(file_name).stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / file_name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_samplers(text: str) -> list[tuple[str, int]]:
+    out = []
+    for item in text.split(","):
+        name, _, steps = item.strip().rpartition("-")
+        if name not in LABELS or not steps.isdigit() or int(steps) < 1:
+            raise UserError(f"--samplers: {item!r} is not NAME-STEPS with NAME in {', '.join(LABELS)}")
+        out.append((name, int(steps)))
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    parser.add_argument("--run", required=True, help="a ddpm_cifar10.py run folder (or checkpoint) on the shapes data")
+    parser.add_argument("--samplers", default=DEFAULT_SAMPLERS, help=f"comma list (default {DEFAULT_SAMPLERS})")
+    parser.add_argument("--num-samples", type=int, default=2000, help="samples per sampler and seed (and real sets)")
+    parser.add_argument("--seeds", default="1,2", help="noise seeds, comma separated")
+    parser.add_argument("--sample-batch-size", type=int, default=500)
+    parser.add_argument("--out-dir", default=None, help="results.json and grids (default <run>/samplers_cpu)")
+    opts = parser.parse_args(argv)
+    samplers = parse_samplers(opts.samplers)
+    seeds = [int(s) for s in opts.seeds.split(",")]
+    if opts.num_samples < 2:
+        raise UserError("--num-samples must be at least 2 (a Frechet distance needs a covariance)")
+    ddpm = load_script("ddpm_cifar10.py")
+    try:
+        path = ddpm.resolve_checkpoint_path(opts.run)
+        checkpoint = ddpm.load_checkpoint(path)
+    except ddpm.UserError as e:
+        raise UserError(str(e)) from None
+    args = ddpm.Args(**ddpm.normalise_args_dict(checkpoint["args"], "the checkpoint's args"))
+    if args.dataset != "shapes":
+        raise UserError(f"{opts.run} was trained on {args.dataset}: the judge knows the generated shapes only")
+    model = ddpm.build_model(args)
+    model.load_state_dict(checkpoint["ema"])
+    model.eval().requires_grad_(False)
+    alphas_cumprod = ddpm.make_alphas_cumprod(ddpm.make_beta_schedule(args.beta_schedule, args.timesteps,
+                                                                      args.beta_start, args.beta_end))
+    judge = ddpm.make_shapes_judge(args, opts.num_samples)[0]  # the run's judge (cached in {data_dir}/judge/)
+    out_dir = Path(opts.out_dir) if opts.out_dir else path.parent.parent / "samplers_cpu"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = opts.num_samples
+    print(f"model: {path} (step {checkpoint['step']}, EMA weights); {n} samples per sampler and seed, seeds {seeds}")
+    rows = []
+    for seed in seeds:
+        heldout, heldout_labels = ddpm.make_shapes_dataset(2 * n, args.img_size, seed=ddpm.JUDGE_HELDOUT_SEED + seed)
+        for name, steps in samplers:
+            generator = torch.Generator().manual_seed(seed)
+            start, images = time.time(), []
+            with torch.no_grad():
+                for begin in range(0, n, opts.sample_batch_size):
+                    x_T = torch.randn(min(opts.sample_batch_size, n - begin), 3, args.img_size, args.img_size,
+                                      generator=generator)
+                    images.append(ddpm.sample_images(lambda x, t: model(x, t), x_T, alphas_cumprod, name, steps,
+                                                     generator=generator))
+            images = torch.cat(images).numpy()
+            seconds = time.time() - start
+            scores = ddpm.judge_scores(judge, images, None, heldout, heldout_labels)
+            ddpm.write_png(out_dir / f"{name}-{steps}_seed{seed}.png", ddpm.make_grid(images[:64]))
+            rows.append({"sampler": name, "nfe": steps, "seed": seed, "seconds": seconds, **scores,
+                         "excess": scores["frechet"] - scores["frechet_real"]})
+            print(f"seed {seed} {name}-{steps}: excess Frechet {rows[-1]['excess']:.1f} (Frechet "
+                  f"{scores['frechet']:.1f}, real-vs-real {scores['frechet_real']:.1f}), recognised "
+                  f"{scores['recognised']:.3f}, {seconds:.0f} s", flush=True)
+    print(f"\n| sampler | NFE | excess Frechet (judge; lower is better), per seed | recognised | seconds |")
+    print("|---|---|---|---|---|")
+    mean = {}
+    for name, steps in samplers:
+        mine = [r for r in rows if (r["sampler"], r["nfe"]) == (name, steps)]
+        mean[(name, steps)] = float(np.mean([r["excess"] for r in mine]))
+        cells = [", ".join(format(r[key], spec) for r in mine)
+                 for key, spec in (("excess", ".1f"), ("recognised", ".3f"), ("seconds", ".0f"))]
+        print(f"| {LABELS[name]} | {steps} | " + " | ".join(cells) + " |")
+    verdicts = {}
+    reference = max((key for key in mean if key[0] == "ddpm"), default=None, key=lambda key: key[1])
+    if reference is not None:  # the issue's check, against the ancestral sampler with the most steps (DDPM-1000)
+        for key in (("ddim", 50), ("dpm++", 20)):
+            if key in mean:
+                label = f"{key[0]}-{key[1]}"
+                verdicts[label] = mean[key] <= 1.5 * max(mean[reference], 0.0)
+                print(f"{label} within 1.5x DDPM-{reference[1]}'s excess ({mean[key]:.1f} vs {mean[reference]:.1f}): "
+                      f"{'yes' if verdicts[label] else 'no'}")
+    print("(the judge's Frechet distance minus the real-vs-real value at this sample count: not FID)")
+    result = {"run": str(path), "step": checkpoint["step"], "num_samples": n, "seeds": seeds, "rows": rows,
+              "within_1.5x_of_ddpm": verdicts}
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
