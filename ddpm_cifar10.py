@@ -1329,11 +1329,20 @@ def command_line_problem(argv: list[str], box: str) -> str:
                 + f"; {SCRIPT_NAME} --help lists the flags")
     said = []  # the box's first paragraph: the lines under its title, up to its first rule
     for line in box.splitlines()[1:]:
-        if line.strip("│─╭╮╰╯ "):
+        if line.strip("│─╭╮╰╯- "):  # a rule is a line of box characters (or of dashes where there is no terminal)
             said.append(line.strip("│ "))
         elif said:
             break
-    return f"{' '.join(said).rstrip('.') or 'a bad value'}; {SCRIPT_NAME} --help gives each flag's type and choices"
+    said = ' '.join(said).rstrip('.')
+    extra = said.split()[2] if said.startswith("Unrecognized options: ") else None
+    # a value given to an on/off flag (--torch-deterministic false): such a flag takes none
+    for i, token in enumerate(argv if extra else []):
+        given = token if token.endswith(f"={extra}") else f"{token} {extra}" if argv[i + 1: i + 2] == [extra] else None
+        field = flag_field(token) if given else None
+        if field is not None and get_type_hints(Args)[field] is bool:
+            flag = "--" + token.split("=")[0][2:].removeprefix("no-")
+            return f"{flag} takes no value ({given}): give {flag} to turn it on, --no-{flag[2:]} to turn it off"
+    return f"{said or 'a bad value'}; {SCRIPT_NAME} --help gives each flag's type and choices"
 
 
 def read_config(path: str) -> dict:
@@ -1394,9 +1403,14 @@ def normalise_args_dict(values: dict, source: str) -> dict:
     if unknown:
         raise UserError(f"{source} has fields this script does not know: {', '.join(unknown)}")
     for name, value in values.items():
+        choices = get_args(hints[name]) if get_origin(hints[name]) is Literal else ()
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = values[name] = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
         if not value_fits(value, hints[name]):
+            expected = (f"one of {', '.join(map(str, choices))}" if choices
+                        else getattr(hints[name], '__name__', hints[name]))
             raise UserError(f"{source}: {name} is {value!r}, which is not a valid --{name.replace('_', '-')} "
-                            f"(expected {getattr(hints[name], '__name__', hints[name])})")
+                            f"(expected {expected})")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
@@ -1421,8 +1435,9 @@ def check_arg_domains(args: Args):
         for element in value if isinstance(value, tuple) else (value,):
             if element is not None and not in_domain(element, domain):
                 shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
-                raise UserError(f"--{name.replace('_', '-')} must be {'in ' if domain[0] in '[(' else ''}{domain}, "
-                                f"not {shown}")
+                finite = "" if math.isfinite(element) else "a finite number "
+                raise UserError(f"--{name.replace('_', '-')} must be {finite}{'in ' if domain[0] in '[(' else ''}"
+                                f"{domain}, not {shown}")
 
 
 # ---- checkpoints: one file, written atomically, loaded with weights_only=True
@@ -1433,7 +1448,8 @@ def resolve_checkpoint_path(resume: str) -> Path:
     if path.is_dir():
         path = path / "checkpoints" / "latest.pt"
     if not path.is_file():
-        raise UserError(f"--resume {resume}: no checkpoint at {path}")
+        raise UserError(f"--resume {resume}: no checkpoint at {path}; give a run folder (it holds "
+                        f"checkpoints/latest.pt) or a checkpoint file")
     return path
 
 

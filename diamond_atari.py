@@ -324,7 +324,7 @@ ARG_DOMAINS = {
     "num_conditioning_steps": ">= 2", "sigma_data": "> 0", "sigma_offset_noise": ">= 0",
     "train_sigma_loc": "> -inf",  # ln(sigma): any finite number
     "train_sigma_scale": ">= 0", "train_sigma_min": "> 0", "train_sigma_max": "> 0", "num_autoregressive_steps": ">= 0",
-    "num_sampling_steps": ">= 1", "sigma_min": "> 0", "sigma_max": "> 0", "rho": "> 0", "reward_channels": ">= 1",
+    "num_sampling_steps": "[1, 1000]", "sigma_min": "> 0", "sigma_max": "> 0", "rho": "> 0", "reward_channels": ">= 1",
     "reward_cond_dim": ">= 1", "reward_lstm_dim": ">= 1", "reward_segment_length": ">= 2", "actor_channels": ">= 1",
     "actor_lstm_dim": ">= 1", "imagination_horizon": ">= 1", "backup_every": ">= 1", "num_imagined_envs": ">= 1",
     "discount_factor": "[0, 1]", "td_lambda": "[0, 1]", "entropy_weight": ">= 0", "num_epochs": ">= 1",
@@ -1348,7 +1348,7 @@ class ImaginationGraphs:
 
     def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args, device: torch.device,
                  amp_dtype: Optional[torch.dtype] = None, backend: Optional[str] = "inductor",
-                 mode: Optional[str] = None):
+                 mode: Optional[str] = None, stop=None):
         self.wm_env, self.actor_critic, self.args, self.device = wm_env, actor_critic, args, device
         self.amp_dtype = amp_dtype  # bf16/fp16 autocast on CUDA (entered inside the graphs), None: float32
         self.sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
@@ -1358,6 +1358,7 @@ class ImaginationGraphs:
         self.policy = compile_fn(self.policy_step)
         self.world_model = compile_fn(self.world_model_step)
         self.calls, self.compile_seconds, self.reported = 0, None, False
+        self.stop = stop  # the run's StopFlag: a signal during compilation is a stop, not a failure
         if backend is not None:  # the steps read the LSTMs' weights (lstm_step), which dynamo refuses by default
             torch._dynamo.config.allow_rnn = True
 
@@ -1421,7 +1422,27 @@ class ImaginationGraphs:
                 "end_logits": end_logits.float()}
 
     def rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """backup_every steps as imagine() returns them, through the compiled steps."""
+        """backup_every steps as imagine() returns them, through the compiled steps. A compilation that fails is one
+        line (TrainingFailure); one that a signal broke (Ctrl-C reaches the compiler's processes too) is a stop
+        (StopRequested: the run saves where it stands)."""
+        try:
+            return self._rollout(generator)
+        except (StopRequested, TrainingFailure):
+            raise
+        except Exception as e:
+            if self.stop is not None and self.stop.requested:
+                raise StopRequested() from None
+            compiling = isinstance(e, (ImportError, OSError)) or type(e).__module__.startswith(
+                ("torch._dynamo", "torch._inductor"))
+            if not compiling:
+                raise
+            cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "the folder torchinductor_<user> in the temp folder")
+            raise TrainingFailure(f"compiling the imagination graphs failed ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}); rerun with "
+                                  f"--imagination-graphs off, or delete torch's compile cache ({cache}) if a "
+                                  f"stopped compilation left it broken") from None
+
+    def _rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         args, env, actor_critic, n = self.args, self.wm_env, self.actor_critic, self.args.num_imagined_envs
         begin = time.perf_counter()
         if env.obs is None:  # the first update: start the imagined episodes
@@ -1472,8 +1493,8 @@ class ImaginationGraphs:
         return {key: torch.stack(value, 1) for key, value in out.items()}
 
 
-def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv,
-                       actor_critic: ActorCritic) -> Optional[ImaginationGraphs]:
+def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: ActorCritic,
+                       stop=None) -> Optional[ImaginationGraphs]:
     """--imagination-graphs: on (auto: on CUDA) the compiled imagination step, as CUDA graphs on CUDA (torch.compile's
     "reduce-overhead", with the run's autocast inside) and default inductor on the CPU; None: the eager step."""
     if args.world_model_only or args.imagination_graphs == "off" or (args.imagination_graphs == "auto"
@@ -1481,7 +1502,7 @@ def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv,
         return None
     amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     return ImaginationGraphs(wm_env, actor_critic, args, setup.device, amp_dtype if setup.use_cuda else None,
-                             mode="reduce-overhead" if setup.use_cuda else None)
+                             mode="reduce-overhead" if setup.use_cuda else None, stop=stop)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -2702,7 +2723,7 @@ def main(args: Args, given: set[str]):
                            autocast, train_ids)
     if checkpoint is not None:
         wm_env.load_state_dict(checkpoint["imagination"])
-    graphs = imagination_graphs(args, setup, wm_env, actor_critic)  # the compiled imagination step, or None
+    graphs = imagination_graphs(args, setup, wm_env, actor_critic, stop)  # the compiled imagination step, or None
     run = Run(args, game, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net,
               wm_env, graphs, collector, writer, stop, run_dir, denoiser_update_flops(args, num_actions),
               peak_flops(setup, args.dtype))
@@ -2867,11 +2888,20 @@ def command_line_problem(argv: list[str], box: str) -> str:
                 + f"; {SCRIPT_NAME} --help lists the flags")
     said = []  # the box's first paragraph: the lines under its title, up to its first rule
     for line in box.splitlines()[1:]:
-        if line.strip("│─╭╮╰╯ "):
+        if line.strip("│─╭╮╰╯- "):  # a rule is a line of box characters (or of dashes where there is no terminal)
             said.append(line.strip("│ "))
         elif said:
             break
-    return f"{' '.join(said).rstrip('.') or 'a bad value'}; {SCRIPT_NAME} --help gives each flag's type and choices"
+    said = ' '.join(said).rstrip('.')
+    extra = said.split()[2] if said.startswith("Unrecognized options: ") else None
+    # a value given to an on/off flag (--torch-deterministic false): such a flag takes none
+    for i, token in enumerate(argv if extra else []):
+        given = token if token.endswith(f"={extra}") else f"{token} {extra}" if argv[i + 1: i + 2] == [extra] else None
+        field = flag_field(token) if given else None
+        if field is not None and get_type_hints(Args)[field] is bool:
+            flag = "--" + token.split("=")[0][2:].removeprefix("no-")
+            return f"{flag} takes no value ({given}): give {flag} to turn it on, --no-{flag[2:]} to turn it off"
+    return f"{said or 'a bad value'}; {SCRIPT_NAME} --help gives each flag's type and choices"
 
 
 def read_config(path: str) -> dict:
@@ -2932,9 +2962,14 @@ def normalise_args_dict(values: dict, source: str) -> dict:
     if unknown:
         raise UserError(f"{source} has fields this script does not know: {', '.join(unknown)}")
     for name, value in values.items():
+        choices = get_args(hints[name]) if get_origin(hints[name]) is Literal else ()
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = values[name] = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
         if not value_fits(value, hints[name]):
+            expected = (f"one of {', '.join(map(str, choices))}" if choices
+                        else getattr(hints[name], '__name__', hints[name]))
             raise UserError(f"{source}: {name} is {value!r}, which is not a valid --{name.replace('_', '-')} "
-                            f"(expected {getattr(hints[name], '__name__', hints[name])})")
+                            f"(expected {expected})")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
@@ -2959,8 +2994,9 @@ def check_arg_domains(args: Args):
         for element in value if isinstance(value, tuple) else (value,):
             if element is not None and not in_domain(element, domain):
                 shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
-                raise UserError(f"--{name.replace('_', '-')} must be {'in ' if domain[0] in '[(' else ''}{domain}, "
-                                f"not {shown}")
+                finite = "" if math.isfinite(element) else "a finite number "
+                raise UserError(f"--{name.replace('_', '-')} must be {finite}{'in ' if domain[0] in '[(' else ''}"
+                                f"{domain}, not {shown}")
 
 
 # ---- checkpoints: one file, written atomically, loaded with weights_only=True
@@ -2971,7 +3007,8 @@ def resolve_checkpoint_path(resume: str) -> Path:
     if path.is_dir():
         path = path / "checkpoints" / "latest.pt"
     if not path.is_file():
-        raise UserError(f"--resume {resume}: no checkpoint at {path}")
+        raise UserError(f"--resume {resume}: no checkpoint at {path}; give a run folder (it holds "
+                        f"checkpoints/latest.pt) or a checkpoint file")
     return path
 
 

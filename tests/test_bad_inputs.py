@@ -102,6 +102,33 @@ def test_every_value_outside_a_domain_is_refused_naming_its_flag(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_a_non_finite_value_is_refused_as_not_finite(script):
+    m = module(script)
+    args = tiny_args(script)
+    name = next(n for n, d in m.ARG_DOMAINS.items() if d.startswith(">") and isinstance(getattr(args, n), float))
+    with pytest.raises(m.UserError, match=f"{flag(name)} must be a finite number"):
+        m.check_args(replace(args, **{name: math.inf}), 1)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_config_value_outside_a_choice_lists_the_choices(script, tmp_path):
+    m = module(script)
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float64"}))
+    with pytest.raises(m.UserError, match="expected one of float32, bfloat16, float16"):
+        m.parse_args(["--config", str(tmp_path / "config.json")])
+
+
+def test_yaml_on_and_off_are_the_choices_not_booleans(tmp_path):
+    """YAML 1.1 reads a bare on/off as true/false: --imagination-graphs' on/off choices take them back."""
+    m = module("diamond_atari.py")
+    for word in ("on", "off"):
+        (tmp_path / "config.yaml").write_text(f"imagination_graphs: {word}\n")
+        assert m.parse_args(["--config", str(tmp_path / "config.yaml")])[0].imagination_graphs == word
+    (tmp_path / "config.yaml").write_text("torch_deterministic: off\n")  # a real bool stays a bool
+    assert m.parse_args(["--config", str(tmp_path / "config.yaml")])[0].torch_deterministic is False
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_the_issue_examples_are_refused_through_the_parser(script):
     m = module(script)
     names = {f.name for f in fields(m.Args)}
@@ -500,6 +527,9 @@ def test_command_line_errors_are_one_line_and_help_is_whole(script, capsys):
         m.parse_args(["--batch_sise", "8"])
     with pytest.raises(m.UserError, match="--dtype"):
         m.parse_args(["--dtype", "float64"])
+    for argv in (["--torch-deterministic", "false"], ["--torch-deterministic=false"], ["--no-cuda", "False"]):
+        with pytest.raises(m.UserError, match=f"{argv[0].split('=')[0].replace('--no-', '--')} takes no value .*--no-"):
+            m.parse_args(argv)  # an on/off flag given a value: the message names both spellings
     assert "Traceback" not in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         m.parse_args(["--help"])

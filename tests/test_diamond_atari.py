@@ -949,3 +949,28 @@ def test_imagination_graphs_flag_selects_the_fast_path(dia):
     assert pick(cuda, dtype="bfloat16").amp_dtype == torch.bfloat16
     assert pick(cuda, imagination_graphs="off") is None and pick(cuda, world_model_only=True) is None
     assert "imagination_graphs" in dia.RESUME_MUTABLE_FIELDS
+
+
+def test_a_failed_or_interrupted_compilation_is_one_line_or_a_stop(dia):
+    """A compilation that fails (e.g. torch's cache left broken by an earlier Ctrl-C: ImportError of a truncated .so)
+    is a one-line TrainingFailure naming --imagination-graphs off; the same failure after a signal (Ctrl-C reaches the
+    compiler's processes too) is a stop, which the run saves; a bug that is not the compiler's keeps its traceback."""
+    from types import SimpleNamespace
+
+    def graphs_raising(error, requested):
+        graphs = dia.ImaginationGraphs.__new__(dia.ImaginationGraphs)
+        graphs.stop = SimpleNamespace(requested=requested)
+
+        def failing_rollout(generator):
+            raise error
+        graphs._rollout = failing_rollout
+        return graphs
+
+    broken_cache = ImportError("/tmp/torchinductor_root/7z/c7zq.main.so: file too short")
+    with pytest.raises(dia.TrainingFailure, match="--imagination-graphs off") as failure:
+        graphs_raising(broken_cache, requested=False).rollout(None)
+    assert "file too short" in str(failure.value) and "\n" not in str(failure.value)
+    with pytest.raises(dia.StopRequested):
+        graphs_raising(broken_cache, requested=True).rollout(None)
+    with pytest.raises(ValueError):
+        graphs_raising(ValueError("a shape bug"), requested=False).rollout(None)
