@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
             print(f"seed {seed} {name}-{steps}: excess Frechet {rows[-1]['excess']:.1f} (Frechet "
                   f"{scores['frechet']:.1f}, real-vs-real {scores['frechet_real']:.1f}), recognised "
                   f"{scores['recognised']:.3f}, {seconds:.0f} s", flush=True)
-    print(f"\n| sampler | NFE | excess Frechet (judge; lower is better), per seed | recognised | seconds |")
+    print("\n| sampler | NFE | excess Frechet (judge; lower is better), per seed | recognised | seconds |")
     print("|---|---|---|---|---|")
     mean = {}
     for name, steps in samplers:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_module
+from conftest import load_module
 
 ddpm = load_module("ddpm_cifar10.py")
 dit = load_module("dit_cifar10.py")
