@@ -240,7 +240,8 @@ def tiny_trained_model():
     """A small U-Net trained in-process on 4 fixed, distinct 8x8 images."""
     torch.manual_seed(0)
     data = four_distinct_images()
-    args = ddpm.replace(ddpm.Args(), channels=32, channel_mult=(1, 2), img_size=8, attn_resolutions=(4,), dropout=0.0)
+    args = ddpm.replace(ddpm.Args(), channels=32, channel_mult=(1, 2), num_res_blocks=1, img_size=8,
+                        attn_resolutions=(4,), dropout=0.0)
     model = ddpm.build_model(args)
     opt = torch.optim.Adam(model.parameters(), lr=TINY_LR)
     losses = []
