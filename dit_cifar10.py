@@ -191,8 +191,8 @@ PRESETS = {
     # 0.999 (warmed up), DDIM-50 with guidance 3; the judge scores 12 samples per class at each evaluation, guided
     # and at guidance 1 (eval/judge_*): guidance is what draws the asked class at this budget (RESULTS 2d).
     "cpu": dict(
-        dataset="shapes", img_size=16, num_shapes_images=4096, patch=2, width=128, depth=4, heads=4, epochs=64,
-        batch_size=64, learning_rate=1e-3, ema_decay=0.999, log_every=32, save_every=4, eval_every=12,
+        dataset="shapes", img_size=16, num_shapes_images=4096, patch=2, width=128, depth=4, heads=4, epochs=32,
+        batch_size=64, learning_rate=1e-3, ema_decay=0.999, log_every=32, save_every=4, eval_every=8,
         sampler="ddim", num_sampling_steps=50, cfg_scale=3.0, samples_per_class=12, num_samples=120,
         fid_num_samples=2000, sample_batch_size=120,
     ),
@@ -828,11 +828,12 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 
 @torch.no_grad()
 def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
-                      num_steps: int) -> torch.Tensor:
+                      num_steps: int, clip_denoised: bool = False) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep; returns x_0 with x_T's shape and dtype.
     Timesteps round(linspace(0, T-1, S+1))[::-1][:-1] with a final sigma of 0, first-order first and last steps
-    (diffusers' DPMSolverMultistepScheduler defaults); S = T takes every timestep T-1, ..., 0. Raises ValueError
-    unless 1 <= num_steps <= T."""
+    (diffusers' DPMSolverMultistepScheduler defaults); S = T takes every timestep T-1, ..., 0. clip_denoised clamps
+    each data prediction to [-1, 1] before the update uses it (the paper's thresholding, which data prediction
+    allows; diffusers' thresholding=True with sample_max_value=1). Raises ValueError unless 1 <= num_steps <= T."""
     T = len(alphas_cumprod)
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
@@ -853,6 +854,8 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
         alpha_t, s_t = alpha_and_s(sigmas[i + 1])
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         x0 = (x - s_s0 * eps) / alpha_s0  # m = (x - s_t eps) / alpha_t
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
         if sigmas[i + 1] == 0.0:  # lambda = +inf: the step lands on the data prediction itself (first order)
             x = x0
         else:
@@ -995,10 +998,12 @@ def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np
 
 def log_judge_scores(writer, scores: dict, step: int, suffix: str = ""):
     """Logs judge_scores' dict as eval/judge_{name}{suffix} and prints it on one line."""
+    from tqdm import tqdm
+
     for name, value in scores.items():
         writer.add_scalar(f"eval/judge_{name}{suffix}", value, step)
-    print(f"judge at step {step}{suffix.replace('_', ', ')}: " + ", ".join(f"{k} {v:.3g}" for k, v in scores.items()),
-          flush=True)
+    tqdm.write(f"judge at step {step}{suffix.replace('_', ', ')}: " +  # on its own line, not on a progress bar's
+               ", ".join(f"{k} {v:.3g}" for k, v in scores.items()))
 
 
 # ==== END SHARED JUDGE ====

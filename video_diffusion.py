@@ -1182,11 +1182,12 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 
 @torch.no_grad()
 def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
-                      num_steps: int) -> torch.Tensor:
+                      num_steps: int, clip_denoised: bool = False) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep; returns x_0 with x_T's shape and dtype.
     Timesteps round(linspace(0, T-1, S+1))[::-1][:-1] with a final sigma of 0, first-order first and last steps
-    (diffusers' DPMSolverMultistepScheduler defaults); S = T takes every timestep T-1, ..., 0. Raises ValueError
-    unless 1 <= num_steps <= T."""
+    (diffusers' DPMSolverMultistepScheduler defaults); S = T takes every timestep T-1, ..., 0. clip_denoised clamps
+    each data prediction to [-1, 1] before the update uses it (the paper's thresholding, which data prediction
+    allows; diffusers' thresholding=True with sample_max_value=1). Raises ValueError unless 1 <= num_steps <= T."""
     T = len(alphas_cumprod)
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
@@ -1207,6 +1208,8 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
         alpha_t, s_t = alpha_and_s(sigmas[i + 1])
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         x0 = (x - s_s0 * eps) / alpha_s0  # m = (x - s_t eps) / alpha_t
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
         if sigmas[i + 1] == 0.0:  # lambda = +inf: the step lands on the data prediction itself (first order)
             x = x0
         else:
@@ -1349,10 +1352,12 @@ def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np
 
 def log_judge_scores(writer, scores: dict, step: int, suffix: str = ""):
     """Logs judge_scores' dict as eval/judge_{name}{suffix} and prints it on one line."""
+    from tqdm import tqdm
+
     for name, value in scores.items():
         writer.add_scalar(f"eval/judge_{name}{suffix}", value, step)
-    print(f"judge at step {step}{suffix.replace('_', ', ')}: " + ", ".join(f"{k} {v:.3g}" for k, v in scores.items()),
-          flush=True)
+    tqdm.write(f"judge at step {step}{suffix.replace('_', ', ')}: " +  # on its own line, not on a progress bar's
+               ", ".join(f"{k} {v:.3g}" for k, v in scores.items()))
 
 
 # ==== END SHARED JUDGE ====

@@ -2,7 +2,8 @@
 """
 Few-step samplers against DDPM-1000 on one trained ddpm_cifar10.py model of the generated shapes (the cpu preset's:
 `python ddpm_cifar10.py --preset cpu`): DDPM-1000 (ancestral), DDIM-10/20/50 (eta 0) and DPM-Solver++(2M)-10/20,
-each exactly as `--sampler S --num-sampling-steps N` runs it (ddpm_cifar10.sample_images), all from the same noise.
+each exactly as `--sampler S --num-sampling-steps N` runs it (ddpm_cifar10.sample_images: x0 clipped to [-1, 1] at
+every step), and DDIM-50 and DPM-Solver++-20 without the clipping (ddim_noclip, dpm++_noclip), all from the same noise.
 
 The score is the script's own judge (its "SHARED JUDGE" block, the one that logs eval/judge_*): the Frechet distance of
 the judge's features, N samples against N held-out real shapes, minus the same distance between two real sets of N
@@ -23,8 +24,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SAMPLERS = "ddpm-1000,ddim-10,ddim-20,ddim-50,dpm++-10,dpm++-20"
-LABELS = {"ddpm": "DDPM (ancestral, sigma^2 = beta, x0 clipped)", "ddim": "DDIM (eta 0)", "dpm++": "DPM-Solver++(2M)"}
+DEFAULT_SAMPLERS = "ddpm-1000,ddim-10,ddim-20,ddim-50,dpm++-10,dpm++-20,ddim_noclip-50,dpm++_noclip-20"
+LABELS = {"ddpm": "DDPM (ancestral, sigma^2 = beta, x0 clipped)", "ddim": "DDIM (eta 0, x0 clipped)",
+          "dpm++": "DPM-Solver++(2M) (x0 clipped)", "ddim_noclip": "DDIM (eta 0), x0 not clipped",
+          "dpm++_noclip": "DPM-Solver++(2M), x0 not clipped"}
 
 
 class UserError(Exception):
@@ -52,6 +55,18 @@ def parse_samplers(text: str) -> list[tuple[str, int]]:
             raise UserError(f"--samplers: {item!r} is not NAME-STEPS with NAME in {', '.join(LABELS)}")
         out.append((name, int(steps)))
     return out
+
+
+def run_sampler(ddpm, model_fn, x_T, alphas_cumprod, name, steps, generator):
+    """uint8 samples: exactly the script's `--sampler S --num-sampling-steps N` (sample_images), or, for the
+    *_noclip rows, its DDIM / DPM-Solver++ without the x0 clipping the script applies (the rows before the fix)."""
+    if name == "ddim_noclip":
+        x = ddpm.ddim_sample(model_fn, x_T, alphas_cumprod, steps, clip_denoised=False)
+    elif name == "dpm++_noclip":
+        x = ddpm.dpm_solver_sample(model_fn, x_T, alphas_cumprod, steps, clip_denoised=False)
+    else:
+        return ddpm.sample_images(model_fn, x_T, alphas_cumprod, name, steps, generator=generator)
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def main(argv=None) -> dict:
@@ -96,8 +111,8 @@ def main(argv=None) -> dict:
                 for begin in range(0, n, opts.sample_batch_size):
                     x_T = torch.randn(min(opts.sample_batch_size, n - begin), 3, args.img_size, args.img_size,
                                       generator=generator)
-                    images.append(ddpm.sample_images(lambda x, t: model(x, t), x_T, alphas_cumprod, name, steps,
-                                                     generator=generator))
+                    images.append(run_sampler(ddpm, lambda x, t: model(x, t), x_T, alphas_cumprod, name, steps,
+                                              generator))
             images = torch.cat(images).numpy()
             seconds = time.time() - start
             scores = ddpm.judge_scores(judge, images, None, heldout, heldout_labels)

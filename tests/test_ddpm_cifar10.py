@@ -1,6 +1,7 @@
 """ddpm_cifar10.py: the U-Net against the paper and diffusers, the samplers against diffusers' schedulers step by step,
 a tiny model that must learn, the script as a user runs it, exact resume, torchrun, and every bad input."""
 import json
+import math
 import os
 import pickle
 import shutil
@@ -129,11 +130,18 @@ def fixed_model_fn(x, t):
     return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
 
 
-def run_diffusers_loop(scheduler, x_T, num_steps, generator=None, **step_kwargs):
+def overshooting_model_fn(x, t):
+    """As fixed_model_fn, with x0 = 1.6 tanh(x_t + t/2000): predictions outside [-1, 1] that clipping changes."""
+    abar = ABAR[t][:, None, None, None]
+    x0 = 1.6 * torch.tanh(x + t[:, None, None, None] / 2000)
+    return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+
+def run_diffusers_loop(scheduler, x_T, num_steps, generator=None, model_fn=fixed_model_fn, **step_kwargs):
     scheduler.set_timesteps(num_steps)
     x = x_T.clone()
     for t in scheduler.timesteps:
-        eps = fixed_model_fn(x, torch.full((x.shape[0],), int(t)))
+        eps = model_fn(x, torch.full((x.shape[0],), int(t)))
         kwargs = dict(step_kwargs, generator=generator) if generator is not None else step_kwargs
         x = scheduler.step(eps, t, x, **kwargs).prev_sample
     return x
@@ -175,6 +183,34 @@ def test_dpm_solver_sample_matches_diffusers_dpm_solver_multistep(num_steps):
     expected = run_diffusers_loop(DPMSolverMultistepScheduler(), x_T(), num_steps)
     got = ddpm.dpm_solver_sample(fixed_model_fn, x_T(), alphas_cumprod(), num_steps)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_clipped_ddim_and_dpm_solver_match_diffusers_clip_sample_and_thresholding():
+    """The x0 clipping the script's DDIM and DPM-Solver++ use (sample_images), step for step as diffusers' DDIM with
+    clip_sample=True and DPM-Solver++ with thresholding to sample_max_value 1, on a model whose x0 overshoots."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    ddim_scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", set_alpha_to_one=True,
+                                   clip_sample=True, timestep_spacing="leading", steps_offset=0)
+    expected = run_diffusers_loop(ddim_scheduler, x_T(), 50, model_fn=overshooting_model_fn)
+    got = ddpm.ddim_sample(overshooting_model_fn, x_T(), alphas_cumprod(), 50, clip_denoised=True)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    dpm_scheduler = DPMSolverMultistepScheduler(thresholding=True, sample_max_value=1.0)
+    expected = run_diffusers_loop(dpm_scheduler, x_T(), 20, model_fn=overshooting_model_fn)
+    got = ddpm.dpm_solver_sample(overshooting_model_fn, x_T(), alphas_cumprod(), 20, clip_denoised=True)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    unclipped = ddpm.dpm_solver_sample(overshooting_model_fn, x_T(), alphas_cumprod(), 20)
+    assert (unclipped - got).abs().max() > 0.05  # the stand-in overshoots: clipping changes the samples
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 50), ("dpm++", 20)])
+def test_the_scripts_few_step_samplers_clip_x0(sampler, steps):
+    images = ddpm.sample_images(overshooting_model_fn, x_T(), alphas_cumprod(), sampler, steps)
+    if sampler == "ddim":
+        x = ddpm.ddim_sample(overshooting_model_fn, x_T(), alphas_cumprod(), steps, clip_denoised=True)
+    else:
+        x = ddpm.dpm_solver_sample(overshooting_model_fn, x_T(), alphas_cumprod(), steps, clip_denoised=True)
+    assert torch.equal(images, ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
 
 
 def test_ddim_timestep_spacings_by_hand():
@@ -289,6 +325,17 @@ def test_samples_of_a_trained_model_land_near_the_training_images(tiny_trained_m
 # The script as a user runs it
 
 
+def test_ema_decay_warms_up_to_the_given_decay():
+    assert ddpm.ema_decay_at(0, 0.9999) == pytest.approx(0.1)  # the first update takes 90% of the trained weights
+    assert ddpm.ema_decay_at(90, 0.9999) == pytest.approx(0.91)
+    assert ddpm.ema_decay_at(89_990, 0.9999) == pytest.approx(0.9999)  # the warm-up ends near step 90k
+    assert ddpm.ema_decay_at(800_000, 0.9999) == 0.9999
+    assert ddpm.ema_decay_at(5, 0.0) == 0.0  # --ema-decay 0: the EMA is the trained model
+    # at the paper's 800k steps the initial weights' share of the EMA is negligible with or without the warm-up
+    share = math.exp(sum(math.log(ddpm.ema_decay_at(t, 0.9999)) for t in range(800_000)))
+    assert share < 1e-30 and 0.9999 ** 800_000 < 1e-30
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
@@ -327,6 +374,31 @@ def judge_step0_and_logged(run_dir):
     judge, heldout, heldout_labels = ddpm.make_shapes_judge(args, args.num_eval_samples)  # the run's cached judge
     logged = {k[len("eval/judge_"):]: v for k, v in read_scalars(run_dir).items() if k.startswith("eval/judge_")}
     return ddpm.judge_scores(judge, samples, None, heldout, heldout_labels), logged
+
+
+# The cpu preset shortened: its first CPU_SHORT_STEPS steps with every training setting kept (model, 8192 images, batch
+# 64, lr 1e-3 and its warm-up, EMA 0.995 warmed up, DDPM respaced to 100 steps), 32 evaluation samples instead of 128.
+CPU_SHORT_STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def cpu_preset_short(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cpu_short")
+    run_script(SCRIPT, "--preset", "cpu", "--total-steps", CPU_SHORT_STEPS, "--eval-every", CPU_SHORT_STEPS,
+               "--save-every", CPU_SHORT_STEPS, "--num-eval-samples", 32, "--output-dir", out)
+    return only_run_dir(out)
+
+
+def test_cpu_preset_shortened_beats_step_0_by_a_stated_margin(cpu_preset_short):
+    """The judge at step CPU_SHORT_STEPS of the cpu preset against its untrained model (step 0) on the same noise."""
+    step0, logged = judge_step0_and_logged(cpu_preset_short)
+    final = {name: values[-1][1] for name, values in logged.items()}
+    assert [s for s, _ in logged["recognised"]] == [CPU_SHORT_STEPS]
+    print("step 0", step0, f"step {CPU_SHORT_STEPS}", final)
+    assert step0["recognised"] <= 0.1 and final["recognised_real"] >= 0.9
+    assert final["recognised"] >= step0["recognised"] + 0.25  # better than step 0 by a stated margin ...
+    assert final["frechet"] <= step0["frechet"] / 3
+    assert final["frechet_real"] <= final["frechet"] <= 15_000  # ... and inside [floor, ceiling]
 
 
 def test_the_judge_scores_each_evaluation_and_the_trained_model_beats_step_0(tiny_run):

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, ROOT, checkpoint_tensors, load_module, read_image_tags, read_scalars
+from conftest import (PYTHON, ROOT, checkpoint_tensors, load_module, only_run_dir, read_image_tags, read_scalars,
+                      run_script)
 
 SCRIPT = ROOT / "dit_cifar10.py"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
@@ -344,6 +345,42 @@ def test_tiny_model_generates_the_asked_class_and_guidance_sharpens_it(tiny_runs
     assert margin[0.0] < margin[1.0] < margin[3.0]
 
 
+def judge_step0(run_dir) -> dict:
+    """The judge's scores of the run's untrained model (step 0: the zero-initialised final layer predicts eps = 0) on
+    the same noise, labels and sampler as the run's evaluations."""
+    _, args, _ = load_ema_model(run_dir)
+    args = replace(args, data_dir=str(ROOT / "data"))
+    labels = torch.arange(10).repeat_interleave(args.samples_per_class)
+    untrained = dit.build_model(args).eval()
+    samples = dit.generate_samples(untrained, len(labels), labels, args, ALPHAS_CUMPROD, torch.autocast("cpu",
+                                   enabled=False), type("NoStop", (), {"check": lambda self: None})())
+    judge, heldout, heldout_labels = dit.make_shapes_judge(args, len(labels))
+    return dit.judge_scores(judge, samples, labels.numpy(), heldout, heldout_labels)
+
+
+# The cpu preset shortened: its first epoch (64 of 2,048 steps) with every training setting kept (patch 2, width 128,
+# depth 4, 4096 images, batch 64, lr 1e-3, EMA 0.999 warmed up, DDIM-50, guidance 3), 3 samples per class, not 12.
+@pytest.fixture(scope="module")
+def cpu_preset_short(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dit_cpu_short")
+    run_script(SCRIPT, "--preset", "cpu", "--epochs", 1, "--samples-per-class", 3, "--output-dir", out)
+    return only_run_dir(out)
+
+
+def test_cpu_preset_shortened_beats_step_0_by_a_stated_margin(cpu_preset_short, one_thread):
+    logged = {k[len("eval/judge_"):]: v for k, v in read_scalars(cpu_preset_short).items()
+              if k.startswith("eval/judge_")}
+    assert [s for s, _ in logged["recognised"]] == [64]
+    final = {name: values[-1][1] for name, values in logged.items()}
+    step0 = judge_step0(cpu_preset_short)
+    print("step 0", step0, "step 64", final)
+    assert step0["recognised"] <= 0.1 and final["recognised_real"] >= 0.9
+    assert final["recognised"] >= step0["recognised"] + 0.25  # better than step 0 by a stated margin ...
+    assert final["frechet"] <= step0["frechet"] / 3
+    assert final["frechet_real"] <= final["frechet"] <= 15_000  # ... and inside [floor, ceiling]
+    assert final["class_accuracy"] <= final["class_accuracy_real"] + 0.2
+
+
 def test_the_judge_scores_each_evaluation_and_guidance_raises_its_class_accuracy(tiny_runs, one_thread):
     """eval/judge_* at each evaluation of the tiny run (1,024 steps, 4 samples per class), guided (scale 3) and at
     guidance 1 (_cfg1) from the same noise. Measured: step 0 recognised 0; step 1,024 recognised 0.625 guided and
@@ -353,15 +390,7 @@ def test_the_judge_scores_each_evaluation_and_guidance_raises_its_class_accuracy
     for name in ("recognised", "recognised_real", "frechet", "frechet_real", "class_accuracy", "class_accuracy_real"):
         assert [s for s, _ in logged[name]] == [512, 1024] and [s for s, _ in logged[f"{name}_cfg1"]] == [512, 1024]
     final = {name: values[-1][1] for name, values in logged.items()}
-    # step 0: the zero-initialised final layer predicts eps = 0; the same noise and sampler as the run's evaluation
-    _, args, _ = load_ema_model(run_dir)
-    args = replace(args, data_dir=str(ROOT / "data"))
-    labels = torch.arange(10).repeat_interleave(args.samples_per_class)
-    untrained = dit.build_model(args).eval()
-    samples = dit.generate_samples(untrained, len(labels), labels, args, ALPHAS_CUMPROD, torch.autocast("cpu",
-                                   enabled=False), type("NoStop", (), {"check": lambda self: None})())
-    judge, heldout, heldout_labels = dit.make_shapes_judge(args, len(labels))
-    step0 = dit.judge_scores(judge, samples, labels.numpy(), heldout, heldout_labels)
+    step0 = judge_step0(run_dir)
     assert step0["recognised"] <= 0.1 and final["recognised_real"] >= 0.9
     assert final["recognised"] >= step0["recognised"] + 0.3 and final["frechet"] <= step0["frechet"] / 3
     assert final["frechet_real"] <= final["frechet"]
