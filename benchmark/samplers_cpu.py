@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SAMPLERS = "ddpm-1000,ddim-10,ddim-20,ddim-50,dpm++-10,dpm++-20,ddim_noclip-50,dpm++_noclip-20"
+DEFAULT_SAMPLERS = "ddpm-1000,ddim-10,ddim-20,ddim-50,dpm++-10,dpm++-20,ddpm_noclip-100,ddim_noclip-50,dpm++_noclip-20"
 LABELS = {"ddpm": "DDPM (ancestral, sigma^2 = beta, x0 clipped)", "ddim": "DDIM (eta 0, x0 clipped)",
-          "dpm++": "DPM-Solver++(2M) (x0 clipped)", "ddim_noclip": "DDIM (eta 0), x0 not clipped",
+          "dpm++": "DPM-Solver++(2M) (x0 clipped)", "ddpm_noclip": "DDPM (ancestral), x0 not clipped",
+          "ddim_noclip": "DDIM (eta 0), x0 not clipped",
           "dpm++_noclip": "DPM-Solver++(2M), x0 not clipped"}
 
 
@@ -57,10 +58,40 @@ def parse_samplers(text: str) -> list[tuple[str, int]]:
     return out
 
 
+NOISE_ERROR_TIMESTEPS = (999, 980, 950, 900, 800, 600, 400, 200, 100, 20)
+
+
+@torch.no_grad()
+def noise_error_by_timestep(ddpm, models: dict, args, alphas_cumprod, num_images: int = 512) -> list[dict]:
+    """The model's noise prediction on real shapes at each t of NOISE_ERROR_TIMESTEPS: the scale
+    c = <eps_hat, eps> / <eps, eps>, rms(eps_hat - eps), and the rms error of x0_hat = (x_t - sqrt(1 - abar) eps_hat)
+    / sqrt(abar), unclipped and clipped to [-1, 1] (what a sampler's first steps see), for each of `models`."""
+    images = ddpm.make_shapes_dataset(num_images, args.img_size, seed=77)[0]
+    x0 = torch.from_numpy(np.ascontiguousarray(images)).float() / 127.5 - 1
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for t in NOISE_ERROR_TIMESTEPS:
+        abar = float(alphas_cumprod[t])
+        x_t = abar ** 0.5 * x0 + (1 - abar) ** 0.5 * eps
+        row = {"t": t, "abar": abar}
+        for key, model in models.items():
+            eps_hat = model(x_t, torch.full((len(x_t),), t))
+            x0_hat = (x_t - (1 - abar) ** 0.5 * eps_hat) / abar ** 0.5
+            row[key] = {"scale": float((eps_hat * eps).sum() / (eps * eps).sum()),
+                        "eps_rms_error": float((eps_hat - eps).square().mean().sqrt()),
+                        "x0_rms_error": float((x0_hat - x0).square().mean().sqrt()),
+                        "x0_clipped_rms_error": float((x0_hat.clamp(-1, 1) - x0).square().mean().sqrt())}
+        rows.append(row)
+    return rows
+
+
 def run_sampler(ddpm, model_fn, x_T, alphas_cumprod, name, steps, generator):
     """uint8 samples: exactly the script's `--sampler S --num-sampling-steps N` (sample_images), or, for the
     *_noclip rows, its DDIM / DPM-Solver++ without the x0 clipping the script applies (the rows before the fix)."""
-    if name == "ddim_noclip":
+    if name == "ddpm_noclip":
+        x = ddpm.ddpm_sample(model_fn, x_T, alphas_cumprod, steps if steps < len(alphas_cumprod) else None,
+                             clip_denoised=False, generator=generator)
+    elif name == "ddim_noclip":
         x = ddpm.ddim_sample(model_fn, x_T, alphas_cumprod, steps, clip_denoised=False)
     elif name == "dpm++_noclip":
         x = ddpm.dpm_solver_sample(model_fn, x_T, alphas_cumprod, steps, clip_denoised=False)
@@ -91,11 +122,21 @@ def main(argv=None) -> dict:
     args = ddpm.Args(**ddpm.normalise_args_dict(checkpoint["args"], "the checkpoint's args"))
     if args.dataset != "shapes":
         raise UserError(f"{opts.run} was trained on {args.dataset}: the judge knows the generated shapes only")
-    model = ddpm.build_model(args)
-    model.load_state_dict(checkpoint["ema"])
-    model.eval().requires_grad_(False)
+    models = {}
+    for key in ("ema", "model"):  # the EMA weights sample; the raw ones only enter the noise-error table
+        models[key] = ddpm.build_model(args)
+        models[key].load_state_dict(checkpoint[key])
+        models[key].eval().requires_grad_(False)
+    model = models["ema"]
     alphas_cumprod = ddpm.make_alphas_cumprod(ddpm.make_beta_schedule(args.beta_schedule, args.timesteps,
                                                                       args.beta_start, args.beta_end))
+    noise_error = noise_error_by_timestep(ddpm, models, args, alphas_cumprod)
+    print("the noise prediction on real shapes, EMA / raw weights: scale c = <eps_hat, eps>/<eps, eps>, "
+          "rms(eps_hat - eps), rms error of x0_hat unclipped and clipped to [-1, 1]")
+    for row in noise_error:
+        print(f"t {row['t']:4d} (abar {row['abar']:.2e}): " + " / ".join(
+            f"c {row[k]['scale']:.4f}, {row[k]['eps_rms_error']:.4f}, x0 {row[k]['x0_rms_error']:.3f}, clipped "
+            f"{row[k]['x0_clipped_rms_error']:.3f}" for k in ("ema", "model")), flush=True)
     judge = ddpm.make_shapes_judge(args, opts.num_samples)[0]  # the run's judge (cached in {data_dir}/judge/)
     out_dir = Path(opts.out_dir) if opts.out_dir else path.parent.parent / "samplers_cpu"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,6 +183,7 @@ def main(argv=None) -> dict:
                       f"{'yes' if verdicts[label] else 'no'}")
     print("(the judge's Frechet distance minus the real-vs-real value at this sample count: not FID)")
     result = {"run": str(path), "step": checkpoint["step"], "num_samples": n, "seeds": seeds, "rows": rows,
+              "noise_error_by_timestep": noise_error,
               "within_1.5x_of_ddpm": verdicts}
     (out_dir / "results.json").write_text(json.dumps(result, indent=1))
     return result
