@@ -300,14 +300,17 @@ def test_tiny_model_loss_falls(tiny_trained_model):
     assert np.mean(losses[-50:]) < 0.1 * np.mean(losses[:10])
 
 
-@pytest.mark.parametrize("sampler,steps", SAMPLERS)
+# DDPM-1000 on this model (measured: mean 0.03) is left to the exact-denoiser test above: 44 s of the suite.
+@pytest.mark.parametrize("sampler,steps", SAMPLERS[:3])
 def test_samples_of_a_trained_model_land_near_the_training_images(tiny_trained_model, sampler, steps):
     """Distance of each sample to the nearest of the 4 training images (mean squared, pixels in [-1, 1]; the images
     are 2.0 apart, and not one of 32 noise images is within 0.1 of them).
-    - DDPM (stochastic, x0 clipped, the paper's sampler): the mean distance is below 0.1.
-    - DDIM and DPM-Solver++ (deterministic ODE solvers): at least 10% of the samples within 0.1 (measured: 25%).
-      Deterministic solvers amplify the small eps errors of a model trained for only 1200 steps at the high-noise
-      end; at 2500 steps DDIM's mean distance fell from 1.05 to 0.34. Their exact correctness is checked by
+    - DDPM (stochastic, x0 clipped, the paper's sampler): the mean distance is below 0.1 (measured 0.03).
+    - DDIM and DPM-Solver++ (deterministic ODE solvers, x0 clipped as the script runs them): mean below 0.4 and at
+      least 40% of the samples within 0.1 (measured 0.26 and 0.24; 50% and 56%). The small eps errors of a model
+      trained for only 1200 steps are large x0 errors at the high-noise end, which the deterministic solvers carry
+      to the end and the ancestral sampler's fresh noise washes out; the clipping halves their cost
+      (test_clipping_x0_brings_the_ode_samplers_near_the_training_images). Exact correctness:
       test_samplers_with_the_exact_denoiser_land_on_the_data and the diffusers comparisons above."""
     model, data, _ = tiny_trained_model
     x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -318,7 +321,23 @@ def test_samples_of_a_trained_model_land_near_the_training_images(tiny_trained_m
     if sampler == "ddpm":
         assert nearest.mean() < 0.1, nearest
     else:
-        assert (nearest < 0.1).float().mean() >= 0.1, nearest
+        assert nearest.mean() < 0.4 and (nearest < 0.1).float().mean() >= 0.4, nearest
+
+
+def test_clipping_x0_brings_the_ode_samplers_near_the_training_images(tiny_trained_model):
+    """The cause behind RESULTS.md section 2's diverging few-step samplers: the same model and noise, DDIM-20 and
+    DPM-Solver++-20 with and without clipping x0 to [-1, 1] at every step. Measured: mean distance 0.75 and 0.78
+    unclipped, 0.26 and 0.24 clipped."""
+    model, data, _ = tiny_trained_model
+    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def mean_distance(x_0):
+        return float(nearest_distance(((x_0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), data).mean())
+
+    for sample in (ddpm.ddim_sample, ddpm.dpm_solver_sample):
+        unclipped = mean_distance(sample(model, x, alphas_cumprod(), 20))
+        clipped = mean_distance(sample(model, x, alphas_cumprod(), 20, clip_denoised=True))
+        assert unclipped > 0.5 and clipped < 0.5 * unclipped, (sample.__name__, unclipped, clipped)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
