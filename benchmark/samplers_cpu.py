@@ -3,7 +3,9 @@
 Few-step samplers against DDPM-1000 on one trained ddpm_cifar10.py model of the generated shapes (the cpu preset's:
 `python ddpm_cifar10.py --preset cpu`): DDPM-1000 (ancestral), DDIM-10/20/50 (eta 0) and DPM-Solver++(2M)-10/20,
 each exactly as `--sampler S --num-sampling-steps N` runs it (ddpm_cifar10.sample_images: x0 clipped to [-1, 1] at
-every step), and DDIM-50 and DPM-Solver++-20 without the clipping (ddim_noclip, dpm++_noclip), all from the same noise.
+every step); DDPM-100, DDIM-50 and DPM-Solver++-20 without the clipping (ddpm_noclip, ddim_noclip, dpm++_noclip), and
+DDIM-50 with eta 1 (ddim_eta1: `--ddim-eta 1`, stochastic), all from the same noise. First, the model's noise error
+per timestep on real shapes (EMA and raw weights): where in t the x0 prediction goes wrong.
 
 The score is the script's own judge (its "SHARED JUDGE" block, the one that logs eval/judge_*): the Frechet distance of
 the judge's features, N samples against N held-out real shapes, minus the same distance between two real sets of N
@@ -12,6 +14,7 @@ shape. Repeated for each noise seed (each with its own held-out sets); the issue
 DPM-Solver++-20 within 1.5 times DDPM-1000's excess.
 
     python benchmark/samplers_cpu.py --run runs/shapes__ddpm_cifar10__1__1700000000       # 2,000 samples, 2 seeds
+    python benchmark/samplers_cpu.py --run runs/<run> --num-samples 256                   # RESULTS 2e (2 x 40 min)
     python benchmark/samplers_cpu.py --run runs/<run> --samplers ddim-50,dpm++-20 --num-samples 500 --seeds 1
 """
 import argparse
@@ -24,10 +27,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SAMPLERS = "ddpm-1000,ddim-10,ddim-20,ddim-50,dpm++-10,dpm++-20,ddpm_noclip-100,ddim_noclip-50,dpm++_noclip-20"
+DEFAULT_SAMPLERS = ("ddpm-1000,ddim-10,ddim-20,ddim-50,dpm++-10,dpm++-20,"
+                    "ddpm_noclip-100,ddim_noclip-50,dpm++_noclip-20,ddim_eta1-50")
 LABELS = {"ddpm": "DDPM (ancestral, sigma^2 = beta, x0 clipped)", "ddim": "DDIM (eta 0, x0 clipped)",
           "dpm++": "DPM-Solver++(2M) (x0 clipped)", "ddpm_noclip": "DDPM (ancestral), x0 not clipped",
-          "ddim_noclip": "DDIM (eta 0), x0 not clipped",
+          "ddim_noclip": "DDIM (eta 0), x0 not clipped", "ddim_eta1": "DDIM, eta 1 (stochastic), x0 clipped",
           "dpm++_noclip": "DPM-Solver++(2M), x0 not clipped"}
 
 
@@ -95,6 +99,8 @@ def run_sampler(ddpm, model_fn, x_T, alphas_cumprod, name, steps, generator):
         x = ddpm.ddim_sample(model_fn, x_T, alphas_cumprod, steps, clip_denoised=False)
     elif name == "dpm++_noclip":
         x = ddpm.dpm_solver_sample(model_fn, x_T, alphas_cumprod, steps, clip_denoised=False)
+    elif name == "ddim_eta1":  # the script's `--sampler ddim --ddim-eta 1`
+        return ddpm.sample_images(model_fn, x_T, alphas_cumprod, "ddim", steps, eta=1.0, generator=generator)
     else:
         return ddpm.sample_images(model_fn, x_T, alphas_cumprod, name, steps, generator=generator)
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

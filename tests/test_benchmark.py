@@ -601,17 +601,17 @@ def test_samplers_cpu_smoke_on_a_tiny_run(tiny_ddpm_runs, tmp_path):
     the 1.5x check; the numbers mean nothing at this size)."""
     run = sorted(p for p in tiny_ddpm_runs.iterdir() if p.is_dir())[0]
     out = tmp_path / "samplers_cpu"
-    result = run_tool("samplers_cpu.py", "--run", run, "--samplers", "ddpm-5,ddim-2,dpm++-20,ddim_noclip-2",
+    result = run_tool("samplers_cpu.py", "--run", run, "--samplers", "ddpm-5,ddim-2,dpm++-20,ddim_noclip-2,ddim_eta1-3",
                       "--num-samples", 8, "--seeds", "1,2", "--out-dir", out)
     data = json.loads((out / "results.json").read_text())
     assert [(r["sampler"], r["nfe"], r["seed"]) for r in data["rows"]] == [
-        ("ddpm", 5, 1), ("ddim", 2, 1), ("dpm++", 20, 1), ("ddim_noclip", 2, 1),
-        ("ddpm", 5, 2), ("ddim", 2, 2), ("dpm++", 20, 2), ("ddim_noclip", 2, 2)]
+        ("ddpm", 5, 1), ("ddim", 2, 1), ("dpm++", 20, 1), ("ddim_noclip", 2, 1), ("ddim_eta1", 3, 1),
+        ("ddpm", 5, 2), ("ddim", 2, 2), ("dpm++", 20, 2), ("ddim_noclip", 2, 2), ("ddim_eta1", 3, 2)]
     for r in data["rows"]:
         assert r["excess"] == pytest.approx(r["frechet"] - r["frechet_real"]) and 0 <= r["recognised"] <= 1
     assert "| DDIM (eta 0, x0 clipped) | 2 |" in result.stdout and "not FID" in result.stdout
     assert "| DDIM (eta 0), x0 not clipped | 2 |" in result.stdout
     assert set(data["within_1.5x_of_ddpm"]) == {"dpm++-20"} and "within 1.5x DDPM-5's excess" in result.stdout
-    assert len(list(out.glob("*.png"))) == 8
+    assert len(list(out.glob("*.png"))) == 10
     bad = run_tool("samplers_cpu.py", "--run", run, "--samplers", "euler-10", check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
