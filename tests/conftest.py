@@ -27,6 +27,18 @@ CIFAR_IMAGES_PER_BATCH = 20  # 5 batches x 20 = 100 tiny "CIFAR-10" images
 # nothing from a second thread that spins while waiting for the other worker's.
 torch.set_num_threads(1)
 
+# The order in which the 2 workers take the test files (pyproject: --dist loadfile --no-loadscope-reorder): the longest
+# first, so that it does not start last and set the wall time alone (the video file's learned run is about 10 minutes
+# of its ~15). Each worker is handed two files to start with and runs them in turn: the third here is a short one, so
+# that nothing long waits behind the video file. Files not named follow in collection order.
+FILE_ORDER = ["test_video_diffusion.py", "test_ddpm_cifar10.py", "test_shared_blocks.py", "test_dit_cifar10.py",
+              "test_bad_inputs.py", "test_benchmark.py", "test_diamond_atari.py", "test_diamond_faithful.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(FILE_ORDER)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FILE_ORDER)))  # stable: each file keeps its own order
+
 
 def script_env() -> dict:
     env = dict(os.environ)
