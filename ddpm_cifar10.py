@@ -953,10 +953,10 @@ def log_judge_scores(writer, scores: dict, step: int, suffix: str = ""):
 def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
                   num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Runs the chosen sampler and returns uint8 images (B, 3, H, W). Every sampler clips its x0 prediction to [-1, 1]
-    at every step: DDPM as Ho et al.'s code, DDIM as diffusers' DDIMScheduler (clip_sample=True, its default and the
-    config of the DDPM paper's converted checkpoints), DPM-Solver++ as diffusers' thresholding. Without it, DDIM-50
-    and DPM-Solver++-20 diverge on a briefly trained model (x0_hat is off by rms 2 to 12 for t >= 800, where the first
-    steps take it, and the ODE keeps it) while DDPM does not: benchmark/RESULTS.md section 2."""
+    at every step: DDPM as Ho et al.'s code, DDIM as diffusers' DDIMScheduler (clip_sample=True, its default),
+    DPM-Solver++ as diffusers' thresholding (sample_max_value=1). Without it DDIM-50 and DPM-Solver++-20 diverge on a
+    briefly trained model (its x0_hat is off by rms 1 to 8 for t >= 800, where their first steps start, and the ODE
+    keeps the error), 5 times worse than with it: benchmark/RESULTS.md section 2e."""
     T = len(alphas_cumprod)
     if sampler == "ddpm":
         x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps if num_steps < T else None, generator=generator)
