@@ -321,7 +321,7 @@ LEARN = ["--preset", "cpu", "--total-steps", str(LEARN_STEPS), "--save-every", s
 @pytest.fixture(scope="module")
 def learned_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("video_learn")
-    run_script(SCRIPT, *LEARN, "--output-dir", out, timeout=900)
+    run_script(SCRIPT, *LEARN, "--output-dir", out, timeout=1800)  # a hang guard: about 10 min on a shared core
     return {k: v[-1][1] for k, v in read_scalars(only_run_dir(out)).items() if k.startswith("eval/")}
 
 
