@@ -107,12 +107,12 @@ def run_sampler(ddpm, model_fn, x_T, alphas_cumprod, name, steps, generator):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--run", required=True, help="a ddpm_cifar10.py run folder (or checkpoint) on the shapes data")
     parser.add_argument("--samplers", default=DEFAULT_SAMPLERS, help=f"comma list (default {DEFAULT_SAMPLERS})")
     parser.add_argument("--num-samples", type=int, default=2000, help="samples per sampler and seed (and real sets)")
     parser.add_argument("--seeds", default="1,2", help="noise seeds, comma separated")
-    parser.add_argument("--sample-batch-size", type=int, default=500)
+    parser.add_argument("--sample-batch-size", type=int, default=500, help="samples per forward batch")
     parser.add_argument("--out-dir", default=None, help="results.json and grids (default <run>/samplers_cpu)")
     opts = parser.parse_args(argv)
     samplers = parse_samplers(opts.samplers)
