@@ -116,18 +116,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--out-dir", default=None, help="results.json and grids (default <run>/samplers_cpu)")
     opts = parser.parse_args(argv)
     samplers = parse_samplers(opts.samplers)
-    seeds = [int(s) for s in opts.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in opts.seeds.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds {opts.seeds!r}: give whole numbers separated by commas, e.g. 1,2") from None
     if opts.num_samples < 2:
         raise UserError("--num-samples must be at least 2 (a Frechet distance needs a covariance)")
+    if opts.sample_batch_size < 1:
+        raise UserError(f"--sample-batch-size must be at least 1, not {opts.sample_batch_size}")
+    if opts.out_dir and Path(opts.out_dir).exists() and not Path(opts.out_dir).is_dir():
+        raise UserError(f"--out-dir {opts.out_dir} is a file: give a folder")
     ddpm = load_script("ddpm_cifar10.py")
     try:
         path = ddpm.resolve_checkpoint_path(opts.run)
         checkpoint = ddpm.load_checkpoint(path)
     except ddpm.UserError as e:
-        raise UserError(str(e)) from None
+        raise UserError(str(e).replace("--resume", "--run").replace("resume from", "give")) from None
     args = ddpm.Args(**ddpm.normalise_args_dict(checkpoint["args"], "the checkpoint's args"))
     if args.dataset != "shapes":
         raise UserError(f"{opts.run} was trained on {args.dataset}: the judge knows the generated shapes only")
+    for name, steps in samplers:
+        if steps > args.timesteps:
+            raise UserError(f"--samplers {name}-{steps}: at most {args.timesteps} steps (the model's T)")
     models = {}
     for key in ("ema", "model"):  # the EMA weights sample; the raw ones only enter the noise-error table
         models[key] = ddpm.build_model(args)
