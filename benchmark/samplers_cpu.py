@@ -79,7 +79,8 @@ def noise_error_by_timestep(ddpm, models: dict, args, alphas_cumprod, num_images
         x_t = abar ** 0.5 * x0 + (1 - abar) ** 0.5 * eps
         row = {"t": t, "abar": abar}
         for key, model in models.items():
-            eps_hat = model(x_t, torch.full((len(x_t),), t))
+            t_batch = torch.full((len(x_t),), t)
+            eps_hat = ddpm.eps_from_output(model(x_t, t_batch), x_t, t_batch, alphas_cumprod, args.prediction)
             x0_hat = (x_t - (1 - abar) ** 0.5 * eps_hat) / abar ** 0.5
             row[key] = {"scale": float((eps_hat * eps).sum() / (eps * eps).sum()),
                         "eps_rms_error": float((eps_hat - eps).square().mean().sqrt()),
@@ -157,7 +158,11 @@ def main(argv=None) -> dict:
     out_dir = Path(opts.out_dir) if opts.out_dir else path.parent.parent / "samplers_cpu"
     out_dir.mkdir(parents=True, exist_ok=True)
     n = opts.num_samples
-    print(f"model: {path} (step {checkpoint['step']}, EMA weights); {n} samples per sampler and seed, seeds {seeds}")
+    print(f"model: {path} (step {checkpoint['step']}, EMA weights, {args.prediction}-prediction); {n} samples per "
+          f"sampler and seed, seeds {seeds}")
+    def eps_fn(x, t):  # the EMA network's output as the noise the samplers take (v-prediction is converted)
+        return ddpm.eps_from_output(model(x, t), x, t, alphas_cumprod, args.prediction)
+
     rows = []
     for seed in seeds:
         heldout, heldout_labels = ddpm.make_shapes_dataset(2 * n, args.img_size, seed=ddpm.JUDGE_HELDOUT_SEED + seed)
@@ -168,7 +173,7 @@ def main(argv=None) -> dict:
                 for begin in range(0, n, opts.sample_batch_size):
                     x_T = torch.randn(min(opts.sample_batch_size, n - begin), 3, args.img_size, args.img_size,
                                       generator=generator)
-                    images.append(run_sampler(ddpm, lambda x, t: model(x, t), x_T, alphas_cumprod, name, steps,
+                    images.append(run_sampler(ddpm, eps_fn, x_T, alphas_cumprod, name, steps,
                                               generator))
             images = torch.cat(images).numpy()
             seconds = time.time() - start

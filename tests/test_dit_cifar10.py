@@ -459,6 +459,7 @@ def test_unconditional_run(variant_runs):
     code, stdout, stderr = variant_runs["unconditional"]
     assert code == 0, stderr[-2000:]
     assert "DiT with adaLN-zero, 259,248 parameters" in stdout and "unconditional" in stdout  # no label table
+    assert "notice: --num-classes 0 trains an unconditional model" in stdout and "--cfg-scale 3 is not used" in stdout
     run_dir = run_dir_of(stdout)
     samples = np.load(run_dir / "samples" / "step00000128.npz")
     assert samples.files == ["arr_0"] and samples["arr_0"].shape == (8 * 4, 16, 16, 3)  # 8 rows, no labels
