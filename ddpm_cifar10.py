@@ -123,8 +123,8 @@ class Args:
     beta_end: float = 0.02
     """beta_T of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps, capped at 0.999"""
     prediction: Literal["eps", "v"] = "eps"
-    """the network's target: eps (Ho et al.) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans and Ho 2022,
-    whose x0 estimate stays bounded at high noise); the samplers are given eps either way"""
+    """the network's target: eps (Ho et al.) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans and Ho 2022):
+    v's x0 estimate stays bounded at high noise, where eps's is divided by sqrt(abar_t); the samplers get eps"""
 
     # Training
     total_steps: int = 800_000
@@ -178,14 +178,15 @@ PRESETS = {
     ),
     # Recognisable 16x16 shapes in about 15 minutes on 2 CPU cores (2.5 steps/s measured; benchmark/RESULTS.md 2d):
     # the tiny preset's 0.7M-parameter U-Net (attention at 8x8), 2000 steps of batch 64 on 8192 images at a constant
-    # lr 1e-3, EMA 0.995 (a half-life of 140 steps; warmed up), ancestral sampling respaced to 100 steps (on a model
-    # this briefly trained DDIM and DPM-Solver++ lose to it even with x0 clipped, RESULTS 2e); the judge scores the 128
-    # samples of each evaluation (recognised 0.95 at step 2000).
+    # lr 1e-3, EMA 0.995 (a half-life of 140 steps; warmed up). v-prediction, not the paper's eps: on a model trained
+    # this briefly, eps's x0 estimate near t = T is off by rms 7.7 and only the 1000-step ancestral sampler recovers;
+    # with v, DPM-Solver++ at 20 steps matches DDPM-1000 (RESULTS 2e), so the preset samples with it (5 times fewer
+    # network evaluations than DDPM respaced to 100). The judge scores the 128 samples of each evaluation.
     "cpu": dict(
         dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2), num_res_blocks=1,
         attn_resolutions=(8,), dropout=0.0, total_steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=100,
-        ema_decay=0.995, log_every=50, save_every=250, eval_every=500, sampler="ddpm", num_sampling_steps=100,
-        num_eval_samples=128, num_samples=128, fid_num_samples=2000, sample_batch_size=128,
+        ema_decay=0.995, log_every=50, save_every=250, eval_every=500, prediction="v", sampler="dpm++",
+        num_sampling_steps=20, num_eval_samples=128, num_samples=128, fid_num_samples=2000, sample_batch_size=128,
     ),
 }
 # Flags that may change when a run is resumed: the run length, checkpoint/eval cadence, logging and sampling.
@@ -974,12 +975,16 @@ def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
 def eps_from_output(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
                     prediction: str) -> torch.Tensor:
     """The network's output (B, 3, H, W) as the noise eps the samplers take. With prediction "v" (Salimans and Ho
-    2022, eq. in appendix D): eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t, which follows from x_t = sqrt(abar_t) x0 +
-    sqrt(1 - abar_t) eps and v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0."""
+    2022, section 4): eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t, which follows from x_t = sqrt(abar_t) x0 +
+    sqrt(1 - abar_t) eps and v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0. Raises ValueError for another prediction."""
     if prediction == "eps":
         return output
-    abar = alphas_cumprod.to(output.device)[t].to(output.dtype)[:, None, None, None]
-    return abar.sqrt() * output + (1 - abar).sqrt() * x_t
+    if prediction != "v":
+        raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
+    # the coefficients in float64, as the schedule (in bfloat16, abar >= 0.998 would round to 1 and drop x_t's term)
+    abar = alphas_cumprod.to(output.device, torch.float64)[t][:, None, None, None]
+    dtype = torch.promote_types(output.dtype, torch.float32)
+    return abar.sqrt().to(dtype) * output + (1 - abar).sqrt().to(dtype) * x_t
 
 
 def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args, num: int,
@@ -989,11 +994,12 @@ def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args,
     should_stop() runs before every network evaluation (a signal abandons the sampling by raising there)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
+    alphas_cumprod_device = alphas_cumprod.to(device)  # once, not a host-to-device copy per network evaluation
 
     def model_fn(x, t):
         should_stop()
         with autocast:
-            return eps_from_output(model(x, t).float(), x, t, alphas_cumprod, args.prediction)
+            return eps_from_output(model(x, t).float(), x, t, alphas_cumprod_device, args.prediction)
 
     out = []
     for start in range(0, num, args.sample_batch_size):
@@ -1005,7 +1011,7 @@ def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args,
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Loss: L_simple of Ho et al. (eq. 14), the noise-prediction MSE at a uniformly drawn timestep.
+# Loss: L_simple of Ho et al. (eq. 14), the noise-prediction MSE at a uniformly drawn timestep (v's: --prediction v).
 
 
 def ddpm_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
@@ -1020,6 +1026,8 @@ def ddpm_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.
         x_t = x_t.contiguous(memory_format=torch.channels_last)
     with autocast:
         output = model(x_t, t)
+    if prediction not in ("eps", "v"):
+        raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
     target = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if prediction == "v" else noise
     return F.mse_loss(output.float(), target)
 
@@ -1030,7 +1038,8 @@ def step_memory_profile(args: Args) -> tuple[int, float]:
     with torch.device("meta"):
         model = build_model(args)
         x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
-        activations = saved_activation_bytes(lambda: ddpm_loss(model, x0, t, x0, torch.ones(args.timesteps)))
+        activations = saved_activation_bytes(lambda: ddpm_loss(model, x0, t, x0, torch.ones(args.timesteps),
+                                                                prediction=args.prediction))
     return sum(p.numel() for p in model.parameters()), activations
 
 
@@ -1555,14 +1564,15 @@ def error_reason(e: Exception) -> str:
 
 def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
     """The run's arguments come from the checkpoint; only RESUME_MUTABLE_FIELDS may be changed by flags."""
-    saved = normalise_args_dict(saved, "the checkpoint's args")
+    run_args = Args(**normalise_args_dict(saved, "the checkpoint's args"))  # a field newer than the run: its default
     for name in sorted(given - RESUME_MUTABLE_FIELDS - {"resume"}):
-        if getattr(args, name) != saved.get(name):
+        if getattr(args, name) != getattr(run_args, name):
             flag = f"--{name.replace('_', '-')}"
-            raise UserError(f"{flag} is {saved.get(name)!r} in the checkpoint and cannot change on --resume (only the "
-                            f"run length, cadence, logging and sampling flags can); drop {flag} or start a new run")
+            raise UserError(f"{flag} is {getattr(run_args, name)!r} in the checkpoint and cannot change on --resume "
+                            f"(only the run length, cadence, logging and sampling flags can); drop {flag} or start a "
+                            f"new run")
     mutable = given & RESUME_MUTABLE_FIELDS - {"resume"}
-    return replace(Args(**saved), **{name: getattr(args, name) for name in mutable}, resume=args.resume)
+    return replace(run_args, **{name: getattr(args, name) for name in mutable}, resume=args.resume)
 
 
 def save_checkpoint(path: Path, state: dict):
@@ -1798,7 +1808,8 @@ def cpu_peak_flops() -> float:
 
 def measured_matmul_flops() -> float:
     """The best of 5 timed 1024^2 fp32 matmuls (an (n x n) matmul is 2 n^3 FLOPs); leaves the global RNG alone. 1024,
-    not 2048: as fast per FLOP on the CPUs measured, and 0.2 s of every run's start-up instead of 2 s on one core."""
+    not 2048: 0.2 s of every run's start-up instead of 2 s on one core, and no slower per FLOP on the 2-core CPU of
+    2026-11-30 (70 against 47 GFLOP/s on one thread, beside another run)."""
     a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
     torch.mm(a, a)  # warm-up: thread pool and caches
     best = float("inf")

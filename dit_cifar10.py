@@ -1193,7 +1193,7 @@ def main(args: Args, given: set[str]):
     steps_per_epoch = len(images) // args.batch_size  # the last partial batch of each epoch is dropped
     total_steps = args.epochs * steps_per_epoch
     conditional = args.num_classes > 0
-    if not conditional and args.cfg_scale != 1.0 and setup.is_main:
+    if not conditional and "cfg_scale" in given and args.cfg_scale != 1.0 and setup.is_main:
         print(f"notice: --num-classes 0 trains an unconditional model, which has no classifier-free guidance: "
               f"--cfg-scale {args.cfg_scale:g} is not used")
     model = build_model(args).to(device)
@@ -1660,14 +1660,15 @@ def error_reason(e: Exception) -> str:
 
 def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
     """The run's arguments come from the checkpoint; only RESUME_MUTABLE_FIELDS may be changed by flags."""
-    saved = normalise_args_dict(saved, "the checkpoint's args")
+    run_args = Args(**normalise_args_dict(saved, "the checkpoint's args"))  # a field newer than the run: its default
     for name in sorted(given - RESUME_MUTABLE_FIELDS - {"resume"}):
-        if getattr(args, name) != saved.get(name):
+        if getattr(args, name) != getattr(run_args, name):
             flag = f"--{name.replace('_', '-')}"
-            raise UserError(f"{flag} is {saved.get(name)!r} in the checkpoint and cannot change on --resume (only the "
-                            f"run length, cadence, logging and sampling flags can); drop {flag} or start a new run")
+            raise UserError(f"{flag} is {getattr(run_args, name)!r} in the checkpoint and cannot change on --resume "
+                            f"(only the run length, cadence, logging and sampling flags can); drop {flag} or start a "
+                            f"new run")
     mutable = given & RESUME_MUTABLE_FIELDS - {"resume"}
-    return replace(Args(**saved), **{name: getattr(args, name) for name in mutable}, resume=args.resume)
+    return replace(run_args, **{name: getattr(args, name) for name in mutable}, resume=args.resume)
 
 
 def save_checkpoint(path: Path, state: dict):
@@ -1903,7 +1904,8 @@ def cpu_peak_flops() -> float:
 
 def measured_matmul_flops() -> float:
     """The best of 5 timed 1024^2 fp32 matmuls (an (n x n) matmul is 2 n^3 FLOPs); leaves the global RNG alone. 1024,
-    not 2048: as fast per FLOP on the CPUs measured, and 0.2 s of every run's start-up instead of 2 s on one core."""
+    not 2048: 0.2 s of every run's start-up instead of 2 s on one core, and no slower per FLOP on the 2-core CPU of
+    2026-11-30 (70 against 47 GFLOP/s on one thread, beside another run)."""
     a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
     torch.mm(a, a)  # warm-up: thread pool and caches
     best = float("inf")

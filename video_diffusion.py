@@ -76,7 +76,7 @@ class Args:
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu"]] = None
     """a named set of defaults: tiny = a full run on the sprites world in about 15 seconds on a CPU; cpu = sprites
-    that move as their caption and actions say, in about 10 minutes on 2 CPU cores (README)"""
+    that move as their caption and actions say, in about 20 minutes on a CPU core (README)"""
     config: Optional[str] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
@@ -235,8 +235,9 @@ PRESETS = {
     ),
     # Caption and action control in about 20 minutes on a CPU (benchmark/video_control.sh's recipe, RESULTS 2d, 3b):
     # the tiny 3D U-Net on 8x8 sprites (a 2x2 square, 6 frames, no distractor), 2000 steps of batch 32 (2.0 steps/s
-    # on one quiet core here), each condition dropped alone half the time, guidance 3; the judge and the direction
-    # accuracies on 128 clips (step 2000: colour 0.98, caption and actions swapped 0.87 and 0.84, chance 0.25).
+    # on one quiet core of the 2-core VM of RESULTS 2d), each condition dropped alone half the time, guidance 3; the
+    # judge and the direction accuracies on 128 clips (step 2000: colour 0.98, caption and actions swapped 0.87 and
+    # 0.84, chance 0.25).
     "cpu": dict(
         dataset="sprites", num_frames=6, img_size=8, num_sprite_clips=2048, num_distractors=0, model_channels=16,
         channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2, norm_groups=4, text_dim=32,
@@ -2539,14 +2540,15 @@ def error_reason(e: Exception) -> str:
 
 def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
     """The run's arguments come from the checkpoint; only RESUME_MUTABLE_FIELDS may be changed by flags."""
-    saved = normalise_args_dict(saved, "the checkpoint's args")
+    run_args = Args(**normalise_args_dict(saved, "the checkpoint's args"))  # a field newer than the run: its default
     for name in sorted(given - RESUME_MUTABLE_FIELDS - {"resume"}):
-        if getattr(args, name) != saved.get(name):
+        if getattr(args, name) != getattr(run_args, name):
             flag = f"--{name.replace('_', '-')}"
-            raise UserError(f"{flag} is {saved.get(name)!r} in the checkpoint and cannot change on --resume (only the "
-                            f"run length, cadence, logging and sampling flags can); drop {flag} or start a new run")
+            raise UserError(f"{flag} is {getattr(run_args, name)!r} in the checkpoint and cannot change on --resume "
+                            f"(only the run length, cadence, logging and sampling flags can); drop {flag} or start a "
+                            f"new run")
     mutable = given & RESUME_MUTABLE_FIELDS - {"resume"}
-    return replace(Args(**saved), **{name: getattr(args, name) for name in mutable}, resume=args.resume)
+    return replace(run_args, **{name: getattr(args, name) for name in mutable}, resume=args.resume)
 
 
 def save_checkpoint(path: Path, state: dict):
@@ -2782,7 +2784,8 @@ def cpu_peak_flops() -> float:
 
 def measured_matmul_flops() -> float:
     """The best of 5 timed 1024^2 fp32 matmuls (an (n x n) matmul is 2 n^3 FLOPs); leaves the global RNG alone. 1024,
-    not 2048: as fast per FLOP on the CPUs measured, and 0.2 s of every run's start-up instead of 2 s on one core."""
+    not 2048: 0.2 s of every run's start-up instead of 2 s on one core, and no slower per FLOP on the 2-core CPU of
+    2026-11-30 (70 against 47 GFLOP/s on one thread, beside another run)."""
     a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
     torch.mm(a, a)  # warm-up: thread pool and caches
     best = float("inf")

@@ -292,8 +292,8 @@ def main(argv=None) -> dict:
         model_name = (f"ddpm_cifar10.UNet of {run_dir.name} ({sum(p.numel() for p in unet.parameters()):,} "
                       f"parameters, EMA weights)")
 
-        def model_fn(x, t):
-            return unet(x, t)
+        def model_fn(x, t):  # the network's output as eps (a --prediction v run's is converted)
+            return ddpm.eps_from_output(unet(x, t), x, t, alphas_cumprod, args.prediction)
 
     out_dir = Path(ns.out_dir) if ns.out_dir else run_dir / "samplers"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -160,6 +160,7 @@ def main(argv=None) -> dict:
     n = opts.num_samples
     print(f"model: {path} (step {checkpoint['step']}, EMA weights, {args.prediction}-prediction); {n} samples per "
           f"sampler and seed, seeds {seeds}")
+
     def eps_fn(x, t):  # the EMA network's output as the noise the samplers take (v-prediction is converted)
         return ddpm.eps_from_output(model(x, t), x, t, alphas_cumprod, args.prediction)
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Controllability of video_diffusion.py after a fixed CPU budget: the sprites world at 8x8 (a 2x2 square, 6 frames),
-# the tiny network, a few thousand steps per seed (about 10 minutes on one core), seeds in parallel. At every
-# evaluation the script measures, from its own samples: does the sprite move where the caption alone says, where the
-# actions alone say (eval/*_direction_accuracy; *_swapped: another clip's command from this clip's first frame, chance
+# the tiny network, a few thousand steps per seed (2 to 6 steps/s on one core: 8 to 25 minutes for 3000 steps),
+# seeds in parallel. At every evaluation the script measures, from its own samples: does the sprite move where the
+# caption alone says, where the actions alone say (eval/*_direction_accuracy; *_swapped: another clip's command from this clip's first frame, chance
 # 0.25), and how much closer multi-step rollouts from real frames are to the real clip with the true actions than with
 # shuffled ones (eval/action_control_dpsnr, dB). The table (mean +- std over seeds): benchmark/plot.py.
 #

@@ -395,12 +395,14 @@ def test_v_prediction_brings_the_ode_samplers_to_the_data_where_eps_prediction_d
     bounded. Measured after 400 steps, mean distance eps / v: DDIM-20 0.66 / 0.05, DPM-Solver++-20 0.63 / 0.05,
     DDPM-100 0.19 / 0.04."""
     models, data = tiny_trained_models
+    eps_ode = []
     for sampler, steps in [("ddim", 20), ("dpm++", 20)]:
-        eps_distance = float(sample_distances(models["eps"], data, sampler, steps).mean())
+        eps_ode.append(float(sample_distances(models["eps"], data, sampler, steps).mean()))
         v_distance = float(sample_distances(models["v"], data, sampler, steps).mean())
-        assert eps_distance > 0.4 and v_distance < 0.25 * eps_distance, (sampler, eps_distance, v_distance)
+        # eps far from the data is the point (this budget is chosen to show it), v near it
+        assert eps_ode[-1] > 0.4 and v_distance < 0.25 * eps_ode[-1], (sampler, eps_ode[-1], v_distance)
     eps_ddpm = float(sample_distances(models["eps"], data, "ddpm", 100).mean())
-    assert eps_ddpm < 0.5 * eps_distance  # the ancestral sampler suffers less from the same eps model
+    assert eps_ddpm < 0.3 and eps_ddpm < 0.5 * min(eps_ode)  # the ancestral sampler suffers less from the eps model
 
 
 def test_clipping_x0_brings_the_ode_samplers_near_the_training_images(tiny_trained_models):
@@ -462,8 +464,9 @@ def test_tiny_preset_writes_events_config_samples_and_a_safe_checkpoint(tiny_run
 
 
 def judge_step0_and_logged(run_dir):
-    """The judge's scores of the run's untrained model (step 0: the U-Net's zero-initialised output conv predicts
-    eps = 0) on the evaluation's noise, and the scores the run logged at each evaluation: tag -> [(step, value)]."""
+    """The judge's scores of the run's untrained model (step 0: the U-Net's zero-initialised output conv outputs 0,
+    which is eps = 0, or v = 0 with --prediction v) on the evaluation's noise, and the scores the run logged at each
+    evaluation: tag -> [(step, value)]."""
     args, _ = ddpm.parse_args(["--config", str(run_dir / "config.json"), "--data-dir", str(ROOT / "data")])
     abar = ddpm.make_alphas_cumprod(ddpm.make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
                                                             args.beta_end))
@@ -475,7 +478,7 @@ def judge_step0_and_logged(run_dir):
 
 
 # The cpu preset shortened: its first CPU_SHORT_STEPS steps with every training setting kept (model, 8192 images, batch
-# 64, lr 1e-3 and its warm-up, EMA 0.995 warmed up, DDPM respaced to 100 steps), 32 evaluation samples instead of 128.
+# 64, lr 1e-3 and its warm-up, EMA 0.995 warmed up, v-prediction, DPM-Solver++-20), 32 evaluation samples, not 128.
 CPU_SHORT_STEPS = 60
 
 
@@ -489,14 +492,15 @@ def cpu_preset_short(tmp_path_factory):
 
 def test_cpu_preset_shortened_beats_step_0_by_a_stated_margin(cpu_preset_short):
     """The judge at step 60 of the cpu preset against its untrained model (step 0) on the same noise. Measured:
-    Frechet 39,900 at step 0, 27,500 at step 60 (0.69 times; real-vs-real 113), recognised 0 at both: 60 steps, inside
-    the lr warm-up, are what 120 s of the suite allow; shapes appear by step 500 (RESULTS 2d: recognised 0.77)."""
+    Frechet 36,000 at step 0, 4,280 at step 60 (0.12 times; real-vs-real 113), recognised 0 at both: 60 steps, inside
+    the lr warm-up, are what 120 s of the suite allow; shapes appear by step 500 (RESULTS 2d: recognised 0.98 and
+    0.90). With the paper's eps-prediction the same run measured 39,900 and 27,500 (0.69 times)."""
     step0, logged = judge_step0_and_logged(cpu_preset_short)
     final = {name: values[-1][1] for name, values in logged.items()}
     assert [s for s, _ in logged["recognised"]] == [CPU_SHORT_STEPS]
     assert step0["recognised"] <= 0.1 and final["recognised_real"] >= 0.9
-    assert final["frechet"] <= 0.8 * step0["frechet"]  # better than step 0 by a stated margin ...
-    assert final["frechet_real"] <= final["frechet"] <= 35_000  # ... and inside [floor, ceiling]
+    assert final["frechet"] <= 0.3 * step0["frechet"]  # better than step 0 by a stated margin ...
+    assert final["frechet_real"] <= final["frechet"] <= 10_000  # ... and inside [floor, ceiling]
     assert final["recognised"] >= step0["recognised"]
 
 
@@ -695,6 +699,21 @@ def test_error_changed_flag_on_resume_leaves_checkpoint_untouched(saved_run):
     result = run_script(SCRIPT, "--resume", run_dir, "--learning-rate", "0.1", check=False)
     assert_one_line_error(result, "--learning-rate")
     assert file_hash(run_dir / "checkpoints" / "latest.pt") == digest
+
+
+def test_a_checkpoint_older_than_a_flag_resumes_with_the_flags_default(saved_run):
+    """A checkpoint written before --prediction existed (no such key in its args) samples as eps, and naming the
+    default on the command line is no change (it once said "--prediction is None in the checkpoint")."""
+    run_dir, _ = saved_run
+    path = run_dir / "checkpoints" / "latest.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["args"]["prediction"]
+    torch.save(checkpoint, path)
+    result = run_script(SCRIPT, "--resume", run_dir, "--sample-only", "--num-samples", "2", "--sampler", "ddim",
+                        "--num-sampling-steps", "2", "--prediction", "eps")
+    assert list((run_dir / "samples").glob("sample_only_ddim2_*.npz")), result.stdout
+    refused = run_script(SCRIPT, "--resume", run_dir, "--sample-only", "--prediction", "v", check=False)
+    assert_one_line_error(refused, "--prediction is 'eps' in the checkpoint")
 
 
 def test_error_malicious_checkpoint_is_refused_without_running_code(saved_run, tmp_path):

@@ -438,7 +438,7 @@ def variant_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("dit_variants")
     short = [*TINY, "--epochs", 8, "--eval-every", 8, "--save-every", 8, "--output-dir", base / "runs"]
     processes = {adaln: start(*short, "--adaln", adaln, cwd=base / adaln) for adaln in ("plain", "single", "diagonal")}
-    processes["unconditional"] = start(*short, "--num-classes", 0, cwd=base / "unconditional")
+    processes["unconditional"] = start(*short, "--num-classes", 0, "--cfg-scale", 3, cwd=base / "unconditional")
     return {name: finish(process) for name, process in processes.items()}
 
 
