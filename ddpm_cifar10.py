@@ -1020,14 +1020,14 @@ def ddpm_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.
     prediction "v" the target is v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 instead (Salimans and Ho 2022).
 
     x0, noise: (B, 3, H, W) in [-1, 1] and N(0, I); t: int64 (B,); alphas_cumprod: float (T,) on x0's device."""
+    if prediction not in ("eps", "v"):
+        raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
     abar = alphas_cumprod[t].float()[:, None, None, None]
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
     if channels_last:
         x_t = x_t.contiguous(memory_format=torch.channels_last)
     with autocast:
         output = model(x_t, t)
-    if prediction not in ("eps", "v"):
-        raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
     target = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if prediction == "v" else noise
     return F.mse_loss(output.float(), target)
 
