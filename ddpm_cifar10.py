@@ -170,11 +170,14 @@ class Args:
 
 
 PRESETS = {
+    # The whole loop in about 20 s on one CPU core: the cpu preset's U-Net and prediction, 60 steps of batch 16, and
+    # DPM-Solver++ at 10 steps (an evaluation costs 10 network calls, not DDPM-100's 100). Its samples are blobs
+    # (judge Frechet 42,000 at step 0, about 2,700 at step 60); --preset cpu is the one that draws shapes.
     "tiny": dict(
         dataset="shapes", img_size=16, num_shapes_images=256, channels=32, channel_mult=(1, 2), num_res_blocks=1,
-        attn_resolutions=(8,), dropout=0.0, total_steps=60, batch_size=32, learning_rate=1e-3, warmup_steps=10,
-        ema_decay=0.9, log_every=10, save_every=30, eval_every=30, sampler="ddpm", num_sampling_steps=100,
-        num_eval_samples=16, num_samples=16, fid_num_samples=64, sample_batch_size=64,
+        attn_resolutions=(8,), dropout=0.0, total_steps=60, batch_size=16, learning_rate=1e-3, warmup_steps=10,
+        ema_decay=0.9, log_every=10, save_every=30, eval_every=30, prediction="v", sampler="dpm++",
+        num_sampling_steps=10, num_eval_samples=16, num_samples=16, fid_num_samples=64, sample_batch_size=64,
     ),
     # Recognisable 16x16 shapes in about 15 minutes on 2 CPU cores (2.5 steps/s measured; benchmark/RESULTS.md 2d):
     # the tiny preset's 0.7M-parameter U-Net (attention at 8x8), 2000 steps of batch 64 on 8192 images at a constant
