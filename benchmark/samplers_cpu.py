@@ -115,6 +115,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", default="1,2", help="noise seeds, comma separated")
     parser.add_argument("--sample-batch-size", type=int, default=500, help="samples per forward batch")
     parser.add_argument("--out-dir", default=None, help="results.json and grids (default <run>/samplers_cpu)")
+    parser.add_argument("--noise-error-images", type=int, default=512,
+                        help="real shapes in the noise-error table (default 512)")
     opts = parser.parse_args(argv)
     samplers = parse_samplers(opts.samplers)
     try:
@@ -123,6 +125,8 @@ def main(argv=None) -> dict:
         raise UserError(f"--seeds {opts.seeds!r}: give whole numbers separated by commas, e.g. 1,2") from None
     if opts.num_samples < 2:
         raise UserError("--num-samples must be at least 2 (a Frechet distance needs a covariance)")
+    if opts.noise_error_images < 1:
+        raise UserError(f"--noise-error-images must be at least 1, not {opts.noise_error_images}")
     if opts.sample_batch_size < 1:
         raise UserError(f"--sample-batch-size must be at least 1, not {opts.sample_batch_size}")
     if opts.out_dir and Path(opts.out_dir).exists() and not Path(opts.out_dir).is_dir():
@@ -147,7 +151,7 @@ def main(argv=None) -> dict:
     model = models["ema"]
     alphas_cumprod = ddpm.make_alphas_cumprod(ddpm.make_beta_schedule(args.beta_schedule, args.timesteps,
                                                                       args.beta_start, args.beta_end))
-    noise_error = noise_error_by_timestep(ddpm, models, args, alphas_cumprod)
+    noise_error = noise_error_by_timestep(ddpm, models, args, alphas_cumprod, opts.noise_error_images)
     print("the noise prediction on real shapes, EMA / raw weights: scale c = <eps_hat, eps>/<eps, eps>, "
           "rms(eps_hat - eps), rms error of x0_hat unclipped and clipped to [-1, 1]")
     for row in noise_error:

@@ -602,7 +602,7 @@ def test_samplers_cpu_smoke_on_a_tiny_run(tiny_ddpm_runs, tmp_path):
     run = sorted(p for p in tiny_ddpm_runs.iterdir() if p.is_dir())[0]
     out = tmp_path / "samplers_cpu"
     result = run_tool("samplers_cpu.py", "--run", run, "--samplers", "ddpm-5,ddim-2,dpm++-20,ddim_noclip-2,ddim_eta1-3",
-                      "--num-samples", 8, "--seeds", "1,2", "--out-dir", out)
+                      "--num-samples", 8, "--seeds", "1,2", "--noise-error-images", 16, "--out-dir", out)
     data = json.loads((out / "results.json").read_text())
     assert [(r["sampler"], r["nfe"], r["seed"]) for r in data["rows"]] == [
         ("ddpm", 5, 1), ("ddim", 2, 1), ("dpm++", 20, 1), ("ddim_noclip", 2, 1), ("ddim_eta1", 3, 1),
@@ -615,7 +615,8 @@ def test_samplers_cpu_smoke_on_a_tiny_run(tiny_ddpm_runs, tmp_path):
     assert len(list(out.glob("*.png"))) == 10
     samplers_cpu = load_tool("samplers_cpu.py")  # bad flags in-process (the exit-2 line is checked once below)
     for bad_flags, words in ((["--samplers", "euler-10"], "euler"), (["--samplers", "ddim-1001"], "1001"),
-                             (["--seeds", "a,b"], "--seeds"), (["--sample-batch-size", "0"], "--sample-batch-size")):
+                             (["--seeds", "a,b"], "--seeds"), (["--sample-batch-size", "0"], "--sample-batch-size"),
+                             (["--noise-error-images", "0"], "--noise-error-images")):
         with pytest.raises(samplers_cpu.UserError, match=words) as error:
             samplers_cpu.main(["--run", str(run), *bad_flags])
         assert "\n" not in str(error.value)
