@@ -7,7 +7,7 @@ Reproduce the paper (FID 3.17 at 800k steps, batch 128) on one GPU:
     python ddpm_cifar10.py --eval-fid --fid-num-samples 50000          # FID with the paper's protocol at the end
 On 8 GPUs (global batch 128, 16 per GPU):
     torchrun --standalone --nproc_per_node=8 ddpm_cifar10.py
-End to end in about 15 seconds on a CPU, offline (generated coloured shapes):
+End to end in about 20 seconds on a CPU, offline (generated coloured shapes):
     python ddpm_cifar10.py --preset tiny
 Recognisable shapes in 10 to 20 minutes on 2 CPU cores, scored by the judge (eval/judge_*):
     python ddpm_cifar10.py --preset cpu
@@ -72,7 +72,7 @@ class Args:
     output_dir: str = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu"]] = None
-    """a named set of defaults: tiny = a full run on generated data in about 15 seconds on a CPU; cpu = recognisable
+    """a named set of defaults: tiny = a full run on generated data in about 20 seconds on a CPU; cpu = recognisable
     shapes in 10 to 20 minutes on 2 CPU cores (generated data; README)"""
     config: Optional[str] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""

@@ -9,7 +9,7 @@ ran as CUDA graphs by default; bash benchmark/gpu_diamond.sh measures the fast p
     python diamond_atari.py --env-id Breakout-v5 --num-sampling-steps 3
 The same with smaller or larger networks (TorchWM's presets; medium is the paper's):
     python diamond_atari.py --env-id Pong-v5 --preset small
-End to end in about 15 seconds on a CPU, offline (a shrunken protocol: small first epoch, short episodes):
+End to end in about 25 seconds on a CPU, offline (a shrunken protocol: small first epoch, short episodes):
     python diamond_atari.py --preset tiny
 The whole agent from your own recorded episodes (one .npz per episode: a static dataset, nothing collected):
     python diamond_atari.py --env-id Breakout-v5 --dataset-dir path/to/episodes
@@ -75,7 +75,7 @@ class Args:
     output_dir: str = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu", "small", "medium", "large"]] = None
-    """tiny = a full run in about 15 s on a CPU; cpu = the whole loop at CPU scale, 20 short epochs on 32x32 frames
+    """tiny = a full run in about 25 s on a CPU; cpu = the whole loop at CPU scale, 20 short epochs on 32x32 frames
     (benchmark/diamond_learns.sh); small/medium/large = TorchWM's network sizes (medium: the paper's)"""
     config: Optional[str] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""

@@ -10,7 +10,7 @@ Compare the conditioning variants (adaLN-Zero, plain adaLN, adaLN-Single, adaLN-
     python dit_cifar10.py --adaln single
 On 8 GPUs (global batch 128, 16 per GPU):
     torchrun --standalone --nproc_per_node=8 dit_cifar10.py
-End to end in about 15 seconds on a CPU, offline (generated coloured shapes, 10 classes):
+End to end in under a minute on a CPU, offline (generated coloured shapes, 10 classes):
     python dit_cifar10.py --preset tiny
 Shapes of the asked class in 10 to 20 minutes on 2 CPU cores, scored by the judge (eval/judge_*):
     python dit_cifar10.py --preset cpu
@@ -75,8 +75,8 @@ class Args:
     output_dir: str = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu", "dit-s2", "dit-b2"]] = None
-    """defaults: tiny = a full run on generated data in ~15 s on a CPU; cpu = recognisable shapes of the asked class
-    in 10 to 20 minutes on 2 CPU cores (README); dit-s2, dit-b2 = the paper's DiT-S/2, DiT-B/2"""
+    """defaults: tiny = a full run on generated data in under a minute on a CPU; cpu = recognisable shapes of the
+    asked class in 10 to 20 minutes on 2 CPU cores (README); dit-s2, dit-b2 = the paper's DiT-S/2, DiT-B/2"""
     config: Optional[str] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None

@@ -11,7 +11,7 @@ The seed's setting (model_channels 256, num_res_blocks 2, 16 frames of 64x64, li
     python video_diffusion.py --dataset folder --data-dir my_videos      # your videos (+ captions.json or captions.txt)
 On 8 GPUs (global batch 64, 8 clips per GPU):
     torchrun --standalone --nproc_per_node=8 video_diffusion.py --batch-size 64
-End to end in about 15 seconds on a CPU, offline (16x16 sprites, 8 frames):
+End to end in about 25 seconds on a CPU, offline (16x16 sprites, 8 frames):
     python video_diffusion.py --preset tiny
 Learn action and text control of the sprite on a CPU in about 20 minutes (8x8 frames; the tests run its first half):
     python video_diffusion.py --preset cpu
@@ -75,7 +75,7 @@ class Args:
     output_dir: str = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu"]] = None
-    """a named set of defaults: tiny = a full run on the sprites world in about 15 seconds on a CPU; cpu = sprites
+    """a named set of defaults: tiny = a full run on the sprites world in about 25 seconds on a CPU; cpu = sprites
     that move as their caption and actions say, in about 20 minutes on a CPU core (README)"""
     config: Optional[str] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
