@@ -479,7 +479,7 @@ def judge_step0_and_logged(run_dir):
 
 # The cpu preset shortened: its first CPU_SHORT_STEPS steps with every training setting kept (model, 8192 images, batch
 # 64, lr 1e-3 and its warm-up, EMA 0.995 warmed up, v-prediction, DPM-Solver++-20), 32 evaluation samples, not 128.
-CPU_SHORT_STEPS = 60
+CPU_SHORT_STEPS = 40
 
 
 @pytest.fixture(scope="module")
@@ -491,16 +491,17 @@ def cpu_preset_short(tmp_path_factory):
 
 
 def test_cpu_preset_shortened_beats_step_0_by_a_stated_margin(cpu_preset_short):
-    """The judge at step 60 of the cpu preset against its untrained model (step 0) on the same noise. Measured:
-    Frechet 36,000 at step 0, 4,280 at step 60 (0.12 times; real-vs-real 113), recognised 0 at both: 60 steps, inside
-    the lr warm-up, are what 120 s of the suite allow; shapes appear by step 500 (RESULTS 2d: recognised 0.98 and
-    0.90). With the paper's eps-prediction the same run measured 39,900 and 27,500 (0.69 times)."""
+    """The judge at step 40 of the cpu preset against its untrained model (step 0) on the same noise. Measured:
+    Frechet 36,000 at step 0, 9,750 at step 40 (0.27 times; 4,280 at step 60; real-vs-real 113), recognised 0 at
+    both: 40 steps, inside the lr warm-up, are what 120 s of the suite allow beside DiT's; shapes appear by step 500
+    (RESULTS 2d: recognised 0.98 and 0.90). With the paper's eps-prediction, 60 steps measured 39,900 and 27,500
+    (0.69 times)."""
     step0, logged = judge_step0_and_logged(cpu_preset_short)
     final = {name: values[-1][1] for name, values in logged.items()}
     assert [s for s, _ in logged["recognised"]] == [CPU_SHORT_STEPS]
     assert step0["recognised"] <= 0.1 and final["recognised_real"] >= 0.9
-    assert final["frechet"] <= 0.3 * step0["frechet"]  # better than step 0 by a stated margin ...
-    assert final["frechet_real"] <= final["frechet"] <= 10_000  # ... and inside [floor, ceiling]
+    assert final["frechet"] <= 0.4 * step0["frechet"]  # better than step 0 by a stated margin ...
+    assert final["frechet_real"] <= final["frechet"] <= 15_000  # ... and inside [floor, ceiling]
     assert final["recognised"] >= step0["recognised"]
 
 
