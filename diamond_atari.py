@@ -3463,6 +3463,27 @@ def check_step_memory(setup: Setup, batch_size: int, num_params: int, activation
     return needed
 
 
+class StepTimer:
+    """The measured seconds per training step, from the first steps of a run (or of a resumed run): the clock starts
+    after the first step (which compiles, warms up allocators and caches) and stops `timed_steps` steps later, with a
+    device sync at both ends (CUDA runs ahead of the host). Read it once: seconds_per_step(step) returns the figure
+    at the step where the timing ends and None at every other step."""
+
+    def __init__(self, first_step: int, setup: Setup, timed_steps: int = 5):
+        self.start_step, self.end_step = first_step + 1, first_step + 1 + timed_steps
+        self.setup, self.clock = setup, 0.0
+
+    def seconds_per_step(self, step: int) -> Optional[float]:
+        if step not in (self.start_step, self.end_step):
+            return None
+        if self.setup.use_cuda:
+            torch.cuda.synchronize(self.setup.device)
+        if step == self.start_step:
+            self.clock = time.perf_counter()
+            return None
+        return (time.perf_counter() - self.clock) / (self.end_step - self.start_step)
+
+
 def run_time_notice(seconds_per_step: float, remaining_steps: int, setup: Setup) -> list[str]:
     """The lines that announce the run's length from its measured step time; on a CPU, a run of more than a day says
     so (the defaults are the papers' GPU settings)."""

@@ -2192,6 +2192,7 @@ def main(args: Args, given: set[str]):
     clip_shape = (3, args.num_frames, args.img_size, args.img_size)
     frame_index = torch.arange(args.num_frames, device=device)
     first_step = step
+    step_timer = StepTimer(first_step, setup)
     progress = progress_bar(args.total_steps, step, "train", "step", setup.is_main)
     while step < args.total_steps:
         # The global batch is drawn identically on every rank (clips, t, noise, dropped conditions, context), then
@@ -2235,6 +2236,9 @@ def main(args: Args, given: set[str]):
         meter.add(loss, grad_norm, local_batch)
         step += 1
         progress.update(1)
+        if setup.is_main and (seconds := step_timer.seconds_per_step(step)) is not None:
+            # how long the whole run takes, from its first steps
+            progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
 
         if step % args.log_every == 0 or step == args.total_steps:
             if not meter.finite():
@@ -2249,9 +2253,6 @@ def main(args: Args, given: set[str]):
                 writer.add_scalar("perf/mfu", logged["mfu"], step)
                 progress.set_postfix(loss=f"{logged['loss']:.4f}", clips_s=f"{logged['SPS']:.1f}",
                                      mfu=f"{logged['mfu']:.1%}")
-                if step - first_step <= args.log_every:  # the first measured steps: how long the whole run takes
-                    progress.write("\n".join(run_time_notice(args.batch_size / logged["SPS"], args.total_steps - step,
-                                                              setup)))
         # Every rank stops at the same step: all-reduced at the log boundary under torchrun, at once alone.
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         if setup.is_main and not stopping and (step % args.eval_every == 0 or step == args.total_steps):
@@ -2927,6 +2928,27 @@ def check_step_memory(setup: Setup, batch_size: int, num_params: int, activation
                         f"step, {available / 2**30:.1f} GiB is available on {setup.device}: use --batch-size "
                         f"{fits} or less" + (" (or a smaller model)" if fits < setup.world_size else ""))
     return needed
+
+
+class StepTimer:
+    """The measured seconds per training step, from the first steps of a run (or of a resumed run): the clock starts
+    after the first step (which compiles, warms up allocators and caches) and stops `timed_steps` steps later, with a
+    device sync at both ends (CUDA runs ahead of the host). Read it once: seconds_per_step(step) returns the figure
+    at the step where the timing ends and None at every other step."""
+
+    def __init__(self, first_step: int, setup: Setup, timed_steps: int = 5):
+        self.start_step, self.end_step = first_step + 1, first_step + 1 + timed_steps
+        self.setup, self.clock = setup, 0.0
+
+    def seconds_per_step(self, step: int) -> Optional[float]:
+        if step not in (self.start_step, self.end_step):
+            return None
+        if self.setup.use_cuda:
+            torch.cuda.synchronize(self.setup.device)
+        if step == self.start_step:
+            self.clock = time.perf_counter()
+            return None
+        return (time.perf_counter() - self.clock) / (self.end_step - self.start_step)
 
 
 def run_time_notice(seconds_per_step: float, remaining_steps: int, setup: Setup) -> list[str]:

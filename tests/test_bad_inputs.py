@@ -472,6 +472,24 @@ def test_the_cpu_peak_is_an_upper_bound(script):
     assert m.cpu_peak_flops() >= torch.get_num_threads() * 1e9 * 4 * 2
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_run_time_estimate_comes_from_the_first_steps_and_a_day_on_a_cpu_is_one_notice(script):
+    m = module(script)
+    cpu, gpu = m.Setup(torch.device("cpu")), m.Setup(torch.device("cuda"))
+    lines = m.run_time_notice(10.0, 800_000, cpu)  # 8,000,000 s = 92 d 51,200 s = 92 d 14 h 13 min 20 s
+    assert lines == ["estimated time to the end of the run: 92 d 14 h 13 min (10 s per step on cpu, 800,000 steps "
+                     "to go)", "notice: on this CPU the run takes more than a day: the defaults are the paper's GPU "
+                     "settings (--preset tiny runs in seconds)"]
+    assert len(m.run_time_notice(10.0, 800_000, gpu)) == 1  # on a GPU the paper's settings are what is meant
+    assert m.run_time_notice(0.5, 120, cpu) == [
+        "estimated time to the end of the run: 0 h 1 min (0.5 s per step on cpu, 120 steps to go)"]
+    # the timer of a run resumed at step 100: the clock starts after step 101 (the warm-up step) and reads once,
+    # 5 steps later
+    timer = m.StepTimer(100, cpu, timed_steps=5)
+    readings = [timer.seconds_per_step(step) for step in range(101, 110)]
+    assert readings[:5] == [None] * 5 and readings[5] > 0 and readings[6:] == [None] * 3
+
+
 @pytest.mark.parametrize("script", GENERATIVE)
 def test_logged_mfu_is_a_fraction(script, short_runs):
     from conftest import read_scalars

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import tarfile
@@ -461,6 +462,9 @@ def test_tiny_preset_writes_events_config_samples_and_a_safe_checkpoint(tiny_run
     assert (run_dir / "samples" / "step00000060.png").exists()
     assert "saved checkpoint at step 60" in result.stdout
     assert "parameters" in result.stdout
+    # the run's length is announced from its first steps (timed from step 1 to 6), not at the first log
+    estimate = r"estimated time to the end of the run: 0 h \d+ min \([\d.e-]+ s per step on cpu, 54 steps to go\)"
+    assert re.search(estimate, result.stdout), result.stdout
 
 
 def judge_step0_and_logged(run_dir):
