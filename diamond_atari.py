@@ -3466,15 +3466,15 @@ def check_step_memory(setup: Setup, batch_size: int, num_params: int, activation
 class StepTimer:
     """The measured seconds per training step, from the first steps of a run (or of a resumed run): the clock starts
     after the first step (which compiles, warms up allocators and caches) and stops `timed_steps` steps later, with a
-    device sync at both ends (CUDA runs ahead of the host). Read it once: seconds_per_step(step) returns the figure
-    at the step where the timing ends and None at every other step."""
+    device sync at both ends (CUDA runs ahead of the host). Read once: seconds_per_step(step) returns the figure at
+    the step where the timing ends, if steps remain after it, and None at every other step."""
 
-    def __init__(self, first_step: int, setup: Setup, timed_steps: int = 5):
+    def __init__(self, first_step: int, total_steps: int, setup: Setup, timed_steps: int = 5):
         self.start_step, self.end_step = first_step + 1, first_step + 1 + timed_steps
-        self.setup, self.clock = setup, 0.0
+        self.total_steps, self.setup, self.clock = total_steps, setup, 0.0
 
     def seconds_per_step(self, step: int) -> Optional[float]:
-        if step not in (self.start_step, self.end_step):
+        if step not in (self.start_step, self.end_step) or self.end_step >= self.total_steps:
             return None
         if self.setup.use_cuda:
             torch.cuda.synchronize(self.setup.device)
@@ -3485,13 +3485,17 @@ class StepTimer:
 
 
 def run_time_notice(seconds_per_step: float, remaining_steps: int, setup: Setup) -> list[str]:
-    """The lines that announce the run's length from its measured step time; on a CPU, a run of more than a day says
-    so (the defaults are the papers' GPU settings)."""
+    """The lines that announce how long the rest of the training takes (evaluations and checkpoints not counted)
+    from the measured step time; on a CPU, more than a day says so (the defaults are the papers' GPU settings)."""
     seconds = seconds_per_step * remaining_steps
     days, rest = divmod(int(seconds), 86_400)
-    length = f"{f'{days} d ' if days else ''}{rest // 3600} h {rest % 3600 // 60} min"
-    lines = [f"estimated time to the end of the run: {length} ({seconds_per_step:.3g} s per step on {setup.device}, "
-             f"{remaining_steps:,} steps to go)"]
+    if seconds < 3600:
+        length = f"{rest // 60} min {rest % 60} s"
+    else:
+        length = f"{f'{days} d ' if days else ''}{rest // 3600} h {rest % 3600 // 60} min"
+    lines = [f"estimated time to the end of training: {length} ({seconds_per_step:.3g} s per step on "
+             f"{setup.device}, {remaining_steps:,} step{'s' if remaining_steps != 1 else ''} to go, evaluations not "
+             f"counted)"]
     if not setup.use_cuda and seconds > 86_400:
         lines.append("notice: on this CPU the run takes more than a day: the defaults are the paper's GPU settings "
                      "(--preset tiny runs in seconds)")

@@ -50,6 +50,14 @@ RUN_NAME = re.compile(r"^(?P<env>.+?)__(?P<exp>.+)__(?P<seed>-?\d+)__(?P<time>\d
 _GAMES_LOWER = {name.lower(): name for name in RANDOM_HUMAN}
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flags (unknown, or of the wrong type) are one line, "error: ...", exit status 2, not the
+    usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 class UserError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
@@ -194,7 +202,7 @@ def report(scores: dict, bootstrap: int = 0) -> tuple[str, dict]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("paths", nargs="*", help="runs/ folders (searched recursively) or run folders")
     parser.add_argument("--csv", action="append", default=[], help="CSV file(s) with columns game,seed,score")

@@ -37,6 +37,14 @@ TEST_LINE = re.compile(r"^(\d+) test episodes (?:after (\d+) epochs, (\d+) env s
 RUN_NAME = re.compile(r"^(?P<env>.+?)__(?P<exp>.+)__(?P<seed>-?\d+)__(?P<time>\d+)$")
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flags (unknown, or of the wrong type) are one line, "error: ...", exit status 2, not the
+    usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 def load_script():
     spec = importlib.util.spec_from_file_location("diamond_atari", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -155,7 +163,7 @@ def summarize(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--games", nargs="+", default=["Breakout-v5", "Boxing-v5"])
     parser.add_argument("--episodes", type=int, default=100, help="games of the random policy and of the best action")
     parser.add_argument("--screen-episodes", type=int, default=3, help="games per action to choose the best one")

@@ -40,6 +40,14 @@ PAPER_MS = {"denoiser update": 88.0, "reward/end update": 115.0, "actor-critic u
 PAPER_DAYS = 2.9
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flags (unknown, or of the wrong type) are one line, "error: ...", exit status 2, not the
+    usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 def load_script():
     spec = importlib.util.spec_from_file_location("diamond_atari_speed", ROOT / "diamond_atari.py")
     module = importlib.util.module_from_spec(spec)
@@ -49,7 +57,7 @@ def load_script():
 
 
 def parse(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     parser.add_argument("--preset", default=None, help="a preset of diamond_atari.py (tiny: a smoke run on a CPU)")

@@ -30,6 +30,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flags (unknown, or of the wrong type) are one line, "error: ...", exit status 2, not the
+    usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 def make_digits_folder(root: Path, img_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits (ink 0..16 on 8x8) as white-on-black grayscale PNGs of img_size, root/<digit>/<i>.png.
     Returns the images as the scripts will read them back: uint8 (N, img_size, img_size), and the labels."""
@@ -220,7 +228,7 @@ def plain_loop(variant: str, folder: Path, judge, args) -> list:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["dit", "ddpm", "both"], default="dit")
     parser.add_argument("--work-dir", default="runs/digits", help="the image folder and the runs go here")
     parser.add_argument("--img-size", type=int, default=16)

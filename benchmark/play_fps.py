@@ -27,6 +27,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flags (unknown, or of the wrong type) are one line, "error: ...", exit status 2, not the
+    usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 def load_script(file_name: str):
     spec = importlib.util.spec_from_file_location(file_name[:-3], ROOT / file_name)
     module = importlib.util.module_from_spec(spec)
@@ -55,7 +63,7 @@ def stand_alone_game(dia, args, num_sampling_steps: int, seed: int = 0):
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="benchmark/play_fps.py", description=__doc__.strip(),
+    parser = OneLineArgumentParser(prog="benchmark/play_fps.py", description=__doc__.strip(),
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 3], help="sampling steps per frame to measure")
     parser.add_argument("--frames", type=int, default=30, help="frames per measurement (after 2 warm-up frames)")

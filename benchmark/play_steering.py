@@ -32,6 +32,14 @@ TRAIN = ["--preset", "tiny", "--img-size", "8", "--num-frames", "6", "--num-dist
          "--sample-batch-size", "16", "--long-video-frames", "6", "--exp-name", "play_steering"]
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flags (unknown, or of the wrong type) are one line, "error: ...", exit status 2, not the
+    usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 def load_script(file_name: str):
     import importlib.util
 
@@ -48,7 +56,7 @@ def steps_moved(vd, frames: np.ndarray) -> np.ndarray:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="benchmark/play_steering.py", description=__doc__.strip(),
+    parser = OneLineArgumentParser(prog="benchmark/play_steering.py", description=__doc__.strip(),
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--run", default=None, help="a trained sprites run of video_diffusion.py (default: train one)")
     parser.add_argument("--total-steps", type=int, default=1000, help="training steps when training")

@@ -55,6 +55,14 @@ STEP_NAMES = {"diamond_atari.py": "global step (gradient updates of the three mo
               "video_diffusion.py": "global step (optimizer steps)"}
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flags (unknown, or of the wrong type) are one line, "error: ...", exit status 2, not the
+    usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 class UserError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
@@ -289,7 +297,7 @@ def default_out_dir(first: Path) -> Path:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="benchmark/plot.py", description=__doc__.strip(),
+    parser = OneLineArgumentParser(prog="benchmark/plot.py", description=__doc__.strip(),
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("paths", nargs="+", help="runs/ folders (searched recursively) or run folders")
     parser.add_argument("--tag", action="append", default=None,

@@ -32,6 +32,14 @@ ATARI_100K_GAMES = ["Alien", "Amidar", "Assault", "Asterix", "BankHeist", "Battl
 RUN_NAME = re.compile(r"^(?P<env>.+?)__(?P<exp>.+)__(?P<seed>-?\d+)__(?P<time>\d+)_*$")
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flags (unknown, or of the wrong type) are one line, "error: ...", exit status 2, not the
+    usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 class UserError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
@@ -84,7 +92,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--games", default="all", help="comma-separated games, or all (the 26 of Atari 100k)")
     parser.add_argument("--seeds", default="1-5", help="a range (1-5) or a list (1,3,7)")

@@ -52,6 +52,14 @@ FEATURE_SEED, HELDOUT_SEED, FLOOR_SEED = 2_000, 3_000, 4_000  # the shapes sets:
 NOISE_SEED = 5_000
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flags (unknown, or of the wrong type) are one line, "error: ...", exit status 2, not the
+    usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 class UserError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
@@ -248,7 +256,7 @@ def train_model(output_dir: Path, extra_args: list[str]) -> tuple[Path, str]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--model", choices=["mlp", "unet"], default="mlp", help="the model to train here (see above)")
     parser.add_argument("--run", default=None, help="a ddpm_cifar10.py run folder on the shapes data (no training)")

@@ -35,6 +35,17 @@ LABELS = {"ddpm": "DDPM (ancestral, sigma^2 = beta, x0 clipped)", "ddim": "DDIM 
           "dpm++_noclip": "DPM-Solver++(2M), x0 not clipped"}
 
 
+MAX_NOISE_ERROR_IMAGES = 10_000  # a diagnostic table: its images and their noise are held in memory at once
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flags (unknown, or of the wrong type) are one line, "error: ...", exit status 2, not the
+    usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 class UserError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
@@ -66,10 +77,12 @@ NOISE_ERROR_TIMESTEPS = (999, 980, 950, 900, 800, 600, 400, 200, 100, 20)
 
 
 @torch.no_grad()
-def noise_error_by_timestep(ddpm, models: dict, args, alphas_cumprod, num_images: int = 512) -> list[dict]:
+def noise_error_by_timestep(ddpm, models: dict, args, alphas_cumprod, num_images: int = 512,
+                            batch_size: int = 500) -> list[dict]:
     """The model's noise prediction on real shapes at each t of NOISE_ERROR_TIMESTEPS: the scale
     c = <eps_hat, eps> / <eps, eps>, rms(eps_hat - eps), and the rms error of x0_hat = (x_t - sqrt(1 - abar) eps_hat)
-    / sqrt(abar), unclipped and clipped to [-1, 1] (what a sampler's first steps see), for each of `models`."""
+    / sqrt(abar), unclipped and clipped to [-1, 1] (what a sampler's first steps see), for each of `models`; the
+    network sees batch_size images at a time."""
     images = ddpm.make_shapes_dataset(num_images, args.img_size, seed=77)[0]
     x0 = torch.from_numpy(np.ascontiguousarray(images)).float() / 127.5 - 1
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
@@ -80,7 +93,8 @@ def noise_error_by_timestep(ddpm, models: dict, args, alphas_cumprod, num_images
         row = {"t": t, "abar": abar}
         for key, model in models.items():
             t_batch = torch.full((len(x_t),), t)
-            eps_hat = ddpm.eps_from_output(model(x_t, t_batch), x_t, t_batch, alphas_cumprod, args.prediction)
+            eps_hat = torch.cat([ddpm.eps_from_output(model(x, t_part), x, t_part, alphas_cumprod, args.prediction)
+                                 for x, t_part in zip(x_t.split(batch_size), t_batch.split(batch_size))])
             x0_hat = (x_t - (1 - abar) ** 0.5 * eps_hat) / abar ** 0.5
             row[key] = {"scale": float((eps_hat * eps).sum() / (eps * eps).sum()),
                         "eps_rms_error": float((eps_hat - eps).square().mean().sqrt()),
@@ -108,7 +122,7 @@ def run_sampler(ddpm, model_fn, x_T, alphas_cumprod, name, steps, generator):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--run", required=True, help="a ddpm_cifar10.py run folder (or checkpoint) on the shapes data")
     parser.add_argument("--samplers", default=DEFAULT_SAMPLERS, help=f"comma list (default {DEFAULT_SAMPLERS})")
     parser.add_argument("--num-samples", type=int, default=2000, help="samples per sampler and seed (and real sets)")
@@ -116,7 +130,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--sample-batch-size", type=int, default=500, help="samples per forward batch")
     parser.add_argument("--out-dir", default=None, help="results.json and grids (default <run>/samplers_cpu)")
     parser.add_argument("--noise-error-images", type=int, default=512,
-                        help="real shapes in the noise-error table (default 512)")
+                        help=f"real shapes in the noise-error table, 1 to {MAX_NOISE_ERROR_IMAGES:,} (default 512)")
     opts = parser.parse_args(argv)
     samplers = parse_samplers(opts.samplers)
     try:
@@ -125,8 +139,9 @@ def main(argv=None) -> dict:
         raise UserError(f"--seeds {opts.seeds!r}: give whole numbers separated by commas, e.g. 1,2") from None
     if opts.num_samples < 2:
         raise UserError("--num-samples must be at least 2 (a Frechet distance needs a covariance)")
-    if opts.noise_error_images < 1:
-        raise UserError(f"--noise-error-images must be at least 1, not {opts.noise_error_images}")
+    if not 1 <= opts.noise_error_images <= MAX_NOISE_ERROR_IMAGES:
+        raise UserError(f"--noise-error-images must be between 1 and {MAX_NOISE_ERROR_IMAGES:,}, not "
+                        f"{opts.noise_error_images}")
     if opts.sample_batch_size < 1:
         raise UserError(f"--sample-batch-size must be at least 1, not {opts.sample_batch_size}")
     if opts.out_dir and Path(opts.out_dir).exists() and not Path(opts.out_dir).is_dir():
@@ -151,7 +166,8 @@ def main(argv=None) -> dict:
     model = models["ema"]
     alphas_cumprod = ddpm.make_alphas_cumprod(ddpm.make_beta_schedule(args.beta_schedule, args.timesteps,
                                                                       args.beta_start, args.beta_end))
-    noise_error = noise_error_by_timestep(ddpm, models, args, alphas_cumprod, opts.noise_error_images)
+    noise_error = noise_error_by_timestep(ddpm, models, args, alphas_cumprod, opts.noise_error_images,
+                                          opts.sample_batch_size)
     print("the noise prediction on real shapes, EMA / raw weights: scale c = <eps_hat, eps>/<eps, eps>, "
           "rms(eps_hat - eps), rms error of x0_hat unclipped and clipped to [-1, 1]")
     for row in noise_error:

@@ -51,6 +51,14 @@ ROOT = Path(__file__).resolve().parent.parent
 ALL_BENCHMARKS = ("ddpm", "dit", "diamond", "video")
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flags (unknown, or of the wrong type) are one line, "error: ...", exit status 2, not the
+    usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 def load_script(file_name: str):
     """Imports a top-level script by path (the scripts are single files, not packages)."""
     name = f"cleanworlds_{Path(file_name).stem}"
@@ -509,7 +517,7 @@ def make_config(ns) -> Config:
 
 
 def main(argv=None) -> list:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 short repetitions (about 80 s on 2 quiet cores)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -46,6 +46,14 @@ DIT = ["--num-classes", "0", "--patch", "2", "--width", "192", "--depth", "6", "
 SCRIPTS = {"U-Net (ddpm_cifar10.py)": ("ddpm_cifar10.py", UNET), "DiT (dit_cifar10.py)": ("dit_cifar10.py", DIT)}
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flags (unknown, or of the wrong type) are one line, "error: ...", exit status 2, not the
+    usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 class UserError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
@@ -111,7 +119,7 @@ def run_summary(module, run_dir: Path, img_size: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--budget-seconds", type=float, default=300, help="wall-clock training budget per model")
     parser.add_argument("--img-size", type=int, default=16)

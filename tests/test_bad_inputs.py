@@ -477,17 +477,21 @@ def test_the_run_time_estimate_comes_from_the_first_steps_and_a_day_on_a_cpu_is_
     m = module(script)
     cpu, gpu = m.Setup(torch.device("cpu")), m.Setup(torch.device("cuda"))
     lines = m.run_time_notice(10.0, 800_000, cpu)  # 8,000,000 s = 92 d 51,200 s = 92 d 14 h 13 min 20 s
-    assert lines == ["estimated time to the end of the run: 92 d 14 h 13 min (10 s per step on cpu, 800,000 steps "
-                     "to go)", "notice: on this CPU the run takes more than a day: the defaults are the paper's GPU "
-                     "settings (--preset tiny runs in seconds)"]
+    assert lines == ["estimated time to the end of training: 92 d 14 h 13 min (10 s per step on cpu, 800,000 steps "
+                     "to go, evaluations not counted)", "notice: on this CPU the run takes more than a day: the "
+                     "defaults are the paper's GPU settings (--preset tiny runs in seconds)"]
     assert len(m.run_time_notice(10.0, 800_000, gpu)) == 1  # on a GPU the paper's settings are what is meant
-    assert m.run_time_notice(0.5, 120, cpu) == [
-        "estimated time to the end of the run: 0 h 1 min (0.5 s per step on cpu, 120 steps to go)"]
+    assert m.run_time_notice(0.5, 125, cpu) == [  # under an hour: minutes and seconds
+        "estimated time to the end of training: 1 min 2 s (0.5 s per step on cpu, 125 steps to go, evaluations not "
+        "counted)"]
+    assert "(0.5 s per step on cpu, 1 step to go," in m.run_time_notice(0.5, 1, cpu)[0]
     # the timer of a run resumed at step 100: the clock starts after step 101 (the warm-up step) and reads once,
-    # 5 steps later
-    timer = m.StepTimer(100, cpu, timed_steps=5)
+    # 5 steps later; not at all when no step would be left to announce
+    timer = m.StepTimer(100, 1000, cpu, timed_steps=5)
     readings = [timer.seconds_per_step(step) for step in range(101, 110)]
     assert readings[:5] == [None] * 5 and readings[5] > 0 and readings[6:] == [None] * 3
+    short = m.StepTimer(100, 106, cpu, timed_steps=5)
+    assert [short.seconds_per_step(step) for step in range(101, 107)] == [None] * 6
 
 
 @pytest.mark.parametrize("script", GENERATIVE)

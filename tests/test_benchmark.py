@@ -596,6 +596,25 @@ def test_gpu_diamond_script_runs_on_the_cpu_with_tiny_sizes(tmp_path):
     assert days == pytest.approx((first + 999 * epoch) / 1000 / 86400, abs=0.006)
 
 
+TOOLS_WITH_FLAGS = sorted(p.name for p in (ROOT / "benchmark").glob("*.py") if "ArgumentParser(" in p.read_text())
+
+
+def test_every_tool_with_flags_is_found():
+    assert len(TOOLS_WITH_FLAGS) >= 12 and "samplers_cpu.py" in TOOLS_WITH_FLAGS and "plot.py" in TOOLS_WITH_FLAGS
+
+
+@pytest.mark.parametrize("tool", TOOLS_WITH_FLAGS)
+def test_a_tools_unknown_flag_is_one_line_exit_2(tool, monkeypatch, capsys):
+    """argparse's own errors (an unknown flag here; a value of the wrong type in samplers_cpu's test) are one line,
+    as every other bad input, not the usage block."""
+    module = load_tool(tool)
+    monkeypatch.setattr(sys, "argv", [tool, "--no-such-flag"])
+    with pytest.raises(SystemExit) as exit_:
+        module.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
 def test_samplers_cpu_smoke_on_a_tiny_run(tiny_ddpm_runs, tmp_path):
     """samplers_cpu.py on a tiny run (every sampler of the table, two seeds, the judge's excess Frechet distance and
     the 1.5x check; the numbers mean nothing at this size)."""
@@ -616,9 +635,12 @@ def test_samplers_cpu_smoke_on_a_tiny_run(tiny_ddpm_runs, tmp_path):
     samplers_cpu = load_tool("samplers_cpu.py")  # bad flags in-process (the exit-2 line is checked once below)
     for bad_flags, words in ((["--samplers", "euler-10"], "euler"), (["--samplers", "ddim-1001"], "1001"),
                              (["--seeds", "a,b"], "--seeds"), (["--sample-batch-size", "0"], "--sample-batch-size"),
-                             (["--noise-error-images", "0"], "--noise-error-images")):
+                             (["--noise-error-images", "0"], "--noise-error-images"),
+                             (["--noise-error-images", "10001"], "10,000")):
         with pytest.raises(samplers_cpu.UserError, match=words) as error:
             samplers_cpu.main(["--run", str(run), *bad_flags])
         assert "\n" not in str(error.value)
+    with pytest.raises(SystemExit):  # a value of the wrong type: argparse's error, one line (checked for every tool)
+        samplers_cpu.main(["--run", str(run), "--noise-error-images", "abc"])
     bad = run_tool("samplers_cpu.py", "--run", tmp_path / "nothing", check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --run ") and len(bad.stderr.strip().splitlines()) == 1

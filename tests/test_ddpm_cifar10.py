@@ -463,7 +463,7 @@ def test_tiny_preset_writes_events_config_samples_and_a_safe_checkpoint(tiny_run
     assert "saved checkpoint at step 60" in result.stdout
     assert "parameters" in result.stdout
     # the run's length is announced from its first steps (timed from step 1 to 6), not at the first log
-    estimate = r"estimated time to the end of the run: 0 h \d+ min \([\d.e-]+ s per step on cpu, 54 steps to go\)"
+    estimate = r"estimated time to the end of training: 0 min \d+ s \([\d.e-]+ s per step on cpu, 54 steps to go,"
     assert re.search(estimate, result.stdout), result.stdout
 
 
