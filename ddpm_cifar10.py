@@ -1198,6 +1198,9 @@ def main(args: Args, given: set[str]):
         print(f"run folder: {run_dir}")
         print(f"model: {num_params:,} parameters; data: {len(images):,} images of {args.img_size}x{args.img_size}; "
               f"device: {device}{f' x {setup.world_size}' if setup.world_size > 1 else ''}")
+        if len(images) < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
+            print(f"notice: {len(images):,} images, fewer than --batch-size {args.batch_size}: each batch holds images "
+                  f"more than once (it spans several epochs)")
     example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long))
     meter = Meter(device, 3 * forward_flops(lambda: build_model(args), *example), peak_flops(setup, args.dtype),
                   setup.world_size)

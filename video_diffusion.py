@@ -2160,6 +2160,9 @@ def main(args: Args, given: set[str]):
               f"{args.img_size}x{args.img_size}, {len(vocabulary) - len(SPECIAL_TOKENS)} words, "
               f"{'continuous actions' if args.action_dim else f'{num_actions} actions'}; "
               f"device: {device}{f' x {setup.world_size}' if setup.world_size > 1 else ''}")
+        if num_clips < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
+            print(f"notice: {num_clips:,} clips, fewer than --batch-size {args.batch_size}: each batch holds clips "
+                  f"more than once (it spans several epochs)")
     example = (torch.zeros(1, 3, args.num_frames, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long),
                clip_text[:1], gather_actions(frame_actions, clip_starts[:1], args.num_frames))
     meter = Meter(device, 3 * forward_flops(lambda: build_model(args, len(vocabulary), num_actions), *example),

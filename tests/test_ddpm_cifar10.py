@@ -570,7 +570,10 @@ def test_cifar10_loaders_read_the_same_images(cifar10_binary_dir, cifar10_python
 
 
 def test_runs_on_an_image_folder(image_folder, tmp_path):
-    tiny_data_run(tmp_path, "--dataset", "folder", "--data-dir", image_folder, "--img-size", "16")
+    # 18 images, batch 24: it trains (a batch crosses epochs) and says so
+    result = tiny_data_run(tmp_path, "--dataset", "folder", "--data-dir", image_folder, "--img-size", "16",
+                           "--batch-size", "24")
+    assert "notice: 18 images, fewer than --batch-size 24: each batch holds images more than once" in result.stdout
     run_dir = only_run_dir(tmp_path)
     assert run_dir.name.startswith(f"{image_folder.name}__")
     assert "samples/ema" in read_image_tags(run_dir)

@@ -2,6 +2,7 @@
 ddpm_cifar10.py's, the metrics on ground truth, autoregressive generation, a tiny model that must learn action and text
 control, the script on every dataset kind, exact resume, torchrun, and bad inputs."""
 import json
+import re
 import shutil
 import subprocess
 
@@ -519,7 +520,10 @@ def test_runs_on_a_folder_of_videos_with_captions(tmp_path):
         write_video(videos / f"clip{i}.mp4", frames)
     (videos / "captions.json").write_text(json.dumps({"clip0.mp4": "a red block slides right"}))
     out = tmp_path / "runs"
-    run_script(SCRIPT, *QUICK, "--dataset", "folder", "--data-dir", videos, "--total-steps", "2", "--output-dir", out)
+    result = run_script(SCRIPT, *QUICK, "--dataset", "folder", "--data-dir", videos, "--total-steps", "2",
+                        "--output-dir", out, "--batch-size", "16")
+    num_clips = int(re.search(r"data: ([\d,]+) clips", result.stdout).group(1).replace(",", ""))
+    assert num_clips < 16 and f"notice: {num_clips} clips, fewer than --batch-size 16" in result.stdout  # said, trains
     run_dir = only_run_dir(out)
     checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
     assert "slides" in checkpoint["vocabulary"] and checkpoint["num_actions"] == 0
