@@ -172,7 +172,7 @@ class Args:
 PRESETS = {
     # The whole loop in about 20 s on one CPU core: the cpu preset's U-Net and prediction, 60 steps of batch 16, and
     # DPM-Solver++ at 10 steps (an evaluation costs 10 network calls, not DDPM-100's 100). Its samples are blobs
-    # (judge Frechet 42,000 at step 0, about 2,700 at step 60); --preset cpu is the one that draws shapes.
+    # (judge Frechet 38,000 at step 0, about 2,700 at step 60); --preset cpu is the one that draws shapes.
     "tiny": dict(
         dataset="shapes", img_size=16, num_shapes_images=256, channels=32, channel_mult=(1, 2), num_res_blocks=1,
         attn_resolutions=(8,), dropout=0.0, total_steps=60, batch_size=16, learning_rate=1e-3, warmup_steps=10,
@@ -1258,7 +1258,7 @@ def main(args: Args, given: set[str]):
         step += 1
         progress.update(1)
         if setup.is_main and (seconds := step_timer.seconds_per_step(step)) is not None:
-            # how long the whole run takes, from its first steps
+            # how long the rest of the training takes, from its first steps
             progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
 
         if step % args.log_every == 0 or step == args.total_steps:

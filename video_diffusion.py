@@ -2240,7 +2240,7 @@ def main(args: Args, given: set[str]):
         step += 1
         progress.update(1)
         if setup.is_main and (seconds := step_timer.seconds_per_step(step)) is not None:
-            # how long the whole run takes, from its first steps
+            # how long the rest of the training takes, from its first steps
             progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
 
         if step % args.log_every == 0 or step == args.total_steps:
