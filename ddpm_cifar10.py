@@ -20,6 +20,7 @@ Watch it:
     tensorboard --logdir runs
 """
 import argparse
+import atexit
 import contextlib
 import copy
 import hashlib
@@ -31,6 +32,7 @@ import pickle
 import random
 import shutil
 import signal
+import socket
 import sys
 import tarfile
 import time
@@ -38,7 +40,7 @@ import types
 import urllib.request
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
@@ -49,6 +51,9 @@ import tyro
 
 SCRIPT_NAME = "ddpm_cifar10.py"
 CHECKPOINT_FORMAT_VERSION = 1
+OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
+# A flag's unit, shown by --help beside it (--save-every STEPS) and read by the tests: one meaning per name.
+STEPS = tyro.conf.arg(metavar="STEPS")
 
 
 @dataclass
@@ -127,13 +132,13 @@ class Args:
     v's x0 estimate stays bounded at high noise, where eps's is divided by sqrt(abar_t); the samplers get eps"""
 
     # Training
-    total_steps: int = 800_000
+    total_steps: Annotated[int, STEPS] = 800_000
     """optimizer steps to train for"""
     batch_size: int = 128
     """global batch size (split across torchrun ranks)"""
     learning_rate: float = 2e-4
     """Adam learning rate"""
-    warmup_steps: int = 5000
+    warmup_steps: Annotated[int, STEPS] = 5000
     """linear learning-rate warmup steps"""
     max_grad_norm: float = 1.0
     """gradient clipping norm (0 turns it off)"""
@@ -143,11 +148,11 @@ class Args:
     ema_decay: float = 0.9999
     """EMA decay of the sampling weights, warmed up: step t uses min(decay, (1 + t) / (10 + t)) (the reference: no
     warm-up; the same at 800k steps)"""
-    log_every: int = 100
+    log_every: Annotated[int, STEPS] = 100
     """log losses and throughput every N steps"""
-    save_every: int = 10_000
+    save_every: Annotated[int, STEPS] = 10_000
     """write checkpoints/latest.pt every N steps"""
-    eval_every: int = 20_000
+    eval_every: Annotated[int, STEPS] = 20_000
     """sample a grid from the EMA model every N steps"""
 
     # Sampling and evaluation
@@ -1188,6 +1193,14 @@ def main(args: Args, given: set[str]):
         stop.restore()
         return
 
+    if step >= args.total_steps:  # a resumed run with nothing left to do says so and writes nothing (no purge)
+        if setup.is_main:
+            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps to train "
+                  f"on")
+        leave_process_group(setup.world_size)
+        stop.restore()
+        return
+
     # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, throughput
     writer = None
     if setup.is_main:
@@ -1214,7 +1227,8 @@ def main(args: Args, given: set[str]):
             raise non_finite_failure(f"before step {step}", run_dir)
         if setup.is_main:
             save_checkpoint(run_dir / "checkpoints" / "latest.pt", {
-                "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "args": asdict(args),
+                "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
+                "args": asdict(args),
                 "step": step, "model": model.state_dict(), "ema": ema_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "rng": rng_state(), "train_generator": train_generator.get_state(),
@@ -1224,8 +1238,6 @@ def main(args: Args, given: set[str]):
             print(f"saved checkpoint at step {step}", flush=True)
 
     # ---- train
-    if step >= args.total_steps and setup.is_main:  # a resumed run that has nothing left to do says so
-        print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps to train on")
     local_batch = args.batch_size // setup.world_size
     mine = slice(setup.rank * local_batch, (setup.rank + 1) * local_batch)
     first_step = step
@@ -1305,7 +1317,7 @@ def main(args: Args, given: set[str]):
 
 # ======================================================================================================================
 # BEGIN SHARED MACHINERY: byte-identical in all four cleanworlds scripts (tests/test_shared_blocks.py checks it).
-# The contract every script keeps (CONTRACT.md): flags and --config, checkpoints and RNG state, device, determinism
+# The promises every script keeps (docs/PROMISES.md): flags and --config, checkpoints and RNG state, device, determinism
 # and torchrun setup, the run folder and TensorBoard, signals, throughput and MFU, images, the entry point. It reads
 # the script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args, PRESETS, ARG_DOMAINS,
 # RESUME_MUTABLE_FIELDS, FLAG_ALIASES. diamond_atari.py runs one process per game: it never calls the torchrun parts
@@ -1326,7 +1338,14 @@ class StopRequested(Exception):
     """SIGTERM or SIGINT arrived during sampling, an evaluation or test episodes: the work is abandoned."""
 
 
+class Interrupted(BaseException):
+    """A second Ctrl-C: quit at once without saving (exit 130; the last checkpoint is intact: writes are atomic). A
+    BaseException, so that no `except Exception` on the way swallows it."""
+
+
 # ---- flags and config: defaults < --preset < --config < flags on the command line
+
+MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB
 
 
 def flag_field(token: str) -> Optional[str]:
@@ -1402,7 +1421,12 @@ def command_line_problem(argv: list[str], box: str) -> str:
 def read_config(path: str) -> dict:
     """--config: the config.json an earlier run wrote (a JSON object of Args fields); YAML when PyYAML is installed."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded: --config /dev/zero must not read forever
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise UserError(f"--config {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB: not a config; give the "
+                            f"config.json an earlier run wrote")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"--config {path} is not a text file: give the config.json an earlier run wrote") from None
     except OSError as e:
@@ -1549,9 +1573,9 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT_NAME:
         found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
         raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not of {SCRIPT_NAME}")
-    if checkpoint.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+    if checkpoint.get("format_version") not in (CHECKPOINT_FORMAT_VERSION, *OLDER_CHECKPOINT_FORMATS):
         raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this script reads "
-                        f"{CHECKPOINT_FORMAT_VERSION}")
+                        f"{', '.join(map(str, (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)))}")
     missing = sorted(CHECKPOINT_KEYS - set(checkpoint))
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of {SCRIPT_NAME}; resume from "
@@ -1560,6 +1584,11 @@ def load_checkpoint(path: Path) -> dict:
     if bad is not None:
         raise UserError(f"{path} holds non-finite values (in {bad}): it would sample or train on NaN; resume from an "
                         f"earlier checkpoint")
+    saved, now = checkpoint.get("versions", {}), library_versions()
+    changed = [f"{name} {saved[name]} -> {now[name]}" for name in now if saved.get(name, now[name]) != now[name]]
+    if changed:
+        print(f"notice: {path} was written under other library versions ({', '.join(changed)}): a resumed run may "
+              f"differ from an uninterrupted one")
     return checkpoint
 
 
@@ -1593,9 +1622,11 @@ def save_checkpoint(path: Path, state: dict):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+    except BaseException as e:  # a failed write (torch.save reports it as a RuntimeError), or a second Ctrl-C
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise TrainingFailure(f"cannot write checkpoint {path} ({reason}); "
                               f"{'the previous one is intact' if path.exists() else 'no checkpoint was saved'}: free "
@@ -1609,6 +1640,11 @@ def non_finite_failure(where: str, run_dir: Optional[Path]) -> TrainingFailure:
             else "no checkpoint was saved yet")
     return TrainingFailure(f"the loss or gradients became non-finite {where}; {kept} (try a lower --learning-rate "
                            f"or --dtype float32)")
+
+
+def library_versions() -> dict:
+    """What a checkpoint records of the software that wrote it: a resume under others may not be exact."""
+    return {"python": sys.version.split()[0], "torch": str(torch.__version__), "numpy": str(np.__version__)}
 
 
 def rng_state() -> dict:
@@ -1685,8 +1721,8 @@ def setup_device(args: Args) -> Setup:
     torch.backends.cudnn.benchmark = not args.torch_deterministic
     # No torch.use_deterministic_algorithms(True): the CPU's kernels are deterministic already at a fixed thread count
     # (exact resume is tested so), and on CUDA the strict algorithms cost more than 10% (measured on an H100,
-    # benchmark/RESULTS.md section 0: a DIAMOND imagination rollout 1.8x slower, a DDPM step 1.3x), which CONTRACT.md
-    # section 1 allows the CUDA default not to pay.
+    # benchmark/RESULTS.md section 0: a DIAMOND imagination rollout 1.8x slower, a DDPM step 1.3x), which
+    # docs/PROMISES.md section 5 allows the CUDA default not to pay.
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs on Ampere+: ~free speed for fp32 parts
     torch.backends.cudnn.allow_tf32 = True
     return Setup(device, world_size, rank, local_rank)
@@ -1715,13 +1751,25 @@ def leave_process_group(world_size: int):
 class StopFlag:
     """Installs SIGTERM and SIGINT handlers that set a flag instead of killing the process. The training loop stops at
     the next step boundary; sampling, evaluations and test episodes call check() inside their loops and are abandoned.
+    The first signal is acknowledged at once; a second SIGINT raises Interrupted (quit without saving); further
+    SIGTERMs change nothing (a scheduler's repeated preemption never aborts a save). `busy` names long work that
+    cannot stop midway (a compilation), so that the acknowledgement says what comes first.
     Install it before the run folder exists: a signal before it kills a process that has written nothing."""
 
+    keep_handlers = False  # run_main sets it: the handlers stay until the process exits
+
     def __init__(self):
-        self.requested = False
+        self.requested, self.finished, self.busy = False, False, ""
         self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def request(self, signum=None, frame=None):
+        if self.finished:  # the run is over and the process is exiting: nothing is left to stop
+            return
+        if self.requested and signum == signal.SIGINT:
+            raise Interrupted()
+        if not self.requested:
+            first = f"; {self.busy} must end first" if self.busy else ""
+            say_now(f"stopping after this step, then saving{first}; Ctrl-C again to quit without saving")
         self.requested = True
 
     def check(self):
@@ -1739,9 +1787,20 @@ class StopFlag:
         return self.requested
 
     def restore(self):
-        """Puts the previous handlers back (the scripts are importable: a caller keeps its own)."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        """Puts the previous handlers back (the scripts are importable: a caller keeps its own). Under run_main they
+        stay until the process exits and only stop listening: a signal while it exits does not kill it mid-write."""
+        self.finished = True
+        if not StopFlag.keep_handlers:
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+
+
+def say_now(message: str):
+    """A line written at once, also from a signal handler (os.write: a print there could re-enter a print)."""
+    try:
+        os.write(sys.stdout.fileno(), (message + "\n").encode())
+    except (OSError, ValueError, io.UnsupportedOperation):  # stdout is not a file (captured in a test)
+        print(message, flush=True)
 
 
 # ---- the run folder, TensorBoard, wandb
@@ -1761,10 +1820,52 @@ def create_run_dir(args: Args, run_id: str) -> Path:
     return run_dir
 
 
+def lock_run(run_dir: Path):
+    """One trainer per run: {run_dir}/train.lock holds this process's host and PID until it ends (close_writer, or at
+    exit). A lock of a live process, or of another host (whose processes cannot be checked), is refused; one a dead
+    process on this host left (after a SIGKILL) is taken over with a notice."""
+    lock, host, pid = run_dir / "train.lock", socket.gethostname(), os.getpid()
+    while True:
+        try:
+            with open(lock, "x") as f:
+                f.write(f"{host} {pid}\n")
+            atexit.register(unlock_run, run_dir)
+            return
+        except FileExistsError:
+            holder_host, _, holder = lock.read_text().strip().rpartition(" ")
+        if holder_host == host and holder == str(pid):  # this process already holds it (an in-process rerun)
+            return
+        alive = holder_host != host
+        if holder_host == host and holder.isdigit():
+            try:
+                os.kill(int(holder), 0)
+                alive = True
+            except PermissionError:  # another user's live process
+                alive = True
+            except ProcessLookupError:
+                alive = False
+        if alive:
+            raise UserError(f"{run_dir} is being trained by PID {holder} on host {holder_host} (lock file {lock}); "
+                            f"wait for it to end, or delete the lock file if that process is gone")
+        print(f"notice: taking over {lock}: PID {holder} on this host left it and is no longer running")
+        lock.unlink(missing_ok=True)
+
+
+def unlock_run(run_dir: Path):
+    """Removes the run's lock if this process holds it."""
+    lock = run_dir / "train.lock"
+    with contextlib.suppress(OSError):
+        if lock.read_text().strip() == f"{socket.gethostname()} {os.getpid()}":
+            lock.unlink()
+
+
 def open_writer(args: Args, run_dir: Path, step: int):
-    """TensorBoard (and wandb with --track) in the run folder. purge_step: a resumed run drops the points a killed run
-    logged after its last checkpoint, so that no point is logged twice."""
+    """TensorBoard (and wandb with --track) in the run folder, for the process that trains the run (lock_run: one at a
+    time). purge_step: a resumed run drops the points a killed run logged after its last checkpoint, so that no point
+    is logged twice; a process that only samples, evaluates or plays opens none."""
     from torch.utils.tensorboard import SummaryWriter
+
+    lock_run(run_dir)
 
     if args.track:
         import wandb
@@ -1781,6 +1882,7 @@ def open_writer(args: Args, run_dir: Path, step: int):
 def close_writer(args: Args, writer):
     if writer is not None:
         writer.close()
+        unlock_run(Path(writer.log_dir))
     if args.track:
         import wandb
 
@@ -2042,7 +2144,8 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = 15, min_side: int = 256
 
 def run_main(main: Callable):
     """Bad input: one line, exit 2. A fault during the run (non-finite loss, full disk, read-only folder): one line,
-    exit 1. Ctrl-C before the signal handlers are up: one line, exit 130. Under torchrun only rank 0 prints."""
+    exit 1. Ctrl-C before the signal handlers are up, or a second one after: one line, exit 130. Under torchrun only
+    rank 0 prints."""
     def fail(message: str, status: int):
         from tqdm import tqdm
 
@@ -2052,8 +2155,11 @@ def run_main(main: Callable):
             print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(status)
 
+    StopFlag.keep_handlers = True
     try:
         main(*parse_args())
+    except Interrupted:
+        fail("interrupted by a second Ctrl-C: quit without saving (the last checkpoint, if any, is intact)", 130)
     except UserError as e:
         fail(str(e), 2)
     except TrainingFailure as e:

@@ -11,6 +11,8 @@ The same with smaller or larger networks (TorchWM's presets; medium is the paper
     python diamond_atari.py --env-id Pong-v5 --preset small
 End to end in about 25 seconds on a CPU, offline (a shrunken protocol: small first epoch, short episodes):
     python diamond_atari.py --preset tiny
+The same on bsuite's Catch (a ball falls down a 10x5 grid; the paddle catches it or not) instead of an Atari game:
+    python diamond_atari.py --env-id Catch --preset tiny
 The whole agent from your own recorded episodes (one .npz per episode: a static dataset, nothing collected):
     python diamond_atari.py --env-id Breakout-v5 --dataset-dir path/to/episodes
 Only the world model, on a random policy's data or on your own recorded episodes:
@@ -27,6 +29,7 @@ Watch it (world_model/* says whether the world model beats copying the last fram
     tensorboard --logdir runs
 """
 import argparse
+import atexit
 import contextlib
 import difflib
 import io
@@ -36,6 +39,7 @@ import os
 import random
 import re
 import signal
+import socket
 import sys
 import time
 import types
@@ -52,6 +56,9 @@ import tyro
 
 SCRIPT_NAME = "diamond_atari.py"
 CHECKPOINT_FORMAT_VERSION = 3  # 2: global_step (the one TensorBoard step); 3: the imagined episodes
+OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
+# A flag's unit, shown by --help beside it (--save-every STEPS) and read by the tests: one meaning per name.
+EPOCHS, UPDATES = tyro.conf.arg(metavar="EPOCHS"), tyro.conf.arg(metavar="UPDATES")
 
 
 @dataclass
@@ -115,7 +122,8 @@ class Args:
 
     # Environment: Atari 100k as DIAMOND runs it
     env_id: Annotated[str, tyro.conf.arg(aliases=("--game",))] = "Breakout-v5"
-    """Atari game: Breakout-v5, ALE/Breakout-v5 or BreakoutNoFrameskip-v4 (same protocol); alias --game"""
+    """Atari game: Breakout-v5, ALE/Breakout-v5 or BreakoutNoFrameskip-v4 (same protocol); or Catch: bsuite's 10x5
+    Catch (CatchEnv), which ignores the Atari flags below; alias --game"""
     sticky_actions: bool = False
     """sticky actions (repeat_action_probability 0.25, the ALE v5 default); off in Atari 100k as DIAMOND runs it"""
     noop_max: int = 30
@@ -201,7 +209,7 @@ class Args:
     """weight of the entropy bonus"""
 
     # Training loop
-    num_epochs: Optional[int] = None
+    num_epochs: Annotated[Optional[int], EPOCHS] = None
     """the run length in epochs (each: collect, then train denoiser, reward/end model, actor-critic). Default: the
     Atari 100k schedule's length, the epochs that spend --env-step-budget plus --final-epochs-without-collection
     (1000 when the first collection is 5000 env steps; with --dataset-dir: --final-epochs-without-collection). A
@@ -240,7 +248,7 @@ class Args:
     """AdamW learning rate (all three components)"""
     adam_eps: float = 1e-8
     """AdamW epsilon"""
-    warmup_steps: int = 100
+    warmup_steps: Annotated[int, UPDATES] = 100
     """linear learning-rate warmup steps"""
     weight_decay: float = 1e-2
     """AdamW weight decay of the denoiser and the reward/end model (the actor-critic uses none)"""
@@ -248,16 +256,16 @@ class Args:
     """gradient clipping norm of the denoiser"""
     max_grad_norm: float = 100.0
     """gradient clipping norm of the reward/end model and the actor-critic"""
-    log_every: int = 100
+    log_every: Annotated[int, UPDATES] = 100
     """write the losses to TensorBoard every N gradient updates of a model (at the global step)"""
-    save_every: int = 1
+    save_every: Annotated[int, EPOCHS] = 1
     """write checkpoints/latest.pt every N epochs"""
-    save_agent_every: int = 5
+    save_agent_every: Annotated[int, EPOCHS] = 5
     """every N epochs: checkpoints/agent_epoch_NNNNN.pt, the actor-critic's weights alone (a learning curve of agents
     to evaluate; torch.load(path, weights_only=True) gives the state dict)"""
     num_agents_to_keep: int = 11
     """the newest N agent_epoch_*.pt files are kept"""
-    eval_every: int = 10
+    eval_every: Annotated[int, EPOCHS] = 10
     """every N epochs: test episodes, the world model's test-set losses and an imagined rollout beside the real one"""
     eval_episodes: int = 4
     """test episodes at each evaluation"""
@@ -409,10 +417,13 @@ def atari_games() -> list[str]:
 
 
 def canonical_env_id(env_id: str) -> tuple[str, str]:
-    """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 (or Breakout) -> ("Breakout", "Breakout-v5").
+    """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 (or Breakout) -> ("Breakout", "Breakout-v5"); Catch (or
+    catch) -> ("Catch", "Catch"): bsuite's Catch, not an ALE game.
 
     The spelling only names the game: the protocol (no sticky actions, our own frame skip) is the same for all three,
     and so is the id in the run name (which has no slash)."""
+    if env_id.strip().lower() == "catch":  # before atari_games(): a Catch run needs no emulator
+        return "Catch", "Catch"
     match = re.fullmatch(r"(?:ALE/)?([A-Za-z0-9]+?)(?:NoFrameskip-v4|-v5|-v4)?", env_id.strip())
     games = atari_games()
     if match and match.group(1) in games:
@@ -422,7 +433,7 @@ def canonical_env_id(env_id: str) -> tuple[str, str]:
                                       cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"games are named like {', '.join(spellings[:3])}, ..."
     raise UserError(f"unknown Atari env id {env_id!r}: {hint} (Breakout-v5, ALE/Breakout-v5 and "
-                    f"BreakoutNoFrameskip-v4 are accepted for every ALE game)")
+                    f"BreakoutNoFrameskip-v4 are accepted for every ALE game; Catch is bsuite's Catch)")
 
 
 class AtariEnv:
@@ -434,6 +445,7 @@ class AtariEnv:
     RGB resized to obs_size x obs_size with INTER_AREA. With end_on_life_loss (training), losing a life ends the
     episode (terminated) but not the game: the next episode continues from the same screen. Its whole state
     (emulator with its RNG, lives, counters, current observation) goes into checkpoints for an exact resume."""
+    ignored_flags = ()  # the Args fields this environment ignores (CatchEnv's: the Atari protocol's)
 
     def __init__(self, game: str, obs_size: int = 64, frame_skip: int = 4, noop_max: int = 30,
                  sticky_actions: bool = False, max_episode_steps: int = 27_000, end_on_life_loss: bool = True,
@@ -442,14 +454,19 @@ class AtariEnv:
         # max_num_frames_per_episode=0: the time limit is counted here, in agent steps, so that it is part of our state
         self.env = gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=0.25 if sticky_actions else 0.0,
                             full_action_space=False, max_num_frames_per_episode=0).unwrapped
-        self.ale = self.env.ale
+        self.ale, self.game = self.env.ale, game
         self.num_actions = int(self.env.action_space.n)  # the minimal action set
+        self.action_meanings = list(self.env.get_action_meanings())  # in action-index order: NOOP, FIRE, RIGHT, LEFT
         self.obs_size, self.frame_skip, self.noop_max = obs_size, frame_skip, noop_max
         self.max_episode_steps, self.end_on_life_loss = max_episode_steps, end_on_life_loss
         self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
         self.env.reset(seed=seed)  # seeds the emulator's RNG once; later game resets continue its stream
         self.game_over, self.lives, self.game_steps, self.game_return = True, 0, 0, 0.0
         self.obs = np.zeros((obs_size, obs_size, 3), dtype=np.uint8)
+
+    def normalized_score(self, score: float) -> Optional[float]:
+        """The human-normalised score of a game's return (None for a game without reference scores)."""
+        return human_normalized_score(self.game, score)
 
     def preprocess(self, frame: np.ndarray) -> np.ndarray:
         import cv2
@@ -508,13 +525,112 @@ class AtariEnv:
         self.obs = state["obs"].numpy().copy()
 
 
+class CatchEnv:
+    """bsuite's Catch (Osband et al. 2020; deepmind/bsuite, bsuite/environments/catch.py) as RGB frames, with
+    AtariEnv's interface.
+
+    A 10 rows x 5 columns grid: the ball starts in a random column of the top row and falls one row per step; the
+    paddle, on the bottom row, starts in the middle column and moves first, by bsuite's (-1, 0, +1) for the actions
+    LEFT, NOOP, RIGHT (0, 1, 2), clipped to the grid. When the ball reaches the bottom row (the 9th step) the episode,
+    which is the whole game, ends: reward +1 if the paddle is under the ball, else -1; 0 on every other step. The
+    ball's column is uniform, so a policy that does not look at it (a random one) catches 1 ball in 5.
+
+    Frames are uint8 (obs_size, obs_size, 3): each cell a square of obs_size // 10 pixels, the grid centred on a black
+    frame, empty cells dark grey, the paddle blue, the ball yellow (over the paddle when caught). The ball's columns
+    come from a numpy Generator seeded by `seed`; the whole state (ball, paddle, counters, the Generator's state as
+    plain numbers) goes into checkpoints for an exact resume."""
+    rows, columns = 10, 5
+    moves = (-1, 0, 1)  # bsuite's _ACTIONS: left, no-op, right
+    colours = {"cell": (40, 40, 40), "paddle": (40, 120, 255), "ball": (255, 220, 40)}
+    # Atari's protocol does not apply: no frames to skip, no no-op starts, no sticky actions, no lives, and the
+    # episode ends after 9 steps by the rules
+    ignored_flags = ("frame_skip", "noop_max", "sticky_actions", "max_episode_steps")
+
+    def __init__(self, obs_size: int = 64, seed: int = 0):
+        if obs_size < self.rows:
+            raise UserError(f"--obs-size {obs_size} is too small for Catch: give at least {self.rows} (a pixel per "
+                            f"cell of its {self.rows} rows)")
+        self.game, self.obs_size, self.cell = "Catch", obs_size, obs_size // self.rows
+        self.num_actions, self.action_meanings = 3, ["LEFT", "NOOP", "RIGHT"]
+        self.rng = np.random.default_rng(seed)
+        self.ball_row, self.ball_col, self.paddle_col = 0, 0, self.columns // 2
+        self.game_over, self.game_steps, self.game_return = True, 0, 0.0
+        self.obs = self.render()
+
+    def normalized_score(self, score: float) -> Optional[float]:
+        """None: Catch has no random/human reference scores (its raw score: a game's return is +1 or -1)."""
+        return None
+
+    def cell_pixels(self, row: int, col: int) -> tuple[slice, slice]:
+        """The frame's (rows, columns) of a grid cell, in pixels: the grid is centred in the square frame."""
+        top = (self.obs_size - self.rows * self.cell) // 2 + row * self.cell
+        left = (self.obs_size - self.columns * self.cell) // 2 + col * self.cell
+        return slice(top, top + self.cell), slice(left, left + self.cell)
+
+    def render(self) -> np.ndarray:
+        """The frame of the current state: uint8 (obs_size, obs_size, 3)."""
+        frame = np.zeros((self.obs_size, self.obs_size, 3), dtype=np.uint8)
+        top, left = (pixels.start for pixels in self.cell_pixels(0, 0))  # the grid: rows x columns adjacent cells
+        frame[top: top + self.rows * self.cell, left: left + self.columns * self.cell] = self.colours["cell"]
+        frame[self.cell_pixels(self.rows - 1, self.paddle_col)] = self.colours["paddle"]
+        frame[self.cell_pixels(self.ball_row, self.ball_col)] = self.colours["ball"]
+        return frame
+
+    def reset(self) -> np.ndarray:
+        """Starts a game after a game over (a new ball column; the paddle in the middle), else returns the frame."""
+        if self.game_over:
+            self.ball_row, self.ball_col = 0, int(self.rng.integers(self.columns))
+            self.paddle_col = self.columns // 2
+            self.game_over, self.game_steps, self.game_return = False, 0, 0.0
+            self.obs = self.render()
+        return self.obs
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool]:
+        """(obs, reward, terminated, truncated): the paddle moves, then the ball falls a row."""
+        self.paddle_col = min(max(self.paddle_col + self.moves[action], 0), self.columns - 1)
+        self.ball_row += 1
+        terminated = self.ball_row == self.rows - 1
+        reward = (1.0 if self.paddle_col == self.ball_col else -1.0) if terminated else 0.0
+        self.game_steps += 1
+        self.game_return += reward
+        self.game_over = terminated
+        self.obs = self.render()
+        return self.obs, reward, terminated, False
+
+    def state_dict(self) -> dict:
+        # the Generator's state: PCG64's 128-bit integers as plain Python ints (weights_only loads them)
+        return {"ball_row": self.ball_row, "ball_col": self.ball_col, "paddle_col": self.paddle_col,
+                "game_over": self.game_over, "game_steps": self.game_steps, "game_return": self.game_return,
+                "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict):
+        self.ball_row, self.ball_col, self.paddle_col = state["ball_row"], state["ball_col"], state["paddle_col"]
+        self.game_over, self.game_steps = state["game_over"], state["game_steps"]
+        self.game_return, self.rng.bit_generator.state = state["game_return"], state["rng"]
+        self.obs = self.render()  # the frame is a function of the state
+
+
+def make_env(args: Args, seed: int, generator: Optional[torch.Generator] = None,
+             training: bool = True) -> Union[AtariEnv, CatchEnv]:
+    """The real environment --env-id names, seeded by `seed`: an AtariEnv (DIAMOND's Atari 100k protocol; `generator`
+    draws its no-ops; in training a life lost ends the episode) or a CatchEnv. Either gives frames uint8
+    (obs_size, obs_size, 3) from reset() and step(action) -> (obs, reward, terminated, truncated), and carries what
+    the loop reads: num_actions, action_meanings, normalized_score(score), game_over, game_return and game_steps of the
+    game in progress, ignored_flags, state_dict() and load_state_dict() for checkpoints."""
+    game, _ = canonical_env_id(args.env_id)
+    if game == "Catch":
+        return CatchEnv(args.obs_size, seed)
+    return AtariEnv(game, args.obs_size, args.frame_skip, args.noop_max, args.sticky_actions, args.max_episode_steps,
+                    end_on_life_loss=training, generator=generator, seed=seed)
+
+
 EPISODE_KEYS = {"obs": np.uint8, "actions": np.int64, "rewards": np.float32, "terminated": np.bool_,
                 "truncated": np.bool_}
 
 
 def save_episode(path: Path, episode: dict):
-    """One .npz per episode (CONTRACT section 3), written atomically: obs uint8 (T+1, H, W, 3), actions int64 (T,),
-    rewards float32 (T,), terminated and truncated bool (T,)."""
+    """One .npz per episode (docs/PROMISES.md section 3), written atomically: obs uint8 (T+1, H, W, 3), actions
+    int64 (T,), rewards float32 (T,), terminated and truncated bool (T,)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
     with open(tmp, "wb") as f:
@@ -525,8 +641,9 @@ def save_episode(path: Path, episode: dict):
 
 
 def read_episode(path: Path, num_actions: int, fix: str) -> dict:
-    """An episode .npz (CONTRACT section 3), read with allow_pickle=False (a file cannot run code) and checked field by
-    field; a bad file is refused with one line naming it, the field and `fix`. Returns the fields in their dtypes."""
+    """An episode .npz (docs/PROMISES.md section 3), read with allow_pickle=False (a file cannot run code) and checked
+    field by field; a bad file is refused with one line naming it, the field and `fix`. Returns the fields in their
+    dtypes."""
     def bad(problem: str) -> UserError:
         return UserError(f"{path}: {problem}; {fix}")
 
@@ -1557,33 +1674,33 @@ def human_normalized_score(game: str, score: float) -> Optional[float]:
     return (score - random_score) / (human_score - random_score)
 
 
-def report_score(game: str, returns: list[float], what: str):
+def report_score(env: Union[AtariEnv, CatchEnv], returns: list[float], what: str):
     mean = float(np.mean(returns))
-    score = human_normalized_score(game, mean)
+    score = env.normalized_score(mean)
     line = f"{what}: mean return {mean:.2f} (std {np.std(returns):.2f})"
     if score is not None:
-        random_score, human_score = ATARI_SCORES[game]
+        random_score, human_score = ATARI_SCORES[env.game]
         line += (f"; human-normalised score {score:.3f} = ({mean:.2f} - random {random_score}) / "
                  f"(human {human_score} - random {random_score})")
     else:
-        line += f" ({game} has no random/human reference scores here: raw score only)"
+        line += f" ({env.game} has no random/human reference scores here: raw score only)"
     print(line, flush=True)
 
 
-def log_test_returns(writer, game: str, returns: list[float], step: int):
+def log_test_returns(writer, env: Union[AtariEnv, CatchEnv], returns: list[float], step: int):
     mean = float(np.mean(returns))
     writer.add_scalar("eval/episodic_return", mean, step)
     writer.add_scalar("eval/num_test_episodes", len(returns), step)
-    score = human_normalized_score(game, mean)
+    score = env.normalized_score(mean)
     if score is not None:
         writer.add_scalar("eval/human_normalized_score", score, step)
 
 
 @torch.no_grad()
-def run_test_episodes(actor_critic: ActorCritic, game: str, args: Args, num_episodes: int, seed: int,
+def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, seed: int,
                       device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16,
                       check: Callable[[], None] = lambda: None, record: Optional[list] = None) -> list[float]:
-    """Full games (life loss does not end them), epsilon 0, actions sampled from the policy; up to max_parallel games
+    """Full games of --env-id (life loss does not end them), epsilon 0, actions sampled from the policy; up to max_parallel games
     at once with a batched policy. Seeded by `seed` only, so that evaluating never moves the training RNGs. check()
     is called at every step (StopFlag.check: a signal abandons the episodes within a step). With `record`, each
     game is appended to it as an episode dict (obs, actions, rewards, terminated, truncated)."""
@@ -1591,9 +1708,7 @@ def run_test_episodes(actor_critic: ActorCritic, game: str, args: Args, num_epis
     returns = []
     while len(returns) < num_episodes:
         n = min(max_parallel, num_episodes - len(returns))
-        envs = [AtariEnv(game, args.obs_size, args.frame_skip, args.noop_max, args.sticky_actions,
-                         args.max_episode_steps, end_on_life_loss=False, generator=generator,
-                         seed=seed * 1000 + len(returns) + i) for i in range(n)]
+        envs = [make_env(args, seed * 1000 + len(returns) + i, generator, training=False) for i in range(n)]
         obs = [env.reset() for env in envs]
         episodes = [{"obs": [o.copy()], "actions": [], "rewards": [], "terminated": [], "truncated": []} for o in obs]
         hidden, active = None, list(range(n))
@@ -1761,7 +1876,8 @@ class Collector:
     replay buffer as its newest), the actor's LSTM state, the env step count, and the held-out transitions: those
     collected since the world model was last measured, which it has never trained on."""
 
-    def __init__(self, env: AtariEnv, buffer: ReplayBuffer, generator: torch.Generator, device: torch.device):
+    def __init__(self, env: Union[AtariEnv, CatchEnv], buffer: ReplayBuffer, generator: torch.Generator,
+                 device: torch.device):
         self.env, self.buffer, self.generator, self.device = env, buffer, generator, device
         self.partial: Optional[dict] = None  # lists of obs, actions, rewards, terminated, truncated
         self.hidden = None  # the actor's LSTM state
@@ -1947,7 +2063,6 @@ class Run:
     exploration, replay sampling; generator: diffusion noise, imagination), the replay buffer, the models and
     their learners, the imagined environments, the TensorBoard writer and the stop flag."""
     args: Args
-    game: str
     device: torch.device
     autocast: object
     generator: torch.Generator
@@ -2118,7 +2233,7 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
             run.stop.check()
             progress.update(1)
 
-        returns = run_test_episodes(run.learners["actor_critic"].model, run.game, args, args.eval_episodes,
+        returns = run_test_episodes(run.learners["actor_critic"].model, args, args.eval_episodes,
                                     args.seed * 7919 + epoch, run.device, run.autocast, check=check,
                                     record=test_episodes)
         progress.close()
@@ -2135,7 +2250,7 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
     test_losses = test_set_losses(denoiser, reward_end_model, held_out, ids, args, run.device,
                                   args.seed * 7919 + epoch, run.checked_net, run.autocast) if ids else {}
     # a strip: real on top, imagined below, each row named and each column headed by the action taken into it
-    meanings = run.collector.env.env.get_action_meanings()
+    meanings = run.collector.env.action_meanings
     names = [meanings[a].lower() for a in taken]
     strip = labelled_rows([real, imagined], ["real", "imagined"], names)
     run.writer.add_image("samples/imagined_vs_real", strip, pos.global_step, dataformats="HWC")
@@ -2151,7 +2266,7 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
         log.add(f"eval/{key}", value)
     if returns is not None:
         log.add("eval/episodic_return", float(np.mean(returns)))
-        score = human_normalized_score(run.game, float(np.mean(returns)))
+        score = run.collector.env.normalized_score(float(np.mean(returns)))
         if score is not None:
             log.add("eval/human_normalized_score", score)
 
@@ -2207,25 +2322,26 @@ def denoiser_update_flops(args: Args, num_actions: int) -> float:
         lambda: build_models(args, num_actions)[0].net, *example)
 
 
-def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCritic, game: str, device: torch.device,
-              autocast, stop):
-    """--eval-only: the checkpoint's agent plays --test-episodes full games; the score goes into the run's TensorBoard
-    at the checkpoint's global step. A signal abandons the episodes and logs nothing."""
+def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv],
+              device: torch.device, autocast, stop):
+    """--eval-only: the checkpoint's agent plays --test-episodes full games; the score (and env's normalised score,
+    where it has one) goes into the run's TensorBoard at the checkpoint's global step. A signal abandons the episodes
+    and logs nothing."""
     completed = checkpoint["epoch"] - 1
     print(f"running {args.test_episodes} test episodes with the agent of epoch {completed} ...", flush=True)
     try:
-        returns = run_test_episodes(actor_critic, game, args, args.test_episodes, args.seed * 7919 + 1_000_003,
-                                    device, autocast, check=stop.check)
+        returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003, device,
+                                    autocast, check=stop.check)
     except StopRequested:
         print("stopped by signal during the test episodes; nothing was logged", flush=True)
         return
     finally:
         stop.restore()
-    report_score(game, returns, f"{args.test_episodes} test episodes with the agent of epoch {completed}")
+    report_score(env, returns, f"{args.test_episodes} test episodes with the agent of epoch {completed}")
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(run_dir)) as writer:
-        log_test_returns(writer, game, returns, checkpoint["global_step"])
+        log_test_returns(writer, env, returns, checkpoint["global_step"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -2237,12 +2353,6 @@ ACTION_LETTERS = {"NOOP": "N", "FIRE": "F", "UP": "U", "DOWN": "D", "LEFT": "L",
                   "UPRIGHT": "E", "DOWNLEFT": "Z", "DOWNRIGHT": "C", "UPFIRE": "u", "DOWNFIRE": "d", "LEFTFIRE": "l",
                   "RIGHTFIRE": "r", "UPLEFTFIRE": "q", "UPRIGHTFIRE": "e", "DOWNLEFTFIRE": "z", "DOWNRIGHTFIRE": "c"}
 RESTART_LETTER = "/"
-
-
-def action_meanings(game: str) -> list[str]:
-    """The names of the game's minimal action set, in action-index order (NOOP, FIRE, RIGHT, LEFT for Breakout)."""
-    gym = import_gym()
-    return list(gym.make(f"ALE/{game}-v5").unwrapped.get_action_meanings())
 
 
 def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
@@ -2365,11 +2475,11 @@ class ImaginedGame:
 
 class RealGame:
     """The real game (DIAMOND's protocol, training episodes: a life lost ends an episode) with the same interface.
-    While recording, each episode is kept as the episode .npz fields (CONTRACT section 3); an episode cut short (the
-    recording stopped, a restart) is marked truncated at its last step."""
+    While recording, each episode is kept as the episode .npz fields (docs/PROMISES.md section 3); an episode cut
+    short (the recording stopped, a restart) is marked truncated at its last step."""
     name = "real game"
 
-    def __init__(self, env: "AtariEnv"):
+    def __init__(self, env: Union[AtariEnv, CatchEnv]):
         self.env, self.recording, self.finished = env, False, []
         self.episode = None
 
@@ -2569,7 +2679,7 @@ def play_starts(args: Args, run_dir: Path, checkpoint: dict, num_actions: int, d
 
 
 def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser, reward_end_model: RewardEndModel,
-         game: str, meanings: list[str], device: torch.device, autocast):
+         meanings: list[str], device: torch.device, autocast):
     """--play: the world model of a checkpoint as a game, in a window or (--play-keys) headless."""
     steps = parse_play_keys(args.play_keys, meanings) if args.play_keys is not None else None
     if steps is None:
@@ -2590,8 +2700,7 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser, reward
                 return reward_end_model(*inputs)
 
     games = {"imagined": lambda: ImaginedGame(next_frame, starts, RewardEnd(), cpu_generator),
-             "real": lambda: RealGame(AtariEnv(game, args.obs_size, args.frame_skip, args.noop_max,
-                                               args.sticky_actions, args.max_episode_steps, seed=args.seed))}
+             "real": lambda: RealGame(make_env(args, args.seed))}
     out_dir = run_dir / "play"
     print("keys: " + ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings) + (
         f", {RESTART_LETTER} restart (--play-keys letters)" if steps is not None else
@@ -2649,7 +2758,7 @@ def main(args: Args, given: set[str]):
     # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, environment, models
     checkpoint, run_dir = None, None
     if args.episode_to_mp4 is not None:  # a file conversion: nothing else runs
-        return episode_to_mp4(args.episode_to_mp4, action_meanings(canonical_env_id(args.env_id)[0]))
+        return episode_to_mp4(args.episode_to_mp4, make_env(args, args.seed).action_meanings)
     if args.play and args.play_keys is None:
         import_pygame()  # a windowed session without pygame: one line, before any loading
     if args.resume:
@@ -2668,9 +2777,12 @@ def main(args: Args, given: set[str]):
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # diffusion noise, imagination
     stop = StopFlag()  # from here on SIGTERM/SIGINT finish the step (or abandon an evaluation), save and exit 0
 
-    env = AtariEnv(game, args.obs_size, args.frame_skip, args.noop_max, args.sticky_actions, args.max_episode_steps,
-                   end_on_life_loss=True, generator=cpu_generator, seed=args.seed)
+    env = make_env(args, args.seed, cpu_generator)
     num_actions = env.num_actions  # the game's minimal action set sizes the networks
+    ignored = [f"--{name.replace('_', '-')}" for name in env.ignored_flags if name in given]
+    if ignored:  # given on the command line, not only defaults or a preset's
+        print(f"notice: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect on {game} (Atari "
+              f"protocol flags)", flush=True)
     denoiser, reward_end_model, actor_critic = (m.to(device) for m in build_models(args, num_actions))
     models = {"denoiser": denoiser, "reward_end": reward_end_model, "actor_critic": actor_critic}
     learners = build_learners(args, models, setup.use_cuda)
@@ -2698,11 +2810,10 @@ def main(args: Args, given: set[str]):
     denoiser_net = torch.compile(denoiser.net) if args.compile else denoiser.net
 
     if args.eval_only:  # the checkpoint's agent plays --test-episodes full games
-        return eval_only(args, checkpoint, run_dir, actor_critic, game, device, autocast, stop)
+        return eval_only(args, checkpoint, run_dir, actor_critic, env, device, autocast, stop)
     if args.play or args.play_keys is not None:  # the world model as a game: a window, or headless with --play-keys
         stop.restore()
-        return play(args, run_dir, checkpoint, denoiser, reward_end_model, game, env.env.get_action_meanings(),
-                    device, autocast)
+        return play(args, run_dir, checkpoint, denoiser, reward_end_model, env.action_meanings, device, autocast)
 
     # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, episodes
     run_dir = run_dir or create_run_dir(args, env_name)
@@ -2724,7 +2835,7 @@ def main(args: Args, given: set[str]):
     if checkpoint is not None:
         wm_env.load_state_dict(checkpoint["imagination"])
     graphs = imagination_graphs(args, setup, wm_env, actor_critic, stop)  # the compiled imagination step, or None
-    run = Run(args, game, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net,
+    run = Run(args, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net,
               wm_env, graphs, collector, writer, stop, run_dir, denoiser_update_flops(args, num_actions),
               peak_flops(setup, args.dtype))
     print(f"run folder: {run_dir}")
@@ -2742,8 +2853,8 @@ def main(args: Args, given: set[str]):
         if not log.finite():  # never write NaN weights over a good checkpoint
             raise non_finite_failure(f"in {pos}", run_dir)
         save_checkpoint(run_dir / "checkpoints" / "latest.pt", {
-            "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "args": asdict(args),
-            **pos.state_dict(), **collector.state_dict(), **log.state_dict(),
+            "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
+            "args": asdict(args), **pos.state_dict(), **collector.state_dict(), **log.state_dict(),
             "num_buffer_files": len(buffer.episodes) if args.dataset_dir is None else 0,
             **learners_state(learners), "rng": rng_state(), "cpu_generator": cpu_generator.get_state(),
             "generator": generator.get_state().cpu(), "imagination": wm_env.state_dict(),
@@ -2793,13 +2904,13 @@ def main(args: Args, given: set[str]):
     # ---- the test: the score the paper reports (full games, epsilon 0), then teardown
     if not stop.requested and not args.world_model_only:
         try:
-            returns = run_test_episodes(actor_critic, game, args, args.test_episodes, args.seed * 7919 + 1_000_003,
-                                        device, autocast, check=stop.check)
-            report_score(game, returns, f"{args.test_episodes} test episodes after {run.num_epochs} epochs, "
+            returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003, device,
+                                        autocast, check=stop.check)
+            report_score(env, returns, f"{args.test_episodes} test episodes after {run.num_epochs} epochs, "
                                         f"{collector.env_steps} env steps" + (
                                             " (real-game test episodes: this script's addition, DIAMOND plays none "
                                             "with a static dataset)" if args.dataset_dir else ""))
-            log_test_returns(writer, game, returns, pos.global_step)
+            log_test_returns(writer, env, returns, pos.global_step)
         except StopRequested:  # the checkpoint after the last epoch is saved: --eval-only runs the test again
             print(f"stopped by signal at the test episodes after epoch {run.num_epochs}; run them with --resume "
                   f"{run_dir} --eval-only", flush=True)
@@ -2810,7 +2921,7 @@ def main(args: Args, given: set[str]):
 
 # ======================================================================================================================
 # BEGIN SHARED MACHINERY: byte-identical in all four cleanworlds scripts (tests/test_shared_blocks.py checks it).
-# The contract every script keeps (CONTRACT.md): flags and --config, checkpoints and RNG state, device, determinism
+# The promises every script keeps (docs/PROMISES.md): flags and --config, checkpoints and RNG state, device, determinism
 # and torchrun setup, the run folder and TensorBoard, signals, throughput and MFU, images, the entry point. It reads
 # the script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args, PRESETS, ARG_DOMAINS,
 # RESUME_MUTABLE_FIELDS, FLAG_ALIASES. diamond_atari.py runs one process per game: it never calls the torchrun parts
@@ -2831,7 +2942,14 @@ class StopRequested(Exception):
     """SIGTERM or SIGINT arrived during sampling, an evaluation or test episodes: the work is abandoned."""
 
 
+class Interrupted(BaseException):
+    """A second Ctrl-C: quit at once without saving (exit 130; the last checkpoint is intact: writes are atomic). A
+    BaseException, so that no `except Exception` on the way swallows it."""
+
+
 # ---- flags and config: defaults < --preset < --config < flags on the command line
+
+MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB
 
 
 def flag_field(token: str) -> Optional[str]:
@@ -2907,7 +3025,12 @@ def command_line_problem(argv: list[str], box: str) -> str:
 def read_config(path: str) -> dict:
     """--config: the config.json an earlier run wrote (a JSON object of Args fields); YAML when PyYAML is installed."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded: --config /dev/zero must not read forever
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise UserError(f"--config {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB: not a config; give the "
+                            f"config.json an earlier run wrote")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"--config {path} is not a text file: give the config.json an earlier run wrote") from None
     except OSError as e:
@@ -3054,9 +3177,9 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT_NAME:
         found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
         raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not of {SCRIPT_NAME}")
-    if checkpoint.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+    if checkpoint.get("format_version") not in (CHECKPOINT_FORMAT_VERSION, *OLDER_CHECKPOINT_FORMATS):
         raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this script reads "
-                        f"{CHECKPOINT_FORMAT_VERSION}")
+                        f"{', '.join(map(str, (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)))}")
     missing = sorted(CHECKPOINT_KEYS - set(checkpoint))
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of {SCRIPT_NAME}; resume from "
@@ -3065,6 +3188,11 @@ def load_checkpoint(path: Path) -> dict:
     if bad is not None:
         raise UserError(f"{path} holds non-finite values (in {bad}): it would sample or train on NaN; resume from an "
                         f"earlier checkpoint")
+    saved, now = checkpoint.get("versions", {}), library_versions()
+    changed = [f"{name} {saved[name]} -> {now[name]}" for name in now if saved.get(name, now[name]) != now[name]]
+    if changed:
+        print(f"notice: {path} was written under other library versions ({', '.join(changed)}): a resumed run may "
+              f"differ from an uninterrupted one")
     return checkpoint
 
 
@@ -3098,9 +3226,11 @@ def save_checkpoint(path: Path, state: dict):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+    except BaseException as e:  # a failed write (torch.save reports it as a RuntimeError), or a second Ctrl-C
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise TrainingFailure(f"cannot write checkpoint {path} ({reason}); "
                               f"{'the previous one is intact' if path.exists() else 'no checkpoint was saved'}: free "
@@ -3114,6 +3244,11 @@ def non_finite_failure(where: str, run_dir: Optional[Path]) -> TrainingFailure:
             else "no checkpoint was saved yet")
     return TrainingFailure(f"the loss or gradients became non-finite {where}; {kept} (try a lower --learning-rate "
                            f"or --dtype float32)")
+
+
+def library_versions() -> dict:
+    """What a checkpoint records of the software that wrote it: a resume under others may not be exact."""
+    return {"python": sys.version.split()[0], "torch": str(torch.__version__), "numpy": str(np.__version__)}
 
 
 def rng_state() -> dict:
@@ -3190,8 +3325,8 @@ def setup_device(args: Args) -> Setup:
     torch.backends.cudnn.benchmark = not args.torch_deterministic
     # No torch.use_deterministic_algorithms(True): the CPU's kernels are deterministic already at a fixed thread count
     # (exact resume is tested so), and on CUDA the strict algorithms cost more than 10% (measured on an H100,
-    # benchmark/RESULTS.md section 0: a DIAMOND imagination rollout 1.8x slower, a DDPM step 1.3x), which CONTRACT.md
-    # section 1 allows the CUDA default not to pay.
+    # benchmark/RESULTS.md section 0: a DIAMOND imagination rollout 1.8x slower, a DDPM step 1.3x), which
+    # docs/PROMISES.md section 5 allows the CUDA default not to pay.
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs on Ampere+: ~free speed for fp32 parts
     torch.backends.cudnn.allow_tf32 = True
     return Setup(device, world_size, rank, local_rank)
@@ -3220,13 +3355,25 @@ def leave_process_group(world_size: int):
 class StopFlag:
     """Installs SIGTERM and SIGINT handlers that set a flag instead of killing the process. The training loop stops at
     the next step boundary; sampling, evaluations and test episodes call check() inside their loops and are abandoned.
+    The first signal is acknowledged at once; a second SIGINT raises Interrupted (quit without saving); further
+    SIGTERMs change nothing (a scheduler's repeated preemption never aborts a save). `busy` names long work that
+    cannot stop midway (a compilation), so that the acknowledgement says what comes first.
     Install it before the run folder exists: a signal before it kills a process that has written nothing."""
 
+    keep_handlers = False  # run_main sets it: the handlers stay until the process exits
+
     def __init__(self):
-        self.requested = False
+        self.requested, self.finished, self.busy = False, False, ""
         self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def request(self, signum=None, frame=None):
+        if self.finished:  # the run is over and the process is exiting: nothing is left to stop
+            return
+        if self.requested and signum == signal.SIGINT:
+            raise Interrupted()
+        if not self.requested:
+            first = f"; {self.busy} must end first" if self.busy else ""
+            say_now(f"stopping after this step, then saving{first}; Ctrl-C again to quit without saving")
         self.requested = True
 
     def check(self):
@@ -3244,9 +3391,20 @@ class StopFlag:
         return self.requested
 
     def restore(self):
-        """Puts the previous handlers back (the scripts are importable: a caller keeps its own)."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        """Puts the previous handlers back (the scripts are importable: a caller keeps its own). Under run_main they
+        stay until the process exits and only stop listening: a signal while it exits does not kill it mid-write."""
+        self.finished = True
+        if not StopFlag.keep_handlers:
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+
+
+def say_now(message: str):
+    """A line written at once, also from a signal handler (os.write: a print there could re-enter a print)."""
+    try:
+        os.write(sys.stdout.fileno(), (message + "\n").encode())
+    except (OSError, ValueError, io.UnsupportedOperation):  # stdout is not a file (captured in a test)
+        print(message, flush=True)
 
 
 # ---- the run folder, TensorBoard, wandb
@@ -3266,10 +3424,52 @@ def create_run_dir(args: Args, run_id: str) -> Path:
     return run_dir
 
 
+def lock_run(run_dir: Path):
+    """One trainer per run: {run_dir}/train.lock holds this process's host and PID until it ends (close_writer, or at
+    exit). A lock of a live process, or of another host (whose processes cannot be checked), is refused; one a dead
+    process on this host left (after a SIGKILL) is taken over with a notice."""
+    lock, host, pid = run_dir / "train.lock", socket.gethostname(), os.getpid()
+    while True:
+        try:
+            with open(lock, "x") as f:
+                f.write(f"{host} {pid}\n")
+            atexit.register(unlock_run, run_dir)
+            return
+        except FileExistsError:
+            holder_host, _, holder = lock.read_text().strip().rpartition(" ")
+        if holder_host == host and holder == str(pid):  # this process already holds it (an in-process rerun)
+            return
+        alive = holder_host != host
+        if holder_host == host and holder.isdigit():
+            try:
+                os.kill(int(holder), 0)
+                alive = True
+            except PermissionError:  # another user's live process
+                alive = True
+            except ProcessLookupError:
+                alive = False
+        if alive:
+            raise UserError(f"{run_dir} is being trained by PID {holder} on host {holder_host} (lock file {lock}); "
+                            f"wait for it to end, or delete the lock file if that process is gone")
+        print(f"notice: taking over {lock}: PID {holder} on this host left it and is no longer running")
+        lock.unlink(missing_ok=True)
+
+
+def unlock_run(run_dir: Path):
+    """Removes the run's lock if this process holds it."""
+    lock = run_dir / "train.lock"
+    with contextlib.suppress(OSError):
+        if lock.read_text().strip() == f"{socket.gethostname()} {os.getpid()}":
+            lock.unlink()
+
+
 def open_writer(args: Args, run_dir: Path, step: int):
-    """TensorBoard (and wandb with --track) in the run folder. purge_step: a resumed run drops the points a killed run
-    logged after its last checkpoint, so that no point is logged twice."""
+    """TensorBoard (and wandb with --track) in the run folder, for the process that trains the run (lock_run: one at a
+    time). purge_step: a resumed run drops the points a killed run logged after its last checkpoint, so that no point
+    is logged twice; a process that only samples, evaluates or plays opens none."""
     from torch.utils.tensorboard import SummaryWriter
+
+    lock_run(run_dir)
 
     if args.track:
         import wandb
@@ -3286,6 +3486,7 @@ def open_writer(args: Args, run_dir: Path, step: int):
 def close_writer(args: Args, writer):
     if writer is not None:
         writer.close()
+        unlock_run(Path(writer.log_dir))
     if args.track:
         import wandb
 
@@ -3547,7 +3748,8 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = 15, min_side: int = 256
 
 def run_main(main: Callable):
     """Bad input: one line, exit 2. A fault during the run (non-finite loss, full disk, read-only folder): one line,
-    exit 1. Ctrl-C before the signal handlers are up: one line, exit 130. Under torchrun only rank 0 prints."""
+    exit 1. Ctrl-C before the signal handlers are up, or a second one after: one line, exit 130. Under torchrun only
+    rank 0 prints."""
     def fail(message: str, status: int):
         from tqdm import tqdm
 
@@ -3557,8 +3759,11 @@ def run_main(main: Callable):
             print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(status)
 
+    StopFlag.keep_handlers = True
     try:
         main(*parse_args())
+    except Interrupted:
+        fail("interrupted by a second Ctrl-C: quit without saving (the last checkpoint, if any, is intact)", 130)
     except UserError as e:
         fail(str(e), 2)
     except TrainingFailure as e:

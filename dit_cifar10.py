@@ -23,6 +23,7 @@ Watch it:
     tensorboard --logdir runs
 """
 import argparse
+import atexit
 import contextlib
 import copy
 import hashlib
@@ -34,6 +35,7 @@ import pickle
 import random
 import shutil
 import signal
+import socket
 import sys
 import tarfile
 import time
@@ -41,7 +43,7 @@ import types
 import urllib.request
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
@@ -51,7 +53,10 @@ import torch.nn.functional as F
 import tyro
 
 SCRIPT_NAME = "dit_cifar10.py"
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2  # 2: the run length and cadence in optimizer steps (1: in epochs)
+OLDER_CHECKPOINT_FORMATS = (1,)  # formats a resume converts (run_length_in_steps)
+# A flag's unit, shown by --help beside it (--save-every STEPS) and read by the tests: one meaning per name.
+STEPS, EPOCHS = tyro.conf.arg(metavar="STEPS"), tyro.conf.arg(metavar="EPOCHS")
 
 
 @dataclass
@@ -131,15 +136,18 @@ class Args:
     """beta_T of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps, capped at 0.999"""
 
     # Training
-    epochs: int = 100
-    """passes over the dataset (the last partial batch of each epoch is dropped)"""
+    total_steps: Annotated[Optional[int], STEPS] = None
+    """optimizer steps to train for (default: --epochs 100, converted to steps)"""
+    epochs: Annotated[Optional[int], EPOCHS] = None
+    """the run length in passes over the data (the seed's unit): --total-steps = ceil(epochs N / batch) for N images;
+    100 when --total-steps is not given; not both"""
     batch_size: int = 128
     """global batch size (split across torchrun ranks)"""
     learning_rate: float = 1e-4
     """AdamW learning rate"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
-    warmup_steps: int = 0
+    warmup_steps: Annotated[int, STEPS] = 0
     """linear learning-rate warmup steps (0: none, as the reference DiT)"""
     max_grad_norm: float = 0.0
     """gradient clipping norm (0 turns it off, as the reference DiT)"""
@@ -149,12 +157,12 @@ class Args:
     ema_decay: float = 0.9999
     """EMA decay of the sampling weights, warmed up: step t uses min(decay, (1 + t) / (10 + t)) (the reference DiT: no
     warm-up; the same at 400k steps)"""
-    log_every: int = 100
+    log_every: Annotated[int, STEPS] = 100
     """log losses and throughput every N optimizer steps"""
-    save_every: int = 1
-    """write checkpoints/latest.pt every N epochs"""
-    eval_every: int = 10
-    """sample a grid (one row per class) from the EMA model every N epochs"""
+    save_every: Annotated[int, STEPS] = 2000
+    """write checkpoints/latest.pt every N optimizer steps"""
+    eval_every: Annotated[int, STEPS] = 4000
+    """sample a grid (one row per class) from the EMA model every N optimizer steps"""
 
     # Sampling and evaluation
     sampler: Literal["ddpm", "ddim", "dpm++"] = "ddpm"
@@ -182,8 +190,9 @@ class Args:
 PRESETS = {
     # tiny keeps the paper's EMA decay 0.9999: the warm-up (ema_decay_at) makes it follow a 1,024-step run.
     "tiny": dict(
-        dataset="shapes", img_size=16, num_shapes_images=512, patch=4, width=64, depth=3, heads=4, epochs=64,
-        batch_size=32, learning_rate=2e-3, log_every=16, save_every=16, eval_every=32, sampler="ddim",
+        dataset="shapes", img_size=16, num_shapes_images=512, patch=4, width=64, depth=3, heads=4,
+        total_steps=1024, batch_size=32, learning_rate=2e-3, log_every=16, save_every=256, eval_every=512,
+        sampler="ddim",
         num_sampling_steps=20, cfg_scale=3.0, samples_per_class=4, num_samples=16, fid_num_samples=64,
         sample_batch_size=64,
     ),
@@ -193,8 +202,9 @@ PRESETS = {
     # evaluation, guided and at guidance 1 (eval/judge_*): guidance is what draws the asked class at this budget
     # (RESULTS 2d: class accuracy 0.78 guided, 0.50 at guidance 1, at step 2048).
     "cpu": dict(
-        dataset="shapes", img_size=16, num_shapes_images=4096, patch=2, width=128, depth=4, heads=4, epochs=32,
-        batch_size=64, learning_rate=1e-3, ema_decay=0.999, log_every=32, save_every=4, eval_every=8,
+        dataset="shapes", img_size=16, num_shapes_images=4096, patch=2, width=128, depth=4, heads=4,
+        total_steps=2048, batch_size=64, learning_rate=1e-3, ema_decay=0.999, log_every=32, save_every=256,
+        eval_every=512,
         sampler="ddim", num_sampling_steps=50, cfg_scale=3.0, samples_per_class=12, num_samples=120,
         fid_num_samples=2000, sample_batch_size=120,
     ),
@@ -204,7 +214,7 @@ PRESETS = {
 }
 # Flags that may change when a run is resumed: the run length, checkpoint/eval cadence, logging and sampling.
 RESUME_MUTABLE_FIELDS = {
-    "epochs", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity",
+    "total_steps", "epochs", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity",
     "sample_only", "num_samples", "sampler", "num_sampling_steps", "ddim_eta", "cfg_scale", "class_label",
     "samples_per_class", "eval_fid", "fid_num_samples", "sample_batch_size", "cuda", "compile", "config", "output_dir",
     "data_dir", "download",
@@ -219,7 +229,8 @@ CHECKPOINT_KEYS = {"args", "step", "model", "ema", "optimizer", "scheduler", "sc
 ARG_DOMAINS = {
     "seed": ">= 0", "img_size": ">= 1", "num_shapes_images": ">= 1", "num_classes": ">= 0", "patch": ">= 1",
     "width": ">= 1", "depth": ">= 1", "heads": ">= 1", "mlp_ratio": "> 0", "class_dropout": "[0, 1)",
-    "timesteps": ">= 1", "beta_start": "(0, 1)", "beta_end": "(0, 1)", "epochs": ">= 1", "batch_size": ">= 1",
+    "timesteps": ">= 1", "beta_start": "(0, 1)", "beta_end": "(0, 1)", "total_steps": ">= 1", "epochs": ">= 1",
+    "batch_size": ">= 1",
     "learning_rate": "> 0", "weight_decay": ">= 0", "warmup_steps": ">= 0", "max_grad_norm": ">= 0",
     "ema_decay": "[0, 1]", "log_every": ">= 1", "save_every": ">= 1", "eval_every": ">= 1",
     "num_sampling_steps": ">= 1", "ddim_eta": "[0, 1]", "cfg_scale": ">= 0", "class_label": ">= 0",
@@ -511,10 +522,14 @@ def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
 
 
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
-    """Indices of the step-th global batch: each epoch is one permutation cut into num_items // batch_size batches,
-    the last partial batch dropped (as the reference DiT's DataLoader(drop_last=True))."""
-    epoch, index = divmod(step, num_items // batch_size)
-    return epoch_permutation(num_items, epoch, seed)[index * batch_size: (index + 1) * batch_size]
+    """Indices of the step-th global batch in an endless stream of per-epoch permutations (batches cross epochs)."""
+    position, chunks = step * batch_size, []
+    while batch_size > 0:
+        epoch, offset = divmod(position, num_items)
+        take = min(batch_size, num_items - offset)
+        chunks.append(epoch_permutation(num_items, epoch, seed)[offset: offset + take])
+        position, batch_size = position + take, batch_size - take
+    return torch.cat(chunks)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1160,9 +1175,28 @@ def ema_decay_at(step: int, decay: float) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
-def epoch_label(step: int, steps_per_epoch: int) -> str:
-    """'3', or '3.25' when a signal stopped the run inside an epoch."""
-    return str(step // steps_per_epoch) if step % steps_per_epoch == 0 else f"{step / steps_per_epoch:.2f}"
+def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint: Optional[dict]) -> Args:
+    """The run length and cadence in optimizer steps. --epochs (the seed's unit; 100 when --total-steps is not given)
+    becomes --total-steps = ceil(epochs N / B) for N images and batch B. A checkpoint of format 1 counted the run
+    length, --save-every and --eval-every in epochs of N // B steps (its last partial batch was dropped): converted.
+    Raises UserError when both --epochs and --total-steps are given."""
+    if {"epochs", "total_steps"} <= given:
+        raise UserError(f"--epochs {args.epochs} and --total-steps {args.total_steps} both set the run length; give one")
+    if checkpoint is not None and checkpoint["format_version"] == 1:
+        steps_per_epoch = num_items // args.batch_size  # format 1's epoch
+        saved = {name: getattr(args, name) * steps_per_epoch for name in ("epochs", "save_every", "eval_every")
+                 if not {name, "total_steps" if name == "epochs" else name} & given}
+        args = replace(args, **{"total_steps" if k == "epochs" else k: v for k, v in saved.items()})
+        args = replace(args, epochs=args.epochs if "epochs" in given else None)
+        if num_items % args.batch_size:
+            print(f"notice: this checkpoint (format 1) dropped the last partial batch of each epoch; from step "
+                  f"{checkpoint['step']} on, batches cross epochs, so the data order differs from the old script's")
+    if args.epochs is not None or args.total_steps is None:
+        epochs = 100 if args.epochs is None else args.epochs
+        args = replace(args, total_steps=math.ceil(epochs * num_items / args.batch_size), epochs=None)
+        print(f"--epochs {epochs}: {args.total_steps:,} optimizer steps ({num_items:,} images, batch "
+              f"{args.batch_size})")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1188,10 +1222,7 @@ def main(args: Args, given: set[str]):
     images_np, labels_np, dataset_id = load_dataset(args)
     images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no host-device copy per step
     labels = torch.from_numpy(labels_np).to(device)
-    if len(images) < args.batch_size:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the dataset ({len(images)} images): lower it")
-    steps_per_epoch = len(images) // args.batch_size  # the last partial batch of each epoch is dropped
-    total_steps = args.epochs * steps_per_epoch
+    args = run_length_in_steps(args, given, len(images), checkpoint)
     conditional = args.num_classes > 0
     if not conditional and "cfg_scale" in given and args.cfg_scale != 1.0 and setup.is_main:
         print(f"notice: --num-classes 0 trains an unconditional model, which has no classifier-free guidance: "
@@ -1262,6 +1293,14 @@ def main(args: Args, given: set[str]):
         stop.restore()
         return
 
+    if step >= args.total_steps:  # a resumed run with nothing left to do says so and writes nothing (no purge)
+        if setup.is_main:
+            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps to train "
+                  f"on")
+        leave_process_group(setup.world_size)
+        stop.restore()
+        return
+
     # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, throughput
     writer = None
     if setup.is_main:
@@ -1272,8 +1311,10 @@ def main(args: Args, given: set[str]):
         print(f"run folder: {run_dir}")
         print(f"model: DiT with adaLN-{args.adaln}, {num_params:,} parameters; data: {len(images):,} images of "
               f"{args.img_size}x{args.img_size}, " + (f"{args.num_classes} classes" if conditional else "unconditional")
-              + f"; {steps_per_epoch} steps per epoch; device: {device}"
-              + (f" x {setup.world_size}" if setup.world_size > 1 else ""))
+              + f"; device: {device}" + (f" x {setup.world_size}" if setup.world_size > 1 else ""))
+        if len(images) < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
+            print(f"notice: {len(images):,} images, fewer than --batch-size {args.batch_size}: each batch holds images "
+                  f"more than once (it spans several epochs)")
     example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long),
                torch.zeros(1, dtype=torch.long) if conditional else None)
     meter = Meter(device, 3 * forward_flops(lambda: build_model(args), *example), peak_flops(setup, args.dtype),
@@ -1288,23 +1329,23 @@ def main(args: Args, given: set[str]):
             raise non_finite_failure(f"before step {step}", run_dir)
         if setup.is_main:
             save_checkpoint(run_dir / "checkpoints" / "latest.pt", {
-                "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "args": asdict(args),
+                "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
+                "args": asdict(args),
                 "step": step, "model": model.state_dict(), "ema": ema_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "rng": rng_state(), "train_generator": train_generator.get_state(),
-                "data_position": {"epoch": step // steps_per_epoch, "index": step % steps_per_epoch * args.batch_size},
+                "data_position": {"epoch": step * args.batch_size // len(images),
+                                  "index": step * args.batch_size % len(images)},
             })
-            print(f"saved checkpoint at epoch {epoch_label(step, steps_per_epoch)} (step {step})", flush=True)
+            print(f"saved checkpoint at step {step}", flush=True)
 
     # ---- train
-    if step >= total_steps and setup.is_main:  # a resumed run that has nothing left to do says so
-        print(f"the run is already at epoch {args.epochs} of --epochs {args.epochs}: raise --epochs to train on")
     local_batch = args.batch_size // setup.world_size
     mine = slice(setup.rank * local_batch, (setup.rank + 1) * local_batch)
     first_step = step
-    step_timer = StepTimer(first_step, total_steps, setup)
-    progress = progress_bar(total_steps, step, "train", "step", setup.is_main)
-    while step < total_steps:
+    step_timer = StepTimer(first_step, args.total_steps, setup)
+    progress = progress_bar(args.total_steps, step, "train", "step", setup.is_main)
+    while step < args.total_steps:
         # The global batch is drawn identically on every rank (indices, flips, label drops, t, noise), then each rank
         # takes its slice: 2 ranks at batch B compute exactly what 1 rank at batch B does.
         indices = global_batch_indices(step, args.batch_size, len(images), args.seed).to(device, non_blocking=True)
@@ -1335,9 +1376,9 @@ def main(args: Args, given: set[str]):
         progress.update(1)
         if setup.is_main and (seconds := step_timer.seconds_per_step(step)) is not None:
             # how long the rest of the training takes, from its first steps
-            progress.write("\n".join(run_time_notice(seconds, total_steps - step, setup)))
+            progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
 
-        if step % args.log_every == 0 or step == total_steps:
+        if step % args.log_every == 0 or step == args.total_steps:
             if not meter.finite():
                 progress.close()  # end the progress line, so that the error is a line of its own
                 raise non_finite_failure(f"before step {step}", run_dir)
@@ -1352,9 +1393,8 @@ def main(args: Args, given: set[str]):
                                      mfu=f"{logged['mfu']:.1%}")
         # Every rank stops at the same step: all-reduced at the log boundary under torchrun, at once alone.
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
-        epoch_end, epoch = step % steps_per_epoch == 0, step // steps_per_epoch
-        eval_now = epoch_end and epoch % args.eval_every == 0 or step == total_steps
-        save_now = epoch_end and epoch % args.save_every == 0 or step == total_steps
+        eval_now = step % args.eval_every == 0 or step == args.total_steps
+        save_now = step % args.save_every == 0 or step == args.total_steps
         if setup.is_main and not stopping and eval_now:
             with contextlib.suppress(StopRequested):  # a signal abandons the grid; the checkpoint below is saved
                 rows = args.num_classes if conditional else 8  # one row per class (8 rows unconditional)
@@ -1386,7 +1426,7 @@ def main(args: Args, given: set[str]):
     # ---- teardown
     progress.close()
     leave_process_group(setup.world_size)  # before the final FID, which rank 0 computes alone
-    if setup.is_main and args.eval_fid and step == total_steps:
+    if setup.is_main and args.eval_fid and step == args.total_steps:
         with contextlib.suppress(StopRequested):
             evaluate(writer)
     close_writer(args, writer)
@@ -1395,7 +1435,7 @@ def main(args: Args, given: set[str]):
 
 # ======================================================================================================================
 # BEGIN SHARED MACHINERY: byte-identical in all four cleanworlds scripts (tests/test_shared_blocks.py checks it).
-# The contract every script keeps (CONTRACT.md): flags and --config, checkpoints and RNG state, device, determinism
+# The promises every script keeps (docs/PROMISES.md): flags and --config, checkpoints and RNG state, device, determinism
 # and torchrun setup, the run folder and TensorBoard, signals, throughput and MFU, images, the entry point. It reads
 # the script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args, PRESETS, ARG_DOMAINS,
 # RESUME_MUTABLE_FIELDS, FLAG_ALIASES. diamond_atari.py runs one process per game: it never calls the torchrun parts
@@ -1416,7 +1456,14 @@ class StopRequested(Exception):
     """SIGTERM or SIGINT arrived during sampling, an evaluation or test episodes: the work is abandoned."""
 
 
+class Interrupted(BaseException):
+    """A second Ctrl-C: quit at once without saving (exit 130; the last checkpoint is intact: writes are atomic). A
+    BaseException, so that no `except Exception` on the way swallows it."""
+
+
 # ---- flags and config: defaults < --preset < --config < flags on the command line
+
+MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB
 
 
 def flag_field(token: str) -> Optional[str]:
@@ -1492,7 +1539,12 @@ def command_line_problem(argv: list[str], box: str) -> str:
 def read_config(path: str) -> dict:
     """--config: the config.json an earlier run wrote (a JSON object of Args fields); YAML when PyYAML is installed."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded: --config /dev/zero must not read forever
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise UserError(f"--config {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB: not a config; give the "
+                            f"config.json an earlier run wrote")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"--config {path} is not a text file: give the config.json an earlier run wrote") from None
     except OSError as e:
@@ -1639,9 +1691,9 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT_NAME:
         found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
         raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not of {SCRIPT_NAME}")
-    if checkpoint.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+    if checkpoint.get("format_version") not in (CHECKPOINT_FORMAT_VERSION, *OLDER_CHECKPOINT_FORMATS):
         raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this script reads "
-                        f"{CHECKPOINT_FORMAT_VERSION}")
+                        f"{', '.join(map(str, (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)))}")
     missing = sorted(CHECKPOINT_KEYS - set(checkpoint))
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of {SCRIPT_NAME}; resume from "
@@ -1650,6 +1702,11 @@ def load_checkpoint(path: Path) -> dict:
     if bad is not None:
         raise UserError(f"{path} holds non-finite values (in {bad}): it would sample or train on NaN; resume from an "
                         f"earlier checkpoint")
+    saved, now = checkpoint.get("versions", {}), library_versions()
+    changed = [f"{name} {saved[name]} -> {now[name]}" for name in now if saved.get(name, now[name]) != now[name]]
+    if changed:
+        print(f"notice: {path} was written under other library versions ({', '.join(changed)}): a resumed run may "
+              f"differ from an uninterrupted one")
     return checkpoint
 
 
@@ -1683,9 +1740,11 @@ def save_checkpoint(path: Path, state: dict):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+    except BaseException as e:  # a failed write (torch.save reports it as a RuntimeError), or a second Ctrl-C
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise TrainingFailure(f"cannot write checkpoint {path} ({reason}); "
                               f"{'the previous one is intact' if path.exists() else 'no checkpoint was saved'}: free "
@@ -1699,6 +1758,11 @@ def non_finite_failure(where: str, run_dir: Optional[Path]) -> TrainingFailure:
             else "no checkpoint was saved yet")
     return TrainingFailure(f"the loss or gradients became non-finite {where}; {kept} (try a lower --learning-rate "
                            f"or --dtype float32)")
+
+
+def library_versions() -> dict:
+    """What a checkpoint records of the software that wrote it: a resume under others may not be exact."""
+    return {"python": sys.version.split()[0], "torch": str(torch.__version__), "numpy": str(np.__version__)}
 
 
 def rng_state() -> dict:
@@ -1775,8 +1839,8 @@ def setup_device(args: Args) -> Setup:
     torch.backends.cudnn.benchmark = not args.torch_deterministic
     # No torch.use_deterministic_algorithms(True): the CPU's kernels are deterministic already at a fixed thread count
     # (exact resume is tested so), and on CUDA the strict algorithms cost more than 10% (measured on an H100,
-    # benchmark/RESULTS.md section 0: a DIAMOND imagination rollout 1.8x slower, a DDPM step 1.3x), which CONTRACT.md
-    # section 1 allows the CUDA default not to pay.
+    # benchmark/RESULTS.md section 0: a DIAMOND imagination rollout 1.8x slower, a DDPM step 1.3x), which
+    # docs/PROMISES.md section 5 allows the CUDA default not to pay.
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs on Ampere+: ~free speed for fp32 parts
     torch.backends.cudnn.allow_tf32 = True
     return Setup(device, world_size, rank, local_rank)
@@ -1805,13 +1869,25 @@ def leave_process_group(world_size: int):
 class StopFlag:
     """Installs SIGTERM and SIGINT handlers that set a flag instead of killing the process. The training loop stops at
     the next step boundary; sampling, evaluations and test episodes call check() inside their loops and are abandoned.
+    The first signal is acknowledged at once; a second SIGINT raises Interrupted (quit without saving); further
+    SIGTERMs change nothing (a scheduler's repeated preemption never aborts a save). `busy` names long work that
+    cannot stop midway (a compilation), so that the acknowledgement says what comes first.
     Install it before the run folder exists: a signal before it kills a process that has written nothing."""
 
+    keep_handlers = False  # run_main sets it: the handlers stay until the process exits
+
     def __init__(self):
-        self.requested = False
+        self.requested, self.finished, self.busy = False, False, ""
         self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def request(self, signum=None, frame=None):
+        if self.finished:  # the run is over and the process is exiting: nothing is left to stop
+            return
+        if self.requested and signum == signal.SIGINT:
+            raise Interrupted()
+        if not self.requested:
+            first = f"; {self.busy} must end first" if self.busy else ""
+            say_now(f"stopping after this step, then saving{first}; Ctrl-C again to quit without saving")
         self.requested = True
 
     def check(self):
@@ -1829,9 +1905,20 @@ class StopFlag:
         return self.requested
 
     def restore(self):
-        """Puts the previous handlers back (the scripts are importable: a caller keeps its own)."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        """Puts the previous handlers back (the scripts are importable: a caller keeps its own). Under run_main they
+        stay until the process exits and only stop listening: a signal while it exits does not kill it mid-write."""
+        self.finished = True
+        if not StopFlag.keep_handlers:
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+
+
+def say_now(message: str):
+    """A line written at once, also from a signal handler (os.write: a print there could re-enter a print)."""
+    try:
+        os.write(sys.stdout.fileno(), (message + "\n").encode())
+    except (OSError, ValueError, io.UnsupportedOperation):  # stdout is not a file (captured in a test)
+        print(message, flush=True)
 
 
 # ---- the run folder, TensorBoard, wandb
@@ -1851,10 +1938,52 @@ def create_run_dir(args: Args, run_id: str) -> Path:
     return run_dir
 
 
+def lock_run(run_dir: Path):
+    """One trainer per run: {run_dir}/train.lock holds this process's host and PID until it ends (close_writer, or at
+    exit). A lock of a live process, or of another host (whose processes cannot be checked), is refused; one a dead
+    process on this host left (after a SIGKILL) is taken over with a notice."""
+    lock, host, pid = run_dir / "train.lock", socket.gethostname(), os.getpid()
+    while True:
+        try:
+            with open(lock, "x") as f:
+                f.write(f"{host} {pid}\n")
+            atexit.register(unlock_run, run_dir)
+            return
+        except FileExistsError:
+            holder_host, _, holder = lock.read_text().strip().rpartition(" ")
+        if holder_host == host and holder == str(pid):  # this process already holds it (an in-process rerun)
+            return
+        alive = holder_host != host
+        if holder_host == host and holder.isdigit():
+            try:
+                os.kill(int(holder), 0)
+                alive = True
+            except PermissionError:  # another user's live process
+                alive = True
+            except ProcessLookupError:
+                alive = False
+        if alive:
+            raise UserError(f"{run_dir} is being trained by PID {holder} on host {holder_host} (lock file {lock}); "
+                            f"wait for it to end, or delete the lock file if that process is gone")
+        print(f"notice: taking over {lock}: PID {holder} on this host left it and is no longer running")
+        lock.unlink(missing_ok=True)
+
+
+def unlock_run(run_dir: Path):
+    """Removes the run's lock if this process holds it."""
+    lock = run_dir / "train.lock"
+    with contextlib.suppress(OSError):
+        if lock.read_text().strip() == f"{socket.gethostname()} {os.getpid()}":
+            lock.unlink()
+
+
 def open_writer(args: Args, run_dir: Path, step: int):
-    """TensorBoard (and wandb with --track) in the run folder. purge_step: a resumed run drops the points a killed run
-    logged after its last checkpoint, so that no point is logged twice."""
+    """TensorBoard (and wandb with --track) in the run folder, for the process that trains the run (lock_run: one at a
+    time). purge_step: a resumed run drops the points a killed run logged after its last checkpoint, so that no point
+    is logged twice; a process that only samples, evaluates or plays opens none."""
     from torch.utils.tensorboard import SummaryWriter
+
+    lock_run(run_dir)
 
     if args.track:
         import wandb
@@ -1871,6 +2000,7 @@ def open_writer(args: Args, run_dir: Path, step: int):
 def close_writer(args: Args, writer):
     if writer is not None:
         writer.close()
+        unlock_run(Path(writer.log_dir))
     if args.track:
         import wandb
 
@@ -2132,7 +2262,8 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = 15, min_side: int = 256
 
 def run_main(main: Callable):
     """Bad input: one line, exit 2. A fault during the run (non-finite loss, full disk, read-only folder): one line,
-    exit 1. Ctrl-C before the signal handlers are up: one line, exit 130. Under torchrun only rank 0 prints."""
+    exit 1. Ctrl-C before the signal handlers are up, or a second one after: one line, exit 130. Under torchrun only
+    rank 0 prints."""
     def fail(message: str, status: int):
         from tqdm import tqdm
 
@@ -2142,8 +2273,11 @@ def run_main(main: Callable):
             print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(status)
 
+    StopFlag.keep_handlers = True
     try:
         main(*parse_args())
+    except Interrupted:
+        fail("interrupted by a second Ctrl-C: quit without saving (the last checkpoint, if any, is intact)", 130)
     except UserError as e:
         fail(str(e), 2)
     except TrainingFailure as e:

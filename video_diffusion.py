@@ -26,6 +26,7 @@ Watch it:
     tensorboard --logdir runs
 """
 import argparse
+import atexit
 import contextlib
 import copy
 import difflib
@@ -36,12 +37,13 @@ import os
 import random
 import re
 import signal
+import socket
 import sys
 import time
 import types
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
@@ -52,6 +54,9 @@ import tyro
 
 SCRIPT_NAME = "video_diffusion.py"
 CHECKPOINT_FORMAT_VERSION = 1
+OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
+# A flag's unit, shown by --help beside it (--save-every STEPS) and read by the tests: one meaning per name.
+STEPS = tyro.conf.arg(metavar="STEPS")
 
 
 @dataclass
@@ -109,7 +114,7 @@ class Args:
     """sprites (generated: a sprite moved by the actions, bouncing distractors, captions), atari (random-policy clips
     recorded from an ALE game into --data-dir) or folder (videos readable by opencv under --data-dir)"""
     data_dir: str = "data"
-    """atari: episode files are recorded to and read from {data_dir}/atari/{env id}/; folder: the videos"""
+    """atari: episode files are recorded to and read from {data_dir}/atari_v2/{env id}/; folder: the videos"""
     num_frames: int = 16
     """frames per training clip"""
     img_size: int = 64
@@ -153,7 +158,7 @@ class Args:
     text_layers: int = 2
     """transformer layers of the text encoder"""
     max_text_len: int = 16
-    """caption tokens kept (words beyond are dropped)"""
+    """caption words the model reads (words beyond are dropped, and a notice says so)"""
     cond_drop_prob: float = 0.1
     """p: in training the caption is dropped to null with probability p, and independently the actions; with
     --null-cond-prob q each is null in q + (1 - q) p of the samples, and steers alone (the other one dropped) in
@@ -185,24 +190,24 @@ class Args:
     """beta_T of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps, capped at 0.999"""
 
     # Training
-    total_steps: int = 200_000
+    total_steps: Annotated[int, STEPS] = 200_000
     """optimizer steps to train for"""
     batch_size: int = 8
     """global batch size in clips (split across torchrun ranks; 8 clips of 16x64x64 at the default width is an
     estimated 50 GB of activations in bf16)"""
     learning_rate: float = 1e-4
     """Adam learning rate"""
-    warmup_steps: int = 1000
+    warmup_steps: Annotated[int, STEPS] = 1000
     """linear learning-rate warmup steps"""
     max_grad_norm: float = 1.0
     """gradient clipping norm (0 turns it off)"""
     ema_decay: float = 0.9999
     """EMA decay of the weights used for sampling"""
-    log_every: int = 100
+    log_every: Annotated[int, STEPS] = 100
     """log losses and throughput every N steps"""
-    save_every: int = 5000
+    save_every: Annotated[int, STEPS] = 5000
     """write checkpoints/latest.pt every N steps"""
-    eval_every: int = 10_000
+    eval_every: Annotated[int, STEPS] = 10_000
     """sample clips and compute the eval/ metrics with the EMA model every N steps"""
 
     # Sampling and evaluation
@@ -499,16 +504,42 @@ def describe_atari_action(meaning: str) -> str:
     return " and ".join(words) if words else "stays still"
 
 
+# How the recorder makes a step's frame. 1: ALE's frameskip 4, the last frame only: flickering objects (drawn every
+# other frame) vanish, in a quarter of SpaceInvaders' frames its bullets and laser. 2: DIAMOND's AtariEnv
+# (diamond_atari.py): each action repeated ATARI_FRAME_SKIP emulator frames, the max of the last two kept.
+# Version 1 was cached in {data_dir}/atari/{env}/, version v in {data_dir}/atari_v{v}/{env}/.
+ATARI_RECORDING_VERSION, ATARI_FRAME_SKIP = 2, 4
+
+
+def atari_folder(data_dir: str, canonical: str, version: int = ATARI_RECORDING_VERSION) -> Path:
+    return Path(data_dir) / ("atari" if version == 1 else f"atari_v{version}") / canonical
+
+
+def atari_step(env, action: int) -> tuple[np.ndarray, float, bool, bool]:
+    """One step as DIAMOND's AtariEnv.step: the action for ATARI_FRAME_SKIP frames of a frameskip-1 emulator (the
+    rewards summed, stopping at the episode's end); the frame is the max over the last two (Atari sprites flicker)."""
+    reward, last_frames = 0.0, []
+    for _ in range(ATARI_FRAME_SKIP):
+        frame, r, terminated, truncated, _ = env.step(action)
+        reward += float(r)
+        last_frames = (last_frames + [frame])[-2:]
+        if terminated or truncated:
+            break
+    return np.maximum(last_frames[0], last_frames[-1]), reward, terminated, truncated
+
+
 def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_steps: int, img_size: int, seed: int,
                           game: str):
-    """Random-policy episodes (each action held for 1-8 steps, so that motion shows), as CONTRACT episode files."""
+    """Random-policy episodes (each action held for 1-8 steps, so that motion shows), as episode files
+    (docs/PROMISES.md section 3); each step is atari_step's (the recording version ATARI_RECORDING_VERSION)."""
     import gymnasium as gym
 
     folder.mkdir(parents=True, exist_ok=True)
     if all((folder / f"episode_{i:05d}.npz").exists() for i in range(num_episodes)):
         return  # all recorded: no emulator to start
-    # repeat_action_probability 0: the recorded action is the one the emulator executed (no sticky actions)
-    env = gym.make(gym_id, repeat_action_probability=0.0)
+    # frameskip 1: atari_step repeats the action itself; repeat_action_probability 0: the recorded action is the one
+    # the emulator executed (no sticky actions)
+    env = gym.make(gym_id, frameskip=1, repeat_action_probability=0.0)
     try:
         for i in range(num_episodes):
             path = folder / f"episode_{i:05d}.npz"
@@ -522,7 +553,7 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
                 if hold == 0:
                     action, hold = int(rng.integers(env.action_space.n)), int(rng.integers(1, 9))
                 hold -= 1
-                obs, reward, term, trunc, _ = env.step(action)
+                obs, reward, term, trunc = atari_step(env, action)
                 trunc = trunc or step == max_steps - 1
                 frames.append(resize_frame(obs, img_size))
                 actions.append(action), rewards.append(reward), terminated.append(term), truncated.append(trunc)
@@ -542,8 +573,9 @@ EPISODE_KEYS = {"obs": np.uint8, "actions": np.int64, "rewards": np.float32, "te
 
 
 def read_episode(path: Path, num_actions: int, fix: str) -> dict:
-    """An episode .npz (CONTRACT section 3), read with allow_pickle=False (a file cannot run code) and checked field by
-    field; a bad file is refused with one line naming it, the field and `fix`. Returns the fields in their dtypes."""
+    """An episode .npz (docs/PROMISES.md section 3), read with allow_pickle=False (a file cannot run code) and checked
+    field by field; a bad file is refused with one line naming it, the field and `fix`. Returns the fields in their
+    dtypes."""
     def bad(problem: str) -> UserError:
         return UserError(f"{path}: {problem}; {fix}")
 
@@ -579,12 +611,18 @@ def read_episode(path: Path, num_actions: int, fix: str) -> dict:
 
 
 def load_atari_dataset(args: "Args") -> VideoData:
-    """Episode files (CONTRACT section 3) in {data_dir}/atari/{env}/, recorded first if there are too few. Each clip's
-    caption names the action held most often in it: "Breakout: the paddle moves left"."""
+    """Episode files (docs/PROMISES.md section 3) in {data_dir}/atari_v2/{env}/ (atari_folder), recorded first if
+    there are too few. Each clip's caption names the action held most often in it: "Breakout: the paddle moves left"."""
     import gymnasium as gym
 
     gym_id, canonical, game = atari_ids(args.env_id)
-    folder = Path(args.data_dir) / "atari" / canonical
+    folder = atari_folder(args.data_dir, canonical)
+    old = [atari_folder(args.data_dir, canonical, v) for v in range(1, ATARI_RECORDING_VERSION)]
+    old = [f for f in old if any(f.glob("episode_*.npz"))]
+    if old and not any(folder.glob("episode_*.npz")) and torchrun_world()[1] == 0:
+        print(f"notice: {old[-1]} holds episodes of an older recorder (ALE's frameskip 4, the last frame only: "
+              f"flickering objects vanish); they are not reused: recording anew into {folder} (delete the old folder "
+              f"to free its space)", flush=True)
     record_atari_episodes(gym_id, folder, args.num_atari_episodes, args.atari_episode_steps, args.img_size, args.seed,
                           game)
     env = gym.make(gym_id)
@@ -734,6 +772,61 @@ def tokenize(captions: list, vocabulary: list, max_len: int) -> torch.Tensor:
         ids = [index.get(w, UNK_ID) for w in caption_words(caption)][:max_len] or [NULL_ID]
         out[i, : len(ids)] = torch.tensor(ids)
     return out
+
+
+def caption_as_read(caption: str, vocabulary: list, max_len: int) -> str:
+    """The caption as tokenize gives it to the model: its first max_len words, an unknown one as <unk>."""
+    known = set(vocabulary)
+    return " ".join(w if w in known else "<unk>" for w in caption_words(caption)[:max_len])
+
+
+def unknown_words(captions: list, vocabulary: list, max_len: int) -> list[str]:
+    """The words within the first max_len of each caption that the vocabulary lacks, in order of first use."""
+    known = set(vocabulary)
+    return list(dict.fromkeys(w for c in captions for w in caption_words(c)[:max_len] if w not in known))
+
+
+def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list[str]:
+    """Notice lines on the data's captions: those of more than max_len words (tokenize keeps the first max_len, so
+    captions that differ only after that are one condition), and words that a resumed model's vocabulary lacks
+    (each becomes <unk>, whose embedding no caption it trained on ever reached: its Adam moments are exactly 0)."""
+    distinct = {tuple(caption_words(c)) for c in captions}
+    long = [words for words in distinct if len(words) > max_len]
+    notices = []
+    if long:
+        conditions = len({words[:max_len] for words in distinct})
+        notices.append(f"notice: {len(long)} of the {len(distinct)} distinct captions have more than --max-text-len "
+                       f"{max_len} words (up to {max(map(len, long))}): the model reads their first {max_len}" +
+                       (f", so the {len(distinct)} captions are {conditions} conditions" if conditions < len(distinct)
+                        else "") + "; a new run with a larger --max-text-len reads them whole")
+    unknown = unknown_words(captions, vocabulary, max_len)
+    if unknown:
+        shown = ", ".join(unknown[:12]) + (" ..." if len(unknown) > 12 else "")
+        notices.append(f"notice: the checkpoint's vocabulary (the words of the captions it first trained on) lacks "
+                       f"{len(unknown)} of these captions' words: {shown}; the model reads each as <unk>, one token "
+                       f"for all of them, which it has not learned")
+    return notices
+
+
+def check_given_caption(caption: str, vocabulary: list, max_len: int, flag: str, checkpoint: str) -> Optional[str]:
+    """A caption given by a flag, against the model's vocabulary: a word it does not know is refused in one line (it
+    would be <unk>, which no training caption taught it: the caption would steer nowhere). Returns a notice line when
+    the caption has more than max_len words (the model reads the first max_len), else None."""
+    words = caption_words(caption)
+    unknown = unknown_words([caption], vocabulary, max_len)
+    if unknown:
+        known = vocabulary[len(SPECIAL_TOKENS):]
+        guesses = {w: difflib.get_close_matches(w, known, n=1) for w in unknown}
+        named = ", ".join(w + (f" (did you mean {guesses[w][0]}?)" if guesses[w] else "") for w in unknown)
+        see = (f"its {len(known)} words: {', '.join(known)}" if len(known) <= 60 else
+               f"its {len(known)} words: python -c \"import torch; print(*torch.load('{checkpoint}', "
+               f"weights_only=True)['vocabulary'][{len(SPECIAL_TOKENS)}:])\"")
+        raise UserError(f"{flag} {caption!r}: the model does not know {named} (the words of its training captions "
+                        f"only; an unknown word would be the untrained <unk>); {see}")
+    if len(words) > max_len:
+        return (f"notice: {flag} has {len(words)} words, more than the model's --max-text-len {max_len}: it reads "
+                f"{' '.join(words[:max_len])!r} and drops {' '.join(words[max_len:])!r}")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1571,6 +1664,7 @@ class EvalSampler:
         self.actions = torch.from_numpy(eval_data.actions).to(device) if eval_data.actions is not None else None
         self.text = tokenize(eval_data.captions, vocabulary, args.max_text_len).to(device)
         self.directions, self.captions = eval_data.directions, list(eval_data.captions)
+        self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in self.captions]  # labels
         self.judge = None  # sprites: (judge, held-out frames, their colours), made at the first evaluation
         self.sample_kwargs = dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale,
                                   sampler=args.sampler, num_steps=args.num_sampling_steps, eta=args.ddim_eta,
@@ -1650,7 +1744,7 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict
     samples = sampler.clips(n)
     write_samples(samples_dir, f"step{step:08d}", samples)
     writer.add_image("samples/clips", frame_strips(samples[:8], [f"generated: {caption}" for caption in (
-        sampler.captions * n)[:min(8, n)]]), step, dataformats="HWC")
+        sampler.read_captions * n)[:min(8, n)]]), step, dataformats="HWC")
     metrics = {}
     if args.dataset == "sprites":  # eval/judge_*: every generated frame, its sprite's colour against the caption's
         sampler.judge = sampler.judge or make_sprites_judge(args, samples.shape[0] * samples.shape[2])
@@ -1973,6 +2067,13 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
                         "videos have no actions")
     if args.context_frames < 1:
         raise UserError("--play generates each frame from the last frames: the run needs --context-frames >= 1")
+    vocabulary = checkpoint["vocabulary"]  # the caption's words are checked before any data is loaded or recorded
+    caption = args.play_caption if args.play_caption is not None else ""
+    notice = check_given_caption(caption, vocabulary, args.max_text_len, "--play-caption",
+                                 str(resolve_checkpoint_path(args.resume)) if args.resume else "CHECKPOINT")
+    if notice:
+        print(notice, flush=True)
+    caption = caption_as_read(caption, vocabulary, args.max_text_len)  # what is printed is what the model reads
     if args.dataset == "sprites":
         meanings = [name.upper() for name in SPRITE_ACTIONS]
         data = make_sprites_dataset(64, args.num_frames, args.img_size, args.num_distractors, args.action_dim,
@@ -1988,14 +2089,12 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
             return torch.from_numpy(DIRECTION_VECTORS[action - 1] if action else np.zeros(2, np.float32))
         return torch.tensor(action, dtype=torch.long)
 
-    vocabulary = checkpoint["vocabulary"]
     model = build_model(args, len(vocabulary), num_actions).to(device)
     model.load_state_dict(checkpoint["ema"])
     model.eval()
     alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
                                                             args.beta_end))
     k, n = args.context_frames, args.num_frames
-    caption = args.play_caption if args.play_caption is not None else ""
     text = tokenize([caption], vocabulary, args.max_text_len).to(device) if caption else None
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if clip is None:
@@ -2091,6 +2190,9 @@ def main(args: Args, given: set[str]):
     # The vocabulary and the action count fix the model's shape: a resumed run takes them from its checkpoint.
     vocabulary = checkpoint["vocabulary"] if checkpoint is not None else build_vocabulary(data.captions)
     num_actions = checkpoint["num_actions"] if checkpoint is not None else data.num_actions
+    if setup.is_main:  # captions cut to --max-text-len, words the resumed model never learned: said, not silent
+        for line in data_caption_notices(data.captions, vocabulary, args.max_text_len):
+            print(line)
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
         check_step_memory(setup, args.batch_size, *step_memory_profile(args, len(vocabulary), num_actions), args.dtype)
     frames = torch.from_numpy(data.frames).to(device)
@@ -2148,6 +2250,14 @@ def main(args: Args, given: set[str]):
         stop.restore()
         return
 
+    if step >= args.total_steps:  # a resumed run with nothing left to do says so and writes nothing (no purge)
+        if setup.is_main:
+            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps to train "
+                  f"on")
+        leave_process_group(setup.world_size)
+        stop.restore()
+        return
+
     # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, throughput
     writer = None
     if setup.is_main:
@@ -2177,7 +2287,8 @@ def main(args: Args, given: set[str]):
             raise non_finite_failure(f"before step {step}", run_dir)
         if setup.is_main:
             save_checkpoint(run_dir / "checkpoints" / "latest.pt", {
-                "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "args": asdict(args),
+                "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
+                "args": asdict(args),
                 "step": step, "model": model.state_dict(), "ema": ema_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "rng": rng_state(), "train_generator": train_generator.get_state(),
@@ -2188,8 +2299,6 @@ def main(args: Args, given: set[str]):
             print(f"saved checkpoint at step {step}", flush=True)
 
     # ---- train
-    if step >= args.total_steps and setup.is_main:  # a resumed run that has nothing left to do says so
-        print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps to train on")
     local_batch = args.batch_size // setup.world_size
     mine = slice(setup.rank * local_batch, (setup.rank + 1) * local_batch)
     clip_shape = (3, args.num_frames, args.img_size, args.img_size)
@@ -2280,7 +2389,7 @@ def main(args: Args, given: set[str]):
 
 # ======================================================================================================================
 # BEGIN SHARED MACHINERY: byte-identical in all four cleanworlds scripts (tests/test_shared_blocks.py checks it).
-# The contract every script keeps (CONTRACT.md): flags and --config, checkpoints and RNG state, device, determinism
+# The promises every script keeps (docs/PROMISES.md): flags and --config, checkpoints and RNG state, device, determinism
 # and torchrun setup, the run folder and TensorBoard, signals, throughput and MFU, images, the entry point. It reads
 # the script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args, PRESETS, ARG_DOMAINS,
 # RESUME_MUTABLE_FIELDS, FLAG_ALIASES. diamond_atari.py runs one process per game: it never calls the torchrun parts
@@ -2301,7 +2410,14 @@ class StopRequested(Exception):
     """SIGTERM or SIGINT arrived during sampling, an evaluation or test episodes: the work is abandoned."""
 
 
+class Interrupted(BaseException):
+    """A second Ctrl-C: quit at once without saving (exit 130; the last checkpoint is intact: writes are atomic). A
+    BaseException, so that no `except Exception` on the way swallows it."""
+
+
 # ---- flags and config: defaults < --preset < --config < flags on the command line
+
+MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB
 
 
 def flag_field(token: str) -> Optional[str]:
@@ -2377,7 +2493,12 @@ def command_line_problem(argv: list[str], box: str) -> str:
 def read_config(path: str) -> dict:
     """--config: the config.json an earlier run wrote (a JSON object of Args fields); YAML when PyYAML is installed."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded: --config /dev/zero must not read forever
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise UserError(f"--config {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB: not a config; give the "
+                            f"config.json an earlier run wrote")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"--config {path} is not a text file: give the config.json an earlier run wrote") from None
     except OSError as e:
@@ -2524,9 +2645,9 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT_NAME:
         found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
         raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not of {SCRIPT_NAME}")
-    if checkpoint.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+    if checkpoint.get("format_version") not in (CHECKPOINT_FORMAT_VERSION, *OLDER_CHECKPOINT_FORMATS):
         raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this script reads "
-                        f"{CHECKPOINT_FORMAT_VERSION}")
+                        f"{', '.join(map(str, (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)))}")
     missing = sorted(CHECKPOINT_KEYS - set(checkpoint))
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of {SCRIPT_NAME}; resume from "
@@ -2535,6 +2656,11 @@ def load_checkpoint(path: Path) -> dict:
     if bad is not None:
         raise UserError(f"{path} holds non-finite values (in {bad}): it would sample or train on NaN; resume from an "
                         f"earlier checkpoint")
+    saved, now = checkpoint.get("versions", {}), library_versions()
+    changed = [f"{name} {saved[name]} -> {now[name]}" for name in now if saved.get(name, now[name]) != now[name]]
+    if changed:
+        print(f"notice: {path} was written under other library versions ({', '.join(changed)}): a resumed run may "
+              f"differ from an uninterrupted one")
     return checkpoint
 
 
@@ -2568,9 +2694,11 @@ def save_checkpoint(path: Path, state: dict):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+    except BaseException as e:  # a failed write (torch.save reports it as a RuntimeError), or a second Ctrl-C
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise TrainingFailure(f"cannot write checkpoint {path} ({reason}); "
                               f"{'the previous one is intact' if path.exists() else 'no checkpoint was saved'}: free "
@@ -2584,6 +2712,11 @@ def non_finite_failure(where: str, run_dir: Optional[Path]) -> TrainingFailure:
             else "no checkpoint was saved yet")
     return TrainingFailure(f"the loss or gradients became non-finite {where}; {kept} (try a lower --learning-rate "
                            f"or --dtype float32)")
+
+
+def library_versions() -> dict:
+    """What a checkpoint records of the software that wrote it: a resume under others may not be exact."""
+    return {"python": sys.version.split()[0], "torch": str(torch.__version__), "numpy": str(np.__version__)}
 
 
 def rng_state() -> dict:
@@ -2660,8 +2793,8 @@ def setup_device(args: Args) -> Setup:
     torch.backends.cudnn.benchmark = not args.torch_deterministic
     # No torch.use_deterministic_algorithms(True): the CPU's kernels are deterministic already at a fixed thread count
     # (exact resume is tested so), and on CUDA the strict algorithms cost more than 10% (measured on an H100,
-    # benchmark/RESULTS.md section 0: a DIAMOND imagination rollout 1.8x slower, a DDPM step 1.3x), which CONTRACT.md
-    # section 1 allows the CUDA default not to pay.
+    # benchmark/RESULTS.md section 0: a DIAMOND imagination rollout 1.8x slower, a DDPM step 1.3x), which
+    # docs/PROMISES.md section 5 allows the CUDA default not to pay.
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs on Ampere+: ~free speed for fp32 parts
     torch.backends.cudnn.allow_tf32 = True
     return Setup(device, world_size, rank, local_rank)
@@ -2690,13 +2823,25 @@ def leave_process_group(world_size: int):
 class StopFlag:
     """Installs SIGTERM and SIGINT handlers that set a flag instead of killing the process. The training loop stops at
     the next step boundary; sampling, evaluations and test episodes call check() inside their loops and are abandoned.
+    The first signal is acknowledged at once; a second SIGINT raises Interrupted (quit without saving); further
+    SIGTERMs change nothing (a scheduler's repeated preemption never aborts a save). `busy` names long work that
+    cannot stop midway (a compilation), so that the acknowledgement says what comes first.
     Install it before the run folder exists: a signal before it kills a process that has written nothing."""
 
+    keep_handlers = False  # run_main sets it: the handlers stay until the process exits
+
     def __init__(self):
-        self.requested = False
+        self.requested, self.finished, self.busy = False, False, ""
         self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def request(self, signum=None, frame=None):
+        if self.finished:  # the run is over and the process is exiting: nothing is left to stop
+            return
+        if self.requested and signum == signal.SIGINT:
+            raise Interrupted()
+        if not self.requested:
+            first = f"; {self.busy} must end first" if self.busy else ""
+            say_now(f"stopping after this step, then saving{first}; Ctrl-C again to quit without saving")
         self.requested = True
 
     def check(self):
@@ -2714,9 +2859,20 @@ class StopFlag:
         return self.requested
 
     def restore(self):
-        """Puts the previous handlers back (the scripts are importable: a caller keeps its own)."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        """Puts the previous handlers back (the scripts are importable: a caller keeps its own). Under run_main they
+        stay until the process exits and only stop listening: a signal while it exits does not kill it mid-write."""
+        self.finished = True
+        if not StopFlag.keep_handlers:
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+
+
+def say_now(message: str):
+    """A line written at once, also from a signal handler (os.write: a print there could re-enter a print)."""
+    try:
+        os.write(sys.stdout.fileno(), (message + "\n").encode())
+    except (OSError, ValueError, io.UnsupportedOperation):  # stdout is not a file (captured in a test)
+        print(message, flush=True)
 
 
 # ---- the run folder, TensorBoard, wandb
@@ -2736,10 +2892,52 @@ def create_run_dir(args: Args, run_id: str) -> Path:
     return run_dir
 
 
+def lock_run(run_dir: Path):
+    """One trainer per run: {run_dir}/train.lock holds this process's host and PID until it ends (close_writer, or at
+    exit). A lock of a live process, or of another host (whose processes cannot be checked), is refused; one a dead
+    process on this host left (after a SIGKILL) is taken over with a notice."""
+    lock, host, pid = run_dir / "train.lock", socket.gethostname(), os.getpid()
+    while True:
+        try:
+            with open(lock, "x") as f:
+                f.write(f"{host} {pid}\n")
+            atexit.register(unlock_run, run_dir)
+            return
+        except FileExistsError:
+            holder_host, _, holder = lock.read_text().strip().rpartition(" ")
+        if holder_host == host and holder == str(pid):  # this process already holds it (an in-process rerun)
+            return
+        alive = holder_host != host
+        if holder_host == host and holder.isdigit():
+            try:
+                os.kill(int(holder), 0)
+                alive = True
+            except PermissionError:  # another user's live process
+                alive = True
+            except ProcessLookupError:
+                alive = False
+        if alive:
+            raise UserError(f"{run_dir} is being trained by PID {holder} on host {holder_host} (lock file {lock}); "
+                            f"wait for it to end, or delete the lock file if that process is gone")
+        print(f"notice: taking over {lock}: PID {holder} on this host left it and is no longer running")
+        lock.unlink(missing_ok=True)
+
+
+def unlock_run(run_dir: Path):
+    """Removes the run's lock if this process holds it."""
+    lock = run_dir / "train.lock"
+    with contextlib.suppress(OSError):
+        if lock.read_text().strip() == f"{socket.gethostname()} {os.getpid()}":
+            lock.unlink()
+
+
 def open_writer(args: Args, run_dir: Path, step: int):
-    """TensorBoard (and wandb with --track) in the run folder. purge_step: a resumed run drops the points a killed run
-    logged after its last checkpoint, so that no point is logged twice."""
+    """TensorBoard (and wandb with --track) in the run folder, for the process that trains the run (lock_run: one at a
+    time). purge_step: a resumed run drops the points a killed run logged after its last checkpoint, so that no point
+    is logged twice; a process that only samples, evaluates or plays opens none."""
     from torch.utils.tensorboard import SummaryWriter
+
+    lock_run(run_dir)
 
     if args.track:
         import wandb
@@ -2756,6 +2954,7 @@ def open_writer(args: Args, run_dir: Path, step: int):
 def close_writer(args: Args, writer):
     if writer is not None:
         writer.close()
+        unlock_run(Path(writer.log_dir))
     if args.track:
         import wandb
 
@@ -3017,7 +3216,8 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = 15, min_side: int = 256
 
 def run_main(main: Callable):
     """Bad input: one line, exit 2. A fault during the run (non-finite loss, full disk, read-only folder): one line,
-    exit 1. Ctrl-C before the signal handlers are up: one line, exit 130. Under torchrun only rank 0 prints."""
+    exit 1. Ctrl-C before the signal handlers are up, or a second one after: one line, exit 130. Under torchrun only
+    rank 0 prints."""
     def fail(message: str, status: int):
         from tqdm import tqdm
 
@@ -3027,8 +3227,11 @@ def run_main(main: Callable):
             print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(status)
 
+    StopFlag.keep_handlers = True
     try:
         main(*parse_args())
+    except Interrupted:
+        fail("interrupted by a second Ctrl-C: quit without saving (the last checkpoint, if any, is intact)", 130)
     except UserError as e:
         fail(str(e), 2)
     except TrainingFailure as e:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-# (random, human) scores of the 26 Atari 100k games (../shared/reference/atari.md; as in DIAMOND, IRIS, SPR, DER).
+# (random, human) scores of the 26 Atari 100k games: the Random and Human columns of DIAMOND's Table 1 (arXiv
+# 2405.12399), the same scores IRIS, SPR and DER normalise with.
 RANDOM_HUMAN = {
     "Alien": (227.8, 7127.7), "Amidar": (5.8, 1719.5), "Assault": (222.4, 742.0), "Asterix": (210.0, 8503.3),
     "BankHeist": (14.2, 753.1), "BattleZone": (2360.0, 37187.5), "Boxing": (0.1, 12.1), "Breakout": (1.7, 30.5),

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # DDPM on CIFAR-10 at full scale, on one GPU (or N with torchrun), then FID per sampler from the same checkpoint.
 #
-# Should reproduce (../shared/reference/ddpm_dit.md; 50k samples vs the training set):
+# Should reproduce (50k samples vs the training set; Ho et al. 2020, arXiv 2006.11239, Table 1; Song et al. 2021,
+# arXiv 2010.02502, Table 1):
 #   Ho et al. 2020, DDPM-1000 ancestral (sigma^2 = beta): FID 3.17, IS 9.46 (800k steps, batch 128, EMA 0.9999)
 #   Song et al. 2021 (DDIM, eta 0, on the same kind of model): FID 13.36 / 6.84 / 4.67 / 4.16 at 10 / 20 / 50 / 100
 #     steps. Note: that paper used "quadratic" timesteps on CIFAR-10; ddpm_cifar10.py's ddim sampler uses uniform
 #     ("leading") spacing, which is usually a little worse at 10-20 steps.
-#   DPM-Solver++(2M): no CIFAR-10 DDPM figure in our references; DPM-Solver reports 4.70 at 10 NFE on ScoreSDE's model.
+#   DPM-Solver++(2M): its paper (arXiv 2211.01095) gives no CIFAR-10 DDPM figure; DPM-Solver (arXiv 2206.00927)
+#     reports 4.70 at 10 NFE on ScoreSDE's model.
 # Cost: 800k x 128 images x 37.3 GFLOP (forward + backward, benchmark/speed.py) = 3.8e18 FLOP: about 5 to 10 hours on
 # one H100 at 10-20% MFU (the paper: 21 steps/s on a TPU v3-8, 10.6 hours). Each FID of 50k samples with DDPM-1000 is
 # 50M network evaluations (about 6e17 FLOP) on top.

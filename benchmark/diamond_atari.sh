@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DIAMOND on the 26 Atari 100k games x 5 seeds, then mean human-normalised score and IQM as the paper computes them.
 #
-# Should reproduce (../shared/reference/diamond.md; DIAMOND, Alonso et al. 2024, arXiv 2405.12399, Table 1):
+# Should reproduce (DIAMOND, Alonso et al. 2024, arXiv 2405.12399, Table 1):
 #   mean HNS 1.46 (mean of the 26 per-game means), IQM 0.64 (over all 130 runs), superhuman on 11 games;
 #   e.g. Breakout 132.5 (81 to 200 across seeds), Boxing 86.9, Pong 20.4, Krull 8610.1.
 #   benchmark/atari_scores.py prints the paper's per-game scores beside yours.

@@ -117,7 +117,7 @@ def build_run(dia, args, device, num_actions: int, fast: bool, backend: str):
     wm_env = dia.WorldModelEnv(denoiser, models["reward_end"], buffer, args, device, generator, cpu_generator)
     graphs = dia.ImaginationGraphs(wm_env, models["actor_critic"], args, device, backend=backend, mode=mode) \
         if fast else None
-    run = dia.Run(args, "Breakout", device, contextlib.nullcontext(), generator, cpu_generator, buffer, None, learners,
+    run = dia.Run(args, device, contextlib.nullcontext(), generator, cpu_generator, buffer, None, learners,
                   denoiser_net, wm_env, graphs, None, None, None, None, 0.0, 1.0)
     return run
 

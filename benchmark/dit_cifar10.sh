@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # DiT on CIFAR-10 (class-conditional, classifier-free guidance), the seed's config and DiT-S/2, on one GPU.
 #
-# What to expect (../shared/reference/ddpm_dit.md): the DiT paper reports no CIFAR-10 figure. ViT-style diffusion on
-# CIFAR-10: U-ViT-S/2 reaches FID 3.11 (unconditional, 500k iterations, batch 128); a plain DiT on CIFAR-10 is
-# reported by its users at about FID 10. The seed's config (patch 4, width 384, depth 6: 16.5M parameters, 64 tokens)
+# What to expect: the DiT paper (Peebles and Xie 2023, arXiv 2212.09748) reports no CIFAR-10 figure. ViT-style
+# diffusion on CIFAR-10: U-ViT-S/2 reaches FID 3.11 (Bao et al. 2023, arXiv 2209.12152; unconditional, 500k
+# iterations, batch 128); a plain DiT on CIFAR-10 is reported by its users at about FID 10 (FID-50k, in
+# facebookresearch/DiT issue #84). The seed's config (patch 4, width 384, depth 6: 16.5M parameters, 64 tokens)
 # is much smaller than DiT-S/2 (patch 2, depth 12: 256 tokens, 32.5M). Best FID with guidance at small scales
 # (DiT: cfg 1.5); the script's default --cfg-scale is 1.5.
 # Cost: the seed config is 4.2 GFLOP per image for forward + backward (benchmark/speed.py): 100 epochs x 50k images

@@ -30,8 +30,8 @@ run ddpm 150 $PY ddpm_cifar10.py --dataset shapes --img-size 32 --num-shapes-ima
   --exp-name gpu --output-dir "$OUT/ddpm" $EXTRA
 run ddpm_resume 90 $PY ddpm_cifar10.py --resume "$(ls -d "$OUT"/ddpm/*/ | head -n 1)" --total-steps 400
 # DiT: the default config (the seed's: patch 4, width 384, depth 6, adaLN-Zero), class-conditional, with guidance.
-run dit 150 $PY dit_cifar10.py --dataset shapes --img-size 32 --num-shapes-images 16384 --epochs 2 --eval-every 2 \
-  --save-every 1 --num-sampling-steps 50 --exp-name gpu --output-dir "$OUT/dit" $EXTRA
+run dit 150 $PY dit_cifar10.py --dataset shapes --img-size 32 --num-shapes-images 16384 --total-steps 256 \
+  --eval-every 256 --save-every 128 --num-sampling-steps 50 --exp-name gpu --output-dir "$OUT/dit" $EXTRA
 # Video: the seed's 3D U-Net (256 channels, 16 frames of 64x64, batch 8) on sprites with text and actions.
 run video 170 $PY video_diffusion.py --total-steps 80 --log-every 20 --eval-every 80 --save-every 80 \
   --num-eval-samples 8 --sample-batch-size 8 --num-sampling-steps 20 --exp-name gpu --output-dir "$OUT/video" $EXTRA

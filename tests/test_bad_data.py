@@ -1,6 +1,6 @@
-"""Bad data files (CONTRACT sections 3 and 6): each is refused with one line that names the file (and the field) and the
-fix. In process through the scripts' own data functions, then one subprocess per script for the whole path: exit
-status 2 and exactly one line on stderr."""
+"""Bad data files (docs/PROMISES.md sections 3 and 7): each is refused with one line that names the file (and the
+field) and the fix. In process through the scripts' own data functions, then one subprocess per script for the whole
+path: exit status 2 and exactly one line on stderr."""
 import inspect
 import pickle
 import shutil
@@ -213,7 +213,7 @@ def test_video_atari_clips_read_episodes_through_the_checks(tmp_path):
     (recording skips a file that exists) is refused with the fix."""
     args = vd.parse_args(["--preset", "tiny", "--dataset", "atari", "--env-id", "Breakout-v5", "--data-dir",
                           str(tmp_path), "--num-atari-episodes", "1"])[0]
-    path = tmp_path / "atari" / "Breakout-v5" / "episode_00000.npz"
+    path = vd.atari_folder(tmp_path, "Breakout-v5") / "episode_00000.npz"
     write_episode(path, good_episode(12))
     assert vd.load_atari_dataset(args).frames.shape == (13, 3, 16, 16)
     write_episode(path, with_changes(actions=np.full(6, 9)))
@@ -257,7 +257,7 @@ def whole_path(tmp_path_factory) -> dict:
     (root / "images" / "b" / "cut.jpg").write_bytes(encoded(".jpg")[:300])
     write_episode(root / "episodes" / "a.npz", good_episode())  # diamond: actions of shape (T, 2) in --dataset-dir
     write_episode(root / "episodes" / "b.npz", with_changes(actions=np.zeros((6, 2), np.int64)))
-    write_episode(root / "data" / "atari" / "Breakout-v5" / "episode_00000.npz",  # video: a NaN reward
+    write_episode(vd.atari_folder(root / "data", "Breakout-v5") / "episode_00000.npz",  # video: a NaN reward
                   with_changes(rewards=NAN_REWARD))
     # (--no-torch-deterministic: on the CPU that call costs seconds before the data is read)
     runs = {

@@ -1,6 +1,6 @@
 """Every bad input gets one line and exit 2, every fault during a run one line and exit 1, and nothing saved is lost
-(CONTRACT section 6; issue 9's classes). Each class is checked in process through the scripts' own functions for
-every script it applies to, and once per script through the whole path (a subprocess as a user runs it).
+(docs/PROMISES.md section 7; issue 9's classes). Each class is checked in process through the scripts' own functions
+for every script it applies to, and once per script through the whole path (a subprocess as a user runs it).
 
 Classes: 1 numeric flags outside their domain; 2 bad --config files; 3 an output folder that cannot be written, a disk
 that fills or a folder that turns read-only during a save; 4 incomplete, non-finite or malicious checkpoints;
@@ -29,10 +29,11 @@ SCRIPTS = ["ddpm_cifar10.py", "dit_cifar10.py", "video_diffusion.py", "diamond_a
 GENERATIVE = ["ddpm_cifar10.py", "dit_cifar10.py", "video_diffusion.py"]
 TINY = {"ddpm_cifar10.py": ["--preset", "tiny"], "dit_cifar10.py": ["--preset", "tiny"],
         "video_diffusion.py": ["--preset", "tiny"], "diamond_atari.py": ["--env-id", "Breakout-v5", "--preset", "tiny"]}
-# A short run of each generative script, with a checkpoint at its end: two optimizer steps (DiT counts epochs).
+# A short run of each generative script, with a checkpoint at its end: two optimizer steps.
 SHORT = {"ddpm_cifar10.py": ["--total-steps", "2", "--save-every", "1", "--eval-every", "2", "--num-sampling-steps",
                              "4", "--sampler", "ddim"],
-         "dit_cifar10.py": ["--epochs", "1", "--num-sampling-steps", "4", "--sampler", "ddim"],
+         "dit_cifar10.py": ["--total-steps", "2", "--save-every", "1", "--eval-every", "2", "--num-sampling-steps", "4",
+                            "--sampler", "ddim"],
          "video_diffusion.py": ["--total-steps", "2", "--save-every", "1", "--eval-every", "2",
                                 "--num-sampling-steps", "4", "--sampler", "ddim"]}
 # The issue's examples, in every script that has the flag.
@@ -249,7 +250,7 @@ def test_a_full_disk_during_a_run_is_one_line_exit_1_and_loses_nothing(script, s
     run_dir = short_runs[script]
     latest = run_dir / "checkpoints" / "latest.pt"
     before = file_hash(latest)
-    length = ["--epochs", "2"] if script == "dit_cifar10.py" else ["--total-steps", "3"]
+    length = ["--total-steps", "3"]
     import subprocess
 
     result = subprocess.run([sys.executable, "-c", FULL_DISK, str(ROOT / script), "--resume", str(run_dir), *length],
@@ -366,15 +367,14 @@ def test_sigterm_during_the_evaluation_abandons_it_saves_and_stops(script, short
     run_dir = tmp_path / "run"
     shutil.copytree(short_runs[script], run_dir)
     calls = signal_on_first_sampler_call(m, monkeypatch, signal.SIGTERM)
-    length = ["--epochs", "2"] if script == "dit_cifar10.py" else ["--total-steps", "3"]
+    length = ["--total-steps", "3"]
     m.main(*m.parse_args(["--resume", str(run_dir), *length, "--eval-every", "1"]))
     out = capsys.readouterr().out
     assert "stopped by signal at" in out, out
     assert len(calls) <= 1  # abandoned at its first network evaluation, not after the whole sampler
     saved = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
     before = torch.load(short_runs[script] / "checkpoints" / "latest.pt", weights_only=True)
-    # the step that was evaluated is saved: one more optimizer step, or (DiT) one more epoch
-    assert saved["step"] == (2 * before["step"] if script == "dit_cifar10.py" else before["step"] + 1)
+    assert saved["step"] == before["step"] + 1  # the step that was evaluated is saved
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 

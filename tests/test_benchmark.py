@@ -212,7 +212,7 @@ def test_plot_errors_are_one_line(tmp_path):
 def test_hns_and_iqm_against_hand_computed_values():
     atari = load_tool("atari_scores.py")
     assert len(atari.RANDOM_HUMAN) == 26 and set(atari.RANDOM_HUMAN) == set(atari.DIAMOND_PAPER_SCORES)
-    # HNS = (score - random) / (human - random), by hand from the table in ../shared/reference/atari.md
+    # HNS = (score - random) / (human - random), by hand from the Random and Human columns of DIAMOND's Table 1
     assert float(atari.human_normalized_score("Breakout-v5", 30.5)) == pytest.approx(1.0)
     assert float(atari.human_normalized_score("ALE/Breakout-v5", 1.7)) == pytest.approx(0.0)
     assert float(atari.human_normalized_score("PongNoFrameskip-v4", 20.4)) == pytest.approx(41.1 / 35.3)

@@ -15,22 +15,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import (PYTHON, ROOT, checkpoint_tensors, load_module, only_run_dir, read_image_tags, read_scalars,
-                      run_script, run_until_line_then_kill, script_env)
+from conftest import (PYTHON, ROOT, SEED_SHIFT, checkpoint_tensors, load_module, measured, only_run_dir,
+                      read_image_tags, read_scalars, run_script, run_until_line_then_kill, script_env)
 
 SCRIPT = "diamond_atari.py"
 TINY = ["--env-id", "Breakout-v5", "--num-sampling-steps", "3", "--preset", "tiny"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_subprocesses():
-    before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # conftest's script_env keeps a value that is already set
-    yield
-    if before is None:
-        os.environ.pop("OMP_NUM_THREADS")
-    else:
-        os.environ["OMP_NUM_THREADS"] = before
 
 
 @pytest.fixture(scope="module")
@@ -268,18 +257,11 @@ def test_denoiser_parameter_count_is_the_papers(dia):
 # The denoiser learns: a small fixed set of real transitions
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: far faster single-threaded on a shared machine
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_denoiser_learns_next_frame_better_than_copying(dia, one_thread):
+@pytest.mark.learning
+def test_denoiser_learns_next_frame_better_than_copying(dia, torch_threads):
     """13 real Breakout transitions (32x32), 150 steps: the loss falls 3x and the 3-step Euler sample of the next
     frame beats copying the last frame on the pixels that change, with less than 0.8x its error (0.66x measured)."""
-    torch.manual_seed(0)
+    torch.manual_seed(SEED_SHIFT)
     args = dia.Args(obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=32,
                     learning_rate=2e-3)
     env = dia.AtariEnv("Breakout", obs_size=32, seed=0)
@@ -300,7 +282,7 @@ def test_denoiser_learns_next_frame_better_than_copying(dia, one_thread):
     obs, acts, mask = dia.segment_obs(batch, torch.device("cpu")), batch["actions"], batch["obs_mask"]
     denoiser = dia.Denoiser(dia.DenoiserNet(4, args.diffusion_channels, 1, 32, 4))
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=args.learning_rate)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(SEED_SHIFT)
     losses = []
     for _ in range(150):
         loss = dia.denoiser_loss(denoiser, obs, acts, mask, args, generator)
@@ -312,6 +294,8 @@ def test_denoiser_learns_next_frame_better_than_copying(dia, one_thread):
     assert np.mean(losses[-20:]) < np.mean(losses[:20]) / 3
     reward_end = dia.RewardEndModel(4, 32, 8, 8, 16)
     metrics = dia.world_model_metrics(denoiser, reward_end, buffer, refs, args, torch.device("cpu"), seed=0)
+    measured(loss_ratio=np.mean(losses[-20:]) / np.mean(losses[:20]),
+             mse_ratio=metrics["next_frame_mse_changed"] / metrics["copy_last_frame_mse_changed"])
     assert metrics["changed_pixel_fraction"] > 0.001  # the ball and the paddle move
     assert metrics["next_frame_mse_changed"] < 0.8 * metrics["copy_last_frame_mse_changed"], metrics
 

@@ -1,5 +1,5 @@
 """Tests of dit_cifar10.py: the DiT model against the reference's facts, guidance, the adaLN variants, learning, the
-samplers against diffusers, and the contract (smoke, exact resume, torchrun, bad inputs).
+samplers against diffusers, and the promises of docs/PROMISES.md (smoke, exact resume, torchrun, bad inputs).
 
 The subprocess runs use one thread each (OMP_NUM_THREADS=1) and run two at a time where they are independent: the
 models are tiny, and two single-threaded processes use the 2 cores far better than one process that spins two
@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (PYTHON, ROOT, checkpoint_tensors, load_module, only_run_dir, read_image_tags, read_scalars,
-                      run_script)
+from conftest import (PYTHON, ROOT, SEED_SHIFT, THREADS, checkpoint_tensors, load_module, measured, only_run_dir,
+                      read_image_tags, read_scalars, run_script)
 
 SCRIPT = ROOT / "dit_cifar10.py"
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+ENV = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
 for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
     ENV.pop(name, None)
 dit = load_module("dit_cifar10.py")
@@ -81,17 +81,7 @@ def load_ema_model(run_dir: Path):
     return model.eval(), args, checkpoint
 
 
-TINY = ["--preset", "tiny"]
-
-
-@pytest.fixture
-def one_thread():
-    """In-process sampling of tiny models on one thread (two spinning threads are slower, and far slower on a busy
-    machine); the pytest process's setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TINY = ["--preset", "tiny", "--seed", str(1 + SEED_SHIFT)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -103,7 +93,7 @@ def tiny_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("dit_tiny")
     reference = start(*TINY, "--output-dir", base / "runs", cwd=base / "reference")  # runs beside the killed one
     killed_stdout = kill_on_line(*TINY, "--output-dir", base / "runs", cwd=base / "killed",
-                                 line="saved checkpoint at epoch")
+                                 line="saved checkpoint at step")
     killed_dir = run_dir_of(killed_stdout)
     resumed = subprocess.run([PYTHON, str(SCRIPT), "--resume", killed_dir], cwd=base, env=ENV,
                              capture_output=True, text=True, timeout=300)
@@ -120,8 +110,8 @@ def tiny_runs(tmp_path_factory):
 
 def test_parameter_count_matches_reference_dit_at_seed_config():
     args = dit.Args()
-    assert (args.img_size, args.patch, args.width, args.depth, args.heads, args.batch_size, args.epochs) == \
-        (32, 4, 384, 6, 6, 128, 100)
+    assert (args.img_size, args.patch, args.width, args.depth, args.heads, args.batch_size) == (32, 4, 384, 6, 6, 128)
+    assert dit.run_length_in_steps(args, set(), 50_000, None).total_steps == 39_063  # the seed's 100 epochs
     assert (args.timesteps, args.beta_start, args.beta_end, args.learning_rate, args.weight_decay, args.ema_decay) == \
         (1000, 1e-4, 0.02, 1e-4, 0.0, 0.9999)
     assert args.max_grad_norm == 0 and args.warmup_steps == 0 and args.adaln == "zero" and args.num_classes == 10
@@ -134,7 +124,7 @@ def test_parameter_count_matches_reference_dit_at_seed_config():
     assert "pos_embed" not in model.state_dict()  # a function of the config, not a weight
 
 
-def test_every_block_is_identity_and_output_zero_at_init(one_thread):
+def test_every_block_is_identity_and_output_zero_at_init(torch_threads):
     torch.manual_seed(0)
     model = dit.build_model(dit.Args())
     x = torch.randn(3, 3, 32, 32)
@@ -186,7 +176,7 @@ def randomised(model, seed=0):
     return model.eval()
 
 
-def test_guidance_scale_one_is_conditional_and_zero_unconditional(one_thread):
+def test_guidance_scale_one_is_conditional_and_zero_unconditional(torch_threads):
     torch.manual_seed(0)
     model = randomised(dit.DiT(16, 4, 3, 64, 2, 4, 4.0, 10, "zero"))
     x, t, y = torch.randn(5, 3, 16, 16), torch.tensor([0, 10, 200, 600, 999]), torch.tensor([0, 3, 9, 3, 5])
@@ -255,7 +245,7 @@ def diffusers_loop(scheduler, num_steps, generator=None):
 
 
 @pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
-def test_ddpm_sampler_matches_diffusers(variance, one_thread):
+def test_ddpm_sampler_matches_diffusers(variance, torch_threads):
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
@@ -266,7 +256,7 @@ def test_ddpm_sampler_matches_diffusers(variance, one_thread):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
 
 
-def test_ddim_sampler_matches_diffusers(one_thread):
+def test_ddim_sampler_matches_diffusers(torch_threads):
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
@@ -277,7 +267,7 @@ def test_ddim_sampler_matches_diffusers(one_thread):
 
 
 @pytest.mark.parametrize("num_steps", [10, 20])
-def test_dpm_solver_matches_diffusers(num_steps, one_thread):
+def test_dpm_solver_matches_diffusers(num_steps, torch_threads):
     from diffusers import DPMSolverMultistepScheduler
 
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
@@ -292,17 +282,19 @@ def test_dpm_solver_matches_diffusers(num_steps, one_thread):
 # End to end: smoke, learning, resume
 
 
+@pytest.mark.learning
 def test_tiny_run_smoke(tiny_runs):
     run_dir, stdout = tiny_runs["dir"], tiny_runs["stdout"]
     assert (run_dir / "config.json").is_file() and (run_dir / "checkpoints" / "latest.pt").is_file()
     assert "DiT with adaLN-zero, 259,952 parameters" in stdout
     assert [line for line in stdout.splitlines() if line.startswith("saved checkpoint")] == [
-        f"saved checkpoint at epoch {e} (step {e * 16})" for e in (16, 32, 48, 64)]
+        f"saved checkpoint at step {s}" for s in (256, 512, 768, 1024)]
     scalars = read_scalars(run_dir)
     for tag in ("losses/mse", "charts/learning_rate", "charts/grad_norm", "charts/SPS", "perf/mfu"):
         assert scalars[tag], tag
     assert read_image_tags(run_dir) == ["samples/ema"]
     losses = [v for _, v in scalars["losses/mse"]]
+    measured(loss_first=losses[0], loss_last=losses[-1], ratio=losses[-1] / losses[0])
     assert losses[-1] < 0.5 * losses[0]
     # the sample grids: one row per class (10 classes x 4 per class), labels beside the images
     final = np.load(run_dir / "samples" / "step00001024.npz")
@@ -324,7 +316,8 @@ def colour_rule(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([(nearest == j + 1).float().mean(1) for j in range(8)], dim=1)
 
 
-def test_tiny_model_generates_the_asked_class_and_guidance_sharpens_it(tiny_runs, one_thread):
+@pytest.mark.learning
+def test_tiny_model_generates_the_asked_class_and_guidance_sharpens_it(tiny_runs, torch_threads):
     """The sampling (EMA) model of a short run, asked for each class, draws it far above chance. With the paper's EMA
     decay (the tiny preset's) this caught #14: without a warm-up the EMA of 1,024 steps is 90% the initial model."""
     model, args, _ = load_ema_model(tiny_runs["dir"])
@@ -340,7 +333,7 @@ def test_tiny_model_generates_the_asked_class_and_guidance_sharpens_it(tiny_runs
         others = votes.scatter(1, asked[:, None], -1.0)
         accuracy[scale] = (votes.argmax(1) == asked).float().mean().item()
         margin[scale] = (votes.gather(1, asked[:, None])[:, 0] - others.max(1).values).mean().item()
-    print("accuracy", accuracy, "margin", margin)
+    measured(**{f"accuracy_{s}": v for s, v in accuracy.items()}, **{f"margin_{s}": v for s, v in margin.items()})
     assert accuracy[3.0] >= 0.4  # chance is 1/8
     assert margin[0.0] < margin[1.0] < margin[3.0]
 
@@ -363,11 +356,13 @@ def judge_step0(run_dir) -> dict:
 @pytest.fixture(scope="module")
 def cpu_preset_short(tmp_path_factory):
     out = tmp_path_factory.mktemp("dit_cpu_short")
-    run_script(SCRIPT, "--preset", "cpu", "--epochs", 1, "--samples-per-class", 2, "--output-dir", out)
+    run_script(SCRIPT, "--preset", "cpu", "--seed", 1 + SEED_SHIFT, "--epochs", 1, "--samples-per-class", 2,
+               "--output-dir", out)
     return only_run_dir(out)
 
 
-def test_cpu_preset_shortened_beats_step_0_by_a_stated_margin(cpu_preset_short, one_thread):
+@pytest.mark.learning
+def test_cpu_preset_shortened_beats_step_0_by_a_stated_margin(cpu_preset_short, torch_threads):
     """The judge after the cpu preset's first epoch against its untrained model (step 0), same noise and labels.
     Measured (2 samples per class): Frechet 67,500 at step 0, 52,400 at step 64 (0.78 times; real-vs-real 291),
     recognised 0 and 0.10: one epoch is what 120 s of the suite allow beside DDPM's; the asked classes appear by step
@@ -377,13 +372,15 @@ def test_cpu_preset_shortened_beats_step_0_by_a_stated_margin(cpu_preset_short, 
     assert [s for s, _ in logged["recognised"]] == [64]
     final = {name: values[-1][1] for name, values in logged.items()}
     step0 = judge_step0(cpu_preset_short)
+    measured(**{f"step0_{k}": v for k, v in step0.items()}, **final, frechet_ratio=final["frechet"] / step0["frechet"])
     assert step0["recognised"] <= 0.1 and final["recognised_real"] >= 0.9
     assert final["frechet"] <= 0.85 * step0["frechet"]  # better than step 0 by a stated margin ...
     assert final["frechet_real"] <= final["frechet"] <= 60_000  # ... and inside [floor, ceiling]
     assert final["recognised"] >= step0["recognised"]
 
 
-def test_the_judge_scores_each_evaluation_and_guidance_raises_its_class_accuracy(tiny_runs, one_thread):
+@pytest.mark.learning
+def test_the_judge_scores_each_evaluation_and_guidance_raises_its_class_accuracy(tiny_runs, torch_threads):
     """eval/judge_* at each evaluation of the tiny run (1,024 steps, 4 samples per class), guided (scale 3) and at
     guidance 1 (_cfg1) from the same noise. Measured: step 0 recognised 0; step 1,024 recognised 0.625 guided and
     0.425 unguided, class accuracy 0.575 guided and 0.35 unguided (chance 0.1, real images 0.725)."""
@@ -393,6 +390,7 @@ def test_the_judge_scores_each_evaluation_and_guidance_raises_its_class_accuracy
         assert [s for s, _ in logged[name]] == [512, 1024] and [s for s, _ in logged[f"{name}_cfg1"]] == [512, 1024]
     final = {name: values[-1][1] for name, values in logged.items()}
     step0 = judge_step0(run_dir)
+    measured(**{f"step0_{k}": v for k, v in step0.items()}, **final, frechet_ratio=final["frechet"] / step0["frechet"])
     assert step0["recognised"] <= 0.1 and final["recognised_real"] >= 0.9
     assert final["recognised"] >= step0["recognised"] + 0.3 and final["frechet"] <= step0["frechet"] / 3
     assert final["frechet_real"] <= final["frechet"]
@@ -400,6 +398,7 @@ def test_the_judge_scores_each_evaluation_and_guidance_raises_its_class_accuracy
     assert final["class_accuracy"] >= final["class_accuracy_cfg1"] + 0.1  # guidance raises class accuracy
 
 
+@pytest.mark.learning
 def test_sample_only_one_class(tiny_runs, tmp_path):
     run_dir = tiny_runs["dir"]
     result = subprocess.run([PYTHON, str(SCRIPT), "--resume", run_dir, "--sample-only", "--class-label", "3",
@@ -410,12 +409,13 @@ def test_sample_only_one_class(tiny_runs, tmp_path):
     samples = np.load(files[0])
     assert samples["arr_0"].shape == (12, 16, 16, 3) and samples["arr_1"].tolist() == [3] * 12
     votes = colour_rule(torch.from_numpy(samples["arr_0"]).permute(0, 3, 1, 2))
+    measured(class3_share=(votes.argmax(1) == 3).float().mean())
     assert (votes.argmax(1) == 3).float().mean() >= 0.4  # yellow squares, mostly
 
 
 def test_resume_after_sigkill_is_bitwise_exact(tiny_runs):
-    assert "saved checkpoint at epoch 16 (step 256)" in tiny_runs["killed_stdout"]
-    assert "saved checkpoint at epoch 64 (step 1024)" in tiny_runs["resumed_stdout"]
+    assert "saved checkpoint at step 256" in tiny_runs["killed_stdout"]
+    assert "saved checkpoint at step 1024" in tiny_runs["resumed_stdout"]
     reference = torch.load(tiny_runs["dir"] / "checkpoints" / "latest.pt", weights_only=True)
     resumed = torch.load(tiny_runs["killed_dir"] / "checkpoints" / "latest.pt", weights_only=True)
     assert reference["step"] == resumed["step"] == 1024
@@ -437,12 +437,13 @@ def test_resume_after_sigkill_is_bitwise_exact(tiny_runs):
 @pytest.fixture(scope="module")
 def variant_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("dit_variants")
-    short = [*TINY, "--epochs", 8, "--eval-every", 8, "--save-every", 8, "--output-dir", base / "runs"]
+    short = [*TINY, "--total-steps", 128, "--eval-every", 128, "--save-every", 128, "--output-dir", base / "runs"]
     processes = {adaln: start(*short, "--adaln", adaln, cwd=base / adaln) for adaln in ("plain", "single", "diagonal")}
     processes["unconditional"] = start(*short, "--num-classes", 0, "--cfg-scale", 3, cwd=base / "unconditional")
     return {name: finish(process) for name, process in processes.items()}
 
 
+@pytest.mark.learning
 @pytest.mark.parametrize("adaln", ["plain", "single", "diagonal"])
 def test_adaln_variant_trains(variant_runs, adaln):
     code, stdout, stderr = variant_runs[adaln]
@@ -452,10 +453,12 @@ def test_adaln_variant_trains(variant_runs, adaln):
     assert f"DiT with adaLN-{adaln}, {count:,} parameters" in stdout
     assert count < 259_952  # every variant is smaller than adaLN-Zero at the tiny config
     losses = [v for _, v in read_scalars(run_dir_of(stdout))["losses/mse"]]
+    measured(ratio=losses[-1] / losses[0])
     assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.6 * losses[0]
 
 
+@pytest.mark.learning
 def test_unconditional_run(variant_runs):
     code, stdout, stderr = variant_runs["unconditional"]
     assert code == 0, stderr[-2000:]
@@ -465,11 +468,12 @@ def test_unconditional_run(variant_runs):
     samples = np.load(run_dir / "samples" / "step00000128.npz")
     assert samples.files == ["arr_0"] and samples["arr_0"].shape == (8 * 4, 16, 16, 3)  # 8 rows, no labels
     losses = [v for _, v in read_scalars(run_dir)["losses/mse"]]
+    measured(ratio=losses[-1] / losses[0])
     assert losses[-1] < 0.6 * losses[0]
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
-    common = [*TINY, "--epochs", 1, "--num-shapes-images", 128, "--eval-every", 1, "--save-every", 1,
+    common = [*TINY, "--total-steps", 4, "--num-shapes-images", 128, "--eval-every", 4, "--save-every", 4,
               "--output-dir", tmp_path / "runs"]  # 4 optimizer steps at global batch 32
     single = start(*common, "--exp-name", "single", cwd=tmp_path / "single")
     code, stdout, stderr = finish(start(*common, "--exp-name", "ddp", cwd=tmp_path / "ddp", torchrun=True))
@@ -525,6 +529,77 @@ def test_folder_dataset_classes_and_unconditional(image_folder, tmp_path):
     assert fn(torch.zeros(2, 3, 16, 16), torch.tensor([1, 2])).shape == (2, 3, 16, 16)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The run length and cadence count optimizer steps, as in ddpm and video; --epochs and format-1 checkpoints convert
+
+
+def small_run(*flags, output_dir) -> list[str]:
+    """dit.main in process on a tiny model (one sample per class, DDIM-2): the lines it printed."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        dit.main(*dit.parse_args([*TINY, "--width", "32", "--depth", "1", "--heads", "2", "--samples-per-class", "1",
+                                  "--num-sampling-steps", "2", "--output-dir", str(output_dir), *map(str, flags)]))
+    return out.getvalue().splitlines()
+
+
+def test_save_and_eval_cadence_count_steps_and_a_folder_smaller_than_the_batch_trains(image_folder, tmp_path,
+                                                                                    torch_threads):
+    lines = small_run("--dataset", "folder", "--data-dir", image_folder, "--num-classes", 3, "--total-steps", 100,
+                      "--save-every", 50, "--eval-every", 100, "--log-every", 50, output_dir=tmp_path)
+    assert "notice: 18 images, fewer than --batch-size 32: each batch holds images more than once (it spans several " \
+           "epochs)" in lines
+    assert [line for line in lines if line.startswith("saved checkpoint")] == [
+        "saved checkpoint at step 50", "saved checkpoint at step 100"]
+    run_dir = only_run_dir(tmp_path)
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step00000100.png"]  # evaluated at 100
+    assert [s for s, _ in read_scalars(run_dir)["losses/mse"]] == [50, 100]
+    # a batch holds each of the 18 images at least once and crosses epochs; the order is a function of the step
+    first = dit.global_batch_indices(0, 32, 18, 1)
+    assert len(first) == 32 and set(first.tolist()) == set(range(18))
+    assert torch.equal(first, dit.global_batch_indices(0, 32, 18, 1))
+
+
+def test_epochs_convert_to_steps_and_both_are_refused(tmp_path):
+    args = dit.Args(**{**dit.PRESETS["tiny"], "epochs": 3})
+    assert dit.run_length_in_steps(replace(args, total_steps=None), {"epochs"}, 100, None).total_steps == 10  # 300/32
+    assert dit.run_length_in_steps(args, {"epochs"}, 100, None).epochs is None  # saved as steps, not as both
+    with pytest.raises(dit.UserError, match="--epochs 3 and --total-steps 1024 both set the run length"):
+        dit.run_length_in_steps(args, {"epochs", "total_steps"}, 100, None)
+
+
+def test_a_format_1_checkpoint_counting_epochs_resumes_with_its_cadence_in_steps(tmp_path, torch_threads):
+    """Format 1 counted --epochs, --save-every and --eval-every in epochs of N // B steps (the last partial batch
+    dropped): 100 images at batch 32 made 3 steps per epoch. Its run of 4 epochs, saving every 2 and evaluating every
+    4, resumes at its step as 12 steps, saving every 6 and evaluating every 12; the data order notice is printed
+    once, since 100 is not a multiple of 32 (batches now cross epochs)."""
+    small_run("--num-shapes-images", 100, "--total-steps", 3, "--save-every", 3, "--eval-every", 3,
+              output_dir=tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    path = run_dir / "checkpoints" / "latest.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    old_args = {k: v for k, v in checkpoint["args"].items() if k != "total_steps"}
+    torch.save({**checkpoint, "format_version": 1, "args": {**old_args, "epochs": 4, "save_every": 2,
+                                                            "eval_every": 4}}, path)
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        dit.main(*dit.parse_args(["--resume", str(run_dir)]))
+    lines = out.getvalue().splitlines()
+    assert sum("this checkpoint (format 1) dropped the last partial batch" in line for line in lines) == 1
+    assert [line for line in lines if line.startswith("saved checkpoint")] == [
+        "saved checkpoint at step 6", "saved checkpoint at step 12"]
+    resumed = torch.load(path, weights_only=True)
+    assert resumed["format_version"] == 2 and resumed["step"] == 12
+    assert (resumed["args"]["total_steps"], resumed["args"]["save_every"], resumed["args"]["eval_every"],
+            resumed["args"]["epochs"]) == (12, 6, 12, None)
+    assert sorted(p.name for p in (run_dir / "samples").glob("step*.png")) == ["step00000003.png", "step00000012.png"]
+
+
 def test_every_numeric_flag_has_a_domain_and_bad_values_are_refused():
     hints = typing.get_type_hints(dit.Args)
     numeric = {name for name, hint in hints.items() if {int, float} & {hint, *typing.get_args(hint)}}
@@ -578,6 +653,7 @@ def test_ema_decay_warms_up_to_the_given_decay():
     assert all(a <= b for a, b in zip(decays, decays[1:])) and max(decays) == 0.999
 
 
+@pytest.mark.learning
 def test_short_run_ema_is_near_the_trained_weights_not_the_initial_ones(tiny_runs):
     ema, args, checkpoint = load_ema_model(tiny_runs["dir"])
     torch.manual_seed(args.seed)  # the script seeds, then builds the model first: its initial weights
@@ -586,6 +662,6 @@ def test_short_run_ema_is_near_the_trained_weights_not_the_initial_ones(tiny_run
     to_trained = sum((averaged[k] - trained[k]).pow(2).sum() for k in trained).sqrt()
     to_initial = sum((averaged[k] - initial[k]).pow(2).sum() for k in trained).sqrt()
     travelled = sum((trained[k] - initial[k]).pow(2).sum() for k in trained).sqrt()
-    print(f"|ema - trained| {to_trained:.3f}, |ema - initial| {to_initial:.3f}, |trained - initial| {travelled:.3f}")
+    measured(to_trained=to_trained, to_initial=to_initial, ratio=to_trained / to_initial)
     # Without the warm-up: ema = 0.9 initial + 0.1 (an average of the trained path), near the initial weights.
     assert to_trained < 0.5 * to_initial

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_module
+from conftest import SEED_SHIFT, load_module, measured
 
 ddpm = load_module("ddpm_cifar10.py")
 dit = load_module("dit_cifar10.py")
@@ -55,7 +55,7 @@ def shapes_8px(num: int, seed: int):
 def judge_8px(tmp_path_factory):
     cache = tmp_path_factory.mktemp("judge_cache")
     rng_before = torch.get_rng_state()
-    judge = ddpm.load_or_train_judge(cache, "shapes_8px", lambda: shapes_8px(2048, 11), 10, 11)
+    judge = ddpm.load_or_train_judge(cache, "shapes_8px", lambda: shapes_8px(2048, 11), 10, 11 + SEED_SHIFT)
     assert torch.equal(torch.get_rng_state(), rng_before)  # the run's RNG is untouched: exact resume stays exact
     return judge, cache
 
@@ -67,10 +67,10 @@ def test_the_cache_round_trips_and_a_damaged_cache_is_retrained(judge_8px, capsy
     def must_not_train():
         raise AssertionError("the cached judge should have been loaded")
 
-    loaded = ddpm.load_or_train_judge(cache, "shapes_8px", must_not_train, 10, 11)
+    loaded = ddpm.load_or_train_judge(cache, "shapes_8px", must_not_train, 10, 11 + SEED_SHIFT)
     assert all(torch.equal(p, q) for p, q in zip(judge.state_dict().values(), loaded.state_dict().values()))
     path.write_bytes(b"not a torch file")
-    retrained = ddpm.load_or_train_judge(cache, "shapes_8px", lambda: shapes_8px(2048, 11), 10, 11)
+    retrained = ddpm.load_or_train_judge(cache, "shapes_8px", lambda: shapes_8px(2048, 11), 10, 11 + SEED_SHIFT)
     assert "training the judge again" in capsys.readouterr().out
     # retrained to the same weights: the judge is a pure function of its seed
     assert all(torch.equal(p, q) for p, q in zip(judge.state_dict().values(), retrained.state_dict().values()))
@@ -78,6 +78,7 @@ def test_the_cache_round_trips_and_a_damaged_cache_is_retrained(judge_8px, capsy
     assert not list(cache.glob(".*tmp*"))  # no temporary file left behind
 
 
+@pytest.mark.learning
 def test_judge_scores_real_images_as_real_and_noise_as_none(judge_8px):
     judge, _ = judge_8px
     heldout, heldout_labels = shapes_8px(400, 12)
@@ -90,6 +91,9 @@ def test_judge_scores_real_images_as_real_and_noise_as_none(judge_8px):
     assert scores["class_accuracy"] >= 0.5 and scores["class_accuracy_real"] >= 0.5
     noise = np.random.default_rng(0).integers(0, 256, (200, 3, 8, 8)).astype(np.uint8)
     noise_scores = ddpm.judge_scores(judge, noise, real_labels, heldout)
+    measured(**scores, **{f"noise_{k}": v for k, v in noise_scores.items()},
+             frechet_over_real=scores["frechet"] / scores["frechet_real"],
+             noise_frechet_over_real=noise_scores["frechet"] / scores["frechet_real"])
     assert noise_scores["recognised"] <= 0.05 and noise_scores["class_accuracy"] <= 0.3
     # real images are as far from the held-out set as another real set is; noise is far beyond it
     assert scores["frechet"] < 3 * scores["frechet_real"] + 1.0

@@ -154,8 +154,9 @@ def test_spacings_keep_diffusers_timesteps_where_they_reach_the_top():
 
 
 def test_dit_ddpm_visits_dits_own_respaced_timesteps():
-    """DiT's protocol (DDPM, 250 of 1000 steps) respaces with space_timesteps (facebookresearch/DiT
-    diffusion/respace.py): one section of S steps at round(i (T-1) / (S-1)), ending at 999 (not leading's 996)."""
+    """DiT's protocol (DDPM, 250 of 1000 steps) respaces with space_timesteps
+    (facebookresearch/DiT diffusion/respace.py): one section of S steps at round(i (T-1) / (S-1)), ending at 999 (not
+    leading's 996)."""
     abar = linear_alphas_cumprod(1000)
     seen = []
     dit.sample_images(exact_model_fn(abar, seen), torch.zeros(1, 4, dtype=torch.float64), abar, "ddpm", 250,

@@ -2,17 +2,19 @@
 
 - The shared machinery (flags, config, checkpoints, RNG, device, torchrun, run folder, signals, MFU, entry point): one
   fenced block at the end of all four scripts, byte-identical, followed only by the `__main__` stanza.
-- Every name the block reads from its script is defined in each script."""
+- Every name the block reads from its script is defined in each script.
+- One meaning per flag: a flag that several generative scripts share has one type and one unit in all of them."""
 import ast
 import re
+from typing import Annotated, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, load_module
 
 SCRIPTS = ["ddpm_cifar10.py", "dit_cifar10.py", "video_diffusion.py", "diamond_atari.py"]
 BEGIN, END = "# BEGIN SHARED MACHINERY", "# END SHARED MACHINERY"
 # What the block reads from the script that holds it (its first comment says so).
-SCRIPT_NAMES = ["SCRIPT_NAME", "CHECKPOINT_FORMAT_VERSION", "CHECKPOINT_KEYS", "Args", "PRESETS", "ARG_DOMAINS",
+SCRIPT_NAMES = ["SCRIPT_NAME", "CHECKPOINT_FORMAT_VERSION", "OLDER_CHECKPOINT_FORMATS", "CHECKPOINT_KEYS", "Args", "PRESETS", "ARG_DOMAINS",
                 "RESUME_MUTABLE_FIELDS", "FLAG_ALIASES"]
 
 
@@ -79,3 +81,49 @@ def test_the_judge_block_is_byte_identical_in_the_three_generative_scripts(texts
     assert all(len(line) <= 120 for line in reference.splitlines())
     for script, block in blocks.items():
         assert block == reference, f"{script}'s judge block differs from ddpm_cifar10.py's: copy it back"
+
+
+GENERATIVE = ["ddpm_cifar10.py", "dit_cifar10.py", "video_diffusion.py"]
+# The count flags whose unit every script states (DIAMOND's in its own units: epochs for its loop, save and eval).
+COUNTED = {"total_steps", "epochs", "num_epochs", "warmup_steps", "log_every", "save_every", "eval_every",
+           "save_agent_every"}
+
+
+def type_and_unit(hint) -> tuple[str, Optional[str]]:
+    """A field's type with its unit (the --help metavar of Annotated[T, tyro.conf.arg(metavar=UNIT)]) taken out.
+    None is not part of the type (Optional[int] is an int whose default None has a stated meaning), nor are a
+    Literal's choices, which are each script's own (its datasets, its presets)."""
+    unit = None
+    if get_origin(hint) is Annotated:
+        hint, *extras = get_args(hint)
+        unit = next((extra.metavar for extra in extras if getattr(extra, "metavar", None)), None)
+    if get_origin(hint) is Union and type(None) in get_args(hint):
+        (hint,) = [arg for arg in get_args(hint) if arg is not type(None)]
+    if get_origin(hint) is Literal:
+        return f"Literal[{type(get_args(hint)[0]).__name__}]", unit
+    return getattr(hint, "__name__", str(hint)), unit
+
+
+def test_flags_shared_by_the_generative_scripts_agree_in_name_type_and_unit():
+    fields = {script: {name: type_and_unit(hint) for name, hint in
+                       get_type_hints(load_module(script).Args, include_extras=True).items()} for script in GENERATIVE}
+    shared = [name for name in fields["ddpm_cifar10.py"] if sum(name in f for f in fields.values()) >= 2]
+    assert {"total_steps", "save_every", "eval_every", "log_every", "warmup_steps", "batch_size"} <= set(shared)
+    for name in shared:
+        found = {script: f[name] for script, f in fields.items() if name in f}
+        assert len(set(found.values())) == 1, f"--{name.replace('_', '-')} differs: {found}"
+    for script, f in fields.items():
+        assert f["total_steps"][1] == f["save_every"][1] == f["eval_every"][1] == "STEPS", script
+    assert fields["dit_cifar10.py"]["epochs"][1] == "EPOCHS"  # the seed's unit, converted to steps
+    diamond = {name: type_and_unit(hint) for name, hint in
+               get_type_hints(load_module("diamond_atari.py").Args, include_extras=True).items()}
+    assert diamond["num_epochs"][1] == diamond["save_every"][1] == diamond["eval_every"][1] == "EPOCHS"
+    for script, f in {**fields, "diamond_atari.py": diamond}.items():
+        assert all(f[name][1] for name in COUNTED & set(f)), f"{script}: a count flag without its unit"
+
+
+@pytest.mark.parametrize("script,unit", [("dit_cifar10.py", "STEPS"), ("diamond_atari.py", "EPOCHS")])
+def test_help_shows_each_count_flags_unit(script, unit, capsys):
+    with pytest.raises(SystemExit):
+        load_module(script).parse_args(["--help"])
+    assert re.search(rf"--save-every {unit}\b", capsys.readouterr().out)
