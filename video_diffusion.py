@@ -821,8 +821,8 @@ def check_given_caption(caption: str, vocabulary: list, max_len: int, flag: str,
         see = (f"its {len(known)} words: {', '.join(known)}" if len(known) <= 60 else
                f"its {len(known)} words: python -c \"import torch; print(*torch.load('{checkpoint}', "
                f"weights_only=True)['vocabulary'][{len(SPECIAL_TOKENS)}:])\"")
-        raise UserError(f"{flag} {caption!r}: the model does not know {named} (the words of its training captions "
-                        f"only; an unknown word would be the untrained <unk>); {see}")
+        raise UserError(f"{flag} {caption!r}: the model does not know {named}: it learned the words of its "
+                        f"training captions only (an unknown word would be the untrained <unk>); {see}")
     if len(words) > max_len:
         return (f"notice: {flag} has {len(words)} words, more than the model's --max-text-len {max_len}: it reads "
                 f"{' '.join(words[:max_len])!r} and drops {' '.join(words[max_len:])!r}")

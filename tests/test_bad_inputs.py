@@ -588,3 +588,159 @@ def test_a_damaged_state_in_a_checkpoint_is_one_line(script, short_runs, tmp_pat
         with pytest.raises(m.UserError, match="damaged"):
             m.main(*m.parse_args(["--resume", str(tmp_path / damage)]))
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# ---- issue 23: one run, one writer; a bounded --config; signals that answer; library versions in checkpoints
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_config_that_never_ends_is_one_line(script):
+    with pytest.raises(module(script).UserError, match="--config /dev/zero is larger than 1024 KiB"):
+        module(script).parse_args(["--config", "/dev/zero"])
+
+
+@pytest.fixture
+def live_pid():
+    """The PID of a live process that is not this one (a sleeping child), and of one that has ended."""
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    yield child.pid, ended.pid
+    child.kill()
+    child.wait()
+
+
+def event_files(run_dir: Path) -> dict:
+    return {p.name: file_hash(p) for p in run_dir.glob("events.out.tfevents.*")}
+
+
+@pytest.mark.parametrize("script", GENERATIVE)
+def test_a_second_trainer_of_a_run_is_refused_and_a_reader_purges_nothing(script, short_runs, tmp_path, live_pid,
+                                                                          capsys):
+    """Process A trains RUN (its lock: this host, a live PID). B, resuming RUN to train on, is refused in one line
+    naming A's host, PID and the lock file, with nothing written; B asking for fewer steps than RUN has done says so
+    and writes nothing (no purging writer); --sample-only is allowed. A lock a dead process left is taken over."""
+    import socket
+
+    m = module(script)
+    run_dir = tmp_path / "run"
+    shutil.copytree(short_runs[script], run_dir)
+    lock = run_dir / "train.lock"
+    lock.write_text(f"{socket.gethostname()} {live_pid[0]}\n")
+    before, checkpoint = event_files(run_dir), file_hash(run_dir / "checkpoints" / "latest.pt")
+    with pytest.raises(m.UserError) as refused:
+        m.main(*m.parse_args(["--resume", str(run_dir), "--total-steps", "4"]))
+    assert f"PID {live_pid[0]} on host {socket.gethostname()} (lock file {lock})" in str(refused.value)
+    m.main(*m.parse_args(["--resume", str(run_dir), "--total-steps", "1"]))
+    assert "the run is already at step 2 of --total-steps 1" in capsys.readouterr().out
+    m.main(*m.parse_args(["--resume", str(run_dir), "--sample-only", "--num-samples", "2"]))
+    assert event_files(run_dir) == before and file_hash(run_dir / "checkpoints" / "latest.pt") == checkpoint
+    lock.write_text(f"{socket.gethostname()} {live_pid[1]}\n")  # A was SIGKILLed: its lock is stale
+    m.main(*m.parse_args(["--resume", str(run_dir), "--total-steps", "3", "--eval-every", "100"]))
+    assert f"notice: taking over {lock}: PID {live_pid[1]}" in capsys.readouterr().out
+    assert torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["step"] == 3
+    assert not lock.exists()  # released when the run ended
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_run_lock_refuses_another_host_and_is_taken_by_the_one_trainer(script, tmp_path, live_pid):
+    """open_writer, which only a process that trains calls, takes the lock: another host's lock is never taken over
+    (its processes cannot be checked), however dead its PID would be here."""
+    m = module(script)
+    lock = tmp_path / "train.lock"
+    lock.write_text(f"another-host.example {live_pid[1]}\n")
+    with pytest.raises(m.UserError, match="being trained by PID .* on host another-host.example"):
+        m.open_writer(tiny_args(script), tmp_path, 0)
+    assert lock.read_text() == f"another-host.example {live_pid[1]}\n" and not list(tmp_path.glob("events.*"))
+    lock.unlink()
+    writer = m.open_writer(tiny_args(script), tmp_path, 0)
+    assert lock.read_text().split()[1] == str(os.getpid())
+    m.close_writer(tiny_args(script), writer)
+    assert not lock.exists()
+
+
+# Stop at the second checkpoint write: Ctrl-C twice in it. The script as a user runs it; torch.save patched to signal.
+SECOND_CTRL_C = """import os, runpy, signal, sys, torch
+calls, save = [], torch.save
+def save_then_ctrl_c(obj, f, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGINT)  # acknowledged at once
+        print("after the first Ctrl-C", flush=True)
+        os.kill(os.getpid(), signal.SIGINT)  # quit without saving
+        print("not reached", flush=True)
+    save(obj, f, *args, **kwargs)
+torch.save = save_then_ctrl_c
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_second_ctrl_c_quits_without_saving_and_the_last_checkpoint_stays(short_runs, tmp_path):
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(short_runs["ddpm_cifar10.py"], run_dir)
+    result = subprocess.run([sys.executable, "-c", SECOND_CTRL_C, str(ROOT / "ddpm_cifar10.py"), "--resume",
+                             str(run_dir), "--total-steps", "6", "--save-every", "2", "--eval-every", "100"],
+                            cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 130, result.stderr
+    out = result.stdout.splitlines()
+    ack = "stopping after this step, then saving; Ctrl-C again to quit without saving"
+    assert out.index(ack) < out.index("after the first Ctrl-C") and "not reached" not in out  # said at once
+    assert "saved checkpoint at step 4" in out and "saved checkpoint at step 6" not in out
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # beside the progress bar
+    assert errors == ["error: interrupted by a second Ctrl-C: quit without saving (the last checkpoint, if any, is "
+                      "intact)"] and "Traceback" not in result.stderr
+    # the second write (step 6) was abandoned: the first one's checkpoint (step 4) is the last, whole
+    assert torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["step"] == 4
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest.pt"]  # no temporary file
+    assert not (run_dir / "train.lock").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_signals_after_the_first_change_nothing_but_a_second_ctrl_c(script, capsys):
+    """In process, one StopFlag: the first SIGTERM is acknowledged once; more SIGTERMs (a scheduler's repeated
+    preemption, which must never abort a save) change nothing; a SIGINT after them raises Interrupted. Under the
+    entry point the handlers stay after restore() and ignore signals while the process exits."""
+    m = module(script)
+    previous = signal.getsignal(signal.SIGTERM)
+    stop = m.StopFlag()
+    stop.busy = "the compilation"
+    for _ in range(3):
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.requested
+    out = capsys.readouterr().out
+    assert out.count("stopping after this step, then saving; the compilation must end first; Ctrl-C again") == 1
+    with pytest.raises(m.Interrupted):
+        os.kill(os.getpid(), signal.SIGINT)
+    stop.restore()
+    assert signal.getsignal(signal.SIGTERM) is previous  # an in-process caller gets its handlers back
+    m.StopFlag.keep_handlers = True
+    try:
+        stop = m.StopFlag()
+        stop.restore()
+        os.kill(os.getpid(), signal.SIGTERM)  # the run is over: ignored, the process goes on exiting
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGTERM) == stop.request
+    finally:
+        m.StopFlag.keep_handlers = False
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_checkpoint_written_under_other_library_versions_says_so(script, tmp_path, capsys):
+    m = module(script)
+    checkpoint = a_checkpoint(m)
+    torch.save({**checkpoint, "versions": m.library_versions()}, tmp_path / "same.pt")
+    m.load_checkpoint(tmp_path / "same.pt")
+    assert "notice" not in capsys.readouterr().out
+    torch.save({**checkpoint, "versions": {**m.library_versions(), "torch": "2.4.0"}}, tmp_path / "old.pt")
+    m.load_checkpoint(tmp_path / "old.pt")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [f"notice: {tmp_path / 'old.pt'} was written under other library versions (torch 2.4.0 -> "
+                   f"{torch.__version__}): a resumed run may differ from an uninterrupted one"]
