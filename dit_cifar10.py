@@ -1634,6 +1634,13 @@ def check_arg_domains(args: Args):
                 finite = "" if math.isfinite(element) else "a finite number "
                 raise UserError(f"--{name.replace('_', '-')} must be {finite}{'in ' if domain[0] in '[(' else ''}"
                                 f"{domain}, not {shown}")
+    # --exp-name is part of the run folder's name: one plain name, short enough for a file system (255 bytes)
+    if not args.exp_name or "/" in args.exp_name or "\\" in args.exp_name or ".." in args.exp_name:
+        raise UserError(f"--exp-name {args.exp_name!r} must be a plain name (no '/', '\\' or '..'): it names the run "
+                        f"folder inside --output-dir")
+    if len(args.exp_name.encode()) > 200:
+        raise UserError(f"--exp-name is {len(args.exp_name.encode())} bytes long: give at most 200 (it is part of the "
+                        f"run folder's name, which a file system caps at 255)")
 
 
 # ---- checkpoints: one file, written atomically, loaded with weights_only=True
@@ -1746,9 +1753,9 @@ def save_checkpoint(path: Path, state: dict):
         if not isinstance(e, (OSError, RuntimeError)):
             raise
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise TrainingFailure(f"cannot write checkpoint {path} ({reason}); "
-                              f"{'the previous one is intact' if path.exists() else 'no checkpoint was saved'}: free "
-                              f"disk space or make the folder writable, then --resume") from None
+        raise TrainingFailure(f"cannot write {path} ({reason}); "
+                              f"{'the previous ' + path.name + ' is intact' if path.exists() else 'it was not written'}"
+                              f": free disk space or make the folder writable, then --resume") from None
 
 
 def non_finite_failure(where: str, run_dir: Optional[Path]) -> TrainingFailure:

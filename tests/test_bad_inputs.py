@@ -209,7 +209,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_leaves_no_temporary_fil
         raise OSError(fault, os.strerror(fault))
 
     monkeypatch.setattr(m.torch, "save", failing_save)
-    with pytest.raises(m.TrainingFailure, match="previous one is intact"):
+    with pytest.raises(m.TrainingFailure, match="the previous latest.pt is intact"):
         m.save_checkpoint(path, {"step": 2, "weights": torch.zeros(4)})
     assert file_hash(path) == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["latest.pt"]
@@ -744,3 +744,29 @@ def test_a_checkpoint_written_under_other_library_versions_says_so(script, tmp_p
     out = capsys.readouterr().out.strip().splitlines()
     assert out == [f"notice: {tmp_path / 'old.pt'} was written under other library versions (torch 2.4.0 -> "
                    f"{torch.__version__}): a resumed run may differ from an uninterrupted one"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_exp_name_that_is_not_a_plain_short_name_is_refused_at_start_up(script):
+    m = module(script)
+    for bad in ("a/b", "..", "../up", "a\\b", ""):
+        with pytest.raises(m.UserError, match="must be a plain name"):
+            m.check_args(replace(tiny_args(script), exp_name=bad), 1)
+    with pytest.raises(m.UserError, match="--exp-name is 300 bytes long: give at most 200"):
+        m.check_args(replace(tiny_args(script), exp_name="x" * 300), 1)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_failed_write_of_a_new_file_says_it_was_not_written_and_names_it(script, tmp_path, monkeypatch):
+    """The agent copy of DIAMOND failed in a read-only folder while latest.pt was saved: the message is about the
+    file that failed, not 'no checkpoint was saved'."""
+    m = module(script)
+
+    def failing_save(obj, f, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(m.torch, "save", failing_save)
+    with pytest.raises(m.TrainingFailure) as failed:
+        m.save_checkpoint(tmp_path / "agent_epoch_00005.pt", {"w": torch.zeros(2)})
+    assert f"cannot write {tmp_path / 'agent_epoch_00005.pt'} (Read-only file system); it was not written" in str(
+        failed.value)
