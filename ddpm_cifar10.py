@@ -385,7 +385,7 @@ def read_image(path: Path) -> np.ndarray:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror}); {fix}") from None
+        raise UserError(f"{path}: cannot read it ({e.strerror}); make it readable or remove it") from None
     if data.startswith(b"\xff\xd8") and not jpeg_is_complete(data):
         raise UserError(f"{path}: truncated JPEG (it ends before its end-of-image marker); {fix}")
     if data.startswith(b"\x89PNG\r\n\x1a\n") and not png_is_complete(data):
@@ -415,7 +415,13 @@ def load_image_folder(data_dir: str, img_size: int) -> tuple[np.ndarray, np.ndar
     root = Path(data_dir)
     if not root.is_dir():
         raise UserError(f"--data-dir {data_dir} is not a folder (--dataset folder reads PNG/JPG images from it)")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+    def unreadable(e: OSError):  # os.walk's onerror (Path.rglob would skip the folder and its images without a word)
+        raise UserError(f"{e.filename}: cannot read this folder ({e.strerror}); make it readable or move it out of "
+                        f"--data-dir")
+
+    paths = sorted(Path(folder) / name for folder, _, names in os.walk(root, onerror=unreadable) for name in names
+                   if Path(name).suffix.lower() in IMAGE_EXTENSIONS)  # a file that cannot be read: read_image says so
     if not paths:
         raise UserError(f"no PNG/JPG images under {data_dir} (--dataset folder reads images from its subfolders)")
     class_names = sorted({p.relative_to(root).parts[0] for p in paths if len(p.relative_to(root).parts) > 1})
@@ -1209,6 +1215,8 @@ def main(args: Args, given: set[str]):
         if step == 0:
             writer.add_scalar("charts/num_parameters", num_params, 0)
         print(f"run folder: {run_dir}")
+        if step > 0:
+            print(f"resuming at step {step} of {args.total_steps}")
         print(f"model: {num_params:,} parameters; data: {len(images):,} images of {args.img_size}x{args.img_size}; "
               f"device: {device}{f' x {setup.world_size}' if setup.world_size > 1 else ''}")
         if len(images) < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
@@ -1312,6 +1320,8 @@ def main(args: Args, given: set[str]):
         with contextlib.suppress(StopRequested):
             evaluate_fid(fid_metric, generate, images_np, args, device, writer, step)
     close_writer(args, writer)
+    if setup.is_main and step == args.total_steps:
+        print(f"done: step {step}, checkpoint at {run_dir / 'checkpoints' / 'latest.pt'}")
     stop.restore()
 
 

@@ -664,14 +664,54 @@ def read_captions_file(path: Path) -> dict:
                         f"lines") from None
 
 
-def load_video_folder(args: "Args") -> VideoData:
-    """Every video under data_dir that opencv can read, center-cropped and resized; optional captions by file name."""
+def read_video(path: Path, img_size: int) -> list[np.ndarray]:
+    """A video file's frames, each through resize_frame. A file that is empty or unreadable, or of which OpenCV decodes
+    no frame, is refused (OpenCV would give no frames, and FFmpeg's own line, "moov atom not found", names no file)."""
     import cv2
 
+    fix = "replace it with a video OpenCV can read or remove it"
+    try:
+        with path.open("rb") as f:
+            empty = not f.read(1)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror}); make it readable or remove it") from None
+    if empty:
+        raise UserError(f"{path}: empty file; {fix}")
+    # FFmpeg writes its line for a file it cannot open to file descriptor 2 itself (OpenCV's log level does not reach
+    # it): that goes to os.devnull while the file is opened and its first frame read, and the error below says it all
+    sys.stderr.flush()
+    stderr_fd, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        capture = cv2.VideoCapture(str(path))
+        ok, bgr = capture.read()
+    finally:
+        os.dup2(stderr_fd, 2)
+        os.close(stderr_fd)
+        os.close(devnull)
+    frames = []
+    while ok:
+        frames.append(resize_frame(bgr[:, :, ::-1], img_size))
+        ok, bgr = capture.read()
+    capture.release()
+    if not frames:
+        raise UserError(f"{path}: OpenCV decodes no frame of it (a cut or corrupt file, or a codec its FFmpeg lacks); "
+                        f"{fix}")
+    return frames
+
+
+def load_video_folder(args: "Args") -> VideoData:
+    """Every video under data_dir, center-cropped and resized; optional captions by file name."""
     root = Path(args.data_dir)
     if not root.is_dir():
         raise UserError(f"--data-dir {args.data_dir} is not a folder (--dataset folder reads videos from it)")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+
+    def unreadable(e: OSError):  # os.walk's onerror (Path.rglob would skip the folder and its videos without a word)
+        raise UserError(f"{e.filename}: cannot read this folder ({e.strerror}); make it readable or move it out of "
+                        f"--data-dir")
+
+    paths = sorted(Path(folder) / name for folder, _, names in os.walk(root, onerror=unreadable) for name in names
+                   if Path(name).suffix.lower() in VIDEO_EXTENSIONS)  # a file that cannot be read: read_video says so
     if not paths:
         raise UserError(f"no videos ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {args.data_dir}")
     captions_path = Path(args.captions_file) if args.captions_file else next(
@@ -679,15 +719,7 @@ def load_video_folder(args: "Args") -> VideoData:
     by_name = read_captions_file(captions_path) if captions_path else {}
     episodes, episode_captions = [], []
     for p in paths:
-        capture = cv2.VideoCapture(str(p))
-        frames = []
-        while True:
-            ok, bgr = capture.read()
-            if not ok:
-                break
-            frames.append(resize_frame(bgr[:, :, ::-1], args.img_size))
-        capture.release()
-        frames = frames[:: args.frame_stride]
+        frames = read_video(p, args.img_size)[:: args.frame_stride]
         if len(frames) >= args.num_frames:
             episodes.append(np.stack(frames))
             rel = str(p.relative_to(root))
@@ -2266,6 +2298,8 @@ def main(args: Args, given: set[str]):
         if step == 0:
             writer.add_scalar("charts/num_parameters", num_params, 0)
         print(f"run folder: {run_dir}")
+        if step > 0:
+            print(f"resuming at step {step} of {args.total_steps}")
         print(f"model: {num_params:,} parameters; data: {num_clips:,} clips of {args.num_frames} frames of "
               f"{args.img_size}x{args.img_size}, {len(vocabulary) - len(SPECIAL_TOKENS)} words, "
               f"{'continuous actions' if args.action_dim else f'{num_actions} actions'}; "
@@ -2384,6 +2418,8 @@ def main(args: Args, given: set[str]):
     progress.close()
     leave_process_group(setup.world_size)
     close_writer(args, writer)
+    if setup.is_main and step == args.total_steps:
+        print(f"done: step {step}, checkpoint at {run_dir / 'checkpoints' / 'latest.pt'}")
     stop.restore()
 
 

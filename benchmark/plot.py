@@ -3,16 +3,22 @@
 Turns many runs into the plots and tables papers show.
 
 Reads the TensorBoard event files of every run folder under the given paths (tensorboard's EventAccumulator, which
-also honours the purge_step a resumed run writes), groups the runs by (script, dataset or env, exp_name): the script
-from the run's config.json (its fields tell the four scripts apart), else its checkpoint, else an exp_name that is a
-script's default; the rest from the run folder name `{dataset_or_env}__{exp_name}__{seed}__{timestamp}`. Two
-scripts' runs that share an exp_name stay apart. For every tag it writes
+also honours the purge_step a resumed run writes), groups the runs by (script, dataset or env, exp_name,
+configuration): the script from the run's config.json (its fields tell the four scripts apart), else its checkpoint,
+else an exp_name that is a script's default; the configuration from its config.json: every flag but the seed and the
+flags a resume may change (run length, cadence, logging, sampling, device: NOT_CONFIGURATION), so that runs of two
+presets, or of two learning rates, are never averaged as seeds; the rest from the run folder name
+`{dataset_or_env}__{exp_name}__{seed}__{timestamp}`. Two scripts' runs that share an exp_name stay apart. What it
+merges (seeds of one group), keeps apart (configurations of one exp_name) or drops (the older of two runs of one group
+and seed, folders that are not runs, runs without the tags) it says on stderr, one line each. For every tag it writes
 
-- `{out}/{tag}.png`: one panel per (script, dataset/env), one line per exp_name: the mean across seeds and a band
-  (default: a 95% Student-t confidence interval of that mean; `--band std` or `--band minmax` instead); the x axis
-  is the script's global step, named (DIAMOND: the gradient updates of its three models);
+- `{out}/{tag}.png`: one panel per (script, dataset/env), one line per (exp_name, configuration): the mean across
+  seeds and a band (default: a 95% Student-t confidence interval of that mean; `--band std` or `--band minmax`
+  instead); the x axis is the script's global step, named (DIAMOND: the gradient updates of its three models);
 - `{out}/final_values.md`: a markdown table of final values, mean +- sample standard deviation across seeds
-  (ddof=1), with the seed count; `{out}/final_values.json` holds the same numbers at full precision.
+  (ddof=1), with the seed count; `{out}/final_values.json` holds the same numbers at full precision. Its config
+  column: the preset ("no preset"; "-" without a config.json), and the flags in which the configurations of one
+  (script, env, exp_name) differ.
 
 {out} is --out-dir, by default plots/ inside the first runs folder given (beside the runs; for a single run folder,
 beside it). Needs matplotlib (pip install matplotlib, or the `plot` extra: pip install -e '.[plot]').
@@ -34,6 +40,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -49,6 +56,17 @@ SCRIPT_FIELDS = {"diamond_atari.py": {"denoiser_steps_per_epoch", "imagination_h
                  "video_diffusion.py": {"context_frames", "long_video_frames"},
                  "dit_cifar10.py": {"patch", "depth"}, "ddpm_cifar10.py": {"channels", "channels_last"}}
 UNKNOWN_SCRIPT = "-"
+# config.json fields that do not make runs incomparable: the seed, the run's names, and every script's
+# RESUME_MUTABLE_FIELDS, the flags a resume may change (tests/test_benchmark.py checks this holds all of them).
+NOT_CONFIGURATION = {
+    "seed", "exp_name", "resume", "config", "output_dir", "data_dir", "download", "cuda", "compile", "track",
+    "wandb_project_name", "wandb_entity",
+    "total_steps", "epochs", "num_epochs", "save_every", "eval_every", "log_every",  # run length and cadence
+    "sample_only", "eval_only", "num_samples", "sampler", "num_sampling_steps", "ddim_eta", "cfg_scale", "class_label",
+    "samples_per_class", "eval_fid", "fid_num_samples", "sample_batch_size", "num_eval_samples", "long_video_frames",
+    "context_noise_sampling_step", "eval_episodes", "test_episodes", "episode_to_mp4", "imagination_graphs",
+    "play", "play_keys", "play_caption", "play_world", "play_size", "play_fps",
+}
 # What each script's TensorBoard step counts (the x axis of its curves).
 STEP_NAMES = {"diamond_atari.py": "global step (gradient updates of the three models)",
               "ddpm_cifar10.py": "global step (optimizer steps)", "dit_cifar10.py": "global step (optimizer steps)",
@@ -75,19 +93,26 @@ class Run:
     seed: int
     timestamp: int
     script: str = UNKNOWN_SCRIPT
+    configuration: Optional[dict] = None  # the config.json fields outside NOT_CONFIGURATION (None: no config.json)
+    config: str = "-"  # the configuration in words (label_configurations)
     scalars: dict = field(default_factory=dict)  # tag -> (steps int64 array, values float64 array)
 
 
-def run_script_name(run_dir: Path, exp_name: str) -> str:
-    """The script that wrote a run: from its config.json's fields, else its checkpoint's "script" entry, else an
-    exp_name that is a script's default (its file name without .py); "-" when none tells."""
+def read_run_config(run_dir: Path) -> Optional[dict]:
+    """The run's config.json (every flag's value at its start), or None when it has none that reads as an object."""
     try:
         config = json.loads((run_dir / "config.json").read_text())
-        for script, names in SCRIPT_FIELDS.items():
-            if isinstance(config, dict) and names <= set(config):
-                return script
     except (OSError, ValueError):
-        pass
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def run_script_name(run_dir: Path, exp_name: str, config: Optional[dict]) -> str:
+    """The script that wrote a run: from its config.json's fields, else its checkpoint's "script" entry, else an
+    exp_name that is a script's default (its file name without .py); "-" when none tells."""
+    for script, names in SCRIPT_FIELDS.items():
+        if config is not None and names <= set(config):
+            return script
     checkpoint = run_dir / "checkpoints" / "latest.pt"
     if checkpoint.is_file():
         try:
@@ -141,27 +166,76 @@ def read_scalars(run_dir: Path) -> dict:
     return out
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def label_configurations(runs: list[Run]):
+    """Sets each run's config: its preset, then the flags (with this run's values) in which the configurations of its
+    (script, env, exp_name) differ, so that two configurations never share a label; "-" without a config.json."""
+    families = defaultdict(list)
+    for run in runs:
+        families[(run.script, run.env, run.exp_name)].append(run)
+    for family in families.values():
+        known = [run.configuration for run in family if run.configuration is not None]
+        names = sorted({name for configuration in known for name in configuration} - {"preset"})
+        differing = [name for name in names if len({json.dumps(c.get(name)) for c in known}) > 1]
+        for run in family:
+            if run.configuration is not None:  # a field an older script did not have: "(not set)"
+                values = [run.configuration.get(name, "(not set)") for name in differing]
+                run.config = " ".join([run.configuration.get("preset") or "no preset"] + [
+                    f"--{name.replace('_', '-')} {value if isinstance(value, str) else json.dumps(value)}"
+                    for name, value in zip(differing, values)])
+        configs = sorted({run.config for run in family})
+        if len(configs) > 1:
+            print(f"note: {family[0].script} {family[0].env} {family[0].exp_name}: runs of {len(configs)} "
+                  f"configurations ({'; '.join(configs)}), kept apart", file=sys.stderr)
+
+
 def load_runs(paths, tag_patterns) -> list[Run]:
-    """The runs under paths, one per (script, env, exp_name, seed): when a seed appears twice, the newest folder is
-    kept."""
+    """The runs under paths with a scalar tag matching tag_patterns, one per (script, env, exp_name, configuration,
+    seed): when a seed appears twice, the newest folder is kept. What is merged or dropped, and why, goes to stderr."""
     runs = {}
     for run_dir in find_run_dirs(paths):
         parsed = parse_run_name(run_dir.name)
         if parsed is None:
             print(f"note: skipping {run_dir} (its name is not env__exp_name__seed__timestamp)", file=sys.stderr)
             continue
-        run = Run(run_dir, *parsed, script=run_script_name(run_dir, parsed[1]))
-        key = (run.script, run.env, run.exp_name, run.seed)
+        config = read_run_config(run_dir)
+        configuration = None if config is None else {k: v for k, v in config.items() if k not in NOT_CONFIGURATION}
+        run = Run(run_dir, *parsed, script=run_script_name(run_dir, parsed[1], config), configuration=configuration)
+        key = (run.script, run.env, run.exp_name, json.dumps(configuration, sort_keys=True), run.seed)
         if key in runs:
             older, newer = sorted([runs[key], run], key=lambda r: (r.timestamp, r.path.name))
-            print(f"note: {older.path} and {newer.path} have the same script, env, exp_name and seed; using the newer",
-                  file=sys.stderr)
+            print(f"note: dropping {older.path}: {newer.path} is a newer run of the same script, env, exp_name, "
+                  f"configuration and seed", file=sys.stderr)
             run = newer
         runs[key] = run
+    if not runs:
+        raise UserError(f"no run folders with TensorBoard event files under {' '.join(map(str, paths))}")
+    all_tags = {}
     for run in runs.values():
-        run.scalars = {tag: series for tag, series in read_scalars(run.path).items()
+        all_tags[run.path] = read_scalars(run.path)
+        run.scalars = {tag: series for tag, series in all_tags[run.path].items()
                        if any(fnmatch.fnmatchcase(tag, pattern) for pattern in tag_patterns)}
-    return sorted(runs.values(), key=lambda r: (r.script, r.env, r.exp_name, r.seed))
+    kept = [run for run in runs.values() if run.scalars]
+    if not kept:
+        known = sorted({tag for tags in all_tags.values() for tag in tags})
+        raise UserError(f"no scalar tag matches {' '.join(tag_patterns)} in {plural(len(runs), 'run')}; tags there: "
+                        f"{' '.join(known[:30])}")
+    for run in runs.values():
+        if not run.scalars:
+            print(f"note: leaving out {run.path}: it logged no tag matching {' '.join(tag_patterns)}", file=sys.stderr)
+    label_configurations(kept)
+    groups = defaultdict(list)
+    for run in kept:
+        groups[(run.script, run.env, run.exp_name, run.config)].append(run)
+    for (script, env, exp_name, config), group in sorted(groups.items()):
+        if len(group) > 1:
+            seeds = ", ".join(str(run.seed) for run in sorted(group, key=lambda r: r.seed))
+            print(f"note: averaging {plural(len(group), 'seed')} ({seeds}) of {script} {env} {exp_name} (config "
+                  f"{config}): same configuration", file=sys.stderr)
+    return sorted(kept, key=lambda r: (r.script, r.env, r.exp_name, r.config, r.seed))
 
 
 def ema_smooth(values: np.ndarray, weight: float) -> np.ndarray:
@@ -211,18 +285,19 @@ def final_value(values: np.ndarray, window: int) -> float:
 
 
 def summarise(runs: list[Run], tags: list[str], window: int) -> list[dict]:
-    """One row per (script, env, exp_name, tag): the final value of every seed, their mean and sample std (ddof=1)."""
+    """One row per (script, env, exp_name, config, tag): the final value of every seed, their mean and sample std
+    (ddof=1)."""
     groups = defaultdict(list)
     for run in runs:
-        groups[(run.script, run.env, run.exp_name)].append(run)
+        groups[(run.script, run.env, run.exp_name, run.config)].append(run)
     rows = []
-    for (script, env, exp_name), group in sorted(groups.items()):
+    for (script, env, exp_name, config), group in sorted(groups.items()):
         for tag in tags:
             per_seed = {run.seed: final_value(run.scalars[tag][1], window) for run in group if tag in run.scalars}
             if not per_seed:
                 continue
             values = np.array(list(per_seed.values()))
-            rows.append(dict(script=script, env=env, exp_name=exp_name, tag=tag, seeds=sorted(per_seed),
+            rows.append(dict(script=script, env=env, exp_name=exp_name, config=config, tag=tag, seeds=sorted(per_seed),
                              per_seed={str(k): v for k, v in sorted(per_seed.items())}, mean=float(values.mean()),
                              std=float(values.std(ddof=1)) if len(values) > 1 else float("nan"), n=len(values)))
     return rows
@@ -233,17 +308,19 @@ def format_number(x: float) -> str:
 
 
 def markdown_table(rows: list[dict], tags: list[str], window: int) -> str:
-    """Rows (script, env, exp_name), one column per tag: 'mean +- std (n)'."""
+    """Rows (script, env, exp_name, config), one column per tag: 'mean +- std (n)'."""
     what = "last logged value" if window == 1 else f"mean of the last {window} logged values"
     lines = [f"Final values ({what} per run; mean +- sample std across seeds, seed count in brackets)", "",
-             "| script | env | exp_name | " + " | ".join(tags) + " |", "|---|---|---|" + "---|" * len(tags)]
+             "| script | env | exp_name | config | " + " | ".join(tags) + " |",
+             "|---|---|---|---|" + "---|" * len(tags)]
     cells = defaultdict(dict)
     for row in rows:
         std = "" if row["n"] < 2 else f" +- {format_number(row['std'])}"
-        cells[(row["script"], row["env"], row["exp_name"])][row["tag"]] = (f"{format_number(row['mean'])}{std} "
-                                                                         f"({row['n']})")
-    for (script, env, exp_name), by_tag in sorted(cells.items()):
-        lines.append(f"| {script} | {env} | {exp_name} | " + " | ".join(by_tag.get(tag, "") for tag in tags) + " |")
+        cells[(row["script"], row["env"], row["exp_name"], row["config"])][row["tag"]] = (
+            f"{format_number(row['mean'])}{std} ({row['n']})")
+    for (script, env, exp_name, config), by_tag in sorted(cells.items()):
+        lines.append(f"| {script} | {env} | {exp_name} | {config} | " + " | ".join(by_tag.get(tag, "") for tag in tags)
+                     + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -260,12 +337,13 @@ def plot_tag(runs: list[Run], tag: str, path: Path, smooth: float, band_kind: st
     fig, axes = plt.subplots(rows, columns, figsize=(max(6.0, 4.5 * columns), 0.6 + 3.4 * rows), squeeze=False)
     for ax, (script, env) in zip(axes.flat, panels):
         mine = [run for run in runs if run.script == script and run.env == env and tag in run.scalars]
-        exp_names = sorted({run.exp_name for run in mine})
-        for colour, exp_name in enumerate(exp_names):
-            group = [run for run in mine if run.exp_name == exp_name]
+        lines = sorted({(run.exp_name, run.config) for run in mine})  # one per (exp_name, configuration)
+        for colour, (exp_name, config) in enumerate(lines):
+            group = [run for run in mine if (run.exp_name, run.config) == (exp_name, config)]
             steps, values = align([(run.scalars[tag][0], ema_smooth(run.scalars[tag][1], smooth)) for run in group])
             low, high = band(values, band_kind)
-            ax.plot(steps, values.mean(axis=0), color=f"C{colour}", label=f"{exp_name} ({len(group)} seeds)")
+            name = exp_name if config == "-" else f"{exp_name}, {config}"
+            ax.plot(steps, values.mean(axis=0), color=f"C{colour}", label=f"{name} ({plural(len(group), 'seed')})")
             if len(group) > 1:
                 ax.fill_between(steps, low, high, color=f"C{colour}", alpha=0.2, linewidth=0)
         ax.set_title(env if script == UNKNOWN_SCRIPT else f"{env} ({script})", fontsize="medium")
@@ -319,14 +397,8 @@ def main(argv=None) -> list[dict]:
         raise UserError("plot.py draws with matplotlib, which is not installed: pip install matplotlib (or the `plot` "
                         "extra: pip install -e '.[plot]')") from None
     patterns = args.tag or DEFAULT_TAGS
-    runs = load_runs(args.paths, patterns)
-    if not runs:
-        raise UserError(f"no run folders with TensorBoard event files under {' '.join(args.paths)}")
+    runs = load_runs(args.paths, patterns)  # each with at least one of the tags
     tags = sorted({tag for run in runs for tag in run.scalars})
-    if not tags:
-        known = sorted({tag for run in runs for tag in read_scalars(run.path)})
-        raise UserError(f"no scalar tag matches {' '.join(patterns)} in {len(runs)} runs; tags there: "
-                        f"{' '.join(known[:30])}")
     out_dir = Path(args.out_dir) if args.out_dir is not None else default_out_dir(Path(args.paths[0]))
     for tag in tags:
         path = out_dir / f"{tag_file_name(tag)}.png"
@@ -336,7 +408,8 @@ def main(argv=None) -> list[dict]:
     table = markdown_table(rows, tags, args.final_window)
     (out_dir / "final_values.md").write_text(table)
     (out_dir / "final_values.json").write_text(json.dumps(rows, indent=1))
-    print(f"wrote {out_dir / 'final_values.md'} and final_values.json ({len(runs)} runs)\n")
+    print(f"wrote {out_dir / 'final_values.md'} and final_values.json ({plural(len(runs), 'run')} in "
+          f"{plural(len({(r['script'], r['env'], r['exp_name'], r['config']) for r in rows}), 'row')})\n")
     print(table)
     return rows
 

@@ -2,10 +2,12 @@
 field) and the fix. In process through the scripts' own data functions, then one subprocess per script for the whole
 path: exit status 2 and exactly one line on stderr."""
 import inspect
+import os
 import pickle
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +141,44 @@ def test_an_image_outside_the_class_subfolders_has_no_class(script, tmp_path):
     assert classes == ["cats"] and labels.tolist() == [0, -1]  # sorted paths: cats/c.png, stray.png
 
 
+def deny_reads(monkeypatch, bad: Path):
+    """Reading bad fails as it does for a user without permission (the tests run as root, whom chmod 000 does not stop):
+    os.scandir is what os.walk lists a folder with, Path.open what read_bytes and read_video open a file with."""
+    scandir, path_open = os.scandir, Path.open
+
+    def check(path):
+        if isinstance(path, (str, os.PathLike)) and Path(path) == bad:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "scandir", lambda path=".": check(path) or scandir(path))
+    monkeypatch.setattr(Path, "open", lambda self, *args, **kwargs: check(self) or path_open(self, *args, **kwargs))
+
+
+@IMAGE_SCRIPTS
+@pytest.mark.parametrize("what", ["class_folder", "image"])
+def test_unreadable_class_folder_or_image(script, what, image_folder, monkeypatch):
+    """A class folder that cannot be listed was skipped without a word (DiT then said "has 2 classes; use
+    --num-classes 2"): now, like an image that cannot be opened, it is one line naming it."""
+    bad = image_folder / "green" if what == "class_folder" else image_folder / "green" / "3.png"
+    deny_reads(monkeypatch, bad)
+    message = refused(script, lambda: script.load_image_folder(str(image_folder), 16), bad, "Permission denied",
+                      "make it readable")
+    assert ("move it out of --data-dir" in message) == (what == "class_folder")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads whatever the mode says")
+@IMAGE_SCRIPTS
+@pytest.mark.parametrize("what", ["class_folder", "image"])
+def test_chmod_000_class_folder_or_image(script, what, image_folder, tmp_path):
+    shutil.copytree(image_folder, tmp_path / "images")
+    bad = tmp_path / "images" / "green" if what == "class_folder" else tmp_path / "images" / "green" / "3.png"
+    bad.chmod(0)
+    try:
+        refused(script, lambda: script.load_image_folder(str(tmp_path / "images"), 16), bad, "Permission denied")
+    finally:
+        bad.chmod(0o755 if what == "class_folder" else 0o644)
+
+
 def test_image_and_episode_readers_are_the_same_code_in_every_script():
     for name in ("read_cifar10_binary", "read_cifar10_python", "load_cifar10", "jpeg_is_complete", "png_is_complete",
                  "read_image", "load_image_folder"):
@@ -237,6 +277,46 @@ def test_good_episode_passes_the_checks(tmp_path):
 def test_one_frame_sprites_clip_blames_num_frames():
     message = refused(vd, lambda: vd.make_sprites_dataset(4, 1, 16), "--num-frames 1", "at least 2")
     assert "--img-size" not in message
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Video folders (the video script's --dataset folder): an empty, cut, corrupt or unreadable video, an unreadable folder
+
+
+def write_clip(path, num_frames: int = 12):
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 8, (40, 30))
+    for f in range(num_frames):
+        writer.write(np.full((30, 40, 3), 20 * f, np.uint8))
+    writer.release()
+
+
+VIDEO_DAMAGE = {  # name: (damage the video at path, return the path the line names; words the line names)
+    "empty": (lambda path, mp: cut(path, 0) or path, ["empty file", "replace it"]),
+    "cut": (lambda path, mp: cut(path, path.stat().st_size // 2) or path, ["decodes no frame", "replace it"]),
+    "no_moov": (lambda path, mp: cut(path, 100) or path, ["decodes no frame", "replace it"]),
+    "text": (lambda path, mp: (path.write_bytes(b"not a video at all\n" * 50), path)[1], ["decodes no frame"]),
+    "unreadable": (lambda path, mp: deny_reads(mp, path) or path, ["Permission denied", "make it readable"]),
+    "unreadable_folder": (lambda path, mp: deny_reads(mp, path.parent) or path.parent,
+                          ["cannot read this folder", "Permission denied", "move it out of --data-dir"]),
+}
+
+
+@pytest.mark.parametrize("case", VIDEO_DAMAGE)
+def test_unreadable_video(case, tmp_path, monkeypatch, capfd):
+    """Beside good clips, a video OpenCV cannot read was skipped with only FFmpeg's "moov atom not found" (no file
+    name) on stderr; like an image, it is now refused with one line naming it, and nothing else on stderr."""
+    (tmp_path / "more").mkdir()
+    write_clip(tmp_path / "good.mp4")
+    write_clip(tmp_path / "more" / "bad.mp4")
+    args = vd.parse_args(["--preset", "tiny", "--dataset", "folder", "--data-dir", str(tmp_path)])[0]
+    assert len(vd.load_video_folder(args).clip_starts) > 0  # both clips are good before the damage
+    damage, words = VIDEO_DAMAGE[case]
+    bad = damage(tmp_path / "more" / "bad.mp4", monkeypatch)
+    capfd.readouterr()
+    refused(vd, lambda: vd.load_video_folder(args), bad, *words)
+    assert capfd.readouterr().err == ""  # no FFmpeg or OpenCV line beside ours
 
 
 # ----------------------------------------------------------------------------------------------------------------------

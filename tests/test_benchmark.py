@@ -135,9 +135,9 @@ def test_plot_groups_envs_and_seeds_with_known_values(tmp_path):
     b = by_group[("Breakout-v5", "my__exp")]
     assert b["per_seed"] == {"1": 8.0, "2": 6.0}  # the purged 50 and 60 are gone
     table = (out / "final_values.md").read_text()
-    assert "| - | Pong-v5 | algo | 15 +- 5.56776 (3) |" in table  # no config.json: the script is unknown
-    assert "| - | Pong-v5 | other | 3 (1) |" in table
-    assert "| - | Breakout-v5 | my__exp | 7 +- 1.41421 (2) |" in table
+    assert "| - | Pong-v5 | algo | - | 15 +- 5.56776 (3) |" in table  # no config.json: script, config unknown
+    assert "| - | Pong-v5 | other | - | 3 (1) |" in table
+    assert "| - | Breakout-v5 | my__exp | - | 7 +- 1.41421 (2) |" in table
     assert (out / "charts_episodic_return.png").stat().st_size > 5000
 
     # the resumed seed reads as 0, 1, 2, 6 at steps 0, 100, 200, 400; the two seeds are interpolated onto one grid
@@ -178,8 +178,8 @@ def test_plot_keeps_two_scripts_runs_with_one_exp_name_apart_and_names_their_ste
                       ("Breakout-v5 (video_diffusion.py)", "global step (optimizer steps)")]
     assert (tmp_path / "runs_a" / "plots" / "losses_x.png").exists() and not (tmp_path / "plots").exists()
     table = (tmp_path / "runs_a" / "plots" / "final_values.md").read_text()
-    assert "| diamond_atari.py | Breakout-v5 | same | 3 (1) |" in table
-    assert "| video_diffusion.py | Breakout-v5 | same | 5 (1) |" in table
+    assert "| diamond_atari.py | Breakout-v5 | same | no preset | 3 (1) |" in table
+    assert "| video_diffusion.py | Breakout-v5 | same | no preset | 5 (1) |" in table
     # a run folder given alone: the plots go beside it
     plot.main([str(tmp_path / "runs_b" / "Breakout-v5__same__1__1000"), "--tag", "losses/x"])
     assert (tmp_path / "runs_b" / "plots" / "final_values.md").exists()

@@ -296,13 +296,14 @@ def test_tiny_run_smoke(tiny_runs):
     losses = [v for _, v in scalars["losses/mse"]]
     measured(loss_first=losses[0], loss_last=losses[-1], ratio=losses[-1] / losses[0])
     assert losses[-1] < 0.5 * losses[0]
-    # the sample grids: one row per class (10 classes x 4 per class), labels beside the images
+    # the sample grids: one row per class (10 classes x 4 per class), the class names in a margin beside the images
     final = np.load(run_dir / "samples" / "step00001024.npz")
     assert final["arr_0"].shape == (40, 16, 16, 3) and final["arr_0"].dtype == np.uint8
     assert final["arr_1"].tolist() == [k for k in range(10) for _ in range(4)]
     import cv2
 
-    assert cv2.imread(str(run_dir / "samples" / "step00001024.png")).shape[:2] == (10 * 18 + 2, 4 * 18 + 2)
+    height, width = cv2.imread(str(run_dir / "samples" / "step00001024.png")).shape[:2]
+    assert height == 10 * 18 + 2 and width > 4 * 18 + 2
 
 
 PALETTE = torch.cat([torch.full((1, 3), 20.0), torch.from_numpy(dit.SHAPE_COLOURS).float()])
@@ -512,8 +513,9 @@ def test_bad_inputs_exit_2_with_one_line(tiny_runs, image_folder, tmp_path):
 
 def test_folder_dataset_classes_and_unconditional(image_folder, tmp_path):
     args = dit.Args(dataset="folder", data_dir=str(image_folder), img_size=16, num_classes=3)
-    images, labels, _ = dit.load_dataset(args)
+    images, labels, _, class_names = dit.load_dataset(args)
     assert images.shape == (18, 3, 16, 16) and labels.tolist() == [k for k in range(3) for _ in range(6)]
+    assert class_names == ["blue", "green", "red"]  # the subfolders, sorted
     # an image outside the class subfolders has no class: an error for a conditional model, fine without classes
     import shutil
 
@@ -606,7 +608,7 @@ def test_every_numeric_flag_has_a_domain_and_bad_values_are_refused():
     assert numeric == set(dit.ARG_DOMAINS)
     dit.check_args(dit.Args(), 1)  # the defaults are valid
     for name, bad in {"seed": -1, "learning_rate": -1.0, "class_dropout": 1.0, "patch": 0, "heads": 0, "width": 0,
-                      "mlp_ratio": 0.0, "sample_batch_size": 0, "num_classes": -1, "class_label": -1,
+                      "mlp_ratio": 0.0, "sample_batch_size": 0, "num_classes": -1,
                       "cfg_scale": -1.0, "ema_decay": 1.5, "epochs": 0, "beta_start": float("nan")}.items():
         with pytest.raises(dit.UserError, match=f"--{name.replace('_', '-')} must be"):
             dit.check_args(replace(dit.Args(), **{name: bad}), 1)
@@ -619,7 +621,9 @@ def test_guidance_needs_a_trained_null_class():
     dit.check_args(dit.Args(class_dropout=0.0, num_classes=0), 1)  # unconditional: the scale is unused
     for changes, message in (({"patch": 5}, "--patch 5 does not divide --img-size 32"),
                              ({"heads": 5}, "--heads 5 does not divide --width 384"),
-                             ({"class_label": 10}, "--class-label 10 is out of range")):
+                             ({"class_label": "10"}, "--class-label 10 is out of range"),
+                             ({"class_label": "-1"}, "--class-label -1 is out of range"),
+                             ({"class_label": "cat", "num_classes": 0}, "--class-label cat is out of range")):
         with pytest.raises(dit.UserError, match=message):
             dit.check_args(replace(dit.Args(), **changes), 1)
 
@@ -665,3 +669,65 @@ def test_short_run_ema_is_near_the_trained_weights_not_the_initial_ones(tiny_run
     measured(to_trained=to_trained, to_initial=to_initial, ratio=to_trained / to_initial)
     # Without the warm-up: ema = 0.9 initial + 0.1 (an average of the trained path), near the initial weights.
     assert to_trained < 0.5 * to_initial
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Issue #25: the sample-only grid has one row per class, the class names are printed, saved and accepted by
+# --class-label, and a run says where it resumes and where it ends
+
+
+def wrote_npz(lines: list[str]) -> Path:
+    """The .npz a --sample-only run wrote, from its "wrote N samples ... to PNG and NPZ" line."""
+    line = next(line for line in lines if line.startswith("wrote "))
+    return Path(line.rsplit(" and ", 1)[1])
+
+
+def test_sample_only_grid_has_a_row_per_class_and_class_names_round_trip(tmp_path, torch_threads):
+    import cv2
+
+    names = dit.shapes_class_names()
+    assert names[:2] == ["red square", "green square"] and names[8:] == ["red disc", "green disc"]
+    lines = small_run("--total-steps", 2, "--save-every", 2, "--eval-every", 2, "--log-every", 2, output_dir=tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    assert "classes: " + ", ".join(f"{k} {name}" for k, name in enumerate(names)) in lines
+    assert lines[-1] == f"done: step 2, checkpoint at {run_dir / 'checkpoints' / 'latest.pt'}"
+    assert torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["class_names"] == names
+    # the evaluation grid (1 per class here) and the sample-only grid: one row per class, 18 px apart
+    height, width = cv2.imread(str(run_dir / "samples" / "step00000002.png")).shape[:2]
+    assert (height - 2) // 18 == 10 and width > 18 + 2  # a margin holds the names
+    lines = small_run("--resume", run_dir, "--sample-only", "--num-samples", 16, output_dir=tmp_path)
+    assert any("wrote 20 samples, 2 of each of the 10 classes (--num-samples 16 rounded up to fill the rows)" in line
+               for line in lines), lines
+    npz = wrote_npz(lines)
+    assert np.load(npz)["arr_1"].tolist() == [k for k in range(10) for _ in range(2)]
+    height, width = cv2.imread(str(npz.with_suffix(".png"))).shape[:2]
+    assert (height - 2) // 18 == 10 and (height - 2) % 18 == 0
+    # --class-label by name samples what the index does
+    by_index = np.load(wrote_npz(small_run("--resume", run_dir, "--sample-only", "--num-samples", 3, "--class-label", 3,
+                                           output_dir=tmp_path)))
+    lines = small_run("--resume", run_dir, "--sample-only", "--num-samples", 3, "--class-label", "yellow square",
+                      output_dir=tmp_path)
+    assert any("wrote 3 samples of class 3 (yellow square)" in line for line in lines), lines
+    by_name = np.load(wrote_npz(lines))
+    assert by_name["arr_1"].tolist() == by_index["arr_1"].tolist() == [3, 3, 3]
+    assert np.array_equal(by_name["arr_0"], by_index["arr_0"])
+    # an unknown name: one line that lists the names
+    with pytest.raises(dit.UserError) as error:
+        small_run("--resume", run_dir, "--sample-only", "--class-label", "purple square", output_dir=tmp_path)
+    assert "\n" not in str(error.value) and "'purple square' is not a class" in str(error.value)
+    assert "'red square', 'green square'" in str(error.value)
+    # a checkpoint from before the names were saved: the data's names
+    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    del checkpoint["class_names"]
+    torch.save(checkpoint, run_dir / "checkpoints" / "latest.pt")
+    lines = small_run("--resume", run_dir, "--sample-only", "--num-samples", 1, "--class-label", "red disc",
+                      output_dir=tmp_path)
+    assert np.load(wrote_npz(lines))["arr_1"].tolist() == [8]
+
+
+def test_a_resumed_run_says_where_it_resumes(tmp_path, torch_threads):
+    small_run("--total-steps", 2, "--save-every", 2, "--eval-every", 2, "--log-every", 2, output_dir=tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    lines = small_run("--resume", run_dir, "--total-steps", 3, output_dir=tmp_path)
+    assert "resuming at step 2 of 3" in lines
+    assert lines[-1] == f"done: step 3, checkpoint at {run_dir / 'checkpoints' / 'latest.pt'}"
