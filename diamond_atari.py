@@ -1687,13 +1687,15 @@ def report_score(env: Union[AtariEnv, CatchEnv], returns: list[float], what: str
     print(line, flush=True)
 
 
-def log_test_returns(writer, env: Union[AtariEnv, CatchEnv], returns: list[float], step: int):
+def log_test_returns(writer, env: Union[AtariEnv, CatchEnv], returns: list[float], step: int, kind: str = "test"):
+    """The test episodes' score under eval/{kind}_* (kind: "test" at the end of training, "eval_only" for --eval-only):
+    tags of their own, apart from each evaluation's eval/episodic_return, so that no step holds two values of a tag."""
     mean = float(np.mean(returns))
-    writer.add_scalar("eval/episodic_return", mean, step)
-    writer.add_scalar("eval/num_test_episodes", len(returns), step)
+    writer.add_scalar(f"eval/{kind}_episodic_return", mean, step)
+    writer.add_scalar(f"eval/{kind}_num_episodes", len(returns), step)
     score = env.normalized_score(mean)
     if score is not None:
-        writer.add_scalar("eval/human_normalized_score", score, step)
+        writer.add_scalar(f"eval/{kind}_human_normalized_score", score, step)
 
 
 @torch.no_grad()
@@ -2325,7 +2327,8 @@ def denoiser_update_flops(args: Args, num_actions: int) -> float:
 def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv],
               device: torch.device, autocast, stop):
     """--eval-only: the checkpoint's agent plays --test-episodes full games; the score (and env's normalised score,
-    where it has one) goes into the run's TensorBoard at the checkpoint's global step. A signal abandons the episodes
+    where it has one) goes into the run's TensorBoard at the checkpoint's global step (eval/eval_only_*). A signal
+    abandons the episodes
     and logs nothing."""
     completed = checkpoint["epoch"] - 1
     print(f"running {args.test_episodes} test episodes with the agent of epoch {completed} ...", flush=True)
@@ -2341,7 +2344,7 @@ def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCr
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(run_dir)) as writer:
-        log_test_returns(writer, env, returns, checkpoint["global_step"])
+        log_test_returns(writer, env, returns, checkpoint["global_step"], "eval_only")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -2707,13 +2710,19 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser, reward
         "; window: arrows and space (fire) pick these, Enter restarts, Tab switches world model / real game, "
         "R records, Esc quits"), flush=True)
     print(f"sampler: {args.sampler}, {args.num_sampling_steps} denoising steps per frame", flush=True)
+    # Ctrl-C or SIGTERM ends a session like Esc (an unsaved recording is lost): play writes no checkpoint, so here a
+    # signal raises at once instead of setting the run's stop flag; the caller's handlers come back afterwards.
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if steps is None:
             play_window(games, meanings, out_dir, args.play_size, args.play_fps)
         else:
             play_headless(games, steps, meanings, out_dir, args)
-    except KeyboardInterrupt:  # Ctrl-C ends a session like Esc (an unsaved recording is lost)
-        print("play stopped by Ctrl-C", flush=True)
+    except KeyboardInterrupt:
+        print("play stopped by a signal", flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], out_dir: Path, args: Args):
@@ -2815,6 +2824,13 @@ def main(args: Args, given: set[str]):
         stop.restore()
         return play(args, run_dir, checkpoint, denoiser, reward_end_model, env.action_meanings, device, autocast)
 
+    num_epochs = len(run_schedule(args, collector.first_collection_steps))
+    if checkpoint is not None and pos.epoch > num_epochs:  # a finished run says so and writes nothing (no purge)
+        print(f"the run is already at epoch {pos.epoch - 1} of {num_epochs}: raise --num-epochs to train on, or play "
+              f"its test episodes again with --eval-only", flush=True)
+        stop.restore()
+        return
+
     # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, episodes
     run_dir = run_dir or create_run_dir(args, env_name)
     writer = open_writer(args, run_dir, pos.global_step)
@@ -2859,8 +2875,9 @@ def main(args: Args, given: set[str]):
             **learners_state(learners), "rng": rng_state(), "cpu_generator": cpu_generator.get_state(),
             "generator": generator.get_state().cpu(), "imagination": wm_env.state_dict(),
         })
-        where = "" if pos.phase == 0 and pos.step == 0 else f" (inside epoch {pos.epoch}: {pos.name}, step {pos.step})"
-        print(f"saved checkpoint at epoch {pos.epoch - 1}{where}", flush=True)
+        # where the run stands, as the progress bars name it: after epoch 2, or inside epoch 3's denoiser phase
+        where = f"{pos.epoch - 1}" if pos.phase == 0 and pos.step == 0 else f"{pos.epoch} {pos.name}, step {pos.step}"
+        print(f"saved checkpoint at epoch {where}", flush=True)
 
     # ---- train: each epoch collects, measures the world model, trains the three models in turn, evaluates
     run_start, epoch_start, first_epoch = time.perf_counter(), time.perf_counter(), pos.epoch

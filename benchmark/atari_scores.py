@@ -2,7 +2,7 @@
 """
 Aggregates Atari 100k runs (diamond_atari.py, or any CSV of scores) the way the DIAMOND paper reports them.
 
-    python benchmark/atari_scores.py runs/                                   # final eval/episodic_return per run
+    python benchmark/atari_scores.py runs/                                   # final eval/test_episodic_return per run
     python benchmark/atari_scores.py runs/ --tag eval/final_return --out scores.md
     python benchmark/atari_scores.py --csv scores.csv                       # columns: game,seed,score
 
@@ -207,7 +207,8 @@ def main(argv=None) -> dict:
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("paths", nargs="*", help="runs/ folders (searched recursively) or run folders")
     parser.add_argument("--csv", action="append", default=[], help="CSV file(s) with columns game,seed,score")
-    parser.add_argument("--tag", default="eval/episodic_return", help="the scalar holding a run's final score")
+    parser.add_argument("--tag", default="eval/test_episodic_return",
+                        help="the scalar holding a run's final score (the test episodes at the end of training)")
     parser.add_argument("--bootstrap", type=int, default=0, help="stratified bootstrap repetitions for 95%% CIs")
     parser.add_argument("--out", default=None, help="also write the markdown report to this file")
     args = parser.parse_args(argv)

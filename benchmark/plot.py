@@ -93,7 +93,7 @@ class Run:
     seed: int
     timestamp: int
     script: str = UNKNOWN_SCRIPT
-    configuration: Optional[dict] = None  # the config.json fields outside NOT_CONFIGURATION (None: no config.json)
+    configuration: Optional[dict] = None  # config.json's fields, less NOT_CONFIGURATION and Nones (None: no file)
     config: str = "-"  # the configuration in words (label_configurations)
     scalars: dict = field(default_factory=dict)  # tag -> (steps int64 array, values float64 array)
 
@@ -181,7 +181,7 @@ def label_configurations(runs: list[Run]):
         names = sorted({name for configuration in known for name in configuration} - {"preset"})
         differing = [name for name in names if len({json.dumps(c.get(name)) for c in known}) > 1]
         for run in family:
-            if run.configuration is not None:  # a field an older script did not have: "(not set)"
+            if run.configuration is not None:  # a field set to None, or one an older script did not have: "(not set)"
                 values = [run.configuration.get(name, "(not set)") for name in differing]
                 run.config = " ".join([run.configuration.get("preset") or "no preset"] + [
                     f"--{name.replace('_', '-')} {value if isinstance(value, str) else json.dumps(value)}"
@@ -202,7 +202,8 @@ def load_runs(paths, tag_patterns) -> list[Run]:
             print(f"note: skipping {run_dir} (its name is not env__exp_name__seed__timestamp)", file=sys.stderr)
             continue
         config = read_run_config(run_dir)
-        configuration = None if config is None else {k: v for k, v in config.items() if k not in NOT_CONFIGURATION}
+        configuration = None if config is None else {  # a field set to None counts as one a run does not have
+            k: v for k, v in config.items() if k not in NOT_CONFIGURATION and v is not None}
         run = Run(run_dir, *parsed, script=run_script_name(run_dir, parsed[1], config), configuration=configuration)
         key = (run.script, run.env, run.exp_name, json.dumps(configuration, sort_keys=True), run.seed)
         if key in runs:

@@ -185,6 +185,61 @@ def test_plot_keeps_two_scripts_runs_with_one_exp_name_apart_and_names_their_ste
     assert (tmp_path / "runs_b" / "plots" / "final_values.md").exists()
 
 
+def test_plot_keeps_presets_apart_and_says_what_it_merges_and_drops(tmp_path, capsys):
+    """Issue #25: a 15-minute cpu-preset run was silently replaced by a newer tiny run of the same script, exp_name and
+    seed. Runs differing only by preset are two groups; runs differing only by seed and the flags a resume may change
+    (run length, cadence, sampling) are seeds of one; the older of two runs of one seed and a run without the tag are
+    dropped; each merge, split and drop is one line on stderr."""
+    runs = tmp_path / "runs"
+    base = {"exp_name": "dit_cifar10", "patch": 2, "depth": 4, "learning_rate": 1e-3, "seed": 1}
+
+    def run(name, config, scalars):
+        write_events(runs / name, scalars)
+        (runs / name / "config.json").write_text(json.dumps(config))
+        return (runs / name).resolve()
+
+    def accuracy(final):
+        return {"eval/judge_class_accuracy": [(0, 0.1), (100, final)]}
+
+    run("shapes__dit_cifar10__1__1000", {**base, "preset": "cpu", "total_steps": 2048}, accuracy(0.75))
+    run("shapes__dit_cifar10__1__2000", {**base, "preset": "tiny", "total_steps": 1024}, accuracy(0.25))
+    newer = run("shapes__dit_cifar10__2__1000", {**base, "preset": "cpu", "seed": 2, "total_steps": 4096,
+                                                 "eval_every": 256, "num_sampling_steps": 20}, accuracy(0.5))
+    older = run("shapes__dit_cifar10__2__500", {**base, "preset": "cpu", "seed": 2}, accuracy(0.0))
+    untagged = run("shapes__dit_cifar10__3__1000", {**base, "preset": "cpu", "seed": 3}, {"losses/mse": [(0, 1.0)]})
+    plot = load_tool("plot.py")
+    rows = plot.main([str(runs), "--tag", "eval/judge_class_accuracy", "--out-dir", str(tmp_path / "plots")])
+    assert {r["config"]: (r["per_seed"], r["n"]) for r in rows} == {"cpu": ({"1": 0.75, "2": 0.5}, 2),
+                                                                     "tiny": ({"1": 0.25}, 1)}
+    out, err = capsys.readouterr()
+    assert "| dit_cifar10.py | shapes | dit_cifar10 | cpu | 0.625 +- 0.176777 (2) |" in out
+    assert "| dit_cifar10.py | shapes | dit_cifar10 | tiny | 0.25 (1) |" in out
+    assert "(3 runs in 2 rows)" in out
+    assert err.splitlines() == [
+        f"note: dropping {older}: {newer} is a newer run of the same script, env, exp_name, configuration and seed",
+        f"note: leaving out {untagged}: it logged no tag matching eval/judge_class_accuracy",
+        "note: dit_cifar10.py shapes dit_cifar10: runs of 2 configurations (cpu; tiny), kept apart",
+        "note: averaging 2 seeds (1, 2) of dit_cifar10.py shapes dit_cifar10 (config cpu): same configuration"]
+    assert (plot.plural(1, "seed"), plot.plural(2, "seed"), plot.plural(1, "run")) == ("1 seed", "2 seeds", "1 run")
+    # a flag that is not a preset's: the config column names it, for every configuration of the exp_name
+    run("shapes__dit_cifar10__4__1000", {**base, "preset": "cpu", "seed": 4, "learning_rate": 2e-3}, accuracy(0.5))
+    rows = plot.main([str(runs), "--tag", "eval/judge_class_accuracy", "--out-dir", str(tmp_path / "plots")])
+    assert {r["config"]: r["seeds"] for r in rows} == {
+        "cpu --learning-rate 0.001": [1, 2], "cpu --learning-rate 0.002": [4], "tiny --learning-rate 0.001": [1]}
+
+
+def test_plot_ignores_every_flag_a_resume_may_change():
+    """plot.NOT_CONFIGURATION holds every script's RESUME_MUTABLE_FIELDS (read from the scripts' source)."""
+    import ast
+
+    plot = load_tool("plot.py")
+    for script in plot.SCRIPT_FIELDS:
+        tree = ast.parse((ROOT / script).read_text())
+        mutable = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                       and [getattr(target, "id", None) for target in node.targets] == ["RESUME_MUTABLE_FIELDS"])
+        assert mutable <= plot.NOT_CONFIGURATION, (script, mutable - plot.NOT_CONFIGURATION)
+
+
 def test_plot_without_matplotlib_is_one_line_naming_the_extra(tmp_path):
     shim = tmp_path / "shim" / "matplotlib"
     shim.mkdir(parents=True)
@@ -243,11 +298,12 @@ def test_hns_and_iqm_against_hand_computed_values():
 
 def test_atari_scores_reads_event_files_and_csv(tmp_path):
     runs = tmp_path / "runs"
-    # the final value of eval/episodic_return is the score; an older duplicate of (Breakout, 1) is ignored
-    write_events(runs / "Breakout-v5__diamond_atari__1__2000", {"eval/episodic_return": [(10, 5.0), (1000, 30.5)]})
-    write_events(runs / "Breakout-v5__diamond_atari__1__1000", {"eval/episodic_return": [(1000, 999.0)]})
-    write_events(runs / "Breakout-v5__diamond_atari__2__2000", {"eval/episodic_return": [(1000, 59.3)]})
-    write_events(runs / "Pong-v5__diamond_atari__1__2000", {"eval/episodic_return": [(1000, -20.7)]})
+    # the final value of eval/test_episodic_return is the score; an older duplicate of (Breakout, 1) is ignored
+    write_events(runs / "Breakout-v5__diamond_atari__1__2000",
+                 {"eval/test_episodic_return": [(10, 5.0), (1000, 30.5)]})
+    write_events(runs / "Breakout-v5__diamond_atari__1__1000", {"eval/test_episodic_return": [(1000, 999.0)]})
+    write_events(runs / "Breakout-v5__diamond_atari__2__2000", {"eval/test_episodic_return": [(1000, 59.3)]})
+    write_events(runs / "Pong-v5__diamond_atari__1__2000", {"eval/test_episodic_return": [(1000, -20.7)]})
     write_events(runs / "Pong-v5__diamond_atari__2__2000", {"losses/x": [(1000, 1.0)]})  # no score yet: left out
     csv_file = tmp_path / "scores.csv"
     csv_file.write_text("game,seed,score\nBoxing,1,12.1\nBoxing,2,0.1\n")

@@ -313,7 +313,8 @@ def tiny_run(tmp_path_factory):
 
 
 EXPECTED_TAGS = [
-    "charts/episodic_return", "eval/episodic_return", "eval/human_normalized_score", "losses/denoiser",
+    "charts/episodic_return", "eval/episodic_return", "eval/human_normalized_score", "eval/test_episodic_return",
+    "eval/test_num_episodes", "eval/test_human_normalized_score", "losses/denoiser",
     "losses/reward_end", "losses/actor", "losses/critic", "losses/entropy", "world_model/next_frame_mse",
     "world_model/copy_last_frame_mse", "world_model/next_frame_mse_changed", "world_model/copy_last_frame_mse_changed",
     "world_model/reward_accuracy", "world_model/end_accuracy", "charts/SPS", "perf/denoiser_steps_per_s",
@@ -370,8 +371,10 @@ def test_eval_only(tiny_run, tmp_path):
     result = run("--resume", run_dir, "--eval-only", "--test-episodes", "1", cwd=tmp_path, check=True)
     assert "1 test episodes with the agent of epoch 2: mean return" in result.stdout
     assert "human-normalised score" in result.stdout
-    # logged into the run at the checkpoint's global step, beside the final test
-    assert (70, 1.0) in read_scalars(run_dir)["eval/num_test_episodes"]
+    # logged into the run at the checkpoint's global step under tags of its own, beside the final test's
+    scalars = read_scalars(run_dir)
+    assert scalars["eval/eval_only_num_episodes"] == [(70, 1.0)] and scalars["eval/test_num_episodes"][-1][0] == 70
+    assert all(len({s for s, _ in v}) == len(v) for v in scalars.values())  # no step holds two values of a tag
 
 
 def test_world_model_only_random_policy_and_dataset_dir(tiny_run, tmp_path):
@@ -715,6 +718,33 @@ def test_headless_play_of_a_tiny_run(tiny_run, tmp_path):
     # the checkpoint is untouched; the run's arguments other than play and sampling flags still cannot change
     refused = run("--resume", run_dir, "--play-keys", "F", "--batch-size", "3", cwd=tmp_path)
     assert refused.returncode == 2 and "--batch-size" in refused.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_ends_a_play_session_under_the_entry_points_handlers(tiny_run, dia, tmp_path, monkeypatch, capsys,
+                                                                      sig):
+    """Run as a command, the stop handlers stay until the process exits (they only stop listening when the run is
+    over); play still ends its session at a Ctrl-C or SIGTERM, and the handlers come back after it."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+
+    def session(*args, **kwargs):
+        os.kill(os.getpid(), sig)
+        raise AssertionError("the signal did not end the session")
+
+    monkeypatch.setattr(dia, "play_headless", session)
+    monkeypatch.setattr(dia.StopFlag, "keep_handlers", True)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        dia.main(*dia.parse_args(["--resume", str(run_dir), "--play-keys", "F", "--num-sampling-steps", "1"]))
+        assert "play stopped by a signal" in capsys.readouterr().out
+        kept = signal.getsignal(signal.SIGTERM)
+        assert getattr(kept, "__self__", None).__class__.__name__ == "StopFlag"  # the run's, silenced
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def test_play_window_on_a_dummy_display(dia, monkeypatch, tmp_path):

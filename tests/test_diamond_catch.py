@@ -219,8 +219,8 @@ def test_catch_eval_only_play_keys_and_dataset_dir(catch_run, tmp_path):
     assert f"5 test episodes with the agent of epoch {checkpoint['epoch'] - 1}: mean return" in result.stdout
     assert "raw score only" in result.stdout
     scalars = read_scalars(run_dir)  # at the checkpoint's global step, beside the final test
-    assert (checkpoint["global_step"], 5.0) in scalars["eval/num_test_episodes"]
-    assert "eval/human_normalized_score" not in scalars
+    assert (checkpoint["global_step"], 5.0) in scalars["eval/eval_only_num_episodes"]
+    assert "eval/eval_only_human_normalized_score" not in scalars
     # headless play: Catch's letters, the world model and the real game, the real game's episodes recorded
     result = run("--resume", run_dir, "--play-keys", "LLRRN/RRLLNNRRLN", "--play-world", "both", "--num-sampling-steps",
                  "1", cwd=tmp_path, check=True)
