@@ -366,6 +366,23 @@ def test_a_signal_during_eval_only_exits_0_in_one_line(tiny_run, tmp_path):
     assert stdout.count("stopped by signal") == 1 and "mean return" not in stdout
 
 
+def test_a_finished_run_resumed_says_so_and_writes_nothing(tiny_run, dia, tmp_path, capsys):
+    """A resume with nothing left to train (--num-epochs at or below the epochs done) opens no writer: no point of the
+    run's TensorBoard is purged, no checkpoint rewritten, no test episodes played as if after fewer epochs."""
+    import hashlib
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()}
+    for epochs in ([], ["--num-epochs", "1"]):
+        dia.main(*dia.parse_args(["--resume", str(run_dir), *epochs]))
+        out = capsys.readouterr().out
+        assert f"the run is already at epoch 2 of {2 if not epochs else 1}: raise --num-epochs" in out, out
+        assert "mean return" not in out and "resuming at" not in out
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()} == digest
+
+
 def test_eval_only(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     result = run("--resume", run_dir, "--eval-only", "--test-episodes", "1", cwd=tmp_path, check=True)
