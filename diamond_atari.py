@@ -57,6 +57,9 @@ import tyro
 SCRIPT_NAME = "diamond_atari.py"
 CHECKPOINT_FORMAT_VERSION = 3  # 2: global_step (the one TensorBoard step); 3: the imagined episodes
 OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
+# torch.compile's backend at every compile call here (--compile, --imagination-graphs), read at each call: tests
+# put a slow or failing backend in its place
+COMPILE_BACKEND = "inductor"
 # A flag's unit, shown by --help beside it (--save-every STEPS) and read by the tests: one meaning per name.
 EPOCHS, UPDATES = tyro.conf.arg(metavar="EPOCHS"), tyro.conf.arg(metavar="UPDATES")
 
@@ -628,16 +631,29 @@ EPISODE_KEYS = {"obs": np.uint8, "actions": np.int64, "rewards": np.float32, "te
                 "truncated": np.bool_}
 
 
-def save_episode(path: Path, episode: dict):
+def save_episode(path: Path, episode: dict, run_dir: Optional[Path] = None):
     """One .npz per episode (docs/PROMISES.md section 3), written atomically: obs uint8 (T+1, H, W, 3), actions
-    int64 (T,), rewards float32 (T,), terminated and truncated bool (T,)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    int64 (T,), rewards float32 (T,), terminated and truncated bool (T,). A failed write (full disk, read-only
+    folder) is one line naming the file (TrainingFailure), and no temporary file is left, whatever stopped it; for a
+    run's episode (run_dir), the line says how to go on: --resume once the run has a checkpoint, else start again
+    (a resume collects the episodes after its checkpoint again)."""
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    with open(tmp, "wb") as f:
-        np.savez(f, **{key: np.asarray(episode[key], dtype=dtype) for key, dtype in EPISODE_KEYS.items()})
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, **{key: np.asarray(episode[key], dtype=dtype) for key, dtype in EPISODE_KEYS.items()})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # a failed write, or a second Ctrl-C in the middle of it
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
+        then = "" if run_dir is None else ", then " + (
+            f"--resume {run_dir}" if (run_dir / "checkpoints" / "latest.pt").exists() else "start the run again")
+        raise TrainingFailure(f"cannot write the episode {path} ({e.strerror or e}): free disk space or make the "
+                              f"folder writable{then}") from None
 
 
 def read_episode(path: Path, num_actions: int, fix: str) -> dict:
@@ -711,7 +727,7 @@ class ReplayBuffer:
 
     def add(self, episode: dict, write: bool = True):
         if write and self.folder is not None:
-            save_episode(self.folder / f"episode_{len(self.episodes):06d}.npz", episode)
+            save_episode(self.folder / f"episode_{len(self.episodes):06d}.npz", episode, self.folder.parent)
         self.episodes.append(self.to_tensors(episode))
 
     def episode(self, index: int) -> dict:
@@ -1312,11 +1328,13 @@ class WorldModelEnv:
         self.act = self.hidden = self.age = self.actor_hidden = None
 
     @torch.no_grad()
-    def start(self, num_envs: int):
+    def start(self, num_envs: int, refs: Optional[list[tuple[int, int]]] = None):
         """Fresh segments: (frames (n, c, 3, H, W), actions (n, c) whose last slot is for the actor, reward/end LSTM
-        state after the burn-in on the c - 1 real transitions). Frames before an episode are mid-grey padding."""
+        state after the burn-in on the c - 1 real transitions). Frames before an episode are mid-grey padding. The
+        segments are sampled from the buffer, or given as refs (episode, first frame), one per env."""
         c = self.args.num_conditioning_steps
-        batch = self.buffer.segments(self.buffer.sample_segments(num_envs, c, self.cpu_generator, self.ids), c)
+        refs = self.buffer.sample_segments(num_envs, c, self.cpu_generator, self.ids) if refs is None else refs
+        batch = self.buffer.segments(refs, c)
         obs = segment_obs(batch, self.device)  # (n, c, 3, H, W)
         actions = batch["actions"].to(self.device)  # (n, c - 1)
         with self.autocast:
@@ -1460,15 +1478,17 @@ class ImaginationGraphs:
     from a fresh real segment, except for an env that stops twice in one rollout: it starts its slot's segment again.
     The state stays in wm_env (its checkpoint format), so a run resumes either way.
 
-    backend None runs the same functions uncompiled (the reference the tests compare with); `calls` counts the
-    compiled calls and compile_seconds is the first rollout's time (tracing and compiling included)."""
+    backend: torch.compile's ("default": COMPILE_BACKEND); None runs the same functions uncompiled (the reference the
+    tests compare with); `calls` counts the compiled calls and compile_seconds is the first rollout's time (tracing
+    and compiling included)."""
 
     def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args, device: torch.device,
-                 amp_dtype: Optional[torch.dtype] = None, backend: Optional[str] = "inductor",
+                 amp_dtype: Optional[torch.dtype] = None, backend: Union[str, Callable, None] = "default",
                  mode: Optional[str] = None, stop=None):
         self.wm_env, self.actor_critic, self.args, self.device = wm_env, actor_critic, args, device
         self.amp_dtype = amp_dtype  # bf16/fp16 autocast on CUDA (entered inside the graphs), None: float32
         self.sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
+        backend = COMPILE_BACKEND if backend == "default" else backend  # read now: tests replace it
         self.backend, self.mode = backend, mode
         compile_fn = (lambda fn: fn) if backend is None else (
             lambda fn: torch.compile(fn, backend=backend, mode=mode, dynamic=False))
@@ -1541,7 +1561,12 @@ class ImaginationGraphs:
     def rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """backup_every steps as imagine() returns them, through the compiled steps. A compilation that fails is one
         line (TrainingFailure); one that a signal broke (Ctrl-C reaches the compiler's processes too) is a stop
-        (StopRequested: the run saves where it stands)."""
+        (StopRequested: the run saves where it stands). A signal while the first rollout compiles is acknowledged
+        at once but waits for the compilation (it cannot stop midway): the acknowledgement says so (StopFlag.busy)."""
+        first_compile = self.stop is not None and self.backend is not None and self.compile_seconds is None
+        if first_compile:  # on 2 busy CPU cores 11 and 20 minutes were measured (benchmark/RESULTS.md); CUDA: not yet
+            self.stop.busy = "compiling the imagination step (" + (
+                "up to 20 minutes on a CPU)" if self.device.type == "cpu" else "minutes)")
         try:
             return self._rollout(generator)
         except (StopRequested, TrainingFailure):
@@ -1558,6 +1583,9 @@ class ImaginationGraphs:
                                   f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}); rerun with "
                                   f"--imagination-graphs off, or delete torch's compile cache ({cache}) if a "
                                   f"stopped compilation left it broken") from None
+        finally:
+            if first_compile:  # the flag no longer says so, whatever ended the compilation
+                self.stop.busy = ""
 
     def _rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         args, env, actor_critic, n = self.args, self.wm_env, self.actor_critic, self.args.num_imagined_envs
@@ -1619,7 +1647,7 @@ def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: A
         return None
     amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     return ImaginationGraphs(wm_env, actor_critic, args, setup.device, amp_dtype if setup.use_cuda else None,
-                             mode="reduce-overhead" if setup.use_cuda else None, stop=stop)
+                             backend=COMPILE_BACKEND, mode="reduce-overhead" if setup.use_cuda else None, stop=stop)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1701,21 +1729,27 @@ def log_test_returns(writer, env: Union[AtariEnv, CatchEnv], returns: list[float
 @torch.no_grad()
 def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, seed: int,
                       device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16,
-                      check: Callable[[], None] = lambda: None, record: Optional[list] = None) -> list[float]:
+                      check: Callable[[], None] = lambda: None, record: Optional[list] = None,
+                      on_step: Callable[[], None] = lambda: None) -> list[float]:
     """Full games of --env-id (life loss does not end them), epsilon 0, actions sampled from the policy; up to max_parallel games
     at once with a batched policy. Seeded by `seed` only, so that evaluating never moves the training RNGs. check()
-    is called at every step (StopFlag.check: a signal abandons the episodes within a step). With `record`, each
-    game is appended to it as an episode dict (obs, actions, rewards, terminated, truncated)."""
+    is called before each env is made (an Atari env takes about a second) and at every step, then on_step()
+    (StopFlag.check: a signal abandons the episodes within an env or a step). With `record`, each game is appended
+    to it as an episode dict (obs, actions, rewards, terminated, truncated)."""
     generator = torch.Generator().manual_seed(seed)
     returns = []
     while len(returns) < num_episodes:
         n = min(max_parallel, num_episodes - len(returns))
-        envs = [make_env(args, seed * 1000 + len(returns) + i, generator, training=False) for i in range(n)]
+        envs = []
+        for i in range(n):
+            check()
+            envs.append(make_env(args, seed * 1000 + len(returns) + i, generator, training=False))
         obs = [env.reset() for env in envs]
         episodes = [{"obs": [o.copy()], "actions": [], "rewards": [], "terminated": [], "truncated": []} for o in obs]
         hidden, active = None, list(range(n))
         while active:
             check()
+            on_step()
             x = to_float(torch.from_numpy(np.stack([obs[i] for i in active])).permute(0, 3, 1, 2).to(device))
             with autocast:
                 logits, _, hidden = actor_critic(x, hidden)
@@ -1778,10 +1812,13 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
                         refs: list[tuple[int, int]], args: Args, device: torch.device, seed: int, net=None,
                         autocast=contextlib.nullcontext()) -> dict:
     """On real transitions (episode, t): the sampled next frame vs the true one, beside copying the last frame, over
-    all pixels and over the pixels that change (where predicting matters); reward-sign and end accuracy."""
+    all pixels and over the pixels that change (where predicting matters); reward-sign and end accuracy, and under
+    "counts" the (hits, predicted, actual) counts of each class of the reward/end model's argmax prediction
+    (RewardEndPools' classes: reward signs -1, 0, +1 and the end flag), from which recall and precision follow."""
     c = args.num_conditioning_steps
     generator = torch.Generator(device=device).manual_seed(seed)
     sums = {key: 0.0 for key in ("mse", "copy", "mse_changed", "copy_changed", "changed", "pixels", "reward", "end")}
+    counts = {name: [0, 0, 0] for name in RewardEndPools.classes}
     for first in range(0, len(refs), 64):
         batch = buffer.segments([(e, t - (c - 1)) for e, t in refs[first: first + 64]], c + 1)
         obs = segment_obs(batch, device)  # (B, c + 1, 3, H, W)
@@ -1798,14 +1835,63 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
         with autocast:
             reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], actions, obs[:, 1:])
         reward_class = batch["rewards"][:, -1].sign().long() + 1
-        sums["reward"] += float((reward_logits[:, -1].argmax(-1).cpu() == reward_class).sum())
-        sums["end"] += float((end_logits[:, -1].argmax(-1).cpu() == batch["ends"][:, -1].long()).sum())
+        predicted_reward, predicted_end = reward_logits[:, -1].argmax(-1).cpu(), end_logits[:, -1].argmax(-1).cpu()
+        sums["reward"] += float((predicted_reward == reward_class).sum())
+        sums["end"] += float((predicted_end == batch["ends"][:, -1].long()).sum())
+        # one-vs-rest per class: (predicted == actual == class, predicted == class, actual == class)
+        for name, predicted, actual in (("reward_neg", predicted_reward == 0, reward_class == 0),
+                                        ("reward_zero", predicted_reward == 1, reward_class == 1),
+                                        ("reward_pos", predicted_reward == 2, reward_class == 2),
+                                        ("end", predicted_end == 1, batch["ends"][:, -1])):
+            counts[name] = [total + int(x.sum()) for total, x in zip(counts[name], (predicted & actual, predicted,
+                                                                                    actual))]
     n, changed = len(refs), max(sums["changed"], 1.0)
     return {"next_frame_mse": sums["mse"] / sums["pixels"], "copy_last_frame_mse": sums["copy"] / sums["pixels"],
             "next_frame_mse_changed": sums["mse_changed"] / changed,
             "copy_last_frame_mse_changed": sums["copy_changed"] / changed,
             "changed_pixel_fraction": sums["changed"] / sums["pixels"], "reward_accuracy": sums["reward"] / n,
-            "end_accuracy": sums["end"] / n}
+            "end_accuracy": sums["end"] / n, "counts": counts}
+
+
+class RewardEndPools:
+    """The reward/end model's recall and precision per class (reward signs -1, 0, +1; the end flag), on held-out
+    transitions pooled across measurements: a reward or an end is rare (a Catch game has one of each in 9 steps), so
+    one measurement holds too few for a ratio worth a point, and the accuracy (world_model/reward_accuracy) is mostly
+    the zero class. recall = hits / actual is taken once its pool holds min_count actual examples of the class,
+    precision = hits / predicted once its pool holds min_count predictions of it; that pool then starts again. No
+    value is NaN or rests on fewer than min_count examples. The pools go into checkpoints (Collector.state_dict)."""
+    classes = ("reward_neg", "reward_zero", "reward_pos", "end")
+
+    def __init__(self, min_count: int = 20):
+        self.min_count = min_count
+        self.recall = {name: [0, 0] for name in self.classes}  # [hits, actual]
+        self.precision = {name: [0, 0] for name in self.classes}  # [hits, predicted]
+
+    def add(self, counts: dict[str, list[int]]):
+        """counts: (hits, predicted, actual) of each class, as world_model_metrics returns them."""
+        for name, (hits, predicted, actual) in counts.items():
+            self.recall[name] = [self.recall[name][0] + hits, self.recall[name][1] + actual]
+            self.precision[name] = [self.precision[name][0] + hits, self.precision[name][1] + predicted]
+
+    def take(self) -> dict[str, float]:
+        """The values of the pools that reached min_count, by tag (world_model/reward_recall_pos, ...,
+        world_model/end_precision); those pools start again."""
+        values = {}
+        for kind, pools in (("recall", self.recall), ("precision", self.precision)):
+            for name, (hits, total) in pools.items():
+                if total >= self.min_count:
+                    what, _, sign = name.partition("_")  # reward_pos -> world_model/reward_recall_pos
+                    values[f"world_model/{what}_{kind}" + (f"_{sign}" if sign else "")] = hits / total
+                    pools[name] = [0, 0]
+        return values
+
+    def state_dict(self) -> dict:
+        return {"recall": {k: list(v) for k, v in self.recall.items()},
+                "precision": {k: list(v) for k, v in self.precision.items()}}
+
+    def load_state_dict(self, state: dict):
+        self.recall = {k: list(v) for k, v in state["recall"].items()}
+        self.precision = {k: list(v) for k, v in state["precision"].items()}
 
 
 @torch.no_grad()
@@ -1831,6 +1917,77 @@ def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, devic
         obs = torch.cat([obs[:, 1:], next_obs[:, None]], dim=1)
     taken = actions[0, c - 1: c - 1 + horizon].cpu().numpy()  # the action that led into each of the frames
     return to_uint8(real[0, c:]).cpu().numpy(), to_uint8(torch.cat(imagined)).cpu().numpy(), taken
+
+
+@torch.no_grad()
+def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int, int, dict]],
+                              env: Union[AtariEnv, CatchEnv], args: Args, seed: int,
+                              check: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """The current policy's return over the imagination horizon H from the same K starts, in the world model and in
+    the real game: the closed-loop gap that training in imagination exploits (a policy the early world model pays
+    for, which the real game does not). Each start (episode, t, env state) is a state the collector saved at frame t
+    (Collector.fork_starts). The world model starts as imagination does: the c frames up to t and their actions from
+    the buffer burn in the reward/end model (WorldModelEnv.start) and the actor's LSTM (actor_burn_in); then H steps
+    of the imagination step itself (graphs.policy_step and graphs.world_model_step; uncompiled for backend None). The
+    real game starts from the saved state (env, loaded with each start's state in turn: one emulator for K games)
+    and the same LSTM state. Both pick actions by the same rule with the same uniforms (sample_categorical), and the
+    world model's noise and reward/end draws come from the same generator, seeded by `seed` (the training RNGs do
+    not move). Returns undiscounted sums of reward signs (the clipped rewards DIAMOND learns from) over the H steps
+    or until the episode ends (the sampled end flag; the real termination, a life lost in Atari, or truncation),
+    averaged over the K starts: imagined_return, real_return and imagined_minus_real_return."""
+    c, horizon, device, k = args.num_conditioning_steps, args.imagination_horizon, graphs.device, len(starts)
+    buffer = graphs.wm_env.buffer
+    refs = [(episode if episode < len(buffer.episodes) else -1, t - (c - 1)) for episode, t, _ in starts]
+    obs, act, hidden = graphs.wm_env.start(k, refs)
+    start = (obs, act, tuple(h.float() for h in hidden))
+    start_hidden = actor_burn_in(graphs.actor_critic, obs[:, :-1], graphs.amp())
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((horizon, k, 3, args.obs_size, args.obs_size), generator=generator).to(device)
+    uniforms = torch.rand((horizon, 3, k), generator=generator).to(device)  # action, reward, end
+    no_restart, no_value = torch.zeros(k, dtype=torch.bool, device=device), torch.zeros(k, device=device)
+
+    def policy(frames, actor_hidden, t):  # the action at step t, and the actor's state stepped on the frames
+        _, _, action, _, _, actor_hidden = graphs.policy_step(frames, actor_hidden, no_restart, actor_hidden,
+                                                              no_value, uniforms[t, 0])
+        return action, actor_hidden
+
+    # imagined: no env restarts here (world_model_step's restart pool is the starts; what follows an end is unused)
+    state, actor_hidden = start, start_hidden
+    age, alive, imagined = torch.zeros(k, dtype=torch.long, device=device), torch.ones(k, device=device), 0.0
+    for t in range(horizon):
+        check()
+        action, actor_hidden = policy(state[0][:, -1], actor_hidden, t)
+        step = graphs.world_model_step(*state, age, action, actor_hidden, noise[t], uniforms[t, 1:], start)
+        imagined = imagined + alive * step["reward"]
+        alive = alive * (1 - step["end"])
+        state, age = (step["obs"], step["act"], step["hidden"]), step["age"]
+    # real: the same policy from the same frame and LSTM state, in the game forked from each start's state
+    states, frames, actor_hidden = [s for _, _, s in starts], obs[:, -1].clone(), start_hidden
+    real, playing = torch.zeros(k), [True] * k
+    for t in range(horizon):
+        check()
+        action, actor_hidden = policy(frames, actor_hidden, t)
+        for i, a in enumerate(action.tolist()):
+            if playing[i]:
+                env.load_state_dict(states[i])
+                frame, reward, terminated, truncated = env.step(a)
+                states[i] = env.state_dict()
+                real[i] += float(np.sign(reward))
+                playing[i] = not (terminated or truncated)
+                frames[i] = to_float(torch.from_numpy(frame).permute(2, 0, 1).to(device))
+        if not any(playing):
+            break
+    imagined = imagined.cpu()
+    return {"imagined_return": float(imagined.mean()), "real_return": float(real.mean()),
+            "imagined_minus_real_return": float((imagined - real).mean())}
+
+
+def action_shares(episodes: list[dict], num_actions: int) -> np.ndarray:
+    """The share of each action among the actions taken in the episodes (summing to 1; all 0 without any)."""
+    counts = np.zeros(num_actions)
+    for episode in episodes:
+        counts += np.bincount(np.asarray(episode["actions"], dtype=np.int64), minlength=num_actions)
+    return counts / max(counts.sum(), 1.0)
 
 
 def write_samples(folder: Path, stem: str, images: np.ndarray, columns: Optional[int] = None) -> Path:
@@ -1876,7 +2033,11 @@ class RunPosition:
 class Collector:
     """The real environment and what is collected from it: the emulator, the episode in progress (sampled by the
     replay buffer as its newest), the actor's LSTM state, the env step count, and the held-out transitions: those
-    collected since the world model was last measured, which it has never trained on."""
+    collected since the world model was last measured, which it has never trained on; the reward/end model's
+    pooled class counts on them (RewardEndPools), and the newest num_fork_starts env states saved along the way,
+    one every num_heldout_transitions // num_fork_starts env steps, which the evaluation forks the real game from
+    (imagined_and_real_returns)."""
+    num_fork_starts = 8
 
     def __init__(self, env: Union[AtariEnv, CatchEnv], buffer: ReplayBuffer, generator: torch.Generator,
                  device: torch.device):
@@ -1886,6 +2047,8 @@ class Collector:
         self.env_steps = 0
         self.first_collection_steps = 0  # the first collection N, once epoch 1 has decided it (0: not yet)
         self.heldout = torch.zeros((0, 2), dtype=torch.long)  # (episode index in the buffer, t)
+        self.reward_end_pools = RewardEndPools()
+        self.fork_starts: list[tuple[int, int, dict]] = []  # (episode index in the buffer, t, env state at frame t)
 
     @torch.no_grad()
     def step(self, actor_critic: ActorCritic, args: Args, autocast, random_policy: bool):
@@ -1896,6 +2059,8 @@ class Collector:
                             "truncated": []}
         # the transition about to be collected, as (the index its episode will have in the buffer, t)
         ref = (len(self.buffer.episodes), len(self.partial["actions"]))
+        if self.env_steps % max(1, args.num_heldout_transitions // self.num_fork_starts) == 0:
+            self.fork_starts = (self.fork_starts + [(*ref, self.env.state_dict())])[-self.num_fork_starts:]
         explore = float(torch.rand(1, generator=self.generator)) < args.epsilon
         random_action = int(torch.randint(self.env.num_actions, (1,), generator=self.generator))
         action = random_action
@@ -1932,7 +2097,8 @@ class Collector:
         return {"env": self.env.state_dict(), "env_steps": self.env_steps, "partial": partial,
                 "first_collection_steps": self.first_collection_steps,
                 "collect_hidden": None if self.hidden is None else tuple(h.cpu() for h in self.hidden),
-                "heldout": self.heldout}
+                "heldout": self.heldout, "reward_end_pools": self.reward_end_pools.state_dict(),
+                "fork_starts": [{"episode": e, "t": t, "env": env} for e, t, env in self.fork_starts]}
 
     def load_state_dict(self, state: dict):
         self.env.load_state_dict(state["env"])
@@ -1944,6 +2110,10 @@ class Collector:
             **{key: partial[key].tolist() for key in ("actions", "rewards", "terminated", "truncated")}}
         hidden = state["collect_hidden"]
         self.hidden = None if hidden is None else tuple(h.to(self.device) for h in hidden)
+        # diagnostics only: a checkpoint from before them resumes with empty pools and no starts to fork from yet
+        if "reward_end_pools" in state:
+            self.reward_end_pools.load_state_dict(state["reward_end_pools"])
+        self.fork_starts = [(s["episode"], s["t"], s["env"]) for s in state.get("fork_starts", [])]
 
 
 class EpochLog:
@@ -1984,7 +2154,9 @@ class EpochLog:
             writer.add_scalar(key, float(np.mean(values)), step)
 
     def summary(self) -> list[str]:
-        """The epoch's printed line: mean losses, returns, and the world model against copying the last frame."""
+        """The epoch's printed line: mean losses, returns, and the world model against copying the last frame; when
+        evaluated: the reward/end model's recall/precision of the reward +1 (when pooled enough, else -), the
+        imagined minus the real return of the policy from the same starts, and its most frequent action's share."""
         values = {**self.means, **self.pending}
         parts = [f"{label} {np.mean(values[key]):.4g}" for key, label in (
             ("losses/denoiser", "denoiser loss"), ("losses/reward_end", "reward/end loss"),
@@ -1993,6 +2165,17 @@ class EpochLog:
         if "world_model/next_frame_mse_changed" in values:
             parts.append(f"next-frame mse on changed pixels {values['world_model/next_frame_mse_changed'][0]:.4g} "
                          f"(copy-last-frame {values['world_model/copy_last_frame_mse_changed'][0]:.4g})")
+        recall, precision = (values.get(f"world_model/reward_{kind}_pos") for kind in ("recall", "precision"))
+        if recall or precision:
+            parts.append("rew+ rec/prec " + "/".join("-" if v is None else f"{v[0]:.2f}" for v in (recall, precision)))
+        if "eval/imagined_minus_real_return" in values:
+            parts.append(f"imag-real gap {values['eval/imagined_minus_real_return'][0]:+.2f} (imag "
+                         f"{values['eval/imagined_return'][0]:+.2f}, real {values['eval/real_return'][0]:+.2f})")
+        shares = {key[len("eval/action_share_"):]: value[0] for key, value in values.items()
+                  if key.startswith("eval/action_share_")}
+        if shares:
+            top = max(shares, key=shares.get)
+            parts.append(f"top action {top} {shares[top]:.2f}")
         return parts
 
     def state_dict(self) -> dict:
@@ -2162,12 +2345,14 @@ def collect(run: Run, collector: Collector, pos: RunPosition, log: EpochLog):
 
 def measure_world_model(run: Run, collector: Collector, pos: RunPosition, log: EpochLog):
     """world_model/*: the sampled next frame against copying the last one, and the reward/end accuracy, on the
-    transitions just collected (or --dataset-dir's held-out episodes), which the world model has not trained on."""
+    transitions just collected (or --dataset-dir's held-out episodes), which the world model has not trained on;
+    the reward/end model's class counts go into the collector's pools (its recall and precision: evaluate)."""
     buffer = run.buffer
     refs = [(e if e < len(buffer.episodes) else -1, t) for e, t in collector.heldout.tolist()]
     metrics = world_model_metrics(run.learners["denoiser"].model, run.learners["reward_end"].model, buffer, refs,
                                   run.args, run.device, run.args.seed * 7919 + pos.epoch, run.checked_net,
                                   run.autocast)
+    collector.reward_end_pools.add(metrics.pop("counts"))
     for key, value in metrics.items():
         log.add(f"world_model/{key}", value)
     if run.args.dataset_dir is None:  # trained on from now on: epochs that collect nothing log no world_model/*
@@ -2219,8 +2404,9 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
 
 def evaluate(run: Run, pos: RunPosition, log: EpochLog):
     """An open-loop imagined rollout beside the real frames and, except in the last epoch (which gets the full test),
-    eval_episodes test episodes. A signal abandons it (StopRequested) before anything is written: a resumed run
-    evaluates again and writes each picture once."""
+    eval_episodes test episodes; the policy's diagnostics (policy_diagnostics) and the reward/end model's recall and
+    precision of the pools that reached their count (RewardEndPools). A signal abandons it (StopRequested) before
+    anything is written or a pool emptied: a resumed run evaluates again and writes each picture once."""
     args, epoch = run.args, pos.epoch
     denoiser, reward_end_model = run.learners["denoiser"].model, run.learners["reward_end"].model
     real, imagined, taken = imagined_vs_real(denoiser, run.buffer, args, run.device, args.seed * 7919 + epoch,
@@ -2231,14 +2417,12 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
         what = "real-game test episodes, not in DIAMOND's static-dataset mode" if args.dataset_dir else "test episodes"
         progress = progress_bar(None, 0, f"epoch {epoch} evaluate ({args.eval_episodes} {what})", "env step")
 
-        def check():  # every step of the test episodes: a signal abandons them
-            run.stop.check()
-            progress.update(1)
-
+        # a signal abandons the test episodes at the next env made or step played
         returns = run_test_episodes(run.learners["actor_critic"].model, args, args.eval_episodes,
-                                    args.seed * 7919 + epoch, run.device, run.autocast, check=check,
-                                    record=test_episodes)
+                                    args.seed * 7919 + epoch, run.device, run.autocast, check=run.stop.check,
+                                    record=test_episodes, on_step=lambda: progress.update(1))
         progress.close()
+    diagnostics = {} if args.world_model_only else policy_diagnostics(run, epoch, test_episodes)
     # Test-set losses on episodes never trained on: --dataset-dir's held-out episodes, else (as DIAMOND) the test
     # episodes just played (epsilon 0); a --world-model-only run that collects plays none, so it has none.
     if args.dataset_dir is not None:
@@ -2264,13 +2448,40 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
     write_samples(run.run_dir / "samples", f"rollout_epoch{epoch:05d}", np.concatenate([real, imagined]),
                   columns=len(real))
     write_png(run.run_dir / "samples" / f"rollout_epoch{epoch:05d}.png", strip)
-    for key, value in test_losses.items():
-        log.add(f"eval/{key}", value)
+    for key, value in {**{f"eval/{key}": value for key, value in test_losses.items()}, **diagnostics,
+                       **run.collector.reward_end_pools.take()}.items():
+        log.add(key, value)
     if returns is not None:
         log.add("eval/episodic_return", float(np.mean(returns)))
         score = run.collector.env.normalized_score(float(np.mean(returns)))
         if score is not None:
             log.add("eval/human_normalized_score", score)
+
+
+def policy_diagnostics(run: Run, epoch: int, test_episodes: list[dict]) -> dict[str, float]:
+    """What the policy does and what the world model promises it: eval/action_share_{ACTION} (the share of each
+    action in the test episodes just played: a policy collapsed onto one action shows there), and eval/imagined_return,
+    eval/real_return, eval/imagined_minus_real_return (imagined_and_real_returns from the collector's newest
+    min(8, num_imagined_envs) saved states; none with --dataset-dir, which collects nothing). Seeded by (seed, epoch):
+    the training RNGs do not move."""
+    args, collector = run.args, run.collector
+    values = {}
+    if test_episodes:
+        shares = action_shares(test_episodes, collector.env.num_actions)
+        values.update({f"eval/action_share_{meaning}": float(share)
+                       for meaning, share in zip(collector.env.action_meanings, shares)})
+    k = min(collector.num_fork_starts, args.num_imagined_envs, len(collector.fork_starts))
+    if k:
+        run.stop.check()  # an Atari env takes about a second to make
+        env = make_env(args, args.seed * 7919 + epoch)  # a training env: a life lost ends the episode, as in the buffer
+        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype) if (
+            run.device.type == "cuda") else None
+        graphs = ImaginationGraphs(run.wm_env, run.learners["actor_critic"].model, args, run.device, amp_dtype,
+                                   backend=None)  # the imagination step's functions, uncompiled: K envs, not n
+        returns = imagined_and_real_returns(graphs, collector.fork_starts[-k:], env, args, args.seed * 7919 + epoch,
+                                            run.stop.check)
+        values.update({f"eval/{key}": value for key, value in returns.items()})
+    return values
 
 
 def keep_agent_copy(folder: Path, epoch: int, actor_critic: ActorCritic, keep: int):
@@ -2322,6 +2533,92 @@ def denoiser_update_flops(args: Args, num_actions: int) -> float:
                torch.zeros(1, 3 * c, args.obs_size, args.obs_size), torch.zeros(1, c, dtype=torch.long))
     return 3 * args.batch_size * (1 + args.num_autoregressive_steps) * forward_flops(
         lambda: build_models(args, num_actions)[0].net, *example)
+
+
+def no_grad_peak_bytes(fn: Callable[[], object]) -> float:
+    """The most bytes that the tensors fn() makes hold at one time, fn running without gradients on the meta device
+    (nothing is computed or allocated): the transient memory of a forward that keeps nothing for a backward. A
+    storage counts from the op that makes it until its last tensor is freed (views and in-place results share it)."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    holders, held = {}, [0, 0]  # storage -> its tensors alive; [bytes held now, the most held]
+
+    def release(key: int, nbytes: int):
+        holders[key] -= 1
+        if not holders[key]:
+            del holders[key]
+            held[0] -= nbytes
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {id(x) for x in tree_leaves((args, kwargs))}
+            for tensor in (x for x in tree_leaves(out) if isinstance(x, torch.Tensor) and id(x) not in inputs):
+                storage = tensor.untyped_storage()
+                if storage._cdata not in holders:
+                    holders[storage._cdata] = 0
+                    held[0] += storage.nbytes()
+                holders[storage._cdata] += 1
+                weakref.finalize(tensor, release, storage._cdata, storage.nbytes())
+            held[1] = max(held[1], held[0])
+            return out
+
+    with torch.no_grad(), Track():
+        fn()
+    return float(held[1])
+
+
+def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float]:
+    """(parameters of the three models, bytes per segment of a denoiser or reward/end update (the larger), bytes per
+    imagined env of an actor-critic update), counted on the meta device: the memory check runs at start-up, before
+    anything is allocated at full size. Per segment: what autograd saves for denoiser_loss (its 1 +
+    num_autoregressive_steps predictions), or for the reward/end model's forward and cross-entropies over all of a
+    segment's transitions (reward_end_loss keeps the real ones by a boolean mask, which the meta device cannot
+    index: all of them bound it). Per imagined env, imagine()'s rollout: backup_every steps of what autograd saves
+    for the actor-critic's forward on a frame, plus the most that one world-model step holds at once without
+    gradients (a denoiser call, or the reward/end model's step), which the rollout frees before its next step."""
+    c, size = args.num_conditioning_steps, args.obs_size
+    with torch.device("meta"):
+        denoiser, reward_end_model, actor_critic = build_models(args, num_actions)
+        frames = lambda n: torch.zeros(1, n, 3, size, size)  # noqa: E731 - one segment of n frames
+        actions = lambda n: torch.zeros(1, n, dtype=torch.long)  # noqa: E731
+        num_obs = c + 1 + args.num_autoregressive_steps
+        segment = (frames(num_obs), actions(num_obs - 1), torch.ones(1, num_obs, dtype=torch.bool))
+        denoiser_bytes = saved_activation_bytes(lambda: denoiser_loss(denoiser, *segment, args, None))
+
+        def reward_end_step(length: int, hidden=None):
+            obs, classes = frames(length + 1), torch.zeros(length, dtype=torch.long)
+            reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], actions(length), obs[:, 1:], hidden)
+            return F.cross_entropy(reward_logits[0], classes) + F.cross_entropy(end_logits[0], classes)
+
+        reward_end_bytes = saved_activation_bytes(lambda: reward_end_step(args.reward_segment_length - 1))
+        actor_hidden = (torch.zeros(1, args.actor_lstm_dim), torch.zeros(1, args.actor_lstm_dim))
+        actor_bytes = saved_activation_bytes(lambda: actor_critic(frames(1)[:, 0], actor_hidden))
+        past, act = frames(c).flatten(1, 2), actions(c)
+        denoise_peak = no_grad_peak_bytes(lambda: denoiser.denoise(frames(1)[:, 0], torch.ones(1), past, act))
+        reward_end_hidden = (torch.zeros(1, 1, args.reward_lstm_dim), torch.zeros(1, 1, args.reward_lstm_dim))
+        reward_end_peak = no_grad_peak_bytes(lambda: reward_end_step(1, reward_end_hidden))
+    num_params = sum(p.numel() for model in (denoiser, reward_end_model, actor_critic) for p in model.parameters())
+    return (num_params, max(denoiser_bytes, reward_end_bytes),
+            args.backup_every * actor_bytes + max(denoise_peak, reward_end_peak))
+
+
+def check_training_memory(setup, args: Args, num_actions: int):
+    """Refuses in one line, before anything is allocated at full size, training steps that cannot fit in memory
+    (check_step_memory): the denoiser and reward/end updates at --batch-size, the actor-critic update at
+    --num-imagined-envs; the three models' weights, gradients and AdamW states stay resident throughout. With the
+    paper's networks on the CPU, each added segment or imagined env cost within 10% of the estimate's bytes for it."""
+    num_params, per_segment, per_env = step_memory_profile(args, num_actions)
+    check_step_memory(setup, args.batch_size, num_params, per_segment, args.dtype)
+    if not args.world_model_only:
+        try:
+            check_step_memory(setup, args.num_imagined_envs, num_params, per_env, args.dtype)
+        except UserError as e:  # the shared check names --batch-size: here the batch is the imagined envs
+            raise UserError(str(e).replace("--batch-size", "--num-imagined-envs").replace(
+                "a training step", f"an actor-critic update ({args.backup_every} imagined steps)")) from None
 
 
 def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv],
@@ -2792,6 +3089,8 @@ def main(args: Args, given: set[str]):
     if ignored:  # given on the command line, not only defaults or a preset's
         print(f"notice: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect on {game} (Atari "
               f"protocol flags)", flush=True)
+    if not (args.eval_only or args.play or args.play_keys is not None):  # will the updates fit? one line if not
+        check_training_memory(setup, args, num_actions)
     denoiser, reward_end_model, actor_critic = (m.to(device) for m in build_models(args, num_actions))
     models = {"denoiser": denoiser, "reward_end": reward_end_model, "actor_critic": actor_critic}
     learners = build_learners(args, models, setup.use_cuda)
@@ -2816,7 +3115,7 @@ def main(args: Args, given: set[str]):
         except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
             raise UserError(f"checkpoint weights do not fit this model, or its state is damaged ({error_reason(e)}); "
                             f"resume from another checkpoint") from None
-    denoiser_net = torch.compile(denoiser.net) if args.compile else denoiser.net
+    denoiser_net = torch.compile(denoiser.net, backend=COMPILE_BACKEND) if args.compile else denoiser.net
 
     if args.eval_only:  # the checkpoint's agent plays --test-episodes full games
         return eval_only(args, checkpoint, run_dir, actor_critic, env, device, autocast, stop)

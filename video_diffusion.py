@@ -560,10 +560,19 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
                 if term or trunc:
                     break
             tmp = folder / f".{path.stem}.tmp.npz"
-            np.savez(tmp, obs=np.stack(frames).transpose(0, 2, 3, 1), actions=np.array(actions, dtype=np.int64),
-                     rewards=np.array(rewards, dtype=np.float32), terminated=np.array(terminated, dtype=bool),
-                     truncated=np.array(truncated, dtype=bool), caption=np.array([game]))
-            os.replace(tmp, path)  # a killed recording never leaves a half-written episode
+            try:
+                np.savez(tmp, obs=np.stack(frames).transpose(0, 2, 3, 1), actions=np.array(actions, dtype=np.int64),
+                         rewards=np.array(rewards, dtype=np.float32), terminated=np.array(terminated, dtype=bool),
+                         truncated=np.array(truncated, dtype=bool), caption=np.array([game]))
+                os.replace(tmp, path)  # a killed recording never leaves a half-written episode
+            except BaseException as e:  # a full disk, or a Ctrl-C in the middle of the write: no temporary file left
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+                if not isinstance(e, OSError):
+                    raise
+                raise TrainingFailure(f"cannot write the recorded episode {path} ({e.strerror or e}): free disk "
+                                      f"space or make the folder writable, then start again (the episodes recorded "
+                                      f"so far are kept)") from None
     finally:
         env.close()
 

@@ -215,6 +215,64 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_leaves_no_temporary_fil
     assert sorted(p.name for p in path.parent.iterdir()) == ["latest.pt"]
 
 
+def failing_savez(error: BaseException):
+    """np.savez that writes half a file, then fails as a full disk (or a second Ctrl-C) does."""
+    def savez(file, *args, **kwargs):
+        if isinstance(file, (str, Path)):
+            with open(file, "wb") as f:
+                f.write(b"half an episode")
+        else:
+            file.write(b"half an episode")
+        raise error
+    return savez
+
+
+EPISODE = {"obs": torch.zeros(3, 8, 8, 3, dtype=torch.uint8).numpy(), "actions": [0, 1], "rewards": [0.0, 1.0],
+           "terminated": [False, True], "truncated": [False, False]}
+
+
+def test_a_failed_episode_write_names_the_file_leaves_no_temporary_file_and_says_how_to_go_on(tmp_path,
+                                                                                              monkeypatch):
+    """Issue 23: a disk that fills while DIAMOND writes an episode left episodes/.episode_*.tmp*.npz behind, and the
+    line named no file and said "then --resume" before any checkpoint existed."""
+    m = module("diamond_atari.py")
+    run_dir = tmp_path / "run"
+    buffer = m.ReplayBuffer(run_dir / "episodes", None, 4)
+    monkeypatch.setattr(m.np, "savez", failing_savez(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    episode_file = run_dir / "episodes" / "episode_000000.npz"
+    for checkpoint in (False, True):
+        if checkpoint:
+            m.save_checkpoint(run_dir / "checkpoints" / "latest.pt", {"step": 1})
+        with pytest.raises(m.TrainingFailure) as failed:
+            buffer.add(EPISODE)
+        message = str(failed.value)
+        assert "\n" not in message and f"cannot write the episode {episode_file} (No space left on device)" in message
+        assert message.endswith(f"then --resume {run_dir}" if checkpoint else "then start the run again"), message
+        assert list((run_dir / "episodes").iterdir()) == [] and buffer.episodes == []
+    monkeypatch.setattr(m.np, "savez", failing_savez(m.Interrupted()))  # a second Ctrl-C in the middle of the write
+    with pytest.raises(m.Interrupted):
+        buffer.add(EPISODE)
+    assert list((run_dir / "episodes").iterdir()) == []
+
+
+def test_a_failed_write_of_a_recorded_atari_episode_names_it_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """video_diffusion.py records Atari episodes the same way (a temporary file, then a rename): a failed write is
+    one line naming the episode, with no temporary file left, whatever stopped it."""
+    m = module("video_diffusion.py")
+    gym_id, _, game = m.atari_ids("Breakout")
+    monkeypatch.setattr(m.np, "savez", failing_savez(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    with pytest.raises(m.TrainingFailure) as failed:
+        m.record_atari_episodes(gym_id, tmp_path, 1, 3, 16, 0, game)
+    message = str(failed.value)
+    assert "\n" not in message
+    assert f"cannot write the recorded episode {tmp_path / 'episode_00000.npz'} (No space left on device)" in message
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(m.np, "savez", failing_savez(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        m.record_atari_episodes(gym_id, tmp_path, 1, 3, 16, 0, game)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_an_output_dir_that_is_a_file_is_one_line(script, tmp_path):
     (tmp_path / "runs").write_text("not a folder")

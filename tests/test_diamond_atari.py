@@ -301,6 +301,64 @@ def test_denoiser_learns_next_frame_better_than_copying(dia, torch_threads):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The reward/end model's recall and precision per class: counted on held-out transitions, pooled until 20
+
+
+def test_reward_end_pools_log_a_class_once_it_has_20_examples_and_never_nan(dia, tmp_path):
+    pools = dia.RewardEndPools()
+    # (hits, predicted, actual) per class, as world_model_metrics counts them
+    pools.add({"reward_neg": [0, 0, 3], "reward_zero": [20, 22, 25], "reward_pos": [3, 5, 12], "end": [2, 30, 10]})
+    assert pools.take() == {"world_model/reward_recall_zero": 20 / 25, "world_model/reward_precision_zero": 20 / 22,
+                            "world_model/end_precision": 2 / 30}
+    # what a checkpoint holds between two measurements: the pools not yet taken, as plain numbers
+    torch.save(pools.state_dict(), tmp_path / "pools.pt")
+    restored = dia.RewardEndPools()
+    restored.load_state_dict(torch.load(tmp_path / "pools.pt", weights_only=True))
+    assert restored.recall == pools.recall and restored.precision == pools.precision
+    counts = {"reward_neg": [0, 0, 1], "reward_zero": [1, 2, 3], "reward_pos": [6, 10, 9], "end": [5, 4, 12]}
+    for p in (pools, restored):
+        p.add(counts)
+    # +1: recall over 12 + 9 = 21 actual (pooled across both), precision over 5 + 10 = 15 predicted (not yet);
+    # zero and end precision started again after they were taken; -1 was never predicted and occurs 4 times
+    expected = {"world_model/reward_recall_pos": 9 / 21, "world_model/end_recall": 7 / 22}
+    assert pools.take() == expected and restored.take() == expected
+    assert pools.precision["reward_pos"] == [9, 15] and pools.recall["reward_pos"] == [0, 0]
+    assert pools.precision["reward_neg"] == [0, 0] and pools.recall["reward_neg"] == [0, 4]
+    assert pools.take() == {}  # nothing new: nothing logged, no 0/0
+
+
+def test_world_model_metrics_count_each_class_by_hand(dia):
+    """The (hits, predicted, actual) counts of the reward/end model's argmax predictions on 10 transitions."""
+    args = dia.Args(obs_size=32, num_sampling_steps=1)
+    rewards = [0, 0, 1, 0, -1, 0, 0, 1, 0, -1]
+    ends = [False] * 9 + [True]
+    rng = np.random.default_rng(0)
+    buffer = dia.ReplayBuffer(None, None, 4)
+    buffer.add({"obs": rng.integers(0, 256, (11, 32, 32, 3), dtype=np.uint8), "actions": np.zeros(10, np.int64),
+                "rewards": np.array(rewards, np.float32), "terminated": np.array(ends),
+                "truncated": np.zeros(10, bool)}, write=False)
+    predicted_reward = [1, 0, 0, 0, -1, 0, -1, 1, 0, 1]  # signs the stand-in predicts, transition by transition
+    predicted_end = [False, False, True, False, False, False, False, False, True, True]
+
+    class StandIn(nn.Module):  # the reward/end model's interface, with the predictions above as logits
+        def forward(self, obs, act, next_obs, hidden=None):
+            b, t = act.shape
+            reward_logits, end_logits = torch.zeros(b, t, 3), torch.zeros(b, t, 2)
+            reward_logits[torch.arange(b), -1, torch.tensor(predicted_reward) + 1] = 1.0
+            end_logits[torch.arange(b), -1, torch.tensor(predicted_end).long()] = 1.0
+            return reward_logits, end_logits, None
+
+    denoiser = dia.Denoiser(dia.DenoiserNet(4, (8, 8), 1, 8, 4))
+    metrics = dia.world_model_metrics(denoiser, StandIn(), buffer, [(0, t) for t in range(10)], args,
+                                      torch.device("cpu"), seed=0)
+    # -1: actual at 4, 9; predicted at 4, 6 -> 1 hit. 0: actual at 0, 1, 3, 5, 6, 8; predicted at 1, 2, 3, 5, 8 ->
+    # 4 hits. +1: actual at 2, 7; predicted at 0, 7, 9 -> 1 hit. end: actual at 9; predicted at 2, 8, 9 -> 1 hit.
+    assert metrics["counts"] == {"reward_neg": [1, 2, 2], "reward_zero": [4, 5, 6], "reward_pos": [1, 3, 2],
+                                 "end": [1, 3, 1]}
+    assert metrics["reward_accuracy"] == 6 / 10 and metrics["end_accuracy"] == 8 / 10
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Smoke runs as a user runs them
 
 
@@ -318,7 +376,8 @@ EXPECTED_TAGS = [
     "losses/reward_end", "losses/actor", "losses/critic", "losses/entropy", "world_model/next_frame_mse",
     "world_model/copy_last_frame_mse", "world_model/next_frame_mse_changed", "world_model/copy_last_frame_mse_changed",
     "world_model/reward_accuracy", "world_model/end_accuracy", "charts/SPS", "perf/denoiser_steps_per_s",
-    "perf/imagination_frames_per_s", "perf/mfu",
+    "perf/imagination_frames_per_s", "perf/mfu", "world_model/reward_recall_zero", "eval/action_share_NOOP",
+    "eval/action_share_FIRE", "eval/imagined_return", "eval/real_return", "eval/imagined_minus_real_return",
 ]
 
 
@@ -985,14 +1044,19 @@ def test_imagination_graphs_flag_selects_the_fast_path(dia):
 def test_a_failed_or_interrupted_compilation_is_one_line_or_a_stop(dia):
     """A compilation that fails (e.g. torch's cache left broken by an earlier Ctrl-C: ImportError of a truncated .so)
     is a one-line TrainingFailure naming --imagination-graphs off; the same failure after a signal (Ctrl-C reaches the
-    compiler's processes too) is a stop, which the run saves; a bug that is not the compiler's keeps its traceback."""
+    compiler's processes too) is a stop, which the run saves; a bug that is not the compiler's keeps its traceback.
+    While it compiled, the stop flag said so (a signal's acknowledgement names it); afterwards it no longer does."""
     from types import SimpleNamespace
+
+    busy = []  # what the stop flag said during each compilation
 
     def graphs_raising(error, requested):
         graphs = dia.ImaginationGraphs.__new__(dia.ImaginationGraphs)
-        graphs.stop = SimpleNamespace(requested=requested)
+        graphs.stop = SimpleNamespace(requested=requested, busy="")
+        graphs.backend, graphs.compile_seconds, graphs.device = "inductor", None, torch.device("cpu")
 
         def failing_rollout(generator):
+            busy.append(graphs.stop.busy)
             raise error
         graphs._rollout = failing_rollout
         return graphs
@@ -1004,4 +1068,100 @@ def test_a_failed_or_interrupted_compilation_is_one_line_or_a_stop(dia):
     with pytest.raises(dia.StopRequested):
         graphs_raising(broken_cache, requested=True).rollout(None)
     with pytest.raises(ValueError):
-        graphs_raising(ValueError("a shape bug"), requested=False).rollout(None)
+        (graphs := graphs_raising(ValueError("a shape bug"), requested=False)).rollout(None)
+    assert busy == ["compiling the imagination step (up to 20 minutes on a CPU)"] * 3 and graphs.stop.busy == ""
+
+
+def test_a_sigterm_while_the_imagination_step_compiles_is_acknowledged_at_once_then_the_run_saves(
+        dia, tmp_path, monkeypatch, capsys):
+    """Issue 23: a SIGTERM while --imagination-graphs compiled (minutes on a CPU) waited with no word. In process, a
+    backend in inductor's place (COMPILE_BACKEND) sends the signal while it compiles: the acknowledgement, saying that
+    the compilation must end first, comes before the backend returns; then the compilation ends, the update it
+    belongs to is finished, and the run saves where it stands and stops."""
+    import torch._dynamo
+
+    events = []
+
+    def slow_backend(gm, example_inputs):
+        events.append("compiling")
+        if events.count("compiling") == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        events.append("compiled")
+        return gm.forward
+
+    monkeypatch.setattr(dia, "COMPILE_BACKEND", slow_backend)
+    monkeypatch.setattr(dia, "say_now", events.append)  # the signal handler's acknowledgement
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    torch._dynamo.reset()  # nothing compiled by an earlier test is reused
+    try:
+        dia.main(*dia.parse_args([*TINY, "--imagination-graphs", "on", "--output-dir", str(tmp_path)]))
+    finally:
+        torch._dynamo.reset()
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert events[:3] == ["compiling", "stopping after this step, then saving; compiling the imagination step (up to "
+                          "20 minutes on a CPU) must end first; Ctrl-C again to quit without saving", "compiled"]
+    assert events.count("compiling") >= 2  # the compilation went on after the signal
+    out = capsys.readouterr().out
+    assert "saved checkpoint at epoch 1 actor_critic, step 1" in out and "stopped by signal at epoch 1" in out
+    checkpoint = torch.load(only_run_dir(tmp_path) / "checkpoints" / "latest.pt", weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["phase"], checkpoint["position"]) == (1, "actor_critic", 1)
+
+
+def test_a_stop_while_the_test_envs_are_made_makes_no_more_of_them(dia, monkeypatch, capsys):
+    """Issue 23: the test episodes make up to 16 Atari envs (about a second each) before their first step; a signal
+    while they are made stopped nothing until all were. Now one requested before makes none, and one that comes
+    while the second is made stops before the third."""
+    made = []
+
+    def make_env(args, seed, generator=None, training=True):
+        made.append(seed)
+        if len(made) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return object()  # never stepped: the episodes are abandoned before their first step
+
+    monkeypatch.setattr(dia, "make_env", make_env)
+    args = dia.parse_args(TINY)[0]
+    actor_critic = dia.build_models(args, 4)[2]
+    stop = dia.StopFlag()
+    try:
+        stop.requested = True
+        with pytest.raises(dia.StopRequested):
+            dia.run_test_episodes(actor_critic, args, 16, 0, torch.device("cpu"), check=stop.check)
+        assert made == []
+        stop.requested = False
+        with pytest.raises(dia.StopRequested):
+            dia.run_test_episodes(actor_critic, args, 16, 0, torch.device("cpu"), check=stop.check)
+        assert len(made) == 2
+    finally:
+        stop.restore()
+    assert "stopping after this step, then saving" in capsys.readouterr().out
+
+
+def test_updates_that_cannot_fit_are_refused_in_one_line_naming_the_flag_and_a_value_that_fits(dia, tmp_path,
+                                                                                                 monkeypatch):
+    """Issue 23: --batch-size 2000000 was accepted and hung in the first denoiser phase. At start-up, counted on the
+    meta device, the denoiser and reward/end updates at --batch-size and the actor-critic update (its imagination
+    rollout) at --num-imagined-envs are refused in one line naming the flag and the largest value that fits, before
+    the run folder exists; the value named fits; the tiny preset fits in the memory this machine has."""
+    monkeypatch.setattr(dia, "available_memory", lambda setup: 16 * 2**30)
+    cpu = dia.Setup(torch.device("cpu"))
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for flag in ("--batch-size", "--num-imagined-envs"):
+            with pytest.raises(dia.UserError) as refused:
+                dia.main(*dia.parse_args(["--env-id", "Breakout-v5", flag, "2000000", "--output-dir",
+                                          str(tmp_path / "runs")]))
+            message = str(refused.value)
+            assert "\n" not in message and message.startswith(f"{flag} 2000000 needs about "), message
+            fits = int(re.search(rf"use {flag} (\d+) or less$", message).group(1))
+            assert 4 <= fits < 2000  # the paper's networks in 16 GiB: tens of segments, hundreds of envs
+            dia.check_training_memory(cpu, dia.parse_args(["--env-id", "Breakout-v5", flag, str(fits)])[0], 4)
+            with pytest.raises(dia.UserError):  # and it is the largest
+                dia.check_training_memory(cpu, dia.parse_args(["--env-id", "Breakout-v5", flag, str(fits + 1)])[0], 4)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.undo()
+    dia.check_training_memory(cpu, dia.parse_args(TINY)[0], 4)

@@ -2,6 +2,7 @@
 (Osband et al. 2020; deepmind/bsuite, bsuite/environments/catch.py), its determinism and its state; the environment
 seam (make_env); a tiny run as a user runs it, its exact resume after SIGKILL, --eval-only, --play-keys and
 --dataset-dir on it, and the notice for the Atari flags Catch ignores."""
+import contextlib
 import math
 import shutil
 
@@ -141,6 +142,114 @@ def test_make_env_is_the_one_seam(dia):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The evaluation's diagnostics of the policy: its action shares, its imagined return against the real one
+
+
+def test_action_shares_sum_to_1_and_match_a_hand_made_policy(dia):
+    assert dia.action_shares([{"actions": np.array([0, 2, 2])}, {"actions": np.array([2])}], 3).tolist() == [
+        0.25, 0.0, 0.75]
+    assert dia.action_shares([], 3).tolist() == [0.0, 0.0, 0.0]  # no actions: no shares, not NaN
+    args = dia.Args(**{**dia.PRESETS["tiny"], "env_id": "Catch"})
+    actor_critic = dia.build_models(args, 3)[2]  # its actor head is zero: the logits are the bias, set by hand
+    for probs, games in (([0.0, 0.0, 1.0], 3), ([0.2, 0.3, 0.5], 60)):
+        actor_critic.actor_linear.bias.data = torch.tensor(probs).clamp(min=1e-30).log()
+        recorded = []
+        dia.run_test_episodes(actor_critic, args, games, seed=0, device=torch.device("cpu"), record=recorded)
+        shares, steps = dia.action_shares(recorded, 3), 9 * games  # a Catch game: 9 steps
+        assert sum(len(game["actions"]) for game in recorded) == steps and shares.sum() == pytest.approx(1.0)
+        sigma = np.sqrt(np.array(probs) * (1 - np.array(probs)) / steps)
+        assert np.all(np.abs(shares - probs) <= 4 * sigma), (shares, probs)
+
+
+def read_catch_state(env, frame: np.ndarray) -> tuple[int, int, int]:
+    """(ball row, ball column, paddle column) read off a Catch frame uint8 (H, W, 3) by the cells' colours."""
+    colour = lambda row, col: tuple(int(v) for v in frame[env.cell_pixels(row, col)][0, 0])  # noqa: E731
+    (ball_row, ball_col), = [(r, c) for r in range(ROWS) for c in range(COLUMNS) if colour(r, c) == env.colours["ball"]]
+    paddle = [c for c in range(COLUMNS) if colour(ROWS - 1, c) == env.colours["paddle"]]
+    return ball_row, ball_col, paddle[0] if paddle else ball_col  # no paddle colour: the ball is over it
+
+
+def catch_world_models(dia):
+    """Stand-ins for the imagination step's world model (ImaginationGraphs.world_model_step): Catch itself (it reads
+    the state off the last frame and steps bsuite's rules), and Catch with a reward model that pays +1 every step."""
+
+    class PerfectCatch(dia.ImaginationGraphs):
+        def reward(self, reward: float) -> float:
+            return reward
+
+        @torch.no_grad()
+        def world_model_step(self, obs, act, hidden, age, action, actor_hidden, noise, uniforms, start):
+            env, frames, rewards, ends = dia.CatchEnv(self.args.obs_size), [], [], []
+            for frame, a in zip(dia.to_uint8(obs[:, -1]).permute(0, 2, 3, 1).numpy(), action.tolist()):
+                env.ball_row, env.ball_col, env.paddle_col = read_catch_state(env, frame)
+                env.game_over = False
+                if env.ball_row == ROWS - 1:  # a game that is over stays over (its steps are not counted)
+                    next_frame, reward, end = frame, 0.0, True
+                else:
+                    next_frame, reward, end, _ = env.step(a)
+                frames.append(next_frame)
+                rewards.append(self.reward(reward))
+                ends.append(end)
+            next_obs = dia.to_float(torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2))
+            return {"obs": torch.cat([obs[:, 1:], next_obs[:, None]], 1),
+                    "act": torch.cat([act[:, 1:-1], action[:, None], torch.zeros_like(act[:, :1])], 1),
+                    "hidden": hidden, "age": age + 1, "reward": torch.tensor(rewards), "end": torch.tensor(ends).float()}
+
+    class WrongReward(PerfectCatch):
+        def reward(self, reward: float) -> float:
+            return 1.0
+
+    return PerfectCatch, WrongReward
+
+
+def collected_catch(dia):
+    """A few Catch games collected by a random policy (the collector saves an env state every 3 env steps), a tiny
+    world model and a policy that looks at the frames (random actor weights)."""
+    args = dia.Args(**{**dia.PRESETS["tiny"], "env_id": "Catch", "imagination_horizon": 10, "num_imagined_envs": 8,
+                       "num_heldout_transitions": 24})
+    cpu, torch_generator = torch.device("cpu"), torch.Generator().manual_seed(0)
+    buffer = dia.ReplayBuffer(None, None, args.num_conditioning_steps)
+    collector = dia.Collector(dia.CatchEnv(args.obs_size, seed=0), buffer, torch.Generator().manual_seed(0), cpu)
+    denoiser, reward_end_model, actor_critic = dia.build_models(args, 3)
+    actor_critic.actor_linear.weight.data = torch.randn(actor_critic.actor_linear.weight.shape,
+                                                        generator=torch_generator)
+    for _ in range(40):
+        collector.step(actor_critic, args, contextlib.nullcontext(), random_policy=True)
+    collector.share_partial()
+    wm_env = dia.WorldModelEnv(denoiser, reward_end_model, buffer, args, cpu, torch.Generator().manual_seed(1),
+                               torch.Generator().manual_seed(2))
+    return args, collector, wm_env, actor_critic
+
+
+def test_imagined_and_real_returns_agree_in_a_perfect_world_model_and_not_in_a_wrong_one(dia):
+    args, collector, wm_env, actor_critic = collected_catch(dia)
+    starts = collector.fork_starts
+    assert len(starts) == 8 and [t for _, t, _ in starts] != sorted(t for _, t, _ in starts)  # across games
+    PerfectCatch, WrongReward = catch_world_models(dia)
+    cpu = torch.device("cpu")
+    generators = (torch.get_rng_state(), collector.generator.get_state(), wm_env.generator.get_state(),
+                  wm_env.cpu_generator.get_state())
+    perfect = dia.imagined_and_real_returns(PerfectCatch(wm_env, actor_critic, args, cpu, backend=None), starts,
+                                            dia.CatchEnv(args.obs_size, seed=99), args, seed=3)
+    # the same starts, frames, LSTM states and uniforms: the same actions, the same games (each ends within H = 10)
+    assert perfect["imagined_return"] == perfect["real_return"] and perfect["imagined_minus_real_return"] == 0.0
+    assert perfect["real_return"] != 0.0  # the games were caught or missed: a return to agree on
+    wrong = dia.imagined_and_real_returns(WrongReward(wm_env, actor_critic, args, cpu, backend=None), starts,
+                                          dia.CatchEnv(args.obs_size, seed=99), args, seed=3)
+    assert wrong["real_return"] == perfect["real_return"] and wrong["imagined_return"] >= 1.0
+    gap = wrong["imagined_minus_real_return"]
+    assert gap > 0 and gap == pytest.approx(wrong["imagined_return"] - wrong["real_return"])
+    # the imagination step itself (the denoiser and the reward/end model, untrained): finite, seeded, repeatable
+    graphs = dia.ImaginationGraphs(wm_env, actor_critic, args, cpu, backend=None)
+    a, b = (dia.imagined_and_real_returns(graphs, starts, dia.CatchEnv(args.obs_size), args, seed=3) for _ in "ab")
+    assert a == b and all(math.isfinite(v) for v in a.values()) and abs(a["imagined_return"]) <= args.imagination_horizon
+    assert a["real_return"] == perfect["real_return"]  # the real games do not depend on the world model
+    assert all(torch.equal(x, y) for x, y in zip(generators, (
+        torch.get_rng_state(), collector.generator.get_state(), wm_env.generator.get_state(),
+        wm_env.cpu_generator.get_state())))  # the training RNGs did not move
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Runs as a user runs them
 
 
@@ -172,6 +281,31 @@ def test_catch_tiny_run_writes_a_checkpoint_episodes_and_a_raw_score(catch_run):
         assert episode["obs"].shape == (10, 32, 32, 3) and episode["obs"].dtype == np.uint8
         assert episode["rewards"].tolist()[:-1] == [0.0] * 8 and episode["rewards"][-1] in (-1.0, 1.0)
         assert episode["terminated"].tolist() == [False] * 8 + [True] and not episode["truncated"].any()
+
+
+def test_catch_tiny_run_logs_the_diagnostics_of_the_reward_end_model_and_the_policy(catch_run):
+    run_dir, stdout = catch_run
+    scalars = read_scalars(run_dir)
+    shares = [scalars[f"eval/action_share_{action}"] for action in ("LEFT", "NOOP", "RIGHT")]
+    steps = [step for step, _ in shares[0]]  # the evaluations that play test episodes: all but the last epoch's
+    assert steps == [45, 70, 95] and all([step for step, _ in share] == steps for share in shares)
+    assert all(sum(values) == pytest.approx(1.0, abs=1e-6) for values in zip(*[[v for _, v in s] for s in shares]))
+    imagined, real, gap = (scalars[f"eval/{key}"] for key in ("imagined_return", "real_return",
+                                                              "imagined_minus_real_return"))
+    assert [step for step, _ in gap] == [45, 70, 95, 120]  # every evaluation, the last one's too
+    for (_, i), (_, r), (_, g) in zip(imagined, real, gap):
+        assert abs(i) <= 4 and abs(r) <= 1 and g == pytest.approx(i - r, abs=1e-6)  # tiny: H = 4
+    rates = {tag: values for tag, values in scalars.items() if "_recall" in tag or "_precision" in tag}
+    assert "world_model/reward_recall_zero" in rates  # 32 held-out transitions a measurement: 20 zeros at least
+    assert set(rates) <= {f"world_model/{what}_{kind}{sign}" for what, signs in (("reward", ("_neg", "_zero", "_pos")),
+                                                                                  ("end", ("",)))
+                          for kind in ("recall", "precision") for sign in signs}
+    assert all(0 <= value <= 1 for values in rates.values() for _, value in values)  # never NaN
+    epoch_lines = [line for line in stdout.splitlines() if line.startswith("epoch 1/")]
+    assert "imag-real gap " in epoch_lines[0] and "top action " in epoch_lines[0]
+    checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
+    assert len(checkpoint["fork_starts"]) == 8 and set(checkpoint["fork_starts"][0]["env"]) == set(checkpoint["env"])
+    assert set(checkpoint["reward_end_pools"]) == {"recall", "precision"}
 
 
 def plain_values(obj, prefix=""):
