@@ -25,7 +25,8 @@ Play its world model (a pygame window: pip install pygame-ce), headless from key
     python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000 --play
     python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000 --play-keys FRRRLL --play-world both
     python diamond_atari.py --episode-to-mp4 runs/Breakout-v5__diamond_atari__1__1700000000/episodes/episode_000000.npz
-Watch it (world_model/* says whether the world model beats copying the last frame):
+Watch it (world_model/* says whether the world model beats copying the last frame and finds the rewards and ends;
+eval/imagined_minus_real_return whether the policy earns in imagination what it does not earn in the game):
     tensorboard --logdir runs
 """
 import argparse

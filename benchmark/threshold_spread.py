@@ -81,7 +81,7 @@ def report(log: Path) -> str:
     values: dict[tuple[str, str], dict[str, float]] = {}
     for line in lines:
         for name, value in line.get("values", {}).items():
-            test = line["test"].split("::", 1)[-1]
+            test = line["test"].removeprefix("tests/test_").replace(".py::", "::")
             values.setdefault((test, name), {})[config_name(line)] = value
     out = ["| test | value | min | max | " + " | ".join(configs) + " |", "|---" * (4 + len(configs)) + "|"]
     for (test, name), per_config in values.items():

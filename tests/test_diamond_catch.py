@@ -164,7 +164,8 @@ def test_action_shares_sum_to_1_and_match_a_hand_made_policy(dia):
 def read_catch_state(env, frame: np.ndarray) -> tuple[int, int, int]:
     """(ball row, ball column, paddle column) read off a Catch frame uint8 (H, W, 3) by the cells' colours."""
     colour = lambda row, col: tuple(int(v) for v in frame[env.cell_pixels(row, col)][0, 0])  # noqa: E731
-    (ball_row, ball_col), = [(r, c) for r in range(ROWS) for c in range(COLUMNS) if colour(r, c) == env.colours["ball"]]
+    (ball_row, ball_col), = [(r, c) for r in range(ROWS) for c in range(COLUMNS)
+                             if colour(r, c) == env.colours["ball"]]
     paddle = [c for c in range(COLUMNS) if colour(ROWS - 1, c) == env.colours["paddle"]]
     return ball_row, ball_col, paddle[0] if paddle else ball_col  # no paddle colour: the ball is over it
 
@@ -242,7 +243,8 @@ def test_imagined_and_real_returns_agree_in_a_perfect_world_model_and_not_in_a_w
     # the imagination step itself (the denoiser and the reward/end model, untrained): finite, seeded, repeatable
     graphs = dia.ImaginationGraphs(wm_env, actor_critic, args, cpu, backend=None)
     a, b = (dia.imagined_and_real_returns(graphs, starts, dia.CatchEnv(args.obs_size), args, seed=3) for _ in "ab")
-    assert a == b and all(math.isfinite(v) for v in a.values()) and abs(a["imagined_return"]) <= args.imagination_horizon
+    assert a == b and all(math.isfinite(v) for v in a.values())
+    assert abs(a["imagined_return"]) <= args.imagination_horizon
     assert a["real_return"] == perfect["real_return"]  # the real games do not depend on the world model
     assert all(torch.equal(x, y) for x, y in zip(generators, (
         torch.get_rng_state(), collector.generator.get_state(), wm_env.generator.get_state(),

@@ -403,15 +403,17 @@ def test_the_judge_scores_each_evaluation_and_guidance_raises_its_class_accuracy
 def test_sample_only_one_class(tiny_runs, tmp_path):
     run_dir = tiny_runs["dir"]
     result = subprocess.run([PYTHON, str(SCRIPT), "--resume", run_dir, "--sample-only", "--class-label", "3",
-                             "--num-samples", "12"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+                             "--num-samples", "24"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     files = sorted((run_dir / "samples").glob("sample_only_ddim20_class3_cfg3_step1024_*.npz"))
     assert len(files) == 1
     samples = np.load(files[0])
-    assert samples["arr_0"].shape == (12, 16, 16, 3) and samples["arr_1"].tolist() == [3] * 12
+    assert samples["arr_0"].shape == (24, 16, 16, 3) and samples["arr_1"].tolist() == [3] * 24
     votes = colour_rule(torch.from_numpy(samples["arr_0"]).permute(0, 3, 1, 2))
     measured(class3_share=(votes.argmax(1) == 3).float().mean())
-    assert (votes.argmax(1) == 3).float().mean() >= 0.4  # yellow squares, mostly
+    # yellow squares, at least twice chance (1/8): over 3 seeds, 1 and 2 threads and AVX2 kernels the share of 12
+    # samples was 0.33 to 0.67 (RESULTS.md section 7; 0.4 was once asserted and failed on one seed)
+    assert (votes.argmax(1) == 3).float().mean() >= 0.25
 
 
 def test_resume_after_sigkill_is_bitwise_exact(tiny_runs):
