@@ -52,6 +52,8 @@ import tyro
 SCRIPT_NAME = "ddpm_cifar10.py"
 CHECKPOINT_FORMAT_VERSION = 1
 OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
+# torch.compile's backend (--compile), read at each compile call: tests put a counting or failing backend in its place
+COMPILE_BACKEND = "inductor"
 # A flag's unit, shown by --help beside it (--save-every STEPS) and read by the tests: one meaning per name.
 STEPS = tyro.conf.arg(metavar="STEPS")
 
@@ -86,7 +88,7 @@ class Args:
     sample_only: bool = False
     """with --resume: load the checkpoint's EMA weights, only generate --num-samples images, and exit"""
     compile: bool = False
-    """torch.compile the model"""
+    """torch.compile the training step's model (once: fixed shapes; sampling runs the EMA model eagerly)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """autocast dtype on CUDA (float16 uses a GradScaler); the CPU always computes in float32"""
     channels_last: bool = True
@@ -1201,8 +1203,8 @@ def main(args: Args, given: set[str]):
 
     if step >= args.total_steps:  # a resumed run with nothing left to do says so and writes nothing (no purge)
         if setup.is_main:
-            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps to train "
-                  f"on")
+            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps "
+                  f"to train on")
         leave_process_group(setup.world_size)
         stop.restore()
         return
@@ -1225,7 +1227,7 @@ def main(args: Args, given: set[str]):
     example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long))
     meter = Meter(device, 3 * forward_flops(lambda: build_model(args), *example), peak_flops(setup, args.dtype),
                   setup.world_size)
-    train_model = torch.compile(model) if args.compile else model
+    train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
     if setup.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
                                                           if setup.use_cuda else None)

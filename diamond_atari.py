@@ -32,6 +32,7 @@ eval/imagined_minus_real_return whether the policy earns in imagination what it 
 import argparse
 import atexit
 import contextlib
+import copy
 import difflib
 import io
 import json
@@ -1732,8 +1733,8 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
                       device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16,
                       check: Callable[[], None] = lambda: None, record: Optional[list] = None,
                       on_step: Callable[[], None] = lambda: None) -> list[float]:
-    """Full games of --env-id (life loss does not end them), epsilon 0, actions sampled from the policy; up to max_parallel games
-    at once with a batched policy. Seeded by `seed` only, so that evaluating never moves the training RNGs. check()
+    """Full games of --env-id (life loss does not end them), epsilon 0, actions sampled from the policy; up to
+    max_parallel games at once with a batched policy. Seeded by `seed` only, so that evaluating never moves the training RNGs. check()
     is called before each env is made (an Atari env takes about a second) and at every step, then on_step()
     (StopFlag.check: a signal abandons the episodes within an env or a step). With `record`, each game is appended
     to it as an episode dict (obs, actions, rewards, terminated, truncated)."""
@@ -2506,6 +2507,103 @@ def phase_runs(run: Run, name: str, epoch: int) -> bool:
     return True
 
 
+# ---- how long the run takes: each phase's seconds per unit (an env step, an update, an evaluation) x what is left
+
+
+def work_left(args: Args, first_collection_steps: int, pos: RunPosition) -> dict[str, int]:
+    """What is left of the run from pos, per phase: env steps to collect, updates of each model, and the world model's
+    measurements (one after each collection) and evaluations (every eval_every epochs and the last) to run. Before
+    epoch 1 has decided the first collection N, N = initial_collection_steps (the least it can be)."""
+    schedule = run_schedule(args, first_collection_steps)
+    left = dict.fromkeys(PHASES, 0)
+    for epoch in range(pos.epoch, len(schedule) + 1):
+        units = {"collect": schedule[epoch - 1],
+                 "world_model_eval": int(schedule[epoch - 1] > 0 or args.dataset_dir is not None),
+                 "denoiser": phase_length(args, "denoiser", epoch), "reward_end": phase_length(args, "reward_end", epoch),
+                 "actor_critic": 0 if args.world_model_only else phase_length(args, "actor_critic", epoch),
+                 "evaluate": int(epoch % args.eval_every == 0 or epoch == len(schedule))}
+        for index, name in enumerate(PHASES):  # the epoch in progress: the phases done, and the steps done of this one
+            done = (0 if epoch > pos.epoch or index < pos.phase else units[name] if index > pos.phase
+                    else pos.step if name in ("collect", "denoiser", "reward_end", "actor_critic") else 0)
+            left[name] += max(units[name] - done, 0)
+    return left
+
+
+def seconds_left(seconds_per_unit: dict[str, float], left: dict[str, int]) -> float:
+    """sum over phases of (seconds per unit) x (units left); a phase not timed yet (an evaluation) counts 0."""
+    return sum(units * seconds_per_unit.get(name, 0.0) for name, units in left.items())
+
+
+def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, device: torch.device, autocast,
+                left: dict[str, int]) -> dict[str, float]:
+    """Seconds per update of each model with updates left, and per env step of collection (the env and the policy),
+    timed before the run's first collection on throwaway things: deep copies of the models with optimizers of their
+    own, a replay buffer of one random-frame episode, an env of its own, generators of its own; the global RNGs are
+    put back after. So the run's weights, optimizer states and random numbers are those of a run that timed nothing
+    (an exact resume depends on it). Each: one warm-up unit, then timed units until 0.5 s or `most` of them (at the
+    paper's sizes on a CPU, one: a few seconds in all). Imagination is timed eager (CUDA graphs run faster)."""
+    state = rng_state()
+    copies = {name: copy.deepcopy(model) for name, model in models.items()}
+    learners = build_learners(args, copies, device.type == "cuda")
+    rng, length = np.random.default_rng(0), max(args.reward_segment_length, args.num_conditioning_steps + 2, 100)
+    buffer = ReplayBuffer(None, None, args.num_conditioning_steps)
+    buffer.add({"obs": rng.integers(0, 256, (length + 1, args.obs_size, args.obs_size, 3), dtype=np.uint8),
+                "actions": rng.integers(0, num_actions, length),
+                "rewards": np.zeros(length, np.float32), "terminated": np.zeros(length, bool),
+                "truncated": np.zeros(length, bool)}, write=False)
+    generator, cpu_generator = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0)
+    denoiser = copies["denoiser"]
+    wm_env = WorldModelEnv(denoiser, copies["reward_end"], buffer, args, device, generator, cpu_generator,
+                           denoiser.net, autocast)
+    run = types.SimpleNamespace(args=args, device=device, autocast=autocast, generator=generator, buffer=buffer,
+                                cpu_generator=cpu_generator, train_ids=None, learners=learners,
+                                denoiser_net=denoiser.net, wm_env=wm_env, graphs=None)
+
+    def timed(unit: Callable[[], object], most: int = 5) -> float:
+        unit()  # warm-up: allocators, caches, the imagined episodes' start
+        times = []
+        while len(times) < most and sum(times) < 0.5:
+            start = time.perf_counter()
+            unit()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        return sum(times) / len(times)
+
+    seconds = {name: timed(lambda: learners[name].update(phase_loss(run, name)[0]))
+               for name in ("denoiser", "reward_end", "actor_critic") if left[name]}
+    if left["collect"]:
+        collector = Collector(make_env(args, args.seed + 1, torch.Generator().manual_seed(0)), buffer, cpu_generator,
+                              device)
+        seconds["collect"] = timed(lambda: collector.step(copies["actor_critic"], args, autocast,
+                                                          args.world_model_only), most=100)
+    set_rng_state(state)
+    return seconds
+
+
+def duration(seconds: float) -> str:
+    days, rest = divmod(int(seconds), 86_400)
+    if seconds < 3600:
+        return f"{rest // 60} min {rest % 60} s"
+    return f"{f'{days} d ' if days else ''}{rest // 3600} h {rest % 3600 // 60} min"
+
+
+def run_time_lines(seconds_per_unit: dict[str, float], left: dict[str, int], setup) -> list[str]:
+    """The estimate of the rest of the run, printed before its first collection, and on a CPU, above a day, which
+    settings fit a CPU."""
+    seconds = seconds_left(seconds_per_unit, left)
+    parts = [f"{left[name]:,} {label} at {seconds_per_unit[name]:.3g} s" for name, label in (
+        ("denoiser", "denoiser updates"), ("reward_end", "reward/end updates"),
+        ("actor_critic", "actor-critic updates"), ("collect", "env steps")) if name in seconds_per_unit]
+    lines = [f"estimated time to the end of the run: {duration(seconds)} on {setup.device} ({', '.join(parts)}; timed "
+             f"on copies of the models; evaluations and test episodes not counted)"]
+    if not setup.use_cuda and seconds > 86_400:
+        lines.append("notice: on this CPU the run takes more than a day: the defaults are the paper's GPU settings; "
+                     "on a CPU use --env-id Catch --preset catch, or --preset cpu (DIAMOND's whole loop at CPU scale; "
+                     "--preset tiny runs in seconds)")
+    return lines
+
+
 def load_dataset_dir(args: Args, buffer: ReplayBuffer, num_actions: int) -> tuple[list[int], torch.Tensor]:
     """--dataset-dir: every episode .npz into the buffer. Returns the training episodes and the held-out transitions
     (the last 10% of the episodes, never trained on, are where world_model/* is measured)."""
@@ -3164,6 +3262,11 @@ def main(args: Args, given: set[str]):
           "" if args.dataset_dir else f", {args.env_step_budget} env steps"), flush=True)
     if checkpoint is not None:
         print(f"resuming at {pos}", flush=True)
+    # How long the run takes, said before its first collection: each phase's seconds per unit (an update, an env
+    # step), timed on copies, times what is left of it. The epochs' lines project the rates measured since.
+    left = work_left(args, collector.first_collection_steps, pos)
+    seconds_per_unit = time_phases(args, models, num_actions, device, autocast, left)
+    print("\n".join(run_time_lines(seconds_per_unit, left, setup)), flush=True)
 
     def save():
         if not log.finite():  # never write NaN weights over a good checkpoint
@@ -3180,14 +3283,15 @@ def main(args: Args, given: set[str]):
         print(f"saved checkpoint at epoch {where}", flush=True)
 
     # ---- train: each epoch collects, measures the world model, trains the three models in turn, evaluates
-    run_start, epoch_start, first_epoch = time.perf_counter(), time.perf_counter(), pos.epoch
+    run_start, epoch_start = time.perf_counter(), time.perf_counter()
     while pos.epoch <= run.num_epochs:
         name, phase_start, first_step = pos.name, time.perf_counter(), pos.step
+        works = phase_runs(run, name, pos.epoch) and (name != "world_model_eval" or len(collector.heldout) > 0)
         try:
-            if phase_runs(run, name, pos.epoch):
+            if works:
                 if name == "collect":
                     collect(run, collector, pos, log)
-                elif name == "world_model_eval" and len(collector.heldout):
+                elif name == "world_model_eval":
                     measure_world_model(run, collector, pos, log)
                 elif name in ("denoiser", "reward_end", "actor_critic"):
                     train_model(run, name, pos, log)
@@ -3199,6 +3303,9 @@ def main(args: Args, given: set[str]):
             save()
             print(f"stopped by signal at {pos}", flush=True)
             break
+        units = pos.step - first_step if name in ("collect", "denoiser", "reward_end", "actor_critic") else 1
+        if works and units > 0:  # this phase's measured seconds per env step, update or evaluation: the ETA's rates
+            seconds_per_unit[name] = (time.perf_counter() - phase_start) / units
         if pos.epoch == 1 and pos.step > first_step:  # the first epoch is long (25k updates): say where it is
             print(f"epoch 1: {name} done ({pos.step} steps, {time.perf_counter() - phase_start:.1f} s)", flush=True)
         pos.phase, pos.step = pos.phase + 1, 0
@@ -3207,8 +3314,10 @@ def main(args: Args, given: set[str]):
             log.add("charts/env_steps", collector.env_steps)
             log.add("charts/buffer_transitions", buffer.num_transitions())
             log.write_pending(writer, pos.global_step)
-            elapsed, epochs_here = time.perf_counter() - epoch_start, pos.epoch - first_epoch + 1
-            eta = (time.perf_counter() - run_start) / epochs_here * (run.num_epochs - pos.epoch)  # epoch 1 is long
+            # the ETA: each phase's latest rate times what is left of it (not the epochs' mean: epoch 1 is long)
+            elapsed = time.perf_counter() - epoch_start
+            eta = seconds_left(seconds_per_unit, work_left(args, collector.first_collection_steps,
+                                                           RunPosition(pos.epoch + 1)))
             print(f"epoch {pos.epoch}/{run.num_epochs} | env steps {collector.env_steps} | global step "
                   f"{pos.global_step} | {' | '.join(log.summary())} | {elapsed:.1f} s, ETA {int(eta // 3600)}:"
                   f"{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)

@@ -55,6 +55,8 @@ import tyro
 SCRIPT_NAME = "dit_cifar10.py"
 CHECKPOINT_FORMAT_VERSION = 2  # 2: the run length and cadence in optimizer steps (1: in epochs)
 OLDER_CHECKPOINT_FORMATS = (1,)  # formats a resume converts (run_length_in_steps)
+# torch.compile's backend (--compile), read at each compile call: tests put a counting or failing backend in its place
+COMPILE_BACKEND = "inductor"
 # A flag's unit, shown by --help beside it (--save-every STEPS) and read by the tests: one meaning per name.
 STEPS, EPOCHS = tyro.conf.arg(metavar="STEPS"), tyro.conf.arg(metavar="EPOCHS")
 
@@ -89,7 +91,7 @@ class Args:
     sample_only: bool = False
     """with --resume: load the checkpoint's EMA weights, only generate --num-samples images, and exit"""
     compile: bool = False
-    """torch.compile the model"""
+    """torch.compile the training step's model (once: fixed shapes; sampling runs the EMA model eagerly)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """autocast dtype on CUDA (float16 uses a GradScaler); the CPU always computes in float32"""
 
@@ -1243,7 +1245,8 @@ def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint:
     length, --save-every and --eval-every in epochs of N // B steps (its last partial batch was dropped): converted.
     Raises UserError when both --epochs and --total-steps are given."""
     if {"epochs", "total_steps"} <= given:
-        raise UserError(f"--epochs {args.epochs} and --total-steps {args.total_steps} both set the run length; give one")
+        raise UserError(f"--epochs {args.epochs} and --total-steps {args.total_steps} both set the run length; give "
+                        f"one")
     if checkpoint is not None and checkpoint["format_version"] == 1:
         steps_per_epoch = num_items // args.batch_size  # format 1's epoch
         saved = {name: getattr(args, name) * steps_per_epoch for name in ("epochs", "save_every", "eval_every")
@@ -1372,8 +1375,8 @@ def main(args: Args, given: set[str]):
 
     if step >= args.total_steps:  # a resumed run with nothing left to do says so and writes nothing (no purge)
         if setup.is_main:
-            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps to train "
-                  f"on")
+            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps "
+                  f"to train on")
         leave_process_group(setup.world_size)
         stop.restore()
         return
@@ -1400,7 +1403,7 @@ def main(args: Args, given: set[str]):
                torch.zeros(1, dtype=torch.long) if conditional else None)
     meter = Meter(device, 3 * forward_flops(lambda: build_model(args), *example), peak_flops(setup, args.dtype),
                   setup.world_size)
-    train_model = torch.compile(model) if args.compile else model
+    train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
     if setup.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
                                                           if setup.use_cuda else None)

@@ -55,6 +55,8 @@ import tyro
 SCRIPT_NAME = "video_diffusion.py"
 CHECKPOINT_FORMAT_VERSION = 1
 OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
+# torch.compile's backend (--compile), read at each compile call: tests put a counting or failing backend in its place
+COMPILE_BACKEND = "inductor"
 # A flag's unit, shown by --help beside it (--save-every STEPS) and read by the tests: one meaning per name.
 STEPS = tyro.conf.arg(metavar="STEPS")
 
@@ -105,7 +107,7 @@ class Args:
     sample_only: bool = False
     """with --resume: load the checkpoint's EMA weights, only generate --num-samples clips (and a long video), exit"""
     compile: bool = False
-    """torch.compile the model"""
+    """torch.compile the training step's model (once: fixed shapes; sampling runs the EMA model eagerly)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """autocast dtype on CUDA (float16 uses a GradScaler); the CPU always computes in float32"""
 
@@ -2293,8 +2295,8 @@ def main(args: Args, given: set[str]):
 
     if step >= args.total_steps:  # a resumed run with nothing left to do says so and writes nothing (no purge)
         if setup.is_main:
-            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps to train "
-                  f"on")
+            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps "
+                  f"to train on")
         leave_process_group(setup.world_size)
         stop.restore()
         return
@@ -2320,7 +2322,7 @@ def main(args: Args, given: set[str]):
                clip_text[:1], gather_actions(frame_actions, clip_starts[:1], args.num_frames))
     meter = Meter(device, 3 * forward_flops(lambda: build_model(args, len(vocabulary), num_actions), *example),
                   peak_flops(setup, args.dtype), setup.world_size)
-    train_model = torch.compile(model) if args.compile else model
+    train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
     if setup.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
                                                           if setup.use_cuda else None)

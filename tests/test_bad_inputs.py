@@ -828,3 +828,31 @@ def test_a_failed_write_of_a_new_file_says_it_was_not_written_and_names_it(scrip
         m.save_checkpoint(tmp_path / "agent_epoch_00005.pt", {"w": torch.zeros(2)})
     assert f"cannot write {tmp_path / 'agent_epoch_00005.pt'} (Read-only file system); it was not written" in str(
         failed.value)
+
+
+# ---- --compile compiles once per use (the GPU-ready issue): counted with a counting eager backend, in process
+
+
+@pytest.mark.parametrize("script", GENERATIVE)
+def test_compile_compiles_the_training_model_once_over_a_run_with_evaluations(script, tmp_path, monkeypatch):
+    """The training step's model is compiled once (fixed shapes: every global batch is full, batches cross epochs);
+    sampling and the evaluations run the EMA model eagerly. The backend is called once per graph it compiles: a
+    recompile (another shape, stride or grad mode) or a graph break would call it again."""
+    m = module(script)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    monkeypatch.setattr(m, "COMPILE_BACKEND", counting_backend)
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    cheap = {"ddpm_cifar10.py": ["--num-eval-samples", "2"], "dit_cifar10.py": ["--samples-per-class", "1"],
+             "video_diffusion.py": ["--num-eval-samples", "2", "--sample-batch-size", "2"]}[script]
+    # a training step after an evaluation: an evaluation that changed what the compiled model sees would recompile
+    m.main(*m.parse_args([*TINY[script], "--total-steps", "3", "--eval-every", "2", "--save-every", "3", "--compile",
+                          "--num-sampling-steps", "2", *cheap, "--output-dir", str(tmp_path)]))
+    assert len(graphs) == 1 and graphs[0] > 50, graphs
+    signal.signal(signal.SIGINT, signal.default_int_handler)
