@@ -62,7 +62,8 @@ def torch_threads():
 # of its ~15). Each worker is handed two files to start with and runs them in turn: the third here is a short one, so
 # that nothing long waits behind the video file. Files not named follow in collection order.
 FILE_ORDER = ["test_video_diffusion.py", "test_ddpm_cifar10.py", "test_shared_blocks.py", "test_dit_cifar10.py",
-              "test_bad_inputs.py", "test_benchmark.py", "test_diamond_atari.py", "test_diamond_faithful.py"]
+              "test_bad_inputs.py", "test_benchmark.py", "test_diamond_atari.py", "test_diamond_catch.py",
+              "test_diamond_faithful.py"]
 
 
 def pytest_collection_modifyitems(config, items):
