@@ -127,3 +127,12 @@ def test_help_shows_each_count_flags_unit(script, unit, capsys):
     with pytest.raises(SystemExit):
         load_module(script).parse_args(["--help"])
     assert re.search(rf"--save-every {unit}\b", capsys.readouterr().out)
+
+
+def test_the_data_order_is_one_text_in_the_generative_scripts(texts):
+    """One name, one behaviour: the global batch of a step crosses epochs in ddpm, dit and video alike (DiT once
+    dropped the last partial batch of each epoch, and so could not train on a dataset smaller than the batch)."""
+    for name in ("epoch_permutation", "global_batch_indices"):
+        bodies = {script: re.search(rf"^def {name}\(.*?(?=^\S)", texts[script], flags=re.M | re.S).group(0)
+                  for script in GENERATIVE}
+        assert len(set(bodies.values())) == 1, f"{name} differs between {list(bodies)}"
