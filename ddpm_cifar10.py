@@ -156,6 +156,9 @@ class Args:
     """write checkpoints/latest.pt every N steps"""
     eval_every: Annotated[int, STEPS] = 20_000
     """sample a grid from the EMA model every N steps"""
+    first_sample_at: Annotated[int, STEPS] = 0
+    """also sample a small grid (16 images, not judged) at this step: the run's first picture, long before the first
+    evaluation (samples/ and TensorBoard); 0: none"""
 
     # Sampling and evaluation
     sampler: Literal["ddpm", "ddim", "dpm++"] = "ddpm"
@@ -195,8 +198,9 @@ PRESETS = {
     "cpu": dict(
         dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2), num_res_blocks=1,
         attn_resolutions=(8,), dropout=0.0, total_steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=100,
-        ema_decay=0.995, log_every=50, save_every=250, eval_every=500, prediction="v", sampler="dpm++",
-        num_sampling_steps=20, num_eval_samples=128, num_samples=128, fid_num_samples=2000, sample_batch_size=128,
+        ema_decay=0.995, log_every=50, save_every=250, eval_every=500, first_sample_at=100, prediction="v",
+        sampler="dpm++", num_sampling_steps=20, num_eval_samples=128, num_samples=128, fid_num_samples=2000,
+        sample_batch_size=128,
     ),
 }
 # Flags that may change when a run is resumed: the run length, checkpoint/eval cadence, logging and sampling.
@@ -204,6 +208,7 @@ RESUME_MUTABLE_FIELDS = {
     "total_steps", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity",
     "sample_only", "num_samples", "sampler", "num_sampling_steps", "ddim_eta", "num_eval_samples", "eval_fid",
     "fid_num_samples", "sample_batch_size", "cuda", "compile", "config", "output_dir", "data_dir", "download",
+    "first_sample_at",
 }
 
 
@@ -218,7 +223,7 @@ ARG_DOMAINS = {
     "beta_start": "(0, 1)", "beta_end": "(0, 1)", "total_steps": ">= 1", "batch_size": ">= 1", "learning_rate": "> 0",
     "warmup_steps": ">= 0", "max_grad_norm": ">= 0", "ema_decay": "[0, 1]", "log_every": ">= 1", "save_every": ">= 1",
     "eval_every": ">= 1", "num_sampling_steps": ">= 1", "ddim_eta": "[0, 1]", "num_eval_samples": ">= 2",
-    "num_samples": ">= 1", "fid_num_samples": ">= 2", "sample_batch_size": ">= 1",
+    "num_samples": ">= 1", "fid_num_samples": ">= 2", "sample_batch_size": ">= 1", "first_sample_at": ">= 0",
 }
 
 
@@ -1134,7 +1139,7 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 def main(args: Args, given: set[str]):
     # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, data, model, optimizer
-    checkpoint, run_dir = None, None
+    checkpoint, run_dir, started = None, None, time.perf_counter()
     if args.resume:
         checkpoint_path = resolve_checkpoint_path(args.resume)
         checkpoint = load_checkpoint(checkpoint_path)
@@ -1297,18 +1302,23 @@ def main(args: Args, given: set[str]):
                                      mfu=f"{logged['mfu']:.1%}")
         # Every rank stops at the same step: all-reduced at the log boundary under torchrun, at once alone.
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
-        if setup.is_main and not stopping and (step % args.eval_every == 0 or step == args.total_steps):
+        evaluation = step % args.eval_every == 0 or step == args.total_steps
+        if setup.is_main and not stopping and (evaluation or step == args.first_sample_at):
             with contextlib.suppress(StopRequested):  # a signal abandons the grid; the checkpoint below is saved
-                samples = generate(args.num_eval_samples)
+                # --first-sample-at: the first picture, a small grid long before the first evaluation, not judged
+                samples = generate(args.num_eval_samples if evaluation else 16)
                 writer.add_image("samples/ema", make_grid(samples), step, dataformats="HWC")
-                write_samples(run_dir / "samples", f"step{step:08d}", samples)
-                if args.dataset == "shapes":  # eval/judge_*: how recognisable the samples are (FID needs Inception)
+                path = write_samples(run_dir / "samples", f"step{step:08d}", samples)
+                if not evaluation:
+                    progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
+                                   f"start: {path}")
+                if evaluation and args.dataset == "shapes":  # eval/judge_*: how recognisable (FID needs Inception)
                     judge = judge or make_shapes_judge(args, args.num_eval_samples)
                     log_judge_scores(writer, judge_scores(judge[0], samples, None, judge[1], judge[2]), step)
             stopping = stop.sync(setup) if setup.world_size == 1 else stopping
         if step % args.save_every == 0 or step == args.total_steps or stopping:
             save()
-        if step % args.eval_every == 0 or step % args.save_every == 0 or step == first_step + 1:
+        if evaluation or step % args.save_every == 0 or step in (first_step + 1, args.first_sample_at):
             meter.restart_clock()  # sampling, saving and the first (warm-up, compiling) step stay out of SPS
         if stopping:
             if setup.is_main:

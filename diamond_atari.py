@@ -86,9 +86,10 @@ class Args:
     """the wandb entity (team)"""
     output_dir: str = "runs"
     """runs are written to {output_dir}/{run_name}/"""
-    preset: Optional[Literal["tiny", "cpu", "small", "medium", "large"]] = None
+    preset: Optional[Literal["tiny", "cpu", "catch", "small", "medium", "large"]] = None
     """tiny = a full run in about 25 s on a CPU; cpu = the whole loop at CPU scale, 20 short epochs on 32x32 frames
-    (benchmark/diamond_learns.sh); small/medium/large = TorchWM's network sizes (medium: the paper's)"""
+    (benchmark/diamond_learns.sh); catch = the cpu sizes with the update counts that learn --env-id Catch on one CPU
+    core (benchmark/diamond_catch.sh); small/medium/large = TorchWM's network sizes (medium: the paper's)"""
     config: Optional[str] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
@@ -250,7 +251,9 @@ class Args:
     """replay sampling weight of each chronological slice of the episodes (oldest first; with fewer episodes than
     slices, episodes are weighted by their length)"""
     learning_rate: float = 1e-4
-    """AdamW learning rate (all three components)"""
+    """AdamW learning rate (all three components, unless --actor-critic-learning-rate is given)"""
+    actor_critic_learning_rate: Optional[float] = None
+    """AdamW learning rate of the actor-critic alone (default: --learning-rate, as DIAMOND)"""
     adam_eps: float = 1e-8
     """AdamW epsilon"""
     warmup_steps: Annotated[int, UPDATES] = 100
@@ -308,6 +311,21 @@ PRESETS = {
         batch_size=16, learning_rate=1e-3, warmup_steps=20, max_episode_steps=500, log_every=20, eval_every=4,
         eval_episodes=4, test_episodes=100, num_heldout_transitions=64, save_agent_every=4,
     ),
+    # DIAMOND's whole loop learning bsuite's Catch on one CPU core (--env-id Catch; benchmark/diamond_catch.sh, which
+    # says why each value): the cpu preset's sizes and learning rate, a first epoch that trains the world model
+    # before the actor-critic, 200 env steps per epoch up to 5000, 200 test games.
+    "catch": dict(
+        obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
+        num_autoregressive_steps=0, num_sampling_steps=1,
+        reward_channels=8, reward_cond_dim=32, reward_lstm_dim=64, reward_segment_length=12,
+        actor_channels=(16, 16, 32, 32), actor_lstm_dim=128, imagination_horizon=8, backup_every=8,
+        num_imagined_envs=16, initial_collection_steps=1000, max_initial_collection_steps=2000,
+        collection_steps_per_epoch=200, env_step_budget=5000, final_epochs_without_collection=0,
+        denoiser_steps_per_epoch=40, reward_steps_per_epoch=40, actor_critic_steps_per_epoch=20,
+        first_epoch_denoiser_steps=1000, first_epoch_reward_steps=1000, first_epoch_actor_critic_steps=100,
+        batch_size=16, learning_rate=1e-3, warmup_steps=20, log_every=20, eval_every=2, eval_episodes=20,
+        test_episodes=200, num_heldout_transitions=200, save_agent_every=4,
+    ),
     "small": dict(diffusion_channels=(32, 32, 32, 32), diffusion_cond_dim=128, reward_channels=16,
                   reward_lstm_dim=256, actor_channels=(16, 16, 32, 32), actor_lstm_dim=256),
     "medium": dict(),  # the paper's networks: the defaults
@@ -346,6 +364,7 @@ ARG_DOMAINS = {
     "denoiser_steps_per_epoch": ">= 1", "reward_steps_per_epoch": ">= 1", "actor_critic_steps_per_epoch": ">= 1",
     "first_epoch_denoiser_steps": ">= 1", "first_epoch_reward_steps": ">= 1", "first_epoch_actor_critic_steps": ">= 1",
     "batch_size": ">= 1", "recency_weights": "> 0", "learning_rate": "> 0",
+    "actor_critic_learning_rate": "> 0",
     "adam_eps": "> 0", "warmup_steps": ">= 0", "weight_decay": ">= 0", "denoiser_max_grad_norm": "> 0",
     "max_grad_norm": "> 0", "log_every": ">= 1", "save_every": ">= 1", "save_agent_every": ">= 1",
     "num_agents_to_keep": ">= 1", "eval_every": ">= 1", "eval_episodes": ">= 1", "test_episodes": ">= 1",
@@ -2215,8 +2234,10 @@ def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> 
     for name, model in models.items():
         # AdamW with weight decay on the weights of the world model only (DIAMOND: the actor-critic uses none)
         weight_decay = 0.0 if name == "actor_critic" else args.weight_decay
-        optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=args.learning_rate,
-                                      eps=args.adam_eps, fused=use_cuda)
+        lr = args.actor_critic_learning_rate if name == "actor_critic" and args.actor_critic_learning_rate else \
+            args.learning_rate
+        optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr, eps=args.adam_eps,
+                                      fused=use_cuda)
         # linear warmup from 0: lr_s = lr * min(1, s / warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_warmup_factor(s, args.warmup_steps))
         scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16")
@@ -2383,7 +2404,7 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
                 raise non_finite_failure(f"in epoch {pos.epoch} ({name}, update {pos.step})", run.run_dir)
             count = pos.step % args.log_every or min(args.log_every, pos.step)  # updates in this window
             means = log.flush(run.writer, pos.global_step, count)
-            if name == "denoiser":  # the three models share one learning-rate schedule
+            if name == "denoiser":  # one warmup schedule for the three (the actor-critic's peak may differ)
                 run.writer.add_scalar("charts/learning_rate", learner.scheduler.get_last_lr()[0], pos.global_step)
             progress.set_postfix(loss=f"{means[f'losses/{name}']:.4f}")
     progress.close()
@@ -2519,11 +2540,12 @@ def work_left(args: Args, first_collection_steps: int, pos: RunPosition) -> dict
     for epoch in range(pos.epoch, len(schedule) + 1):
         units = {"collect": schedule[epoch - 1],
                  "world_model_eval": int(schedule[epoch - 1] > 0 or args.dataset_dir is not None),
-                 "denoiser": phase_length(args, "denoiser", epoch), "reward_end": phase_length(args, "reward_end", epoch),
+                 "denoiser": phase_length(args, "denoiser", epoch),
+                 "reward_end": phase_length(args, "reward_end", epoch),
                  "actor_critic": 0 if args.world_model_only else phase_length(args, "actor_critic", epoch),
                  "evaluate": int(epoch % args.eval_every == 0 or epoch == len(schedule))}
         for index, name in enumerate(PHASES):  # the epoch in progress: the phases done, and the steps done of this one
-            done = (0 if epoch > pos.epoch or index < pos.phase else units[name] if index > pos.phase
+            done = (0 if epoch > pos.epoch or index > pos.phase else units[name] if index < pos.phase
                     else pos.step if name in ("collect", "denoiser", "reward_end", "actor_critic") else 0)
             left[name] += max(units[name] - done, 0)
     return left
@@ -2540,38 +2562,57 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
     timed before the run's first collection on throwaway things: deep copies of the models with optimizers of their
     own, a replay buffer of one random-frame episode, an env of its own, generators of its own; the global RNGs are
     put back after. So the run's weights, optimizer states and random numbers are those of a run that timed nothing
-    (an exact resume depends on it). Each: one warm-up unit, then timed units until 0.5 s or `most` of them (at the
-    paper's sizes on a CPU, one: a few seconds in all). Imagination is timed eager (CUDA graphs run faster)."""
+    (an exact resume depends on it). Each: one warm-up unit, then timed units until 0.2 s or `most` of them (or the
+    warm-up alone where it took over a second). On a CPU an update's time grows with its batch: an update of batch 1
+    is timed first, and the full batch where that x the batch is under 2 s; else the estimate is batch 1's time x the
+    batch (at the paper's sizes on one thread, 0.9x a measured full denoiser update, 0.75x a reward/end one;
+    the full updates take 30 s each there, the actor-critic's minutes). About 2 s for the tiny preset, 10 s at the
+    paper's sizes on a CPU. Imagination is timed eager (CUDA graphs run faster)."""
     state = rng_state()
     copies = {name: copy.deepcopy(model) for name, model in models.items()}
     learners = build_learners(args, copies, device.type == "cuda")
     rng, length = np.random.default_rng(0), max(args.reward_segment_length, args.num_conditioning_steps + 2, 100)
     buffer = ReplayBuffer(None, None, args.num_conditioning_steps)
     buffer.add({"obs": rng.integers(0, 256, (length + 1, args.obs_size, args.obs_size, 3), dtype=np.uint8),
-                "actions": rng.integers(0, num_actions, length),
-                "rewards": np.zeros(length, np.float32), "terminated": np.zeros(length, bool),
-                "truncated": np.zeros(length, bool)}, write=False)
+                "actions": rng.integers(0, num_actions, length), "rewards": np.zeros(length, np.float32),
+                "terminated": np.zeros(length, bool), "truncated": np.zeros(length, bool)}, write=False)
     generator, cpu_generator = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0)
     denoiser = copies["denoiser"]
-    wm_env = WorldModelEnv(denoiser, copies["reward_end"], buffer, args, device, generator, cpu_generator,
-                           denoiser.net, autocast)
-    run = types.SimpleNamespace(args=args, device=device, autocast=autocast, generator=generator, buffer=buffer,
-                                cpu_generator=cpu_generator, train_ids=None, learners=learners,
-                                denoiser_net=denoiser.net, wm_env=wm_env, graphs=None)
+
+    def once(unit: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        unit()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
 
     def timed(unit: Callable[[], object], most: int = 5) -> float:
-        unit()  # warm-up: allocators, caches, the imagined episodes' start
-        times = []
-        while len(times) < most and sum(times) < 0.5:
-            start = time.perf_counter()
-            unit()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
+        first = once(unit)  # a warm-up (allocators, caches, the imagined episodes' start), whose overhead is small
+        if first > 1.0:  # beside a unit of over a second: that one is the figure
+            return first
+        times = [once(unit)]
+        while len(times) < most and sum(times) < 0.2:
+            times.append(once(unit))
         return sum(times) / len(times)
 
-    seconds = {name: timed(lambda: learners[name].update(phase_loss(run, name)[0]))
-               for name in ("denoiser", "reward_end", "actor_critic") if left[name]}
+    def update(name: str, batch: int) -> Callable[[], object]:
+        """An update of a model's copy on a batch of this many segments (the actor-critic: imagined envs)."""
+        sized = replace(args, batch_size=batch, num_imagined_envs=batch)
+        wm_env = WorldModelEnv(denoiser, copies["reward_end"], buffer, sized, device, generator, cpu_generator,
+                               denoiser.net, autocast)
+        run = types.SimpleNamespace(args=sized, device=device, autocast=autocast, generator=generator, buffer=buffer,
+                                    cpu_generator=cpu_generator, train_ids=None, learners=learners,
+                                    denoiser_net=denoiser.net, wm_env=wm_env, graphs=None)
+        return lambda: learners[name].update(phase_loss(run, name)[0])
+
+    seconds = {}
+    for name in ("denoiser", "reward_end", "actor_critic"):
+        full = args.num_imagined_envs if name == "actor_critic" else args.batch_size
+        if left[name] and device.type == "cuda":
+            seconds[name] = timed(update(name, full))
+        elif left[name]:
+            one = timed(update(name, 1))
+            seconds[name] = timed(update(name, full)) if one * full < 2.0 else one * full
     if left["collect"]:
         collector = Collector(make_env(args, args.seed + 1, torch.Generator().manual_seed(0)), buffer, cpu_generator,
                               device)

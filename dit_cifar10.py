@@ -165,6 +165,9 @@ class Args:
     """write checkpoints/latest.pt every N optimizer steps"""
     eval_every: Annotated[int, STEPS] = 4000
     """sample a grid (one row per class) from the EMA model every N optimizer steps"""
+    first_sample_at: Annotated[int, STEPS] = 0
+    """also sample a small grid (2 images per class, not judged) at this optimizer step: the run's first picture,
+    long before the first evaluation (samples/ and TensorBoard); 0: none"""
 
     # Sampling and evaluation
     sampler: Literal["ddpm", "ddim", "dpm++"] = "ddpm"
@@ -206,7 +209,7 @@ PRESETS = {
     "cpu": dict(
         dataset="shapes", img_size=16, num_shapes_images=4096, patch=2, width=128, depth=4, heads=4,
         total_steps=2048, batch_size=64, learning_rate=1e-3, ema_decay=0.999, log_every=32, save_every=256,
-        eval_every=512,
+        eval_every=512, first_sample_at=100,
         sampler="ddim", num_sampling_steps=50, cfg_scale=3.0, samples_per_class=12, num_samples=120,
         fid_num_samples=2000, sample_batch_size=120,
     ),
@@ -219,7 +222,7 @@ RESUME_MUTABLE_FIELDS = {
     "total_steps", "epochs", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity",
     "sample_only", "num_samples", "sampler", "num_sampling_steps", "ddim_eta", "cfg_scale", "class_label",
     "samples_per_class", "eval_fid", "fid_num_samples", "sample_batch_size", "cuda", "compile", "config", "output_dir",
-    "data_dir", "download",
+    "data_dir", "download", "first_sample_at",
 }
 
 
@@ -237,6 +240,7 @@ ARG_DOMAINS = {
     "ema_decay": "[0, 1]", "log_every": ">= 1", "save_every": ">= 1", "eval_every": ">= 1",
     "num_sampling_steps": ">= 1", "ddim_eta": "[0, 1]", "cfg_scale": ">= 0",
     "samples_per_class": ">= 1", "num_samples": ">= 1", "fid_num_samples": ">= 2", "sample_batch_size": ">= 1",
+    "first_sample_at": ">= 0",
 }
 
 
@@ -1269,7 +1273,7 @@ def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint:
 
 def main(args: Args, given: set[str]):
     # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, data, model, optimizer
-    checkpoint, run_dir = None, None
+    checkpoint, run_dir, started = None, None, time.perf_counter()
     if args.resume:
         checkpoint_path = resolve_checkpoint_path(args.resume)
         checkpoint = load_checkpoint(checkpoint_path)
@@ -1479,17 +1483,22 @@ def main(args: Args, given: set[str]):
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         eval_now = step % args.eval_every == 0 or step == args.total_steps
         save_now = step % args.save_every == 0 or step == args.total_steps
-        if setup.is_main and not stopping and eval_now:
+        if setup.is_main and not stopping and (eval_now or step == args.first_sample_at):
             with contextlib.suppress(StopRequested):  # a signal abandons the grid; the checkpoint below is saved
                 rows = args.num_classes if conditional else 8  # one row per class (8 rows unconditional)
-                grid_labels = torch.arange(rows).repeat_interleave(args.samples_per_class) if conditional else None
-                samples = generate(rows * args.samples_per_class, grid_labels)
+                # --first-sample-at: the first picture, a small grid long before the first evaluation, not judged
+                per_row = args.samples_per_class if eval_now else 2
+                grid_labels = torch.arange(rows).repeat_interleave(per_row) if conditional else None
+                samples = generate(rows * per_row, grid_labels)
                 grid_labels_np = None if grid_labels is None else grid_labels.numpy()
-                writer.add_image("samples/ema", sample_grid(samples, grid_labels_np, args.samples_per_class,
-                                                            class_names), step, dataformats="HWC")
-                write_samples(run_dir / "samples", f"step{step:08d}", samples, grid_labels_np, args.samples_per_class,
-                              class_names)
-                if args.dataset == "shapes":  # eval/judge_*: how recognisable the samples are (FID needs Inception)
+                writer.add_image("samples/ema", sample_grid(samples, grid_labels_np, per_row, class_names), step,
+                                 dataformats="HWC")
+                path = write_samples(run_dir / "samples", f"step{step:08d}", samples, grid_labels_np, per_row,
+                                     class_names)
+                if not eval_now:
+                    progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
+                                   f"start: {path}")
+                if eval_now and args.dataset == "shapes":  # eval/judge_*: how recognisable (FID needs Inception)
                     judge = judge or make_shapes_judge(args, len(samples))
                     asked = None if grid_labels is None else grid_labels.numpy()
                     log_judge_scores(writer, judge_scores(judge[0], samples, asked, judge[1], judge[2]), step)
@@ -1501,7 +1510,7 @@ def main(args: Args, given: set[str]):
             stopping = stop.sync(setup) if setup.world_size == 1 else stopping
         if save_now or stopping:
             save()
-        if eval_now or save_now or step == first_step + 1:
+        if eval_now or save_now or step in (first_step + 1, args.first_sample_at):
             meter.restart_clock()  # sampling, saving and the first (warm-up, compiling) step stay out of SPS
         if stopping:
             if setup.is_main:

@@ -211,6 +211,9 @@ class Args:
     """write checkpoints/latest.pt every N steps"""
     eval_every: Annotated[int, STEPS] = 10_000
     """sample clips and compute the eval/ metrics with the EMA model every N steps"""
+    first_sample_at: Annotated[int, STEPS] = 0
+    """also sample 8 clips (no metrics) at this step: the run's first picture, long before the first evaluation
+    (samples/: MP4 and a PNG strip; TensorBoard); 0: none"""
 
     # Sampling and evaluation
     sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
@@ -252,8 +255,8 @@ PRESETS = {
         channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2, norm_groups=4, text_dim=32,
         text_layers=1, context_frames=3, prediction="v", cond_drop_prob=0.5, null_cond_prob=0.1, cfg_scale=3.0,
         total_steps=2000, batch_size=32, learning_rate=1e-3, warmup_steps=10, ema_decay=0.9, log_every=100,
-        save_every=500, eval_every=1000, num_sampling_steps=8, num_eval_samples=128, num_samples=16,
-        long_video_frames=6, sample_batch_size=128,
+        save_every=500, eval_every=1000, first_sample_at=100, num_sampling_steps=8, num_eval_samples=128,
+        num_samples=16, long_video_frames=6, sample_batch_size=128,
     ),
 }
 # Flags that may change when a run is resumed: the run length, checkpoint/eval cadence, logging and sampling.
@@ -262,6 +265,7 @@ RESUME_MUTABLE_FIELDS = {
     "sample_only", "num_samples", "sampler", "num_sampling_steps", "ddim_eta", "cfg_scale", "num_eval_samples",
     "long_video_frames", "sample_batch_size", "context_noise_sampling_step", "cuda", "compile", "config",
     "output_dir", "data_dir", "play", "play_keys", "play_caption", "play_world", "play_size", "play_fps",
+    "first_sample_at",
 }
 
 # Flags spelled otherwise on the command line (none here; diamond_atari.py accepts --game for --env-id).
@@ -281,7 +285,7 @@ ARG_DOMAINS = {
     "learning_rate": "> 0", "warmup_steps": ">= 0", "max_grad_norm": ">= 0", "ema_decay": "[0, 1]", "log_every": ">= 1",
     "save_every": ">= 1", "eval_every": ">= 1", "num_sampling_steps": ">= 1", "ddim_eta": "[0, 1]", "cfg_scale": ">= 0",
     "num_eval_samples": ">= 1", "num_samples": ">= 1", "long_video_frames": ">= 1", "sample_batch_size": ">= 1",
-    "play_size": ">= 16", "play_fps": "> 0",
+    "play_size": ">= 16", "play_fps": "> 0", "first_sample_at": ">= 0",
 }
 
 
@@ -1780,14 +1784,23 @@ def make_sprites_judge(args: Args, num_frames_scored: int) -> tuple[JudgeNet, np
     return (judge, *sprite_frames(heldout, args.num_frames))
 
 
+def sample_clips(sampler: EvalSampler, writer, step: int, samples_dir: Path, num: int) -> np.ndarray:
+    """num clips from the eval clips' captions and actions: samples/step{step}.mp4 and .npz (write_samples), and the
+    first 8 as a strip, one row per clip named by its caption, in TensorBoard (samples/clips) and samples/ (PNG)."""
+    samples = sampler.clips(num)
+    write_samples(samples_dir, f"step{step:08d}", samples)
+    captions = (sampler.read_captions * num)[:min(8, num)]
+    strip = frame_strips(samples[:8], [f"generated: {caption}" for caption in captions])
+    writer.add_image("samples/clips", strip, step, dataformats="HWC")
+    write_png(samples_dir / f"step{step:08d}.png", strip)
+    return samples
+
+
 def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict:
     """Samples (MP4, .npz, TensorBoard strips) and the eval/ metrics at one step; returns the metrics."""
     args, n, k = sampler.args, sampler.args.num_eval_samples, sampler.args.context_frames
     real = np.concatenate([to_uint8(real) for _, real, _, _ in sampler.batches(n)])
-    samples = sampler.clips(n)
-    write_samples(samples_dir, f"step{step:08d}", samples)
-    writer.add_image("samples/clips", frame_strips(samples[:8], [f"generated: {caption}" for caption in (
-        sampler.read_captions * n)[:min(8, n)]]), step, dataformats="HWC")
+    samples = sample_clips(sampler, writer, step, samples_dir, n)
     metrics = {}
     if args.dataset == "sprites":  # eval/judge_*: every generated frame, its sprite's colour against the caption's
         sampler.judge = sampler.judge or make_sprites_judge(args, samples.shape[0] * samples.shape[2])
@@ -2210,7 +2223,7 @@ def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], 
 
 def main(args: Args, given: set[str]):
     # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, data, model, optimizer
-    checkpoint, run_dir = None, None
+    checkpoint, run_dir, started = None, None, time.perf_counter()
     if args.play and args.play_keys is None:
         import_pygame()  # a windowed session without pygame: one line, before any loading
     if args.resume:
@@ -2412,13 +2425,19 @@ def main(args: Args, given: set[str]):
                                      mfu=f"{logged['mfu']:.1%}")
         # Every rank stops at the same step: all-reduced at the log boundary under torchrun, at once alone.
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
-        if setup.is_main and not stopping and (step % args.eval_every == 0 or step == args.total_steps):
+        evaluation = step % args.eval_every == 0 or step == args.total_steps
+        if setup.is_main and not stopping and (evaluation or step == args.first_sample_at):
             with contextlib.suppress(StopRequested):  # a signal abandons the evaluation; the checkpoint below is saved
-                evaluate(sampler, writer, step, run_dir / "samples")
+                if evaluation:
+                    evaluate(sampler, writer, step, run_dir / "samples")
+                else:  # --first-sample-at: the first picture, long before the first evaluation
+                    sample_clips(sampler, writer, step, run_dir / "samples", 8)
+                    progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
+                                   f"start: {run_dir / 'samples' / f'step{step:08d}.png'}")
             stopping = stop.sync(setup) if setup.world_size == 1 else stopping
         if step % args.save_every == 0 or step == args.total_steps or stopping:
             save()
-        if step % args.eval_every == 0 or step % args.save_every == 0 or step == first_step + 1:
+        if evaluation or step % args.save_every == 0 or step in (first_step + 1, args.first_sample_at):
             meter.restart_clock()  # sampling, saving and the first (warm-up, compiling) step stay out of SPS
         if stopping:
             if setup.is_main:

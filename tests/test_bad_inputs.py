@@ -856,3 +856,54 @@ def test_compile_compiles_the_training_model_once_over_a_run_with_evaluations(sc
                           "--num-sampling-steps", "2", *cheap, "--output-dir", str(tmp_path)]))
     assert len(graphs) == 1 and graphs[0] > 50, graphs
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# ---- issue 25: a first hour that tells the truth: the run's time within its first steps (DIAMOND: before its first
+# collection), a CPU-sized preset named when it is above a day on a CPU, and a first picture early in the cpu presets
+
+LONGER_THAN_A_DAY = {"ddpm_cifar10.py": ["--preset", "tiny", "--total-steps", "100000000"],
+                     "dit_cifar10.py": ["--preset", "tiny", "--total-steps", "100000000"],
+                     "video_diffusion.py": ["--preset", "tiny", "--total-steps", "100000000"],
+                     "diamond_atari.py": ["--env-id", "Breakout-v5", "--preset", "tiny",
+                                          "--first-epoch-denoiser-steps", "100000000"]}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_run_above_a_day_on_a_cpu_says_so_and_names_a_cpu_preset_within_its_first_steps(script, tmp_path):
+    """The tiny preset made long enough to take more than a day: the estimate and the notice come within the first
+    steps (after step 6; DIAMOND: before its first collection ends, timed on copies before it starts), then the run
+    is killed on the notice line."""
+    from conftest import run_until_line_then_kill
+
+    stdout = run_until_line_then_kill(script, *LONGER_THAN_A_DAY[script], "--no-cuda", "--output-dir", tmp_path,
+                                      line_startswith="notice: on this CPU the run takes more than a day",
+                                      cwd=tmp_path, timeout=120)
+    lines = stdout.splitlines()
+    estimate = next(i for i, line in enumerate(lines) if line.startswith("estimated time to the end of"))
+    notice = lines[estimate + 1]
+    assert notice.startswith("notice: on this CPU the run takes more than a day") and " d " in lines[estimate]
+    if script == "diamond_atari.py":  # before the first collection ends: nothing of it said yet
+        assert "--env-id Catch --preset catch" in notice and "--preset cpu" in notice
+        assert "100,000,030 denoiser updates" in lines[estimate]  # epoch 1's 1e8, then 10 in each of 3 epochs
+        assert not any(line.startswith(("first collection:", "epoch 1: collect done")) for line in lines)
+    else:  # after step 6 of 100,000,000
+        assert "--preset tiny" in notice and "99,999,994 steps to go" in lines[estimate]
+
+
+@pytest.mark.parametrize("script", GENERATIVE)
+def test_first_sample_at_writes_a_small_unjudged_picture_long_before_the_first_evaluation(script, tmp_path):
+    """--first-sample-at (the cpu presets: step 100, their first evaluation at 500 or 1000): a small grid (video: a
+    strip of 8 clips beside their MP4) in samples/, and one line saying when it came; no judge scores at that step."""
+    import numpy as np
+    from conftest import run_until_line_then_kill
+
+    cpu = module(script).PRESETS["cpu"]
+    assert cpu["first_sample_at"] == 100 < cpu["eval_every"]
+    stdout = run_until_line_then_kill(script, *TINY[script], "--first-sample-at", "2", "--num-sampling-steps", "2",
+                                      "--output-dir", tmp_path, line_startswith="first samples at step 2,",
+                                      cwd=tmp_path, timeout=120)
+    path = Path(stdout.splitlines()[-1].split(": ", 1)[1])
+    assert path == only_run_dir(tmp_path) / "samples" / "step00000002.png" and path.exists()
+    shown = np.load(path.with_suffix(".npz"))["arr_0"]
+    assert len(shown) == {"ddpm_cifar10.py": 16, "dit_cifar10.py": 20, "video_diffusion.py": 8}[script]
+    assert "judge" not in stdout and "eval at step 2" not in stdout

@@ -572,6 +572,58 @@ def test_recipes_parse_and_pass_only_known_flags():
         assert flags <= known, (recipe.name, sorted(flags - known))
 
 
+def test_diamond_catch_recipe_runs_the_catch_preset_and_tabulates_each_seed(tmp_path):
+    """benchmark/diamond_catch.sh: its diamond_atari.py command parses to --preset catch on Catch, which check_args
+    accepts; then the recipe as written, shrunk through EXTRA to one short epoch and 3 test games, for one seed given
+    as its argument: the run's log and the table row (catch rate = (mean return + 1) / 2, the updates from the run's
+    config.json)."""
+    diamond = load_tool("../diamond_atari.py")
+    recipe = (ROOT / "benchmark" / "diamond_catch.sh").read_text()
+    command = re.search(r'diamond_atari\.py (.*?) \$EXTRA', recipe, re.S).group(1).replace("\\\n", " ")
+    argv = [token.strip('"').replace("$seed", "1").replace("$OUT", str(tmp_path)) for token in command.split()]
+    args, given = diamond.parse_args(argv)
+    diamond.check_args(args, world_size=1)
+    assert (args.preset, args.env_id, args.seed, args.test_episodes) == ("catch", "Catch", 1, 200)
+    assert {"env_id", "preset", "seed"} <= given and args.obs_size == 32
+    out = tmp_path / "out"
+    env = script_env() | {"PYTHON": PYTHON, "OUT": str(out),
+                          "EXTRA": "--num-epochs 1 --first-epoch-denoiser-steps 2 --first-epoch-reward-steps 2 "
+                                   "--first-epoch-actor-critic-steps 2 --test-episodes 3"}
+    result = subprocess.run(["bash", str(ROOT / "benchmark" / "diamond_catch.sh"), "7"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:],
+                                    [p.read_text()[-2000:] for p in out.glob("*.log")])
+    log = (out / "catch_seed7.log").read_text()
+    mean = float(re.search(r"^3 test episodes after 1 epochs, 1200 env steps: mean return (-?[\d.]+)", log,
+                           re.M).group(1))
+    row = [line for line in result.stdout.splitlines() if line.startswith("| 7 |")]
+    assert len(row) == 1 and f"| 3 | {mean:+.2f} | {(mean + 1) / 2:.3f} | 2 / 2 / 2 | 1200 |" in row[0], row
+    assert (out / "summary.md").read_text() == result.stdout
+
+
+def test_figures_recipe_makes_the_readme_pictures_at_tiny_sizes(tmp_path):
+    """benchmark/figures.sh, which makes README's DIAMOND and video pictures in docs/figures/, as written, shrunk
+    through its DIAMOND and VIDEO flags to tiny runs: both PNGs come out and decode; the ones in docs/figures/
+    decode, are under 100 KB, and README shows them."""
+    import cv2
+
+    figures = tmp_path / "figures"
+    env = script_env() | {"PYTHON": PYTHON, "FIGURES": str(figures), "OUT": str(tmp_path / "runs"),
+                          "DIAMOND": "--env-id Catch --preset tiny --num-epochs 1 --test-episodes 1",
+                          "VIDEO": "--preset tiny --total-steps 2 --num-eval-samples 8 --sample-batch-size 8"}
+    result = subprocess.run(["bash", str(ROOT / "benchmark" / "figures.sh")], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:],
+                                    [p.read_text()[-2000:] for p in (tmp_path / "runs").glob("*.log")])
+    readme = (ROOT / "README.md").read_text()
+    for name in ("diamond_catch_rollout.png", "video_cpu_step2000.png"):
+        for folder in (figures, ROOT / "docs" / "figures"):
+            image = cv2.imread(str(folder / name))
+            assert image is not None and image.shape[0] > 40, folder / name
+        assert (ROOT / "docs" / "figures" / name).stat().st_size < 100_000 and f"(docs/figures/{name})" in readme
+    assert "bash benchmark/figures.sh" in readme
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # play_fps.py and play_steering.py (their full runs are in RESULTS.md; here the parts, at tiny sizes)
 

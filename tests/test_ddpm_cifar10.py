@@ -385,8 +385,8 @@ def sample_distances(model_fn, data, sampler, steps):
 @pytest.mark.parametrize("sampler,steps", SAMPLERS[:3])
 def test_samples_of_a_trained_model_land_near_the_training_images(tiny_trained_models, sampler, steps):
     """The v-predicting model after 400 steps: every sampler as the script runs it (x0 clipped) lands near the
-    training images, where none of the 32 noise images is within 0.1 of one. Over 3 training seeds at 1 and 2 threads
-    and on AVX2 kernels (benchmark/RESULTS.md section 7): mean distance 0.037 to 0.095 (DDIM-20), 0.037 to 0.072
+    training images, where none of the 32 noise images is within 0.1 of one. Over 3 training seeds and on AVX2
+    kernels (benchmark/RESULTS.md section 7): mean distance 0.037 to 0.095 (DDIM-20), 0.037 to 0.072
     (DPM-Solver++-20), 0.023 to 0.049 (DDPM-100); within 0.1: 78% to 97% (one seed of an AMD CPU and an Intel one both
     gave 78 to 84% where 90% was once asked). Asserted: mean below 0.15 and 60% within 0.1. DDPM-1000 (measured 0.03
     on a longer-trained eps model) is left to the exact-denoiser test above."""
@@ -403,7 +403,7 @@ def test_v_prediction_brings_the_ode_samplers_to_the_data_where_eps_prediction_d
     abar) eps) / sqrt(abar), sqrt(abar_999) = 0.006), which the deterministic solvers carry to the end; the ancestral
     sampler's fresh noise washes part of it out. A v-predicting model's x0 = sqrt(abar) x_t - sqrt(1 - abar) v stays
     bounded. Measured after 400 steps, mean distance eps / v: DDIM-20 0.66 / 0.05, DPM-Solver++-20 0.63 / 0.05,
-    DDPM-100 0.19 / 0.04. Over 3 training seeds, 1 and 2 threads and AVX2 kernels (RESULTS.md section 7): eps's ODE
+    DDPM-100 0.19 / 0.04. Over 3 training seeds and AVX2 kernels (RESULTS.md section 7): eps's ODE
     distances 0.68 to 0.74, v's 0.037 to 0.095 (at most 0.14 of eps's), eps's DDPM-100 0.28 to 0.34 (at most 0.50 of
     its ODE distances). Asserted with margins: > 0.4; < 0.25 x; < 0.45 and < 0.65 x."""
     models, data = tiny_trained_models
@@ -422,8 +422,8 @@ def test_v_prediction_brings_the_ode_samplers_to_the_data_where_eps_prediction_d
 @pytest.mark.learning
 def test_clipping_x0_brings_the_ode_samplers_near_the_training_images(tiny_trained_models):
     """The first cause behind RESULTS.md section 2's diverging few-step samplers: the eps model, the same noise,
-    DDIM-20 and DPM-Solver++-20 with and without clipping x0 to [-1, 1] at every step. Over 3 training seeds, 1 and 2
-    threads and AVX2 kernels (RESULTS.md section 7): mean distance 1.43 to 1.55 unclipped, 0.68 to 0.74 clipped (0.44
+    DDIM-20 and DPM-Solver++-20 with and without clipping x0 to [-1, 1] at every step. Over 3 training seeds and AVX2
+    kernels (RESULTS.md section 7): mean distance 1.43 to 1.55 unclipped, 0.68 to 0.74 clipped (0.44
     to 0.51 of it: "half" was once asserted and failed on one seed). Asserted: > 1.0 unclipped, < 0.65 x clipped."""
     models, data = tiny_trained_models
     x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))

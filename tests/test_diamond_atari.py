@@ -603,6 +603,74 @@ def test_tiny_run_spends_the_env_step_budget_exactly(tiny_run, dia):
     assert f"first collection: {first} env steps" in stdout and f"the run: {len(schedule)} epochs" in stdout
 
 
+def test_work_left_counts_the_phases_still_ahead_in_the_current_epoch(dia):
+    """The run's time estimate: the epoch in progress counts its phases after the current one in full, the current
+    one from its step on, and none before it (epoch 1's long first-epoch phases included at the start)."""
+    args = dia.Args(num_epochs=2, initial_collection_steps=1000, first_epoch_denoiser_steps=50,
+                    denoiser_steps_per_epoch=5, first_epoch_reward_steps=40, reward_steps_per_epoch=4,
+                    first_epoch_actor_critic_steps=30, actor_critic_steps_per_epoch=3, eval_every=1)
+    start = dia.work_left(args, 1000, dia.RunPosition())
+    assert start == {"collect": 1200, "world_model_eval": 2, "denoiser": 55, "reward_end": 44, "actor_critic": 33,
+                     "evaluate": 2}
+    inside = dia.work_left(args, 1000, dia.RunPosition(epoch=1, phase=dia.PHASES.index("reward_end"), step=10))
+    assert inside == {"collect": 100, "world_model_eval": 1, "denoiser": 5, "reward_end": 34, "actor_critic": 33,
+                      "evaluate": 2}
+
+
+def test_the_eta_is_each_phases_rate_times_what_is_left_not_the_epochs_mean(dia):
+    """By hand, at the paper's plan (first collection 5000: 1000 epochs). Before the first collection: the four timed
+    rates x epoch 1's 10k/10k/5k updates + 999 epochs of 400 each and the 100k env steps. After epoch 1: the
+    measured rates (evaluations included once timed) x the 999 epochs left; the epochs' mean would take epoch 1's
+    1,222 s for each of them: 16x too long."""
+    cpu, gpu = dia.Setup(torch.device("cpu")), dia.Setup(torch.device("cuda"))
+    start = dia.work_left(dia.Args(), 0, dia.RunPosition())
+    timed = {"denoiser": 0.1, "reward_end": 0.04, "actor_critic": 0.2, "collect": 0.008}
+    # 409,600 x (0.1 + 0.04) + 404,600 x 0.2 + 100,000 x 0.008 = 57,344 + 80,920 + 800 = 139,064 s = 1 d 14 h 37 min
+    assert dia.seconds_left(timed, start) == pytest.approx(139_064)
+    lines = dia.run_time_lines(timed, start, cpu)
+    assert lines == [
+        "estimated time to the end of the run: 1 d 14 h 37 min on cpu (409,600 denoiser updates at 0.1 s, 409,600 "
+        "reward/end updates at 0.04 s, 404,600 actor-critic updates at 0.2 s, 100,000 env steps at 0.008 s; timed on "
+        "copies of the models; evaluations and test episodes not counted)",
+        "notice: on this CPU the run takes more than a day: the defaults are the paper's GPU settings; on a CPU use "
+        "--env-id Catch --preset catch, or --preset cpu (DIAMOND's whole loop at CPU scale; --preset tiny runs in "
+        "seconds)"]
+    assert len(dia.run_time_lines(timed, start, gpu)) == 1  # on a GPU the paper's settings are what is meant
+    assert dia.run_time_lines({"denoiser": 0.5}, {**dict.fromkeys(dia.PHASES, 0), "denoiser": 125}, cpu) == [
+        "estimated time to the end of the run: 1 min 2 s on cpu (125 denoiser updates at 0.5 s; timed on copies of "
+        "the models; evaluations and test episodes not counted)"]
+    measured = {"denoiser": 0.05, "reward_end": 0.02, "actor_critic": 0.1, "collect": 0.004, "world_model_eval": 2.0,
+                "evaluate": 60.0}
+    after_epoch_1 = dia.work_left(dia.Args(), 5000, dia.RunPosition(epoch=2))
+    assert after_epoch_1 == {"collect": 949 * 100, "world_model_eval": 949, "denoiser": 999 * 400,
+                             "reward_end": 999 * 400, "actor_critic": 999 * 400, "evaluate": 100}
+    # 399,600 x (0.05 + 0.02 + 0.1) + 94,900 x 0.004 + 949 x 2 + 100 x 60 = 67,932 + 379.6 + 1,898 + 6,000
+    eta = dia.seconds_left(measured, after_epoch_1)
+    assert eta == pytest.approx(76_209.6)
+    epoch_1 = 10_000 * 0.05 + 10_000 * 0.02 + 5000 * 0.1 + 5100 * 0.004 + 2.0  # 1,222.4 s
+    assert 999 * epoch_1 / eta == pytest.approx(16.02, abs=0.01)
+
+
+def test_timing_the_phases_leaves_the_models_and_the_rngs_as_they_were(dia):
+    """The estimate's timing runs on copies, an env and generators of its own: the run's weights and every global
+    RNG are as before (the run's numbers, and so an exact resume, do not depend on it)."""
+    import contextlib
+    import random
+
+    args = dia.parse_args(["--env-id", "Catch", "--preset", "tiny"])[0]
+    models = dict(zip(("denoiser", "reward_end", "actor_critic"), dia.build_models(args, 3)))
+    weights = {name: {k: v.clone() for k, v in model.state_dict().items()} for name, model in models.items()}
+    rngs = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    seconds = dia.time_phases(args, models, 3, torch.device("cpu"), contextlib.nullcontext(),
+                              dict.fromkeys(dia.PHASES, 1))
+    assert set(seconds) == {"denoiser", "reward_end", "actor_critic", "collect"}
+    assert all(0 < value < 10 for value in seconds.values()), seconds
+    assert torch.equal(rngs[0], torch.get_rng_state()) and (rngs[1] == np.random.get_state()[1]).all()
+    assert rngs[2] == random.getstate()
+    for name, model in models.items():
+        assert all(torch.equal(value, weights[name][key]) for key, value in model.state_dict().items()), name
+
+
 def test_run_schedule_and_num_epochs(dia):
     assert len(dia.run_schedule(dia.Args())) == 1000  # first collection 5000: 950 collecting + 50 final epochs
     assert len(dia.run_schedule(dia.Args(), 10_000)) == 950

@@ -411,7 +411,7 @@ def test_sample_only_one_class(tiny_runs, tmp_path):
     assert samples["arr_0"].shape == (24, 16, 16, 3) and samples["arr_1"].tolist() == [3] * 24
     votes = colour_rule(torch.from_numpy(samples["arr_0"]).permute(0, 3, 1, 2))
     measured(class3_share=(votes.argmax(1) == 3).float().mean())
-    # yellow squares, at least twice chance (1/8): over 3 seeds, 1 and 2 threads and AVX2 kernels the share of 12
+    # yellow squares, at least twice chance (1/8): over 3 seeds and AVX2 kernels the share of 12
     # samples was 0.33 to 0.67 (RESULTS.md section 7; 0.4 was once asserted and failed on one seed)
     assert (votes.argmax(1) == 3).float().mean() >= 0.25
 

@@ -381,7 +381,7 @@ def judge_step0(args, n: int) -> dict:
 def test_tiny_model_moves_the_sprite_where_the_actions_say(learned_run):
     measured(**{k: v for k, v in learned_run.items() if "action" in k})
     # another clip's actions (null caption) from this clip's first frame: chance 0.25, 0.4 is 4 sigma above it
-    # (3 seeds, 1 and 2 threads, AVX2 kernels: swapped 0.51 to 0.79, own 0.61 to 0.89, delta-PSNR 2.6 to 5.2 dB)
+    # (3 seeds and AVX2 kernels: swapped 0.51 to 0.79, own 0.61 to 0.89, delta-PSNR 2.6 to 5.2 dB)
     assert learned_run["eval/action_direction_accuracy_swapped"] >= 0.4, learned_run
     assert learned_run["eval/action_direction_accuracy"] >= 0.45, learned_run
     # rollouts from real context frames are closer to the real clip with the true actions than with shuffled ones
@@ -392,8 +392,8 @@ def test_tiny_model_moves_the_sprite_where_the_actions_say(learned_run):
 @pytest.mark.learning
 def test_tiny_model_moves_the_sprite_where_the_caption_says(learned_run):
     measured(**{k: v for k, v in learned_run.items() if "text" in k})
-    # another clip's caption (null actions) from this clip's first frame: chance 0.25; over 3 seeds, 1 and 2 threads
-    # and AVX2 kernels swapped 0.375 to 0.83, own 0.445 to 0.945 (seed 3 is late, above): 0.32 and 0.37 are 1.8 and
+    # another clip's caption (null actions) from this clip's first frame: chance 0.25; over 3 seeds and AVX2
+    # kernels swapped 0.375 to 0.83, own 0.445 to 0.945 (seed 3 is late, above): 0.32 and 0.37 are 1.8 and
     # 3.2 sigma above chance
     assert learned_run["eval/text_direction_accuracy_swapped"] >= 0.32, learned_run
     assert learned_run["eval/text_direction_accuracy"] >= 0.37, learned_run
