@@ -2566,8 +2566,8 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
     warm-up alone where it took over a second). On a CPU an update's time grows with its batch: an update of batch 1
     is timed first, and the full batch where that x the batch is under 2 s; else the estimate is batch 1's time x the
     batch (at the paper's sizes on one thread, 0.9x a measured full denoiser update, 0.75x a reward/end one;
-    the full updates take 30 s each there, the actor-critic's minutes). About 2 s for the tiny preset, 10 s at the
-    paper's sizes on a CPU. Imagination is timed eager (CUDA graphs run faster)."""
+    the full updates take 30 s each there, the actor-critic's minutes). A few seconds for the tiny preset, 12 s at the
+    paper's sizes on one busy CPU thread. Imagination is timed eager (CUDA graphs run faster)."""
     state = rng_state()
     copies = {name: copy.deepcopy(model) for name, model in models.items()}
     learners = build_learners(args, copies, device.type == "cuda")

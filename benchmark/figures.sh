@@ -7,7 +7,7 @@
 #   - video_cpu_step2000.png: the video cpu preset's last samples (samples/step00002000.png: 8 generated clips, one
 #     row each, named by the caption it was asked for).
 #
-#   bash benchmark/figures.sh                                   # both (about 40 minutes on one busy CPU core)
+#   bash benchmark/figures.sh                                   # both (35 minutes on one busy CPU core)
 #   DIAMOND="--env-id Catch --preset tiny --num-epochs 1" VIDEO="--preset tiny --total-steps 2" FIGURES=/tmp/f \
 #     bash benchmark/figures.sh                                 # the same commands at tiny sizes (tests/test_benchmark.py)
 set -euo pipefail
