@@ -752,3 +752,29 @@ def test_samplers_cpu_smoke_on_a_tiny_run(tiny_ddpm_runs, tmp_path):
         samplers_cpu.main(["--run", str(run), "--noise-error-images", "abc"])
     bad = run_tool("samplers_cpu.py", "--run", tmp_path / "nothing", check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --run ") and len(bad.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# threshold_spread.py: the range of each learning test's values over configurations, from a hand-written log
+
+
+def test_threshold_spread_report_ranges_values_per_test_and_configuration(tmp_path, capsys):
+    spread = load_tool("threshold_spread.py")
+    log = tmp_path / "spread.jsonl"
+    lines = [{"test": "tests/test_ddpm_cifar10.py::test_a", "seed_shift": s, "threads": t, "cpu_capability": c,
+              "values": {"share": v}} for s, t, c, v in [(0, 1, "default", 0.9), (1, 1, "default", 0.78),
+                                                          (0, 2, "default", 0.95), (0, 1, "avx2", 0.8)]]
+    lines.append({"config": True, "seed_shift": 1, "threads": 1, "cpu_capability": "default", "exit": 1,
+                  "summary": "1 failed", "failed": ["tests/test_ddpm_cifar10.py::test_a"], "seconds": 5})
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    table = spread.report(log).splitlines()
+    assert table[0] == "| test | value | min | max | s+0 t1 | s+1 t1 | s+0 t2 | s+0 t1 avx2 |"
+    assert table[2] == "| ddpm_cifar10::test_a | share | 0.78 | 0.95 | 0.9 | 0.78 | 0.95 | 0.8 |"
+    assert table[-1] == "- s+1 t1: exit 1, 1 failed, 5 s; tests/test_ddpm_cifar10.py::test_a"
+    spread.main(["--report", str(log)])
+    assert capsys.readouterr().out.splitlines()[2] == table[2]
+    for bad, words in ((["--threads", "0"], "--threads 0"), (["--seed-shifts", "a"], "--seed-shifts"),
+                       (["--report", str(tmp_path / "missing.jsonl")], "not a file")):
+        with pytest.raises(SystemExit) as exit_:
+            spread.main(bad)
+        assert exit_.value.code == 2 and words in capsys.readouterr().err
