@@ -1218,7 +1218,12 @@ def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torc
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
     out = []
     batch_starts = range(0, num, args.sample_batch_size)
-    with progress_bar(len(batch_starts) * args.num_sampling_steps, 0, "sampling", "step") as bar:
+    from tqdm import tqdm
+
+    # below the training bar only on a terminal: in a log file a nested bar writes cursor codes on lines of their own
+    below_training = any(not bar.disable for bar in list(getattr(tqdm, "_instances", ())))
+    with progress_bar(len(batch_starts) * args.num_sampling_steps, 0, "sampling", "step",
+                      sys.stderr.isatty() or not below_training) as bar:
         bar.leave = None  # tqdm's rule: the finished bar stays on screen, unless it sits below the training bar
         for start in batch_starts:
             x_T = torch.randn((min(args.sample_batch_size, num - start), 3, args.img_size, args.img_size),
@@ -2390,6 +2395,8 @@ def run_main(main: Callable):
              f"folder's permissions, then --resume", 1)
     except KeyboardInterrupt:
         fail("interrupted before the run started; nothing was saved", 130)
+    finally:
+        StopFlag.keep_handlers = False  # the process exits with its handlers kept; a caller in process gets its own
 
 
 # END SHARED MACHINERY

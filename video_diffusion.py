@@ -3314,6 +3314,8 @@ def run_main(main: Callable):
              f"folder's permissions, then --resume", 1)
     except KeyboardInterrupt:
         fail("interrupted before the run started; nothing was saved", 130)
+    finally:
+        StopFlag.keep_handlers = False  # the process exits with its handlers kept; a caller in process gets its own
 
 
 # END SHARED MACHINERY

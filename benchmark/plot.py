@@ -61,7 +61,7 @@ UNKNOWN_SCRIPT = "-"
 NOT_CONFIGURATION = {
     "seed", "exp_name", "resume", "config", "output_dir", "data_dir", "download", "cuda", "compile", "track",
     "wandb_project_name", "wandb_entity",
-    "total_steps", "epochs", "num_epochs", "save_every", "eval_every", "log_every",  # run length and cadence
+    "total_steps", "epochs", "num_epochs", "save_every", "eval_every", "log_every", "first_sample_at",  # cadence
     "sample_only", "eval_only", "num_samples", "sampler", "num_sampling_steps", "ddim_eta", "cfg_scale", "class_label",
     "samples_per_class", "eval_fid", "fid_num_samples", "sample_batch_size", "num_eval_samples", "long_video_frames",
     "context_noise_sampling_step", "eval_episodes", "test_episodes", "episode_to_mp4", "imagination_graphs",
