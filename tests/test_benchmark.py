@@ -579,7 +579,7 @@ def test_diamond_catch_recipe_runs_the_catch_preset_and_tabulates_each_seed(tmp_
     config.json)."""
     diamond = load_tool("../diamond_atari.py")
     recipe = (ROOT / "benchmark" / "diamond_catch.sh").read_text()
-    command = re.search(r'diamond_atari\.py (.*?) \$EXTRA', recipe, re.S).group(1).replace("\\\n", " ")
+    command = re.search(r'"\$PY" diamond_atari\.py (.*?) \$EXTRA', recipe, re.S).group(1).replace("\\\n", " ")
     argv = [token.strip('"').replace("$seed", "1").replace("$OUT", str(tmp_path)) for token in command.split()]
     args, given = diamond.parse_args(argv)
     diamond.check_args(args, world_size=1)
