@@ -311,9 +311,10 @@ PRESETS = {
         batch_size=16, learning_rate=1e-3, warmup_steps=20, max_episode_steps=500, log_every=20, eval_every=4,
         eval_episodes=4, test_episodes=100, num_heldout_transitions=64, save_agent_every=4,
     ),
-    # DIAMOND's whole loop learning bsuite's Catch on one CPU core (--env-id Catch; benchmark/diamond_catch.sh, which
-    # says why each value): the cpu preset's sizes and learning rate, a first epoch that trains the world model
-    # before the actor-critic, 200 env steps per epoch up to 5000, 200 test games.
+    # DIAMOND's whole loop on bsuite's Catch on one CPU core (--env-id Catch; benchmark/diamond_catch.sh says why each
+    # value; measured: benchmark/RESULTS.md): the cpu preset's networks and learning rate, a first epoch that trains
+    # the world model (800 denoiser, 1500 reward/end updates) before 30 actor-critic updates, then 20/40/30 updates
+    # per epoch, the actor-critic at half the learning rate, 200 env steps per epoch up to 5000, 200 test games.
     "catch": dict(
         obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
         num_autoregressive_steps=0, num_sampling_steps=1,
@@ -321,10 +322,10 @@ PRESETS = {
         actor_channels=(16, 16, 32, 32), actor_lstm_dim=128, imagination_horizon=8, backup_every=8,
         num_imagined_envs=16, initial_collection_steps=1000, max_initial_collection_steps=2000,
         collection_steps_per_epoch=200, env_step_budget=5000, final_epochs_without_collection=0,
-        denoiser_steps_per_epoch=40, reward_steps_per_epoch=40, actor_critic_steps_per_epoch=20,
-        first_epoch_denoiser_steps=1000, first_epoch_reward_steps=1000, first_epoch_actor_critic_steps=100,
-        batch_size=16, learning_rate=1e-3, warmup_steps=20, log_every=20, eval_every=2, eval_episodes=20,
-        test_episodes=200, num_heldout_transitions=200, save_agent_every=4,
+        denoiser_steps_per_epoch=20, reward_steps_per_epoch=40, actor_critic_steps_per_epoch=30,
+        first_epoch_denoiser_steps=800, first_epoch_reward_steps=1500, first_epoch_actor_critic_steps=30,
+        batch_size=16, learning_rate=1e-3, actor_critic_learning_rate=5e-4, warmup_steps=20, log_every=20,
+        eval_every=2, eval_episodes=20, test_episodes=200, num_heldout_transitions=200, save_agent_every=4,
     ),
     "small": dict(diffusion_channels=(32, 32, 32, 32), diffusion_cond_dim=128, reward_channels=16,
                   reward_lstm_dim=256, actor_channels=(16, 16, 32, 32), actor_lstm_dim=256),
