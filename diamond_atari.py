@@ -1362,7 +1362,7 @@ class WorldModelEnv:
         with self.autocast:
             _, _, hidden = self.reward_end_model(obs[:, :-1], actions, obs[:, 1:])
         act = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)  # the last slot: the actor's action
-        return obs, act, hidden
+        return obs, act, tuple(h.float() for h in hidden)  # LSTM states stay fp32 between steps under autocast
 
     def reset(self):
         """Starts every env: returns the current frames (n, 3, H, W) and the c - 1 earlier ones for the actor."""
@@ -1379,8 +1379,9 @@ class WorldModelEnv:
         next_obs = generate_next_obs(self.denoiser, self.obs, self.act, self.args, self.generator, self.net,
                                      self.autocast)
         with self.autocast:
-            reward_logits, end_logits, self.hidden = self.reward_end_model(
+            reward_logits, end_logits, hidden = self.reward_end_model(
                 self.obs[:, -1:], action[:, None], next_obs[:, None], self.hidden)
+        self.hidden = tuple(h.float() for h in hidden)
         reward = torch.multinomial(reward_logits[:, 0].float().softmax(-1), 1, generator=self.generator)[:, 0] - 1
         end = torch.multinomial(end_logits[:, 0].float().softmax(-1), 1, generator=self.generator)[:, 0]
         self.age += 1
@@ -1408,7 +1409,7 @@ class WorldModelEnv:
             self.obs = self.act = self.hidden = self.age = self.actor_hidden = None
             return
         self.obs, self.act, self.age = (state[key].to(self.device) for key in ("obs", "act", "age"))
-        self.hidden = tuple(h.to(self.device) for h in state["hidden"])
+        self.hidden = tuple(h.to(self.device).float() for h in state["hidden"])
         self.actor_hidden = tuple(h.to(self.device) for h in state["actor_hidden"])
 
 
@@ -1461,7 +1462,7 @@ def imagine(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, genera
     with torch.no_grad(), autocast:
         _, last_value, _ = actor_critic(obs, hidden)  # V(s_H), without stepping the kept LSTM state
     bootstrap.append(last_value.float() if stopped is None else last_value.float().index_copy(0, *stopped))
-    wm_env.actor_hidden = tuple(h.detach() for h in hidden)
+    wm_env.actor_hidden = tuple(h.detach().float() for h in hidden)
     return {key: torch.stack(value, 1) for key, value in (
         ("logits", logits_list), ("values", values), ("bootstrap", bootstrap), ("actions", actions),
         ("rewards", rewards), ("ends", ends), ("truncs", truncs))}
@@ -1573,7 +1574,7 @@ class ImaginationGraphs:
         start_obs, start_act, start_hidden = start
         obs = torch.where(stopped[:, None, None, None, None], start_obs, torch.cat([obs[:, 1:], next_obs[:, None]], 1))
         act = torch.where(stopped[:, None], start_act, torch.cat([act[:, 1:], torch.zeros_like(act[:, :1])], 1))
-        hidden = tuple(torch.where(stopped[None, :, None], s, h.to(s.dtype)) for s, h in zip(start_hidden, hidden))
+        hidden = tuple(torch.where(stopped[None, :, None], s, h.float()) for s, h in zip(start_hidden, hidden))
         age = torch.where(stopped, 0, age)
         return {"obs": obs, "act": act, "hidden": hidden, "age": age, "reward": reward.float(), "end": end.float(),
                 "truncated": truncated.float(), "stopped": stopped, "final_value": final_value.float(),
@@ -1590,21 +1591,8 @@ class ImaginationGraphs:
             self.stop.busy = "compiling the imagination step (" + (
                 "up to 20 minutes on a CPU)" if self.device.type == "cpu" else "minutes)")
         try:
-            return self._rollout(generator)
-        except (StopRequested, TrainingFailure):
-            raise
-        except Exception as e:
-            if self.stop is not None and self.stop.requested:
-                raise StopRequested() from None
-            compiling = isinstance(e, (ImportError, OSError)) or type(e).__module__.startswith(
-                ("torch._dynamo", "torch._inductor"))
-            if not compiling:
-                raise
-            cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "the folder torchinductor_<user> in the temp folder")
-            raise TrainingFailure(f"compiling the imagination graphs failed ({type(e).__name__}: "
-                                  f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}); rerun with "
-                                  f"--imagination-graphs off, or delete torch's compile cache ({cache}) if a "
-                                  f"stopped compilation left it broken") from None
+            with compile_failures(self.stop, "the imagination graphs", "with --imagination-graphs off"):
+                return self._rollout(generator)
         finally:
             if first_compile:  # the flag no longer says so, whatever ended the compilation
                 self.stop.busy = ""
@@ -1617,7 +1605,7 @@ class ImaginationGraphs:
             env.actor_hidden = actor_burn_in(actor_critic, burn_in, self.amp())
         # the restart pool: a fresh real segment per env, burnt in with the weights of this rollout
         start_obs, start_act, start_hidden = env.start(n)
-        start = (start_obs, start_act, tuple(h.float() for h in start_hidden))
+        start = (start_obs, start_act, start_hidden)
         start_actor_hidden = actor_burn_in(actor_critic, start_obs[:, :-1], self.amp())
         # every random number of the rollout, drawn before it from the run's generator
         steps, size = args.backup_every, args.obs_size
@@ -1625,7 +1613,7 @@ class ImaginationGraphs:
         uniforms = torch.rand((steps, 3, n), generator=generator, device=self.device)  # action, reward, end
         if self.device.type == "cuda":  # a new rollout: the graphs may reuse the memory of the last one's outputs
             torch.compiler.cudagraph_mark_step_begin()
-        obs, act, hidden, age = env.obs, env.act, tuple(h.float() for h in env.hidden), env.age
+        obs, act, hidden, age = env.obs, env.act, env.hidden, env.age
         actor_hidden = tuple(h.detach().float() for h in env.actor_hidden)
         stopped = torch.zeros(n, dtype=torch.bool, device=self.device)
         final_value = torch.zeros(n, device=self.device)
@@ -1651,13 +1639,35 @@ class ImaginationGraphs:
         out["bootstrap"].append(bootstrap.clone())
         # the persistent state leaves the graphs' memory (a later replay may write over their outputs)
         env.obs, env.act, env.age = obs.clone(), act.clone(), age.clone()
-        env.hidden = tuple(h.to(env.hidden[0].dtype).clone() for h in hidden)
+        env.hidden = tuple(h.float().clone() for h in hidden)
         env.actor_hidden = tuple(h.detach().clone() for h in actor_hidden)
         if self.compile_seconds is None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             self.compile_seconds = time.perf_counter() - begin
         return {key: torch.stack(value, 1) for key, value in out.items()}
+
+
+@contextlib.contextmanager
+def compile_failures(stop, what: str, fix: str):
+    """torch.compile's work inside (a forward traced and compiled at its first call, a backward compiled at its first
+    backward) fails in one line: a TrainingFailure naming `what` and the fix; after a signal (Ctrl-C reaches the
+    compiler's processes too) it is a stop (StopRequested: the run saves where it stands). Other errors keep their
+    traceback."""
+    try:
+        yield
+    except (StopRequested, TrainingFailure):
+        raise
+    except Exception as e:
+        if stop is not None and stop.requested:
+            raise StopRequested() from None
+        if not (isinstance(e, (ImportError, OSError)) or type(e).__module__.startswith(("torch._dynamo",
+                                                                                        "torch._inductor"))):
+            raise
+        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "the folder torchinductor_<user> in the temp folder")
+        raise TrainingFailure(f"compiling {what} failed ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}); rerun {fix}, or "
+                              f"delete torch's compile cache ({cache}) if a stopped compilation left it broken") from None
 
 
 def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: ActorCritic,
@@ -1961,7 +1971,7 @@ def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int,
     buffer = graphs.wm_env.buffer
     refs = [(episode if episode < len(buffer.episodes) else -1, t - (c - 1)) for episode, t, _ in starts]
     obs, act, hidden = graphs.wm_env.start(k, refs)
-    start = (obs, act, tuple(h.float() for h in hidden))
+    start = (obs, act, hidden)
     start_hidden = actor_burn_in(graphs.actor_critic, obs[:, :-1], graphs.amp())
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((horizon, k, 3, args.obs_size, args.obs_size), generator=generator).to(device)
@@ -2393,9 +2403,14 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
     start, first = time.perf_counter(), pos.step
     learner.model.train()
     suffix = "" if name == "denoiser" else f"_{name}"  # the denoiser's is charts/grad_norm
+    # the first backward through a compiled graph compiles it: failures are one line, as the forward's
+    compiled = {"denoiser": ("the denoiser (--compile)", "without --compile") if args.compile else None,
+                "actor_critic": ("the imagination graphs", "with --imagination-graphs off") if run.graphs else None}
+    guard = (lambda: compile_failures(run.stop, *compiled[name])) if compiled.get(name) else contextlib.nullcontext
     while pos.step < num_steps and not run.stop.requested:
-        loss, parts = phase_loss(run, name)
-        grad_norm = learner.update(loss)
+        with guard():
+            loss, parts = phase_loss(run, name)
+            grad_norm = learner.update(loss)
         log.accumulate({f"losses/{name}": loss, f"charts/grad_norm{suffix}": grad_norm, **parts})
         pos.step += 1
         pos.global_step += 1
@@ -4174,7 +4189,7 @@ def run_time_notice(seconds_per_step: float, remaining_steps: int, setup: Setup)
              f"counted)"]
     if not setup.use_cuda and seconds > 86_400:
         lines.append("notice: on this CPU the run takes more than a day: the defaults are the paper's GPU settings "
-                     "(--preset tiny runs in seconds)")
+                     "(--preset tiny runs in seconds, --preset cpu is sized for one)")
     return lines
 
 

@@ -2321,7 +2321,7 @@ def run_time_notice(seconds_per_step: float, remaining_steps: int, setup: Setup)
              f"counted)"]
     if not setup.use_cuda and seconds > 86_400:
         lines.append("notice: on this CPU the run takes more than a day: the defaults are the paper's GPU settings "
-                     "(--preset tiny runs in seconds)")
+                     "(--preset tiny runs in seconds, --preset cpu is sized for one)")
     return lines
 
 

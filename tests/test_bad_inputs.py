@@ -537,7 +537,8 @@ def test_the_run_time_estimate_comes_from_the_first_steps_and_a_day_on_a_cpu_is_
     lines = m.run_time_notice(10.0, 800_000, cpu)  # 8,000,000 s = 92 d 51,200 s = 92 d 14 h 13 min 20 s
     assert lines == ["estimated time to the end of training: 92 d 14 h 13 min (10 s per step on cpu, 800,000 steps "
                      "to go, evaluations not counted)", "notice: on this CPU the run takes more than a day: the "
-                     "defaults are the paper's GPU settings (--preset tiny runs in seconds)"]
+                     "defaults are the paper's GPU settings (--preset tiny runs in seconds, --preset cpu is sized for "
+                     "one)"]
     assert len(m.run_time_notice(10.0, 800_000, gpu)) == 1  # on a GPU the paper's settings are what is meant
     assert m.run_time_notice(0.5, 125, cpu) == [  # under an hour: minutes and seconds
         "estimated time to the end of training: 1 min 2 s (0.5 s per step on cpu, 125 steps to go, evaluations not "

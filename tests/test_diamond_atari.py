@@ -4,6 +4,7 @@ against hand-computed values; a denoiser that learns; smoke runs as a user runs 
 
 Expensive runs are shared through module-scoped fixtures. The scripts run with one torch thread (OMP_NUM_THREADS=1):
 the tiny preset's small convolutions are faster single-threaded, above all on a shared machine."""
+import contextlib
 import os
 import re
 import signal
@@ -1095,6 +1096,24 @@ def test_a_fast_path_run_saves_stops_and_resumes_from_the_same_state(dia, compil
     assert all(torch.equal(v, getattr(s.env, k)) for k, v in after.items())
 
 
+def test_lstm_states_stay_float32_under_bfloat16_autocast_in_both_paths(dia):
+    """With --dtype bfloat16 the imagined envs' LSTM states (reward/end and actor) are kept in fp32 between steps and
+    rollouts, eager and fast path alike (CPU autocast stands in for CUDA's): rounding them to bf16 after every rollout
+    would drift the imagined episodes that live across updates."""
+    for backend in ("eager-path", None):
+        s = fast_setup(dia, None)
+        amp = torch.autocast("cpu", dtype=torch.bfloat16)
+        s.env.autocast = amp
+        graphs = None
+        if backend is None:  # the fast path's functions, uncompiled, with autocast entered inside them
+            graphs = dia.ImaginationGraphs(s.env, s.learner.model, s.args, torch.device("cpu"), torch.bfloat16, None)
+        for _ in range(2):
+            loss, _ = dia.actor_critic_loss(s.learner.model, s.env, s.args, s.generator, amp, graphs)
+            assert torch.isfinite(loss)
+            states = s.env.hidden + s.env.actor_hidden
+            assert all(h.dtype == torch.float32 for h in states), (backend, [h.dtype for h in states])
+
+
 def test_imagination_graphs_flag_selects_the_fast_path(dia):
     env, actor = object(), object()
     cpu, cuda = dia.Setup(torch.device("cpu")), dia.Setup(torch.device("cuda"))
@@ -1174,6 +1193,43 @@ def test_a_sigterm_while_the_imagination_step_compiles_is_acknowledged_at_once_t
     assert "saved checkpoint at epoch 1 actor_critic, step 1" in out and "stopped by signal at epoch 1" in out
     checkpoint = torch.load(only_run_dir(tmp_path) / "checkpoints" / "latest.pt", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["phase"], checkpoint["position"]) == (1, "actor_critic", 1)
+
+
+def test_a_failed_backward_compilation_is_one_line_naming_the_flag(dia):
+    """Issue 24: a compiled graph's backward is compiled at its first backward (in the update, outside the forward's
+    guard), so a compiler failure there was a raw traceback. A backend that compiles every forward and fails every
+    backward, in the first update of the denoiser (--compile) and of the actor-critic (--imagination-graphs): each is
+    one line naming what failed and the flag that avoids it."""
+    import torch._dynamo
+    import torch._inductor.exc
+    from types import SimpleNamespace
+    from torch._dynamo.backends.common import aot_autograd
+
+    def failing_backward(gm, example_inputs):
+        raise torch._inductor.exc.InductorError(RuntimeError("C++ compile error: cc1plus: out of memory"), "")
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm.forward, bw_compiler=failing_backward)
+    s = fast_setup(dia, backend)
+    denoiser = s.env.denoiser
+    s.args.compile = True
+    world_model = {"denoiser": denoiser, "reward_end": s.env.reward_end_model}
+    learners = {"actor_critic": s.learner, **dia.build_learners(s.args, world_model, use_cuda=False)}
+    cpu = torch.device("cpu")
+    run = SimpleNamespace(args=s.args, device=cpu, autocast=contextlib.nullcontext(), generator=s.generator,
+                          cpu_generator=torch.Generator().manual_seed(4), buffer=s.env.buffer, train_ids=None,
+                          learners=learners, denoiser_net=torch.compile(denoiser.net, backend=backend),
+                          wm_env=s.env, graphs=s.graphs, stop=SimpleNamespace(requested=False), run_dir=None)
+    torch._dynamo.reset()
+    try:
+        for name, what, fix in (("denoiser", "the denoiser (--compile)", "rerun without --compile"),
+                                ("actor_critic", "the imagination graphs", "--imagination-graphs off")):
+            with pytest.raises(dia.TrainingFailure) as failure:
+                dia.train_model(run, name, dia.RunPosition(), dia.EpochLog(cpu))
+            message = str(failure.value)
+            assert message.startswith(f"compiling {what} failed (InductorError: ") and "out of memory" in message
+            assert fix in message and "\n" not in message
+    finally:
+        torch._dynamo.reset()
 
 
 def test_a_stop_while_the_test_envs_are_made_makes_no_more_of_them(dia, monkeypatch, capsys):
