@@ -1619,13 +1619,16 @@ class ImaginationGraphs:
         final_value = torch.zeros(n, device=self.device)
         out = {key: [] for key in ("logits", "values", "bootstrap", "actions", "rewards", "ends", "truncs")}
         for t in range(steps):
-            logits, value, action, bootstrap, _, actor_hidden = self.policy(
+            # step 0 (its LSTM state detached) runs uncompiled, as does the final value below (no gradient): the
+            # compiled policy step sees one grad mode and one requires_grad pattern, so it compiles once
+            policy = self.policy if t > 0 else self.policy_step
+            logits, value, action, bootstrap, _, actor_hidden = policy(
                 obs[:, -1], actor_hidden, stopped, start_actor_hidden, final_value, uniforms[t, 0])
             if t > 0:
                 out["bootstrap"].append(bootstrap.clone())
             step = self.world_model(obs, act, hidden, age, action, tuple(h.detach() for h in actor_hidden),
                                     noise[t], uniforms[t, 1:], start)
-            self.calls += 2
+            self.calls += 1 + (t > 0)
             obs, act, hidden, age = step["obs"], step["act"], step["hidden"], step["age"]
             stopped, final_value = step["stopped"], step["final_value"]
             for key, value_t in (("logits", logits), ("values", value), ("actions", action.clone()),
@@ -1633,9 +1636,8 @@ class ImaginationGraphs:
                                  ("truncs", step["truncated"].clone())):
                 out[key].append(value_t)
         with torch.no_grad():  # V(s_H), without stepping the kept LSTM state
-            _, _, _, bootstrap, actor_hidden, _ = self.policy(obs[:, -1], actor_hidden, stopped, start_actor_hidden,
-                                                              final_value, uniforms[0, 0])
-        self.calls += 1
+            _, _, _, bootstrap, actor_hidden, _ = self.policy_step(obs[:, -1], actor_hidden, stopped,
+                                                                   start_actor_hidden, final_value, uniforms[0, 0])
         out["bootstrap"].append(bootstrap.clone())
         # the persistent state leaves the graphs' memory (a later replay may write over their outputs)
         env.obs, env.act, env.age = obs.clone(), act.clone(), age.clone()
@@ -2305,9 +2307,10 @@ class Run:
         return len(run_schedule(self.args, self.collector.first_collection_steps))
 
     def checked_net(self, *inputs):
-        """The denoiser's network for evaluations: a signal abandons them within a network call (StopRequested)."""
+        """The denoiser's network for evaluations, uncompiled (their batch sizes and segment lengths vary): a signal
+        abandons them within a network call (StopRequested)."""
         self.stop.check()
-        return self.denoiser_net(*inputs)
+        return self.learners["denoiser"].model.net(*inputs)
 
 
 def phase_length(args: Args, name: str, epoch: int) -> int:
@@ -3271,7 +3274,10 @@ def main(args: Args, given: set[str]):
         except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
             raise UserError(f"checkpoint weights do not fit this model, or its state is damaged ({error_reason(e)}); "
                             f"resume from another checkpoint") from None
-    denoiser_net = torch.compile(denoiser.net, backend=COMPILE_BACKEND) if args.compile else denoiser.net
+    # --compile: the denoiser's U-Net for its training updates and the eager imagination (fixed batches: one compile
+    # each); evaluations run it uncompiled
+    denoiser_net = torch.compile(denoiser.net, backend=COMPILE_BACKEND, dynamic=False) if args.compile else \
+        denoiser.net
 
     if args.eval_only:  # the checkpoint's agent plays --test-episodes full games
         return eval_only(args, checkpoint, run_dir, actor_critic, env, device, autocast, stop)
