@@ -3,22 +3,30 @@
 Times, in one process, the four figures DIAMOND's paper gives for one RTX 4090 (Alonso et al. 2024, appendix):
 the denoiser update (88 ms), the reward/end model update (115 ms), the actor-critic update (340 ms: 15 imagined
 steps of 32 envs and the backward) and one imagination step (20.4 ms: 3 denoiser calls, the reward/end model, the
-policy), for the script's eager path and for its fast path (the imagination step as compiled graphs, CUDA graphs on
-CUDA, and the denoiser's network compiled for its update as --compile does), with the script's own functions
-(phase_loss, Learner.update, ImaginationGraphs) and its defaults: the paper's networks and batch sizes, fp32 + TF32,
---torch-deterministic as the script sets it. Each figure is the median of --repeats timed calls after --warmup
-untimed ones (the first of which compiles: its time is reported apart). From them: the epoch time they imply
-(400 + 400 + 400 updates; the 100 env steps of collection and the evaluations are left out) and the days for Atari
-100k (epoch 1: 10000 + 10000 + 5000 updates, then 999 epochs), each beside the paper's.
+policy), with the script's own functions (phase_loss, Learner.update, ImaginationGraphs) and its defaults: the paper's
+networks and batch sizes, fp32. Three rows, in this order, each hard-limited (--part-limit) and each figure printed as
+soon as it is measured, so that a timeout loses only the rest of its row:
+  1. the fast path with the reference's settings (TF32, cudnn autotuning, no determinism): the imagination step as
+     compiled graphs (CUDA graphs on CUDA, the script's default there) and the denoiser's update compiled as --compile
+     does;
+  2. eager, the same settings;
+  3. eager with what --torch-deterministic sets (cudnn deterministic, no autotuning): its cost decides the flag's
+     default on CUDA.
+Each figure is the median of --repeats timed calls after --warmup untimed ones (the first of which compiles: its time
+is reported apart). From them: the epoch time they imply (400 + 400 + 400 updates; the 100 env steps of collection
+and the evaluations are left out) and the days for Atari 100k (epoch 1: 10000 + 10000 + 5000 updates, then 999
+epochs), each beside the paper's; the peak GPU memory of each row.
 
-It then checks that the fast path computes what the eager path computes: from identical inputs (the imagined envs'
-state, the noise and uniforms, the restart pool), the compiled world-model step's first denoiser output D(x; sigma)
-before 8-bit quantisation, its reward/end logits and the compiled policy's logits against the same functions run
-eagerly (the largest difference must be within --tolerance). Exit status 1 if not.
+After the fast row, its compile counters (graphs compiled, graph breaks, cudagraph skips and recordings: one compile
+per function and no re-recording is the goal; gpu_diamond.sh turns cudagraph skips into errors), then a check, with
+TF32 off, that the fast path computes what the eager path computes: from identical inputs (the imagined envs' state,
+the noise and uniforms, the restart pool), the compiled world-model step's first denoiser output D(x; sigma) before
+8-bit quantisation, its reward/end logits and the compiled policy's logits against the same functions run eagerly
+(the largest difference must be within --tolerance). Exit status 1 if not.
 
 The replay buffer holds random frames (the timings do not depend on the pixels), so it runs offline, without the ALE.
 
-    bash benchmark/gpu_diamond.sh                         # one GPU, the paper's sizes, about 3 minutes
+    bash benchmark/gpu_diamond.sh                         # one GPU, the paper's sizes, at most 5 minutes
     python benchmark/diamond_speed.py --device cpu --preset tiny --repeats 2 --warmup 1 --backend eager   # a smoke run
 """
 import argparse
@@ -26,6 +34,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
+import signal
 import statistics
 import sys
 import time
@@ -61,11 +70,13 @@ def parse(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     parser.add_argument("--preset", default=None, help="a preset of diamond_atari.py (tiny: a smoke run on a CPU)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls per figure (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (the first compiles)")
+    parser.add_argument("--repeats", type=int, default=8, help="timed calls per figure (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (the first compiles)")
+    parser.add_argument("--part-limit", type=int, nargs=3, default=(150, 50, 50), metavar=("FAST", "EAGER", "DET"),
+                        help="seconds each row may take (the fast row includes the check); default 150 50 50")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of the fast path (eager: tests)")
-    parser.add_argument("--tolerance", type=float, default=None,
-                        help="largest fast-vs-eager difference allowed (default 1e-4 on the CPU, 2e-3 on CUDA: TF32)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest fast-vs-eager difference allowed (TF32 off during the check)")
     parser.add_argument("--num-sampling-steps", type=int, default=None,
                         help="denoising steps per frame (default: the script's, 3; the CPU smoke run uses 1)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
@@ -113,7 +124,7 @@ def build_run(dia, args, device, num_actions: int, fast: bool, backend: str):
     cpu_generator = torch.Generator().manual_seed(args.seed)
     denoiser = models["denoiser"]
     mode = "reduce-overhead" if device.type == "cuda" else None
-    denoiser_net = torch.compile(denoiser.net, backend=backend) if fast else denoiser.net  # as --compile
+    denoiser_net = torch.compile(denoiser.net, backend=backend, dynamic=False) if fast else denoiser.net  # --compile
     wm_env = dia.WorldModelEnv(denoiser, models["reward_end"], buffer, args, device, generator, cpu_generator)
     graphs = dia.ImaginationGraphs(wm_env, models["actor_critic"], args, device, backend=backend, mode=mode) \
         if fast else None
@@ -122,21 +133,71 @@ def build_run(dia, args, device, num_actions: int, fast: bool, backend: str):
     return run
 
 
-def measure(dia, run, repeats: int, warmup: int) -> dict:
-    figures = {}
+class PartTimeout(BaseException):
+    """A row ran past its --part-limit (a BaseException, as KeyboardInterrupt: torch.compile does not wrap it)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Raises PartTimeout inside the block after `seconds` (SIGALRM: a compilation is cut too)."""
+    def expire(signum, frame):
+        raise PartTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def measure(dia, run, repeats: int, warmup: int, figures: dict, row: str):
+    """Fills figures[label] for each of the four figures in turn, printing each as soon as it is measured."""
+    def done(label: str, figure: dict):
+        figures[label] = figure
+        print(f"{row}: {label} {figure['median_ms']:.1f} ms [{figure['min_ms']:.1f}, {figure['max_ms']:.1f}] (first "
+              f"call {figure['first_ms'] / 1000:.1f} s)", flush=True)
+
     for name, label in (("denoiser", "denoiser update"), ("reward_end", "reward/end update"),
                         ("actor_critic", "actor-critic update")):
         learner = run.learners[name]
         learner.model.train()
-        figures[label] = timed(lambda: learner.update(dia.phase_loss(run, name)[0]), run.device, repeats, warmup)
+        done(label, timed(lambda: learner.update(dia.phase_loss(run, name)[0]), run.device, repeats, warmup))
     args, actor_critic = run.args, run.learners["actor_critic"].model
     if run.graphs is not None:
         rollout = lambda: run.graphs.rollout(run.generator)  # noqa: E731
     else:
         rollout = lambda: dia.imagine(actor_critic, run.wm_env, args, run.generator)  # noqa: E731
     per_rollout = timed(rollout, run.device, repeats, warmup)  # with gradients, as in training
-    figures["imagination step"] = {key: value / args.backup_every for key, value in per_rollout.items()}
-    return figures
+    done("imagination step", {key: value / args.backup_every for key, value in per_rollout.items()})
+
+
+def compile_counters(recordings: list) -> dict:
+    """What the fast path compiled: dynamo's graphs and graph breaks, inductor's cudagraph skips, CUDA graph
+    recordings (counted by a wrapper around cudagraph trees' record_function)."""
+    import torch._dynamo.utils
+
+    counters = torch._dynamo.utils.counters
+    return {"graphs compiled": counters["stats"]["unique_graphs"], "graph breaks": sum(counters["graph_break"].values()),
+            "cudagraph skips": counters["inductor"]["cudagraph_skips"], "cudagraph recordings": len(recordings)}
+
+
+def count_recordings() -> list:
+    """A list that grows by one at each CUDA graph recording (torch._inductor.cudagraph_trees)."""
+    recordings = []
+    try:
+        from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+    except ImportError:
+        return recordings
+    record = CUDAGraphTreeManager.record_function
+
+    def counted(self, *args, **kwargs):
+        recordings.append(1)
+        return record(self, *args, **kwargs)
+
+    CUDAGraphTreeManager.record_function = counted
+    return recordings
 
 
 def check_fast_path(dia, run, tolerance: float) -> dict:
@@ -145,21 +206,22 @@ def check_fast_path(dia, run, tolerance: float) -> dict:
     eager = dia.ImaginationGraphs(env, graphs.actor_critic, args, run.device, backend=None)
     with torch.no_grad():
         start_obs, start_act, start_hidden = env.start(n)
-        start = (start_obs, start_act, tuple(h.float() for h in start_hidden))
+        start = (start_obs, start_act, start_hidden)
         start_actor = dia.actor_burn_in(graphs.actor_critic, start_obs[:, :-1])
         noise = torch.randn((n, 3, args.obs_size, args.obs_size), generator=run.generator, device=run.device)
         uniforms = torch.rand((3, n), generator=run.generator, device=run.device)
         stopped = torch.rand(n, generator=run.generator, device=run.device) < 0.5
     final_value = torch.zeros(n, device=run.device)
-    inputs = (env.obs[:, -1], tuple(h.float() for h in env.actor_hidden), stopped, start_actor, final_value,
-              uniforms[0])
+    # an LSTM state that requires grad, as the rollout's compiled calls get it (steps 1 on): no recompile here
+    actor_hidden = tuple(h.detach().float().requires_grad_() for h in env.actor_hidden)
+    inputs = (env.obs[:, -1], actor_hidden, stopped, start_actor, final_value, uniforms[0])
     # called in grad mode, as the rollout calls them: the graphs compiled there are the ones checked
     if run.device.type == "cuda":
         torch.compiler.cudagraph_mark_step_begin()
     ref_policy, fast_policy = eager.policy_step(*inputs), graphs.policy(*inputs)
     diffs = {"policy logits": (fast_policy[0] - ref_policy[0]).abs().max().item()}
     action = ref_policy[2]
-    step_inputs = (env.obs, env.act, tuple(h.float() for h in env.hidden), env.age, action,
+    step_inputs = (env.obs, env.act, env.hidden, env.age, action,
                    tuple(h.detach() for h in ref_policy[5]), noise, uniforms[1:], start)
     ref, fast = eager.world_model_step(*step_inputs), graphs.world_model(*step_inputs)
     diffs["D(x; sigma_max) before quantisation"] = (fast["denoised"][0] - ref["denoised"][0]).abs().max().item()
@@ -173,10 +235,11 @@ def report(figures: dict, args) -> list[str]:
     lines = ["| | paper (RTX 4090) | " + " | ".join(figures) + " |", "|---|---|" + "---|" * len(figures)]
     for label, paper in PAPER_MS.items():
         cells = [f"{f[label]['median_ms']:.1f} ms [{f[label]['min_ms']:.1f}, {f[label]['max_ms']:.1f}]"
-                 for f in figures.values()]
+                 if label in f else "(stopped: --part-limit)" for f in figures.values()]
         lines.append(f"| {label} (median [min, max]) | {paper:.1f} ms | " + " | ".join(cells) + " |")
     lines.append("| first call (the fast path compiles there): denoiser update, actor-critic update | | " + " | ".join(
-        f"{f['denoiser update']['first_ms'] / 1000:.1f} s, {f['actor-critic update']['first_ms'] / 1000:.1f} s"
+        ", ".join(f"{f[key]['first_ms'] / 1000:.1f} s" if key in f else "-" for key in ("denoiser update",
+                                                                                      "actor-critic update"))
         for f in figures.values()) + " |")
 
     def epoch_s(ms: dict, steps=(400, 400, 400)) -> float:
@@ -187,6 +250,10 @@ def report(figures: dict, args) -> list[str]:
     epochs = 1000  # Atari 100k with a first collection of 5000 env steps: 950 collecting epochs and 50 more
     cells, days_cells = [], []
     for f in figures.values():
+        if any(label not in f for label in PAPER_MS):
+            cells.append("-")
+            days_cells.append("-")
+            continue
         ms = {label: f[label]["median_ms"] for label in PAPER_MS}
         epoch = epoch_s(ms)
         first = epoch_s(ms, (10_000, 10_000, 5000))
@@ -201,42 +268,60 @@ def report(figures: dict, args) -> list[str]:
 def main(argv=None) -> int:
     opts = parse(argv)
     dia = load_script()
-    args = dia.Args(cuda=opts.device == "cuda")
+    args = dia.Args(cuda=opts.device == "cuda", torch_deterministic=False)  # the reference's settings first
     if opts.preset:
         args = dataclasses.replace(args, preset=opts.preset, **dia.PRESETS[opts.preset])
     if opts.num_sampling_steps is not None:
         args = dataclasses.replace(args, num_sampling_steps=opts.num_sampling_steps)
-    device = dia.setup_device(args).device  # TF32 and --torch-deterministic as the script sets them
+    device = dia.setup_device(args).device  # TF32 on, cudnn autotuning, as the script sets them
     if opts.device == "cuda" and device.type != "cuda":
         print("error: no CUDA device (use --device cpu for a smoke run)", file=sys.stderr)
         return 2
-    tolerance = opts.tolerance if opts.tolerance is not None else (2e-3 if device.type == "cuda" else 1e-4)
     num_actions = 4  # Breakout's minimal action set
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; torch "
           f"{torch.__version__}; {args.num_imagined_envs} imagined envs, batch {args.batch_size}, {args.obs_size}x"
           f"{args.obs_size}, {args.num_sampling_steps} denoising steps; median of {opts.repeats} after {opts.warmup} "
-          f"warm-up calls", flush=True)
-    figures, check = {}, None
-    for fast in (True, False):
-        label = f"fast path ({'CUDA graphs' if device.type == 'cuda' else opts.backend})" if fast else "eager"
-        run = build_run(dia, args, device, num_actions, fast, opts.backend)
+          f"warm-up calls; rows limited to {', '.join(map(str, opts.part_limit))} s", flush=True)
+    recordings = count_recordings()
+    fast_label = f"fast path ({'CUDA graphs' if device.type == 'cuda' else opts.backend})"
+    rows = ((fast_label, True, False), ("eager", False, False), ("eager, --torch-deterministic", False, True))
+    figures, check, counters = {}, None, None
+    for (label, fast, deterministic), limit in zip(rows, opts.part_limit):
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, not deterministic
+        figures[label] = {}
         start = time.perf_counter()
-        figures[label] = measure(dia, run, opts.repeats, opts.warmup)
-        print(f"{label}: measured in {time.perf_counter() - start:.0f} s; " + ", ".join(
-            f"{key} {value['median_ms']:.1f} ms" for key, value in figures[label].items()), flush=True)
-        if fast:
-            check = check_fast_path(dia, run, tolerance)
-            print(f"fast path vs eager from identical inputs: largest differences "
-                  f"{ {k: f'{v:.2e}' for k, v in check['max_abs_diff'].items()} } (tolerance {tolerance:g}): "
-                  f"{'match' if check['ok'] else 'MISMATCH'}; {run.graphs.calls} compiled calls", flush=True)
-        del run
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            with time_limit(limit):
+                run = build_run(dia, args, device, num_actions, fast, opts.backend)
+                measure(dia, run, opts.repeats, opts.warmup, figures[label], label)
+                if fast:
+                    counters = compile_counters(recordings)
+                    print(f"{label}: " + ", ".join(f"{k} {v}" for k, v in counters.items()) + " (one graph each for "
+                          f"the denoiser's update, the policy step and the world-model step: 3)", flush=True)
+                    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+                    try:
+                        check = check_fast_path(dia, run, opts.tolerance)
+                    finally:
+                        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+                    print(f"fast path vs eager from identical inputs, TF32 off: largest differences "
+                          f"{ {k: f'{v:.2e}' for k, v in check['max_abs_diff'].items()} } (tolerance "
+                          f"{opts.tolerance:g}): {'match' if check['ok'] else 'MISMATCH'}; {run.graphs.calls} compiled "
+                          f"calls", flush=True)
+        except PartTimeout:
+            print(f"{label}: stopped at its limit of {limit} s", flush=True)
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else "n/a (CPU)"
+        print(f"{label}: {time.perf_counter() - start:.0f} s, peak GPU memory {peak}", flush=True)
+        run = None
     print("\n".join(report(figures, args)))
     print("fast path: the imagination step as diamond_atari.py's ImaginationGraphs (its default on CUDA) and the "
           "denoiser update compiled as --compile does (off by default); eager: neither. The epoch leaves out the 100 "
           "env steps of collection and the evaluations, which the paper's days include.")
     if opts.json:
-        Path(opts.json).write_text(json.dumps({"figures": figures, "check": check, "paper_ms": PAPER_MS}, indent=1))
-    return 0 if check["ok"] else 1
+        Path(opts.json).write_text(json.dumps({"figures": figures, "check": check, "counters": counters,
+                                               "paper_ms": PAPER_MS}, indent=1))
+    return 0 if check is not None and check["ok"] else 1
 
 
 if __name__ == "__main__":

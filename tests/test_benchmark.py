@@ -692,16 +692,31 @@ def test_gpu_diamond_script_runs_on_the_cpu_with_tiny_sizes(tmp_path):
     for label, paper in (("denoiser update", "88.0 ms"), ("reward/end update", "115.0 ms"),
                          ("actor-critic update", "340.0 ms"), ("imagination step", "20.4 ms")):
         cells = rows[f"{label} (median [min, max])"]
-        assert cells[0] == paper and len(cells) == 3 and all(c.endswith("]") or c.endswith("] |") for c in cells[1:])
+        assert cells[0] == paper and len(cells) == 4 and all(c.endswith("]") or c.endswith("] |") for c in cells[1:])
     assert rows["epoch (400 + 400 + 400 updates)"][0] == "217 s"
     figures = json.loads((tmp_path / "speed.json").read_text())
-    assert set(figures["figures"]) == {"fast path (eager)", "eager"} and figures["check"]["ok"]
+    assert list(figures["figures"]) == ["fast path (eager)", "eager", "eager, --torch-deterministic"]
+    assert figures["check"]["ok"] and figures["counters"]["graphs compiled"] == 3  # each function compiled once
+    assert figures["counters"]["graph breaks"] == 0
     fast = figures["figures"]["fast path (eager)"]
     days = float(rows["Atari 100k (1000 epochs), days"][1])
     epoch = sum(400 * fast[k]["median_ms"] for k in ("denoiser update", "reward/end update", "actor-critic update"))
     first = 10_000 * (fast["denoiser update"]["median_ms"] + fast["reward/end update"]["median_ms"]) + \
         5000 * fast["actor-critic update"]["median_ms"]
     assert days == pytest.approx((first + 999 * epoch) / 1000 / 86400, abs=0.006)
+
+
+def test_gpu_diamond_rows_stop_at_their_limits_and_the_table_says_so(tmp_path):
+    """Each row is hard-limited: one second per row stops every row in its first figure (a compile cut midway
+    included); the table marks the cells, the rows after a stopped one still run, and with no check the exit is 1."""
+    result = subprocess.run([PYTHON, str(ROOT / "benchmark" / "diamond_speed.py"), "--device", "cpu", "--preset",
+                             "tiny", "--num-sampling-steps", "1", "--backend", "eager", "--part-limit", "1", "1", "1"],
+                            env=script_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    stopped = [line for line in result.stdout.splitlines() if "stopped at its limit of 1 s" in line]
+    assert [line.split(":")[0] for line in stopped] == ["fast path (eager)", "eager", "eager, --torch-deterministic"]
+    assert "| denoiser update (median [min, max]) | 88.0 ms | " + " | ".join(["(stopped: --part-limit)"] * 3) in \
+        result.stdout
 
 
 TOOLS_WITH_FLAGS = sorted(p.name for p in (ROOT / "benchmark").glob("*.py") if "ArgumentParser(" in p.read_text())
