@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every script end to end on one GPU with its default (paper) networks and precision, in about 8 minutes: a short
-# training run each, sampling at its end, a checkpoint, then a resume that must go on from it. Data is generated
+# ddpm, dit and video end to end on one GPU with their default (paper) networks and precision, in about 6 minutes: a
+# short training run each, sampling at its end, a checkpoint, then a resume that must go on from it. Data is generated
 # (shapes, sprites) or the ALE itself, so the check runs offline. It prints each run's final losses/, perf/ and eval/
-# values (benchmark/plot.py reads the same event files); the figures it gave are in RESULTS.md.
+# values (benchmark/plot.py reads the same event files); the figures it gave are in RESULTS.md. DIAMOND has its
+# own: gpu_diamond.sh (speed), then gpu_diamond_smoke.sh (an epoch, an evaluation, the test episodes, a resume).
 #
 #   bash benchmark/gpu_smoke.sh                  # runs under runs/gpu_smoke
 #   OUT=/tmp/smoke COMPILE=1 bash benchmark/gpu_smoke.sh
@@ -35,14 +36,6 @@ run dit 150 $PY dit_cifar10.py --dataset shapes --img-size 32 --num-shapes-image
 # Video: the seed's 3D U-Net (256 channels, 16 frames of 64x64, batch 8) on sprites with text and actions.
 run video 170 $PY video_diffusion.py --total-steps 80 --log-every 20 --eval-every 80 --save-every 80 \
   --num-eval-samples 8 --sample-batch-size 8 --num-sampling-steps 20 --exp-name gpu --output-dir "$OUT/video" $EXTRA
-# DIAMOND on Breakout with the paper's networks, shortened epochs: collection, all three trainers, imagination, eval.
-run diamond 180 $PY diamond_atari.py --env-id Breakout-v5 --num-sampling-steps 3 --num-epochs 3 \
-  --initial-collection-steps 1000 --max-initial-collection-steps 2000 --min-rare-rewards 1 \
-  --first-epoch-denoiser-steps 200 --first-epoch-reward-steps 200 --first-epoch-actor-critic-steps 100 \
-  --denoiser-steps-per-epoch 100 --reward-steps-per-epoch 100 --actor-critic-steps-per-epoch 100 \
-  --final-epochs-without-collection 1 --eval-every 3 --eval-episodes 1 --test-episodes 2 \
-  --exp-name gpu --output-dir "$OUT/diamond" $EXTRA
-
 $PY - "$OUT" <<'EOF'
 import sys
 from pathlib import Path

@@ -706,6 +706,23 @@ def test_gpu_diamond_script_runs_on_the_cpu_with_tiny_sizes(tmp_path):
     assert days == pytest.approx((first + 999 * epoch) / 1000 / 86400, abs=0.006)
 
 
+def test_gpu_diamond_smoke_runs_an_epoch_then_resumes_on_the_cpu(tmp_path):
+    """gpu_diamond_smoke.sh as written, shrunk by EXTRA (its flags come last, so they win): epoch 1 with its
+    evaluation and checkpoint, then the resume that trains epoch 2 and plays the test episodes."""
+    shrink = ("--preset tiny --no-cuda --initial-collection-steps 100 --max-initial-collection-steps 150 "
+              "--first-epoch-denoiser-steps 2 --first-epoch-reward-steps 2 --first-epoch-actor-critic-steps 2 "
+              "--denoiser-steps-per-epoch 1 --reward-steps-per-epoch 1 --actor-critic-steps-per-epoch 1")
+    env = script_env() | {"PYTHON": PYTHON, "OUT": str(tmp_path / "runs"), "EXTRA": shrink}
+    result = subprocess.run(["bash", str(ROOT / "benchmark" / "gpu_diamond_smoke.sh")], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    out = result.stdout
+    for line in ("saved checkpoint at epoch 1", "resuming at epoch 2", "saved checkpoint at epoch 2",
+                 "2 test episodes after 2 epochs", "gpu_diamond_smoke.sh: exit 0"):
+        assert line in out, out
+    assert "imag-real gap" in out  # the evaluation ran, with its imagined-vs-real diagnostic
+
+
 def test_gpu_diamond_rows_stop_at_their_limits_and_the_table_says_so(tmp_path):
     """Each row is hard-limited: one second per row stops every row in its first figure (a compile cut midway
     included); the table marks the cells, the rows after a stopped one still run, and with no check the exit is 1."""
