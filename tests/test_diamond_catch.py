@@ -4,6 +4,7 @@ seam (make_env); a tiny run as a user runs it, its exact resume after SIGKILL, -
 --dataset-dir on it, and the notice for the Atari flags Catch ignores."""
 import contextlib
 import math
+import re
 import shutil
 
 import numpy as np
@@ -381,3 +382,44 @@ def test_atari_flags_given_with_catch_are_named_in_one_notice(tmp_path):
     notices = [line for line in stdout.splitlines() if line.startswith("notice: --")]
     assert notices == ["notice: --frame-skip, --noop-max, --sticky-actions have no effect on Catch (Atari protocol "
                        "flags)"], stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# benchmark/diamond_catch_diagnosis.py: why a run on Catch did or did not learn (RESULTS.md 3e)
+
+
+def test_catch_diagnosis_reads_states_steps_catch_as_a_model_and_reports_a_run(dia, catch_run, capsys):
+    diagnosis = load_module("benchmark/diamond_catch_diagnosis.py")
+    env = dia.CatchEnv(32, seed=5)
+    for _ in range(40):  # the state read off a real frame, every cell of the grid visited
+        env.reset()
+        for action in np.random.default_rng(env.ball_col).integers(0, 3, 9):
+            assert diagnosis.read_state(env, env.render()) == (env.ball_row, env.ball_col, env.paddle_col) or \
+                env.ball_row == ROWS - 1 and env.paddle_col == env.ball_col  # a catch shows no paddle
+            if env.ball_row == ROWS - 1:
+                break
+            env.step(int(action))
+    # Catch as the imagined envs' model: from a rendered frame, the next frame, reward and end are Catch's own
+    run_dir, _ = catch_run
+    args, _, denoiser, reward_end, buffer = diagnosis.load_run(dia, run_dir)
+    args.num_imagined_envs = 3
+    model = diagnosis.catch_as_model(dia, dia.WorldModelEnv)(denoiser, reward_end, buffer, args, torch.device("cpu"),
+                                                              torch.Generator().manual_seed(0),
+                                                              torch.Generator().manual_seed(1))
+    model.reset()
+    games = [dia.CatchEnv(32, seed=s) for s in range(3)]
+    for game in games:
+        game.reset()
+        game.ball_row = ROWS - 2  # the last decision: RIGHT, NOOP, LEFT below
+    model.obs[:, -1] = torch.stack([dia.to_float(torch.from_numpy(g.render()).permute(2, 0, 1)) for g in games])
+    frames, rewards, ends, _, restarted = model.step(torch.tensor([2, 1, 0]))
+    for i, (game, action) in enumerate(zip(games, (2, 1, 0))):
+        frame, reward, terminated, _ = game.step(action)
+        assert rewards[i] == reward and ends[i] == terminated == 1
+        assert torch.equal(restarted[2][list(restarted[0]).index(i)], dia.to_float(torch.from_numpy(frame).permute(
+            2, 0, 1)))
+    # the report on a tiny run: both measurements, every figure a rate
+    assert diagnosis.main([str(run_dir), "--updates", "2", "--every", "1", "--test-games", "4"]) == 0
+    out = capsys.readouterr().out
+    rates = [float(x) for x in re.findall(r"(?:accuracy|rate|,) (\d\.\d{3})", out)]
+    assert len(re.findall("actor-critic from scratch in", out)) == 2 and rates and all(0 <= r <= 1 for r in rates)
