@@ -245,6 +245,9 @@ class Args:
     """reward/end model gradient steps in epoch 1"""
     first_epoch_actor_critic_steps: int = 5000
     """actor-critic gradient steps in epoch 1"""
+    actor_critic_start_after_epochs: Annotated[int, EPOCHS] = 0
+    """the actor-critic trains from epoch N + 1 on (DIAMOND's start_after_epochs), with actor_critic_steps_per_epoch
+    updates; until then the collector's policy is the untrained, uniform one"""
     batch_size: int = 32
     """segments per denoiser and reward/end model batch"""
     recency_weights: tuple[float, ...] = (0.1, 0.1, 0.1, 0.7)
@@ -364,6 +367,7 @@ ARG_DOMAINS = {
     "collection_steps_per_epoch": ">= 1", "env_step_budget": ">= 1", "final_epochs_without_collection": ">= 0",
     "denoiser_steps_per_epoch": ">= 1", "reward_steps_per_epoch": ">= 1", "actor_critic_steps_per_epoch": ">= 1",
     "first_epoch_denoiser_steps": ">= 1", "first_epoch_reward_steps": ">= 1", "first_epoch_actor_critic_steps": ">= 1",
+    "actor_critic_start_after_epochs": ">= 0",
     "batch_size": ">= 1", "recency_weights": "> 0", "learning_rate": "> 0",
     "actor_critic_learning_rate": "> 0",
     "adam_eps": "> 0", "warmup_steps": ">= 0", "weight_decay": ">= 0", "denoiser_max_grad_norm": "> 0",
@@ -2316,6 +2320,8 @@ class Run:
 def phase_length(args: Args, name: str, epoch: int) -> int:
     """Gradient updates of a model phase in this epoch (the first epoch trains much longer on its big first batch)."""
     first = epoch == 1
+    if name == "actor_critic" and epoch <= args.actor_critic_start_after_epochs:
+        return 0
     return {"denoiser": args.first_epoch_denoiser_steps if first else args.denoiser_steps_per_epoch,
             "reward_end": args.first_epoch_reward_steps if first else args.reward_steps_per_epoch,
             "actor_critic": args.first_epoch_actor_critic_steps if first else args.actor_critic_steps_per_epoch}[name]
@@ -2541,7 +2547,7 @@ def phase_runs(run: Run, name: str, epoch: int) -> bool:
         return args.dataset_dir is None and (epoch == 1 or run_schedule(args, run.collector.first_collection_steps)[
             epoch - 1] > 0)
     if name == "actor_critic":
-        return not args.world_model_only
+        return not args.world_model_only and phase_length(args, name, epoch) > 0
     if name == "evaluate":
         return epoch % args.eval_every == 0 or epoch == run.num_epochs
     return True

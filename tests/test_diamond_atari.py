@@ -616,6 +616,13 @@ def test_work_left_counts_the_phases_still_ahead_in_the_current_epoch(dia):
     inside = dia.work_left(args, 1000, dia.RunPosition(epoch=1, phase=dia.PHASES.index("reward_end"), step=10))
     assert inside == {"collect": 100, "world_model_eval": 1, "denoiser": 5, "reward_end": 34, "actor_critic": 33,
                       "evaluate": 2}
+    # DIAMOND's start_after_epochs: the actor-critic trains from epoch 2 on, with its per-epoch count, and its phase
+    # does not run before (the collector's policy stays the untrained, uniform one)
+    later = dia.replace(args, actor_critic_start_after_epochs=1)
+    assert dia.work_left(later, 1000, dia.RunPosition())["actor_critic"] == 3
+    assert [dia.phase_length(later, "actor_critic", epoch) for epoch in (1, 2)] == [0, 3]
+    run = dia.types.SimpleNamespace(args=later)
+    assert [dia.phase_runs(run, "actor_critic", epoch) for epoch in (1, 2)] == [False, True]
 
 
 def test_the_eta_is_each_phases_rate_times_what_is_left_not_the_epochs_mean(dia):
