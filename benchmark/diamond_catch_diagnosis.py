@@ -13,6 +13,7 @@ Two measurements on a finished (or stopped) `diamond_atari.py --env-id Catch` ru
    not, the world model is what limits the run.
 
     python benchmark/diamond_catch_diagnosis.py runs/Catch__diamond_atari__1__1796640817
+    python benchmark/diamond_catch_diagnosis.py runs/Catch__diamond_atari__1__1796640817 --agents   # the agents' curve
 """
 import argparse
 import importlib.util
@@ -156,6 +157,8 @@ def main(argv=None) -> int:
     parser.add_argument("--every", type=int, default=100, help="test the catch rate every this many updates")
     parser.add_argument("--test-games", type=int, default=200, help="real games per test")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--agents", action="store_true",
+                        help="only test the run's agent copies (checkpoints/agent_epoch_*.pt) and its last agent")
     opts = parser.parse_args(argv)
     run_dir = Path(opts.run)
     if not (run_dir / "checkpoints" / "latest.pt").is_file():
@@ -168,6 +171,15 @@ def main(argv=None) -> int:
         print(f"error: {run_dir} is a run on {args.env_id}, not Catch", file=sys.stderr)
         return 2
     print(f"run: {run_dir} ({len(buffer.episodes)} episodes)")
+    if opts.agents:  # the curve of agents the run kept: each on the same --test-games real games
+        for path in sorted((run_dir / "checkpoints").glob("agent_epoch_*.pt")) + [run_dir / "checkpoints" /
+                                                                                   "latest.pt"]:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            actor_critic = dia.build_models(args, env.num_actions)[2]
+            actor_critic.load_state_dict(state["models"]["actor_critic"] if "models" in state else state)
+            returns = dia.run_test_episodes(actor_critic, args, opts.test_games, opts.seed + 7, torch.device("cpu"))
+            print(f"{path.name}: catch rate {(float(np.mean(returns)) + 1) / 2:.3f} over {opts.test_games} games")
+        return 0
     for (taken, outcome), (accuracy, count) in counterfactual_rewards(dia, args, env, reward_end, buffer).items():
         print(f"reward sign at the last decision, action {taken}, {outcome}: accuracy {accuracy:.3f} ({count})")
     for world in ("world model", "Catch"):

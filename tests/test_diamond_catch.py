@@ -423,3 +423,8 @@ def test_catch_diagnosis_reads_states_steps_catch_as_a_model_and_reports_a_run(d
     out = capsys.readouterr().out
     rates = [float(x) for x in re.findall(r"(?:accuracy|rate|,) (\d\.\d{3})", out)]
     assert len(re.findall("actor-critic from scratch in", out)) == 2 and rates and all(0 <= r <= 1 for r in rates)
+    # the run's curve of agents: each kept copy and the last agent on the same games
+    assert diagnosis.main([str(run_dir), "--agents", "--test-games", "2"]) == 0
+    tested = re.findall(r"^(\S+\.pt): catch rate (\d\.\d{3}) over 2 games$", capsys.readouterr().out, re.M)
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("agent_epoch_*.pt"))
+    assert [name for name, _ in tested] == kept + ["latest.pt"] and len(kept) >= 1
