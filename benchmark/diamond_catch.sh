@@ -58,7 +58,10 @@ for seed in seeds:
     games, epochs, env_steps, mean = int(test[0]), int(test[1]), int(test[2]), float(test[3])
     config = json.loads((Path(re.findall(r"^run folder: (.*)$", log, re.M)[-1]) / "config.json").read_text())
     updates = [config[f"first_epoch_{name}_steps"] + (epochs - 1) * config[f"{name}_steps_per_epoch"]
-               for name in ("denoiser", "reward", "actor_critic")]
+               for name in ("denoiser", "reward")]
+    start = config.get("actor_critic_start_after_epochs", 0)  # the actor-critic trains in the epochs after it
+    updates.append((config["first_epoch_actor_critic_steps"] if start == 0 else 0)
+                   + max(0, epochs - max(1, start)) * config["actor_critic_steps_per_epoch"])
     wall = re.findall(r"^seed \S+: (\d+) s$", log, re.M)[-1]
     print(f"| {seed} | {games} | {mean:+.2f} | {(mean + 1) / 2:.3f} | {' / '.join(map(str, updates))} | {env_steps} "
           f"| {wall} s |")

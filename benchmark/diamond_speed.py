@@ -72,7 +72,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default=None, help="a preset of diamond_atari.py (tiny: a smoke run on a CPU)")
     parser.add_argument("--repeats", type=int, default=8, help="timed calls per figure (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (the first compiles)")
-    parser.add_argument("--part-limit", type=int, nargs=3, default=(150, 50, 50), metavar=("FAST", "EAGER", "DET"),
+    parser.add_argument("--part-limit", type=float, nargs=3, default=(150, 50, 50), metavar=("FAST", "EAGER", "DET"),
                         help="seconds each row may take (the fast row includes the check); default 150 50 50")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of the fast path (eager: tests)")
     parser.add_argument("--tolerance", type=float, default=1e-4,
@@ -138,17 +138,17 @@ class PartTimeout(BaseException):
 
 
 @contextlib.contextmanager
-def time_limit(seconds: int):
+def time_limit(seconds: float):
     """Raises PartTimeout inside the block after `seconds` (SIGALRM: a compilation is cut too)."""
     def expire(signum, frame):
         raise PartTimeout()
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
-        signal.alarm(0)
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; torch "
           f"{torch.__version__}; {args.num_imagined_envs} imagined envs, batch {args.batch_size}, {args.obs_size}x"
           f"{args.obs_size}, {args.num_sampling_steps} denoising steps; median of {opts.repeats} after {opts.warmup} "
-          f"warm-up calls; rows limited to {', '.join(map(str, opts.part_limit))} s", flush=True)
+          f"warm-up calls; rows limited to {', '.join(f'{x:g}' for x in opts.part_limit)} s", flush=True)
     recordings = count_recordings()
     fast_label = f"fast path ({'CUDA graphs' if device.type == 'cuda' else opts.backend})"
     rows = ((fast_label, True, False), ("eager", False, False), ("eager, --torch-deterministic", False, True))
@@ -310,7 +310,7 @@ def main(argv=None) -> int:
                           f"{opts.tolerance:g}): {'match' if check['ok'] else 'MISMATCH'}; {run.graphs.calls} compiled "
                           f"calls", flush=True)
         except PartTimeout:
-            print(f"{label}: stopped at its limit of {limit} s", flush=True)
+            print(f"{label}: stopped at its limit of {limit:g} s", flush=True)
         peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else "n/a (CPU)"
         print(f"{label}: {time.perf_counter() - start:.0f} s, peak GPU memory {peak}", flush=True)
         run = None
