@@ -1127,7 +1127,8 @@ def test_compile_compiles_each_function_once_over_a_tiny_run(dia, tmp_path, monk
     sizes, segment lengths, grad modes) and the policy step 3 times (step 0's detached LSTM state, the final value
     under no_grad); each is an inductor compile of minutes on a GPU. Over two epochs of a tiny Catch run (training,
     an evaluation with the imagined-vs-real diagnostic, training after it) a counting backend is called once per
-    graph: the denoiser's training update, the policy step and the world-model step, once each."""
+    graph: the denoiser's training update, the policy step and the world-model step, once each; with the eager
+    imagination (--imagination-graphs off), the denoiser's update and its sampling, once each."""
     import torch._dynamo
 
     graphs = []
@@ -1138,17 +1139,24 @@ def test_compile_compiles_each_function_once_over_a_tiny_run(dia, tmp_path, monk
 
     monkeypatch.setattr(dia, "COMPILE_BACKEND", counting_backend)
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    torch._dynamo.reset()
-    try:
-        dia.main(*dia.parse_args(["--env-id", "Catch", "--preset", "tiny", "--num-epochs", "2", "--compile",
-                                  "--imagination-graphs", "on", "--output-dir", str(tmp_path)]))
-    finally:
+    compiled = {}
+    for graphs_flag, epochs in (("on", "2"), ("off", "1")):
         torch._dynamo.reset()
-        for s, handler in before.items():
-            signal.signal(s, handler)
-    assert len(graphs) == 3, graphs  # a recompile (shape, stride, grad mode) or a graph break would add one
-    assert all(grad for _, grad in graphs), graphs  # the sampling inside the world-model step is no_grad inside it
-    assert sorted(nodes for nodes, _ in graphs)[-1] > 1000  # the world-model step: denoiser, reward/end, restarts
+        graphs.clear()
+        try:
+            dia.main(*dia.parse_args(["--env-id", "Catch", "--preset", "tiny", "--num-epochs", epochs, "--compile",
+                                      "--imagination-graphs", graphs_flag, "--output-dir", str(tmp_path / graphs_flag)]))
+        finally:
+            torch._dynamo.reset()
+            for s, handler in before.items():
+                signal.signal(s, handler)
+        compiled[graphs_flag] = list(graphs)
+    on, off = compiled["on"], compiled["off"]
+    assert len(on) == 3, on  # a recompile (shape, stride, grad mode) or a graph break would add one
+    assert all(grad for _, grad in on), on  # the sampling inside the world-model step is no_grad inside it
+    assert sorted(nodes for nodes, _ in on)[-1] > 1000  # the world-model step: denoiser, reward/end, restarts
+    # the eager imagination samples with the compiled denoiser: its update once, its no_grad sampling once
+    assert [grad for _, grad in off] == [True, False], off
 
 
 def test_imagination_graphs_flag_selects_the_fast_path(dia):
