@@ -3331,6 +3331,10 @@ def main(args: Args, given: set[str]):
           "" if args.dataset_dir else f", {args.env_step_budget} env steps"), flush=True)
     if checkpoint is not None:
         print(f"resuming at {pos}", flush=True)
+    if not args.world_model_only and args.actor_critic_start_after_epochs >= run.num_epochs:
+        print(f"notice: --actor-critic-start-after-epochs {args.actor_critic_start_after_epochs} is not below the run's "
+              f"{run.num_epochs} epochs: the actor-critic never trains, and the test episodes play the untrained, "
+              f"uniform policy", flush=True)
     # How long the run takes, said before its first collection: each phase's seconds per unit (an update, an env
     # step), timed on copies, times what is left of it. The epochs' lines project the rates measured since.
     left = work_left(args, collector.first_collection_steps, pos)

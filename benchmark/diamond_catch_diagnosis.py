@@ -161,22 +161,37 @@ def main(argv=None) -> int:
                         help="only test the run's agent copies (checkpoints/agent_epoch_*.pt) and its last agent")
     opts = parser.parse_args(argv)
     run_dir = Path(opts.run)
+    bad = [f"--{name.replace('_', '-')} must be >= 1, not {getattr(opts, name)}" for name in
+           ("updates", "every", "test_games") if getattr(opts, name) < 1]
+    bad += [f"--lr must be a positive number, not {opts.lr}"] if not 0 < opts.lr < float("inf") else []
+    bad += [f"--seed must be in [0, 2**62), not {opts.seed}"] if not 0 <= opts.seed < 2 ** 62 else []
     if not (run_dir / "checkpoints" / "latest.pt").is_file():
-        print(f"error: no checkpoint at {run_dir / 'checkpoints' / 'latest.pt'}: give a diamond_atari.py run folder",
-              file=sys.stderr)
+        bad.append(f"no checkpoint at {run_dir / 'checkpoints' / 'latest.pt'}: give a diamond_atari.py run folder")
+    if bad:
+        print(f"error: {bad[0]}", file=sys.stderr)
         return 2
     dia = load_script()
-    args, env, denoiser, reward_end, buffer = load_run(dia, run_dir)
-    if args.env_id != "Catch":
-        print(f"error: {run_dir} is a run on {args.env_id}, not Catch", file=sys.stderr)
+    try:  # a damaged checkpoint, episode or agent file: the script's own one-line reason
+        args, env, denoiser, reward_end, buffer = load_run(dia, run_dir)
+        if args.env_id != "Catch":
+            raise dia.UserError(f"{run_dir} is a run on {args.env_id}, not Catch")
+        return diagnose(dia, run_dir, args, env, denoiser, reward_end, buffer, opts)
+    except dia.UserError as e:
+        print(f"error: {str(e).replace('; resume from another checkpoint', '')}", file=sys.stderr)
         return 2
+
+
+def diagnose(dia, run_dir: Path, args, env, denoiser, reward_end, buffer, opts) -> int:
     print(f"run: {run_dir} ({len(buffer.episodes)} episodes)")
     if opts.agents:  # the curve of agents the run kept: each on the same --test-games real games
         for path in sorted((run_dir / "checkpoints").glob("agent_epoch_*.pt")) + [run_dir / "checkpoints" /
                                                                                    "latest.pt"]:
-            state = torch.load(path, map_location="cpu", weights_only=True)
             actor_critic = dia.build_models(args, env.num_actions)[2]
-            actor_critic.load_state_dict(state["models"]["actor_critic"] if "models" in state else state)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                actor_critic.load_state_dict(state["models"]["actor_critic"] if "models" in state else state)
+            except Exception as e:  # noqa: BLE001 - any damage to the file: one line naming it
+                raise dia.UserError(f"cannot read the agent in {path} ({type(e).__name__}); remove the file") from None
             returns = dia.run_test_episodes(actor_critic, args, opts.test_games, opts.seed + 7, torch.device("cpu"))
             print(f"{path.name}: catch rate {(float(np.mean(returns)) + 1) / 2:.3f} over {opts.test_games} games")
         return 0

@@ -68,7 +68,7 @@ def load_script():
 def parse(argv=None) -> argparse.Namespace:
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
     parser.add_argument("--preset", default=None, help="a preset of diamond_atari.py (tiny: a smoke run on a CPU)")
     parser.add_argument("--repeats", type=int, default=8, help="timed calls per figure (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (the first compiles)")
@@ -268,11 +268,25 @@ def report(figures: dict, args) -> list[str]:
 def main(argv=None) -> int:
     opts = parse(argv)
     dia = load_script()
+    bad = [f"--preset must be one of {', '.join(dia.PRESETS)}, not {opts.preset}"] if opts.preset and \
+        opts.preset not in dia.PRESETS else []
+    bad += [f"--part-limit must be positive seconds, not {' '.join(f'{x:g}' for x in opts.part_limit)}"] if not all(
+        0 < x < float("inf") for x in opts.part_limit) else []
+    bad += [f"--repeats must be >= 1 and --warmup >= 0, not {opts.repeats} and {opts.warmup}"] if opts.repeats < 1 or \
+        opts.warmup < 0 else []
+    bad += [f"--json: no folder {Path(opts.json).parent}"] if opts.json and not Path(opts.json).parent.is_dir() else []
     args = dia.Args(cuda=opts.device == "cuda", torch_deterministic=False)  # the reference's settings first
-    if opts.preset:
-        args = dataclasses.replace(args, preset=opts.preset, **dia.PRESETS[opts.preset])
-    if opts.num_sampling_steps is not None:
-        args = dataclasses.replace(args, num_sampling_steps=opts.num_sampling_steps)
+    if not bad:
+        args = dataclasses.replace(args, **({"preset": opts.preset, **dia.PRESETS[opts.preset]} if opts.preset else {}),
+                                   **({} if opts.num_sampling_steps is None else
+                                      {"num_sampling_steps": opts.num_sampling_steps}))
+        try:
+            dia.check_arg_domains(args)  # --num-sampling-steps in the script's own domain
+        except dia.UserError as e:
+            bad.append(str(e))
+    if bad:
+        print(f"error: {bad[0]}", file=sys.stderr)
+        return 2
     device = dia.setup_device(args).device  # TF32 on, cudnn autotuning, as the script sets them
     if opts.device == "cuda" and device.type != "cuda":
         print("error: no CUDA device (use --device cpu for a smoke run)", file=sys.stderr)

@@ -21,7 +21,7 @@ timeout "${LIMIT_EPOCH:-200}" "$PY" diamond_atari.py --env-id Breakout-v5 --num-
   | tr '\r' '\n' | grep -E 'error|Error|notice|estimated|graphs|epoch [0-9]+/|saved|test episodes|done after'
 first=${PIPESTATUS[0]}
 echo "gpu_diamond_smoke.sh: epoch 1 exit $first after $((SECONDS - start)) s"
-run_dir=$(ls -d "$OUT"/*/ 2>/dev/null | head -n 1)
+run_dir=$(ls -td "$OUT"/*/ 2>/dev/null | head -n 1)  # the newest: the run epoch 1 just made (OUT may hold older ones)
 [ "$first" = 0 ] && [ -n "$run_dir" ] || { echo "gpu_diamond_smoke.sh: exit 1"; exit 1; }
 timeout "${LIMIT_RESUME:-100}" "$PY" diamond_atari.py --resume "$run_dir" --num-epochs 2 2>&1 \
   | tr '\r' '\n' | grep -E 'error|Error|notice|resuming|graphs|epoch [0-9]+/|saved|test episodes|done after'

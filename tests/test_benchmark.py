@@ -2,6 +2,7 @@
 hand-computed values, and smoke runs of speed.py and samplers.py (no timing is asserted anywhere)."""
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -714,6 +715,9 @@ def test_gpu_diamond_smoke_runs_an_epoch_then_resumes_on_the_cpu(tmp_path):
               "--first-epoch-denoiser-steps 2 --first-epoch-reward-steps 2 --first-epoch-actor-critic-steps 2 "
               "--denoiser-steps-per-epoch 1 --reward-steps-per-epoch 1 --actor-critic-steps-per-epoch 1")
     env = script_env() | {"PYTHON": PYTHON, "OUT": str(tmp_path / "runs"), "EXTRA": shrink}
+    older = tmp_path / "runs" / "Breakout-v5__gpu__1__1000000000"  # an earlier smoke's folder: not the one resumed
+    older.mkdir(parents=True)
+    os.utime(older, (1_000_000_000, 1_000_000_000))
     result = subprocess.run(["bash", str(ROOT / "benchmark" / "gpu_diamond_smoke.sh")], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
@@ -755,6 +759,26 @@ def test_a_tools_unknown_flag_is_one_line_exit_2(tool, monkeypatch, capsys):
         module.main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("tool, argv, message", [
+    ("diamond_speed.py", ["--part-limit", "-1", "5", "5"], "--part-limit must be positive seconds, not -1 5 5"),
+    ("diamond_speed.py", ["--part-limit", "0", "0", "0"], "--part-limit must be positive seconds"),
+    ("diamond_speed.py", ["--preset", "nosuch"], "--preset must be one of tiny, cpu, catch"),
+    ("diamond_speed.py", ["--repeats", "0"], "--repeats must be >= 1"),
+    ("diamond_speed.py", ["--device", "cpu", "--num-sampling-steps", "0"], "--num-sampling-steps must be in [1, 1000]"),
+    ("diamond_speed.py", ["--json", "/nonexistent/x.json"], "--json: no folder /nonexistent"),
+    ("diamond_catch_diagnosis.py", [".", "--every", "0"], "--every must be >= 1, not 0"),
+    ("diamond_catch_diagnosis.py", [".", "--test-games", "-3"], "--test-games must be >= 1, not -3"),
+    ("diamond_catch_diagnosis.py", [".", "--lr", "nan"], "--lr must be a positive number, not nan"),
+    ("diamond_catch_diagnosis.py", [".", "--seed", "99999999999999999999"], "--seed must be in [0, 2**62)"),
+    ("diamond_catch_diagnosis.py", ["."], "no checkpoint at checkpoints/latest.pt: give a diamond_atari.py run")])
+def test_diamond_tools_refuse_bad_values_in_one_line_before_any_work(tool, argv, message, capsys):
+    """Values argparse accepts but the tool cannot use (found by a break-it pass: tracebacks after minutes of work, a
+    limit of 0 that silently meant none) are one line and exit 2 before anything runs."""
+    assert load_tool(tool).main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
 
 
 def test_samplers_cpu_smoke_on_a_tiny_run(tiny_ddpm_runs, tmp_path):

@@ -428,3 +428,13 @@ def test_catch_diagnosis_reads_states_steps_catch_as_a_model_and_reports_a_run(d
     tested = re.findall(r"^(\S+\.pt): catch rate (\d\.\d{3}) over 2 games$", capsys.readouterr().out, re.M)
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("agent_epoch_*.pt"))
     assert [name for name, _ in tested] == kept + ["latest.pt"] and len(kept) >= 1
+
+
+def test_an_actor_critic_start_beyond_the_run_is_named_in_a_notice(tmp_path):
+    """--actor-critic-start-after-epochs at or past the run's epochs: the run would test an untrained policy without
+    a word (found by a break-it pass); a notice says so before the first collection."""
+    stdout = run_until_line_then_kill(SCRIPT, *TINY, "--actor-critic-start-after-epochs", "99", "--output-dir",
+                                      tmp_path / "runs", line_startswith="notice: --actor-critic-start-after-epochs",
+                                      cwd=tmp_path)
+    assert "notice: --actor-critic-start-after-epochs 99 is not below the run's 4 epochs: the actor-critic never " \
+           "trains" in stdout, stdout
