@@ -88,8 +88,9 @@ class Args:
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu", "catch", "small", "medium", "large"]] = None
     """tiny = a full run in about 25 s on a CPU; cpu = the whole loop at CPU scale, 20 short epochs on 32x32 frames
-    (benchmark/diamond_learns.sh); catch = the cpu sizes with the update counts that learn --env-id Catch on one CPU
-    core (benchmark/diamond_catch.sh); small/medium/large = TorchWM's network sizes (medium: the paper's)"""
+    (benchmark/diamond_learns.sh); catch = for --env-id Catch, the cpu sizes with the update counts meant to learn it
+    on one CPU core in about 20 minutes (benchmark/diamond_catch.sh; not reliably yet); small/medium/large = TorchWM's
+    network sizes (medium: the paper's)"""
     config: Optional[str] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
@@ -1750,6 +1751,8 @@ def report_score(env: Union[AtariEnv, CatchEnv], returns: list[float], what: str
                  f"(human {human_score} - random {random_score})")
     else:
         line += f" ({env.game} has no random/human reference scores here: raw score only)"
+    if env.game == "Catch":  # a game returns +1 or -1
+        line += f"; catch rate {(mean + 1) / 2:.3f} (random 0.2)"
     print(line, flush=True)
 
 
@@ -3250,6 +3253,8 @@ def main(args: Args, given: set[str]):
 
     env = make_env(args, args.seed, cpu_generator)
     num_actions = env.num_actions  # the game's minimal action set sizes the networks
+    if args.preset == "catch" and game != "Catch":
+        print(f"notice: --preset catch is sized for --env-id Catch; this run plays {game}", flush=True)
     ignored = [f"--{name.replace('_', '-')}" for name in env.ignored_flags if name in given]
     if ignored:  # given on the command line, not only defaults or a preset's
         print(f"notice: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect on {game} (Atari "

@@ -4,7 +4,7 @@
 # another, each on one thread; then per seed the test catch rate over the preset's 200 test games (a game returns +1
 # or -1, so catch rate = (mean return + 1) / 2; a random paddle catches 1 ball in 5), the updates of each model and
 # the env steps. Goal (issue 21): a catch rate of at least 0.9 for every seed, in about 20 minutes of one core each.
-# Results: benchmark/RESULTS.md, section "DIAMOND learns Catch" (seed 1: 0.825 at epoch 12, 0.42 at the end; see there).
+# Results: benchmark/RESULTS.md, section "DIAMOND learns Catch" (seed 1: 0.845 at epoch 12, 0.43 at the end; see there).
 #
 # Why these settings (each from a logged diagnostic of a seed-1 run, on a shared 2-core machine):
 #   - the cpu preset's networks, 32x32 frames (3-pixel cells) and lr 1e-3: a denoiser update 0.09 s, a reward/end

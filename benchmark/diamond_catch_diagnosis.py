@@ -196,7 +196,7 @@ def diagnose(dia, run_dir: Path, args, env, denoiser, reward_end, buffer, opts) 
             print(f"{path.name}: catch rate {(float(np.mean(returns)) + 1) / 2:.3f} over {opts.test_games} games")
         return 0
     for (taken, outcome), (accuracy, count) in counterfactual_rewards(dia, args, env, reward_end, buffer).items():
-        print(f"reward sign at the last decision, action {taken}, {outcome}: accuracy {accuracy:.3f} ({count})")
+        print(f"reward sign at the last decision, action {taken}, {outcome}: accuracy {accuracy:.3f} ({count} cases)")
     for world in ("world model", "Catch"):
         start = time.perf_counter()
         curve = train_actor_critic(dia, args, env, denoiser, reward_end, buffer, world, opts)

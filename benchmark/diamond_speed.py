@@ -78,7 +78,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest fast-vs-eager difference allowed (TF32 off during the check)")
     parser.add_argument("--num-sampling-steps", type=int, default=None,
-                        help="denoising steps per frame (default: the script's, 3; the CPU smoke run uses 1)")
+                        help="denoising steps per frame (default: the script's, 3; the suite's CPU smoke run passes 1)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     return parser.parse_args(argv)
 

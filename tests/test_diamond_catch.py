@@ -268,6 +268,9 @@ def test_catch_tiny_run_writes_a_checkpoint_episodes_and_a_raw_score(catch_run):
     assert run_dir.name.startswith("Catch__diamond_atari__1__")
     assert "game: Catch (3 actions)" in stdout and "notice: --" not in stdout  # the tiny preset's flags: no notice
     assert "raw score only" in stdout and "human-normalised" not in stdout
+    mean, rate = re.search(r"test episodes after .*: mean return (-?[\d.]+) .*; catch rate (\d\.\d{3}) \(random 0.2\)",
+                           stdout).groups()
+    assert float(rate) == pytest.approx((float(mean) + 1) / 2, abs=0.006)  # a game returns +1 or -1
     scalars = read_scalars(run_dir)
     for tag in ("charts/episodic_return", "eval/episodic_return", "losses/denoiser", "losses/reward_end",
                 "losses/actor", "world_model/next_frame_mse", "world_model/reward_accuracy"):
@@ -438,3 +441,9 @@ def test_an_actor_critic_start_beyond_the_run_is_named_in_a_notice(tmp_path):
                                       cwd=tmp_path)
     assert "notice: --actor-critic-start-after-epochs 99 is not below the run's 4 epochs: the actor-critic never " \
            "trains" in stdout, stdout
+
+
+def test_the_catch_preset_on_another_game_says_so(tmp_path):
+    stdout = run_until_line_then_kill(SCRIPT, "--env-id", "Breakout-v5", "--preset", "catch", "--output-dir",
+                                      tmp_path / "runs", line_startswith="notice: --preset catch", cwd=tmp_path)
+    assert "notice: --preset catch is sized for --env-id Catch; this run plays Breakout" in stdout, stdout
