@@ -698,7 +698,7 @@ def build_model(args: Args) -> UNet:
 # x_T, and alphas_cumprod (float64, length T). Coefficients are computed in float64 and cast to x's dtype.
 
 
-# ==== BEGIN SHARED SAMPLERS: identical in ddpm_cifar10.py, dit_cifar10.py, video_diffusion.py (tests check it) ====
+# ==== BEGIN SHARED SAMPLERS: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
 
 
 def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
@@ -842,7 +842,7 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
 # ==== END SHARED SAMPLERS ====
 
 
-# ==== BEGIN SHARED JUDGE: identical in ddpm_cifar10.py, dit_cifar10.py, video_diffusion.py (tests check it) ====
+# ==== BEGIN SHARED JUDGE: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
 # An offline sample-quality score for the generated datasets (FID needs Inception weights; these need nothing): a
 # small CNN classifier, trained once on real generated images and cached, judges the samples. Its scores are
 # eval/judge_*: the share of samples it recognises, the class accuracy of conditional samples, and the Frechet distance
@@ -1338,12 +1338,12 @@ def main(args: Args, given: set[str]):
 
 
 # ======================================================================================================================
-# BEGIN SHARED MACHINERY: byte-identical in all four cleanworlds scripts (tests/test_shared_blocks.py checks it).
-# The promises every script keeps (docs/PROMISES.md): flags and --config, checkpoints and RNG state, device, determinism
-# and torchrun setup, the run folder and TensorBoard, signals, throughput and MFU, images, the entry point. It reads
-# the script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args, PRESETS, ARG_DOMAINS,
-# RESUME_MUTABLE_FIELDS, FLAG_ALIASES. diamond_atari.py runs one process per game: it never calls the torchrun parts
-# (a world size above 1, leave_process_group, the all-reduce in StopFlag.sync) and ddpm/dit never call write_mp4.
+# BEGIN SHARED MACHINERY: the promises every script keeps (docs/PROMISES.md): flags and --config, checkpoints and RNG
+# state, device, determinism and torchrun setup, the run folder and TensorBoard, signals, throughput (and MFU on CUDA),
+# images, the entry point. Each script carries only the definitions it uses, and each definition is the same text in
+# every script that carries it (tests/test_shared_blocks.py checks it, definition by definition). They read the
+# script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args, PRESETS, ARG_DOMAINS,
+# RESUME_MUTABLE_FIELDS, FLAG_ALIASES.
 # ======================================================================================================================
 
 
@@ -2128,7 +2128,7 @@ def run_time_notice(seconds_per_step: float, remaining_steps: int, setup: Setup)
     return lines
 
 
-# ---- images and video files
+# ---- image files
 
 
 def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 2) -> np.ndarray:
@@ -2151,21 +2151,6 @@ def write_png(path: Path, rgb: np.ndarray):
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1])):
         raise OSError(f"cannot write {path}")
-
-
-def write_mp4(path: Path, frames: np.ndarray, fps: int = 15, min_side: int = 256):
-    """uint8 (T, H, W, 3) RGB frames -> MP4 (opencv, mp4v), enlarged by an integer factor to at least min_side."""
-    import cv2
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scale = max(1, min_side // max(frames.shape[1:3]))
-    height, width = frames.shape[1] * scale, frames.shape[2] * scale
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    if not writer.isOpened():
-        raise OSError(f"cannot write {path}")
-    for frame in frames:
-        writer.write(cv2.resize(frame, (width, height), interpolation=cv2.INTER_NEAREST)[:, :, ::-1])
-    writer.release()
 
 
 # ---- the entry point

@@ -2844,9 +2844,9 @@ def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
 
 
 def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, meanings: list[str]) -> int:
-    """Held keys -> the game's action: UP/DOWN, then LEFT/RIGHT, then FIRE make the ALE name (UPLEFTFIRE ...); a
-    combination the game lacks drops the vertical part, then fire (moving matters more): Breakout's up-right and
-    left+fire are RIGHT and LEFT."""
+    """Held keys -> an action of `meanings`: UP/DOWN, then LEFT/RIGHT, then FIRE make the (ALE) name (UPLEFTFIRE ...);
+    a combination it lacks drops the vertical part, then fire (moving matters more): the sprites world's up-right is
+    RIGHT, Breakout's up-right and left+fire are RIGHT and LEFT."""
     vertical = "UP" if up and not down else "DOWN" if down and not up else ""
     horizontal = "LEFT" if left and not right else "RIGHT" if right and not left else ""
     suffix = "FIRE" if fire else ""
@@ -3424,12 +3424,12 @@ def main(args: Args, given: set[str]):
 
 
 # ======================================================================================================================
-# BEGIN SHARED MACHINERY: byte-identical in all four cleanworlds scripts (tests/test_shared_blocks.py checks it).
-# The promises every script keeps (docs/PROMISES.md): flags and --config, checkpoints and RNG state, device, determinism
-# and torchrun setup, the run folder and TensorBoard, signals, throughput and MFU, images, the entry point. It reads
-# the script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args, PRESETS, ARG_DOMAINS,
-# RESUME_MUTABLE_FIELDS, FLAG_ALIASES. diamond_atari.py runs one process per game: it never calls the torchrun parts
-# (a world size above 1, leave_process_group, the all-reduce in StopFlag.sync) and ddpm/dit never call write_mp4.
+# BEGIN SHARED MACHINERY: the promises every script keeps (docs/PROMISES.md): flags and --config, checkpoints and RNG
+# state, device, determinism and torchrun setup, the run folder and TensorBoard, signals, throughput (and MFU on CUDA),
+# images, the entry point. Each script carries only the definitions it uses, and each definition is the same text in
+# every script that carries it (tests/test_shared_blocks.py checks it, definition by definition). They read the
+# script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args, PRESETS, ARG_DOMAINS,
+# RESUME_MUTABLE_FIELDS, FLAG_ALIASES.
 # ======================================================================================================================
 
 
@@ -3851,15 +3851,6 @@ def autocast_context(setup: Setup, dtype: str):
     return contextlib.nullcontext()
 
 
-def leave_process_group(world_size: int):
-    """Every rank tears the process group down at the same point, after a barrier: a rank that leaves while another is
-    still sampling or saving can be aborted by gloo at exit. What follows (final samples, FID) is rank 0's alone and
-    needs no collective."""
-    if world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 # ---- signals: SIGTERM / SIGINT finish the current step, save, exit 0
 
 
@@ -4073,46 +4064,7 @@ def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> floa
     return float(counter.get_total_flops())
 
 
-class Meter:
-    """Training-loop accounting without a host sync per step: device-side sums of the loss and the gradient norm,
-    samples per second over the timed steps, and MFU = achieved FLOP/s / peak FLOP/s (a training step counts as 3x
-    the forward FLOPs: forward plus a backward of twice its cost). read() syncs once per log interval."""
-
-    def __init__(self, device: torch.device, train_flops_per_sample: float, peak: float, world_size: int = 1):
-        self.train_flops_per_sample, self.peak, self.world_size = train_flops_per_sample, peak, world_size
-        self.loss_sum = torch.zeros((), device=device)
-        self.grad_norm_sum = torch.zeros((), device=device)
-        self.steps = 0
-        self.restart_clock()
-
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, num_samples: int):
-        self.loss_sum += loss.detach().float()
-        self.grad_norm_sum += grad_norm.detach().float()
-        self.steps += 1
-        self.timed_samples += num_samples
-
-    def restart_clock(self):
-        """Leaves what follows out of the throughput: the first (compiling) step, sampling, saving."""
-        self.timed_samples, self.clock = 0, time.perf_counter()
-
-    def finite(self) -> bool:
-        """Whether every loss and gradient norm since the last read() was finite (a host sync)."""
-        return math.isfinite(self.loss_sum.item()) and math.isfinite(self.grad_norm_sum.item())
-
-    def read(self) -> dict:
-        """Means since the last read, samples/s (global: the per-rank count times the world size) and MFU; resets."""
-        samples_per_second = self.timed_samples * self.world_size / max(time.perf_counter() - self.clock, 1e-9)
-        values = {"loss": self.loss_sum.item() / max(self.steps, 1),
-                  "grad_norm": self.grad_norm_sum.item() / max(self.steps, 1), "SPS": samples_per_second,
-                  "mfu": samples_per_second / self.world_size * self.train_flops_per_sample / self.peak}
-        self.loss_sum.zero_()
-        self.grad_norm_sum.zero_()
-        self.steps = 0
-        self.restart_clock()
-        return values
-
-
-# ---- memory and time: will a training step fit, how long will the run take
+# ---- memory: will a training step fit
 
 
 def available_memory(setup: Setup) -> float:
@@ -4173,45 +4125,6 @@ def check_step_memory(setup: Setup, batch_size: int, num_params: int, activation
                         f"step, {available / 2**30:.1f} GiB is available on {setup.device}: use --batch-size "
                         f"{fits} or less" + (" (or a smaller model)" if fits < setup.world_size else ""))
     return needed
-
-
-class StepTimer:
-    """The measured seconds per training step, from the first steps of a run (or of a resumed run): the clock starts
-    after the first step (which compiles, warms up allocators and caches) and stops `timed_steps` steps later, with a
-    device sync at both ends (CUDA runs ahead of the host). Read once: seconds_per_step(step) returns the figure at
-    the step where the timing ends, if steps remain after it, and None at every other step."""
-
-    def __init__(self, first_step: int, total_steps: int, setup: Setup, timed_steps: int = 5):
-        self.start_step, self.end_step = first_step + 1, first_step + 1 + timed_steps
-        self.total_steps, self.setup, self.clock = total_steps, setup, 0.0
-
-    def seconds_per_step(self, step: int) -> Optional[float]:
-        if step not in (self.start_step, self.end_step) or self.end_step >= self.total_steps:
-            return None
-        if self.setup.use_cuda:
-            torch.cuda.synchronize(self.setup.device)
-        if step == self.start_step:
-            self.clock = time.perf_counter()
-            return None
-        return (time.perf_counter() - self.clock) / (self.end_step - self.start_step)
-
-
-def run_time_notice(seconds_per_step: float, remaining_steps: int, setup: Setup) -> list[str]:
-    """The lines that announce how long the rest of the training takes (evaluations and checkpoints not counted)
-    from the measured step time; on a CPU, more than a day says so (the defaults are the papers' GPU settings)."""
-    seconds = seconds_per_step * remaining_steps
-    days, rest = divmod(int(seconds), 86_400)
-    if seconds < 3600:
-        length = f"{rest // 60} min {rest % 60} s"
-    else:
-        length = f"{f'{days} d ' if days else ''}{rest // 3600} h {rest % 3600 // 60} min"
-    lines = [f"estimated time to the end of training: {length} ({seconds_per_step:.3g} s per step on "
-             f"{setup.device}, {remaining_steps:,} step{'s' if remaining_steps != 1 else ''} to go, evaluations not "
-             f"counted)"]
-    if not setup.use_cuda and seconds > 86_400:
-        lines.append("notice: on this CPU the run takes more than a day: the defaults are the paper's GPU settings "
-                     "(--preset tiny runs in seconds, --preset cpu is sized for one)")
-    return lines
 
 
 # ---- images and video files

@@ -1229,7 +1229,7 @@ def build_model(args: "Args", vocab_size: int, num_actions: int) -> VideoDiffusi
 # float64 and cast to x's dtype.
 
 
-# ==== BEGIN SHARED SAMPLERS: identical in ddpm_cifar10.py, dit_cifar10.py, video_diffusion.py (tests check it) ====
+# ==== BEGIN SHARED SAMPLERS: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
 
 
 def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
@@ -1373,7 +1373,7 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
 # ==== END SHARED SAMPLERS ====
 
 
-# ==== BEGIN SHARED JUDGE: identical in ddpm_cifar10.py, dit_cifar10.py, video_diffusion.py (tests check it) ====
+# ==== BEGIN SHARED JUDGE: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
 # An offline sample-quality score for the generated datasets (FID needs Inception weights; these need nothing): a
 # small CNN classifier, trained once on real generated images and cached, judges the samples. Its scores are
 # eval/judge_*: the share of samples it recognises, the class accuracy of conditional samples, and the Frechet distance
@@ -1492,16 +1492,6 @@ def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np
     if real_labels is not None:
         scores["class_accuracy_real"] = float((probs_a[:, :-1].argmax(1).numpy() == np.asarray(real_labels[:n])).mean())
     return scores
-
-
-def log_judge_scores(writer, scores: dict, step: int, suffix: str = ""):
-    """Logs judge_scores' dict as eval/judge_{name}{suffix} and prints it on one line."""
-    from tqdm import tqdm
-
-    for name, value in scores.items():
-        writer.add_scalar(f"eval/judge_{name}{suffix}", value, step)
-    tqdm.write(f"judge at step {step}{suffix.replace('_', ', ')}: " +  # on its own line, not on a progress bar's
-               ", ".join(f"{k} {v:.3g}" for k, v in scores.items()))
 
 
 # ==== END SHARED JUDGE ====
@@ -1945,8 +1935,9 @@ def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
 
 
 def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, meanings: list[str]) -> int:
-    """Held keys -> an action: UP/DOWN, then LEFT/RIGHT, then FIRE make the name (UPLEFTFIRE ...); a combination the
-    model lacks drops the vertical part, then fire (the sprites world has no diagonals: up-right is RIGHT)."""
+    """Held keys -> an action of `meanings`: UP/DOWN, then LEFT/RIGHT, then FIRE make the (ALE) name (UPLEFTFIRE ...);
+    a combination it lacks drops the vertical part, then fire (moving matters more): the sprites world's up-right is
+    RIGHT, Breakout's up-right and left+fire are RIGHT and LEFT."""
     vertical = "UP" if up and not down else "DOWN" if down and not up else ""
     horizontal = "LEFT" if left and not right else "RIGHT" if right and not left else ""
     suffix = "FIRE" if fire else ""
@@ -2454,12 +2445,12 @@ def main(args: Args, given: set[str]):
 
 
 # ======================================================================================================================
-# BEGIN SHARED MACHINERY: byte-identical in all four cleanworlds scripts (tests/test_shared_blocks.py checks it).
-# The promises every script keeps (docs/PROMISES.md): flags and --config, checkpoints and RNG state, device, determinism
-# and torchrun setup, the run folder and TensorBoard, signals, throughput and MFU, images, the entry point. It reads
-# the script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args, PRESETS, ARG_DOMAINS,
-# RESUME_MUTABLE_FIELDS, FLAG_ALIASES. diamond_atari.py runs one process per game: it never calls the torchrun parts
-# (a world size above 1, leave_process_group, the all-reduce in StopFlag.sync) and ddpm/dit never call write_mp4.
+# BEGIN SHARED MACHINERY: the promises every script keeps (docs/PROMISES.md): flags and --config, checkpoints and RNG
+# state, device, determinism and torchrun setup, the run folder and TensorBoard, signals, throughput (and MFU on CUDA),
+# images, the entry point. Each script carries only the definitions it uses, and each definition is the same text in
+# every script that carries it (tests/test_shared_blocks.py checks it, definition by definition). They read the
+# script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args, PRESETS, ARG_DOMAINS,
+# RESUME_MUTABLE_FIELDS, FLAG_ALIASES.
 # ======================================================================================================================
 
 

@@ -1,6 +1,6 @@
 """The samplers over the whole range the command line accepts (1 <= --num-sampling-steps <= --timesteps), driven by
-the exact noise model of Gaussian data; the shared sampler block is one text in the three scripts; the linear schedule
-ends in noise at any T.
+the exact noise model of Gaussian data; the linear schedule ends in noise at any T. (That the samplers and the schedule
+are one text in the three scripts is tests/test_shared_blocks.py's check.)
 
 Gaussian data x0 ~ N(mu, s^2) per dimension makes everything closed form:
 - x_t = sqrt(a) x0 + sqrt(1-a) eps ~ N(sqrt(a) mu, a s^2 + 1 - a), a = abar_t, and the optimal noise model is
@@ -10,19 +10,16 @@ Gaussian data x0 ~ N(mu, s^2) per dimension makes everything closed form:
   x0 = mu + s (x_T - sqrt(a_T) mu) / sqrt(a_T s^2 + 1 - a_T). Deterministic samplers approach it as S grows.
 """
 import math
-import re
 from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_module
+from conftest import load_module
 
 ddpm = load_module("ddpm_cifar10.py")
 dit = load_module("dit_cifar10.py")
-video = load_module("video_diffusion.py")
-SCRIPTS = ("ddpm_cifar10.py", "dit_cifar10.py", "video_diffusion.py")
 
 MU = torch.tensor([0.3, -0.5, 0.0, 0.6], dtype=torch.float64)
 STD = torch.tensor([0.2, 0.5, 0.1, 0.3], dtype=torch.float64)
@@ -62,35 +59,6 @@ SAMPLERS = {  # name -> (abar, model_fn, x_T, S) -> x_0; DDPM unclipped, so that
 # S = 1, 2, one that divides neither T, one between T/2 and T (leading's T // S stride stopped at S-1 there), T-1, T;
 # at T = 1000 fewer, to stay fast (S = T there: in the convergence test)
 STEP_COUNTS = {100: (1, 2, 7, 60, 99, 100), 1000: (1, 7, 600)}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The shared block and the schedule are one text
-
-
-def shared_block(script: str) -> str:
-    text = (ROOT / script).read_text()
-    begins = re.findall(r"^# ==== BEGIN SHARED SAMPLERS.*$", text, flags=re.M)
-    ends = re.findall(r"^# ==== END SHARED SAMPLERS ====$", text, flags=re.M)
-    assert len(begins) == 1 and len(ends) == 1, f"{script}: expected one BEGIN and one END marker"
-    return text[text.index(begins[0]): text.index(ends[0]) + len(ends[0])]
-
-
-def test_shared_sampler_block_is_byte_identical_in_the_three_scripts():
-    blocks = {script: shared_block(script) for script in SCRIPTS}
-    for name in ("_abar", "ddim_timesteps", "ddpm_sample", "ddim_sample", "dpm_solver_sample"):
-        assert f"\ndef {name}(" in blocks["ddpm_cifar10.py"], f"{name} is not in the shared block"
-    assert all(len(line) <= 120 for line in blocks["ddpm_cifar10.py"].splitlines())
-    for script in SCRIPTS[1:]:
-        assert blocks[script] == blocks["ddpm_cifar10.py"], f"{script}'s sampler block differs from ddpm_cifar10.py's"
-
-
-def test_schedule_functions_are_identical_in_the_three_scripts():
-    import inspect
-
-    for name in ("make_beta_schedule", "make_alphas_cumprod"):
-        sources = {inspect.getsource(getattr(module, name)) for module in (ddpm, dit, video)}
-        assert len(sources) == 1, f"{name} differs between the scripts"
 
 
 def test_linear_schedule_ends_in_noise_at_any_T_and_is_the_papers_at_1000():
