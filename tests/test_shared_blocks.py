@@ -99,6 +99,7 @@ def test_a_definition_shared_by_several_scripts_is_one_text_in_all_of_them(defin
     assert {"parse_args", "load_checkpoint", "save_checkpoint", "StopFlag", "run_main", "peak_flops", "make_grid",
             "ddim_sample", "ddpm_sample", "make_beta_schedule", "make_alphas_cumprod", "judge_scores",
             "epoch_permutation", "global_batch_indices"} <= compared
+    problems = []
     for name in sorted(compared):
         reference, *others = holders[name]
         for script in others:
@@ -106,10 +107,12 @@ def test_a_definition_shared_by_several_scripts_is_one_text_in_all_of_them(defin
             if a != b:
                 diff = "".join(list(difflib.unified_diff(a.splitlines(True), b.splitlines(True), reference, script,
                                                          n=0))[:12])
-                pytest.fail(f"{name} differs between {reference} and {script}:\n{diff}\nMake it the same text in "
-                            f"{', '.join(holders[name])} (copy the one you changed into the others); if it means "
-                            f"something else in one of them, rename it there; only if it must differ, add it to "
-                            f"ALLOWLIST in tests/test_shared_blocks.py with a one-line reason.")
+                problems.append(f"{name} differs between {reference} and {script}:\n{diff}\nMake it the same text "
+                                f"in {', '.join(holders[name])} (copy the one you changed into the others); if it "
+                                f"means something else in one of them, rename it there; only if it must differ, add "
+                                f"it to ALLOWLIST in tests/test_shared_blocks.py with a one-line reason.")
+                break
+    assert not problems, "\n\n".join(problems)
 
 
 def test_the_allowlist_names_only_definitions_that_differ(definitions):
@@ -126,19 +129,21 @@ def test_no_script_carries_a_definition_it_never_uses(definitions, texts):
     """Used: reachable by name from the script's statements other than definitions (the __main__ stanza, imports,
     module-level code), through the definitions they use, and so on. A definition that refers only to itself, or a
     group that only refers to one another, is not used."""
+    unused = {}
     for script, found in definitions.items():
-        nodes = [node for node, _ in found.values()]
-        roots = [node for node in ast.parse(texts[script]).body if node not in nodes]
+        defining_lines = {node.lineno for node, _ in found.values()}
+        roots = [node for node in ast.parse(texts[script]).body if node.lineno not in defining_lines]
         used, todo = set(), [node.id for root in roots for node in ast.walk(root) if isinstance(node, ast.Name)]
         while todo:
             name = todo.pop()
             if name in found and name not in used:
                 used.add(name)
                 todo += [node.id for node in ast.walk(found[name][0]) if isinstance(node, ast.Name)]
-        unused = [name for name in found if name not in used]
-        assert not unused, (f"{script} defines {', '.join(unused)}, which nothing it runs uses (tests and benchmark/ "
-                            f"do not count): delete {'them' if len(unused) > 1 else 'it'} from {script}, then whatever "
-                            f"only {'they' if len(unused) > 1 else 'it'} used (this test names it next)")
+        unused[script] = [name for name in found if name not in used]
+    assert not any(unused.values()), "\n".join(
+        f"{script} defines {', '.join(names)}, which nothing it runs uses (tests and benchmark/ do not count): delete "
+        f"them from {script}; a test that calls one of them there goes to a script that uses it, or goes"
+        for script, names in unused.items() if names)
 
 
 def test_every_name_the_shared_code_reads_is_defined_by_each_script(definitions):
