@@ -2306,7 +2306,7 @@ class Run:
     stop: object  # the StopFlag (defined in the shared block below)
     run_dir: Path
     denoiser_update_flops: float  # FLOPs of one denoiser update, for MFU
-    peak_flops: float  # the device's peak FLOP/s
+    peak_flops: Optional[float]  # the device's peak FLOP/s on CUDA; None on a CPU (no MFU)
 
     @property
     def num_epochs(self) -> int:
@@ -2441,7 +2441,7 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
             torch.cuda.synchronize()
         per_second = (pos.step - first) / (time.perf_counter() - start)
         log.add(f"perf/{name}_steps_per_s", per_second)
-        if name == "denoiser":  # MFU = achieved FLOP/s / peak FLOP/s
+        if name == "denoiser" and run.peak_flops is not None:  # MFU = achieved FLOP/s / peak FLOP/s, on CUDA only
             log.add("perf/mfu", per_second * run.denoiser_update_flops / run.peak_flops)
         if name == "actor_critic":
             log.add("perf/imagination_frames_per_s", per_second * args.num_imagined_envs * args.backup_every)
@@ -4002,53 +4002,22 @@ def progress_bar(total: int, initial: int, desc: str, unit: str, enabled: bool =
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled)
 
 
-# ---- throughput and model FLOPs utilisation
-
-
-def cpu_peak_flops() -> float:
-    """An upper bound of the CPU's fp32 FLOP/s: cores x max clock x vector lanes x 2 (FMA) x 2 (FMA units), from
-    /proc/cpuinfo and cpufreq (Linux; elsewhere 4 GHz and AVX-512 are assumed, which only lowers MFU)."""
-    cores = min(torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                else os.cpu_count() or 1)
-    ghz, lanes = 4.0, 16
-    with contextlib.suppress(OSError, ValueError):
-        info = Path("/proc/cpuinfo").read_text()
-        flags = set(next(line for line in info.splitlines() if line.startswith(("flags", "Features"))).split())
-        lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags or "avx" in flags else 4
-        mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
-        max_khz = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
-        ghz = float(max_khz.read_text()) / 1e6 if max_khz.exists() else max(mhz) / 1e3 * 1.5  # turbo headroom
-    return cores * ghz * 1e9 * lanes * 2 * 2
-
-
-def measured_matmul_flops() -> float:
-    """The best of 5 timed 1024^2 fp32 matmuls (an (n x n) matmul is 2 n^3 FLOPs); leaves the global RNG alone. 1024,
-    not 2048: 0.2 s of every run's start-up instead of 2 s on one core, and no slower per FLOP on the 2-core CPU of
-    2026-11-30 (70 against 47 GFLOP/s on one thread, beside another run)."""
-    a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
-    torch.mm(a, a)  # warm-up: thread pool and caches
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        torch.mm(a, a)
-        best = min(best, time.perf_counter() - start)
-    return 2 * 1024 ** 3 / best
+# ---- throughput and model FLOPs utilisation (MFU, on CUDA)
 
 
 CUDA_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
                    "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16
 
 
-def peak_flops(setup: Setup, dtype: str) -> float:
-    """The MFU denominator, an upper bound of the device's FLOP/s: on CUDA the dense bf16/fp16 tensor-core peak from
-    a table (TF32, used for float32, is half of it; NaN for an unknown GPU); on the CPU the larger of cpu_peak_flops()
-    and a measured matmul's rate, so that MFU cannot exceed 1."""
-    if setup.use_cuda:
-        name = torch.cuda.get_device_name(setup.device)
-        peak = 756e12 if "H100" in name and "PCIe" in name else next(
-            (flops for key, flops in CUDA_PEAK_FLOPS.items() if key in name), float("nan"))
-        return peak / 2 if dtype == "float32" else peak
-    return max(cpu_peak_flops(), measured_matmul_flops())
+def peak_flops(setup: Setup, dtype: str) -> Optional[float]:
+    """The MFU denominator on CUDA: the dense bf16/fp16 tensor-core peak from a table (TF32, used for float32, is half
+    of it; NaN for an unknown GPU). None on a CPU, which has no MFU: its throughput is the figure to read."""
+    if not setup.use_cuda:
+        return None
+    name = torch.cuda.get_device_name(setup.device)
+    peak = 756e12 if "H100" in name and "PCIe" in name else next(
+        (flops for key, flops in CUDA_PEAK_FLOPS.items() if key in name), float("nan"))
+    return peak / 2 if dtype == "float32" else peak
 
 
 def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> float:

@@ -2411,9 +2411,10 @@ def main(args: Args, given: set[str]):
                 writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
                 writer.add_scalar("charts/grad_norm", logged["grad_norm"], step)
                 writer.add_scalar("charts/SPS", logged["SPS"], step)
-                writer.add_scalar("perf/mfu", logged["mfu"], step)
-                progress.set_postfix(loss=f"{logged['loss']:.4f}", clips_s=f"{logged['SPS']:.1f}",
-                                     mfu=f"{logged['mfu']:.1%}")
+                mfu = {"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}  # on CUDA only
+                if mfu:
+                    writer.add_scalar("perf/mfu", logged["mfu"], step)
+                progress.set_postfix(loss=f"{logged['loss']:.4f}", clips_s=f"{logged['SPS']:.1f}", **mfu)
         # Every rank stops at the same step: all-reduced at the log boundary under torchrun, at once alone.
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         evaluation = step % args.eval_every == 0 or step == args.total_steps
@@ -3032,53 +3033,22 @@ def progress_bar(total: int, initial: int, desc: str, unit: str, enabled: bool =
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled)
 
 
-# ---- throughput and model FLOPs utilisation
-
-
-def cpu_peak_flops() -> float:
-    """An upper bound of the CPU's fp32 FLOP/s: cores x max clock x vector lanes x 2 (FMA) x 2 (FMA units), from
-    /proc/cpuinfo and cpufreq (Linux; elsewhere 4 GHz and AVX-512 are assumed, which only lowers MFU)."""
-    cores = min(torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                else os.cpu_count() or 1)
-    ghz, lanes = 4.0, 16
-    with contextlib.suppress(OSError, ValueError):
-        info = Path("/proc/cpuinfo").read_text()
-        flags = set(next(line for line in info.splitlines() if line.startswith(("flags", "Features"))).split())
-        lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags or "avx" in flags else 4
-        mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
-        max_khz = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
-        ghz = float(max_khz.read_text()) / 1e6 if max_khz.exists() else max(mhz) / 1e3 * 1.5  # turbo headroom
-    return cores * ghz * 1e9 * lanes * 2 * 2
-
-
-def measured_matmul_flops() -> float:
-    """The best of 5 timed 1024^2 fp32 matmuls (an (n x n) matmul is 2 n^3 FLOPs); leaves the global RNG alone. 1024,
-    not 2048: 0.2 s of every run's start-up instead of 2 s on one core, and no slower per FLOP on the 2-core CPU of
-    2026-11-30 (70 against 47 GFLOP/s on one thread, beside another run)."""
-    a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
-    torch.mm(a, a)  # warm-up: thread pool and caches
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        torch.mm(a, a)
-        best = min(best, time.perf_counter() - start)
-    return 2 * 1024 ** 3 / best
+# ---- throughput and model FLOPs utilisation (MFU, on CUDA)
 
 
 CUDA_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
                    "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16
 
 
-def peak_flops(setup: Setup, dtype: str) -> float:
-    """The MFU denominator, an upper bound of the device's FLOP/s: on CUDA the dense bf16/fp16 tensor-core peak from
-    a table (TF32, used for float32, is half of it; NaN for an unknown GPU); on the CPU the larger of cpu_peak_flops()
-    and a measured matmul's rate, so that MFU cannot exceed 1."""
-    if setup.use_cuda:
-        name = torch.cuda.get_device_name(setup.device)
-        peak = 756e12 if "H100" in name and "PCIe" in name else next(
-            (flops for key, flops in CUDA_PEAK_FLOPS.items() if key in name), float("nan"))
-        return peak / 2 if dtype == "float32" else peak
-    return max(cpu_peak_flops(), measured_matmul_flops())
+def peak_flops(setup: Setup, dtype: str) -> Optional[float]:
+    """The MFU denominator on CUDA: the dense bf16/fp16 tensor-core peak from a table (TF32, used for float32, is half
+    of it; NaN for an unknown GPU). None on a CPU, which has no MFU: its throughput is the figure to read."""
+    if not setup.use_cuda:
+        return None
+    name = torch.cuda.get_device_name(setup.device)
+    peak = 756e12 if "H100" in name and "PCIe" in name else next(
+        (flops for key, flops in CUDA_PEAK_FLOPS.items() if key in name), float("nan"))
+    return peak / 2 if dtype == "float32" else peak
 
 
 def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> float:
@@ -3096,10 +3066,12 @@ def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> floa
 
 class Meter:
     """Training-loop accounting without a host sync per step: device-side sums of the loss and the gradient norm,
-    samples per second over the timed steps, and MFU = achieved FLOP/s / peak FLOP/s (a training step counts as 3x
-    the forward FLOPs: forward plus a backward of twice its cost). read() syncs once per log interval."""
+    samples per second over the timed steps, and, given a peak (CUDA: peak_flops), MFU = achieved FLOP/s / peak FLOP/s
+    (a training step counts as 3x the forward FLOPs: forward plus a backward of twice its cost). read() syncs once per
+    log interval."""
 
-    def __init__(self, device: torch.device, train_flops_per_sample: float, peak: float, world_size: int = 1):
+    def __init__(self, device: torch.device, train_flops_per_sample: float, peak: Optional[float],
+                 world_size: int = 1):
         self.train_flops_per_sample, self.peak, self.world_size = train_flops_per_sample, peak, world_size
         self.loss_sum = torch.zeros((), device=device)
         self.grad_norm_sum = torch.zeros((), device=device)
@@ -3121,11 +3093,13 @@ class Meter:
         return math.isfinite(self.loss_sum.item()) and math.isfinite(self.grad_norm_sum.item())
 
     def read(self) -> dict:
-        """Means since the last read, samples/s (global: the per-rank count times the world size) and MFU; resets."""
+        """Means since the last read, samples/s (global: the per-rank count times the world size) and, given a peak,
+        MFU; resets."""
         samples_per_second = self.timed_samples * self.world_size / max(time.perf_counter() - self.clock, 1e-9)
         values = {"loss": self.loss_sum.item() / max(self.steps, 1),
-                  "grad_norm": self.grad_norm_sum.item() / max(self.steps, 1), "SPS": samples_per_second,
-                  "mfu": samples_per_second / self.world_size * self.train_flops_per_sample / self.peak}
+                  "grad_norm": self.grad_norm_sum.item() / max(self.steps, 1), "SPS": samples_per_second}
+        if self.peak is not None:
+            values["mfu"] = samples_per_second / self.world_size * self.train_flops_per_sample / self.peak
         self.loss_sum.zero_()
         self.grad_norm_sum.zero_()
         self.steps = 0

@@ -290,8 +290,9 @@ def test_tiny_run_smoke(tiny_runs):
     assert [line for line in stdout.splitlines() if line.startswith("saved checkpoint")] == [
         f"saved checkpoint at step {s}" for s in (256, 512, 768, 1024)]
     scalars = read_scalars(run_dir)
-    for tag in ("losses/mse", "charts/learning_rate", "charts/grad_norm", "charts/SPS", "perf/mfu"):
+    for tag in ("losses/mse", "charts/learning_rate", "charts/grad_norm", "charts/SPS"):
         assert scalars[tag], tag
+    assert "perf/mfu" not in scalars  # MFU on CUDA only
     assert read_image_tags(run_dir) == ["samples/ema"]
     losses = [v for _, v in scalars["losses/mse"]]
     measured(loss_first=losses[0], loss_last=losses[-1], ratio=losses[-1] / losses[0])

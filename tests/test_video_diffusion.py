@@ -470,13 +470,13 @@ def test_tiny_preset_writes_events_config_mp4s_metrics_and_a_safe_checkpoint(tin
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
     assert "saved checkpoint at step 40" in result.stdout
     scalars = read_scalars(run_dir)
-    for tag in ("losses/mse", "charts/learning_rate", "charts/grad_norm", "charts/SPS", "perf/mfu",
+    for tag in ("losses/mse", "charts/learning_rate", "charts/grad_norm", "charts/SPS",
                 "eval/psnr_true_actions", "eval/psnr_shuffled_actions", "eval/psnr_copy_last",
                 "eval/action_control_dpsnr", "eval/text_direction_accuracy", "eval/action_direction_accuracy",
                 "eval/text_direction_accuracy_swapped", "eval/action_direction_accuracy_swapped"):
         assert tag in scalars, tag
     assert all(np.isfinite(v) for _, v in scalars["losses/mse"])
-    assert 0 < scalars["perf/mfu"][-1][1] < 1
+    assert "perf/mfu" not in scalars  # MFU on CUDA only
     psnr = {k: scalars[f"eval/{k}"][-1][1] for k in ("psnr_true_actions", "psnr_shuffled_actions")}
     assert scalars["eval/action_control_dpsnr"][-1][1] == pytest.approx(psnr["psnr_true_actions"] -
                                                                         psnr["psnr_shuffled_actions"], abs=1e-4)
