@@ -1339,10 +1339,11 @@ def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, 
 class WorldModelEnv:
     """num_imagined_envs imagined environments that live across actor-critic updates, as in DIAMOND. Each starts from
     a real segment (c frames, c - 1 actions) from the replay buffer, burns the reward/end model's LSTM in on its real
-    transitions, then steps: the denoiser generates the next frame, the reward/end model samples the reward sign and
-    the end flag. An imagined episode ends when the end flag is sampled (terminated) or after imagination_horizon
-    steps of its own life (truncated), and restarts from a new real segment at the same step. Its state (frames,
-    actions, LSTM states, ages, and the actor's LSTM state kept here for actor_critic_loss) goes into checkpoints."""
+    transitions, then steps (ImaginationGraphs.world_model_step): the denoiser generates the next frame, the
+    reward/end model samples the reward sign and the end flag. An imagined episode ends when the end flag is sampled
+    (terminated) or after imagination_horizon steps of its own life (truncated), and restarts from a new real segment
+    at the same step. Its state (frames, actions, LSTM states, ages, and the actor's LSTM state kept here for
+    actor_critic_loss) goes into checkpoints."""
 
     def __init__(self, denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, args: Args,
                  device: torch.device, generator: torch.Generator, cpu_generator: torch.Generator, net=None,
@@ -1375,33 +1376,6 @@ class WorldModelEnv:
         self.age = torch.zeros(self.args.num_imagined_envs, dtype=torch.long, device=self.device)
         return self.obs[:, -1], self.obs[:, :-1]
 
-    @torch.no_grad()
-    def step(self, action: torch.Tensor):
-        """Returns (next frame, reward sign, end, truncated, restarted). Envs that ended or were truncated restart:
-        their returned frame is the new start, and restarted = (indices, burn-in frames (k, c - 1, 3, H, W), final
-        frames (k, 3, H, W) of the episodes that stopped), or None."""
-        self.act[:, -1] = action
-        next_obs = generate_next_obs(self.denoiser, self.obs, self.act, self.args, self.generator, self.net,
-                                     self.autocast)
-        with self.autocast:
-            reward_logits, end_logits, hidden = self.reward_end_model(
-                self.obs[:, -1:], action[:, None], next_obs[:, None], self.hidden)
-        self.hidden = tuple(h.float() for h in hidden)
-        reward = torch.multinomial(reward_logits[:, 0].float().softmax(-1), 1, generator=self.generator)[:, 0] - 1
-        end = torch.multinomial(end_logits[:, 0].float().softmax(-1), 1, generator=self.generator)[:, 0]
-        self.age += 1
-        truncated = (self.age >= self.args.imagination_horizon) & (end == 0)  # the horizon, unless it ended anyway
-        self.obs = torch.cat([self.obs[:, 1:], next_obs[:, None]], dim=1)
-        self.act = torch.cat([self.act[:, 1:], torch.zeros_like(self.act[:, :1])], dim=1)
-        restarted = None
-        stopped = ((end == 1) | truncated).nonzero()[:, 0]
-        if len(stopped):  # a host sync, as in DIAMOND: restart these envs from new real segments
-            obs, act, hidden = self.start(len(stopped))
-            self.obs[stopped], self.act[stopped], self.age[stopped] = obs, act, 0
-            self.hidden = tuple(hc.index_copy(1, stopped, new) for hc, new in zip(self.hidden, hidden))
-            restarted = (stopped, obs[:, :-1], next_obs[stopped])
-        return self.obs[:, -1], reward.float(), end.float(), truncated.float(), restarted
-
     def state_dict(self) -> dict:
         if self.obs is None:
             return {}
@@ -1429,48 +1403,11 @@ def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=cont
 
 def imagine(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, generator: torch.Generator,
             autocast=contextlib.nullcontext()) -> dict[str, torch.Tensor]:
-    """backup_every more steps of the persistent imagined episodes (num_imagined_envs of them), step by step in eager
-    mode: the policy's logits (n, H, A) and values (n, H) with gradients, and without: the bootstraps V'_t (n, H),
-    actions, reward signs, ends and truncations (n, H).
-
-    The actor's LSTM state carries over from the last update (detached); an episode that stops at step t bootstraps
-    from V of its final frame (the actor's state stepped on it), then the actor's memory is burnt in on the new
-    segment's c - 1 earlier frames."""
-    if wm_env.obs is None:  # the first update: start the imagined episodes
-        _, burn_in = wm_env.reset()
-        wm_env.actor_hidden = actor_burn_in(actor_critic, burn_in, autocast)
-    obs, hidden = wm_env.obs[:, -1], tuple(h.detach() for h in wm_env.actor_hidden)
-    logits_list, values, bootstrap, actions, rewards, ends, truncs = [], [], [], [], [], [], []
-    stopped = None  # (indices, V(final frame)) of the episodes that stopped at the previous step
-    for t in range(args.backup_every):
-        with autocast:
-            logits, value, hidden = actor_critic(obs, hidden)
-        action = torch.multinomial(logits.detach().float().softmax(-1), 1, generator=generator)[:, 0]
-        if t > 0:  # V'_(t-1) = V(s_t), or V(final frame) where the episode stopped at t - 1
-            bootstrap.append(value.detach().float() if stopped is None else
-                             value.detach().float().index_copy(0, *stopped))
-        obs, reward, end, trunc, restarted = wm_env.step(action)
-        stopped = None
-        if restarted is not None:
-            index, frames, final_obs = restarted
-            with torch.no_grad(), autocast:
-                _, final_value, _ = actor_critic(final_obs, tuple(h[index] for h in hidden))
-            stopped = (index, final_value.float())
-            new_hidden = actor_burn_in(actor_critic, frames, autocast)  # the actor's memory restarts too
-            hidden = tuple(h.index_copy(0, index, new.to(h.dtype)) for h, new in zip(hidden, new_hidden))
-        logits_list.append(logits.float())
-        values.append(value.float())
-        actions.append(action)
-        rewards.append(reward)
-        ends.append(end)
-        truncs.append(trunc)
-    with torch.no_grad(), autocast:
-        _, last_value, _ = actor_critic(obs, hidden)  # V(s_H), without stepping the kept LSTM state
-    bootstrap.append(last_value.float() if stopped is None else last_value.float().index_copy(0, *stopped))
-    wm_env.actor_hidden = tuple(h.detach().float() for h in hidden)
-    return {key: torch.stack(value, 1) for key, value in (
-        ("logits", logits_list), ("values", values), ("bootstrap", bootstrap), ("actions", actions),
-        ("rewards", rewards), ("ends", ends), ("truncs", truncs))}
+    """backup_every more steps of the persistent imagined episodes (num_imagined_envs of them), eager: the imagination
+    step's functions (ImaginationGraphs) called uncompiled, with the reference's restarts (a fresh real segment per
+    restart, sampled when the episode stops) and the run's --compile'd denoiser network and autocast."""
+    return ImaginationGraphs(wm_env, actor_critic, args, wm_env.device, backend=None, autocast=autocast,
+                             eager=True)._rollout(generator)
 
 
 def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, generator: torch.Generator,
@@ -1493,28 +1430,43 @@ def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Ar
                   "imagined_reward": rewards.mean(), "imagined_end": rollout["ends"].mean()}
 
 
-class ImaginationGraphs:
-    """The imagination step as two compiled functions, captured as CUDA graphs on CUDA (torch.compile's
-    "reduce-overhead"; default inductor on the CPU), as DIAMOND's reference compiles its world-model env: the policy
-    step (with gradients) and the world-model step (the Euler denoiser calls, the reward/end model, the restarts).
+def restart(obs, act, hidden, age, stopped, start):
+    """The envs that stopped (stopped (n,)) take their row of start (frames, actions, reward/end LSTM state) and age
+    0, by torch.where: fixed shapes, no host sync."""
+    start_obs, start_act, start_hidden = start
+    return (torch.where(stopped[:, None, None, None, None], start_obs, obs),
+            torch.where(stopped[:, None], start_act, act),
+            tuple(torch.where(stopped[None, :, None], s, h) for s, h in zip(start_hidden, hidden)),
+            torch.where(stopped, 0, age))
 
-    What makes them graphs: fixed shapes (num_imagined_envs), no generator inside (the rollout's noise and uniforms
-    are drawn from the run's generator before it, sample_categorical turns uniforms into classes), and no host sync:
-    an env that stops swaps in, by torch.where, its slot of a restart pool of num_imagined_envs real segments that
-    were sampled from the buffer and burnt in (reward/end and actor LSTMs) before the rollout. Nothing the pool
-    depends on (the buffer, the models' weights) changes during a rollout, so a restart from the pool is a restart
-    from a fresh real segment, except for an env that stops twice in one rollout: it starts its slot's segment again.
-    The state stays in wm_env (its checkpoint format), so a run resumes either way.
+
+class ImaginationGraphs:
+    """The imagination step, written once: the policy step (with gradients) and the world-model step (the Euler
+    denoiser calls, the reward/end model, the restarts), and the rollout over them. The eager imagination (imagine)
+    calls these functions directly; the fast path compiles the same functions, captured as CUDA graphs on CUDA
+    (torch.compile's "reduce-overhead"; default inductor on the CPU), as DIAMOND's reference compiles its world-model
+    env. Either way the rollout's noise and uniforms are drawn from the run's generator before it
+    (sample_categorical turns uniforms into classes), the LSTM states stay fp32 between steps (the LSTMs written out,
+    lstm_step, under autocast too) and the state stays in wm_env (its checkpoint format), so a run resumes either way.
+
+    The restarts are the one difference. Eager (the reference's): an env that stops restarts from a fresh real segment
+    sampled from the buffer and burnt in (reward/end and actor LSTMs) right after the step, a host sync. Compiled
+    (fixed shapes, no host sync): it swaps in, by torch.where, its slot of a restart pool of num_imagined_envs real
+    segments that were sampled and burnt in before the rollout. Nothing the pool depends on (the buffer, the models'
+    weights) changes during a rollout, so that is a restart from a fresh real segment too, except for an env that stops
+    twice in one rollout: it starts its slot's segment again.
 
     backend: torch.compile's ("default": COMPILE_BACKEND); None runs the same functions uncompiled (the reference the
     tests compare with); `calls` counts the compiled calls and compile_seconds is the first rollout's time (tracing
-    and compiling included)."""
+    and compiling included). eager: the eager imagination (backend None): fresh restarts, the denoiser sampled by
+    wm_env.net (--compile's network) and autocast (the run's context) entered as given."""
 
     def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args, device: torch.device,
                  amp_dtype: Optional[torch.dtype] = None, backend: Union[str, Callable, None] = "default",
-                 mode: Optional[str] = None, stop=None):
+                 mode: Optional[str] = None, stop=None, autocast=None, eager: bool = False):
         self.wm_env, self.actor_critic, self.args, self.device = wm_env, actor_critic, args, device
         self.amp_dtype = amp_dtype  # bf16/fp16 autocast on CUDA (entered inside the graphs), None: float32
+        self.autocast, self.eager, self.net = autocast, eager, wm_env.net if eager else None
         self.sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
         backend = COMPILE_BACKEND if backend == "default" else backend  # read now: tests replace it
         self.backend, self.mode = backend, mode
@@ -1528,7 +1480,9 @@ class ImaginationGraphs:
             torch._dynamo.config.allow_rnn = True
 
     def amp(self):
-        """The autocast context, made where it is entered (inside a compiled function too)."""
+        """The autocast context, made where it is entered (inside a compiled function too), or the one given."""
+        if self.autocast is not None:
+            return self.autocast
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
@@ -1550,7 +1504,8 @@ class ImaginationGraphs:
         """One step of every imagined env: obs (n, c, 3, H, W) and act (n, c) the last c frames and actions (act's
         last slot is filled with action (n,)), hidden the reward/end LSTM state, age (n,) the steps of each life,
         actor_hidden the actor's state after this step's frame, noise (n, 3, H, W) the sampler's start, uniforms
-        (2, n) for the reward sign and the end, start the restart pool (obs, act, reward/end state).
+        (2, n) for the reward sign and the end, start the restart pool (obs, act, reward/end state), or None: no
+        restart here (the eager path restarts after the step).
         Returns the next state, reward sign, end, truncated, stopped, V(final frame) and, for the checks, the next
         frame before restarts, every denoiser call's D(x; sigma) before 8-bit quantisation (num_calls, n, 3, H, W)
         and the reward/end logits."""
@@ -1562,7 +1517,7 @@ class ImaginationGraphs:
 
         def denoise_fn(x, sigma):
             with self.amp():
-                _, denoised = denoiser(x, sigma, past, act)
+                _, denoised = denoiser(x, sigma, past, act, self.net)
             raw.append(denoised)
             return quantize_8bit(denoised)
 
@@ -1576,15 +1531,26 @@ class ImaginationGraphs:
         age = age + 1
         truncated = (age >= args.imagination_horizon) & (end == 0)  # the horizon, unless it ended anyway
         stopped = (end == 1) | truncated
-        start_obs, start_act, start_hidden = start
-        obs = torch.where(stopped[:, None, None, None, None], start_obs, torch.cat([obs[:, 1:], next_obs[:, None]], 1))
-        act = torch.where(stopped[:, None], start_act, torch.cat([act[:, 1:], torch.zeros_like(act[:, :1])], 1))
-        hidden = tuple(torch.where(stopped[None, :, None], s, h.float()) for s, h in zip(start_hidden, hidden))
-        age = torch.where(stopped, 0, age)
+        state = (torch.cat([obs[:, 1:], next_obs[:, None]], 1),
+                 torch.cat([act[:, 1:], torch.zeros_like(act[:, :1])], 1), tuple(h.float() for h in hidden), age)
+        obs, act, hidden, age = state if start is None else restart(*state, stopped, start)
         return {"obs": obs, "act": act, "hidden": hidden, "age": age, "reward": reward.float(), "end": end.float(),
                 "truncated": truncated.float(), "stopped": stopped, "final_value": final_value.float(),
                 "next_obs": next_obs, "denoised": torch.stack(raw).float(), "reward_logits": reward_logits.float(),
                 "end_logits": end_logits.float()}
+
+    def fresh_starts(self, stopped: torch.Tensor):
+        """The eager path's restarts after a step: a fresh real segment from the buffer, burnt in (reward/end and
+        actor LSTMs), in the row of each env that stopped (stopped (n,); the other rows are zeros, unused): the
+        restart pool (obs, act, reward/end state) and the actor's states to swap in."""
+        index = stopped.nonzero()[:, 0]
+
+        def rows(x, dim=0):
+            return x.new_zeros(x.shape[:dim] + (len(stopped),) + x.shape[dim + 1:]).index_copy(dim, index, x)
+
+        obs, act, hidden = self.wm_env.start(len(index))
+        actor_hidden = actor_burn_in(self.actor_critic, obs[:, :-1], self.amp())
+        return (rows(obs), rows(act), tuple(rows(h, 1) for h in hidden)), tuple(rows(h) for h in actor_hidden)
 
     def rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """backup_every steps as imagine() returns them, through the compiled steps. A compilation that fails is one
@@ -1603,23 +1569,28 @@ class ImaginationGraphs:
                 self.stop.busy = ""
 
     def _rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """backup_every more steps of the persistent imagined episodes: the policy's logits (n, H, A) and values (n, H)
+        with gradients, and without: the bootstraps V'_t (n, H), actions, reward signs, ends and truncations (n, H).
+        The actor's LSTM state carries over from the last update (detached); an episode that stops at step t
+        bootstraps from V of its final frame (the actor's state stepped on it), then the actor's memory restarts
+        too (burnt in on the new segment's c - 1 earlier frames)."""
         args, env, actor_critic, n = self.args, self.wm_env, self.actor_critic, self.args.num_imagined_envs
         begin = time.perf_counter()
         if env.obs is None:  # the first update: start the imagined episodes
             _, burn_in = env.reset()
             env.actor_hidden = actor_burn_in(actor_critic, burn_in, self.amp())
-        # the restart pool: a fresh real segment per env, burnt in with the weights of this rollout
-        start_obs, start_act, start_hidden = env.start(n)
-        start = (start_obs, start_act, start_hidden)
-        start_actor_hidden = actor_burn_in(actor_critic, start_obs[:, :-1], self.amp())
+        actor_hidden = tuple(h.detach().float() for h in env.actor_hidden)
+        start, start_actor_hidden = None, actor_hidden  # eager: set at each restart (fresh_starts)
+        if not self.eager:  # the restart pool: a fresh real segment per env, burnt in with the weights of this rollout
+            start = env.start(n)
+            start_actor_hidden = actor_burn_in(actor_critic, start[0][:, :-1], self.amp())
         # every random number of the rollout, drawn before it from the run's generator
-        steps, size = args.backup_every, args.obs_size
-        noise = torch.randn((steps, n, 3, size, size), generator=generator, device=self.device)
+        steps = args.backup_every
+        noise = torch.randn((steps, n, *env.obs.shape[2:]), generator=generator, device=self.device)
         uniforms = torch.rand((steps, 3, n), generator=generator, device=self.device)  # action, reward, end
         if self.device.type == "cuda":  # a new rollout: the graphs may reuse the memory of the last one's outputs
             torch.compiler.cudagraph_mark_step_begin()
         obs, act, hidden, age = env.obs, env.act, env.hidden, env.age
-        actor_hidden = tuple(h.detach().float() for h in env.actor_hidden)
         stopped = torch.zeros(n, dtype=torch.bool, device=self.device)
         final_value = torch.zeros(n, device=self.device)
         out = {key: [] for key in ("logits", "values", "bootstrap", "actions", "rewards", "ends", "truncs")}
@@ -1636,6 +1607,9 @@ class ImaginationGraphs:
             self.calls += 1 + (t > 0)
             obs, act, hidden, age = step["obs"], step["act"], step["hidden"], step["age"]
             stopped, final_value = step["stopped"], step["final_value"]
+            if self.eager and stopped.any():  # a host sync, as in DIAMOND: restart these envs from new real segments
+                fresh, start_actor_hidden = self.fresh_starts(stopped)
+                obs, act, hidden, age = restart(obs, act, hidden, age, stopped, fresh)
             for key, value_t in (("logits", logits), ("values", value), ("actions", action.clone()),
                                  ("rewards", step["reward"].clone()), ("ends", step["end"].clone()),
                                  ("truncs", step["truncated"].clone())):

@@ -258,8 +258,8 @@ def test_lambda_returns_bootstrap_truncated_steps_and_stop_terminated_ones(dia):
 
 
 class StubDenoiser:
-    def denoise(self, x, sigma, past, act, net=None):
-        return past[:, -3:].clamp(-1, 1)  # repeats the last frame
+    def __call__(self, x, sigma, past, act, net=None):  # (F output, D(x)) as Denoiser.forward
+        return None, past[:, -3:].clamp(-1, 1)  # repeats the last frame
 
 
 class StubRewardEnd(torch.nn.Module):
@@ -270,6 +270,10 @@ class StubRewardEnd(torch.nn.Module):
         count = (hidden[0] if hidden is not None else torch.zeros(1, b, 2)) + t
         return (torch.tensor([-30.0, 0.0, 0.0]).expand(b, t, 3), torch.tensor([30.0, -30.0]).expand(b, t, 2),
                 (count, count.clone()))
+
+    def step(self, obs, act, next_obs, hidden):  # one transition, as RewardEndModel.step
+        reward_logits, end_logits, hidden = self(obs[:, None], act[:, None], next_obs[:, None], hidden)
+        return reward_logits[:, 0], end_logits[:, 0], hidden
 
 
 def test_imagined_episodes_persist_across_updates_and_resume(dia, monkeypatch):
