@@ -95,34 +95,45 @@ def counterfactual_rewards(dia, args, env, reward_end, buffer) -> dict:
 
 
 def catch_as_model(dia, base):
-    """A WorldModelEnv whose step is Catch itself: the state read off each env's last frame, bsuite's rules."""
+    """A WorldModelEnv whose networks are Catch itself, inside the script's own imagination step: the denoiser's
+    D(x) is the next frame by bsuite's rules from the state read off each env's last frame and its action, the
+    reward/end model's logits are that step's reward sign and end, certain. A game that is over (or unreadable) ends
+    there."""
+
+    def catch_step(obs, act):  # last frames (n, 3, H, W) in [-1, 1], actions (n,) -> next frames, rewards, ends
+        env, frames, rewards, ends = dia.CatchEnv(obs.shape[-1]), [], [], []
+        for frame, a in zip(dia.to_uint8(obs).permute(0, 2, 3, 1).numpy(), act.tolist()):
+            state = read_state(env, frame)
+            reward, terminated = 0.0, True
+            if state is not None and state[0] < env.rows - 1:
+                env.ball_row, env.ball_col, env.paddle_col = state
+                env.game_over = False
+                frame, reward, terminated, _ = env.step(a)
+            frames.append(frame)
+            rewards.append(reward)
+            ends.append(terminated)
+        next_obs = dia.to_float(torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2))
+        return next_obs, torch.tensor(rewards).long(), torch.tensor(ends).long()
+
+    def certain(k, classes):  # logits whose softmax is one-hot at k
+        return torch.nn.functional.one_hot(k, classes).float() * 1e4
+
+    class CatchDenoiser:
+        def __call__(self, x, sigma, past, act, net=None):  # (F output, D(x)) as the script's Denoiser
+            return None, catch_step(past[:, -3:], act[:, -1])[0]
+
+    class CatchRewardEnd(torch.nn.Module):
+        def forward(self, obs, act, next_obs, hidden=None):  # the burn-in on a start's real transitions: no state
+            return None, None, (torch.zeros(1, len(act), 1), torch.zeros(1, len(act), 1))
+
+        def step(self, obs, act, next_obs, hidden):
+            _, reward, end = catch_step(obs, act)
+            return certain(reward.sign() + 1, 3), certain(end, 2), hidden
 
     class CatchModel(base):
-        @torch.no_grad()
-        def step(self, action: torch.Tensor):
-            env, frames, rewards, ends = dia.CatchEnv(self.args.obs_size), [], [], []
-            for frame, a in zip(dia.to_uint8(self.obs[:, -1]).permute(0, 2, 3, 1).numpy(), action.tolist()):
-                state = read_state(env, frame)
-                reward, terminated = 0.0, True  # a game that is over (or unreadable) ends here
-                if state is not None and state[0] < env.rows - 1:
-                    env.ball_row, env.ball_col, env.paddle_col = state
-                    env.game_over = False
-                    frame, reward, terminated, _ = env.step(a)
-                frames.append(frame)
-                rewards.append(reward)
-                ends.append(float(terminated))
-            next_obs = dia.to_float(torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2))
-            end = torch.tensor(ends).long()
-            self.age += 1
-            truncated = (self.age >= self.args.imagination_horizon) & (end == 0)
-            self.obs = torch.cat([self.obs[:, 1:], next_obs[:, None]], dim=1)
-            self.act = torch.cat([self.act[:, 1:], torch.zeros_like(self.act[:, :1])], dim=1)
-            stopped, restarted = ((end == 1) | truncated).nonzero()[:, 0], None
-            if len(stopped):  # a fresh real segment, as the learned model's envs restart
-                obs, act, _ = self.start(len(stopped))
-                self.obs[stopped], self.act[stopped], self.age[stopped] = obs, act, 0
-                restarted = (stopped, obs[:, :-1], next_obs[stopped])
-            return self.obs[:, -1], torch.tensor(rewards), end.float(), truncated.float(), restarted
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.denoiser, self.reward_end_model = CatchDenoiser(), CatchRewardEnd()
 
     return CatchModel
 
