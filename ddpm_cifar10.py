@@ -208,8 +208,9 @@ PRESETS = {
 }
 # Flags spelled otherwise on the command line (none here; diamond_atari.py accepts --game for --env-id).
 FLAG_ALIASES: dict[str, str] = {}
-# What a checkpoint must hold to be resumed or sampled from.
-CHECKPOINT_KEYS = {"args", "step", "model", "ema", "optimizer", "scheduler", "scaler", "rng", "train_generator"}
+# What a checkpoint holds after its header: checkpoint_state writes them in this order (the run's args, its step,
+# every global RNG, then each part's state), restore_state reads them back, load_checkpoint refuses a file without one.
+CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler", "train_generator")
 
 
 def check_args(args: Args, world_size: int):
@@ -1153,22 +1154,8 @@ def main(args: Args, given: set[str]):
     alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
                                                             args.beta_end))
     alphas_cumprod_device = alphas_cumprod.float().to(device)
-    step = 0
-    if checkpoint is not None:
-        try:  # weights of another shape, or a damaged state: one line, not a traceback
-            model.load_state_dict(checkpoint["model"])
-            ema_model.load_state_dict(checkpoint["ema"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            scaler.load_state_dict(checkpoint["scaler"])
-            set_rng_state(checkpoint["rng"])
-            train_generator.set_state(checkpoint["train_generator"])
-            step = checkpoint["step"]
-            if type(step) is not int or step < 0:
-                raise ValueError(f"its step is {step!r}")
-        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
-            raise UserError(f"checkpoint weights do not fit this model, or its state is damaged ({error_reason(e)}); "
-                            f"resume from another checkpoint") from None
+    parts = (model, ema_model, optimizer, scheduler, scaler, train_generator)  # as CHECKPOINT_KEYS names them
+    step = 0 if checkpoint is None else restore_state(checkpoint, *parts)
 
     def generate(num: int) -> np.ndarray:  # a signal abandons the sampling (StopRequested)
         return generate_samples(ema_model, alphas_cumprod, args, num, autocast, stop.check)
@@ -1226,15 +1213,8 @@ def main(args: Args, given: set[str]):
         if not meter.finite():  # never write NaN weights over a good checkpoint
             raise non_finite_failure(f"before step {step}", run_dir)
         if setup.is_main:
-            save_checkpoint(run_dir / "checkpoints" / "latest.pt", {
-                "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
-                "args": asdict(args),
-                "step": step, "model": model.state_dict(), "ema": ema_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng_state(), "train_generator": train_generator.get_state(),
-                "data_position": {"epoch": step * args.batch_size // len(images),
-                                  "index": step * args.batch_size % len(images)},
-            })
+            save_checkpoint(run_dir / "checkpoints" / "latest.pt", checkpoint_state(args, step, *parts, data_position={
+                "epoch": step * args.batch_size // len(images), "index": step * args.batch_size % len(images)}))
             print(f"saved checkpoint at step {step}", flush=True)
 
     # ---- train
@@ -1600,7 +1580,7 @@ def load_checkpoint(path: Path) -> dict:
     if checkpoint.get("format_version") not in (CHECKPOINT_FORMAT_VERSION, *OLDER_CHECKPOINT_FORMATS):
         raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this script reads "
                         f"{', '.join(map(str, (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)))}")
-    missing = sorted(CHECKPOINT_KEYS - set(checkpoint))
+    missing = sorted(set(CHECKPOINT_KEYS) - set(checkpoint))
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of {SCRIPT_NAME}; resume from "
                         f"a checkpoint the script wrote")
@@ -1633,6 +1613,34 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
                             f"(only the run length, cadence, logging and sampling flags can); drop {flag} or start a "
                             f"new run")
     return replace(run_args, **{name: getattr(args, name) for name in given & mutable - {"resume"}}, resume=args.resume)
+
+
+def checkpoint_state(args: Args, step: int, *parts, **extra) -> dict:
+    """A checkpoint: its header, then CHECKPOINT_KEYS in order: the run's args, its step, every global RNG, then each
+    part's state (a state_dict, a generator's state, or a plain value as it is), then extra (not read back)."""
+    states = [part.get_state() if isinstance(part, torch.Generator) else part.state_dict()
+              if hasattr(part, "state_dict") else part for part in parts]
+    return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
+            **dict(zip(CHECKPOINT_KEYS, [asdict(args), step, rng_state(), *states], strict=True)), **extra}
+
+
+def restore_state(checkpoint: dict, *parts) -> int:
+    """Puts back what checkpoint_state saved from the same parts (a plain value: the run read it already) and every
+    global RNG. Returns the step. A state that does not fit is one line, not a traceback."""
+    try:
+        for key, part in zip(CHECKPOINT_KEYS[3:], parts, strict=True):
+            if isinstance(part, torch.Generator):
+                part.set_state(checkpoint[key])
+            elif hasattr(part, "load_state_dict"):
+                part.load_state_dict(checkpoint[key])
+        set_rng_state(checkpoint["rng"])
+        step = checkpoint["step"]
+        if type(step) is not int or step < 0:
+            raise ValueError(f"its step is {step!r}")
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+        raise UserError(f"checkpoint weights do not fit this model, or its state is damaged ({error_reason(e)}); "
+                        f"resume from another checkpoint") from None
+    return step
 
 
 def save_checkpoint(path: Path, state: dict):

@@ -3673,7 +3673,7 @@ def load_checkpoint(path: Path) -> dict:
     if checkpoint.get("format_version") not in (CHECKPOINT_FORMAT_VERSION, *OLDER_CHECKPOINT_FORMATS):
         raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this script reads "
                         f"{', '.join(map(str, (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)))}")
-    missing = sorted(CHECKPOINT_KEYS - set(checkpoint))
+    missing = sorted(set(CHECKPOINT_KEYS) - set(checkpoint))
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of {SCRIPT_NAME}; resume from "
                         f"a checkpoint the script wrote")
