@@ -342,8 +342,9 @@ PRESETS = {
 }
 # Flags spelled otherwise on the command line: --game is the seed's name for --env-id.
 FLAG_ALIASES = {"--game": "env_id"}
-# What a checkpoint must hold to be resumed or evaluated: the position in the run (epoch, phase, position in the
-# phase, the global step), the three models with their optimizers, every RNG, and the collector's state.
+# What a checkpoint must hold to be resumed or evaluated (run_checkpoint writes them, restore_run reads them back):
+# the position in the run (epoch, phase, position in the phase, the global step), the three models with their
+# optimizers, every RNG, and the collector's state.
 CHECKPOINT_KEYS = {
     "args", "epoch", "phase", "position", "global_step", "env_steps", "num_buffer_files", "models", "optimizers",
     "schedulers", "scalers", "rng", "cpu_generator", "generator", "env", "partial", "collect_hidden", "heldout",
@@ -2239,23 +2240,42 @@ def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> 
     return learners
 
 
-def learners_state(learners: dict[str, Learner]) -> dict:
-    """The checkpoint's models, optimizers, schedulers and grad scalers, each a dict by model name."""
-    return {key: {name: getattr(learner, attribute).state_dict() for name, learner in learners.items()}
-            for key, attribute in (("models", "model"), ("optimizers", "optimizer"), ("schedulers", "scheduler"),
-                                   ("scalers", "scaler"))}
+def run_checkpoint(args: Args, pos, collector, log, buffer, learners: dict[str, Learner], cpu_generator, generator,
+                   wm_env) -> dict:
+    """What checkpoints/latest.pt holds (CHECKPOINT_KEYS, after its header): the position in the run, the collector's
+    and the epoch log's state, how many episode files are the run's, each learner's model, optimizer, scheduler and
+    grad scaler (dicts by model name), every RNG and the imagined episodes. restore_run puts them back."""
+    return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
+            "args": asdict(args), **pos.state_dict(), **collector.state_dict(), **log.state_dict(),
+            "num_buffer_files": len(buffer.episodes) if args.dataset_dir is None else 0,
+            **{key: {name: getattr(learner, key[:-1]).state_dict() for name, learner in learners.items()}
+               for key in ("models", "optimizers", "schedulers", "scalers")},
+            "rng": rng_state(), "cpu_generator": cpu_generator.get_state(), "generator": generator.get_state().cpu(),
+            "imagination": wm_env.state_dict()}
 
 
-def load_learners(learners: dict[str, Learner], checkpoint: dict):
+def restore_run(checkpoint: dict, pos, collector, log, learners: dict[str, Learner], cpu_generator, generator):
+    """Puts run_checkpoint's state back but for the episodes and the imagined episodes, which the run restores once
+    its buffer is read. Weights of another shape, or a damaged state: one line, not a traceback."""
     try:
         for name, learner in learners.items():
             learner.model.load_state_dict(checkpoint["models"][name])
     except RuntimeError as e:
         raise UserError(f"checkpoint weights do not fit these models ({str(e).splitlines()[0]})") from None
-    for name, learner in learners.items():
-        learner.optimizer.load_state_dict(checkpoint["optimizers"][name])
-        learner.scheduler.load_state_dict(checkpoint["schedulers"][name])
-        learner.scaler.load_state_dict(checkpoint["scalers"][name])
+    try:
+        for name, learner in learners.items():
+            learner.optimizer.load_state_dict(checkpoint["optimizers"][name])
+            learner.scheduler.load_state_dict(checkpoint["schedulers"][name])
+            learner.scaler.load_state_dict(checkpoint["scalers"][name])
+        set_rng_state(checkpoint["rng"])
+        cpu_generator.set_state(checkpoint["cpu_generator"])
+        generator.set_state(checkpoint["generator"])  # a CPU ByteTensor, for CUDA generators too
+        pos.load_state_dict(checkpoint)
+        collector.load_state_dict(checkpoint)
+        log.load_state_dict(checkpoint)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+        raise UserError(f"checkpoint weights do not fit this model, or its state is damaged ({error_reason(e)}); "
+                        f"resume from another checkpoint") from None
 
 
 @dataclass
@@ -3247,17 +3267,7 @@ def main(args: Args, given: set[str]):
     if args.dataset_dir is not None:
         train_ids, collector.heldout = load_dataset_dir(args, buffer, num_actions)
     if checkpoint is not None:
-        try:  # weights of another shape, or a damaged state: one line, not a traceback
-            load_learners(learners, checkpoint)
-            set_rng_state(checkpoint["rng"])
-            cpu_generator.set_state(checkpoint["cpu_generator"])
-            generator.set_state(checkpoint["generator"])  # a CPU ByteTensor, for CUDA generators too
-            pos.load_state_dict(checkpoint)
-            collector.load_state_dict(checkpoint)
-            log.load_state_dict(checkpoint)
-        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
-            raise UserError(f"checkpoint weights do not fit this model, or its state is damaged ({error_reason(e)}); "
-                            f"resume from another checkpoint") from None
+        restore_run(checkpoint, pos, collector, log, learners, cpu_generator, generator)
     # --compile: the denoiser's U-Net for its training updates and the eager imagination (fixed batches: one compile
     # each); evaluations run it uncompiled
     denoiser_net = torch.compile(denoiser.net, backend=COMPILE_BACKEND, dynamic=False) if args.compile else \
@@ -3322,13 +3332,8 @@ def main(args: Args, given: set[str]):
     def save():
         if not log.finite():  # never write NaN weights over a good checkpoint
             raise non_finite_failure(f"in {pos}", run_dir)
-        save_checkpoint(run_dir / "checkpoints" / "latest.pt", {
-            "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
-            "args": asdict(args), **pos.state_dict(), **collector.state_dict(), **log.state_dict(),
-            "num_buffer_files": len(buffer.episodes) if args.dataset_dir is None else 0,
-            **learners_state(learners), "rng": rng_state(), "cpu_generator": cpu_generator.get_state(),
-            "generator": generator.get_state().cpu(), "imagination": wm_env.state_dict(),
-        })
+        save_checkpoint(run_dir / "checkpoints" / "latest.pt", run_checkpoint(
+            args, pos, collector, log, buffer, learners, cpu_generator, generator, wm_env))
         # where the run stands, as the progress bars name it: after epoch 2, or inside epoch 3's denoiser phase
         where = f"{pos.epoch - 1}" if pos.phase == 0 and pos.step == 0 else f"{pos.epoch} {pos.name}, step {pos.step}"
         print(f"saved checkpoint at epoch {where}", flush=True)
