@@ -105,7 +105,7 @@ class Args:
     download: Annotated[bool, RESUME_MUTABLE] = True
     """download CIFAR-10 into --data-dir when it is not there"""
     img_size: Annotated[int, ">= 1"] = 32
-    """image side length (folder images are center-cropped and resized to it)"""
+    """image side length in pixels (folder images are center-cropped and resized to it)"""
     num_shapes_images: Annotated[int, ">= 1"] = 2048
     """size of the generated shapes dataset"""
     random_flip: bool = True

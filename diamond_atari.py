@@ -141,7 +141,7 @@ class Args:
     frame_skip: Annotated[int, ">= 1"] = 4
     """each action is repeated this many frames; the observation is the max over the last two"""
     obs_size: Annotated[int, ">= 1"] = 64
-    """observations are RGB obs_size x obs_size (cv2.INTER_AREA)"""
+    """observations are RGB obs_size x obs_size pixels (cv2.INTER_AREA)"""
     max_episode_steps: Annotated[int, ">= 1"] = 27_000
     """an episode (a whole game) is truncated after this many agent steps (108,000 frames)"""
     epsilon: Annotated[float, "[0, 1]"] = 0.01
