@@ -64,61 +64,64 @@ OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
 COMPILE_BACKEND = "inductor"
 # A flag's unit, shown by --help beside it (--save-every STEPS) and read by the tests: one meaning per name.
 EPOCHS, UPDATES = tyro.conf.arg(metavar="EPOCHS"), tyro.conf.arg(metavar="UPDATES")
+# Beside an Args field: its domain ('>= 1', '> 0', '[0, 1)', checked at start-up: a numeric flag has one), and
+# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling, play); read by flag_marks.
+RESUME_MUTABLE = "resume-mutable"
 
 
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run folder's name)"""
-    seed: int = 1
+    seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
     """on the CPU: deterministic (exact resume is promised and tested there, at a fixed thread count); on CUDA:
     cudnn.deterministic, cudnn.benchmark off, CUBLAS_WORKSPACE_CONFIG=:4096:8, but not torch's strict deterministic
     algorithms (they cost 1.3x to 1.8x there, benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
-    cuda: bool = True
+    cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
-    track: bool = False
+    track: Annotated[bool, RESUME_MUTABLE] = False
     """log to Weights and Biases as well as TensorBoard"""
-    wandb_project_name: str = "cleanworlds"
+    wandb_project_name: Annotated[str, RESUME_MUTABLE] = "cleanworlds"
     """the wandb project name"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: Annotated[Optional[str], RESUME_MUTABLE] = None
     """the wandb entity (team)"""
-    output_dir: str = "runs"
+    output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu", "catch", "small", "medium", "large"]] = None
     """tiny = a full run in about 25 s on a CPU; cpu = the whole loop at CPU scale, 20 short epochs on 32x32 frames
     (benchmark/diamond_learns.sh); catch = for --env-id Catch, the cpu sizes with the update counts meant to learn it
     on one CPU core in about 20 minutes (benchmark/diamond_catch.sh; not reliably yet); small/medium/large = TorchWM's
     network sizes (medium: the paper's)"""
-    config: Optional[str] = None
+    config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
     """a run folder or checkpoint file to continue exactly where it stopped"""
-    eval_only: bool = False
+    eval_only: Annotated[bool, RESUME_MUTABLE] = False
     """with --resume: only run --test-episodes test episodes with the checkpoint's agent"""
-    play: bool = False
+    play: Annotated[bool, RESUME_MUTABLE] = False
     """with --resume: play the world model live in a window (pygame: pip install pygame-ce, or the `play` extra):
     arrows and space (fire) pick the game's actions, Enter restarts from a fresh real start, Tab switches to the real
     game, R records (real game: episode .npz files --dataset-dir reads; world model: MP4), Esc quits"""
-    play_keys: Optional[str] = None
+    play_keys: Annotated[Optional[str], RESUME_MUTABLE] = None
     """headless play (no window, no pygame; implies --play): one letter per step, N noop, F fire, U D L R, Q E Z C the
     diagonals up-left up-right down-left down-right, lowercase u d l r q e z c the same with fire, / restart;
     spaces are ignored. Writes the session's MP4 (and the real game's episode .npz files) to {run}/play/"""
-    play_world: Literal["imagined", "real", "both"] = "imagined"
+    play_world: Annotated[Literal["imagined", "real", "both"], RESUME_MUTABLE] = "imagined"
     """headless play: the world model (imagined), the real game, or both in turn with the same keys"""
-    play_size: int = 512
+    play_size: Annotated[int, ">= 16", RESUME_MUTABLE] = 512
     """play: the frame's side in the window and in the play MP4s, in pixels"""
-    play_fps: float = 15.0
+    play_fps: Annotated[float, "> 0", RESUME_MUTABLE] = 15.0
     """play: the window's steps per second at most (the game's own rate: 60 Hz / frame skip 4)"""
-    episode_to_mp4: Optional[str] = None
+    episode_to_mp4: Annotated[Optional[str], RESUME_MUTABLE] = None
     """an episode .npz (a collected, recorded or --dataset-dir one) -> an MP4 beside it, with step, action and reward
     written on each frame (--env-id names the game's actions); nothing else runs"""
     world_model_only: bool = False
     """train and evaluate only the world model (denoiser, reward/end model), on random-policy data or --dataset-dir"""
-    compile: bool = False
+    compile: Annotated[bool, RESUME_MUTABLE] = False
     """torch.compile the denoiser's U-Net"""
-    imagination_graphs: Literal["auto", "on", "off"] = "auto"
+    imagination_graphs: Annotated[Literal["auto", "on", "off"], RESUME_MUTABLE] = "auto"
     """the imagination step (the Euler denoiser calls, the reward/end model, the policy) as compiled graphs, as
     DIAMOND's reference: CUDA graphs on CUDA (torch.compile "reduce-overhead"), inductor on the CPU (compiling takes
     minutes there); auto: on for CUDA, off for the CPU. Both sample the same processes, not the same numbers
@@ -133,157 +136,157 @@ class Args:
     Catch (CatchEnv), which ignores the Atari flags below; alias --game"""
     sticky_actions: bool = False
     """sticky actions (repeat_action_probability 0.25, the ALE v5 default); off in Atari 100k as DIAMOND runs it"""
-    noop_max: int = 30
+    noop_max: Annotated[int, ">= 0"] = 30
     """at most this many no-op frames after each reset (a random number from 1 to noop_max)"""
-    frame_skip: int = 4
+    frame_skip: Annotated[int, ">= 1"] = 4
     """each action is repeated this many frames; the observation is the max over the last two"""
-    obs_size: int = 64
-    """observations are RGB obs_size x obs_size (cv2.INTER_AREA)"""
-    max_episode_steps: int = 27_000
+    obs_size: Annotated[int, ">= 1"] = 64
+    """observations are RGB obs_size x obs_size pixels (cv2.INTER_AREA)"""
+    max_episode_steps: Annotated[int, ">= 1"] = 27_000
     """an episode (a whole game) is truncated after this many agent steps (108,000 frames)"""
-    epsilon: float = 0.01
+    epsilon: Annotated[float, "[0, 1]"] = 0.01
     """probability of a uniformly random action when collecting (test episodes use 0)"""
     dataset_dir: Optional[str] = None
     """a static dataset: train on the episode .npz files in this folder (sampled in proportion to their lengths; the
     last 10% held out) instead of collecting; the whole agent, or only the world model with --world-model-only"""
 
     # Denoiser (the diffusion world model)
-    diffusion_channels: tuple[int, ...] = (64, 64, 64, 64)
+    diffusion_channels: Annotated[tuple[int, ...], ">= 1"] = (64, 64, 64, 64)
     """channels of the U-Net levels (each level after the first halves the resolution)"""
-    diffusion_res_blocks: int = 2
+    diffusion_res_blocks: Annotated[int, ">= 1"] = 2
     """residual blocks per U-Net level on the way down (one more on the way up)"""
-    diffusion_cond_dim: int = 256
+    diffusion_cond_dim: Annotated[int, ">= 1"] = 256
     """size of the noise-level + action embedding that drives the adaptive group norms"""
-    num_conditioning_steps: int = 4
+    num_conditioning_steps: Annotated[int, ">= 2"] = 4
     """past frames and actions the world model is conditioned on"""
-    sigma_data: float = 0.5
+    sigma_data: Annotated[float, "> 0"] = 0.5
     """EDM sigma_data: the standard deviation of the (scaled) frames"""
-    sigma_offset_noise: float = 0.3
+    sigma_offset_noise: Annotated[float, ">= 0"] = 0.3
     """offset noise: a per-(image, channel) constant noise of this scale is added in training"""
-    train_sigma_loc: float = -0.4
+    train_sigma_loc: Annotated[float, "> -inf"] = -0.4
+    """training noise levels: ln(sigma) ~ N(loc, scale^2) (loc: any finite number)"""
+    train_sigma_scale: Annotated[float, ">= 0"] = 1.2
     """training noise levels: ln(sigma) ~ N(loc, scale^2)"""
-    train_sigma_scale: float = 1.2
-    """training noise levels: ln(sigma) ~ N(loc, scale^2)"""
-    train_sigma_min: float = 2e-3
+    train_sigma_min: Annotated[float, "> 0"] = 2e-3
     """training noise levels are clipped to [train_sigma_min, train_sigma_max]"""
-    train_sigma_max: float = 20.0
+    train_sigma_max: Annotated[float, "> 0"] = 20.0
     """training noise levels are clipped to [train_sigma_min, train_sigma_max]"""
-    num_autoregressive_steps: int = 1
+    num_autoregressive_steps: Annotated[int, ">= 0"] = 1
     """extra denoiser predictions per training segment, each conditioned on the previous one's 8-bit output (DIAMOND:
     1, i.e. segments of num_conditioning_steps + 2 frames and two predictions; 0: one prediction)"""
 
     # Sampler
-    sampler: Literal["euler", "heun"] = "euler"
+    sampler: Annotated[Literal["euler", "heun"], RESUME_MUTABLE] = "euler"
     """ODE solver over the Karras sigmas: euler (DIAMOND) or heun (order 2, about twice the network calls)"""
-    num_sampling_steps: int = 3
+    num_sampling_steps: Annotated[int, "[1, 1000]", RESUME_MUTABLE] = 3
     """denoising steps per generated frame"""
-    sigma_min: float = 2e-3
+    sigma_min: Annotated[float, "> 0"] = 2e-3
     """smallest sigma of the Karras schedule"""
-    sigma_max: float = 5.0
+    sigma_max: Annotated[float, "> 0"] = 5.0
     """largest sigma of the Karras schedule"""
-    rho: float = 7.0
+    rho: Annotated[float, "> 0"] = 7.0
     """rho of the Karras schedule"""
     edm_initial_noise: bool = False
     """start sampling from sigma_max * noise (EDM) instead of unit-variance noise (DIAMOND's reference code)"""
 
     # Reward / termination model
-    reward_channels: int = 32
+    reward_channels: Annotated[int, ">= 1"] = 32
     """channels of the reward/end model's convolutional encoder"""
-    reward_cond_dim: int = 128
+    reward_cond_dim: Annotated[int, ">= 1"] = 128
     """action embedding size of the reward/end model"""
-    reward_lstm_dim: int = 512
+    reward_lstm_dim: Annotated[int, ">= 1"] = 512
     """LSTM size of the reward/end model"""
-    reward_segment_length: int = 19
+    reward_segment_length: Annotated[int, ">= 2"] = 19
     """frames per reward/end training segment, so one transition fewer (DIAMOND: imagination horizon 15 + 4
     conditioning steps)"""
 
     # Actor-critic
-    actor_channels: tuple[int, ...] = (32, 32, 64, 64)
+    actor_channels: Annotated[tuple[int, ...], ">= 1"] = (32, 32, 64, 64)
     """channels of the actor-critic's encoder stages (each halves the resolution)"""
-    actor_lstm_dim: int = 512
+    actor_lstm_dim: Annotated[int, ">= 1"] = 512
     """LSTM size of the actor-critic"""
-    imagination_horizon: int = 15
+    imagination_horizon: Annotated[int, ">= 1"] = 15
     """an imagined episode is truncated after this many steps and restarts from a real segment"""
-    backup_every: int = 15
+    backup_every: Annotated[int, ">= 1"] = 15
     """imagined steps per actor-critic update (the imagined episodes go on across updates)"""
-    num_imagined_envs: int = 32
+    num_imagined_envs: Annotated[int, ">= 1"] = 32
     """imagined environments per actor-critic update"""
-    discount_factor: float = 0.985
+    discount_factor: Annotated[float, "[0, 1]"] = 0.985
     """discount gamma of the lambda-returns"""
-    td_lambda: float = 0.95
+    td_lambda: Annotated[float, "[0, 1]"] = 0.95
     """lambda of the lambda-returns"""
-    entropy_weight: float = 0.001
+    entropy_weight: Annotated[float, ">= 0"] = 0.001
     """weight of the entropy bonus"""
 
     # Training loop
-    num_epochs: Annotated[Optional[int], EPOCHS] = None
+    num_epochs: Annotated[Optional[int], EPOCHS, ">= 1", RESUME_MUTABLE] = None
     """the run length in epochs (each: collect, then train denoiser, reward/end model, actor-critic). Default: the
     Atari 100k schedule's length, the epochs that spend --env-step-budget plus --final-epochs-without-collection
     (1000 when the first collection is 5000 env steps; with --dataset-dir: --final-epochs-without-collection). A
     given value only sets the run length: collection follows the schedule and never goes beyond the budget"""
-    initial_collection_steps: int = 5000
+    initial_collection_steps: Annotated[int, ">= 1"] = 5000
     """the first collection N (before epoch 1's own share): at least this many env steps"""
-    max_initial_collection_steps: int = 10_000
+    max_initial_collection_steps: Annotated[int, ">= 1"] = 10_000
     """the first collection grows 100 env steps at a time until --min-rare-rewards is met, up to this many"""
-    min_rare_rewards: int = 10
+    min_rare_rewards: Annotated[int, ">= 0"] = 10
     """the first collection goes on until the two rarer reward signs (of -1, 0, +1) together occur this often"""
-    collection_steps_per_epoch: int = 100
+    collection_steps_per_epoch: Annotated[int, ">= 1"] = 100
     """env steps collected in each epoch after the first collection (epoch 1 included)"""
-    env_step_budget: int = 100_000
+    env_step_budget: Annotated[int, ">= 1"] = 100_000
     """env steps collected in the whole run (Atari 100k): the first collection N, then collection_steps_per_epoch in
     each of (budget - N) / collection_steps_per_epoch epochs, epoch 1 included"""
-    final_epochs_without_collection: int = 50
+    final_epochs_without_collection: Annotated[int, ">= 0"] = 50
     """epochs that only train, after the budget is spent (with --dataset-dir: the run length)"""
-    denoiser_steps_per_epoch: int = 400
+    denoiser_steps_per_epoch: Annotated[int, ">= 1"] = 400
     """denoiser gradient steps per epoch"""
-    reward_steps_per_epoch: int = 400
+    reward_steps_per_epoch: Annotated[int, ">= 1"] = 400
     """reward/end model gradient steps per epoch"""
-    actor_critic_steps_per_epoch: int = 400
+    actor_critic_steps_per_epoch: Annotated[int, ">= 1"] = 400
     """actor-critic gradient steps per epoch"""
-    first_epoch_denoiser_steps: int = 10_000
+    first_epoch_denoiser_steps: Annotated[int, ">= 1"] = 10_000
     """denoiser gradient steps in epoch 1"""
-    first_epoch_reward_steps: int = 10_000
+    first_epoch_reward_steps: Annotated[int, ">= 1"] = 10_000
     """reward/end model gradient steps in epoch 1"""
-    first_epoch_actor_critic_steps: int = 5000
+    first_epoch_actor_critic_steps: Annotated[int, ">= 1"] = 5000
     """actor-critic gradient steps in epoch 1"""
-    actor_critic_start_after_epochs: Annotated[int, EPOCHS] = 0
+    actor_critic_start_after_epochs: Annotated[int, EPOCHS, ">= 0"] = 0
     """the actor-critic trains from epoch N + 1 on (DIAMOND's start_after_epochs), with actor_critic_steps_per_epoch
     updates; until then the collector's policy is the untrained, uniform one"""
-    batch_size: int = 32
+    batch_size: Annotated[int, ">= 1"] = 32
     """segments per denoiser and reward/end model batch"""
-    recency_weights: tuple[float, ...] = (0.1, 0.1, 0.1, 0.7)
+    recency_weights: Annotated[tuple[float, ...], "> 0"] = (0.1, 0.1, 0.1, 0.7)
     """replay sampling weight of each chronological slice of the episodes (oldest first; with fewer episodes than
     slices, episodes are weighted by their length)"""
-    learning_rate: float = 1e-4
+    learning_rate: Annotated[float, "> 0"] = 1e-4
     """AdamW learning rate (all three components, unless --actor-critic-learning-rate is given)"""
-    actor_critic_learning_rate: Optional[float] = None
+    actor_critic_learning_rate: Annotated[Optional[float], "> 0"] = None
     """AdamW learning rate of the actor-critic alone (default: --learning-rate, as DIAMOND)"""
-    adam_eps: float = 1e-8
+    adam_eps: Annotated[float, "> 0"] = 1e-8
     """AdamW epsilon"""
-    warmup_steps: Annotated[int, UPDATES] = 100
+    warmup_steps: Annotated[int, UPDATES, ">= 0"] = 100
     """linear learning-rate warmup steps"""
-    weight_decay: float = 1e-2
+    weight_decay: Annotated[float, ">= 0"] = 1e-2
     """AdamW weight decay of the denoiser and the reward/end model (the actor-critic uses none)"""
-    denoiser_max_grad_norm: float = 1.0
+    denoiser_max_grad_norm: Annotated[float, "> 0"] = 1.0
     """gradient clipping norm of the denoiser"""
-    max_grad_norm: float = 100.0
+    max_grad_norm: Annotated[float, "> 0"] = 100.0
     """gradient clipping norm of the reward/end model and the actor-critic"""
-    log_every: Annotated[int, UPDATES] = 100
+    log_every: Annotated[int, UPDATES, ">= 1", RESUME_MUTABLE] = 100
     """write the losses to TensorBoard every N gradient updates of a model (at the global step)"""
-    save_every: Annotated[int, EPOCHS] = 1
+    save_every: Annotated[int, EPOCHS, ">= 1", RESUME_MUTABLE] = 1
     """write checkpoints/latest.pt every N epochs"""
-    save_agent_every: Annotated[int, EPOCHS] = 5
+    save_agent_every: Annotated[int, EPOCHS, ">= 1"] = 5
     """every N epochs: checkpoints/agent_epoch_NNNNN.pt, the actor-critic's weights alone (a learning curve of agents
     to evaluate; torch.load(path, weights_only=True) gives the state dict)"""
-    num_agents_to_keep: int = 11
+    num_agents_to_keep: Annotated[int, ">= 1"] = 11
     """the newest N agent_epoch_*.pt files are kept"""
-    eval_every: Annotated[int, EPOCHS] = 10
+    eval_every: Annotated[int, EPOCHS, ">= 1", RESUME_MUTABLE] = 10
     """every N epochs: test episodes, the world model's test-set losses and an imagined rollout beside the real one"""
-    eval_episodes: int = 4
+    eval_episodes: Annotated[int, ">= 1", RESUME_MUTABLE] = 4
     """test episodes at each evaluation"""
-    test_episodes: int = 100
+    test_episodes: Annotated[int, ">= 1", RESUME_MUTABLE] = 100
     """test episodes at the end (the score the paper reports) and with --eval-only"""
-    num_heldout_transitions: int = 100
+    num_heldout_transitions: Annotated[int, ">= 1"] = 100
     """unseen real transitions the world_model/* metrics are computed on"""
 
 
@@ -337,44 +340,15 @@ PRESETS = {
     "large": dict(diffusion_channels=(128, 128, 128, 128), diffusion_res_blocks=3, diffusion_cond_dim=512,
                   reward_channels=64, reward_lstm_dim=1024, actor_channels=(64, 64, 128, 128), actor_lstm_dim=1024),
 }
-# Flags that may change when a run is resumed: the run length, checkpoint/eval cadence, logging, evaluation, play and
-# the sampler (how many denoising steps a generated frame costs).
-RESUME_MUTABLE_FIELDS = {
-    "num_epochs", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity", "eval_only",
-    "eval_episodes", "test_episodes", "cuda", "compile", "config", "output_dir", "play", "play_keys", "play_world",
-    "play_size", "play_fps", "episode_to_mp4", "num_sampling_steps", "sampler", "imagination_graphs",
-}
 # Flags spelled otherwise on the command line: --game is the seed's name for --env-id.
 FLAG_ALIASES = {"--game": "env_id"}
-# What a checkpoint must hold to be resumed or evaluated: the position in the run (epoch, phase, position in the
-# phase, the global step), the three models with their optimizers, every RNG, and the collector's state.
+# What a checkpoint must hold to be resumed or evaluated (run_checkpoint writes them, restore_run reads them back):
+# the position in the run (epoch, phase, position in the phase, the global step), the three models with their
+# optimizers, every RNG, and the collector's state.
 CHECKPOINT_KEYS = {
     "args", "epoch", "phase", "position", "global_step", "env_steps", "num_buffer_files", "models", "optimizers",
     "schedulers", "scalers", "rng", "cpu_generator", "generator", "env", "partial", "collect_hidden", "heldout",
     "epoch_log", "phase_sums", "imagination", "first_collection_steps",
-}
-# The domain of every numeric flag, checked at start-up (check_arg_domains): '>= 1', '> 0', '[0, 1)' ...
-ARG_DOMAINS = {
-    "seed": ">= 0", "noop_max": ">= 0", "frame_skip": ">= 1", "obs_size": ">= 1", "max_episode_steps": ">= 1",
-    "epsilon": "[0, 1]", "diffusion_channels": ">= 1", "diffusion_res_blocks": ">= 1", "diffusion_cond_dim": ">= 1",
-    "num_conditioning_steps": ">= 2", "sigma_data": "> 0", "sigma_offset_noise": ">= 0",
-    "train_sigma_loc": "> -inf",  # ln(sigma): any finite number
-    "train_sigma_scale": ">= 0", "train_sigma_min": "> 0", "train_sigma_max": "> 0", "num_autoregressive_steps": ">= 0",
-    "num_sampling_steps": "[1, 1000]", "sigma_min": "> 0", "sigma_max": "> 0", "rho": "> 0", "reward_channels": ">= 1",
-    "reward_cond_dim": ">= 1", "reward_lstm_dim": ">= 1", "reward_segment_length": ">= 2", "actor_channels": ">= 1",
-    "actor_lstm_dim": ">= 1", "imagination_horizon": ">= 1", "backup_every": ">= 1", "num_imagined_envs": ">= 1",
-    "discount_factor": "[0, 1]", "td_lambda": "[0, 1]", "entropy_weight": ">= 0", "num_epochs": ">= 1",
-    "initial_collection_steps": ">= 1", "max_initial_collection_steps": ">= 1", "min_rare_rewards": ">= 0",
-    "collection_steps_per_epoch": ">= 1", "env_step_budget": ">= 1", "final_epochs_without_collection": ">= 0",
-    "denoiser_steps_per_epoch": ">= 1", "reward_steps_per_epoch": ">= 1", "actor_critic_steps_per_epoch": ">= 1",
-    "first_epoch_denoiser_steps": ">= 1", "first_epoch_reward_steps": ">= 1", "first_epoch_actor_critic_steps": ">= 1",
-    "actor_critic_start_after_epochs": ">= 0",
-    "batch_size": ">= 1", "recency_weights": "> 0", "learning_rate": "> 0",
-    "actor_critic_learning_rate": "> 0",
-    "adam_eps": "> 0", "warmup_steps": ">= 0", "weight_decay": ">= 0", "denoiser_max_grad_norm": "> 0",
-    "max_grad_norm": "> 0", "log_every": ">= 1", "save_every": ">= 1", "save_agent_every": ">= 1",
-    "num_agents_to_keep": ">= 1", "eval_every": ">= 1", "eval_episodes": ">= 1", "test_episodes": ">= 1",
-    "num_heldout_transitions": ">= 1", "play_size": ">= 16", "play_fps": "> 0",
 }
 
 
@@ -2240,23 +2214,42 @@ def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> 
     return learners
 
 
-def learners_state(learners: dict[str, Learner]) -> dict:
-    """The checkpoint's models, optimizers, schedulers and grad scalers, each a dict by model name."""
-    return {key: {name: getattr(learner, attribute).state_dict() for name, learner in learners.items()}
-            for key, attribute in (("models", "model"), ("optimizers", "optimizer"), ("schedulers", "scheduler"),
-                                   ("scalers", "scaler"))}
+def run_checkpoint(args: Args, pos, collector, log, buffer, learners: dict[str, Learner], cpu_generator, generator,
+                   wm_env) -> dict:
+    """What checkpoints/latest.pt holds (CHECKPOINT_KEYS, after its header): the position in the run, the collector's
+    and the epoch log's state, how many episode files are the run's, each learner's model, optimizer, scheduler and
+    grad scaler (dicts by model name), every RNG and the imagined episodes. restore_run puts them back."""
+    return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
+            "args": asdict(args), **pos.state_dict(), **collector.state_dict(), **log.state_dict(),
+            "num_buffer_files": len(buffer.episodes) if args.dataset_dir is None else 0,
+            **{key: {name: getattr(learner, key[:-1]).state_dict() for name, learner in learners.items()}
+               for key in ("models", "optimizers", "schedulers", "scalers")},
+            "rng": rng_state(), "cpu_generator": cpu_generator.get_state(), "generator": generator.get_state().cpu(),
+            "imagination": wm_env.state_dict()}
 
 
-def load_learners(learners: dict[str, Learner], checkpoint: dict):
+def restore_run(checkpoint: dict, pos, collector, log, learners: dict[str, Learner], cpu_generator, generator):
+    """Puts run_checkpoint's state back but for the episodes and the imagined episodes, which the run restores once
+    its buffer is read. Weights of another shape, or a damaged state: one line, not a traceback."""
     try:
         for name, learner in learners.items():
             learner.model.load_state_dict(checkpoint["models"][name])
     except RuntimeError as e:
         raise UserError(f"checkpoint weights do not fit these models ({str(e).splitlines()[0]})") from None
-    for name, learner in learners.items():
-        learner.optimizer.load_state_dict(checkpoint["optimizers"][name])
-        learner.scheduler.load_state_dict(checkpoint["schedulers"][name])
-        learner.scaler.load_state_dict(checkpoint["scalers"][name])
+    try:
+        for name, learner in learners.items():
+            learner.optimizer.load_state_dict(checkpoint["optimizers"][name])
+            learner.scheduler.load_state_dict(checkpoint["schedulers"][name])
+            learner.scaler.load_state_dict(checkpoint["scalers"][name])
+        set_rng_state(checkpoint["rng"])
+        cpu_generator.set_state(checkpoint["cpu_generator"])
+        generator.set_state(checkpoint["generator"])  # a CPU ByteTensor, for CUDA generators too
+        pos.load_state_dict(checkpoint)
+        collector.load_state_dict(checkpoint)
+        log.load_state_dict(checkpoint)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+        raise UserError(f"checkpoint weights do not fit this model, or its state is damaged ({error_reason(e)}); "
+                        f"resume from another checkpoint") from None
 
 
 @dataclass
@@ -3248,17 +3241,7 @@ def main(args: Args, given: set[str]):
     if args.dataset_dir is not None:
         train_ids, collector.heldout = load_dataset_dir(args, buffer, num_actions)
     if checkpoint is not None:
-        try:  # weights of another shape, or a damaged state: one line, not a traceback
-            load_learners(learners, checkpoint)
-            set_rng_state(checkpoint["rng"])
-            cpu_generator.set_state(checkpoint["cpu_generator"])
-            generator.set_state(checkpoint["generator"])  # a CPU ByteTensor, for CUDA generators too
-            pos.load_state_dict(checkpoint)
-            collector.load_state_dict(checkpoint)
-            log.load_state_dict(checkpoint)
-        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
-            raise UserError(f"checkpoint weights do not fit this model, or its state is damaged ({error_reason(e)}); "
-                            f"resume from another checkpoint") from None
+        restore_run(checkpoint, pos, collector, log, learners, cpu_generator, generator)
     # --compile: the denoiser's U-Net for its training updates and the eager imagination (fixed batches: one compile
     # each); evaluations run it uncompiled
     denoiser_net = torch.compile(denoiser.net, backend=COMPILE_BACKEND, dynamic=False) if args.compile else \
@@ -3323,13 +3306,8 @@ def main(args: Args, given: set[str]):
     def save():
         if not log.finite():  # never write NaN weights over a good checkpoint
             raise non_finite_failure(f"in {pos}", run_dir)
-        save_checkpoint(run_dir / "checkpoints" / "latest.pt", {
-            "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
-            "args": asdict(args), **pos.state_dict(), **collector.state_dict(), **log.state_dict(),
-            "num_buffer_files": len(buffer.episodes) if args.dataset_dir is None else 0,
-            **learners_state(learners), "rng": rng_state(), "cpu_generator": cpu_generator.get_state(),
-            "generator": generator.get_state().cpu(), "imagination": wm_env.state_dict(),
-        })
+        save_checkpoint(run_dir / "checkpoints" / "latest.pt", run_checkpoint(
+            args, pos, collector, log, buffer, learners, cpu_generator, generator, wm_env))
         # where the run stands, as the progress bars name it: after epoch 2, or inside epoch 3's denoiser phase
         where = f"{pos.epoch - 1}" if pos.phase == 0 and pos.step == 0 else f"{pos.epoch} {pos.name}, step {pos.step}"
         print(f"saved checkpoint at epoch {where}", flush=True)
@@ -3402,8 +3380,8 @@ def main(args: Args, given: set[str]):
 # state, device, determinism and torchrun setup, the run folder and TensorBoard, signals, throughput (and MFU on CUDA),
 # images, the entry point. Each script carries only the definitions it uses, and each definition is the same text in
 # every script that carries it (tests/test_shared_blocks.py checks it, definition by definition). They read the
-# script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args, PRESETS, ARG_DOMAINS,
-# RESUME_MUTABLE_FIELDS, FLAG_ALIASES.
+# script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args (each field's domain and
+# RESUME_MUTABLE marks), PRESETS, FLAG_ALIASES.
 # ======================================================================================================================
 
 
@@ -3575,7 +3553,7 @@ def normalise_args_dict(values: dict, source: str) -> dict:
 
 
 def in_domain(value, domain: str) -> bool:
-    """ARG_DOMAINS' notation: '>= 0', '> 0', '[0, 1)', '(0, 1]' ... Non-finite numbers are in no domain."""
+    """A domain's notation: '>= 0', '> 0', '[0, 1)', '(0, 1]' ... Non-finite numbers are in no domain."""
     if not math.isfinite(value):
         return False
     if domain.startswith(">="):
@@ -3587,10 +3565,19 @@ def in_domain(value, domain: str) -> bool:
     return above_low and (value <= high if domain[-1] == "]" else value < high)
 
 
+def flag_marks() -> tuple[dict[str, str], set[str]]:
+    """What the marks beside Args' fields say: each flag's domain ('>= 1', '[0, 1)' ...; every numeric flag has one)
+    and the flags marked RESUME_MUTABLE, which --resume may change."""
+    marks = [(name, mark) for name, hint in get_type_hints(Args, include_extras=True).items()
+             for mark in getattr(hint, "__metadata__", ())]
+    return ({name: mark for name, mark in marks if isinstance(mark, str) and mark != RESUME_MUTABLE},
+            {name for name, mark in marks if mark == RESUME_MUTABLE})
+
+
 def check_arg_domains(args: Args):
     """Every numeric flag inside its domain at start-up, so that a bad value fails here and not deep inside a run
     (after the training since the last save). A tuple flag's every element is checked."""
-    for name, domain in ARG_DOMAINS.items():
+    for name, domain in flag_marks()[0].items():
         value = getattr(args, name)
         for element in value if isinstance(value, tuple) else (value,):
             if element is not None and not in_domain(element, domain):
@@ -3665,7 +3652,7 @@ def load_checkpoint(path: Path) -> dict:
     if checkpoint.get("format_version") not in (CHECKPOINT_FORMAT_VERSION, *OLDER_CHECKPOINT_FORMATS):
         raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this script reads "
                         f"{', '.join(map(str, (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)))}")
-    missing = sorted(CHECKPOINT_KEYS - set(checkpoint))
+    missing = sorted(set(CHECKPOINT_KEYS) - set(checkpoint))
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of {SCRIPT_NAME}; resume from "
                         f"a checkpoint the script wrote")
@@ -3688,16 +3675,16 @@ def error_reason(e: Exception) -> str:
 
 
 def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
-    """The run's arguments come from the checkpoint; only RESUME_MUTABLE_FIELDS may be changed by flags."""
+    """The run's arguments come from the checkpoint; only the flags marked RESUME_MUTABLE may be changed by flags."""
     run_args = Args(**normalise_args_dict(saved, "the checkpoint's args"))  # a field newer than the run: its default
-    for name in sorted(given - RESUME_MUTABLE_FIELDS - {"resume"}):
+    mutable = flag_marks()[1]
+    for name in sorted(given - mutable - {"resume"}):
         if getattr(args, name) != getattr(run_args, name):
             flag = f"--{name.replace('_', '-')}"
             raise UserError(f"{flag} is {getattr(run_args, name)!r} in the checkpoint and cannot change on --resume "
                             f"(only the run length, cadence, logging and sampling flags can); drop {flag} or start a "
                             f"new run")
-    mutable = given & RESUME_MUTABLE_FIELDS - {"resume"}
-    return replace(run_args, **{name: getattr(args, name) for name in mutable}, resume=args.resume)
+    return replace(run_args, **{name: getattr(args, name) for name in given & mutable - {"resume"}}, resume=args.resume)
 
 
 def save_checkpoint(path: Path, state: dict):

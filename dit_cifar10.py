@@ -59,38 +59,41 @@ OLDER_CHECKPOINT_FORMATS = (1,)  # formats a resume converts (run_length_in_step
 COMPILE_BACKEND = "inductor"
 # A flag's unit, shown by --help beside it (--save-every STEPS) and read by the tests: one meaning per name.
 STEPS, EPOCHS = tyro.conf.arg(metavar="STEPS"), tyro.conf.arg(metavar="EPOCHS")
+# Beside an Args field: its domain ('>= 1', '> 0', '[0, 1)', checked at start-up: a numeric flag has one), and
+# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling, play); read by flag_marks.
+RESUME_MUTABLE = "resume-mutable"
 
 
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run folder's name)"""
-    seed: int = 1
+    seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
     """on the CPU: deterministic (exact resume is promised and tested there, at a fixed thread count); on CUDA:
     cudnn.deterministic, cudnn.benchmark off, CUBLAS_WORKSPACE_CONFIG=:4096:8, but not torch's strict deterministic
     algorithms (they cost 1.3x to 1.8x there, benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
-    cuda: bool = True
+    cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
-    track: bool = False
+    track: Annotated[bool, RESUME_MUTABLE] = False
     """log to Weights and Biases as well as TensorBoard"""
-    wandb_project_name: str = "cleanworlds"
+    wandb_project_name: Annotated[str, RESUME_MUTABLE] = "cleanworlds"
     """the wandb project name"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: Annotated[Optional[str], RESUME_MUTABLE] = None
     """the wandb entity (team)"""
-    output_dir: str = "runs"
+    output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu", "dit-s2", "dit-b2"]] = None
     """defaults: tiny = a full run on generated data in under a minute on a CPU; cpu = recognisable shapes of the
     asked class in 10 to 20 minutes on 2 CPU cores (README); dit-s2, dit-b2 = the paper's DiT-S/2, DiT-B/2"""
-    config: Optional[str] = None
+    config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
     """a run folder or checkpoint file to continue exactly where it stopped"""
-    sample_only: bool = False
+    sample_only: Annotated[bool, RESUME_MUTABLE] = False
     """with --resume: load the checkpoint's EMA weights, only generate --num-samples images, and exit"""
-    compile: bool = False
+    compile: Annotated[bool, RESUME_MUTABLE] = False
     """torch.compile the training step's model (once: fixed shapes; sampling runs the EMA model eagerly)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """autocast dtype on CUDA (float16 uses a GradScaler); the CPU always computes in float32"""
@@ -98,97 +101,97 @@ class Args:
     # Data
     dataset: Literal["cifar10", "folder", "shapes"] = "cifar10"
     """cifar10 (downloaded into --data-dir), folder (PNG/JPG, a subfolder per class) or shapes (generated, offline)"""
-    data_dir: str = "data"
+    data_dir: Annotated[str, RESUME_MUTABLE] = "data"
     """where CIFAR-10 is (or is downloaded to), or the image folder"""
-    download: bool = True
+    download: Annotated[bool, RESUME_MUTABLE] = True
     """download CIFAR-10 into --data-dir when it is not there"""
-    img_size: int = 32
-    """image side length (folder images are center-cropped and resized to it)"""
-    num_shapes_images: int = 2048
+    img_size: Annotated[int, ">= 1"] = 32
+    """image side length in pixels (folder images are center-cropped and resized to it)"""
+    num_shapes_images: Annotated[int, ">= 1"] = 2048
     """size of the generated shapes dataset"""
     random_flip: bool = True
     """random horizontal flips"""
-    num_classes: int = 10
+    num_classes: Annotated[int, ">= 0"] = 10
     """classes to condition on, as many as the data has (CIFAR-10, shapes: 10; folder: subfolders); 0: unconditional"""
 
     # Model (DiT, Peebles & Xie 2023)
-    patch: int = 4
+    patch: Annotated[int, ">= 1"] = 4
     """patch size P: the image becomes (img_size/P)^2 tokens"""
-    width: int = 384
+    width: Annotated[int, ">= 1"] = 384
     """transformer width D (hidden size)"""
-    depth: int = 6
+    depth: Annotated[int, ">= 1"] = 6
     """number of DiT blocks"""
-    heads: int = 6
+    heads: Annotated[int, ">= 1"] = 6
     """attention heads (must divide --width)"""
-    mlp_ratio: float = 4.0
+    mlp_ratio: Annotated[float, "> 0"] = 4.0
     """MLP hidden size as a multiple of --width"""
     adaln: Literal["zero", "plain", "single", "diagonal"] = "zero"
     """conditioning: zero (adaLN-Zero), plain (adaLN, no gate), single (adaLN-Single), diagonal (see Model section)"""
-    class_dropout: float = 0.1
+    class_dropout: Annotated[float, "[0, 1)"] = 0.1
     """probability of replacing a training label by the null class (what guidance needs; 0: only --cfg-scale 1)"""
 
     # Diffusion
-    timesteps: int = 1000
+    timesteps: Annotated[int, ">= 1"] = 1000
     """number of diffusion steps T"""
     beta_schedule: Literal["linear", "cosine"] = "linear"
     """linear (Ho et al.) or cosine (Nichol and Dhariwal)"""
-    beta_start: float = 1e-4
+    beta_start: Annotated[float, "(0, 1)"] = 1e-4
     """beta_1 of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps (improved diffusion)"""
-    beta_end: float = 0.02
+    beta_end: Annotated[float, "(0, 1)"] = 0.02
     """beta_T of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps, capped at 0.999"""
 
     # Training
-    total_steps: Annotated[Optional[int], STEPS] = None
+    total_steps: Annotated[Optional[int], STEPS, ">= 1", RESUME_MUTABLE] = None
     """optimizer steps to train for (default: --epochs 100, converted to steps)"""
-    epochs: Annotated[Optional[int], EPOCHS] = None
+    epochs: Annotated[Optional[int], EPOCHS, ">= 1", RESUME_MUTABLE] = None
     """the run length in passes over the data (the seed's unit): --total-steps = ceil(epochs N / batch) for N images;
     100 when --total-steps is not given; not both"""
-    batch_size: int = 128
+    batch_size: Annotated[int, ">= 1"] = 128
     """global batch size (split across torchrun ranks)"""
-    learning_rate: float = 1e-4
+    learning_rate: Annotated[float, "> 0"] = 1e-4
     """AdamW learning rate"""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, ">= 0"] = 0.0
     """AdamW weight decay"""
-    warmup_steps: Annotated[int, STEPS] = 0
+    warmup_steps: Annotated[int, STEPS, ">= 0"] = 0
     """linear learning-rate warmup steps (0: none, as the reference DiT)"""
-    max_grad_norm: float = 0.0
+    max_grad_norm: Annotated[float, ">= 0"] = 0.0
     """gradient clipping norm (0 turns it off, as the reference DiT)"""
     # The warm-up keeps a short run from sampling a mostly initial model: with 0.9999 and none, the EMA still holds 55%
     # of the initial weights after 6,000 steps. The reference DiT has none; the warmed-up decay reaches 0.9999 at step
     # 90,000, and at the paper's 400k steps the two are the same (the initial weights' share is below 1e-17 either way).
-    ema_decay: float = 0.9999
+    ema_decay: Annotated[float, "[0, 1]"] = 0.9999
     """EMA decay of the sampling weights, warmed up: step t uses min(decay, (1 + t) / (10 + t)) (the reference DiT: no
     warm-up; the same at 400k steps)"""
-    log_every: Annotated[int, STEPS] = 100
+    log_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 100
     """log losses and throughput every N optimizer steps"""
-    save_every: Annotated[int, STEPS] = 2000
+    save_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 2000
     """write checkpoints/latest.pt every N optimizer steps"""
-    eval_every: Annotated[int, STEPS] = 4000
+    eval_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 4000
     """sample a grid (one row per class) from the EMA model every N optimizer steps"""
-    first_sample_at: Annotated[int, STEPS] = 0
+    first_sample_at: Annotated[int, STEPS, ">= 0", RESUME_MUTABLE] = 0
     """also sample a small grid (2 images per class, not judged) at this optimizer step: the run's first picture,
     long before the first evaluation (samples/ and TensorBoard); 0: none"""
 
     # Sampling and evaluation
-    sampler: Literal["ddpm", "ddim", "dpm++"] = "ddpm"
+    sampler: Annotated[Literal["ddpm", "ddim", "dpm++"], RESUME_MUTABLE] = "ddpm"
     """sampler for the grids, --sample-only and FID"""
-    num_sampling_steps: int = 250
+    num_sampling_steps: Annotated[int, ">= 1", RESUME_MUTABLE] = 250
     """network evaluations per sample (ddpm with fewer than T steps is respaced; DiT samples with 250)"""
-    ddim_eta: float = 0.0
+    ddim_eta: Annotated[float, "[0, 1]", RESUME_MUTABLE] = 0.0
     """DDIM eta (0: deterministic)"""
-    cfg_scale: float = 1.5
+    cfg_scale: Annotated[float, ">= 0", RESUME_MUTABLE] = 1.5
     """guidance scale s: eps = eps_u + s (eps_c - eps_u); 1: none, 1.5: DiT's best FID (unconditional models: unused)"""
-    class_label: Optional[str] = None
+    class_label: Annotated[Optional[str], RESUME_MUTABLE] = None
     """with --sample-only: generate only this class, by index (0, 1, ...) or name (the run prints and saves them)"""
-    samples_per_class: int = 8
+    samples_per_class: Annotated[int, ">= 1", RESUME_MUTABLE] = 8
     """images per class in each sample grid (one row per class; an unconditional model gets 8 rows)"""
-    num_samples: int = 64
+    num_samples: Annotated[int, ">= 1", RESUME_MUTABLE] = 64
     """images generated by --sample-only: one row per class, each of ceil(N / classes) images (or N of --class-label)"""
-    eval_fid: bool = False
+    eval_fid: Annotated[bool, RESUME_MUTABLE] = False
     """FID of EMA samples (all classes in turn) vs the training set at the end (needs the eval extra, Inception)"""
-    fid_num_samples: int = 50_000
+    fid_num_samples: Annotated[int, ">= 2", RESUME_MUTABLE] = 50_000
     """samples for FID (the paper protocol: 50k vs the train set)"""
-    sample_batch_size: int = 500
+    sample_batch_size: Annotated[int, ">= 1", RESUME_MUTABLE] = 500
     """batch size when generating many samples"""
 
 
@@ -217,31 +220,11 @@ PRESETS = {
     "dit-s2": dict(patch=2, width=384, depth=12, heads=6),
     "dit-b2": dict(patch=2, width=768, depth=12, heads=12),
 }
-# Flags that may change when a run is resumed: the run length, checkpoint/eval cadence, logging and sampling.
-RESUME_MUTABLE_FIELDS = {
-    "total_steps", "epochs", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity",
-    "sample_only", "num_samples", "sampler", "num_sampling_steps", "ddim_eta", "cfg_scale", "class_label",
-    "samples_per_class", "eval_fid", "fid_num_samples", "sample_batch_size", "cuda", "compile", "config", "output_dir",
-    "data_dir", "download", "first_sample_at",
-}
-
-
 # Flags spelled otherwise on the command line (none here; diamond_atari.py accepts --game for --env-id).
 FLAG_ALIASES: dict[str, str] = {}
-# What a checkpoint must hold to be resumed or sampled from.
-CHECKPOINT_KEYS = {"args", "step", "model", "ema", "optimizer", "scheduler", "scaler", "rng", "train_generator"}
-# The domain of every numeric flag, checked at start-up (check_arg_domains): '>= 1', '> 0', '[0, 1)' ...
-ARG_DOMAINS = {
-    "seed": ">= 0", "img_size": ">= 1", "num_shapes_images": ">= 1", "num_classes": ">= 0", "patch": ">= 1",
-    "width": ">= 1", "depth": ">= 1", "heads": ">= 1", "mlp_ratio": "> 0", "class_dropout": "[0, 1)",
-    "timesteps": ">= 1", "beta_start": "(0, 1)", "beta_end": "(0, 1)", "total_steps": ">= 1", "epochs": ">= 1",
-    "batch_size": ">= 1",
-    "learning_rate": "> 0", "weight_decay": ">= 0", "warmup_steps": ">= 0", "max_grad_norm": ">= 0",
-    "ema_decay": "[0, 1]", "log_every": ">= 1", "save_every": ">= 1", "eval_every": ">= 1",
-    "num_sampling_steps": ">= 1", "ddim_eta": "[0, 1]", "cfg_scale": ">= 0",
-    "samples_per_class": ">= 1", "num_samples": ">= 1", "fid_num_samples": ">= 2", "sample_batch_size": ">= 1",
-    "first_sample_at": ">= 0",
-}
+# What a checkpoint holds after its header: checkpoint_state writes them in this order (the run's args, its step,
+# every global RNG, then each part's state), restore_state reads them back, load_checkpoint refuses a file without one.
+CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler", "train_generator")
 
 
 def check_args(args: Args, world_size: int):
@@ -1317,22 +1300,8 @@ def main(args: Args, given: set[str]):
     alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
                                                             args.beta_end))
     alphas_cumprod_device = alphas_cumprod.float().to(device)
-    step = 0
-    if checkpoint is not None:
-        try:  # weights of another shape, or a damaged state: one line, not a traceback
-            model.load_state_dict(checkpoint["model"])
-            ema_model.load_state_dict(checkpoint["ema"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            scaler.load_state_dict(checkpoint["scaler"])
-            set_rng_state(checkpoint["rng"])
-            train_generator.set_state(checkpoint["train_generator"])
-            step = checkpoint["step"]
-            if type(step) is not int or step < 0:
-                raise ValueError(f"its step is {step!r}")
-        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
-            raise UserError(f"checkpoint weights do not fit this model, or its state is damaged ({error_reason(e)}); "
-                            f"resume from another checkpoint") from None
+    parts = (model, ema_model, optimizer, scheduler, scaler, train_generator)  # as CHECKPOINT_KEYS names them
+    step = 0 if checkpoint is None else restore_state(checkpoint, *parts)
 
     def generate(num: int, class_labels: Optional[torch.Tensor]) -> np.ndarray:
         return generate_samples(ema_model, num, class_labels, args, alphas_cumprod, autocast, stop)
@@ -1421,15 +1390,9 @@ def main(args: Args, given: set[str]):
         if not meter.finite():  # never write NaN weights over a good checkpoint
             raise non_finite_failure(f"before step {step}", run_dir)
         if setup.is_main:
-            save_checkpoint(run_dir / "checkpoints" / "latest.pt", {
-                "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
-                "args": asdict(args), "class_names": class_names,
-                "step": step, "model": model.state_dict(), "ema": ema_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng_state(), "train_generator": train_generator.get_state(),
-                "data_position": {"epoch": step * args.batch_size // len(images),
-                                  "index": step * args.batch_size % len(images)},
-            })
+            save_checkpoint(run_dir / "checkpoints" / "latest.pt", checkpoint_state(
+                args, step, *parts, class_names=class_names, data_position={
+                    "epoch": step * args.batch_size // len(images), "index": step * args.batch_size % len(images)}))
             print(f"saved checkpoint at step {step}", flush=True)
 
     # ---- train
@@ -1540,8 +1503,8 @@ def main(args: Args, given: set[str]):
 # state, device, determinism and torchrun setup, the run folder and TensorBoard, signals, throughput (and MFU on CUDA),
 # images, the entry point. Each script carries only the definitions it uses, and each definition is the same text in
 # every script that carries it (tests/test_shared_blocks.py checks it, definition by definition). They read the
-# script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args, PRESETS, ARG_DOMAINS,
-# RESUME_MUTABLE_FIELDS, FLAG_ALIASES.
+# script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args (each field's domain and
+# RESUME_MUTABLE marks), PRESETS, FLAG_ALIASES.
 # ======================================================================================================================
 
 
@@ -1713,7 +1676,7 @@ def normalise_args_dict(values: dict, source: str) -> dict:
 
 
 def in_domain(value, domain: str) -> bool:
-    """ARG_DOMAINS' notation: '>= 0', '> 0', '[0, 1)', '(0, 1]' ... Non-finite numbers are in no domain."""
+    """A domain's notation: '>= 0', '> 0', '[0, 1)', '(0, 1]' ... Non-finite numbers are in no domain."""
     if not math.isfinite(value):
         return False
     if domain.startswith(">="):
@@ -1725,10 +1688,19 @@ def in_domain(value, domain: str) -> bool:
     return above_low and (value <= high if domain[-1] == "]" else value < high)
 
 
+def flag_marks() -> tuple[dict[str, str], set[str]]:
+    """What the marks beside Args' fields say: each flag's domain ('>= 1', '[0, 1)' ...; every numeric flag has one)
+    and the flags marked RESUME_MUTABLE, which --resume may change."""
+    marks = [(name, mark) for name, hint in get_type_hints(Args, include_extras=True).items()
+             for mark in getattr(hint, "__metadata__", ())]
+    return ({name: mark for name, mark in marks if isinstance(mark, str) and mark != RESUME_MUTABLE},
+            {name for name, mark in marks if mark == RESUME_MUTABLE})
+
+
 def check_arg_domains(args: Args):
     """Every numeric flag inside its domain at start-up, so that a bad value fails here and not deep inside a run
     (after the training since the last save). A tuple flag's every element is checked."""
-    for name, domain in ARG_DOMAINS.items():
+    for name, domain in flag_marks()[0].items():
         value = getattr(args, name)
         for element in value if isinstance(value, tuple) else (value,):
             if element is not None and not in_domain(element, domain):
@@ -1803,7 +1775,7 @@ def load_checkpoint(path: Path) -> dict:
     if checkpoint.get("format_version") not in (CHECKPOINT_FORMAT_VERSION, *OLDER_CHECKPOINT_FORMATS):
         raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this script reads "
                         f"{', '.join(map(str, (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)))}")
-    missing = sorted(CHECKPOINT_KEYS - set(checkpoint))
+    missing = sorted(set(CHECKPOINT_KEYS) - set(checkpoint))
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of {SCRIPT_NAME}; resume from "
                         f"a checkpoint the script wrote")
@@ -1826,16 +1798,44 @@ def error_reason(e: Exception) -> str:
 
 
 def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
-    """The run's arguments come from the checkpoint; only RESUME_MUTABLE_FIELDS may be changed by flags."""
+    """The run's arguments come from the checkpoint; only the flags marked RESUME_MUTABLE may be changed by flags."""
     run_args = Args(**normalise_args_dict(saved, "the checkpoint's args"))  # a field newer than the run: its default
-    for name in sorted(given - RESUME_MUTABLE_FIELDS - {"resume"}):
+    mutable = flag_marks()[1]
+    for name in sorted(given - mutable - {"resume"}):
         if getattr(args, name) != getattr(run_args, name):
             flag = f"--{name.replace('_', '-')}"
             raise UserError(f"{flag} is {getattr(run_args, name)!r} in the checkpoint and cannot change on --resume "
                             f"(only the run length, cadence, logging and sampling flags can); drop {flag} or start a "
                             f"new run")
-    mutable = given & RESUME_MUTABLE_FIELDS - {"resume"}
-    return replace(run_args, **{name: getattr(args, name) for name in mutable}, resume=args.resume)
+    return replace(run_args, **{name: getattr(args, name) for name in given & mutable - {"resume"}}, resume=args.resume)
+
+
+def checkpoint_state(args: Args, step: int, *parts, **extra) -> dict:
+    """A checkpoint: its header, then CHECKPOINT_KEYS in order: the run's args, its step, every global RNG, then each
+    part's state (a state_dict, a generator's state, or a plain value as it is), then extra (not read back)."""
+    states = [part.get_state() if isinstance(part, torch.Generator) else part.state_dict()
+              if hasattr(part, "state_dict") else part for part in parts]
+    return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
+            **dict(zip(CHECKPOINT_KEYS, [asdict(args), step, rng_state(), *states], strict=True)), **extra}
+
+
+def restore_state(checkpoint: dict, *parts) -> int:
+    """Puts back what checkpoint_state saved from the same parts (a plain value: the run read it already) and every
+    global RNG. Returns the step. A state that does not fit is one line, not a traceback."""
+    try:
+        for key, part in zip(CHECKPOINT_KEYS[3:], parts, strict=True):
+            if isinstance(part, torch.Generator):
+                part.set_state(checkpoint[key])
+            elif hasattr(part, "load_state_dict"):
+                part.load_state_dict(checkpoint[key])
+        set_rng_state(checkpoint["rng"])
+        step = checkpoint["step"]
+        if type(step) is not int or step < 0:
+            raise ValueError(f"its step is {step!r}")
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+        raise UserError(f"checkpoint weights do not fit this model, or its state is damaged ({error_reason(e)}); "
+                        f"resume from another checkpoint") from None
+    return step
 
 
 def save_checkpoint(path: Path, state: dict):

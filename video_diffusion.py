@@ -59,54 +59,57 @@ OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
 COMPILE_BACKEND = "inductor"
 # A flag's unit, shown by --help beside it (--save-every STEPS) and read by the tests: one meaning per name.
 STEPS = tyro.conf.arg(metavar="STEPS")
+# Beside an Args field: its domain ('>= 1', '> 0', '[0, 1)', checked at start-up: a numeric flag has one), and
+# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling, play); read by flag_marks.
+RESUME_MUTABLE = "resume-mutable"
 
 
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run folder's name)"""
-    seed: int = 1
+    seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
     """on the CPU: deterministic (exact resume is promised and tested there, at a fixed thread count); on CUDA:
     cudnn.deterministic, cudnn.benchmark off, CUBLAS_WORKSPACE_CONFIG=:4096:8, but not torch's strict deterministic
     algorithms (they cost 1.3x to 1.8x there, benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
-    cuda: bool = True
+    cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
-    track: bool = False
+    track: Annotated[bool, RESUME_MUTABLE] = False
     """log to Weights and Biases as well as TensorBoard"""
-    wandb_project_name: str = "cleanworlds"
+    wandb_project_name: Annotated[str, RESUME_MUTABLE] = "cleanworlds"
     """the wandb project name"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: Annotated[Optional[str], RESUME_MUTABLE] = None
     """the wandb entity (team)"""
-    output_dir: str = "runs"
+    output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu"]] = None
     """a named set of defaults: tiny = a full run on the sprites world in about 25 seconds on a CPU; cpu = sprites
     that move as their caption and actions say, in about 20 minutes on a CPU core (README)"""
-    config: Optional[str] = None
+    config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
     """a run folder or checkpoint file to continue exactly where it stopped"""
-    play: bool = False
+    play: Annotated[bool, RESUME_MUTABLE] = False
     """with --resume: play an action-conditioned model live in a window (pygame: pip install pygame-ce, or the
     `play` extra): arrows steer (the sprites world: the sprite), Enter restarts from a fresh start, Tab switches to
     the real sprites world, R records an MP4, Esc quits"""
-    play_keys: Optional[str] = None
+    play_keys: Annotated[Optional[str], RESUME_MUTABLE] = None
     """headless play (no window, no pygame; implies --play): one letter per step, N noop, U D L R, (Atari models)
     F fire, Q E Z C the diagonals up-left up-right down-left down-right, lowercase u d l r q e z c the same with fire,
     / restart; spaces are ignored. Writes the session's MP4 to {run}/play/"""
-    play_caption: Optional[str] = None
+    play_caption: Annotated[Optional[str], RESUME_MUTABLE] = None
     """play: the caption the frames are generated with (default: none, the null caption: the keys alone steer)"""
-    play_world: Literal["imagined", "real", "both"] = "imagined"
+    play_world: Annotated[Literal["imagined", "real", "both"], RESUME_MUTABLE] = "imagined"
     """headless play: the model (imagined), the real sprites world, or both in turn with the same keys"""
-    play_size: int = 512
+    play_size: Annotated[int, ">= 16", RESUME_MUTABLE] = 512
     """play: the frame's side in the window and in the play MP4s, in pixels"""
-    play_fps: float = 15.0
+    play_fps: Annotated[float, "> 0", RESUME_MUTABLE] = 15.0
     """play: the window's steps per second at most"""
-    sample_only: bool = False
+    sample_only: Annotated[bool, RESUME_MUTABLE] = False
     """with --resume: load the checkpoint's EMA weights, only generate --num-samples clips (and a long video), exit"""
-    compile: bool = False
+    compile: Annotated[bool, RESUME_MUTABLE] = False
     """torch.compile the training step's model (once: fixed shapes; sampling runs the EMA model eagerly)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """autocast dtype on CUDA (float16 uses a GradScaler); the CPU always computes in float32"""
@@ -115,123 +118,123 @@ class Args:
     dataset: Literal["sprites", "atari", "folder"] = "sprites"
     """sprites (generated: a sprite moved by the actions, bouncing distractors, captions), atari (random-policy clips
     recorded from an ALE game into --data-dir) or folder (videos readable by opencv under --data-dir)"""
-    data_dir: str = "data"
+    data_dir: Annotated[str, RESUME_MUTABLE] = "data"
     """atari: episode files are recorded to and read from {data_dir}/atari_v2/{env id}/; folder: the videos"""
-    num_frames: int = 16
+    num_frames: Annotated[int, ">= 1"] = 16
     """frames per training clip"""
-    img_size: int = 64
-    """frame side length (frames are center-cropped to a square, then resized)"""
-    num_sprite_clips: int = 2048
+    img_size: Annotated[int, ">= 1"] = 64
+    """frame side length in pixels (frames are center-cropped to a square, then resized)"""
+    num_sprite_clips: Annotated[int, ">= 1"] = 2048
     """sprites: number of generated training clips"""
-    num_distractors: int = 2
+    num_distractors: Annotated[int, ">= 0"] = 2
     """sprites: bouncing grey squares that no action moves"""
-    action_dim: int = 0
+    action_dim: Annotated[int, ">= 0"] = 0
     """0: discrete actions (an embedding); >0: continuous action vectors of this size through an MLP, as the seed's
     ActionConditionedDiffusion (sprites: 2, a velocity)"""
     env_id: str = "Breakout-v5"
     """atari: the ALE game (Breakout, Breakout-v5 and ALE/Breakout-v5 are the same)"""
-    num_atari_episodes: int = 50
+    num_atari_episodes: Annotated[int, ">= 1"] = 50
     """atari: episodes recorded with a random policy (files already in the folder are reused)"""
-    atari_episode_steps: int = 1000
+    atari_episode_steps: Annotated[int, ">= 1"] = 1000
     """atari: at most this many steps per recorded episode"""
     captions_file: Optional[str] = None
     """folder: a JSON {video file name: caption} or a text file of `name<TAB>caption` lines (default: captions.json
     or captions.txt in --data-dir when there is one; videos without a caption get the empty caption)"""
-    frame_stride: int = 1
+    frame_stride: Annotated[int, ">= 1"] = 1
     """folder: keep every N-th frame of the videos"""
 
     # Model (the seed's 3D U-Net)
-    model_channels: int = 256
+    model_channels: Annotated[int, ">= 1"] = 256
     """base channel count of the 3D U-Net"""
-    channel_mult: tuple[int, ...] = (1, 2, 2)
+    channel_mult: Annotated[tuple[int, ...], ">= 1"] = (1, 2, 2)
     """channel multiplier per resolution level (spatial halving between levels)"""
-    num_res_blocks: int = 2
+    num_res_blocks: Annotated[int, ">= 1"] = 2
     """ResBlock3D per level on the way down (one more on the way up)"""
-    attn_resolutions: tuple[int, ...] = (32, 16)
+    attn_resolutions: Annotated[tuple[int, ...], ">= 1"] = (32, 16)
     """resolutions (in pixels) with spatio-temporal attention and text cross-attention after each ResBlock3D"""
-    num_heads: int = 8
+    num_heads: Annotated[int, ">= 1"] = 8
     """attention heads"""
-    norm_groups: int = 32
+    norm_groups: Annotated[int, ">= 1"] = 32
     """GroupNorm groups"""
-    dropout: float = 0.0
+    dropout: Annotated[float, "[0, 1)"] = 0.0
     """dropout in the residual blocks"""
-    text_dim: int = 256
+    text_dim: Annotated[int, ">= 1"] = 256
     """width of the learned text encoder"""
-    text_layers: int = 2
+    text_layers: Annotated[int, ">= 1"] = 2
     """transformer layers of the text encoder"""
-    max_text_len: int = 16
+    max_text_len: Annotated[int, ">= 1"] = 16
     """caption words the model reads (words beyond are dropped, and a notice says so)"""
-    cond_drop_prob: float = 0.1
+    cond_drop_prob: Annotated[float, "[0, 1]"] = 0.1
     """p: in training the caption is dropped to null with probability p, and independently the actions; with
     --null-cond-prob q each is null in q + (1 - q) p of the samples, and steers alone (the other one dropped) in
     (1 - q)(1 - p) p of them"""
-    null_cond_prob: float = 0.1
+    null_cond_prob: Annotated[float, "[0, 1]"] = 0.1
     """q: probability of dropping both together in training; both are null (the unconditional model that
     classifier-free guidance subtracts) in q + (1 - q) p^2 of the samples. Guidance (--cfg-scale other than 1) needs
     q > 0"""
-    context_frames: int = 4
+    context_frames: Annotated[int, ">= 0"] = 4
     """k: frames the model is conditioned on when it continues a video (autoregressive generation)"""
-    context_prob: float = 0.5
+    context_prob: Annotated[float, "[0, 1]"] = 0.5
     """fraction of training clips whose first 1 to k frames (uniformly many) are given as context"""
-    context_noise_max_step: int = 100
+    context_noise_max_step: Annotated[int, ">= 1"] = 100
     """context noise augmentation: the context frames are noised to a step drawn from [0, this), told to the model"""
-    context_noise_sampling_step: int = 10
+    context_noise_sampling_step: Annotated[int, ">= 0", RESUME_MUTABLE] = 10
     """the context noise step used when generating (a little noise limits drift)"""
 
     # Diffusion
     prediction: Literal["eps", "v"] = "eps"
     """what the network predicts: eps (the noise, as the seed and DDPM) or v = sqrt(abar) eps - sqrt(1-abar) x0
     (Salimans and Ho 2022: its x0 estimate stays accurate at high noise, so small models learn far faster)"""
-    timesteps: int = 1000
+    timesteps: Annotated[int, ">= 1"] = 1000
     """number of diffusion steps T"""
     beta_schedule: Literal["linear", "cosine"] = "linear"
     """linear (Ho et al.) or cosine (Nichol and Dhariwal)"""
-    beta_start: float = 1e-4
+    beta_start: Annotated[float, "(0, 1)"] = 1e-4
     """beta_1 of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps (improved diffusion)"""
-    beta_end: float = 0.02
+    beta_end: Annotated[float, "(0, 1)"] = 0.02
     """beta_T of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps, capped at 0.999"""
 
     # Training
-    total_steps: Annotated[int, STEPS] = 200_000
+    total_steps: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 200_000
     """optimizer steps to train for"""
-    batch_size: int = 8
+    batch_size: Annotated[int, ">= 1"] = 8
     """global batch size in clips (split across torchrun ranks; 8 clips of 16x64x64 at the default width is an
     estimated 50 GB of activations in bf16)"""
-    learning_rate: float = 1e-4
+    learning_rate: Annotated[float, "> 0"] = 1e-4
     """Adam learning rate"""
-    warmup_steps: Annotated[int, STEPS] = 1000
+    warmup_steps: Annotated[int, STEPS, ">= 0"] = 1000
     """linear learning-rate warmup steps"""
-    max_grad_norm: float = 1.0
+    max_grad_norm: Annotated[float, ">= 0"] = 1.0
     """gradient clipping norm (0 turns it off)"""
-    ema_decay: float = 0.9999
+    ema_decay: Annotated[float, "[0, 1]"] = 0.9999
     """EMA decay of the weights used for sampling"""
-    log_every: Annotated[int, STEPS] = 100
+    log_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 100
     """log losses and throughput every N steps"""
-    save_every: Annotated[int, STEPS] = 5000
+    save_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 5000
     """write checkpoints/latest.pt every N steps"""
-    eval_every: Annotated[int, STEPS] = 10_000
+    eval_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 10_000
     """sample clips and compute the eval/ metrics with the EMA model every N steps"""
-    first_sample_at: Annotated[int, STEPS] = 0
+    first_sample_at: Annotated[int, STEPS, ">= 0", RESUME_MUTABLE] = 0
     """also sample 8 clips (no metrics) at this step: the run's first picture, long before the first evaluation
     (samples/: MP4 and a PNG strip; TensorBoard); 0: none"""
 
     # Sampling and evaluation
-    sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
+    sampler: Annotated[Literal["ddpm", "ddim", "dpm++"], RESUME_MUTABLE] = "ddim"
     """sampler for the samples, the metrics and --sample-only"""
-    num_sampling_steps: int = 50
+    num_sampling_steps: Annotated[int, ">= 1", RESUME_MUTABLE] = 50
     """network evaluations per clip (ddpm with fewer than T steps is respaced)"""
-    ddim_eta: float = 0.0
+    ddim_eta: Annotated[float, "[0, 1]", RESUME_MUTABLE] = 0.0
     """DDIM eta (0: deterministic)"""
-    cfg_scale: float = 2.0
+    cfg_scale: Annotated[float, ">= 0", RESUME_MUTABLE] = 2.0
     """classifier-free guidance scale s on caption and actions: eps_u + s (eps_c - eps_u); 1 = no guidance, 0 = the
     unconditional model (anything but 1 needs --null-cond-prob > 0)"""
-    num_eval_samples: int = 32
+    num_eval_samples: Annotated[int, ">= 1", RESUME_MUTABLE] = 32
     """clips generated for each evaluation (samples and metrics)"""
-    num_samples: int = 16
+    num_samples: Annotated[int, ">= 1", RESUME_MUTABLE] = 16
     """clips generated by --sample-only"""
-    long_video_frames: int = 64
-    """length of the autoregressive long videos written at each evaluation and by --sample-only"""
-    sample_batch_size: int = 16
+    long_video_frames: Annotated[int, ">= 1", RESUME_MUTABLE] = 64
+    """length in frames of the autoregressive long videos written at each evaluation and by --sample-only"""
+    sample_batch_size: Annotated[int, ">= 1", RESUME_MUTABLE] = 16
     """batch size when generating clips"""
 
 
@@ -259,34 +262,13 @@ PRESETS = {
         num_samples=16, long_video_frames=6, sample_batch_size=128,
     ),
 }
-# Flags that may change when a run is resumed: the run length, checkpoint/eval cadence, logging and sampling.
-RESUME_MUTABLE_FIELDS = {
-    "total_steps", "save_every", "eval_every", "log_every", "track", "wandb_project_name", "wandb_entity",
-    "sample_only", "num_samples", "sampler", "num_sampling_steps", "ddim_eta", "cfg_scale", "num_eval_samples",
-    "long_video_frames", "sample_batch_size", "context_noise_sampling_step", "cuda", "compile", "config",
-    "output_dir", "data_dir", "play", "play_keys", "play_caption", "play_world", "play_size", "play_fps",
-    "first_sample_at",
-}
-
 # Flags spelled otherwise on the command line (none here; diamond_atari.py accepts --game for --env-id).
 FLAG_ALIASES: dict[str, str] = {}
-# What a checkpoint must hold to be resumed or sampled from (the vocabulary and the action count fix the model's shape).
-CHECKPOINT_KEYS = {"args", "step", "model", "ema", "optimizer", "scheduler", "scaler", "rng", "train_generator",
-                   "vocabulary", "num_actions"}
-# The domain of every numeric flag, checked at start-up (check_arg_domains): '>= 1', '> 0', '[0, 1)' ...
-ARG_DOMAINS = {
-    "seed": ">= 0", "num_frames": ">= 1", "img_size": ">= 1", "num_sprite_clips": ">= 1", "num_distractors": ">= 0",
-    "action_dim": ">= 0", "num_atari_episodes": ">= 1", "atari_episode_steps": ">= 1", "frame_stride": ">= 1",
-    "model_channels": ">= 1", "channel_mult": ">= 1", "num_res_blocks": ">= 1", "attn_resolutions": ">= 1",
-    "num_heads": ">= 1", "norm_groups": ">= 1", "dropout": "[0, 1)", "text_dim": ">= 1", "text_layers": ">= 1",
-    "max_text_len": ">= 1", "cond_drop_prob": "[0, 1]", "null_cond_prob": "[0, 1]", "context_frames": ">= 0",
-    "context_prob": "[0, 1]", "context_noise_max_step": ">= 1", "context_noise_sampling_step": ">= 0",
-    "timesteps": ">= 1", "beta_start": "(0, 1)", "beta_end": "(0, 1)", "total_steps": ">= 1", "batch_size": ">= 1",
-    "learning_rate": "> 0", "warmup_steps": ">= 0", "max_grad_norm": ">= 0", "ema_decay": "[0, 1]", "log_every": ">= 1",
-    "save_every": ">= 1", "eval_every": ">= 1", "num_sampling_steps": ">= 1", "ddim_eta": "[0, 1]", "cfg_scale": ">= 0",
-    "num_eval_samples": ">= 1", "num_samples": ">= 1", "long_video_frames": ">= 1", "sample_batch_size": ">= 1",
-    "play_size": ">= 16", "play_fps": "> 0", "first_sample_at": ">= 0",
-}
+# What a checkpoint holds after its header: checkpoint_state writes them in this order (the run's args, its step,
+# every global RNG, then each part's state), restore_state reads them back, load_checkpoint refuses a file without one.
+# The vocabulary and the action count fix the model's shape: the run reads them before it builds it.
+CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler", "train_generator",
+                   "vocabulary", "num_actions")
 
 
 def check_args(args: Args, world_size: int):
@@ -2257,22 +2239,9 @@ def main(args: Args, given: set[str]):
     alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
                                                             args.beta_end))
     alphas_cumprod_device = alphas_cumprod.to(device)  # float64, for the loss and the context noise in the hot loop
-    step = 0
-    if checkpoint is not None:
-        try:  # weights of another shape, or a damaged state: one line, not a traceback
-            model.load_state_dict(checkpoint["model"])
-            ema_model.load_state_dict(checkpoint["ema"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            scaler.load_state_dict(checkpoint["scaler"])
-            set_rng_state(checkpoint["rng"])
-            train_generator.set_state(checkpoint["train_generator"])
-            step = checkpoint["step"]
-            if type(step) is not int or step < 0:
-                raise ValueError(f"its step is {step!r}")
-        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
-            raise UserError(f"checkpoint weights do not fit this model, or its state is damaged ({error_reason(e)}); "
-                            f"resume from another checkpoint") from None
+    # as CHECKPOINT_KEYS names them
+    parts = (model, ema_model, optimizer, scheduler, scaler, train_generator, vocabulary, num_actions)
+    step = 0 if checkpoint is None else restore_state(checkpoint, *parts)
 
     stop = StopFlag()  # from here on SIGTERM/SIGINT finish the step (or abandon sampling), save and exit 0
     # The EMA model is only ever called by the samplers: checking for a signal before each of its network evaluations
@@ -2335,16 +2304,8 @@ def main(args: Args, given: set[str]):
         if not meter.finite():  # never write NaN weights over a good checkpoint
             raise non_finite_failure(f"before step {step}", run_dir)
         if setup.is_main:
-            save_checkpoint(run_dir / "checkpoints" / "latest.pt", {
-                "script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
-                "args": asdict(args),
-                "step": step, "model": model.state_dict(), "ema": ema_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng_state(), "train_generator": train_generator.get_state(),
-                "data_position": {"epoch": step * args.batch_size // num_clips,
-                                  "index": step * args.batch_size % num_clips},
-                "vocabulary": vocabulary, "num_actions": num_actions,
-            })
+            save_checkpoint(run_dir / "checkpoints" / "latest.pt", checkpoint_state(args, step, *parts, data_position={
+                "epoch": step * args.batch_size // num_clips, "index": step * args.batch_size % num_clips}))
             print(f"saved checkpoint at step {step}", flush=True)
 
     # ---- train
@@ -2450,8 +2411,8 @@ def main(args: Args, given: set[str]):
 # state, device, determinism and torchrun setup, the run folder and TensorBoard, signals, throughput (and MFU on CUDA),
 # images, the entry point. Each script carries only the definitions it uses, and each definition is the same text in
 # every script that carries it (tests/test_shared_blocks.py checks it, definition by definition). They read the
-# script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args, PRESETS, ARG_DOMAINS,
-# RESUME_MUTABLE_FIELDS, FLAG_ALIASES.
+# script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args (each field's domain and
+# RESUME_MUTABLE marks), PRESETS, FLAG_ALIASES.
 # ======================================================================================================================
 
 
@@ -2623,7 +2584,7 @@ def normalise_args_dict(values: dict, source: str) -> dict:
 
 
 def in_domain(value, domain: str) -> bool:
-    """ARG_DOMAINS' notation: '>= 0', '> 0', '[0, 1)', '(0, 1]' ... Non-finite numbers are in no domain."""
+    """A domain's notation: '>= 0', '> 0', '[0, 1)', '(0, 1]' ... Non-finite numbers are in no domain."""
     if not math.isfinite(value):
         return False
     if domain.startswith(">="):
@@ -2635,10 +2596,19 @@ def in_domain(value, domain: str) -> bool:
     return above_low and (value <= high if domain[-1] == "]" else value < high)
 
 
+def flag_marks() -> tuple[dict[str, str], set[str]]:
+    """What the marks beside Args' fields say: each flag's domain ('>= 1', '[0, 1)' ...; every numeric flag has one)
+    and the flags marked RESUME_MUTABLE, which --resume may change."""
+    marks = [(name, mark) for name, hint in get_type_hints(Args, include_extras=True).items()
+             for mark in getattr(hint, "__metadata__", ())]
+    return ({name: mark for name, mark in marks if isinstance(mark, str) and mark != RESUME_MUTABLE},
+            {name for name, mark in marks if mark == RESUME_MUTABLE})
+
+
 def check_arg_domains(args: Args):
     """Every numeric flag inside its domain at start-up, so that a bad value fails here and not deep inside a run
     (after the training since the last save). A tuple flag's every element is checked."""
-    for name, domain in ARG_DOMAINS.items():
+    for name, domain in flag_marks()[0].items():
         value = getattr(args, name)
         for element in value if isinstance(value, tuple) else (value,):
             if element is not None and not in_domain(element, domain):
@@ -2713,7 +2683,7 @@ def load_checkpoint(path: Path) -> dict:
     if checkpoint.get("format_version") not in (CHECKPOINT_FORMAT_VERSION, *OLDER_CHECKPOINT_FORMATS):
         raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this script reads "
                         f"{', '.join(map(str, (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)))}")
-    missing = sorted(CHECKPOINT_KEYS - set(checkpoint))
+    missing = sorted(set(CHECKPOINT_KEYS) - set(checkpoint))
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of {SCRIPT_NAME}; resume from "
                         f"a checkpoint the script wrote")
@@ -2736,16 +2706,44 @@ def error_reason(e: Exception) -> str:
 
 
 def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
-    """The run's arguments come from the checkpoint; only RESUME_MUTABLE_FIELDS may be changed by flags."""
+    """The run's arguments come from the checkpoint; only the flags marked RESUME_MUTABLE may be changed by flags."""
     run_args = Args(**normalise_args_dict(saved, "the checkpoint's args"))  # a field newer than the run: its default
-    for name in sorted(given - RESUME_MUTABLE_FIELDS - {"resume"}):
+    mutable = flag_marks()[1]
+    for name in sorted(given - mutable - {"resume"}):
         if getattr(args, name) != getattr(run_args, name):
             flag = f"--{name.replace('_', '-')}"
             raise UserError(f"{flag} is {getattr(run_args, name)!r} in the checkpoint and cannot change on --resume "
                             f"(only the run length, cadence, logging and sampling flags can); drop {flag} or start a "
                             f"new run")
-    mutable = given & RESUME_MUTABLE_FIELDS - {"resume"}
-    return replace(run_args, **{name: getattr(args, name) for name in mutable}, resume=args.resume)
+    return replace(run_args, **{name: getattr(args, name) for name in given & mutable - {"resume"}}, resume=args.resume)
+
+
+def checkpoint_state(args: Args, step: int, *parts, **extra) -> dict:
+    """A checkpoint: its header, then CHECKPOINT_KEYS in order: the run's args, its step, every global RNG, then each
+    part's state (a state_dict, a generator's state, or a plain value as it is), then extra (not read back)."""
+    states = [part.get_state() if isinstance(part, torch.Generator) else part.state_dict()
+              if hasattr(part, "state_dict") else part for part in parts]
+    return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
+            **dict(zip(CHECKPOINT_KEYS, [asdict(args), step, rng_state(), *states], strict=True)), **extra}
+
+
+def restore_state(checkpoint: dict, *parts) -> int:
+    """Puts back what checkpoint_state saved from the same parts (a plain value: the run read it already) and every
+    global RNG. Returns the step. A state that does not fit is one line, not a traceback."""
+    try:
+        for key, part in zip(CHECKPOINT_KEYS[3:], parts, strict=True):
+            if isinstance(part, torch.Generator):
+                part.set_state(checkpoint[key])
+            elif hasattr(part, "load_state_dict"):
+                part.load_state_dict(checkpoint[key])
+        set_rng_state(checkpoint["rng"])
+        step = checkpoint["step"]
+        if type(step) is not int or step < 0:
+            raise ValueError(f"its step is {step!r}")
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+        raise UserError(f"checkpoint weights do not fit this model, or its state is damaged ({error_reason(e)}); "
+                        f"resume from another checkpoint") from None
+    return step
 
 
 def save_checkpoint(path: Path, state: dict):

@@ -56,8 +56,8 @@ SCRIPT_FIELDS = {"diamond_atari.py": {"denoiser_steps_per_epoch", "imagination_h
                  "video_diffusion.py": {"context_frames", "long_video_frames"},
                  "dit_cifar10.py": {"patch", "depth"}, "ddpm_cifar10.py": {"channels", "channels_last"}}
 UNKNOWN_SCRIPT = "-"
-# config.json fields that do not make runs incomparable: the seed, the run's names, and every script's
-# RESUME_MUTABLE_FIELDS, the flags a resume may change (tests/test_benchmark.py checks this holds all of them).
+# config.json fields that do not make runs incomparable: the seed, the run's names, and every flag a script marks
+# RESUME_MUTABLE, the flags a resume may change (tests/test_benchmark.py checks this holds all of them).
 NOT_CONFIGURATION = {
     "seed", "exp_name", "resume", "config", "output_dir", "data_dir", "download", "cuda", "compile", "track",
     "wandb_project_name", "wandb_entity",

@@ -57,7 +57,8 @@ def numeric(hint) -> bool:
 
 
 def outside(domain: str, is_int: bool) -> list:
-    """Values outside a domain written in ARG_DOMAINS' notation, plus non-finite ones for float flags."""
+    """Values outside a domain written in the notation of the marks beside Args' fields, plus non-finite ones for
+    float flags."""
     if domain.startswith(">="):
         bad = [float(domain[2:]) - 1]
     elif domain.startswith(">"):
@@ -80,9 +81,10 @@ def tiny_args(script: str):
 def test_every_numeric_flag_has_a_domain(script):
     m = module(script)
     hints = get_type_hints(m.Args)
-    missing = [name for name, hint in hints.items() if numeric(hint) and name not in m.ARG_DOMAINS]
-    assert not missing, f"{script}: numeric flags without an ARG_DOMAINS entry: {missing}"
-    assert set(m.ARG_DOMAINS) <= set(hints)
+    domains = m.flag_marks()[0]
+    missing = [name for name, hint in hints.items() if numeric(hint) and name not in domains]
+    assert not missing, f"{script}: numeric flags without a domain beside them in Args: {missing}"
+    assert set(domains) <= set(hints)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -91,7 +93,7 @@ def test_every_value_outside_a_domain_is_refused_naming_its_flag(script):
     args = tiny_args(script)
     m.check_args(args, 1)  # the tiny preset itself passes
     hints = get_type_hints(m.Args)
-    for name, domain in m.ARG_DOMAINS.items():
+    for name, domain in m.flag_marks()[0].items():
         current = getattr(args, name)
         is_int = int in (hints[name], *get_args(hints[name]))
         for bad in outside(domain, is_int):
@@ -106,7 +108,7 @@ def test_every_value_outside_a_domain_is_refused_naming_its_flag(script):
 def test_a_non_finite_value_is_refused_as_not_finite(script):
     m = module(script)
     args = tiny_args(script)
-    name = next(n for n, d in m.ARG_DOMAINS.items() if d.startswith(">") and isinstance(getattr(args, n), float))
+    name = next(n for n, d in m.flag_marks()[0].items() if d.startswith(">") and isinstance(getattr(args, n), float))
     with pytest.raises(m.UserError, match=f"{flag(name)} must be a finite number"):
         m.check_args(replace(args, **{name: math.inf}), 1)
 

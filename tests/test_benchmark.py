@@ -230,14 +230,16 @@ def test_plot_keeps_presets_apart_and_says_what_it_merges_and_drops(tmp_path, ca
 
 
 def test_plot_ignores_every_flag_a_resume_may_change():
-    """plot.NOT_CONFIGURATION holds every script's RESUME_MUTABLE_FIELDS (read from the scripts' source)."""
+    """plot.NOT_CONFIGURATION holds every flag a script marks RESUME_MUTABLE (read from the scripts' source)."""
     import ast
 
     plot = load_tool("plot.py")
     for script in plot.SCRIPT_FIELDS:
         tree = ast.parse((ROOT / script).read_text())
-        mutable = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-                       and [getattr(target, "id", None) for target in node.targets] == ["RESUME_MUTABLE_FIELDS"])
+        args = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args")
+        mutable = {field.target.id for field in args.body if isinstance(field, ast.AnnAssign) and any(
+            getattr(node, "id", None) == "RESUME_MUTABLE" for node in ast.walk(field.annotation))}
+        assert len(mutable) > 10, script
         assert mutable <= plot.NOT_CONFIGURATION, (script, mutable - plot.NOT_CONFIGURATION)
 
 

@@ -559,8 +559,8 @@ def numeric_fields(dia) -> list[str]:
 def test_every_numeric_flag_has_a_domain_and_bad_values_are_refused(dia):
     names = numeric_fields(dia)
     assert "recency_weights" in names and "diffusion_channels" in names and "train_sigma_loc" in names
-    assert sorted(set(names) - set(dia.ARG_DOMAINS)) == []
-    assert sorted(set(dia.ARG_DOMAINS) - set(names)) == []
+    assert sorted(set(names) - set(dia.flag_marks()[0])) == []
+    assert sorted(set(dia.flag_marks()[0]) - set(names)) == []
     for name, value in (("seed", -1), ("learning_rate", -1.0), ("noop_max", -1), ("num_sampling_steps", 0),
                         ("epsilon", 2.0), ("discount_factor", 1.5), ("diffusion_channels", (8, 0)),
                         ("recency_weights", (0.5, 0.0)), ("train_sigma_loc", float("nan")), ("log_every", 0)):
@@ -1171,7 +1171,7 @@ def test_imagination_graphs_flag_selects_the_fast_path(dia):
     assert on_cuda.mode == "reduce-overhead" and on_cuda.amp_dtype is None
     assert pick(cuda, dtype="bfloat16").amp_dtype == torch.bfloat16
     assert pick(cuda, imagination_graphs="off") is None and pick(cuda, world_model_only=True) is None
-    assert "imagination_graphs" in dia.RESUME_MUTABLE_FIELDS
+    assert "imagination_graphs" in dia.flag_marks()[1]
 
 
 def test_a_failed_or_interrupted_compilation_is_one_line_or_a_stop(dia):

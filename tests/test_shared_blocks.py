@@ -16,17 +16,15 @@ from conftest import ROOT, load_module
 
 SCRIPTS = ["ddpm_cifar10.py", "dit_cifar10.py", "video_diffusion.py", "diamond_atari.py"]
 # What the shared machinery reads from the script that holds it (the comment that opens it says so).
-SCRIPT_NAMES = ["SCRIPT_NAME", "CHECKPOINT_FORMAT_VERSION", "OLDER_CHECKPOINT_FORMATS", "CHECKPOINT_KEYS", "Args", "PRESETS", "ARG_DOMAINS",
-                "RESUME_MUTABLE_FIELDS", "FLAG_ALIASES"]
+SCRIPT_NAMES = ["SCRIPT_NAME", "CHECKPOINT_FORMAT_VERSION", "OLDER_CHECKPOINT_FORMATS", "CHECKPOINT_KEYS", "Args", "PRESETS",
+                "RESUME_MUTABLE", "FLAG_ALIASES"]
 # Names that several scripts define with different texts, each with why. Keep it short: a definition that means the
 # same thing in two scripts is one text; one that means something else deserves its own name.
 ALLOWLIST = {
     # each script's own settings, read by the shared machinery
     "SCRIPT_NAME": "the script's own file name",
-    "Args": "each script's own flags",
+    "Args": "each script's own flags, each with its domain and whether --resume may change it",
     "PRESETS": "each script's own sizes (tiny, cpu, the paper's)",
-    "ARG_DOMAINS": "the domains of each script's own numeric flags",
-    "RESUME_MUTABLE_FIELDS": "the flags each script lets --resume change",
     "FLAG_ALIASES": "each script's own flag aliases (DIAMOND's --game)",
     "CHECKPOINT_KEYS": "each script's checkpoint holds its own state",
     "CHECKPOINT_FORMAT_VERSION": "each script's checkpoint format has its own history",
