@@ -758,17 +758,14 @@ def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
 
 
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
-    """The num_steps = S timesteps (descending) that DDIM, and DDPM with fewer than T steps, evaluate; every sampler
+    """The S = num_steps timesteps (descending) that DDIM, and DDPM with fewer than T steps, evaluate; every sampler
     then steps from the last one to the clean image (abar = 1). Raises ValueError unless 1 <= S <= T.
-    - "uniform": floor(i T / S), i = 0..S-1. Where S divides T this is exactly diffusers' "leading" 0, T/S, 2T/S, ...
-      (the DDIM paper's protocol); where it does not, leading's integer stride T // S would stop at (S-1)(T // S),
-      as low as S-1 for T/2 < S < T, while floor(i T / S) still reaches above T-1 - T/S.
-    - "linspace": round(linspace(0, T-1, S)), half to even, as diffusers' "linspace" (the seed truncated instead), and
-      as DiT's respacing (space_timesteps with one section, facebookresearch/DiT diffusion/respace.py): ends at T-1.
-    - "quadratic": int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice. It starts at 0.8 T by design
-      and repeats small timesteps when S is large (a repeated timestep is an identity step: one wasted evaluation).
-    - S = 1, every spacing: [T-1], one jump from noise to the clean image (each formula gives [0]: a sampler would
-      then read the starting noise as an almost clean image and return it)."""
+    - "uniform": floor(i T / S), i = 0..S-1: diffusers' "leading" where S divides T (the DDIM paper's protocol), and
+      still reaching above T-1 - T/S where it does not (leading's stride T // S stops as low as S-1).
+    - "linspace": round(linspace(0, T-1, S)), half to even, as diffusers' "linspace" and DiT's respacing.
+    - "quadratic": int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice (repeats small timesteps
+      when S is large: a repeated timestep is an identity step).
+    - S = 1: [T-1], one jump from noise to the clean image (each formula gives [0], which would return the noise)."""
     if spacing not in ("uniform", "linspace", "quadratic"):
         raise ValueError(f"unknown timestep spacing {spacing}")
     if not 1 <= num_steps <= T:
@@ -789,9 +786,8 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
                 variance: str = "fixed_large", clip_denoised: bool = True,
                 generator: Optional[torch.Generator] = None, spacing: str = "uniform") -> torch.Tensor:
     """Ancestral sampling (Ho et al. eq. 6-7); returns x_0 with x_T's shape and dtype. num_steps None: all T steps;
-    fewer: respaced to ddim_timesteps(T, S, spacing) ("uniform" as diffusers' DDPMScheduler where S divides T,
-    "linspace" as DiT's respacing) with beta'_t = 1 - abar_t / abar_prev. Raises ValueError on an unknown variance or
-    spacing, or S outside 1..T."""
+    fewer: respaced to ddim_timesteps(T, S, spacing) with beta'_t = 1 - abar_t / abar_prev. Raises ValueError on an
+    unknown variance or spacing, or S outside 1..T."""
     T = len(alphas_cumprod)
     timesteps = ddim_timesteps(T, T if num_steps is None else num_steps, spacing)
     x = x_T
@@ -850,9 +846,8 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
                       num_steps: int, clip_denoised: bool = False) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep; returns x_0 with x_T's shape and dtype.
     Timesteps round(linspace(0, T-1, S+1))[::-1][:-1] with a final sigma of 0, first-order first and last steps
-    (diffusers' DPMSolverMultistepScheduler defaults); S = T takes every timestep T-1, ..., 0. clip_denoised clamps
-    each data prediction to [-1, 1] before the update uses it (the paper's thresholding, which data prediction
-    allows; diffusers' thresholding=True with sample_max_value=1). Raises ValueError unless 1 <= num_steps <= T."""
+    (diffusers' defaults); S = T takes every timestep. clip_denoised clamps each data prediction to [-1, 1] (the
+    paper's thresholding). Raises ValueError unless 1 <= num_steps <= T."""
     T = len(alphas_cumprod)
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
@@ -895,19 +890,16 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
 
 
 # ==== BEGIN SHARED JUDGE: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
-# An offline sample-quality score for the generated datasets (FID needs Inception weights; these need nothing): a
-# small CNN classifier, trained once on real generated images and cached, judges the samples. Its scores are
-# eval/judge_*: the share of samples it recognises, the class accuracy of conditional samples, and the Frechet distance
-# of its penultimate features to held-out real images, beside the same distance between two real sets of that size
-# (the floor: the value a perfect sampler gets at this sample count). Not FID: the values mean nothing across datasets.
+# An offline sample-quality score for the generated datasets (FID needs Inception weights): a small CNN classifier,
+# trained once on real generated images and cached, judges the samples (eval/judge_*). Not FID: its values mean
+# nothing across datasets.
 
 JUDGE_VERSION = 1  # part of the cache file name: a changed network never loads an old cache
 
 
 class JudgeNet(nn.Module):
-    """Classifier of uint8 images (N, 3, H, W) into num_classes + 1 classes, the last one "none" (noise: not a shape
-    at all). Three 3x3 convs with a 2x max-pool after the first two, a global average pool, a linear head;
-    features() is the pooled (4 * width)-d layer the Frechet distance compares."""
+    """Classifier of uint8 images (N, 3, H, W) into num_classes + 1 classes, the last one "none" (noise, not a
+    shape); features() is the pooled (4 * width)-d layer the Frechet distance compares."""
 
     def __init__(self, num_classes: int, width: int = 8):
         super().__init__()
@@ -928,8 +920,7 @@ def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
                 batch_size: int = 64, lr: float = 3e-3) -> JudgeNet:
     """Adam on the cross-entropy of uint8 images (N, 3, H, W) with int labels (N,) in 0..num_classes-1, and of "none"
     images: a quarter of each batch is noise, x = (1 - a) x_real + a n with n ~ N(0, 1) and a ~ U(0.4, 1) in [-1, 1]
-    units, labelled num_classes. A pure function of the seed (its own generator: the run's RNG streams are untouched,
-    so an exact resume stays exact)."""
+    units, labelled num_classes. A pure function of the seed (its own generator: the run's RNG is untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         judge = JudgeNet(num_classes)
@@ -952,10 +943,8 @@ def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
 
 def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
                         num_classes: int, seed: int) -> JudgeNet:
-    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt (key: dataset kind, image size, class count and the
-    seed of its training images; the scripts keep it in {data_dir}/judge/, shared by all their runs), or trained on
-    make_data() and cached. A cache that does not load (damaged, another shape) is retrained, not an
-    error; a cache that cannot be written is only not cached."""
+    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and cached. A cache that
+    does not load is retrained, not an error; one that cannot be written is only not cached."""
     path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
     with torch.random.fork_rng(devices=[]):  # initialised weights that the cache overwrites: no draw from the run's RNG
         judge = JudgeNet(num_classes)
@@ -980,9 +969,8 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature sets (N, d)
-    (FID's formula, Heusel et al. 2017), in float64. Tr((S_a S_b)^(1/2)) is the sum of the square roots of the
-    eigenvalues of S_a S_b (real and >= 0 up to rounding: it is similar to S_a^(1/2) S_b S_a^(1/2)), as torchmetrics
-    computes it: no scipy.linalg.sqrtm."""
+    (FID's formula), in float64. Tr((S_a S_b)^(1/2)) is the sum of the square roots of the eigenvalues of S_a S_b
+    (real and >= 0 up to rounding), as torchmetrics computes it."""
     a, b = feats_a.double(), feats_b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
