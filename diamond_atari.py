@@ -3376,31 +3376,27 @@ def main(args: Args, given: set[str]):
 
 
 # ======================================================================================================================
-# BEGIN SHARED MACHINERY: the promises every script keeps (docs/PROMISES.md): flags and --config, checkpoints and RNG
-# state, device, determinism and torchrun setup, the run folder and TensorBoard, signals, throughput (and MFU on CUDA),
-# images, the entry point. Each script carries only the definitions it uses, and each definition is the same text in
-# every script that carries it (tests/test_shared_blocks.py checks it, definition by definition). They read the
-# script's own names above: SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, CHECKPOINT_KEYS, Args (each field's domain and
-# RESUME_MUTABLE marks), PRESETS, FLAG_ALIASES.
+# BEGIN SHARED MACHINERY (docs/PROMISES.md): flags and --config, checkpoints and RNG state, device and torchrun,
+# signals, the run folder and TensorBoard, throughput and MFU, memory and run time, files, the entry point. Each
+# definition is the same text in every script that carries it (tests/test_shared_blocks.py). It reads the script's
+# SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, OLDER_CHECKPOINT_FORMATS, CHECKPOINT_KEYS, Args, PRESETS, FLAG_ALIASES.
 # ======================================================================================================================
 
 
 class UserError(Exception):
-    """Bad input: printed as one line naming the problem and the fix; exit status 2; nothing saved is touched."""
+    """Bad input: one line naming the problem and the fix; exit status 2; nothing saved is touched."""
 
 
 class TrainingFailure(Exception):
-    """A fault during the run (a non-finite loss, a full disk, a read-only folder): one line, exit status 1; the last
-    checkpoint stays intact."""
+    """A fault during the run (non-finite loss, full disk, read-only folder): one line, exit 1; the checkpoint stays."""
 
 
 class StopRequested(Exception):
-    """SIGTERM or SIGINT arrived during sampling, an evaluation or test episodes: the work is abandoned."""
+    """A signal arrived during sampling, an evaluation or test episodes: the work is abandoned."""
 
 
 class Interrupted(BaseException):
-    """A second Ctrl-C: quit at once without saving (exit 130; the last checkpoint is intact: writes are atomic). A
-    BaseException, so that no `except Exception` on the way swallows it."""
+    """A second Ctrl-C: quit without saving (exit 130). A BaseException: no `except Exception` swallows it."""
 
 
 # ---- flags and config: defaults < --preset < --config < flags on the command line
@@ -3409,15 +3405,14 @@ MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB
 
 
 def flag_field(token: str) -> Optional[str]:
-    """The Args field a command-line token sets, whatever spelling the parser accepts: '--total_steps=5',
-    '--total-steps', '--no-cuda' and aliases (FLAG_ALIASES) all count. None for values and unknown flags."""
+    """The Args field a command-line token sets, in any spelling the parser accepts ('--total_steps=5', '--no-cuda',
+    FLAG_ALIASES). None for values and unknown flags."""
     if not token.startswith("--"):
         return None
     name = token.split("=")[0]
     if name in FLAG_ALIASES:
         return FLAG_ALIASES[name]
-    name = name[2:].replace("-", "_")
-    names = {f.name for f in fields(Args)}
+    name, names = name[2:].replace("-", "_"), {f.name for f in fields(Args)}
     if name in names:
         return name
     return name[3:] if name.startswith("no_") and name[3:] in names else None
@@ -3453,10 +3448,9 @@ def command_line_problem(argv: list[str], box: str) -> str:
     """What tyro refused, in one line: an unknown flag (with close matches), or the first line of tyro's message."""
     import difflib
 
-    flags = [f"--{f.name.replace('_', '-')}" for f in fields(Args)] + list(FLAG_ALIASES)
-    unknown = [token.split("=")[0] for token in argv if token.startswith("--") and flag_field(token) is None
-               and token.split("=")[0] not in ("--help",)]
+    unknown = [token.split("=")[0] for token in argv if token.startswith("--") and flag_field(token) is None]
     if unknown:
+        flags = [f"--{f.name.replace('_', '-')}" for f in fields(Args)] + list(FLAG_ALIASES)
         close = difflib.get_close_matches(unknown[0].replace("_", "-"), flags, n=3)
         return (f"unknown flag {unknown[0]}" + (f" (did you mean {' or '.join(close)}?)" if close else "")
                 + f"; {SCRIPT_NAME} --help lists the flags")
@@ -3466,10 +3460,9 @@ def command_line_problem(argv: list[str], box: str) -> str:
             said.append(line.strip("│ "))
         elif said:
             break
-    said = ' '.join(said).rstrip('.')
+    said = " ".join(said).rstrip(".")
     extra = said.split()[2] if said.startswith("Unrecognized options: ") else None
-    # a value given to an on/off flag (--torch-deterministic false): such a flag takes none
-    for i, token in enumerate(argv if extra else []):
+    for i, token in enumerate(argv if extra else []):  # a value given to an on/off flag, which takes none
         given = token if token.endswith(f"={extra}") else f"{token} {extra}" if argv[i + 1: i + 2] == [extra] else None
         field = flag_field(token) if given else None
         if field is not None and get_type_hints(Args)[field] is bool:
@@ -3480,57 +3473,51 @@ def command_line_problem(argv: list[str], box: str) -> str:
 
 def read_config(path: str) -> dict:
     """--config: the config.json an earlier run wrote (a JSON object of Args fields); YAML when PyYAML is installed."""
+    fix = "give the config.json an earlier run wrote"
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded: --config /dev/zero must not read forever
         if len(raw) > MAX_CONFIG_BYTES:
-            raise UserError(f"--config {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB: not a config; give the "
-                            f"config.json an earlier run wrote")
+            raise UserError(f"--config {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB: not a config; {fix}")
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise UserError(f"--config {path} is not a text file: give the config.json an earlier run wrote") from None
+        raise UserError(f"--config {path} is not a text file: {fix}") from None
     except OSError as e:
         raise UserError(f"cannot read --config {path}: {e.strerror or e}") from None
-    if Path(path).suffix.lower() in (".yaml", ".yml"):
-        try:
+    try:
+        if Path(path).suffix.lower() in (".yaml", ".yml"):
             import yaml
-        except ImportError:
-            raise UserError(f"--config {path} is YAML, which needs PyYAML: pip install pyyaml (or give the "
-                            f"config.json an earlier run wrote)") from None
-        try:
+
             values = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise UserError(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    else:
-        try:
+        else:
             values = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"--config {path} is not valid JSON ({e}); give the config.json an earlier run wrote "
-                            f"(YAML needs a .yaml or .yml name)") from None
+    except ImportError:
+        raise UserError(f"--config {path} is YAML, which needs PyYAML: pip install pyyaml (or {fix})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"--config {path} is not valid JSON ({e}); {fix} (YAML needs a .yaml or .yml name)") from None
+    except Exception as e:  # noqa: BLE001 - yaml.YAMLError, named so only where PyYAML is installed
+        raise UserError(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise UserError(f"--config {path} must hold an object of flag names and values, not a {type(values).__name__}")
     return normalise_args_dict(values, f"--config {path}")
 
 
 def value_fits(value, hint) -> bool:
-    """Whether a value read from JSON or YAML fits an Args field's type (bool is not an int here, an int is a float)."""
+    """Whether a value read from JSON or YAML fits an Args field's type (a bool is no number, an int is a float)."""
     origin, options = get_origin(hint), get_args(hint)
     if origin is Literal:
         return any(value == option and type(value) is type(option) for option in options)
-    if origin is Union or (hasattr(types, "UnionType") and origin is getattr(types, "UnionType")):
+    if origin is Union:
         return any(value_fits(value, option) for option in options)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             return False
-        if len(options) == 2 and options[1] is Ellipsis:
-            return all(value_fits(v, options[0]) for v in value)
-        return len(value) == len(options) and all(map(value_fits, value, options))
+        hints = [options[0]] * len(value) if options[1:] == (Ellipsis,) else options
+        return len(value) == len(hints) and all(map(value_fits, value, hints))
     if hint is type(None):
         return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
@@ -3546,7 +3533,7 @@ def normalise_args_dict(values: dict, source: str) -> dict:
             value = values[name] = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
         if not value_fits(value, hints[name]):
             expected = (f"one of {', '.join(map(str, choices))}" if choices
-                        else getattr(hints[name], '__name__', hints[name]))
+                        else getattr(hints[name], "__name__", hints[name]))
             raise UserError(f"{source}: {name} is {value!r}, which is not a valid --{name.replace('_', '-')} "
                             f"(expected {expected})")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
@@ -3556,18 +3543,17 @@ def in_domain(value, domain: str) -> bool:
     """A domain's notation: '>= 0', '> 0', '[0, 1)', '(0, 1]' ... Non-finite numbers are in no domain."""
     if not math.isfinite(value):
         return False
-    if domain.startswith(">="):
-        return value >= float(domain[2:])
     if domain.startswith(">"):
-        return value > float(domain[1:])
+        bound = float(domain.lstrip(">="))
+        return value >= bound if domain[1] == "=" else value > bound
     low, high = (float(bound) for bound in domain[1:-1].split(","))
-    above_low = low <= value if domain[0] == "[" else low < value
-    return above_low and (value <= high if domain[-1] == "]" else value < high)
+    above = low <= value if domain[0] == "[" else low < value
+    return above and (value <= high if domain[-1] == "]" else value < high)
 
 
 def flag_marks() -> tuple[dict[str, str], set[str]]:
-    """What the marks beside Args' fields say: each flag's domain ('>= 1', '[0, 1)' ...; every numeric flag has one)
-    and the flags marked RESUME_MUTABLE, which --resume may change."""
+    """The marks beside Args' fields: each numeric flag's domain ('>= 1', '[0, 1)' ...) and the flags marked
+    RESUME_MUTABLE, which --resume may change."""
     marks = [(name, mark) for name, hint in get_type_hints(Args, include_extras=True).items()
              for mark in getattr(hint, "__metadata__", ())]
     return ({name: mark for name, mark in marks if isinstance(mark, str) and mark != RESUME_MUTABLE},
@@ -3575,8 +3561,8 @@ def flag_marks() -> tuple[dict[str, str], set[str]]:
 
 
 def check_arg_domains(args: Args):
-    """Every numeric flag inside its domain at start-up, so that a bad value fails here and not deep inside a run
-    (after the training since the last save). A tuple flag's every element is checked."""
+    """Every numeric flag (each element of a tuple) inside its domain, so that a bad value fails at start-up and not
+    deep inside a run; --exp-name a plain name that fits in a file name."""
     for name, domain in flag_marks()[0].items():
         value = getattr(args, name)
         for element in value if isinstance(value, tuple) else (value,):
@@ -3585,13 +3571,12 @@ def check_arg_domains(args: Args):
                 finite = "" if math.isfinite(element) else "a finite number "
                 raise UserError(f"--{name.replace('_', '-')} must be {finite}{'in ' if domain[0] in '[(' else ''}"
                                 f"{domain}, not {shown}")
-    # --exp-name is part of the run folder's name: one plain name, short enough for a file system (255 bytes)
     if not args.exp_name or "/" in args.exp_name or "\\" in args.exp_name or ".." in args.exp_name:
         raise UserError(f"--exp-name {args.exp_name!r} must be a plain name (no '/', '\\' or '..'): it names the run "
                         f"folder inside --output-dir")
-    if len(args.exp_name.encode()) > 200:
+    if len(args.exp_name.encode()) > 200:  # a file system caps a name at 255 bytes
         raise UserError(f"--exp-name is {len(args.exp_name.encode())} bytes long: give at most 200 (it is part of the "
-                        f"run folder's name, which a file system caps at 255)")
+                        f"run folder's name)")
 
 
 # ---- checkpoints: one file, written atomically, loaded with weights_only=True
@@ -3599,8 +3584,7 @@ def check_arg_domains(args: Args):
 
 def resolve_checkpoint_path(resume: str) -> Path:
     path = Path(resume)
-    if path.is_dir():
-        path = path / "checkpoints" / "latest.pt"
+    path = path / "checkpoints" / "latest.pt" if path.is_dir() else path
     if not path.is_file():
         raise UserError(f"--resume {resume}: no checkpoint at {path}; give a run folder (it holds "
                         f"checkpoints/latest.pt) or a checkpoint file")
@@ -3609,8 +3593,7 @@ def resolve_checkpoint_path(resume: str) -> Path:
 
 def run_dir_of(checkpoint_path: Path, trains: bool) -> Path:
     """The folder a resumed run writes to: RUN for RUN/checkpoints/*.pt, else the checkpoint's own folder. Training
-    continues only from a run's checkpoints/latest.pt, the file it goes on overwriting: from any other file it would
-    overwrite a newer checkpoint, or another run's. Sampling, evaluating or playing from any file writes beside it."""
+    continues only from RUN/checkpoints/latest.pt: from any other file it would overwrite a newer or another run's."""
     in_run = checkpoint_path.parent.name == "checkpoints"
     if trains and not (in_run and checkpoint_path.name == "latest.pt"):
         raise UserError(f"--resume {checkpoint_path}: training continues only from a run folder's "
@@ -3621,45 +3604,39 @@ def run_dir_of(checkpoint_path: Path, trains: bool) -> Path:
 
 def floating_tensors(tree, prefix: str = ""):
     """(name, tensor) for every floating-point tensor in nested dicts and lists."""
-    if isinstance(tree, torch.Tensor):
-        if tree.is_floating_point():
-            yield prefix, tree
-    elif isinstance(tree, dict):
-        for key, value in tree.items():
+    if isinstance(tree, torch.Tensor) and tree.is_floating_point():
+        yield prefix, tree
+    elif isinstance(tree, (dict, list, tuple)):
+        for key, value in tree.items() if isinstance(tree, dict) else enumerate(tree):
             yield from floating_tensors(value, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(tree, (list, tuple)):
-        for i, value in enumerate(tree):
-            yield from floating_tensors(value, f"{prefix}.{i}")
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Loads with weights_only=True (a malicious file cannot run code) and refuses, in one line, a file that is not
-    a complete, finite checkpoint of this script."""
+    """Loads with weights_only=True (a malicious file cannot run code); refuses in one line a file that is not a
+    complete, finite checkpoint of this script."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read the file is the same user-facing error
         if "GLOBAL" in str(e):  # the weights-only unpickler refused a Python object it names (GLOBAL module.name)
             raise UserError(f"cannot load checkpoint {path}: it holds Python objects other than tensors and plain "
-                            f"containers, which could run code when loaded; a checkpoint this script wrote never "
-                            f"does, so resume from one of those") from None
+                            f"containers, which could run code when loaded; resume from a checkpoint this script "
+                            f"wrote") from None
         message = str(e).split("WeightsUnpickler error:")[-1].strip()  # the unpickler's words, not torch's advice
         reason = message.splitlines()[0][:200] if message else e.__class__.__name__
         raise UserError(f"cannot load checkpoint {path} (corrupt or not a checkpoint: {reason}); resume from "
                         f"another checkpoint") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT_NAME:
-        found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
+    found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
+    if found != SCRIPT_NAME:
         raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not of {SCRIPT_NAME}")
     if checkpoint.get("format_version") not in (CHECKPOINT_FORMAT_VERSION, *OLDER_CHECKPOINT_FORMATS):
         raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this script reads "
                         f"{', '.join(map(str, (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)))}")
     missing = sorted(set(CHECKPOINT_KEYS) - set(checkpoint))
     if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of {SCRIPT_NAME}; resume from "
-                        f"a checkpoint the script wrote")
+        raise UserError(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of {SCRIPT_NAME}")
     bad = next((name for name, tensor in floating_tensors(checkpoint) if not torch.isfinite(tensor).all()), None)
     if bad is not None:
-        raise UserError(f"{path} holds non-finite values (in {bad}): it would sample or train on NaN; resume from an "
-                        f"earlier checkpoint")
+        raise UserError(f"{path} holds non-finite values (in {bad}); resume from an earlier checkpoint")
     saved, now = checkpoint.get("versions", {}), library_versions()
     changed = [f"{name} {saved[name]} -> {now[name]}" for name in now if saved.get(name, now[name]) != now[name]]
     if changed:
@@ -3688,8 +3665,8 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
 
 
 def save_checkpoint(path: Path, state: dict):
-    """Atomic: a temporary file in the same folder, flushed and fsynced, then renamed over the old checkpoint. A full
-    disk or a read-only folder raises TrainingFailure with the temporary file removed and the old checkpoint intact."""
+    """Atomic: a temporary file in the same folder, flushed and fsynced, then renamed over the old one. A failed
+    write raises TrainingFailure with the temporary file removed and the old checkpoint intact."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -3704,9 +3681,9 @@ def save_checkpoint(path: Path, state: dict):
         if not isinstance(e, (OSError, RuntimeError)):
             raise
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise TrainingFailure(f"cannot write {path} ({reason}); "
-                              f"{'the previous ' + path.name + ' is intact' if path.exists() else 'it was not written'}"
-                              f": free disk space or make the folder writable, then --resume") from None
+        kept = f"the previous {path.name} is intact" if path.exists() else "it was not written"
+        raise TrainingFailure(f"cannot write {path} ({reason}); {kept}: free disk space or make the folder writable, "
+                              f"then --resume") from None
 
 
 def non_finite_failure(where: str, run_dir: Optional[Path]) -> TrainingFailure:
@@ -3725,14 +3702,11 @@ def library_versions() -> dict:
 
 def rng_state() -> dict:
     """Every global RNG as plain values (weights_only=True refuses numpy objects)."""
-    np_state = np.random.get_state(legacy=True)
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],
-        "python": random.getstate(),
-    }
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "python": random.getstate()}
 
 
 def set_rng_state(state: dict):
@@ -3757,19 +3731,14 @@ def seed_everything(seed: int):
 
 @dataclass
 class Setup:
-    """Where this process runs: the device, and its place among torchrun's processes (world_size 1 without)."""
+    """Where this process runs: its device and its place among torchrun's processes (world_size 1 without)."""
     device: torch.device
     world_size: int = 1
     rank: int = 0
     local_rank: int = 0
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def use_cuda(self) -> bool:
-        return self.device.type == "cuda"
+    def __post_init__(self):
+        self.is_main, self.use_cuda = self.rank == 0, self.device.type == "cuda"
 
 
 def torchrun_world() -> tuple[int, int, int]:
@@ -3795,20 +3764,17 @@ def setup_device(args: Args) -> Setup:
         torch.cuda.set_device(device)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cudnn.benchmark = not args.torch_deterministic
-    # No torch.use_deterministic_algorithms(True): the CPU's kernels are deterministic already at a fixed thread count
-    # (exact resume is tested so), and on CUDA the strict algorithms cost more than 10% (measured on an H100,
-    # benchmark/RESULTS.md section 0: a DIAMOND imagination rollout 1.8x slower, a DDPM step 1.3x), which
-    # docs/PROMISES.md section 5 allows the CUDA default not to pay.
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs on Ampere+: ~free speed for fp32 parts
+    # No torch.use_deterministic_algorithms(True): the CPU's kernels are deterministic at a fixed thread count, and on
+    # CUDA the strict ones cost more than 10% (benchmark/RESULTS.md), which docs/PROMISES.md section 5 allows.
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: nearly free speed for the fp32 parts
     torch.backends.cudnn.allow_tf32 = True
     return Setup(device, world_size, rank, local_rank)
 
 
 def autocast_context(setup: Setup, dtype: str):
     """bf16/fp16 autocast on CUDA; a no-op for float32 and on the CPU (which computes in float32)."""
-    autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if setup.use_cuda and autocast_dtype:
-        return torch.autocast("cuda", dtype=autocast_dtype)
+    if setup.use_cuda and dtype != "float32":
+        return torch.autocast("cuda", dtype=getattr(torch, dtype))
     return contextlib.nullcontext()
 
 
@@ -3816,12 +3782,10 @@ def autocast_context(setup: Setup, dtype: str):
 
 
 class StopFlag:
-    """Installs SIGTERM and SIGINT handlers that set a flag instead of killing the process. The training loop stops at
-    the next step boundary; sampling, evaluations and test episodes call check() inside their loops and are abandoned.
-    The first signal is acknowledged at once; a second SIGINT raises Interrupted (quit without saving); further
-    SIGTERMs change nothing (a scheduler's repeated preemption never aborts a save). `busy` names long work that
-    cannot stop midway (a compilation), so that the acknowledgement says what comes first.
-    Install it before the run folder exists: a signal before it kills a process that has written nothing."""
+    """SIGTERM and SIGINT set a flag instead of killing the process: training stops at the next step boundary; long
+    work calls check() and is abandoned. The first signal is acknowledged at once; a second SIGINT raises Interrupted;
+    further SIGTERMs change nothing (a repeated preemption never aborts a save). `busy` names work that cannot stop
+    midway (a compilation). Install it before the run folder exists."""
 
     keep_handlers = False  # run_main sets it: the handlers stay until the process exits
 
@@ -3840,13 +3804,11 @@ class StopFlag:
         self.requested = True
 
     def check(self):
-        """Raises StopRequested once a signal arrived: call it between steps of long work."""
         if self.requested:
             raise StopRequested()
 
     def sync(self, setup: Setup) -> bool:
-        """Under torchrun every rank stops at the same step: the flag is all-reduced (a collective: all ranks call it
-        at the same steps). Returns whether to stop."""
+        """Whether to stop, all-reduced under torchrun so that every rank stops at the same step (a collective)."""
         if setup.world_size > 1:
             flag = torch.tensor(float(self.requested), device=setup.device)
             dist.all_reduce(flag)
@@ -3854,8 +3816,8 @@ class StopFlag:
         return self.requested
 
     def restore(self):
-        """Puts the previous handlers back (the scripts are importable: a caller keeps its own). Under run_main they
-        stay until the process exits and only stop listening: a signal while it exits does not kill it mid-write."""
+        """Puts the previous handlers back for an in-process caller; under run_main they stay and only stop
+        listening, so that a signal while the process exits does not kill it mid-write."""
         self.finished = True
         if not StopFlag.keep_handlers:
             for sig, handler in self.previous.items():
@@ -3876,7 +3838,7 @@ def say_now(message: str):
 def create_run_dir(args: Args, run_id: str) -> Path:
     """{output_dir}/{run_id}__{exp_name}__{seed}__{unix time}/ with config.json; never an existing folder."""
     run_dir = Path(args.output_dir) / f"{run_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    while run_dir.exists():  # never overwrite an earlier run
+    while run_dir.exists():
         run_dir = run_dir.with_name(run_dir.name + "_")
     try:
         run_dir.mkdir(parents=True)
@@ -3888,9 +3850,8 @@ def create_run_dir(args: Args, run_id: str) -> Path:
 
 
 def lock_run(run_dir: Path):
-    """One trainer per run: {run_dir}/train.lock holds this process's host and PID until it ends (close_writer, or at
-    exit). A lock of a live process, or of another host (whose processes cannot be checked), is refused; one a dead
-    process on this host left (after a SIGKILL) is taken over with a notice."""
+    """One trainer per run: {run_dir}/train.lock holds this process's host and PID until it ends. The lock of a live
+    process, or of another host's (which cannot be checked), is refused; a dead process's is taken over."""
     lock, host, pid = run_dir / "train.lock", socket.gethostname(), os.getpid()
     while True:
         try:
@@ -3902,15 +3863,12 @@ def lock_run(run_dir: Path):
             holder_host, _, holder = lock.read_text().strip().rpartition(" ")
         if holder_host == host and holder == str(pid):  # this process already holds it (an in-process rerun)
             return
-        alive = holder_host != host
-        if holder_host == host and holder.isdigit():
-            try:
-                os.kill(int(holder), 0)
-                alive = True
-            except PermissionError:  # another user's live process
-                alive = True
-            except ProcessLookupError:
-                alive = False
+        try:  # os.kill(pid, 0) only asks whether the process exists
+            alive = holder_host != host or (holder.isdigit() and os.kill(int(holder), 0) is None)
+        except PermissionError:  # another user's live process
+            alive = True
+        except ProcessLookupError:
+            alive = False
         if alive:
             raise UserError(f"{run_dir} is being trained by PID {holder} on host {holder_host} (lock file {lock}); "
                             f"wait for it to end, or delete the lock file if that process is gone")
@@ -3919,7 +3877,6 @@ def lock_run(run_dir: Path):
 
 
 def unlock_run(run_dir: Path):
-    """Removes the run's lock if this process holds it."""
     lock = run_dir / "train.lock"
     with contextlib.suppress(OSError):
         if lock.read_text().strip() == f"{socket.gethostname()} {os.getpid()}":
@@ -3927,13 +3884,11 @@ def unlock_run(run_dir: Path):
 
 
 def open_writer(args: Args, run_dir: Path, step: int):
-    """TensorBoard (and wandb with --track) in the run folder, for the process that trains the run (lock_run: one at a
-    time). purge_step: a resumed run drops the points a killed run logged after its last checkpoint, so that no point
-    is logged twice; a process that only samples, evaluates or plays opens none."""
+    """TensorBoard (and wandb with --track) for the process that trains the run (it takes the lock). purge_step: a
+    resumed run drops the points a killed run logged after its last checkpoint."""
     from torch.utils.tensorboard import SummaryWriter
 
     lock_run(run_dir)
-
     if args.track:
         import wandb
 
@@ -3971,8 +3926,8 @@ CUDA_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 
 
 def peak_flops(setup: Setup, dtype: str) -> Optional[float]:
-    """The MFU denominator on CUDA: the dense bf16/fp16 tensor-core peak from a table (TF32, used for float32, is half
-    of it; NaN for an unknown GPU). None on a CPU, which has no MFU: its throughput is the figure to read."""
+    """The MFU denominator: the table's dense bf16/fp16 peak, half of it for float32 (TF32), NaN for an unknown GPU.
+    None on a CPU, which has no MFU: its throughput is the figure to read."""
     if not setup.use_cuda:
         return None
     name = torch.cuda.get_device_name(setup.device)
@@ -3982,8 +3937,8 @@ def peak_flops(setup: Setup, dtype: str) -> Optional[float]:
 
 
 def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> float:
-    """FLOPs of one forward pass of the model build() returns, counted by torch's FLOP counter (matmuls,
-    convolutions, attention) on the meta device: no compute, no RNG draws (an exact resume depends on it)."""
+    """FLOPs of one forward pass of the model build() returns, counted on the meta device: no compute, no RNG draws
+    (an exact resume depends on it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
@@ -3994,7 +3949,7 @@ def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> floa
     return float(counter.get_total_flops())
 
 
-# ---- memory: will a training step fit
+# ---- memory and run time: will a training step fit, how long will the run take
 
 
 def available_memory(setup: Setup) -> float:
@@ -4010,10 +3965,9 @@ def available_memory(setup: Setup) -> float:
     limits = [math.inf]
     with contextlib.suppress(OSError, ValueError, StopIteration):
         limits.append(field("/proc/meminfo", "MemAvailable:"))
-    with contextlib.suppress(OSError, ValueError):
-        cgroup_max = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if cgroup_max != "max":
-            limits.append(float(cgroup_max) - float(Path("/sys/fs/cgroup/memory.current").read_text()))
+    with contextlib.suppress(OSError, ValueError):  # "max" where there is no limit
+        limits.append(float(Path("/sys/fs/cgroup/memory.max").read_text())
+                      - float(Path("/sys/fs/cgroup/memory.current").read_text()))
     with contextlib.suppress(OSError, ValueError, StopIteration, ImportError):
         import resource
 
@@ -4024,8 +3978,8 @@ def available_memory(setup: Setup) -> float:
 
 
 def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor]) -> float:
-    """Bytes autograd keeps for the backward pass of loss_fn(), which builds its model and inputs on the meta device:
-    nothing is computed or allocated. Tensors saved twice (or as views of one tensor) count once; weights not at all."""
+    """Bytes autograd keeps for the backward pass of loss_fn(), which builds its model and inputs on the meta device.
+    A tensor saved twice (or as views of one) counts once; weights not at all."""
     saved = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -4041,10 +3995,9 @@ def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor]) -> float:
 
 def check_step_memory(setup: Setup, batch_size: int, num_params: int, activation_bytes_per_sample: float,
                       dtype: str) -> float:
-    """Refuses, before anything is allocated at full size, a training step that cannot fit in available_memory():
-    one line naming --batch-size and the largest that fits. The estimate, in bytes per process:
-    5 x 4 bytes per parameter (weights, gradients, two Adam moments, EMA) + per-process batch x the activations autograd
-    saves per sample (halved under bf16/fp16 autocast on CUDA). On the CPU it is within 15% above a measured step."""
+    """Refuses, before anything is allocated at full size, a training step that cannot fit in available_memory(),
+    naming the largest --batch-size that fits. Bytes per process: 5 x 4 per parameter (weights, gradients, two Adam
+    moments, EMA) + the per-process batch x the activations saved per sample (halved under CUDA autocast)."""
     local_batch = batch_size // setup.world_size
     per_sample = activation_bytes_per_sample * (0.5 if setup.use_cuda and dtype != "float32" else 1.0)
     fixed = 5 * 4 * num_params
@@ -4057,20 +4010,18 @@ def check_step_memory(setup: Setup, batch_size: int, num_params: int, activation
     return needed
 
 
-# ---- images and video files
+# ---- files
 
 
 def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 2) -> np.ndarray:
     """uint8 (N, 3, H, W) -> one uint8 (rows*(H+pad)+pad, columns*(W+pad)+pad, 3) image."""
     n, _, h, w = images.shape
-    columns = columns or int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / columns))
-    grid = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), dtype=np.uint8)
-    for i in range(n):
-        r, c = divmod(i, columns)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = \
-            images[i].transpose(1, 2, 0)
-    return grid
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    cells = np.zeros((rows * columns, h + pad, w + pad, 3), dtype=np.uint8)  # each image with its top and left pad
+    cells[:n, pad:, pad:] = images.transpose(0, 2, 3, 1)
+    grid = cells.reshape(rows, columns, h + pad, w + pad, 3).transpose(0, 2, 1, 3, 4)
+    return np.pad(grid.reshape(rows * (h + pad), columns * (w + pad), 3), ((0, pad), (0, pad), (0, 0)))
 
 
 def write_png(path: Path, rgb: np.ndarray):
@@ -4101,9 +4052,8 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = 15, min_side: int = 256
 
 
 def run_main(main: Callable):
-    """Bad input: one line, exit 2. A fault during the run (non-finite loss, full disk, read-only folder): one line,
-    exit 1. Ctrl-C before the signal handlers are up, or a second one after: one line, exit 130. Under torchrun only
-    rank 0 prints."""
+    """Bad input: one line, exit 2. A fault during the run: one line, exit 1. Ctrl-C before the signal handlers are
+    up, or a second one after: one line, exit 130. Under torchrun only rank 0 prints."""
     def fail(message: str, status: int):
         from tqdm import tqdm
 
