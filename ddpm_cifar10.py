@@ -1050,6 +1050,12 @@ def step_memory_profile(args: Args) -> tuple[int, float]:
     return sum(p.numel() for p in model.parameters()), activations
 
 
+def train_flops_per_sample(args: Args) -> float:
+    """A training step's FLOPs per image, for MFU: 3x the forward's (the backward costs twice as much as it)."""
+    example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long))
+    return 3 * forward_flops(lambda: build_model(args), *example)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation: FID with torchmetrics (Inception from torch-fidelity, or any feature extractor module) for CIFAR-10 and
 # image folders; on the generated shapes, the judge (the shared block above) at each evaluation.
@@ -1121,8 +1127,19 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The run's bookkeeping: sampling a checkpoint, the run's start, the log of each interval, the samples of each
+# The run's bookkeeping: resuming, sampling a checkpoint, the run's start, the log of each interval, the samples of each
 # evaluation, the checkpoint.
+
+
+def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Optional[Path]]:
+    """The run's arguments, its checkpoint and its run folder. With --resume: the checkpoint's arguments (the flags
+    given change those marked RESUME_MUTABLE), the checkpoint, its folder; without: the flags', None, None."""
+    if not args.resume:
+        return args, None, None
+    checkpoint_path = resolve_checkpoint_path(args.resume)
+    checkpoint = load_checkpoint(checkpoint_path)
+    args = merge_resumed_args(args, given, checkpoint["args"])
+    return args, checkpoint, run_dir_of(checkpoint_path, trains=not args.sample_only)
 
 
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
@@ -1226,13 +1243,9 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter",
 
 
 def main(args: Args, given: set[str]):
-    # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, the signal handlers
-    checkpoint, run_dir, started = None, None, time.perf_counter()
-    if args.resume:
-        checkpoint_path = resolve_checkpoint_path(args.resume)
-        checkpoint = load_checkpoint(checkpoint_path)
-        args = merge_resumed_args(args, given, checkpoint["args"])
-        run_dir = run_dir_of(checkpoint_path, trains=not args.sample_only)
+    # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, data, model, optimizer
+    started = time.perf_counter()
+    args, checkpoint, run_dir = resumed_run(args, given)
     check_args(args, torchrun_world()[0])
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
@@ -1242,7 +1255,6 @@ def main(args: Args, given: set[str]):
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
         check_step_memory(setup, args.batch_size, *step_memory_profile(args), args.dtype)
 
-    # ---- data, model, optimizer, noise schedule; a resumed run restores them all
     images_np, _, dataset_id = load_dataset(args)
     images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no host-device copy per step
     model = build_model(args).to(device)
@@ -1276,9 +1288,7 @@ def main(args: Args, given: set[str]):
 
     # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, throughput
     run_dir, writer = open_run(args, setup, run_dir, dataset_id, step, model, len(images))
-    example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long))
-    meter = Meter(device, 3 * forward_flops(lambda: build_model(args), *example), peak_flops(setup, args.dtype),
-                  setup.world_size)
+    meter = Meter(device, train_flops_per_sample(args), peak_flops(setup, args.dtype), setup.world_size)
     train_model = wrap_for_training(model, args, setup)
     judge = None  # on the shapes data: (judge, held-out images, labels), made at the first evaluation
 

@@ -1089,6 +1089,13 @@ def step_memory_profile(args: Args) -> tuple[int, float]:
     return sum(p.numel() for p in model.parameters()), activations
 
 
+def train_flops_per_sample(args: Args) -> float:
+    """A training step's FLOPs per image, for MFU: 3x the forward's (the backward costs twice as much as it)."""
+    example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long),
+               torch.zeros(1, dtype=torch.long) if args.num_classes > 0 else None)
+    return 3 * forward_flops(lambda: build_model(args), *example)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation: FID with torchmetrics (Inception from torch-fidelity, or any feature extractor module) for CIFAR-10 and
 # image folders; on the generated shapes, the judge (the shared block above) at each evaluation.
@@ -1206,6 +1213,19 @@ def class_index(class_label: str, class_names: list[str]) -> int:
     return class_names.index(class_label)
 
 
+def run_classes(args: Args, given: set[str], checkpoint: Optional[dict], data_class_names: list[str],
+                is_main: bool) -> tuple[list[str], Optional[int]]:
+    """The run's class names and --class-label as an index (None: not given). Label k is class_names[k]: the run's own
+    (saved in its checkpoints; older ones lack them: the data's); an unconditional model has none, and no use for
+    --cfg-scale (a notice says so)."""
+    class_names = ((checkpoint or {}).get("class_names") or data_class_names) if args.num_classes > 0 else []
+    class_label = None if args.class_label is None else class_index(args.class_label, class_names)
+    if args.num_classes == 0 and "cfg_scale" in given and args.cfg_scale != 1.0 and is_main:
+        print(f"notice: --num-classes 0 trains an unconditional model, which has no classifier-free guidance: "
+              f"--cfg-scale {args.cfg_scale:g} is not used")
+    return class_names, class_label
+
+
 def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torch.Tensor], args: Args,
                      alphas_cumprod: torch.Tensor, autocast, stop: "StopFlag") -> np.ndarray:
     """num uint8 (N, 3, H, W) samples of the given classes (None: unconditional) from the EMA model, with the sampler
@@ -1273,8 +1293,21 @@ def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The run's bookkeeping: sampling a checkpoint, the run's start, the log of each interval, the samples of each
+# The run's bookkeeping: resuming, sampling a checkpoint, the run's start, the log of each interval, the samples of each
 # evaluation, the checkpoint.
+
+
+def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Optional[Path]]:
+    """The run's arguments, its checkpoint and its run folder. With --resume: the checkpoint's arguments (the flags
+    given change those marked RESUME_MUTABLE), the checkpoint, its folder; without: the flags', None, None."""
+    if not args.resume:
+        return args, None, None
+    checkpoint_path = resolve_checkpoint_path(args.resume)
+    checkpoint = load_checkpoint(checkpoint_path)
+    if isinstance(checkpoint["args"].get("class_label"), int):  # saved before --class-label took names too
+        checkpoint["args"]["class_label"] = str(checkpoint["args"]["class_label"])
+    args = merge_resumed_args(args, given, checkpoint["args"])
+    return args, checkpoint, run_dir_of(checkpoint_path, trains=not args.sample_only)
 
 
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
@@ -1406,15 +1439,9 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter",
 
 
 def main(args: Args, given: set[str]):
-    # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, the signal handlers
-    checkpoint, run_dir, started = None, None, time.perf_counter()
-    if args.resume:
-        checkpoint_path = resolve_checkpoint_path(args.resume)
-        checkpoint = load_checkpoint(checkpoint_path)
-        if isinstance(checkpoint["args"].get("class_label"), int):  # saved before --class-label took names too
-            checkpoint["args"]["class_label"] = str(checkpoint["args"]["class_label"])
-        args = merge_resumed_args(args, given, checkpoint["args"])
-        run_dir = run_dir_of(checkpoint_path, trains=not args.sample_only)
+    # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, data, model, optimizer
+    started = time.perf_counter()
+    args, checkpoint, run_dir = resumed_run(args, given)
     check_args(args, torchrun_world()[0])
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
@@ -1424,18 +1451,12 @@ def main(args: Args, given: set[str]):
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
         check_step_memory(setup, args.batch_size, *step_memory_profile(args), args.dtype)
 
-    # ---- data, model, optimizer, noise schedule; a resumed run restores them all
     images_np, labels_np, dataset_id, data_class_names = load_dataset(args)
     images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no host-device copy per step
     labels = torch.from_numpy(labels_np).to(device)
     args = run_length_in_steps(args, given, len(images), checkpoint)
     conditional = args.num_classes > 0
-    # label k is class_names[k]: the run's own (saved in its checkpoints; older ones lack them: the data's)
-    class_names = ((checkpoint or {}).get("class_names") or data_class_names) if conditional else []
-    class_label = None if args.class_label is None else class_index(args.class_label, class_names)
-    if not conditional and "cfg_scale" in given and args.cfg_scale != 1.0 and setup.is_main:
-        print(f"notice: --num-classes 0 trains an unconditional model, which has no classifier-free guidance: "
-              f"--cfg-scale {args.cfg_scale:g} is not used")
+    class_names, class_label = run_classes(args, given, checkpoint, data_class_names, setup.is_main)
     model = build_model(args).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
@@ -1467,10 +1488,7 @@ def main(args: Args, given: set[str]):
 
     # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, throughput
     run_dir, writer = open_run(args, setup, run_dir, dataset_id, step, model, len(images), class_names)
-    example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long),
-               torch.zeros(1, dtype=torch.long) if conditional else None)
-    meter = Meter(device, 3 * forward_flops(lambda: build_model(args), *example), peak_flops(setup, args.dtype),
-                  setup.world_size)
+    meter = Meter(device, train_flops_per_sample(args), peak_flops(setup, args.dtype), setup.world_size)
     train_model = wrap_for_training(model, args, setup)
     judge = None  # on the shapes data: (judge, held-out images, labels), made at the first evaluation
 
