@@ -1276,7 +1276,7 @@ def main(args: Args, given: set[str]):
 
     fid_metric = make_fid_metric() if args.eval_fid else None  # fail now, not after training, if it cannot be had
 
-    if args.sample_only or step >= args.total_steps:
+    if args.sample_only or step >= args.total_steps:  # nothing to train: sample, or say the run is done
         leave_process_group(setup.world_size)  # sampling is rank 0's alone
         if setup.is_main and args.sample_only:
             sample_from_checkpoint(generate, args, run_dir, step, fid_metric, images_np, device)
