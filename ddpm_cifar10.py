@@ -1037,6 +1037,12 @@ def step_memory_profile(args: Args) -> tuple[int, float]:
     return sum(p.numel() for p in model.parameters()), activations
 
 
+def train_flops_per_sample(args: Args) -> float:
+    """A training step's FLOPs per image, for MFU: 3x the forward's (the backward costs twice as much as it)."""
+    example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long))
+    return 3 * forward_flops(lambda: build_model(args), *example)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation: FID with torchmetrics (Inception from torch-fidelity, or any feature extractor module) for CIFAR-10 and
 # image folders; on the generated shapes, the judge (the shared block above) at each evaluation.
@@ -1108,16 +1114,125 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The run's bookkeeping: resuming, sampling a checkpoint, the run's start, the log of each interval, the samples of each
+# evaluation, the checkpoint.
+
+
+def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Optional[Path]]:
+    """The run's arguments, its checkpoint and its run folder. With --resume: the checkpoint's arguments (the flags
+    given change those marked RESUME_MUTABLE), the checkpoint, its folder; without: the flags', None, None."""
+    if not args.resume:
+        return args, None, None
+    checkpoint_path = resolve_checkpoint_path(args.resume)
+    checkpoint = load_checkpoint(checkpoint_path)
+    args = merge_resumed_args(args, given, checkpoint["args"])
+    return args, checkpoint, run_dir_of(checkpoint_path, trains=not args.sample_only)
+
+
+def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
+                           device: torch.device):
+    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/ folder and, with --eval-fid,
+    their FID. A signal abandons the sampling and writes nothing more."""
+    try:
+        samples = generate(args.num_samples)
+        stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_step{step}_{int(time.time())}"
+        path = write_samples(run_dir / "samples", stem, samples)
+        print(f"wrote {len(samples)} samples to {path} and {path.with_suffix('.npz')}")
+        if args.eval_fid:
+            evaluate_fid(fid_metric, generate, images_np, args, device)
+    except StopRequested:
+        print("stopped by signal while sampling; nothing more was written")
+
+
+def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
+             num_images: int):
+    """The run folder (a new one, unless resumed) and its TensorBoard writer on rank 0 (None elsewhere), and the lines
+    a run prints at its start."""
+    if not setup.is_main:
+        return run_dir, None
+    run_dir = run_dir or create_run_dir(args, dataset_id)
+    writer = open_writer(args, run_dir, step)
+    num_params = sum(p.numel() for p in model.parameters())
+    if step == 0:
+        writer.add_scalar("charts/num_parameters", num_params, 0)
+    print(f"run folder: {run_dir}")
+    if step > 0:
+        print(f"resuming at step {step} of {args.total_steps}")
+    print(f"model: {num_params:,} parameters; data: {num_images:,} images of {args.img_size}x{args.img_size}; "
+          f"device: {setup.device}{f' x {setup.world_size}' if setup.world_size > 1 else ''}")
+    if num_images < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
+        print(f"notice: {num_images:,} images, fewer than --batch-size {args.batch_size}: each batch holds images "
+              f"more than once (it spans several epochs)")
+    return run_dir, writer
+
+
+def wrap_for_training(model: nn.Module, args: Args, setup: "Setup") -> nn.Module:
+    """The module the training step calls: the model, compiled with --compile, in DistributedDataParallel under
+    torchrun. The optimizer, the EMA and the checkpoint hold the plain model."""
+    train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
+    if setup.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
+                                                          if setup.use_cuda else None)
+    return train_model
+
+
+def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir: Optional[Path]):
+    """The end of a --log-every interval: its mean loss and gradient norm, the learning rate, samples/s (and MFU, on
+    CUDA) to TensorBoard and the progress bar on rank 0. A non-finite loss or gradient norm raises TrainingFailure."""
+    if not meter.finite():
+        progress.close()  # end the progress line, so that the error is a line of its own
+        raise non_finite_failure(f"before step {step}", run_dir)
+    logged = meter.read()
+    if writer is not None:
+        writer.add_scalar("losses/mse", logged["loss"], step)
+        writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+        writer.add_scalar("charts/grad_norm", logged["grad_norm"], step)
+        writer.add_scalar("charts/SPS", logged["SPS"], step)
+        mfu = {"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}  # on CUDA only
+        if mfu:
+            writer.add_scalar("perf/mfu", logged["mfu"], step)
+        progress.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['SPS']:.0f}", **mfu)
+
+
+def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, judge, progress,
+                started: float):
+    """EMA samples to TensorBoard (samples/ema) and the run's samples/ folder: --num-eval-samples at an evaluation,
+    judged on the shapes data (eval/judge_*: how recognisable; FID needs Inception), or at --first-sample-at 16, the
+    first picture long before the first evaluation. A signal abandons them. Returns the judge (made at the first
+    evaluation: the judge, held-out images, their labels)."""
+    with contextlib.suppress(StopRequested):  # a signal abandons the grid; the checkpoint after it is saved
+        samples = generate(args.num_eval_samples if eval_now else 16)
+        writer.add_image("samples/ema", make_grid(samples), step, dataformats="HWC")
+        path = write_samples(run_dir / "samples", f"step{step:08d}", samples)
+        if not eval_now:
+            progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the start: "
+                           f"{path}")
+        if eval_now and args.dataset == "shapes":
+            judge = judge or make_shapes_judge(args, args.num_eval_samples)
+            log_judge_scores(writer, judge_scores(judge[0], samples, None, judge[1], judge[2]), step)
+    return judge
+
+
+def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_images: int,
+             **extra):
+    """The checkpoint (rank 0 writes it), with the data order's position and extra; never NaN weights over a good
+    checkpoint (TrainingFailure)."""
+    if not meter.finite():
+        raise non_finite_failure(f"before step {step}", run_dir)
+    if setup.is_main:
+        position = {"epoch": step * args.batch_size // num_images, "index": step * args.batch_size % num_images}
+        save_checkpoint(run_dir / "checkpoints" / "latest.pt",
+                        checkpoint_state(args, step, *parts, **extra, data_position=position))
+        print(f"saved checkpoint at step {step}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def main(args: Args, given: set[str]):
     # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, data, model, optimizer
-    checkpoint, run_dir, started = None, None, time.perf_counter()
-    if args.resume:
-        checkpoint_path = resolve_checkpoint_path(args.resume)
-        checkpoint = load_checkpoint(checkpoint_path)
-        args = merge_resumed_args(args, given, checkpoint["args"])
-        run_dir = run_dir_of(checkpoint_path, trains=not args.sample_only)
+    started = time.perf_counter()
+    args, checkpoint, run_dir = resumed_run(args, given)
     check_args(args, torchrun_world()[0])
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
@@ -1133,7 +1248,6 @@ def main(args: Args, given: set[str]):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
-    num_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=setup.use_cuda)
     # linear warmup: lr_s = lr * min(1, (s + 1) / warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
@@ -1148,61 +1262,22 @@ def main(args: Args, given: set[str]):
         return generate_samples(ema_model, alphas_cumprod, args, num, autocast, stop.check)
 
     fid_metric = make_fid_metric() if args.eval_fid else None  # fail now, not after training, if it cannot be had
-    judge = None  # on the shapes data: (judge, held-out images, labels), made at the first evaluation
 
-    if args.sample_only:
+    if args.sample_only or step >= args.total_steps:  # nothing to train: sample, or say the run is done
         leave_process_group(setup.world_size)  # sampling is rank 0's alone
-        if setup.is_main:
-            try:
-                samples = generate(args.num_samples)
-                stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_step{step}_{int(time.time())}"
-                path = write_samples(run_dir / "samples", stem, samples)
-                print(f"wrote {len(samples)} samples to {path} and {path.with_suffix('.npz')}")
-                if args.eval_fid:
-                    evaluate_fid(fid_metric, generate, images_np, args, device)
-            except StopRequested:
-                print("stopped by signal while sampling; nothing more was written")
-        stop.restore()
-        return
-
-    if step >= args.total_steps:  # a resumed run with nothing left to do says so and writes nothing (no purge)
-        if setup.is_main:
+        if setup.is_main and args.sample_only:
+            sample_from_checkpoint(generate, args, run_dir, step, fid_metric, images_np, device)
+        elif setup.is_main:  # a resumed run with nothing left to do says so and writes nothing (no purge)
             print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps "
                   f"to train on")
-        leave_process_group(setup.world_size)
         stop.restore()
         return
 
     # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, throughput
-    writer = None
-    if setup.is_main:
-        run_dir = run_dir or create_run_dir(args, dataset_id)
-        writer = open_writer(args, run_dir, step)
-        if step == 0:
-            writer.add_scalar("charts/num_parameters", num_params, 0)
-        print(f"run folder: {run_dir}")
-        if step > 0:
-            print(f"resuming at step {step} of {args.total_steps}")
-        print(f"model: {num_params:,} parameters; data: {len(images):,} images of {args.img_size}x{args.img_size}; "
-              f"device: {device}{f' x {setup.world_size}' if setup.world_size > 1 else ''}")
-        if len(images) < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
-            print(f"notice: {len(images):,} images, fewer than --batch-size {args.batch_size}: each batch holds images "
-                  f"more than once (it spans several epochs)")
-    example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long))
-    meter = Meter(device, 3 * forward_flops(lambda: build_model(args), *example), peak_flops(setup, args.dtype),
-                  setup.world_size)
-    train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
-    if setup.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
-                                                          if setup.use_cuda else None)
-
-    def save():
-        if not meter.finite():  # never write NaN weights over a good checkpoint
-            raise non_finite_failure(f"before step {step}", run_dir)
-        if setup.is_main:
-            save_checkpoint(run_dir / "checkpoints" / "latest.pt", checkpoint_state(args, step, *parts, data_position={
-                "epoch": step * args.batch_size // len(images), "index": step * args.batch_size % len(images)}))
-            print(f"saved checkpoint at step {step}", flush=True)
+    run_dir, writer = open_run(args, setup, run_dir, dataset_id, step, model, len(images))
+    meter = Meter(device, train_flops_per_sample(args), peak_flops(setup, args.dtype), setup.world_size)
+    train_model = wrap_for_training(model, args, setup)
+    judge = None  # on the shapes data: (judge, held-out images, labels), made at the first evaluation
 
     # ---- train
     local_batch = args.batch_size // setup.world_size
@@ -1239,48 +1314,27 @@ def main(args: Args, given: set[str]):
         if setup.is_main and (seconds := step_timer.seconds_per_step(step)) is not None:
             # how long the rest of the training takes, from its first steps
             progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
-
         if step % args.log_every == 0 or step == args.total_steps:
-            if not meter.finite():
-                raise non_finite_failure(f"before step {step}", run_dir)
-            logged = meter.read()
-            if setup.is_main:
-                writer.add_scalar("losses/mse", logged["loss"], step)
-                writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
-                writer.add_scalar("charts/grad_norm", logged["grad_norm"], step)
-                writer.add_scalar("charts/SPS", logged["SPS"], step)
-                mfu = {"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}  # on CUDA only
-                if mfu:
-                    writer.add_scalar("perf/mfu", logged["mfu"], step)
-                progress.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['SPS']:.0f}", **mfu)
+            log_interval(writer, meter, scheduler, progress, step, run_dir)
         # Every rank stops at the same step: all-reduced at the log boundary under torchrun, at once alone.
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
-        evaluation = step % args.eval_every == 0 or step == args.total_steps
-        if setup.is_main and not stopping and (evaluation or step == args.first_sample_at):
-            with contextlib.suppress(StopRequested):  # a signal abandons the grid; the checkpoint below is saved
-                # --first-sample-at: the first picture, a small grid long before the first evaluation, not judged
-                samples = generate(args.num_eval_samples if evaluation else 16)
-                writer.add_image("samples/ema", make_grid(samples), step, dataformats="HWC")
-                path = write_samples(run_dir / "samples", f"step{step:08d}", samples)
-                if not evaluation:
-                    progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
-                                   f"start: {path}")
-                if evaluation and args.dataset == "shapes":  # eval/judge_*: how recognisable (FID needs Inception)
-                    judge = judge or make_shapes_judge(args, args.num_eval_samples)
-                    log_judge_scores(writer, judge_scores(judge[0], samples, None, judge[1], judge[2]), step)
+        eval_now = step % args.eval_every == 0 or step == args.total_steps
+        save_now = step % args.save_every == 0 or step == args.total_steps
+        if setup.is_main and not stopping and (eval_now or step == args.first_sample_at):
+            judge = log_samples(generate, args, step, eval_now, writer, run_dir, judge, progress, started)
             stopping = stop.sync(setup) if setup.world_size == 1 else stopping
-        if step % args.save_every == 0 or step == args.total_steps or stopping:
-            save()
-        if evaluation or step % args.save_every == 0 or step in (first_step + 1, args.first_sample_at):
+        if save_now or stopping:
+            save_run(run_dir, args, step, parts, meter, setup, len(images))
+        if eval_now or save_now or step in (first_step + 1, args.first_sample_at):
             meter.restart_clock()  # sampling, saving and the first (warm-up, compiling) step stay out of SPS
         if stopping:
             if setup.is_main:
                 print(f"stopped by signal at step {step}", flush=True)
             break
 
-    # ---- teardown
+    # ---- the end: the final FID (rank 0's alone, after the process group is gone)
     progress.close()
-    leave_process_group(setup.world_size)  # before the final FID, which rank 0 computes alone
+    leave_process_group(setup.world_size)
     if setup.is_main and args.eval_fid and step == args.total_steps:
         with contextlib.suppress(StopRequested):
             evaluate_fid(fid_metric, generate, images_np, args, device, writer, step)

@@ -1076,6 +1076,13 @@ def step_memory_profile(args: Args) -> tuple[int, float]:
     return sum(p.numel() for p in model.parameters()), activations
 
 
+def train_flops_per_sample(args: Args) -> float:
+    """A training step's FLOPs per image, for MFU: 3x the forward's (the backward costs twice as much as it)."""
+    example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long),
+               torch.zeros(1, dtype=torch.long) if args.num_classes > 0 else None)
+    return 3 * forward_flops(lambda: build_model(args), *example)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation: FID with torchmetrics (Inception from torch-fidelity, or any feature extractor module) for CIFAR-10 and
 # image folders; on the generated shapes, the judge (the shared block above) at each evaluation.
@@ -1105,6 +1112,22 @@ def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor
         for start in range(0, len(images), batch_size):
             fid_metric.update(images[start: start + batch_size].to(device), real=real)
     return float(fid_metric.compute())
+
+def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], np.ndarray], real_images: np.ndarray,
+                 args: Args, device: torch.device, writer=None, step: int = 0) -> float:
+    """FID of --fid-num-samples generated images, every class equally often, against the training images (the paper's
+    protocol: 50k vs the train set), printed and logged as eval/fid."""
+    samples = torch.from_numpy(generate(args.fid_num_samples, labels_in_turn(args.fid_num_samples, args.num_classes)))
+    fid = compute_fid(fid_metric, samples, torch.from_numpy(real_images), args.sample_batch_size, device)
+    print(f"FID ({args.fid_num_samples} samples vs {len(real_images)} training images, {args.sampler} "
+          f"{args.num_sampling_steps} steps" + (f", guidance {args.cfg_scale:g}" if args.num_classes > 0 else "")
+          + f"): {fid:.3f}")
+    if writer is not None:
+        writer.add_scalar("eval/fid", fid, step)
+        writer.add_scalar("eval/fid_num_samples", args.fid_num_samples, step)
+    return fid
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Samples from the EMA model (guided, abandoned on a signal), the sample files, the epoch in the log lines.
 
@@ -1177,6 +1200,19 @@ def class_index(class_label: str, class_names: list[str]) -> int:
     return class_names.index(class_label)
 
 
+def run_classes(args: Args, given: set[str], checkpoint: Optional[dict], data_class_names: list[str],
+                is_main: bool) -> tuple[list[str], Optional[int]]:
+    """The run's class names and --class-label as an index (None: not given). Label k is class_names[k]: the run's own
+    (saved in its checkpoints; older ones lack them: the data's); an unconditional model has none, and no use for
+    --cfg-scale (a notice says so)."""
+    class_names = ((checkpoint or {}).get("class_names") or data_class_names) if args.num_classes > 0 else []
+    class_label = None if args.class_label is None else class_index(args.class_label, class_names)
+    if args.num_classes == 0 and "cfg_scale" in given and args.cfg_scale != 1.0 and is_main:
+        print(f"notice: --num-classes 0 trains an unconditional model, which has no classifier-free guidance: "
+              f"--cfg-scale {args.cfg_scale:g} is not used")
+    return class_names, class_label
+
+
 def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torch.Tensor], args: Args,
                      alphas_cumprod: torch.Tensor, autocast, stop: "StopFlag") -> np.ndarray:
     """num uint8 (N, 3, H, W) samples of the given classes (None: unconditional) from the EMA model, with the sampler
@@ -1244,18 +1280,155 @@ def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The run's bookkeeping: resuming, sampling a checkpoint, the run's start, the log of each interval, the samples of each
+# evaluation, the checkpoint.
+
+
+def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Optional[Path]]:
+    """The run's arguments, its checkpoint and its run folder. With --resume: the checkpoint's arguments (the flags
+    given change those marked RESUME_MUTABLE), the checkpoint, its folder; without: the flags', None, None."""
+    if not args.resume:
+        return args, None, None
+    checkpoint_path = resolve_checkpoint_path(args.resume)
+    checkpoint = load_checkpoint(checkpoint_path)
+    if isinstance(checkpoint["args"].get("class_label"), int):  # saved before --class-label took names too
+        checkpoint["args"]["class_label"] = str(checkpoint["args"]["class_label"])
+    args = merge_resumed_args(args, given, checkpoint["args"])
+    return args, checkpoint, run_dir_of(checkpoint_path, trains=not args.sample_only)
+
+
+def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
+                           device: torch.device, class_label: Optional[int], class_names: list[str]):
+    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/ folder and, with --eval-fid,
+    their FID. A signal abandons the sampling and writes nothing more."""
+    conditional = args.num_classes > 0
+    try:
+        # one row per class of ceil(N / C) images (--class-label: N of its class); unconditional: a plain grid
+        if not conditional:
+            class_labels, columns, what = None, None, ""
+        elif class_label is not None:
+            class_labels, columns = torch.full((args.num_samples,), class_label), None
+            what = f" of class {class_label} ({class_names[class_label]})"
+        else:
+            columns = math.ceil(args.num_samples / args.num_classes)
+            class_labels = torch.arange(args.num_classes).repeat_interleave(columns)
+            what = f", {columns} of each of the {args.num_classes} classes" + (
+                f" (--num-samples {args.num_samples} rounded up to fill the rows)"
+                if len(class_labels) != args.num_samples else "")
+        samples = generate(args.num_samples if class_labels is None else len(class_labels), class_labels)
+        which = (f"_class{class_label}" if class_label is not None else "") + (
+            f"_cfg{args.cfg_scale:g}" if conditional else "")
+        stem = f"sample_only_{args.sampler}{args.num_sampling_steps}{which}_step{step}_{int(time.time())}"
+        path = write_samples(run_dir / "samples", stem, samples, None if class_labels is None else class_labels.numpy(),
+                             columns, class_names)
+        print(f"wrote {len(samples)} samples{what} to {path} and {path.with_suffix('.npz')}")
+        if args.eval_fid:
+            evaluate_fid(fid_metric, generate, images_np, args, device)
+    except StopRequested:
+        print("stopped by signal while sampling; nothing more was written")
+
+
+def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
+             num_images: int, class_names: list[str]):
+    """The run folder (a new one, unless resumed) and its TensorBoard writer on rank 0 (None elsewhere), and the lines
+    a run prints at its start."""
+    if not setup.is_main:
+        return run_dir, None
+    run_dir = run_dir or create_run_dir(args, dataset_id)
+    writer = open_writer(args, run_dir, step)
+    num_params = sum(p.numel() for p in model.parameters())  # trainable only: the position embedding is a buffer
+    if step == 0:
+        writer.add_scalar("charts/num_parameters", num_params, 0)
+    print(f"run folder: {run_dir}")
+    if step > 0:
+        print(f"resuming at step {step} of {args.total_steps}")
+    print(f"model: DiT with adaLN-{args.adaln}, {num_params:,} parameters; data: {num_images:,} images of "
+          f"{args.img_size}x{args.img_size}, "
+          + (f"{args.num_classes} classes" if args.num_classes > 0 else "unconditional")
+          + f"; device: {setup.device}" + (f" x {setup.world_size}" if setup.world_size > 1 else ""))
+    if args.num_classes > 0:  # what --class-label accepts, and the names the sample grids carry
+        print("classes: " + ", ".join(f"{k} {name}" for k, name in enumerate(class_names)))
+    if num_images < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
+        print(f"notice: {num_images:,} images, fewer than --batch-size {args.batch_size}: each batch holds images "
+              f"more than once (it spans several epochs)")
+    return run_dir, writer
+
+
+def wrap_for_training(model: nn.Module, args: Args, setup: "Setup") -> nn.Module:
+    """The module the training step calls: the model, compiled with --compile, in DistributedDataParallel under
+    torchrun. The optimizer, the EMA and the checkpoint hold the plain model."""
+    train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
+    if setup.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
+                                                          if setup.use_cuda else None)
+    return train_model
+
+
+def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir: Optional[Path]):
+    """The end of a --log-every interval: its mean loss and gradient norm, the learning rate, samples/s (and MFU, on
+    CUDA) to TensorBoard and the progress bar on rank 0. A non-finite loss or gradient norm raises TrainingFailure."""
+    if not meter.finite():
+        progress.close()  # end the progress line, so that the error is a line of its own
+        raise non_finite_failure(f"before step {step}", run_dir)
+    logged = meter.read()
+    if writer is not None:
+        writer.add_scalar("losses/mse", logged["loss"], step)
+        writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+        writer.add_scalar("charts/grad_norm", logged["grad_norm"], step)
+        writer.add_scalar("charts/SPS", logged["SPS"], step)
+        mfu = {"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}  # on CUDA only
+        if mfu:
+            writer.add_scalar("perf/mfu", logged["mfu"], step)
+        progress.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['SPS']:.0f}", **mfu)
+
+
+def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, judge, progress,
+                started: float, class_names: list[str]):
+    """EMA samples to TensorBoard (samples/ema) and the run's samples/ folder, a row per class (8 rows unconditional):
+    --samples-per-class per row at an evaluation, judged on the shapes data (eval/judge_*: how recognisable and of
+    which class; FID needs Inception), with and without guidance, or 2 per row at --first-sample-at, the first picture
+    long before the first evaluation. A signal abandons them. Returns the judge (made at the first evaluation: the
+    judge, held-out images, their labels)."""
+    conditional = args.num_classes > 0
+    with contextlib.suppress(StopRequested):  # a signal abandons the grid; the checkpoint after it is saved
+        rows, per_row = args.num_classes if conditional else 8, args.samples_per_class if eval_now else 2
+        grid_labels = torch.arange(rows).repeat_interleave(per_row) if conditional else None
+        samples = generate(rows * per_row, grid_labels)
+        asked = None if grid_labels is None else grid_labels.numpy()
+        writer.add_image("samples/ema", sample_grid(samples, asked, per_row, class_names), step, dataformats="HWC")
+        path = write_samples(run_dir / "samples", f"step{step:08d}", samples, asked, per_row, class_names)
+        if not eval_now:
+            progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the start: "
+                           f"{path}")
+        if eval_now and args.dataset == "shapes":
+            judge = judge or make_shapes_judge(args, len(samples))
+            log_judge_scores(writer, judge_scores(judge[0], samples, asked, judge[1], judge[2]), step)
+            if conditional and args.cfg_scale != 1.0:  # the same noise without guidance: what guidance adds
+                plain = generate(len(samples), grid_labels, replace(args, cfg_scale=1.0))
+                log_judge_scores(writer, judge_scores(judge[0], plain, asked, judge[1], judge[2]), step, "_cfg1")
+    return judge
+
+
+def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_images: int,
+             **extra):
+    """The checkpoint (rank 0 writes it), with the data order's position and extra; never NaN weights over a good
+    checkpoint (TrainingFailure)."""
+    if not meter.finite():
+        raise non_finite_failure(f"before step {step}", run_dir)
+    if setup.is_main:
+        position = {"epoch": step * args.batch_size // num_images, "index": step * args.batch_size % num_images}
+        save_checkpoint(run_dir / "checkpoints" / "latest.pt",
+                        checkpoint_state(args, step, *parts, **extra, data_position=position))
+        print(f"saved checkpoint at step {step}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def main(args: Args, given: set[str]):
     # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, data, model, optimizer
-    checkpoint, run_dir, started = None, None, time.perf_counter()
-    if args.resume:
-        checkpoint_path = resolve_checkpoint_path(args.resume)
-        checkpoint = load_checkpoint(checkpoint_path)
-        if isinstance(checkpoint["args"].get("class_label"), int):  # saved before --class-label took names too
-            checkpoint["args"]["class_label"] = str(checkpoint["args"]["class_label"])
-        args = merge_resumed_args(args, given, checkpoint["args"])
-        run_dir = run_dir_of(checkpoint_path, trains=not args.sample_only)
+    started = time.perf_counter()
+    args, checkpoint, run_dir = resumed_run(args, given)
     check_args(args, torchrun_world()[0])
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
@@ -1270,15 +1443,9 @@ def main(args: Args, given: set[str]):
     labels = torch.from_numpy(labels_np).to(device)
     args = run_length_in_steps(args, given, len(images), checkpoint)
     conditional = args.num_classes > 0
-    # label k is class_names[k]: the run's own (saved in its checkpoints; older ones lack them: the data's)
-    class_names = ((checkpoint or {}).get("class_names") or data_class_names) if conditional else []
-    class_label = None if args.class_label is None else class_index(args.class_label, class_names)
-    if not conditional and "cfg_scale" in given and args.cfg_scale != 1.0 and setup.is_main:
-        print(f"notice: --num-classes 0 trains an unconditional model, which has no classifier-free guidance: "
-              f"--cfg-scale {args.cfg_scale:g} is not used")
+    class_names, class_label = run_classes(args, given, checkpoint, data_class_names, setup.is_main)
     model = build_model(args).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
-    num_params = sum(p.numel() for p in model.parameters())  # trainable only: the position embedding is a buffer
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   fused=setup.use_cuda)
     # linear warmup: lr_s = lr * min(1, (s + 1) / warmup)
@@ -1290,97 +1457,27 @@ def main(args: Args, given: set[str]):
     parts = (model, ema_model, optimizer, scheduler, scaler, train_generator)  # as CHECKPOINT_KEYS names them
     step = 0 if checkpoint is None else restore_state(checkpoint, *parts)
 
-    def generate(num: int, class_labels: Optional[torch.Tensor]) -> np.ndarray:
-        return generate_samples(ema_model, num, class_labels, args, alphas_cumprod, autocast, stop)
+    def generate(num: int, class_labels: Optional[torch.Tensor], sample_args: Args = args) -> np.ndarray:
+        return generate_samples(ema_model, num, class_labels, sample_args, alphas_cumprod, autocast, stop)
 
     fid_metric = make_fid_metric() if args.eval_fid else None  # fail now, not after training, if it cannot be had
-    judge = None  # on the shapes data: (judge, held-out images, labels), made at the first evaluation
 
-    def evaluate(writer=None):
-        """FID of --fid-num-samples EMA samples (all classes in turn) against the training images."""
-        class_labels = labels_in_turn(args.fid_num_samples, args.num_classes)  # every class equally often
-        samples = torch.from_numpy(generate(args.fid_num_samples, class_labels))
-        fid = compute_fid(fid_metric, samples, torch.from_numpy(images_np), args.sample_batch_size, device)
-        print(f"FID ({args.fid_num_samples} samples vs {len(images)} training images, {args.sampler} "
-              f"{args.num_sampling_steps} steps" + (f", guidance {args.cfg_scale:g}" if conditional else "")
-              + f"): {fid:.3f}")
-        if writer is not None:
-            writer.add_scalar("eval/fid", fid, step)
-            writer.add_scalar("eval/fid_num_samples", args.fid_num_samples, step)
-
-    if args.sample_only:
+    if args.sample_only or step >= args.total_steps:  # nothing to train: sample, or say the run is done
         leave_process_group(setup.world_size)  # sampling is rank 0's alone
-        if setup.is_main:
-            try:
-                # one row per class of ceil(N / C) images (--class-label: N of its class); unconditional: a plain grid
-                if not conditional:
-                    class_labels, columns, what = None, None, ""
-                elif class_label is not None:
-                    class_labels, columns = torch.full((args.num_samples,), class_label), None
-                    what = f" of class {class_label} ({class_names[class_label]})"
-                else:
-                    columns = math.ceil(args.num_samples / args.num_classes)
-                    class_labels = torch.arange(args.num_classes).repeat_interleave(columns)
-                    what = f", {columns} of each of the {args.num_classes} classes" + (
-                        f" (--num-samples {args.num_samples} rounded up to fill the rows)"
-                        if len(class_labels) != args.num_samples else "")
-                samples = generate(args.num_samples if class_labels is None else len(class_labels), class_labels)
-                which = (f"_class{class_label}" if class_label is not None else "") + (
-                    f"_cfg{args.cfg_scale:g}" if conditional else "")
-                stem = f"sample_only_{args.sampler}{args.num_sampling_steps}{which}_step{step}_{int(time.time())}"
-                path = write_samples(run_dir / "samples", stem, samples,
-                                     None if class_labels is None else class_labels.numpy(), columns, class_names)
-                print(f"wrote {len(samples)} samples{what} to {path} and {path.with_suffix('.npz')}")
-                if args.eval_fid:
-                    evaluate()
-            except StopRequested:
-                print("stopped by signal while sampling; nothing more was written")
-        stop.restore()
-        return
-
-    if step >= args.total_steps:  # a resumed run with nothing left to do says so and writes nothing (no purge)
-        if setup.is_main:
+        if setup.is_main and args.sample_only:
+            sample_from_checkpoint(generate, args, run_dir, step, fid_metric, images_np, device, class_label,
+                                   class_names)
+        elif setup.is_main:  # a resumed run with nothing left to do says so and writes nothing (no purge)
             print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps "
                   f"to train on")
-        leave_process_group(setup.world_size)
         stop.restore()
         return
 
     # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, throughput
-    writer = None
-    if setup.is_main:
-        run_dir = run_dir or create_run_dir(args, dataset_id)
-        writer = open_writer(args, run_dir, step)
-        if step == 0:
-            writer.add_scalar("charts/num_parameters", num_params, 0)
-        print(f"run folder: {run_dir}")
-        if step > 0:
-            print(f"resuming at step {step} of {args.total_steps}")
-        print(f"model: DiT with adaLN-{args.adaln}, {num_params:,} parameters; data: {len(images):,} images of "
-              f"{args.img_size}x{args.img_size}, " + (f"{args.num_classes} classes" if conditional else "unconditional")
-              + f"; device: {device}" + (f" x {setup.world_size}" if setup.world_size > 1 else ""))
-        if conditional:  # what --class-label accepts, and the names the sample grids carry
-            print("classes: " + ", ".join(f"{k} {name}" for k, name in enumerate(class_names)))
-        if len(images) < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
-            print(f"notice: {len(images):,} images, fewer than --batch-size {args.batch_size}: each batch holds images "
-                  f"more than once (it spans several epochs)")
-    example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long),
-               torch.zeros(1, dtype=torch.long) if conditional else None)
-    meter = Meter(device, 3 * forward_flops(lambda: build_model(args), *example), peak_flops(setup, args.dtype),
-                  setup.world_size)
-    train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
-    if setup.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
-                                                          if setup.use_cuda else None)
-
-    def save():
-        if not meter.finite():  # never write NaN weights over a good checkpoint
-            raise non_finite_failure(f"before step {step}", run_dir)
-        if setup.is_main:
-            save_checkpoint(run_dir / "checkpoints" / "latest.pt", checkpoint_state(
-                args, step, *parts, class_names=class_names, data_position={
-                    "epoch": step * args.batch_size // len(images), "index": step * args.batch_size % len(images)}))
-            print(f"saved checkpoint at step {step}", flush=True)
+    run_dir, writer = open_run(args, setup, run_dir, dataset_id, step, model, len(images), class_names)
+    meter = Meter(device, train_flops_per_sample(args), peak_flops(setup, args.dtype), setup.world_size)
+    train_model = wrap_for_training(model, args, setup)
+    judge = None  # on the shapes data: (judge, held-out images, labels), made at the first evaluation
 
     # ---- train
     local_batch = args.batch_size // setup.world_size
@@ -1420,52 +1517,17 @@ def main(args: Args, given: set[str]):
         if setup.is_main and (seconds := step_timer.seconds_per_step(step)) is not None:
             # how long the rest of the training takes, from its first steps
             progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
-
         if step % args.log_every == 0 or step == args.total_steps:
-            if not meter.finite():
-                progress.close()  # end the progress line, so that the error is a line of its own
-                raise non_finite_failure(f"before step {step}", run_dir)
-            logged = meter.read()
-            if setup.is_main:
-                writer.add_scalar("losses/mse", logged["loss"], step)
-                writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
-                writer.add_scalar("charts/grad_norm", logged["grad_norm"], step)
-                writer.add_scalar("charts/SPS", logged["SPS"], step)
-                mfu = {"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}  # on CUDA only
-                if mfu:
-                    writer.add_scalar("perf/mfu", logged["mfu"], step)
-                progress.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['SPS']:.0f}", **mfu)
+            log_interval(writer, meter, scheduler, progress, step, run_dir)
         # Every rank stops at the same step: all-reduced at the log boundary under torchrun, at once alone.
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         eval_now = step % args.eval_every == 0 or step == args.total_steps
         save_now = step % args.save_every == 0 or step == args.total_steps
         if setup.is_main and not stopping and (eval_now or step == args.first_sample_at):
-            with contextlib.suppress(StopRequested):  # a signal abandons the grid; the checkpoint below is saved
-                rows = args.num_classes if conditional else 8  # one row per class (8 rows unconditional)
-                # --first-sample-at: the first picture, a small grid long before the first evaluation, not judged
-                per_row = args.samples_per_class if eval_now else 2
-                grid_labels = torch.arange(rows).repeat_interleave(per_row) if conditional else None
-                samples = generate(rows * per_row, grid_labels)
-                grid_labels_np = None if grid_labels is None else grid_labels.numpy()
-                writer.add_image("samples/ema", sample_grid(samples, grid_labels_np, per_row, class_names), step,
-                                 dataformats="HWC")
-                path = write_samples(run_dir / "samples", f"step{step:08d}", samples, grid_labels_np, per_row,
-                                     class_names)
-                if not eval_now:
-                    progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
-                                   f"start: {path}")
-                if eval_now and args.dataset == "shapes":  # eval/judge_*: how recognisable (FID needs Inception)
-                    judge = judge or make_shapes_judge(args, len(samples))
-                    asked = None if grid_labels is None else grid_labels.numpy()
-                    log_judge_scores(writer, judge_scores(judge[0], samples, asked, judge[1], judge[2]), step)
-                    if conditional and args.cfg_scale != 1.0:  # the same noise without guidance: what guidance adds
-                        plain = generate_samples(ema_model, len(samples), grid_labels, replace(args, cfg_scale=1.0),
-                                                 alphas_cumprod, autocast, stop)
-                        log_judge_scores(writer, judge_scores(judge[0], plain, asked, judge[1], judge[2]), step,
-                                         "_cfg1")
+            judge = log_samples(generate, args, step, eval_now, writer, run_dir, judge, progress, started, class_names)
             stopping = stop.sync(setup) if setup.world_size == 1 else stopping
         if save_now or stopping:
-            save()
+            save_run(run_dir, args, step, parts, meter, setup, len(images), class_names=class_names)
         if eval_now or save_now or step in (first_step + 1, args.first_sample_at):
             meter.restart_clock()  # sampling, saving and the first (warm-up, compiling) step stay out of SPS
         if stopping:
@@ -1473,12 +1535,12 @@ def main(args: Args, given: set[str]):
                 print(f"stopped by signal at step {step}", flush=True)
             break
 
-    # ---- teardown
+    # ---- the end: the final FID (rank 0's alone, after the process group is gone)
     progress.close()
-    leave_process_group(setup.world_size)  # before the final FID, which rank 0 computes alone
+    leave_process_group(setup.world_size)
     if setup.is_main and args.eval_fid and step == args.total_steps:
         with contextlib.suppress(StopRequested):
-            evaluate(writer)
+            evaluate_fid(fid_metric, generate, images_np, args, device, writer, step)
     close_writer(args, writer)
     if setup.is_main and step == args.total_steps:
         print(f"done: step {step}, checkpoint at {run_dir / 'checkpoints' / 'latest.pt'}")
