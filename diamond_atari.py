@@ -2760,8 +2760,7 @@ def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCr
               device: torch.device, autocast, stop):
     """--eval-only: the checkpoint's agent plays --test-episodes full games; the score (and env's normalised score,
     where it has one) goes into the run's TensorBoard at the checkpoint's global step (eval/eval_only_*). A signal
-    abandons the episodes
-    and logs nothing."""
+    abandons the episodes and logs nothing."""
     completed = checkpoint["epoch"] - 1
     print(f"running {args.test_episodes} test episodes with the agent of epoch {completed} ...", flush=True)
     try:
