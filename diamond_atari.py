@@ -2760,8 +2760,7 @@ def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCr
               device: torch.device, autocast, stop):
     """--eval-only: the checkpoint's agent plays --test-episodes full games; the score (and env's normalised score,
     where it has one) goes into the run's TensorBoard at the checkpoint's global step (eval/eval_only_*). A signal
-    abandons the episodes
-    and logs nothing."""
+    abandons the episodes and logs nothing."""
     completed = checkpoint["epoch"] - 1
     print(f"running {args.test_episodes} test episodes with the agent of epoch {completed} ...", flush=True)
     try:
@@ -3195,6 +3194,112 @@ def episode_to_mp4(path: str, meanings: list[str], size: int = 256) -> Path:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def env_notices(args: Args, env: Union[AtariEnv, CatchEnv], game: str, given: set[str]):
+    """Said before any work: --preset catch on another game, and the Atari protocol flags that the game ignores
+    (given on the command line, not only defaults or a preset's)."""
+    if args.preset == "catch" and game != "Catch":
+        print(f"notice: --preset catch is sized for --env-id Catch; this run plays {game}", flush=True)
+    ignored = [f"--{name.replace('_', '-')}" for name in env.ignored_flags if name in given]
+    if ignored:
+        print(f"notice: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect on {game} (Atari "
+              f"protocol flags)", flush=True)
+
+
+def read_run_episodes(buffer: ReplayBuffer, run_dir: Path, checkpoint: Optional[dict], args: Args, num_actions: int):
+    """This run's episodes: the first num_buffer_files files of its episodes/ folder (a killed run may have written
+    more after its last checkpoint; those are collected and written again)."""
+    buffer.folder = run_dir / "episodes"
+    for i in range(checkpoint["num_buffer_files"] if checkpoint is not None else 0):
+        buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions,
+                                "restore the file the run wrote there, or start a new run"), write=False)
+
+
+def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: dict[str, nn.Module], num_actions: int,
+                 setup) -> dict[str, float]:
+    """The lines that describe the run before its first collection: its folder, game, models, length, where it
+    resumes, and how long it takes. Returns each phase's seconds per unit (an update, an env step), timed on copies of
+    the models; the epochs' lines project the rates measured since."""
+    args, collector = run.args, run.collector
+    num_params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+    print(f"run folder: {run.run_dir}")
+    imagination = "eager" if run.graphs is None else "CUDA graphs" if setup.use_cuda else "compiled (inductor)"
+    print(f"game: {game} ({num_actions} actions); parameters: denoiser {num_params['denoiser']:,}, reward/end "
+          f"{num_params['reward_end']:,}, actor-critic {num_params['actor_critic']:,}; device: {run.device}; "
+          f"imagination: {imagination}")
+    decided = collector.first_collection_steps or args.dataset_dir is not None
+    print(f"the run: {run.num_epochs} epochs" + ("" if decided else f" if the first collection is "
+          f"{args.initial_collection_steps} env steps (fixed when it ends)") + (
+          "" if args.dataset_dir else f", {args.env_step_budget} env steps"), flush=True)
+    if resumed:
+        print(f"resuming at {pos}", flush=True)
+    if not args.world_model_only and args.actor_critic_start_after_epochs >= run.num_epochs:
+        print(f"notice: --actor-critic-start-after-epochs {args.actor_critic_start_after_epochs} is not below the "
+              f"run's {run.num_epochs} epochs: the actor-critic never trains, and the test episodes play the "
+              f"untrained, uniform policy", flush=True)
+    left = work_left(args, collector.first_collection_steps, pos)
+    seconds_per_unit = time_phases(args, models, num_actions, run.device, run.autocast, left)
+    print("\n".join(run_time_lines(seconds_per_unit, left, setup)), flush=True)
+    return seconds_per_unit
+
+
+def save_position(run: Run, pos: RunPosition, log: EpochLog):
+    """checkpoints/latest.pt where the run stands (run_checkpoint); never NaN weights over a good checkpoint."""
+    if not log.finite():
+        raise non_finite_failure(f"in {pos}", run.run_dir)
+    save_checkpoint(run.run_dir / "checkpoints" / "latest.pt", run_checkpoint(
+        run.args, pos, run.collector, log, run.buffer, run.learners, run.cpu_generator, run.generator, run.wm_env))
+    # where the run stands, as the progress bars name it: after epoch 2, or inside epoch 3's denoiser phase
+    where = f"{pos.epoch - 1}" if pos.phase == 0 and pos.step == 0 else f"{pos.epoch} {pos.name}, step {pos.step}"
+    print(f"saved checkpoint at epoch {where}", flush=True)
+
+
+def time_phase(pos: RunPosition, name: str, worked: bool, first_step: int, phase_start: float,
+               seconds_per_unit: dict[str, float]):
+    """After a phase: its measured seconds per env step, update or evaluation (the ETA's rates); in the first epoch
+    (long: 25k updates), a line that says where the run is."""
+    units = pos.step - first_step if name in ("collect", "denoiser", "reward_end", "actor_critic") else 1
+    if worked and units > 0:
+        seconds_per_unit[name] = (time.perf_counter() - phase_start) / units
+    if pos.epoch == 1 and pos.step > first_step:
+        print(f"epoch 1: {name} done ({pos.step} steps, {time.perf_counter() - phase_start:.1f} s)", flush=True)
+
+
+def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, seconds_per_unit: dict[str, float]):
+    """The end of an epoch: its numbers written at the global step, its line printed with the ETA (each phase's
+    latest rate times what is left of it, not the epochs' mean: epoch 1 is long), and the agent kept every
+    --save-agent-every epochs (the curve of agents)."""
+    args, collector = run.args, run.collector
+    log.add("charts/epoch", pos.epoch)
+    log.add("charts/env_steps", collector.env_steps)
+    log.add("charts/buffer_transitions", run.buffer.num_transitions())
+    log.write_pending(run.writer, pos.global_step)
+    elapsed = time.perf_counter() - epoch_start
+    eta = seconds_left(seconds_per_unit, work_left(args, collector.first_collection_steps, RunPosition(pos.epoch + 1)))
+    print(f"epoch {pos.epoch}/{run.num_epochs} | env steps {collector.env_steps} | global step "
+          f"{pos.global_step} | {' | '.join(log.summary())} | {elapsed:.1f} s, ETA {int(eta // 3600)}:"
+          f"{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
+    if not args.world_model_only and pos.epoch % args.save_agent_every == 0:
+        keep_agent_copy(run.run_dir / "checkpoints", pos.epoch, run.learners["actor_critic"].model,
+                        args.num_agents_to_keep)
+
+
+def final_test(run: Run, pos: RunPosition, env: Union[AtariEnv, CatchEnv]):
+    """The score the paper reports: --test-episodes full games (epsilon 0) after the last epoch. A signal abandons
+    them; the checkpoint after the last epoch is saved, and --eval-only runs them again."""
+    args = run.args
+    try:
+        returns = run_test_episodes(run.learners["actor_critic"].model, args, args.test_episodes,
+                                    args.seed * 7919 + 1_000_003, run.device, run.autocast, check=run.stop.check)
+        report_score(env, returns, f"{args.test_episodes} test episodes after {run.num_epochs} epochs, "
+                                    f"{run.collector.env_steps} env steps" + (
+                                        " (real-game test episodes: this script's addition, DIAMOND plays none "
+                                        "with a static dataset)" if args.dataset_dir else ""))
+        log_test_returns(run.writer, env, returns, pos.global_step)
+    except StopRequested:
+        print(f"stopped by signal at the test episodes after epoch {run.num_epochs}; run them with --resume "
+              f"{run.run_dir} --eval-only", flush=True)
+
+
 def main(args: Args, given: set[str]):
     # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, environment, models
     checkpoint, run_dir = None, None
@@ -3220,18 +3325,12 @@ def main(args: Args, given: set[str]):
 
     env = make_env(args, args.seed, cpu_generator)
     num_actions = env.num_actions  # the game's minimal action set sizes the networks
-    if args.preset == "catch" and game != "Catch":
-        print(f"notice: --preset catch is sized for --env-id Catch; this run plays {game}", flush=True)
-    ignored = [f"--{name.replace('_', '-')}" for name in env.ignored_flags if name in given]
-    if ignored:  # given on the command line, not only defaults or a preset's
-        print(f"notice: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect on {game} (Atari "
-              f"protocol flags)", flush=True)
+    env_notices(args, env, game, given)
     if not (args.eval_only or args.play or args.play_keys is not None):  # will the updates fit? one line if not
         check_training_memory(setup, args, num_actions)
     denoiser, reward_end_model, actor_critic = (m.to(device) for m in build_models(args, num_actions))
     models = {"denoiser": denoiser, "reward_end": reward_end_model, "actor_critic": actor_critic}
     learners = build_learners(args, models, setup.use_cuda)
-    num_params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
     # The replay buffer: episodes this run collects, or the user's recorded episodes (sampled in proportion to their
     # lengths, as DIAMOND does: the recency weights are about the agent's own data).
     buffer = ReplayBuffer(None, args.recency_weights if args.dataset_dir is None else None,
@@ -3252,7 +3351,6 @@ def main(args: Args, given: set[str]):
     if args.play or args.play_keys is not None:  # the world model as a game: a window, or headless with --play-keys
         stop.restore()
         return play(args, run_dir, checkpoint, denoiser, reward_end_model, env.action_meanings, device, autocast)
-
     num_epochs = len(run_schedule(args, collector.first_collection_steps))
     if checkpoint is not None and pos.epoch > num_epochs:  # a finished run says so and writes nothing (no purge)
         print(f"the run is already at epoch {pos.epoch - 1} of {num_epochs}: raise --num-epochs to train on, or play "
@@ -3264,15 +3362,10 @@ def main(args: Args, given: set[str]):
     run_dir = run_dir or create_run_dir(args, env_name)
     writer = open_writer(args, run_dir, pos.global_step)
     if checkpoint is None:
-        for name, count in num_params.items():
-            writer.add_scalar(f"charts/num_parameters_{name}", count, 0)
+        for name, model in models.items():
+            writer.add_scalar(f"charts/num_parameters_{name}", sum(p.numel() for p in model.parameters()), 0)
     if args.dataset_dir is None:
-        # this run's episodes: the first num_buffer_files files (a killed run may have written more after its last
-        # checkpoint; those are collected and written again)
-        buffer.folder = run_dir / "episodes"
-        for i in range(checkpoint["num_buffer_files"] if checkpoint is not None else 0):
-            buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions,
-                                    "restore the file the run wrote there, or start a new run"), write=False)
+        read_run_episodes(buffer, run_dir, checkpoint, args, num_actions)
     collector.share_partial()
     # The imagined episodes live across actor-critic updates, epochs and checkpoints, as in DIAMOND
     wm_env = WorldModelEnv(denoiser, reward_end_model, buffer, args, device, generator, cpu_generator, denoiser_net,
@@ -3283,93 +3376,39 @@ def main(args: Args, given: set[str]):
     run = Run(args, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net,
               wm_env, graphs, collector, writer, stop, run_dir, denoiser_update_flops(args, num_actions),
               peak_flops(setup, args.dtype))
-    print(f"run folder: {run_dir}")
-    print(f"game: {game} ({num_actions} actions); parameters: denoiser {num_params['denoiser']:,}, reward/end "
-          f"{num_params['reward_end']:,}, actor-critic {num_params['actor_critic']:,}; device: {device}; imagination: "
-          f"{'eager' if graphs is None else 'CUDA graphs' if setup.use_cuda else 'compiled (inductor)'}")
-    decided = collector.first_collection_steps or args.dataset_dir is not None
-    print(f"the run: {run.num_epochs} epochs" + ("" if decided else f" if the first collection is "
-          f"{args.initial_collection_steps} env steps (fixed when it ends)") + (
-          "" if args.dataset_dir else f", {args.env_step_budget} env steps"), flush=True)
-    if checkpoint is not None:
-        print(f"resuming at {pos}", flush=True)
-    if not args.world_model_only and args.actor_critic_start_after_epochs >= run.num_epochs:
-        print(f"notice: --actor-critic-start-after-epochs {args.actor_critic_start_after_epochs} is not below the run's "
-              f"{run.num_epochs} epochs: the actor-critic never trains, and the test episodes play the untrained, "
-              f"uniform policy", flush=True)
-    # How long the run takes, said before its first collection: each phase's seconds per unit (an update, an env
-    # step), timed on copies, times what is left of it. The epochs' lines project the rates measured since.
-    left = work_left(args, collector.first_collection_steps, pos)
-    seconds_per_unit = time_phases(args, models, num_actions, device, autocast, left)
-    print("\n".join(run_time_lines(seconds_per_unit, left, setup)), flush=True)
+    seconds_per_unit = announce_run(run, pos, checkpoint is not None, game, models, num_actions, setup)
 
-    def save():
-        if not log.finite():  # never write NaN weights over a good checkpoint
-            raise non_finite_failure(f"in {pos}", run_dir)
-        save_checkpoint(run_dir / "checkpoints" / "latest.pt", run_checkpoint(
-            args, pos, collector, log, buffer, learners, cpu_generator, generator, wm_env))
-        # where the run stands, as the progress bars name it: after epoch 2, or inside epoch 3's denoiser phase
-        where = f"{pos.epoch - 1}" if pos.phase == 0 and pos.step == 0 else f"{pos.epoch} {pos.name}, step {pos.step}"
-        print(f"saved checkpoint at epoch {where}", flush=True)
-
-    # ---- train: each epoch collects, measures the world model, trains the three models in turn, evaluates
+    # ---- train: DIAMOND's Algorithm 1, one phase at a time (a checkpoint may stop inside one): each epoch collects
+    # experience in the real game, measures the world model on it, trains the denoiser and the reward/end model on
+    # the replay buffer, trains the actor-critic in imagination, evaluates, and saves
     run_start, epoch_start = time.perf_counter(), time.perf_counter()
     while pos.epoch <= run.num_epochs:
         name, phase_start, first_step = pos.name, time.perf_counter(), pos.step
         works = phase_runs(run, name, pos.epoch) and (name != "world_model_eval" or len(collector.heldout) > 0)
-        try:
-            if works:
-                if name == "collect":
-                    collect(run, collector, pos, log)
-                elif name == "world_model_eval":
-                    measure_world_model(run, collector, pos, log)
-                elif name in ("denoiser", "reward_end", "actor_critic"):
-                    train_model(run, name, pos, log)
-                elif name == "evaluate":
-                    evaluate(run, pos, log)
-        except StopRequested:
-            pass  # an evaluation abandoned: the checkpoint below restarts it on resume
+        with contextlib.suppress(StopRequested):  # an evaluation abandoned: the checkpoint below restarts it on resume
+            if works and name == "collect":
+                collect(run, collector, pos, log)
+            elif works and name == "world_model_eval":
+                measure_world_model(run, collector, pos, log)
+            elif works and name in ("denoiser", "reward_end", "actor_critic"):
+                train_model(run, name, pos, log)
+            elif works and name == "evaluate":
+                evaluate(run, pos, log)
         if stop.requested:  # the phase was cut short: save where it stands, not as done
-            save()
+            save_position(run, pos, log)
             print(f"stopped by signal at {pos}", flush=True)
             break
-        units = pos.step - first_step if name in ("collect", "denoiser", "reward_end", "actor_critic") else 1
-        if works and units > 0:  # this phase's measured seconds per env step, update or evaluation: the ETA's rates
-            seconds_per_unit[name] = (time.perf_counter() - phase_start) / units
-        if pos.epoch == 1 and pos.step > first_step:  # the first epoch is long (25k updates): say where it is
-            print(f"epoch 1: {name} done ({pos.step} steps, {time.perf_counter() - phase_start:.1f} s)", flush=True)
+        time_phase(pos, name, works, first_step, phase_start, seconds_per_unit)
         pos.phase, pos.step = pos.phase + 1, 0
         if pos.phase == len(PHASES):  # the end of the epoch: write its numbers at the global step, then maybe save
-            log.add("charts/epoch", pos.epoch)
-            log.add("charts/env_steps", collector.env_steps)
-            log.add("charts/buffer_transitions", buffer.num_transitions())
-            log.write_pending(writer, pos.global_step)
-            # the ETA: each phase's latest rate times what is left of it (not the epochs' mean: epoch 1 is long)
-            elapsed = time.perf_counter() - epoch_start
-            eta = seconds_left(seconds_per_unit, work_left(args, collector.first_collection_steps,
-                                                           RunPosition(pos.epoch + 1)))
-            print(f"epoch {pos.epoch}/{run.num_epochs} | env steps {collector.env_steps} | global step "
-                  f"{pos.global_step} | {' | '.join(log.summary())} | {elapsed:.1f} s, ETA {int(eta // 3600)}:"
-                  f"{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
-            if not args.world_model_only and pos.epoch % args.save_agent_every == 0:  # the curve of agents
-                keep_agent_copy(run_dir / "checkpoints", pos.epoch, actor_critic, args.num_agents_to_keep)
+            end_epoch(run, pos, log, epoch_start, seconds_per_unit)
             pos.epoch, pos.phase, epoch_start, log = pos.epoch + 1, 0, time.perf_counter(), EpochLog(device)
             if (pos.epoch - 1) % args.save_every == 0 or pos.epoch > run.num_epochs:
-                save()
+                save_position(run, pos, log)
 
     # ---- the test: the score the paper reports (full games, epsilon 0), then teardown
     if not stop.requested and not args.world_model_only:
-        try:
-            returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003, device,
-                                        autocast, check=stop.check)
-            report_score(env, returns, f"{args.test_episodes} test episodes after {run.num_epochs} epochs, "
-                                        f"{collector.env_steps} env steps" + (
-                                            " (real-game test episodes: this script's addition, DIAMOND plays none "
-                                            "with a static dataset)" if args.dataset_dir else ""))
-            log_test_returns(writer, env, returns, pos.global_step)
-        except StopRequested:  # the checkpoint after the last epoch is saved: --eval-only runs the test again
-            print(f"stopped by signal at the test episodes after epoch {run.num_epochs}; run them with --resume "
-                  f"{run_dir} --eval-only", flush=True)
+        final_test(run, pos, env)
     print(f"{'stopped' if stop.requested else 'done'} after {time.perf_counter() - run_start:.1f} s: {run_dir}")
     close_writer(args, writer)
     stop.restore()

@@ -1594,6 +1594,60 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
     return ((output.float() - target) ** 2 * generated).mean()
 
 
+class TrainingClips:
+    """The training clips on the device as uint8 frames (no loader, no host-device copy per step; a clip is a window of
+    them from its start), and each step's batch drawn from them."""
+
+    def __init__(self, data: VideoData, vocabulary: list, alphas_cumprod: torch.Tensor, args: Args,
+                 device: torch.device):
+        self.args, self.alphas_cumprod, self.device = args, alphas_cumprod, device  # float64, on the device
+        self.frames = torch.from_numpy(data.frames).to(device)
+        self.starts = torch.from_numpy(data.clip_starts).to(device)
+        self.actions = torch.from_numpy(data.actions).to(device) if data.actions is not None else None
+        self.text = tokenize(data.captions, vocabulary, args.max_text_len).to(device)
+        self.frame_index = torch.arange(args.num_frames, device=device)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def example(self) -> tuple:
+        """One clip's model inputs, its caption and actions given (forward_flops counts a training step from them)."""
+        args = self.args
+        return (torch.zeros(1, 3, args.num_frames, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long),
+                self.text[:1], gather_actions(self.actions, self.starts[:1], args.num_frames))
+
+    def batch(self, step: int, generator: torch.Generator, mine: slice, null_text: torch.Tensor) -> dict:
+        """The step's batch as video_diffusion_loss's keyword arguments. The global batch is drawn identically on every
+        rank (clips, t, noise, dropped conditions, context), then each rank takes its slice `mine`: 2 ranks at batch B
+        compute exactly what 1 rank at batch B does."""
+        args, device, B = self.args, self.device, self.args.batch_size
+        clip_shape = (3, args.num_frames, args.img_size, args.img_size)
+        indices = global_batch_indices(step, B, len(self), args.seed).to(device, non_blocking=True)
+        t = torch.randint(0, args.timesteps, (B,), generator=generator, device=device)
+        noise = torch.randn((B, *clip_shape), generator=generator, device=device)
+        # Condition dropout for classifier-free guidance: both null with probability q = --null-cond-prob, else the
+        # caption and the actions each with p = --cond-drop-prob, independently: each is null in q + (1 - q) p of the
+        # samples, both in q + (1 - q) p^2 (the unconditional model eps_u).
+        drop_both = torch.rand(B, generator=generator, device=device) < args.null_cond_prob
+        drop_text = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
+        drop_actions = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
+        # Context: the first 1..k frames of some clips, noised to a level in [0, context_noise_max_step) that the
+        # model is told (context noise augmentation, so that generated context frames do not drift at sampling).
+        use_context = torch.rand(B, generator=generator, device=device) < args.context_prob
+        num_context = torch.randint(1, max(args.context_frames, 1) + 1, (B,), generator=generator, device=device)
+        context_level = torch.randint(0, args.context_noise_max_step, (B,), generator=generator, device=device)
+        context_noise = torch.randn((B, *clip_shape), generator=generator, device=device)
+        starts = self.starts[indices[mine]]
+        x0 = gather_clips(self.frames, starts, args.num_frames)  # (b, 3, T, H, W) in [-1, 1]
+        return dict(x0=x0, t=t[mine], noise=noise[mine],
+                    text=torch.where(drop_text[mine, None], null_text, self.text[indices[mine]]),
+                    actions=gather_actions(self.actions, starts, args.num_frames), drop_actions=drop_actions[mine],
+                    context=noise_context(x0, context_level[mine], self.alphas_cumprod, context_noise[mine]),
+                    context_mask=(use_context[mine, None] & (self.frame_index[None, :] < num_context[mine, None])
+                                  ).float(),  # (b, T)
+                    context_level=context_level[mine])
+
+
 def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[int, float]:
     """(parameters, activation bytes autograd saves per clip) of a training step with every condition given, counted
     on the meta device: the memory check runs before anything is allocated at full size."""
@@ -2181,8 +2235,90 @@ def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
+    """--sample-only: --num-samples clips (and long videos with --long-video-frames) into the run's samples/; a signal
+    abandons them and writes nothing more."""
+    args = sampler.args
+    try:
+        stem = (f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_"
+                f"{int(time.time())}")
+        path = write_samples(run_dir / "samples", stem, sampler.clips(args.num_samples))
+        print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
+        if args.long_video_frames > args.num_frames:
+            path = write_samples(run_dir / "samples", "long_" + stem, sampler.long_videos(min(args.num_samples, 4)))
+            print(f"wrote long videos of {args.long_video_frames} frames to {path}")
+    except StopRequested:
+        print("stopped by signal while sampling; nothing more was written")
+
+
+def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoData, vocabulary: list,
+             num_actions: int, num_params: int):
+    """Rank 0's run folder (a new one, or the resumed run's) and TensorBoard writer, and the lines that describe the
+    run. Returns (run_dir, writer); other ranks get (run_dir, None)."""
+    if not setup.is_main:
+        return run_dir, None
+    num_clips = len(data.clip_starts)
+    run_dir = run_dir or create_run_dir(args, data.dataset_id)
+    writer = open_writer(args, run_dir, step)
+    if step == 0:
+        writer.add_scalar("charts/num_parameters", num_params, 0)
+    print(f"run folder: {run_dir}")
+    if step > 0:
+        print(f"resuming at step {step} of {args.total_steps}")
+    print(f"model: {num_params:,} parameters; data: {num_clips:,} clips of {args.num_frames} frames of "
+          f"{args.img_size}x{args.img_size}, {len(vocabulary) - len(SPECIAL_TOKENS)} words, "
+          f"{'continuous actions' if args.action_dim else f'{num_actions} actions'}; "
+          f"device: {setup.device}{f' x {setup.world_size}' if setup.world_size > 1 else ''}")
+    if num_clips < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
+        print(f"notice: {num_clips:,} clips, fewer than --batch-size {args.batch_size}: each batch holds clips "
+              f"more than once (it spans several epochs)")
+    return run_dir, writer
+
+
+def log_training(meter, scheduler, writer, progress, step: int, run_dir: Optional[Path]):
+    """Every --log-every steps: a non-finite loss or gradient stops the run (one line, after the progress bar's final
+    state); rank 0 writes losses/mse, charts/* and (on CUDA) perf/mfu at the step."""
+    if not meter.finite():
+        progress.close()
+        raise non_finite_failure(f"before step {step}", run_dir)
+    logged = meter.read()
+    if writer is not None:  # rank 0
+        writer.add_scalar("losses/mse", logged["loss"], step)
+        writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+        writer.add_scalar("charts/grad_norm", logged["grad_norm"], step)
+        writer.add_scalar("charts/SPS", logged["SPS"], step)
+        mfu = {"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}  # on CUDA only
+        if mfu:
+            writer.add_scalar("perf/mfu", logged["mfu"], step)
+        progress.set_postfix(loss=f"{logged['loss']:.4f}", clips_s=f"{logged['SPS']:.1f}", **mfu)
+
+
+def evaluate_or_first_samples(sampler: EvalSampler, writer, step: int, run_dir: Path, evaluation: bool, progress,
+                              started: float):
+    """Rank 0's samples during training: an evaluation, or at --first-sample-at the first picture, long before the
+    first evaluation. A signal abandons either; the checkpoint after it is saved."""
+    with contextlib.suppress(StopRequested):
+        if evaluation:
+            evaluate(sampler, writer, step, run_dir / "samples")
+        else:
+            sample_clips(sampler, writer, step, run_dir / "samples", 8)
+            progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the start: "
+                           f"{run_dir / 'samples' / f'step{step:08d}.png'}")
+
+
+def save_run(args: Args, setup, run_dir: Path, step: int, meter, parts: tuple, num_items: int):
+    """Rank 0 writes checkpoints/latest.pt: the run's state (parts, as CHECKPOINT_KEYS names them) at this step and the
+    position in the data; never NaN weights over a good checkpoint (every rank checks)."""
+    if not meter.finite():
+        raise non_finite_failure(f"before step {step}", run_dir)
+    if setup.is_main:
+        save_checkpoint(run_dir / "checkpoints" / "latest.pt", checkpoint_state(args, step, *parts, data_position={
+            "epoch": step * args.batch_size // num_items, "index": step * args.batch_size % num_items}))
+        print(f"saved checkpoint at step {step}", flush=True)
+
+
 def main(args: Args, given: set[str]):
-    # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, data, model, optimizer
+    # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds
     checkpoint, run_dir, started = None, None, time.perf_counter()
     if args.play and args.play_keys is None:
         import_pygame()  # a windowed session without pygame: one line, before any loading
@@ -2200,7 +2336,7 @@ def main(args: Args, given: set[str]):
         return
     train_generator = torch.Generator(device=device).manual_seed(args.seed)  # t, noise, dropped conditions, context
 
-    # uint8 frames on the device (no loader, no host-device copy per step); a clip is a window of them from its start
+    # ---- data: the training clips on the device, the held-out ones for evaluation, the words
     data = load_dataset(args)
     eval_data = eval_subset(data, args)
     # The vocabulary and the action count fix the model's shape: a resumed run takes them from its checkpoint.
@@ -2211,128 +2347,54 @@ def main(args: Args, given: set[str]):
             print(line)
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
         check_step_memory(setup, args.batch_size, *step_memory_profile(args, len(vocabulary), num_actions), args.dtype)
-    frames = torch.from_numpy(data.frames).to(device)
-    clip_starts = torch.from_numpy(data.clip_starts).to(device)
-    frame_actions = torch.from_numpy(data.actions).to(device) if data.actions is not None else None
-    clip_text = tokenize(data.captions, vocabulary, args.max_text_len).to(device)
-    num_clips = len(data.clip_starts)
+    alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
+                                                            args.beta_end))
+    clips = TrainingClips(data, vocabulary, alphas_cumprod.to(device), args, device)
+
+    # ---- model, EMA, optimizer with linear warmup (lr_s = lr * min(1, (s + 1) / warmup)), and the resumed state
     model = build_model(args, len(vocabulary), num_actions).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=setup.use_cuda)
-    # linear warmup: lr_s = lr * min(1, (s + 1) / warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
     scaler = torch.amp.GradScaler("cuda", enabled=setup.use_cuda and args.dtype == "float16")
-    alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
-                                                            args.beta_end))
-    alphas_cumprod_device = alphas_cumprod.to(device)  # float64, for the loss and the context noise in the hot loop
     # as CHECKPOINT_KEYS names them
     parts = (model, ema_model, optimizer, scheduler, scaler, train_generator, vocabulary, num_actions)
     step = 0 if checkpoint is None else restore_state(checkpoint, *parts)
 
     stop = StopFlag()  # from here on SIGTERM/SIGINT finish the step (or abandon sampling), save and exit 0
-    # The EMA model is only ever called by the samplers: checking for a signal before each of its network evaluations
-    # abandons minutes of sampling (an evaluation, --sample-only) within one sampling step.
+    # the EMA model is only ever called by the samplers: a signal abandons sampling within one network evaluation
     ema_model.register_forward_pre_hook(lambda module, inputs: stop.check())
     sampler = EvalSampler(ema_model, alphas_cumprod, eval_data, vocabulary, args, autocast, device)
-
-    if args.sample_only:
-        leave_process_group(setup.world_size)  # sampling is rank 0's alone
-        if setup.is_main:
-            try:
-                stem = (f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_"
-                        f"{int(time.time())}")
-                path = write_samples(run_dir / "samples", stem, sampler.clips(args.num_samples))
-                print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
-                if args.long_video_frames > args.num_frames:
-                    videos = sampler.long_videos(min(args.num_samples, 4))
-                    path = write_samples(run_dir / "samples", "long_" + stem, videos)
-                    print(f"wrote long videos of {args.long_video_frames} frames to {path}")
-            except StopRequested:
-                print("stopped by signal while sampling; nothing more was written")
-        stop.restore()
-        return
-
-    if step >= args.total_steps:  # a resumed run with nothing left to do says so and writes nothing (no purge)
-        if setup.is_main:
+    if args.sample_only or step >= args.total_steps:  # no training: --sample-only, or a finished run (no purge)
+        leave_process_group(setup.world_size)  # what follows is rank 0's alone
+        if setup.is_main and args.sample_only:
+            write_sample_only(sampler, run_dir, step)
+        elif setup.is_main:
             print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps "
                   f"to train on")
-        leave_process_group(setup.world_size)
         stop.restore()
         return
 
     # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, throughput
-    writer = None
-    if setup.is_main:
-        run_dir = run_dir or create_run_dir(args, data.dataset_id)
-        writer = open_writer(args, run_dir, step)
-        if step == 0:
-            writer.add_scalar("charts/num_parameters", num_params, 0)
-        print(f"run folder: {run_dir}")
-        if step > 0:
-            print(f"resuming at step {step} of {args.total_steps}")
-        print(f"model: {num_params:,} parameters; data: {num_clips:,} clips of {args.num_frames} frames of "
-              f"{args.img_size}x{args.img_size}, {len(vocabulary) - len(SPECIAL_TOKENS)} words, "
-              f"{'continuous actions' if args.action_dim else f'{num_actions} actions'}; "
-              f"device: {device}{f' x {setup.world_size}' if setup.world_size > 1 else ''}")
-        if num_clips < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
-            print(f"notice: {num_clips:,} clips, fewer than --batch-size {args.batch_size}: each batch holds clips "
-                  f"more than once (it spans several epochs)")
-    example = (torch.zeros(1, 3, args.num_frames, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long),
-               clip_text[:1], gather_actions(frame_actions, clip_starts[:1], args.num_frames))
-    meter = Meter(device, 3 * forward_flops(lambda: build_model(args, len(vocabulary), num_actions), *example),
+    run_dir, writer = open_run(args, setup, run_dir, step, data, vocabulary, num_actions, num_params)
+    meter = Meter(device, 3 * forward_flops(lambda: build_model(args, len(vocabulary), num_actions), *clips.example()),
                   peak_flops(setup, args.dtype), setup.world_size)
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
     if setup.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
                                                           if setup.use_cuda else None)
 
-    def save():
-        if not meter.finite():  # never write NaN weights over a good checkpoint
-            raise non_finite_failure(f"before step {step}", run_dir)
-        if setup.is_main:
-            save_checkpoint(run_dir / "checkpoints" / "latest.pt", checkpoint_state(args, step, *parts, data_position={
-                "epoch": step * args.batch_size // num_clips, "index": step * args.batch_size % num_clips}))
-            print(f"saved checkpoint at step {step}", flush=True)
-
     # ---- train
     local_batch = args.batch_size // setup.world_size
     mine = slice(setup.rank * local_batch, (setup.rank + 1) * local_batch)
-    clip_shape = (3, args.num_frames, args.img_size, args.img_size)
-    frame_index = torch.arange(args.num_frames, device=device)
     first_step = step
     step_timer = StepTimer(first_step, args.total_steps, setup)
     progress = progress_bar(args.total_steps, step, "train", "step", setup.is_main)
     while step < args.total_steps:
-        # The global batch is drawn identically on every rank (clips, t, noise, dropped conditions, context), then
-        # each rank takes its slice: 2 ranks at batch B compute exactly what 1 rank at batch B does.
-        indices = global_batch_indices(step, args.batch_size, num_clips, args.seed).to(device, non_blocking=True)
-        t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
-        noise = torch.randn((args.batch_size, *clip_shape), generator=train_generator, device=device)
-        # Condition dropout for classifier-free guidance: both null with probability q = --null-cond-prob, else the
-        # caption and the actions each with p = --cond-drop-prob, independently: each is null in q + (1 - q) p of the
-        # samples, both in q + (1 - q) p^2 (the unconditional model eps_u).
-        drop_both = torch.rand(args.batch_size, generator=train_generator, device=device) < args.null_cond_prob
-        drop_text = drop_both | (torch.rand(args.batch_size, generator=train_generator, device=device) <
-                                 args.cond_drop_prob)
-        drop_actions = drop_both | (torch.rand(args.batch_size, generator=train_generator, device=device) <
-                                    args.cond_drop_prob)
-        # Context: the first 1..k frames of some clips, noised to a level in [0, context_noise_max_step) that the
-        # model is told (context noise augmentation, so that generated context frames do not drift at sampling).
-        use_context = torch.rand(args.batch_size, generator=train_generator, device=device) < args.context_prob
-        num_context = torch.randint(1, max(args.context_frames, 1) + 1, (args.batch_size,), generator=train_generator,
-                                    device=device)
-        context_level = torch.randint(0, args.context_noise_max_step, (args.batch_size,), generator=train_generator,
-                                      device=device)
-        context_noise = torch.randn((args.batch_size, *clip_shape), generator=train_generator, device=device)
-        starts = clip_starts[indices[mine]]
-        x0 = gather_clips(frames, starts, args.num_frames)  # (b, 3, T, H, W) in [-1, 1]
-        text = torch.where(drop_text[mine, None], model.null_text(local_batch, device), clip_text[indices[mine]])
-        context_mask = (use_context[mine, None] & (frame_index[None, :] < num_context[mine, None])).float()  # (b, T)
-        context = noise_context(x0, context_level[mine], alphas_cumprod_device, context_noise[mine])
-        loss = video_diffusion_loss(train_model, x0, t[mine], noise[mine], alphas_cumprod_device, text,
-                                    gather_actions(frame_actions, starts, args.num_frames), drop_actions[mine],
-                                    context, context_mask, context_level[mine], args.prediction, autocast)
+        batch = clips.batch(step, train_generator, mine, model.null_text(local_batch, device))
+        loss = video_diffusion_loss(train_model, **batch, alphas_cumprod=clips.alphas_cumprod,
+                                    prediction=args.prediction, autocast=autocast)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -2348,35 +2410,16 @@ def main(args: Args, given: set[str]):
         if setup.is_main and (seconds := step_timer.seconds_per_step(step)) is not None:
             # how long the rest of the training takes, from its first steps
             progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
-
         if step % args.log_every == 0 or step == args.total_steps:
-            if not meter.finite():
-                progress.close()  # the error line comes last, after the progress bar's final state
-                raise non_finite_failure(f"before step {step}", run_dir)
-            logged = meter.read()
-            if setup.is_main:
-                writer.add_scalar("losses/mse", logged["loss"], step)
-                writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
-                writer.add_scalar("charts/grad_norm", logged["grad_norm"], step)
-                writer.add_scalar("charts/SPS", logged["SPS"], step)
-                mfu = {"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}  # on CUDA only
-                if mfu:
-                    writer.add_scalar("perf/mfu", logged["mfu"], step)
-                progress.set_postfix(loss=f"{logged['loss']:.4f}", clips_s=f"{logged['SPS']:.1f}", **mfu)
+            log_training(meter, scheduler, writer, progress, step, run_dir)
         # Every rank stops at the same step: all-reduced at the log boundary under torchrun, at once alone.
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         evaluation = step % args.eval_every == 0 or step == args.total_steps
         if setup.is_main and not stopping and (evaluation or step == args.first_sample_at):
-            with contextlib.suppress(StopRequested):  # a signal abandons the evaluation; the checkpoint below is saved
-                if evaluation:
-                    evaluate(sampler, writer, step, run_dir / "samples")
-                else:  # --first-sample-at: the first picture, long before the first evaluation
-                    sample_clips(sampler, writer, step, run_dir / "samples", 8)
-                    progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
-                                   f"start: {run_dir / 'samples' / f'step{step:08d}.png'}")
+            evaluate_or_first_samples(sampler, writer, step, run_dir, evaluation, progress, started)
             stopping = stop.sync(setup) if setup.world_size == 1 else stopping
         if step % args.save_every == 0 or step == args.total_steps or stopping:
-            save()
+            save_run(args, setup, run_dir, step, meter, parts, len(clips))
         if evaluation or step % args.save_every == 0 or step in (first_step + 1, args.first_sample_at):
             meter.restart_clock()  # sampling, saving and the first (warm-up, compiling) step stay out of SPS
         if stopping:
