@@ -1409,14 +1409,14 @@ def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, write
     return judge
 
 
-def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_images: int,
+def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
              **extra):
     """The checkpoint (rank 0 writes it), with the data order's position and extra; never NaN weights over a good
     checkpoint (TrainingFailure)."""
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
     if setup.is_main:
-        position = {"epoch": step * args.batch_size // num_images, "index": step * args.batch_size % num_images}
+        position = {"epoch": step * args.batch_size // num_items, "index": step * args.batch_size % num_items}
         save_checkpoint(run_dir / "checkpoints" / "latest.pt",
                         checkpoint_state(args, step, *parts, **extra, data_position=position))
         print(f"saved checkpoint at step {step}", flush=True)

@@ -2306,14 +2306,16 @@ def evaluate_or_first_samples(sampler: EvalSampler, writer, step: int, run_dir: 
                            f"{run_dir / 'samples' / f'step{step:08d}.png'}")
 
 
-def save_run(args: Args, setup, run_dir: Path, step: int, meter, parts: tuple, num_items: int):
-    """Rank 0 writes checkpoints/latest.pt: the run's state (parts, as CHECKPOINT_KEYS names them) at this step and the
-    position in the data; never NaN weights over a good checkpoint (every rank checks)."""
+def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
+             **extra):
+    """The checkpoint (rank 0 writes it), with the data order's position and extra; never NaN weights over a good
+    checkpoint (TrainingFailure)."""
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
     if setup.is_main:
-        save_checkpoint(run_dir / "checkpoints" / "latest.pt", checkpoint_state(args, step, *parts, data_position={
-            "epoch": step * args.batch_size // num_items, "index": step * args.batch_size % num_items}))
+        position = {"epoch": step * args.batch_size // num_items, "index": step * args.batch_size % num_items}
+        save_checkpoint(run_dir / "checkpoints" / "latest.pt",
+                        checkpoint_state(args, step, *parts, **extra, data_position=position))
         print(f"saved checkpoint at step {step}", flush=True)
 
 
@@ -2419,7 +2421,7 @@ def main(args: Args, given: set[str]):
             evaluate_or_first_samples(sampler, writer, step, run_dir, evaluation, progress, started)
             stopping = stop.sync(setup) if setup.world_size == 1 else stopping
         if step % args.save_every == 0 or step == args.total_steps or stopping:
-            save_run(args, setup, run_dir, step, meter, parts, len(clips))
+            save_run(run_dir, args, step, parts, meter, setup, len(clips))
         if evaluation or step % args.save_every == 0 or step in (first_step + 1, args.first_sample_at):
             meter.restart_clock()  # sampling, saving and the first (warm-up, compiling) step stay out of SPS
         if stopping:
