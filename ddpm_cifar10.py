@@ -822,6 +822,11 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
 # ==== END SHARED SAMPLERS ====
 
 
+# ==== BEGIN OPTIONAL: judge ====
+# The judge is optional: delete this block (this BEGIN line to its END line) and every line that ends in
+# "# optional: judge", and the script runs as before without eval/judge_* (tests/test_optional_blocks.py checks it):
+#   sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' ddpm_cifar10.py > x.py
+
 # ==== BEGIN SHARED JUDGE: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
 # An offline sample-quality score for the generated datasets (FID needs Inception weights): a small CNN classifier,
 # trained once on real generated images and cached, judges the samples (eval/judge_*). Not FID: its values mean
@@ -949,6 +954,30 @@ def log_judge_scores(writer, scores: dict, step: int, suffix: str = ""):
 # ==== END SHARED JUDGE ====
 
 
+JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own shapes sets (a run trains on --seed's)
+
+
+def make_shapes_judge(args: Args, num_samples: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
+    """The judge of the 10 shapes classes at --img-size (trained on 4096 generated images once, then cached in
+    {data_dir}/judge/) and 2 * num_samples held-out real shapes, uint8 (2N, 3, H, W) and their labels (2N,)."""
+    judge = load_or_train_judge(
+        Path(args.data_dir) / "judge", f"shapes_{args.img_size}px_10classes_seed{JUDGE_DATA_SEED}",
+        lambda: make_shapes_dataset(4096, args.img_size, seed=JUDGE_DATA_SEED), 10, JUDGE_DATA_SEED)
+    return (judge, *make_shapes_dataset(2 * num_samples, args.img_size, seed=JUDGE_HELDOUT_SEED))
+
+
+def judge_samples(judge, samples: Optional[np.ndarray], args: Args, step: int, eval_now: bool, writer):
+    """eval/judge_* of an evaluation's samples on the shapes data (how recognisable; FID needs Inception). Returns the
+    judge: None until the first evaluation makes it (the judge, held-out images, their labels)."""
+    if eval_now and samples is not None and args.dataset == "shapes":
+        judge = judge or make_shapes_judge(args, args.num_eval_samples)
+        log_judge_scores(writer, judge_scores(judge[0], samples, None, judge[1], judge[2]), step)
+    return judge
+
+
+# ==== END OPTIONAL: judge ====
+
+
 def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
                   num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Runs the chosen sampler and returns uint8 images (B, 3, H, W). Every sampler clips its x0 prediction to [-1, 1]
@@ -1045,7 +1074,7 @@ def train_flops_per_sample(args: Args) -> float:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation: FID with torchmetrics (Inception from torch-fidelity, or any feature extractor module) for CIFAR-10 and
-# image folders; on the generated shapes, the judge (the shared block above) at each evaluation.
+# image folders; on the generated shapes, the judge (the optional block above) at each evaluation.
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
@@ -1086,18 +1115,6 @@ def evaluate_fid(fid_metric, generate: Callable[[int], np.ndarray], real_images:
         writer.add_scalar("eval/fid", fid, step)
         writer.add_scalar("eval/fid_num_samples", args.fid_num_samples, step)
     return fid
-
-
-JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own shapes sets (a run trains on --seed's)
-
-
-def make_shapes_judge(args: Args, num_samples: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
-    """The judge of the 10 shapes classes at --img-size (trained on 4096 generated images once, then cached in
-    {data_dir}/judge/) and 2 * num_samples held-out real shapes, uint8 (2N, 3, H, W) and their labels (2N,)."""
-    judge = load_or_train_judge(
-        Path(args.data_dir) / "judge", f"shapes_{args.img_size}px_10classes_seed{JUDGE_DATA_SEED}",
-        lambda: make_shapes_dataset(4096, args.img_size, seed=JUDGE_DATA_SEED), 10, JUDGE_DATA_SEED)
-    return (judge, *make_shapes_dataset(2 * num_samples, args.img_size, seed=JUDGE_HELDOUT_SEED))
 
 
 def write_samples(folder: Path, stem: str, images: np.ndarray) -> Path:
@@ -1194,12 +1211,11 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
         progress.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['SPS']:.0f}", **mfu)
 
 
-def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, judge, progress,
-                started: float):
+def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
+                started: float) -> Optional[np.ndarray]:
     """EMA samples to TensorBoard (samples/ema) and the run's samples/ folder: --num-eval-samples at an evaluation,
-    judged on the shapes data (eval/judge_*: how recognisable; FID needs Inception), or at --first-sample-at 16, the
-    first picture long before the first evaluation. A signal abandons them. Returns the judge (made at the first
-    evaluation: the judge, held-out images, their labels)."""
+    or at --first-sample-at 16, the first picture long before the first evaluation. Returns them, uint8 (N, 3, H, W);
+    None if a signal abandoned them."""
     with contextlib.suppress(StopRequested):  # a signal abandons the grid; the checkpoint after it is saved
         samples = generate(args.num_eval_samples if eval_now else 16)
         writer.add_image("samples/ema", make_grid(samples), step, dataformats="HWC")
@@ -1207,10 +1223,8 @@ def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, write
         if not eval_now:
             progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the start: "
                            f"{path}")
-        if eval_now and args.dataset == "shapes":
-            judge = judge or make_shapes_judge(args, args.num_eval_samples)
-            log_judge_scores(writer, judge_scores(judge[0], samples, None, judge[1], judge[2]), step)
-    return judge
+        return samples
+    return None
 
 
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
@@ -1277,7 +1291,7 @@ def main(args: Args, given: set[str]):
     run_dir, writer = open_run(args, setup, run_dir, dataset_id, step, model, len(images))
     meter = Meter(device, train_flops_per_sample(args), peak_flops(setup, args.dtype), setup.world_size)
     train_model = wrap_for_training(model, args, setup)
-    judge = None  # on the shapes data: (judge, held-out images, labels), made at the first evaluation
+    judge = None  # optional: judge
 
     # ---- train
     local_batch = args.batch_size // setup.world_size
@@ -1321,7 +1335,8 @@ def main(args: Args, given: set[str]):
         eval_now = step % args.eval_every == 0 or step == args.total_steps
         save_now = step % args.save_every == 0 or step == args.total_steps
         if setup.is_main and not stopping and (eval_now or step == args.first_sample_at):
-            judge = log_samples(generate, args, step, eval_now, writer, run_dir, judge, progress, started)
+            samples = log_samples(generate, args, step, eval_now, writer, run_dir, progress, started)
+            judge = judge_samples(judge, samples, args, step, eval_now, writer)  # optional: judge
             stopping = stop.sync(setup) if setup.world_size == 1 else stopping
         if save_now or stopping:
             save_run(run_dir, args, step, parts, meter, setup, len(images))
