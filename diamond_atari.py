@@ -21,9 +21,10 @@ Only the world model, on a random policy's data or on your own recorded episodes
 Continue a run, or run the 100 test episodes with its agent:
     python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000
     python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000 --eval-only
-Play its world model (a pygame window: pip install pygame-ce), headless from keys, or watch an episode file:
-    python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000 --play
-    python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000 --play-keys FRRRLL --play-world both
+Play its world model live (pip install pygame-ce) or headless from keys (MP4s in {run}/play/):  # optional: play
+    python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000 --play  # optional: play
+    python diamond_atari.py --resume RUN --play-keys FRRRLL --play-world both  # optional: play
+Watch an episode file (an MP4 beside it, each frame captioned with the step, action and reward):
     python diamond_atari.py --episode-to-mp4 runs/Breakout-v5__diamond_atari__1__1700000000/episodes/episode_000000.npz
 Watch it (world_model/* says whether the world model beats copying the last frame and finds the rewards and ends;
 eval/imagined_minus_real_return whether the policy earns in imagination what it does not earn in the game):
@@ -100,6 +101,7 @@ class Args:
     """a run folder or checkpoint file to continue exactly where it stopped"""
     eval_only: Annotated[bool, RESUME_MUTABLE] = False
     """with --resume: only run --test-episodes test episodes with the checkpoint's agent"""
+# ==== BEGIN OPTIONAL: play ====
     play: Annotated[bool, RESUME_MUTABLE] = False
     """with --resume: play the world model live in a window (pygame: pip install pygame-ce, or the `play` extra):
     arrows and space (fire) pick the game's actions, Enter restarts from a fresh real start, Tab switches to the real
@@ -114,6 +116,7 @@ class Args:
     """play: the frame's side in the window and in the play MP4s, in pixels"""
     play_fps: Annotated[float, "> 0", RESUME_MUTABLE] = 15.0
     """play: the window's steps per second at most (the game's own rate: 60 Hz / frame skip 4)"""
+# ==== END OPTIONAL: play ====
     episode_to_mp4: Annotated[Optional[str], RESUME_MUTABLE] = None
     """an episode .npz (a collected, recorded or --dataset-dir one) -> an MP4 beside it, with step, action and reward
     written on each frame (--env-id names the game's actions); nothing else runs"""
@@ -360,8 +363,9 @@ def check_args(args: Args, world_size: int):
                         f"run it with python (benchmark/run_atari100k.py runs many games and seeds in parallel)")
     if args.eval_only and not args.resume:
         raise UserError("--eval-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
-    if (args.play or args.play_keys is not None) and not args.resume:
-        raise UserError("--play needs --resume RUN_FOLDER_OR_CHECKPOINT (a trained world model to play)")
+    if (args.play or args.play_keys is not None) and not args.resume:  # optional: play
+        raise UserError("--play needs --resume RUN_FOLDER_OR_CHECKPOINT (a trained world model "  # optional: play
+                        "to play)")  # optional: play
     if args.eval_only and args.world_model_only:
         raise UserError("--eval-only runs the agent's test episodes: a --world-model-only run has no trained agent")
     if args.diffusion_cond_dim % args.num_conditioning_steps:
@@ -1987,6 +1991,51 @@ def write_samples(folder: Path, stem: str, images: np.ndarray, columns: Optional
     return folder / f"{stem}.png"
 
 
+def put_text(image: np.ndarray, text: str, x: int, y: int, scale: float = 0.4, colour=(255, 255, 255)):
+    """Small text (OpenCV's Hershey font) with its baseline at (x, y), drawn into an RGB uint8 image in place."""
+    import cv2
+
+    cv2.putText(image, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
+
+
+def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
+    """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a black margin holding
+    one line of text per entry: what the window shows and the play MP4s hold."""
+    import cv2
+
+    height = int(round(frame.shape[0] * size / frame.shape[1]))
+    big = cv2.resize(np.ascontiguousarray(frame), (size, height), interpolation=cv2.INTER_NEAREST)
+    margin = np.zeros((8 + 18 * len(lines), size, 3), dtype=np.uint8)
+    for i, line in enumerate(lines):
+        put_text(margin, line, 6, 18 + 18 * i, 0.45)
+    return np.concatenate([big, margin])
+
+
+def labelled_rows(rows: list[np.ndarray], row_labels: list[str], column_labels: Optional[list[str]] = None,
+                  pad: int = 2) -> np.ndarray:
+    """Rows of uint8 (N, 3, h, w) frames as one RGB image, each row named in a left margin and each column (the
+    action taken into that frame) in a top margin: a picture that says which row is real and which imagined."""
+    import cv2
+
+    n, h = rows[0].shape[0], rows[0].shape[2]
+    scale = max(1, 64 // h)  # small frames are enlarged, so that a label fits above each
+    grids = [make_grid(np.stack([cv2.resize(f.transpose(1, 2, 0), None, fx=scale, fy=scale,
+                                            interpolation=cv2.INTER_NEAREST).transpose(2, 0, 1) for f in row]),
+                       columns=n, pad=pad) for row in rows]
+    left = 8 + 7 * max(len(label) for label in row_labels)
+    top = 16 if column_labels else 0
+    cell = h * scale + pad
+    image = np.zeros((top + sum(g.shape[0] for g in grids), left + grids[0].shape[1], 3), dtype=np.uint8)
+    y = top
+    for grid, label in zip(grids, row_labels):
+        image[y: y + grid.shape[0], left:] = grid
+        put_text(image, label, 4, y + grid.shape[0] // 2 + 4, 0.35)
+        y += grid.shape[0]
+    for i, label in enumerate(column_labels or []):
+        put_text(image, label[: max(1, cell // 6)], left + pad + i * cell, 12, 0.3)
+    return image
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The training loop's parts: the run's position, the collector, the epoch's log, the learners, one function per phase.
 
@@ -2778,8 +2827,11 @@ def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCr
         log_test_returns(writer, env, returns, checkpoint["global_step"], "eval_only")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Play: the world model (or the real game) as a game, in a pygame window or headless from a key sequence.
+# ==== BEGIN OPTIONAL: play ====
+# Play: the world model (or the real game) as a game, in a pygame window or headless from a key sequence. Optional:
+# delete the play blocks (each BEGIN line to its END line: this one and the flags' in Args) and every line that ends
+# in "# optional: play", and the script trains as before (tests/test_optional_blocks.py checks it):
+#   sed '/^# ==== BEGIN OPTIONAL: play/,/^# ==== END OPTIONAL: play/d; /# optional: play$/d' diamond_atari.py > x.py
 
 # --play-keys letters of the 18 Atari actions: N noop, F fire, U/D/L/R, the diagonals on a QWERTY keyboard around S
 # (Q up-left, E up-right, Z down-left, C down-right), lowercase: the same move with fire. '/' restarts.
@@ -2821,51 +2873,6 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
         if name and name in meanings:
             return meanings.index(name)
     return meanings.index("NOOP") if "NOOP" in meanings else 0
-
-
-def put_text(image: np.ndarray, text: str, x: int, y: int, scale: float = 0.4, colour=(255, 255, 255)):
-    """Small text (OpenCV's Hershey font) with its baseline at (x, y), drawn into an RGB uint8 image in place."""
-    import cv2
-
-    cv2.putText(image, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
-
-
-def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
-    """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a black margin holding
-    one line of text per entry: what the window shows and the play MP4s hold."""
-    import cv2
-
-    height = int(round(frame.shape[0] * size / frame.shape[1]))
-    big = cv2.resize(np.ascontiguousarray(frame), (size, height), interpolation=cv2.INTER_NEAREST)
-    margin = np.zeros((8 + 18 * len(lines), size, 3), dtype=np.uint8)
-    for i, line in enumerate(lines):
-        put_text(margin, line, 6, 18 + 18 * i, 0.45)
-    return np.concatenate([big, margin])
-
-
-def labelled_rows(rows: list[np.ndarray], row_labels: list[str], column_labels: Optional[list[str]] = None,
-                  pad: int = 2) -> np.ndarray:
-    """Rows of uint8 (N, 3, h, w) frames as one RGB image, each row named in a left margin and each column (the
-    action taken into that frame) in a top margin: a picture that says which row is real and which imagined."""
-    import cv2
-
-    n, h = rows[0].shape[0], rows[0].shape[2]
-    scale = max(1, 64 // h)  # small frames are enlarged, so that a label fits above each
-    grids = [make_grid(np.stack([cv2.resize(f.transpose(1, 2, 0), None, fx=scale, fy=scale,
-                                            interpolation=cv2.INTER_NEAREST).transpose(2, 0, 1) for f in row]),
-                       columns=n, pad=pad) for row in rows]
-    left = 8 + 7 * max(len(label) for label in row_labels)
-    top = 16 if column_labels else 0
-    cell = h * scale + pad
-    image = np.zeros((top + sum(g.shape[0] for g in grids), left + grids[0].shape[1], 3), dtype=np.uint8)
-    y = top
-    for grid, label in zip(grids, row_labels):
-        image[y: y + grid.shape[0], left:] = grid
-        put_text(image, label, 4, y + grid.shape[0] // 2 + 4, 0.35)
-        y += grid.shape[0]
-    for i, label in enumerate(column_labels or []):
-        put_text(image, label[: max(1, cell // 6)], left + pad + i * cell, 12, 0.3)
-    return image
 
 
 class ImaginedGame:
@@ -3173,6 +3180,9 @@ def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], 
               f"{sum(session['rewards']):g}; wrote {', '.join(map(str, paths))}", flush=True)
 
 
+# ==== END OPTIONAL: play ====
+
+
 def episode_to_mp4(path: str, meanings: list[str], size: int = 256) -> Path:
     """--episode-to-mp4: an episode .npz -> PATH.mp4, each frame captioned with the step, action, reward and end."""
     episode = read_episode(Path(path), len(meanings), "give an episode .npz and the --env-id it was recorded in")
@@ -3302,16 +3312,18 @@ def final_test(run: Run, pos: RunPosition, env: Union[AtariEnv, CatchEnv]):
 
 def main(args: Args, given: set[str]):
     # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, environment, models
-    checkpoint, run_dir = None, None
+    checkpoint, run_dir, trains = None, None, True
     if args.episode_to_mp4 is not None:  # a file conversion: nothing else runs
         return episode_to_mp4(args.episode_to_mp4, make_env(args, args.seed).action_meanings)
-    if args.play and args.play_keys is None:
-        import_pygame()  # a windowed session without pygame: one line, before any loading
+    if args.play and args.play_keys is None:  # optional: play
+        import_pygame()  # optional: play
     if args.resume:
         checkpoint_path = resolve_checkpoint_path(args.resume)
         checkpoint = load_checkpoint(checkpoint_path)
         args = merge_resumed_args(args, given, checkpoint["args"])
-        run_dir = run_dir_of(checkpoint_path, trains=not (args.eval_only or args.play))
+        trains = not args.eval_only  # --eval-only writes no checkpoint: it reads any checkpoint file
+        trains = trains and not (args.play or args.play_keys is not None)  # optional: play
+        run_dir = run_dir_of(checkpoint_path, trains)
     check_args(args, torchrun_world()[0])
     game, env_name = canonical_env_id(args.env_id)
     setup = setup_device(args)
@@ -3326,7 +3338,7 @@ def main(args: Args, given: set[str]):
     env = make_env(args, args.seed, cpu_generator)
     num_actions = env.num_actions  # the game's minimal action set sizes the networks
     env_notices(args, env, game, given)
-    if not (args.eval_only or args.play or args.play_keys is not None):  # will the updates fit? one line if not
+    if trains:  # will the updates fit? one line if not
         check_training_memory(setup, args, num_actions)
     denoiser, reward_end_model, actor_critic = (m.to(device) for m in build_models(args, num_actions))
     models = {"denoiser": denoiser, "reward_end": reward_end_model, "actor_critic": actor_critic}
@@ -3348,9 +3360,10 @@ def main(args: Args, given: set[str]):
 
     if args.eval_only:  # the checkpoint's agent plays --test-episodes full games
         return eval_only(args, checkpoint, run_dir, actor_critic, env, device, autocast, stop)
-    if args.play or args.play_keys is not None:  # the world model as a game: a window, or headless with --play-keys
-        stop.restore()
-        return play(args, run_dir, checkpoint, denoiser, reward_end_model, env.action_meanings, device, autocast)
+    if args.play or args.play_keys is not None:  # optional: play
+        stop.restore()  # optional: play
+        return play(args, run_dir, checkpoint, denoiser, reward_end_model, env.action_meanings,  # optional: play
+                    device, autocast)  # optional: play
     num_epochs = len(run_schedule(args, collector.first_collection_steps))
     if checkpoint is not None and pos.epoch > num_epochs:  # a finished run says so and writes nothing (no purge)
         print(f"the run is already at epoch {pos.epoch - 1} of {num_epochs}: raise --num-epochs to train on, or play "

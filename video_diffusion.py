@@ -19,9 +19,9 @@ Continue a run, or sample from it (MP4s in samples/, with a long autoregressive 
     python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000
     python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000 --sample-only --cfg-scale 3 \
         --long-video-frames 64
-Steer a sprites model live (a pygame window: pip install pygame-ce), or headless from keys (an MP4 in {run}/play/):
-    python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000 --play
-    python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000 --play-keys RRRDDD --play-world both
+Steer a sprites model live (pip install pygame-ce) or headless from keys (MP4s in {run}/play/):  # optional: play
+    python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000 --play  # optional: play
+    python video_diffusion.py --resume RUN --play-keys RRRDDD --play-world both  # optional: play
 Watch it:
     tensorboard --logdir runs
 """
@@ -90,6 +90,7 @@ class Args:
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
     """a run folder or checkpoint file to continue exactly where it stopped"""
+# ==== BEGIN OPTIONAL: play ====
     play: Annotated[bool, RESUME_MUTABLE] = False
     """with --resume: play an action-conditioned model live in a window (pygame: pip install pygame-ce, or the
     `play` extra): arrows steer (the sprites world: the sprite), Enter restarts from a fresh start, Tab switches to
@@ -106,6 +107,7 @@ class Args:
     """play: the frame's side in the window and in the play MP4s, in pixels"""
     play_fps: Annotated[float, "> 0", RESUME_MUTABLE] = 15.0
     """play: the window's steps per second at most"""
+# ==== END OPTIONAL: play ====
     sample_only: Annotated[bool, RESUME_MUTABLE] = False
     """with --resume: load the checkpoint's EMA weights, only generate --num-samples clips (and a long video), exit"""
     compile: Annotated[bool, RESUME_MUTABLE] = False
@@ -280,8 +282,9 @@ def check_args(args: Args, world_size: int):
                         f"not {args.num_sampling_steps}")
     if args.beta_start > args.beta_end:
         raise UserError(f"--beta-start {args.beta_start} must not exceed --beta-end {args.beta_end}")
-    if (args.play or args.play_keys is not None) and not args.resume:
-        raise UserError("--play needs --resume RUN_FOLDER_OR_CHECKPOINT (a trained action-conditioned model to play)")
+    if (args.play or args.play_keys is not None) and not args.resume:  # optional: play
+        raise UserError("--play needs --resume RUN_FOLDER_OR_CHECKPOINT (a trained "  # optional: play
+                        "action-conditioned model to play)")  # optional: play
     if args.sample_only and not args.resume:
         raise UserError("--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
     if args.img_size % 2 ** (len(args.channel_mult) - 1):
@@ -836,27 +839,6 @@ def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list
     return notices
 
 
-def check_given_caption(caption: str, vocabulary: list, max_len: int, flag: str, checkpoint: str) -> Optional[str]:
-    """A caption given by a flag, against the model's vocabulary: a word it does not know is refused in one line (it
-    would be <unk>, which no training caption taught it: the caption would steer nowhere). Returns a notice line when
-    the caption has more than max_len words (the model reads the first max_len), else None."""
-    words = caption_words(caption)
-    unknown = unknown_words([caption], vocabulary, max_len)
-    if unknown:
-        known = vocabulary[len(SPECIAL_TOKENS):]
-        guesses = {w: difflib.get_close_matches(w, known, n=1) for w in unknown}
-        named = ", ".join(w + (f" (did you mean {guesses[w][0]}?)" if guesses[w] else "") for w in unknown)
-        see = (f"its {len(known)} words: {', '.join(known)}" if len(known) <= 60 else
-               f"its {len(known)} words: python -c \"import torch; print(*torch.load('{checkpoint}', "
-               f"weights_only=True)['vocabulary'][{len(SPECIAL_TOKENS)}:])\"")
-        raise UserError(f"{flag} {caption!r}: the model does not know {named}: it learned the words of its "
-                        f"training captions only (an unknown word would be the untrained <unk>); {see}")
-    if len(words) > max_len:
-        return (f"notice: {flag} has {len(words)} words, more than the model's --max-text-len {max_len}: it reads "
-                f"{' '.join(words[:max_len])!r} and drops {' '.join(words[max_len:])!r}")
-    return None
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Noise schedule. Everything is computed in float64 and cast at the point of use.
 
@@ -1349,123 +1331,6 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
 # ==== END SHARED SAMPLERS ====
 
 
-# ==== BEGIN SHARED JUDGE: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
-# An offline sample-quality score for the generated datasets (FID needs Inception weights): a small CNN classifier,
-# trained once on real generated images and cached, judges the samples (eval/judge_*). Not FID: its values mean
-# nothing across datasets.
-
-JUDGE_VERSION = 1  # part of the cache file name: a changed network never loads an old cache
-
-
-class JudgeNet(nn.Module):
-    """Classifier of uint8 images (N, 3, H, W) into num_classes + 1 classes, the last one "none" (noise, not a
-    shape); features() is the pooled (4 * width)-d layer the Frechet distance compares."""
-
-    def __init__(self, num_classes: int, width: int = 8):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(4 * width, num_classes + 1)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.body(images.float() / 127.5 - 1.0)  # uint8 -> [-1, 1], as the diffusion models see them
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))  # logits (N, num_classes + 1)
-
-
-def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, steps: int = 200,
-                batch_size: int = 64, lr: float = 3e-3) -> JudgeNet:
-    """Adam on the cross-entropy of uint8 images (N, 3, H, W) with int labels (N,) in 0..num_classes-1, and of "none"
-    images: a quarter of each batch is noise, x = (1 - a) x_real + a n with n ~ N(0, 1) and a ~ U(0.4, 1) in [-1, 1]
-    units, labelled num_classes. A pure function of the seed (its own generator: the run's RNG is untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        judge = JudgeNet(num_classes)
-    generator = torch.Generator().manual_seed(seed)
-    images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels).long()
-    optimizer = torch.optim.Adam(judge.parameters(), lr=lr)
-    for _ in range(steps):
-        index = torch.randint(0, len(images_t), (batch_size,), generator=generator)
-        x, y = images_t[index].float() / 127.5 - 1.0, labels_t[index].clone()
-        a = torch.rand(batch_size // 4, 1, 1, 1, generator=generator) * 0.6 + 0.4
-        noise = torch.randn(x[: batch_size // 4].shape, generator=generator)
-        x[: batch_size // 4] = ((1 - a) * x[: batch_size // 4] + a * noise).clamp(-1, 1)
-        y[: batch_size // 4] = num_classes
-        loss = F.cross_entropy(judge.head(judge.body(x)), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return judge.eval().requires_grad_(False)
-
-
-def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
-                        num_classes: int, seed: int) -> JudgeNet:
-    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and cached. A cache that
-    does not load is retrained, not an error; one that cannot be written is only not cached."""
-    path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
-    with torch.random.fork_rng(devices=[]):  # initialised weights that the cache overwrites: no draw from the run's RNG
-        judge = JudgeNet(num_classes)
-    if path.is_file():
-        try:
-            judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return judge.eval().requires_grad_(False)
-        except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, the fix is to retrain it
-            print(f"judge cache {path} does not load ({e.__class__.__name__}): training the judge again")
-    images, labels = make_data()
-    judge = train_judge(images, labels, num_classes, seed)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:  # atomic, as the checkpoints: a killed run never leaves a half-written cache
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(judge.state_dict(), tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError):
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-    return judge
-
-
-def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature sets (N, d)
-    (FID's formula), in float64. Tr((S_a S_b)^(1/2)) is the sum of the square roots of the eigenvalues of S_a S_b
-    (real and >= 0 up to rounding), as torchmetrics computes it."""
-    a, b = feats_a.double(), feats_b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
-    trace_sqrt = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()
-    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt)
-
-
-@torch.no_grad()
-def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np.ndarray], real_heldout: np.ndarray,
-                 real_labels: Optional[np.ndarray] = None, threshold: float = 0.9) -> dict:
-    """Scores of N uint8 samples (N, 3, H, W) against at least 2N held-out real images (M, 3, H, W):
-    recognised: share of samples the judge takes for a shape (or sprite) at all, P(not "none") >= threshold;
-    class_accuracy: share whose most likely class (of the real ones) is the asked one (asked_labels (N,) given);
-    frechet: d^2 of the judge's features, samples vs real_heldout[:N]; frechet_real: real_heldout[:N] vs [N:2N];
-    recognised_real, class_accuracy_real: the same shares on real_heldout[:N] (the ceiling the data allow)."""
-    n = len(samples)
-    if len(real_heldout) < 2 * n:
-        raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
-    samples_t, real_a, real_b = (torch.from_numpy(np.ascontiguousarray(x)) for x in (
-        samples, real_heldout[:n], real_heldout[n: 2 * n]))
-    feats_s, feats_a, feats_b = judge.features(samples_t), judge.features(real_a), judge.features(real_b)
-    probs_s, probs_a = judge.head(feats_s).softmax(1), judge.head(feats_a).softmax(1)
-    scores = {"recognised": float((1 - probs_s[:, -1] >= threshold).float().mean()),  # the last class is "none"
-              "recognised_real": float((1 - probs_a[:, -1] >= threshold).float().mean()),
-              "frechet": frechet_distance(feats_s, feats_a), "frechet_real": frechet_distance(feats_b, feats_a)}
-    if asked_labels is not None:
-        scores["class_accuracy"] = float((probs_s[:, :-1].argmax(1).numpy() == np.asarray(asked_labels)).mean())
-    if real_labels is not None:
-        scores["class_accuracy_real"] = float((probs_a[:, :-1].argmax(1).numpy() == np.asarray(real_labels[:n])).mean())
-    return scores
-
-
-# ==== END SHARED JUDGE ====
-
-
 def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Tensor] = None,
                     actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
                     context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
@@ -1725,7 +1590,7 @@ class EvalSampler:
         self.text = tokenize(eval_data.captions, vocabulary, args.max_text_len).to(device)
         self.directions, self.captions = eval_data.directions, list(eval_data.captions)
         self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in self.captions]  # labels
-        self.judge = None  # sprites: (judge, held-out frames, their colours), made at the first evaluation
+        self.judge = None  # optional: judge
         self.sample_kwargs = dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale,
                                   sampler=args.sampler, num_steps=args.num_sampling_steps, eta=args.ddim_eta,
                                   autocast=autocast, prediction=args.prediction)
@@ -1772,6 +1637,128 @@ class EvalSampler:
         return np.concatenate(out)
 
 
+# ==== BEGIN OPTIONAL: judge ====
+# The judge is optional: delete this block (this BEGIN line to its END line) and every line that ends in
+# "# optional: judge", and the script runs as before without eval/judge_* (tests/test_optional_blocks.py checks it):
+#   sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' video_diffusion.py > x.py
+
+# ==== BEGIN SHARED JUDGE: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
+# An offline sample-quality score for the generated datasets (FID needs Inception weights): a small CNN classifier,
+# trained once on real generated images and cached, judges the samples (eval/judge_*). Not FID: its values mean
+# nothing across datasets.
+
+JUDGE_VERSION = 1  # part of the cache file name: a changed network never loads an old cache
+
+
+class JudgeNet(nn.Module):
+    """Classifier of uint8 images (N, 3, H, W) into num_classes + 1 classes, the last one "none" (noise, not a
+    shape); features() is the pooled (4 * width)-d layer the Frechet distance compares."""
+
+    def __init__(self, num_classes: int, width: int = 8):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4 * width, num_classes + 1)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images.float() / 127.5 - 1.0)  # uint8 -> [-1, 1], as the diffusion models see them
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))  # logits (N, num_classes + 1)
+
+
+def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, steps: int = 200,
+                batch_size: int = 64, lr: float = 3e-3) -> JudgeNet:
+    """Adam on the cross-entropy of uint8 images (N, 3, H, W) with int labels (N,) in 0..num_classes-1, and of "none"
+    images: a quarter of each batch is noise, x = (1 - a) x_real + a n with n ~ N(0, 1) and a ~ U(0.4, 1) in [-1, 1]
+    units, labelled num_classes. A pure function of the seed (its own generator: the run's RNG is untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        judge = JudgeNet(num_classes)
+    generator = torch.Generator().manual_seed(seed)
+    images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels).long()
+    optimizer = torch.optim.Adam(judge.parameters(), lr=lr)
+    for _ in range(steps):
+        index = torch.randint(0, len(images_t), (batch_size,), generator=generator)
+        x, y = images_t[index].float() / 127.5 - 1.0, labels_t[index].clone()
+        a = torch.rand(batch_size // 4, 1, 1, 1, generator=generator) * 0.6 + 0.4
+        noise = torch.randn(x[: batch_size // 4].shape, generator=generator)
+        x[: batch_size // 4] = ((1 - a) * x[: batch_size // 4] + a * noise).clamp(-1, 1)
+        y[: batch_size // 4] = num_classes
+        loss = F.cross_entropy(judge.head(judge.body(x)), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return judge.eval().requires_grad_(False)
+
+
+def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
+                        num_classes: int, seed: int) -> JudgeNet:
+    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and cached. A cache that
+    does not load is retrained, not an error; one that cannot be written is only not cached."""
+    path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
+    with torch.random.fork_rng(devices=[]):  # initialised weights that the cache overwrites: no draw from the run's RNG
+        judge = JudgeNet(num_classes)
+    if path.is_file():
+        try:
+            judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return judge.eval().requires_grad_(False)
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, the fix is to retrain it
+            print(f"judge cache {path} does not load ({e.__class__.__name__}): training the judge again")
+    images, labels = make_data()
+    judge = train_judge(images, labels, num_classes, seed)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:  # atomic, as the checkpoints: a killed run never leaves a half-written cache
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(judge.state_dict(), tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError):
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return judge
+
+
+def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
+    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature sets (N, d)
+    (FID's formula), in float64. Tr((S_a S_b)^(1/2)) is the sum of the square roots of the eigenvalues of S_a S_b
+    (real and >= 0 up to rounding), as torchmetrics computes it."""
+    a, b = feats_a.double(), feats_b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
+    trace_sqrt = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()
+    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt)
+
+
+@torch.no_grad()
+def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np.ndarray], real_heldout: np.ndarray,
+                 real_labels: Optional[np.ndarray] = None, threshold: float = 0.9) -> dict:
+    """Scores of N uint8 samples (N, 3, H, W) against at least 2N held-out real images (M, 3, H, W):
+    recognised: share of samples the judge takes for a shape (or sprite) at all, P(not "none") >= threshold;
+    class_accuracy: share whose most likely class (of the real ones) is the asked one (asked_labels (N,) given);
+    frechet: d^2 of the judge's features, samples vs real_heldout[:N]; frechet_real: real_heldout[:N] vs [N:2N];
+    recognised_real, class_accuracy_real: the same shares on real_heldout[:N] (the ceiling the data allow)."""
+    n = len(samples)
+    if len(real_heldout) < 2 * n:
+        raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
+    samples_t, real_a, real_b = (torch.from_numpy(np.ascontiguousarray(x)) for x in (
+        samples, real_heldout[:n], real_heldout[n: 2 * n]))
+    feats_s, feats_a, feats_b = judge.features(samples_t), judge.features(real_a), judge.features(real_b)
+    probs_s, probs_a = judge.head(feats_s).softmax(1), judge.head(feats_a).softmax(1)
+    scores = {"recognised": float((1 - probs_s[:, -1] >= threshold).float().mean()),  # the last class is "none"
+              "recognised_real": float((1 - probs_a[:, -1] >= threshold).float().mean()),
+              "frechet": frechet_distance(feats_s, feats_a), "frechet_real": frechet_distance(feats_b, feats_a)}
+    if asked_labels is not None:
+        scores["class_accuracy"] = float((probs_s[:, :-1].argmax(1).numpy() == np.asarray(asked_labels)).mean())
+    if real_labels is not None:
+        scores["class_accuracy_real"] = float((probs_a[:, :-1].argmax(1).numpy() == np.asarray(real_labels[:n])).mean())
+    return scores
+
+
+# ==== END SHARED JUDGE ====
+
+
 JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own sprites sets (a run trains on --seed's)
 
 
@@ -1797,6 +1784,23 @@ def make_sprites_judge(args: Args, num_frames_scored: int) -> tuple[JudgeNet, np
     return (judge, *sprite_frames(heldout, args.num_frames))
 
 
+def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
+    """eval/judge_* of an evaluation's clips on the sprites data: every generated frame, its sprite's colour against
+    the caption's. The sampler keeps the judge (the judge, held-out frames, their colours), made at the first call."""
+    args, n = sampler.args, len(samples)
+    if args.dataset != "sprites":
+        return {}
+    sampler.judge = sampler.judge or make_sprites_judge(args, samples.shape[0] * samples.shape[2])
+    frames = samples.transpose(0, 2, 1, 3, 4).reshape(-1, *samples.shape[1:2], *samples.shape[3:])
+    asked = np.repeat(sprite_colour_labels((sampler.captions * n)[:n]), samples.shape[2])
+    judge, heldout, heldout_labels = sampler.judge
+    scores = judge_scores(judge, frames, asked, heldout, heldout_labels)
+    return {f"eval/judge_{name}": value for name, value in scores.items()}
+
+
+# ==== END OPTIONAL: judge ====
+
+
 def sample_clips(sampler: EvalSampler, writer, step: int, samples_dir: Path, num: int) -> np.ndarray:
     """num clips from the eval clips' captions and actions: samples/step{step}.mp4 and .npz (write_samples), and the
     first 8 as a strip, one row per clip named by its caption, in TensorBoard (samples/clips) and samples/ (PNG)."""
@@ -1815,13 +1819,7 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict
     real = np.concatenate([to_uint8(real) for _, real, _, _ in sampler.batches(n)])
     samples = sample_clips(sampler, writer, step, samples_dir, n)
     metrics = {}
-    if args.dataset == "sprites":  # eval/judge_*: every generated frame, its sprite's colour against the caption's
-        sampler.judge = sampler.judge or make_sprites_judge(args, samples.shape[0] * samples.shape[2])
-        frames = samples.transpose(0, 2, 1, 3, 4).reshape(-1, *samples.shape[1:2], *samples.shape[3:])
-        asked = np.repeat(sprite_colour_labels((sampler.captions * n)[:n]), samples.shape[2])
-        judge, heldout, heldout_labels = sampler.judge
-        scores = judge_scores(judge, frames, asked, heldout, heldout_labels)
-        metrics.update({f"eval/judge_{name}": value for name, value in scores.items()})
+    metrics.update(judge_clips(sampler, samples))  # optional: judge
     if sampler.actions is not None and k > 0:  # multi-step rollouts from the first k real frames, without the caption
         true = sampler.clips(n, use_text=False, num_context=k)
         shuffled = sampler.clips(n, use_text=False, num_context=k, actions_shift=1)
@@ -1867,6 +1865,13 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Utilities: sample files (the shared machinery, at the end of the file, writes them).
+
+
+def put_text(image: np.ndarray, text: str, x: int, y: int, scale: float = 0.4, colour=(255, 255, 255)):
+    """Small text (OpenCV's Hershey font) with its baseline at (x, y), drawn into an RGB uint8 image in place."""
+    import cv2
+
+    cv2.putText(image, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
 
 
 def frame_strips(clips: np.ndarray, row_labels: Optional[list] = None,
@@ -1925,9 +1930,12 @@ def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> P
     return folder / f"{stem}.mp4"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ==== BEGIN OPTIONAL: play ====
 # Play: an action-conditioned model as a game, generating each frame from the last --context-frames frames (the
-# autoregressive generation above), in a pygame window or headless from a key sequence.
+# autoregressive generation above), in a pygame window or headless from a key sequence. Optional: delete the play
+# blocks (each BEGIN line to its END line: this one and the flags' in Args) and every line that ends in
+# "# optional: play", and the script trains and samples as before (tests/test_optional_blocks.py checks it):
+#   sed '/^# ==== BEGIN OPTIONAL: play/,/^# ==== END OPTIONAL: play/d; /# optional: play$/d' video_diffusion.py > x.py
 
 # --play-keys letters: N noop, U D L R (the sprites world's moves; an Atari model's actions of those names), F fire,
 # Q E Z C the diagonals (up-left, up-right, down-left, down-right), lowercase: the same with fire. '/' restarts.
@@ -1969,13 +1977,6 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
         if name and name in meanings:
             return meanings.index(name)
     return meanings.index("NOOP") if "NOOP" in meanings else 0
-
-
-def put_text(image: np.ndarray, text: str, x: int, y: int, scale: float = 0.4, colour=(255, 255, 255)):
-    """Small text (OpenCV's Hershey font) with its baseline at (x, y), drawn into an RGB uint8 image in place."""
-    import cv2
-
-    cv2.putText(image, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
 
 
 def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
@@ -2232,6 +2233,30 @@ def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], 
     return sessions
 
 
+def check_given_caption(caption: str, vocabulary: list, max_len: int, flag: str, checkpoint: str) -> Optional[str]:
+    """A caption given by a flag, against the model's vocabulary: a word it does not know is refused in one line (it
+    would be <unk>, which no training caption taught it: the caption would steer nowhere). Returns a notice line when
+    the caption has more than max_len words (the model reads the first max_len), else None."""
+    words = caption_words(caption)
+    unknown = unknown_words([caption], vocabulary, max_len)
+    if unknown:
+        known = vocabulary[len(SPECIAL_TOKENS):]
+        guesses = {w: difflib.get_close_matches(w, known, n=1) for w in unknown}
+        named = ", ".join(w + (f" (did you mean {guesses[w][0]}?)" if guesses[w] else "") for w in unknown)
+        see = (f"its {len(known)} words: {', '.join(known)}" if len(known) <= 60 else
+               f"its {len(known)} words: python -c \"import torch; print(*torch.load('{checkpoint}', "
+               f"weights_only=True)['vocabulary'][{len(SPECIAL_TOKENS)}:])\"")
+        raise UserError(f"{flag} {caption!r}: the model does not know {named}: it learned the words of its "
+                        f"training captions only (an unknown word would be the untrained <unk>); {see}")
+    if len(words) > max_len:
+        return (f"notice: {flag} has {len(words)} words, more than the model's --max-text-len {max_len}: it reads "
+                f"{' '.join(words[:max_len])!r} and drops {' '.join(words[max_len:])!r}")
+    return None
+
+
+# ==== END OPTIONAL: play ====
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -2322,20 +2347,21 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter",
 def main(args: Args, given: set[str]):
     # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds
     checkpoint, run_dir, started = None, None, time.perf_counter()
-    if args.play and args.play_keys is None:
-        import_pygame()  # a windowed session without pygame: one line, before any loading
+    if args.play and args.play_keys is None:  # optional: play
+        import_pygame()  # optional: play
     if args.resume:
         checkpoint_path = resolve_checkpoint_path(args.resume)
         checkpoint = load_checkpoint(checkpoint_path)
         args = merge_resumed_args(args, given, checkpoint["args"])
-        run_dir = run_dir_of(checkpoint_path, trains=not (args.sample_only or args.play))
+        trains = not args.sample_only  # --sample-only writes no checkpoint: it reads any checkpoint file
+        trains = trains and not (args.play or args.play_keys is not None)  # optional: play
+        run_dir = run_dir_of(checkpoint_path, trains)
     check_args(args, torchrun_world()[0])
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
     seed_everything(args.seed)
-    if args.play or args.play_keys is not None:  # the model as a game: a window, or headless with --play-keys
-        play(args, checkpoint, run_dir, device, autocast)
-        return
+    if args.play or args.play_keys is not None:  # optional: play
+        return play(args, checkpoint, run_dir, device, autocast)  # optional: play
     train_generator = torch.Generator(device=device).manual_seed(args.seed)  # t, noise, dropped conditions, context
 
     # ---- data: the training clips on the device, the held-out ones for evaluation, the words
