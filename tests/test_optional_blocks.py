@@ -20,14 +20,15 @@ OPTIONAL_PARTS = {"ddpm_cifar10.py": ["judge"], "dit_cifar10.py": ["judge"], "vi
 FENCE = re.compile(r"# ==== (BEGIN|END) OPTIONAL\b")  # a fence line starts with it
 MARK = re.compile(r"# optional: (\w+)$")  # a marked line ends with it
 # Each script's tiny preset, cut short. The generative ones: the first samples at step 1, an evaluation and a checkpoint
-# at step 2 (and at step 4: ddpm and dit, as before video joined). DIAMOND: one epoch of 60 env steps and a few updates
-# on Catch (no ROM), its evaluation (rollout strips, imagined vs real returns) and one test episode.
+# at step 2 (and at step 4: ddpm and dit); video's evaluation on 4 clips of one DDIM step, without long videos.
+# DIAMOND: one epoch of 60 env steps and a few updates on Catch (no ROM), its evaluation and one test episode.
 TINY = {
     **dict.fromkeys(["ddpm_cifar10.py", "dit_cifar10.py"], [
         "--preset", "tiny", "--total-steps", 4, "--log-every", 2, "--eval-every", 2, "--save-every", 2,
         "--first-sample-at", 1, "--output-dir", "runs"]),
     "video_diffusion.py": ["--preset", "tiny", "--total-steps", 2, "--log-every", 2, "--eval-every", 2, "--save-every", 2,
-                           "--first-sample-at", 1, "--output-dir", "runs"],
+                           "--first-sample-at", 1, "--num-sampling-steps", 1, "--num-eval-samples", 4,
+                           "--long-video-frames", 8, "--output-dir", "runs"],
     "diamond_atari.py": ["--env-id", "Catch", "--preset", "tiny", "--env-step-budget", 60, "--initial-collection-steps",
                          60, "--max-initial-collection-steps", 60, "--final-epochs-without-collection", 0,
                          "--first-epoch-denoiser-steps", 3, "--first-epoch-reward-steps", 3,
