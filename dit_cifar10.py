@@ -15,7 +15,7 @@ End to end in under a minute on a CPU, offline (generated coloured shapes, 10 cl
 Shapes of the asked class in 10 to 20 minutes on 2 CPU cores, scored by the judge (eval/judge_*):
     python dit_cifar10.py --preset cpu
 Your own labelled images (PNG/JPG, one subfolder per class), resized to 64x64; unconditional with --num-classes 0:
-    python dit_cifar10.py --dataset folder --data-dir path/to/images --img-size 64 --num-classes 5
+    python dit_cifar10.py --dataset folder --data-dir my_images --img-size 64 --num-classes 5
 Continue a run, or sample one class from it with guidance:
     python dit_cifar10.py --resume runs/cifar10__dit_cifar10__1__1700000000
     python dit_cifar10.py --resume runs/cifar10__dit_cifar10__1__1700000000 --sample-only --class-label cat --cfg-scale 4 --sampler ddim --num-sampling-steps 50
@@ -93,7 +93,7 @@ class Args:
     sample_only: Annotated[bool, RESUME_MUTABLE] = False
     """with --resume: generate --num-samples images from the checkpoint's EMA weights, and exit"""
     compile: Annotated[bool, RESUME_MUTABLE] = False
-    """torch.compile the training step's model (fixed shapes; sampling runs the EMA model eagerly)"""
+    """torch.compile the training step's model (sampling runs the EMA model eagerly)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """autocast dtype on CUDA (float16 uses a GradScaler); the CPU always computes in float32"""
 
@@ -227,7 +227,7 @@ CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "schedule
 
 
 def check_args(args: Args, world_size: int):
-    """Settings that cannot work, refused at start-up in one line (before data is read or a run folder made). On
+    """Settings that cannot work, refused at start-up in one line (before any data or run folder). On
     --resume these are the merged args: a --sample-only of a checkpoint is checked as strictly as a new run."""
     check_arg_domains(args)
     if args.batch_size % world_size:
@@ -1021,7 +1021,7 @@ def log_judge_scores(writer, scores: dict, step: int, suffix: str = ""):
 # ==== END SHARED JUDGE ====
 
 
-JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own shapes (a run's: --seed)
+JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own data (a run's: --seed)
 
 
 def make_shapes_judge(args: Args, num_samples: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
@@ -1097,7 +1097,7 @@ def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: t
     x0, noise: (B, 3, H, W) in [-1, 1] and N(0, I); y: int64 (B,) class labels, num_classes for the null class (None:
     an unconditional model); t: int64 (B,); alphas_cumprod: float (T,) on x0's device."""
     abar = alphas_cumprod[t].float()[:, None, None, None]
-    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # q(x_t|x_0) = N(sqrt(abar_t) x_0, (1-abar_t) I)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # x_t ~ N(sqrt(abar_t) x0, (1-abar_t) I)
     with autocast:
         eps_pred = model(x_t, t, y)
     return F.mse_loss(eps_pred.float(), noise)
@@ -1115,15 +1115,15 @@ def step_memory_profile(args: Args) -> tuple[int, float]:
 
 
 def train_flops_per_sample(args: Args) -> float:
-    """A training step's FLOPs per image, for MFU: 3x the forward's (the backward costs twice it)."""
+    """A training step's FLOPs per image, for MFU: 3x the forward's (the backward's is 2x)."""
     example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long),
                torch.zeros(1, dtype=torch.long) if args.num_classes > 0 else None)
     return 3 * forward_flops(lambda: build_model(args), *example)
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation: FID with torchmetrics (torch-fidelity's Inception, or any feature extractor) for CIFAR-10 and
-# image folders; on the generated shapes, the judge (the optional block above) at each evaluation.
+# Evaluation: FID with torchmetrics (torch-fidelity's Inception, or any feature extractor) for
+# CIFAR-10 and image folders; on the generated shapes, the judge (the optional block above).
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
@@ -1311,8 +1311,8 @@ def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint:
 
 
 def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Optional[Path]]:
-    """The run's arguments, checkpoint and run folder. With --resume: the checkpoint's arguments (the flags
-    given change those marked RESUME_MUTABLE), the checkpoint, its folder; without: the flags', None, None."""
+    """The run's arguments, checkpoint and run folder. With --resume: the checkpoint's arguments (flags
+    change those marked RESUME_MUTABLE), the checkpoint, its folder; without: the flags', None, None."""
     if not args.resume:
         return args, None, None
     checkpoint_path = resolve_checkpoint_path(args.resume)
@@ -1415,7 +1415,7 @@ def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, write
     first evaluation. Returns them, uint8 (N, 3, H, W), and their class labels (None unconditional); None if a signal
     abandoned them."""
     conditional = args.num_classes > 0
-    with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint after it
+    with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
         rows, per_row = args.num_classes if conditional else 8, args.samples_per_class if eval_now else 2
         grid_labels = torch.arange(rows).repeat_interleave(per_row) if conditional else None
         samples = generate(rows * per_row, grid_labels)
@@ -1446,7 +1446,7 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter",
 
 
 def main(args: Args, given: set[str]):
-    # ---- setup: the arguments (a resumed run's from its checkpoint), device, seeds, data, model, optimizer
+    # ---- setup: arguments (resumed: the checkpoint's), device, seeds, data, model, optimizer
     started = time.perf_counter()
     args, checkpoint, run_dir = resumed_run(args, given)
     check_args(args, torchrun_world()[0])
@@ -1454,12 +1454,12 @@ def main(args: Args, given: set[str]):
     device, autocast = setup.device, autocast_context(setup, args.dtype)
     seed_everything(args.seed)
     train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, label drops, timesteps, noise
-    stop = StopFlag()  # from here SIGTERM/SIGINT finish the step (or abandon sampling), save, exit 0
+    stop = StopFlag()  # SIGTERM/SIGINT now finish the step (or abandon sampling), save, exit 0
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
         check_step_memory(setup, args.batch_size, *step_memory_profile(args), args.dtype)
 
     images_np, labels_np, dataset_id, data_class_names = load_dataset(args)
-    images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no copy per step
+    images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no copies
     labels = torch.from_numpy(labels_np).to(device)
     args = run_length_in_steps(args, given, len(images), checkpoint)
     conditional = args.num_classes > 0
@@ -1474,15 +1474,15 @@ def main(args: Args, given: set[str]):
     alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
                                                             args.beta_end))
     alphas_cumprod_device = alphas_cumprod.float().to(device)
-    parts = (model, ema_model, optimizer, scheduler, scaler, train_generator)  # as CHECKPOINT_KEYS names them
+    parts = (model, ema_model, optimizer, scheduler, scaler, train_generator)  # as CHECKPOINT_KEYS
     step = 0 if checkpoint is None else restore_state(checkpoint, *parts)
 
     def generate(num: int, class_labels: Optional[torch.Tensor], sample_args: Args = args) -> np.ndarray:
         return generate_samples(ema_model, num, class_labels, sample_args, alphas_cumprod, autocast, stop)
 
-    fid_metric = make_fid_metric() if args.eval_fid else None  # fail now if it cannot, not after training
+    fid_metric = make_fid_metric() if args.eval_fid else None  # fails now, not after training
 
-    if args.sample_only or step >= args.total_steps:  # nothing to train: sample, or say the run is done
+    if args.sample_only or step >= args.total_steps:  # nothing to train: sample, or say so
         leave_process_group(setup.world_size)  # sampling is rank 0's alone
         if setup.is_main and args.sample_only:
             sample_from_checkpoint(generate, args, run_dir, step, fid_metric, images_np, device, class_label,
@@ -1493,7 +1493,7 @@ def main(args: Args, given: set[str]):
         stop.restore()
         return
 
-    # ---- the run folder (after the signal handlers: it always gets a checkpoint), TensorBoard, throughput
+    # ---- the run folder (after the signal handlers: it gets a checkpoint), TensorBoard, throughput
     run_dir, writer = open_run(args, setup, run_dir, dataset_id, step, model, len(images), class_names)
     meter = Meter(device, train_flops_per_sample(args), peak_flops(setup, args.dtype), setup.world_size)
     train_model = wrap_for_training(model, args, setup)
@@ -1539,7 +1539,7 @@ def main(args: Args, given: set[str]):
             progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
         if step % args.log_every == 0 or step == args.total_steps:
             log_interval(writer, meter, scheduler, progress, step, run_dir)
-        # Every rank stops at the same step: all-reduced at the log boundary under torchrun, at once alone
+        # Every rank stops at the same step: all-reduced at a log step under torchrun, at once alone
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         eval_now = step % args.eval_every == 0 or step == args.total_steps
         save_now = step % args.save_every == 0 or step == args.total_steps
