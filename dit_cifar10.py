@@ -1,4 +1,4 @@
-# cleanworlds: DiT (Peebles & Xie 2023) on CIFAR-10 with classifier-free guidance. Docs and measured results: README.md and benchmark/RESULTS.md
+# cleanworlds: DiT (Peebles & Xie 2023) on CIFAR-10. Docs, results: README.md, benchmark/RESULTS.md
 """
 Class-conditional Diffusion Transformer (adaLN-Zero and three other adaLN variants), with classifier-free guidance,
 in one file.
@@ -18,7 +18,8 @@ Your own labelled images (PNG/JPG, one subfolder per class), resized to 64x64; u
     python dit_cifar10.py --dataset folder --data-dir my_images --img-size 64 --num-classes 5
 Continue a run, or sample one class from it with guidance:
     python dit_cifar10.py --resume runs/cifar10__dit_cifar10__1__1700000000
-    python dit_cifar10.py --resume runs/cifar10__dit_cifar10__1__1700000000 --sample-only --class-label cat --cfg-scale 4 --sampler ddim --num-sampling-steps 50
+    python dit_cifar10.py --resume runs/cifar10__dit_cifar10__1__1700000000 \
+        --sample-only --class-label cat --cfg-scale 4 --sampler ddim --num-sampling-steps 50
 Watch it:
     tensorboard --logdir runs
 """
@@ -54,12 +55,12 @@ import tyro
 SCRIPT_NAME = "dit_cifar10.py"
 CHECKPOINT_FORMAT_VERSION = 2  # 2: the run length and cadence in optimizer steps (1: in epochs)
 OLDER_CHECKPOINT_FORMATS = (1,)  # formats a resume converts (run_length_in_steps)
-# torch.compile's backend (--compile), read at each compile call: tests put a counting or failing backend in its place
+# torch.compile's backend (--compile), read at each call: tests put a counting or failing one here
 COMPILE_BACKEND = "inductor"
-# A flag's unit, shown by --help beside it (--save-every STEPS) and read by the tests: one meaning per name.
+# A flag's unit, shown by --help (--save-every STEPS) and read by the tests: one meaning per name.
 STEPS, EPOCHS = tyro.conf.arg(metavar="STEPS"), tyro.conf.arg(metavar="EPOCHS")
-# Beside an Args field: its domain ('>= 1', '> 0', '[0, 1)', checked at start-up: a numeric flag has one), and
-# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling, play); read by flag_marks.
+# Beside an Args field: its domain ('>= 1', '[0, 1)': every numeric flag, checked at start-up), and
+# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling): flag_marks.
 RESUME_MUTABLE = "resume-mutable"
 
 
@@ -70,9 +71,9 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic, no benchmark,
-    CUBLAS_WORKSPACE_CONFIG=:4096:8, not torch's strict deterministic algorithms (too slow; benchmark/RESULTS.md
-    section 0), so a CUDA resume is close, not bitwise"""
+    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic, no
+    benchmark, CUBLAS_WORKSPACE_CONFIG=:4096:8, not torch's strict deterministic algorithms (too
+    slow; benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -84,8 +85,8 @@ class Args:
     output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu", "dit-s2", "dit-b2"]] = None
-    """defaults: tiny = a full run on generated data in under a minute on a CPU; cpu = recognisable shapes of the
-    asked class in 10 to 20 minutes on 2 CPU cores (README); dit-s2, dit-b2 = the paper's DiT-S/2, DiT-B/2"""
+    """defaults: tiny = a full run on generated data in seconds on a CPU; cpu = shapes of the asked class in
+    minutes on 2 CPU cores (README); dit-s2, dit-b2 = the paper's DiT-S/2, DiT-B/2"""
     config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
@@ -99,7 +100,7 @@ class Args:
 
     # Data
     dataset: Literal["cifar10", "folder", "shapes"] = "cifar10"
-    """cifar10 (downloaded into --data-dir), folder (PNG/JPG, a subfolder per class) or shapes (generated, offline)"""
+    """cifar10 (downloaded into --data-dir), folder (PNG/JPG, a subfolder per class) or shapes"""
     data_dir: Annotated[str, RESUME_MUTABLE] = "data"
     """where CIFAR-10 is (or is downloaded to), or the image folder"""
     download: Annotated[bool, RESUME_MUTABLE] = True
@@ -111,7 +112,7 @@ class Args:
     random_flip: bool = True
     """random horizontal flips"""
     num_classes: Annotated[int, ">= 0"] = 10
-    """classes to condition on, as many as the data has (CIFAR-10, shapes: 10; folder: subfolders); 0: unconditional"""
+    """classes to condition on, as many as the data has (CIFAR-10, shapes: 10); 0: unconditional"""
 
     # Model (DiT, Peebles & Xie 2023)
     patch: Annotated[int, ">= 1"] = 4
@@ -125,9 +126,9 @@ class Args:
     mlp_ratio: Annotated[float, "> 0"] = 4.0
     """MLP hidden size as a multiple of --width"""
     adaln: Literal["zero", "plain", "single", "diagonal"] = "zero"
-    """conditioning: zero (adaLN-Zero), plain (adaLN, no gate), single (adaLN-Single), diagonal (see Model section)"""
+    """conditioning: zero (adaLN-Zero), plain (adaLN, no gate), single (adaLN-Single), diagonal"""
     class_dropout: Annotated[float, "[0, 1)"] = 0.1
-    """probability of replacing a training label by the null class (what guidance needs; 0: only --cfg-scale 1)"""
+    """probability that a training label becomes the null class (for guidance; 0: no guidance)"""
 
     # Diffusion
     timesteps: Annotated[int, ">= 1"] = 1000
@@ -143,8 +144,8 @@ class Args:
     total_steps: Annotated[Optional[int], STEPS, ">= 1", RESUME_MUTABLE] = None
     """optimizer steps to train for (default: --epochs 100, converted to steps)"""
     epochs: Annotated[Optional[int], EPOCHS, ">= 1", RESUME_MUTABLE] = None
-    """the run length in passes over the data (the seed's unit): --total-steps = ceil(epochs N / batch) for N images;
-    100 when --total-steps is not given; not both"""
+    """the run length in passes over the data (the seed's unit): --total-steps = ceil(epochs N /
+    batch) for N images; 100 when --total-steps is not given; not both"""
     batch_size: Annotated[int, ">= 1"] = 128
     """global batch size (split across torchrun ranks)"""
     learning_rate: Annotated[float, "> 0"] = 1e-4
@@ -155,12 +156,10 @@ class Args:
     """linear learning-rate warmup steps (0: none, as the reference DiT)"""
     max_grad_norm: Annotated[float, ">= 0"] = 0.0
     """gradient clipping norm (0 turns it off, as the reference DiT)"""
-    # The warm-up keeps a short run from sampling a mostly initial model: with 0.9999 and none, the EMA still holds 55%
-    # of the initial weights after 6,000 steps. The reference DiT has none; the warmed-up decay reaches 0.9999 at step
-    # 90,000, and at the paper's 400k steps the two are the same (the initial weights' share is below 1e-17 either way).
+    # Why the warm-up: at a constant 0.9999 the EMA holds 0.9999^6000 = 55% of the initial weights
+    # after 6,000 steps. The reference has none; at 400k steps the two differ by under 1e-17.
     ema_decay: Annotated[float, "[0, 1]"] = 0.9999
-    """EMA decay of the sampling weights, warmed up: step t uses min(decay, (1 + t) / (10 + t)) (the reference DiT: no
-    warm-up; the same at 400k steps)"""
+    """EMA decay of the sampling weights, warmed up: step t uses min(decay, (1 + t) / (10 + t))"""
     log_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 100
     """log losses and throughput every N optimizer steps"""
     save_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 2000
@@ -168,26 +167,26 @@ class Args:
     eval_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 4000
     """sample a grid (one row per class) from the EMA model every N optimizer steps"""
     first_sample_at: Annotated[int, STEPS, ">= 0", RESUME_MUTABLE] = 0
-    """also sample a small grid (2 images per class, not judged) at this optimizer step: the run's first picture,
-    long before the first evaluation (samples/ and TensorBoard); 0: none"""
+    """also sample a small grid (2 images per class, not judged) at this optimizer step: the run's
+    first picture, long before the first evaluation (samples/ and TensorBoard); 0: none"""
 
     # Sampling and evaluation
     sampler: Annotated[Literal["ddpm", "ddim", "dpm++"], RESUME_MUTABLE] = "ddpm"
     """sampler for the grids, --sample-only and FID"""
     num_sampling_steps: Annotated[int, ">= 1", RESUME_MUTABLE] = 250
-    """network evaluations per sample (ddpm with fewer than T steps is respaced; DiT samples with 250)"""
+    """network evaluations per sample (ddpm with fewer than T steps is respaced; DiT's: 250)"""
     ddim_eta: Annotated[float, "[0, 1]", RESUME_MUTABLE] = 0.0
     """DDIM eta (0: deterministic)"""
     cfg_scale: Annotated[float, ">= 0", RESUME_MUTABLE] = 1.5
-    """guidance scale s: eps = eps_u + s (eps_c - eps_u); 1: none, 1.5: DiT's best FID (unconditional models: unused)"""
+    """guidance scale s: eps = eps_u + s (eps_c - eps_u); 1: none, 1.5: DiT's best FID"""
     class_label: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """with --sample-only: generate only this class, by index (0, 1, ...) or name (the run prints and saves them)"""
+    """with --sample-only: generate only this class, by index (0, 1, ...) or name (as printed)"""
     samples_per_class: Annotated[int, ">= 1", RESUME_MUTABLE] = 8
-    """images per class in each sample grid (one row per class; an unconditional model gets 8 rows)"""
+    """images per class in each sample grid (a row per class; an unconditional model gets 8 rows)"""
     num_samples: Annotated[int, ">= 1", RESUME_MUTABLE] = 64
-    """images generated by --sample-only: one row per class, each of ceil(N / classes) images (or N of --class-label)"""
+    """images generated by --sample-only: a row of ceil(N / classes) per class (or N of one)"""
     eval_fid: Annotated[bool, RESUME_MUTABLE] = False
-    """FID of EMA samples (all classes in turn) vs the training set at the end (needs the eval extra)"""
+    """FID of EMA samples (every class) vs the training set at the end (needs the eval extra)"""
     fid_num_samples: Annotated[int, ">= 2", RESUME_MUTABLE] = 50_000
     """samples for FID (the paper protocol: 50k vs the train set)"""
     sample_batch_size: Annotated[int, ">= 1", RESUME_MUTABLE] = 500
@@ -195,7 +194,7 @@ class Args:
 
 
 PRESETS = {
-    # tiny keeps the paper's EMA decay 0.9999: the warm-up (ema_decay_at) makes it follow a 1,024-step run.
+    # tiny keeps the paper's EMA decay 0.9999: the warm-up (ema_decay_at) fits it to 1,024 steps.
     "tiny": dict(
         dataset="shapes", img_size=16, num_shapes_images=512, patch=4, width=64, depth=3, heads=4,
         total_steps=1024, batch_size=32, learning_rate=2e-3, log_every=16, save_every=256, eval_every=512,
@@ -203,11 +202,9 @@ PRESETS = {
         num_sampling_steps=20, cfg_scale=3.0, samples_per_class=4, num_samples=16, fid_num_samples=64,
         sample_batch_size=64,
     ),
-    # Shapes of the asked class in about 15 minutes on 2 CPU cores (2.6 steps/s measured; benchmark/RESULTS.md 2d):
-    # DiT with patch 2 (64 tokens), width 128, depth 4 (1.3M parameters), 2048 steps of batch 64 at a constant lr
-    # 1e-3, EMA 0.999 (warmed up), DDIM-50 with guidance 3; the judge scores 12 samples per class at each
-    # evaluation, guided and at guidance 1 (eval/judge_*): guidance is what draws the asked class at this budget
-    # (RESULTS 2d: class accuracy 0.78 guided, 0.50 at guidance 1, at step 2048).
+    # Shapes of the asked class in minutes on 2 CPU cores (benchmark/RESULTS.md 2d): 2048
+    # steps of batch 64 at a constant lr 1e-3, DDIM-50 with guidance 3 (what draws the asked
+    # class at this budget). The judge scores each evaluation, guided and at guidance 1.
     "cpu": dict(
         dataset="shapes", img_size=16, num_shapes_images=4096, patch=2, width=128, depth=4, heads=4,
         total_steps=2048, batch_size=64, learning_rate=1e-3, ema_decay=0.999, log_every=32, save_every=256,
@@ -219,16 +216,16 @@ PRESETS = {
     "dit-s2": dict(patch=2, width=384, depth=12, heads=6),
     "dit-b2": dict(patch=2, width=768, depth=12, heads=12),
 }
-# Flags spelled otherwise on the command line (none here; diamond_atari.py accepts --game for --env-id).
+# Flags spelled otherwise on the command line (none here; diamond_atari.py's --game is --env-id).
 FLAG_ALIASES: dict[str, str] = {}
-# A checkpoint after its header, in checkpoint_state's order (args, step, every global RNG, each part's state):
-# restore_state reads them back, load_checkpoint refuses a file without one.
+# A checkpoint after its header, in checkpoint_state's order (args, step, every global RNG, each
+# part's state): restore_state reads them back, load_checkpoint refuses a file without one.
 CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler", "train_generator")
 
 
 def check_args(args: Args, world_size: int):
-    """Settings that cannot work, refused at start-up in one line (before any data or run folder). On
-    --resume these are the merged args: a --sample-only of a checkpoint is checked as strictly as a new run."""
+    """Settings that cannot work, refused at start-up in one line (before data or a run folder).
+    With --resume, the merged args: a --sample-only is checked as strictly as a new run."""
     check_arg_domains(args)
     if args.batch_size % world_size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} torchrun processes")
@@ -249,7 +246,7 @@ def check_args(args: Args, world_size: int):
                                          and not 0 <= int(args.class_label) < args.num_classes):  # a name: main()
         raise UserError(f"--class-label {args.class_label} is out of range: the model has {args.num_classes} classes "
                         + (f"(0 to {args.num_classes - 1})" if args.num_classes else "(it is unconditional)"))
-    # Guidance mixes in eps(x_t, t, null class); with --class-dropout 0 the null class's embedding is never trained
+    # Guidance mixes in eps(x_t, t, null); --class-dropout 0 never trains the null class's embedding
     # (it keeps its random initialisation), so any scale but 1 steers the samples by noise.
     if args.num_classes > 0 and args.class_dropout == 0 and args.cfg_scale != 1:
         raise UserError(f"--cfg-scale {args.cfg_scale:g} needs the null class, which --class-dropout 0 never trains: "
@@ -259,7 +256,7 @@ def check_args(args: Args, world_size: int):
 
 
 # --------------------------------------------------------------------------------------------------
-# Data: CIFAR-10 (binary, md5-checked), image folders, generated shapes. Everything becomes uint8 (N, 3, H, W).
+# Data: CIFAR-10 (binary, md5-checked), image folders, generated shapes, all as uint8 (N, 3, H, W).
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -468,7 +465,7 @@ SHAPE_COLOUR_NAMES = ["red", "green", "blue", "yellow", "magenta", "cyan", "oran
 
 
 def shapes_class_names(num_classes: int = 10) -> list[str]:
-    """The name of each shapes class, as make_shapes_dataset draws it: "red square", ..., "white square", "red disc"."""
+    """Each shapes class's name, as make_shapes_dataset draws it: "red square", ..., "red disc"."""
     return [f"{SHAPE_COLOUR_NAMES[k % 8]} {'square' if k < 8 else 'disc'}" for k in range(num_classes)]
 
 
@@ -492,9 +489,9 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
 
 
 def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
-    """Returns uint8 images (N, 3, H, W), int64 labels, the dataset id used in the run name, and the name of each
-    class (label k is class_names[k]; a folder's classes are its subfolders, sorted). The data's class count must be
-    --num-classes (unless that is 0: an unconditional model, which ignores the labels)."""
+    """Returns uint8 images (N, 3, H, W), int64 labels, the dataset id (run name) and each class's
+    name (label k is class_names[k]; a folder's: its sorted subfolders). The data's class count
+    must be --num-classes (unless 0: an unconditional model, which ignores the labels)."""
     if args.dataset == "cifar10":
         images, labels = load_cifar10(args.data_dir, args.download)
         if args.img_size != 32:
@@ -560,24 +557,23 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Model: DiT (Peebles & Xie 2023), 16,543,536 trainable parameters at the seed's CIFAR-10 config with adaLN-Zero.
+# Model: DiT (Peebles & Xie 2023); parameter counts per --adaln variant: benchmark/RESULTS.md 1.
 #
-# The --adaln variants, exactly (c = t_emb + y_emb is the conditioning vector, D the width, LN a LayerNorm without
-# affine parameters, modulate(h, shift, scale) = h (1 + scale) + shift):
-#   zero     adaLN-Zero (the DiT paper's choice). Each block has SiLU -> Linear(D, 6D) on c, zero-initialised, giving
-#            shift, scale and gate for the attention and for the MLP: x += gate * Attn(modulate(LN(x), shift, scale)),
-#            the same for the MLP. Gates start at 0, so every block starts as the identity.
-#   plain    adaLN (the paper's "adaLN" ablation). Each block has SiLU -> Linear(D, 4D) on c, zero-initialised, giving
-#            shift and scale only; the residual branches are added ungated: x += Attn(modulate(LN(x), shift, scale)).
-#   single   adaLN-Single (PixArt-alpha, Chen et al. 2023). One SiLU -> Linear(D, 6D) on c shared by all blocks,
-#            computed once per forward; each block only adds its own learned (6, D) table (initialised N(0, 1/D)) to
-#            it and uses the six rows as in adaLN-Zero. The final layer adds a learned (2, D) table to c itself.
-#   diagonal adaLN-Diagonal. plain adaLN's per-block shift and scale, plus a learned per-channel scale (a diagonal
-#            matrix, as LayerScale in CaiT) on each residual branch, not conditioned on c and initialised to 0:
+# The --adaln variants, exactly (c = t_emb + y_emb is the conditioning vector, D the width, LN a
+# LayerNorm without affine parameters, modulate(h, shift, scale) = h (1 + scale) + shift):
+#   zero     adaLN-Zero (the DiT paper's). Each block: SiLU -> Linear(D, 6D) on c, zero-init,
+#            gives shift, scale, gate for attention and MLP:
+#            x += gate * Attn(modulate(LN(x), shift, scale)), the same for the MLP; gates start at 0.
+#   plain    adaLN (the paper's ablation). Each block: SiLU -> Linear(D, 4D) on c, zero-init, gives
+#            shift and scale only; ungated: x += Attn(modulate(LN(x), shift, scale)).
+#   single   adaLN-Single (PixArt-alpha, Chen et al. 2023). One SiLU -> Linear(D, 6D) on c for all
+#            blocks, once per forward; each block adds its own learned (6, D) table (init N(0, 1/D))
+#            and uses the six rows as adaLN-Zero. The final layer adds a learned (2, D) table to c.
+#   diagonal adaLN-Diagonal. plain's shift and scale, plus a learned per-channel scale (diagonal, as
+#            CaiT's LayerScale) on each residual branch, not conditioned on c, initialised to 0:
 #            x += gamma_attn * Attn(modulate(LN(x), shift, scale)). Blocks start as the identity.
-# In every variant the final layer's output Linear is zero-initialised, so the model starts by predicting eps = 0.
-# Modulation parameters per block: zero 6D^2 + 6D, plain 4D^2 + 4D, single 6D, diagonal 4D^2 + 6D. Whole model at the
-# seed config: zero 16,543,536, plain 14,769,456, single 11,827,248, diagonal 14,774,064.
+# In every variant the final output Linear is zero-initialised: the model starts at eps = 0.
+# Modulation parameters per block: zero 6D^2 + 6D, plain 4D^2 + 4D, single 6D, diagonal 4D^2 + 6D.
 
 TIMESTEP_FREQUENCY_DIM = 256  # the timestep's sinusoidal features before the MLP
 
@@ -591,7 +587,7 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
-    """The fixed 2D sin-cos position embedding of MAE and DiT, (grid_size^2, dim) for row-major tokens: the first dim/2
+    """MAE's and DiT's fixed 2D sin-cos position embedding (grid_size^2, dim), row-major: first dim/2
     channels encode the column, the last dim/2 the row, each as [sin(p w_i), cos(p w_i)], w_i = 10000^(-i/(dim/4))."""
     quarter = dim // 4
     omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
@@ -622,7 +618,7 @@ class Attention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Pre-LN transformer block conditioned through adaptive LayerNorm (see the --adaln variants above)."""
+    """Pre-LN transformer block conditioned by adaptive LayerNorm (the --adaln variants above)."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, adaln: str = "zero"):
         super().__init__()
@@ -641,7 +637,7 @@ class DiTBlock(nn.Module):
             self.gamma_mlp = nn.Parameter(torch.zeros(width))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x: tokens (B, N, D); c: the conditioning (B, D), or for adaLN-Single the shared modulation (B, 6D)."""
+        """x: tokens (B, N, D); c: the conditioning (B, D), or adaLN-Single's modulation (B, 6D)."""
         if self.adaln == "single":
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
                 self.scale_shift_table[None] + c.reshape(c.shape[0], 6, -1)).unbind(1)
@@ -688,10 +684,10 @@ class DiT(nn.Module):
         self.img_size, self.patch, self.in_channels, self.num_classes, self.adaln = (
             img_size, patch, in_channels, num_classes, adaln)
         self.x_embedder = nn.Conv2d(in_channels, width, patch, stride=patch)  # patchify: one token per P x P patch
-        # A buffer, not a parameter: fixed, and not in the checkpoint (it is a function of the config).
+        # A buffer, not a parameter: fixed, and not in the checkpoint (a function of the config).
         self.register_buffer("pos_embed", sincos_pos_embed_2d(width, img_size // patch)[None], persistent=False)
         self.t_embedder = nn.Sequential(nn.Linear(TIMESTEP_FREQUENCY_DIM, width), nn.SiLU(), nn.Linear(width, width))
-        # num_classes + 1 rows: the last one is the null class that dropped labels (and guidance) use.
+        # num_classes + 1 rows: the last is the null class of dropped labels (and guidance).
         self.y_embedder = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
         if adaln == "single":
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))  # the one shared modulation MLP
@@ -700,8 +696,8 @@ class DiT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        # As the reference: Xavier-uniform Linears with zero biases; the patch embedding like a Linear; N(0, 0.02)
-        # for the label table and the timestep MLP; zero for every adaLN modulation and for the output Linear.
+        # As the reference: Xavier-uniform Linears, zero biases, the patch embedding as a Linear;
+        # N(0, 0.02) for the label table and timestep MLP; zero for adaLN modulations and the output.
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -722,7 +718,7 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, P*P*C) tokens -> (B, C, H, W) images; each token's pixels in (row, column, channel) order."""
+        """(B, N, P*P*C) tokens -> (B, C, H, W) images; a token's pixels in (row, col, channel) order."""
         b, p, c, g = x.shape[0], self.patch, self.in_channels, self.img_size // self.patch
         return x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
 
@@ -738,15 +734,15 @@ class DiT(nn.Module):
 
 
 def build_model(args: Args) -> DiT:
-    """The DiT of the flags (check_args has refused a patch that does not divide the image, heads that do not divide
-    the width)."""
+    """The DiT of the flags (check_args has refused a patch that does not divide the image, heads
+    that do not divide the width)."""
     return DiT(args.img_size, args.patch, 3, args.width, args.depth, args.heads, args.mlp_ratio, args.num_classes,
                args.adaln)
 
 
 # --------------------------------------------------------------------------------------------------
-# Samplers. Each takes model_fn(x_t, t) -> predicted noise for integer timesteps t of shape (B,), the starting noise
-# x_T, and alphas_cumprod (float64, length T). Coefficients are computed in float64 and cast to x's dtype. The class
+# Samplers. Each takes model_fn(x_t, t) -> predicted noise for integer timesteps t (B,), the noise
+# x_T, and alphas_cumprod (float64, length T). Coefficients in float64, cast to x's dtype. The class
 # labels and the guidance live inside model_fn (guided_model_fn, at the end of this section).
 
 
@@ -1104,8 +1100,8 @@ def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: t
 
 
 def step_memory_profile(args: Args) -> tuple[int, float]:
-    """(parameters, activation bytes autograd saves per sample) of a training step, counted on the meta
-    device: the memory check runs before anything is allocated at full size."""
+    """(parameters, activation bytes autograd saves per sample) of a training step, counted on the
+    meta device: the memory check runs before anything is allocated at full size."""
     with torch.device("meta"):
         model = build_model(args)
         x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
@@ -1153,8 +1149,8 @@ def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor
 
 def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], np.ndarray], real_images: np.ndarray,
                  args: Args, device: torch.device, writer=None, step: int = 0) -> float:
-    """FID of --fid-num-samples generated images, every class equally often, against the training images (the paper's
-    protocol: 50k vs the train set), printed and logged as eval/fid."""
+    """FID of --fid-num-samples generated images, every class equally often, against the training
+    images (the paper's protocol: 50k vs the train set), printed and logged as eval/fid."""
     samples = torch.from_numpy(generate(args.fid_num_samples, labels_in_turn(args.fid_num_samples, args.num_classes)))
     fid = compute_fid(fid_metric, samples, torch.from_numpy(real_images), args.sample_batch_size, device)
     print(f"FID ({args.fid_num_samples} samples vs {len(real_images)} training images, {args.sampler} "
@@ -1202,9 +1198,9 @@ def sample_grid(images: np.ndarray, labels: Optional[np.ndarray] = None, columns
 
 def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[np.ndarray] = None,
                   columns: Optional[int] = None, class_names: Optional[list[str]] = None) -> Path:
-    """A PNG grid (sample_grid: rows named by class) and an .npz of the uint8 (N, H, W, 3) images (arr_0, the layout
-    FID tools read) and, for a class-conditional model, their int64 class labels (arr_1, as ADM's sample files). A
-    failed write raises OSError."""
+    """A PNG grid (sample_grid: rows named by class) and an .npz of the uint8 (N, H, W, 3) images
+    (arr_0, the layout FID tools read) and, for a class-conditional model, their int64 class labels
+    (arr_1, as ADM's sample files). A failed write raises OSError."""
     write_png(folder / f"{stem}.png", sample_grid(images, labels, columns, class_names))
     np.savez(folder / f"{stem}.npz", images.transpose(0, 2, 3, 1), *([] if labels is None else [labels]))
     return folder / f"{stem}.png"
@@ -1228,9 +1224,9 @@ def class_index(class_label: str, class_names: list[str]) -> int:
 
 def run_classes(args: Args, given: set[str], checkpoint: Optional[dict], data_class_names: list[str],
                 is_main: bool) -> tuple[list[str], Optional[int]]:
-    """The run's class names and --class-label as an index (None: not given). Label k is class_names[k]: the run's own
-    (saved in its checkpoints; older ones lack them: the data's); an unconditional model has none, and no use for
-    --cfg-scale (a notice says so)."""
+    """The run's class names and --class-label as an index (None: not given). Label k is
+    class_names[k]: the run's own (saved in its checkpoints; older ones lack them: the data's); an
+    unconditional model has none, and no use for --cfg-scale (a notice says so)."""
     class_names = ((checkpoint or {}).get("class_names") or data_class_names) if args.num_classes > 0 else []
     class_label = None if args.class_label is None else class_index(args.class_label, class_names)
     if args.num_classes == 0 and "cfg_scale" in given and args.cfg_scale != 1.0 and is_main:
@@ -1306,8 +1302,8 @@ def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint:
 
 
 # --------------------------------------------------------------------------------------------------
-# The run's bookkeeping: resuming, sampling a checkpoint, the run's start, the log of each interval, the
-# samples of each evaluation, the checkpoint.
+# The run's bookkeeping: resuming, sampling a checkpoint, the run's start, the log of each interval,
+# the samples of each evaluation, the checkpoint.
 
 
 def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Optional[Path]]:
@@ -1325,8 +1321,8 @@ def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Opti
 
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
                            device: torch.device, class_label: Optional[int], class_names: list[str]):
-    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/ folder and, with
-    --eval-fid, their FID. A signal abandons the sampling and writes nothing more."""
+    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/ folder and,
+    with --eval-fid, their FID. A signal abandons the sampling and writes nothing more."""
     conditional = args.num_classes > 0
     try:
         # one row per class of ceil(N / C) images (--class-label: N of its class); unconditional: a plain grid
@@ -1356,8 +1352,8 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
 
 def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
              num_images: int, class_names: list[str]):
-    """The run folder (a new one, unless resumed) and its TensorBoard writer on rank 0 (None elsewhere), and
-    the lines a run prints at its start."""
+    """The run folder (a new one, unless resumed) and its TensorBoard writer on rank 0 (None
+    elsewhere), and the lines a run prints at its start."""
     if not setup.is_main:
         return run_dir, None
     run_dir = run_dir or create_run_dir(args, dataset_id)
@@ -1410,10 +1406,10 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
 
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
                 started: float, class_names: list[str]) -> Optional[tuple[np.ndarray, Optional[torch.Tensor]]]:
-    """EMA samples to TensorBoard (samples/ema) and the run's samples/ folder, a row per class (8 rows unconditional):
-    --samples-per-class per row at an evaluation, or 2 per row at --first-sample-at, the first picture long before the
-    first evaluation. Returns them, uint8 (N, 3, H, W), and their class labels (None unconditional); None if a signal
-    abandoned them."""
+    """EMA samples to TensorBoard (samples/ema) and the run's samples/ folder, a row per class (8
+    rows unconditional): --samples-per-class per row at an evaluation, or 2 per row at
+    --first-sample-at, the first picture long before the first evaluation. Returns them, uint8 (N,
+    3, H, W), and their class labels (None unconditional); None if a signal abandoned them."""
     conditional = args.num_classes > 0
     with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
         rows, per_row = args.num_classes if conditional else 8, args.samples_per_class if eval_now else 2
