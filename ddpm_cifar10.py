@@ -1245,7 +1245,7 @@ def main(args: Args, given: set[str]):
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
     seed_everything(args.seed)
-    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, t, noise
+    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, t, eps
     stop = StopFlag()  # SIGTERM/SIGINT now finish the step (or abandon sampling), save, exit 0
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
         check_step_memory(setup, args.batch_size, *step_memory_profile(args), args.dtype)
@@ -1294,8 +1294,8 @@ def main(args: Args, given: set[str]):
     step_timer = StepTimer(first_step, args.total_steps, setup)
     progress = progress_bar(args.total_steps, step, "train", "step", setup.is_main)
     while step < args.total_steps:
-        # Every rank draws the whole global batch (indices, flips, t, noise) and takes its slice: 2
-        # ranks at batch B compute exactly what 1 rank at batch B does.
+        # Every rank draws the whole global batch (indices, flips, t, noise) and takes its
+        # slice: 2 ranks at batch B compute exactly what 1 rank at batch B does.
         indices = global_batch_indices(step, args.batch_size, len(images), args.seed).to(device, non_blocking=True)
         flips = torch.rand(args.batch_size, generator=train_generator, device=device) < 0.5
         t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)

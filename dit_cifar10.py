@@ -563,7 +563,7 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 # LayerNorm without affine parameters, modulate(h, shift, scale) = h (1 + scale) + shift):
 #   zero     adaLN-Zero (the DiT paper's). Each block: SiLU -> Linear(D, 6D) on c, zero-init,
 #            gives shift, scale, gate for attention and MLP:
-#            x += gate * Attn(modulate(LN(x), shift, scale)), the same for the MLP; gates start at 0.
+#            x += gate * Attn(modulate(LN(x), shift, scale)), the same for the MLP; gates start 0.
 #   plain    adaLN (the paper's ablation). Each block: SiLU -> Linear(D, 4D) on c, zero-init, gives
 #            shift and scale only; ungated: x += Attn(modulate(LN(x), shift, scale)).
 #   single   adaLN-Single (PixArt-alpha, Chen et al. 2023). One SiLU -> Linear(D, 6D) on c for all
@@ -587,7 +587,7 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
-    """MAE's and DiT's fixed 2D sin-cos position embedding (grid_size^2, dim), row-major: first dim/2
+    """MAE's and DiT's fixed 2D sin-cos position embedding (grid_size^2, dim), row-major: dim/2
     channels encode the column, the last dim/2 the row, each as [sin(p w_i), cos(p w_i)], w_i = 10000^(-i/(dim/4))."""
     quarter = dim // 4
     omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
@@ -697,7 +697,7 @@ class DiT(nn.Module):
 
     def reset_parameters(self):
         # As the reference: Xavier-uniform Linears, zero biases, the patch embedding as a Linear;
-        # N(0, 0.02) for the label table and timestep MLP; zero for adaLN modulations and the output.
+        # N(0, 0.02) for the label table and timestep MLP; zero for adaLN modulations, the output.
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -718,7 +718,7 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, P*P*C) tokens -> (B, C, H, W) images; a token's pixels in (row, col, channel) order."""
+        """(B, N, P*P*C) tokens -> (B, C, H, W) images; a token's pixels in (row, col, channel)."""
         b, p, c, g = x.shape[0], self.patch, self.in_channels, self.img_size // self.patch
         return x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
 
@@ -1083,7 +1083,7 @@ def guided_model_fn(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale:
 
 
 # --------------------------------------------------------------------------------------------------
-# Loss: L_simple of Ho et al. (eq. 14), the noise-prediction MSE at a uniformly drawn timestep, with the class label.
+# Loss: L_simple of Ho et al. (eq. 14), the noise-prediction MSE at a uniform timestep, given y.
 
 
 def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: torch.Tensor, noise: torch.Tensor,
@@ -1163,7 +1163,7 @@ def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], n
 
 
 # --------------------------------------------------------------------------------------------------
-# Samples from the EMA model (guided, abandoned on a signal), the sample files, the epoch in the log lines.
+# Samples from the EMA model (guided, abandoned on a signal), the sample files, the run length.
 
 
 def sample_grid(images: np.ndarray, labels: Optional[np.ndarray] = None, columns: Optional[int] = None,
@@ -1207,7 +1207,7 @@ def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[
 
 
 def labels_in_turn(num: int, num_classes: int) -> Optional[torch.Tensor]:
-    """Class labels 0, 1, ..., num_classes - 1, 0, 1, ... for num samples (None for an unconditional model)."""
+    """Class labels 0, 1, ..., num_classes - 1, 0, 1, ... for num samples (None: unconditional)."""
     return torch.arange(num) % num_classes if num_classes > 0 else None
 
 
@@ -1248,7 +1248,7 @@ def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torc
     batch_starts = range(0, num, args.sample_batch_size)
     from tqdm import tqdm
 
-    # below the training bar only on a terminal: in a log file a nested bar writes cursor codes on lines of their own
+    # below the training bar only on a terminal: in a log file a nested bar writes cursor codes
     below_training = any(not bar.disable for bar in list(getattr(tqdm, "_instances", ())))
     with progress_bar(len(batch_starts) * args.num_sampling_steps, 0, "sampling", "step",
                       sys.stderr.isatty() or not below_training) as bar:
@@ -1307,8 +1307,8 @@ def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint:
 
 
 def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Optional[Path]]:
-    """The run's arguments, checkpoint and run folder. With --resume: the checkpoint's arguments (flags
-    change those marked RESUME_MUTABLE), the checkpoint, its folder; without: the flags', None, None."""
+    """The run's arguments, checkpoint and folder. With --resume: the checkpoint's arguments (flags
+    change those marked RESUME_MUTABLE), the checkpoint, its folder; else the flags', None, None."""
     if not args.resume:
         return args, None, None
     checkpoint_path = resolve_checkpoint_path(args.resume)
@@ -1325,7 +1325,7 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
     with --eval-fid, their FID. A signal abandons the sampling and writes nothing more."""
     conditional = args.num_classes > 0
     try:
-        # one row per class of ceil(N / C) images (--class-label: N of its class); unconditional: a plain grid
+        # a row of ceil(N / C) images per class (--class-label: N of it); unconditional: a grid
         if not conditional:
             class_labels, columns, what = None, None, ""
         elif class_label is not None:
@@ -1407,9 +1407,9 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
                 started: float, class_names: list[str]) -> Optional[tuple[np.ndarray, Optional[torch.Tensor]]]:
     """EMA samples to TensorBoard (samples/ema) and the run's samples/ folder, a row per class (8
-    rows unconditional): --samples-per-class per row at an evaluation, or 2 per row at
-    --first-sample-at, the first picture long before the first evaluation. Returns them, uint8 (N,
-    3, H, W), and their class labels (None unconditional); None if a signal abandoned them."""
+    rows unconditional): --samples-per-class at an evaluation, or 2 at --first-sample-at, the first
+    picture. Returns them, uint8 (N, 3, H, W), and their class labels (None unconditional);
+    None if a signal abandoned them."""
     conditional = args.num_classes > 0
     with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
         rows, per_row = args.num_classes if conditional else 8, args.samples_per_class if eval_now else 2
@@ -1449,7 +1449,7 @@ def main(args: Args, given: set[str]):
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
     seed_everything(args.seed)
-    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, label drops, timesteps, noise
+    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, drops, t, eps
     stop = StopFlag()  # SIGTERM/SIGINT now finish the step (or abandon sampling), save, exit 0
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
         check_step_memory(setup, args.batch_size, *step_memory_profile(args), args.dtype)
@@ -1502,8 +1502,8 @@ def main(args: Args, given: set[str]):
     step_timer = StepTimer(first_step, args.total_steps, setup)
     progress = progress_bar(args.total_steps, step, "train", "step", setup.is_main)
     while step < args.total_steps:
-        # The global batch is drawn identically on every rank (indices, flips, label drops, t, noise), then each rank
-        # takes its slice: 2 ranks at batch B compute exactly what 1 rank at batch B does.
+        # Every rank draws the whole global batch (indices, flips, drops, t, noise) and takes its
+        # slice: 2 ranks at batch B compute exactly what 1 rank at batch B does.
         indices = global_batch_indices(step, args.batch_size, len(images), args.seed).to(device, non_blocking=True)
         flips = torch.rand(args.batch_size, generator=train_generator, device=device) < 0.5
         if conditional:  # classifier-free guidance training: a label becomes the null class with p = class_dropout
@@ -1519,12 +1519,12 @@ def main(args: Args, given: set[str]):
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        # --max-grad-norm 0 (the reference DiT): no clipping; an infinite bound still returns the norm to log
+        # --max-grad-norm 0 (the reference): no clipping; an infinite bound still returns the norm
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        with torch.no_grad():  # EMA: theta_ema <- d theta_ema + (1 - d) theta, d warmed up (ema_decay_at)
+        with torch.no_grad():  # EMA: theta_ema <- d theta_ema + (1 - d) theta (d: ema_decay_at)
             torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()),
                                  1.0 - ema_decay_at(step, args.ema_decay))
         meter.add(loss, grad_norm, local_batch)
