@@ -1,10 +1,10 @@
-# cleanworlds: DDPM (Ho et al. 2020) on CIFAR-10. Docs and measured results: README.md and benchmark/RESULTS.md
+# cleanworlds: DDPM (Ho et al. 2020) on CIFAR-10. Docs and results: README.md, benchmark/RESULTS.md
 """
 Denoising diffusion probabilistic models, with the paper's 35.7M-parameter U-Net, in one file.
 
 Reproduce the paper (FID 3.17 at 800k steps, batch 128) on one GPU:
     python ddpm_cifar10.py
-    python ddpm_cifar10.py --eval-fid --fid-num-samples 50000          # FID with the paper's protocol at the end
+    python ddpm_cifar10.py --eval-fid --fid-num-samples 50000   # then FID (the paper's protocol)
 On 8 GPUs (global batch 128, 16 per GPU):
     torchrun --standalone --nproc_per_node=8 ddpm_cifar10.py
 End to end in about 20 seconds on a CPU, offline (generated coloured shapes):
@@ -12,10 +12,11 @@ End to end in about 20 seconds on a CPU, offline (generated coloured shapes):
 Recognisable shapes in 10 to 20 minutes on 2 CPU cores, scored by the judge (eval/judge_*):
     python ddpm_cifar10.py --preset cpu
 Your own images (PNG/JPG, any folder tree), resized to 64x64:
-    python ddpm_cifar10.py --dataset folder --data-dir path/to/images --img-size 64 --attn-resolutions 16
+    python ddpm_cifar10.py --dataset folder --data-dir my_images --img-size 64 --attn-resolutions 16
 Continue a run, or sample from it with any sampler:
     python ddpm_cifar10.py --resume runs/cifar10__ddpm_cifar10__1__1700000000
-    python ddpm_cifar10.py --resume runs/cifar10__ddpm_cifar10__1__1700000000 --sample-only --sampler ddim --num-sampling-steps 50 --num-samples 1000
+    python ddpm_cifar10.py --resume runs/cifar10__ddpm_cifar10__1__1700000000 \
+        --sample-only --sampler ddim --num-sampling-steps 50 --num-samples 1000
 Watch it:
     tensorboard --logdir runs
 """
@@ -51,12 +52,12 @@ import tyro
 SCRIPT_NAME = "ddpm_cifar10.py"
 CHECKPOINT_FORMAT_VERSION = 1
 OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
-# torch.compile's backend (--compile), read at each compile call: tests put a counting or failing backend in its place
+# torch.compile's backend (--compile), read at each call: tests put a counting or failing one here
 COMPILE_BACKEND = "inductor"
-# A flag's unit, shown by --help beside it (--save-every STEPS) and read by the tests: one meaning per name.
+# A flag's unit, shown by --help (--save-every STEPS) and read by the tests: one meaning per name.
 STEPS = tyro.conf.arg(metavar="STEPS")
-# Beside an Args field: its domain ('>= 1', '> 0', '[0, 1)', checked at start-up: a numeric flag has one), and
-# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling, play); read by flag_marks.
+# Beside an Args field: its domain ('>= 1', '[0, 1)': every numeric flag, checked at start-up), and
+# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling): flag_marks.
 RESUME_MUTABLE = "resume-mutable"
 
 
@@ -67,9 +68,9 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """on the CPU: deterministic (exact resume is promised and tested there, at a fixed thread count); on CUDA:
-    cudnn.deterministic, cudnn.benchmark off, CUBLAS_WORKSPACE_CONFIG=:4096:8, but not torch's strict deterministic
-    algorithms (they cost 1.3x to 1.8x there, benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
+    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic, no
+    benchmark, CUBLAS_WORKSPACE_CONFIG=:4096:8, not torch's strict deterministic algorithms (too
+    slow; benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -81,16 +82,16 @@ class Args:
     output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu"]] = None
-    """a named set of defaults: tiny = a full run on generated data in about 20 seconds on a CPU; cpu = recognisable
-    shapes in 10 to 20 minutes on 2 CPU cores (generated data; README)"""
+    """defaults: tiny = a full run on generated data in seconds on a CPU; cpu = recognisable shapes
+    in minutes on 2 CPU cores (README)"""
     config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
     """a run folder or checkpoint file to continue exactly where it stopped"""
     sample_only: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: load the checkpoint's EMA weights, only generate --num-samples images, and exit"""
+    """with --resume: generate --num-samples images from the checkpoint's EMA weights, and exit"""
     compile: Annotated[bool, RESUME_MUTABLE] = False
-    """torch.compile the training step's model (once: fixed shapes; sampling runs the EMA model eagerly)"""
+    """torch.compile the training step's model (sampling runs the EMA model eagerly)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """autocast dtype on CUDA (float16 uses a GradScaler); the CPU always computes in float32"""
     channels_last: bool = True
@@ -98,7 +99,7 @@ class Args:
 
     # Data
     dataset: Literal["cifar10", "folder", "shapes"] = "cifar10"
-    """cifar10 (downloaded into --data-dir), folder (PNG/JPG under --data-dir) or shapes (generated, offline)"""
+    """cifar10 (downloaded into --data-dir), folder (PNG/JPG) or shapes (generated, offline)"""
     data_dir: Annotated[str, RESUME_MUTABLE] = "data"
     """where CIFAR-10 is (or is downloaded to), or the image folder"""
     download: Annotated[bool, RESUME_MUTABLE] = True
@@ -128,12 +129,12 @@ class Args:
     beta_schedule: Literal["linear", "cosine"] = "linear"
     """linear (Ho et al.) or cosine (Nichol and Dhariwal)"""
     beta_start: Annotated[float, "(0, 1)"] = 1e-4
-    """beta_1 of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps (improved diffusion)"""
+    """beta_1 of the linear schedule at T = 1000; scaled by 1000/T (improved diffusion)"""
     beta_end: Annotated[float, "(0, 1)"] = 0.02
-    """beta_T of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps, capped at 0.999"""
+    """beta_T of the linear schedule at T = 1000; scaled by 1000/T, capped at 0.999"""
     prediction: Literal["eps", "v"] = "eps"
-    """the network's target: eps (Ho et al.) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans and Ho 2022):
-    v's x0 estimate stays bounded at high noise, where eps's is divided by sqrt(abar_t); the samplers get eps"""
+    """the target: eps (Ho et al.) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans and Ho
+    2022), whose x0 estimate stays bounded at high noise (eps's is divided by sqrt(abar_t))"""
 
     # Training
     total_steps: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 800_000
@@ -146,12 +147,10 @@ class Args:
     """linear learning-rate warmup steps"""
     max_grad_norm: Annotated[float, ">= 0"] = 1.0
     """gradient clipping norm (0 turns it off)"""
-    # The warm-up keeps a short run from sampling a mostly initial model: with 0.9999 and none, the EMA still holds 55%
-    # of the initial weights after 6,000 steps. The reference code has none; the warmed-up decay reaches 0.9999 at step
-    # 90,000, and at the paper's 800k steps the two are the same (the initial weights' share is below 1e-30 either way).
+    # Why the warm-up: at a constant 0.9999 the EMA holds 0.9999^6000 = 55% of the initial weights
+    # after 6,000 steps. The reference has none; at 800k steps the two differ by under 1e-30.
     ema_decay: Annotated[float, "[0, 1]"] = 0.9999
-    """EMA decay of the sampling weights, warmed up: step t uses min(decay, (1 + t) / (10 + t)) (the reference: no
-    warm-up; the same at 800k steps)"""
+    """EMA decay of the sampling weights, warmed up: step t uses min(decay, (1 + t) / (10 + t))"""
     log_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 100
     """log losses and throughput every N steps"""
     save_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 10_000
@@ -159,8 +158,8 @@ class Args:
     eval_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 20_000
     """sample a grid from the EMA model every N steps"""
     first_sample_at: Annotated[int, STEPS, ">= 0", RESUME_MUTABLE] = 0
-    """also sample a small grid (16 images, not judged) at this step: the run's first picture, long before the first
-    evaluation (samples/ and TensorBoard); 0: none"""
+    """also sample a small grid (16 images, not judged) at this step: the run's first picture, long
+    before the first evaluation (samples/ and TensorBoard); 0: none"""
 
     # Sampling and evaluation
     sampler: Annotated[Literal["ddpm", "ddim", "dpm++"], RESUME_MUTABLE] = "ddpm"
@@ -170,11 +169,11 @@ class Args:
     ddim_eta: Annotated[float, "[0, 1]", RESUME_MUTABLE] = 0.0
     """DDIM eta (0: deterministic)"""
     num_eval_samples: Annotated[int, ">= 2", RESUME_MUTABLE] = 64
-    """images in each sample grid (at least 2: the judge's Frechet distance needs a covariance)"""
+    """images in each sample grid (>= 2: the judge's Frechet distance needs a covariance)"""
     num_samples: Annotated[int, ">= 1", RESUME_MUTABLE] = 64
     """images generated by --sample-only"""
     eval_fid: Annotated[bool, RESUME_MUTABLE] = False
-    """compute FID of EMA samples against the training set at the end (needs the eval extra and Inception weights)"""
+    """FID of EMA samples vs the training set at the end (needs the eval extra)"""
     fid_num_samples: Annotated[int, ">= 2", RESUME_MUTABLE] = 50_000
     """samples for FID (the paper protocol: 50k vs the train set)"""
     sample_batch_size: Annotated[int, ">= 1", RESUME_MUTABLE] = 500
@@ -182,21 +181,18 @@ class Args:
 
 
 PRESETS = {
-    # The whole loop in about 20 s on one CPU core: the cpu preset's U-Net and prediction, 60 steps of batch 16, and
-    # DPM-Solver++ at 10 steps (an evaluation costs 10 network calls, not DDPM-100's 100). Its samples are blobs
-    # (judge Frechet 38,000 at step 0, about 2,700 at step 60); --preset cpu is the one that draws shapes.
+    # The whole loop in seconds on a CPU: the cpu preset's U-Net and v-prediction, 60 steps of batch
+    # 16, DPM-Solver++ at 10 steps (10 network calls). Its samples are blobs; cpu's are shapes.
     "tiny": dict(
         dataset="shapes", img_size=16, num_shapes_images=256, channels=32, channel_mult=(1, 2), num_res_blocks=1,
         attn_resolutions=(8,), dropout=0.0, total_steps=60, batch_size=16, learning_rate=1e-3, warmup_steps=10,
         ema_decay=0.9, log_every=10, save_every=30, eval_every=30, prediction="v", sampler="dpm++",
         num_sampling_steps=10, num_eval_samples=16, num_samples=16, fid_num_samples=64, sample_batch_size=64,
     ),
-    # Recognisable 16x16 shapes in about 15 minutes on 2 CPU cores (2.5 steps/s measured; benchmark/RESULTS.md 2d):
-    # the tiny preset's 0.7M-parameter U-Net (attention at 8x8), 2000 steps of batch 64 on 8192 images at a constant
-    # lr 1e-3, EMA 0.995 (a half-life of 140 steps; warmed up). v-prediction, not the paper's eps: on a model trained
-    # this briefly, eps's x0 estimate near t = T is off by rms 7.7 and only the 1000-step ancestral sampler recovers;
-    # with v, DPM-Solver++ at 20 steps matches DDPM-1000 (RESULTS 2e), so the preset samples with it (5 times fewer
-    # network evaluations than DDPM respaced to 100). The judge scores the 128 samples of each evaluation.
+    # Recognisable 16x16 shapes in minutes on 2 CPU cores (benchmark/RESULTS.md 2d): tiny's U-Net,
+    # 2000 steps of batch 64 at a constant lr 1e-3, EMA 0.995 (half-life 140). v-prediction: on
+    # a briefly trained model eps's x0 estimate near t = T is far off and only DDPM-1000 recovers;
+    # with v, DPM-Solver++ at 20 steps matches it (RESULTS 2e). The judge scores each evaluation.
     "cpu": dict(
         dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2), num_res_blocks=1,
         attn_resolutions=(8,), dropout=0.0, total_steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=100,
@@ -205,15 +201,15 @@ PRESETS = {
         sample_batch_size=128,
     ),
 }
-# Flags spelled otherwise on the command line (none here; diamond_atari.py accepts --game for --env-id).
+# Flags spelled otherwise on the command line (none here; diamond_atari.py's --game is --env-id).
 FLAG_ALIASES: dict[str, str] = {}
-# What a checkpoint holds after its header: checkpoint_state writes them in this order (the run's args, its step,
-# every global RNG, then each part's state), restore_state reads them back, load_checkpoint refuses a file without one.
+# A checkpoint after its header, in checkpoint_state's order (args, step, every global RNG, each
+# part's state): restore_state reads them back, load_checkpoint refuses a file without one.
 CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler", "train_generator")
 
 
 def check_args(args: Args, world_size: int):
-    """Settings that cannot work, refused at start-up in one line (before any data is read or run folder made)."""
+    """Settings that cannot work, refused at start-up in one line (before data or a run folder)."""
     check_arg_domains(args)
     if args.batch_size % world_size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} torchrun processes")
@@ -229,8 +225,8 @@ def check_args(args: Args, world_size: int):
         raise UserError("--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Data: CIFAR-10 (binary, md5-checked), image folders, generated shapes. Everything becomes uint8 (N, 3, H, W).
+# --------------------------------------------------------------------------------------------------
+# Data: CIFAR-10 (binary, md5-checked), image folders, generated shapes, all as uint8 (N, 3, H, W).
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -487,7 +483,7 @@ def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) 
     return torch.cat(chunks)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Noise schedule. Everything is computed in float64 and cast at the point of use.
 
 
@@ -512,12 +508,12 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)  # abar_t = prod_{s<=t} (1 - beta_s)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Model: the DDPM U-Net (Ho et al. 2020, appendix B), 35,746,307 parameters at the CIFAR-10 defaults.
+# --------------------------------------------------------------------------------------------------
+# Model: the DDPM U-Net (Ho et al. 2020, appendix B), 35,746,307 parameters at the defaults.
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Transformer sinusoids as in DDPM: [sin(t w_i), cos(t w_i)], w_i = exp(-ln(10000) i / (dim/2 - 1))."""
+    """DDPM's sinusoids: [sin(t w_i), cos(t w_i)], w_i = exp(-ln(10000) i / (dim/2 - 1))."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
     angles = t.float()[:, None] * freqs[None, :]
@@ -525,7 +521,7 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class ResBlock(nn.Module):
-    """GN-swish-conv3x3, + Dense(swish(temb)), GN-swish-dropout-conv3x3 (zero-init), 1x1 shortcut if channels change."""
+    """GN-swish-conv3x3, + Dense(swish(temb)), GN-swish-dropout-conv3x3 (zero-init), shortcut."""
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float):
         super().__init__()
@@ -545,7 +541,7 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions, with a residual connection (zero-init output)."""
+    """Single-head self-attention over the H*W positions, residual (zero-init output)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -570,7 +566,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # TensorFlow "SAME" padding of the original: bottom/right only
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # TensorFlow's "SAME" padding: bottom/right only
 
 
 class Upsample(nn.Module):
@@ -583,7 +579,7 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """The DDPM U-Net: predicts the noise eps(x_t, t) for images in [-1, 1] and integer timesteps t of shape (B,)."""
+    """The DDPM U-Net: the noise eps(x_t, t) for images in [-1, 1] and integer timesteps t (B,)."""
 
     def __init__(self, img_size: int = 32, in_channels: int = 3, channels: int = 128,
                  channel_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
@@ -595,7 +591,7 @@ class UNet(nn.Module):
         self.temb_dense2 = nn.Linear(temb_channels, temb_channels)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
-        # Down: num_res_blocks per level (+ attention at attn_resolutions), then a stride-2 conv except at the last level.
+        # Down: num_res_blocks per level (+ attention at attn_resolutions), then stride 2 but last.
         self.down_blocks, self.down_attns, self.downsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         skip_channels, current, resolution = [channels], channels, img_size
         for level, mult in enumerate(channel_mult):
@@ -613,7 +609,7 @@ class UNet(nn.Module):
         self.mid_attn = AttnBlock(current)
         self.mid_block2 = ResBlock(current, current, temb_channels, dropout)
 
-        # Up: num_res_blocks + 1 per level, each taking one skip connection, then nearest x2 + conv3x3.
+        # Up: num_res_blocks + 1 per level, each taking a skip connection, then nearest x2, conv3x3.
         self.up_blocks, self.up_attns, self.upsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for _ in range(num_res_blocks + 1):
@@ -630,9 +626,8 @@ class UNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        # The original uses variance-scaling (fan_avg, uniform) = Xavier-uniform, zero biases, and (near-)zero init for
-        # the last conv of each residual branch, the attention output and the output conv: every block starts as the
-        # identity and the network predicts eps = 0.
+        # As the original: Xavier-uniform (variance scaling, fan_avg), zero biases; zero for each
+        # residual branch's last conv, attention output and output conv: blocks start as identity.
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(module.weight)
@@ -678,9 +673,9 @@ def build_model(args: Args) -> UNet:
                 args.dropout)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Samplers. Each takes model_fn(x_t, t) -> predicted noise for integer timesteps t of shape (B,), the starting noise
-# x_T, and alphas_cumprod (float64, length T). Coefficients are computed in float64 and cast to x's dtype.
+# --------------------------------------------------------------------------------------------------
+# Samplers. Each takes model_fn(x_t, t) -> predicted noise for integer timesteps t (B,), the noise
+# x_T, and alphas_cumprod (float64, length T). Coefficients in float64, cast to x's dtype.
 
 
 # ==== BEGIN SHARED SAMPLERS: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
@@ -823,8 +818,8 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
 
 
 # ==== BEGIN OPTIONAL: judge ====
-# The judge is optional: delete this block (this BEGIN line to its END line) and every line that ends in
-# "# optional: judge", and the script runs as before without eval/judge_* (tests/test_optional_blocks.py checks it):
+# Optional: delete this block and every line that ends in "# optional: judge", and the script runs
+# as before without eval/judge_* (tests/test_optional_blocks.py):
 #   sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' ddpm_cifar10.py > x.py
 
 # ==== BEGIN SHARED JUDGE: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
@@ -954,7 +949,7 @@ def log_judge_scores(writer, scores: dict, step: int, suffix: str = ""):
 # ==== END SHARED JUDGE ====
 
 
-JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own shapes sets (a run trains on --seed's)
+JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own data (a run's: --seed)
 
 
 def make_shapes_judge(args: Args, num_samples: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
@@ -967,7 +962,7 @@ def make_shapes_judge(args: Args, num_samples: int) -> tuple[JudgeNet, np.ndarra
 
 
 def judge_samples(judge, samples: Optional[np.ndarray], args: Args, step: int, eval_now: bool, writer):
-    """eval/judge_* of an evaluation's samples on the shapes data (how recognisable; FID needs Inception). Returns the
+    """eval/judge_* of an evaluation's samples on the shapes data (how recognisable). Returns the
     judge: None until the first evaluation makes it (the judge, held-out images, their labels)."""
     if eval_now and samples is not None and args.dataset == "shapes":
         judge = judge or make_shapes_judge(args, args.num_eval_samples)
@@ -980,11 +975,10 @@ def judge_samples(judge, samples: Optional[np.ndarray], args: Args, step: int, e
 
 def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
                   num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Runs the chosen sampler and returns uint8 images (B, 3, H, W). Every sampler clips its x0 prediction to [-1, 1]
-    at every step: DDPM as Ho et al.'s code, DDIM as diffusers' DDIMScheduler (clip_sample=True, its default),
-    DPM-Solver++ as diffusers' thresholding (sample_max_value=1). Without it DDIM-50 and DPM-Solver++-20 diverge on a
-    briefly trained model (its x0_hat is off by rms 1 to 8 for t >= 800, where their first steps start, and the ODE
-    keeps the error), 5 times worse than with it: benchmark/RESULTS.md section 2e."""
+    """Runs the chosen sampler and returns uint8 images (B, 3, H, W). Each clips its x0 estimate to
+    [-1, 1] at every step: DDPM as Ho et al.'s code, DDIM as diffusers' DDIMScheduler (clip_sample),
+    DPM-Solver++ as diffusers' thresholding (sample_max_value=1). Without it DDIM and DPM-Solver++
+    diverge on a briefly trained model (its x0 estimate at high noise is far off; RESULTS 2e)."""
     T = len(alphas_cumprod)
     if sampler == "ddpm":
         x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps if num_steps < T else None, generator=generator)
@@ -992,19 +986,19 @@ def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
         x = ddim_sample(model_fn, x_T, alphas_cumprod, num_steps, eta=eta, clip_denoised=True, generator=generator)
     else:
         x = dpm_solver_sample(model_fn, x_T, alphas_cumprod, num_steps, clip_denoised=True)
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> {0, ..., 255}
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> {0..255}
 
 
 def eps_from_output(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
                     prediction: str) -> torch.Tensor:
-    """The network's output (B, 3, H, W) as the noise eps the samplers take. With prediction "v" (Salimans and Ho
-    2022, section 4): eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t, which follows from x_t = sqrt(abar_t) x0 +
-    sqrt(1 - abar_t) eps and v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0. Raises ValueError for another prediction."""
+    """The network's output (B, 3, H, W) as the noise eps the samplers take. For "v" (Salimans, Ho
+    2022, section 4): eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t, from x_t = sqrt(abar_t) x0 +
+    sqrt(1 - abar_t) eps and v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0. ValueError for others."""
     if prediction == "eps":
         return output
     if prediction != "v":
         raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
-    # the coefficients in float64, as the schedule (in bfloat16, abar >= 0.998 would round to 1 and drop x_t's term)
+    # coefficients in float64 (in bfloat16, abar >= 0.998 would round to 1 and drop x_t's term)
     abar = alphas_cumprod.to(output.device, torch.float64)[t][:, None, None, None]
     dtype = torch.promote_types(output.dtype, torch.float32)
     return abar.sqrt().to(dtype) * output + (1 - abar).sqrt().to(dtype) * x_t
@@ -1012,12 +1006,12 @@ def eps_from_output(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, al
 
 def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args, num: int,
                      autocast=contextlib.nullcontext(), should_stop: Callable[[], None] = lambda: None) -> np.ndarray:
-    """num uint8 images (num, 3, H, W) from `model` (the EMA model) with --sampler and --num-sampling-steps, in batches
-    of --sample-batch-size. The noise is seeded from --seed: grids are comparable across training steps.
-    should_stop() runs before every network evaluation (a signal abandons the sampling by raising there)."""
+    """num uint8 images (num, 3, H, W) from `model` (the EMA model) with --sampler, in batches of
+    --sample-batch-size. The same noise every time (seed + 10,000): grids compare across steps.
+    should_stop() runs before every network evaluation (a signal abandons the sampling there)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
-    alphas_cumprod_device = alphas_cumprod.to(device)  # once, not a host-to-device copy per network evaluation
+    alphas_cumprod_device = alphas_cumprod.to(device)  # once, not a copy per network evaluation
 
     def model_fn(x, t):
         should_stop()
@@ -1033,20 +1027,20 @@ def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args,
     return torch.cat(out).numpy()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Loss: L_simple of Ho et al. (eq. 14), the noise-prediction MSE at a uniformly drawn timestep (v's: --prediction v).
+# --------------------------------------------------------------------------------------------------
+# Loss: L_simple of Ho et al. (eq. 14), the noise-prediction MSE at a uniform timestep (or v's).
 
 
 def ddpm_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
               autocast=contextlib.nullcontext(), channels_last: bool = False, prediction: str = "eps") -> torch.Tensor:
-    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2, averaged over the batch; with
-    prediction "v" the target is v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 instead (Salimans and Ho 2022).
+    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2, batch mean;
+    for "v" the target is v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans and Ho 2022).
 
-    x0, noise: (B, 3, H, W) in [-1, 1] and N(0, I); t: int64 (B,); alphas_cumprod: float (T,) on x0's device."""
+    x0, noise: (B, 3, H, W) in [-1, 1], N(0, I); t: long (B,); alphas_cumprod: (T,), x0's device."""
     if prediction not in ("eps", "v"):
         raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
     abar = alphas_cumprod[t].float()[:, None, None, None]
-    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # x_t ~ N(sqrt(abar_t) x0, (1-abar_t) I)
     if channels_last:
         x_t = x_t.contiguous(memory_format=torch.channels_last)
     with autocast:
@@ -1056,8 +1050,8 @@ def ddpm_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.
 
 
 def step_memory_profile(args: Args) -> tuple[int, float]:
-    """(parameters, activation bytes autograd saves per sample) of a training step, counted on the meta device: the
-    memory check runs before anything is allocated at full size."""
+    """(parameters, activation bytes autograd saves per sample) of a training step, counted on the
+    meta device: the memory check runs before anything is allocated at full size."""
     with torch.device("meta"):
         model = build_model(args)
         x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
@@ -1067,14 +1061,14 @@ def step_memory_profile(args: Args) -> tuple[int, float]:
 
 
 def train_flops_per_sample(args: Args) -> float:
-    """A training step's FLOPs per image, for MFU: 3x the forward's (the backward costs twice as much as it)."""
+    """A training step's FLOPs per image, for MFU: 3x the forward's (the backward's is 2x)."""
     example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long))
     return 3 * forward_flops(lambda: build_model(args), *example)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Evaluation: FID with torchmetrics (Inception from torch-fidelity, or any feature extractor module) for CIFAR-10 and
-# image folders; on the generated shapes, the judge (the optional block above) at each evaluation.
+# --------------------------------------------------------------------------------------------------
+# Evaluation: FID with torchmetrics (torch-fidelity's Inception, or any feature extractor) for
+# CIFAR-10 and image folders; on the generated shapes, the judge (the optional block above).
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
@@ -1105,8 +1099,8 @@ def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor
 
 def evaluate_fid(fid_metric, generate: Callable[[int], np.ndarray], real_images: np.ndarray, args: Args,
                  device: torch.device, writer=None, step: int = 0) -> float:
-    """FID of --fid-num-samples generated images against the training images (the paper's protocol: 50k vs the
-    train set), printed and logged as eval/fid."""
+    """FID of --fid-num-samples generated images against the training images (the paper's protocol:
+    50k vs the train set), printed and logged as eval/fid."""
     samples = torch.from_numpy(generate(args.fid_num_samples))
     fid = compute_fid(fid_metric, samples, torch.from_numpy(real_images), args.sample_batch_size, device)
     print(f"FID ({args.fid_num_samples} samples vs {len(real_images)} training images, {args.sampler} "
@@ -1118,7 +1112,7 @@ def evaluate_fid(fid_metric, generate: Callable[[int], np.ndarray], real_images:
 
 
 def write_samples(folder: Path, stem: str, images: np.ndarray) -> Path:
-    """A PNG grid and an .npz of the uint8 (N, H, W, 3) images (arr_0, the layout FID tools read)."""
+    """A PNG grid and an .npz of the uint8 (N, H, W, 3) images (arr_0, as FID tools read)."""
     write_png(folder / f"{stem}.png", make_grid(images[:256]))
     np.savez(folder / f"{stem}.npz", images.transpose(0, 2, 3, 1))
     return folder / f"{stem}.png"
@@ -1130,14 +1124,14 @@ def ema_decay_at(step: int, decay: float) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The run's bookkeeping: resuming, sampling a checkpoint, the run's start, the log of each interval, the samples of each
-# evaluation, the checkpoint.
+# --------------------------------------------------------------------------------------------------
+# The run's bookkeeping: resuming, sampling a checkpoint, the run's start, the log of each interval,
+# the samples of each evaluation, the checkpoint.
 
 
 def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Optional[Path]]:
-    """The run's arguments, its checkpoint and its run folder. With --resume: the checkpoint's arguments (the flags
-    given change those marked RESUME_MUTABLE), the checkpoint, its folder; without: the flags', None, None."""
+    """The run's arguments, checkpoint and folder. With --resume: the checkpoint's arguments (flags
+    change those marked RESUME_MUTABLE), the checkpoint, its folder; else the flags', None, None."""
     if not args.resume:
         return args, None, None
     checkpoint_path = resolve_checkpoint_path(args.resume)
@@ -1148,8 +1142,8 @@ def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Opti
 
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
                            device: torch.device):
-    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/ folder and, with --eval-fid,
-    their FID. A signal abandons the sampling and writes nothing more."""
+    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/ folder and,
+    with --eval-fid, their FID. A signal abandons the sampling and writes nothing more."""
     try:
         samples = generate(args.num_samples)
         stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_step{step}_{int(time.time())}"
@@ -1163,8 +1157,8 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
 
 def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
              num_images: int):
-    """The run folder (a new one, unless resumed) and its TensorBoard writer on rank 0 (None elsewhere), and the lines
-    a run prints at its start."""
+    """The run folder (a new one, unless resumed) and its TensorBoard writer on rank 0 (None
+    elsewhere), and the lines a run prints at its start."""
     if not setup.is_main:
         return run_dir, None
     run_dir = run_dir or create_run_dir(args, dataset_id)
@@ -1213,16 +1207,16 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
 
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
                 started: float) -> Optional[np.ndarray]:
-    """EMA samples to TensorBoard (samples/ema) and the run's samples/ folder: --num-eval-samples at an evaluation,
-    or at --first-sample-at 16, the first picture long before the first evaluation. Returns them, uint8 (N, 3, H, W);
+    """EMA samples to TensorBoard (samples/ema) and the run's samples/ folder: --num-eval-samples at
+    an evaluation, or 16 at --first-sample-at, the first picture. Returns them, uint8 (N, 3, H, W);
     None if a signal abandoned them."""
-    with contextlib.suppress(StopRequested):  # a signal abandons the grid; the checkpoint after it is saved
+    with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
         samples = generate(args.num_eval_samples if eval_now else 16)
         writer.add_image("samples/ema", make_grid(samples), step, dataformats="HWC")
         path = write_samples(run_dir / "samples", f"step{step:08d}", samples)
         if not eval_now:
-            progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the start: "
-                           f"{path}")
+            progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
+                           f"start: {path}")
         return samples
     return None
 
@@ -1240,24 +1234,24 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter",
         print(f"saved checkpoint at step {step}", flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def main(args: Args, given: set[str]):
-    # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, data, model, optimizer
+    # ---- setup: arguments (resumed: the checkpoint's), device, seeds, data, model, optimizer
     started = time.perf_counter()
     args, checkpoint, run_dir = resumed_run(args, given)
     check_args(args, torchrun_world()[0])
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
     seed_everything(args.seed)
-    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, timesteps and noise
-    stop = StopFlag()  # from here on SIGTERM/SIGINT finish the step (or abandon sampling), save and exit 0
+    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, t, eps
+    stop = StopFlag()  # SIGTERM/SIGINT now finish the step (or abandon sampling), save, exit 0
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
         check_step_memory(setup, args.batch_size, *step_memory_profile(args), args.dtype)
 
     images_np, _, dataset_id = load_dataset(args)
-    images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no host-device copy per step
+    images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no copies
     model = build_model(args).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -1269,25 +1263,25 @@ def main(args: Args, given: set[str]):
     alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
                                                             args.beta_end))
     alphas_cumprod_device = alphas_cumprod.float().to(device)
-    parts = (model, ema_model, optimizer, scheduler, scaler, train_generator)  # as CHECKPOINT_KEYS names them
+    parts = (model, ema_model, optimizer, scheduler, scaler, train_generator)  # as CHECKPOINT_KEYS
     step = 0 if checkpoint is None else restore_state(checkpoint, *parts)
 
     def generate(num: int) -> np.ndarray:  # a signal abandons the sampling (StopRequested)
         return generate_samples(ema_model, alphas_cumprod, args, num, autocast, stop.check)
 
-    fid_metric = make_fid_metric() if args.eval_fid else None  # fail now, not after training, if it cannot be had
+    fid_metric = make_fid_metric() if args.eval_fid else None  # fails now, not after training
 
-    if args.sample_only or step >= args.total_steps:  # nothing to train: sample, or say the run is done
+    if args.sample_only or step >= args.total_steps:  # nothing to train: sample, or say so
         leave_process_group(setup.world_size)  # sampling is rank 0's alone
         if setup.is_main and args.sample_only:
             sample_from_checkpoint(generate, args, run_dir, step, fid_metric, images_np, device)
-        elif setup.is_main:  # a resumed run with nothing left to do says so and writes nothing (no purge)
+        elif setup.is_main:  # a finished run says so and writes nothing (no purge)
             print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps "
                   f"to train on")
         stop.restore()
         return
 
-    # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, throughput
+    # ---- the run folder (after the signal handlers: it gets a checkpoint), TensorBoard, throughput
     run_dir, writer = open_run(args, setup, run_dir, dataset_id, step, model, len(images))
     meter = Meter(device, train_flops_per_sample(args), peak_flops(setup, args.dtype), setup.world_size)
     train_model = wrap_for_training(model, args, setup)
@@ -1300,7 +1294,7 @@ def main(args: Args, given: set[str]):
     step_timer = StepTimer(first_step, args.total_steps, setup)
     progress = progress_bar(args.total_steps, step, "train", "step", setup.is_main)
     while step < args.total_steps:
-        # The global batch is drawn identically on every rank (indices, flips, t, noise), then each rank takes its
+        # Every rank draws the whole global batch (indices, flips, t, noise) and takes its
         # slice: 2 ranks at batch B compute exactly what 1 rank at batch B does.
         indices = global_batch_indices(step, args.batch_size, len(images), args.seed).to(device, non_blocking=True)
         flips = torch.rand(args.batch_size, generator=train_generator, device=device) < 0.5
@@ -1319,7 +1313,7 @@ def main(args: Args, given: set[str]):
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        with torch.no_grad():  # EMA: theta_ema <- d theta_ema + (1 - d) theta, d warmed up (ema_decay_at)
+        with torch.no_grad():  # EMA: theta_ema <- d theta_ema + (1 - d) theta (d: ema_decay_at)
             torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()),
                                  1.0 - ema_decay_at(step, args.ema_decay))
         meter.add(loss, grad_norm, local_batch)
@@ -1330,7 +1324,7 @@ def main(args: Args, given: set[str]):
             progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
         if step % args.log_every == 0 or step == args.total_steps:
             log_interval(writer, meter, scheduler, progress, step, run_dir)
-        # Every rank stops at the same step: all-reduced at the log boundary under torchrun, at once alone.
+        # Every rank stops at the same step: all-reduced at a log step under torchrun, at once alone
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         eval_now = step % args.eval_every == 0 or step == args.total_steps
         save_now = step % args.save_every == 0 or step == args.total_steps
@@ -1341,7 +1335,7 @@ def main(args: Args, given: set[str]):
         if save_now or stopping:
             save_run(run_dir, args, step, parts, meter, setup, len(images))
         if eval_now or save_now or step in (first_step + 1, args.first_sample_at):
-            meter.restart_clock()  # sampling, saving and the first (warm-up, compiling) step stay out of SPS
+            meter.restart_clock()  # sampling, saving and the first (compiling) step stay out of SPS
         if stopping:
             if setup.is_main:
                 print(f"stopped by signal at step {step}", flush=True)

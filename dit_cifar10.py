@@ -1,4 +1,4 @@
-# cleanworlds: DiT (Peebles & Xie 2023) on CIFAR-10 with classifier-free guidance. Docs and measured results: README.md and benchmark/RESULTS.md
+# cleanworlds: DiT (Peebles & Xie 2023) on CIFAR-10. Docs, results: README.md, benchmark/RESULTS.md
 """
 Class-conditional Diffusion Transformer (adaLN-Zero and three other adaLN variants), with classifier-free guidance,
 in one file.
@@ -15,10 +15,11 @@ End to end in under a minute on a CPU, offline (generated coloured shapes, 10 cl
 Shapes of the asked class in 10 to 20 minutes on 2 CPU cores, scored by the judge (eval/judge_*):
     python dit_cifar10.py --preset cpu
 Your own labelled images (PNG/JPG, one subfolder per class), resized to 64x64; unconditional with --num-classes 0:
-    python dit_cifar10.py --dataset folder --data-dir path/to/images --img-size 64 --num-classes 5
+    python dit_cifar10.py --dataset folder --data-dir my_images --img-size 64 --num-classes 5
 Continue a run, or sample one class from it with guidance:
     python dit_cifar10.py --resume runs/cifar10__dit_cifar10__1__1700000000
-    python dit_cifar10.py --resume runs/cifar10__dit_cifar10__1__1700000000 --sample-only --class-label cat --cfg-scale 4 --sampler ddim --num-sampling-steps 50
+    python dit_cifar10.py --resume runs/cifar10__dit_cifar10__1__1700000000 \
+        --sample-only --class-label cat --cfg-scale 4 --sampler ddim --num-sampling-steps 50
 Watch it:
     tensorboard --logdir runs
 """
@@ -54,12 +55,12 @@ import tyro
 SCRIPT_NAME = "dit_cifar10.py"
 CHECKPOINT_FORMAT_VERSION = 2  # 2: the run length and cadence in optimizer steps (1: in epochs)
 OLDER_CHECKPOINT_FORMATS = (1,)  # formats a resume converts (run_length_in_steps)
-# torch.compile's backend (--compile), read at each compile call: tests put a counting or failing backend in its place
+# torch.compile's backend (--compile), read at each call: tests put a counting or failing one here
 COMPILE_BACKEND = "inductor"
-# A flag's unit, shown by --help beside it (--save-every STEPS) and read by the tests: one meaning per name.
+# A flag's unit, shown by --help (--save-every STEPS) and read by the tests: one meaning per name.
 STEPS, EPOCHS = tyro.conf.arg(metavar="STEPS"), tyro.conf.arg(metavar="EPOCHS")
-# Beside an Args field: its domain ('>= 1', '> 0', '[0, 1)', checked at start-up: a numeric flag has one), and
-# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling, play); read by flag_marks.
+# Beside an Args field: its domain ('>= 1', '[0, 1)': every numeric flag, checked at start-up), and
+# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling): flag_marks.
 RESUME_MUTABLE = "resume-mutable"
 
 
@@ -70,9 +71,9 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """on the CPU: deterministic (exact resume is promised and tested there, at a fixed thread count); on CUDA:
-    cudnn.deterministic, cudnn.benchmark off, CUBLAS_WORKSPACE_CONFIG=:4096:8, but not torch's strict deterministic
-    algorithms (they cost 1.3x to 1.8x there, benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
+    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic, no
+    benchmark, CUBLAS_WORKSPACE_CONFIG=:4096:8, not torch's strict deterministic algorithms (too
+    slow; benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -84,22 +85,22 @@ class Args:
     output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu", "dit-s2", "dit-b2"]] = None
-    """defaults: tiny = a full run on generated data in under a minute on a CPU; cpu = recognisable shapes of the
-    asked class in 10 to 20 minutes on 2 CPU cores (README); dit-s2, dit-b2 = the paper's DiT-S/2, DiT-B/2"""
+    """defaults: tiny = a full run on generated data in seconds on a CPU; cpu = shapes of the asked class in
+    minutes on 2 CPU cores (README); dit-s2, dit-b2 = the paper's DiT-S/2, DiT-B/2"""
     config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
     """a run folder or checkpoint file to continue exactly where it stopped"""
     sample_only: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: load the checkpoint's EMA weights, only generate --num-samples images, and exit"""
+    """with --resume: generate --num-samples images from the checkpoint's EMA weights, and exit"""
     compile: Annotated[bool, RESUME_MUTABLE] = False
-    """torch.compile the training step's model (once: fixed shapes; sampling runs the EMA model eagerly)"""
+    """torch.compile the training step's model (sampling runs the EMA model eagerly)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """autocast dtype on CUDA (float16 uses a GradScaler); the CPU always computes in float32"""
 
     # Data
     dataset: Literal["cifar10", "folder", "shapes"] = "cifar10"
-    """cifar10 (downloaded into --data-dir), folder (PNG/JPG, a subfolder per class) or shapes (generated, offline)"""
+    """cifar10 (downloaded into --data-dir), folder (PNG/JPG, a subfolder per class) or shapes"""
     data_dir: Annotated[str, RESUME_MUTABLE] = "data"
     """where CIFAR-10 is (or is downloaded to), or the image folder"""
     download: Annotated[bool, RESUME_MUTABLE] = True
@@ -111,7 +112,7 @@ class Args:
     random_flip: bool = True
     """random horizontal flips"""
     num_classes: Annotated[int, ">= 0"] = 10
-    """classes to condition on, as many as the data has (CIFAR-10, shapes: 10; folder: subfolders); 0: unconditional"""
+    """classes to condition on, as many as the data has (CIFAR-10, shapes: 10); 0: unconditional"""
 
     # Model (DiT, Peebles & Xie 2023)
     patch: Annotated[int, ">= 1"] = 4
@@ -125,9 +126,9 @@ class Args:
     mlp_ratio: Annotated[float, "> 0"] = 4.0
     """MLP hidden size as a multiple of --width"""
     adaln: Literal["zero", "plain", "single", "diagonal"] = "zero"
-    """conditioning: zero (adaLN-Zero), plain (adaLN, no gate), single (adaLN-Single), diagonal (see Model section)"""
+    """conditioning: zero (adaLN-Zero), plain (adaLN, no gate), single (adaLN-Single), diagonal"""
     class_dropout: Annotated[float, "[0, 1)"] = 0.1
-    """probability of replacing a training label by the null class (what guidance needs; 0: only --cfg-scale 1)"""
+    """probability that a training label becomes the null class (for guidance; 0: no guidance)"""
 
     # Diffusion
     timesteps: Annotated[int, ">= 1"] = 1000
@@ -135,16 +136,16 @@ class Args:
     beta_schedule: Literal["linear", "cosine"] = "linear"
     """linear (Ho et al.) or cosine (Nichol and Dhariwal)"""
     beta_start: Annotated[float, "(0, 1)"] = 1e-4
-    """beta_1 of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps (improved diffusion)"""
+    """beta_1 of the linear schedule at T = 1000; scaled by 1000/T (improved diffusion)"""
     beta_end: Annotated[float, "(0, 1)"] = 0.02
-    """beta_T of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps, capped at 0.999"""
+    """beta_T of the linear schedule at T = 1000; scaled by 1000/T, capped at 0.999"""
 
     # Training
     total_steps: Annotated[Optional[int], STEPS, ">= 1", RESUME_MUTABLE] = None
     """optimizer steps to train for (default: --epochs 100, converted to steps)"""
     epochs: Annotated[Optional[int], EPOCHS, ">= 1", RESUME_MUTABLE] = None
-    """the run length in passes over the data (the seed's unit): --total-steps = ceil(epochs N / batch) for N images;
-    100 when --total-steps is not given; not both"""
+    """the run length in passes over the data (the seed's unit): --total-steps = ceil(epochs N /
+    batch) for N images; 100 when --total-steps is not given; not both"""
     batch_size: Annotated[int, ">= 1"] = 128
     """global batch size (split across torchrun ranks)"""
     learning_rate: Annotated[float, "> 0"] = 1e-4
@@ -155,12 +156,10 @@ class Args:
     """linear learning-rate warmup steps (0: none, as the reference DiT)"""
     max_grad_norm: Annotated[float, ">= 0"] = 0.0
     """gradient clipping norm (0 turns it off, as the reference DiT)"""
-    # The warm-up keeps a short run from sampling a mostly initial model: with 0.9999 and none, the EMA still holds 55%
-    # of the initial weights after 6,000 steps. The reference DiT has none; the warmed-up decay reaches 0.9999 at step
-    # 90,000, and at the paper's 400k steps the two are the same (the initial weights' share is below 1e-17 either way).
+    # Why the warm-up: at a constant 0.9999 the EMA holds 0.9999^6000 = 55% of the initial weights
+    # after 6,000 steps. The reference has none; at 400k steps the two differ by under 1e-17.
     ema_decay: Annotated[float, "[0, 1]"] = 0.9999
-    """EMA decay of the sampling weights, warmed up: step t uses min(decay, (1 + t) / (10 + t)) (the reference DiT: no
-    warm-up; the same at 400k steps)"""
+    """EMA decay of the sampling weights, warmed up: step t uses min(decay, (1 + t) / (10 + t))"""
     log_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 100
     """log losses and throughput every N optimizer steps"""
     save_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 2000
@@ -168,26 +167,26 @@ class Args:
     eval_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 4000
     """sample a grid (one row per class) from the EMA model every N optimizer steps"""
     first_sample_at: Annotated[int, STEPS, ">= 0", RESUME_MUTABLE] = 0
-    """also sample a small grid (2 images per class, not judged) at this optimizer step: the run's first picture,
-    long before the first evaluation (samples/ and TensorBoard); 0: none"""
+    """also sample a small grid (2 images per class, not judged) at this optimizer step: the run's
+    first picture, long before the first evaluation (samples/ and TensorBoard); 0: none"""
 
     # Sampling and evaluation
     sampler: Annotated[Literal["ddpm", "ddim", "dpm++"], RESUME_MUTABLE] = "ddpm"
     """sampler for the grids, --sample-only and FID"""
     num_sampling_steps: Annotated[int, ">= 1", RESUME_MUTABLE] = 250
-    """network evaluations per sample (ddpm with fewer than T steps is respaced; DiT samples with 250)"""
+    """network evaluations per sample (ddpm with fewer than T steps is respaced; DiT's: 250)"""
     ddim_eta: Annotated[float, "[0, 1]", RESUME_MUTABLE] = 0.0
     """DDIM eta (0: deterministic)"""
     cfg_scale: Annotated[float, ">= 0", RESUME_MUTABLE] = 1.5
-    """guidance scale s: eps = eps_u + s (eps_c - eps_u); 1: none, 1.5: DiT's best FID (unconditional models: unused)"""
+    """guidance scale s: eps = eps_u + s (eps_c - eps_u); 1: none, 1.5: DiT's best FID"""
     class_label: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """with --sample-only: generate only this class, by index (0, 1, ...) or name (the run prints and saves them)"""
+    """with --sample-only: generate only this class, by index (0, 1, ...) or name (as printed)"""
     samples_per_class: Annotated[int, ">= 1", RESUME_MUTABLE] = 8
-    """images per class in each sample grid (one row per class; an unconditional model gets 8 rows)"""
+    """images per class in each sample grid (a row per class; an unconditional model gets 8 rows)"""
     num_samples: Annotated[int, ">= 1", RESUME_MUTABLE] = 64
-    """images generated by --sample-only: one row per class, each of ceil(N / classes) images (or N of --class-label)"""
+    """images generated by --sample-only: a row of ceil(N / classes) per class (or N of one)"""
     eval_fid: Annotated[bool, RESUME_MUTABLE] = False
-    """FID of EMA samples (all classes in turn) vs the training set at the end (needs the eval extra, Inception)"""
+    """FID of EMA samples (every class) vs the training set at the end (needs the eval extra)"""
     fid_num_samples: Annotated[int, ">= 2", RESUME_MUTABLE] = 50_000
     """samples for FID (the paper protocol: 50k vs the train set)"""
     sample_batch_size: Annotated[int, ">= 1", RESUME_MUTABLE] = 500
@@ -195,7 +194,7 @@ class Args:
 
 
 PRESETS = {
-    # tiny keeps the paper's EMA decay 0.9999: the warm-up (ema_decay_at) makes it follow a 1,024-step run.
+    # tiny keeps the paper's EMA decay 0.9999: the warm-up (ema_decay_at) fits it to 1,024 steps.
     "tiny": dict(
         dataset="shapes", img_size=16, num_shapes_images=512, patch=4, width=64, depth=3, heads=4,
         total_steps=1024, batch_size=32, learning_rate=2e-3, log_every=16, save_every=256, eval_every=512,
@@ -203,11 +202,9 @@ PRESETS = {
         num_sampling_steps=20, cfg_scale=3.0, samples_per_class=4, num_samples=16, fid_num_samples=64,
         sample_batch_size=64,
     ),
-    # Shapes of the asked class in about 15 minutes on 2 CPU cores (2.6 steps/s measured; benchmark/RESULTS.md 2d):
-    # DiT with patch 2 (64 tokens), width 128, depth 4 (1.3M parameters), 2048 steps of batch 64 at a constant lr
-    # 1e-3, EMA 0.999 (warmed up), DDIM-50 with guidance 3; the judge scores 12 samples per class at each
-    # evaluation, guided and at guidance 1 (eval/judge_*): guidance is what draws the asked class at this budget
-    # (RESULTS 2d: class accuracy 0.78 guided, 0.50 at guidance 1, at step 2048).
+    # Shapes of the asked class in minutes on 2 CPU cores (benchmark/RESULTS.md 2d): 2048
+    # steps of batch 64 at a constant lr 1e-3, DDIM-50 with guidance 3 (what draws the asked
+    # class at this budget). The judge scores each evaluation, guided and at guidance 1.
     "cpu": dict(
         dataset="shapes", img_size=16, num_shapes_images=4096, patch=2, width=128, depth=4, heads=4,
         total_steps=2048, batch_size=64, learning_rate=1e-3, ema_decay=0.999, log_every=32, save_every=256,
@@ -219,16 +216,16 @@ PRESETS = {
     "dit-s2": dict(patch=2, width=384, depth=12, heads=6),
     "dit-b2": dict(patch=2, width=768, depth=12, heads=12),
 }
-# Flags spelled otherwise on the command line (none here; diamond_atari.py accepts --game for --env-id).
+# Flags spelled otherwise on the command line (none here; diamond_atari.py's --game is --env-id).
 FLAG_ALIASES: dict[str, str] = {}
-# What a checkpoint holds after its header: checkpoint_state writes them in this order (the run's args, its step,
-# every global RNG, then each part's state), restore_state reads them back, load_checkpoint refuses a file without one.
+# A checkpoint after its header, in checkpoint_state's order (args, step, every global RNG, each
+# part's state): restore_state reads them back, load_checkpoint refuses a file without one.
 CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler", "train_generator")
 
 
 def check_args(args: Args, world_size: int):
-    """Settings that cannot work, refused at start-up in one line (before any data is read or run folder made). On
-    --resume these are the merged args: a --sample-only of a checkpoint is checked as strictly as a new run."""
+    """Settings that cannot work, refused at start-up in one line (before data or a run folder).
+    With --resume, the merged args: a --sample-only is checked as strictly as a new run."""
     check_arg_domains(args)
     if args.batch_size % world_size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} torchrun processes")
@@ -249,7 +246,7 @@ def check_args(args: Args, world_size: int):
                                          and not 0 <= int(args.class_label) < args.num_classes):  # a name: main()
         raise UserError(f"--class-label {args.class_label} is out of range: the model has {args.num_classes} classes "
                         + (f"(0 to {args.num_classes - 1})" if args.num_classes else "(it is unconditional)"))
-    # Guidance mixes in eps(x_t, t, null class); with --class-dropout 0 the null class's embedding is never trained
+    # Guidance mixes in eps(x_t, t, null); --class-dropout 0 never trains the null class's embedding
     # (it keeps its random initialisation), so any scale but 1 steers the samples by noise.
     if args.num_classes > 0 and args.class_dropout == 0 and args.cfg_scale != 1:
         raise UserError(f"--cfg-scale {args.cfg_scale:g} needs the null class, which --class-dropout 0 never trains: "
@@ -258,8 +255,8 @@ def check_args(args: Args, world_size: int):
         raise UserError("--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Data: CIFAR-10 (binary, md5-checked), image folders, generated shapes. Everything becomes uint8 (N, 3, H, W).
+# --------------------------------------------------------------------------------------------------
+# Data: CIFAR-10 (binary, md5-checked), image folders, generated shapes, all as uint8 (N, 3, H, W).
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -468,7 +465,7 @@ SHAPE_COLOUR_NAMES = ["red", "green", "blue", "yellow", "magenta", "cyan", "oran
 
 
 def shapes_class_names(num_classes: int = 10) -> list[str]:
-    """The name of each shapes class, as make_shapes_dataset draws it: "red square", ..., "white square", "red disc"."""
+    """Each shapes class's name, as make_shapes_dataset draws it: "red square", ..., "red disc"."""
     return [f"{SHAPE_COLOUR_NAMES[k % 8]} {'square' if k < 8 else 'disc'}" for k in range(num_classes)]
 
 
@@ -492,9 +489,9 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
 
 
 def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
-    """Returns uint8 images (N, 3, H, W), int64 labels, the dataset id used in the run name, and the name of each
-    class (label k is class_names[k]; a folder's classes are its subfolders, sorted). The data's class count must be
-    --num-classes (unless that is 0: an unconditional model, which ignores the labels)."""
+    """Returns uint8 images (N, 3, H, W), int64 labels, the dataset id (run name) and each class's
+    name (label k is class_names[k]; a folder's: its sorted subfolders). The data's class count
+    must be --num-classes (unless 0: an unconditional model, which ignores the labels)."""
     if args.dataset == "cifar10":
         images, labels = load_cifar10(args.data_dir, args.download)
         if args.img_size != 32:
@@ -534,7 +531,7 @@ def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) 
     return torch.cat(chunks)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Noise schedule. Everything is computed in float64 and cast at the point of use.
 
 
@@ -559,25 +556,24 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)  # abar_t = prod_{s<=t} (1 - beta_s)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Model: DiT (Peebles & Xie 2023), 16,543,536 trainable parameters at the seed's CIFAR-10 config with adaLN-Zero.
+# --------------------------------------------------------------------------------------------------
+# Model: DiT (Peebles & Xie 2023); parameter counts per --adaln variant: benchmark/RESULTS.md 1.
 #
-# The --adaln variants, exactly (c = t_emb + y_emb is the conditioning vector, D the width, LN a LayerNorm without
-# affine parameters, modulate(h, shift, scale) = h (1 + scale) + shift):
-#   zero     adaLN-Zero (the DiT paper's choice). Each block has SiLU -> Linear(D, 6D) on c, zero-initialised, giving
-#            shift, scale and gate for the attention and for the MLP: x += gate * Attn(modulate(LN(x), shift, scale)),
-#            the same for the MLP. Gates start at 0, so every block starts as the identity.
-#   plain    adaLN (the paper's "adaLN" ablation). Each block has SiLU -> Linear(D, 4D) on c, zero-initialised, giving
-#            shift and scale only; the residual branches are added ungated: x += Attn(modulate(LN(x), shift, scale)).
-#   single   adaLN-Single (PixArt-alpha, Chen et al. 2023). One SiLU -> Linear(D, 6D) on c shared by all blocks,
-#            computed once per forward; each block only adds its own learned (6, D) table (initialised N(0, 1/D)) to
-#            it and uses the six rows as in adaLN-Zero. The final layer adds a learned (2, D) table to c itself.
-#   diagonal adaLN-Diagonal. plain adaLN's per-block shift and scale, plus a learned per-channel scale (a diagonal
-#            matrix, as LayerScale in CaiT) on each residual branch, not conditioned on c and initialised to 0:
+# The --adaln variants, exactly (c = t_emb + y_emb is the conditioning vector, D the width, LN a
+# LayerNorm without affine parameters, modulate(h, shift, scale) = h (1 + scale) + shift):
+#   zero     adaLN-Zero (the DiT paper's). Each block: SiLU -> Linear(D, 6D) on c, zero-init,
+#            gives shift, scale, gate for attention and MLP:
+#            x += gate * Attn(modulate(LN(x), shift, scale)), the same for the MLP; gates start 0.
+#   plain    adaLN (the paper's ablation). Each block: SiLU -> Linear(D, 4D) on c, zero-init, gives
+#            shift and scale only; ungated: x += Attn(modulate(LN(x), shift, scale)).
+#   single   adaLN-Single (PixArt-alpha, Chen et al. 2023). One SiLU -> Linear(D, 6D) on c for all
+#            blocks, once per forward; each block adds its own learned (6, D) table (init N(0, 1/D))
+#            and uses the six rows as adaLN-Zero. The final layer adds a learned (2, D) table to c.
+#   diagonal adaLN-Diagonal. plain's shift and scale, plus a learned per-channel scale (diagonal, as
+#            CaiT's LayerScale) on each residual branch, not conditioned on c, initialised to 0:
 #            x += gamma_attn * Attn(modulate(LN(x), shift, scale)). Blocks start as the identity.
-# In every variant the final layer's output Linear is zero-initialised, so the model starts by predicting eps = 0.
-# Modulation parameters per block: zero 6D^2 + 6D, plain 4D^2 + 4D, single 6D, diagonal 4D^2 + 6D. Whole model at the
-# seed config: zero 16,543,536, plain 14,769,456, single 11,827,248, diagonal 14,774,064.
+# In every variant the final output Linear is zero-initialised: the model starts at eps = 0.
+# Modulation parameters per block: zero 6D^2 + 6D, plain 4D^2 + 4D, single 6D, diagonal 4D^2 + 6D.
 
 TIMESTEP_FREQUENCY_DIM = 256  # the timestep's sinusoidal features before the MLP
 
@@ -591,7 +587,7 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
-    """The fixed 2D sin-cos position embedding of MAE and DiT, (grid_size^2, dim) for row-major tokens: the first dim/2
+    """MAE's and DiT's fixed 2D sin-cos position embedding (grid_size^2, dim), row-major: dim/2
     channels encode the column, the last dim/2 the row, each as [sin(p w_i), cos(p w_i)], w_i = 10000^(-i/(dim/4))."""
     quarter = dim // 4
     omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
@@ -622,7 +618,7 @@ class Attention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Pre-LN transformer block conditioned through adaptive LayerNorm (see the --adaln variants above)."""
+    """Pre-LN transformer block conditioned by adaptive LayerNorm (the --adaln variants above)."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, adaln: str = "zero"):
         super().__init__()
@@ -641,7 +637,7 @@ class DiTBlock(nn.Module):
             self.gamma_mlp = nn.Parameter(torch.zeros(width))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x: tokens (B, N, D); c: the conditioning (B, D), or for adaLN-Single the shared modulation (B, 6D)."""
+        """x: tokens (B, N, D); c: the conditioning (B, D), or adaLN-Single's modulation (B, 6D)."""
         if self.adaln == "single":
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
                 self.scale_shift_table[None] + c.reshape(c.shape[0], 6, -1)).unbind(1)
@@ -688,10 +684,10 @@ class DiT(nn.Module):
         self.img_size, self.patch, self.in_channels, self.num_classes, self.adaln = (
             img_size, patch, in_channels, num_classes, adaln)
         self.x_embedder = nn.Conv2d(in_channels, width, patch, stride=patch)  # patchify: one token per P x P patch
-        # A buffer, not a parameter: fixed, and not in the checkpoint (it is a function of the config).
+        # A buffer, not a parameter: fixed, and not in the checkpoint (a function of the config).
         self.register_buffer("pos_embed", sincos_pos_embed_2d(width, img_size // patch)[None], persistent=False)
         self.t_embedder = nn.Sequential(nn.Linear(TIMESTEP_FREQUENCY_DIM, width), nn.SiLU(), nn.Linear(width, width))
-        # num_classes + 1 rows: the last one is the null class that dropped labels (and guidance) use.
+        # num_classes + 1 rows: the last is the null class of dropped labels (and guidance).
         self.y_embedder = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
         if adaln == "single":
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))  # the one shared modulation MLP
@@ -700,8 +696,8 @@ class DiT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        # As the reference: Xavier-uniform Linears with zero biases; the patch embedding like a Linear; N(0, 0.02)
-        # for the label table and the timestep MLP; zero for every adaLN modulation and for the output Linear.
+        # As the reference: Xavier-uniform Linears, zero biases, the patch embedding as a Linear;
+        # N(0, 0.02) for the label table and timestep MLP; zero for adaLN modulations, the output.
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -722,7 +718,7 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, P*P*C) tokens -> (B, C, H, W) images; each token's pixels in (row, column, channel) order."""
+        """(B, N, P*P*C) tokens -> (B, C, H, W) images; a token's pixels in (row, col, channel)."""
         b, p, c, g = x.shape[0], self.patch, self.in_channels, self.img_size // self.patch
         return x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
 
@@ -738,15 +734,15 @@ class DiT(nn.Module):
 
 
 def build_model(args: Args) -> DiT:
-    """The DiT of the flags (check_args has refused a patch that does not divide the image, heads that do not divide
-    the width)."""
+    """The DiT of the flags (check_args has refused a patch that does not divide the image, heads
+    that do not divide the width)."""
     return DiT(args.img_size, args.patch, 3, args.width, args.depth, args.heads, args.mlp_ratio, args.num_classes,
                args.adaln)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Samplers. Each takes model_fn(x_t, t) -> predicted noise for integer timesteps t of shape (B,), the starting noise
-# x_T, and alphas_cumprod (float64, length T). Coefficients are computed in float64 and cast to x's dtype. The class
+# --------------------------------------------------------------------------------------------------
+# Samplers. Each takes model_fn(x_t, t) -> predicted noise for integer timesteps t (B,), the noise
+# x_T, and alphas_cumprod (float64, length T). Coefficients in float64, cast to x's dtype. The class
 # labels and the guidance live inside model_fn (guided_model_fn, at the end of this section).
 
 
@@ -890,8 +886,8 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
 
 
 # ==== BEGIN OPTIONAL: judge ====
-# The judge is optional: delete this block (this BEGIN line to its END line) and every line that ends in
-# "# optional: judge", and the script runs as before without eval/judge_* (tests/test_optional_blocks.py checks it):
+# Optional: delete this block and every line that ends in "# optional: judge", and the script runs
+# as before without eval/judge_* (tests/test_optional_blocks.py):
 #   sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' dit_cifar10.py > x.py
 
 # ==== BEGIN SHARED JUDGE: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
@@ -1021,7 +1017,7 @@ def log_judge_scores(writer, scores: dict, step: int, suffix: str = ""):
 # ==== END SHARED JUDGE ====
 
 
-JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own shapes sets (a run trains on --seed's)
+JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own data (a run's: --seed)
 
 
 def make_shapes_judge(args: Args, num_samples: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
@@ -1065,7 +1061,7 @@ def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
         x = ddim_sample(model_fn, x_T, alphas_cumprod, num_steps, eta=eta, generator=generator)
     else:
         x = dpm_solver_sample(model_fn, x_T, alphas_cumprod, num_steps)
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> {0, ..., 255}
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> {0..255}
 
 
 def guided_model_fn(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale: float = 1.0,
@@ -1086,8 +1082,8 @@ def guided_model_fn(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale:
     return model_fn
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Loss: L_simple of Ho et al. (eq. 14), the noise-prediction MSE at a uniformly drawn timestep, with the class label.
+# --------------------------------------------------------------------------------------------------
+# Loss: L_simple of Ho et al. (eq. 14), the noise-prediction MSE at a uniform timestep, given y.
 
 
 def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: torch.Tensor, noise: torch.Tensor,
@@ -1097,15 +1093,15 @@ def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: t
     x0, noise: (B, 3, H, W) in [-1, 1] and N(0, I); y: int64 (B,) class labels, num_classes for the null class (None:
     an unconditional model); t: int64 (B,); alphas_cumprod: float (T,) on x0's device."""
     abar = alphas_cumprod[t].float()[:, None, None, None]
-    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # x_t ~ N(sqrt(abar_t) x0, (1-abar_t) I)
     with autocast:
         eps_pred = model(x_t, t, y)
     return F.mse_loss(eps_pred.float(), noise)
 
 
 def step_memory_profile(args: Args) -> tuple[int, float]:
-    """(parameters, activation bytes autograd saves per sample) of a training step, counted on the meta device: the
-    memory check runs before anything is allocated at full size."""
+    """(parameters, activation bytes autograd saves per sample) of a training step, counted on the
+    meta device: the memory check runs before anything is allocated at full size."""
     with torch.device("meta"):
         model = build_model(args)
         x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
@@ -1115,15 +1111,15 @@ def step_memory_profile(args: Args) -> tuple[int, float]:
 
 
 def train_flops_per_sample(args: Args) -> float:
-    """A training step's FLOPs per image, for MFU: 3x the forward's (the backward costs twice as much as it)."""
+    """A training step's FLOPs per image, for MFU: 3x the forward's (the backward's is 2x)."""
     example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long),
                torch.zeros(1, dtype=torch.long) if args.num_classes > 0 else None)
     return 3 * forward_flops(lambda: build_model(args), *example)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Evaluation: FID with torchmetrics (Inception from torch-fidelity, or any feature extractor module) for CIFAR-10 and
-# image folders; on the generated shapes, the judge (the optional block above) at each evaluation.
+# --------------------------------------------------------------------------------------------------
+# Evaluation: FID with torchmetrics (torch-fidelity's Inception, or any feature extractor) for
+# CIFAR-10 and image folders; on the generated shapes, the judge (the optional block above).
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
@@ -1153,8 +1149,8 @@ def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor
 
 def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], np.ndarray], real_images: np.ndarray,
                  args: Args, device: torch.device, writer=None, step: int = 0) -> float:
-    """FID of --fid-num-samples generated images, every class equally often, against the training images (the paper's
-    protocol: 50k vs the train set), printed and logged as eval/fid."""
+    """FID of --fid-num-samples generated images, every class equally often, against the training
+    images (the paper's protocol: 50k vs the train set), printed and logged as eval/fid."""
     samples = torch.from_numpy(generate(args.fid_num_samples, labels_in_turn(args.fid_num_samples, args.num_classes)))
     fid = compute_fid(fid_metric, samples, torch.from_numpy(real_images), args.sample_batch_size, device)
     print(f"FID ({args.fid_num_samples} samples vs {len(real_images)} training images, {args.sampler} "
@@ -1166,8 +1162,8 @@ def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], n
     return fid
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Samples from the EMA model (guided, abandoned on a signal), the sample files, the epoch in the log lines.
+# --------------------------------------------------------------------------------------------------
+# Samples from the EMA model (guided, abandoned on a signal), the sample files, the run length.
 
 
 def sample_grid(images: np.ndarray, labels: Optional[np.ndarray] = None, columns: Optional[int] = None,
@@ -1202,16 +1198,16 @@ def sample_grid(images: np.ndarray, labels: Optional[np.ndarray] = None, columns
 
 def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[np.ndarray] = None,
                   columns: Optional[int] = None, class_names: Optional[list[str]] = None) -> Path:
-    """A PNG grid (sample_grid: rows named by class) and an .npz of the uint8 (N, H, W, 3) images (arr_0, the layout
-    FID tools read) and, for a class-conditional model, their int64 class labels (arr_1, as ADM's sample files). A
-    failed write raises OSError."""
+    """A PNG grid (sample_grid: rows named by class) and an .npz of the uint8 (N, H, W, 3) images
+    (arr_0, the layout FID tools read) and, for a class-conditional model, their int64 class labels
+    (arr_1, as ADM's sample files). A failed write raises OSError."""
     write_png(folder / f"{stem}.png", sample_grid(images, labels, columns, class_names))
     np.savez(folder / f"{stem}.npz", images.transpose(0, 2, 3, 1), *([] if labels is None else [labels]))
     return folder / f"{stem}.png"
 
 
 def labels_in_turn(num: int, num_classes: int) -> Optional[torch.Tensor]:
-    """Class labels 0, 1, ..., num_classes - 1, 0, 1, ... for num samples (None for an unconditional model)."""
+    """Class labels 0, 1, ..., num_classes - 1, 0, 1, ... for num samples (None: unconditional)."""
     return torch.arange(num) % num_classes if num_classes > 0 else None
 
 
@@ -1228,9 +1224,9 @@ def class_index(class_label: str, class_names: list[str]) -> int:
 
 def run_classes(args: Args, given: set[str], checkpoint: Optional[dict], data_class_names: list[str],
                 is_main: bool) -> tuple[list[str], Optional[int]]:
-    """The run's class names and --class-label as an index (None: not given). Label k is class_names[k]: the run's own
-    (saved in its checkpoints; older ones lack them: the data's); an unconditional model has none, and no use for
-    --cfg-scale (a notice says so)."""
+    """The run's class names and --class-label as an index (None: not given). Label k is
+    class_names[k]: the run's own (saved in its checkpoints; older ones lack them: the data's); an
+    unconditional model has none, and no use for --cfg-scale (a notice says so)."""
     class_names = ((checkpoint or {}).get("class_names") or data_class_names) if args.num_classes > 0 else []
     class_label = None if args.class_label is None else class_index(args.class_label, class_names)
     if args.num_classes == 0 and "cfg_scale" in given and args.cfg_scale != 1.0 and is_main:
@@ -1252,7 +1248,7 @@ def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torc
     batch_starts = range(0, num, args.sample_batch_size)
     from tqdm import tqdm
 
-    # below the training bar only on a terminal: in a log file a nested bar writes cursor codes on lines of their own
+    # below the training bar only on a terminal: in a log file a nested bar writes cursor codes
     below_training = any(not bar.disable for bar in list(getattr(tqdm, "_instances", ())))
     with progress_bar(len(batch_starts) * args.num_sampling_steps, 0, "sampling", "step",
                       sys.stderr.isatty() or not below_training) as bar:
@@ -1305,14 +1301,14 @@ def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint:
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The run's bookkeeping: resuming, sampling a checkpoint, the run's start, the log of each interval, the samples of each
-# evaluation, the checkpoint.
+# --------------------------------------------------------------------------------------------------
+# The run's bookkeeping: resuming, sampling a checkpoint, the run's start, the log of each interval,
+# the samples of each evaluation, the checkpoint.
 
 
 def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Optional[Path]]:
-    """The run's arguments, its checkpoint and its run folder. With --resume: the checkpoint's arguments (the flags
-    given change those marked RESUME_MUTABLE), the checkpoint, its folder; without: the flags', None, None."""
+    """The run's arguments, checkpoint and folder. With --resume: the checkpoint's arguments (flags
+    change those marked RESUME_MUTABLE), the checkpoint, its folder; else the flags', None, None."""
     if not args.resume:
         return args, None, None
     checkpoint_path = resolve_checkpoint_path(args.resume)
@@ -1325,11 +1321,11 @@ def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Opti
 
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
                            device: torch.device, class_label: Optional[int], class_names: list[str]):
-    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/ folder and, with --eval-fid,
-    their FID. A signal abandons the sampling and writes nothing more."""
+    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/ folder and,
+    with --eval-fid, their FID. A signal abandons the sampling and writes nothing more."""
     conditional = args.num_classes > 0
     try:
-        # one row per class of ceil(N / C) images (--class-label: N of its class); unconditional: a plain grid
+        # a row of ceil(N / C) images per class (--class-label: N of it); unconditional: a grid
         if not conditional:
             class_labels, columns, what = None, None, ""
         elif class_label is not None:
@@ -1356,8 +1352,8 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
 
 def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
              num_images: int, class_names: list[str]):
-    """The run folder (a new one, unless resumed) and its TensorBoard writer on rank 0 (None elsewhere), and the lines
-    a run prints at its start."""
+    """The run folder (a new one, unless resumed) and its TensorBoard writer on rank 0 (None
+    elsewhere), and the lines a run prints at its start."""
     if not setup.is_main:
         return run_dir, None
     run_dir = run_dir or create_run_dir(args, dataset_id)
@@ -1410,12 +1406,12 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
 
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
                 started: float, class_names: list[str]) -> Optional[tuple[np.ndarray, Optional[torch.Tensor]]]:
-    """EMA samples to TensorBoard (samples/ema) and the run's samples/ folder, a row per class (8 rows unconditional):
-    --samples-per-class per row at an evaluation, or 2 per row at --first-sample-at, the first picture long before the
-    first evaluation. Returns them, uint8 (N, 3, H, W), and their class labels (None unconditional); None if a signal
-    abandoned them."""
+    """EMA samples to TensorBoard (samples/ema) and the run's samples/ folder, a row per class (8
+    rows unconditional): --samples-per-class at an evaluation, or 2 at --first-sample-at, the first
+    picture. Returns them, uint8 (N, 3, H, W), and their class labels (None unconditional);
+    None if a signal abandoned them."""
     conditional = args.num_classes > 0
-    with contextlib.suppress(StopRequested):  # a signal abandons the grid; the checkpoint after it is saved
+    with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
         rows, per_row = args.num_classes if conditional else 8, args.samples_per_class if eval_now else 2
         grid_labels = torch.arange(rows).repeat_interleave(per_row) if conditional else None
         samples = generate(rows * per_row, grid_labels)
@@ -1423,8 +1419,8 @@ def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, write
         writer.add_image("samples/ema", sample_grid(samples, asked, per_row, class_names), step, dataformats="HWC")
         path = write_samples(run_dir / "samples", f"step{step:08d}", samples, asked, per_row, class_names)
         if not eval_now:
-            progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the start: "
-                           f"{path}")
+            progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
+                           f"start: {path}")
         return samples, grid_labels
     return None
 
@@ -1442,24 +1438,24 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter",
         print(f"saved checkpoint at step {step}", flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def main(args: Args, given: set[str]):
-    # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, data, model, optimizer
+    # ---- setup: arguments (resumed: the checkpoint's), device, seeds, data, model, optimizer
     started = time.perf_counter()
     args, checkpoint, run_dir = resumed_run(args, given)
     check_args(args, torchrun_world()[0])
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
     seed_everything(args.seed)
-    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, label drops, timesteps, noise
-    stop = StopFlag()  # from here on SIGTERM/SIGINT finish the step (or abandon sampling), save and exit 0
+    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, drops, t, eps
+    stop = StopFlag()  # SIGTERM/SIGINT now finish the step (or abandon sampling), save, exit 0
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
         check_step_memory(setup, args.batch_size, *step_memory_profile(args), args.dtype)
 
     images_np, labels_np, dataset_id, data_class_names = load_dataset(args)
-    images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no host-device copy per step
+    images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no copies
     labels = torch.from_numpy(labels_np).to(device)
     args = run_length_in_steps(args, given, len(images), checkpoint)
     conditional = args.num_classes > 0
@@ -1474,26 +1470,26 @@ def main(args: Args, given: set[str]):
     alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
                                                             args.beta_end))
     alphas_cumprod_device = alphas_cumprod.float().to(device)
-    parts = (model, ema_model, optimizer, scheduler, scaler, train_generator)  # as CHECKPOINT_KEYS names them
+    parts = (model, ema_model, optimizer, scheduler, scaler, train_generator)  # as CHECKPOINT_KEYS
     step = 0 if checkpoint is None else restore_state(checkpoint, *parts)
 
     def generate(num: int, class_labels: Optional[torch.Tensor], sample_args: Args = args) -> np.ndarray:
         return generate_samples(ema_model, num, class_labels, sample_args, alphas_cumprod, autocast, stop)
 
-    fid_metric = make_fid_metric() if args.eval_fid else None  # fail now, not after training, if it cannot be had
+    fid_metric = make_fid_metric() if args.eval_fid else None  # fails now, not after training
 
-    if args.sample_only or step >= args.total_steps:  # nothing to train: sample, or say the run is done
+    if args.sample_only or step >= args.total_steps:  # nothing to train: sample, or say so
         leave_process_group(setup.world_size)  # sampling is rank 0's alone
         if setup.is_main and args.sample_only:
             sample_from_checkpoint(generate, args, run_dir, step, fid_metric, images_np, device, class_label,
                                    class_names)
-        elif setup.is_main:  # a resumed run with nothing left to do says so and writes nothing (no purge)
+        elif setup.is_main:  # a finished run says so and writes nothing (no purge)
             print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps "
                   f"to train on")
         stop.restore()
         return
 
-    # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, throughput
+    # ---- the run folder (after the signal handlers: it gets a checkpoint), TensorBoard, throughput
     run_dir, writer = open_run(args, setup, run_dir, dataset_id, step, model, len(images), class_names)
     meter = Meter(device, train_flops_per_sample(args), peak_flops(setup, args.dtype), setup.world_size)
     train_model = wrap_for_training(model, args, setup)
@@ -1506,8 +1502,8 @@ def main(args: Args, given: set[str]):
     step_timer = StepTimer(first_step, args.total_steps, setup)
     progress = progress_bar(args.total_steps, step, "train", "step", setup.is_main)
     while step < args.total_steps:
-        # The global batch is drawn identically on every rank (indices, flips, label drops, t, noise), then each rank
-        # takes its slice: 2 ranks at batch B compute exactly what 1 rank at batch B does.
+        # Every rank draws the whole global batch (indices, flips, drops, t, noise) and takes its
+        # slice: 2 ranks at batch B compute exactly what 1 rank at batch B does.
         indices = global_batch_indices(step, args.batch_size, len(images), args.seed).to(device, non_blocking=True)
         flips = torch.rand(args.batch_size, generator=train_generator, device=device) < 0.5
         if conditional:  # classifier-free guidance training: a label becomes the null class with p = class_dropout
@@ -1523,12 +1519,12 @@ def main(args: Args, given: set[str]):
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        # --max-grad-norm 0 (the reference DiT): no clipping; an infinite bound still returns the norm to log
+        # --max-grad-norm 0 (the reference): no clipping; an infinite bound still returns the norm
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        with torch.no_grad():  # EMA: theta_ema <- d theta_ema + (1 - d) theta, d warmed up (ema_decay_at)
+        with torch.no_grad():  # EMA: theta_ema <- d theta_ema + (1 - d) theta (d: ema_decay_at)
             torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()),
                                  1.0 - ema_decay_at(step, args.ema_decay))
         meter.add(loss, grad_norm, local_batch)
@@ -1539,7 +1535,7 @@ def main(args: Args, given: set[str]):
             progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
         if step % args.log_every == 0 or step == args.total_steps:
             log_interval(writer, meter, scheduler, progress, step, run_dir)
-        # Every rank stops at the same step: all-reduced at the log boundary under torchrun, at once alone.
+        # Every rank stops at the same step: all-reduced at a log step under torchrun, at once alone
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         eval_now = step % args.eval_every == 0 or step == args.total_steps
         save_now = step % args.save_every == 0 or step == args.total_steps
@@ -1550,7 +1546,7 @@ def main(args: Args, given: set[str]):
         if save_now or stopping:
             save_run(run_dir, args, step, parts, meter, setup, len(images), class_names=class_names)
         if eval_now or save_now or step in (first_step + 1, args.first_sample_at):
-            meter.restart_clock()  # sampling, saving and the first (warm-up, compiling) step stay out of SPS
+            meter.restart_clock()  # sampling, saving and the first (compiling) step stay out of SPS
         if stopping:
             if setup.is_main:
                 print(f"stopped by signal at step {step}", flush=True)
