@@ -1626,7 +1626,8 @@ def compile_failures(stop, what: str, fix: str):
         cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "the folder torchinductor_<user> in the temp folder")
         raise TrainingFailure(f"compiling {what} failed ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}); rerun {fix}, or "
-                              f"delete torch's compile cache ({cache}) if a stopped compilation left it broken") from None
+                              f"delete torch's compile cache ({cache}) if a stopped compilation left it "
+                              f"broken") from None
 
 
 def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: ActorCritic,
@@ -1725,8 +1726,9 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
                       check: Callable[[], None] = lambda: None, record: Optional[list] = None,
                       on_step: Callable[[], None] = lambda: None) -> list[float]:
     """Full games of --env-id (life loss does not end them), epsilon 0, actions sampled from the policy; up to
-    max_parallel games at once with a batched policy. Seeded by `seed` only, so that evaluating never moves the training RNGs. check()
-    is called before each env is made (an Atari env takes about a second) and at every step, then on_step()
+    max_parallel games at once with a batched policy. Seeded by `seed` only, so that evaluating never moves the
+    training RNGs. check() is called before each env is made (an Atari env takes about a second) and at every step,
+    then on_step()
     (StopFlag.check: a signal abandons the episodes within an env or a step). With `record`, each game is appended
     to it as an episode dict (obs, actions, rewards, terminated, truncated)."""
     generator = torch.Generator().manual_seed(seed)

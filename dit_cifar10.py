@@ -273,7 +273,7 @@ def md5_of(path: Path) -> str:
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Reads the python version of CIFAR-10 (a pickled dict of numpy arrays) and refuses anything that could run code."""
+    """Reads CIFAR-10's python version (a pickled dict of numpy arrays), refusing anything that could run code."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -1531,7 +1531,6 @@ def main(args: Args, given: set[str]):
         step += 1
         progress.update(1)
         if setup.is_main and (seconds := step_timer.seconds_per_step(step)) is not None:
-            # how long the rest of the training takes, from its first steps
             progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
         if step % args.log_every == 0 or step == args.total_steps:
             log_interval(writer, meter, scheduler, progress, step, run_dir)

@@ -1640,7 +1640,7 @@ class EvalSampler:
 # ==== BEGIN OPTIONAL: judge ====
 # The judge is optional: delete this block (this BEGIN line to its END line) and every line that ends in
 # "# optional: judge", and the script runs as before without eval/judge_* (tests/test_optional_blocks.py checks it):
-#   sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' video_diffusion.py > x.py
+# sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' video_diffusion.py > x.py
 
 # ==== BEGIN SHARED JUDGE: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
 # An offline sample-quality score for the generated datasets (FID needs Inception weights): a small CNN classifier,
@@ -2436,7 +2436,6 @@ def main(args: Args, given: set[str]):
         step += 1
         progress.update(1)
         if setup.is_main and (seconds := step_timer.seconds_per_step(step)) is not None:
-            # how long the rest of the training takes, from its first steps
             progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
         if step % args.log_every == 0 or step == args.total_steps:
             log_training(meter, scheduler, writer, progress, step, run_dir)

@@ -208,3 +208,17 @@ def test_help_shows_each_count_flags_unit(script, unit, capsys):
     with pytest.raises(SystemExit):
         load_module(script).parse_args(["--help"])
     assert re.search(rf"--save-every {unit}\b", capsys.readouterr().out)
+
+
+def test_main_fits_in_120_lines_and_no_line_is_over_120_characters(texts):
+    """Lean scripts (issue 26): main() reads as phases in at most 120 lines (what moves out goes to functions named
+    for what they do), and no line is over 120 characters (counted in characters, not bytes)."""
+    problems = []
+    for script, text in texts.items():
+        main = next(node for node in ast.parse(text).body if isinstance(node, ast.FunctionDef) and node.name == "main")
+        if main.end_lineno - main.lineno + 1 > 120:
+            problems.append(f"{script}: main() is {main.end_lineno - main.lineno + 1} lines; move a phase into a "
+                            f"function named for what it does")
+        problems += [f"{script}:{number}: {len(line)} characters; wrap it at 120" for number, line in
+                     enumerate(text.splitlines(), 1) if len(line) > 120]
+    assert not problems, "\n".join(problems)
