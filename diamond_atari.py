@@ -60,8 +60,8 @@ import tyro
 SCRIPT_NAME = "diamond_atari.py"
 CHECKPOINT_FORMAT_VERSION = 3  # 2: global_step (the one TensorBoard step); 3: the imagined episodes
 OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
-# torch.compile's backend at every compile call here (--compile, --imagination-graphs), read at each call: tests
-# put a slow or failing backend in its place
+# torch.compile's backend at every compile call here (--compile, --imagination-graphs), read at each
+# call: tests put a slow or failing backend in its place
 COMPILE_BACKEND = "inductor"
 # A flag's unit, shown by --help beside it (--save-every STEPS) and read by the tests: one meaning per name.
 EPOCHS, UPDATES = tyro.conf.arg(metavar="EPOCHS"), tyro.conf.arg(metavar="UPDATES")
@@ -125,18 +125,18 @@ class Args:
     compile: Annotated[bool, RESUME_MUTABLE] = False
     """torch.compile the denoiser's U-Net"""
     imagination_graphs: Annotated[Literal["auto", "on", "off"], RESUME_MUTABLE] = "auto"
-    """the imagination step (the Euler denoiser calls, the reward/end model, the policy) as compiled graphs, as
-    DIAMOND's reference: CUDA graphs on CUDA (torch.compile "reduce-overhead"), inductor on the CPU (compiling takes
-    minutes there); auto: on for CUDA, off for the CPU. Both sample the same processes, not the same numbers
-    (ImaginationGraphs)"""
+    """the imagination step (the Euler denoiser calls, the reward/end model, the policy) as
+    compiled graphs, as DIAMOND's reference: CUDA graphs on CUDA (torch.compile
+    "reduce-overhead"), inductor on the CPU (compiling takes minutes there); auto: on for CUDA,
+    off for the CPU. Both sample the same processes, not the same numbers (ImaginationGraphs)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """float32 (with TF32 matmuls on CUDA, as DIAMOND's reference), or bfloat16/float16 autocast on CUDA (float16
-    uses GradScalers); the CPU always computes in float32"""
+    """float32 (with TF32 matmuls on CUDA, as DIAMOND's reference), or bfloat16/float16 autocast
+    on CUDA (float16 uses GradScalers); the CPU always computes in float32"""
 
     # Environment: Atari 100k as DIAMOND runs it
     env_id: Annotated[str, tyro.conf.arg(aliases=("--game",))] = "Breakout-v5"
-    """Atari game: Breakout-v5, ALE/Breakout-v5 or BreakoutNoFrameskip-v4 (same protocol); or Catch: bsuite's 10x5
-    Catch (CatchEnv), which ignores the Atari flags below; alias --game"""
+    """Atari game: Breakout-v5, ALE/Breakout-v5 or BreakoutNoFrameskip-v4 (same protocol); or
+    Catch: bsuite's 10x5 Catch (CatchEnv), which ignores the Atari flags below; alias --game"""
     sticky_actions: bool = False
     """sticky actions (repeat_action_probability 0.25, the ALE v5 default); off in Atari 100k as DIAMOND runs it"""
     noop_max: Annotated[int, ">= 0"] = 30
@@ -200,8 +200,8 @@ class Args:
     reward_lstm_dim: Annotated[int, ">= 1"] = 512
     """LSTM size of the reward/end model"""
     reward_segment_length: Annotated[int, ">= 2"] = 19
-    """frames per reward/end training segment, so one transition fewer (DIAMOND: imagination horizon 15 + 4
-    conditioning steps)"""
+    """frames per reward/end training segment, so one transition fewer (DIAMOND: imagination
+    horizon 15 + 4 conditioning steps)"""
 
     # Actor-critic
     actor_channels: Annotated[tuple[int, ...], ">= 1"] = (32, 32, 64, 64)
@@ -258,8 +258,8 @@ class Args:
     batch_size: Annotated[int, ">= 1"] = 32
     """segments per denoiser and reward/end model batch"""
     recency_weights: Annotated[tuple[float, ...], "> 0"] = (0.1, 0.1, 0.1, 0.7)
-    """replay sampling weight of each chronological slice of the episodes (oldest first; with fewer episodes than
-    slices, episodes are weighted by their length)"""
+    """replay sampling weight of each chronological slice of the episodes (oldest first; with
+    fewer episodes than slices, episodes are weighted by their length)"""
     learning_rate: Annotated[float, "> 0"] = 1e-4
     """AdamW learning rate (all three components, unless --actor-critic-learning-rate is given)"""
     actor_critic_learning_rate: Annotated[Optional[float], "> 0"] = None
@@ -345,9 +345,9 @@ PRESETS = {
 }
 # Flags spelled otherwise on the command line: --game is the seed's name for --env-id.
 FLAG_ALIASES = {"--game": "env_id"}
-# What a checkpoint must hold to be resumed or evaluated (run_checkpoint writes them, restore_run reads them back):
-# the position in the run (epoch, phase, position in the phase, the global step), the three models with their
-# optimizers, every RNG, and the collector's state.
+# What a checkpoint must hold to be resumed or evaluated (run_checkpoint writes them, restore_run
+# reads them back): the position in the run (epoch, phase, position in the phase, the global step),
+# the three models with their optimizers, every RNG, and the collector's state.
 CHECKPOINT_KEYS = {
     "args", "epoch", "phase", "position", "global_step", "env_steps", "num_buffer_files", "models", "optimizers",
     "schedulers", "scalers", "rng", "cpu_generator", "generator", "env", "partial", "collect_hidden", "heldout",
@@ -425,11 +425,11 @@ def atari_games() -> list[str]:
 
 
 def canonical_env_id(env_id: str) -> tuple[str, str]:
-    """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 (or Breakout) -> ("Breakout", "Breakout-v5"); Catch (or
-    catch) -> ("Catch", "Catch"): bsuite's Catch, not an ALE game.
+    """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 (or Breakout) -> ("Breakout",
+    "Breakout-v5"); Catch (or catch) -> ("Catch", "Catch"): bsuite's Catch, not an ALE game.
 
-    The spelling only names the game: the protocol (no sticky actions, our own frame skip) is the same for all three,
-    and so is the id in the run name (which has no slash)."""
+    The spelling only names the game: the protocol (no sticky actions, our own frame skip) is the
+    same for all three, and so is the id in the run name (which has no slash)."""
     if env_id.strip().lower() == "catch":  # before atari_games(): a Catch run needs no emulator
         return "Catch", "Catch"
     match = re.fullmatch(r"(?:ALE/)?([A-Za-z0-9]+?)(?:NoFrameskip-v4|-v5|-v4)?", env_id.strip())
@@ -550,8 +550,8 @@ class CatchEnv:
     rows, columns = 10, 5
     moves = (-1, 0, 1)  # bsuite's _ACTIONS: left, no-op, right
     colours = {"cell": (40, 40, 40), "paddle": (40, 120, 255), "ball": (255, 220, 40)}
-    # Atari's protocol does not apply: no frames to skip, no no-op starts, no sticky actions, no lives, and the
-    # episode ends after 9 steps by the rules
+    # Atari's protocol does not apply: no frames to skip, no no-op starts, no sticky actions, no
+    # lives, and the episode ends after 9 steps by the rules
     ignored_flags = ("frame_skip", "noop_max", "sticky_actions", "max_episode_steps")
 
     def __init__(self, obs_size: int = 64, seed: int = 0):
@@ -775,10 +775,10 @@ class ReplayBuffer:
         return [(ids[k], s) for k, s in zip(chosen.tolist(), starts.tolist())]
 
     def segments(self, refs: list[tuple[int, int]], num_obs: int) -> dict:
-        """Batches segments of num_obs frames starting at the given (episode, start): obs uint8 (B, L, 3, H, W) with
-        obs_mask (B, L) (True where the frame belongs to the episode: frames 0..T); actions/rewards/ends (B, L-1) and
-        mask (B, L-1) (True where the transition is real). Padding holds 0 in obs (segment_obs turns it into 0.0) and
-        in actions and rewards."""
+        """Batches segments of num_obs frames starting at the given (episode, start): obs uint8
+        (B, L, 3, H, W) with obs_mask (B, L) (True where the frame belongs to the episode: frames
+        0..T); actions/rewards/ends (B, L-1) and mask (B, L-1) (True where the transition is
+        real). Padding holds 0 in obs (segment_obs turns it into 0.0) and in actions and rewards."""
         out = {key: [] for key in ("obs", "obs_mask", "actions", "rewards", "ends", "mask")}
         for index, start in refs:
             ep = self.episode(index)
@@ -807,8 +807,8 @@ def to_uint8(obs: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
-    """The denoiser's output as an 8-bit frame, back in [-1, 1], as DIAMOND's reference quantises it: clamp, then
-    floor((x + 1) / 2 * 255) (a cast to uint8), then q / 255 * 2 - 1."""
+    """The denoiser's output as an 8-bit frame, back in [-1, 1], as DIAMOND's reference quantises
+    it: clamp, then floor((x + 1) / 2 * 255) (a cast to uint8), then q / 255 * 2 - 1."""
     return ((x.float().clamp(-1, 1) + 1) / 2 * 255).floor() / 127.5 - 1.0
 
 
@@ -1100,8 +1100,8 @@ class Denoiser(nn.Module):
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, net=None):
-        """D(x; sigma) for sampling: clamped to [-1, 1] and quantised to 8 bits by flooring (the frames are 8-bit
-        images; DIAMOND's reference casts to uint8)."""
+        """D(x; sigma) for sampling: clamped to [-1, 1] and quantised to 8 bits by flooring (the
+        frames are 8-bit images; DIAMOND's reference casts to uint8)."""
         _, denoised = self(x, sigma, obs, act, net)
         return quantize_8bit(denoised)
 
@@ -1149,8 +1149,8 @@ class RewardEndModel(nn.Module):
         super().__init__()
         self.act_emb = nn.Embedding(num_actions, cond_dim)
         self.conv_in = nn.Conv2d(2 * img_channels, channels, 3, padding=1)
-        # 4 stages of 2 ResBlocks without attention (DIAMOND's attn_depths [0, 0, 0, 0]), 3 downsamples between
-        # them, then 2 ResBlocks with attention at the lowest resolution
+        # 4 stages of 2 ResBlocks without attention (DIAMOND's attn_depths [0, 0, 0, 0]), 3
+        # downsamples between them, then 2 ResBlocks with attention at the lowest resolution
         self.stages = nn.ModuleList(ResBlocks([channels] * 2, [channels] * 2, cond_dim) for _ in range(4))
         self.downsamples = nn.ModuleList(Downsample(channels) for _ in range(3))
         self.mid_blocks = ResBlocks([channels] * 2, [channels] * 2, cond_dim, attention=True)
@@ -1171,8 +1171,8 @@ class RewardEndModel(nn.Module):
         return x.reshape(b, t, -1)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden=None):
-        """obs, next_obs: (B, T, 3, H, W) in [-1, 1]; act: (B, T). Returns reward logits (B, T, 3), end logits
-        (B, T, 2) and the LSTM state."""
+        """obs, next_obs: (B, T, 3, H, W) in [-1, 1]; act: (B, T). Returns reward logits (B, T,
+        3), end logits (B, T, 2) and the LSTM state."""
         x, hidden = self.lstm(self.encode(obs, act, next_obs), hidden)
         logits = self.head(x)
         return logits[..., :3], logits[..., 3:], hidden
@@ -1190,8 +1190,8 @@ class RewardEndModel(nn.Module):
 
 
 def reward_end_loss(reward_end_model: RewardEndModel, batch: dict) -> torch.Tensor:
-    """CE(reward sign + 1) + CE(end) over the real transitions of reward/end segments (sample_reward_end_batch),
-    the LSTM starting from a zero state at each segment's first frame."""
+    """CE(reward sign + 1) + CE(end) over the real transitions of reward/end segments
+    (sample_reward_end_batch), the LSTM starting from a zero state at each segment's first frame."""
     obs, mask = batch["obs"], batch["mask"]
     reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], batch["actions"], obs[:, 1:])
     reward_class = batch["rewards"].sign().long() + 1  # -1, 0, +1 -> classes 0, 1, 2
@@ -1212,8 +1212,8 @@ class SmallResBlock(nn.Module):
 
 
 class ActorCritic(nn.Module):
-    """conv 3 -> channels[0], then per stage a SmallResBlock and a 2x2 max-pool (64 -> 4 pixels), an LSTMCell, and
-    zero-initialised policy and value heads (the initial policy is uniform)."""
+    """conv 3 -> channels[0], then per stage a SmallResBlock and a 2x2 max-pool (64 -> 4 pixels),
+    an LSTMCell, and zero-initialised policy and value heads (the initial policy is uniform)."""
 
     def __init__(self, num_actions: int, obs_size: int = 64, channels: tuple[int, ...] = (32, 32, 64, 64),
                  lstm_dim: int = 512, img_channels: int = 3):
@@ -1390,8 +1390,8 @@ def imagine(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, genera
 
 def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, generator: torch.Generator,
                       autocast=contextlib.nullcontext(), graphs: Optional["ImaginationGraphs"] = None):
-    """The actor-critic losses on backup_every more imagined steps (eager, or graphs' compiled step): value MSE to
-    the lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
+    """The actor-critic losses on backup_every more imagined steps (eager, or graphs' compiled
+    step): value MSE to the lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
     rollout = graphs.rollout(generator) if graphs is not None else imagine(actor_critic, wm_env, args, generator,
                                                                            autocast)
     logits, values, rewards, actions = rollout["logits"], rollout["values"], rollout["rewards"], rollout["actions"]
@@ -1409,8 +1409,8 @@ def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Ar
 
 
 def restart(obs, act, hidden, age, stopped, start):
-    """The envs that stopped (stopped (n,)) take their row of start (frames, actions, reward/end LSTM state) and age
-    0, by torch.where: fixed shapes, no host sync."""
+    """The envs that stopped (stopped (n,)) take their row of start (frames, actions, reward/end
+    LSTM state) and age 0, by torch.where: fixed shapes, no host sync."""
     start_obs, start_act, start_hidden = start
     return (torch.where(stopped[:, None, None, None, None], start_obs, obs),
             torch.where(stopped[:, None], start_act, act),
@@ -1609,10 +1609,10 @@ class ImaginationGraphs:
 
 @contextlib.contextmanager
 def compile_failures(stop, what: str, fix: str):
-    """torch.compile's work inside (a forward traced and compiled at its first call, a backward compiled at its first
-    backward) fails in one line: a TrainingFailure naming `what` and the fix; after a signal (Ctrl-C reaches the
-    compiler's processes too) it is a stop (StopRequested: the run saves where it stands). Other errors keep their
-    traceback."""
+    """torch.compile's work inside (a forward traced and compiled at its first call, a backward
+    compiled at its first backward) fails in one line: a TrainingFailure naming `what` and the
+    fix; after a signal (Ctrl-C reaches the compiler's processes too) it is a stop
+    (StopRequested: the run saves where it stands). Other errors keep their traceback."""
     try:
         yield
     except (StopRequested, TrainingFailure):
@@ -1725,12 +1725,12 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
                       device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16,
                       check: Callable[[], None] = lambda: None, record: Optional[list] = None,
                       on_step: Callable[[], None] = lambda: None) -> list[float]:
-    """Full games of --env-id (life loss does not end them), epsilon 0, actions sampled from the policy; up to
-    max_parallel games at once with a batched policy. Seeded by `seed` only, so that evaluating never moves the
-    training RNGs. check() is called before each env is made (an Atari env takes about a second) and at every step,
-    then on_step()
-    (StopFlag.check: a signal abandons the episodes within an env or a step). With `record`, each game is appended
-    to it as an episode dict (obs, actions, rewards, terminated, truncated)."""
+    """Full games of --env-id (life loss does not end them), epsilon 0, actions sampled from the
+    policy; up to max_parallel games at once with a batched policy. Seeded by `seed` only, so
+    that evaluating never moves the training RNGs. check() is called before each env is made (an
+    Atari env takes about a second) and at every step, then on_step() (StopFlag.check: a signal
+    abandons the episodes within an env or a step). With `record`, each game is appended to it as
+    an episode dict (obs, actions, rewards, terminated, truncated)."""
     generator = torch.Generator().manual_seed(seed)
     returns = []
     while len(returns) < num_episodes:
@@ -1869,8 +1869,8 @@ class RewardEndPools:
             self.precision[name] = [self.precision[name][0] + hits, self.precision[name][1] + predicted]
 
     def take(self) -> dict[str, float]:
-        """The values of the pools that reached min_count, by tag (world_model/reward_recall_pos, ...,
-        world_model/end_precision); those pools start again."""
+        """The values of the pools that reached min_count, by tag (world_model/reward_recall_pos,
+        ..., world_model/end_precision); those pools start again."""
         values = {}
         for kind, pools in (("recall", self.recall), ("precision", self.precision)):
             for name, (hits, total) in pools.items():
@@ -1986,8 +1986,8 @@ def action_shares(episodes: list[dict], num_actions: int) -> np.ndarray:
 
 
 def write_samples(folder: Path, stem: str, images: np.ndarray, columns: Optional[int] = None) -> Path:
-    """A PNG grid and an .npz of the uint8 (N, H, W, 3) images (arr_0, the layout FID tools read); raises OSError
-    when either cannot be written."""
+    """A PNG grid and an .npz of the uint8 (N, H, W, 3) images (arr_0, the layout FID tools
+    read); raises OSError when either cannot be written."""
     write_png(folder / f"{stem}.png", make_grid(images[:256], columns))
     np.savez(folder / f"{stem}.npz", images.transpose(0, 2, 3, 1))
     return folder / f"{stem}.png"
@@ -2047,9 +2047,9 @@ PHASES = ("collect", "world_model_eval", "denoiser", "reward_end", "actor_critic
 
 @dataclass
 class RunPosition:
-    """Where the run is: the epoch (from 1), the phase (an index into PHASES), the step inside the phase (env steps
-    or gradient updates), and the global step: the gradient updates of the three models so far, TensorBoard's one
-    x axis (monotone across phases, epochs and resumes)."""
+    """Where the run is: the epoch (from 1), the phase (an index into PHASES), the step inside
+    the phase (env steps or gradient updates), and the global step: the gradient updates of the
+    three models so far, TensorBoard's one x axis (monotone across phases, epochs and resumes)."""
     epoch: int = 1
     phase: int = 0
     step: int = 0
@@ -2092,8 +2092,8 @@ class Collector:
 
     @torch.no_grad()
     def step(self, actor_critic: ActorCritic, args: Args, autocast, random_policy: bool):
-        """One env step with the agent (epsilon-greedy over a sampled action) or a uniform random policy. Returns the
-        reward and, when the step ended a game, the game's (return, length)."""
+        """One env step with the agent (epsilon-greedy over a sampled action) or a uniform random
+        policy. Returns the reward and, when the step ended a game, the game's (return, length)."""
         if self.partial is None:
             self.partial = {"obs": [self.env.reset().copy()], "actions": [], "rewards": [], "terminated": [],
                             "truncated": []}
@@ -2332,8 +2332,8 @@ class Run:
         return len(run_schedule(self.args, self.collector.first_collection_steps))
 
     def checked_net(self, *inputs):
-        """The denoiser's network for evaluations, uncompiled (their batch sizes and segment lengths vary): a signal
-        abandons them within a network call (StopRequested)."""
+        """The denoiser's network for evaluations, uncompiled (their batch sizes and segment
+        lengths vary): a signal abandons them within a network call (StopRequested)."""
         self.stop.check()
         return self.learners["denoiser"].model.net(*inputs)
 
@@ -2349,9 +2349,9 @@ def phase_length(args: Args, name: str, epoch: int) -> int:
 
 
 def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of one gradient update of a model (denoiser, reward_end or actor_critic) on a fresh batch, and the
-    extra values to log. The denoiser and the reward/end model learn from real segments of the replay buffer, the
-    actor-critic from an imagined rollout."""
+    """The loss of one gradient update of a model (denoiser, reward_end or actor_critic) on a
+    fresh batch, and the extra values to log. The denoiser and the reward/end model learn from
+    real segments of the replay buffer, the actor-critic from an imagined rollout."""
     args, device, autocast = run.args, run.device, run.autocast
     denoiser, reward_end_model = run.learners["denoiser"].model, run.learners["reward_end"].model
     if name == "denoiser":  # 6-frame segments, two predictions (the second on the first's 8-bit output)
@@ -2424,9 +2424,9 @@ def measure_world_model(run: Run, collector: Collector, pos: RunPosition, log: E
 
 
 def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
-    """This epoch's gradient updates of one model (denoiser, reward_end or actor_critic), from pos.step on, until
-    they are done or a signal arrives (the current update is finished first). Losses are written every log_every
-    updates at the global step."""
+    """This epoch's gradient updates of one model (denoiser, reward_end or actor_critic), from
+    pos.step on, until they are done or a signal arrives (the current update is finished first).
+    Losses are written every log_every updates at the global step."""
     args, learner = run.args, run.learners[name]
     num_steps = phase_length(args, name, pos.epoch)
     progress = progress_bar(num_steps, pos.step, f"epoch {pos.epoch} {name}", "update")
@@ -2554,8 +2554,8 @@ def policy_diagnostics(run: Run, epoch: int, test_episodes: list[dict]) -> dict[
 
 
 def keep_agent_copy(folder: Path, epoch: int, actor_critic: ActorCritic, keep: int):
-    """checkpoints/agent_epoch_{epoch}.pt: the actor-critic's weights alone (atomic, on the CPU); older copies beyond
-    the newest `keep` are deleted."""
+    """checkpoints/agent_epoch_{epoch}.pt: the actor-critic's weights alone (atomic, on the CPU);
+    older copies beyond the newest `keep` are deleted."""
     save_checkpoint(folder / f"agent_epoch_{epoch:05d}.pt", {k: v.cpu() for k, v in actor_critic.state_dict().items()})
     for old in sorted(folder.glob("agent_epoch_*.pt"))[:-keep]:
         old.unlink()
@@ -2676,8 +2676,8 @@ def duration(seconds: float) -> str:
 
 
 def run_time_lines(seconds_per_unit: dict[str, float], left: dict[str, int], setup) -> list[str]:
-    """The estimate of the rest of the run, printed before its first collection, and on a CPU, above a day, which
-    settings fit a CPU."""
+    """The estimate of the rest of the run, printed before its first collection, and on a CPU,
+    above a day, which settings fit a CPU."""
     seconds = seconds_left(seconds_per_unit, left)
     parts = [f"{left[name]:,} {label} at {seconds_per_unit[name]:.3g} s" for name, label in (
         ("denoiser", "denoiser updates"), ("reward_end", "reward/end updates"),
@@ -3207,8 +3207,8 @@ def episode_to_mp4(path: str, meanings: list[str], size: int = 256) -> Path:
 
 
 def env_notices(args: Args, env: Union[AtariEnv, CatchEnv], game: str, given: set[str]):
-    """Said before any work: --preset catch on another game, and the Atari protocol flags that the game ignores
-    (given on the command line, not only defaults or a preset's)."""
+    """Said before any work: --preset catch on another game, and the Atari protocol flags that
+    the game ignores (given on the command line, not only defaults or a preset's)."""
     if args.preset == "catch" and game != "Catch":
         print(f"notice: --preset catch is sized for --env-id Catch; this run plays {game}", flush=True)
     ignored = [f"--{name.replace('_', '-')}" for name in env.ignored_flags if name in given]
@@ -3218,8 +3218,8 @@ def env_notices(args: Args, env: Union[AtariEnv, CatchEnv], game: str, given: se
 
 
 def read_run_episodes(buffer: ReplayBuffer, run_dir: Path, checkpoint: Optional[dict], args: Args, num_actions: int):
-    """This run's episodes: the first num_buffer_files files of its episodes/ folder (a killed run may have written
-    more after its last checkpoint; those are collected and written again)."""
+    """This run's episodes: the first num_buffer_files files of its episodes/ folder (a killed
+    run may have written more after its last checkpoint; those are collected and written again)."""
     buffer.folder = run_dir / "episodes"
     for i in range(checkpoint["num_buffer_files"] if checkpoint is not None else 0):
         buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions,
@@ -3267,8 +3267,8 @@ def save_position(run: Run, pos: RunPosition, log: EpochLog):
 
 def time_phase(pos: RunPosition, name: str, worked: bool, first_step: int, phase_start: float,
                seconds_per_unit: dict[str, float]):
-    """After a phase: its measured seconds per env step, update or evaluation (the ETA's rates); in the first epoch
-    (long: 25k updates), a line that says where the run is."""
+    """After a phase: its measured seconds per env step, update or evaluation (the ETA's rates);
+    in the first epoch (long: 25k updates), a line that says where the run is."""
     units = pos.step - first_step if name in ("collect", "denoiser", "reward_end", "actor_critic") else 1
     if worked and units > 0:
         seconds_per_unit[name] = (time.perf_counter() - phase_start) / units
@@ -3330,8 +3330,8 @@ def main(args: Args, given: set[str]):
     game, env_name = canonical_env_id(args.env_id)
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
-    # Two explicit generators carry every random draw of training, so that their saved states make a resume exact;
-    # evaluations use generators seeded from (seed, epoch) and never move them.
+    # Two explicit generators carry every random draw of training, so that their saved states make a
+    # resume exact; evaluations use generators seeded from (seed, epoch) and never move them.
     seed_everything(args.seed)
     cpu_generator = torch.Generator().manual_seed(args.seed)  # no-ops, exploration, replay sampling
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # diffusion noise, imagination

@@ -92,9 +92,9 @@ class Args:
     """a run folder or checkpoint file to continue exactly where it stopped"""
 # ==== BEGIN OPTIONAL: play ====
     play: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: play an action-conditioned model live in a window (pygame: pip install pygame-ce, or the
-    `play` extra): arrows steer (the sprites world: the sprite), Enter restarts from a fresh start, Tab switches to
-    the real sprites world, R records an MP4, Esc quits"""
+    """with --resume: play an action-conditioned model live in a window (pygame: pip install
+    pygame-ce, or the `play` extra): arrows steer (the sprites world: the sprite), Enter restarts
+    from a fresh start, Tab switches to the real sprites world, R records an MP4, Esc quits"""
     play_keys: Annotated[Optional[str], RESUME_MUTABLE] = None
     """headless play (no window, no pygame; implies --play): one letter per step, N noop, U D L R, (Atari models)
     F fire, Q E Z C the diagonals up-left up-right down-left down-right, lowercase u d l r q e z c the same with fire,
@@ -130,8 +130,8 @@ class Args:
     num_distractors: Annotated[int, ">= 0"] = 2
     """sprites: bouncing grey squares that no action moves"""
     action_dim: Annotated[int, ">= 0"] = 0
-    """0: discrete actions (an embedding); >0: continuous action vectors of this size through an MLP, as the seed's
-    ActionConditionedDiffusion (sprites: 2, a velocity)"""
+    """0: discrete actions (an embedding); >0: continuous action vectors of this size through an
+    MLP, as the seed's ActionConditionedDiffusion (sprites: 2, a velocity)"""
     env_id: str = "Breakout-v5"
     """atari: the ALE game (Breakout, Breakout-v5 and ALE/Breakout-v5 are the same)"""
     num_atari_episodes: Annotated[int, ">= 1"] = 50
@@ -170,9 +170,9 @@ class Args:
     --null-cond-prob q each is null in q + (1 - q) p of the samples, and steers alone (the other one dropped) in
     (1 - q)(1 - p) p of them"""
     null_cond_prob: Annotated[float, "[0, 1]"] = 0.1
-    """q: probability of dropping both together in training; both are null (the unconditional model that
-    classifier-free guidance subtracts) in q + (1 - q) p^2 of the samples. Guidance (--cfg-scale other than 1) needs
-    q > 0"""
+    """q: probability of dropping both together in training; both are null (the unconditional
+    model that classifier-free guidance subtracts) in q + (1 - q) p^2 of the samples. Guidance
+    (--cfg-scale other than 1) needs q > 0"""
     context_frames: Annotated[int, ">= 0"] = 4
     """k: frames the model is conditioned on when it continues a video (autoregressive generation)"""
     context_prob: Annotated[float, "[0, 1]"] = 0.5
@@ -199,8 +199,8 @@ class Args:
     total_steps: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 200_000
     """optimizer steps to train for"""
     batch_size: Annotated[int, ">= 1"] = 8
-    """global batch size in clips (split across torchrun ranks; 8 clips of 16x64x64 at the default width is an
-    estimated 50 GB of activations in bf16)"""
+    """global batch size in clips (split across torchrun ranks; 8 clips of 16x64x64 at the
+    default width is an estimated 50 GB of activations in bf16)"""
     learning_rate: Annotated[float, "> 0"] = 1e-4
     """Adam learning rate"""
     warmup_steps: Annotated[int, STEPS, ">= 0"] = 1000
@@ -216,8 +216,8 @@ class Args:
     eval_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 10_000
     """sample clips and compute the eval/ metrics with the EMA model every N steps"""
     first_sample_at: Annotated[int, STEPS, ">= 0", RESUME_MUTABLE] = 0
-    """also sample 8 clips (no metrics) at this step: the run's first picture, long before the first evaluation
-    (samples/: MP4 and a PNG strip; TensorBoard); 0: none"""
+    """also sample 8 clips (no metrics) at this step: the run's first picture, long before the
+    first evaluation (samples/: MP4 and a PNG strip; TensorBoard); 0: none"""
 
     # Sampling and evaluation
     sampler: Annotated[Literal["ddpm", "ddim", "dpm++"], RESUME_MUTABLE] = "ddim"
@@ -227,8 +227,8 @@ class Args:
     ddim_eta: Annotated[float, "[0, 1]", RESUME_MUTABLE] = 0.0
     """DDIM eta (0: deterministic)"""
     cfg_scale: Annotated[float, ">= 0", RESUME_MUTABLE] = 2.0
-    """classifier-free guidance scale s on caption and actions: eps_u + s (eps_c - eps_u); 1 = no guidance, 0 = the
-    unconditional model (anything but 1 needs --null-cond-prob > 0)"""
+    """classifier-free guidance scale s on caption and actions: eps_u + s (eps_c - eps_u); 1 = no
+    guidance, 0 = the unconditional model (anything but 1 needs --null-cond-prob > 0)"""
     num_eval_samples: Annotated[int, ">= 1", RESUME_MUTABLE] = 32
     """clips generated for each evaluation (samples and metrics)"""
     num_samples: Annotated[int, ">= 1", RESUME_MUTABLE] = 16
@@ -527,8 +527,8 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
     folder.mkdir(parents=True, exist_ok=True)
     if all((folder / f"episode_{i:05d}.npz").exists() for i in range(num_episodes)):
         return  # all recorded: no emulator to start
-    # frameskip 1: atari_step repeats the action itself; repeat_action_probability 0: the recorded action is the one
-    # the emulator executed (no sticky actions)
+    # frameskip 1: atari_step repeats the action itself; repeat_action_probability 0: the recorded
+    # action is the one the emulator executed (no sticky actions)
     env = gym.make(gym_id, frameskip=1, repeat_action_probability=0.0)
     try:
         for i in range(num_episodes):
@@ -1382,8 +1382,8 @@ def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, gener
              num_context: int = 0, context_noise_step: int = 0, cfg_scale: float = 1.0, sampler: str = "ddim",
              num_steps: int = 50, eta: float = 0.0, autocast=contextlib.nullcontext(),
              prediction: str = "eps") -> torch.Tensor:
-    """One clip of shape (B, 3, T, H, W) in [-1, 1]; with context, its first num_context frames are given (noised to
-    context_noise_step, as in training) and copied into the result."""
+    """One clip of shape (B, 3, T, H, W) in [-1, 1]; with context, its first num_context frames
+    are given (noised to context_noise_step, as in training) and copied into the result."""
     b, _, num_frames = shape[:3]
     device = generator.device
     mask = level = None
@@ -1460,8 +1460,8 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
 
 
 class TrainingClips:
-    """The training clips on the device as uint8 frames (no loader, no host-device copy per step; a clip is a window of
-    them from its start), and each step's batch drawn from them."""
+    """The training clips on the device as uint8 frames (no loader, no host-device copy per step;
+    a clip is a window of them from its start), and each step's batch drawn from them."""
 
     def __init__(self, data: VideoData, vocabulary: list, alphas_cumprod: torch.Tensor, args: Args,
                  device: torch.device):
@@ -1904,8 +1904,8 @@ def frame_strips(clips: np.ndarray, row_labels: Optional[list] = None,
 
 
 def action_labels(actions: Optional[np.ndarray], num_context: int, dataset: str) -> Optional[list]:
-    """The action that led into each frame, as words: (B, T) discrete or (B, T, 2) velocities -> B lists of T labels
-    ("context" for the given frames)."""
+    """The action that led into each frame, as words: (B, T) discrete or (B, T, 2) velocities ->
+    B lists of T labels ("context" for the given frames)."""
     if actions is None:
         return None
     out = []
@@ -2278,8 +2278,8 @@ def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
 
 def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoData, vocabulary: list,
              num_actions: int, num_params: int):
-    """Rank 0's run folder (a new one, or the resumed run's) and TensorBoard writer, and the lines that describe the
-    run. Returns (run_dir, writer); other ranks get (run_dir, None)."""
+    """Rank 0's run folder (a new one, or the resumed run's) and TensorBoard writer, and the
+    lines that describe the run. Returns (run_dir, writer); other ranks get (run_dir, None)."""
     if not setup.is_main:
         return run_dir, None
     num_clips = len(data.clip_starts)
