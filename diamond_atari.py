@@ -1,11 +1,10 @@
-# cleanworlds: DIAMOND (Alonso et al. 2024) on Atari 100k. Docs and measured results: README.md and benchmark/RESULTS.md
+# cleanworlds: DIAMOND (Alonso et al. 2024) on Atari 100k. Docs and results: README.md, benchmark/RESULTS.md
 """
 DIAMOND: a diffusion world model (EDM denoiser on the last 4 frames and actions), a reward/termination model and an
 actor-critic trained entirely in the world model's imagination, on the Atari 100k benchmark, in one file.
 
-Reproduce the paper (Breakout 132.5, mean human-normalised score 1.46 over 26 games; the paper: 2.9 days per game on an
-RTX 4090, this script: 6 to 10 days on an H100 as measured eager in benchmark/RESULTS.md, before its imagination step
-ran as CUDA graphs by default; bash benchmark/gpu_diamond.sh measures the fast path) on one GPU:
+Reproduce the paper (Breakout 132.5, mean human-normalised score 1.46 over 26 games; days per game on
+one GPU: benchmark/RESULTS.md, bash benchmark/gpu_diamond.sh) on one GPU:
     python diamond_atari.py --env-id Breakout-v5 --num-sampling-steps 3
 The same with smaller or larger networks (TorchWM's presets; medium is the paper's):
     python diamond_atari.py --env-id Pong-v5 --preset small
@@ -77,9 +76,9 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """on the CPU: deterministic (exact resume is promised and tested there, at a fixed thread count); on CUDA:
-    cudnn.deterministic, cudnn.benchmark off, CUBLAS_WORKSPACE_CONFIG=:4096:8, but not torch's strict deterministic
-    algorithms (they cost 1.3x to 1.8x there, benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
+    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic, no
+    benchmark, CUBLAS_WORKSPACE_CONFIG=:4096:8, not torch's strict deterministic algorithms (too
+    slow; benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -91,10 +90,10 @@ class Args:
     output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu", "catch", "small", "medium", "large"]] = None
-    """tiny = a full run in about 25 s on a CPU; cpu = the whole loop at CPU scale, 20 short epochs on 32x32 frames
-    (benchmark/diamond_learns.sh); catch = for --env-id Catch, the cpu sizes with the update counts meant to learn it
-    on one CPU core in about 20 minutes (benchmark/diamond_catch.sh; not reliably yet); small/medium/large = TorchWM's
-    network sizes (medium: the paper's)"""
+    """tiny = a full run in seconds on a CPU; cpu = the whole loop at CPU scale, 20 short epochs on
+    32x32 frames (benchmark/diamond_learns.sh); catch = for --env-id Catch, cpu's sizes with update
+    counts meant to learn it on one CPU core (benchmark/diamond_catch.sh; not reliably yet);
+    small/medium/large = TorchWM's network sizes (medium: the paper's)"""
     config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
@@ -294,7 +293,7 @@ class Args:
 
 
 PRESETS = {
-    # A full run in ~15 s on 2 CPU cores: 32x32 frames, small networks, a short first epoch, 200-step episodes.
+    # A full run in seconds on a CPU: 32x32 frames, small networks, a short first epoch, 200-step episodes.
     "tiny": dict(
         obs_size=32, diffusion_channels=(8, 8, 8), diffusion_res_blocks=1, diffusion_cond_dim=16, reward_channels=8,
         reward_cond_dim=8, reward_lstm_dim=16, actor_channels=(8, 8, 8, 8), actor_lstm_dim=16, imagination_horizon=4,
@@ -305,10 +304,9 @@ PRESETS = {
         first_epoch_actor_critic_steps=5, batch_size=8, learning_rate=1e-3, warmup_steps=5, max_episode_steps=200,
         log_every=10, eval_every=1, eval_episodes=1, test_episodes=2, num_heldout_transitions=32, save_agent_every=1,
     ),
-    # DIAMOND's whole loop on 2 CPU cores (benchmark/diamond_learns.sh: 4 runs at once in about an hour): see there.
-    # DIAMOND's whole loop at CPU scale (why these sizes: benchmark/diamond_learns.sh; measured: benchmark/RESULTS.md
-    # 3c): 32x32 frames, 16-channel 3-level U-Net with one Euler step and no autoregressive step, 8-channel reward/end
-    # model, 16 imagined envs for 8 steps, 20 short epochs, at most 4000 env steps, 500-step episodes.
+    # DIAMOND's whole loop at CPU scale (why these sizes: benchmark/diamond_learns.sh; RESULTS 3d): 32x32
+    # frames, a 16-channel 3-level U-Net with one Euler step and no autoregressive step, an 8-channel
+    # reward/end model, 16 imagined envs for 8 steps, 20 short epochs, 4000 env steps, 500-step episodes.
     "cpu": dict(
         obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
         num_autoregressive_steps=0, num_sampling_steps=1,
@@ -321,10 +319,9 @@ PRESETS = {
         batch_size=16, learning_rate=1e-3, warmup_steps=20, max_episode_steps=500, log_every=20, eval_every=4,
         eval_episodes=4, test_episodes=100, num_heldout_transitions=64, save_agent_every=4,
     ),
-    # DIAMOND's whole loop on bsuite's Catch on one CPU core (--env-id Catch; benchmark/diamond_catch.sh says why each
-    # value; measured: benchmark/RESULTS.md): the cpu preset's networks and learning rate, a first epoch that trains
-    # the world model (800 denoiser, 1500 reward/end updates) before 30 actor-critic updates, then 20/40/30 updates
-    # per epoch, the actor-critic at half the learning rate, 200 env steps per epoch up to 5000, 200 test games.
+    # DIAMOND's whole loop on bsuite's Catch on a CPU (--env-id Catch; why each value:
+    # benchmark/diamond_catch.sh; RESULTS 3e): cpu's networks and learning rate, a first epoch that
+    # trains the world model before the actor-critic starts, 200 env steps per epoch up to 5000.
     "catch": dict(
         obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
         num_autoregressive_steps=0, num_sampling_steps=1,
@@ -1301,8 +1298,8 @@ def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, 
     b, c, ch, h, w = obs.shape
     past = obs.reshape(b, c * ch, h, w)
     sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho)
-    # DIAMOND's reference starts from unit-variance noise x ~ N(0, I), not from EDM's sigma_max * N(0, I); its
-    # agents' scores come from that sampler (the first step's D(x; sigma_max) hardly depends on x: c_skip(5) ~ 0.01).
+    # DIAMOND's reference starts from x ~ N(0, I), not EDM's sigma_max * N(0, I), and its scores come
+    # from that sampler (D(x; sigma_max) hardly depends on x: c_skip(5) ~ 0.01).
     x_T = torch.randn((b, ch, h, w), generator=generator, device=obs.device)
     if args.edm_initial_noise:
         x_T = float(sigmas[0]) * x_T
@@ -1536,7 +1533,7 @@ class ImaginationGraphs:
         (StopRequested: the run saves where it stands). A signal while the first rollout compiles is acknowledged
         at once but waits for the compilation (it cannot stop midway): the acknowledgement says so (StopFlag.busy)."""
         first_compile = self.stop is not None and self.backend is not None and self.compile_seconds is None
-        if first_compile:  # on 2 busy CPU cores 11 and 20 minutes were measured (benchmark/RESULTS.md); CUDA: not yet
+        if first_compile:  # how long: benchmark/RESULTS.md
             self.stop.busy = "compiling the imagination step (" + (
                 "up to 20 minutes on a CPU)" if self.device.type == "cpu" else "minutes)")
         try:
@@ -2608,12 +2605,10 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
     timed before the run's first collection on throwaway things: deep copies of the models with optimizers of their
     own, a replay buffer of one random-frame episode, an env of its own, generators of its own; the global RNGs are
     put back after. So the run's weights, optimizer states and random numbers are those of a run that timed nothing
-    (an exact resume depends on it). Each: one warm-up unit, then timed units until 0.2 s or `most` of them (or the
-    warm-up alone where it took over a second). On a CPU an update's time grows with its batch: an update of batch 1
-    is timed first, and the full batch where that x the batch is under 2 s; else the estimate is batch 1's time x the
-    batch (at the paper's sizes on one thread, 0.9x a measured full denoiser update, 0.75x a reward/end one;
-    the full updates take 30 s each there, the actor-critic's minutes). A few seconds for the tiny preset, 12 s at the
-    paper's sizes on one busy CPU thread. Imagination is timed eager (CUDA graphs run faster)."""
+    (an exact resume depends on it). Each: one warm-up unit, then timed units until 0.2 s or `most` of them (or
+    the warm-up alone where it took over a second). On a CPU an update's time grows with its batch: batch 1 is
+    timed first, and the full batch where that x the batch is under 2 s; else the estimate is batch 1's time x
+    the batch (RESULTS.md 1 says how close). Imagination is timed eager (CUDA graphs run faster)."""
     state = rng_state()
     copies = {name: copy.deepcopy(model) for name, model in models.items()}
     learners = build_learners(args, copies, device.type == "cuda")
@@ -2795,8 +2790,7 @@ def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float
 def check_training_memory(setup, args: Args, num_actions: int):
     """Refuses in one line, before anything is allocated at full size, training steps that cannot fit in memory
     (check_step_memory): the denoiser and reward/end updates at --batch-size, the actor-critic update at
-    --num-imagined-envs; the three models' weights, gradients and AdamW states stay resident throughout. With the
-    paper's networks on the CPU, each added segment or imagined env cost within 10% of the estimate's bytes for it."""
+    --num-imagined-envs; the three models' weights, gradients and AdamW states stay resident throughout."""
     num_params, per_segment, per_env = step_memory_profile(args, num_actions)
     check_step_memory(setup, args.batch_size, num_params, per_segment, args.dtype)
     if not args.world_model_only:

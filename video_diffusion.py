@@ -70,9 +70,9 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """on the CPU: deterministic (exact resume is promised and tested there, at a fixed thread count); on CUDA:
-    cudnn.deterministic, cudnn.benchmark off, CUBLAS_WORKSPACE_CONFIG=:4096:8, but not torch's strict deterministic
-    algorithms (they cost 1.3x to 1.8x there, benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
+    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic, no
+    benchmark, CUBLAS_WORKSPACE_CONFIG=:4096:8, not torch's strict deterministic algorithms (too
+    slow; benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -84,8 +84,8 @@ class Args:
     output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu"]] = None
-    """a named set of defaults: tiny = a full run on the sprites world in about 25 seconds on a CPU; cpu = sprites
-    that move as their caption and actions say, in about 20 minutes on a CPU core (README)"""
+    """defaults: tiny = a full run on the sprites world in seconds on a CPU; cpu = sprites that move
+    as their caption and actions say, in minutes on a CPU core (README)"""
     config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
@@ -199,8 +199,7 @@ class Args:
     total_steps: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 200_000
     """optimizer steps to train for"""
     batch_size: Annotated[int, ">= 1"] = 8
-    """global batch size in clips (split across torchrun ranks; 8 clips of 16x64x64 at the
-    default width is an estimated 50 GB of activations in bf16)"""
+    """global batch size in clips (split across torchrun ranks)"""
     learning_rate: Annotated[float, "> 0"] = 1e-4
     """Adam learning rate"""
     warmup_steps: Annotated[int, STEPS, ">= 0"] = 1000
@@ -240,8 +239,8 @@ class Args:
 
 
 PRESETS = {
-    # The whole loop in about 30 s on one CPU core; its evaluation samples 7 sets of clips (the judge's, the
-    # direction accuracies', the rollouts'), so 4 DDIM steps, not 8, halve it. 40 steps draw no sprite yet.
+    # The whole loop in seconds on a CPU. Its evaluation samples 7 sets of clips (the judge's, the
+    # direction accuracies', the rollouts'): 4 DDIM steps keep it short. No sprite is drawn yet.
     "tiny": dict(
         dataset="sprites", num_frames=8, img_size=16, num_sprite_clips=256, num_distractors=1, model_channels=16,
         channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2, norm_groups=4, text_dim=32,
@@ -249,11 +248,9 @@ PRESETS = {
         warmup_steps=10, ema_decay=0.9, log_every=10, save_every=20, eval_every=40, num_sampling_steps=4,
         num_eval_samples=8, num_samples=8, long_video_frames=12, sample_batch_size=8,
     ),
-    # Caption and action control in about 20 minutes on a CPU (benchmark/video_control.sh's recipe, RESULTS 2d, 3b):
-    # the tiny 3D U-Net on 8x8 sprites (a 2x2 square, 6 frames, no distractor), 2000 steps of batch 32 (2.0 steps/s
-    # on one quiet core of the 2-core VM of RESULTS 2d), each condition dropped alone half the time, guidance 3; the
-    # judge and the direction accuracies on 128 clips (step 2000: colour 0.98, caption and actions swapped 0.87 and
-    # 0.84, chance 0.25).
+    # Caption and action control in minutes on a CPU (benchmark/video_control.sh, RESULTS 2d, 3b): the
+    # tiny 3D U-Net on 8x8 sprites (a 2x2 square, 6 frames, no distractor), 2000 steps of batch 32, each
+    # condition dropped alone half the time, guidance 3; judge and direction accuracies on 128 clips.
     "cpu": dict(
         dataset="sprites", num_frames=6, img_size=8, num_sprite_clips=2048, num_distractors=0, model_channels=16,
         channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2, norm_groups=4, text_dim=32,
@@ -265,9 +262,9 @@ PRESETS = {
 }
 # Flags spelled otherwise on the command line (none here; diamond_atari.py accepts --game for --env-id).
 FLAG_ALIASES: dict[str, str] = {}
-# What a checkpoint holds after its header: checkpoint_state writes them in this order (the run's args, its step,
-# every global RNG, then each part's state), restore_state reads them back, load_checkpoint refuses a file without one.
-# The vocabulary and the action count fix the model's shape: the run reads them before it builds it.
+# What a checkpoint holds after its header, in checkpoint_state's order (args, step, every global RNG,
+# then each part's state); load_checkpoint refuses a file without one. The vocabulary and the action
+# count fix the model's shape: the run reads them before it builds it.
 CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler", "train_generator",
                    "vocabulary", "num_actions")
 
@@ -494,10 +491,9 @@ def describe_atari_action(meaning: str) -> str:
     return " and ".join(words) if words else "stays still"
 
 
-# How the recorder makes a step's frame. 1: ALE's frameskip 4, the last frame only: flickering objects (drawn every
-# other frame) vanish, in a quarter of SpaceInvaders' frames its bullets and laser. 2: DIAMOND's AtariEnv
-# (diamond_atari.py): each action repeated ATARI_FRAME_SKIP emulator frames, the max of the last two kept.
-# Version 1 was cached in {data_dir}/atari/{env}/, version v in {data_dir}/atari_v{v}/{env}/.
+# How the recorder makes a step's frame (cached in {data_dir}/atari/{env}/ for 1, atari_v{v}/ for v). 1:
+# ALE's frameskip 4, the last frame only: flickering objects (drawn every other frame) vanish. 2: DIAMOND's
+# AtariEnv (diamond_atari.py): each action repeated ATARI_FRAME_SKIP frames, the max of the last two kept.
 ATARI_RECORDING_VERSION, ATARI_FRAME_SKIP = 2, 4
 
 
