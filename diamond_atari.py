@@ -1,10 +1,10 @@
-# cleanworlds: DIAMOND (Alonso et al. 2024) on Atari 100k. Docs and results: README.md, benchmark/RESULTS.md
+# cleanworlds: DIAMOND (Alonso et al. 2024) on Atari 100k. Docs: README.md, benchmark/RESULTS.md
 """
 DIAMOND: a diffusion world model (EDM denoiser on the last 4 frames and actions), a reward/termination model and an
 actor-critic trained entirely in the world model's imagination, on the Atari 100k benchmark, in one file.
 
-Reproduce the paper (Breakout 132.5, mean human-normalised score 1.46 over 26 games; days per game on
-one GPU: benchmark/RESULTS.md, bash benchmark/gpu_diamond.sh) on one GPU:
+Reproduce the paper (Breakout 132.5, mean human-normalised score 1.46 over 26 games; days per
+game: benchmark/RESULTS.md, bash benchmark/gpu_diamond.sh) on one GPU:
     python diamond_atari.py --env-id Breakout-v5 --num-sampling-steps 3
 The same with smaller or larger networks (TorchWM's presets; medium is the paper's):
     python diamond_atari.py --env-id Pong-v5 --preset small
@@ -293,7 +293,7 @@ class Args:
 
 
 PRESETS = {
-    # A full run in seconds on a CPU: 32x32 frames, small networks, a short first epoch, 200-step episodes.
+    # A full run in seconds on a CPU: 32x32 frames, small networks, short epochs and episodes.
     "tiny": dict(
         obs_size=32, diffusion_channels=(8, 8, 8), diffusion_res_blocks=1, diffusion_cond_dim=16, reward_channels=8,
         reward_cond_dim=8, reward_lstm_dim=16, actor_channels=(8, 8, 8, 8), actor_lstm_dim=16, imagination_horizon=4,
@@ -304,9 +304,9 @@ PRESETS = {
         first_epoch_actor_critic_steps=5, batch_size=8, learning_rate=1e-3, warmup_steps=5, max_episode_steps=200,
         log_every=10, eval_every=1, eval_episodes=1, test_episodes=2, num_heldout_transitions=32, save_agent_every=1,
     ),
-    # DIAMOND's whole loop at CPU scale (why these sizes: benchmark/diamond_learns.sh; RESULTS 3d): 32x32
-    # frames, a 16-channel 3-level U-Net with one Euler step and no autoregressive step, an 8-channel
-    # reward/end model, 16 imagined envs for 8 steps, 20 short epochs, 4000 env steps, 500-step episodes.
+    # DIAMOND's whole loop at CPU scale (why: benchmark/diamond_learns.sh, RESULTS 3d): 32x32 frames
+    # a 16-channel 3-level U-Net, one Euler step, no autoregressive step, an 8-channel reward/end
+    # model, 16 imagined envs for 8 steps, 20 short epochs, 4000 env steps, 500-step episodes.
     "cpu": dict(
         obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
         num_autoregressive_steps=0, num_sampling_steps=1,
@@ -1298,8 +1298,8 @@ def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, 
     b, c, ch, h, w = obs.shape
     past = obs.reshape(b, c * ch, h, w)
     sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho)
-    # DIAMOND's reference starts from x ~ N(0, I), not EDM's sigma_max * N(0, I), and its scores come
-    # from that sampler (D(x; sigma_max) hardly depends on x: c_skip(5) ~ 0.01).
+    # DIAMOND's reference starts from x ~ N(0, I), not EDM's sigma_max * N(0, I), and its scores
+    # come from that sampler (D(x; sigma_max) hardly depends on x: c_skip(5) ~ 0.01).
     x_T = torch.randn((b, ch, h, w), generator=generator, device=obs.device)
     if args.edm_initial_noise:
         x_T = float(sigmas[0]) * x_T
@@ -2605,10 +2605,10 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
     timed before the run's first collection on throwaway things: deep copies of the models with optimizers of their
     own, a replay buffer of one random-frame episode, an env of its own, generators of its own; the global RNGs are
     put back after. So the run's weights, optimizer states and random numbers are those of a run that timed nothing
-    (an exact resume depends on it). Each: one warm-up unit, then timed units until 0.2 s or `most` of them (or
-    the warm-up alone where it took over a second). On a CPU an update's time grows with its batch: batch 1 is
-    timed first, and the full batch where that x the batch is under 2 s; else the estimate is batch 1's time x
-    the batch (RESULTS.md 1 says how close). Imagination is timed eager (CUDA graphs run faster)."""
+    (an exact resume depends on it). Each: a warm-up unit, then timed units until 0.2 s or `most` of
+    them (or the warm-up alone if over 1 s). On a CPU batch 1 is timed first, and the full batch if
+    that x the batch is under 2 s; else the estimate is batch 1's time x the batch (how close:
+    RESULTS section 1). Imagination is timed eager (CUDA graphs run faster)."""
     state = rng_state()
     copies = {name: copy.deepcopy(model) for name, model in models.items()}
     learners = build_learners(args, copies, device.type == "cuda")
@@ -2790,7 +2790,7 @@ def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float
 def check_training_memory(setup, args: Args, num_actions: int):
     """Refuses in one line, before anything is allocated at full size, training steps that cannot fit in memory
     (check_step_memory): the denoiser and reward/end updates at --batch-size, the actor-critic update at
-    --num-imagined-envs; the three models' weights, gradients and AdamW states stay resident throughout."""
+    --num-imagined-envs; the three models' weights, gradients and AdamW states stay resident."""
     num_params, per_segment, per_env = step_memory_profile(args, num_actions)
     check_step_memory(setup, args.batch_size, num_params, per_segment, args.dtype)
     if not args.world_model_only:

@@ -248,9 +248,9 @@ PRESETS = {
         warmup_steps=10, ema_decay=0.9, log_every=10, save_every=20, eval_every=40, num_sampling_steps=4,
         num_eval_samples=8, num_samples=8, long_video_frames=12, sample_batch_size=8,
     ),
-    # Caption and action control in minutes on a CPU (benchmark/video_control.sh, RESULTS 2d, 3b): the
-    # tiny 3D U-Net on 8x8 sprites (a 2x2 square, 6 frames, no distractor), 2000 steps of batch 32, each
-    # condition dropped alone half the time, guidance 3; judge and direction accuracies on 128 clips.
+    # Caption and action control in minutes on a CPU (benchmark/video_control.sh, RESULTS 2d, 3b):
+    # tiny's 3D U-Net on 8x8 sprites (a 2x2 square, 6 frames, no distractor), 2000 steps of batch
+    # 32, each condition dropped alone half the time, guidance 3; judge and accuracies on 128 clips.
     "cpu": dict(
         dataset="sprites", num_frames=6, img_size=8, num_sprite_clips=2048, num_distractors=0, model_channels=16,
         channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2, norm_groups=4, text_dim=32,
@@ -262,9 +262,9 @@ PRESETS = {
 }
 # Flags spelled otherwise on the command line (none here; diamond_atari.py accepts --game for --env-id).
 FLAG_ALIASES: dict[str, str] = {}
-# What a checkpoint holds after its header, in checkpoint_state's order (args, step, every global RNG,
-# then each part's state); load_checkpoint refuses a file without one. The vocabulary and the action
-# count fix the model's shape: the run reads them before it builds it.
+# What a checkpoint holds after its header, in checkpoint_state's order (args, step, every global
+# RNG, then each part's state); load_checkpoint refuses a file without one. The vocabulary and the
+# action count fix the model's shape: the run reads them before it builds it.
 CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler", "train_generator",
                    "vocabulary", "num_actions")
 
@@ -491,9 +491,9 @@ def describe_atari_action(meaning: str) -> str:
     return " and ".join(words) if words else "stays still"
 
 
-# How the recorder makes a step's frame (cached in {data_dir}/atari/{env}/ for 1, atari_v{v}/ for v). 1:
-# ALE's frameskip 4, the last frame only: flickering objects (drawn every other frame) vanish. 2: DIAMOND's
-# AtariEnv (diamond_atari.py): each action repeated ATARI_FRAME_SKIP frames, the max of the last two kept.
+# How the recorder makes a step's frame (cached in {data_dir}/atari/{env}/, atari_v{v}/ from 2).
+# 1: ALE's frameskip 4, the last frame only: flickering objects vanish. 2: DIAMOND's AtariEnv
+# (diamond_atari.py): each action repeated ATARI_FRAME_SKIP frames, the max of the last two kept.
 ATARI_RECORDING_VERSION, ATARI_FRAME_SKIP = 2, 4
 
 
