@@ -62,10 +62,10 @@ OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
 # torch.compile's backend at every compile call here (--compile, --imagination-graphs), read at each
 # call: tests put a slow or failing backend in its place
 COMPILE_BACKEND = "inductor"
-# A flag's unit, shown by --help beside it (--save-every STEPS) and read by the tests: one meaning per name.
+# A flag's unit, shown by --help (--save-every STEPS) and read by the tests: one meaning per name.
 EPOCHS, UPDATES = tyro.conf.arg(metavar="EPOCHS"), tyro.conf.arg(metavar="UPDATES")
-# Beside an Args field: its domain ('>= 1', '> 0', '[0, 1)', checked at start-up: a numeric flag has one), and
-# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling, play); read by flag_marks.
+# Beside an Args field: its domain ('>= 1', '[0, 1)': every numeric flag, checked at start-up), and
+# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling, play): flag_marks.
 RESUME_MUTABLE = "resume-mutable"
 
 

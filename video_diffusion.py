@@ -54,12 +54,12 @@ import tyro
 SCRIPT_NAME = "video_diffusion.py"
 CHECKPOINT_FORMAT_VERSION = 1
 OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
-# torch.compile's backend (--compile), read at each compile call: tests put a counting or failing backend in its place
+# torch.compile's backend (--compile), read at each call: tests put a counting or failing one here
 COMPILE_BACKEND = "inductor"
-# A flag's unit, shown by --help beside it (--save-every STEPS) and read by the tests: one meaning per name.
+# A flag's unit, shown by --help (--save-every STEPS) and read by the tests: one meaning per name.
 STEPS = tyro.conf.arg(metavar="STEPS")
-# Beside an Args field: its domain ('>= 1', '> 0', '[0, 1)', checked at start-up: a numeric flag has one), and
-# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling, play); read by flag_marks.
+# Beside an Args field: its domain ('>= 1', '[0, 1)': every numeric flag, checked at start-up), and
+# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling, play): flag_marks.
 RESUME_MUTABLE = "resume-mutable"
 
 
