@@ -555,13 +555,15 @@ def test_diamond_learns_pipeline_with_tiny_sizes(tmp_path):
 def test_recipes_parse_and_pass_only_known_flags():
     import dataclasses
     import re
+    import typing
 
     known = {"--standalone", "--nproc_per_node"}  # torchrun's
     for script in ("ddpm_cifar10.py", "dit_cifar10.py", "video_diffusion.py", "diamond_atari.py"):
         module = load_tool(f"../{script}")
+        hints = typing.get_type_hints(module.Args)  # Annotated[bool, ...] -> bool
         for f in dataclasses.fields(module.Args):
             flag = "--" + f.name.replace("_", "-")
-            known |= {flag, "--no-" + f.name.replace("_", "-")} if f.type in (bool, "bool") else {flag}
+            known |= {flag, "--no-" + f.name.replace("_", "-")} if hints[f.name] is bool else {flag}
         known |= set(getattr(module, "FLAG_ALIASES", {}))
     for tool in ("speed.py", "samplers.py", "plot.py", "atari_scores.py", "run_atari100k.py", "unet_vs_dit.py",
                  "play_fps.py", "play_steering.py", "diamond_baselines.py"):
