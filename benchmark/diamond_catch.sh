@@ -42,6 +42,9 @@ for seed in $SEEDS; do
   "$PY" diamond_atari.py --env-id Catch --preset catch --seed "$seed" --no-cuda --output-dir "$OUT/runs" $EXTRA \
     > "$OUT/catch_seed${seed}.log" 2>&1 || { echo "seed $seed failed: see $OUT/catch_seed${seed}.log" >&2; exit 1; }
   echo "seed $seed: $(( $(date +%s) - start )) s" >> "$OUT/catch_seed${seed}.log"
+  # the curve of the agents the run kept, each on the same 200 real games
+  "$PY" benchmark/diamond_catch_diagnosis.py "$(sed -n 's/^run folder: //p' "$OUT/catch_seed${seed}.log")" --agents \
+    > "$OUT/agents_seed${seed}.txt"
 done
 # the table: per seed the test catch rate, the run's updates per model (from its config.json) and env steps
 "$PY" - "$OUT" $SEEDS <<'EOF' | tee "$OUT/summary.md"
@@ -65,4 +68,30 @@ for seed in seeds:
     wall = re.findall(r"^seed \S+: (\d+) s$", log, re.M)[-1]
     print(f"| {seed} | {games} | {mean:+.2f} | {(mean + 1) / 2:.3f} | {' / '.join(map(str, updates))} | {env_steps} "
           f"| {wall} s |")
+# the curves, per seed and evaluation: the kept agent's catch rate (200 games), the evaluation's (eval_episodes
+# games), the reward/end model's recall per reward sign and of ends (held-out transitions), the imagined minus the
+# real return of the policy from the same starts, and a random paddle's catch rate beside them
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+for seed in seeds:
+    log = (out / f"catch_seed{seed}.log").read_text()
+    run = re.findall(r"^run folder: (.*)$", log, re.M)[-1]
+    agents = {int(m[0]): float(m[1]) for m in re.findall(r"agent_epoch_(\d+)\.pt: catch rate ([\d.]+)",
+                                                            (out / f"agents_seed{seed}.txt").read_text())}
+    events = EventAccumulator(run, size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    cell = lambda tag, step, f=lambda v: f"{v:.2f}": f(scalars[tag][step]) if step in scalars.get(tag, {}) else "-"
+    print(f"\nseed {seed} ({run}):\n\n| epoch | env steps | agent catch rate (200 games) | eval catch rate "
+          "| +1 recall | -1 recall | end recall | imagined - real return | random |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for step, epoch in sorted(scalars["charts/epoch"].items()):
+        if step not in scalars.get("eval/episodic_return", {}):
+            continue
+        print(f"| {int(epoch)} | {cell('charts/env_steps', step, lambda v: f'{v:.0f}')} | "
+              f"{f'{agents[int(epoch)]:.3f}' if int(epoch) in agents else '-'} | "
+              f"{cell('eval/episodic_return', step, lambda v: f'{(v + 1) / 2:.2f}')} | "
+              f"{cell('world_model/reward_recall_pos', step)} | {cell('world_model/reward_recall_neg', step)} | "
+              f"{cell('world_model/end_recall', step)} | "
+              f"{cell('eval/imagined_minus_real_return', step, lambda v: f'{v:+.2f}')} | 0.2 |")
 EOF
