@@ -1,26 +1,24 @@
-# cleanworlds: text- and action-conditioned video diffusion. Docs and results: README.md and benchmark/RESULTS.md
+# cleanworlds: text- and action-conditioned video diffusion. Docs and results: README.md, benchmark/RESULTS.md
 """
-A 3D U-Net video diffusion model (Ho et al. 2022, "Video Diffusion Models") that generates controllable worlds: clips
-conditioned on a caption (a learned text encoder read by cross-attention) and on per-frame actions (discrete or
-continuous, added to the time embedding), sampled with DDPM or DDIM, extended beyond the training length
-autoregressively from the last k frames (with context noise augmentation, as GameNGen and DIAMOND), in one file.
+A 3D U-Net video diffusion model (Ho et al. 2022, "Video Diffusion Models") for controllable worlds: clips
+conditioned on a caption (a learned text encoder, read by cross-attention) and on per-frame actions (discrete
+or continuous, added to the time embedding), sampled with DDPM, DDIM or DPM-Solver++, and extended beyond the
+training length from the last k frames (context noise augmentation, as GameNGen and DIAMOND).
 
-The seed's setting (model_channels 256, num_res_blocks 2, 16 frames of 64x64, linear schedule, T = 1000) on one GPU:
-    python video_diffusion.py                                            # the generated sprites world
-    python video_diffusion.py --dataset atari --env-id Breakout-v5       # random-policy Breakout clips (recorded once)
-    python video_diffusion.py --dataset folder --data-dir my_videos      # your videos (+ captions.json or captions.txt)
-On 8 GPUs (global batch 64, 8 clips per GPU):
+The seed's setting (256 channels, 16 frames of 64x64, linear schedule, T = 1000) on one GPU:
+    python video_diffusion.py                                       # the generated sprites world
+    python video_diffusion.py --dataset atari --env-id Breakout-v5  # random-policy Breakout clips
+    python video_diffusion.py --dataset folder --data-dir my_videos # your videos (+ captions.json)
+On 8 GPUs (global batch 64):
     torchrun --standalone --nproc_per_node=8 video_diffusion.py --batch-size 64
-End to end in about 25 seconds on a CPU, offline (16x16 sprites, 8 frames):
+End to end in seconds on a CPU, offline; action and text control on a CPU in about 20 minutes:
     python video_diffusion.py --preset tiny
-Learn action and text control of the sprite on a CPU in about 20 minutes (8x8 frames; the tests run its first half):
     python video_diffusion.py --preset cpu
 Continue a run, or sample from it (MP4s in samples/, with a long autoregressive video):
     python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000
-    python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000 --sample-only --cfg-scale 3 \
-        --long-video-frames 64
+    python video_diffusion.py --resume RUN --sample-only --cfg-scale 3 --long-video-frames 64
 Steer a sprites model live (pip install pygame-ce) or headless from keys (MP4s in {run}/play/):  # optional: play
-    python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000 --play  # optional: play
+    python video_diffusion.py --resume RUN --play  # optional: play
     python video_diffusion.py --resume RUN --play-keys RRRDDD --play-world both  # optional: play
 Watch it:
     tensorboard --logdir runs
@@ -72,7 +70,7 @@ class Args:
     torch_deterministic: bool = True
     """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic, no
     benchmark, CUBLAS_WORKSPACE_CONFIG=:4096:8, not torch's strict deterministic algorithms (too
-    slow; benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
+    slow), so a CUDA resume is close, not bitwise"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -84,23 +82,21 @@ class Args:
     output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu"]] = None
-    """defaults: tiny = a full run on the sprites world in seconds on a CPU; cpu = sprites that move
-    as their caption and actions say, in minutes on a CPU core (README)"""
+    """tiny: a full run on the sprites world in seconds on a CPU; cpu: sprites that move as their
+    caption and actions say, in minutes on a CPU core"""
     config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
     """a run folder or checkpoint file to continue exactly where it stopped"""
 # ==== BEGIN OPTIONAL: play ====
     play: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: play an action-conditioned model live in a window (pygame: pip install
-    pygame-ce, or the `play` extra): arrows steer (the sprites world: the sprite), Enter restarts
-    from a fresh start, Tab switches to the real sprites world, R records an MP4, Esc quits"""
+    """with --resume: play an action-conditioned model live in a window (pip install pygame-ce):
+    arrows steer, Enter restarts, Tab switches to the real sprites world, R records an MP4, Esc quits"""
     play_keys: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """headless play (no window, no pygame; implies --play): one letter per step, N noop, U D L R, (Atari models)
-    F fire, Q E Z C the diagonals up-left up-right down-left down-right, lowercase u d l r q e z c the same with fire,
-    / restart; spaces are ignored. Writes the session's MP4 to {run}/play/"""
+    """headless play (implies --play): one letter per step, N noop, U D L R, (Atari) F fire, Q E Z C
+    the diagonals, lowercase: the same with fire, / restart; writes the MP4 to {run}/play/"""
     play_caption: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """play: the caption the frames are generated with (default: none, the null caption: the keys alone steer)"""
+    """play: the caption the frames are generated with (default: the null caption: keys alone steer)"""
     play_world: Annotated[Literal["imagined", "real", "both"], RESUME_MUTABLE] = "imagined"
     """headless play: the model (imagined), the real sprites world, or both in turn with the same keys"""
     play_size: Annotated[int, ">= 16", RESUME_MUTABLE] = 512
@@ -109,18 +105,18 @@ class Args:
     """play: the window's steps per second at most"""
 # ==== END OPTIONAL: play ====
     sample_only: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: load the checkpoint's EMA weights, only generate --num-samples clips (and a long video), exit"""
+    """with --resume: only generate --num-samples clips (and a long video) with the EMA weights"""
     compile: Annotated[bool, RESUME_MUTABLE] = False
-    """torch.compile the training step's model (once: fixed shapes; sampling runs the EMA model eagerly)"""
+    """torch.compile the training step's model (sampling runs the EMA model eagerly)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """autocast dtype on CUDA (float16 uses a GradScaler); the CPU always computes in float32"""
 
     # Data
     dataset: Literal["sprites", "atari", "folder"] = "sprites"
-    """sprites (generated: a sprite moved by the actions, bouncing distractors, captions), atari (random-policy clips
-    recorded from an ALE game into --data-dir) or folder (videos readable by opencv under --data-dir)"""
+    """sprites (generated: a sprite moved by the actions, captions), atari (random-policy clips of an
+    ALE game, recorded into --data-dir) or folder (videos readable by OpenCV under --data-dir)"""
     data_dir: Annotated[str, RESUME_MUTABLE] = "data"
-    """atari: episode files are recorded to and read from {data_dir}/atari_v2/{env id}/; folder: the videos"""
+    """atari: episodes are recorded to {data_dir}/atari_v2/{env id}/; folder: the videos"""
     num_frames: Annotated[int, ">= 1"] = 16
     """frames per training clip"""
     img_size: Annotated[int, ">= 1"] = 64
@@ -130,7 +126,7 @@ class Args:
     num_distractors: Annotated[int, ">= 0"] = 2
     """sprites: bouncing grey squares that no action moves"""
     action_dim: Annotated[int, ">= 0"] = 0
-    """0: discrete actions (an embedding); >0: continuous action vectors of this size through an
+    """0: discrete actions (an embedding); > 0: continuous action vectors of this size through an
     MLP, as the seed's ActionConditionedDiffusion (sprites: 2, a velocity)"""
     env_id: str = "Breakout-v5"
     """atari: the ALE game (Breakout, Breakout-v5 and ALE/Breakout-v5 are the same)"""
@@ -139,8 +135,8 @@ class Args:
     atari_episode_steps: Annotated[int, ">= 1"] = 1000
     """atari: at most this many steps per recorded episode"""
     captions_file: Optional[str] = None
-    """folder: a JSON {video file name: caption} or a text file of `name<TAB>caption` lines (default: captions.json
-    or captions.txt in --data-dir when there is one; videos without a caption get the empty caption)"""
+    """folder: JSON {file name: caption} or `name<TAB>caption` lines (default: captions.json or
+    captions.txt in --data-dir; a video without one gets the empty caption)"""
     frame_stride: Annotated[int, ">= 1"] = 1
     """folder: keep every N-th frame of the videos"""
 
@@ -152,7 +148,7 @@ class Args:
     num_res_blocks: Annotated[int, ">= 1"] = 2
     """ResBlock3D per level on the way down (one more on the way up)"""
     attn_resolutions: Annotated[tuple[int, ...], ">= 1"] = (32, 16)
-    """resolutions (in pixels) with spatio-temporal attention and text cross-attention after each ResBlock3D"""
+    """resolutions (pixels) with spatio-temporal attention and text cross-attention"""
     num_heads: Annotated[int, ">= 1"] = 8
     """attention heads"""
     norm_groups: Annotated[int, ">= 1"] = 32
@@ -166,32 +162,30 @@ class Args:
     max_text_len: Annotated[int, ">= 1"] = 16
     """caption words the model reads (words beyond are dropped, and a notice says so)"""
     cond_drop_prob: Annotated[float, "[0, 1]"] = 0.1
-    """p: in training the caption is dropped to null with probability p, and independently the actions; with
-    --null-cond-prob q each is null in q + (1 - q) p of the samples, and steers alone (the other one dropped) in
-    (1 - q)(1 - p) p of them"""
+    """p: in training the caption is dropped to null with probability p, and independently the
+    actions; each is then null in q + (1 - q) p of the samples (q: --null-cond-prob)"""
     null_cond_prob: Annotated[float, "[0, 1]"] = 0.1
-    """q: probability of dropping both together in training; both are null (the unconditional
-    model that classifier-free guidance subtracts) in q + (1 - q) p^2 of the samples. Guidance
-    (--cfg-scale other than 1) needs q > 0"""
+    """q: probability of dropping both together; both are null (the unconditional model that
+    guidance subtracts) in q + (1 - q) p^2 of the samples. --cfg-scale other than 1 needs q > 0"""
     context_frames: Annotated[int, ">= 0"] = 4
     """k: frames the model is conditioned on when it continues a video (autoregressive generation)"""
     context_prob: Annotated[float, "[0, 1]"] = 0.5
     """fraction of training clips whose first 1 to k frames (uniformly many) are given as context"""
     context_noise_max_step: Annotated[int, ">= 1"] = 100
-    """context noise augmentation: the context frames are noised to a step drawn from [0, this), told to the model"""
+    """context noise augmentation: context frames are noised to a step in [0, this), told to the model"""
     context_noise_sampling_step: Annotated[int, ">= 0", RESUME_MUTABLE] = 10
     """the context noise step used when generating (a little noise limits drift)"""
 
     # Diffusion
     prediction: Literal["eps", "v"] = "eps"
-    """what the network predicts: eps (the noise, as the seed and DDPM) or v = sqrt(abar) eps - sqrt(1-abar) x0
-    (Salimans and Ho 2022: its x0 estimate stays accurate at high noise, so small models learn far faster)"""
+    """the network predicts eps (the noise, as DDPM) or v = sqrt(abar) eps - sqrt(1-abar) x0
+    (Salimans and Ho 2022: its x0 estimate stays accurate at high noise)"""
     timesteps: Annotated[int, ">= 1"] = 1000
     """number of diffusion steps T"""
     beta_schedule: Literal["linear", "cosine"] = "linear"
     """linear (Ho et al.) or cosine (Nichol and Dhariwal)"""
     beta_start: Annotated[float, "(0, 1)"] = 1e-4
-    """beta_1 of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps (improved diffusion)"""
+    """beta_1 of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps"""
     beta_end: Annotated[float, "(0, 1)"] = 0.02
     """beta_T of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps, capped at 0.999"""
 
@@ -215,8 +209,7 @@ class Args:
     eval_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 10_000
     """sample clips and compute the eval/ metrics with the EMA model every N steps"""
     first_sample_at: Annotated[int, STEPS, ">= 0", RESUME_MUTABLE] = 0
-    """also sample 8 clips (no metrics) at this step: the run's first picture, long before the
-    first evaluation (samples/: MP4 and a PNG strip; TensorBoard); 0: none"""
+    """also sample 8 clips (no metrics) at this step: the run's first picture (0: none)"""
 
     # Sampling and evaluation
     sampler: Annotated[Literal["ddpm", "ddim", "dpm++"], RESUME_MUTABLE] = "ddim"
@@ -233,31 +226,31 @@ class Args:
     num_samples: Annotated[int, ">= 1", RESUME_MUTABLE] = 16
     """clips generated by --sample-only"""
     long_video_frames: Annotated[int, ">= 1", RESUME_MUTABLE] = 64
-    """length in frames of the autoregressive long videos written at each evaluation and by --sample-only"""
+    """frames of the autoregressive long videos written at each evaluation and by --sample-only"""
     sample_batch_size: Annotated[int, ">= 1", RESUME_MUTABLE] = 16
     """batch size when generating clips"""
 
 
 PRESETS = {
-    # The whole loop in seconds on a CPU. Its evaluation samples 7 sets of clips (the judge's, the
-    # direction accuracies', the rollouts'): 4 DDIM steps keep it short. No sprite is drawn yet.
+    # The whole loop in seconds on a CPU; 4 DDIM steps keep its evaluation (7 sets of clips) short.
     "tiny": dict(
-        dataset="sprites", num_frames=8, img_size=16, num_sprite_clips=256, num_distractors=1, model_channels=16,
-        channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2, norm_groups=4, text_dim=32,
-        text_layers=1, context_frames=2, prediction="v", total_steps=40, batch_size=8, learning_rate=2e-3,
-        warmup_steps=10, ema_decay=0.9, log_every=10, save_every=20, eval_every=40, num_sampling_steps=4,
-        num_eval_samples=8, num_samples=8, long_video_frames=12, sample_batch_size=8,
+        dataset="sprites", num_frames=8, img_size=16, num_sprite_clips=256, num_distractors=1,
+        model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2,
+        norm_groups=4, text_dim=32, text_layers=1, context_frames=2, prediction="v", total_steps=40,
+        batch_size=8, learning_rate=2e-3, warmup_steps=10, ema_decay=0.9, log_every=10, save_every=20,
+        eval_every=40, num_sampling_steps=4, num_eval_samples=8, num_samples=8, long_video_frames=12,
+        sample_batch_size=8,
     ),
-    # Caption and action control in minutes on a CPU (benchmark/video_control.sh, RESULTS 2d, 3b):
-    # tiny's 3D U-Net on 8x8 sprites (a 2x2 square, 6 frames, no distractor), 2000 steps of batch
-    # 32, each condition dropped alone half the time, guidance 3; judge and accuracies on 128 clips.
+    # Caption and action control in minutes on a CPU (benchmark/video_control.sh): tiny's U-Net on
+    # 8x8 sprites, each condition dropped alone half the time, guidance 3, metrics on 128 clips.
     "cpu": dict(
-        dataset="sprites", num_frames=6, img_size=8, num_sprite_clips=2048, num_distractors=0, model_channels=16,
-        channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2, norm_groups=4, text_dim=32,
-        text_layers=1, context_frames=3, prediction="v", cond_drop_prob=0.5, null_cond_prob=0.1, cfg_scale=3.0,
-        total_steps=2000, batch_size=32, learning_rate=1e-3, warmup_steps=10, ema_decay=0.9, log_every=100,
-        save_every=500, eval_every=1000, first_sample_at=100, num_sampling_steps=8, num_eval_samples=128,
-        num_samples=16, long_video_frames=6, sample_batch_size=128,
+        dataset="sprites", num_frames=6, img_size=8, num_sprite_clips=2048, num_distractors=0,
+        model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2,
+        norm_groups=4, text_dim=32, text_layers=1, context_frames=3, prediction="v", cond_drop_prob=0.5,
+        null_cond_prob=0.1, cfg_scale=3.0, total_steps=2000, batch_size=32, learning_rate=1e-3,
+        warmup_steps=10, ema_decay=0.9, log_every=100, save_every=500, eval_every=1000,
+        first_sample_at=100, num_sampling_steps=8, num_eval_samples=128, num_samples=16,
+        long_video_frames=6, sample_batch_size=128,
     ),
 }
 # Flags spelled otherwise on the command line (none here; diamond_atari.py accepts --game for --env-id).
@@ -315,11 +308,10 @@ def check_args(args: Args, world_size: int):
                         f"does not train; use --cfg-scale 1 (no guidance), or train with --null-cond-prob > 0")
 
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: the sprites world (generated), Atari clips (recorded with a random policy into episode .npz files), video
-# folders. Everything becomes one uint8 frame array (F, 3, H, W), the action that led into each frame, and clips
-# (a start index into the frames, a caption); a clip is frames[start : start + num_frames].
+# folders. Each becomes uint8 frames (F, 3, H, W), the action that led into each frame, and clips (a start index,
+# a caption); a clip is frames[start : start + num_frames].
 
 
 @dataclass
@@ -348,78 +340,67 @@ def sprite_geometry(img_size: int) -> tuple[int, int, int]:
     return size, max(1, size // 2), max(1, img_size // 32)
 
 
-def render_sprite_clip(state: dict, actions: np.ndarray, img_size: int) -> np.ndarray:
-    """Deterministic sprites world: uint8 (T, 3, H, W) from an initial state and the action leading into each frame
-    (actions[0] is ignored: frame 0 is the initial state). Discrete actions: 0 noop, 1-4 DIRECTIONS; continuous:
-    a (dx, dy) velocity in units of the sprite speed. Distractors bounce off the walls whatever the actions."""
-    size, dsize, speed = sprite_geometry(img_size)
-    pos = np.array(state["sprite"], dtype=np.float32)
-    dpos = np.array(state["distractors"], dtype=np.float32).reshape(-1, 2)
-    dvel = np.array(state["distractor_velocities"], dtype=np.float32).reshape(-1, 2)
-    colour = np.array(SPRITE_COLOURS[state["colour"]], dtype=np.uint8)
-    frames = np.full((len(actions), img_size, img_size, 3), BACKGROUND, dtype=np.uint8)
-    for i in range(len(actions)):
-        if i > 0:
-            a = actions[i]
-            move = (np.asarray(a, dtype=np.float32) if np.ndim(a) else
-                    (DIRECTION_VECTORS[int(a) - 1] if int(a) > 0 else np.zeros(2, np.float32)))
-            pos = np.clip(pos + move * speed, 0, img_size - size)
-            dpos = dpos + dvel
-            bounce = (dpos < 0) | (dpos > img_size - dsize)  # reflect off the walls
-            dvel = np.where(bounce, -dvel, dvel)
-            dpos = np.clip(dpos, 0, img_size - dsize)
-        for x, y in np.round(dpos).astype(int):
-            frames[i, y: y + dsize, x: x + dsize] = DISTRACTOR_GREY
-        x, y = np.round(pos).astype(int)
-        frames[i, y: y + size, x: x + size] = colour  # the sprite is drawn last: always fully visible
-    return frames.transpose(0, 3, 1, 2)
-
-
 def sprite_positions(state: dict, actions: np.ndarray, img_size: int) -> np.ndarray:
-    """The sprite's rendered top-left corner (T, 2) under the actions (the rule render_sprite_clip draws)."""
+    """The sprite's top-left corner (T, 2) under the action leading into each frame (actions[0] is ignored):
+    discrete 0 noop, 1-4 DIRECTIONS; continuous a (dx, dy) velocity in sprite speeds. It stops at the walls."""
     size, _, speed = sprite_geometry(img_size)
     pos, out = np.array(state["sprite"], dtype=np.float32), []
-    for i in range(len(actions)):
+    for i, a in enumerate(actions):
         if i > 0:
-            a = actions[i]
             move = (np.asarray(a, dtype=np.float32) if np.ndim(a) else
-                    (DIRECTION_VECTORS[int(a) - 1] if int(a) > 0 else np.zeros(2, np.float32)))
+                    DIRECTION_VECTORS[int(a) - 1] if int(a) > 0 else np.zeros(2, np.float32))
             pos = np.clip(pos + move * speed, 0, img_size - size)
         out.append(np.round(pos))
     return np.stack(out)
 
 
+def render_sprite_clip(state: dict, actions: np.ndarray, img_size: int) -> np.ndarray:
+    """The sprites world, deterministic: uint8 (T, 3, H, W) from an initial state and the actions
+    (sprite_positions); the grey distractors bounce off the walls whatever the actions."""
+    size, dsize, _ = sprite_geometry(img_size)
+    dpos = np.array(state["distractors"], dtype=np.float32).reshape(-1, 2)
+    dvel = np.array(state["distractor_velocities"], dtype=np.float32).reshape(-1, 2)
+    colour = np.array(SPRITE_COLOURS[state["colour"]], dtype=np.uint8)
+    frames = np.full((len(actions), img_size, img_size, 3), BACKGROUND, dtype=np.uint8)
+    for i, (x, y) in enumerate(sprite_positions(state, actions, img_size).astype(int)):
+        if i > 0:
+            dpos = dpos + dvel
+            dvel = np.where((dpos < 0) | (dpos > img_size - dsize), -dvel, dvel)  # reflect off the walls
+            dpos = np.clip(dpos, 0, img_size - dsize)
+        for dx, dy in np.round(dpos).astype(int):
+            frames[i, dy: dy + dsize, dx: dx + dsize] = DISTRACTOR_GREY
+        frames[i, y: y + size, x: x + size] = colour  # drawn last: the sprite is always fully visible
+    return frames.transpose(0, 3, 1, 2)
+
+
 def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_distractors: int = 1,
                          action_dim: int = 0, seed: int = 0) -> VideoData:
-    """Clips of a coloured square that the actions move, with captions "a red square moves right".
+    """Clips of a coloured square that the actions move, captioned "a red square moves right".
 
-    Each clip has a commanded direction d: the action leading into each frame is d with probability 3/4, else a noop
-    or a perpendicular move, never the opposite. The start is uniform over the frame whatever d, so the first frame
-    says (almost) nothing of where the sprite will go: the caption or the actions must. The sprite stops at the walls,
-    and a clip is redrawn until its net displacement is along d (the caption is always true of the frames)."""
+    Each clip has a commanded direction d: each action is d with probability 3/4, else a noop or a
+    perpendicular move, never the opposite. The start is uniform whatever d (the first frame does not
+    tell where the sprite goes), and a clip is redrawn until its net move is along d."""
     if num_frames < 2:
         raise UserError(f"--num-frames {num_frames}: a sprites clip needs at least 2 frames to show a move; use "
                         f"--num-frames 2 or more")
     size, dsize, speed = sprite_geometry(img_size)
-    span = img_size - size
     rng = np.random.default_rng(seed)
     frames, actions, captions, directions, states = [], [], [], [], []
     for _ in range(num_clips):
         for _attempt in range(1000):
             d = int(rng.integers(4))
-            xy = rng.integers(0, span + 1, size=2).tolist()  # independent of d: no start-position hint
+            xy = rng.integers(0, img_size - size + 1, size=2).tolist()  # independent of d
             perpendicular = [e for e in range(4) if (e >= 2) != (d >= 2)]
             choice = rng.random(num_frames)
             sideways = np.array(perpendicular)[rng.integers(2, size=num_frames)] + 1
             discrete = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways))
             discrete[0] = 0
-            if action_dim > 0:  # a velocity: the discrete move scaled by U(0.6, 1), plus a little sideways jitter
+            clip_actions = discrete.astype(np.int64)
+            if action_dim > 0:  # a velocity: the discrete move scaled by U(0.6, 1), plus a little jitter
                 a = DIRECTION_VECTORS[np.maximum(discrete - 1, 0)] * (discrete > 0)[:, None]
                 a = a * rng.uniform(0.6, 1.0, (num_frames, 1)) + rng.normal(0, 0.05, (num_frames, 2))
                 a[0] = 0
                 clip_actions = a.astype(np.float32)
-            else:
-                clip_actions = discrete.astype(np.int64)
             state = {"sprite": [float(xy[0]), float(xy[1])], "colour": list(SPRITE_COLOURS)[int(rng.integers(4))],
                      "distractors": rng.uniform(0, img_size - dsize, (num_distractors, 2)).tolist(),
                      "distractor_velocities": (rng.choice([-1.0, 1.0], (num_distractors, 2)) * speed).tolist()}
@@ -451,23 +432,24 @@ def resize_frame(rgb: np.ndarray, img_size: int) -> np.ndarray:
 
 
 def clips_of_episodes(episodes: list, num_frames: int) -> tuple[np.ndarray, np.ndarray, list]:
-    """Concatenates episodes' frames; clips are windows of num_frames with a stride of num_frames // 2."""
-    offsets, starts, owners, total = [], [], [], 0
+    """Concatenates episodes' frames; clips are windows of num_frames with a stride of num_frames // 2. Returns the
+    frames, the clip starts and each clip's (episode, start in it)."""
+    starts, owners, total = [], [], 0
     for e, frames in enumerate(episodes):
         for s in range(0, len(frames) - num_frames + 1, max(1, num_frames // 2)):
             starts.append(total + s)
             owners.append((e, s))
-        offsets.append(total)
         total += len(frames)
     return np.concatenate(episodes), np.array(starts, dtype=np.int64), owners
 
 
 ATARI_AGENTS = {"Breakout": "paddle", "Pong": "paddle", "SpaceInvaders": "cannon", "Freeway": "chicken",
                 "Boxing": "boxer", "MsPacman": "pacman", "Seaquest": "submarine"}
+ATARI_FRAME_SKIP = 4
 
 
 def atari_ids(env_id: str) -> tuple[str, str, str]:
-    """(gymnasium id, canonical id without a slash, game) for Breakout / Breakout-v5 / ALE/Breakout-v5 spellings."""
+    """(gymnasium id, canonical id without a slash, game) for Breakout / Breakout-v5 / ALE/Breakout-v5."""
     import ale_py
     import gymnasium as gym
 
@@ -491,19 +473,13 @@ def describe_atari_action(meaning: str) -> str:
     return " and ".join(words) if words else "stays still"
 
 
-# How the recorder makes a step's frame (cached in {data_dir}/atari/{env}/, atari_v{v}/ from 2).
-# 1: ALE's frameskip 4, the last frame only: flickering objects vanish. 2: DIAMOND's AtariEnv
-# (diamond_atari.py): each action repeated ATARI_FRAME_SKIP frames, the max of the last two kept.
-ATARI_RECORDING_VERSION, ATARI_FRAME_SKIP = 2, 4
-
-
-def atari_folder(data_dir: str, canonical: str, version: int = ATARI_RECORDING_VERSION) -> Path:
-    return Path(data_dir) / ("atari" if version == 1 else f"atari_v{version}") / canonical
+def atari_folder(data_dir: str, canonical: str) -> Path:
+    return Path(data_dir) / "atari_v2" / canonical  # v2: recorded by atari_step (v1 kept ALE's last frame only)
 
 
 def atari_step(env, action: int) -> tuple[np.ndarray, float, bool, bool]:
-    """One step as DIAMOND's AtariEnv.step: the action for ATARI_FRAME_SKIP frames of a frameskip-1 emulator (the
-    rewards summed, stopping at the episode's end); the frame is the max over the last two (Atari sprites flicker)."""
+    """One step as DIAMOND's AtariEnv.step: the action for ATARI_FRAME_SKIP frames (the rewards summed, stopping at
+    the episode's end); the frame is the max over the last two (Atari sprites flicker)."""
     reward, last_frames = 0.0, []
     for _ in range(ATARI_FRAME_SKIP):
         frame, r, terminated, truncated, _ = env.step(action)
@@ -516,15 +492,14 @@ def atari_step(env, action: int) -> tuple[np.ndarray, float, bool, bool]:
 
 def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_steps: int, img_size: int, seed: int,
                           game: str):
-    """Random-policy episodes (each action held for 1-8 steps, so that motion shows), as episode files
-    (docs/PROMISES.md section 3); each step is atari_step's (the recording version ATARI_RECORDING_VERSION)."""
+    """Random-policy episodes (each action held for 1-8 steps, so that motion shows) as episode files, written
+    atomically (a killed recording never leaves a half-written episode); existing ones are kept."""
     import gymnasium as gym
 
     folder.mkdir(parents=True, exist_ok=True)
     if all((folder / f"episode_{i:05d}.npz").exists() for i in range(num_episodes)):
         return  # all recorded: no emulator to start
-    # frameskip 1: atari_step repeats the action itself; repeat_action_probability 0: the recorded
-    # action is the one the emulator executed (no sticky actions)
+    # frameskip 1: atari_step repeats the action itself; no sticky actions: the recorded action is the one executed
     env = gym.make(gym_id, frameskip=1, repeat_action_probability=0.0)
     try:
         for i in range(num_episodes):
@@ -542,7 +517,10 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
                 obs, reward, term, trunc = atari_step(env, action)
                 trunc = trunc or step == max_steps - 1
                 frames.append(resize_frame(obs, img_size))
-                actions.append(action), rewards.append(reward), terminated.append(term), truncated.append(trunc)
+                actions.append(action)
+                rewards.append(reward)
+                terminated.append(term)
+                truncated.append(trunc)
                 if term or trunc:
                     break
             tmp = folder / f".{path.stem}.tmp.npz"
@@ -550,7 +528,7 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
                 np.savez(tmp, obs=np.stack(frames).transpose(0, 2, 3, 1), actions=np.array(actions, dtype=np.int64),
                          rewards=np.array(rewards, dtype=np.float32), terminated=np.array(terminated, dtype=bool),
                          truncated=np.array(truncated, dtype=bool), caption=np.array([game]))
-                os.replace(tmp, path)  # a killed recording never leaves a half-written episode
+                os.replace(tmp, path)
             except BaseException as e:  # a full disk, or a Ctrl-C in the middle of the write: no temporary file left
                 with contextlib.suppress(OSError):
                     tmp.unlink(missing_ok=True)
@@ -561,8 +539,6 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
                                       f"so far are kept)") from None
     finally:
         env.close()
-
-
 EPISODE_KEYS = {"obs": np.uint8, "actions": np.int64, "rewards": np.float32, "terminated": np.bool_,
                 "truncated": np.bool_}
 
@@ -606,18 +582,12 @@ def read_episode(path: Path, num_actions: int, fix: str) -> dict:
 
 
 def load_atari_dataset(args: "Args") -> VideoData:
-    """Episode files (docs/PROMISES.md section 3) in {data_dir}/atari_v2/{env}/ (atari_folder), recorded first if
-    there are too few. Each clip's caption names the action held most often in it: "Breakout: the paddle moves left"."""
+    """The episode files in atari_folder, recorded first if there are too few. Each clip's caption names the action
+    held most often in it: "Breakout: the paddle moves left"."""
     import gymnasium as gym
 
     gym_id, canonical, game = atari_ids(args.env_id)
     folder = atari_folder(args.data_dir, canonical)
-    old = [atari_folder(args.data_dir, canonical, v) for v in range(1, ATARI_RECORDING_VERSION)]
-    old = [f for f in old if any(f.glob("episode_*.npz"))]
-    if old and not any(folder.glob("episode_*.npz")) and torchrun_world()[1] == 0:
-        print(f"notice: {old[-1]} holds episodes of an older recorder (ALE's frameskip 4, the last frame only: "
-              f"flickering objects vanish); they are not reused: recording anew into {folder} (delete the old folder "
-              f"to free its space)", flush=True)
     record_atari_episodes(gym_id, folder, args.num_atari_episodes, args.atari_episode_steps, args.img_size, args.seed,
                           game)
     env = gym.make(gym_id)
@@ -626,20 +596,19 @@ def load_atari_dataset(args: "Args") -> VideoData:
     episodes, episode_actions = [], []
     for path in sorted(folder.glob("episode_*.npz"))[: args.num_atari_episodes]:
         episode = read_episode(path, len(meanings), "delete it (a missing episode is recorded again)")
-        obs, actions = episode["obs"], episode["actions"]
+        obs = episode["obs"]
         if obs.shape[1:3] != (args.img_size, args.img_size):
             obs = np.stack([resize_frame(o, args.img_size).transpose(1, 2, 0) for o in obs])
         episodes.append(np.ascontiguousarray(obs.transpose(0, 3, 1, 2)))
-        episode_actions.append(np.concatenate([[0], actions]))  # NOOP (0) leads into the first frame
+        episode_actions.append(np.concatenate([[0], episode["actions"]]))  # NOOP (0) leads into the first frame
     frames, starts, owners = clips_of_episodes(episodes, args.num_frames)
     if len(starts) == 0:
         raise UserError(f"no episode in {folder} has {args.num_frames} frames: raise --atari-episode-steps or lower "
                         f"--num-frames")
-    agent = ATARI_AGENTS.get(game, "player")
     captions = []
     for e, s in owners:
         held = np.bincount(episode_actions[e][s + 1: s + args.num_frames], minlength=len(meanings)).argmax()
-        captions.append(f"{game}: the {agent} {describe_atari_action(meanings[held])}")
+        captions.append(f"{game}: the {ATARI_AGENTS.get(game, 'player')} {describe_atari_action(meanings[held])}")
     return VideoData(frames=frames, actions=np.concatenate(episode_actions), clip_starts=starts, captions=captions,
                      directions=np.full(len(starts), -1, dtype=np.int64), num_actions=len(meanings),
                      dataset_id=canonical)
@@ -660,8 +629,8 @@ def read_captions_file(path: Path) -> dict:
 
 
 def read_video(path: Path, img_size: int) -> list[np.ndarray]:
-    """A video file's frames, each through resize_frame. A file that is empty or unreadable, or of which OpenCV decodes
-    no frame, is refused (OpenCV would give no frames, and FFmpeg's own line, "moov atom not found", names no file)."""
+    """A video file's frames, each through resize_frame. An empty or unreadable file, or one OpenCV decodes no
+    frame of, is refused in one line naming it (FFmpeg's own "moov atom not found" names no file)."""
     import cv2
 
     fix = "replace it with a video OpenCV can read or remove it"
@@ -672,8 +641,7 @@ def read_video(path: Path, img_size: int) -> list[np.ndarray]:
         raise UserError(f"{path}: cannot read it ({e.strerror}); make it readable or remove it") from None
     if empty:
         raise UserError(f"{path}: empty file; {fix}")
-    # FFmpeg writes its line for a file it cannot open to file descriptor 2 itself (OpenCV's log level does not reach
-    # it): that goes to os.devnull while the file is opened and its first frame read, and the error below says it all
+    # FFmpeg writes to file descriptor 2 itself (OpenCV's log level does not reach it): silenced while the file opens
     sys.stderr.flush()
     stderr_fd, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
@@ -690,8 +658,8 @@ def read_video(path: Path, img_size: int) -> list[np.ndarray]:
         ok, bgr = capture.read()
     capture.release()
     if not frames:
-        raise UserError(f"{path}: OpenCV decodes no frame of it (a cut or corrupt file, or a codec its FFmpeg lacks); "
-                        f"{fix}")
+        raise UserError(f"{path}: OpenCV decodes no frame of it (a cut or corrupt file, or a codec its FFmpeg "
+                        f"lacks); {fix}")
     return frames
 
 
@@ -701,12 +669,12 @@ def load_video_folder(args: "Args") -> VideoData:
     if not root.is_dir():
         raise UserError(f"--data-dir {args.data_dir} is not a folder (--dataset folder reads videos from it)")
 
-    def unreadable(e: OSError):  # os.walk's onerror (Path.rglob would skip the folder and its videos without a word)
+    def unreadable(e: OSError):  # os.walk's onerror (Path.rglob would skip the folder without a word)
         raise UserError(f"{e.filename}: cannot read this folder ({e.strerror}); make it readable or move it out of "
                         f"--data-dir")
 
     paths = sorted(Path(folder) / name for folder, _, names in os.walk(root, onerror=unreadable) for name in names
-                   if Path(name).suffix.lower() in VIDEO_EXTENSIONS)  # a file that cannot be read: read_video says so
+                   if Path(name).suffix.lower() in VIDEO_EXTENSIONS)
     if not paths:
         raise UserError(f"no videos ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {args.data_dir}")
     captions_path = Path(args.captions_file) if args.captions_file else next(
@@ -725,8 +693,6 @@ def load_video_folder(args: "Args") -> VideoData:
     frames, starts, owners = clips_of_episodes(episodes, args.num_frames)
     return VideoData(frames=frames, actions=None, clip_starts=starts, captions=[episode_captions[e] for e, _ in owners],
                      directions=np.full(len(starts), -1, dtype=np.int64), num_actions=0, dataset_id="folder")
-
-
 def load_dataset(args: "Args") -> VideoData:
     if args.dataset == "sprites":
         return make_sprites_dataset(args.num_sprite_clips, args.num_frames, args.img_size, args.num_distractors,
@@ -745,20 +711,6 @@ def eval_subset(data: VideoData, args: "Args") -> VideoData:
     chosen = np.linspace(0, len(data.clip_starts) - 1, n).round().astype(np.int64)
     return replace(data, clip_starts=data.clip_starts[chosen], captions=[data.captions[i] for i in chosen],
                    directions=data.directions[chosen])
-
-
-def gather_clips(frames: torch.Tensor, starts: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """uint8 frames (F, 3, H, W) and clip starts (B,) -> float clips (B, 3, T, H, W) in [-1, 1]."""
-    index = starts[:, None] + torch.arange(num_frames, device=starts.device)
-    return frames[index].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0
-
-
-def gather_actions(actions: Optional[torch.Tensor], starts: torch.Tensor, num_frames: int) -> Optional[torch.Tensor]:
-    if actions is None:
-        return None
-    return actions[starts[:, None] + torch.arange(num_frames, device=starts.device)]  # (B, T) or (B, T, A)
-
-
 def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
     # The data order is a pure function of (seed, epoch), so the position in it is just the step counter: an exact
     # resume needs no saved sampler state, and every torchrun rank agrees on the global batch.
@@ -777,8 +729,8 @@ def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) 
     return torch.cat(chunks)
 
 
-# Words: a vocabulary built from the dataset's captions (a pretrained text encoder needs a hub; this one is learned
-# with the model). Token 0 pads; the empty caption is the single token <null>: the null condition for guidance.
+# Words: a vocabulary built from the dataset's captions, learned with the model (a pretrained text encoder needs a
+# hub). Token 0 pads; the empty caption is the single token <null>: the null condition for guidance.
 SPECIAL_TOKENS = ["<pad>", "<null>", "<unk>"]
 PAD_ID, NULL_ID, UNK_ID = 0, 1, 2
 
@@ -814,27 +766,24 @@ def unknown_words(captions: list, vocabulary: list, max_len: int) -> list[str]:
 
 
 def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list[str]:
-    """Notice lines on the data's captions: those of more than max_len words (tokenize keeps the first max_len, so
-    captions that differ only after that are one condition), and words that a resumed model's vocabulary lacks
-    (each becomes <unk>, whose embedding no caption it trained on ever reached: its Adam moments are exactly 0)."""
+    """Notices on the data's captions: those over max_len words (tokenize cuts them, so captions that differ only
+    after that are one condition), and words a resumed model's vocabulary lacks (each read as the untrained <unk>)."""
     distinct = {tuple(caption_words(c)) for c in captions}
     long = [words for words in distinct if len(words) > max_len]
+    unknown = unknown_words(captions, vocabulary, max_len)
     notices = []
     if long:
         conditions = len({words[:max_len] for words in distinct})
+        merged = f", so the {len(distinct)} captions are {conditions} conditions" if conditions < len(distinct) else ""
         notices.append(f"notice: {len(long)} of the {len(distinct)} distinct captions have more than --max-text-len "
-                       f"{max_len} words (up to {max(map(len, long))}): the model reads their first {max_len}" +
-                       (f", so the {len(distinct)} captions are {conditions} conditions" if conditions < len(distinct)
-                        else "") + "; a new run with a larger --max-text-len reads them whole")
-    unknown = unknown_words(captions, vocabulary, max_len)
+                       f"{max_len} words (up to {max(map(len, long))}): the model reads their first {max_len}"
+                       f"{merged}; a new run with a larger --max-text-len reads them whole")
     if unknown:
         shown = ", ".join(unknown[:12]) + (" ..." if len(unknown) > 12 else "")
         notices.append(f"notice: the checkpoint's vocabulary (the words of the captions it first trained on) lacks "
                        f"{len(unknown)} of these captions' words: {shown}; the model reads each as <unk>, one token "
                        f"for all of them, which it has not learned")
     return notices
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Noise schedule. Everything is computed in float64 and cast at the point of use.
 
