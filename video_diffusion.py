@@ -539,6 +539,8 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
                                       f"so far are kept)") from None
     finally:
         env.close()
+
+
 EPISODE_KEYS = {"obs": np.uint8, "actions": np.int64, "rewards": np.float32, "terminated": np.bool_,
                 "truncated": np.bool_}
 
@@ -693,6 +695,8 @@ def load_video_folder(args: "Args") -> VideoData:
     frames, starts, owners = clips_of_episodes(episodes, args.num_frames)
     return VideoData(frames=frames, actions=None, clip_starts=starts, captions=[episode_captions[e] for e, _ in owners],
                      directions=np.full(len(starts), -1, dtype=np.int64), num_actions=0, dataset_id="folder")
+
+
 def load_dataset(args: "Args") -> VideoData:
     if args.dataset == "sprites":
         return make_sprites_dataset(args.num_sprite_clips, args.num_frames, args.img_size, args.num_distractors,
@@ -711,6 +715,8 @@ def eval_subset(data: VideoData, args: "Args") -> VideoData:
     chosen = np.linspace(0, len(data.clip_starts) - 1, n).round().astype(np.int64)
     return replace(data, clip_starts=data.clip_starts[chosen], captions=[data.captions[i] for i in chosen],
                    directions=data.directions[chosen])
+
+
 def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
     # The data order is a pure function of (seed, epoch), so the position in it is just the step counter: an exact
     # resume needs no saved sampler state, and every torchrun rank agrees on the global batch.
@@ -784,6 +790,8 @@ def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list
                        f"{len(unknown)} of these captions' words: {shown}; the model reads each as <unk>, one token "
                        f"for all of them, which it has not learned")
     return notices
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Noise schedule. Everything is computed in float64 and cast at the point of use.
 
@@ -834,9 +842,8 @@ class SinusoidalPosEmb(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         half = dim // 2
-        # a buffer (not saved): it follows the module's device and dtype
-        self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) /
-                                                (half - 1)), persistent=False)
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / (half - 1))
+        self.register_buffer("freqs", freqs, persistent=False)  # follows the module's device, not saved
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         angles = t.to(self.freqs.dtype)[:, None] * self.freqs[None, :]
@@ -844,9 +851,9 @@ class SinusoidalPosEmb(nn.Module):
 
 
 class ResBlock3D(nn.Module):
-    """GN-swish-conv(1x3x3), + Dense(swish(emb)) per frame, GN-swish-dropout-conv(1x3x3), shortcut; then temporal
-    mixing: + conv(3x1x1)(swish(GN(h))). The space convs see one frame at a time, the temporal conv one pixel over
-    three frames ((2+1)D factorisation). The last conv of each branch starts at zero: the block starts as identity."""
+    """GN-swish-conv(1x3x3), + Dense(swish(emb)) per frame, GN-swish-dropout-conv(1x3x3), shortcut; then
+    temporal mixing: + conv(3x1x1)(swish(GN(h))): a (2+1)D factorisation. Each branch's last conv starts
+    at zero: the block starts as the identity."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0,
                  norm_groups: int = 32):
@@ -860,16 +867,13 @@ class ResBlock3D(nn.Module):
         self.temporal_norm = group_norm(out_channels, norm_groups)
         self.temporal_conv = nn.Conv3d(out_channels, out_channels, (3, 1, 1), padding=(1, 0, 0))
         self.shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
-        nn.init.zeros_(self.temporal_conv.weight)
-        nn.init.zeros_(self.temporal_conv.bias)
+        for zero in (self.conv2.weight, self.conv2.bias, self.temporal_conv.weight, self.temporal_conv.bias):
+            nn.init.zeros_(zero)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb_proj(F.silu(emb)).permute(0, 2, 1)[:, :, :, None, None]  # emb (B, T, E) -> (B, C, T, 1, 1)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        h = self.shortcut(x) + h
+        h = h + self.emb_proj(F.silu(emb)).permute(0, 2, 1)[:, :, :, None, None]  # (B, T, E) -> (B, C, T, 1, 1)
+        h = self.shortcut(x) + self.conv2(self.dropout(F.silu(self.norm2(h))))
         return h + self.temporal_conv(F.silu(self.temporal_norm(h)))
 
 
@@ -893,16 +897,15 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None):
-        # context_mask (B, L) True for real tokens: padding is never attended to
-        mask = None if context_mask is None else context_mask[:, None, None, :]
-        return self.to_out(multi_head_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.num_heads,
-                                                mask))
+        mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, L): padding never attended
+        out = multi_head_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.num_heads, mask)
+        return self.to_out(out)
 
 
 class SpatioTemporalAttention(nn.Module):
-    """Spatial self-attention (frames as batch), then temporal self-attention (pixels as batch) with a learned
-    relative position bias (so frame order needs no absolute time, and any clip length works), then cross-attention
-    to the caption. Each is a residual branch whose output projection starts at zero."""
+    """Spatial self-attention (frames as batch), then temporal self-attention (pixels as batch) with a
+    learned relative position bias (any clip length works), then cross-attention to the caption. Each is
+    a residual branch whose output projection starts at zero."""
 
     def __init__(self, channels: int, num_heads: int = 8, norm_groups: int = 32, context_dim: Optional[int] = None,
                  max_relative_position: int = 32):
@@ -929,9 +932,10 @@ class SpatioTemporalAttention(nn.Module):
         x = x + self.spatial_out(out).reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
         tokens = self.temporal_norm(x).permute(0, 3, 4, 2, 1).reshape(b * h * w, t, c)  # (B*HW, T, C)
-        offsets = torch.arange(t, device=x.device)[None, :] - torch.arange(t, device=x.device)[:, None]  # j - i
+        frame = torch.arange(t, device=x.device)
         m = self.max_relative_position
-        bias = self.relative_bias[offsets.clamp(-m, m) + m].permute(2, 0, 1).to(tokens.dtype)  # (heads, T, T)
+        offsets = (frame[None, :] - frame[:, None]).clamp(-m, m)  # j - i
+        bias = self.relative_bias[offsets + m].permute(2, 0, 1).to(tokens.dtype)  # (heads, T, T)
         out = multi_head_attention(*self.temporal_qkv(tokens).chunk(3, dim=-1), self.num_heads, bias)
         x = x + self.temporal_out(out).reshape(b, h, w, t, c).permute(0, 4, 3, 1, 2)
 
@@ -971,8 +975,8 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.token_embed = nn.Embedding(vocab_size, dim)
         self.pos_embed = nn.Parameter(torch.randn(max_len, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, num_heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(dim, num_heads, 4 * dim, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
@@ -983,13 +987,13 @@ class TextEncoder(nn.Module):
 
 
 class VideoDiffusionModel(nn.Module):
-    """The 3D U-Net: predicts the noise eps(x_t, t | caption, actions, context) for clips (B, 3, T, H, W) in [-1, 1].
+    """The 3D U-Net: eps(x_t, t | caption, actions, context) for clips (B, 3, T, H, W) in [-1, 1].
 
-    Conditioning: the caption through cross-attention at the attention resolutions (and its mean token added to the
-    time embedding, as Video Diffusion Models add pooled text); per-frame actions (an embedding for discrete actions,
-    with a null row; an MLP for continuous ones, as the seed's ActionConditionedDiffusion, with a learned null vector)
-    added to the time embedding of their frame; context frames (for autoregressive continuation) concatenated on the
-    channels with their mask, the noisy input zeroed there, and their noise level embedded like the time."""
+    The caption: cross-attention at the attention resolutions, and its mean token added to the time
+    embedding (pooled text, as Video Diffusion Models). Per-frame actions (an embedding with a null row,
+    or for continuous ones the seed's MLP with a learned null vector) are added to their frame's time
+    embedding. Context frames are concatenated on the channels with their mask, the noisy input zeroed
+    there, and their noise level is embedded like the time."""
 
     def __init__(self, in_channels: int = 3, model_channels: int = 256, num_res_blocks: int = 2,
                  channel_mult: tuple[int, ...] = (1, 2, 2), attn_resolutions: tuple[int, ...] = (32, 16),
@@ -1000,20 +1004,19 @@ class VideoDiffusionModel(nn.Module):
         self.model_channels, self.num_actions, self.action_dim = model_channels, num_actions, action_dim
         self.max_text_len = max_text_len
         emb = 4 * model_channels
-        self.time_embed = nn.Sequential(SinusoidalPosEmb(model_channels), nn.Linear(model_channels, emb), nn.GELU(),
-                                        nn.Linear(emb, emb))
+        self.time_embed = nn.Sequential(SinusoidalPosEmb(model_channels), nn.Linear(model_channels, emb),
+                                        nn.GELU(), nn.Linear(emb, emb))
         self.context_noise_embed = nn.Sequential(SinusoidalPosEmb(model_channels), nn.Linear(model_channels, emb),
                                                  nn.GELU(), nn.Linear(emb, emb))
         text_heads = text_dim // 64 if text_dim % 64 == 0 else 1  # heads of width 64 where the width allows
         self.text_encoder = TextEncoder(vocab_size, text_dim, text_layers, text_heads, max_text_len)
         self.text_pool = nn.Linear(text_dim, emb)
-        if action_dim > 0:  # the seed's ActionConditionedDiffusion: Linear(action_dim, 256) -> ReLU -> Linear(256, 4C)
+        self.action_encoder = None
+        if action_dim > 0:  # the seed's ActionConditionedDiffusion: Linear(A, 256) -> ReLU -> Linear(256, 4C)
             self.action_encoder = nn.Sequential(nn.Linear(action_dim, 256), nn.ReLU(), nn.Linear(256, emb))
             self.null_action = nn.Parameter(torch.zeros(emb))
         elif num_actions > 0:
             self.action_encoder = nn.Embedding(num_actions + 1, emb)  # row num_actions: the null action
-        else:
-            self.action_encoder = None
 
         # in: the noisy clip, the context frames and the context mask
         self.input_conv = nn.Conv3d(2 * in_channels + 1, model_channels, (1, 3, 3), padding=(0, 1, 1))
@@ -1041,15 +1044,15 @@ class VideoDiffusionModel(nn.Module):
         self.up_blocks, self.up_attns, self.upsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for _ in range(num_res_blocks + 1):
-                self.up_blocks.append(ResBlock3D(current + skip_channels.pop(), model_channels * mult, emb, dropout,
-                                                 norm_groups))
+                self.up_blocks.append(ResBlock3D(current + skip_channels.pop(), model_channels * mult, emb,
+                                                 dropout, norm_groups))
                 current = model_channels * mult
                 self.up_attns.append(attention(current))
             if level != 0:
                 self.upsamples.append(Upsample3D(current))
                 resolution *= 2
         self.out_norm = group_norm(current, norm_groups)
-        self.out = nn.Conv3d(current, in_channels, 3, padding=1)  # the seed's 3x3x3 output conv, zero-initialised
+        self.out = nn.Conv3d(current, in_channels, 3, padding=1)  # the seed's 3x3x3 output conv, starts at zero
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         self.num_levels, self.num_res_blocks = len(channel_mult), num_res_blocks
@@ -1080,15 +1083,13 @@ class VideoDiffusionModel(nn.Module):
                 context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                 context_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, 3, T, H, W), t (B,) int; text (B, L) tokens (None: the null caption); actions (B, T) int or
-        (B, T, A) float (None: null); drop_actions (B,) bool; context (B, 3, T, H, W) with context_mask (B, T) (1 for
-        context frames) and context_noise (B,) the step the context was noised to."""
+        (B, T, A) float (None: null); drop_actions (B,) bool; context (B, 3, T, H, W) with context_mask (B, T)
+        (1 for context frames) and context_noise (B,), the step the context was noised to."""
         b, _, num_frames, height, width = x.shape
         emb = self.time_embed(t)
         if context_noise is not None:
             emb = emb + self.context_noise_embed(context_noise)
-        if text is None:
-            text = self.null_text(b, x.device)
-        text_tokens, text_mask = self.text_encoder(text)
+        text_tokens, text_mask = self.text_encoder(self.null_text(b, x.device) if text is None else text)
         pooled = (text_tokens * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True)
         emb = (emb + self.text_pool(pooled))[:, None, :].expand(b, num_frames, -1)  # (B, T, 4C)
         if self.action_encoder is not None:
@@ -1098,8 +1099,8 @@ class VideoDiffusionModel(nn.Module):
             context = torch.zeros_like(x)
         else:
             mask = context_mask.to(x.dtype)[:, None, :, None, None]
-        h = self.input_conv(torch.cat([x * (1 - mask), context * mask, mask.expand(b, 1, num_frames, height, width)],
-                                      dim=1))
+        mask_channel = mask.expand(b, 1, num_frames, height, width)
+        h = self.input_conv(torch.cat([x * (1 - mask), context * mask, mask_channel], dim=1))
 
         def attend(attn, h):
             return h if isinstance(attn, nn.Identity) else attn(h, text_tokens, text_mask)
@@ -1306,18 +1307,23 @@ def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Ten
     return model_fn
 
 
-def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str, num_steps: int,
-                  eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
+                  num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Runs the chosen sampler and returns clips in [-1, 1] (B, 3, T, H, W)."""
-    T = len(alphas_cumprod)
     if sampler == "ddpm":
-        x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps if num_steps < T else None, generator=generator)
-    elif sampler == "ddim":
-        # x0 clipped to [-1, 1] at every step: keeps an undertrained model's samples in range
+        respaced = num_steps if num_steps < len(alphas_cumprod) else None
+        x = ddpm_sample(model_fn, x_T, alphas_cumprod, respaced, generator=generator)
+    elif sampler == "ddim":  # x0 clipped to [-1, 1] at every step: an undertrained model's samples stay in range
         x = ddim_sample(model_fn, x_T, alphas_cumprod, num_steps, eta=eta, clip_denoised=True, generator=generator)
     else:
         x = dpm_solver_sample(model_fn, x_T, alphas_cumprod, num_steps)
     return x.float().clamp(-1, 1)
+
+
+def sampling_kwargs(args: Args, autocast) -> dict:
+    """generate's settings from the flags."""
+    return dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale, sampler=args.sampler,
+                num_steps=args.num_sampling_steps, eta=args.ddim_eta, autocast=autocast, prediction=args.prediction)
 
 
 @torch.no_grad()
@@ -1331,14 +1337,12 @@ def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, gener
     are given (noised to context_noise_step, as in training) and copied into the result."""
     b, _, num_frames = shape[:3]
     device = generator.device
-    mask = level = None
+    mask = level = noisy_context = None
     if context is not None and num_context > 0:
         mask = (torch.arange(num_frames, device=device) < num_context).float().expand(b, num_frames)
         level = torch.full((b,), context_noise_step, dtype=torch.long, device=device)
         noise = torch.randn(context.shape, generator=generator, device=device)
         noisy_context = noise_context(context, level, alphas_cumprod, noise)
-    else:
-        noisy_context = None
     x_T = torch.randn(shape, generator=generator, device=device)
     model_fn = guided_model_fn(model, cfg_scale, text, actions, drop_actions, noisy_context, mask, level, autocast,
                                prediction, alphas_cumprod)
@@ -1350,32 +1354,31 @@ def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, gener
 
 @torch.no_grad()
 def generate_long_video(model: nn.Module, alphas_cumprod: torch.Tensor, num_frames: int, clip_frames: int,
-                        num_context: int, shape: tuple, generator: torch.Generator, text: Optional[torch.Tensor] = None,
-                        actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
-                        **sample_kwargs) -> torch.Tensor:
-    """Autoregressive generation beyond the training length: a first clip of clip_frames, then clips whose first
-    num_context frames are the last frames generated so far, each adding clip_frames - num_context new frames.
+                        num_context: int, shape: tuple, generator: torch.Generator,
+                        text: Optional[torch.Tensor] = None, actions: Optional[torch.Tensor] = None,
+                        drop_actions: Optional[torch.Tensor] = None, **sample_kwargs) -> torch.Tensor:
+    """Autoregressive generation beyond the training length: a first clip of clip_frames, then clips whose
+    first num_context frames are the last ones generated, each adding clip_frames - num_context frames.
     actions (B, num_frames[, A]) cover the whole video. Returns (B, 3, num_frames, H, W) in [-1, 1]."""
     b, c, _, h, w = shape
-    video = None
+    video = context = block_actions = None
     while video is None or video.shape[2] < num_frames:
         start = 0 if video is None else video.shape[2] - num_context
-        block_actions = None
         if actions is not None:
             index = torch.arange(start, start + clip_frames, device=actions.device).clamp(max=actions.shape[1] - 1)
             block_actions = actions[:, index]
-        context = None
         if video is not None:
             context = torch.zeros((b, c, clip_frames, h, w), device=video.device)
             context[:, :, :num_context] = video[:, :, -num_context:]
-        block = generate(model, alphas_cumprod, (b, c, clip_frames, h, w), generator, text, block_actions, drop_actions,
-                         context, num_context if video is not None else 0, **sample_kwargs)
+        block = generate(model, alphas_cumprod, (b, c, clip_frames, h, w), generator, text, block_actions,
+                         drop_actions, context, num_context if video is not None else 0, **sample_kwargs)
         video = block if video is None else torch.cat([video, block[:, :, num_context:]], dim=2)
     return video[:, :, :num_frames]
 
 
 def to_uint8(clips: torch.Tensor) -> np.ndarray:
     return ((clips.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()  # [-1, 1] -> {0..255}
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Loss: L_simple of Ho et al. (eq. 14) on the frames to generate, with eps or v as the target.
@@ -1387,13 +1390,10 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
                          context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                          context_level: Optional[torch.Tensor] = None, prediction: str = "eps",
                          autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """L_simple = || target - f_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, conditions) ||^2 over the frames to
-    generate, with target = eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 for prediction="v".
-
-    x0, noise: (B, 3, T, H, W) in [-1, 1] and N(0, I); t: int64 (B,); alphas_cumprod: float64 (T,) on x0's device (the
-    square roots are taken in float64, as the schedule is computed); the conditions as VideoDiffusionModel.forward
-    takes them. Context frames (context_mask 1) are given, not predicted: they are left out of the sum, which is
-    still divided by the full clip size, so that every rank's loss has the same scale under DDP."""
+    """L_simple = || target - f_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, conditions) ||^2, with target
+    eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0. x0, noise (B, 3, T, H, W); t int64 (B,); alphas_cumprod
+    float64 (the square roots in float64). Context frames (context_mask 1) are given: left out of the sum, which
+    is still divided by the full clip size (every rank's loss has the same scale under DDP)."""
     sqrt_abar = alphas_cumprod[t].sqrt().float()[:, None, None, None, None]
     sqrt_one_minus_abar = (1 - alphas_cumprod[t]).sqrt().float()[:, None, None, None, None]
     x_t = sqrt_abar * x0 + sqrt_one_minus_abar * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
@@ -1404,58 +1404,71 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
     return ((output.float() - target) ** 2 * generated).mean()
 
 
-class TrainingClips:
-    """The training clips on the device as uint8 frames (no loader, no host-device copy per step;
-    a clip is a window of them from its start), and each step's batch drawn from them."""
+class DeviceClips:
+    """Clips on the device as uint8 frames (no loader, no host-device copy per step) with their caption
+    tokens and actions; clip i is frames[starts[i] : starts[i] + num_frames]."""
 
-    def __init__(self, data: VideoData, vocabulary: list, alphas_cumprod: torch.Tensor, args: Args,
-                 device: torch.device):
-        self.args, self.alphas_cumprod, self.device = args, alphas_cumprod, device  # float64, on the device
+    def __init__(self, data: VideoData, vocabulary: list, args: Args, device: torch.device):
+        self.args, self.device = args, device
         self.frames = torch.from_numpy(data.frames).to(device)
         self.starts = torch.from_numpy(data.clip_starts).to(device)
         self.actions = torch.from_numpy(data.actions).to(device) if data.actions is not None else None
         self.text = tokenize(data.captions, vocabulary, args.max_text_len).to(device)
-        self.frame_index = torch.arange(args.num_frames, device=device)
 
     def __len__(self) -> int:
         return len(self.starts)
 
+    def frame_indices(self, index: torch.Tensor) -> torch.Tensor:
+        return self.starts[index][:, None] + torch.arange(self.args.num_frames, device=self.device)  # (B, T)
+
+    def real_clips(self, index: torch.Tensor) -> torch.Tensor:
+        """Clips index (B,) as floats (B, 3, T, H, W) in [-1, 1]."""
+        return self.frames[self.frame_indices(index)].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0
+
+    def clip_actions(self, index: torch.Tensor) -> Optional[torch.Tensor]:
+        return None if self.actions is None else self.actions[self.frame_indices(index)]  # (B, T[, A])
+
+
+class TrainingClips(DeviceClips):
+    """The training clips, and each step's batch drawn from them."""
+
+    def __init__(self, data: VideoData, vocabulary: list, alphas_cumprod: torch.Tensor, args: Args,
+                 device: torch.device):
+        super().__init__(data, vocabulary, args, device)
+        self.alphas_cumprod = alphas_cumprod  # float64, on the device
+
     def example(self) -> tuple:
-        """One clip's model inputs, its caption and actions given (forward_flops counts a training step from them)."""
-        args = self.args
-        return (torch.zeros(1, 3, args.num_frames, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long),
-                self.text[:1], gather_actions(self.actions, self.starts[:1], args.num_frames))
+        """One clip's model inputs, caption and actions given (forward_flops counts a training step from them)."""
+        x = torch.zeros(1, 3, self.args.num_frames, self.args.img_size, self.args.img_size)
+        return x, torch.zeros(1, dtype=torch.long), self.text[:1], self.clip_actions(torch.zeros(1, dtype=torch.long))
 
     def batch(self, step: int, generator: torch.Generator, mine: slice, null_text: torch.Tensor) -> dict:
-        """The step's batch as video_diffusion_loss's keyword arguments. The global batch is drawn identically on every
-        rank (clips, t, noise, dropped conditions, context), then each rank takes its slice `mine`: 2 ranks at batch B
-        compute exactly what 1 rank at batch B does."""
+        """The step's batch as video_diffusion_loss's keyword arguments. The global batch is drawn identically
+        on every rank, then each rank takes its slice `mine`: 2 ranks at batch B compute what 1 rank does."""
         args, device, B = self.args, self.device, self.args.batch_size
         clip_shape = (3, args.num_frames, args.img_size, args.img_size)
         indices = global_batch_indices(step, B, len(self), args.seed).to(device, non_blocking=True)
         t = torch.randint(0, args.timesteps, (B,), generator=generator, device=device)
         noise = torch.randn((B, *clip_shape), generator=generator, device=device)
-        # Condition dropout for classifier-free guidance: both null with probability q = --null-cond-prob, else the
-        # caption and the actions each with p = --cond-drop-prob, independently: each is null in q + (1 - q) p of the
-        # samples, both in q + (1 - q) p^2 (the unconditional model eps_u).
+        # Condition dropout for classifier-free guidance: both null with probability q = --null-cond-prob, else
+        # the caption and the actions each with p = --cond-drop-prob, independently.
         drop_both = torch.rand(B, generator=generator, device=device) < args.null_cond_prob
         drop_text = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
         drop_actions = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
-        # Context: the first 1..k frames of some clips, noised to a level in [0, context_noise_max_step) that the
-        # model is told (context noise augmentation, so that generated context frames do not drift at sampling).
+        # Context: the first 1..k frames of some clips, noised to a level in [0, context_noise_max_step) that
+        # the model is told (context noise augmentation: generated context frames drift less at sampling).
         use_context = torch.rand(B, generator=generator, device=device) < args.context_prob
         num_context = torch.randint(1, max(args.context_frames, 1) + 1, (B,), generator=generator, device=device)
         context_level = torch.randint(0, args.context_noise_max_step, (B,), generator=generator, device=device)
         context_noise = torch.randn((B, *clip_shape), generator=generator, device=device)
-        starts = self.starts[indices[mine]]
-        x0 = gather_clips(self.frames, starts, args.num_frames)  # (b, 3, T, H, W) in [-1, 1]
+        index = indices[mine]
+        x0 = self.real_clips(index)  # (b, 3, T, H, W)
+        given = torch.arange(args.num_frames, device=device)[None, :] < num_context[mine, None]
         return dict(x0=x0, t=t[mine], noise=noise[mine],
-                    text=torch.where(drop_text[mine, None], null_text, self.text[indices[mine]]),
-                    actions=gather_actions(self.actions, starts, args.num_frames), drop_actions=drop_actions[mine],
+                    text=torch.where(drop_text[mine, None], null_text, self.text[index]),
+                    actions=self.clip_actions(index), drop_actions=drop_actions[mine],
                     context=noise_context(x0, context_level[mine], self.alphas_cumprod, context_noise[mine]),
-                    context_mask=(use_context[mine, None] & (self.frame_index[None, :] < num_context[mine, None])
-                                  ).float(),  # (b, T)
-                    context_level=context_level[mine])
+                    context_mask=(use_context[mine, None] & given).float(), context_level=context_level[mine])
 
 
 def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[int, float]:
@@ -1479,24 +1492,12 @@ def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[
 
 
 def rollout_psnr(predicted: np.ndarray, real: np.ndarray, first_frame: int = 0) -> float:
-    """Mean over clips of PSNR (images in [0, 1], capped at 100 dB) of frames first_frame.. of uint8 (B, 3, T, H, W)."""
+    """Mean over clips of the PSNR (images in [0, 1], capped at 100 dB) of frames first_frame.. of uint8
+    clips (B, 3, T, H, W)."""
     p = predicted[:, :, first_frame:].astype(np.float64) / 255.0
     r = real[:, :, first_frame:].astype(np.float64) / 255.0
     mse = ((p - r) ** 2).reshape(len(p), -1).mean(1)
     return float(np.mean([100.0 if m <= 1e-10 else min(100.0, 10 * math.log10(1.0 / m)) for m in mse]))
-
-
-def sprite_centroids(clips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (B, 3, T, H, W) -> centroid (B, T, 2) as (x, y) of the saturated (coloured) pixels, and their weight
-    (B, T). The controlled sprite is the only saturated thing: background and distractors are grey."""
-    x = clips.astype(np.float32) / 255.0
-    saturation = x.max(1) - x.min(1)  # (B, T, H, W)
-    weight = np.clip(saturation - 0.4, 0, None)  # sprite colours have saturation 0.67 to 0.8
-    h, w = weight.shape[-2:]
-    total = weight.sum((-1, -2))
-    cx = (weight * np.arange(w)[None, None, None, :]).sum((-1, -2)) / np.maximum(total, 1e-8)
-    cy = (weight * np.arange(h)[None, None, :, None]).sum((-1, -2)) / np.maximum(total, 1e-8)
-    return np.stack([cx, cy], -1), total
 
 
 def direction_of_displacement(displacement: np.ndarray, min_pixels: float = 0.5) -> int:
@@ -1508,59 +1509,56 @@ def direction_of_displacement(displacement: np.ndarray, min_pixels: float = 0.5)
 
 
 def movement_directions(clips: np.ndarray) -> np.ndarray:
-    """The direction each clip's sprite moved, first frame to last (-1: no sprite found, or it did not move)."""
-    centroids, weight = sprite_centroids(clips)
-    out = []
-    for c, wt in zip(centroids, weight):
-        found = wt[0] > 0.2 and wt[-1] > 0.2  # at least about one pixel of strong colour
-        out.append(direction_of_displacement(c[-1] - c[0]) if found else -1)
-    return np.array(out, dtype=np.int64)
+    """The direction each clip's (B, 3, T, H, W) sprite moved, first frame to last, from the centroid of the
+    saturated pixels (the sprite is the only coloured thing); -1: no sprite found, or it did not move."""
+    x = clips.astype(np.float32) / 255.0
+    weight = np.clip(x.max(1) - x.min(1) - 0.4, 0, None)  # saturation: sprite colours have 0.67 to 0.8
+    h, w = weight.shape[-2:]
+    total = weight.sum((-1, -2))  # (B, T)
+    cx = (weight * np.arange(w)[None, None, None, :]).sum((-1, -2)) / np.maximum(total, 1e-8)
+    cy = (weight * np.arange(h)[None, None, :, None]).sum((-1, -2)) / np.maximum(total, 1e-8)
+    centroids = np.stack([cx, cy], -1)  # (B, T, 2)
+    found = (total[:, 0] > 0.2) & (total[:, -1] > 0.2)  # at least about one pixel of strong colour
+    return np.array([direction_of_displacement(c[-1] - c[0]) if f else -1 for c, f in zip(centroids, found)],
+                    dtype=np.int64)
 
 
 def direction_accuracy(clips: np.ndarray, directions: np.ndarray) -> float:
     """Fraction of clips whose sprite moves in the given direction (chance: 1/4)."""
     return float(np.mean(movement_directions(clips) == directions))
 
-class EvalSampler:
-    """Clips and long videos from a model (the EMA weights), conditioned on held-out clips: their captions, their
-    actions, their first frames. Seeded generators give the same noise every time: samples stay comparable across
+
+class EvalSampler(DeviceClips):
+    """Clips and long videos from a model (the EMA weights), conditioned on held-out clips: their captions,
+    actions, first frames. Seeded generators give the same noise every time: samples stay comparable across
     steps, and sampling never touches the training RNGs (an exact resume depends on it)."""
 
     def __init__(self, model: nn.Module, alphas_cumprod: torch.Tensor, eval_data: VideoData, vocabulary: list,
                  args: Args, autocast, device: torch.device):
-        self.model, self.alphas_cumprod, self.args, self.device = model, alphas_cumprod, args, device
-        self.frames = torch.from_numpy(eval_data.frames).to(device)
-        self.starts = torch.from_numpy(eval_data.clip_starts).to(device)
-        self.actions = torch.from_numpy(eval_data.actions).to(device) if eval_data.actions is not None else None
-        self.text = tokenize(eval_data.captions, vocabulary, args.max_text_len).to(device)
+        super().__init__(eval_data, vocabulary, args, device)
+        self.model, self.alphas_cumprod = model, alphas_cumprod
         self.directions, self.captions = eval_data.directions, list(eval_data.captions)
         self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in self.captions]  # labels
         self.judge = None  # optional: judge
-        self.sample_kwargs = dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale,
-                                  sampler=args.sampler, num_steps=args.num_sampling_steps, eta=args.ddim_eta,
-                                  autocast=autocast, prediction=args.prediction)
+        self.sample_kwargs = sampling_kwargs(args, autocast)
 
     def batches(self, num: int):
         """(index, real clips, caption tokens, actions) over the first num eval clips (cycled when num is larger)."""
         for start in range(0, num, self.args.sample_batch_size):
-            index = torch.arange(start, min(num, start + self.args.sample_batch_size), device=self.device)
-            index = index % len(self.starts)
-            starts = self.starts[index]
-            yield (index, gather_clips(self.frames, starts, self.args.num_frames), self.text[index],
-                   gather_actions(self.actions, starts, self.args.num_frames))
+            index = torch.arange(start, min(num, start + self.args.sample_batch_size), device=self.device) % len(self)
+            yield index, self.real_clips(index), self.text[index], self.clip_actions(index)
 
     def clips(self, num: int, use_text: bool = True, use_actions: bool = True, actions_shift: int = 0,
               num_context: int = 0, text_shift: int = 0) -> np.ndarray:
-        """num uint8 clips conditioned on the eval clips' captions and/or actions (optionally those of another clip:
-        shifted by text_shift / actions_shift) and/or their first num_context frames."""
+        """num uint8 clips conditioned on the eval clips' captions and/or actions (or another clip's: shifted by
+        text_shift / actions_shift) and/or their first num_context frames."""
         generator = torch.Generator(device=self.device).manual_seed(self.args.seed + 10_000)
         out = []
         for index, real, text, actions in self.batches(num):
             if actions is not None and actions_shift:
-                other = (index + actions_shift) % len(self.starts)
-                actions = gather_actions(self.actions, self.starts[other], self.args.num_frames)
+                actions = self.clip_actions((index + actions_shift) % len(self))
             if text_shift:
-                text = self.text[(index + text_shift) % len(self.starts)]
+                text = self.text[(index + text_shift) % len(self)]
             drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=self.device)
             clip = generate(self.model, self.alphas_cumprod, tuple(real.shape), generator, text if use_text else None,
                             actions, drop, real if num_context else None, num_context, **self.sample_kwargs)
@@ -1568,17 +1566,16 @@ class EvalSampler:
         return np.concatenate(out)
 
     def long_videos(self, num: int) -> np.ndarray:
-        """Autoregressive videos of --long-video-frames from the eval clips' captions (and their actions, repeated)."""
-        generator = torch.Generator(device=self.device).manual_seed(self.args.seed + 10_001)
+        """Autoregressive videos of --long-video-frames from the eval clips' captions and actions (repeated)."""
+        args = self.args
+        generator = torch.Generator(device=self.device).manual_seed(args.seed + 10_001)
         out = []
         for _, real, text, actions in self.batches(num):
-            if actions is not None:  # the clip's actions, repeated to cover the long video
-                repeat = torch.arange(self.args.long_video_frames, device=self.device) % self.args.num_frames
-                actions = actions[:, repeat]
-            video = generate_long_video(self.model, self.alphas_cumprod, self.args.long_video_frames,
-                                        self.args.num_frames, self.args.context_frames, tuple(real.shape), generator,
-                                        text, actions, **self.sample_kwargs)
-            out.append(to_uint8(video))
+            if actions is not None:
+                actions = actions[:, torch.arange(args.long_video_frames, device=self.device) % args.num_frames]
+            out.append(to_uint8(generate_long_video(self.model, self.alphas_cumprod, args.long_video_frames,
+                                                    args.num_frames, args.context_frames, tuple(real.shape),
+                                                    generator, text, actions, **self.sample_kwargs)))
         return np.concatenate(out)
 
 
@@ -1712,34 +1709,31 @@ def sprite_colour_labels(captions: list) -> np.ndarray:
     return np.array([next(i for i, c in enumerate(SPRITE_COLOURS) if c in caption.split()) for caption in captions])
 
 
-def sprite_frames(data: VideoData, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """A sprites dataset's frames, uint8 (N T, 3, H, W), and the colour of each frame's sprite (N T,)."""
-    return data.frames, np.repeat(sprite_colour_labels(data.captions), num_frames)
-
-
 def make_sprites_judge(args: Args, num_frames_scored: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
-    """The judge of the sprite's colour on single frames at --img-size (trained on 512 generated clips of 8 frames
-    once, then cached in {data_dir}/judge/) and at least 2 * num_frames_scored held-out real frames and colours."""
+    """The judge of the sprite's colour on single frames at --img-size (trained once on 512 generated clips of 8
+    frames, cached in {data_dir}/judge/), and at least 2 * num_frames_scored held-out real frames and colours."""
+    def frames_and_colours(data: VideoData, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+        return data.frames, np.repeat(sprite_colour_labels(data.captions), num_frames)
+
     key = f"sprites_{args.img_size}px_{args.num_distractors}distractors_4classes_seed{JUDGE_DATA_SEED}"
-    judge = load_or_train_judge(Path(args.data_dir) / "judge", key, lambda: sprite_frames(make_sprites_dataset(
+    judge = load_or_train_judge(Path(args.data_dir) / "judge", key, lambda: frames_and_colours(make_sprites_dataset(
         512, 8, args.img_size, args.num_distractors, seed=JUDGE_DATA_SEED), 8), len(SPRITE_COLOURS), JUDGE_DATA_SEED)
     clips = -(-2 * num_frames_scored // args.num_frames)
     heldout = make_sprites_dataset(clips, args.num_frames, args.img_size, args.num_distractors,
                                    seed=JUDGE_HELDOUT_SEED)
-    return (judge, *sprite_frames(heldout, args.num_frames))
+    return (judge, *frames_and_colours(heldout, args.num_frames))
 
 
 def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
-    """eval/judge_* of an evaluation's clips on the sprites data: every generated frame, its sprite's colour against
-    the caption's. The sampler keeps the judge (the judge, held-out frames, their colours), made at the first call."""
+    """eval/judge_* on the sprites data: every generated frame, its sprite's colour against the caption's. The
+    sampler keeps the judge, its held-out frames and their colours, made at the first call."""
     args, n = sampler.args, len(samples)
     if args.dataset != "sprites":
         return {}
     sampler.judge = sampler.judge or make_sprites_judge(args, samples.shape[0] * samples.shape[2])
     frames = samples.transpose(0, 2, 1, 3, 4).reshape(-1, *samples.shape[1:2], *samples.shape[3:])
     asked = np.repeat(sprite_colour_labels((sampler.captions * n)[:n]), samples.shape[2])
-    judge, heldout, heldout_labels = sampler.judge
-    scores = judge_scores(judge, frames, asked, heldout, heldout_labels)
+    scores = judge_scores(sampler.judge[0], frames, asked, *sampler.judge[1:])
     return {f"eval/judge_{name}": value for name, value in scores.items()}
 
 
@@ -1747,8 +1741,8 @@ def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
 
 
 def sample_clips(sampler: EvalSampler, writer, step: int, samples_dir: Path, num: int) -> np.ndarray:
-    """num clips from the eval clips' captions and actions: samples/step{step}.mp4 and .npz (write_samples), and the
-    first 8 as a strip, one row per clip named by its caption, in TensorBoard (samples/clips) and samples/ (PNG)."""
+    """num clips from the eval clips' captions and actions into samples/ (write_samples), the first 8 as a
+    strip, a row per clip named by its caption, in TensorBoard (samples/clips) and samples/ (PNG)."""
     samples = sampler.clips(num)
     write_samples(samples_dir, f"step{step:08d}", samples)
     captions = (sampler.read_captions * num)[:min(8, num)]
@@ -1821,9 +1815,8 @@ def put_text(image: np.ndarray, text: str, x: int, y: int, scale: float = 0.4, c
 
 def frame_strips(clips: np.ndarray, row_labels: Optional[list] = None,
                  frame_labels: Optional[list] = None) -> np.ndarray:
-    """uint8 (N, 3, T, H, W) -> one image with a row of frames per clip (for TensorBoard). With labels, each row is
-    named in a left margin (real, generated, its caption) and each frame headed by its label (the action that led
-    into it, or "context"): small frames are enlarged so that the text fits."""
+    """uint8 (N, 3, T, H, W) -> one image, a row of frames per clip. With labels, each row is named in a left
+    margin and each frame headed by its label (its action, or "context"); small frames are enlarged."""
     n, c, t, h, w = clips.shape
     if row_labels is None and frame_labels is None:
         return make_grid(clips.transpose(0, 2, 1, 3, 4).reshape(n * t, c, h, w), columns=t)
@@ -1838,33 +1831,27 @@ def frame_strips(clips: np.ndarray, row_labels: Optional[list] = None,
     for i in range(n):
         top = i * cell_h + band
         for j in range(t):
-            frame = cv2.resize(clips[i, :, j].transpose(1, 2, 0), (w * scale, h * scale),
-                               interpolation=cv2.INTER_NEAREST)
             x = left + pad + j * cell_w
-            image[top + pad: top + pad + h * scale, x: x + w * scale] = frame
+            image[top + pad: top + pad + h * scale, x: x + w * scale] = cv2.resize(
+                clips[i, :, j].transpose(1, 2, 0), (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
             if frame_labels is not None:
-                put_text(image, str(frame_labels[i][j])[: max(1, cell_w // 6)], left + pad + j * cell_w, top - 1, 0.3)
+                put_text(image, str(frame_labels[i][j])[: max(1, cell_w // 6)], x, top - 1, 0.3)
         put_text(image, row_labels[i], 3, top + pad + h * scale // 2 + 4, 0.33)
     return image
 
 
 def action_labels(actions: Optional[np.ndarray], num_context: int, dataset: str) -> Optional[list]:
-    """The action that led into each frame, as words: (B, T) discrete or (B, T, 2) velocities ->
-    B lists of T labels ("context" for the given frames)."""
+    """The action that led into each frame, as words: (B, T) discrete or (B, T, 2) velocities -> B lists of T
+    labels ("context" for the given frames)."""
     if actions is None:
         return None
-    out = []
-    for clip in actions:
-        labels = []
-        for j, a in enumerate(clip):
-            if j < num_context:
-                labels.append("context")
-            elif np.ndim(a):
-                labels.append(f"{a[0]:+.1f},{a[1]:+.1f}")
-            else:
-                labels.append(SPRITE_ACTIONS[int(a)] if dataset == "sprites" else f"a{int(a)}")
-        out.append(labels)
-    return out
+
+    def label(a) -> str:
+        if np.ndim(a):
+            return f"{a[0]:+.1f},{a[1]:+.1f}"
+        return SPRITE_ACTIONS[int(a)] if dataset == "sprites" else f"a{int(a)}"
+
+    return [["context" if j < num_context else label(a) for j, a in enumerate(clip)] for clip in actions]
 
 
 def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> Path:
