@@ -1925,10 +1925,9 @@ def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
 
 
 class ImaginedVideo:
-    """The model as a game. reset() takes a start (frames (1, 3, k, H, W) in [-1, 1] and the k actions that led into
-    them) from starts(); step(action) asks next_frame(frames (1, 3, k, H, W), actions (1, k + 1[, A])) for the next
-    frame (1, 3, H, W), conditioned on the last k frames and actions and the new one. Any callable works as
-    next_frame: the tests play a stand-in that shifts the last frame by the action."""
+    """The model as a game. reset() takes a start from starts(): frames (1, 3, k, H, W) in [-1, 1] and the k
+    actions that led into them; step(action) asks next_frame(frames, actions (1, k + 1[, A])) for the next
+    frame (1, 3, H, W). Any callable works as next_frame (the tests play a stand-in)."""
     name = "video model"
 
     def __init__(self, next_frame: Callable, starts: Callable, action_value: Callable):
@@ -1951,8 +1950,7 @@ class ImaginedVideo:
 
 
 class RealSprites:
-    """The sprites world itself, from the same start: the clip's initial state re-rendered under the start's actions
-    and the keys' (render_sprite_clip), to compare with what the model makes of the same keys."""
+    """The sprites world itself from the same start, re-rendered under the start's actions and the keys'."""
     name = "real sprites"
 
     def __init__(self, state: dict, start_actions: np.ndarray, img_size: int, action_value: Callable):
@@ -2060,18 +2058,17 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
 
 def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=contextlib.nullcontext(),
                clip: Optional[int] = None) -> dict:
-    """The checkpoint's EMA model as a game: each step generates one frame from the last --context-frames frames (a
-    clip of --num-frames whose first k frames are the context, as the long videos are made; the new action is held
-    over the frames after it). Starts from held-out clip `clip` (default: one drawn with --seed). Returns the games
-    ({"imagined": factory, and for sprites "real": factory}), the action names, the caption and the start clip."""
-    num_actions = checkpoint["num_actions"]
+    """The checkpoint's EMA model as a game: each step generates one frame from the last k = --context-frames
+    (a clip of --num-frames whose first k frames are the context, the new action held after them), from
+    held-out clip `clip` (default: drawn with --seed). Returns the games ({"imagined": factory, and for
+    sprites "real": factory}), the action names, the caption and the start clip."""
+    num_actions, vocabulary = checkpoint["num_actions"], checkpoint["vocabulary"]
     if args.dataset == "folder" or (num_actions == 0 and args.action_dim == 0):
         raise UserError("--play needs an action-conditioned model (the sprites world or Atari clips): this run's "
                         "videos have no actions")
     if args.context_frames < 1:
         raise UserError("--play generates each frame from the last frames: the run needs --context-frames >= 1")
-    vocabulary = checkpoint["vocabulary"]  # the caption's words are checked before any data is loaded or recorded
-    caption = args.play_caption if args.play_caption is not None else ""
+    caption = args.play_caption if args.play_caption is not None else ""  # checked before any data is made
     notice = check_given_caption(caption, vocabulary, args.max_text_len, "--play-caption",
                                  str(resolve_checkpoint_path(args.resume)) if args.resume else "CHECKPOINT")
     if notice:
@@ -2103,18 +2100,15 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
     if clip is None:
         clip = int(torch.randint(len(data.clip_starts), (1,), generator=torch.Generator().manual_seed(args.seed)))
     start = int(data.clip_starts[clip])
-    start_frames = torch.from_numpy(data.frames[start: start + k]).to(device).permute(1, 0, 2, 3)[None] / 127.5 - 1.0
+    start_frames = torch.from_numpy(data.frames[start: start + k]).to(device).permute(1, 0, 2, 3)[None] / 127.5 - 1
     start_actions = data.actions[start: start + k]
-    sample_kwargs = dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale,
-                         sampler=args.sampler, num_steps=args.num_sampling_steps, eta=args.ddim_eta,
-                         autocast=autocast, prediction=args.prediction)
 
     def next_frame(frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         context = torch.zeros((1, 3, n, args.img_size, args.img_size), device=device)
         context[:, :, :k] = frames
         index = torch.arange(n, device=device).clamp(max=k)  # the new action leads into every frame after the context
         clip_frames = generate(model, alphas_cumprod, tuple(context.shape), generator, text,
-                               actions.to(device)[:, index], None, context, k, **sample_kwargs)
+                               actions.to(device)[:, index], None, context, k, **sampling_kwargs(args, autocast))
         return clip_frames[:, :, k]
 
     def starts():
@@ -2166,9 +2160,8 @@ def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], 
 
 
 def check_given_caption(caption: str, vocabulary: list, max_len: int, flag: str, checkpoint: str) -> Optional[str]:
-    """A caption given by a flag, against the model's vocabulary: a word it does not know is refused in one line (it
-    would be <unk>, which no training caption taught it: the caption would steer nowhere). Returns a notice line when
-    the caption has more than max_len words (the model reads the first max_len), else None."""
+    """A caption given by a flag: a word the model does not know is refused in one line (it would be the
+    untrained <unk>: the caption would steer nowhere). Returns a notice when it is over max_len words."""
     words = caption_words(caption)
     unknown = unknown_words([caption], vocabulary, max_len)
     if unknown:
@@ -2181,8 +2174,8 @@ def check_given_caption(caption: str, vocabulary: list, max_len: int, flag: str,
         raise UserError(f"{flag} {caption!r}: the model does not know {named}: it learned the words of its "
                         f"training captions only (an unknown word would be the untrained <unk>); {see}")
     if len(words) > max_len:
-        return (f"notice: {flag} has {len(words)} words, more than the model's --max-text-len {max_len}: it reads "
-                f"{' '.join(words[:max_len])!r} and drops {' '.join(words[max_len:])!r}")
+        return (f"notice: {flag} has {len(words)} words, more than the model's --max-text-len {max_len}: it "
+                f"reads {' '.join(words[:max_len])!r} and drops {' '.join(words[max_len:])!r}")
     return None
 
 
@@ -2190,11 +2183,11 @@ def check_given_caption(caption: str, vocabulary: list, max_len: int, flag: str,
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The run: sampling only, the run folder, logging, samples during training, checkpoints, main.
 
 
 def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
-    """--sample-only: --num-samples clips (and long videos with --long-video-frames) into the run's samples/; a signal
-    abandons them and writes nothing more."""
+    """--sample-only: --num-samples clips (and long videos) into the run's samples/; a signal abandons them."""
     args = sampler.args
     try:
         stem = (f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_"
@@ -2202,7 +2195,8 @@ def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
         path = write_samples(run_dir / "samples", stem, sampler.clips(args.num_samples))
         print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
         if args.long_video_frames > args.num_frames:
-            path = write_samples(run_dir / "samples", "long_" + stem, sampler.long_videos(min(args.num_samples, 4)))
+            videos = sampler.long_videos(min(args.num_samples, 4))
+            path = write_samples(run_dir / "samples", "long_" + stem, videos)
             print(f"wrote long videos of {args.long_video_frames} frames to {path}")
     except StopRequested:
         print("stopped by signal while sampling; nothing more was written")
@@ -2233,8 +2227,8 @@ def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoD
 
 
 def log_training(meter, scheduler, writer, progress, step: int, run_dir: Optional[Path]):
-    """Every --log-every steps: a non-finite loss or gradient stops the run (one line, after the progress bar's final
-    state); rank 0 writes losses/mse, charts/* and (on CUDA) perf/mfu at the step."""
+    """Every --log-every steps: a non-finite loss or gradient stops the run (one line, after the progress
+    bar's last state); rank 0 writes losses/mse, charts/* and (on CUDA) perf/mfu."""
     if not meter.finite():
         progress.close()
         raise non_finite_failure(f"before step {step}", run_dir)
@@ -2250,17 +2244,17 @@ def log_training(meter, scheduler, writer, progress, step: int, run_dir: Optiona
         progress.set_postfix(loss=f"{logged['loss']:.4f}", clips_s=f"{logged['SPS']:.1f}", **mfu)
 
 
-def evaluate_or_first_samples(sampler: EvalSampler, writer, step: int, run_dir: Path, evaluation: bool, progress,
-                              started: float):
-    """Rank 0's samples during training: an evaluation, or at --first-sample-at the first picture, long before the
-    first evaluation. A signal abandons either; the checkpoint after it is saved."""
+def evaluate_or_first_samples(sampler: EvalSampler, writer, step: int, run_dir: Path, evaluation: bool,
+                              progress, started: float):
+    """Rank 0's samples during training: an evaluation, or at --first-sample-at the run's first picture.
+    A signal abandons either; the checkpoint after it is saved."""
     with contextlib.suppress(StopRequested):
         if evaluation:
             evaluate(sampler, writer, step, run_dir / "samples")
         else:
             sample_clips(sampler, writer, step, run_dir / "samples", 8)
-            progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the start: "
-                           f"{run_dir / 'samples' / f'step{step:08d}.png'}")
+            progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
+                           f"start: {run_dir / 'samples' / f'step{step:08d}.png'}")
 
 
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
@@ -2294,56 +2288,57 @@ def main(args: Args, given: set[str]):
     seed_everything(args.seed)
     if args.play or args.play_keys is not None:  # optional: play
         return play(args, checkpoint, run_dir, device, autocast)  # optional: play
-    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # t, noise, dropped conditions, context
+    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # t, noise, drops, context
 
     # ---- data: the training clips on the device, the held-out ones for evaluation, the words
     data = load_dataset(args)
     eval_data = eval_subset(data, args)
-    # The vocabulary and the action count fix the model's shape: a resumed run takes them from its checkpoint.
+    # The vocabulary and the action count fix the model's shape: a resumed run takes its checkpoint's.
     vocabulary = checkpoint["vocabulary"] if checkpoint is not None else build_vocabulary(data.captions)
     num_actions = checkpoint["num_actions"] if checkpoint is not None else data.num_actions
-    if setup.is_main:  # captions cut to --max-text-len, words the resumed model never learned: said, not silent
+    if setup.is_main:  # captions cut to --max-text-len, words the resumed model never learned
         for line in data_caption_notices(data.captions, vocabulary, args.max_text_len):
             print(line)
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
-        check_step_memory(setup, args.batch_size, *step_memory_profile(args, len(vocabulary), num_actions), args.dtype)
-    alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
-                                                            args.beta_end))
+        profile = step_memory_profile(args, len(vocabulary), num_actions)
+        check_step_memory(setup, args.batch_size, *profile, args.dtype)
+    alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps,
+                                                            args.beta_start, args.beta_end))
     clips = TrainingClips(data, vocabulary, alphas_cumprod.to(device), args, device)
 
-    # ---- model, EMA, optimizer with linear warmup (lr_s = lr * min(1, (s + 1) / warmup)), and the resumed state
+    # ---- model, EMA, optimizer with linear warmup (lr_s = lr * min(1, (s + 1) / warmup)), resumed state
     model = build_model(args, len(vocabulary), num_actions).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=setup.use_cuda)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    warmup = max(1, args.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     scaler = torch.amp.GradScaler("cuda", enabled=setup.use_cuda and args.dtype == "float16")
-    # as CHECKPOINT_KEYS names them
     parts = (model, ema_model, optimizer, scheduler, scaler, train_generator, vocabulary, num_actions)
     step = 0 if checkpoint is None else restore_state(checkpoint, *parts)
 
     stop = StopFlag()  # from here on SIGTERM/SIGINT finish the step (or abandon sampling), save and exit 0
-    # the EMA model is only ever called by the samplers: a signal abandons sampling within one network evaluation
+    # only the samplers call the EMA model: a signal abandons sampling within one network evaluation
     ema_model.register_forward_pre_hook(lambda module, inputs: stop.check())
     sampler = EvalSampler(ema_model, alphas_cumprod, eval_data, vocabulary, args, autocast, device)
-    if args.sample_only or step >= args.total_steps:  # no training: --sample-only, or a finished run (no purge)
+    if args.sample_only or step >= args.total_steps:  # no training: --sample-only, or a finished run
         leave_process_group(setup.world_size)  # what follows is rank 0's alone
         if setup.is_main and args.sample_only:
             write_sample_only(sampler, run_dir, step)
         elif setup.is_main:
-            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps "
-                  f"to train on")
+            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise "
+                  f"--total-steps to train on")
         stop.restore()
         return
 
-    # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, throughput
+    # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), throughput
     run_dir, writer = open_run(args, setup, run_dir, step, data, vocabulary, num_actions, num_params)
-    meter = Meter(device, 3 * forward_flops(lambda: build_model(args, len(vocabulary), num_actions), *clips.example()),
-                  peak_flops(setup, args.dtype), setup.world_size)
+    flops = 3 * forward_flops(lambda: build_model(args, len(vocabulary), num_actions), *clips.example())
+    meter = Meter(device, flops, peak_flops(setup, args.dtype), setup.world_size)
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
     if setup.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
-                                                          if setup.use_cuda else None)
+        device_ids = [setup.local_rank] if setup.use_cuda else None
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=device_ids)
 
     # ---- train
     local_batch = args.batch_size // setup.world_size
@@ -2380,7 +2375,7 @@ def main(args: Args, given: set[str]):
         if step % args.save_every == 0 or step == args.total_steps or stopping:
             save_run(run_dir, args, step, parts, meter, setup, len(clips))
         if evaluation or step % args.save_every == 0 or step in (first_step + 1, args.first_sample_at):
-            meter.restart_clock()  # sampling, saving and the first (warm-up, compiling) step stay out of SPS
+            meter.restart_clock()  # sampling, saving and the first (compiling) step stay out of SPS
         if stopping:
             if setup.is_main:
                 print(f"stopped by signal at step {step}", flush=True)
