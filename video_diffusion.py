@@ -113,8 +113,8 @@ class Args:
 
     # Data
     dataset: Literal["sprites", "atari", "folder"] = "sprites"
-    """sprites (generated: a sprite moved by the actions, captions), atari (random-policy clips of an
-    ALE game, recorded into --data-dir) or folder (videos readable by OpenCV under --data-dir)"""
+    """sprites (generated: a sprite moved by the actions, captions), atari (random-policy clips of
+    an ALE game, recorded into --data-dir) or folder (videos readable by OpenCV under --data-dir)"""
     data_dir: Annotated[str, RESUME_MUTABLE] = "data"
     """atari: episodes are recorded to {data_dir}/atari_v2/{env id}/; folder: the videos"""
     num_frames: Annotated[int, ">= 1"] = 16
@@ -309,9 +309,9 @@ def check_args(args: Args, world_size: int):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Data: the sprites world (generated), Atari clips (recorded with a random policy into episode .npz files), video
-# folders. Each becomes uint8 frames (F, 3, H, W), the action that led into each frame, and clips (a start index,
-# a caption); a clip is frames[start : start + num_frames].
+# Data: the sprites world (generated), Atari clips (recorded with a random policy into episode .npz
+# files), video folders. Each becomes uint8 frames (F, 3, H, W), the action that led into each
+# frame, and clips (a start index, a caption); a clip is frames[start : start + num_frames].
 
 
 @dataclass
@@ -378,8 +378,8 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
     """Clips of a coloured square that the actions move, captioned "a red square moves right".
 
     Each clip has a commanded direction d: each action is d with probability 3/4, else a noop or a
-    perpendicular move, never the opposite. The start is uniform whatever d (the first frame does not
-    tell where the sprite goes), and a clip is redrawn until its net move is along d."""
+    perpendicular move, never the opposite. The start is uniform whatever d (the first frame does
+    not tell where the sprite goes), and a clip is redrawn until its net move is along d."""
     if num_frames < 2:
         raise UserError(f"--num-frames {num_frames}: a sprites clip needs at least 2 frames to show a move; use "
                         f"--num-frames 2 or more")
@@ -432,8 +432,8 @@ def resize_frame(rgb: np.ndarray, img_size: int) -> np.ndarray:
 
 
 def clips_of_episodes(episodes: list, num_frames: int) -> tuple[np.ndarray, np.ndarray, list]:
-    """Concatenates episodes' frames; clips are windows of num_frames with a stride of num_frames // 2. Returns the
-    frames, the clip starts and each clip's (episode, start in it)."""
+    """Concatenates episodes' frames; clips are windows of num_frames, num_frames // 2 apart.
+    Returns the frames, the clip starts and each clip's (episode, start in it)."""
     starts, owners, total = [], [], 0
     for e, frames in enumerate(episodes):
         for s in range(0, len(frames) - num_frames + 1, max(1, num_frames // 2)):
@@ -584,8 +584,8 @@ def read_episode(path: Path, num_actions: int, fix: str) -> dict:
 
 
 def load_atari_dataset(args: "Args") -> VideoData:
-    """The episode files in atari_folder, recorded first if there are too few. Each clip's caption names the action
-    held most often in it: "Breakout: the paddle moves left"."""
+    """The episode files in atari_folder, recorded first if there are too few. Each clip's caption
+    names the action held most often in it: "Breakout: the paddle moves left"."""
     import gymnasium as gym
 
     gym_id, canonical, game = atari_ids(args.env_id)
@@ -826,10 +826,10 @@ def noise_context(context: torch.Tensor, level: torch.Tensor, alphas_cumprod: to
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Model: the seed's 3D U-Net (VideoDiffusionModel): its blocks are factorised over space and time as in Video
-# Diffusion Models; its output conv (the seed's) is a full 3x3x3.
-# Tensors are (B, C, T, H, W); the conditioning vector is per frame (B, T, 4C): time + context noise level + pooled
-# caption + that frame's action.
+# Model: the seed's 3D U-Net (VideoDiffusionModel), its blocks factorised over space and time as in
+# Video Diffusion Models; its output conv (the seed's) is a full 3x3x3. Tensors are (B, C, T, H, W);
+# the conditioning vector is per frame (B, T, 4C): time + context noise level + pooled caption +
+# that frame's action.
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -851,9 +851,9 @@ class SinusoidalPosEmb(nn.Module):
 
 
 class ResBlock3D(nn.Module):
-    """GN-swish-conv(1x3x3), + Dense(swish(emb)) per frame, GN-swish-dropout-conv(1x3x3), shortcut; then
-    temporal mixing: + conv(3x1x1)(swish(GN(h))): a (2+1)D factorisation. Each branch's last conv starts
-    at zero: the block starts as the identity."""
+    """GN-swish-conv(1x3x3), + Dense(swish(emb)) per frame, GN-swish-dropout-conv(1x3x3), shortcut;
+    then temporal mixing: + conv(3x1x1)(swish(GN(h))): a (2+1)D factorisation. Each branch's last
+    conv starts at zero: the block starts as the identity."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0,
                  norm_groups: int = 32):
@@ -903,9 +903,9 @@ class CrossAttention(nn.Module):
 
 
 class SpatioTemporalAttention(nn.Module):
-    """Spatial self-attention (frames as batch), then temporal self-attention (pixels as batch) with a
-    learned relative position bias (any clip length works), then cross-attention to the caption. Each is
-    a residual branch whose output projection starts at zero."""
+    """Spatial self-attention (frames as batch), then temporal self-attention (pixels as batch) with
+    a learned relative position bias (any clip length works), then cross-attention to the caption.
+    Each is a residual branch whose output projection starts at zero."""
 
     def __init__(self, channels: int, num_heads: int = 8, norm_groups: int = 32, context_dim: Optional[int] = None,
                  max_relative_position: int = 32):
@@ -990,10 +990,10 @@ class VideoDiffusionModel(nn.Module):
     """The 3D U-Net: eps(x_t, t | caption, actions, context) for clips (B, 3, T, H, W) in [-1, 1].
 
     The caption: cross-attention at the attention resolutions, and its mean token added to the time
-    embedding (pooled text, as Video Diffusion Models). Per-frame actions (an embedding with a null row,
-    or for continuous ones the seed's MLP with a learned null vector) are added to their frame's time
-    embedding. Context frames are concatenated on the channels with their mask, the noisy input zeroed
-    there, and their noise level is embedded like the time."""
+    embedding (pooled text, as Video Diffusion Models). Per-frame actions (an embedding with a null
+    row, or for continuous ones the seed's MLP with a learned null vector) are added to their
+    frame's time embedding. Context frames are concatenated on the channels with their mask, the
+    noisy input zeroed there, and their noise level is embedded like the time."""
 
     def __init__(self, in_channels: int = 3, model_channels: int = 256, num_res_blocks: int = 2,
                  channel_mult: tuple[int, ...] = (1, 2, 2), attn_resolutions: tuple[int, ...] = (32, 16),
@@ -1405,8 +1405,8 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
 
 
 class DeviceClips:
-    """Clips on the device as uint8 frames (no loader, no host-device copy per step) with their caption
-    tokens and actions; clip i is frames[starts[i] : starts[i] + num_frames]."""
+    """Clips on the device as uint8 frames (no loader, no host-device copy per step) with their
+    caption tokens and actions; clip i is frames[starts[i] : starts[i] + num_frames]."""
 
     def __init__(self, data: VideoData, vocabulary: list, args: Args, device: torch.device):
         self.args, self.device = args, device
@@ -1492,8 +1492,8 @@ def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[
 
 
 def rollout_psnr(predicted: np.ndarray, real: np.ndarray, first_frame: int = 0) -> float:
-    """Mean over clips of the PSNR (images in [0, 1], capped at 100 dB) of frames first_frame.. of uint8
-    clips (B, 3, T, H, W)."""
+    """Mean over clips of the PSNR (images in [0, 1], capped at 100 dB) of frames first_frame.. of
+    uint8 clips (B, 3, T, H, W)."""
     p = predicted[:, :, first_frame:].astype(np.float64) / 255.0
     r = real[:, :, first_frame:].astype(np.float64) / 255.0
     mse = ((p - r) ** 2).reshape(len(p), -1).mean(1)
@@ -1550,8 +1550,8 @@ class EvalSampler(DeviceClips):
 
     def clips(self, num: int, use_text: bool = True, use_actions: bool = True, actions_shift: int = 0,
               num_context: int = 0, text_shift: int = 0) -> np.ndarray:
-        """num uint8 clips conditioned on the eval clips' captions and/or actions (or another clip's: shifted by
-        text_shift / actions_shift) and/or their first num_context frames."""
+        """num uint8 clips conditioned on the eval clips' captions and/or actions (or another
+        clip's: shifted by text_shift / actions_shift) and/or their first num_context frames."""
         generator = torch.Generator(device=self.device).manual_seed(self.args.seed + 10_000)
         out = []
         for index, real, text, actions in self.batches(num):
@@ -1841,8 +1841,8 @@ def frame_strips(clips: np.ndarray, row_labels: Optional[list] = None,
 
 
 def action_labels(actions: Optional[np.ndarray], num_context: int, dataset: str) -> Optional[list]:
-    """The action that led into each frame, as words: (B, T) discrete or (B, T, 2) velocities -> B lists of T
-    labels ("context" for the given frames)."""
+    """The action that led into each frame, as words: (B, T) discrete or (B, T, 2) velocities -> B
+    lists of T labels ("context" for the given frames)."""
     if actions is None:
         return None
 
@@ -2227,8 +2227,8 @@ def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoD
 
 
 def log_training(meter, scheduler, writer, progress, step: int, run_dir: Optional[Path]):
-    """Every --log-every steps: a non-finite loss or gradient stops the run (one line, after the progress
-    bar's last state); rank 0 writes losses/mse, charts/* and (on CUDA) perf/mfu."""
+    """Every --log-every steps: a non-finite loss or gradient stops the run (one line, after the
+    progress bar's last state); rank 0 writes losses/mse, charts/* and (on CUDA) perf/mfu."""
     if not meter.finite():
         progress.close()
         raise non_finite_failure(f"before step {step}", run_dir)
@@ -2246,8 +2246,8 @@ def log_training(meter, scheduler, writer, progress, step: int, run_dir: Optiona
 
 def evaluate_or_first_samples(sampler: EvalSampler, writer, step: int, run_dir: Path, evaluation: bool,
                               progress, started: float):
-    """Rank 0's samples during training: an evaluation, or at --first-sample-at the run's first picture.
-    A signal abandons either; the checkpoint after it is saved."""
+    """Rank 0's samples during training: an evaluation, or at --first-sample-at the run's first
+    picture. A signal abandons either; the checkpoint after it is saved."""
     with contextlib.suppress(StopRequested):
         if evaluation:
             evaluate(sampler, writer, step, run_dir / "samples")
