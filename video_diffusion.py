@@ -1,26 +1,24 @@
-# cleanworlds: text- and action-conditioned video diffusion. Docs and results: README.md and benchmark/RESULTS.md
+# cleanworlds: text- and action-conditioned video diffusion. Docs and results: README.md, benchmark/RESULTS.md
 """
-A 3D U-Net video diffusion model (Ho et al. 2022, "Video Diffusion Models") that generates controllable worlds: clips
-conditioned on a caption (a learned text encoder read by cross-attention) and on per-frame actions (discrete or
-continuous, added to the time embedding), sampled with DDPM or DDIM, extended beyond the training length
-autoregressively from the last k frames (with context noise augmentation, as GameNGen and DIAMOND), in one file.
+A 3D U-Net video diffusion model (Ho et al. 2022, "Video Diffusion Models") for controllable worlds: clips
+conditioned on a caption (a learned text encoder, read by cross-attention) and on per-frame actions (discrete
+or continuous, added to the time embedding), sampled with DDPM, DDIM or DPM-Solver++, and extended beyond the
+training length from the last k frames (context noise augmentation, as GameNGen and DIAMOND).
 
-The seed's setting (model_channels 256, num_res_blocks 2, 16 frames of 64x64, linear schedule, T = 1000) on one GPU:
-    python video_diffusion.py                                            # the generated sprites world
-    python video_diffusion.py --dataset atari --env-id Breakout-v5       # random-policy Breakout clips (recorded once)
-    python video_diffusion.py --dataset folder --data-dir my_videos      # your videos (+ captions.json or captions.txt)
-On 8 GPUs (global batch 64, 8 clips per GPU):
+The seed's setting (256 channels, 16 frames of 64x64, linear schedule, T = 1000) on one GPU:
+    python video_diffusion.py                                       # the generated sprites world
+    python video_diffusion.py --dataset atari --env-id Breakout-v5  # random-policy Breakout clips
+    python video_diffusion.py --dataset folder --data-dir my_videos # your videos (+ captions.json)
+On 8 GPUs (global batch 64):
     torchrun --standalone --nproc_per_node=8 video_diffusion.py --batch-size 64
-End to end in about 25 seconds on a CPU, offline (16x16 sprites, 8 frames):
+End to end in seconds on a CPU, offline; action and text control on a CPU in about 20 minutes:
     python video_diffusion.py --preset tiny
-Learn action and text control of the sprite on a CPU in about 20 minutes (8x8 frames; the tests run its first half):
     python video_diffusion.py --preset cpu
 Continue a run, or sample from it (MP4s in samples/, with a long autoregressive video):
     python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000
-    python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000 --sample-only --cfg-scale 3 \
-        --long-video-frames 64
+    python video_diffusion.py --resume RUN --sample-only --cfg-scale 3 --long-video-frames 64
 Steer a sprites model live (pip install pygame-ce) or headless from keys (MP4s in {run}/play/):  # optional: play
-    python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000 --play  # optional: play
+    python video_diffusion.py --resume RUN --play  # optional: play
     python video_diffusion.py --resume RUN --play-keys RRRDDD --play-world both  # optional: play
 Watch it:
     tensorboard --logdir runs
@@ -72,7 +70,7 @@ class Args:
     torch_deterministic: bool = True
     """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic, no
     benchmark, CUBLAS_WORKSPACE_CONFIG=:4096:8, not torch's strict deterministic algorithms (too
-    slow; benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
+    slow), so a CUDA resume is close, not bitwise"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -84,23 +82,21 @@ class Args:
     output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu"]] = None
-    """defaults: tiny = a full run on the sprites world in seconds on a CPU; cpu = sprites that move
-    as their caption and actions say, in minutes on a CPU core (README)"""
+    """tiny: a full run on the sprites world in seconds on a CPU; cpu: sprites that move as their
+    caption and actions say, in minutes on a CPU core"""
     config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
     """a run folder or checkpoint file to continue exactly where it stopped"""
 # ==== BEGIN OPTIONAL: play ====
     play: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: play an action-conditioned model live in a window (pygame: pip install
-    pygame-ce, or the `play` extra): arrows steer (the sprites world: the sprite), Enter restarts
-    from a fresh start, Tab switches to the real sprites world, R records an MP4, Esc quits"""
+    """with --resume: play an action-conditioned model live in a window (pip install pygame-ce):
+    arrows steer, Enter restarts, Tab switches to the real sprites world, R records an MP4, Esc quits"""
     play_keys: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """headless play (no window, no pygame; implies --play): one letter per step, N noop, U D L R, (Atari models)
-    F fire, Q E Z C the diagonals up-left up-right down-left down-right, lowercase u d l r q e z c the same with fire,
-    / restart; spaces are ignored. Writes the session's MP4 to {run}/play/"""
+    """headless play (implies --play): one letter per step, N noop, U D L R, (Atari) F fire, Q E Z C
+    the diagonals, lowercase: the same with fire, / restart; writes the MP4 to {run}/play/"""
     play_caption: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """play: the caption the frames are generated with (default: none, the null caption: the keys alone steer)"""
+    """play: the caption the frames are generated with (default: the null caption: keys alone steer)"""
     play_world: Annotated[Literal["imagined", "real", "both"], RESUME_MUTABLE] = "imagined"
     """headless play: the model (imagined), the real sprites world, or both in turn with the same keys"""
     play_size: Annotated[int, ">= 16", RESUME_MUTABLE] = 512
@@ -109,18 +105,18 @@ class Args:
     """play: the window's steps per second at most"""
 # ==== END OPTIONAL: play ====
     sample_only: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: load the checkpoint's EMA weights, only generate --num-samples clips (and a long video), exit"""
+    """with --resume: only generate --num-samples clips (and a long video) with the EMA weights"""
     compile: Annotated[bool, RESUME_MUTABLE] = False
-    """torch.compile the training step's model (once: fixed shapes; sampling runs the EMA model eagerly)"""
+    """torch.compile the training step's model (sampling runs the EMA model eagerly)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """autocast dtype on CUDA (float16 uses a GradScaler); the CPU always computes in float32"""
 
     # Data
     dataset: Literal["sprites", "atari", "folder"] = "sprites"
-    """sprites (generated: a sprite moved by the actions, bouncing distractors, captions), atari (random-policy clips
-    recorded from an ALE game into --data-dir) or folder (videos readable by opencv under --data-dir)"""
+    """sprites (generated: a sprite moved by the actions, captions), atari (random-policy clips of
+    an ALE game, recorded into --data-dir) or folder (videos readable by OpenCV under --data-dir)"""
     data_dir: Annotated[str, RESUME_MUTABLE] = "data"
-    """atari: episode files are recorded to and read from {data_dir}/atari_v2/{env id}/; folder: the videos"""
+    """atari: episodes are recorded to {data_dir}/atari_v2/{env id}/; folder: the videos"""
     num_frames: Annotated[int, ">= 1"] = 16
     """frames per training clip"""
     img_size: Annotated[int, ">= 1"] = 64
@@ -130,7 +126,7 @@ class Args:
     num_distractors: Annotated[int, ">= 0"] = 2
     """sprites: bouncing grey squares that no action moves"""
     action_dim: Annotated[int, ">= 0"] = 0
-    """0: discrete actions (an embedding); >0: continuous action vectors of this size through an
+    """0: discrete actions (an embedding); > 0: continuous action vectors of this size through an
     MLP, as the seed's ActionConditionedDiffusion (sprites: 2, a velocity)"""
     env_id: str = "Breakout-v5"
     """atari: the ALE game (Breakout, Breakout-v5 and ALE/Breakout-v5 are the same)"""
@@ -139,8 +135,8 @@ class Args:
     atari_episode_steps: Annotated[int, ">= 1"] = 1000
     """atari: at most this many steps per recorded episode"""
     captions_file: Optional[str] = None
-    """folder: a JSON {video file name: caption} or a text file of `name<TAB>caption` lines (default: captions.json
-    or captions.txt in --data-dir when there is one; videos without a caption get the empty caption)"""
+    """folder: JSON {file name: caption} or `name<TAB>caption` lines (default: captions.json or
+    captions.txt in --data-dir; a video without one gets the empty caption)"""
     frame_stride: Annotated[int, ">= 1"] = 1
     """folder: keep every N-th frame of the videos"""
 
@@ -152,7 +148,7 @@ class Args:
     num_res_blocks: Annotated[int, ">= 1"] = 2
     """ResBlock3D per level on the way down (one more on the way up)"""
     attn_resolutions: Annotated[tuple[int, ...], ">= 1"] = (32, 16)
-    """resolutions (in pixels) with spatio-temporal attention and text cross-attention after each ResBlock3D"""
+    """resolutions (pixels) with spatio-temporal attention and text cross-attention"""
     num_heads: Annotated[int, ">= 1"] = 8
     """attention heads"""
     norm_groups: Annotated[int, ">= 1"] = 32
@@ -166,32 +162,30 @@ class Args:
     max_text_len: Annotated[int, ">= 1"] = 16
     """caption words the model reads (words beyond are dropped, and a notice says so)"""
     cond_drop_prob: Annotated[float, "[0, 1]"] = 0.1
-    """p: in training the caption is dropped to null with probability p, and independently the actions; with
-    --null-cond-prob q each is null in q + (1 - q) p of the samples, and steers alone (the other one dropped) in
-    (1 - q)(1 - p) p of them"""
+    """p: in training the caption is dropped to null with probability p, and independently the
+    actions; each is then null in q + (1 - q) p of the samples (q: --null-cond-prob)"""
     null_cond_prob: Annotated[float, "[0, 1]"] = 0.1
-    """q: probability of dropping both together in training; both are null (the unconditional
-    model that classifier-free guidance subtracts) in q + (1 - q) p^2 of the samples. Guidance
-    (--cfg-scale other than 1) needs q > 0"""
+    """q: probability of dropping both together; both are null (the unconditional model that
+    guidance subtracts) in q + (1 - q) p^2 of the samples. --cfg-scale other than 1 needs q > 0"""
     context_frames: Annotated[int, ">= 0"] = 4
     """k: frames the model is conditioned on when it continues a video (autoregressive generation)"""
     context_prob: Annotated[float, "[0, 1]"] = 0.5
     """fraction of training clips whose first 1 to k frames (uniformly many) are given as context"""
     context_noise_max_step: Annotated[int, ">= 1"] = 100
-    """context noise augmentation: the context frames are noised to a step drawn from [0, this), told to the model"""
+    """context noise augmentation: context frames are noised to a step in [0, this), told to the model"""
     context_noise_sampling_step: Annotated[int, ">= 0", RESUME_MUTABLE] = 10
     """the context noise step used when generating (a little noise limits drift)"""
 
     # Diffusion
     prediction: Literal["eps", "v"] = "eps"
-    """what the network predicts: eps (the noise, as the seed and DDPM) or v = sqrt(abar) eps - sqrt(1-abar) x0
-    (Salimans and Ho 2022: its x0 estimate stays accurate at high noise, so small models learn far faster)"""
+    """the network predicts eps (the noise, as DDPM) or v = sqrt(abar) eps - sqrt(1-abar) x0
+    (Salimans and Ho 2022: its x0 estimate stays accurate at high noise)"""
     timesteps: Annotated[int, ">= 1"] = 1000
     """number of diffusion steps T"""
     beta_schedule: Literal["linear", "cosine"] = "linear"
     """linear (Ho et al.) or cosine (Nichol and Dhariwal)"""
     beta_start: Annotated[float, "(0, 1)"] = 1e-4
-    """beta_1 of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps (improved diffusion)"""
+    """beta_1 of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps"""
     beta_end: Annotated[float, "(0, 1)"] = 0.02
     """beta_T of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps, capped at 0.999"""
 
@@ -215,8 +209,7 @@ class Args:
     eval_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 10_000
     """sample clips and compute the eval/ metrics with the EMA model every N steps"""
     first_sample_at: Annotated[int, STEPS, ">= 0", RESUME_MUTABLE] = 0
-    """also sample 8 clips (no metrics) at this step: the run's first picture, long before the
-    first evaluation (samples/: MP4 and a PNG strip; TensorBoard); 0: none"""
+    """also sample 8 clips (no metrics) at this step: the run's first picture (0: none)"""
 
     # Sampling and evaluation
     sampler: Annotated[Literal["ddpm", "ddim", "dpm++"], RESUME_MUTABLE] = "ddim"
@@ -233,31 +226,31 @@ class Args:
     num_samples: Annotated[int, ">= 1", RESUME_MUTABLE] = 16
     """clips generated by --sample-only"""
     long_video_frames: Annotated[int, ">= 1", RESUME_MUTABLE] = 64
-    """length in frames of the autoregressive long videos written at each evaluation and by --sample-only"""
+    """frames of the autoregressive long videos written at each evaluation and by --sample-only"""
     sample_batch_size: Annotated[int, ">= 1", RESUME_MUTABLE] = 16
     """batch size when generating clips"""
 
 
 PRESETS = {
-    # The whole loop in seconds on a CPU. Its evaluation samples 7 sets of clips (the judge's, the
-    # direction accuracies', the rollouts'): 4 DDIM steps keep it short. No sprite is drawn yet.
+    # The whole loop in seconds on a CPU; 4 DDIM steps keep its evaluation (7 sets of clips) short.
     "tiny": dict(
-        dataset="sprites", num_frames=8, img_size=16, num_sprite_clips=256, num_distractors=1, model_channels=16,
-        channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2, norm_groups=4, text_dim=32,
-        text_layers=1, context_frames=2, prediction="v", total_steps=40, batch_size=8, learning_rate=2e-3,
-        warmup_steps=10, ema_decay=0.9, log_every=10, save_every=20, eval_every=40, num_sampling_steps=4,
-        num_eval_samples=8, num_samples=8, long_video_frames=12, sample_batch_size=8,
+        dataset="sprites", num_frames=8, img_size=16, num_sprite_clips=256, num_distractors=1,
+        model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2,
+        norm_groups=4, text_dim=32, text_layers=1, context_frames=2, prediction="v", total_steps=40,
+        batch_size=8, learning_rate=2e-3, warmup_steps=10, ema_decay=0.9, log_every=10, save_every=20,
+        eval_every=40, num_sampling_steps=4, num_eval_samples=8, num_samples=8, long_video_frames=12,
+        sample_batch_size=8,
     ),
-    # Caption and action control in minutes on a CPU (benchmark/video_control.sh, RESULTS 2d, 3b):
-    # tiny's 3D U-Net on 8x8 sprites (a 2x2 square, 6 frames, no distractor), 2000 steps of batch
-    # 32, each condition dropped alone half the time, guidance 3; judge and accuracies on 128 clips.
+    # Caption and action control in minutes on a CPU (benchmark/video_control.sh): tiny's U-Net on
+    # 8x8 sprites, each condition dropped alone half the time, guidance 3, metrics on 128 clips.
     "cpu": dict(
-        dataset="sprites", num_frames=6, img_size=8, num_sprite_clips=2048, num_distractors=0, model_channels=16,
-        channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2, norm_groups=4, text_dim=32,
-        text_layers=1, context_frames=3, prediction="v", cond_drop_prob=0.5, null_cond_prob=0.1, cfg_scale=3.0,
-        total_steps=2000, batch_size=32, learning_rate=1e-3, warmup_steps=10, ema_decay=0.9, log_every=100,
-        save_every=500, eval_every=1000, first_sample_at=100, num_sampling_steps=8, num_eval_samples=128,
-        num_samples=16, long_video_frames=6, sample_batch_size=128,
+        dataset="sprites", num_frames=6, img_size=8, num_sprite_clips=2048, num_distractors=0,
+        model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2,
+        norm_groups=4, text_dim=32, text_layers=1, context_frames=3, prediction="v", cond_drop_prob=0.5,
+        null_cond_prob=0.1, cfg_scale=3.0, total_steps=2000, batch_size=32, learning_rate=1e-3,
+        warmup_steps=10, ema_decay=0.9, log_every=100, save_every=500, eval_every=1000,
+        first_sample_at=100, num_sampling_steps=8, num_eval_samples=128, num_samples=16,
+        long_video_frames=6, sample_batch_size=128,
     ),
 }
 # Flags spelled otherwise on the command line (none here; diamond_atari.py accepts --game for --env-id).
@@ -315,11 +308,10 @@ def check_args(args: Args, world_size: int):
                         f"does not train; use --cfg-scale 1 (no guidance), or train with --null-cond-prob > 0")
 
 
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Data: the sprites world (generated), Atari clips (recorded with a random policy into episode .npz files), video
-# folders. Everything becomes one uint8 frame array (F, 3, H, W), the action that led into each frame, and clips
-# (a start index into the frames, a caption); a clip is frames[start : start + num_frames].
+# Data: the sprites world (generated), Atari clips (recorded with a random policy into episode .npz
+# files), video folders. Each becomes uint8 frames (F, 3, H, W), the action that led into each
+# frame, and clips (a start index, a caption); a clip is frames[start : start + num_frames].
 
 
 @dataclass
@@ -348,78 +340,67 @@ def sprite_geometry(img_size: int) -> tuple[int, int, int]:
     return size, max(1, size // 2), max(1, img_size // 32)
 
 
-def render_sprite_clip(state: dict, actions: np.ndarray, img_size: int) -> np.ndarray:
-    """Deterministic sprites world: uint8 (T, 3, H, W) from an initial state and the action leading into each frame
-    (actions[0] is ignored: frame 0 is the initial state). Discrete actions: 0 noop, 1-4 DIRECTIONS; continuous:
-    a (dx, dy) velocity in units of the sprite speed. Distractors bounce off the walls whatever the actions."""
-    size, dsize, speed = sprite_geometry(img_size)
-    pos = np.array(state["sprite"], dtype=np.float32)
-    dpos = np.array(state["distractors"], dtype=np.float32).reshape(-1, 2)
-    dvel = np.array(state["distractor_velocities"], dtype=np.float32).reshape(-1, 2)
-    colour = np.array(SPRITE_COLOURS[state["colour"]], dtype=np.uint8)
-    frames = np.full((len(actions), img_size, img_size, 3), BACKGROUND, dtype=np.uint8)
-    for i in range(len(actions)):
-        if i > 0:
-            a = actions[i]
-            move = (np.asarray(a, dtype=np.float32) if np.ndim(a) else
-                    (DIRECTION_VECTORS[int(a) - 1] if int(a) > 0 else np.zeros(2, np.float32)))
-            pos = np.clip(pos + move * speed, 0, img_size - size)
-            dpos = dpos + dvel
-            bounce = (dpos < 0) | (dpos > img_size - dsize)  # reflect off the walls
-            dvel = np.where(bounce, -dvel, dvel)
-            dpos = np.clip(dpos, 0, img_size - dsize)
-        for x, y in np.round(dpos).astype(int):
-            frames[i, y: y + dsize, x: x + dsize] = DISTRACTOR_GREY
-        x, y = np.round(pos).astype(int)
-        frames[i, y: y + size, x: x + size] = colour  # the sprite is drawn last: always fully visible
-    return frames.transpose(0, 3, 1, 2)
-
-
 def sprite_positions(state: dict, actions: np.ndarray, img_size: int) -> np.ndarray:
-    """The sprite's rendered top-left corner (T, 2) under the actions (the rule render_sprite_clip draws)."""
+    """The sprite's top-left corner (T, 2) under the action leading into each frame (actions[0] is ignored):
+    discrete 0 noop, 1-4 DIRECTIONS; continuous a (dx, dy) velocity in sprite speeds. It stops at the walls."""
     size, _, speed = sprite_geometry(img_size)
     pos, out = np.array(state["sprite"], dtype=np.float32), []
-    for i in range(len(actions)):
+    for i, a in enumerate(actions):
         if i > 0:
-            a = actions[i]
             move = (np.asarray(a, dtype=np.float32) if np.ndim(a) else
-                    (DIRECTION_VECTORS[int(a) - 1] if int(a) > 0 else np.zeros(2, np.float32)))
+                    DIRECTION_VECTORS[int(a) - 1] if int(a) > 0 else np.zeros(2, np.float32))
             pos = np.clip(pos + move * speed, 0, img_size - size)
         out.append(np.round(pos))
     return np.stack(out)
 
 
+def render_sprite_clip(state: dict, actions: np.ndarray, img_size: int) -> np.ndarray:
+    """The sprites world, deterministic: uint8 (T, 3, H, W) from an initial state and the actions
+    (sprite_positions); the grey distractors bounce off the walls whatever the actions."""
+    size, dsize, _ = sprite_geometry(img_size)
+    dpos = np.array(state["distractors"], dtype=np.float32).reshape(-1, 2)
+    dvel = np.array(state["distractor_velocities"], dtype=np.float32).reshape(-1, 2)
+    colour = np.array(SPRITE_COLOURS[state["colour"]], dtype=np.uint8)
+    frames = np.full((len(actions), img_size, img_size, 3), BACKGROUND, dtype=np.uint8)
+    for i, (x, y) in enumerate(sprite_positions(state, actions, img_size).astype(int)):
+        if i > 0:
+            dpos = dpos + dvel
+            dvel = np.where((dpos < 0) | (dpos > img_size - dsize), -dvel, dvel)  # reflect off the walls
+            dpos = np.clip(dpos, 0, img_size - dsize)
+        for dx, dy in np.round(dpos).astype(int):
+            frames[i, dy: dy + dsize, dx: dx + dsize] = DISTRACTOR_GREY
+        frames[i, y: y + size, x: x + size] = colour  # drawn last: the sprite is always fully visible
+    return frames.transpose(0, 3, 1, 2)
+
+
 def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_distractors: int = 1,
                          action_dim: int = 0, seed: int = 0) -> VideoData:
-    """Clips of a coloured square that the actions move, with captions "a red square moves right".
+    """Clips of a coloured square that the actions move, captioned "a red square moves right".
 
-    Each clip has a commanded direction d: the action leading into each frame is d with probability 3/4, else a noop
-    or a perpendicular move, never the opposite. The start is uniform over the frame whatever d, so the first frame
-    says (almost) nothing of where the sprite will go: the caption or the actions must. The sprite stops at the walls,
-    and a clip is redrawn until its net displacement is along d (the caption is always true of the frames)."""
+    Each clip has a commanded direction d: each action is d with probability 3/4, else a noop or a
+    perpendicular move, never the opposite. The start is uniform whatever d (the first frame does
+    not tell where the sprite goes), and a clip is redrawn until its net move is along d."""
     if num_frames < 2:
         raise UserError(f"--num-frames {num_frames}: a sprites clip needs at least 2 frames to show a move; use "
                         f"--num-frames 2 or more")
     size, dsize, speed = sprite_geometry(img_size)
-    span = img_size - size
     rng = np.random.default_rng(seed)
     frames, actions, captions, directions, states = [], [], [], [], []
     for _ in range(num_clips):
         for _attempt in range(1000):
             d = int(rng.integers(4))
-            xy = rng.integers(0, span + 1, size=2).tolist()  # independent of d: no start-position hint
+            xy = rng.integers(0, img_size - size + 1, size=2).tolist()  # independent of d
             perpendicular = [e for e in range(4) if (e >= 2) != (d >= 2)]
             choice = rng.random(num_frames)
             sideways = np.array(perpendicular)[rng.integers(2, size=num_frames)] + 1
             discrete = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways))
             discrete[0] = 0
-            if action_dim > 0:  # a velocity: the discrete move scaled by U(0.6, 1), plus a little sideways jitter
+            clip_actions = discrete.astype(np.int64)
+            if action_dim > 0:  # a velocity: the discrete move scaled by U(0.6, 1), plus a little jitter
                 a = DIRECTION_VECTORS[np.maximum(discrete - 1, 0)] * (discrete > 0)[:, None]
                 a = a * rng.uniform(0.6, 1.0, (num_frames, 1)) + rng.normal(0, 0.05, (num_frames, 2))
                 a[0] = 0
                 clip_actions = a.astype(np.float32)
-            else:
-                clip_actions = discrete.astype(np.int64)
             state = {"sprite": [float(xy[0]), float(xy[1])], "colour": list(SPRITE_COLOURS)[int(rng.integers(4))],
                      "distractors": rng.uniform(0, img_size - dsize, (num_distractors, 2)).tolist(),
                      "distractor_velocities": (rng.choice([-1.0, 1.0], (num_distractors, 2)) * speed).tolist()}
@@ -451,23 +432,24 @@ def resize_frame(rgb: np.ndarray, img_size: int) -> np.ndarray:
 
 
 def clips_of_episodes(episodes: list, num_frames: int) -> tuple[np.ndarray, np.ndarray, list]:
-    """Concatenates episodes' frames; clips are windows of num_frames with a stride of num_frames // 2."""
-    offsets, starts, owners, total = [], [], [], 0
+    """Concatenates episodes' frames; clips are windows of num_frames, num_frames // 2 apart.
+    Returns the frames, the clip starts and each clip's (episode, start in it)."""
+    starts, owners, total = [], [], 0
     for e, frames in enumerate(episodes):
         for s in range(0, len(frames) - num_frames + 1, max(1, num_frames // 2)):
             starts.append(total + s)
             owners.append((e, s))
-        offsets.append(total)
         total += len(frames)
     return np.concatenate(episodes), np.array(starts, dtype=np.int64), owners
 
 
 ATARI_AGENTS = {"Breakout": "paddle", "Pong": "paddle", "SpaceInvaders": "cannon", "Freeway": "chicken",
                 "Boxing": "boxer", "MsPacman": "pacman", "Seaquest": "submarine"}
+ATARI_FRAME_SKIP = 4
 
 
 def atari_ids(env_id: str) -> tuple[str, str, str]:
-    """(gymnasium id, canonical id without a slash, game) for Breakout / Breakout-v5 / ALE/Breakout-v5 spellings."""
+    """(gymnasium id, canonical id without a slash, game) for Breakout / Breakout-v5 / ALE/Breakout-v5."""
     import ale_py
     import gymnasium as gym
 
@@ -491,19 +473,13 @@ def describe_atari_action(meaning: str) -> str:
     return " and ".join(words) if words else "stays still"
 
 
-# How the recorder makes a step's frame (cached in {data_dir}/atari/{env}/, atari_v{v}/ from 2).
-# 1: ALE's frameskip 4, the last frame only: flickering objects vanish. 2: DIAMOND's AtariEnv
-# (diamond_atari.py): each action repeated ATARI_FRAME_SKIP frames, the max of the last two kept.
-ATARI_RECORDING_VERSION, ATARI_FRAME_SKIP = 2, 4
-
-
-def atari_folder(data_dir: str, canonical: str, version: int = ATARI_RECORDING_VERSION) -> Path:
-    return Path(data_dir) / ("atari" if version == 1 else f"atari_v{version}") / canonical
+def atari_folder(data_dir: str, canonical: str) -> Path:
+    return Path(data_dir) / "atari_v2" / canonical  # v2: recorded by atari_step (v1 kept ALE's last frame only)
 
 
 def atari_step(env, action: int) -> tuple[np.ndarray, float, bool, bool]:
-    """One step as DIAMOND's AtariEnv.step: the action for ATARI_FRAME_SKIP frames of a frameskip-1 emulator (the
-    rewards summed, stopping at the episode's end); the frame is the max over the last two (Atari sprites flicker)."""
+    """One step as DIAMOND's AtariEnv.step: the action for ATARI_FRAME_SKIP frames (the rewards summed, stopping at
+    the episode's end); the frame is the max over the last two (Atari sprites flicker)."""
     reward, last_frames = 0.0, []
     for _ in range(ATARI_FRAME_SKIP):
         frame, r, terminated, truncated, _ = env.step(action)
@@ -516,15 +492,14 @@ def atari_step(env, action: int) -> tuple[np.ndarray, float, bool, bool]:
 
 def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_steps: int, img_size: int, seed: int,
                           game: str):
-    """Random-policy episodes (each action held for 1-8 steps, so that motion shows), as episode files
-    (docs/PROMISES.md section 3); each step is atari_step's (the recording version ATARI_RECORDING_VERSION)."""
+    """Random-policy episodes (each action held for 1-8 steps, so that motion shows) as episode files, written
+    atomically (a killed recording never leaves a half-written episode); existing ones are kept."""
     import gymnasium as gym
 
     folder.mkdir(parents=True, exist_ok=True)
     if all((folder / f"episode_{i:05d}.npz").exists() for i in range(num_episodes)):
         return  # all recorded: no emulator to start
-    # frameskip 1: atari_step repeats the action itself; repeat_action_probability 0: the recorded
-    # action is the one the emulator executed (no sticky actions)
+    # frameskip 1: atari_step repeats the action itself; no sticky actions: the recorded action is the one executed
     env = gym.make(gym_id, frameskip=1, repeat_action_probability=0.0)
     try:
         for i in range(num_episodes):
@@ -542,7 +517,10 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
                 obs, reward, term, trunc = atari_step(env, action)
                 trunc = trunc or step == max_steps - 1
                 frames.append(resize_frame(obs, img_size))
-                actions.append(action), rewards.append(reward), terminated.append(term), truncated.append(trunc)
+                actions.append(action)
+                rewards.append(reward)
+                terminated.append(term)
+                truncated.append(trunc)
                 if term or trunc:
                     break
             tmp = folder / f".{path.stem}.tmp.npz"
@@ -550,7 +528,7 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
                 np.savez(tmp, obs=np.stack(frames).transpose(0, 2, 3, 1), actions=np.array(actions, dtype=np.int64),
                          rewards=np.array(rewards, dtype=np.float32), terminated=np.array(terminated, dtype=bool),
                          truncated=np.array(truncated, dtype=bool), caption=np.array([game]))
-                os.replace(tmp, path)  # a killed recording never leaves a half-written episode
+                os.replace(tmp, path)
             except BaseException as e:  # a full disk, or a Ctrl-C in the middle of the write: no temporary file left
                 with contextlib.suppress(OSError):
                     tmp.unlink(missing_ok=True)
@@ -606,18 +584,12 @@ def read_episode(path: Path, num_actions: int, fix: str) -> dict:
 
 
 def load_atari_dataset(args: "Args") -> VideoData:
-    """Episode files (docs/PROMISES.md section 3) in {data_dir}/atari_v2/{env}/ (atari_folder), recorded first if
-    there are too few. Each clip's caption names the action held most often in it: "Breakout: the paddle moves left"."""
+    """The episode files in atari_folder, recorded first if there are too few. Each clip's caption
+    names the action held most often in it: "Breakout: the paddle moves left"."""
     import gymnasium as gym
 
     gym_id, canonical, game = atari_ids(args.env_id)
     folder = atari_folder(args.data_dir, canonical)
-    old = [atari_folder(args.data_dir, canonical, v) for v in range(1, ATARI_RECORDING_VERSION)]
-    old = [f for f in old if any(f.glob("episode_*.npz"))]
-    if old and not any(folder.glob("episode_*.npz")) and torchrun_world()[1] == 0:
-        print(f"notice: {old[-1]} holds episodes of an older recorder (ALE's frameskip 4, the last frame only: "
-              f"flickering objects vanish); they are not reused: recording anew into {folder} (delete the old folder "
-              f"to free its space)", flush=True)
     record_atari_episodes(gym_id, folder, args.num_atari_episodes, args.atari_episode_steps, args.img_size, args.seed,
                           game)
     env = gym.make(gym_id)
@@ -626,20 +598,19 @@ def load_atari_dataset(args: "Args") -> VideoData:
     episodes, episode_actions = [], []
     for path in sorted(folder.glob("episode_*.npz"))[: args.num_atari_episodes]:
         episode = read_episode(path, len(meanings), "delete it (a missing episode is recorded again)")
-        obs, actions = episode["obs"], episode["actions"]
+        obs = episode["obs"]
         if obs.shape[1:3] != (args.img_size, args.img_size):
             obs = np.stack([resize_frame(o, args.img_size).transpose(1, 2, 0) for o in obs])
         episodes.append(np.ascontiguousarray(obs.transpose(0, 3, 1, 2)))
-        episode_actions.append(np.concatenate([[0], actions]))  # NOOP (0) leads into the first frame
+        episode_actions.append(np.concatenate([[0], episode["actions"]]))  # NOOP (0) leads into the first frame
     frames, starts, owners = clips_of_episodes(episodes, args.num_frames)
     if len(starts) == 0:
         raise UserError(f"no episode in {folder} has {args.num_frames} frames: raise --atari-episode-steps or lower "
                         f"--num-frames")
-    agent = ATARI_AGENTS.get(game, "player")
     captions = []
     for e, s in owners:
         held = np.bincount(episode_actions[e][s + 1: s + args.num_frames], minlength=len(meanings)).argmax()
-        captions.append(f"{game}: the {agent} {describe_atari_action(meanings[held])}")
+        captions.append(f"{game}: the {ATARI_AGENTS.get(game, 'player')} {describe_atari_action(meanings[held])}")
     return VideoData(frames=frames, actions=np.concatenate(episode_actions), clip_starts=starts, captions=captions,
                      directions=np.full(len(starts), -1, dtype=np.int64), num_actions=len(meanings),
                      dataset_id=canonical)
@@ -660,8 +631,8 @@ def read_captions_file(path: Path) -> dict:
 
 
 def read_video(path: Path, img_size: int) -> list[np.ndarray]:
-    """A video file's frames, each through resize_frame. A file that is empty or unreadable, or of which OpenCV decodes
-    no frame, is refused (OpenCV would give no frames, and FFmpeg's own line, "moov atom not found", names no file)."""
+    """A video file's frames, each through resize_frame. An empty or unreadable file, or one OpenCV decodes no
+    frame of, is refused in one line naming it (FFmpeg's own "moov atom not found" names no file)."""
     import cv2
 
     fix = "replace it with a video OpenCV can read or remove it"
@@ -672,8 +643,7 @@ def read_video(path: Path, img_size: int) -> list[np.ndarray]:
         raise UserError(f"{path}: cannot read it ({e.strerror}); make it readable or remove it") from None
     if empty:
         raise UserError(f"{path}: empty file; {fix}")
-    # FFmpeg writes its line for a file it cannot open to file descriptor 2 itself (OpenCV's log level does not reach
-    # it): that goes to os.devnull while the file is opened and its first frame read, and the error below says it all
+    # FFmpeg writes to file descriptor 2 itself (OpenCV's log level does not reach it): silenced while the file opens
     sys.stderr.flush()
     stderr_fd, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
@@ -690,8 +660,8 @@ def read_video(path: Path, img_size: int) -> list[np.ndarray]:
         ok, bgr = capture.read()
     capture.release()
     if not frames:
-        raise UserError(f"{path}: OpenCV decodes no frame of it (a cut or corrupt file, or a codec its FFmpeg lacks); "
-                        f"{fix}")
+        raise UserError(f"{path}: OpenCV decodes no frame of it (a cut or corrupt file, or a codec its FFmpeg "
+                        f"lacks); {fix}")
     return frames
 
 
@@ -701,12 +671,12 @@ def load_video_folder(args: "Args") -> VideoData:
     if not root.is_dir():
         raise UserError(f"--data-dir {args.data_dir} is not a folder (--dataset folder reads videos from it)")
 
-    def unreadable(e: OSError):  # os.walk's onerror (Path.rglob would skip the folder and its videos without a word)
+    def unreadable(e: OSError):  # os.walk's onerror (Path.rglob would skip the folder without a word)
         raise UserError(f"{e.filename}: cannot read this folder ({e.strerror}); make it readable or move it out of "
                         f"--data-dir")
 
     paths = sorted(Path(folder) / name for folder, _, names in os.walk(root, onerror=unreadable) for name in names
-                   if Path(name).suffix.lower() in VIDEO_EXTENSIONS)  # a file that cannot be read: read_video says so
+                   if Path(name).suffix.lower() in VIDEO_EXTENSIONS)
     if not paths:
         raise UserError(f"no videos ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {args.data_dir}")
     captions_path = Path(args.captions_file) if args.captions_file else next(
@@ -747,18 +717,6 @@ def eval_subset(data: VideoData, args: "Args") -> VideoData:
                    directions=data.directions[chosen])
 
 
-def gather_clips(frames: torch.Tensor, starts: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """uint8 frames (F, 3, H, W) and clip starts (B,) -> float clips (B, 3, T, H, W) in [-1, 1]."""
-    index = starts[:, None] + torch.arange(num_frames, device=starts.device)
-    return frames[index].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0
-
-
-def gather_actions(actions: Optional[torch.Tensor], starts: torch.Tensor, num_frames: int) -> Optional[torch.Tensor]:
-    if actions is None:
-        return None
-    return actions[starts[:, None] + torch.arange(num_frames, device=starts.device)]  # (B, T) or (B, T, A)
-
-
 def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
     # The data order is a pure function of (seed, epoch), so the position in it is just the step counter: an exact
     # resume needs no saved sampler state, and every torchrun rank agrees on the global batch.
@@ -777,8 +735,8 @@ def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) 
     return torch.cat(chunks)
 
 
-# Words: a vocabulary built from the dataset's captions (a pretrained text encoder needs a hub; this one is learned
-# with the model). Token 0 pads; the empty caption is the single token <null>: the null condition for guidance.
+# Words: a vocabulary built from the dataset's captions, learned with the model (a pretrained text encoder needs a
+# hub). Token 0 pads; the empty caption is the single token <null>: the null condition for guidance.
 SPECIAL_TOKENS = ["<pad>", "<null>", "<unk>"]
 PAD_ID, NULL_ID, UNK_ID = 0, 1, 2
 
@@ -814,19 +772,18 @@ def unknown_words(captions: list, vocabulary: list, max_len: int) -> list[str]:
 
 
 def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list[str]:
-    """Notice lines on the data's captions: those of more than max_len words (tokenize keeps the first max_len, so
-    captions that differ only after that are one condition), and words that a resumed model's vocabulary lacks
-    (each becomes <unk>, whose embedding no caption it trained on ever reached: its Adam moments are exactly 0)."""
+    """Notices on the data's captions: those over max_len words (tokenize cuts them, so captions that differ only
+    after that are one condition), and words a resumed model's vocabulary lacks (each read as the untrained <unk>)."""
     distinct = {tuple(caption_words(c)) for c in captions}
     long = [words for words in distinct if len(words) > max_len]
+    unknown = unknown_words(captions, vocabulary, max_len)
     notices = []
     if long:
         conditions = len({words[:max_len] for words in distinct})
+        merged = f", so the {len(distinct)} captions are {conditions} conditions" if conditions < len(distinct) else ""
         notices.append(f"notice: {len(long)} of the {len(distinct)} distinct captions have more than --max-text-len "
-                       f"{max_len} words (up to {max(map(len, long))}): the model reads their first {max_len}" +
-                       (f", so the {len(distinct)} captions are {conditions} conditions" if conditions < len(distinct)
-                        else "") + "; a new run with a larger --max-text-len reads them whole")
-    unknown = unknown_words(captions, vocabulary, max_len)
+                       f"{max_len} words (up to {max(map(len, long))}): the model reads their first {max_len}"
+                       f"{merged}; a new run with a larger --max-text-len reads them whole")
     if unknown:
         shown = ", ".join(unknown[:12]) + (" ..." if len(unknown) > 12 else "")
         notices.append(f"notice: the checkpoint's vocabulary (the words of the captions it first trained on) lacks "
@@ -869,10 +826,10 @@ def noise_context(context: torch.Tensor, level: torch.Tensor, alphas_cumprod: to
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Model: the seed's 3D U-Net (VideoDiffusionModel): its blocks are factorised over space and time as in Video
-# Diffusion Models; its output conv (the seed's) is a full 3x3x3.
-# Tensors are (B, C, T, H, W); the conditioning vector is per frame (B, T, 4C): time + context noise level + pooled
-# caption + that frame's action.
+# Model: the seed's 3D U-Net (VideoDiffusionModel), its blocks factorised over space and time as in
+# Video Diffusion Models; its output conv (the seed's) is a full 3x3x3. Tensors are (B, C, T, H, W);
+# the conditioning vector is per frame (B, T, 4C): time + context noise level + pooled caption +
+# that frame's action.
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -885,9 +842,8 @@ class SinusoidalPosEmb(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         half = dim // 2
-        # a buffer (not saved): it follows the module's device and dtype
-        self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) /
-                                                (half - 1)), persistent=False)
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / (half - 1))
+        self.register_buffer("freqs", freqs, persistent=False)  # follows the module's device, not saved
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         angles = t.to(self.freqs.dtype)[:, None] * self.freqs[None, :]
@@ -895,9 +851,9 @@ class SinusoidalPosEmb(nn.Module):
 
 
 class ResBlock3D(nn.Module):
-    """GN-swish-conv(1x3x3), + Dense(swish(emb)) per frame, GN-swish-dropout-conv(1x3x3), shortcut; then temporal
-    mixing: + conv(3x1x1)(swish(GN(h))). The space convs see one frame at a time, the temporal conv one pixel over
-    three frames ((2+1)D factorisation). The last conv of each branch starts at zero: the block starts as identity."""
+    """GN-swish-conv(1x3x3), + Dense(swish(emb)) per frame, GN-swish-dropout-conv(1x3x3), shortcut;
+    then temporal mixing: + conv(3x1x1)(swish(GN(h))): a (2+1)D factorisation. Each branch's last
+    conv starts at zero: the block starts as the identity."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0,
                  norm_groups: int = 32):
@@ -911,16 +867,13 @@ class ResBlock3D(nn.Module):
         self.temporal_norm = group_norm(out_channels, norm_groups)
         self.temporal_conv = nn.Conv3d(out_channels, out_channels, (3, 1, 1), padding=(1, 0, 0))
         self.shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
-        nn.init.zeros_(self.temporal_conv.weight)
-        nn.init.zeros_(self.temporal_conv.bias)
+        for zero in (self.conv2.weight, self.conv2.bias, self.temporal_conv.weight, self.temporal_conv.bias):
+            nn.init.zeros_(zero)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb_proj(F.silu(emb)).permute(0, 2, 1)[:, :, :, None, None]  # emb (B, T, E) -> (B, C, T, 1, 1)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        h = self.shortcut(x) + h
+        h = h + self.emb_proj(F.silu(emb)).permute(0, 2, 1)[:, :, :, None, None]  # (B, T, E) -> (B, C, T, 1, 1)
+        h = self.shortcut(x) + self.conv2(self.dropout(F.silu(self.norm2(h))))
         return h + self.temporal_conv(F.silu(self.temporal_norm(h)))
 
 
@@ -944,16 +897,15 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None):
-        # context_mask (B, L) True for real tokens: padding is never attended to
-        mask = None if context_mask is None else context_mask[:, None, None, :]
-        return self.to_out(multi_head_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.num_heads,
-                                                mask))
+        mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, L): padding never attended
+        out = multi_head_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.num_heads, mask)
+        return self.to_out(out)
 
 
 class SpatioTemporalAttention(nn.Module):
-    """Spatial self-attention (frames as batch), then temporal self-attention (pixels as batch) with a learned
-    relative position bias (so frame order needs no absolute time, and any clip length works), then cross-attention
-    to the caption. Each is a residual branch whose output projection starts at zero."""
+    """Spatial self-attention (frames as batch), then temporal self-attention (pixels as batch) with
+    a learned relative position bias (any clip length works), then cross-attention to the caption.
+    Each is a residual branch whose output projection starts at zero."""
 
     def __init__(self, channels: int, num_heads: int = 8, norm_groups: int = 32, context_dim: Optional[int] = None,
                  max_relative_position: int = 32):
@@ -980,9 +932,10 @@ class SpatioTemporalAttention(nn.Module):
         x = x + self.spatial_out(out).reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
         tokens = self.temporal_norm(x).permute(0, 3, 4, 2, 1).reshape(b * h * w, t, c)  # (B*HW, T, C)
-        offsets = torch.arange(t, device=x.device)[None, :] - torch.arange(t, device=x.device)[:, None]  # j - i
+        frame = torch.arange(t, device=x.device)
         m = self.max_relative_position
-        bias = self.relative_bias[offsets.clamp(-m, m) + m].permute(2, 0, 1).to(tokens.dtype)  # (heads, T, T)
+        offsets = (frame[None, :] - frame[:, None]).clamp(-m, m)  # j - i
+        bias = self.relative_bias[offsets + m].permute(2, 0, 1).to(tokens.dtype)  # (heads, T, T)
         out = multi_head_attention(*self.temporal_qkv(tokens).chunk(3, dim=-1), self.num_heads, bias)
         x = x + self.temporal_out(out).reshape(b, h, w, t, c).permute(0, 4, 3, 1, 2)
 
@@ -1022,8 +975,8 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.token_embed = nn.Embedding(vocab_size, dim)
         self.pos_embed = nn.Parameter(torch.randn(max_len, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, num_heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(dim, num_heads, 4 * dim, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
@@ -1034,13 +987,13 @@ class TextEncoder(nn.Module):
 
 
 class VideoDiffusionModel(nn.Module):
-    """The 3D U-Net: predicts the noise eps(x_t, t | caption, actions, context) for clips (B, 3, T, H, W) in [-1, 1].
+    """The 3D U-Net: eps(x_t, t | caption, actions, context) for clips (B, 3, T, H, W) in [-1, 1].
 
-    Conditioning: the caption through cross-attention at the attention resolutions (and its mean token added to the
-    time embedding, as Video Diffusion Models add pooled text); per-frame actions (an embedding for discrete actions,
-    with a null row; an MLP for continuous ones, as the seed's ActionConditionedDiffusion, with a learned null vector)
-    added to the time embedding of their frame; context frames (for autoregressive continuation) concatenated on the
-    channels with their mask, the noisy input zeroed there, and their noise level embedded like the time."""
+    The caption: cross-attention at the attention resolutions, and its mean token added to the time
+    embedding (pooled text, as Video Diffusion Models). Per-frame actions (an embedding with a null
+    row, or for continuous ones the seed's MLP with a learned null vector) are added to their
+    frame's time embedding. Context frames are concatenated on the channels with their mask, the
+    noisy input zeroed there, and their noise level is embedded like the time."""
 
     def __init__(self, in_channels: int = 3, model_channels: int = 256, num_res_blocks: int = 2,
                  channel_mult: tuple[int, ...] = (1, 2, 2), attn_resolutions: tuple[int, ...] = (32, 16),
@@ -1051,20 +1004,19 @@ class VideoDiffusionModel(nn.Module):
         self.model_channels, self.num_actions, self.action_dim = model_channels, num_actions, action_dim
         self.max_text_len = max_text_len
         emb = 4 * model_channels
-        self.time_embed = nn.Sequential(SinusoidalPosEmb(model_channels), nn.Linear(model_channels, emb), nn.GELU(),
-                                        nn.Linear(emb, emb))
+        self.time_embed = nn.Sequential(SinusoidalPosEmb(model_channels), nn.Linear(model_channels, emb),
+                                        nn.GELU(), nn.Linear(emb, emb))
         self.context_noise_embed = nn.Sequential(SinusoidalPosEmb(model_channels), nn.Linear(model_channels, emb),
                                                  nn.GELU(), nn.Linear(emb, emb))
         text_heads = text_dim // 64 if text_dim % 64 == 0 else 1  # heads of width 64 where the width allows
         self.text_encoder = TextEncoder(vocab_size, text_dim, text_layers, text_heads, max_text_len)
         self.text_pool = nn.Linear(text_dim, emb)
-        if action_dim > 0:  # the seed's ActionConditionedDiffusion: Linear(action_dim, 256) -> ReLU -> Linear(256, 4C)
+        self.action_encoder = None
+        if action_dim > 0:  # the seed's ActionConditionedDiffusion: Linear(A, 256) -> ReLU -> Linear(256, 4C)
             self.action_encoder = nn.Sequential(nn.Linear(action_dim, 256), nn.ReLU(), nn.Linear(256, emb))
             self.null_action = nn.Parameter(torch.zeros(emb))
         elif num_actions > 0:
             self.action_encoder = nn.Embedding(num_actions + 1, emb)  # row num_actions: the null action
-        else:
-            self.action_encoder = None
 
         # in: the noisy clip, the context frames and the context mask
         self.input_conv = nn.Conv3d(2 * in_channels + 1, model_channels, (1, 3, 3), padding=(0, 1, 1))
@@ -1092,15 +1044,15 @@ class VideoDiffusionModel(nn.Module):
         self.up_blocks, self.up_attns, self.upsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for _ in range(num_res_blocks + 1):
-                self.up_blocks.append(ResBlock3D(current + skip_channels.pop(), model_channels * mult, emb, dropout,
-                                                 norm_groups))
+                self.up_blocks.append(ResBlock3D(current + skip_channels.pop(), model_channels * mult, emb,
+                                                 dropout, norm_groups))
                 current = model_channels * mult
                 self.up_attns.append(attention(current))
             if level != 0:
                 self.upsamples.append(Upsample3D(current))
                 resolution *= 2
         self.out_norm = group_norm(current, norm_groups)
-        self.out = nn.Conv3d(current, in_channels, 3, padding=1)  # the seed's 3x3x3 output conv, zero-initialised
+        self.out = nn.Conv3d(current, in_channels, 3, padding=1)  # the seed's 3x3x3 output conv, starts at zero
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         self.num_levels, self.num_res_blocks = len(channel_mult), num_res_blocks
@@ -1131,15 +1083,13 @@ class VideoDiffusionModel(nn.Module):
                 context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                 context_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, 3, T, H, W), t (B,) int; text (B, L) tokens (None: the null caption); actions (B, T) int or
-        (B, T, A) float (None: null); drop_actions (B,) bool; context (B, 3, T, H, W) with context_mask (B, T) (1 for
-        context frames) and context_noise (B,) the step the context was noised to."""
+        (B, T, A) float (None: null); drop_actions (B,) bool; context (B, 3, T, H, W) with context_mask (B, T)
+        (1 for context frames) and context_noise (B,), the step the context was noised to."""
         b, _, num_frames, height, width = x.shape
         emb = self.time_embed(t)
         if context_noise is not None:
             emb = emb + self.context_noise_embed(context_noise)
-        if text is None:
-            text = self.null_text(b, x.device)
-        text_tokens, text_mask = self.text_encoder(text)
+        text_tokens, text_mask = self.text_encoder(self.null_text(b, x.device) if text is None else text)
         pooled = (text_tokens * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True)
         emb = (emb + self.text_pool(pooled))[:, None, :].expand(b, num_frames, -1)  # (B, T, 4C)
         if self.action_encoder is not None:
@@ -1149,8 +1099,8 @@ class VideoDiffusionModel(nn.Module):
             context = torch.zeros_like(x)
         else:
             mask = context_mask.to(x.dtype)[:, None, :, None, None]
-        h = self.input_conv(torch.cat([x * (1 - mask), context * mask, mask.expand(b, 1, num_frames, height, width)],
-                                      dim=1))
+        mask_channel = mask.expand(b, 1, num_frames, height, width)
+        h = self.input_conv(torch.cat([x * (1 - mask), context * mask, mask_channel], dim=1))
 
         def attend(attn, h):
             return h if isinstance(attn, nn.Identity) else attn(h, text_tokens, text_mask)
@@ -1357,18 +1307,23 @@ def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Ten
     return model_fn
 
 
-def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str, num_steps: int,
-                  eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
+                  num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Runs the chosen sampler and returns clips in [-1, 1] (B, 3, T, H, W)."""
-    T = len(alphas_cumprod)
     if sampler == "ddpm":
-        x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps if num_steps < T else None, generator=generator)
-    elif sampler == "ddim":
-        # x0 clipped to [-1, 1] at every step: keeps an undertrained model's samples in range
+        respaced = num_steps if num_steps < len(alphas_cumprod) else None
+        x = ddpm_sample(model_fn, x_T, alphas_cumprod, respaced, generator=generator)
+    elif sampler == "ddim":  # x0 clipped to [-1, 1] at every step: an undertrained model's samples stay in range
         x = ddim_sample(model_fn, x_T, alphas_cumprod, num_steps, eta=eta, clip_denoised=True, generator=generator)
     else:
         x = dpm_solver_sample(model_fn, x_T, alphas_cumprod, num_steps)
     return x.float().clamp(-1, 1)
+
+
+def sampling_kwargs(args: Args, autocast) -> dict:
+    """generate's settings from the flags."""
+    return dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale, sampler=args.sampler,
+                num_steps=args.num_sampling_steps, eta=args.ddim_eta, autocast=autocast, prediction=args.prediction)
 
 
 @torch.no_grad()
@@ -1382,14 +1337,12 @@ def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, gener
     are given (noised to context_noise_step, as in training) and copied into the result."""
     b, _, num_frames = shape[:3]
     device = generator.device
-    mask = level = None
+    mask = level = noisy_context = None
     if context is not None and num_context > 0:
         mask = (torch.arange(num_frames, device=device) < num_context).float().expand(b, num_frames)
         level = torch.full((b,), context_noise_step, dtype=torch.long, device=device)
         noise = torch.randn(context.shape, generator=generator, device=device)
         noisy_context = noise_context(context, level, alphas_cumprod, noise)
-    else:
-        noisy_context = None
     x_T = torch.randn(shape, generator=generator, device=device)
     model_fn = guided_model_fn(model, cfg_scale, text, actions, drop_actions, noisy_context, mask, level, autocast,
                                prediction, alphas_cumprod)
@@ -1401,32 +1354,31 @@ def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, gener
 
 @torch.no_grad()
 def generate_long_video(model: nn.Module, alphas_cumprod: torch.Tensor, num_frames: int, clip_frames: int,
-                        num_context: int, shape: tuple, generator: torch.Generator, text: Optional[torch.Tensor] = None,
-                        actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
-                        **sample_kwargs) -> torch.Tensor:
-    """Autoregressive generation beyond the training length: a first clip of clip_frames, then clips whose first
-    num_context frames are the last frames generated so far, each adding clip_frames - num_context new frames.
+                        num_context: int, shape: tuple, generator: torch.Generator,
+                        text: Optional[torch.Tensor] = None, actions: Optional[torch.Tensor] = None,
+                        drop_actions: Optional[torch.Tensor] = None, **sample_kwargs) -> torch.Tensor:
+    """Autoregressive generation beyond the training length: a first clip of clip_frames, then clips whose
+    first num_context frames are the last ones generated, each adding clip_frames - num_context frames.
     actions (B, num_frames[, A]) cover the whole video. Returns (B, 3, num_frames, H, W) in [-1, 1]."""
     b, c, _, h, w = shape
-    video = None
+    video = context = block_actions = None
     while video is None or video.shape[2] < num_frames:
         start = 0 if video is None else video.shape[2] - num_context
-        block_actions = None
         if actions is not None:
             index = torch.arange(start, start + clip_frames, device=actions.device).clamp(max=actions.shape[1] - 1)
             block_actions = actions[:, index]
-        context = None
         if video is not None:
             context = torch.zeros((b, c, clip_frames, h, w), device=video.device)
             context[:, :, :num_context] = video[:, :, -num_context:]
-        block = generate(model, alphas_cumprod, (b, c, clip_frames, h, w), generator, text, block_actions, drop_actions,
-                         context, num_context if video is not None else 0, **sample_kwargs)
+        block = generate(model, alphas_cumprod, (b, c, clip_frames, h, w), generator, text, block_actions,
+                         drop_actions, context, num_context if video is not None else 0, **sample_kwargs)
         video = block if video is None else torch.cat([video, block[:, :, num_context:]], dim=2)
     return video[:, :, :num_frames]
 
 
 def to_uint8(clips: torch.Tensor) -> np.ndarray:
     return ((clips.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()  # [-1, 1] -> {0..255}
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Loss: L_simple of Ho et al. (eq. 14) on the frames to generate, with eps or v as the target.
@@ -1438,13 +1390,10 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
                          context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                          context_level: Optional[torch.Tensor] = None, prediction: str = "eps",
                          autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """L_simple = || target - f_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, conditions) ||^2 over the frames to
-    generate, with target = eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 for prediction="v".
-
-    x0, noise: (B, 3, T, H, W) in [-1, 1] and N(0, I); t: int64 (B,); alphas_cumprod: float64 (T,) on x0's device (the
-    square roots are taken in float64, as the schedule is computed); the conditions as VideoDiffusionModel.forward
-    takes them. Context frames (context_mask 1) are given, not predicted: they are left out of the sum, which is
-    still divided by the full clip size, so that every rank's loss has the same scale under DDP."""
+    """L_simple = || target - f_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, conditions) ||^2, with target
+    eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0. x0, noise (B, 3, T, H, W); t int64 (B,); alphas_cumprod
+    float64 (the square roots in float64). Context frames (context_mask 1) are given: left out of the sum, which
+    is still divided by the full clip size (every rank's loss has the same scale under DDP)."""
     sqrt_abar = alphas_cumprod[t].sqrt().float()[:, None, None, None, None]
     sqrt_one_minus_abar = (1 - alphas_cumprod[t]).sqrt().float()[:, None, None, None, None]
     x_t = sqrt_abar * x0 + sqrt_one_minus_abar * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
@@ -1455,58 +1404,71 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
     return ((output.float() - target) ** 2 * generated).mean()
 
 
-class TrainingClips:
-    """The training clips on the device as uint8 frames (no loader, no host-device copy per step;
-    a clip is a window of them from its start), and each step's batch drawn from them."""
+class DeviceClips:
+    """Clips on the device as uint8 frames (no loader, no host-device copy per step) with their
+    caption tokens and actions; clip i is frames[starts[i] : starts[i] + num_frames]."""
 
-    def __init__(self, data: VideoData, vocabulary: list, alphas_cumprod: torch.Tensor, args: Args,
-                 device: torch.device):
-        self.args, self.alphas_cumprod, self.device = args, alphas_cumprod, device  # float64, on the device
+    def __init__(self, data: VideoData, vocabulary: list, args: Args, device: torch.device):
+        self.args, self.device = args, device
         self.frames = torch.from_numpy(data.frames).to(device)
         self.starts = torch.from_numpy(data.clip_starts).to(device)
         self.actions = torch.from_numpy(data.actions).to(device) if data.actions is not None else None
         self.text = tokenize(data.captions, vocabulary, args.max_text_len).to(device)
-        self.frame_index = torch.arange(args.num_frames, device=device)
 
     def __len__(self) -> int:
         return len(self.starts)
 
+    def frame_indices(self, index: torch.Tensor) -> torch.Tensor:
+        return self.starts[index][:, None] + torch.arange(self.args.num_frames, device=self.device)  # (B, T)
+
+    def real_clips(self, index: torch.Tensor) -> torch.Tensor:
+        """Clips index (B,) as floats (B, 3, T, H, W) in [-1, 1]."""
+        return self.frames[self.frame_indices(index)].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0
+
+    def clip_actions(self, index: torch.Tensor) -> Optional[torch.Tensor]:
+        return None if self.actions is None else self.actions[self.frame_indices(index)]  # (B, T[, A])
+
+
+class TrainingClips(DeviceClips):
+    """The training clips, and each step's batch drawn from them."""
+
+    def __init__(self, data: VideoData, vocabulary: list, alphas_cumprod: torch.Tensor, args: Args,
+                 device: torch.device):
+        super().__init__(data, vocabulary, args, device)
+        self.alphas_cumprod = alphas_cumprod  # float64, on the device
+
     def example(self) -> tuple:
-        """One clip's model inputs, its caption and actions given (forward_flops counts a training step from them)."""
-        args = self.args
-        return (torch.zeros(1, 3, args.num_frames, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long),
-                self.text[:1], gather_actions(self.actions, self.starts[:1], args.num_frames))
+        """One clip's model inputs, caption and actions given (forward_flops counts a training step from them)."""
+        x = torch.zeros(1, 3, self.args.num_frames, self.args.img_size, self.args.img_size)
+        return x, torch.zeros(1, dtype=torch.long), self.text[:1], self.clip_actions(torch.zeros(1, dtype=torch.long))
 
     def batch(self, step: int, generator: torch.Generator, mine: slice, null_text: torch.Tensor) -> dict:
-        """The step's batch as video_diffusion_loss's keyword arguments. The global batch is drawn identically on every
-        rank (clips, t, noise, dropped conditions, context), then each rank takes its slice `mine`: 2 ranks at batch B
-        compute exactly what 1 rank at batch B does."""
+        """The step's batch as video_diffusion_loss's keyword arguments. The global batch is drawn identically
+        on every rank, then each rank takes its slice `mine`: 2 ranks at batch B compute what 1 rank does."""
         args, device, B = self.args, self.device, self.args.batch_size
         clip_shape = (3, args.num_frames, args.img_size, args.img_size)
         indices = global_batch_indices(step, B, len(self), args.seed).to(device, non_blocking=True)
         t = torch.randint(0, args.timesteps, (B,), generator=generator, device=device)
         noise = torch.randn((B, *clip_shape), generator=generator, device=device)
-        # Condition dropout for classifier-free guidance: both null with probability q = --null-cond-prob, else the
-        # caption and the actions each with p = --cond-drop-prob, independently: each is null in q + (1 - q) p of the
-        # samples, both in q + (1 - q) p^2 (the unconditional model eps_u).
+        # Condition dropout for classifier-free guidance: both null with probability q = --null-cond-prob, else
+        # the caption and the actions each with p = --cond-drop-prob, independently.
         drop_both = torch.rand(B, generator=generator, device=device) < args.null_cond_prob
         drop_text = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
         drop_actions = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
-        # Context: the first 1..k frames of some clips, noised to a level in [0, context_noise_max_step) that the
-        # model is told (context noise augmentation, so that generated context frames do not drift at sampling).
+        # Context: the first 1..k frames of some clips, noised to a level in [0, context_noise_max_step) that
+        # the model is told (context noise augmentation: generated context frames drift less at sampling).
         use_context = torch.rand(B, generator=generator, device=device) < args.context_prob
         num_context = torch.randint(1, max(args.context_frames, 1) + 1, (B,), generator=generator, device=device)
         context_level = torch.randint(0, args.context_noise_max_step, (B,), generator=generator, device=device)
         context_noise = torch.randn((B, *clip_shape), generator=generator, device=device)
-        starts = self.starts[indices[mine]]
-        x0 = gather_clips(self.frames, starts, args.num_frames)  # (b, 3, T, H, W) in [-1, 1]
+        index = indices[mine]
+        x0 = self.real_clips(index)  # (b, 3, T, H, W)
+        given = torch.arange(args.num_frames, device=device)[None, :] < num_context[mine, None]
         return dict(x0=x0, t=t[mine], noise=noise[mine],
-                    text=torch.where(drop_text[mine, None], null_text, self.text[indices[mine]]),
-                    actions=gather_actions(self.actions, starts, args.num_frames), drop_actions=drop_actions[mine],
+                    text=torch.where(drop_text[mine, None], null_text, self.text[index]),
+                    actions=self.clip_actions(index), drop_actions=drop_actions[mine],
                     context=noise_context(x0, context_level[mine], self.alphas_cumprod, context_noise[mine]),
-                    context_mask=(use_context[mine, None] & (self.frame_index[None, :] < num_context[mine, None])
-                                  ).float(),  # (b, T)
-                    context_level=context_level[mine])
+                    context_mask=(use_context[mine, None] & given).float(), context_level=context_level[mine])
 
 
 def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[int, float]:
@@ -1530,24 +1492,12 @@ def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[
 
 
 def rollout_psnr(predicted: np.ndarray, real: np.ndarray, first_frame: int = 0) -> float:
-    """Mean over clips of PSNR (images in [0, 1], capped at 100 dB) of frames first_frame.. of uint8 (B, 3, T, H, W)."""
+    """Mean over clips of the PSNR (images in [0, 1], capped at 100 dB) of frames first_frame.. of
+    uint8 clips (B, 3, T, H, W)."""
     p = predicted[:, :, first_frame:].astype(np.float64) / 255.0
     r = real[:, :, first_frame:].astype(np.float64) / 255.0
     mse = ((p - r) ** 2).reshape(len(p), -1).mean(1)
     return float(np.mean([100.0 if m <= 1e-10 else min(100.0, 10 * math.log10(1.0 / m)) for m in mse]))
-
-
-def sprite_centroids(clips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (B, 3, T, H, W) -> centroid (B, T, 2) as (x, y) of the saturated (coloured) pixels, and their weight
-    (B, T). The controlled sprite is the only saturated thing: background and distractors are grey."""
-    x = clips.astype(np.float32) / 255.0
-    saturation = x.max(1) - x.min(1)  # (B, T, H, W)
-    weight = np.clip(saturation - 0.4, 0, None)  # sprite colours have saturation 0.67 to 0.8
-    h, w = weight.shape[-2:]
-    total = weight.sum((-1, -2))
-    cx = (weight * np.arange(w)[None, None, None, :]).sum((-1, -2)) / np.maximum(total, 1e-8)
-    cy = (weight * np.arange(h)[None, None, :, None]).sum((-1, -2)) / np.maximum(total, 1e-8)
-    return np.stack([cx, cy], -1), total
 
 
 def direction_of_displacement(displacement: np.ndarray, min_pixels: float = 0.5) -> int:
@@ -1559,59 +1509,56 @@ def direction_of_displacement(displacement: np.ndarray, min_pixels: float = 0.5)
 
 
 def movement_directions(clips: np.ndarray) -> np.ndarray:
-    """The direction each clip's sprite moved, first frame to last (-1: no sprite found, or it did not move)."""
-    centroids, weight = sprite_centroids(clips)
-    out = []
-    for c, wt in zip(centroids, weight):
-        found = wt[0] > 0.2 and wt[-1] > 0.2  # at least about one pixel of strong colour
-        out.append(direction_of_displacement(c[-1] - c[0]) if found else -1)
-    return np.array(out, dtype=np.int64)
+    """The direction each clip's (B, 3, T, H, W) sprite moved, first frame to last, from the centroid of the
+    saturated pixels (the sprite is the only coloured thing); -1: no sprite found, or it did not move."""
+    x = clips.astype(np.float32) / 255.0
+    weight = np.clip(x.max(1) - x.min(1) - 0.4, 0, None)  # saturation: sprite colours have 0.67 to 0.8
+    h, w = weight.shape[-2:]
+    total = weight.sum((-1, -2))  # (B, T)
+    cx = (weight * np.arange(w)[None, None, None, :]).sum((-1, -2)) / np.maximum(total, 1e-8)
+    cy = (weight * np.arange(h)[None, None, :, None]).sum((-1, -2)) / np.maximum(total, 1e-8)
+    centroids = np.stack([cx, cy], -1)  # (B, T, 2)
+    found = (total[:, 0] > 0.2) & (total[:, -1] > 0.2)  # at least about one pixel of strong colour
+    return np.array([direction_of_displacement(c[-1] - c[0]) if f else -1 for c, f in zip(centroids, found)],
+                    dtype=np.int64)
 
 
 def direction_accuracy(clips: np.ndarray, directions: np.ndarray) -> float:
     """Fraction of clips whose sprite moves in the given direction (chance: 1/4)."""
     return float(np.mean(movement_directions(clips) == directions))
 
-class EvalSampler:
-    """Clips and long videos from a model (the EMA weights), conditioned on held-out clips: their captions, their
-    actions, their first frames. Seeded generators give the same noise every time: samples stay comparable across
+
+class EvalSampler(DeviceClips):
+    """Clips and long videos from a model (the EMA weights), conditioned on held-out clips: their captions,
+    actions, first frames. Seeded generators give the same noise every time: samples stay comparable across
     steps, and sampling never touches the training RNGs (an exact resume depends on it)."""
 
     def __init__(self, model: nn.Module, alphas_cumprod: torch.Tensor, eval_data: VideoData, vocabulary: list,
                  args: Args, autocast, device: torch.device):
-        self.model, self.alphas_cumprod, self.args, self.device = model, alphas_cumprod, args, device
-        self.frames = torch.from_numpy(eval_data.frames).to(device)
-        self.starts = torch.from_numpy(eval_data.clip_starts).to(device)
-        self.actions = torch.from_numpy(eval_data.actions).to(device) if eval_data.actions is not None else None
-        self.text = tokenize(eval_data.captions, vocabulary, args.max_text_len).to(device)
+        super().__init__(eval_data, vocabulary, args, device)
+        self.model, self.alphas_cumprod = model, alphas_cumprod
         self.directions, self.captions = eval_data.directions, list(eval_data.captions)
         self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in self.captions]  # labels
         self.judge = None  # optional: judge
-        self.sample_kwargs = dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale,
-                                  sampler=args.sampler, num_steps=args.num_sampling_steps, eta=args.ddim_eta,
-                                  autocast=autocast, prediction=args.prediction)
+        self.sample_kwargs = sampling_kwargs(args, autocast)
 
     def batches(self, num: int):
         """(index, real clips, caption tokens, actions) over the first num eval clips (cycled when num is larger)."""
         for start in range(0, num, self.args.sample_batch_size):
-            index = torch.arange(start, min(num, start + self.args.sample_batch_size), device=self.device)
-            index = index % len(self.starts)
-            starts = self.starts[index]
-            yield (index, gather_clips(self.frames, starts, self.args.num_frames), self.text[index],
-                   gather_actions(self.actions, starts, self.args.num_frames))
+            index = torch.arange(start, min(num, start + self.args.sample_batch_size), device=self.device) % len(self)
+            yield index, self.real_clips(index), self.text[index], self.clip_actions(index)
 
     def clips(self, num: int, use_text: bool = True, use_actions: bool = True, actions_shift: int = 0,
               num_context: int = 0, text_shift: int = 0) -> np.ndarray:
-        """num uint8 clips conditioned on the eval clips' captions and/or actions (optionally those of another clip:
-        shifted by text_shift / actions_shift) and/or their first num_context frames."""
+        """num uint8 clips conditioned on the eval clips' captions and/or actions (or another
+        clip's: shifted by text_shift / actions_shift) and/or their first num_context frames."""
         generator = torch.Generator(device=self.device).manual_seed(self.args.seed + 10_000)
         out = []
         for index, real, text, actions in self.batches(num):
             if actions is not None and actions_shift:
-                other = (index + actions_shift) % len(self.starts)
-                actions = gather_actions(self.actions, self.starts[other], self.args.num_frames)
+                actions = self.clip_actions((index + actions_shift) % len(self))
             if text_shift:
-                text = self.text[(index + text_shift) % len(self.starts)]
+                text = self.text[(index + text_shift) % len(self)]
             drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=self.device)
             clip = generate(self.model, self.alphas_cumprod, tuple(real.shape), generator, text if use_text else None,
                             actions, drop, real if num_context else None, num_context, **self.sample_kwargs)
@@ -1619,17 +1566,16 @@ class EvalSampler:
         return np.concatenate(out)
 
     def long_videos(self, num: int) -> np.ndarray:
-        """Autoregressive videos of --long-video-frames from the eval clips' captions (and their actions, repeated)."""
-        generator = torch.Generator(device=self.device).manual_seed(self.args.seed + 10_001)
+        """Autoregressive videos of --long-video-frames from the eval clips' captions and actions (repeated)."""
+        args = self.args
+        generator = torch.Generator(device=self.device).manual_seed(args.seed + 10_001)
         out = []
         for _, real, text, actions in self.batches(num):
-            if actions is not None:  # the clip's actions, repeated to cover the long video
-                repeat = torch.arange(self.args.long_video_frames, device=self.device) % self.args.num_frames
-                actions = actions[:, repeat]
-            video = generate_long_video(self.model, self.alphas_cumprod, self.args.long_video_frames,
-                                        self.args.num_frames, self.args.context_frames, tuple(real.shape), generator,
-                                        text, actions, **self.sample_kwargs)
-            out.append(to_uint8(video))
+            if actions is not None:
+                actions = actions[:, torch.arange(args.long_video_frames, device=self.device) % args.num_frames]
+            out.append(to_uint8(generate_long_video(self.model, self.alphas_cumprod, args.long_video_frames,
+                                                    args.num_frames, args.context_frames, tuple(real.shape),
+                                                    generator, text, actions, **self.sample_kwargs)))
         return np.concatenate(out)
 
 
@@ -1763,34 +1709,31 @@ def sprite_colour_labels(captions: list) -> np.ndarray:
     return np.array([next(i for i, c in enumerate(SPRITE_COLOURS) if c in caption.split()) for caption in captions])
 
 
-def sprite_frames(data: VideoData, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """A sprites dataset's frames, uint8 (N T, 3, H, W), and the colour of each frame's sprite (N T,)."""
-    return data.frames, np.repeat(sprite_colour_labels(data.captions), num_frames)
-
-
 def make_sprites_judge(args: Args, num_frames_scored: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
-    """The judge of the sprite's colour on single frames at --img-size (trained on 512 generated clips of 8 frames
-    once, then cached in {data_dir}/judge/) and at least 2 * num_frames_scored held-out real frames and colours."""
+    """The judge of the sprite's colour on single frames at --img-size (trained once on 512 generated clips of 8
+    frames, cached in {data_dir}/judge/), and at least 2 * num_frames_scored held-out real frames and colours."""
+    def frames_and_colours(data: VideoData, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+        return data.frames, np.repeat(sprite_colour_labels(data.captions), num_frames)
+
     key = f"sprites_{args.img_size}px_{args.num_distractors}distractors_4classes_seed{JUDGE_DATA_SEED}"
-    judge = load_or_train_judge(Path(args.data_dir) / "judge", key, lambda: sprite_frames(make_sprites_dataset(
+    judge = load_or_train_judge(Path(args.data_dir) / "judge", key, lambda: frames_and_colours(make_sprites_dataset(
         512, 8, args.img_size, args.num_distractors, seed=JUDGE_DATA_SEED), 8), len(SPRITE_COLOURS), JUDGE_DATA_SEED)
     clips = -(-2 * num_frames_scored // args.num_frames)
     heldout = make_sprites_dataset(clips, args.num_frames, args.img_size, args.num_distractors,
                                    seed=JUDGE_HELDOUT_SEED)
-    return (judge, *sprite_frames(heldout, args.num_frames))
+    return (judge, *frames_and_colours(heldout, args.num_frames))
 
 
 def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
-    """eval/judge_* of an evaluation's clips on the sprites data: every generated frame, its sprite's colour against
-    the caption's. The sampler keeps the judge (the judge, held-out frames, their colours), made at the first call."""
+    """eval/judge_* on the sprites data: every generated frame, its sprite's colour against the caption's. The
+    sampler keeps the judge, its held-out frames and their colours, made at the first call."""
     args, n = sampler.args, len(samples)
     if args.dataset != "sprites":
         return {}
     sampler.judge = sampler.judge or make_sprites_judge(args, samples.shape[0] * samples.shape[2])
     frames = samples.transpose(0, 2, 1, 3, 4).reshape(-1, *samples.shape[1:2], *samples.shape[3:])
     asked = np.repeat(sprite_colour_labels((sampler.captions * n)[:n]), samples.shape[2])
-    judge, heldout, heldout_labels = sampler.judge
-    scores = judge_scores(judge, frames, asked, heldout, heldout_labels)
+    scores = judge_scores(sampler.judge[0], frames, asked, *sampler.judge[1:])
     return {f"eval/judge_{name}": value for name, value in scores.items()}
 
 
@@ -1798,8 +1741,8 @@ def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
 
 
 def sample_clips(sampler: EvalSampler, writer, step: int, samples_dir: Path, num: int) -> np.ndarray:
-    """num clips from the eval clips' captions and actions: samples/step{step}.mp4 and .npz (write_samples), and the
-    first 8 as a strip, one row per clip named by its caption, in TensorBoard (samples/clips) and samples/ (PNG)."""
+    """num clips from the eval clips' captions and actions into samples/ (write_samples), the first 8 as a
+    strip, a row per clip named by its caption, in TensorBoard (samples/clips) and samples/ (PNG)."""
     samples = sampler.clips(num)
     write_samples(samples_dir, f"step{step:08d}", samples)
     captions = (sampler.read_captions * num)[:min(8, num)]
@@ -1872,9 +1815,8 @@ def put_text(image: np.ndarray, text: str, x: int, y: int, scale: float = 0.4, c
 
 def frame_strips(clips: np.ndarray, row_labels: Optional[list] = None,
                  frame_labels: Optional[list] = None) -> np.ndarray:
-    """uint8 (N, 3, T, H, W) -> one image with a row of frames per clip (for TensorBoard). With labels, each row is
-    named in a left margin (real, generated, its caption) and each frame headed by its label (the action that led
-    into it, or "context"): small frames are enlarged so that the text fits."""
+    """uint8 (N, 3, T, H, W) -> one image, a row of frames per clip. With labels, each row is named in a left
+    margin and each frame headed by its label (its action, or "context"); small frames are enlarged."""
     n, c, t, h, w = clips.shape
     if row_labels is None and frame_labels is None:
         return make_grid(clips.transpose(0, 2, 1, 3, 4).reshape(n * t, c, h, w), columns=t)
@@ -1889,33 +1831,27 @@ def frame_strips(clips: np.ndarray, row_labels: Optional[list] = None,
     for i in range(n):
         top = i * cell_h + band
         for j in range(t):
-            frame = cv2.resize(clips[i, :, j].transpose(1, 2, 0), (w * scale, h * scale),
-                               interpolation=cv2.INTER_NEAREST)
             x = left + pad + j * cell_w
-            image[top + pad: top + pad + h * scale, x: x + w * scale] = frame
+            image[top + pad: top + pad + h * scale, x: x + w * scale] = cv2.resize(
+                clips[i, :, j].transpose(1, 2, 0), (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
             if frame_labels is not None:
-                put_text(image, str(frame_labels[i][j])[: max(1, cell_w // 6)], left + pad + j * cell_w, top - 1, 0.3)
+                put_text(image, str(frame_labels[i][j])[: max(1, cell_w // 6)], x, top - 1, 0.3)
         put_text(image, row_labels[i], 3, top + pad + h * scale // 2 + 4, 0.33)
     return image
 
 
 def action_labels(actions: Optional[np.ndarray], num_context: int, dataset: str) -> Optional[list]:
-    """The action that led into each frame, as words: (B, T) discrete or (B, T, 2) velocities ->
-    B lists of T labels ("context" for the given frames)."""
+    """The action that led into each frame, as words: (B, T) discrete or (B, T, 2) velocities -> B
+    lists of T labels ("context" for the given frames)."""
     if actions is None:
         return None
-    out = []
-    for clip in actions:
-        labels = []
-        for j, a in enumerate(clip):
-            if j < num_context:
-                labels.append("context")
-            elif np.ndim(a):
-                labels.append(f"{a[0]:+.1f},{a[1]:+.1f}")
-            else:
-                labels.append(SPRITE_ACTIONS[int(a)] if dataset == "sprites" else f"a{int(a)}")
-        out.append(labels)
-    return out
+
+    def label(a) -> str:
+        if np.ndim(a):
+            return f"{a[0]:+.1f},{a[1]:+.1f}"
+        return SPRITE_ACTIONS[int(a)] if dataset == "sprites" else f"a{int(a)}"
+
+    return [["context" if j < num_context else label(a) for j, a in enumerate(clip)] for clip in actions]
 
 
 def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> Path:
@@ -1989,10 +1925,9 @@ def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
 
 
 class ImaginedVideo:
-    """The model as a game. reset() takes a start (frames (1, 3, k, H, W) in [-1, 1] and the k actions that led into
-    them) from starts(); step(action) asks next_frame(frames (1, 3, k, H, W), actions (1, k + 1[, A])) for the next
-    frame (1, 3, H, W), conditioned on the last k frames and actions and the new one. Any callable works as
-    next_frame: the tests play a stand-in that shifts the last frame by the action."""
+    """The model as a game. reset() takes a start from starts(): frames (1, 3, k, H, W) in [-1, 1] and the k
+    actions that led into them; step(action) asks next_frame(frames, actions (1, k + 1[, A])) for the next
+    frame (1, 3, H, W). Any callable works as next_frame (the tests play a stand-in)."""
     name = "video model"
 
     def __init__(self, next_frame: Callable, starts: Callable, action_value: Callable):
@@ -2015,8 +1950,7 @@ class ImaginedVideo:
 
 
 class RealSprites:
-    """The sprites world itself, from the same start: the clip's initial state re-rendered under the start's actions
-    and the keys' (render_sprite_clip), to compare with what the model makes of the same keys."""
+    """The sprites world itself from the same start, re-rendered under the start's actions and the keys'."""
     name = "real sprites"
 
     def __init__(self, state: dict, start_actions: np.ndarray, img_size: int, action_value: Callable):
@@ -2124,18 +2058,17 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
 
 def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=contextlib.nullcontext(),
                clip: Optional[int] = None) -> dict:
-    """The checkpoint's EMA model as a game: each step generates one frame from the last --context-frames frames (a
-    clip of --num-frames whose first k frames are the context, as the long videos are made; the new action is held
-    over the frames after it). Starts from held-out clip `clip` (default: one drawn with --seed). Returns the games
-    ({"imagined": factory, and for sprites "real": factory}), the action names, the caption and the start clip."""
-    num_actions = checkpoint["num_actions"]
+    """The checkpoint's EMA model as a game: each step generates one frame from the last k = --context-frames
+    (a clip of --num-frames whose first k frames are the context, the new action held after them), from
+    held-out clip `clip` (default: drawn with --seed). Returns the games ({"imagined": factory, and for
+    sprites "real": factory}), the action names, the caption and the start clip."""
+    num_actions, vocabulary = checkpoint["num_actions"], checkpoint["vocabulary"]
     if args.dataset == "folder" or (num_actions == 0 and args.action_dim == 0):
         raise UserError("--play needs an action-conditioned model (the sprites world or Atari clips): this run's "
                         "videos have no actions")
     if args.context_frames < 1:
         raise UserError("--play generates each frame from the last frames: the run needs --context-frames >= 1")
-    vocabulary = checkpoint["vocabulary"]  # the caption's words are checked before any data is loaded or recorded
-    caption = args.play_caption if args.play_caption is not None else ""
+    caption = args.play_caption if args.play_caption is not None else ""  # checked before any data is made
     notice = check_given_caption(caption, vocabulary, args.max_text_len, "--play-caption",
                                  str(resolve_checkpoint_path(args.resume)) if args.resume else "CHECKPOINT")
     if notice:
@@ -2167,18 +2100,15 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
     if clip is None:
         clip = int(torch.randint(len(data.clip_starts), (1,), generator=torch.Generator().manual_seed(args.seed)))
     start = int(data.clip_starts[clip])
-    start_frames = torch.from_numpy(data.frames[start: start + k]).to(device).permute(1, 0, 2, 3)[None] / 127.5 - 1.0
+    start_frames = torch.from_numpy(data.frames[start: start + k]).to(device).permute(1, 0, 2, 3)[None] / 127.5 - 1
     start_actions = data.actions[start: start + k]
-    sample_kwargs = dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale,
-                         sampler=args.sampler, num_steps=args.num_sampling_steps, eta=args.ddim_eta,
-                         autocast=autocast, prediction=args.prediction)
 
     def next_frame(frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         context = torch.zeros((1, 3, n, args.img_size, args.img_size), device=device)
         context[:, :, :k] = frames
         index = torch.arange(n, device=device).clamp(max=k)  # the new action leads into every frame after the context
         clip_frames = generate(model, alphas_cumprod, tuple(context.shape), generator, text,
-                               actions.to(device)[:, index], None, context, k, **sample_kwargs)
+                               actions.to(device)[:, index], None, context, k, **sampling_kwargs(args, autocast))
         return clip_frames[:, :, k]
 
     def starts():
@@ -2230,9 +2160,8 @@ def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], 
 
 
 def check_given_caption(caption: str, vocabulary: list, max_len: int, flag: str, checkpoint: str) -> Optional[str]:
-    """A caption given by a flag, against the model's vocabulary: a word it does not know is refused in one line (it
-    would be <unk>, which no training caption taught it: the caption would steer nowhere). Returns a notice line when
-    the caption has more than max_len words (the model reads the first max_len), else None."""
+    """A caption given by a flag: a word the model does not know is refused in one line (it would be the
+    untrained <unk>: the caption would steer nowhere). Returns a notice when it is over max_len words."""
     words = caption_words(caption)
     unknown = unknown_words([caption], vocabulary, max_len)
     if unknown:
@@ -2245,8 +2174,8 @@ def check_given_caption(caption: str, vocabulary: list, max_len: int, flag: str,
         raise UserError(f"{flag} {caption!r}: the model does not know {named}: it learned the words of its "
                         f"training captions only (an unknown word would be the untrained <unk>); {see}")
     if len(words) > max_len:
-        return (f"notice: {flag} has {len(words)} words, more than the model's --max-text-len {max_len}: it reads "
-                f"{' '.join(words[:max_len])!r} and drops {' '.join(words[max_len:])!r}")
+        return (f"notice: {flag} has {len(words)} words, more than the model's --max-text-len {max_len}: it "
+                f"reads {' '.join(words[:max_len])!r} and drops {' '.join(words[max_len:])!r}")
     return None
 
 
@@ -2254,11 +2183,11 @@ def check_given_caption(caption: str, vocabulary: list, max_len: int, flag: str,
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The run: sampling only, the run folder, logging, samples during training, checkpoints, main.
 
 
 def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
-    """--sample-only: --num-samples clips (and long videos with --long-video-frames) into the run's samples/; a signal
-    abandons them and writes nothing more."""
+    """--sample-only: --num-samples clips (and long videos) into the run's samples/; a signal abandons them."""
     args = sampler.args
     try:
         stem = (f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_"
@@ -2266,7 +2195,8 @@ def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
         path = write_samples(run_dir / "samples", stem, sampler.clips(args.num_samples))
         print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
         if args.long_video_frames > args.num_frames:
-            path = write_samples(run_dir / "samples", "long_" + stem, sampler.long_videos(min(args.num_samples, 4)))
+            videos = sampler.long_videos(min(args.num_samples, 4))
+            path = write_samples(run_dir / "samples", "long_" + stem, videos)
             print(f"wrote long videos of {args.long_video_frames} frames to {path}")
     except StopRequested:
         print("stopped by signal while sampling; nothing more was written")
@@ -2297,8 +2227,8 @@ def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoD
 
 
 def log_training(meter, scheduler, writer, progress, step: int, run_dir: Optional[Path]):
-    """Every --log-every steps: a non-finite loss or gradient stops the run (one line, after the progress bar's final
-    state); rank 0 writes losses/mse, charts/* and (on CUDA) perf/mfu at the step."""
+    """Every --log-every steps: a non-finite loss or gradient stops the run (one line, after the
+    progress bar's last state); rank 0 writes losses/mse, charts/* and (on CUDA) perf/mfu."""
     if not meter.finite():
         progress.close()
         raise non_finite_failure(f"before step {step}", run_dir)
@@ -2314,17 +2244,17 @@ def log_training(meter, scheduler, writer, progress, step: int, run_dir: Optiona
         progress.set_postfix(loss=f"{logged['loss']:.4f}", clips_s=f"{logged['SPS']:.1f}", **mfu)
 
 
-def evaluate_or_first_samples(sampler: EvalSampler, writer, step: int, run_dir: Path, evaluation: bool, progress,
-                              started: float):
-    """Rank 0's samples during training: an evaluation, or at --first-sample-at the first picture, long before the
-    first evaluation. A signal abandons either; the checkpoint after it is saved."""
+def evaluate_or_first_samples(sampler: EvalSampler, writer, step: int, run_dir: Path, evaluation: bool,
+                              progress, started: float):
+    """Rank 0's samples during training: an evaluation, or at --first-sample-at the run's first
+    picture. A signal abandons either; the checkpoint after it is saved."""
     with contextlib.suppress(StopRequested):
         if evaluation:
             evaluate(sampler, writer, step, run_dir / "samples")
         else:
             sample_clips(sampler, writer, step, run_dir / "samples", 8)
-            progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the start: "
-                           f"{run_dir / 'samples' / f'step{step:08d}.png'}")
+            progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
+                           f"start: {run_dir / 'samples' / f'step{step:08d}.png'}")
 
 
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
@@ -2358,56 +2288,57 @@ def main(args: Args, given: set[str]):
     seed_everything(args.seed)
     if args.play or args.play_keys is not None:  # optional: play
         return play(args, checkpoint, run_dir, device, autocast)  # optional: play
-    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # t, noise, dropped conditions, context
+    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # t, noise, drops, context
 
     # ---- data: the training clips on the device, the held-out ones for evaluation, the words
     data = load_dataset(args)
     eval_data = eval_subset(data, args)
-    # The vocabulary and the action count fix the model's shape: a resumed run takes them from its checkpoint.
+    # The vocabulary and the action count fix the model's shape: a resumed run takes its checkpoint's.
     vocabulary = checkpoint["vocabulary"] if checkpoint is not None else build_vocabulary(data.captions)
     num_actions = checkpoint["num_actions"] if checkpoint is not None else data.num_actions
-    if setup.is_main:  # captions cut to --max-text-len, words the resumed model never learned: said, not silent
+    if setup.is_main:  # captions cut to --max-text-len, words the resumed model never learned
         for line in data_caption_notices(data.captions, vocabulary, args.max_text_len):
             print(line)
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
-        check_step_memory(setup, args.batch_size, *step_memory_profile(args, len(vocabulary), num_actions), args.dtype)
-    alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
-                                                            args.beta_end))
+        profile = step_memory_profile(args, len(vocabulary), num_actions)
+        check_step_memory(setup, args.batch_size, *profile, args.dtype)
+    alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps,
+                                                            args.beta_start, args.beta_end))
     clips = TrainingClips(data, vocabulary, alphas_cumprod.to(device), args, device)
 
-    # ---- model, EMA, optimizer with linear warmup (lr_s = lr * min(1, (s + 1) / warmup)), and the resumed state
+    # ---- model, EMA, optimizer with linear warmup (lr_s = lr * min(1, (s + 1) / warmup)), resumed state
     model = build_model(args, len(vocabulary), num_actions).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=setup.use_cuda)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    warmup = max(1, args.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     scaler = torch.amp.GradScaler("cuda", enabled=setup.use_cuda and args.dtype == "float16")
-    # as CHECKPOINT_KEYS names them
     parts = (model, ema_model, optimizer, scheduler, scaler, train_generator, vocabulary, num_actions)
     step = 0 if checkpoint is None else restore_state(checkpoint, *parts)
 
     stop = StopFlag()  # from here on SIGTERM/SIGINT finish the step (or abandon sampling), save and exit 0
-    # the EMA model is only ever called by the samplers: a signal abandons sampling within one network evaluation
+    # only the samplers call the EMA model: a signal abandons sampling within one network evaluation
     ema_model.register_forward_pre_hook(lambda module, inputs: stop.check())
     sampler = EvalSampler(ema_model, alphas_cumprod, eval_data, vocabulary, args, autocast, device)
-    if args.sample_only or step >= args.total_steps:  # no training: --sample-only, or a finished run (no purge)
+    if args.sample_only or step >= args.total_steps:  # no training: --sample-only, or a finished run
         leave_process_group(setup.world_size)  # what follows is rank 0's alone
         if setup.is_main and args.sample_only:
             write_sample_only(sampler, run_dir, step)
         elif setup.is_main:
-            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps "
-                  f"to train on")
+            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise "
+                  f"--total-steps to train on")
         stop.restore()
         return
 
-    # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, throughput
+    # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), throughput
     run_dir, writer = open_run(args, setup, run_dir, step, data, vocabulary, num_actions, num_params)
-    meter = Meter(device, 3 * forward_flops(lambda: build_model(args, len(vocabulary), num_actions), *clips.example()),
-                  peak_flops(setup, args.dtype), setup.world_size)
+    flops = 3 * forward_flops(lambda: build_model(args, len(vocabulary), num_actions), *clips.example())
+    meter = Meter(device, flops, peak_flops(setup, args.dtype), setup.world_size)
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
     if setup.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
-                                                          if setup.use_cuda else None)
+        device_ids = [setup.local_rank] if setup.use_cuda else None
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=device_ids)
 
     # ---- train
     local_batch = args.batch_size // setup.world_size
@@ -2444,7 +2375,7 @@ def main(args: Args, given: set[str]):
         if step % args.save_every == 0 or step == args.total_steps or stopping:
             save_run(run_dir, args, step, parts, meter, setup, len(clips))
         if evaluation or step % args.save_every == 0 or step in (first_step + 1, args.first_sample_at):
-            meter.restart_clock()  # sampling, saving and the first (warm-up, compiling) step stay out of SPS
+            meter.restart_clock()  # sampling, saving and the first (compiling) step stay out of SPS
         if stopping:
             if setup.is_main:
                 print(f"stopped by signal at step {step}", flush=True)

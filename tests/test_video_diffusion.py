@@ -564,26 +564,6 @@ def test_atari_recorder_keeps_the_max_of_the_last_two_frames_of_each_frame_skip(
     assert differs > 0.2, differs
 
 
-def test_an_old_atari_cache_is_recorded_anew_and_said_once(tmp_path, capsys):
-    args = vd.parse_args([*TINY, "--dataset", "atari", "--env-id", "SpaceInvaders", "--data-dir", str(tmp_path),
-                          "--num-atari-episodes", "1", "--atari-episode-steps", "12"])[0]
-    old = vd.atari_folder(tmp_path, "SpaceInvaders-v5", version=1) / "episode_00000.npz"
-    old.parent.mkdir(parents=True)
-    np.savez(old, obs=np.zeros((13, 16, 16, 3), np.uint8), actions=np.zeros(12, np.int64),
-             rewards=np.zeros(12, np.float32), terminated=np.zeros(12, bool), truncated=np.zeros(12, bool))
-    before = file_hash(old)
-    data = vd.load_atari_dataset(args)
-    new = vd.atari_folder(tmp_path, "SpaceInvaders-v5")
-    assert capsys.readouterr().out.splitlines() == [
-        f"notice: {old.parent} holds episodes of an older recorder (ALE's frameskip 4, the last frame only: "
-        f"flickering objects vanish); they are not reused: recording anew into {new} (delete the old folder to free "
-        f"its space)"]
-    assert new != old.parent and (new / "episode_00000.npz").exists() and file_hash(old) == before
-    assert data.frames.shape == (13, 3, 16, 16) and data.frames.max() > 0  # the new recording, not the old zeros
-    vd.load_atari_dataset(args)
-    assert capsys.readouterr().out == ""  # said once: the new cache is reused from then on
-
-
 def write_video(path, frames, fps=10):
     import cv2
 
