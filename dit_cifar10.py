@@ -267,84 +267,75 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg"}
 def md5_of(path: Path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Reads CIFAR-10's python version (a pickled dict of numpy arrays), refusing anything that could run code."""
+    """Reads CIFAR-10's python version (pickled numpy arrays), refusing anything that could run code."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
         ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode"),
-    } | {("builtins", name) for name in ("list", "dict", "tuple", "set", "frozenset", "bytes", "bytearray", "str",
-                                          "int", "float", "complex", "bool", "slice", "range")}
+    } | {("builtins", name) for name in ("list", "dict", "tuple", "set", "frozenset", "bytes", "bytearray",
+                                          "str", "int", "float", "complex", "bool", "slice", "range")}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} (only numpy arrays and plain containers)")
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} (only numpy arrays, containers)")
 
 
-def read_cifar10_binary(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = [], []
-    for i in range(1, 6):
-        path = folder / f"data_batch_{i}.bin"
-        fix = f"delete the folder {folder} to extract (or download) CIFAR-10 again"
-        if not path.is_file():
-            raise UserError(f"{path} is missing (CIFAR-10 has data_batch_1.bin to data_batch_5.bin); {fix}")
+def read_cifar10_batch(path: Path, fix: str) -> tuple[np.ndarray, np.ndarray]:
+    """One training batch, binary (data_batch_i.bin) or python (data_batch_i): uint8 (N, 3072), labels (N,)."""
+    if path.suffix == ".bin":
         raw = np.fromfile(path, dtype=np.uint8)
         if raw.size == 0 or raw.size % 3073:
-            raise UserError(f"{path}: {raw.size} bytes is not a whole number of 3073-byte CIFAR-10 records (empty or "
-                            f"truncated); {fix}")
+            raise UserError(f"{path}: {raw.size} bytes is not a whole number of 3073-byte CIFAR-10 records "
+                            f"(empty or truncated); {fix}")
         records = raw.reshape(-1, 3073)  # 1 label byte, then 3x32x32 pixels, channel-major
-        if records[:, 0].max() > 9:
-            raise UserError(f"{path}: labels above 9, not a CIFAR-10 batch; {fix}")
-        labels.append(records[:, 0].astype(np.int64))
-        images.append(records[:, 1:].reshape(-1, 3, 32, 32))
-    return np.concatenate(images), np.concatenate(labels)
+        return records[:, 1:], records[:, 0]
+    try:
+        with open(path, "rb") as f:
+            batch = RestrictedUnpickler(f, encoding="bytes").load()
+    except Exception as e:  # noqa: BLE001 - whatever the bytes hold, it is the same user-facing error
+        raise UserError(f"{path} is not a CIFAR-10 python batch ({error_reason(e)}); {fix}") from None
+    data, labels = (batch.get(b"data"), batch.get(b"labels")) if isinstance(batch, dict) else (None, None)
+    if not isinstance(data, np.ndarray) or not isinstance(labels, list):
+        raise UserError(f"{path} is not a CIFAR-10 python batch (a dict with b'data', a uint8 array, and "
+                        f"b'labels', a list); {fix}")
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) == 0:
+        raise UserError(f"{path}: b'data' is {data.dtype} {data.shape}, not uint8 (N, 3072), N >= 1; {fix}")
+    return data, np.asarray(labels)
 
 
-def read_cifar10_python(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar10(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The five training batches of cifar-10-batches-bin (or -py) as uint8 (N, 3, 32, 32) and int64 labels."""
+    fix = f"delete the folder {folder} to extract (or download) CIFAR-10 again"
     images, labels = [], []
     for i in range(1, 6):
-        path = folder / f"data_batch_{i}"
-        fix = f"delete the folder {folder} to download CIFAR-10 (the binary version) again"
+        path = folder / f"data_batch_{i}{'.bin' if folder.name.endswith('-bin') else ''}"
         if not path.is_file():
             raise UserError(f"{path} is missing (CIFAR-10 has data_batch_1 to data_batch_5); {fix}")
-        try:
-            with open(path, "rb") as f:
-                batch = RestrictedUnpickler(f, encoding="bytes").load()
-        except Exception as e:  # noqa: BLE001 - whatever the bytes hold, it is the same user-facing error
-            reason = str(e).splitlines()[0][:150] if str(e) else e.__class__.__name__
-            raise UserError(f"{path} is not a CIFAR-10 python batch ({reason}); {fix}") from None
-        data = batch.get(b"data") if isinstance(batch, dict) else None
-        batch_labels = batch.get(b"labels") if isinstance(batch, dict) else None
-        if not isinstance(data, np.ndarray) or not isinstance(batch_labels, list):
-            raise UserError(f"{path} is not a CIFAR-10 python batch (a dict with b'data', a uint8 array, and "
-                            f"b'labels', a list); {fix}")
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) == 0:
-            raise UserError(f"{path}: b'data' is {data.dtype} {data.shape}, not uint8 (N, 3072) with N >= 1; {fix}")
-        batch_labels = np.asarray(batch_labels)
-        if batch_labels.shape != (len(data),) or batch_labels.dtype.kind not in "iu" or (batch_labels.size and (
-                batch_labels.min() < 0 or batch_labels.max() > 9)):
-            raise UserError(f"{path}: b'labels' is not {len(data)} integers in 0..9 (one per image); {fix}")
+        data, batch_labels = read_cifar10_batch(path, fix)
+        if batch_labels.shape != (len(data),) or batch_labels.dtype.kind not in "iu" or (
+                batch_labels.min() < 0 or batch_labels.max() > 9):
+            raise UserError(f"{path}: the labels (b'labels') are not {len(data)} integers in 0..9; {fix}")
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(batch_labels.astype(np.int64))
     return np.concatenate(images), np.concatenate(labels)
 
 
 def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The CIFAR-10 train split as uint8 (50000, 3, 32, 32) and int64 labels, from the binary archive (no pickle)."""
+    """The CIFAR-10 train split as uint8 (50000, 3, 32, 32) and int64 labels, from the binary archive."""
     root = Path(data_dir)
-    # An extracted folder is the data (the archive is extracted atomically, so an incomplete folder is refused with
-    # the name of what is wrong in it rather than read in part or silently replaced)
-    if (root / "cifar-10-batches-bin").is_dir():
-        return read_cifar10_binary(root / "cifar-10-batches-bin")
-    if (root / "cifar-10-batches-py").is_dir():
-        return read_cifar10_python(root / "cifar-10-batches-py")
+    # An extracted folder is the data: the archive is extracted atomically, so a damaged folder is
+    # refused with the name of what is wrong in it, never read in part or silently replaced.
+    for name in ("cifar-10-batches-bin", "cifar-10-batches-py"):
+        if (root / name).is_dir():
+            return read_cifar10(root / name)
     archive = root / "cifar-10-binary.tar.gz"
     if not archive.exists():
         if not download:
@@ -354,8 +345,7 @@ def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.n
         try:
             print(f"downloading {CIFAR10_URL} to {root}/ ...", flush=True)
             with urllib.request.urlopen(CIFAR10_URL, timeout=60) as response, open(partial, "wb") as f:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
+                shutil.copyfileobj(response, f)
         except OSError as e:
             partial.unlink(missing_ok=True)
             raise UserError(f"could not download CIFAR-10 ({e.__class__.__name__}): put cifar-10-binary.tar.gz "
@@ -363,7 +353,7 @@ def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.n
         os.replace(partial, archive)
     if md5_of(archive) != CIFAR10_MD5:
         raise UserError(f"{archive} is corrupt (md5 is not {CIFAR10_MD5}): delete it and download it again")
-    extracting = root / ".cifar-10-extracting"  # extract, then rename: a killed extraction leaves no partial folder
+    extracting = root / ".cifar-10-extracting"  # then renamed: a killed extraction leaves no partial folder
     shutil.rmtree(extracting, ignore_errors=True)
     with tarfile.open(archive, "r:gz") as tar:
         tar.extractall(extracting, filter="data")
@@ -372,14 +362,13 @@ def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.n
         raise UserError(f"{archive} holds no cifar-10-batches-bin folder: delete it and download it again")
     os.replace(extracting / "cifar-10-batches-bin", root / "cifar-10-batches-bin")
     shutil.rmtree(extracting, ignore_errors=True)
-    return read_cifar10_binary(root / "cifar-10-batches-bin")
+    return read_cifar10(root / "cifar-10-batches-bin")
 
 
 def jpeg_is_complete(data: bytes) -> bool:
-    """False if a JPEG ends before its end-of-image marker (OpenCV decodes a truncated JPEG's top part and only warns).
-    The header's segments are skipped by their length (an EXIF thumbnail's own marker is not the image's); in the
-    scans, FF D9 can only be that marker (a data byte FF is stuffed as FF 00). Data after it (a motion photo's video)
-    is allowed."""
+    """False if a JPEG ends before its end-of-image marker (OpenCV decodes a truncated one with a warning).
+    The header's segments are skipped by length (an EXIF thumbnail's marker is not the image's); in the
+    scans FF D9 can only be that marker (a data byte FF is stuffed as FF 00). Trailing data is allowed."""
     i = 2
     while i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] not in (0xD9, 0xDA):  # up to the first scan
         i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2: i + 4], "big")
@@ -387,7 +376,7 @@ def jpeg_is_complete(data: bytes) -> bool:
 
 
 def png_is_complete(data: bytes) -> bool:
-    """Walks a PNG's chunks (length, type, data, CRC) from the signature to IEND: False if the data ends first."""
+    """Walks a PNG's chunks (length, type, data, CRC) to IEND: False if the data ends first."""
     i = 8
     while i + 8 <= len(data):
         if data[i + 4: i + 8] == b"IEND":
@@ -397,7 +386,7 @@ def png_is_complete(data: bytes) -> bool:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """A PNG/JPG file as uint8 BGR (H, W, 3); a file that is truncated or that OpenCV cannot decode is refused."""
+    """A PNG/JPG file as uint8 BGR (H, W, 3); a truncated file or one OpenCV cannot decode is refused."""
     import cv2
 
     fix = "replace it with a valid PNG/JPG or remove it"
@@ -410,15 +399,15 @@ def read_image(path: Path) -> np.ndarray:
     if data.startswith(b"\x89PNG\r\n\x1a\n") and not png_is_complete(data):
         raise UserError(f"{path}: truncated PNG (it ends before its IEND chunk); {fix}")
     log_level = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # the error below is the one line the user sees
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # the error below is the one line
     try:
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     except cv2.error as e:
         if "CV_IO_MAX_IMAGE_PIXELS" in str(e):
-            raise UserError(f"{path}: more pixels than OpenCV reads (the environment variable "
-                            f"OPENCV_IO_MAX_IMAGE_PIXELS, default 2^30); shrink the image or raise that "
-                            f"limit") from None
-        raise UserError(f"{path}: OpenCV cannot decode it ({str(e).strip().splitlines()[-1][:150]}); {fix}") from None
+            raise UserError(f"{path}: more pixels than OpenCV reads (OPENCV_IO_MAX_IMAGE_PIXELS, default "
+                            f"2^30); shrink the image or raise that limit") from None
+        reason = str(e).strip().splitlines()[-1][:150]
+        raise UserError(f"{path}: OpenCV cannot decode it ({reason}); {fix}") from None
     finally:
         cv2.utils.logging.setLogLevel(log_level)
     if bgr is None:
@@ -427,35 +416,33 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def load_image_folder(data_dir: str, img_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Every PNG/JPG under data_dir, center-cropped and resized. The class is the name of the subfolder of data_dir
-    the image is in (at any depth below it); an image directly in data_dir has no class: label -1."""
+    """Every PNG/JPG under data_dir, center-cropped and resized, uint8 (N, 3, S, S). Its class is the
+    subfolder of data_dir it is in (at any depth); an image directly in data_dir has label -1."""
     import cv2
 
     root = Path(data_dir)
     if not root.is_dir():
         raise UserError(f"--data-dir {data_dir} is not a folder (--dataset folder reads PNG/JPG images from it)")
 
-    def unreadable(e: OSError):  # os.walk's onerror (Path.rglob would skip the folder and its images without a word)
-        raise UserError(f"{e.filename}: cannot read this folder ({e.strerror}); make it readable or move it out of "
-                        f"--data-dir")
+    def unreadable(e: OSError):  # os.walk's onerror (Path.rglob would skip the folder without a word)
+        raise UserError(f"{e.filename}: cannot read this folder ({e.strerror}); make it readable or move it "
+                        f"out of --data-dir")
 
     paths = sorted(Path(folder) / name for folder, _, names in os.walk(root, onerror=unreadable) for name in names
-                   if Path(name).suffix.lower() in IMAGE_EXTENSIONS)  # a file that cannot be read: read_image says so
+                   if Path(name).suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
         raise UserError(f"no PNG/JPG images under {data_dir} (--dataset folder reads images from its subfolders)")
-    class_names = sorted({p.relative_to(root).parts[0] for p in paths if len(p.relative_to(root).parts) > 1})
-    class_index = {name: i for i, name in enumerate(class_names)}
-    images, labels = [], []
+    parts = [p.relative_to(root).parts for p in paths]
+    class_names = sorted({part[0] for part in parts if len(part) > 1})
+    images = []
     for p in paths:
         bgr = read_image(p)
         h, w = bgr.shape[:2]
         side = min(h, w)  # center crop to a square, then resize (INTER_AREA: no aliasing when shrinking)
-        top, left = (h - side) // 2, (w - side) // 2
-        square = bgr[top: top + side, left: left + side]
+        square = bgr[(h - side) // 2: (h + side) // 2, (w - side) // 2: (w + side) // 2]
         resized = cv2.resize(square, (img_size, img_size), interpolation=cv2.INTER_AREA)
         images.append(resized[:, :, ::-1].transpose(2, 0, 1))  # BGR HWC -> RGB CHW
-        parts = p.relative_to(root).parts
-        labels.append(class_index[parts[0]] if len(parts) > 1 else -1)
+    labels = [class_names.index(part[0]) if len(part) > 1 else -1 for part in parts]
     return np.ascontiguousarray(np.stack(images)), np.asarray(labels, dtype=np.int64), class_names
 
 
@@ -470,9 +457,8 @@ def shapes_class_names(num_classes: int = 10) -> list[str]:
 
 
 def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, seed: int = 0):
-    """Coloured shapes on a dark background: class k has colour k % 8, a square for k < 8 and a disc above.
-
-    A labelled toy set that trains in seconds and whose classes a simple rule tells apart (the mean colour)."""
+    """A labelled toy set that trains in seconds: uint8 (N, 3, S, S) shapes on a dark background and labels
+    (N,); class k has colour k % 8, a square for k < 8 and a disc above."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, num_images)
     yy, xx = np.mgrid[0:img_size, 0:img_size]
@@ -754,14 +740,11 @@ def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
 
 
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
-    """The S = num_steps timesteps (descending) that DDIM, and DDPM with fewer than T steps, evaluate; every sampler
-    then steps from the last one to the clean image (abar = 1). Raises ValueError unless 1 <= S <= T.
-    - "uniform": floor(i T / S), i = 0..S-1: diffusers' "leading" where S divides T (the DDIM paper's protocol), and
-      still reaching above T-1 - T/S where it does not (leading's stride T // S stops as low as S-1).
-    - "linspace": round(linspace(0, T-1, S)), half to even, as diffusers' "linspace" and DiT's respacing.
-    - "quadratic": int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice (repeats small timesteps
-      when S is large: a repeated timestep is an identity step).
-    - S = 1: [T-1], one jump from noise to the clean image (each formula gives [0], which would return the noise)."""
+    """The S = num_steps timesteps (descending) that DDIM, and DDPM with S < T, visit before their
+    last step to the clean image; ValueError unless 1 <= S <= T. S = 1: [T-1] (the formulas give [0]).
+    - "uniform": floor(i T / S): diffusers' "leading" where S divides T (the DDIM paper's protocol)
+    - "linspace": round(linspace(0, T-1, S)), half to even: diffusers' "linspace", DiT's respacing
+    - "quadratic": int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice"""
     if spacing not in ("uniform", "linspace", "quadratic"):
         raise ValueError(f"unknown timestep spacing {spacing}")
     if not 1 <= num_steps <= T:
@@ -769,10 +752,10 @@ def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int
     if num_steps == 1:
         return [T - 1]
     if spacing == "uniform":
-        steps = [i * T // num_steps for i in range(num_steps)]  # integer floor(i T / S) = i (T // S) when S | T
+        steps = [i * T // num_steps for i in range(num_steps)]
     elif spacing == "linspace":
         steps = [int(s) for s in np.linspace(0, T - 1, num_steps).round()]
-    else:
+    else:  # a repeated small timestep (large S) is an identity step
         steps = [int(s) for s in np.linspace(0, math.sqrt(T * 0.8), num_steps) ** 2]
     return steps[::-1]
 
@@ -781,34 +764,29 @@ def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int
 def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: Optional[int] = None,
                 variance: str = "fixed_large", clip_denoised: bool = True,
                 generator: Optional[torch.Generator] = None, spacing: str = "uniform") -> torch.Tensor:
-    """Ancestral sampling (Ho et al. eq. 6-7); returns x_0 with x_T's shape and dtype. num_steps None: all T steps;
-    fewer: respaced to ddim_timesteps(T, S, spacing) with beta'_t = 1 - abar_t / abar_prev. Raises ValueError on an
-    unknown variance or spacing, or S outside 1..T."""
+    """Ancestral sampling (Ho et al. eq. 6-7) from x_T to x_0. num_steps None: all T steps; fewer:
+    ddim_timesteps(T, S, spacing) with beta'_t = 1 - abar_t / abar_prev. ValueError on a bad argument."""
+    if variance not in ("fixed_large", "fixed_small"):
+        raise ValueError(f"unknown variance {variance}")
     T = len(alphas_cumprod)
     timesteps = ddim_timesteps(T, T if num_steps is None else num_steps, spacing)
     x = x_T
-    for i, t in enumerate(timesteps):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
         abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
         beta_t = 1 - abar_t / abar_prev
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
-        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)  # x0_hat = (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)
+        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)  # (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         # posterior mean mu~_t = sqrt(abar_prev) beta_t / (1-abar_t) x0 + sqrt(1-beta_t) (1-abar_prev) / (1-abar_t) x_t
         mean = (math.sqrt(abar_prev) * beta_t / (1 - abar_t)) * x0 \
             + (math.sqrt(1 - beta_t) * (1 - abar_prev) / (1 - abar_t)) * x
-        if t_prev >= 0:  # no noise on the last step (to the clean image), wherever it starts (one step: from T-1)
-            if variance == "fixed_large":  # sigma_t^2 = beta_t (the paper's choice for CIFAR-10)
-                var = beta_t
-            elif variance == "fixed_small":  # sigma_t^2 = beta~_t = (1-abar_prev)/(1-abar_t) beta_t
-                var = max((1 - abar_prev) / (1 - abar_t) * beta_t, 1e-20)
-            else:
-                raise ValueError(f"unknown variance {variance}")
+        if t_prev >= 0:  # no noise on the last step, to the clean image
+            # sigma_t^2: beta_t (fixed_large, the paper's) or beta~_t = (1-abar_prev)/(1-abar_t) beta_t
+            var = beta_t if variance == "fixed_large" else max((1 - abar_prev) / (1 - abar_t) * beta_t, 1e-20)
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = mean + math.sqrt(var) * noise
-        else:
-            x = mean
+            mean = mean + math.sqrt(var) * noise
+        x = mean
     return x
 
 
@@ -816,13 +794,11 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int,
                 eta: float = 0.0, spacing: str = "uniform", clip_denoised: bool = False,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """DDIM (Song et al. eq. 12): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z, at the timesteps
-    ddim_timesteps(T, num_steps, spacing), the last step going to abar = 1 (diffusers' set_alpha_to_one=True).
-    Returns x_0 with x_T's shape and dtype. Raises ValueError on an unknown spacing or num_steps outside 1..T."""
+    """DDIM (Song et al. eq. 12) from x_T to x_0 at ddim_timesteps(T, num_steps, spacing), the last step
+    to abar = 1 (diffusers' set_alpha_to_one): x_prev = sqrt(abar_prev) x0 + sqrt(1-abar_prev-s^2) eps + s z."""
     timesteps = ddim_timesteps(len(alphas_cumprod), num_steps, spacing)
     x = x_T
-    for i, t in enumerate(timesteps):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
         abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
@@ -840,10 +816,9 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 @torch.no_grad()
 def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
                       num_steps: int, clip_denoised: bool = False) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep; returns x_0 with x_T's shape and dtype.
-    Timesteps round(linspace(0, T-1, S+1))[::-1][:-1] with a final sigma of 0, first-order first and last steps
-    (diffusers' defaults); S = T takes every timestep. clip_denoised clamps each data prediction to [-1, 1] (the
-    paper's thresholding). Raises ValueError unless 1 <= num_steps <= T."""
+    """DPM-Solver++(2M) (Lu et al. 2022, data prediction, multistep) from x_T to x_0, with diffusers'
+    defaults: timesteps round(linspace(0, T-1, S+1))[::-1][:-1] (S = T: all), a final sigma of 0,
+    first-order first and last steps. clip_denoised: the paper's thresholding of x0 to [-1, 1]."""
     T = len(alphas_cumprod)
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
@@ -866,7 +841,7 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
         x0 = (x - s_s0 * eps) / alpha_s0  # m = (x - s_t eps) / alpha_t
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
-        if sigmas[i + 1] == 0.0:  # lambda = +inf: the step lands on the data prediction itself (first order)
+        if sigmas[i + 1] == 0.0:  # lambda = +inf: the step lands on the data prediction (first order)
             x = x0
         else:
             h = math.log(alpha_t / s_t) - math.log(alpha_s0 / s_s0)  # h = lambda_t - lambda_s0

@@ -1196,14 +1196,11 @@ def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
 
 
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
-    """The S = num_steps timesteps (descending) that DDIM, and DDPM with fewer than T steps, evaluate; every sampler
-    then steps from the last one to the clean image (abar = 1). Raises ValueError unless 1 <= S <= T.
-    - "uniform": floor(i T / S), i = 0..S-1: diffusers' "leading" where S divides T (the DDIM paper's protocol), and
-      still reaching above T-1 - T/S where it does not (leading's stride T // S stops as low as S-1).
-    - "linspace": round(linspace(0, T-1, S)), half to even, as diffusers' "linspace" and DiT's respacing.
-    - "quadratic": int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice (repeats small timesteps
-      when S is large: a repeated timestep is an identity step).
-    - S = 1: [T-1], one jump from noise to the clean image (each formula gives [0], which would return the noise)."""
+    """The S = num_steps timesteps (descending) that DDIM, and DDPM with S < T, visit before their
+    last step to the clean image; ValueError unless 1 <= S <= T. S = 1: [T-1] (the formulas give [0]).
+    - "uniform": floor(i T / S): diffusers' "leading" where S divides T (the DDIM paper's protocol)
+    - "linspace": round(linspace(0, T-1, S)), half to even: diffusers' "linspace", DiT's respacing
+    - "quadratic": int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice"""
     if spacing not in ("uniform", "linspace", "quadratic"):
         raise ValueError(f"unknown timestep spacing {spacing}")
     if not 1 <= num_steps <= T:
@@ -1211,10 +1208,10 @@ def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int
     if num_steps == 1:
         return [T - 1]
     if spacing == "uniform":
-        steps = [i * T // num_steps for i in range(num_steps)]  # integer floor(i T / S) = i (T // S) when S | T
+        steps = [i * T // num_steps for i in range(num_steps)]
     elif spacing == "linspace":
         steps = [int(s) for s in np.linspace(0, T - 1, num_steps).round()]
-    else:
+    else:  # a repeated small timestep (large S) is an identity step
         steps = [int(s) for s in np.linspace(0, math.sqrt(T * 0.8), num_steps) ** 2]
     return steps[::-1]
 
@@ -1223,34 +1220,29 @@ def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int
 def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: Optional[int] = None,
                 variance: str = "fixed_large", clip_denoised: bool = True,
                 generator: Optional[torch.Generator] = None, spacing: str = "uniform") -> torch.Tensor:
-    """Ancestral sampling (Ho et al. eq. 6-7); returns x_0 with x_T's shape and dtype. num_steps None: all T steps;
-    fewer: respaced to ddim_timesteps(T, S, spacing) with beta'_t = 1 - abar_t / abar_prev. Raises ValueError on an
-    unknown variance or spacing, or S outside 1..T."""
+    """Ancestral sampling (Ho et al. eq. 6-7) from x_T to x_0. num_steps None: all T steps; fewer:
+    ddim_timesteps(T, S, spacing) with beta'_t = 1 - abar_t / abar_prev. ValueError on a bad argument."""
+    if variance not in ("fixed_large", "fixed_small"):
+        raise ValueError(f"unknown variance {variance}")
     T = len(alphas_cumprod)
     timesteps = ddim_timesteps(T, T if num_steps is None else num_steps, spacing)
     x = x_T
-    for i, t in enumerate(timesteps):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
         abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
         beta_t = 1 - abar_t / abar_prev
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
-        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)  # x0_hat = (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)
+        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)  # (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         # posterior mean mu~_t = sqrt(abar_prev) beta_t / (1-abar_t) x0 + sqrt(1-beta_t) (1-abar_prev) / (1-abar_t) x_t
         mean = (math.sqrt(abar_prev) * beta_t / (1 - abar_t)) * x0 \
             + (math.sqrt(1 - beta_t) * (1 - abar_prev) / (1 - abar_t)) * x
-        if t_prev >= 0:  # no noise on the last step (to the clean image), wherever it starts (one step: from T-1)
-            if variance == "fixed_large":  # sigma_t^2 = beta_t (the paper's choice for CIFAR-10)
-                var = beta_t
-            elif variance == "fixed_small":  # sigma_t^2 = beta~_t = (1-abar_prev)/(1-abar_t) beta_t
-                var = max((1 - abar_prev) / (1 - abar_t) * beta_t, 1e-20)
-            else:
-                raise ValueError(f"unknown variance {variance}")
+        if t_prev >= 0:  # no noise on the last step, to the clean image
+            # sigma_t^2: beta_t (fixed_large, the paper's) or beta~_t = (1-abar_prev)/(1-abar_t) beta_t
+            var = beta_t if variance == "fixed_large" else max((1 - abar_prev) / (1 - abar_t) * beta_t, 1e-20)
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = mean + math.sqrt(var) * noise
-        else:
-            x = mean
+            mean = mean + math.sqrt(var) * noise
+        x = mean
     return x
 
 
@@ -1258,13 +1250,11 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int,
                 eta: float = 0.0, spacing: str = "uniform", clip_denoised: bool = False,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """DDIM (Song et al. eq. 12): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z, at the timesteps
-    ddim_timesteps(T, num_steps, spacing), the last step going to abar = 1 (diffusers' set_alpha_to_one=True).
-    Returns x_0 with x_T's shape and dtype. Raises ValueError on an unknown spacing or num_steps outside 1..T."""
+    """DDIM (Song et al. eq. 12) from x_T to x_0 at ddim_timesteps(T, num_steps, spacing), the last step
+    to abar = 1 (diffusers' set_alpha_to_one): x_prev = sqrt(abar_prev) x0 + sqrt(1-abar_prev-s^2) eps + s z."""
     timesteps = ddim_timesteps(len(alphas_cumprod), num_steps, spacing)
     x = x_T
-    for i, t in enumerate(timesteps):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
         abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
@@ -1282,10 +1272,9 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 @torch.no_grad()
 def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
                       num_steps: int, clip_denoised: bool = False) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep; returns x_0 with x_T's shape and dtype.
-    Timesteps round(linspace(0, T-1, S+1))[::-1][:-1] with a final sigma of 0, first-order first and last steps
-    (diffusers' defaults); S = T takes every timestep. clip_denoised clamps each data prediction to [-1, 1] (the
-    paper's thresholding). Raises ValueError unless 1 <= num_steps <= T."""
+    """DPM-Solver++(2M) (Lu et al. 2022, data prediction, multistep) from x_T to x_0, with diffusers'
+    defaults: timesteps round(linspace(0, T-1, S+1))[::-1][:-1] (S = T: all), a final sigma of 0,
+    first-order first and last steps. clip_denoised: the paper's thresholding of x0 to [-1, 1]."""
     T = len(alphas_cumprod)
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
@@ -1308,7 +1297,7 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
         x0 = (x - s_s0 * eps) / alpha_s0  # m = (x - s_t eps) / alpha_t
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
-        if sigmas[i + 1] == 0.0:  # lambda = +inf: the step lands on the data prediction itself (first order)
+        if sigmas[i + 1] == 0.0:  # lambda = +inf: the step lands on the data prediction (first order)
             x = x0
         else:
             h = math.log(alpha_t / s_t) - math.log(alpha_s0 / s_s0)  # h = lambda_t - lambda_s0
