@@ -68,9 +68,8 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic, no
-    benchmark, CUBLAS_WORKSPACE_CONFIG=:4096:8, not torch's strict deterministic algorithms (too
-    slow; benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
+    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic and
+    CUBLAS_WORKSPACE_CONFIG, not torch's strict (slow) algorithms: a resume is close, not bitwise"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -82,14 +81,13 @@ class Args:
     output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu"]] = None
-    """defaults: tiny = a full run on generated data in seconds on a CPU; cpu = recognisable shapes
-    in minutes on 2 CPU cores (README)"""
+    """tiny: a whole run on generated data in seconds on a CPU; cpu: shapes in minutes on 2 cores"""
     config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
     """a run folder or checkpoint file to continue exactly where it stopped"""
     sample_only: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: generate --num-samples images from the checkpoint's EMA weights, and exit"""
+    """with --resume: generate --num-samples images with the checkpoint's EMA weights, and exit"""
     compile: Annotated[bool, RESUME_MUTABLE] = False
     """torch.compile the training step's model (sampling runs the EMA model eagerly)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
@@ -134,7 +132,7 @@ class Args:
     """beta_T of the linear schedule at T = 1000; scaled by 1000/T, capped at 0.999"""
     prediction: Literal["eps", "v"] = "eps"
     """the target: eps (Ho et al.) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans and Ho
-    2022), whose x0 estimate stays bounded at high noise (eps's is divided by sqrt(abar_t))"""
+    2022: its x0 estimate stays bounded at high noise)"""
 
     # Training
     total_steps: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 800_000
@@ -147,8 +145,7 @@ class Args:
     """linear learning-rate warmup steps"""
     max_grad_norm: Annotated[float, ">= 0"] = 1.0
     """gradient clipping norm (0 turns it off)"""
-    # Why the warm-up: at a constant 0.9999 the EMA holds 0.9999^6000 = 55% of the initial weights
-    # after 6,000 steps. The reference has none; at 800k steps the two differ by under 1e-30.
+    # Why the warm-up: at a constant 0.9999 the EMA holds 55% of the initial weights after 6,000 steps.
     ema_decay: Annotated[float, "[0, 1]"] = 0.9999
     """EMA decay of the sampling weights, warmed up: step t uses min(decay, (1 + t) / (10 + t))"""
     log_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 100
@@ -158,8 +155,7 @@ class Args:
     eval_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 20_000
     """sample a grid from the EMA model every N steps"""
     first_sample_at: Annotated[int, STEPS, ">= 0", RESUME_MUTABLE] = 0
-    """also sample a small grid (16 images, not judged) at this step: the run's first picture, long
-    before the first evaluation (samples/ and TensorBoard); 0: none"""
+    """also sample 16 images (not judged) at this step: the run's first picture; 0: none"""
 
     # Sampling and evaluation
     sampler: Annotated[Literal["ddpm", "ddim", "dpm++"], RESUME_MUTABLE] = "ddpm"
@@ -181,18 +177,15 @@ class Args:
 
 
 PRESETS = {
-    # The whole loop in seconds on a CPU: the cpu preset's U-Net and v-prediction, 60 steps of batch
-    # 16, DPM-Solver++ at 10 steps (10 network calls). Its samples are blobs; cpu's are shapes.
+    # The whole loop in seconds on a CPU: cpu's U-Net, 60 steps. Its samples are blobs; cpu's are shapes.
     "tiny": dict(
         dataset="shapes", img_size=16, num_shapes_images=256, channels=32, channel_mult=(1, 2), num_res_blocks=1,
         attn_resolutions=(8,), dropout=0.0, total_steps=60, batch_size=16, learning_rate=1e-3, warmup_steps=10,
         ema_decay=0.9, log_every=10, save_every=30, eval_every=30, prediction="v", sampler="dpm++",
         num_sampling_steps=10, num_eval_samples=16, num_samples=16, fid_num_samples=64, sample_batch_size=64,
     ),
-    # Recognisable 16x16 shapes in minutes on 2 CPU cores (benchmark/RESULTS.md 2d): tiny's U-Net,
-    # 2000 steps of batch 64 at a constant lr 1e-3, EMA 0.995 (half-life 140). v-prediction: on
-    # a briefly trained model eps's x0 estimate near t = T is far off and only DDPM-1000 recovers;
-    # with v, DPM-Solver++ at 20 steps matches it (RESULTS 2e). The judge scores each evaluation.
+    # Recognisable 16x16 shapes in minutes on 2 CPU cores. v-prediction: on a briefly trained model
+    # eps's x0 estimate near t = T is far off, and only DDPM-1000 recovers; v's works at 20 steps.
     "cpu": dict(
         dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2), num_res_blocks=1,
         attn_resolutions=(8,), dropout=0.0, total_steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=100,
@@ -438,7 +431,7 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
 
 
 def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str]:
-    """Returns uint8 images (N, 3, H, W), int64 labels, and the dataset id used in the run name."""
+    """Returns uint8 images (N, 3, H, W), int64 labels, and the dataset id of the run name."""
     if args.dataset == "cifar10":
         images, labels = load_cifar10(args.data_dir, args.download)
         if args.img_size != 32:
@@ -459,7 +452,8 @@ def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
 
 
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
-    """Indices of the step-th global batch in an endless stream of per-epoch permutations (batches cross epochs)."""
+    """The step-th global batch of an endless stream of per-epoch permutations (batches cross
+    epochs)."""
     position, chunks = step * batch_size, []
     while batch_size > 0:
         epoch, offset = divmod(position, num_items)
@@ -474,10 +468,9 @@ def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) 
 
 
 def make_beta_schedule(kind: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """betas (T,) in float64 for T = timesteps. "linear": Ho et al.'s linspace(beta_start, beta_end, T), both ends
-    scaled by 1000 / T as improved-diffusion's get_named_beta_schedule("linear") does, so that T = 1000 is the paper's
-    schedule and a shorter one still ends in noise (T = 100: sqrt(abar_T) = 0.0045, not 0.60), capped at 0.999
-    (T < 20 would reach beta >= 1). "cosine": Nichol & Dhariwal. Raises ValueError on another kind."""
+    """betas (T,) in float64. "linear": Ho et al.'s linspace(beta_start, beta_end, T), both ends
+    scaled by 1000 / T as improved-diffusion does (T = 1000: the paper's; a shorter schedule still
+    ends in noise), capped at 0.999. "cosine": Nichol & Dhariwal. ValueError on another kind."""
     if kind == "linear":  # beta_t = (1000 / T) linear from beta_1 to beta_T
         scale = 1000 / timesteps  # exactly 1.0 at T = 1000
         return torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64).clamp(max=0.999)
@@ -664,9 +657,6 @@ def build_model(args: Args) -> UNet:
 # x_T, and alphas_cumprod (float64, length T). Coefficients in float64, cast to x's dtype.
 
 
-# ==== BEGIN SHARED SAMPLERS: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
-
-
 def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
     return 1.0 if t < 0 else float(alphas_cumprod[t])  # abar at "t = -1" is 1: the clean image
 
@@ -789,25 +779,17 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
     return x
 
 
-# ==== END SHARED SAMPLERS ====
-
-
 # ==== BEGIN OPTIONAL: judge ====
-# Optional: delete this block and every line that ends in "# optional: judge", and the script runs
-# as before without eval/judge_* (tests/test_optional_blocks.py):
-#   sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' ddpm_cifar10.py > x.py
-
-# ==== BEGIN SHARED JUDGE: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
-# An offline sample-quality score for the generated datasets (FID needs Inception weights): a small CNN classifier,
-# trained once on real generated images and cached, judges the samples (eval/judge_*). Not FID: its values mean
-# nothing across datasets.
+# An offline sample-quality score on the generated shapes (FID needs Inception weights): a small CNN,
+# trained once on real images and cached, judges the samples (eval/judge_*). Optional: delete this
+# block and every line ending in "# optional: judge" (tests/test_optional_blocks.py does).
 
 JUDGE_VERSION = 1  # part of the cache file name: a changed network never loads an old cache
 
 
 class JudgeNet(nn.Module):
-    """Classifier of uint8 images (N, 3, H, W) into num_classes + 1 classes, the last one "none" (noise, not a
-    shape); features() is the pooled (4 * width)-d layer the Frechet distance compares."""
+    """Classifies uint8 images (N, 3, H, W) into num_classes + 1 classes, the last "none" (noise);
+    features() is the pooled (4 * width)-d layer that the Frechet distance compares."""
 
     def __init__(self, num_classes: int, width: int = 8):
         super().__init__()
@@ -826,9 +808,9 @@ class JudgeNet(nn.Module):
 
 def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, steps: int = 200,
                 batch_size: int = 64, lr: float = 3e-3) -> JudgeNet:
-    """Adam on the cross-entropy of uint8 images (N, 3, H, W) with int labels (N,) in 0..num_classes-1, and of "none"
-    images: a quarter of each batch is noise, x = (1 - a) x_real + a n with n ~ N(0, 1) and a ~ U(0.4, 1) in [-1, 1]
-    units, labelled num_classes. A pure function of the seed (its own generator: the run's RNG is untouched)."""
+    """Adam on the cross-entropy of uint8 images (N, 3, H, W) and labels (N,), a quarter of each batch
+    turned to "none" (label num_classes): x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1). A pure
+    function of the seed, drawing nothing from the run's RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         judge = JudgeNet(num_classes)
@@ -851,10 +833,10 @@ def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
 
 def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
                         num_classes: int, seed: int) -> JudgeNet:
-    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and cached. A cache that
-    does not load is retrained, not an error; one that cannot be written is only not cached."""
+    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and cached
+    (atomically). A cache that does not load is retrained; one that cannot be written is skipped."""
     path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
-    with torch.random.fork_rng(devices=[]):  # initialised weights that the cache overwrites: no draw from the run's RNG
+    with torch.random.fork_rng(devices=[]):  # weights the cache overwrites: no draw from the run's RNG
         judge = JudgeNet(num_classes)
     if path.is_file():
         try:
@@ -862,10 +844,9 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
             return judge.eval().requires_grad_(False)
         except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, the fix is to retrain it
             print(f"judge cache {path} does not load ({e.__class__.__name__}): training the judge again")
-    images, labels = make_data()
-    judge = train_judge(images, labels, num_classes, seed)
+    judge = train_judge(*make_data(), num_classes, seed)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:  # atomic, as the checkpoints: a killed run never leaves a half-written cache
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(judge.state_dict(), tmp)
         os.replace(tmp, path)
@@ -876,9 +857,8 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
 
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature sets (N, d)
-    (FID's formula), in float64. Tr((S_a S_b)^(1/2)) is the sum of the square roots of the eigenvalues of S_a S_b
-    (real and >= 0 up to rounding), as torchmetrics computes it."""
+    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature
+    sets (N, d), FID's formula in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as torchmetrics."""
     a, b = feats_a.double(), feats_b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
@@ -889,11 +869,9 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 @torch.no_grad()
 def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np.ndarray], real_heldout: np.ndarray,
                  real_labels: Optional[np.ndarray] = None, threshold: float = 0.9) -> dict:
-    """Scores of N uint8 samples (N, 3, H, W) against at least 2N held-out real images (M, 3, H, W):
-    recognised: share of samples the judge takes for a shape (or sprite) at all, P(not "none") >= threshold;
-    class_accuracy: share whose most likely class (of the real ones) is the asked one (asked_labels (N,) given);
-    frechet: d^2 of the judge's features, samples vs real_heldout[:N]; frechet_real: real_heldout[:N] vs [N:2N];
-    recognised_real, class_accuracy_real: the same shares on real_heldout[:N] (the ceiling the data allow)."""
+    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share with
+    P(not "none") >= threshold), class_accuracy (share whose likeliest class is asked_labels'),
+    frechet (judge features, samples vs real[:N]); *_real: real[:N] (vs real[N:2N]), the ceiling."""
     n = len(samples)
     if len(real_heldout) < 2 * n:
         raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
@@ -901,7 +879,7 @@ def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np
         samples, real_heldout[:n], real_heldout[n: 2 * n]))
     feats_s, feats_a, feats_b = judge.features(samples_t), judge.features(real_a), judge.features(real_b)
     probs_s, probs_a = judge.head(feats_s).softmax(1), judge.head(feats_a).softmax(1)
-    scores = {"recognised": float((1 - probs_s[:, -1] >= threshold).float().mean()),  # the last class is "none"
+    scores = {"recognised": float((1 - probs_s[:, -1] >= threshold).float().mean()),  # the last class: "none"
               "recognised_real": float((1 - probs_a[:, -1] >= threshold).float().mean()),
               "frechet": frechet_distance(feats_s, feats_a), "frechet_real": frechet_distance(feats_b, feats_a)}
     if asked_labels is not None:
@@ -921,15 +899,13 @@ def log_judge_scores(writer, scores: dict, step: int, suffix: str = ""):
                ", ".join(f"{k} {v:.3g}" for k, v in scores.items()))
 
 
-# ==== END SHARED JUDGE ====
-
-
 JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own data (a run's: --seed)
 
 
 def make_shapes_judge(args: Args, num_samples: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
-    """The judge of the 10 shapes classes at --img-size (trained on 4096 generated images once, then cached in
-    {data_dir}/judge/) and 2 * num_samples held-out real shapes, uint8 (2N, 3, H, W) and their labels (2N,)."""
+    """The judge of the 10 shapes classes at --img-size (trained on 4096 generated images once,
+    cached in {data_dir}/judge/), and 2 * num_samples held-out shapes, uint8 (2N, 3, H, W), with
+    their labels."""
     judge = load_or_train_judge(
         Path(args.data_dir) / "judge", f"shapes_{args.img_size}px_10classes_seed{JUDGE_DATA_SEED}",
         lambda: make_shapes_dataset(4096, args.img_size, seed=JUDGE_DATA_SEED), 10, JUDGE_DATA_SEED)
@@ -937,8 +913,8 @@ def make_shapes_judge(args: Args, num_samples: int) -> tuple[JudgeNet, np.ndarra
 
 
 def judge_samples(judge, samples: Optional[np.ndarray], args: Args, step: int, eval_now: bool, writer):
-    """eval/judge_* of an evaluation's samples on the shapes data (how recognisable). Returns the
-    judge: None until the first evaluation makes it (the judge, held-out images, their labels)."""
+    """eval/judge_* of an evaluation's samples of the shapes data; returns the judge (made at the
+    first evaluation: the judge, held-out images, their labels)."""
     if eval_now and samples is not None and args.dataset == "shapes":
         judge = judge or make_shapes_judge(args, args.num_eval_samples)
         log_judge_scores(writer, judge_scores(judge[0], samples, None, judge[1], judge[2]), step)
@@ -950,10 +926,9 @@ def judge_samples(judge, samples: Optional[np.ndarray], args: Args, step: int, e
 
 def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
                   num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Runs the chosen sampler and returns uint8 images (B, 3, H, W). Each clips its x0 estimate to
-    [-1, 1] at every step: DDPM as Ho et al.'s code, DDIM as diffusers' DDIMScheduler (clip_sample),
-    DPM-Solver++ as diffusers' thresholding (sample_max_value=1). Without it DDIM and DPM-Solver++
-    diverge on a briefly trained model (its x0 estimate at high noise is far off; RESULTS 2e)."""
+    """uint8 images (B, 3, H, W) from the chosen sampler, each clipping x0 to [-1, 1] at every step
+    (as Ho et al.'s code and diffusers' clip_sample and thresholding): without it DDIM and
+    DPM-Solver++ diverge on a briefly trained model."""
     T = len(alphas_cumprod)
     if sampler == "ddpm":
         x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps if num_steps < T else None, generator=generator)
@@ -966,9 +941,8 @@ def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
 
 def eps_from_output(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
                     prediction: str) -> torch.Tensor:
-    """The network's output (B, 3, H, W) as the noise eps the samplers take. For "v" (Salimans, Ho
-    2022, section 4): eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t, from x_t = sqrt(abar_t) x0 +
-    sqrt(1 - abar_t) eps and v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0. ValueError for others."""
+    """The network's output (B, 3, H, W) as the noise eps the samplers take; for "v" (Salimans and
+    Ho 2022): eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t. ValueError for another prediction."""
     if prediction == "eps":
         return output
     if prediction != "v":
@@ -981,9 +955,9 @@ def eps_from_output(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, al
 
 def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args, num: int,
                      autocast=contextlib.nullcontext(), should_stop: Callable[[], None] = lambda: None) -> np.ndarray:
-    """num uint8 images (num, 3, H, W) from `model` (the EMA model) with --sampler, in batches of
-    --sample-batch-size. The same noise every time (seed + 10,000): grids compare across steps.
-    should_stop() runs before every network evaluation (a signal abandons the sampling there)."""
+    """num uint8 images (num, 3, H, W) from the EMA model with --sampler, in batches of
+    --sample-batch-size, from the same noise every time (seed + 10,000). should_stop() runs before
+    every network evaluation (a signal abandons the sampling there)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
     alphas_cumprod_device = alphas_cumprod.to(device)  # once, not a copy per network evaluation
@@ -1008,10 +982,10 @@ def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args,
 
 def ddpm_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
               autocast=contextlib.nullcontext(), channels_last: bool = False, prediction: str = "eps") -> torch.Tensor:
-    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2, batch mean;
-    for "v" the target is v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans and Ho 2022).
-
-    x0, noise: (B, 3, H, W) in [-1, 1], N(0, I); t: long (B,); alphas_cumprod: (T,), x0's device."""
+    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2 (Ho et al. eq.
+    14), batch mean; for "v" the target is v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans and
+    Ho). x0, noise: (B, 3, H, W) in [-1, 1], N(0, I); t: long (B,); alphas_cumprod: (T,) on x0's
+    device."""
     if prediction not in ("eps", "v"):
         raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
     abar = alphas_cumprod[t].float()[:, None, None, None]
@@ -1036,7 +1010,7 @@ def step_memory_profile(args: Args) -> tuple[int, float]:
 
 
 def train_flops_per_sample(args: Args) -> float:
-    """A training step's FLOPs per image, for MFU: 3x the forward's (the backward's is 2x)."""
+    """A training step's FLOPs per image, for MFU: 3x the forward's."""
     example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long))
     return 3 * forward_flops(lambda: build_model(args), *example)
 
@@ -1047,8 +1021,9 @@ def train_flops_per_sample(args: Args) -> float:
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
-    """torchmetrics' FrechetInceptionDistance. feature_extractor None: Inception-v3 pool features (2048-d) with the
-    weights torch-fidelity downloads (the standard FID); a module: its (N, d) features (tests, custom metrics)."""
+    """torchmetrics' FrechetInceptionDistance: Inception-v3 pool features (2048-d, torch-fidelity's
+    weights, the standard FID), or a given feature_extractor's (N, d) features (tests, custom
+    metrics)."""
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError:
@@ -1063,7 +1038,8 @@ def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
 
 def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor, batch_size: int = 500,
                 device: torch.device = torch.device("cpu")) -> float:
-    """FID = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) between two sets of uint8 images (N, 3, H, W)."""
+    """FID = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) of two sets of uint8 images (N, 3,
+    H, W)."""
     fid_metric = fid_metric.to(device)
     fid_metric.reset()
     for images, real in ((real_images, True), (fake_images, False)):
@@ -1074,8 +1050,8 @@ def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor
 
 def evaluate_fid(fid_metric, generate: Callable[[int], np.ndarray], real_images: np.ndarray, args: Args,
                  device: torch.device, writer=None, step: int = 0) -> float:
-    """FID of --fid-num-samples generated images against the training images (the paper's protocol:
-    50k vs the train set), printed and logged as eval/fid."""
+    """FID of --fid-num-samples generated images vs the training images (the paper's protocol),
+    printed and logged as eval/fid."""
     samples = torch.from_numpy(generate(args.fid_num_samples))
     fid = compute_fid(fid_metric, samples, torch.from_numpy(real_images), args.sample_batch_size, device)
     print(f"FID ({args.fid_num_samples} samples vs {len(real_images)} training images, {args.sampler} "
@@ -1094,8 +1070,8 @@ def write_samples(folder: Path, stem: str, images: np.ndarray) -> Path:
 
 
 def ema_decay_at(step: int, decay: float) -> float:
-    """The EMA decay of update number step (0, 1, ...): d_t = min(decay, (1 + t) / (10 + t)), the warm-up of common
-    diffusion codebases. A pure function of the step counter (in the checkpoint), so a resume stays exact."""
+    """The decay of EMA update number step: d_t = min(decay, (1 + t) / (10 + t)), the usual warm-up;
+    a function of the step counter alone, so that a resume stays exact."""
     return min(decay, (1 + step) / (10 + step))
 
 
@@ -1105,8 +1081,8 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Optional[Path]]:
-    """The run's arguments, checkpoint and folder. With --resume: the checkpoint's arguments (flags
-    change those marked RESUME_MUTABLE), the checkpoint, its folder; else the flags', None, None."""
+    """The run's arguments, checkpoint and folder: with --resume, the checkpoint's arguments (with
+    the RESUME_MUTABLE flags given), the checkpoint and its folder; else the flags', None, None."""
     if not args.resume:
         return args, None, None
     checkpoint_path = resolve_checkpoint_path(args.resume)
@@ -1117,8 +1093,8 @@ def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Opti
 
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
                            device: torch.device):
-    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/ folder and,
-    with --eval-fid, their FID. A signal abandons the sampling and writes nothing more."""
+    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/ and, with
+    --eval-fid, their FID. A signal abandons the sampling and writes nothing more."""
     try:
         samples = generate(args.num_samples)
         stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_step{step}_{int(time.time())}"
@@ -1132,7 +1108,7 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
 
 def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
              num_images: int):
-    """The run folder (a new one, unless resumed) and its TensorBoard writer on rank 0 (None
+    """The run folder (a new one unless resumed) and its TensorBoard writer on rank 0 (None
     elsewhere), and the lines a run prints at its start."""
     if not setup.is_main:
         return run_dir, None
@@ -1153,7 +1129,7 @@ def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: st
 
 
 def wrap_for_training(model: nn.Module, args: Args, setup: "Setup") -> nn.Module:
-    """The module the training step calls: the model, compiled with --compile, in DistributedDataParallel under
+    """The model the training step calls: compiled with --compile, in DistributedDataParallel under
     torchrun. The optimizer, the EMA and the checkpoint hold the plain model."""
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
     if setup.world_size > 1:
@@ -1163,8 +1139,8 @@ def wrap_for_training(model: nn.Module, args: Args, setup: "Setup") -> nn.Module
 
 
 def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir: Optional[Path]):
-    """The end of a --log-every interval: its mean loss and gradient norm, the learning rate, samples/s (and MFU, on
-    CUDA) to TensorBoard and the progress bar on rank 0. A non-finite loss or gradient norm raises TrainingFailure."""
+    """The end of a --log-every interval: mean loss and gradient norm, learning rate, samples/s (and
+    MFU on CUDA) to TensorBoard and the progress bar; a non-finite loss raises TrainingFailure."""
     if not meter.finite():
         progress.close()  # end the progress line, so that the error is a line of its own
         raise non_finite_failure(f"before step {step}", run_dir)
@@ -1182,9 +1158,8 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
 
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
                 started: float) -> Optional[np.ndarray]:
-    """EMA samples to TensorBoard (samples/ema) and the run's samples/ folder: --num-eval-samples at
-    an evaluation, or 16 at --first-sample-at, the first picture. Returns them, uint8 (N, 3, H, W);
-    None if a signal abandoned them."""
+    """EMA samples to TensorBoard (samples/ema) and samples/: --num-eval-samples at an evaluation, 16 at
+    --first-sample-at. Returns them, uint8 (N, 3, H, W); None if a signal abandoned them."""
     with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
         samples = generate(args.num_eval_samples if eval_now else 16)
         writer.add_image("samples/ema", make_grid(samples), step, dataformats="HWC")
@@ -1198,8 +1173,9 @@ def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, write
 
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
              **extra):
-    """The checkpoint (rank 0 writes it), with the data order's position and extra; never NaN weights over a good
-    checkpoint (TrainingFailure)."""
+    """Rank 0 writes the checkpoint, with the data order's position and extra; a non-finite loss
+    since the last check raises TrainingFailure instead (never NaN weights over a good
+    checkpoint)."""
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
     if setup.is_main:
@@ -1617,8 +1593,8 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
 
 
 def checkpoint_state(args: Args, step: int, *parts, **extra) -> dict:
-    """The header, then CHECKPOINT_KEYS in order: args, step, every global RNG, then each part's state (a state_dict,
-    a generator's state, or a plain value as it is), then extra (not read back)."""
+    """The header, then CHECKPOINT_KEYS in order: args, step, every global RNG, each part's state
+    (its state_dict, a generator's state, or a plain value as it is), then extra (not read back)."""
     states = [part.get_state() if isinstance(part, torch.Generator) else part.state_dict()
               if hasattr(part, "state_dict") else part for part in parts]
     return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
@@ -1626,8 +1602,8 @@ def checkpoint_state(args: Args, step: int, *parts, **extra) -> dict:
 
 
 def restore_state(checkpoint: dict, *parts) -> int:
-    """Puts back what checkpoint_state saved from the same parts (a plain value: the run read it already) and every
-    global RNG; returns the step. A state that does not fit is one line."""
+    """Puts back what checkpoint_state saved from the same parts (a plain value: the run read it)
+    and every global RNG; returns the step. A state that does not fit is one line."""
     try:
         for key, part in zip(CHECKPOINT_KEYS[3:], parts, strict=True):
             if isinstance(part, torch.Generator):
@@ -1759,7 +1735,7 @@ def autocast_context(setup: Setup, dtype: str):
 
 
 def leave_process_group(world_size: int):
-    """Every rank leaves at the same point, after a barrier (gloo can abort a rank that leaves while another still
+    """Every rank leaves after a barrier (gloo can abort a rank that leaves while another still
     saves); what follows is rank 0's alone."""
     if world_size > 1:
         dist.barrier()
@@ -1938,9 +1914,9 @@ def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> floa
 
 
 class Meter:
-    """Training-loop accounting without a host sync per step: device-side sums of the loss and the gradient norm,
-    samples per second and, given a peak, MFU = achieved FLOP/s / peak FLOP/s (a training step: 3x the forward FLOPs).
-    read() syncs once per log interval."""
+    """Training-loop accounting without a host sync per step: device-side sums of the loss and
+    gradient norm, samples/s and, given a peak, MFU = achieved / peak FLOP/s. read() syncs once per
+    interval."""
 
     def __init__(self, device: torch.device, train_flops_per_sample: float, peak: Optional[float],
                  world_size: int = 1):
@@ -1957,7 +1933,7 @@ class Meter:
         self.timed_samples += num_samples
 
     def restart_clock(self):
-        """Leaves what follows out of the throughput: the first (compiling) step, sampling, saving."""
+        """Leaves what follows out of the throughput (the first, compiling step, sampling, saving)."""
         self.timed_samples, self.clock = 0, time.perf_counter()
 
     def finite(self) -> bool:
@@ -2040,9 +2016,9 @@ def check_step_memory(setup: Setup, batch_size: int, num_params: int, activation
 
 
 class StepTimer:
-    """Seconds per training step, timed once: from after the first step (which compiles and warms up) to `timed_steps`
-    steps later, with a device sync at both ends. seconds_per_step(step) returns it at the step where the timing
-    ends, if steps remain after it, and None at every other step."""
+    """Seconds per training step, timed once with a device sync at both ends: from after the first
+    (compiling) step to timed_steps later. seconds_per_step(step) returns it at that end step if
+    steps remain, else None."""
 
     def __init__(self, first_step: int, total_steps: int, setup: Setup, timed_steps: int = 5):
         self.start_step, self.end_step = first_step + 1, first_step + 1 + timed_steps
@@ -2060,8 +2036,8 @@ class StepTimer:
 
 
 def run_time_notice(seconds_per_step: float, remaining_steps: int, setup: Setup) -> list[str]:
-    """How long the rest of the training takes (evaluations not counted); on a CPU, more than a day is a notice (the
-    defaults are the papers' GPU settings)."""
+    """How long the rest of the training takes (evaluations not counted); on a CPU, more than a day
+    is a notice (the defaults are the papers' GPU settings)."""
     seconds = seconds_per_step * remaining_steps
     days, rest = divmod(int(seconds), 86_400)
     if seconds < 3600:

@@ -71,9 +71,8 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic, no
-    benchmark, CUBLAS_WORKSPACE_CONFIG=:4096:8, not torch's strict deterministic algorithms (too
-    slow; benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
+    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic and
+    CUBLAS_WORKSPACE_CONFIG, not torch's strict (slow) algorithms: a resume is close, not bitwise"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -85,14 +84,14 @@ class Args:
     output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu", "dit-s2", "dit-b2"]] = None
-    """defaults: tiny = a full run on generated data in seconds on a CPU; cpu = shapes of the asked class in
-    minutes on 2 CPU cores (README); dit-s2, dit-b2 = the paper's DiT-S/2, DiT-B/2"""
+    """tiny: a whole run on generated data in seconds on a CPU; cpu: shapes of the asked class in
+    minutes on 2 cores; dit-s2, dit-b2: the paper's DiT-S/2, DiT-B/2"""
     config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
     """a run folder or checkpoint file to continue exactly where it stopped"""
     sample_only: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: generate --num-samples images from the checkpoint's EMA weights, and exit"""
+    """with --resume: generate --num-samples images with the checkpoint's EMA weights, and exit"""
     compile: Annotated[bool, RESUME_MUTABLE] = False
     """torch.compile the training step's model (sampling runs the EMA model eagerly)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
@@ -144,8 +143,7 @@ class Args:
     total_steps: Annotated[Optional[int], STEPS, ">= 1", RESUME_MUTABLE] = None
     """optimizer steps to train for (default: --epochs 100, converted to steps)"""
     epochs: Annotated[Optional[int], EPOCHS, ">= 1", RESUME_MUTABLE] = None
-    """the run length in passes over the data (the seed's unit): --total-steps = ceil(epochs N /
-    batch) for N images; 100 when --total-steps is not given; not both"""
+    """the run length in passes over N images (the seed's unit): --total-steps ceil(epochs N / batch)"""
     batch_size: Annotated[int, ">= 1"] = 128
     """global batch size (split across torchrun ranks)"""
     learning_rate: Annotated[float, "> 0"] = 1e-4
@@ -156,8 +154,7 @@ class Args:
     """linear learning-rate warmup steps (0: none, as the reference DiT)"""
     max_grad_norm: Annotated[float, ">= 0"] = 0.0
     """gradient clipping norm (0 turns it off, as the reference DiT)"""
-    # Why the warm-up: at a constant 0.9999 the EMA holds 0.9999^6000 = 55% of the initial weights
-    # after 6,000 steps. The reference has none; at 400k steps the two differ by under 1e-17.
+    # Why the warm-up: at a constant 0.9999 the EMA holds 55% of the initial weights after 6,000 steps.
     ema_decay: Annotated[float, "[0, 1]"] = 0.9999
     """EMA decay of the sampling weights, warmed up: step t uses min(decay, (1 + t) / (10 + t))"""
     log_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 100
@@ -167,8 +164,7 @@ class Args:
     eval_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 4000
     """sample a grid (one row per class) from the EMA model every N optimizer steps"""
     first_sample_at: Annotated[int, STEPS, ">= 0", RESUME_MUTABLE] = 0
-    """also sample a small grid (2 images per class, not judged) at this optimizer step: the run's
-    first picture, long before the first evaluation (samples/ and TensorBoard); 0: none"""
+    """also sample 2 images per class (not judged) at this step: the run's first picture; 0: none"""
 
     # Sampling and evaluation
     sampler: Annotated[Literal["ddpm", "ddim", "dpm++"], RESUME_MUTABLE] = "ddpm"
@@ -198,13 +194,11 @@ PRESETS = {
     "tiny": dict(
         dataset="shapes", img_size=16, num_shapes_images=512, patch=4, width=64, depth=3, heads=4,
         total_steps=1024, batch_size=32, learning_rate=2e-3, log_every=16, save_every=256, eval_every=512,
-        sampler="ddim",
-        num_sampling_steps=20, cfg_scale=3.0, samples_per_class=4, num_samples=16, fid_num_samples=64,
+        sampler="ddim", num_sampling_steps=20, cfg_scale=3.0, samples_per_class=4, num_samples=16, fid_num_samples=64,
         sample_batch_size=64,
     ),
-    # Shapes of the asked class in minutes on 2 CPU cores (benchmark/RESULTS.md 2d): 2048
-    # steps of batch 64 at a constant lr 1e-3, DDIM-50 with guidance 3 (what draws the asked
-    # class at this budget). The judge scores each evaluation, guided and at guidance 1.
+    # Shapes of the asked class in minutes on 2 CPU cores: guidance 3 draws the asked class at
+    # this budget. The judge scores each evaluation, guided and at guidance 1.
     "cpu": dict(
         dataset="shapes", img_size=16, num_shapes_images=4096, patch=2, width=128, depth=4, heads=4,
         total_steps=2048, batch_size=64, learning_rate=1e-3, ema_decay=0.999, log_every=32, save_every=256,
@@ -475,9 +469,9 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
 
 
 def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
-    """Returns uint8 images (N, 3, H, W), int64 labels, the dataset id (run name) and each class's
-    name (label k is class_names[k]; a folder's: its sorted subfolders). The data's class count
-    must be --num-classes (unless 0: an unconditional model, which ignores the labels)."""
+    """uint8 images (N, 3, H, W), int64 labels, the dataset id (run name) and the class names (label
+    k is class_names[k]; a folder's: its sorted subfolders), as many as --num-classes unless that is
+    0."""
     if args.dataset == "cifar10":
         images, labels = load_cifar10(args.data_dir, args.download)
         if args.img_size != 32:
@@ -507,7 +501,8 @@ def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
 
 
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
-    """Indices of the step-th global batch in an endless stream of per-epoch permutations (batches cross epochs)."""
+    """The step-th global batch of an endless stream of per-epoch permutations (batches cross
+    epochs)."""
     position, chunks = step * batch_size, []
     while batch_size > 0:
         epoch, offset = divmod(position, num_items)
@@ -522,10 +517,9 @@ def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) 
 
 
 def make_beta_schedule(kind: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """betas (T,) in float64 for T = timesteps. "linear": Ho et al.'s linspace(beta_start, beta_end, T), both ends
-    scaled by 1000 / T as improved-diffusion's get_named_beta_schedule("linear") does, so that T = 1000 is the paper's
-    schedule and a shorter one still ends in noise (T = 100: sqrt(abar_T) = 0.0045, not 0.60), capped at 0.999
-    (T < 20 would reach beta >= 1). "cosine": Nichol & Dhariwal. Raises ValueError on another kind."""
+    """betas (T,) in float64. "linear": Ho et al.'s linspace(beta_start, beta_end, T), both ends
+    scaled by 1000 / T as improved-diffusion does (T = 1000: the paper's; a shorter schedule still
+    ends in noise), capped at 0.999. "cosine": Nichol & Dhariwal. ValueError on another kind."""
     if kind == "linear":  # beta_t = (1000 / T) linear from beta_1 to beta_T
         scale = 1000 / timesteps  # exactly 1.0 at T = 1000
         return torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64).clamp(max=0.999)
@@ -543,23 +537,16 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Model: DiT (Peebles & Xie 2023); parameter counts per --adaln variant: benchmark/RESULTS.md 1.
-#
-# The --adaln variants, exactly (c = t_emb + y_emb is the conditioning vector, D the width, LN a
-# LayerNorm without affine parameters, modulate(h, shift, scale) = h (1 + scale) + shift):
-#   zero     adaLN-Zero (the DiT paper's). Each block: SiLU -> Linear(D, 6D) on c, zero-init,
-#            gives shift, scale, gate for attention and MLP:
-#            x += gate * Attn(modulate(LN(x), shift, scale)), the same for the MLP; gates start 0.
-#   plain    adaLN (the paper's ablation). Each block: SiLU -> Linear(D, 4D) on c, zero-init, gives
-#            shift and scale only; ungated: x += Attn(modulate(LN(x), shift, scale)).
-#   single   adaLN-Single (PixArt-alpha, Chen et al. 2023). One SiLU -> Linear(D, 6D) on c for all
-#            blocks, once per forward; each block adds its own learned (6, D) table (init N(0, 1/D))
-#            and uses the six rows as adaLN-Zero. The final layer adds a learned (2, D) table to c.
-#   diagonal adaLN-Diagonal. plain's shift and scale, plus a learned per-channel scale (diagonal, as
-#            CaiT's LayerScale) on each residual branch, not conditioned on c, initialised to 0:
-#            x += gamma_attn * Attn(modulate(LN(x), shift, scale)). Blocks start as the identity.
-# In every variant the final output Linear is zero-initialised: the model starts at eps = 0.
-# Modulation parameters per block: zero 6D^2 + 6D, plain 4D^2 + 4D, single 6D, diagonal 4D^2 + 6D.
+# Model: DiT (Peebles & Xie 2023). The --adaln variants (c = t_emb + y_emb, D the width, LN without
+# affine parameters, modulate(h, shift, scale) = h (1 + scale) + shift):
+#   zero      adaLN-Zero (the paper's): per block SiLU -> Linear(D, 6D) on c, zero-init: shift, scale
+#             and gate for attention and MLP, x += gate * Attn(modulate(LN(x), shift, scale)).
+#   plain     adaLN (the paper's ablation): Linear(D, 4D), shift and scale only, no gate.
+#   single    adaLN-Single (PixArt-alpha): one Linear(D, 6D) on c for all blocks, plus a learned
+#             (6, D) table per block (N(0, 1/D)); the final layer adds a (2, D) table to c.
+#   diagonal  plain's shift and scale, each residual branch scaled by a learned per-channel gamma
+#             (CaiT's LayerScale), not conditioned on c, zero-init.
+# Every variant zero-initialises the output Linear: the model starts at eps = 0.
 
 TIMESTEP_FREQUENCY_DIM = 256  # the timestep's sinusoidal features before the MLP
 
@@ -573,8 +560,9 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
-    """MAE's and DiT's fixed 2D sin-cos position embedding (grid_size^2, dim), row-major: dim/2
-    channels encode the column, the last dim/2 the row, each as [sin(p w_i), cos(p w_i)], w_i = 10000^(-i/(dim/4))."""
+    """MAE's and DiT's fixed 2D sin-cos position embedding (grid_size^2, dim), row-major: the first
+    dim/2 channels encode the column, the last the row, each [sin(p w_i), cos(p w_i)], w_i =
+    10000^(-4i/dim)."""
     quarter = dim // 4
     omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     angles = torch.arange(grid_size, dtype=torch.float64)[:, None] * omega[None, :]
@@ -661,8 +649,9 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Predicts the noise eps(x_t, t, y) for images in [-1, 1], integer timesteps t (B,) and class labels y (B,),
-    where y = num_classes is the null class (classifier-free guidance); num_classes 0: unconditional, y is ignored."""
+    """Predicts the noise eps(x_t, t, y) for images in [-1, 1], integer timesteps t (B,) and
+    labels y (B,), y = num_classes the null class (guidance); num_classes 0: unconditional, y is
+    ignored."""
 
     def __init__(self, img_size: int = 32, patch: int = 4, in_channels: int = 3, width: int = 384, depth: int = 6,
                  heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 10, adaln: str = "zero"):
@@ -720,8 +709,7 @@ class DiT(nn.Module):
 
 
 def build_model(args: Args) -> DiT:
-    """The DiT of the flags (check_args has refused a patch that does not divide the image, heads
-    that do not divide the width)."""
+    """The DiT of the flags (check_args has refused a patch or head count that does not divide)."""
     return DiT(args.img_size, args.patch, 3, args.width, args.depth, args.heads, args.mlp_ratio, args.num_classes,
                args.adaln)
 
@@ -730,9 +718,6 @@ def build_model(args: Args) -> DiT:
 # Samplers. Each takes model_fn(x_t, t) -> predicted noise for integer timesteps t (B,), the noise
 # x_T, and alphas_cumprod (float64, length T). Coefficients in float64, cast to x's dtype. The class
 # labels and the guidance live inside model_fn (guided_model_fn, at the end of this section).
-
-
-# ==== BEGIN SHARED SAMPLERS: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
 
 
 def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
@@ -857,25 +842,17 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
     return x
 
 
-# ==== END SHARED SAMPLERS ====
-
-
 # ==== BEGIN OPTIONAL: judge ====
-# Optional: delete this block and every line that ends in "# optional: judge", and the script runs
-# as before without eval/judge_* (tests/test_optional_blocks.py):
-#   sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' dit_cifar10.py > x.py
-
-# ==== BEGIN SHARED JUDGE: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
-# An offline sample-quality score for the generated datasets (FID needs Inception weights): a small CNN classifier,
-# trained once on real generated images and cached, judges the samples (eval/judge_*). Not FID: its values mean
-# nothing across datasets.
+# An offline sample-quality score on the generated shapes (FID needs Inception weights): a small CNN,
+# trained once on real images and cached, judges the samples (eval/judge_*). Optional: delete this
+# block and every line ending in "# optional: judge" (tests/test_optional_blocks.py does).
 
 JUDGE_VERSION = 1  # part of the cache file name: a changed network never loads an old cache
 
 
 class JudgeNet(nn.Module):
-    """Classifier of uint8 images (N, 3, H, W) into num_classes + 1 classes, the last one "none" (noise, not a
-    shape); features() is the pooled (4 * width)-d layer the Frechet distance compares."""
+    """Classifies uint8 images (N, 3, H, W) into num_classes + 1 classes, the last "none" (noise);
+    features() is the pooled (4 * width)-d layer that the Frechet distance compares."""
 
     def __init__(self, num_classes: int, width: int = 8):
         super().__init__()
@@ -894,9 +871,9 @@ class JudgeNet(nn.Module):
 
 def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, steps: int = 200,
                 batch_size: int = 64, lr: float = 3e-3) -> JudgeNet:
-    """Adam on the cross-entropy of uint8 images (N, 3, H, W) with int labels (N,) in 0..num_classes-1, and of "none"
-    images: a quarter of each batch is noise, x = (1 - a) x_real + a n with n ~ N(0, 1) and a ~ U(0.4, 1) in [-1, 1]
-    units, labelled num_classes. A pure function of the seed (its own generator: the run's RNG is untouched)."""
+    """Adam on the cross-entropy of uint8 images (N, 3, H, W) and labels (N,), a quarter of each batch
+    turned to "none" (label num_classes): x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1). A pure
+    function of the seed, drawing nothing from the run's RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         judge = JudgeNet(num_classes)
@@ -919,10 +896,10 @@ def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
 
 def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
                         num_classes: int, seed: int) -> JudgeNet:
-    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and cached. A cache that
-    does not load is retrained, not an error; one that cannot be written is only not cached."""
+    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and cached
+    (atomically). A cache that does not load is retrained; one that cannot be written is skipped."""
     path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
-    with torch.random.fork_rng(devices=[]):  # initialised weights that the cache overwrites: no draw from the run's RNG
+    with torch.random.fork_rng(devices=[]):  # weights the cache overwrites: no draw from the run's RNG
         judge = JudgeNet(num_classes)
     if path.is_file():
         try:
@@ -930,10 +907,9 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
             return judge.eval().requires_grad_(False)
         except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, the fix is to retrain it
             print(f"judge cache {path} does not load ({e.__class__.__name__}): training the judge again")
-    images, labels = make_data()
-    judge = train_judge(images, labels, num_classes, seed)
+    judge = train_judge(*make_data(), num_classes, seed)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:  # atomic, as the checkpoints: a killed run never leaves a half-written cache
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(judge.state_dict(), tmp)
         os.replace(tmp, path)
@@ -944,9 +920,8 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
 
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature sets (N, d)
-    (FID's formula), in float64. Tr((S_a S_b)^(1/2)) is the sum of the square roots of the eigenvalues of S_a S_b
-    (real and >= 0 up to rounding), as torchmetrics computes it."""
+    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature
+    sets (N, d), FID's formula in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as torchmetrics."""
     a, b = feats_a.double(), feats_b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
@@ -957,11 +932,9 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 @torch.no_grad()
 def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np.ndarray], real_heldout: np.ndarray,
                  real_labels: Optional[np.ndarray] = None, threshold: float = 0.9) -> dict:
-    """Scores of N uint8 samples (N, 3, H, W) against at least 2N held-out real images (M, 3, H, W):
-    recognised: share of samples the judge takes for a shape (or sprite) at all, P(not "none") >= threshold;
-    class_accuracy: share whose most likely class (of the real ones) is the asked one (asked_labels (N,) given);
-    frechet: d^2 of the judge's features, samples vs real_heldout[:N]; frechet_real: real_heldout[:N] vs [N:2N];
-    recognised_real, class_accuracy_real: the same shares on real_heldout[:N] (the ceiling the data allow)."""
+    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share with
+    P(not "none") >= threshold), class_accuracy (share whose likeliest class is asked_labels'),
+    frechet (judge features, samples vs real[:N]); *_real: real[:N] (vs real[N:2N]), the ceiling."""
     n = len(samples)
     if len(real_heldout) < 2 * n:
         raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
@@ -969,7 +942,7 @@ def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np
         samples, real_heldout[:n], real_heldout[n: 2 * n]))
     feats_s, feats_a, feats_b = judge.features(samples_t), judge.features(real_a), judge.features(real_b)
     probs_s, probs_a = judge.head(feats_s).softmax(1), judge.head(feats_a).softmax(1)
-    scores = {"recognised": float((1 - probs_s[:, -1] >= threshold).float().mean()),  # the last class is "none"
+    scores = {"recognised": float((1 - probs_s[:, -1] >= threshold).float().mean()),  # the last class: "none"
               "recognised_real": float((1 - probs_a[:, -1] >= threshold).float().mean()),
               "frechet": frechet_distance(feats_s, feats_a), "frechet_real": frechet_distance(feats_b, feats_a)}
     if asked_labels is not None:
@@ -989,15 +962,13 @@ def log_judge_scores(writer, scores: dict, step: int, suffix: str = ""):
                ", ".join(f"{k} {v:.3g}" for k, v in scores.items()))
 
 
-# ==== END SHARED JUDGE ====
-
-
 JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own data (a run's: --seed)
 
 
 def make_shapes_judge(args: Args, num_samples: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
-    """The judge of the 10 shapes classes at --img-size (trained on 4096 generated images once, then cached in
-    {data_dir}/judge/) and 2 * num_samples held-out real shapes, uint8 (2N, 3, H, W) and their labels (2N,)."""
+    """The judge of the 10 shapes classes at --img-size (trained on 4096 generated images once,
+    cached in {data_dir}/judge/), and 2 * num_samples held-out shapes, uint8 (2N, 3, H, W), with
+    their labels."""
     judge = load_or_train_judge(
         Path(args.data_dir) / "judge", f"shapes_{args.img_size}px_10classes_seed{JUDGE_DATA_SEED}",
         lambda: make_shapes_dataset(4096, args.img_size, seed=JUDGE_DATA_SEED), 10, JUDGE_DATA_SEED)
@@ -1006,9 +977,9 @@ def make_shapes_judge(args: Args, num_samples: int) -> tuple[JudgeNet, np.ndarra
 
 def judge_samples(judge, evaluated: Optional[tuple], generate: Callable, args: Args, step: int, eval_now: bool,
                   writer):
-    """eval/judge_* of an evaluation's samples on the shapes data (how recognisable and of which class; FID needs
-    Inception), with and without guidance (log_samples' (samples, grid labels)). A signal abandons the unguided
-    samples. Returns the judge: None until the first evaluation makes it (the judge, held-out images, their labels)."""
+    """eval/judge_* of an evaluation's samples of the shapes data (log_samples' samples and labels),
+    with and without guidance (a signal abandons the unguided ones). Returns the judge (made at the
+    first evaluation: the judge, held-out images, their labels)."""
     if not (eval_now and evaluated is not None and args.dataset == "shapes"):
         return judge
     samples, grid_labels = evaluated
@@ -1027,9 +998,9 @@ def judge_samples(judge, evaluated: Optional[tuple], generate: Callable, args: A
 
 def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
                   num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Runs the chosen sampler and returns uint8 images (B, 3, H, W). DDPM with S < T steps visits DiT's respaced
-    timesteps (space_timesteps(T, str(S)) in facebookresearch/DiT diffusion/respace.py: round(i (T-1) / (S-1)),
-    = the "linspace" spacing; 250 of 1000: 0, 4, 8, ..., 995, 999), not diffusers' leading 0, 4, ..., 996."""
+    """uint8 images (B, 3, H, W) from the chosen sampler. DDPM with S < T steps visits DiT's
+    respaced timesteps (respace.py's space_timesteps: the "linspace" spacing), not diffusers'
+    leading ones."""
     if sampler == "ddpm":
         x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps, generator=generator, spacing="linspace")
     elif sampler == "ddim":
@@ -1041,9 +1012,9 @@ def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
 
 def guided_model_fn(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale: float = 1.0,
                     autocast=contextlib.nullcontext()) -> Callable:
-    """model_fn(x_t, t) for the samplers, with the class labels (B,) and classifier-free guidance inside:
-    eps = eps_u + s (eps_c - eps_u) (Ho & Salimans' (1 + w) eps_c - w eps_u with s = 1 + w), the conditional and
-    unconditional halves in one batched forward. labels None (an unconditional model) or s = 1: one plain forward."""
+    """model_fn(x_t, t) for the samplers, with the labels (B,) and classifier-free guidance inside:
+    eps = eps_u + s (eps_c - eps_u) (Ho & Salimans' w = s - 1), both halves in one batched forward;
+    labels None (unconditional) or s = 1: one plain forward."""
     null_labels = None if labels is None else torch.full_like(labels, model.num_classes)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -1063,10 +1034,9 @@ def guided_model_fn(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale:
 
 def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: torch.Tensor, noise: torch.Tensor,
              alphas_cumprod: torch.Tensor, autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, y) ||^2, averaged over the batch.
-
-    x0, noise: (B, 3, H, W) in [-1, 1] and N(0, I); y: int64 (B,) class labels, num_classes for the null class (None:
-    an unconditional model); t: int64 (B,); alphas_cumprod: float (T,) on x0's device."""
+    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, y) ||^2, batch mean.
+    x0, noise: (B, 3, H, W) in [-1, 1], N(0, I); y: int64 (B,) labels (num_classes: the null class;
+    None: unconditional); t: int64 (B,); alphas_cumprod: (T,) on x0's device."""
     abar = alphas_cumprod[t].float()[:, None, None, None]
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # x_t ~ N(sqrt(abar_t) x0, (1-abar_t) I)
     with autocast:
@@ -1086,7 +1056,7 @@ def step_memory_profile(args: Args) -> tuple[int, float]:
 
 
 def train_flops_per_sample(args: Args) -> float:
-    """A training step's FLOPs per image, for MFU: 3x the forward's (the backward's is 2x)."""
+    """A training step's FLOPs per image, for MFU: 3x the forward's."""
     example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long),
                torch.zeros(1, dtype=torch.long) if args.num_classes > 0 else None)
     return 3 * forward_flops(lambda: build_model(args), *example)
@@ -1098,8 +1068,9 @@ def train_flops_per_sample(args: Args) -> float:
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
-    """torchmetrics' FrechetInceptionDistance. feature_extractor None: Inception-v3 pool features (2048-d) with the
-    weights torch-fidelity downloads (the standard FID); a module: its (N, d) features (tests, custom metrics)."""
+    """torchmetrics' FrechetInceptionDistance: Inception-v3 pool features (2048-d, torch-fidelity's
+    weights, the standard FID), or a given feature_extractor's (N, d) features (tests, custom
+    metrics)."""
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError:
@@ -1114,7 +1085,8 @@ def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
 
 def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor, batch_size: int = 500,
                 device: torch.device = torch.device("cpu")) -> float:
-    """FID = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) between two sets of uint8 images (N, 3, H, W)."""
+    """FID = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) of two sets of uint8 images (N, 3,
+    H, W)."""
     fid_metric = fid_metric.to(device)
     fid_metric.reset()
     for images, real in ((real_images, True), (fake_images, False)):
@@ -1124,8 +1096,8 @@ def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor
 
 def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], np.ndarray], real_images: np.ndarray,
                  args: Args, device: torch.device, writer=None, step: int = 0) -> float:
-    """FID of --fid-num-samples generated images, every class equally often, against the training
-    images (the paper's protocol: 50k vs the train set), printed and logged as eval/fid."""
+    """FID of --fid-num-samples generated images, every class equally often, vs the training images
+    (the paper's protocol), printed and logged as eval/fid."""
     samples = torch.from_numpy(generate(args.fid_num_samples, labels_in_turn(args.fid_num_samples, args.num_classes)))
     fid = compute_fid(fid_metric, samples, torch.from_numpy(real_images), args.sample_batch_size, device)
     print(f"FID ({args.fid_num_samples} samples vs {len(real_images)} training images, {args.sampler} "
@@ -1143,8 +1115,8 @@ def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], n
 
 def sample_grid(images: np.ndarray, labels: Optional[np.ndarray] = None, columns: Optional[int] = None,
                 class_names: Optional[list[str]] = None, pad: int = 2) -> np.ndarray:
-    """make_grid of at most 256 uint8 (N, 3, H, W) images, each row of one class named in a margin on its left. With
-    columns (rows x columns images, one row per class) every row is kept, and cut short to fit 256 images."""
+    """make_grid of at most 256 uint8 (N, 3, H, W) images, each row of one class named in a left
+    margin. With columns (a row per class) every row is kept, cut short to fit 256 images."""
     import cv2
 
     rows = len(images) // columns if columns else 0
@@ -1182,13 +1154,13 @@ def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[
 
 
 def labels_in_turn(num: int, num_classes: int) -> Optional[torch.Tensor]:
-    """Class labels 0, 1, ..., num_classes - 1, 0, 1, ... for num samples (None: unconditional)."""
+    """Labels 0, 1, ..., num_classes - 1, 0, 1, ... for num samples (None: unconditional)."""
     return torch.arange(num) % num_classes if num_classes > 0 else None
 
 
 def class_index(class_label: str, class_names: list[str]) -> int:
-    """--class-label as a class index: a whole number is the index (check_args checked its range), anything else a
-    class name (the names a run prints at its start). An unknown name raises UserError listing the names."""
+    """--class-label as a class index: a whole number is the index (check_args checked its range),
+    anything else a class name; an unknown name raises UserError listing the names."""
     if class_label.lstrip("-").isdigit():
         return int(class_label)
     if class_label not in class_names:
@@ -1199,9 +1171,9 @@ def class_index(class_label: str, class_names: list[str]) -> int:
 
 def run_classes(args: Args, given: set[str], checkpoint: Optional[dict], data_class_names: list[str],
                 is_main: bool) -> tuple[list[str], Optional[int]]:
-    """The run's class names and --class-label as an index (None: not given). Label k is
-    class_names[k]: the run's own (saved in its checkpoints; older ones lack them: the data's); an
-    unconditional model has none, and no use for --cfg-scale (a notice says so)."""
+    """The run's class names (the checkpoint's, else the data's; none unconditional) and
+    --class-label as an index (None: not given). An unconditional model has no use for --cfg-scale:
+    a notice says so."""
     class_names = ((checkpoint or {}).get("class_names") or data_class_names) if args.num_classes > 0 else []
     class_label = None if args.class_label is None else class_index(args.class_label, class_names)
     if args.num_classes == 0 and "cfg_scale" in given and args.cfg_scale != 1.0 and is_main:
@@ -1212,11 +1184,10 @@ def run_classes(args: Args, given: set[str], checkpoint: Optional[dict], data_cl
 
 def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torch.Tensor], args: Args,
                      alphas_cumprod: torch.Tensor, autocast, stop: "StopFlag") -> np.ndarray:
-    """num uint8 (N, 3, H, W) samples of the given classes (None: unconditional) from the EMA model, with the sampler
-    and guidance scale of args, in batches of --sample-batch-size. The same noise every time (seed + 10,000), so that
-    grids are comparable across steps. stop.check() before every network evaluation: a signal abandons the sampling
-    (StopRequested) within one evaluation, not after minutes. A progress bar counts the sampling steps of all batches
-    (every sampler evaluates the network once per step)."""
+    """num uint8 (N, 3, H, W) samples of the given classes (None: unconditional) from the EMA model
+    with args' sampler and guidance, in batches of --sample-batch-size, from the same noise every
+    time (seed + 10,000). stop.check() runs before every network evaluation; a progress bar counts
+    them."""
     device = next(ema_model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
     out = []
@@ -1246,16 +1217,15 @@ def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torc
 
 
 def ema_decay_at(step: int, decay: float) -> float:
-    """The EMA decay of update number step (0, 1, ...): d_t = min(decay, (1 + t) / (10 + t)), the warm-up of common
-    diffusion codebases. A pure function of the step counter (in the checkpoint), so a resume stays exact."""
+    """The decay of EMA update number step: d_t = min(decay, (1 + t) / (10 + t)), the usual warm-up;
+    a function of the step counter alone, so that a resume stays exact."""
     return min(decay, (1 + step) / (10 + step))
 
 
 def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint: Optional[dict]) -> Args:
-    """The run length and cadence in optimizer steps. --epochs (the seed's unit; 100 when --total-steps is not given)
-    becomes --total-steps = ceil(epochs N / B) for N images and batch B. A checkpoint of format 1 counted the run
-    length, --save-every and --eval-every in epochs of N // B steps (its last partial batch was dropped): converted.
-    Raises UserError when both --epochs and --total-steps are given."""
+    """The run length and cadence in optimizer steps: --epochs (default 100 without --total-steps)
+    becomes ceil(epochs N / B) steps; a format 1 checkpoint counted run length, --save-every and
+    --eval-every in epochs of N // B steps: converted. UserError when both --epochs and --total-steps."""
     if {"epochs", "total_steps"} <= given:
         raise UserError(f"--epochs {args.epochs} and --total-steps {args.total_steps} both set the run length; give "
                         f"one")
@@ -1282,8 +1252,8 @@ def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint:
 
 
 def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Optional[Path]]:
-    """The run's arguments, checkpoint and folder. With --resume: the checkpoint's arguments (flags
-    change those marked RESUME_MUTABLE), the checkpoint, its folder; else the flags', None, None."""
+    """The run's arguments, checkpoint and folder: with --resume, the checkpoint's arguments (with
+    the RESUME_MUTABLE flags given), the checkpoint and its folder; else the flags', None, None."""
     if not args.resume:
         return args, None, None
     checkpoint_path = resolve_checkpoint_path(args.resume)
@@ -1296,8 +1266,8 @@ def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Opti
 
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
                            device: torch.device, class_label: Optional[int], class_names: list[str]):
-    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/ folder and,
-    with --eval-fid, their FID. A signal abandons the sampling and writes nothing more."""
+    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/ and, with
+    --eval-fid, their FID. A signal abandons the sampling and writes nothing more."""
     conditional = args.num_classes > 0
     try:
         # a row of ceil(N / C) images per class (--class-label: N of it); unconditional: a grid
@@ -1327,7 +1297,7 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
 
 def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
              num_images: int, class_names: list[str]):
-    """The run folder (a new one, unless resumed) and its TensorBoard writer on rank 0 (None
+    """The run folder (a new one unless resumed) and its TensorBoard writer on rank 0 (None
     elsewhere), and the lines a run prints at its start."""
     if not setup.is_main:
         return run_dir, None
@@ -1352,7 +1322,7 @@ def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: st
 
 
 def wrap_for_training(model: nn.Module, args: Args, setup: "Setup") -> nn.Module:
-    """The module the training step calls: the model, compiled with --compile, in DistributedDataParallel under
+    """The model the training step calls: compiled with --compile, in DistributedDataParallel under
     torchrun. The optimizer, the EMA and the checkpoint hold the plain model."""
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
     if setup.world_size > 1:
@@ -1362,8 +1332,8 @@ def wrap_for_training(model: nn.Module, args: Args, setup: "Setup") -> nn.Module
 
 
 def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir: Optional[Path]):
-    """The end of a --log-every interval: its mean loss and gradient norm, the learning rate, samples/s (and MFU, on
-    CUDA) to TensorBoard and the progress bar on rank 0. A non-finite loss or gradient norm raises TrainingFailure."""
+    """The end of a --log-every interval: mean loss and gradient norm, learning rate, samples/s (and
+    MFU on CUDA) to TensorBoard and the progress bar; a non-finite loss raises TrainingFailure."""
     if not meter.finite():
         progress.close()  # end the progress line, so that the error is a line of its own
         raise non_finite_failure(f"before step {step}", run_dir)
@@ -1381,9 +1351,8 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
 
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
                 started: float, class_names: list[str]) -> Optional[tuple[np.ndarray, Optional[torch.Tensor]]]:
-    """EMA samples to TensorBoard (samples/ema) and the run's samples/ folder, a row per class (8
-    rows unconditional): --samples-per-class at an evaluation, or 2 at --first-sample-at, the first
-    picture. Returns them, uint8 (N, 3, H, W), and their class labels (None unconditional);
+    """EMA samples, a row per class (8 rows unconditional), to TensorBoard (samples/ema) and samples/:
+    --samples-per-class at an evaluation, 2 at --first-sample-at. Returns them and their labels;
     None if a signal abandoned them."""
     conditional = args.num_classes > 0
     with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
@@ -1402,8 +1371,9 @@ def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, write
 
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
              **extra):
-    """The checkpoint (rank 0 writes it), with the data order's position and extra; never NaN weights over a good
-    checkpoint (TrainingFailure)."""
+    """Rank 0 writes the checkpoint, with the data order's position and extra; a non-finite loss
+    since the last check raises TrainingFailure instead (never NaN weights over a good
+    checkpoint)."""
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
     if setup.is_main:
@@ -1828,8 +1798,8 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
 
 
 def checkpoint_state(args: Args, step: int, *parts, **extra) -> dict:
-    """The header, then CHECKPOINT_KEYS in order: args, step, every global RNG, then each part's state (a state_dict,
-    a generator's state, or a plain value as it is), then extra (not read back)."""
+    """The header, then CHECKPOINT_KEYS in order: args, step, every global RNG, each part's state
+    (its state_dict, a generator's state, or a plain value as it is), then extra (not read back)."""
     states = [part.get_state() if isinstance(part, torch.Generator) else part.state_dict()
               if hasattr(part, "state_dict") else part for part in parts]
     return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
@@ -1837,8 +1807,8 @@ def checkpoint_state(args: Args, step: int, *parts, **extra) -> dict:
 
 
 def restore_state(checkpoint: dict, *parts) -> int:
-    """Puts back what checkpoint_state saved from the same parts (a plain value: the run read it already) and every
-    global RNG; returns the step. A state that does not fit is one line."""
+    """Puts back what checkpoint_state saved from the same parts (a plain value: the run read it)
+    and every global RNG; returns the step. A state that does not fit is one line."""
     try:
         for key, part in zip(CHECKPOINT_KEYS[3:], parts, strict=True):
             if isinstance(part, torch.Generator):
@@ -1970,7 +1940,7 @@ def autocast_context(setup: Setup, dtype: str):
 
 
 def leave_process_group(world_size: int):
-    """Every rank leaves at the same point, after a barrier (gloo can abort a rank that leaves while another still
+    """Every rank leaves after a barrier (gloo can abort a rank that leaves while another still
     saves); what follows is rank 0's alone."""
     if world_size > 1:
         dist.barrier()
@@ -2149,9 +2119,9 @@ def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> floa
 
 
 class Meter:
-    """Training-loop accounting without a host sync per step: device-side sums of the loss and the gradient norm,
-    samples per second and, given a peak, MFU = achieved FLOP/s / peak FLOP/s (a training step: 3x the forward FLOPs).
-    read() syncs once per log interval."""
+    """Training-loop accounting without a host sync per step: device-side sums of the loss and
+    gradient norm, samples/s and, given a peak, MFU = achieved / peak FLOP/s. read() syncs once per
+    interval."""
 
     def __init__(self, device: torch.device, train_flops_per_sample: float, peak: Optional[float],
                  world_size: int = 1):
@@ -2168,7 +2138,7 @@ class Meter:
         self.timed_samples += num_samples
 
     def restart_clock(self):
-        """Leaves what follows out of the throughput: the first (compiling) step, sampling, saving."""
+        """Leaves what follows out of the throughput (the first, compiling step, sampling, saving)."""
         self.timed_samples, self.clock = 0, time.perf_counter()
 
     def finite(self) -> bool:
@@ -2251,9 +2221,9 @@ def check_step_memory(setup: Setup, batch_size: int, num_params: int, activation
 
 
 class StepTimer:
-    """Seconds per training step, timed once: from after the first step (which compiles and warms up) to `timed_steps`
-    steps later, with a device sync at both ends. seconds_per_step(step) returns it at the step where the timing
-    ends, if steps remain after it, and None at every other step."""
+    """Seconds per training step, timed once with a device sync at both ends: from after the first
+    (compiling) step to timed_steps later. seconds_per_step(step) returns it at that end step if
+    steps remain, else None."""
 
     def __init__(self, first_step: int, total_steps: int, setup: Setup, timed_steps: int = 5):
         self.start_step, self.end_step = first_step + 1, first_step + 1 + timed_steps
@@ -2271,8 +2241,8 @@ class StepTimer:
 
 
 def run_time_notice(seconds_per_step: float, remaining_steps: int, setup: Setup) -> list[str]:
-    """How long the rest of the training takes (evaluations not counted); on a CPU, more than a day is a notice (the
-    defaults are the papers' GPU settings)."""
+    """How long the rest of the training takes (evaluations not counted); on a CPU, more than a day
+    is a notice (the defaults are the papers' GPU settings)."""
     seconds = seconds_per_step * remaining_steps
     days, rest = divmod(int(seconds), 86_400)
     if seconds < 3600:

@@ -767,7 +767,8 @@ def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
 
 
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
-    """Indices of the step-th global batch in an endless stream of per-epoch permutations (batches cross epochs)."""
+    """The step-th global batch of an endless stream of per-epoch permutations (batches cross
+    epochs)."""
     position, chunks = step * batch_size, []
     while batch_size > 0:
         epoch, offset = divmod(position, num_items)
@@ -840,10 +841,9 @@ def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list
 
 
 def make_beta_schedule(kind: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """betas (T,) in float64 for T = timesteps. "linear": Ho et al.'s linspace(beta_start, beta_end, T), both ends
-    scaled by 1000 / T as improved-diffusion's get_named_beta_schedule("linear") does, so that T = 1000 is the paper's
-    schedule and a shorter one still ends in noise (T = 100: sqrt(abar_T) = 0.0045, not 0.60), capped at 0.999
-    (T < 20 would reach beta >= 1). "cosine": Nichol & Dhariwal. Raises ValueError on another kind."""
+    """betas (T,) in float64. "linear": Ho et al.'s linspace(beta_start, beta_end, T), both ends
+    scaled by 1000 / T as improved-diffusion does (T = 1000: the paper's; a shorter schedule still
+    ends in noise), capped at 0.999. "cosine": Nichol & Dhariwal. ValueError on another kind."""
     if kind == "linear":  # beta_t = (1000 / T) linear from beta_1 to beta_T
         scale = 1000 / timesteps  # exactly 1.0 at T = 1000
         return torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64).clamp(max=0.999)
@@ -1636,8 +1636,8 @@ JUDGE_VERSION = 1  # part of the cache file name: a changed network never loads 
 
 
 class JudgeNet(nn.Module):
-    """Classifier of uint8 images (N, 3, H, W) into num_classes + 1 classes, the last one "none" (noise, not a
-    shape); features() is the pooled (4 * width)-d layer the Frechet distance compares."""
+    """Classifies uint8 images (N, 3, H, W) into num_classes + 1 classes, the last "none" (noise);
+    features() is the pooled (4 * width)-d layer that the Frechet distance compares."""
 
     def __init__(self, num_classes: int, width: int = 8):
         super().__init__()
@@ -1656,9 +1656,9 @@ class JudgeNet(nn.Module):
 
 def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, steps: int = 200,
                 batch_size: int = 64, lr: float = 3e-3) -> JudgeNet:
-    """Adam on the cross-entropy of uint8 images (N, 3, H, W) with int labels (N,) in 0..num_classes-1, and of "none"
-    images: a quarter of each batch is noise, x = (1 - a) x_real + a n with n ~ N(0, 1) and a ~ U(0.4, 1) in [-1, 1]
-    units, labelled num_classes. A pure function of the seed (its own generator: the run's RNG is untouched)."""
+    """Adam on the cross-entropy of uint8 images (N, 3, H, W) and labels (N,), a quarter of each batch
+    turned to "none" (label num_classes): x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1). A pure
+    function of the seed, drawing nothing from the run's RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         judge = JudgeNet(num_classes)
@@ -1681,10 +1681,10 @@ def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
 
 def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
                         num_classes: int, seed: int) -> JudgeNet:
-    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and cached. A cache that
-    does not load is retrained, not an error; one that cannot be written is only not cached."""
+    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and cached
+    (atomically). A cache that does not load is retrained; one that cannot be written is skipped."""
     path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
-    with torch.random.fork_rng(devices=[]):  # initialised weights that the cache overwrites: no draw from the run's RNG
+    with torch.random.fork_rng(devices=[]):  # weights the cache overwrites: no draw from the run's RNG
         judge = JudgeNet(num_classes)
     if path.is_file():
         try:
@@ -1692,10 +1692,9 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
             return judge.eval().requires_grad_(False)
         except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, the fix is to retrain it
             print(f"judge cache {path} does not load ({e.__class__.__name__}): training the judge again")
-    images, labels = make_data()
-    judge = train_judge(images, labels, num_classes, seed)
+    judge = train_judge(*make_data(), num_classes, seed)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:  # atomic, as the checkpoints: a killed run never leaves a half-written cache
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(judge.state_dict(), tmp)
         os.replace(tmp, path)
@@ -1706,9 +1705,8 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
 
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature sets (N, d)
-    (FID's formula), in float64. Tr((S_a S_b)^(1/2)) is the sum of the square roots of the eigenvalues of S_a S_b
-    (real and >= 0 up to rounding), as torchmetrics computes it."""
+    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature
+    sets (N, d), FID's formula in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as torchmetrics."""
     a, b = feats_a.double(), feats_b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
@@ -1719,11 +1717,9 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 @torch.no_grad()
 def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np.ndarray], real_heldout: np.ndarray,
                  real_labels: Optional[np.ndarray] = None, threshold: float = 0.9) -> dict:
-    """Scores of N uint8 samples (N, 3, H, W) against at least 2N held-out real images (M, 3, H, W):
-    recognised: share of samples the judge takes for a shape (or sprite) at all, P(not "none") >= threshold;
-    class_accuracy: share whose most likely class (of the real ones) is the asked one (asked_labels (N,) given);
-    frechet: d^2 of the judge's features, samples vs real_heldout[:N]; frechet_real: real_heldout[:N] vs [N:2N];
-    recognised_real, class_accuracy_real: the same shares on real_heldout[:N] (the ceiling the data allow)."""
+    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share with
+    P(not "none") >= threshold), class_accuracy (share whose likeliest class is asked_labels'),
+    frechet (judge features, samples vs real[:N]); *_real: real[:N] (vs real[N:2N]), the ceiling."""
     n = len(samples)
     if len(real_heldout) < 2 * n:
         raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
@@ -1731,7 +1727,7 @@ def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np
         samples, real_heldout[:n], real_heldout[n: 2 * n]))
     feats_s, feats_a, feats_b = judge.features(samples_t), judge.features(real_a), judge.features(real_b)
     probs_s, probs_a = judge.head(feats_s).softmax(1), judge.head(feats_a).softmax(1)
-    scores = {"recognised": float((1 - probs_s[:, -1] >= threshold).float().mean()),  # the last class is "none"
+    scores = {"recognised": float((1 - probs_s[:, -1] >= threshold).float().mean()),  # the last class: "none"
               "recognised_real": float((1 - probs_a[:, -1] >= threshold).float().mean()),
               "frechet": frechet_distance(feats_s, feats_a), "frechet_real": frechet_distance(feats_b, feats_a)}
     if asked_labels is not None:
@@ -2318,8 +2314,9 @@ def evaluate_or_first_samples(sampler: EvalSampler, writer, step: int, run_dir: 
 
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
              **extra):
-    """The checkpoint (rank 0 writes it), with the data order's position and extra; never NaN weights over a good
-    checkpoint (TrainingFailure)."""
+    """Rank 0 writes the checkpoint, with the data order's position and extra; a non-finite loss
+    since the last check raises TrainingFailure instead (never NaN weights over a good
+    checkpoint)."""
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
     if setup.is_main:
@@ -2738,8 +2735,8 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
 
 
 def checkpoint_state(args: Args, step: int, *parts, **extra) -> dict:
-    """The header, then CHECKPOINT_KEYS in order: args, step, every global RNG, then each part's state (a state_dict,
-    a generator's state, or a plain value as it is), then extra (not read back)."""
+    """The header, then CHECKPOINT_KEYS in order: args, step, every global RNG, each part's state
+    (its state_dict, a generator's state, or a plain value as it is), then extra (not read back)."""
     states = [part.get_state() if isinstance(part, torch.Generator) else part.state_dict()
               if hasattr(part, "state_dict") else part for part in parts]
     return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
@@ -2747,8 +2744,8 @@ def checkpoint_state(args: Args, step: int, *parts, **extra) -> dict:
 
 
 def restore_state(checkpoint: dict, *parts) -> int:
-    """Puts back what checkpoint_state saved from the same parts (a plain value: the run read it already) and every
-    global RNG; returns the step. A state that does not fit is one line."""
+    """Puts back what checkpoint_state saved from the same parts (a plain value: the run read it)
+    and every global RNG; returns the step. A state that does not fit is one line."""
     try:
         for key, part in zip(CHECKPOINT_KEYS[3:], parts, strict=True):
             if isinstance(part, torch.Generator):
@@ -2880,7 +2877,7 @@ def autocast_context(setup: Setup, dtype: str):
 
 
 def leave_process_group(world_size: int):
-    """Every rank leaves at the same point, after a barrier (gloo can abort a rank that leaves while another still
+    """Every rank leaves after a barrier (gloo can abort a rank that leaves while another still
     saves); what follows is rank 0's alone."""
     if world_size > 1:
         dist.barrier()
@@ -3059,9 +3056,9 @@ def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> floa
 
 
 class Meter:
-    """Training-loop accounting without a host sync per step: device-side sums of the loss and the gradient norm,
-    samples per second and, given a peak, MFU = achieved FLOP/s / peak FLOP/s (a training step: 3x the forward FLOPs).
-    read() syncs once per log interval."""
+    """Training-loop accounting without a host sync per step: device-side sums of the loss and
+    gradient norm, samples/s and, given a peak, MFU = achieved / peak FLOP/s. read() syncs once per
+    interval."""
 
     def __init__(self, device: torch.device, train_flops_per_sample: float, peak: Optional[float],
                  world_size: int = 1):
@@ -3078,7 +3075,7 @@ class Meter:
         self.timed_samples += num_samples
 
     def restart_clock(self):
-        """Leaves what follows out of the throughput: the first (compiling) step, sampling, saving."""
+        """Leaves what follows out of the throughput (the first, compiling step, sampling, saving)."""
         self.timed_samples, self.clock = 0, time.perf_counter()
 
     def finite(self) -> bool:
@@ -3161,9 +3158,9 @@ def check_step_memory(setup: Setup, batch_size: int, num_params: int, activation
 
 
 class StepTimer:
-    """Seconds per training step, timed once: from after the first step (which compiles and warms up) to `timed_steps`
-    steps later, with a device sync at both ends. seconds_per_step(step) returns it at the step where the timing
-    ends, if steps remain after it, and None at every other step."""
+    """Seconds per training step, timed once with a device sync at both ends: from after the first
+    (compiling) step to timed_steps later. seconds_per_step(step) returns it at that end step if
+    steps remain, else None."""
 
     def __init__(self, first_step: int, total_steps: int, setup: Setup, timed_steps: int = 5):
         self.start_step, self.end_step = first_step + 1, first_step + 1 + timed_steps
@@ -3181,8 +3178,8 @@ class StepTimer:
 
 
 def run_time_notice(seconds_per_step: float, remaining_steps: int, setup: Setup) -> list[str]:
-    """How long the rest of the training takes (evaluations not counted); on a CPU, more than a day is a notice (the
-    defaults are the papers' GPU settings)."""
+    """How long the rest of the training takes (evaluations not counted); on a CPU, more than a day
+    is a notice (the defaults are the papers' GPU settings)."""
     seconds = seconds_per_step * remaining_steps
     days, rest = divmod(int(seconds), 86_400)
     if seconds < 3600:
