@@ -267,7 +267,8 @@ def md5_of(path: Path) -> str:
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Reads CIFAR-10's python version (pickled numpy arrays), refusing anything that could run code."""
+    """Reads CIFAR-10's python version (pickled numpy arrays), refusing anything that could run
+    code."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -283,7 +284,8 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def read_cifar10_batch(path: Path, fix: str) -> tuple[np.ndarray, np.ndarray]:
-    """One training batch, binary (data_batch_i.bin) or python (data_batch_i): uint8 (N, 3072), labels (N,)."""
+    """One training batch, binary (data_batch_i.bin) or python (data_batch_i): uint8 (N, 3072),
+    labels (N,)."""
     if path.suffix == ".bin":
         raw = np.fromfile(path, dtype=np.uint8)
         if raw.size == 0 or raw.size % 3073:
@@ -306,7 +308,8 @@ def read_cifar10_batch(path: Path, fix: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_cifar10(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The five training batches of cifar-10-batches-bin (or -py) as uint8 (N, 3, 32, 32) and int64 labels."""
+    """The five training batches of cifar-10-batches-bin (or -py) as uint8 (N, 3, 32, 32) and int64
+    labels."""
     fix = f"delete the folder {folder} to extract (or download) CIFAR-10 again"
     images, labels = [], []
     for i in range(1, 6):
@@ -323,7 +326,8 @@ def read_cifar10(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The CIFAR-10 train split as uint8 (50000, 3, 32, 32) and int64 labels, from the binary archive."""
+    """The CIFAR-10 train split as uint8 (50000, 3, 32, 32) and int64 labels, from the binary
+    archive."""
     root = Path(data_dir)
     # An extracted folder is the data: the archive is extracted atomically, so a damaged folder is
     # refused with the name of what is wrong in it, never read in part or silently replaced.
@@ -360,9 +364,10 @@ def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.n
 
 
 def jpeg_is_complete(data: bytes) -> bool:
-    """False if a JPEG ends before its end-of-image marker (OpenCV decodes a truncated one with a warning).
-    The header's segments are skipped by length (an EXIF thumbnail's marker is not the image's); in the
-    scans FF D9 can only be that marker (a data byte FF is stuffed as FF 00). Trailing data is allowed."""
+    """False if a JPEG ends before its end-of-image marker (OpenCV decodes a truncated one with a
+    warning). The header's segments are skipped by length (an EXIF thumbnail's marker is not the
+    image's); in the scans FF D9 can only be that marker (a data byte FF is stuffed as FF 00).
+    Trailing data is allowed."""
     i = 2
     while i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] not in (0xD9, 0xDA):  # up to the first scan
         i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2: i + 4], "big")
@@ -380,7 +385,8 @@ def png_is_complete(data: bytes) -> bool:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """A PNG/JPG file as uint8 BGR (H, W, 3); a truncated file or one OpenCV cannot decode is refused."""
+    """A PNG/JPG file as uint8 BGR (H, W, 3); a truncated file or one OpenCV cannot decode is
+    refused."""
     import cv2
 
     fix = "replace it with a valid PNG/JPG or remove it"
@@ -410,8 +416,9 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def load_image_folder(data_dir: str, img_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Every PNG/JPG under data_dir, center-cropped and resized, uint8 (N, 3, S, S). Its class is the
-    subfolder of data_dir it is in (at any depth); an image directly in data_dir has label -1."""
+    """Every PNG/JPG under data_dir, center-cropped and resized, uint8 (N, 3, S, S). Its class is
+    the subfolder of data_dir it is in (at any depth); an image directly in data_dir has label
+    -1."""
     import cv2
 
     root = Path(data_dir)
@@ -451,8 +458,8 @@ def shapes_class_names(num_classes: int = 10) -> list[str]:
 
 
 def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, seed: int = 0):
-    """A labelled toy set that trains in seconds: uint8 (N, 3, S, S) shapes on a dark background and labels
-    (N,); class k has colour k % 8, a square for k < 8 and a disc above."""
+    """A labelled toy set that trains in seconds: uint8 (N, 3, S, S) shapes on a dark background and
+    labels (N,); class k has colour k % 8, a square for k < 8 and a disc above."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, num_images)
     yy, xx = np.mgrid[0:img_size, 0:img_size]
@@ -552,7 +559,8 @@ TIMESTEP_FREQUENCY_DIM = 256  # the timestep's sinusoidal features before the ML
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """DiT's frequency embedding: [cos(t w_i), sin(t w_i)], w_i = exp(-ln(10000) i / (dim/2)), i < dim/2."""
+    """DiT's frequency embedding: [cos(t w_i), sin(t w_i)], w_i = exp(-ln(10000) i / (dim/2)), i <
+    dim/2."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = t.float()[:, None] * freqs[None, :]
@@ -726,7 +734,7 @@ def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
 
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
     """The S = num_steps timesteps (descending) that DDIM, and DDPM with S < T, visit before their
-    last step to the clean image; ValueError unless 1 <= S <= T. S = 1: [T-1] (the formulas give [0]).
+    last step to the clean image; ValueError unless 1 <= S <= T. S = 1: [T-1] (formulas give [0]).
     - "uniform": floor(i T / S): diffusers' "leading" where S divides T (the DDIM paper's protocol)
     - "linspace": round(linspace(0, T-1, S)), half to even: diffusers' "linspace", DiT's respacing
     - "quadratic": int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice"""
@@ -750,7 +758,8 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
                 variance: str = "fixed_large", clip_denoised: bool = True,
                 generator: Optional[torch.Generator] = None, spacing: str = "uniform") -> torch.Tensor:
     """Ancestral sampling (Ho et al. eq. 6-7) from x_T to x_0. num_steps None: all T steps; fewer:
-    ddim_timesteps(T, S, spacing) with beta'_t = 1 - abar_t / abar_prev. ValueError on a bad argument."""
+    ddim_timesteps(T, S, spacing) with beta'_t = 1 - abar_t / abar_prev. ValueError on a bad
+    argument."""
     if variance not in ("fixed_large", "fixed_small"):
         raise ValueError(f"unknown variance {variance}")
     T = len(alphas_cumprod)
@@ -779,8 +788,9 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int,
                 eta: float = 0.0, spacing: str = "uniform", clip_denoised: bool = False,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """DDIM (Song et al. eq. 12) from x_T to x_0 at ddim_timesteps(T, num_steps, spacing), the last step
-    to abar = 1 (diffusers' set_alpha_to_one): x_prev = sqrt(abar_prev) x0 + sqrt(1-abar_prev-s^2) eps + s z."""
+    """DDIM (Song et al. eq. 12) from x_T to x_0 at ddim_timesteps(T, num_steps, spacing), the last
+    step to abar = 1 (diffusers' set_alpha_to_one): x_prev = sqrt(abar_prev) x0 +
+    sqrt(1-abar_prev-s^2) eps + s z."""
     timesteps = ddim_timesteps(len(alphas_cumprod), num_steps, spacing)
     x = x_T
     for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
@@ -801,9 +811,10 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 @torch.no_grad()
 def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
                       num_steps: int, clip_denoised: bool = False) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, data prediction, multistep) from x_T to x_0, with diffusers'
-    defaults: timesteps round(linspace(0, T-1, S+1))[::-1][:-1] (S = T: all), a final sigma of 0,
-    first-order first and last steps. clip_denoised: the paper's thresholding of x0 to [-1, 1]."""
+    """DPM-Solver++(2M) (Lu et al. 2022, data prediction, multistep) from x_T to x_0, with
+    diffusers' defaults: timesteps round(linspace(0, T-1, S+1))[::-1][:-1] (S = T: all), a final
+    sigma of 0, first-order first and last steps. clip_denoised: the paper's thresholding of x0 to
+    [-1, 1]."""
     T = len(alphas_cumprod)
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
@@ -845,7 +856,8 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
 # ==== BEGIN OPTIONAL: judge ====
 # An offline sample-quality score on the generated shapes (FID needs Inception weights): a small CNN,
 # trained once on real images and cached, judges the samples (eval/judge_*). Optional: delete this
-# block and every line ending in "# optional: judge" (tests/test_optional_blocks.py does).
+# block and every line ending in "# optional: judge" (tests/test_optional_blocks.py does):
+#   sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' dit_cifar10.py > x.py
 
 JUDGE_VERSION = 1  # part of the cache file name: a changed network never loads an old cache
 
@@ -871,9 +883,9 @@ class JudgeNet(nn.Module):
 
 def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, steps: int = 200,
                 batch_size: int = 64, lr: float = 3e-3) -> JudgeNet:
-    """Adam on the cross-entropy of uint8 images (N, 3, H, W) and labels (N,), a quarter of each batch
-    turned to "none" (label num_classes): x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1). A pure
-    function of the seed, drawing nothing from the run's RNG."""
+    """Adam on the cross-entropy of uint8 images (N, 3, H, W) and labels (N,), a quarter of each
+    batch turned to "none" (label num_classes): x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1). A
+    pure function of the seed, drawing nothing from the run's RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         judge = JudgeNet(num_classes)
@@ -896,8 +908,9 @@ def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
 
 def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
                         num_classes: int, seed: int) -> JudgeNet:
-    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and cached
-    (atomically). A cache that does not load is retrained; one that cannot be written is skipped."""
+    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and
+    cached (atomically). A cache that does not load is retrained; one that cannot be written is
+    skipped."""
     path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
     with torch.random.fork_rng(devices=[]):  # weights the cache overwrites: no draw from the run's RNG
         judge = JudgeNet(num_classes)
@@ -920,8 +933,9 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
 
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature
-    sets (N, d), FID's formula in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as torchmetrics."""
+    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two
+    feature sets (N, d), FID's formula in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as
+    torchmetrics."""
     a, b = feats_a.double(), feats_b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
@@ -932,8 +946,8 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 @torch.no_grad()
 def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np.ndarray], real_heldout: np.ndarray,
                  real_labels: Optional[np.ndarray] = None, threshold: float = 0.9) -> dict:
-    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share with
-    P(not "none") >= threshold), class_accuracy (share whose likeliest class is asked_labels'),
+    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share
+    with P(not "none") >= threshold), class_accuracy (share whose likeliest class is asked_labels'),
     frechet (judge features, samples vs real[:N]); *_real: real[:N] (vs real[N:2N]), the ceiling."""
     n = len(samples)
     if len(real_heldout) < 2 * n:
@@ -1225,7 +1239,7 @@ def ema_decay_at(step: int, decay: float) -> float:
 def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint: Optional[dict]) -> Args:
     """The run length and cadence in optimizer steps: --epochs (default 100 without --total-steps)
     becomes ceil(epochs N / B) steps; a format 1 checkpoint counted run length, --save-every and
-    --eval-every in epochs of N // B steps: converted. UserError when both --epochs and --total-steps."""
+    --eval-every in epochs of N // B steps: converted. Both --epochs and --total-steps: UserError."""
     if {"epochs", "total_steps"} <= given:
         raise UserError(f"--epochs {args.epochs} and --total-steps {args.total_steps} both set the run length; give "
                         f"one")
@@ -1351,8 +1365,8 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
 
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
                 started: float, class_names: list[str]) -> Optional[tuple[np.ndarray, Optional[torch.Tensor]]]:
-    """EMA samples, a row per class (8 rows unconditional), to TensorBoard (samples/ema) and samples/:
-    --samples-per-class at an evaluation, 2 at --first-sample-at. Returns them and their labels;
+    """EMA samples, a row per class (8 rows unconditional), to TensorBoard (samples/ema) and
+    samples/: --samples-per-class at an evaluation, 2 at --first-sample-at. Returns them and their labels;
     None if a signal abandoned them."""
     conditional = args.num_classes > 0
     with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
@@ -2138,7 +2152,7 @@ class Meter:
         self.timed_samples += num_samples
 
     def restart_clock(self):
-        """Leaves what follows out of the throughput (the first, compiling step, sampling, saving)."""
+        """Leaves what follows out of the throughput: the compiling first step, sampling, saving."""
         self.timed_samples, self.clock = 0, time.perf_counter()
 
     def finite(self) -> bool:
@@ -2146,7 +2160,7 @@ class Meter:
         return math.isfinite(self.loss_sum.item()) and math.isfinite(self.grad_norm_sum.item())
 
     def read(self) -> dict:
-        """Means since the last read, global samples/s and, given a peak, MFU per process; resets."""
+        """Means since the last read, global samples/s and, given a peak, MFU per process."""
         samples_per_second = self.timed_samples * self.world_size / max(time.perf_counter() - self.clock, 1e-9)
         values = {"loss": self.loss_sum.item() / max(self.steps, 1),
                   "grad_norm": self.grad_norm_sum.item() / max(self.steps, 1), "SPS": samples_per_second}

@@ -1197,7 +1197,7 @@ def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
 
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
     """The S = num_steps timesteps (descending) that DDIM, and DDPM with S < T, visit before their
-    last step to the clean image; ValueError unless 1 <= S <= T. S = 1: [T-1] (the formulas give [0]).
+    last step to the clean image; ValueError unless 1 <= S <= T. S = 1: [T-1] (formulas give [0]).
     - "uniform": floor(i T / S): diffusers' "leading" where S divides T (the DDIM paper's protocol)
     - "linspace": round(linspace(0, T-1, S)), half to even: diffusers' "linspace", DiT's respacing
     - "quadratic": int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice"""
@@ -1221,7 +1221,8 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
                 variance: str = "fixed_large", clip_denoised: bool = True,
                 generator: Optional[torch.Generator] = None, spacing: str = "uniform") -> torch.Tensor:
     """Ancestral sampling (Ho et al. eq. 6-7) from x_T to x_0. num_steps None: all T steps; fewer:
-    ddim_timesteps(T, S, spacing) with beta'_t = 1 - abar_t / abar_prev. ValueError on a bad argument."""
+    ddim_timesteps(T, S, spacing) with beta'_t = 1 - abar_t / abar_prev. ValueError on a bad
+    argument."""
     if variance not in ("fixed_large", "fixed_small"):
         raise ValueError(f"unknown variance {variance}")
     T = len(alphas_cumprod)
@@ -1250,8 +1251,9 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int,
                 eta: float = 0.0, spacing: str = "uniform", clip_denoised: bool = False,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """DDIM (Song et al. eq. 12) from x_T to x_0 at ddim_timesteps(T, num_steps, spacing), the last step
-    to abar = 1 (diffusers' set_alpha_to_one): x_prev = sqrt(abar_prev) x0 + sqrt(1-abar_prev-s^2) eps + s z."""
+    """DDIM (Song et al. eq. 12) from x_T to x_0 at ddim_timesteps(T, num_steps, spacing), the last
+    step to abar = 1 (diffusers' set_alpha_to_one): x_prev = sqrt(abar_prev) x0 +
+    sqrt(1-abar_prev-s^2) eps + s z."""
     timesteps = ddim_timesteps(len(alphas_cumprod), num_steps, spacing)
     x = x_T
     for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
@@ -1272,9 +1274,10 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 @torch.no_grad()
 def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
                       num_steps: int, clip_denoised: bool = False) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, data prediction, multistep) from x_T to x_0, with diffusers'
-    defaults: timesteps round(linspace(0, T-1, S+1))[::-1][:-1] (S = T: all), a final sigma of 0,
-    first-order first and last steps. clip_denoised: the paper's thresholding of x0 to [-1, 1]."""
+    """DPM-Solver++(2M) (Lu et al. 2022, data prediction, multistep) from x_T to x_0, with
+    diffusers' defaults: timesteps round(linspace(0, T-1, S+1))[::-1][:-1] (S = T: all), a final
+    sigma of 0, first-order first and last steps. clip_denoised: the paper's thresholding of x0 to
+    [-1, 1]."""
     T = len(alphas_cumprod)
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
@@ -1656,9 +1659,9 @@ class JudgeNet(nn.Module):
 
 def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, steps: int = 200,
                 batch_size: int = 64, lr: float = 3e-3) -> JudgeNet:
-    """Adam on the cross-entropy of uint8 images (N, 3, H, W) and labels (N,), a quarter of each batch
-    turned to "none" (label num_classes): x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1). A pure
-    function of the seed, drawing nothing from the run's RNG."""
+    """Adam on the cross-entropy of uint8 images (N, 3, H, W) and labels (N,), a quarter of each
+    batch turned to "none" (label num_classes): x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1). A
+    pure function of the seed, drawing nothing from the run's RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         judge = JudgeNet(num_classes)
@@ -1681,8 +1684,9 @@ def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
 
 def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
                         num_classes: int, seed: int) -> JudgeNet:
-    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and cached
-    (atomically). A cache that does not load is retrained; one that cannot be written is skipped."""
+    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and
+    cached (atomically). A cache that does not load is retrained; one that cannot be written is
+    skipped."""
     path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
     with torch.random.fork_rng(devices=[]):  # weights the cache overwrites: no draw from the run's RNG
         judge = JudgeNet(num_classes)
@@ -1705,8 +1709,9 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
 
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature
-    sets (N, d), FID's formula in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as torchmetrics."""
+    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two
+    feature sets (N, d), FID's formula in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as
+    torchmetrics."""
     a, b = feats_a.double(), feats_b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
@@ -1717,8 +1722,8 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 @torch.no_grad()
 def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np.ndarray], real_heldout: np.ndarray,
                  real_labels: Optional[np.ndarray] = None, threshold: float = 0.9) -> dict:
-    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share with
-    P(not "none") >= threshold), class_accuracy (share whose likeliest class is asked_labels'),
+    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share
+    with P(not "none") >= threshold), class_accuracy (share whose likeliest class is asked_labels'),
     frechet (judge features, samples vs real[:N]); *_real: real[:N] (vs real[N:2N]), the ceiling."""
     n = len(samples)
     if len(real_heldout) < 2 * n:
@@ -3075,7 +3080,7 @@ class Meter:
         self.timed_samples += num_samples
 
     def restart_clock(self):
-        """Leaves what follows out of the throughput (the first, compiling step, sampling, saving)."""
+        """Leaves what follows out of the throughput: the compiling first step, sampling, saving."""
         self.timed_samples, self.clock = 0, time.perf_counter()
 
     def finite(self) -> bool:
@@ -3083,7 +3088,7 @@ class Meter:
         return math.isfinite(self.loss_sum.item()) and math.isfinite(self.grad_norm_sum.item())
 
     def read(self) -> dict:
-        """Means since the last read, global samples/s and, given a peak, MFU per process; resets."""
+        """Means since the last read, global samples/s and, given a peak, MFU per process."""
         samples_per_second = self.timed_samples * self.world_size / max(time.perf_counter() - self.clock, 1e-9)
         values = {"loss": self.loss_sum.item() / max(self.steps, 1),
                   "grad_norm": self.grad_norm_sum.item() / max(self.steps, 1), "SPS": samples_per_second}
