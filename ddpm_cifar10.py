@@ -68,9 +68,8 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic, no
-    benchmark, CUBLAS_WORKSPACE_CONFIG=:4096:8, not torch's strict deterministic algorithms (too
-    slow; benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
+    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic and
+    CUBLAS_WORKSPACE_CONFIG, not torch's strict (slow) algorithms: a resume is close, not bitwise"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -82,14 +81,13 @@ class Args:
     output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu"]] = None
-    """defaults: tiny = a full run on generated data in seconds on a CPU; cpu = recognisable shapes
-    in minutes on 2 CPU cores (README)"""
+    """tiny: a whole run on generated data in seconds on a CPU; cpu: shapes in minutes on 2 cores"""
     config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
     """a run folder or checkpoint file to continue exactly where it stopped"""
     sample_only: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: generate --num-samples images from the checkpoint's EMA weights, and exit"""
+    """with --resume: generate --num-samples images with the checkpoint's EMA weights, and exit"""
     compile: Annotated[bool, RESUME_MUTABLE] = False
     """torch.compile the training step's model (sampling runs the EMA model eagerly)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
@@ -134,7 +132,7 @@ class Args:
     """beta_T of the linear schedule at T = 1000; scaled by 1000/T, capped at 0.999"""
     prediction: Literal["eps", "v"] = "eps"
     """the target: eps (Ho et al.) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans and Ho
-    2022), whose x0 estimate stays bounded at high noise (eps's is divided by sqrt(abar_t))"""
+    2022: its x0 estimate stays bounded at high noise)"""
 
     # Training
     total_steps: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 800_000
@@ -147,8 +145,7 @@ class Args:
     """linear learning-rate warmup steps"""
     max_grad_norm: Annotated[float, ">= 0"] = 1.0
     """gradient clipping norm (0 turns it off)"""
-    # Why the warm-up: at a constant 0.9999 the EMA holds 0.9999^6000 = 55% of the initial weights
-    # after 6,000 steps. The reference has none; at 800k steps the two differ by under 1e-30.
+    # Why the warm-up: at a constant 0.9999 the EMA holds 55% of the initial weights after 6,000 steps.
     ema_decay: Annotated[float, "[0, 1]"] = 0.9999
     """EMA decay of the sampling weights, warmed up: step t uses min(decay, (1 + t) / (10 + t))"""
     log_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 100
@@ -158,8 +155,7 @@ class Args:
     eval_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 20_000
     """sample a grid from the EMA model every N steps"""
     first_sample_at: Annotated[int, STEPS, ">= 0", RESUME_MUTABLE] = 0
-    """also sample a small grid (16 images, not judged) at this step: the run's first picture, long
-    before the first evaluation (samples/ and TensorBoard); 0: none"""
+    """also sample 16 images (not judged) at this step: the run's first picture; 0: none"""
 
     # Sampling and evaluation
     sampler: Annotated[Literal["ddpm", "ddim", "dpm++"], RESUME_MUTABLE] = "ddpm"
@@ -181,18 +177,15 @@ class Args:
 
 
 PRESETS = {
-    # The whole loop in seconds on a CPU: the cpu preset's U-Net and v-prediction, 60 steps of batch
-    # 16, DPM-Solver++ at 10 steps (10 network calls). Its samples are blobs; cpu's are shapes.
+    # The whole loop in seconds on a CPU: cpu's U-Net, 60 steps. Its samples are blobs; cpu's are shapes.
     "tiny": dict(
         dataset="shapes", img_size=16, num_shapes_images=256, channels=32, channel_mult=(1, 2), num_res_blocks=1,
         attn_resolutions=(8,), dropout=0.0, total_steps=60, batch_size=16, learning_rate=1e-3, warmup_steps=10,
         ema_decay=0.9, log_every=10, save_every=30, eval_every=30, prediction="v", sampler="dpm++",
         num_sampling_steps=10, num_eval_samples=16, num_samples=16, fid_num_samples=64, sample_batch_size=64,
     ),
-    # Recognisable 16x16 shapes in minutes on 2 CPU cores (benchmark/RESULTS.md 2d): tiny's U-Net,
-    # 2000 steps of batch 64 at a constant lr 1e-3, EMA 0.995 (half-life 140). v-prediction: on
-    # a briefly trained model eps's x0 estimate near t = T is far off and only DDPM-1000 recovers;
-    # with v, DPM-Solver++ at 20 steps matches it (RESULTS 2e). The judge scores each evaluation.
+    # Recognisable 16x16 shapes in minutes on 2 CPU cores. v-prediction: on a briefly trained model
+    # eps's x0 estimate near t = T is far off, and only DDPM-1000 recovers; v's works at 20 steps.
     "cpu": dict(
         dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2), num_res_blocks=1,
         attn_resolutions=(8,), dropout=0.0, total_steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=100,
@@ -236,84 +229,79 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg"}
 def md5_of(path: Path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Reads CIFAR-10's python version (a pickled dict of numpy arrays), refusing anything that could run code."""
+    """Reads CIFAR-10's python version (pickled numpy arrays), refusing anything that could run
+    code."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
         ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode"),
-    } | {("builtins", name) for name in ("list", "dict", "tuple", "set", "frozenset", "bytes", "bytearray", "str",
-                                          "int", "float", "complex", "bool", "slice", "range")}
+    } | {("builtins", name) for name in ("list", "dict", "tuple", "set", "frozenset", "bytes", "bytearray",
+                                          "str", "int", "float", "complex", "bool", "slice", "range")}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} (only numpy arrays and plain containers)")
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} (only numpy arrays, containers)")
 
 
-def read_cifar10_binary(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = [], []
-    for i in range(1, 6):
-        path = folder / f"data_batch_{i}.bin"
-        fix = f"delete the folder {folder} to extract (or download) CIFAR-10 again"
-        if not path.is_file():
-            raise UserError(f"{path} is missing (CIFAR-10 has data_batch_1.bin to data_batch_5.bin); {fix}")
+def read_cifar10_batch(path: Path, fix: str) -> tuple[np.ndarray, np.ndarray]:
+    """One training batch, binary (data_batch_i.bin) or python (data_batch_i): uint8 (N, 3072),
+    labels (N,)."""
+    if path.suffix == ".bin":
         raw = np.fromfile(path, dtype=np.uint8)
         if raw.size == 0 or raw.size % 3073:
-            raise UserError(f"{path}: {raw.size} bytes is not a whole number of 3073-byte CIFAR-10 records (empty or "
-                            f"truncated); {fix}")
+            raise UserError(f"{path}: {raw.size} bytes is not a whole number of 3073-byte CIFAR-10 records "
+                            f"(empty or truncated); {fix}")
         records = raw.reshape(-1, 3073)  # 1 label byte, then 3x32x32 pixels, channel-major
-        if records[:, 0].max() > 9:
-            raise UserError(f"{path}: labels above 9, not a CIFAR-10 batch; {fix}")
-        labels.append(records[:, 0].astype(np.int64))
-        images.append(records[:, 1:].reshape(-1, 3, 32, 32))
-    return np.concatenate(images), np.concatenate(labels)
+        return records[:, 1:], records[:, 0]
+    try:
+        with open(path, "rb") as f:
+            batch = RestrictedUnpickler(f, encoding="bytes").load()
+    except Exception as e:  # noqa: BLE001 - whatever the bytes hold, it is the same user-facing error
+        raise UserError(f"{path} is not a CIFAR-10 python batch ({error_reason(e)}); {fix}") from None
+    data, labels = (batch.get(b"data"), batch.get(b"labels")) if isinstance(batch, dict) else (None, None)
+    if not isinstance(data, np.ndarray) or not isinstance(labels, list):
+        raise UserError(f"{path} is not a CIFAR-10 python batch (a dict with b'data', a uint8 array, and "
+                        f"b'labels', a list); {fix}")
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) == 0:
+        raise UserError(f"{path}: b'data' is {data.dtype} {data.shape}, not uint8 (N, 3072), N >= 1; {fix}")
+    return data, np.asarray(labels)
 
 
-def read_cifar10_python(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar10(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The five training batches of cifar-10-batches-bin (or -py) as uint8 (N, 3, 32, 32) and int64
+    labels."""
+    fix = f"delete the folder {folder} to extract (or download) CIFAR-10 again"
     images, labels = [], []
     for i in range(1, 6):
-        path = folder / f"data_batch_{i}"
-        fix = f"delete the folder {folder} to download CIFAR-10 (the binary version) again"
+        path = folder / f"data_batch_{i}{'.bin' if folder.name.endswith('-bin') else ''}"
         if not path.is_file():
             raise UserError(f"{path} is missing (CIFAR-10 has data_batch_1 to data_batch_5); {fix}")
-        try:
-            with open(path, "rb") as f:
-                batch = RestrictedUnpickler(f, encoding="bytes").load()
-        except Exception as e:  # noqa: BLE001 - whatever the bytes hold, it is the same user-facing error
-            reason = str(e).splitlines()[0][:150] if str(e) else e.__class__.__name__
-            raise UserError(f"{path} is not a CIFAR-10 python batch ({reason}); {fix}") from None
-        data = batch.get(b"data") if isinstance(batch, dict) else None
-        batch_labels = batch.get(b"labels") if isinstance(batch, dict) else None
-        if not isinstance(data, np.ndarray) or not isinstance(batch_labels, list):
-            raise UserError(f"{path} is not a CIFAR-10 python batch (a dict with b'data', a uint8 array, and "
-                            f"b'labels', a list); {fix}")
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) == 0:
-            raise UserError(f"{path}: b'data' is {data.dtype} {data.shape}, not uint8 (N, 3072) with N >= 1; {fix}")
-        batch_labels = np.asarray(batch_labels)
-        if batch_labels.shape != (len(data),) or batch_labels.dtype.kind not in "iu" or (batch_labels.size and (
-                batch_labels.min() < 0 or batch_labels.max() > 9)):
-            raise UserError(f"{path}: b'labels' is not {len(data)} integers in 0..9 (one per image); {fix}")
+        data, batch_labels = read_cifar10_batch(path, fix)
+        if batch_labels.shape != (len(data),) or batch_labels.dtype.kind not in "iu" or (
+                batch_labels.min() < 0 or batch_labels.max() > 9):
+            raise UserError(f"{path}: the labels (b'labels') are not {len(data)} integers in 0..9; {fix}")
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(batch_labels.astype(np.int64))
     return np.concatenate(images), np.concatenate(labels)
 
 
 def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The CIFAR-10 train split as uint8 (50000, 3, 32, 32) and int64 labels, from the binary archive (no pickle)."""
+    """The CIFAR-10 train split as uint8 (50000, 3, 32, 32) and int64 labels, from the binary
+    archive."""
     root = Path(data_dir)
-    # An extracted folder is the data (the archive is extracted atomically, so an incomplete folder is refused with
-    # the name of what is wrong in it rather than read in part or silently replaced)
-    if (root / "cifar-10-batches-bin").is_dir():
-        return read_cifar10_binary(root / "cifar-10-batches-bin")
-    if (root / "cifar-10-batches-py").is_dir():
-        return read_cifar10_python(root / "cifar-10-batches-py")
+    # An extracted folder is the data: the archive is extracted atomically, so a damaged folder is
+    # refused with the name of what is wrong in it, never read in part or silently replaced.
+    for name in ("cifar-10-batches-bin", "cifar-10-batches-py"):
+        if (root / name).is_dir():
+            return read_cifar10(root / name)
     archive = root / "cifar-10-binary.tar.gz"
     if not archive.exists():
         if not download:
@@ -323,8 +311,7 @@ def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.n
         try:
             print(f"downloading {CIFAR10_URL} to {root}/ ...", flush=True)
             with urllib.request.urlopen(CIFAR10_URL, timeout=60) as response, open(partial, "wb") as f:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
+                shutil.copyfileobj(response, f)
         except OSError as e:
             partial.unlink(missing_ok=True)
             raise UserError(f"could not download CIFAR-10 ({e.__class__.__name__}): put cifar-10-binary.tar.gz "
@@ -332,7 +319,7 @@ def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.n
         os.replace(partial, archive)
     if md5_of(archive) != CIFAR10_MD5:
         raise UserError(f"{archive} is corrupt (md5 is not {CIFAR10_MD5}): delete it and download it again")
-    extracting = root / ".cifar-10-extracting"  # extract, then rename: a killed extraction leaves no partial folder
+    extracting = root / ".cifar-10-extracting"  # then renamed: a killed extraction leaves no partial folder
     shutil.rmtree(extracting, ignore_errors=True)
     with tarfile.open(archive, "r:gz") as tar:
         tar.extractall(extracting, filter="data")
@@ -341,14 +328,14 @@ def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.n
         raise UserError(f"{archive} holds no cifar-10-batches-bin folder: delete it and download it again")
     os.replace(extracting / "cifar-10-batches-bin", root / "cifar-10-batches-bin")
     shutil.rmtree(extracting, ignore_errors=True)
-    return read_cifar10_binary(root / "cifar-10-batches-bin")
+    return read_cifar10(root / "cifar-10-batches-bin")
 
 
 def jpeg_is_complete(data: bytes) -> bool:
-    """False if a JPEG ends before its end-of-image marker (OpenCV decodes a truncated JPEG's top part and only warns).
-    The header's segments are skipped by their length (an EXIF thumbnail's own marker is not the image's); in the
-    scans, FF D9 can only be that marker (a data byte FF is stuffed as FF 00). Data after it (a motion photo's video)
-    is allowed."""
+    """False if a JPEG ends before its end-of-image marker (OpenCV decodes a truncated one with a
+    warning). The header's segments are skipped by length (an EXIF thumbnail's marker is not the
+    image's); in the scans FF D9 can only be that marker (a data byte FF is stuffed as FF 00).
+    Trailing data is allowed."""
     i = 2
     while i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] not in (0xD9, 0xDA):  # up to the first scan
         i += 1 if data[i + 1] == 0xFF else 2 + int.from_bytes(data[i + 2: i + 4], "big")
@@ -356,7 +343,7 @@ def jpeg_is_complete(data: bytes) -> bool:
 
 
 def png_is_complete(data: bytes) -> bool:
-    """Walks a PNG's chunks (length, type, data, CRC) from the signature to IEND: False if the data ends first."""
+    """Walks a PNG's chunks (length, type, data, CRC) to IEND: False if the data ends first."""
     i = 8
     while i + 8 <= len(data):
         if data[i + 4: i + 8] == b"IEND":
@@ -366,7 +353,8 @@ def png_is_complete(data: bytes) -> bool:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """A PNG/JPG file as uint8 BGR (H, W, 3); a file that is truncated or that OpenCV cannot decode is refused."""
+    """A PNG/JPG file as uint8 BGR (H, W, 3); a truncated file or one OpenCV cannot decode is
+    refused."""
     import cv2
 
     fix = "replace it with a valid PNG/JPG or remove it"
@@ -379,15 +367,15 @@ def read_image(path: Path) -> np.ndarray:
     if data.startswith(b"\x89PNG\r\n\x1a\n") and not png_is_complete(data):
         raise UserError(f"{path}: truncated PNG (it ends before its IEND chunk); {fix}")
     log_level = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # the error below is the one line the user sees
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # the error below is the one line
     try:
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     except cv2.error as e:
         if "CV_IO_MAX_IMAGE_PIXELS" in str(e):
-            raise UserError(f"{path}: more pixels than OpenCV reads (the environment variable "
-                            f"OPENCV_IO_MAX_IMAGE_PIXELS, default 2^30); shrink the image or raise that "
-                            f"limit") from None
-        raise UserError(f"{path}: OpenCV cannot decode it ({str(e).strip().splitlines()[-1][:150]}); {fix}") from None
+            raise UserError(f"{path}: more pixels than OpenCV reads (OPENCV_IO_MAX_IMAGE_PIXELS, default "
+                            f"2^30); shrink the image or raise that limit") from None
+        reason = str(e).strip().splitlines()[-1][:150]
+        raise UserError(f"{path}: OpenCV cannot decode it ({reason}); {fix}") from None
     finally:
         cv2.utils.logging.setLogLevel(log_level)
     if bgr is None:
@@ -396,35 +384,34 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def load_image_folder(data_dir: str, img_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Every PNG/JPG under data_dir, center-cropped and resized. The class is the name of the subfolder of data_dir
-    the image is in (at any depth below it); an image directly in data_dir has no class: label -1."""
+    """Every PNG/JPG under data_dir, center-cropped and resized, uint8 (N, 3, S, S). Its class is
+    the subfolder of data_dir it is in (at any depth); an image directly in data_dir has label
+    -1."""
     import cv2
 
     root = Path(data_dir)
     if not root.is_dir():
         raise UserError(f"--data-dir {data_dir} is not a folder (--dataset folder reads PNG/JPG images from it)")
 
-    def unreadable(e: OSError):  # os.walk's onerror (Path.rglob would skip the folder and its images without a word)
-        raise UserError(f"{e.filename}: cannot read this folder ({e.strerror}); make it readable or move it out of "
-                        f"--data-dir")
+    def unreadable(e: OSError):  # os.walk's onerror (Path.rglob would skip the folder without a word)
+        raise UserError(f"{e.filename}: cannot read this folder ({e.strerror}); make it readable or move it "
+                        f"out of --data-dir")
 
     paths = sorted(Path(folder) / name for folder, _, names in os.walk(root, onerror=unreadable) for name in names
-                   if Path(name).suffix.lower() in IMAGE_EXTENSIONS)  # a file that cannot be read: read_image says so
+                   if Path(name).suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
         raise UserError(f"no PNG/JPG images under {data_dir} (--dataset folder reads images from its subfolders)")
-    class_names = sorted({p.relative_to(root).parts[0] for p in paths if len(p.relative_to(root).parts) > 1})
-    class_index = {name: i for i, name in enumerate(class_names)}
-    images, labels = [], []
+    parts = [p.relative_to(root).parts for p in paths]
+    class_names = sorted({part[0] for part in parts if len(part) > 1})
+    images = []
     for p in paths:
         bgr = read_image(p)
         h, w = bgr.shape[:2]
         side = min(h, w)  # center crop to a square, then resize (INTER_AREA: no aliasing when shrinking)
-        top, left = (h - side) // 2, (w - side) // 2
-        square = bgr[top: top + side, left: left + side]
+        square = bgr[(h - side) // 2: (h + side) // 2, (w - side) // 2: (w + side) // 2]
         resized = cv2.resize(square, (img_size, img_size), interpolation=cv2.INTER_AREA)
         images.append(resized[:, :, ::-1].transpose(2, 0, 1))  # BGR HWC -> RGB CHW
-        parts = p.relative_to(root).parts
-        labels.append(class_index[parts[0]] if len(parts) > 1 else -1)
+    labels = [class_names.index(part[0]) if len(part) > 1 else -1 for part in parts]
     return np.ascontiguousarray(np.stack(images)), np.asarray(labels, dtype=np.int64), class_names
 
 
@@ -433,9 +420,8 @@ SHAPE_COLOURS = np.array([[230, 25, 25], [25, 200, 25], [40, 80, 240], [240, 220
 
 
 def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, seed: int = 0):
-    """Coloured shapes on a dark background: class k has colour k % 8, a square for k < 8 and a disc above.
-
-    A labelled toy set that trains in seconds and whose classes a simple rule tells apart (the mean colour)."""
+    """A labelled toy set that trains in seconds: uint8 (N, 3, S, S) shapes on a dark background and
+    labels (N,); class k has colour k % 8, a square for k < 8 and a disc above."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, num_images)
     yy, xx = np.mgrid[0:img_size, 0:img_size]
@@ -452,7 +438,7 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
 
 
 def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str]:
-    """Returns uint8 images (N, 3, H, W), int64 labels, and the dataset id used in the run name."""
+    """Returns uint8 images (N, 3, H, W), int64 labels, and the dataset id of the run name."""
     if args.dataset == "cifar10":
         images, labels = load_cifar10(args.data_dir, args.download)
         if args.img_size != 32:
@@ -473,7 +459,8 @@ def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
 
 
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
-    """Indices of the step-th global batch in an endless stream of per-epoch permutations (batches cross epochs)."""
+    """The step-th global batch of an endless stream of per-epoch permutations (batches cross
+    epochs)."""
     position, chunks = step * batch_size, []
     while batch_size > 0:
         epoch, offset = divmod(position, num_items)
@@ -488,10 +475,9 @@ def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) 
 
 
 def make_beta_schedule(kind: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """betas (T,) in float64 for T = timesteps. "linear": Ho et al.'s linspace(beta_start, beta_end, T), both ends
-    scaled by 1000 / T as improved-diffusion's get_named_beta_schedule("linear") does, so that T = 1000 is the paper's
-    schedule and a shorter one still ends in noise (T = 100: sqrt(abar_T) = 0.0045, not 0.60), capped at 0.999
-    (T < 20 would reach beta >= 1). "cosine": Nichol & Dhariwal. Raises ValueError on another kind."""
+    """betas (T,) in float64. "linear": Ho et al.'s linspace(beta_start, beta_end, T), both ends
+    scaled by 1000 / T as improved-diffusion does (T = 1000: the paper's; a shorter schedule still
+    ends in noise), capped at 0.999. "cosine": Nichol & Dhariwal. ValueError on another kind."""
     if kind == "linear":  # beta_t = (1000 / T) linear from beta_1 to beta_T
         scale = 1000 / timesteps  # exactly 1.0 at T = 1000
         return torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64).clamp(max=0.999)
@@ -666,9 +652,6 @@ class UNet(nn.Module):
 def build_model(args: Args) -> UNet:
     if args.channels % 32:
         raise UserError(f"--channels {args.channels} must be divisible by 32 (GroupNorm with 32 groups)")
-    if args.img_size % 2 ** (len(args.channel_mult) - 1):
-        raise UserError(f"--img-size {args.img_size} must be divisible by 2^{len(args.channel_mult) - 1} "
-                        f"(one halving per level of --channel-mult {' '.join(map(str, args.channel_mult))})")
     return UNet(args.img_size, 3, args.channels, args.channel_mult, args.num_res_blocks, args.attn_resolutions,
                 args.dropout)
 
@@ -678,22 +661,16 @@ def build_model(args: Args) -> UNet:
 # x_T, and alphas_cumprod (float64, length T). Coefficients in float64, cast to x's dtype.
 
 
-# ==== BEGIN SHARED SAMPLERS: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
-
-
 def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
     return 1.0 if t < 0 else float(alphas_cumprod[t])  # abar at "t = -1" is 1: the clean image
 
 
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
-    """The S = num_steps timesteps (descending) that DDIM, and DDPM with fewer than T steps, evaluate; every sampler
-    then steps from the last one to the clean image (abar = 1). Raises ValueError unless 1 <= S <= T.
-    - "uniform": floor(i T / S), i = 0..S-1: diffusers' "leading" where S divides T (the DDIM paper's protocol), and
-      still reaching above T-1 - T/S where it does not (leading's stride T // S stops as low as S-1).
-    - "linspace": round(linspace(0, T-1, S)), half to even, as diffusers' "linspace" and DiT's respacing.
-    - "quadratic": int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice (repeats small timesteps
-      when S is large: a repeated timestep is an identity step).
-    - S = 1: [T-1], one jump from noise to the clean image (each formula gives [0], which would return the noise)."""
+    """The S = num_steps timesteps (descending) that DDIM, and DDPM with S < T, visit before their
+    last step to the clean image; ValueError unless 1 <= S <= T. S = 1: [T-1] (formulas give [0]).
+    - "uniform": floor(i T / S): diffusers' "leading" where S divides T (the DDIM paper's protocol)
+    - "linspace": round(linspace(0, T-1, S)), half to even: diffusers' "linspace", DiT's respacing
+    - "quadratic": int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice"""
     if spacing not in ("uniform", "linspace", "quadratic"):
         raise ValueError(f"unknown timestep spacing {spacing}")
     if not 1 <= num_steps <= T:
@@ -701,10 +678,10 @@ def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int
     if num_steps == 1:
         return [T - 1]
     if spacing == "uniform":
-        steps = [i * T // num_steps for i in range(num_steps)]  # integer floor(i T / S) = i (T // S) when S | T
+        steps = [i * T // num_steps for i in range(num_steps)]
     elif spacing == "linspace":
         steps = [int(s) for s in np.linspace(0, T - 1, num_steps).round()]
-    else:
+    else:  # a repeated small timestep (large S) is an identity step
         steps = [int(s) for s in np.linspace(0, math.sqrt(T * 0.8), num_steps) ** 2]
     return steps[::-1]
 
@@ -713,34 +690,30 @@ def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int
 def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: Optional[int] = None,
                 variance: str = "fixed_large", clip_denoised: bool = True,
                 generator: Optional[torch.Generator] = None, spacing: str = "uniform") -> torch.Tensor:
-    """Ancestral sampling (Ho et al. eq. 6-7); returns x_0 with x_T's shape and dtype. num_steps None: all T steps;
-    fewer: respaced to ddim_timesteps(T, S, spacing) with beta'_t = 1 - abar_t / abar_prev. Raises ValueError on an
-    unknown variance or spacing, or S outside 1..T."""
+    """Ancestral sampling (Ho et al. eq. 6-7) from x_T to x_0. num_steps None: all T steps; fewer:
+    ddim_timesteps(T, S, spacing) with beta'_t = 1 - abar_t / abar_prev. ValueError on a bad
+    argument."""
+    if variance not in ("fixed_large", "fixed_small"):
+        raise ValueError(f"unknown variance {variance}")
     T = len(alphas_cumprod)
     timesteps = ddim_timesteps(T, T if num_steps is None else num_steps, spacing)
     x = x_T
-    for i, t in enumerate(timesteps):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
         abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
         beta_t = 1 - abar_t / abar_prev
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
-        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)  # x0_hat = (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)
+        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)  # (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         # posterior mean mu~_t = sqrt(abar_prev) beta_t / (1-abar_t) x0 + sqrt(1-beta_t) (1-abar_prev) / (1-abar_t) x_t
         mean = (math.sqrt(abar_prev) * beta_t / (1 - abar_t)) * x0 \
             + (math.sqrt(1 - beta_t) * (1 - abar_prev) / (1 - abar_t)) * x
-        if t_prev >= 0:  # no noise on the last step (to the clean image), wherever it starts (one step: from T-1)
-            if variance == "fixed_large":  # sigma_t^2 = beta_t (the paper's choice for CIFAR-10)
-                var = beta_t
-            elif variance == "fixed_small":  # sigma_t^2 = beta~_t = (1-abar_prev)/(1-abar_t) beta_t
-                var = max((1 - abar_prev) / (1 - abar_t) * beta_t, 1e-20)
-            else:
-                raise ValueError(f"unknown variance {variance}")
+        if t_prev >= 0:  # no noise on the last step, to the clean image
+            # sigma_t^2: beta_t (fixed_large, the paper's) or beta~_t = (1-abar_prev)/(1-abar_t) beta_t
+            var = beta_t if variance == "fixed_large" else max((1 - abar_prev) / (1 - abar_t) * beta_t, 1e-20)
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = mean + math.sqrt(var) * noise
-        else:
-            x = mean
+            mean = mean + math.sqrt(var) * noise
+        x = mean
     return x
 
 
@@ -748,13 +721,12 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int,
                 eta: float = 0.0, spacing: str = "uniform", clip_denoised: bool = False,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """DDIM (Song et al. eq. 12): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z, at the timesteps
-    ddim_timesteps(T, num_steps, spacing), the last step going to abar = 1 (diffusers' set_alpha_to_one=True).
-    Returns x_0 with x_T's shape and dtype. Raises ValueError on an unknown spacing or num_steps outside 1..T."""
+    """DDIM (Song et al. eq. 12) from x_T to x_0 at ddim_timesteps(T, num_steps, spacing), the last
+    step to abar = 1 (diffusers' set_alpha_to_one): x_prev = sqrt(abar_prev) x0 +
+    sqrt(1-abar_prev-s^2) eps + s z."""
     timesteps = ddim_timesteps(len(alphas_cumprod), num_steps, spacing)
     x = x_T
-    for i, t in enumerate(timesteps):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
         abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
@@ -772,10 +744,10 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 @torch.no_grad()
 def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
                       num_steps: int, clip_denoised: bool = False) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep; returns x_0 with x_T's shape and dtype.
-    Timesteps round(linspace(0, T-1, S+1))[::-1][:-1] with a final sigma of 0, first-order first and last steps
-    (diffusers' defaults); S = T takes every timestep. clip_denoised clamps each data prediction to [-1, 1] (the
-    paper's thresholding). Raises ValueError unless 1 <= num_steps <= T."""
+    """DPM-Solver++(2M) (Lu et al. 2022, data prediction, multistep) from x_T to x_0, with
+    diffusers' defaults: timesteps round(linspace(0, T-1, S+1))[::-1][:-1] (S = T: all), a final
+    sigma of 0, first-order first and last steps. clip_denoised: the paper's thresholding of x0 to
+    [-1, 1]."""
     T = len(alphas_cumprod)
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
@@ -798,7 +770,7 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
         x0 = (x - s_s0 * eps) / alpha_s0  # m = (x - s_t eps) / alpha_t
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
-        if sigmas[i + 1] == 0.0:  # lambda = +inf: the step lands on the data prediction itself (first order)
+        if sigmas[i + 1] == 0.0:  # lambda = +inf: the step lands on the data prediction (first order)
             x = x0
         else:
             h = math.log(alpha_t / s_t) - math.log(alpha_s0 / s_s0)  # h = lambda_t - lambda_s0
@@ -814,25 +786,18 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
     return x
 
 
-# ==== END SHARED SAMPLERS ====
-
-
 # ==== BEGIN OPTIONAL: judge ====
-# Optional: delete this block and every line that ends in "# optional: judge", and the script runs
-# as before without eval/judge_* (tests/test_optional_blocks.py):
+# An offline sample-quality score on the generated shapes (FID needs Inception weights): a small CNN,
+# trained once on real images and cached, judges the samples (eval/judge_*). Optional: delete this
+# block and every line ending in "# optional: judge" (tests/test_optional_blocks.py does):
 #   sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' ddpm_cifar10.py > x.py
-
-# ==== BEGIN SHARED JUDGE: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
-# An offline sample-quality score for the generated datasets (FID needs Inception weights): a small CNN classifier,
-# trained once on real generated images and cached, judges the samples (eval/judge_*). Not FID: its values mean
-# nothing across datasets.
 
 JUDGE_VERSION = 1  # part of the cache file name: a changed network never loads an old cache
 
 
 class JudgeNet(nn.Module):
-    """Classifier of uint8 images (N, 3, H, W) into num_classes + 1 classes, the last one "none" (noise, not a
-    shape); features() is the pooled (4 * width)-d layer the Frechet distance compares."""
+    """Classifies uint8 images (N, 3, H, W) into num_classes + 1 classes, the last "none" (noise);
+    features() is the pooled (4 * width)-d layer that the Frechet distance compares."""
 
     def __init__(self, num_classes: int, width: int = 8):
         super().__init__()
@@ -851,9 +816,9 @@ class JudgeNet(nn.Module):
 
 def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, steps: int = 200,
                 batch_size: int = 64, lr: float = 3e-3) -> JudgeNet:
-    """Adam on the cross-entropy of uint8 images (N, 3, H, W) with int labels (N,) in 0..num_classes-1, and of "none"
-    images: a quarter of each batch is noise, x = (1 - a) x_real + a n with n ~ N(0, 1) and a ~ U(0.4, 1) in [-1, 1]
-    units, labelled num_classes. A pure function of the seed (its own generator: the run's RNG is untouched)."""
+    """Adam on the cross-entropy of uint8 images (N, 3, H, W) and labels (N,), a quarter of each
+    batch turned to "none" (label num_classes): x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1). A
+    pure function of the seed, drawing nothing from the run's RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         judge = JudgeNet(num_classes)
@@ -876,10 +841,11 @@ def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
 
 def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
                         num_classes: int, seed: int) -> JudgeNet:
-    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and cached. A cache that
-    does not load is retrained, not an error; one that cannot be written is only not cached."""
+    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and
+    cached (atomically). A cache that does not load is retrained; one that cannot be written is
+    skipped."""
     path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
-    with torch.random.fork_rng(devices=[]):  # initialised weights that the cache overwrites: no draw from the run's RNG
+    with torch.random.fork_rng(devices=[]):  # weights the cache overwrites: no draw from the run's RNG
         judge = JudgeNet(num_classes)
     if path.is_file():
         try:
@@ -887,10 +853,9 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
             return judge.eval().requires_grad_(False)
         except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, the fix is to retrain it
             print(f"judge cache {path} does not load ({e.__class__.__name__}): training the judge again")
-    images, labels = make_data()
-    judge = train_judge(images, labels, num_classes, seed)
+    judge = train_judge(*make_data(), num_classes, seed)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:  # atomic, as the checkpoints: a killed run never leaves a half-written cache
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(judge.state_dict(), tmp)
         os.replace(tmp, path)
@@ -901,9 +866,9 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
 
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature sets (N, d)
-    (FID's formula), in float64. Tr((S_a S_b)^(1/2)) is the sum of the square roots of the eigenvalues of S_a S_b
-    (real and >= 0 up to rounding), as torchmetrics computes it."""
+    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two
+    feature sets (N, d), FID's formula in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as
+    torchmetrics."""
     a, b = feats_a.double(), feats_b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
@@ -914,11 +879,9 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 @torch.no_grad()
 def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np.ndarray], real_heldout: np.ndarray,
                  real_labels: Optional[np.ndarray] = None, threshold: float = 0.9) -> dict:
-    """Scores of N uint8 samples (N, 3, H, W) against at least 2N held-out real images (M, 3, H, W):
-    recognised: share of samples the judge takes for a shape (or sprite) at all, P(not "none") >= threshold;
-    class_accuracy: share whose most likely class (of the real ones) is the asked one (asked_labels (N,) given);
-    frechet: d^2 of the judge's features, samples vs real_heldout[:N]; frechet_real: real_heldout[:N] vs [N:2N];
-    recognised_real, class_accuracy_real: the same shares on real_heldout[:N] (the ceiling the data allow)."""
+    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share
+    with P(not "none") >= threshold), class_accuracy (share whose likeliest class is asked_labels'),
+    frechet (judge features, samples vs real[:N]); *_real: real[:N] (vs real[N:2N]), the ceiling."""
     n = len(samples)
     if len(real_heldout) < 2 * n:
         raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
@@ -926,7 +889,7 @@ def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np
         samples, real_heldout[:n], real_heldout[n: 2 * n]))
     feats_s, feats_a, feats_b = judge.features(samples_t), judge.features(real_a), judge.features(real_b)
     probs_s, probs_a = judge.head(feats_s).softmax(1), judge.head(feats_a).softmax(1)
-    scores = {"recognised": float((1 - probs_s[:, -1] >= threshold).float().mean()),  # the last class is "none"
+    scores = {"recognised": float((1 - probs_s[:, -1] >= threshold).float().mean()),  # the last class: "none"
               "recognised_real": float((1 - probs_a[:, -1] >= threshold).float().mean()),
               "frechet": frechet_distance(feats_s, feats_a), "frechet_real": frechet_distance(feats_b, feats_a)}
     if asked_labels is not None:
@@ -946,15 +909,13 @@ def log_judge_scores(writer, scores: dict, step: int, suffix: str = ""):
                ", ".join(f"{k} {v:.3g}" for k, v in scores.items()))
 
 
-# ==== END SHARED JUDGE ====
-
-
 JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own data (a run's: --seed)
 
 
 def make_shapes_judge(args: Args, num_samples: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
-    """The judge of the 10 shapes classes at --img-size (trained on 4096 generated images once, then cached in
-    {data_dir}/judge/) and 2 * num_samples held-out real shapes, uint8 (2N, 3, H, W) and their labels (2N,)."""
+    """The judge of the 10 shapes classes at --img-size (trained on 4096 generated images once,
+    cached in {data_dir}/judge/), and 2 * num_samples held-out shapes, uint8 (2N, 3, H, W), with
+    their labels."""
     judge = load_or_train_judge(
         Path(args.data_dir) / "judge", f"shapes_{args.img_size}px_10classes_seed{JUDGE_DATA_SEED}",
         lambda: make_shapes_dataset(4096, args.img_size, seed=JUDGE_DATA_SEED), 10, JUDGE_DATA_SEED)
@@ -962,8 +923,8 @@ def make_shapes_judge(args: Args, num_samples: int) -> tuple[JudgeNet, np.ndarra
 
 
 def judge_samples(judge, samples: Optional[np.ndarray], args: Args, step: int, eval_now: bool, writer):
-    """eval/judge_* of an evaluation's samples on the shapes data (how recognisable). Returns the
-    judge: None until the first evaluation makes it (the judge, held-out images, their labels)."""
+    """eval/judge_* of an evaluation's samples of the shapes data; returns the judge (made at the
+    first evaluation: the judge, held-out images, their labels)."""
     if eval_now and samples is not None and args.dataset == "shapes":
         judge = judge or make_shapes_judge(args, args.num_eval_samples)
         log_judge_scores(writer, judge_scores(judge[0], samples, None, judge[1], judge[2]), step)
@@ -975,10 +936,9 @@ def judge_samples(judge, samples: Optional[np.ndarray], args: Args, step: int, e
 
 def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
                   num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Runs the chosen sampler and returns uint8 images (B, 3, H, W). Each clips its x0 estimate to
-    [-1, 1] at every step: DDPM as Ho et al.'s code, DDIM as diffusers' DDIMScheduler (clip_sample),
-    DPM-Solver++ as diffusers' thresholding (sample_max_value=1). Without it DDIM and DPM-Solver++
-    diverge on a briefly trained model (its x0 estimate at high noise is far off; RESULTS 2e)."""
+    """uint8 images (B, 3, H, W) from the chosen sampler, each clipping x0 to [-1, 1] at every step
+    (as Ho et al.'s code and diffusers' clip_sample and thresholding): without it DDIM and
+    DPM-Solver++ diverge on a briefly trained model."""
     T = len(alphas_cumprod)
     if sampler == "ddpm":
         x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps if num_steps < T else None, generator=generator)
@@ -991,13 +951,10 @@ def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
 
 def eps_from_output(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
                     prediction: str) -> torch.Tensor:
-    """The network's output (B, 3, H, W) as the noise eps the samplers take. For "v" (Salimans, Ho
-    2022, section 4): eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t, from x_t = sqrt(abar_t) x0 +
-    sqrt(1 - abar_t) eps and v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0. ValueError for others."""
+    """The network's output (B, 3, H, W) as the noise eps the samplers take; for "v" (Salimans and
+    Ho 2022): eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
     if prediction == "eps":
         return output
-    if prediction != "v":
-        raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
     # coefficients in float64 (in bfloat16, abar >= 0.998 would round to 1 and drop x_t's term)
     abar = alphas_cumprod.to(output.device, torch.float64)[t][:, None, None, None]
     dtype = torch.promote_types(output.dtype, torch.float32)
@@ -1006,9 +963,9 @@ def eps_from_output(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, al
 
 def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args, num: int,
                      autocast=contextlib.nullcontext(), should_stop: Callable[[], None] = lambda: None) -> np.ndarray:
-    """num uint8 images (num, 3, H, W) from `model` (the EMA model) with --sampler, in batches of
-    --sample-batch-size. The same noise every time (seed + 10,000): grids compare across steps.
-    should_stop() runs before every network evaluation (a signal abandons the sampling there)."""
+    """num uint8 images (num, 3, H, W) from the EMA model with --sampler, in batches of
+    --sample-batch-size, from the same noise every time (seed + 10,000). should_stop() runs before
+    every network evaluation (a signal abandons the sampling there)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
     alphas_cumprod_device = alphas_cumprod.to(device)  # once, not a copy per network evaluation
@@ -1033,12 +990,10 @@ def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args,
 
 def ddpm_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
               autocast=contextlib.nullcontext(), channels_last: bool = False, prediction: str = "eps") -> torch.Tensor:
-    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2, batch mean;
-    for "v" the target is v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans and Ho 2022).
-
-    x0, noise: (B, 3, H, W) in [-1, 1], N(0, I); t: long (B,); alphas_cumprod: (T,), x0's device."""
-    if prediction not in ("eps", "v"):
-        raise ValueError(f"prediction must be 'eps' or 'v', not {prediction!r}")
+    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2, batch mean
+    (Ho et al. eq. 14); "v": the target is v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans
+    and Ho). x0, noise: (B, 3, H, W) in [-1, 1], N(0, I); t: long (B,); alphas_cumprod: (T,) on
+    x0's device."""
     abar = alphas_cumprod[t].float()[:, None, None, None]
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # x_t ~ N(sqrt(abar_t) x0, (1-abar_t) I)
     if channels_last:
@@ -1061,7 +1016,7 @@ def step_memory_profile(args: Args) -> tuple[int, float]:
 
 
 def train_flops_per_sample(args: Args) -> float:
-    """A training step's FLOPs per image, for MFU: 3x the forward's (the backward's is 2x)."""
+    """A training step's FLOPs per image, for MFU: 3x the forward's."""
     example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long))
     return 3 * forward_flops(lambda: build_model(args), *example)
 
@@ -1072,8 +1027,9 @@ def train_flops_per_sample(args: Args) -> float:
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
-    """torchmetrics' FrechetInceptionDistance. feature_extractor None: Inception-v3 pool features (2048-d) with the
-    weights torch-fidelity downloads (the standard FID); a module: its (N, d) features (tests, custom metrics)."""
+    """torchmetrics' FrechetInceptionDistance: Inception-v3 pool features (2048-d, torch-fidelity's
+    weights, the standard FID), or a given feature_extractor's (N, d) features (tests, custom
+    metrics)."""
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError:
@@ -1088,7 +1044,8 @@ def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
 
 def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor, batch_size: int = 500,
                 device: torch.device = torch.device("cpu")) -> float:
-    """FID = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) between two sets of uint8 images (N, 3, H, W)."""
+    """FID = |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) of two sets of uint8 images (N, 3,
+    H, W)."""
     fid_metric = fid_metric.to(device)
     fid_metric.reset()
     for images, real in ((real_images, True), (fake_images, False)):
@@ -1099,8 +1056,8 @@ def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor
 
 def evaluate_fid(fid_metric, generate: Callable[[int], np.ndarray], real_images: np.ndarray, args: Args,
                  device: torch.device, writer=None, step: int = 0) -> float:
-    """FID of --fid-num-samples generated images against the training images (the paper's protocol:
-    50k vs the train set), printed and logged as eval/fid."""
+    """FID of --fid-num-samples generated images vs the training images (the paper's protocol),
+    printed and logged as eval/fid."""
     samples = torch.from_numpy(generate(args.fid_num_samples))
     fid = compute_fid(fid_metric, samples, torch.from_numpy(real_images), args.sample_batch_size, device)
     print(f"FID ({args.fid_num_samples} samples vs {len(real_images)} training images, {args.sampler} "
@@ -1119,8 +1076,8 @@ def write_samples(folder: Path, stem: str, images: np.ndarray) -> Path:
 
 
 def ema_decay_at(step: int, decay: float) -> float:
-    """The EMA decay of update number step (0, 1, ...): d_t = min(decay, (1 + t) / (10 + t)), the warm-up of common
-    diffusion codebases. A pure function of the step counter (in the checkpoint), so a resume stays exact."""
+    """The decay of EMA update number step: d_t = min(decay, (1 + t) / (10 + t)), the usual warm-up;
+    a function of the step counter alone, so that a resume stays exact."""
     return min(decay, (1 + step) / (10 + step))
 
 
@@ -1130,8 +1087,8 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Optional[Path]]:
-    """The run's arguments, checkpoint and folder. With --resume: the checkpoint's arguments (flags
-    change those marked RESUME_MUTABLE), the checkpoint, its folder; else the flags', None, None."""
+    """The run's arguments, checkpoint and folder: with --resume, the checkpoint's arguments (with
+    the RESUME_MUTABLE flags given), the checkpoint and its folder; else the flags', None, None."""
     if not args.resume:
         return args, None, None
     checkpoint_path = resolve_checkpoint_path(args.resume)
@@ -1142,8 +1099,8 @@ def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Opti
 
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
                            device: torch.device):
-    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/ folder and,
-    with --eval-fid, their FID. A signal abandons the sampling and writes nothing more."""
+    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/ and, with
+    --eval-fid, their FID. A signal abandons the sampling and writes nothing more."""
     try:
         samples = generate(args.num_samples)
         stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_step{step}_{int(time.time())}"
@@ -1157,7 +1114,7 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
 
 def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
              num_images: int):
-    """The run folder (a new one, unless resumed) and its TensorBoard writer on rank 0 (None
+    """The run folder (a new one unless resumed) and its TensorBoard writer on rank 0 (None
     elsewhere), and the lines a run prints at its start."""
     if not setup.is_main:
         return run_dir, None
@@ -1178,7 +1135,7 @@ def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: st
 
 
 def wrap_for_training(model: nn.Module, args: Args, setup: "Setup") -> nn.Module:
-    """The module the training step calls: the model, compiled with --compile, in DistributedDataParallel under
+    """The model the training step calls: compiled with --compile, in DistributedDataParallel under
     torchrun. The optimizer, the EMA and the checkpoint hold the plain model."""
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
     if setup.world_size > 1:
@@ -1188,8 +1145,8 @@ def wrap_for_training(model: nn.Module, args: Args, setup: "Setup") -> nn.Module
 
 
 def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir: Optional[Path]):
-    """The end of a --log-every interval: its mean loss and gradient norm, the learning rate, samples/s (and MFU, on
-    CUDA) to TensorBoard and the progress bar on rank 0. A non-finite loss or gradient norm raises TrainingFailure."""
+    """The end of a --log-every interval: mean loss and gradient norm, learning rate, samples/s (and
+    MFU on CUDA) to TensorBoard and the progress bar; a non-finite loss raises TrainingFailure."""
     if not meter.finite():
         progress.close()  # end the progress line, so that the error is a line of its own
         raise non_finite_failure(f"before step {step}", run_dir)
@@ -1207,9 +1164,8 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
 
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
                 started: float) -> Optional[np.ndarray]:
-    """EMA samples to TensorBoard (samples/ema) and the run's samples/ folder: --num-eval-samples at
-    an evaluation, or 16 at --first-sample-at, the first picture. Returns them, uint8 (N, 3, H, W);
-    None if a signal abandoned them."""
+    """EMA samples to TensorBoard (samples/ema) and samples/: --num-eval-samples at an evaluation,
+    16 at --first-sample-at. Returns them, uint8 (N, 3, H, W); None if a signal abandoned them."""
     with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
         samples = generate(args.num_eval_samples if eval_now else 16)
         writer.add_image("samples/ema", make_grid(samples), step, dataformats="HWC")
@@ -1223,8 +1179,9 @@ def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, write
 
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
              **extra):
-    """The checkpoint (rank 0 writes it), with the data order's position and extra; never NaN weights over a good
-    checkpoint (TrainingFailure)."""
+    """Rank 0 writes the checkpoint, with the data order's position and extra; a non-finite loss
+    since the last check raises TrainingFailure instead (never NaN weights over a good
+    checkpoint)."""
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
     if setup.is_main:
@@ -1642,8 +1599,8 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
 
 
 def checkpoint_state(args: Args, step: int, *parts, **extra) -> dict:
-    """The header, then CHECKPOINT_KEYS in order: args, step, every global RNG, then each part's state (a state_dict,
-    a generator's state, or a plain value as it is), then extra (not read back)."""
+    """The header, then CHECKPOINT_KEYS in order: args, step, every global RNG, each part's state
+    (its state_dict, a generator's state, or a plain value as it is), then extra (not read back)."""
     states = [part.get_state() if isinstance(part, torch.Generator) else part.state_dict()
               if hasattr(part, "state_dict") else part for part in parts]
     return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
@@ -1651,8 +1608,8 @@ def checkpoint_state(args: Args, step: int, *parts, **extra) -> dict:
 
 
 def restore_state(checkpoint: dict, *parts) -> int:
-    """Puts back what checkpoint_state saved from the same parts (a plain value: the run read it already) and every
-    global RNG; returns the step. A state that does not fit is one line."""
+    """Puts back what checkpoint_state saved from the same parts (a plain value: the run read it)
+    and every global RNG; returns the step. A state that does not fit is one line."""
     try:
         for key, part in zip(CHECKPOINT_KEYS[3:], parts, strict=True):
             if isinstance(part, torch.Generator):
@@ -1784,7 +1741,7 @@ def autocast_context(setup: Setup, dtype: str):
 
 
 def leave_process_group(world_size: int):
-    """Every rank leaves at the same point, after a barrier (gloo can abort a rank that leaves while another still
+    """Every rank leaves after a barrier (gloo can abort a rank that leaves while another still
     saves); what follows is rank 0's alone."""
     if world_size > 1:
         dist.barrier()
@@ -1963,9 +1920,9 @@ def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> floa
 
 
 class Meter:
-    """Training-loop accounting without a host sync per step: device-side sums of the loss and the gradient norm,
-    samples per second and, given a peak, MFU = achieved FLOP/s / peak FLOP/s (a training step: 3x the forward FLOPs).
-    read() syncs once per log interval."""
+    """Training-loop accounting without a host sync per step: device-side sums of the loss and
+    gradient norm, samples/s and, given a peak, MFU = achieved / peak FLOP/s. read() syncs once per
+    interval."""
 
     def __init__(self, device: torch.device, train_flops_per_sample: float, peak: Optional[float],
                  world_size: int = 1):
@@ -1982,7 +1939,7 @@ class Meter:
         self.timed_samples += num_samples
 
     def restart_clock(self):
-        """Leaves what follows out of the throughput: the first (compiling) step, sampling, saving."""
+        """Leaves what follows out of the throughput: the compiling first step, sampling, saving."""
         self.timed_samples, self.clock = 0, time.perf_counter()
 
     def finite(self) -> bool:
@@ -1990,7 +1947,7 @@ class Meter:
         return math.isfinite(self.loss_sum.item()) and math.isfinite(self.grad_norm_sum.item())
 
     def read(self) -> dict:
-        """Means since the last read, global samples/s and, given a peak, MFU per process; resets."""
+        """Means since the last read, global samples/s and, given a peak, MFU per process."""
         samples_per_second = self.timed_samples * self.world_size / max(time.perf_counter() - self.clock, 1e-9)
         values = {"loss": self.loss_sum.item() / max(self.steps, 1),
                   "grad_norm": self.grad_norm_sum.item() / max(self.steps, 1), "SPS": samples_per_second}
@@ -2065,9 +2022,9 @@ def check_step_memory(setup: Setup, batch_size: int, num_params: int, activation
 
 
 class StepTimer:
-    """Seconds per training step, timed once: from after the first step (which compiles and warms up) to `timed_steps`
-    steps later, with a device sync at both ends. seconds_per_step(step) returns it at the step where the timing
-    ends, if steps remain after it, and None at every other step."""
+    """Seconds per training step, timed once with a device sync at both ends: from after the first
+    (compiling) step to timed_steps later. seconds_per_step(step) returns it at that end step if
+    steps remain, else None."""
 
     def __init__(self, first_step: int, total_steps: int, setup: Setup, timed_steps: int = 5):
         self.start_step, self.end_step = first_step + 1, first_step + 1 + timed_steps
@@ -2085,8 +2042,8 @@ class StepTimer:
 
 
 def run_time_notice(seconds_per_step: float, remaining_steps: int, setup: Setup) -> list[str]:
-    """How long the rest of the training takes (evaluations not counted); on a CPU, more than a day is a notice (the
-    defaults are the papers' GPU settings)."""
+    """How long the rest of the training takes (evaluations not counted); on a CPU, more than a day
+    is a notice (the defaults are the papers' GPU settings)."""
     seconds = seconds_per_step * remaining_steps
     days, rest = divmod(int(seconds), 86_400)
     if seconds < 3600:

@@ -725,7 +725,8 @@ def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
 
 
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
-    """Indices of the step-th global batch in an endless stream of per-epoch permutations (batches cross epochs)."""
+    """The step-th global batch of an endless stream of per-epoch permutations (batches cross
+    epochs)."""
     position, chunks = step * batch_size, []
     while batch_size > 0:
         epoch, offset = divmod(position, num_items)
@@ -797,10 +798,9 @@ def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list
 
 
 def make_beta_schedule(kind: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """betas (T,) in float64 for T = timesteps. "linear": Ho et al.'s linspace(beta_start, beta_end, T), both ends
-    scaled by 1000 / T as improved-diffusion's get_named_beta_schedule("linear") does, so that T = 1000 is the paper's
-    schedule and a shorter one still ends in noise (T = 100: sqrt(abar_T) = 0.0045, not 0.60), capped at 0.999
-    (T < 20 would reach beta >= 1). "cosine": Nichol & Dhariwal. Raises ValueError on another kind."""
+    """betas (T,) in float64. "linear": Ho et al.'s linspace(beta_start, beta_end, T), both ends
+    scaled by 1000 / T as improved-diffusion does (T = 1000: the paper's; a shorter schedule still
+    ends in noise), capped at 0.999. "cosine": Nichol & Dhariwal. ValueError on another kind."""
     if kind == "linear":  # beta_t = (1000 / T) linear from beta_1 to beta_T
         scale = 1000 / timesteps  # exactly 1.0 at T = 1000
         return torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64).clamp(max=0.999)
@@ -1146,14 +1146,11 @@ def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
 
 
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
-    """The S = num_steps timesteps (descending) that DDIM, and DDPM with fewer than T steps, evaluate; every sampler
-    then steps from the last one to the clean image (abar = 1). Raises ValueError unless 1 <= S <= T.
-    - "uniform": floor(i T / S), i = 0..S-1: diffusers' "leading" where S divides T (the DDIM paper's protocol), and
-      still reaching above T-1 - T/S where it does not (leading's stride T // S stops as low as S-1).
-    - "linspace": round(linspace(0, T-1, S)), half to even, as diffusers' "linspace" and DiT's respacing.
-    - "quadratic": int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice (repeats small timesteps
-      when S is large: a repeated timestep is an identity step).
-    - S = 1: [T-1], one jump from noise to the clean image (each formula gives [0], which would return the noise)."""
+    """The S = num_steps timesteps (descending) that DDIM, and DDPM with S < T, visit before their
+    last step to the clean image; ValueError unless 1 <= S <= T. S = 1: [T-1] (formulas give [0]).
+    - "uniform": floor(i T / S): diffusers' "leading" where S divides T (the DDIM paper's protocol)
+    - "linspace": round(linspace(0, T-1, S)), half to even: diffusers' "linspace", DiT's respacing
+    - "quadratic": int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice"""
     if spacing not in ("uniform", "linspace", "quadratic"):
         raise ValueError(f"unknown timestep spacing {spacing}")
     if not 1 <= num_steps <= T:
@@ -1161,10 +1158,10 @@ def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int
     if num_steps == 1:
         return [T - 1]
     if spacing == "uniform":
-        steps = [i * T // num_steps for i in range(num_steps)]  # integer floor(i T / S) = i (T // S) when S | T
+        steps = [i * T // num_steps for i in range(num_steps)]
     elif spacing == "linspace":
         steps = [int(s) for s in np.linspace(0, T - 1, num_steps).round()]
-    else:
+    else:  # a repeated small timestep (large S) is an identity step
         steps = [int(s) for s in np.linspace(0, math.sqrt(T * 0.8), num_steps) ** 2]
     return steps[::-1]
 
@@ -1173,34 +1170,30 @@ def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int
 def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: Optional[int] = None,
                 variance: str = "fixed_large", clip_denoised: bool = True,
                 generator: Optional[torch.Generator] = None, spacing: str = "uniform") -> torch.Tensor:
-    """Ancestral sampling (Ho et al. eq. 6-7); returns x_0 with x_T's shape and dtype. num_steps None: all T steps;
-    fewer: respaced to ddim_timesteps(T, S, spacing) with beta'_t = 1 - abar_t / abar_prev. Raises ValueError on an
-    unknown variance or spacing, or S outside 1..T."""
+    """Ancestral sampling (Ho et al. eq. 6-7) from x_T to x_0. num_steps None: all T steps; fewer:
+    ddim_timesteps(T, S, spacing) with beta'_t = 1 - abar_t / abar_prev. ValueError on a bad
+    argument."""
+    if variance not in ("fixed_large", "fixed_small"):
+        raise ValueError(f"unknown variance {variance}")
     T = len(alphas_cumprod)
     timesteps = ddim_timesteps(T, T if num_steps is None else num_steps, spacing)
     x = x_T
-    for i, t in enumerate(timesteps):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
         abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
         beta_t = 1 - abar_t / abar_prev
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
-        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)  # x0_hat = (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)
+        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)  # (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         # posterior mean mu~_t = sqrt(abar_prev) beta_t / (1-abar_t) x0 + sqrt(1-beta_t) (1-abar_prev) / (1-abar_t) x_t
         mean = (math.sqrt(abar_prev) * beta_t / (1 - abar_t)) * x0 \
             + (math.sqrt(1 - beta_t) * (1 - abar_prev) / (1 - abar_t)) * x
-        if t_prev >= 0:  # no noise on the last step (to the clean image), wherever it starts (one step: from T-1)
-            if variance == "fixed_large":  # sigma_t^2 = beta_t (the paper's choice for CIFAR-10)
-                var = beta_t
-            elif variance == "fixed_small":  # sigma_t^2 = beta~_t = (1-abar_prev)/(1-abar_t) beta_t
-                var = max((1 - abar_prev) / (1 - abar_t) * beta_t, 1e-20)
-            else:
-                raise ValueError(f"unknown variance {variance}")
+        if t_prev >= 0:  # no noise on the last step, to the clean image
+            # sigma_t^2: beta_t (fixed_large, the paper's) or beta~_t = (1-abar_prev)/(1-abar_t) beta_t
+            var = beta_t if variance == "fixed_large" else max((1 - abar_prev) / (1 - abar_t) * beta_t, 1e-20)
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = mean + math.sqrt(var) * noise
-        else:
-            x = mean
+            mean = mean + math.sqrt(var) * noise
+        x = mean
     return x
 
 
@@ -1208,13 +1201,12 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int,
                 eta: float = 0.0, spacing: str = "uniform", clip_denoised: bool = False,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """DDIM (Song et al. eq. 12): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z, at the timesteps
-    ddim_timesteps(T, num_steps, spacing), the last step going to abar = 1 (diffusers' set_alpha_to_one=True).
-    Returns x_0 with x_T's shape and dtype. Raises ValueError on an unknown spacing or num_steps outside 1..T."""
+    """DDIM (Song et al. eq. 12) from x_T to x_0 at ddim_timesteps(T, num_steps, spacing), the last
+    step to abar = 1 (diffusers' set_alpha_to_one): x_prev = sqrt(abar_prev) x0 +
+    sqrt(1-abar_prev-s^2) eps + s z."""
     timesteps = ddim_timesteps(len(alphas_cumprod), num_steps, spacing)
     x = x_T
-    for i, t in enumerate(timesteps):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
         abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
@@ -1232,10 +1224,10 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 @torch.no_grad()
 def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
                       num_steps: int, clip_denoised: bool = False) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep; returns x_0 with x_T's shape and dtype.
-    Timesteps round(linspace(0, T-1, S+1))[::-1][:-1] with a final sigma of 0, first-order first and last steps
-    (diffusers' defaults); S = T takes every timestep. clip_denoised clamps each data prediction to [-1, 1] (the
-    paper's thresholding). Raises ValueError unless 1 <= num_steps <= T."""
+    """DPM-Solver++(2M) (Lu et al. 2022, data prediction, multistep) from x_T to x_0, with
+    diffusers' defaults: timesteps round(linspace(0, T-1, S+1))[::-1][:-1] (S = T: all), a final
+    sigma of 0, first-order first and last steps. clip_denoised: the paper's thresholding of x0 to
+    [-1, 1]."""
     T = len(alphas_cumprod)
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
@@ -1258,7 +1250,7 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
         x0 = (x - s_s0 * eps) / alpha_s0  # m = (x - s_t eps) / alpha_t
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
-        if sigmas[i + 1] == 0.0:  # lambda = +inf: the step lands on the data prediction itself (first order)
+        if sigmas[i + 1] == 0.0:  # lambda = +inf: the step lands on the data prediction (first order)
             x = x0
         else:
             h = math.log(alpha_t / s_t) - math.log(alpha_s0 / s_s0)  # h = lambda_t - lambda_s0
@@ -1593,8 +1585,8 @@ JUDGE_VERSION = 1  # part of the cache file name: a changed network never loads 
 
 
 class JudgeNet(nn.Module):
-    """Classifier of uint8 images (N, 3, H, W) into num_classes + 1 classes, the last one "none" (noise, not a
-    shape); features() is the pooled (4 * width)-d layer the Frechet distance compares."""
+    """Classifies uint8 images (N, 3, H, W) into num_classes + 1 classes, the last "none" (noise);
+    features() is the pooled (4 * width)-d layer that the Frechet distance compares."""
 
     def __init__(self, num_classes: int, width: int = 8):
         super().__init__()
@@ -1613,9 +1605,9 @@ class JudgeNet(nn.Module):
 
 def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, steps: int = 200,
                 batch_size: int = 64, lr: float = 3e-3) -> JudgeNet:
-    """Adam on the cross-entropy of uint8 images (N, 3, H, W) with int labels (N,) in 0..num_classes-1, and of "none"
-    images: a quarter of each batch is noise, x = (1 - a) x_real + a n with n ~ N(0, 1) and a ~ U(0.4, 1) in [-1, 1]
-    units, labelled num_classes. A pure function of the seed (its own generator: the run's RNG is untouched)."""
+    """Adam on the cross-entropy of uint8 images (N, 3, H, W) and labels (N,), a quarter of each
+    batch turned to "none" (label num_classes): x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1). A
+    pure function of the seed, drawing nothing from the run's RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         judge = JudgeNet(num_classes)
@@ -1638,10 +1630,11 @@ def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
 
 def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
                         num_classes: int, seed: int) -> JudgeNet:
-    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and cached. A cache that
-    does not load is retrained, not an error; one that cannot be written is only not cached."""
+    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and
+    cached (atomically). A cache that does not load is retrained; one that cannot be written is
+    skipped."""
     path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
-    with torch.random.fork_rng(devices=[]):  # initialised weights that the cache overwrites: no draw from the run's RNG
+    with torch.random.fork_rng(devices=[]):  # weights the cache overwrites: no draw from the run's RNG
         judge = JudgeNet(num_classes)
     if path.is_file():
         try:
@@ -1649,10 +1642,9 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
             return judge.eval().requires_grad_(False)
         except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, the fix is to retrain it
             print(f"judge cache {path} does not load ({e.__class__.__name__}): training the judge again")
-    images, labels = make_data()
-    judge = train_judge(images, labels, num_classes, seed)
+    judge = train_judge(*make_data(), num_classes, seed)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:  # atomic, as the checkpoints: a killed run never leaves a half-written cache
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(judge.state_dict(), tmp)
         os.replace(tmp, path)
@@ -1663,9 +1655,9 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
 
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature sets (N, d)
-    (FID's formula), in float64. Tr((S_a S_b)^(1/2)) is the sum of the square roots of the eigenvalues of S_a S_b
-    (real and >= 0 up to rounding), as torchmetrics computes it."""
+    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two
+    feature sets (N, d), FID's formula in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as
+    torchmetrics."""
     a, b = feats_a.double(), feats_b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
@@ -1676,11 +1668,9 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 @torch.no_grad()
 def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np.ndarray], real_heldout: np.ndarray,
                  real_labels: Optional[np.ndarray] = None, threshold: float = 0.9) -> dict:
-    """Scores of N uint8 samples (N, 3, H, W) against at least 2N held-out real images (M, 3, H, W):
-    recognised: share of samples the judge takes for a shape (or sprite) at all, P(not "none") >= threshold;
-    class_accuracy: share whose most likely class (of the real ones) is the asked one (asked_labels (N,) given);
-    frechet: d^2 of the judge's features, samples vs real_heldout[:N]; frechet_real: real_heldout[:N] vs [N:2N];
-    recognised_real, class_accuracy_real: the same shares on real_heldout[:N] (the ceiling the data allow)."""
+    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share
+    with P(not "none") >= threshold), class_accuracy (share whose likeliest class is asked_labels'),
+    frechet (judge features, samples vs real[:N]); *_real: real[:N] (vs real[N:2N]), the ceiling."""
     n = len(samples)
     if len(real_heldout) < 2 * n:
         raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
@@ -1688,7 +1678,7 @@ def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np
         samples, real_heldout[:n], real_heldout[n: 2 * n]))
     feats_s, feats_a, feats_b = judge.features(samples_t), judge.features(real_a), judge.features(real_b)
     probs_s, probs_a = judge.head(feats_s).softmax(1), judge.head(feats_a).softmax(1)
-    scores = {"recognised": float((1 - probs_s[:, -1] >= threshold).float().mean()),  # the last class is "none"
+    scores = {"recognised": float((1 - probs_s[:, -1] >= threshold).float().mean()),  # the last class: "none"
               "recognised_real": float((1 - probs_a[:, -1] >= threshold).float().mean()),
               "frechet": frechet_distance(feats_s, feats_a), "frechet_real": frechet_distance(feats_b, feats_a)}
     if asked_labels is not None:
@@ -2259,8 +2249,9 @@ def evaluate_or_first_samples(sampler: EvalSampler, writer, step: int, run_dir: 
 
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
              **extra):
-    """The checkpoint (rank 0 writes it), with the data order's position and extra; never NaN weights over a good
-    checkpoint (TrainingFailure)."""
+    """Rank 0 writes the checkpoint, with the data order's position and extra; a non-finite loss
+    since the last check raises TrainingFailure instead (never NaN weights over a good
+    checkpoint)."""
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
     if setup.is_main:
@@ -2680,8 +2671,8 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
 
 
 def checkpoint_state(args: Args, step: int, *parts, **extra) -> dict:
-    """The header, then CHECKPOINT_KEYS in order: args, step, every global RNG, then each part's state (a state_dict,
-    a generator's state, or a plain value as it is), then extra (not read back)."""
+    """The header, then CHECKPOINT_KEYS in order: args, step, every global RNG, each part's state
+    (its state_dict, a generator's state, or a plain value as it is), then extra (not read back)."""
     states = [part.get_state() if isinstance(part, torch.Generator) else part.state_dict()
               if hasattr(part, "state_dict") else part for part in parts]
     return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
@@ -2689,8 +2680,8 @@ def checkpoint_state(args: Args, step: int, *parts, **extra) -> dict:
 
 
 def restore_state(checkpoint: dict, *parts) -> int:
-    """Puts back what checkpoint_state saved from the same parts (a plain value: the run read it already) and every
-    global RNG; returns the step. A state that does not fit is one line."""
+    """Puts back what checkpoint_state saved from the same parts (a plain value: the run read it)
+    and every global RNG; returns the step. A state that does not fit is one line."""
     try:
         for key, part in zip(CHECKPOINT_KEYS[3:], parts, strict=True):
             if isinstance(part, torch.Generator):
@@ -2822,7 +2813,7 @@ def autocast_context(setup: Setup, dtype: str):
 
 
 def leave_process_group(world_size: int):
-    """Every rank leaves at the same point, after a barrier (gloo can abort a rank that leaves while another still
+    """Every rank leaves after a barrier (gloo can abort a rank that leaves while another still
     saves); what follows is rank 0's alone."""
     if world_size > 1:
         dist.barrier()
@@ -3001,9 +2992,9 @@ def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> floa
 
 
 class Meter:
-    """Training-loop accounting without a host sync per step: device-side sums of the loss and the gradient norm,
-    samples per second and, given a peak, MFU = achieved FLOP/s / peak FLOP/s (a training step: 3x the forward FLOPs).
-    read() syncs once per log interval."""
+    """Training-loop accounting without a host sync per step: device-side sums of the loss and
+    gradient norm, samples/s and, given a peak, MFU = achieved / peak FLOP/s. read() syncs once per
+    interval."""
 
     def __init__(self, device: torch.device, train_flops_per_sample: float, peak: Optional[float],
                  world_size: int = 1):
@@ -3020,7 +3011,7 @@ class Meter:
         self.timed_samples += num_samples
 
     def restart_clock(self):
-        """Leaves what follows out of the throughput: the first (compiling) step, sampling, saving."""
+        """Leaves what follows out of the throughput: the compiling first step, sampling, saving."""
         self.timed_samples, self.clock = 0, time.perf_counter()
 
     def finite(self) -> bool:
@@ -3028,7 +3019,7 @@ class Meter:
         return math.isfinite(self.loss_sum.item()) and math.isfinite(self.grad_norm_sum.item())
 
     def read(self) -> dict:
-        """Means since the last read, global samples/s and, given a peak, MFU per process; resets."""
+        """Means since the last read, global samples/s and, given a peak, MFU per process."""
         samples_per_second = self.timed_samples * self.world_size / max(time.perf_counter() - self.clock, 1e-9)
         values = {"loss": self.loss_sum.item() / max(self.steps, 1),
                   "grad_norm": self.grad_norm_sum.item() / max(self.steps, 1), "SPS": samples_per_second}
@@ -3103,9 +3094,9 @@ def check_step_memory(setup: Setup, batch_size: int, num_params: int, activation
 
 
 class StepTimer:
-    """Seconds per training step, timed once: from after the first step (which compiles and warms up) to `timed_steps`
-    steps later, with a device sync at both ends. seconds_per_step(step) returns it at the step where the timing
-    ends, if steps remain after it, and None at every other step."""
+    """Seconds per training step, timed once with a device sync at both ends: from after the first
+    (compiling) step to timed_steps later. seconds_per_step(step) returns it at that end step if
+    steps remain, else None."""
 
     def __init__(self, first_step: int, total_steps: int, setup: Setup, timed_steps: int = 5):
         self.start_step, self.end_step = first_step + 1, first_step + 1 + timed_steps
@@ -3123,8 +3114,8 @@ class StepTimer:
 
 
 def run_time_notice(seconds_per_step: float, remaining_steps: int, setup: Setup) -> list[str]:
-    """How long the rest of the training takes (evaluations not counted); on a CPU, more than a day is a notice (the
-    defaults are the papers' GPU settings)."""
+    """How long the rest of the training takes (evaluations not counted); on a CPU, more than a day
+    is a notice (the defaults are the papers' GPU settings)."""
     seconds = seconds_per_step * remaining_steps
     days, rest = divmod(int(seconds), 86_400)
     if seconds < 3600:

@@ -180,7 +180,7 @@ def test_chmod_000_class_folder_or_image(script, what, image_folder, tmp_path):
 
 
 def test_image_and_episode_readers_are_the_same_code_in_every_script():
-    for name in ("read_cifar10_binary", "read_cifar10_python", "load_cifar10", "jpeg_is_complete", "png_is_complete",
+    for name in ("read_cifar10_batch", "read_cifar10", "load_cifar10", "jpeg_is_complete", "png_is_complete",
                  "read_image", "load_image_folder"):
         assert inspect.getsource(getattr(ddpm, name)) == inspect.getsource(getattr(dit, name)), name
     assert inspect.getsource(vd.read_episode) == inspect.getsource(dia.read_episode)
