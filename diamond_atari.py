@@ -76,9 +76,8 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic, no
-    benchmark, CUBLAS_WORKSPACE_CONFIG=:4096:8, not torch's strict deterministic algorithms (too
-    slow; benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
+    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic and
+    CUBLAS_WORKSPACE_CONFIG, not torch's strict algorithms (a CUDA resume is close, not bitwise)"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -90,10 +89,8 @@ class Args:
     output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu", "catch", "small", "medium", "large"]] = None
-    """tiny = a full run in seconds on a CPU; cpu = the whole loop at CPU scale, 20 short epochs on
-    32x32 frames (benchmark/diamond_learns.sh); catch = for --env-id Catch, cpu's sizes with update
-    counts meant to learn it on one CPU core (benchmark/diamond_catch.sh; not reliably yet);
-    small/medium/large = TorchWM's network sizes (medium: the paper's)"""
+    """tiny: a run in seconds on a CPU; cpu: the whole loop at CPU scale; catch: for --env-id Catch
+    on one CPU core; small/medium/large: TorchWM's network sizes (medium: the paper's)"""
     config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
@@ -102,42 +99,38 @@ class Args:
     """with --resume: only run --test-episodes test episodes with the checkpoint's agent"""
 # ==== BEGIN OPTIONAL: play ====
     play: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: play the world model live in a window (pygame: pip install pygame-ce, or the `play` extra):
-    arrows and space (fire) pick the game's actions, Enter restarts from a fresh real start, Tab switches to the real
-    game, R records (real game: episode .npz files --dataset-dir reads; world model: MP4), Esc quits"""
+    """with --resume: play the world model in a window (pip install pygame-ce): arrows and space
+    (fire) act, Enter restarts, Tab switches to the real game, R records, Esc quits"""
     play_keys: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """headless play (no window, no pygame; implies --play): one letter per step, N noop, F fire, U D L R, Q E Z C the
-    diagonals up-left up-right down-left down-right, lowercase u d l r q e z c the same with fire, / restart;
-    spaces are ignored. Writes the session's MP4 (and the real game's episode .npz files) to {run}/play/"""
+    """headless play (implies --play): a letter per step, N noop, F fire, U D L R, Q E Z C the
+    diagonals, lowercase with fire, / restart; MP4s (and real episodes' .npz) go to {run}/play/"""
     play_world: Annotated[Literal["imagined", "real", "both"], RESUME_MUTABLE] = "imagined"
-    """headless play: the world model (imagined), the real game, or both in turn with the same keys"""
+    """headless play: the world model (imagined), the real game, or both with the same keys"""
     play_size: Annotated[int, ">= 16", RESUME_MUTABLE] = 512
     """play: the frame's side in the window and in the play MP4s, in pixels"""
     play_fps: Annotated[float, "> 0", RESUME_MUTABLE] = 15.0
     """play: the window's steps per second at most (the game's own rate: 60 Hz / frame skip 4)"""
 # ==== END OPTIONAL: play ====
     episode_to_mp4: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """an episode .npz (a collected, recorded or --dataset-dir one) -> an MP4 beside it, with step, action and reward
-    written on each frame (--env-id names the game's actions); nothing else runs"""
+    """an episode .npz -> an MP4 beside it, each frame captioned with step, action and reward
+    (--env-id names the actions); nothing else runs"""
     world_model_only: bool = False
-    """train and evaluate only the world model (denoiser, reward/end model), on random-policy data or --dataset-dir"""
+    """train and evaluate only the world model, on random-policy data or --dataset-dir"""
     compile: Annotated[bool, RESUME_MUTABLE] = False
     """torch.compile the denoiser's U-Net"""
     imagination_graphs: Annotated[Literal["auto", "on", "off"], RESUME_MUTABLE] = "auto"
-    """the imagination step (the Euler denoiser calls, the reward/end model, the policy) as
-    compiled graphs, as DIAMOND's reference: CUDA graphs on CUDA (torch.compile
-    "reduce-overhead"), inductor on the CPU (compiling takes minutes there); auto: on for CUDA,
-    off for the CPU. Both sample the same processes, not the same numbers (ImaginationGraphs)"""
+    """the imagination step as compiled graphs (DIAMOND's reference): CUDA graphs on CUDA,
+    inductor on the CPU (minutes to compile); auto: on for CUDA only"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """float32 (with TF32 matmuls on CUDA, as DIAMOND's reference), or bfloat16/float16 autocast
-    on CUDA (float16 uses GradScalers); the CPU always computes in float32"""
+    """float32 (TF32 matmuls on CUDA, as DIAMOND), or bfloat16/float16 autocast on CUDA; the CPU
+    always computes in float32"""
 
     # Environment: Atari 100k as DIAMOND runs it
     env_id: Annotated[str, tyro.conf.arg(aliases=("--game",))] = "Breakout-v5"
-    """Atari game: Breakout-v5, ALE/Breakout-v5 or BreakoutNoFrameskip-v4 (same protocol); or
-    Catch: bsuite's 10x5 Catch (CatchEnv), which ignores the Atari flags below; alias --game"""
+    """Breakout-v5, ALE/Breakout-v5 or BreakoutNoFrameskip-v4 (same protocol), or Catch (bsuite's
+    10x5 Catch, which ignores the Atari flags below); alias --game"""
     sticky_actions: bool = False
-    """sticky actions (repeat_action_probability 0.25, the ALE v5 default); off in Atari 100k as DIAMOND runs it"""
+    """sticky actions (repeat_action_probability 0.25); off in Atari 100k as DIAMOND runs it"""
     noop_max: Annotated[int, ">= 0"] = 30
     """at most this many no-op frames after each reset (a random number from 1 to noop_max)"""
     frame_skip: Annotated[int, ">= 1"] = 4
@@ -149,8 +142,8 @@ class Args:
     epsilon: Annotated[float, "[0, 1]"] = 0.01
     """probability of a uniformly random action when collecting (test episodes use 0)"""
     dataset_dir: Optional[str] = None
-    """a static dataset: train on the episode .npz files in this folder (sampled in proportion to their lengths; the
-    last 10% held out) instead of collecting; the whole agent, or only the world model with --world-model-only"""
+    """train on the episode .npz files in this folder (the last 10% held out) instead of
+    collecting: the whole agent, or the world model alone with --world-model-only"""
 
     # Denoiser (the diffusion world model)
     diffusion_channels: Annotated[tuple[int, ...], ">= 1"] = (64, 64, 64, 64)
@@ -174,12 +167,12 @@ class Args:
     train_sigma_max: Annotated[float, "> 0"] = 20.0
     """training noise levels are clipped to [train_sigma_min, train_sigma_max]"""
     num_autoregressive_steps: Annotated[int, ">= 0"] = 1
-    """extra denoiser predictions per training segment, each conditioned on the previous one's 8-bit output (DIAMOND:
-    1, i.e. segments of num_conditioning_steps + 2 frames and two predictions; 0: one prediction)"""
+    """extra denoiser predictions per training segment, each on the previous one's 8-bit output
+    (DIAMOND: 1)"""
 
     # Sampler
     sampler: Annotated[Literal["euler", "heun"], RESUME_MUTABLE] = "euler"
-    """ODE solver over the Karras sigmas: euler (DIAMOND) or heun (order 2, about twice the network calls)"""
+    """ODE solver over the Karras sigmas: euler (DIAMOND) or heun (about twice the network calls)"""
     num_sampling_steps: Annotated[int, "[1, 1000]", RESUME_MUTABLE] = 3
     """denoising steps per generated frame"""
     sigma_min: Annotated[float, "> 0"] = 2e-3
@@ -189,7 +182,7 @@ class Args:
     rho: Annotated[float, "> 0"] = 7.0
     """rho of the Karras schedule"""
     edm_initial_noise: bool = False
-    """start sampling from sigma_max * noise (EDM) instead of unit-variance noise (DIAMOND's reference code)"""
+    """start sampling from sigma_max * noise (EDM), not unit noise (DIAMOND's code)"""
 
     # Reward / termination model
     reward_channels: Annotated[int, ">= 1"] = 32
@@ -199,8 +192,7 @@ class Args:
     reward_lstm_dim: Annotated[int, ">= 1"] = 512
     """LSTM size of the reward/end model"""
     reward_segment_length: Annotated[int, ">= 2"] = 19
-    """frames per reward/end training segment, so one transition fewer (DIAMOND: imagination
-    horizon 15 + 4 conditioning steps)"""
+    """frames per reward/end training segment (DIAMOND: horizon 15 + 4 conditioning steps)"""
 
     # Actor-critic
     actor_channels: Annotated[tuple[int, ...], ">= 1"] = (32, 32, 64, 64)
@@ -222,21 +214,19 @@ class Args:
 
     # Training loop
     num_epochs: Annotated[Optional[int], EPOCHS, ">= 1", RESUME_MUTABLE] = None
-    """the run length in epochs (each: collect, then train denoiser, reward/end model, actor-critic). Default: the
-    Atari 100k schedule's length, the epochs that spend --env-step-budget plus --final-epochs-without-collection
-    (1000 when the first collection is 5000 env steps; with --dataset-dir: --final-epochs-without-collection). A
-    given value only sets the run length: collection follows the schedule and never goes beyond the budget"""
+    """the run length in epochs (default: the Atari 100k schedule's, 1000 for a first collection
+    of 5000; --dataset-dir: --final-epochs-without-collection); never collects beyond the budget"""
     initial_collection_steps: Annotated[int, ">= 1"] = 5000
     """the first collection N (before epoch 1's own share): at least this many env steps"""
     max_initial_collection_steps: Annotated[int, ">= 1"] = 10_000
-    """the first collection grows 100 env steps at a time until --min-rare-rewards is met, up to this many"""
+    """the first collection grows 100 env steps at a time until --min-rare-rewards, up to this"""
     min_rare_rewards: Annotated[int, ">= 0"] = 10
-    """the first collection goes on until the two rarer reward signs (of -1, 0, +1) together occur this often"""
+    """the first collection goes on until the two rarer reward signs occur this often together"""
     collection_steps_per_epoch: Annotated[int, ">= 1"] = 100
     """env steps collected in each epoch after the first collection (epoch 1 included)"""
     env_step_budget: Annotated[int, ">= 1"] = 100_000
-    """env steps collected in the whole run (Atari 100k): the first collection N, then collection_steps_per_epoch in
-    each of (budget - N) / collection_steps_per_epoch epochs, epoch 1 included"""
+    """env steps collected in the whole run (Atari 100k): the first collection N, then
+    collection_steps_per_epoch in each of (budget - N) / collection_steps_per_epoch epochs"""
     final_epochs_without_collection: Annotated[int, ">= 0"] = 50
     """epochs that only train, after the budget is spent (with --dataset-dir: the run length)"""
     denoiser_steps_per_epoch: Annotated[int, ">= 1"] = 400
@@ -252,13 +242,12 @@ class Args:
     first_epoch_actor_critic_steps: Annotated[int, ">= 1"] = 5000
     """actor-critic gradient steps in epoch 1"""
     actor_critic_start_after_epochs: Annotated[int, EPOCHS, ">= 0"] = 0
-    """the actor-critic trains from epoch N + 1 on (DIAMOND's start_after_epochs), with actor_critic_steps_per_epoch
-    updates; until then the collector's policy is the untrained, uniform one"""
+    """the actor-critic trains from epoch N + 1 on (DIAMOND's start_after_epochs); until then
+    the collector's policy is the uniform one"""
     batch_size: Annotated[int, ">= 1"] = 32
     """segments per denoiser and reward/end model batch"""
     recency_weights: Annotated[tuple[float, ...], "> 0"] = (0.1, 0.1, 0.1, 0.7)
-    """replay sampling weight of each chronological slice of the episodes (oldest first; with
-    fewer episodes than slices, episodes are weighted by their length)"""
+    """replay sampling weight of each chronological slice of the episodes, oldest first"""
     learning_rate: Annotated[float, "> 0"] = 1e-4
     """AdamW learning rate (all three components, unless --actor-critic-learning-rate is given)"""
     actor_critic_learning_rate: Annotated[Optional[float], "> 0"] = None
@@ -278,12 +267,11 @@ class Args:
     save_every: Annotated[int, EPOCHS, ">= 1", RESUME_MUTABLE] = 1
     """write checkpoints/latest.pt every N epochs"""
     save_agent_every: Annotated[int, EPOCHS, ">= 1"] = 5
-    """every N epochs: checkpoints/agent_epoch_NNNNN.pt, the actor-critic's weights alone (a learning curve of agents
-    to evaluate; torch.load(path, weights_only=True) gives the state dict)"""
+    """every N epochs: checkpoints/agent_epoch_NNNNN.pt, the actor-critic's state dict alone"""
     num_agents_to_keep: Annotated[int, ">= 1"] = 11
     """the newest N agent_epoch_*.pt files are kept"""
     eval_every: Annotated[int, EPOCHS, ">= 1", RESUME_MUTABLE] = 10
-    """every N epochs: test episodes, the world model's test-set losses and an imagined rollout beside the real one"""
+    """every N epochs: test episodes, test-set losses and an imagined rollout beside the real one"""
     eval_episodes: Annotated[int, ">= 1", RESUME_MUTABLE] = 4
     """test episodes at each evaluation"""
     test_episodes: Annotated[int, ">= 1", RESUME_MUTABLE] = 100
@@ -304,9 +292,8 @@ PRESETS = {
         first_epoch_actor_critic_steps=5, batch_size=8, learning_rate=1e-3, warmup_steps=5, max_episode_steps=200,
         log_every=10, eval_every=1, eval_episodes=1, test_episodes=2, num_heldout_transitions=32, save_agent_every=1,
     ),
-    # DIAMOND's whole loop at CPU scale (why: benchmark/diamond_learns.sh, RESULTS 3d): 32x32 frames
-    # a 16-channel 3-level U-Net, one Euler step, no autoregressive step, an 8-channel reward/end
-    # model, 16 imagined envs for 8 steps, 20 short epochs, 4000 env steps, 500-step episodes.
+    # DIAMOND's whole loop at CPU scale (why: benchmark/diamond_learns.sh): 32x32 frames, small
+    # networks, one Euler step, 20 short epochs, 4000 env steps, 500-step episodes.
     "cpu": dict(
         obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
         num_autoregressive_steps=0, num_sampling_steps=1,
@@ -319,9 +306,8 @@ PRESETS = {
         batch_size=16, learning_rate=1e-3, warmup_steps=20, max_episode_steps=500, log_every=20, eval_every=4,
         eval_episodes=4, test_episodes=100, num_heldout_transitions=64, save_agent_every=4,
     ),
-    # DIAMOND's whole loop on bsuite's Catch on a CPU (--env-id Catch; why each value:
-    # benchmark/diamond_catch.sh; RESULTS 3e): cpu's networks and learning rate, a first epoch that
-    # trains the world model before the actor-critic starts, 200 env steps per epoch up to 5000.
+    # DIAMOND's whole loop on Catch on a CPU (why each value: benchmark/diamond_catch.sh): cpu's
+    # networks, the world model trained first, 200 env steps per epoch up to 5000.
     "catch": dict(
         obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
         num_autoregressive_steps=0, num_sampling_steps=1,
@@ -404,8 +390,7 @@ ATARI_SCORES = {
 
 
 def import_gym():
-    """gymnasium with ale-py's games registered, and ALE's banner ('A.L.E: Arcade Learning Environment ...', printed
-    on stderr by every new emulator) silenced: an error must be the only line on stderr. ALE's errors still print."""
+    """gymnasium with ale-py's games registered and ALE's banner silenced (its errors still print)."""
     import ale_py
     import gymnasium as gym
 
@@ -422,11 +407,8 @@ def atari_games() -> list[str]:
 
 
 def canonical_env_id(env_id: str) -> tuple[str, str]:
-    """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 (or Breakout) -> ("Breakout",
-    "Breakout-v5"); Catch (or catch) -> ("Catch", "Catch"): bsuite's Catch, not an ALE game.
-
-    The spelling only names the game: the protocol (no sticky actions, our own frame skip) is the
-    same for all three, and so is the id in the run name (which has no slash)."""
+    """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 or Breakout -> ("Breakout", "Breakout-v5")
+    (one protocol for all spellings); Catch -> ("Catch", "Catch")."""
     if env_id.strip().lower() == "catch":  # before atari_games(): a Catch run needs no emulator
         return "Catch", "Catch"
     match = re.fullmatch(r"(?:ALE/)?([A-Za-z0-9]+?)(?:NoFrameskip-v4|-v5|-v4)?", env_id.strip())
@@ -434,34 +416,33 @@ def canonical_env_id(env_id: str) -> tuple[str, str]:
     if match and match.group(1) in games:
         return match.group(1), f"{match.group(1)}-v5"
     spellings = [f"{g}-v5" for g in games]
-    close = difflib.get_close_matches(env_id.replace("ALE/", "").replace("NoFrameskip-v4", "-v5"), spellings, n=3,
-                                      cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}?" if close else f"games are named like {', '.join(spellings[:3])}, ..."
+    close = difflib.get_close_matches(env_id.replace("ALE/", "").replace("NoFrameskip-v4", "-v5"),
+                                      spellings, n=3, cutoff=0.5)
+    hint = (f"did you mean {', '.join(close)}?" if close
+            else f"games are named like {', '.join(spellings[:3])}, ...")
     raise UserError(f"unknown Atari env id {env_id!r}: {hint} (Breakout-v5, ALE/Breakout-v5 and "
                     f"BreakoutNoFrameskip-v4 are accepted for every ALE game; Catch is bsuite's Catch)")
 
 
 class AtariEnv:
-    """One ALE game with DIAMOND's Atari 100k protocol, on gymnasium 1.x / ale-py.
-
-    The emulator is made with frameskip=1 and no sticky actions (ALE v5 defaults to frameskip 4 and sticky actions
-    0.25), and this class does the rest itself: up to noop_max no-ops after a reset, each action repeated frame_skip
-    frames with the reward summed and the observation the max over the last two frames (Atari sprites flicker),
-    RGB resized to obs_size x obs_size with INTER_AREA. With end_on_life_loss (training), losing a life ends the
-    episode (terminated) but not the game: the next episode continues from the same screen. Its whole state
-    (emulator with its RNG, lives, counters, current observation) goes into checkpoints for an exact resume."""
+    """One ALE game with DIAMOND's Atari 100k protocol: frameskip 1 and no sticky actions in the
+    emulator; here up to noop_max no-ops after a reset, each action repeated frame_skip frames
+    (rewards summed, the max over the last two frames: sprites flicker), RGB resized to obs_size
+    with INTER_AREA. With end_on_life_loss (training) a lost life ends the episode, not the game."""
     ignored_flags = ()  # the Args fields this environment ignores (CatchEnv's: the Atari protocol's)
 
     def __init__(self, game: str, obs_size: int = 64, frame_skip: int = 4, noop_max: int = 30,
-                 sticky_actions: bool = False, max_episode_steps: int = 27_000, end_on_life_loss: bool = True,
-                 generator: Optional[torch.Generator] = None, seed: int = 0):
+                 sticky_actions: bool = False, max_episode_steps: int = 27_000,
+                 end_on_life_loss: bool = True, generator: Optional[torch.Generator] = None,
+                 seed: int = 0):
         gym = import_gym()
-        # max_num_frames_per_episode=0: the time limit is counted here, in agent steps, so that it is part of our state
-        self.env = gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=0.25 if sticky_actions else 0.0,
-                            full_action_space=False, max_num_frames_per_episode=0).unwrapped
+        # max_num_frames_per_episode=0: the time limit is counted here, in agent steps (our state)
+        self.env = gym.make(f"ALE/{game}-v5", frameskip=1, full_action_space=False,
+                            repeat_action_probability=0.25 if sticky_actions else 0.0,
+                            max_num_frames_per_episode=0).unwrapped
         self.ale, self.game = self.env.ale, game
         self.num_actions = int(self.env.action_space.n)  # the minimal action set
-        self.action_meanings = list(self.env.get_action_meanings())  # in action-index order: NOOP, FIRE, RIGHT, LEFT
+        self.action_meanings = list(self.env.get_action_meanings())  # NOOP, FIRE, RIGHT, LEFT ...
         self.obs_size, self.frame_skip, self.noop_max = obs_size, frame_skip, noop_max
         self.max_episode_steps, self.end_on_life_loss = max_episode_steps, end_on_life_loss
         self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
@@ -470,8 +451,11 @@ class AtariEnv:
         self.obs = np.zeros((obs_size, obs_size, 3), dtype=np.uint8)
 
     def normalized_score(self, score: float) -> Optional[float]:
-        """The human-normalised score of a game's return (None for a game without reference scores)."""
-        return human_normalized_score(self.game, score)
+        """HNS = (score - random) / (human - random); None for a game without reference scores."""
+        if self.game not in ATARI_SCORES:
+            return None
+        random_score, human_score = ATARI_SCORES[self.game]
+        return (score - random_score) / (human_score - random_score)
 
     def preprocess(self, frame: np.ndarray) -> np.ndarray:
         import cv2
@@ -479,11 +463,13 @@ class AtariEnv:
         return cv2.resize(frame, (self.obs_size, self.obs_size), interpolation=cv2.INTER_AREA)
 
     def reset(self) -> np.ndarray:
-        """Starts an episode: a new game (with random no-ops) after a game over, else the next life of this game."""
+        """A new game (with random no-ops) after a game over, else the next life of this game."""
         if self.game_over:
             self.env.reset()
             frame = self.ale.getScreenRGB()
-            num_noops = int(torch.randint(1, self.noop_max + 1, (1,), generator=self.generator)) if self.noop_max else 0
+            num_noops = 0
+            if self.noop_max:
+                num_noops = int(torch.randint(1, self.noop_max + 1, (1,), generator=self.generator))
             for _ in range(num_noops):
                 frame, _, terminated, truncated, _ = self.env.step(0)
                 if terminated or truncated:
@@ -515,11 +501,11 @@ class AtariEnv:
         return self.obs, reward, terminated, time_out and not terminated
 
     def state_dict(self) -> dict:
-        # cloneState(include_rng=True): the emulator and its RNG (sticky actions), serialised to bytes -> uint8 tensor
+        # the emulator and its RNG (sticky actions), serialised to bytes -> a uint8 tensor
         ale_state = self.ale.cloneState(include_rng=True).serialize()
-        return {"ale": torch.frombuffer(bytearray(ale_state), dtype=torch.uint8).clone(), "game_over": self.game_over,
-                "lives": self.lives, "game_steps": self.game_steps, "game_return": self.game_return,
-                "obs": torch.from_numpy(self.obs.copy())}
+        return {"ale": torch.frombuffer(bytearray(ale_state), dtype=torch.uint8).clone(),
+                "game_over": self.game_over, "lives": self.lives, "game_steps": self.game_steps,
+                "game_return": self.game_return, "obs": torch.from_numpy(self.obs.copy())}
 
     def load_state_dict(self, state: dict):
         import ale_py
@@ -531,30 +517,20 @@ class AtariEnv:
 
 
 class CatchEnv:
-    """bsuite's Catch (Osband et al. 2020; deepmind/bsuite, bsuite/environments/catch.py) as RGB frames, with
-    AtariEnv's interface.
-
-    A 10 rows x 5 columns grid: the ball starts in a random column of the top row and falls one row per step; the
-    paddle, on the bottom row, starts in the middle column and moves first, by bsuite's (-1, 0, +1) for the actions
-    LEFT, NOOP, RIGHT (0, 1, 2), clipped to the grid. When the ball reaches the bottom row (the 9th step) the episode,
-    which is the whole game, ends: reward +1 if the paddle is under the ball, else -1; 0 on every other step. The
-    ball's column is uniform, so a policy that does not look at it (a random one) catches 1 ball in 5.
-
-    Frames are uint8 (obs_size, obs_size, 3): each cell a square of obs_size // 10 pixels, the grid centred on a black
-    frame, empty cells dark grey, the paddle blue, the ball yellow (over the paddle when caught). The ball's columns
-    come from a numpy Generator seeded by `seed`; the whole state (ball, paddle, counters, the Generator's state as
-    plain numbers) goes into checkpoints for an exact resume."""
+    """bsuite's Catch (Osband et al. 2020) as RGB frames, with AtariEnv's interface. A 10 x 5 grid:
+    the ball starts in a random column of the top row and falls a row per step; the paddle on the
+    bottom row moves first, by (-1, 0, +1) for LEFT, NOOP, RIGHT. At the bottom (the 9th step) the
+    game ends: +1 if the paddle is under the ball, else -1 (a random policy catches 1 in 5)."""
     rows, columns = 10, 5
     moves = (-1, 0, 1)  # bsuite's _ACTIONS: left, no-op, right
     colours = {"cell": (40, 40, 40), "paddle": (40, 120, 255), "ball": (255, 220, 40)}
-    # Atari's protocol does not apply: no frames to skip, no no-op starts, no sticky actions, no
-    # lives, and the episode ends after 9 steps by the rules
+    # no frames to skip, no no-op starts, no sticky actions, no lives, and 9 steps by the rules
     ignored_flags = ("frame_skip", "noop_max", "sticky_actions", "max_episode_steps")
 
     def __init__(self, obs_size: int = 64, seed: int = 0):
         if obs_size < self.rows:
-            raise UserError(f"--obs-size {obs_size} is too small for Catch: give at least {self.rows} (a pixel per "
-                            f"cell of its {self.rows} rows)")
+            raise UserError(f"--obs-size {obs_size} is too small for Catch: give at least {self.rows} "
+                            f"(a pixel per cell of its {self.rows} rows)")
         self.game, self.obs_size, self.cell = "Catch", obs_size, obs_size // self.rows
         self.num_actions, self.action_meanings = 3, ["LEFT", "NOOP", "RIGHT"]
         self.rng = np.random.default_rng(seed)
@@ -563,26 +539,25 @@ class CatchEnv:
         self.obs = self.render()
 
     def normalized_score(self, score: float) -> Optional[float]:
-        """None: Catch has no random/human reference scores (its raw score: a game's return is +1 or -1)."""
-        return None
+        return None  # no random/human reference scores: a game returns +1 or -1
 
     def cell_pixels(self, row: int, col: int) -> tuple[slice, slice]:
-        """The frame's (rows, columns) of a grid cell, in pixels: the grid is centred in the square frame."""
+        """The frame's (rows, columns) of a grid cell, in pixels: the grid is centred in the frame."""
         top = (self.obs_size - self.rows * self.cell) // 2 + row * self.cell
         left = (self.obs_size - self.columns * self.cell) // 2 + col * self.cell
         return slice(top, top + self.cell), slice(left, left + self.cell)
 
     def render(self) -> np.ndarray:
-        """The frame of the current state: uint8 (obs_size, obs_size, 3)."""
+        """uint8 (obs_size, obs_size, 3): grey cells, the paddle blue, the ball yellow, black around."""
         frame = np.zeros((self.obs_size, self.obs_size, 3), dtype=np.uint8)
-        top, left = (pixels.start for pixels in self.cell_pixels(0, 0))  # the grid: rows x columns adjacent cells
+        top, left = (pixels.start for pixels in self.cell_pixels(0, 0))
         frame[top: top + self.rows * self.cell, left: left + self.columns * self.cell] = self.colours["cell"]
         frame[self.cell_pixels(self.rows - 1, self.paddle_col)] = self.colours["paddle"]
         frame[self.cell_pixels(self.ball_row, self.ball_col)] = self.colours["ball"]
         return frame
 
     def reset(self) -> np.ndarray:
-        """Starts a game after a game over (a new ball column; the paddle in the middle), else returns the frame."""
+        """After a game over a new game (a new ball column, the paddle in the middle), else the frame."""
         if self.game_over:
             self.ball_row, self.ball_col = 0, int(self.rng.integers(self.columns))
             self.paddle_col = self.columns // 2
@@ -605,28 +580,26 @@ class CatchEnv:
     def state_dict(self) -> dict:
         # the Generator's state: PCG64's 128-bit integers as plain Python ints (weights_only loads them)
         return {"ball_row": self.ball_row, "ball_col": self.ball_col, "paddle_col": self.paddle_col,
-                "game_over": self.game_over, "game_steps": self.game_steps, "game_return": self.game_return,
-                "rng": self.rng.bit_generator.state}
+                "game_over": self.game_over, "game_steps": self.game_steps,
+                "game_return": self.game_return, "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict):
-        self.ball_row, self.ball_col, self.paddle_col = state["ball_row"], state["ball_col"], state["paddle_col"]
-        self.game_over, self.game_steps = state["game_over"], state["game_steps"]
-        self.game_return, self.rng.bit_generator.state = state["game_return"], state["rng"]
+        self.ball_row, self.ball_col = state["ball_row"], state["ball_col"]
+        self.paddle_col, self.game_over = state["paddle_col"], state["game_over"]
+        self.game_steps, self.game_return = state["game_steps"], state["game_return"]
+        self.rng.bit_generator.state = state["rng"]
         self.obs = self.render()  # the frame is a function of the state
 
 
 def make_env(args: Args, seed: int, generator: Optional[torch.Generator] = None,
              training: bool = True) -> Union[AtariEnv, CatchEnv]:
-    """The real environment --env-id names, seeded by `seed`: an AtariEnv (DIAMOND's Atari 100k protocol; `generator`
-    draws its no-ops; in training a life lost ends the episode) or a CatchEnv. Either gives frames uint8
-    (obs_size, obs_size, 3) from reset() and step(action) -> (obs, reward, terminated, truncated), and carries what
-    the loop reads: num_actions, action_meanings, normalized_score(score), game_over, game_return and game_steps of the
-    game in progress, ignored_flags, state_dict() and load_state_dict() for checkpoints."""
+    """The real environment of --env-id, seeded by `seed` (`generator` draws Atari's no-ops; in
+    training a lost life ends the episode): uint8 (obs_size, obs_size, 3) frames."""
     game, _ = canonical_env_id(args.env_id)
     if game == "Catch":
         return CatchEnv(args.obs_size, seed)
-    return AtariEnv(game, args.obs_size, args.frame_skip, args.noop_max, args.sticky_actions, args.max_episode_steps,
-                    end_on_life_loss=training, generator=generator, seed=seed)
+    return AtariEnv(game, args.obs_size, args.frame_skip, args.noop_max, args.sticky_actions,
+                    args.max_episode_steps, end_on_life_loss=training, generator=generator, seed=seed)
 
 
 EPISODE_KEYS = {"obs": np.uint8, "actions": np.int64, "rewards": np.float32, "terminated": np.bool_,
@@ -634,11 +607,8 @@ EPISODE_KEYS = {"obs": np.uint8, "actions": np.int64, "rewards": np.float32, "te
 
 
 def save_episode(path: Path, episode: dict, run_dir: Optional[Path] = None):
-    """One .npz per episode (docs/PROMISES.md section 3), written atomically: obs uint8 (T+1, H, W, 3), actions
-    int64 (T,), rewards float32 (T,), terminated and truncated bool (T,). A failed write (full disk, read-only
-    folder) is one line naming the file (TrainingFailure), and no temporary file is left, whatever stopped it; for a
-    run's episode (run_dir), the line says how to go on: --resume once the run has a checkpoint, else start again
-    (a resume collects the episodes after its checkpoint again)."""
+    """One .npz per episode (docs/PROMISES.md section 3), written atomically; a failed write is one
+    line naming the file (and, for a run's episode, how to go on), leaving no temporary file."""
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -654,8 +624,8 @@ def save_episode(path: Path, episode: dict, run_dir: Optional[Path] = None):
             raise
         then = "" if run_dir is None else ", then " + (
             f"--resume {run_dir}" if (run_dir / "checkpoints" / "latest.pt").exists() else "start the run again")
-        raise TrainingFailure(f"cannot write the episode {path} ({e.strerror or e}): free disk space or make the "
-                              f"folder writable{then}") from None
+        raise TrainingFailure(f"cannot write the episode {path} ({e.strerror or e}): free disk space or make "
+                              f"the folder writable{then}") from None
 
 
 def read_episode(path: Path, num_actions: int, fix: str) -> dict:
@@ -708,12 +678,10 @@ def load_episode(path: Path, obs_size: int, num_actions: int, fix: str = "fix th
 
 
 class ReplayBuffer:
-    """Finished episodes (in memory, and one .npz file each in the run folder) plus the episode being collected.
-
-    Sampling as DIAMOND's reference does it: an episode with the recency weights over chronological slices of the
-    episodes (DIAMOND: [0.1, 0.1, 0.1, 0.7] over quarters; fewer episodes than slices, or no weights: in proportion to
-    their length), a time step t uniformly inside it, then a segment around t. Frames outside the episode are padding:
-    mid-grey (0.0 in [-1, 1]), action 0, and masked out of every loss."""
+    """Finished episodes (in memory, and a .npz each in the run folder) plus the episode being
+    collected (`partial`), sampled as DIAMOND's reference does: an episode by the recency weights,
+    a time step t uniformly inside it, then a segment around t. Frames outside the episode are
+    padding: mid-grey (0.0 in [-1, 1]), action 0, masked out of every loss."""
 
     def __init__(self, folder: Optional[Path], recency_weights: Optional[tuple[float, ...]],
                  num_conditioning_steps: int):
@@ -745,9 +713,8 @@ class ReplayBuffer:
         return sum(len(self.episode(i)["actions"]) for i in self.sampleable())
 
     def episode_weights(self, ids: list[int]) -> torch.Tensor:
-        """Sampling probability of each episode in ids (oldest first). With k recency weights and n >= k episodes, the
-        weight w_s is shared by the n // k episodes of slice s, and the newest slice also takes the n % k leftovers;
-        with n < k (or no weights): p_i = T_i / sum_j T_j."""
+        """P(episode) for ids, oldest first: with k recency weights and n >= k episodes, w_s shared by
+        the n // k episodes of slice s (the newest also takes the n % k leftovers); else T_i / sum T."""
         n, weights = len(ids), self.recency_weights
         lengths = torch.tensor([len(self.episode(i)["actions"]) for i in ids], dtype=torch.float64)
         if weights is None or n < len(weights):
@@ -759,10 +726,8 @@ class ReplayBuffer:
 
     def sample_segments(self, batch_size: int, num_obs: int, generator: torch.Generator,
                         ids: Optional[list[int]] = None, beyond_end: bool = False) -> list[tuple[int, int]]:
-        """(episode id, start) of batch_size segments of num_obs frames. t ~ U{0..T-1} in the chosen episode; then
-        beyond_end=False (denoiser, imagination starts): stop = min(T, t + 1 + U{0..L-1}), start = stop - L, so the
-        segment ends at or before frame T-1 and may start before the episode; beyond_end=True (reward/end model):
-        start = t - U{0..L-1}, padded on both sides."""
+        """(episode id, start) of segments of L = num_obs frames around t ~ U{0..T-1}: stop = min(T, t +
+        1 + U{0..L-1}), start = stop - L; beyond_end (reward/end model): start = t - U{0..L-1}."""
         ids = self.sampleable() if ids is None else ids
         chosen = torch.multinomial(self.episode_weights(ids), batch_size, replacement=True, generator=generator)
         lengths = torch.tensor([len(self.episode(ids[k])["actions"]) for k in chosen.tolist()])
@@ -772,10 +737,8 @@ class ReplayBuffer:
         return [(ids[k], s) for k, s in zip(chosen.tolist(), starts.tolist())]
 
     def segments(self, refs: list[tuple[int, int]], num_obs: int) -> dict:
-        """Batches segments of num_obs frames starting at the given (episode, start): obs uint8
-        (B, L, 3, H, W) with obs_mask (B, L) (True where the frame belongs to the episode: frames
-        0..T); actions/rewards/ends (B, L-1) and mask (B, L-1) (True where the transition is
-        real). Padding holds 0 in obs (segment_obs turns it into 0.0) and in actions and rewards."""
+        """Segments of L frames at (episode, start): obs uint8 (B, L, 3, H, W), obs_mask (B, L) (True
+        for frames 0..T), actions/rewards/ends and mask (B, L-1) (True for real transitions)."""
         out = {key: [] for key in ("obs", "obs_mask", "actions", "rewards", "ends", "mask")}
         for index, start in refs:
             ep = self.episode(index)
@@ -804,21 +767,20 @@ def to_uint8(obs: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
-    """The denoiser's output as an 8-bit frame, back in [-1, 1], as DIAMOND's reference quantises
-    it: clamp, then floor((x + 1) / 2 * 255) (a cast to uint8), then q / 255 * 2 - 1."""
+    """The denoiser's output as an 8-bit frame in [-1, 1], as DIAMOND's reference: floor((x + 1) / 2 * 255)."""
     return ((x.float().clamp(-1, 1) + 1) / 2 * 255).floor() / 127.5 - 1.0
 
 
 def segment_obs(batch: dict, device: torch.device) -> torch.Tensor:
-    """The segments' frames on the device, in [-1, 1], with padding frames mid-grey (0.0) as DIAMOND pads them."""
+    """The segments' frames on the device in [-1, 1], padding frames mid-grey (0.0) as DIAMOND's."""
     obs = to_float(batch["obs"].to(device, non_blocking=True))
     return torch.where(batch["obs_mask"].to(device)[:, :, None, None, None], obs, 0.0)
 
 
 def sample_denoiser_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
                           ids: Optional[list[int]] = None) -> dict:
-    """A denoiser batch: segments of c + 1 + num_autoregressive_steps frames (DIAMOND: 4 + 1 + 1 = 6) as
-    denoiser_loss takes them: obs float (B, L, 3, H, W), actions (B, L - 1), obs_mask (B, L)."""
+    """Segments of c + 1 + num_autoregressive_steps frames (DIAMOND: 6): obs float (B, L, 3, H, W),
+    actions (B, L - 1), obs_mask (B, L)."""
     num_obs = args.num_conditioning_steps + 1 + args.num_autoregressive_steps
     batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids), num_obs)
     return {"obs": segment_obs(batch, device), "actions": batch["actions"].to(device),
@@ -827,10 +789,11 @@ def sample_denoiser_batch(buffer: ReplayBuffer, args: Args, generator: torch.Gen
 
 def sample_reward_end_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
                             ids: Optional[list[int]] = None) -> dict:
-    """A reward/end batch: segments of reward_segment_length frames (DIAMOND: 19, i.e. 18 transitions) starting at
-    t - U{0..18}, padded on both sides: obs float (B, L, 3, H, W), actions/rewards/ends/mask (B, L - 1)."""
+    """Segments of reward_segment_length frames (DIAMOND: 19) from t - U{0..18}, padded on both
+    sides: obs float (B, L, 3, H, W), actions/rewards/ends/mask (B, L - 1)."""
     num_obs = args.reward_segment_length
-    batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids, beyond_end=True), num_obs)
+    refs = buffer.sample_segments(args.batch_size, num_obs, generator, ids, beyond_end=True)
+    batch = buffer.segments(refs, num_obs)
     return {"obs": segment_obs(batch, device),
             **{key: batch[key].to(device) for key in ("actions", "rewards", "ends", "mask")}}
 
@@ -840,23 +803,14 @@ def sample_reward_end_batch(buffer: ReplayBuffer, args: Args, generator: torch.G
 
 
 def edm_preconditioning(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_offset_noise: float = 0.3):
-    """(c_in, c_skip, c_out, c_noise) for D(x; sigma) = c_skip x + c_out F(c_in x, c_noise).
-
-    The noisy input also carries offset noise of scale sigma_offset_noise, so (like DIAMOND's reference code) the
-    coefficients use the effective level sigma_eff = sqrt(sigma^2 + sigma_offset^2)."""
+    """(c_in, c_skip, c_out, c_noise) of D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM), at
+    DIAMOND's effective level sigma_eff = sqrt(sigma^2 + sigma_offset^2) (the input has offset noise)."""
     sigma_eff = (sigma ** 2 + sigma_offset_noise ** 2).sqrt()
     c_in = 1 / (sigma_eff ** 2 + sigma_data ** 2).sqrt()  # unit-variance network input
     c_skip = sigma_data ** 2 / (sigma_eff ** 2 + sigma_data ** 2)
     c_out = sigma_eff * c_skip.sqrt()  # = sigma_eff sigma_data / sqrt(sigma_eff^2 + sigma_data^2)
     c_noise = sigma_eff.log() / 4
     return c_in, c_skip, c_out, c_noise
-
-
-def sample_training_sigma(batch_size: int, args: Args, generator: torch.Generator, device) -> torch.Tensor:
-    """ln(sigma) ~ N(loc, scale^2), clipped to [train_sigma_min, train_sigma_max]."""
-    log_sigma = args.train_sigma_loc + args.train_sigma_scale * torch.randn(batch_size, generator=generator,
-                                                                           device=device)
-    return log_sigma.exp().clip(args.train_sigma_min, args.train_sigma_max)
 
 
 def karras_sigmas(n: int, sigma_min: float = 2e-3, sigma_max: float = 5.0, rho: float = 7.0) -> torch.Tensor:
@@ -875,7 +829,7 @@ def karras_sigmas(n: int, sigma_min: float = 2e-3, sigma_max: float = 5.0, rho: 
 
 
 def init_lstm(lstm: nn.Module):
-    """Xavier input weights, orthogonal recurrent weights, zero biases except the forget gate's (1)."""
+    """Xavier input weights, orthogonal recurrent weights, zero biases but the forget gate's (1)."""
     for name, p in lstm.named_parameters():
         if "weight_ih" in name:
             nn.init.xavier_uniform_(p)
@@ -889,9 +843,9 @@ def init_lstm(lstm: nn.Module):
 
 def lstm_step(x: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor], weight_ih: torch.Tensor,
               weight_hh: torch.Tensor, bias_ih: torch.Tensor, bias_hh: torch.Tensor):
-    """One LSTM step written out (PyTorch's gate order i, f, g, o), which torch.compile traces into one graph where
-    nn.LSTM and nn.LSTMCell would break it: x (B, D_in), h and c (B, D) -> (h', c').
-    gates = x W_ih^T + b_ih + h W_hh^T + b_hh; c' = sigmoid(f) c + sigmoid(i) tanh(g); h' = sigmoid(o) tanh(c')."""
+    """One LSTM step written out, which torch.compile traces into one graph (nn.LSTM breaks it):
+    x (B, D_in), h and c (B, D) -> (h', c') with gates = x W_ih^T + b_ih + h W_hh^T + b_hh;
+    c' = sigmoid(f) c + sigmoid(i) tanh(g); h' = sigmoid(o) tanh(c')."""
     h, c = hidden
     i, f, g, o = (F.linear(x, weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)).chunk(4, dim=1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -899,15 +853,14 @@ def lstm_step(x: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor], weight
 
 
 def sample_categorical(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """A class index per row of logits (B, K) with P(k) = softmax(logits)_k, by the inverse CDF of uniform (B,) in
-    [0, 1): k = #{j : cdf_j <= u}. The uniforms come from the run's generator outside a compiled graph, so that the
-    graph holds no generator and a run stays reproducible from its seed."""
+    """A class per row of logits (B, K) by the inverse CDF of uniform (B,): k = #{j : cdf_j <= u}
+    (the uniforms come from the run's generator, outside any compiled graph)."""
     cdf = logits.detach().float().softmax(-1).cumsum(-1)
     return (cdf <= uniform[:, None]).sum(-1).clamp(max=logits.shape[-1] - 1)
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on the weights of linear, convolution and LSTM layers only (not on biases, norms, embeddings)."""
+    """Weight decay on the weights of linear, convolution and LSTM layers only."""
     decay, no_decay = [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
@@ -922,15 +875,14 @@ def group_norm(channels: int, affine: bool = True) -> nn.GroupNorm:
 
 
 class FourierFeatures(nn.Module):
-    """Random Fourier features of the scalar noise level: [cos(2 pi w c), sin(2 pi w c)], w ~ N(0, 1) fixed."""
+    """[cos(2 pi w c), sin(2 pi w c)] of the scalar noise level c, w ~ N(0, 1) fixed."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.register_buffer("weight", torch.randn(1, dim // 2))
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
-        # always fp32: in bf16 the angles 2 pi w c_noise (up to ~20 rad) would lose about 0.1 rad
-        # (the meta device of forward_flops has no autocast to turn off)
+        # always fp32: in bf16 the angles (up to ~20 rad) would lose about 0.1 rad (meta: no autocast)
         device_type = c_noise.device.type
         with torch.autocast(device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext():
             angles = 2 * math.pi * c_noise[:, None].float() @ self.weight.float()
@@ -951,10 +903,8 @@ class AdaGroupNorm(nn.Module):
 
 
 class SelfAttention2d(nn.Module):
-    """Multi-head self-attention over the H*W positions (head dim 8), zero-initialised output projection.
-
-    As in DIAMOND's reference code, the residual adds the attention output to the group-normalised input (not to the
-    raw input): the block computes GN(x) + proj(attention(GN(x)))."""
+    """Multi-head self-attention over the H*W positions (head dim 8), zero-initialised output; as
+    DIAMOND's code, the residual adds to the normalised input: GN(x) + proj(attention(GN(x)))."""
 
     def __init__(self, channels: int, head_dim: int = 8):
         super().__init__()
@@ -1056,11 +1006,9 @@ class UNet(nn.Module):
 
 
 class DenoiserNet(nn.Module):
-    """F_theta(c_in x, c_noise, past frames, past actions): the network inside the EDM preconditioning.
-
-    The 4 past frames (divided by sigma_data) are concatenated on channels with the scaled noisy next frame; the past
-    actions are embedded, flattened and added to the Fourier features of c_noise, and this vector drives the adaptive
-    group norms of every ResBlock."""
+    """F_theta(c_in x, c_noise, past frames, past actions): the past frames concatenated on channels
+    with the noisy next frame; the past actions' embeddings plus the Fourier features of c_noise
+    drive the adaptive group norms of every ResBlock."""
 
     def __init__(self, num_actions: int, channels: tuple[int, ...] = (64, 64, 64, 64), res_blocks: int = 2,
                  cond_dim: int = 256, num_conditioning_steps: int = 4, img_channels: int = 3):
@@ -1088,8 +1036,8 @@ class Denoiser(nn.Module):
         self.net, self.sigma_data, self.sigma_offset_noise = net, sigma_data, sigma_offset_noise
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, net=None):
-        """Returns (F output, D(x)). x: (B, 3, H, W) noisy next frame; sigma: (B,); obs: (B, 4*3, H, W) past frames;
-        act: (B, 4) past actions. net: the (possibly compiled) network to call."""
+        """(F's output, D(x)) of x (B, 3, H, W), sigma (B,), obs (B, 4*3, H, W), act (B, 4); net: the
+        (possibly compiled) network to call."""
         c_in, c_skip, c_out, c_noise = edm_preconditioning(sigma.float(), self.sigma_data, self.sigma_offset_noise)
         c_in, c_skip, c_out = (c[:, None, None, None] for c in (c_in, c_skip, c_out))
         model_output = (self.net if net is None else net)(c_in * x, c_noise, obs / self.sigma_data, act).float()
@@ -1097,22 +1045,18 @@ class Denoiser(nn.Module):
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, net=None):
-        """D(x; sigma) for sampling: clamped to [-1, 1] and quantised to 8 bits by flooring (the
-        frames are 8-bit images; DIAMOND's reference casts to uint8)."""
+        """D(x; sigma) for sampling, quantised to 8 bits (quantize_8bit) as DIAMOND's reference."""
         _, denoised = self(x, sigma, obs, act, net)
         return quantize_8bit(denoised)
 
 
 def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, obs_mask: torch.Tensor, args: Args,
                   generator: torch.Generator, net=None) -> torch.Tensor:
-    """EDM loss on segments of c + 1 + n frames (DIAMOND: c = 4, n = num_autoregressive_steps = 1, so 6 frames):
-    obs (B, c + 1 + n, 3, H, W) in [-1, 1], actions (B, >= c + n), obs_mask (B, c + 1 + n) (True for real frames).
-
-    Prediction k = 0..n denoises frame c + k from frames k..c+k-1 and actions k..c+k-1:
-    x_noisy = x0 + sigma_offset n_bc + sigma n; loss_k = || F(...) - (x0 - c_skip x_noisy) / c_out ||^2 (plain MSE,
-    which with the EDM c_out equals the weighted loss on D), over the segments whose frame c + k is real. Frame c + k
-    is then replaced by D's clamped, 8-bit-quantised output (no gradient through it), which prediction k + 1 sees as
-    its last past frame, as it would in imagination. loss = mean_k loss_k."""
+    """EDM loss on segments of c + 1 + n frames (DIAMOND: 4 + 1 + 1): obs (B, c + 1 + n, 3, H, W),
+    actions (B, >= c + n), obs_mask (B, c + 1 + n). Prediction k = 0..n denoises frame c + k from
+    frames and actions k..c+k-1: x_noisy = x0 + sigma_offset n_bc + sigma n, loss_k = ||F(...) -
+    (x0 - c_skip x_noisy) / c_out||^2 over the real targets; frame c + k is then replaced by D's
+    8-bit output (no gradient), which prediction k + 1 sees, as in imagination. Returns mean_k."""
     c = args.num_conditioning_steps
     num_predictions = obs.shape[1] - c  # 1 + num_autoregressive_steps (the segment length decides, as in DIAMOND)
     obs = obs.clone()
@@ -1121,7 +1065,10 @@ def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, 
     for k in range(num_predictions):
         past, next_obs = obs[:, k: k + c].reshape(b, c * ch, h, w), obs[:, k + c]
         act, valid = actions[:, k: k + c], obs_mask[:, k + c].float()
-        sigma = sample_training_sigma(b, args, generator, obs.device)
+        # ln(sigma) ~ N(loc, scale^2), clipped to [train_sigma_min, train_sigma_max]
+        log_sigma = args.train_sigma_loc + args.train_sigma_scale * torch.randn(b, generator=generator,
+                                                                               device=obs.device)
+        sigma = log_sigma.exp().clip(args.train_sigma_min, args.train_sigma_max)
         offset_noise = args.sigma_offset_noise * torch.randn((b, ch, 1, 1), generator=generator, device=obs.device)
         noise = torch.randn(next_obs.shape, generator=generator, device=obs.device)
         noisy = next_obs + offset_noise + sigma[:, None, None, None] * noise  # x0 + sigma_offset n_bc + sigma n
@@ -1137,17 +1084,16 @@ def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, 
 
 
 class RewardEndModel(nn.Module):
-    """Predicts the sign of the reward (3 classes: -1, 0, +1) and whether the episode ends (2 classes) of a transition
-    (obs_t, a_t, obs_t+1): a conv encoder with action-conditioned ResBlocks (64 -> 8 pixels), flattened into an LSTM
-    that carries the history, then an MLP head."""
+    """The reward sign (-1, 0, +1) and end (0, 1) logits of transitions (obs_t, a_t, obs_t+1): a conv
+    encoder with action-conditioned ResBlocks (64 -> 8 pixels), an LSTM over time, an MLP head."""
 
     def __init__(self, num_actions: int, obs_size: int = 64, channels: int = 32, cond_dim: int = 128,
                  lstm_dim: int = 512, img_channels: int = 3):
         super().__init__()
         self.act_emb = nn.Embedding(num_actions, cond_dim)
         self.conv_in = nn.Conv2d(2 * img_channels, channels, 3, padding=1)
-        # 4 stages of 2 ResBlocks without attention (DIAMOND's attn_depths [0, 0, 0, 0]), 3
-        # downsamples between them, then 2 ResBlocks with attention at the lowest resolution
+        # 4 stages of 2 ResBlocks without attention, 3 downsamples between them, then 2 ResBlocks
+        # with attention at the lowest resolution (DIAMOND's attn_depths [0, 0, 0, 0])
         self.stages = nn.ModuleList(ResBlocks([channels] * 2, [channels] * 2, cond_dim) for _ in range(4))
         self.downsamples = nn.ModuleList(Downsample(channels) for _ in range(3))
         self.mid_blocks = ResBlocks([channels] * 2, [channels] * 2, cond_dim, attention=True)
@@ -1156,7 +1102,7 @@ class RewardEndModel(nn.Module):
         init_lstm(self.lstm)
 
     def encode(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
-        """obs, next_obs: (B, T, 3, H, W) in [-1, 1]; act: (B, T) -> the LSTM's inputs (B, T, channels * (H/8)^2)."""
+        """obs, next_obs (B, T, 3, H, W), act (B, T) -> the LSTM's inputs (B, T, channels * (H/8)^2)."""
         b, t = act.shape
         cond = self.act_emb(act.reshape(b * t))
         x = self.conv_in(torch.cat([obs, next_obs], dim=2).flatten(0, 1))
@@ -1168,16 +1114,15 @@ class RewardEndModel(nn.Module):
         return x.reshape(b, t, -1)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden=None):
-        """obs, next_obs: (B, T, 3, H, W) in [-1, 1]; act: (B, T). Returns reward logits (B, T,
-        3), end logits (B, T, 2) and the LSTM state."""
+        """obs, next_obs (B, T, 3, H, W), act (B, T) -> reward logits (B, T, 3), end logits (B, T, 2),
+        the LSTM state."""
         x, hidden = self.lstm(self.encode(obs, act, next_obs), hidden)
         logits = self.head(x)
         return logits[..., :3], logits[..., 3:], hidden
 
     def step(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden):
-        """One transition, as forward with T = 1 but with the LSTM step written out (traceable into one graph):
-        obs, next_obs (B, 3, H, W), act (B,), hidden (h, c) each (1, B, lstm_dim). Returns reward logits (B, 3), end
-        logits (B, 2) and the new state (1, B, lstm_dim) x 2."""
+        """forward for one transition with the LSTM step written out (one graph): obs, next_obs
+        (B, 3, H, W), act (B,), hidden (h, c) each (1, B, lstm_dim)."""
         x = self.encode(obs[:, None], act[:, None], next_obs[:, None])[:, 0]
         lstm = self.lstm
         h, c = lstm_step(x, (hidden[0][0], hidden[1][0]), lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0,
@@ -1187,8 +1132,8 @@ class RewardEndModel(nn.Module):
 
 
 def reward_end_loss(reward_end_model: RewardEndModel, batch: dict) -> torch.Tensor:
-    """CE(reward sign + 1) + CE(end) over the real transitions of reward/end segments
-    (sample_reward_end_batch), the LSTM starting from a zero state at each segment's first frame."""
+    """CE(reward sign + 1) + CE(end) over the real transitions of sample_reward_end_batch's segments,
+    the LSTM from a zero state at each segment's first frame."""
     obs, mask = batch["obs"], batch["mask"]
     reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], batch["actions"], obs[:, 1:])
     reward_class = batch["rewards"].sign().long() + 1  # -1, 0, +1 -> classes 0, 1, 2
@@ -1209,8 +1154,8 @@ class SmallResBlock(nn.Module):
 
 
 class ActorCritic(nn.Module):
-    """conv 3 -> channels[0], then per stage a SmallResBlock and a 2x2 max-pool (64 -> 4 pixels),
-    an LSTMCell, and zero-initialised policy and value heads (the initial policy is uniform)."""
+    """conv 3 -> channels[0], per stage a SmallResBlock and a 2x2 max-pool (64 -> 4 pixels), an
+    LSTMCell, and zero-initialised policy and value heads (the initial policy is uniform)."""
 
     def __init__(self, num_actions: int, obs_size: int = 64, channels: tuple[int, ...] = (32, 32, 64, 64),
                  lstm_dim: int = 512, img_channels: int = 3):
@@ -1233,7 +1178,7 @@ class ActorCritic(nn.Module):
         return self.actor_linear(hx), self.critic_linear(hx).squeeze(-1), (hx, cx)
 
     def step(self, obs: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor]):
-        """forward with the LSTM cell written out (traceable into one graph); hidden is required."""
+        """forward with the LSTM cell written out (one graph); hidden is required."""
         lstm = self.lstm
         hx, cx = lstm_step(self.encoder(obs).flatten(1), hidden, lstm.weight_ih, lstm.weight_hh, lstm.bias_ih,
                            lstm.bias_hh)
@@ -1251,12 +1196,9 @@ def build_models(args: Args, num_actions: int) -> tuple[Denoiser, RewardEndModel
 
 def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, truncs: torch.Tensor, bootstrap: torch.Tensor,
                    gamma: float, lam: float) -> torch.Tensor:
-    """Lambda-returns on sign-clipped rewards, with truncation apart from termination (DIAMOND's
-    compute_lambda_returns). rewards, ends, truncs, bootstrap: (B, H); bootstrap[:, t] = V'_t, the value of the
-    frame after step t (of the final frame where the episode stopped at t).
-
-    Lambda_t = sign(r_t) + gamma (1 - end_t) [trunc_t V'_t + (1 - trunc_t) ((1 - lambda) V'_t + lambda Lambda_t+1)],
-    with Lambda_H = V'_(H-1): a terminated step stops the return, a truncated one bootstraps from V'_t alone."""
+    """DIAMOND's compute_lambda_returns on sign-clipped rewards, (B, H) each; bootstrap[:, t] = V'_t,
+    the value of the frame after step t: Lambda_t = sign(r_t) + gamma (1 - end_t) [trunc_t V'_t +
+    (1 - trunc_t) ((1 - lambda) V'_t + lambda Lambda_t+1)], Lambda_H = V'_(H-1)."""
     rewards, not_end = rewards.sign(), 1.0 - ends.float()
     truncs = truncs.float()
     returns = torch.empty_like(rewards)
@@ -1275,10 +1217,9 @@ def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, truncs: torch.Tens
 
 @torch.no_grad()
 def euler_sample(denoise_fn: Callable, x_T: torch.Tensor, sigmas: torch.Tensor, order: int = 1) -> torch.Tensor:
-    """Integrates the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma over the sigmas (ending with 0).
-
-    denoise_fn(x, sigma) returns D(x; sigma) for a (B,) tensor sigma. order 1: Euler; order 2: Heun, except on the
-    last step to sigma = 0 (EDM's algorithm 1, s_churn 0)."""
+    """Integrates the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma over the sigmas (ending
+    with 0); denoise_fn(x, sigma (B,)) = D(x; sigma). order 1: Euler; 2: Heun but on the last step
+    (EDM's algorithm 1, s_churn 0)."""
     x = x_T
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -1298,8 +1239,7 @@ def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, 
     b, c, ch, h, w = obs.shape
     past = obs.reshape(b, c * ch, h, w)
     sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho)
-    # DIAMOND's reference starts from x ~ N(0, I), not EDM's sigma_max * N(0, I), and its scores
-    # come from that sampler (D(x; sigma_max) hardly depends on x: c_skip(5) ~ 0.01).
+    # DIAMOND's reference starts from x ~ N(0, I), not EDM's sigma_max * N(0, I)
     x_T = torch.randn((b, ch, h, w), generator=generator, device=obs.device)
     if args.edm_initial_noise:
         x_T = float(sigmas[0]) * x_T
@@ -1312,29 +1252,25 @@ def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, 
 
 
 class WorldModelEnv:
-    """num_imagined_envs imagined environments that live across actor-critic updates, as in DIAMOND. Each starts from
-    a real segment (c frames, c - 1 actions) from the replay buffer, burns the reward/end model's LSTM in on its real
-    transitions, then steps (ImaginationGraphs.world_model_step): the denoiser generates the next frame, the
-    reward/end model samples the reward sign and the end flag. An imagined episode ends when the end flag is sampled
-    (terminated) or after imagination_horizon steps of its own life (truncated), and restarts from a new real segment
-    at the same step. Its state (frames, actions, LSTM states, ages, and the actor's LSTM state kept here for
-    actor_critic_loss) goes into checkpoints."""
+    """num_imagined_envs imagined environments that live across actor-critic updates, as in DIAMOND:
+    each starts from a real segment (c frames, c - 1 actions) with the reward/end LSTM burnt in on
+    it, then steps (ImaginationGraphs.world_model_step), and restarts from a new real segment when
+    the end flag is sampled or after imagination_horizon steps. Its state goes into checkpoints."""
 
     def __init__(self, denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, args: Args,
                  device: torch.device, generator: torch.Generator, cpu_generator: torch.Generator, net=None,
                  autocast=contextlib.nullcontext(), ids: Optional[list[int]] = None):
         self.denoiser, self.reward_end_model, self.buffer, self.args = denoiser, reward_end_model, buffer, args
         self.ids = ids  # the episodes imagination starts from (None: all; --dataset-dir holds some out)
-        self.device, self.generator, self.cpu_generator, self.net, self.autocast = (device, generator, cpu_generator,
-                                                                                     net, autocast)
+        self.device, self.generator, self.cpu_generator = device, generator, cpu_generator
+        self.net, self.autocast = net, autocast
         self.obs: Optional[torch.Tensor] = None  # (n, c, 3, H, W); None until the first reset
         self.act = self.hidden = self.age = self.actor_hidden = None
 
     @torch.no_grad()
     def start(self, num_envs: int, refs: Optional[list[tuple[int, int]]] = None):
-        """Fresh segments: (frames (n, c, 3, H, W), actions (n, c) whose last slot is for the actor, reward/end LSTM
-        state after the burn-in on the c - 1 real transitions). Frames before an episode are mid-grey padding. The
-        segments are sampled from the buffer, or given as refs (episode, first frame), one per env."""
+        """Fresh real segments, sampled or given as refs (episode, first frame): frames (n, c, 3, H, W),
+        actions (n, c) (the last slot for the actor), the reward/end LSTM state after them."""
         c = self.args.num_conditioning_steps
         refs = self.buffer.sample_segments(num_envs, c, self.cpu_generator, self.ids) if refs is None else refs
         batch = self.buffer.segments(refs, c)
@@ -1346,7 +1282,7 @@ class WorldModelEnv:
         return obs, act, tuple(h.float() for h in hidden)  # LSTM states stay fp32 between steps under autocast
 
     def reset(self):
-        """Starts every env: returns the current frames (n, 3, H, W) and the c - 1 earlier ones for the actor."""
+        """Starts every env: returns the current frames (n, 3, H, W) and the c - 1 earlier ones."""
         self.obs, self.act, self.hidden = self.start(self.args.num_imagined_envs)
         self.age = torch.zeros(self.args.num_imagined_envs, dtype=torch.long, device=self.device)
         return self.obs[:, -1], self.obs[:, :-1]
@@ -1378,19 +1314,20 @@ def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=cont
 
 def imagine(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, generator: torch.Generator,
             autocast=contextlib.nullcontext()) -> dict[str, torch.Tensor]:
-    """backup_every more steps of the persistent imagined episodes (num_imagined_envs of them), eager: the imagination
-    step's functions (ImaginationGraphs) called uncompiled, with the reference's restarts (a fresh real segment per
-    restart, sampled when the episode stops) and the run's --compile'd denoiser network and autocast."""
+    """backup_every more imagined steps, eager: the imagination step uncompiled, with the reference's
+    restarts and the run's (--compile'd) denoiser network and autocast."""
     return ImaginationGraphs(wm_env, actor_critic, args, wm_env.device, backend=None, autocast=autocast,
                              eager=True)._rollout(generator)
 
 
 def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, generator: torch.Generator,
                       autocast=contextlib.nullcontext(), graphs: Optional["ImaginationGraphs"] = None):
-    """The actor-critic losses on backup_every more imagined steps (eager, or graphs' compiled
-    step): value MSE to the lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
-    rollout = graphs.rollout(generator) if graphs is not None else imagine(actor_critic, wm_env, args, generator,
-                                                                           autocast)
+    """On backup_every more imagined steps (eager, or graphs' compiled ones): the value's MSE to the
+    lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
+    if graphs is not None:
+        rollout = graphs.rollout(generator)
+    else:
+        rollout = imagine(actor_critic, wm_env, args, generator, autocast)
     logits, values, rewards, actions = rollout["logits"], rollout["values"], rollout["rewards"], rollout["actions"]
     with torch.no_grad():
         returns = lambda_returns(rewards, rollout["ends"], rollout["truncs"], rollout["bootstrap"],
@@ -1406,8 +1343,8 @@ def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Ar
 
 
 def restart(obs, act, hidden, age, stopped, start):
-    """The envs that stopped (stopped (n,)) take their row of start (frames, actions, reward/end
-    LSTM state) and age 0, by torch.where: fixed shapes, no host sync."""
+    """The envs that stopped (n,) take their row of start (frames, actions, reward/end LSTM state)
+    and age 0, by torch.where: fixed shapes, no host sync."""
     start_obs, start_act, start_hidden = start
     return (torch.where(stopped[:, None, None, None, None], start_obs, obs),
             torch.where(stopped[:, None], start_act, act),
@@ -1416,25 +1353,16 @@ def restart(obs, act, hidden, age, stopped, start):
 
 
 class ImaginationGraphs:
-    """The imagination step, written once: the policy step (with gradients) and the world-model step (the Euler
-    denoiser calls, the reward/end model, the restarts), and the rollout over them. The eager imagination (imagine)
-    calls these functions directly; the fast path compiles the same functions, captured as CUDA graphs on CUDA
-    (torch.compile's "reduce-overhead"; default inductor on the CPU), as DIAMOND's reference compiles its world-model
-    env. Either way the rollout's noise and uniforms are drawn from the run's generator before it
-    (sample_categorical turns uniforms into classes), the LSTM states stay fp32 between steps (the LSTMs written out,
-    lstm_step, under autocast too) and the state stays in wm_env (its checkpoint format), so a run resumes either way.
+    """The imagination step, written once: the policy step (with gradients), the world-model step
+    (the Euler denoiser calls, the reward/end model, the restarts) and the rollout over them, eager
+    or compiled (backend: torch.compile's, "default": COMPILE_BACKEND; None: uncompiled), as
+    DIAMOND's reference compiles its world-model env. Either way every random number is drawn
+    before the rollout from the run's generator and the state stays in wm_env (its checkpoint).
 
-    The restarts are the one difference. Eager (the reference's): an env that stops restarts from a fresh real segment
-    sampled from the buffer and burnt in (reward/end and actor LSTMs) right after the step, a host sync. Compiled
-    (fixed shapes, no host sync): it swaps in, by torch.where, its slot of a restart pool of num_imagined_envs real
-    segments that were sampled and burnt in before the rollout. Nothing the pool depends on (the buffer, the models'
-    weights) changes during a rollout, so that is a restart from a fresh real segment too, except for an env that stops
-    twice in one rollout: it starts its slot's segment again.
-
-    backend: torch.compile's ("default": COMPILE_BACKEND); None runs the same functions uncompiled (the reference the
-    tests compare with); `calls` counts the compiled calls and compile_seconds is the first rollout's time (tracing
-    and compiling included). eager: the eager imagination (backend None): fresh restarts, the denoiser sampled by
-    wm_env.net (--compile's network) and autocast (the run's context) entered as given."""
+    The restarts are the one difference. Eager (the reference's; `eager`): an env that stops
+    restarts from a fresh real segment sampled and burnt in right after the step (a host sync).
+    Compiled (fixed shapes, no host sync): it swaps in its slot of a pool of num_imagined_envs real
+    segments sampled and burnt in before the rollout (an env that stops twice reuses its slot)."""
 
     def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args, device: torch.device,
                  amp_dtype: Optional[torch.dtype] = None, backend: Union[str, Callable, None] = "default",
@@ -1449,13 +1377,14 @@ class ImaginationGraphs:
             lambda fn: torch.compile(fn, backend=backend, mode=mode, dynamic=False))
         self.policy = compile_fn(self.policy_step)
         self.world_model = compile_fn(self.world_model_step)
+        # the compiled calls, and the first rollout's seconds (compilation included)
         self.calls, self.compile_seconds, self.reported = 0, None, False
         self.stop = stop  # the run's StopFlag: a signal during compilation is a stop, not a failure
         if backend is not None:  # the steps read the LSTMs' weights (lstm_step), which dynamo refuses by default
             torch._dynamo.config.allow_rnn = True
 
     def amp(self):
-        """The autocast context, made where it is entered (inside a compiled function too), or the one given."""
+        """The autocast context given, or one made where it is entered (inside a compiled function)."""
         if self.autocast is not None:
             return self.autocast
         if self.amp_dtype is None:
@@ -1463,10 +1392,9 @@ class ImaginationGraphs:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def policy_step(self, obs, hidden, stopped, start_hidden, final_value, uniform):
-        """The actor-critic on the current frames obs (n, 3, H, W), after swapping in the burnt-in LSTM state of the
-        envs that restarted (stopped (n,) from the previous step): logits (n, A), value (n,), the sampled action
-        (n,), the previous step's bootstrap V'_(t-1) (V(s_t), or V(final frame) where the episode stopped), the
-        swapped-in state and the stepped one."""
+        """The actor-critic on frames obs (n, 3, H, W), the envs that restarted (stopped (n,)) taking
+        their burnt-in LSTM state: logits (n, A), value (n,), the action (n,), the previous step's
+        bootstrap V'_(t-1) (V(s_t), or V(final frame) where it stopped), the state used and the next."""
         hidden = tuple(torch.where(stopped[:, None], s, h) for s, h in zip(start_hidden, hidden))
         with self.amp():
             logits, value, new_hidden = self.actor_critic.step(obs, hidden)
@@ -1476,14 +1404,11 @@ class ImaginationGraphs:
 
     @torch.no_grad()
     def world_model_step(self, obs, act, hidden, age, action, actor_hidden, noise, uniforms, start):
-        """One step of every imagined env: obs (n, c, 3, H, W) and act (n, c) the last c frames and actions (act's
-        last slot is filled with action (n,)), hidden the reward/end LSTM state, age (n,) the steps of each life,
-        actor_hidden the actor's state after this step's frame, noise (n, 3, H, W) the sampler's start, uniforms
-        (2, n) for the reward sign and the end, start the restart pool (obs, act, reward/end state), or None: no
-        restart here (the eager path restarts after the step).
-        Returns the next state, reward sign, end, truncated, stopped, V(final frame) and, for the checks, the next
-        frame before restarts, every denoiser call's D(x; sigma) before 8-bit quantisation (num_calls, n, 3, H, W)
-        and the reward/end logits."""
+        """One step of every imagined env: obs (n, c, 3, H, W) and act (n, c) its last frames and
+        actions, hidden the reward/end LSTM state, age (n,), action (n,), actor_hidden the actor's state
+        after this frame, noise (n, 3, H, W), uniforms (2, n), start the restart pool (None: none).
+        Returns the next state, reward sign, end, truncated, stopped, V(final frame) and for the
+        checks the next frame, every D(x; sigma) before quantisation and the reward/end logits."""
         args, denoiser = self.args, self.wm_env.denoiser
         act = torch.cat([act[:, :-1], action[:, None]], dim=1)
         past = obs.flatten(1, 2)  # (n, c * 3, H, W)
@@ -1515,9 +1440,8 @@ class ImaginationGraphs:
                 "end_logits": end_logits.float()}
 
     def fresh_starts(self, stopped: torch.Tensor):
-        """The eager path's restarts after a step: a fresh real segment from the buffer, burnt in (reward/end and
-        actor LSTMs), in the row of each env that stopped (stopped (n,); the other rows are zeros, unused): the
-        restart pool (obs, act, reward/end state) and the actor's states to swap in."""
+        """The eager restarts: a fresh real segment, burnt in, in the row of each env that stopped (the
+        other rows zeros): the restart pool (obs, act, reward/end state) and the actor's states."""
         index = stopped.nonzero()[:, 0]
 
         def rows(x, dim=0):
@@ -1528,10 +1452,8 @@ class ImaginationGraphs:
         return (rows(obs), rows(act), tuple(rows(h, 1) for h in hidden)), tuple(rows(h) for h in actor_hidden)
 
     def rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """backup_every steps as imagine() returns them, through the compiled steps. A compilation that fails is one
-        line (TrainingFailure); one that a signal broke (Ctrl-C reaches the compiler's processes too) is a stop
-        (StopRequested: the run saves where it stands). A signal while the first rollout compiles is acknowledged
-        at once but waits for the compilation (it cannot stop midway): the acknowledgement says so (StopFlag.busy)."""
+        """_rollout through the compiled steps; a failed compilation is one line, a signal during it a
+        stop, acknowledged at once but waiting for the compilation (StopFlag.busy says so)."""
         first_compile = self.stop is not None and self.backend is not None and self.compile_seconds is None
         if first_compile:  # how long: benchmark/RESULTS.md
             self.stop.busy = "compiling the imagination step (" + (
@@ -1544,11 +1466,10 @@ class ImaginationGraphs:
                 self.stop.busy = ""
 
     def _rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """backup_every more steps of the persistent imagined episodes: the policy's logits (n, H, A) and values (n, H)
-        with gradients, and without: the bootstraps V'_t (n, H), actions, reward signs, ends and truncations (n, H).
-        The actor's LSTM state carries over from the last update (detached); an episode that stops at step t
-        bootstraps from V of its final frame (the actor's state stepped on it), then the actor's memory restarts
-        too (burnt in on the new segment's c - 1 earlier frames)."""
+        """backup_every more steps of the persistent imagined episodes: logits (n, H, A) and values
+        (n, H) with gradients; bootstraps V'_t, actions, reward signs, ends and truncations (n, H). The
+        actor's LSTM state carries over from the last update (detached); an episode that stops at t
+        bootstraps from V of its final frame, then the actor is burnt in on the new segment."""
         args, env, actor_critic, n = self.args, self.wm_env, self.actor_critic, self.args.num_imagined_envs
         begin = time.perf_counter()
         if env.obs is None:  # the first update: start the imagined episodes
@@ -1606,10 +1527,8 @@ class ImaginationGraphs:
 
 @contextlib.contextmanager
 def compile_failures(stop, what: str, fix: str):
-    """torch.compile's work inside (a forward traced and compiled at its first call, a backward
-    compiled at its first backward) fails in one line: a TrainingFailure naming `what` and the
-    fix; after a signal (Ctrl-C reaches the compiler's processes too) it is a stop
-    (StopRequested: the run saves where it stands). Other errors keep their traceback."""
+    """torch.compile's failures inside (at a first forward or backward) as one line naming `what` and
+    the fix (TrainingFailure), or after a signal a stop (StopRequested); other errors keep their traceback."""
     try:
         yield
     except (StopRequested, TrainingFailure):
@@ -1617,22 +1536,21 @@ def compile_failures(stop, what: str, fix: str):
     except Exception as e:
         if stop is not None and stop.requested:
             raise StopRequested() from None
-        if not (isinstance(e, (ImportError, OSError)) or type(e).__module__.startswith(("torch._dynamo",
-                                                                                        "torch._inductor"))):
+        if not (isinstance(e, (ImportError, OSError))
+                or type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))):
             raise
         cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "the folder torchinductor_<user> in the temp folder")
-        raise TrainingFailure(f"compiling {what} failed ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}); rerun {fix}, or "
-                              f"delete torch's compile cache ({cache}) if a stopped compilation left it "
-                              f"broken") from None
+        last = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
+        raise TrainingFailure(f"compiling {what} failed ({type(e).__name__}: {last}); rerun {fix}, or delete "
+                              f"torch's compile cache ({cache}) if a stopped compilation left it broken") from None
 
 
 def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: ActorCritic,
                        stop=None) -> Optional[ImaginationGraphs]:
-    """--imagination-graphs: on (auto: on CUDA) the compiled imagination step, as CUDA graphs on CUDA (torch.compile's
-    "reduce-overhead", with the run's autocast inside) and default inductor on the CPU; None: the eager step."""
-    if args.world_model_only or args.imagination_graphs == "off" or (args.imagination_graphs == "auto"
-                                                                      and not setup.use_cuda):
+    """--imagination-graphs on (auto: on CUDA): the compiled step, CUDA graphs on CUDA (torch.compile's
+    "reduce-overhead", the run's autocast inside), inductor on the CPU; None: the eager step."""
+    if args.world_model_only or args.imagination_graphs == "off" or (
+            args.imagination_graphs == "auto" and not setup.use_cuda):
         return None
     amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     return ImaginationGraphs(wm_env, actor_critic, args, setup.device, amp_dtype if setup.use_cuda else None,
@@ -1682,13 +1600,6 @@ def lr_warmup_factor(step: int, warmup_steps: int) -> float:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluation: test episodes, human-normalised score, world-model metrics on unseen real transitions, rollout videos.
-
-
-def human_normalized_score(game: str, score: float) -> Optional[float]:
-    if game not in ATARI_SCORES:
-        return None
-    random_score, human_score = ATARI_SCORES[game]
-    return (score - random_score) / (human_score - random_score)
 
 
 def report_score(env: Union[AtariEnv, CatchEnv], returns: list[float], what: str):
