@@ -1563,14 +1563,12 @@ def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: A
 
 def collection_schedule(first_collection_steps: int, env_step_budget: int = 100_000, steps_per_epoch: int = 100,
                         final_epochs: int = 50) -> list[int]:
-    """Env steps to collect in each epoch (item e - 1 for epoch e), as DIAMOND spends the Atari 100k budget: the first
-    collection of N steps, then steps_per_epoch in each of (budget - N) / steps_per_epoch epochs, epoch 1 included
-    (so epoch 1 collects N + steps_per_epoch), then final_epochs epochs that only train. The items sum to exactly
-    env_step_budget; N = 5000 gives 950 + 50 = 1000 epochs. A remainder (budget - N not a multiple of
-    steps_per_epoch) is collected in the last collecting epoch."""
+    """Env steps to collect in each epoch (item e - 1 for epoch e), as DIAMOND spends the budget: the
+    first collection N plus steps_per_epoch in epoch 1, steps_per_epoch in each epoch until the budget
+    is spent (the remainder in the last), then final_epochs that only train (N = 5000: 950 + 50)."""
     if not 0 < first_collection_steps <= env_step_budget:
-        raise ValueError(f"the first collection ({first_collection_steps} steps) must be within the env-step budget "
-                         f"({env_step_budget})")
+        raise ValueError(f"the first collection ({first_collection_steps} steps) must be within the env-step "
+                         f"budget ({env_step_budget})")
     remaining = env_step_budget - first_collection_steps
     collecting_epochs = max(1, math.ceil(remaining / steps_per_epoch))  # epoch 1 always collects (the first N)
     steps = [min(steps_per_epoch, remaining - steps_per_epoch * e) for e in range(collecting_epochs)]
@@ -1579,10 +1577,8 @@ def collection_schedule(first_collection_steps: int, env_step_budget: int = 100_
 
 
 def run_schedule(args: Args, first_collection_steps: int = 0) -> list[int]:
-    """Env steps collected in each epoch of this run (its length is the run length): collection_schedule with the
-    first collection N (initial_collection_steps while epoch 1 has not decided it yet); with --dataset-dir no
-    collection and final_epochs_without_collection epochs. --num-epochs cuts or extends it (extra epochs collect
-    nothing: never beyond the budget)."""
+    """Env steps collected in each epoch of this run (N: initial_collection_steps until epoch 1 decides
+    it); --dataset-dir collects nothing; --num-epochs cuts or extends it (never beyond the budget)."""
     if args.dataset_dir is not None:
         steps = [0] * args.final_epochs_without_collection
     else:
@@ -1594,7 +1590,7 @@ def run_schedule(args: Args, first_collection_steps: int = 0) -> list[int]:
 
 
 def lr_warmup_factor(step: int, warmup_steps: int) -> float:
-    """Linear warmup from 0, as DIAMOND's reference: lr_s = lr * min(1, s / warmup_steps) (0 on the first step)."""
+    """Linear warmup from 0, as DIAMOND's reference: lr_s = lr * min(1, s / warmup_steps)."""
     return 1.0 if step >= warmup_steps else step / max(1, warmup_steps)
 
 
@@ -1602,7 +1598,17 @@ def lr_warmup_factor(step: int, warmup_steps: int) -> float:
 # Evaluation: test episodes, human-normalised score, world-model metrics on unseen real transitions, rollout videos.
 
 
-def report_score(env: Union[AtariEnv, CatchEnv], returns: list[float], what: str):
+def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device: torch.device,
+                autocast, stop, what: str, stopped: str, writer_at: Callable, step: int, kind: str = "test"):
+    """The score the paper reports: --test-episodes full games (epsilon 0), printed and logged under
+    eval/{kind}_* at `step` (tags of their own: no step holds two values of a tag). A signal abandons
+    them and nothing is logged: the line `stopped` says so."""
+    try:
+        returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003, device,
+                                    autocast, check=stop.check)
+    except StopRequested:
+        print(stopped, flush=True)
+        return
     mean = float(np.mean(returns))
     score = env.normalized_score(mean)
     line = f"{what}: mean return {mean:.2f} (std {np.std(returns):.2f})"
@@ -1615,17 +1621,11 @@ def report_score(env: Union[AtariEnv, CatchEnv], returns: list[float], what: str
     if env.game == "Catch":  # a game returns +1 or -1
         line += f"; catch rate {(mean + 1) / 2:.3f} (random 0.2)"
     print(line, flush=True)
-
-
-def log_test_returns(writer, env: Union[AtariEnv, CatchEnv], returns: list[float], step: int, kind: str = "test"):
-    """The test episodes' score under eval/{kind}_* (kind: "test" at the end of training, "eval_only" for --eval-only):
-    tags of their own, apart from each evaluation's eval/episodic_return, so that no step holds two values of a tag."""
-    mean = float(np.mean(returns))
-    writer.add_scalar(f"eval/{kind}_episodic_return", mean, step)
-    writer.add_scalar(f"eval/{kind}_num_episodes", len(returns), step)
-    score = env.normalized_score(mean)
-    if score is not None:
-        writer.add_scalar(f"eval/{kind}_human_normalized_score", score, step)
+    with writer_at() as writer:
+        writer.add_scalar(f"eval/{kind}_episodic_return", mean, step)
+        writer.add_scalar(f"eval/{kind}_num_episodes", len(returns), step)
+        if score is not None:
+            writer.add_scalar(f"eval/{kind}_human_normalized_score", score, step)
 
 
 @torch.no_grad()
@@ -1633,12 +1633,9 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
                       device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16,
                       check: Callable[[], None] = lambda: None, record: Optional[list] = None,
                       on_step: Callable[[], None] = lambda: None) -> list[float]:
-    """Full games of --env-id (life loss does not end them), epsilon 0, actions sampled from the
-    policy; up to max_parallel games at once with a batched policy. Seeded by `seed` only, so
-    that evaluating never moves the training RNGs. check() is called before each env is made (an
-    Atari env takes about a second) and at every step, then on_step() (StopFlag.check: a signal
-    abandons the episodes within an env or a step). With `record`, each game is appended to it as
-    an episode dict (obs, actions, rewards, terminated, truncated)."""
+    """Returns of full games (epsilon 0, no life-loss ends), up to max_parallel at once, seeded by
+    `seed` alone (the training RNGs do not move). check() runs before each env is made and at each
+    step (StopFlag.check), then on_step(); `record` gets each game as an episode dict."""
     generator = torch.Generator().manual_seed(seed)
     returns = []
     while len(returns) < num_episodes:
@@ -1648,7 +1645,7 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
             check()
             envs.append(make_env(args, seed * 1000 + len(returns) + i, generator, training=False))
         obs = [env.reset() for env in envs]
-        episodes = [{"obs": [o.copy()], "actions": [], "rewards": [], "terminated": [], "truncated": []} for o in obs]
+        episodes = [new_episode(o) for o in obs]
         hidden, active = None, list(range(n))
         while active:
             check()
@@ -1679,10 +1676,9 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
 def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, ids: list[int],
                     args: Args, device: torch.device, seed: int, net=None,
                     autocast=contextlib.nullcontext()) -> dict[str, float]:
-    """The training losses of the denoiser and the reward/end model on held-out episodes (`ids` of the buffer), as
-    DIAMOND's test of its world model: each episode cut into consecutive segments so that every frame is a denoiser
-    target once and every transition is a reward/end target once, with noise from a generator seeded by `seed` (the
-    training RNGs do not move). Returns the mean loss per segment of each model."""
+    """The mean training losses per segment on held-out episodes (ids), as DIAMOND tests its world
+    model: each frame a denoiser target once, each transition a reward/end target once, the noise
+    from a generator seeded by `seed`."""
     generator = torch.Generator(device=device).manual_seed(seed)
     c, length = args.num_conditioning_steps, args.reward_segment_length
     num_predictions = 1 + args.num_autoregressive_steps
@@ -1696,15 +1692,13 @@ def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer
         total = 0.0
         for first in range(0, len(refs), args.batch_size):
             chunk = refs[first: first + args.batch_size]
-            batch = buffer.segments(chunk, num_obs)
+            batch = {key: value.to(device) for key, value in buffer.segments(chunk, num_obs).items()}
             obs = segment_obs(batch, device)
             with autocast:
                 if name == "denoiser":
-                    loss = denoiser_loss(denoiser, obs, batch["actions"].to(device), batch["obs_mask"].to(device), args,
-                                         generator, net)
+                    loss = denoiser_loss(denoiser, obs, batch["actions"], batch["obs_mask"], args, generator, net)
                 else:
-                    loss = reward_end_loss(reward_end_model, {"obs": obs, **{key: batch[key].to(device) for key in (
-                        "actions", "rewards", "ends", "mask")}})
+                    loss = reward_end_loss(reward_end_model, {**batch, "obs": obs})
             total += float(loss) * len(chunk)
         losses[f"{name}_test_loss"] = total / max(len(refs), 1)
     return losses
@@ -1714,10 +1708,9 @@ def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer
 def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
                         refs: list[tuple[int, int]], args: Args, device: torch.device, seed: int, net=None,
                         autocast=contextlib.nullcontext()) -> dict:
-    """On real transitions (episode, t): the sampled next frame vs the true one, beside copying the last frame, over
-    all pixels and over the pixels that change (where predicting matters); reward-sign and end accuracy, and under
-    "counts" the (hits, predicted, actual) counts of each class of the reward/end model's argmax prediction
-    (RewardEndPools' classes: reward signs -1, 0, +1 and the end flag), from which recall and precision follow."""
+    """On real transitions (episode, t): the sampled next frame's MSE beside copying the last frame,
+    over all pixels and over those that change; reward-sign and end accuracy, and under "counts" the
+    (hits, predicted, actual) counts of each class of RewardEndPools (its recall and precision)."""
     c = args.num_conditioning_steps
     generator = torch.Generator(device=device).manual_seed(seed)
     sums = {key: 0.0 for key in ("mse", "copy", "mse_changed", "copy_changed", "changed", "pixels", "reward", "end")}
@@ -1737,17 +1730,17 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
         sums["pixels"] += target.numel()
         with autocast:
             reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], actions, obs[:, 1:])
-        reward_class = batch["rewards"][:, -1].sign().long() + 1
+        reward_class, end = batch["rewards"][:, -1].sign().long() + 1, batch["ends"][:, -1]
         predicted_reward, predicted_end = reward_logits[:, -1].argmax(-1).cpu(), end_logits[:, -1].argmax(-1).cpu()
         sums["reward"] += float((predicted_reward == reward_class).sum())
-        sums["end"] += float((predicted_end == batch["ends"][:, -1].long()).sum())
+        sums["end"] += float((predicted_end == end.long()).sum())
         # one-vs-rest per class: (predicted == actual == class, predicted == class, actual == class)
         for name, predicted, actual in (("reward_neg", predicted_reward == 0, reward_class == 0),
                                         ("reward_zero", predicted_reward == 1, reward_class == 1),
                                         ("reward_pos", predicted_reward == 2, reward_class == 2),
-                                        ("end", predicted_end == 1, batch["ends"][:, -1])):
-            counts[name] = [total + int(x.sum()) for total, x in zip(counts[name], (predicted & actual, predicted,
-                                                                                    actual))]
+                                        ("end", predicted_end == 1, end)):
+            hits_predicted_actual = (predicted & actual, predicted, actual)
+            counts[name] = [total + int(x.sum()) for total, x in zip(counts[name], hits_predicted_actual)]
     n, changed = len(refs), max(sums["changed"], 1.0)
     return {"next_frame_mse": sums["mse"] / sums["pixels"], "copy_last_frame_mse": sums["copy"] / sums["pixels"],
             "next_frame_mse_changed": sums["mse_changed"] / changed,
@@ -1757,12 +1750,10 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
 
 
 class RewardEndPools:
-    """The reward/end model's recall and precision per class (reward signs -1, 0, +1; the end flag), on held-out
-    transitions pooled across measurements: a reward or an end is rare (a Catch game has one of each in 9 steps), so
-    one measurement holds too few for a ratio worth a point, and the accuracy (world_model/reward_accuracy) is mostly
-    the zero class. recall = hits / actual is taken once its pool holds min_count actual examples of the class,
-    precision = hits / predicted once its pool holds min_count predictions of it; that pool then starts again. No
-    value is NaN or rests on fewer than min_count examples. The pools go into checkpoints (Collector.state_dict)."""
+    """The reward/end model's recall and precision per class (reward signs -1, 0, +1; the end), pooled
+    over measurements until a pool holds min_count actual (recall) or predicted (precision) examples
+    of its class, then taken and emptied: rewards and ends are rare, and no value is NaN or rests on
+    fewer than min_count examples."""
     classes = ("reward_neg", "reward_zero", "reward_pos", "end")
 
     def __init__(self, min_count: int = 20):
@@ -1777,8 +1768,7 @@ class RewardEndPools:
             self.precision[name] = [self.precision[name][0] + hits, self.precision[name][1] + predicted]
 
     def take(self) -> dict[str, float]:
-        """The values of the pools that reached min_count, by tag (world_model/reward_recall_pos,
-        ..., world_model/end_precision); those pools start again."""
+        """The full pools' values by tag (world_model/reward_recall_pos ... world_model/end_precision)."""
         values = {}
         for kind, pools in (("recall", self.recall), ("precision", self.precision)):
             for name, (hits, total) in pools.items():
@@ -1800,8 +1790,8 @@ class RewardEndPools:
 @torch.no_grad()
 def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, device: torch.device, seed: int,
                      net=None, autocast=contextlib.nullcontext()) -> tuple[np.ndarray, np.ndarray]:
-    """An open-loop imagined rollout from a real segment with the real actions, beside the real frames:
-    uint8 (H, 3, h, w) each, H = imagination_horizon (or what the episode has), and the H actions taken."""
+    """An open-loop imagined rollout from a real segment with the real actions: the real and imagined
+    frames uint8 (H, 3, h, w) each (H = imagination_horizon, or what the episode has) and the actions."""
     c, horizon = args.num_conditioning_steps, args.imagination_horizon
     generator = torch.Generator().manual_seed(seed)
     ids = [i for i in buffer.sampleable() if len(buffer.episode(i)["actions"]) >= c + horizon] or buffer.sampleable()
@@ -1826,18 +1816,12 @@ def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, devic
 def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int, int, dict]],
                               env: Union[AtariEnv, CatchEnv], args: Args, seed: int,
                               check: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """The current policy's return over the imagination horizon H from the same K starts, in the world model and in
-    the real game: the closed-loop gap that training in imagination exploits (a policy the early world model pays
-    for, which the real game does not). Each start (episode, t, env state) is a state the collector saved at frame t
-    (Collector.fork_starts). The world model starts as imagination does: the c frames up to t and their actions from
-    the buffer burn in the reward/end model (WorldModelEnv.start) and the actor's LSTM (actor_burn_in); then H steps
-    of the imagination step itself (graphs.policy_step and graphs.world_model_step; uncompiled for backend None). The
-    real game starts from the saved state (env, loaded with each start's state in turn: one emulator for K games)
-    and the same LSTM state. Both pick actions by the same rule with the same uniforms (sample_categorical), and the
-    world model's noise and reward/end draws come from the same generator, seeded by `seed` (the training RNGs do
-    not move). Returns undiscounted sums of reward signs (the clipped rewards DIAMOND learns from) over the H steps
-    or until the episode ends (the sampled end flag; the real termination, a life lost in Atari, or truncation),
-    averaged over the K starts: imagined_return, real_return and imagined_minus_real_return."""
+    """The policy's return over the horizon H from the same K starts in the world model and in the
+    real game: the gap that training in imagination exploits. A start (episode, t, env state) is a
+    frame the collector saved (Collector.fork_starts): the world model starts from it as imagination
+    does, the real game from the saved state, both with the same actor state, action rule and
+    uniforms (seeded by `seed`). Returns the mean undiscounted sums of reward signs until the end:
+    imagined_return, real_return and imagined_minus_real_return."""
     c, horizon, device, k = args.num_conditioning_steps, args.imagination_horizon, graphs.device, len(starts)
     buffer = graphs.wm_env.buffer
     refs = [(episode if episode < len(buffer.episodes) else -1, t - (c - 1)) for episode, t, _ in starts]
@@ -1886,7 +1870,7 @@ def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int,
 
 
 def action_shares(episodes: list[dict], num_actions: int) -> np.ndarray:
-    """The share of each action among the actions taken in the episodes (summing to 1; all 0 without any)."""
+    """The share of each action among the episodes' actions (summing to 1; all 0 without any)."""
     counts = np.zeros(num_actions)
     for episode in episodes:
         counts += np.bincount(np.asarray(episode["actions"], dtype=np.int64), minlength=num_actions)
@@ -1923,15 +1907,18 @@ def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
 
 def labelled_rows(rows: list[np.ndarray], row_labels: list[str], column_labels: Optional[list[str]] = None,
                   pad: int = 2) -> np.ndarray:
-    """Rows of uint8 (N, 3, h, w) frames as one RGB image, each row named in a left margin and each column (the
-    action taken into that frame) in a top margin: a picture that says which row is real and which imagined."""
+    """Rows of uint8 (N, 3, h, w) frames as one RGB image, each row named in a left margin and each
+    column (the action taken into that frame) in a top margin."""
     import cv2
 
     n, h = rows[0].shape[0], rows[0].shape[2]
     scale = max(1, 64 // h)  # small frames are enlarged, so that a label fits above each
-    grids = [make_grid(np.stack([cv2.resize(f.transpose(1, 2, 0), None, fx=scale, fy=scale,
-                                            interpolation=cv2.INTER_NEAREST).transpose(2, 0, 1) for f in row]),
-                       columns=n, pad=pad) for row in rows]
+
+    def enlarged(frame):
+        return cv2.resize(frame.transpose(1, 2, 0), None, fx=scale, fy=scale,
+                          interpolation=cv2.INTER_NEAREST).transpose(2, 0, 1)
+
+    grids = [make_grid(np.stack([enlarged(f) for f in row]), columns=n, pad=pad) for row in rows]
     left = 8 + 7 * max(len(label) for label in row_labels)
     top = 16 if column_labels else 0
     cell = h * scale + pad
@@ -1955,9 +1942,8 @@ PHASES = ("collect", "world_model_eval", "denoiser", "reward_end", "actor_critic
 
 @dataclass
 class RunPosition:
-    """Where the run is: the epoch (from 1), the phase (an index into PHASES), the step inside
-    the phase (env steps or gradient updates), and the global step: the gradient updates of the
-    three models so far, TensorBoard's one x axis (monotone across phases, epochs and resumes)."""
+    """Where the run is: the epoch (from 1), the phase (an index into PHASES), the step inside it (env
+    steps or updates), and the global step: the updates of the three models so far, TensorBoard's x."""
     epoch: int = 1
     phase: int = 0
     step: int = 0
@@ -1978,13 +1964,16 @@ class RunPosition:
         return f"epoch {self.epoch} ({self.name}, step {self.step}; global step {self.global_step})"
 
 
+def new_episode(obs: np.ndarray) -> dict:
+    """An episode being recorded, from its first frame: lists of the episode .npz fields."""
+    return {"obs": [obs.copy()], "actions": [], "rewards": [], "terminated": [], "truncated": []}
+
+
 class Collector:
-    """The real environment and what is collected from it: the emulator, the episode in progress (sampled by the
-    replay buffer as its newest), the actor's LSTM state, the env step count, and the held-out transitions: those
-    collected since the world model was last measured, which it has never trained on; the reward/end model's
-    pooled class counts on them (RewardEndPools), and the newest num_fork_starts env states saved along the way,
-    one every num_heldout_transitions // num_fork_starts env steps, which the evaluation forks the real game from
-    (imagined_and_real_returns)."""
+    """The real environment and what is collected from it: the episode in progress (the buffer's
+    newest), the actor's LSTM state, the env steps, the held-out transitions (collected since the
+    world model was last measured, never trained on), the reward/end model's pooled counts on them,
+    and the newest num_fork_starts env states, saved along the way for imagined_and_real_returns."""
     num_fork_starts = 8
 
     def __init__(self, env: Union[AtariEnv, CatchEnv], buffer: ReplayBuffer, generator: torch.Generator,
@@ -1996,15 +1985,14 @@ class Collector:
         self.first_collection_steps = 0  # the first collection N, once epoch 1 has decided it (0: not yet)
         self.heldout = torch.zeros((0, 2), dtype=torch.long)  # (episode index in the buffer, t)
         self.reward_end_pools = RewardEndPools()
-        self.fork_starts: list[tuple[int, int, dict]] = []  # (episode index in the buffer, t, env state at frame t)
+        self.fork_starts: list[tuple[int, int, dict]] = []  # (episode index in the buffer, t, env state at t)
 
     @torch.no_grad()
     def step(self, actor_critic: ActorCritic, args: Args, autocast, random_policy: bool):
         """One env step with the agent (epsilon-greedy over a sampled action) or a uniform random
         policy. Returns the reward and, when the step ended a game, the game's (return, length)."""
         if self.partial is None:
-            self.partial = {"obs": [self.env.reset().copy()], "actions": [], "rewards": [], "terminated": [],
-                            "truncated": []}
+            self.partial = new_episode(self.env.reset())
         # the transition about to be collected, as (the index its episode will have in the buffer, t)
         ref = (len(self.buffer.episodes), len(self.partial["actions"]))
         if self.env_steps % max(1, args.num_heldout_transitions // self.num_fork_starts) == 0:
@@ -2042,9 +2030,9 @@ class Collector:
             **{key: torch.tensor(self.partial[key], dtype=dtype) for key, dtype in (
                 ("actions", torch.int64), ("rewards", torch.float32), ("terminated", torch.bool),
                 ("truncated", torch.bool))}}
+        hidden = None if self.hidden is None else tuple(h.cpu() for h in self.hidden)
         return {"env": self.env.state_dict(), "env_steps": self.env_steps, "partial": partial,
-                "first_collection_steps": self.first_collection_steps,
-                "collect_hidden": None if self.hidden is None else tuple(h.cpu() for h in self.hidden),
+                "first_collection_steps": self.first_collection_steps, "collect_hidden": hidden,
                 "heldout": self.heldout, "reward_end_pools": self.reward_end_pools.state_dict(),
                 "fork_starts": [{"episode": e, "t": t, "env": env} for e, t, env in self.fork_starts]}
 
@@ -2065,10 +2053,9 @@ class Collector:
 
 
 class EpochLog:
-    """An epoch's numbers. Losses and gradient norms are summed on the device (no host sync per update) and written
-    every log_every updates at the global step. Everything else (collection, world-model metrics, evaluations,
-    speeds) waits in `pending` and is written at the end of the epoch, before its checkpoint: so a run resumed from a
-    checkpoint at global step G (TensorBoard drops the points after G) never writes a point at a step twice."""
+    """An epoch's numbers. Losses and gradient norms are summed on the device (no host sync per
+    update) and written every log_every updates at the global step; the rest waits in `pending` for
+    the end of the epoch, before its checkpoint, so that a resumed run never writes a step twice."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -2089,7 +2076,7 @@ class EpochLog:
         return all(math.isfinite(value.item()) for value in self.sums.values())
 
     def flush(self, writer, step: int, count: int) -> dict[str, float]:
-        """Writes the window's means over its `count` updates at the global step and starts a new window."""
+        """Writes the window's means over its `count` updates at the global step; a new window starts."""
         means = {key: value.item() / count for key, value in self.sums.items()}
         for key, value in means.items():
             writer.add_scalar(key, value, step)
@@ -2102,25 +2089,27 @@ class EpochLog:
             writer.add_scalar(key, float(np.mean(values)), step)
 
     def summary(self) -> list[str]:
-        """The epoch's printed line: mean losses, returns, and the world model against copying the last frame; when
-        evaluated: the reward/end model's recall/precision of the reward +1 (when pooled enough, else -), the
-        imagined minus the real return of the policy from the same starts, and its most frequent action's share."""
+        """The epoch's printed line: mean losses and returns, the world model beside copying the last
+        frame, and when evaluated the reward +1's recall/precision, the imagined minus the real
+        return and the policy's most frequent action."""
         values = {**self.means, **self.pending}
         parts = [f"{label} {np.mean(values[key]):.4g}" for key, label in (
             ("losses/denoiser", "denoiser loss"), ("losses/reward_end", "reward/end loss"),
             ("losses/actor_critic", "actor-critic loss"), ("charts/episodic_return", "train return"),
             ("eval/episodic_return", "eval return")) if key in values]
+        first = {key: value[0] for key, value in values.items()}
         if "world_model/next_frame_mse_changed" in values:
-            parts.append(f"next-frame mse on changed pixels {values['world_model/next_frame_mse_changed'][0]:.4g} "
-                         f"(copy-last-frame {values['world_model/copy_last_frame_mse_changed'][0]:.4g})")
-        recall, precision = (values.get(f"world_model/reward_{kind}_pos") for kind in ("recall", "precision"))
-        if recall or precision:
-            parts.append("rew+ rec/prec " + "/".join("-" if v is None else f"{v[0]:.2f}" for v in (recall, precision)))
+            parts.append(f"next-frame mse on changed pixels {first['world_model/next_frame_mse_changed']:.4g} "
+                         f"(copy-last-frame {first['world_model/copy_last_frame_mse_changed']:.4g})")
+        recall, precision = (first.get(f"world_model/reward_{kind}_pos") for kind in ("recall", "precision"))
+        if recall is not None or precision is not None:
+            shown = ("-" if value is None else f"{value:.2f}" for value in (recall, precision))
+            parts.append("rew+ rec/prec " + "/".join(shown))
         if "eval/imagined_minus_real_return" in values:
-            parts.append(f"imag-real gap {values['eval/imagined_minus_real_return'][0]:+.2f} (imag "
-                         f"{values['eval/imagined_return'][0]:+.2f}, real {values['eval/real_return'][0]:+.2f})")
-        shares = {key[len("eval/action_share_"):]: value[0] for key, value in values.items()
-                  if key.startswith("eval/action_share_")}
+            parts.append(f"imag-real gap {first['eval/imagined_minus_real_return']:+.2f} (imag "
+                         f"{first['eval/imagined_return']:+.2f}, real {first['eval/real_return']:+.2f})")
+        prefix = "eval/action_share_"
+        shares = {key[len(prefix):]: value for key, value in first.items() if key.startswith(prefix)}
         if shares:
             top = max(shares, key=shares.get)
             parts.append(f"top action {top} {shares[top]:.2f}")
@@ -2161,8 +2150,9 @@ def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> 
     for name, model in models.items():
         # AdamW with weight decay on the weights of the world model only (DIAMOND: the actor-critic uses none)
         weight_decay = 0.0 if name == "actor_critic" else args.weight_decay
-        lr = args.actor_critic_learning_rate if name == "actor_critic" and args.actor_critic_learning_rate else \
-            args.learning_rate
+        lr = args.learning_rate
+        if name == "actor_critic" and args.actor_critic_learning_rate:
+            lr = args.actor_critic_learning_rate
         optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr, eps=args.adam_eps,
                                       fused=use_cuda)
         # linear warmup from 0: lr_s = lr * min(1, s / warmup_steps)
@@ -2175,21 +2165,19 @@ def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> 
 
 def run_checkpoint(args: Args, pos, collector, log, buffer, learners: dict[str, Learner], cpu_generator, generator,
                    wm_env) -> dict:
-    """What checkpoints/latest.pt holds (CHECKPOINT_KEYS, after its header): the position in the run, the collector's
-    and the epoch log's state, how many episode files are the run's, each learner's model, optimizer, scheduler and
-    grad scaler (dicts by model name), every RNG and the imagined episodes. restore_run puts them back."""
+    """checkpoints/latest.pt's contents (CHECKPOINT_KEYS after the header), which restore_run puts back."""
+    parts = {key: {name: getattr(learner, key[:-1]).state_dict() for name, learner in learners.items()}
+             for key in ("models", "optimizers", "schedulers", "scalers")}
     return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
             "args": asdict(args), **pos.state_dict(), **collector.state_dict(), **log.state_dict(),
-            "num_buffer_files": len(buffer.episodes) if args.dataset_dir is None else 0,
-            **{key: {name: getattr(learner, key[:-1]).state_dict() for name, learner in learners.items()}
-               for key in ("models", "optimizers", "schedulers", "scalers")},
+            "num_buffer_files": len(buffer.episodes) if args.dataset_dir is None else 0, **parts,
             "rng": rng_state(), "cpu_generator": cpu_generator.get_state(), "generator": generator.get_state().cpu(),
             "imagination": wm_env.state_dict()}
 
 
 def restore_run(checkpoint: dict, pos, collector, log, learners: dict[str, Learner], cpu_generator, generator):
-    """Puts run_checkpoint's state back but for the episodes and the imagined episodes, which the run restores once
-    its buffer is read. Weights of another shape, or a damaged state: one line, not a traceback."""
+    """Puts run_checkpoint's state back (the episodes and imagined episodes: once the buffer is read);
+    weights of another shape, or a damaged state, are one line."""
     try:
         for name, learner in learners.items():
             learner.model.load_state_dict(checkpoint["models"][name])
@@ -2213,9 +2201,8 @@ def restore_run(checkpoint: dict, pos, collector, log, learners: dict[str, Learn
 
 @dataclass
 class Run:
-    """What the phases of an epoch share: the arguments, the device, the training generators (cpu_generator: no-ops,
-    exploration, replay sampling; generator: diffusion noise, imagination), the replay buffer, the models and
-    their learners, the imagined environments, the TensorBoard writer and the stop flag."""
+    """What the phases of an epoch share. cpu_generator: no-ops, exploration, replay sampling;
+    generator: diffusion noise, imagination."""
     args: Args
     device: torch.device
     autocast: object
@@ -2229,7 +2216,7 @@ class Run:
     graphs: Optional[ImaginationGraphs]  # the compiled imagination step (--imagination-graphs), or None: eager
     collector: Collector
     writer: object  # a SummaryWriter
-    stop: object  # the StopFlag (defined in the shared block below)
+    stop: object  # the StopFlag
     run_dir: Path
     denoiser_update_flops: float  # FLOPs of one denoiser update, for MFU
     peak_flops: Optional[float]  # the device's peak FLOP/s on CUDA; None on a CPU (no MFU)
@@ -2240,14 +2227,14 @@ class Run:
         return len(run_schedule(self.args, self.collector.first_collection_steps))
 
     def checked_net(self, *inputs):
-        """The denoiser's network for evaluations, uncompiled (their batch sizes and segment
-        lengths vary): a signal abandons them within a network call (StopRequested)."""
+        """The denoiser's network uncompiled, for evaluations (their shapes vary); a signal abandons
+        them within a call (StopRequested)."""
         self.stop.check()
         return self.learners["denoiser"].model.net(*inputs)
 
 
 def phase_length(args: Args, name: str, epoch: int) -> int:
-    """Gradient updates of a model phase in this epoch (the first epoch trains much longer on its big first batch)."""
+    """Gradient updates of a model in this epoch (epoch 1 trains much longer, on its first collection)."""
     first = epoch == 1
     if name == "actor_critic" and epoch <= args.actor_critic_start_after_epochs:
         return 0
@@ -2257,9 +2244,8 @@ def phase_length(args: Args, name: str, epoch: int) -> int:
 
 
 def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of one gradient update of a model (denoiser, reward_end or actor_critic) on a
-    fresh batch, and the extra values to log. The denoiser and the reward/end model learn from
-    real segments of the replay buffer, the actor-critic from an imagined rollout."""
+    """One update's loss of a model on a fresh batch (real segments; the actor-critic: an imagined
+    rollout) and the extra values to log."""
     args, device, autocast = run.args, run.device, run.autocast
     denoiser, reward_end_model = run.learners["denoiser"].model, run.learners["reward_end"].model
     if name == "denoiser":  # 6-frame segments, two predictions (the second on the first's 8-bit output)
@@ -2280,26 +2266,27 @@ def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tenso
 
 
 def collect(run: Run, collector: Collector, pos: RunPosition, log: EpochLog):
-    """Env steps with the agent (a random policy with --world-model-only) until this epoch's share of the budget is
-    collected (run_schedule). Epoch 1 first decides the first collection N as DIAMOND does: at least
-    initial_collection_steps, then collection_steps_per_epoch (100) more at a time until the two rarer reward signs
-    together occur min_rare_rewards times, or N reaches max_initial_collection_steps; then it collects its own share."""
+    """Env steps with the agent (--world-model-only: a random policy) until this epoch's share of the
+    budget is collected. Epoch 1 first decides the first collection N as DIAMOND: at least
+    initial_collection_steps, then 100 more at a time until the two rarer reward signs together occur
+    min_rare_rewards times, or max_initial_collection_steps."""
     args, buffer = run.args, run.buffer
     # counts of the reward signs -1, 0, +1 in the buffer (the episode in progress included)
     counts = [sum(int((buffer.episode(i)["rewards"].sign() == sign).sum()) for i in buffer.sampleable())
               for sign in (-1, 0, 1)]
     total = run_schedule(args, collector.first_collection_steps)[pos.epoch - 1]
-    progress, start, first = progress_bar(total, pos.step, f"epoch {pos.epoch} collect", "env step"), \
-        time.perf_counter(), pos.step
+    progress = progress_bar(total, pos.step, f"epoch {pos.epoch} collect", "env step")
+    start, first = time.perf_counter(), pos.step
     while not run.stop.requested:
         if pos.epoch == 1 and not collector.first_collection_steps:
             extra = pos.step - args.initial_collection_steps
+            rare = sum(sorted(counts)[:2])
             if extra >= 0 and extra % args.collection_steps_per_epoch == 0 and (
-                    sum(sorted(counts)[:2]) >= args.min_rare_rewards or pos.step >= args.max_initial_collection_steps):
+                    rare >= args.min_rare_rewards or pos.step >= args.max_initial_collection_steps):
                 collector.first_collection_steps = pos.step  # N: the run's schedule and length are now fixed
                 total = progress.total = run_schedule(args, pos.step)[0]
-                progress.write(f"first collection: {pos.step} env steps (reward signs -1/0/+1: {counts}); the run: "
-                               f"{run.num_epochs} epochs, {args.env_step_budget} env steps", file=sys.stdout)
+                progress.write(f"first collection: {pos.step} env steps (reward signs -1/0/+1: {counts}); the "
+                               f"run: {run.num_epochs} epochs, {args.env_step_budget} env steps", file=sys.stdout)
         if collector.first_collection_steps and pos.step >= total:
             break
         reward, game = collector.step(run.learners["actor_critic"].model, args, run.autocast, args.world_model_only)
@@ -2316,9 +2303,8 @@ def collect(run: Run, collector: Collector, pos: RunPosition, log: EpochLog):
 
 
 def measure_world_model(run: Run, collector: Collector, pos: RunPosition, log: EpochLog):
-    """world_model/*: the sampled next frame against copying the last one, and the reward/end accuracy, on the
-    transitions just collected (or --dataset-dir's held-out episodes), which the world model has not trained on;
-    the reward/end model's class counts go into the collector's pools (its recall and precision: evaluate)."""
+    """world_model/* on the transitions just collected (or --dataset-dir's held-out ones), never
+    trained on; the reward/end class counts go into the collector's pools."""
     buffer = run.buffer
     refs = [(e if e < len(buffer.episodes) else -1, t) for e, t in collector.heldout.tolist()]
     metrics = world_model_metrics(run.learners["denoiser"].model, run.learners["reward_end"].model, buffer, refs,
@@ -2332,9 +2318,8 @@ def measure_world_model(run: Run, collector: Collector, pos: RunPosition, log: E
 
 
 def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
-    """This epoch's gradient updates of one model (denoiser, reward_end or actor_critic), from
-    pos.step on, until they are done or a signal arrives (the current update is finished first).
-    Losses are written every log_every updates at the global step."""
+    """This epoch's updates of one model from pos.step on, until done or a signal (the update in
+    progress finishes first); losses written every log_every updates at the global step."""
     args, learner = run.args, run.learners[name]
     num_steps = phase_length(args, name, pos.epoch)
     progress = progress_bar(num_steps, pos.step, f"epoch {pos.epoch} {name}", "update")
@@ -2380,28 +2365,25 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
 
 
 def evaluate(run: Run, pos: RunPosition, log: EpochLog):
-    """An open-loop imagined rollout beside the real frames and, except in the last epoch (which gets the full test),
-    eval_episodes test episodes; the policy's diagnostics (policy_diagnostics) and the reward/end model's recall and
-    precision of the pools that reached their count (RewardEndPools). A signal abandons it (StopRequested) before
-    anything is written or a pool emptied: a resumed run evaluates again and writes each picture once."""
-    args, epoch = run.args, pos.epoch
+    """An open-loop imagined rollout beside the real frames, eval_episodes test episodes (but in the
+    last epoch: the final test), test-set losses, the policy's diagnostics and the full reward/end
+    pools. A signal abandons it (StopRequested) before anything is written or a pool emptied."""
+    args, epoch, seed = run.args, pos.epoch, run.args.seed * 7919 + pos.epoch
     denoiser, reward_end_model = run.learners["denoiser"].model, run.learners["reward_end"].model
-    real, imagined, taken = imagined_vs_real(denoiser, run.buffer, args, run.device, args.seed * 7919 + epoch,
-                                             run.checked_net, run.autocast)
+    real, imagined, taken = imagined_vs_real(denoiser, run.buffer, args, run.device, seed, run.checked_net,
+                                             run.autocast)
     returns, test_episodes = None, []
     if not args.world_model_only and epoch < run.num_epochs:
         # with --dataset-dir, DIAMOND plays no game: these real-game test episodes are this script's addition
         what = "real-game test episodes, not in DIAMOND's static-dataset mode" if args.dataset_dir else "test episodes"
         progress = progress_bar(None, 0, f"epoch {epoch} evaluate ({args.eval_episodes} {what})", "env step")
-
-        # a signal abandons the test episodes at the next env made or step played
-        returns = run_test_episodes(run.learners["actor_critic"].model, args, args.eval_episodes,
-                                    args.seed * 7919 + epoch, run.device, run.autocast, check=run.stop.check,
-                                    record=test_episodes, on_step=lambda: progress.update(1))
+        returns = run_test_episodes(run.learners["actor_critic"].model, args, args.eval_episodes, seed, run.device,
+                                    run.autocast, check=run.stop.check, record=test_episodes,
+                                    on_step=lambda: progress.update(1))
         progress.close()
     diagnostics = {} if args.world_model_only else policy_diagnostics(run, epoch, test_episodes)
     # Test-set losses on episodes never trained on: --dataset-dir's held-out episodes, else (as DIAMOND) the test
-    # episodes just played (epsilon 0); a --world-model-only run that collects plays none, so it has none.
+    # episodes just played; a --world-model-only run that collects plays none, so it has none.
     if args.dataset_dir is not None:
         held_out = run.buffer
         ids = sorted(set(range(len(held_out.episodes))) - set(run.train_ids))
@@ -2410,21 +2392,20 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
         for episode in test_episodes:
             held_out.add(episode, write=False)
         ids = list(range(len(test_episodes)))
-    test_losses = test_set_losses(denoiser, reward_end_model, held_out, ids, args, run.device,
-                                  args.seed * 7919 + epoch, run.checked_net, run.autocast) if ids else {}
-    # a strip: real on top, imagined below, each row named and each column headed by the action taken into it
-    meanings = run.collector.env.action_meanings
-    names = [meanings[a].lower() for a in taken]
+    test_losses = test_set_losses(denoiser, reward_end_model, held_out, ids, args, run.device, seed,
+                                  run.checked_net, run.autocast) if ids else {}
+    # a strip: real on top, imagined below, each column headed by the action taken into it
+    names = [run.collector.env.action_meanings[a].lower() for a in taken]
     strip = labelled_rows([real, imagined], ["real", "imagined"], names)
     run.writer.add_image("samples/imagined_vs_real", strip, pos.global_step, dataformats="HWC")
     # the video: real | imagined side by side, captioned with the step and the action
-    write_mp4(run.run_dir / "samples" / f"rollout_epoch{epoch:05d}.mp4", np.stack([
+    stem = run.run_dir / "samples" / f"rollout_epoch{epoch:05d}"
+    write_mp4(stem.with_suffix(".mp4"), np.stack([
         with_caption(np.concatenate([r, i], axis=2).transpose(1, 2, 0), 256,
                      ["left real, right imagined", f"step {k + 1}  action {names[k]}"])
         for k, (r, i) in enumerate(zip(real, imagined))]))
-    write_samples(run.run_dir / "samples", f"rollout_epoch{epoch:05d}", np.concatenate([real, imagined]),
-                  columns=len(real))
-    write_png(run.run_dir / "samples" / f"rollout_epoch{epoch:05d}.png", strip)
+    write_samples(stem.parent, stem.name, np.concatenate([real, imagined]), columns=len(real))
+    write_png(stem.with_suffix(".png"), strip)
     for key, value in {**{f"eval/{key}": value for key, value in test_losses.items()}, **diagnostics,
                        **run.collector.reward_end_pools.take()}.items():
         log.add(key, value)
@@ -2436,11 +2417,9 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
 
 
 def policy_diagnostics(run: Run, epoch: int, test_episodes: list[dict]) -> dict[str, float]:
-    """What the policy does and what the world model promises it: eval/action_share_{ACTION} (the share of each
-    action in the test episodes just played: a policy collapsed onto one action shows there), and eval/imagined_return,
-    eval/real_return, eval/imagined_minus_real_return (imagined_and_real_returns from the collector's newest
-    min(8, num_imagined_envs) saved states; none with --dataset-dir, which collects nothing). Seeded by (seed, epoch):
-    the training RNGs do not move."""
+    """eval/action_share_{ACTION} in the test episodes just played (a policy collapsed onto one action
+    shows there) and imagined_and_real_returns from the collector's newest saved states (none with
+    --dataset-dir), seeded by (seed, epoch)."""
     args, collector = run.args, run.collector
     values = {}
     if test_episodes:
@@ -2451,8 +2430,9 @@ def policy_diagnostics(run: Run, epoch: int, test_episodes: list[dict]) -> dict[
     if k:
         run.stop.check()  # an Atari env takes about a second to make
         env = make_env(args, args.seed * 7919 + epoch)  # a training env: a life lost ends the episode, as in the buffer
-        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype) if (
-            run.device.type == "cuda") else None
+        amp_dtype = None
+        if run.device.type == "cuda":
+            amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
         graphs = ImaginationGraphs(run.wm_env, run.learners["actor_critic"].model, args, run.device, amp_dtype,
                                    backend=None)  # the imagination step's functions, uncompiled: K envs, not n
         returns = imagined_and_real_returns(graphs, collector.fork_starts[-k:], env, args, args.seed * 7919 + epoch,
@@ -2462,8 +2442,7 @@ def policy_diagnostics(run: Run, epoch: int, test_episodes: list[dict]) -> dict[
 
 
 def keep_agent_copy(folder: Path, epoch: int, actor_critic: ActorCritic, keep: int):
-    """checkpoints/agent_epoch_{epoch}.pt: the actor-critic's weights alone (atomic, on the CPU);
-    older copies beyond the newest `keep` are deleted."""
+    """checkpoints/agent_epoch_{epoch}.pt: the actor-critic's weights alone; the newest `keep` stay."""
     save_checkpoint(folder / f"agent_epoch_{epoch:05d}.pt", {k: v.cpu() for k, v in actor_critic.state_dict().items()})
     for old in sorted(folder.glob("agent_epoch_*.pt"))[:-keep]:
         old.unlink()
@@ -2473,8 +2452,8 @@ def phase_runs(run: Run, name: str, epoch: int) -> bool:
     """Whether a phase has work in this epoch."""
     args = run.args
     if name == "collect":  # epoch 1 decides the first collection; the final epochs only train
-        return args.dataset_dir is None and (epoch == 1 or run_schedule(args, run.collector.first_collection_steps)[
-            epoch - 1] > 0)
+        schedule = run_schedule(args, run.collector.first_collection_steps)
+        return args.dataset_dir is None and (epoch == 1 or schedule[epoch - 1] > 0)
     if name == "actor_critic":
         return not args.world_model_only and phase_length(args, name, epoch) > 0
     if name == "evaluate":
@@ -2486,9 +2465,8 @@ def phase_runs(run: Run, name: str, epoch: int) -> bool:
 
 
 def work_left(args: Args, first_collection_steps: int, pos: RunPosition) -> dict[str, int]:
-    """What is left of the run from pos, per phase: env steps to collect, updates of each model, and the world model's
-    measurements (one after each collection) and evaluations (every eval_every epochs and the last) to run. Before
-    epoch 1 has decided the first collection N, N = initial_collection_steps (the least it can be)."""
+    """Units left of each phase from pos: env steps, updates, world-model measurements, evaluations
+    (N = initial_collection_steps until epoch 1 decides the first collection)."""
     schedule = run_schedule(args, first_collection_steps)
     left = dict.fromkeys(PHASES, 0)
     for epoch in range(pos.epoch, len(schedule) + 1):
@@ -2498,28 +2476,25 @@ def work_left(args: Args, first_collection_steps: int, pos: RunPosition) -> dict
                  "reward_end": phase_length(args, "reward_end", epoch),
                  "actor_critic": 0 if args.world_model_only else phase_length(args, "actor_critic", epoch),
                  "evaluate": int(epoch % args.eval_every == 0 or epoch == len(schedule))}
-        for index, name in enumerate(PHASES):  # the epoch in progress: the phases done, and the steps done of this one
+        for index, name in enumerate(PHASES):  # the epoch in progress: its phases done, the steps done of this one
+            stepped = name in ("collect", "denoiser", "reward_end", "actor_critic")
             done = (0 if epoch > pos.epoch or index > pos.phase else units[name] if index < pos.phase
-                    else pos.step if name in ("collect", "denoiser", "reward_end", "actor_critic") else 0)
+                    else pos.step if stepped else 0)
             left[name] += max(units[name] - done, 0)
     return left
 
 
 def seconds_left(seconds_per_unit: dict[str, float], left: dict[str, int]) -> float:
-    """sum over phases of (seconds per unit) x (units left); a phase not timed yet (an evaluation) counts 0."""
+    """sum over phases of seconds per unit x units left (a phase not timed yet counts 0)."""
     return sum(units * seconds_per_unit.get(name, 0.0) for name, units in left.items())
 
 
 def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, device: torch.device, autocast,
                 left: dict[str, int]) -> dict[str, float]:
-    """Seconds per update of each model with updates left, and per env step of collection (the env and the policy),
-    timed before the run's first collection on throwaway things: deep copies of the models with optimizers of their
-    own, a replay buffer of one random-frame episode, an env of its own, generators of its own; the global RNGs are
-    put back after. So the run's weights, optimizer states and random numbers are those of a run that timed nothing
-    (an exact resume depends on it). Each: a warm-up unit, then timed units until 0.2 s or `most` of
-    them (or the warm-up alone if over 1 s). On a CPU batch 1 is timed first, and the full batch if
-    that x the batch is under 2 s; else the estimate is batch 1's time x the batch (how close:
-    RESULTS section 1). Imagination is timed eager (CUDA graphs run faster)."""
+    """Seconds per update of each model with updates left, and per env step, timed before the run on
+    copies of the models, a one-episode buffer, an env and generators of their own; the global RNGs
+    are put back, so the run is that of a run that timed nothing (exact resume). On a CPU, a full
+    batch whose batch-1 time x the batch is over 2 s is estimated as that product."""
     state = rng_state()
     copies = {name: copy.deepcopy(model) for name, model in models.items()}
     learners = build_learners(args, copies, device.type == "cuda")
@@ -2539,8 +2514,9 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
         return time.perf_counter() - start
 
     def timed(unit: Callable[[], object], most: int = 5) -> float:
-        first = once(unit)  # a warm-up (allocators, caches, the imagined episodes' start), whose overhead is small
-        if first > 1.0:  # beside a unit of over a second: that one is the figure
+        """A warm-up unit (the figure if over 1 s), then the mean of units until 0.2 s or `most`."""
+        first = once(unit)
+        if first > 1.0:
             return first
         times = [once(unit)]
         while len(times) < most and sum(times) < 0.2:
@@ -2566,29 +2542,26 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
             one = timed(update(name, 1))
             seconds[name] = timed(update(name, full)) if one * full < 2.0 else one * full
     if left["collect"]:
-        collector = Collector(make_env(args, args.seed + 1, torch.Generator().manual_seed(0)), buffer, cpu_generator,
-                              device)
-        seconds["collect"] = timed(lambda: collector.step(copies["actor_critic"], args, autocast,
-                                                          args.world_model_only), most=100)
+        env = make_env(args, args.seed + 1, torch.Generator().manual_seed(0))
+        collector = Collector(env, buffer, cpu_generator, device)
+        actor_critic = copies["actor_critic"]
+        seconds["collect"] = timed(lambda: collector.step(actor_critic, args, autocast, args.world_model_only), 100)
     set_rng_state(state)
     return seconds
 
 
-def duration(seconds: float) -> str:
-    days, rest = divmod(int(seconds), 86_400)
-    if seconds < 3600:
-        return f"{rest // 60} min {rest % 60} s"
-    return f"{f'{days} d ' if days else ''}{rest // 3600} h {rest % 3600 // 60} min"
-
-
 def run_time_lines(seconds_per_unit: dict[str, float], left: dict[str, int], setup) -> list[str]:
-    """The estimate of the rest of the run, printed before its first collection, and on a CPU,
-    above a day, which settings fit a CPU."""
+    """The estimate of the rest of the run and, on a CPU above a day, which settings fit a CPU."""
     seconds = seconds_left(seconds_per_unit, left)
     parts = [f"{left[name]:,} {label} at {seconds_per_unit[name]:.3g} s" for name, label in (
         ("denoiser", "denoiser updates"), ("reward_end", "reward/end updates"),
         ("actor_critic", "actor-critic updates"), ("collect", "env steps")) if name in seconds_per_unit]
-    lines = [f"estimated time to the end of the run: {duration(seconds)} on {setup.device} ({', '.join(parts)}; timed "
+    days, rest = divmod(int(seconds), 86_400)
+    if seconds < 3600:
+        length = f"{rest // 60} min {rest % 60} s"
+    else:
+        length = f"{f'{days} d ' if days else ''}{rest // 3600} h {rest % 3600 // 60} min"
+    lines = [f"estimated time to the end of the run: {length} on {setup.device} ({', '.join(parts)}; timed "
              f"on copies of the models; evaluations and test episodes not counted)"]
     if not setup.use_cuda and seconds > 86_400:
         lines.append("notice: on this CPU the run takes more than a day: the defaults are the paper's GPU settings; "
@@ -2598,10 +2571,10 @@ def run_time_lines(seconds_per_unit: dict[str, float], left: dict[str, int], set
 
 
 def load_dataset_dir(args: Args, buffer: ReplayBuffer, num_actions: int) -> tuple[list[int], torch.Tensor]:
-    """--dataset-dir: every episode .npz into the buffer. Returns the training episodes and the held-out transitions
-    (the last 10% of the episodes, never trained on, are where world_model/* is measured)."""
-    paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))  # no temp files
-    paths = paths if Path(args.dataset_dir).is_dir() else []
+    """--dataset-dir: every episode .npz into the buffer. Returns the training episodes and the
+    held-out transitions (in the last 10% of the episodes: where world_model/* is measured)."""
+    folder = Path(args.dataset_dir)
+    paths = sorted(p for p in folder.glob("*.npz") if not p.name.startswith(".")) if folder.is_dir() else []
     if not paths:
         raise UserError(f"--dataset-dir {args.dataset_dir}: no episode .npz files (one per episode: obs, "
                         f"actions, rewards, terminated, truncated)")
@@ -2611,15 +2584,14 @@ def load_dataset_dir(args: Args, buffer: ReplayBuffer, num_actions: int) -> tupl
     for path in paths:
         buffer.add(load_episode(path, args.obs_size, num_actions, "fix it or move it out of --dataset-dir"),
                    write=False)
-    num_heldout_episodes = max(1, len(paths) // 10)
-    pairs = [(e, t) for e in range(len(paths) - num_heldout_episodes, len(paths))
-             for t in range(len(buffer.episodes[e]["actions"]))]
+    num_train = len(paths) - max(1, len(paths) // 10)
+    pairs = [(e, t) for e in range(num_train, len(paths)) for t in range(len(buffer.episodes[e]["actions"]))]
     picks = np.linspace(0, len(pairs) - 1, min(args.num_heldout_transitions, len(pairs))).round().astype(int)
-    return list(range(len(paths) - num_heldout_episodes)), torch.tensor([pairs[i] for i in picks], dtype=torch.long)
+    return list(range(num_train)), torch.tensor([pairs[i] for i in picks], dtype=torch.long)
 
 
 def denoiser_update_flops(args: Args, num_actions: int) -> float:
-    """FLOPs of one denoiser update, for MFU: about 3x the forward FLOPs (forward + backward) per prediction."""
+    """FLOPs of one denoiser update, for MFU: 3x the forward's (forward + backward) per prediction."""
     c = args.num_conditioning_steps
     example = (torch.zeros(1, 3, args.obs_size, args.obs_size), torch.zeros(1),
                torch.zeros(1, 3 * c, args.obs_size, args.obs_size), torch.zeros(1, c, dtype=torch.long))
@@ -2628,9 +2600,8 @@ def denoiser_update_flops(args: Args, num_actions: int) -> float:
 
 
 def no_grad_peak_bytes(fn: Callable[[], object]) -> float:
-    """The most bytes that the tensors fn() makes hold at one time, fn running without gradients on the meta device
-    (nothing is computed or allocated): the transient memory of a forward that keeps nothing for a backward. A
-    storage counts from the op that makes it until its last tensor is freed (views and in-place results share it)."""
+    """The most bytes that fn()'s tensors hold at one time, fn running without gradients on the meta
+    device: a storage counts from the op that makes it until its last tensor is freed."""
     import weakref
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -2699,9 +2670,8 @@ def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float
 
 
 def check_training_memory(setup, args: Args, num_actions: int):
-    """Refuses in one line, before anything is allocated at full size, training steps that cannot fit in memory
-    (check_step_memory): the denoiser and reward/end updates at --batch-size, the actor-critic update at
-    --num-imagined-envs; the three models' weights, gradients and AdamW states stay resident."""
+    """Refuses in one line, before anything is allocated at full size, updates that cannot fit
+    (check_step_memory): the world model's at --batch-size, the actor-critic's at --num-imagined-envs."""
     num_params, per_segment, per_env = step_memory_profile(args, num_actions)
     check_step_memory(setup, args.batch_size, num_params, per_segment, args.dtype)
     if not args.world_model_only:
@@ -2714,24 +2684,15 @@ def check_training_memory(setup, args: Args, num_actions: int):
 
 def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv],
               device: torch.device, autocast, stop):
-    """--eval-only: the checkpoint's agent plays --test-episodes full games; the score (and env's normalised score,
-    where it has one) goes into the run's TensorBoard at the checkpoint's global step (eval/eval_only_*). A signal
-    abandons the episodes and logs nothing."""
-    completed = checkpoint["epoch"] - 1
-    print(f"running {args.test_episodes} test episodes with the agent of epoch {completed} ...", flush=True)
-    try:
-        returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003, device,
-                                    autocast, check=stop.check)
-    except StopRequested:
-        print("stopped by signal during the test episodes; nothing was logged", flush=True)
-        return
-    finally:
-        stop.restore()
-    report_score(env, returns, f"{args.test_episodes} test episodes with the agent of epoch {completed}")
+    """--eval-only: the checkpoint's agent scored, logged in its run at its global step (eval/eval_only_*)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(run_dir)) as writer:
-        log_test_returns(writer, env, returns, checkpoint["global_step"], "eval_only")
+    what = f"{args.test_episodes} test episodes with the agent of epoch {checkpoint['epoch'] - 1}"
+    print(f"running {what} ...", flush=True)
+    score_agent(args, actor_critic, env, device, autocast, stop, what,
+                "stopped by signal during the test episodes; nothing was logged",
+                lambda: SummaryWriter(str(run_dir)), checkpoint["global_step"], "eval_only")
+    stop.restore()
 
 
 # ==== BEGIN OPTIONAL: play ====
@@ -2783,10 +2744,9 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
 
 
 class ImaginedGame:
-    """The world model as a game. reset() takes a real start (c frames, c - 1 actions) from starts() and burns the
-    reward/end model's LSTM in on it; step(action) asks next_frame(frames (1, c, 3, H, W) in [-1, 1], actions (1, c))
-    for the next frame (1, 3, H, W) and samples the reward sign and the end flag (none without a reward/end model).
-    Any callable works as next_frame: the tests play a stand-in that shifts the last frame by the action."""
+    """The world model as a game: reset() takes a real start (c frames, c - 1 actions) from starts()
+    and burns the reward/end LSTM in; step(action) asks next_frame(frames (1, c, 3, H, W), actions
+    (1, c)) for the next frame and samples the reward sign and the end (none without a model)."""
     name = "world model"
 
     def __init__(self, next_frame: Callable, starts: Callable, reward_end_model: Optional[nn.Module] = None,
@@ -2813,35 +2773,31 @@ class ImaginedGame:
             reward_logits, end_logits, self.hidden = self.reward_end_model(
                 self.obs[:, -1:], self.act[:, -1:], next_obs[:, None], self.hidden)
             # sampled, as in imagination: the reward sign in {-1, 0, 1} and the end flag
-            reward = float(torch.multinomial(reward_logits[0, 0].float().softmax(-1).cpu(), 1,
-                                             generator=self.generator)) - 1.0
-            end = bool(torch.multinomial(end_logits[0, 0].float().softmax(-1).cpu(), 1, generator=self.generator))
+            reward_probs, end_probs = (x[0, 0].float().softmax(-1).cpu() for x in (reward_logits, end_logits))
+            reward = float(torch.multinomial(reward_probs, 1, generator=self.generator)) - 1.0
+            end = bool(torch.multinomial(end_probs, 1, generator=self.generator))
         self.obs = torch.cat([self.obs[:, 1:], next_obs[:, None]], dim=1)
         self.act = torch.cat([self.act[:, 1:], torch.zeros_like(self.act[:, :1])], dim=1)
         return to_uint8(next_obs[0]).permute(1, 2, 0).cpu().numpy(), reward, end
 
 
 class RealGame:
-    """The real game (DIAMOND's protocol, training episodes: a life lost ends an episode) with the same interface.
-    While recording, each episode is kept as the episode .npz fields (docs/PROMISES.md section 3); an episode cut
-    short (the recording stopped, a restart) is marked truncated at its last step."""
+    """The real game (training episodes: a life lost ends one) with ImaginedGame's interface; while
+    recording, each episode is kept as the episode .npz fields (one cut short: truncated)."""
     name = "real game"
 
     def __init__(self, env: Union[AtariEnv, CatchEnv]):
         self.env, self.recording, self.finished = env, False, []
         self.episode = None
 
-    def new_episode(self, obs: np.ndarray):
-        self.episode = {"obs": [obs.copy()], "actions": [], "rewards": [], "terminated": [], "truncated": []}
-
     def reset(self) -> np.ndarray:
-        """A new game; when recording, the episode so far is kept (cut short) and the new game is recorded too."""
+        """A new game; when recording, the episode so far is kept (cut short) and the new game recorded."""
         recording = self.recording
         self.stop_recording()
         self.env.game_over = True
         obs = self.env.reset()
         self.recording = recording
-        self.new_episode(obs)
+        self.episode = new_episode(obs)
         return obs
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool]:
@@ -2854,20 +2810,19 @@ class RealGame:
             if self.recording:
                 self.finished.append(self.episode)
             obs = self.env.reset()
-            self.new_episode(obs)
+            self.episode = new_episode(obs)
         return obs, reward, terminated or truncated
 
     def start_recording(self):
         self.recording = True
-        self.new_episode(self.env.obs)
+        self.episode = new_episode(self.env.obs)
 
     def stop_recording(self):
-        """Keeps the episode recorded so far (truncated at its last step: it did not end) and stops recording."""
+        """Keeps the episode recorded so far (truncated at its last step) and stops recording."""
         if self.recording and self.episode is not None and self.episode["actions"]:
             self.episode["truncated"][-1] = not self.episode["terminated"][-1]
             self.finished.append(self.episode)
-        self.recording, self.episode = False, {"obs": [self.env.obs.copy()], "actions": [], "rewards": [],
-                                               "terminated": [], "truncated": []}
+        self.recording, self.episode = False, new_episode(self.env.obs)
 
     def take_episodes(self) -> list[dict]:
         done, self.finished = self.finished, []
@@ -3005,8 +2960,8 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
 
 def play_starts(args: Args, run_dir: Path, checkpoint: dict, num_actions: int, device: torch.device,
                 generator: torch.Generator, max_episodes: int = 16) -> Callable:
-    """starts() for ImaginedGame: a fresh real segment (c frames, c - 1 actions) from up to max_episodes episodes of
-    the run's replay buffer (or of its --dataset-dir), as imagination starts in training."""
+    """ImaginedGame's starts(): a fresh real segment from up to max_episodes of the run's episodes (or
+    --dataset-dir's), as imagination starts."""
     if args.dataset_dir is not None:
         paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))
     else:
@@ -3091,17 +3046,20 @@ def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], 
 
 
 def episode_to_mp4(path: str, meanings: list[str], size: int = 256) -> Path:
-    """--episode-to-mp4: an episode .npz -> PATH.mp4, each frame captioned with the step, action, reward and end."""
+    """--episode-to-mp4: an episode .npz -> PATH.mp4, each frame captioned with step, action, reward and end."""
     episode = read_episode(Path(path), len(meanings), "give an episode .npz and the --env-id it was recorded in")
     T, total, shown = len(episode["actions"]), 0.0, []
     for t, frame in enumerate(episode["obs"]):
         action = meanings[int(episode["actions"][t - 1])].lower() if t else "-"
         reward = float(episode["rewards"][t - 1]) if t else 0.0
         total += reward
-        end = "  terminated" if t and episode["terminated"][t - 1] else "  truncated" if t and episode["truncated"][
-            t - 1] else ""
-        shown.append(with_caption(frame, size, [f"step {t}/{T}  action {action}  reward {reward:+g}  return "
-                                                f"{total:g}{end}"]))
+        end = ""
+        if t and episode["terminated"][t - 1]:
+            end = "  terminated"
+        elif t and episode["truncated"][t - 1]:
+            end = "  truncated"
+        caption = f"step {t}/{T}  action {action}  reward {reward:+g}  return {total:g}{end}"
+        shown.append(with_caption(frame, size, [caption]))
     out = Path(path).with_suffix(".mp4")
     write_mp4(out, np.stack(shown))
     print(f"wrote {out} ({T} steps)")
@@ -3112,8 +3070,8 @@ def episode_to_mp4(path: str, meanings: list[str], size: int = 256) -> Path:
 
 
 def env_notices(args: Args, env: Union[AtariEnv, CatchEnv], game: str, given: set[str]):
-    """Said before any work: --preset catch on another game, and the Atari protocol flags that
-    the game ignores (given on the command line, not only defaults or a preset's)."""
+    """Said before any work: --preset catch on another game, and the Atari protocol flags given on the
+    command line that the game ignores."""
     if args.preset == "catch" and game != "Catch":
         print(f"notice: --preset catch is sized for --env-id Catch; this run plays {game}", flush=True)
     ignored = [f"--{name.replace('_', '-')}" for name in env.ignored_flags if name in given]
@@ -3123,8 +3081,8 @@ def env_notices(args: Args, env: Union[AtariEnv, CatchEnv], game: str, given: se
 
 
 def read_run_episodes(buffer: ReplayBuffer, run_dir: Path, checkpoint: Optional[dict], args: Args, num_actions: int):
-    """This run's episodes: the first num_buffer_files files of its episodes/ folder (a killed
-    run may have written more after its last checkpoint; those are collected and written again)."""
+    """This run's episodes: the first num_buffer_files files of its episodes/ folder (a killed run may
+    have written more after its last checkpoint; those are collected and written again)."""
     buffer.folder = run_dir / "episodes"
     for i in range(checkpoint["num_buffer_files"] if checkpoint is not None else 0):
         buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions,
@@ -3133,9 +3091,8 @@ def read_run_episodes(buffer: ReplayBuffer, run_dir: Path, checkpoint: Optional[
 
 def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: dict[str, nn.Module], num_actions: int,
                  setup) -> dict[str, float]:
-    """The lines that describe the run before its first collection: its folder, game, models, length, where it
-    resumes, and how long it takes. Returns each phase's seconds per unit (an update, an env step), timed on copies of
-    the models; the epochs' lines project the rates measured since."""
+    """The run's folder, game, models, length, where it resumes and how long it takes (printed);
+    returns each phase's seconds per unit, timed on copies of the models."""
     args, collector = run.args, run.collector
     num_params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
     print(f"run folder: {run.run_dir}")
@@ -3143,10 +3100,10 @@ def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: d
     print(f"game: {game} ({num_actions} actions); parameters: denoiser {num_params['denoiser']:,}, reward/end "
           f"{num_params['reward_end']:,}, actor-critic {num_params['actor_critic']:,}; device: {run.device}; "
           f"imagination: {imagination}")
-    decided = collector.first_collection_steps or args.dataset_dir is not None
-    print(f"the run: {run.num_epochs} epochs" + ("" if decided else f" if the first collection is "
-          f"{args.initial_collection_steps} env steps (fixed when it ends)") + (
-          "" if args.dataset_dir else f", {args.env_step_budget} env steps"), flush=True)
+    length = f"the run: {run.num_epochs} epochs"
+    if not (collector.first_collection_steps or args.dataset_dir is not None):
+        length += f" if the first collection is {args.initial_collection_steps} env steps (fixed when it ends)"
+    print(length + ("" if args.dataset_dir else f", {args.env_step_budget} env steps"), flush=True)
     if resumed:
         print(f"resuming at {pos}", flush=True)
     if not args.world_model_only and args.actor_critic_start_after_epochs >= run.num_epochs:
@@ -3160,20 +3117,19 @@ def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: d
 
 
 def save_position(run: Run, pos: RunPosition, log: EpochLog):
-    """checkpoints/latest.pt where the run stands (run_checkpoint); never NaN weights over a good checkpoint."""
+    """checkpoints/latest.pt where the run stands; never NaN weights over a good checkpoint."""
     if not log.finite():
         raise non_finite_failure(f"in {pos}", run.run_dir)
     save_checkpoint(run.run_dir / "checkpoints" / "latest.pt", run_checkpoint(
         run.args, pos, run.collector, log, run.buffer, run.learners, run.cpu_generator, run.generator, run.wm_env))
-    # where the run stands, as the progress bars name it: after epoch 2, or inside epoch 3's denoiser phase
+    # as the progress bars name it: after epoch 2, or inside epoch 3's denoiser phase
     where = f"{pos.epoch - 1}" if pos.phase == 0 and pos.step == 0 else f"{pos.epoch} {pos.name}, step {pos.step}"
     print(f"saved checkpoint at epoch {where}", flush=True)
 
 
 def time_phase(pos: RunPosition, name: str, worked: bool, first_step: int, phase_start: float,
                seconds_per_unit: dict[str, float]):
-    """After a phase: its measured seconds per env step, update or evaluation (the ETA's rates);
-    in the first epoch (long: 25k updates), a line that says where the run is."""
+    """After a phase: its measured seconds per unit (the ETA's rates); in epoch 1 a line saying so."""
     units = pos.step - first_step if name in ("collect", "denoiser", "reward_end", "actor_critic") else 1
     if worked and units > 0:
         seconds_per_unit[name] = (time.perf_counter() - phase_start) / units
@@ -3182,9 +3138,8 @@ def time_phase(pos: RunPosition, name: str, worked: bool, first_step: int, phase
 
 
 def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, seconds_per_unit: dict[str, float]):
-    """The end of an epoch: its numbers written at the global step, its line printed with the ETA (each phase's
-    latest rate times what is left of it, not the epochs' mean: epoch 1 is long), and the agent kept every
-    --save-agent-every epochs (the curve of agents)."""
+    """An epoch's numbers written at the global step, its line printed with the ETA (each phase's
+    latest rate x what is left of it), and the agent kept every --save-agent-every epochs."""
     args, collector = run.args, run.collector
     log.add("charts/epoch", pos.epoch)
     log.add("charts/env_steps", collector.env_steps)
@@ -3201,20 +3156,14 @@ def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, sec
 
 
 def final_test(run: Run, pos: RunPosition, env: Union[AtariEnv, CatchEnv]):
-    """The score the paper reports: --test-episodes full games (epsilon 0) after the last epoch. A signal abandons
-    them; the checkpoint after the last epoch is saved, and --eval-only runs them again."""
+    """The score the paper reports, after the last epoch (--eval-only runs it again)."""
     args = run.args
-    try:
-        returns = run_test_episodes(run.learners["actor_critic"].model, args, args.test_episodes,
-                                    args.seed * 7919 + 1_000_003, run.device, run.autocast, check=run.stop.check)
-        report_score(env, returns, f"{args.test_episodes} test episodes after {run.num_epochs} epochs, "
-                                    f"{run.collector.env_steps} env steps" + (
-                                        " (real-game test episodes: this script's addition, DIAMOND plays none "
-                                        "with a static dataset)" if args.dataset_dir else ""))
-        log_test_returns(run.writer, env, returns, pos.global_step)
-    except StopRequested:
-        print(f"stopped by signal at the test episodes after epoch {run.num_epochs}; run them with --resume "
-              f"{run.run_dir} --eval-only", flush=True)
+    what = f"{args.test_episodes} test episodes after {run.num_epochs} epochs, {run.collector.env_steps} env steps"
+    if args.dataset_dir:
+        what += " (real-game test episodes: this script's addition, DIAMOND plays none with a static dataset)"
+    score_agent(args, run.learners["actor_critic"].model, env, run.device, run.autocast, run.stop, what,
+                f"stopped by signal at the test episodes after epoch {run.num_epochs}; run them with --resume "
+                f"{run.run_dir} --eval-only", lambda: contextlib.nullcontext(run.writer), pos.global_step)
 
 
 def main(args: Args, given: set[str]):
