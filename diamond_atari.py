@@ -390,7 +390,7 @@ ATARI_SCORES = {
 
 
 def import_gym():
-    """gymnasium with ale-py's games registered and ALE's banner silenced (its errors still print)."""
+    """gymnasium with ale-py's games registered and ALE's banner silenced (not its errors)."""
     import ale_py
     import gymnasium as gym
 
@@ -407,8 +407,8 @@ def atari_games() -> list[str]:
 
 
 def canonical_env_id(env_id: str) -> tuple[str, str]:
-    """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 or Breakout -> ("Breakout", "Breakout-v5")
-    (one protocol for all spellings); Catch -> ("Catch", "Catch")."""
+    """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 or Breakout -> ("Breakout",
+    "Breakout-v5") (one protocol for all); Catch -> ("Catch", "Catch")."""
     if env_id.strip().lower() == "catch":  # before atari_games(): a Catch run needs no emulator
         return "Catch", "Catch"
     match = re.fullmatch(r"(?:ALE/)?([A-Za-z0-9]+?)(?:NoFrameskip-v4|-v5|-v4)?", env_id.strip())
@@ -480,7 +480,7 @@ class AtariEnv:
         return self.obs
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool]:
-        """(obs, reward, terminated, truncated); self.game_over says whether the whole game ended."""
+        """(obs, reward, terminated, truncated); self.game_over: whether the game ended."""
         reward, last_frames, game_over = 0.0, [], False
         for k in range(self.frame_skip):
             frame, r, terminated, truncated, _ = self.env.step(action)
@@ -542,13 +542,13 @@ class CatchEnv:
         return None  # no random/human reference scores: a game returns +1 or -1
 
     def cell_pixels(self, row: int, col: int) -> tuple[slice, slice]:
-        """The frame's (rows, columns) of a grid cell, in pixels: the grid is centred in the frame."""
+        """The frame's (rows, columns) of a grid cell: the grid is centred."""
         top = (self.obs_size - self.rows * self.cell) // 2 + row * self.cell
         left = (self.obs_size - self.columns * self.cell) // 2 + col * self.cell
         return slice(top, top + self.cell), slice(left, left + self.cell)
 
     def render(self) -> np.ndarray:
-        """uint8 (obs_size, obs_size, 3): grey cells, the paddle blue, the ball yellow, black around."""
+        """uint8 (obs_size, obs_size, 3): grey cells, a blue paddle, a yellow ball."""
         frame = np.zeros((self.obs_size, self.obs_size, 3), dtype=np.uint8)
         top, left = (pixels.start for pixels in self.cell_pixels(0, 0))
         frame[top: top + self.rows * self.cell, left: left + self.columns * self.cell] = self.colours["cell"]
@@ -557,7 +557,7 @@ class CatchEnv:
         return frame
 
     def reset(self) -> np.ndarray:
-        """After a game over a new game (a new ball column, the paddle in the middle), else the frame."""
+        """After a game over a new game (a random ball column), else the frame."""
         if self.game_over:
             self.ball_row, self.ball_col = 0, int(self.rng.integers(self.columns))
             self.paddle_col = self.columns // 2
@@ -713,8 +713,8 @@ class ReplayBuffer:
         return sum(len(self.episode(i)["actions"]) for i in self.sampleable())
 
     def episode_weights(self, ids: list[int]) -> torch.Tensor:
-        """P(episode) for ids, oldest first: with k recency weights and n >= k episodes, w_s shared by
-        the n // k episodes of slice s (the newest also takes the n % k leftovers); else T_i / sum T."""
+        """P(episode) for ids, oldest first: with k recency weights and n >= k episodes, w_s shared
+        by the n // k episodes of slice s (the newest takes the n % k left); else T_i / sum T."""
         n, weights = len(ids), self.recency_weights
         lengths = torch.tensor([len(self.episode(i)["actions"]) for i in ids], dtype=torch.float64)
         if weights is None or n < len(weights):
@@ -726,8 +726,8 @@ class ReplayBuffer:
 
     def sample_segments(self, batch_size: int, num_obs: int, generator: torch.Generator,
                         ids: Optional[list[int]] = None, beyond_end: bool = False) -> list[tuple[int, int]]:
-        """(episode id, start) of segments of L = num_obs frames around t ~ U{0..T-1}: stop = min(T, t +
-        1 + U{0..L-1}), start = stop - L; beyond_end (reward/end model): start = t - U{0..L-1}."""
+        """(episode, start) of segments of L = num_obs frames around t ~ U{0..T-1}: stop = min(T, t
+        + 1 + U{0..L-1}), start = stop - L; beyond_end (reward/end): start = t - U{0..L-1}."""
         ids = self.sampleable() if ids is None else ids
         chosen = torch.multinomial(self.episode_weights(ids), batch_size, replacement=True, generator=generator)
         lengths = torch.tensor([len(self.episode(ids[k])["actions"]) for k in chosen.tolist()])
@@ -737,8 +737,8 @@ class ReplayBuffer:
         return [(ids[k], s) for k, s in zip(chosen.tolist(), starts.tolist())]
 
     def segments(self, refs: list[tuple[int, int]], num_obs: int) -> dict:
-        """Segments of L frames at (episode, start): obs uint8 (B, L, 3, H, W), obs_mask (B, L) (True
-        for frames 0..T), actions/rewards/ends and mask (B, L-1) (True for real transitions)."""
+        """Segments of L frames at (episode, start): obs uint8 (B, L, 3, H, W), obs_mask (B, L)
+        (frames 0..T), actions/rewards/ends and mask (B, L-1) (True: real transitions)."""
         out = {key: [] for key in ("obs", "obs_mask", "actions", "rewards", "ends", "mask")}
         for index, start in refs:
             ep = self.episode(index)
@@ -767,7 +767,7 @@ def to_uint8(obs: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
-    """The denoiser's output as an 8-bit frame in [-1, 1], as DIAMOND's reference: floor((x + 1) / 2 * 255)."""
+    """The denoiser's output as an 8-bit frame, as DIAMOND: floor((x + 1) / 2 * 255)."""
     return ((x.float().clamp(-1, 1) + 1) / 2 * 255).floor() / 127.5 - 1.0
 
 
@@ -804,7 +804,7 @@ def sample_reward_end_batch(buffer: ReplayBuffer, args: Args, generator: torch.G
 
 def edm_preconditioning(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_offset_noise: float = 0.3):
     """(c_in, c_skip, c_out, c_noise) of D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM), at
-    DIAMOND's effective level sigma_eff = sqrt(sigma^2 + sigma_offset^2) (the input has offset noise)."""
+    DIAMOND's sigma_eff = sqrt(sigma^2 + sigma_offset^2) (the input has offset noise)."""
     sigma_eff = (sigma ** 2 + sigma_offset_noise ** 2).sqrt()
     c_in = 1 / (sigma_eff ** 2 + sigma_data ** 2).sqrt()  # unit-variance network input
     c_skip = sigma_data ** 2 / (sigma_eff ** 2 + sigma_data ** 2)
@@ -814,7 +814,7 @@ def edm_preconditioning(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_offs
 
 
 def karras_sigmas(n: int, sigma_min: float = 2e-3, sigma_max: float = 5.0, rho: float = 7.0) -> torch.Tensor:
-    """sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i < n, then 0 appended."""
+    """sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, then 0."""
     if n == 1:
         ramp = torch.zeros(1, dtype=torch.float64)
     else:
@@ -890,7 +890,7 @@ class FourierFeatures(nn.Module):
 
 
 class AdaGroupNorm(nn.Module):
-    """GroupNorm without affine parameters, then x (1 + scale) + shift with scale, shift = Linear(cond)."""
+    """GroupNorm without affine parameters, then x (1 + scale) + shift (Linear(cond))."""
 
     def __init__(self, channels: int, cond_dim: int):
         super().__init__()
@@ -1029,15 +1029,15 @@ class DenoiserNet(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """D(x; sigma, past) = c_skip x + c_out F(c_in x, c_noise, past / sigma_data, actions), frames in [-1, 1]."""
+    """D(x; sigma, past) = c_skip x + c_out F(c_in x, c_noise, past / sigma_data, actions)."""
 
     def __init__(self, net: DenoiserNet, sigma_data: float = 0.5, sigma_offset_noise: float = 0.3):
         super().__init__()
         self.net, self.sigma_data, self.sigma_offset_noise = net, sigma_data, sigma_offset_noise
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, net=None):
-        """(F's output, D(x)) of x (B, 3, H, W), sigma (B,), obs (B, 4*3, H, W), act (B, 4); net: the
-        (possibly compiled) network to call."""
+        """(F's output, D(x)) of x (B, 3, H, W), sigma (B,), obs (B, 4*3, H, W), act (B, 4); net:
+        the (compiled) network to call."""
         c_in, c_skip, c_out, c_noise = edm_preconditioning(sigma.float(), self.sigma_data, self.sigma_offset_noise)
         c_in, c_skip, c_out = (c[:, None, None, None] for c in (c_in, c_skip, c_out))
         model_output = (self.net if net is None else net)(c_in * x, c_noise, obs / self.sigma_data, act).float()
@@ -1084,8 +1084,8 @@ def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, 
 
 
 class RewardEndModel(nn.Module):
-    """The reward sign (-1, 0, +1) and end (0, 1) logits of transitions (obs_t, a_t, obs_t+1): a conv
-    encoder with action-conditioned ResBlocks (64 -> 8 pixels), an LSTM over time, an MLP head."""
+    """Reward sign (-1, 0, +1) and end (0, 1) logits of transitions (obs_t, a_t, obs_t+1): conv
+    encoder with action-conditioned ResBlocks (64 -> 8 pixels), LSTM over time, MLP head."""
 
     def __init__(self, num_actions: int, obs_size: int = 64, channels: int = 32, cond_dim: int = 128,
                  lstm_dim: int = 512, img_channels: int = 3):
@@ -1102,7 +1102,7 @@ class RewardEndModel(nn.Module):
         init_lstm(self.lstm)
 
     def encode(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
-        """obs, next_obs (B, T, 3, H, W), act (B, T) -> the LSTM's inputs (B, T, channels * (H/8)^2)."""
+        """obs, next_obs (B, T, 3, H, W), act (B, T) -> LSTM inputs (B, T, C (H/8)^2)."""
         b, t = act.shape
         cond = self.act_emb(act.reshape(b * t))
         x = self.conv_in(torch.cat([obs, next_obs], dim=2).flatten(0, 1))
@@ -1114,8 +1114,8 @@ class RewardEndModel(nn.Module):
         return x.reshape(b, t, -1)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden=None):
-        """obs, next_obs (B, T, 3, H, W), act (B, T) -> reward logits (B, T, 3), end logits (B, T, 2),
-        the LSTM state."""
+        """obs, next_obs (B, T, 3, H, W), act (B, T) -> reward logits (B, T, 3), end logits (B, T,
+        2), the LSTM state."""
         x, hidden = self.lstm(self.encode(obs, act, next_obs), hidden)
         logits = self.head(x)
         return logits[..., :3], logits[..., 3:], hidden
@@ -1132,8 +1132,8 @@ class RewardEndModel(nn.Module):
 
 
 def reward_end_loss(reward_end_model: RewardEndModel, batch: dict) -> torch.Tensor:
-    """CE(reward sign + 1) + CE(end) over the real transitions of sample_reward_end_batch's segments,
-    the LSTM from a zero state at each segment's first frame."""
+    """CE(reward sign + 1) + CE(end) over the real transitions of the segments, the LSTM from a zero
+    state at each segment's first frame."""
     obs, mask = batch["obs"], batch["mask"]
     reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], batch["actions"], obs[:, 1:])
     reward_class = batch["rewards"].sign().long() + 1  # -1, 0, +1 -> classes 0, 1, 2
@@ -1173,7 +1173,7 @@ class ActorCritic(nn.Module):
         init_lstm(self.lstm)
 
     def forward(self, obs: torch.Tensor, hidden=None):
-        """obs (B, 3, H, W) in [-1, 1] -> policy logits (B, A), value (B,), new LSTM state (hx, cx)."""
+        """obs (B, 3, H, W) -> policy logits (B, A), value (B,), LSTM state (hx, cx)."""
         hx, cx = self.lstm(self.encoder(obs).flatten(1), hidden)
         return self.actor_linear(hx), self.critic_linear(hx).squeeze(-1), (hx, cx)
 
@@ -1196,9 +1196,9 @@ def build_models(args: Args, num_actions: int) -> tuple[Denoiser, RewardEndModel
 
 def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, truncs: torch.Tensor, bootstrap: torch.Tensor,
                    gamma: float, lam: float) -> torch.Tensor:
-    """DIAMOND's compute_lambda_returns on sign-clipped rewards, (B, H) each; bootstrap[:, t] = V'_t,
-    the value of the frame after step t: Lambda_t = sign(r_t) + gamma (1 - end_t) [trunc_t V'_t +
-    (1 - trunc_t) ((1 - lambda) V'_t + lambda Lambda_t+1)], Lambda_H = V'_(H-1)."""
+    """DIAMOND's compute_lambda_returns on sign-clipped rewards, (B, H) each; bootstrap[:, t] =
+    V'_t, the value of the frame after step t: Lambda_t = sign(r_t) + gamma (1 - end_t) [trunc_t
+    V'_t + (1 - trunc_t) ((1 - lambda) V'_t + lambda Lambda_t+1)], Lambda_H = V'_(H-1)."""
     rewards, not_end = rewards.sign(), 1.0 - ends.float()
     truncs = truncs.float()
     returns = torch.empty_like(rewards)
@@ -1217,9 +1217,9 @@ def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, truncs: torch.Tens
 
 @torch.no_grad()
 def euler_sample(denoise_fn: Callable, x_T: torch.Tensor, sigmas: torch.Tensor, order: int = 1) -> torch.Tensor:
-    """Integrates the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma over the sigmas (ending
-    with 0); denoise_fn(x, sigma (B,)) = D(x; sigma). order 1: Euler; 2: Heun but on the last step
-    (EDM's algorithm 1, s_churn 0)."""
+    """Integrates the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma over the sigmas
+    (ending with 0); denoise_fn(x, sigma (B,)) = D(x; sigma). order 1: Euler; 2: Heun but on the
+    last step (EDM's algorithm 1, s_churn 0)."""
     x = x_T
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -1235,7 +1235,7 @@ def euler_sample(denoise_fn: Callable, x_T: torch.Tensor, sigmas: torch.Tensor, 
 
 def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, args: Args,
                       generator: torch.Generator, net=None, autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """The next frame (B, 3, H, W) in [-1, 1] from past frames (B, c, 3, H, W) and actions (B, c)."""
+    """The next frame (B, 3, H, W) from past frames (B, c, 3, H, W) and actions (B, c)."""
     b, c, ch, h, w = obs.shape
     past = obs.reshape(b, c * ch, h, w)
     sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho)
@@ -1269,8 +1269,8 @@ class WorldModelEnv:
 
     @torch.no_grad()
     def start(self, num_envs: int, refs: Optional[list[tuple[int, int]]] = None):
-        """Fresh real segments, sampled or given as refs (episode, first frame): frames (n, c, 3, H, W),
-        actions (n, c) (the last slot for the actor), the reward/end LSTM state after them."""
+        """Fresh real segments, sampled or given as refs (episode, first frame): frames (n, c, 3, H,
+        W), actions (n, c) (the last for the actor), the reward/end LSTM state after them."""
         c = self.args.num_conditioning_steps
         refs = self.buffer.sample_segments(num_envs, c, self.cpu_generator, self.ids) if refs is None else refs
         batch = self.buffer.segments(refs, c)
@@ -1304,7 +1304,7 @@ class WorldModelEnv:
 
 
 def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=contextlib.nullcontext()):
-    """The actor-critic's LSTM state after the frames (n, k, 3, H, W), from a zero state, without gradients."""
+    """The actor-critic's LSTM state after frames (n, k, 3, H, W), from zero, no gradients."""
     hidden = None
     with torch.no_grad(), autocast:
         for k in range(frames.shape[1]):
@@ -1314,8 +1314,8 @@ def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=cont
 
 def imagine(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, generator: torch.Generator,
             autocast=contextlib.nullcontext()) -> dict[str, torch.Tensor]:
-    """backup_every more imagined steps, eager: the imagination step uncompiled, with the reference's
-    restarts and the run's (--compile'd) denoiser network and autocast."""
+    """backup_every more imagined steps, eager: the imagination step uncompiled, the reference's
+    restarts, the run's (--compile'd) denoiser network and autocast."""
     return ImaginationGraphs(wm_env, actor_critic, args, wm_env.device, backend=None, autocast=autocast,
                              eager=True)._rollout(generator)
 
@@ -1384,7 +1384,7 @@ class ImaginationGraphs:
             torch._dynamo.config.allow_rnn = True
 
     def amp(self):
-        """The autocast context given, or one made where it is entered (inside a compiled function)."""
+        """The autocast given, or one made where it is entered (in a compiled function)."""
         if self.autocast is not None:
             return self.autocast
         if self.amp_dtype is None:
@@ -1392,9 +1392,9 @@ class ImaginationGraphs:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def policy_step(self, obs, hidden, stopped, start_hidden, final_value, uniform):
-        """The actor-critic on frames obs (n, 3, H, W), the envs that restarted (stopped (n,)) taking
-        their burnt-in LSTM state: logits (n, A), value (n,), the action (n,), the previous step's
-        bootstrap V'_(t-1) (V(s_t), or V(final frame) where it stopped), the state used and the next."""
+        """The actor-critic on frames obs (n, 3, H, W), the envs that restarted (stopped (n,))
+        taking their burnt-in LSTM state: logits (n, A), value (n,), action (n,), the last bootstrap
+        V'_(t-1) (V(s_t), or V(final frame) if it stopped), the state used, the next."""
         hidden = tuple(torch.where(stopped[:, None], s, h) for s, h in zip(start_hidden, hidden))
         with self.amp():
             logits, value, new_hidden = self.actor_critic.step(obs, hidden)
@@ -1405,10 +1405,10 @@ class ImaginationGraphs:
     @torch.no_grad()
     def world_model_step(self, obs, act, hidden, age, action, actor_hidden, noise, uniforms, start):
         """One step of every imagined env: obs (n, c, 3, H, W) and act (n, c) its last frames and
-        actions, hidden the reward/end LSTM state, age (n,), action (n,), actor_hidden the actor's state
-        after this frame, noise (n, 3, H, W), uniforms (2, n), start the restart pool (None: none).
-        Returns the next state, reward sign, end, truncated, stopped, V(final frame) and for the
-        checks the next frame, every D(x; sigma) before quantisation and the reward/end logits."""
+        actions, hidden the reward/end LSTM state, age (n,), action (n,), actor_hidden the actor's
+        state after this frame, noise (n, 3, H, W), uniforms (2, n), start the restart pool (None:
+        none). Returns the next state, reward sign, end, truncated, stopped, V(final frame) and, for
+        the checks, the next frame, each D(x; sigma) and the reward/end logits."""
         args, denoiser = self.args, self.wm_env.denoiser
         act = torch.cat([act[:, :-1], action[:, None]], dim=1)
         past = obs.flatten(1, 2)  # (n, c * 3, H, W)
@@ -1440,8 +1440,8 @@ class ImaginationGraphs:
                 "end_logits": end_logits.float()}
 
     def fresh_starts(self, stopped: torch.Tensor):
-        """The eager restarts: a fresh real segment, burnt in, in the row of each env that stopped (the
-        other rows zeros): the restart pool (obs, act, reward/end state) and the actor's states."""
+        """The eager restarts: a fresh real segment, burnt in, in the row of each env that stopped
+        (others zeros): the restart pool (obs, act, reward/end state), the actor's states."""
         index = stopped.nonzero()[:, 0]
 
         def rows(x, dim=0):
@@ -1452,8 +1452,8 @@ class ImaginationGraphs:
         return (rows(obs), rows(act), tuple(rows(h, 1) for h in hidden)), tuple(rows(h) for h in actor_hidden)
 
     def rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """_rollout through the compiled steps; a failed compilation is one line, a signal during it a
-        stop, acknowledged at once but waiting for the compilation (StopFlag.busy says so)."""
+        """_rollout compiled: a failed compilation is one line, a signal during it a stop,
+        acknowledged at once but waiting for the compilation (StopFlag.busy says so)."""
         first_compile = self.stop is not None and self.backend is not None and self.compile_seconds is None
         if first_compile:  # how long: benchmark/RESULTS.md
             self.stop.busy = "compiling the imagination step (" + (
@@ -1467,9 +1467,9 @@ class ImaginationGraphs:
 
     def _rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """backup_every more steps of the persistent imagined episodes: logits (n, H, A) and values
-        (n, H) with gradients; bootstraps V'_t, actions, reward signs, ends and truncations (n, H). The
-        actor's LSTM state carries over from the last update (detached); an episode that stops at t
-        bootstraps from V of its final frame, then the actor is burnt in on the new segment."""
+        (n, H) with gradients; bootstraps V'_t, actions, reward signs, ends, truncations (n, H). The
+        actor's LSTM state carries over (detached); an episode that stops at t bootstraps from V of
+        its final frame, then the actor is burnt in on the new segment."""
         args, env, actor_critic, n = self.args, self.wm_env, self.actor_critic, self.args.num_imagined_envs
         begin = time.perf_counter()
         if env.obs is None:  # the first update: start the imagined episodes
@@ -1527,8 +1527,8 @@ class ImaginationGraphs:
 
 @contextlib.contextmanager
 def compile_failures(stop, what: str, fix: str):
-    """torch.compile's failures inside (at a first forward or backward) as one line naming `what` and
-    the fix (TrainingFailure), or after a signal a stop (StopRequested); other errors keep their traceback."""
+    """torch.compile's failures inside (at a first forward or backward) as one line naming `what`
+    and the fix, or after a signal a stop; other errors keep their traceback."""
     try:
         yield
     except (StopRequested, TrainingFailure):
@@ -1547,8 +1547,8 @@ def compile_failures(stop, what: str, fix: str):
 
 def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: ActorCritic,
                        stop=None) -> Optional[ImaginationGraphs]:
-    """--imagination-graphs on (auto: on CUDA): the compiled step, CUDA graphs on CUDA (torch.compile's
-    "reduce-overhead", the run's autocast inside), inductor on the CPU; None: the eager step."""
+    """--imagination-graphs on (auto: on CUDA): the compiled step, CUDA graphs on CUDA
+    ("reduce-overhead", the run's autocast inside), inductor on the CPU; None: eager."""
     if args.world_model_only or args.imagination_graphs == "off" or (
             args.imagination_graphs == "auto" and not setup.use_cuda):
         return None
@@ -1563,9 +1563,9 @@ def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: A
 
 def collection_schedule(first_collection_steps: int, env_step_budget: int = 100_000, steps_per_epoch: int = 100,
                         final_epochs: int = 50) -> list[int]:
-    """Env steps to collect in each epoch (item e - 1 for epoch e), as DIAMOND spends the budget: the
-    first collection N plus steps_per_epoch in epoch 1, steps_per_epoch in each epoch until the budget
-    is spent (the remainder in the last), then final_epochs that only train (N = 5000: 950 + 50)."""
+    """Env steps collected in each epoch (item e - 1 for epoch e), as DIAMOND spends the budget: the
+    first collection N plus steps_per_epoch in epoch 1, steps_per_epoch in each epoch until the
+    budget is spent, then final_epochs that only train (N = 5000: 950 + 50)."""
     if not 0 < first_collection_steps <= env_step_budget:
         raise ValueError(f"the first collection ({first_collection_steps} steps) must be within the env-step "
                          f"budget ({env_step_budget})")
@@ -1577,8 +1577,8 @@ def collection_schedule(first_collection_steps: int, env_step_budget: int = 100_
 
 
 def run_schedule(args: Args, first_collection_steps: int = 0) -> list[int]:
-    """Env steps collected in each epoch of this run (N: initial_collection_steps until epoch 1 decides
-    it); --dataset-dir collects nothing; --num-epochs cuts or extends it (never beyond the budget)."""
+    """Env steps collected in each epoch of this run (N: initial_collection_steps until epoch 1
+    decides it); --num-epochs cuts or extends it (never beyond the budget)."""
     if args.dataset_dir is not None:
         steps = [0] * args.final_epochs_without_collection
     else:
@@ -1601,8 +1601,8 @@ def lr_warmup_factor(step: int, warmup_steps: int) -> float:
 def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device: torch.device,
                 autocast, stop, what: str, stopped: str, writer_at: Callable, step: int, kind: str = "test"):
     """The score the paper reports: --test-episodes full games (epsilon 0), printed and logged under
-    eval/{kind}_* at `step` (tags of their own: no step holds two values of a tag). A signal abandons
-    them and nothing is logged: the line `stopped` says so."""
+    eval/{kind}_* at `step` (no step holds two values of a tag). A signal abandons them, logging
+    nothing: the line `stopped` says so."""
     try:
         returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003, device,
                                     autocast, check=stop.check)
@@ -1750,10 +1750,10 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
 
 
 class RewardEndPools:
-    """The reward/end model's recall and precision per class (reward signs -1, 0, +1; the end), pooled
-    over measurements until a pool holds min_count actual (recall) or predicted (precision) examples
-    of its class, then taken and emptied: rewards and ends are rare, and no value is NaN or rests on
-    fewer than min_count examples."""
+    """The reward/end model's recall and precision per class (reward signs -1, 0, +1; the end),
+    pooled over measurements until a pool holds min_count actual (recall) or predicted (precision)
+    examples of its class, then taken and emptied: rewards and ends are rare; no value is NaN or
+    rests on fewer than min_count."""
     classes = ("reward_neg", "reward_zero", "reward_pos", "end")
 
     def __init__(self, min_count: int = 20):
@@ -1768,7 +1768,7 @@ class RewardEndPools:
             self.precision[name] = [self.precision[name][0] + hits, self.precision[name][1] + predicted]
 
     def take(self) -> dict[str, float]:
-        """The full pools' values by tag (world_model/reward_recall_pos ... world_model/end_precision)."""
+        """The full pools' values by tag (world_model/reward_recall_pos ...); those empty."""
         values = {}
         for kind, pools in (("recall", self.recall), ("precision", self.precision)):
             for name, (hits, total) in pools.items():
@@ -1790,8 +1790,8 @@ class RewardEndPools:
 @torch.no_grad()
 def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, device: torch.device, seed: int,
                      net=None, autocast=contextlib.nullcontext()) -> tuple[np.ndarray, np.ndarray]:
-    """An open-loop imagined rollout from a real segment with the real actions: the real and imagined
-    frames uint8 (H, 3, h, w) each (H = imagination_horizon, or what the episode has) and the actions."""
+    """An open-loop imagined rollout from a real segment with the real actions: real and imagined
+    frames uint8 (H, 3, h, w) (H = imagination_horizon at most) and the actions."""
     c, horizon = args.num_conditioning_steps, args.imagination_horizon
     generator = torch.Generator().manual_seed(seed)
     ids = [i for i in buffer.sampleable() if len(buffer.episode(i)["actions"]) >= c + horizon] or buffer.sampleable()
@@ -1942,8 +1942,8 @@ PHASES = ("collect", "world_model_eval", "denoiser", "reward_end", "actor_critic
 
 @dataclass
 class RunPosition:
-    """Where the run is: the epoch (from 1), the phase (an index into PHASES), the step inside it (env
-    steps or updates), and the global step: the updates of the three models so far, TensorBoard's x."""
+    """Where the run is: the epoch (from 1), the phase (an index into PHASES), the step in it (env
+    steps or updates), and the global step: the three models' updates, TensorBoard's x."""
     epoch: int = 1
     phase: int = 0
     step: int = 0
@@ -2021,7 +2021,7 @@ class Collector:
         return reward, game
 
     def share_partial(self):
-        """The episode in progress becomes the buffer's newest episode (sampled by the training phases)."""
+        """The episode in progress becomes the buffer's newest (sampled in training)."""
         self.buffer.partial = None if self.partial is None else ReplayBuffer.to_tensors(self.partial)
 
     def state_dict(self) -> dict:
@@ -2076,7 +2076,7 @@ class EpochLog:
         return all(math.isfinite(value.item()) for value in self.sums.values())
 
     def flush(self, writer, step: int, count: int) -> dict[str, float]:
-        """Writes the window's means over its `count` updates at the global step; a new window starts."""
+        """Writes the window's means over its `count` updates at `step`; a new window starts."""
         means = {key: value.item() / count for key, value in self.sums.items()}
         for key, value in means.items():
             writer.add_scalar(key, value, step)
@@ -2089,9 +2089,9 @@ class EpochLog:
             writer.add_scalar(key, float(np.mean(values)), step)
 
     def summary(self) -> list[str]:
-        """The epoch's printed line: mean losses and returns, the world model beside copying the last
-        frame, and when evaluated the reward +1's recall/precision, the imagined minus the real
-        return and the policy's most frequent action."""
+        """The epoch's printed line: mean losses and returns, the world model beside copying the
+        last frame, and when evaluated the reward +1's recall/precision, the imagined minus the real
+        return and the most frequent action."""
         values = {**self.means, **self.pending}
         parts = [f"{label} {np.mean(values[key]):.4g}" for key, label in (
             ("losses/denoiser", "denoiser loss"), ("losses/reward_end", "reward/end loss"),
@@ -2126,7 +2126,7 @@ class EpochLog:
 
 @dataclass
 class Learner:
-    """One of the three models with its AdamW, linear-warmup schedule, grad scaler (fp16 only) and clipping norm."""
+    """A model with its AdamW, warmup schedule, grad scaler (fp16 only) and clipping norm."""
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -2165,7 +2165,7 @@ def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> 
 
 def run_checkpoint(args: Args, pos, collector, log, buffer, learners: dict[str, Learner], cpu_generator, generator,
                    wm_env) -> dict:
-    """checkpoints/latest.pt's contents (CHECKPOINT_KEYS after the header), which restore_run puts back."""
+    """checkpoints/latest.pt's contents (CHECKPOINT_KEYS), which restore_run puts back."""
     parts = {key: {name: getattr(learner, key[:-1]).state_dict() for name, learner in learners.items()}
              for key in ("models", "optimizers", "schedulers", "scalers")}
     return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
@@ -2176,8 +2176,8 @@ def run_checkpoint(args: Args, pos, collector, log, buffer, learners: dict[str, 
 
 
 def restore_run(checkpoint: dict, pos, collector, log, learners: dict[str, Learner], cpu_generator, generator):
-    """Puts run_checkpoint's state back (the episodes and imagined episodes: once the buffer is read);
-    weights of another shape, or a damaged state, are one line."""
+    """Puts run_checkpoint's state back (the episodes: once the buffer is read); weights of another
+    shape, or a damaged state, are one line."""
     try:
         for name, learner in learners.items():
             learner.model.load_state_dict(checkpoint["models"][name])
@@ -2234,7 +2234,7 @@ class Run:
 
 
 def phase_length(args: Args, name: str, epoch: int) -> int:
-    """Gradient updates of a model in this epoch (epoch 1 trains much longer, on its first collection)."""
+    """Gradient updates of a model in this epoch (epoch 1 trains much longer)."""
     first = epoch == 1
     if name == "actor_critic" and epoch <= args.actor_critic_start_after_epochs:
         return 0
@@ -2266,9 +2266,9 @@ def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tenso
 
 
 def collect(run: Run, collector: Collector, pos: RunPosition, log: EpochLog):
-    """Env steps with the agent (--world-model-only: a random policy) until this epoch's share of the
-    budget is collected. Epoch 1 first decides the first collection N as DIAMOND: at least
-    initial_collection_steps, then 100 more at a time until the two rarer reward signs together occur
+    """Env steps with the agent (--world-model-only: a random policy) until this epoch's share of
+    the budget is collected. Epoch 1 first decides the first collection N as DIAMOND: at least
+    initial_collection_steps, then 100 more at a time until the two rarer reward signs occur
     min_rare_rewards times, or max_initial_collection_steps."""
     args, buffer = run.args, run.buffer
     # counts of the reward signs -1, 0, +1 in the buffer (the episode in progress included)
@@ -2417,8 +2417,8 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
 
 
 def policy_diagnostics(run: Run, epoch: int, test_episodes: list[dict]) -> dict[str, float]:
-    """eval/action_share_{ACTION} in the test episodes just played (a policy collapsed onto one action
-    shows there) and imagined_and_real_returns from the collector's newest saved states (none with
+    """eval/action_share_{ACTION} in the test episodes just played (a policy collapsed onto one
+    action shows there) and imagined_and_real_returns from the collector's saved states (none with
     --dataset-dir), seeded by (seed, epoch)."""
     args, collector = run.args, run.collector
     values = {}
@@ -2442,7 +2442,7 @@ def policy_diagnostics(run: Run, epoch: int, test_episodes: list[dict]) -> dict[
 
 
 def keep_agent_copy(folder: Path, epoch: int, actor_critic: ActorCritic, keep: int):
-    """checkpoints/agent_epoch_{epoch}.pt: the actor-critic's weights alone; the newest `keep` stay."""
+    """checkpoints/agent_epoch_{epoch}.pt: the actor-critic's weights; the newest `keep` stay."""
     save_checkpoint(folder / f"agent_epoch_{epoch:05d}.pt", {k: v.cpu() for k, v in actor_critic.state_dict().items()})
     for old in sorted(folder.glob("agent_epoch_*.pt"))[:-keep]:
         old.unlink()
@@ -2524,7 +2524,7 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
         return sum(times) / len(times)
 
     def update(name: str, batch: int) -> Callable[[], object]:
-        """An update of a model's copy on a batch of this many segments (the actor-critic: imagined envs)."""
+        """An update of a model's copy on a batch this size (actor-critic: imagined envs)."""
         sized = replace(args, batch_size=batch, num_imagined_envs=batch)
         wm_env = WorldModelEnv(denoiser, copies["reward_end"], buffer, sized, device, generator, cpu_generator,
                                denoiser.net, autocast)
@@ -2591,7 +2591,7 @@ def load_dataset_dir(args: Args, buffer: ReplayBuffer, num_actions: int) -> tupl
 
 
 def denoiser_update_flops(args: Args, num_actions: int) -> float:
-    """FLOPs of one denoiser update, for MFU: 3x the forward's (forward + backward) per prediction."""
+    """FLOPs of one denoiser update, for MFU: 3x the forward's per prediction."""
     c = args.num_conditioning_steps
     example = (torch.zeros(1, 3, args.obs_size, args.obs_size), torch.zeros(1),
                torch.zeros(1, 3 * c, args.obs_size, args.obs_size), torch.zeros(1, c, dtype=torch.long))
@@ -2670,8 +2670,8 @@ def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float
 
 
 def check_training_memory(setup, args: Args, num_actions: int):
-    """Refuses in one line, before anything is allocated at full size, updates that cannot fit
-    (check_step_memory): the world model's at --batch-size, the actor-critic's at --num-imagined-envs."""
+    """Refuses in one line, before anything is allocated at full size, updates that cannot fit: the
+    world model's at --batch-size, the actor-critic's at --num-imagined-envs."""
     num_params, per_segment, per_env = step_memory_profile(args, num_actions)
     check_step_memory(setup, args.batch_size, num_params, per_segment, args.dtype)
     if not args.world_model_only:
@@ -2684,7 +2684,7 @@ def check_training_memory(setup, args: Args, num_actions: int):
 
 def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv],
               device: torch.device, autocast, stop):
-    """--eval-only: the checkpoint's agent scored, logged in its run at its global step (eval/eval_only_*)."""
+    """--eval-only: the checkpoint's agent scored, logged at its global step (eval/eval_only_*)."""
     from torch.utils.tensorboard import SummaryWriter
 
     what = f"{args.test_episodes} test episodes with the agent of epoch {checkpoint['epoch'] - 1}"
@@ -2791,7 +2791,7 @@ class RealGame:
         self.episode = None
 
     def reset(self) -> np.ndarray:
-        """A new game; when recording, the episode so far is kept (cut short) and the new game recorded."""
+        """A new game; when recording, the episode so far is kept (cut short)."""
         recording = self.recording
         self.stop_recording()
         self.env.game_over = True
@@ -2862,7 +2862,7 @@ def play_keys(game, steps: list[Optional[int]], meanings: list[str], size: int) 
 
 
 def save_play_files(out_dir: Path, stem: str, shown: np.ndarray, episodes: list[dict], fps: float = 15) -> list[Path]:
-    """The session's MP4 and the real game's recorded episodes (one .npz each, the --dataset-dir format)."""
+    """The session's MP4 and the real game's episodes (a .npz each, as --dataset-dir reads)."""
     paths = [out_dir / f"{stem}.mp4"]
     write_mp4(paths[0], shown, fps=int(round(fps)))
     for i, episode in enumerate(episodes):
@@ -2960,8 +2960,8 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
 
 def play_starts(args: Args, run_dir: Path, checkpoint: dict, num_actions: int, device: torch.device,
                 generator: torch.Generator, max_episodes: int = 16) -> Callable:
-    """ImaginedGame's starts(): a fresh real segment from up to max_episodes of the run's episodes (or
-    --dataset-dir's), as imagination starts."""
+    """ImaginedGame's starts(): a fresh real segment from up to max_episodes of the run's episodes
+    (or --dataset-dir's), as imagination starts."""
     if args.dataset_dir is not None:
         paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))
     else:
@@ -3046,7 +3046,7 @@ def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], 
 
 
 def episode_to_mp4(path: str, meanings: list[str], size: int = 256) -> Path:
-    """--episode-to-mp4: an episode .npz -> PATH.mp4, each frame captioned with step, action, reward and end."""
+    """--episode-to-mp4: an episode .npz -> PATH.mp4, each frame captioned."""
     episode = read_episode(Path(path), len(meanings), "give an episode .npz and the --env-id it was recorded in")
     T, total, shown = len(episode["actions"]), 0.0, []
     for t, frame in enumerate(episode["obs"]):
@@ -3070,8 +3070,8 @@ def episode_to_mp4(path: str, meanings: list[str], size: int = 256) -> Path:
 
 
 def env_notices(args: Args, env: Union[AtariEnv, CatchEnv], game: str, given: set[str]):
-    """Said before any work: --preset catch on another game, and the Atari protocol flags given on the
-    command line that the game ignores."""
+    """Said before any work: --preset catch on another game, and the Atari protocol flags given on
+    the command line that the game ignores."""
     if args.preset == "catch" and game != "Catch":
         print(f"notice: --preset catch is sized for --env-id Catch; this run plays {game}", flush=True)
     ignored = [f"--{name.replace('_', '-')}" for name in env.ignored_flags if name in given]
@@ -3081,8 +3081,8 @@ def env_notices(args: Args, env: Union[AtariEnv, CatchEnv], game: str, given: se
 
 
 def read_run_episodes(buffer: ReplayBuffer, run_dir: Path, checkpoint: Optional[dict], args: Args, num_actions: int):
-    """This run's episodes: the first num_buffer_files files of its episodes/ folder (a killed run may
-    have written more after its last checkpoint; those are collected and written again)."""
+    """This run's episodes: the first num_buffer_files files of episodes/ (a killed run may have
+    written more after its checkpoint; those are collected and written again)."""
     buffer.folder = run_dir / "episodes"
     for i in range(checkpoint["num_buffer_files"] if checkpoint is not None else 0):
         buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions,
@@ -3129,7 +3129,7 @@ def save_position(run: Run, pos: RunPosition, log: EpochLog):
 
 def time_phase(pos: RunPosition, name: str, worked: bool, first_step: int, phase_start: float,
                seconds_per_unit: dict[str, float]):
-    """After a phase: its measured seconds per unit (the ETA's rates); in epoch 1 a line saying so."""
+    """After a phase: its seconds per unit (the ETA's rates); in epoch 1 a line saying so."""
     units = pos.step - first_step if name in ("collect", "denoiser", "reward_end", "actor_critic") else 1
     if worked and units > 0:
         seconds_per_unit[name] = (time.perf_counter() - phase_start) / units
@@ -3167,7 +3167,7 @@ def final_test(run: Run, pos: RunPosition, env: Union[AtariEnv, CatchEnv]):
 
 
 def main(args: Args, given: set[str]):
-    # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, environment, models
+    # ---- setup: the arguments (a resumed run's from its checkpoint), device, seeds, environment, models
     checkpoint, run_dir, trains = None, None, True
     if args.episode_to_mp4 is not None:  # a file conversion: nothing else runs
         return episode_to_mp4(args.episode_to_mp4, make_env(args, args.seed).action_meanings)
@@ -3184,12 +3184,12 @@ def main(args: Args, given: set[str]):
     game, env_name = canonical_env_id(args.env_id)
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
-    # Two explicit generators carry every random draw of training, so that their saved states make a
-    # resume exact; evaluations use generators seeded from (seed, epoch) and never move them.
+    # Two generators carry every random draw of training (their saved states make a resume exact);
+    # evaluations use generators seeded from (seed, epoch) and never move them.
     seed_everything(args.seed)
     cpu_generator = torch.Generator().manual_seed(args.seed)  # no-ops, exploration, replay sampling
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # diffusion noise, imagination
-    stop = StopFlag()  # from here on SIGTERM/SIGINT finish the step (or abandon an evaluation), save and exit 0
+    stop = StopFlag()  # from here SIGTERM/SIGINT finish the step (or abandon an evaluation), save, exit 0
 
     env = make_env(args, args.seed, cpu_generator)
     num_actions = env.num_actions  # the game's minimal action set sizes the networks
@@ -3199,20 +3199,20 @@ def main(args: Args, given: set[str]):
     denoiser, reward_end_model, actor_critic = (m.to(device) for m in build_models(args, num_actions))
     models = {"denoiser": denoiser, "reward_end": reward_end_model, "actor_critic": actor_critic}
     learners = build_learners(args, models, setup.use_cuda)
-    # The replay buffer: episodes this run collects, or the user's recorded episodes (sampled in proportion to their
-    # lengths, as DIAMOND does: the recency weights are about the agent's own data).
-    buffer = ReplayBuffer(None, args.recency_weights if args.dataset_dir is None else None,
-                          args.num_conditioning_steps)
+    # The replay buffer: this run's episodes, or the user's (sampled in proportion to their lengths: the
+    # recency weights are about the agent's own data)
+    recency_weights = args.recency_weights if args.dataset_dir is None else None
+    buffer = ReplayBuffer(None, recency_weights, args.num_conditioning_steps)
     collector, pos, log = Collector(env, buffer, cpu_generator, device), RunPosition(), EpochLog(device)
     train_ids = None  # None: every episode; with --dataset-dir, all but the held-out ones
     if args.dataset_dir is not None:
         train_ids, collector.heldout = load_dataset_dir(args, buffer, num_actions)
     if checkpoint is not None:
         restore_run(checkpoint, pos, collector, log, learners, cpu_generator, generator)
-    # --compile: the denoiser's U-Net for its training updates and the eager imagination (fixed batches: one compile
-    # each); evaluations run it uncompiled
-    denoiser_net = torch.compile(denoiser.net, backend=COMPILE_BACKEND, dynamic=False) if args.compile else \
-        denoiser.net
+    # --compile: the U-Net of the denoiser's updates and of the eager imagination (evaluations: uncompiled)
+    denoiser_net = denoiser.net
+    if args.compile:
+        denoiser_net = torch.compile(denoiser.net, backend=COMPILE_BACKEND, dynamic=False)
 
     if args.eval_only:  # the checkpoint's agent plays --test-episodes full games
         return eval_only(args, checkpoint, run_dir, actor_critic, env, device, autocast, stop)
@@ -3221,13 +3221,13 @@ def main(args: Args, given: set[str]):
         return play(args, run_dir, checkpoint, denoiser, reward_end_model, env.action_meanings,  # optional: play
                     device, autocast)  # optional: play
     num_epochs = len(run_schedule(args, collector.first_collection_steps))
-    if checkpoint is not None and pos.epoch > num_epochs:  # a finished run says so and writes nothing (no purge)
-        print(f"the run is already at epoch {pos.epoch - 1} of {num_epochs}: raise --num-epochs to train on, or play "
-              f"its test episodes again with --eval-only", flush=True)
+    if checkpoint is not None and pos.epoch > num_epochs:  # a finished run says so and writes nothing
+        print(f"the run is already at epoch {pos.epoch - 1} of {num_epochs}: raise --num-epochs to train on, "
+              f"or play its test episodes again with --eval-only", flush=True)
         stop.restore()
         return
 
-    # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, episodes
+    # ---- the run folder (after the signal handlers: it always gets a checkpoint), TensorBoard, episodes
     run_dir = run_dir or create_run_dir(args, env_name)
     writer = open_writer(args, run_dir, pos.global_step)
     if checkpoint is None:
@@ -3236,25 +3236,25 @@ def main(args: Args, given: set[str]):
     if args.dataset_dir is None:
         read_run_episodes(buffer, run_dir, checkpoint, args, num_actions)
     collector.share_partial()
-    # The imagined episodes live across actor-critic updates, epochs and checkpoints, as in DIAMOND
-    wm_env = WorldModelEnv(denoiser, reward_end_model, buffer, args, device, generator, cpu_generator, denoiser_net,
-                           autocast, train_ids)
+    # the imagined episodes live across actor-critic updates, epochs and checkpoints, as in DIAMOND
+    wm_env = WorldModelEnv(denoiser, reward_end_model, buffer, args, device, generator, cpu_generator,
+                           denoiser_net, autocast, train_ids)
     if checkpoint is not None:
         wm_env.load_state_dict(checkpoint["imagination"])
-    graphs = imagination_graphs(args, setup, wm_env, actor_critic, stop)  # the compiled imagination step, or None
+    graphs = imagination_graphs(args, setup, wm_env, actor_critic, stop)  # the compiled step, or None
     run = Run(args, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net,
               wm_env, graphs, collector, writer, stop, run_dir, denoiser_update_flops(args, num_actions),
               peak_flops(setup, args.dtype))
     seconds_per_unit = announce_run(run, pos, checkpoint is not None, game, models, num_actions, setup)
 
-    # ---- train: DIAMOND's Algorithm 1, one phase at a time (a checkpoint may stop inside one): each epoch collects
-    # experience in the real game, measures the world model on it, trains the denoiser and the reward/end model on
-    # the replay buffer, trains the actor-critic in imagination, evaluates, and saves
+    # ---- train: DIAMOND's Algorithm 1, a phase at a time (a checkpoint may stop inside one): each epoch
+    # collects experience in the real game, measures the world model on it, trains the denoiser and the
+    # reward/end model on the replay buffer, the actor-critic in imagination, evaluates, and saves
     run_start, epoch_start = time.perf_counter(), time.perf_counter()
     while pos.epoch <= run.num_epochs:
         name, phase_start, first_step = pos.name, time.perf_counter(), pos.step
         works = phase_runs(run, name, pos.epoch) and (name != "world_model_eval" or len(collector.heldout) > 0)
-        with contextlib.suppress(StopRequested):  # an evaluation abandoned: the checkpoint below restarts it on resume
+        with contextlib.suppress(StopRequested):  # an evaluation abandoned: a resume restarts it
             if works and name == "collect":
                 collect(run, collector, pos, log)
             elif works and name == "world_model_eval":
@@ -3269,7 +3269,7 @@ def main(args: Args, given: set[str]):
             break
         time_phase(pos, name, works, first_step, phase_start, seconds_per_unit)
         pos.phase, pos.step = pos.phase + 1, 0
-        if pos.phase == len(PHASES):  # the end of the epoch: write its numbers at the global step, then maybe save
+        if pos.phase == len(PHASES):  # the end of the epoch: its numbers at the global step, maybe a save
             end_epoch(run, pos, log, epoch_start, seconds_per_unit)
             pos.epoch, pos.phase, epoch_start, log = pos.epoch + 1, 0, time.perf_counter(), EpochLog(device)
             if (pos.epoch - 1) % args.save_every == 0 or pos.epoch > run.num_epochs:
