@@ -76,9 +76,8 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic, no
-    benchmark, CUBLAS_WORKSPACE_CONFIG=:4096:8, not torch's strict deterministic algorithms (too
-    slow; benchmark/RESULTS.md section 0), so a CUDA resume is close, not bitwise"""
+    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic and
+    CUBLAS_WORKSPACE_CONFIG, not torch's strict algorithms (a CUDA resume is close, not bitwise)"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -90,10 +89,8 @@ class Args:
     output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu", "catch", "small", "medium", "large"]] = None
-    """tiny = a full run in seconds on a CPU; cpu = the whole loop at CPU scale, 20 short epochs on
-    32x32 frames (benchmark/diamond_learns.sh); catch = for --env-id Catch, cpu's sizes with update
-    counts meant to learn it on one CPU core (benchmark/diamond_catch.sh; not reliably yet);
-    small/medium/large = TorchWM's network sizes (medium: the paper's)"""
+    """tiny: a run in seconds on a CPU; cpu: the whole loop at CPU scale; catch: for --env-id Catch
+    on one CPU core; small/medium/large: TorchWM's network sizes (medium: the paper's)"""
     config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
@@ -102,42 +99,38 @@ class Args:
     """with --resume: only run --test-episodes test episodes with the checkpoint's agent"""
 # ==== BEGIN OPTIONAL: play ====
     play: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: play the world model live in a window (pygame: pip install pygame-ce, or the `play` extra):
-    arrows and space (fire) pick the game's actions, Enter restarts from a fresh real start, Tab switches to the real
-    game, R records (real game: episode .npz files --dataset-dir reads; world model: MP4), Esc quits"""
+    """with --resume: play the world model in a window (pip install pygame-ce): arrows and space
+    (fire) act, Enter restarts, Tab switches to the real game, R records, Esc quits"""
     play_keys: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """headless play (no window, no pygame; implies --play): one letter per step, N noop, F fire, U D L R, Q E Z C the
-    diagonals up-left up-right down-left down-right, lowercase u d l r q e z c the same with fire, / restart;
-    spaces are ignored. Writes the session's MP4 (and the real game's episode .npz files) to {run}/play/"""
+    """headless play (implies --play): a letter per step, N noop, F fire, U D L R, Q E Z C the
+    diagonals, lowercase with fire, / restart; MP4s (and real episodes' .npz) go to {run}/play/"""
     play_world: Annotated[Literal["imagined", "real", "both"], RESUME_MUTABLE] = "imagined"
-    """headless play: the world model (imagined), the real game, or both in turn with the same keys"""
+    """headless play: the world model (imagined), the real game, or both with the same keys"""
     play_size: Annotated[int, ">= 16", RESUME_MUTABLE] = 512
     """play: the frame's side in the window and in the play MP4s, in pixels"""
     play_fps: Annotated[float, "> 0", RESUME_MUTABLE] = 15.0
     """play: the window's steps per second at most (the game's own rate: 60 Hz / frame skip 4)"""
 # ==== END OPTIONAL: play ====
     episode_to_mp4: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """an episode .npz (a collected, recorded or --dataset-dir one) -> an MP4 beside it, with step, action and reward
-    written on each frame (--env-id names the game's actions); nothing else runs"""
+    """an episode .npz -> an MP4 beside it, each frame captioned with step, action and reward
+    (--env-id names the actions); nothing else runs"""
     world_model_only: bool = False
-    """train and evaluate only the world model (denoiser, reward/end model), on random-policy data or --dataset-dir"""
+    """train and evaluate only the world model, on random-policy data or --dataset-dir"""
     compile: Annotated[bool, RESUME_MUTABLE] = False
     """torch.compile the denoiser's U-Net"""
     imagination_graphs: Annotated[Literal["auto", "on", "off"], RESUME_MUTABLE] = "auto"
-    """the imagination step (the Euler denoiser calls, the reward/end model, the policy) as
-    compiled graphs, as DIAMOND's reference: CUDA graphs on CUDA (torch.compile
-    "reduce-overhead"), inductor on the CPU (compiling takes minutes there); auto: on for CUDA,
-    off for the CPU. Both sample the same processes, not the same numbers (ImaginationGraphs)"""
+    """the imagination step as compiled graphs (DIAMOND's reference): CUDA graphs on CUDA,
+    inductor on the CPU (minutes to compile); auto: on for CUDA only"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """float32 (with TF32 matmuls on CUDA, as DIAMOND's reference), or bfloat16/float16 autocast
-    on CUDA (float16 uses GradScalers); the CPU always computes in float32"""
+    """float32 (TF32 matmuls on CUDA, as DIAMOND), or bfloat16/float16 autocast on CUDA; the CPU
+    always computes in float32"""
 
     # Environment: Atari 100k as DIAMOND runs it
     env_id: Annotated[str, tyro.conf.arg(aliases=("--game",))] = "Breakout-v5"
-    """Atari game: Breakout-v5, ALE/Breakout-v5 or BreakoutNoFrameskip-v4 (same protocol); or
-    Catch: bsuite's 10x5 Catch (CatchEnv), which ignores the Atari flags below; alias --game"""
+    """Breakout-v5, ALE/Breakout-v5 or BreakoutNoFrameskip-v4 (same protocol), or Catch (bsuite's
+    10x5 Catch, which ignores the Atari flags below); alias --game"""
     sticky_actions: bool = False
-    """sticky actions (repeat_action_probability 0.25, the ALE v5 default); off in Atari 100k as DIAMOND runs it"""
+    """sticky actions (repeat_action_probability 0.25); off in Atari 100k as DIAMOND runs it"""
     noop_max: Annotated[int, ">= 0"] = 30
     """at most this many no-op frames after each reset (a random number from 1 to noop_max)"""
     frame_skip: Annotated[int, ">= 1"] = 4
@@ -149,8 +142,8 @@ class Args:
     epsilon: Annotated[float, "[0, 1]"] = 0.01
     """probability of a uniformly random action when collecting (test episodes use 0)"""
     dataset_dir: Optional[str] = None
-    """a static dataset: train on the episode .npz files in this folder (sampled in proportion to their lengths; the
-    last 10% held out) instead of collecting; the whole agent, or only the world model with --world-model-only"""
+    """train on the episode .npz files in this folder (the last 10% held out) instead of
+    collecting: the whole agent, or the world model alone with --world-model-only"""
 
     # Denoiser (the diffusion world model)
     diffusion_channels: Annotated[tuple[int, ...], ">= 1"] = (64, 64, 64, 64)
@@ -174,12 +167,12 @@ class Args:
     train_sigma_max: Annotated[float, "> 0"] = 20.0
     """training noise levels are clipped to [train_sigma_min, train_sigma_max]"""
     num_autoregressive_steps: Annotated[int, ">= 0"] = 1
-    """extra denoiser predictions per training segment, each conditioned on the previous one's 8-bit output (DIAMOND:
-    1, i.e. segments of num_conditioning_steps + 2 frames and two predictions; 0: one prediction)"""
+    """extra denoiser predictions per training segment, each on the previous one's 8-bit output
+    (DIAMOND: 1)"""
 
     # Sampler
     sampler: Annotated[Literal["euler", "heun"], RESUME_MUTABLE] = "euler"
-    """ODE solver over the Karras sigmas: euler (DIAMOND) or heun (order 2, about twice the network calls)"""
+    """ODE solver over the Karras sigmas: euler (DIAMOND) or heun (about twice the network calls)"""
     num_sampling_steps: Annotated[int, "[1, 1000]", RESUME_MUTABLE] = 3
     """denoising steps per generated frame"""
     sigma_min: Annotated[float, "> 0"] = 2e-3
@@ -189,7 +182,7 @@ class Args:
     rho: Annotated[float, "> 0"] = 7.0
     """rho of the Karras schedule"""
     edm_initial_noise: bool = False
-    """start sampling from sigma_max * noise (EDM) instead of unit-variance noise (DIAMOND's reference code)"""
+    """start sampling from sigma_max * noise (EDM), not unit noise (DIAMOND's code)"""
 
     # Reward / termination model
     reward_channels: Annotated[int, ">= 1"] = 32
@@ -199,8 +192,7 @@ class Args:
     reward_lstm_dim: Annotated[int, ">= 1"] = 512
     """LSTM size of the reward/end model"""
     reward_segment_length: Annotated[int, ">= 2"] = 19
-    """frames per reward/end training segment, so one transition fewer (DIAMOND: imagination
-    horizon 15 + 4 conditioning steps)"""
+    """frames per reward/end training segment (DIAMOND: horizon 15 + 4 conditioning steps)"""
 
     # Actor-critic
     actor_channels: Annotated[tuple[int, ...], ">= 1"] = (32, 32, 64, 64)
@@ -222,21 +214,19 @@ class Args:
 
     # Training loop
     num_epochs: Annotated[Optional[int], EPOCHS, ">= 1", RESUME_MUTABLE] = None
-    """the run length in epochs (each: collect, then train denoiser, reward/end model, actor-critic). Default: the
-    Atari 100k schedule's length, the epochs that spend --env-step-budget plus --final-epochs-without-collection
-    (1000 when the first collection is 5000 env steps; with --dataset-dir: --final-epochs-without-collection). A
-    given value only sets the run length: collection follows the schedule and never goes beyond the budget"""
+    """the run length in epochs (default: the Atari 100k schedule's, 1000 for a first collection
+    of 5000; --dataset-dir: --final-epochs-without-collection); never collects beyond the budget"""
     initial_collection_steps: Annotated[int, ">= 1"] = 5000
     """the first collection N (before epoch 1's own share): at least this many env steps"""
     max_initial_collection_steps: Annotated[int, ">= 1"] = 10_000
-    """the first collection grows 100 env steps at a time until --min-rare-rewards is met, up to this many"""
+    """the first collection grows 100 env steps at a time until --min-rare-rewards, up to this"""
     min_rare_rewards: Annotated[int, ">= 0"] = 10
-    """the first collection goes on until the two rarer reward signs (of -1, 0, +1) together occur this often"""
+    """the first collection goes on until the two rarer reward signs occur this often together"""
     collection_steps_per_epoch: Annotated[int, ">= 1"] = 100
     """env steps collected in each epoch after the first collection (epoch 1 included)"""
     env_step_budget: Annotated[int, ">= 1"] = 100_000
-    """env steps collected in the whole run (Atari 100k): the first collection N, then collection_steps_per_epoch in
-    each of (budget - N) / collection_steps_per_epoch epochs, epoch 1 included"""
+    """env steps collected in the whole run (Atari 100k): the first collection N, then
+    collection_steps_per_epoch in each of (budget - N) / collection_steps_per_epoch epochs"""
     final_epochs_without_collection: Annotated[int, ">= 0"] = 50
     """epochs that only train, after the budget is spent (with --dataset-dir: the run length)"""
     denoiser_steps_per_epoch: Annotated[int, ">= 1"] = 400
@@ -252,13 +242,12 @@ class Args:
     first_epoch_actor_critic_steps: Annotated[int, ">= 1"] = 5000
     """actor-critic gradient steps in epoch 1"""
     actor_critic_start_after_epochs: Annotated[int, EPOCHS, ">= 0"] = 0
-    """the actor-critic trains from epoch N + 1 on (DIAMOND's start_after_epochs), with actor_critic_steps_per_epoch
-    updates; until then the collector's policy is the untrained, uniform one"""
+    """the actor-critic trains from epoch N + 1 on (DIAMOND's start_after_epochs); until then
+    the collector's policy is the uniform one"""
     batch_size: Annotated[int, ">= 1"] = 32
     """segments per denoiser and reward/end model batch"""
     recency_weights: Annotated[tuple[float, ...], "> 0"] = (0.1, 0.1, 0.1, 0.7)
-    """replay sampling weight of each chronological slice of the episodes (oldest first; with
-    fewer episodes than slices, episodes are weighted by their length)"""
+    """replay sampling weight of each chronological slice of the episodes, oldest first"""
     learning_rate: Annotated[float, "> 0"] = 1e-4
     """AdamW learning rate (all three components, unless --actor-critic-learning-rate is given)"""
     actor_critic_learning_rate: Annotated[Optional[float], "> 0"] = None
@@ -278,12 +267,11 @@ class Args:
     save_every: Annotated[int, EPOCHS, ">= 1", RESUME_MUTABLE] = 1
     """write checkpoints/latest.pt every N epochs"""
     save_agent_every: Annotated[int, EPOCHS, ">= 1"] = 5
-    """every N epochs: checkpoints/agent_epoch_NNNNN.pt, the actor-critic's weights alone (a learning curve of agents
-    to evaluate; torch.load(path, weights_only=True) gives the state dict)"""
+    """every N epochs: checkpoints/agent_epoch_NNNNN.pt, the actor-critic's state dict alone"""
     num_agents_to_keep: Annotated[int, ">= 1"] = 11
     """the newest N agent_epoch_*.pt files are kept"""
     eval_every: Annotated[int, EPOCHS, ">= 1", RESUME_MUTABLE] = 10
-    """every N epochs: test episodes, the world model's test-set losses and an imagined rollout beside the real one"""
+    """every N epochs: test episodes, test-set losses and an imagined rollout beside the real one"""
     eval_episodes: Annotated[int, ">= 1", RESUME_MUTABLE] = 4
     """test episodes at each evaluation"""
     test_episodes: Annotated[int, ">= 1", RESUME_MUTABLE] = 100
@@ -304,9 +292,8 @@ PRESETS = {
         first_epoch_actor_critic_steps=5, batch_size=8, learning_rate=1e-3, warmup_steps=5, max_episode_steps=200,
         log_every=10, eval_every=1, eval_episodes=1, test_episodes=2, num_heldout_transitions=32, save_agent_every=1,
     ),
-    # DIAMOND's whole loop at CPU scale (why: benchmark/diamond_learns.sh, RESULTS 3d): 32x32 frames
-    # a 16-channel 3-level U-Net, one Euler step, no autoregressive step, an 8-channel reward/end
-    # model, 16 imagined envs for 8 steps, 20 short epochs, 4000 env steps, 500-step episodes.
+    # DIAMOND's whole loop at CPU scale (why: benchmark/diamond_learns.sh): 32x32 frames, small
+    # networks, one Euler step, 20 short epochs, 4000 env steps, 500-step episodes.
     "cpu": dict(
         obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
         num_autoregressive_steps=0, num_sampling_steps=1,
@@ -319,9 +306,8 @@ PRESETS = {
         batch_size=16, learning_rate=1e-3, warmup_steps=20, max_episode_steps=500, log_every=20, eval_every=4,
         eval_episodes=4, test_episodes=100, num_heldout_transitions=64, save_agent_every=4,
     ),
-    # DIAMOND's whole loop on bsuite's Catch on a CPU (--env-id Catch; why each value:
-    # benchmark/diamond_catch.sh; RESULTS 3e): cpu's networks and learning rate, a first epoch that
-    # trains the world model before the actor-critic starts, 200 env steps per epoch up to 5000.
+    # DIAMOND's whole loop on Catch on a CPU (why each value: benchmark/diamond_catch.sh): cpu's
+    # networks, the world model trained first, 200 env steps per epoch up to 5000.
     "catch": dict(
         obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
         num_autoregressive_steps=0, num_sampling_steps=1,
@@ -404,8 +390,7 @@ ATARI_SCORES = {
 
 
 def import_gym():
-    """gymnasium with ale-py's games registered, and ALE's banner ('A.L.E: Arcade Learning Environment ...', printed
-    on stderr by every new emulator) silenced: an error must be the only line on stderr. ALE's errors still print."""
+    """gymnasium with ale-py's games registered and ALE's banner silenced (not its errors)."""
     import ale_py
     import gymnasium as gym
 
@@ -422,11 +407,8 @@ def atari_games() -> list[str]:
 
 
 def canonical_env_id(env_id: str) -> tuple[str, str]:
-    """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 (or Breakout) -> ("Breakout",
-    "Breakout-v5"); Catch (or catch) -> ("Catch", "Catch"): bsuite's Catch, not an ALE game.
-
-    The spelling only names the game: the protocol (no sticky actions, our own frame skip) is the
-    same for all three, and so is the id in the run name (which has no slash)."""
+    """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 or Breakout -> ("Breakout",
+    "Breakout-v5") (one protocol for all); Catch -> ("Catch", "Catch")."""
     if env_id.strip().lower() == "catch":  # before atari_games(): a Catch run needs no emulator
         return "Catch", "Catch"
     match = re.fullmatch(r"(?:ALE/)?([A-Za-z0-9]+?)(?:NoFrameskip-v4|-v5|-v4)?", env_id.strip())
@@ -434,34 +416,33 @@ def canonical_env_id(env_id: str) -> tuple[str, str]:
     if match and match.group(1) in games:
         return match.group(1), f"{match.group(1)}-v5"
     spellings = [f"{g}-v5" for g in games]
-    close = difflib.get_close_matches(env_id.replace("ALE/", "").replace("NoFrameskip-v4", "-v5"), spellings, n=3,
-                                      cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}?" if close else f"games are named like {', '.join(spellings[:3])}, ..."
+    close = difflib.get_close_matches(env_id.replace("ALE/", "").replace("NoFrameskip-v4", "-v5"),
+                                      spellings, n=3, cutoff=0.5)
+    hint = (f"did you mean {', '.join(close)}?" if close
+            else f"games are named like {', '.join(spellings[:3])}, ...")
     raise UserError(f"unknown Atari env id {env_id!r}: {hint} (Breakout-v5, ALE/Breakout-v5 and "
                     f"BreakoutNoFrameskip-v4 are accepted for every ALE game; Catch is bsuite's Catch)")
 
 
 class AtariEnv:
-    """One ALE game with DIAMOND's Atari 100k protocol, on gymnasium 1.x / ale-py.
-
-    The emulator is made with frameskip=1 and no sticky actions (ALE v5 defaults to frameskip 4 and sticky actions
-    0.25), and this class does the rest itself: up to noop_max no-ops after a reset, each action repeated frame_skip
-    frames with the reward summed and the observation the max over the last two frames (Atari sprites flicker),
-    RGB resized to obs_size x obs_size with INTER_AREA. With end_on_life_loss (training), losing a life ends the
-    episode (terminated) but not the game: the next episode continues from the same screen. Its whole state
-    (emulator with its RNG, lives, counters, current observation) goes into checkpoints for an exact resume."""
+    """One ALE game with DIAMOND's Atari 100k protocol: frameskip 1 and no sticky actions in the
+    emulator; here up to noop_max no-ops after a reset, each action repeated frame_skip frames
+    (rewards summed, the max over the last two frames: sprites flicker), RGB resized to obs_size
+    with INTER_AREA. With end_on_life_loss (training) a lost life ends the episode, not the game."""
     ignored_flags = ()  # the Args fields this environment ignores (CatchEnv's: the Atari protocol's)
 
     def __init__(self, game: str, obs_size: int = 64, frame_skip: int = 4, noop_max: int = 30,
-                 sticky_actions: bool = False, max_episode_steps: int = 27_000, end_on_life_loss: bool = True,
-                 generator: Optional[torch.Generator] = None, seed: int = 0):
+                 sticky_actions: bool = False, max_episode_steps: int = 27_000,
+                 end_on_life_loss: bool = True, generator: Optional[torch.Generator] = None,
+                 seed: int = 0):
         gym = import_gym()
-        # max_num_frames_per_episode=0: the time limit is counted here, in agent steps, so that it is part of our state
-        self.env = gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=0.25 if sticky_actions else 0.0,
-                            full_action_space=False, max_num_frames_per_episode=0).unwrapped
+        # max_num_frames_per_episode=0: the time limit is counted here, in agent steps (our state)
+        self.env = gym.make(f"ALE/{game}-v5", frameskip=1, full_action_space=False,
+                            repeat_action_probability=0.25 if sticky_actions else 0.0,
+                            max_num_frames_per_episode=0).unwrapped
         self.ale, self.game = self.env.ale, game
         self.num_actions = int(self.env.action_space.n)  # the minimal action set
-        self.action_meanings = list(self.env.get_action_meanings())  # in action-index order: NOOP, FIRE, RIGHT, LEFT
+        self.action_meanings = list(self.env.get_action_meanings())  # NOOP, FIRE, RIGHT, LEFT ...
         self.obs_size, self.frame_skip, self.noop_max = obs_size, frame_skip, noop_max
         self.max_episode_steps, self.end_on_life_loss = max_episode_steps, end_on_life_loss
         self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
@@ -470,8 +451,11 @@ class AtariEnv:
         self.obs = np.zeros((obs_size, obs_size, 3), dtype=np.uint8)
 
     def normalized_score(self, score: float) -> Optional[float]:
-        """The human-normalised score of a game's return (None for a game without reference scores)."""
-        return human_normalized_score(self.game, score)
+        """HNS = (score - random) / (human - random); None for a game without reference scores."""
+        if self.game not in ATARI_SCORES:
+            return None
+        random_score, human_score = ATARI_SCORES[self.game]
+        return (score - random_score) / (human_score - random_score)
 
     def preprocess(self, frame: np.ndarray) -> np.ndarray:
         import cv2
@@ -479,11 +463,13 @@ class AtariEnv:
         return cv2.resize(frame, (self.obs_size, self.obs_size), interpolation=cv2.INTER_AREA)
 
     def reset(self) -> np.ndarray:
-        """Starts an episode: a new game (with random no-ops) after a game over, else the next life of this game."""
+        """A new game (with random no-ops) after a game over, else the next life of this game."""
         if self.game_over:
             self.env.reset()
             frame = self.ale.getScreenRGB()
-            num_noops = int(torch.randint(1, self.noop_max + 1, (1,), generator=self.generator)) if self.noop_max else 0
+            num_noops = 0
+            if self.noop_max:
+                num_noops = int(torch.randint(1, self.noop_max + 1, (1,), generator=self.generator))
             for _ in range(num_noops):
                 frame, _, terminated, truncated, _ = self.env.step(0)
                 if terminated or truncated:
@@ -494,7 +480,7 @@ class AtariEnv:
         return self.obs
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool]:
-        """(obs, reward, terminated, truncated); self.game_over says whether the whole game ended."""
+        """(obs, reward, terminated, truncated); self.game_over: whether the game ended."""
         reward, last_frames, game_over = 0.0, [], False
         for k in range(self.frame_skip):
             frame, r, terminated, truncated, _ = self.env.step(action)
@@ -515,11 +501,11 @@ class AtariEnv:
         return self.obs, reward, terminated, time_out and not terminated
 
     def state_dict(self) -> dict:
-        # cloneState(include_rng=True): the emulator and its RNG (sticky actions), serialised to bytes -> uint8 tensor
+        # the emulator and its RNG (sticky actions), serialised to bytes -> a uint8 tensor
         ale_state = self.ale.cloneState(include_rng=True).serialize()
-        return {"ale": torch.frombuffer(bytearray(ale_state), dtype=torch.uint8).clone(), "game_over": self.game_over,
-                "lives": self.lives, "game_steps": self.game_steps, "game_return": self.game_return,
-                "obs": torch.from_numpy(self.obs.copy())}
+        return {"ale": torch.frombuffer(bytearray(ale_state), dtype=torch.uint8).clone(),
+                "game_over": self.game_over, "lives": self.lives, "game_steps": self.game_steps,
+                "game_return": self.game_return, "obs": torch.from_numpy(self.obs.copy())}
 
     def load_state_dict(self, state: dict):
         import ale_py
@@ -531,30 +517,20 @@ class AtariEnv:
 
 
 class CatchEnv:
-    """bsuite's Catch (Osband et al. 2020; deepmind/bsuite, bsuite/environments/catch.py) as RGB frames, with
-    AtariEnv's interface.
-
-    A 10 rows x 5 columns grid: the ball starts in a random column of the top row and falls one row per step; the
-    paddle, on the bottom row, starts in the middle column and moves first, by bsuite's (-1, 0, +1) for the actions
-    LEFT, NOOP, RIGHT (0, 1, 2), clipped to the grid. When the ball reaches the bottom row (the 9th step) the episode,
-    which is the whole game, ends: reward +1 if the paddle is under the ball, else -1; 0 on every other step. The
-    ball's column is uniform, so a policy that does not look at it (a random one) catches 1 ball in 5.
-
-    Frames are uint8 (obs_size, obs_size, 3): each cell a square of obs_size // 10 pixels, the grid centred on a black
-    frame, empty cells dark grey, the paddle blue, the ball yellow (over the paddle when caught). The ball's columns
-    come from a numpy Generator seeded by `seed`; the whole state (ball, paddle, counters, the Generator's state as
-    plain numbers) goes into checkpoints for an exact resume."""
+    """bsuite's Catch (Osband et al. 2020) as RGB frames, with AtariEnv's interface. A 10 x 5 grid:
+    the ball starts in a random column of the top row and falls a row per step; the paddle on the
+    bottom row moves first, by (-1, 0, +1) for LEFT, NOOP, RIGHT. At the bottom (the 9th step) the
+    game ends: +1 if the paddle is under the ball, else -1 (a random policy catches 1 in 5)."""
     rows, columns = 10, 5
     moves = (-1, 0, 1)  # bsuite's _ACTIONS: left, no-op, right
     colours = {"cell": (40, 40, 40), "paddle": (40, 120, 255), "ball": (255, 220, 40)}
-    # Atari's protocol does not apply: no frames to skip, no no-op starts, no sticky actions, no
-    # lives, and the episode ends after 9 steps by the rules
+    # no frames to skip, no no-op starts, no sticky actions, no lives, and 9 steps by the rules
     ignored_flags = ("frame_skip", "noop_max", "sticky_actions", "max_episode_steps")
 
     def __init__(self, obs_size: int = 64, seed: int = 0):
         if obs_size < self.rows:
-            raise UserError(f"--obs-size {obs_size} is too small for Catch: give at least {self.rows} (a pixel per "
-                            f"cell of its {self.rows} rows)")
+            raise UserError(f"--obs-size {obs_size} is too small for Catch: give at least {self.rows} "
+                            f"(a pixel per cell of its {self.rows} rows)")
         self.game, self.obs_size, self.cell = "Catch", obs_size, obs_size // self.rows
         self.num_actions, self.action_meanings = 3, ["LEFT", "NOOP", "RIGHT"]
         self.rng = np.random.default_rng(seed)
@@ -563,26 +539,25 @@ class CatchEnv:
         self.obs = self.render()
 
     def normalized_score(self, score: float) -> Optional[float]:
-        """None: Catch has no random/human reference scores (its raw score: a game's return is +1 or -1)."""
-        return None
+        return None  # no random/human reference scores: a game returns +1 or -1
 
     def cell_pixels(self, row: int, col: int) -> tuple[slice, slice]:
-        """The frame's (rows, columns) of a grid cell, in pixels: the grid is centred in the square frame."""
+        """The frame's (rows, columns) of a grid cell: the grid is centred."""
         top = (self.obs_size - self.rows * self.cell) // 2 + row * self.cell
         left = (self.obs_size - self.columns * self.cell) // 2 + col * self.cell
         return slice(top, top + self.cell), slice(left, left + self.cell)
 
     def render(self) -> np.ndarray:
-        """The frame of the current state: uint8 (obs_size, obs_size, 3)."""
+        """uint8 (obs_size, obs_size, 3): grey cells, a blue paddle, a yellow ball."""
         frame = np.zeros((self.obs_size, self.obs_size, 3), dtype=np.uint8)
-        top, left = (pixels.start for pixels in self.cell_pixels(0, 0))  # the grid: rows x columns adjacent cells
+        top, left = (pixels.start for pixels in self.cell_pixels(0, 0))
         frame[top: top + self.rows * self.cell, left: left + self.columns * self.cell] = self.colours["cell"]
         frame[self.cell_pixels(self.rows - 1, self.paddle_col)] = self.colours["paddle"]
         frame[self.cell_pixels(self.ball_row, self.ball_col)] = self.colours["ball"]
         return frame
 
     def reset(self) -> np.ndarray:
-        """Starts a game after a game over (a new ball column; the paddle in the middle), else returns the frame."""
+        """After a game over a new game (a random ball column), else the frame."""
         if self.game_over:
             self.ball_row, self.ball_col = 0, int(self.rng.integers(self.columns))
             self.paddle_col = self.columns // 2
@@ -605,28 +580,26 @@ class CatchEnv:
     def state_dict(self) -> dict:
         # the Generator's state: PCG64's 128-bit integers as plain Python ints (weights_only loads them)
         return {"ball_row": self.ball_row, "ball_col": self.ball_col, "paddle_col": self.paddle_col,
-                "game_over": self.game_over, "game_steps": self.game_steps, "game_return": self.game_return,
-                "rng": self.rng.bit_generator.state}
+                "game_over": self.game_over, "game_steps": self.game_steps,
+                "game_return": self.game_return, "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict):
-        self.ball_row, self.ball_col, self.paddle_col = state["ball_row"], state["ball_col"], state["paddle_col"]
-        self.game_over, self.game_steps = state["game_over"], state["game_steps"]
-        self.game_return, self.rng.bit_generator.state = state["game_return"], state["rng"]
+        self.ball_row, self.ball_col = state["ball_row"], state["ball_col"]
+        self.paddle_col, self.game_over = state["paddle_col"], state["game_over"]
+        self.game_steps, self.game_return = state["game_steps"], state["game_return"]
+        self.rng.bit_generator.state = state["rng"]
         self.obs = self.render()  # the frame is a function of the state
 
 
 def make_env(args: Args, seed: int, generator: Optional[torch.Generator] = None,
              training: bool = True) -> Union[AtariEnv, CatchEnv]:
-    """The real environment --env-id names, seeded by `seed`: an AtariEnv (DIAMOND's Atari 100k protocol; `generator`
-    draws its no-ops; in training a life lost ends the episode) or a CatchEnv. Either gives frames uint8
-    (obs_size, obs_size, 3) from reset() and step(action) -> (obs, reward, terminated, truncated), and carries what
-    the loop reads: num_actions, action_meanings, normalized_score(score), game_over, game_return and game_steps of the
-    game in progress, ignored_flags, state_dict() and load_state_dict() for checkpoints."""
+    """The real environment of --env-id, seeded by `seed` (`generator` draws Atari's no-ops; in
+    training a lost life ends the episode): uint8 (obs_size, obs_size, 3) frames."""
     game, _ = canonical_env_id(args.env_id)
     if game == "Catch":
         return CatchEnv(args.obs_size, seed)
-    return AtariEnv(game, args.obs_size, args.frame_skip, args.noop_max, args.sticky_actions, args.max_episode_steps,
-                    end_on_life_loss=training, generator=generator, seed=seed)
+    return AtariEnv(game, args.obs_size, args.frame_skip, args.noop_max, args.sticky_actions,
+                    args.max_episode_steps, end_on_life_loss=training, generator=generator, seed=seed)
 
 
 EPISODE_KEYS = {"obs": np.uint8, "actions": np.int64, "rewards": np.float32, "terminated": np.bool_,
@@ -634,11 +607,8 @@ EPISODE_KEYS = {"obs": np.uint8, "actions": np.int64, "rewards": np.float32, "te
 
 
 def save_episode(path: Path, episode: dict, run_dir: Optional[Path] = None):
-    """One .npz per episode (docs/PROMISES.md section 3), written atomically: obs uint8 (T+1, H, W, 3), actions
-    int64 (T,), rewards float32 (T,), terminated and truncated bool (T,). A failed write (full disk, read-only
-    folder) is one line naming the file (TrainingFailure), and no temporary file is left, whatever stopped it; for a
-    run's episode (run_dir), the line says how to go on: --resume once the run has a checkpoint, else start again
-    (a resume collects the episodes after its checkpoint again)."""
+    """One .npz per episode (docs/PROMISES.md section 3), written atomically; a failed write is one
+    line naming the file (and, for a run's episode, how to go on), leaving no temporary file."""
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -654,8 +624,8 @@ def save_episode(path: Path, episode: dict, run_dir: Optional[Path] = None):
             raise
         then = "" if run_dir is None else ", then " + (
             f"--resume {run_dir}" if (run_dir / "checkpoints" / "latest.pt").exists() else "start the run again")
-        raise TrainingFailure(f"cannot write the episode {path} ({e.strerror or e}): free disk space or make the "
-                              f"folder writable{then}") from None
+        raise TrainingFailure(f"cannot write the episode {path} ({e.strerror or e}): free disk space or make "
+                              f"the folder writable{then}") from None
 
 
 def read_episode(path: Path, num_actions: int, fix: str) -> dict:
@@ -708,12 +678,10 @@ def load_episode(path: Path, obs_size: int, num_actions: int, fix: str = "fix th
 
 
 class ReplayBuffer:
-    """Finished episodes (in memory, and one .npz file each in the run folder) plus the episode being collected.
-
-    Sampling as DIAMOND's reference does it: an episode with the recency weights over chronological slices of the
-    episodes (DIAMOND: [0.1, 0.1, 0.1, 0.7] over quarters; fewer episodes than slices, or no weights: in proportion to
-    their length), a time step t uniformly inside it, then a segment around t. Frames outside the episode are padding:
-    mid-grey (0.0 in [-1, 1]), action 0, and masked out of every loss."""
+    """Finished episodes (in memory, and a .npz each in the run folder) plus the episode being
+    collected (`partial`), sampled as DIAMOND's reference does: an episode by the recency weights,
+    a time step t uniformly inside it, then a segment around t. Frames outside the episode are
+    padding: mid-grey (0.0 in [-1, 1]), action 0, masked out of every loss."""
 
     def __init__(self, folder: Optional[Path], recency_weights: Optional[tuple[float, ...]],
                  num_conditioning_steps: int):
@@ -745,9 +713,8 @@ class ReplayBuffer:
         return sum(len(self.episode(i)["actions"]) for i in self.sampleable())
 
     def episode_weights(self, ids: list[int]) -> torch.Tensor:
-        """Sampling probability of each episode in ids (oldest first). With k recency weights and n >= k episodes, the
-        weight w_s is shared by the n // k episodes of slice s, and the newest slice also takes the n % k leftovers;
-        with n < k (or no weights): p_i = T_i / sum_j T_j."""
+        """P(episode) for ids, oldest first: with k recency weights and n >= k episodes, w_s shared
+        by the n // k episodes of slice s (the newest takes the n % k left); else T_i / sum T."""
         n, weights = len(ids), self.recency_weights
         lengths = torch.tensor([len(self.episode(i)["actions"]) for i in ids], dtype=torch.float64)
         if weights is None or n < len(weights):
@@ -759,10 +726,8 @@ class ReplayBuffer:
 
     def sample_segments(self, batch_size: int, num_obs: int, generator: torch.Generator,
                         ids: Optional[list[int]] = None, beyond_end: bool = False) -> list[tuple[int, int]]:
-        """(episode id, start) of batch_size segments of num_obs frames. t ~ U{0..T-1} in the chosen episode; then
-        beyond_end=False (denoiser, imagination starts): stop = min(T, t + 1 + U{0..L-1}), start = stop - L, so the
-        segment ends at or before frame T-1 and may start before the episode; beyond_end=True (reward/end model):
-        start = t - U{0..L-1}, padded on both sides."""
+        """(episode, start) of segments of L = num_obs frames around t ~ U{0..T-1}: stop = min(T, t
+        + 1 + U{0..L-1}), start = stop - L; beyond_end (reward/end): start = t - U{0..L-1}."""
         ids = self.sampleable() if ids is None else ids
         chosen = torch.multinomial(self.episode_weights(ids), batch_size, replacement=True, generator=generator)
         lengths = torch.tensor([len(self.episode(ids[k])["actions"]) for k in chosen.tolist()])
@@ -772,10 +737,8 @@ class ReplayBuffer:
         return [(ids[k], s) for k, s in zip(chosen.tolist(), starts.tolist())]
 
     def segments(self, refs: list[tuple[int, int]], num_obs: int) -> dict:
-        """Batches segments of num_obs frames starting at the given (episode, start): obs uint8
-        (B, L, 3, H, W) with obs_mask (B, L) (True where the frame belongs to the episode: frames
-        0..T); actions/rewards/ends (B, L-1) and mask (B, L-1) (True where the transition is
-        real). Padding holds 0 in obs (segment_obs turns it into 0.0) and in actions and rewards."""
+        """Segments of L frames at (episode, start): obs uint8 (B, L, 3, H, W), obs_mask (B, L)
+        (frames 0..T), actions/rewards/ends and mask (B, L-1) (True: real transitions)."""
         out = {key: [] for key in ("obs", "obs_mask", "actions", "rewards", "ends", "mask")}
         for index, start in refs:
             ep = self.episode(index)
@@ -804,21 +767,20 @@ def to_uint8(obs: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
-    """The denoiser's output as an 8-bit frame, back in [-1, 1], as DIAMOND's reference quantises
-    it: clamp, then floor((x + 1) / 2 * 255) (a cast to uint8), then q / 255 * 2 - 1."""
+    """The denoiser's output as an 8-bit frame, as DIAMOND: floor((x + 1) / 2 * 255)."""
     return ((x.float().clamp(-1, 1) + 1) / 2 * 255).floor() / 127.5 - 1.0
 
 
 def segment_obs(batch: dict, device: torch.device) -> torch.Tensor:
-    """The segments' frames on the device, in [-1, 1], with padding frames mid-grey (0.0) as DIAMOND pads them."""
+    """The segments' frames on the device in [-1, 1], padding frames mid-grey (0.0) as DIAMOND's."""
     obs = to_float(batch["obs"].to(device, non_blocking=True))
     return torch.where(batch["obs_mask"].to(device)[:, :, None, None, None], obs, 0.0)
 
 
 def sample_denoiser_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
                           ids: Optional[list[int]] = None) -> dict:
-    """A denoiser batch: segments of c + 1 + num_autoregressive_steps frames (DIAMOND: 4 + 1 + 1 = 6) as
-    denoiser_loss takes them: obs float (B, L, 3, H, W), actions (B, L - 1), obs_mask (B, L)."""
+    """Segments of c + 1 + num_autoregressive_steps frames (DIAMOND: 6): obs float (B, L, 3, H, W),
+    actions (B, L - 1), obs_mask (B, L)."""
     num_obs = args.num_conditioning_steps + 1 + args.num_autoregressive_steps
     batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids), num_obs)
     return {"obs": segment_obs(batch, device), "actions": batch["actions"].to(device),
@@ -827,10 +789,11 @@ def sample_denoiser_batch(buffer: ReplayBuffer, args: Args, generator: torch.Gen
 
 def sample_reward_end_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
                             ids: Optional[list[int]] = None) -> dict:
-    """A reward/end batch: segments of reward_segment_length frames (DIAMOND: 19, i.e. 18 transitions) starting at
-    t - U{0..18}, padded on both sides: obs float (B, L, 3, H, W), actions/rewards/ends/mask (B, L - 1)."""
+    """Segments of reward_segment_length frames (DIAMOND: 19) from t - U{0..18}, padded on both
+    sides: obs float (B, L, 3, H, W), actions/rewards/ends/mask (B, L - 1)."""
     num_obs = args.reward_segment_length
-    batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids, beyond_end=True), num_obs)
+    refs = buffer.sample_segments(args.batch_size, num_obs, generator, ids, beyond_end=True)
+    batch = buffer.segments(refs, num_obs)
     return {"obs": segment_obs(batch, device),
             **{key: batch[key].to(device) for key in ("actions", "rewards", "ends", "mask")}}
 
@@ -840,10 +803,8 @@ def sample_reward_end_batch(buffer: ReplayBuffer, args: Args, generator: torch.G
 
 
 def edm_preconditioning(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_offset_noise: float = 0.3):
-    """(c_in, c_skip, c_out, c_noise) for D(x; sigma) = c_skip x + c_out F(c_in x, c_noise).
-
-    The noisy input also carries offset noise of scale sigma_offset_noise, so (like DIAMOND's reference code) the
-    coefficients use the effective level sigma_eff = sqrt(sigma^2 + sigma_offset^2)."""
+    """(c_in, c_skip, c_out, c_noise) of D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM), at
+    DIAMOND's sigma_eff = sqrt(sigma^2 + sigma_offset^2) (the input has offset noise)."""
     sigma_eff = (sigma ** 2 + sigma_offset_noise ** 2).sqrt()
     c_in = 1 / (sigma_eff ** 2 + sigma_data ** 2).sqrt()  # unit-variance network input
     c_skip = sigma_data ** 2 / (sigma_eff ** 2 + sigma_data ** 2)
@@ -852,15 +813,8 @@ def edm_preconditioning(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_offs
     return c_in, c_skip, c_out, c_noise
 
 
-def sample_training_sigma(batch_size: int, args: Args, generator: torch.Generator, device) -> torch.Tensor:
-    """ln(sigma) ~ N(loc, scale^2), clipped to [train_sigma_min, train_sigma_max]."""
-    log_sigma = args.train_sigma_loc + args.train_sigma_scale * torch.randn(batch_size, generator=generator,
-                                                                           device=device)
-    return log_sigma.exp().clip(args.train_sigma_min, args.train_sigma_max)
-
-
 def karras_sigmas(n: int, sigma_min: float = 2e-3, sigma_max: float = 5.0, rho: float = 7.0) -> torch.Tensor:
-    """sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i < n, then 0 appended."""
+    """sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, then 0."""
     if n == 1:
         ramp = torch.zeros(1, dtype=torch.float64)
     else:
@@ -875,7 +829,7 @@ def karras_sigmas(n: int, sigma_min: float = 2e-3, sigma_max: float = 5.0, rho: 
 
 
 def init_lstm(lstm: nn.Module):
-    """Xavier input weights, orthogonal recurrent weights, zero biases except the forget gate's (1)."""
+    """Xavier input weights, orthogonal recurrent weights, zero biases but the forget gate's (1)."""
     for name, p in lstm.named_parameters():
         if "weight_ih" in name:
             nn.init.xavier_uniform_(p)
@@ -889,9 +843,9 @@ def init_lstm(lstm: nn.Module):
 
 def lstm_step(x: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor], weight_ih: torch.Tensor,
               weight_hh: torch.Tensor, bias_ih: torch.Tensor, bias_hh: torch.Tensor):
-    """One LSTM step written out (PyTorch's gate order i, f, g, o), which torch.compile traces into one graph where
-    nn.LSTM and nn.LSTMCell would break it: x (B, D_in), h and c (B, D) -> (h', c').
-    gates = x W_ih^T + b_ih + h W_hh^T + b_hh; c' = sigmoid(f) c + sigmoid(i) tanh(g); h' = sigmoid(o) tanh(c')."""
+    """One LSTM step written out, which torch.compile traces into one graph (nn.LSTM breaks it):
+    x (B, D_in), h and c (B, D) -> (h', c') with gates = x W_ih^T + b_ih + h W_hh^T + b_hh;
+    c' = sigmoid(f) c + sigmoid(i) tanh(g); h' = sigmoid(o) tanh(c')."""
     h, c = hidden
     i, f, g, o = (F.linear(x, weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)).chunk(4, dim=1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -899,15 +853,14 @@ def lstm_step(x: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor], weight
 
 
 def sample_categorical(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """A class index per row of logits (B, K) with P(k) = softmax(logits)_k, by the inverse CDF of uniform (B,) in
-    [0, 1): k = #{j : cdf_j <= u}. The uniforms come from the run's generator outside a compiled graph, so that the
-    graph holds no generator and a run stays reproducible from its seed."""
+    """A class per row of logits (B, K) by the inverse CDF of uniform (B,): k = #{j : cdf_j <= u}
+    (the uniforms come from the run's generator, outside any compiled graph)."""
     cdf = logits.detach().float().softmax(-1).cumsum(-1)
     return (cdf <= uniform[:, None]).sum(-1).clamp(max=logits.shape[-1] - 1)
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on the weights of linear, convolution and LSTM layers only (not on biases, norms, embeddings)."""
+    """Weight decay on the weights of linear, convolution and LSTM layers only."""
     decay, no_decay = [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
@@ -922,15 +875,14 @@ def group_norm(channels: int, affine: bool = True) -> nn.GroupNorm:
 
 
 class FourierFeatures(nn.Module):
-    """Random Fourier features of the scalar noise level: [cos(2 pi w c), sin(2 pi w c)], w ~ N(0, 1) fixed."""
+    """[cos(2 pi w c), sin(2 pi w c)] of the scalar noise level c, w ~ N(0, 1) fixed."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.register_buffer("weight", torch.randn(1, dim // 2))
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
-        # always fp32: in bf16 the angles 2 pi w c_noise (up to ~20 rad) would lose about 0.1 rad
-        # (the meta device of forward_flops has no autocast to turn off)
+        # always fp32: in bf16 the angles (up to ~20 rad) would lose about 0.1 rad (meta: no autocast)
         device_type = c_noise.device.type
         with torch.autocast(device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext():
             angles = 2 * math.pi * c_noise[:, None].float() @ self.weight.float()
@@ -938,7 +890,7 @@ class FourierFeatures(nn.Module):
 
 
 class AdaGroupNorm(nn.Module):
-    """GroupNorm without affine parameters, then x (1 + scale) + shift with scale, shift = Linear(cond)."""
+    """GroupNorm without affine parameters, then x (1 + scale) + shift (Linear(cond))."""
 
     def __init__(self, channels: int, cond_dim: int):
         super().__init__()
@@ -951,10 +903,8 @@ class AdaGroupNorm(nn.Module):
 
 
 class SelfAttention2d(nn.Module):
-    """Multi-head self-attention over the H*W positions (head dim 8), zero-initialised output projection.
-
-    As in DIAMOND's reference code, the residual adds the attention output to the group-normalised input (not to the
-    raw input): the block computes GN(x) + proj(attention(GN(x)))."""
+    """Multi-head self-attention over the H*W positions (head dim 8), zero-initialised output; as
+    DIAMOND's code, the residual adds to the normalised input: GN(x) + proj(attention(GN(x)))."""
 
     def __init__(self, channels: int, head_dim: int = 8):
         super().__init__()
@@ -1056,11 +1006,9 @@ class UNet(nn.Module):
 
 
 class DenoiserNet(nn.Module):
-    """F_theta(c_in x, c_noise, past frames, past actions): the network inside the EDM preconditioning.
-
-    The 4 past frames (divided by sigma_data) are concatenated on channels with the scaled noisy next frame; the past
-    actions are embedded, flattened and added to the Fourier features of c_noise, and this vector drives the adaptive
-    group norms of every ResBlock."""
+    """F_theta(c_in x, c_noise, past frames, past actions): the past frames concatenated on channels
+    with the noisy next frame; the past actions' embeddings plus the Fourier features of c_noise
+    drive the adaptive group norms of every ResBlock."""
 
     def __init__(self, num_actions: int, channels: tuple[int, ...] = (64, 64, 64, 64), res_blocks: int = 2,
                  cond_dim: int = 256, num_conditioning_steps: int = 4, img_channels: int = 3):
@@ -1081,15 +1029,15 @@ class DenoiserNet(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """D(x; sigma, past) = c_skip x + c_out F(c_in x, c_noise, past / sigma_data, actions), frames in [-1, 1]."""
+    """D(x; sigma, past) = c_skip x + c_out F(c_in x, c_noise, past / sigma_data, actions)."""
 
     def __init__(self, net: DenoiserNet, sigma_data: float = 0.5, sigma_offset_noise: float = 0.3):
         super().__init__()
         self.net, self.sigma_data, self.sigma_offset_noise = net, sigma_data, sigma_offset_noise
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, net=None):
-        """Returns (F output, D(x)). x: (B, 3, H, W) noisy next frame; sigma: (B,); obs: (B, 4*3, H, W) past frames;
-        act: (B, 4) past actions. net: the (possibly compiled) network to call."""
+        """(F's output, D(x)) of x (B, 3, H, W), sigma (B,), obs (B, 4*3, H, W), act (B, 4); net:
+        the (compiled) network to call."""
         c_in, c_skip, c_out, c_noise = edm_preconditioning(sigma.float(), self.sigma_data, self.sigma_offset_noise)
         c_in, c_skip, c_out = (c[:, None, None, None] for c in (c_in, c_skip, c_out))
         model_output = (self.net if net is None else net)(c_in * x, c_noise, obs / self.sigma_data, act).float()
@@ -1097,22 +1045,18 @@ class Denoiser(nn.Module):
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, net=None):
-        """D(x; sigma) for sampling: clamped to [-1, 1] and quantised to 8 bits by flooring (the
-        frames are 8-bit images; DIAMOND's reference casts to uint8)."""
+        """D(x; sigma) for sampling, quantised to 8 bits (quantize_8bit) as DIAMOND's reference."""
         _, denoised = self(x, sigma, obs, act, net)
         return quantize_8bit(denoised)
 
 
 def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, obs_mask: torch.Tensor, args: Args,
                   generator: torch.Generator, net=None) -> torch.Tensor:
-    """EDM loss on segments of c + 1 + n frames (DIAMOND: c = 4, n = num_autoregressive_steps = 1, so 6 frames):
-    obs (B, c + 1 + n, 3, H, W) in [-1, 1], actions (B, >= c + n), obs_mask (B, c + 1 + n) (True for real frames).
-
-    Prediction k = 0..n denoises frame c + k from frames k..c+k-1 and actions k..c+k-1:
-    x_noisy = x0 + sigma_offset n_bc + sigma n; loss_k = || F(...) - (x0 - c_skip x_noisy) / c_out ||^2 (plain MSE,
-    which with the EDM c_out equals the weighted loss on D), over the segments whose frame c + k is real. Frame c + k
-    is then replaced by D's clamped, 8-bit-quantised output (no gradient through it), which prediction k + 1 sees as
-    its last past frame, as it would in imagination. loss = mean_k loss_k."""
+    """EDM loss on segments of c + 1 + n frames (DIAMOND: 4 + 1 + 1): obs (B, c + 1 + n, 3, H, W),
+    actions (B, >= c + n), obs_mask (B, c + 1 + n). Prediction k = 0..n denoises frame c + k from
+    frames and actions k..c+k-1: x_noisy = x0 + sigma_offset n_bc + sigma n, loss_k = ||F(...) -
+    (x0 - c_skip x_noisy) / c_out||^2 over the real targets; frame c + k is then replaced by D's
+    8-bit output (no gradient), which prediction k + 1 sees, as in imagination. Returns mean_k."""
     c = args.num_conditioning_steps
     num_predictions = obs.shape[1] - c  # 1 + num_autoregressive_steps (the segment length decides, as in DIAMOND)
     obs = obs.clone()
@@ -1121,7 +1065,10 @@ def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, 
     for k in range(num_predictions):
         past, next_obs = obs[:, k: k + c].reshape(b, c * ch, h, w), obs[:, k + c]
         act, valid = actions[:, k: k + c], obs_mask[:, k + c].float()
-        sigma = sample_training_sigma(b, args, generator, obs.device)
+        # ln(sigma) ~ N(loc, scale^2), clipped to [train_sigma_min, train_sigma_max]
+        log_sigma = args.train_sigma_loc + args.train_sigma_scale * torch.randn(b, generator=generator,
+                                                                               device=obs.device)
+        sigma = log_sigma.exp().clip(args.train_sigma_min, args.train_sigma_max)
         offset_noise = args.sigma_offset_noise * torch.randn((b, ch, 1, 1), generator=generator, device=obs.device)
         noise = torch.randn(next_obs.shape, generator=generator, device=obs.device)
         noisy = next_obs + offset_noise + sigma[:, None, None, None] * noise  # x0 + sigma_offset n_bc + sigma n
@@ -1137,17 +1084,16 @@ def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, 
 
 
 class RewardEndModel(nn.Module):
-    """Predicts the sign of the reward (3 classes: -1, 0, +1) and whether the episode ends (2 classes) of a transition
-    (obs_t, a_t, obs_t+1): a conv encoder with action-conditioned ResBlocks (64 -> 8 pixels), flattened into an LSTM
-    that carries the history, then an MLP head."""
+    """Reward sign (-1, 0, +1) and end (0, 1) logits of transitions (obs_t, a_t, obs_t+1): conv
+    encoder with action-conditioned ResBlocks (64 -> 8 pixels), LSTM over time, MLP head."""
 
     def __init__(self, num_actions: int, obs_size: int = 64, channels: int = 32, cond_dim: int = 128,
                  lstm_dim: int = 512, img_channels: int = 3):
         super().__init__()
         self.act_emb = nn.Embedding(num_actions, cond_dim)
         self.conv_in = nn.Conv2d(2 * img_channels, channels, 3, padding=1)
-        # 4 stages of 2 ResBlocks without attention (DIAMOND's attn_depths [0, 0, 0, 0]), 3
-        # downsamples between them, then 2 ResBlocks with attention at the lowest resolution
+        # 4 stages of 2 ResBlocks without attention, 3 downsamples between them, then 2 ResBlocks
+        # with attention at the lowest resolution (DIAMOND's attn_depths [0, 0, 0, 0])
         self.stages = nn.ModuleList(ResBlocks([channels] * 2, [channels] * 2, cond_dim) for _ in range(4))
         self.downsamples = nn.ModuleList(Downsample(channels) for _ in range(3))
         self.mid_blocks = ResBlocks([channels] * 2, [channels] * 2, cond_dim, attention=True)
@@ -1156,7 +1102,7 @@ class RewardEndModel(nn.Module):
         init_lstm(self.lstm)
 
     def encode(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
-        """obs, next_obs: (B, T, 3, H, W) in [-1, 1]; act: (B, T) -> the LSTM's inputs (B, T, channels * (H/8)^2)."""
+        """obs, next_obs (B, T, 3, H, W), act (B, T) -> LSTM inputs (B, T, C (H/8)^2)."""
         b, t = act.shape
         cond = self.act_emb(act.reshape(b * t))
         x = self.conv_in(torch.cat([obs, next_obs], dim=2).flatten(0, 1))
@@ -1168,16 +1114,15 @@ class RewardEndModel(nn.Module):
         return x.reshape(b, t, -1)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden=None):
-        """obs, next_obs: (B, T, 3, H, W) in [-1, 1]; act: (B, T). Returns reward logits (B, T,
-        3), end logits (B, T, 2) and the LSTM state."""
+        """obs, next_obs (B, T, 3, H, W), act (B, T) -> reward logits (B, T, 3), end logits (B, T,
+        2), the LSTM state."""
         x, hidden = self.lstm(self.encode(obs, act, next_obs), hidden)
         logits = self.head(x)
         return logits[..., :3], logits[..., 3:], hidden
 
     def step(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden):
-        """One transition, as forward with T = 1 but with the LSTM step written out (traceable into one graph):
-        obs, next_obs (B, 3, H, W), act (B,), hidden (h, c) each (1, B, lstm_dim). Returns reward logits (B, 3), end
-        logits (B, 2) and the new state (1, B, lstm_dim) x 2."""
+        """forward for one transition with the LSTM step written out (one graph): obs, next_obs
+        (B, 3, H, W), act (B,), hidden (h, c) each (1, B, lstm_dim)."""
         x = self.encode(obs[:, None], act[:, None], next_obs[:, None])[:, 0]
         lstm = self.lstm
         h, c = lstm_step(x, (hidden[0][0], hidden[1][0]), lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0,
@@ -1187,8 +1132,8 @@ class RewardEndModel(nn.Module):
 
 
 def reward_end_loss(reward_end_model: RewardEndModel, batch: dict) -> torch.Tensor:
-    """CE(reward sign + 1) + CE(end) over the real transitions of reward/end segments
-    (sample_reward_end_batch), the LSTM starting from a zero state at each segment's first frame."""
+    """CE(reward sign + 1) + CE(end) over the real transitions of the segments, the LSTM from a zero
+    state at each segment's first frame."""
     obs, mask = batch["obs"], batch["mask"]
     reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], batch["actions"], obs[:, 1:])
     reward_class = batch["rewards"].sign().long() + 1  # -1, 0, +1 -> classes 0, 1, 2
@@ -1209,8 +1154,8 @@ class SmallResBlock(nn.Module):
 
 
 class ActorCritic(nn.Module):
-    """conv 3 -> channels[0], then per stage a SmallResBlock and a 2x2 max-pool (64 -> 4 pixels),
-    an LSTMCell, and zero-initialised policy and value heads (the initial policy is uniform)."""
+    """conv 3 -> channels[0], per stage a SmallResBlock and a 2x2 max-pool (64 -> 4 pixels), an
+    LSTMCell, and zero-initialised policy and value heads (the initial policy is uniform)."""
 
     def __init__(self, num_actions: int, obs_size: int = 64, channels: tuple[int, ...] = (32, 32, 64, 64),
                  lstm_dim: int = 512, img_channels: int = 3):
@@ -1228,12 +1173,12 @@ class ActorCritic(nn.Module):
         init_lstm(self.lstm)
 
     def forward(self, obs: torch.Tensor, hidden=None):
-        """obs (B, 3, H, W) in [-1, 1] -> policy logits (B, A), value (B,), new LSTM state (hx, cx)."""
+        """obs (B, 3, H, W) -> policy logits (B, A), value (B,), LSTM state (hx, cx)."""
         hx, cx = self.lstm(self.encoder(obs).flatten(1), hidden)
         return self.actor_linear(hx), self.critic_linear(hx).squeeze(-1), (hx, cx)
 
     def step(self, obs: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor]):
-        """forward with the LSTM cell written out (traceable into one graph); hidden is required."""
+        """forward with the LSTM cell written out (one graph); hidden is required."""
         lstm = self.lstm
         hx, cx = lstm_step(self.encoder(obs).flatten(1), hidden, lstm.weight_ih, lstm.weight_hh, lstm.bias_ih,
                            lstm.bias_hh)
@@ -1251,12 +1196,9 @@ def build_models(args: Args, num_actions: int) -> tuple[Denoiser, RewardEndModel
 
 def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, truncs: torch.Tensor, bootstrap: torch.Tensor,
                    gamma: float, lam: float) -> torch.Tensor:
-    """Lambda-returns on sign-clipped rewards, with truncation apart from termination (DIAMOND's
-    compute_lambda_returns). rewards, ends, truncs, bootstrap: (B, H); bootstrap[:, t] = V'_t, the value of the
-    frame after step t (of the final frame where the episode stopped at t).
-
-    Lambda_t = sign(r_t) + gamma (1 - end_t) [trunc_t V'_t + (1 - trunc_t) ((1 - lambda) V'_t + lambda Lambda_t+1)],
-    with Lambda_H = V'_(H-1): a terminated step stops the return, a truncated one bootstraps from V'_t alone."""
+    """DIAMOND's compute_lambda_returns on sign-clipped rewards, (B, H) each; bootstrap[:, t] =
+    V'_t, the value of the frame after step t: Lambda_t = sign(r_t) + gamma (1 - end_t) [trunc_t
+    V'_t + (1 - trunc_t) ((1 - lambda) V'_t + lambda Lambda_t+1)], Lambda_H = V'_(H-1)."""
     rewards, not_end = rewards.sign(), 1.0 - ends.float()
     truncs = truncs.float()
     returns = torch.empty_like(rewards)
@@ -1275,10 +1217,9 @@ def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, truncs: torch.Tens
 
 @torch.no_grad()
 def euler_sample(denoise_fn: Callable, x_T: torch.Tensor, sigmas: torch.Tensor, order: int = 1) -> torch.Tensor:
-    """Integrates the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma over the sigmas (ending with 0).
-
-    denoise_fn(x, sigma) returns D(x; sigma) for a (B,) tensor sigma. order 1: Euler; order 2: Heun, except on the
-    last step to sigma = 0 (EDM's algorithm 1, s_churn 0)."""
+    """Integrates the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma over the sigmas
+    (ending with 0); denoise_fn(x, sigma (B,)) = D(x; sigma). order 1: Euler; 2: Heun but on the
+    last step (EDM's algorithm 1, s_churn 0)."""
     x = x_T
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -1294,12 +1235,11 @@ def euler_sample(denoise_fn: Callable, x_T: torch.Tensor, sigmas: torch.Tensor, 
 
 def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, args: Args,
                       generator: torch.Generator, net=None, autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """The next frame (B, 3, H, W) in [-1, 1] from past frames (B, c, 3, H, W) and actions (B, c)."""
+    """The next frame (B, 3, H, W) from past frames (B, c, 3, H, W) and actions (B, c)."""
     b, c, ch, h, w = obs.shape
     past = obs.reshape(b, c * ch, h, w)
     sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho)
-    # DIAMOND's reference starts from x ~ N(0, I), not EDM's sigma_max * N(0, I), and its scores
-    # come from that sampler (D(x; sigma_max) hardly depends on x: c_skip(5) ~ 0.01).
+    # DIAMOND's reference starts from x ~ N(0, I), not EDM's sigma_max * N(0, I)
     x_T = torch.randn((b, ch, h, w), generator=generator, device=obs.device)
     if args.edm_initial_noise:
         x_T = float(sigmas[0]) * x_T
@@ -1312,29 +1252,25 @@ def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, 
 
 
 class WorldModelEnv:
-    """num_imagined_envs imagined environments that live across actor-critic updates, as in DIAMOND. Each starts from
-    a real segment (c frames, c - 1 actions) from the replay buffer, burns the reward/end model's LSTM in on its real
-    transitions, then steps (ImaginationGraphs.world_model_step): the denoiser generates the next frame, the
-    reward/end model samples the reward sign and the end flag. An imagined episode ends when the end flag is sampled
-    (terminated) or after imagination_horizon steps of its own life (truncated), and restarts from a new real segment
-    at the same step. Its state (frames, actions, LSTM states, ages, and the actor's LSTM state kept here for
-    actor_critic_loss) goes into checkpoints."""
+    """num_imagined_envs imagined environments that live across actor-critic updates, as in DIAMOND:
+    each starts from a real segment (c frames, c - 1 actions) with the reward/end LSTM burnt in on
+    it, then steps (ImaginationGraphs.world_model_step), and restarts from a new real segment when
+    the end flag is sampled or after imagination_horizon steps. Its state goes into checkpoints."""
 
     def __init__(self, denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, args: Args,
                  device: torch.device, generator: torch.Generator, cpu_generator: torch.Generator, net=None,
                  autocast=contextlib.nullcontext(), ids: Optional[list[int]] = None):
         self.denoiser, self.reward_end_model, self.buffer, self.args = denoiser, reward_end_model, buffer, args
         self.ids = ids  # the episodes imagination starts from (None: all; --dataset-dir holds some out)
-        self.device, self.generator, self.cpu_generator, self.net, self.autocast = (device, generator, cpu_generator,
-                                                                                     net, autocast)
+        self.device, self.generator, self.cpu_generator = device, generator, cpu_generator
+        self.net, self.autocast = net, autocast
         self.obs: Optional[torch.Tensor] = None  # (n, c, 3, H, W); None until the first reset
         self.act = self.hidden = self.age = self.actor_hidden = None
 
     @torch.no_grad()
     def start(self, num_envs: int, refs: Optional[list[tuple[int, int]]] = None):
-        """Fresh segments: (frames (n, c, 3, H, W), actions (n, c) whose last slot is for the actor, reward/end LSTM
-        state after the burn-in on the c - 1 real transitions). Frames before an episode are mid-grey padding. The
-        segments are sampled from the buffer, or given as refs (episode, first frame), one per env."""
+        """Fresh real segments, sampled or given as refs (episode, first frame): frames (n, c, 3, H,
+        W), actions (n, c) (the last for the actor), the reward/end LSTM state after them."""
         c = self.args.num_conditioning_steps
         refs = self.buffer.sample_segments(num_envs, c, self.cpu_generator, self.ids) if refs is None else refs
         batch = self.buffer.segments(refs, c)
@@ -1346,7 +1282,7 @@ class WorldModelEnv:
         return obs, act, tuple(h.float() for h in hidden)  # LSTM states stay fp32 between steps under autocast
 
     def reset(self):
-        """Starts every env: returns the current frames (n, 3, H, W) and the c - 1 earlier ones for the actor."""
+        """Starts every env: returns the current frames (n, 3, H, W) and the c - 1 earlier ones."""
         self.obs, self.act, self.hidden = self.start(self.args.num_imagined_envs)
         self.age = torch.zeros(self.args.num_imagined_envs, dtype=torch.long, device=self.device)
         return self.obs[:, -1], self.obs[:, :-1]
@@ -1368,7 +1304,7 @@ class WorldModelEnv:
 
 
 def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=contextlib.nullcontext()):
-    """The actor-critic's LSTM state after the frames (n, k, 3, H, W), from a zero state, without gradients."""
+    """The actor-critic's LSTM state after frames (n, k, 3, H, W), from zero, no gradients."""
     hidden = None
     with torch.no_grad(), autocast:
         for k in range(frames.shape[1]):
@@ -1378,19 +1314,20 @@ def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=cont
 
 def imagine(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, generator: torch.Generator,
             autocast=contextlib.nullcontext()) -> dict[str, torch.Tensor]:
-    """backup_every more steps of the persistent imagined episodes (num_imagined_envs of them), eager: the imagination
-    step's functions (ImaginationGraphs) called uncompiled, with the reference's restarts (a fresh real segment per
-    restart, sampled when the episode stops) and the run's --compile'd denoiser network and autocast."""
+    """backup_every more imagined steps, eager: the imagination step uncompiled, the reference's
+    restarts, the run's (--compile'd) denoiser network and autocast."""
     return ImaginationGraphs(wm_env, actor_critic, args, wm_env.device, backend=None, autocast=autocast,
                              eager=True)._rollout(generator)
 
 
 def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, generator: torch.Generator,
                       autocast=contextlib.nullcontext(), graphs: Optional["ImaginationGraphs"] = None):
-    """The actor-critic losses on backup_every more imagined steps (eager, or graphs' compiled
-    step): value MSE to the lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
-    rollout = graphs.rollout(generator) if graphs is not None else imagine(actor_critic, wm_env, args, generator,
-                                                                           autocast)
+    """On backup_every more imagined steps (eager, or graphs' compiled ones): the value's MSE to the
+    lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
+    if graphs is not None:
+        rollout = graphs.rollout(generator)
+    else:
+        rollout = imagine(actor_critic, wm_env, args, generator, autocast)
     logits, values, rewards, actions = rollout["logits"], rollout["values"], rollout["rewards"], rollout["actions"]
     with torch.no_grad():
         returns = lambda_returns(rewards, rollout["ends"], rollout["truncs"], rollout["bootstrap"],
@@ -1406,8 +1343,8 @@ def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Ar
 
 
 def restart(obs, act, hidden, age, stopped, start):
-    """The envs that stopped (stopped (n,)) take their row of start (frames, actions, reward/end
-    LSTM state) and age 0, by torch.where: fixed shapes, no host sync."""
+    """The envs that stopped (n,) take their row of start (frames, actions, reward/end LSTM state)
+    and age 0, by torch.where: fixed shapes, no host sync."""
     start_obs, start_act, start_hidden = start
     return (torch.where(stopped[:, None, None, None, None], start_obs, obs),
             torch.where(stopped[:, None], start_act, act),
@@ -1416,25 +1353,16 @@ def restart(obs, act, hidden, age, stopped, start):
 
 
 class ImaginationGraphs:
-    """The imagination step, written once: the policy step (with gradients) and the world-model step (the Euler
-    denoiser calls, the reward/end model, the restarts), and the rollout over them. The eager imagination (imagine)
-    calls these functions directly; the fast path compiles the same functions, captured as CUDA graphs on CUDA
-    (torch.compile's "reduce-overhead"; default inductor on the CPU), as DIAMOND's reference compiles its world-model
-    env. Either way the rollout's noise and uniforms are drawn from the run's generator before it
-    (sample_categorical turns uniforms into classes), the LSTM states stay fp32 between steps (the LSTMs written out,
-    lstm_step, under autocast too) and the state stays in wm_env (its checkpoint format), so a run resumes either way.
+    """The imagination step, written once: the policy step (with gradients), the world-model step
+    (the Euler denoiser calls, the reward/end model, the restarts) and the rollout over them, eager
+    or compiled (backend: torch.compile's, "default": COMPILE_BACKEND; None: uncompiled), as
+    DIAMOND's reference compiles its world-model env. Either way every random number is drawn
+    before the rollout from the run's generator and the state stays in wm_env (its checkpoint).
 
-    The restarts are the one difference. Eager (the reference's): an env that stops restarts from a fresh real segment
-    sampled from the buffer and burnt in (reward/end and actor LSTMs) right after the step, a host sync. Compiled
-    (fixed shapes, no host sync): it swaps in, by torch.where, its slot of a restart pool of num_imagined_envs real
-    segments that were sampled and burnt in before the rollout. Nothing the pool depends on (the buffer, the models'
-    weights) changes during a rollout, so that is a restart from a fresh real segment too, except for an env that stops
-    twice in one rollout: it starts its slot's segment again.
-
-    backend: torch.compile's ("default": COMPILE_BACKEND); None runs the same functions uncompiled (the reference the
-    tests compare with); `calls` counts the compiled calls and compile_seconds is the first rollout's time (tracing
-    and compiling included). eager: the eager imagination (backend None): fresh restarts, the denoiser sampled by
-    wm_env.net (--compile's network) and autocast (the run's context) entered as given."""
+    The restarts are the one difference. Eager (the reference's; `eager`): an env that stops
+    restarts from a fresh real segment sampled and burnt in right after the step (a host sync).
+    Compiled (fixed shapes, no host sync): it swaps in its slot of a pool of num_imagined_envs real
+    segments sampled and burnt in before the rollout (an env that stops twice reuses its slot)."""
 
     def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args, device: torch.device,
                  amp_dtype: Optional[torch.dtype] = None, backend: Union[str, Callable, None] = "default",
@@ -1449,13 +1377,14 @@ class ImaginationGraphs:
             lambda fn: torch.compile(fn, backend=backend, mode=mode, dynamic=False))
         self.policy = compile_fn(self.policy_step)
         self.world_model = compile_fn(self.world_model_step)
+        # the compiled calls, and the first rollout's seconds (compilation included)
         self.calls, self.compile_seconds, self.reported = 0, None, False
         self.stop = stop  # the run's StopFlag: a signal during compilation is a stop, not a failure
         if backend is not None:  # the steps read the LSTMs' weights (lstm_step), which dynamo refuses by default
             torch._dynamo.config.allow_rnn = True
 
     def amp(self):
-        """The autocast context, made where it is entered (inside a compiled function too), or the one given."""
+        """The autocast given, or one made where it is entered (in a compiled function)."""
         if self.autocast is not None:
             return self.autocast
         if self.amp_dtype is None:
@@ -1463,10 +1392,9 @@ class ImaginationGraphs:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def policy_step(self, obs, hidden, stopped, start_hidden, final_value, uniform):
-        """The actor-critic on the current frames obs (n, 3, H, W), after swapping in the burnt-in LSTM state of the
-        envs that restarted (stopped (n,) from the previous step): logits (n, A), value (n,), the sampled action
-        (n,), the previous step's bootstrap V'_(t-1) (V(s_t), or V(final frame) where the episode stopped), the
-        swapped-in state and the stepped one."""
+        """The actor-critic on frames obs (n, 3, H, W), the envs that restarted (stopped (n,))
+        taking their burnt-in LSTM state: logits (n, A), value (n,), action (n,), the last bootstrap
+        V'_(t-1) (V(s_t), or V(final frame) if it stopped), the state used, the next."""
         hidden = tuple(torch.where(stopped[:, None], s, h) for s, h in zip(start_hidden, hidden))
         with self.amp():
             logits, value, new_hidden = self.actor_critic.step(obs, hidden)
@@ -1476,14 +1404,11 @@ class ImaginationGraphs:
 
     @torch.no_grad()
     def world_model_step(self, obs, act, hidden, age, action, actor_hidden, noise, uniforms, start):
-        """One step of every imagined env: obs (n, c, 3, H, W) and act (n, c) the last c frames and actions (act's
-        last slot is filled with action (n,)), hidden the reward/end LSTM state, age (n,) the steps of each life,
-        actor_hidden the actor's state after this step's frame, noise (n, 3, H, W) the sampler's start, uniforms
-        (2, n) for the reward sign and the end, start the restart pool (obs, act, reward/end state), or None: no
-        restart here (the eager path restarts after the step).
-        Returns the next state, reward sign, end, truncated, stopped, V(final frame) and, for the checks, the next
-        frame before restarts, every denoiser call's D(x; sigma) before 8-bit quantisation (num_calls, n, 3, H, W)
-        and the reward/end logits."""
+        """One step of every imagined env: obs (n, c, 3, H, W) and act (n, c) its last frames and
+        actions, hidden the reward/end LSTM state, age (n,), action (n,), actor_hidden the actor's
+        state after this frame, noise (n, 3, H, W), uniforms (2, n), start the restart pool (None:
+        none). Returns the next state, reward sign, end, truncated, stopped, V(final frame) and, for
+        the checks, the next frame, each D(x; sigma) and the reward/end logits."""
         args, denoiser = self.args, self.wm_env.denoiser
         act = torch.cat([act[:, :-1], action[:, None]], dim=1)
         past = obs.flatten(1, 2)  # (n, c * 3, H, W)
@@ -1515,9 +1440,8 @@ class ImaginationGraphs:
                 "end_logits": end_logits.float()}
 
     def fresh_starts(self, stopped: torch.Tensor):
-        """The eager path's restarts after a step: a fresh real segment from the buffer, burnt in (reward/end and
-        actor LSTMs), in the row of each env that stopped (stopped (n,); the other rows are zeros, unused): the
-        restart pool (obs, act, reward/end state) and the actor's states to swap in."""
+        """The eager restarts: a fresh real segment, burnt in, in the row of each env that stopped
+        (others zeros): the restart pool (obs, act, reward/end state), the actor's states."""
         index = stopped.nonzero()[:, 0]
 
         def rows(x, dim=0):
@@ -1528,10 +1452,8 @@ class ImaginationGraphs:
         return (rows(obs), rows(act), tuple(rows(h, 1) for h in hidden)), tuple(rows(h) for h in actor_hidden)
 
     def rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """backup_every steps as imagine() returns them, through the compiled steps. A compilation that fails is one
-        line (TrainingFailure); one that a signal broke (Ctrl-C reaches the compiler's processes too) is a stop
-        (StopRequested: the run saves where it stands). A signal while the first rollout compiles is acknowledged
-        at once but waits for the compilation (it cannot stop midway): the acknowledgement says so (StopFlag.busy)."""
+        """_rollout compiled: a failed compilation is one line, a signal during it a stop,
+        acknowledged at once but waiting for the compilation (StopFlag.busy says so)."""
         first_compile = self.stop is not None and self.backend is not None and self.compile_seconds is None
         if first_compile:  # how long: benchmark/RESULTS.md
             self.stop.busy = "compiling the imagination step (" + (
@@ -1544,11 +1466,10 @@ class ImaginationGraphs:
                 self.stop.busy = ""
 
     def _rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """backup_every more steps of the persistent imagined episodes: the policy's logits (n, H, A) and values (n, H)
-        with gradients, and without: the bootstraps V'_t (n, H), actions, reward signs, ends and truncations (n, H).
-        The actor's LSTM state carries over from the last update (detached); an episode that stops at step t
-        bootstraps from V of its final frame (the actor's state stepped on it), then the actor's memory restarts
-        too (burnt in on the new segment's c - 1 earlier frames)."""
+        """backup_every more steps of the persistent imagined episodes: logits (n, H, A) and values
+        (n, H) with gradients; bootstraps V'_t, actions, reward signs, ends, truncations (n, H). The
+        actor's LSTM state carries over (detached); an episode that stops at t bootstraps from V of
+        its final frame, then the actor is burnt in on the new segment."""
         args, env, actor_critic, n = self.args, self.wm_env, self.actor_critic, self.args.num_imagined_envs
         begin = time.perf_counter()
         if env.obs is None:  # the first update: start the imagined episodes
@@ -1606,10 +1527,8 @@ class ImaginationGraphs:
 
 @contextlib.contextmanager
 def compile_failures(stop, what: str, fix: str):
-    """torch.compile's work inside (a forward traced and compiled at its first call, a backward
-    compiled at its first backward) fails in one line: a TrainingFailure naming `what` and the
-    fix; after a signal (Ctrl-C reaches the compiler's processes too) it is a stop
-    (StopRequested: the run saves where it stands). Other errors keep their traceback."""
+    """torch.compile's failures inside (at a first forward or backward) as one line naming `what`
+    and the fix, or after a signal a stop; other errors keep their traceback."""
     try:
         yield
     except (StopRequested, TrainingFailure):
@@ -1617,22 +1536,21 @@ def compile_failures(stop, what: str, fix: str):
     except Exception as e:
         if stop is not None and stop.requested:
             raise StopRequested() from None
-        if not (isinstance(e, (ImportError, OSError)) or type(e).__module__.startswith(("torch._dynamo",
-                                                                                        "torch._inductor"))):
+        if not (isinstance(e, (ImportError, OSError))
+                or type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))):
             raise
         cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "the folder torchinductor_<user> in the temp folder")
-        raise TrainingFailure(f"compiling {what} failed ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}); rerun {fix}, or "
-                              f"delete torch's compile cache ({cache}) if a stopped compilation left it "
-                              f"broken") from None
+        last = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
+        raise TrainingFailure(f"compiling {what} failed ({type(e).__name__}: {last}); rerun {fix}, or delete "
+                              f"torch's compile cache ({cache}) if a stopped compilation left it broken") from None
 
 
 def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: ActorCritic,
                        stop=None) -> Optional[ImaginationGraphs]:
-    """--imagination-graphs: on (auto: on CUDA) the compiled imagination step, as CUDA graphs on CUDA (torch.compile's
-    "reduce-overhead", with the run's autocast inside) and default inductor on the CPU; None: the eager step."""
-    if args.world_model_only or args.imagination_graphs == "off" or (args.imagination_graphs == "auto"
-                                                                      and not setup.use_cuda):
+    """--imagination-graphs on (auto: on CUDA): the compiled step, CUDA graphs on CUDA
+    ("reduce-overhead", the run's autocast inside), inductor on the CPU; None: eager."""
+    if args.world_model_only or args.imagination_graphs == "off" or (
+            args.imagination_graphs == "auto" and not setup.use_cuda):
         return None
     amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     return ImaginationGraphs(wm_env, actor_critic, args, setup.device, amp_dtype if setup.use_cuda else None,
@@ -1645,14 +1563,12 @@ def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: A
 
 def collection_schedule(first_collection_steps: int, env_step_budget: int = 100_000, steps_per_epoch: int = 100,
                         final_epochs: int = 50) -> list[int]:
-    """Env steps to collect in each epoch (item e - 1 for epoch e), as DIAMOND spends the Atari 100k budget: the first
-    collection of N steps, then steps_per_epoch in each of (budget - N) / steps_per_epoch epochs, epoch 1 included
-    (so epoch 1 collects N + steps_per_epoch), then final_epochs epochs that only train. The items sum to exactly
-    env_step_budget; N = 5000 gives 950 + 50 = 1000 epochs. A remainder (budget - N not a multiple of
-    steps_per_epoch) is collected in the last collecting epoch."""
+    """Env steps collected in each epoch (item e - 1 for epoch e), as DIAMOND spends the budget: the
+    first collection N plus steps_per_epoch in epoch 1, steps_per_epoch in each epoch until the
+    budget is spent, then final_epochs that only train (N = 5000: 950 + 50)."""
     if not 0 < first_collection_steps <= env_step_budget:
-        raise ValueError(f"the first collection ({first_collection_steps} steps) must be within the env-step budget "
-                         f"({env_step_budget})")
+        raise ValueError(f"the first collection ({first_collection_steps} steps) must be within the env-step "
+                         f"budget ({env_step_budget})")
     remaining = env_step_budget - first_collection_steps
     collecting_epochs = max(1, math.ceil(remaining / steps_per_epoch))  # epoch 1 always collects (the first N)
     steps = [min(steps_per_epoch, remaining - steps_per_epoch * e) for e in range(collecting_epochs)]
@@ -1661,10 +1577,8 @@ def collection_schedule(first_collection_steps: int, env_step_budget: int = 100_
 
 
 def run_schedule(args: Args, first_collection_steps: int = 0) -> list[int]:
-    """Env steps collected in each epoch of this run (its length is the run length): collection_schedule with the
-    first collection N (initial_collection_steps while epoch 1 has not decided it yet); with --dataset-dir no
-    collection and final_epochs_without_collection epochs. --num-epochs cuts or extends it (extra epochs collect
-    nothing: never beyond the budget)."""
+    """Env steps collected in each epoch of this run (N: initial_collection_steps until epoch 1
+    decides it); --num-epochs cuts or extends it (never beyond the budget)."""
     if args.dataset_dir is not None:
         steps = [0] * args.final_epochs_without_collection
     else:
@@ -1676,7 +1590,7 @@ def run_schedule(args: Args, first_collection_steps: int = 0) -> list[int]:
 
 
 def lr_warmup_factor(step: int, warmup_steps: int) -> float:
-    """Linear warmup from 0, as DIAMOND's reference: lr_s = lr * min(1, s / warmup_steps) (0 on the first step)."""
+    """Linear warmup from 0, as DIAMOND's reference: lr_s = lr * min(1, s / warmup_steps)."""
     return 1.0 if step >= warmup_steps else step / max(1, warmup_steps)
 
 
@@ -1684,14 +1598,17 @@ def lr_warmup_factor(step: int, warmup_steps: int) -> float:
 # Evaluation: test episodes, human-normalised score, world-model metrics on unseen real transitions, rollout videos.
 
 
-def human_normalized_score(game: str, score: float) -> Optional[float]:
-    if game not in ATARI_SCORES:
-        return None
-    random_score, human_score = ATARI_SCORES[game]
-    return (score - random_score) / (human_score - random_score)
-
-
-def report_score(env: Union[AtariEnv, CatchEnv], returns: list[float], what: str):
+def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device: torch.device,
+                autocast, stop, what: str, stopped: str, writer_at: Callable, step: int, kind: str = "test"):
+    """The score the paper reports: --test-episodes full games (epsilon 0), printed and logged under
+    eval/{kind}_* at `step` (no step holds two values of a tag). A signal abandons them, logging
+    nothing: the line `stopped` says so."""
+    try:
+        returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003, device,
+                                    autocast, check=stop.check)
+    except StopRequested:
+        print(stopped, flush=True)
+        return
     mean = float(np.mean(returns))
     score = env.normalized_score(mean)
     line = f"{what}: mean return {mean:.2f} (std {np.std(returns):.2f})"
@@ -1704,17 +1621,11 @@ def report_score(env: Union[AtariEnv, CatchEnv], returns: list[float], what: str
     if env.game == "Catch":  # a game returns +1 or -1
         line += f"; catch rate {(mean + 1) / 2:.3f} (random 0.2)"
     print(line, flush=True)
-
-
-def log_test_returns(writer, env: Union[AtariEnv, CatchEnv], returns: list[float], step: int, kind: str = "test"):
-    """The test episodes' score under eval/{kind}_* (kind: "test" at the end of training, "eval_only" for --eval-only):
-    tags of their own, apart from each evaluation's eval/episodic_return, so that no step holds two values of a tag."""
-    mean = float(np.mean(returns))
-    writer.add_scalar(f"eval/{kind}_episodic_return", mean, step)
-    writer.add_scalar(f"eval/{kind}_num_episodes", len(returns), step)
-    score = env.normalized_score(mean)
-    if score is not None:
-        writer.add_scalar(f"eval/{kind}_human_normalized_score", score, step)
+    with writer_at() as writer:
+        writer.add_scalar(f"eval/{kind}_episodic_return", mean, step)
+        writer.add_scalar(f"eval/{kind}_num_episodes", len(returns), step)
+        if score is not None:
+            writer.add_scalar(f"eval/{kind}_human_normalized_score", score, step)
 
 
 @torch.no_grad()
@@ -1722,12 +1633,9 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
                       device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16,
                       check: Callable[[], None] = lambda: None, record: Optional[list] = None,
                       on_step: Callable[[], None] = lambda: None) -> list[float]:
-    """Full games of --env-id (life loss does not end them), epsilon 0, actions sampled from the
-    policy; up to max_parallel games at once with a batched policy. Seeded by `seed` only, so
-    that evaluating never moves the training RNGs. check() is called before each env is made (an
-    Atari env takes about a second) and at every step, then on_step() (StopFlag.check: a signal
-    abandons the episodes within an env or a step). With `record`, each game is appended to it as
-    an episode dict (obs, actions, rewards, terminated, truncated)."""
+    """Returns of full games (epsilon 0, no life-loss ends), up to max_parallel at once, seeded by
+    `seed` alone (the training RNGs do not move). check() runs before each env is made and at each
+    step (StopFlag.check), then on_step(); `record` gets each game as an episode dict."""
     generator = torch.Generator().manual_seed(seed)
     returns = []
     while len(returns) < num_episodes:
@@ -1737,7 +1645,7 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
             check()
             envs.append(make_env(args, seed * 1000 + len(returns) + i, generator, training=False))
         obs = [env.reset() for env in envs]
-        episodes = [{"obs": [o.copy()], "actions": [], "rewards": [], "terminated": [], "truncated": []} for o in obs]
+        episodes = [new_episode(o) for o in obs]
         hidden, active = None, list(range(n))
         while active:
             check()
@@ -1768,10 +1676,9 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
 def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, ids: list[int],
                     args: Args, device: torch.device, seed: int, net=None,
                     autocast=contextlib.nullcontext()) -> dict[str, float]:
-    """The training losses of the denoiser and the reward/end model on held-out episodes (`ids` of the buffer), as
-    DIAMOND's test of its world model: each episode cut into consecutive segments so that every frame is a denoiser
-    target once and every transition is a reward/end target once, with noise from a generator seeded by `seed` (the
-    training RNGs do not move). Returns the mean loss per segment of each model."""
+    """The mean training losses per segment on held-out episodes (ids), as DIAMOND tests its world
+    model: each frame a denoiser target once, each transition a reward/end target once, the noise
+    from a generator seeded by `seed`."""
     generator = torch.Generator(device=device).manual_seed(seed)
     c, length = args.num_conditioning_steps, args.reward_segment_length
     num_predictions = 1 + args.num_autoregressive_steps
@@ -1785,15 +1692,13 @@ def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer
         total = 0.0
         for first in range(0, len(refs), args.batch_size):
             chunk = refs[first: first + args.batch_size]
-            batch = buffer.segments(chunk, num_obs)
+            batch = {key: value.to(device) for key, value in buffer.segments(chunk, num_obs).items()}
             obs = segment_obs(batch, device)
             with autocast:
                 if name == "denoiser":
-                    loss = denoiser_loss(denoiser, obs, batch["actions"].to(device), batch["obs_mask"].to(device), args,
-                                         generator, net)
+                    loss = denoiser_loss(denoiser, obs, batch["actions"], batch["obs_mask"], args, generator, net)
                 else:
-                    loss = reward_end_loss(reward_end_model, {"obs": obs, **{key: batch[key].to(device) for key in (
-                        "actions", "rewards", "ends", "mask")}})
+                    loss = reward_end_loss(reward_end_model, {**batch, "obs": obs})
             total += float(loss) * len(chunk)
         losses[f"{name}_test_loss"] = total / max(len(refs), 1)
     return losses
@@ -1803,10 +1708,9 @@ def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer
 def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
                         refs: list[tuple[int, int]], args: Args, device: torch.device, seed: int, net=None,
                         autocast=contextlib.nullcontext()) -> dict:
-    """On real transitions (episode, t): the sampled next frame vs the true one, beside copying the last frame, over
-    all pixels and over the pixels that change (where predicting matters); reward-sign and end accuracy, and under
-    "counts" the (hits, predicted, actual) counts of each class of the reward/end model's argmax prediction
-    (RewardEndPools' classes: reward signs -1, 0, +1 and the end flag), from which recall and precision follow."""
+    """On real transitions (episode, t): the sampled next frame's MSE beside copying the last frame,
+    over all pixels and over those that change; reward-sign and end accuracy, and under "counts" the
+    (hits, predicted, actual) counts of each class of RewardEndPools (its recall and precision)."""
     c = args.num_conditioning_steps
     generator = torch.Generator(device=device).manual_seed(seed)
     sums = {key: 0.0 for key in ("mse", "copy", "mse_changed", "copy_changed", "changed", "pixels", "reward", "end")}
@@ -1826,17 +1730,17 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
         sums["pixels"] += target.numel()
         with autocast:
             reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], actions, obs[:, 1:])
-        reward_class = batch["rewards"][:, -1].sign().long() + 1
+        reward_class, end = batch["rewards"][:, -1].sign().long() + 1, batch["ends"][:, -1]
         predicted_reward, predicted_end = reward_logits[:, -1].argmax(-1).cpu(), end_logits[:, -1].argmax(-1).cpu()
         sums["reward"] += float((predicted_reward == reward_class).sum())
-        sums["end"] += float((predicted_end == batch["ends"][:, -1].long()).sum())
+        sums["end"] += float((predicted_end == end.long()).sum())
         # one-vs-rest per class: (predicted == actual == class, predicted == class, actual == class)
         for name, predicted, actual in (("reward_neg", predicted_reward == 0, reward_class == 0),
                                         ("reward_zero", predicted_reward == 1, reward_class == 1),
                                         ("reward_pos", predicted_reward == 2, reward_class == 2),
-                                        ("end", predicted_end == 1, batch["ends"][:, -1])):
-            counts[name] = [total + int(x.sum()) for total, x in zip(counts[name], (predicted & actual, predicted,
-                                                                                    actual))]
+                                        ("end", predicted_end == 1, end)):
+            hits_predicted_actual = (predicted & actual, predicted, actual)
+            counts[name] = [total + int(x.sum()) for total, x in zip(counts[name], hits_predicted_actual)]
     n, changed = len(refs), max(sums["changed"], 1.0)
     return {"next_frame_mse": sums["mse"] / sums["pixels"], "copy_last_frame_mse": sums["copy"] / sums["pixels"],
             "next_frame_mse_changed": sums["mse_changed"] / changed,
@@ -1846,12 +1750,10 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
 
 
 class RewardEndPools:
-    """The reward/end model's recall and precision per class (reward signs -1, 0, +1; the end flag), on held-out
-    transitions pooled across measurements: a reward or an end is rare (a Catch game has one of each in 9 steps), so
-    one measurement holds too few for a ratio worth a point, and the accuracy (world_model/reward_accuracy) is mostly
-    the zero class. recall = hits / actual is taken once its pool holds min_count actual examples of the class,
-    precision = hits / predicted once its pool holds min_count predictions of it; that pool then starts again. No
-    value is NaN or rests on fewer than min_count examples. The pools go into checkpoints (Collector.state_dict)."""
+    """The reward/end model's recall and precision per class (reward signs -1, 0, +1; the end),
+    pooled over measurements until a pool holds min_count actual (recall) or predicted (precision)
+    examples of its class, then taken and emptied: rewards and ends are rare; no value is NaN or
+    rests on fewer than min_count."""
     classes = ("reward_neg", "reward_zero", "reward_pos", "end")
 
     def __init__(self, min_count: int = 20):
@@ -1866,8 +1768,7 @@ class RewardEndPools:
             self.precision[name] = [self.precision[name][0] + hits, self.precision[name][1] + predicted]
 
     def take(self) -> dict[str, float]:
-        """The values of the pools that reached min_count, by tag (world_model/reward_recall_pos,
-        ..., world_model/end_precision); those pools start again."""
+        """The full pools' values by tag (world_model/reward_recall_pos ...); those empty."""
         values = {}
         for kind, pools in (("recall", self.recall), ("precision", self.precision)):
             for name, (hits, total) in pools.items():
@@ -1889,8 +1790,8 @@ class RewardEndPools:
 @torch.no_grad()
 def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, device: torch.device, seed: int,
                      net=None, autocast=contextlib.nullcontext()) -> tuple[np.ndarray, np.ndarray]:
-    """An open-loop imagined rollout from a real segment with the real actions, beside the real frames:
-    uint8 (H, 3, h, w) each, H = imagination_horizon (or what the episode has), and the H actions taken."""
+    """An open-loop imagined rollout from a real segment with the real actions: real and imagined
+    frames uint8 (H, 3, h, w) (H = imagination_horizon at most) and the actions."""
     c, horizon = args.num_conditioning_steps, args.imagination_horizon
     generator = torch.Generator().manual_seed(seed)
     ids = [i for i in buffer.sampleable() if len(buffer.episode(i)["actions"]) >= c + horizon] or buffer.sampleable()
@@ -1915,18 +1816,12 @@ def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, devic
 def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int, int, dict]],
                               env: Union[AtariEnv, CatchEnv], args: Args, seed: int,
                               check: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """The current policy's return over the imagination horizon H from the same K starts, in the world model and in
-    the real game: the closed-loop gap that training in imagination exploits (a policy the early world model pays
-    for, which the real game does not). Each start (episode, t, env state) is a state the collector saved at frame t
-    (Collector.fork_starts). The world model starts as imagination does: the c frames up to t and their actions from
-    the buffer burn in the reward/end model (WorldModelEnv.start) and the actor's LSTM (actor_burn_in); then H steps
-    of the imagination step itself (graphs.policy_step and graphs.world_model_step; uncompiled for backend None). The
-    real game starts from the saved state (env, loaded with each start's state in turn: one emulator for K games)
-    and the same LSTM state. Both pick actions by the same rule with the same uniforms (sample_categorical), and the
-    world model's noise and reward/end draws come from the same generator, seeded by `seed` (the training RNGs do
-    not move). Returns undiscounted sums of reward signs (the clipped rewards DIAMOND learns from) over the H steps
-    or until the episode ends (the sampled end flag; the real termination, a life lost in Atari, or truncation),
-    averaged over the K starts: imagined_return, real_return and imagined_minus_real_return."""
+    """The policy's return over the horizon H from the same K starts in the world model and in the
+    real game: the gap that training in imagination exploits. A start (episode, t, env state) is a
+    frame the collector saved (Collector.fork_starts): the world model starts from it as imagination
+    does, the real game from the saved state, both with the same actor state, action rule and
+    uniforms (seeded by `seed`). Returns the mean undiscounted sums of reward signs until the end:
+    imagined_return, real_return and imagined_minus_real_return."""
     c, horizon, device, k = args.num_conditioning_steps, args.imagination_horizon, graphs.device, len(starts)
     buffer = graphs.wm_env.buffer
     refs = [(episode if episode < len(buffer.episodes) else -1, t - (c - 1)) for episode, t, _ in starts]
@@ -1975,7 +1870,7 @@ def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int,
 
 
 def action_shares(episodes: list[dict], num_actions: int) -> np.ndarray:
-    """The share of each action among the actions taken in the episodes (summing to 1; all 0 without any)."""
+    """The share of each action among the episodes' actions (summing to 1; all 0 without any)."""
     counts = np.zeros(num_actions)
     for episode in episodes:
         counts += np.bincount(np.asarray(episode["actions"], dtype=np.int64), minlength=num_actions)
@@ -2012,15 +1907,18 @@ def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
 
 def labelled_rows(rows: list[np.ndarray], row_labels: list[str], column_labels: Optional[list[str]] = None,
                   pad: int = 2) -> np.ndarray:
-    """Rows of uint8 (N, 3, h, w) frames as one RGB image, each row named in a left margin and each column (the
-    action taken into that frame) in a top margin: a picture that says which row is real and which imagined."""
+    """Rows of uint8 (N, 3, h, w) frames as one RGB image, each row named in a left margin and each
+    column (the action taken into that frame) in a top margin."""
     import cv2
 
     n, h = rows[0].shape[0], rows[0].shape[2]
     scale = max(1, 64 // h)  # small frames are enlarged, so that a label fits above each
-    grids = [make_grid(np.stack([cv2.resize(f.transpose(1, 2, 0), None, fx=scale, fy=scale,
-                                            interpolation=cv2.INTER_NEAREST).transpose(2, 0, 1) for f in row]),
-                       columns=n, pad=pad) for row in rows]
+
+    def enlarged(frame):
+        return cv2.resize(frame.transpose(1, 2, 0), None, fx=scale, fy=scale,
+                          interpolation=cv2.INTER_NEAREST).transpose(2, 0, 1)
+
+    grids = [make_grid(np.stack([enlarged(f) for f in row]), columns=n, pad=pad) for row in rows]
     left = 8 + 7 * max(len(label) for label in row_labels)
     top = 16 if column_labels else 0
     cell = h * scale + pad
@@ -2044,9 +1942,8 @@ PHASES = ("collect", "world_model_eval", "denoiser", "reward_end", "actor_critic
 
 @dataclass
 class RunPosition:
-    """Where the run is: the epoch (from 1), the phase (an index into PHASES), the step inside
-    the phase (env steps or gradient updates), and the global step: the gradient updates of the
-    three models so far, TensorBoard's one x axis (monotone across phases, epochs and resumes)."""
+    """Where the run is: the epoch (from 1), the phase (an index into PHASES), the step in it (env
+    steps or updates), and the global step: the three models' updates, TensorBoard's x."""
     epoch: int = 1
     phase: int = 0
     step: int = 0
@@ -2067,13 +1964,16 @@ class RunPosition:
         return f"epoch {self.epoch} ({self.name}, step {self.step}; global step {self.global_step})"
 
 
+def new_episode(obs: np.ndarray) -> dict:
+    """An episode being recorded, from its first frame: lists of the episode .npz fields."""
+    return {"obs": [obs.copy()], "actions": [], "rewards": [], "terminated": [], "truncated": []}
+
+
 class Collector:
-    """The real environment and what is collected from it: the emulator, the episode in progress (sampled by the
-    replay buffer as its newest), the actor's LSTM state, the env step count, and the held-out transitions: those
-    collected since the world model was last measured, which it has never trained on; the reward/end model's
-    pooled class counts on them (RewardEndPools), and the newest num_fork_starts env states saved along the way,
-    one every num_heldout_transitions // num_fork_starts env steps, which the evaluation forks the real game from
-    (imagined_and_real_returns)."""
+    """The real environment and what is collected from it: the episode in progress (the buffer's
+    newest), the actor's LSTM state, the env steps, the held-out transitions (collected since the
+    world model was last measured, never trained on), the reward/end model's pooled counts on them,
+    and the newest num_fork_starts env states, saved along the way for imagined_and_real_returns."""
     num_fork_starts = 8
 
     def __init__(self, env: Union[AtariEnv, CatchEnv], buffer: ReplayBuffer, generator: torch.Generator,
@@ -2085,15 +1985,14 @@ class Collector:
         self.first_collection_steps = 0  # the first collection N, once epoch 1 has decided it (0: not yet)
         self.heldout = torch.zeros((0, 2), dtype=torch.long)  # (episode index in the buffer, t)
         self.reward_end_pools = RewardEndPools()
-        self.fork_starts: list[tuple[int, int, dict]] = []  # (episode index in the buffer, t, env state at frame t)
+        self.fork_starts: list[tuple[int, int, dict]] = []  # (episode index in the buffer, t, env state at t)
 
     @torch.no_grad()
     def step(self, actor_critic: ActorCritic, args: Args, autocast, random_policy: bool):
         """One env step with the agent (epsilon-greedy over a sampled action) or a uniform random
         policy. Returns the reward and, when the step ended a game, the game's (return, length)."""
         if self.partial is None:
-            self.partial = {"obs": [self.env.reset().copy()], "actions": [], "rewards": [], "terminated": [],
-                            "truncated": []}
+            self.partial = new_episode(self.env.reset())
         # the transition about to be collected, as (the index its episode will have in the buffer, t)
         ref = (len(self.buffer.episodes), len(self.partial["actions"]))
         if self.env_steps % max(1, args.num_heldout_transitions // self.num_fork_starts) == 0:
@@ -2122,7 +2021,7 @@ class Collector:
         return reward, game
 
     def share_partial(self):
-        """The episode in progress becomes the buffer's newest episode (sampled by the training phases)."""
+        """The episode in progress becomes the buffer's newest (sampled in training)."""
         self.buffer.partial = None if self.partial is None else ReplayBuffer.to_tensors(self.partial)
 
     def state_dict(self) -> dict:
@@ -2131,9 +2030,9 @@ class Collector:
             **{key: torch.tensor(self.partial[key], dtype=dtype) for key, dtype in (
                 ("actions", torch.int64), ("rewards", torch.float32), ("terminated", torch.bool),
                 ("truncated", torch.bool))}}
+        hidden = None if self.hidden is None else tuple(h.cpu() for h in self.hidden)
         return {"env": self.env.state_dict(), "env_steps": self.env_steps, "partial": partial,
-                "first_collection_steps": self.first_collection_steps,
-                "collect_hidden": None if self.hidden is None else tuple(h.cpu() for h in self.hidden),
+                "first_collection_steps": self.first_collection_steps, "collect_hidden": hidden,
                 "heldout": self.heldout, "reward_end_pools": self.reward_end_pools.state_dict(),
                 "fork_starts": [{"episode": e, "t": t, "env": env} for e, t, env in self.fork_starts]}
 
@@ -2154,10 +2053,9 @@ class Collector:
 
 
 class EpochLog:
-    """An epoch's numbers. Losses and gradient norms are summed on the device (no host sync per update) and written
-    every log_every updates at the global step. Everything else (collection, world-model metrics, evaluations,
-    speeds) waits in `pending` and is written at the end of the epoch, before its checkpoint: so a run resumed from a
-    checkpoint at global step G (TensorBoard drops the points after G) never writes a point at a step twice."""
+    """An epoch's numbers. Losses and gradient norms are summed on the device (no host sync per
+    update) and written every log_every updates at the global step; the rest waits in `pending` for
+    the end of the epoch, before its checkpoint, so that a resumed run never writes a step twice."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -2178,7 +2076,7 @@ class EpochLog:
         return all(math.isfinite(value.item()) for value in self.sums.values())
 
     def flush(self, writer, step: int, count: int) -> dict[str, float]:
-        """Writes the window's means over its `count` updates at the global step and starts a new window."""
+        """Writes the window's means over its `count` updates at `step`; a new window starts."""
         means = {key: value.item() / count for key, value in self.sums.items()}
         for key, value in means.items():
             writer.add_scalar(key, value, step)
@@ -2191,25 +2089,27 @@ class EpochLog:
             writer.add_scalar(key, float(np.mean(values)), step)
 
     def summary(self) -> list[str]:
-        """The epoch's printed line: mean losses, returns, and the world model against copying the last frame; when
-        evaluated: the reward/end model's recall/precision of the reward +1 (when pooled enough, else -), the
-        imagined minus the real return of the policy from the same starts, and its most frequent action's share."""
+        """The epoch's printed line: mean losses and returns, the world model beside copying the
+        last frame, and when evaluated the reward +1's recall/precision, the imagined minus the real
+        return and the most frequent action."""
         values = {**self.means, **self.pending}
         parts = [f"{label} {np.mean(values[key]):.4g}" for key, label in (
             ("losses/denoiser", "denoiser loss"), ("losses/reward_end", "reward/end loss"),
             ("losses/actor_critic", "actor-critic loss"), ("charts/episodic_return", "train return"),
             ("eval/episodic_return", "eval return")) if key in values]
+        first = {key: value[0] for key, value in values.items()}
         if "world_model/next_frame_mse_changed" in values:
-            parts.append(f"next-frame mse on changed pixels {values['world_model/next_frame_mse_changed'][0]:.4g} "
-                         f"(copy-last-frame {values['world_model/copy_last_frame_mse_changed'][0]:.4g})")
-        recall, precision = (values.get(f"world_model/reward_{kind}_pos") for kind in ("recall", "precision"))
-        if recall or precision:
-            parts.append("rew+ rec/prec " + "/".join("-" if v is None else f"{v[0]:.2f}" for v in (recall, precision)))
+            parts.append(f"next-frame mse on changed pixels {first['world_model/next_frame_mse_changed']:.4g} "
+                         f"(copy-last-frame {first['world_model/copy_last_frame_mse_changed']:.4g})")
+        recall, precision = (first.get(f"world_model/reward_{kind}_pos") for kind in ("recall", "precision"))
+        if recall is not None or precision is not None:
+            shown = ("-" if value is None else f"{value:.2f}" for value in (recall, precision))
+            parts.append("rew+ rec/prec " + "/".join(shown))
         if "eval/imagined_minus_real_return" in values:
-            parts.append(f"imag-real gap {values['eval/imagined_minus_real_return'][0]:+.2f} (imag "
-                         f"{values['eval/imagined_return'][0]:+.2f}, real {values['eval/real_return'][0]:+.2f})")
-        shares = {key[len("eval/action_share_"):]: value[0] for key, value in values.items()
-                  if key.startswith("eval/action_share_")}
+            parts.append(f"imag-real gap {first['eval/imagined_minus_real_return']:+.2f} (imag "
+                         f"{first['eval/imagined_return']:+.2f}, real {first['eval/real_return']:+.2f})")
+        prefix = "eval/action_share_"
+        shares = {key[len(prefix):]: value for key, value in first.items() if key.startswith(prefix)}
         if shares:
             top = max(shares, key=shares.get)
             parts.append(f"top action {top} {shares[top]:.2f}")
@@ -2226,7 +2126,7 @@ class EpochLog:
 
 @dataclass
 class Learner:
-    """One of the three models with its AdamW, linear-warmup schedule, grad scaler (fp16 only) and clipping norm."""
+    """A model with its AdamW, warmup schedule, grad scaler (fp16 only) and clipping norm."""
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -2250,8 +2150,9 @@ def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> 
     for name, model in models.items():
         # AdamW with weight decay on the weights of the world model only (DIAMOND: the actor-critic uses none)
         weight_decay = 0.0 if name == "actor_critic" else args.weight_decay
-        lr = args.actor_critic_learning_rate if name == "actor_critic" and args.actor_critic_learning_rate else \
-            args.learning_rate
+        lr = args.learning_rate
+        if name == "actor_critic" and args.actor_critic_learning_rate:
+            lr = args.actor_critic_learning_rate
         optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr, eps=args.adam_eps,
                                       fused=use_cuda)
         # linear warmup from 0: lr_s = lr * min(1, s / warmup_steps)
@@ -2264,21 +2165,19 @@ def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> 
 
 def run_checkpoint(args: Args, pos, collector, log, buffer, learners: dict[str, Learner], cpu_generator, generator,
                    wm_env) -> dict:
-    """What checkpoints/latest.pt holds (CHECKPOINT_KEYS, after its header): the position in the run, the collector's
-    and the epoch log's state, how many episode files are the run's, each learner's model, optimizer, scheduler and
-    grad scaler (dicts by model name), every RNG and the imagined episodes. restore_run puts them back."""
+    """checkpoints/latest.pt's contents (CHECKPOINT_KEYS), which restore_run puts back."""
+    parts = {key: {name: getattr(learner, key[:-1]).state_dict() for name, learner in learners.items()}
+             for key in ("models", "optimizers", "schedulers", "scalers")}
     return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
             "args": asdict(args), **pos.state_dict(), **collector.state_dict(), **log.state_dict(),
-            "num_buffer_files": len(buffer.episodes) if args.dataset_dir is None else 0,
-            **{key: {name: getattr(learner, key[:-1]).state_dict() for name, learner in learners.items()}
-               for key in ("models", "optimizers", "schedulers", "scalers")},
+            "num_buffer_files": len(buffer.episodes) if args.dataset_dir is None else 0, **parts,
             "rng": rng_state(), "cpu_generator": cpu_generator.get_state(), "generator": generator.get_state().cpu(),
             "imagination": wm_env.state_dict()}
 
 
 def restore_run(checkpoint: dict, pos, collector, log, learners: dict[str, Learner], cpu_generator, generator):
-    """Puts run_checkpoint's state back but for the episodes and the imagined episodes, which the run restores once
-    its buffer is read. Weights of another shape, or a damaged state: one line, not a traceback."""
+    """Puts run_checkpoint's state back (the episodes: once the buffer is read); weights of another
+    shape, or a damaged state, are one line."""
     try:
         for name, learner in learners.items():
             learner.model.load_state_dict(checkpoint["models"][name])
@@ -2302,9 +2201,8 @@ def restore_run(checkpoint: dict, pos, collector, log, learners: dict[str, Learn
 
 @dataclass
 class Run:
-    """What the phases of an epoch share: the arguments, the device, the training generators (cpu_generator: no-ops,
-    exploration, replay sampling; generator: diffusion noise, imagination), the replay buffer, the models and
-    their learners, the imagined environments, the TensorBoard writer and the stop flag."""
+    """What the phases of an epoch share. cpu_generator: no-ops, exploration, replay sampling;
+    generator: diffusion noise, imagination."""
     args: Args
     device: torch.device
     autocast: object
@@ -2318,7 +2216,7 @@ class Run:
     graphs: Optional[ImaginationGraphs]  # the compiled imagination step (--imagination-graphs), or None: eager
     collector: Collector
     writer: object  # a SummaryWriter
-    stop: object  # the StopFlag (defined in the shared block below)
+    stop: object  # the StopFlag
     run_dir: Path
     denoiser_update_flops: float  # FLOPs of one denoiser update, for MFU
     peak_flops: Optional[float]  # the device's peak FLOP/s on CUDA; None on a CPU (no MFU)
@@ -2329,14 +2227,14 @@ class Run:
         return len(run_schedule(self.args, self.collector.first_collection_steps))
 
     def checked_net(self, *inputs):
-        """The denoiser's network for evaluations, uncompiled (their batch sizes and segment
-        lengths vary): a signal abandons them within a network call (StopRequested)."""
+        """The denoiser's network uncompiled, for evaluations (their shapes vary); a signal abandons
+        them within a call (StopRequested)."""
         self.stop.check()
         return self.learners["denoiser"].model.net(*inputs)
 
 
 def phase_length(args: Args, name: str, epoch: int) -> int:
-    """Gradient updates of a model phase in this epoch (the first epoch trains much longer on its big first batch)."""
+    """Gradient updates of a model in this epoch (epoch 1 trains much longer)."""
     first = epoch == 1
     if name == "actor_critic" and epoch <= args.actor_critic_start_after_epochs:
         return 0
@@ -2346,9 +2244,8 @@ def phase_length(args: Args, name: str, epoch: int) -> int:
 
 
 def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of one gradient update of a model (denoiser, reward_end or actor_critic) on a
-    fresh batch, and the extra values to log. The denoiser and the reward/end model learn from
-    real segments of the replay buffer, the actor-critic from an imagined rollout."""
+    """One update's loss of a model on a fresh batch (real segments; the actor-critic: an imagined
+    rollout) and the extra values to log."""
     args, device, autocast = run.args, run.device, run.autocast
     denoiser, reward_end_model = run.learners["denoiser"].model, run.learners["reward_end"].model
     if name == "denoiser":  # 6-frame segments, two predictions (the second on the first's 8-bit output)
@@ -2369,26 +2266,27 @@ def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tenso
 
 
 def collect(run: Run, collector: Collector, pos: RunPosition, log: EpochLog):
-    """Env steps with the agent (a random policy with --world-model-only) until this epoch's share of the budget is
-    collected (run_schedule). Epoch 1 first decides the first collection N as DIAMOND does: at least
-    initial_collection_steps, then collection_steps_per_epoch (100) more at a time until the two rarer reward signs
-    together occur min_rare_rewards times, or N reaches max_initial_collection_steps; then it collects its own share."""
+    """Env steps with the agent (--world-model-only: a random policy) until this epoch's share of
+    the budget is collected. Epoch 1 first decides the first collection N as DIAMOND: at least
+    initial_collection_steps, then 100 more at a time until the two rarer reward signs occur
+    min_rare_rewards times, or max_initial_collection_steps."""
     args, buffer = run.args, run.buffer
     # counts of the reward signs -1, 0, +1 in the buffer (the episode in progress included)
     counts = [sum(int((buffer.episode(i)["rewards"].sign() == sign).sum()) for i in buffer.sampleable())
               for sign in (-1, 0, 1)]
     total = run_schedule(args, collector.first_collection_steps)[pos.epoch - 1]
-    progress, start, first = progress_bar(total, pos.step, f"epoch {pos.epoch} collect", "env step"), \
-        time.perf_counter(), pos.step
+    progress = progress_bar(total, pos.step, f"epoch {pos.epoch} collect", "env step")
+    start, first = time.perf_counter(), pos.step
     while not run.stop.requested:
         if pos.epoch == 1 and not collector.first_collection_steps:
             extra = pos.step - args.initial_collection_steps
+            rare = sum(sorted(counts)[:2])
             if extra >= 0 and extra % args.collection_steps_per_epoch == 0 and (
-                    sum(sorted(counts)[:2]) >= args.min_rare_rewards or pos.step >= args.max_initial_collection_steps):
+                    rare >= args.min_rare_rewards or pos.step >= args.max_initial_collection_steps):
                 collector.first_collection_steps = pos.step  # N: the run's schedule and length are now fixed
                 total = progress.total = run_schedule(args, pos.step)[0]
-                progress.write(f"first collection: {pos.step} env steps (reward signs -1/0/+1: {counts}); the run: "
-                               f"{run.num_epochs} epochs, {args.env_step_budget} env steps", file=sys.stdout)
+                progress.write(f"first collection: {pos.step} env steps (reward signs -1/0/+1: {counts}); the "
+                               f"run: {run.num_epochs} epochs, {args.env_step_budget} env steps", file=sys.stdout)
         if collector.first_collection_steps and pos.step >= total:
             break
         reward, game = collector.step(run.learners["actor_critic"].model, args, run.autocast, args.world_model_only)
@@ -2405,9 +2303,8 @@ def collect(run: Run, collector: Collector, pos: RunPosition, log: EpochLog):
 
 
 def measure_world_model(run: Run, collector: Collector, pos: RunPosition, log: EpochLog):
-    """world_model/*: the sampled next frame against copying the last one, and the reward/end accuracy, on the
-    transitions just collected (or --dataset-dir's held-out episodes), which the world model has not trained on;
-    the reward/end model's class counts go into the collector's pools (its recall and precision: evaluate)."""
+    """world_model/* on the transitions just collected (or --dataset-dir's held-out ones), never
+    trained on; the reward/end class counts go into the collector's pools."""
     buffer = run.buffer
     refs = [(e if e < len(buffer.episodes) else -1, t) for e, t in collector.heldout.tolist()]
     metrics = world_model_metrics(run.learners["denoiser"].model, run.learners["reward_end"].model, buffer, refs,
@@ -2421,9 +2318,8 @@ def measure_world_model(run: Run, collector: Collector, pos: RunPosition, log: E
 
 
 def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
-    """This epoch's gradient updates of one model (denoiser, reward_end or actor_critic), from
-    pos.step on, until they are done or a signal arrives (the current update is finished first).
-    Losses are written every log_every updates at the global step."""
+    """This epoch's updates of one model from pos.step on, until done or a signal (the update in
+    progress finishes first); losses written every log_every updates at the global step."""
     args, learner = run.args, run.learners[name]
     num_steps = phase_length(args, name, pos.epoch)
     progress = progress_bar(num_steps, pos.step, f"epoch {pos.epoch} {name}", "update")
@@ -2469,28 +2365,25 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
 
 
 def evaluate(run: Run, pos: RunPosition, log: EpochLog):
-    """An open-loop imagined rollout beside the real frames and, except in the last epoch (which gets the full test),
-    eval_episodes test episodes; the policy's diagnostics (policy_diagnostics) and the reward/end model's recall and
-    precision of the pools that reached their count (RewardEndPools). A signal abandons it (StopRequested) before
-    anything is written or a pool emptied: a resumed run evaluates again and writes each picture once."""
-    args, epoch = run.args, pos.epoch
+    """An open-loop imagined rollout beside the real frames, eval_episodes test episodes (but in the
+    last epoch: the final test), test-set losses, the policy's diagnostics and the full reward/end
+    pools. A signal abandons it (StopRequested) before anything is written or a pool emptied."""
+    args, epoch, seed = run.args, pos.epoch, run.args.seed * 7919 + pos.epoch
     denoiser, reward_end_model = run.learners["denoiser"].model, run.learners["reward_end"].model
-    real, imagined, taken = imagined_vs_real(denoiser, run.buffer, args, run.device, args.seed * 7919 + epoch,
-                                             run.checked_net, run.autocast)
+    real, imagined, taken = imagined_vs_real(denoiser, run.buffer, args, run.device, seed, run.checked_net,
+                                             run.autocast)
     returns, test_episodes = None, []
     if not args.world_model_only and epoch < run.num_epochs:
         # with --dataset-dir, DIAMOND plays no game: these real-game test episodes are this script's addition
         what = "real-game test episodes, not in DIAMOND's static-dataset mode" if args.dataset_dir else "test episodes"
         progress = progress_bar(None, 0, f"epoch {epoch} evaluate ({args.eval_episodes} {what})", "env step")
-
-        # a signal abandons the test episodes at the next env made or step played
-        returns = run_test_episodes(run.learners["actor_critic"].model, args, args.eval_episodes,
-                                    args.seed * 7919 + epoch, run.device, run.autocast, check=run.stop.check,
-                                    record=test_episodes, on_step=lambda: progress.update(1))
+        returns = run_test_episodes(run.learners["actor_critic"].model, args, args.eval_episodes, seed, run.device,
+                                    run.autocast, check=run.stop.check, record=test_episodes,
+                                    on_step=lambda: progress.update(1))
         progress.close()
     diagnostics = {} if args.world_model_only else policy_diagnostics(run, epoch, test_episodes)
     # Test-set losses on episodes never trained on: --dataset-dir's held-out episodes, else (as DIAMOND) the test
-    # episodes just played (epsilon 0); a --world-model-only run that collects plays none, so it has none.
+    # episodes just played; a --world-model-only run that collects plays none, so it has none.
     if args.dataset_dir is not None:
         held_out = run.buffer
         ids = sorted(set(range(len(held_out.episodes))) - set(run.train_ids))
@@ -2499,21 +2392,20 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
         for episode in test_episodes:
             held_out.add(episode, write=False)
         ids = list(range(len(test_episodes)))
-    test_losses = test_set_losses(denoiser, reward_end_model, held_out, ids, args, run.device,
-                                  args.seed * 7919 + epoch, run.checked_net, run.autocast) if ids else {}
-    # a strip: real on top, imagined below, each row named and each column headed by the action taken into it
-    meanings = run.collector.env.action_meanings
-    names = [meanings[a].lower() for a in taken]
+    test_losses = test_set_losses(denoiser, reward_end_model, held_out, ids, args, run.device, seed,
+                                  run.checked_net, run.autocast) if ids else {}
+    # a strip: real on top, imagined below, each column headed by the action taken into it
+    names = [run.collector.env.action_meanings[a].lower() for a in taken]
     strip = labelled_rows([real, imagined], ["real", "imagined"], names)
     run.writer.add_image("samples/imagined_vs_real", strip, pos.global_step, dataformats="HWC")
     # the video: real | imagined side by side, captioned with the step and the action
-    write_mp4(run.run_dir / "samples" / f"rollout_epoch{epoch:05d}.mp4", np.stack([
+    stem = run.run_dir / "samples" / f"rollout_epoch{epoch:05d}"
+    write_mp4(stem.with_suffix(".mp4"), np.stack([
         with_caption(np.concatenate([r, i], axis=2).transpose(1, 2, 0), 256,
                      ["left real, right imagined", f"step {k + 1}  action {names[k]}"])
         for k, (r, i) in enumerate(zip(real, imagined))]))
-    write_samples(run.run_dir / "samples", f"rollout_epoch{epoch:05d}", np.concatenate([real, imagined]),
-                  columns=len(real))
-    write_png(run.run_dir / "samples" / f"rollout_epoch{epoch:05d}.png", strip)
+    write_samples(stem.parent, stem.name, np.concatenate([real, imagined]), columns=len(real))
+    write_png(stem.with_suffix(".png"), strip)
     for key, value in {**{f"eval/{key}": value for key, value in test_losses.items()}, **diagnostics,
                        **run.collector.reward_end_pools.take()}.items():
         log.add(key, value)
@@ -2525,11 +2417,9 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
 
 
 def policy_diagnostics(run: Run, epoch: int, test_episodes: list[dict]) -> dict[str, float]:
-    """What the policy does and what the world model promises it: eval/action_share_{ACTION} (the share of each
-    action in the test episodes just played: a policy collapsed onto one action shows there), and eval/imagined_return,
-    eval/real_return, eval/imagined_minus_real_return (imagined_and_real_returns from the collector's newest
-    min(8, num_imagined_envs) saved states; none with --dataset-dir, which collects nothing). Seeded by (seed, epoch):
-    the training RNGs do not move."""
+    """eval/action_share_{ACTION} in the test episodes just played (a policy collapsed onto one
+    action shows there) and imagined_and_real_returns from the collector's saved states (none with
+    --dataset-dir), seeded by (seed, epoch)."""
     args, collector = run.args, run.collector
     values = {}
     if test_episodes:
@@ -2540,8 +2430,9 @@ def policy_diagnostics(run: Run, epoch: int, test_episodes: list[dict]) -> dict[
     if k:
         run.stop.check()  # an Atari env takes about a second to make
         env = make_env(args, args.seed * 7919 + epoch)  # a training env: a life lost ends the episode, as in the buffer
-        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype) if (
-            run.device.type == "cuda") else None
+        amp_dtype = None
+        if run.device.type == "cuda":
+            amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
         graphs = ImaginationGraphs(run.wm_env, run.learners["actor_critic"].model, args, run.device, amp_dtype,
                                    backend=None)  # the imagination step's functions, uncompiled: K envs, not n
         returns = imagined_and_real_returns(graphs, collector.fork_starts[-k:], env, args, args.seed * 7919 + epoch,
@@ -2551,8 +2442,7 @@ def policy_diagnostics(run: Run, epoch: int, test_episodes: list[dict]) -> dict[
 
 
 def keep_agent_copy(folder: Path, epoch: int, actor_critic: ActorCritic, keep: int):
-    """checkpoints/agent_epoch_{epoch}.pt: the actor-critic's weights alone (atomic, on the CPU);
-    older copies beyond the newest `keep` are deleted."""
+    """checkpoints/agent_epoch_{epoch}.pt: the actor-critic's weights; the newest `keep` stay."""
     save_checkpoint(folder / f"agent_epoch_{epoch:05d}.pt", {k: v.cpu() for k, v in actor_critic.state_dict().items()})
     for old in sorted(folder.glob("agent_epoch_*.pt"))[:-keep]:
         old.unlink()
@@ -2562,8 +2452,8 @@ def phase_runs(run: Run, name: str, epoch: int) -> bool:
     """Whether a phase has work in this epoch."""
     args = run.args
     if name == "collect":  # epoch 1 decides the first collection; the final epochs only train
-        return args.dataset_dir is None and (epoch == 1 or run_schedule(args, run.collector.first_collection_steps)[
-            epoch - 1] > 0)
+        schedule = run_schedule(args, run.collector.first_collection_steps)
+        return args.dataset_dir is None and (epoch == 1 or schedule[epoch - 1] > 0)
     if name == "actor_critic":
         return not args.world_model_only and phase_length(args, name, epoch) > 0
     if name == "evaluate":
@@ -2575,9 +2465,8 @@ def phase_runs(run: Run, name: str, epoch: int) -> bool:
 
 
 def work_left(args: Args, first_collection_steps: int, pos: RunPosition) -> dict[str, int]:
-    """What is left of the run from pos, per phase: env steps to collect, updates of each model, and the world model's
-    measurements (one after each collection) and evaluations (every eval_every epochs and the last) to run. Before
-    epoch 1 has decided the first collection N, N = initial_collection_steps (the least it can be)."""
+    """Units left of each phase from pos: env steps, updates, world-model measurements, evaluations
+    (N = initial_collection_steps until epoch 1 decides the first collection)."""
     schedule = run_schedule(args, first_collection_steps)
     left = dict.fromkeys(PHASES, 0)
     for epoch in range(pos.epoch, len(schedule) + 1):
@@ -2587,28 +2476,25 @@ def work_left(args: Args, first_collection_steps: int, pos: RunPosition) -> dict
                  "reward_end": phase_length(args, "reward_end", epoch),
                  "actor_critic": 0 if args.world_model_only else phase_length(args, "actor_critic", epoch),
                  "evaluate": int(epoch % args.eval_every == 0 or epoch == len(schedule))}
-        for index, name in enumerate(PHASES):  # the epoch in progress: the phases done, and the steps done of this one
+        for index, name in enumerate(PHASES):  # the epoch in progress: its phases done, the steps done of this one
+            stepped = name in ("collect", "denoiser", "reward_end", "actor_critic")
             done = (0 if epoch > pos.epoch or index > pos.phase else units[name] if index < pos.phase
-                    else pos.step if name in ("collect", "denoiser", "reward_end", "actor_critic") else 0)
+                    else pos.step if stepped else 0)
             left[name] += max(units[name] - done, 0)
     return left
 
 
 def seconds_left(seconds_per_unit: dict[str, float], left: dict[str, int]) -> float:
-    """sum over phases of (seconds per unit) x (units left); a phase not timed yet (an evaluation) counts 0."""
+    """sum over phases of seconds per unit x units left (a phase not timed yet counts 0)."""
     return sum(units * seconds_per_unit.get(name, 0.0) for name, units in left.items())
 
 
 def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, device: torch.device, autocast,
                 left: dict[str, int]) -> dict[str, float]:
-    """Seconds per update of each model with updates left, and per env step of collection (the env and the policy),
-    timed before the run's first collection on throwaway things: deep copies of the models with optimizers of their
-    own, a replay buffer of one random-frame episode, an env of its own, generators of its own; the global RNGs are
-    put back after. So the run's weights, optimizer states and random numbers are those of a run that timed nothing
-    (an exact resume depends on it). Each: a warm-up unit, then timed units until 0.2 s or `most` of
-    them (or the warm-up alone if over 1 s). On a CPU batch 1 is timed first, and the full batch if
-    that x the batch is under 2 s; else the estimate is batch 1's time x the batch (how close:
-    RESULTS section 1). Imagination is timed eager (CUDA graphs run faster)."""
+    """Seconds per update of each model with updates left, and per env step, timed before the run on
+    copies of the models, a one-episode buffer, an env and generators of their own; the global RNGs
+    are put back, so the run is that of a run that timed nothing (exact resume). On a CPU, a full
+    batch whose batch-1 time x the batch is over 2 s is estimated as that product."""
     state = rng_state()
     copies = {name: copy.deepcopy(model) for name, model in models.items()}
     learners = build_learners(args, copies, device.type == "cuda")
@@ -2628,8 +2514,9 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
         return time.perf_counter() - start
 
     def timed(unit: Callable[[], object], most: int = 5) -> float:
-        first = once(unit)  # a warm-up (allocators, caches, the imagined episodes' start), whose overhead is small
-        if first > 1.0:  # beside a unit of over a second: that one is the figure
+        """A warm-up unit (the figure if over 1 s), then the mean of units until 0.2 s or `most`."""
+        first = once(unit)
+        if first > 1.0:
             return first
         times = [once(unit)]
         while len(times) < most and sum(times) < 0.2:
@@ -2637,7 +2524,7 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
         return sum(times) / len(times)
 
     def update(name: str, batch: int) -> Callable[[], object]:
-        """An update of a model's copy on a batch of this many segments (the actor-critic: imagined envs)."""
+        """An update of a model's copy on a batch this size (actor-critic: imagined envs)."""
         sized = replace(args, batch_size=batch, num_imagined_envs=batch)
         wm_env = WorldModelEnv(denoiser, copies["reward_end"], buffer, sized, device, generator, cpu_generator,
                                denoiser.net, autocast)
@@ -2655,29 +2542,26 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
             one = timed(update(name, 1))
             seconds[name] = timed(update(name, full)) if one * full < 2.0 else one * full
     if left["collect"]:
-        collector = Collector(make_env(args, args.seed + 1, torch.Generator().manual_seed(0)), buffer, cpu_generator,
-                              device)
-        seconds["collect"] = timed(lambda: collector.step(copies["actor_critic"], args, autocast,
-                                                          args.world_model_only), most=100)
+        env = make_env(args, args.seed + 1, torch.Generator().manual_seed(0))
+        collector = Collector(env, buffer, cpu_generator, device)
+        actor_critic = copies["actor_critic"]
+        seconds["collect"] = timed(lambda: collector.step(actor_critic, args, autocast, args.world_model_only), 100)
     set_rng_state(state)
     return seconds
 
 
-def duration(seconds: float) -> str:
-    days, rest = divmod(int(seconds), 86_400)
-    if seconds < 3600:
-        return f"{rest // 60} min {rest % 60} s"
-    return f"{f'{days} d ' if days else ''}{rest // 3600} h {rest % 3600 // 60} min"
-
-
 def run_time_lines(seconds_per_unit: dict[str, float], left: dict[str, int], setup) -> list[str]:
-    """The estimate of the rest of the run, printed before its first collection, and on a CPU,
-    above a day, which settings fit a CPU."""
+    """The estimate of the rest of the run and, on a CPU above a day, which settings fit a CPU."""
     seconds = seconds_left(seconds_per_unit, left)
     parts = [f"{left[name]:,} {label} at {seconds_per_unit[name]:.3g} s" for name, label in (
         ("denoiser", "denoiser updates"), ("reward_end", "reward/end updates"),
         ("actor_critic", "actor-critic updates"), ("collect", "env steps")) if name in seconds_per_unit]
-    lines = [f"estimated time to the end of the run: {duration(seconds)} on {setup.device} ({', '.join(parts)}; timed "
+    days, rest = divmod(int(seconds), 86_400)
+    if seconds < 3600:
+        length = f"{rest // 60} min {rest % 60} s"
+    else:
+        length = f"{f'{days} d ' if days else ''}{rest // 3600} h {rest % 3600 // 60} min"
+    lines = [f"estimated time to the end of the run: {length} on {setup.device} ({', '.join(parts)}; timed "
              f"on copies of the models; evaluations and test episodes not counted)"]
     if not setup.use_cuda and seconds > 86_400:
         lines.append("notice: on this CPU the run takes more than a day: the defaults are the paper's GPU settings; "
@@ -2687,10 +2571,10 @@ def run_time_lines(seconds_per_unit: dict[str, float], left: dict[str, int], set
 
 
 def load_dataset_dir(args: Args, buffer: ReplayBuffer, num_actions: int) -> tuple[list[int], torch.Tensor]:
-    """--dataset-dir: every episode .npz into the buffer. Returns the training episodes and the held-out transitions
-    (the last 10% of the episodes, never trained on, are where world_model/* is measured)."""
-    paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))  # no temp files
-    paths = paths if Path(args.dataset_dir).is_dir() else []
+    """--dataset-dir: every episode .npz into the buffer. Returns the training episodes and the
+    held-out transitions (in the last 10% of the episodes: where world_model/* is measured)."""
+    folder = Path(args.dataset_dir)
+    paths = sorted(p for p in folder.glob("*.npz") if not p.name.startswith(".")) if folder.is_dir() else []
     if not paths:
         raise UserError(f"--dataset-dir {args.dataset_dir}: no episode .npz files (one per episode: obs, "
                         f"actions, rewards, terminated, truncated)")
@@ -2700,15 +2584,14 @@ def load_dataset_dir(args: Args, buffer: ReplayBuffer, num_actions: int) -> tupl
     for path in paths:
         buffer.add(load_episode(path, args.obs_size, num_actions, "fix it or move it out of --dataset-dir"),
                    write=False)
-    num_heldout_episodes = max(1, len(paths) // 10)
-    pairs = [(e, t) for e in range(len(paths) - num_heldout_episodes, len(paths))
-             for t in range(len(buffer.episodes[e]["actions"]))]
+    num_train = len(paths) - max(1, len(paths) // 10)
+    pairs = [(e, t) for e in range(num_train, len(paths)) for t in range(len(buffer.episodes[e]["actions"]))]
     picks = np.linspace(0, len(pairs) - 1, min(args.num_heldout_transitions, len(pairs))).round().astype(int)
-    return list(range(len(paths) - num_heldout_episodes)), torch.tensor([pairs[i] for i in picks], dtype=torch.long)
+    return list(range(num_train)), torch.tensor([pairs[i] for i in picks], dtype=torch.long)
 
 
 def denoiser_update_flops(args: Args, num_actions: int) -> float:
-    """FLOPs of one denoiser update, for MFU: about 3x the forward FLOPs (forward + backward) per prediction."""
+    """FLOPs of one denoiser update, for MFU: 3x the forward's per prediction."""
     c = args.num_conditioning_steps
     example = (torch.zeros(1, 3, args.obs_size, args.obs_size), torch.zeros(1),
                torch.zeros(1, 3 * c, args.obs_size, args.obs_size), torch.zeros(1, c, dtype=torch.long))
@@ -2717,9 +2600,8 @@ def denoiser_update_flops(args: Args, num_actions: int) -> float:
 
 
 def no_grad_peak_bytes(fn: Callable[[], object]) -> float:
-    """The most bytes that the tensors fn() makes hold at one time, fn running without gradients on the meta device
-    (nothing is computed or allocated): the transient memory of a forward that keeps nothing for a backward. A
-    storage counts from the op that makes it until its last tensor is freed (views and in-place results share it)."""
+    """The most bytes that fn()'s tensors hold at one time, fn running without gradients on the meta
+    device: a storage counts from the op that makes it until its last tensor is freed."""
     import weakref
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -2788,9 +2670,8 @@ def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float
 
 
 def check_training_memory(setup, args: Args, num_actions: int):
-    """Refuses in one line, before anything is allocated at full size, training steps that cannot fit in memory
-    (check_step_memory): the denoiser and reward/end updates at --batch-size, the actor-critic update at
-    --num-imagined-envs; the three models' weights, gradients and AdamW states stay resident."""
+    """Refuses in one line, before anything is allocated at full size, updates that cannot fit: the
+    world model's at --batch-size, the actor-critic's at --num-imagined-envs."""
     num_params, per_segment, per_env = step_memory_profile(args, num_actions)
     check_step_memory(setup, args.batch_size, num_params, per_segment, args.dtype)
     if not args.world_model_only:
@@ -2803,24 +2684,15 @@ def check_training_memory(setup, args: Args, num_actions: int):
 
 def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv],
               device: torch.device, autocast, stop):
-    """--eval-only: the checkpoint's agent plays --test-episodes full games; the score (and env's normalised score,
-    where it has one) goes into the run's TensorBoard at the checkpoint's global step (eval/eval_only_*). A signal
-    abandons the episodes and logs nothing."""
-    completed = checkpoint["epoch"] - 1
-    print(f"running {args.test_episodes} test episodes with the agent of epoch {completed} ...", flush=True)
-    try:
-        returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003, device,
-                                    autocast, check=stop.check)
-    except StopRequested:
-        print("stopped by signal during the test episodes; nothing was logged", flush=True)
-        return
-    finally:
-        stop.restore()
-    report_score(env, returns, f"{args.test_episodes} test episodes with the agent of epoch {completed}")
+    """--eval-only: the checkpoint's agent scored, logged at its global step (eval/eval_only_*)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(run_dir)) as writer:
-        log_test_returns(writer, env, returns, checkpoint["global_step"], "eval_only")
+    what = f"{args.test_episodes} test episodes with the agent of epoch {checkpoint['epoch'] - 1}"
+    print(f"running {what} ...", flush=True)
+    score_agent(args, actor_critic, env, device, autocast, stop, what,
+                "stopped by signal during the test episodes; nothing was logged",
+                lambda: SummaryWriter(str(run_dir)), checkpoint["global_step"], "eval_only")
+    stop.restore()
 
 
 # ==== BEGIN OPTIONAL: play ====
@@ -2872,10 +2744,9 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
 
 
 class ImaginedGame:
-    """The world model as a game. reset() takes a real start (c frames, c - 1 actions) from starts() and burns the
-    reward/end model's LSTM in on it; step(action) asks next_frame(frames (1, c, 3, H, W) in [-1, 1], actions (1, c))
-    for the next frame (1, 3, H, W) and samples the reward sign and the end flag (none without a reward/end model).
-    Any callable works as next_frame: the tests play a stand-in that shifts the last frame by the action."""
+    """The world model as a game: reset() takes a real start (c frames, c - 1 actions) from starts()
+    and burns the reward/end LSTM in; step(action) asks next_frame(frames (1, c, 3, H, W), actions
+    (1, c)) for the next frame and samples the reward sign and the end (none without a model)."""
     name = "world model"
 
     def __init__(self, next_frame: Callable, starts: Callable, reward_end_model: Optional[nn.Module] = None,
@@ -2902,35 +2773,31 @@ class ImaginedGame:
             reward_logits, end_logits, self.hidden = self.reward_end_model(
                 self.obs[:, -1:], self.act[:, -1:], next_obs[:, None], self.hidden)
             # sampled, as in imagination: the reward sign in {-1, 0, 1} and the end flag
-            reward = float(torch.multinomial(reward_logits[0, 0].float().softmax(-1).cpu(), 1,
-                                             generator=self.generator)) - 1.0
-            end = bool(torch.multinomial(end_logits[0, 0].float().softmax(-1).cpu(), 1, generator=self.generator))
+            reward_probs, end_probs = (x[0, 0].float().softmax(-1).cpu() for x in (reward_logits, end_logits))
+            reward = float(torch.multinomial(reward_probs, 1, generator=self.generator)) - 1.0
+            end = bool(torch.multinomial(end_probs, 1, generator=self.generator))
         self.obs = torch.cat([self.obs[:, 1:], next_obs[:, None]], dim=1)
         self.act = torch.cat([self.act[:, 1:], torch.zeros_like(self.act[:, :1])], dim=1)
         return to_uint8(next_obs[0]).permute(1, 2, 0).cpu().numpy(), reward, end
 
 
 class RealGame:
-    """The real game (DIAMOND's protocol, training episodes: a life lost ends an episode) with the same interface.
-    While recording, each episode is kept as the episode .npz fields (docs/PROMISES.md section 3); an episode cut
-    short (the recording stopped, a restart) is marked truncated at its last step."""
+    """The real game (training episodes: a life lost ends one) with ImaginedGame's interface; while
+    recording, each episode is kept as the episode .npz fields (one cut short: truncated)."""
     name = "real game"
 
     def __init__(self, env: Union[AtariEnv, CatchEnv]):
         self.env, self.recording, self.finished = env, False, []
         self.episode = None
 
-    def new_episode(self, obs: np.ndarray):
-        self.episode = {"obs": [obs.copy()], "actions": [], "rewards": [], "terminated": [], "truncated": []}
-
     def reset(self) -> np.ndarray:
-        """A new game; when recording, the episode so far is kept (cut short) and the new game is recorded too."""
+        """A new game; when recording, the episode so far is kept (cut short)."""
         recording = self.recording
         self.stop_recording()
         self.env.game_over = True
         obs = self.env.reset()
         self.recording = recording
-        self.new_episode(obs)
+        self.episode = new_episode(obs)
         return obs
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool]:
@@ -2943,20 +2810,19 @@ class RealGame:
             if self.recording:
                 self.finished.append(self.episode)
             obs = self.env.reset()
-            self.new_episode(obs)
+            self.episode = new_episode(obs)
         return obs, reward, terminated or truncated
 
     def start_recording(self):
         self.recording = True
-        self.new_episode(self.env.obs)
+        self.episode = new_episode(self.env.obs)
 
     def stop_recording(self):
-        """Keeps the episode recorded so far (truncated at its last step: it did not end) and stops recording."""
+        """Keeps the episode recorded so far (truncated at its last step) and stops recording."""
         if self.recording and self.episode is not None and self.episode["actions"]:
             self.episode["truncated"][-1] = not self.episode["terminated"][-1]
             self.finished.append(self.episode)
-        self.recording, self.episode = False, {"obs": [self.env.obs.copy()], "actions": [], "rewards": [],
-                                               "terminated": [], "truncated": []}
+        self.recording, self.episode = False, new_episode(self.env.obs)
 
     def take_episodes(self) -> list[dict]:
         done, self.finished = self.finished, []
@@ -2996,7 +2862,7 @@ def play_keys(game, steps: list[Optional[int]], meanings: list[str], size: int) 
 
 
 def save_play_files(out_dir: Path, stem: str, shown: np.ndarray, episodes: list[dict], fps: float = 15) -> list[Path]:
-    """The session's MP4 and the real game's recorded episodes (one .npz each, the --dataset-dir format)."""
+    """The session's MP4 and the real game's episodes (a .npz each, as --dataset-dir reads)."""
     paths = [out_dir / f"{stem}.mp4"]
     write_mp4(paths[0], shown, fps=int(round(fps)))
     for i, episode in enumerate(episodes):
@@ -3094,8 +2960,8 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
 
 def play_starts(args: Args, run_dir: Path, checkpoint: dict, num_actions: int, device: torch.device,
                 generator: torch.Generator, max_episodes: int = 16) -> Callable:
-    """starts() for ImaginedGame: a fresh real segment (c frames, c - 1 actions) from up to max_episodes episodes of
-    the run's replay buffer (or of its --dataset-dir), as imagination starts in training."""
+    """ImaginedGame's starts(): a fresh real segment from up to max_episodes of the run's episodes
+    (or --dataset-dir's), as imagination starts."""
     if args.dataset_dir is not None:
         paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))
     else:
@@ -3180,17 +3046,20 @@ def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], 
 
 
 def episode_to_mp4(path: str, meanings: list[str], size: int = 256) -> Path:
-    """--episode-to-mp4: an episode .npz -> PATH.mp4, each frame captioned with the step, action, reward and end."""
+    """--episode-to-mp4: an episode .npz -> PATH.mp4, each frame captioned."""
     episode = read_episode(Path(path), len(meanings), "give an episode .npz and the --env-id it was recorded in")
     T, total, shown = len(episode["actions"]), 0.0, []
     for t, frame in enumerate(episode["obs"]):
         action = meanings[int(episode["actions"][t - 1])].lower() if t else "-"
         reward = float(episode["rewards"][t - 1]) if t else 0.0
         total += reward
-        end = "  terminated" if t and episode["terminated"][t - 1] else "  truncated" if t and episode["truncated"][
-            t - 1] else ""
-        shown.append(with_caption(frame, size, [f"step {t}/{T}  action {action}  reward {reward:+g}  return "
-                                                f"{total:g}{end}"]))
+        end = ""
+        if t and episode["terminated"][t - 1]:
+            end = "  terminated"
+        elif t and episode["truncated"][t - 1]:
+            end = "  truncated"
+        caption = f"step {t}/{T}  action {action}  reward {reward:+g}  return {total:g}{end}"
+        shown.append(with_caption(frame, size, [caption]))
     out = Path(path).with_suffix(".mp4")
     write_mp4(out, np.stack(shown))
     print(f"wrote {out} ({T} steps)")
@@ -3201,8 +3070,8 @@ def episode_to_mp4(path: str, meanings: list[str], size: int = 256) -> Path:
 
 
 def env_notices(args: Args, env: Union[AtariEnv, CatchEnv], game: str, given: set[str]):
-    """Said before any work: --preset catch on another game, and the Atari protocol flags that
-    the game ignores (given on the command line, not only defaults or a preset's)."""
+    """Said before any work: --preset catch on another game, and the Atari protocol flags given on
+    the command line that the game ignores."""
     if args.preset == "catch" and game != "Catch":
         print(f"notice: --preset catch is sized for --env-id Catch; this run plays {game}", flush=True)
     ignored = [f"--{name.replace('_', '-')}" for name in env.ignored_flags if name in given]
@@ -3212,8 +3081,8 @@ def env_notices(args: Args, env: Union[AtariEnv, CatchEnv], game: str, given: se
 
 
 def read_run_episodes(buffer: ReplayBuffer, run_dir: Path, checkpoint: Optional[dict], args: Args, num_actions: int):
-    """This run's episodes: the first num_buffer_files files of its episodes/ folder (a killed
-    run may have written more after its last checkpoint; those are collected and written again)."""
+    """This run's episodes: the first num_buffer_files files of episodes/ (a killed run may have
+    written more after its checkpoint; those are collected and written again)."""
     buffer.folder = run_dir / "episodes"
     for i in range(checkpoint["num_buffer_files"] if checkpoint is not None else 0):
         buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions,
@@ -3222,9 +3091,8 @@ def read_run_episodes(buffer: ReplayBuffer, run_dir: Path, checkpoint: Optional[
 
 def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: dict[str, nn.Module], num_actions: int,
                  setup) -> dict[str, float]:
-    """The lines that describe the run before its first collection: its folder, game, models, length, where it
-    resumes, and how long it takes. Returns each phase's seconds per unit (an update, an env step), timed on copies of
-    the models; the epochs' lines project the rates measured since."""
+    """The run's folder, game, models, length, where it resumes and how long it takes (printed);
+    returns each phase's seconds per unit, timed on copies of the models."""
     args, collector = run.args, run.collector
     num_params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
     print(f"run folder: {run.run_dir}")
@@ -3232,10 +3100,10 @@ def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: d
     print(f"game: {game} ({num_actions} actions); parameters: denoiser {num_params['denoiser']:,}, reward/end "
           f"{num_params['reward_end']:,}, actor-critic {num_params['actor_critic']:,}; device: {run.device}; "
           f"imagination: {imagination}")
-    decided = collector.first_collection_steps or args.dataset_dir is not None
-    print(f"the run: {run.num_epochs} epochs" + ("" if decided else f" if the first collection is "
-          f"{args.initial_collection_steps} env steps (fixed when it ends)") + (
-          "" if args.dataset_dir else f", {args.env_step_budget} env steps"), flush=True)
+    length = f"the run: {run.num_epochs} epochs"
+    if not (collector.first_collection_steps or args.dataset_dir is not None):
+        length += f" if the first collection is {args.initial_collection_steps} env steps (fixed when it ends)"
+    print(length + ("" if args.dataset_dir else f", {args.env_step_budget} env steps"), flush=True)
     if resumed:
         print(f"resuming at {pos}", flush=True)
     if not args.world_model_only and args.actor_critic_start_after_epochs >= run.num_epochs:
@@ -3249,20 +3117,19 @@ def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: d
 
 
 def save_position(run: Run, pos: RunPosition, log: EpochLog):
-    """checkpoints/latest.pt where the run stands (run_checkpoint); never NaN weights over a good checkpoint."""
+    """checkpoints/latest.pt where the run stands; never NaN weights over a good checkpoint."""
     if not log.finite():
         raise non_finite_failure(f"in {pos}", run.run_dir)
     save_checkpoint(run.run_dir / "checkpoints" / "latest.pt", run_checkpoint(
         run.args, pos, run.collector, log, run.buffer, run.learners, run.cpu_generator, run.generator, run.wm_env))
-    # where the run stands, as the progress bars name it: after epoch 2, or inside epoch 3's denoiser phase
+    # as the progress bars name it: after epoch 2, or inside epoch 3's denoiser phase
     where = f"{pos.epoch - 1}" if pos.phase == 0 and pos.step == 0 else f"{pos.epoch} {pos.name}, step {pos.step}"
     print(f"saved checkpoint at epoch {where}", flush=True)
 
 
 def time_phase(pos: RunPosition, name: str, worked: bool, first_step: int, phase_start: float,
                seconds_per_unit: dict[str, float]):
-    """After a phase: its measured seconds per env step, update or evaluation (the ETA's rates);
-    in the first epoch (long: 25k updates), a line that says where the run is."""
+    """After a phase: its seconds per unit (the ETA's rates); in epoch 1 a line saying so."""
     units = pos.step - first_step if name in ("collect", "denoiser", "reward_end", "actor_critic") else 1
     if worked and units > 0:
         seconds_per_unit[name] = (time.perf_counter() - phase_start) / units
@@ -3271,9 +3138,8 @@ def time_phase(pos: RunPosition, name: str, worked: bool, first_step: int, phase
 
 
 def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, seconds_per_unit: dict[str, float]):
-    """The end of an epoch: its numbers written at the global step, its line printed with the ETA (each phase's
-    latest rate times what is left of it, not the epochs' mean: epoch 1 is long), and the agent kept every
-    --save-agent-every epochs (the curve of agents)."""
+    """An epoch's numbers written at the global step, its line printed with the ETA (each phase's
+    latest rate x what is left of it), and the agent kept every --save-agent-every epochs."""
     args, collector = run.args, run.collector
     log.add("charts/epoch", pos.epoch)
     log.add("charts/env_steps", collector.env_steps)
@@ -3290,24 +3156,18 @@ def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, sec
 
 
 def final_test(run: Run, pos: RunPosition, env: Union[AtariEnv, CatchEnv]):
-    """The score the paper reports: --test-episodes full games (epsilon 0) after the last epoch. A signal abandons
-    them; the checkpoint after the last epoch is saved, and --eval-only runs them again."""
+    """The score the paper reports, after the last epoch (--eval-only runs it again)."""
     args = run.args
-    try:
-        returns = run_test_episodes(run.learners["actor_critic"].model, args, args.test_episodes,
-                                    args.seed * 7919 + 1_000_003, run.device, run.autocast, check=run.stop.check)
-        report_score(env, returns, f"{args.test_episodes} test episodes after {run.num_epochs} epochs, "
-                                    f"{run.collector.env_steps} env steps" + (
-                                        " (real-game test episodes: this script's addition, DIAMOND plays none "
-                                        "with a static dataset)" if args.dataset_dir else ""))
-        log_test_returns(run.writer, env, returns, pos.global_step)
-    except StopRequested:
-        print(f"stopped by signal at the test episodes after epoch {run.num_epochs}; run them with --resume "
-              f"{run.run_dir} --eval-only", flush=True)
+    what = f"{args.test_episodes} test episodes after {run.num_epochs} epochs, {run.collector.env_steps} env steps"
+    if args.dataset_dir:
+        what += " (real-game test episodes: this script's addition, DIAMOND plays none with a static dataset)"
+    score_agent(args, run.learners["actor_critic"].model, env, run.device, run.autocast, run.stop, what,
+                f"stopped by signal at the test episodes after epoch {run.num_epochs}; run them with --resume "
+                f"{run.run_dir} --eval-only", lambda: contextlib.nullcontext(run.writer), pos.global_step)
 
 
 def main(args: Args, given: set[str]):
-    # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds, environment, models
+    # ---- setup: the arguments (a resumed run's from its checkpoint), device, seeds, environment, models
     checkpoint, run_dir, trains = None, None, True
     if args.episode_to_mp4 is not None:  # a file conversion: nothing else runs
         return episode_to_mp4(args.episode_to_mp4, make_env(args, args.seed).action_meanings)
@@ -3324,12 +3184,12 @@ def main(args: Args, given: set[str]):
     game, env_name = canonical_env_id(args.env_id)
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
-    # Two explicit generators carry every random draw of training, so that their saved states make a
-    # resume exact; evaluations use generators seeded from (seed, epoch) and never move them.
+    # Two generators carry every random draw of training (their saved states make a resume exact);
+    # evaluations use generators seeded from (seed, epoch) and never move them.
     seed_everything(args.seed)
     cpu_generator = torch.Generator().manual_seed(args.seed)  # no-ops, exploration, replay sampling
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # diffusion noise, imagination
-    stop = StopFlag()  # from here on SIGTERM/SIGINT finish the step (or abandon an evaluation), save and exit 0
+    stop = StopFlag()  # from here SIGTERM/SIGINT finish the step (or abandon an evaluation), save, exit 0
 
     env = make_env(args, args.seed, cpu_generator)
     num_actions = env.num_actions  # the game's minimal action set sizes the networks
@@ -3339,20 +3199,20 @@ def main(args: Args, given: set[str]):
     denoiser, reward_end_model, actor_critic = (m.to(device) for m in build_models(args, num_actions))
     models = {"denoiser": denoiser, "reward_end": reward_end_model, "actor_critic": actor_critic}
     learners = build_learners(args, models, setup.use_cuda)
-    # The replay buffer: episodes this run collects, or the user's recorded episodes (sampled in proportion to their
-    # lengths, as DIAMOND does: the recency weights are about the agent's own data).
-    buffer = ReplayBuffer(None, args.recency_weights if args.dataset_dir is None else None,
-                          args.num_conditioning_steps)
+    # The replay buffer: this run's episodes, or the user's (sampled in proportion to their lengths: the
+    # recency weights are about the agent's own data)
+    recency_weights = args.recency_weights if args.dataset_dir is None else None
+    buffer = ReplayBuffer(None, recency_weights, args.num_conditioning_steps)
     collector, pos, log = Collector(env, buffer, cpu_generator, device), RunPosition(), EpochLog(device)
     train_ids = None  # None: every episode; with --dataset-dir, all but the held-out ones
     if args.dataset_dir is not None:
         train_ids, collector.heldout = load_dataset_dir(args, buffer, num_actions)
     if checkpoint is not None:
         restore_run(checkpoint, pos, collector, log, learners, cpu_generator, generator)
-    # --compile: the denoiser's U-Net for its training updates and the eager imagination (fixed batches: one compile
-    # each); evaluations run it uncompiled
-    denoiser_net = torch.compile(denoiser.net, backend=COMPILE_BACKEND, dynamic=False) if args.compile else \
-        denoiser.net
+    # --compile: the U-Net of the denoiser's updates and of the eager imagination (evaluations: uncompiled)
+    denoiser_net = denoiser.net
+    if args.compile:
+        denoiser_net = torch.compile(denoiser.net, backend=COMPILE_BACKEND, dynamic=False)
 
     if args.eval_only:  # the checkpoint's agent plays --test-episodes full games
         return eval_only(args, checkpoint, run_dir, actor_critic, env, device, autocast, stop)
@@ -3361,13 +3221,13 @@ def main(args: Args, given: set[str]):
         return play(args, run_dir, checkpoint, denoiser, reward_end_model, env.action_meanings,  # optional: play
                     device, autocast)  # optional: play
     num_epochs = len(run_schedule(args, collector.first_collection_steps))
-    if checkpoint is not None and pos.epoch > num_epochs:  # a finished run says so and writes nothing (no purge)
-        print(f"the run is already at epoch {pos.epoch - 1} of {num_epochs}: raise --num-epochs to train on, or play "
-              f"its test episodes again with --eval-only", flush=True)
+    if checkpoint is not None and pos.epoch > num_epochs:  # a finished run says so and writes nothing
+        print(f"the run is already at epoch {pos.epoch - 1} of {num_epochs}: raise --num-epochs to train on, "
+              f"or play its test episodes again with --eval-only", flush=True)
         stop.restore()
         return
 
-    # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), TensorBoard, episodes
+    # ---- the run folder (after the signal handlers: it always gets a checkpoint), TensorBoard, episodes
     run_dir = run_dir or create_run_dir(args, env_name)
     writer = open_writer(args, run_dir, pos.global_step)
     if checkpoint is None:
@@ -3376,25 +3236,25 @@ def main(args: Args, given: set[str]):
     if args.dataset_dir is None:
         read_run_episodes(buffer, run_dir, checkpoint, args, num_actions)
     collector.share_partial()
-    # The imagined episodes live across actor-critic updates, epochs and checkpoints, as in DIAMOND
-    wm_env = WorldModelEnv(denoiser, reward_end_model, buffer, args, device, generator, cpu_generator, denoiser_net,
-                           autocast, train_ids)
+    # the imagined episodes live across actor-critic updates, epochs and checkpoints, as in DIAMOND
+    wm_env = WorldModelEnv(denoiser, reward_end_model, buffer, args, device, generator, cpu_generator,
+                           denoiser_net, autocast, train_ids)
     if checkpoint is not None:
         wm_env.load_state_dict(checkpoint["imagination"])
-    graphs = imagination_graphs(args, setup, wm_env, actor_critic, stop)  # the compiled imagination step, or None
+    graphs = imagination_graphs(args, setup, wm_env, actor_critic, stop)  # the compiled step, or None
     run = Run(args, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net,
               wm_env, graphs, collector, writer, stop, run_dir, denoiser_update_flops(args, num_actions),
               peak_flops(setup, args.dtype))
     seconds_per_unit = announce_run(run, pos, checkpoint is not None, game, models, num_actions, setup)
 
-    # ---- train: DIAMOND's Algorithm 1, one phase at a time (a checkpoint may stop inside one): each epoch collects
-    # experience in the real game, measures the world model on it, trains the denoiser and the reward/end model on
-    # the replay buffer, trains the actor-critic in imagination, evaluates, and saves
+    # ---- train: DIAMOND's Algorithm 1, a phase at a time (a checkpoint may stop inside one): each epoch
+    # collects experience in the real game, measures the world model on it, trains the denoiser and the
+    # reward/end model on the replay buffer, the actor-critic in imagination, evaluates, and saves
     run_start, epoch_start = time.perf_counter(), time.perf_counter()
     while pos.epoch <= run.num_epochs:
         name, phase_start, first_step = pos.name, time.perf_counter(), pos.step
         works = phase_runs(run, name, pos.epoch) and (name != "world_model_eval" or len(collector.heldout) > 0)
-        with contextlib.suppress(StopRequested):  # an evaluation abandoned: the checkpoint below restarts it on resume
+        with contextlib.suppress(StopRequested):  # an evaluation abandoned: a resume restarts it
             if works and name == "collect":
                 collect(run, collector, pos, log)
             elif works and name == "world_model_eval":
@@ -3409,7 +3269,7 @@ def main(args: Args, given: set[str]):
             break
         time_phase(pos, name, works, first_step, phase_start, seconds_per_unit)
         pos.phase, pos.step = pos.phase + 1, 0
-        if pos.phase == len(PHASES):  # the end of the epoch: write its numbers at the global step, then maybe save
+        if pos.phase == len(PHASES):  # the end of the epoch: its numbers at the global step, maybe a save
             end_epoch(run, pos, log, epoch_start, seconds_per_unit)
             pos.epoch, pos.phase, epoch_start, log = pos.epoch + 1, 0, time.perf_counter(), EpochLog(device)
             if (pos.epoch - 1) % args.save_every == 0 or pos.epoch > run.num_epochs:
