@@ -307,16 +307,16 @@ PRESETS = {
         eval_episodes=4, test_episodes=100, num_heldout_transitions=64, save_agent_every=4,
     ),
     # DIAMOND's whole loop on Catch on a CPU (why each value: benchmark/diamond_catch.sh): cpu's
-    # networks, the world model trained first, 200 env steps per epoch up to 5000.
+    # networks, 5000 random env steps that train the world model first, 200 per epoch up to 8000.
     "catch": dict(
         obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
         num_autoregressive_steps=0, num_sampling_steps=1,
         reward_channels=8, reward_cond_dim=32, reward_lstm_dim=64, reward_segment_length=12,
         actor_channels=(16, 16, 32, 32), actor_lstm_dim=128, imagination_horizon=8, backup_every=8,
-        num_imagined_envs=16, initial_collection_steps=2000, max_initial_collection_steps=3000,
-        collection_steps_per_epoch=200, env_step_budget=5000, final_epochs_without_collection=0,
+        num_imagined_envs=16, initial_collection_steps=5000, max_initial_collection_steps=6000,
+        collection_steps_per_epoch=200, env_step_budget=8000, final_epochs_without_collection=0,
         denoiser_steps_per_epoch=20, reward_steps_per_epoch=40, actor_critic_steps_per_epoch=60,
-        first_epoch_denoiser_steps=800, first_epoch_reward_steps=2000, actor_critic_start_after_epochs=5,
+        first_epoch_denoiser_steps=800, first_epoch_reward_steps=2000, actor_critic_start_after_epochs=1,
         batch_size=16, learning_rate=1e-3, warmup_steps=20, log_every=20,
         eval_every=2, eval_episodes=20, test_episodes=200, num_heldout_transitions=200, save_agent_every=2,
     ),

@@ -579,9 +579,9 @@ def test_recipes_parse_and_pass_only_known_flags():
 
 def test_diamond_catch_recipe_runs_the_catch_preset_and_tabulates_each_seed(tmp_path):
     """benchmark/diamond_catch.sh: its diamond_atari.py command parses to --preset catch on Catch, which check_args
-    accepts; then the recipe as written, shrunk through EXTRA to one short epoch and 3 test games, for one seed given
-    as its argument: the run's log and the table row (catch rate = (mean return + 1) / 2, the updates from the run's
-    config.json)."""
+    accepts; then the recipe as written, shrunk through EXTRA to two short epochs and 3 test games, for one seed given
+    as its argument: the run's log, the table row (catch rate = (mean return + 1) / 2, the updates from the run's
+    config.json) and the curve's row of epoch 2's evaluation (the agent kept then, on 200 games)."""
     diamond = load_tool("../diamond_atari.py")
     recipe = (ROOT / "benchmark" / "diamond_catch.sh").read_text()
     command = re.search(r'"\$PY" diamond_atari\.py (.*?) \$EXTRA', recipe, re.S).group(1).replace("\\\n", " ")
@@ -592,18 +592,22 @@ def test_diamond_catch_recipe_runs_the_catch_preset_and_tabulates_each_seed(tmp_
     assert {"env_id", "preset", "seed"} <= given and args.obs_size == 32
     out = tmp_path / "out"
     env = script_env() | {"PYTHON": PYTHON, "OUT": str(out),
-                          "EXTRA": "--num-epochs 1 --first-epoch-denoiser-steps 2 --first-epoch-reward-steps 2 "
-                                   "--first-epoch-actor-critic-steps 2 --test-episodes 3"}
+                          "EXTRA": "--num-epochs 2 --first-epoch-denoiser-steps 2 --first-epoch-reward-steps 2 "
+                                   "--denoiser-steps-per-epoch 2 --reward-steps-per-epoch 2 "
+                                   "--actor-critic-steps-per-epoch 2 --eval-episodes 2 --test-episodes 3"}
     result = subprocess.run(["bash", str(ROOT / "benchmark" / "diamond_catch.sh"), "7"], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:],
                                     [p.read_text()[-2000:] for p in out.glob("*.log")])
     log = (out / "catch_seed7.log").read_text()
-    mean = float(re.search(r"^3 test episodes after 1 epochs, 2200 env steps: mean return (-?[\d.]+)", log,
+    mean = float(re.search(r"^3 test episodes after 2 epochs, 5400 env steps: mean return (-?[\d.]+)", log,
                            re.M).group(1))
     row = [line for line in result.stdout.splitlines() if line.startswith("| 7 |")]
-    # no actor-critic update in epoch 1: the preset starts it after epoch 5
-    assert len(row) == 1 and f"| 3 | {mean:+.2f} | {(mean + 1) / 2:.3f} | 2 / 2 / 0 | 2200 |" in row[0], row
+    # no actor-critic update in epoch 1 (the preset starts it after epoch 1), 2 in epoch 2
+    assert len(row) == 1 and f"| 3 | {mean:+.2f} | {(mean + 1) / 2:.3f} | 4 / 4 / 2 | 5400 |" in row[0], row
+    curve = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| 2 | 5400 |")]
+    assert len(curve) == 1 and len(curve[0]) == 9 and curve[0][-1] == "0.2 |", curve
+    assert 0 <= float(curve[0][2]) <= 1 and 0 <= float(curve[0][3]) <= 1  # the kept agent's and the eval's rates
     assert (out / "summary.md").read_text() == result.stdout
 
 
