@@ -83,7 +83,7 @@ for seed in seeds:
           "| +1 recall | -1 recall | end recall | imagined - real return | random |")
     print("|---|---|---|---|---|---|---|---|---|")
     for step, epoch in sorted(scalars["charts/epoch"].items()):
-        if step not in scalars.get("eval/episodic_return", {}):
+        if step not in scalars.get("eval/imagined_minus_real_return", {}):  # not an evaluation's epoch
             continue
         print(f"| {int(epoch)} | {cell('charts/env_steps', step, lambda v: f'{v:.0f}')} | "
               f"{f'{agents[int(epoch)]:.3f}' if int(epoch) in agents else '-'} | "
