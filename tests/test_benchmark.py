@@ -566,7 +566,7 @@ def test_recipes_parse_and_pass_only_known_flags():
             known |= {flag, "--no-" + f.name.replace("_", "-")} if hints[f.name] is bool else {flag}
         known |= set(getattr(module, "FLAG_ALIASES", {}))
     for tool in ("speed.py", "samplers.py", "plot.py", "atari_scores.py", "run_atari100k.py", "unet_vs_dit.py",
-                 "play_fps.py", "play_steering.py", "diamond_baselines.py"):
+                 "play_fps.py", "play_steering.py", "diamond_baselines.py", "diamond_catch_diagnosis.py"):
         known |= set(re.findall(r"--[a-z][a-z0-9_-]*", run_tool(tool, "--help").stdout))
     recipes = sorted((ROOT / "benchmark").glob("*.sh"))
     assert len(recipes) >= 6
