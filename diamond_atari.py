@@ -29,7 +29,6 @@ Watch it (world_model/* says whether the world model beats copying the last fram
 eval/imagined_minus_real_return whether the policy earns in imagination what it does not earn in the game):
     tensorboard --logdir runs
 """
-import argparse
 import atexit
 import contextlib
 import copy
@@ -3283,20 +3282,18 @@ def main(args: Args, given: set[str]):
     stop.restore()
 
 
-# ======================================================================================================================
-# BEGIN SHARED MACHINERY (docs/PROMISES.md): flags and --config, checkpoints and RNG state, device and torchrun,
-# signals, the run folder and TensorBoard, throughput and MFU, memory and run time, files, the entry point. Each
-# definition is the same text in every script that carries it (tests/test_shared_blocks.py). It reads the script's
-# SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, OLDER_CHECKPOINT_FORMATS, CHECKPOINT_KEYS, Args, PRESETS, FLAG_ALIASES.
-# ======================================================================================================================
+# ==== BEGIN SHARED MACHINERY (docs/PROMISES.md) ====
+# Each definition is the same text in every script that carries it (tests/test_shared_blocks.py).
+# It reads the script's SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, OLDER_CHECKPOINT_FORMATS,
+# CHECKPOINT_KEYS, Args, PRESETS, FLAG_ALIASES and RESUME_MUTABLE.
 
 
 class UserError(Exception):
-    """Bad input: one line naming the problem and the fix; exit status 2; nothing saved is touched."""
+    """Bad input: one line naming the problem and the fix, exit 2; nothing saved is touched."""
 
 
 class TrainingFailure(Exception):
-    """A fault during the run (non-finite loss, full disk, read-only folder): one line, exit 1; the checkpoint stays."""
+    """A fault during the run (a non-finite loss, a full disk): one line, exit 1; nothing lost."""
 
 
 class StopRequested(Exception):
@@ -3304,43 +3301,34 @@ class StopRequested(Exception):
 
 
 class Interrupted(BaseException):
-    """A second Ctrl-C: quit without saving (exit 130). A BaseException: no `except Exception` swallows it."""
+    """A second Ctrl-C: quit without saving, exit 130 (no `except Exception` swallows it)."""
 
 
 # ---- flags and config: defaults < --preset < --config < flags on the command line
-
-MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB
-
-
 def flag_field(token: str) -> Optional[str]:
-    """The Args field a command-line token sets, in any spelling the parser accepts ('--total_steps=5', '--no-cuda',
-    FLAG_ALIASES). None for values and unknown flags."""
-    if not token.startswith("--"):
-        return None
+    """The Args field a token sets, in any spelling ('--total_steps=5', '--no-cuda', an alias)."""
     name = token.split("=")[0]
-    if name in FLAG_ALIASES:
-        return FLAG_ALIASES[name]
-    name, names = name[2:].replace("-", "_"), {f.name for f in fields(Args)}
-    if name in names:
-        return name
-    return name[3:] if name.startswith("no_") and name[3:] in names else None
+    names = {f.name for f in fields(Args)}
+    field = FLAG_ALIASES.get(name, name[2:].replace("-", "_"))
+    field = field if field in names else field.removeprefix("no_")
+    return field if token.startswith("--") and field in names else None
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
-    """Returns the args and the set of fields given on the command line (which --resume may let change)."""
+    """The args, and the fields given on the command line (which --resume may let change)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--preset")
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    defaults = Args()
-    if known.preset is not None:
-        if known.preset not in PRESETS:
-            raise UserError(f"unknown --preset {known.preset}: choose from {', '.join(PRESETS)}")
-        defaults = replace(defaults, preset=known.preset, **PRESETS[known.preset])
-    if known.config is not None:
-        defaults = replace(defaults, **read_config(known.config))
-    quiet = not {"-h", "--help"} & set(argv)  # tyro's error box is many lines: ours is one (--help stays tyro's)
+    first = {}  # --preset and --config, which set the defaults of the other flags
+    for token, after in zip(argv, argv[1:] + [None]):
+        if flag_field(token) in ("preset", "config"):
+            first[flag_field(token)] = token.split("=", 1)[1] if "=" in token else after
+    defaults, preset = Args(), first.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UserError(f"unknown --preset {preset}: choose from {', '.join(PRESETS)}")
+        defaults = replace(defaults, preset=preset, **PRESETS[preset])
+    if first.get("config") is not None:
+        defaults = replace(defaults, **read_config(first["config"]))
+    quiet = not {"-h", "--help"} & set(argv)  # tyro's error box is many lines, ours is one
     box = io.StringIO()
     try:
         with contextlib.redirect_stderr(box) if quiet else contextlib.nullcontext():
@@ -3353,65 +3341,62 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
 
 
 def command_line_problem(argv: list[str], box: str) -> str:
-    """What tyro refused, in one line: an unknown flag (with close matches), or the first line of tyro's message."""
+    """What tyro refused, in one line: an unknown flag, a value for an on/off flag, or its words."""
     import difflib
 
-    unknown = [token.split("=")[0] for token in argv if token.startswith("--") and flag_field(token) is None]
+    unknown = [token.split("=")[0] for token in argv if token[:2] == "--" and not flag_field(token)]
     if unknown:
         flags = [f"--{f.name.replace('_', '-')}" for f in fields(Args)] + list(FLAG_ALIASES)
         close = difflib.get_close_matches(unknown[0].replace("_", "-"), flags, n=3)
-        return (f"unknown flag {unknown[0]}" + (f" (did you mean {' or '.join(close)}?)" if close else "")
-                + f"; {SCRIPT_NAME} --help lists the flags")
+        maybe = f" (did you mean {' or '.join(close)}?)" if close else ""
+        return f"unknown flag {unknown[0]}{maybe}; {SCRIPT_NAME} --help lists the flags"
+    hints = get_type_hints(Args)
+    for token, after in zip(argv, argv[1:] + ["--"]):  # a value given to an on/off flag
+        if hints.get(flag_field(token)) is bool and ("=" in token or after[:2] != "--"):
+            flag = "--" + token.split("=")[0][2:].removeprefix("no-")
+            given = token if "=" in token else f"{token} {after}"
+            return (f"{flag} takes no value ({given}): give {flag} to turn it on, --no-{flag[2:]} "
+                    f"to turn it off")
     said = []  # the box's first paragraph: the lines under its title, up to its first rule
     for line in box.splitlines()[1:]:
-        if line.strip("│─╭╮╰╯- "):  # a rule is a line of box characters (or of dashes where there is no terminal)
+        if line.strip("│─╭╮╰╯- "):  # a rule is of box characters (or of dashes, with no terminal)
             said.append(line.strip("│ "))
         elif said:
             break
-    said = " ".join(said).rstrip(".")
-    extra = said.split()[2] if said.startswith("Unrecognized options: ") else None
-    for i, token in enumerate(argv if extra else []):  # a value given to an on/off flag, which takes none
-        given = token if token.endswith(f"={extra}") else f"{token} {extra}" if argv[i + 1: i + 2] == [extra] else None
-        field = flag_field(token) if given else None
-        if field is not None and get_type_hints(Args)[field] is bool:
-            flag = "--" + token.split("=")[0][2:].removeprefix("no-")
-            return f"{flag} takes no value ({given}): give {flag} to turn it on, --no-{flag[2:]} to turn it off"
-    return f"{said or 'a bad value'}; {SCRIPT_NAME} --help gives each flag's type and choices"
+    said = " ".join(said).rstrip(".") or "a bad value"
+    return f"{said}; {SCRIPT_NAME} --help gives each flag's type and choices"
 
 
 def read_config(path: str) -> dict:
-    """--config: the config.json an earlier run wrote (a JSON object of Args fields); YAML when PyYAML is installed."""
+    """--config: the config.json an earlier run wrote (an object of Args fields), or YAML."""
+    import yaml
+
     fix = "give the config.json an earlier run wrote"
     try:
         with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded: --config /dev/zero must not read forever
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise UserError(f"--config {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB: not a config; {fix}")
+            raw = f.read(2**20 + 1)  # bounded: --config /dev/zero must not read forever
+        if len(raw) > 2**20:
+            raise UserError(f"--config {path} is larger than 1024 KiB: not a config; {fix}")
         text = raw.decode("utf-8")
+        is_yaml = Path(path).suffix.lower() in (".yaml", ".yml")
+        values = yaml.safe_load(text) if is_yaml else json.loads(text)
     except UnicodeDecodeError:
         raise UserError(f"--config {path} is not a text file: {fix}") from None
     except OSError as e:
         raise UserError(f"cannot read --config {path}: {e.strerror or e}") from None
-    try:
-        if Path(path).suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text)
-        else:
-            values = json.loads(text)
-    except ImportError:
-        raise UserError(f"--config {path} is YAML, which needs PyYAML: pip install pyyaml (or {fix})") from None
     except json.JSONDecodeError as e:
-        raise UserError(f"--config {path} is not valid JSON ({e}); {fix} (YAML needs a .yaml or .yml name)") from None
-    except Exception as e:  # noqa: BLE001 - yaml.YAMLError, named so only where PyYAML is installed
+        raise UserError(f"--config {path} is not valid JSON ({e}); {fix} (YAML needs a .yaml or "
+                        f".yml name)") from None
+    except yaml.YAMLError as e:
         raise UserError(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(values, dict):
-        raise UserError(f"--config {path} must hold an object of flag names and values, not a {type(values).__name__}")
+        raise UserError(f"--config {path} must hold an object of flag names and values, not a "
+                        f"{type(values).__name__}")
     return normalise_args_dict(values, f"--config {path}")
 
 
 def value_fits(value, hint) -> bool:
-    """Whether a value read from JSON or YAML fits an Args field's type (a bool is no number, an int is a float)."""
+    """Whether a value read from JSON or YAML fits an Args field's type."""
     origin, options = get_origin(hint), get_args(hint)
     if origin is Literal:
         return any(value == option and type(value) is type(option) for option in options)
@@ -3422,33 +3407,32 @@ def value_fits(value, hint) -> bool:
             return False
         hints = [options[0]] * len(value) if options[1:] == (Ellipsis,) else options
         return len(value) == len(hints) and all(map(value_fits, value, hints))
-    if hint is type(None):
-        return value is None
-    if hint in (int, float):
-        return isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+    if hint is int or hint is float:  # a bool is no number; an int is a float
+        number = isinstance(value, int) or (hint is float and isinstance(value, float))
+        return number and not isinstance(value, bool)
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
 def normalise_args_dict(values: dict, source: str) -> dict:
-    """Checks names and types of Args values read from a file; JSON's lists become the dataclass's tuples."""
+    """Checks the names and types of Args values read from a file; JSON's lists become tuples."""
     hints = get_type_hints(Args)
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise UserError(f"{source} has fields this script does not know: {', '.join(unknown)}")
     for name, value in values.items():
         choices = get_args(hints[name]) if get_origin(hints[name]) is Literal else ()
-        if isinstance(value, bool) and {"on", "off"} <= set(choices):
-            value = values[name] = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):  # YAML 1.1 reads on as true
+            value = values[name] = "on" if value else "off"
         if not value_fits(value, hints[name]):
             expected = (f"one of {', '.join(map(str, choices))}" if choices
                         else getattr(hints[name], "__name__", hints[name]))
-            raise UserError(f"{source}: {name} is {value!r}, which is not a valid --{name.replace('_', '-')} "
-                            f"(expected {expected})")
+            raise UserError(f"{source}: {name} is {value!r}, which is not a valid "
+                            f"--{name.replace('_', '-')} (expected {expected})")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
 def in_domain(value, domain: str) -> bool:
-    """A domain's notation: '>= 0', '> 0', '[0, 1)', '(0, 1]' ... Non-finite numbers are in no domain."""
+    """A domain: '>= 0', '> 0', '[0, 1)', '(0, 1]' ... Non-finite numbers are in no domain."""
     if not math.isfinite(value):
         return False
     if domain.startswith(">"):
@@ -3460,36 +3444,34 @@ def in_domain(value, domain: str) -> bool:
 
 
 def flag_marks() -> tuple[dict[str, str], set[str]]:
-    """The marks beside Args' fields: each numeric flag's domain ('>= 1', '[0, 1)' ...) and the flags marked
-    RESUME_MUTABLE, which --resume may change."""
+    """Beside Args' fields: numeric flags' domains ('>= 1', '[0, 1)' ...), and RESUME_MUTABLE."""
     marks = [(name, mark) for name, hint in get_type_hints(Args, include_extras=True).items()
-             for mark in getattr(hint, "__metadata__", ())]
-    return ({name: mark for name, mark in marks if isinstance(mark, str) and mark != RESUME_MUTABLE},
+             for mark in getattr(hint, "__metadata__", ()) if isinstance(mark, str)]
+    return ({name: mark for name, mark in marks if mark != RESUME_MUTABLE},
             {name for name, mark in marks if mark == RESUME_MUTABLE})
 
 
 def check_arg_domains(args: Args):
-    """Every numeric flag (each element of a tuple) inside its domain, so that a bad value fails at start-up and not
-    deep inside a run; --exp-name a plain name that fits in a file name."""
+    """At start-up, not deep in a run: every numeric flag in its domain, --exp-name a plain name."""
     for name, domain in flag_marks()[0].items():
         value = getattr(args, name)
         for element in value if isinstance(value, tuple) else (value,):
             if element is not None and not in_domain(element, domain):
                 shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
                 finite = "" if math.isfinite(element) else "a finite number "
-                raise UserError(f"--{name.replace('_', '-')} must be {finite}{'in ' if domain[0] in '[(' else ''}"
-                                f"{domain}, not {shown}")
-    if not args.exp_name or "/" in args.exp_name or "\\" in args.exp_name or ".." in args.exp_name:
-        raise UserError(f"--exp-name {args.exp_name!r} must be a plain name (no '/', '\\' or '..'): it names the run "
-                        f"folder inside --output-dir")
-    if len(args.exp_name.encode()) > 200:  # a file system caps a name at 255 bytes
-        raise UserError(f"--exp-name is {len(args.exp_name.encode())} bytes long: give at most 200 (it is part of the "
-                        f"run folder's name)")
+                where = "in " if domain[0] in "[(" else ""
+                flag = f"--{name.replace('_', '-')}"
+                raise UserError(f"{flag} must be {finite}{where}{domain}, not {shown}")
+    exp_name = args.exp_name
+    if not exp_name or any(part in exp_name for part in ("/", "\\", "..")):
+        raise UserError(f"--exp-name {exp_name!r} must be a plain name (no '/', '\\' or '..'): it "
+                        f"names the run folder inside --output-dir")
+    if len(exp_name.encode()) > 200:  # a file system caps a name at 255 bytes
+        raise UserError(f"--exp-name is {len(exp_name.encode())} bytes long: give at most 200 (it "
+                        f"is part of the run folder's name)")
 
 
 # ---- checkpoints: one file, written atomically, loaded with weights_only=True
-
-
 def resolve_checkpoint_path(resume: str) -> Path:
     path = Path(resume)
     path = path / "checkpoints" / "latest.pt" if path.is_dir() else path
@@ -3500,13 +3482,14 @@ def resolve_checkpoint_path(resume: str) -> Path:
 
 
 def run_dir_of(checkpoint_path: Path, trains: bool) -> Path:
-    """The folder a resumed run writes to: RUN for RUN/checkpoints/*.pt, else the checkpoint's own folder. Training
-    continues only from RUN/checkpoints/latest.pt: from any other file it would overwrite a newer or another run's."""
+    """The folder a resumed run writes to: RUN for RUN/checkpoints/*.pt, else the file's folder.
+    Training continues only from RUN/checkpoints/latest.pt: from another file it would overwrite
+    a newer checkpoint, or another run's."""
     in_run = checkpoint_path.parent.name == "checkpoints"
     if trains and not (in_run and checkpoint_path.name == "latest.pt"):
         raise UserError(f"--resume {checkpoint_path}: training continues only from a run folder's "
-                        f"checkpoints/latest.pt (it is overwritten as the run goes on); copy the file to "
-                        f"NEW_RUN/checkpoints/latest.pt and --resume NEW_RUN")
+                        f"checkpoints/latest.pt (it is overwritten as the run goes on); copy the "
+                        f"file to NEW_RUN/checkpoints/latest.pt and --resume NEW_RUN")
     return checkpoint_path.parent.parent if in_run else checkpoint_path.parent
 
 
@@ -3520,61 +3503,64 @@ def floating_tensors(tree, prefix: str = ""):
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Loads with weights_only=True (a malicious file cannot run code); refuses in one line a file that is not a
-    complete, finite checkpoint of this script."""
+    """weights_only=True (a malicious file cannot run code); refuses all but a whole, finite one."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read the file is the same user-facing error
-        if "GLOBAL" in str(e):  # the weights-only unpickler refused a Python object it names (GLOBAL module.name)
-            raise UserError(f"cannot load checkpoint {path}: it holds Python objects other than tensors and plain "
-                            f"containers, which could run code when loaded; resume from a checkpoint this script "
-                            f"wrote") from None
-        message = str(e).split("WeightsUnpickler error:")[-1].strip()  # the unpickler's words, not torch's advice
-        reason = message.splitlines()[0][:200] if message else e.__class__.__name__
-        raise UserError(f"cannot load checkpoint {path} (corrupt or not a checkpoint: {reason}); resume from "
-                        f"another checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - any failure to read the file is the same error
+        if "GLOBAL" in str(e):  # the weights-only unpickler refused a Python object (GLOBAL a.b)
+            raise UserError(f"cannot load checkpoint {path}: it holds Python objects other than "
+                            f"tensors and plain containers, which could run code when loaded; "
+                            f"resume from a checkpoint this script wrote") from None
+        raise UserError(f"cannot load checkpoint {path} (corrupt or not a checkpoint: "
+                        f"{error_reason(e)}); resume from another checkpoint") from None
     found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
     if found != SCRIPT_NAME:
-        raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not of {SCRIPT_NAME}")
-    if checkpoint.get("format_version") not in (CHECKPOINT_FORMAT_VERSION, *OLDER_CHECKPOINT_FORMATS):
-        raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this script reads "
-                        f"{', '.join(map(str, (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)))}")
+        raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not of "
+                        f"{SCRIPT_NAME}")
+    readable = (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)
+    if checkpoint.get("format_version") not in readable:
+        raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this "
+                        f"script reads {', '.join(map(str, readable))}")
     missing = sorted(set(CHECKPOINT_KEYS) - set(checkpoint))
     if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of {SCRIPT_NAME}")
-    bad = next((name for name, tensor in floating_tensors(checkpoint) if not torch.isfinite(tensor).all()), None)
-    if bad is not None:
-        raise UserError(f"{path} holds non-finite values (in {bad}); resume from an earlier checkpoint")
+        raise UserError(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of "
+                        f"{SCRIPT_NAME}")
+    bad = [name for name, value in floating_tensors(checkpoint) if not value.isfinite().all()]
+    if bad:
+        raise UserError(f"{path} holds non-finite values (in {bad[0]}); resume from an earlier "
+                        f"checkpoint")
     saved, now = checkpoint.get("versions", {}), library_versions()
-    changed = [f"{name} {saved[name]} -> {now[name]}" for name in now if saved.get(name, now[name]) != now[name]]
+    changed = [f"{k} {saved[k]} -> {now[k]}" for k in now if saved.get(k, now[k]) != now[k]]
     if changed:
-        print(f"notice: {path} was written under other library versions ({', '.join(changed)}): a resumed run may "
-              f"differ from an uninterrupted one")
+        print(f"notice: {path} was written under other library versions ({', '.join(changed)}): a "
+              f"resumed run may differ from an uninterrupted one")
     return checkpoint
 
 
 def error_reason(e: Exception) -> str:
-    """An exception's message as one short line, without torch's "Error(s) in loading state_dict" header."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith("Error(s) in")]
-    return (lines[0] if lines else e.__class__.__name__)[:200]
+    """An exception's message in one short line, without torch's advice or "Error(s) in" header."""
+    lines = [line.strip() for line in str(e).split("WeightsUnpickler error:")[-1].splitlines()]
+    lines = [line for line in lines if line and not line.startswith("Error(s) in")]
+    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
-    """The run's arguments come from the checkpoint; only the flags marked RESUME_MUTABLE may be changed by flags."""
-    run_args = Args(**normalise_args_dict(saved, "the checkpoint's args"))  # a field newer than the run: its default
+    """The run's args from the checkpoint; flags may change only those marked RESUME_MUTABLE."""
+    run_args = Args(**normalise_args_dict(saved, "the checkpoint's args"))  # newer fields: defaults
     mutable = flag_marks()[1]
     for name in sorted(given - mutable - {"resume"}):
         if getattr(args, name) != getattr(run_args, name):
             flag = f"--{name.replace('_', '-')}"
-            raise UserError(f"{flag} is {getattr(run_args, name)!r} in the checkpoint and cannot change on --resume "
-                            f"(only the run length, cadence, logging and sampling flags can); drop {flag} or start a "
-                            f"new run")
-    return replace(run_args, **{name: getattr(args, name) for name in given & mutable - {"resume"}}, resume=args.resume)
+            raise UserError(f"{flag} is {getattr(run_args, name)!r} in the checkpoint and cannot "
+                            f"change on --resume (only the run length, cadence, logging and "
+                            f"sampling flags can); drop {flag} or start a new run")
+    changed = {name: getattr(args, name) for name in given & mutable - {"resume"}}
+    return replace(run_args, **changed, resume=args.resume)
 
 
 def save_checkpoint(path: Path, state: dict):
-    """Atomic: a temporary file in the same folder, flushed and fsynced, then renamed over the old one. A failed
-    write raises TrainingFailure with the temporary file removed and the old checkpoint intact."""
+    """Atomic: a temporary file in the same folder, fsynced, then renamed over the old one. A failed
+    write is a TrainingFailure, with the temporary file removed and the old checkpoint intact."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -3583,37 +3569,39 @@ def save_checkpoint(path: Path, state: dict):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:  # a failed write (torch.save reports it as a RuntimeError), or a second Ctrl-C
+    except BaseException as e:  # a failed write (torch.save: a RuntimeError), or a second Ctrl-C
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         if not isinstance(e, (OSError, RuntimeError)):
             raise
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         kept = f"the previous {path.name} is intact" if path.exists() else "it was not written"
-        raise TrainingFailure(f"cannot write {path} ({reason}); {kept}: free disk space or make the folder writable, "
-                              f"then --resume") from None
+        raise TrainingFailure(f"cannot write {path} ({reason}); {kept}: free disk space or make "
+                              f"the folder writable, then --resume") from None
 
 
 def non_finite_failure(where: str, run_dir: Optional[Path]) -> TrainingFailure:
-    """The error of a run whose loss or gradients became NaN or infinite: it says whether a checkpoint exists."""
+    """A loss or gradients that became NaN or infinite: the message says if a checkpoint exists."""
     latest = run_dir / "checkpoints" / "latest.pt" if run_dir is not None else None
-    kept = (f"the last good checkpoint is kept in {latest}" if latest is not None and latest.exists()
+    kept = (f"the last good checkpoint is kept in {latest}" if latest and latest.exists()
             else "no checkpoint was saved yet")
-    return TrainingFailure(f"the loss or gradients became non-finite {where}; {kept} (try a lower --learning-rate "
-                           f"or --dtype float32)")
+    return TrainingFailure(f"the loss or gradients became non-finite {where}; {kept} (try a lower "
+                           f"--learning-rate or --dtype float32)")
 
 
 def library_versions() -> dict:
-    """What a checkpoint records of the software that wrote it: a resume under others may not be exact."""
-    return {"python": sys.version.split()[0], "torch": str(torch.__version__), "numpy": str(np.__version__)}
+    """What a checkpoint records of the software that wrote it: a resume under others may differ."""
+    return {"python": sys.version.split()[0], "torch": str(torch.__version__),
+            "numpy": str(np.__version__)}
 
 
 def rng_state() -> dict:
     """Every global RNG as plain values (weights_only=True refuses numpy objects)."""
     name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    keys = torch.from_numpy(keys.astype(np.int64))
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "numpy": [name, keys, int(pos), int(has_gauss), float(cached)],
             "python": random.getstate()}
 
 
@@ -3635,11 +3623,9 @@ def seed_everything(seed: int):
 
 
 # ---- device, determinism, torchrun
-
-
 @dataclass
 class Setup:
-    """Where this process runs: its device and its place among torchrun's processes (world_size 1 without)."""
+    """Where this process runs: its device and its place among torchrun's processes."""
     device: torch.device
     world_size: int = 1
     rank: int = 0
@@ -3650,13 +3636,13 @@ class Setup:
 
 
 def torchrun_world() -> tuple[int, int, int]:
-    """(world_size, rank, local_rank) from the variables torchrun sets; (1, 0, 0) for a plain `python script.py`."""
+    """(world_size, rank, local_rank) as torchrun sets them; (1, 0, 0) for `python script.py`."""
     return tuple(int(os.environ.get(name, default)) for name, default in
                  (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")))
 
 
 def setup_device(args: Args) -> Setup:
-    """CUDA when asked and available (else the CPU, with a notice), determinism, TF32, and the process group."""
+    """CUDA when asked and available (else the CPU, with a notice), determinism, TF32, torchrun."""
     world_size, rank, local_rank = torchrun_world()
     use_cuda = args.cuda and torch.cuda.is_available()
     if args.cuda and not use_cuda and rank == 0:
@@ -3666,40 +3652,38 @@ def setup_device(args: Args) -> Setup:
     if world_size > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
         if not use_cuda:
-            torch.set_num_threads(1)  # one thread per rank on the CPU: ranks do not fight over cores
+            torch.set_num_threads(1)  # one thread per rank: the ranks do not fight over the cores
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    # cuDNN's determinism only: the CPU's kernels are deterministic at a fixed thread count, and on
+    # CUDA torch.use_deterministic_algorithms costs more than 10% (docs/PROMISES.md section 5).
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cudnn.benchmark = not args.torch_deterministic
-    # No torch.use_deterministic_algorithms(True): the CPU's kernels are deterministic at a fixed thread count, and on
-    # CUDA the strict ones cost more than 10% (benchmark/RESULTS.md), which docs/PROMISES.md section 5 allows.
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: nearly free speed for the fp32 parts
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: nearly free speed for fp32
     torch.backends.cudnn.allow_tf32 = True
     return Setup(device, world_size, rank, local_rank)
 
 
 def autocast_context(setup: Setup, dtype: str):
-    """bf16/fp16 autocast on CUDA; a no-op for float32 and on the CPU (which computes in float32)."""
+    """bf16/fp16 autocast on CUDA; a no-op for float32 and on the CPU (which computes in fp32)."""
     if setup.use_cuda and dtype != "float32":
         return torch.autocast("cuda", dtype=getattr(torch, dtype))
     return contextlib.nullcontext()
 
 
 # ---- signals: SIGTERM / SIGINT finish the current step, save, exit 0
-
-
 class StopFlag:
-    """SIGTERM and SIGINT set a flag instead of killing the process: training stops at the next step boundary; long
-    work calls check() and is abandoned. The first signal is acknowledged at once; a second SIGINT raises Interrupted;
-    further SIGTERMs change nothing (a repeated preemption never aborts a save). `busy` names work that cannot stop
-    midway (a compilation). Install it before the run folder exists."""
+    """SIGTERM and SIGINT set a flag: training stops after the step, long work calls check() and is
+    abandoned. The first is acknowledged at once, a second SIGINT raises Interrupted, more SIGTERMs
+    never abort a save; `busy` names work that cannot stop midway. Install before the run folder."""
 
     keep_handlers = False  # run_main sets it: the handlers stay until the process exits
 
     def __init__(self):
         self.requested, self.finished, self.busy = False, False, ""
-        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGTERM, signal.SIGINT)}
+        signals = (signal.SIGTERM, signal.SIGINT)
+        self.previous = {sig: signal.signal(sig, self.request) for sig in signals}
 
     def request(self, signum=None, frame=None):
         if self.finished:  # the run is over and the process is exiting: nothing is left to stop
@@ -3707,8 +3691,9 @@ class StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise Interrupted()
         if not self.requested:
-            first = f"; {self.busy} must end first" if self.busy else ""
-            say_now(f"stopping after this step, then saving{first}; Ctrl-C again to quit without saving")
+            busy = f"; {self.busy} must end first" if self.busy else ""
+            say_now(f"stopping after this step, then saving{busy}; Ctrl-C again to quit without "
+                    f"saving")
         self.requested = True
 
     def check(self):
@@ -3716,7 +3701,7 @@ class StopFlag:
             raise StopRequested()
 
     def sync(self, setup: Setup) -> bool:
-        """Whether to stop, all-reduced under torchrun so that every rank stops at the same step (a collective)."""
+        """Whether to stop, all-reduced under torchrun so that every rank stops at the same step."""
         if setup.world_size > 1:
             flag = torch.tensor(float(self.requested), device=setup.device)
             dist.all_reduce(flag)
@@ -3724,7 +3709,7 @@ class StopFlag:
         return self.requested
 
     def restore(self):
-        """Puts the previous handlers back for an in-process caller; under run_main they stay and only stop
+        """The previous handlers back for an in-process caller; under run_main they stay but stop
         listening, so that a signal while the process exits does not kill it mid-write."""
         self.finished = True
         if not StopFlag.keep_handlers:
@@ -3733,18 +3718,16 @@ class StopFlag:
 
 
 def say_now(message: str):
-    """A line written at once, also from a signal handler (os.write: a print there could re-enter a print)."""
+    """A line written at once, also from a signal handler (where a print could re-enter a print)."""
     try:
         os.write(sys.stdout.fileno(), (message + "\n").encode())
-    except (OSError, ValueError, io.UnsupportedOperation):  # stdout is not a file (captured in a test)
+    except (OSError, ValueError, io.UnsupportedOperation):  # stdout is not a file (a test's)
         print(message, flush=True)
 
 
 # ---- the run folder, TensorBoard, wandb
-
-
 def create_run_dir(args: Args, run_id: str) -> Path:
-    """{output_dir}/{run_id}__{exp_name}__{seed}__{unix time}/ with config.json; never an existing folder."""
+    """{output_dir}/{run_id}__{exp_name}__{seed}__{unix time}/ with config.json, always new."""
     run_dir = Path(args.output_dir) / f"{run_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     while run_dir.exists():
         run_dir = run_dir.with_name(run_dir.name + "_")
@@ -3758,29 +3741,30 @@ def create_run_dir(args: Args, run_id: str) -> Path:
 
 
 def lock_run(run_dir: Path):
-    """One trainer per run: {run_dir}/train.lock holds this process's host and PID until it ends. The lock of a live
-    process, or of another host's (which cannot be checked), is refused; a dead process's is taken over."""
-    lock, host, pid = run_dir / "train.lock", socket.gethostname(), os.getpid()
+    """One trainer per run: RUN/train.lock holds its host and PID until it ends. The lock of a live
+    process or of another host (which cannot be checked) is refused; a dead process's is taken."""
+    lock, me = run_dir / "train.lock", f"{socket.gethostname()} {os.getpid()}"
     while True:
         try:
             with open(lock, "x") as f:
-                f.write(f"{host} {pid}\n")
+                f.write(me + "\n")
             atexit.register(unlock_run, run_dir)
             return
         except FileExistsError:
-            holder_host, _, holder = lock.read_text().strip().rpartition(" ")
-        if holder_host == host and holder == str(pid):  # this process already holds it (an in-process rerun)
+            holder = lock.read_text().strip()
+        if holder == me:  # this process holds it already (an in-process rerun)
             return
-        try:  # os.kill(pid, 0) only asks whether the process exists
-            alive = holder_host != host or (holder.isdigit() and os.kill(int(holder), 0) is None)
-        except PermissionError:  # another user's live process
-            alive = True
-        except ProcessLookupError:
-            alive = False
+        host, _, pid = holder.rpartition(" ")
+        try:  # signal 0 only asks whether the process exists
+            alive = host != socket.gethostname() or (pid.isdigit() and os.kill(int(pid), 0) is None)
+        except OSError as e:  # PermissionError: another user's live process
+            alive = isinstance(e, PermissionError)
         if alive:
-            raise UserError(f"{run_dir} is being trained by PID {holder} on host {holder_host} (lock file {lock}); "
-                            f"wait for it to end, or delete the lock file if that process is gone")
-        print(f"notice: taking over {lock}: PID {holder} on this host left it and is no longer running")
+            raise UserError(f"{run_dir} is being trained by PID {pid} on host {host} (lock file "
+                            f"{lock}); wait for it to end, or delete the lock file if that process "
+                            f"is gone")
+        print(f"notice: taking over {lock}: PID {pid} on this host left it and is no longer "
+              f"running")
         lock.unlink(missing_ok=True)
 
 
@@ -3792,20 +3776,21 @@ def unlock_run(run_dir: Path):
 
 
 def open_writer(args: Args, run_dir: Path, step: int):
-    """TensorBoard (and wandb with --track) for the process that trains the run (it takes the lock). purge_step: a
-    resumed run drops the points a killed run logged after its last checkpoint."""
+    """TensorBoard (and wandb with --track) for the process that trains the run, which takes its
+    lock. purge_step: a resumed run drops what a killed run logged after its last checkpoint."""
     from torch.utils.tensorboard import SummaryWriter
 
     lock_run(run_dir)
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=asdict(args), name=run_dir.name, id=run_dir.name, resume="allow", save_code=True)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name,
+                   id=run_dir.name, resume="allow", config=asdict(args), sync_tensorboard=True,
+                   save_code=True)
     writer = SummaryWriter(str(run_dir), purge_step=step + 1 if step else None)
     if step == 0:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-            f"|{key}|{value}|" for key, value in asdict(args).items()))
+        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     return writer
 
 
@@ -3820,33 +3805,32 @@ def close_writer(args: Args, writer):
 
 
 def progress_bar(total: int, initial: int, desc: str, unit: str, enabled: bool = True):
-    """A tqdm bar with step, speed and ETA (the loss goes in its postfix); a silent one on ranks other than 0."""
+    """A tqdm bar with step, speed and ETA (the loss in its postfix); silent unless enabled."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
+                disable=not enabled)
 
 
 # ---- throughput and model FLOPs utilisation (MFU, on CUDA)
-
-
-CUDA_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
-                   "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16
+CUDA_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+                   "A10G": 70e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12,
+                   "T4": 65e12}  # dense bf16/fp16 FLOP/s
 
 
 def peak_flops(setup: Setup, dtype: str) -> Optional[float]:
-    """The MFU denominator: the table's dense bf16/fp16 peak, half of it for float32 (TF32), NaN for an unknown GPU.
-    None on a CPU, which has no MFU: its throughput is the figure to read."""
+    """The MFU denominator: the table's dense bf16/fp16 peak, half of it for float32 (TF32), NaN
+    for an unknown GPU; None on a CPU, which has no MFU (its throughput is the figure to read)."""
     if not setup.use_cuda:
         return None
     name = torch.cuda.get_device_name(setup.device)
-    peak = 756e12 if "H100" in name and "PCIe" in name else next(
-        (flops for key, flops in CUDA_PEAK_FLOPS.items() if key in name), float("nan"))
+    known = [flops for key, flops in CUDA_PEAK_FLOPS.items() if key in name] + [float("nan")]
+    peak = 756e12 if "H100" in name and "PCIe" in name else known[0]
     return peak / 2 if dtype == "float32" else peak
 
 
 def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> float:
-    """FLOPs of one forward pass of the model build() returns, counted on the meta device: no compute, no RNG draws
-    (an exact resume depends on it)."""
+    """FLOPs of a forward pass of build()'s model, on the meta device: no compute, no RNG draw."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
@@ -3858,11 +3842,9 @@ def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> floa
 
 
 # ---- memory and run time: will a training step fit, how long will the run take
-
-
 def available_memory(setup: Setup) -> float:
-    """Bytes a training step may still take: CUDA's free memory; on the CPU the lowest of MemAvailable, the cgroup's
-    memory.max less its usage, and RLIMIT_AS less this process's address space (inf where none can be read)."""
+    """Bytes a training step may still take: CUDA's free memory; on a CPU the least of MemAvailable,
+    the cgroup's memory.max less its usage and RLIMIT_AS less the address space (inf: none read)."""
     if setup.use_cuda:
         return float(torch.cuda.mem_get_info(setup.device)[0])
 
@@ -3873,9 +3855,10 @@ def available_memory(setup: Setup) -> float:
     limits = [math.inf]
     with contextlib.suppress(OSError, ValueError, StopIteration):
         limits.append(field("/proc/meminfo", "MemAvailable:"))
-    with contextlib.suppress(OSError, ValueError):  # "max" where there is no limit
-        limits.append(float(Path("/sys/fs/cgroup/memory.max").read_text())
-                      - float(Path("/sys/fs/cgroup/memory.current").read_text()))
+    with contextlib.suppress(OSError, ValueError):  # memory.max is "max" where there is no limit
+        cgroup = Path("/sys/fs/cgroup")
+        limits.append(float((cgroup / "memory.max").read_text())
+                      - float((cgroup / "memory.current").read_text()))
     with contextlib.suppress(OSError, ValueError, StopIteration, ImportError):
         import resource
 
@@ -3886,8 +3869,8 @@ def available_memory(setup: Setup) -> float:
 
 
 def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor]) -> float:
-    """Bytes autograd keeps for the backward pass of loss_fn(), which builds its model and inputs on the meta device.
-    A tensor saved twice (or as views of one) counts once; weights not at all."""
+    """Bytes autograd keeps for the backward pass of loss_fn(), which builds its model and inputs on
+    the meta device. A tensor saved twice (or as views of one) counts once; weights not at all."""
     saved = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -3901,39 +3884,40 @@ def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor]) -> float:
     return float(sum(tensor.numel() * tensor.element_size() for tensor in saved.values()))
 
 
-def check_step_memory(setup: Setup, batch_size: int, num_params: int, activation_bytes_per_sample: float,
-                      dtype: str) -> float:
-    """Refuses, before anything is allocated at full size, a training step that cannot fit in available_memory(),
-    naming the largest --batch-size that fits. Bytes per process: 5 x 4 per parameter (weights, gradients, two Adam
-    moments, EMA) + the per-process batch x the activations saved per sample (halved under CUDA autocast)."""
+def check_step_memory(setup: Setup, batch_size: int, num_params: int,
+                      activation_bytes_per_sample: float, dtype: str) -> float:
+    """Refuses, naming the largest --batch-size that fits, a training step that cannot fit in
+    available_memory(). Bytes per process: 5 x 4 per parameter (weights, gradients, two Adam
+    moments, EMA) + its batch x the activations saved per sample (halved under CUDA autocast)."""
     local_batch = batch_size // setup.world_size
-    per_sample = activation_bytes_per_sample * (0.5 if setup.use_cuda and dtype != "float32" else 1.0)
+    autocast = setup.use_cuda and dtype != "float32"
+    per_sample = activation_bytes_per_sample * (0.5 if autocast else 1.0)
     fixed = 5 * 4 * num_params
     needed, available = fixed + local_batch * per_sample, available_memory(setup)
     if needed > available:
         fits = int((available - fixed) // per_sample) * setup.world_size if available > fixed else 0
-        raise UserError(f"--batch-size {batch_size} needs about {needed / 2**30:.1f} GiB per process for a training "
-                        f"step, {available / 2**30:.1f} GiB is available on {setup.device}: use --batch-size "
-                        f"{fits} or less" + (" (or a smaller model)" if fits < setup.world_size else ""))
+        smaller = " (or a smaller model)" if fits < setup.world_size else ""
+        raise UserError(f"--batch-size {batch_size} needs about {needed / 2**30:.1f} GiB per "
+                        f"process for a training step, {available / 2**30:.1f} GiB is available "
+                        f"on {setup.device}: use --batch-size {fits} or less{smaller}")
     return needed
 
 
 # ---- files
-
-
 def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 2) -> np.ndarray:
     """uint8 (N, 3, H, W) -> one uint8 (rows*(H+pad)+pad, columns*(W+pad)+pad, 3) image."""
     n, _, h, w = images.shape
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
-    cells = np.zeros((rows * columns, h + pad, w + pad, 3), dtype=np.uint8)  # each image with its top and left pad
+    cells = np.zeros((rows * columns, h + pad, w + pad, 3), dtype=np.uint8)  # a top and left pad
     cells[:n, pad:, pad:] = images.transpose(0, 2, 3, 1)
     grid = cells.reshape(rows, columns, h + pad, w + pad, 3).transpose(0, 2, 1, 3, 4)
-    return np.pad(grid.reshape(rows * (h + pad), columns * (w + pad), 3), ((0, pad), (0, pad), (0, 0)))
+    grid = grid.reshape(rows * (h + pad), columns * (w + pad), 3)
+    return np.pad(grid, ((0, pad), (0, pad), (0, 0)))
 
 
 def write_png(path: Path, rgb: np.ndarray):
-    """uint8 (H, W, 3) RGB -> PNG. OpenCV reports a failed write by returning False: raise instead."""
+    """uint8 (H, W, 3) RGB -> PNG; a failed write raises (OpenCV's returns False)."""
     import cv2
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -3957,11 +3941,8 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = 15, min_side: int = 256
 
 
 # ---- the entry point
-
-
 def run_main(main: Callable):
-    """Bad input: one line, exit 2. A fault during the run: one line, exit 1. Ctrl-C before the signal handlers are
-    up, or a second one after: one line, exit 130. Under torchrun only rank 0 prints."""
+    """One line on rank 0: exit 2 for bad input, 1 for a fault in the run, 130 for a Ctrl-C."""
     def fail(message: str, status: int):
         from tqdm import tqdm
 
@@ -3975,22 +3956,23 @@ def run_main(main: Callable):
     try:
         main(*parse_args())
     except Interrupted:
-        fail("interrupted by a second Ctrl-C: quit without saving (the last checkpoint, if any, is intact)", 130)
+        fail("interrupted by a second Ctrl-C: quit without saving (the last checkpoint, if any, is "
+             "intact)", 130)
     except UserError as e:
         fail(str(e), 2)
     except TrainingFailure as e:
         fail(str(e), 1)
     except OSError as e:
-        fail(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}; check the disk and the "
-             f"folder's permissions, then --resume", 1)
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        fail(f"{where}{e.strerror or e}; check the disk and the folder's permissions, then "
+             f"--resume", 1)
     except KeyboardInterrupt:
         fail("interrupted before the run started; nothing was saved", 130)
     finally:
-        StopFlag.keep_handlers = False  # the process exits with its handlers kept; a caller in process gets its own
+        StopFlag.keep_handlers = False  # the process exits with its handlers; a caller gets its own
 
 
-# END SHARED MACHINERY
-# ======================================================================================================================
+# ==== END SHARED MACHINERY ====
 
 
 if __name__ == "__main__":
