@@ -2285,7 +2285,8 @@ def collect(run: Run, collector: Collector, pos: RunPosition, log: EpochLog):
                 collector.first_collection_steps = pos.step  # N: the run's schedule and length are now fixed
                 total = progress.total = run_schedule(args, pos.step)[0]
                 progress.write(f"first collection: {pos.step} env steps (reward signs -1/0/+1: {counts}); the "
-                               f"run: {run.num_epochs} epochs, {args.env_step_budget} env steps", file=sys.stdout)
+                               f"run: {run.num_epochs} epochs, {sum(run_schedule(args, pos.step))} env steps",
+                               file=sys.stdout)
         if collector.first_collection_steps and pos.step >= total:
             break
         reward, game = collector.step(run.learners["actor_critic"].model, args, run.autocast, args.world_model_only)
@@ -3102,7 +3103,8 @@ def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: d
     length = f"the run: {run.num_epochs} epochs"
     if not (collector.first_collection_steps or args.dataset_dir is not None):
         length += f" if the first collection is {args.initial_collection_steps} env steps (fixed when it ends)"
-    print(length + ("" if args.dataset_dir else f", {args.env_step_budget} env steps"), flush=True)
+    env_steps = sum(run_schedule(args, collector.first_collection_steps))  # --num-epochs may stop short of the budget
+    print(length + ("" if args.dataset_dir else f", {env_steps} env steps"), flush=True)
     if resumed:
         print(f"resuming at {pos}", flush=True)
     if not args.world_model_only and args.actor_critic_start_after_epochs >= run.num_epochs:

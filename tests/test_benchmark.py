@@ -600,6 +600,8 @@ def test_diamond_catch_recipe_runs_the_catch_preset_and_tabulates_each_seed(tmp_
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:],
                                     [p.read_text()[-2000:] for p in out.glob("*.log")])
     log = (out / "catch_seed7.log").read_text()
+    # the plan names the env steps of this run (--num-epochs 2), not the preset's budget of 8000
+    assert "the run: 2 epochs, 5400 env steps" in log and "first collection: 5000 env steps" in log
     mean = float(re.search(r"^3 test episodes after 2 epochs, 5400 env steps: mean return (-?[\d.]+)", log,
                            re.M).group(1))
     row = [line for line in result.stdout.splitlines() if line.startswith("| 7 |")]
