@@ -20,6 +20,7 @@ over one forward (sampling) or forward + backward (training) of each model, on t
     python benchmark/speed.py --only ddpm --compile       # also torch.compile variants (slow to compile on a CPU)
     python benchmark/speed.py --device cuda               # GPU: bf16 autocast, channels_last, MFU vs the bf16 peak
     python benchmark/speed.py --quick --json speed.json   # keep the numbers
+    python benchmark/speed.py --quick --against aab134b   # each script now vs itself at a commit (no peers)
     OMP_WAIT_POLICY=PASSIVE python benchmark/speed.py --quick   # on a machine shared with other jobs (see below)
 
 On a CPU shared with other jobs, OpenMP threads that spin at barriers make some repetitions 10 to 30 times slower
@@ -31,12 +32,16 @@ it). The sampling figure is one network evaluation in eval mode under no_grad: a
 """
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -59,12 +64,22 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
-def load_script(file_name: str):
-    """Imports a top-level script by path (the scripts are single files, not packages)."""
-    name = f"cleanworlds_{Path(file_name).stem}"
+def load_script(file_name: str, ref: Optional[str] = None):
+    """Imports a top-level script by path (the scripts are single files, not packages); with ref, the script as it
+    is at that git commit (`git show ref:file_name`, imported from a temporary folder)."""
+    name = f"cleanworlds_{Path(file_name).stem}" + (f"_at_{re.sub(r'[^0-9A-Za-z]', '_', ref)}" if ref else "")
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / file_name)
+    path = ROOT / file_name
+    if ref:
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:{file_name}"], capture_output=True, text=True)
+        if shown.returncode:
+            print(f"error: --against {ref}: git cannot show {file_name} there ({shown.stderr.strip()})",
+                  file=sys.stderr)
+            sys.exit(2)
+        path = Path(tempfile.mkdtemp(prefix="speed_against_")) / file_name
+        path.write_text(shown.stdout)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -201,7 +216,7 @@ def diffusers_dit() -> nn.Module:
 
 
 def bench_ddpm(cfg) -> tuple:
-    ddpm = load_script("ddpm_cifar10.py")
+    ddpm = load_script("ddpm_cifar10.py", cfg.ref)
     device, batch, sample_batch = cfg.device, cfg.ddpm_batch, cfg.ddpm_sample_batch
 
     def ours():
@@ -247,7 +262,7 @@ def bench_ddpm(cfg) -> tuple:
 
 
 def bench_dit(cfg) -> tuple:
-    dit = load_script("dit_cifar10.py")
+    dit = load_script("dit_cifar10.py", cfg.ref)
     device, batch, sample_batch = cfg.device, cfg.dit_batch, cfg.dit_sample_batch
 
     def inputs(b):
@@ -284,7 +299,7 @@ def bench_dit(cfg) -> tuple:
 
 
 def bench_diamond(cfg) -> tuple:
-    diamond = load_script("diamond_atari.py")
+    diamond = load_script("diamond_atari.py", cfg.ref)
     device, batch, envs = cfg.device, cfg.diamond_batch, cfg.diamond_envs
     args = diamond.Args()
     num_actions = 4  # Breakout's minimal action set
@@ -349,7 +364,7 @@ def bench_diamond(cfg) -> tuple:
 
 
 def bench_video(cfg) -> tuple:
-    video = load_script("video_diffusion.py")
+    video = load_script("video_diffusion.py", cfg.ref)
     device, batch, sample_batch = cfg.device, cfg.video_batch, cfg.video_sample_batch
     args = video.Args()
     args.num_frames = cfg.video_frames or args.num_frames
@@ -484,6 +499,7 @@ class Config:
     video_batch: int
     video_sample_batch: int
     video_frames: int
+    ref: Optional[str] = None  # --against: the scripts at this git commit
 
 
 def make_config(ns) -> Config:
@@ -528,6 +544,9 @@ def main(argv=None) -> list:
     parser.add_argument("--video-frames", type=int, default=None, help="frames per clip (16 on CUDA, 1 on a CPU)")
     parser.add_argument("--skip-sampling", action="store_true", help="time the training steps only")
     parser.add_argument("--json", default=None, help="write every number to this JSON file")
+    parser.add_argument("--against", default=None, metavar="COMMIT",
+                        help="time each script's models against the same script at this git commit (in place of "
+                             "the peers): the ratio says whether a change made a step slower")
     ns = parser.parse_args(argv)
     selected = [name.strip() for name in ns.only.split(",") if name.strip()]
     unknown = [name for name in selected if name not in BENCHMARKS]
@@ -549,6 +568,11 @@ def main(argv=None) -> list:
         print(f"\n## {name}   (load average before: {load_average()})", flush=True)
         try:
             title, train, sample, notes = BENCHMARKS[name](cfg)
+            if ns.against:  # the peers are the same script at that commit, timed in the same rounds
+                _, train_then, sample_then, _ = BENCHMARKS[name](dataclasses.replace(cfg, ref=ns.against))
+                train, sample = ([c for c in now if not c.is_peer] + [
+                    dataclasses.replace(c, label=f"{c.label} @ {ns.against}", is_peer=True, times=[])
+                    for c in then if not c.is_peer] for now, then in ((train, train_then), (sample, sample_then)))
         except (ImportError, FileNotFoundError, AttributeError, TypeError) as e:  # a script not there (yet)
             print(f"skipped: {e.__class__.__name__}: {e}", flush=True)
             continue

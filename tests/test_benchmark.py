@@ -397,6 +397,22 @@ def test_speed_smoke_dit(tmp_path):
         assert result.returncode == 2 and result.stderr.startswith("error: --device cuda but CUDA is not available")
 
 
+def test_speed_against_a_commit(tmp_path):
+    """--against COMMIT times each script now beside the same script at that commit (`git show`), in place of the
+    peers: here HEAD, DiT's training step, batch 2, one repetition; a commit git does not know is one line, exit 2."""
+    if subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    out = tmp_path / "speed.json"
+    run_tool("speed.py", "--quick", "--only", "dit", "--batch-size", "2", "--repeats", "1", "--skip-sampling",
+             "--against", "HEAD", "--json", out, timeout=300)
+    now, then = sorted(json.loads(out.read_text())["rows"], key=lambda r: r["is_peer"])
+    assert (now["label"], then["label"]) == ("dit_cifar10.DiT", "dit_cifar10.DiT @ HEAD")
+    assert now["params"] == then["params"] and now["flops_per_step"] == then["flops_per_step"]
+    assert now["ratio_vs_peer"] == pytest.approx(then["median_s"] / now["median_s"])
+    result = run_tool("speed.py", "--only", "dit", "--against", "no-such-commit", check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: --against no-such-commit: git cannot show")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # samplers.py
 
