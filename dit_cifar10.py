@@ -372,11 +372,8 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
     for i, k in enumerate(labels):
         r = rng.integers(img_size // 6, img_size // 3 + 1)
         cy, cx = rng.integers(r, img_size - r + 1, size=2)
-        if k < 8:
-            mask = (np.abs(yy - cy) < r) & (np.abs(xx - cx) < r)
-        else:
-            mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-        images[i][mask] = SHAPE_COLOURS[k % 8]
+        square = (np.abs(yy - cy) < r) & (np.abs(xx - cx) < r)
+        images[i][square if k < 8 else (yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = SHAPE_COLOURS[k % 8]
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels.astype(np.int64)
 
 
@@ -415,13 +412,10 @@ def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
     """The step-th global batch of an endless stream of per-epoch permutations (batches cross
     epochs)."""
-    position, chunks = step * batch_size, []
-    while batch_size > 0:
-        epoch, offset = divmod(position, num_items)
-        take = min(batch_size, num_items - offset)
-        chunks.append(epoch_permutation(num_items, epoch, seed)[offset: offset + take])
-        position, batch_size = position + take, batch_size - take
-    return torch.cat(chunks)
+    start = step * batch_size
+    first, last = start // num_items, (start + batch_size - 1) // num_items  # the epochs the batch spans
+    order = torch.cat([epoch_permutation(num_items, epoch, seed) for epoch in range(first, last + 1)])
+    return order[start - first * num_items: start - first * num_items + batch_size]
 
 
 # --------------------------------------------------------------------------------------------------

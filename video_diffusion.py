@@ -726,13 +726,10 @@ def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
     """The step-th global batch of an endless stream of per-epoch permutations (batches cross
     epochs)."""
-    position, chunks = step * batch_size, []
-    while batch_size > 0:
-        epoch, offset = divmod(position, num_items)
-        take = min(batch_size, num_items - offset)
-        chunks.append(epoch_permutation(num_items, epoch, seed)[offset: offset + take])
-        position, batch_size = position + take, batch_size - take
-    return torch.cat(chunks)
+    start = step * batch_size
+    first, last = start // num_items, (start + batch_size - 1) // num_items  # the epochs the batch spans
+    order = torch.cat([epoch_permutation(num_items, epoch, seed) for epoch in range(first, last + 1)])
+    return order[start - first * num_items: start - first * num_items + batch_size]
 
 
 # Words: a vocabulary built from the dataset's captions, learned with the model (a pretrained text encoder needs a
