@@ -726,13 +726,10 @@ def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
     """The step-th global batch of an endless stream of per-epoch permutations (batches cross
     epochs)."""
-    position, chunks = step * batch_size, []
-    while batch_size > 0:
-        epoch, offset = divmod(position, num_items)
-        take = min(batch_size, num_items - offset)
-        chunks.append(epoch_permutation(num_items, epoch, seed)[offset: offset + take])
-        position, batch_size = position + take, batch_size - take
-    return torch.cat(chunks)
+    start = step * batch_size
+    first, last = start // num_items, (start + batch_size - 1) // num_items  # the epochs the batch spans
+    order = torch.cat([epoch_permutation(num_items, epoch, seed) for epoch in range(first, last + 1)])
+    return order[start - first * num_items: start - first * num_items + batch_size]
 
 
 # Words: a vocabulary built from the dataset's captions, learned with the model (a pretrained text encoder needs a
@@ -797,19 +794,15 @@ def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list
 
 
 def make_beta_schedule(kind: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """betas (T,) in float64. "linear": Ho et al.'s linspace(beta_start, beta_end, T), both ends
-    scaled by 1000 / T as improved-diffusion does (T = 1000: the paper's; a shorter schedule still
-    ends in noise), capped at 0.999. "cosine": Nichol & Dhariwal. ValueError on another kind."""
-    if kind == "linear":  # beta_t = (1000 / T) linear from beta_1 to beta_T
+    """betas (T,) in float64, capped at 0.999. "linear": Ho et al.'s, both ends scaled by 1000 / T
+    as improved-diffusion does (a shorter schedule still ends in noise); "cosine": Nichol & Dhariwal."""
+    if kind == "linear":
         scale = 1000 / timesteps  # exactly 1.0 at T = 1000
         return torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64).clamp(max=0.999)
-    if kind == "cosine":  # Nichol & Dhariwal: abar(t) = f(t)/f(0), f(t) = cos^2((t/T + s)/(1 + s) * pi/2), s = 0.008
-        s = 0.008
-        t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-        f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
-        alphas_cumprod = f / f[0]
-        return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=0.999)  # beta_t = 1 - abar_t / abar_{t-1}
-    raise ValueError(f"unknown beta schedule {kind}")
+    # abar_t = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) pi/2), s = 0.008; beta_t = 1 - abar_t / abar_{t-1}
+    t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    alphas_cumprod = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=0.999)
 
 
 def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
@@ -1145,122 +1138,80 @@ def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
 
 
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
-    """The S = num_steps timesteps (descending) that DDIM, and DDPM with S < T, visit before their
-    last step to the clean image; ValueError unless 1 <= S <= T. S = 1: [T-1] (formulas give [0]).
-    - "uniform": floor(i T / S): diffusers' "leading" where S divides T (the DDIM paper's protocol)
-    - "linspace": round(linspace(0, T-1, S)), half to even: diffusers' "linspace", DiT's respacing
-    - "quadratic": int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice"""
-    if spacing not in ("uniform", "linspace", "quadratic"):
-        raise ValueError(f"unknown timestep spacing {spacing}")
+    """The S = num_steps timesteps (descending) visited before the last step to the clean image;
+    ValueError unless 1 <= S <= T. S = 1: [T-1]. "uniform": floor(i T / S), diffusers' "leading"
+    where S divides T; "linspace": round(linspace(0, T-1, S)), half to even, DiT's respacing;
+    "quadratic": int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice."""
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
-    if num_steps == 1:
-        return [T - 1]
-    if spacing == "uniform":
-        steps = [i * T // num_steps for i in range(num_steps)]
-    elif spacing == "linspace":
-        steps = [int(s) for s in np.linspace(0, T - 1, num_steps).round()]
-    else:  # a repeated small timestep (large S) is an identity step
-        steps = [int(s) for s in np.linspace(0, math.sqrt(T * 0.8), num_steps) ** 2]
-    return steps[::-1]
+    steps = {"uniform": np.arange(num_steps) * T // num_steps, "linspace": np.linspace(0, T - 1, num_steps).round(),
+             "quadratic": np.linspace(0, math.sqrt(T * 0.8), num_steps) ** 2}[spacing]
+    return [T - 1] if num_steps == 1 else [int(s) for s in steps[::-1]]
 
 
 @torch.no_grad()
 def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: Optional[int] = None,
                 variance: str = "fixed_large", clip_denoised: bool = True,
                 generator: Optional[torch.Generator] = None, spacing: str = "uniform") -> torch.Tensor:
-    """Ancestral sampling (Ho et al. eq. 6-7) from x_T to x_0. num_steps None: all T steps; fewer:
-    ddim_timesteps(T, S, spacing) with beta'_t = 1 - abar_t / abar_prev. ValueError on a bad
-    argument."""
-    if variance not in ("fixed_large", "fixed_small"):
-        raise ValueError(f"unknown variance {variance}")
-    T = len(alphas_cumprod)
-    timesteps = ddim_timesteps(T, T if num_steps is None else num_steps, spacing)
-    x = x_T
-    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
-        abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
-        beta_t = 1 - abar_t / abar_prev
-        eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
-        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)  # (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)
-        if clip_denoised:
-            x0 = x0.clamp(-1, 1)
-        # posterior mean mu~_t = sqrt(abar_prev) beta_t / (1-abar_t) x0 + sqrt(1-beta_t) (1-abar_prev) / (1-abar_t) x_t
-        mean = (math.sqrt(abar_prev) * beta_t / (1 - abar_t)) * x0 \
-            + (math.sqrt(1 - beta_t) * (1 - abar_prev) / (1 - abar_t)) * x
-        if t_prev >= 0:  # no noise on the last step, to the clean image
-            # sigma_t^2: beta_t (fixed_large, the paper's) or beta~_t = (1-abar_prev)/(1-abar_t) beta_t
-            var = beta_t if variance == "fixed_large" else max((1 - abar_prev) / (1 - abar_t) * beta_t, 1e-20)
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            mean = mean + math.sqrt(var) * noise
-        x = mean
-    return x
+    """Ancestral sampling (Ho et al. eq. 6-7) from x_T to x_0 at ddim_timesteps(T, num_steps or T,
+    spacing): DDIM with eta = 1, whose step is the posterior mean mu~_t plus noise of variance
+    beta~_t ("fixed_small") or beta_t = 1 - abar_t / abar_prev ("fixed_large", the paper's)."""
+    return ddim_sample(model_fn, x_T, alphas_cumprod, num_steps or len(alphas_cumprod), 1.0, spacing, clip_denoised,
+                       generator, fixed_large=variance == "fixed_large")
 
 
 @torch.no_grad()
 def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int,
                 eta: float = 0.0, spacing: str = "uniform", clip_denoised: bool = False,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: Optional[torch.Generator] = None, fixed_large: bool = False) -> torch.Tensor:
     """DDIM (Song et al. eq. 12) from x_T to x_0 at ddim_timesteps(T, num_steps, spacing), the last
-    step to abar = 1 (diffusers' set_alpha_to_one): x_prev = sqrt(abar_prev) x0 +
-    sqrt(1-abar_prev-s^2) eps + s z."""
-    timesteps = ddim_timesteps(len(alphas_cumprod), num_steps, spacing)
-    x = x_T
+    step to abar = 1 (diffusers' set_alpha_to_one). fixed_large: the noise added has variance
+    beta_t instead of sigma_t^2 (ddpm_sample)."""
+    x, timesteps = x_T, ddim_timesteps(len(alphas_cumprod), num_steps, spacing)
     for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
         abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
-        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
+        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)  # (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)
         if clip_denoised:  # clip x0, then re-derive eps from it so that the update stays consistent
             x0 = x0.clamp(-1, 1)
             eps = (x - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)
-        # s = eta sqrt((1-abar_prev)/(1-abar_t) (1 - abar_t/abar_prev))
+        # sigma_t^2 = eta^2 beta~_t, beta~_t = (1-abar_prev)/(1-abar_t) beta_t, beta_t = 1 - abar_t/abar_prev (eq. 16)
         s = eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+        # x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma_t^2) eps + sigma_t z
         x = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - s * s, 0.0)) * eps
         if s > 0:
-            x = x + s * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + (math.sqrt(1 - abar_t / abar_prev) if fixed_large else s) * noise
     return x
 
 
 @torch.no_grad()
 def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
                       num_steps: int, clip_denoised: bool = False) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, data prediction, multistep) from x_T to x_0, with
-    diffusers' defaults: timesteps round(linspace(0, T-1, S+1))[::-1][:-1] (S = T: all), a final
-    sigma of 0, first-order first and last steps. clip_denoised: the paper's thresholding of x0 to
-    [-1, 1]."""
+    """DPM-Solver++(2M) (Lu et al. 2022) from x_T to x_0 with diffusers' defaults: timesteps
+    round(linspace(0, T-1, S+1))[::-1][:-1] (S = T: all), a final sigma of 0, first-order first and
+    last steps. clip_denoised: the paper's thresholding of x0 to [-1, 1]."""
     T = len(alphas_cumprod)
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
-    if num_steps == T:  # T+1 points 1 - 1/T apart round to a repeated timestep: h = 0 and r0 = 0/0
-        timesteps = list(range(T - 1, -1, -1))
-    else:  # points at least 1 apart: distinct after rounding
-        timesteps = [int(s) for s in np.linspace(0, T - 1, num_steps + 1).round()][::-1][:-1]
-    sigma_table = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()  # sigma_t = sqrt((1 - abar_t) / abar_t)
-    sigmas = [float(sigma_table[t]) for t in timesteps] + [0.0]
-
-    def alpha_and_s(sigma):  # alpha_t = 1/sqrt(sigma^2 + 1), s_t = sigma alpha_t, lambda_t = log(alpha_t / s_t)
-        alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
-        return alpha, sigma * alpha
-
+    timesteps = list(range(T - 1, -1, -1)) if num_steps == T else [  # S = T: rounding would repeat a timestep
+        int(s) for s in np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1]]
+    sigmas = [math.sqrt((1 - _abar(alphas_cumprod, t)) / _abar(alphas_cumprod, t)) for t in timesteps] + [0.0]
     x, previous_x0 = x_T, None
     for i, t in enumerate(timesteps):
-        alpha_s0, s_s0 = alpha_and_s(sigmas[i])
-        alpha_t, s_t = alpha_and_s(sigmas[i + 1])
+        sigma_s, sigma_t = sigmas[i], sigmas[i + 1]  # sigma = sqrt((1-abar)/abar), alpha = 1/sqrt(sigma^2 + 1)
+        alpha_s, alpha_t = 1 / math.sqrt(sigma_s ** 2 + 1), 1 / math.sqrt(sigma_t ** 2 + 1)
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
-        x0 = (x - s_s0 * eps) / alpha_s0  # m = (x - s_t eps) / alpha_t
+        x0 = (x - sigma_s * alpha_s * eps) / alpha_s  # data prediction m = (x - sigma alpha eps) / alpha
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
-        if sigmas[i + 1] == 0.0:  # lambda = +inf: the step lands on the data prediction (first order)
+        if sigma_t == 0:  # lambda = +inf: the last step lands on the data prediction
             x = x0
-        else:
-            h = math.log(alpha_t / s_t) - math.log(alpha_s0 / s_s0)  # h = lambda_t - lambda_s0
-            if previous_x0 is None:  # first step: first order, identical to DDIM
-                x = (s_t / s_s0) * x - alpha_t * math.expm1(-h) * x0
-            else:
-                alpha_s1, s_s1 = alpha_and_s(sigmas[i - 1])
-                r0 = (math.log(alpha_s0 / s_s0) - math.log(alpha_s1 / s_s1)) / h  # r0 = (lambda_s0 - lambda_s1)/h
-                d1 = (x0 - previous_x0) / r0  # D1 = (m0 - m1) / r0
-                # x_t = (s_t/s_s0) x - alpha_t (e^-h - 1) D0 - 0.5 alpha_t (e^-h - 1) D1
-                x = (s_t / s_s0) * x - alpha_t * math.expm1(-h) * x0 - 0.5 * alpha_t * math.expm1(-h) * d1
+        else:  # lambda = log(alpha / (sigma alpha)) = -log sigma, h = lambda_t - lambda_s
+            h = math.log(sigma_s / sigma_t)
+            # D = m0 + (m0 - m1) / (2 r0), r0 = (lambda_s - lambda_prev) / h; first order (D = m0) on the first step
+            d = x0 if previous_x0 is None else x0 + (x0 - previous_x0) * h / (2 * math.log(sigmas[i - 1] / sigma_s))
+            x = (sigma_t * alpha_t / (sigma_s * alpha_s)) * x - alpha_t * math.expm1(-h) * d  # x_t
         previous_x0 = x0
     return x
 
@@ -1584,8 +1535,8 @@ JUDGE_VERSION = 1  # part of the cache file name: a changed network never loads 
 
 
 class JudgeNet(nn.Module):
-    """Classifies uint8 images (N, 3, H, W) into num_classes + 1 classes, the last "none" (noise);
-    features() is the pooled (4 * width)-d layer that the Frechet distance compares."""
+    """Classifies uint8 images (N, 3, H, W) into num_classes + 1 classes, the last "none" (noise):
+    head(features(x)); features() is the pooled (4 * width)-d layer the Frechet distance compares."""
 
     def __init__(self, num_classes: int, width: int = 8):
         super().__init__()
@@ -1598,9 +1549,6 @@ class JudgeNet(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images.float() / 127.5 - 1.0)  # uint8 -> [-1, 1], as the diffusion models see them
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))  # logits (N, num_classes + 1)
-
 
 def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, steps: int = 200,
                 batch_size: int = 64, lr: float = 3e-3) -> JudgeNet:
@@ -1611,15 +1559,14 @@ def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
         torch.manual_seed(seed)
         judge = JudgeNet(num_classes)
     generator = torch.Generator().manual_seed(seed)
-    images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels).long()
     optimizer = torch.optim.Adam(judge.parameters(), lr=lr)
+    n = batch_size // 4
     for _ in range(steps):
-        index = torch.randint(0, len(images_t), (batch_size,), generator=generator)
-        x, y = images_t[index].float() / 127.5 - 1.0, labels_t[index].clone()
-        a = torch.rand(batch_size // 4, 1, 1, 1, generator=generator) * 0.6 + 0.4
-        noise = torch.randn(x[: batch_size // 4].shape, generator=generator)
-        x[: batch_size // 4] = ((1 - a) * x[: batch_size // 4] + a * noise).clamp(-1, 1)
-        y[: batch_size // 4] = num_classes
+        index = torch.randint(0, len(images), (batch_size,), generator=generator).numpy()
+        x, y = torch.from_numpy(images[index]).float() / 127.5 - 1.0, torch.from_numpy(labels[index]).long()
+        a = torch.rand(n, 1, 1, 1, generator=generator) * 0.6 + 0.4
+        x[:n] = ((1 - a) * x[:n] + a * torch.randn(x[:n].shape, generator=generator)).clamp(-1, 1)
+        y[:n] = num_classes
         loss = F.cross_entropy(judge.head(judge.body(x)), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -1630,12 +1577,11 @@ def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
 def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
                         num_classes: int, seed: int) -> JudgeNet:
     """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and
-    cached (atomically). A cache that does not load is retrained; one that cannot be written is
-    skipped."""
+    cached (atomically); a cache that does not load is trained again."""
     path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
-    with torch.random.fork_rng(devices=[]):  # weights the cache overwrites: no draw from the run's RNG
-        judge = JudgeNet(num_classes)
     if path.is_file():
+        with torch.random.fork_rng(devices=[]):  # weights the cache overwrites: no draw from the run's RNG
+            judge = JudgeNet(num_classes)
         try:
             judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return judge.eval().requires_grad_(False)
@@ -1643,13 +1589,9 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
             print(f"judge cache {path} does not load ({e.__class__.__name__}): training the judge again")
     judge = train_judge(*make_data(), num_classes, seed)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(judge.state_dict(), tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError):
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(judge.state_dict(), tmp)
+    os.replace(tmp, path)
     return judge
 
 
@@ -1658,10 +1600,9 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     feature sets (N, d), FID's formula in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as
     torchmetrics."""
     a, b = feats_a.double(), feats_b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
     trace_sqrt = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()
-    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt)
+    return float((a.mean(0) - b.mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt)
 
 
 @torch.no_grad()
@@ -1673,18 +1614,16 @@ def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np
     n = len(samples)
     if len(real_heldout) < 2 * n:
         raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
-    samples_t, real_a, real_b = (torch.from_numpy(np.ascontiguousarray(x)) for x in (
+    feats_s, feats_a, feats_b = (judge.features(torch.from_numpy(np.ascontiguousarray(x))) for x in (
         samples, real_heldout[:n], real_heldout[n: 2 * n]))
-    feats_s, feats_a, feats_b = judge.features(samples_t), judge.features(real_a), judge.features(real_b)
-    probs_s, probs_a = judge.head(feats_s).softmax(1), judge.head(feats_a).softmax(1)
-    scores = {"recognised": float((1 - probs_s[:, -1] >= threshold).float().mean()),  # the last class: "none"
-              "recognised_real": float((1 - probs_a[:, -1] >= threshold).float().mean()),
-              "frechet": frechet_distance(feats_s, feats_a), "frechet_real": frechet_distance(feats_b, feats_a)}
-    if asked_labels is not None:
-        scores["class_accuracy"] = float((probs_s[:, :-1].argmax(1).numpy() == np.asarray(asked_labels)).mean())
-    if real_labels is not None:
-        scores["class_accuracy_real"] = float((probs_a[:, :-1].argmax(1).numpy() == np.asarray(real_labels[:n])).mean())
-    return scores
+    scores = {}
+    for suffix, feats, labels in (("", feats_s, asked_labels), ("_real", feats_a, real_labels)):
+        probs = judge.head(feats).softmax(1)  # the last class: "none"
+        scores[f"recognised{suffix}"] = float((1 - probs[:, -1] >= threshold).float().mean())
+        if labels is not None:
+            hits = probs[:, :-1].argmax(1).numpy() == np.asarray(labels[:n])
+            scores[f"class_accuracy{suffix}"] = float(hits.mean())
+    return {**scores, "frechet": frechet_distance(feats_s, feats_a), "frechet_real": frechet_distance(feats_b, feats_a)}
 
 
 # ==== END SHARED JUDGE ====
@@ -2249,8 +2188,7 @@ def evaluate_or_first_samples(sampler: EvalSampler, writer, step: int, run_dir: 
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
              **extra):
     """Rank 0 writes the checkpoint, with the data order's position and extra; a non-finite loss
-    since the last check raises TrainingFailure instead (never NaN weights over a good
-    checkpoint)."""
+    since the last check raises TrainingFailure instead (never NaN weights over a good one)."""
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
     if setup.is_main:

@@ -2,7 +2,6 @@
 
 Datasets made here (nothing is downloaded):
 - cifar10_binary_dir: a folder holding cifar-10-batches-bin/data_batch_{1..5}.bin in the real binary layout.
-- cifar10_python_dir: a folder holding cifar-10-batches-py/data_batch_{1..5} pickled as the real python version.
 - image_folder: PNG and JPG images in class subfolders.
 Helpers: run_script (the real script in a subprocess, as a user runs it), run_until_line_then_kill, read_scalars,
 read_images, load_module (import a script by path), checkpoint_tensors (flatten a checkpoint for bitwise compares).
@@ -11,7 +10,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -215,19 +213,6 @@ def cifar10_binary_dir(tmp_path_factory) -> Path:
     for i, (images, labels) in enumerate(tiny_cifar_arrays(), start=1):
         records = np.concatenate([labels.astype(np.uint8)[:, None], images.reshape(len(images), -1)], axis=1)
         records.tofile(folder / f"data_batch_{i}.bin")
-    return root
-
-
-@pytest.fixture(scope="session")
-def cifar10_python_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cifar_py")
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
-    for i, (images, labels) in enumerate(tiny_cifar_arrays(), start=1):
-        batch = {b"batch_label": f"training batch {i} of 5".encode(), b"labels": labels.tolist(),
-                 b"data": images.reshape(len(images), -1), b"filenames": [b"x.png"] * len(labels)}
-        with open(folder / f"data_batch_{i}", "wb") as f:
-            pickle.dump(batch, f, protocol=2)  # the real files are Python 2 pickles (protocol 2)
     return root
 
 

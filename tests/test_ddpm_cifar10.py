@@ -1,9 +1,9 @@
 """ddpm_cifar10.py: the U-Net against the paper and diffusers, the samplers against diffusers' schedulers step by step,
 a tiny model that must learn, the script as a user runs it, exact resume, torchrun, and every bad input."""
+import hashlib
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import subprocess
@@ -575,22 +575,19 @@ def tiny_data_run(out, *args):
                       "--eval-every", "3", "--num-sampling-steps", "2", "--num-eval-samples", "4", *args)
 
 
-@pytest.mark.parametrize("fmt", ["binary", "python"])
-def test_runs_on_cifar10_format_data(fmt, cifar10_binary_dir, cifar10_python_dir, tmp_path):
-    data_dir = cifar10_binary_dir if fmt == "binary" else cifar10_python_dir
-    tiny_data_run(tmp_path, "--dataset", "cifar10", "--data-dir", data_dir, "--img-size", "32", "--no-download")
+def test_runs_on_cifar10_format_data(cifar10_binary_dir, tmp_path):
+    tiny_data_run(tmp_path, "--dataset", "cifar10", "--data-dir", cifar10_binary_dir, "--img-size", "32",
+                  "--no-download")
     run_dir = only_run_dir(tmp_path)
     assert run_dir.name.startswith("cifar10__")
     assert {"losses/mse", "charts/SPS"} <= set(read_scalars(run_dir))
     assert torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["step"] == 3
 
 
-def test_cifar10_loaders_read_the_same_images(cifar10_binary_dir, cifar10_python_dir):
+def test_cifar10_loader_reads_the_images(cifar10_binary_dir):
     images_bin, labels_bin = ddpm.load_cifar10(str(cifar10_binary_dir), download=False)
-    images_py, labels_py = ddpm.load_cifar10(str(cifar10_python_dir), download=False)
     assert images_bin.shape == (100, 3, 32, 32) and images_bin.dtype == np.uint8
-    np.testing.assert_array_equal(images_bin, images_py)
-    np.testing.assert_array_equal(labels_bin, labels_py)
+    assert labels_bin.dtype == np.int64 and labels_bin.max() <= 9
     assert (images_bin[:, 0, 0, 0] == labels_bin * 25).all()  # channel-major layout read right
 
 
@@ -695,7 +692,7 @@ def test_cifar10_archive_is_verified_and_extracted(tmp_path, cifar10_binary_dir,
     archive = tmp_path / "cifar-10-binary.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(cifar10_binary_dir / "cifar-10-batches-bin", arcname="cifar-10-batches-bin")
-    monkeypatch.setattr(ddpm, "CIFAR10_MD5", ddpm.md5_of(archive))
+    monkeypatch.setattr(ddpm, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
     images, labels = ddpm.load_cifar10(str(tmp_path), download=False)
     assert images.shape == (100, 3, 32, 32) and labels.shape == (100,)
 
@@ -791,26 +788,6 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     checkpoint = torch.load(only_run_dir(tmp_path) / "checkpoints" / "latest.pt", weights_only=True)
     assert 1 <= checkpoint["step"] < 50
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
-
-
-def test_restricted_unpickler_refuses_code(tmp_path):
-    marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    payload = pickle.dumps({b"data": Evil(), b"labels": [0]}, protocol=2)
-    with pytest.raises(pickle.UnpicklingError):
-        ddpm.RestrictedUnpickler(__import__("io").BytesIO(payload), encoding="bytes").load()
-    # through the script: a python-format CIFAR folder with a malicious batch is one error line, and no code ran
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    for i in range(1, 6):
-        (folder / f"data_batch_{i}").write_bytes(payload)
-    result = run_script(SCRIPT, "--data-dir", tmp_path, "--no-download", check=False)
-    assert_one_line_error(result, "data_batch_1")
-    assert not marker.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
