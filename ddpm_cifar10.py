@@ -1,24 +1,12 @@
 # cleanworlds: DDPM (Ho et al. 2020) on CIFAR-10. Docs and results: README.md, benchmark/RESULTS.md
-"""
-Denoising diffusion probabilistic models, with the paper's 35.7M-parameter U-Net, in one file.
+"""Denoising diffusion probabilistic models with the paper's 35.7M-parameter U-Net, in one file.
 
-Reproduce the paper (FID 3.17 at 800k steps, batch 128) on one GPU:
-    python ddpm_cifar10.py
-    python ddpm_cifar10.py --eval-fid --fid-num-samples 50000   # then FID (the paper's protocol)
-On 8 GPUs (global batch 128, 16 per GPU):
-    torchrun --standalone --nproc_per_node=8 ddpm_cifar10.py
-End to end in about 20 seconds on a CPU, offline (generated coloured shapes):
-    python ddpm_cifar10.py --preset tiny
-Recognisable shapes in 10 to 20 minutes on 2 CPU cores, scored by the judge (eval/judge_*):
-    python ddpm_cifar10.py --preset cpu
-Your own images (PNG/JPG, any folder tree), resized to 64x64:
+    python ddpm_cifar10.py                                      # the paper's run (FID 3.17 at 800k steps)
+    torchrun --standalone --nproc_per_node=8 ddpm_cifar10.py    # the same on 8 GPUs
+    python ddpm_cifar10.py --preset tiny                        # end to end on a CPU in seconds, offline
+    python ddpm_cifar10.py --preset cpu                         # shapes in minutes on 2 CPU cores
     python ddpm_cifar10.py --dataset folder --data-dir my_images --img-size 64 --attn-resolutions 16
-Continue a run, or sample from it with any sampler:
-    python ddpm_cifar10.py --resume runs/cifar10__ddpm_cifar10__1__1700000000
-    python ddpm_cifar10.py --resume runs/cifar10__ddpm_cifar10__1__1700000000 \
-        --sample-only --sampler ddim --num-sampling-steps 50 --num-samples 1000
-Watch it:
-    tensorboard --logdir runs
+    python ddpm_cifar10.py --resume RUN_FOLDER [--sample-only --sampler ddim --num-sampling-steps 50]
 """
 import atexit
 import contextlib
@@ -55,8 +43,7 @@ OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
 COMPILE_BACKEND = "inductor"
 # A flag's unit, shown by --help (--save-every STEPS) and read by the tests: one meaning per name.
 STEPS = tyro.conf.arg(metavar="STEPS")
-# Beside an Args field: its domain ('>= 1', '[0, 1)': every numeric flag, checked at start-up), and
-# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling): flag_marks.
+# Beside an Args field: its domain ('>= 1', '[0, 1)'), and RESUME_MUTABLE if --resume may change it.
 RESUME_MUTABLE = "resume-mutable"
 
 
@@ -67,8 +54,7 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic and
-    CUBLAS_WORKSPACE_CONFIG, not torch's strict (slow) algorithms: a resume is close, not bitwise"""
+    """CPU: exact resume; CUDA: cudnn.deterministic and CUBLAS_WORKSPACE_CONFIG (close, not bitwise)"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -130,8 +116,7 @@ class Args:
     beta_end: Annotated[float, "(0, 1)"] = 0.02
     """beta_T of the linear schedule at T = 1000; scaled by 1000/T, capped at 0.999"""
     prediction: Literal["eps", "v"] = "eps"
-    """the target: eps (Ho et al.) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans and Ho
-    2022: its x0 estimate stays bounded at high noise)"""
+    """eps (Ho et al.) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans and Ho 2022)"""
 
     # Training
     total_steps: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 800_000
@@ -144,7 +129,6 @@ class Args:
     """linear learning-rate warmup steps"""
     max_grad_norm: Annotated[float, ">= 0"] = 1.0
     """gradient clipping norm (0 turns it off)"""
-    # Why the warm-up: at a constant 0.9999 the EMA holds 55% of the initial weights after 6,000 steps.
     ema_decay: Annotated[float, "[0, 1]"] = 0.9999
     """EMA decay of the sampling weights, warmed up: step t uses min(decay, (1 + t) / (10 + t))"""
     log_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 100
@@ -175,28 +159,24 @@ class Args:
     """batch size when generating many samples"""
 
 
-PRESETS = {
-    # The whole loop in seconds on a CPU: cpu's U-Net, 60 steps. Its samples are blobs; cpu's are shapes.
-    "tiny": dict(
-        dataset="shapes", img_size=16, num_shapes_images=256, channels=32, channel_mult=(1, 2), num_res_blocks=1,
-        attn_resolutions=(8,), dropout=0.0, total_steps=60, batch_size=16, learning_rate=1e-3, warmup_steps=10,
-        ema_decay=0.9, log_every=10, save_every=30, eval_every=30, prediction="v", sampler="dpm++",
-        num_sampling_steps=10, num_eval_samples=16, num_samples=16, fid_num_samples=64, sample_batch_size=64,
-    ),
-    # Recognisable 16x16 shapes in minutes on 2 CPU cores. v-prediction: on a briefly trained model
-    # eps's x0 estimate near t = T is far off, and only DDPM-1000 recovers; v's works at 20 steps.
-    "cpu": dict(
-        dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2), num_res_blocks=1,
-        attn_resolutions=(8,), dropout=0.0, total_steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=100,
-        ema_decay=0.995, log_every=50, save_every=250, eval_every=500, first_sample_at=100, prediction="v",
-        sampler="dpm++", num_sampling_steps=20, num_eval_samples=128, num_samples=128, fid_num_samples=2000,
-        sample_batch_size=128,
-    ),
-}
-# Flags spelled otherwise on the command line (none here; diamond_atari.py's --game is --env-id).
+# cpu: recognisable 16x16 shapes in minutes on 2 CPU cores. v-prediction: on a briefly trained model eps's
+# x0 estimate near t = T is far off, and only DDPM-1000 recovers; v's works at 20 steps.
+# tiny: the whole loop in seconds (cpu's U-Net, 60 steps); its samples are blobs.
+CPU_PRESET = dict(
+    dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2), num_res_blocks=1,
+    attn_resolutions=(8,), dropout=0.0, total_steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=100,
+    ema_decay=0.995, log_every=50, save_every=250, eval_every=500, first_sample_at=100, prediction="v",
+    sampler="dpm++", num_sampling_steps=20, num_eval_samples=128, num_samples=128, fid_num_samples=2000,
+    sample_batch_size=128,
+)
+PRESETS = {"cpu": CPU_PRESET, "tiny": dict(
+    CPU_PRESET, num_shapes_images=256, total_steps=60, batch_size=16, warmup_steps=10, ema_decay=0.9, log_every=10,
+    save_every=30, eval_every=30, first_sample_at=0, num_sampling_steps=10, num_eval_samples=16, num_samples=16,
+    fid_num_samples=64, sample_batch_size=64,
+)}
+# Flags spelled otherwise on the command line (none here).
 FLAG_ALIASES: dict[str, str] = {}
-# A checkpoint after its header, in checkpoint_state's order (args, step, every global RNG, each
-# part's state): restore_state reads them back, load_checkpoint refuses a file without one.
+# A checkpoint's keys after its header, in checkpoint_state's order (restore_state reads them back).
 CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler", "train_generator")
 
 
@@ -215,6 +195,8 @@ def check_args(args: Args, world_size: int):
                         f"per level of --channel-mult {' '.join(map(str, args.channel_mult))})")
     if args.sample_only and not args.resume:
         raise UserError("--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
+    if args.channels % 32:
+        raise UserError(f"--channels {args.channels} must be divisible by 32 (GroupNorm with 32 groups)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -570,7 +552,7 @@ class UNet(nn.Module):
                  channel_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1):
         super().__init__()
-        self.channels = channels
+        self.channels, self.num_levels, self.num_res_blocks = channels, len(channel_mult), num_res_blocks
         temb_channels = 4 * channels
         self.temb_dense1 = nn.Linear(channels, temb_channels)
         self.temb_dense2 = nn.Linear(temb_channels, temb_channels)
@@ -607,50 +589,36 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(32, current, eps=1e-6)
         self.conv_out = nn.Conv2d(current, in_channels, 3, padding=1)
-        self.num_levels, self.num_res_blocks = len(channel_mult), num_res_blocks
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        # As the original: Xavier-uniform (variance scaling, fan_avg), zero biases; zero for each
-        # residual branch's last conv, attention output and output conv: blocks start as identity.
+        # As the original: Xavier-uniform (fan_avg), zero biases; zero for each residual branch's last
+        # conv, the attention outputs and the output conv: every block starts as the identity.
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        for module in self.modules():
-            if isinstance(module, ResBlock):
-                nn.init.zeros_(module.conv2.weight)
-            if isinstance(module, AttnBlock):
-                nn.init.zeros_(module.proj_out.weight)
-        nn.init.zeros_(self.conv_out.weight)
+        last = [m.conv2 if isinstance(m, ResBlock) else m.proj_out for m in self.modules()
+                if isinstance(m, (ResBlock, AttnBlock))]
+        for layer in last + [self.conv_out]:
+            nn.init.zeros_(layer.weight)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = self.temb_dense2(F.silu(self.temb_dense1(timestep_embedding(t, self.channels))))
         h = self.conv_in(x)
-        skips = [h]
-        block = 0
+        skips, n = [h], self.num_res_blocks
         for level in range(self.num_levels):
-            for _ in range(self.num_res_blocks):
-                h = self.down_attns[block](self.down_blocks[block](h, temb))
-                skips.append(h)
-                block += 1
-            if level != self.num_levels - 1:
-                h = self.downsamples[level](h)
-                skips.append(h)
+            for i in range(level * n, (level + 1) * n):
+                skips.append(h := self.down_attns[i](self.down_blocks[i](h, temb)))
+            if level < len(self.downsamples):
+                skips.append(h := self.downsamples[level](h))
         h = self.mid_block2(self.mid_attn(self.mid_block1(h, temb)), temb)
-        block = 0
         for level in range(self.num_levels):
-            for _ in range(self.num_res_blocks + 1):
-                h = self.up_attns[block](self.up_blocks[block](torch.cat([h, skips.pop()], dim=1), temb))
-                block += 1
-            if level != self.num_levels - 1:
+            for i in range(level * (n + 1), (level + 1) * (n + 1)):
+                h = self.up_attns[i](self.up_blocks[i](torch.cat([h, skips.pop()], dim=1), temb))
+            if level < len(self.upsamples):
                 h = self.upsamples[level](h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
 def build_model(args: Args) -> UNet:
-    if args.channels % 32:
-        raise UserError(f"--channels {args.channels} must be divisible by 32 (GroupNorm with 32 groups)")
     return UNet(args.img_size, 3, args.channels, args.channel_mult, args.num_res_blocks, args.attn_resolutions,
                 args.dropout)
 
