@@ -903,9 +903,8 @@ def judge_samples(judge, samples: Optional[np.ndarray], args: Args, step: int, e
 
 def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
                   num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """uint8 images (B, 3, H, W) from the chosen sampler, each clipping x0 to [-1, 1] at every step
-    (as Ho et al.'s code and diffusers' clip_sample and thresholding): without it DDIM and
-    DPM-Solver++ diverge on a briefly trained model."""
+    """uint8 images (B, 3, H, W) from the sampler, x0 clipped to [-1, 1] at every step (as Ho et al.'s
+    code): without it DDIM and DPM-Solver++ diverge on a briefly trained model."""
     T = len(alphas_cumprod)
     if sampler == "ddpm":
         x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps if num_steps < T else None, generator=generator)
@@ -918,11 +917,10 @@ def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
 
 def eps_from_output(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
                     prediction: str) -> torch.Tensor:
-    """The network's output (B, 3, H, W) as the noise eps the samplers take; for "v" (Salimans and
-    Ho 2022): eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
+    """The network's output (B, 3, H, W) as eps; for v: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
     if prediction == "eps":
         return output
-    # coefficients in float64 (in bfloat16, abar >= 0.998 would round to 1 and drop x_t's term)
+    # in float64: in bfloat16, abar >= 0.998 rounds to 1 and x_t's term is lost
     abar = alphas_cumprod.to(output.device, torch.float64)[t][:, None, None, None]
     dtype = torch.promote_types(output.dtype, torch.float32)
     return abar.sqrt().to(dtype) * output + (1 - abar).sqrt().to(dtype) * x_t
@@ -930,17 +928,16 @@ def eps_from_output(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, al
 
 def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args, num: int,
                      autocast=contextlib.nullcontext(), should_stop: Callable[[], None] = lambda: None) -> np.ndarray:
-    """num uint8 images (num, 3, H, W) from the EMA model with --sampler, in batches of
-    --sample-batch-size, from the same noise every time (seed + 10,000). should_stop() runs before
-    every network evaluation (a signal abandons the sampling there)."""
+    """num uint8 images (num, 3, H, W) with --sampler, from the same noise every time (seed + 10,000);
+    should_stop() runs before every network evaluation (a signal abandons the sampling there)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
-    alphas_cumprod_device = alphas_cumprod.to(device)  # once, not a copy per network evaluation
+    abar = alphas_cumprod.to(device)  # once, not a copy per network evaluation
 
     def model_fn(x, t):
         should_stop()
         with autocast:
-            return eps_from_output(model(x, t).float(), x, t, alphas_cumprod_device, args.prediction)
+            return eps_from_output(model(x, t).float(), x, t, abar, args.prediction)
 
     out = []
     for start in range(0, num, args.sample_batch_size):
@@ -951,18 +948,12 @@ def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args,
     return torch.cat(out).numpy()
 
 
-# --------------------------------------------------------------------------------------------------
-# Loss: L_simple of Ho et al. (eq. 14), the noise-prediction MSE at a uniform timestep (or v's).
-
-
 def ddpm_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
               autocast=contextlib.nullcontext(), channels_last: bool = False, prediction: str = "eps") -> torch.Tensor:
-    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2, batch mean
-    (Ho et al. eq. 14); "v": the target is v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans
-    and Ho). x0, noise: (B, 3, H, W) in [-1, 1], N(0, I); t: long (B,); alphas_cumprod: (T,) on
-    x0's device."""
+    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2 (Ho et al. eq. 14), or v's
+    (target sqrt(abar_t) eps - sqrt(1 - abar_t) x0). x0, noise: (B, 3, H, W); t: (B,); a batch mean."""
     abar = alphas_cumprod[t].float()[:, None, None, None]
-    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # x_t ~ N(sqrt(abar_t) x0, (1-abar_t) I)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
     if channels_last:
         x_t = x_t.contiguous(memory_format=torch.channels_last)
     with autocast:
@@ -972,14 +963,12 @@ def ddpm_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.
 
 
 def step_memory_profile(args: Args) -> tuple[int, float]:
-    """(parameters, activation bytes autograd saves per sample) of a training step, counted on the
-    meta device: the memory check runs before anything is allocated at full size."""
+    """(parameters, activation bytes saved per sample) of a training step, counted on the meta device."""
     with torch.device("meta"):
         model = build_model(args)
         x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
-        activations = saved_activation_bytes(lambda: ddpm_loss(model, x0, t, x0, torch.ones(args.timesteps),
-                                                                prediction=args.prediction))
-    return sum(p.numel() for p in model.parameters()), activations
+        return sum(p.numel() for p in model.parameters()), saved_activation_bytes(
+            lambda: ddpm_loss(model, x0, t, x0, torch.ones(args.timesteps), prediction=args.prediction))
 
 
 def train_flops_per_sample(args: Args) -> float:
@@ -989,8 +978,7 @@ def train_flops_per_sample(args: Args) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation: FID with torchmetrics (torch-fidelity's Inception, or any feature extractor) for
-# CIFAR-10 and image folders; on the generated shapes, the judge (the optional block above).
+# Evaluation: FID (torchmetrics) on CIFAR-10 and image folders; the judge on the generated shapes.
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
@@ -1022,9 +1010,9 @@ def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor
 
 
 def evaluate_fid(fid_metric, generate: Callable[[int], np.ndarray], real_images: np.ndarray, args: Args,
-                 device: torch.device, writer=None, step: int = 0) -> float:
-    """FID of --fid-num-samples generated images vs the training images (the paper's protocol),
-    printed and logged as eval/fid."""
+                 device: torch.device, writer=None, step: int = 0):
+    """FID of --fid-num-samples samples vs the training images (the paper's protocol), printed and
+    logged as eval/fid."""
     samples = torch.from_numpy(generate(args.fid_num_samples))
     fid = compute_fid(fid_metric, samples, torch.from_numpy(real_images), args.sample_batch_size, device)
     print(f"FID ({args.fid_num_samples} samples vs {len(real_images)} training images, {args.sampler} "
@@ -1032,7 +1020,6 @@ def evaluate_fid(fid_metric, generate: Callable[[int], np.ndarray], real_images:
     if writer is not None:
         writer.add_scalar("eval/fid", fid, step)
         writer.add_scalar("eval/fid_num_samples", args.fid_num_samples, step)
-    return fid
 
 
 def write_samples(folder: Path, stem: str, images: np.ndarray) -> Path:
@@ -1049,25 +1036,23 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
-# The run's bookkeeping: resuming, sampling a checkpoint, the run's start, the log of each interval,
-# the samples of each evaluation, the checkpoint.
+# The run's bookkeeping, each step of main() named.
 
 
 def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Optional[Path]]:
-    """The run's arguments, checkpoint and folder: with --resume, the checkpoint's arguments (with
-    the RESUME_MUTABLE flags given), the checkpoint and its folder; else the flags', None, None."""
+    """With --resume: the checkpoint's arguments (and the RESUME_MUTABLE flags given), the checkpoint
+    and its folder; else the flags', None, None."""
     if not args.resume:
         return args, None, None
-    checkpoint_path = resolve_checkpoint_path(args.resume)
-    checkpoint = load_checkpoint(checkpoint_path)
+    path = resolve_checkpoint_path(args.resume)
+    checkpoint = load_checkpoint(path)
     args = merge_resumed_args(args, given, checkpoint["args"])
-    return args, checkpoint, run_dir_of(checkpoint_path, trains=not args.sample_only)
+    return args, checkpoint, run_dir_of(path, trains=not args.sample_only)
 
 
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
                            device: torch.device):
-    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/ and, with
-    --eval-fid, their FID. A signal abandons the sampling and writes nothing more."""
+    """--sample-only: --num-samples samples in the run's samples/ and, with --eval-fid, their FID."""
     try:
         samples = generate(args.num_samples)
         stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_step{step}_{int(time.time())}"
@@ -1081,8 +1066,8 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
 
 def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
              num_images: int):
-    """The run folder (a new one unless resumed) and its TensorBoard writer on rank 0 (None
-    elsewhere), and the lines a run prints at its start."""
+    """The run folder (new unless resumed), its TensorBoard writer on rank 0 (None elsewhere), and the
+    lines a run prints at its start."""
     if not setup.is_main:
         return run_dir, None
     run_dir = run_dir or create_run_dir(args, dataset_id)
@@ -1131,8 +1116,8 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
 
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
                 started: float) -> Optional[np.ndarray]:
-    """EMA samples to TensorBoard (samples/ema) and samples/: --num-eval-samples at an evaluation,
-    16 at --first-sample-at. Returns them, uint8 (N, 3, H, W); None if a signal abandoned them."""
+    """EMA samples to TensorBoard and samples/: --num-eval-samples at an evaluation, 16 at
+    --first-sample-at. Returns them, uint8 (N, 3, H, W); None if a signal abandoned them."""
     with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
         samples = generate(args.num_eval_samples if eval_now else 16)
         writer.add_image("samples/ema", make_grid(samples), step, dataformats="HWC")
@@ -1141,7 +1126,6 @@ def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, write
             progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
                            f"start: {path}")
         return samples
-    return None
 
 
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
@@ -1176,9 +1160,8 @@ def main(args: Args, given: set[str]):
 
     images_np, _, dataset_id = load_dataset(args)
     images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no copies
-    model = build_model(args).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = build_model(args).to(device, memory_format=layout)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=setup.use_cuda)
     # linear warmup: lr_s = lr * min(1, (s + 1) / warmup)
@@ -1223,8 +1206,7 @@ def main(args: Args, given: set[str]):
         indices = global_batch_indices(step, args.batch_size, len(images), args.seed).to(device, non_blocking=True)
         flips = torch.rand(args.batch_size, generator=train_generator, device=device) < 0.5
         t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
-        noise = torch.randn((args.batch_size, 3, args.img_size, args.img_size), generator=train_generator,
-                            device=device)
+        noise = torch.randn((args.batch_size, *images.shape[1:]), generator=train_generator, device=device)
         x0 = images[indices[mine]].float() / 127.5 - 1.0  # uint8 -> [-1, 1]
         if args.random_flip:
             x0 = torch.where(flips[mine, None, None, None], x0.flip(3), x0)
@@ -1267,12 +1249,12 @@ def main(args: Args, given: set[str]):
     # ---- the end: the final FID (rank 0's alone, after the process group is gone)
     progress.close()
     leave_process_group(setup.world_size)
-    if setup.is_main and args.eval_fid and step == args.total_steps:
-        with contextlib.suppress(StopRequested):
-            evaluate_fid(fid_metric, generate, images_np, args, device, writer, step)
-    close_writer(args, writer)
     if setup.is_main and step == args.total_steps:
+        if args.eval_fid:
+            with contextlib.suppress(StopRequested):
+                evaluate_fid(fid_metric, generate, images_np, args, device, writer, step)
         print(f"done: step {step}, checkpoint at {run_dir / 'checkpoints' / 'latest.pt'}")
+    close_writer(args, writer)
     stop.restore()
 
 
