@@ -1,12 +1,12 @@
 # cleanworlds: DDPM (Ho et al. 2020) on CIFAR-10. Docs and results: README.md, benchmark/RESULTS.md
 """Denoising diffusion probabilistic models with the paper's 35.7M-parameter U-Net, in one file.
 
-    python ddpm_cifar10.py                                      # the paper's run (FID 3.17 at 800k steps)
-    torchrun --standalone --nproc_per_node=8 ddpm_cifar10.py    # the same on 8 GPUs
-    python ddpm_cifar10.py --preset tiny                        # end to end on a CPU in seconds, offline
-    python ddpm_cifar10.py --preset cpu                         # shapes in minutes on 2 CPU cores
+    python ddpm_cifar10.py                                    # the paper's run (FID 3.17 at 800k)
+    torchrun --standalone --nproc_per_node=8 ddpm_cifar10.py  # the same on 8 GPUs
+    python ddpm_cifar10.py --preset tiny                      # end to end on a CPU in seconds
+    python ddpm_cifar10.py --preset cpu                       # shapes in minutes on 2 CPU cores
     python ddpm_cifar10.py --dataset folder --data-dir my_images --img-size 64 --attn-resolutions 16
-    python ddpm_cifar10.py --resume RUN_FOLDER [--sample-only --sampler ddim --num-sampling-steps 50]
+    python ddpm_cifar10.py --resume RUN --sample-only --sampler ddim --num-sampling-steps 50
 """
 import atexit
 import contextlib
@@ -54,7 +54,7 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """CPU: exact resume; CUDA: cudnn.deterministic and CUBLAS_WORKSPACE_CONFIG (close, not bitwise)"""
+    """CPU: exact resume; CUDA: cudnn.deterministic, CUBLAS_WORKSPACE_CONFIG (close, not bitwise)"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -159,8 +159,8 @@ class Args:
     """batch size when generating many samples"""
 
 
-# cpu: recognisable 16x16 shapes in minutes on 2 CPU cores. v-prediction: on a briefly trained model eps's
-# x0 estimate near t = T is far off, and only DDPM-1000 recovers; v's works at 20 steps.
+# cpu: recognisable 16x16 shapes in minutes on 2 CPU cores. v-prediction: on a briefly trained
+# model eps's x0 estimate near t = T is far off, and only DDPM-1000 recovers; v's works at 20 steps.
 # tiny: the whole loop in seconds (cpu's U-Net, 60 steps); its samples are blobs.
 CPU_PRESET = dict(
     dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2), num_res_blocks=1,
@@ -589,8 +589,8 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(32, current, eps=1e-6)
         self.conv_out = nn.Conv2d(current, in_channels, 3, padding=1)
-        # As the original: Xavier-uniform (fan_avg), zero biases; zero for each residual branch's last
-        # conv, the attention outputs and the output conv: every block starts as the identity.
+        # As the original: Xavier-uniform (fan_avg), zero biases; zero for each residual branch's
+        # last conv, the attention outputs and the output conv: every block starts as the identity.
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(module.weight)
@@ -903,8 +903,8 @@ def judge_samples(judge, samples: Optional[np.ndarray], args: Args, step: int, e
 
 def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
                   num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """uint8 images (B, 3, H, W) from the sampler, x0 clipped to [-1, 1] at every step (as Ho et al.'s
-    code): without it DDIM and DPM-Solver++ diverge on a briefly trained model."""
+    """uint8 images (B, 3, H, W) from the sampler, x0 clipped to [-1, 1] at every step (as Ho et
+    al.'s code): without it DDIM and DPM-Solver++ diverge on a briefly trained model."""
     T = len(alphas_cumprod)
     if sampler == "ddpm":
         x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps if num_steps < T else None, generator=generator)
@@ -917,7 +917,7 @@ def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
 
 def eps_from_output(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
                     prediction: str) -> torch.Tensor:
-    """The network's output (B, 3, H, W) as eps; for v: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
+    """The network's output (B, 3, H, W) as eps; v: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
     if prediction == "eps":
         return output
     # in float64: in bfloat16, abar >= 0.998 rounds to 1 and x_t's term is lost
@@ -928,7 +928,7 @@ def eps_from_output(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, al
 
 def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args, num: int,
                      autocast=contextlib.nullcontext(), should_stop: Callable[[], None] = lambda: None) -> np.ndarray:
-    """num uint8 images (num, 3, H, W) with --sampler, from the same noise every time (seed + 10,000);
+    """num uint8 images (num, 3, H, W) with --sampler, from the same noise each time (seed + 10,000);
     should_stop() runs before every network evaluation (a signal abandons the sampling there)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
@@ -950,8 +950,8 @@ def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args,
 
 def ddpm_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
               autocast=contextlib.nullcontext(), channels_last: bool = False, prediction: str = "eps") -> torch.Tensor:
-    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2 (Ho et al. eq. 14), or v's
-    (target sqrt(abar_t) eps - sqrt(1 - abar_t) x0). x0, noise: (B, 3, H, W); t: (B,); a batch mean."""
+    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2, batch mean (Ho
+    et al. eq. 14); v's target: sqrt(abar_t) eps - sqrt(1 - abar_t) x0. x0, noise: (B, 3, H, W)."""
     abar = alphas_cumprod[t].float()[:, None, None, None]
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
     if channels_last:
@@ -963,7 +963,7 @@ def ddpm_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.
 
 
 def step_memory_profile(args: Args) -> tuple[int, float]:
-    """(parameters, activation bytes saved per sample) of a training step, counted on the meta device."""
+    """(parameters, activation bytes saved per sample) of a training step, on the meta device."""
     with torch.device("meta"):
         model = build_model(args)
         x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
@@ -1040,8 +1040,8 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Optional[Path]]:
-    """With --resume: the checkpoint's arguments (and the RESUME_MUTABLE flags given), the checkpoint
-    and its folder; else the flags', None, None."""
+    """With --resume: the checkpoint's arguments (and the RESUME_MUTABLE flags given), the
+    checkpoint and its folder; else the flags', None, None."""
     if not args.resume:
         return args, None, None
     path = resolve_checkpoint_path(args.resume)
@@ -1052,7 +1052,7 @@ def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Opti
 
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
                            device: torch.device):
-    """--sample-only: --num-samples samples in the run's samples/ and, with --eval-fid, their FID."""
+    """--sample-only: --num-samples samples in the run's samples/; with --eval-fid, their FID."""
     try:
         samples = generate(args.num_samples)
         stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_step{step}_{int(time.time())}"
@@ -1066,8 +1066,8 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
 
 def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
              num_images: int):
-    """The run folder (new unless resumed), its TensorBoard writer on rank 0 (None elsewhere), and the
-    lines a run prints at its start."""
+    """The run folder (new unless resumed), its TensorBoard writer on rank 0 (None elsewhere),
+    and the lines a run prints at its start."""
     if not setup.is_main:
         return run_dir, None
     run_dir = run_dir or create_run_dir(args, dataset_id)
