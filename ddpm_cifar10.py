@@ -197,6 +197,8 @@ def check_args(args: Args, world_size: int):
         raise UserError("--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
     if args.channels % 32:
         raise UserError(f"--channels {args.channels} must be divisible by 32 (GroupNorm with 32 groups)")
+    if args.dataset == "cifar10" and args.img_size != 32:
+        raise UserError(f"CIFAR-10 images are 32x32: use --img-size 32, not {args.img_size}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,15 +423,11 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
 def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str]:
     """Returns uint8 images (N, 3, H, W), int64 labels, and the dataset id of the run name."""
     if args.dataset == "cifar10":
-        images, labels = load_cifar10(args.data_dir, args.download)
-        if args.img_size != 32:
-            raise UserError(f"CIFAR-10 images are 32x32: use --img-size 32, not {args.img_size}")
-        return images, labels, "cifar10"
+        return *load_cifar10(args.data_dir, args.download), "cifar10"
     if args.dataset == "folder":
         images, labels, _ = load_image_folder(args.data_dir, args.img_size)
-        return images, labels, Path(args.data_dir).resolve().name.replace("/", "_") or "folder"
-    images, labels = make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed)
-    return images, labels, "shapes"
+        return images, labels, Path(args.data_dir).resolve().name or "folder"
+    return *make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed), "shapes"
 
 
 def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
