@@ -1,24 +1,12 @@
 # cleanworlds: DDPM (Ho et al. 2020) on CIFAR-10. Docs and results: README.md, benchmark/RESULTS.md
-"""
-Denoising diffusion probabilistic models, with the paper's 35.7M-parameter U-Net, in one file.
+"""Denoising diffusion probabilistic models with the paper's 35.7M-parameter U-Net, in one file.
 
-Reproduce the paper (FID 3.17 at 800k steps, batch 128) on one GPU:
-    python ddpm_cifar10.py
-    python ddpm_cifar10.py --eval-fid --fid-num-samples 50000   # then FID (the paper's protocol)
-On 8 GPUs (global batch 128, 16 per GPU):
-    torchrun --standalone --nproc_per_node=8 ddpm_cifar10.py
-End to end in about 20 seconds on a CPU, offline (generated coloured shapes):
-    python ddpm_cifar10.py --preset tiny
-Recognisable shapes in 10 to 20 minutes on 2 CPU cores, scored by the judge (eval/judge_*):
-    python ddpm_cifar10.py --preset cpu
-Your own images (PNG/JPG, any folder tree), resized to 64x64:
+    python ddpm_cifar10.py                                    # the paper's run (FID 3.17 at 800k)
+    torchrun --standalone --nproc_per_node=8 ddpm_cifar10.py  # the same on 8 GPUs
+    python ddpm_cifar10.py --preset tiny                      # end to end on a CPU in seconds
+    python ddpm_cifar10.py --preset cpu                       # shapes in minutes on 2 CPU cores
     python ddpm_cifar10.py --dataset folder --data-dir my_images --img-size 64 --attn-resolutions 16
-Continue a run, or sample from it with any sampler:
-    python ddpm_cifar10.py --resume runs/cifar10__ddpm_cifar10__1__1700000000
-    python ddpm_cifar10.py --resume runs/cifar10__ddpm_cifar10__1__1700000000 \
-        --sample-only --sampler ddim --num-sampling-steps 50 --num-samples 1000
-Watch it:
-    tensorboard --logdir runs
+    python ddpm_cifar10.py --resume RUN --sample-only --sampler ddim --num-sampling-steps 50
 """
 import atexit
 import contextlib
@@ -54,8 +42,7 @@ OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
 COMPILE_BACKEND = "inductor"
 # A flag's unit, shown by --help (--save-every STEPS) and read by the tests: one meaning per name.
 STEPS = tyro.conf.arg(metavar="STEPS")
-# Beside an Args field: its domain ('>= 1', '[0, 1)': every numeric flag, checked at start-up), and
-# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling): flag_marks.
+# Beside an Args field: its domain ('>= 1', '[0, 1)'), and RESUME_MUTABLE if --resume may change it.
 RESUME_MUTABLE = "resume-mutable"
 
 
@@ -66,8 +53,7 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic and
-    CUBLAS_WORKSPACE_CONFIG, not torch's strict (slow) algorithms: a resume is close, not bitwise"""
+    """CPU: exact resume; CUDA: cudnn.deterministic, CUBLAS_WORKSPACE_CONFIG (close, not bitwise)"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -129,8 +115,7 @@ class Args:
     beta_end: Annotated[float, "(0, 1)"] = 0.02
     """beta_T of the linear schedule at T = 1000; scaled by 1000/T, capped at 0.999"""
     prediction: Literal["eps", "v"] = "eps"
-    """the target: eps (Ho et al.) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans and Ho
-    2022: its x0 estimate stays bounded at high noise)"""
+    """eps (Ho et al.) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans and Ho 2022)"""
 
     # Training
     total_steps: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 800_000
@@ -143,7 +128,6 @@ class Args:
     """linear learning-rate warmup steps"""
     max_grad_norm: Annotated[float, ">= 0"] = 1.0
     """gradient clipping norm (0 turns it off)"""
-    # Why the warm-up: at a constant 0.9999 the EMA holds 55% of the initial weights after 6,000 steps.
     ema_decay: Annotated[float, "[0, 1]"] = 0.9999
     """EMA decay of the sampling weights, warmed up: step t uses min(decay, (1 + t) / (10 + t))"""
     log_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 100
@@ -174,28 +158,24 @@ class Args:
     """batch size when generating many samples"""
 
 
-PRESETS = {
-    # The whole loop in seconds on a CPU: cpu's U-Net, 60 steps. Its samples are blobs; cpu's are shapes.
-    "tiny": dict(
-        dataset="shapes", img_size=16, num_shapes_images=256, channels=32, channel_mult=(1, 2), num_res_blocks=1,
-        attn_resolutions=(8,), dropout=0.0, total_steps=60, batch_size=16, learning_rate=1e-3, warmup_steps=10,
-        ema_decay=0.9, log_every=10, save_every=30, eval_every=30, prediction="v", sampler="dpm++",
-        num_sampling_steps=10, num_eval_samples=16, num_samples=16, fid_num_samples=64, sample_batch_size=64,
-    ),
-    # Recognisable 16x16 shapes in minutes on 2 CPU cores. v-prediction: on a briefly trained model
-    # eps's x0 estimate near t = T is far off, and only DDPM-1000 recovers; v's works at 20 steps.
-    "cpu": dict(
-        dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2), num_res_blocks=1,
-        attn_resolutions=(8,), dropout=0.0, total_steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=100,
-        ema_decay=0.995, log_every=50, save_every=250, eval_every=500, first_sample_at=100, prediction="v",
-        sampler="dpm++", num_sampling_steps=20, num_eval_samples=128, num_samples=128, fid_num_samples=2000,
-        sample_batch_size=128,
-    ),
-}
-# Flags spelled otherwise on the command line (none here; diamond_atari.py's --game is --env-id).
+# cpu: recognisable 16x16 shapes in minutes on 2 CPU cores. v-prediction: on a briefly trained
+# model eps's x0 estimate near t = T is far off, and only DDPM-1000 recovers; v's works at 20 steps.
+# tiny: the whole loop in seconds (cpu's U-Net, 60 steps); its samples are blobs.
+CPU_PRESET = dict(
+    dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2), num_res_blocks=1,
+    attn_resolutions=(8,), dropout=0.0, total_steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=100,
+    ema_decay=0.995, log_every=50, save_every=250, eval_every=500, first_sample_at=100, prediction="v",
+    sampler="dpm++", num_sampling_steps=20, num_eval_samples=128, num_samples=128, fid_num_samples=2000,
+    sample_batch_size=128,
+)
+PRESETS = {"cpu": CPU_PRESET, "tiny": dict(
+    CPU_PRESET, num_shapes_images=256, total_steps=60, batch_size=16, warmup_steps=10, ema_decay=0.9, log_every=10,
+    save_every=30, eval_every=30, first_sample_at=0, num_sampling_steps=10, num_eval_samples=16, num_samples=16,
+    fid_num_samples=64, sample_batch_size=64,
+)}
+# Flags spelled otherwise on the command line (none here).
 FLAG_ALIASES: dict[str, str] = {}
-# A checkpoint after its header, in checkpoint_state's order (args, step, every global RNG, each
-# part's state): restore_state reads them back, load_checkpoint refuses a file without one.
+# A checkpoint's keys after its header, in checkpoint_state's order (restore_state reads them back).
 CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler", "train_generator")
 
 
@@ -214,6 +194,10 @@ def check_args(args: Args, world_size: int):
                         f"per level of --channel-mult {' '.join(map(str, args.channel_mult))})")
     if args.sample_only and not args.resume:
         raise UserError("--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
+    if args.channels % 32:
+        raise UserError(f"--channels {args.channels} must be divisible by 32 (GroupNorm with 32 groups)")
+    if args.dataset == "cifar10" and args.img_size != 32:
+        raise UserError(f"CIFAR-10 images are 32x32: use --img-size 32, not {args.img_size}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,15 +326,11 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
 def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str]:
     """Returns uint8 images (N, 3, H, W), int64 labels, and the dataset id of the run name."""
     if args.dataset == "cifar10":
-        images, labels = load_cifar10(args.data_dir, args.download)
-        if args.img_size != 32:
-            raise UserError(f"CIFAR-10 images are 32x32: use --img-size 32, not {args.img_size}")
-        return images, labels, "cifar10"
+        return *load_cifar10(args.data_dir, args.download), "cifar10"
     if args.dataset == "folder":
         images, labels, _ = load_image_folder(args.data_dir, args.img_size)
-        return images, labels, Path(args.data_dir).resolve().name.replace("/", "_") or "folder"
-    images, labels = make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed)
-    return images, labels, "shapes"
+        return images, labels, Path(args.data_dir).resolve().name or "folder"
+    return *make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed), "shapes"
 
 
 def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
@@ -466,7 +446,7 @@ class UNet(nn.Module):
                  channel_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1):
         super().__init__()
-        self.channels = channels
+        self.channels, self.num_levels, self.num_res_blocks = channels, len(channel_mult), num_res_blocks
         temb_channels = 4 * channels
         self.temb_dense1 = nn.Linear(channels, temb_channels)
         self.temb_dense2 = nn.Linear(temb_channels, temb_channels)
@@ -503,50 +483,36 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(32, current, eps=1e-6)
         self.conv_out = nn.Conv2d(current, in_channels, 3, padding=1)
-        self.num_levels, self.num_res_blocks = len(channel_mult), num_res_blocks
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        # As the original: Xavier-uniform (variance scaling, fan_avg), zero biases; zero for each
-        # residual branch's last conv, attention output and output conv: blocks start as identity.
+        # As the original: Xavier-uniform (fan_avg), zero biases; zero for each residual branch's
+        # last conv, the attention outputs and the output conv: every block starts as the identity.
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        for module in self.modules():
-            if isinstance(module, ResBlock):
-                nn.init.zeros_(module.conv2.weight)
-            if isinstance(module, AttnBlock):
-                nn.init.zeros_(module.proj_out.weight)
-        nn.init.zeros_(self.conv_out.weight)
+        last = [m.conv2 if isinstance(m, ResBlock) else m.proj_out for m in self.modules()
+                if isinstance(m, (ResBlock, AttnBlock))]
+        for layer in last + [self.conv_out]:
+            nn.init.zeros_(layer.weight)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = self.temb_dense2(F.silu(self.temb_dense1(timestep_embedding(t, self.channels))))
         h = self.conv_in(x)
-        skips = [h]
-        block = 0
+        skips, n = [h], self.num_res_blocks
         for level in range(self.num_levels):
-            for _ in range(self.num_res_blocks):
-                h = self.down_attns[block](self.down_blocks[block](h, temb))
-                skips.append(h)
-                block += 1
-            if level != self.num_levels - 1:
-                h = self.downsamples[level](h)
-                skips.append(h)
+            for i in range(level * n, (level + 1) * n):
+                skips.append(h := self.down_attns[i](self.down_blocks[i](h, temb)))
+            if level < len(self.downsamples):
+                skips.append(h := self.downsamples[level](h))
         h = self.mid_block2(self.mid_attn(self.mid_block1(h, temb)), temb)
-        block = 0
         for level in range(self.num_levels):
-            for _ in range(self.num_res_blocks + 1):
-                h = self.up_attns[block](self.up_blocks[block](torch.cat([h, skips.pop()], dim=1), temb))
-                block += 1
-            if level != self.num_levels - 1:
+            for i in range(level * (n + 1), (level + 1) * (n + 1)):
+                h = self.up_attns[i](self.up_blocks[i](torch.cat([h, skips.pop()], dim=1), temb))
+            if level < len(self.upsamples):
                 h = self.upsamples[level](h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
 def build_model(args: Args) -> UNet:
-    if args.channels % 32:
-        raise UserError(f"--channels {args.channels} must be divisible by 32 (GroupNorm with 32 groups)")
     return UNet(args.img_size, 3, args.channels, args.channel_mult, args.num_res_blocks, args.attn_resolutions,
                 args.dropout)
 
@@ -777,9 +743,8 @@ def judge_samples(judge, samples: Optional[np.ndarray], args: Args, step: int, e
 
 def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
                   num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """uint8 images (B, 3, H, W) from the chosen sampler, each clipping x0 to [-1, 1] at every step
-    (as Ho et al.'s code and diffusers' clip_sample and thresholding): without it DDIM and
-    DPM-Solver++ diverge on a briefly trained model."""
+    """uint8 images (B, 3, H, W) from the sampler, x0 clipped to [-1, 1] at every step (as Ho et
+    al.'s code): without it DDIM and DPM-Solver++ diverge on a briefly trained model."""
     T = len(alphas_cumprod)
     if sampler == "ddpm":
         x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps if num_steps < T else None, generator=generator)
@@ -792,11 +757,10 @@ def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
 
 def eps_from_output(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
                     prediction: str) -> torch.Tensor:
-    """The network's output (B, 3, H, W) as the noise eps the samplers take; for "v" (Salimans and
-    Ho 2022): eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
+    """The network's output (B, 3, H, W) as eps; v: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
     if prediction == "eps":
         return output
-    # coefficients in float64 (in bfloat16, abar >= 0.998 would round to 1 and drop x_t's term)
+    # in float64: in bfloat16, abar >= 0.998 rounds to 1 and x_t's term is lost
     abar = alphas_cumprod.to(output.device, torch.float64)[t][:, None, None, None]
     dtype = torch.promote_types(output.dtype, torch.float32)
     return abar.sqrt().to(dtype) * output + (1 - abar).sqrt().to(dtype) * x_t
@@ -804,17 +768,16 @@ def eps_from_output(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, al
 
 def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args, num: int,
                      autocast=contextlib.nullcontext(), should_stop: Callable[[], None] = lambda: None) -> np.ndarray:
-    """num uint8 images (num, 3, H, W) from the EMA model with --sampler, in batches of
-    --sample-batch-size, from the same noise every time (seed + 10,000). should_stop() runs before
-    every network evaluation (a signal abandons the sampling there)."""
+    """num uint8 images (num, 3, H, W) with --sampler, from the same noise each time (seed + 10,000);
+    should_stop() runs before every network evaluation (a signal abandons the sampling there)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
-    alphas_cumprod_device = alphas_cumprod.to(device)  # once, not a copy per network evaluation
+    abar = alphas_cumprod.to(device)  # once, not a copy per network evaluation
 
     def model_fn(x, t):
         should_stop()
         with autocast:
-            return eps_from_output(model(x, t).float(), x, t, alphas_cumprod_device, args.prediction)
+            return eps_from_output(model(x, t).float(), x, t, abar, args.prediction)
 
     out = []
     for start in range(0, num, args.sample_batch_size):
@@ -825,18 +788,12 @@ def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args,
     return torch.cat(out).numpy()
 
 
-# --------------------------------------------------------------------------------------------------
-# Loss: L_simple of Ho et al. (eq. 14), the noise-prediction MSE at a uniform timestep (or v's).
-
-
 def ddpm_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
               autocast=contextlib.nullcontext(), channels_last: bool = False, prediction: str = "eps") -> torch.Tensor:
-    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2, batch mean
-    (Ho et al. eq. 14); "v": the target is v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans
-    and Ho). x0, noise: (B, 3, H, W) in [-1, 1], N(0, I); t: long (B,); alphas_cumprod: (T,) on
-    x0's device."""
+    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2, batch mean (Ho
+    et al. eq. 14); v's target: sqrt(abar_t) eps - sqrt(1 - abar_t) x0. x0, noise: (B, 3, H, W)."""
     abar = alphas_cumprod[t].float()[:, None, None, None]
-    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # x_t ~ N(sqrt(abar_t) x0, (1-abar_t) I)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
     if channels_last:
         x_t = x_t.contiguous(memory_format=torch.channels_last)
     with autocast:
@@ -846,14 +803,12 @@ def ddpm_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.
 
 
 def step_memory_profile(args: Args) -> tuple[int, float]:
-    """(parameters, activation bytes autograd saves per sample) of a training step, counted on the
-    meta device: the memory check runs before anything is allocated at full size."""
+    """(parameters, activation bytes saved per sample) of a training step, on the meta device."""
     with torch.device("meta"):
         model = build_model(args)
         x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
-        activations = saved_activation_bytes(lambda: ddpm_loss(model, x0, t, x0, torch.ones(args.timesteps),
-                                                                prediction=args.prediction))
-    return sum(p.numel() for p in model.parameters()), activations
+        return sum(p.numel() for p in model.parameters()), saved_activation_bytes(
+            lambda: ddpm_loss(model, x0, t, x0, torch.ones(args.timesteps), prediction=args.prediction))
 
 
 def train_flops_per_sample(args: Args) -> float:
@@ -863,8 +818,7 @@ def train_flops_per_sample(args: Args) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation: FID with torchmetrics (torch-fidelity's Inception, or any feature extractor) for
-# CIFAR-10 and image folders; on the generated shapes, the judge (the optional block above).
+# Evaluation: FID (torchmetrics) on CIFAR-10 and image folders; the judge on the generated shapes.
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
@@ -893,9 +847,9 @@ def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor
 
 
 def evaluate_fid(fid_metric, generate: Callable[[int], np.ndarray], real_images: np.ndarray, args: Args,
-                 device: torch.device, writer=None, step: int = 0) -> float:
-    """FID of --fid-num-samples generated images vs the training images (the paper's protocol),
-    printed and logged as eval/fid."""
+                 device: torch.device, writer=None, step: int = 0):
+    """FID of --fid-num-samples samples vs the training images (the paper's protocol), printed and
+    logged as eval/fid."""
     samples = torch.from_numpy(generate(args.fid_num_samples))
     fid = compute_fid(fid_metric, samples, torch.from_numpy(real_images), args.sample_batch_size, device)
     print(f"FID ({args.fid_num_samples} samples vs {len(real_images)} training images, {args.sampler} "
@@ -903,7 +857,6 @@ def evaluate_fid(fid_metric, generate: Callable[[int], np.ndarray], real_images:
     if writer is not None:
         writer.add_scalar("eval/fid", fid, step)
         writer.add_scalar("eval/fid_num_samples", args.fid_num_samples, step)
-    return fid
 
 
 def write_samples(folder: Path, stem: str, images: np.ndarray) -> Path:
@@ -920,25 +873,23 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
-# The run's bookkeeping: resuming, sampling a checkpoint, the run's start, the log of each interval,
-# the samples of each evaluation, the checkpoint.
+# The run's bookkeeping, each step of main() named.
 
 
 def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Optional[Path]]:
-    """The run's arguments, checkpoint and folder: with --resume, the checkpoint's arguments (with
-    the RESUME_MUTABLE flags given), the checkpoint and its folder; else the flags', None, None."""
+    """With --resume: the checkpoint's arguments (and the RESUME_MUTABLE flags given), the
+    checkpoint and its folder; else the flags', None, None."""
     if not args.resume:
         return args, None, None
-    checkpoint_path = resolve_checkpoint_path(args.resume)
-    checkpoint = load_checkpoint(checkpoint_path)
+    path = resolve_checkpoint_path(args.resume)
+    checkpoint = load_checkpoint(path)
     args = merge_resumed_args(args, given, checkpoint["args"])
-    return args, checkpoint, run_dir_of(checkpoint_path, trains=not args.sample_only)
+    return args, checkpoint, run_dir_of(path, trains=not args.sample_only)
 
 
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
                            device: torch.device):
-    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/ and, with
-    --eval-fid, their FID. A signal abandons the sampling and writes nothing more."""
+    """--sample-only: --num-samples samples in the run's samples/; with --eval-fid, their FID."""
     try:
         samples = generate(args.num_samples)
         stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_step{step}_{int(time.time())}"
@@ -952,8 +903,8 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
 
 def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
              num_images: int):
-    """The run folder (a new one unless resumed) and its TensorBoard writer on rank 0 (None
-    elsewhere), and the lines a run prints at its start."""
+    """The run folder (new unless resumed), its TensorBoard writer on rank 0 (None elsewhere),
+    and the lines a run prints at its start."""
     if not setup.is_main:
         return run_dir, None
     run_dir = run_dir or create_run_dir(args, dataset_id)
@@ -1001,8 +952,8 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
 
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
                 started: float) -> Optional[np.ndarray]:
-    """EMA samples to TensorBoard (samples/ema) and samples/: --num-eval-samples at an evaluation,
-    16 at --first-sample-at. Returns them, uint8 (N, 3, H, W); None if a signal abandoned them."""
+    """EMA samples to TensorBoard and samples/: --num-eval-samples at an evaluation, 16 at
+    --first-sample-at. Returns them, uint8 (N, 3, H, W); None if a signal abandoned them."""
     with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
         samples = generate(args.num_eval_samples if eval_now else 16)
         writer.add_image("samples/ema", make_grid(samples), step, dataformats="HWC")
@@ -1011,7 +962,6 @@ def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, write
             progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
                            f"start: {path}")
         return samples
-    return None
 
 
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
@@ -1045,9 +995,8 @@ def main(args: Args, given: set[str]):
 
     images_np, _, dataset_id = load_dataset(args)
     images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no copies
-    model = build_model(args).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = build_model(args).to(device, memory_format=layout)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=setup.use_cuda)
     # linear warmup: lr_s = lr * min(1, (s + 1) / warmup)
@@ -1092,8 +1041,7 @@ def main(args: Args, given: set[str]):
         indices = global_batch_indices(step, args.batch_size, len(images), args.seed).to(device, non_blocking=True)
         flips = torch.rand(args.batch_size, generator=train_generator, device=device) < 0.5
         t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
-        noise = torch.randn((args.batch_size, 3, args.img_size, args.img_size), generator=train_generator,
-                            device=device)
+        noise = torch.randn((args.batch_size, *images.shape[1:]), generator=train_generator, device=device)
         x0 = images[indices[mine]].float() / 127.5 - 1.0  # uint8 -> [-1, 1]
         if args.random_flip:
             x0 = torch.where(flips[mine, None, None, None], x0.flip(3), x0)
@@ -1136,12 +1084,12 @@ def main(args: Args, given: set[str]):
     # ---- the end: the final FID (rank 0's alone, after the process group is gone)
     progress.close()
     leave_process_group(setup.world_size)
-    if setup.is_main and args.eval_fid and step == args.total_steps:
-        with contextlib.suppress(StopRequested):
-            evaluate_fid(fid_metric, generate, images_np, args, device, writer, step)
-    close_writer(args, writer)
     if setup.is_main and step == args.total_steps:
+        if args.eval_fid:
+            with contextlib.suppress(StopRequested):
+                evaluate_fid(fid_metric, generate, images_np, args, device, writer, step)
         print(f"done: step {step}, checkpoint at {run_dir / 'checkpoints' / 'latest.pt'}")
+    close_writer(args, writer)
     stop.restore()
 
 
