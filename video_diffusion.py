@@ -2411,9 +2411,10 @@ def flag_field(token: str) -> Optional[str]:
 def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
     """The args, and the fields given on the command line (which --resume may let change)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    first = {flag_field(token): token.split("=", 1)[1] if "=" in token else after  # --preset, --config
-             for token, after in zip(argv, argv[1:] + [None]) if flag_field(token) in ("preset", "config")}
-    defaults = replace(Args(), **PRESETS.get(first.get("preset"), {}))  # tyro refuses an unknown one
+    first = {flag_field(token): token.split("=", 1)[1] if "=" in token else after
+             for token, after in zip(argv, argv[1:] + [None])
+             if flag_field(token) in ("preset", "config")}  # they set the other flags' defaults
+    defaults = replace(Args(), **PRESETS.get(first.get("preset"), {}))  # tyro refuses unknown ones
     if first.get("config") is not None:
         defaults = replace(defaults, **read_config(first["config"]))
     box = io.StringIO()  # tyro's error box is many lines, ours is one
@@ -2438,21 +2439,22 @@ def command_line_problem(argv: list[str], box: str) -> str:
             maybe = f" (did you mean {' or '.join(close)}?)" if close else ""
             return f"unknown flag {flag}{maybe}; {SCRIPT_NAME} --help lists the flags"
         if get_type_hints(Args).get(field) is bool and ("=" in token or after[:2] != "--"):
-            flag, given = "--" + flag[2:].removeprefix("no-"), token if "=" in token else f"{token} {after}"
-            return f"{flag} takes no value ({given}): give {flag} to turn it on, --no-{flag[2:]} to turn off"
+            given = token if "=" in token else f"{token} {after}"
+            flag = "--" + flag[2:].removeprefix("no-")
+            return f"{flag} takes no value ({given}): give {flag} for on, --no-{flag[2:]} for off"
     said = []  # the box's first paragraph: the lines under its title, up to its first rule
     for line in box.splitlines()[1:]:
-        if line.strip("│─╭╮╰╯- "):  # a rule is of box characters (or of dashes, with no terminal)
+        if line.strip("│─╭╮╰╯- "):  # a rule: box characters, or dashes with no terminal
             said.append(line.strip("│ "))
         elif said:
             break
-    return f"{' '.join(said).rstrip('.') or 'a bad value'}; {SCRIPT_NAME} --help gives each flag's type"
+    return f"{' '.join(said).rstrip('.') or 'a bad value'}; see {SCRIPT_NAME} --help"
 
 
 def read_config(path: str) -> dict:
     """--config: the config.json an earlier run wrote (an object of Args fields), or YAML."""
     import yaml
-    fix, is_yaml = "give the config.json an earlier run wrote", path.lower().endswith((".yaml", ".yml"))
+    fix, is_yaml = "give an earlier run's config.json", path.lower().endswith((".yaml", ".yml"))
     try:
         with open(path, "rb") as f:
             raw = f.read(2**20 + 1)  # bounded: --config /dev/zero must not read forever
@@ -2465,7 +2467,8 @@ def read_config(path: str) -> dict:
         raise UserError(f"cannot read --config {path}: {e.strerror or e}") from None
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         kind = "YAML" if is_yaml else "JSON (YAML needs a .yaml or .yml name)"
-        raise UserError(f"--config {path} is not valid {kind}: {str(e).splitlines()[0]}; {fix}") from None
+        raise UserError(f"--config {path} is not valid {kind} ({str(e).splitlines()[0]}); "
+                        f"{fix}") from None
     if not isinstance(values, dict):
         raise UserError(f"--config {path} must hold an object of flag names and values: {fix}")
     return normalise_args_dict(values, f"--config {path}")
@@ -2479,7 +2482,7 @@ def normalise_args_dict(values: dict, source: str) -> dict:
         if origin is Literal:
             return any(value == option and type(value) is type(option) for option in options)
         if origin is tuple:  # tuple[int, ...]
-            return isinstance(value, (list, tuple)) and all(fits(element, options[0]) for element in value)
+            return isinstance(value, (list, tuple)) and all(fits(v, options[0]) for v in value)
         return any(fits(value, option) for option in options) if origin is Union else (
             type(value) is hint or (hint is float and type(value) is int))
 
@@ -2488,12 +2491,13 @@ def normalise_args_dict(values: dict, source: str) -> dict:
         if name not in hints:
             raise UserError(f"{source} has a field this script does not know: {name}")
         choices = get_args(hints[name]) if get_origin(hints[name]) is Literal else ()
-        if isinstance(value, bool) and "on" in choices:  # YAML 1.1 reads a bare on/off as true/false
+        if isinstance(value, bool) and "on" in choices:  # YAML 1.1 reads on/off as booleans
             value = values[name] = "on" if value else "off"
         if not fits(value, hints[name]):
             expected = f"one of {', '.join(map(str, choices))}" if choices else hints[name]
-            raise UserError(f"{source}: {name} is {value!r}, not a valid --{name.replace('_', '-')} "
-                            f"(expected {getattr(expected, '__name__', expected)})")
+            expected = getattr(expected, "__name__", expected)
+            raise UserError(f"{source}: {name} is {value!r}, not a valid --{name.replace('_', '-')}"
+                            f" (expected {expected})")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
@@ -2506,19 +2510,18 @@ def flag_marks() -> tuple[dict[str, str], set[str]]:
 
 
 def check_arg_domains(args: Args):
-    """At start-up: each numeric flag finite and in its domain ('>= 0', '(0, 1]' ...), a plain --exp-name."""
+    """At start-up: numeric flags finite and in their domains ('>= 0', '(0, 1]' ...), a plain name."""
     for name, domain in flag_marks()[0].items():
         value, interval = getattr(args, name), domain[0] in "[("
-        low, high = map(float, domain[1:-1].split(",") if interval else (domain.lstrip(">="), "inf"))
+        low, high = map(float, domain[1:-1].split(",") if interval else (domain[2:], "inf"))
         for x in [x for x in (value if isinstance(value, tuple) else (value,)) if x is not None]:
             above = low <= x if domain[0] == "[" or domain[:2] == ">=" else low < x
             if not (math.isfinite(x) and above and (x <= high if domain[-1] == "]" else x < high)):
-                finite = "" if math.isfinite(x) else "a finite number "
-                raise UserError(f"--{name.replace('_', '-')} must be {finite}{'in ' * interval}{domain}, "
-                                f"not {value}")
+                must = f"{'' if math.isfinite(x) else 'a finite number '}{'in ' * interval}{domain}"
+                raise UserError(f"--{name.replace('_', '-')} must be {must}, not {value}")
     if not args.exp_name or any(part in args.exp_name for part in ("/", "\\", "..")):
-        raise UserError(f"--exp-name {args.exp_name!r} must be a plain name (no '/', '\\' or '..'): it "
-                        f"names the run folder inside --output-dir")
+        raise UserError(f"--exp-name {args.exp_name!r} must be a plain name (no '/', '\\' or "
+                        f"'..'): it names the run folder inside --output-dir")
     if len(args.exp_name.encode()) > 200:  # a file system caps a name at 255 bytes
         raise UserError(f"--exp-name is {len(args.exp_name.encode())} bytes long: give at most 200")
 
@@ -2526,7 +2529,7 @@ def check_arg_domains(args: Args):
 def resolve_checkpoint_path(resume: str) -> Path:
     path = Path(resume) / "checkpoints" / "latest.pt" if Path(resume).is_dir() else Path(resume)
     if not path.is_file():
-        raise UserError(f"--resume {resume}: no checkpoint at {path}; give a run folder or a checkpoint file")
+        raise UserError(f"--resume {resume}: no checkpoint at {path}; give a run folder or a file")
     return path
 
 
@@ -2536,8 +2539,8 @@ def run_dir_of(checkpoint_path: Path, trains: bool) -> Path:
     in_run = checkpoint_path.parent.name == "checkpoints"
     if trains and not (in_run and checkpoint_path.name == "latest.pt"):
         raise UserError(f"--resume {checkpoint_path}: training continues only from a run folder's "
-                        f"checkpoints/latest.pt; copy the file to NEW_RUN/checkpoints/latest.pt and "
-                        f"--resume NEW_RUN")
+                        f"checkpoints/latest.pt; copy the file to NEW_RUN/checkpoints/latest.pt "
+                        f"and --resume NEW_RUN")
     return checkpoint_path.parent.parent if in_run else checkpoint_path.parent
 
 
@@ -2546,25 +2549,25 @@ def load_checkpoint(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read the file is the same error
-        raise UserError(f"cannot load checkpoint {path}: corrupt or not a checkpoint, or it holds Python "
-                        f"objects that could run code; resume from a checkpoint this script wrote") from None
+        raise UserError(f"cannot load checkpoint {path} (corrupt or not a checkpoint, or with "
+                        f"Python objects that could run code); resume from another one") from None
     found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
     readable = (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)
     if found != SCRIPT_NAME:
-        raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not of {SCRIPT_NAME}")
+        raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not {SCRIPT_NAME}")
     if checkpoint.get("format_version") not in readable:
         raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this "
                         f"script reads {', '.join(map(str, readable))}")
     if missing := sorted(set(CHECKPOINT_KEYS) - set(checkpoint)):
-        raise UserError(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of {SCRIPT_NAME}")
-    def non_finite(tree, name: str) -> Optional[str]:  # the first non-finite tensor's name
+        raise UserError(f"{path} lacks {', '.join(missing)}: not a whole {SCRIPT_NAME} checkpoint")
+    def finite(tree) -> bool:  # every floating-point tensor in nested dicts and lists
         if isinstance(tree, torch.Tensor):
-            return name if tree.is_floating_point() and not tree.isfinite().all() else None
-        items = tree.items() if isinstance(tree, dict) else enumerate(tree if isinstance(tree, (list, tuple)) else ())
-        return next(filter(None, (non_finite(value, f"{name}.{key}") for key, value in items)), None)
+            return not tree.is_floating_point() or bool(tree.isfinite().all())
+        return all(map(finite, tree.values() if isinstance(tree, dict) else
+                       tree if isinstance(tree, (list, tuple)) else ()))
 
-    if bad := non_finite(checkpoint, "checkpoint"):
-        raise UserError(f"{path} holds non-finite values (in {bad}); resume from an earlier checkpoint")
+    if bad := [key for key, value in checkpoint.items() if not finite(value)]:
+        raise UserError(f"{path} holds non-finite values (in {bad[0]}); resume from an earlier one")
     return checkpoint
 
 
@@ -2582,24 +2585,25 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
     for name in sorted(given - mutable - {"resume"}):
         if getattr(args, name) != getattr(run_args, name):
             flag = f"--{name.replace('_', '-')}"
-            raise UserError(f"{flag} is {getattr(run_args, name)!r} in the checkpoint and cannot change on "
-                            f"--resume (only the run length, cadence, logging and sampling flags can); "
-                            f"drop {flag} or start a new run")
+            raise UserError(f"{flag} is {getattr(run_args, name)!r} in the checkpoint and cannot "
+                            f"change on --resume (only the run length, cadence, logging and "
+                            f"sampling flags can); drop {flag} or start a new run")
     changed = {name: getattr(args, name) for name in given & mutable - {"resume"}}
     return replace(run_args, **changed, resume=args.resume)
 
 
 def checkpoint_state(args: Args, step: int, *parts, **extra) -> dict:
-    """The header, then CHECKPOINT_KEYS in order: args, step, every global RNG, each part's state (its
-    state_dict, a generator's state, or a plain value), then extra (not read back)."""
+    """The header, then CHECKPOINT_KEYS in order: args, step, every global RNG, each part's state
+    (its state_dict, a generator's state, or a plain value), then extra (not read back)."""
     states = [part.get_state() if isinstance(part, torch.Generator) else part.state_dict()
               if hasattr(part, "state_dict") else part for part in parts]
+    values = [asdict(args), step, rng_state(), *states]
     return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION,
-            **dict(zip(CHECKPOINT_KEYS, [asdict(args), step, rng_state(), *states], strict=True)), **extra}
+            **dict(zip(CHECKPOINT_KEYS, values, strict=True)), **extra}
 
 
 def restore_state(checkpoint: dict, *parts) -> int:
-    """Puts back checkpoint_state's parts and every global RNG; returns the step. A misfit: one line."""
+    """Puts back checkpoint_state's parts and the global RNGs; returns the step; misfits: 1 line."""
     try:
         for key, part in zip(CHECKPOINT_KEYS[3:], parts, strict=True):
             if isinstance(part, torch.Generator):
@@ -2649,9 +2653,10 @@ def non_finite_failure(where: str, run_dir: Optional[Path]) -> TrainingFailure:
 def rng_state() -> dict:
     """Every global RNG as plain values (weights_only=True refuses numpy objects)."""
     name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    keys = torch.from_numpy(keys.astype(np.int64))
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "numpy": [name, keys, int(pos), int(has_gauss), float(cached)],
             "python": random.getstate()}
 
 
@@ -2708,7 +2713,7 @@ def setup_device(args: Args) -> Setup:
     # cuDNN's determinism only: torch.use_deterministic_algorithms costs more than 10% on CUDA
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cudnn.benchmark = not args.torch_deterministic
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32: fp32 nearly free
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32: ~free
     return Setup(device, world_size, rank, local_rank)
 
 
@@ -2727,15 +2732,15 @@ def leave_process_group(world_size: int):
 
 
 class StopFlag:
-    """SIGTERM and SIGINT set a flag: training stops after the step, long work calls check() and is abandoned.
-    The first is acknowledged at once (naming the `busy` work that must end first), a second SIGINT raises
-    Interrupted, more SIGTERMs never abort a save. Install before the run folder."""
+    """SIGTERM and SIGINT set a flag: training stops after the step, long work calls check() and is
+    abandoned. The first is acknowledged at once (naming `busy` work that must end first), a second
+    SIGINT raises Interrupted, more SIGTERMs never abort a save. Install before the run folder."""
 
     keep_handlers = False  # run_main sets it: the handlers stay until the process exits
 
     def __init__(self):
         self.requested, self.finished, self.busy = False, False, ""
-        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def request(self, signum, frame):
         if self.finished:  # the run is over and the process is exiting: nothing is left to stop
@@ -2744,7 +2749,8 @@ class StopFlag:
             raise Interrupted()
         if not self.requested:
             busy = f"; {self.busy} must end first" if self.busy else ""
-            say_now(f"stopping after this step, then saving{busy}; Ctrl-C again to quit without saving")
+            say_now(f"stopping after this step, then saving{busy}; Ctrl-C again to quit without "
+                    f"saving")
         self.requested = True
 
     def check(self):
@@ -2760,7 +2766,7 @@ class StopFlag:
         return self.requested
 
     def restore(self):
-        """The previous handlers back; under run_main they stay, ignoring signals while the process exits."""
+        """The previous handlers back; under run_main they stay, ignoring signals while it exits."""
         self.finished = True
         for sig, handler in self.previous.items() if not StopFlag.keep_handlers else ():
             signal.signal(sig, handler)
@@ -2789,8 +2795,8 @@ def create_run_dir(args: Args, run_id: str) -> Path:
 
 
 def open_writer(args: Args, run_dir: Path, step: int):
-    """TensorBoard (and wandb) for the one trainer of the run: its flock on RUN/train.lock ends with the
-    process, however it ends. purge_step drops what a killed run logged after its last checkpoint."""
+    """TensorBoard (and wandb) for the one trainer of the run: its flock on RUN/train.lock ends
+    with the process, however it ends. purge_step drops what a killed run logged after its save."""
     import fcntl
     from torch.utils.tensorboard import SummaryWriter
     lock = open(run_dir / "train.lock", "w")
@@ -2802,7 +2808,8 @@ def open_writer(args: Args, run_dir: Path, step: int):
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name,
-                   id=run_dir.name, resume="allow", config=asdict(args), sync_tensorboard=True, save_code=True)
+                   id=run_dir.name, resume="allow", config=asdict(args), sync_tensorboard=True,
+                   save_code=True)
     writer = SummaryWriter(str(run_dir), purge_step=step + 1 if step else None)
     writer.run_lock = lock  # released by close_writer, or at the process's end
     if step == 0:
@@ -2823,17 +2830,17 @@ def close_writer(args: Args, writer):
 def progress_bar(total: int, initial: int, desc: str, unit: str, enabled: bool = True):
     """A tqdm bar with step, speed and ETA (the loss in its postfix); silent unless enabled."""
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled)
 
 
 def peak_flops(setup: Setup, dtype: str) -> Optional[float]:
-    """The MFU denominator on CUDA: dense bf16/fp16 FLOP/s, half for float32 (TF32), NaN for an unknown
-    GPU. None on a CPU, which logs throughput only."""
+    """The MFU denominator on CUDA: dense bf16/fp16 FLOP/s, half for float32 (TF32), NaN for an
+    unknown GPU. None on a CPU, which logs throughput only."""
     if not setup.use_cuda:
         return None
     name = torch.cuda.get_device_name(setup.device)
-    peaks = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
-             "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+    peaks = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+             "T4": 65e12, "A10G": 70e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
     known = [flops for key, flops in peaks.items() if key in name] + [float("nan")]
     peak = 756e12 if "H100" in name and "PCIe" in name else known[0]
     return peak / 2 if dtype == "float32" else peak
@@ -2851,8 +2858,8 @@ def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> floa
 
 
 class Meter:
-    """Loss and gradient norm summed on the device (no host sync per step), global samples/s and, given a
-    peak, MFU = achieved / peak FLOP/s per process; read() syncs once per interval."""
+    """Loss and gradient norm summed on the device (no host sync per step), global samples/s and,
+    given a peak, MFU = achieved / peak FLOP/s per process; read() syncs once per interval."""
 
     def __init__(self, device: torch.device, train_flops_per_sample: float, peak: Optional[float],
                  world_size: int = 1):
@@ -2876,10 +2883,11 @@ class Meter:
     def read(self) -> dict:
         """The means since the last read, samples/s and MFU; then starts the next interval."""
         loss, grad_norm = (self.sums / max(self.steps, 1)).tolist()
-        samples_per_second = self.timed_samples * self.world_size / max(time.perf_counter() - self.clock, 1e-9)
-        values = {"loss": loss, "grad_norm": grad_norm, "SPS": samples_per_second}
+        seconds = max(time.perf_counter() - self.clock, 1e-9)
+        values = {"loss": loss, "grad_norm": grad_norm,
+                  "SPS": self.timed_samples * self.world_size / seconds}
         if self.peak is not None:
-            values["mfu"] = samples_per_second / self.world_size * self.flops / self.peak
+            values["mfu"] = self.timed_samples / seconds * self.flops / self.peak
         self.sums.zero_()
         self.steps = 0
         self.restart_clock()
@@ -2893,15 +2901,15 @@ def available_memory(setup: Setup) -> float:
         return float(torch.cuda.mem_get_info(setup.device)[0])
     import resource
 
-    def number(path: str, name: str = "") -> float:  # a file's number, or its line "Name: 123 kB" in bytes
+    def number(path: str, name: str = "") -> float:  # a file's number, or "Name: 123 kB" in bytes
         lines = [line.split() for line in Path(path).read_text().splitlines() if line.startswith(name)]
         return 1024 * float(lines[0][1]) if name else float(lines[0][0])
 
     address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
     address_space = math.inf if address_space == resource.RLIM_INFINITY else address_space
-    limits = [math.inf]
+    limits, cgroup = [math.inf], "/sys/fs/cgroup"
     for limit in (lambda: number("/proc/meminfo", "MemAvailable:"),
-                  lambda: number("/sys/fs/cgroup/memory.max") - number("/sys/fs/cgroup/memory.current"),
+                  lambda: number(f"{cgroup}/memory.max") - number(f"{cgroup}/memory.current"),
                   lambda: address_space - number("/proc/self/status", "VmSize:")):
         with contextlib.suppress(OSError, ValueError, IndexError):  # memory.max "max": no limit
             limits.append(limit())
@@ -2909,8 +2917,8 @@ def available_memory(setup: Setup) -> float:
 
 
 def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor]) -> float:
-    """Bytes autograd keeps for the backward pass of loss_fn() (model and inputs on the meta device);
-    a tensor saved twice (or as views of one) counts once, weights not at all."""
+    """Bytes autograd keeps for the backward pass of loss_fn() (model and inputs on the meta
+    device); a tensor saved twice (or as views of one) counts once, weights not at all."""
     saved = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -2926,23 +2934,24 @@ def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor]) -> float:
 
 def check_step_memory(setup: Setup, batch_size: int, num_params: int,
                       activation_bytes_per_sample: float, dtype: str) -> float:
-    """Refuses a training step that cannot fit in available_memory(), naming the largest --batch-size
-    that fits. Per process: 5 x 4 bytes per parameter (weights, gradients, two Adam moments, EMA) +
-    its batch x the activations saved per sample (halved under CUDA autocast)."""
-    per_sample = activation_bytes_per_sample * (0.5 if setup.use_cuda and dtype != "float32" else 1.0)
+    """Refuses a training step that cannot fit in available_memory(), naming the largest batch size
+    that fits. Per process: 5 x 4 bytes per parameter (weights, gradients, two Adam moments, EMA)
+    + its batch x the activations saved per sample (halved under CUDA autocast)."""
+    autocast = setup.use_cuda and dtype != "float32"
+    per_sample = activation_bytes_per_sample * (0.5 if autocast else 1.0)
     fixed = 5 * 4 * num_params
     needed, available = fixed + batch_size // setup.world_size * per_sample, available_memory(setup)
     if needed > available:
         fits = int((available - fixed) // per_sample) * setup.world_size if available > fixed else 0
-        raise UserError(f"--batch-size {batch_size} needs about {needed / 2**30:.1f} GiB per process for a "
-                        f"training step, {available / 2**30:.1f} GiB is available on {setup.device}: use "
-                        f"--batch-size {fits} or less")
+        raise UserError(f"--batch-size {batch_size} needs about {needed / 2**30:.1f} GiB per "
+                        f"process for a training step, {available / 2**30:.1f} GiB is available on "
+                        f"{setup.device}: use --batch-size {fits} or less")
     return needed
 
 
 class StepTimer:
     """Seconds per training step, timed once with a device sync at both ends, from after the first
-    (compiling) step to timed_steps later; None at every other step, and if no step would be left."""
+    (compiling) step to timed_steps later; None at other steps, and if no step would be left."""
 
     def __init__(self, first_step: int, total_steps: int, setup: Setup, timed_steps: int = 5):
         self.start_step, self.end_step = first_step + 1, first_step + 1 + timed_steps
@@ -2965,12 +2974,12 @@ def run_time_notice(seconds_per_step: float, remaining_steps: int, setup: Setup)
     days, rest = divmod(int(seconds), 86_400)
     length = (f"{rest // 60} min {rest % 60} s" if seconds < 3600
               else f"{f'{days} d ' if days else ''}{rest // 3600} h {rest % 3600 // 60} min")
-    lines = [f"estimated time to the end of training: {length} ({seconds_per_step:.3g} s per step on "
-             f"{setup.device}, {remaining_steps:,} step{'s' if remaining_steps != 1 else ''} to go, evaluations not "
-             f"counted)"]
+    steps = f"{remaining_steps:,} step{'s' if remaining_steps != 1 else ''}"
+    lines = [f"estimated time to the end of training: {length} ({seconds_per_step:.3g} s per step "
+             f"on {setup.device}, {steps} to go, evaluations not counted)"]
     if not setup.use_cuda and seconds > 86_400:
-        lines.append("notice: on this CPU the run takes more than a day: the defaults are the paper's GPU settings "
-                     "(--preset tiny runs in seconds, --preset cpu is sized for one)")
+        lines.append("notice: on this CPU the run takes more than a day: the defaults are the "
+                     "paper's GPU settings (--preset tiny runs in seconds, --preset cpu is sized for one)")
     return lines
 
 
@@ -3015,13 +3024,15 @@ def run_main(main: Callable):
     try:
         return main(*parse_args())
     except Interrupted:
-        message = "interrupted by a second Ctrl-C: quit without saving (the last checkpoint, if any, is intact)"
+        message = ("interrupted by a second Ctrl-C: quit without saving (the last checkpoint, if "
+                   "any, is intact)")
         status = 130
     except (UserError, TrainingFailure) as e:
         message, status = str(e), 2 if isinstance(e, UserError) else 1
     except OSError as e:
-        message = f"{e.filename}: " if e.filename else ""
-        message, status = f"{message}{e.strerror or e}; check the disk and the folder's permissions, then --resume", 1
+        where = f"{e.filename}: " if e.filename else ""
+        message = f"{where}{e.strerror or e}; check the disk and the folder's permissions, then --resume"
+        status = 1
     except KeyboardInterrupt:
         message, status = "interrupted before the run started; nothing was saved", 130
     finally:
