@@ -3387,8 +3387,9 @@ def normalise_args_dict(values: dict, source: str) -> dict:
             return any(value == option and type(value) is type(option) for option in options)
         if origin is tuple:  # tuple[int, ...]
             return isinstance(value, (list, tuple)) and all(fits(v, options[0]) for v in value)
-        return any(fits(value, option) for option in options) if origin is Union else (
-            type(value) is hint or (hint is float and type(value) is int))
+        if origin is Union:
+            return any(fits(value, option) for option in options)
+        return type(value) is hint or (hint is float and type(value) is int)
 
     hints = get_type_hints(Args)
     for name, value in values.items():
