@@ -23,7 +23,6 @@ Continue a run, or sample one class from it with guidance:
 Watch it:
     tensorboard --logdir runs
 """
-import atexit
 import contextlib
 import copy
 import hashlib
@@ -34,7 +33,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
 import tarfile
 import time
@@ -1380,12 +1378,10 @@ class Interrupted(BaseException):
     """A second Ctrl-C: quit without saving, exit 130 (no `except Exception` swallows it)."""
 
 
-# ---- flags and config: defaults < --preset < --config < flags on the command line
 def flag_field(token: str) -> Optional[str]:
     """The Args field a token sets, in any spelling ('--total_steps=5', '--no-cuda', an alias)."""
-    name = token.split("=")[0]
     names = {f.name for f in fields(Args)}
-    field = FLAG_ALIASES.get(name, name[2:].replace("-", "_"))
+    field = FLAG_ALIASES.get(token.split("=")[0], token.split("=")[0][2:].replace("-", "_"))
     field = field if field in names else field.removeprefix("no_")
     return field if token.startswith("--") and field in names else None
 
@@ -1393,24 +1389,18 @@ def flag_field(token: str) -> Optional[str]:
 def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
     """The args, and the fields given on the command line (which --resume may let change)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    first = {}  # --preset and --config, which set the defaults of the other flags
-    for token, after in zip(argv, argv[1:] + [None]):
-        if flag_field(token) in ("preset", "config"):
-            first[flag_field(token)] = token.split("=", 1)[1] if "=" in token else after
-    defaults, preset = Args(), first.get("preset")
-    if preset is not None:
-        if preset not in PRESETS:
-            raise UserError(f"unknown --preset {preset}: choose from {', '.join(PRESETS)}")
-        defaults = replace(defaults, preset=preset, **PRESETS[preset])
+    first = {flag_field(token): token.split("=", 1)[1] if "=" in token else after
+             for token, after in zip(argv, argv[1:] + [None])
+             if flag_field(token) in ("preset", "config")}  # they set the other flags' defaults
+    defaults = replace(Args(), **PRESETS.get(first.get("preset"), {}))  # tyro refuses unknown ones
     if first.get("config") is not None:
         defaults = replace(defaults, **read_config(first["config"]))
-    quiet = not {"-h", "--help"} & set(argv)  # tyro's error box is many lines, ours is one
-    box = io.StringIO()
+    box = io.StringIO()  # tyro's error box is many lines, ours is one
     try:
-        with contextlib.redirect_stderr(box) if quiet else contextlib.nullcontext():
+        with contextlib.redirect_stderr(box):
             args = tyro.cli(Args, default=defaults, args=argv)
     except SystemExit as e:
-        if not quiet or not e.code:
+        if not e.code:  # --help
             raise
         raise UserError(command_line_problem(argv, box.getvalue())) from None
     return args, {name for name in map(flag_field, argv) if name is not None}
@@ -1419,104 +1409,75 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
 def command_line_problem(argv: list[str], box: str) -> str:
     """What tyro refused, in one line: an unknown flag, a value for an on/off flag, or its words."""
     import difflib
-
-    unknown = [token.split("=")[0] for token in argv if token[:2] == "--" and not flag_field(token)]
-    if unknown:
-        flags = [f"--{f.name.replace('_', '-')}" for f in fields(Args)] + list(FLAG_ALIASES)
-        close = difflib.get_close_matches(unknown[0].replace("_", "-"), flags, n=3)
-        maybe = f" (did you mean {' or '.join(close)}?)" if close else ""
-        return f"unknown flag {unknown[0]}{maybe}; {SCRIPT_NAME} --help lists the flags"
-    hints = get_type_hints(Args)
-    for token, after in zip(argv, argv[1:] + ["--"]):  # a value given to an on/off flag
-        if hints.get(flag_field(token)) is bool and ("=" in token or after[:2] != "--"):
-            flag = "--" + token.split("=")[0][2:].removeprefix("no-")
+    for token, after in zip(argv, argv[1:] + ["--"]):
+        flag, field = token.split("=")[0], flag_field(token)
+        if flag[:2] == "--" and field is None:
+            flags = [f"--{f.name.replace('_', '-')}" for f in fields(Args)] + list(FLAG_ALIASES)
+            close = difflib.get_close_matches(flag.replace("_", "-"), flags, n=3)
+            maybe = f" (did you mean {' or '.join(close)}?)" if close else ""
+            return f"unknown flag {flag}{maybe}; {SCRIPT_NAME} --help lists the flags"
+        if get_type_hints(Args).get(field) is bool and ("=" in token or after[:2] != "--"):
             given = token if "=" in token else f"{token} {after}"
-            return (f"{flag} takes no value ({given}): give {flag} to turn it on, --no-{flag[2:]} "
-                    f"to turn it off")
+            flag = "--" + flag[2:].removeprefix("no-")
+            return f"{flag} takes no value ({given}): give {flag} for on, --no-{flag[2:]} for off"
     said = []  # the box's first paragraph: the lines under its title, up to its first rule
     for line in box.splitlines()[1:]:
-        if line.strip("│─╭╮╰╯- "):  # a rule is of box characters (or of dashes, with no terminal)
+        if line.strip("│─╭╮╰╯- "):  # a rule: box characters, or dashes with no terminal
             said.append(line.strip("│ "))
         elif said:
             break
-    said = " ".join(said).rstrip(".") or "a bad value"
-    return f"{said}; {SCRIPT_NAME} --help gives each flag's type and choices"
+    return f"{' '.join(said).rstrip('.') or 'a bad value'}; see {SCRIPT_NAME} --help"
 
 
 def read_config(path: str) -> dict:
     """--config: the config.json an earlier run wrote (an object of Args fields), or YAML."""
     import yaml
-
-    fix = "give the config.json an earlier run wrote"
+    fix, is_yaml = "give an earlier run's config.json", path.lower().endswith((".yaml", ".yml"))
     try:
         with open(path, "rb") as f:
             raw = f.read(2**20 + 1)  # bounded: --config /dev/zero must not read forever
         if len(raw) > 2**20:
             raise UserError(f"--config {path} is larger than 1024 KiB: not a config; {fix}")
-        text = raw.decode("utf-8")
-        is_yaml = Path(path).suffix.lower() in (".yaml", ".yml")
-        values = yaml.safe_load(text) if is_yaml else json.loads(text)
+        values = yaml.safe_load(raw.decode()) if is_yaml else json.loads(raw.decode())
     except UnicodeDecodeError:
         raise UserError(f"--config {path} is not a text file: {fix}") from None
     except OSError as e:
         raise UserError(f"cannot read --config {path}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"--config {path} is not valid JSON ({e}); {fix} (YAML needs a .yaml or "
-                        f".yml name)") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        kind = "YAML" if is_yaml else "JSON (YAML needs a .yaml or .yml name)"
+        raise UserError(f"--config {path} is not valid {kind} ({str(e).splitlines()[0]}); "
+                        f"{fix}") from None
     if not isinstance(values, dict):
-        raise UserError(f"--config {path} must hold an object of flag names and values, not a "
-                        f"{type(values).__name__}")
+        raise UserError(f"--config {path} must hold an object of flag names and values: {fix}")
     return normalise_args_dict(values, f"--config {path}")
 
 
-def value_fits(value, hint) -> bool:
-    """Whether a value read from JSON or YAML fits an Args field's type."""
-    origin, options = get_origin(hint), get_args(hint)
-    if origin is Literal:
-        return any(value == option and type(value) is type(option) for option in options)
-    if origin is Union:
-        return any(value_fits(value, option) for option in options)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            return False
-        hints = [options[0]] * len(value) if options[1:] == (Ellipsis,) else options
-        return len(value) == len(hints) and all(map(value_fits, value, hints))
-    if hint is int or hint is float:  # a bool is no number; an int is a float
-        number = isinstance(value, int) or (hint is float and isinstance(value, float))
-        return number and not isinstance(value, bool)
-    return isinstance(value, hint) if isinstance(hint, type) else True
-
-
 def normalise_args_dict(values: dict, source: str) -> dict:
-    """Checks the names and types of Args values read from a file; JSON's lists become tuples."""
+    """Args values read from a file (JSON, YAML, a checkpoint), each checked against its field's
+    type (a bool is no number, an int is a float); lists become tuples."""
+    def fits(value, hint) -> bool:
+        origin, options = get_origin(hint), get_args(hint)
+        if origin is Literal:
+            return any(value == option and type(value) is type(option) for option in options)
+        if origin is tuple:  # tuple[int, ...]
+            return isinstance(value, (list, tuple)) and all(fits(v, options[0]) for v in value)
+        if origin is Union:
+            return any(fits(value, option) for option in options)
+        return type(value) is hint or (hint is float and type(value) is int)
+
     hints = get_type_hints(Args)
-    unknown = sorted(set(values) - set(hints))
-    if unknown:
-        raise UserError(f"{source} has fields this script does not know: {', '.join(unknown)}")
     for name, value in values.items():
+        if name not in hints:
+            raise UserError(f"{source} has a field this script does not know: {name}")
         choices = get_args(hints[name]) if get_origin(hints[name]) is Literal else ()
-        if isinstance(value, bool) and {"on", "off"} <= set(choices):  # YAML 1.1 reads on as true
+        if isinstance(value, bool) and "on" in choices:  # YAML 1.1 reads on/off as booleans
             value = values[name] = "on" if value else "off"
-        if not value_fits(value, hints[name]):
-            expected = (f"one of {', '.join(map(str, choices))}" if choices
-                        else getattr(hints[name], "__name__", hints[name]))
-            raise UserError(f"{source}: {name} is {value!r}, which is not a valid "
-                            f"--{name.replace('_', '-')} (expected {expected})")
+        if not fits(value, hints[name]):
+            expected = f"one of {', '.join(map(str, choices))}" if choices else hints[name]
+            expected = getattr(expected, "__name__", expected)
+            raise UserError(f"{source}: {name} is {value!r}, not a valid --{name.replace('_', '-')}"
+                            f" (expected {expected})")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-
-
-def in_domain(value, domain: str) -> bool:
-    """A domain: '>= 0', '> 0', '[0, 1)', '(0, 1]' ... Non-finite numbers are in no domain."""
-    if not math.isfinite(value):
-        return False
-    if domain.startswith(">"):
-        bound = float(domain.lstrip(">="))
-        return value >= bound if domain[1] == "=" else value > bound
-    low, high = (float(bound) for bound in domain[1:-1].split(","))
-    above = low <= value if domain[0] == "[" else low < value
-    return above and (value <= high if domain[-1] == "]" else value < high)
 
 
 def flag_marks() -> tuple[dict[str, str], set[str]]:
@@ -1528,54 +1489,38 @@ def flag_marks() -> tuple[dict[str, str], set[str]]:
 
 
 def check_arg_domains(args: Args):
-    """At start-up, not deep in a run: every numeric flag in its domain, --exp-name a plain name."""
+    """At start-up: numeric flags finite and in their domains ('>= 0', '(0, 1]' ...), a plain name."""
     for name, domain in flag_marks()[0].items():
-        value = getattr(args, name)
-        for element in value if isinstance(value, tuple) else (value,):
-            if element is not None and not in_domain(element, domain):
-                shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
-                finite = "" if math.isfinite(element) else "a finite number "
-                where = "in " if domain[0] in "[(" else ""
-                flag = f"--{name.replace('_', '-')}"
-                raise UserError(f"{flag} must be {finite}{where}{domain}, not {shown}")
-    exp_name = args.exp_name
-    if not exp_name or any(part in exp_name for part in ("/", "\\", "..")):
-        raise UserError(f"--exp-name {exp_name!r} must be a plain name (no '/', '\\' or '..'): it "
-                        f"names the run folder inside --output-dir")
-    if len(exp_name.encode()) > 200:  # a file system caps a name at 255 bytes
-        raise UserError(f"--exp-name is {len(exp_name.encode())} bytes long: give at most 200 (it "
-                        f"is part of the run folder's name)")
+        value, interval = getattr(args, name), domain[0] in "[("
+        low, high = map(float, domain[1:-1].split(",") if interval else (domain[2:], "inf"))
+        for x in [x for x in (value if isinstance(value, tuple) else (value,)) if x is not None]:
+            above = low <= x if domain[0] == "[" or domain[:2] == ">=" else low < x
+            if not (math.isfinite(x) and above and (x <= high if domain[-1] == "]" else x < high)):
+                must = f"{'' if math.isfinite(x) else 'a finite number '}{'in ' * interval}{domain}"
+                raise UserError(f"--{name.replace('_', '-')} must be {must}, not {value}")
+    if not args.exp_name or any(part in args.exp_name for part in ("/", "\\", "..")):
+        raise UserError(f"--exp-name {args.exp_name!r} must be a plain name (no '/', '\\' or "
+                        f"'..'): it names the run folder inside --output-dir")
+    if len(args.exp_name.encode()) > 200:  # a file system caps a name at 255 bytes
+        raise UserError(f"--exp-name is {len(args.exp_name.encode())} bytes long: give at most 200")
 
 
-# ---- checkpoints: one file, written atomically, loaded with weights_only=True
 def resolve_checkpoint_path(resume: str) -> Path:
-    path = Path(resume)
-    path = path / "checkpoints" / "latest.pt" if path.is_dir() else path
+    path = Path(resume) / "checkpoints" / "latest.pt" if Path(resume).is_dir() else Path(resume)
     if not path.is_file():
-        raise UserError(f"--resume {resume}: no checkpoint at {path}; give a run folder (it holds "
-                        f"checkpoints/latest.pt) or a checkpoint file")
+        raise UserError(f"--resume {resume}: no checkpoint at {path}; give a run folder or a file")
     return path
 
 
 def run_dir_of(checkpoint_path: Path, trains: bool) -> Path:
-    """The folder a resumed run writes to: RUN for RUN/checkpoints/*.pt, else the file's folder.
-    Training continues only from RUN/checkpoints/latest.pt: from another file it would overwrite
-    a newer checkpoint, or another run's."""
+    """RUN for RUN/checkpoints/*.pt, else the file's folder. Training continues only from
+    RUN/checkpoints/latest.pt (from another file it would overwrite a newer checkpoint)."""
     in_run = checkpoint_path.parent.name == "checkpoints"
     if trains and not (in_run and checkpoint_path.name == "latest.pt"):
         raise UserError(f"--resume {checkpoint_path}: training continues only from a run folder's "
-                        f"checkpoints/latest.pt (it is overwritten as the run goes on); copy the "
-                        f"file to NEW_RUN/checkpoints/latest.pt and --resume NEW_RUN")
+                        f"checkpoints/latest.pt; copy the file to NEW_RUN/checkpoints/latest.pt "
+                        f"and --resume NEW_RUN")
     return checkpoint_path.parent.parent if in_run else checkpoint_path.parent
-
-
-def floating_tensors(tree, prefix: str = ""):
-    """(name, tensor) for every floating-point tensor in nested dicts and lists."""
-    if isinstance(tree, torch.Tensor) and tree.is_floating_point():
-        yield prefix, tree
-    elif isinstance(tree, (dict, list, tuple)):
-        for key, value in tree.items() if isinstance(tree, dict) else enumerate(tree):
-            yield from floating_tensors(value, f"{prefix}.{key}" if prefix else str(key))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -1583,33 +1528,25 @@ def load_checkpoint(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read the file is the same error
-        if "GLOBAL" in str(e):  # the weights-only unpickler refused a Python object (GLOBAL a.b)
-            raise UserError(f"cannot load checkpoint {path}: it holds Python objects other than "
-                            f"tensors and plain containers, which could run code when loaded; "
-                            f"resume from a checkpoint this script wrote") from None
-        raise UserError(f"cannot load checkpoint {path} (corrupt or not a checkpoint: "
-                        f"{error_reason(e)}); resume from another checkpoint") from None
+        raise UserError(f"cannot load checkpoint {path} (corrupt or not a checkpoint, or with "
+                        f"Python objects that could run code); resume from another one") from None
     found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
-    if found != SCRIPT_NAME:
-        raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not of "
-                        f"{SCRIPT_NAME}")
     readable = (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)
+    if found != SCRIPT_NAME:
+        raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not {SCRIPT_NAME}")
     if checkpoint.get("format_version") not in readable:
         raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this "
                         f"script reads {', '.join(map(str, readable))}")
-    missing = sorted(set(CHECKPOINT_KEYS) - set(checkpoint))
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of "
-                        f"{SCRIPT_NAME}")
-    bad = [name for name, value in floating_tensors(checkpoint) if not value.isfinite().all()]
-    if bad:
-        raise UserError(f"{path} holds non-finite values (in {bad[0]}); resume from an earlier "
-                        f"checkpoint")
-    saved, now = checkpoint.get("versions", {}), library_versions()
-    changed = [f"{k} {saved[k]} -> {now[k]}" for k in now if saved.get(k, now[k]) != now[k]]
-    if changed:
-        print(f"notice: {path} was written under other library versions ({', '.join(changed)}): a "
-              f"resumed run may differ from an uninterrupted one")
+    if missing := sorted(set(CHECKPOINT_KEYS) - set(checkpoint)):
+        raise UserError(f"{path} lacks {', '.join(missing)}: not a whole {SCRIPT_NAME} checkpoint")
+    def finite(tree) -> bool:  # every floating-point tensor in nested dicts and lists
+        if isinstance(tree, torch.Tensor):
+            return not tree.is_floating_point() or bool(tree.isfinite().all())
+        return all(map(finite, tree.values() if isinstance(tree, dict) else
+                       tree if isinstance(tree, (list, tuple)) else ()))
+
+    if bad := [key for key, value in checkpoint.items() if not finite(value)]:
+        raise UserError(f"{path} holds non-finite values (in {bad[0]}); resume from an earlier one")
     return checkpoint
 
 
@@ -1636,30 +1573,29 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
 
 def checkpoint_state(args: Args, step: int, *parts, **extra) -> dict:
     """The header, then CHECKPOINT_KEYS in order: args, step, every global RNG, each part's state
-    (its state_dict, a generator's state, or a plain value as it is), then extra (not read back)."""
+    (its state_dict, a generator's state, or a plain value), then extra (not read back)."""
     states = [part.get_state() if isinstance(part, torch.Generator) else part.state_dict()
               if hasattr(part, "state_dict") else part for part in parts]
-    return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "versions": library_versions(),
-            **dict(zip(CHECKPOINT_KEYS, [asdict(args), step, rng_state(), *states], strict=True)), **extra}
+    values = [asdict(args), step, rng_state(), *states]
+    return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION,
+            **dict(zip(CHECKPOINT_KEYS, values, strict=True)), **extra}
 
 
 def restore_state(checkpoint: dict, *parts) -> int:
-    """Puts back what checkpoint_state saved from the same parts (a plain value: the run read it)
-    and every global RNG; returns the step. A state that does not fit is one line."""
+    """Puts back checkpoint_state's parts and the global RNGs; returns the step; misfits: 1 line."""
     try:
         for key, part in zip(CHECKPOINT_KEYS[3:], parts, strict=True):
             if isinstance(part, torch.Generator):
                 part.set_state(checkpoint[key])
-            elif hasattr(part, "load_state_dict"):
+            elif hasattr(part, "load_state_dict"):  # a plain value: the run read it
                 part.load_state_dict(checkpoint[key])
         set_rng_state(checkpoint["rng"])
-        step = checkpoint["step"]
-        if type(step) is not int or step < 0:
-            raise ValueError(f"its step is {step!r}")
+        if type(checkpoint["step"]) is not int or checkpoint["step"] < 0:
+            raise ValueError(f"its step is {checkpoint['step']!r}")
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
-        raise UserError(f"checkpoint weights do not fit this model, or its state is damaged ({error_reason(e)}); "
-                        f"resume from another checkpoint") from None
-    return step
+        raise UserError(f"checkpoint weights do not fit this model, or its state is damaged "
+                        f"({error_reason(e)}); resume from another checkpoint") from None
+    return checkpoint["step"]
 
 
 def save_checkpoint(path: Path, state: dict):
@@ -1686,17 +1622,11 @@ def save_checkpoint(path: Path, state: dict):
 
 def non_finite_failure(where: str, run_dir: Optional[Path]) -> TrainingFailure:
     """A loss or gradients that became NaN or infinite: the message says if a checkpoint exists."""
-    latest = run_dir / "checkpoints" / "latest.pt" if run_dir is not None else None
+    latest = run_dir / "checkpoints" / "latest.pt" if run_dir else None
     kept = (f"the last good checkpoint is kept in {latest}" if latest and latest.exists()
             else "no checkpoint was saved yet")
     return TrainingFailure(f"the loss or gradients became non-finite {where}; {kept} (try a lower "
                            f"--learning-rate or --dtype float32)")
-
-
-def library_versions() -> dict:
-    """What a checkpoint records of the software that wrote it: a resume under others may differ."""
-    return {"python": sys.version.split()[0], "torch": str(torch.__version__),
-            "numpy": str(np.__version__)}
 
 
 def rng_state() -> dict:
@@ -1726,7 +1656,6 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-# ---- device, determinism, torchrun
 @dataclass
 class Setup:
     """Where this process runs: its device and its place among torchrun's processes."""
@@ -1760,12 +1689,10 @@ def setup_device(args: Args) -> Setup:
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    # cuDNN's determinism only: the CPU's kernels are deterministic at a fixed thread count, and on
-    # CUDA torch.use_deterministic_algorithms costs more than 10% (docs/PROMISES.md section 5).
+    # cuDNN's determinism only: torch.use_deterministic_algorithms costs more than 10% on CUDA
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cudnn.benchmark = not args.torch_deterministic
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: nearly free speed for fp32
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32: ~free
     return Setup(device, world_size, rank, local_rank)
 
 
@@ -1777,27 +1704,24 @@ def autocast_context(setup: Setup, dtype: str):
 
 
 def leave_process_group(world_size: int):
-    """Every rank leaves after a barrier (gloo can abort a rank that leaves while another still
-    saves); what follows is rank 0's alone."""
+    """Every rank leaves after a barrier (gloo can abort a rank that leaves while another saves)."""
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
 
 
-# ---- signals: SIGTERM / SIGINT finish the current step, save, exit 0
 class StopFlag:
     """SIGTERM and SIGINT set a flag: training stops after the step, long work calls check() and is
-    abandoned. The first is acknowledged at once, a second SIGINT raises Interrupted, more SIGTERMs
-    never abort a save; `busy` names work that cannot stop midway. Install before the run folder."""
+    abandoned. The first is acknowledged at once (naming `busy` work that must end first), a second
+    SIGINT raises Interrupted, more SIGTERMs never abort a save. Install before the run folder."""
 
     keep_handlers = False  # run_main sets it: the handlers stay until the process exits
 
     def __init__(self):
         self.requested, self.finished, self.busy = False, False, ""
-        signals = (signal.SIGTERM, signal.SIGINT)
-        self.previous = {sig: signal.signal(sig, self.request) for sig in signals}
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def request(self, signum=None, frame=None):
+    def request(self, signum, frame):
         if self.finished:  # the run is over and the process is exiting: nothing is left to stop
             return
         if self.requested and signum == signal.SIGINT:
@@ -1821,12 +1745,10 @@ class StopFlag:
         return self.requested
 
     def restore(self):
-        """The previous handlers back for an in-process caller; under run_main they stay but stop
-        listening, so that a signal while the process exits does not kill it mid-write."""
+        """The previous handlers back; under run_main they stay, ignoring signals while it exits."""
         self.finished = True
-        if not StopFlag.keep_handlers:
-            for sig, handler in self.previous.items():
-                signal.signal(sig, handler)
+        for sig, handler in self.previous.items() if not StopFlag.keep_handlers else ():
+            signal.signal(sig, handler)
 
 
 def say_now(message: str):
@@ -1837,7 +1759,6 @@ def say_now(message: str):
         print(message, flush=True)
 
 
-# ---- the run folder, TensorBoard, wandb
 def create_run_dir(args: Args, run_id: str) -> Path:
     """{output_dir}/{run_id}__{exp_name}__{seed}__{unix time}/ with config.json, always new."""
     run_dir = Path(args.output_dir) / f"{run_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -1852,54 +1773,24 @@ def create_run_dir(args: Args, run_id: str) -> Path:
     return run_dir
 
 
-def lock_run(run_dir: Path):
-    """One trainer per run: RUN/train.lock holds its host and PID until it ends. The lock of a live
-    process or of another host (which cannot be checked) is refused; a dead process's is taken."""
-    lock, me = run_dir / "train.lock", f"{socket.gethostname()} {os.getpid()}"
-    while True:
-        try:
-            with open(lock, "x") as f:
-                f.write(me + "\n")
-            atexit.register(unlock_run, run_dir)
-            return
-        except FileExistsError:
-            holder = lock.read_text().strip()
-        if holder == me:  # this process holds it already (an in-process rerun)
-            return
-        host, _, pid = holder.rpartition(" ")
-        try:  # signal 0 only asks whether the process exists
-            alive = host != socket.gethostname() or (pid.isdigit() and os.kill(int(pid), 0) is None)
-        except OSError as e:  # PermissionError: another user's live process
-            alive = isinstance(e, PermissionError)
-        if alive:
-            raise UserError(f"{run_dir} is being trained by PID {pid} on host {host} (lock file "
-                            f"{lock}); wait for it to end, or delete the lock file if that process "
-                            f"is gone")
-        print(f"notice: taking over {lock}: PID {pid} on this host left it and is no longer "
-              f"running")
-        lock.unlink(missing_ok=True)
-
-
-def unlock_run(run_dir: Path):
-    lock = run_dir / "train.lock"
-    with contextlib.suppress(OSError):
-        if lock.read_text().strip() == f"{socket.gethostname()} {os.getpid()}":
-            lock.unlink()
-
-
 def open_writer(args: Args, run_dir: Path, step: int):
-    """TensorBoard (and wandb with --track) for the process that trains the run, which takes its
-    lock. purge_step: a resumed run drops what a killed run logged after its last checkpoint."""
+    """TensorBoard (and wandb) for the one trainer of the run: its flock on RUN/train.lock ends
+    with the process, however it ends. purge_step drops what a killed run logged after its save."""
+    import fcntl
     from torch.utils.tensorboard import SummaryWriter
-
-    lock_run(run_dir)
+    lock = open(run_dir / "train.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"{run_dir} is being trained by another process, which holds {lock.name}; "
+                        f"wait for it to end (or stop it) before training this run") from None
     if args.track:
         import wandb
-
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name,
                    id=run_dir.name, resume="allow", config=asdict(args), sync_tensorboard=True,
                    save_code=True)
     writer = SummaryWriter(str(run_dir), purge_step=step + 1 if step else None)
+    writer.run_lock = lock  # released by close_writer, or at the process's end
     if step == 0:
         table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
@@ -1909,34 +1800,27 @@ def open_writer(args: Args, run_dir: Path, step: int):
 def close_writer(args: Args, writer):
     if writer is not None:
         writer.close()
-        unlock_run(Path(writer.log_dir))
+        writer.run_lock.close()
     if args.track:
         import wandb
-
         wandb.finish()
 
 
 def progress_bar(total: int, initial: int, desc: str, unit: str, enabled: bool = True):
     """A tqdm bar with step, speed and ETA (the loss in its postfix); silent unless enabled."""
     from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
-                disable=not enabled)
-
-
-# ---- throughput and model FLOPs utilisation (MFU, on CUDA)
-CUDA_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-                   "A10G": 70e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12,
-                   "T4": 65e12}  # dense bf16/fp16 FLOP/s
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled)
 
 
 def peak_flops(setup: Setup, dtype: str) -> Optional[float]:
-    """The MFU denominator: the table's dense bf16/fp16 peak, half of it for float32 (TF32), NaN
-    for an unknown GPU; None on a CPU, which has no MFU (its throughput is the figure to read)."""
+    """The MFU denominator on CUDA: dense bf16/fp16 FLOP/s, half for float32 (TF32), NaN for an
+    unknown GPU. None on a CPU, which logs throughput only."""
     if not setup.use_cuda:
         return None
     name = torch.cuda.get_device_name(setup.device)
-    known = [flops for key, flops in CUDA_PEAK_FLOPS.items() if key in name] + [float("nan")]
+    peaks = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+             "T4": 65e12, "A10G": 70e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
+    known = [flops for key, flops in peaks.items() if key in name] + [float("nan")]
     peak = 756e12 if "H100" in name and "PCIe" in name else known[0]
     return peak / 2 if dtype == "float32" else peak
 
@@ -1944,7 +1828,6 @@ def peak_flops(setup: Setup, dtype: str) -> Optional[float]:
 def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> float:
     """FLOPs of a forward pass of build()'s model, on the meta device: no compute, no RNG draw."""
     from torch.utils.flop_counter import FlopCounterMode
-
     with torch.device("meta"):
         model = build().eval()
     counter = FlopCounterMode(display=False)
@@ -1954,21 +1837,17 @@ def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> floa
 
 
 class Meter:
-    """Training-loop accounting without a host sync per step: device-side sums of the loss and
-    gradient norm, samples/s and, given a peak, MFU = achieved / peak FLOP/s. read() syncs once per
-    interval."""
+    """Loss and gradient norm summed on the device (no host sync per step), global samples/s and,
+    given a peak, MFU = achieved / peak FLOP/s per process; read() syncs once per interval."""
 
     def __init__(self, device: torch.device, train_flops_per_sample: float, peak: Optional[float],
                  world_size: int = 1):
-        self.train_flops_per_sample, self.peak, self.world_size = train_flops_per_sample, peak, world_size
-        self.loss_sum = torch.zeros((), device=device)
-        self.grad_norm_sum = torch.zeros((), device=device)
-        self.steps = 0
+        self.flops, self.peak, self.world_size = train_flops_per_sample, peak, world_size
+        self.sums, self.steps = torch.zeros(2, device=device), 0  # loss, gradient norm
         self.restart_clock()
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, num_samples: int):
-        self.loss_sum += loss.detach().float()
-        self.grad_norm_sum += grad_norm.detach().float()
+        self.sums += torch.stack([loss.detach().float(), grad_norm.detach().float()])
         self.steps += 1
         self.timed_samples += num_samples
 
@@ -1978,52 +1857,47 @@ class Meter:
 
     def finite(self) -> bool:
         """Whether every loss and gradient norm since the last read() was finite (a host sync)."""
-        return math.isfinite(self.loss_sum.item()) and math.isfinite(self.grad_norm_sum.item())
+        return bool(self.sums.isfinite().all())
 
     def read(self) -> dict:
-        """Means since the last read, global samples/s and, given a peak, MFU per process."""
-        samples_per_second = self.timed_samples * self.world_size / max(time.perf_counter() - self.clock, 1e-9)
-        values = {"loss": self.loss_sum.item() / max(self.steps, 1),
-                  "grad_norm": self.grad_norm_sum.item() / max(self.steps, 1), "SPS": samples_per_second}
+        """The means since the last read, samples/s and MFU; then starts the next interval."""
+        loss, grad_norm = (self.sums / max(self.steps, 1)).tolist()
+        seconds = max(time.perf_counter() - self.clock, 1e-9)
+        values = {"loss": loss, "grad_norm": grad_norm,
+                  "SPS": self.timed_samples * self.world_size / seconds}
         if self.peak is not None:
-            values["mfu"] = samples_per_second / self.world_size * self.train_flops_per_sample / self.peak
-        self.loss_sum.zero_()
-        self.grad_norm_sum.zero_()
+            values["mfu"] = self.timed_samples / seconds * self.flops / self.peak
+        self.sums.zero_()
         self.steps = 0
         self.restart_clock()
         return values
 
 
-# ---- memory and run time: will a training step fit, how long will the run take
 def available_memory(setup: Setup) -> float:
     """Bytes a training step may still take: CUDA's free memory; on a CPU the least of MemAvailable,
     the cgroup's memory.max less its usage and RLIMIT_AS less the address space (inf: none read)."""
     if setup.use_cuda:
         return float(torch.cuda.mem_get_info(setup.device)[0])
+    import resource
 
-    def field(path: str, name: str) -> float:  # "Name:   123 kB" -> bytes
-        line = next(line for line in Path(path).read_text().splitlines() if line.startswith(name))
-        return 1024 * float(line.split()[1])
+    def number(path: str, name: str = "") -> float:  # a file's number, or "Name: 123 kB" in bytes
+        lines = [line.split() for line in Path(path).read_text().splitlines() if line.startswith(name)]
+        return 1024 * float(lines[0][1]) if name else float(lines[0][0])
 
-    limits = [math.inf]
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        limits.append(field("/proc/meminfo", "MemAvailable:"))
-    with contextlib.suppress(OSError, ValueError):  # memory.max is "max" where there is no limit
-        cgroup = Path("/sys/fs/cgroup")
-        limits.append(float((cgroup / "memory.max").read_text())
-                      - float((cgroup / "memory.current").read_text()))
-    with contextlib.suppress(OSError, ValueError, StopIteration, ImportError):
-        import resource
-
-        soft_limit = resource.getrlimit(resource.RLIMIT_AS)[0]
-        if soft_limit != resource.RLIM_INFINITY:
-            limits.append(soft_limit - field("/proc/self/status", "VmSize:"))
+    address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
+    address_space = math.inf if address_space == resource.RLIM_INFINITY else address_space
+    limits, cgroup = [math.inf], "/sys/fs/cgroup"
+    for limit in (lambda: number("/proc/meminfo", "MemAvailable:"),
+                  lambda: number(f"{cgroup}/memory.max") - number(f"{cgroup}/memory.current"),
+                  lambda: address_space - number("/proc/self/status", "VmSize:")):
+        with contextlib.suppress(OSError, ValueError, IndexError):  # memory.max "max": no limit
+            limits.append(limit())
     return min(limits)
 
 
 def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor]) -> float:
-    """Bytes autograd keeps for the backward pass of loss_fn(), which builds its model and inputs on
-    the meta device. A tensor saved twice (or as views of one) counts once; weights not at all."""
+    """Bytes autograd keeps for the backward pass of loss_fn() (model and inputs on the meta
+    device); a tensor saved twice (or as views of one) counts once, weights not at all."""
     saved = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -2039,27 +1913,24 @@ def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor]) -> float:
 
 def check_step_memory(setup: Setup, batch_size: int, num_params: int,
                       activation_bytes_per_sample: float, dtype: str) -> float:
-    """Refuses, naming the largest --batch-size that fits, a training step that cannot fit in
-    available_memory(). Bytes per process: 5 x 4 per parameter (weights, gradients, two Adam
-    moments, EMA) + its batch x the activations saved per sample (halved under CUDA autocast)."""
-    local_batch = batch_size // setup.world_size
+    """Refuses a training step that cannot fit in available_memory(), naming the largest batch size
+    that fits. Per process: 5 x 4 bytes per parameter (weights, gradients, two Adam moments, EMA)
+    + its batch x the activations saved per sample (halved under CUDA autocast)."""
     autocast = setup.use_cuda and dtype != "float32"
     per_sample = activation_bytes_per_sample * (0.5 if autocast else 1.0)
     fixed = 5 * 4 * num_params
-    needed, available = fixed + local_batch * per_sample, available_memory(setup)
+    needed, available = fixed + batch_size // setup.world_size * per_sample, available_memory(setup)
     if needed > available:
         fits = int((available - fixed) // per_sample) * setup.world_size if available > fixed else 0
-        smaller = " (or a smaller model)" if fits < setup.world_size else ""
         raise UserError(f"--batch-size {batch_size} needs about {needed / 2**30:.1f} GiB per "
-                        f"process for a training step, {available / 2**30:.1f} GiB is available "
-                        f"on {setup.device}: use --batch-size {fits} or less{smaller}")
+                        f"process for a training step, {available / 2**30:.1f} GiB is available on "
+                        f"{setup.device}: use --batch-size {fits} or less")
     return needed
 
 
 class StepTimer:
-    """Seconds per training step, timed once with a device sync at both ends: from after the first
-    (compiling) step to timed_steps later. seconds_per_step(step) returns it at that end step if
-    steps remain, else None."""
+    """Seconds per training step, timed once with a device sync at both ends, from after the first
+    (compiling) step to timed_steps later; None at other steps, and if no step would be left."""
 
     def __init__(self, first_step: int, total_steps: int, setup: Setup, timed_steps: int = 5):
         self.start_step, self.end_step = first_step + 1, first_step + 1 + timed_steps
@@ -2077,24 +1948,20 @@ class StepTimer:
 
 
 def run_time_notice(seconds_per_step: float, remaining_steps: int, setup: Setup) -> list[str]:
-    """How long the rest of the training takes (evaluations not counted); on a CPU, more than a day
-    is a notice (the defaults are the papers' GPU settings)."""
+    """How long the rest of the training takes; on a CPU, more than a day is a notice."""
     seconds = seconds_per_step * remaining_steps
     days, rest = divmod(int(seconds), 86_400)
-    if seconds < 3600:
-        length = f"{rest // 60} min {rest % 60} s"
-    else:
-        length = f"{f'{days} d ' if days else ''}{rest // 3600} h {rest % 3600 // 60} min"
-    lines = [f"estimated time to the end of training: {length} ({seconds_per_step:.3g} s per step on "
-             f"{setup.device}, {remaining_steps:,} step{'s' if remaining_steps != 1 else ''} to go, evaluations not "
-             f"counted)"]
+    length = (f"{rest // 60} min {rest % 60} s" if seconds < 3600
+              else f"{f'{days} d ' if days else ''}{rest // 3600} h {rest % 3600 // 60} min")
+    steps = f"{remaining_steps:,} step{'s' if remaining_steps != 1 else ''}"
+    lines = [f"estimated time to the end of training: {length} ({seconds_per_step:.3g} s per step "
+             f"on {setup.device}, {steps} to go, evaluations not counted)"]
     if not setup.use_cuda and seconds > 86_400:
-        lines.append("notice: on this CPU the run takes more than a day: the defaults are the paper's GPU settings "
-                     "(--preset tiny runs in seconds, --preset cpu is sized for one)")
+        lines.append("notice: on this CPU the run takes more than a day: the defaults are the "
+                     "paper's GPU settings (--preset tiny runs in seconds, --preset cpu is sized for one)")
     return lines
 
 
-# ---- files
 def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 2) -> np.ndarray:
     """uint8 (N, 3, H, W) -> one uint8 (rows*(H+pad)+pad, columns*(W+pad)+pad, 3) image."""
     n, _, h, w = images.shape
@@ -2110,42 +1977,36 @@ def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 2) -
 def write_png(path: Path, rgb: np.ndarray):
     """uint8 (H, W, 3) RGB -> PNG; a failed write raises (OpenCV's returns False)."""
     import cv2
-
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1])):
         raise OSError(f"cannot write {path}")
 
 
-# ---- the entry point
 def run_main(main: Callable):
     """One line on rank 0: exit 2 for bad input, 1 for a fault in the run, 130 for a Ctrl-C."""
-    def fail(message: str, status: int):
-        from tqdm import tqdm
-
-        for bar in list(getattr(tqdm, "_instances", ())):
-            bar.close()  # end any progress line, so that the error is a line of its own
-        if torchrun_world()[1] == 0:
-            print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(status)
-
+    from tqdm import tqdm
     StopFlag.keep_handlers = True
     try:
-        main(*parse_args())
+        return main(*parse_args())
     except Interrupted:
-        fail("interrupted by a second Ctrl-C: quit without saving (the last checkpoint, if any, is "
-             "intact)", 130)
-    except UserError as e:
-        fail(str(e), 2)
-    except TrainingFailure as e:
-        fail(str(e), 1)
+        message = ("interrupted by a second Ctrl-C: quit without saving (the last checkpoint, if "
+                   "any, is intact)")
+        status = 130
+    except (UserError, TrainingFailure) as e:
+        message, status = str(e), 2 if isinstance(e, UserError) else 1
     except OSError as e:
-        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        fail(f"{where}{e.strerror or e}; check the disk and the folder's permissions, then "
-             f"--resume", 1)
+        where = f"{e.filename}: " if e.filename else ""
+        message = f"{where}{e.strerror or e}; check the disk and the folder's permissions, then --resume"
+        status = 1
     except KeyboardInterrupt:
-        fail("interrupted before the run started; nothing was saved", 130)
+        message, status = "interrupted before the run started; nothing was saved", 130
     finally:
         StopFlag.keep_handlers = False  # the process exits with its handlers; a caller gets its own
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()  # end any progress line, so that the error is a line of its own
+    if torchrun_world()[1] == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
 
 
 # ==== END SHARED MACHINERY ====
