@@ -72,8 +72,7 @@ class Args:
     output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu", "dit-s2", "dit-b2"]] = None
-    """tiny: a whole run on generated data in seconds on a CPU; cpu: shapes of the asked class in
-    minutes on 2 cores; dit-s2, dit-b2: the paper's DiT-S/2, DiT-B/2"""
+    """tiny: seconds on a CPU; cpu: the asked shapes in minutes; dit-s2, dit-b2: the paper's"""
     config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
@@ -179,21 +178,18 @@ class Args:
 
 PRESETS = {
     # tiny keeps the paper's EMA decay 0.9999: the warm-up (ema_decay_at) fits it to 1,024 steps.
-    "tiny": dict(
-        dataset="shapes", img_size=16, num_shapes_images=512, patch=4, width=64, depth=3, heads=4,
-        total_steps=1024, batch_size=32, learning_rate=2e-3, log_every=16, save_every=256, eval_every=512,
-        sampler="ddim", num_sampling_steps=20, cfg_scale=3.0, samples_per_class=4, num_samples=16, fid_num_samples=64,
-        sample_batch_size=64,
-    ),
+    "tiny": dict(dataset="shapes", img_size=16, num_shapes_images=512, patch=4, width=64, depth=3,
+                 heads=4, total_steps=1024, batch_size=32, learning_rate=2e-3, log_every=16,
+                 save_every=256, eval_every=512, sampler="ddim", num_sampling_steps=20,
+                 cfg_scale=3.0, samples_per_class=4, num_samples=16, fid_num_samples=64,
+                 sample_batch_size=64),
     # Shapes of the asked class in minutes on 2 CPU cores: guidance 3 draws the asked class at
     # this budget. The judge scores each evaluation, guided and at guidance 1.
-    "cpu": dict(
-        dataset="shapes", img_size=16, num_shapes_images=4096, patch=2, width=128, depth=4, heads=4,
-        total_steps=2048, batch_size=64, learning_rate=1e-3, ema_decay=0.999, log_every=32, save_every=256,
-        eval_every=512, first_sample_at=100,
-        sampler="ddim", num_sampling_steps=50, cfg_scale=3.0, samples_per_class=12, num_samples=120,
-        fid_num_samples=2000, sample_batch_size=120,
-    ),
+    "cpu": dict(dataset="shapes", img_size=16, num_shapes_images=4096, patch=2, width=128, depth=4,
+                heads=4, total_steps=2048, batch_size=64, learning_rate=1e-3, ema_decay=0.999,
+                log_every=32, save_every=256, eval_every=512, first_sample_at=100, sampler="ddim",
+                num_sampling_steps=50, cfg_scale=3.0, samples_per_class=12, num_samples=120,
+                fid_num_samples=2000, sample_batch_size=120),
     # The paper's model sizes at CIFAR-10 resolution (patch 2: 256 tokens).
     "dit-s2": dict(patch=2, width=384, depth=12, heads=6),
     "dit-b2": dict(patch=2, width=768, depth=12, heads=12),
@@ -222,9 +218,9 @@ def check_args(args: Args, world_size: int):
         raise UserError(f"--heads {args.heads} does not divide --width {args.width}: choose one that does")
     if args.width % 4:
         raise UserError(f"--width {args.width} must be divisible by 4 (the 2D sin-cos position embedding)")
-    label = args.class_label
+    label = args.class_label  # an index, or a name (sample_from_checkpoint looks it up)
     if label is not None and (not args.num_classes or label.lstrip("-").isdigit()
-                              and not 0 <= int(label) < args.num_classes):  # a name: class_index
+                              and not 0 <= int(label) < args.num_classes):
         raise UserError(f"--class-label {label} is out of range: the model has {args.num_classes} classes")
     # Guidance mixes in eps(x_t, t, null); --class-dropout 0 never trains the null class's embedding
     # (it keeps its random initialisation), so any scale but 1 steers the samples by noise.
@@ -435,12 +431,9 @@ def load_image_folder(data_dir: str, img_size: int) -> tuple[np.ndarray, np.ndar
 
 SHAPE_COLOURS = np.array([[230, 25, 25], [25, 200, 25], [40, 80, 240], [240, 220, 30], [230, 40, 230],
                           [30, 220, 220], [250, 140, 20], [240, 240, 240]], dtype=np.uint8)
-SHAPE_COLOUR_NAMES = ["red", "green", "blue", "yellow", "magenta", "cyan", "orange", "white"]
-
-
-def shapes_class_names(num_classes: int = 10) -> list[str]:
-    """Each shapes class's name, as make_shapes_dataset draws it: "red square", ..., "red disc"."""
-    return [f"{SHAPE_COLOUR_NAMES[k % 8]} {'square' if k < 8 else 'disc'}" for k in range(num_classes)]
+# make_shapes_dataset's classes: class k in colour k % 8, a square for k < 8, else a disc
+SHAPES_CLASSES = ["red square", "green square", "blue square", "yellow square", "magenta square",
+                  "cyan square", "orange square", "white square", "red disc", "green disc"]
 
 
 def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, seed: int = 0):
@@ -478,7 +471,7 @@ def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
                             f"them into a class subfolder, or train an unconditional model with --num-classes 0")
     else:
         images, labels = make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed)
-        dataset_id, class_names = "shapes", shapes_class_names()
+        dataset_id, class_names = "shapes", SHAPES_CLASSES
     if args.num_classes > 0 and args.num_classes != len(class_names):
         raise UserError(f"--num-classes {args.num_classes} disagrees with the data: {dataset_id} has "
                         f"{len(class_names)} classes; use --num-classes {len(class_names)} (or 0 for an unconditional "
@@ -1110,7 +1103,8 @@ def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], n
 
 
 # --------------------------------------------------------------------------------------------------
-# Samples from the EMA model (guided, abandoned on a signal), the sample files, the run length.
+# The run's parts: samples from the EMA model (guided, abandoned on a signal) and their files,
+# the run length, sampling a checkpoint, the run's start, the log of each interval, the checkpoint.
 
 
 def sample_grid(images: np.ndarray, columns: Optional[int] = None) -> np.ndarray:
@@ -1136,17 +1130,6 @@ def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[
 def class_rows(num_classes: int, per_row: int) -> Optional[torch.Tensor]:
     """Labels of a grid with a row of per_row images per class: 0, 0, ..., 1, 1, ... (None: unconditional)."""
     return torch.arange(num_classes).repeat_interleave(per_row) if num_classes > 0 else None
-
-
-def class_index(class_label: str, class_names: list[str]) -> int:
-    """--class-label as a class index: a whole number is the index (check_args checked its range),
-    anything else a class name; an unknown name raises UserError listing the names."""
-    if class_label.lstrip("-").isdigit():
-        return int(class_label)
-    if class_label not in class_names:
-        raise UserError(f"--class-label {class_label!r} is not a class of this model: give an index (0 to "
-                        f"{len(class_names) - 1}) or one of {', '.join(map(repr, class_names))}")
-    return class_names.index(class_label)
 
 
 def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torch.Tensor], args: Args,
@@ -1204,17 +1187,19 @@ def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint:
     return args
 
 
-# --------------------------------------------------------------------------------------------------
-# The run's bookkeeping: resuming, sampling a checkpoint, the run's start, the log of each interval,
-# the samples of each evaluation, the checkpoint.
-
-
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
                            device: torch.device, class_names: list[str]):
     """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/: a row of
     ceil(N / classes) per class, or N of --class-label; with --eval-fid, their FID. A signal
     abandons the sampling and writes nothing more."""
-    label = None if args.class_label is None else class_index(args.class_label, class_names)
+    label = args.class_label  # an index (check_args checked its range) or a class name
+    if label is not None and not label.lstrip("-").isdigit():
+        if label not in class_names:
+            names = ", ".join(map(repr, class_names))
+            raise UserError(f"--class-label {label!r} is not a class of this model: give an index "
+                            f"(0 to {len(class_names) - 1}) or one of {names}")
+        label = class_names.index(label)
+    label = None if label is None else int(label)
     labels, columns, what = None, None, ""  # unconditional
     if label is not None:
         labels, what = torch.full((args.num_samples,), label), f" of class {label} ({class_names[label]})"

@@ -683,7 +683,7 @@ def wrote_npz(lines: list[str]) -> Path:
 def test_sample_only_grid_has_a_row_per_class_and_class_names_round_trip(tmp_path, torch_threads):
     import cv2
 
-    names = dit.shapes_class_names()
+    names = dit.SHAPES_CLASSES
     assert names[:2] == ["red square", "green square"] and names[8:] == ["red disc", "green disc"]
     lines = small_run("--total-steps", 2, "--save-every", 2, "--eval-every", 2, "--log-every", 2, output_dir=tmp_path)
     run_dir = only_run_dir(tmp_path)
