@@ -1182,8 +1182,6 @@ def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint:
     if args.epochs is not None or args.total_steps is None:
         epochs = 100 if args.epochs is None else args.epochs
         args = replace(args, total_steps=math.ceil(epochs * num_items / args.batch_size), epochs=None)
-        print(f"--epochs {epochs}: {args.total_steps:,} optimizer steps ({num_items:,} images, batch "
-              f"{args.batch_size})")
     return args
 
 
