@@ -1,16 +1,16 @@
 # cleanworlds: DiT (Peebles & Xie 2023) on CIFAR-10. Docs, results: README.md, benchmark/RESULTS.md
 """
-Class-conditional Diffusion Transformer (adaLN-Zero and three other adaLN variants) with classifier-free guidance.
+Class-conditional Diffusion Transformer (adaLN-Zero and 3 other adaLN variants) with guidance.
 
-    python dit_cifar10.py                                    # the seed's config (patch 4, width 384, 100 epochs)
-    python dit_cifar10.py --preset dit-s2 --eval-fid         # DiT-S/2, FID of 50k samples at the end
+    python dit_cifar10.py                                    # the seed's config: patch 4, width 384
+    python dit_cifar10.py --preset dit-s2 --eval-fid         # DiT-S/2 and its FID (50k samples)
     python dit_cifar10.py --adaln single                     # or plain, diagonal (default: zero)
     torchrun --standalone --nproc_per_node=8 dit_cifar10.py  # 8 GPUs, global batch 128
-    python dit_cifar10.py --preset tiny                      # end to end on a CPU, offline (generated shapes)
-    python dit_cifar10.py --preset cpu                       # shapes of the asked class in minutes on 2 CPU cores
-    python dit_cifar10.py --dataset folder --data-dir my_images --img-size 64 --num-classes 5  # a subfolder per class
-    python dit_cifar10.py --resume RUN_FOLDER --sample-only --class-label cat --cfg-scale 4 --sampler ddim \
-        --num-sampling-steps 50
+    python dit_cifar10.py --preset tiny                      # end to end on a CPU, offline (shapes)
+    python dit_cifar10.py --preset cpu                       # the asked shapes in minutes, 2 cores
+Your images, a subfolder per class; sampling one class of a run with guidance:
+    python dit_cifar10.py --dataset folder --data-dir my_images --img-size 64 --num-classes 5
+    python dit_cifar10.py --resume RUN_FOLDER --sample-only --class-label cat --cfg-scale 4
 """
 import atexit
 import contextlib
