@@ -1,27 +1,16 @@
 # cleanworlds: DiT (Peebles & Xie 2023) on CIFAR-10. Docs, results: README.md, benchmark/RESULTS.md
 """
-Class-conditional Diffusion Transformer (adaLN-Zero and three other adaLN variants), with classifier-free guidance,
-in one file.
+Class-conditional Diffusion Transformer (adaLN-Zero and 3 other adaLN variants) with guidance.
 
-Train the seed's CIFAR-10 config (patch 4, width 384, depth 6, 6 heads, batch 128, 100 epochs) on one GPU:
-    python dit_cifar10.py
-    python dit_cifar10.py --preset dit-s2 --eval-fid --fid-num-samples 50000   # DiT-S/2, FID at the end
-Compare the conditioning variants (adaLN-Zero, plain adaLN, adaLN-Single, adaLN-Diagonal):
-    python dit_cifar10.py --adaln single
-On 8 GPUs (global batch 128, 16 per GPU):
-    torchrun --standalone --nproc_per_node=8 dit_cifar10.py
-End to end in under a minute on a CPU, offline (generated coloured shapes, 10 classes):
-    python dit_cifar10.py --preset tiny
-Shapes of the asked class in 10 to 20 minutes on 2 CPU cores, scored by the judge (eval/judge_*):
-    python dit_cifar10.py --preset cpu
-Your own labelled images (PNG/JPG, one subfolder per class), resized to 64x64; unconditional with --num-classes 0:
+    python dit_cifar10.py                                    # the seed's config: patch 4, width 384
+    python dit_cifar10.py --preset dit-s2 --eval-fid         # DiT-S/2 and its FID (50k samples)
+    python dit_cifar10.py --adaln single                     # or plain, diagonal (default: zero)
+    torchrun --standalone --nproc_per_node=8 dit_cifar10.py  # 8 GPUs, global batch 128
+    python dit_cifar10.py --preset tiny                      # end to end on a CPU, offline (shapes)
+    python dit_cifar10.py --preset cpu                       # the asked shapes in minutes, 2 cores
+Your images, a subfolder per class; sampling one class of a run with guidance:
     python dit_cifar10.py --dataset folder --data-dir my_images --img-size 64 --num-classes 5
-Continue a run, or sample one class from it with guidance:
-    python dit_cifar10.py --resume runs/cifar10__dit_cifar10__1__1700000000
-    python dit_cifar10.py --resume runs/cifar10__dit_cifar10__1__1700000000 \
-        --sample-only --class-label cat --cfg-scale 4 --sampler ddim --num-sampling-steps 50
-Watch it:
-    tensorboard --logdir runs
+    python dit_cifar10.py --resume RUN_FOLDER --sample-only --class-label cat --cfg-scale 4
 """
 import contextlib
 import copy
@@ -80,8 +69,7 @@ class Args:
     output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu", "dit-s2", "dit-b2"]] = None
-    """tiny: a whole run on generated data in seconds on a CPU; cpu: shapes of the asked class in
-    minutes on 2 cores; dit-s2, dit-b2: the paper's DiT-S/2, DiT-B/2"""
+    """tiny: seconds on a CPU; cpu: the asked shapes in minutes; dit-s2, dit-b2: the paper's"""
     config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
@@ -187,21 +175,18 @@ class Args:
 
 PRESETS = {
     # tiny keeps the paper's EMA decay 0.9999: the warm-up (ema_decay_at) fits it to 1,024 steps.
-    "tiny": dict(
-        dataset="shapes", img_size=16, num_shapes_images=512, patch=4, width=64, depth=3, heads=4,
-        total_steps=1024, batch_size=32, learning_rate=2e-3, log_every=16, save_every=256, eval_every=512,
-        sampler="ddim", num_sampling_steps=20, cfg_scale=3.0, samples_per_class=4, num_samples=16, fid_num_samples=64,
-        sample_batch_size=64,
-    ),
+    "tiny": dict(dataset="shapes", img_size=16, num_shapes_images=512, patch=4, width=64, depth=3,
+                 heads=4, total_steps=1024, batch_size=32, learning_rate=2e-3, log_every=16,
+                 save_every=256, eval_every=512, sampler="ddim", num_sampling_steps=20,
+                 cfg_scale=3.0, samples_per_class=4, num_samples=16, fid_num_samples=64,
+                 sample_batch_size=64),
     # Shapes of the asked class in minutes on 2 CPU cores: guidance 3 draws the asked class at
     # this budget. The judge scores each evaluation, guided and at guidance 1.
-    "cpu": dict(
-        dataset="shapes", img_size=16, num_shapes_images=4096, patch=2, width=128, depth=4, heads=4,
-        total_steps=2048, batch_size=64, learning_rate=1e-3, ema_decay=0.999, log_every=32, save_every=256,
-        eval_every=512, first_sample_at=100,
-        sampler="ddim", num_sampling_steps=50, cfg_scale=3.0, samples_per_class=12, num_samples=120,
-        fid_num_samples=2000, sample_batch_size=120,
-    ),
+    "cpu": dict(dataset="shapes", img_size=16, num_shapes_images=4096, patch=2, width=128, depth=4,
+                heads=4, total_steps=2048, batch_size=64, learning_rate=1e-3, ema_decay=0.999,
+                log_every=32, save_every=256, eval_every=512, first_sample_at=100, sampler="ddim",
+                num_sampling_steps=50, cfg_scale=3.0, samples_per_class=12, num_samples=120,
+                fid_num_samples=2000, sample_batch_size=120),
     # The paper's model sizes at CIFAR-10 resolution (patch 2: 256 tokens).
     "dit-s2": dict(patch=2, width=384, depth=12, heads=6),
     "dit-b2": dict(patch=2, width=768, depth=12, heads=12),
@@ -225,17 +210,15 @@ def check_args(args: Args, world_size: int):
     if args.beta_start > args.beta_end:
         raise UserError(f"--beta-start {args.beta_start} must not exceed --beta-end {args.beta_end}")
     if args.img_size % args.patch:
-        raise UserError(f"--patch {args.patch} does not divide --img-size {args.img_size}: choose a patch size that "
-                        f"divides it (e.g. 2 or 4 for 32)")
+        raise UserError(f"--patch {args.patch} does not divide --img-size {args.img_size}: choose one that does")
     if args.width % args.heads:
-        raise UserError(f"--heads {args.heads} does not divide --width {args.width}: choose a head count that divides "
-                        f"it (e.g. --heads 6 for --width 384)")
+        raise UserError(f"--heads {args.heads} does not divide --width {args.width}: choose one that does")
     if args.width % 4:
         raise UserError(f"--width {args.width} must be divisible by 4 (the 2D sin-cos position embedding)")
-    if args.class_label is not None and (not args.num_classes or args.class_label.lstrip("-").isdigit()
-                                         and not 0 <= int(args.class_label) < args.num_classes):  # a name: main()
-        raise UserError(f"--class-label {args.class_label} is out of range: the model has {args.num_classes} classes "
-                        + (f"(0 to {args.num_classes - 1})" if args.num_classes else "(it is unconditional)"))
+    label = args.class_label  # an index, or a name (sample_from_checkpoint looks it up)
+    if label is not None and (not args.num_classes or label.lstrip("-").isdigit()
+                              and not 0 <= int(label) < args.num_classes):
+        raise UserError(f"--class-label {label} is out of range: the model has {args.num_classes} classes")
     # Guidance mixes in eps(x_t, t, null); --class-dropout 0 never trains the null class's embedding
     # (it keeps its random initialisation), so any scale but 1 steers the samples by noise.
     if args.num_classes > 0 and args.class_dropout == 0 and args.cfg_scale != 1:
@@ -352,12 +335,9 @@ def load_image_folder(data_dir: str, img_size: int) -> tuple[np.ndarray, np.ndar
 
 SHAPE_COLOURS = np.array([[230, 25, 25], [25, 200, 25], [40, 80, 240], [240, 220, 30], [230, 40, 230],
                           [30, 220, 220], [250, 140, 20], [240, 240, 240]], dtype=np.uint8)
-SHAPE_COLOUR_NAMES = ["red", "green", "blue", "yellow", "magenta", "cyan", "orange", "white"]
-
-
-def shapes_class_names(num_classes: int = 10) -> list[str]:
-    """Each shapes class's name, as make_shapes_dataset draws it: "red square", ..., "red disc"."""
-    return [f"{SHAPE_COLOUR_NAMES[k % 8]} {'square' if k < 8 else 'disc'}" for k in range(num_classes)]
+# make_shapes_dataset's classes: class k in colour k % 8, a square for k < 8, else a disc
+SHAPES_CLASSES = ["red square", "green square", "blue square", "yellow square", "magenta square",
+                  "cyan square", "orange square", "white square", "red disc", "green disc"]
 
 
 def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, seed: int = 0):
@@ -392,7 +372,7 @@ def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
                             f"them into a class subfolder, or train an unconditional model with --num-classes 0")
     else:
         images, labels = make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed)
-        dataset_id, class_names = "shapes", shapes_class_names()
+        dataset_id, class_names = "shapes", SHAPES_CLASSES
     if args.num_classes > 0 and args.num_classes != len(class_names):
         raise UserError(f"--num-classes {args.num_classes} disagrees with the data: {dataset_id} has "
                         f"{len(class_names)} classes; use --num-classes {len(class_names)} (or 0 for an unconditional "
@@ -830,19 +810,18 @@ def make_shapes_judge(args: Args, num_samples: int) -> tuple[JudgeNet, np.ndarra
 
 def judge_samples(judge, evaluated: Optional[tuple], generate: Callable, args: Args, step: int, eval_now: bool,
                   writer):
-    """eval/judge_* of an evaluation's samples of the shapes data (log_samples' samples and labels),
-    with and without guidance (a signal abandons the unguided ones). Returns the judge (made at the
-    first evaluation: the judge, held-out images, their labels)."""
+    """eval/judge_* of an evaluation's samples of the shapes (log_samples' samples and labels), with
+    and without guidance (_cfg1). Returns the judge (made at the first evaluation: the judge,
+    held-out images, their labels)."""
     if not (eval_now and evaluated is not None and args.dataset == "shapes"):
         return judge
-    samples, grid_labels = evaluated
-    asked = None if grid_labels is None else grid_labels.numpy()
+    samples, labels = evaluated
     judge = judge or make_shapes_judge(args, len(samples))
-    log_judge_scores(writer, judge_scores(judge[0], samples, asked, judge[1], judge[2]), step)
+    log_judge_scores(writer, judge_scores(judge[0], samples, labels, judge[1], judge[2]), step)
     if args.num_classes > 0 and args.cfg_scale != 1.0:  # the same noise without guidance: what guidance adds
         with contextlib.suppress(StopRequested):
-            plain = generate(len(samples), grid_labels, replace(args, cfg_scale=1.0))
-            log_judge_scores(writer, judge_scores(judge[0], plain, asked, judge[1], judge[2]), step, "_cfg1")
+            plain = generate(len(samples), labels, replace(args, cfg_scale=1.0))
+            log_judge_scores(writer, judge_scores(judge[0], plain, labels, judge[1], judge[2]), step, "_cfg1")
     return judge
 
 
@@ -948,108 +927,60 @@ def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], n
                  args: Args, device: torch.device, writer=None, step: int = 0) -> float:
     """FID of --fid-num-samples generated images, every class equally often, vs the training images
     (the paper's protocol), printed and logged as eval/fid."""
-    samples = torch.from_numpy(generate(args.fid_num_samples, labels_in_turn(args.fid_num_samples, args.num_classes)))
+    num, classes = args.fid_num_samples, args.num_classes
+    samples = torch.from_numpy(generate(num, torch.arange(num) % classes if classes > 0 else None))
     fid = compute_fid(fid_metric, samples, torch.from_numpy(real_images), args.sample_batch_size, device)
-    print(f"FID ({args.fid_num_samples} samples vs {len(real_images)} training images, {args.sampler} "
-          f"{args.num_sampling_steps} steps" + (f", guidance {args.cfg_scale:g}" if args.num_classes > 0 else "")
-          + f"): {fid:.3f}")
+    guidance = f", guidance {args.cfg_scale:g}" if classes > 0 else ""
+    print(f"FID ({num} samples vs {len(real_images)} training images, {args.sampler} {args.num_sampling_steps} "
+          f"steps{guidance}): {fid:.3f}")
     if writer is not None:
         writer.add_scalar("eval/fid", fid, step)
-        writer.add_scalar("eval/fid_num_samples", args.fid_num_samples, step)
+        writer.add_scalar("eval/fid_num_samples", num, step)
     return fid
 
 
 # --------------------------------------------------------------------------------------------------
-# Samples from the EMA model (guided, abandoned on a signal), the sample files, the run length.
+# The run's parts: samples from the EMA model (guided, abandoned on a signal) and their files,
+# the run length, sampling a checkpoint, the run's start, the log of each interval, the checkpoint.
 
 
-def sample_grid(images: np.ndarray, labels: Optional[np.ndarray] = None, columns: Optional[int] = None,
-                class_names: Optional[list[str]] = None, pad: int = 2) -> np.ndarray:
-    """make_grid of at most 256 uint8 (N, 3, H, W) images, each row of one class named in a left
-    margin. With columns (a row per class) every row is kept, cut short to fit 256 images."""
-    import cv2
-
-    rows = len(images) // columns if columns else 0
-    if len(images) > 256 and rows and len(images) == rows * columns:
-        per_row = max(1, 256 // rows)
-        keep = (np.arange(rows)[:, None] * columns + np.arange(per_row)).ravel()  # the first per_row of each row
-        images, labels, columns = images[keep], None if labels is None else labels[keep], per_row
-    images, labels = images[:256], None if labels is None else labels[:256]
-    grid = make_grid(images, columns, pad)
-    if labels is None or not class_names:
-        return grid
-    columns, cell = (grid.shape[1] - pad) // (images.shape[3] + pad), images.shape[2] + pad  # make_grid's layout
-    row_labels = [labels[start: start + columns] for start in range(0, len(labels), columns)]
-    names = [class_names[row[0]] if (row == row[0]).all() else "" for row in row_labels]  # mixed classes: no name
-    if not any(names):
-        return grid
-    font, scale = cv2.FONT_HERSHEY_PLAIN, min(1.0, cell / 20)  # fits rows of 16 px images; full size from 18 px up
-    width = max(cv2.getTextSize(name, font, scale, 1)[0][0] for name in names) + 2 * pad
-    margin = np.zeros((grid.shape[0], width, 3), dtype=np.uint8)
-    for r, name in enumerate(names):
-        (_, height), _ = cv2.getTextSize(name, font, scale, 1)
-        cv2.putText(margin, name, (pad, pad + r * cell + (cell - pad + height) // 2), font, scale, (230, 230, 230), 1,
-                    cv2.LINE_AA)
-    return np.concatenate([margin, grid], axis=1)
+def sample_grid(images: np.ndarray, columns: Optional[int] = None) -> np.ndarray:
+    """make_grid of at most 256 uint8 (N, 3, H, W) images; with columns (a row per class), every row
+    is kept, cut short to fit."""
+    if columns and len(images) > 256:
+        rows = len(images) // columns
+        images = images.reshape(rows, columns, *images.shape[1:])[:, : max(1, 256 // rows)]
+        columns = images.shape[1]
+        images = images.reshape(-1, *images.shape[2:])
+    return make_grid(images[:256], columns)
 
 
-def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[np.ndarray] = None,
-                  columns: Optional[int] = None, class_names: Optional[list[str]] = None) -> Path:
-    """A PNG grid (sample_grid: rows named by class) and an .npz of the uint8 (N, H, W, 3) images
-    (arr_0, the layout FID tools read) and, for a class-conditional model, their int64 class labels
-    (arr_1, as ADM's sample files). A failed write raises OSError."""
-    write_png(folder / f"{stem}.png", sample_grid(images, labels, columns, class_names))
-    np.savez(folder / f"{stem}.npz", images.transpose(0, 2, 3, 1), *([] if labels is None else [labels]))
+def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[torch.Tensor] = None,
+                  columns: Optional[int] = None) -> Path:
+    """A PNG grid (sample_grid) and an .npz of the uint8 (N, H, W, 3) images (arr_0, the layout FID
+    tools read) and their int64 class labels if any (arr_1, as ADM's). A failed write raises OSError."""
+    write_png(folder / f"{stem}.png", sample_grid(images, columns))
+    np.savez(folder / f"{stem}.npz", images.transpose(0, 2, 3, 1), *([] if labels is None else [labels.numpy()]))
     return folder / f"{stem}.png"
 
 
-def labels_in_turn(num: int, num_classes: int) -> Optional[torch.Tensor]:
-    """Labels 0, 1, ..., num_classes - 1, 0, 1, ... for num samples (None: unconditional)."""
-    return torch.arange(num) % num_classes if num_classes > 0 else None
-
-
-def class_index(class_label: str, class_names: list[str]) -> int:
-    """--class-label as a class index: a whole number is the index (check_args checked its range),
-    anything else a class name; an unknown name raises UserError listing the names."""
-    if class_label.lstrip("-").isdigit():
-        return int(class_label)
-    if class_label not in class_names:
-        raise UserError(f"--class-label {class_label!r} is not a class of this model: give an index (0 to "
-                        f"{len(class_names) - 1}) or one of {', '.join(map(repr, class_names))}")
-    return class_names.index(class_label)
-
-
-def run_classes(args: Args, given: set[str], checkpoint: Optional[dict], data_class_names: list[str],
-                is_main: bool) -> tuple[list[str], Optional[int]]:
-    """The run's class names (the checkpoint's, else the data's; none unconditional) and
-    --class-label as an index (None: not given). An unconditional model has no use for --cfg-scale:
-    a notice says so."""
-    class_names = ((checkpoint or {}).get("class_names") or data_class_names) if args.num_classes > 0 else []
-    class_label = None if args.class_label is None else class_index(args.class_label, class_names)
-    if args.num_classes == 0 and "cfg_scale" in given and args.cfg_scale != 1.0 and is_main:
-        print(f"notice: --num-classes 0 trains an unconditional model, which has no classifier-free guidance: "
-              f"--cfg-scale {args.cfg_scale:g} is not used")
-    return class_names, class_label
+def class_rows(num_classes: int, per_row: int) -> Optional[torch.Tensor]:
+    """Labels of a grid with a row of per_row images per class: 0, 0, ..., 1, 1, ... (None: unconditional)."""
+    return torch.arange(num_classes).repeat_interleave(per_row) if num_classes > 0 else None
 
 
 def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torch.Tensor], args: Args,
                      alphas_cumprod: torch.Tensor, autocast, stop: "StopFlag") -> np.ndarray:
     """num uint8 (N, 3, H, W) samples of the given classes (None: unconditional) from the EMA model
     with args' sampler and guidance, in batches of --sample-batch-size, from the same noise every
-    time (seed + 10,000). stop.check() runs before every network evaluation; a progress bar counts
-    them."""
+    time (seed + 10,000). stop.check() runs before every network evaluation."""
     device = next(ema_model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
-    out = []
-    batch_starts = range(0, num, args.sample_batch_size)
-    from tqdm import tqdm
-
-    # below the training bar only on a terminal: in a log file a nested bar writes cursor codes
-    below_training = any(not bar.disable for bar in list(getattr(tqdm, "_instances", ())))
-    with progress_bar(len(batch_starts) * args.num_sampling_steps, 0, "sampling", "step",
-                      sys.stderr.isatty() or not below_training) as bar:
-        bar.leave = None  # tqdm's rule: the finished bar stays on screen, unless it sits below the training bar
-        for start in batch_starts:
+    out, starts = [], range(0, num, args.sample_batch_size)
+    # on a terminal only: in a log file a bar nested under the training bar writes cursor codes
+    with progress_bar(len(starts) * args.num_sampling_steps, 0, "sampling", "step", sys.stderr.isatty()) as bar:
+        bar.leave = None  # tqdm's rule: the finished bar stays, unless it sits below the training bar
+        for start in starts:
             x_T = torch.randn((min(args.sample_batch_size, num - start), 3, args.img_size, args.img_size),
                               generator=generator, device=device)
             y = None if class_labels is None else class_labels[start: start + len(x_T)].to(device)
@@ -1057,9 +988,8 @@ def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torc
 
             def model_fn(x, t):
                 stop.check()
-                eps = guided(x, t)
                 bar.update(1)
-                return eps
+                return guided(x, t)
 
             out.append(sample_images(model_fn, x_T, alphas_cumprod, args.sampler, args.num_sampling_steps,
                                      args.ddim_eta, generator).cpu())
@@ -1079,65 +1009,45 @@ def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint:
     if {"epochs", "total_steps"} <= given:
         raise UserError(f"--epochs {args.epochs} and --total-steps {args.total_steps} both set the run length; give "
                         f"one")
-    if checkpoint is not None and checkpoint["format_version"] == 1:
+    if checkpoint is not None and checkpoint["format_version"] == 1:  # flags given now count steps already
         steps_per_epoch = num_items // args.batch_size  # format 1's epoch
-        saved = {name: getattr(args, name) * steps_per_epoch for name in ("epochs", "save_every", "eval_every")
-                 if not {name, "total_steps" if name == "epochs" else name} & given}
-        args = replace(args, **{"total_steps" if k == "epochs" else k: v for k, v in saved.items()})
-        args = replace(args, epochs=args.epochs if "epochs" in given else None)
-        if num_items % args.batch_size:
-            print(f"notice: this checkpoint (format 1) dropped the last partial batch of each epoch; from step "
-                  f"{checkpoint['step']} on, batches cross epochs, so the data order differs from the old script's")
+        converted = {name: getattr(args, name) * steps_per_epoch for name in ("save_every", "eval_every")
+                     if name not in given}
+        if not {"epochs", "total_steps"} & given:
+            converted["total_steps"] = args.epochs * steps_per_epoch
+        args = replace(args, **converted, epochs=args.epochs if "epochs" in given else None)
     if args.epochs is not None or args.total_steps is None:
         epochs = 100 if args.epochs is None else args.epochs
         args = replace(args, total_steps=math.ceil(epochs * num_items / args.batch_size), epochs=None)
-        print(f"--epochs {epochs}: {args.total_steps:,} optimizer steps ({num_items:,} images, batch "
-              f"{args.batch_size})")
     return args
 
 
-# --------------------------------------------------------------------------------------------------
-# The run's bookkeeping: resuming, sampling a checkpoint, the run's start, the log of each interval,
-# the samples of each evaluation, the checkpoint.
-
-
-def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Optional[Path]]:
-    """The run's arguments, checkpoint and folder: with --resume, the checkpoint's arguments (with
-    the RESUME_MUTABLE flags given), the checkpoint and its folder; else the flags', None, None."""
-    if not args.resume:
-        return args, None, None
-    checkpoint_path = resolve_checkpoint_path(args.resume)
-    checkpoint = load_checkpoint(checkpoint_path)
-    if isinstance(checkpoint["args"].get("class_label"), int):  # saved before --class-label took names too
-        checkpoint["args"]["class_label"] = str(checkpoint["args"]["class_label"])
-    args = merge_resumed_args(args, given, checkpoint["args"])
-    return args, checkpoint, run_dir_of(checkpoint_path, trains=not args.sample_only)
-
-
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
-                           device: torch.device, class_label: Optional[int], class_names: list[str]):
-    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/ and, with
-    --eval-fid, their FID. A signal abandons the sampling and writes nothing more."""
-    conditional = args.num_classes > 0
+                           device: torch.device, class_names: list[str]):
+    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/: a row of
+    ceil(N / classes) per class, or N of --class-label; with --eval-fid, their FID. A signal
+    abandons the sampling and writes nothing more."""
+    label = args.class_label  # an index (check_args checked its range) or a class name
+    if label is not None and not label.lstrip("-").isdigit():
+        if label not in class_names:
+            names = ", ".join(map(repr, class_names))
+            raise UserError(f"--class-label {label!r} is not a class of this model: give an index "
+                            f"(0 to {len(class_names) - 1}) or one of {names}")
+        label = class_names.index(label)
+    label = None if label is None else int(label)
+    labels, columns, what = None, None, ""  # unconditional
+    if label is not None:
+        labels, what = torch.full((args.num_samples,), label), f" of class {label} ({class_names[label]})"
+    elif args.num_classes > 0:
+        columns = math.ceil(args.num_samples / args.num_classes)
+        labels, what = class_rows(args.num_classes, columns), f", {columns} of each of the {args.num_classes} classes"
+        if len(labels) != args.num_samples:
+            what += f" (--num-samples {args.num_samples} rounded up to fill the rows)"
+    which = ("" if label is None else f"_class{label}") + (f"_cfg{args.cfg_scale:g}" if args.num_classes else "")
     try:
-        # a row of ceil(N / C) images per class (--class-label: N of it); unconditional: a grid
-        if not conditional:
-            class_labels, columns, what = None, None, ""
-        elif class_label is not None:
-            class_labels, columns = torch.full((args.num_samples,), class_label), None
-            what = f" of class {class_label} ({class_names[class_label]})"
-        else:
-            columns = math.ceil(args.num_samples / args.num_classes)
-            class_labels = torch.arange(args.num_classes).repeat_interleave(columns)
-            what = f", {columns} of each of the {args.num_classes} classes" + (
-                f" (--num-samples {args.num_samples} rounded up to fill the rows)"
-                if len(class_labels) != args.num_samples else "")
-        samples = generate(args.num_samples if class_labels is None else len(class_labels), class_labels)
-        which = (f"_class{class_label}" if class_label is not None else "") + (
-            f"_cfg{args.cfg_scale:g}" if conditional else "")
+        samples = generate(args.num_samples if labels is None else len(labels), labels)
         stem = f"sample_only_{args.sampler}{args.num_sampling_steps}{which}_step{step}_{int(time.time())}"
-        path = write_samples(run_dir / "samples", stem, samples, None if class_labels is None else class_labels.numpy(),
-                             columns, class_names)
+        path = write_samples(run_dir / "samples", stem, samples, labels, columns)
         print(f"wrote {len(samples)} samples{what} to {path} and {path.with_suffix('.npz')}")
         if args.eval_fid:
             evaluate_fid(fid_metric, generate, images_np, args, device)
@@ -1159,15 +1069,12 @@ def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: st
     print(f"run folder: {run_dir}")
     if step > 0:
         print(f"resuming at step {step} of {args.total_steps}")
+    classes = f"{args.num_classes} classes" if args.num_classes > 0 else "unconditional"
     print(f"model: DiT with adaLN-{args.adaln}, {num_params:,} parameters; data: {num_images:,} images of "
-          f"{args.img_size}x{args.img_size}, "
-          + (f"{args.num_classes} classes" if args.num_classes > 0 else "unconditional")
-          + f"; device: {setup.device}" + (f" x {setup.world_size}" if setup.world_size > 1 else ""))
-    if args.num_classes > 0:  # what --class-label accepts, and the names the sample grids carry
+          f"{args.img_size}x{args.img_size}, {classes}; device: {setup.device}"
+          + (f" x {setup.world_size}" if setup.world_size > 1 else ""))
+    if class_names:  # what --class-label accepts
         print("classes: " + ", ".join(f"{k} {name}" for k, name in enumerate(class_names)))
-    if num_images < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
-        print(f"notice: {num_images:,} images, fewer than --batch-size {args.batch_size}: each batch holds images "
-              f"more than once (it spans several epochs)")
     return run_dir, writer
 
 
@@ -1199,22 +1106,20 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
 
 
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
-                started: float, class_names: list[str]) -> Optional[tuple[np.ndarray, Optional[torch.Tensor]]]:
-    """EMA samples, a row per class (8 rows unconditional), to TensorBoard (samples/ema) and
-    samples/: --samples-per-class at an evaluation, 2 at --first-sample-at. Returns them and their labels;
+                started: float) -> Optional[tuple[np.ndarray, Optional[torch.Tensor]]]:
+    """EMA samples, a row per class (8 rows unconditional), to TensorBoard (samples/ema) and samples/:
+    --samples-per-class at an evaluation, 2 at --first-sample-at. Returns them and their labels;
     None if a signal abandoned them."""
-    conditional = args.num_classes > 0
+    per_row = args.samples_per_class if eval_now else 2
+    labels = class_rows(args.num_classes, per_row)
     with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
-        rows, per_row = args.num_classes if conditional else 8, args.samples_per_class if eval_now else 2
-        grid_labels = torch.arange(rows).repeat_interleave(per_row) if conditional else None
-        samples = generate(rows * per_row, grid_labels)
-        asked = None if grid_labels is None else grid_labels.numpy()
-        writer.add_image("samples/ema", sample_grid(samples, asked, per_row, class_names), step, dataformats="HWC")
-        path = write_samples(run_dir / "samples", f"step{step:08d}", samples, asked, per_row, class_names)
+        samples = generate(per_row * (args.num_classes or 8), labels)
+        writer.add_image("samples/ema", sample_grid(samples, per_row), step, dataformats="HWC")
+        path = write_samples(run_dir / "samples", f"step{step:08d}", samples, labels, per_row)
         if not eval_now:
             progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
                            f"start: {path}")
-        return samples, grid_labels
+        return samples, labels
     return None
 
 
@@ -1237,7 +1142,12 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter",
 def main(args: Args, given: set[str]):
     # ---- setup: arguments (resumed: the checkpoint's), device, seeds, data, model, optimizer
     started = time.perf_counter()
-    args, checkpoint, run_dir = resumed_run(args, given)
+    checkpoint, run_dir = None, None
+    if args.resume:  # the checkpoint's arguments, with the RESUME_MUTABLE flags given
+        checkpoint_path = resolve_checkpoint_path(args.resume)
+        checkpoint = load_checkpoint(checkpoint_path)
+        args = merge_resumed_args(args, given, checkpoint["args"])
+        run_dir = run_dir_of(checkpoint_path, trains=not args.sample_only)
     check_args(args, torchrun_world()[0])
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
@@ -1248,11 +1158,11 @@ def main(args: Args, given: set[str]):
         check_step_memory(setup, args.batch_size, *step_memory_profile(args), args.dtype)
 
     images_np, labels_np, dataset_id, data_class_names = load_dataset(args)
-    images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no copies
-    labels = torch.from_numpy(labels_np).to(device)
+    # uint8 on the device: no loader, no copies
+    images, labels = torch.from_numpy(images_np).to(device), torch.from_numpy(labels_np).to(device)
     args = run_length_in_steps(args, given, len(images), checkpoint)
     conditional = args.num_classes > 0
-    class_names, class_label = run_classes(args, given, checkpoint, data_class_names, setup.is_main)
+    class_names = (checkpoint or {}).get("class_names", data_class_names) if conditional else []
     model = build_model(args).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
@@ -1270,15 +1180,12 @@ def main(args: Args, given: set[str]):
         return generate_samples(ema_model, num, class_labels, sample_args, alphas_cumprod, autocast, stop)
 
     fid_metric = make_fid_metric() if args.eval_fid else None  # fails now, not after training
-
     if args.sample_only or step >= args.total_steps:  # nothing to train: sample, or say so
         leave_process_group(setup.world_size)  # sampling is rank 0's alone
         if setup.is_main and args.sample_only:
-            sample_from_checkpoint(generate, args, run_dir, step, fid_metric, images_np, device, class_label,
-                                   class_names)
+            sample_from_checkpoint(generate, args, run_dir, step, fid_metric, images_np, device, class_names)
         elif setup.is_main:  # a finished run says so and writes nothing (no purge)
-            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps "
-                  f"to train on")
+            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise it to train on")
         stop.restore()
         return
 
@@ -1291,8 +1198,7 @@ def main(args: Args, given: set[str]):
     # ---- train
     local_batch = args.batch_size // setup.world_size
     mine = slice(setup.rank * local_batch, (setup.rank + 1) * local_batch)
-    first_step = step
-    step_timer = StepTimer(first_step, args.total_steps, setup)
+    first_step, step_timer = step, StepTimer(step, args.total_steps, setup)
     progress = progress_bar(args.total_steps, step, "train", "step", setup.is_main)
     while step < args.total_steps:
         # Every rank draws the whole global batch (indices, flips, drops, t, noise) and takes its
@@ -1302,8 +1208,7 @@ def main(args: Args, given: set[str]):
         if conditional:  # classifier-free guidance training: a label becomes the null class with p = class_dropout
             drops = torch.rand(args.batch_size, generator=train_generator, device=device) < args.class_dropout
         t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
-        noise = torch.randn((args.batch_size, 3, args.img_size, args.img_size), generator=train_generator,
-                            device=device)
+        noise = torch.randn((args.batch_size, *images.shape[1:]), generator=train_generator, device=device)
         x0 = images[indices[mine]].float() / 127.5 - 1.0  # uint8 -> [-1, 1]
         if args.random_flip:
             x0 = torch.where(flips[mine, None, None, None], x0.flip(3), x0)
@@ -1332,7 +1237,7 @@ def main(args: Args, given: set[str]):
         eval_now = step % args.eval_every == 0 or step == args.total_steps
         save_now = step % args.save_every == 0 or step == args.total_steps
         if setup.is_main and not stopping and (eval_now or step == args.first_sample_at):
-            samples = log_samples(generate, args, step, eval_now, writer, run_dir, progress, started, class_names)
+            samples = log_samples(generate, args, step, eval_now, writer, run_dir, progress, started)
             judge = judge_samples(judge, samples, generate, args, step, eval_now, writer)  # optional: judge
             stopping = stop.sync(setup) if setup.world_size == 1 else stopping
         if save_now or stopping:

@@ -36,7 +36,6 @@ ALLOWLIST = {
     "load_dataset": "each script's own data",
     "step_memory_profile": "each script's own model and loss (the activations of one training step)",
     "train_flops_per_sample": "each script's own network inputs (DiT's class labels)",
-    "resumed_run": "DiT converts an older checkpoint's integer --class-label",
     "open_run": "DiT's start names its adaLN variant and its classes",
     "sample_from_checkpoint": "DiT samples one class or a row per class, with guidance",
     "log_samples": "DiT's grid has a row per class",
