@@ -553,19 +553,14 @@ def read_episode(path: Path, num_actions: int, fix: str) -> dict:
 
     try:
         with np.load(path, allow_pickle=False) as data:
-            episode = {key: data[key] for key in EPISODE_KEYS if key in data}
-    except Exception as e:  # noqa: BLE001 - a missing, corrupt or pickled file is the same user-facing error
-        reason = str(e).splitlines()[0][:150] if str(e) else e.__class__.__name__
-        raise bad(f"cannot read it as an episode .npz ({reason})") from None
-    missing = [key for key in EPISODE_KEYS if key not in episode]
-    if missing:
-        raise bad(f"no {', '.join(missing)} (an episode .npz holds obs uint8 (T+1, H, W, 3), actions int64 (T,), "
-                  f"rewards float32 (T,), terminated and truncated bool (T,))")
+            episode = {key: data[key] for key in EPISODE_KEYS}
+    except Exception as e:  # noqa: BLE001 - a missing field, a corrupt or pickled file: the same user-facing error
+        reason = (str(e) or type(e).__name__).splitlines()[0][:150]
+        raise bad(f"cannot read it as an episode .npz of obs uint8 (T+1, H, W, 3), actions int64 (T,), rewards "
+                  f"float32 (T,), terminated and truncated bool (T,) ({reason})") from None
     obs = episode["obs"]
-    if obs.dtype != np.uint8 or obs.ndim != 4 or obs.shape[-1] != 3 or min(obs.shape[:3]) < 1:
-        raise bad(f"obs is {obs.dtype} {obs.shape}, not uint8 (T+1, H, W, 3) RGB frames")
-    if len(obs) < 2:
-        raise bad("obs holds a single frame: an episode needs at least one step")
+    if obs.dtype != np.uint8 or obs.ndim != 4 or obs.shape[-1] != 3 or len(obs) < 2 or 0 in obs.shape:
+        raise bad(f"obs is {obs.dtype} {obs.shape}, not uint8 (T+1, H, W, 3) RGB frames of at least one step")
     for key, kinds in (("actions", "iu"), ("rewards", "fiu"), ("terminated", "b"), ("truncated", "b")):
         value = episode[key]
         if value.dtype.kind not in kinds or value.shape != (len(obs) - 1,):
@@ -1964,28 +1959,18 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
                clip: Optional[int] = None) -> dict:
     """The checkpoint's EMA model as a game from held-out clip `clip` (default: --seed's): each step generates a clip
     whose first k = --context-frames frames are the last k shown, the new action held after them, and shows frame k.
-    Returns {"games": {"imagined": factory, (sprites) "real": factory}, "meanings": action names, "caption"}."""
+    Returns {"games": {"imagined": factory, "real": factory}, "meanings": action names, "caption"}."""
     num_actions, vocabulary = checkpoint["num_actions"], checkpoint["vocabulary"]
-    if args.dataset == "folder" or (num_actions == 0 and args.action_dim == 0):
-        raise UserError("--play needs an action-conditioned model (the sprites world or Atari clips): this run's "
-                        "videos have no actions")
-    if args.context_frames < 1:
-        raise UserError("--play generates each frame from the last frames: the run needs --context-frames >= 1")
-    if args.play_world != "imagined" and args.dataset != "sprites":
-        raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for real here")
+    if args.dataset != "sprites" or args.context_frames < 1:
+        raise UserError(f"--play steers a sprites model frame by frame from its last frames: this run has --dataset "
+                        f"{args.dataset} and --context-frames {args.context_frames} (play needs sprites and >= 1)")
     caption = args.play_caption or ""  # checked before any data is made
     check_given_caption(caption, vocabulary, args.max_text_len, "--play-caption",
                         str(resolve_checkpoint_path(args.resume)) if args.resume else "CHECKPOINT")
     caption = caption_as_read(caption, vocabulary, args.max_text_len)  # what is printed is what the model reads
-    if args.dataset == "sprites":
-        meanings = [name.upper() for name in SPRITE_ACTIONS]
-        data = make_sprites_dataset(64, args.num_frames, args.img_size, args.num_distractors, args.action_dim,
-                                    seed=args.seed + 2_000)  # starts the model never trained on
-    else:
-        import gymnasium as gym
-
-        data = load_atari_dataset(args)
-        meanings = list(gym.make(atari_ids(args.env_id)[0]).unwrapped.get_action_meanings())
+    meanings = [name.upper() for name in SPRITE_ACTIONS]
+    data = make_sprites_dataset(64, args.num_frames, args.img_size, args.num_distractors, args.action_dim,
+                                seed=args.seed + 2_000)  # starts the model never trained on
 
     def action_value(action: int) -> torch.Tensor:  # a key's action as the model takes it
         if args.action_dim:  # continuous: the move's velocity (noop: none)
@@ -2011,9 +1996,8 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
                         None, context, k, **sampling_kwargs(args, autocast))[:, :, k]
 
     games = {"imagined": lambda: ImaginedVideo(next_frame, lambda: (
-        start_frames.clone(), torch.from_numpy(start_actions).to(device)[None]), action_value)}
-    if args.dataset == "sprites":
-        games["real"] = lambda: RealSprites(data.sprite_states[clip], start_actions, args.img_size, action_value)
+        start_frames.clone(), torch.from_numpy(start_actions).to(device)[None]), action_value),
+        "real": lambda: RealSprites(data.sprite_states[clip], start_actions, args.img_size, action_value)}
     return {"games": games, "meanings": meanings, "caption": caption}
 
 
@@ -2027,13 +2011,10 @@ def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, auto
         "R records, Esc quits"), flush=True)
     print(f"caption: {built['caption']!r}; sampler: {args.sampler}, {args.num_sampling_steps} steps per frame, cfg "
           f"scale {args.cfg_scale:g}", flush=True)
-    try:
-        if steps is None:
-            play_window(built["games"], built["meanings"], run_dir / "play", args.play_size, args.play_fps)
-        else:
-            play_headless(built["games"], steps, built["meanings"], run_dir / "play", args)
-    except KeyboardInterrupt:  # Ctrl-C ends a session like Esc (an unsaved recording is lost)
-        print("play stopped by Ctrl-C", flush=True)
+    if steps is None:
+        play_window(built["games"], built["meanings"], run_dir / "play", args.play_size, args.play_fps)
+    else:
+        play_headless(built["games"], steps, built["meanings"], run_dir / "play", args)
 
 
 def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], out_dir: Path, args: Args):
@@ -2092,9 +2073,8 @@ def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoD
     print(f"run folder: {run_dir}")
     if step > 0:
         print(f"resuming at step {step} of {args.total_steps}")
-    print(f"model: {num_params:,} parameters; data: {num_clips:,} clips of {args.num_frames} frames of "
-          f"{args.img_size}x{args.img_size}, {len(vocabulary) - len(SPECIAL_TOKENS)} words, "
-          f"{'continuous actions' if args.action_dim else f'{num_actions} actions'}; device: {setup.device}")
+    print(f"model: {num_params:,} parameters; data: {num_clips:,} clips, {len(vocabulary) - len(SPECIAL_TOKENS)} "
+          f"words, {num_actions} actions; device: {setup.device}")
     if num_clips < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
         print(f"notice: {num_clips:,} clips, fewer than --batch-size {args.batch_size}: each batch holds clips "
               f"more than once")
