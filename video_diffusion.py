@@ -1315,8 +1315,8 @@ def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, gener
              num_context: int = 0, context_noise_step: int = 0, cfg_scale: float = 1.0, sampler: str = "ddim",
              num_steps: int = 50, eta: float = 0.0, autocast=contextlib.nullcontext(),
              prediction: str = "eps") -> torch.Tensor:
-    """One clip (B, 3, T, H, W) in [-1, 1]; its first num_context frames are context's (given to the model noised
-    to context_noise_step, as in training)."""
+    """One clip (B, 3, T, H, W) in [-1, 1]; its first num_context frames are context's (given to the
+    model noised to context_noise_step, as in training)."""
     b, _, num_frames = shape[:3]
     device = generator.device
     mask = level = noisy_context = None
@@ -1383,8 +1383,8 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
 
 
 class DeviceClips:
-    """Clips on the device as uint8 frames (no loader, no host-device copy per step), with their caption tokens and
-    actions; clip i is frames[starts[i] : starts[i] + num_frames]."""
+    """Clips on the device as uint8 frames (no loader, no host-device copy per step), with their
+    caption tokens and actions; clip i is frames[starts[i] : starts[i] + num_frames]."""
 
     def __init__(self, data: VideoData, vocabulary: list, args: Args, device: torch.device):
         self.args, self.device = args, device
@@ -1436,8 +1436,8 @@ class DeviceClips:
 
 
 def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[int, float, float]:
-    """(parameters, activation bytes autograd saves, forward FLOPs) per clip of a training step with every condition
-    given, counted on the meta device: before anything is allocated at full size."""
+    """(parameters, activation bytes autograd saves, forward FLOPs) per clip of a training step with
+    every condition given, counted on the meta device: before anything is allocated at full size."""
     with torch.device("meta"):
         model = build_model(args, vocab_size, num_actions)
         x0 = torch.zeros(1, 3, args.num_frames, args.img_size, args.img_size)
@@ -1511,8 +1511,8 @@ class EvalSampler(DeviceClips):
 
     def clips(self, num: int, use_text: bool = True, use_actions: bool = True, actions_shift: int = 0,
               num_context: int = 0, text_shift: int = 0) -> np.ndarray:
-        """num uint8 clips conditioned on the eval clips' captions and/or actions (or another clip's: shifted by
-        text_shift / actions_shift) and/or their first num_context frames."""
+        """num uint8 clips conditioned on the eval clips' captions and/or actions (or another
+        clip's: shifted by text_shift / actions_shift) and/or their first num_context frames."""
         generator = torch.Generator(device=self.device).manual_seed(self.args.seed + 10_000)
         out = []
         for index, real, _, _ in self.batches(num):
@@ -1695,8 +1695,8 @@ def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
 
 
 def sample_clips(sampler: EvalSampler, writer, step: int, samples_dir: Path, num: int) -> np.ndarray:
-    """num clips from the eval clips' captions and actions into samples/, the first 8 as a strip (a row per clip,
-    named by its caption) in TensorBoard (samples/clips) and samples/ (PNG)."""
+    """num clips from the eval clips' captions and actions into samples/, the first 8 as a strip (a
+    row per clip, named by its caption) in TensorBoard (samples/clips) and samples/ (PNG)."""
     samples = sampler.clips(num)
     write_samples(samples_dir, f"step{step:08d}", samples)
     shown = samples[:8]
@@ -1777,8 +1777,8 @@ def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
 
 
 def frame_strips(clips: np.ndarray, labels: list[str]) -> np.ndarray:
-    """uint8 (N, 3, T, H, W) -> one uint8 (rows, width, 3) image: a row of frames per clip (enlarged to 48 pixels
-    high), each above its label."""
+    """uint8 (N, 3, T, H, W) -> one uint8 (rows, width, 3) image: a row of frames per clip (enlarged
+    to 48 pixels high), each above its label."""
     scale = max(1, 48 // clips.shape[3])
     rows = [make_grid(clip.transpose(1, 0, 2, 3), columns=clip.shape[1]) for clip in clips]
     return np.concatenate([with_caption(row, row.shape[1] * scale, [label]) for row, label in zip(rows, labels)])
@@ -1885,8 +1885,8 @@ class RealSprites:
 
 
 def play_keys(game, steps: list[Optional[int]], meanings: list[str], size: int) -> dict:
-    """A headless session: the game played with the given actions (None: restart). Returns the raw frames uint8
-    (T + 1, H, W, 3), the captioned frames for the MP4 and the frames per second."""
+    """A headless session: the game played with the given actions (None: restart). Returns the raw
+    frames uint8 (T + 1, H, W, 3), the captioned frames for the MP4 and the frames per second."""
     frames, actions, start = [game.reset()], [None], time.perf_counter()
     for action in steps:
         frames.append(game.reset() if action is None else game.step(action)[0])
@@ -2027,8 +2027,8 @@ def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], 
 
 
 def check_given_caption(caption: str, vocabulary: list, max_len: int, flag: str, checkpoint: str):
-    """A caption given by a flag: a word the model does not know (the untrained <unk>: it would steer nowhere) is
-    refused in one line; words beyond max_len are said in a notice."""
+    """A caption given by a flag: a word the model does not know (the untrained <unk>: it would
+    steer nowhere) is refused in one line; words beyond max_len are said in a notice."""
     unknown, words = unknown_words([caption], vocabulary, max_len), caption_words(caption)
     if unknown:
         known = vocabulary[len(SPECIAL_TOKENS):]
@@ -2064,8 +2064,8 @@ def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
 
 def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoData, vocabulary: list,
              num_actions: int, num_params: int):
-    """Rank 0's run folder (a new one, or the resumed run's) and TensorBoard writer, and the lines that describe the
-    run. Returns (run_dir, writer); other ranks get (run_dir, None)."""
+    """Rank 0's run folder (a new one, or the resumed run's) and TensorBoard writer, and the lines
+    that describe the run. Returns (run_dir, writer); other ranks get (run_dir, None)."""
     if not setup.is_main:
         return run_dir, None
     run_dir, num_clips = run_dir or create_run_dir(args, data.dataset_id), len(data.clip_starts)
@@ -2082,8 +2082,8 @@ def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoD
 
 
 def log_training(meter, scheduler, writer, progress, step: int, run_dir: Optional[Path]):
-    """A non-finite loss or gradient stops the run (one line, after the progress bar's last state); rank 0 writes
-    losses/mse, charts/* and (on CUDA) perf/mfu."""
+    """A non-finite loss or gradient stops the run (one line, after the progress bar's last state);
+    rank 0 writes losses/mse, charts/* and (on CUDA) perf/mfu."""
     if not meter.finite():
         progress.close()
         raise non_finite_failure(f"before step {step}", run_dir)
@@ -2100,8 +2100,8 @@ def log_training(meter, scheduler, writer, progress, step: int, run_dir: Optiona
 
 def evaluate_or_first_samples(sampler: EvalSampler, writer, step: int, run_dir: Path, evaluation: bool,
                               progress, started: float):
-    """Rank 0's samples during training: an evaluation, or at --first-sample-at the run's first picture. A signal
-    abandons either; the checkpoint after it is saved."""
+    """Rank 0's samples during training: an evaluation, or at --first-sample-at the run's first
+    picture. A signal abandons either; the checkpoint after it is saved."""
     with contextlib.suppress(StopRequested):
         if evaluation:
             evaluate(sampler, writer, step, run_dir / "samples")
