@@ -1965,8 +1965,7 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
         raise UserError(f"--play steers a sprites model frame by frame from its last frames: this run has --dataset "
                         f"{args.dataset} and --context-frames {args.context_frames} (play needs sprites and >= 1)")
     caption = args.play_caption or ""  # checked before any data is made
-    check_given_caption(caption, vocabulary, args.max_text_len, "--play-caption",
-                        str(resolve_checkpoint_path(args.resume)) if args.resume else "CHECKPOINT")
+    check_given_caption(caption, vocabulary, args.max_text_len)
     caption = caption_as_read(caption, vocabulary, args.max_text_len)  # what is printed is what the model reads
     meanings = [name.upper() for name in SPRITE_ACTIONS]
     data = make_sprites_dataset(64, args.num_frames, args.img_size, args.num_distractors, args.action_dim,
@@ -2026,21 +2025,20 @@ def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], 
         print(f"{mode}: {len(steps)} steps at {session['fps']:.2f} frames/s; wrote {path}", flush=True)
 
 
-def check_given_caption(caption: str, vocabulary: list, max_len: int, flag: str, checkpoint: str):
-    """A caption given by a flag: a word the model does not know (the untrained <unk>: it would
-    steer nowhere) is refused in one line; words beyond max_len are said in a notice."""
+def check_given_caption(caption: str, vocabulary: list, max_len: int):
+    """--play-caption: a word the model does not know (the untrained <unk>: it would steer nowhere) is refused in
+    one line; words beyond max_len are said in a notice."""
     unknown, words = unknown_words([caption], vocabulary, max_len), caption_words(caption)
     if unknown:
         known = vocabulary[len(SPECIAL_TOKENS):]
         guesses = {w: difflib.get_close_matches(w, known, n=1) for w in unknown}
         named = ", ".join(w + (f" (did you mean {guesses[w][0]}?)" if guesses[w] else "") for w in unknown)
-        see = (", ".join(known) if len(known) <= 60 else f"python -c \"import torch; print(*torch.load('{checkpoint}', "
-               f"weights_only=True)['vocabulary'][{len(SPECIAL_TOKENS)}:])\"")
-        raise UserError(f"{flag} {caption!r}: the model does not know {named}: it learned the words of its training "
-                        f"captions only (an unknown word would be the untrained <unk>); its {len(known)} words: {see}")
+        raise UserError(f"--play-caption {caption!r}: the model does not know {named}: it learned the words of its "
+                        f"training captions only (an unknown word would be the untrained <unk>); its {len(known)} "
+                        f"words: {', '.join(known)}")
     if len(words) > max_len:
-        print(f"notice: {flag} has {len(words)} words, more than the model's --max-text-len {max_len}: it reads "
-              f"{' '.join(words[:max_len])!r} and drops {' '.join(words[max_len:])!r}", flush=True)
+        print(f"notice: --play-caption has {len(words)} words, more than the model's --max-text-len {max_len}: it "
+              f"reads {' '.join(words[:max_len])!r} and drops {' '.join(words[max_len:])!r}", flush=True)
 
 
 # ==== END OPTIONAL: play ====
