@@ -2052,12 +2052,14 @@ def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
     """--sample-only: --num-samples clips (and long videos) into the run's samples/; a signal abandons them."""
     args = sampler.args
     stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_{int(time.time())}"
-    with contextlib.suppress(StopRequested):
+    try:
         path = write_samples(run_dir / "samples", stem, sampler.clips(args.num_samples))
         print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
         if args.long_video_frames > args.num_frames:
             path = write_samples(run_dir / "samples", "long_" + stem, sampler.long_videos(min(args.num_samples, 4)))
             print(f"wrote long videos of {args.long_video_frames} frames to {path}")
+    except StopRequested:
+        print("stopped by signal while sampling; nothing more was written")
 
 
 def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoData, vocabulary: list,
