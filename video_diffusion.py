@@ -1359,19 +1359,15 @@ def to_uint8(clips: torch.Tensor) -> np.ndarray:
     return ((clips.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()  # [-1, 1] -> {0..255}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Loss: L_simple of Ho et al. (eq. 14) on the frames to generate, with eps or v as the target.
-
-
 def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                          alphas_cumprod: torch.Tensor, text: Optional[torch.Tensor] = None,
                          actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
                          context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                          context_level: Optional[torch.Tensor] = None, prediction: str = "eps",
                          autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """|| target - f(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, conditions) ||^2, target eps or v = sqrt(abar_t) eps -
-    sqrt(1 - abar_t) x0; x0, noise (B, 3, T, H, W). Context frames (context_mask 1) are left out of the sum, still
-    divided by the whole clip's size (every DDP rank's loss has the same scale)."""
+    """L_simple (Ho et al. eq. 14) = || target - f(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, conditions) ||^2,
+    target eps or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0; x0, noise (B, 3, T, H, W). Context frames
+    (context_mask 1) are left out of the sum, still divided by the clip's size (the same scale on every DDP rank)."""
     sqrt_abar = alphas_cumprod[t].sqrt().float()[:, None, None, None, None]
     sqrt_one_minus_abar = (1 - alphas_cumprod[t]).sqrt().float()[:, None, None, None, None]
     x_t = sqrt_abar * x0 + sqrt_one_minus_abar * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
@@ -1743,8 +1739,8 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict
     if args.long_video_frames > args.num_frames:
         videos = sampler.long_videos(min(n, 4))
         write_samples(samples_dir, f"long_step{step:08d}", videos)
-        writer.add_image("samples/long_video", frame_strips(videos, [f"generated {i} (autoregressive)" for i in
-                                                                      range(len(videos))]), step, dataformats="HWC")
+        labels = [f"generated {i} (autoregressive)" for i in range(len(videos))]
+        writer.add_image("samples/long_video", frame_strips(videos, labels), step, dataformats="HWC")
     for tag, value in metrics.items():
         writer.add_scalar(tag, value, step)
     if metrics:
@@ -1800,14 +1796,11 @@ def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> P
 
 
 # ==== BEGIN OPTIONAL: play ====
-# Play: an action-conditioned model as a game, each frame generated from the last --context-frames frames, in a
-# pygame window or headless from a key sequence. Optional: delete the play blocks (each BEGIN line to its END line:
-# this one and the flags' in Args) and every line that ends in "# optional: play", and the script trains and samples
-# as before (tests/test_optional_blocks.py checks it):
+# Play: a sprites model as a game, in a pygame window or headless from keys. Optional: delete the play blocks (here
+# and in Args) and every line ending in "# optional: play" (tests/test_optional_blocks.py checks it):
 #   sed '/^# ==== BEGIN OPTIONAL: play/,/^# ==== END OPTIONAL: play/d; /# optional: play$/d' video_diffusion.py > x.py
 
-# --play-keys letters: N noop, U D L R (the sprites world's moves; an Atari model's actions of those names), F fire,
-# Q E Z C the diagonals (up-left, up-right, down-left, down-right), lowercase: the same with fire. '/' restarts.
+# --play-keys letters: N noop, U D L R the sprite's moves, '/' restarts (DIAMOND's Atari games add fire, diagonals).
 ACTION_LETTERS = {"NOOP": "N", "FIRE": "F", "UP": "U", "DOWN": "D", "LEFT": "L", "RIGHT": "R", "UPLEFT": "Q",
                   "UPRIGHT": "E", "DOWNLEFT": "Z", "DOWNRIGHT": "C", "UPFIRE": "u", "DOWNFIRE": "d", "LEFTFIRE": "l",
                   "RIGHTFIRE": "r", "UPLEFTFIRE": "q", "UPRIGHTFIRE": "e", "DOWNLEFTFIRE": "z", "DOWNRIGHTFIRE": "c"}
