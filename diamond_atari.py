@@ -634,19 +634,14 @@ def read_episode(path: Path, num_actions: int, fix: str) -> dict:
 
     try:
         with np.load(path, allow_pickle=False) as data:
-            episode = {key: data[key] for key in EPISODE_KEYS if key in data}
-    except Exception as e:  # noqa: BLE001 - a missing, corrupt or pickled file is the same user-facing error
-        reason = str(e).splitlines()[0][:150] if str(e) else e.__class__.__name__
-        raise bad(f"cannot read it as an episode .npz ({reason})") from None
-    missing = [key for key in EPISODE_KEYS if key not in episode]
-    if missing:
-        raise bad(f"no {', '.join(missing)} (an episode .npz holds obs uint8 (T+1, H, W, 3), actions int64 (T,), "
-                  f"rewards float32 (T,), terminated and truncated bool (T,))")
+            episode = {key: data[key] for key in EPISODE_KEYS}
+    except Exception as e:  # noqa: BLE001 - a missing field, a corrupt or pickled file: the same user-facing error
+        reason = (str(e) or type(e).__name__).splitlines()[0][:150]
+        raise bad(f"cannot read it as an episode .npz of obs uint8 (T+1, H, W, 3), actions int64 (T,), rewards "
+                  f"float32 (T,), terminated and truncated bool (T,) ({reason})") from None
     obs = episode["obs"]
-    if obs.dtype != np.uint8 or obs.ndim != 4 or obs.shape[-1] != 3 or min(obs.shape[:3]) < 1:
-        raise bad(f"obs is {obs.dtype} {obs.shape}, not uint8 (T+1, H, W, 3) RGB frames")
-    if len(obs) < 2:
-        raise bad("obs holds a single frame: an episode needs at least one step")
+    if obs.dtype != np.uint8 or obs.ndim != 4 or obs.shape[-1] != 3 or len(obs) < 2 or 0 in obs.shape:
+        raise bad(f"obs is {obs.dtype} {obs.shape}, not uint8 (T+1, H, W, 3) RGB frames of at least one step")
     for key, kinds in (("actions", "iu"), ("rewards", "fiu"), ("terminated", "b"), ("truncated", "b")):
         value = episode[key]
         if value.dtype.kind not in kinds or value.shape != (len(obs) - 1,):

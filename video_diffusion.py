@@ -551,19 +551,14 @@ def read_episode(path: Path, num_actions: int, fix: str) -> dict:
 
     try:
         with np.load(path, allow_pickle=False) as data:
-            episode = {key: data[key] for key in EPISODE_KEYS if key in data}
-    except Exception as e:  # noqa: BLE001 - a missing, corrupt or pickled file is the same user-facing error
-        reason = str(e).splitlines()[0][:150] if str(e) else e.__class__.__name__
-        raise bad(f"cannot read it as an episode .npz ({reason})") from None
-    missing = [key for key in EPISODE_KEYS if key not in episode]
-    if missing:
-        raise bad(f"no {', '.join(missing)} (an episode .npz holds obs uint8 (T+1, H, W, 3), actions int64 (T,), "
-                  f"rewards float32 (T,), terminated and truncated bool (T,))")
+            episode = {key: data[key] for key in EPISODE_KEYS}
+    except Exception as e:  # noqa: BLE001 - a missing field, a corrupt or pickled file: the same user-facing error
+        reason = (str(e) or type(e).__name__).splitlines()[0][:150]
+        raise bad(f"cannot read it as an episode .npz of obs uint8 (T+1, H, W, 3), actions int64 (T,), rewards "
+                  f"float32 (T,), terminated and truncated bool (T,) ({reason})") from None
     obs = episode["obs"]
-    if obs.dtype != np.uint8 or obs.ndim != 4 or obs.shape[-1] != 3 or min(obs.shape[:3]) < 1:
-        raise bad(f"obs is {obs.dtype} {obs.shape}, not uint8 (T+1, H, W, 3) RGB frames")
-    if len(obs) < 2:
-        raise bad("obs holds a single frame: an episode needs at least one step")
+    if obs.dtype != np.uint8 or obs.ndim != 4 or obs.shape[-1] != 3 or len(obs) < 2 or 0 in obs.shape:
+        raise bad(f"obs is {obs.dtype} {obs.shape}, not uint8 (T+1, H, W, 3) RGB frames of at least one step")
     for key, kinds in (("actions", "iu"), ("rewards", "fiu"), ("terminated", "b"), ("truncated", "b")):
         value = episode[key]
         if value.dtype.kind not in kinds or value.shape != (len(obs) - 1,):
@@ -1222,19 +1217,16 @@ def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Ten
                     context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                     context_noise: Optional[torch.Tensor] = None, autocast=contextlib.nullcontext(),
                     prediction: str = "eps", alphas_cumprod: Optional[torch.Tensor] = None) -> Callable:
-    """model_fn(x_t, t) -> eps with classifier-free guidance on caption and actions: eps = eps_u + s (eps_c - eps_u),
-    where eps_u has the null caption and null actions (the context frames stay: they are the past, not a condition).
-    Conditional and unconditional halves go through the network in one batched forward. A v-predicting network's
-    output is turned into eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t (affine in v: guiding v or eps is the same)."""
+    """model_fn(x_t, t) -> eps guided on caption and actions, eps = eps_u + s (eps_c - eps_u), both halves in one
+    forward; eps_u has the null caption and actions (context frames stay: the past is no condition). A v-prediction
+    becomes eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t (affine in v: guiding v or eps is the same)."""
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        null_text = model.null_text(b, x.device)
+        null_text = model.null_text(x.shape[0], x.device)
+        drop = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) if drop_actions is None else drop_actions
         both = lambda z: None if z is None else torch.cat([z, z])  # noqa: E731
-        cond_text = null_text if text is None else text
-        drop = torch.zeros(b, dtype=torch.bool, device=x.device) if drop_actions is None else drop_actions
         with autocast:
-            eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond_text, null_text]), both(actions),
+            eps = model(both(x), both(t), torch.cat([null_text if text is None else text, null_text]), both(actions),
                         torch.cat([drop, torch.ones_like(drop)]), both(context), both(context_mask),
                         both(context_noise)).to(x.dtype)
         eps_c, eps_u = eps.chunk(2)
@@ -1249,7 +1241,7 @@ def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Ten
 
 def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
                   num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Runs the chosen sampler and returns clips in [-1, 1] (B, 3, T, H, W)."""
+    """The chosen sampler's clips (B, 3, T, H, W) in [-1, 1]."""
     if sampler == "ddpm":
         respaced = num_steps if num_steps < len(alphas_cumprod) else None
         x = ddpm_sample(model_fn, x_T, alphas_cumprod, respaced, generator=generator)
@@ -1261,7 +1253,6 @@ def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
 
 
 def sampling_kwargs(args: Args, autocast) -> dict:
-    """generate's settings from the flags."""
     return dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale, sampler=args.sampler,
                 num_steps=args.num_sampling_steps, eta=args.ddim_eta, autocast=autocast, prediction=args.prediction)
 
@@ -1273,12 +1264,12 @@ def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, gener
              num_context: int = 0, context_noise_step: int = 0, cfg_scale: float = 1.0, sampler: str = "ddim",
              num_steps: int = 50, eta: float = 0.0, autocast=contextlib.nullcontext(),
              prediction: str = "eps") -> torch.Tensor:
-    """One clip of shape (B, 3, T, H, W) in [-1, 1]; with context, its first num_context frames
-    are given (noised to context_noise_step, as in training) and copied into the result."""
+    """One clip (B, 3, T, H, W) in [-1, 1]; its first num_context frames are context's (given to the
+    model noised to context_noise_step, as in training)."""
     b, _, num_frames = shape[:3]
     device = generator.device
     mask = level = noisy_context = None
-    if context is not None and num_context > 0:
+    if num_context > 0:
         mask = (torch.arange(num_frames, device=device) < num_context).float().expand(b, num_frames)
         level = torch.full((b,), context_noise_step, dtype=torch.long, device=device)
         noise = torch.randn(context.shape, generator=generator, device=device)
@@ -1287,7 +1278,7 @@ def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, gener
     model_fn = guided_model_fn(model, cfg_scale, text, actions, drop_actions, noisy_context, mask, level, autocast,
                                prediction, alphas_cumprod)
     x = sample_videos(model_fn, x_T, alphas_cumprod, sampler, num_steps, eta, generator)
-    if mask is not None:
+    if num_context > 0:
         x[:, :, :num_context] = context[:, :, :num_context]
     return x
 
@@ -1297,31 +1288,24 @@ def generate_long_video(model: nn.Module, alphas_cumprod: torch.Tensor, num_fram
                         num_context: int, shape: tuple, generator: torch.Generator,
                         text: Optional[torch.Tensor] = None, actions: Optional[torch.Tensor] = None,
                         drop_actions: Optional[torch.Tensor] = None, **sample_kwargs) -> torch.Tensor:
-    """Autoregressive generation beyond the training length: a first clip of clip_frames, then clips whose
-    first num_context frames are the last ones generated, each adding clip_frames - num_context frames.
-    actions (B, num_frames[, A]) cover the whole video. Returns (B, 3, num_frames, H, W) in [-1, 1]."""
-    b, c, _, h, w = shape
-    video = context = block_actions = None
-    while video is None or video.shape[2] < num_frames:
-        start = 0 if video is None else video.shape[2] - num_context
-        if actions is not None:
-            index = torch.arange(start, start + clip_frames, device=actions.device).clamp(max=actions.shape[1] - 1)
-            block_actions = actions[:, index]
-        if video is not None:
-            context = torch.zeros((b, c, clip_frames, h, w), device=video.device)
-            context[:, :, :num_context] = video[:, :, -num_context:]
-        block = generate(model, alphas_cumprod, (b, c, clip_frames, h, w), generator, text, block_actions,
-                         drop_actions, context, num_context if video is not None else 0, **sample_kwargs)
-        video = block if video is None else torch.cat([video, block[:, :, num_context:]], dim=2)
+    """Autoregressive video (B, 3, num_frames, H, W) in [-1, 1] from clips of `shape` (clip_frames long), each after
+    the first given the last num_context frames. actions (B, num_frames[, A]) cover the whole video."""
+
+    def actions_from(start: int) -> Optional[torch.Tensor]:  # the video's last action is held past its end
+        index = torch.arange(start, start + clip_frames, device=generator.device).clamp(max=num_frames - 1)
+        return None if actions is None else actions[:, index]
+
+    video = generate(model, alphas_cumprod, shape, generator, text, actions_from(0), drop_actions, **sample_kwargs)
+    while video.shape[2] < num_frames:
+        context = F.pad(video[:, :, -num_context:], (0, 0, 0, 0, 0, clip_frames - num_context))  # then zeros
+        block = generate(model, alphas_cumprod, shape, generator, text, actions_from(video.shape[2] - num_context),
+                         drop_actions, context, num_context, **sample_kwargs)
+        video = torch.cat([video, block[:, :, num_context:]], dim=2)
     return video[:, :, :num_frames]
 
 
 def to_uint8(clips: torch.Tensor) -> np.ndarray:
     return ((clips.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()  # [-1, 1] -> {0..255}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Loss: L_simple of Ho et al. (eq. 14) on the frames to generate, with eps or v as the target.
 
 
 def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
@@ -1330,10 +1314,9 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
                          context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                          context_level: Optional[torch.Tensor] = None, prediction: str = "eps",
                          autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """L_simple = || target - f_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, conditions) ||^2, with target
-    eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0. x0, noise (B, 3, T, H, W); t int64 (B,); alphas_cumprod
-    float64 (the square roots in float64). Context frames (context_mask 1) are given: left out of the sum, which
-    is still divided by the full clip size (every rank's loss has the same scale under DDP)."""
+    """L_simple (Ho et al. eq. 14) = || target - f(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, conditions) ||^2,
+    target eps or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0; x0, noise (B, 3, T, H, W). Context frames
+    (context_mask 1) are left out of the sum, still divided by the clip's size (the same scale on every DDP rank)."""
     sqrt_abar = alphas_cumprod[t].sqrt().float()[:, None, None, None, None]
     sqrt_one_minus_abar = (1 - alphas_cumprod[t]).sqrt().float()[:, None, None, None, None]
     x_t = sqrt_abar * x0 + sqrt_one_minus_abar * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
@@ -1345,7 +1328,7 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
 
 
 class DeviceClips:
-    """Clips on the device as uint8 frames (no loader, no host-device copy per step) with their
+    """Clips on the device as uint8 frames (no loader, no host-device copy per step), with their
     caption tokens and actions; clip i is frames[starts[i] : starts[i] + num_frames]."""
 
     def __init__(self, data: VideoData, vocabulary: list, args: Args, device: torch.device):
@@ -1362,29 +1345,15 @@ class DeviceClips:
         return self.starts[index][:, None] + torch.arange(self.args.num_frames, device=self.device)  # (B, T)
 
     def real_clips(self, index: torch.Tensor) -> torch.Tensor:
-        """Clips index (B,) as floats (B, 3, T, H, W) in [-1, 1]."""
-        return self.frames[self.frame_indices(index)].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0
+        return self.frames[self.frame_indices(index)].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0  # (B, 3, T, H, W)
 
     def clip_actions(self, index: torch.Tensor) -> Optional[torch.Tensor]:
         return None if self.actions is None else self.actions[self.frame_indices(index)]  # (B, T[, A])
 
-
-class TrainingClips(DeviceClips):
-    """The training clips, and each step's batch drawn from them."""
-
-    def __init__(self, data: VideoData, vocabulary: list, alphas_cumprod: torch.Tensor, args: Args,
-                 device: torch.device):
-        super().__init__(data, vocabulary, args, device)
-        self.alphas_cumprod = alphas_cumprod  # float64, on the device
-
-    def example(self) -> tuple:
-        """One clip's model inputs, caption and actions given (forward_flops counts a training step from them)."""
-        x = torch.zeros(1, 3, self.args.num_frames, self.args.img_size, self.args.img_size)
-        return x, torch.zeros(1, dtype=torch.long), self.text[:1], self.clip_actions(torch.zeros(1, dtype=torch.long))
-
-    def batch(self, step: int, generator: torch.Generator, mine: slice, null_text: torch.Tensor) -> dict:
-        """The step's batch as video_diffusion_loss's keyword arguments. The global batch is drawn identically
-        on every rank, then each rank takes its slice `mine`: 2 ranks at batch B compute what 1 rank does."""
+    def batch(self, step: int, generator: torch.Generator, mine: slice, null_text: torch.Tensor,
+              alphas_cumprod: torch.Tensor) -> dict:
+        """The step's batch as video_diffusion_loss's keyword arguments: the global batch, drawn identically on every
+        rank, sliced to this rank's `mine` (2 ranks at batch B compute what 1 rank does)."""
         args, device, B = self.args, self.device, self.args.batch_size
         clip_shape = (3, args.num_frames, args.img_size, args.img_size)
         indices = global_batch_indices(step, B, len(self), args.seed).to(device, non_blocking=True)
@@ -1402,18 +1371,18 @@ class TrainingClips(DeviceClips):
         context_level = torch.randint(0, args.context_noise_max_step, (B,), generator=generator, device=device)
         context_noise = torch.randn((B, *clip_shape), generator=generator, device=device)
         index = indices[mine]
-        x0 = self.real_clips(index)  # (b, 3, T, H, W)
+        x0 = self.real_clips(index)
         given = torch.arange(args.num_frames, device=device)[None, :] < num_context[mine, None]
-        return dict(x0=x0, t=t[mine], noise=noise[mine],
+        return dict(x0=x0, t=t[mine], noise=noise[mine], alphas_cumprod=alphas_cumprod,
                     text=torch.where(drop_text[mine, None], null_text, self.text[index]),
                     actions=self.clip_actions(index), drop_actions=drop_actions[mine],
-                    context=noise_context(x0, context_level[mine], self.alphas_cumprod, context_noise[mine]),
+                    context=noise_context(x0, context_level[mine], alphas_cumprod, context_noise[mine]),
                     context_mask=(use_context[mine, None] & given).float(), context_level=context_level[mine])
 
 
-def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[int, float]:
-    """(parameters, activation bytes autograd saves per clip) of a training step with every condition given, counted
-    on the meta device: the memory check runs before anything is allocated at full size."""
+def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[int, float, float]:
+    """(parameters, activation bytes autograd saves, forward FLOPs) per clip of a training step with
+    every condition given, counted on the meta device: before anything is allocated at full size."""
     with torch.device("meta"):
         model = build_model(args, vocab_size, num_actions)
         x0 = torch.zeros(1, 3, args.num_frames, args.img_size, args.img_size)
@@ -1422,8 +1391,8 @@ def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[
                    else torch.zeros(1, args.num_frames, dtype=torch.long) if num_actions else None)
         activations = saved_activation_bytes(lambda: video_diffusion_loss(
             model, x0, t, x0, torch.ones(args.timesteps), text, actions, prediction=args.prediction))
-    return sum(p.numel() for p in model.parameters()), activations
-
+    flops = forward_flops(lambda: build_model(args, vocab_size, num_actions), x0, t, text, actions)
+    return sum(p.numel() for p in model.parameters()), activations, flops
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1432,8 +1401,7 @@ def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[
 
 
 def rollout_psnr(predicted: np.ndarray, real: np.ndarray, first_frame: int = 0) -> float:
-    """Mean over clips of the PSNR (images in [0, 1], capped at 100 dB) of frames first_frame.. of
-    uint8 clips (B, 3, T, H, W)."""
+    """Mean over uint8 clips (B, 3, T, H, W) of the PSNR of frames first_frame.. (images in [0, 1], at most 100 dB)."""
     p = predicted[:, :, first_frame:].astype(np.float64) / 255.0
     r = real[:, :, first_frame:].astype(np.float64) / 255.0
     mse = ((p - r) ** 2).reshape(len(p), -1).mean(1)
@@ -1442,8 +1410,7 @@ def rollout_psnr(predicted: np.ndarray, real: np.ndarray, first_frame: int = 0) 
 
 def direction_of_displacement(displacement: np.ndarray, min_pixels: float = 0.5) -> int:
     """(dx, dy) -> index into DIRECTIONS of its dominant component, or -1 when it moved less than min_pixels."""
-    dx, dy = float(displacement[0]), float(displacement[1])
-    scores = [-dy, dy, -dx, dx]
+    scores = [-displacement[1], displacement[1], -displacement[0], displacement[0]]
     best = int(np.argmax(scores))
     return best if scores[best] >= min_pixels else -1
 
@@ -1469,9 +1436,8 @@ def direction_accuracy(clips: np.ndarray, directions: np.ndarray) -> float:
 
 
 class EvalSampler(DeviceClips):
-    """Clips and long videos from a model (the EMA weights), conditioned on held-out clips: their captions,
-    actions, first frames. Seeded generators give the same noise every time: samples stay comparable across
-    steps, and sampling never touches the training RNGs (an exact resume depends on it)."""
+    """Clips and long videos from a model (the EMA weights), conditioned on held-out clips. Seeded generators: the
+    same noise every time (samples comparable across steps), and the training RNGs untouched (exact resume)."""
 
     def __init__(self, model: nn.Module, alphas_cumprod: torch.Tensor, eval_data: VideoData, vocabulary: list,
                  args: Args, autocast, device: torch.device):
@@ -1494,15 +1460,12 @@ class EvalSampler(DeviceClips):
         clip's: shifted by text_shift / actions_shift) and/or their first num_context frames."""
         generator = torch.Generator(device=self.device).manual_seed(self.args.seed + 10_000)
         out = []
-        for index, real, text, actions in self.batches(num):
-            if actions is not None and actions_shift:
-                actions = self.clip_actions((index + actions_shift) % len(self))
-            if text_shift:
-                text = self.text[(index + text_shift) % len(self)]
+        for index, real, _, _ in self.batches(num):
+            actions = self.clip_actions((index + actions_shift) % len(self))
+            text = self.text[(index + text_shift) % len(self)] if use_text else None
             drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=self.device)
-            clip = generate(self.model, self.alphas_cumprod, tuple(real.shape), generator, text if use_text else None,
-                            actions, drop, real if num_context else None, num_context, **self.sample_kwargs)
-            out.append(to_uint8(clip))
+            out.append(to_uint8(generate(self.model, self.alphas_cumprod, tuple(real.shape), generator, text, actions,
+                                         drop, real, num_context, **self.sample_kwargs)))
         return np.concatenate(out)
 
     def long_videos(self, num: int) -> np.ndarray:
@@ -1636,29 +1599,27 @@ def sprite_colour_labels(captions: list) -> np.ndarray:
 
 
 def make_sprites_judge(args: Args, num_frames_scored: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
-    """The judge of the sprite's colour on single frames at --img-size (trained once on 512 generated clips of 8
-    frames, cached in {data_dir}/judge/), and at least 2 * num_frames_scored held-out real frames and colours."""
-    def frames_and_colours(data: VideoData, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
-        return data.frames, np.repeat(sprite_colour_labels(data.captions), num_frames)
+    """The judge of the sprite's colour on single frames (trained once on 512 clips of 8 frames, cached in
+    {data_dir}/judge/), and at least 2 * num_frames_scored held-out real frames and their colours."""
+    def frames_and_colours(data: VideoData) -> tuple[np.ndarray, np.ndarray]:
+        return data.frames, np.repeat(sprite_colour_labels(data.captions), len(data.frames) // len(data.captions))
 
     key = f"sprites_{args.img_size}px_{args.num_distractors}distractors_4classes_seed{JUDGE_DATA_SEED}"
     judge = load_or_train_judge(Path(args.data_dir) / "judge", key, lambda: frames_and_colours(make_sprites_dataset(
-        512, 8, args.img_size, args.num_distractors, seed=JUDGE_DATA_SEED), 8), len(SPRITE_COLOURS), JUDGE_DATA_SEED)
-    clips = -(-2 * num_frames_scored // args.num_frames)
-    heldout = make_sprites_dataset(clips, args.num_frames, args.img_size, args.num_distractors,
-                                   seed=JUDGE_HELDOUT_SEED)
-    return (judge, *frames_and_colours(heldout, args.num_frames))
+        512, 8, args.img_size, args.num_distractors, seed=JUDGE_DATA_SEED)), len(SPRITE_COLOURS), JUDGE_DATA_SEED)
+    heldout = make_sprites_dataset(-(-2 * num_frames_scored // args.num_frames), args.num_frames, args.img_size,
+                                   args.num_distractors, seed=JUDGE_HELDOUT_SEED)
+    return (judge, *frames_and_colours(heldout))
 
 
 def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
-    """eval/judge_* on the sprites data: every generated frame, its sprite's colour against the caption's. The
-    sampler keeps the judge, its held-out frames and their colours, made at the first call."""
-    args, n = sampler.args, len(samples)
-    if args.dataset != "sprites":
+    """eval/judge_* on sprites: every generated frame's sprite colour against its caption's (the judge made once)."""
+    if sampler.args.dataset != "sprites":
         return {}
-    sampler.judge = sampler.judge or make_sprites_judge(args, samples.shape[0] * samples.shape[2])
-    frames = samples.transpose(0, 2, 1, 3, 4).reshape(-1, *samples.shape[1:2], *samples.shape[3:])
-    asked = np.repeat(sprite_colour_labels((sampler.captions * n)[:n]), samples.shape[2])
+    n, num_frames = len(samples), samples.shape[2]
+    sampler.judge = sampler.judge or make_sprites_judge(sampler.args, n * num_frames)
+    asked = np.repeat(sprite_colour_labels((sampler.captions * n)[:n]), num_frames)
+    frames = samples.transpose(0, 2, 1, 3, 4).reshape(-1, 3, *samples.shape[3:])
     scores = judge_scores(sampler.judge[0], frames, asked, *sampler.judge[1:])
     return {f"eval/judge_{name}": value for name, value in scores.items()}
 
@@ -1667,12 +1628,13 @@ def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
 
 
 def sample_clips(sampler: EvalSampler, writer, step: int, samples_dir: Path, num: int) -> np.ndarray:
-    """num clips from the eval clips' captions and actions into samples/ (write_samples), the first 8 as a
-    strip, a row per clip named by its caption, in TensorBoard (samples/clips) and samples/ (PNG)."""
+    """num clips from the eval clips' captions and actions into samples/, the first 8 as a strip (a
+    row per clip, named by its caption) in TensorBoard (samples/clips) and samples/ (PNG)."""
     samples = sampler.clips(num)
     write_samples(samples_dir, f"step{step:08d}", samples)
-    captions = (sampler.read_captions * num)[:min(8, num)]
-    strip = frame_strips(samples[:8], [f"generated: {caption}" for caption in captions])
+    shown = samples[:8]
+    captions = (sampler.read_captions * len(shown))[:len(shown)]
+    strip = frame_strips(shown, [f"generated: {caption}" for caption in captions])
     writer.add_image("samples/clips", strip, step, dataformats="HWC")
     write_png(samples_dir / f"step{step:08d}.png", strip)
     return samples
@@ -1681,33 +1643,28 @@ def sample_clips(sampler: EvalSampler, writer, step: int, samples_dir: Path, num
 def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict:
     """Samples (MP4, .npz, TensorBoard strips) and the eval/ metrics at one step; returns the metrics."""
     args, n, k = sampler.args, sampler.args.num_eval_samples, sampler.args.context_frames
-    real = np.concatenate([to_uint8(real) for _, real, _, _ in sampler.batches(n)])
     samples = sample_clips(sampler, writer, step, samples_dir, n)
     metrics = {}
     metrics.update(judge_clips(sampler, samples))  # optional: judge
     if sampler.actions is not None and k > 0:  # multi-step rollouts from the first k real frames, without the caption
-        true = sampler.clips(n, use_text=False, num_context=k)
-        shuffled = sampler.clips(n, use_text=False, num_context=k, actions_shift=1)
-        copy_last = np.repeat(real[:, :, k - 1: k], args.num_frames, axis=2)
-        metrics["eval/psnr_true_actions"] = rollout_psnr(true, real, k)
-        metrics["eval/psnr_shuffled_actions"] = rollout_psnr(shuffled, real, k)
-        metrics["eval/psnr_copy_last"] = rollout_psnr(copy_last, real, k)
+        real = np.concatenate([to_uint8(real) for _, real, _, _ in sampler.batches(n)])
+        rollouts = {"true_actions": sampler.clips(n, use_text=False, num_context=k),
+                    "shuffled_actions": sampler.clips(n, use_text=False, num_context=k, actions_shift=1),
+                    "copy_last": np.repeat(real[:, :, k - 1: k], args.num_frames, axis=2)}
+        for name, clips in rollouts.items():
+            metrics[f"eval/psnr_{name}"] = rollout_psnr(clips, real, k)
         # Genie's delta-PSNR: how much closer to the real clip the true actions bring a rollout
         metrics["eval/action_control_dpsnr"] = metrics["eval/psnr_true_actions"] - metrics["eval/psnr_shuffled_actions"]
-        # real and generated rows in turn, each frame headed by the action that led into it
-        shown = min(4, n)
-        actions = np.concatenate([a.cpu().numpy() for _, _, _, a in sampler.batches(shown)])
-        labels = action_labels(actions, k, args.dataset)
-        pairs = np.stack([real[:shown], true[:shown]], axis=1).reshape(2 * shown, *real.shape[1:])
-        writer.add_image("samples/rollouts_true_actions", frame_strips(
-            pairs, [name for i in range(shown) for name in (f"real {i}", f"generated {i}")],
-            [labels[i // 2] for i in range(2 * shown)]), step, dataformats="HWC")
+        shown = min(4, n)  # real and generated rows in turn, named with the actions after the k given frames
+        actions = sampler.clip_actions(torch.arange(shown, device=sampler.device) % len(sampler)).cpu().numpy()
+        labels = [f"{row} {i}: {k} given, then {action_words(actions[i, k:], args.dataset)}"
+                  for i in range(shown) for row in ("real", "generated")]
+        pairs = np.stack([real[:shown], rollouts["true_actions"][:shown]], axis=1).reshape(2 * shown, *real.shape[1:])
+        writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step, dataformats="HWC")
     if args.dataset == "sprites" and k > 0:
-        # Does the sprite go where the caption (alone) or the actions (alone) say? Clips are generated from the real
-        # first frame (which shows where the sprite starts, not where it goes): this measures control, not whether the
-        # model can draw a sprite from nothing. The "swapped" metrics command each first frame with another clip's
-        # caption or actions: a model that learned a direction from anything but the command (a start-position prior,
-        # say) scores chance there.
+        # Does the sprite go where the caption (alone) or the actions (alone) say, from the real first frame (where
+        # it starts, not where it goes)? "swapped": each first frame commanded with another clip's caption or
+        # actions; a model that learned a direction from anything but the command scores chance there.
         directions = np.resize(sampler.directions, n)
         others = sampler.directions[(np.arange(n) + 1) % len(sampler.directions)]
         for kind, flags, shift in (("text", dict(use_actions=False), "text_shift"),
@@ -1717,16 +1674,16 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict
             metrics[f"eval/{kind}_direction_accuracy"] = direction_accuracy(own, directions)
             metrics[f"eval/{kind}_direction_accuracy_swapped"] = direction_accuracy(swapped, others)
     if args.long_video_frames > args.num_frames:
-        long_videos = sampler.long_videos(min(n, 4))
-        write_samples(samples_dir, f"long_step{step:08d}", long_videos)
-        writer.add_image("samples/long_video", frame_strips(long_videos, [f"generated {i} (autoregressive)" for i in
-                                                                           range(len(long_videos))]), step,
-                         dataformats="HWC")
+        videos = sampler.long_videos(min(n, 4))
+        write_samples(samples_dir, f"long_step{step:08d}", videos)
+        labels = [f"generated {i} (autoregressive)" for i in range(len(videos))]
+        writer.add_image("samples/long_video", frame_strips(videos, labels), step, dataformats="HWC")
     for tag, value in metrics.items():
         writer.add_scalar(tag, value, step)
     if metrics:
         print(f"eval at step {step}: " + ", ".join(f"{tag[5:]} {value:.3f}" for tag, value in metrics.items()))
     return metrics
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Utilities: sample files (the shared machinery, at the end of the file, writes them).
@@ -1739,45 +1696,32 @@ def put_text(image: np.ndarray, text: str, x: int, y: int, scale: float = 0.4, c
     cv2.putText(image, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
 
 
-def frame_strips(clips: np.ndarray, row_labels: Optional[list] = None,
-                 frame_labels: Optional[list] = None) -> np.ndarray:
-    """uint8 (N, 3, T, H, W) -> one image, a row of frames per clip. With labels, each row is named in a left
-    margin and each frame headed by its label (its action, or "context"); small frames are enlarged."""
-    n, c, t, h, w = clips.shape
-    if row_labels is None and frame_labels is None:
-        return make_grid(clips.transpose(0, 2, 1, 3, 4).reshape(n * t, c, h, w), columns=t)
+def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
+    """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a black margin holding
+    one line of text per entry: what the window shows and the play MP4s hold."""
     import cv2
 
-    scale, pad = max(1, 48 // h), 2
-    row_labels = row_labels or [""] * n
-    left = 8 + 6 * max(len(label) for label in row_labels) if any(row_labels) else 0
-    band = 12 if frame_labels is not None else 0
-    cell_w, cell_h = w * scale + pad, h * scale + pad + band
-    image = np.zeros((n * cell_h + pad, left + t * cell_w + pad, 3), dtype=np.uint8)
-    for i in range(n):
-        top = i * cell_h + band
-        for j in range(t):
-            x = left + pad + j * cell_w
-            image[top + pad: top + pad + h * scale, x: x + w * scale] = cv2.resize(
-                clips[i, :, j].transpose(1, 2, 0), (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
-            if frame_labels is not None:
-                put_text(image, str(frame_labels[i][j])[: max(1, cell_w // 6)], x, top - 1, 0.3)
-        put_text(image, row_labels[i], 3, top + pad + h * scale // 2 + 4, 0.33)
-    return image
+    height = int(round(frame.shape[0] * size / frame.shape[1]))
+    big = cv2.resize(np.ascontiguousarray(frame), (size, height), interpolation=cv2.INTER_NEAREST)
+    margin = np.zeros((8 + 18 * len(lines), size, 3), dtype=np.uint8)
+    for i, line in enumerate(lines):
+        put_text(margin, line, 6, 18 + 18 * i, 0.45)
+    return np.concatenate([big, margin])
 
 
-def action_labels(actions: Optional[np.ndarray], num_context: int, dataset: str) -> Optional[list]:
-    """The action that led into each frame, as words: (B, T) discrete or (B, T, 2) velocities -> B
-    lists of T labels ("context" for the given frames)."""
-    if actions is None:
-        return None
+def frame_strips(clips: np.ndarray, labels: list[str]) -> np.ndarray:
+    """uint8 (N, 3, T, H, W) -> one uint8 (rows, width, 3) image: a row of frames per clip (enlarged
+    to 48 pixels high), each above its label."""
+    scale = max(1, 48 // clips.shape[3])
+    rows = [make_grid(clip.transpose(1, 0, 2, 3), columns=clip.shape[1]) for clip in clips]
+    return np.concatenate([with_caption(row, row.shape[1] * scale, [label]) for row, label in zip(rows, labels)])
 
-    def label(a) -> str:
-        if np.ndim(a):
-            return f"{a[0]:+.1f},{a[1]:+.1f}"
-        return SPRITE_ACTIONS[int(a)] if dataset == "sprites" else f"a{int(a)}"
 
-    return [["context" if j < num_context else label(a) for j, a in enumerate(clip)] for clip in actions]
+def action_words(actions: np.ndarray, dataset: str) -> str:
+    """Actions (T,) discrete or (T, 2) velocities as words."""
+    if actions.ndim == 2:
+        return " ".join(f"{a[0]:+.1f},{a[1]:+.1f}" for a in actions)
+    return " ".join(SPRITE_ACTIONS[a] if dataset == "sprites" else f"a{a}" for a in actions.tolist())
 
 
 def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> Path:
@@ -1789,14 +1733,11 @@ def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> P
 
 
 # ==== BEGIN OPTIONAL: play ====
-# Play: an action-conditioned model as a game, generating each frame from the last --context-frames frames (the
-# autoregressive generation above), in a pygame window or headless from a key sequence. Optional: delete the play
-# blocks (each BEGIN line to its END line: this one and the flags' in Args) and every line that ends in
-# "# optional: play", and the script trains and samples as before (tests/test_optional_blocks.py checks it):
+# Play: a sprites model as a game, in a pygame window or headless from keys. Optional: delete the play blocks (here
+# and in Args) and every line ending in "# optional: play" (tests/test_optional_blocks.py checks it):
 #   sed '/^# ==== BEGIN OPTIONAL: play/,/^# ==== END OPTIONAL: play/d; /# optional: play$/d' video_diffusion.py > x.py
 
-# --play-keys letters: N noop, U D L R (the sprites world's moves; an Atari model's actions of those names), F fire,
-# Q E Z C the diagonals (up-left, up-right, down-left, down-right), lowercase: the same with fire. '/' restarts.
+# --play-keys letters: N noop, U D L R the sprite's moves, '/' restarts (DIAMOND's Atari games add fire, diagonals).
 ACTION_LETTERS = {"NOOP": "N", "FIRE": "F", "UP": "U", "DOWN": "D", "LEFT": "L", "RIGHT": "R", "UPLEFT": "Q",
                   "UPRIGHT": "E", "DOWNLEFT": "Z", "DOWNRIGHT": "C", "UPFIRE": "u", "DOWNFIRE": "d", "LEFTFIRE": "l",
                   "RIGHTFIRE": "r", "UPLEFTFIRE": "q", "UPRIGHTFIRE": "e", "DOWNLEFTFIRE": "z", "DOWNRIGHTFIRE": "c"}
@@ -1805,22 +1746,19 @@ RESTART_LETTER = "/"
 
 def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
     """--play-keys -> one action index per step (None: restart). A letter the model has no action for is refused."""
-    index = {ACTION_LETTERS.get(name, name): i for i, name in enumerate(meanings)}
-    steps = []
-    for letter in keys:
-        if letter.isspace():
-            continue
-        if letter == RESTART_LETTER:
-            steps.append(None)
-        elif letter in index:
-            steps.append(index[letter])
-        else:
-            known = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
-            raise UserError(f"--play-keys: {letter!r} is no action of this model; its letters: {known}, "
-                            f"{RESTART_LETTER} restart")
-    if not steps:
+    index = {ACTION_LETTERS.get(name, name): i for i, name in enumerate(meanings)} | {RESTART_LETTER: None}
+    letters = [letter for letter in keys if not letter.isspace()]
+    for letter in letters:
+        if letter not in index:
+            raise UserError(f"--play-keys: {letter!r} is no action of this model; its letters: "
+                            f"{play_letters(meanings)}, {RESTART_LETTER} restart")
+    if not letters:
         raise UserError("--play-keys is empty: give one letter per step, e.g. RRRDDD")
-    return steps
+    return [index[letter] for letter in letters]
+
+
+def play_letters(meanings: list[str]) -> str:
+    return ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
 
 
 def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, meanings: list[str]) -> int:
@@ -1837,42 +1775,27 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
     return meanings.index("NOOP") if "NOOP" in meanings else 0
 
 
-def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
-    """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a black margin holding
-    one line of text per entry: what the window shows and the play MP4s hold."""
-    import cv2
-
-    height = int(round(frame.shape[0] * size / frame.shape[1]))
-    big = cv2.resize(np.ascontiguousarray(frame), (size, height), interpolation=cv2.INTER_NEAREST)
-    margin = np.zeros((8 + 18 * len(lines), size, 3), dtype=np.uint8)
-    for i, line in enumerate(lines):
-        put_text(margin, line, 6, 18 + 18 * i, 0.45)
-    return np.concatenate([big, margin])
-
-
 class ImaginedVideo:
-    """The model as a game. reset() takes a start from starts(): frames (1, 3, k, H, W) in [-1, 1] and the k
-    actions that led into them; step(action) asks next_frame(frames, actions (1, k + 1[, A])) for the next
-    frame (1, 3, H, W). Any callable works as next_frame (the tests play a stand-in)."""
+    """The model as a game: reset() takes frames (1, 3, k, H, W) in [-1, 1] and the k actions that led into them from
+    starts(); step(action) shows next_frame(frames, actions (1, k + 1[, A])) (1, 3, H, W)."""
     name = "video model"
 
     def __init__(self, next_frame: Callable, starts: Callable, action_value: Callable):
         self.next_frame, self.starts, self.action_value = next_frame, starts, action_value
-        self.frames = self.actions = None
 
     @torch.no_grad()
     def reset(self) -> np.ndarray:
         self.frames, self.actions = self.starts()
-        return to_uint8(self.frames[0, :, -1:])[:, 0].transpose(1, 2, 0)
+        return to_uint8(self.frames[0, :, -1]).transpose(1, 2, 0)
 
     @torch.no_grad()
     def step(self, action: int) -> tuple[np.ndarray, float, bool]:
-        new = self.action_value(action).to(self.actions.device)[None, None]  # (1, 1[, A])
-        actions = torch.cat([self.actions, new.to(self.actions.dtype)], dim=1)
+        new = self.action_value(action).to(self.actions.device, self.actions.dtype)[None, None]  # (1, 1[, A])
+        actions = torch.cat([self.actions, new], dim=1)
         next_frame = self.next_frame(self.frames, actions).clamp(-1, 1)
         self.frames = torch.cat([self.frames[:, :, 1:], next_frame[:, :, None]], dim=2)
         self.actions = actions[:, 1:]
-        return to_uint8(next_frame[:, :, None])[0, :, 0].transpose(1, 2, 0), 0.0, False
+        return to_uint8(next_frame[0]).transpose(1, 2, 0), 0.0, False
 
 
 class RealSprites:
@@ -1880,8 +1803,7 @@ class RealSprites:
     name = "real sprites"
 
     def __init__(self, state: dict, start_actions: np.ndarray, img_size: int, action_value: Callable):
-        self.state, self.start_actions, self.img_size = state, start_actions, img_size
-        self.action_value, self.history = action_value, list(start_actions)
+        self.state, self.start_actions, self.img_size, self.action_value = state, start_actions, img_size, action_value
 
     def reset(self) -> np.ndarray:
         self.history = list(self.start_actions)
@@ -1893,19 +1815,16 @@ class RealSprites:
 
 
 def play_keys(game, steps: list[Optional[int]], meanings: list[str], size: int) -> dict:
-    """A headless session: the game played with the given actions (None: restart). Returns the raw frames uint8
-    (T + 1, H, W, 3), the captioned frames for the MP4 and the frames per second."""
-    def caption(step, action):
-        return [f"{game.name}  step {step}  action {meanings[action].lower() if action is not None else '-'}"]
-
-    frame = game.reset()
-    frames, shown = [frame], [with_caption(frame, size, caption(0, None))]
-    start = time.perf_counter()
-    for i, action in enumerate(steps):
-        frame = game.reset() if action is None else game.step(action)[0]
-        frames.append(frame)
-        shown.append(with_caption(frame, size, caption(i + 1, action)))
+    """A headless session: the game played with the given actions (None: restart). Returns the raw
+    frames uint8 (T + 1, H, W, 3), the captioned frames for the MP4 and the frames per second."""
+    frames, actions, start = [game.reset()], [None], time.perf_counter()
+    for action in steps:
+        frames.append(game.reset() if action is None else game.step(action)[0])
+        actions.append(action)
     seconds = time.perf_counter() - start
+    shown = [with_caption(frame, size, [f"{game.name}  step {i}  action "
+                                        f"{'-' if action is None else meanings[action].lower()}"])
+             for i, (frame, action) in enumerate(zip(frames, actions))]
     return {"frames": np.stack(frames), "shown": np.stack(shown), "fps": len(steps) / max(seconds, 1e-9)}
 
 
@@ -1919,190 +1838,137 @@ def import_pygame():
     return pygame
 
 
-def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float,
-                max_steps: Optional[int] = None) -> float:
+def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float):
     """The live session: the model (Tab: the real sprites world) steps at most max_fps times a second with the held
     keys' action; Enter restarts, R starts and stops recording (an MP4), Esc or closing the window quits."""
     pygame = import_pygame()
     pygame.display.init()  # the display alone: no audio device needed
     driver = pygame.display.get_driver()
     if driver in ("offscreen", "dummy") and not os.environ.get("SDL_VIDEODRIVER"):  # no screen: SDL fell back
-        pygame.quit()
         raise UserError(f"no display to open a window on (SDL fell back to its {driver} driver): play headless with "
                         f"--play-keys KEYS, or set SDL_VIDEODRIVER={driver} to run the window unseen")
-    try:
-        screen = pygame.display.set_mode((size, size + 8 + 18 * 2))
-    except pygame.error as e:
-        raise UserError(f"cannot open a window ({e}); play headless with --play-keys KEYS") from None
-    pygame.display.set_caption(f"cleanworlds play: {SCRIPT_NAME}")
-    clock, modes = pygame.time.Clock(), list(games)
-    mode = modes[0]
-    game = games[mode]()
-    frame, step, action, recording, shown = game.reset(), 0, None, False, []
-    running, num_frames, started = True, 0, time.perf_counter()
-    while running:
-        restart = switch = toggle = False
-        for event in pygame.event.get():
-            if event.type == pygame.QUIT or (event.type == pygame.KEYDOWN and event.key == pygame.K_ESCAPE):
-                running = False
-            elif event.type == pygame.KEYDOWN:
-                restart = restart or event.key == pygame.K_RETURN
-                switch = switch or (event.key == pygame.K_TAB and len(modes) > 1)
-                toggle = toggle or event.key == pygame.K_r
+    screen, clock = pygame.display.set_mode((size, size + 8 + 18 * 2)), pygame.time.Clock()
+    modes, recording, shown = list(games), False, []
+    game = games[modes[0]]()
+    frame, step, action = game.reset(), 0, None
+    while True:
+        events = pygame.event.get()
+        keys = {event.key for event in events if event.type == pygame.KEYDOWN}
+        running = pygame.K_ESCAPE not in keys and all(event.type != pygame.QUIT for event in events)
+        switch, toggle = pygame.K_TAB in keys and len(modes) > 1, pygame.K_r in keys
         if recording and (toggle or switch or not running):
-            path = out_dir / f"play_{mode}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
+            path = out_dir / f"play_{modes[0]}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
             write_mp4(path, np.stack(shown), fps=int(round(max_fps)))
             print(f"wrote {path}", flush=True)
             recording, shown, toggle = False, [], False
-        recording = recording or toggle
         if not running:
             break
+        recording = recording or toggle
         if switch:
-            mode = modes[(modes.index(mode) + 1) % len(modes)]
-            game, restart = games[mode](), True
+            modes.append(modes.pop(0))
+            game = games[modes[0]]()
             print(f"now playing the {game.name}", flush=True)
-        if restart:
+        if switch or pygame.K_RETURN in keys:
             frame, step, action = game.reset(), 0, None
         else:
             pressed = pygame.key.get_pressed()
-            action = action_from_keys(pressed[pygame.K_UP], pressed[pygame.K_DOWN], pressed[pygame.K_LEFT],
-                                      pressed[pygame.K_RIGHT], pressed[pygame.K_SPACE], meanings)
+            action = action_from_keys(*(pressed[key] for key in (pygame.K_UP, pygame.K_DOWN, pygame.K_LEFT,
+                                                                 pygame.K_RIGHT, pygame.K_SPACE)), meanings)
             frame, step = game.step(action)[0], step + 1
         image = with_caption(frame, size, [
-            f"{game.name}  step {step}  action {meanings[action].lower() if action is not None else '-'}",
+            f"{game.name}  step {step}  action {'-' if action is None else meanings[action].lower()}",
             f"{clock.get_fps():.1f} fps" + ("  REC" if recording else "")])
-        if recording:
-            shown.append(image)
-        screen.blit(pygame.image.frombuffer(image.tobytes(), (image.shape[1], image.shape[0]), "RGB"), (0, 0))
+        shown += [image] if recording else []
+        screen.blit(pygame.image.frombuffer(image.tobytes(), image.shape[1::-1], "RGB"), (0, 0))
         pygame.display.flip()
-        num_frames += 1
-        running = running and (max_steps is None or num_frames < max_steps)  # max_steps: a timed session (benchmark/)
         clock.tick(max_fps)
     pygame.quit()
-    return num_frames / (time.perf_counter() - started)  # frames shown per second
 
 
 def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=contextlib.nullcontext(),
                clip: Optional[int] = None) -> dict:
-    """The checkpoint's EMA model as a game: each step generates one frame from the last k = --context-frames
-    (a clip of --num-frames whose first k frames are the context, the new action held after them), from
-    held-out clip `clip` (default: drawn with --seed). Returns the games ({"imagined": factory, and for
-    sprites "real": factory}), the action names, the caption and the start clip."""
+    """The checkpoint's EMA model as a game from held-out clip `clip` (default: --seed's): each step generates a clip
+    whose first k = --context-frames frames are the last k shown, the new action held after them, and shows frame k.
+    Returns {"games": {"imagined": factory, "real": factory}, "meanings": action names, "caption"}."""
     num_actions, vocabulary = checkpoint["num_actions"], checkpoint["vocabulary"]
-    if args.dataset == "folder" or (num_actions == 0 and args.action_dim == 0):
-        raise UserError("--play needs an action-conditioned model (the sprites world or Atari clips): this run's "
-                        "videos have no actions")
-    if args.context_frames < 1:
-        raise UserError("--play generates each frame from the last frames: the run needs --context-frames >= 1")
-    caption = args.play_caption if args.play_caption is not None else ""  # checked before any data is made
-    notice = check_given_caption(caption, vocabulary, args.max_text_len, "--play-caption",
-                                 str(resolve_checkpoint_path(args.resume)) if args.resume else "CHECKPOINT")
-    if notice:
-        print(notice, flush=True)
+    if args.dataset != "sprites" or args.context_frames < 1:
+        raise UserError(f"--play steers a sprites model frame by frame from its last frames: this run has --dataset "
+                        f"{args.dataset} and --context-frames {args.context_frames} (play needs sprites and >= 1)")
+    caption = args.play_caption or ""  # checked before any data is made
+    check_given_caption(caption, vocabulary, args.max_text_len)
     caption = caption_as_read(caption, vocabulary, args.max_text_len)  # what is printed is what the model reads
-    if args.dataset == "sprites":
-        meanings = [name.upper() for name in SPRITE_ACTIONS]
-        data = make_sprites_dataset(64, args.num_frames, args.img_size, args.num_distractors, args.action_dim,
-                                    seed=args.seed + 2_000)  # starts the model never trained on
-    else:
-        import gymnasium as gym
-
-        data = load_atari_dataset(args)
-        meanings = list(gym.make(atari_ids(args.env_id)[0]).unwrapped.get_action_meanings())
+    meanings = [name.upper() for name in SPRITE_ACTIONS]
+    data = make_sprites_dataset(64, args.num_frames, args.img_size, args.num_distractors, args.action_dim,
+                                seed=args.seed + 2_000)  # starts the model never trained on
 
     def action_value(action: int) -> torch.Tensor:  # a key's action as the model takes it
         if args.action_dim:  # continuous: the move's velocity (noop: none)
             return torch.from_numpy(DIRECTION_VECTORS[action - 1] if action else np.zeros(2, np.float32))
         return torch.tensor(action, dtype=torch.long)
 
-    model = build_model(args, len(vocabulary), num_actions).to(device)
+    model = build_model(args, len(vocabulary), num_actions).to(device).eval()
     model.load_state_dict(checkpoint["ema"])
-    model.eval()
     alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
                                                             args.beta_end))
     k, n = args.context_frames, args.num_frames
     text = tokenize([caption], vocabulary, args.max_text_len).to(device) if caption else None
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    if clip is None:
-        clip = int(torch.randint(len(data.clip_starts), (1,), generator=torch.Generator().manual_seed(args.seed)))
+    clip = args.seed % len(data.clip_starts) if clip is None else clip
     start = int(data.clip_starts[clip])
     start_frames = torch.from_numpy(data.frames[start: start + k]).to(device).permute(1, 0, 2, 3)[None] / 127.5 - 1
     start_actions = data.actions[start: start + k]
 
     def next_frame(frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        context = torch.zeros((1, 3, n, args.img_size, args.img_size), device=device)
-        context[:, :, :k] = frames
+        context = F.pad(frames, (0, 0, 0, 0, 0, n - k))  # the last k frames, then n - k to generate
         index = torch.arange(n, device=device).clamp(max=k)  # the new action leads into every frame after the context
-        clip_frames = generate(model, alphas_cumprod, tuple(context.shape), generator, text,
-                               actions.to(device)[:, index], None, context, k, **sampling_kwargs(args, autocast))
-        return clip_frames[:, :, k]
+        return generate(model, alphas_cumprod, tuple(context.shape), generator, text, actions.to(device)[:, index],
+                        None, context, k, **sampling_kwargs(args, autocast))[:, :, k]
 
-    def starts():
-        return start_frames.clone(), torch.from_numpy(start_actions).to(device)[None]
-
-    games = {"imagined": lambda: ImaginedVideo(next_frame, starts, action_value)}
-    if args.dataset == "sprites":
-        games["real"] = lambda: RealSprites(data.sprite_states[clip], start_actions, args.img_size, action_value)
-    return {"games": games, "meanings": meanings, "caption": caption, "clip": clip,
-            "clip_caption": data.captions[clip]}
+    games = {"imagined": lambda: ImaginedVideo(next_frame, lambda: (
+        start_frames.clone(), torch.from_numpy(start_actions).to(device)[None]), action_value),
+        "real": lambda: RealSprites(data.sprite_states[clip], start_actions, args.img_size, action_value)}
+    return {"games": games, "meanings": meanings, "caption": caption}
 
 
 def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, autocast):
     """--play: the checkpoint's model as a game (play_games), in a window or (--play-keys) headless."""
-    if args.play_keys is None:
-        import_pygame()  # before anything slow: a missing pygame is one line
     built = play_games(args, checkpoint, device, autocast)
-    games, meanings, caption, clip = built["games"], built["meanings"], built["caption"], built["clip"]
-    steps = parse_play_keys(args.play_keys, meanings) if args.play_keys is not None else None
-    print("keys: " + ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings) + (
+    steps = None if args.play_keys is None else parse_play_keys(args.play_keys, built["meanings"])
+    print(f"keys: {play_letters(built['meanings'])}" + (
         f", {RESTART_LETTER} restart (--play-keys letters)" if steps is not None else
         "; window: arrows and space (fire) pick these, Enter restarts, Tab switches model / real world, "
         "R records, Esc quits"), flush=True)
-    print(f"caption: {caption!r}; sampler: {args.sampler}, {args.num_sampling_steps} steps per frame, cfg scale "
-          f"{args.cfg_scale:g}; start: held-out clip {clip} ({built['clip_caption']!r})", flush=True)
-    if args.play_world != "imagined" and "real" not in games:
-        raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for real here")
-    try:
-        if steps is None:
-            play_window(games, meanings, run_dir / "play", args.play_size, args.play_fps)
-        else:
-            play_headless(games, steps, meanings, run_dir / "play", args)
-    except KeyboardInterrupt:  # Ctrl-C ends a session like Esc (an unsaved recording is lost)
-        print("play stopped by Ctrl-C", flush=True)
+    print(f"caption: {built['caption']!r}; sampler: {args.sampler}, {args.num_sampling_steps} steps per frame, cfg "
+          f"scale {args.cfg_scale:g}", flush=True)
+    if steps is None:
+        play_window(built["games"], built["meanings"], run_dir / "play", args.play_size, args.play_fps)
+    else:
+        play_headless(built["games"], steps, built["meanings"], run_dir / "play", args)
 
 
-def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], out_dir: Path, args: Args) -> dict:
+def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], out_dir: Path, args: Args):
     """--play-keys: each game of --play-world played with the keys; its MP4 written to out_dir."""
     stamp = time.strftime("%Y%m%d_%H%M%S")
-    sessions = {}
-    for mode in (("imagined", "real") if args.play_world == "both" else (args.play_world,)):
-        session_game = games[mode]()
-        sessions[mode] = play_keys(session_game, steps, meanings, args.play_size)
-        path = out_dir / f"play_{mode}_{stamp}.mp4"
-        write_mp4(path, sessions[mode]["shown"], fps=int(round(args.play_fps)))
-        print(f"{session_game.name}: {len(steps)} steps at {sessions[mode]['fps']:.2f} frames/s; wrote {path}",
-              flush=True)
-    return sessions
+    for mode in ("imagined", "real") if args.play_world == "both" else (args.play_world,):
+        session, path = play_keys(games[mode](), steps, meanings, args.play_size), out_dir / f"play_{mode}_{stamp}.mp4"
+        write_mp4(path, session["shown"], fps=int(round(args.play_fps)))
+        print(f"{mode}: {len(steps)} steps at {session['fps']:.2f} frames/s; wrote {path}", flush=True)
 
 
-def check_given_caption(caption: str, vocabulary: list, max_len: int, flag: str, checkpoint: str) -> Optional[str]:
-    """A caption given by a flag: a word the model does not know is refused in one line (it would be the
-    untrained <unk>: the caption would steer nowhere). Returns a notice when it is over max_len words."""
-    words = caption_words(caption)
-    unknown = unknown_words([caption], vocabulary, max_len)
+def check_given_caption(caption: str, vocabulary: list, max_len: int):
+    """--play-caption: a word the model does not know (the untrained <unk>: it would steer nowhere) is refused in
+    one line; words beyond max_len are said in a notice."""
+    unknown, words = unknown_words([caption], vocabulary, max_len), caption_words(caption)
     if unknown:
         known = vocabulary[len(SPECIAL_TOKENS):]
         guesses = {w: difflib.get_close_matches(w, known, n=1) for w in unknown}
         named = ", ".join(w + (f" (did you mean {guesses[w][0]}?)" if guesses[w] else "") for w in unknown)
-        see = (f"its {len(known)} words: {', '.join(known)}" if len(known) <= 60 else
-               f"its {len(known)} words: python -c \"import torch; print(*torch.load('{checkpoint}', "
-               f"weights_only=True)['vocabulary'][{len(SPECIAL_TOKENS)}:])\"")
-        raise UserError(f"{flag} {caption!r}: the model does not know {named}: it learned the words of its "
-                        f"training captions only (an unknown word would be the untrained <unk>); {see}")
+        raise UserError(f"--play-caption {caption!r}: the model does not know {named}: it learned the words of its "
+                        f"training captions only (an unknown word would be the untrained <unk>); its {len(known)} "
+                        f"words: {', '.join(known)}")
     if len(words) > max_len:
-        return (f"notice: {flag} has {len(words)} words, more than the model's --max-text-len {max_len}: it "
-                f"reads {' '.join(words[:max_len])!r} and drops {' '.join(words[max_len:])!r}")
-    return None
+        print(f"notice: --play-caption has {len(words)} words, more than the model's --max-text-len {max_len}: it "
+              f"reads {' '.join(words[:max_len])!r} and drops {' '.join(words[max_len:])!r}", flush=True)
 
 
 # ==== END OPTIONAL: play ====
@@ -2115,14 +1981,12 @@ def check_given_caption(caption: str, vocabulary: list, max_len: int, flag: str,
 def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
     """--sample-only: --num-samples clips (and long videos) into the run's samples/; a signal abandons them."""
     args = sampler.args
+    stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_{int(time.time())}"
     try:
-        stem = (f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_"
-                f"{int(time.time())}")
         path = write_samples(run_dir / "samples", stem, sampler.clips(args.num_samples))
         print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
         if args.long_video_frames > args.num_frames:
-            videos = sampler.long_videos(min(args.num_samples, 4))
-            path = write_samples(run_dir / "samples", "long_" + stem, videos)
+            path = write_samples(run_dir / "samples", "long_" + stem, sampler.long_videos(min(args.num_samples, 4)))
             print(f"wrote long videos of {args.long_video_frames} frames to {path}")
     except StopRequested:
         print("stopped by signal while sampling; nothing more was written")
@@ -2130,44 +1994,38 @@ def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
 
 def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoData, vocabulary: list,
              num_actions: int, num_params: int):
-    """Rank 0's run folder (a new one, or the resumed run's) and TensorBoard writer, and the
-    lines that describe the run. Returns (run_dir, writer); other ranks get (run_dir, None)."""
+    """Rank 0's run folder (a new one, or the resumed run's) and TensorBoard writer, and the lines
+    that describe the run. Returns (run_dir, writer); other ranks get (run_dir, None)."""
     if not setup.is_main:
         return run_dir, None
-    num_clips = len(data.clip_starts)
-    run_dir = run_dir or create_run_dir(args, data.dataset_id)
+    run_dir, num_clips = run_dir or create_run_dir(args, data.dataset_id), len(data.clip_starts)
     writer = open_writer(args, run_dir, step)
-    if step == 0:
-        writer.add_scalar("charts/num_parameters", num_params, 0)
     print(f"run folder: {run_dir}")
     if step > 0:
         print(f"resuming at step {step} of {args.total_steps}")
-    print(f"model: {num_params:,} parameters; data: {num_clips:,} clips of {args.num_frames} frames of "
-          f"{args.img_size}x{args.img_size}, {len(vocabulary) - len(SPECIAL_TOKENS)} words, "
-          f"{'continuous actions' if args.action_dim else f'{num_actions} actions'}; "
-          f"device: {setup.device}{f' x {setup.world_size}' if setup.world_size > 1 else ''}")
+    print(f"model: {num_params:,} parameters; data: {num_clips:,} clips, {len(vocabulary) - len(SPECIAL_TOKENS)} "
+          f"words, {num_actions} actions; device: {setup.device}")
     if num_clips < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
         print(f"notice: {num_clips:,} clips, fewer than --batch-size {args.batch_size}: each batch holds clips "
-              f"more than once (it spans several epochs)")
+              f"more than once")
     return run_dir, writer
 
 
 def log_training(meter, scheduler, writer, progress, step: int, run_dir: Optional[Path]):
-    """Every --log-every steps: a non-finite loss or gradient stops the run (one line, after the
-    progress bar's last state); rank 0 writes losses/mse, charts/* and (on CUDA) perf/mfu."""
+    """A non-finite loss or gradient stops the run (one line, after the progress bar's last state);
+    rank 0 writes losses/mse, charts/* and (on CUDA) perf/mfu."""
     if not meter.finite():
         progress.close()
         raise non_finite_failure(f"before step {step}", run_dir)
     logged = meter.read()
     if writer is not None:  # rank 0
-        writer.add_scalar("losses/mse", logged["loss"], step)
+        for tag, key in (("losses/mse", "loss"), ("charts/grad_norm", "grad_norm"), ("charts/SPS", "SPS"),
+                         ("perf/mfu", "mfu")):
+            if key in logged:  # MFU on CUDA only
+                writer.add_scalar(tag, logged[key], step)
         writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
-        writer.add_scalar("charts/grad_norm", logged["grad_norm"], step)
-        writer.add_scalar("charts/SPS", logged["SPS"], step)
-        mfu = {"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}  # on CUDA only
-        if mfu:
-            writer.add_scalar("perf/mfu", logged["mfu"], step)
-        progress.set_postfix(loss=f"{logged['loss']:.4f}", clips_s=f"{logged['SPS']:.1f}", **mfu)
+        progress.set_postfix(loss=f"{logged['loss']:.4f}", clips_s=f"{logged['SPS']:.1f}",
+                             **({"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}))
 
 
 def evaluate_or_first_samples(sampler: EvalSampler, writer, step: int, run_dir: Path, evaluation: bool,
@@ -2183,6 +2041,7 @@ def evaluate_or_first_samples(sampler: EvalSampler, writer, step: int, run_dir: 
                            f"start: {run_dir / 'samples' / f'step{step:08d}.png'}")
 
 
+
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
              **extra):
     """Rank 0 writes the checkpoint, with the data order's position and extra; a non-finite loss
@@ -2194,6 +2053,8 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter",
         save_checkpoint(run_dir / "checkpoints" / "latest.pt",
                         checkpoint_state(args, step, *parts, **extra, data_position=position))
         print(f"saved checkpoint at step {step}", flush=True)
+
+
 
 
 def main(args: Args, given: set[str]):
@@ -2218,7 +2079,6 @@ def main(args: Args, given: set[str]):
 
     # ---- data: the training clips on the device, the held-out ones for evaluation, the words
     data = load_dataset(args)
-    eval_data = eval_subset(data, args)
     # The vocabulary and the action count fix the model's shape: a resumed run takes its checkpoint's.
     vocabulary = checkpoint["vocabulary"] if checkpoint is not None else build_vocabulary(data.captions)
     num_actions = checkpoint["num_actions"] if checkpoint is not None else data.num_actions
@@ -2226,16 +2086,15 @@ def main(args: Args, given: set[str]):
         for line in data_caption_notices(data.captions, vocabulary, args.max_text_len):
             print(line)
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
-        profile = step_memory_profile(args, len(vocabulary), num_actions)
-        check_step_memory(setup, args.batch_size, *profile, args.dtype)
+        num_params, activations, flops = step_memory_profile(args, len(vocabulary), num_actions)
+        check_step_memory(setup, args.batch_size, num_params, activations, args.dtype)
     alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps,
                                                             args.beta_start, args.beta_end))
-    clips = TrainingClips(data, vocabulary, alphas_cumprod.to(device), args, device)
+    clips, train_abar = DeviceClips(data, vocabulary, args, device), alphas_cumprod.to(device)
 
     # ---- model, EMA, optimizer with linear warmup (lr_s = lr * min(1, (s + 1) / warmup)), resumed state
     model = build_model(args, len(vocabulary), num_actions).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
-    num_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=setup.use_cuda)
     warmup = max(1, args.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
@@ -2246,7 +2105,7 @@ def main(args: Args, given: set[str]):
     stop = StopFlag()  # from here on SIGTERM/SIGINT finish the step (or abandon sampling), save and exit 0
     # only the samplers call the EMA model: a signal abandons sampling within one network evaluation
     ema_model.register_forward_pre_hook(lambda module, inputs: stop.check())
-    sampler = EvalSampler(ema_model, alphas_cumprod, eval_data, vocabulary, args, autocast, device)
+    sampler = EvalSampler(ema_model, alphas_cumprod, eval_subset(data, args), vocabulary, args, autocast, device)
     if args.sample_only or step >= args.total_steps:  # no training: --sample-only, or a finished run
         leave_process_group(setup.world_size)  # what follows is rank 0's alone
         if setup.is_main and args.sample_only:
@@ -2259,8 +2118,7 @@ def main(args: Args, given: set[str]):
 
     # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), throughput
     run_dir, writer = open_run(args, setup, run_dir, step, data, vocabulary, num_actions, num_params)
-    flops = 3 * forward_flops(lambda: build_model(args, len(vocabulary), num_actions), *clips.example())
-    meter = Meter(device, flops, peak_flops(setup, args.dtype), setup.world_size)
+    meter = Meter(device, 3 * flops, peak_flops(setup, args.dtype), setup.world_size)
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
     if setup.world_size > 1:
         device_ids = [setup.local_rank] if setup.use_cuda else None
@@ -2273,9 +2131,8 @@ def main(args: Args, given: set[str]):
     step_timer = StepTimer(first_step, args.total_steps, setup)
     progress = progress_bar(args.total_steps, step, "train", "step", setup.is_main)
     while step < args.total_steps:
-        batch = clips.batch(step, train_generator, mine, model.null_text(local_batch, device))
-        loss = video_diffusion_loss(train_model, **batch, alphas_cumprod=clips.alphas_cumprod,
-                                    prediction=args.prediction, autocast=autocast)
+        batch = clips.batch(step, train_generator, mine, model.null_text(local_batch, device), train_abar)
+        loss = video_diffusion_loss(train_model, **batch, prediction=args.prediction, autocast=autocast)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)

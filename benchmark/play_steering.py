@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "steering.json").write_text(json.dumps(result, indent=1))
     clips = np.stack(rows).transpose(0, 4, 1, 2, 3)  # (N, 3, T + 1, H, W)
-    vd.write_png(out / "steering.png", vd.frame_strips(clips, names, labels))
+    vd.write_png(out / "steering.png", vd.frame_strips(clips, [f"{n}: {' '.join(l)}" for n, l in zip(names, labels)]))
     print(f"the generated sprite follows the key in {result['follow_rate']:.1%} of {total[1]} steps where the real "
           f"sprite moved (chance 25%); per key: " + ", ".join(f"{k} {v:.0%}" for k, v in result["per_key"].items()))
     print(f"wrote {out / 'steering.json'} and {out / 'steering.png'}")
