@@ -1891,15 +1891,21 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
     whose first k = --context-frames frames are the last k shown, the new action held after them, and shows frame k.
     Returns {"games": {"imagined": factory, "real": factory}, "meanings": action names, "caption"}."""
     num_actions, vocabulary = checkpoint["num_actions"], checkpoint["vocabulary"]
-    if args.dataset != "sprites" or args.context_frames < 1:
-        raise UserError(f"--play steers a sprites model frame by frame from its last frames: this run has --dataset "
-                        f"{args.dataset} and --context-frames {args.context_frames} (play needs sprites and >= 1)")
+    if args.dataset == "folder" or num_actions == 0 and args.action_dim == 0 or args.context_frames < 1:
+        raise UserError(f"--play steers an action-conditioned model (sprites or Atari clips) frame by frame from its "
+                        f"last frames: this run has --dataset {args.dataset}, --context-frames {args.context_frames}")
     caption = args.play_caption or ""  # checked before any data is made
     check_given_caption(caption, vocabulary, args.max_text_len)
     caption = caption_as_read(caption, vocabulary, args.max_text_len)  # what is printed is what the model reads
-    meanings = [name.upper() for name in SPRITE_ACTIONS]
-    data = make_sprites_dataset(64, args.num_frames, args.img_size, args.num_distractors, args.action_dim,
-                                seed=args.seed + 2_000)  # starts the model never trained on
+    if args.dataset == "sprites":
+        meanings = [name.upper() for name in SPRITE_ACTIONS]
+        data = make_sprites_dataset(64, args.num_frames, args.img_size, args.num_distractors, args.action_dim,
+                                    seed=args.seed + 2_000)  # starts the model never trained on
+    else:  # Atari: starts from the run's recorded episodes, the game's own action names
+        import gymnasium as gym
+
+        data = load_atari_dataset(args)
+        meanings = list(gym.make(atari_ids(args.env_id)[0]).unwrapped.get_action_meanings())
 
     def action_value(action: int) -> torch.Tensor:  # a key's action as the model takes it
         if args.action_dim:  # continuous: the move's velocity (noop: none)
@@ -1925,8 +1931,11 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
                         None, context, k, **sampling_kwargs(args, autocast))[:, :, k]
 
     games = {"imagined": lambda: ImaginedVideo(next_frame, lambda: (
-        start_frames.clone(), torch.from_numpy(start_actions).to(device)[None]), action_value),
-        "real": lambda: RealSprites(data.sprite_states[clip], start_actions, args.img_size, action_value)}
+        start_frames.clone(), torch.from_numpy(start_actions).to(device)[None]), action_value)}
+    if args.dataset == "sprites":
+        games["real"] = lambda: RealSprites(data.sprite_states[clip], start_actions, args.img_size, action_value)
+    elif args.play_world != "imagined":
+        raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for real here")
     return {"games": games, "meanings": meanings, "caption": caption}
 
 
@@ -2003,6 +2012,8 @@ def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoD
     print(f"run folder: {run_dir}")
     if step > 0:
         print(f"resuming at step {step} of {args.total_steps}")
+    else:
+        writer.add_scalar("charts/num_parameters", num_params, 0)
     print(f"model: {num_params:,} parameters; data: {num_clips:,} clips, {len(vocabulary) - len(SPECIAL_TOKENS)} "
           f"words, {num_actions} actions; device: {setup.device}")
     if num_clips < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so

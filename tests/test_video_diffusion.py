@@ -517,6 +517,12 @@ def test_atari_clips_are_recorded_as_episode_files_and_train(tmp_path):
     checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
     assert checkpoint["num_actions"] == 4 and "paddle" in checkpoint["vocabulary"]
     assert "eval/psnr_true_actions" in read_scalars(run_dir)
+    # an Atari model plays headless with the game's own actions (F fires); only the sprites world has a real twin
+    result = run_script(SCRIPT, "--resume", run_dir, "--play-keys", "FR", "--num-sampling-steps", "1")
+    assert "keys: N noop, F fire, R right, L left" in result.stdout
+    assert [len(read_mp4(p)) for p in (run_dir / "play").glob("play_imagined_*.mp4")] == [3]
+    result = run_script(SCRIPT, "--resume", run_dir, "--play-keys", "R", "--play-world", "real", check=False)
+    assert result.returncode == 2 and result.stderr.strip().endswith("only the sprites world can be played for real here")
 
 
 def test_atari_captions_name_the_action_held_most():
