@@ -1,32 +1,23 @@
 # cleanworlds: DIAMOND (Alonso et al. 2024) on Atari 100k. Docs: README.md, benchmark/RESULTS.md
 """
-DIAMOND: a diffusion world model (EDM denoiser on the last 4 frames and actions), a reward/termination model and an
-actor-critic trained entirely in the world model's imagination, on the Atari 100k benchmark, in one file.
+DIAMOND: a diffusion world model (EDM denoiser on the last 4 frames and actions), a reward/end model
+and an actor-critic trained in the world model's imagination, on the Atari 100k benchmark, in one file.
 
-Reproduce the paper (Breakout 132.5, mean human-normalised score 1.46 over 26 games; days per
-game: benchmark/RESULTS.md, bash benchmark/gpu_diamond.sh) on one GPU:
-    python diamond_atari.py --env-id Breakout-v5 --num-sampling-steps 3
-The same with smaller or larger networks (TorchWM's presets; medium is the paper's):
+The paper's setting on one GPU (Breakout 132.5, mean human-normalised score 1.46 over 26 games):
+    python diamond_atari.py --env-id Breakout-v5
+TorchWM's network sizes (medium: the paper's); a CPU run in seconds, offline; bsuite's Catch:
     python diamond_atari.py --env-id Pong-v5 --preset small
-End to end in about 25 seconds on a CPU, offline (a shrunken protocol: small first epoch, short episodes):
     python diamond_atari.py --preset tiny
-The same on bsuite's Catch (a ball falls down a 10x5 grid; the paddle catches it or not) instead of an Atari game:
     python diamond_atari.py --env-id Catch --preset tiny
-The whole agent from your own recorded episodes (one .npz per episode: a static dataset, nothing collected):
+From recorded episodes (one .npz each, nothing collected); the world model alone:
     python diamond_atari.py --env-id Breakout-v5 --dataset-dir path/to/episodes
-Only the world model, on a random policy's data or on your own recorded episodes:
     python diamond_atari.py --world-model-only --env-id Breakout-v5
-    python diamond_atari.py --world-model-only --env-id Breakout-v5 --dataset-dir path/to/episodes
-Continue a run, or run the 100 test episodes with its agent:
+Continue a run; its 100 test episodes; play its world model (pip install pygame-ce); see an episode:
     python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000
-    python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000 --eval-only
-Play its world model live (pip install pygame-ce) or headless from keys (MP4s in {run}/play/):  # optional: play
-    python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000 --play  # optional: play
+    python diamond_atari.py --resume RUN --eval-only
+    python diamond_atari.py --resume RUN --play  # optional: play
     python diamond_atari.py --resume RUN --play-keys FRRRLL --play-world both  # optional: play
-Watch an episode file (an MP4 beside it, each frame captioned with the step, action and reward):
-    python diamond_atari.py --episode-to-mp4 runs/Breakout-v5__diamond_atari__1__1700000000/episodes/episode_000000.npz
-Watch it (world_model/* says whether the world model beats copying the last frame and finds the rewards and ends;
-eval/imagined_minus_real_return whether the policy earns in imagination what it does not earn in the game):
+    python diamond_atari.py --episode-to-mp4 RUN/episodes/episode_000000.npz
     tensorboard --logdir runs
 """
 import atexit
@@ -58,13 +49,10 @@ import tyro
 SCRIPT_NAME = "diamond_atari.py"
 CHECKPOINT_FORMAT_VERSION = 3  # 2: global_step (the one TensorBoard step); 3: the imagined episodes
 OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
-# torch.compile's backend at every compile call here (--compile, --imagination-graphs), read at each
-# call: tests put a slow or failing backend in its place
-COMPILE_BACKEND = "inductor"
-# A flag's unit, shown by --help (--save-every STEPS) and read by the tests: one meaning per name.
+COMPILE_BACKEND = "inductor"  # torch.compile's backend, read at each call (tests swap in their own)
+# Marks beside an Args field: its unit (--save-every EPOCHS in --help), its domain ('>= 1', '[0, 1)',
+# checked at start-up) and RESUME_MUTABLE where --resume may change it (flag_marks reads them).
 EPOCHS, UPDATES = tyro.conf.arg(metavar="EPOCHS"), tyro.conf.arg(metavar="UPDATES")
-# Beside an Args field: its domain ('>= 1', '[0, 1)': every numeric flag, checked at start-up), and
-# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling, play): flag_marks.
 RESUME_MUTABLE = "resume-mutable"
 
 
@@ -75,8 +63,7 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic and
-    CUBLAS_WORKSPACE_CONFIG, not torch's strict algorithms (a CUDA resume is close, not bitwise)"""
+    """CPU: deterministic (exact resume); CUDA: cudnn.deterministic only (a resume close, not bitwise)"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -88,8 +75,7 @@ class Args:
     output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu", "catch", "small", "medium", "large"]] = None
-    """tiny: a run in seconds on a CPU; cpu: the whole loop at CPU scale; catch: for --env-id Catch
-    on one CPU core; small/medium/large: TorchWM's network sizes (medium: the paper's)"""
+    """tiny: seconds on a CPU; cpu, catch: CPU-scale runs; small/medium/large: TorchWM's networks"""
     config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
@@ -98,36 +84,30 @@ class Args:
     """with --resume: only run --test-episodes test episodes with the checkpoint's agent"""
 # ==== BEGIN OPTIONAL: play ====
     play: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: play the world model in a window (pip install pygame-ce): arrows and space
-    (fire) act, Enter restarts, Tab switches to the real game, R records, Esc quits"""
+    """with --resume: play the world model in a window (pip install pygame-ce); Esc quits"""
     play_keys: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """headless play (implies --play): a letter per step, N noop, F fire, U D L R, Q E Z C the
-    diagonals, lowercase with fire, / restart; MP4s (and real episodes' .npz) go to {run}/play/"""
+    """headless play: a letter per step (N F U D L R, Q E Z C diagonals, / restart) -> {run}/play/"""
     play_world: Annotated[Literal["imagined", "real", "both"], RESUME_MUTABLE] = "imagined"
     """headless play: the world model (imagined), the real game, or both with the same keys"""
     play_size: Annotated[int, ">= 16", RESUME_MUTABLE] = 512
     """play: the frame's side in the window and in the play MP4s, in pixels"""
     play_fps: Annotated[float, "> 0", RESUME_MUTABLE] = 15.0
-    """play: the window's steps per second at most (the game's own rate: 60 Hz / frame skip 4)"""
+    """play: the window's steps per second at most"""
 # ==== END OPTIONAL: play ====
     episode_to_mp4: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """an episode .npz -> an MP4 beside it, each frame captioned with step, action and reward
-    (--env-id names the actions); nothing else runs"""
+    """an episode .npz -> an MP4 beside it, frames captioned (--env-id names the actions)"""
     world_model_only: bool = False
     """train and evaluate only the world model, on random-policy data or --dataset-dir"""
     compile: Annotated[bool, RESUME_MUTABLE] = False
     """torch.compile the denoiser's U-Net"""
     imagination_graphs: Annotated[Literal["auto", "on", "off"], RESUME_MUTABLE] = "auto"
-    """the imagination step as compiled graphs (DIAMOND's reference): CUDA graphs on CUDA,
-    inductor on the CPU (minutes to compile); auto: on for CUDA only"""
+    """the imagination step compiled: CUDA graphs on CUDA, inductor on a CPU; auto: CUDA only"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """float32 (TF32 matmuls on CUDA, as DIAMOND), or bfloat16/float16 autocast on CUDA; the CPU
-    always computes in float32"""
+    """float32 (TF32 on CUDA, as DIAMOND), or bfloat16/float16 autocast on CUDA (CPU: float32)"""
 
     # Environment: Atari 100k as DIAMOND runs it
     env_id: Annotated[str, tyro.conf.arg(aliases=("--game",))] = "Breakout-v5"
-    """Breakout-v5, ALE/Breakout-v5 or BreakoutNoFrameskip-v4 (same protocol), or Catch (bsuite's
-    10x5 Catch, which ignores the Atari flags below); alias --game"""
+    """Breakout-v5, ALE/Breakout-v5 or BreakoutNoFrameskip-v4 (one protocol), or Catch; alias --game"""
     sticky_actions: bool = False
     """sticky actions (repeat_action_probability 0.25); off in Atari 100k as DIAMOND runs it"""
     noop_max: Annotated[int, ">= 0"] = 30
@@ -141,8 +121,7 @@ class Args:
     epsilon: Annotated[float, "[0, 1]"] = 0.01
     """probability of a uniformly random action when collecting (test episodes use 0)"""
     dataset_dir: Optional[str] = None
-    """train on the episode .npz files in this folder (the last 10% held out) instead of
-    collecting: the whole agent, or the world model alone with --world-model-only"""
+    """train on the episode .npz files in this folder (the last 10% held out) instead of collecting"""
 
     # Denoiser (the diffusion world model)
     diffusion_channels: Annotated[tuple[int, ...], ">= 1"] = (64, 64, 64, 64)
@@ -166,8 +145,7 @@ class Args:
     train_sigma_max: Annotated[float, "> 0"] = 20.0
     """training noise levels are clipped to [train_sigma_min, train_sigma_max]"""
     num_autoregressive_steps: Annotated[int, ">= 0"] = 1
-    """extra denoiser predictions per training segment, each on the previous one's 8-bit output
-    (DIAMOND: 1)"""
+    """extra denoiser predictions per training segment, each on the previous one's 8-bit output"""
 
     # Sampler
     sampler: Annotated[Literal["euler", "heun"], RESUME_MUTABLE] = "euler"
@@ -213,8 +191,7 @@ class Args:
 
     # Training loop
     num_epochs: Annotated[Optional[int], EPOCHS, ">= 1", RESUME_MUTABLE] = None
-    """the run length in epochs (default: the Atari 100k schedule's, 1000 for a first collection
-    of 5000; --dataset-dir: --final-epochs-without-collection); never collects beyond the budget"""
+    """the run length (default: the Atari 100k schedule's; --dataset-dir: the final epochs')"""
     initial_collection_steps: Annotated[int, ">= 1"] = 5000
     """the first collection N (before epoch 1's own share): at least this many env steps"""
     max_initial_collection_steps: Annotated[int, ">= 1"] = 10_000
@@ -224,8 +201,7 @@ class Args:
     collection_steps_per_epoch: Annotated[int, ">= 1"] = 100
     """env steps collected in each epoch after the first collection (epoch 1 included)"""
     env_step_budget: Annotated[int, ">= 1"] = 100_000
-    """env steps collected in the whole run (Atari 100k): the first collection N, then
-    collection_steps_per_epoch in each of (budget - N) / collection_steps_per_epoch epochs"""
+    """env steps collected in the whole run (Atari 100k), the first collection included"""
     final_epochs_without_collection: Annotated[int, ">= 0"] = 50
     """epochs that only train, after the budget is spent (with --dataset-dir: the run length)"""
     denoiser_steps_per_epoch: Annotated[int, ">= 1"] = 400
@@ -241,8 +217,7 @@ class Args:
     first_epoch_actor_critic_steps: Annotated[int, ">= 1"] = 5000
     """actor-critic gradient steps in epoch 1"""
     actor_critic_start_after_epochs: Annotated[int, EPOCHS, ">= 0"] = 0
-    """the actor-critic trains from epoch N + 1 on (DIAMOND's start_after_epochs); until then
-    the collector's policy is the uniform one"""
+    """the actor-critic trains from epoch N + 1 on (until then the collector's policy is uniform)"""
     batch_size: Annotated[int, ">= 1"] = 32
     """segments per denoiser and reward/end model batch"""
     recency_weights: Annotated[tuple[float, ...], "> 0"] = (0.1, 0.1, 0.1, 0.7)
@@ -279,51 +254,51 @@ class Args:
     """unseen real transitions the world_model/* metrics are computed on"""
 
 
+# The cpu and catch presets' networks and imagination: DIAMOND's loop at CPU scale (why each value:
+# benchmark/diamond_learns.sh, benchmark/diamond_catch.sh).
+CPU_SCALE = dict(
+    obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
+    num_autoregressive_steps=0, num_sampling_steps=1, reward_channels=8, reward_cond_dim=32,
+    reward_lstm_dim=64, reward_segment_length=12, actor_channels=(16, 16, 32, 32), actor_lstm_dim=128,
+    imagination_horizon=8, backup_every=8, num_imagined_envs=16, final_epochs_without_collection=0,
+    batch_size=16, learning_rate=1e-3, warmup_steps=20, log_every=20,
+)
 PRESETS = {
     # A full run in seconds on a CPU: 32x32 frames, small networks, short epochs and episodes.
     "tiny": dict(
-        obs_size=32, diffusion_channels=(8, 8, 8), diffusion_res_blocks=1, diffusion_cond_dim=16, reward_channels=8,
-        reward_cond_dim=8, reward_lstm_dim=16, actor_channels=(8, 8, 8, 8), actor_lstm_dim=16, imagination_horizon=4,
-        backup_every=4, num_imagined_envs=4, reward_segment_length=8, initial_collection_steps=200,
-        max_initial_collection_steps=300, min_rare_rewards=1, collection_steps_per_epoch=50, env_step_budget=350,
+        obs_size=32, diffusion_channels=(8, 8, 8), diffusion_res_blocks=1, diffusion_cond_dim=16,
+        reward_channels=8, reward_cond_dim=8, reward_lstm_dim=16, actor_channels=(8, 8, 8, 8),
+        actor_lstm_dim=16, imagination_horizon=4, backup_every=4, num_imagined_envs=4,
+        reward_segment_length=8, initial_collection_steps=200, max_initial_collection_steps=300,
+        min_rare_rewards=1, collection_steps_per_epoch=50, env_step_budget=350,
         final_epochs_without_collection=1, denoiser_steps_per_epoch=10, reward_steps_per_epoch=10,
         actor_critic_steps_per_epoch=5, first_epoch_denoiser_steps=20, first_epoch_reward_steps=20,
-        first_epoch_actor_critic_steps=5, batch_size=8, learning_rate=1e-3, warmup_steps=5, max_episode_steps=200,
-        log_every=10, eval_every=1, eval_episodes=1, test_episodes=2, num_heldout_transitions=32, save_agent_every=1,
+        first_epoch_actor_critic_steps=5, batch_size=8, learning_rate=1e-3, warmup_steps=5,
+        max_episode_steps=200, log_every=10, eval_every=1, eval_episodes=1, test_episodes=2,
+        num_heldout_transitions=32, save_agent_every=1,
     ),
-    # DIAMOND's whole loop at CPU scale (why: benchmark/diamond_learns.sh): 32x32 frames, small
-    # networks, one Euler step, 20 short epochs, 4000 env steps, 500-step episodes.
+    # 20 short epochs, 4000 env steps, 500-step episodes
     "cpu": dict(
-        obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
-        num_autoregressive_steps=0, num_sampling_steps=1,
-        reward_channels=8, reward_cond_dim=32, reward_lstm_dim=64, reward_segment_length=12,
-        actor_channels=(16, 16, 32, 32), actor_lstm_dim=128, imagination_horizon=8, backup_every=8,
-        num_imagined_envs=16, num_epochs=20, initial_collection_steps=1000, max_initial_collection_steps=2000,
-        collection_steps_per_epoch=100, env_step_budget=4000, final_epochs_without_collection=0,
-        denoiser_steps_per_epoch=60, reward_steps_per_epoch=30, actor_critic_steps_per_epoch=15,
-        first_epoch_denoiser_steps=300, first_epoch_reward_steps=200, first_epoch_actor_critic_steps=40,
-        batch_size=16, learning_rate=1e-3, warmup_steps=20, max_episode_steps=500, log_every=20, eval_every=4,
-        eval_episodes=4, test_episodes=100, num_heldout_transitions=64, save_agent_every=4,
+        CPU_SCALE, num_epochs=20, initial_collection_steps=1000, max_initial_collection_steps=2000,
+        collection_steps_per_epoch=100, env_step_budget=4000, denoiser_steps_per_epoch=60,
+        reward_steps_per_epoch=30, actor_critic_steps_per_epoch=15, first_epoch_denoiser_steps=300,
+        first_epoch_reward_steps=200, first_epoch_actor_critic_steps=40, max_episode_steps=500,
+        eval_every=4, eval_episodes=4, test_episodes=100, num_heldout_transitions=64, save_agent_every=4,
     ),
-    # DIAMOND's whole loop on Catch on a CPU (why each value: benchmark/diamond_catch.sh): cpu's
-    # networks, 5000 random env steps that train the world model first, 200 per epoch up to 8000.
+    # Catch: 5000 random env steps train the world model first, then 200 per epoch up to 8000
     "catch": dict(
-        obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
-        num_autoregressive_steps=0, num_sampling_steps=1,
-        reward_channels=8, reward_cond_dim=32, reward_lstm_dim=64, reward_segment_length=12,
-        actor_channels=(16, 16, 32, 32), actor_lstm_dim=128, imagination_horizon=8, backup_every=8,
-        num_imagined_envs=16, initial_collection_steps=5000, max_initial_collection_steps=6000,
-        collection_steps_per_epoch=200, env_step_budget=8000, final_epochs_without_collection=0,
-        denoiser_steps_per_epoch=20, reward_steps_per_epoch=40, actor_critic_steps_per_epoch=60,
-        first_epoch_denoiser_steps=800, first_epoch_reward_steps=2000, actor_critic_start_after_epochs=1,
-        batch_size=16, learning_rate=1e-3, warmup_steps=20, log_every=20,
-        eval_every=2, eval_episodes=20, test_episodes=200, num_heldout_transitions=200, save_agent_every=2,
+        CPU_SCALE, initial_collection_steps=5000, max_initial_collection_steps=6000,
+        collection_steps_per_epoch=200, env_step_budget=8000, denoiser_steps_per_epoch=20,
+        reward_steps_per_epoch=40, actor_critic_steps_per_epoch=60, first_epoch_denoiser_steps=800,
+        first_epoch_reward_steps=2000, actor_critic_start_after_epochs=1, eval_every=2,
+        eval_episodes=20, test_episodes=200, num_heldout_transitions=200, save_agent_every=2,
     ),
     "small": dict(diffusion_channels=(32, 32, 32, 32), diffusion_cond_dim=128, reward_channels=16,
                   reward_lstm_dim=256, actor_channels=(16, 16, 32, 32), actor_lstm_dim=256),
     "medium": dict(),  # the paper's networks: the defaults
-    "large": dict(diffusion_channels=(128, 128, 128, 128), diffusion_res_blocks=3, diffusion_cond_dim=512,
-                  reward_channels=64, reward_lstm_dim=1024, actor_channels=(64, 64, 128, 128), actor_lstm_dim=1024),
+    "large": dict(diffusion_channels=(128, 128, 128, 128), diffusion_res_blocks=3,
+                  diffusion_cond_dim=512, reward_channels=64, reward_lstm_dim=1024,
+                  actor_channels=(64, 64, 128, 128), actor_lstm_dim=1024),
 }
 # Flags spelled otherwise on the command line: --game is the seed's name for --env-id.
 FLAG_ALIASES = {"--game": "env_id"}
@@ -338,38 +313,33 @@ CHECKPOINT_KEYS = {
 
 
 def check_args(args: Args, world_size: int):
-    """Settings that cannot work, refused at start-up in one line (before any data is read or run folder made)."""
+    """Settings that cannot work, refused at start-up in one line (before any data is read)."""
     check_arg_domains(args)
     if world_size > 1:
-        raise UserError(f"diamond_atari.py runs one process per game and seed, not {world_size} torchrun processes: "
-                        f"run it with python (benchmark/run_atari100k.py runs many games and seeds in parallel)")
+        raise UserError(f"diamond_atari.py runs one process per game and seed, not {world_size} torchrun "
+                        f"processes: run it with python (benchmark/run_atari100k.py runs many in parallel)")
     if args.eval_only and not args.resume:
         raise UserError("--eval-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
     if (args.play or args.play_keys is not None) and not args.resume:  # optional: play
-        raise UserError("--play needs --resume RUN_FOLDER_OR_CHECKPOINT (a trained world model "  # optional: play
-                        "to play)")  # optional: play
+        raise UserError("--play needs --resume RUN_FOLDER_OR_CHECKPOINT (a trained world model)")  # optional: play
     if args.eval_only and args.world_model_only:
-        raise UserError("--eval-only runs the agent's test episodes: a --world-model-only run has no trained agent")
+        raise UserError("--eval-only runs the agent's test episodes: a --world-model-only run has no agent")
     if args.diffusion_cond_dim % args.num_conditioning_steps:
         raise UserError(f"--diffusion-cond-dim {args.diffusion_cond_dim} must be divisible by "
-                        f"--num-conditioning-steps {args.num_conditioning_steps} (one action embedding per step)")
+                        f"--num-conditioning-steps {args.num_conditioning_steps} (an action embedding each)")
     if args.obs_size % 2 ** max(len(args.diffusion_channels) - 1, len(args.actor_channels), 3):
-        raise UserError(f"--obs-size {args.obs_size} must be divisible by 2^{len(args.actor_channels)} "
-                        f"(the actor-critic's max-pools) and 2^{len(args.diffusion_channels) - 1} (the U-Net levels)")
+        raise UserError(f"--obs-size {args.obs_size} must be divisible by 2^{len(args.actor_channels)} (the "
+                        f"actor-critic's max-pools) and 2^{len(args.diffusion_channels) - 1} (the U-Net levels)")
     if len(args.recency_weights) < 1:
         raise UserError("--recency-weights needs at least one weight")
-    if args.sigma_min >= args.sigma_max:
-        raise UserError(f"--sigma-min {args.sigma_min} must be below --sigma-max {args.sigma_max}")
+    if args.sigma_min >= args.sigma_max or args.train_sigma_min > args.train_sigma_max:
+        raise UserError("--sigma-min must be below --sigma-max, --train-sigma-min not above --train-sigma-max")
     if not args.initial_collection_steps <= args.max_initial_collection_steps <= args.env_step_budget:
-        raise UserError(f"need --initial-collection-steps {args.initial_collection_steps} <= "
-                        f"--max-initial-collection-steps {args.max_initial_collection_steps} <= --env-step-budget "
+        raise UserError(f"need --initial-collection-steps {args.initial_collection_steps} <= --max-initial-"
+                        f"collection-steps {args.max_initial_collection_steps} <= --env-step-budget "
                         f"{args.env_step_budget} (the first collection is part of the budget)")
     if args.dataset_dir is not None and args.num_epochs is None and args.final_epochs_without_collection < 1:
-        raise UserError("--dataset-dir runs --final-epochs-without-collection epochs (or --num-epochs): give at "
-                        "least 1")
-    if args.train_sigma_min > args.train_sigma_max:
-        raise UserError(f"--train-sigma-min {args.train_sigma_min} must not exceed --train-sigma-max "
-                        f"{args.train_sigma_max}")
+        raise UserError("--dataset-dir runs --final-epochs-without-collection epochs: give at least 1")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -398,37 +368,28 @@ def import_gym():
     return gym
 
 
-def atari_games() -> list[str]:
-    """Every game ale-py ships (from gymnasium's registry of ALE/<Game>-v5 ids)."""
-    gym = import_gym()
-    return sorted(key[len("ALE/"): -len("-v5")] for key in gym.registry
-                  if key.startswith("ALE/") and key.endswith("-v5"))
-
-
 def canonical_env_id(env_id: str) -> tuple[str, str]:
     """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 or Breakout -> ("Breakout",
     "Breakout-v5") (one protocol for all); Catch -> ("Catch", "Catch")."""
     if env_id.strip().lower() == "catch":  # before atari_games(): a Catch run needs no emulator
         return "Catch", "Catch"
     match = re.fullmatch(r"(?:ALE/)?([A-Za-z0-9]+?)(?:NoFrameskip-v4|-v5|-v4)?", env_id.strip())
-    games = atari_games()
+    games = sorted(key[4:-3] for key in import_gym().registry if key.startswith("ALE/") and key.endswith("-v5"))
     if match and match.group(1) in games:
         return match.group(1), f"{match.group(1)}-v5"
     spellings = [f"{g}-v5" for g in games]
     close = difflib.get_close_matches(env_id.replace("ALE/", "").replace("NoFrameskip-v4", "-v5"),
                                       spellings, n=3, cutoff=0.5)
-    hint = (f"did you mean {', '.join(close)}?" if close
-            else f"games are named like {', '.join(spellings[:3])}, ...")
+    hint = f"did you mean {', '.join(close)}?" if close else f"games are named like {', '.join(spellings[:3])}"
     raise UserError(f"unknown Atari env id {env_id!r}: {hint} (Breakout-v5, ALE/Breakout-v5 and "
                     f"BreakoutNoFrameskip-v4 are accepted for every ALE game; Catch is bsuite's Catch)")
 
 
 class AtariEnv:
-    """One ALE game with DIAMOND's Atari 100k protocol: frameskip 1 and no sticky actions in the
-    emulator; here up to noop_max no-ops after a reset, each action repeated frame_skip frames
-    (rewards summed, the max over the last two frames: sprites flicker), RGB resized to obs_size
-    with INTER_AREA. With end_on_life_loss (training) a lost life ends the episode, not the game."""
-    ignored_flags = ()  # the Args fields this environment ignores (CatchEnv's: the Atari protocol's)
+    """One ALE game with DIAMOND's Atari 100k protocol: 1 to noop_max no-ops after a reset, each action
+    repeated frame_skip frames (the max over the last two), RGB resized to obs_size with INTER_AREA.
+    With end_on_life_loss (training) a lost life ends the episode, not the game."""
+    ignored_flags = ()  # the Args fields this environment ignores
 
     def __init__(self, game: str, obs_size: int = 64, frame_skip: int = 4, noop_max: int = 30,
                  sticky_actions: bool = False, max_episode_steps: int = 27_000,
@@ -466,9 +427,7 @@ class AtariEnv:
         if self.game_over:
             self.env.reset()
             frame = self.ale.getScreenRGB()
-            num_noops = 0
-            if self.noop_max:
-                num_noops = int(torch.randint(1, self.noop_max + 1, (1,), generator=self.generator))
+            num_noops = int(torch.randint(1, self.noop_max + 1, (1,), generator=self.generator)) if self.noop_max else 0
             for _ in range(num_noops):
                 frame, _, terminated, truncated, _ = self.env.step(0)
                 if terminated or truncated:
@@ -481,15 +440,12 @@ class AtariEnv:
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool]:
         """(obs, reward, terminated, truncated); self.game_over: whether the game ended."""
         reward, last_frames, game_over = 0.0, [], False
-        for k in range(self.frame_skip):
+        for _ in range(self.frame_skip):
             frame, r, terminated, truncated, _ = self.env.step(action)
-            reward += float(r)
-            last_frames = (last_frames + [frame])[-2:]
-            if terminated or truncated:
-                game_over = True
+            reward, last_frames, game_over = reward + float(r), (last_frames + [frame])[-2:], terminated or truncated
+            if game_over:
                 break
-        pooled = np.maximum(last_frames[0], last_frames[-1])  # max over the last two frames: sprites flicker
-        self.obs = self.preprocess(pooled)
+        self.obs = self.preprocess(np.maximum(last_frames[0], last_frames[-1]))  # sprites flicker
         self.game_steps += 1
         self.game_return += reward
         lives = self.ale.lives()
@@ -516,14 +472,11 @@ class AtariEnv:
 
 
 class CatchEnv:
-    """bsuite's Catch (Osband et al. 2020) as RGB frames, with AtariEnv's interface. A 10 x 5 grid:
-    the ball starts in a random column of the top row and falls a row per step; the paddle on the
-    bottom row moves first, by (-1, 0, +1) for LEFT, NOOP, RIGHT. At the bottom (the 9th step) the
-    game ends: +1 if the paddle is under the ball, else -1 (a random policy catches 1 in 5)."""
+    """bsuite's Catch (Osband et al. 2020) as RGB frames, AtariEnv's interface: a ball falls from a random
+    column down a 10 x 5 grid; the paddle moves first; at the bottom +1 if the paddle is under it, else -1."""
     rows, columns = 10, 5
     moves = (-1, 0, 1)  # bsuite's _ACTIONS: left, no-op, right
     colours = {"cell": (40, 40, 40), "paddle": (40, 120, 255), "ball": (255, 220, 40)}
-    # no frames to skip, no no-op starts, no sticky actions, no lives, and 9 steps by the rules
     ignored_flags = ("frame_skip", "noop_max", "sticky_actions", "max_episode_steps")
 
     def __init__(self, obs_size: int = 64, seed: int = 0):
@@ -538,7 +491,7 @@ class CatchEnv:
         self.obs = self.render()
 
     def normalized_score(self, score: float) -> Optional[float]:
-        return None  # no random/human reference scores: a game returns +1 or -1
+        return None  # no reference scores
 
     def cell_pixels(self, row: int, col: int) -> tuple[slice, slice]:
         """The frame's (rows, columns) of a grid cell: the grid is centred."""
@@ -568,13 +521,10 @@ class CatchEnv:
         """(obs, reward, terminated, truncated): the paddle moves, then the ball falls a row."""
         self.paddle_col = min(max(self.paddle_col + self.moves[action], 0), self.columns - 1)
         self.ball_row += 1
-        terminated = self.ball_row == self.rows - 1
-        reward = (1.0 if self.paddle_col == self.ball_col else -1.0) if terminated else 0.0
-        self.game_steps += 1
-        self.game_return += reward
-        self.game_over = terminated
-        self.obs = self.render()
-        return self.obs, reward, terminated, False
+        self.game_over = self.ball_row == self.rows - 1
+        reward = (1.0 if self.paddle_col == self.ball_col else -1.0) if self.game_over else 0.0
+        self.game_steps, self.game_return, self.obs = self.game_steps + 1, self.game_return + reward, self.render()
+        return self.obs, reward, self.game_over, False
 
     def state_dict(self) -> dict:
         # the Generator's state: PCG64's 128-bit integers as plain Python ints (weights_only loads them)
@@ -592,8 +542,8 @@ class CatchEnv:
 
 def make_env(args: Args, seed: int, generator: Optional[torch.Generator] = None,
              training: bool = True) -> Union[AtariEnv, CatchEnv]:
-    """The real environment of --env-id, seeded by `seed` (`generator` draws Atari's no-ops; in
-    training a lost life ends the episode): uint8 (obs_size, obs_size, 3) frames."""
+    """The real environment of --env-id (uint8 frames (obs_size, obs_size, 3)); in training a lost life
+    ends the episode."""
     game, _ = canonical_env_id(args.env_id)
     if game == "Catch":
         return CatchEnv(args.obs_size, seed)
@@ -677,10 +627,9 @@ def load_episode(path: Path, obs_size: int, num_actions: int, fix: str = "fix th
 
 
 class ReplayBuffer:
-    """Finished episodes (in memory, and a .npz each in the run folder) plus the episode being
-    collected (`partial`), sampled as DIAMOND's reference does: an episode by the recency weights,
-    a time step t uniformly inside it, then a segment around t. Frames outside the episode are
-    padding: mid-grey (0.0 in [-1, 1]), action 0, masked out of every loss."""
+    """Finished episodes (in memory, a .npz each in the run folder) and the one being collected (`partial`),
+    sampled as DIAMOND's: an episode by the recency weights, t ~ U{0..T-1} in it, a segment around t.
+    Frames outside the episode are padding: mid-grey, action 0, masked out of every loss."""
 
     def __init__(self, folder: Optional[Path], recency_weights: Optional[tuple[float, ...]],
                  num_conditioning_steps: int):
@@ -690,9 +639,9 @@ class ReplayBuffer:
 
     @staticmethod
     def to_tensors(episode: dict) -> dict:
-        return {"obs": torch.from_numpy(np.ascontiguousarray(np.asarray(episode["obs"]).transpose(0, 3, 1, 2))),
-                **{key: torch.from_numpy(np.asarray(episode[key], dtype=EPISODE_KEYS[key]))
-                   for key in ("actions", "rewards", "terminated", "truncated")}}
+        """An episode's fields as tensors, obs (T+1, 3, H, W)."""
+        tensors = {key: torch.from_numpy(np.asarray(episode[key], dtype=dtype)) for key, dtype in EPISODE_KEYS.items()}
+        return dict(tensors, obs=tensors["obs"].permute(0, 3, 1, 2).contiguous())
 
     def add(self, episode: dict, write: bool = True):
         if write and self.folder is not None:
@@ -708,12 +657,9 @@ class ReplayBuffer:
             ids.append(-1)
         return ids
 
-    def num_transitions(self) -> int:
-        return sum(len(self.episode(i)["actions"]) for i in self.sampleable())
-
     def episode_weights(self, ids: list[int]) -> torch.Tensor:
-        """P(episode) for ids, oldest first: with k recency weights and n >= k episodes, w_s shared
-        by the n // k episodes of slice s (the newest takes the n % k left); else T_i / sum T."""
+        """P(episode) for ids, oldest first: with k recency weights and n >= k episodes, w_s shared by the
+        n // k episodes of slice s (the newest takes the n % k left); else T_i / sum T."""
         n, weights = len(ids), self.recency_weights
         lengths = torch.tensor([len(self.episode(i)["actions"]) for i in ids], dtype=torch.float64)
         if weights is None or n < len(weights):
@@ -725,8 +671,8 @@ class ReplayBuffer:
 
     def sample_segments(self, batch_size: int, num_obs: int, generator: torch.Generator,
                         ids: Optional[list[int]] = None, beyond_end: bool = False) -> list[tuple[int, int]]:
-        """(episode, start) of segments of L = num_obs frames around t ~ U{0..T-1}: stop = min(T, t
-        + 1 + U{0..L-1}), start = stop - L; beyond_end (reward/end): start = t - U{0..L-1}."""
+        """(episode, start) of segments of L = num_obs frames around t ~ U{0..T-1}: start = min(T, t + 1 +
+        U{0..L-1}) - L, or with beyond_end (reward/end) start = t - U{0..L-1}."""
         ids = self.sampleable() if ids is None else ids
         chosen = torch.multinomial(self.episode_weights(ids), batch_size, replacement=True, generator=generator)
         lengths = torch.tensor([len(self.episode(ids[k])["actions"]) for k in chosen.tolist()])
@@ -736,8 +682,8 @@ class ReplayBuffer:
         return [(ids[k], s) for k, s in zip(chosen.tolist(), starts.tolist())]
 
     def segments(self, refs: list[tuple[int, int]], num_obs: int) -> dict:
-        """Segments of L frames at (episode, start): obs uint8 (B, L, 3, H, W), obs_mask (B, L)
-        (frames 0..T), actions/rewards/ends and mask (B, L-1) (True: real transitions)."""
+        """Segments of L frames at (episode, start): obs uint8 (B, L, 3, H, W), obs_mask (B, L) (frames
+        0..T), actions/rewards/ends and mask (B, L-1) (True: real transitions)."""
         out = {key: [] for key in ("obs", "obs_mask", "actions", "rewards", "ends", "mask")}
         for index, start in refs:
             ep = self.episode(index)
@@ -745,8 +691,7 @@ class ReplayBuffer:
             frames = torch.arange(start, start + num_obs)
             real_frame = (frames >= 0) & (frames <= T)
             steps = frames[:-1]
-            valid = (steps >= 0) & (steps < T)
-            clipped = steps.clamp(0, T - 1)
+            valid, clipped = (steps >= 0) & (steps < T), steps.clamp(0, T - 1)
             out["obs"].append(ep["obs"][frames.clamp(0, T)] * real_frame[:, None, None, None])
             out["obs_mask"].append(real_frame)
             out["actions"].append(torch.where(valid, ep["actions"][clipped], 0))
