@@ -49,7 +49,8 @@ import tyro
 SCRIPT_NAME = "diamond_atari.py"
 CHECKPOINT_FORMAT_VERSION = 3  # 2: global_step (the one TensorBoard step); 3: the imagined episodes
 OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
-COMPILE_BACKEND = "inductor"  # torch.compile's backend, read at each call (tests swap in their own)
+# torch.compile's backend, read at each call (tests swap in their own)
+COMPILE_BACKEND = "inductor"
 # Marks beside an Args field: its unit (--save-every EPOCHS in --help), its domain ('>= 1', '[0, 1)',
 # checked at start-up) and RESUME_MUTABLE where --resume may change it (flag_marks reads them).
 EPOCHS, UPDATES = tyro.conf.arg(metavar="EPOCHS"), tyro.conf.arg(metavar="UPDATES")
@@ -657,6 +658,9 @@ class ReplayBuffer:
             ids.append(-1)
         return ids
 
+    def num_transitions(self) -> int:
+        return sum(len(self.episode(i)["actions"]) for i in self.sampleable())
+
     def episode_weights(self, ids: list[int]) -> torch.Tensor:
         """P(episode) for ids, oldest first: with k recency weights and n >= k episodes, w_s shared by the
         n // k episodes of slice s (the newest takes the n % k left); else T_i / sum T."""
@@ -723,8 +727,7 @@ def segment_obs(batch: dict, device: torch.device) -> torch.Tensor:
 
 def sample_denoiser_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
                           ids: Optional[list[int]] = None) -> dict:
-    """Segments of c + 1 + num_autoregressive_steps frames (DIAMOND: 6): obs float (B, L, 3, H, W),
-    actions (B, L - 1), obs_mask (B, L)."""
+    """Segments of c + 1 + num_autoregressive_steps frames: obs (B, L, 3, H, W), actions, obs_mask."""
     num_obs = args.num_conditioning_steps + 1 + args.num_autoregressive_steps
     batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids), num_obs)
     return {"obs": segment_obs(batch, device), "actions": batch["actions"].to(device),
@@ -733,11 +736,9 @@ def sample_denoiser_batch(buffer: ReplayBuffer, args: Args, generator: torch.Gen
 
 def sample_reward_end_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
                             ids: Optional[list[int]] = None) -> dict:
-    """Segments of reward_segment_length frames (DIAMOND: 19) from t - U{0..18}, padded on both
-    sides: obs float (B, L, 3, H, W), actions/rewards/ends/mask (B, L - 1)."""
+    """Segments of reward_segment_length frames from t - U{0..L-1}: obs, actions/rewards/ends/mask."""
     num_obs = args.reward_segment_length
-    refs = buffer.sample_segments(args.batch_size, num_obs, generator, ids, beyond_end=True)
-    batch = buffer.segments(refs, num_obs)
+    batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids, True), num_obs)
     return {"obs": segment_obs(batch, device),
             **{key: batch[key].to(device) for key in ("actions", "rewards", "ends", "mask")}}
 
@@ -748,7 +749,7 @@ def sample_reward_end_batch(buffer: ReplayBuffer, args: Args, generator: torch.G
 
 def edm_preconditioning(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_offset_noise: float = 0.3):
     """(c_in, c_skip, c_out, c_noise) of D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM), at
-    DIAMOND's sigma_eff = sqrt(sigma^2 + sigma_offset^2) (the input has offset noise)."""
+    DIAMOND's sigma_eff = sqrt(sigma^2 + sigma_offset^2)."""
     sigma_eff = (sigma ** 2 + sigma_offset_noise ** 2).sqrt()
     c_in = 1 / (sigma_eff ** 2 + sigma_data ** 2).sqrt()  # unit-variance network input
     c_skip = sigma_data ** 2 / (sigma_eff ** 2 + sigma_data ** 2)
@@ -759,17 +760,14 @@ def edm_preconditioning(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_offs
 
 def karras_sigmas(n: int, sigma_min: float = 2e-3, sigma_max: float = 5.0, rho: float = 7.0) -> torch.Tensor:
     """sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, then 0."""
-    if n == 1:
-        ramp = torch.zeros(1, dtype=torch.float64)
-    else:
-        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Model: DIAMOND's denoiser U-Net (about 4.4M parameters for a 4-action game), reward/end model, actor-critic.
+# Model: DIAMOND's denoiser U-Net, reward/end model, actor-critic.
 
 
 def init_lstm(lstm: nn.Module):
@@ -787,9 +785,8 @@ def init_lstm(lstm: nn.Module):
 
 def lstm_step(x: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor], weight_ih: torch.Tensor,
               weight_hh: torch.Tensor, bias_ih: torch.Tensor, bias_hh: torch.Tensor):
-    """One LSTM step written out, which torch.compile traces into one graph (nn.LSTM breaks it):
-    x (B, D_in), h and c (B, D) -> (h', c') with gates = x W_ih^T + b_ih + h W_hh^T + b_hh;
-    c' = sigmoid(f) c + sigmoid(i) tanh(g); h' = sigmoid(o) tanh(c')."""
+    """One LSTM step written out (one graph for torch.compile; nn.LSTM breaks it): gates = x W_ih^T + b_ih
+    + h W_hh^T + b_hh; c' = sigmoid(f) c + sigmoid(i) tanh(g); h' = sigmoid(o) tanh(c')."""
     h, c = hidden
     i, f, g, o = (F.linear(x, weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)).chunk(4, dim=1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -797,8 +794,7 @@ def lstm_step(x: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor], weight
 
 
 def sample_categorical(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """A class per row of logits (B, K) by the inverse CDF of uniform (B,): k = #{j : cdf_j <= u}
-    (the uniforms come from the run's generator, outside any compiled graph)."""
+    """A class per row of logits (B, K) by the inverse CDF of uniform (B,): k = #{j : cdf_j <= u}."""
     cdf = logits.detach().float().softmax(-1).cumsum(-1)
     return (cdf <= uniform[:, None]).sum(-1).clamp(max=logits.shape[-1] - 1)
 
@@ -950,9 +946,8 @@ class UNet(nn.Module):
 
 
 class DenoiserNet(nn.Module):
-    """F_theta(c_in x, c_noise, past frames, past actions): the past frames concatenated on channels
-    with the noisy next frame; the past actions' embeddings plus the Fourier features of c_noise
-    drive the adaptive group norms of every ResBlock."""
+    """F_theta(c_in x, c_noise, past frames, past actions): past frames concatenated on channels; the
+    actions' embeddings plus c_noise's Fourier features drive every ResBlock's adaptive group norms."""
 
     def __init__(self, num_actions: int, channels: tuple[int, ...] = (64, 64, 64, 64), res_blocks: int = 2,
                  cond_dim: int = 256, num_conditioning_steps: int = 4, img_channels: int = 3):
@@ -980,8 +975,8 @@ class Denoiser(nn.Module):
         self.net, self.sigma_data, self.sigma_offset_noise = net, sigma_data, sigma_offset_noise
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, net=None):
-        """(F's output, D(x)) of x (B, 3, H, W), sigma (B,), obs (B, 4*3, H, W), act (B, 4); net:
-        the (compiled) network to call."""
+        """(F's output, D(x)) of x (B, 3, H, W), sigma (B,), obs (B, 4*3, H, W), act (B, 4); net: the
+        (compiled) network to call."""
         c_in, c_skip, c_out, c_noise = edm_preconditioning(sigma.float(), self.sigma_data, self.sigma_offset_noise)
         c_in, c_skip, c_out = (c[:, None, None, None] for c in (c_in, c_skip, c_out))
         model_output = (self.net if net is None else net)(c_in * x, c_noise, obs / self.sigma_data, act).float()
@@ -996,26 +991,25 @@ class Denoiser(nn.Module):
 
 def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, obs_mask: torch.Tensor, args: Args,
                   generator: torch.Generator, net=None) -> torch.Tensor:
-    """EDM loss on segments of c + 1 + n frames (DIAMOND: 4 + 1 + 1): obs (B, c + 1 + n, 3, H, W),
-    actions (B, >= c + n), obs_mask (B, c + 1 + n). Prediction k = 0..n denoises frame c + k from
-    frames and actions k..c+k-1: x_noisy = x0 + sigma_offset n_bc + sigma n, loss_k = ||F(...) -
-    (x0 - c_skip x_noisy) / c_out||^2 over the real targets; frame c + k is then replaced by D's
-    8-bit output (no gradient), which prediction k + 1 sees, as in imagination. Returns mean_k."""
+    """EDM loss, mean over predictions k = 0..n on segments obs (B, c + 1 + n, 3, H, W): frame c + k from
+    frames and actions k..c+k-1, loss_k = ||F - (x0 - c_skip x_noisy) / c_out||^2 over the real targets;
+    frame c + k is then replaced by D's 8-bit output, which prediction k + 1 sees, as in imagination."""
     c = args.num_conditioning_steps
-    num_predictions = obs.shape[1] - c  # 1 + num_autoregressive_steps (the segment length decides, as in DIAMOND)
-    obs = obs.clone()
+    num_predictions = obs.shape[1] - c  # the segment length decides, as in DIAMOND
+    obs, total = obs.clone(), 0.0
     b, _, ch, h, w = obs.shape
-    total = obs.new_zeros(())
+
+    def randn(*shape):
+        return torch.randn(shape, generator=generator, device=obs.device)
+
     for k in range(num_predictions):
         past, next_obs = obs[:, k: k + c].reshape(b, c * ch, h, w), obs[:, k + c]
         act, valid = actions[:, k: k + c], obs_mask[:, k + c].float()
-        # ln(sigma) ~ N(loc, scale^2), clipped to [train_sigma_min, train_sigma_max]
-        log_sigma = args.train_sigma_loc + args.train_sigma_scale * torch.randn(b, generator=generator,
-                                                                               device=obs.device)
-        sigma = log_sigma.exp().clip(args.train_sigma_min, args.train_sigma_max)
-        offset_noise = args.sigma_offset_noise * torch.randn((b, ch, 1, 1), generator=generator, device=obs.device)
-        noise = torch.randn(next_obs.shape, generator=generator, device=obs.device)
-        noisy = next_obs + offset_noise + sigma[:, None, None, None] * noise  # x0 + sigma_offset n_bc + sigma n
+        # ln(sigma) ~ N(loc, scale^2), clipped; x_noisy = x0 + sigma_offset n_bc + sigma n
+        sigma = (args.train_sigma_loc + args.train_sigma_scale * randn(b)).exp()
+        sigma = sigma.clip(args.train_sigma_min, args.train_sigma_max)
+        offset_noise = args.sigma_offset_noise * randn(b, ch, 1, 1)
+        noisy = next_obs + offset_noise + sigma[:, None, None, None] * randn(b, ch, h, w)
         _, c_skip, c_out, _ = edm_preconditioning(sigma, args.sigma_data, args.sigma_offset_noise)
         target = (next_obs - c_skip[:, None, None, None] * noisy) / c_out[:, None, None, None]
         model_output, denoised = denoiser(noisy, sigma, past, act, net)
@@ -1028,16 +1022,15 @@ def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, 
 
 
 class RewardEndModel(nn.Module):
-    """Reward sign (-1, 0, +1) and end (0, 1) logits of transitions (obs_t, a_t, obs_t+1): conv
-    encoder with action-conditioned ResBlocks (64 -> 8 pixels), LSTM over time, MLP head."""
+    """Reward sign (-1, 0, +1) and end (0, 1) logits of transitions (obs_t, a_t, obs_t+1): a conv encoder
+    of action-conditioned ResBlocks (64 -> 8 pixels), an LSTM over time, an MLP head."""
 
     def __init__(self, num_actions: int, obs_size: int = 64, channels: int = 32, cond_dim: int = 128,
                  lstm_dim: int = 512, img_channels: int = 3):
         super().__init__()
         self.act_emb = nn.Embedding(num_actions, cond_dim)
         self.conv_in = nn.Conv2d(2 * img_channels, channels, 3, padding=1)
-        # 4 stages of 2 ResBlocks without attention, 3 downsamples between them, then 2 ResBlocks
-        # with attention at the lowest resolution (DIAMOND's attn_depths [0, 0, 0, 0])
+        # 4 stages of 2 ResBlocks, 3 downsamples between them, then 2 ResBlocks with attention
         self.stages = nn.ModuleList(ResBlocks([channels] * 2, [channels] * 2, cond_dim) for _ in range(4))
         self.downsamples = nn.ModuleList(Downsample(channels) for _ in range(3))
         self.mid_blocks = ResBlocks([channels] * 2, [channels] * 2, cond_dim, attention=True)
@@ -1058,15 +1051,13 @@ class RewardEndModel(nn.Module):
         return x.reshape(b, t, -1)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden=None):
-        """obs, next_obs (B, T, 3, H, W), act (B, T) -> reward logits (B, T, 3), end logits (B, T,
-        2), the LSTM state."""
+        """obs, next_obs (B, T, 3, H, W), act (B, T) -> reward (B, T, 3), end (B, T, 2) logits, LSTM state."""
         x, hidden = self.lstm(self.encode(obs, act, next_obs), hidden)
         logits = self.head(x)
         return logits[..., :3], logits[..., 3:], hidden
 
     def step(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden):
-        """forward for one transition with the LSTM step written out (one graph): obs, next_obs
-        (B, 3, H, W), act (B,), hidden (h, c) each (1, B, lstm_dim)."""
+        """forward of one transition (B, 3, H, W), act (B,), with the LSTM step written out (one graph)."""
         x = self.encode(obs[:, None], act[:, None], next_obs[:, None])[:, 0]
         lstm = self.lstm
         h, c = lstm_step(x, (hidden[0][0], hidden[1][0]), lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0,
@@ -1076,8 +1067,7 @@ class RewardEndModel(nn.Module):
 
 
 def reward_end_loss(reward_end_model: RewardEndModel, batch: dict) -> torch.Tensor:
-    """CE(reward sign + 1) + CE(end) over the real transitions of the segments, the LSTM from a zero
-    state at each segment's first frame."""
+    """CE(reward sign + 1) + CE(end) over the segments' real transitions, the LSTM from zeros."""
     obs, mask = batch["obs"], batch["mask"]
     reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], batch["actions"], obs[:, 1:])
     reward_class = batch["rewards"].sign().long() + 1  # -1, 0, +1 -> classes 0, 1, 2
@@ -1098,8 +1088,8 @@ class SmallResBlock(nn.Module):
 
 
 class ActorCritic(nn.Module):
-    """conv 3 -> channels[0], per stage a SmallResBlock and a 2x2 max-pool (64 -> 4 pixels), an
-    LSTMCell, and zero-initialised policy and value heads (the initial policy is uniform)."""
+    """A conv, per stage a SmallResBlock and a 2x2 max-pool (64 -> 4 pixels), an LSTM cell, and
+    zero-initialised policy and value heads (the initial policy is uniform)."""
 
     def __init__(self, num_actions: int, obs_size: int = 64, channels: tuple[int, ...] = (32, 32, 64, 64),
                  lstm_dim: int = 512, img_channels: int = 3):
@@ -1117,15 +1107,11 @@ class ActorCritic(nn.Module):
         init_lstm(self.lstm)
 
     def forward(self, obs: torch.Tensor, hidden=None):
-        """obs (B, 3, H, W) -> policy logits (B, A), value (B,), LSTM state (hx, cx)."""
-        hx, cx = self.lstm(self.encoder(obs).flatten(1), hidden)
-        return self.actor_linear(hx), self.critic_linear(hx).squeeze(-1), (hx, cx)
-
-    def step(self, obs: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor]):
-        """forward with the LSTM cell written out (one graph); hidden is required."""
-        lstm = self.lstm
-        hx, cx = lstm_step(self.encoder(obs).flatten(1), hidden, lstm.weight_ih, lstm.weight_hh, lstm.bias_ih,
-                           lstm.bias_hh)
+        """obs (B, 3, H, W), LSTM state (hx, cx) or None (zeros) -> policy logits (B, A), value (B,), state."""
+        x, lstm = self.encoder(obs).flatten(1), self.lstm
+        if hidden is None:
+            hidden = (x.new_zeros(len(x), lstm.hidden_size),) * 2
+        hx, cx = lstm_step(x, hidden, lstm.weight_ih, lstm.weight_hh, lstm.bias_ih, lstm.bias_hh)
         return self.actor_linear(hx), self.critic_linear(hx).squeeze(-1), (hx, cx)
 
 
@@ -1156,14 +1142,13 @@ def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, truncs: torch.Tens
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Samplers: Euler (DIAMOND) or Heun over the Karras sigmas, and the batched imagined environment.
+# Samplers: Euler (DIAMOND) or Heun over the Karras sigmas, and the imagination step.
 
 
 @torch.no_grad()
 def euler_sample(denoise_fn: Callable, x_T: torch.Tensor, sigmas: torch.Tensor, order: int = 1) -> torch.Tensor:
-    """Integrates the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma over the sigmas
-    (ending with 0); denoise_fn(x, sigma (B,)) = D(x; sigma). order 1: Euler; 2: Heun but on the
-    last step (EDM's algorithm 1, s_churn 0)."""
+    """Integrates the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma over the sigmas (ending
+    with 0); denoise_fn(x, sigma (B,)) = D(x; sigma). order 1: Euler; 2: Heun but on the last step."""
     x = x_T
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -1178,28 +1163,32 @@ def euler_sample(denoise_fn: Callable, x_T: torch.Tensor, sigmas: torch.Tensor, 
 
 
 def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, args: Args,
-                      generator: torch.Generator, net=None, autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """The next frame (B, 3, H, W) from past frames (B, c, 3, H, W) and actions (B, c)."""
-    b, c, ch, h, w = obs.shape
-    past = obs.reshape(b, c * ch, h, w)
-    sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho)
-    # DIAMOND's reference starts from x ~ N(0, I), not EDM's sigma_max * N(0, I)
-    x_T = torch.randn((b, ch, h, w), generator=generator, device=obs.device)
-    if args.edm_initial_noise:
-        x_T = float(sigmas[0]) * x_T
+                      generator: Optional[torch.Generator] = None, net=None, autocast=contextlib.nullcontext(),
+                      noise: Optional[torch.Tensor] = None, sigmas: Optional[list[float]] = None,
+                      raw: Optional[list] = None) -> torch.Tensor:
+    """The next frame (B, 3, H, W) from past frames (B, c, 3, H, W), actions (B, c) and noise (drawn from
+    generator if not given); raw, if given, collects each D(x; sigma) before 8-bit quantisation."""
+    if sigmas is None:
+        sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
+    if noise is None:
+        noise = torch.randn(obs[:, -1].shape, generator=generator, device=obs.device)
+    past = obs.flatten(1, 2)
 
     def denoise_fn(x, sigma):
         with autocast:
-            return denoiser.denoise(x, sigma, past, act, net)
+            _, denoised = denoiser(x, sigma, past, act, net)
+        if raw is not None:
+            raw.append(denoised)
+        return quantize_8bit(denoised)
 
+    x_T = sigmas[0] * noise if args.edm_initial_noise else noise  # DIAMOND's x_T ~ N(0, I), EDM's sigma_max N(0, I)
     return euler_sample(denoise_fn, x_T, sigmas, order=2 if args.sampler == "heun" else 1).clamp(-1, 1)
 
 
 class WorldModelEnv:
-    """num_imagined_envs imagined environments that live across actor-critic updates, as in DIAMOND:
-    each starts from a real segment (c frames, c - 1 actions) with the reward/end LSTM burnt in on
-    it, then steps (ImaginationGraphs.world_model_step), and restarts from a new real segment when
-    the end flag is sampled or after imagination_horizon steps. Its state goes into checkpoints."""
+    """num_imagined_envs imagined environments that live across actor-critic updates, as in DIAMOND: each
+    starts from a real segment (c frames) with the reward/end LSTM burnt in on it, steps, and restarts
+    when the end flag is sampled or after imagination_horizon steps. Its state goes into checkpoints."""
 
     def __init__(self, denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, args: Args,
                  device: torch.device, generator: torch.Generator, cpu_generator: torch.Generator, net=None,
@@ -1208,22 +1197,20 @@ class WorldModelEnv:
         self.ids = ids  # the episodes imagination starts from (None: all; --dataset-dir holds some out)
         self.device, self.generator, self.cpu_generator = device, generator, cpu_generator
         self.net, self.autocast = net, autocast
-        self.obs: Optional[torch.Tensor] = None  # (n, c, 3, H, W); None until the first reset
-        self.act = self.hidden = self.age = self.actor_hidden = None
+        self.obs = self.act = self.hidden = self.age = self.actor_hidden = None  # None until the first reset
 
     @torch.no_grad()
     def start(self, num_envs: int, refs: Optional[list[tuple[int, int]]] = None):
-        """Fresh real segments, sampled or given as refs (episode, first frame): frames (n, c, 3, H,
-        W), actions (n, c) (the last for the actor), the reward/end LSTM state after them."""
+        """Real segments, sampled or given as (episode, first frame): frames (n, c, 3, H, W), actions (n,
+        c) (the last slot for the actor's), the reward/end LSTM state after them."""
         c = self.args.num_conditioning_steps
         refs = self.buffer.sample_segments(num_envs, c, self.cpu_generator, self.ids) if refs is None else refs
         batch = self.buffer.segments(refs, c)
-        obs = segment_obs(batch, self.device)  # (n, c, 3, H, W)
-        actions = batch["actions"].to(self.device)  # (n, c - 1)
+        obs, actions = segment_obs(batch, self.device), batch["actions"].to(self.device)
         with self.autocast:
             _, _, hidden = self.reward_end_model(obs[:, :-1], actions, obs[:, 1:])
-        act = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)  # the last slot: the actor's action
-        return obs, act, tuple(h.float() for h in hidden)  # LSTM states stay fp32 between steps under autocast
+        act = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)
+        return obs, act, tuple(h.float() for h in hidden)  # LSTM states stay fp32 between steps
 
     def reset(self):
         """Starts every env: returns the current frames (n, 3, H, W) and the c - 1 earlier ones."""
@@ -1234,17 +1221,16 @@ class WorldModelEnv:
     def state_dict(self) -> dict:
         if self.obs is None:
             return {}
-        copy = lambda x: x.detach().cpu().clone()  # noqa: E731 - a copy: stepping changes act and age in place
+        copy = lambda x: x.detach().cpu().clone()  # noqa: E731 - stepping changes act and age in place
         return {"obs": copy(self.obs), "act": copy(self.act), "hidden": [copy(h) for h in self.hidden],
                 "age": copy(self.age), "actor_hidden": [copy(h) for h in self.actor_hidden]}
 
     def load_state_dict(self, state: dict):
-        if not state:
-            self.obs = self.act = self.hidden = self.age = self.actor_hidden = None
-            return
-        self.obs, self.act, self.age = (state[key].to(self.device) for key in ("obs", "act", "age"))
-        self.hidden = tuple(h.to(self.device).float() for h in state["hidden"])
-        self.actor_hidden = tuple(h.to(self.device) for h in state["actor_hidden"])
+        self.obs = self.act = self.hidden = self.age = self.actor_hidden = None
+        if state:
+            self.obs, self.act, self.age = (state[key].to(self.device) for key in ("obs", "act", "age"))
+            self.hidden = tuple(h.to(self.device).float() for h in state["hidden"])
+            self.actor_hidden = tuple(h.to(self.device) for h in state["actor_hidden"])
 
 
 def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=contextlib.nullcontext()):
@@ -1258,8 +1244,8 @@ def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=cont
 
 def imagine(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, generator: torch.Generator,
             autocast=contextlib.nullcontext()) -> dict[str, torch.Tensor]:
-    """backup_every more imagined steps, eager: the imagination step uncompiled, the reference's
-    restarts, the run's (--compile'd) denoiser network and autocast."""
+    """backup_every more imagined steps, eager (the run's --compile'd denoiser network and autocast)
+    with the reference's restarts."""
     return ImaginationGraphs(wm_env, actor_critic, args, wm_env.device, backend=None, autocast=autocast,
                              eager=True)._rollout(generator)
 
@@ -1297,16 +1283,14 @@ def restart(obs, act, hidden, age, stopped, start):
 
 
 class ImaginationGraphs:
-    """The imagination step, written once: the policy step (with gradients), the world-model step
-    (the Euler denoiser calls, the reward/end model, the restarts) and the rollout over them, eager
-    or compiled (backend: torch.compile's, "default": COMPILE_BACKEND; None: uncompiled), as
-    DIAMOND's reference compiles its world-model env. Either way every random number is drawn
-    before the rollout from the run's generator and the state stays in wm_env (its checkpoint).
+    """The imagination step, written once: the policy step (with gradients), the world-model step and
+    the rollout over them, eager or compiled (backend: torch.compile's, "default": COMPILE_BACKEND;
+    None: uncompiled), as DIAMOND's reference compiles its world-model env. Every random number is
+    drawn before the rollout from the run's generator; the state stays in wm_env (its checkpoint).
 
-    The restarts are the one difference. Eager (the reference's; `eager`): an env that stops
-    restarts from a fresh real segment sampled and burnt in right after the step (a host sync).
-    Compiled (fixed shapes, no host sync): it swaps in its slot of a pool of num_imagined_envs real
-    segments sampled and burnt in before the rollout (an env that stops twice reuses its slot)."""
+    The restarts are the one difference. `eager` (the reference's): an env that stops restarts from a
+    fresh real segment sampled right after the step (a host sync). Compiled (fixed shapes): it swaps in
+    its slot of a pool of real segments sampled before the rollout (one that stops twice reuses it)."""
 
     def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args, device: torch.device,
                  amp_dtype: Optional[torch.dtype] = None, backend: Union[str, Callable, None] = "default",
@@ -1315,16 +1299,14 @@ class ImaginationGraphs:
         self.amp_dtype = amp_dtype  # bf16/fp16 autocast on CUDA (entered inside the graphs), None: float32
         self.autocast, self.eager, self.net = autocast, eager, wm_env.net if eager else None
         self.sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
-        backend = COMPILE_BACKEND if backend == "default" else backend  # read now: tests replace it
-        self.backend, self.mode = backend, mode
-        compile_fn = (lambda fn: fn) if backend is None else (
-            lambda fn: torch.compile(fn, backend=backend, mode=mode, dynamic=False))
-        self.policy = compile_fn(self.policy_step)
-        self.world_model = compile_fn(self.world_model_step)
+        self.backend = COMPILE_BACKEND if backend == "default" else backend  # read now: tests replace it
+        self.mode, self.stop = mode, stop  # stop: the run's StopFlag (a signal while compiling is a stop)
+        compile_fn = (lambda fn: fn) if self.backend is None else (
+            lambda fn: torch.compile(fn, backend=self.backend, mode=mode, dynamic=False))
+        self.policy, self.world_model = compile_fn(self.policy_step), compile_fn(self.world_model_step)
         # the compiled calls, and the first rollout's seconds (compilation included)
         self.calls, self.compile_seconds, self.reported = 0, None, False
-        self.stop = stop  # the run's StopFlag: a signal during compilation is a stop, not a failure
-        if backend is not None:  # the steps read the LSTMs' weights (lstm_step), which dynamo refuses by default
+        if self.backend is not None:  # the steps read the LSTMs' weights (lstm_step), which dynamo refuses by default
             torch._dynamo.config.allow_rnn = True
 
     def amp(self):
@@ -1336,44 +1318,34 @@ class ImaginationGraphs:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def policy_step(self, obs, hidden, stopped, start_hidden, final_value, uniform):
-        """The actor-critic on frames obs (n, 3, H, W), the envs that restarted (stopped (n,))
-        taking their burnt-in LSTM state: logits (n, A), value (n,), action (n,), the last bootstrap
-        V'_(t-1) (V(s_t), or V(final frame) if it stopped), the state used, the next."""
+        """The actor-critic on frames obs (n, 3, H, W), the envs that restarted (stopped) taking their
+        burnt-in LSTM state: logits (n, A), value (n,), action (n,), the bootstrap V'_(t-1) (V(s_t), or
+        V(final frame) if it stopped), the state used, the next."""
         hidden = tuple(torch.where(stopped[:, None], s, h) for s, h in zip(start_hidden, hidden))
         with self.amp():
-            logits, value, new_hidden = self.actor_critic.step(obs, hidden)
+            logits, value, new_hidden = self.actor_critic(obs, hidden)
         action = sample_categorical(logits, uniform)
         bootstrap = torch.where(stopped, final_value, value.detach().float())
         return logits.float(), value.float(), action, bootstrap, hidden, new_hidden
 
     @torch.no_grad()
     def world_model_step(self, obs, act, hidden, age, action, actor_hidden, noise, uniforms, start):
-        """One step of every imagined env: obs (n, c, 3, H, W) and act (n, c) its last frames and
-        actions, hidden the reward/end LSTM state, age (n,), action (n,), actor_hidden the actor's
-        state after this frame, noise (n, 3, H, W), uniforms (2, n), start the restart pool (None:
-        none). Returns the next state, reward sign, end, truncated, stopped, V(final frame) and, for
-        the checks, the next frame, each D(x; sigma) and the reward/end logits."""
-        args, denoiser = self.args, self.wm_env.denoiser
-        act = torch.cat([act[:, :-1], action[:, None]], dim=1)
-        past = obs.flatten(1, 2)  # (n, c * 3, H, W)
-        x_T = self.sigmas[0] * noise if args.edm_initial_noise else noise
-        raw = []
-
-        def denoise_fn(x, sigma):
-            with self.amp():
-                _, denoised = denoiser(x, sigma, past, act, self.net)
-            raw.append(denoised)
-            return quantize_8bit(denoised)
-
-        next_obs = euler_sample(denoise_fn, x_T, self.sigmas, order=2 if args.sampler == "heun" else 1).clamp(-1, 1)
+        """One step of every imagined env from its last frames obs (n, c, 3, H, W) and actions act (n, c),
+        reward/end state hidden, age (n,), the action (n,), the actor's state after this frame, noise (n,
+        3, H, W), uniforms (2, n) and the restart pool start (None: none): the next state, reward sign,
+        end, truncated, stopped, V(final frame), and for the checks the next frame, each D(x; sigma) and
+        the reward/end logits."""
+        act, raw = torch.cat([act[:, :-1], action[:, None]], dim=1), []
         with self.amp():
+            next_obs = generate_next_obs(self.wm_env.denoiser, obs, act, self.args, net=self.net, noise=noise,
+                                         sigmas=self.sigmas, raw=raw)
             reward_logits, end_logits, hidden = self.wm_env.reward_end_model.step(obs[:, -1], action, next_obs,
                                                                                    hidden)
-            _, final_value, _ = self.actor_critic.step(next_obs, actor_hidden)  # V(final frame) if it stops here
+            _, final_value, _ = self.actor_critic(next_obs, actor_hidden)  # V(final frame) if it stops here
         reward = sample_categorical(reward_logits, uniforms[0]) - 1
         end = sample_categorical(end_logits, uniforms[1])
         age = age + 1
-        truncated = (age >= args.imagination_horizon) & (end == 0)  # the horizon, unless it ended anyway
+        truncated = (age >= self.args.imagination_horizon) & (end == 0)  # the horizon, unless it ended anyway
         stopped = (end == 1) | truncated
         state = (torch.cat([obs[:, 1:], next_obs[:, None]], 1),
                  torch.cat([act[:, 1:], torch.zeros_like(act[:, :1])], 1), tuple(h.float() for h in hidden), age)
@@ -1383,81 +1355,70 @@ class ImaginationGraphs:
                 "next_obs": next_obs, "denoised": torch.stack(raw).float(), "reward_logits": reward_logits.float(),
                 "end_logits": end_logits.float()}
 
-    def fresh_starts(self, stopped: torch.Tensor):
-        """The eager restarts: a fresh real segment, burnt in, in the row of each env that stopped
-        (others zeros): the restart pool (obs, act, reward/end state), the actor's states."""
-        index = stopped.nonzero()[:, 0]
-
-        def rows(x, dim=0):
-            return x.new_zeros(x.shape[:dim] + (len(stopped),) + x.shape[dim + 1:]).index_copy(dim, index, x)
-
-        obs, act, hidden = self.wm_env.start(len(index))
-        actor_hidden = actor_burn_in(self.actor_critic, obs[:, :-1], self.amp())
-        return (rows(obs), rows(act), tuple(rows(h, 1) for h in hidden)), tuple(rows(h) for h in actor_hidden)
-
     def rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """_rollout compiled: a failed compilation is one line, a signal during it a stop,
-        acknowledged at once but waiting for the compilation (StopFlag.busy says so)."""
+        """_rollout compiled: a failed compilation is one line, a signal during it a stop (acknowledged
+        at once, StopFlag.busy saying that it waits for the compilation)."""
         first_compile = self.stop is not None and self.backend is not None and self.compile_seconds is None
-        if first_compile:  # how long: benchmark/RESULTS.md
+        if first_compile:
             self.stop.busy = "compiling the imagination step (" + (
                 "up to 20 minutes on a CPU)" if self.device.type == "cpu" else "minutes)")
         try:
             with compile_failures(self.stop, "the imagination graphs", "with --imagination-graphs off"):
                 return self._rollout(generator)
         finally:
-            if first_compile:  # the flag no longer says so, whatever ended the compilation
+            if first_compile:
                 self.stop.busy = ""
 
     def _rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """backup_every more steps of the persistent imagined episodes: logits (n, H, A) and values
-        (n, H) with gradients; bootstraps V'_t, actions, reward signs, ends, truncations (n, H). The
-        actor's LSTM state carries over (detached); an episode that stops at t bootstraps from V of
-        its final frame, then the actor is burnt in on the new segment."""
+        """backup_every more steps of the persistent imagined episodes: logits (n, H, A) and values (n, H)
+        with gradients; bootstraps V'_t, actions, reward signs, ends, truncations (n, H). An episode that
+        stops at t bootstraps from V of its final frame, then the actor is burnt in on the new segment."""
         args, env, actor_critic, n = self.args, self.wm_env, self.actor_critic, self.args.num_imagined_envs
         begin = time.perf_counter()
         if env.obs is None:  # the first update: start the imagined episodes
-            _, burn_in = env.reset()
-            env.actor_hidden = actor_burn_in(actor_critic, burn_in, self.amp())
+            env.actor_hidden = actor_burn_in(actor_critic, env.reset()[1], self.amp())
         actor_hidden = tuple(h.detach().float() for h in env.actor_hidden)
-        start, start_actor_hidden = None, actor_hidden  # eager: set at each restart (fresh_starts)
-        if not self.eager:  # the restart pool: a fresh real segment per env, burnt in with the weights of this rollout
+        start, start_actor_hidden = None, actor_hidden  # eager: set at each restart
+        if not self.eager:  # the restart pool, burnt in with the weights of this rollout
             start = env.start(n)
             start_actor_hidden = actor_burn_in(actor_critic, start[0][:, :-1], self.amp())
         # every random number of the rollout, drawn before it from the run's generator
-        steps = args.backup_every
-        noise = torch.randn((steps, n, *env.obs.shape[2:]), generator=generator, device=self.device)
-        uniforms = torch.rand((steps, 3, n), generator=generator, device=self.device)  # action, reward, end
+        noise = torch.randn((args.backup_every, n, *env.obs.shape[2:]), generator=generator, device=self.device)
+        # uniforms of the action, the reward and the end
+        uniforms = torch.rand((args.backup_every, 3, n), generator=generator, device=self.device)
         if self.device.type == "cuda":  # a new rollout: the graphs may reuse the memory of the last one's outputs
             torch.compiler.cudagraph_mark_step_begin()
         obs, act, hidden, age = env.obs, env.act, env.hidden, env.age
         stopped = torch.zeros(n, dtype=torch.bool, device=self.device)
         final_value = torch.zeros(n, device=self.device)
         out = {key: [] for key in ("logits", "values", "bootstrap", "actions", "rewards", "ends", "truncs")}
-        for t in range(steps):
+        for t in range(args.backup_every):
             # step 0 (its LSTM state detached) runs uncompiled, as does the final value below (no gradient): the
             # compiled policy step sees one grad mode and one requires_grad pattern, so it compiles once
-            policy = self.policy if t > 0 else self.policy_step
-            logits, value, action, bootstrap, _, actor_hidden = policy(
+            logits, value, action, bootstrap, _, actor_hidden = (self.policy if t > 0 else self.policy_step)(
                 obs[:, -1], actor_hidden, stopped, start_actor_hidden, final_value, uniforms[t, 0])
-            if t > 0:
-                out["bootstrap"].append(bootstrap.clone())
             step = self.world_model(obs, act, hidden, age, action, tuple(h.detach() for h in actor_hidden),
                                     noise[t], uniforms[t, 1:], start)
             self.calls += 1 + (t > 0)
             obs, act, hidden, age = step["obs"], step["act"], step["hidden"], step["age"]
             stopped, final_value = step["stopped"], step["final_value"]
-            if self.eager and stopped.any():  # a host sync, as in DIAMOND: restart these envs from new real segments
-                fresh, start_actor_hidden = self.fresh_starts(stopped)
-                obs, act, hidden, age = restart(obs, act, hidden, age, stopped, fresh)
-            for key, value_t in (("logits", logits), ("values", value), ("actions", action.clone()),
-                                 ("rewards", step["reward"].clone()), ("ends", step["end"].clone()),
-                                 ("truncs", step["truncated"].clone())):
-                out[key].append(value_t)
+            if self.eager and stopped.any():  # a host sync, as DIAMOND's: fresh real segments for these envs
+                index = stopped.nonzero()[:, 0]
+                fresh_obs, fresh_act, fresh_hidden = env.start(len(index))
+                fresh_actor = actor_burn_in(actor_critic, fresh_obs[:, :-1], self.amp())
+                obs, act = obs.index_copy(0, index, fresh_obs), act.index_copy(0, index, fresh_act)
+                age = age.index_fill(0, index, 0)
+                hidden = tuple(h.index_copy(1, index, f) for h, f in zip(hidden, fresh_hidden))
+                start_actor_hidden = tuple(h.detach().float().index_copy(0, index, f)
+                                           for h, f in zip(actor_hidden, fresh_actor))
+            # copies: the next replay of the graphs may write over their outputs
+            for key, value_t in zip(out, (logits, value, bootstrap, action, step["reward"], step["end"],
+                                          step["truncated"])):
+                out[key].append(value_t.clone())
         with torch.no_grad():  # V(s_H), without stepping the kept LSTM state
             _, _, _, bootstrap, actor_hidden, _ = self.policy_step(obs[:, -1], actor_hidden, stopped,
                                                                    start_actor_hidden, final_value, uniforms[0, 0])
-        out["bootstrap"].append(bootstrap.clone())
+        out["bootstrap"] = out["bootstrap"][1:] + [bootstrap.clone()]  # V'_t: the value after step t
         # the persistent state leaves the graphs' memory (a later replay may write over their outputs)
         env.obs, env.act, env.age = obs.clone(), act.clone(), age.clone()
         env.hidden = tuple(h.float().clone() for h in hidden)
@@ -1471,8 +1432,8 @@ class ImaginationGraphs:
 
 @contextlib.contextmanager
 def compile_failures(stop, what: str, fix: str):
-    """torch.compile's failures inside (at a first forward or backward) as one line naming `what`
-    and the fix, or after a signal a stop; other errors keep their traceback."""
+    """torch.compile's failures inside (at a first forward or backward) as one line naming `what` and the
+    fix, or after a signal a stop; other errors keep their traceback."""
     try:
         yield
     except (StopRequested, TrainingFailure):
@@ -1491,8 +1452,8 @@ def compile_failures(stop, what: str, fix: str):
 
 def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: ActorCritic,
                        stop=None) -> Optional[ImaginationGraphs]:
-    """--imagination-graphs on (auto: on CUDA): the compiled step, CUDA graphs on CUDA
-    ("reduce-overhead", the run's autocast inside), inductor on the CPU; None: eager."""
+    """--imagination-graphs on (auto: on CUDA): the compiled step, CUDA graphs on CUDA ("reduce-overhead",
+    the run's autocast inside), inductor on the CPU; None: eager."""
     if args.world_model_only or args.imagination_graphs == "off" or (
             args.imagination_graphs == "auto" and not setup.use_cuda):
         return None
