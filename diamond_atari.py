@@ -370,20 +370,20 @@ def import_gym():
 
 
 def canonical_env_id(env_id: str) -> tuple[str, str]:
-    """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 or Breakout -> ("Breakout",
-    "Breakout-v5") (one protocol for all); Catch -> ("Catch", "Catch")."""
-    if env_id.strip().lower() == "catch":  # before atari_games(): a Catch run needs no emulator
+    """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 or Breakout -> ("Breakout", "Breakout-v5")
+    (one protocol for all); Catch -> ("Catch", "Catch"), without the emulator."""
+    if env_id.strip().lower() == "catch":
         return "Catch", "Catch"
     match = re.fullmatch(r"(?:ALE/)?([A-Za-z0-9]+?)(?:NoFrameskip-v4|-v5|-v4)?", env_id.strip())
-    games = sorted(key[4:-3] for key in import_gym().registry if key.startswith("ALE/") and key.endswith("-v5"))
+    games = [key[4:-3] for key in import_gym().registry if key.startswith("ALE/") and key.endswith("-v5")]
     if match and match.group(1) in games:
         return match.group(1), f"{match.group(1)}-v5"
-    spellings = [f"{g}-v5" for g in games]
+    spellings = sorted(f"{g}-v5" for g in games)
     close = difflib.get_close_matches(env_id.replace("ALE/", "").replace("NoFrameskip-v4", "-v5"),
                                       spellings, n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}?" if close else f"games are named like {', '.join(spellings[:3])}"
+    hint = f"did you mean {', '.join(close)}?" if close else f"games are named like {spellings[0]}"
     raise UserError(f"unknown Atari env id {env_id!r}: {hint} (Breakout-v5, ALE/Breakout-v5 and "
-                    f"BreakoutNoFrameskip-v4 are accepted for every ALE game; Catch is bsuite's Catch)")
+                    f"BreakoutNoFrameskip-v4 name every ALE game; Catch is bsuite's Catch)")
 
 
 class AtariEnv:
@@ -396,11 +396,10 @@ class AtariEnv:
                  sticky_actions: bool = False, max_episode_steps: int = 27_000,
                  end_on_life_loss: bool = True, generator: Optional[torch.Generator] = None,
                  seed: int = 0):
-        gym = import_gym()
         # max_num_frames_per_episode=0: the time limit is counted here, in agent steps (our state)
-        self.env = gym.make(f"ALE/{game}-v5", frameskip=1, full_action_space=False,
-                            repeat_action_probability=0.25 if sticky_actions else 0.0,
-                            max_num_frames_per_episode=0).unwrapped
+        self.env = import_gym().make(f"ALE/{game}-v5", frameskip=1, full_action_space=False,
+                                     repeat_action_probability=0.25 if sticky_actions else 0.0,
+                                     max_num_frames_per_episode=0).unwrapped
         self.ale, self.game = self.env.ale, game
         self.num_actions = int(self.env.action_space.n)  # the minimal action set
         self.action_meanings = list(self.env.get_action_meanings())  # NOOP, FIRE, RIGHT, LEFT ...
@@ -413,10 +412,8 @@ class AtariEnv:
 
     def normalized_score(self, score: float) -> Optional[float]:
         """HNS = (score - random) / (human - random); None for a game without reference scores."""
-        if self.game not in ATARI_SCORES:
-            return None
-        random_score, human_score = ATARI_SCORES[self.game]
-        return (score - random_score) / (human_score - random_score)
+        random_score, human_score = ATARI_SCORES.get(self.game, (None, None))
+        return None if human_score is None else (score - random_score) / (human_score - random_score)
 
     def preprocess(self, frame: np.ndarray) -> np.ndarray:
         import cv2
@@ -428,8 +425,8 @@ class AtariEnv:
         if self.game_over:
             self.env.reset()
             frame = self.ale.getScreenRGB()
-            num_noops = int(torch.randint(1, self.noop_max + 1, (1,), generator=self.generator)) if self.noop_max else 0
-            for _ in range(num_noops):
+            noops = int(torch.randint(1, self.noop_max + 1, (1,), generator=self.generator)) if self.noop_max else 0
+            for _ in range(noops):
                 frame, _, terminated, truncated, _ = self.env.step(0)
                 if terminated or truncated:
                     self.env.reset()
@@ -447,10 +444,8 @@ class AtariEnv:
             if game_over:
                 break
         self.obs = self.preprocess(np.maximum(last_frames[0], last_frames[-1]))  # sprites flicker
-        self.game_steps += 1
-        self.game_return += reward
-        lives = self.ale.lives()
-        life_lost, self.lives = lives < self.lives, lives
+        self.game_steps, self.game_return = self.game_steps + 1, self.game_return + reward
+        life_lost, self.lives = self.ale.lives() < self.lives, self.ale.lives()
         time_out = self.game_steps >= self.max_episode_steps and not game_over
         self.game_over = game_over or time_out
         terminated = game_over or (self.end_on_life_loss and life_lost)
@@ -773,14 +768,9 @@ def karras_sigmas(n: int, sigma_min: float = 2e-3, sigma_max: float = 5.0, rho: 
 def init_lstm(lstm: nn.Module):
     """Xavier input weights, orthogonal recurrent weights, zero biases but the forget gate's (1)."""
     for name, p in lstm.named_parameters():
-        if "weight_ih" in name:
-            nn.init.xavier_uniform_(p)
-        elif "weight_hh" in name:
-            nn.init.orthogonal_(p)
-        elif "bias" in name:
-            nn.init.zeros_(p)
-            if "bias_ih" in name:  # gates are ordered input, forget, cell, output
-                nn.init.ones_(p[p.shape[0] // 4: p.shape[0] // 2])
+        {"weight_ih": nn.init.xavier_uniform_, "weight_hh": nn.init.orthogonal_}.get(name[:9], nn.init.zeros_)(p)
+        if name.startswith("bias_ih"):  # gates are ordered input, forget, cell, output
+            nn.init.ones_(p[p.shape[0] // 4: p.shape[0] // 2])
 
 
 def lstm_step(x: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor], weight_ih: torch.Tensor,
@@ -1058,10 +1048,9 @@ class RewardEndModel(nn.Module):
 
     def step(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden):
         """forward of one transition (B, 3, H, W), act (B,), with the LSTM step written out (one graph)."""
-        x = self.encode(obs[:, None], act[:, None], next_obs[:, None])[:, 0]
-        lstm = self.lstm
-        h, c = lstm_step(x, (hidden[0][0], hidden[1][0]), lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0,
-                         lstm.bias_hh_l0)
+        x, lstm = self.encode(obs[:, None], act[:, None], next_obs[:, None])[:, 0], self.lstm
+        h, c = lstm_step(x, (hidden[0][0], hidden[1][0]), lstm.weight_ih_l0, lstm.weight_hh_l0,
+                         lstm.bias_ih_l0, lstm.bias_hh_l0)
         logits = self.head(h)
         return logits[:, :3], logits[:, 3:], (h[None], c[None])
 
@@ -1099,11 +1088,9 @@ class ActorCritic(nn.Module):
             layers += [SmallResBlock(c_prev, c), nn.MaxPool2d(2)]
         self.encoder = nn.Sequential(*layers)
         self.lstm = nn.LSTMCell(channels[-1] * (obs_size // 2 ** len(channels)) ** 2, lstm_dim)
-        self.actor_linear = nn.Linear(lstm_dim, num_actions)
-        self.critic_linear = nn.Linear(lstm_dim, 1)
-        for layer in (self.actor_linear, self.critic_linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        self.actor_linear, self.critic_linear = nn.Linear(lstm_dim, num_actions), nn.Linear(lstm_dim, 1)
+        for p in (*self.actor_linear.parameters(), *self.critic_linear.parameters()):
+            nn.init.zeros_(p)
         init_lstm(self.lstm)
 
     def forward(self, obs: torch.Tensor, hidden=None):
@@ -1272,31 +1259,17 @@ def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Ar
                   "imagined_reward": rewards.mean(), "imagined_end": rollout["ends"].mean()}
 
 
-def restart(obs, act, hidden, age, stopped, start):
-    """The envs that stopped (n,) take their row of start (frames, actions, reward/end LSTM state)
-    and age 0, by torch.where: fixed shapes, no host sync."""
-    start_obs, start_act, start_hidden = start
-    return (torch.where(stopped[:, None, None, None, None], start_obs, obs),
-            torch.where(stopped[:, None], start_act, act),
-            tuple(torch.where(stopped[None, :, None], s, h) for s, h in zip(start_hidden, hidden)),
-            torch.where(stopped, 0, age))
-
-
 class ImaginationGraphs:
-    """The imagination step, written once: the policy step (with gradients), the world-model step and
-    the rollout over them, eager or compiled (backend: torch.compile's, "default": COMPILE_BACKEND;
-    None: uncompiled), as DIAMOND's reference compiles its world-model env. Every random number is
-    drawn before the rollout from the run's generator; the state stays in wm_env (its checkpoint).
-
-    The restarts are the one difference. `eager` (the reference's): an env that stops restarts from a
-    fresh real segment sampled right after the step (a host sync). Compiled (fixed shapes): it swaps in
-    its slot of a pool of real segments sampled before the rollout (one that stops twice reuses it)."""
+    """The imagination step, written once: the policy step, the world-model step and the rollout over
+    them, compiled (backend: torch.compile's; "default": COMPILE_BACKEND) or not (None). The restarts
+    are the one difference: `eager` (the reference's) restarts an env from a fresh real segment right
+    after it stops (a host sync); compiled, it swaps in its slot of a pool sampled before the rollout."""
 
     def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args, device: torch.device,
                  amp_dtype: Optional[torch.dtype] = None, backend: Union[str, Callable, None] = "default",
                  mode: Optional[str] = None, stop=None, autocast=None, eager: bool = False):
         self.wm_env, self.actor_critic, self.args, self.device = wm_env, actor_critic, args, device
-        self.amp_dtype = amp_dtype  # bf16/fp16 autocast on CUDA (entered inside the graphs), None: float32
+        self.amp_dtype = amp_dtype  # bf16/fp16 autocast entered inside the graphs; None: float32
         self.autocast, self.eager, self.net = autocast, eager, wm_env.net if eager else None
         self.sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
         self.backend = COMPILE_BACKEND if backend == "default" else backend  # read now: tests replace it
@@ -1318,9 +1291,8 @@ class ImaginationGraphs:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def policy_step(self, obs, hidden, stopped, start_hidden, final_value, uniform):
-        """The actor-critic on frames obs (n, 3, H, W), the envs that restarted (stopped) taking their
-        burnt-in LSTM state: logits (n, A), value (n,), action (n,), the bootstrap V'_(t-1) (V(s_t), or
-        V(final frame) if it stopped), the state used, the next."""
+        """The actor-critic on frames obs (n, 3, H, W), restarted envs (stopped) taking start_hidden:
+        logits, value, action, the bootstrap V'_(t-1) (V(s_t) or V(final frame)), the state used, the next."""
         hidden = tuple(torch.where(stopped[:, None], s, h) for s, h in zip(start_hidden, hidden))
         with self.amp():
             logits, value, new_hidden = self.actor_critic(obs, hidden)
@@ -1330,11 +1302,10 @@ class ImaginationGraphs:
 
     @torch.no_grad()
     def world_model_step(self, obs, act, hidden, age, action, actor_hidden, noise, uniforms, start):
-        """One step of every imagined env from its last frames obs (n, c, 3, H, W) and actions act (n, c),
-        reward/end state hidden, age (n,), the action (n,), the actor's state after this frame, noise (n,
-        3, H, W), uniforms (2, n) and the restart pool start (None: none): the next state, reward sign,
-        end, truncated, stopped, V(final frame), and for the checks the next frame, each D(x; sigma) and
-        the reward/end logits."""
+        """One step of every imagined env (its frames obs (n, c, 3, H, W), actions, reward/end state, age)
+        given the action, the actor's state, noise, uniforms (2, n) and the restart pool (None: none):
+        the next state, reward sign, end, truncated, stopped, V(final frame), and for the checks the
+        next frame, each D(x; sigma) and the reward/end logits."""
         act, raw = torch.cat([act[:, :-1], action[:, None]], dim=1), []
         with self.amp():
             next_obs = generate_next_obs(self.wm_env.denoiser, obs, act, self.args, net=self.net, noise=noise,
@@ -1347,17 +1318,20 @@ class ImaginationGraphs:
         age = age + 1
         truncated = (age >= self.args.imagination_horizon) & (end == 0)  # the horizon, unless it ended anyway
         stopped = (end == 1) | truncated
-        state = (torch.cat([obs[:, 1:], next_obs[:, None]], 1),
-                 torch.cat([act[:, 1:], torch.zeros_like(act[:, :1])], 1), tuple(h.float() for h in hidden), age)
-        obs, act, hidden, age = state if start is None else restart(*state, stopped, start)
+        obs, act = torch.cat([obs[:, 1:], next_obs[:, None]], 1), torch.cat([act[:, 1:], act[:, :1] * 0], 1)
+        hidden = tuple(h.float() for h in hidden)
+        if start is not None:  # the envs that stopped take their slot of the pool and age 0 (fixed shapes)
+            obs = torch.where(stopped[:, None, None, None, None], start[0], obs)
+            act = torch.where(stopped[:, None], start[1], act)
+            hidden = tuple(torch.where(stopped[None, :, None], s, h) for s, h in zip(start[2], hidden))
+            age = torch.where(stopped, 0, age)
         return {"obs": obs, "act": act, "hidden": hidden, "age": age, "reward": reward.float(), "end": end.float(),
                 "truncated": truncated.float(), "stopped": stopped, "final_value": final_value.float(),
                 "next_obs": next_obs, "denoised": torch.stack(raw).float(), "reward_logits": reward_logits.float(),
                 "end_logits": end_logits.float()}
 
     def rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """_rollout compiled: a failed compilation is one line, a signal during it a stop (acknowledged
-        at once, StopFlag.busy saying that it waits for the compilation)."""
+        """_rollout compiled: a failed compilation is one line, a signal during it a stop."""
         first_compile = self.stop is not None and self.backend is not None and self.compile_seconds is None
         if first_compile:
             self.stop.busy = "compiling the imagination step (" + (
@@ -1371,8 +1345,7 @@ class ImaginationGraphs:
 
     def _rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """backup_every more steps of the persistent imagined episodes: logits (n, H, A) and values (n, H)
-        with gradients; bootstraps V'_t, actions, reward signs, ends, truncations (n, H). An episode that
-        stops at t bootstraps from V of its final frame, then the actor is burnt in on the new segment."""
+        with gradients; bootstraps V'_t, actions, reward signs, ends, truncations (n, H)."""
         args, env, actor_critic, n = self.args, self.wm_env, self.actor_critic, self.args.num_imagined_envs
         begin = time.perf_counter()
         if env.obs is None:  # the first update: start the imagined episodes
