@@ -1,7 +1,7 @@
 # cleanworlds: DIAMOND (Alonso et al. 2024) on Atari 100k. Docs: README.md, benchmark/RESULTS.md
 """
 DIAMOND: a diffusion world model (EDM denoiser on the last 4 frames and actions), a reward/end model
-and an actor-critic trained in the world model's imagination, on the Atari 100k benchmark, in one file.
+and an actor-critic trained in the world model's imagination, on Atari 100k, in one file.
 
 The paper's setting on one GPU (Breakout 132.5, mean human-normalised score 1.46 over 26 games):
     python diamond_atari.py --env-id Breakout-v5
@@ -51,8 +51,8 @@ CHECKPOINT_FORMAT_VERSION = 3  # 2: global_step (the one TensorBoard step); 3: t
 OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
 # torch.compile's backend, read at each call (tests swap in their own)
 COMPILE_BACKEND = "inductor"
-# Marks beside an Args field: its unit (--save-every EPOCHS in --help), its domain ('>= 1', '[0, 1)',
-# checked at start-up) and RESUME_MUTABLE where --resume may change it (flag_marks reads them).
+# Marks beside an Args field: its unit (--save-every EPOCHS in --help), its domain ('>= 1',
+# '[0, 1)', checked at start-up) and RESUME_MUTABLE where --resume may change it (flag_marks).
 EPOCHS, UPDATES = tyro.conf.arg(metavar="EPOCHS"), tyro.conf.arg(metavar="UPDATES")
 RESUME_MUTABLE = "resume-mutable"
 
@@ -64,7 +64,7 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """CPU: deterministic (exact resume); CUDA: cudnn.deterministic only (a resume close, not bitwise)"""
+    """CPU: deterministic (exact resume); CUDA: cudnn.deterministic only (a close resume)"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -85,9 +85,11 @@ class Args:
     """with --resume: only run --test-episodes test episodes with the checkpoint's agent"""
 # ==== BEGIN OPTIONAL: play ====
     play: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: play the world model in a window (pip install pygame-ce); Esc quits"""
+    """with --resume: play the world model in a window (pip install pygame-ce): arrows and space
+    (fire) act, Enter restarts, Tab switches to the real game, R records, Esc quits"""
     play_keys: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """headless play: a letter per step (N F U D L R, Q E Z C diagonals, / restart) -> {run}/play/"""
+    """headless play: a letter per step (N noop, F fire, U D L R, Q E Z C the diagonals, lowercase
+    with fire, / restart); MP4s (and real episodes' .npz) go to {run}/play/"""
     play_world: Annotated[Literal["imagined", "real", "both"], RESUME_MUTABLE] = "imagined"
     """headless play: the world model (imagined), the real game, or both with the same keys"""
     play_size: Annotated[int, ">= 16", RESUME_MUTABLE] = 512
@@ -108,7 +110,7 @@ class Args:
 
     # Environment: Atari 100k as DIAMOND runs it
     env_id: Annotated[str, tyro.conf.arg(aliases=("--game",))] = "Breakout-v5"
-    """Breakout-v5, ALE/Breakout-v5 or BreakoutNoFrameskip-v4 (one protocol), or Catch; alias --game"""
+    """Breakout-v5, ALE/Breakout-v5 or BreakoutNoFrameskip-v4 (one protocol), or Catch"""
     sticky_actions: bool = False
     """sticky actions (repeat_action_probability 0.25); off in Atari 100k as DIAMOND runs it"""
     noop_max: Annotated[int, ">= 0"] = 30
@@ -122,7 +124,7 @@ class Args:
     epsilon: Annotated[float, "[0, 1]"] = 0.01
     """probability of a uniformly random action when collecting (test episodes use 0)"""
     dataset_dir: Optional[str] = None
-    """train on the episode .npz files in this folder (the last 10% held out) instead of collecting"""
+    """train on the episode .npz files in this folder (10% held out) instead of collecting"""
 
     # Denoiser (the diffusion world model)
     diffusion_channels: Annotated[tuple[int, ...], ">= 1"] = (64, 64, 64, 64)
@@ -260,9 +262,9 @@ class Args:
 CPU_SCALE = dict(
     obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
     num_autoregressive_steps=0, num_sampling_steps=1, reward_channels=8, reward_cond_dim=32,
-    reward_lstm_dim=64, reward_segment_length=12, actor_channels=(16, 16, 32, 32), actor_lstm_dim=128,
-    imagination_horizon=8, backup_every=8, num_imagined_envs=16, final_epochs_without_collection=0,
-    batch_size=16, learning_rate=1e-3, warmup_steps=20, log_every=20,
+    reward_lstm_dim=64, reward_segment_length=12, actor_channels=(16, 16, 32, 32),
+    actor_lstm_dim=128, imagination_horizon=8, backup_every=8, num_imagined_envs=16,
+    final_epochs_without_collection=0, batch_size=16, learning_rate=1e-3, warmup_steps=20, log_every=20,
 )
 PRESETS = {
     # A full run in seconds on a CPU: 32x32 frames, small networks, short epochs and episodes.
@@ -283,8 +285,8 @@ PRESETS = {
         CPU_SCALE, num_epochs=20, initial_collection_steps=1000, max_initial_collection_steps=2000,
         collection_steps_per_epoch=100, env_step_budget=4000, denoiser_steps_per_epoch=60,
         reward_steps_per_epoch=30, actor_critic_steps_per_epoch=15, first_epoch_denoiser_steps=300,
-        first_epoch_reward_steps=200, first_epoch_actor_critic_steps=40, max_episode_steps=500,
-        eval_every=4, eval_episodes=4, test_episodes=100, num_heldout_transitions=64, save_agent_every=4,
+        first_epoch_reward_steps=200, first_epoch_actor_critic_steps=40, max_episode_steps=500, eval_every=4,
+        eval_episodes=4, test_episodes=100, num_heldout_transitions=64, save_agent_every=4,
     ),
     # Catch: 5000 random env steps train the world model first, then 200 per epoch up to 8000
     "catch": dict(
@@ -317,30 +319,30 @@ def check_args(args: Args, world_size: int):
     """Settings that cannot work, refused at start-up in one line (before any data is read)."""
     check_arg_domains(args)
     if world_size > 1:
-        raise UserError(f"diamond_atari.py runs one process per game and seed, not {world_size} torchrun "
-                        f"processes: run it with python (benchmark/run_atari100k.py runs many in parallel)")
+        raise UserError(f"diamond_atari.py runs one process per game and seed, not {world_size} "
+                        f"torchrun processes: run it with python (benchmark/run_atari100k.py: many)")
     if args.eval_only and not args.resume:
         raise UserError("--eval-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
     if (args.play or args.play_keys is not None) and not args.resume:  # optional: play
-        raise UserError("--play needs --resume RUN_FOLDER_OR_CHECKPOINT (a trained world model)")  # optional: play
+        raise UserError("--play needs --resume RUN_FOLDER_OR_CHECKPOINT")  # optional: play
     if args.eval_only and args.world_model_only:
-        raise UserError("--eval-only runs the agent's test episodes: a --world-model-only run has no agent")
+        raise UserError("--eval-only tests an agent: a --world-model-only run has none")
     if args.diffusion_cond_dim % args.num_conditioning_steps:
         raise UserError(f"--diffusion-cond-dim {args.diffusion_cond_dim} must be divisible by "
-                        f"--num-conditioning-steps {args.num_conditioning_steps} (an action embedding each)")
+                        f"--num-conditioning-steps {args.num_conditioning_steps}")
     if args.obs_size % 2 ** max(len(args.diffusion_channels) - 1, len(args.actor_channels), 3):
-        raise UserError(f"--obs-size {args.obs_size} must be divisible by 2^{len(args.actor_channels)} (the "
-                        f"actor-critic's max-pools) and 2^{len(args.diffusion_channels) - 1} (the U-Net levels)")
+        raise UserError(f"--obs-size {args.obs_size} must be divisible by 2^{len(args.actor_channels)} "
+                        f"(the max-pools) and 2^{len(args.diffusion_channels) - 1} (the U-Net levels)")
     if len(args.recency_weights) < 1:
         raise UserError("--recency-weights needs at least one weight")
     if args.sigma_min >= args.sigma_max or args.train_sigma_min > args.train_sigma_max:
-        raise UserError("--sigma-min must be below --sigma-max, --train-sigma-min not above --train-sigma-max")
+        raise UserError("need --sigma-min < --sigma-max and --train-sigma-min <= --train-sigma-max")
     if not args.initial_collection_steps <= args.max_initial_collection_steps <= args.env_step_budget:
-        raise UserError(f"need --initial-collection-steps {args.initial_collection_steps} <= --max-initial-"
-                        f"collection-steps {args.max_initial_collection_steps} <= --env-step-budget "
-                        f"{args.env_step_budget} (the first collection is part of the budget)")
+        raise UserError(f"need --initial-collection-steps {args.initial_collection_steps} <= "
+                        f"--max-initial-collection-steps {args.max_initial_collection_steps} <= "
+                        f"--env-step-budget {args.env_step_budget} (the budget holds the first collection)")
     if args.dataset_dir is not None and args.num_epochs is None and args.final_epochs_without_collection < 1:
-        raise UserError("--dataset-dir runs --final-epochs-without-collection epochs: give at least 1")
+        raise UserError("--dataset-dir runs --final-epochs-without-collection epochs: give >= 1")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -370,12 +372,12 @@ def import_gym():
 
 
 def canonical_env_id(env_id: str) -> tuple[str, str]:
-    """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 or Breakout -> ("Breakout", "Breakout-v5")
-    (one protocol for all); Catch -> ("Catch", "Catch"), without the emulator."""
+    """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 or Breakout -> ("Breakout",
+    "Breakout-v5") (one protocol for all); Catch -> ("Catch", "Catch"), without the emulator."""
     if env_id.strip().lower() == "catch":
         return "Catch", "Catch"
     match = re.fullmatch(r"(?:ALE/)?([A-Za-z0-9]+?)(?:NoFrameskip-v4|-v5|-v4)?", env_id.strip())
-    games = [key[4:-3] for key in import_gym().registry if key.startswith("ALE/") and key.endswith("-v5")]
+    games = [id[4:-3] for id in import_gym().registry if id.startswith("ALE/") and id.endswith("-v5")]
     if match and match.group(1) in games:
         return match.group(1), f"{match.group(1)}-v5"
     spellings = sorted(f"{g}-v5" for g in games)
@@ -387,9 +389,9 @@ def canonical_env_id(env_id: str) -> tuple[str, str]:
 
 
 class AtariEnv:
-    """One ALE game with DIAMOND's Atari 100k protocol: 1 to noop_max no-ops after a reset, each action
-    repeated frame_skip frames (the max over the last two), RGB resized to obs_size with INTER_AREA.
-    With end_on_life_loss (training) a lost life ends the episode, not the game."""
+    """One ALE game with DIAMOND's Atari 100k protocol: 1 to noop_max no-ops after a reset, each
+    action repeated frame_skip frames (the max over the last two), RGB resized to obs_size with
+    INTER_AREA. With end_on_life_loss (training) a lost life ends the episode, not the game."""
     ignored_flags = ()  # the Args fields this environment ignores
 
     def __init__(self, game: str, obs_size: int = 64, frame_skip: int = 4, noop_max: int = 30,
@@ -412,8 +414,8 @@ class AtariEnv:
 
     def normalized_score(self, score: float) -> Optional[float]:
         """HNS = (score - random) / (human - random); None for a game without reference scores."""
-        random_score, human_score = ATARI_SCORES.get(self.game, (None, None))
-        return None if human_score is None else (score - random_score) / (human_score - random_score)
+        scores = ATARI_SCORES.get(self.game)  # (random, human)
+        return None if scores is None else (score - scores[0]) / (scores[1] - scores[0])
 
     def preprocess(self, frame: np.ndarray) -> np.ndarray:
         import cv2
@@ -425,8 +427,8 @@ class AtariEnv:
         if self.game_over:
             self.env.reset()
             frame = self.ale.getScreenRGB()
-            noops = int(torch.randint(1, self.noop_max + 1, (1,), generator=self.generator)) if self.noop_max else 0
-            for _ in range(noops):
+            noops = torch.randint(1, self.noop_max + 1, (1,), generator=self.generator) if self.noop_max else 0
+            for _ in range(int(noops)):
                 frame, _, terminated, truncated, _ = self.env.step(0)
                 if terminated or truncated:
                     self.env.reset()
@@ -440,7 +442,8 @@ class AtariEnv:
         reward, last_frames, game_over = 0.0, [], False
         for _ in range(self.frame_skip):
             frame, r, terminated, truncated, _ = self.env.step(action)
-            reward, last_frames, game_over = reward + float(r), (last_frames + [frame])[-2:], terminated or truncated
+            reward, last_frames = reward + float(r), (last_frames + [frame])[-2:]
+            game_over = terminated or truncated
             if game_over:
                 break
         self.obs = self.preprocess(np.maximum(last_frames[0], last_frames[-1]))  # sprites flicker
@@ -468,8 +471,8 @@ class AtariEnv:
 
 
 class CatchEnv:
-    """bsuite's Catch (Osband et al. 2020) as RGB frames, AtariEnv's interface: a ball falls from a random
-    column down a 10 x 5 grid; the paddle moves first; at the bottom +1 if the paddle is under it, else -1."""
+    """bsuite's Catch (Osband et al. 2020) in RGB, AtariEnv's interface: a ball falls down a 10 x 5
+    grid; the paddle moves first; at the bottom +1 if the paddle is under the ball, else -1."""
     rows, columns = 10, 5
     moves = (-1, 0, 1)  # bsuite's _ACTIONS: left, no-op, right
     colours = {"cell": (40, 40, 40), "paddle": (40, 120, 255), "ball": (255, 220, 40)}
@@ -519,7 +522,8 @@ class CatchEnv:
         self.ball_row += 1
         self.game_over = self.ball_row == self.rows - 1
         reward = (1.0 if self.paddle_col == self.ball_col else -1.0) if self.game_over else 0.0
-        self.game_steps, self.game_return, self.obs = self.game_steps + 1, self.game_return + reward, self.render()
+        self.game_steps, self.game_return = self.game_steps + 1, self.game_return + reward
+        self.obs = self.render()
         return self.obs, reward, self.game_over, False
 
     def state_dict(self) -> dict:
@@ -538,8 +542,8 @@ class CatchEnv:
 
 def make_env(args: Args, seed: int, generator: Optional[torch.Generator] = None,
              training: bool = True) -> Union[AtariEnv, CatchEnv]:
-    """The real environment of --env-id (uint8 frames (obs_size, obs_size, 3)); in training a lost life
-    ends the episode."""
+    """The real environment of --env-id (uint8 frames (obs_size, obs_size, 3)); in training a lost
+    life ends the episode."""
     game, _ = canonical_env_id(args.env_id)
     if game == "Catch":
         return CatchEnv(args.obs_size, seed)
@@ -574,9 +578,9 @@ def save_episode(path: Path, episode: dict, run_dir: Optional[Path] = None):
 
 
 def read_episode(path: Path, num_actions: int, fix: str) -> dict:
-    """An episode .npz (docs/PROMISES.md section 3), read with allow_pickle=False (a file cannot run code) and checked
-    field by field; a bad file is refused with one line naming it, the field and `fix`. Returns the fields in their
-    dtypes."""
+    """An episode .npz (docs/PROMISES.md section 3), read with allow_pickle=False (a file cannot run
+    code) and checked field by field; a bad file is refused with one line naming it, the field and
+    `fix`. Returns the fields in their dtypes."""
     def bad(problem: str) -> UserError:
         return UserError(f"{path}: {problem}; {fix}")
 
@@ -623,8 +627,8 @@ def load_episode(path: Path, obs_size: int, num_actions: int, fix: str = "fix th
 
 
 class ReplayBuffer:
-    """Finished episodes (in memory, a .npz each in the run folder) and the one being collected (`partial`),
-    sampled as DIAMOND's: an episode by the recency weights, t ~ U{0..T-1} in it, a segment around t.
+    """Finished episodes (a .npz each in the run folder) and the one being collected (`partial`),
+    sampled as DIAMOND's: an episode by the recency weights, t ~ U{0..T-1}, a segment around t.
     Frames outside the episode are padding: mid-grey, action 0, masked out of every loss."""
 
     def __init__(self, folder: Optional[Path], recency_weights: Optional[tuple[float, ...]],
@@ -636,7 +640,7 @@ class ReplayBuffer:
     @staticmethod
     def to_tensors(episode: dict) -> dict:
         """An episode's fields as tensors, obs (T+1, 3, H, W)."""
-        tensors = {key: torch.from_numpy(np.asarray(episode[key], dtype=dtype)) for key, dtype in EPISODE_KEYS.items()}
+        tensors = {key: torch.from_numpy(np.asarray(episode[key], dtype)) for key, dtype in EPISODE_KEYS.items()}
         return dict(tensors, obs=tensors["obs"].permute(0, 3, 1, 2).contiguous())
 
     def add(self, episode: dict, write: bool = True):
@@ -657,8 +661,8 @@ class ReplayBuffer:
         return sum(len(self.episode(i)["actions"]) for i in self.sampleable())
 
     def episode_weights(self, ids: list[int]) -> torch.Tensor:
-        """P(episode) for ids, oldest first: with k recency weights and n >= k episodes, w_s shared by the
-        n // k episodes of slice s (the newest takes the n % k left); else T_i / sum T."""
+        """P(episode) for ids, oldest first: with k recency weights and n >= k episodes, w_s shared
+        by the n // k episodes of slice s (the newest takes the n % k left); else T_i / sum T."""
         n, weights = len(ids), self.recency_weights
         lengths = torch.tensor([len(self.episode(i)["actions"]) for i in ids], dtype=torch.float64)
         if weights is None or n < len(weights):
@@ -670,8 +674,8 @@ class ReplayBuffer:
 
     def sample_segments(self, batch_size: int, num_obs: int, generator: torch.Generator,
                         ids: Optional[list[int]] = None, beyond_end: bool = False) -> list[tuple[int, int]]:
-        """(episode, start) of segments of L = num_obs frames around t ~ U{0..T-1}: start = min(T, t + 1 +
-        U{0..L-1}) - L, or with beyond_end (reward/end) start = t - U{0..L-1}."""
+        """(episode, start) of segments of L = num_obs frames around t ~ U{0..T-1}: start = min(T, t
+        + 1 + U{0..L-1}) - L, or with beyond_end (reward/end) start = t - U{0..L-1}."""
         ids = self.sampleable() if ids is None else ids
         chosen = torch.multinomial(self.episode_weights(ids), batch_size, replacement=True, generator=generator)
         lengths = torch.tensor([len(self.episode(ids[k])["actions"]) for k in chosen.tolist()])
@@ -681,8 +685,8 @@ class ReplayBuffer:
         return [(ids[k], s) for k, s in zip(chosen.tolist(), starts.tolist())]
 
     def segments(self, refs: list[tuple[int, int]], num_obs: int) -> dict:
-        """Segments of L frames at (episode, start): obs uint8 (B, L, 3, H, W), obs_mask (B, L) (frames
-        0..T), actions/rewards/ends and mask (B, L-1) (True: real transitions)."""
+        """Segments of L frames at (episode, start): obs uint8 (B, L, 3, H, W), obs_mask (B, L)
+        (frames 0..T), actions/rewards/ends and mask (B, L-1) (True: real transitions)."""
         out = {key: [] for key in ("obs", "obs_mask", "actions", "rewards", "ends", "mask")}
         for index, start in refs:
             ep = self.episode(index)
@@ -722,7 +726,7 @@ def segment_obs(batch: dict, device: torch.device) -> torch.Tensor:
 
 def sample_denoiser_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
                           ids: Optional[list[int]] = None) -> dict:
-    """Segments of c + 1 + num_autoregressive_steps frames: obs (B, L, 3, H, W), actions, obs_mask."""
+    """Segments of c + 1 + num_autoregressive_steps frames: obs (B, L, 3, H, W), actions, mask."""
     num_obs = args.num_conditioning_steps + 1 + args.num_autoregressive_steps
     batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids), num_obs)
     return {"obs": segment_obs(batch, device), "actions": batch["actions"].to(device),
@@ -731,7 +735,7 @@ def sample_denoiser_batch(buffer: ReplayBuffer, args: Args, generator: torch.Gen
 
 def sample_reward_end_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
                             ids: Optional[list[int]] = None) -> dict:
-    """Segments of reward_segment_length frames from t - U{0..L-1}: obs, actions/rewards/ends/mask."""
+    """Segments of reward_segment_length frames from t - U{0..L-1}: obs, actions, rewards..."""
     num_obs = args.reward_segment_length
     batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids, True), num_obs)
     return {"obs": segment_obs(batch, device),
@@ -768,15 +772,16 @@ def karras_sigmas(n: int, sigma_min: float = 2e-3, sigma_max: float = 5.0, rho: 
 def init_lstm(lstm: nn.Module):
     """Xavier input weights, orthogonal recurrent weights, zero biases but the forget gate's (1)."""
     for name, p in lstm.named_parameters():
-        {"weight_ih": nn.init.xavier_uniform_, "weight_hh": nn.init.orthogonal_}.get(name[:9], nn.init.zeros_)(p)
+        init = {"weight_ih": nn.init.xavier_uniform_, "weight_hh": nn.init.orthogonal_}.get(name[:9])
+        (init or nn.init.zeros_)(p)
         if name.startswith("bias_ih"):  # gates are ordered input, forget, cell, output
             nn.init.ones_(p[p.shape[0] // 4: p.shape[0] // 2])
 
 
 def lstm_step(x: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor], weight_ih: torch.Tensor,
               weight_hh: torch.Tensor, bias_ih: torch.Tensor, bias_hh: torch.Tensor):
-    """One LSTM step written out (one graph for torch.compile; nn.LSTM breaks it): gates = x W_ih^T + b_ih
-    + h W_hh^T + b_hh; c' = sigmoid(f) c + sigmoid(i) tanh(g); h' = sigmoid(o) tanh(c')."""
+    """One LSTM step written out (one graph for torch.compile; nn.LSTM breaks it): gates = x W_ih^T
+    + b_ih + h W_hh^T + b_hh; c' = sigmoid(f) c + sigmoid(i) tanh(g); h' = sigmoid(o) tanh(c')."""
     h, c = hidden
     i, f, g, o = (F.linear(x, weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)).chunk(4, dim=1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -784,7 +789,7 @@ def lstm_step(x: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor], weight
 
 
 def sample_categorical(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """A class per row of logits (B, K) by the inverse CDF of uniform (B,): k = #{j : cdf_j <= u}."""
+    """A class per row of logits (B, K) by the inverse CDF of uniform (B,): #{j : cdf_j <= u}."""
     cdf = logits.detach().float().softmax(-1).cumsum(-1)
     return (cdf <= uniform[:, None]).sum(-1).clamp(max=logits.shape[-1] - 1)
 
@@ -812,11 +817,9 @@ class FourierFeatures(nn.Module):
         self.register_buffer("weight", torch.randn(1, dim // 2))
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
-        # always fp32: in bf16 the angles (up to ~20 rad) would lose about 0.1 rad (meta: no autocast)
-        device_type = c_noise.device.type
-        with torch.autocast(device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext():
-            angles = 2 * math.pi * c_noise[:, None].float() @ self.weight.float()
-            return torch.cat([angles.cos(), angles.sin()], dim=1)
+        # fp32 (a product, not a matmul, which autocast would run in bf16 and lose ~0.1 rad of ~20)
+        angles = 2 * math.pi * c_noise[:, None].float() * self.weight.float()
+        return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
 class AdaGroupNorm(nn.Module):
@@ -854,7 +857,7 @@ class SelfAttention2d(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """AdaGN-SiLU-conv3x3, AdaGN-SiLU-conv3x3 (zero-init), + 1x1 shortcut if channels change, optional attention."""
+    """AdaGN-SiLU-conv3x3, AdaGN-SiLU-conv3x3 (zero-init), + shortcut, optional attention."""
 
     def __init__(self, in_channels: int, out_channels: int, cond_dim: int, attention: bool = False):
         super().__init__()
@@ -907,8 +910,8 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """DIAMOND's U-Net: per level res_blocks ResBlocks down and res_blocks + 1 up (skip concat), a stride-2 conv
-    between levels, and the only self-attention in the 2-block middle at the lowest resolution."""
+    """DIAMOND's U-Net: per level res_blocks ResBlocks down and res_blocks + 1 up (skip concat),
+    a stride-2 conv between levels, self-attention only in the 2-block middle."""
 
     def __init__(self, cond_dim: int, channels: tuple[int, ...], res_blocks: int):
         super().__init__()
@@ -936,8 +939,8 @@ class UNet(nn.Module):
 
 
 class DenoiserNet(nn.Module):
-    """F_theta(c_in x, c_noise, past frames, past actions): past frames concatenated on channels; the
-    actions' embeddings plus c_noise's Fourier features drive every ResBlock's adaptive group norms."""
+    """F_theta(c_in x, c_noise, past frames, past actions): frames concatenated on channels; the
+    actions' embeddings plus c_noise's Fourier features drive the adaptive group norms."""
 
     def __init__(self, num_actions: int, channels: tuple[int, ...] = (64, 64, 64, 64), res_blocks: int = 2,
                  cond_dim: int = 256, num_conditioning_steps: int = 4, img_channels: int = 3):
@@ -965,8 +968,8 @@ class Denoiser(nn.Module):
         self.net, self.sigma_data, self.sigma_offset_noise = net, sigma_data, sigma_offset_noise
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, net=None):
-        """(F's output, D(x)) of x (B, 3, H, W), sigma (B,), obs (B, 4*3, H, W), act (B, 4); net: the
-        (compiled) network to call."""
+        """(F's output, D(x)) of x (B, 3, H, W), sigma (B,), obs (B, 4*3, H, W), act (B, 4); net:
+        the (compiled) network to call."""
         c_in, c_skip, c_out, c_noise = edm_preconditioning(sigma.float(), self.sigma_data, self.sigma_offset_noise)
         c_in, c_skip, c_out = (c[:, None, None, None] for c in (c_in, c_skip, c_out))
         model_output = (self.net if net is None else net)(c_in * x, c_noise, obs / self.sigma_data, act).float()
@@ -981,9 +984,9 @@ class Denoiser(nn.Module):
 
 def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, obs_mask: torch.Tensor, args: Args,
                   generator: torch.Generator, net=None) -> torch.Tensor:
-    """EDM loss, mean over predictions k = 0..n on segments obs (B, c + 1 + n, 3, H, W): frame c + k from
-    frames and actions k..c+k-1, loss_k = ||F - (x0 - c_skip x_noisy) / c_out||^2 over the real targets;
-    frame c + k is then replaced by D's 8-bit output, which prediction k + 1 sees, as in imagination."""
+    """EDM loss, mean over predictions k = 0..n on obs (B, c + 1 + n, 3, H, W): frame c + k from
+    frames and actions k..c+k-1, loss_k = ||F - (x0 - c_skip x_noisy) / c_out||^2 on real targets;
+    frame c + k then becomes D's 8-bit output, which prediction k + 1 sees, as in imagination."""
     c = args.num_conditioning_steps
     num_predictions = obs.shape[1] - c  # the segment length decides, as in DIAMOND
     obs, total = obs.clone(), 0.0
@@ -1012,8 +1015,8 @@ def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, 
 
 
 class RewardEndModel(nn.Module):
-    """Reward sign (-1, 0, +1) and end (0, 1) logits of transitions (obs_t, a_t, obs_t+1): a conv encoder
-    of action-conditioned ResBlocks (64 -> 8 pixels), an LSTM over time, an MLP head."""
+    """Reward sign (-1, 0, +1) and end (0, 1) logits of transitions (obs_t, a_t, obs_t+1): a conv
+    encoder of action-conditioned ResBlocks (64 -> 8 pixels), an LSTM over time, an MLP head."""
 
     def __init__(self, num_actions: int, obs_size: int = 64, channels: int = 32, cond_dim: int = 128,
                  lstm_dim: int = 512, img_channels: int = 3):
@@ -1041,13 +1044,13 @@ class RewardEndModel(nn.Module):
         return x.reshape(b, t, -1)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden=None):
-        """obs, next_obs (B, T, 3, H, W), act (B, T) -> reward (B, T, 3), end (B, T, 2) logits, LSTM state."""
+        """obs, next_obs (B, T, 3, H, W), act (B, T) -> reward, end logits (B, T, 3 | 2), state."""
         x, hidden = self.lstm(self.encode(obs, act, next_obs), hidden)
         logits = self.head(x)
         return logits[..., :3], logits[..., 3:], hidden
 
     def step(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden):
-        """forward of one transition (B, 3, H, W), act (B,), with the LSTM step written out (one graph)."""
+        """forward of one transition (B, 3, H, W), act (B,), the LSTM step written out."""
         x, lstm = self.encode(obs[:, None], act[:, None], next_obs[:, None])[:, 0], self.lstm
         h, c = lstm_step(x, (hidden[0][0], hidden[1][0]), lstm.weight_ih_l0, lstm.weight_hh_l0,
                          lstm.bias_ih_l0, lstm.bias_hh_l0)
@@ -1094,7 +1097,7 @@ class ActorCritic(nn.Module):
         init_lstm(self.lstm)
 
     def forward(self, obs: torch.Tensor, hidden=None):
-        """obs (B, 3, H, W), LSTM state (hx, cx) or None (zeros) -> policy logits (B, A), value (B,), state."""
+        """obs (B, 3, H, W), state (hx, cx) or None (zeros) -> logits (B, A), value (B,), state."""
         x, lstm = self.encoder(obs).flatten(1), self.lstm
         if hidden is None:
             hidden = (x.new_zeros(len(x), lstm.hidden_size),) * 2
@@ -1116,10 +1119,8 @@ def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, truncs: torch.Tens
     """DIAMOND's compute_lambda_returns on sign-clipped rewards, (B, H) each; bootstrap[:, t] =
     V'_t, the value of the frame after step t: Lambda_t = sign(r_t) + gamma (1 - end_t) [trunc_t
     V'_t + (1 - trunc_t) ((1 - lambda) V'_t + lambda Lambda_t+1)], Lambda_H = V'_(H-1)."""
-    rewards, not_end = rewards.sign(), 1.0 - ends.float()
-    truncs = truncs.float()
-    returns = torch.empty_like(rewards)
-    next_return = bootstrap[:, -1]
+    rewards, not_end, truncs = rewards.sign(), 1.0 - ends.float(), truncs.float()
+    returns, next_return = torch.empty_like(rewards), bootstrap[:, -1]
     for t in reversed(range(rewards.shape[1])):
         v = bootstrap[:, t]
         continued = (1 - lam) * v + lam * next_return
@@ -1134,8 +1135,8 @@ def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, truncs: torch.Tens
 
 @torch.no_grad()
 def euler_sample(denoise_fn: Callable, x_T: torch.Tensor, sigmas: torch.Tensor, order: int = 1) -> torch.Tensor:
-    """Integrates the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma over the sigmas (ending
-    with 0); denoise_fn(x, sigma (B,)) = D(x; sigma). order 1: Euler; 2: Heun but on the last step."""
+    """Integrates dx/dsigma = (x - D(x; sigma)) / sigma over the sigmas (ending with 0), D =
+    denoise_fn(x, sigma (B,)). order 1: Euler; 2: Heun but on the last step."""
     x = x_T
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -1150,11 +1151,11 @@ def euler_sample(denoise_fn: Callable, x_T: torch.Tensor, sigmas: torch.Tensor, 
 
 
 def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, args: Args,
-                      generator: Optional[torch.Generator] = None, net=None, autocast=contextlib.nullcontext(),
-                      noise: Optional[torch.Tensor] = None, sigmas: Optional[list[float]] = None,
-                      raw: Optional[list] = None) -> torch.Tensor:
-    """The next frame (B, 3, H, W) from past frames (B, c, 3, H, W), actions (B, c) and noise (drawn from
-    generator if not given); raw, if given, collects each D(x; sigma) before 8-bit quantisation."""
+                      generator: Optional[torch.Generator] = None, net=None,
+                      autocast=contextlib.nullcontext(), noise: Optional[torch.Tensor] = None,
+                      sigmas: Optional[list[float]] = None, raw: Optional[list] = None) -> torch.Tensor:
+    """The next frame (B, 3, H, W) from frames (B, c, 3, H, W), actions (B, c) and noise (default:
+    from generator); raw, if given, collects each D(x; sigma) before 8-bit quantisation."""
     if sigmas is None:
         sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
     if noise is None:
@@ -1168,14 +1169,14 @@ def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, 
             raw.append(denoised)
         return quantize_8bit(denoised)
 
-    x_T = sigmas[0] * noise if args.edm_initial_noise else noise  # DIAMOND's x_T ~ N(0, I), EDM's sigma_max N(0, I)
+    x_T = sigmas[0] * noise if args.edm_initial_noise else noise  # DIAMOND's x_T ~ N(0, I)
     return euler_sample(denoise_fn, x_T, sigmas, order=2 if args.sampler == "heun" else 1).clamp(-1, 1)
 
 
 class WorldModelEnv:
-    """num_imagined_envs imagined environments that live across actor-critic updates, as in DIAMOND: each
-    starts from a real segment (c frames) with the reward/end LSTM burnt in on it, steps, and restarts
-    when the end flag is sampled or after imagination_horizon steps. Its state goes into checkpoints."""
+    """The imagined environments, which live across actor-critic updates as in DIAMOND's: each
+    starts from a real segment (the reward/end LSTM burnt in on it) and restarts at a sampled end
+    or after imagination_horizon steps. Its state goes into checkpoints."""
 
     def __init__(self, denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, args: Args,
                  device: torch.device, generator: torch.Generator, cpu_generator: torch.Generator, net=None,
@@ -1184,12 +1185,12 @@ class WorldModelEnv:
         self.ids = ids  # the episodes imagination starts from (None: all; --dataset-dir holds some out)
         self.device, self.generator, self.cpu_generator = device, generator, cpu_generator
         self.net, self.autocast = net, autocast
-        self.obs = self.act = self.hidden = self.age = self.actor_hidden = None  # None until the first reset
+        self.obs = self.act = self.hidden = self.age = self.actor_hidden = None  # until a reset
 
     @torch.no_grad()
     def start(self, num_envs: int, refs: Optional[list[tuple[int, int]]] = None):
-        """Real segments, sampled or given as (episode, first frame): frames (n, c, 3, H, W), actions (n,
-        c) (the last slot for the actor's), the reward/end LSTM state after them."""
+        """Real segments, sampled or given as (episode, first frame): frames (n, c, 3, H, W),
+        actions (n, c) (the last slot for the actor's), the reward/end LSTM state after them."""
         c = self.args.num_conditioning_steps
         refs = self.buffer.sample_segments(num_envs, c, self.cpu_generator, self.ids) if refs is None else refs
         batch = self.buffer.segments(refs, c)
@@ -1208,7 +1209,7 @@ class WorldModelEnv:
     def state_dict(self) -> dict:
         if self.obs is None:
             return {}
-        copy = lambda x: x.detach().cpu().clone()  # noqa: E731 - stepping changes act and age in place
+        copy = lambda x: x.detach().cpu().clone()  # noqa: E731 - a step changes act and age in place
         return {"obs": copy(self.obs), "act": copy(self.act), "hidden": [copy(h) for h in self.hidden],
                 "age": copy(self.age), "actor_hidden": [copy(h) for h in self.actor_hidden]}
 
@@ -1241,10 +1242,7 @@ def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Ar
                       autocast=contextlib.nullcontext(), graphs: Optional["ImaginationGraphs"] = None):
     """On backup_every more imagined steps (eager, or graphs' compiled ones): the value's MSE to the
     lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
-    if graphs is not None:
-        rollout = graphs.rollout(generator)
-    else:
-        rollout = imagine(actor_critic, wm_env, args, generator, autocast)
+    rollout = graphs.rollout(generator) if graphs else imagine(actor_critic, wm_env, args, generator, autocast)
     logits, values, rewards, actions = rollout["logits"], rollout["values"], rollout["rewards"], rollout["actions"]
     with torch.no_grad():
         returns = lambda_returns(rewards, rollout["ends"], rollout["truncs"], rollout["bootstrap"],
@@ -1260,10 +1258,10 @@ def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Ar
 
 
 class ImaginationGraphs:
-    """The imagination step, written once: the policy step, the world-model step and the rollout over
-    them, compiled (backend: torch.compile's; "default": COMPILE_BACKEND) or not (None). The restarts
-    are the one difference: `eager` (the reference's) restarts an env from a fresh real segment right
-    after it stops (a host sync); compiled, it swaps in its slot of a pool sampled before the rollout."""
+    """The imagination step, written once: the policy step, the world-model step and the rollout,
+    compiled (backend: torch.compile's; "default": COMPILE_BACKEND) or not (None). The restarts are
+    the one difference: `eager` (the reference's) restarts an env from a fresh real segment once it
+    stops (a host sync); compiled, it swaps in its slot of a pool sampled before the rollout."""
 
     def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args, device: torch.device,
                  amp_dtype: Optional[torch.dtype] = None, backend: Union[str, Callable, None] = "default",
@@ -1272,14 +1270,14 @@ class ImaginationGraphs:
         self.amp_dtype = amp_dtype  # bf16/fp16 autocast entered inside the graphs; None: float32
         self.autocast, self.eager, self.net = autocast, eager, wm_env.net if eager else None
         self.sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
-        self.backend = COMPILE_BACKEND if backend == "default" else backend  # read now: tests replace it
-        self.mode, self.stop = mode, stop  # stop: the run's StopFlag (a signal while compiling is a stop)
+        self.backend = COMPILE_BACKEND if backend == "default" else backend  # read now: tests swap it
+        self.mode, self.stop = mode, stop  # stop: the run's StopFlag (a signal while compiling)
         compile_fn = (lambda fn: fn) if self.backend is None else (
             lambda fn: torch.compile(fn, backend=self.backend, mode=mode, dynamic=False))
-        self.policy, self.world_model = compile_fn(self.policy_step), compile_fn(self.world_model_step)
+        self.policy, self.world_model = map(compile_fn, (self.policy_step, self.world_model_step))
         # the compiled calls, and the first rollout's seconds (compilation included)
         self.calls, self.compile_seconds, self.reported = 0, None, False
-        if self.backend is not None:  # the steps read the LSTMs' weights (lstm_step), which dynamo refuses by default
+        if self.backend is not None:  # lstm_step reads LSTM weights, which dynamo refuses by default
             torch._dynamo.config.allow_rnn = True
 
     def amp(self):
@@ -1291,8 +1289,8 @@ class ImaginationGraphs:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def policy_step(self, obs, hidden, stopped, start_hidden, final_value, uniform):
-        """The actor-critic on frames obs (n, 3, H, W), restarted envs (stopped) taking start_hidden:
-        logits, value, action, the bootstrap V'_(t-1) (V(s_t) or V(final frame)), the state used, the next."""
+        """The actor-critic on frames obs (n, 3, H, W), restarted envs taking start_hidden: logits,
+        value, action, bootstrap V'_(t-1) (V(s_t) or V(final frame)), the state used, the next."""
         hidden = tuple(torch.where(stopped[:, None], s, h) for s, h in zip(start_hidden, hidden))
         with self.amp():
             logits, value, new_hidden = self.actor_critic(obs, hidden)
@@ -1302,25 +1300,25 @@ class ImaginationGraphs:
 
     @torch.no_grad()
     def world_model_step(self, obs, act, hidden, age, action, actor_hidden, noise, uniforms, start):
-        """One step of every imagined env (its frames obs (n, c, 3, H, W), actions, reward/end state, age)
-        given the action, the actor's state, noise, uniforms (2, n) and the restart pool (None: none):
-        the next state, reward sign, end, truncated, stopped, V(final frame), and for the checks the
-        next frame, each D(x; sigma) and the reward/end logits."""
+        """One step of every imagined env (its frames obs (n, c, 3, H, W), actions, reward/end
+        state, age) given the action, the actor's state, noise, uniforms (2, n) and the restart pool
+        (None: none): the next state, reward sign, end, truncated, stopped, V(final frame), and for
+        the checks the next frame, each D(x; sigma) and the reward/end logits."""
         act, raw = torch.cat([act[:, :-1], action[:, None]], dim=1), []
         with self.amp():
             next_obs = generate_next_obs(self.wm_env.denoiser, obs, act, self.args, net=self.net, noise=noise,
                                          sigmas=self.sigmas, raw=raw)
             reward_logits, end_logits, hidden = self.wm_env.reward_end_model.step(obs[:, -1], action, next_obs,
                                                                                    hidden)
-            _, final_value, _ = self.actor_critic(next_obs, actor_hidden)  # V(final frame) if it stops here
+            _, final_value, _ = self.actor_critic(next_obs, actor_hidden)  # V(final frame), if it stops
         reward = sample_categorical(reward_logits, uniforms[0]) - 1
         end = sample_categorical(end_logits, uniforms[1])
         age = age + 1
-        truncated = (age >= self.args.imagination_horizon) & (end == 0)  # the horizon, unless it ended anyway
+        truncated = (age >= self.args.imagination_horizon) & (end == 0)  # the horizon, unless it ended
         stopped = (end == 1) | truncated
-        obs, act = torch.cat([obs[:, 1:], next_obs[:, None]], 1), torch.cat([act[:, 1:], act[:, :1] * 0], 1)
+        obs, act = torch.cat([obs[:, 1:], next_obs[:, None]], 1), torch.cat([act[:, 1:], 0 * act[:, :1]], 1)
         hidden = tuple(h.float() for h in hidden)
-        if start is not None:  # the envs that stopped take their slot of the pool and age 0 (fixed shapes)
+        if start is not None:  # the envs that stopped take their slot of the pool (fixed shapes)
             obs = torch.where(stopped[:, None, None, None, None], start[0], obs)
             act = torch.where(stopped[:, None], start[1], act)
             hidden = tuple(torch.where(stopped[None, :, None], s, h) for s, h in zip(start[2], hidden))
@@ -1344,8 +1342,8 @@ class ImaginationGraphs:
                 self.stop.busy = ""
 
     def _rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """backup_every more steps of the persistent imagined episodes: logits (n, H, A) and values (n, H)
-        with gradients; bootstraps V'_t, actions, reward signs, ends, truncations (n, H)."""
+        """backup_every more steps of the persistent imagined episodes: logits (n, H, A) and values
+        (n, H) with gradients; bootstraps V'_t, actions, reward signs, ends, truncations (n, H)."""
         args, env, actor_critic, n = self.args, self.wm_env, self.actor_critic, self.args.num_imagined_envs
         begin = time.perf_counter()
         if env.obs is None:  # the first update: start the imagined episodes
@@ -1356,7 +1354,7 @@ class ImaginationGraphs:
             start = env.start(n)
             start_actor_hidden = actor_burn_in(actor_critic, start[0][:, :-1], self.amp())
         # every random number of the rollout, drawn before it from the run's generator
-        noise = torch.randn((args.backup_every, n, *env.obs.shape[2:]), generator=generator, device=self.device)
+        noise = torch.randn((args.backup_every, *env.obs[:, -1].shape), generator=generator, device=self.device)
         # uniforms of the action, the reward and the end
         uniforms = torch.rand((args.backup_every, 3, n), generator=generator, device=self.device)
         if self.device.type == "cuda":  # a new rollout: the graphs may reuse the memory of the last one's outputs
@@ -1375,7 +1373,7 @@ class ImaginationGraphs:
             self.calls += 1 + (t > 0)
             obs, act, hidden, age = step["obs"], step["act"], step["hidden"], step["age"]
             stopped, final_value = step["stopped"], step["final_value"]
-            if self.eager and stopped.any():  # a host sync, as DIAMOND's: fresh real segments for these envs
+            if self.eager and stopped.any():  # a host sync, as DIAMOND's: fresh real segments
                 index = stopped.nonzero()[:, 0]
                 fresh_obs, fresh_act, fresh_hidden = env.start(len(index))
                 fresh_actor = actor_burn_in(actor_critic, fresh_obs[:, :-1], self.amp())
@@ -1391,7 +1389,7 @@ class ImaginationGraphs:
         with torch.no_grad():  # V(s_H), without stepping the kept LSTM state
             _, _, _, bootstrap, actor_hidden, _ = self.policy_step(obs[:, -1], actor_hidden, stopped,
                                                                    start_actor_hidden, final_value, uniforms[0, 0])
-        out["bootstrap"] = out["bootstrap"][1:] + [bootstrap.clone()]  # V'_t: the value after step t
+        out["bootstrap"] = out["bootstrap"][1:] + [bootstrap.clone()]  # V'_t, the value after step t
         # the persistent state leaves the graphs' memory (a later replay may write over their outputs)
         env.obs, env.act, env.age = obs.clone(), act.clone(), age.clone()
         env.hidden = tuple(h.float().clone() for h in hidden)
@@ -1405,8 +1403,8 @@ class ImaginationGraphs:
 
 @contextlib.contextmanager
 def compile_failures(stop, what: str, fix: str):
-    """torch.compile's failures inside (at a first forward or backward) as one line naming `what` and the
-    fix, or after a signal a stop; other errors keep their traceback."""
+    """torch.compile's failures inside (at a first forward or backward) as one line naming `what`
+    and the fix, or after a signal a stop; other errors keep their traceback."""
     try:
         yield
     except (StopRequested, TrainingFailure):
@@ -1425,8 +1423,8 @@ def compile_failures(stop, what: str, fix: str):
 
 def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: ActorCritic,
                        stop=None) -> Optional[ImaginationGraphs]:
-    """--imagination-graphs on (auto: on CUDA): the compiled step, CUDA graphs on CUDA ("reduce-overhead",
-    the run's autocast inside), inductor on the CPU; None: eager."""
+    """--imagination-graphs on (auto: on CUDA): the compiled step, CUDA graphs on CUDA
+    ("reduce-overhead", the run's autocast inside), inductor on the CPU; None: eager."""
     if args.world_model_only or args.imagination_graphs == "off" or (
             args.imagination_graphs == "auto" and not setup.use_cuda):
         return None
