@@ -1,32 +1,23 @@
 # cleanworlds: DIAMOND (Alonso et al. 2024) on Atari 100k. Docs: README.md, benchmark/RESULTS.md
 """
-DIAMOND: a diffusion world model (EDM denoiser on the last 4 frames and actions), a reward/termination model and an
-actor-critic trained entirely in the world model's imagination, on the Atari 100k benchmark, in one file.
+DIAMOND: a diffusion world model (EDM denoiser on the last 4 frames and actions), a reward/end model
+and an actor-critic trained in the world model's imagination, on Atari 100k, in one file.
 
-Reproduce the paper (Breakout 132.5, mean human-normalised score 1.46 over 26 games; days per
-game: benchmark/RESULTS.md, bash benchmark/gpu_diamond.sh) on one GPU:
-    python diamond_atari.py --env-id Breakout-v5 --num-sampling-steps 3
-The same with smaller or larger networks (TorchWM's presets; medium is the paper's):
+The paper's setting on one GPU (Breakout 132.5, mean human-normalised score 1.46 over 26 games):
+    python diamond_atari.py --env-id Breakout-v5
+TorchWM's network sizes (medium: the paper's); a CPU run in seconds, offline; bsuite's Catch:
     python diamond_atari.py --env-id Pong-v5 --preset small
-End to end in about 25 seconds on a CPU, offline (a shrunken protocol: small first epoch, short episodes):
     python diamond_atari.py --preset tiny
-The same on bsuite's Catch (a ball falls down a 10x5 grid; the paddle catches it or not) instead of an Atari game:
     python diamond_atari.py --env-id Catch --preset tiny
-The whole agent from your own recorded episodes (one .npz per episode: a static dataset, nothing collected):
+From recorded episodes (one .npz each, nothing collected); the world model alone:
     python diamond_atari.py --env-id Breakout-v5 --dataset-dir path/to/episodes
-Only the world model, on a random policy's data or on your own recorded episodes:
     python diamond_atari.py --world-model-only --env-id Breakout-v5
-    python diamond_atari.py --world-model-only --env-id Breakout-v5 --dataset-dir path/to/episodes
-Continue a run, or run the 100 test episodes with its agent:
+Continue a run; its 100 test episodes; play its world model (pip install pygame-ce); see an episode:
     python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000
-    python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000 --eval-only
-Play its world model live (pip install pygame-ce) or headless from keys (MP4s in {run}/play/):  # optional: play
-    python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000 --play  # optional: play
+    python diamond_atari.py --resume RUN --eval-only
+    python diamond_atari.py --resume RUN --play  # optional: play
     python diamond_atari.py --resume RUN --play-keys FRRRLL --play-world both  # optional: play
-Watch an episode file (an MP4 beside it, each frame captioned with the step, action and reward):
-    python diamond_atari.py --episode-to-mp4 runs/Breakout-v5__diamond_atari__1__1700000000/episodes/episode_000000.npz
-Watch it (world_model/* says whether the world model beats copying the last frame and finds the rewards and ends;
-eval/imagined_minus_real_return whether the policy earns in imagination what it does not earn in the game):
+    python diamond_atari.py --episode-to-mp4 RUN/episodes/episode_000000.npz
     tensorboard --logdir runs
 """
 import contextlib
@@ -56,13 +47,11 @@ import tyro
 SCRIPT_NAME = "diamond_atari.py"
 CHECKPOINT_FORMAT_VERSION = 3  # 2: global_step (the one TensorBoard step); 3: the imagined episodes
 OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
-# torch.compile's backend at every compile call here (--compile, --imagination-graphs), read at each
-# call: tests put a slow or failing backend in its place
+# torch.compile's backend, read at each call (tests swap in their own)
 COMPILE_BACKEND = "inductor"
-# A flag's unit, shown by --help (--save-every STEPS) and read by the tests: one meaning per name.
+# Marks beside an Args field: its unit (--save-every EPOCHS in --help), its domain ('>= 1',
+# '[0, 1)', checked at start-up) and RESUME_MUTABLE where --resume may change it (flag_marks).
 EPOCHS, UPDATES = tyro.conf.arg(metavar="EPOCHS"), tyro.conf.arg(metavar="UPDATES")
-# Beside an Args field: its domain ('>= 1', '[0, 1)': every numeric flag, checked at start-up), and
-# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling, play): flag_marks.
 RESUME_MUTABLE = "resume-mutable"
 
 
@@ -73,8 +62,7 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic and
-    CUBLAS_WORKSPACE_CONFIG, not torch's strict algorithms (a CUDA resume is close, not bitwise)"""
+    """CPU: deterministic (exact resume); CUDA: cudnn.deterministic only (a close resume)"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -86,8 +74,7 @@ class Args:
     output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu", "catch", "small", "medium", "large"]] = None
-    """tiny: a run in seconds on a CPU; cpu: the whole loop at CPU scale; catch: for --env-id Catch
-    on one CPU core; small/medium/large: TorchWM's network sizes (medium: the paper's)"""
+    """tiny: seconds on a CPU; cpu, catch: CPU-scale runs; small/medium/large: TorchWM's networks"""
     config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
@@ -99,33 +86,29 @@ class Args:
     """with --resume: play the world model in a window (pip install pygame-ce): arrows and space
     (fire) act, Enter restarts, Tab switches to the real game, R records, Esc quits"""
     play_keys: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """headless play (implies --play): a letter per step, N noop, F fire, U D L R, Q E Z C the
-    diagonals, lowercase with fire, / restart; MP4s (and real episodes' .npz) go to {run}/play/"""
+    """headless play: a letter per step (N noop, F fire, U D L R, Q E Z C the diagonals, lowercase
+    with fire, / restart); MP4s (and real episodes' .npz) go to {run}/play/"""
     play_world: Annotated[Literal["imagined", "real", "both"], RESUME_MUTABLE] = "imagined"
     """headless play: the world model (imagined), the real game, or both with the same keys"""
     play_size: Annotated[int, ">= 16", RESUME_MUTABLE] = 512
     """play: the frame's side in the window and in the play MP4s, in pixels"""
     play_fps: Annotated[float, "> 0", RESUME_MUTABLE] = 15.0
-    """play: the window's steps per second at most (the game's own rate: 60 Hz / frame skip 4)"""
+    """play: the window's steps per second at most"""
 # ==== END OPTIONAL: play ====
     episode_to_mp4: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """an episode .npz -> an MP4 beside it, each frame captioned with step, action and reward
-    (--env-id names the actions); nothing else runs"""
+    """an episode .npz -> an MP4 beside it, frames captioned (--env-id names the actions)"""
     world_model_only: bool = False
     """train and evaluate only the world model, on random-policy data or --dataset-dir"""
     compile: Annotated[bool, RESUME_MUTABLE] = False
     """torch.compile the denoiser's U-Net"""
     imagination_graphs: Annotated[Literal["auto", "on", "off"], RESUME_MUTABLE] = "auto"
-    """the imagination step as compiled graphs (DIAMOND's reference): CUDA graphs on CUDA,
-    inductor on the CPU (minutes to compile); auto: on for CUDA only"""
+    """the imagination step compiled: CUDA graphs on CUDA, inductor on a CPU; auto: CUDA only"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """float32 (TF32 matmuls on CUDA, as DIAMOND), or bfloat16/float16 autocast on CUDA; the CPU
-    always computes in float32"""
+    """float32 (TF32 on CUDA, as DIAMOND), or bfloat16/float16 autocast on CUDA (CPU: float32)"""
 
     # Environment: Atari 100k as DIAMOND runs it
     env_id: Annotated[str, tyro.conf.arg(aliases=("--game",))] = "Breakout-v5"
-    """Breakout-v5, ALE/Breakout-v5 or BreakoutNoFrameskip-v4 (same protocol), or Catch (bsuite's
-    10x5 Catch, which ignores the Atari flags below); alias --game"""
+    """Breakout-v5, ALE/Breakout-v5 or BreakoutNoFrameskip-v4 (one protocol), or Catch"""
     sticky_actions: bool = False
     """sticky actions (repeat_action_probability 0.25); off in Atari 100k as DIAMOND runs it"""
     noop_max: Annotated[int, ">= 0"] = 30
@@ -139,8 +122,7 @@ class Args:
     epsilon: Annotated[float, "[0, 1]"] = 0.01
     """probability of a uniformly random action when collecting (test episodes use 0)"""
     dataset_dir: Optional[str] = None
-    """train on the episode .npz files in this folder (the last 10% held out) instead of
-    collecting: the whole agent, or the world model alone with --world-model-only"""
+    """train on the episode .npz files in this folder (10% held out) instead of collecting"""
 
     # Denoiser (the diffusion world model)
     diffusion_channels: Annotated[tuple[int, ...], ">= 1"] = (64, 64, 64, 64)
@@ -164,8 +146,7 @@ class Args:
     train_sigma_max: Annotated[float, "> 0"] = 20.0
     """training noise levels are clipped to [train_sigma_min, train_sigma_max]"""
     num_autoregressive_steps: Annotated[int, ">= 0"] = 1
-    """extra denoiser predictions per training segment, each on the previous one's 8-bit output
-    (DIAMOND: 1)"""
+    """extra denoiser predictions per training segment, each on the previous one's 8-bit output"""
 
     # Sampler
     sampler: Annotated[Literal["euler", "heun"], RESUME_MUTABLE] = "euler"
@@ -211,8 +192,7 @@ class Args:
 
     # Training loop
     num_epochs: Annotated[Optional[int], EPOCHS, ">= 1", RESUME_MUTABLE] = None
-    """the run length in epochs (default: the Atari 100k schedule's, 1000 for a first collection
-    of 5000; --dataset-dir: --final-epochs-without-collection); never collects beyond the budget"""
+    """the run length (default: the Atari 100k schedule's; --dataset-dir: the final epochs')"""
     initial_collection_steps: Annotated[int, ">= 1"] = 5000
     """the first collection N (before epoch 1's own share): at least this many env steps"""
     max_initial_collection_steps: Annotated[int, ">= 1"] = 10_000
@@ -222,8 +202,7 @@ class Args:
     collection_steps_per_epoch: Annotated[int, ">= 1"] = 100
     """env steps collected in each epoch after the first collection (epoch 1 included)"""
     env_step_budget: Annotated[int, ">= 1"] = 100_000
-    """env steps collected in the whole run (Atari 100k): the first collection N, then
-    collection_steps_per_epoch in each of (budget - N) / collection_steps_per_epoch epochs"""
+    """env steps collected in the whole run (Atari 100k), the first collection included"""
     final_epochs_without_collection: Annotated[int, ">= 0"] = 50
     """epochs that only train, after the budget is spent (with --dataset-dir: the run length)"""
     denoiser_steps_per_epoch: Annotated[int, ">= 1"] = 400
@@ -239,8 +218,7 @@ class Args:
     first_epoch_actor_critic_steps: Annotated[int, ">= 1"] = 5000
     """actor-critic gradient steps in epoch 1"""
     actor_critic_start_after_epochs: Annotated[int, EPOCHS, ">= 0"] = 0
-    """the actor-critic trains from epoch N + 1 on (DIAMOND's start_after_epochs); until then
-    the collector's policy is the uniform one"""
+    """the actor-critic trains from epoch N + 1 on (until then the collector's policy is uniform)"""
     batch_size: Annotated[int, ">= 1"] = 32
     """segments per denoiser and reward/end model batch"""
     recency_weights: Annotated[tuple[float, ...], "> 0"] = (0.1, 0.1, 0.1, 0.7)
@@ -277,51 +255,51 @@ class Args:
     """unseen real transitions the world_model/* metrics are computed on"""
 
 
+# The cpu and catch presets' networks and imagination: DIAMOND's loop at CPU scale (why each value:
+# benchmark/diamond_learns.sh, benchmark/diamond_catch.sh).
+CPU_SCALE = dict(
+    obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
+    num_autoregressive_steps=0, num_sampling_steps=1, reward_channels=8, reward_cond_dim=32,
+    reward_lstm_dim=64, reward_segment_length=12, actor_channels=(16, 16, 32, 32),
+    actor_lstm_dim=128, imagination_horizon=8, backup_every=8, num_imagined_envs=16,
+    final_epochs_without_collection=0, batch_size=16, learning_rate=1e-3, warmup_steps=20, log_every=20,
+)
 PRESETS = {
     # A full run in seconds on a CPU: 32x32 frames, small networks, short epochs and episodes.
     "tiny": dict(
-        obs_size=32, diffusion_channels=(8, 8, 8), diffusion_res_blocks=1, diffusion_cond_dim=16, reward_channels=8,
-        reward_cond_dim=8, reward_lstm_dim=16, actor_channels=(8, 8, 8, 8), actor_lstm_dim=16, imagination_horizon=4,
-        backup_every=4, num_imagined_envs=4, reward_segment_length=8, initial_collection_steps=200,
-        max_initial_collection_steps=300, min_rare_rewards=1, collection_steps_per_epoch=50, env_step_budget=350,
+        obs_size=32, diffusion_channels=(8, 8, 8), diffusion_res_blocks=1, diffusion_cond_dim=16,
+        reward_channels=8, reward_cond_dim=8, reward_lstm_dim=16, actor_channels=(8, 8, 8, 8),
+        actor_lstm_dim=16, imagination_horizon=4, backup_every=4, num_imagined_envs=4,
+        reward_segment_length=8, initial_collection_steps=200, max_initial_collection_steps=300,
+        min_rare_rewards=1, collection_steps_per_epoch=50, env_step_budget=350,
         final_epochs_without_collection=1, denoiser_steps_per_epoch=10, reward_steps_per_epoch=10,
         actor_critic_steps_per_epoch=5, first_epoch_denoiser_steps=20, first_epoch_reward_steps=20,
-        first_epoch_actor_critic_steps=5, batch_size=8, learning_rate=1e-3, warmup_steps=5, max_episode_steps=200,
-        log_every=10, eval_every=1, eval_episodes=1, test_episodes=2, num_heldout_transitions=32, save_agent_every=1,
+        first_epoch_actor_critic_steps=5, batch_size=8, learning_rate=1e-3, warmup_steps=5,
+        max_episode_steps=200, log_every=10, eval_every=1, eval_episodes=1, test_episodes=2,
+        num_heldout_transitions=32, save_agent_every=1,
     ),
-    # DIAMOND's whole loop at CPU scale (why: benchmark/diamond_learns.sh): 32x32 frames, small
-    # networks, one Euler step, 20 short epochs, 4000 env steps, 500-step episodes.
+    # 20 short epochs, 4000 env steps, 500-step episodes
     "cpu": dict(
-        obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
-        num_autoregressive_steps=0, num_sampling_steps=1,
-        reward_channels=8, reward_cond_dim=32, reward_lstm_dim=64, reward_segment_length=12,
-        actor_channels=(16, 16, 32, 32), actor_lstm_dim=128, imagination_horizon=8, backup_every=8,
-        num_imagined_envs=16, num_epochs=20, initial_collection_steps=1000, max_initial_collection_steps=2000,
-        collection_steps_per_epoch=100, env_step_budget=4000, final_epochs_without_collection=0,
-        denoiser_steps_per_epoch=60, reward_steps_per_epoch=30, actor_critic_steps_per_epoch=15,
-        first_epoch_denoiser_steps=300, first_epoch_reward_steps=200, first_epoch_actor_critic_steps=40,
-        batch_size=16, learning_rate=1e-3, warmup_steps=20, max_episode_steps=500, log_every=20, eval_every=4,
+        CPU_SCALE, num_epochs=20, initial_collection_steps=1000, max_initial_collection_steps=2000,
+        collection_steps_per_epoch=100, env_step_budget=4000, denoiser_steps_per_epoch=60,
+        reward_steps_per_epoch=30, actor_critic_steps_per_epoch=15, first_epoch_denoiser_steps=300,
+        first_epoch_reward_steps=200, first_epoch_actor_critic_steps=40, max_episode_steps=500, eval_every=4,
         eval_episodes=4, test_episodes=100, num_heldout_transitions=64, save_agent_every=4,
     ),
-    # DIAMOND's whole loop on Catch on a CPU (why each value: benchmark/diamond_catch.sh): cpu's
-    # networks, 5000 random env steps that train the world model first, 200 per epoch up to 8000.
+    # Catch: 5000 random env steps train the world model first, then 200 per epoch up to 8000
     "catch": dict(
-        obs_size=32, diffusion_channels=(16, 16, 16), diffusion_res_blocks=1, diffusion_cond_dim=64,
-        num_autoregressive_steps=0, num_sampling_steps=1,
-        reward_channels=8, reward_cond_dim=32, reward_lstm_dim=64, reward_segment_length=12,
-        actor_channels=(16, 16, 32, 32), actor_lstm_dim=128, imagination_horizon=8, backup_every=8,
-        num_imagined_envs=16, initial_collection_steps=5000, max_initial_collection_steps=6000,
-        collection_steps_per_epoch=200, env_step_budget=8000, final_epochs_without_collection=0,
-        denoiser_steps_per_epoch=20, reward_steps_per_epoch=40, actor_critic_steps_per_epoch=60,
-        first_epoch_denoiser_steps=800, first_epoch_reward_steps=2000, actor_critic_start_after_epochs=1,
-        batch_size=16, learning_rate=1e-3, warmup_steps=20, log_every=20,
-        eval_every=2, eval_episodes=20, test_episodes=200, num_heldout_transitions=200, save_agent_every=2,
+        CPU_SCALE, initial_collection_steps=5000, max_initial_collection_steps=6000,
+        collection_steps_per_epoch=200, env_step_budget=8000, denoiser_steps_per_epoch=20,
+        reward_steps_per_epoch=40, actor_critic_steps_per_epoch=60, first_epoch_denoiser_steps=800,
+        first_epoch_reward_steps=2000, actor_critic_start_after_epochs=1, eval_every=2,
+        eval_episodes=20, test_episodes=200, num_heldout_transitions=200, save_agent_every=2,
     ),
     "small": dict(diffusion_channels=(32, 32, 32, 32), diffusion_cond_dim=128, reward_channels=16,
                   reward_lstm_dim=256, actor_channels=(16, 16, 32, 32), actor_lstm_dim=256),
     "medium": dict(),  # the paper's networks: the defaults
-    "large": dict(diffusion_channels=(128, 128, 128, 128), diffusion_res_blocks=3, diffusion_cond_dim=512,
-                  reward_channels=64, reward_lstm_dim=1024, actor_channels=(64, 64, 128, 128), actor_lstm_dim=1024),
+    "large": dict(diffusion_channels=(128, 128, 128, 128), diffusion_res_blocks=3,
+                  diffusion_cond_dim=512, reward_channels=64, reward_lstm_dim=1024,
+                  actor_channels=(64, 64, 128, 128), actor_lstm_dim=1024),
 }
 # Flags spelled otherwise on the command line: --game is the seed's name for --env-id.
 FLAG_ALIASES = {"--game": "env_id"}
@@ -336,38 +314,33 @@ CHECKPOINT_KEYS = {
 
 
 def check_args(args: Args, world_size: int):
-    """Settings that cannot work, refused at start-up in one line (before any data is read or run folder made)."""
+    """Settings that cannot work, refused at start-up in one line (before any data is read)."""
     check_arg_domains(args)
     if world_size > 1:
-        raise UserError(f"diamond_atari.py runs one process per game and seed, not {world_size} torchrun processes: "
-                        f"run it with python (benchmark/run_atari100k.py runs many games and seeds in parallel)")
+        raise UserError(f"diamond_atari.py runs one process per game and seed, not {world_size} "
+                        f"torchrun processes: run it with python (benchmark/run_atari100k.py: many)")
     if args.eval_only and not args.resume:
         raise UserError("--eval-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
     if (args.play or args.play_keys is not None) and not args.resume:  # optional: play
-        raise UserError("--play needs --resume RUN_FOLDER_OR_CHECKPOINT (a trained world model "  # optional: play
-                        "to play)")  # optional: play
+        raise UserError("--play needs --resume RUN_FOLDER_OR_CHECKPOINT")  # optional: play
     if args.eval_only and args.world_model_only:
-        raise UserError("--eval-only runs the agent's test episodes: a --world-model-only run has no trained agent")
+        raise UserError("--eval-only tests an agent: a --world-model-only run has none")
     if args.diffusion_cond_dim % args.num_conditioning_steps:
         raise UserError(f"--diffusion-cond-dim {args.diffusion_cond_dim} must be divisible by "
-                        f"--num-conditioning-steps {args.num_conditioning_steps} (one action embedding per step)")
+                        f"--num-conditioning-steps {args.num_conditioning_steps}")
     if args.obs_size % 2 ** max(len(args.diffusion_channels) - 1, len(args.actor_channels), 3):
         raise UserError(f"--obs-size {args.obs_size} must be divisible by 2^{len(args.actor_channels)} "
-                        f"(the actor-critic's max-pools) and 2^{len(args.diffusion_channels) - 1} (the U-Net levels)")
+                        f"(the max-pools) and 2^{len(args.diffusion_channels) - 1} (the U-Net levels)")
     if len(args.recency_weights) < 1:
         raise UserError("--recency-weights needs at least one weight")
-    if args.sigma_min >= args.sigma_max:
-        raise UserError(f"--sigma-min {args.sigma_min} must be below --sigma-max {args.sigma_max}")
+    if args.sigma_min >= args.sigma_max or args.train_sigma_min > args.train_sigma_max:
+        raise UserError("need --sigma-min < --sigma-max and --train-sigma-min <= --train-sigma-max")
     if not args.initial_collection_steps <= args.max_initial_collection_steps <= args.env_step_budget:
         raise UserError(f"need --initial-collection-steps {args.initial_collection_steps} <= "
-                        f"--max-initial-collection-steps {args.max_initial_collection_steps} <= --env-step-budget "
-                        f"{args.env_step_budget} (the first collection is part of the budget)")
+                        f"--max-initial-collection-steps {args.max_initial_collection_steps} <= "
+                        f"--env-step-budget {args.env_step_budget} (the budget holds the first collection)")
     if args.dataset_dir is not None and args.num_epochs is None and args.final_epochs_without_collection < 1:
-        raise UserError("--dataset-dir runs --final-epochs-without-collection epochs (or --num-epochs): give at "
-                        "least 1")
-    if args.train_sigma_min > args.train_sigma_max:
-        raise UserError(f"--train-sigma-min {args.train_sigma_min} must not exceed --train-sigma-max "
-                        f"{args.train_sigma_max}")
+        raise UserError("--dataset-dir runs --final-epochs-without-collection epochs: give >= 1")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -396,47 +369,37 @@ def import_gym():
     return gym
 
 
-def atari_games() -> list[str]:
-    """Every game ale-py ships (from gymnasium's registry of ALE/<Game>-v5 ids)."""
-    gym = import_gym()
-    return sorted(key[len("ALE/"): -len("-v5")] for key in gym.registry
-                  if key.startswith("ALE/") and key.endswith("-v5"))
-
-
 def canonical_env_id(env_id: str) -> tuple[str, str]:
     """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 or Breakout -> ("Breakout",
-    "Breakout-v5") (one protocol for all); Catch -> ("Catch", "Catch")."""
-    if env_id.strip().lower() == "catch":  # before atari_games(): a Catch run needs no emulator
+    "Breakout-v5") (one protocol for all); Catch -> ("Catch", "Catch"), without the emulator."""
+    if env_id.strip().lower() == "catch":
         return "Catch", "Catch"
     match = re.fullmatch(r"(?:ALE/)?([A-Za-z0-9]+?)(?:NoFrameskip-v4|-v5|-v4)?", env_id.strip())
-    games = atari_games()
+    games = [id[4:-3] for id in import_gym().registry if id.startswith("ALE/") and id.endswith("-v5")]
     if match and match.group(1) in games:
         return match.group(1), f"{match.group(1)}-v5"
-    spellings = [f"{g}-v5" for g in games]
+    spellings = sorted(f"{g}-v5" for g in games)
     close = difflib.get_close_matches(env_id.replace("ALE/", "").replace("NoFrameskip-v4", "-v5"),
                                       spellings, n=3, cutoff=0.5)
-    hint = (f"did you mean {', '.join(close)}?" if close
-            else f"games are named like {', '.join(spellings[:3])}, ...")
+    hint = f"did you mean {', '.join(close)}?" if close else f"games are named like {spellings[0]}"
     raise UserError(f"unknown Atari env id {env_id!r}: {hint} (Breakout-v5, ALE/Breakout-v5 and "
-                    f"BreakoutNoFrameskip-v4 are accepted for every ALE game; Catch is bsuite's Catch)")
+                    f"BreakoutNoFrameskip-v4 name every ALE game; Catch is bsuite's Catch)")
 
 
 class AtariEnv:
-    """One ALE game with DIAMOND's Atari 100k protocol: frameskip 1 and no sticky actions in the
-    emulator; here up to noop_max no-ops after a reset, each action repeated frame_skip frames
-    (rewards summed, the max over the last two frames: sprites flicker), RGB resized to obs_size
-    with INTER_AREA. With end_on_life_loss (training) a lost life ends the episode, not the game."""
-    ignored_flags = ()  # the Args fields this environment ignores (CatchEnv's: the Atari protocol's)
+    """One ALE game with DIAMOND's Atari 100k protocol: 1 to noop_max no-ops after a reset, each
+    action repeated frame_skip frames (the max over the last two), RGB resized to obs_size with
+    INTER_AREA. With end_on_life_loss (training) a lost life ends the episode, not the game."""
+    ignored_flags = ()  # the Args fields this environment ignores
 
     def __init__(self, game: str, obs_size: int = 64, frame_skip: int = 4, noop_max: int = 30,
                  sticky_actions: bool = False, max_episode_steps: int = 27_000,
                  end_on_life_loss: bool = True, generator: Optional[torch.Generator] = None,
                  seed: int = 0):
-        gym = import_gym()
         # max_num_frames_per_episode=0: the time limit is counted here, in agent steps (our state)
-        self.env = gym.make(f"ALE/{game}-v5", frameskip=1, full_action_space=False,
-                            repeat_action_probability=0.25 if sticky_actions else 0.0,
-                            max_num_frames_per_episode=0).unwrapped
+        self.env = import_gym().make(f"ALE/{game}-v5", frameskip=1, full_action_space=False,
+                                     repeat_action_probability=0.25 if sticky_actions else 0.0,
+                                     max_num_frames_per_episode=0).unwrapped
         self.ale, self.game = self.env.ale, game
         self.num_actions = int(self.env.action_space.n)  # the minimal action set
         self.action_meanings = list(self.env.get_action_meanings())  # NOOP, FIRE, RIGHT, LEFT ...
@@ -449,10 +412,8 @@ class AtariEnv:
 
     def normalized_score(self, score: float) -> Optional[float]:
         """HNS = (score - random) / (human - random); None for a game without reference scores."""
-        if self.game not in ATARI_SCORES:
-            return None
-        random_score, human_score = ATARI_SCORES[self.game]
-        return (score - random_score) / (human_score - random_score)
+        scores = ATARI_SCORES.get(self.game)  # (random, human)
+        return None if scores is None else (score - scores[0]) / (scores[1] - scores[0])
 
     def preprocess(self, frame: np.ndarray) -> np.ndarray:
         import cv2
@@ -464,10 +425,8 @@ class AtariEnv:
         if self.game_over:
             self.env.reset()
             frame = self.ale.getScreenRGB()
-            num_noops = 0
-            if self.noop_max:
-                num_noops = int(torch.randint(1, self.noop_max + 1, (1,), generator=self.generator))
-            for _ in range(num_noops):
+            noops = torch.randint(1, self.noop_max + 1, (1,), generator=self.generator) if self.noop_max else 0
+            for _ in range(int(noops)):
                 frame, _, terminated, truncated, _ = self.env.step(0)
                 if terminated or truncated:
                     self.env.reset()
@@ -479,19 +438,15 @@ class AtariEnv:
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool]:
         """(obs, reward, terminated, truncated); self.game_over: whether the game ended."""
         reward, last_frames, game_over = 0.0, [], False
-        for k in range(self.frame_skip):
+        for _ in range(self.frame_skip):
             frame, r, terminated, truncated, _ = self.env.step(action)
-            reward += float(r)
-            last_frames = (last_frames + [frame])[-2:]
-            if terminated or truncated:
-                game_over = True
+            reward, last_frames = reward + float(r), (last_frames + [frame])[-2:]
+            game_over = terminated or truncated
+            if game_over:
                 break
-        pooled = np.maximum(last_frames[0], last_frames[-1])  # max over the last two frames: sprites flicker
-        self.obs = self.preprocess(pooled)
-        self.game_steps += 1
-        self.game_return += reward
-        lives = self.ale.lives()
-        life_lost, self.lives = lives < self.lives, lives
+        self.obs = self.preprocess(np.maximum(last_frames[0], last_frames[-1]))  # sprites flicker
+        self.game_steps, self.game_return = self.game_steps + 1, self.game_return + reward
+        life_lost, self.lives = self.ale.lives() < self.lives, self.ale.lives()
         time_out = self.game_steps >= self.max_episode_steps and not game_over
         self.game_over = game_over or time_out
         terminated = game_over or (self.end_on_life_loss and life_lost)
@@ -514,14 +469,11 @@ class AtariEnv:
 
 
 class CatchEnv:
-    """bsuite's Catch (Osband et al. 2020) as RGB frames, with AtariEnv's interface. A 10 x 5 grid:
-    the ball starts in a random column of the top row and falls a row per step; the paddle on the
-    bottom row moves first, by (-1, 0, +1) for LEFT, NOOP, RIGHT. At the bottom (the 9th step) the
-    game ends: +1 if the paddle is under the ball, else -1 (a random policy catches 1 in 5)."""
+    """bsuite's Catch (Osband et al. 2020) in RGB, AtariEnv's interface: a ball falls down a 10 x 5
+    grid; the paddle moves first; at the bottom +1 if the paddle is under the ball, else -1."""
     rows, columns = 10, 5
     moves = (-1, 0, 1)  # bsuite's _ACTIONS: left, no-op, right
     colours = {"cell": (40, 40, 40), "paddle": (40, 120, 255), "ball": (255, 220, 40)}
-    # no frames to skip, no no-op starts, no sticky actions, no lives, and 9 steps by the rules
     ignored_flags = ("frame_skip", "noop_max", "sticky_actions", "max_episode_steps")
 
     def __init__(self, obs_size: int = 64, seed: int = 0):
@@ -536,7 +488,7 @@ class CatchEnv:
         self.obs = self.render()
 
     def normalized_score(self, score: float) -> Optional[float]:
-        return None  # no random/human reference scores: a game returns +1 or -1
+        return None  # no reference scores
 
     def cell_pixels(self, row: int, col: int) -> tuple[slice, slice]:
         """The frame's (rows, columns) of a grid cell: the grid is centred."""
@@ -566,13 +518,11 @@ class CatchEnv:
         """(obs, reward, terminated, truncated): the paddle moves, then the ball falls a row."""
         self.paddle_col = min(max(self.paddle_col + self.moves[action], 0), self.columns - 1)
         self.ball_row += 1
-        terminated = self.ball_row == self.rows - 1
-        reward = (1.0 if self.paddle_col == self.ball_col else -1.0) if terminated else 0.0
-        self.game_steps += 1
-        self.game_return += reward
-        self.game_over = terminated
+        self.game_over = self.ball_row == self.rows - 1
+        reward = (1.0 if self.paddle_col == self.ball_col else -1.0) if self.game_over else 0.0
+        self.game_steps, self.game_return = self.game_steps + 1, self.game_return + reward
         self.obs = self.render()
-        return self.obs, reward, terminated, False
+        return self.obs, reward, self.game_over, False
 
     def state_dict(self) -> dict:
         # the Generator's state: PCG64's 128-bit integers as plain Python ints (weights_only loads them)
@@ -590,8 +540,8 @@ class CatchEnv:
 
 def make_env(args: Args, seed: int, generator: Optional[torch.Generator] = None,
              training: bool = True) -> Union[AtariEnv, CatchEnv]:
-    """The real environment of --env-id, seeded by `seed` (`generator` draws Atari's no-ops; in
-    training a lost life ends the episode): uint8 (obs_size, obs_size, 3) frames."""
+    """The real environment of --env-id (uint8 frames (obs_size, obs_size, 3)); in training a lost
+    life ends the episode."""
     game, _ = canonical_env_id(args.env_id)
     if game == "Catch":
         return CatchEnv(args.obs_size, seed)
@@ -670,10 +620,9 @@ def load_episode(path: Path, obs_size: int, num_actions: int, fix: str = "fix th
 
 
 class ReplayBuffer:
-    """Finished episodes (in memory, and a .npz each in the run folder) plus the episode being
-    collected (`partial`), sampled as DIAMOND's reference does: an episode by the recency weights,
-    a time step t uniformly inside it, then a segment around t. Frames outside the episode are
-    padding: mid-grey (0.0 in [-1, 1]), action 0, masked out of every loss."""
+    """Finished episodes (a .npz each in the run folder) and the one being collected (`partial`),
+    sampled as DIAMOND's: an episode by the recency weights, t ~ U{0..T-1}, a segment around t.
+    Frames outside the episode are padding: mid-grey, action 0, masked out of every loss."""
 
     def __init__(self, folder: Optional[Path], recency_weights: Optional[tuple[float, ...]],
                  num_conditioning_steps: int):
@@ -683,9 +632,9 @@ class ReplayBuffer:
 
     @staticmethod
     def to_tensors(episode: dict) -> dict:
-        return {"obs": torch.from_numpy(np.ascontiguousarray(np.asarray(episode["obs"]).transpose(0, 3, 1, 2))),
-                **{key: torch.from_numpy(np.asarray(episode[key], dtype=EPISODE_KEYS[key]))
-                   for key in ("actions", "rewards", "terminated", "truncated")}}
+        """An episode's fields as tensors, obs (T+1, 3, H, W)."""
+        tensors = {key: torch.from_numpy(np.asarray(episode[key], dtype)) for key, dtype in EPISODE_KEYS.items()}
+        return dict(tensors, obs=tensors["obs"].permute(0, 3, 1, 2).contiguous())
 
     def add(self, episode: dict, write: bool = True):
         if write and self.folder is not None:
@@ -718,8 +667,8 @@ class ReplayBuffer:
 
     def sample_segments(self, batch_size: int, num_obs: int, generator: torch.Generator,
                         ids: Optional[list[int]] = None, beyond_end: bool = False) -> list[tuple[int, int]]:
-        """(episode, start) of segments of L = num_obs frames around t ~ U{0..T-1}: stop = min(T, t
-        + 1 + U{0..L-1}), start = stop - L; beyond_end (reward/end): start = t - U{0..L-1}."""
+        """(episode, start) of segments of L = num_obs frames around t ~ U{0..T-1}: start = min(T, t
+        + 1 + U{0..L-1}) - L, or with beyond_end (reward/end) start = t - U{0..L-1}."""
         ids = self.sampleable() if ids is None else ids
         chosen = torch.multinomial(self.episode_weights(ids), batch_size, replacement=True, generator=generator)
         lengths = torch.tensor([len(self.episode(ids[k])["actions"]) for k in chosen.tolist()])
@@ -738,8 +687,7 @@ class ReplayBuffer:
             frames = torch.arange(start, start + num_obs)
             real_frame = (frames >= 0) & (frames <= T)
             steps = frames[:-1]
-            valid = (steps >= 0) & (steps < T)
-            clipped = steps.clamp(0, T - 1)
+            valid, clipped = (steps >= 0) & (steps < T), steps.clamp(0, T - 1)
             out["obs"].append(ep["obs"][frames.clamp(0, T)] * real_frame[:, None, None, None])
             out["obs_mask"].append(real_frame)
             out["actions"].append(torch.where(valid, ep["actions"][clipped], 0))
@@ -771,8 +719,7 @@ def segment_obs(batch: dict, device: torch.device) -> torch.Tensor:
 
 def sample_denoiser_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
                           ids: Optional[list[int]] = None) -> dict:
-    """Segments of c + 1 + num_autoregressive_steps frames (DIAMOND: 6): obs float (B, L, 3, H, W),
-    actions (B, L - 1), obs_mask (B, L)."""
+    """Segments of c + 1 + num_autoregressive_steps frames: obs (B, L, 3, H, W), actions, mask."""
     num_obs = args.num_conditioning_steps + 1 + args.num_autoregressive_steps
     batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids), num_obs)
     return {"obs": segment_obs(batch, device), "actions": batch["actions"].to(device),
@@ -781,11 +728,9 @@ def sample_denoiser_batch(buffer: ReplayBuffer, args: Args, generator: torch.Gen
 
 def sample_reward_end_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
                             ids: Optional[list[int]] = None) -> dict:
-    """Segments of reward_segment_length frames (DIAMOND: 19) from t - U{0..18}, padded on both
-    sides: obs float (B, L, 3, H, W), actions/rewards/ends/mask (B, L - 1)."""
+    """Segments of reward_segment_length frames from t - U{0..L-1}: obs, actions, rewards..."""
     num_obs = args.reward_segment_length
-    refs = buffer.sample_segments(args.batch_size, num_obs, generator, ids, beyond_end=True)
-    batch = buffer.segments(refs, num_obs)
+    batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids, True), num_obs)
     return {"obs": segment_obs(batch, device),
             **{key: batch[key].to(device) for key in ("actions", "rewards", "ends", "mask")}}
 
@@ -796,7 +741,7 @@ def sample_reward_end_batch(buffer: ReplayBuffer, args: Args, generator: torch.G
 
 def edm_preconditioning(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_offset_noise: float = 0.3):
     """(c_in, c_skip, c_out, c_noise) of D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM), at
-    DIAMOND's sigma_eff = sqrt(sigma^2 + sigma_offset^2) (the input has offset noise)."""
+    DIAMOND's sigma_eff = sqrt(sigma^2 + sigma_offset^2)."""
     sigma_eff = (sigma ** 2 + sigma_offset_noise ** 2).sqrt()
     c_in = 1 / (sigma_eff ** 2 + sigma_data ** 2).sqrt()  # unit-variance network input
     c_skip = sigma_data ** 2 / (sigma_eff ** 2 + sigma_data ** 2)
@@ -807,37 +752,29 @@ def edm_preconditioning(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_offs
 
 def karras_sigmas(n: int, sigma_min: float = 2e-3, sigma_max: float = 5.0, rho: float = 7.0) -> torch.Tensor:
     """sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, then 0."""
-    if n == 1:
-        ramp = torch.zeros(1, dtype=torch.float64)
-    else:
-        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Model: DIAMOND's denoiser U-Net (about 4.4M parameters for a 4-action game), reward/end model, actor-critic.
+# Model: DIAMOND's denoiser U-Net, reward/end model, actor-critic.
 
 
 def init_lstm(lstm: nn.Module):
     """Xavier input weights, orthogonal recurrent weights, zero biases but the forget gate's (1)."""
     for name, p in lstm.named_parameters():
-        if "weight_ih" in name:
-            nn.init.xavier_uniform_(p)
-        elif "weight_hh" in name:
-            nn.init.orthogonal_(p)
-        elif "bias" in name:
-            nn.init.zeros_(p)
-            if "bias_ih" in name:  # gates are ordered input, forget, cell, output
-                nn.init.ones_(p[p.shape[0] // 4: p.shape[0] // 2])
+        init = {"weight_ih": nn.init.xavier_uniform_, "weight_hh": nn.init.orthogonal_}.get(name[:9])
+        (init or nn.init.zeros_)(p)
+        if name.startswith("bias_ih"):  # gates are ordered input, forget, cell, output
+            nn.init.ones_(p[p.shape[0] // 4: p.shape[0] // 2])
 
 
 def lstm_step(x: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor], weight_ih: torch.Tensor,
               weight_hh: torch.Tensor, bias_ih: torch.Tensor, bias_hh: torch.Tensor):
-    """One LSTM step written out, which torch.compile traces into one graph (nn.LSTM breaks it):
-    x (B, D_in), h and c (B, D) -> (h', c') with gates = x W_ih^T + b_ih + h W_hh^T + b_hh;
-    c' = sigmoid(f) c + sigmoid(i) tanh(g); h' = sigmoid(o) tanh(c')."""
+    """One LSTM step written out (one graph for torch.compile; nn.LSTM breaks it): gates = x W_ih^T
+    + b_ih + h W_hh^T + b_hh; c' = sigmoid(f) c + sigmoid(i) tanh(g); h' = sigmoid(o) tanh(c')."""
     h, c = hidden
     i, f, g, o = (F.linear(x, weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)).chunk(4, dim=1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -845,8 +782,7 @@ def lstm_step(x: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor], weight
 
 
 def sample_categorical(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """A class per row of logits (B, K) by the inverse CDF of uniform (B,): k = #{j : cdf_j <= u}
-    (the uniforms come from the run's generator, outside any compiled graph)."""
+    """A class per row of logits (B, K) by the inverse CDF of uniform (B,): #{j : cdf_j <= u}."""
     cdf = logits.detach().float().softmax(-1).cumsum(-1)
     return (cdf <= uniform[:, None]).sum(-1).clamp(max=logits.shape[-1] - 1)
 
@@ -874,11 +810,9 @@ class FourierFeatures(nn.Module):
         self.register_buffer("weight", torch.randn(1, dim // 2))
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
-        # always fp32: in bf16 the angles (up to ~20 rad) would lose about 0.1 rad (meta: no autocast)
-        device_type = c_noise.device.type
-        with torch.autocast(device_type, enabled=False) if device_type != "meta" else contextlib.nullcontext():
-            angles = 2 * math.pi * c_noise[:, None].float() @ self.weight.float()
-            return torch.cat([angles.cos(), angles.sin()], dim=1)
+        # fp32 (a product, not a matmul, which autocast would run in bf16 and lose ~0.1 rad of ~20)
+        angles = 2 * math.pi * c_noise[:, None].float() * self.weight.float()
+        return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
 class AdaGroupNorm(nn.Module):
@@ -916,7 +850,7 @@ class SelfAttention2d(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """AdaGN-SiLU-conv3x3, AdaGN-SiLU-conv3x3 (zero-init), + 1x1 shortcut if channels change, optional attention."""
+    """AdaGN-SiLU-conv3x3, AdaGN-SiLU-conv3x3 (zero-init), + shortcut, optional attention."""
 
     def __init__(self, in_channels: int, out_channels: int, cond_dim: int, attention: bool = False):
         super().__init__()
@@ -969,8 +903,8 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """DIAMOND's U-Net: per level res_blocks ResBlocks down and res_blocks + 1 up (skip concat), a stride-2 conv
-    between levels, and the only self-attention in the 2-block middle at the lowest resolution."""
+    """DIAMOND's U-Net: per level res_blocks ResBlocks down and res_blocks + 1 up (skip concat),
+    a stride-2 conv between levels, self-attention only in the 2-block middle."""
 
     def __init__(self, cond_dim: int, channels: tuple[int, ...], res_blocks: int):
         super().__init__()
@@ -998,9 +932,8 @@ class UNet(nn.Module):
 
 
 class DenoiserNet(nn.Module):
-    """F_theta(c_in x, c_noise, past frames, past actions): the past frames concatenated on channels
-    with the noisy next frame; the past actions' embeddings plus the Fourier features of c_noise
-    drive the adaptive group norms of every ResBlock."""
+    """F_theta(c_in x, c_noise, past frames, past actions): frames concatenated on channels; the
+    actions' embeddings plus c_noise's Fourier features drive the adaptive group norms."""
 
     def __init__(self, num_actions: int, channels: tuple[int, ...] = (64, 64, 64, 64), res_blocks: int = 2,
                  cond_dim: int = 256, num_conditioning_steps: int = 4, img_channels: int = 3):
@@ -1044,26 +977,25 @@ class Denoiser(nn.Module):
 
 def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, obs_mask: torch.Tensor, args: Args,
                   generator: torch.Generator, net=None) -> torch.Tensor:
-    """EDM loss on segments of c + 1 + n frames (DIAMOND: 4 + 1 + 1): obs (B, c + 1 + n, 3, H, W),
-    actions (B, >= c + n), obs_mask (B, c + 1 + n). Prediction k = 0..n denoises frame c + k from
-    frames and actions k..c+k-1: x_noisy = x0 + sigma_offset n_bc + sigma n, loss_k = ||F(...) -
-    (x0 - c_skip x_noisy) / c_out||^2 over the real targets; frame c + k is then replaced by D's
-    8-bit output (no gradient), which prediction k + 1 sees, as in imagination. Returns mean_k."""
+    """EDM loss, mean over predictions k = 0..n on obs (B, c + 1 + n, 3, H, W): frame c + k from
+    frames and actions k..c+k-1, loss_k = ||F - (x0 - c_skip x_noisy) / c_out||^2 on real targets;
+    frame c + k then becomes D's 8-bit output, which prediction k + 1 sees, as in imagination."""
     c = args.num_conditioning_steps
-    num_predictions = obs.shape[1] - c  # 1 + num_autoregressive_steps (the segment length decides, as in DIAMOND)
-    obs = obs.clone()
+    num_predictions = obs.shape[1] - c  # the segment length decides, as in DIAMOND
+    obs, total = obs.clone(), 0.0
     b, _, ch, h, w = obs.shape
-    total = obs.new_zeros(())
+
+    def randn(*shape):
+        return torch.randn(shape, generator=generator, device=obs.device)
+
     for k in range(num_predictions):
         past, next_obs = obs[:, k: k + c].reshape(b, c * ch, h, w), obs[:, k + c]
         act, valid = actions[:, k: k + c], obs_mask[:, k + c].float()
-        # ln(sigma) ~ N(loc, scale^2), clipped to [train_sigma_min, train_sigma_max]
-        log_sigma = args.train_sigma_loc + args.train_sigma_scale * torch.randn(b, generator=generator,
-                                                                               device=obs.device)
-        sigma = log_sigma.exp().clip(args.train_sigma_min, args.train_sigma_max)
-        offset_noise = args.sigma_offset_noise * torch.randn((b, ch, 1, 1), generator=generator, device=obs.device)
-        noise = torch.randn(next_obs.shape, generator=generator, device=obs.device)
-        noisy = next_obs + offset_noise + sigma[:, None, None, None] * noise  # x0 + sigma_offset n_bc + sigma n
+        # ln(sigma) ~ N(loc, scale^2), clipped; x_noisy = x0 + sigma_offset n_bc + sigma n
+        sigma = (args.train_sigma_loc + args.train_sigma_scale * randn(b)).exp()
+        sigma = sigma.clip(args.train_sigma_min, args.train_sigma_max)
+        offset_noise = args.sigma_offset_noise * randn(b, ch, 1, 1)
+        noisy = next_obs + offset_noise + sigma[:, None, None, None] * randn(b, ch, h, w)
         _, c_skip, c_out, _ = edm_preconditioning(sigma, args.sigma_data, args.sigma_offset_noise)
         target = (next_obs - c_skip[:, None, None, None] * noisy) / c_out[:, None, None, None]
         model_output, denoised = denoiser(noisy, sigma, past, act, net)
@@ -1076,16 +1008,15 @@ def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, 
 
 
 class RewardEndModel(nn.Module):
-    """Reward sign (-1, 0, +1) and end (0, 1) logits of transitions (obs_t, a_t, obs_t+1): conv
-    encoder with action-conditioned ResBlocks (64 -> 8 pixels), LSTM over time, MLP head."""
+    """Reward sign (-1, 0, +1) and end (0, 1) logits of transitions (obs_t, a_t, obs_t+1): a conv
+    encoder of action-conditioned ResBlocks (64 -> 8 pixels), an LSTM over time, an MLP head."""
 
     def __init__(self, num_actions: int, obs_size: int = 64, channels: int = 32, cond_dim: int = 128,
                  lstm_dim: int = 512, img_channels: int = 3):
         super().__init__()
         self.act_emb = nn.Embedding(num_actions, cond_dim)
         self.conv_in = nn.Conv2d(2 * img_channels, channels, 3, padding=1)
-        # 4 stages of 2 ResBlocks without attention, 3 downsamples between them, then 2 ResBlocks
-        # with attention at the lowest resolution (DIAMOND's attn_depths [0, 0, 0, 0])
+        # 4 stages of 2 ResBlocks, 3 downsamples between them, then 2 ResBlocks with attention
         self.stages = nn.ModuleList(ResBlocks([channels] * 2, [channels] * 2, cond_dim) for _ in range(4))
         self.downsamples = nn.ModuleList(Downsample(channels) for _ in range(3))
         self.mid_blocks = ResBlocks([channels] * 2, [channels] * 2, cond_dim, attention=True)
@@ -1106,26 +1037,22 @@ class RewardEndModel(nn.Module):
         return x.reshape(b, t, -1)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden=None):
-        """obs, next_obs (B, T, 3, H, W), act (B, T) -> reward logits (B, T, 3), end logits (B, T,
-        2), the LSTM state."""
+        """obs, next_obs (B, T, 3, H, W), act (B, T) -> reward, end logits (B, T, 3 | 2), state."""
         x, hidden = self.lstm(self.encode(obs, act, next_obs), hidden)
         logits = self.head(x)
         return logits[..., :3], logits[..., 3:], hidden
 
     def step(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden):
-        """forward for one transition with the LSTM step written out (one graph): obs, next_obs
-        (B, 3, H, W), act (B,), hidden (h, c) each (1, B, lstm_dim)."""
-        x = self.encode(obs[:, None], act[:, None], next_obs[:, None])[:, 0]
-        lstm = self.lstm
-        h, c = lstm_step(x, (hidden[0][0], hidden[1][0]), lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0,
-                         lstm.bias_hh_l0)
+        """forward of one transition (B, 3, H, W), act (B,), the LSTM step written out."""
+        x, lstm = self.encode(obs[:, None], act[:, None], next_obs[:, None])[:, 0], self.lstm
+        h, c = lstm_step(x, (hidden[0][0], hidden[1][0]), lstm.weight_ih_l0, lstm.weight_hh_l0,
+                         lstm.bias_ih_l0, lstm.bias_hh_l0)
         logits = self.head(h)
         return logits[:, :3], logits[:, 3:], (h[None], c[None])
 
 
 def reward_end_loss(reward_end_model: RewardEndModel, batch: dict) -> torch.Tensor:
-    """CE(reward sign + 1) + CE(end) over the real transitions of the segments, the LSTM from a zero
-    state at each segment's first frame."""
+    """CE(reward sign + 1) + CE(end) over the segments' real transitions, the LSTM from zeros."""
     obs, mask = batch["obs"], batch["mask"]
     reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], batch["actions"], obs[:, 1:])
     reward_class = batch["rewards"].sign().long() + 1  # -1, 0, +1 -> classes 0, 1, 2
@@ -1146,8 +1073,8 @@ class SmallResBlock(nn.Module):
 
 
 class ActorCritic(nn.Module):
-    """conv 3 -> channels[0], per stage a SmallResBlock and a 2x2 max-pool (64 -> 4 pixels), an
-    LSTMCell, and zero-initialised policy and value heads (the initial policy is uniform)."""
+    """A conv, per stage a SmallResBlock and a 2x2 max-pool (64 -> 4 pixels), an LSTM cell, and
+    zero-initialised policy and value heads (the initial policy is uniform)."""
 
     def __init__(self, num_actions: int, obs_size: int = 64, channels: tuple[int, ...] = (32, 32, 64, 64),
                  lstm_dim: int = 512, img_channels: int = 3):
@@ -1157,23 +1084,17 @@ class ActorCritic(nn.Module):
             layers += [SmallResBlock(c_prev, c), nn.MaxPool2d(2)]
         self.encoder = nn.Sequential(*layers)
         self.lstm = nn.LSTMCell(channels[-1] * (obs_size // 2 ** len(channels)) ** 2, lstm_dim)
-        self.actor_linear = nn.Linear(lstm_dim, num_actions)
-        self.critic_linear = nn.Linear(lstm_dim, 1)
-        for layer in (self.actor_linear, self.critic_linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        self.actor_linear, self.critic_linear = nn.Linear(lstm_dim, num_actions), nn.Linear(lstm_dim, 1)
+        for p in (*self.actor_linear.parameters(), *self.critic_linear.parameters()):
+            nn.init.zeros_(p)
         init_lstm(self.lstm)
 
     def forward(self, obs: torch.Tensor, hidden=None):
-        """obs (B, 3, H, W) -> policy logits (B, A), value (B,), LSTM state (hx, cx)."""
-        hx, cx = self.lstm(self.encoder(obs).flatten(1), hidden)
-        return self.actor_linear(hx), self.critic_linear(hx).squeeze(-1), (hx, cx)
-
-    def step(self, obs: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor]):
-        """forward with the LSTM cell written out (one graph); hidden is required."""
-        lstm = self.lstm
-        hx, cx = lstm_step(self.encoder(obs).flatten(1), hidden, lstm.weight_ih, lstm.weight_hh, lstm.bias_ih,
-                           lstm.bias_hh)
+        """obs (B, 3, H, W), state (hx, cx) or None (zeros) -> logits (B, A), value (B,), state."""
+        x, lstm = self.encoder(obs).flatten(1), self.lstm
+        if hidden is None:
+            hidden = (x.new_zeros(len(x), lstm.hidden_size),) * 2
+        hx, cx = lstm_step(x, hidden, lstm.weight_ih, lstm.weight_hh, lstm.bias_ih, lstm.bias_hh)
         return self.actor_linear(hx), self.critic_linear(hx).squeeze(-1), (hx, cx)
 
 
@@ -1191,10 +1112,8 @@ def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, truncs: torch.Tens
     """DIAMOND's compute_lambda_returns on sign-clipped rewards, (B, H) each; bootstrap[:, t] =
     V'_t, the value of the frame after step t: Lambda_t = sign(r_t) + gamma (1 - end_t) [trunc_t
     V'_t + (1 - trunc_t) ((1 - lambda) V'_t + lambda Lambda_t+1)], Lambda_H = V'_(H-1)."""
-    rewards, not_end = rewards.sign(), 1.0 - ends.float()
-    truncs = truncs.float()
-    returns = torch.empty_like(rewards)
-    next_return = bootstrap[:, -1]
+    rewards, not_end, truncs = rewards.sign(), 1.0 - ends.float(), truncs.float()
+    returns, next_return = torch.empty_like(rewards), bootstrap[:, -1]
     for t in reversed(range(rewards.shape[1])):
         v = bootstrap[:, t]
         continued = (1 - lam) * v + lam * next_return
@@ -1204,14 +1123,13 @@ def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, truncs: torch.Tens
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Samplers: Euler (DIAMOND) or Heun over the Karras sigmas, and the batched imagined environment.
+# Samplers: Euler (DIAMOND) or Heun over the Karras sigmas, and the imagination step.
 
 
 @torch.no_grad()
 def euler_sample(denoise_fn: Callable, x_T: torch.Tensor, sigmas: torch.Tensor, order: int = 1) -> torch.Tensor:
-    """Integrates the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma over the sigmas
-    (ending with 0); denoise_fn(x, sigma (B,)) = D(x; sigma). order 1: Euler; 2: Heun but on the
-    last step (EDM's algorithm 1, s_churn 0)."""
+    """Integrates dx/dsigma = (x - D(x; sigma)) / sigma over the sigmas (ending with 0), D =
+    denoise_fn(x, sigma (B,)). order 1: Euler; 2: Heun but on the last step."""
     x = x_T
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -1226,28 +1144,32 @@ def euler_sample(denoise_fn: Callable, x_T: torch.Tensor, sigmas: torch.Tensor, 
 
 
 def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, args: Args,
-                      generator: torch.Generator, net=None, autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """The next frame (B, 3, H, W) from past frames (B, c, 3, H, W) and actions (B, c)."""
-    b, c, ch, h, w = obs.shape
-    past = obs.reshape(b, c * ch, h, w)
-    sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho)
-    # DIAMOND's reference starts from x ~ N(0, I), not EDM's sigma_max * N(0, I)
-    x_T = torch.randn((b, ch, h, w), generator=generator, device=obs.device)
-    if args.edm_initial_noise:
-        x_T = float(sigmas[0]) * x_T
+                      generator: Optional[torch.Generator] = None, net=None,
+                      autocast=contextlib.nullcontext(), noise: Optional[torch.Tensor] = None,
+                      sigmas: Optional[list[float]] = None, raw: Optional[list] = None) -> torch.Tensor:
+    """The next frame (B, 3, H, W) from frames (B, c, 3, H, W), actions (B, c) and noise (default:
+    from generator); raw, if given, collects each D(x; sigma) before 8-bit quantisation."""
+    if sigmas is None:
+        sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
+    if noise is None:
+        noise = torch.randn(obs[:, -1].shape, generator=generator, device=obs.device)
+    past = obs.flatten(1, 2)
 
     def denoise_fn(x, sigma):
         with autocast:
-            return denoiser.denoise(x, sigma, past, act, net)
+            _, denoised = denoiser(x, sigma, past, act, net)
+        if raw is not None:
+            raw.append(denoised)
+        return quantize_8bit(denoised)
 
+    x_T = sigmas[0] * noise if args.edm_initial_noise else noise  # DIAMOND's x_T ~ N(0, I)
     return euler_sample(denoise_fn, x_T, sigmas, order=2 if args.sampler == "heun" else 1).clamp(-1, 1)
 
 
 class WorldModelEnv:
-    """num_imagined_envs imagined environments that live across actor-critic updates, as in DIAMOND:
-    each starts from a real segment (c frames, c - 1 actions) with the reward/end LSTM burnt in on
-    it, then steps (ImaginationGraphs.world_model_step), and restarts from a new real segment when
-    the end flag is sampled or after imagination_horizon steps. Its state goes into checkpoints."""
+    """The imagined environments, which live across actor-critic updates as in DIAMOND's: each
+    starts from a real segment (the reward/end LSTM burnt in on it) and restarts at a sampled end
+    or after imagination_horizon steps. Its state goes into checkpoints."""
 
     def __init__(self, denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, args: Args,
                  device: torch.device, generator: torch.Generator, cpu_generator: torch.Generator, net=None,
@@ -1256,22 +1178,20 @@ class WorldModelEnv:
         self.ids = ids  # the episodes imagination starts from (None: all; --dataset-dir holds some out)
         self.device, self.generator, self.cpu_generator = device, generator, cpu_generator
         self.net, self.autocast = net, autocast
-        self.obs: Optional[torch.Tensor] = None  # (n, c, 3, H, W); None until the first reset
-        self.act = self.hidden = self.age = self.actor_hidden = None
+        self.obs = self.act = self.hidden = self.age = self.actor_hidden = None  # until a reset
 
     @torch.no_grad()
     def start(self, num_envs: int, refs: Optional[list[tuple[int, int]]] = None):
-        """Fresh real segments, sampled or given as refs (episode, first frame): frames (n, c, 3, H,
-        W), actions (n, c) (the last for the actor), the reward/end LSTM state after them."""
+        """Real segments, sampled or given as (episode, first frame): frames (n, c, 3, H, W),
+        actions (n, c) (the last slot for the actor's), the reward/end LSTM state after them."""
         c = self.args.num_conditioning_steps
         refs = self.buffer.sample_segments(num_envs, c, self.cpu_generator, self.ids) if refs is None else refs
         batch = self.buffer.segments(refs, c)
-        obs = segment_obs(batch, self.device)  # (n, c, 3, H, W)
-        actions = batch["actions"].to(self.device)  # (n, c - 1)
+        obs, actions = segment_obs(batch, self.device), batch["actions"].to(self.device)
         with self.autocast:
             _, _, hidden = self.reward_end_model(obs[:, :-1], actions, obs[:, 1:])
-        act = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)  # the last slot: the actor's action
-        return obs, act, tuple(h.float() for h in hidden)  # LSTM states stay fp32 between steps under autocast
+        act = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)
+        return obs, act, tuple(h.float() for h in hidden)  # LSTM states stay fp32 between steps
 
     def reset(self):
         """Starts every env: returns the current frames (n, 3, H, W) and the c - 1 earlier ones."""
@@ -1282,17 +1202,16 @@ class WorldModelEnv:
     def state_dict(self) -> dict:
         if self.obs is None:
             return {}
-        copy = lambda x: x.detach().cpu().clone()  # noqa: E731 - a copy: stepping changes act and age in place
+        copy = lambda x: x.detach().cpu().clone()  # noqa: E731 - a step changes act and age in place
         return {"obs": copy(self.obs), "act": copy(self.act), "hidden": [copy(h) for h in self.hidden],
                 "age": copy(self.age), "actor_hidden": [copy(h) for h in self.actor_hidden]}
 
     def load_state_dict(self, state: dict):
-        if not state:
-            self.obs = self.act = self.hidden = self.age = self.actor_hidden = None
-            return
-        self.obs, self.act, self.age = (state[key].to(self.device) for key in ("obs", "act", "age"))
-        self.hidden = tuple(h.to(self.device).float() for h in state["hidden"])
-        self.actor_hidden = tuple(h.to(self.device) for h in state["actor_hidden"])
+        self.obs = self.act = self.hidden = self.age = self.actor_hidden = None
+        if state:
+            self.obs, self.act, self.age = (state[key].to(self.device) for key in ("obs", "act", "age"))
+            self.hidden = tuple(h.to(self.device).float() for h in state["hidden"])
+            self.actor_hidden = tuple(h.to(self.device) for h in state["actor_hidden"])
 
 
 def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=contextlib.nullcontext()):
@@ -1306,8 +1225,8 @@ def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=cont
 
 def imagine(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, generator: torch.Generator,
             autocast=contextlib.nullcontext()) -> dict[str, torch.Tensor]:
-    """backup_every more imagined steps, eager: the imagination step uncompiled, the reference's
-    restarts, the run's (--compile'd) denoiser network and autocast."""
+    """backup_every more imagined steps, eager (the run's --compile'd denoiser network and autocast)
+    with the reference's restarts."""
     return ImaginationGraphs(wm_env, actor_critic, args, wm_env.device, backend=None, autocast=autocast,
                              eager=True)._rollout(generator)
 
@@ -1316,10 +1235,7 @@ def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Ar
                       autocast=contextlib.nullcontext(), graphs: Optional["ImaginationGraphs"] = None):
     """On backup_every more imagined steps (eager, or graphs' compiled ones): the value's MSE to the
     lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
-    if graphs is not None:
-        rollout = graphs.rollout(generator)
-    else:
-        rollout = imagine(actor_critic, wm_env, args, generator, autocast)
+    rollout = graphs.rollout(generator) if graphs else imagine(actor_critic, wm_env, args, generator, autocast)
     logits, values, rewards, actions = rollout["logits"], rollout["values"], rollout["rewards"], rollout["actions"]
     with torch.no_grad():
         returns = lambda_returns(rewards, rollout["ends"], rollout["truncs"], rollout["bootstrap"],
@@ -1334,45 +1250,27 @@ def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Ar
                   "imagined_reward": rewards.mean(), "imagined_end": rollout["ends"].mean()}
 
 
-def restart(obs, act, hidden, age, stopped, start):
-    """The envs that stopped (n,) take their row of start (frames, actions, reward/end LSTM state)
-    and age 0, by torch.where: fixed shapes, no host sync."""
-    start_obs, start_act, start_hidden = start
-    return (torch.where(stopped[:, None, None, None, None], start_obs, obs),
-            torch.where(stopped[:, None], start_act, act),
-            tuple(torch.where(stopped[None, :, None], s, h) for s, h in zip(start_hidden, hidden)),
-            torch.where(stopped, 0, age))
-
-
 class ImaginationGraphs:
-    """The imagination step, written once: the policy step (with gradients), the world-model step
-    (the Euler denoiser calls, the reward/end model, the restarts) and the rollout over them, eager
-    or compiled (backend: torch.compile's, "default": COMPILE_BACKEND; None: uncompiled), as
-    DIAMOND's reference compiles its world-model env. Either way every random number is drawn
-    before the rollout from the run's generator and the state stays in wm_env (its checkpoint).
-
-    The restarts are the one difference. Eager (the reference's; `eager`): an env that stops
-    restarts from a fresh real segment sampled and burnt in right after the step (a host sync).
-    Compiled (fixed shapes, no host sync): it swaps in its slot of a pool of num_imagined_envs real
-    segments sampled and burnt in before the rollout (an env that stops twice reuses its slot)."""
+    """The imagination step, written once: the policy step, the world-model step and the rollout,
+    compiled (backend: torch.compile's; "default": COMPILE_BACKEND) or not (None). The restarts are
+    the one difference: `eager` (the reference's) restarts an env from a fresh real segment once it
+    stops (a host sync); compiled, it swaps in its slot of a pool sampled before the rollout."""
 
     def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args, device: torch.device,
                  amp_dtype: Optional[torch.dtype] = None, backend: Union[str, Callable, None] = "default",
                  mode: Optional[str] = None, stop=None, autocast=None, eager: bool = False):
         self.wm_env, self.actor_critic, self.args, self.device = wm_env, actor_critic, args, device
-        self.amp_dtype = amp_dtype  # bf16/fp16 autocast on CUDA (entered inside the graphs), None: float32
+        self.amp_dtype = amp_dtype  # bf16/fp16 autocast entered inside the graphs; None: float32
         self.autocast, self.eager, self.net = autocast, eager, wm_env.net if eager else None
         self.sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
-        backend = COMPILE_BACKEND if backend == "default" else backend  # read now: tests replace it
-        self.backend, self.mode = backend, mode
-        compile_fn = (lambda fn: fn) if backend is None else (
-            lambda fn: torch.compile(fn, backend=backend, mode=mode, dynamic=False))
-        self.policy = compile_fn(self.policy_step)
-        self.world_model = compile_fn(self.world_model_step)
+        self.backend = COMPILE_BACKEND if backend == "default" else backend  # read now: tests swap it
+        self.mode, self.stop = mode, stop  # stop: the run's StopFlag (a signal while compiling)
+        compile_fn = (lambda fn: fn) if self.backend is None else (
+            lambda fn: torch.compile(fn, backend=self.backend, mode=mode, dynamic=False))
+        self.policy, self.world_model = map(compile_fn, (self.policy_step, self.world_model_step))
         # the compiled calls, and the first rollout's seconds (compilation included)
         self.calls, self.compile_seconds, self.reported = 0, None, False
-        self.stop = stop  # the run's StopFlag: a signal during compilation is a stop, not a failure
-        if backend is not None:  # the steps read the LSTMs' weights (lstm_step), which dynamo refuses by default
+        if self.backend is not None:  # lstm_step reads LSTM weights, which dynamo refuses by default
             torch._dynamo.config.allow_rnn = True
 
     def amp(self):
@@ -1384,128 +1282,107 @@ class ImaginationGraphs:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def policy_step(self, obs, hidden, stopped, start_hidden, final_value, uniform):
-        """The actor-critic on frames obs (n, 3, H, W), the envs that restarted (stopped (n,))
-        taking their burnt-in LSTM state: logits (n, A), value (n,), action (n,), the last bootstrap
-        V'_(t-1) (V(s_t), or V(final frame) if it stopped), the state used, the next."""
+        """The actor-critic on frames obs (n, 3, H, W), restarted envs taking start_hidden: logits,
+        value, action, bootstrap V'_(t-1) (V(s_t) or V(final frame)), the state used, the next."""
         hidden = tuple(torch.where(stopped[:, None], s, h) for s, h in zip(start_hidden, hidden))
         with self.amp():
-            logits, value, new_hidden = self.actor_critic.step(obs, hidden)
+            logits, value, new_hidden = self.actor_critic(obs, hidden)
         action = sample_categorical(logits, uniform)
         bootstrap = torch.where(stopped, final_value, value.detach().float())
         return logits.float(), value.float(), action, bootstrap, hidden, new_hidden
 
     @torch.no_grad()
     def world_model_step(self, obs, act, hidden, age, action, actor_hidden, noise, uniforms, start):
-        """One step of every imagined env: obs (n, c, 3, H, W) and act (n, c) its last frames and
-        actions, hidden the reward/end LSTM state, age (n,), action (n,), actor_hidden the actor's
-        state after this frame, noise (n, 3, H, W), uniforms (2, n), start the restart pool (None:
-        none). Returns the next state, reward sign, end, truncated, stopped, V(final frame) and, for
-        the checks, the next frame, each D(x; sigma) and the reward/end logits."""
-        args, denoiser = self.args, self.wm_env.denoiser
-        act = torch.cat([act[:, :-1], action[:, None]], dim=1)
-        past = obs.flatten(1, 2)  # (n, c * 3, H, W)
-        x_T = self.sigmas[0] * noise if args.edm_initial_noise else noise
-        raw = []
-
-        def denoise_fn(x, sigma):
-            with self.amp():
-                _, denoised = denoiser(x, sigma, past, act, self.net)
-            raw.append(denoised)
-            return quantize_8bit(denoised)
-
-        next_obs = euler_sample(denoise_fn, x_T, self.sigmas, order=2 if args.sampler == "heun" else 1).clamp(-1, 1)
+        """One step of every imagined env (its frames obs (n, c, 3, H, W), actions, reward/end
+        state, age) given the action, the actor's state, noise, uniforms (2, n) and the restart pool
+        (None: none): the next state, reward sign, end, truncated, stopped, V(final frame), and for
+        the checks the next frame, each D(x; sigma) and the reward/end logits."""
+        act, raw = torch.cat([act[:, :-1], action[:, None]], dim=1), []
         with self.amp():
+            next_obs = generate_next_obs(self.wm_env.denoiser, obs, act, self.args, net=self.net, noise=noise,
+                                         sigmas=self.sigmas, raw=raw)
             reward_logits, end_logits, hidden = self.wm_env.reward_end_model.step(obs[:, -1], action, next_obs,
                                                                                    hidden)
-            _, final_value, _ = self.actor_critic.step(next_obs, actor_hidden)  # V(final frame) if it stops here
+            _, final_value, _ = self.actor_critic(next_obs, actor_hidden)  # V(final frame), if it stops
         reward = sample_categorical(reward_logits, uniforms[0]) - 1
         end = sample_categorical(end_logits, uniforms[1])
         age = age + 1
-        truncated = (age >= args.imagination_horizon) & (end == 0)  # the horizon, unless it ended anyway
+        truncated = (age >= self.args.imagination_horizon) & (end == 0)  # the horizon, unless it ended
         stopped = (end == 1) | truncated
-        state = (torch.cat([obs[:, 1:], next_obs[:, None]], 1),
-                 torch.cat([act[:, 1:], torch.zeros_like(act[:, :1])], 1), tuple(h.float() for h in hidden), age)
-        obs, act, hidden, age = state if start is None else restart(*state, stopped, start)
+        obs, act = torch.cat([obs[:, 1:], next_obs[:, None]], 1), torch.cat([act[:, 1:], 0 * act[:, :1]], 1)
+        hidden = tuple(h.float() for h in hidden)
+        if start is not None:  # the envs that stopped take their slot of the pool (fixed shapes)
+            obs = torch.where(stopped[:, None, None, None, None], start[0], obs)
+            act = torch.where(stopped[:, None], start[1], act)
+            hidden = tuple(torch.where(stopped[None, :, None], s, h) for s, h in zip(start[2], hidden))
+            age = torch.where(stopped, 0, age)
         return {"obs": obs, "act": act, "hidden": hidden, "age": age, "reward": reward.float(), "end": end.float(),
                 "truncated": truncated.float(), "stopped": stopped, "final_value": final_value.float(),
                 "next_obs": next_obs, "denoised": torch.stack(raw).float(), "reward_logits": reward_logits.float(),
                 "end_logits": end_logits.float()}
 
-    def fresh_starts(self, stopped: torch.Tensor):
-        """The eager restarts: a fresh real segment, burnt in, in the row of each env that stopped
-        (others zeros): the restart pool (obs, act, reward/end state), the actor's states."""
-        index = stopped.nonzero()[:, 0]
-
-        def rows(x, dim=0):
-            return x.new_zeros(x.shape[:dim] + (len(stopped),) + x.shape[dim + 1:]).index_copy(dim, index, x)
-
-        obs, act, hidden = self.wm_env.start(len(index))
-        actor_hidden = actor_burn_in(self.actor_critic, obs[:, :-1], self.amp())
-        return (rows(obs), rows(act), tuple(rows(h, 1) for h in hidden)), tuple(rows(h) for h in actor_hidden)
-
     def rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """_rollout compiled: a failed compilation is one line, a signal during it a stop,
-        acknowledged at once but waiting for the compilation (StopFlag.busy says so)."""
+        """_rollout compiled: a failed compilation is one line, a signal during it a stop."""
         first_compile = self.stop is not None and self.backend is not None and self.compile_seconds is None
-        if first_compile:  # how long: benchmark/RESULTS.md
+        if first_compile:
             self.stop.busy = "compiling the imagination step (" + (
                 "up to 20 minutes on a CPU)" if self.device.type == "cpu" else "minutes)")
         try:
             with compile_failures(self.stop, "the imagination graphs", "with --imagination-graphs off"):
                 return self._rollout(generator)
         finally:
-            if first_compile:  # the flag no longer says so, whatever ended the compilation
+            if first_compile:
                 self.stop.busy = ""
 
     def _rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """backup_every more steps of the persistent imagined episodes: logits (n, H, A) and values
-        (n, H) with gradients; bootstraps V'_t, actions, reward signs, ends, truncations (n, H). The
-        actor's LSTM state carries over (detached); an episode that stops at t bootstraps from V of
-        its final frame, then the actor is burnt in on the new segment."""
+        (n, H) with gradients; bootstraps V'_t, actions, reward signs, ends, truncations (n, H)."""
         args, env, actor_critic, n = self.args, self.wm_env, self.actor_critic, self.args.num_imagined_envs
         begin = time.perf_counter()
         if env.obs is None:  # the first update: start the imagined episodes
-            _, burn_in = env.reset()
-            env.actor_hidden = actor_burn_in(actor_critic, burn_in, self.amp())
+            env.actor_hidden = actor_burn_in(actor_critic, env.reset()[1], self.amp())
         actor_hidden = tuple(h.detach().float() for h in env.actor_hidden)
-        start, start_actor_hidden = None, actor_hidden  # eager: set at each restart (fresh_starts)
-        if not self.eager:  # the restart pool: a fresh real segment per env, burnt in with the weights of this rollout
+        start, start_actor_hidden = None, actor_hidden  # eager: set at each restart
+        if not self.eager:  # the restart pool, burnt in with the weights of this rollout
             start = env.start(n)
             start_actor_hidden = actor_burn_in(actor_critic, start[0][:, :-1], self.amp())
         # every random number of the rollout, drawn before it from the run's generator
-        steps = args.backup_every
-        noise = torch.randn((steps, n, *env.obs.shape[2:]), generator=generator, device=self.device)
-        uniforms = torch.rand((steps, 3, n), generator=generator, device=self.device)  # action, reward, end
+        noise = torch.randn((args.backup_every, *env.obs[:, -1].shape), generator=generator, device=self.device)
+        # uniforms of the action, the reward and the end
+        uniforms = torch.rand((args.backup_every, 3, n), generator=generator, device=self.device)
         if self.device.type == "cuda":  # a new rollout: the graphs may reuse the memory of the last one's outputs
             torch.compiler.cudagraph_mark_step_begin()
         obs, act, hidden, age = env.obs, env.act, env.hidden, env.age
         stopped = torch.zeros(n, dtype=torch.bool, device=self.device)
         final_value = torch.zeros(n, device=self.device)
         out = {key: [] for key in ("logits", "values", "bootstrap", "actions", "rewards", "ends", "truncs")}
-        for t in range(steps):
+        for t in range(args.backup_every):
             # step 0 (its LSTM state detached) runs uncompiled, as does the final value below (no gradient): the
             # compiled policy step sees one grad mode and one requires_grad pattern, so it compiles once
-            policy = self.policy if t > 0 else self.policy_step
-            logits, value, action, bootstrap, _, actor_hidden = policy(
+            logits, value, action, bootstrap, _, actor_hidden = (self.policy if t > 0 else self.policy_step)(
                 obs[:, -1], actor_hidden, stopped, start_actor_hidden, final_value, uniforms[t, 0])
-            if t > 0:
-                out["bootstrap"].append(bootstrap.clone())
             step = self.world_model(obs, act, hidden, age, action, tuple(h.detach() for h in actor_hidden),
                                     noise[t], uniforms[t, 1:], start)
             self.calls += 1 + (t > 0)
             obs, act, hidden, age = step["obs"], step["act"], step["hidden"], step["age"]
             stopped, final_value = step["stopped"], step["final_value"]
-            if self.eager and stopped.any():  # a host sync, as in DIAMOND: restart these envs from new real segments
-                fresh, start_actor_hidden = self.fresh_starts(stopped)
-                obs, act, hidden, age = restart(obs, act, hidden, age, stopped, fresh)
-            for key, value_t in (("logits", logits), ("values", value), ("actions", action.clone()),
-                                 ("rewards", step["reward"].clone()), ("ends", step["end"].clone()),
-                                 ("truncs", step["truncated"].clone())):
-                out[key].append(value_t)
+            if self.eager and stopped.any():  # a host sync, as DIAMOND's: fresh real segments
+                index = stopped.nonzero()[:, 0]
+                fresh_obs, fresh_act, fresh_hidden = env.start(len(index))
+                fresh_actor = actor_burn_in(actor_critic, fresh_obs[:, :-1], self.amp())
+                obs, act = obs.index_copy(0, index, fresh_obs), act.index_copy(0, index, fresh_act)
+                age = age.index_fill(0, index, 0)
+                hidden = tuple(h.index_copy(1, index, f) for h, f in zip(hidden, fresh_hidden))
+                start_actor_hidden = tuple(h.detach().float().index_copy(0, index, f)
+                                           for h, f in zip(actor_hidden, fresh_actor))
+            # copies: the next replay of the graphs may write over their outputs
+            for key, value_t in zip(out, (logits, value, bootstrap, action, step["reward"], step["end"],
+                                          step["truncated"])):
+                out[key].append(value_t.clone())
         with torch.no_grad():  # V(s_H), without stepping the kept LSTM state
             _, _, _, bootstrap, actor_hidden, _ = self.policy_step(obs[:, -1], actor_hidden, stopped,
                                                                    start_actor_hidden, final_value, uniforms[0, 0])
-        out["bootstrap"].append(bootstrap.clone())
+        out["bootstrap"] = out["bootstrap"][1:] + [bootstrap.clone()]  # V'_t, the value after step t
         # the persistent state leaves the graphs' memory (a later replay may write over their outputs)
         env.obs, env.act, env.age = obs.clone(), act.clone(), age.clone()
         env.hidden = tuple(h.float().clone() for h in hidden)

@@ -196,9 +196,9 @@ def test_euler_starts_from_unit_noise_by_default(dia):
         def __init__(self):
             self.inputs = []
 
-        def denoise(self, x, sigma, past, act, net=None):
+        def __call__(self, x, sigma, past, act, net=None):  # (F output, D(x)) as Denoiser.forward
             self.inputs.append((x.clone(), sigma.clone()))
-            return torch.zeros_like(x)
+            return None, torch.zeros_like(x)
 
     obs, act = torch.zeros(2, 4, 3, 8, 8), torch.zeros(2, 4, dtype=torch.long)
     unit = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(3))
