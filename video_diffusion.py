@@ -1,27 +1,24 @@
 # cleanworlds: text- and action-conditioned video diffusion. Docs and results: README.md, benchmark/RESULTS.md
 """
 A 3D U-Net video diffusion model (Ho et al. 2022, "Video Diffusion Models") for controllable worlds: clips
-conditioned on a caption (a learned text encoder, read by cross-attention) and on per-frame actions (discrete
-or continuous, added to the time embedding), sampled with DDPM, DDIM or DPM-Solver++, and extended beyond the
-training length from the last k frames (context noise augmentation, as GameNGen and DIAMOND).
+conditioned on a caption (cross-attention to a learned text encoder) and on per-frame actions (added to the time
+embedding), sampled with DDPM, DDIM or DPM-Solver++, and extended beyond the training length from the last k frames
+(context noise augmentation, as GameNGen and DIAMOND).
 
-The seed's setting (256 channels, 16 frames of 64x64, linear schedule, T = 1000) on one GPU:
+The seed's setting (256 channels, 16 frames of 64x64, linear schedule, T = 1000) on one GPU, then on 8 GPUs:
     python video_diffusion.py                                       # the generated sprites world
     python video_diffusion.py --dataset atari --env-id Breakout-v5  # random-policy Breakout clips
     python video_diffusion.py --dataset folder --data-dir my_videos # your videos (+ captions.json)
-On 8 GPUs (global batch 64):
     torchrun --standalone --nproc_per_node=8 video_diffusion.py --batch-size 64
-End to end in seconds on a CPU, offline; action and text control on a CPU in about 20 minutes:
+On a CPU, offline: end to end in seconds (tiny), action and text control in about 20 minutes (cpu):
     python video_diffusion.py --preset tiny
     python video_diffusion.py --preset cpu
-Continue a run, or sample from it (MP4s in samples/, with a long autoregressive video):
+Continue a run, or sample from it (MP4s in samples/, with a long video); watch it with tensorboard --logdir runs:
     python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000
     python video_diffusion.py --resume RUN --sample-only --cfg-scale 3 --long-video-frames 64
 Steer a sprites model live (pip install pygame-ce) or headless from keys (MP4s in {run}/play/):  # optional: play
     python video_diffusion.py --resume RUN --play  # optional: play
     python video_diffusion.py --resume RUN --play-keys RRRDDD --play-world both  # optional: play
-Watch it:
-    tensorboard --logdir runs
 """
 import atexit
 import contextlib
@@ -109,7 +106,8 @@ class Args:
 
     # Data
     dataset: Literal["sprites", "atari", "folder"] = "sprites"
-    """sprites (generated), atari (random-policy clips of --env-id) or folder (videos under --data-dir)"""
+    """sprites (generated), atari (random-policy clips of --env-id) or folder (the videos under --data-dir, with
+    captions.json {file name: caption} or captions.txt of name<TAB>caption lines if there)"""
     data_dir: Annotated[str, RESUME_MUTABLE] = "data"
     """atari: episodes are recorded to {data_dir}/atari_v2/{env id}/; folder: the videos"""
     num_frames: Annotated[int, ">= 1"] = 16
@@ -128,8 +126,6 @@ class Args:
     """atari: episodes recorded with a random policy (files already in the folder are reused)"""
     atari_episode_steps: Annotated[int, ">= 1"] = 1000
     """atari: at most this many steps per recorded episode"""
-    captions_file: Optional[str] = None
-    """folder: JSON {file name: caption} or name<TAB>caption lines (default: captions.json or .txt in --data-dir)"""
 
     # Model (the seed's 3D U-Net)
     model_channels: Annotated[int, ">= 1"] = 256
@@ -637,8 +633,7 @@ def load_video_folder(args: "Args") -> VideoData:
                    if Path(name).suffix.lower() in extensions)
     if not paths:
         raise UserError(f"no videos ({', '.join(sorted(extensions))}) under {args.data_dir}")
-    captions_path = Path(args.captions_file) if args.captions_file else next(
-        (root / n for n in ("captions.json", "captions.txt") if (root / n).is_file()), None)
+    captions_path = next((root / n for n in ("captions.json", "captions.txt") if (root / n).is_file()), None)
     by_name = read_captions_file(captions_path) if captions_path else {}
     episodes, episode_captions = [], []
     for p in paths:
@@ -731,10 +726,12 @@ def unknown_words(captions: list, vocabulary: list, max_len: int) -> list[str]:
 def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list[str]:
     """At most one notice: how many captions tokenize cuts to max_len words, and the words a resumed model's
     vocabulary lacks (each read as the untrained <unk>)."""
-    cut = sum(len(words) > max_len for words in {tuple(caption_words(c)) for c in captions})
+    distinct = {tuple(caption_words(c)) for c in captions}
+    cut = sum(len(words) > max_len for words in distinct)
     unknown = unknown_words(captions, vocabulary, max_len)
-    said = ([f"{cut} distinct captions are cut to --max-text-len {max_len} words"] if cut else []) + (
-        [f"the model reads words it never learned as <unk>: {' '.join(unknown[:12])}"] if unknown else [])
+    said = [f"{cut} of {len(distinct)} captions are cut to their first --max-text-len {max_len} words"] if cut else []
+    if unknown:
+        said.append(f"words the model never learned, read as <unk>: {', '.join(unknown)}")
     return ["notice: " + "; ".join(said)] if said else []
 
 
@@ -888,26 +885,21 @@ class SpatioTemporalAttention(nn.Module):
         return x + out.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
 
-class Downsample3D(nn.Module):
+class Downsample3D(nn.Sequential):  # a Sequential runs its modules in the order they are set
     """Stride-2 conv over space only (1x3x3): the clip keeps its frames."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv3d(channels, channels, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
 
-
-class Upsample3D(nn.Module):
+class Upsample3D(nn.Sequential):
     """Nearest x2 over space only, then a 1x3x3 conv."""
 
     def __init__(self, channels: int):
         super().__init__()
+        self.upsample = nn.Upsample(scale_factor=(1.0, 2.0, 2.0), mode="nearest")
         self.conv = nn.Conv3d(channels, channels, (1, 3, 3), padding=(0, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
 
 
 class TextEncoder(nn.Module):
