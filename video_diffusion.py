@@ -921,12 +921,9 @@ class TextEncoder(nn.Module):
 
 
 class VideoDiffusionModel(nn.Module):
-    """The 3D U-Net: eps(x_t, t | caption, actions, context) for clips (B, 3, T, H, W) in [-1, 1].
-
-    The caption: cross-attention at the attention resolutions, and its mean token added to the time embedding (as
-    Video Diffusion Models). Per-frame actions (an embedding with a null row, or the seed's MLP with a learned null
-    vector) are added to their frame's time embedding. Context frames are concatenated on the channels with their
-    mask, the noisy input zeroed there, and their noise level is embedded like the time."""
+    """The 3D U-Net: eps(x_t, t | caption, actions, context) for clips (B, 3, T, H, W) in [-1, 1]. The caption's mean
+    token and each frame's action join the time embedding; context frames and their mask join the input channels,
+    the noisy input zeroed there, and their noise level is embedded like the time."""
 
     def __init__(self, in_channels: int = 3, model_channels: int = 256, num_res_blocks: int = 2,
                  channel_mult: tuple[int, ...] = (1, 2, 2), attn_resolutions: tuple[int, ...] = (32, 16),
