@@ -1,27 +1,24 @@
 # cleanworlds: text- and action-conditioned video diffusion. Docs and results: README.md, benchmark/RESULTS.md
 """
 A 3D U-Net video diffusion model (Ho et al. 2022, "Video Diffusion Models") for controllable worlds: clips
-conditioned on a caption (a learned text encoder, read by cross-attention) and on per-frame actions (discrete
-or continuous, added to the time embedding), sampled with DDPM, DDIM or DPM-Solver++, and extended beyond the
-training length from the last k frames (context noise augmentation, as GameNGen and DIAMOND).
+conditioned on a caption (cross-attention to a learned text encoder) and on per-frame actions (added to the time
+embedding), sampled with DDPM, DDIM or DPM-Solver++, and extended beyond the training length from the last k frames
+(context noise augmentation, as GameNGen and DIAMOND).
 
-The seed's setting (256 channels, 16 frames of 64x64, linear schedule, T = 1000) on one GPU:
+The seed's setting (256 channels, 16 frames of 64x64, linear schedule, T = 1000) on one GPU, then on 8 GPUs:
     python video_diffusion.py                                       # the generated sprites world
     python video_diffusion.py --dataset atari --env-id Breakout-v5  # random-policy Breakout clips
     python video_diffusion.py --dataset folder --data-dir my_videos # your videos (+ captions.json)
-On 8 GPUs (global batch 64):
     torchrun --standalone --nproc_per_node=8 video_diffusion.py --batch-size 64
-End to end in seconds on a CPU, offline; action and text control on a CPU in about 20 minutes:
+On a CPU, offline: end to end in seconds (tiny), action and text control in about 20 minutes (cpu):
     python video_diffusion.py --preset tiny
     python video_diffusion.py --preset cpu
-Continue a run, or sample from it (MP4s in samples/, with a long autoregressive video):
+Continue a run, or sample from it (MP4s in samples/, with a long video); watch it with tensorboard --logdir runs:
     python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000
     python video_diffusion.py --resume RUN --sample-only --cfg-scale 3 --long-video-frames 64
 Steer a sprites model live (pip install pygame-ce) or headless from keys (MP4s in {run}/play/):  # optional: play
     python video_diffusion.py --resume RUN --play  # optional: play
     python video_diffusion.py --resume RUN --play-keys RRRDDD --play-world both  # optional: play
-Watch it:
-    tensorboard --logdir runs
 """
 import contextlib
 import copy
@@ -53,8 +50,7 @@ OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
 COMPILE_BACKEND = "inductor"
 # A flag's unit, shown by --help (--save-every STEPS) and read by the tests: one meaning per name.
 STEPS = tyro.conf.arg(metavar="STEPS")
-# Beside an Args field: its domain ('>= 1', '[0, 1)': every numeric flag, checked at start-up), and
-# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling, play): flag_marks.
+# Beside an Args field: its domain ('>= 1', '[0, 1)'), and RESUME_MUTABLE if --resume may change it (flag_marks).
 RESUME_MUTABLE = "resume-mutable"
 
 
@@ -65,9 +61,8 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic, no
-    benchmark, CUBLAS_WORKSPACE_CONFIG=:4096:8, not torch's strict deterministic algorithms (too
-    slow), so a CUDA resume is close, not bitwise"""
+    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic and
+    CUBLAS_WORKSPACE_CONFIG, not strict deterministic algorithms (too slow): a CUDA resume is close"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -79,19 +74,18 @@ class Args:
     output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu"]] = None
-    """tiny: a full run on the sprites world in seconds on a CPU; cpu: sprites that move as their
-    caption and actions say, in minutes on a CPU core"""
+    """tiny: a full sprites run in seconds on a CPU; cpu: caption and action control in minutes on a CPU"""
     config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
     """a run folder or checkpoint file to continue exactly where it stopped"""
 # ==== BEGIN OPTIONAL: play ====
     play: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: play an action-conditioned model live in a window (pip install pygame-ce):
-    arrows steer, Enter restarts, Tab switches to the real sprites world, R records an MP4, Esc quits"""
+    """with --resume: play the model live (pip install pygame-ce): arrows steer, Enter restarts, Tab
+    switches to the real sprites world, R records an MP4, Esc quits"""
     play_keys: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """headless play (implies --play): one letter per step, N noop, U D L R, (Atari) F fire, Q E Z C
-    the diagonals, lowercase: the same with fire, / restart; writes the MP4 to {run}/play/"""
+    """headless play: one letter per step, N noop, U D L R, (Atari) F fire, Q E Z C the diagonals,
+    lowercase: the same with fire, / restart; writes the MP4 to {run}/play/"""
     play_caption: Annotated[Optional[str], RESUME_MUTABLE] = None
     """play: the caption the frames are generated with (default: the null caption: keys alone steer)"""
     play_world: Annotated[Literal["imagined", "real", "both"], RESUME_MUTABLE] = "imagined"
@@ -110,8 +104,8 @@ class Args:
 
     # Data
     dataset: Literal["sprites", "atari", "folder"] = "sprites"
-    """sprites (generated: a sprite moved by the actions, captions), atari (random-policy clips of
-    an ALE game, recorded into --data-dir) or folder (videos readable by OpenCV under --data-dir)"""
+    """sprites (generated), atari (random-policy clips of --env-id) or folder (the videos under --data-dir, with
+    captions.json {file name: caption} or captions.txt of name<TAB>caption lines if there)"""
     data_dir: Annotated[str, RESUME_MUTABLE] = "data"
     """atari: episodes are recorded to {data_dir}/atari_v2/{env id}/; folder: the videos"""
     num_frames: Annotated[int, ">= 1"] = 16
@@ -123,19 +117,13 @@ class Args:
     num_distractors: Annotated[int, ">= 0"] = 2
     """sprites: bouncing grey squares that no action moves"""
     action_dim: Annotated[int, ">= 0"] = 0
-    """0: discrete actions (an embedding); > 0: continuous action vectors of this size through an
-    MLP, as the seed's ActionConditionedDiffusion (sprites: 2, a velocity)"""
+    """0: discrete actions (an embedding); > 0: continuous actions of this size through the seed's MLP (sprites: 2)"""
     env_id: str = "Breakout-v5"
     """atari: the ALE game (Breakout, Breakout-v5 and ALE/Breakout-v5 are the same)"""
     num_atari_episodes: Annotated[int, ">= 1"] = 50
     """atari: episodes recorded with a random policy (files already in the folder are reused)"""
     atari_episode_steps: Annotated[int, ">= 1"] = 1000
     """atari: at most this many steps per recorded episode"""
-    captions_file: Optional[str] = None
-    """folder: JSON {file name: caption} or `name<TAB>caption` lines (default: captions.json or
-    captions.txt in --data-dir; a video without one gets the empty caption)"""
-    frame_stride: Annotated[int, ">= 1"] = 1
-    """folder: keep every N-th frame of the videos"""
 
     # Model (the seed's 3D U-Net)
     model_channels: Annotated[int, ">= 1"] = 256
@@ -159,11 +147,9 @@ class Args:
     max_text_len: Annotated[int, ">= 1"] = 16
     """caption words the model reads (words beyond are dropped, and a notice says so)"""
     cond_drop_prob: Annotated[float, "[0, 1]"] = 0.1
-    """p: in training the caption is dropped to null with probability p, and independently the
-    actions; each is then null in q + (1 - q) p of the samples (q: --null-cond-prob)"""
+    """p: in training the caption is dropped to null with probability p, and independently the actions"""
     null_cond_prob: Annotated[float, "[0, 1]"] = 0.1
-    """q: probability of dropping both together; both are null (the unconditional model that
-    guidance subtracts) in q + (1 - q) p^2 of the samples. --cfg-scale other than 1 needs q > 0"""
+    """q: probability of dropping both (the unconditional model of guidance: --cfg-scale other than 1 needs q > 0)"""
     context_frames: Annotated[int, ">= 0"] = 4
     """k: frames the model is conditioned on when it continues a video (autoregressive generation)"""
     context_prob: Annotated[float, "[0, 1]"] = 0.5
@@ -175,8 +161,7 @@ class Args:
 
     # Diffusion
     prediction: Literal["eps", "v"] = "eps"
-    """the network predicts eps (the noise, as DDPM) or v = sqrt(abar) eps - sqrt(1-abar) x0
-    (Salimans and Ho 2022: its x0 estimate stays accurate at high noise)"""
+    """the network predicts eps (DDPM) or v = sqrt(abar) eps - sqrt(1-abar) x0 (Salimans and Ho 2022)"""
     timesteps: Annotated[int, ">= 1"] = 1000
     """number of diffusion steps T"""
     beta_schedule: Literal["linear", "cosine"] = "linear"
@@ -216,8 +201,7 @@ class Args:
     ddim_eta: Annotated[float, "[0, 1]", RESUME_MUTABLE] = 0.0
     """DDIM eta (0: deterministic)"""
     cfg_scale: Annotated[float, ">= 0", RESUME_MUTABLE] = 2.0
-    """classifier-free guidance scale s on caption and actions: eps_u + s (eps_c - eps_u); 1 = no
-    guidance, 0 = the unconditional model (anything but 1 needs --null-cond-prob > 0)"""
+    """guidance s on caption and actions: eps_u + s (eps_c - eps_u); 1: none, 0: the unconditional model"""
     num_eval_samples: Annotated[int, ">= 1", RESUME_MUTABLE] = 32
     """clips generated for each evaluation (samples and metrics)"""
     num_samples: Annotated[int, ">= 1", RESUME_MUTABLE] = 16
@@ -250,11 +234,9 @@ PRESETS = {
         long_video_frames=6, sample_batch_size=128,
     ),
 }
-# Flags spelled otherwise on the command line (none here; diamond_atari.py accepts --game for --env-id).
-FLAG_ALIASES: dict[str, str] = {}
-# What a checkpoint holds after its header, in checkpoint_state's order (args, step, every global
-# RNG, then each part's state); load_checkpoint refuses a file without one. The vocabulary and the
-# action count fix the model's shape: the run reads them before it builds it.
+FLAG_ALIASES: dict[str, str] = {}  # flags spelled otherwise (diamond_atari.py accepts --game for --env-id)
+# What a checkpoint holds after its header, in checkpoint_state's order. The vocabulary and the action count fix
+# the model's shape: the run reads them before it builds it.
 CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler", "train_generator",
                    "vocabulary", "num_actions")
 
@@ -262,53 +244,46 @@ CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "schedule
 def check_args(args: Args, world_size: int):
     """Settings that cannot work, refused at start-up in one line (before any data is read or run folder made)."""
     check_arg_domains(args)
-    if args.batch_size % world_size:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} torchrun processes")
-    if args.num_sampling_steps > args.timesteps:
-        raise UserError(f"--num-sampling-steps must be between 1 and --timesteps {args.timesteps}, "
-                        f"not {args.num_sampling_steps}")
-    if args.beta_start > args.beta_end:
-        raise UserError(f"--beta-start {args.beta_start} must not exceed --beta-end {args.beta_end}")
-    if (args.play or args.play_keys is not None) and not args.resume:  # optional: play
-        raise UserError("--play needs --resume RUN_FOLDER_OR_CHECKPOINT (a trained "  # optional: play
-                        "action-conditioned model to play)")  # optional: play
-    if args.sample_only and not args.resume:
-        raise UserError("--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
-    if args.img_size % 2 ** (len(args.channel_mult) - 1):
-        raise UserError(f"--img-size {args.img_size} must be divisible by 2^{len(args.channel_mult) - 1} "
-                        f"(one halving per level of --channel-mult {' '.join(map(str, args.channel_mult))})")
-    widths = {args.model_channels * m for m in args.channel_mult}
-    if any(w % args.num_heads for w in widths):
-        raise UserError(f"--num-heads {args.num_heads} must divide every level's width {sorted(widths)} "
-                        f"(--model-channels {args.model_channels} x --channel-mult)")
-    if args.context_frames >= args.num_frames:
-        raise UserError(f"--context-frames must be between 0 and --num-frames - 1 = {args.num_frames - 1}, "
-                        f"not {args.context_frames}")
-    if args.context_noise_sampling_step >= args.timesteps or args.context_noise_max_step > args.timesteps:
-        raise UserError(f"--context-noise-max-step must be in 1..--timesteps and --context-noise-sampling-step in "
-                        f"0..--timesteps - 1 (--timesteps {args.timesteps})")
-    if args.long_video_frames < args.num_frames:
-        raise UserError(f"--long-video-frames {args.long_video_frames} must be at least --num-frames {args.num_frames}")
-    if args.long_video_frames > args.num_frames and args.context_frames < 1:
-        raise UserError("--long-video-frames beyond --num-frames needs --context-frames of at least 1")
-    if args.action_dim and args.dataset != "sprites":
-        raise UserError(f"--action-dim {args.action_dim}: continuous actions exist in the sprites world only "
-                        f"({args.dataset} has {'discrete' if args.dataset == 'atari' else 'no'} actions); drop it")
-    if args.action_dim not in (0, 2) and args.dataset == "sprites":
-        raise UserError(f"--action-dim {args.action_dim}: the sprites world's continuous action is a 2-d velocity; "
-                        f"use --action-dim 2 (or 0 for discrete actions)")
-    # Guidance extrapolates from the unconditional model eps_u (null caption and null actions). --null-cond-prob is
-    # the rate that trains it on purpose; without it eps_u is learned only from the chance coincidence of both
-    # independent drops (p^2 of the samples, none at all when --cond-drop-prob is 0 too).
-    if args.null_cond_prob == 0 and args.cfg_scale != 1:
-        raise UserError(f"--cfg-scale {args.cfg_scale:g} guides with the unconditional model, which --null-cond-prob 0 "
-                        f"does not train; use --cfg-scale 1 (no guidance), or train with --null-cond-prob > 0")
+    levels, widths = len(args.channel_mult), sorted({args.model_channels * m for m in args.channel_mult})
+    problems = [  # (refused when true, the line that says why and what to do)
+        (args.batch_size % world_size,
+         f"--batch-size {args.batch_size} is not divisible by the {world_size} torchrun processes"),
+        (args.num_sampling_steps > args.timesteps,
+         f"--num-sampling-steps must be between 1 and --timesteps {args.timesteps}, not {args.num_sampling_steps}"),
+        ((args.play or args.play_keys is not None) and not args.resume,  # optional: play
+         "--play needs --resume RUN_FOLDER_OR_CHECKPOINT (a trained action-conditioned model)"),  # optional: play
+        (args.sample_only and not args.resume, "--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT"),
+        (args.img_size % 2 ** (levels - 1),
+         f"--img-size {args.img_size} must be divisible by 2^{levels - 1} (one halving per level of --channel-mult)"),
+        (any(w % args.num_heads for w in widths),
+         f"--num-heads {args.num_heads} must divide every level's width {widths} (--model-channels x --channel-mult)"),
+        (args.context_frames >= args.num_frames,
+         f"--context-frames must be between 0 and --num-frames - 1 = {args.num_frames - 1}, not {args.context_frames}"),
+        (args.context_noise_sampling_step >= args.timesteps or args.context_noise_max_step > args.timesteps,
+         f"--context-noise-max-step must be <= --timesteps {args.timesteps} and --context-noise-sampling-step less"),
+        (args.long_video_frames < args.num_frames,
+         f"--long-video-frames {args.long_video_frames} must be at least --num-frames {args.num_frames}"),
+        (args.long_video_frames > args.num_frames and args.context_frames < 1,
+         "--long-video-frames beyond --num-frames needs --context-frames of at least 1"),
+        (args.action_dim and args.dataset != "sprites",
+         f"--action-dim {args.action_dim}: continuous actions exist in the sprites world only; drop it"),
+        (args.action_dim not in (0, 2) and args.dataset == "sprites",
+         f"--action-dim {args.action_dim}: the sprites' action is a 2-d velocity; use --action-dim 2 (or 0: discrete)"),
+        # Guidance extrapolates from eps_u, which --null-cond-prob trains on purpose (otherwise only when both
+        # independent drops coincide, in p^2 of the samples).
+        (args.null_cond_prob == 0 and args.cfg_scale != 1,
+         f"--cfg-scale {args.cfg_scale:g} guides with the unconditional model, which --null-cond-prob 0 does not "
+         f"train; use --cfg-scale 1 (no guidance), or train with --null-cond-prob > 0"),
+    ]
+    for refused, message in problems:
+        if refused:
+            raise UserError(message)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Data: the sprites world (generated), Atari clips (recorded with a random policy into episode .npz
-# files), video folders. Each becomes uint8 frames (F, 3, H, W), the action that led into each
-# frame, and clips (a start index, a caption); a clip is frames[start : start + num_frames].
+# Data: the sprites world (generated), Atari clips (recorded with a random policy into episode .npz files), video
+# folders. Each becomes uint8 frames (F, 3, H, W), the action that led into each frame, and clips (a start index, a
+# caption); a clip is frames[start : start + num_frames].
 
 
 @dataclass
@@ -323,12 +298,10 @@ class VideoData:
     sprite_states: Optional[list] = None  # sprites: each clip's initial state, to re-render it with other actions
 
 
-VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif"}
 SPRITE_COLOURS = {"red": (230, 40, 40), "green": (40, 210, 40), "blue": (50, 90, 245), "yellow": (235, 215, 30)}
 DIRECTIONS = ["up", "down", "left", "right"]  # sprites: discrete action i + 1 moves the sprite DIRECTIONS[i]
 SPRITE_ACTIONS = ["noop"] + DIRECTIONS
-DIRECTION_VECTORS = np.array([[0, -1], [0, 1], [-1, 0], [1, 0]], dtype=np.float32)  # (dx, dy); y grows downwards
-BACKGROUND, DISTRACTOR_GREY = 20, 150
+DIRECTION_VECTORS = np.array([[0, -1], [0, 1], [-1, 0], [1, 0], [0, 0]], dtype=np.float32)  # (dx, dy), y down; noop
 
 
 def sprite_geometry(img_size: int) -> tuple[int, int, int]:
@@ -344,8 +317,7 @@ def sprite_positions(state: dict, actions: np.ndarray, img_size: int) -> np.ndar
     pos, out = np.array(state["sprite"], dtype=np.float32), []
     for i, a in enumerate(actions):
         if i > 0:
-            move = (np.asarray(a, dtype=np.float32) if np.ndim(a) else
-                    DIRECTION_VECTORS[int(a) - 1] if int(a) > 0 else np.zeros(2, np.float32))
+            move = np.asarray(a, dtype=np.float32) if np.ndim(a) else DIRECTION_VECTORS[int(a) - 1]
             pos = np.clip(pos + move * speed, 0, img_size - size)
         out.append(np.round(pos))
     return np.stack(out)
@@ -357,45 +329,41 @@ def render_sprite_clip(state: dict, actions: np.ndarray, img_size: int) -> np.nd
     size, dsize, _ = sprite_geometry(img_size)
     dpos = np.array(state["distractors"], dtype=np.float32).reshape(-1, 2)
     dvel = np.array(state["distractor_velocities"], dtype=np.float32).reshape(-1, 2)
-    colour = np.array(SPRITE_COLOURS[state["colour"]], dtype=np.uint8)
-    frames = np.full((len(actions), img_size, img_size, 3), BACKGROUND, dtype=np.uint8)
+    frames = np.full((len(actions), img_size, img_size, 3), 20, dtype=np.uint8)  # a dark background
     for i, (x, y) in enumerate(sprite_positions(state, actions, img_size).astype(int)):
         if i > 0:
             dpos = dpos + dvel
             dvel = np.where((dpos < 0) | (dpos > img_size - dsize), -dvel, dvel)  # reflect off the walls
             dpos = np.clip(dpos, 0, img_size - dsize)
         for dx, dy in np.round(dpos).astype(int):
-            frames[i, dy: dy + dsize, dx: dx + dsize] = DISTRACTOR_GREY
-        frames[i, y: y + size, x: x + size] = colour  # drawn last: the sprite is always fully visible
+            frames[i, dy: dy + dsize, dx: dx + dsize] = 150
+        frames[i, y: y + size, x: x + size] = SPRITE_COLOURS[state["colour"]]  # last: the sprite is always seen
     return frames.transpose(0, 3, 1, 2)
 
 
 def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_distractors: int = 1,
                          action_dim: int = 0, seed: int = 0) -> VideoData:
-    """Clips of a coloured square that the actions move, captioned "a red square moves right".
-
-    Each clip has a commanded direction d: each action is d with probability 3/4, else a noop or a
-    perpendicular move, never the opposite. The start is uniform whatever d (the first frame does
-    not tell where the sprite goes), and a clip is redrawn until its net move is along d."""
+    """Clips of a coloured square that the actions move, captioned "a red square moves right". Each clip has a
+    commanded direction d: each action is d with probability 3/4, else a noop or a perpendicular move. The start is
+    uniform whatever d (the first frame does not tell the direction); a clip is redrawn until its net move is d."""
     if num_frames < 2:
         raise UserError(f"--num-frames {num_frames}: a sprites clip needs at least 2 frames to show a move; use "
                         f"--num-frames 2 or more")
     size, dsize, speed = sprite_geometry(img_size)
     rng = np.random.default_rng(seed)
-    frames, actions, captions, directions, states = [], [], [], [], []
+    clips = []  # (frames, actions, caption, direction, initial state)
     for _ in range(num_clips):
         for _attempt in range(1000):
             d = int(rng.integers(4))
             xy = rng.integers(0, img_size - size + 1, size=2).tolist()  # independent of d
-            perpendicular = [e for e in range(4) if (e >= 2) != (d >= 2)]
+            perpendicular = np.array([2, 3] if d < 2 else [0, 1])
             choice = rng.random(num_frames)
-            sideways = np.array(perpendicular)[rng.integers(2, size=num_frames)] + 1
-            discrete = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways))
-            discrete[0] = 0
-            clip_actions = discrete.astype(np.int64)
+            sideways = perpendicular[rng.integers(2, size=num_frames)] + 1
+            clip_actions = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways)).astype(np.int64)
+            clip_actions[0] = 0
             if action_dim > 0:  # a velocity: the discrete move scaled by U(0.6, 1), plus a little jitter
-                a = DIRECTION_VECTORS[np.maximum(discrete - 1, 0)] * (discrete > 0)[:, None]
-                a = a * rng.uniform(0.6, 1.0, (num_frames, 1)) + rng.normal(0, 0.05, (num_frames, 2))
+                a = DIRECTION_VECTORS[clip_actions - 1] * rng.uniform(0.6, 1.0, (num_frames, 1))
+                a = a + rng.normal(0, 0.05, (num_frames, 2))
                 a[0] = 0
                 clip_actions = a.astype(np.float32)
             state = {"sprite": [float(xy[0]), float(xy[1])], "colour": list(SPRITE_COLOURS)[int(rng.integers(4))],
@@ -406,15 +374,13 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
                 break
         else:
             raise UserError(f"--img-size {img_size} is too small for sprites moving over --num-frames {num_frames}")
-        frames.append(render_sprite_clip(state, clip_actions, img_size))
-        actions.append(clip_actions)
-        captions.append(f"a {state['colour']} square moves {DIRECTIONS[d]}")
-        directions.append(d)
-        states.append(state)
+        caption = f"a {state['colour']} square moves {DIRECTIONS[d]}"
+        clips.append((render_sprite_clip(state, clip_actions, img_size), clip_actions, caption, d, state))
+    frames, actions, captions, directions, states = zip(*clips)
     return VideoData(frames=np.concatenate(frames), actions=np.concatenate(actions),
-                     clip_starts=np.arange(num_clips, dtype=np.int64) * num_frames, captions=captions,
+                     clip_starts=np.arange(num_clips, dtype=np.int64) * num_frames, captions=list(captions),
                      directions=np.array(directions, dtype=np.int64), num_actions=0 if action_dim else 5,
-                     dataset_id="sprites", sprite_states=states)
+                     dataset_id="sprites", sprite_states=list(states))
 
 
 def resize_frame(rgb: np.ndarray, img_size: int) -> np.ndarray:
@@ -442,7 +408,6 @@ def clips_of_episodes(episodes: list, num_frames: int) -> tuple[np.ndarray, np.n
 
 ATARI_AGENTS = {"Breakout": "paddle", "Pong": "paddle", "SpaceInvaders": "cannon", "Freeway": "chicken",
                 "Boxing": "boxer", "MsPacman": "pacman", "Seaquest": "submarine"}
-ATARI_FRAME_SKIP = 4
 
 
 def atari_ids(env_id: str) -> tuple[str, str, str]:
@@ -463,11 +428,9 @@ def atari_ids(env_id: str) -> tuple[str, str, str]:
 
 def describe_atari_action(meaning: str) -> str:
     """ALE action meaning -> words: RIGHTFIRE -> "moves right and fires", NOOP -> "stays still"."""
-    moves = [d for d in ("UP", "DOWN", "LEFT", "RIGHT") if d in meaning]
-    words = ["moves " + " and ".join(m.lower() for m in moves)] if moves else []
-    if "FIRE" in meaning:
-        words.append("fires")
-    return " and ".join(words) if words else "stays still"
+    moves = [d.lower() for d in ("UP", "DOWN", "LEFT", "RIGHT") if d in meaning]
+    words = (["moves " + " and ".join(moves)] if moves else []) + (["fires"] if "FIRE" in meaning else [])
+    return " and ".join(words) or "stays still"
 
 
 def atari_folder(data_dir: str, canonical: str) -> Path:
@@ -475,10 +438,10 @@ def atari_folder(data_dir: str, canonical: str) -> Path:
 
 
 def atari_step(env, action: int) -> tuple[np.ndarray, float, bool, bool]:
-    """One step as DIAMOND's AtariEnv.step: the action for ATARI_FRAME_SKIP frames (the rewards summed, stopping at
-    the episode's end); the frame is the max over the last two (Atari sprites flicker)."""
+    """One step as DIAMOND's AtariEnv.step: the action for 4 frames (the rewards summed, stopping at the episode's
+    end); the frame is the max over the last two (Atari sprites flicker)."""
     reward, last_frames = 0.0, []
-    for _ in range(ATARI_FRAME_SKIP):
+    for _ in range(4):
         frame, r, terminated, truncated, _ = env.step(action)
         reward += float(r)
         last_frames = (last_frames + [frame])[-2:]
@@ -494,46 +457,38 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
     import gymnasium as gym
 
     folder.mkdir(parents=True, exist_ok=True)
-    if all((folder / f"episode_{i:05d}.npz").exists() for i in range(num_episodes)):
-        return  # all recorded: no emulator to start
+    missing = [i for i in range(num_episodes) if not (folder / f"episode_{i:05d}.npz").exists()]
+    if not missing:
+        return  # no emulator to start
     # frameskip 1: atari_step repeats the action itself; no sticky actions: the recorded action is the one executed
     env = gym.make(gym_id, frameskip=1, repeat_action_probability=0.0)
     try:
-        for i in range(num_episodes):
-            path = folder / f"episode_{i:05d}.npz"
-            if path.exists():
-                continue
+        for i in missing:
             rng = np.random.default_rng(seed * 1_000_003 + i)
             obs, _ = env.reset(seed=seed * 1_000_003 + i)
-            frames, actions, rewards, terminated, truncated = [resize_frame(obs, img_size)], [], [], [], []
-            action, hold = 0, 0
+            frames, steps, action, hold = [resize_frame(obs, img_size)], [], 0, 0
             for step in range(max_steps):
                 if hold == 0:
                     action, hold = int(rng.integers(env.action_space.n)), int(rng.integers(1, 9))
                 hold -= 1
-                obs, reward, term, trunc = atari_step(env, action)
-                trunc = trunc or step == max_steps - 1
+                obs, reward, terminated, truncated = atari_step(env, action)
                 frames.append(resize_frame(obs, img_size))
-                actions.append(action)
-                rewards.append(reward)
-                terminated.append(term)
-                truncated.append(trunc)
-                if term or trunc:
+                steps.append((action, reward, terminated, truncated or step == max_steps - 1))
+                if steps[-1][2] or steps[-1][3]:
                     break
-            tmp = folder / f".{path.stem}.tmp.npz"
+            actions, rewards, terminated, truncated = (np.array(column) for column in zip(*steps))
+            path, tmp = folder / f"episode_{i:05d}.npz", folder / f".episode_{i:05d}.tmp.npz"
             try:
-                np.savez(tmp, obs=np.stack(frames).transpose(0, 2, 3, 1), actions=np.array(actions, dtype=np.int64),
-                         rewards=np.array(rewards, dtype=np.float32), terminated=np.array(terminated, dtype=bool),
-                         truncated=np.array(truncated, dtype=bool), caption=np.array([game]))
+                np.savez(tmp, obs=np.stack(frames).transpose(0, 2, 3, 1), actions=actions.astype(np.int64),
+                         rewards=rewards.astype(np.float32), terminated=terminated, truncated=truncated,
+                         caption=np.array([game]))
                 os.replace(tmp, path)
-            except BaseException as e:  # a full disk, or a Ctrl-C in the middle of the write: no temporary file left
+            except OSError as e:  # a full disk: one line; the episodes recorded so far are kept
+                raise TrainingFailure(f"cannot write the recorded episode {path} ({e.strerror or e}): free disk "
+                                      f"space or make the folder writable, then start again") from None
+            finally:  # also after a Ctrl-C in the middle of the write: no temporary file left
                 with contextlib.suppress(OSError):
                     tmp.unlink(missing_ok=True)
-                if not isinstance(e, OSError):
-                    raise
-                raise TrainingFailure(f"cannot write the recorded episode {path} ({e.strerror or e}): free disk "
-                                      f"space or make the folder writable, then start again (the episodes recorded "
-                                      f"so far are kept)") from None
     finally:
         env.close()
 
@@ -609,14 +564,14 @@ def load_atari_dataset(args: "Args") -> VideoData:
 
 
 def read_captions_file(path: Path) -> dict:
+    """{file name: caption} from JSON or name<TAB>caption lines; a file that is neither is one line naming it."""
     try:
         text = path.read_text()
-        if path.suffix == ".json":
-            captions = json.loads(text)
-            if not isinstance(captions, dict):
-                raise ValueError("expected a JSON object {file name: caption}")
-            return {str(k): str(v) for k, v in captions.items()}
-        return dict(line.split("\t", 1) for line in text.splitlines() if line.strip())
+        captions = json.loads(text) if path.suffix == ".json" else dict(
+            line.split("\t", 1) for line in text.splitlines() if line.strip())
+        if not isinstance(captions, dict):
+            raise ValueError("expected a JSON object {file name: caption}")
+        return {str(k): str(v) for k, v in captions.items()}
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read captions file {path} ({e}): use JSON {{name: caption}} or name<TAB>caption "
                         f"lines") from None
@@ -630,11 +585,10 @@ def read_video(path: Path, img_size: int) -> list[np.ndarray]:
     fix = "replace it with a video OpenCV can read or remove it"
     try:
         with path.open("rb") as f:
-            empty = not f.read(1)
+            if not f.read(1):
+                raise UserError(f"{path}: empty file; {fix}")
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror}); make it readable or remove it") from None
-    if empty:
-        raise UserError(f"{path}: empty file; {fix}")
     # FFmpeg writes to file descriptor 2 itself (OpenCV's log level does not reach it): silenced while the file opens
     sys.stderr.flush()
     stderr_fd, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
@@ -667,23 +621,23 @@ def load_video_folder(args: "Args") -> VideoData:
         raise UserError(f"{e.filename}: cannot read this folder ({e.strerror}); make it readable or move it out of "
                         f"--data-dir")
 
+    extensions = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif"}
     paths = sorted(Path(folder) / name for folder, _, names in os.walk(root, onerror=unreadable) for name in names
-                   if Path(name).suffix.lower() in VIDEO_EXTENSIONS)
+                   if Path(name).suffix.lower() in extensions)
     if not paths:
-        raise UserError(f"no videos ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {args.data_dir}")
-    captions_path = Path(args.captions_file) if args.captions_file else next(
-        (root / n for n in ("captions.json", "captions.txt") if (root / n).is_file()), None)
+        raise UserError(f"no videos ({', '.join(sorted(extensions))}) under {args.data_dir}")
+    captions_path = next((root / n for n in ("captions.json", "captions.txt") if (root / n).is_file()), None)
     by_name = read_captions_file(captions_path) if captions_path else {}
     episodes, episode_captions = [], []
     for p in paths:
-        frames = read_video(p, args.img_size)[:: args.frame_stride]
+        frames = read_video(p, args.img_size)
         if len(frames) >= args.num_frames:
             episodes.append(np.stack(frames))
-            rel = str(p.relative_to(root))
-            episode_captions.append(by_name.get(rel, by_name.get(p.name, by_name.get(p.stem, ""))))
+            keys = (str(p.relative_to(root)), p.name, p.stem)
+            episode_captions.append(next((by_name[k] for k in keys if k in by_name), ""))
     if not episodes:
-        raise UserError(f"no video under {args.data_dir} has --num-frames {args.num_frames} readable frames (after "
-                        f"--frame-stride {args.frame_stride}): check the files or lower --num-frames")
+        raise UserError(f"no video under {args.data_dir} has --num-frames {args.num_frames} readable frames: check "
+                        f"the files or lower --num-frames")
     frames, starts, owners = clips_of_episodes(episodes, args.num_frames)
     return VideoData(frames=frames, actions=None, clip_starts=starts, captions=[episode_captions[e] for e, _ in owners],
                      directions=np.full(len(starts), -1, dtype=np.int64), num_actions=0, dataset_id="folder")
@@ -693,9 +647,7 @@ def load_dataset(args: "Args") -> VideoData:
     if args.dataset == "sprites":
         return make_sprites_dataset(args.num_sprite_clips, args.num_frames, args.img_size, args.num_distractors,
                                     args.action_dim, seed=args.seed)
-    if args.dataset == "atari":
-        return load_atari_dataset(args)
-    return load_video_folder(args)
+    return load_atari_dataset(args) if args.dataset == "atari" else load_video_folder(args)
 
 
 def eval_subset(data: VideoData, args: "Args") -> VideoData:
@@ -762,24 +714,15 @@ def unknown_words(captions: list, vocabulary: list, max_len: int) -> list[str]:
 
 
 def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list[str]:
-    """Notices on the data's captions: those over max_len words (tokenize cuts them, so captions that differ only
-    after that are one condition), and words a resumed model's vocabulary lacks (each read as the untrained <unk>)."""
+    """At most one notice: how many captions tokenize cuts to max_len words, and the words a resumed model's
+    vocabulary lacks (each read as the untrained <unk>)."""
     distinct = {tuple(caption_words(c)) for c in captions}
-    long = [words for words in distinct if len(words) > max_len]
+    cut = sum(len(words) > max_len for words in distinct)
     unknown = unknown_words(captions, vocabulary, max_len)
-    notices = []
-    if long:
-        conditions = len({words[:max_len] for words in distinct})
-        merged = f", so the {len(distinct)} captions are {conditions} conditions" if conditions < len(distinct) else ""
-        notices.append(f"notice: {len(long)} of the {len(distinct)} distinct captions have more than --max-text-len "
-                       f"{max_len} words (up to {max(map(len, long))}): the model reads their first {max_len}"
-                       f"{merged}; a new run with a larger --max-text-len reads them whole")
+    said = [f"{cut} of {len(distinct)} captions are cut to their first --max-text-len {max_len} words"] if cut else []
     if unknown:
-        shown = ", ".join(unknown[:12]) + (" ..." if len(unknown) > 12 else "")
-        notices.append(f"notice: the checkpoint's vocabulary (the words of the captions it first trained on) lacks "
-                       f"{len(unknown)} of these captions' words: {shown}; the model reads each as <unk>, one token "
-                       f"for all of them, which it has not learned")
-    return notices
+        said.append(f"words the model never learned, read as <unk>: {', '.join(unknown)}")
+    return ["notice: " + "; ".join(said)] if said else []
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -811,14 +754,20 @@ def noise_context(context: torch.Tensor, level: torch.Tensor, alphas_cumprod: to
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Model: the seed's 3D U-Net (VideoDiffusionModel), its blocks factorised over space and time as in
-# Video Diffusion Models; its output conv (the seed's) is a full 3x3x3. Tensors are (B, C, T, H, W);
-# the conditioning vector is per frame (B, T, 4C): time + context noise level + pooled caption +
-# that frame's action.
+# Model: the seed's 3D U-Net (VideoDiffusionModel), its blocks factorised over space and time as in Video Diffusion
+# Models. Tensors are (B, C, T, H, W); the conditioning vector is per frame (B, T, 4C): time + context noise level +
+# pooled caption + that frame's action.
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(groups, channels), channels, eps=1e-6)
+
+
+def zero_(*modules: nn.Module):
+    """Zero weights and biases: a residual branch (or the output) starts at zero, so a block starts as the identity."""
+    for module in modules:
+        nn.init.zeros_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 class SinusoidalPosEmb(nn.Module):
@@ -836,9 +785,8 @@ class SinusoidalPosEmb(nn.Module):
 
 
 class ResBlock3D(nn.Module):
-    """GN-swish-conv(1x3x3), + Dense(swish(emb)) per frame, GN-swish-dropout-conv(1x3x3), shortcut;
-    then temporal mixing: + conv(3x1x1)(swish(GN(h))): a (2+1)D factorisation. Each branch's last
-    conv starts at zero: the block starts as the identity."""
+    """GN-swish-conv(1x3x3), + Dense(swish(emb)) per frame, GN-swish-dropout-conv(1x3x3), shortcut; then temporal
+    mixing, + conv(3x1x1)(swish(GN(h))): a (2+1)D factorisation. Starts as the identity (zero last convs)."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0,
                  norm_groups: int = 32):
@@ -852,8 +800,7 @@ class ResBlock3D(nn.Module):
         self.temporal_norm = group_norm(out_channels, norm_groups)
         self.temporal_conv = nn.Conv3d(out_channels, out_channels, (3, 1, 1), padding=(1, 0, 0))
         self.shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-        for zero in (self.conv2.weight, self.conv2.bias, self.temporal_conv.weight, self.temporal_conv.bias):
-            nn.init.zeros_(zero)
+        zero_(self.conv2, self.temporal_conv)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -888,11 +835,10 @@ class CrossAttention(nn.Module):
 
 
 class SpatioTemporalAttention(nn.Module):
-    """Spatial self-attention (frames as batch), then temporal self-attention (pixels as batch) with
-    a learned relative position bias (any clip length works), then cross-attention to the caption.
-    Each is a residual branch whose output projection starts at zero."""
+    """Spatial self-attention (frames as batch), then temporal self-attention (pixels as batch) with a learned
+    relative position bias (any clip length works), then cross-attention to the caption; each a residual branch."""
 
-    def __init__(self, channels: int, num_heads: int = 8, norm_groups: int = 32, context_dim: Optional[int] = None,
+    def __init__(self, channels: int, num_heads: int = 8, norm_groups: int = 32, context_dim: int = 256,
                  max_relative_position: int = 32):
         super().__init__()
         self.num_heads, self.max_relative_position = num_heads, max_relative_position
@@ -903,54 +849,43 @@ class SpatioTemporalAttention(nn.Module):
         self.temporal_qkv = nn.Linear(channels, 3 * channels)
         self.temporal_out = nn.Linear(channels, channels)
         self.relative_bias = nn.Parameter(torch.zeros(2 * max_relative_position + 1, num_heads))
-        self.cross_norm = nn.LayerNorm(channels) if context_dim else None
-        self.cross_attn = CrossAttention(channels, context_dim, num_heads) if context_dim else None
-        for linear in (self.spatial_out, self.temporal_out) + ((self.cross_attn.to_out,) if context_dim else ()):
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
+        self.cross_norm = nn.LayerNorm(channels)
+        self.cross_attn = CrossAttention(channels, context_dim, num_heads)
+        zero_(self.spatial_out, self.temporal_out, self.cross_attn.to_out)
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
-                context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None):
         b, c, t, h, w = x.shape
         tokens = self.spatial_norm(x).permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)  # (B*T, HW, C)
         out = multi_head_attention(*self.spatial_qkv(tokens).chunk(3, dim=-1), self.num_heads)
         x = x + self.spatial_out(out).reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
         tokens = self.temporal_norm(x).permute(0, 3, 4, 2, 1).reshape(b * h * w, t, c)  # (B*HW, T, C)
-        frame = torch.arange(t, device=x.device)
-        m = self.max_relative_position
+        frame, m = torch.arange(t, device=x.device), self.max_relative_position
         offsets = (frame[None, :] - frame[:, None]).clamp(-m, m)  # j - i
         bias = self.relative_bias[offsets + m].permute(2, 0, 1).to(tokens.dtype)  # (heads, T, T)
         out = multi_head_attention(*self.temporal_qkv(tokens).chunk(3, dim=-1), self.num_heads, bias)
         x = x + self.temporal_out(out).reshape(b, h, w, t, c).permute(0, 4, 3, 1, 2)
 
-        if self.cross_attn is not None and context is not None:
-            tokens = self.cross_norm(x.permute(0, 2, 3, 4, 1).reshape(b, t * h * w, c))  # (B, THW, C)
-            out = self.cross_attn(tokens, context, context_mask)
-            x = x + out.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
-        return x
+        tokens = self.cross_norm(x.permute(0, 2, 3, 4, 1).reshape(b, t * h * w, c))  # (B, THW, C)
+        out = self.cross_attn(tokens, context, context_mask)
+        return x + out.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
 
-class Downsample3D(nn.Module):
+class Downsample3D(nn.Sequential):  # a Sequential runs its modules in the order they are set
     """Stride-2 conv over space only (1x3x3): the clip keeps its frames."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv3d(channels, channels, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
 
-
-class Upsample3D(nn.Module):
+class Upsample3D(nn.Sequential):
     """Nearest x2 over space only, then a 1x3x3 conv."""
 
     def __init__(self, channels: int):
         super().__init__()
+        self.upsample = nn.Upsample(scale_factor=(1.0, 2.0, 2.0), mode="nearest")
         self.conv = nn.Conv3d(channels, channels, (1, 3, 3), padding=(0, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
 
 
 class TextEncoder(nn.Module):
@@ -972,13 +907,9 @@ class TextEncoder(nn.Module):
 
 
 class VideoDiffusionModel(nn.Module):
-    """The 3D U-Net: eps(x_t, t | caption, actions, context) for clips (B, 3, T, H, W) in [-1, 1].
-
-    The caption: cross-attention at the attention resolutions, and its mean token added to the time
-    embedding (pooled text, as Video Diffusion Models). Per-frame actions (an embedding with a null
-    row, or for continuous ones the seed's MLP with a learned null vector) are added to their
-    frame's time embedding. Context frames are concatenated on the channels with their mask, the
-    noisy input zeroed there, and their noise level is embedded like the time."""
+    """The 3D U-Net: eps(x_t, t | caption, actions, context) for clips (B, 3, T, H, W) in [-1, 1]. The caption's mean
+    token and each frame's action join the time embedding; context frames and their mask join the input channels,
+    the noisy input zeroed there, and their noise level is embedded like the time."""
 
     def __init__(self, in_channels: int = 3, model_channels: int = 256, num_res_blocks: int = 2,
                  channel_mult: tuple[int, ...] = (1, 2, 2), attn_resolutions: tuple[int, ...] = (32, 16),
@@ -986,13 +917,12 @@ class VideoDiffusionModel(nn.Module):
                  num_actions: int = 0, action_dim: int = 0, vocab_size: int = len(SPECIAL_TOKENS),
                  text_dim: int = 256, text_layers: int = 2, max_text_len: int = 16):
         super().__init__()
-        self.model_channels, self.num_actions, self.action_dim = model_channels, num_actions, action_dim
-        self.max_text_len = max_text_len
-        emb = 4 * model_channels
-        self.time_embed = nn.Sequential(SinusoidalPosEmb(model_channels), nn.Linear(model_channels, emb),
-                                        nn.GELU(), nn.Linear(emb, emb))
-        self.context_noise_embed = nn.Sequential(SinusoidalPosEmb(model_channels), nn.Linear(model_channels, emb),
-                                                 nn.GELU(), nn.Linear(emb, emb))
+        self.num_actions, self.action_dim, self.max_text_len = num_actions, action_dim, max_text_len
+        self.num_levels, self.num_res_blocks = len(channel_mult), num_res_blocks
+        c, emb = model_channels, 4 * model_channels
+        self.time_embed = nn.Sequential(SinusoidalPosEmb(c), nn.Linear(c, emb), nn.GELU(), nn.Linear(emb, emb))
+        self.context_noise_embed = nn.Sequential(SinusoidalPosEmb(c), nn.Linear(c, emb), nn.GELU(),
+                                                 nn.Linear(emb, emb))
         text_heads = text_dim // 64 if text_dim % 64 == 0 else 1  # heads of width 64 where the width allows
         self.text_encoder = TextEncoder(vocab_size, text_dim, text_layers, text_heads, max_text_len)
         self.text_pool = nn.Linear(text_dim, emb)
@@ -1004,20 +934,20 @@ class VideoDiffusionModel(nn.Module):
             self.action_encoder = nn.Embedding(num_actions + 1, emb)  # row num_actions: the null action
 
         # in: the noisy clip, the context frames and the context mask
-        self.input_conv = nn.Conv3d(2 * in_channels + 1, model_channels, (1, 3, 3), padding=(0, 1, 1))
+        self.input_conv = nn.Conv3d(2 * in_channels + 1, c, (1, 3, 3), padding=(0, 1, 1))
         self.down_blocks, self.down_attns, self.downsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        skip_channels, current, resolution = [model_channels], model_channels, img_size
+        skip_channels, current, resolution = [c], c, img_size
 
-        def attention(channels):
+        def attention():
             if resolution in attn_resolutions:
-                return SpatioTemporalAttention(channels, num_heads, norm_groups, text_dim)
+                return SpatioTemporalAttention(current, num_heads, norm_groups, text_dim)
             return nn.Identity()
 
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
-                self.down_blocks.append(ResBlock3D(current, model_channels * mult, emb, dropout, norm_groups))
-                current = model_channels * mult
-                self.down_attns.append(attention(current))
+                self.down_blocks.append(ResBlock3D(current, c * mult, emb, dropout, norm_groups))
+                current = c * mult
+                self.down_attns.append(attention())
                 skip_channels.append(current)
             if level != len(channel_mult) - 1:
                 self.downsamples.append(Downsample3D(current))
@@ -1029,18 +959,15 @@ class VideoDiffusionModel(nn.Module):
         self.up_blocks, self.up_attns, self.upsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for _ in range(num_res_blocks + 1):
-                self.up_blocks.append(ResBlock3D(current + skip_channels.pop(), model_channels * mult, emb,
-                                                 dropout, norm_groups))
-                current = model_channels * mult
-                self.up_attns.append(attention(current))
+                self.up_blocks.append(ResBlock3D(current + skip_channels.pop(), c * mult, emb, dropout, norm_groups))
+                current = c * mult
+                self.up_attns.append(attention())
             if level != 0:
                 self.upsamples.append(Upsample3D(current))
                 resolution *= 2
         self.out_norm = group_norm(current, norm_groups)
-        self.out = nn.Conv3d(current, in_channels, 3, padding=1)  # the seed's 3x3x3 output conv, starts at zero
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-        self.num_levels, self.num_res_blocks = len(channel_mult), num_res_blocks
+        self.out = nn.Conv3d(current, in_channels, 3, padding=1)  # the seed's 3x3x3 output conv
+        zero_(self.out)
 
     def null_text(self, batch: int, device: torch.device) -> torch.Tensor:
         tokens = torch.full((batch, self.max_text_len), PAD_ID, dtype=torch.long, device=device)
@@ -1054,9 +981,8 @@ class VideoDiffusionModel(nn.Module):
             if actions is None:
                 return self.null_action.expand(batch, num_frames, -1)
             encoded = self.action_encoder(actions.to(self.null_action.dtype))
-            if drop_actions is None:
-                return encoded
-            return torch.where(drop_actions[:, None, None], self.null_action, encoded)
+            return encoded if drop_actions is None else torch.where(drop_actions[:, None, None], self.null_action,
+                                                                    encoded)
         if actions is None:
             actions = torch.full((batch, num_frames), self.num_actions, dtype=torch.long, device=device)
         elif drop_actions is not None:
@@ -1080,8 +1006,7 @@ class VideoDiffusionModel(nn.Module):
         if self.action_encoder is not None:
             emb = emb + self.embed_actions(actions, drop_actions, b, num_frames, x.device)
         if context is None or context_mask is None:
-            mask = torch.zeros(b, 1, num_frames, 1, 1, dtype=x.dtype, device=x.device)
-            context = torch.zeros_like(x)
+            mask, context = x.new_zeros(b, 1, num_frames, 1, 1), torch.zeros_like(x)
         else:
             mask = context_mask.to(x.dtype)[:, None, :, None, None]
         mask_channel = mask.expand(b, 1, num_frames, height, width)
@@ -1090,8 +1015,7 @@ class VideoDiffusionModel(nn.Module):
         def attend(attn, h):
             return h if isinstance(attn, nn.Identity) else attn(h, text_tokens, text_mask)
 
-        skips = [h]
-        block = 0
+        skips, block = [h], 0
         for level in range(self.num_levels):
             for _ in range(self.num_res_blocks):
                 h = attend(self.down_attns[block], self.down_blocks[block](h, emb))
