@@ -1,11 +1,11 @@
-# cleanworlds: text- and action-conditioned video diffusion. Docs and results: README.md, benchmark/RESULTS.md
+# cleanworlds: text- and action-conditioned video diffusion. Docs: README.md, benchmark/RESULTS.md
 """
-A 3D U-Net video diffusion model (Ho et al. 2022, "Video Diffusion Models") for controllable worlds: clips
-conditioned on a caption (cross-attention to a learned text encoder) and on per-frame actions (added to the time
-embedding), sampled with DDPM, DDIM or DPM-Solver++, and extended beyond the training length from the last k frames
-(context noise augmentation, as GameNGen and DIAMOND).
+A 3D U-Net video diffusion model (Ho et al. 2022, "Video Diffusion Models") for controllable
+worlds: clips conditioned on a caption (cross-attention to a learned text encoder) and on per-frame
+actions (added to the time embedding), sampled with DDPM, DDIM or DPM-Solver++, and extended beyond
+the training length from the last k frames (context noise augmentation, as GameNGen and DIAMOND).
 
-The seed's setting (256 channels, 16 frames of 64x64, linear schedule, T = 1000) on one GPU, then on 8 GPUs:
+The seed's setting (256 channels, 16 frames of 64x64, linear schedule, T = 1000), 1 GPU then 8:
     python video_diffusion.py                                       # the generated sprites world
     python video_diffusion.py --dataset atari --env-id Breakout-v5  # random-policy Breakout clips
     python video_diffusion.py --dataset folder --data-dir my_videos # your videos (+ captions.json)
@@ -13,10 +13,10 @@ The seed's setting (256 channels, 16 frames of 64x64, linear schedule, T = 1000)
 On a CPU, offline: end to end in seconds (tiny), action and text control in about 20 minutes (cpu):
     python video_diffusion.py --preset tiny
     python video_diffusion.py --preset cpu
-Continue a run, or sample from it (MP4s in samples/, with a long video); watch it with tensorboard --logdir runs:
+Continue a run, or sample from it (MP4s in samples/, a long video); watch: tensorboard --logdir runs
     python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000
     python video_diffusion.py --resume RUN --sample-only --cfg-scale 3 --long-video-frames 64
-Steer a sprites model live (pip install pygame-ce) or headless from keys (MP4s in {run}/play/):  # optional: play
+Steer a sprites model live (pip install pygame-ce) or by keys (MP4s: {run}/play/):  # optional: play
     python video_diffusion.py --resume RUN --play  # optional: play
     python video_diffusion.py --resume RUN --play-keys RRRDDD --play-world both  # optional: play
 """
@@ -50,7 +50,8 @@ OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
 COMPILE_BACKEND = "inductor"
 # A flag's unit, shown by --help (--save-every STEPS) and read by the tests: one meaning per name.
 STEPS = tyro.conf.arg(metavar="STEPS")
-# Beside an Args field: its domain ('>= 1', '[0, 1)'), and RESUME_MUTABLE if --resume may change it (flag_marks).
+# Beside an Args field: its domain ('>= 1', '[0, 1)'), and RESUME_MUTABLE if --resume may change it
+# (flag_marks).
 RESUME_MUTABLE = "resume-mutable"
 
 
@@ -62,7 +63,7 @@ class Args:
     """seed of the experiment"""
     torch_deterministic: bool = True
     """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic and
-    CUBLAS_WORKSPACE_CONFIG, not strict deterministic algorithms (too slow): a CUDA resume is close"""
+    CUBLAS_WORKSPACE_CONFIG, not strict deterministic algorithms (too slow): CUDA resumes close"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -74,7 +75,7 @@ class Args:
     output_dir: Annotated[str, RESUME_MUTABLE] = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     preset: Optional[Literal["tiny", "cpu"]] = None
-    """tiny: a full sprites run in seconds on a CPU; cpu: caption and action control in minutes on a CPU"""
+    """tiny: a full sprites run in CPU seconds; cpu: caption and action control in CPU minutes"""
     config: Annotated[Optional[str], RESUME_MUTABLE] = None
     """a config.json written by an earlier run: its values become the defaults (flags still win)"""
     resume: Optional[str] = None
@@ -87,9 +88,9 @@ class Args:
     """headless play: one letter per step, N noop, U D L R, (Atari) F fire, Q E Z C the diagonals,
     lowercase: the same with fire, / restart; writes the MP4 to {run}/play/"""
     play_caption: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """play: the caption the frames are generated with (default: the null caption: keys alone steer)"""
+    """play: the caption the frames are generated with (default: null caption, keys alone steer)"""
     play_world: Annotated[Literal["imagined", "real", "both"], RESUME_MUTABLE] = "imagined"
-    """headless play: the model (imagined), the real sprites world, or both in turn with the same keys"""
+    """headless play: the model (imagined), the real sprites world, or both in turn, same keys"""
     play_size: Annotated[int, ">= 16", RESUME_MUTABLE] = 512
     """play: the frame's side in the window and in the play MP4s, in pixels"""
     play_fps: Annotated[float, "> 0", RESUME_MUTABLE] = 15.0
@@ -104,8 +105,9 @@ class Args:
 
     # Data
     dataset: Literal["sprites", "atari", "folder"] = "sprites"
-    """sprites (generated), atari (random-policy clips of --env-id) or folder (the videos under --data-dir, with
-    captions.json {file name: caption} or captions.txt of name<TAB>caption lines if there)"""
+    """sprites (generated), atari (random-policy clips of --env-id) or folder (the videos under
+    --data-dir, with captions.json {file name: caption} or captions.txt of name<TAB>caption lines if
+    there)"""
     data_dir: Annotated[str, RESUME_MUTABLE] = "data"
     """atari: episodes are recorded to {data_dir}/atari_v2/{env id}/; folder: the videos"""
     num_frames: Annotated[int, ">= 1"] = 16
@@ -117,7 +119,8 @@ class Args:
     num_distractors: Annotated[int, ">= 0"] = 2
     """sprites: bouncing grey squares that no action moves"""
     action_dim: Annotated[int, ">= 0"] = 0
-    """0: discrete actions (an embedding); > 0: continuous actions of this size through the seed's MLP (sprites: 2)"""
+    """0: discrete actions (an embedding); > 0: continuous actions of this size, the seed's MLP
+    (sprites: 2)"""
     env_id: str = "Breakout-v5"
     """atari: the ALE game (Breakout, Breakout-v5 and ALE/Breakout-v5 are the same)"""
     num_atari_episodes: Annotated[int, ">= 1"] = 50
@@ -147,21 +150,22 @@ class Args:
     max_text_len: Annotated[int, ">= 1"] = 16
     """caption words the model reads (words beyond are dropped, and a notice says so)"""
     cond_drop_prob: Annotated[float, "[0, 1]"] = 0.1
-    """p: in training the caption is dropped to null with probability p, and independently the actions"""
+    """p: training drops the caption to null with probability p, and independently the actions"""
     null_cond_prob: Annotated[float, "[0, 1]"] = 0.1
-    """q: probability of dropping both (the unconditional model of guidance: --cfg-scale other than 1 needs q > 0)"""
+    """q: probability of dropping both (the unconditional model of guidance: --cfg-scale other
+    than 1 needs q > 0)"""
     context_frames: Annotated[int, ">= 0"] = 4
-    """k: frames the model is conditioned on when it continues a video (autoregressive generation)"""
+    """k: frames the model is conditioned on to continue a video (autoregressive generation)"""
     context_prob: Annotated[float, "[0, 1]"] = 0.5
     """fraction of training clips whose first 1 to k frames (uniformly many) are given as context"""
     context_noise_max_step: Annotated[int, ">= 1"] = 100
-    """context noise augmentation: context frames are noised to a step in [0, this), told to the model"""
+    """context noise augmentation: context frames noised to a step in [0, this), told the model"""
     context_noise_sampling_step: Annotated[int, ">= 0", RESUME_MUTABLE] = 10
     """the context noise step used when generating (a little noise limits drift)"""
 
     # Diffusion
     prediction: Literal["eps", "v"] = "eps"
-    """the network predicts eps (DDPM) or v = sqrt(abar) eps - sqrt(1-abar) x0 (Salimans and Ho 2022)"""
+    """the net predicts eps (DDPM) or v = sqrt(abar) eps - sqrt(1-abar) x0 (Salimans and Ho 2022)"""
     timesteps: Annotated[int, ">= 1"] = 1000
     """number of diffusion steps T"""
     beta_schedule: Literal["linear", "cosine"] = "linear"
@@ -169,7 +173,7 @@ class Args:
     beta_start: Annotated[float, "(0, 1)"] = 1e-4
     """beta_1 of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps"""
     beta_end: Annotated[float, "(0, 1)"] = 0.02
-    """beta_T of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps, capped at 0.999"""
+    """beta_T of the linear schedule at --timesteps 1000; times 1000/--timesteps, capped at 0.999"""
 
     # Training
     total_steps: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 200_000
@@ -201,7 +205,7 @@ class Args:
     ddim_eta: Annotated[float, "[0, 1]", RESUME_MUTABLE] = 0.0
     """DDIM eta (0: deterministic)"""
     cfg_scale: Annotated[float, ">= 0", RESUME_MUTABLE] = 2.0
-    """guidance s on caption and actions: eps_u + s (eps_c - eps_u); 1: none, 0: the unconditional model"""
+    """guidance s on caption and actions: eps_u + s (eps_c - eps_u); 1: none, 0: unconditional"""
     num_eval_samples: Annotated[int, ">= 1", RESUME_MUTABLE] = 32
     """clips generated for each evaluation (samples and metrics)"""
     num_samples: Annotated[int, ">= 1", RESUME_MUTABLE] = 16
@@ -216,103 +220,119 @@ PRESETS = {
     # The whole loop in seconds on a CPU; 4 DDIM steps keep its evaluation (7 sets of clips) short.
     "tiny": dict(
         dataset="sprites", num_frames=8, img_size=16, num_sprite_clips=256, num_distractors=1,
-        model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2,
-        norm_groups=4, text_dim=32, text_layers=1, context_frames=2, prediction="v", total_steps=40,
-        batch_size=8, learning_rate=2e-3, warmup_steps=10, ema_decay=0.9, log_every=10, save_every=20,
-        eval_every=40, num_sampling_steps=4, num_eval_samples=8, num_samples=8, long_video_frames=12,
-        sample_batch_size=8,
+        model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+        num_heads=2, norm_groups=4, text_dim=32, text_layers=1, context_frames=2, prediction="v",
+        total_steps=40, batch_size=8, learning_rate=2e-3, warmup_steps=10, ema_decay=0.9,
+        log_every=10, save_every=20, eval_every=40, num_sampling_steps=4, num_eval_samples=8,
+        num_samples=8, long_video_frames=12, sample_batch_size=8,
     ),
     # Caption and action control in minutes on a CPU (benchmark/video_control.sh): tiny's U-Net on
     # 8x8 sprites, each condition dropped alone half the time, guidance 3, metrics on 128 clips.
     "cpu": dict(
         dataset="sprites", num_frames=6, img_size=8, num_sprite_clips=2048, num_distractors=0,
-        model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2,
-        norm_groups=4, text_dim=32, text_layers=1, context_frames=3, prediction="v", cond_drop_prob=0.5,
-        null_cond_prob=0.1, cfg_scale=3.0, total_steps=2000, batch_size=32, learning_rate=1e-3,
+        model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+        num_heads=2, norm_groups=4, text_dim=32, text_layers=1, context_frames=3, prediction="v",
+        cond_drop_prob=0.5, null_cond_prob=0.1, cfg_scale=3.0, total_steps=2000, batch_size=32,
+        learning_rate=1e-3,
         warmup_steps=10, ema_decay=0.9, log_every=100, save_every=500, eval_every=1000,
         first_sample_at=100, num_sampling_steps=8, num_eval_samples=128, num_samples=16,
         long_video_frames=6, sample_batch_size=128,
     ),
 }
-FLAG_ALIASES: dict[str, str] = {}  # flags spelled otherwise (diamond_atari.py accepts --game for --env-id)
-# What a checkpoint holds after its header, in checkpoint_state's order. The vocabulary and the action count fix
-# the model's shape: the run reads them before it builds it.
-CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler", "train_generator",
-                   "vocabulary", "num_actions")
+FLAG_ALIASES: dict[str, str] = {}  # flags spelled otherwise (diamond_atari.py: --game, --env-id)
+# What a checkpoint holds after its header, in checkpoint_state's order. The vocabulary and the
+# action count fix the model's shape: the run reads them before it builds it.
+CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler",
+                   "train_generator", "vocabulary", "num_actions")
 
 
 def check_args(args: Args, world_size: int):
-    """Settings that cannot work, refused at start-up in one line (before any data is read or run folder made)."""
+    """Settings that cannot work, refused at start-up in one line (before data or a run folder)."""
     check_arg_domains(args)
     levels, widths = len(args.channel_mult), sorted({args.model_channels * m for m in args.channel_mult})
     problems = [  # (refused when true, the line that says why and what to do)
         (args.batch_size % world_size,
          f"--batch-size {args.batch_size} is not divisible by the {world_size} torchrun processes"),
         (args.num_sampling_steps > args.timesteps,
-         f"--num-sampling-steps must be between 1 and --timesteps {args.timesteps}, not {args.num_sampling_steps}"),
+         f"--num-sampling-steps must be between 1 and --timesteps {args.timesteps}, "
+         f"not {args.num_sampling_steps}"),
         ((args.play or args.play_keys is not None) and not args.resume,  # optional: play
          "--play needs --resume RUN_FOLDER_OR_CHECKPOINT (a trained action-conditioned model)"),  # optional: play
-        (args.sample_only and not args.resume, "--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT"),
+        (args.sample_only and not args.resume,
+         "--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT"),
         (args.img_size % 2 ** (levels - 1),
-         f"--img-size {args.img_size} must be divisible by 2^{levels - 1} (one halving per level of --channel-mult)"),
+         f"--img-size {args.img_size} must be divisible by 2^{levels - 1} "
+         f"(one halving per level of --channel-mult)"),
         (any(w % args.num_heads for w in widths),
-         f"--num-heads {args.num_heads} must divide every level's width {widths} (--model-channels x --channel-mult)"),
+         f"--num-heads {args.num_heads} must divide every level's width {widths} "
+         f"(--model-channels x --channel-mult)"),
         (args.context_frames >= args.num_frames,
-         f"--context-frames must be between 0 and --num-frames - 1 = {args.num_frames - 1}, not {args.context_frames}"),
-        (args.context_noise_sampling_step >= args.timesteps or args.context_noise_max_step > args.timesteps,
-         f"--context-noise-max-step must be <= --timesteps {args.timesteps} and --context-noise-sampling-step less"),
+         f"--context-frames must be between 0 and --num-frames - 1 = {args.num_frames - 1}, "
+         f"not {args.context_frames}"),
+        (args.context_noise_sampling_step >= args.timesteps
+         or args.context_noise_max_step > args.timesteps,
+         f"--context-noise-max-step must be <= --timesteps {args.timesteps} "
+         f"and --context-noise-sampling-step less"),
         (args.long_video_frames < args.num_frames,
-         f"--long-video-frames {args.long_video_frames} must be at least --num-frames {args.num_frames}"),
+         f"--long-video-frames {args.long_video_frames} must be at least "
+         f"--num-frames {args.num_frames}"),
         (args.long_video_frames > args.num_frames and args.context_frames < 1,
          "--long-video-frames beyond --num-frames needs --context-frames of at least 1"),
         (args.action_dim and args.dataset != "sprites",
-         f"--action-dim {args.action_dim}: continuous actions exist in the sprites world only; drop it"),
+         f"--action-dim {args.action_dim}: continuous actions exist in the sprites world only; "
+         f"drop it"),
         (args.action_dim not in (0, 2) and args.dataset == "sprites",
-         f"--action-dim {args.action_dim}: the sprites' action is a 2-d velocity; use --action-dim 2 (or 0: discrete)"),
-        # Guidance extrapolates from eps_u, which --null-cond-prob trains on purpose (otherwise only when both
-        # independent drops coincide, in p^2 of the samples).
+         f"--action-dim {args.action_dim}: the sprites' action is a 2-d velocity; "
+         f"use --action-dim 2 (or 0: discrete)"),
+        # Guidance extrapolates from eps_u, which --null-cond-prob trains on purpose (otherwise only
+        # when both independent drops coincide, in p^2 of the samples).
         (args.null_cond_prob == 0 and args.cfg_scale != 1,
-         f"--cfg-scale {args.cfg_scale:g} guides with the unconditional model, which --null-cond-prob 0 does not "
-         f"train; use --cfg-scale 1 (no guidance), or train with --null-cond-prob > 0"),
+         f"--cfg-scale {args.cfg_scale:g} guides with the unconditional model, which "
+         f"--null-cond-prob 0 does not train; use --cfg-scale 1 (no guidance), or train with "
+         f"--null-cond-prob > 0"),
     ]
     for refused, message in problems:
         if refused:
             raise UserError(message)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Data: the sprites world (generated), Atari clips (recorded with a random policy into episode .npz files), video
-# folders. Each becomes uint8 frames (F, 3, H, W), the action that led into each frame, and clips (a start index, a
-# caption); a clip is frames[start : start + num_frames].
+# --------------------------------------------------------------------------------------------------
+# Data: the sprites world (generated), Atari clips (recorded with a random policy into episode .npz
+# files), video folders. Each becomes uint8 frames (F, 3, H, W), the action that led into each
+# frame, and clips (a start index, a caption); a clip is frames[start : start + num_frames].
 
 
 @dataclass
 class VideoData:
     frames: np.ndarray  # uint8 (F, 3, H, W)
-    actions: Optional[np.ndarray]  # the action that led into each frame: int64 (F,) or float32 (F, action_dim)
+    actions: Optional[np.ndarray]  # the action into each frame: int64 (F,), float32 (F, action_dim)
     clip_starts: np.ndarray  # int64 (N,)
     captions: list  # N strings ("" is the null caption)
-    directions: np.ndarray  # int64 (N,): sprites: the commanded direction (index into DIRECTIONS); -1 elsewhere
+    directions: np.ndarray  # int64 (N,): sprites: the commanded DIRECTIONS index; -1 elsewhere
     num_actions: int  # discrete actions (0: none, or continuous)
     dataset_id: str  # the run name's first part
-    sprite_states: Optional[list] = None  # sprites: each clip's initial state, to re-render it with other actions
+    sprite_states: Optional[list] = None  # sprites: clip starts, to re-render with other actions
 
 
-SPRITE_COLOURS = {"red": (230, 40, 40), "green": (40, 210, 40), "blue": (50, 90, 245), "yellow": (235, 215, 30)}
-DIRECTIONS = ["up", "down", "left", "right"]  # sprites: discrete action i + 1 moves the sprite DIRECTIONS[i]
+SPRITE_COLOURS = {"red": (230, 40, 40), "green": (40, 210, 40), "blue": (50, 90, 245),
+                  "yellow": (235, 215, 30)}
+DIRECTIONS = ["up", "down", "left", "right"]  # sprites: discrete action i + 1 goes DIRECTIONS[i]
 SPRITE_ACTIONS = ["noop"] + DIRECTIONS
-DIRECTION_VECTORS = np.array([[0, -1], [0, 1], [-1, 0], [1, 0], [0, 0]], dtype=np.float32)  # (dx, dy), y down; noop
+# (dx, dy), y down; then noop
+DIRECTION_VECTORS = np.array([[0, -1], [0, 1], [-1, 0], [1, 0], [0, 0]], dtype=np.float32)
 
 
 def sprite_geometry(img_size: int) -> tuple[int, int, int]:
-    """Sprite side, distractor side and sprite speed (pixels per step) for a frame size (8 px: 2, 16: 4, 64: 8)."""
+    """Sprite side, distractor side and sprite speed (pixels per step) for a frame size (8 px: 2,
+    16: 4, 64: 8)."""
     size = max(2, img_size // 4) if img_size <= 16 else max(4, img_size // 8)
     return size, max(1, size // 2), max(1, img_size // 32)
 
 
 def sprite_positions(state: dict, actions: np.ndarray, img_size: int) -> np.ndarray:
-    """The sprite's top-left corner (T, 2) under the action leading into each frame (actions[0] is ignored):
-    discrete 0 noop, 1-4 DIRECTIONS; continuous a (dx, dy) velocity in sprite speeds. It stops at the walls."""
+    """The sprite's top-left corner (T, 2) under the action leading into each frame (actions[0] is
+    ignored): discrete 0 noop, 1-4 DIRECTIONS; continuous a (dx, dy) velocity in sprite speeds. It
+    stops at the walls."""
     size, _, speed = sprite_geometry(img_size)
     pos, out = np.array(state["sprite"], dtype=np.float32), []
     for i, a in enumerate(actions):
@@ -333,22 +353,23 @@ def render_sprite_clip(state: dict, actions: np.ndarray, img_size: int) -> np.nd
     for i, (x, y) in enumerate(sprite_positions(state, actions, img_size).astype(int)):
         if i > 0:
             dpos = dpos + dvel
-            dvel = np.where((dpos < 0) | (dpos > img_size - dsize), -dvel, dvel)  # reflect off the walls
+            dvel = np.where((dpos < 0) | (dpos > img_size - dsize), -dvel, dvel)  # off the walls
             dpos = np.clip(dpos, 0, img_size - dsize)
         for dx, dy in np.round(dpos).astype(int):
             frames[i, dy: dy + dsize, dx: dx + dsize] = 150
-        frames[i, y: y + size, x: x + size] = SPRITE_COLOURS[state["colour"]]  # last: the sprite is always seen
+        frames[i, y: y + size, x: x + size] = SPRITE_COLOURS[state["colour"]]  # last: always seen
     return frames.transpose(0, 3, 1, 2)
 
 
 def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_distractors: int = 1,
                          action_dim: int = 0, seed: int = 0) -> VideoData:
-    """Clips of a coloured square that the actions move, captioned "a red square moves right". Each clip has a
-    commanded direction d: each action is d with probability 3/4, else a noop or a perpendicular move. The start is
-    uniform whatever d (the first frame does not tell the direction); a clip is redrawn until its net move is d."""
+    """Clips of a coloured square that the actions move, captioned "a red square moves right". Each
+    clip has a commanded direction d: each action is d with probability 3/4, else a noop or a
+    perpendicular move. The start is uniform whatever d (the first frame does not tell the
+    direction); a clip is redrawn until its net move is d."""
     if num_frames < 2:
-        raise UserError(f"--num-frames {num_frames}: a sprites clip needs at least 2 frames to show a move; use "
-                        f"--num-frames 2 or more")
+        raise UserError(f"--num-frames {num_frames}: a sprites clip needs at least 2 frames to "
+                        f"show a move; use --num-frames 2 or more")
     size, dsize, speed = sprite_geometry(img_size)
     rng = np.random.default_rng(seed)
     clips = []  # (frames, actions, caption, direction, initial state)
@@ -361,30 +382,35 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
             sideways = perpendicular[rng.integers(2, size=num_frames)] + 1
             clip_actions = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways)).astype(np.int64)
             clip_actions[0] = 0
-            if action_dim > 0:  # a velocity: the discrete move scaled by U(0.6, 1), plus a little jitter
+            if action_dim > 0:  # a velocity: the discrete move scaled by U(0.6, 1), plus jitter
                 a = DIRECTION_VECTORS[clip_actions - 1] * rng.uniform(0.6, 1.0, (num_frames, 1))
                 a = a + rng.normal(0, 0.05, (num_frames, 2))
                 a[0] = 0
                 clip_actions = a.astype(np.float32)
-            state = {"sprite": [float(xy[0]), float(xy[1])], "colour": list(SPRITE_COLOURS)[int(rng.integers(4))],
+            state = {"sprite": [float(xy[0]), float(xy[1])],
+                     "colour": list(SPRITE_COLOURS)[int(rng.integers(4))],
                      "distractors": rng.uniform(0, img_size - dsize, (num_distractors, 2)).tolist(),
-                     "distractor_velocities": (rng.choice([-1.0, 1.0], (num_distractors, 2)) * speed).tolist()}
+                     "distractor_velocities":
+                         (rng.choice([-1.0, 1.0], (num_distractors, 2)) * speed).tolist()}
             positions = sprite_positions(state, clip_actions, img_size)
             if direction_of_displacement(positions[-1] - positions[0]) == d:
                 break
         else:
-            raise UserError(f"--img-size {img_size} is too small for sprites moving over --num-frames {num_frames}")
+            raise UserError(f"--img-size {img_size} is too small for sprites moving over "
+                            f"--num-frames {num_frames}")
         caption = f"a {state['colour']} square moves {DIRECTIONS[d]}"
-        clips.append((render_sprite_clip(state, clip_actions, img_size), clip_actions, caption, d, state))
+        frames = render_sprite_clip(state, clip_actions, img_size)
+        clips.append((frames, clip_actions, caption, d, state))
     frames, actions, captions, directions, states = zip(*clips)
     return VideoData(frames=np.concatenate(frames), actions=np.concatenate(actions),
-                     clip_starts=np.arange(num_clips, dtype=np.int64) * num_frames, captions=list(captions),
-                     directions=np.array(directions, dtype=np.int64), num_actions=0 if action_dim else 5,
-                     dataset_id="sprites", sprite_states=list(states))
+                     clip_starts=np.arange(num_clips, dtype=np.int64) * num_frames,
+                     captions=list(captions), directions=np.array(directions, dtype=np.int64),
+                     num_actions=0 if action_dim else 5, dataset_id="sprites",
+                     sprite_states=list(states))
 
 
 def resize_frame(rgb: np.ndarray, img_size: int) -> np.ndarray:
-    """uint8 (h, w, 3) -> (3, img_size, img_size): center crop to a square, resize with INTER_AREA (no aliasing)."""
+    """uint8 (h, w, 3) -> (3, img_size, img_size): center crop to a square, INTER_AREA resize."""
     import cv2
 
     h, w = rgb.shape[:2]
@@ -406,40 +432,44 @@ def clips_of_episodes(episodes: list, num_frames: int) -> tuple[np.ndarray, np.n
     return np.concatenate(episodes), np.array(starts, dtype=np.int64), owners
 
 
-ATARI_AGENTS = {"Breakout": "paddle", "Pong": "paddle", "SpaceInvaders": "cannon", "Freeway": "chicken",
-                "Boxing": "boxer", "MsPacman": "pacman", "Seaquest": "submarine"}
+ATARI_AGENTS = {"Breakout": "paddle", "Pong": "paddle", "SpaceInvaders": "cannon",
+                "Freeway": "chicken", "Boxing": "boxer", "MsPacman": "pacman",
+                "Seaquest": "submarine"}
 
 
 def atari_ids(env_id: str) -> tuple[str, str, str]:
-    """(gymnasium id, canonical id without a slash, game) for Breakout / Breakout-v5 / ALE/Breakout-v5."""
+    """(gymnasium id, slash-free canonical id, game) for Breakout, Breakout-v5, ALE/Breakout-v5."""
     import ale_py
     import gymnasium as gym
 
     gym.register_envs(ale_py)
-    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Warning)  # no banner on stderr: an error stays one line
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Warning)  # no banner: errors stay one line
     game = re.sub(r"(NoFrameskip)?(-v\d+)?$", "", env_id.split("/")[-1])
-    games = sorted({k[len("ALE/"): -len("-v5")] for k in gym.registry if k.startswith("ALE/") and k.endswith("-v5")})
+    games = sorted({k[len("ALE/"): -len("-v5")] for k in gym.registry
+                    if k.startswith("ALE/") and k.endswith("-v5")})
     if game not in games:
         close = difflib.get_close_matches(game, games, n=3)
-        raise UserError(f"unknown Atari game --env-id {env_id}" + (f": did you mean {', '.join(close)}?" if close else
-                                                                   f" (known: {', '.join(games[:8])}, ...)"))
+        raise UserError(f"unknown Atari game --env-id {env_id}"
+                        + (f": did you mean {', '.join(close)}?" if close
+                           else f" (known: {', '.join(games[:8])}, ...)"))
     return f"ALE/{game}-v5", f"{game}-v5", game
 
 
 def describe_atari_action(meaning: str) -> str:
     """ALE action meaning -> words: RIGHTFIRE -> "moves right and fires", NOOP -> "stays still"."""
     moves = [d.lower() for d in ("UP", "DOWN", "LEFT", "RIGHT") if d in meaning]
-    words = (["moves " + " and ".join(moves)] if moves else []) + (["fires"] if "FIRE" in meaning else [])
+    words = ((["moves " + " and ".join(moves)] if moves else [])
+             + (["fires"] if "FIRE" in meaning else []))
     return " and ".join(words) or "stays still"
 
 
 def atari_folder(data_dir: str, canonical: str) -> Path:
-    return Path(data_dir) / "atari_v2" / canonical  # v2: recorded by atari_step (v1 kept ALE's last frame only)
+    return Path(data_dir) / "atari_v2" / canonical  # v2: by atari_step (v1: ALE's last frame only)
 
 
 def atari_step(env, action: int) -> tuple[np.ndarray, float, bool, bool]:
-    """One step as DIAMOND's AtariEnv.step: the action for 4 frames (the rewards summed, stopping at the episode's
-    end); the frame is the max over the last two (Atari sprites flicker)."""
+    """One step as DIAMOND's AtariEnv.step: the action for 4 frames (the rewards summed, stopping at
+    the episode's end); the frame is the max over the last two (Atari sprites flicker)."""
     reward, last_frames = 0.0, []
     for _ in range(4):
         frame, r, terminated, truncated, _ = env.step(action)
@@ -450,17 +480,19 @@ def atari_step(env, action: int) -> tuple[np.ndarray, float, bool, bool]:
     return np.maximum(last_frames[0], last_frames[-1]), reward, terminated, truncated
 
 
-def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_steps: int, img_size: int, seed: int,
-                          game: str):
-    """Random-policy episodes (each action held for 1-8 steps, so that motion shows) as episode files, written
-    atomically (a killed recording never leaves a half-written episode); existing ones are kept."""
+def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_steps: int,
+                          img_size: int, seed: int, game: str):
+    """Random-policy episodes (each action held for 1-8 steps, so that motion shows) as episode
+    files, written atomically (a killed recording never leaves a half-written episode); existing
+    ones are kept."""
     import gymnasium as gym
 
     folder.mkdir(parents=True, exist_ok=True)
     missing = [i for i in range(num_episodes) if not (folder / f"episode_{i:05d}.npz").exists()]
     if not missing:
         return  # no emulator to start
-    # frameskip 1: atari_step repeats the action itself; no sticky actions: the recorded action is the one executed
+    # frameskip 1: atari_step repeats the action itself; no sticky actions: the recorded action is
+    # the one executed
     env = gym.make(gym_id, frameskip=1, repeat_action_probability=0.0)
     try:
         for i in missing:
@@ -479,13 +511,14 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
             actions, rewards, terminated, truncated = (np.array(column) for column in zip(*steps))
             path, tmp = folder / f"episode_{i:05d}.npz", folder / f".episode_{i:05d}.tmp.npz"
             try:
-                np.savez(tmp, obs=np.stack(frames).transpose(0, 2, 3, 1), actions=actions.astype(np.int64),
-                         rewards=rewards.astype(np.float32), terminated=terminated, truncated=truncated,
-                         caption=np.array([game]))
+                np.savez(tmp, obs=np.stack(frames).transpose(0, 2, 3, 1),
+                         actions=actions.astype(np.int64), rewards=rewards.astype(np.float32),
+                         terminated=terminated, truncated=truncated, caption=np.array([game]))
                 os.replace(tmp, path)
             except OSError as e:  # a full disk: one line; the episodes recorded so far are kept
-                raise TrainingFailure(f"cannot write the recorded episode {path} ({e.strerror or e}): free disk "
-                                      f"space or make the folder writable, then start again") from None
+                raise TrainingFailure(f"cannot write the recorded episode {path} "
+                                      f"({e.strerror or e}): free disk space or make the folder "
+                                      f"writable, then start again") from None
             finally:  # also after a Ctrl-C in the middle of the write: no temporary file left
                 with contextlib.suppress(OSError):
                     tmp.unlink(missing_ok=True)
@@ -537,8 +570,8 @@ def load_atari_dataset(args: "Args") -> VideoData:
 
     gym_id, canonical, game = atari_ids(args.env_id)
     folder = atari_folder(args.data_dir, canonical)
-    record_atari_episodes(gym_id, folder, args.num_atari_episodes, args.atari_episode_steps, args.img_size, args.seed,
-                          game)
+    record_atari_episodes(gym_id, folder, args.num_atari_episodes, args.atari_episode_steps,
+                          args.img_size, args.seed, game)
     env = gym.make(gym_id)
     meanings = env.unwrapped.get_action_meanings()
     env.close()
@@ -549,22 +582,24 @@ def load_atari_dataset(args: "Args") -> VideoData:
         if obs.shape[1:3] != (args.img_size, args.img_size):
             obs = np.stack([resize_frame(o, args.img_size).transpose(1, 2, 0) for o in obs])
         episodes.append(np.ascontiguousarray(obs.transpose(0, 3, 1, 2)))
-        episode_actions.append(np.concatenate([[0], episode["actions"]]))  # NOOP (0) leads into the first frame
+        episode_actions.append(np.concatenate([[0], episode["actions"]]))  # NOOP into frame 0
     frames, starts, owners = clips_of_episodes(episodes, args.num_frames)
     if len(starts) == 0:
-        raise UserError(f"no episode in {folder} has {args.num_frames} frames: raise --atari-episode-steps or lower "
-                        f"--num-frames")
+        raise UserError(f"no episode in {folder} has {args.num_frames} frames: raise "
+                        f"--atari-episode-steps or lower --num-frames")
     captions = []
     for e, s in owners:
-        held = np.bincount(episode_actions[e][s + 1: s + args.num_frames], minlength=len(meanings)).argmax()
-        captions.append(f"{game}: the {ATARI_AGENTS.get(game, 'player')} {describe_atari_action(meanings[held])}")
-    return VideoData(frames=frames, actions=np.concatenate(episode_actions), clip_starts=starts, captions=captions,
-                     directions=np.full(len(starts), -1, dtype=np.int64), num_actions=len(meanings),
-                     dataset_id=canonical)
+        held = np.bincount(episode_actions[e][s + 1: s + args.num_frames],
+                           minlength=len(meanings)).argmax()
+        agent = ATARI_AGENTS.get(game, 'player')
+        captions.append(f"{game}: the {agent} {describe_atari_action(meanings[held])}")
+    return VideoData(frames=frames, actions=np.concatenate(episode_actions), clip_starts=starts,
+                     captions=captions, directions=np.full(len(starts), -1, dtype=np.int64),
+                     num_actions=len(meanings), dataset_id=canonical)
 
 
 def read_captions_file(path: Path) -> dict:
-    """{file name: caption} from JSON or name<TAB>caption lines; a file that is neither is one line naming it."""
+    """{file name: caption} from JSON or name<TAB>caption lines; else one line naming the file."""
     try:
         text = path.read_text()
         captions = json.loads(text) if path.suffix == ".json" else dict(
@@ -573,13 +608,14 @@ def read_captions_file(path: Path) -> dict:
             raise ValueError("expected a JSON object {file name: caption}")
         return {str(k): str(v) for k, v in captions.items()}
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read captions file {path} ({e}): use JSON {{name: caption}} or name<TAB>caption "
-                        f"lines") from None
+        raise UserError(f"cannot read captions file {path} ({e}): use JSON {{name: caption}} or "
+                        f"name<TAB>caption lines") from None
 
 
 def read_video(path: Path, img_size: int) -> list[np.ndarray]:
-    """A video file's frames, each through resize_frame. An empty or unreadable file, or one OpenCV decodes no
-    frame of, is refused in one line naming it (FFmpeg's own "moov atom not found" names no file)."""
+    """A video file's frames, each through resize_frame. An empty or unreadable file, or one OpenCV
+    decodes no frame of, is refused in one line naming it (FFmpeg's own "moov atom not found" names
+    no file)."""
     import cv2
 
     fix = "replace it with a video OpenCV can read or remove it"
@@ -588,8 +624,10 @@ def read_video(path: Path, img_size: int) -> list[np.ndarray]:
             if not f.read(1):
                 raise UserError(f"{path}: empty file; {fix}")
     except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror}); make it readable or remove it") from None
-    # FFmpeg writes to file descriptor 2 itself (OpenCV's log level does not reach it): silenced while the file opens
+        raise UserError(f"{path}: cannot read it ({e.strerror}); make it readable or "
+                        f"remove it") from None
+    # FFmpeg writes to file descriptor 2 itself (OpenCV's log level does not reach it): silenced
+    # while the file opens
     sys.stderr.flush()
     stderr_fd, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
@@ -606,8 +644,8 @@ def read_video(path: Path, img_size: int) -> list[np.ndarray]:
         ok, bgr = capture.read()
     capture.release()
     if not frames:
-        raise UserError(f"{path}: OpenCV decodes no frame of it (a cut or corrupt file, or a codec its FFmpeg "
-                        f"lacks); {fix}")
+        raise UserError(f"{path}: OpenCV decodes no frame of it (a cut or corrupt file, or a codec "
+                        f"its FFmpeg lacks); {fix}")
     return frames
 
 
@@ -615,18 +653,20 @@ def load_video_folder(args: "Args") -> VideoData:
     """Every video under data_dir, center-cropped and resized; optional captions by file name."""
     root = Path(args.data_dir)
     if not root.is_dir():
-        raise UserError(f"--data-dir {args.data_dir} is not a folder (--dataset folder reads videos from it)")
+        raise UserError(f"--data-dir {args.data_dir} is not a folder (--dataset folder reads "
+                        f"videos from it)")
 
-    def unreadable(e: OSError):  # os.walk's onerror (Path.rglob would skip the folder without a word)
-        raise UserError(f"{e.filename}: cannot read this folder ({e.strerror}); make it readable or move it out of "
-                        f"--data-dir")
+    def unreadable(e: OSError):  # os.walk's onerror (Path.rglob would skip the folder silently)
+        raise UserError(f"{e.filename}: cannot read this folder ({e.strerror}); make it readable "
+                        f"or move it out of --data-dir")
 
     extensions = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif"}
-    paths = sorted(Path(folder) / name for folder, _, names in os.walk(root, onerror=unreadable) for name in names
-                   if Path(name).suffix.lower() in extensions)
+    paths = sorted(Path(folder) / name for folder, _, names in os.walk(root, onerror=unreadable)
+                   for name in names if Path(name).suffix.lower() in extensions)
     if not paths:
         raise UserError(f"no videos ({', '.join(sorted(extensions))}) under {args.data_dir}")
-    captions_path = next((root / n for n in ("captions.json", "captions.txt") if (root / n).is_file()), None)
+    captions_path = next((root / n for n in ("captions.json", "captions.txt")
+                          if (root / n).is_file()), None)
     by_name = read_captions_file(captions_path) if captions_path else {}
     episodes, episode_captions = [], []
     for p in paths:
@@ -636,29 +676,31 @@ def load_video_folder(args: "Args") -> VideoData:
             keys = (str(p.relative_to(root)), p.name, p.stem)
             episode_captions.append(next((by_name[k] for k in keys if k in by_name), ""))
     if not episodes:
-        raise UserError(f"no video under {args.data_dir} has --num-frames {args.num_frames} readable frames: check "
-                        f"the files or lower --num-frames")
+        raise UserError(f"no video under {args.data_dir} has --num-frames {args.num_frames} "
+                        f"readable frames: check the files or lower --num-frames")
     frames, starts, owners = clips_of_episodes(episodes, args.num_frames)
-    return VideoData(frames=frames, actions=None, clip_starts=starts, captions=[episode_captions[e] for e, _ in owners],
-                     directions=np.full(len(starts), -1, dtype=np.int64), num_actions=0, dataset_id="folder")
+    return VideoData(frames=frames, actions=None, clip_starts=starts,
+                     captions=[episode_captions[e] for e, _ in owners],
+                     directions=np.full(len(starts), -1, dtype=np.int64), num_actions=0,
+                     dataset_id="folder")
 
 
 def load_dataset(args: "Args") -> VideoData:
     if args.dataset == "sprites":
-        return make_sprites_dataset(args.num_sprite_clips, args.num_frames, args.img_size, args.num_distractors,
-                                    args.action_dim, seed=args.seed)
+        return make_sprites_dataset(args.num_sprite_clips, args.num_frames, args.img_size,
+                                    args.num_distractors, args.action_dim, seed=args.seed)
     return load_atari_dataset(args) if args.dataset == "atari" else load_video_folder(args)
 
 
 def eval_subset(data: VideoData, args: "Args") -> VideoData:
-    """The clips the metrics use: held-out sprites (another seed), or clips spread evenly over the dataset."""
+    """The clips the metrics use: held-out sprites (another seed), or clips spread over the data."""
     n = args.num_eval_samples
     if args.dataset == "sprites":
-        return make_sprites_dataset(n, args.num_frames, args.img_size, args.num_distractors, args.action_dim,
-                                    seed=args.seed + 1_000)
+        return make_sprites_dataset(n, args.num_frames, args.img_size, args.num_distractors,
+                                    args.action_dim, seed=args.seed + 1_000)
     chosen = np.linspace(0, len(data.clip_starts) - 1, n).round().astype(np.int64)
-    return replace(data, clip_starts=data.clip_starts[chosen], captions=[data.captions[i] for i in chosen],
-                   directions=data.directions[chosen])
+    return replace(data, clip_starts=data.clip_starts[chosen],
+                   captions=[data.captions[i] for i in chosen], directions=data.directions[chosen])
 
 
 def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
@@ -677,8 +719,9 @@ def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) 
     return order[start - first * num_items: start - first * num_items + batch_size]
 
 
-# Words: a vocabulary built from the dataset's captions, learned with the model (a pretrained text encoder needs a
-# hub). Token 0 pads; the empty caption is the single token <null>: the null condition for guidance.
+# Words: a vocabulary built from the dataset's captions, learned with the model (a pretrained text
+# encoder needs a hub). Token 0 pads; the empty caption is the single token <null>: the null
+# condition for guidance.
 SPECIAL_TOKENS = ["<pad>", "<null>", "<unk>"]
 PAD_ID, NULL_ID, UNK_ID = 0, 1, 2
 
@@ -692,7 +735,7 @@ def build_vocabulary(captions: list) -> list[str]:
 
 
 def tokenize(captions: list, vocabulary: list, max_len: int) -> torch.Tensor:
-    """Captions -> int64 (N, max_len): word ids (unknown words -> <unk>), <null> for an empty caption, padded."""
+    """Captions -> int64 (N, max_len): word ids (unknown: <unk>), <null> if empty, padded."""
     index = {w: i for i, w in enumerate(vocabulary)}
     out = torch.full((len(captions), max_len), PAD_ID, dtype=torch.long)
     for i, caption in enumerate(captions):
@@ -702,30 +745,32 @@ def tokenize(captions: list, vocabulary: list, max_len: int) -> torch.Tensor:
 
 
 def caption_as_read(caption: str, vocabulary: list, max_len: int) -> str:
-    """The caption as tokenize gives it to the model: its first max_len words, an unknown one as <unk>."""
+    """The caption as tokenize gives it to the model: its first max_len words, unknown as <unk>."""
     known = set(vocabulary)
     return " ".join(w if w in known else "<unk>" for w in caption_words(caption)[:max_len])
 
 
 def unknown_words(captions: list, vocabulary: list, max_len: int) -> list[str]:
-    """The words within the first max_len of each caption that the vocabulary lacks, in order of first use."""
+    """The words in the first max_len of each caption that the vocabulary lacks, by first use."""
     known = set(vocabulary)
-    return list(dict.fromkeys(w for c in captions for w in caption_words(c)[:max_len] if w not in known))
+    return list(dict.fromkeys(w for c in captions for w in caption_words(c)[:max_len]
+                              if w not in known))
 
 
 def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list[str]:
-    """At most one notice: how many captions tokenize cuts to max_len words, and the words a resumed model's
-    vocabulary lacks (each read as the untrained <unk>)."""
+    """At most one notice: how many captions tokenize cuts to max_len words, and the words a resumed
+    model's vocabulary lacks (each read as the untrained <unk>)."""
     distinct = {tuple(caption_words(c)) for c in captions}
     cut = sum(len(words) > max_len for words in distinct)
     unknown = unknown_words(captions, vocabulary, max_len)
-    said = [f"{cut} of {len(distinct)} captions are cut to their first --max-text-len {max_len} words"] if cut else []
+    said = ([f"{cut} of {len(distinct)} captions are cut to their first --max-text-len "
+             f"{max_len} words"] if cut else [])
     if unknown:
         said.append(f"words the model never learned, read as <unk>: {', '.join(unknown)}")
     return ["notice: " + "; ".join(said)] if said else []
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Noise schedule. Everything is computed in float64 and cast at the point of use.
 
 
@@ -747,16 +792,17 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 def noise_context(context: torch.Tensor, level: torch.Tensor, alphas_cumprod: torch.Tensor,
                   noise: torch.Tensor) -> torch.Tensor:
-    """Context noise augmentation: q(c_s | c) = sqrt(abar_s) c + sqrt(1 - abar_s) n at step s = level (B,); level 0
-    is (almost) clean. The model is told s, so it learns how much to trust its (possibly drifting) context."""
+    """Context noise augmentation: q(c_s | c) = sqrt(abar_s) c + sqrt(1 - abar_s) n at step
+    s = level (B,); level 0 is (almost) clean. The model is told s, so it learns how much to trust
+    its (possibly drifting) context."""
     abar = alphas_cumprod.to(context.device)[level].float()[:, None, None, None, None]
     return abar.sqrt() * context + (1 - abar).sqrt() * noise
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Model: the seed's 3D U-Net (VideoDiffusionModel), its blocks factorised over space and time as in Video Diffusion
-# Models. Tensors are (B, C, T, H, W); the conditioning vector is per frame (B, T, 4C): time + context noise level +
-# pooled caption + that frame's action.
+# --------------------------------------------------------------------------------------------------
+# Model: the seed's 3D U-Net (VideoDiffusionModel), its blocks factorised over space and time as in
+# Video Diffusion Models. Tensors are (B, C, T, H, W); the conditioning vector is per frame
+# (B, T, 4C): time + context noise level + pooled caption + that frame's action.
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -785,8 +831,9 @@ class SinusoidalPosEmb(nn.Module):
 
 
 class ResBlock3D(nn.Module):
-    """GN-swish-conv(1x3x3), + Dense(swish(emb)) per frame, GN-swish-dropout-conv(1x3x3), shortcut; then temporal
-    mixing, + conv(3x1x1)(swish(GN(h))): a (2+1)D factorisation. Starts as the identity (zero last convs)."""
+    """GN-swish-conv(1x3x3), + Dense(swish(emb)) per frame, GN-swish-dropout-conv(1x3x3), shortcut;
+    then temporal mixing, + conv(3x1x1)(swish(GN(h))): a (2+1)D factorisation. Starts as the
+    identity (zero last convs)."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0,
                  norm_groups: int = 32):
@@ -835,8 +882,9 @@ class CrossAttention(nn.Module):
 
 
 class SpatioTemporalAttention(nn.Module):
-    """Spatial self-attention (frames as batch), then temporal self-attention (pixels as batch) with a learned
-    relative position bias (any clip length works), then cross-attention to the caption; each a residual branch."""
+    """Spatial self-attention (frames as batch), then temporal self-attention (pixels as batch) with
+    a learned relative position bias (any clip length works), then cross-attention to the caption;
+    each a residual branch."""
 
     def __init__(self, channels: int, num_heads: int = 8, norm_groups: int = 32, context_dim: int = 256,
                  max_relative_position: int = 32):
@@ -907,9 +955,10 @@ class TextEncoder(nn.Module):
 
 
 class VideoDiffusionModel(nn.Module):
-    """The 3D U-Net: eps(x_t, t | caption, actions, context) for clips (B, 3, T, H, W) in [-1, 1]. The caption's mean
-    token and each frame's action join the time embedding; context frames and their mask join the input channels,
-    the noisy input zeroed there, and their noise level is embedded like the time."""
+    """The 3D U-Net: eps(x_t, t | caption, actions, context) for clips (B, 3, T, H, W) in [-1, 1].
+    The caption's mean token and each frame's action join the time embedding; context frames and
+    their mask join the input channels, the noisy input zeroed there, and their noise level is
+    embedded like the time."""
 
     def __init__(self, in_channels: int = 3, model_channels: int = 256, num_res_blocks: int = 2,
                  channel_mult: tuple[int, ...] = (1, 2, 2), attn_resolutions: tuple[int, ...] = (32, 16),
@@ -993,9 +1042,10 @@ class VideoDiffusionModel(nn.Module):
                 actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
                 context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                 context_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, 3, T, H, W), t (B,) int; text (B, L) tokens (None: the null caption); actions (B, T) int or
-        (B, T, A) float (None: null); drop_actions (B,) bool; context (B, 3, T, H, W) with context_mask (B, T)
-        (1 for context frames) and context_noise (B,), the step the context was noised to."""
+        """x (B, 3, T, H, W), t (B,) int; text (B, L) tokens (None: the null caption); actions
+        (B, T) int or (B, T, A) float (None: null); drop_actions (B,) bool; context (B, 3, T, H, W)
+        with context_mask (B, T) (1 for context frames) and context_noise (B,), the step the context
+        was noised to."""
         b, _, num_frames, height, width = x.shape
         emb = self.time_embed(t)
         if context_noise is not None:
@@ -1041,10 +1091,10 @@ def build_model(args: "Args", vocab_size: int, num_actions: int) -> VideoDiffusi
                                args.action_dim, vocab_size, args.text_dim, args.text_layers, args.max_text_len)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Samplers. Each takes model_fn(x_t, t) -> predicted noise for integer timesteps t of shape (B,), the starting noise
-# x_T (any shape: here (B, 3, T, H, W)), and alphas_cumprod (float64, length T). Coefficients are computed in
-# float64 and cast to x's dtype.
+# --------------------------------------------------------------------------------------------------
+# Samplers. Each takes model_fn(x_t, t) -> predicted noise for integer timesteps t of shape (B,),
+# the starting noise x_T (any shape: here (B, 3, T, H, W)), and alphas_cumprod (float64, length T).
+# Coefficients are computed in float64 and cast to x's dtype.
 
 
 # ==== BEGIN SHARED SAMPLERS: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
@@ -1141,9 +1191,10 @@ def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Ten
                     context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                     context_noise: Optional[torch.Tensor] = None, autocast=contextlib.nullcontext(),
                     prediction: str = "eps", alphas_cumprod: Optional[torch.Tensor] = None) -> Callable:
-    """model_fn(x_t, t) -> eps guided on caption and actions, eps = eps_u + s (eps_c - eps_u), both halves in one
-    forward; eps_u has the null caption and actions (context frames stay: the past is no condition). A v-prediction
-    becomes eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t (affine in v: guiding v or eps is the same)."""
+    """model_fn(x_t, t) -> eps guided on caption and actions, eps = eps_u + s (eps_c - eps_u), both
+    halves in one forward; eps_u has the null caption and actions (context frames stay: the past is
+    no condition). A v-prediction becomes eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t (affine in v:
+    guiding v or eps is the same)."""
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         null_text = model.null_text(x.shape[0], x.device)
@@ -1212,8 +1263,9 @@ def generate_long_video(model: nn.Module, alphas_cumprod: torch.Tensor, num_fram
                         num_context: int, shape: tuple, generator: torch.Generator,
                         text: Optional[torch.Tensor] = None, actions: Optional[torch.Tensor] = None,
                         drop_actions: Optional[torch.Tensor] = None, **sample_kwargs) -> torch.Tensor:
-    """Autoregressive video (B, 3, num_frames, H, W) in [-1, 1] from clips of `shape` (clip_frames long), each after
-    the first given the last num_context frames. actions (B, num_frames[, A]) cover the whole video."""
+    """Autoregressive video (B, 3, num_frames, H, W) in [-1, 1] from clips of `shape` (clip_frames
+    long), each after the first given the last num_context frames. actions (B, num_frames[, A])
+    cover the whole video."""
 
     def actions_from(start: int) -> Optional[torch.Tensor]:  # the video's last action is held past its end
         index = torch.arange(start, start + clip_frames, device=generator.device).clamp(max=num_frames - 1)
@@ -1238,9 +1290,10 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
                          context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                          context_level: Optional[torch.Tensor] = None, prediction: str = "eps",
                          autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """L_simple (Ho et al. eq. 14) = || target - f(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, conditions) ||^2,
-    target eps or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0; x0, noise (B, 3, T, H, W). Context frames
-    (context_mask 1) are left out of the sum, still divided by the clip's size (the same scale on every DDP rank)."""
+    """L_simple (Ho et al. eq. 14) = || target - f(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t,
+    conditions) ||^2, target eps or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0; x0, noise
+    (B, 3, T, H, W). Context frames (context_mask 1) are left out of the sum, still divided by the
+    clip's size (the same scale on every DDP rank)."""
     sqrt_abar = alphas_cumprod[t].sqrt().float()[:, None, None, None, None]
     sqrt_one_minus_abar = (1 - alphas_cumprod[t]).sqrt().float()[:, None, None, None, None]
     x_t = sqrt_abar * x0 + sqrt_one_minus_abar * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
@@ -1288,8 +1341,9 @@ class DeviceClips:
         drop_both = torch.rand(B, generator=generator, device=device) < args.null_cond_prob
         drop_text = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
         drop_actions = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
-        # Context: the first 1..k frames of some clips, noised to a level in [0, context_noise_max_step) that
-        # the model is told (context noise augmentation: generated context frames drift less at sampling).
+        # Context: the first 1..k frames of some clips, noised to a level in
+        # [0, context_noise_max_step) that the model is told (context noise augmentation: generated
+        # context frames drift less at sampling).
         use_context = torch.rand(B, generator=generator, device=device) < args.context_prob
         num_context = torch.randint(1, max(args.context_frames, 1) + 1, (B,), generator=generator, device=device)
         context_level = torch.randint(0, args.context_noise_max_step, (B,), generator=generator, device=device)
@@ -1319,9 +1373,10 @@ def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[
     return sum(p.numel() for p in model.parameters()), activations, flops
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Evaluation: rollout PSNR with the true actions, with shuffled actions and of copying the last frame (Genie's
-# delta-PSNR: do the actions matter?), and on sprites whether the sprite moves the way the caption or actions say.
+# --------------------------------------------------------------------------------------------------
+# Evaluation: rollout PSNR with the true actions, with shuffled actions and of copying the last
+# frame (Genie's delta-PSNR: do the actions matter?), and on sprites whether the sprite moves the
+# way the caption or actions say.
 
 
 def rollout_psnr(predicted: np.ndarray, real: np.ndarray, first_frame: int = 0) -> float:
@@ -1340,8 +1395,9 @@ def direction_of_displacement(displacement: np.ndarray, min_pixels: float = 0.5)
 
 
 def movement_directions(clips: np.ndarray) -> np.ndarray:
-    """The direction each clip's (B, 3, T, H, W) sprite moved, first frame to last, from the centroid of the
-    saturated pixels (the sprite is the only coloured thing); -1: no sprite found, or it did not move."""
+    """The direction each clip's (B, 3, T, H, W) sprite moved, first frame to last, from the
+    centroid of the saturated pixels (the sprite is the only coloured thing); -1: no sprite found,
+    or it did not move."""
     x = clips.astype(np.float32) / 255.0
     weight = np.clip(x.max(1) - x.min(1) - 0.4, 0, None)  # saturation: sprite colours have 0.67 to 0.8
     h, w = weight.shape[-2:]
@@ -1360,8 +1416,9 @@ def direction_accuracy(clips: np.ndarray, directions: np.ndarray) -> float:
 
 
 class EvalSampler(DeviceClips):
-    """Clips and long videos from a model (the EMA weights), conditioned on held-out clips. Seeded generators: the
-    same noise every time (samples comparable across steps), and the training RNGs untouched (exact resume)."""
+    """Clips and long videos from a model (the EMA weights), conditioned on held-out clips. Seeded
+    generators: the same noise every time (samples comparable across steps), and the training RNGs
+    untouched (exact resume)."""
 
     def __init__(self, model: nn.Module, alphas_cumprod: torch.Tensor, eval_data: VideoData, vocabulary: list,
                  args: Args, autocast, device: torch.device):
@@ -1407,14 +1464,15 @@ class EvalSampler(DeviceClips):
 
 
 # ==== BEGIN OPTIONAL: judge ====
-# The judge is optional: delete this block (this BEGIN line to its END line) and every line that ends in
-# "# optional: judge", and the script runs as before without eval/judge_* (tests/test_optional_blocks.py checks it):
+# The judge is optional: delete this block (this BEGIN line to its END line) and every line that
+# ends in "# optional: judge", and the script runs as before without eval/judge_*
+# (tests/test_optional_blocks.py checks it):
 # sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' video_diffusion.py > x.py
 
 # ==== BEGIN SHARED JUDGE: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
-# An offline sample-quality score for the generated datasets (FID needs Inception weights): a small CNN classifier,
-# trained once on real generated images and cached, judges the samples (eval/judge_*). Not FID: its values mean
-# nothing across datasets.
+# An offline sample-quality score for the generated datasets (FID needs Inception weights): a small
+# CNN classifier, trained once on real generated images and cached, judges the samples
+# (eval/judge_*). Not FID: its values mean nothing across datasets.
 
 JUDGE_VERSION = 1  # part of the cache file name: a changed network never loads an old cache
 
@@ -1523,8 +1581,9 @@ def sprite_colour_labels(captions: list) -> np.ndarray:
 
 
 def make_sprites_judge(args: Args, num_frames_scored: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
-    """The judge of the sprite's colour on single frames (trained once on 512 clips of 8 frames, cached in
-    {data_dir}/judge/), and at least 2 * num_frames_scored held-out real frames and their colours."""
+    """The judge of the sprite's colour on single frames (trained once on 512 clips of 8 frames,
+    cached in {data_dir}/judge/), and at least 2 * num_frames_scored held-out real frames and their
+    colours."""
     def frames_and_colours(data: VideoData) -> tuple[np.ndarray, np.ndarray]:
         return data.frames, np.repeat(sprite_colour_labels(data.captions), len(data.frames) // len(data.captions))
 
@@ -1586,9 +1645,10 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict
         pairs = np.stack([real[:shown], rollouts["true_actions"][:shown]], axis=1).reshape(2 * shown, *real.shape[1:])
         writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step, dataformats="HWC")
     if args.dataset == "sprites" and k > 0:
-        # Does the sprite go where the caption (alone) or the actions (alone) say, from the real first frame (where
-        # it starts, not where it goes)? "swapped": each first frame commanded with another clip's caption or
-        # actions; a model that learned a direction from anything but the command scores chance there.
+        # Does the sprite go where the caption (alone) or the actions (alone) say, from the real
+        # first frame (where it starts, not where it goes)? "swapped": each first frame commanded
+        # with another clip's caption or actions; a model that learned a direction from anything but
+        # the command scores chance there.
         directions = np.resize(sampler.directions, n)
         others = sampler.directions[(np.arange(n) + 1) % len(sampler.directions)]
         for kind, flags, shift in (("text", dict(use_actions=False), "text_shift"),
@@ -1609,7 +1669,7 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict
     return metrics
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Utilities: sample files (the shared machinery, at the end of the file, writes them).
 
 
@@ -1657,8 +1717,9 @@ def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> P
 
 
 # ==== BEGIN OPTIONAL: play ====
-# Play: a sprites model as a game, in a pygame window or headless from keys. Optional: delete the play blocks (here
-# and in Args) and every line ending in "# optional: play" (tests/test_optional_blocks.py checks it):
+# Play: a sprites model as a game, in a pygame window or headless from keys. Optional: delete the
+# play blocks (here and in Args) and every line ending in "# optional: play"
+# (tests/test_optional_blocks.py checks it):
 #   sed '/^# ==== BEGIN OPTIONAL: play/,/^# ==== END OPTIONAL: play/d; /# optional: play$/d' video_diffusion.py > x.py
 
 # --play-keys letters: N noop, U D L R the sprite's moves, '/' restarts (DIAMOND's Atari games add fire, diagonals).
@@ -1763,8 +1824,9 @@ def import_pygame():
 
 
 def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float):
-    """The live session: the model (Tab: the real sprites world) steps at most max_fps times a second with the held
-    keys' action; Enter restarts, R starts and stops recording (an MP4), Esc or closing the window quits."""
+    """The live session: the model (Tab: the real sprites world) steps at most max_fps times a
+    second with the held keys' action; Enter restarts, R starts and stops recording (an MP4), Esc or
+    closing the window quits."""
     pygame = import_pygame()
     pygame.display.init()  # the display alone: no audio device needed
     driver = pygame.display.get_driver()
@@ -1811,9 +1873,10 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
 
 def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=contextlib.nullcontext(),
                clip: Optional[int] = None) -> dict:
-    """The checkpoint's EMA model as a game from held-out clip `clip` (default: --seed's): each step generates a clip
-    whose first k = --context-frames frames are the last k shown, the new action held after them, and shows frame k.
-    Returns {"games": {"imagined": factory, "real": factory}, "meanings": action names, "caption"}."""
+    """The checkpoint's EMA model as a game from held-out clip `clip` (default: --seed's): each step
+    generates a clip whose first k = --context-frames frames are the last k shown, the new action
+    held after them, and shows frame k. Returns {"games": {"imagined": factory, "real": factory},
+    "meanings": action names, "caption"}."""
     num_actions, vocabulary = checkpoint["num_actions"], checkpoint["vocabulary"]
     if args.dataset == "folder" or num_actions == 0 and args.action_dim == 0 or args.context_frames < 1:
         raise UserError(f"--play steers an action-conditioned model (sprites or Atari clips) frame by frame from its "
@@ -1889,8 +1952,8 @@ def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], 
 
 
 def check_given_caption(caption: str, vocabulary: list, max_len: int):
-    """--play-caption: a word the model does not know (the untrained <unk>: it would steer nowhere) is refused in
-    one line; words beyond max_len are said in a notice."""
+    """--play-caption: a word the model does not know (the untrained <unk>: it would steer nowhere)
+    is refused in one line; words beyond max_len are said in a notice."""
     unknown, words = unknown_words([caption], vocabulary, max_len), caption_words(caption)
     if unknown:
         known = vocabulary[len(SPECIAL_TOKENS):]
@@ -1907,7 +1970,7 @@ def check_given_caption(caption: str, vocabulary: list, max_len: int):
 # ==== END OPTIONAL: play ====
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The run: sampling only, the run folder, logging, samples during training, checkpoints, main.
 
 
