@@ -1926,10 +1926,9 @@ def add_step(episode: dict, action: int, obs: np.ndarray, reward: float, termina
 
 
 class Collector:
-    """The real environment and what is collected from it: the episode in progress (the buffer's newest),
-    the actor's LSTM state, the env steps, the held-out transitions (collected since the world model was
-    last measured, never trained on), the reward/end pools on them, and the newest num_fork_starts env
-    states, saved along the way for imagined_and_real_returns."""
+    """The real environment and what is collected from it: the episode in progress, the actor's LSTM state,
+    the held-out transitions (since the world model was last measured), the reward/end pools on them, and the
+    newest num_fork_starts env states, saved along the way for imagined_and_real_returns."""
     num_fork_starts = 8
 
     def __init__(self, env: Union[AtariEnv, CatchEnv], buffer: ReplayBuffer, generator: torch.Generator,
@@ -2460,14 +2459,10 @@ def run_time_lines(seconds_per_unit: dict[str, float], left: dict[str, int], set
 def load_dataset_dir(args: Args, buffer: ReplayBuffer, num_actions: int) -> tuple[list[int], torch.Tensor]:
     """--dataset-dir: every episode .npz into the buffer. Returns the training episodes and the
     held-out transitions (in the last 10% of the episodes: where world_model/* is measured)."""
-    folder = Path(args.dataset_dir)
-    paths = sorted(p for p in folder.glob("*.npz") if not p.name.startswith(".")) if folder.is_dir() else []
-    if not paths:
-        raise UserError(f"--dataset-dir {args.dataset_dir}: no episode .npz files (one per episode: obs, "
-                        f"actions, rewards, terminated, truncated)")
+    paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))
     if len(paths) < 2:
-        raise UserError(f"--dataset-dir {args.dataset_dir} has 1 episode: give at least 2 (the last 10% of the "
-                        f"episodes are held out to measure the world model)")
+        raise UserError(f"--dataset-dir {args.dataset_dir} has {len(paths)} episode .npz files (one per episode: "
+                        f"obs, actions, rewards, terminated, truncated): give at least 2 (the last 10% are held out)")
     for path in paths:
         buffer.add(load_episode(path, args.obs_size, num_actions, "fix it or move it out of --dataset-dir"),
                    write=False)
@@ -2487,12 +2482,9 @@ def denoiser_update_flops(args: Args, num_actions: int) -> float:
 
 
 def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float]:
-    """(parameters of the three models, bytes per segment of a denoiser or reward/end update (the larger), bytes
-    per imagined env of an actor-critic update), counted on the meta device before anything is allocated. Per
-    segment: what autograd saves for denoiser_loss, or for the reward/end model's forward and cross-entropies
-    over all of a segment's transitions (the meta device cannot index by reward_end_loss's mask). Per imagined
-    env: backup_every steps of what autograd saves for the actor-critic on a frame, plus one world-model step
-    without gradients, bounded by what one prediction of each model saves with them."""
+    """(parameters, bytes per segment of a world-model update, bytes per imagined env of an actor-critic update:
+    backup_every actor steps plus one world-model step, bounded by what a prediction saves), on the meta device.
+    Reward/end: all of a segment's transitions (the meta device cannot index by reward_end_loss's mask)."""
     c, size = args.num_conditioning_steps, args.obs_size
     with torch.device("meta"):
         denoiser, reward_end_model, actor_critic = build_models(args, num_actions)
