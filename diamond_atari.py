@@ -1562,9 +1562,9 @@ def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: A
 
 def collection_schedule(first_collection_steps: int, env_step_budget: int = 100_000, steps_per_epoch: int = 100,
                         final_epochs: int = 50) -> list[int]:
-    """Env steps collected in each epoch (item e - 1 for epoch e), as DIAMOND spends the budget: the first
-    collection N plus steps_per_epoch in epoch 1, steps_per_epoch until the budget is spent, then final_epochs
-    that only train (N = 5000: 950 + 50)."""
+    """Env steps collected in each epoch (item e - 1 for epoch e), as DIAMOND spends the budget: the
+    first collection N plus steps_per_epoch in epoch 1, steps_per_epoch until the budget is spent,
+    then final_epochs that only train (N = 5000: 950 + 50)."""
     remaining = env_step_budget - first_collection_steps
     collecting_epochs = max(1, math.ceil(remaining / steps_per_epoch))  # epoch 1 always collects (the first N)
     steps = [min(steps_per_epoch, remaining - steps_per_epoch * e) for e in range(collecting_epochs)]
@@ -1591,13 +1591,13 @@ def lr_warmup_factor(step: int, warmup_steps: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Evaluation: test episodes, human-normalised score, world-model metrics on unseen real transitions, rollout videos.
+# Evaluation: test episodes, the human-normalised score, world-model metrics, rollout videos.
 
 
 def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device: torch.device,
                 autocast, stop, what: str, stopped: str, writer_at: Callable, step: int, kind: str = "test"):
-    """The score the paper reports: --test-episodes full games, printed and logged under eval/{kind}_* at
-    `step`. A signal abandons them, logging nothing: the line `stopped` says so."""
+    """The score the paper reports: --test-episodes full games, printed and logged under
+    eval/{kind}_* at `step`. A signal abandons them, logging nothing: the line `stopped` says so."""
     try:
         returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003, device,
                                     autocast, check=stop.check)
@@ -1626,8 +1626,8 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
                       device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16,
                       check: Callable[[], None] = lambda: None, record: Optional[list] = None,
                       on_step: Callable[[], None] = lambda: None) -> list[float]:
-    """Returns of full games (epsilon 0, no life-loss ends), max_parallel at once, seeded by `seed` alone.
-    check() runs before each env is made and at each step, then on_step(); `record` gets each episode."""
+    """Returns of full games (epsilon 0, no life-loss ends), max_parallel at once, seeded by `seed`
+    alone. check() runs before each env and step, then on_step(); `record` gets the episodes."""
     generator = torch.Generator().manual_seed(seed)
     returns = []
     while len(returns) < num_episodes:
@@ -1659,13 +1659,13 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
 def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, ids: list[int],
                     args: Args, device: torch.device, seed: int, net=None,
                     autocast=contextlib.nullcontext()) -> dict[str, float]:
-    """The mean training losses per segment on held-out episodes (ids), as DIAMOND tests its world model:
-    each frame a denoiser target once, each transition a reward/end target once; noise seeded by `seed`."""
+    """The mean training losses per segment on held-out episodes (ids), as DIAMOND tests its world
+    model: each frame a denoiser target once, each transition a reward/end target once."""
     generator = torch.Generator(device=device).manual_seed(seed)
     c, length = args.num_conditioning_steps, args.reward_segment_length
     num_predictions = 1 + args.num_autoregressive_steps
     lengths = {i: len(buffer.episode(i)["actions"]) for i in ids}
-    # denoiser segments start at s = 1 - c, 1 - c + num_predictions, ...: their targets are frames s + c .. (1..T)
+    # denoiser segments start at s = 1 - c, 1 - c + num_predictions, ...: targets s + c .. (1..T)
     denoiser_refs = [(i, s) for i in ids for s in range(1 - c, lengths[i] - c + 1, num_predictions)]
     # reward/end segments share their boundary frame: transitions 0..L-2, L-1..2L-3, ...
     reward_refs = [(i, s) for i in ids for s in range(0, lengths[i], length - 1)]
@@ -1690,9 +1690,9 @@ def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer
 def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
                         refs: list[tuple[int, int]], args: Args, device: torch.device, seed: int, net=None,
                         autocast=contextlib.nullcontext()) -> dict:
-    """On real transitions (episode, t): the sampled next frame's MSE beside copying the last frame, over all
-    pixels and those that change; reward-sign and end accuracy; under "counts" the (hits, predicted, actual)
-    counts of each class of RewardEndPools."""
+    """On real transitions (episode, t): the sampled next frame's MSE beside copying the last frame,
+    over all pixels and those that change; reward-sign and end accuracy; under "counts" the (hits,
+    predicted, actual) counts of each class of RewardEndPools."""
     c = args.num_conditioning_steps
     generator = torch.Generator(device=device).manual_seed(seed)
     sums = dict.fromkeys(("mse", "copy", "mse_changed", "copy_changed", "changed", "pixels", "reward", "end"), 0.0)
@@ -1729,9 +1729,9 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
 
 
 class RewardEndPools:
-    """The reward/end model's recall and precision per class (reward signs -1, 0, +1; the end), pooled over
-    measurements until a pool holds min_count actual (recall) or predicted (precision) examples, then taken
-    and emptied: rewards and ends are rare; no value is NaN or rests on fewer than min_count."""
+    """The reward/end model's recall and precision per class (reward signs -1, 0, +1; the end),
+    pooled until min_count actual (recall) or predicted (precision) examples, then taken and emptied:
+    rewards and ends are rare; no value is NaN or rests on fewer than min_count."""
     classes = ("reward_neg", "reward_zero", "reward_pos", "end")
 
     def __init__(self, min_count: int = 20):
@@ -1766,8 +1766,8 @@ class RewardEndPools:
 @torch.no_grad()
 def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, device: torch.device, seed: int,
                      net=None, autocast=contextlib.nullcontext()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """An open-loop imagined rollout from a real segment with the real actions: real and imagined frames uint8
-    (H, 3, h, w) (H = imagination_horizon at most) and the action taken into each."""
+    """An open-loop imagined rollout from a real segment with the real actions: real and imagined
+    frames uint8 (H, 3, h, w) (H = imagination_horizon at most) and the action taken into each."""
     c, horizon = args.num_conditioning_steps, args.imagination_horizon
     generator = torch.Generator().manual_seed(seed)
     ids = [i for i in buffer.sampleable() if len(buffer.episode(i)["actions"]) >= c + horizon] or buffer.sampleable()
@@ -1790,9 +1790,9 @@ def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, devic
 def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int, int, dict]],
                               env: Union[AtariEnv, CatchEnv], args: Args, seed: int,
                               check: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """The policy's return over the horizon from the same K starts (episode, t, env state: Collector.fork_starts)
-    in the world model and in the real game forked from the saved state, with the same actor state, actions and
-    uniforms (seeded by `seed`): the gap that training in imagination exploits. Mean sums of reward signs."""
+    """Mean sums of reward signs over the horizon from K starts (Collector.fork_starts) in the world
+    model and in the real game forked there, with the same actor state, actions and uniforms: the gap
+    that training in imagination exploits."""
     c, horizon, device, k = args.num_conditioning_steps, args.imagination_horizon, graphs.device, len(starts)
     buffer = graphs.wm_env.buffer
     refs = [(episode if episode < len(buffer.episodes) else -1, t - (c - 1)) for episode, t, _ in starts]
@@ -1808,7 +1808,7 @@ def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int,
                                                               no_value, uniforms[t, 0])
         return action, actor_hidden
 
-    # imagined: no restarts here (world_model_step's restart pool is the starts; what follows an end is unused)
+    # imagined: no restarts (world_model_step's pool is the starts; what follows an end is unused)
     state, actor_hidden = start, start_hidden
     age, alive, imagined = torch.zeros(k, dtype=torch.long, device=device), torch.ones(k, device=device), 0.0
     for t in range(horizon):
@@ -1818,7 +1818,7 @@ def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int,
         imagined = imagined + alive * step["reward"]
         alive = alive * (1 - step["end"])
         state, age = (step["obs"], step["act"], step["hidden"]), step["age"]
-    # real: the same policy from the same frame and LSTM state, in the game forked from each start's state
+    # real: the same policy from the same frame and LSTM state, in the game forked at each start
     states, frames, actor_hidden = [s for _, _, s in starts], start[0][:, -1].clone(), start_hidden
     real, playing = torch.zeros(k), [True] * k
     for t in range(horizon):
@@ -1866,8 +1866,8 @@ def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
 
 
 def labelled_rows(rows: list[np.ndarray], row_labels: list[str], column_labels: list[str], pad: int = 2) -> np.ndarray:
-    """Rows of uint8 (N, 3, h, w) frames as one RGB image, each row named in a left margin and each column
-    (the action taken into that frame) in a top margin."""
+    """Rows of uint8 (N, 3, h, w) frames as one RGB image, each row named in a left margin and each
+    column (the action taken into that frame) in a top margin."""
     n, h = rows[0].shape[0], rows[0].shape[2]
     scale = max(1, 64 // h)  # small frames are enlarged (nearest), so that a label fits above each
     grids = [make_grid(row.repeat(scale, axis=2).repeat(scale, axis=3), columns=n, pad=pad) for row in rows]
@@ -1883,7 +1883,7 @@ def labelled_rows(rows: list[np.ndarray], row_labels: list[str], column_labels: 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The training loop's parts: the run's position, the collector, the epoch's log, the learners, one function per phase.
+# The training loop's parts: the run's position, the collector, the epoch's log, the phases.
 
 # Each epoch runs these phases in order; a checkpoint records the phase and the position inside it.
 PHASES = ("collect", "world_model_eval", "denoiser", "reward_end", "actor_critic", "evaluate")
@@ -1926,9 +1926,9 @@ def add_step(episode: dict, action: int, obs: np.ndarray, reward: float, termina
 
 
 class Collector:
-    """The real environment and what is collected from it: the episode in progress, the actor's LSTM state,
-    the held-out transitions (since the world model was last measured), the reward/end pools on them, and the
-    newest num_fork_starts env states, saved along the way for imagined_and_real_returns."""
+    """The real environment and what is collected from it: the episode in progress, the actor's LSTM
+    state, the held-out transitions (since the world model was last measured), the reward/end pools
+    on them, and the newest env states, for imagined_and_real_returns."""
     num_fork_starts = 8
 
     def __init__(self, env: Union[AtariEnv, CatchEnv], buffer: ReplayBuffer, generator: torch.Generator,
@@ -1944,11 +1944,11 @@ class Collector:
 
     @torch.no_grad()
     def step(self, actor_critic: ActorCritic, args: Args, autocast, random_policy: bool):
-        """One env step with the agent (epsilon-greedy over a sampled action) or a uniform random policy.
-        Returns the reward and, when the step ended a game, the game's (return, length)."""
+        """One env step with the agent (epsilon-greedy over a sampled action) or a uniform random
+        policy. Returns the reward and, when the step ended a game, the game's (return, length)."""
         if self.partial is None:
             self.partial = new_episode(self.env.reset())
-        # the transition about to be collected, as (the index its episode will have in the buffer, t)
+        # the transition about to be collected: (its episode's index in the buffer, t)
         ref = (len(self.buffer.episodes), len(self.partial["actions"]))
         if self.env_steps % max(1, args.num_heldout_transitions // self.num_fork_starts) == 0:
             self.fork_starts = (self.fork_starts + [(*ref, self.env.state_dict())])[-self.num_fork_starts:]
@@ -1997,9 +1997,9 @@ class Collector:
 
 
 class EpochLog:
-    """An epoch's numbers. Losses and gradient norms are summed on the device (no host sync per update) and
-    written every log_every updates at the global step; the rest waits in `pending` for the end of the
-    epoch, before its checkpoint, so that a resumed run never writes a step twice."""
+    """An epoch's numbers. Losses and gradient norms are summed on the device (no host sync per
+    update) and written every log_every updates at the global step; the rest waits in `pending` for
+    the end of the epoch, before its checkpoint, so that a resumed run never writes a step twice."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -2033,8 +2033,9 @@ class EpochLog:
             writer.add_scalar(key, float(np.mean(values)), step)
 
     def summary(self) -> list[str]:
-        """The epoch's printed line: mean losses and returns, the world model beside copying the last frame,
-        and when evaluated the reward +1's recall/precision, the imagined minus real return, the top action."""
+        """The epoch's printed line: mean losses and returns, the world model beside copying the
+        last frame, and when evaluated the reward +1's recall/precision, the imagined minus real
+        return, the top action."""
         values = {**self.means, **self.pending}
         parts = [f"{label} {np.mean(values[key]):.4g}" for key, label in (
             ("losses/denoiser", "denoiser loss"), ("losses/reward_end", "reward/end loss"),
@@ -2089,7 +2090,7 @@ class Learner:
 def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> dict[str, Learner]:
     learners = {}
     for name, model in models.items():
-        # AdamW with weight decay on the weights of the world model only (DIAMOND: the actor-critic uses none)
+        # AdamW, weight decay on the world model's weights only (DIAMOND: none for the actor-critic)
         weight_decay = 0.0 if name == "actor_critic" else args.weight_decay
         lr = (name == "actor_critic" and args.actor_critic_learning_rate) or args.learning_rate
         optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr, eps=args.adam_eps,
@@ -2113,8 +2114,8 @@ def run_checkpoint(run, pos, log) -> dict:
 
 
 def restore_run(checkpoint: dict, pos, collector, log, learners: dict[str, Learner], cpu_generator, generator):
-    """Puts run_checkpoint's state back (the episodes: once the buffer is read); weights of another shape,
-    or a damaged state, are one line."""
+    """Puts run_checkpoint's state back (the episodes: once the buffer is read); weights of another
+    shape, or a damaged state, are one line."""
     try:
         for name, learner in learners.items():
             for key in ("models", "optimizers", "schedulers", "scalers"):
@@ -2132,8 +2133,8 @@ def restore_run(checkpoint: dict, pos, collector, log, learners: dict[str, Learn
 
 @dataclass
 class Run:
-    """What the phases of an epoch share. cpu_generator: no-ops, exploration, replay sampling; generator:
-    diffusion noise, imagination."""
+    """What the phases of an epoch share. cpu_generator: no-ops, exploration, replay sampling;
+    generator: diffusion noise, imagination."""
     args: Args
     device: torch.device
     autocast: object
@@ -2154,7 +2155,8 @@ class Run:
 
     @property
     def schedule(self) -> list[int]:
-        """Env steps per epoch (run_schedule): final once epoch 1 has decided the first collection."""
+        """Env steps per epoch (run_schedule): final once epoch 1 has decided the first
+        collection."""
         return run_schedule(self.args, self.collector.first_collection_steps)
 
     @property
@@ -2162,15 +2164,15 @@ class Run:
         return len(self.schedule)
 
     def checked_net(self, *inputs):
-        """The denoiser's network uncompiled, for evaluations (their shapes vary); a signal abandons them
-        within a call (StopRequested)."""
+        """The denoiser's network uncompiled, for evaluations (their shapes vary); a signal abandons
+        them within a call (StopRequested)."""
         self.stop.check()
         return self.learners["denoiser"].model.net(*inputs)
 
 
 def phase_work(args: Args, schedule: list[int], name: str, epoch: int) -> int:
-    """A phase's work in an epoch: env steps, updates, or 1 (a measurement, an evaluation); 0: it does not
-    run. Epoch 1 trains longer; the actor-critic waits --actor-critic-start-after-epochs epochs."""
+    """A phase's work in an epoch: env steps, updates, or 1 (a measurement, an evaluation); 0: it
+    does not run. Epoch 1 trains longer; the actor-critic may start later."""
     first = epoch == 1
     return {"collect": schedule[epoch - 1],
             "world_model_eval": int(schedule[epoch - 1] > 0 or args.dataset_dir is not None),
@@ -2204,9 +2206,9 @@ def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tenso
 
 
 def collect(run: Run, pos: RunPosition, log: EpochLog):
-    """Env steps with the agent (--world-model-only: a random policy) until this epoch's share of the budget
-    is collected. Epoch 1 first decides the first collection N as DIAMOND: initial_collection_steps, then 100
-    more at a time until the two rarer reward signs occur min_rare_rewards times, or the maximum."""
+    """Env steps with the agent (--world-model-only: random) until this epoch's share of the budget.
+    Epoch 1 decides the first collection N as DIAMOND: initial_collection_steps, then 100 more at a
+    time until the two rarer reward signs occur min_rare_rewards times, or the maximum."""
     args, buffer, collector = run.args, run.buffer, run.collector
     # counts of the reward signs -1, 0, +1 in the buffer (the episode in progress included)
     counts = [sum(int((buffer.episode(i)["rewards"].sign() == sign).sum()) for i in buffer.sampleable())
@@ -2238,8 +2240,8 @@ def collect(run: Run, pos: RunPosition, log: EpochLog):
 
 
 def measure_world_model(run: Run, pos: RunPosition, log: EpochLog):
-    """world_model/* on the transitions just collected (or --dataset-dir's held-out ones), never trained on;
-    the reward/end class counts go into the collector's pools."""
+    """world_model/* on the transitions just collected (or --dataset-dir's held-out ones), never
+    trained on; the reward/end class counts go into the collector's pools."""
     collector = run.collector
     refs = [(e if e < len(run.buffer.episodes) else -1, t) for e, t in collector.heldout.tolist()]
     metrics = world_model_metrics(run.learners["denoiser"].model, run.learners["reward_end"].model, run.buffer, refs,
@@ -2253,15 +2255,15 @@ def measure_world_model(run: Run, pos: RunPosition, log: EpochLog):
 
 
 def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
-    """This epoch's updates of one model from pos.step on, until done or a signal (the update in progress
-    finishes first); losses written every log_every updates at the global step."""
+    """This epoch's updates of one model from pos.step on, until done or a signal (the update in
+    progress finishes first); losses written every log_every updates at the global step."""
     args, learner = run.args, run.learners[name]
     num_steps = phase_work(args, run.schedule, name, pos.epoch)
     progress = progress_bar(num_steps, pos.step, f"epoch {pos.epoch} {name}", "update")
     start, first = time.perf_counter(), pos.step
     learner.model.train()
     suffix = "" if name == "denoiser" else f"_{name}"  # the denoiser's is charts/grad_norm
-    # the first backward through a compiled graph compiles it: failures are one line, as the forward's
+    # the first backward through a compiled graph compiles it: a failure is one line, as forward's
     compiled = {"denoiser": ("the denoiser (--compile)", "without --compile") if args.compile else None,
                 "actor_critic": ("the imagination graphs", "with --imagination-graphs off") if run.graphs else None}
     guard = (lambda: compile_failures(run.stop, *compiled[name])) if compiled.get(name) else contextlib.nullcontext
@@ -2300,16 +2302,16 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
 
 
 def evaluate(run: Run, pos: RunPosition, log: EpochLog):
-    """An open-loop imagined rollout beside the real frames, eval_episodes test episodes (not in the last epoch:
-    the final test follows), test-set losses, the policy's diagnostics and the full reward/end pools. A signal
-    abandons it (StopRequested) before anything is written or a pool emptied."""
+    """An open-loop imagined rollout beside the real frames, test episodes (not in the last epoch:
+    the final test follows), test-set losses, the policy's diagnostics, the full reward/end pools. A
+    signal abandons it (StopRequested) before anything is written or a pool emptied."""
     args, epoch, seed = run.args, pos.epoch, run.args.seed * 7919 + pos.epoch
     denoiser, reward_end_model = run.learners["denoiser"].model, run.learners["reward_end"].model
     real, imagined, taken = imagined_vs_real(denoiser, run.buffer, args, run.device, seed, run.checked_net,
                                              run.autocast)
     returns, test_episodes = None, []
     if not args.world_model_only and epoch < run.num_epochs:
-        # with --dataset-dir, DIAMOND plays no game: these real-game test episodes are this script's addition
+        # with --dataset-dir, DIAMOND plays no game: these test episodes are this script's addition
         what = "real-game test episodes, not in DIAMOND's static-dataset mode" if args.dataset_dir else "test episodes"
         progress = progress_bar(None, 0, f"epoch {epoch} evaluate ({args.eval_episodes} {what})", "env step")
         returns = run_test_episodes(run.learners["actor_critic"].model, args, args.eval_episodes, seed, run.device,
@@ -2317,8 +2319,9 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
                                     on_step=lambda: progress.update(1))
         progress.close()
     diagnostics = {} if args.world_model_only else policy_diagnostics(run, epoch, test_episodes)
-    # Test-set losses on episodes never trained on: --dataset-dir's held-out episodes, else (as DIAMOND) the test
-    # episodes just played; a --world-model-only run that collects plays none, so it has none.
+    # Test-set losses on episodes never trained on: --dataset-dir's held-out episodes, else (as
+    # DIAMOND) the test episodes just played; a --world-model-only run that collects plays none, so
+    # it has none.
     held_out, ids = run.buffer, sorted(set(range(len(run.buffer.episodes))) - set(run.train_ids or []))
     if args.dataset_dir is None:
         held_out, ids = ReplayBuffer(None, None, args.num_conditioning_steps), list(range(len(test_episodes)))
@@ -2326,7 +2329,7 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
             held_out.add(episode, write=False)
     test_losses = test_set_losses(denoiser, reward_end_model, held_out, ids, args, run.device, seed,
                                   run.checked_net, run.autocast) if ids else {}
-    # a strip (real on top, imagined below, each column headed by the action taken into it) and an MP4 of it
+    # a strip (real on top, imagined below, columns headed by the action taken into them), an MP4
     names = [run.collector.env.action_meanings[a].lower() for a in taken]
     strip = labelled_rows([real, imagined], ["real", "imagined"], names)
     run.writer.add_image("samples/imagined_vs_real", strip, pos.global_step, dataformats="HWC")
@@ -2347,8 +2350,9 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
 
 
 def policy_diagnostics(run: Run, epoch: int, test_episodes: list[dict]) -> dict[str, float]:
-    """eval/action_share_{ACTION} in the test episodes just played (a policy collapsed onto one action shows
-    there) and imagined_and_real_returns from the collector's saved states (none with --dataset-dir)."""
+    """eval/action_share_{ACTION} in the test episodes just played (a policy collapsed onto one
+    action shows there) and imagined_and_real_returns from the collector's saved states (none with
+    --dataset-dir)."""
     args, collector = run.args, run.collector
     values = {}
     if test_episodes:
@@ -2381,8 +2385,8 @@ def keep_agent_copy(folder: Path, epoch: int, actor_critic: ActorCritic, keep: i
 
 
 def work_left(args: Args, first_collection_steps: int, pos: RunPosition) -> dict[str, int]:
-    """Each phase's units of work from pos on: the current phase from its step, those before it in the epoch
-    none (N = initial_collection_steps until epoch 1 decides the first collection)."""
+    """Each phase's units of work from pos on: the current phase from its step, those before it in
+    the epoch none (N = initial_collection_steps until epoch 1 decides the first collection)."""
     schedule, left = run_schedule(args, first_collection_steps), {}
     for index, name in enumerate(PHASES):
         work = [phase_work(args, schedule, name, epoch) for epoch in range(pos.epoch, len(schedule) + 1)] or [0]
@@ -2397,9 +2401,9 @@ def seconds_left(seconds_per_unit: dict[str, float], left: dict[str, int]) -> fl
 
 def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, device: torch.device, autocast,
                 left: dict[str, int]) -> dict[str, float]:
-    """Seconds per update of each model with updates left, and per env step, timed before the run on copies
-    of the models, a random episode, an env and generators of their own; the global RNGs are put back (exact
-    resume). On a CPU, a batch whose batch-1 time x the batch is over 2 s is estimated as that product."""
+    """Seconds per update of each model with updates left, and per env step, timed before the run on
+    copies (models, a random episode, an env, generators); the global RNGs are put back. On a CPU, a
+    batch whose batch-1 time x the batch is over 2 s is estimated as that product."""
     state = rng_state()
     copies = {name: copy.deepcopy(model) for name, model in models.items()}
     learners = build_learners(args, copies, device.type == "cuda")
@@ -2411,7 +2415,8 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
     generator, cpu_generator = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0)
 
     def timed(unit: Callable[[], object], most: int = 5) -> float:
-        """Seconds per call: a warm-up call (the figure if over 1 s), then the mean of calls until 0.2 s or most."""
+        """Seconds per call: a warm-up call (the figure if over 1 s), then the mean of calls until
+        0.2 s or most."""
         times = []
         while len(times) < 2 or (len(times) <= most and sum(times[1:]) < 0.2):
             start = time.perf_counter()
@@ -2449,8 +2454,8 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
 
 
 def run_time_lines(seconds_per_unit: dict[str, float], left: dict[str, int], setup) -> list[str]:
-    """The shared run_time_notice in global steps (the three models' updates; collection's time counted in),
-    and above a day on a CPU the game sized for one."""
+    """The shared run_time_notice in global steps (the three models' updates; collection's time
+    counted in), and above a day on a CPU the game sized for one."""
     steps = left["denoiser"] + left["reward_end"] + left["actor_critic"]
     lines = run_time_notice(seconds_left(seconds_per_unit, left) / max(steps, 1), steps, setup)
     return lines[:1] + [line + "; on a CPU the game to learn is --env-id Catch --preset catch" for line in lines[1:]]
@@ -2482,9 +2487,9 @@ def denoiser_update_flops(args: Args, num_actions: int) -> float:
 
 
 def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float]:
-    """(parameters, bytes per segment of a world-model update, bytes per imagined env of an actor-critic update:
-    backup_every actor steps plus one world-model step, bounded by what a prediction saves), on the meta device.
-    Reward/end: all of a segment's transitions (the meta device cannot index by reward_end_loss's mask)."""
+    """(parameters, bytes per segment of a world-model update, bytes per imagined env of an actor-
+    critic update: backup_every actor steps and a world-model step, bounded by what a prediction
+    saves), on the meta device; reward/end over all transitions (meta cannot index by a mask)."""
     c, size = args.num_conditioning_steps, args.obs_size
     with torch.device("meta"):
         denoiser, reward_end_model, actor_critic = build_models(args, num_actions)
@@ -2509,8 +2514,8 @@ def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float
 
 
 def check_training_memory(setup, args: Args, num_actions: int):
-    """Refuses in one line, before anything is allocated at full size, updates that cannot fit: the world
-    model's at --batch-size, the actor-critic's at --num-imagined-envs."""
+    """Refuses in one line, before anything is allocated at full size, updates that cannot fit: the
+    world model's at --batch-size, the actor-critic's at --num-imagined-envs."""
     num_params, per_segment, per_env = step_memory_profile(args, num_actions)
     check_step_memory(setup, args.batch_size, num_params, per_segment, args.dtype)
     if not args.world_model_only:
@@ -2583,9 +2588,9 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
 
 
 class ImaginedGame:
-    """The world model as a game: reset() takes a real start (c frames, c - 1 actions) from starts() and burns
-    the reward/end LSTM in; step(action) asks next_frame(frames (1, c, 3, H, W), actions (1, c)) for the next
-    frame and samples the reward sign and the end (none without a reward/end model)."""
+    """The world model as a game: reset() takes a real start (c frames, c - 1 actions) from starts()
+    and burns the reward/end LSTM in; step(action) asks next_frame(frames (1, c, 3, H, W), actions
+    (1, c)) for the next frame and samples the reward sign and the end (if a model is given)."""
     name = "world model"
 
     def __init__(self, next_frame: Callable, starts: Callable, reward_end_model: Optional[Callable] = None,
@@ -2623,8 +2628,9 @@ class ImaginedGame:
 
 
 class RealGame:
-    """The real game (training episodes: a life lost ends one) with ImaginedGame's interface; the episodes
-    played are kept as the episode .npz fields until take_episodes (the one in progress cut short: truncated)."""
+    """The real game (training episodes: a life lost ends one) with ImaginedGame's interface; the
+    episodes played are kept as the episode .npz fields until take_episodes (the one in progress cut
+    short: truncated)."""
     name = "real game"
 
     def __init__(self, env: Union[AtariEnv, CatchEnv]):
@@ -2668,8 +2674,9 @@ def caption_lines(game, meanings: list[str], step: int, action: Optional[int], r
 
 
 def play_keys(game, steps: list[Optional[int]], meanings: list[str], size: int) -> dict:
-    """A headless session: the game played with the given actions (None: restart). Returns the raw frames
-    uint8 (T + 1, H, W, 3), the captioned frames for the MP4, the rewards per step and the frames per second."""
+    """A headless session: the game played with the given actions (None: restart). Returns the raw
+    frames uint8 (T + 1, H, W, 3), the captioned frames for the MP4, the rewards per step and the
+    frames per second."""
     frame, reward, end, total, action = game.reset(), 0.0, False, 0.0, None
     frames, shown, rewards = [], [], []
     start = time.perf_counter()
@@ -2708,9 +2715,9 @@ def import_pygame():
 
 def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float,
                 max_steps: Optional[int] = None) -> float:
-    """The live session: the world model (Tab: the real game) steps at most max_fps times a second with the held
-    keys' action; Enter restarts, R starts and stops recording, Esc or closing the window quits. Returns the
-    frames shown per second (max_steps: a timed session, benchmark/)."""
+    """The live session: the world model (Tab: the real game) steps at most max_fps times a second
+    with the held keys' action; Enter restarts, R starts and stops recording, Esc or closing the
+    window quits. Returns the frames shown per second (max_steps: a timed session, benchmark/)."""
     pygame = import_pygame()
     pygame.display.init()  # the display alone: no audio device needed
     driver = pygame.display.get_driver()
@@ -2765,8 +2772,8 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
 
 def play_starts(args: Args, run_dir: Path, checkpoint: dict, num_actions: int, device: torch.device,
                 generator: torch.Generator, max_episodes: int = 16) -> Callable:
-    """ImaginedGame's starts(): a fresh real segment from up to max_episodes of the run's episodes (or
-    --dataset-dir's), as imagination starts."""
+    """ImaginedGame's starts(): a fresh real segment from up to max_episodes of the run's episodes
+    (or --dataset-dir's), as imagination starts."""
     if args.dataset_dir is not None:
         paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))
     else:
@@ -2808,8 +2815,9 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser, reward
         "; window: arrows and space (fire) pick these, Enter restarts, Tab switches world model / real game, "
         "R records, Esc quits"), flush=True)
     print(f"sampler: {args.sampler}, {args.num_sampling_steps} denoising steps per frame", flush=True)
-    # Ctrl-C or SIGTERM ends a session like Esc (an unsaved recording is lost): play writes no checkpoint, so here a
-    # signal raises at once instead of setting the run's stop flag; the caller's handlers come back afterwards.
+    # Ctrl-C or SIGTERM ends a session like Esc (an unsaved recording is lost): play writes no
+    # checkpoint, so here a signal raises at once instead of setting the run's stop flag; the
+    # caller's handlers come back afterwards.
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if steps is None:
@@ -2824,7 +2832,8 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser, reward
 
 
 def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], out_dir: Path, args: Args):
-    """--play-keys: each game of --play-world played with the keys; its MP4 and (real game) episodes written."""
+    """--play-keys: each game of --play-world played with the keys; its MP4 and (real game) episodes
+    written."""
     stamp = time.strftime("%Y%m%d_%H%M%S")
     for mode in (("imagined", "real") if args.play_world == "both" else (args.play_world,)):
         game = games[mode]()
@@ -2859,8 +2868,8 @@ def episode_to_mp4(path: str, meanings: list[str], size: int = 256) -> Path:
 
 
 def env_notices(args: Args, env: Union[AtariEnv, CatchEnv], game: str, given: set[str]):
-    """Said before any work: --preset catch on another game, and the Atari protocol flags given on the
-    command line that the game ignores."""
+    """Said before any work: --preset catch on another game, and the Atari protocol flags given on
+    the command line that the game ignores."""
     if args.preset == "catch" and game != "Catch":
         print(f"notice: --preset catch is sized for --env-id Catch; this run plays {game}", flush=True)
     ignored = [f"--{name.replace('_', '-')}" for name in env.ignored_flags if name in given]
@@ -2870,8 +2879,8 @@ def env_notices(args: Args, env: Union[AtariEnv, CatchEnv], game: str, given: se
 
 
 def read_run_episodes(buffer: ReplayBuffer, run_dir: Path, checkpoint: Optional[dict], args: Args, num_actions: int):
-    """This run's episodes: the first num_buffer_files files of episodes/ (a killed run may have written more
-    after its checkpoint; those are collected and written again)."""
+    """This run's episodes: the first num_buffer_files files of episodes/ (a killed run may have
+    written more after its checkpoint; those are collected and written again)."""
     buffer.folder = run_dir / "episodes"
     for i in range(checkpoint["num_buffer_files"] if checkpoint is not None else 0):
         buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions,
@@ -2879,8 +2888,8 @@ def read_run_episodes(buffer: ReplayBuffer, run_dir: Path, checkpoint: Optional[
 
 
 def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: dict[str, nn.Module], setup):
-    """The run's folder, game, models, length, where it resumes and how long it takes (printed); returns each
-    phase's seconds per unit, timed on copies of the models."""
+    """The run's folder, game, models, length, where it resumes and how long it takes (printed);
+    returns each phase's seconds per unit, timed on copies of the models."""
     args, num_actions = run.args, run.collector.env.num_actions
     print(f"run folder: {run.run_dir}")
     imagination = "eager" if run.graphs is None else "CUDA graphs" if setup.use_cuda else "compiled (inductor)"
@@ -2914,7 +2923,8 @@ def save_position(run: Run, pos: RunPosition, log: EpochLog):
 
 
 def time_phase(pos: RunPosition, name: str, first_step: int, phase_start: float, seconds_per_unit: dict[str, float]):
-    """After a phase that worked: its seconds per unit (the ETA's rates); in epoch 1 a line saying so."""
+    """After a phase that worked: its seconds per unit (the ETA's rates); in epoch 1 a line saying
+    so."""
     seconds = time.perf_counter() - phase_start
     steps = pos.step - first_step
     if steps > 0 or name in ("world_model_eval", "evaluate"):  # those two: one unit, no steps
@@ -2924,8 +2934,8 @@ def time_phase(pos: RunPosition, name: str, first_step: int, phase_start: float,
 
 
 def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, seconds_per_unit: dict[str, float]):
-    """An epoch's numbers written at the global step, its line printed with the ETA (each phase's latest rate
-    x what is left of it), and the agent kept every --save-agent-every epochs."""
+    """An epoch's numbers written at the global step, its line printed with the ETA (each phase's
+    latest rate x what is left of it), and the agent kept every --save-agent-every epochs."""
     args, collector = run.args, run.collector
     log.add("charts/epoch", pos.epoch)
     log.add("charts/env_steps", collector.env_steps)
@@ -2985,8 +2995,8 @@ def main(args: Args, given: set[str]):
     models = dict(zip(("denoiser", "reward_end", "actor_critic"), built))
     denoiser, reward_end_model, actor_critic = models.values()
     learners = build_learners(args, models, setup.use_cuda)
-    # The replay buffer: this run's episodes, or the user's (sampled in proportion to their lengths: the
-    # recency weights are about the agent's own data)
+    # The replay buffer: this run's episodes, or the user's (sampled in proportion to their lengths:
+    # the recency weights are about the agent's own data)
     buffer = ReplayBuffer(None, args.recency_weights if args.dataset_dir is None else None, args.num_conditioning_steps)
     collector, pos, log = Collector(env, buffer, cpu_generator, device), RunPosition(), EpochLog(device)
     train_ids = None  # None: every episode; with --dataset-dir, all but the held-out ones
@@ -2994,7 +3004,7 @@ def main(args: Args, given: set[str]):
         train_ids, collector.heldout = load_dataset_dir(args, buffer, num_actions)
     if checkpoint is not None:
         restore_run(checkpoint, pos, collector, log, learners, cpu_generator, generator)
-    # --compile: the U-Net of the denoiser's updates and of the eager imagination (evaluations: uncompiled)
+    # --compile: the U-Net of the denoiser's updates and the eager imagination (not evaluations)
     denoiser_net = torch.compile(denoiser.net, backend=COMPILE_BACKEND, dynamic=False) if args.compile else denoiser.net
 
     if args.eval_only:  # the checkpoint's agent plays --test-episodes full games

@@ -1259,7 +1259,8 @@ def test_a_failed_backward_compilation_is_one_line_naming_the_flag(dia):
     run = SimpleNamespace(args=s.args, device=cpu, autocast=contextlib.nullcontext(), generator=s.generator,
                           cpu_generator=torch.Generator().manual_seed(4), buffer=s.env.buffer, train_ids=None,
                           learners=learners, denoiser_net=torch.compile(denoiser.net, backend=backend),
-                          wm_env=s.env, graphs=s.graphs, stop=SimpleNamespace(requested=False), run_dir=None)
+                          wm_env=s.env, graphs=s.graphs, stop=SimpleNamespace(requested=False), run_dir=None,
+                          schedule=[0])
     torch._dynamo.reset()
     try:
         for name, what, fix in (("denoiser", "the denoiser (--compile)", "rerun without --compile"),
