@@ -2335,6 +2335,7 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
     run.writer.add_image("samples/imagined_vs_real", strip, pos.global_step, dataformats="HWC")
     stem = run.run_dir / "samples" / f"rollout_epoch{epoch:05d}"
     write_png(stem.with_suffix(".png"), strip)
+    np.savez(stem.with_suffix(".npz"), np.concatenate([real, imagined]).transpose(0, 2, 3, 1))  # as FID tools read
     write_mp4(stem.with_suffix(".mp4"), np.stack([
         with_caption(np.concatenate([r, i], axis=2).transpose(1, 2, 0), 256,
                      ["left real, right imagined", f"step {k + 1}  action {names[k]}"])
@@ -2415,8 +2416,7 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
     generator, cpu_generator = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0)
 
     def timed(unit: Callable[[], object], most: int = 5) -> float:
-        """Seconds per call: a warm-up call (the figure if over 1 s), then the mean of calls until
-        0.2 s or most."""
+        """Seconds per call: a warm-up call (its figure if over 1 s), then the mean until 0.2 s or most."""
         times = []
         while len(times) < 2 or (len(times) <= most and sum(times[1:]) < 0.2):
             start = time.perf_counter()
@@ -2867,11 +2867,8 @@ def episode_to_mp4(path: str, meanings: list[str], size: int = 256) -> Path:
 # main() and the steps it reads as
 
 
-def env_notices(args: Args, env: Union[AtariEnv, CatchEnv], game: str, given: set[str]):
-    """Said before any work: --preset catch on another game, and the Atari protocol flags given on
-    the command line that the game ignores."""
-    if args.preset == "catch" and game != "Catch":
-        print(f"notice: --preset catch is sized for --env-id Catch; this run plays {game}", flush=True)
+def env_notices(env: Union[AtariEnv, CatchEnv], game: str, given: set[str]):
+    """Said before any work: the Atari protocol flags given on the command line that the game ignores."""
     ignored = [f"--{name.replace('_', '-')}" for name in env.ignored_flags if name in given]
     if ignored:
         print(f"notice: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect on {game} (Atari "
@@ -2902,10 +2899,6 @@ def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: d
     print(length + ("" if args.dataset_dir else f", {sum(run.schedule)} env steps"), flush=True)
     if resumed:
         print(f"resuming at {pos}", flush=True)
-    if not args.world_model_only and args.actor_critic_start_after_epochs >= run.num_epochs:
-        print(f"notice: --actor-critic-start-after-epochs {args.actor_critic_start_after_epochs} is not below the "
-              f"run's {run.num_epochs} epochs: the actor-critic never trains, and the test episodes play the "
-              f"untrained, uniform policy", flush=True)
     left = work_left(args, run.collector.first_collection_steps, pos)
     seconds_per_unit = time_phases(args, models, num_actions, run.device, run.autocast, left)
     print("\n".join(run_time_lines(seconds_per_unit, left, setup)), flush=True)
@@ -2988,7 +2981,7 @@ def main(args: Args, given: set[str]):
 
     env = make_env(args, args.seed, cpu_generator)
     num_actions = env.num_actions  # the game's minimal action set sizes the networks
-    env_notices(args, env, game, given)
+    env_notices(env, game, given)
     if trains:  # will the updates fit? one line if not
         check_training_memory(setup, args, num_actions)
     built = (model.to(device) for model in build_models(args, num_actions))
