@@ -2364,9 +2364,8 @@ def policy_diagnostics(run: Run, epoch: int, test_episodes: list[dict]) -> dict[
     if k:
         run.stop.check()  # an Atari env takes about a second to make
         env = make_env(args, args.seed * 7919 + epoch)  # a training env: a life lost ends the episode, as in the buffer
-        amp_dtype = None
-        if run.device.type == "cuda":
-            amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
+        cuda = run.device.type == "cuda"
+        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype) if cuda else None
         graphs = ImaginationGraphs(run.wm_env, run.learners["actor_critic"].model, args, run.device, amp_dtype,
                                    backend=None)  # the imagination step's functions, uncompiled: K envs, not n
         returns = imagined_and_real_returns(graphs, collector.fork_starts[-k:], env, args, args.seed * 7919 + epoch,
