@@ -2187,17 +2187,16 @@ def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tenso
     """One update's loss of a model on a fresh batch (real segments; the actor-critic: an imagined
     rollout) and the extra values to log."""
     args, device, autocast = run.args, run.device, run.autocast
-    denoiser, reward_end_model = run.learners["denoiser"].model, run.learners["reward_end"].model
     if name == "denoiser":  # 6-frame segments, two predictions (the second on the first's 8-bit output)
         batch = sample_denoiser_batch(run.buffer, args, run.cpu_generator, device, run.train_ids)
         with autocast:
-            loss = denoiser_loss(denoiser, batch["obs"], batch["actions"], batch["obs_mask"], args, run.generator,
-                                 run.denoiser_net)
+            loss = denoiser_loss(run.learners["denoiser"].model, batch["obs"], batch["actions"], batch["obs_mask"],
+                                 args, run.generator, run.denoiser_net)
         return loss, {}
     if name == "reward_end":  # 19-frame segments from t - U[0, 19), the LSTM from a zero state
         batch = sample_reward_end_batch(run.buffer, args, run.cpu_generator, device, run.train_ids)
         with autocast:
-            loss = reward_end_loss(reward_end_model, batch)
+            loss = reward_end_loss(run.learners["reward_end"].model, batch)
         return loss, {}
     loss, parts = actor_critic_loss(run.learners["actor_critic"].model, run.wm_env, args, run.generator, autocast,
                                     run.graphs)
@@ -3014,9 +3013,6 @@ def main(args: Args, given: set[str]):
     # ---- the run folder (after the signal handlers: it always gets a checkpoint), TensorBoard, episodes
     run_dir = run_dir or create_run_dir(args, env_name)
     writer = open_writer(args, run_dir, pos.global_step)
-    if checkpoint is None:
-        for name, model in models.items():
-            writer.add_scalar(f"charts/num_parameters_{name}", sum(p.numel() for p in model.parameters()), 0)
     if args.dataset_dir is None:
         read_run_episodes(buffer, run_dir, checkpoint, args, num_actions)
     collector.share_partial()
