@@ -1433,11 +1433,8 @@ def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: A
 def collection_schedule(first_collection_steps: int, env_step_budget: int = 100_000, steps_per_epoch: int = 100,
                         final_epochs: int = 50) -> list[int]:
     """Env steps collected in each epoch (item e - 1 for epoch e), as DIAMOND spends the budget: the
-    first collection N plus steps_per_epoch in epoch 1, steps_per_epoch in each epoch until the
-    budget is spent, then final_epochs that only train (N = 5000: 950 + 50)."""
-    if not 0 < first_collection_steps <= env_step_budget:
-        raise ValueError(f"the first collection ({first_collection_steps} steps) must be within the env-step "
-                         f"budget ({env_step_budget})")
+    first collection N plus steps_per_epoch in epoch 1, steps_per_epoch until the budget is spent,
+    then final_epochs that only train (N = 5000: 950 + 50)."""
     remaining = env_step_budget - first_collection_steps
     collecting_epochs = max(1, math.ceil(remaining / steps_per_epoch))  # epoch 1 always collects (the first N)
     steps = [min(steps_per_epoch, remaining - steps_per_epoch * e) for e in range(collecting_epochs)]
@@ -1464,29 +1461,26 @@ def lr_warmup_factor(step: int, warmup_steps: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Evaluation: test episodes, human-normalised score, world-model metrics on unseen real transitions, rollout videos.
+# Evaluation: test episodes, the human-normalised score, world-model metrics, rollout videos.
 
 
 def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device: torch.device,
                 autocast, stop, what: str, stopped: str, writer_at: Callable, step: int, kind: str = "test"):
-    """The score the paper reports: --test-episodes full games (epsilon 0), printed and logged under
-    eval/{kind}_* at `step` (no step holds two values of a tag). A signal abandons them, logging
-    nothing: the line `stopped` says so."""
+    """The score the paper reports: --test-episodes full games, printed and logged under
+    eval/{kind}_* at `step`. A signal abandons them, logging nothing: the line `stopped` says so."""
     try:
         returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003, device,
                                     autocast, check=stop.check)
     except StopRequested:
         print(stopped, flush=True)
         return
-    mean = float(np.mean(returns))
-    score = env.normalized_score(mean)
+    mean, score = float(np.mean(returns)), env.normalized_score(float(np.mean(returns)))
     line = f"{what}: mean return {mean:.2f} (std {np.std(returns):.2f})"
-    if score is not None:
-        random_score, human_score = ATARI_SCORES[env.game]
-        line += (f"; human-normalised score {score:.3f} = ({mean:.2f} - random {random_score}) / "
-                 f"(human {human_score} - random {random_score})")
-    else:
+    if score is None:
         line += f" ({env.game} has no random/human reference scores here: raw score only)"
+    else:
+        low, high = ATARI_SCORES[env.game]
+        line += f"; human-normalised score {score:.3f} = ({mean:.2f} - random {low}) / (human {high} - random {low})"
     if env.game == "Catch":  # a game returns +1 or -1
         line += f"; catch rate {(mean + 1) / 2:.3f} (random 0.2)"
     print(line, flush=True)
@@ -1502,38 +1496,28 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
                       device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16,
                       check: Callable[[], None] = lambda: None, record: Optional[list] = None,
                       on_step: Callable[[], None] = lambda: None) -> list[float]:
-    """Returns of full games (epsilon 0, no life-loss ends), up to max_parallel at once, seeded by
-    `seed` alone (the training RNGs do not move). check() runs before each env is made and at each
-    step (StopFlag.check), then on_step(); `record` gets each game as an episode dict."""
+    """Returns of full games (epsilon 0, no life-loss ends), max_parallel at once, seeded by `seed`
+    alone. check() runs before each env and step, then on_step(); `record` gets the episodes."""
     generator = torch.Generator().manual_seed(seed)
     returns = []
     while len(returns) < num_episodes:
-        n = min(max_parallel, num_episodes - len(returns))
         envs = []
-        for i in range(n):
+        for i in range(min(max_parallel, num_episodes - len(returns))):
             check()
             envs.append(make_env(args, seed * 1000 + len(returns) + i, generator, training=False))
-        obs = [env.reset() for env in envs]
-        episodes = [new_episode(o) for o in obs]
-        hidden, active = None, list(range(n))
+        episodes = [new_episode(env.reset()) for env in envs]
+        hidden, active = None, list(range(len(envs)))
         while active:
             check()
             on_step()
-            x = to_float(torch.from_numpy(np.stack([obs[i] for i in active])).permute(0, 3, 1, 2).to(device))
+            obs = np.stack([episodes[i]["obs"][-1] for i in active])
             with autocast:
-                logits, _, hidden = actor_critic(x, hidden)
+                logits, _, hidden = actor_critic(to_float(torch.from_numpy(obs).permute(0, 3, 1, 2).to(device)), hidden)
             actions = torch.multinomial(logits.float().softmax(-1).cpu(), 1, generator=generator)[:, 0].tolist()
-            still = []
-            for row, (i, action) in enumerate(zip(active, actions)):
-                obs[i], reward, terminated, truncated = envs[i].step(action)
-                for key, value in (("obs", obs[i].copy()), ("actions", action), ("rewards", reward),
-                                   ("terminated", terminated), ("truncated", truncated)):
-                    episodes[i][key].append(value)
-                if not (terminated or truncated):
-                    still.append(row)
+            still = [row for row, (i, action) in enumerate(zip(active, actions))
+                     if not add_step(episodes[i], action, *envs[i].step(action))]
             if len(still) < len(active):
-                keep = torch.tensor(still, dtype=torch.long, device=device)
-                hidden = tuple(h[keep] for h in hidden)
+                hidden = tuple(h[torch.tensor(still, dtype=torch.long, device=device)] for h in hidden)
                 active = [active[row] for row in still]
         returns += [env.game_return for env in envs]
         if record is not None:
@@ -1546,13 +1530,12 @@ def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer
                     args: Args, device: torch.device, seed: int, net=None,
                     autocast=contextlib.nullcontext()) -> dict[str, float]:
     """The mean training losses per segment on held-out episodes (ids), as DIAMOND tests its world
-    model: each frame a denoiser target once, each transition a reward/end target once, the noise
-    from a generator seeded by `seed`."""
+    model: each frame a denoiser target once, each transition a reward/end target once."""
     generator = torch.Generator(device=device).manual_seed(seed)
     c, length = args.num_conditioning_steps, args.reward_segment_length
     num_predictions = 1 + args.num_autoregressive_steps
     lengths = {i: len(buffer.episode(i)["actions"]) for i in ids}
-    # denoiser segments start at s = 1 - c, 1 - c + num_predictions, ...: their targets are frames s + c .. (1..T)
+    # denoiser segments start at s = 1 - c, 1 - c + num_predictions, ...: targets s + c .. (1..T)
     denoiser_refs = [(i, s) for i in ids for s in range(1 - c, lengths[i] - c + 1, num_predictions)]
     # reward/end segments share their boundary frame: transitions 0..L-2, L-1..2L-3, ...
     reward_refs = [(i, s) for i in ids for s in range(0, lengths[i], length - 1)]
@@ -1578,19 +1561,18 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
                         refs: list[tuple[int, int]], args: Args, device: torch.device, seed: int, net=None,
                         autocast=contextlib.nullcontext()) -> dict:
     """On real transitions (episode, t): the sampled next frame's MSE beside copying the last frame,
-    over all pixels and over those that change; reward-sign and end accuracy, and under "counts" the
-    (hits, predicted, actual) counts of each class of RewardEndPools (its recall and precision)."""
+    over all pixels and those that change; reward-sign and end accuracy; under "counts" the (hits,
+    predicted, actual) counts of each class of RewardEndPools."""
     c = args.num_conditioning_steps
     generator = torch.Generator(device=device).manual_seed(seed)
-    sums = {key: 0.0 for key in ("mse", "copy", "mse_changed", "copy_changed", "changed", "pixels", "reward", "end")}
+    sums = dict.fromkeys(("mse", "copy", "mse_changed", "copy_changed", "changed", "pixels", "reward", "end"), 0.0)
     counts = {name: [0, 0, 0] for name in RewardEndPools.classes}
     for first in range(0, len(refs), 64):
         batch = buffer.segments([(e, t - (c - 1)) for e, t in refs[first: first + 64]], c + 1)
         obs = segment_obs(batch, device)  # (B, c + 1, 3, H, W)
         actions = batch["actions"].to(device)
         predicted = generate_next_obs(denoiser, obs[:, :-1], actions, args, generator, net, autocast)
-        target, last = (obs[:, -1] + 1) / 2, (obs[:, -2] + 1) / 2  # pixels in [0, 1]
-        predicted = (predicted + 1) / 2
+        target, last, predicted = (obs[:, -1] + 1) / 2, (obs[:, -2] + 1) / 2, (predicted + 1) / 2  # in [0, 1]
         changed = ((target - last).abs().amax(dim=1, keepdim=True) > 0).float().expand_as(target)
         for key, error in (("mse", (predicted - target) ** 2), ("copy", (last - target) ** 2)):
             sums[key] += float(error.sum())
@@ -1599,30 +1581,27 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
         sums["pixels"] += target.numel()
         with autocast:
             reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], actions, obs[:, 1:])
-        reward_class, end = batch["rewards"][:, -1].sign().long() + 1, batch["ends"][:, -1]
-        predicted_reward, predicted_end = reward_logits[:, -1].argmax(-1).cpu(), end_logits[:, -1].argmax(-1).cpu()
-        sums["reward"] += float((predicted_reward == reward_class).sum())
-        sums["end"] += float((predicted_end == end.long()).sum())
+        reward, end = batch["rewards"][:, -1].sign().long() + 1, batch["ends"][:, -1].long()
+        reward_guess, end_guess = reward_logits[:, -1].argmax(-1).cpu(), end_logits[:, -1].argmax(-1).cpu()
+        sums["reward"] += float((reward_guess == reward).sum())
+        sums["end"] += float((end_guess == end).sum())
         # one-vs-rest per class: (predicted == actual == class, predicted == class, actual == class)
-        for name, predicted, actual in (("reward_neg", predicted_reward == 0, reward_class == 0),
-                                        ("reward_zero", predicted_reward == 1, reward_class == 1),
-                                        ("reward_pos", predicted_reward == 2, reward_class == 2),
-                                        ("end", predicted_end == 1, end)):
-            hits_predicted_actual = (predicted & actual, predicted, actual)
-            counts[name] = [total + int(x.sum()) for total, x in zip(counts[name], hits_predicted_actual)]
-    n, changed = len(refs), max(sums["changed"], 1.0)
-    return {"next_frame_mse": sums["mse"] / sums["pixels"], "copy_last_frame_mse": sums["copy"] / sums["pixels"],
+        for name, (guess, actual, value) in zip(RewardEndPools.classes, [(reward_guess, reward, 0), (
+                reward_guess, reward, 1), (reward_guess, reward, 2), (end_guess, end, 1)]):
+            new = ((guess == value) & (actual == value), guess == value, actual == value)
+            counts[name] = [total + int(x.sum()) for total, x in zip(counts[name], new)]
+    n, changed, pixels = len(refs), max(sums["changed"], 1.0), sums["pixels"]
+    return {"next_frame_mse": sums["mse"] / pixels, "copy_last_frame_mse": sums["copy"] / pixels,
             "next_frame_mse_changed": sums["mse_changed"] / changed,
             "copy_last_frame_mse_changed": sums["copy_changed"] / changed,
-            "changed_pixel_fraction": sums["changed"] / sums["pixels"], "reward_accuracy": sums["reward"] / n,
+            "changed_pixel_fraction": sums["changed"] / pixels, "reward_accuracy": sums["reward"] / n,
             "end_accuracy": sums["end"] / n, "counts": counts}
 
 
 class RewardEndPools:
     """The reward/end model's recall and precision per class (reward signs -1, 0, +1; the end),
-    pooled over measurements until a pool holds min_count actual (recall) or predicted (precision)
-    examples of its class, then taken and emptied: rewards and ends are rare; no value is NaN or
-    rests on fewer than min_count."""
+    pooled until min_count actual (recall) or predicted (precision) examples, then taken and emptied:
+    rewards and ends are rare; no value is NaN or rests on fewer than min_count."""
     classes = ("reward_neg", "reward_zero", "reward_pos", "end")
 
     def __init__(self, min_count: int = 20):
@@ -1633,11 +1612,11 @@ class RewardEndPools:
     def add(self, counts: dict[str, list[int]]):
         """counts: (hits, predicted, actual) of each class, as world_model_metrics returns them."""
         for name, (hits, predicted, actual) in counts.items():
-            self.recall[name] = [self.recall[name][0] + hits, self.recall[name][1] + actual]
-            self.precision[name] = [self.precision[name][0] + hits, self.precision[name][1] + predicted]
+            for pools, total in ((self.recall, actual), (self.precision, predicted)):
+                pools[name] = [pools[name][0] + hits, pools[name][1] + total]
 
     def take(self) -> dict[str, float]:
-        """The full pools' values by tag (world_model/reward_recall_pos ...); those empty."""
+        """The full pools' values by tag (world_model/reward_recall_pos ...); those emptied."""
         values = {}
         for kind, pools in (("recall", self.recall), ("precision", self.precision)):
             for name, (hits, total) in pools.items():
@@ -1648,19 +1627,17 @@ class RewardEndPools:
         return values
 
     def state_dict(self) -> dict:
-        return {"recall": {k: list(v) for k, v in self.recall.items()},
-                "precision": {k: list(v) for k, v in self.precision.items()}}
+        return copy.deepcopy({"recall": self.recall, "precision": self.precision})
 
     def load_state_dict(self, state: dict):
-        self.recall = {k: list(v) for k, v in state["recall"].items()}
-        self.precision = {k: list(v) for k, v in state["precision"].items()}
+        self.recall, self.precision = copy.deepcopy(state["recall"]), copy.deepcopy(state["precision"])
 
 
 @torch.no_grad()
 def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, device: torch.device, seed: int,
-                     net=None, autocast=contextlib.nullcontext()) -> tuple[np.ndarray, np.ndarray]:
+                     net=None, autocast=contextlib.nullcontext()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """An open-loop imagined rollout from a real segment with the real actions: real and imagined
-    frames uint8 (H, 3, h, w) (H = imagination_horizon at most) and the actions."""
+    frames uint8 (H, 3, h, w) (H = imagination_horizon at most) and the action taken into each."""
     c, horizon = args.num_conditioning_steps, args.imagination_horizon
     generator = torch.Generator().manual_seed(seed)
     ids = [i for i in buffer.sampleable() if len(buffer.episode(i)["actions"]) >= c + horizon] or buffer.sampleable()
@@ -1669,15 +1646,13 @@ def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, devic
     horizon = min(horizon, T - c) if T > c else 1
     start = int(torch.randint(max(T - c - horizon + 1, 1), (1,), generator=generator)) if T > c else -(c - 1)
     batch = buffer.segments([(index, start)], c + horizon)
-    real = segment_obs(batch, device)
-    actions = batch["actions"].to(device)
+    real, actions = segment_obs(batch, device), batch["actions"].to(device)
     device_generator = torch.Generator(device=device).manual_seed(seed)
     obs, imagined = real[:, :c], []
     for k in range(horizon):
-        next_obs = generate_next_obs(denoiser, obs, actions[:, k: k + c], args, device_generator, net, autocast)
-        imagined.append(next_obs)
-        obs = torch.cat([obs[:, 1:], next_obs[:, None]], dim=1)
-    taken = actions[0, c - 1: c - 1 + horizon].cpu().numpy()  # the action that led into each of the frames
+        imagined.append(generate_next_obs(denoiser, obs, actions[:, k: k + c], args, device_generator, net, autocast))
+        obs = torch.cat([obs[:, 1:], imagined[-1][:, None]], dim=1)
+    taken = actions[0, c - 1: c - 1 + horizon].cpu().numpy()
     return to_uint8(real[0, c:]).cpu().numpy(), to_uint8(torch.cat(imagined)).cpu().numpy(), taken
 
 
@@ -1685,18 +1660,14 @@ def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, devic
 def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int, int, dict]],
                               env: Union[AtariEnv, CatchEnv], args: Args, seed: int,
                               check: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """The policy's return over the horizon H from the same K starts in the world model and in the
-    real game: the gap that training in imagination exploits. A start (episode, t, env state) is a
-    frame the collector saved (Collector.fork_starts): the world model starts from it as imagination
-    does, the real game from the saved state, both with the same actor state, action rule and
-    uniforms (seeded by `seed`). Returns the mean undiscounted sums of reward signs until the end:
-    imagined_return, real_return and imagined_minus_real_return."""
+    """Mean sums of reward signs over the horizon from K starts (Collector.fork_starts) in the world
+    model and in the real game forked there, with the same actor state, actions and uniforms: the gap
+    that training in imagination exploits."""
     c, horizon, device, k = args.num_conditioning_steps, args.imagination_horizon, graphs.device, len(starts)
     buffer = graphs.wm_env.buffer
     refs = [(episode if episode < len(buffer.episodes) else -1, t - (c - 1)) for episode, t, _ in starts]
-    obs, act, hidden = graphs.wm_env.start(k, refs)
-    start = (obs, act, hidden)
-    start_hidden = actor_burn_in(graphs.actor_critic, obs[:, :-1], graphs.amp())
+    start = graphs.wm_env.start(k, refs)
+    start_hidden = actor_burn_in(graphs.actor_critic, start[0][:, :-1], graphs.amp())
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((horizon, k, 3, args.obs_size, args.obs_size), generator=generator).to(device)
     uniforms = torch.rand((horizon, 3, k), generator=generator).to(device)  # action, reward, end
@@ -1707,7 +1678,7 @@ def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int,
                                                               no_value, uniforms[t, 0])
         return action, actor_hidden
 
-    # imagined: no env restarts here (world_model_step's restart pool is the starts; what follows an end is unused)
+    # imagined: no restarts (world_model_step's pool is the starts; what follows an end is unused)
     state, actor_hidden = start, start_hidden
     age, alive, imagined = torch.zeros(k, dtype=torch.long, device=device), torch.ones(k, device=device), 0.0
     for t in range(horizon):
@@ -1717,8 +1688,8 @@ def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int,
         imagined = imagined + alive * step["reward"]
         alive = alive * (1 - step["end"])
         state, age = (step["obs"], step["act"], step["hidden"]), step["age"]
-    # real: the same policy from the same frame and LSTM state, in the game forked from each start's state
-    states, frames, actor_hidden = [s for _, _, s in starts], obs[:, -1].clone(), start_hidden
+    # real: the same policy from the same frame and LSTM state, in the game forked at each start
+    states, frames, actor_hidden = [s for _, _, s in starts], start[0][:, -1].clone(), start_hidden
     real, playing = torch.zeros(k), [True] * k
     for t in range(horizon):
         check()
@@ -1727,9 +1698,8 @@ def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int,
             if playing[i]:
                 env.load_state_dict(states[i])
                 frame, reward, terminated, truncated = env.step(a)
-                states[i] = env.state_dict()
+                states[i], playing[i] = env.state_dict(), not (terminated or truncated)
                 real[i] += float(np.sign(reward))
-                playing[i] = not (terminated or truncated)
                 frames[i] = to_float(torch.from_numpy(frame).permute(2, 0, 1).to(device))
         if not any(playing):
             break
@@ -1740,18 +1710,9 @@ def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int,
 
 def action_shares(episodes: list[dict], num_actions: int) -> np.ndarray:
     """The share of each action among the episodes' actions (summing to 1; all 0 without any)."""
-    counts = np.zeros(num_actions)
-    for episode in episodes:
-        counts += np.bincount(np.asarray(episode["actions"], dtype=np.int64), minlength=num_actions)
+    counts = sum((np.bincount(np.asarray(e["actions"], np.int64), minlength=num_actions) for e in episodes),
+                 np.zeros(num_actions))
     return counts / max(counts.sum(), 1.0)
-
-
-def write_samples(folder: Path, stem: str, images: np.ndarray, columns: Optional[int] = None) -> Path:
-    """A PNG grid and an .npz of the uint8 (N, H, W, 3) images (arr_0, the layout FID tools
-    read); raises OSError when either cannot be written."""
-    write_png(folder / f"{stem}.png", make_grid(images[:256], columns))
-    np.savez(folder / f"{stem}.npz", images.transpose(0, 2, 3, 1))
-    return folder / f"{stem}.png"
 
 
 def put_text(image: np.ndarray, text: str, x: int, y: int, scale: float = 0.4, colour=(255, 255, 255)):
@@ -1774,36 +1735,25 @@ def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
     return np.concatenate([big, margin])
 
 
-def labelled_rows(rows: list[np.ndarray], row_labels: list[str], column_labels: Optional[list[str]] = None,
-                  pad: int = 2) -> np.ndarray:
+def labelled_rows(rows: list[np.ndarray], row_labels: list[str], column_labels: list[str], pad: int = 2) -> np.ndarray:
     """Rows of uint8 (N, 3, h, w) frames as one RGB image, each row named in a left margin and each
     column (the action taken into that frame) in a top margin."""
-    import cv2
-
     n, h = rows[0].shape[0], rows[0].shape[2]
-    scale = max(1, 64 // h)  # small frames are enlarged, so that a label fits above each
-
-    def enlarged(frame):
-        return cv2.resize(frame.transpose(1, 2, 0), None, fx=scale, fy=scale,
-                          interpolation=cv2.INTER_NEAREST).transpose(2, 0, 1)
-
-    grids = [make_grid(np.stack([enlarged(f) for f in row]), columns=n, pad=pad) for row in rows]
-    left = 8 + 7 * max(len(label) for label in row_labels)
-    top = 16 if column_labels else 0
-    cell = h * scale + pad
+    scale = max(1, 64 // h)  # small frames are enlarged (nearest), so that a label fits above each
+    grids = [make_grid(row.repeat(scale, axis=2).repeat(scale, axis=3), columns=n, pad=pad) for row in rows]
+    left, top, cell = 8 + 7 * max(len(label) for label in row_labels), 16, h * scale + pad
     image = np.zeros((top + sum(g.shape[0] for g in grids), left + grids[0].shape[1], 3), dtype=np.uint8)
-    y = top
-    for grid, label in zip(grids, row_labels):
+    for i, (grid, label) in enumerate(zip(grids, row_labels)):
+        y = top + i * grid.shape[0]
         image[y: y + grid.shape[0], left:] = grid
         put_text(image, label, 4, y + grid.shape[0] // 2 + 4, 0.35)
-        y += grid.shape[0]
-    for i, label in enumerate(column_labels or []):
+    for i, label in enumerate(column_labels):
         put_text(image, label[: max(1, cell // 6)], left + pad + i * cell, 12, 0.3)
     return image
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The training loop's parts: the run's position, the collector, the epoch's log, the learners, one function per phase.
+# The training loop's parts: the run's position, the collector, the epoch's log, the phases.
 
 # Each epoch runs these phases in order; a checkpoint records the phase and the position inside it.
 PHASES = ("collect", "world_model_eval", "denoiser", "reward_end", "actor_critic", "evaluate")
@@ -1838,17 +1788,23 @@ def new_episode(obs: np.ndarray) -> dict:
     return {"obs": [obs.copy()], "actions": [], "rewards": [], "terminated": [], "truncated": []}
 
 
+def add_step(episode: dict, action: int, obs: np.ndarray, reward: float, terminated: bool, truncated: bool) -> bool:
+    """One env step appended to an episode being recorded; True when it ended the episode."""
+    for key, value in zip(episode, (obs.copy(), action, reward, terminated, truncated)):
+        episode[key].append(value)
+    return terminated or truncated
+
+
 class Collector:
-    """The real environment and what is collected from it: the episode in progress (the buffer's
-    newest), the actor's LSTM state, the env steps, the held-out transitions (collected since the
-    world model was last measured, never trained on), the reward/end model's pooled counts on them,
-    and the newest num_fork_starts env states, saved along the way for imagined_and_real_returns."""
+    """The real environment and what is collected from it: the episode in progress, the actor's LSTM
+    state, the held-out transitions (since the world model was last measured), the reward/end pools
+    on them, and the newest env states, for imagined_and_real_returns."""
     num_fork_starts = 8
 
     def __init__(self, env: Union[AtariEnv, CatchEnv], buffer: ReplayBuffer, generator: torch.Generator,
                  device: torch.device):
         self.env, self.buffer, self.generator, self.device = env, buffer, generator, device
-        self.partial: Optional[dict] = None  # lists of obs, actions, rewards, terminated, truncated
+        self.partial: Optional[dict] = None  # the episode in progress (new_episode's lists)
         self.hidden = None  # the actor's LSTM state
         self.env_steps = 0
         self.first_collection_steps = 0  # the first collection N, once epoch 1 has decided it (0: not yet)
@@ -1862,27 +1818,23 @@ class Collector:
         policy. Returns the reward and, when the step ended a game, the game's (return, length)."""
         if self.partial is None:
             self.partial = new_episode(self.env.reset())
-        # the transition about to be collected, as (the index its episode will have in the buffer, t)
+        # the transition about to be collected: (its episode's index in the buffer, t)
         ref = (len(self.buffer.episodes), len(self.partial["actions"]))
         if self.env_steps % max(1, args.num_heldout_transitions // self.num_fork_starts) == 0:
             self.fork_starts = (self.fork_starts + [(*ref, self.env.state_dict())])[-self.num_fork_starts:]
         explore = float(torch.rand(1, generator=self.generator)) < args.epsilon
-        random_action = int(torch.randint(self.env.num_actions, (1,), generator=self.generator))
-        action = random_action
+        action = int(torch.randint(self.env.num_actions, (1,), generator=self.generator))
         if not random_policy:
             x = to_float(torch.from_numpy(self.partial["obs"][-1]).permute(2, 0, 1)[None].to(self.device))
             with autocast:
                 logits, _, self.hidden = actor_critic(x, self.hidden)
             sampled = int(torch.multinomial(logits.float().softmax(-1).cpu(), 1, generator=self.generator))
-            action = random_action if explore else sampled
+            action = action if explore else sampled
         obs, reward, terminated, truncated = self.env.step(action)
         self.env_steps += 1
-        for key, value in (("obs", obs.copy()), ("actions", action), ("rewards", reward),
-                           ("terminated", terminated), ("truncated", truncated)):
-            self.partial[key].append(value)
         self.heldout = torch.cat([self.heldout, torch.tensor([ref])])[-args.num_heldout_transitions:]
         game = None
-        if terminated or truncated:
+        if add_step(self.partial, action, obs, reward, terminated, truncated):
             self.buffer.add({key: np.asarray(value) for key, value in self.partial.items()})
             if self.env.game_over:
                 game = (self.env.game_return, self.env.game_steps)
@@ -1894,31 +1846,24 @@ class Collector:
         self.buffer.partial = None if self.partial is None else ReplayBuffer.to_tensors(self.partial)
 
     def state_dict(self) -> dict:
-        partial = None if self.partial is None else {
-            "obs": torch.from_numpy(np.stack(self.partial["obs"])),
-            **{key: torch.tensor(self.partial[key], dtype=dtype) for key, dtype in (
-                ("actions", torch.int64), ("rewards", torch.float32), ("terminated", torch.bool),
-                ("truncated", torch.bool))}}
-        hidden = None if self.hidden is None else tuple(h.cpu() for h in self.hidden)
-        return {"env": self.env.state_dict(), "env_steps": self.env_steps, "partial": partial,
-                "first_collection_steps": self.first_collection_steps, "collect_hidden": hidden,
+        return {"env": self.env.state_dict(), "env_steps": self.env_steps,
+                "partial": None if self.partial is None else ReplayBuffer.to_tensors(self.partial),
+                "first_collection_steps": self.first_collection_steps,
+                "collect_hidden": None if self.hidden is None else tuple(h.cpu() for h in self.hidden),
                 "heldout": self.heldout, "reward_end_pools": self.reward_end_pools.state_dict(),
                 "fork_starts": [{"episode": e, "t": t, "env": env} for e, t, env in self.fork_starts]}
 
     def load_state_dict(self, state: dict):
         self.env.load_state_dict(state["env"])
         self.env_steps, self.heldout = state["env_steps"], state["heldout"]
-        self.first_collection_steps = state["first_collection_steps"]
-        partial = state["partial"]
+        self.first_collection_steps, partial = state["first_collection_steps"], state["partial"]
         self.partial = None if partial is None else {
-            "obs": list(partial["obs"].numpy()),
+            "obs": list(partial["obs"].permute(0, 2, 3, 1).numpy()),
             **{key: partial[key].tolist() for key in ("actions", "rewards", "terminated", "truncated")}}
         hidden = state["collect_hidden"]
         self.hidden = None if hidden is None else tuple(h.to(self.device) for h in hidden)
-        # diagnostics only: a checkpoint from before them resumes with empty pools and no starts to fork from yet
-        if "reward_end_pools" in state:
-            self.reward_end_pools.load_state_dict(state["reward_end_pools"])
-        self.fork_starts = [(s["episode"], s["t"], s["env"]) for s in state.get("fork_starts", [])]
+        self.reward_end_pools.load_state_dict(state["reward_end_pools"])
+        self.fork_starts = [(s["episode"], s["t"], s["env"]) for s in state["fork_starts"]]
 
 
 class EpochLog:
@@ -1959,26 +1904,24 @@ class EpochLog:
 
     def summary(self) -> list[str]:
         """The epoch's printed line: mean losses and returns, the world model beside copying the
-        last frame, and when evaluated the reward +1's recall/precision, the imagined minus the real
-        return and the most frequent action."""
+        last frame, and when evaluated the reward +1's recall/precision, the imagined minus real
+        return, the top action."""
         values = {**self.means, **self.pending}
         parts = [f"{label} {np.mean(values[key]):.4g}" for key, label in (
             ("losses/denoiser", "denoiser loss"), ("losses/reward_end", "reward/end loss"),
             ("losses/actor_critic", "actor-critic loss"), ("charts/episodic_return", "train return"),
             ("eval/episodic_return", "eval return")) if key in values]
         first = {key: value[0] for key, value in values.items()}
-        if "world_model/next_frame_mse_changed" in values:
+        if "world_model/next_frame_mse_changed" in first:
             parts.append(f"next-frame mse on changed pixels {first['world_model/next_frame_mse_changed']:.4g} "
                          f"(copy-last-frame {first['world_model/copy_last_frame_mse_changed']:.4g})")
         recall, precision = (first.get(f"world_model/reward_{kind}_pos") for kind in ("recall", "precision"))
         if recall is not None or precision is not None:
-            shown = ("-" if value is None else f"{value:.2f}" for value in (recall, precision))
-            parts.append("rew+ rec/prec " + "/".join(shown))
-        if "eval/imagined_minus_real_return" in values:
+            parts.append("rew+ rec/prec " + "/".join("-" if v is None else f"{v:.2f}" for v in (recall, precision)))
+        if "eval/imagined_minus_real_return" in first:
             parts.append(f"imag-real gap {first['eval/imagined_minus_real_return']:+.2f} (imag "
                          f"{first['eval/imagined_return']:+.2f}, real {first['eval/real_return']:+.2f})")
-        prefix = "eval/action_share_"
-        shares = {key[len(prefix):]: value for key, value in first.items() if key.startswith(prefix)}
+        shares = {key[18:]: value for key, value in first.items() if key.startswith("eval/action_share_")}
         if shares:
             top = max(shares, key=shares.get)
             parts.append(f"top action {top} {shares[top]:.2f}")
@@ -2017,14 +1960,11 @@ class Learner:
 def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> dict[str, Learner]:
     learners = {}
     for name, model in models.items():
-        # AdamW with weight decay on the weights of the world model only (DIAMOND: the actor-critic uses none)
+        # AdamW, weight decay on the world model's weights only (DIAMOND: none for the actor-critic)
         weight_decay = 0.0 if name == "actor_critic" else args.weight_decay
-        lr = args.learning_rate
-        if name == "actor_critic" and args.actor_critic_learning_rate:
-            lr = args.actor_critic_learning_rate
+        lr = (name == "actor_critic" and args.actor_critic_learning_rate) or args.learning_rate
         optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr, eps=args.adam_eps,
                                       fused=use_cuda)
-        # linear warmup from 0: lr_s = lr * min(1, s / warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_warmup_factor(s, args.warmup_steps))
         scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16")
         max_grad_norm = args.denoiser_max_grad_norm if name == "denoiser" else args.max_grad_norm
@@ -2032,16 +1972,15 @@ def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> 
     return learners
 
 
-def run_checkpoint(args: Args, pos, collector, log, buffer, learners: dict[str, Learner], cpu_generator, generator,
-                   wm_env) -> dict:
+def run_checkpoint(run, pos, log) -> dict:
     """checkpoints/latest.pt's contents (CHECKPOINT_KEYS), which restore_run puts back."""
-    parts = {key: {name: getattr(learner, key[:-1]).state_dict() for name, learner in learners.items()}
+    parts = {key: {name: getattr(learner, key[:-1]).state_dict() for name, learner in run.learners.items()}
              for key in ("models", "optimizers", "schedulers", "scalers")}
     return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION,
-            "args": asdict(args), **pos.state_dict(), **collector.state_dict(), **log.state_dict(),
-            "num_buffer_files": len(buffer.episodes) if args.dataset_dir is None else 0, **parts,
-            "rng": rng_state(), "cpu_generator": cpu_generator.get_state(), "generator": generator.get_state().cpu(),
-            "imagination": wm_env.state_dict()}
+            "args": asdict(run.args), **pos.state_dict(), **run.collector.state_dict(), **log.state_dict(),
+            "num_buffer_files": len(run.buffer.episodes) if run.args.dataset_dir is None else 0, **parts,
+            "rng": rng_state(), "cpu_generator": run.cpu_generator.get_state(),
+            "generator": run.generator.get_state().cpu(), "imagination": run.wm_env.state_dict()}
 
 
 def restore_run(checkpoint: dict, pos, collector, log, learners: dict[str, Learner], cpu_generator, generator):
@@ -2049,14 +1988,8 @@ def restore_run(checkpoint: dict, pos, collector, log, learners: dict[str, Learn
     shape, or a damaged state, are one line."""
     try:
         for name, learner in learners.items():
-            learner.model.load_state_dict(checkpoint["models"][name])
-    except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not fit these models ({str(e).splitlines()[0]})") from None
-    try:
-        for name, learner in learners.items():
-            learner.optimizer.load_state_dict(checkpoint["optimizers"][name])
-            learner.scheduler.load_state_dict(checkpoint["schedulers"][name])
-            learner.scaler.load_state_dict(checkpoint["scalers"][name])
+            for key in ("models", "optimizers", "schedulers", "scalers"):
+                getattr(learner, key[:-1]).load_state_dict(checkpoint[key][name])
         set_rng_state(checkpoint["rng"])
         cpu_generator.set_state(checkpoint["cpu_generator"])
         generator.set_state(checkpoint["generator"])  # a CPU ByteTensor, for CUDA generators too
@@ -2091,9 +2024,14 @@ class Run:
     peak_flops: Optional[float]  # the device's peak FLOP/s on CUDA; None on a CPU (no MFU)
 
     @property
+    def schedule(self) -> list[int]:
+        """Env steps per epoch (run_schedule): final once epoch 1 has decided the first
+        collection."""
+        return run_schedule(self.args, self.collector.first_collection_steps)
+
+    @property
     def num_epochs(self) -> int:
-        """The run length (run_schedule): final once epoch 1 has decided the first collection."""
-        return len(run_schedule(self.args, self.collector.first_collection_steps))
+        return len(self.schedule)
 
     def checked_net(self, *inputs):
         """The denoiser's network uncompiled, for evaluations (their shapes vary); a signal abandons
@@ -2102,31 +2040,33 @@ class Run:
         return self.learners["denoiser"].model.net(*inputs)
 
 
-def phase_length(args: Args, name: str, epoch: int) -> int:
-    """Gradient updates of a model in this epoch (epoch 1 trains much longer)."""
+def phase_work(args: Args, schedule: list[int], name: str, epoch: int) -> int:
+    """A phase's work in an epoch: env steps, updates, or 1 (a measurement, an evaluation); 0: it
+    does not run. Epoch 1 trains longer; the actor-critic may start later."""
     first = epoch == 1
-    if name == "actor_critic" and epoch <= args.actor_critic_start_after_epochs:
-        return 0
-    return {"denoiser": args.first_epoch_denoiser_steps if first else args.denoiser_steps_per_epoch,
+    return {"collect": schedule[epoch - 1],
+            "world_model_eval": int(schedule[epoch - 1] > 0 or args.dataset_dir is not None),
+            "denoiser": args.first_epoch_denoiser_steps if first else args.denoiser_steps_per_epoch,
             "reward_end": args.first_epoch_reward_steps if first else args.reward_steps_per_epoch,
-            "actor_critic": args.first_epoch_actor_critic_steps if first else args.actor_critic_steps_per_epoch}[name]
+            "actor_critic": 0 if args.world_model_only or epoch <= args.actor_critic_start_after_epochs else
+            args.first_epoch_actor_critic_steps if first else args.actor_critic_steps_per_epoch,
+            "evaluate": int(epoch % args.eval_every == 0 or epoch == len(schedule))}[name]
 
 
 def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One update's loss of a model on a fresh batch (real segments; the actor-critic: an imagined
     rollout) and the extra values to log."""
     args, device, autocast = run.args, run.device, run.autocast
-    denoiser, reward_end_model = run.learners["denoiser"].model, run.learners["reward_end"].model
     if name == "denoiser":  # 6-frame segments, two predictions (the second on the first's 8-bit output)
         batch = sample_denoiser_batch(run.buffer, args, run.cpu_generator, device, run.train_ids)
         with autocast:
-            loss = denoiser_loss(denoiser, batch["obs"], batch["actions"], batch["obs_mask"], args, run.generator,
-                                 run.denoiser_net)
+            loss = denoiser_loss(run.learners["denoiser"].model, batch["obs"], batch["actions"], batch["obs_mask"],
+                                 args, run.generator, run.denoiser_net)
         return loss, {}
     if name == "reward_end":  # 19-frame segments from t - U[0, 19), the LSTM from a zero state
         batch = sample_reward_end_batch(run.buffer, args, run.cpu_generator, device, run.train_ids)
         with autocast:
-            loss = reward_end_loss(reward_end_model, batch)
+            loss = reward_end_loss(run.learners["reward_end"].model, batch)
         return loss, {}
     loss, parts = actor_critic_loss(run.learners["actor_critic"].model, run.wm_env, args, run.generator, autocast,
                                     run.graphs)
@@ -2134,29 +2074,25 @@ def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tenso
                   for key, value in parts.items()}
 
 
-def collect(run: Run, collector: Collector, pos: RunPosition, log: EpochLog):
-    """Env steps with the agent (--world-model-only: a random policy) until this epoch's share of
-    the budget is collected. Epoch 1 first decides the first collection N as DIAMOND: at least
-    initial_collection_steps, then 100 more at a time until the two rarer reward signs occur
-    min_rare_rewards times, or max_initial_collection_steps."""
-    args, buffer = run.args, run.buffer
+def collect(run: Run, pos: RunPosition, log: EpochLog):
+    """Env steps with the agent (--world-model-only: random) until this epoch's share of the budget.
+    Epoch 1 decides the first collection N as DIAMOND: initial_collection_steps, then 100 more at a
+    time until the two rarer reward signs occur min_rare_rewards times, or the maximum."""
+    args, buffer, collector = run.args, run.buffer, run.collector
     # counts of the reward signs -1, 0, +1 in the buffer (the episode in progress included)
     counts = [sum(int((buffer.episode(i)["rewards"].sign() == sign).sum()) for i in buffer.sampleable())
               for sign in (-1, 0, 1)]
-    total = run_schedule(args, collector.first_collection_steps)[pos.epoch - 1]
+    total = run.schedule[pos.epoch - 1]
     progress = progress_bar(total, pos.step, f"epoch {pos.epoch} collect", "env step")
     start, first = time.perf_counter(), pos.step
     while not run.stop.requested:
-        if pos.epoch == 1 and not collector.first_collection_steps:
-            extra = pos.step - args.initial_collection_steps
-            rare = sum(sorted(counts)[:2])
-            if extra >= 0 and extra % args.collection_steps_per_epoch == 0 and (
-                    rare >= args.min_rare_rewards or pos.step >= args.max_initial_collection_steps):
-                collector.first_collection_steps = pos.step  # N: the run's schedule and length are now fixed
-                total = progress.total = run_schedule(args, pos.step)[0]
-                progress.write(f"first collection: {pos.step} env steps (reward signs -1/0/+1: {counts}); the "
-                               f"run: {run.num_epochs} epochs, {sum(run_schedule(args, pos.step))} env steps",
-                               file=sys.stdout)
+        extra = pos.step - args.initial_collection_steps
+        if not collector.first_collection_steps and extra >= 0 and extra % args.collection_steps_per_epoch == 0 and (
+                sum(sorted(counts)[:2]) >= args.min_rare_rewards or pos.step >= args.max_initial_collection_steps):
+            collector.first_collection_steps = pos.step  # N: the run's schedule and length are now fixed
+            total = progress.total = run.schedule[0]
+            progress.write(f"first collection: {pos.step} env steps (reward signs -1/0/+1: {counts}); the run: "
+                           f"{run.num_epochs} epochs, {sum(run.schedule)} env steps", file=sys.stdout)
         if collector.first_collection_steps and pos.step >= total:
             break
         reward, game = collector.step(run.learners["actor_critic"].model, args, run.autocast, args.world_model_only)
@@ -2172,12 +2108,12 @@ def collect(run: Run, collector: Collector, pos: RunPosition, log: EpochLog):
         log.add("charts/SPS", (pos.step - first) / (time.perf_counter() - start))
 
 
-def measure_world_model(run: Run, collector: Collector, pos: RunPosition, log: EpochLog):
+def measure_world_model(run: Run, pos: RunPosition, log: EpochLog):
     """world_model/* on the transitions just collected (or --dataset-dir's held-out ones), never
     trained on; the reward/end class counts go into the collector's pools."""
-    buffer = run.buffer
-    refs = [(e if e < len(buffer.episodes) else -1, t) for e, t in collector.heldout.tolist()]
-    metrics = world_model_metrics(run.learners["denoiser"].model, run.learners["reward_end"].model, buffer, refs,
+    collector = run.collector
+    refs = [(e if e < len(run.buffer.episodes) else -1, t) for e, t in collector.heldout.tolist()]
+    metrics = world_model_metrics(run.learners["denoiser"].model, run.learners["reward_end"].model, run.buffer, refs,
                                   run.args, run.device, run.args.seed * 7919 + pos.epoch, run.checked_net,
                                   run.autocast)
     collector.reward_end_pools.add(metrics.pop("counts"))
@@ -2191,12 +2127,12 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
     """This epoch's updates of one model from pos.step on, until done or a signal (the update in
     progress finishes first); losses written every log_every updates at the global step."""
     args, learner = run.args, run.learners[name]
-    num_steps = phase_length(args, name, pos.epoch)
+    num_steps = phase_work(args, run.schedule, name, pos.epoch)
     progress = progress_bar(num_steps, pos.step, f"epoch {pos.epoch} {name}", "update")
     start, first = time.perf_counter(), pos.step
     learner.model.train()
     suffix = "" if name == "denoiser" else f"_{name}"  # the denoiser's is charts/grad_norm
-    # the first backward through a compiled graph compiles it: failures are one line, as the forward's
+    # the first backward through a compiled graph compiles it: a failure is one line, as forward's
     compiled = {"denoiser": ("the denoiser (--compile)", "without --compile") if args.compile else None,
                 "actor_critic": ("the imagination graphs", "with --imagination-graphs off") if run.graphs else None}
     guard = (lambda: compile_failures(run.stop, *compiled[name])) if compiled.get(name) else contextlib.nullcontext
@@ -2235,16 +2171,16 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
 
 
 def evaluate(run: Run, pos: RunPosition, log: EpochLog):
-    """An open-loop imagined rollout beside the real frames, eval_episodes test episodes (but in the
-    last epoch: the final test), test-set losses, the policy's diagnostics and the full reward/end
-    pools. A signal abandons it (StopRequested) before anything is written or a pool emptied."""
+    """An open-loop imagined rollout beside the real frames, test episodes (not in the last epoch:
+    the final test follows), test-set losses, the policy's diagnostics, the full reward/end pools. A
+    signal abandons it (StopRequested) before anything is written or a pool emptied."""
     args, epoch, seed = run.args, pos.epoch, run.args.seed * 7919 + pos.epoch
     denoiser, reward_end_model = run.learners["denoiser"].model, run.learners["reward_end"].model
     real, imagined, taken = imagined_vs_real(denoiser, run.buffer, args, run.device, seed, run.checked_net,
                                              run.autocast)
     returns, test_episodes = None, []
     if not args.world_model_only and epoch < run.num_epochs:
-        # with --dataset-dir, DIAMOND plays no game: these real-game test episodes are this script's addition
+        # with --dataset-dir, DIAMOND plays no game: these test episodes are this script's addition
         what = "real-game test episodes, not in DIAMOND's static-dataset mode" if args.dataset_dir else "test episodes"
         progress = progress_bar(None, 0, f"epoch {epoch} evaluate ({args.eval_episodes} {what})", "env step")
         returns = run_test_episodes(run.learners["actor_critic"].model, args, args.eval_episodes, seed, run.device,
@@ -2252,30 +2188,27 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
                                     on_step=lambda: progress.update(1))
         progress.close()
     diagnostics = {} if args.world_model_only else policy_diagnostics(run, epoch, test_episodes)
-    # Test-set losses on episodes never trained on: --dataset-dir's held-out episodes, else (as DIAMOND) the test
-    # episodes just played; a --world-model-only run that collects plays none, so it has none.
-    if args.dataset_dir is not None:
-        held_out = run.buffer
-        ids = sorted(set(range(len(held_out.episodes))) - set(run.train_ids))
-    else:
-        held_out = ReplayBuffer(None, None, args.num_conditioning_steps)
+    # Test-set losses on episodes never trained on: --dataset-dir's held-out episodes, else (as
+    # DIAMOND) the test episodes just played; a --world-model-only run that collects plays none, so
+    # it has none.
+    held_out, ids = run.buffer, sorted(set(range(len(run.buffer.episodes))) - set(run.train_ids or []))
+    if args.dataset_dir is None:
+        held_out, ids = ReplayBuffer(None, None, args.num_conditioning_steps), list(range(len(test_episodes)))
         for episode in test_episodes:
             held_out.add(episode, write=False)
-        ids = list(range(len(test_episodes)))
     test_losses = test_set_losses(denoiser, reward_end_model, held_out, ids, args, run.device, seed,
                                   run.checked_net, run.autocast) if ids else {}
-    # a strip: real on top, imagined below, each column headed by the action taken into it
+    # a strip (real on top, imagined below, columns headed by the action taken into them), an MP4
     names = [run.collector.env.action_meanings[a].lower() for a in taken]
     strip = labelled_rows([real, imagined], ["real", "imagined"], names)
     run.writer.add_image("samples/imagined_vs_real", strip, pos.global_step, dataformats="HWC")
-    # the video: real | imagined side by side, captioned with the step and the action
     stem = run.run_dir / "samples" / f"rollout_epoch{epoch:05d}"
+    write_png(stem.with_suffix(".png"), strip)
+    np.savez(stem.with_suffix(".npz"), np.concatenate([real, imagined]).transpose(0, 2, 3, 1))  # as FID tools read
     write_mp4(stem.with_suffix(".mp4"), np.stack([
         with_caption(np.concatenate([r, i], axis=2).transpose(1, 2, 0), 256,
                      ["left real, right imagined", f"step {k + 1}  action {names[k]}"])
         for k, (r, i) in enumerate(zip(real, imagined))]))
-    write_samples(stem.parent, stem.name, np.concatenate([real, imagined]), columns=len(real))
-    write_png(stem.with_suffix(".png"), strip)
     for key, value in {**{f"eval/{key}": value for key, value in test_losses.items()}, **diagnostics,
                        **run.collector.reward_end_pools.take()}.items():
         log.add(key, value)
@@ -2289,7 +2222,7 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
 def policy_diagnostics(run: Run, epoch: int, test_episodes: list[dict]) -> dict[str, float]:
     """eval/action_share_{ACTION} in the test episodes just played (a policy collapsed onto one
     action shows there) and imagined_and_real_returns from the collector's saved states (none with
-    --dataset-dir), seeded by (seed, epoch)."""
+    --dataset-dir)."""
     args, collector = run.args, run.collector
     values = {}
     if test_episodes:
@@ -2300,9 +2233,8 @@ def policy_diagnostics(run: Run, epoch: int, test_episodes: list[dict]) -> dict[
     if k:
         run.stop.check()  # an Atari env takes about a second to make
         env = make_env(args, args.seed * 7919 + epoch)  # a training env: a life lost ends the episode, as in the buffer
-        amp_dtype = None
-        if run.device.type == "cuda":
-            amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
+        cuda = run.device.type == "cuda"
+        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype) if cuda else None
         graphs = ImaginationGraphs(run.wm_env, run.learners["actor_critic"].model, args, run.device, amp_dtype,
                                    backend=None)  # the imagination step's functions, uncompiled: K envs, not n
         returns = imagined_and_real_returns(graphs, collector.fork_starts[-k:], env, args, args.seed * 7919 + epoch,
@@ -2318,39 +2250,16 @@ def keep_agent_copy(folder: Path, epoch: int, actor_critic: ActorCritic, keep: i
         old.unlink()
 
 
-def phase_runs(run: Run, name: str, epoch: int) -> bool:
-    """Whether a phase has work in this epoch."""
-    args = run.args
-    if name == "collect":  # epoch 1 decides the first collection; the final epochs only train
-        schedule = run_schedule(args, run.collector.first_collection_steps)
-        return args.dataset_dir is None and (epoch == 1 or schedule[epoch - 1] > 0)
-    if name == "actor_critic":
-        return not args.world_model_only and phase_length(args, name, epoch) > 0
-    if name == "evaluate":
-        return epoch % args.eval_every == 0 or epoch == run.num_epochs
-    return True
-
-
 # ---- how long the run takes: each phase's seconds per unit (an env step, an update, an evaluation) x what is left
 
 
 def work_left(args: Args, first_collection_steps: int, pos: RunPosition) -> dict[str, int]:
-    """Units left of each phase from pos: env steps, updates, world-model measurements, evaluations
-    (N = initial_collection_steps until epoch 1 decides the first collection)."""
-    schedule = run_schedule(args, first_collection_steps)
-    left = dict.fromkeys(PHASES, 0)
-    for epoch in range(pos.epoch, len(schedule) + 1):
-        units = {"collect": schedule[epoch - 1],
-                 "world_model_eval": int(schedule[epoch - 1] > 0 or args.dataset_dir is not None),
-                 "denoiser": phase_length(args, "denoiser", epoch),
-                 "reward_end": phase_length(args, "reward_end", epoch),
-                 "actor_critic": 0 if args.world_model_only else phase_length(args, "actor_critic", epoch),
-                 "evaluate": int(epoch % args.eval_every == 0 or epoch == len(schedule))}
-        for index, name in enumerate(PHASES):  # the epoch in progress: its phases done, the steps done of this one
-            stepped = name in ("collect", "denoiser", "reward_end", "actor_critic")
-            done = (0 if epoch > pos.epoch or index > pos.phase else units[name] if index < pos.phase
-                    else pos.step if stepped else 0)
-            left[name] += max(units[name] - done, 0)
+    """Each phase's units of work from pos on: the current phase from its step, those before it in
+    the epoch none (N = initial_collection_steps until epoch 1 decides the first collection)."""
+    schedule, left = run_schedule(args, first_collection_steps), {}
+    for index, name in enumerate(PHASES):
+        work = [phase_work(args, schedule, name, epoch) for epoch in range(pos.epoch, len(schedule) + 1)] or [0]
+        left[name] = sum(work) - (work[0] if index < pos.phase else pos.step if index == pos.phase else 0)
     return left
 
 
@@ -2362,8 +2271,7 @@ def seconds_left(seconds_per_unit: dict[str, float], left: dict[str, int]) -> fl
 def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, device: torch.device, autocast,
                 left: dict[str, int]) -> dict[str, float]:
     """Seconds per update of each model with updates left, and per env step, timed before the run on
-    copies of the models, a one-episode buffer, an env and generators of their own; the global RNGs
-    are put back, so the run is that of a run that timed nothing (exact resume). On a CPU, a full
+    copies (models, a random episode, an env, generators); the global RNGs are put back. On a CPU, a
     batch whose batch-1 time x the batch is over 2 s is estimated as that product."""
     state = rng_state()
     copies = {name: copy.deepcopy(model) for name, model in models.items()}
@@ -2374,83 +2282,60 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
                 "actions": rng.integers(0, num_actions, length), "rewards": np.zeros(length, np.float32),
                 "terminated": np.zeros(length, bool), "truncated": np.zeros(length, bool)}, write=False)
     generator, cpu_generator = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0)
-    denoiser = copies["denoiser"]
-
-    def once(unit: Callable[[], object]) -> float:
-        start = time.perf_counter()
-        unit()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
 
     def timed(unit: Callable[[], object], most: int = 5) -> float:
-        """A warm-up unit (the figure if over 1 s), then the mean of units until 0.2 s or `most`."""
-        first = once(unit)
-        if first > 1.0:
-            return first
-        times = [once(unit)]
-        while len(times) < most and sum(times) < 0.2:
-            times.append(once(unit))
-        return sum(times) / len(times)
+        """Seconds per call: a warm-up call (its figure if over 1 s), then the mean until 0.2 s or most."""
+        times = []
+        while len(times) < 2 or (len(times) <= most and sum(times[1:]) < 0.2):
+            start = time.perf_counter()
+            unit()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+            if times[0] > 1.0:
+                return times[0]
+        return sum(times[1:]) / (len(times) - 1)
 
     def update(name: str, batch: int) -> Callable[[], object]:
         """An update of a model's copy on a batch this size (actor-critic: imagined envs)."""
         sized = replace(args, batch_size=batch, num_imagined_envs=batch)
-        wm_env = WorldModelEnv(denoiser, copies["reward_end"], buffer, sized, device, generator, cpu_generator,
-                               denoiser.net, autocast)
+        net = copies["denoiser"].net
+        wm_env = WorldModelEnv(copies["denoiser"], copies["reward_end"], buffer, sized, device, generator,
+                               cpu_generator, net, autocast)
         run = types.SimpleNamespace(args=sized, device=device, autocast=autocast, generator=generator, buffer=buffer,
                                     cpu_generator=cpu_generator, train_ids=None, learners=learners,
-                                    denoiser_net=denoiser.net, wm_env=wm_env, graphs=None)
+                                    denoiser_net=net, wm_env=wm_env, graphs=None)
         return lambda: learners[name].update(phase_loss(run, name)[0])
 
     seconds = {}
-    for name in ("denoiser", "reward_end", "actor_critic"):
+    for name in [name for name in ("denoiser", "reward_end", "actor_critic") if left[name]]:
         full = args.num_imagined_envs if name == "actor_critic" else args.batch_size
-        if left[name] and device.type == "cuda":
-            seconds[name] = timed(update(name, full))
-        elif left[name]:
-            one = timed(update(name, 1))
-            seconds[name] = timed(update(name, full)) if one * full < 2.0 else one * full
+        one = timed(update(name, 1)) if device.type != "cuda" else 0.0
+        seconds[name] = one * full if one * full > 2.0 else timed(update(name, full))
     if left["collect"]:
-        env = make_env(args, args.seed + 1, torch.Generator().manual_seed(0))
-        collector = Collector(env, buffer, cpu_generator, device)
-        actor_critic = copies["actor_critic"]
-        seconds["collect"] = timed(lambda: collector.step(actor_critic, args, autocast, args.world_model_only), 100)
+        collector = Collector(make_env(args, args.seed + 1, torch.Generator().manual_seed(0)), buffer, cpu_generator,
+                              device)
+        seconds["collect"] = timed(lambda: collector.step(copies["actor_critic"], args, autocast,
+                                                          args.world_model_only), 100)
     set_rng_state(state)
     return seconds
 
 
 def run_time_lines(seconds_per_unit: dict[str, float], left: dict[str, int], setup) -> list[str]:
-    """The estimate of the rest of the run and, on a CPU above a day, which settings fit a CPU."""
-    seconds = seconds_left(seconds_per_unit, left)
-    parts = [f"{left[name]:,} {label} at {seconds_per_unit[name]:.3g} s" for name, label in (
-        ("denoiser", "denoiser updates"), ("reward_end", "reward/end updates"),
-        ("actor_critic", "actor-critic updates"), ("collect", "env steps")) if name in seconds_per_unit]
-    days, rest = divmod(int(seconds), 86_400)
-    if seconds < 3600:
-        length = f"{rest // 60} min {rest % 60} s"
-    else:
-        length = f"{f'{days} d ' if days else ''}{rest // 3600} h {rest % 3600 // 60} min"
-    lines = [f"estimated time to the end of the run: {length} on {setup.device} ({', '.join(parts)}; timed "
-             f"on copies of the models; evaluations and test episodes not counted)"]
-    if not setup.use_cuda and seconds > 86_400:
-        lines.append("notice: on this CPU the run takes more than a day: the defaults are the paper's GPU settings; "
-                     "on a CPU use --env-id Catch --preset catch, or --preset cpu (DIAMOND's whole loop at CPU scale; "
-                     "--preset tiny runs in seconds)")
-    return lines
+    """The shared run_time_notice in global steps (the three models' updates; collection's time
+    counted in), and above a day on a CPU the game sized for one."""
+    steps = left["denoiser"] + left["reward_end"] + left["actor_critic"]
+    lines = run_time_notice(seconds_left(seconds_per_unit, left) / max(steps, 1), steps, setup)
+    return lines[:1] + [line + "; on a CPU the game to learn is --env-id Catch --preset catch" for line in lines[1:]]
 
 
 def load_dataset_dir(args: Args, buffer: ReplayBuffer, num_actions: int) -> tuple[list[int], torch.Tensor]:
     """--dataset-dir: every episode .npz into the buffer. Returns the training episodes and the
     held-out transitions (in the last 10% of the episodes: where world_model/* is measured)."""
-    folder = Path(args.dataset_dir)
-    paths = sorted(p for p in folder.glob("*.npz") if not p.name.startswith(".")) if folder.is_dir() else []
-    if not paths:
-        raise UserError(f"--dataset-dir {args.dataset_dir}: no episode .npz files (one per episode: obs, "
-                        f"actions, rewards, terminated, truncated)")
+    paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))
     if len(paths) < 2:
-        raise UserError(f"--dataset-dir {args.dataset_dir} has 1 episode: give at least 2 (the last 10% of the "
-                        f"episodes are held out to measure the world model)")
+        raise UserError(f"--dataset-dir {args.dataset_dir} has {len(paths)} episode .npz files (one per episode: "
+                        f"obs, actions, rewards, terminated, truncated): give at least 2 (the last 10% are held out)")
     for path in paths:
         buffer.add(load_episode(path, args.obs_size, num_actions, "fix it or move it out of --dataset-dir"),
                    write=False)
@@ -2469,50 +2354,10 @@ def denoiser_update_flops(args: Args, num_actions: int) -> float:
         lambda: build_models(args, num_actions)[0].net, *example)
 
 
-def no_grad_peak_bytes(fn: Callable[[], object]) -> float:
-    """The most bytes that fn()'s tensors hold at one time, fn running without gradients on the meta
-    device: a storage counts from the op that makes it until its last tensor is freed."""
-    import weakref
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    holders, held = {}, [0, 0]  # storage -> its tensors alive; [bytes held now, the most held]
-
-    def release(key: int, nbytes: int):
-        holders[key] -= 1
-        if not holders[key]:
-            del holders[key]
-            held[0] -= nbytes
-
-    class Track(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            inputs = {id(x) for x in tree_leaves((args, kwargs))}
-            for tensor in (x for x in tree_leaves(out) if isinstance(x, torch.Tensor) and id(x) not in inputs):
-                storage = tensor.untyped_storage()
-                if storage._cdata not in holders:
-                    holders[storage._cdata] = 0
-                    held[0] += storage.nbytes()
-                holders[storage._cdata] += 1
-                weakref.finalize(tensor, release, storage._cdata, storage.nbytes())
-            held[1] = max(held[1], held[0])
-            return out
-
-    with torch.no_grad(), Track():
-        fn()
-    return float(held[1])
-
-
 def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float]:
-    """(parameters of the three models, bytes per segment of a denoiser or reward/end update (the larger), bytes per
-    imagined env of an actor-critic update), counted on the meta device: the memory check runs at start-up, before
-    anything is allocated at full size. Per segment: what autograd saves for denoiser_loss (its 1 +
-    num_autoregressive_steps predictions), or for the reward/end model's forward and cross-entropies over all of a
-    segment's transitions (reward_end_loss keeps the real ones by a boolean mask, which the meta device cannot
-    index: all of them bound it). Per imagined env, imagine()'s rollout: backup_every steps of what autograd saves
-    for the actor-critic's forward on a frame, plus the most that one world-model step holds at once without
-    gradients (a denoiser call, or the reward/end model's step), which the rollout frees before its next step."""
+    """(parameters, bytes per segment of a world-model update, bytes per imagined env of an actor-
+    critic update: backup_every actor steps and a world-model step, bounded by what a prediction
+    saves), on the meta device; reward/end over all transitions (meta cannot index by a mask)."""
     c, size = args.num_conditioning_steps, args.obs_size
     with torch.device("meta"):
         denoiser, reward_end_model, actor_critic = build_models(args, num_actions)
@@ -2522,21 +2367,18 @@ def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float
         segment = (frames(num_obs), actions(num_obs - 1), torch.ones(1, num_obs, dtype=torch.bool))
         denoiser_bytes = saved_activation_bytes(lambda: denoiser_loss(denoiser, *segment, args, None))
 
-        def reward_end_step(length: int, hidden=None):
+        def reward_end_step(length: int):
             obs, classes = frames(length + 1), torch.zeros(length, dtype=torch.long)
-            reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], actions(length), obs[:, 1:], hidden)
+            reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], actions(length), obs[:, 1:])
             return F.cross_entropy(reward_logits[0], classes) + F.cross_entropy(end_logits[0], classes)
 
         reward_end_bytes = saved_activation_bytes(lambda: reward_end_step(args.reward_segment_length - 1))
+        world_model_step = max(denoiser_bytes / (1 + args.num_autoregressive_steps),
+                               saved_activation_bytes(lambda: reward_end_step(1)))
         actor_hidden = (torch.zeros(1, args.actor_lstm_dim), torch.zeros(1, args.actor_lstm_dim))
         actor_bytes = saved_activation_bytes(lambda: actor_critic(frames(1)[:, 0], actor_hidden))
-        past, act = frames(c).flatten(1, 2), actions(c)
-        denoise_peak = no_grad_peak_bytes(lambda: denoiser.denoise(frames(1)[:, 0], torch.ones(1), past, act))
-        reward_end_hidden = (torch.zeros(1, 1, args.reward_lstm_dim), torch.zeros(1, 1, args.reward_lstm_dim))
-        reward_end_peak = no_grad_peak_bytes(lambda: reward_end_step(1, reward_end_hidden))
     num_params = sum(p.numel() for model in (denoiser, reward_end_model, actor_critic) for p in model.parameters())
-    return (num_params, max(denoiser_bytes, reward_end_bytes),
-            args.backup_every * actor_bytes + max(denoise_peak, reward_end_peak))
+    return num_params, max(denoiser_bytes, reward_end_bytes), args.backup_every * actor_bytes + world_model_step
 
 
 def check_training_memory(setup, args: Args, num_actions: int):
@@ -2616,10 +2458,10 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
 class ImaginedGame:
     """The world model as a game: reset() takes a real start (c frames, c - 1 actions) from starts()
     and burns the reward/end LSTM in; step(action) asks next_frame(frames (1, c, 3, H, W), actions
-    (1, c)) for the next frame and samples the reward sign and the end (none without a model)."""
+    (1, c)) for the next frame and samples the reward sign and the end (if a model is given)."""
     name = "world model"
 
-    def __init__(self, next_frame: Callable, starts: Callable, reward_end_model: Optional[nn.Module] = None,
+    def __init__(self, next_frame: Callable, starts: Callable, reward_end_model: Optional[Callable] = None,
                  generator: Optional[torch.Generator] = None):
         self.next_frame, self.starts, self.reward_end_model = next_frame, starts, reward_end_model
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -2639,10 +2481,9 @@ class ImaginedGame:
         self.act[:, -1] = action
         next_obs = self.next_frame(self.obs, self.act).clamp(-1, 1)
         reward, end = 0.0, False
-        if self.reward_end_model is not None:
+        if self.reward_end_model is not None:  # sampled, as in imagination: the reward sign and the end flag
             reward_logits, end_logits, self.hidden = self.reward_end_model(
                 self.obs[:, -1:], self.act[:, -1:], next_obs[:, None], self.hidden)
-            # sampled, as in imagination: the reward sign in {-1, 0, 1} and the end flag
             reward_probs, end_probs = (x[0, 0].float().softmax(-1).cpu() for x in (reward_logits, end_logits))
             reward = float(torch.multinomial(reward_probs, 1, generator=self.generator)) - 1.0
             end = bool(torch.multinomial(end_probs, 1, generator=self.generator))
@@ -2650,51 +2491,44 @@ class ImaginedGame:
         self.act = torch.cat([self.act[:, 1:], torch.zeros_like(self.act[:, :1])], dim=1)
         return to_uint8(next_obs[0]).permute(1, 2, 0).cpu().numpy(), reward, end
 
+    def take_episodes(self) -> list[dict]:
+        return []  # imagined sessions are kept as MP4 only
+
 
 class RealGame:
-    """The real game (training episodes: a life lost ends one) with ImaginedGame's interface; while
-    recording, each episode is kept as the episode .npz fields (one cut short: truncated)."""
+    """The real game (training episodes: a life lost ends one) with ImaginedGame's interface; the
+    episodes played are kept as the episode .npz fields until take_episodes (the one in progress cut
+    short: truncated)."""
     name = "real game"
 
     def __init__(self, env: Union[AtariEnv, CatchEnv]):
-        self.env, self.recording, self.finished = env, False, []
-        self.episode = None
+        self.env, self.finished, self.episode = env, [], None
+
+    def keep_episode(self):
+        """The episode in progress kept, truncated at its last step unless it ended there."""
+        if self.episode is not None and self.episode["actions"]:
+            self.episode["truncated"][-1] = not self.episode["terminated"][-1]
+            self.finished.append(self.episode)
+        self.episode = new_episode(self.env.obs) if self.episode is not None else None
 
     def reset(self) -> np.ndarray:
-        """A new game; when recording, the episode so far is kept (cut short)."""
-        recording = self.recording
-        self.stop_recording()
+        """A new game; the episode so far is kept (cut short)."""
+        self.keep_episode()
         self.env.game_over = True
-        obs = self.env.reset()
-        self.recording = recording
-        self.episode = new_episode(obs)
-        return obs
+        self.episode = new_episode(self.env.reset())
+        return self.episode["obs"][0]
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool]:
         obs, reward, terminated, truncated = self.env.step(action)
-        for key, value in (("actions", action), ("rewards", reward), ("terminated", terminated),
-                           ("truncated", truncated)):
-            self.episode[key].append(value)
-        self.episode["obs"].append(obs.copy())
-        if terminated or truncated:  # the episode ends: keep it, go on with the next life (or a new game)
-            if self.recording:
-                self.finished.append(self.episode)
+        if add_step(self.episode, action, obs, reward, terminated, truncated):  # kept; the next life or game
+            self.finished.append(self.episode)
             obs = self.env.reset()
             self.episode = new_episode(obs)
         return obs, reward, terminated or truncated
 
-    def start_recording(self):
-        self.recording = True
-        self.episode = new_episode(self.env.obs)
-
-    def stop_recording(self):
-        """Keeps the episode recorded so far (truncated at its last step) and stops recording."""
-        if self.recording and self.episode is not None and self.episode["actions"]:
-            self.episode["truncated"][-1] = not self.episode["terminated"][-1]
-            self.finished.append(self.episode)
-        self.recording, self.episode = False, new_episode(self.env.obs)
-
     def take_episodes(self) -> list[dict]:
+        """The episodes played since the last call, the one in progress cut short."""
+        self.keep_episode()
         done, self.finished = self.finished, []
         return done
 
@@ -2708,36 +2542,32 @@ def caption_lines(game, meanings: list[str], step: int, action: Optional[int], r
 
 
 def play_keys(game, steps: list[Optional[int]], meanings: list[str], size: int) -> dict:
-    """A headless session: the game played with the given actions (None: restart). Returns the raw frames uint8
-    (T + 1, H, W, 3), the captioned frames for the MP4, the rewards and ends per step, and the frames per second."""
-    frame = game.reset()
-    first = with_caption(frame, size, caption_lines(game, meanings, 0, None, 0.0, 0.0, False))
-    frames, shown, rewards, ends, total = [frame], [first], [], [], 0.0
+    """A headless session: the game played with the given actions (None: restart). Returns the raw
+    frames uint8 (T + 1, H, W, 3), the captioned frames for the MP4, the rewards per step and the
+    frames per second."""
+    frame, reward, end, total, action = game.reset(), 0.0, False, 0.0, None
+    frames, shown, rewards = [], [], []
     start = time.perf_counter()
-    for i, action in enumerate(steps):
-        if action is None:
+    for i, action in enumerate([None, *steps]):  # step 0: the start frame
+        if i and action is None:
             frame, reward, end, total = game.reset(), 0.0, False, 0.0
-        else:
+        elif i:
             frame, reward, end = game.step(action)
             total += reward
         frames.append(frame)
         rewards.append(reward)
-        ends.append(end)
-        shown.append(with_caption(frame, size, caption_lines(game, meanings, i + 1, action, reward, total, end)))
-        if end:
-            total = 0.0
-    seconds = time.perf_counter() - start
-    return {"frames": np.stack(frames), "shown": np.stack(shown), "rewards": rewards, "ends": ends,
-            "fps": len(steps) / max(seconds, 1e-9)}
+        shown.append(with_caption(frame, size, caption_lines(game, meanings, i, action, reward, total, end)))
+        total = 0.0 if end else total
+    return {"frames": np.stack(frames), "shown": np.stack(shown), "rewards": rewards[1:],
+            "fps": len(steps) / max(time.perf_counter() - start, 1e-9)}
 
 
 def save_play_files(out_dir: Path, stem: str, shown: np.ndarray, episodes: list[dict], fps: float = 15) -> list[Path]:
     """The session's MP4 and the real game's episodes (a .npz each, as --dataset-dir reads)."""
-    paths = [out_dir / f"{stem}.mp4"]
+    paths = [out_dir / f"{stem}.mp4"] + [out_dir / f"{stem}_episode_{i:03d}.npz" for i in range(len(episodes))]
     write_mp4(paths[0], shown, fps=int(round(fps)))
-    for i, episode in enumerate(episodes):
-        paths.append(out_dir / f"{stem}_episode_{i:03d}.npz")
-        save_episode(paths[-1], episode)
+    for path, episode in zip(paths[1:], episodes):
+        save_episode(path, episode)
     return paths
 
 
@@ -2753,8 +2583,9 @@ def import_pygame():
 
 def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float,
                 max_steps: Optional[int] = None) -> float:
-    """The live session: the world model (Tab: the real game) steps at most max_fps times a second with the held
-    keys' action; Enter restarts, R starts and stops recording, Esc or closing the window quits."""
+    """The live session: the world model (Tab: the real game) steps at most max_fps times a second
+    with the held keys' action; Enter restarts, R starts and stops recording, Esc or closing the
+    window quits. Returns the frames shown per second (max_steps: a timed session, benchmark/)."""
     pygame = import_pygame()
     pygame.display.init()  # the display alone: no audio device needed
     driver = pygame.display.get_driver()
@@ -2767,65 +2598,44 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
     except pygame.error as e:
         raise UserError(f"cannot open a window ({e}); play headless with --play-keys KEYS") from None
     pygame.display.set_caption(f"cleanworlds play: {SCRIPT_NAME}")
-    clock, mode = pygame.time.Clock(), "imagined"
-    game = games[mode]()
-    frame, step, total, reward, end, action = game.reset(), 0, 0.0, 0.0, False, None
-    recording, shown = False, []
-
-    def save_recording():
-        stem = f"play_{mode}_{time.strftime('%Y%m%d_%H%M%S')}"
-        episodes = game.take_episodes() if isinstance(game, RealGame) else []
-        for path in save_play_files(out_dir, stem, np.stack(shown), episodes, max_fps):
-            print(f"wrote {path}", flush=True)
-
-    running, num_frames, started = True, 0, time.perf_counter()
-    while running:
-        restart = switch = toggle = False
-        for event in pygame.event.get():
-            if event.type == pygame.QUIT or (event.type == pygame.KEYDOWN and event.key == pygame.K_ESCAPE):
-                running = False
-            elif event.type == pygame.KEYDOWN:
-                restart = restart or event.key == pygame.K_RETURN
-                switch = switch or event.key == pygame.K_TAB
-                toggle = toggle or event.key == pygame.K_r
-        if toggle or (recording and (switch or not running)):  # recording stops here (a switch ends it too)
-            if recording:
-                if isinstance(game, RealGame):
-                    game.stop_recording()
-                if shown:
-                    save_recording()
-                recording, shown = False, []
-            elif toggle:
-                recording = True
-                if isinstance(game, RealGame):
-                    game.start_recording()
-        if not running:
+    clock, mode, recording, shown = pygame.time.Clock(), "imagined", False, []
+    game, restart, num_frames, started = games[mode](), True, 0, time.perf_counter()
+    while max_steps is None or num_frames < max_steps:
+        events = [(event.type, getattr(event, "key", None)) for event in pygame.event.get()]
+        quits = (pygame.QUIT, None) in events or (pygame.KEYDOWN, pygame.K_ESCAPE) in events
+        switch, toggle = ((pygame.KEYDOWN, key) in events for key in (pygame.K_TAB, pygame.K_r))
+        if recording and (toggle or switch or quits):  # a switch or quitting ends a recording too
+            stem = f"play_{mode}_{time.strftime('%Y%m%d_%H%M%S')}"
+            for path in save_play_files(out_dir, stem, np.stack(shown), game.take_episodes(), max_fps):
+                print(f"wrote {path}", flush=True)
+            recording = toggle = False
+        if quits:
             break
+        if toggle:
+            recording, shown = True, []
+            game.take_episodes()  # what was played before is not recorded
         if switch:
             mode = "real" if mode == "imagined" else "imagined"
             game, restart = games[mode](), True
             print(f"now playing the {game.name}", flush=True)
-        if restart:
-            frame, step, total, reward, end, action = game.reset(), 0, 0.0, 0.0, False, None
+        if restart or (pygame.KEYDOWN, pygame.K_RETURN) in events:
+            frame, step, total, reward, end, action, restart = game.reset(), 0, 0.0, 0.0, False, None, False
         else:
             pressed = pygame.key.get_pressed()
             action = action_from_keys(pressed[pygame.K_UP], pressed[pygame.K_DOWN], pressed[pygame.K_LEFT],
                                       pressed[pygame.K_RIGHT], pressed[pygame.K_SPACE], meanings)
+            total = 0.0 if end else total
             frame, reward, end = game.step(action)
             step, total = step + 1, total + reward
         image = with_caption(frame, size, caption_lines(game, meanings, step, action, reward, total, end,
                                                         clock.get_fps(), recording))
-        if recording:
-            shown.append(image)
+        shown += [image] if recording else []
         screen.blit(pygame.image.frombuffer(image.tobytes(), (image.shape[1], image.shape[0]), "RGB"), (0, 0))
         pygame.display.flip()
         num_frames += 1
-        running = running and (max_steps is None or num_frames < max_steps)  # max_steps: a timed session (benchmark/)
-        if end:
-            total = 0.0
         clock.tick(max_fps)
     pygame.quit()
-    return num_frames / (time.perf_counter() - started)  # frames shown per second
+    return num_frames / (time.perf_counter() - started)
 
 
 def play_starts(args: Args, run_dir: Path, checkpoint: dict, num_actions: int, device: torch.device,
@@ -2838,11 +2648,9 @@ def play_starts(args: Args, run_dir: Path, checkpoint: dict, num_actions: int, d
         paths = [run_dir / "episodes" / f"episode_{i:06d}.npz" for i in range(checkpoint["num_buffer_files"])]
     if not paths:
         raise UserError(f"{run_dir} has no episodes yet to start playing from; resume it for an epoch first")
-    picks = torch.randperm(len(paths), generator=generator)[:max_episodes].sort().values.tolist()
-    buffer = ReplayBuffer(None, None, args.num_conditioning_steps)
-    for i in picks:
+    buffer, c = ReplayBuffer(None, None, args.num_conditioning_steps), args.num_conditioning_steps
+    for i in torch.randperm(len(paths), generator=generator)[:max_episodes].sort().values.tolist():
         buffer.add(load_episode(paths[i], args.obs_size, num_actions, "restore the run's episode files"), write=False)
-    c = args.num_conditioning_steps
 
     def starts():
         batch = buffer.segments(buffer.sample_segments(1, c, generator), c)
@@ -2855,39 +2663,35 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser, reward
          meanings: list[str], device: torch.device, autocast):
     """--play: the world model of a checkpoint as a game, in a window or (--play-keys) headless."""
     steps = parse_play_keys(args.play_keys, meanings) if args.play_keys is not None else None
-    if steps is None:
-        import_pygame()  # before anything slow: a missing pygame is one line
     denoiser.eval()
     reward_end_model.eval()
     generator = torch.Generator(device=device).manual_seed(args.seed)  # diffusion noise
     cpu_generator = torch.Generator().manual_seed(args.seed)  # starts, reward and end samples
+    starts = play_starts(args, run_dir, checkpoint, len(meanings), device, cpu_generator)
 
     def next_frame(obs, act):
         return generate_next_obs(denoiser, obs, act, args, generator, autocast=autocast)
 
-    starts = play_starts(args, run_dir, checkpoint, len(meanings), device, cpu_generator)
+    def reward_end(*inputs):
+        with autocast:
+            return reward_end_model(*inputs)
 
-    class RewardEnd(nn.Module):  # the reward/end model under autocast
-        def forward(self, *inputs):
-            with autocast:
-                return reward_end_model(*inputs)
-
-    games = {"imagined": lambda: ImaginedGame(next_frame, starts, RewardEnd(), cpu_generator),
+    games = {"imagined": lambda: ImaginedGame(next_frame, starts, reward_end, cpu_generator),
              "real": lambda: RealGame(make_env(args, args.seed))}
-    out_dir = run_dir / "play"
     print("keys: " + ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings) + (
         f", {RESTART_LETTER} restart (--play-keys letters)" if steps is not None else
         "; window: arrows and space (fire) pick these, Enter restarts, Tab switches world model / real game, "
         "R records, Esc quits"), flush=True)
     print(f"sampler: {args.sampler}, {args.num_sampling_steps} denoising steps per frame", flush=True)
-    # Ctrl-C or SIGTERM ends a session like Esc (an unsaved recording is lost): play writes no checkpoint, so here a
-    # signal raises at once instead of setting the run's stop flag; the caller's handlers come back afterwards.
+    # Ctrl-C or SIGTERM ends a session like Esc (an unsaved recording is lost): play writes no
+    # checkpoint, so here a signal raises at once instead of setting the run's stop flag; the
+    # caller's handlers come back afterwards.
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if steps is None:
-            play_window(games, meanings, out_dir, args.play_size, args.play_fps)
+            play_window(games, meanings, run_dir / "play", args.play_size, args.play_fps)
         else:
-            play_headless(games, steps, meanings, out_dir, args)
+            play_headless(games, steps, meanings, run_dir / "play", args)
     except KeyboardInterrupt:
         print("play stopped by a signal", flush=True)
     finally:
@@ -2896,19 +2700,14 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser, reward
 
 
 def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], out_dir: Path, args: Args):
-    """--play-keys: each game of --play-world played with the keys; its MP4 and (real game) episodes written."""
+    """--play-keys: each game of --play-world played with the keys; its MP4 and (real game) episodes
+    written."""
     stamp = time.strftime("%Y%m%d_%H%M%S")
     for mode in (("imagined", "real") if args.play_world == "both" else (args.play_world,)):
-        session_game = games[mode]()
-        if isinstance(session_game, RealGame):
-            session_game.recording = True
-        session = play_keys(session_game, steps, meanings, args.play_size)
-        episodes = []
-        if isinstance(session_game, RealGame):
-            session_game.stop_recording()
-            episodes = session_game.take_episodes()
-        paths = save_play_files(out_dir, f"play_{mode}_{stamp}", session["shown"], episodes)
-        print(f"{session_game.name}: {len(steps)} steps at {session['fps']:.1f} frames/s, return "
+        game = games[mode]()
+        session = play_keys(game, steps, meanings, args.play_size)
+        paths = save_play_files(out_dir, f"play_{mode}_{stamp}", session["shown"], game.take_episodes())
+        print(f"{game.name}: {len(steps)} steps at {session['fps']:.1f} frames/s, return "
               f"{sum(session['rewards']):g}; wrote {', '.join(map(str, paths))}", flush=True)
 
 
@@ -2923,13 +2722,9 @@ def episode_to_mp4(path: str, meanings: list[str], size: int = 256) -> Path:
         action = meanings[int(episode["actions"][t - 1])].lower() if t else "-"
         reward = float(episode["rewards"][t - 1]) if t else 0.0
         total += reward
-        end = ""
-        if t and episode["terminated"][t - 1]:
-            end = "  terminated"
-        elif t and episode["truncated"][t - 1]:
-            end = "  truncated"
-        caption = f"step {t}/{T}  action {action}  reward {reward:+g}  return {total:g}{end}"
-        shown.append(with_caption(frame, size, [caption]))
+        end = "".join(f"  {key}" for key in ("terminated", "truncated") if t and episode[key][t - 1])
+        shown.append(with_caption(frame, size, [f"step {t}/{T}  action {action}  reward {reward:+g}  "
+                                                f"return {total:g}{end}"]))
     out = Path(path).with_suffix(".mp4")
     write_mp4(out, np.stack(shown))
     print(f"wrote {out} ({T} steps)")
@@ -2937,13 +2732,11 @@ def episode_to_mp4(path: str, meanings: list[str], size: int = 256) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# main() and the steps it reads as
 
 
-def env_notices(args: Args, env: Union[AtariEnv, CatchEnv], game: str, given: set[str]):
-    """Said before any work: --preset catch on another game, and the Atari protocol flags given on
-    the command line that the game ignores."""
-    if args.preset == "catch" and game != "Catch":
-        print(f"notice: --preset catch is sized for --env-id Catch; this run plays {game}", flush=True)
+def env_notices(env: Union[AtariEnv, CatchEnv], game: str, given: set[str]):
+    """Said before any work: the Atari protocol flags given on the command line that the game ignores."""
     ignored = [f"--{name.replace('_', '-')}" for name in env.ignored_flags if name in given]
     if ignored:
         print(f"notice: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect on {game} (Atari "
@@ -2959,29 +2752,24 @@ def read_run_episodes(buffer: ReplayBuffer, run_dir: Path, checkpoint: Optional[
                                 "restore the file the run wrote there, or start a new run"), write=False)
 
 
-def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: dict[str, nn.Module], num_actions: int,
-                 setup) -> dict[str, float]:
+def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: dict[str, nn.Module], setup):
     """The run's folder, game, models, length, where it resumes and how long it takes (printed);
     returns each phase's seconds per unit, timed on copies of the models."""
-    args, collector = run.args, run.collector
-    num_params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+    args, num_actions = run.args, run.collector.env.num_actions
     print(f"run folder: {run.run_dir}")
     imagination = "eager" if run.graphs is None else "CUDA graphs" if setup.use_cuda else "compiled (inductor)"
-    print(f"game: {game} ({num_actions} actions); parameters: denoiser {num_params['denoiser']:,}, reward/end "
-          f"{num_params['reward_end']:,}, actor-critic {num_params['actor_critic']:,}; device: {run.device}; "
-          f"imagination: {imagination}")
+    sizes = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+    print(f"game: {game} ({num_actions} actions); parameters: " + ", ".join(f"{k} {v:,}" for k, v in sizes.items())
+          + f"; device: {run.device}; imagination: {imagination}")
+    for name, size in sizes.items() if not resumed else ():
+        run.writer.add_scalar(f"charts/num_parameters_{name}", size, 0)
     length = f"the run: {run.num_epochs} epochs"
-    if not (collector.first_collection_steps or args.dataset_dir is not None):
+    if not (run.collector.first_collection_steps or args.dataset_dir is not None):
         length += f" if the first collection is {args.initial_collection_steps} env steps (fixed when it ends)"
-    env_steps = sum(run_schedule(args, collector.first_collection_steps))  # --num-epochs may stop short of the budget
-    print(length + ("" if args.dataset_dir else f", {env_steps} env steps"), flush=True)
+    print(length + ("" if args.dataset_dir else f", {sum(run.schedule)} env steps"), flush=True)
     if resumed:
         print(f"resuming at {pos}", flush=True)
-    if not args.world_model_only and args.actor_critic_start_after_epochs >= run.num_epochs:
-        print(f"notice: --actor-critic-start-after-epochs {args.actor_critic_start_after_epochs} is not below the "
-              f"run's {run.num_epochs} epochs: the actor-critic never trains, and the test episodes play the "
-              f"untrained, uniform policy", flush=True)
-    left = work_left(args, collector.first_collection_steps, pos)
+    left = work_left(args, run.collector.first_collection_steps, pos)
     seconds_per_unit = time_phases(args, models, num_actions, run.device, run.autocast, left)
     print("\n".join(run_time_lines(seconds_per_unit, left, setup)), flush=True)
     return seconds_per_unit
@@ -2991,21 +2779,21 @@ def save_position(run: Run, pos: RunPosition, log: EpochLog):
     """checkpoints/latest.pt where the run stands; never NaN weights over a good checkpoint."""
     if not log.finite():
         raise non_finite_failure(f"in {pos}", run.run_dir)
-    save_checkpoint(run.run_dir / "checkpoints" / "latest.pt", run_checkpoint(
-        run.args, pos, run.collector, log, run.buffer, run.learners, run.cpu_generator, run.generator, run.wm_env))
+    save_checkpoint(run.run_dir / "checkpoints" / "latest.pt", run_checkpoint(run, pos, log))
     # as the progress bars name it: after epoch 2, or inside epoch 3's denoiser phase
     where = f"{pos.epoch - 1}" if pos.phase == 0 and pos.step == 0 else f"{pos.epoch} {pos.name}, step {pos.step}"
     print(f"saved checkpoint at epoch {where}", flush=True)
 
 
-def time_phase(pos: RunPosition, name: str, worked: bool, first_step: int, phase_start: float,
-               seconds_per_unit: dict[str, float]):
-    """After a phase: its seconds per unit (the ETA's rates); in epoch 1 a line saying so."""
-    units = pos.step - first_step if name in ("collect", "denoiser", "reward_end", "actor_critic") else 1
-    if worked and units > 0:
-        seconds_per_unit[name] = (time.perf_counter() - phase_start) / units
+def time_phase(pos: RunPosition, name: str, first_step: int, phase_start: float, seconds_per_unit: dict[str, float]):
+    """After a phase that worked: its seconds per unit (the ETA's rates); in epoch 1 a line saying
+    so."""
+    seconds = time.perf_counter() - phase_start
+    steps = pos.step - first_step
+    if steps > 0 or name in ("world_model_eval", "evaluate"):  # those two: one unit, no steps
+        seconds_per_unit[name] = seconds / max(steps, 1)
     if pos.epoch == 1 and pos.step > first_step:
-        print(f"epoch 1: {name} done ({pos.step} steps, {time.perf_counter() - phase_start:.1f} s)", flush=True)
+        print(f"epoch 1: {name} done ({pos.step} steps, {seconds:.1f} s)", flush=True)
 
 
 def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, seconds_per_unit: dict[str, float]):
@@ -3016,24 +2804,23 @@ def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, sec
     log.add("charts/env_steps", collector.env_steps)
     log.add("charts/buffer_transitions", run.buffer.num_transitions())
     log.write_pending(run.writer, pos.global_step)
-    elapsed = time.perf_counter() - epoch_start
     eta = seconds_left(seconds_per_unit, work_left(args, collector.first_collection_steps, RunPosition(pos.epoch + 1)))
-    print(f"epoch {pos.epoch}/{run.num_epochs} | env steps {collector.env_steps} | global step "
-          f"{pos.global_step} | {' | '.join(log.summary())} | {elapsed:.1f} s, ETA {int(eta // 3600)}:"
+    print(f"epoch {pos.epoch}/{run.num_epochs} | env steps {collector.env_steps} | global step {pos.global_step} | "
+          f"{' | '.join(log.summary())} | {time.perf_counter() - epoch_start:.1f} s, ETA {int(eta // 3600)}:"
           f"{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
     if not args.world_model_only and pos.epoch % args.save_agent_every == 0:
         keep_agent_copy(run.run_dir / "checkpoints", pos.epoch, run.learners["actor_critic"].model,
                         args.num_agents_to_keep)
 
 
-def final_test(run: Run, pos: RunPosition, env: Union[AtariEnv, CatchEnv]):
+def final_test(run: Run, pos: RunPosition):
     """The score the paper reports, after the last epoch (--eval-only runs it again)."""
     args = run.args
     what = f"{args.test_episodes} test episodes after {run.num_epochs} epochs, {run.collector.env_steps} env steps"
     if args.dataset_dir:
         what += " (real-game test episodes: this script's addition, DIAMOND plays none with a static dataset)"
-    score_agent(args, run.learners["actor_critic"].model, env, run.device, run.autocast, run.stop, what,
-                f"stopped by signal at the test episodes after epoch {run.num_epochs}; run them with --resume "
+    score_agent(args, run.learners["actor_critic"].model, run.collector.env, run.device, run.autocast, run.stop,
+                what, f"stopped by signal at the test episodes after epoch {run.num_epochs}; run them with --resume "
                 f"{run.run_dir} --eval-only", lambda: contextlib.nullcontext(run.writer), pos.global_step)
 
 
@@ -3064,26 +2851,24 @@ def main(args: Args, given: set[str]):
 
     env = make_env(args, args.seed, cpu_generator)
     num_actions = env.num_actions  # the game's minimal action set sizes the networks
-    env_notices(args, env, game, given)
+    env_notices(env, game, given)
     if trains:  # will the updates fit? one line if not
         check_training_memory(setup, args, num_actions)
-    denoiser, reward_end_model, actor_critic = (m.to(device) for m in build_models(args, num_actions))
-    models = {"denoiser": denoiser, "reward_end": reward_end_model, "actor_critic": actor_critic}
+    built = (model.to(device) for model in build_models(args, num_actions))
+    models = dict(zip(("denoiser", "reward_end", "actor_critic"), built))
+    denoiser, reward_end_model, actor_critic = models.values()
     learners = build_learners(args, models, setup.use_cuda)
-    # The replay buffer: this run's episodes, or the user's (sampled in proportion to their lengths: the
-    # recency weights are about the agent's own data)
-    recency_weights = args.recency_weights if args.dataset_dir is None else None
-    buffer = ReplayBuffer(None, recency_weights, args.num_conditioning_steps)
+    # The replay buffer: this run's episodes, or the user's (sampled in proportion to their lengths:
+    # the recency weights are about the agent's own data)
+    buffer = ReplayBuffer(None, args.recency_weights if args.dataset_dir is None else None, args.num_conditioning_steps)
     collector, pos, log = Collector(env, buffer, cpu_generator, device), RunPosition(), EpochLog(device)
     train_ids = None  # None: every episode; with --dataset-dir, all but the held-out ones
     if args.dataset_dir is not None:
         train_ids, collector.heldout = load_dataset_dir(args, buffer, num_actions)
     if checkpoint is not None:
         restore_run(checkpoint, pos, collector, log, learners, cpu_generator, generator)
-    # --compile: the U-Net of the denoiser's updates and of the eager imagination (evaluations: uncompiled)
-    denoiser_net = denoiser.net
-    if args.compile:
-        denoiser_net = torch.compile(denoiser.net, backend=COMPILE_BACKEND, dynamic=False)
+    # --compile: the U-Net of the denoiser's updates and the eager imagination (not evaluations)
+    denoiser_net = torch.compile(denoiser.net, backend=COMPILE_BACKEND, dynamic=False) if args.compile else denoiser.net
 
     if args.eval_only:  # the checkpoint's agent plays --test-episodes full games
         return eval_only(args, checkpoint, run_dir, actor_critic, env, device, autocast, stop)
@@ -3095,15 +2880,11 @@ def main(args: Args, given: set[str]):
     if checkpoint is not None and pos.epoch > num_epochs:  # a finished run says so and writes nothing
         print(f"the run is already at epoch {pos.epoch - 1} of {num_epochs}: raise --num-epochs to train on, "
               f"or play its test episodes again with --eval-only", flush=True)
-        stop.restore()
-        return
+        return stop.restore()
 
     # ---- the run folder (after the signal handlers: it always gets a checkpoint), TensorBoard, episodes
     run_dir = run_dir or create_run_dir(args, env_name)
     writer = open_writer(args, run_dir, pos.global_step)
-    if checkpoint is None:
-        for name, model in models.items():
-            writer.add_scalar(f"charts/num_parameters_{name}", sum(p.numel() for p in model.parameters()), 0)
     if args.dataset_dir is None:
         read_run_episodes(buffer, run_dir, checkpoint, args, num_actions)
     collector.share_partial()
@@ -3116,21 +2897,20 @@ def main(args: Args, given: set[str]):
     run = Run(args, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net,
               wm_env, graphs, collector, writer, stop, run_dir, denoiser_update_flops(args, num_actions),
               peak_flops(setup, args.dtype))
-    seconds_per_unit = announce_run(run, pos, checkpoint is not None, game, models, num_actions, setup)
+    seconds_per_unit = announce_run(run, pos, checkpoint is not None, game, models, setup)
 
-    # ---- train: DIAMOND's Algorithm 1, a phase at a time (a checkpoint may stop inside one): each epoch
-    # collects experience in the real game, measures the world model on it, trains the denoiser and the
-    # reward/end model on the replay buffer, the actor-critic in imagination, evaluates, and saves
+    # ---- train: DIAMOND's Algorithm 1, a phase at a time (a checkpoint may stop inside one)
     run_start, epoch_start = time.perf_counter(), time.perf_counter()
     while pos.epoch <= run.num_epochs:
         name, phase_start, first_step = pos.name, time.perf_counter(), pos.step
-        works = phase_runs(run, name, pos.epoch) and (name != "world_model_eval" or len(collector.heldout) > 0)
+        works = phase_work(args, run.schedule, name, pos.epoch) > 0
+        works = works and (name != "world_model_eval" or len(collector.heldout) > 0)
         with contextlib.suppress(StopRequested):  # an evaluation abandoned: a resume restarts it
-            if works and name == "collect":
-                collect(run, collector, pos, log)
-            elif works and name == "world_model_eval":
-                measure_world_model(run, collector, pos, log)
-            elif works and name in ("denoiser", "reward_end", "actor_critic"):
+            if works and name == "collect":  # experience in the real game
+                collect(run, pos, log)
+            elif works and name == "world_model_eval":  # the world model on what it has not trained on yet
+                measure_world_model(run, pos, log)
+            elif works and name in ("denoiser", "reward_end", "actor_critic"):  # the world model, the agent in it
                 train_model(run, name, pos, log)
             elif works and name == "evaluate":
                 evaluate(run, pos, log)
@@ -3138,7 +2918,8 @@ def main(args: Args, given: set[str]):
             save_position(run, pos, log)
             print(f"stopped by signal at {pos}", flush=True)
             break
-        time_phase(pos, name, works, first_step, phase_start, seconds_per_unit)
+        if works:
+            time_phase(pos, name, first_step, phase_start, seconds_per_unit)
         pos.phase, pos.step = pos.phase + 1, 0
         if pos.phase == len(PHASES):  # the end of the epoch: its numbers at the global step, maybe a save
             end_epoch(run, pos, log, epoch_start, seconds_per_unit)
@@ -3148,7 +2929,7 @@ def main(args: Args, given: set[str]):
 
     # ---- the test: the score the paper reports (full games, epsilon 0), then teardown
     if not stop.requested and not args.world_model_only:
-        final_test(run, pos, env)
+        final_test(run, pos)
     print(f"{'stopped' if stop.requested else 'done'} after {time.perf_counter() - run_start:.1f} s: {run_dir}")
     close_writer(args, writer)
     stop.restore()
@@ -3653,6 +3434,21 @@ def check_step_memory(setup: Setup, batch_size: int, num_params: int,
                         f"process for a training step, {available / 2**30:.1f} GiB is available on "
                         f"{setup.device}: use --batch-size {fits} or less")
     return needed
+
+
+def run_time_notice(seconds_per_step: float, remaining_steps: int, setup: Setup) -> list[str]:
+    """How long the rest of the training takes; on a CPU, more than a day is a notice."""
+    seconds = seconds_per_step * remaining_steps
+    days, rest = divmod(int(seconds), 86_400)
+    length = (f"{rest // 60} min {rest % 60} s" if seconds < 3600
+              else f"{f'{days} d ' if days else ''}{rest // 3600} h {rest % 3600 // 60} min")
+    steps = f"{remaining_steps:,} step{'s' if remaining_steps != 1 else ''}"
+    lines = [f"estimated time to the end of training: {length} ({seconds_per_step:.3g} s per step "
+             f"on {setup.device}, {steps} to go, evaluations not counted)"]
+    if not setup.use_cuda and seconds > 86_400:
+        lines.append("notice: on this CPU the run takes more than a day: the defaults are the "
+                     "paper's GPU settings (--preset tiny runs in seconds, --preset cpu is sized for one)")
+    return lines
 
 
 def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 2) -> np.ndarray:

@@ -581,7 +581,7 @@ def test_sample_and_video_writes_raise_on_failure(dia, tmp_path):
     with pytest.raises(OSError):
         dia.write_mp4(blocker / "rollout.mp4", np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(OSError):
-        dia.write_samples(blocker, "rollout", np.zeros((2, 3, 8, 8), np.uint8))
+        dia.write_png(blocker / "rollout.png", np.zeros((8, 8, 3), np.uint8))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -621,9 +621,8 @@ def test_work_left_counts_the_phases_still_ahead_in_the_current_epoch(dia):
     # does not run before (the collector's policy stays the untrained, uniform one)
     later = dia.replace(args, actor_critic_start_after_epochs=1)
     assert dia.work_left(later, 1000, dia.RunPosition())["actor_critic"] == 3
-    assert [dia.phase_length(later, "actor_critic", epoch) for epoch in (1, 2)] == [0, 3]
-    run = dia.types.SimpleNamespace(args=later)
-    assert [dia.phase_runs(run, "actor_critic", epoch) for epoch in (1, 2)] == [False, True]
+    schedule = dia.run_schedule(later, 1000)
+    assert [dia.phase_work(later, schedule, "actor_critic", epoch) for epoch in (1, 2)] == [0, 3]
 
 
 def test_the_eta_is_each_phases_rate_times_what_is_left_not_the_epochs_mean(dia):
@@ -636,18 +635,16 @@ def test_the_eta_is_each_phases_rate_times_what_is_left_not_the_epochs_mean(dia)
     timed = {"denoiser": 0.1, "reward_end": 0.04, "actor_critic": 0.2, "collect": 0.008}
     # 409,600 x (0.1 + 0.04) + 404,600 x 0.2 + 100,000 x 0.008 = 57,344 + 80,920 + 800 = 139,064 s = 1 d 14 h 37 min
     assert dia.seconds_left(timed, start) == pytest.approx(139_064)
-    lines = dia.run_time_lines(timed, start, cpu)
+    lines = dia.run_time_lines(timed, start, cpu)  # the shared estimate, in global steps (the models' updates)
     assert lines == [
-        "estimated time to the end of the run: 1 d 14 h 37 min on cpu (409,600 denoiser updates at 0.1 s, 409,600 "
-        "reward/end updates at 0.04 s, 404,600 actor-critic updates at 0.2 s, 100,000 env steps at 0.008 s; timed on "
-        "copies of the models; evaluations and test episodes not counted)",
-        "notice: on this CPU the run takes more than a day: the defaults are the paper's GPU settings; on a CPU use "
-        "--env-id Catch --preset catch, or --preset cpu (DIAMOND's whole loop at CPU scale; --preset tiny runs in "
-        "seconds)"]
+        "estimated time to the end of training: 1 d 14 h 37 min (0.114 s per step on cpu, 1,223,800 steps to go, "
+        "evaluations not counted)",
+        "notice: on this CPU the run takes more than a day: the defaults are the paper's GPU settings (--preset tiny "
+        "runs in seconds, --preset cpu is sized for one); on a CPU the game to learn is --env-id Catch --preset catch"]
     assert len(dia.run_time_lines(timed, start, gpu)) == 1  # on a GPU the paper's settings are what is meant
     assert dia.run_time_lines({"denoiser": 0.5}, {**dict.fromkeys(dia.PHASES, 0), "denoiser": 125}, cpu) == [
-        "estimated time to the end of the run: 1 min 2 s on cpu (125 denoiser updates at 0.5 s; timed on copies of "
-        "the models; evaluations and test episodes not counted)"]
+        "estimated time to the end of training: 1 min 2 s (0.5 s per step on cpu, 125 steps to go, evaluations not "
+        "counted)"]
     measured = {"denoiser": 0.05, "reward_end": 0.02, "actor_critic": 0.1, "collect": 0.004, "world_model_eval": 2.0,
                 "evaluate": 60.0}
     after_epoch_1 = dia.work_left(dia.Args(), 5000, dia.RunPosition(epoch=2))
@@ -714,6 +711,11 @@ def test_static_dataset_trains_the_whole_agent(tiny_run, tmp_path, dia):
 
 def test_test_set_losses_are_logged_and_leave_the_training_rngs_alone(tiny_run, dia):
     scalars = read_scalars(tiny_run[0])
+    printed = re.search(r"parameters: (.*?); device", tiny_run[1]).group(1)  # "denoiser 29,563, reward_end ..."
+    sizes = {name: int(size.replace(",", "")) for name, size in re.findall(r"(\w+) ([\d,]+)", printed)}
+    assert set(sizes) == {"denoiser", "reward_end", "actor_critic"}
+    assert {tag: values for tag, values in scalars.items() if tag.startswith("charts/num_parameters_")} == {
+        f"charts/num_parameters_{name}": [(0, size)] for name, size in sizes.items()}
     # epoch 1's evaluation plays a test episode (epsilon 0), on which both world-model losses are measured
     assert [step for step, _ in scalars["eval/denoiser_test_loss"]] == [45]
     assert [step for step, _ in scalars["eval/reward_end_test_loss"]] == [45]
@@ -821,9 +823,7 @@ def test_play_wiring_keys_reach_the_model_and_sessions_are_written(dia, tmp_path
 
     # the real game with the same keys, recorded: a restart ('/') cuts the first episode, so two episode files
     real = dia.RealGame(dia.AtariEnv("Breakout", obs_size=32, seed=1))
-    real.recording = True
     session = dia.play_keys(real, dia.parse_play_keys("FRRRLLL/FRRN", meanings), meanings, 64)
-    real.stop_recording()
     paths = dia.save_play_files(tmp_path / "episodes", "real", session["shown"], real.take_episodes())
     assert len(paths) == 3
     lengths = []
@@ -1264,7 +1264,8 @@ def test_a_failed_backward_compilation_is_one_line_naming_the_flag(dia):
     run = SimpleNamespace(args=s.args, device=cpu, autocast=contextlib.nullcontext(), generator=s.generator,
                           cpu_generator=torch.Generator().manual_seed(4), buffer=s.env.buffer, train_ids=None,
                           learners=learners, denoiser_net=torch.compile(denoiser.net, backend=backend),
-                          wm_env=s.env, graphs=s.graphs, stop=SimpleNamespace(requested=False), run_dir=None)
+                          wm_env=s.env, graphs=s.graphs, stop=SimpleNamespace(requested=False), run_dir=None,
+                          schedule=[0])
     torch._dynamo.reset()
     try:
         for name, what, fix in (("denoiser", "the denoiser (--compile)", "rerun without --compile"),

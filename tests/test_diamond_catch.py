@@ -470,19 +470,3 @@ def test_the_actor_critic_learns_catch_in_a_perfect_world_model(dia, torch_threa
     [(_, catch_rate)] = diagnosis.train_actor_critic(dia, args, env, denoiser, reward_end, buffer, "Catch", opts)
     measured(catch_rate=catch_rate)
     assert catch_rate >= 0.3, f"catch rate {catch_rate:.3f} after 400 updates in Catch itself (random: 0.2)"
-
-
-def test_an_actor_critic_start_beyond_the_run_is_named_in_a_notice(tmp_path):
-    """--actor-critic-start-after-epochs at or past the run's epochs: the run would test an untrained policy without
-    a word (found by a break-it pass); a notice says so before the first collection."""
-    stdout = run_until_line_then_kill(SCRIPT, *TINY, "--actor-critic-start-after-epochs", "99", "--output-dir",
-                                      tmp_path / "runs", line_startswith="notice: --actor-critic-start-after-epochs",
-                                      cwd=tmp_path)
-    assert "notice: --actor-critic-start-after-epochs 99 is not below the run's 4 epochs: the actor-critic never " \
-           "trains" in stdout, stdout
-
-
-def test_the_catch_preset_on_another_game_says_so(tmp_path):
-    stdout = run_until_line_then_kill(SCRIPT, "--env-id", "Breakout-v5", "--preset", "catch", "--output-dir",
-                                      tmp_path / "runs", line_startswith="notice: --preset catch", cwd=tmp_path)
-    assert "notice: --preset catch is sized for --env-id Catch; this run plays Breakout" in stdout, stdout

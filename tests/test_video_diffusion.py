@@ -472,6 +472,7 @@ def test_tiny_preset_writes_events_config_mp4s_metrics_and_a_safe_checkpoint(tin
                 "eval/text_direction_accuracy_swapped", "eval/action_direction_accuracy_swapped"):
         assert tag in scalars, tag
     assert all(np.isfinite(v) for _, v in scalars["losses/mse"])
+    assert scalars["charts/num_parameters"] == [(0, sum(v.numel() for v in checkpoint["model"].values()))]
     assert "perf/mfu" not in scalars  # MFU on CUDA only
     psnr = {k: scalars[f"eval/{k}"][-1][1] for k in ("psnr_true_actions", "psnr_shuffled_actions")}
     assert scalars["eval/action_control_dpsnr"][-1][1] == pytest.approx(psnr["psnr_true_actions"] -
