@@ -307,9 +307,9 @@ FLAG_ALIASES = {"--game": "env_id"}
 # reads them back): the position in the run (epoch, phase, position in the phase, the global step),
 # the three models with their optimizers, every RNG, and the collector's state.
 CHECKPOINT_KEYS = {
-    "args", "epoch", "phase", "position", "global_step", "env_steps", "num_buffer_files", "models", "optimizers",
-    "schedulers", "scalers", "rng", "cpu_generator", "generator", "env", "partial", "collect_hidden", "heldout",
-    "epoch_log", "phase_sums", "imagination", "first_collection_steps",
+    "args", "epoch", "phase", "position", "global_step", "env_steps", "num_buffer_files", "models",
+    "optimizers", "schedulers", "scalers", "rng", "cpu_generator", "generator", "env", "partial",
+    "collect_hidden", "heldout", "epoch_log", "phase_sums", "imagination", "first_collection_steps",
 }
 
 
@@ -318,7 +318,7 @@ def check_args(args: Args, world_size: int):
     check_arg_domains(args)
     if world_size > 1:
         raise UserError(f"diamond_atari.py runs one process per game and seed, not {world_size} "
-                        f"torchrun processes: run it with python (benchmark/run_atari100k.py: many)")
+                        "torchrun processes: run it with python (benchmark/run_atari100k.py: many)")
     if args.eval_only and not args.resume:
         raise UserError("--eval-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
     if (args.play or args.play_keys is not None) and not args.resume:  # optional: play
@@ -343,15 +343,16 @@ def check_args(args: Args, world_size: int):
         raise UserError("--dataset-dir runs --final-epochs-without-collection epochs: give >= 1")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Data: Atari with DIAMOND's protocol, episodes as .npz files, and the replay buffer.
 
-# (random, human) scores for the human-normalised score HNS = (score - random) / (human - random), Atari 100k games.
+# (random, human) scores of the Atari 100k games, for HNS = (score - random) / (human - random).
 ATARI_SCORES = {
-    "Alien": (227.8, 7127.7), "Amidar": (5.8, 1719.5), "Assault": (222.4, 742.0), "Asterix": (210.0, 8503.3),
-    "BankHeist": (14.2, 753.1), "BattleZone": (2360.0, 37187.5), "Boxing": (0.1, 12.1), "Breakout": (1.7, 30.5),
-    "ChopperCommand": (811.0, 7387.8), "CrazyClimber": (10780.5, 35829.4), "DemonAttack": (152.1, 1971.0),
-    "Freeway": (0.0, 29.6), "Frostbite": (65.2, 4334.7), "Gopher": (257.6, 2412.5), "Hero": (1027.0, 30826.4),
+    "Alien": (227.8, 7127.7), "Amidar": (5.8, 1719.5), "Assault": (222.4, 742.0),
+    "Asterix": (210.0, 8503.3), "BankHeist": (14.2, 753.1), "BattleZone": (2360.0, 37187.5),
+    "Boxing": (0.1, 12.1), "Breakout": (1.7, 30.5), "ChopperCommand": (811.0, 7387.8),
+    "CrazyClimber": (10780.5, 35829.4), "DemonAttack": (152.1, 1971.0), "Freeway": (0.0, 29.6),
+    "Frostbite": (65.2, 4334.7), "Gopher": (257.6, 2412.5), "Hero": (1027.0, 30826.4),
     "Jamesbond": (29.0, 302.8), "Kangaroo": (52.0, 3035.0), "Krull": (1598.0, 2665.5),
     "KungFuMaster": (258.5, 22736.3), "MsPacman": (307.3, 6951.6), "Pong": (-20.7, 14.6),
     "PrivateEye": (24.9, 69571.3), "Qbert": (163.9, 13455.0), "RoadRunner": (11.5, 7845.0),
@@ -406,7 +407,7 @@ class AtariEnv:
         self.obs_size, self.frame_skip, self.noop_max = obs_size, frame_skip, noop_max
         self.max_episode_steps, self.end_on_life_loss = max_episode_steps, end_on_life_loss
         self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
-        self.env.reset(seed=seed)  # seeds the emulator's RNG once; later game resets continue its stream
+        self.env.reset(seed=seed)  # seeds the emulator's RNG once; later resets continue its stream
         self.game_over, self.lives, self.game_steps, self.game_return = True, 0, 0, 0.0
         self.obs = np.zeros((obs_size, obs_size, 3), dtype=np.uint8)
 
@@ -525,7 +526,7 @@ class CatchEnv:
         return self.obs, reward, self.game_over, False
 
     def state_dict(self) -> dict:
-        # the Generator's state: PCG64's 128-bit integers as plain Python ints (weights_only loads them)
+        # the Generator's state: PCG64's 128-bit ints as plain Python ints (weights_only loads them)
         return {"ball_row": self.ball_row, "ball_col": self.ball_col, "paddle_col": self.paddle_col,
                 "game_over": self.game_over, "game_steps": self.game_steps,
                 "game_return": self.game_return, "rng": self.rng.bit_generator.state}
@@ -628,7 +629,7 @@ class ReplayBuffer:
                  num_conditioning_steps: int):
         self.folder, self.recency_weights, self.num_cond = folder, recency_weights, num_conditioning_steps
         self.episodes: list[dict] = []
-        self.partial: Optional[dict] = None  # the episode being collected (sampled too, as the newest)
+        self.partial: Optional[dict] = None  # the episode being collected (sampled too: the newest)
 
     @staticmethod
     def to_tensors(episode: dict) -> dict:
@@ -661,7 +662,7 @@ class ReplayBuffer:
         if weights is None or n < len(weights):
             return lengths / lengths.sum()
         k = len(weights)
-        sizes = [n // k] * (k - 1) + [n // k + n % k]  # chronological slices; the leftovers go to the newest
+        sizes = [n // k] * (k - 1) + [n // k + n % k]  # oldest first; the newest takes the rest
         probs = torch.tensor([w / size for w, size in zip(weights, sizes) for _ in range(size)], dtype=torch.float64)
         return probs / probs.sum()
 
@@ -702,7 +703,7 @@ def to_float(obs_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def to_uint8(obs: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> {0..255}, rounding: the exact inverse of to_float on 8-bit frames (for storing and showing frames)."""
+    """[-1, 1] -> {0..255}, rounding: to_float's exact inverse on 8-bit frames (stored, shown)."""
     return ((obs.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
@@ -717,8 +718,8 @@ def segment_obs(batch: dict, device: torch.device) -> torch.Tensor:
     return torch.where(batch["obs_mask"].to(device)[:, :, None, None, None], obs, 0.0)
 
 
-def sample_denoiser_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
-                          ids: Optional[list[int]] = None) -> dict:
+def sample_denoiser_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator,
+                          device: torch.device, ids: Optional[list[int]] = None) -> dict:
     """Segments of c + 1 + num_autoregressive_steps frames: obs (B, L, 3, H, W), actions, mask."""
     num_obs = args.num_conditioning_steps + 1 + args.num_autoregressive_steps
     batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids), num_obs)
@@ -726,8 +727,8 @@ def sample_denoiser_batch(buffer: ReplayBuffer, args: Args, generator: torch.Gen
             "obs_mask": batch["obs_mask"].to(device)}
 
 
-def sample_reward_end_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
-                            ids: Optional[list[int]] = None) -> dict:
+def sample_reward_end_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator,
+                            device: torch.device, ids: Optional[list[int]] = None) -> dict:
     """Segments of reward_segment_length frames from t - U{0..L-1}: obs, actions, rewards..."""
     num_obs = args.reward_segment_length
     batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids, True), num_obs)
@@ -735,8 +736,8 @@ def sample_reward_end_batch(buffer: ReplayBuffer, args: Args, generator: torch.G
             **{key: batch[key].to(device) for key in ("actions", "rewards", "ends", "mask")}}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Diffusion (EDM, Karras et al. 2022), as DIAMOND uses it: preconditioning with offset noise, log-normal sigmas.
+# --------------------------------------------------------------------------------------------------
+# EDM diffusion (Karras et al. 2022) as in DIAMOND: offset-noise preconditioning, log-normal sigmas.
 
 
 def edm_preconditioning(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_offset_noise: float = 0.3):
@@ -758,7 +759,7 @@ def karras_sigmas(n: int, sigma_min: float = 2e-3, sigma_max: float = 5.0, rho: 
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Model: DIAMOND's denoiser U-Net, reward/end model, actor-critic.
 
 
@@ -912,9 +913,9 @@ class UNet(nn.Module):
         for i, c in enumerate(channels):
             c_prev = channels[max(0, i - 1)]
             self.down_blocks.append(ResBlocks([c_prev] + [c] * (res_blocks - 1), [c] * res_blocks, cond_dim))
-            # up: res_blocks blocks concatenate a block output (c), the last one the level's input (c_prev)
-            self.up_blocks.append(ResBlocks([2 * c] * res_blocks + [c + c_prev], [c] * res_blocks + [c_prev],
-                                            cond_dim))
+            # up: each block concatenates a block output (c), the last the level's input (c_prev)
+            self.up_blocks.append(ResBlocks([2 * c] * res_blocks + [c + c_prev],
+                                            [c] * res_blocks + [c_prev], cond_dim))
         self.mid_blocks = ResBlocks([channels[-1]] * 2, [channels[-1]] * 2, cond_dim, attention=True)
         self.downsamples = nn.ModuleList([nn.Identity()] + [Downsample(c) for c in channels[:-1]])
         self.upsamples = nn.ModuleList([nn.Identity()] + [Upsample(c) for c in reversed(channels[:-1])])
@@ -1011,8 +1012,8 @@ class RewardEndModel(nn.Module):
     """Reward sign (-1, 0, +1) and end (0, 1) logits of transitions (obs_t, a_t, obs_t+1): a conv
     encoder of action-conditioned ResBlocks (64 -> 8 pixels), an LSTM over time, an MLP head."""
 
-    def __init__(self, num_actions: int, obs_size: int = 64, channels: int = 32, cond_dim: int = 128,
-                 lstm_dim: int = 512, img_channels: int = 3):
+    def __init__(self, num_actions: int, obs_size: int = 64, channels: int = 32,
+                 cond_dim: int = 128, lstm_dim: int = 512, img_channels: int = 3):
         super().__init__()
         self.act_emb = nn.Embedding(num_actions, cond_dim)
         self.conv_in = nn.Conv2d(2 * img_channels, channels, 3, padding=1)
@@ -1099,16 +1100,16 @@ class ActorCritic(nn.Module):
 
 
 def build_models(args: Args, num_actions: int) -> tuple[Denoiser, RewardEndModel, ActorCritic]:
-    net = DenoiserNet(num_actions, args.diffusion_channels, args.diffusion_res_blocks, args.diffusion_cond_dim,
-                      args.num_conditioning_steps)
+    net = DenoiserNet(num_actions, args.diffusion_channels, args.diffusion_res_blocks,
+                      args.diffusion_cond_dim, args.num_conditioning_steps)
     return (Denoiser(net, args.sigma_data, args.sigma_offset_noise),
             RewardEndModel(num_actions, args.obs_size, args.reward_channels, args.reward_cond_dim,
                            args.reward_lstm_dim),
             ActorCritic(num_actions, args.obs_size, args.actor_channels, args.actor_lstm_dim))
 
 
-def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, truncs: torch.Tensor, bootstrap: torch.Tensor,
-                   gamma: float, lam: float) -> torch.Tensor:
+def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, truncs: torch.Tensor,
+                   bootstrap: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
     """DIAMOND's compute_lambda_returns on sign-clipped rewards, (B, H) each; bootstrap[:, t] =
     V'_t, the value of the frame after step t: Lambda_t = sign(r_t) + gamma (1 - end_t) [trunc_t
     V'_t + (1 - trunc_t) ((1 - lambda) V'_t + lambda Lambda_t+1)], Lambda_H = V'_(H-1)."""
@@ -1122,7 +1123,7 @@ def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, truncs: torch.Tens
     return returns
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Samplers: Euler (DIAMOND) or Heun over the Karras sigmas, and the imagination step.
 
 
@@ -1171,11 +1172,12 @@ class WorldModelEnv:
     starts from a real segment (the reward/end LSTM burnt in on it) and restarts at a sampled end
     or after imagination_horizon steps. Its state goes into checkpoints."""
 
-    def __init__(self, denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, args: Args,
-                 device: torch.device, generator: torch.Generator, cpu_generator: torch.Generator, net=None,
-                 autocast=contextlib.nullcontext(), ids: Optional[list[int]] = None):
+    def __init__(self, denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
+                 args: Args, device: torch.device, generator: torch.Generator,
+                 cpu_generator: torch.Generator, net=None, autocast=contextlib.nullcontext(),
+                 ids: Optional[list[int]] = None):
         self.denoiser, self.reward_end_model, self.buffer, self.args = denoiser, reward_end_model, buffer, args
-        self.ids = ids  # the episodes imagination starts from (None: all; --dataset-dir holds some out)
+        self.ids = ids  # episodes imagination starts from (None: all; --dataset-dir holds some out)
         self.device, self.generator, self.cpu_generator = device, generator, cpu_generator
         self.net, self.autocast = net, autocast
         self.obs = self.act = self.hidden = self.age = self.actor_hidden = None  # until a reset
@@ -1202,7 +1204,7 @@ class WorldModelEnv:
     def state_dict(self) -> dict:
         if self.obs is None:
             return {}
-        copy = lambda x: x.detach().cpu().clone()  # noqa: E731 - a step changes act and age in place
+        copy = lambda x: x.detach().cpu().clone()  # noqa: E731 - a step changes act, age in place
         return {"obs": copy(self.obs), "act": copy(self.act), "hidden": [copy(h) for h in self.hidden],
                 "age": copy(self.age), "actor_hidden": [copy(h) for h in self.actor_hidden]}
 
@@ -1227,12 +1229,13 @@ def imagine(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, genera
             autocast=contextlib.nullcontext()) -> dict[str, torch.Tensor]:
     """backup_every more imagined steps, eager (the run's --compile'd denoiser network and autocast)
     with the reference's restarts."""
-    return ImaginationGraphs(wm_env, actor_critic, args, wm_env.device, backend=None, autocast=autocast,
-                             eager=True)._rollout(generator)
+    return ImaginationGraphs(wm_env, actor_critic, args, wm_env.device, backend=None,
+                             autocast=autocast, eager=True)._rollout(generator)
 
 
-def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, generator: torch.Generator,
-                      autocast=contextlib.nullcontext(), graphs: Optional["ImaginationGraphs"] = None):
+def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args,
+                      generator: torch.Generator, autocast=contextlib.nullcontext(),
+                      graphs: Optional["ImaginationGraphs"] = None):
     """On backup_every more imagined steps (eager, or graphs' compiled ones): the value's MSE to the
     lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
     rollout = graphs.rollout(generator) if graphs else imagine(actor_critic, wm_env, args, generator, autocast)
@@ -1256,9 +1259,10 @@ class ImaginationGraphs:
     the one difference: `eager` (the reference's) restarts an env from a fresh real segment once it
     stops (a host sync); compiled, it swaps in its slot of a pool sampled before the rollout."""
 
-    def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args, device: torch.device,
-                 amp_dtype: Optional[torch.dtype] = None, backend: Union[str, Callable, None] = "default",
-                 mode: Optional[str] = None, stop=None, autocast=None, eager: bool = False):
+    def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args,
+                 device: torch.device, amp_dtype: Optional[torch.dtype] = None,
+                 backend: Union[str, Callable, None] = "default", mode: Optional[str] = None,
+                 stop=None, autocast=None, eager: bool = False):
         self.wm_env, self.actor_critic, self.args, self.device = wm_env, actor_critic, args, device
         self.amp_dtype = amp_dtype  # bf16/fp16 autocast entered inside the graphs; None: float32
         self.autocast, self.eager, self.net = autocast, eager, wm_env.net if eager else None
@@ -1299,8 +1303,8 @@ class ImaginationGraphs:
         the checks the next frame, each D(x; sigma) and the reward/end logits."""
         act, raw = torch.cat([act[:, :-1], action[:, None]], dim=1), []
         with self.amp():
-            next_obs = generate_next_obs(self.wm_env.denoiser, obs, act, self.args, net=self.net, noise=noise,
-                                         sigmas=self.sigmas, raw=raw)
+            next_obs = generate_next_obs(self.wm_env.denoiser, obs, act, self.args, net=self.net,
+                                         noise=noise, sigmas=self.sigmas, raw=raw)
             reward_logits, end_logits, hidden = self.wm_env.reward_end_model.step(obs[:, -1], action, next_obs,
                                                                                    hidden)
             _, final_value, _ = self.actor_critic(next_obs, actor_hidden)  # V(final frame), if it stops
@@ -1316,9 +1320,10 @@ class ImaginationGraphs:
             act = torch.where(stopped[:, None], start[1], act)
             hidden = tuple(torch.where(stopped[None, :, None], s, h) for s, h in zip(start[2], hidden))
             age = torch.where(stopped, 0, age)
-        return {"obs": obs, "act": act, "hidden": hidden, "age": age, "reward": reward.float(), "end": end.float(),
-                "truncated": truncated.float(), "stopped": stopped, "final_value": final_value.float(),
-                "next_obs": next_obs, "denoised": torch.stack(raw).float(), "reward_logits": reward_logits.float(),
+        return {"obs": obs, "act": act, "hidden": hidden, "age": age, "reward": reward.float(),
+                "end": end.float(), "truncated": truncated.float(), "stopped": stopped,
+                "final_value": final_value.float(), "next_obs": next_obs,
+                "denoised": torch.stack(raw).float(), "reward_logits": reward_logits.float(),
                 "end_logits": end_logits.float()}
 
     def rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -1376,14 +1381,15 @@ class ImaginationGraphs:
                 start_actor_hidden = tuple(h.detach().float().index_copy(0, index, f)
                                            for h, f in zip(actor_hidden, fresh_actor))
             # copies: the next replay of the graphs may write over their outputs
-            for key, value_t in zip(out, (logits, value, bootstrap, action, step["reward"], step["end"],
-                                          step["truncated"])):
+            for key, value_t in zip(out, (logits, value, bootstrap, action, step["reward"],
+                                          step["end"], step["truncated"])):
                 out[key].append(value_t.clone())
         with torch.no_grad():  # V(s_H), without stepping the kept LSTM state
-            _, _, _, bootstrap, actor_hidden, _ = self.policy_step(obs[:, -1], actor_hidden, stopped,
-                                                                   start_actor_hidden, final_value, uniforms[0, 0])
+            _, _, _, bootstrap, actor_hidden, _ = self.policy_step(obs[:, -1], actor_hidden,
+                                                                   stopped, start_actor_hidden,
+                                                                   final_value, uniforms[0, 0])
         out["bootstrap"] = out["bootstrap"][1:] + [bootstrap.clone()]  # V'_t, the value after step t
-        # the persistent state leaves the graphs' memory (a later replay may write over their outputs)
+        # the persistent state leaves the graphs' memory: a later replay may overwrite their outputs
         env.obs, env.act, env.age = obs.clone(), act.clone(), age.clone()
         env.hidden = tuple(h.float().clone() for h in hidden)
         env.actor_hidden = tuple(h.detach().clone() for h in actor_hidden)
@@ -1422,16 +1428,17 @@ def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: A
             args.imagination_graphs == "auto" and not setup.use_cuda):
         return None
     amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    return ImaginationGraphs(wm_env, actor_critic, args, setup.device, amp_dtype if setup.use_cuda else None,
-                             backend=COMPILE_BACKEND, mode="reduce-overhead" if setup.use_cuda else None, stop=stop)
+    return ImaginationGraphs(wm_env, actor_critic, args, setup.device,
+                             amp_dtype if setup.use_cuda else None, backend=COMPILE_BACKEND,
+                             mode="reduce-overhead" if setup.use_cuda else None, stop=stop)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Schedules: Atari 100k's env-step budget, the learning-rate warmup.
 
 
-def collection_schedule(first_collection_steps: int, env_step_budget: int = 100_000, steps_per_epoch: int = 100,
-                        final_epochs: int = 50) -> list[int]:
+def collection_schedule(first_collection_steps: int, env_step_budget: int = 100_000,
+                        steps_per_epoch: int = 100, final_epochs: int = 50) -> list[int]:
     """Env steps collected in each epoch (item e - 1 for epoch e), as DIAMOND spends the budget: the
     first collection N plus steps_per_epoch in epoch 1, steps_per_epoch until the budget is spent,
     then final_epochs that only train (N = 5000: 950 + 50)."""
@@ -1448,8 +1455,9 @@ def run_schedule(args: Args, first_collection_steps: int = 0) -> list[int]:
     if args.dataset_dir is not None:
         steps = [0] * args.final_epochs_without_collection
     else:
-        steps = collection_schedule(first_collection_steps or args.initial_collection_steps, args.env_step_budget,
-                                    args.collection_steps_per_epoch, args.final_epochs_without_collection)
+        steps = collection_schedule(first_collection_steps or args.initial_collection_steps,
+                                    args.env_step_budget, args.collection_steps_per_epoch,
+                                    args.final_epochs_without_collection)
     if args.num_epochs is not None:
         steps = (steps + [0] * args.num_epochs)[: args.num_epochs]
     return steps
@@ -1460,12 +1468,13 @@ def lr_warmup_factor(step: int, warmup_steps: int) -> float:
     return 1.0 if step >= warmup_steps else step / max(1, warmup_steps)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Evaluation: test episodes, the human-normalised score, world-model metrics, rollout videos.
 
 
-def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device: torch.device,
-                autocast, stop, what: str, stopped: str, writer_at: Callable, step: int, kind: str = "test"):
+def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv],
+                device: torch.device, autocast, stop, what: str, stopped: str, writer_at: Callable,
+                step: int, kind: str = "test"):
     """The score the paper reports: --test-episodes full games, printed and logged under
     eval/{kind}_* at `step`. A signal abandons them, logging nothing: the line `stopped` says so."""
     try:
@@ -1526,8 +1535,8 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
 
 
 @torch.no_grad()
-def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, ids: list[int],
-                    args: Args, device: torch.device, seed: int, net=None,
+def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
+                    ids: list[int], args: Args, device: torch.device, seed: int, net=None,
                     autocast=contextlib.nullcontext()) -> dict[str, float]:
     """The mean training losses per segment on held-out episodes (ids), as DIAMOND tests its world
     model: each frame a denoiser target once, each transition a reward/end target once."""
@@ -1558,8 +1567,8 @@ def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer
 
 @torch.no_grad()
 def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
-                        refs: list[tuple[int, int]], args: Args, device: torch.device, seed: int, net=None,
-                        autocast=contextlib.nullcontext()) -> dict:
+                        refs: list[tuple[int, int]], args: Args, device: torch.device, seed: int,
+                        net=None, autocast=contextlib.nullcontext()) -> dict:
     """On real transitions (episode, t): the sampled next frame's MSE beside copying the last frame,
     over all pixels and those that change; reward-sign and end accuracy; under "counts" the (hits,
     predicted, actual) counts of each class of RewardEndPools."""
@@ -1634,8 +1643,9 @@ class RewardEndPools:
 
 
 @torch.no_grad()
-def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, device: torch.device, seed: int,
-                     net=None, autocast=contextlib.nullcontext()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, device: torch.device,
+                     seed: int, net=None, autocast=contextlib.nullcontext()
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """An open-loop imagined rollout from a real segment with the real actions: real and imagined
     frames uint8 (H, 3, h, w) (H = imagination_horizon at most) and the action taken into each."""
     c, horizon = args.num_conditioning_steps, args.imagination_horizon
@@ -1752,7 +1762,7 @@ def labelled_rows(rows: list[np.ndarray], row_labels: list[str], column_labels: 
     return image
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The training loop's parts: the run's position, the collector, the epoch's log, the phases.
 
 # Each epoch runs these phases in order; a checkpoint records the phase and the position inside it.
@@ -1801,8 +1811,8 @@ class Collector:
     on them, and the newest env states, for imagined_and_real_returns."""
     num_fork_starts = 8
 
-    def __init__(self, env: Union[AtariEnv, CatchEnv], buffer: ReplayBuffer, generator: torch.Generator,
-                 device: torch.device):
+    def __init__(self, env: Union[AtariEnv, CatchEnv], buffer: ReplayBuffer,
+                 generator: torch.Generator, device: torch.device):
         self.env, self.buffer, self.generator, self.device = env, buffer, generator, device
         self.partial: Optional[dict] = None  # the episode in progress (new_episode's lists)
         self.hidden = None  # the actor's LSTM state
@@ -1963,8 +1973,8 @@ def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> 
         # AdamW, weight decay on the world model's weights only (DIAMOND: none for the actor-critic)
         weight_decay = 0.0 if name == "actor_critic" else args.weight_decay
         lr = (name == "actor_critic" and args.actor_critic_learning_rate) or args.learning_rate
-        optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr, eps=args.adam_eps,
-                                      fused=use_cuda)
+        optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr,
+                                      eps=args.adam_eps, fused=use_cuda)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_warmup_factor(s, args.warmup_steps))
         scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16")
         max_grad_norm = args.denoiser_max_grad_norm if name == "denoiser" else args.max_grad_norm
@@ -2060,16 +2070,16 @@ def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tenso
     if name == "denoiser":  # 6-frame segments, two predictions (the second on the first's 8-bit output)
         batch = sample_denoiser_batch(run.buffer, args, run.cpu_generator, device, run.train_ids)
         with autocast:
-            loss = denoiser_loss(run.learners["denoiser"].model, batch["obs"], batch["actions"], batch["obs_mask"],
-                                 args, run.generator, run.denoiser_net)
+            loss = denoiser_loss(run.learners["denoiser"].model, batch["obs"], batch["actions"],
+                                 batch["obs_mask"], args, run.generator, run.denoiser_net)
         return loss, {}
     if name == "reward_end":  # 19-frame segments from t - U[0, 19), the LSTM from a zero state
         batch = sample_reward_end_batch(run.buffer, args, run.cpu_generator, device, run.train_ids)
         with autocast:
             loss = reward_end_loss(run.learners["reward_end"].model, batch)
         return loss, {}
-    loss, parts = actor_critic_loss(run.learners["actor_critic"].model, run.wm_env, args, run.generator, autocast,
-                                    run.graphs)
+    loss, parts = actor_critic_loss(run.learners["actor_critic"].model, run.wm_env, args,
+                                    run.generator, autocast, run.graphs)
     return loss, {f"losses/{key}" if key in ("actor", "critic", "entropy") else f"charts/{key}": value
                   for key, value in parts.items()}
 
@@ -2113,9 +2123,9 @@ def measure_world_model(run: Run, pos: RunPosition, log: EpochLog):
     trained on; the reward/end class counts go into the collector's pools."""
     collector = run.collector
     refs = [(e if e < len(run.buffer.episodes) else -1, t) for e, t in collector.heldout.tolist()]
-    metrics = world_model_metrics(run.learners["denoiser"].model, run.learners["reward_end"].model, run.buffer, refs,
-                                  run.args, run.device, run.args.seed * 7919 + pos.epoch, run.checked_net,
-                                  run.autocast)
+    metrics = world_model_metrics(run.learners["denoiser"].model, run.learners["reward_end"].model,
+                                  run.buffer, refs, run.args, run.device,
+                                  run.args.seed * 7919 + pos.epoch, run.checked_net, run.autocast)
     collector.reward_end_pools.add(metrics.pop("counts"))
     for key, value in metrics.items():
         log.add(f"world_model/{key}", value)
@@ -2176,16 +2186,16 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
     signal abandons it (StopRequested) before anything is written or a pool emptied."""
     args, epoch, seed = run.args, pos.epoch, run.args.seed * 7919 + pos.epoch
     denoiser, reward_end_model = run.learners["denoiser"].model, run.learners["reward_end"].model
-    real, imagined, taken = imagined_vs_real(denoiser, run.buffer, args, run.device, seed, run.checked_net,
-                                             run.autocast)
+    real, imagined, taken = imagined_vs_real(denoiser, run.buffer, args, run.device, seed,
+                                             run.checked_net, run.autocast)
     returns, test_episodes = None, []
     if not args.world_model_only and epoch < run.num_epochs:
         # with --dataset-dir, DIAMOND plays no game: these test episodes are this script's addition
         what = "real-game test episodes, not in DIAMOND's static-dataset mode" if args.dataset_dir else "test episodes"
         progress = progress_bar(None, 0, f"epoch {epoch} evaluate ({args.eval_episodes} {what})", "env step")
-        returns = run_test_episodes(run.learners["actor_critic"].model, args, args.eval_episodes, seed, run.device,
-                                    run.autocast, check=run.stop.check, record=test_episodes,
-                                    on_step=lambda: progress.update(1))
+        returns = run_test_episodes(run.learners["actor_critic"].model, args, args.eval_episodes,
+                                    seed, run.device, run.autocast, check=run.stop.check,
+                                    record=test_episodes, on_step=lambda: progress.update(1))
         progress.close()
     diagnostics = {} if args.world_model_only else policy_diagnostics(run, epoch, test_episodes)
     # Test-set losses on episodes never trained on: --dataset-dir's held-out episodes, else (as
@@ -2209,8 +2219,8 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
         with_caption(np.concatenate([r, i], axis=2).transpose(1, 2, 0), 256,
                      ["left real, right imagined", f"step {k + 1}  action {names[k]}"])
         for k, (r, i) in enumerate(zip(real, imagined))]))
-    for key, value in {**{f"eval/{key}": value for key, value in test_losses.items()}, **diagnostics,
-                       **run.collector.reward_end_pools.take()}.items():
+    for key, value in {**{f"eval/{key}": value for key, value in test_losses.items()},
+                       **diagnostics, **run.collector.reward_end_pools.take()}.items():
         log.add(key, value)
     if returns is not None:
         log.add("eval/episodic_return", float(np.mean(returns)))
@@ -2237,8 +2247,8 @@ def policy_diagnostics(run: Run, epoch: int, test_episodes: list[dict]) -> dict[
         amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype) if cuda else None
         graphs = ImaginationGraphs(run.wm_env, run.learners["actor_critic"].model, args, run.device, amp_dtype,
                                    backend=None)  # the imagination step's functions, uncompiled: K envs, not n
-        returns = imagined_and_real_returns(graphs, collector.fork_starts[-k:], env, args, args.seed * 7919 + epoch,
-                                            run.stop.check)
+        returns = imagined_and_real_returns(graphs, collector.fork_starts[-k:], env, args,
+                                            args.seed * 7919 + epoch, run.stop.check)
         values.update({f"eval/{key}": value for key, value in returns.items()})
     return values
 
@@ -2250,7 +2260,7 @@ def keep_agent_copy(folder: Path, epoch: int, actor_critic: ActorCritic, keep: i
         old.unlink()
 
 
-# ---- how long the run takes: each phase's seconds per unit (an env step, an update, an evaluation) x what is left
+# ---- run duration: each phase's seconds per unit (env step, update, evaluation) x work left
 
 
 def work_left(args: Args, first_collection_steps: int, pos: RunPosition) -> dict[str, int]:
@@ -2268,8 +2278,8 @@ def seconds_left(seconds_per_unit: dict[str, float], left: dict[str, int]) -> fl
     return sum(units * seconds_per_unit.get(name, 0.0) for name, units in left.items())
 
 
-def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, device: torch.device, autocast,
-                left: dict[str, int]) -> dict[str, float]:
+def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, device: torch.device,
+                autocast, left: dict[str, int]) -> dict[str, float]:
     """Seconds per update of each model with updates left, and per env step, timed before the run on
     copies (models, a random episode, an env, generators); the global RNGs are put back. On a CPU, a
     batch whose batch-1 time x the batch is over 2 s is estimated as that product."""
@@ -2300,8 +2310,8 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
         """An update of a model's copy on a batch this size (actor-critic: imagined envs)."""
         sized = replace(args, batch_size=batch, num_imagined_envs=batch)
         net = copies["denoiser"].net
-        wm_env = WorldModelEnv(copies["denoiser"], copies["reward_end"], buffer, sized, device, generator,
-                               cpu_generator, net, autocast)
+        wm_env = WorldModelEnv(copies["denoiser"], copies["reward_end"], buffer, sized, device,
+                               generator, cpu_generator, net, autocast)
         run = types.SimpleNamespace(args=sized, device=device, autocast=autocast, generator=generator, buffer=buffer,
                                     cpu_generator=cpu_generator, train_ids=None, learners=learners,
                                     denoiser_net=net, wm_env=wm_env, graphs=None)
@@ -2313,8 +2323,8 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
         one = timed(update(name, 1)) if device.type != "cuda" else 0.0
         seconds[name] = one * full if one * full > 2.0 else timed(update(name, full))
     if left["collect"]:
-        collector = Collector(make_env(args, args.seed + 1, torch.Generator().manual_seed(0)), buffer, cpu_generator,
-                              device)
+        collector = Collector(make_env(args, args.seed + 1, torch.Generator().manual_seed(0)),
+                              buffer, cpu_generator, device)
         seconds["collect"] = timed(lambda: collector.step(copies["actor_critic"], args, autocast,
                                                           args.world_model_only), 100)
     set_rng_state(state)
@@ -2394,8 +2404,8 @@ def check_training_memory(setup, args: Args, num_actions: int):
                 "a training step", f"an actor-critic update ({args.backup_every} imagined steps)")) from None
 
 
-def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv],
-              device: torch.device, autocast, stop):
+def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCritic,
+              env: Union[AtariEnv, CatchEnv], device: torch.device, autocast, stop):
     """--eval-only: the checkpoint's agent scored, logged at its global step (eval/eval_only_*)."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -2408,13 +2418,14 @@ def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCr
 
 
 # ==== BEGIN OPTIONAL: play ====
-# Play: the world model (or the real game) as a game, in a pygame window or headless from a key sequence. Optional:
-# delete the play blocks (each BEGIN line to its END line: this one and the flags' in Args) and every line that ends
-# in "# optional: play", and the script trains as before (tests/test_optional_blocks.py checks it):
+# Play: the world model (or the real game) as a game, in a pygame window or headless from keys.
+# Optional: delete the play blocks (BEGIN line to END line: this one, the flags' in Args) and every
+# line ending in "# optional: play": the script trains as before (tests/test_optional_blocks.py
+# checks it):
 #   sed '/^# ==== BEGIN OPTIONAL: play/,/^# ==== END OPTIONAL: play/d; /# optional: play$/d' diamond_atari.py > x.py
 
-# --play-keys letters of the 18 Atari actions: N noop, F fire, U/D/L/R, the diagonals on a QWERTY keyboard around S
-# (Q up-left, E up-right, Z down-left, C down-right), lowercase: the same move with fire. '/' restarts.
+# --play-keys letters of the 18 Atari actions: N noop, F fire, U/D/L/R, the diagonals around S on
+# QWERTY (Q up-left, E up-right, Z down-left, C down-right), lowercase adds fire. '/' restarts.
 ACTION_LETTERS = {"NOOP": "N", "FIRE": "F", "UP": "U", "DOWN": "D", "LEFT": "L", "RIGHT": "R", "UPLEFT": "Q",
                   "UPRIGHT": "E", "DOWNLEFT": "Z", "DOWNRIGHT": "C", "UPFIRE": "u", "DOWNFIRE": "d", "LEFTFIRE": "l",
                   "RIGHTFIRE": "r", "UPLEFTFIRE": "q", "UPRIGHTFIRE": "e", "DOWNLEFTFIRE": "z", "DOWNRIGHTFIRE": "c"}
@@ -2627,8 +2638,8 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
             total = 0.0 if end else total
             frame, reward, end = game.step(action)
             step, total = step + 1, total + reward
-        image = with_caption(frame, size, caption_lines(game, meanings, step, action, reward, total, end,
-                                                        clock.get_fps(), recording))
+        image = with_caption(frame, size, caption_lines(game, meanings, step, action, reward, total,
+                                                        end, clock.get_fps(), recording))
         shown += [image] if recording else []
         screen.blit(pygame.image.frombuffer(image.tobytes(), (image.shape[1], image.shape[0]), "RGB"), (0, 0))
         pygame.display.flip()
@@ -2659,8 +2670,8 @@ def play_starts(args: Args, run_dir: Path, checkpoint: dict, num_actions: int, d
     return starts
 
 
-def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser, reward_end_model: RewardEndModel,
-         meanings: list[str], device: torch.device, autocast):
+def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
+         reward_end_model: RewardEndModel, meanings: list[str], device: torch.device, autocast):
     """--play: the world model of a checkpoint as a game, in a window or (--play-keys) headless."""
     steps = parse_play_keys(args.play_keys, meanings) if args.play_keys is not None else None
     denoiser.eval()
@@ -2731,7 +2742,7 @@ def episode_to_mp4(path: str, meanings: list[str], size: int = 256) -> Path:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # main() and the steps it reads as
 
 
@@ -2825,7 +2836,7 @@ def final_test(run: Run, pos: RunPosition):
 
 
 def main(args: Args, given: set[str]):
-    # ---- setup: the arguments (a resumed run's from its checkpoint), device, seeds, environment, models
+    # ---- setup: the arguments (a resumed run's from its checkpoint), device, seeds, env, models
     checkpoint, run_dir, trains = None, None, True
     if args.episode_to_mp4 is not None:  # a file conversion: nothing else runs
         return episode_to_mp4(args.episode_to_mp4, make_env(args, args.seed).action_meanings)
@@ -2882,21 +2893,21 @@ def main(args: Args, given: set[str]):
               f"or play its test episodes again with --eval-only", flush=True)
         return stop.restore()
 
-    # ---- the run folder (after the signal handlers: it always gets a checkpoint), TensorBoard, episodes
+    # ---- the run folder (after the signal handlers: always checkpointed), TensorBoard, episodes
     run_dir = run_dir or create_run_dir(args, env_name)
     writer = open_writer(args, run_dir, pos.global_step)
     if args.dataset_dir is None:
         read_run_episodes(buffer, run_dir, checkpoint, args, num_actions)
     collector.share_partial()
     # the imagined episodes live across actor-critic updates, epochs and checkpoints, as in DIAMOND
-    wm_env = WorldModelEnv(denoiser, reward_end_model, buffer, args, device, generator, cpu_generator,
-                           denoiser_net, autocast, train_ids)
+    wm_env = WorldModelEnv(denoiser, reward_end_model, buffer, args, device, generator,
+                           cpu_generator, denoiser_net, autocast, train_ids)
     if checkpoint is not None:
         wm_env.load_state_dict(checkpoint["imagination"])
     graphs = imagination_graphs(args, setup, wm_env, actor_critic, stop)  # the compiled step, or None
-    run = Run(args, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net,
-              wm_env, graphs, collector, writer, stop, run_dir, denoiser_update_flops(args, num_actions),
-              peak_flops(setup, args.dtype))
+    run = Run(args, device, autocast, generator, cpu_generator, buffer, train_ids, learners,
+              denoiser_net, wm_env, graphs, collector, writer, stop, run_dir,
+              denoiser_update_flops(args, num_actions), peak_flops(setup, args.dtype))
     seconds_per_unit = announce_run(run, pos, checkpoint is not None, game, models, setup)
 
     # ---- train: DIAMOND's Algorithm 1, a phase at a time (a checkpoint may stop inside one)
