@@ -229,6 +229,8 @@ def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.n
     archive (downloaded unless download is False), md5-checked and extracted atomically."""
     root = Path(data_dir)
     folder, archive = root / "cifar-10-batches-bin", root / "cifar-10-binary.tar.gz"
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--data-dir {data_dir} is a file: give the folder that holds (or will hold) CIFAR-10")
     if folder.is_dir():  # a damaged folder is refused by read_cifar10, never read in part or replaced
         return read_cifar10(folder)
     if not archive.exists():
@@ -1227,6 +1229,8 @@ def check_arg_domains(args: Args):
     """At start-up: numeric flags finite and in their domains ('>= 0', '(0, 1]' ...), a plain name."""
     for name, domain in flag_marks()[0].items():
         value, interval = getattr(args, name), domain[0] in "[("
+        if value == ():
+            raise UserError(f"--{name.replace('_', '-')} needs at least one value")
         low, high = map(float, domain[1:-1].split(",") if interval else (domain[2:], "inf"))
         for x in [x for x in (value if isinstance(value, tuple) else (value,)) if x is not None]:
             above = low <= x if domain[0] == "[" or domain[:2] == ">=" else low < x

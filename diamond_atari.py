@@ -323,6 +323,8 @@ def check_args(args: Args, world_size: int):
         raise UserError("--eval-only needs --resume RUN_FOLDER_OR_CHECKPOINT")
     if (args.play or args.play_keys is not None) and not args.resume:  # optional: play
         raise UserError("--play needs --resume RUN_FOLDER_OR_CHECKPOINT")  # optional: play
+    if args.eval_only and (args.play or args.play_keys is not None):  # optional: play
+        raise UserError("--eval-only and --play are two uses of a checkpoint: give one of them")  # optional: play
     if args.eval_only and args.world_model_only:
         raise UserError("--eval-only tests an agent: a --world-model-only run has none")
     if args.diffusion_cond_dim % args.num_conditioning_steps:
@@ -381,7 +383,7 @@ def canonical_env_id(env_id: str) -> tuple[str, str]:
         return match.group(1), f"{match.group(1)}-v5"
     spellings = sorted(f"{g}-v5" for g in games)
     close = difflib.get_close_matches(env_id.replace("ALE/", "").replace("NoFrameskip-v4", "-v5"),
-                                      spellings, n=3, cutoff=0.5)
+                                      spellings + ["Catch"], n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"games are named like {spellings[0]}"
     raise UserError(f"unknown Atari env id {env_id!r}: {hint} (Breakout-v5, ALE/Breakout-v5 and "
                     f"BreakoutNoFrameskip-v4 name every ALE game; Catch is bsuite's Catch)")
@@ -2342,6 +2344,9 @@ def run_time_lines(seconds_per_unit: dict[str, float], left: dict[str, int], set
 def load_dataset_dir(args: Args, buffer: ReplayBuffer, num_actions: int) -> tuple[list[int], torch.Tensor]:
     """--dataset-dir: every episode .npz into the buffer. Returns the training episodes and the
     held-out transitions (in the last 10% of the episodes: where world_model/* is measured)."""
+    if not Path(args.dataset_dir).is_dir():
+        raise UserError(f"--dataset-dir {args.dataset_dir} is not a folder: give the folder of episode .npz files "
+                        f"(resuming: put it back where the run read it)")
     paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))
     if len(paths) < 2:
         raise UserError(f"--dataset-dir {args.dataset_dir} has {len(paths)} episode .npz files (one per episode: "
@@ -2435,6 +2440,7 @@ RESTART_LETTER = "/"
 def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
     """--play-keys -> one action index per step (None: restart). A letter the game has no action for is refused."""
     index = {ACTION_LETTERS.get(name, name): i for i, name in enumerate(meanings)}
+    known = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
     steps = []
     for letter in keys:
         if letter.isspace():
@@ -2444,11 +2450,10 @@ def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
         elif letter in index:
             steps.append(index[letter])
         else:
-            known = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
             raise UserError(f"--play-keys: {letter!r} is no action of this game; its letters: {known}, "
                             f"{RESTART_LETTER} restart")
     if not steps:
-        raise UserError("--play-keys is empty: give one letter per step, e.g. FRRRLLL")
+        raise UserError(f"--play-keys is empty: give one letter per step; the game's letters: {known}")
     return steps
 
 
@@ -3082,6 +3087,8 @@ def check_arg_domains(args: Args):
     """At start-up: numeric flags finite and in their domains ('>= 0', '(0, 1]' ...), a plain name."""
     for name, domain in flag_marks()[0].items():
         value, interval = getattr(args, name), domain[0] in "[("
+        if value == ():
+            raise UserError(f"--{name.replace('_', '-')} needs at least one value")
         low, high = map(float, domain[1:-1].split(",") if interval else (domain[2:], "inf"))
         for x in [x for x in (value if isinstance(value, tuple) else (value,)) if x is not None]:
             above = low <= x if domain[0] == "[" or domain[:2] == ">=" else low < x

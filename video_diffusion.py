@@ -256,6 +256,8 @@ def check_args(args: Args, world_size: int):
         (args.num_sampling_steps > args.timesteps,
          f"--num-sampling-steps must be between 1 and --timesteps {args.timesteps}, "
          f"not {args.num_sampling_steps}"),
+        ((args.play or args.play_keys is not None) and args.sample_only,  # optional: play
+         "--sample-only and --play are two uses of a checkpoint: give one of them"),  # optional: play
         ((args.play or args.play_keys is not None) and not args.resume,  # optional: play
          "--play needs --resume RUN_FOLDER_OR_CHECKPOINT (a trained action-conditioned model)"),  # optional: play
         (args.sample_only and not args.resume,
@@ -1880,7 +1882,8 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
     num_actions, vocabulary = checkpoint["num_actions"], checkpoint["vocabulary"]
     if args.dataset == "folder" or num_actions == 0 and args.action_dim == 0 or args.context_frames < 1:
         raise UserError(f"--play steers an action-conditioned model (sprites or Atari clips) frame by frame from its "
-                        f"last frames: this run has --dataset {args.dataset}, --context-frames {args.context_frames}")
+                        f"last frames: this run has --dataset {args.dataset}, --context-frames {args.context_frames}; "
+                        f"train one with --dataset sprites or atari and --context-frames >= 1")
     caption = args.play_caption or ""  # checked before any data is made
     check_given_caption(caption, vocabulary, args.max_text_len)
     caption = caption_as_read(caption, vocabulary, args.max_text_len)  # what is printed is what the model reads
@@ -1922,7 +1925,8 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
     if args.dataset == "sprites":
         games["real"] = lambda: RealSprites(data.sprite_states[clip], start_actions, args.img_size, action_value)
     elif args.play_world != "imagined":
-        raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for real here")
+        raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for real here; "
+                        f"give --play-world imagined")
     return {"games": games, "meanings": meanings, "caption": caption}
 
 
@@ -2307,6 +2311,8 @@ def check_arg_domains(args: Args):
     """At start-up: numeric flags finite and in their domains ('>= 0', '(0, 1]' ...), a plain name."""
     for name, domain in flag_marks()[0].items():
         value, interval = getattr(args, name), domain[0] in "[("
+        if value == ():
+            raise UserError(f"--{name.replace('_', '-')} needs at least one value")
         low, high = map(float, domain[1:-1].split(",") if interval else (domain[2:], "inf"))
         for x in [x for x in (value if isinstance(value, tuple) else (value,)) if x is not None]:
             above = low <= x if domain[0] == "[" or domain[:2] == ">=" else low < x

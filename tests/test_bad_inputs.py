@@ -144,6 +144,36 @@ def test_the_issue_examples_are_refused_through_the_parser(script):
             m.check_args(args, 1)
 
 
+@pytest.mark.parametrize("script, given, refusal", [
+    ("diamond_atari.py", ["--resume", "R", "--eval-only", "--play-keys", "NN"], "--eval-only and --play are two uses"),
+    ("video_diffusion.py", ["--resume", "R", "--sample-only", "--play-keys", "RR"], "--sample-only and --play are two"),
+    ("ddpm_cifar10.py", ["--channel-mult"], "--channel-mult needs at least one value"),
+    ("video_diffusion.py", ["--channel-mult"], "--channel-mult needs at least one value")])
+def test_two_uses_of_a_checkpoint_at_once_and_an_empty_list_are_refused(script, given, refusal):
+    """Two things to do with a checkpoint would leave one silently undone; a list flag given no values would build a
+    network with no levels: each is one line at start-up."""
+    m = module(script)
+    args, _ = m.parse_args([*TINY[script], *given])
+    with pytest.raises(m.UserError, match=refusal):
+        m.check_args(args, 1)
+
+
+def test_a_data_folder_that_is_a_file_or_missing_is_named_so(tmp_path):
+    """CIFAR-10's --data-dir and DIAMOND's --dataset-dir that are a file (or gone, on a resume) say so, not that the
+    data is missing from them; an env id one typo from Catch is told so."""
+    afile = tmp_path / "a.npz"
+    afile.write_bytes(b"")
+    for script in ("ddpm_cifar10.py", "dit_cifar10.py"):
+        with pytest.raises(module(script).UserError, match=f"--data-dir {afile} is a file: give the folder"):
+            module(script).load_cifar10(str(afile))
+    dia = module("diamond_atari.py")
+    for path in (afile, tmp_path / "gone"):
+        with pytest.raises(dia.UserError, match=f"--dataset-dir {path} is not a folder: give the folder"):
+            dia.load_dataset_dir(dia.Args(dataset_dir=str(path)), None, 3)
+    with pytest.raises(dia.UserError, match="did you mean Catch"):
+        dia.canonical_env_id("Cathc")
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_bad_value_is_one_line_before_anything_is_written(script, tmp_path):
     result = run_script(script, *TINY[script], "--seed", "-1", "--output-dir", tmp_path / "runs", check=False)

@@ -519,7 +519,7 @@ def test_atari_clips_are_recorded_as_episode_files_and_train(tmp_path):
     assert "keys: N noop, F fire, R right, L left" in result.stdout
     assert [len(read_mp4(p)) for p in (run_dir / "play").glob("play_imagined_*.mp4")] == [3]
     result = run_script(SCRIPT, "--resume", run_dir, "--play-keys", "R", "--play-world", "real", check=False)
-    assert result.returncode == 2 and result.stderr.strip().endswith("only the sprites world can be played for real here")
+    assert result.returncode == 2 and result.stderr.strip().endswith("for real here; give --play-world imagined")
 
 
 def test_atari_captions_name_the_action_held_most():
