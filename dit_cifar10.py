@@ -26,6 +26,7 @@ import sys
 import tarfile
 import time
 import urllib.request
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Annotated, Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
@@ -218,7 +219,11 @@ def check_args(args: Args, world_size: int):
     label = args.class_label  # an index, or a name (sample_from_checkpoint looks it up)
     if label is not None and (not args.num_classes or label.lstrip("-").isdigit()
                               and not 0 <= int(label) < args.num_classes):
-        raise UserError(f"--class-label {label} is out of range: the model has {args.num_classes} classes")
+        raise UserError(f"--class-label {label} is out of range: the model has {args.num_classes} classes ("
+                        + (f"0 to {args.num_classes - 1}, or a name)" if args.num_classes else "unconditional)"))
+    if label is not None and not args.sample_only:
+        raise UserError("--class-label picks the class of --sample-only's samples: give it with --resume RUN "
+                        "--sample-only (a training run samples every class)")
     # Guidance mixes in eps(x_t, t, null); --class-dropout 0 never trains the null class's embedding
     # (it keeps its random initialisation), so any scale but 1 steers the samples by noise.
     if args.num_classes > 0 and args.class_dropout == 0 and args.cfg_scale != 1:
@@ -295,6 +300,8 @@ def read_image(path: Path, size: int) -> np.ndarray:
     import cv2
     from PIL import Image, ImageOps
 
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise UserError(f"{path}: not a regular file; move it out of --data-dir")
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -1435,17 +1442,20 @@ def run_dir_of(checkpoint_path: Path, trains: bool) -> Path:
 def load_checkpoint(path: Path) -> dict:
     """weights_only=True (a malicious file cannot run code); refuses all but a whole, finite one."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warning about a foreign pickle: the error line says it
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read the file is the same error
         raise UserError(f"cannot load checkpoint {path} (corrupt or not a checkpoint, or with "
                         f"Python objects that could run code); resume from another one") from None
     found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
     readable = (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)
     if found != SCRIPT_NAME:
-        raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not {SCRIPT_NAME}")
+        raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not {SCRIPT_NAME}: "
+                        f"give one {SCRIPT_NAME} wrote")
     if checkpoint.get("format_version") not in readable:
         raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this "
-                        f"script reads {', '.join(map(str, readable))}")
+                        f"script reads {', '.join(map(str, readable))}: give one this script wrote")
     if missing := sorted(set(CHECKPOINT_KEYS) - set(checkpoint)):
         raise UserError(f"{path} lacks {', '.join(missing)}: not a whole {SCRIPT_NAME} checkpoint")
     def finite(tree) -> bool:  # every floating-point tensor in nested dicts and lists

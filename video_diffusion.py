@@ -32,6 +32,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Annotated, Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
@@ -2347,17 +2348,20 @@ def run_dir_of(checkpoint_path: Path, trains: bool) -> Path:
 def load_checkpoint(path: Path) -> dict:
     """weights_only=True (a malicious file cannot run code); refuses all but a whole, finite one."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warning about a foreign pickle: the error line says it
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read the file is the same error
         raise UserError(f"cannot load checkpoint {path} (corrupt or not a checkpoint, or with "
                         f"Python objects that could run code); resume from another one") from None
     found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
     readable = (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)
     if found != SCRIPT_NAME:
-        raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not {SCRIPT_NAME}")
+        raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not {SCRIPT_NAME}: "
+                        f"give one {SCRIPT_NAME} wrote")
     if checkpoint.get("format_version") not in readable:
         raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this "
-                        f"script reads {', '.join(map(str, readable))}")
+                        f"script reads {', '.join(map(str, readable))}: give one this script wrote")
     if missing := sorted(set(CHECKPOINT_KEYS) - set(checkpoint)):
         raise UserError(f"{path} lacks {', '.join(missing)}: not a whole {SCRIPT_NAME} checkpoint")
     def finite(tree) -> bool:  # every floating-point tensor in nested dicts and lists

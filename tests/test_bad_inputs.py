@@ -13,10 +13,12 @@ import errno
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
 import sys
+import warnings
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
@@ -172,6 +174,24 @@ def test_a_data_folder_that_is_a_file_or_missing_is_named_so(tmp_path):
             dia.load_dataset_dir(dia.Args(dataset_dir=str(path)), None, 3)
     with pytest.raises(dia.UserError, match="did you mean Catch"):
         dia.canonical_env_id("Cathc")
+    fifo = tmp_path / "cats" / "f.png"  # reading a FIFO would block for ever
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    for script in ("ddpm_cifar10.py", "dit_cifar10.py"):
+        with pytest.raises(module(script).UserError, match="f.png: not a regular file; move it out of --data-dir"):
+            module(script).load_image_folder(str(tmp_path / "cats"), 8)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_plain_pickle_for_a_checkpoint_is_the_error_line_alone(script, tmp_path):
+    """torch's own warning about a file that is not a torch checkpoint is not printed beside the error line."""
+    path = tmp_path / "plain.pt"
+    path.write_bytes(pickle.dumps({"script": script}, protocol=4))
+    m = module(script)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(m.UserError, match="cannot load checkpoint"):
+        warnings.simplefilter("always")
+        m.load_checkpoint(path)
+    assert not caught
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -621,7 +621,10 @@ def test_guidance_needs_a_trained_null_class():
                              ({"heads": 5}, "--heads 5 does not divide --width 384"),
                              ({"class_label": "10"}, "--class-label 10 is out of range"),
                              ({"class_label": "-1"}, "--class-label -1 is out of range"),
-                             ({"class_label": "cat", "num_classes": 0}, "--class-label cat is out of range")):
+                             ({"class_label": "10"}, r"10 classes \(0 to 9, or a name\)"),
+                             ({"class_label": "cat", "num_classes": 0}, "--class-label cat is out of range"),
+                             ({"class_label": "cat", "num_classes": 0}, r"0 classes \(unconditional\)"),
+                             ({"class_label": "cat"}, "--class-label picks the class of --sample-only's samples")):
         with pytest.raises(dit.UserError, match=message):
             dit.check_args(replace(dit.Args(), **changes), 1)
 
