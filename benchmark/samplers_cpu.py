@@ -7,7 +7,7 @@ every step); DDPM-100, DDIM-50 and DPM-Solver++-20 without the clipping (ddpm_no
 DDIM-50 with eta 1 (ddim_eta1: `--ddim-eta 1`, stochastic), all from the same noise. First, the model's noise error
 per timestep on real shapes (EMA and raw weights): where in t the x0 prediction goes wrong.
 
-The score is the script's own judge (its "SHARED JUDGE" block, the one that logs eval/judge_*): the Frechet distance of
+The score is the script's own judge (its optional judge block, the one that logs eval/judge_*): the Frechet distance of
 the judge's features, N samples against N held-out real shapes, minus the same distance between two real sets of N
 (the floor at this sample count): the "excess" Frechet distance. Not FID. Also the share the judge recognises as a
 shape. Repeated for each noise seed (each with its own held-out sets); the issue's check: DDIM-50 and

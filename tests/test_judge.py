@@ -1,7 +1,7 @@
-"""The judge (the shared block "SHARED JUDGE" of ddpm_cifar10.py, dit_cifar10.py and video_diffusion.py): its Frechet
-distance against hand-computed values and an independent implementation, its cache (round trip, a damaged file is
-retrained), its scores on real images and on noise, and classifier-free guidance raising class accuracy with a
-stand-in model whose conditional and unconditional outputs are known exactly."""
+"""The judge (the optional judge block of ddpm_cifar10.py, dit_cifar10.py and video_diffusion.py, one text in
+each): its Frechet distance against hand-computed values and an independent implementation, its cache (round trip, a
+damaged file is retrained), its scores on real images and on noise, and classifier-free guidance raising class
+accuracy with a stand-in model whose conditional and unconditional outputs are known exactly."""
 import math
 
 import numpy as np
