@@ -242,34 +242,14 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg"}
 
 
-def read_cifar10(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The five training batches of cifar-10-batches-bin as uint8 (N, 3, 32, 32) and int64 labels."""
-    fix = f"delete the folder {folder} to extract (or download) CIFAR-10 again"
-    records = []
-    for i in range(1, 6):
-        path = folder / f"data_batch_{i}.bin"
-        if not path.is_file():
-            raise UserError(f"{path} is missing (CIFAR-10 has data_batch_1.bin to data_batch_5.bin); {fix}")
-        raw = np.fromfile(path, dtype=np.uint8)
-        if raw.size == 0 or raw.size % 3073:
-            raise UserError(f"{path}: {raw.size} bytes is not a whole number of 3073-byte CIFAR-10 records; {fix}")
-        records.append(raw.reshape(-1, 3073))  # 1 label byte, then 3x32x32 pixels, channel-major
-        if records[-1][:, 0].max() > 9:
-            raise UserError(f"{path}: the labels (each record's first byte) are not all in 0..9; {fix}")
-    records = np.concatenate(records)
-    return np.ascontiguousarray(records[:, 1:].reshape(-1, 3, 32, 32)), records[:, 0].astype(np.int64)
-
-
 def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The CIFAR-10 train split as uint8 (50000, 3, 32, 32) and int64 labels, from the binary
-    archive (downloaded unless download is False), md5-checked and extracted atomically."""
+    """The CIFAR-10 train split as uint8 (50000, 3, 32, 32) and int64 labels, from the binary archive
+    (downloaded unless download is False), md5-checked and extracted atomically."""
     root = Path(data_dir)
     folder, archive = root / "cifar-10-batches-bin", root / "cifar-10-binary.tar.gz"
     if root.exists() and not root.is_dir():
         raise UserError(f"--data-dir {data_dir} is a file: give the folder that holds (or will hold) CIFAR-10")
-    if folder.is_dir():  # a damaged folder is refused by read_cifar10, never read in part or replaced
-        return read_cifar10(folder)
-    if not archive.exists():
+    if not folder.is_dir() and not archive.exists():  # a damaged folder is refused below, never replaced
         put = f"put cifar-10-binary.tar.gz ({CIFAR10_URL}) in {root}/ and run again"
         if not download:
             raise UserError(f"CIFAR-10 not found: {put}")
@@ -283,46 +263,36 @@ def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.n
             partial.unlink(missing_ok=True)
             raise UserError(f"could not download CIFAR-10 ({e.__class__.__name__}): {put}") from None
         os.replace(partial, archive)
-    if hashlib.md5(archive.read_bytes()).hexdigest() != CIFAR10_MD5:
-        raise UserError(f"{archive} is corrupt (md5 is not {CIFAR10_MD5}): delete it and download it again")
-    extracting = root / ".cifar-10-extracting"  # then renamed: a killed extraction leaves no partial folder
-    shutil.rmtree(extracting, ignore_errors=True)
-    with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(extracting, filter="data")
-    os.replace(extracting / "cifar-10-batches-bin", folder)
-    shutil.rmtree(extracting)
-    return read_cifar10(folder)
-
-
-def read_image(path: Path, size: int) -> np.ndarray:
-    """A PNG/JPG file, EXIF-rotated, center-cropped and resized, as uint8 RGB (3, size, size); one
-    that PIL cannot decode whole (truncated, corrupt, too many pixels) is refused in one line."""
-    import cv2
-    from PIL import Image, ImageOps
-
-    if not path.is_file():  # a FIFO or a device would block or never end
-        raise UserError(f"{path}: not a regular file; move it out of --data-dir")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror}); make it readable or remove it") from None
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    except Exception as e:  # noqa: BLE001 - whatever PIL finds wrong in the file, the fix is the same
-        kind = Image.registered_extensions()[path.suffix.lower()]  # .jpg -> JPEG
-        what = f"{'truncated ' if 'truncated' in str(e).lower() else ''}{kind} that PIL cannot decode"
-        raise UserError(f"{path}: {what if data else 'empty file'} ({e.__class__.__name__}); replace it with a "
-                        f"valid PNG/JPG or remove it") from None
-    h, w, _ = rgb.shape
-    side = min(h, w)  # center crop to a square, then resize (INTER_AREA: no aliasing when shrinking)
-    square = rgb[(h - side) // 2: (h + side) // 2, (w - side) // 2: (w + side) // 2]
-    return cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)
+    if not folder.is_dir():
+        if hashlib.md5(archive.read_bytes()).hexdigest() != CIFAR10_MD5:
+            raise UserError(f"{archive} is corrupt (md5 is not {CIFAR10_MD5}): delete it and download it again")
+        extracting = root / ".cifar-10-extracting"  # then renamed: a killed extraction leaves no partial folder
+        shutil.rmtree(extracting, ignore_errors=True)
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(extracting, filter="data")
+        os.replace(extracting / "cifar-10-batches-bin", folder)
+        shutil.rmtree(extracting)
+    fix = f"delete the folder {folder} to extract (or download) CIFAR-10 again"
+    records = []
+    for path in [folder / f"data_batch_{i}.bin" for i in range(1, 6)]:
+        if not path.is_file():
+            raise UserError(f"{path} is missing (CIFAR-10 has data_batch_1.bin to data_batch_5.bin); {fix}")
+        raw = np.fromfile(path, dtype=np.uint8)
+        if raw.size == 0 or raw.size % 3073:
+            raise UserError(f"{path}: {raw.size} bytes is not a whole number of 3073-byte CIFAR-10 records; {fix}")
+        records.append(raw.reshape(-1, 3073))  # 1 label byte, then 3x32x32 pixels, channel-major
+        if records[-1][:, 0].max() > 9:
+            raise UserError(f"{path}: the labels (each record's first byte) are not all in 0..9; {fix}")
+    records = np.concatenate(records)
+    return np.ascontiguousarray(records[:, 1:].reshape(-1, 3, 32, 32)), records[:, 0].astype(np.int64)
 
 
 def load_image_folder(data_dir: str, img_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Every PNG/JPG under data_dir as uint8 (N, 3, S, S) (read_image). Its class is the subfolder
-    of data_dir it is in (at any depth); an image directly in data_dir has label -1."""
+    """Every PNG/JPG under data_dir, EXIF-rotated, center-cropped and resized, as uint8 (N, 3, S, S); its
+    label is the index of the subfolder of data_dir it is in (at any depth), -1 directly in data_dir."""
+    import cv2
+    from PIL import Image, ImageOps
+
     root = Path(data_dir)
     if not root.is_dir():
         raise UserError(f"--data-dir {data_dir} is not a folder (--dataset folder reads PNG/JPG images from it)")
@@ -335,11 +305,30 @@ def load_image_folder(data_dir: str, img_size: int) -> tuple[np.ndarray, np.ndar
                    if Path(name).suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
         raise UserError(f"no PNG/JPG images under {data_dir} (--dataset folder reads images from its subfolders)")
+    images = []
+    for path in paths:
+        if not path.is_file():  # a FIFO or a device would block or never end
+            raise UserError(f"{path}: not a regular file; move it out of --data-dir")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise UserError(f"{path}: cannot read it ({e.strerror}); make it readable or remove it") from None
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        except Exception as e:  # noqa: BLE001 - whatever PIL finds wrong in the file, the fix is the same
+            kind = Image.registered_extensions()[path.suffix.lower()]  # .jpg -> JPEG
+            what = f"{'truncated ' if 'truncated' in str(e).lower() else ''}{kind} that PIL cannot decode"
+            raise UserError(f"{path}: {what if data else 'empty file'} ({e.__class__.__name__}); replace it with "
+                            f"a valid PNG/JPG or remove it") from None
+        h, w, _ = rgb.shape
+        side = min(h, w)  # center crop to a square, then resize (INTER_AREA: no aliasing when shrinking)
+        square = rgb[(h - side) // 2: (h + side) // 2, (w - side) // 2: (w + side) // 2]
+        images.append(cv2.resize(square, (img_size, img_size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1))
     parts = [p.relative_to(root).parts for p in paths]
     class_names = sorted({part[0] for part in parts if len(part) > 1})
     labels = [class_names.index(part[0]) if len(part) > 1 else -1 for part in parts]
-    images = np.stack([read_image(p, img_size) for p in paths])
-    return np.ascontiguousarray(images), np.asarray(labels, dtype=np.int64), class_names
+    return np.ascontiguousarray(np.stack(images)), np.asarray(labels, dtype=np.int64), class_names
 
 
 SHAPE_COLOURS = np.array([[230, 25, 25], [25, 200, 25], [40, 80, 240], [240, 220, 30], [230, 40, 230],
@@ -389,19 +378,14 @@ def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
     return images, labels, dataset_id, class_names
 
 
-def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
+def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
+    """The step-th global batch of an endless stream of per-epoch permutations (batches cross epochs)."""
     # The data order is a pure function of (seed, epoch), so the position in it is just the step counter: an exact
     # resume needs no saved sampler state, and every torchrun rank agrees on the global batch.
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_items, generator=generator)
-
-
-def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
-    """The step-th global batch of an endless stream of per-epoch permutations (batches cross
-    epochs)."""
     start = step * batch_size
     first, last = start // num_items, (start + batch_size - 1) // num_items  # the epochs the batch spans
-    order = torch.cat([epoch_permutation(num_items, epoch, seed) for epoch in range(first, last + 1)])
+    order = torch.cat([torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+                       for epoch in range(first, last + 1)])
     return order[start - first * num_items: start - first * num_items + batch_size]
 
 
@@ -610,10 +594,6 @@ def build_model(args: Args) -> DiT:
 # labels and the guidance live inside model_fn (guided_model_fn, at the end of this section).
 
 
-def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
-    return 1.0 if t < 0 else float(alphas_cumprod[t])  # abar at "t = -1" is 1: the clean image
-
-
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
     """The S = num_steps timesteps (descending) visited before the last step to the clean image;
     ValueError unless 1 <= S <= T. S = 1: [T-1]. "uniform": floor(i T / S), diffusers' "leading"
@@ -630,9 +610,8 @@ def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int
 def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: Optional[int] = None,
                 variance: str = "fixed_large", clip_denoised: bool = True,
                 generator: Optional[torch.Generator] = None, spacing: str = "uniform") -> torch.Tensor:
-    """Ancestral sampling (Ho et al. eq. 6-7) from x_T to x_0 at ddim_timesteps(T, num_steps or T,
-    spacing): DDIM with eta = 1, whose step is the posterior mean mu~_t plus noise of variance
-    beta~_t ("fixed_small") or beta_t = 1 - abar_t / abar_prev ("fixed_large", the paper's)."""
+    """Ancestral sampling (Ho et al. eq. 6-7) at ddim_timesteps(T, num_steps or T, spacing): DDIM with eta = 1,
+    noise of variance beta~_t ("fixed_small") or beta_t = 1 - abar_t / abar_prev ("fixed_large", the paper's)."""
     return ddim_sample(model_fn, x_T, alphas_cumprod, num_steps or len(alphas_cumprod), 1.0, spacing, clip_denoised,
                        generator, fixed_large=variance == "fixed_large")
 
@@ -641,12 +620,12 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int,
                 eta: float = 0.0, spacing: str = "uniform", clip_denoised: bool = False,
                 generator: Optional[torch.Generator] = None, fixed_large: bool = False) -> torch.Tensor:
-    """DDIM (Song et al. eq. 12) from x_T to x_0 at ddim_timesteps(T, num_steps, spacing), the last
-    step to abar = 1 (diffusers' set_alpha_to_one). fixed_large: the noise added has variance
-    beta_t instead of sigma_t^2 (ddpm_sample)."""
+    """DDIM (Song et al. eq. 12) from x_T to x_0 at ddim_timesteps(T, num_steps, spacing), the last step to
+    abar = 1. fixed_large: the noise added has variance beta_t instead of sigma_t^2 (ddpm_sample)."""
+    abar = alphas_cumprod.tolist() + [1.0]  # abar at "t = -1" is 1: the clean image
     x, timesteps = x_T, ddim_timesteps(len(alphas_cumprod), num_steps, spacing)
     for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
-        abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
+        abar_t, abar_prev = abar[t], abar[t_prev]
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)  # (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)
         if clip_denoised:  # clip x0, then re-derive eps from it so that the update stays consistent
@@ -665,15 +644,14 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 @torch.no_grad()
 def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
                       num_steps: int, clip_denoised: bool = False) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022) from x_T to x_0 with diffusers' defaults: timesteps
-    round(linspace(0, T-1, S+1))[::-1][:-1] (S = T: all), a final sigma of 0, first-order first and
-    last steps. clip_denoised: the paper's thresholding of x0 to [-1, 1]."""
-    T = len(alphas_cumprod)
+    """DPM-Solver++(2M) (Lu et al. 2022) from x_T to x_0 with diffusers' defaults (timesteps round(linspace(0,
+    T-1, S+1)), first order at both ends). clip_denoised: the paper's thresholding of x0 to [-1, 1]."""
+    T, abar = len(alphas_cumprod), alphas_cumprod.tolist()
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
     timesteps = list(range(T - 1, -1, -1)) if num_steps == T else [  # S = T: rounding would repeat a timestep
         int(s) for s in np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1]]
-    sigmas = [math.sqrt((1 - _abar(alphas_cumprod, t)) / _abar(alphas_cumprod, t)) for t in timesteps] + [0.0]
+    sigmas = [math.sqrt((1 - abar[t]) / abar[t]) for t in timesteps] + [0.0]
     x, previous_x0 = x_T, None
     for i, t in enumerate(timesteps):
         sigma_s, sigma_t = sigmas[i], sigmas[i + 1]  # sigma = sqrt((1-abar)/abar), alpha = 1/sqrt(sigma^2 + 1)
@@ -718,17 +696,24 @@ class JudgeNet(nn.Module):
         return self.body(images.float() / 127.5 - 1.0)  # uint8 -> [-1, 1], as the diffusion models see them
 
 
-def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, steps: int = 200,
-                batch_size: int = 64, lr: float = 3e-3) -> JudgeNet:
-    """Adam on the cross-entropy of uint8 images (N, 3, H, W) and labels (N,), a quarter of each
-    batch turned to "none" (label num_classes): x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1). A
-    pure function of the seed, drawing nothing from the run's RNG."""
-    with torch.random.fork_rng(devices=[]):
+def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
+                        num_classes: int, seed: int, steps: int = 200, batch_size: int = 64) -> JudgeNet:
+    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt (a cache that does not load is retrained), or
+    trained on make_data()'s uint8 images and labels and cached atomically. A pure function of the seed."""
+    path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
+    with torch.random.fork_rng(devices=[]):  # no draw from the run's RNG: an exact resume stays exact
         torch.manual_seed(seed)
         judge = JudgeNet(num_classes)
+    if path.is_file():
+        try:
+            judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return judge.eval().requires_grad_(False)
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, the fix is to retrain it
+            print(f"judge cache {path} does not load ({e.__class__.__name__}): training the judge again")
+    images, labels = make_data()
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(judge.parameters(), lr=lr)
-    n = batch_size // 4
+    optimizer = torch.optim.Adam(judge.parameters(), lr=3e-3)
+    n = batch_size // 4  # a quarter of each batch turned to "none": x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1)
     for _ in range(steps):
         index = torch.randint(0, len(images), (batch_size,), generator=generator).numpy()
         x, y = torch.from_numpy(images[index]).float() / 127.5 - 1.0, torch.from_numpy(labels[index]).long()
@@ -739,34 +724,16 @@ def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return judge.eval().requires_grad_(False)
-
-
-def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
-                        num_classes: int, seed: int) -> JudgeNet:
-    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and
-    cached (atomically); a cache that does not load is trained again."""
-    path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
-    if path.is_file():
-        with torch.random.fork_rng(devices=[]):  # weights the cache overwrites: no draw from the run's RNG
-            judge = JudgeNet(num_classes)
-        try:
-            judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return judge.eval().requires_grad_(False)
-        except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, the fix is to retrain it
-            print(f"judge cache {path} does not load ({e.__class__.__name__}): training the judge again")
-    judge = train_judge(*make_data(), num_classes, seed)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(judge.state_dict(), tmp)
     os.replace(tmp, path)
-    return judge
+    return judge.eval().requires_grad_(False)
 
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two
-    feature sets (N, d), FID's formula in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as
-    torchmetrics."""
+    """FID's d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature sets
+    (N, d), in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as torchmetrics."""
     a, b = feats_a.double(), feats_b.double()
     cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
     trace_sqrt = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()
@@ -794,23 +761,12 @@ def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np
     return {**scores, "frechet": frechet_distance(feats_s, feats_a), "frechet_real": frechet_distance(feats_b, feats_a)}
 
 
-def log_judge_scores(writer, scores: dict, step: int, suffix: str = ""):
-    """Logs judge_scores' dict as eval/judge_{name}{suffix} and prints it on one line."""
-    from tqdm import tqdm
-
-    for name, value in scores.items():
-        writer.add_scalar(f"eval/judge_{name}{suffix}", value, step)
-    tqdm.write(f"judge at step {step}{suffix.replace('_', ', ')}: " +  # on its own line, not on a progress bar's
-               ", ".join(f"{k} {v:.3g}" for k, v in scores.items()))
-
-
 JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own data (a run's: --seed)
 
 
 def make_shapes_judge(args: Args, num_samples: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
-    """The judge of the 10 shapes classes at --img-size (trained on 4096 generated images once,
-    cached in {data_dir}/judge/), and 2 * num_samples held-out shapes, uint8 (2N, 3, H, W), with
-    their labels."""
+    """The judge of the 10 shapes classes at --img-size (trained on 4096 generated images once, cached in
+    {data_dir}/judge/), and 2 * num_samples held-out shapes, uint8 (2N, 3, H, W), with their labels."""
     judge = load_or_train_judge(
         Path(args.data_dir) / "judge", f"shapes_{args.img_size}px_10classes_seed{JUDGE_DATA_SEED}",
         lambda: make_shapes_dataset(4096, args.img_size, seed=JUDGE_DATA_SEED), 10, JUDGE_DATA_SEED)
@@ -819,18 +775,24 @@ def make_shapes_judge(args: Args, num_samples: int) -> tuple[JudgeNet, np.ndarra
 
 def judge_samples(judge, evaluated: Optional[tuple], generate: Callable, args: Args, step: int, eval_now: bool,
                   writer):
-    """eval/judge_* of an evaluation's samples of the shapes (log_samples' samples and labels), with
-    and without guidance (_cfg1). Returns the judge (made at the first evaluation: the judge,
-    held-out images, their labels)."""
+    """eval/judge_* of an evaluation's shapes samples and labels (log_samples'), also without guidance (_cfg1),
+    printed; returns the judge (made at the first evaluation: the judge, held-out images, their labels)."""
+    from tqdm import tqdm  # a line of its own, not on the progress bar's
+
     if not (eval_now and evaluated is not None and args.dataset == "shapes"):
         return judge
     samples, labels = evaluated
     judge = judge or make_shapes_judge(args, len(samples))
-    log_judge_scores(writer, judge_scores(judge[0], samples, labels, judge[1], judge[2]), step)
+    judged = [("", samples)]
     if args.num_classes > 0 and args.cfg_scale != 1.0:  # the same noise without guidance: what guidance adds
         with contextlib.suppress(StopRequested):
-            plain = generate(len(samples), labels, replace(args, cfg_scale=1.0))
-            log_judge_scores(writer, judge_scores(judge[0], plain, labels, judge[1], judge[2]), step, "_cfg1")
+            judged.append(("_cfg1", generate(len(samples), labels, replace(args, cfg_scale=1.0))))
+    for suffix, images in judged:
+        scores = judge_scores(judge[0], images, labels, judge[1], judge[2])
+        for name, value in scores.items():
+            writer.add_scalar(f"eval/judge_{name}{suffix}", value, step)
+        tqdm.write(f"judge at step {step}{suffix.replace('_', ', ')}: " +
+                   ", ".join(f"{k} {v:.3g}" for k, v in scores.items()))
     return judge
 
 

@@ -706,19 +706,14 @@ def eval_subset(data: VideoData, args: "Args") -> VideoData:
                    captions=[data.captions[i] for i in chosen], directions=data.directions[chosen])
 
 
-def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
+def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
+    """The step-th global batch of an endless stream of per-epoch permutations (batches cross epochs)."""
     # The data order is a pure function of (seed, epoch), so the position in it is just the step counter: an exact
     # resume needs no saved sampler state, and every torchrun rank agrees on the global batch.
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_items, generator=generator)
-
-
-def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
-    """The step-th global batch of an endless stream of per-epoch permutations (batches cross
-    epochs)."""
     start = step * batch_size
     first, last = start // num_items, (start + batch_size - 1) // num_items  # the epochs the batch spans
-    order = torch.cat([epoch_permutation(num_items, epoch, seed) for epoch in range(first, last + 1)])
+    order = torch.cat([torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+                       for epoch in range(first, last + 1)])
     return order[start - first * num_items: start - first * num_items + batch_size]
 
 
@@ -1103,10 +1098,6 @@ def build_model(args: "Args", vocab_size: int, num_actions: int) -> VideoDiffusi
 # ==== BEGIN SHARED SAMPLERS: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
 
 
-def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
-    return 1.0 if t < 0 else float(alphas_cumprod[t])  # abar at "t = -1" is 1: the clean image
-
-
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
     """The S = num_steps timesteps (descending) visited before the last step to the clean image;
     ValueError unless 1 <= S <= T. S = 1: [T-1]. "uniform": floor(i T / S), diffusers' "leading"
@@ -1123,9 +1114,8 @@ def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int
 def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: Optional[int] = None,
                 variance: str = "fixed_large", clip_denoised: bool = True,
                 generator: Optional[torch.Generator] = None, spacing: str = "uniform") -> torch.Tensor:
-    """Ancestral sampling (Ho et al. eq. 6-7) from x_T to x_0 at ddim_timesteps(T, num_steps or T,
-    spacing): DDIM with eta = 1, whose step is the posterior mean mu~_t plus noise of variance
-    beta~_t ("fixed_small") or beta_t = 1 - abar_t / abar_prev ("fixed_large", the paper's)."""
+    """Ancestral sampling (Ho et al. eq. 6-7) at ddim_timesteps(T, num_steps or T, spacing): DDIM with eta = 1,
+    noise of variance beta~_t ("fixed_small") or beta_t = 1 - abar_t / abar_prev ("fixed_large", the paper's)."""
     return ddim_sample(model_fn, x_T, alphas_cumprod, num_steps or len(alphas_cumprod), 1.0, spacing, clip_denoised,
                        generator, fixed_large=variance == "fixed_large")
 
@@ -1134,12 +1124,12 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int,
                 eta: float = 0.0, spacing: str = "uniform", clip_denoised: bool = False,
                 generator: Optional[torch.Generator] = None, fixed_large: bool = False) -> torch.Tensor:
-    """DDIM (Song et al. eq. 12) from x_T to x_0 at ddim_timesteps(T, num_steps, spacing), the last
-    step to abar = 1 (diffusers' set_alpha_to_one). fixed_large: the noise added has variance
-    beta_t instead of sigma_t^2 (ddpm_sample)."""
+    """DDIM (Song et al. eq. 12) from x_T to x_0 at ddim_timesteps(T, num_steps, spacing), the last step to
+    abar = 1. fixed_large: the noise added has variance beta_t instead of sigma_t^2 (ddpm_sample)."""
+    abar = alphas_cumprod.tolist() + [1.0]  # abar at "t = -1" is 1: the clean image
     x, timesteps = x_T, ddim_timesteps(len(alphas_cumprod), num_steps, spacing)
     for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
-        abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
+        abar_t, abar_prev = abar[t], abar[t_prev]
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)  # (x_t - sqrt(1-abar_t) eps) / sqrt(abar_t)
         if clip_denoised:  # clip x0, then re-derive eps from it so that the update stays consistent
@@ -1158,15 +1148,14 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 @torch.no_grad()
 def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
                       num_steps: int, clip_denoised: bool = False) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022) from x_T to x_0 with diffusers' defaults: timesteps
-    round(linspace(0, T-1, S+1))[::-1][:-1] (S = T: all), a final sigma of 0, first-order first and
-    last steps. clip_denoised: the paper's thresholding of x0 to [-1, 1]."""
-    T = len(alphas_cumprod)
+    """DPM-Solver++(2M) (Lu et al. 2022) from x_T to x_0 with diffusers' defaults (timesteps round(linspace(0,
+    T-1, S+1)), first order at both ends). clip_denoised: the paper's thresholding of x0 to [-1, 1]."""
+    T, abar = len(alphas_cumprod), alphas_cumprod.tolist()
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
     timesteps = list(range(T - 1, -1, -1)) if num_steps == T else [  # S = T: rounding would repeat a timestep
         int(s) for s in np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1]]
-    sigmas = [math.sqrt((1 - _abar(alphas_cumprod, t)) / _abar(alphas_cumprod, t)) for t in timesteps] + [0.0]
+    sigmas = [math.sqrt((1 - abar[t]) / abar[t]) for t in timesteps] + [0.0]
     x, previous_x0 = x_T, None
     for i, t in enumerate(timesteps):
         sigma_s, sigma_t = sigmas[i], sigmas[i + 1]  # sigma = sqrt((1-abar)/abar), alpha = 1/sqrt(sigma^2 + 1)
@@ -1496,17 +1485,24 @@ class JudgeNet(nn.Module):
         return self.body(images.float() / 127.5 - 1.0)  # uint8 -> [-1, 1], as the diffusion models see them
 
 
-def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, steps: int = 200,
-                batch_size: int = 64, lr: float = 3e-3) -> JudgeNet:
-    """Adam on the cross-entropy of uint8 images (N, 3, H, W) and labels (N,), a quarter of each
-    batch turned to "none" (label num_classes): x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1). A
-    pure function of the seed, drawing nothing from the run's RNG."""
-    with torch.random.fork_rng(devices=[]):
+def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
+                        num_classes: int, seed: int, steps: int = 200, batch_size: int = 64) -> JudgeNet:
+    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt (a cache that does not load is retrained), or
+    trained on make_data()'s uint8 images and labels and cached atomically. A pure function of the seed."""
+    path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
+    with torch.random.fork_rng(devices=[]):  # no draw from the run's RNG: an exact resume stays exact
         torch.manual_seed(seed)
         judge = JudgeNet(num_classes)
+    if path.is_file():
+        try:
+            judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return judge.eval().requires_grad_(False)
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, the fix is to retrain it
+            print(f"judge cache {path} does not load ({e.__class__.__name__}): training the judge again")
+    images, labels = make_data()
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(judge.parameters(), lr=lr)
-    n = batch_size // 4
+    optimizer = torch.optim.Adam(judge.parameters(), lr=3e-3)
+    n = batch_size // 4  # a quarter of each batch turned to "none": x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1)
     for _ in range(steps):
         index = torch.randint(0, len(images), (batch_size,), generator=generator).numpy()
         x, y = torch.from_numpy(images[index]).float() / 127.5 - 1.0, torch.from_numpy(labels[index]).long()
@@ -1517,34 +1513,16 @@ def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return judge.eval().requires_grad_(False)
-
-
-def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
-                        num_classes: int, seed: int) -> JudgeNet:
-    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt, or trained on make_data() and
-    cached (atomically); a cache that does not load is trained again."""
-    path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
-    if path.is_file():
-        with torch.random.fork_rng(devices=[]):  # weights the cache overwrites: no draw from the run's RNG
-            judge = JudgeNet(num_classes)
-        try:
-            judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return judge.eval().requires_grad_(False)
-        except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, the fix is to retrain it
-            print(f"judge cache {path} does not load ({e.__class__.__name__}): training the judge again")
-    judge = train_judge(*make_data(), num_classes, seed)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(judge.state_dict(), tmp)
     os.replace(tmp, path)
-    return judge
+    return judge.eval().requires_grad_(False)
 
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two
-    feature sets (N, d), FID's formula in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as
-    torchmetrics."""
+    """FID's d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature sets
+    (N, d), in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as torchmetrics."""
     a, b = feats_a.double(), feats_b.double()
     cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
     trace_sqrt = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()

@@ -150,7 +150,7 @@ def test_chmod_000_class_folder_or_image(script, what, image_folder, tmp_path):
 
 
 def test_image_and_episode_readers_are_the_same_code_in_every_script():
-    for name in ("read_cifar10", "load_cifar10", "read_image", "load_image_folder"):
+    for name in ("load_cifar10", "load_image_folder"):
         assert inspect.getsource(getattr(ddpm, name)) == inspect.getsource(getattr(dit, name)), name
     assert inspect.getsource(vd.read_episode) == inspect.getsource(dia.read_episode)
     assert vd.EPISODE_KEYS == dia.EPISODE_KEYS
