@@ -677,33 +677,17 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
 # block and every line ending in "# optional: judge" (tests/test_optional_blocks.py does):
 #   sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' dit_cifar10.py > x.py
 
-JUDGE_VERSION = 1  # part of the cache file name: a changed network never loads an old cache
-
-
-class JudgeNet(nn.Module):
-    """Classifies uint8 images (N, 3, H, W) into num_classes + 1 classes, the last "none" (noise):
-    head(features(x)); features() is the pooled (4 * width)-d layer the Frechet distance compares."""
-
-    def __init__(self, num_classes: int, width: int = 8):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(4 * width, num_classes + 1)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.body(images.float() / 127.5 - 1.0)  # uint8 -> [-1, 1], as the diffusion models see them
-
-
 def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
-                        num_classes: int, seed: int, steps: int = 200, batch_size: int = 64) -> JudgeNet:
-    """The judge cached at {cache_dir}/{key}_v{JUDGE_VERSION}.pt (a cache that does not load is retrained), or
-    trained on make_data()'s uint8 images and labels and cached atomically. A pure function of the seed."""
-    path = Path(cache_dir) / f"{key}_v{JUDGE_VERSION}.pt"
-    with torch.random.fork_rng(devices=[]):  # no draw from the run's RNG: an exact resume stays exact
+                        num_classes: int, seed: int, steps: int = 200, batch_size: int = 64) -> nn.Sequential:
+    """A small CNN classifying images in [-1, 1] into num_classes + 1 classes, the last "none" (noise); judge[:-1]
+    gives the features the Frechet distance compares. Cached in cache_dir, else trained on make_data()."""
+    path = Path(cache_dir) / f"{key}_v2.pt"  # v2: the network's version (a changed one never loads an old cache)
+    with torch.random.fork_rng(devices=[]):  # a pure function of the seed: no draw from the run's RNG
         torch.manual_seed(seed)
-        judge = JudgeNet(num_classes)
+        judge = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(32, num_classes + 1))
     if path.is_file():
         try:
             judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -720,7 +704,7 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
         a = torch.rand(n, 1, 1, 1, generator=generator) * 0.6 + 0.4
         x[:n] = ((1 - a) * x[:n] + a * torch.randn(x[:n].shape, generator=generator)).clamp(-1, 1)
         y[:n] = num_classes
-        loss = F.cross_entropy(judge.head(judge.body(x)), y)
+        loss = F.cross_entropy(judge(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -741,19 +725,19 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np.ndarray], real_heldout: np.ndarray,
-                 real_labels: Optional[np.ndarray] = None, threshold: float = 0.9) -> dict:
-    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share
-    with P(not "none") >= threshold), class_accuracy (share whose likeliest class is asked_labels'),
-    frechet (judge features, samples vs real[:N]); *_real: real[:N] (vs real[N:2N]), the ceiling."""
+def judge_scores(judge: nn.Sequential, samples: np.ndarray, asked_labels: Optional[np.ndarray],
+                 real_heldout: np.ndarray, real_labels: Optional[np.ndarray] = None, threshold: float = 0.9) -> dict:
+    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share with P(not "none")
+    >= threshold), class_accuracy (share whose likeliest class is asked_labels'), frechet (judge features, samples
+    vs real[:N]); *_real: real[:N] (vs real[N:2N]), the ceiling."""
     n = len(samples)
     if len(real_heldout) < 2 * n:
         raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
-    feats_s, feats_a, feats_b = (judge.features(torch.from_numpy(np.ascontiguousarray(x))) for x in (
-        samples, real_heldout[:n], real_heldout[n: 2 * n]))
+    feats_s, feats_a, feats_b = (judge[:-1](torch.from_numpy(np.ascontiguousarray(x)).float() / 127.5 - 1.0)
+                                 for x in (samples, real_heldout[:n], real_heldout[n: 2 * n]))  # uint8 -> [-1, 1]
     scores = {}
     for suffix, feats, labels in (("", feats_s, asked_labels), ("_real", feats_a, real_labels)):
-        probs = judge.head(feats).softmax(1)  # the last class: "none"
+        probs = judge[-1](feats).softmax(1)  # the last class: "none"
         scores[f"recognised{suffix}"] = float((1 - probs[:, -1] >= threshold).float().mean())
         if labels is not None:
             hits = probs[:, :-1].argmax(1).numpy() == np.asarray(labels[:n])
@@ -764,7 +748,7 @@ def judge_scores(judge: JudgeNet, samples: np.ndarray, asked_labels: Optional[np
 JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own data (a run's: --seed)
 
 
-def make_shapes_judge(args: Args, num_samples: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
+def make_shapes_judge(args: Args, num_samples: int) -> tuple[nn.Sequential, np.ndarray, np.ndarray]:
     """The judge of the 10 shapes classes at --img-size (trained on 4096 generated images once, cached in
     {data_dir}/judge/), and 2 * num_samples held-out shapes, uint8 (2N, 3, H, W), with their labels."""
     judge = load_or_train_judge(
