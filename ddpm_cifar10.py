@@ -783,28 +783,22 @@ def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
                         f"{torch.hub.get_dir()}/checkpoints/): {reason}") from None
 
 
-def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor, batch_size: int = 500,
-                device: torch.device = torch.device("cpu")) -> float:
-    """FID of two sets of uint8 images (N, 3, H, W), in batches on device."""
+def evaluate_fid(fid_metric, generate: Callable[[int], np.ndarray], real_images: np.ndarray, args: Args,
+                 device: torch.device, writer=None, step: int = 0) -> float:
+    """FID of --fid-num-samples samples vs the training images (the paper's protocol), as eval/fid."""
+    samples = generate(args.fid_num_samples)
     fid_metric = fid_metric.to(device)
     fid_metric.reset()
-    for images, real in ((real_images, True), (fake_images, False)):
-        for start in range(0, len(images), batch_size):
-            fid_metric.update(images[start: start + batch_size].to(device), real=real)
-    return float(fid_metric.compute())
-
-
-def evaluate_fid(fid_metric, generate: Callable[[int], np.ndarray], real_images: np.ndarray, args: Args,
-                 device: torch.device, writer=None, step: int = 0):
-    """FID of --fid-num-samples samples vs the training images (the paper's protocol), printed and
-    logged as eval/fid."""
-    samples = torch.from_numpy(generate(args.fid_num_samples))
-    fid = compute_fid(fid_metric, samples, torch.from_numpy(real_images), args.sample_batch_size, device)
+    for images, real in ((real_images, True), (samples, False)):
+        for batch in torch.from_numpy(images).split(args.sample_batch_size):
+            fid_metric.update(batch.to(device), real=real)
+    fid = float(fid_metric.compute())
     print(f"FID ({args.fid_num_samples} samples vs {len(real_images)} training images, {args.sampler} "
           f"{args.num_sampling_steps} steps): {fid:.3f}")
     if writer is not None:
         writer.add_scalar("eval/fid", fid, step)
         writer.add_scalar("eval/fid_num_samples", args.fid_num_samples, step)
+    return fid
 
 
 def write_samples(folder: Path, stem: str, images: np.ndarray) -> Path:

@@ -868,23 +868,18 @@ def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
                         f"{torch.hub.get_dir()}/checkpoints/): {reason}") from None
 
 
-def compute_fid(fid_metric, fake_images: torch.Tensor, real_images: torch.Tensor, batch_size: int = 500,
-                device: torch.device = torch.device("cpu")) -> float:
-    """FID of two sets of uint8 images (N, 3, H, W), in batches on device."""
-    fid_metric = fid_metric.to(device)
-    fid_metric.reset()
-    for images, real in ((real_images, True), (fake_images, False)):
-        for start in range(0, len(images), batch_size):
-            fid_metric.update(images[start: start + batch_size].to(device), real=real)
-    return float(fid_metric.compute())
-
 def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], np.ndarray], real_images: np.ndarray,
                  args: Args, device: torch.device, writer=None, step: int = 0) -> float:
-    """FID of --fid-num-samples generated images, every class equally often, vs the training images
-    (the paper's protocol), printed and logged as eval/fid."""
+    """FID of --fid-num-samples samples, every class equally often, vs the training images (the paper's protocol),
+    printed and logged as eval/fid."""
     num, classes = args.fid_num_samples, args.num_classes
-    samples = torch.from_numpy(generate(num, torch.arange(num) % classes if classes > 0 else None))
-    fid = compute_fid(fid_metric, samples, torch.from_numpy(real_images), args.sample_batch_size, device)
+    samples = generate(num, torch.arange(num) % classes if classes > 0 else None)
+    fid_metric = fid_metric.to(device)
+    fid_metric.reset()
+    for images, real in ((real_images, True), (samples, False)):
+        for batch in torch.from_numpy(images).split(args.sample_batch_size):
+            fid_metric.update(batch.to(device), real=real)
+    fid = float(fid_metric.compute())
     guidance = f", guidance {args.cfg_scale:g}" if classes > 0 else ""
     print(f"FID ({num} samples vs {len(real_images)} training images, {args.sampler} {args.num_sampling_steps} "
           f"steps{guidance}): {fid:.3f}")

@@ -823,12 +823,13 @@ def test_fid_code_path_with_a_stand_in_feature_extractor():
     fake = (real.float() * 0.7 + 40).to(torch.uint8)
     extractor = StandInFeatures()
     metric = ddpm.make_fid_metric(extractor)
-    fid = ddpm.compute_fid(metric, fake, real, batch_size=20)
+    args, cpu = ddpm.replace(ddpm.Args(), fid_num_samples=64, sample_batch_size=20), torch.device("cpu")
+    fid = ddpm.evaluate_fid(metric, lambda num: fake.numpy(), real.numpy(), args, cpu)
     with torch.no_grad():
         expected = frechet_distance_by_hand(extractor(fake), extractor(real))
     assert fid > 0.01
     assert fid == pytest.approx(expected, rel=1e-3)
-    assert ddpm.compute_fid(metric, real, real, batch_size=20) == pytest.approx(0.0, abs=1e-3)
+    assert ddpm.evaluate_fid(metric, lambda num: real.numpy(), real.numpy(), args, cpu) == pytest.approx(0.0, abs=1e-3)
 
 
 def test_fid_in_a_run_is_logged_with_its_sample_count(tmp_path, monkeypatch):
