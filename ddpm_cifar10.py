@@ -208,8 +208,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg"}
 
 
 def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The CIFAR-10 train split as uint8 (50000, 3, 32, 32) and int64 labels, from the binary archive
-    (downloaded unless download is False), md5-checked and extracted atomically."""
+    """CIFAR-10's train split, uint8 (50000, 3, 32, 32) and int64 labels, from the binary archive."""
     root = Path(data_dir)
     folder, archive = root / "cifar-10-batches-bin", root / "cifar-10-binary.tar.gz"
     if root.exists() and not root.is_dir():
@@ -664,8 +663,7 @@ JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own da
 
 
 def make_shapes_judge(args: Args, num_samples: int) -> tuple[nn.Sequential, np.ndarray, np.ndarray]:
-    """The judge of the 10 shapes classes at --img-size (trained on 4096 generated images once, cached in
-    {data_dir}/judge/), and 2 * num_samples held-out shapes, uint8 (2N, 3, H, W), with their labels."""
+    """The cached judge of the 10 shapes classes at --img-size, and 2 * num_samples held-out shapes and labels."""
     judge = load_or_train_judge(
         Path(args.data_dir) / "judge", f"shapes_{args.img_size}px_10classes_seed{JUDGE_DATA_SEED}",
         lambda: make_shapes_dataset(4096, args.img_size, seed=JUDGE_DATA_SEED), 10, JUDGE_DATA_SEED)
@@ -673,8 +671,7 @@ def make_shapes_judge(args: Args, num_samples: int) -> tuple[nn.Sequential, np.n
 
 
 def judge_samples(judge, samples: Optional[np.ndarray], args: Args, step: int, eval_now: bool, writer):
-    """eval/judge_* of an evaluation's samples of the shapes data, also printed; returns the judge (made at the
-    first evaluation: the judge, held-out images, their labels)."""
+    """eval/judge_* of an evaluation's shapes samples; returns the judge (made at the first evaluation)."""
     from tqdm import tqdm  # a line of its own, not on the progress bar's
 
     if eval_now and samples is not None and args.dataset == "shapes":
@@ -770,8 +767,7 @@ def train_flops_per_sample(args: Args) -> float:
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
-    """torchmetrics' FrechetInceptionDistance on Inception-v3 pool features (2048-d, torch-fidelity's
-    weights, the standard FID), or on a given feature_extractor's (N, d) features."""
+    """torchmetrics' FID on Inception-v3 pool features (torch-fidelity's weights), or on feature_extractor's."""
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -809,8 +805,7 @@ def write_samples(folder: Path, stem: str, images: np.ndarray) -> Path:
 
 
 def ema_decay_at(step: int, decay: float) -> float:
-    """The decay of EMA update number step: d_t = min(decay, (1 + t) / (10 + t)), the usual warm-up;
-    a function of the step counter alone, so that a resume stays exact."""
+    """d_t = min(decay, (1 + t) / (10 + t)), the usual warm-up: a function of the step alone (exact resume)."""
     return min(decay, (1 + step) / (10 + step))
 
 
@@ -845,8 +840,7 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
 
 def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
              num_images: int):
-    """The run folder (new unless resumed), its TensorBoard writer on rank 0 (None elsewhere),
-    and the lines a run prints at its start."""
+    """Rank 0's run folder (new unless resumed) and TensorBoard writer (None elsewhere); prints the run's start."""
     if not setup.is_main:
         return run_dir, None
     run_dir = run_dir or create_run_dir(args, dataset_id)
@@ -866,8 +860,7 @@ def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: st
 
 
 def wrap_for_training(model: nn.Module, args: Args, setup: "Setup") -> nn.Module:
-    """The model the training step calls: compiled with --compile, in DistributedDataParallel under
-    torchrun. The optimizer, the EMA and the checkpoint hold the plain model."""
+    """The model the step calls: compiled (--compile), in DDP under torchrun; the rest holds the plain model."""
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
     if setup.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
@@ -876,8 +869,7 @@ def wrap_for_training(model: nn.Module, args: Args, setup: "Setup") -> nn.Module
 
 
 def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir: Optional[Path]):
-    """The end of a --log-every interval: mean loss and gradient norm, learning rate, samples/s (and
-    MFU on CUDA) to TensorBoard and the progress bar; a non-finite loss raises TrainingFailure."""
+    """Logs a --log-every interval (TensorBoard, progress bar); a non-finite loss raises TrainingFailure."""
     if not meter.finite():
         progress.close()  # end the progress line, so that the error is a line of its own
         raise non_finite_failure(f"before step {step}", run_dir)
@@ -908,8 +900,7 @@ def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, write
 
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
              **extra):
-    """Rank 0 writes the checkpoint, with the data order's position and extra; a non-finite loss
-    since the last check raises TrainingFailure instead (never NaN weights over a good one)."""
+    """Rank 0 writes the checkpoint; a non-finite loss since the last check raises TrainingFailure instead."""
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
     if setup.is_main:

@@ -243,8 +243,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg"}
 
 
 def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The CIFAR-10 train split as uint8 (50000, 3, 32, 32) and int64 labels, from the binary archive
-    (downloaded unless download is False), md5-checked and extracted atomically."""
+    """CIFAR-10's train split, uint8 (50000, 3, 32, 32) and int64 labels, from the binary archive."""
     root = Path(data_dir)
     folder, archive = root / "cifar-10-batches-bin", root / "cifar-10-binary.tar.gz"
     if root.exists() and not root.is_dir():
@@ -425,8 +424,7 @@ TIMESTEP_FREQUENCY_DIM = 256  # the timestep's sinusoidal features before the ML
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """DiT's frequency embedding: [cos(t w_i), sin(t w_i)], w_i = exp(-ln(10000) i / (dim/2)), i <
-    dim/2."""
+    """DiT's frequency embedding: [cos(t w_i), sin(t w_i)], w_i = exp(-ln(10000) i / (dim/2)), i < dim/2."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = t.float()[:, None] * freqs[None, :]
@@ -749,8 +747,7 @@ JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own da
 
 
 def make_shapes_judge(args: Args, num_samples: int) -> tuple[nn.Sequential, np.ndarray, np.ndarray]:
-    """The judge of the 10 shapes classes at --img-size (trained on 4096 generated images once, cached in
-    {data_dir}/judge/), and 2 * num_samples held-out shapes, uint8 (2N, 3, H, W), with their labels."""
+    """The cached judge of the 10 shapes classes at --img-size, and 2 * num_samples held-out shapes and labels."""
     judge = load_or_train_judge(
         Path(args.data_dir) / "judge", f"shapes_{args.img_size}px_10classes_seed{JUDGE_DATA_SEED}",
         lambda: make_shapes_dataset(4096, args.img_size, seed=JUDGE_DATA_SEED), 10, JUDGE_DATA_SEED)
@@ -785,9 +782,8 @@ def judge_samples(judge, evaluated: Optional[tuple], generate: Callable, args: A
 
 def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
                   num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """uint8 images (B, 3, H, W) from the chosen sampler. DDPM with S < T steps visits DiT's
-    respaced timesteps (respace.py's space_timesteps: the "linspace" spacing), not diffusers'
-    leading ones."""
+    """uint8 images (B, 3, H, W) from the chosen sampler. DDPM with S < T steps visits DiT's respaced timesteps
+    (respace.py's space_timesteps: the "linspace" spacing), not diffusers' leading ones."""
     if sampler == "ddpm":
         x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps, generator=generator, spacing="linspace")
     elif sampler == "ddim":
@@ -799,9 +795,8 @@ def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
 
 def guided_model_fn(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale: float = 1.0,
                     autocast=contextlib.nullcontext()) -> Callable:
-    """model_fn(x_t, t) for the samplers, with the labels (B,) and classifier-free guidance inside:
-    eps = eps_u + s (eps_c - eps_u) (Ho & Salimans' w = s - 1), both halves in one batched forward;
-    labels None (unconditional) or s = 1: one plain forward."""
+    """model_fn(x_t, t) with the labels (B,) and classifier-free guidance inside: eps = eps_u + s (eps_c - eps_u)
+    (Ho & Salimans' w = s - 1), both halves in one forward; labels None or s = 1: one plain forward."""
     null_labels = None if labels is None else torch.full_like(labels, model.num_classes)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -855,8 +850,7 @@ def train_flops_per_sample(args: Args) -> float:
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
-    """torchmetrics' FrechetInceptionDistance on Inception-v3 pool features (2048-d, torch-fidelity's
-    weights, the standard FID), or on a given feature_extractor's (N, d) features."""
+    """torchmetrics' FID on Inception-v3 pool features (torch-fidelity's weights), or on feature_extractor's."""
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -894,22 +888,11 @@ def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], n
 # the run length, sampling a checkpoint, the run's start, the log of each interval, the checkpoint.
 
 
-def sample_grid(images: np.ndarray, columns: Optional[int] = None) -> np.ndarray:
-    """make_grid of at most 256 uint8 (N, 3, H, W) images; with columns (a row per class), every row
-    is kept, cut short to fit."""
-    if columns and len(images) > 256:
-        rows = len(images) // columns
-        images = images.reshape(rows, columns, *images.shape[1:])[:, : max(1, 256 // rows)]
-        columns = images.shape[1]
-        images = images.reshape(-1, *images.shape[2:])
-    return make_grid(images[:256], columns)
-
-
 def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[torch.Tensor] = None,
                   columns: Optional[int] = None) -> Path:
-    """A PNG grid (sample_grid) and an .npz of the uint8 (N, H, W, 3) images (arr_0, the layout FID
-    tools read) and their int64 class labels if any (arr_1, as ADM's). A failed write raises OSError."""
-    write_png(folder / f"{stem}.png", sample_grid(images, columns))
+    """A PNG grid of the first 256 images (a row of columns per class) and an .npz of the uint8 (N, H, W, 3)
+    images (arr_0, the layout FID tools read) and their int64 class labels if any (arr_1, as ADM's)."""
+    write_png(folder / f"{stem}.png", make_grid(images[:256], columns))
     np.savez(folder / f"{stem}.npz", images.transpose(0, 2, 3, 1), *([] if labels is None else [labels.numpy()]))
     return folder / f"{stem}.png"
 
@@ -921,9 +904,8 @@ def class_rows(num_classes: int, per_row: int) -> Optional[torch.Tensor]:
 
 def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torch.Tensor], args: Args,
                      alphas_cumprod: torch.Tensor, autocast, stop: "StopFlag") -> np.ndarray:
-    """num uint8 (N, 3, H, W) samples of the given classes (None: unconditional) from the EMA model
-    with args' sampler and guidance, in batches of --sample-batch-size, from the same noise every
-    time (seed + 10,000). stop.check() runs before every network evaluation."""
+    """num uint8 (N, 3, H, W) samples of the given classes (None: unconditional) with args' sampler and guidance,
+    from the same noise every time (seed + 10,000); stop.check() runs before every network evaluation."""
     device = next(ema_model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
     out, starts = [], range(0, num, args.sample_batch_size)
@@ -947,8 +929,7 @@ def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torc
 
 
 def ema_decay_at(step: int, decay: float) -> float:
-    """The decay of EMA update number step: d_t = min(decay, (1 + t) / (10 + t)), the usual warm-up;
-    a function of the step counter alone, so that a resume stays exact."""
+    """d_t = min(decay, (1 + t) / (10 + t)), the usual warm-up: a function of the step alone (exact resume)."""
     return min(decay, (1 + step) / (10 + step))
 
 
@@ -974,15 +955,13 @@ def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint:
 
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
                            device: torch.device, class_names: list[str]):
-    """--sample-only: --num-samples samples (a grid and an .npz) in the run's samples/: a row of
-    ceil(N / classes) per class, or N of --class-label; with --eval-fid, their FID. A signal
-    abandons the sampling and writes nothing more."""
+    """--sample-only: --num-samples samples in the run's samples/, a row of ceil(N / classes) per class or N of
+    --class-label; with --eval-fid, their FID. A signal abandons the sampling and writes nothing more."""
     label = args.class_label  # an index (check_args checked its range) or a class name
     if label is not None and not label.lstrip("-").isdigit():
         if label not in class_names:
-            names = ", ".join(map(repr, class_names))
             raise UserError(f"--class-label {label!r} is not a class of this model: give an index "
-                            f"(0 to {len(class_names) - 1}) or one of {names}")
+                            f"(0 to {len(class_names) - 1}) or one of {', '.join(map(repr, class_names))}")
         label = class_names.index(label)
     label = None if label is None else int(label)
     labels, columns, what = None, None, ""  # unconditional
@@ -1007,8 +986,7 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
 
 def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
              num_images: int, class_names: list[str]):
-    """The run folder (a new one unless resumed) and its TensorBoard writer on rank 0 (None
-    elsewhere), and the lines a run prints at its start."""
+    """Rank 0's run folder (new unless resumed) and TensorBoard writer (None elsewhere); prints the run's start."""
     if not setup.is_main:
         return run_dir, None
     run_dir = run_dir or create_run_dir(args, dataset_id)
@@ -1029,8 +1007,7 @@ def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: st
 
 
 def wrap_for_training(model: nn.Module, args: Args, setup: "Setup") -> nn.Module:
-    """The model the training step calls: compiled with --compile, in DistributedDataParallel under
-    torchrun. The optimizer, the EMA and the checkpoint hold the plain model."""
+    """The model the step calls: compiled (--compile), in DDP under torchrun; the rest holds the plain model."""
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
     if setup.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
@@ -1039,8 +1016,7 @@ def wrap_for_training(model: nn.Module, args: Args, setup: "Setup") -> nn.Module
 
 
 def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir: Optional[Path]):
-    """The end of a --log-every interval: mean loss and gradient norm, learning rate, samples/s (and
-    MFU on CUDA) to TensorBoard and the progress bar; a non-finite loss raises TrainingFailure."""
+    """Logs a --log-every interval (TensorBoard, progress bar); a non-finite loss raises TrainingFailure."""
     if not meter.finite():
         progress.close()  # end the progress line, so that the error is a line of its own
         raise non_finite_failure(f"before step {step}", run_dir)
@@ -1057,14 +1033,13 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
 
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
                 started: float) -> Optional[tuple[np.ndarray, Optional[torch.Tensor]]]:
-    """EMA samples, a row per class (8 rows unconditional), to TensorBoard (samples/ema) and samples/:
-    --samples-per-class at an evaluation, 2 at --first-sample-at. Returns them and their labels;
-    None if a signal abandoned them."""
+    """EMA samples, a row per class (8 unconditional), to TensorBoard and samples/: --samples-per-class at an
+    evaluation, 2 at --first-sample-at. Returns them and their labels; None if a signal abandoned them."""
     per_row = args.samples_per_class if eval_now else 2
     labels = class_rows(args.num_classes, per_row)
     with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
         samples = generate(per_row * (args.num_classes or 8), labels)
-        writer.add_image("samples/ema", sample_grid(samples, per_row), step, dataformats="HWC")
+        writer.add_image("samples/ema", make_grid(samples, per_row), step, dataformats="HWC")
         path = write_samples(run_dir / "samples", f"step{step:08d}", samples, labels, per_row)
         if not eval_now:
             progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
@@ -1075,8 +1050,7 @@ def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, write
 
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
              **extra):
-    """Rank 0 writes the checkpoint, with the data order's position and extra; a non-finite loss
-    since the last check raises TrainingFailure instead (never NaN weights over a good one)."""
+    """Rank 0 writes the checkpoint; a non-finite loss since the last check raises TrainingFailure instead."""
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
     if setup.is_main:

@@ -2009,8 +2009,7 @@ def evaluate_or_first_samples(sampler: EvalSampler, writer, step: int, run_dir: 
 
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
              **extra):
-    """Rank 0 writes the checkpoint, with the data order's position and extra; a non-finite loss
-    since the last check raises TrainingFailure instead (never NaN weights over a good one)."""
+    """Rank 0 writes the checkpoint; a non-finite loss since the last check raises TrainingFailure instead."""
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
     if setup.is_main:
