@@ -204,7 +204,6 @@ def check_args(args: Args, world_size: int):
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg"}
 
 
 def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -266,7 +265,7 @@ def load_image_folder(data_dir: str, img_size: int) -> tuple[np.ndarray, np.ndar
                         f"out of --data-dir")
 
     paths = sorted(Path(folder) / name for folder, _, names in os.walk(root, onerror=unreadable) for name in names
-                   if Path(name).suffix.lower() in IMAGE_EXTENSIONS)
+                   if Path(name).suffix.lower() in {".png", ".jpg", ".jpeg"})
     if not paths:
         raise UserError(f"no PNG/JPG images under {data_dir} (--dataset folder reads images from its subfolders)")
     images = []
@@ -690,9 +689,8 @@ def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
                   num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """uint8 images (B, 3, H, W) from the sampler, x0 clipped to [-1, 1] at every step (as Ho et
     al.'s code): without it DDIM and DPM-Solver++ diverge on a briefly trained model."""
-    T = len(alphas_cumprod)
     if sampler == "ddpm":
-        x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps if num_steps < T else None, generator=generator)
+        x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps, generator=generator)
     elif sampler == "ddim":
         x = ddim_sample(model_fn, x_T, alphas_cumprod, num_steps, eta=eta, clip_denoised=True, generator=generator)
     else:
@@ -846,11 +844,11 @@ def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: st
     run_dir = run_dir or create_run_dir(args, dataset_id)
     writer = open_writer(args, run_dir, step)
     num_params = sum(p.numel() for p in model.parameters())
-    if step == 0:
-        writer.add_scalar("charts/num_parameters", num_params, 0)
     print(f"run folder: {run_dir}")
     if step > 0:
         print(f"resuming at step {step} of {args.total_steps}")
+    else:
+        writer.add_scalar("charts/num_parameters", num_params, 0)
     print(f"model: {num_params:,} parameters; data: {num_images:,} images of {args.img_size}x{args.img_size}; "
           f"device: {setup.device}{f' x {setup.world_size}' if setup.world_size > 1 else ''}")
     if num_images < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so

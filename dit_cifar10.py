@@ -239,9 +239,6 @@ def check_args(args: Args, world_size: int):
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg"}
-
-
 def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """CIFAR-10's train split, uint8 (50000, 3, 32, 32) and int64 labels, from the binary archive."""
     root = Path(data_dir)
@@ -301,7 +298,7 @@ def load_image_folder(data_dir: str, img_size: int) -> tuple[np.ndarray, np.ndar
                         f"out of --data-dir")
 
     paths = sorted(Path(folder) / name for folder, _, names in os.walk(root, onerror=unreadable) for name in names
-                   if Path(name).suffix.lower() in IMAGE_EXTENSIONS)
+                   if Path(name).suffix.lower() in {".png", ".jpg", ".jpeg"})
     if not paths:
         raise UserError(f"no PNG/JPG images under {data_dir} (--dataset folder reads images from its subfolders)")
     images = []
@@ -992,11 +989,11 @@ def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: st
     run_dir = run_dir or create_run_dir(args, dataset_id)
     writer = open_writer(args, run_dir, step)
     num_params = sum(p.numel() for p in model.parameters())  # trainable only: the position embedding is a buffer
-    if step == 0:
-        writer.add_scalar("charts/num_parameters", num_params, 0)
     print(f"run folder: {run_dir}")
     if step > 0:
         print(f"resuming at step {step} of {args.total_steps}")
+    else:
+        writer.add_scalar("charts/num_parameters", num_params, 0)
     classes = f"{args.num_classes} classes" if args.num_classes > 0 else "unconditional"
     print(f"model: DiT with adaLN-{args.adaln}, {num_params:,} parameters; data: {num_images:,} images of "
           f"{args.img_size}x{args.img_size}, {classes}; device: {setup.device}"
