@@ -240,12 +240,12 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """CIFAR-10's train split, uint8 (50000, 3, 32, 32) and int64 labels, from the binary archive."""
+    """CIFAR-10's train split, uint8 (50000, 3, 32, 32), int64 labels, from the binary version."""
     root = Path(data_dir)
     folder, archive = root / "cifar-10-batches-bin", root / "cifar-10-binary.tar.gz"
     if root.exists() and not root.is_dir():
         raise UserError(f"--data-dir {data_dir} is a file: give the folder that holds (or will hold) CIFAR-10")
-    if not folder.is_dir() and not archive.exists():  # a damaged folder is refused below, never replaced
+    if not folder.is_dir() and not archive.exists():  # a damaged folder: refused below, never replaced
         put = f"put cifar-10-binary.tar.gz ({CIFAR10_URL}) in {root}/ and run again"
         if not download:
             raise UserError(f"CIFAR-10 not found: {put}")
@@ -262,7 +262,7 @@ def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.n
     if not folder.is_dir():
         if hashlib.md5(archive.read_bytes()).hexdigest() != CIFAR10_MD5:
             raise UserError(f"{archive} is corrupt (md5 is not {CIFAR10_MD5}): delete it and download it again")
-        extracting = root / ".cifar-10-extracting"  # then renamed: a killed extraction leaves no partial folder
+        extracting = root / ".cifar-10-extracting"  # then renamed: a killed extraction leaves nothing
         shutil.rmtree(extracting, ignore_errors=True)
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(extracting, filter="data")
@@ -284,8 +284,8 @@ def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.n
 
 
 def load_image_folder(data_dir: str, img_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Every PNG/JPG under data_dir, EXIF-rotated, center-cropped and resized, as uint8 (N, 3, S, S); its
-    label is the index of the subfolder of data_dir it is in (at any depth), -1 directly in data_dir."""
+    """Every PNG/JPG under data_dir, EXIF-rotated, center-cropped and resized: uint8 (N, 3, S, S);
+    its label is its subfolder's index (at any depth), -1 directly in data_dir."""
     import cv2
     from PIL import Image, ImageOps
 
@@ -318,7 +318,7 @@ def load_image_folder(data_dir: str, img_size: int) -> tuple[np.ndarray, np.ndar
             raise UserError(f"{path}: {what if data else 'empty file'} ({e.__class__.__name__}); replace it with "
                             f"a valid PNG/JPG or remove it") from None
         h, w, _ = rgb.shape
-        side = min(h, w)  # center crop to a square, then resize (INTER_AREA: no aliasing when shrinking)
+        side = min(h, w)  # center crop, then resize (INTER_AREA: no aliasing when shrinking)
         square = rgb[(h - side) // 2: (h + side) // 2, (w - side) // 2: (w + side) // 2]
         images.append(cv2.resize(square, (img_size, img_size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1))
     parts = [p.relative_to(root).parts for p in paths]
@@ -375,7 +375,7 @@ def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
 
 
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
-    """The step-th global batch of an endless stream of per-epoch permutations (batches cross epochs)."""
+    """The step-th global batch of an endless stream of per-epoch permutations (crossing epochs)."""
     # The data order is a pure function of (seed, epoch), so the position in it is just the step counter: an exact
     # resume needs no saved sampler state, and every torchrun rank agrees on the global batch.
     start = step * batch_size
@@ -421,7 +421,7 @@ TIMESTEP_FREQUENCY_DIM = 256  # the timestep's sinusoidal features before the ML
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """DiT's frequency embedding: [cos(t w_i), sin(t w_i)], w_i = exp(-ln(10000) i / (dim/2)), i < dim/2."""
+    """DiT's frequency embedding: [cos(t w_i), sin(t w_i)], w_i = exp(-ln(10000) i / (dim / 2))."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = t.float()[:, None] * freqs[None, :]
@@ -605,8 +605,8 @@ def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int
 def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: Optional[int] = None,
                 variance: str = "fixed_large", clip_denoised: bool = True,
                 generator: Optional[torch.Generator] = None, spacing: str = "uniform") -> torch.Tensor:
-    """Ancestral sampling (Ho et al. eq. 6-7) at ddim_timesteps(T, num_steps or T, spacing): DDIM with eta = 1,
-    noise of variance beta~_t ("fixed_small") or beta_t = 1 - abar_t / abar_prev ("fixed_large", the paper's)."""
+    """Ancestral sampling (Ho et al. eq. 6-7): DDIM with eta = 1, its noise of variance beta~_t
+    ("fixed_small") or beta_t = 1 - abar_t / abar_prev ("fixed_large", the paper's)."""
     return ddim_sample(model_fn, x_T, alphas_cumprod, num_steps or len(alphas_cumprod), 1.0, spacing, clip_denoised,
                        generator, fixed_large=variance == "fixed_large")
 
@@ -615,8 +615,8 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int,
                 eta: float = 0.0, spacing: str = "uniform", clip_denoised: bool = False,
                 generator: Optional[torch.Generator] = None, fixed_large: bool = False) -> torch.Tensor:
-    """DDIM (Song et al. eq. 12) from x_T to x_0 at ddim_timesteps(T, num_steps, spacing), the last step to
-    abar = 1. fixed_large: the noise added has variance beta_t instead of sigma_t^2 (ddpm_sample)."""
+    """DDIM (Song et al. eq. 12) at ddim_timesteps(T, num_steps, spacing), the last step to abar 1.
+    fixed_large: the noise added has variance beta_t, not sigma_t^2 (ddpm_sample)."""
     abar = alphas_cumprod.tolist() + [1.0]  # abar at "t = -1" is 1: the clean image
     x, timesteps = x_T, ddim_timesteps(len(alphas_cumprod), num_steps, spacing)
     for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
@@ -639,8 +639,8 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 @torch.no_grad()
 def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
                       num_steps: int, clip_denoised: bool = False) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022) from x_T to x_0 with diffusers' defaults (timesteps round(linspace(0,
-    T-1, S+1)), first order at both ends). clip_denoised: the paper's thresholding of x0 to [-1, 1]."""
+    """DPM-Solver++(2M) (Lu et al. 2022) with diffusers' defaults (first order at both ends).
+    clip_denoised: the paper's thresholding of x0 to [-1, 1]."""
     T, abar = len(alphas_cumprod), alphas_cumprod.tolist()
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
@@ -672,10 +672,11 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
 # block and every line ending in "# optional: judge" (tests/test_optional_blocks.py does):
 #   sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' dit_cifar10.py > x.py
 
+
 def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
-                        num_classes: int, seed: int, steps: int = 200, batch_size: int = 64) -> nn.Sequential:
-    """A small CNN classifying images in [-1, 1] into num_classes + 1 classes, the last "none" (noise); judge[:-1]
-    gives the features the Frechet distance compares. Cached in cache_dir, else trained on make_data()."""
+                        num_classes: int, seed: int, steps: int = 200) -> nn.Sequential:
+    """A CNN classifying images in [-1, 1] into num_classes + 1 classes, the last "none" (noise);
+    judge[:-1] gives the features Frechet compares. Cached, else trained on make_data()."""
     path = Path(cache_dir) / f"{key}_v2.pt"  # v2: the network's version (a changed one never loads an old cache)
     with torch.random.fork_rng(devices=[]):  # a pure function of the seed: no draw from the run's RNG
         torch.manual_seed(seed)
@@ -687,14 +688,14 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
         try:
             judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return judge.eval().requires_grad_(False)
-        except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, the fix is to retrain it
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, retrain
             print(f"judge cache {path} does not load ({e.__class__.__name__}): training the judge again")
     images, labels = make_data()
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(judge.parameters(), lr=3e-3)
-    n = batch_size // 4  # a quarter of each batch turned to "none": x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1)
+    n = 16  # of each batch of 64, turned to "none": x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1)
     for _ in range(steps):
-        index = torch.randint(0, len(images), (batch_size,), generator=generator).numpy()
+        index = torch.randint(0, len(images), (64,), generator=generator).numpy()
         x, y = torch.from_numpy(images[index]).float() / 127.5 - 1.0, torch.from_numpy(labels[index]).long()
         a = torch.rand(n, 1, 1, 1, generator=generator) * 0.6 + 0.4
         x[:n] = ((1 - a) * x[:n] + a * torch.randn(x[:n].shape, generator=generator)).clamp(-1, 1)
@@ -703,16 +704,13 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(judge.state_dict(), tmp)
-    os.replace(tmp, path)
+    save_checkpoint(path, judge.state_dict())  # atomic
     return judge.eval().requires_grad_(False)
 
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """FID's d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature sets
-    (N, d), in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as torchmetrics."""
+    """FID's d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two
+    feature sets (N, d), in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as torchmetrics."""
     a, b = feats_a.double(), feats_b.double()
     cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
     trace_sqrt = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()
@@ -721,19 +719,19 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def judge_scores(judge: nn.Sequential, samples: np.ndarray, asked_labels: Optional[np.ndarray],
-                 real_heldout: np.ndarray, real_labels: Optional[np.ndarray] = None, threshold: float = 0.9) -> dict:
-    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share with P(not "none")
-    >= threshold), class_accuracy (share whose likeliest class is asked_labels'), frechet (judge features, samples
-    vs real[:N]); *_real: real[:N] (vs real[N:2N]), the ceiling."""
+                 real_heldout: np.ndarray, real_labels: Optional[np.ndarray] = None) -> dict:
+    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share with
+    P(not "none") >= 0.9), class_accuracy (share of likeliest class asked_labels'), frechet (judge
+    features, vs real[:N]); *_real: real[:N] (vs real[N:2N]), the ceiling."""
     n = len(samples)
     if len(real_heldout) < 2 * n:
         raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
-    feats_s, feats_a, feats_b = (judge[:-1](torch.from_numpy(np.ascontiguousarray(x)).float() / 127.5 - 1.0)
-                                 for x in (samples, real_heldout[:n], real_heldout[n: 2 * n]))  # uint8 -> [-1, 1]
+    feats_s, feats_a, feats_b = (judge[:-1](torch.from_numpy(x).float() / 127.5 - 1.0)  # uint8 -> [-1, 1]
+                                 for x in (samples, real_heldout[:n], real_heldout[n: 2 * n]))
     scores = {}
     for suffix, feats, labels in (("", feats_s, asked_labels), ("_real", feats_a, real_labels)):
         probs = judge[-1](feats).softmax(1)  # the last class: "none"
-        scores[f"recognised{suffix}"] = float((1 - probs[:, -1] >= threshold).float().mean())
+        scores[f"recognised{suffix}"] = float((1 - probs[:, -1] >= 0.9).float().mean())
         if labels is not None:
             hits = probs[:, :-1].argmax(1).numpy() == np.asarray(labels[:n])
             scores[f"class_accuracy{suffix}"] = float(hits.mean())
@@ -744,7 +742,7 @@ JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own da
 
 
 def make_shapes_judge(args: Args, num_samples: int) -> tuple[nn.Sequential, np.ndarray, np.ndarray]:
-    """The cached judge of the 10 shapes classes at --img-size, and 2 * num_samples held-out shapes and labels."""
+    """The judge of the 10 shapes classes at --img-size; 2 * num_samples held-out shapes, labels."""
     judge = load_or_train_judge(
         Path(args.data_dir) / "judge", f"shapes_{args.img_size}px_10classes_seed{JUDGE_DATA_SEED}",
         lambda: make_shapes_dataset(4096, args.img_size, seed=JUDGE_DATA_SEED), 10, JUDGE_DATA_SEED)
@@ -753,8 +751,8 @@ def make_shapes_judge(args: Args, num_samples: int) -> tuple[nn.Sequential, np.n
 
 def judge_samples(judge, evaluated: Optional[tuple], generate: Callable, args: Args, step: int, eval_now: bool,
                   writer):
-    """eval/judge_* of an evaluation's shapes samples and labels (log_samples'), also without guidance (_cfg1),
-    printed; returns the judge (made at the first evaluation: the judge, held-out images, their labels)."""
+    """eval/judge_* of an evaluation's shapes samples and labels (log_samples'), also without
+    guidance (_cfg1); returns the judge (made at the first evaluation)."""
     from tqdm import tqdm  # a line of its own, not on the progress bar's
 
     if not (eval_now and evaluated is not None and args.dataset == "shapes"):
@@ -779,8 +777,8 @@ def judge_samples(judge, evaluated: Optional[tuple], generate: Callable, args: A
 
 def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
                   num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """uint8 images (B, 3, H, W) from the chosen sampler. DDPM with S < T steps visits DiT's respaced timesteps
-    (respace.py's space_timesteps: the "linspace" spacing), not diffusers' leading ones."""
+    """uint8 images (B, 3, H, W) from the chosen sampler. DDPM with S < T steps visits DiT's
+    respaced timesteps (space_timesteps: the "linspace" spacing), not diffusers' leading ones."""
     if sampler == "ddpm":
         x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps, generator=generator, spacing="linspace")
     elif sampler == "ddim":
@@ -792,14 +790,13 @@ def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
 
 def guided_model_fn(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale: float = 1.0,
                     autocast=contextlib.nullcontext()) -> Callable:
-    """model_fn(x_t, t) with the labels (B,) and classifier-free guidance inside: eps = eps_u + s (eps_c - eps_u)
-    (Ho & Salimans' w = s - 1), both halves in one forward; labels None or s = 1: one plain forward."""
-    null_labels = None if labels is None else torch.full_like(labels, model.num_classes)
-
+    """model_fn(x_t, t), labels (B,) and classifier-free guidance inside: eps = eps_u + s (eps_c -
+    eps_u) (Ho & Salimans' w = s - 1) in one forward; labels None or s = 1: a plain forward."""
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with autocast:
             if labels is None or cfg_scale == 1.0:
                 return model(x, t, labels).float()
+            null_labels = torch.full_like(labels, model.num_classes)
             eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels])).float()
         eps_cond, eps_uncond = eps.chunk(2)
         return eps_uncond + cfg_scale * (eps_cond - eps_uncond)
@@ -847,7 +844,7 @@ def train_flops_per_sample(args: Args) -> float:
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
-    """torchmetrics' FID on Inception-v3 pool features (torch-fidelity's weights), or on feature_extractor's."""
+    """torchmetrics' FID on Inception-v3 features (torch-fidelity's), or on feature_extractor's."""
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -861,8 +858,8 @@ def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
 
 def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], np.ndarray], real_images: np.ndarray,
                  args: Args, device: torch.device, writer=None, step: int = 0) -> float:
-    """FID of --fid-num-samples samples, every class equally often, vs the training images (the paper's protocol),
-    printed and logged as eval/fid."""
+    """FID of --fid-num-samples samples, every class equally often, vs the training images (the
+    paper's protocol), printed and logged as eval/fid."""
     num, classes = args.fid_num_samples, args.num_classes
     samples = generate(num, torch.arange(num) % classes if classes > 0 else None)
     fid_metric = fid_metric.to(device)
@@ -887,22 +884,17 @@ def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], n
 
 def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[torch.Tensor] = None,
                   columns: Optional[int] = None) -> Path:
-    """A PNG grid of the first 256 images (a row of columns per class) and an .npz of the uint8 (N, H, W, 3)
-    images (arr_0, the layout FID tools read) and their int64 class labels if any (arr_1, as ADM's)."""
+    """A PNG grid of the first 256 images (a row of columns per class), an .npz of the uint8 images
+    (arr_0: (N, H, W, 3)) and int64 labels if any (arr_1, as ADM's)."""
     write_png(folder / f"{stem}.png", make_grid(images[:256], columns))
     np.savez(folder / f"{stem}.npz", images.transpose(0, 2, 3, 1), *([] if labels is None else [labels.numpy()]))
     return folder / f"{stem}.png"
 
 
-def class_rows(num_classes: int, per_row: int) -> Optional[torch.Tensor]:
-    """Labels of a grid with a row of per_row images per class: 0, 0, ..., 1, 1, ... (None: unconditional)."""
-    return torch.arange(num_classes).repeat_interleave(per_row) if num_classes > 0 else None
-
-
 def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torch.Tensor], args: Args,
                      alphas_cumprod: torch.Tensor, autocast, stop: "StopFlag") -> np.ndarray:
-    """num uint8 (N, 3, H, W) samples of the given classes (None: unconditional) with args' sampler and guidance,
-    from the same noise every time (seed + 10,000); stop.check() runs before every network evaluation."""
+    """num uint8 (N, 3, H, W) samples of the given classes (None: unconditional), from the same
+    noise each time (seed + 10,000); stop.check() runs before every network evaluation."""
     device = next(ema_model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
     out, starts = [], range(0, num, args.sample_batch_size)
@@ -926,7 +918,7 @@ def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torc
 
 
 def ema_decay_at(step: int, decay: float) -> float:
-    """d_t = min(decay, (1 + t) / (10 + t)), the usual warm-up: a function of the step alone (exact resume)."""
+    """d_t = min(decay, (1 + t) / (10 + t)): a function of the step alone (exact resume)."""
     return min(decay, (1 + step) / (10 + step))
 
 
@@ -952,8 +944,8 @@ def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint:
 
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
                            device: torch.device, class_names: list[str]):
-    """--sample-only: --num-samples samples in the run's samples/, a row of ceil(N / classes) per class or N of
-    --class-label; with --eval-fid, their FID. A signal abandons the sampling and writes nothing more."""
+    """--sample-only: --num-samples samples in samples/, a row of ceil(N / classes) per class or N
+    of --class-label; with --eval-fid, their FID. A signal abandons them, writes nothing more."""
     label = args.class_label  # an index (check_args checked its range) or a class name
     if label is not None and not label.lstrip("-").isdigit():
         if label not in class_names:
@@ -966,7 +958,8 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
         labels, what = torch.full((args.num_samples,), label), f" of class {label} ({class_names[label]})"
     elif args.num_classes > 0:
         columns = math.ceil(args.num_samples / args.num_classes)
-        labels, what = class_rows(args.num_classes, columns), f", {columns} of each of the {args.num_classes} classes"
+        labels = torch.arange(args.num_classes).repeat_interleave(columns)  # a row per class
+        what = f", {columns} of each of the {args.num_classes} classes"
         if len(labels) != args.num_samples:
             what += f" (--num-samples {args.num_samples} rounded up to fill the rows)"
     which = ("" if label is None else f"_class{label}") + (f"_cfg{args.cfg_scale:g}" if args.num_classes else "")
@@ -983,7 +976,7 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
 
 def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
              num_images: int, class_names: list[str]):
-    """Rank 0's run folder (new unless resumed) and TensorBoard writer (None elsewhere); prints the run's start."""
+    """Rank 0's run folder (new unless resumed) and writer (else None); prints the run's start."""
     if not setup.is_main:
         return run_dir, None
     run_dir = run_dir or create_run_dir(args, dataset_id)
@@ -1004,7 +997,7 @@ def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: st
 
 
 def wrap_for_training(model: nn.Module, args: Args, setup: "Setup") -> nn.Module:
-    """The model the step calls: compiled (--compile), in DDP under torchrun; the rest holds the plain model."""
+    """The model the step calls: compiled (--compile), in DDP (torchrun); the rest use the plain."""
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
     if setup.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
@@ -1013,7 +1006,7 @@ def wrap_for_training(model: nn.Module, args: Args, setup: "Setup") -> nn.Module
 
 
 def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir: Optional[Path]):
-    """Logs a --log-every interval (TensorBoard, progress bar); a non-finite loss raises TrainingFailure."""
+    """Logs a --log-every interval; a non-finite loss raises TrainingFailure."""
     if not meter.finite():
         progress.close()  # end the progress line, so that the error is a line of its own
         raise non_finite_failure(f"before step {step}", run_dir)
@@ -1030,10 +1023,10 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
 
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
                 started: float) -> Optional[tuple[np.ndarray, Optional[torch.Tensor]]]:
-    """EMA samples, a row per class (8 unconditional), to TensorBoard and samples/: --samples-per-class at an
-    evaluation, 2 at --first-sample-at. Returns them and their labels; None if a signal abandoned them."""
+    """EMA samples, a row per class (8 unconditional), to TensorBoard and samples/: --samples-per-class
+    at an evaluation, 2 at --first-sample-at. Returns them and labels, None if a signal stopped them."""
     per_row = args.samples_per_class if eval_now else 2
-    labels = class_rows(args.num_classes, per_row)
+    labels = torch.arange(args.num_classes).repeat_interleave(per_row) if args.num_classes > 0 else None
     with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
         samples = generate(per_row * (args.num_classes or 8), labels)
         writer.add_image("samples/ema", make_grid(samples, per_row), step, dataformats="HWC")
@@ -1042,12 +1035,11 @@ def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, write
             progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
                            f"start: {path}")
         return samples, labels
-    return None
 
 
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
              **extra):
-    """Rank 0 writes the checkpoint; a non-finite loss since the last check raises TrainingFailure instead."""
+    """Rank 0 writes the checkpoint; a non-finite loss since the last check is a TrainingFailure."""
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
     if setup.is_main:

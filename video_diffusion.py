@@ -707,7 +707,7 @@ def eval_subset(data: VideoData, args: "Args") -> VideoData:
 
 
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
-    """The step-th global batch of an endless stream of per-epoch permutations (batches cross epochs)."""
+    """The step-th global batch of an endless stream of per-epoch permutations (crossing epochs)."""
     # The data order is a pure function of (seed, epoch), so the position in it is just the step counter: an exact
     # resume needs no saved sampler state, and every torchrun rank agrees on the global batch.
     start = step * batch_size
@@ -1114,8 +1114,8 @@ def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int
 def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: Optional[int] = None,
                 variance: str = "fixed_large", clip_denoised: bool = True,
                 generator: Optional[torch.Generator] = None, spacing: str = "uniform") -> torch.Tensor:
-    """Ancestral sampling (Ho et al. eq. 6-7) at ddim_timesteps(T, num_steps or T, spacing): DDIM with eta = 1,
-    noise of variance beta~_t ("fixed_small") or beta_t = 1 - abar_t / abar_prev ("fixed_large", the paper's)."""
+    """Ancestral sampling (Ho et al. eq. 6-7): DDIM with eta = 1, its noise of variance beta~_t
+    ("fixed_small") or beta_t = 1 - abar_t / abar_prev ("fixed_large", the paper's)."""
     return ddim_sample(model_fn, x_T, alphas_cumprod, num_steps or len(alphas_cumprod), 1.0, spacing, clip_denoised,
                        generator, fixed_large=variance == "fixed_large")
 
@@ -1124,8 +1124,8 @@ def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: int,
                 eta: float = 0.0, spacing: str = "uniform", clip_denoised: bool = False,
                 generator: Optional[torch.Generator] = None, fixed_large: bool = False) -> torch.Tensor:
-    """DDIM (Song et al. eq. 12) from x_T to x_0 at ddim_timesteps(T, num_steps, spacing), the last step to
-    abar = 1. fixed_large: the noise added has variance beta_t instead of sigma_t^2 (ddpm_sample)."""
+    """DDIM (Song et al. eq. 12) at ddim_timesteps(T, num_steps, spacing), the last step to abar 1.
+    fixed_large: the noise added has variance beta_t, not sigma_t^2 (ddpm_sample)."""
     abar = alphas_cumprod.tolist() + [1.0]  # abar at "t = -1" is 1: the clean image
     x, timesteps = x_T, ddim_timesteps(len(alphas_cumprod), num_steps, spacing)
     for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
@@ -1148,8 +1148,8 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 @torch.no_grad()
 def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
                       num_steps: int, clip_denoised: bool = False) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022) from x_T to x_0 with diffusers' defaults (timesteps round(linspace(0,
-    T-1, S+1)), first order at both ends). clip_denoised: the paper's thresholding of x0 to [-1, 1]."""
+    """DPM-Solver++(2M) (Lu et al. 2022) with diffusers' defaults (first order at both ends).
+    clip_denoised: the paper's thresholding of x0 to [-1, 1]."""
     T, abar = len(alphas_cumprod), alphas_cumprod.tolist()
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
@@ -1467,9 +1467,9 @@ class EvalSampler(DeviceClips):
 # (eval/judge_*). Not FID: its values mean nothing across datasets.
 
 def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
-                        num_classes: int, seed: int, steps: int = 200, batch_size: int = 64) -> nn.Sequential:
-    """A small CNN classifying images in [-1, 1] into num_classes + 1 classes, the last "none" (noise); judge[:-1]
-    gives the features the Frechet distance compares. Cached in cache_dir, else trained on make_data()."""
+                        num_classes: int, seed: int, steps: int = 200) -> nn.Sequential:
+    """A CNN classifying images in [-1, 1] into num_classes + 1 classes, the last "none" (noise);
+    judge[:-1] gives the features Frechet compares. Cached, else trained on make_data()."""
     path = Path(cache_dir) / f"{key}_v2.pt"  # v2: the network's version (a changed one never loads an old cache)
     with torch.random.fork_rng(devices=[]):  # a pure function of the seed: no draw from the run's RNG
         torch.manual_seed(seed)
@@ -1481,14 +1481,14 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
         try:
             judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return judge.eval().requires_grad_(False)
-        except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, the fix is to retrain it
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, retrain
             print(f"judge cache {path} does not load ({e.__class__.__name__}): training the judge again")
     images, labels = make_data()
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(judge.parameters(), lr=3e-3)
-    n = batch_size // 4  # a quarter of each batch turned to "none": x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1)
+    n = 16  # of each batch of 64, turned to "none": x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1)
     for _ in range(steps):
-        index = torch.randint(0, len(images), (batch_size,), generator=generator).numpy()
+        index = torch.randint(0, len(images), (64,), generator=generator).numpy()
         x, y = torch.from_numpy(images[index]).float() / 127.5 - 1.0, torch.from_numpy(labels[index]).long()
         a = torch.rand(n, 1, 1, 1, generator=generator) * 0.6 + 0.4
         x[:n] = ((1 - a) * x[:n] + a * torch.randn(x[:n].shape, generator=generator)).clamp(-1, 1)
@@ -1497,16 +1497,13 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(judge.state_dict(), tmp)
-    os.replace(tmp, path)
+    save_checkpoint(path, judge.state_dict())  # atomic
     return judge.eval().requires_grad_(False)
 
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """FID's d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two feature sets
-    (N, d), in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as torchmetrics."""
+    """FID's d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two
+    feature sets (N, d), in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as torchmetrics."""
     a, b = feats_a.double(), feats_b.double()
     cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
     trace_sqrt = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()
@@ -1515,19 +1512,19 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def judge_scores(judge: nn.Sequential, samples: np.ndarray, asked_labels: Optional[np.ndarray],
-                 real_heldout: np.ndarray, real_labels: Optional[np.ndarray] = None, threshold: float = 0.9) -> dict:
-    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share with P(not "none")
-    >= threshold), class_accuracy (share whose likeliest class is asked_labels'), frechet (judge features, samples
-    vs real[:N]); *_real: real[:N] (vs real[N:2N]), the ceiling."""
+                 real_heldout: np.ndarray, real_labels: Optional[np.ndarray] = None) -> dict:
+    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share with
+    P(not "none") >= 0.9), class_accuracy (share of likeliest class asked_labels'), frechet (judge
+    features, vs real[:N]); *_real: real[:N] (vs real[N:2N]), the ceiling."""
     n = len(samples)
     if len(real_heldout) < 2 * n:
         raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
-    feats_s, feats_a, feats_b = (judge[:-1](torch.from_numpy(np.ascontiguousarray(x)).float() / 127.5 - 1.0)
-                                 for x in (samples, real_heldout[:n], real_heldout[n: 2 * n]))  # uint8 -> [-1, 1]
+    feats_s, feats_a, feats_b = (judge[:-1](torch.from_numpy(x).float() / 127.5 - 1.0)  # uint8 -> [-1, 1]
+                                 for x in (samples, real_heldout[:n], real_heldout[n: 2 * n]))
     scores = {}
     for suffix, feats, labels in (("", feats_s, asked_labels), ("_real", feats_a, real_labels)):
         probs = judge[-1](feats).softmax(1)  # the last class: "none"
-        scores[f"recognised{suffix}"] = float((1 - probs[:, -1] >= threshold).float().mean())
+        scores[f"recognised{suffix}"] = float((1 - probs[:, -1] >= 0.9).float().mean())
         if labels is not None:
             hits = probs[:, :-1].argmax(1).numpy() == np.asarray(labels[:n])
             scores[f"class_accuracy{suffix}"] = float(hits.mean())
@@ -2009,7 +2006,7 @@ def evaluate_or_first_samples(sampler: EvalSampler, writer, step: int, run_dir: 
 
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
              **extra):
-    """Rank 0 writes the checkpoint; a non-finite loss since the last check raises TrainingFailure instead."""
+    """Rank 0 writes the checkpoint; a non-finite loss since the last check is a TrainingFailure."""
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
     if setup.is_main:
