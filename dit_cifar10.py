@@ -674,11 +674,11 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
 
 
 def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
-                        num_classes: int, seed: int, steps: int = 200) -> nn.Sequential:
+                        num_classes: int, seed: int) -> nn.Sequential:
     """A CNN classifying images in [-1, 1] into num_classes + 1 classes, the last "none" (noise);
     judge[:-1] gives the features Frechet compares. Cached, else trained on make_data()."""
-    path = Path(cache_dir) / f"{key}_v2.pt"  # v2: the network's version (a changed one never loads an old cache)
-    with torch.random.fork_rng(devices=[]):  # a pure function of the seed: no draw from the run's RNG
+    path = Path(cache_dir) / f"{key}_v2.pt"  # v2: a changed network never loads an old cache
+    with torch.random.fork_rng(devices=[]):  # a pure function of seed: no draw from the run's RNG
         torch.manual_seed(seed)
         judge = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                               nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -694,7 +694,7 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(judge.parameters(), lr=3e-3)
     n = 16  # of each batch of 64, turned to "none": x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1)
-    for _ in range(steps):
+    for _ in range(200):
         index = torch.randint(0, len(images), (64,), generator=generator).numpy()
         x, y = torch.from_numpy(images[index]).float() / 127.5 - 1.0, torch.from_numpy(labels[index]).long()
         a = torch.rand(n, 1, 1, 1, generator=generator) * 0.6 + 0.4

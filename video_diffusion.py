@@ -1095,9 +1095,6 @@ def build_model(args: "Args", vocab_size: int, num_actions: int) -> VideoDiffusi
 # Coefficients are computed in float64 and cast to x's dtype.
 
 
-# ==== BEGIN SHARED SAMPLERS: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
-
-
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
     """The S = num_steps timesteps (descending) visited before the last step to the clean image;
     ValueError unless 1 <= S <= T. S = 1: [T-1]. "uniform": floor(i T / S), diffusers' "leading"
@@ -1173,9 +1170,6 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
             x = (sigma_t * alpha_t / (sigma_s * alpha_s)) * x - alpha_t * math.expm1(-h) * d  # x_t
         previous_x0 = x0
     return x
-
-
-# ==== END SHARED SAMPLERS ====
 
 
 def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Tensor] = None,
@@ -1456,22 +1450,19 @@ class EvalSampler(DeviceClips):
 
 
 # ==== BEGIN OPTIONAL: judge ====
-# The judge is optional: delete this block (this BEGIN line to its END line) and every line that
-# ends in "# optional: judge", and the script runs as before without eval/judge_*
-# (tests/test_optional_blocks.py checks it):
-# sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' video_diffusion.py > x.py
+# An offline sample-quality score on the generated sprites (FID needs Inception weights, and its values
+# mean nothing across datasets): a small CNN, trained once on real frames and cached, judges the samples
+# (eval/judge_*). Optional: delete this block and every line ending in "# optional: judge" (the script
+# runs as before without eval/judge_*; tests/test_optional_blocks.py checks it):
+#   sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' video_diffusion.py > x.py
 
-# ==== BEGIN SHARED JUDGE: each the same text in every script that carries it (tests/test_shared_blocks.py) ====
-# An offline sample-quality score for the generated datasets (FID needs Inception weights): a small
-# CNN classifier, trained once on real generated images and cached, judges the samples
-# (eval/judge_*). Not FID: its values mean nothing across datasets.
 
 def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
-                        num_classes: int, seed: int, steps: int = 200) -> nn.Sequential:
+                        num_classes: int, seed: int) -> nn.Sequential:
     """A CNN classifying images in [-1, 1] into num_classes + 1 classes, the last "none" (noise);
     judge[:-1] gives the features Frechet compares. Cached, else trained on make_data()."""
-    path = Path(cache_dir) / f"{key}_v2.pt"  # v2: the network's version (a changed one never loads an old cache)
-    with torch.random.fork_rng(devices=[]):  # a pure function of the seed: no draw from the run's RNG
+    path = Path(cache_dir) / f"{key}_v2.pt"  # v2: a changed network never loads an old cache
+    with torch.random.fork_rng(devices=[]):  # a pure function of seed: no draw from the run's RNG
         torch.manual_seed(seed)
         judge = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                               nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -1487,7 +1478,7 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(judge.parameters(), lr=3e-3)
     n = 16  # of each batch of 64, turned to "none": x = (1 - a) x + a n, n ~ N(0, 1), a ~ U(0.4, 1)
-    for _ in range(steps):
+    for _ in range(200):
         index = torch.randint(0, len(images), (64,), generator=generator).numpy()
         x, y = torch.from_numpy(images[index]).float() / 127.5 - 1.0, torch.from_numpy(labels[index]).long()
         a = torch.rand(n, 1, 1, 1, generator=generator) * 0.6 + 0.4
@@ -1529,9 +1520,6 @@ def judge_scores(judge: nn.Sequential, samples: np.ndarray, asked_labels: Option
             hits = probs[:, :-1].argmax(1).numpy() == np.asarray(labels[:n])
             scores[f"class_accuracy{suffix}"] = float(hits.mean())
     return {**scores, "frechet": frechet_distance(feats_s, feats_a), "frechet_real": frechet_distance(feats_b, feats_a)}
-
-
-# ==== END SHARED JUDGE ====
 
 
 JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own sprites sets (a run trains on --seed's)
