@@ -685,8 +685,8 @@ def judge_samples(judge, samples: Optional[np.ndarray], args: Args, step: int, e
 
 def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
                   num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """uint8 images (B, 3, H, W) from the sampler, x0 clipped to [-1, 1] at every step (as Ho et
-    al.'s code): without it DDIM and DPM-Solver++ diverge on a briefly trained model."""
+    """uint8 images (B, 3, H, W), x0 clipped to [-1, 1] at every step as Ho et al.'s code (DDIM and
+    DPM-Solver++ diverge without it on a briefly trained model)."""
     if sampler == "ddpm":
         x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps, generator=generator)
     elif sampler == "ddim":
@@ -709,8 +709,8 @@ def eps_from_output(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, al
 
 def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args, num: int,
                      autocast=contextlib.nullcontext(), should_stop: Callable[[], None] = lambda: None) -> np.ndarray:
-    """num uint8 images (num, 3, H, W) with --sampler, from the same noise each time (seed + 10,000);
-    should_stop() runs before every network evaluation (a signal abandons the sampling there)."""
+    """num uint8 images (num, 3, H, W) from the same noise each time (seed + 10,000); should_stop()
+    runs before every network evaluation."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
     abar = alphas_cumprod.to(device)  # once, not a copy per network evaluation
@@ -883,7 +883,7 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
                 started: float) -> Optional[np.ndarray]:
     """EMA samples to TensorBoard and samples/: --num-eval-samples at an evaluation, 16 at
-    --first-sample-at. Returns them, uint8 (N, 3, H, W); None if a signal abandoned them."""
+    --first-sample-at. Returns them (None if a signal abandoned them)."""
     with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
         samples = generate(args.num_eval_samples if eval_now else 16)
         writer.add_image("samples/ema", make_grid(samples), step, dataformats="HWC")
