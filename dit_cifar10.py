@@ -1029,7 +1029,7 @@ def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, write
     labels = torch.arange(args.num_classes).repeat_interleave(per_row) if args.num_classes > 0 else None
     with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
         samples = generate(per_row * (args.num_classes or 8), labels)
-        writer.add_image("samples/ema", make_grid(samples, per_row), step, dataformats="HWC")
+        writer.add_image("samples/ema", make_grid(samples[:256], per_row), step, dataformats="HWC")
         path = write_samples(run_dir / "samples", f"step{step:08d}", samples, labels, per_row)
         if not eval_now:
             progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "

@@ -1177,10 +1177,9 @@ def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Ten
                     context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                     context_noise: Optional[torch.Tensor] = None, autocast=contextlib.nullcontext(),
                     prediction: str = "eps", alphas_cumprod: Optional[torch.Tensor] = None) -> Callable:
-    """model_fn(x_t, t) -> eps guided on caption and actions, eps = eps_u + s (eps_c - eps_u), both
-    halves in one forward; eps_u has the null caption and actions (context frames stay: the past is
-    no condition). A v-prediction becomes eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t (affine in v:
-    guiding v or eps is the same)."""
+    """model_fn(x_t, t) -> eps guided on caption and actions, eps = eps_u + s (eps_c - eps_u) in one forward;
+    eps_u has the null caption and actions, the context frames (the past is no condition). v becomes
+    eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t (affine in v: guiding v or eps is the same)."""
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         null_text = model.null_text(x.shape[0], x.device)
@@ -1659,8 +1658,7 @@ def action_words(actions: np.ndarray, dataset: str) -> str:
 
 
 def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> Path:
-    """An MP4 (each frame a grid of the clips, enlarged to at least 256 px) and an .npz of the uint8 clips (arr_0:
-    (N, T, H, W, 3)). A failed write raises OSError (one line and exit 1 through run_main)."""
+    """An MP4 (each frame a grid of the clips, >= 256 px) and an .npz of the uint8 clips (N, T, H, W, 3)."""
     write_mp4(folder / f"{stem}.mp4", np.stack([make_grid(clips[:64, :, i]) for i in range(clips.shape[2])]), fps)
     np.savez(folder / f"{stem}.npz", clips.transpose(0, 2, 3, 4, 1))
     return folder / f"{stem}.mp4"
@@ -1942,8 +1940,7 @@ def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
 
 def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoData, vocabulary: list,
              num_actions: int, num_params: int):
-    """Rank 0's run folder (a new one, or the resumed run's) and TensorBoard writer, and the lines
-    that describe the run. Returns (run_dir, writer); other ranks get (run_dir, None)."""
+    """Rank 0's run folder (new unless resumed) and writer (else None); prints the run's start."""
     if not setup.is_main:
         return run_dir, None
     run_dir, num_clips = run_dir or create_run_dir(args, data.dataset_id), len(data.clip_starts)
