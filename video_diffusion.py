@@ -1453,7 +1453,7 @@ class EvalSampler(DeviceClips):
 # mean nothing across datasets): a small CNN, trained once on real frames and cached, judges the samples
 # (eval/judge_*). Optional: delete this block and every line ending in "# optional: judge" (the script
 # runs as before without eval/judge_*; tests/test_optional_blocks.py checks it):
-#   sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' video_diffusion.py > x.py
+# sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' video_diffusion.py > x.py
 
 
 def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
