@@ -947,12 +947,11 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
     """--sample-only: --num-samples samples in samples/, a row of ceil(N / classes) per class or N
     of --class-label; with --eval-fid, their FID. A signal abandons them, writes nothing more."""
     label = args.class_label  # an index (check_args checked its range) or a class name
-    if label is not None and not label.lstrip("-").isdigit():
-        if label not in class_names:
-            raise UserError(f"--class-label {label!r} is not a class of this model: give an index "
-                            f"(0 to {len(class_names) - 1}) or one of {', '.join(map(repr, class_names))}")
-        label = class_names.index(label)
-    label = None if label is None else int(label)
+    if label is not None and not label.lstrip("-").isdigit() and label not in class_names:
+        raise UserError(f"--class-label {label!r} is not a class of this model: give an index "
+                        f"(0 to {len(class_names) - 1}) or one of {', '.join(map(repr, class_names))}")
+    if label is not None:
+        label = int(label) if label.lstrip("-").isdigit() else class_names.index(label)
     labels, columns, what = None, None, ""  # unconditional
     if label is not None:
         labels, what = torch.full((args.num_samples,), label), f" of class {label} ({class_names[label]})"
