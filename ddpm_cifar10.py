@@ -424,24 +424,6 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(out).transpose(1, 2).reshape(b, c, h, w)
 
 
-class Downsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # TensorFlow's "SAME" padding: bottom/right only
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class UNet(nn.Module):
     """The DDPM U-Net: the noise eps(x_t, t) for images in [-1, 1] and integer timesteps t (B,)."""
 
@@ -455,7 +437,8 @@ class UNet(nn.Module):
         self.temb_dense2 = nn.Linear(temb_channels, temb_channels)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
-        # Down: num_res_blocks per level (+ attention at attn_resolutions), then stride 2 but last.
+        # Down: num_res_blocks per level (+ attention at attn_resolutions), then a stride-2 conv3x3 but at the last
+        # level; up: nearest x2 and a conv3x3. In a dict, to name it downsamples.{level}.conv as diffusers' weights.
         self.down_blocks, self.down_attns, self.downsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         skip_channels, current, resolution = [channels], channels, img_size
         for level, mult in enumerate(channel_mult):
@@ -465,7 +448,7 @@ class UNet(nn.Module):
                 self.down_attns.append(AttnBlock(current) if resolution in attn_resolutions else nn.Identity())
                 skip_channels.append(current)
             if level != len(channel_mult) - 1:
-                self.downsamples.append(Downsample(current))
+                self.downsamples.append(nn.ModuleDict({"conv": nn.Conv2d(current, current, 3, stride=2)}))
                 skip_channels.append(current)
                 resolution //= 2
 
@@ -473,7 +456,7 @@ class UNet(nn.Module):
         self.mid_attn = AttnBlock(current)
         self.mid_block2 = ResBlock(current, current, temb_channels, dropout)
 
-        # Up: num_res_blocks + 1 per level, each taking a skip connection, then nearest x2, conv3x3.
+        # Up: num_res_blocks + 1 per level, each taking a skip connection.
         self.up_blocks, self.up_attns, self.upsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for _ in range(num_res_blocks + 1):
@@ -481,7 +464,7 @@ class UNet(nn.Module):
                 current = channels * mult
                 self.up_attns.append(AttnBlock(current) if resolution in attn_resolutions else nn.Identity())
             if level != 0:
-                self.upsamples.append(Upsample(current))
+                self.upsamples.append(nn.ModuleDict({"conv": nn.Conv2d(current, current, 3, padding=1)}))
                 resolution *= 2
 
         self.norm_out = nn.GroupNorm(32, current, eps=1e-6)
@@ -504,14 +487,14 @@ class UNet(nn.Module):
         for level in range(self.num_levels):
             for i in range(level * n, (level + 1) * n):
                 skips.append(h := self.down_attns[i](self.down_blocks[i](h, temb)))
-            if level < len(self.downsamples):
-                skips.append(h := self.downsamples[level](h))
+            if level < len(self.downsamples):  # TensorFlow's "SAME" padding: bottom/right only
+                skips.append(h := self.downsamples[level].conv(F.pad(h, (0, 1, 0, 1))))
         h = self.mid_block2(self.mid_attn(self.mid_block1(h, temb)), temb)
         for level in range(self.num_levels):
             for i in range(level * (n + 1), (level + 1) * (n + 1)):
                 h = self.up_attns[i](self.up_blocks[i](torch.cat([h, skips.pop()], dim=1), temb))
             if level < len(self.upsamples):
-                h = self.upsamples[level](h)
+                h = self.upsamples[level].conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
