@@ -862,17 +862,6 @@ def ema_decay_at(step: int, decay: float) -> float:
 # The run's bookkeeping, each step of main() named.
 
 
-def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Optional[Path]]:
-    """With --resume: the checkpoint's arguments (and the RESUME_MUTABLE flags given), the
-    checkpoint and its folder; else the flags', None, None."""
-    if not args.resume:
-        return args, None, None
-    path = resolve_checkpoint_path(args.resume)
-    checkpoint = load_checkpoint(path)
-    args = merge_resumed_args(args, given, checkpoint["args"])
-    return args, checkpoint, run_dir_of(path, trains=not args.sample_only)
-
-
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
                            device: torch.device):
     """--sample-only: --num-samples samples in the run's samples/; with --eval-fid, their FID."""
@@ -969,7 +958,12 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter",
 def main(args: Args, given: set[str]):
     # ---- setup: arguments (resumed: the checkpoint's), device, seeds, data, model, optimizer
     started = time.perf_counter()
-    args, checkpoint, run_dir = resumed_run(args, given)
+    checkpoint, run_dir = None, None
+    if args.resume:  # the checkpoint's arguments, with the RESUME_MUTABLE flags given
+        checkpoint_path = resolve_checkpoint_path(args.resume)
+        checkpoint = load_checkpoint(checkpoint_path)
+        args = merge_resumed_args(args, given, checkpoint["args"])
+        run_dir = run_dir_of(checkpoint_path, trains=not args.sample_only)
     check_args(args, torchrun_world()[0])
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
@@ -1029,8 +1023,7 @@ def main(args: Args, given: set[str]):
         t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
         noise = torch.randn((args.batch_size, *images.shape[1:]), generator=train_generator, device=device)
         x0 = images[indices[mine]].float() / 127.5 - 1.0  # uint8 -> [-1, 1]
-        if args.random_flip:
-            x0 = torch.where(flips[mine, None, None, None], x0.flip(3), x0)
+        x0 = torch.where(flips[mine, None, None, None] & args.random_flip, x0.flip(3), x0)
         loss = ddpm_loss(train_model, x0, t[mine], noise[mine], alphas_cumprod_device, autocast, args.channels_last,
                          args.prediction)
         optimizer.zero_grad(set_to_none=True)
@@ -1050,14 +1043,13 @@ def main(args: Args, given: set[str]):
             progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
         if step % args.log_every == 0 or step == args.total_steps:
             log_interval(writer, meter, scheduler, progress, step, run_dir)
-        # Every rank stops at the same step: all-reduced at a log step under torchrun, at once alone
-        stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         eval_now = step % args.eval_every == 0 or step == args.total_steps
         save_now = step % args.save_every == 0 or step == args.total_steps
-        if setup.is_main and not stopping and (eval_now or step == args.first_sample_at):
+        if setup.is_main and not stop.requested and (eval_now or step == args.first_sample_at):
             samples = log_samples(generate, args, step, eval_now, writer, run_dir, progress, started)
             judge = judge_samples(judge, samples, args, step, eval_now, writer)  # optional: judge
-            stopping = stop.sync(setup) if setup.world_size == 1 else stopping
+        # Every rank stops at the same step: all-reduced at a log step under torchrun, at once alone
+        stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         if save_now or stopping:
             save_run(run_dir, args, step, parts, meter, setup, len(images))
         if eval_now or save_now or step in (first_step + 1, args.first_sample_at):
