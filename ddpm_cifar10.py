@@ -172,8 +172,7 @@ PRESETS = {"cpu": CPU_PRESET, "tiny": dict(
     save_every=30, eval_every=30, first_sample_at=0, num_sampling_steps=10, num_eval_samples=16, num_samples=16,
     fid_num_samples=64, sample_batch_size=64,
 )}
-# Flags spelled otherwise on the command line (none here).
-FLAG_ALIASES: dict[str, str] = {}
+FLAG_ALIASES: dict[str, str] = {}  # flags spelled otherwise on the command line (none here)
 # A checkpoint's keys after its header, in checkpoint_state's order (restore_state reads them back).
 CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler", "train_generator")
 
@@ -326,14 +325,13 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels.astype(np.int64)
 
 
-def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str]:
-    """Returns uint8 images (N, 3, H, W), int64 labels, and the dataset id of the run name."""
+def load_dataset(args: Args) -> tuple[np.ndarray, str]:
+    """uint8 images (N, 3, H, W) (an unconditional model: no labels) and the dataset id of the run name."""
     if args.dataset == "cifar10":
-        return *load_cifar10(args.data_dir, args.download), "cifar10"
+        return load_cifar10(args.data_dir, args.download)[0], "cifar10"
     if args.dataset == "folder":
-        images, labels, _ = load_image_folder(args.data_dir, args.img_size)
-        return images, labels, Path(args.data_dir).resolve().name or "folder"
-    return *make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed), "shapes"
+        return load_image_folder(args.data_dir, args.img_size)[0], Path(args.data_dir).resolve().name or "folder"
+    return make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed)[0], "shapes"
 
 
 def epoch_permutation(num_items: int, epoch: int, seed: int) -> torch.Tensor:
@@ -437,8 +435,8 @@ class UNet(nn.Module):
         self.temb_dense2 = nn.Linear(temb_channels, temb_channels)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
-        # Down: num_res_blocks per level (+ attention at attn_resolutions), then a stride-2 conv3x3 but at the last
-        # level; up: nearest x2 and a conv3x3. In a dict, to name it downsamples.{level}.conv as diffusers' weights.
+        # Down: num_res_blocks per level (+ attention), then a stride-2 conv3x3 except at the end
+        # (in a dict: its weights' names stay downsamples.{level}.conv, as diffusers').
         self.down_blocks, self.down_attns, self.downsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         skip_channels, current, resolution = [channels], channels, img_size
         for level, mult in enumerate(channel_mult):
@@ -456,7 +454,7 @@ class UNet(nn.Module):
         self.mid_attn = AttnBlock(current)
         self.mid_block2 = ResBlock(current, current, temb_channels, dropout)
 
-        # Up: num_res_blocks + 1 per level, each taking a skip connection.
+        # Up: num_res_blocks + 1 per level, each taking a skip connection, then nearest x2 and a conv3x3.
         self.up_blocks, self.up_attns, self.upsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for _ in range(num_res_blocks + 1):
@@ -973,7 +971,7 @@ def main(args: Args, given: set[str]):
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
         check_step_memory(setup, args.batch_size, *step_memory_profile(args), args.dtype)
 
-    images_np, _, dataset_id = load_dataset(args)
+    images_np, dataset_id = load_dataset(args)
     images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no copies
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     model = build_model(args).to(device, memory_format=layout)
