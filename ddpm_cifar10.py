@@ -161,17 +161,15 @@ class Args:
 # model eps's x0 estimate near t = T is far off, and only DDPM-1000 recovers; v's works at 20 steps.
 # tiny: the whole loop in seconds (cpu's U-Net, 60 steps); its samples are blobs.
 CPU_PRESET = dict(
-    dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2), num_res_blocks=1,
-    attn_resolutions=(8,), dropout=0.0, total_steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=100,
-    ema_decay=0.995, log_every=50, save_every=250, eval_every=500, first_sample_at=100, prediction="v",
-    sampler="dpm++", num_sampling_steps=20, num_eval_samples=128, num_samples=128, fid_num_samples=2000,
-    sample_batch_size=128,
-)
+    dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2),
+    num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, total_steps=2000, batch_size=64,
+    learning_rate=1e-3, warmup_steps=100, ema_decay=0.995, log_every=50, save_every=250, eval_every=500,
+    first_sample_at=100, prediction="v", sampler="dpm++", num_sampling_steps=20, num_eval_samples=128,
+    num_samples=128, fid_num_samples=2000, sample_batch_size=128)
 PRESETS = {"cpu": CPU_PRESET, "tiny": dict(
-    CPU_PRESET, num_shapes_images=256, total_steps=60, batch_size=16, warmup_steps=10, ema_decay=0.9, log_every=10,
-    save_every=30, eval_every=30, first_sample_at=0, num_sampling_steps=10, num_eval_samples=16, num_samples=16,
-    fid_num_samples=64, sample_batch_size=64,
-)}
+    CPU_PRESET, num_shapes_images=256, total_steps=60, batch_size=16, warmup_steps=10, ema_decay=0.9,
+    log_every=10, save_every=30, eval_every=30, first_sample_at=0, num_sampling_steps=10,
+    num_eval_samples=16, num_samples=16, fid_num_samples=64, sample_batch_size=64)}
 FLAG_ALIASES: dict[str, str] = {}  # flags spelled otherwise on the command line (none here)
 # A checkpoint's keys after its header, in checkpoint_state's order (restore_state reads them back).
 CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler", "train_generator")
