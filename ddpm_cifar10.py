@@ -163,9 +163,9 @@ class Args:
 CPU_PRESET = dict(
     dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2),
     num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, total_steps=2000, batch_size=64,
-    learning_rate=1e-3, warmup_steps=100, ema_decay=0.995, log_every=50, save_every=250, eval_every=500,
-    first_sample_at=100, prediction="v", sampler="dpm++", num_sampling_steps=20, num_eval_samples=128,
-    num_samples=128, fid_num_samples=2000, sample_batch_size=128)
+    learning_rate=1e-3, warmup_steps=100, ema_decay=0.995, log_every=50, save_every=250,
+    eval_every=500, first_sample_at=100, prediction="v", sampler="dpm++", num_sampling_steps=20,
+    num_eval_samples=128, num_samples=128, fid_num_samples=2000, sample_batch_size=128)
 PRESETS = {"cpu": CPU_PRESET, "tiny": dict(
     CPU_PRESET, num_shapes_images=256, total_steps=60, batch_size=16, warmup_steps=10, ema_decay=0.9,
     log_every=10, save_every=30, eval_every=30, first_sample_at=0, num_sampling_steps=10,
@@ -324,11 +324,12 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
 
 
 def load_dataset(args: Args) -> tuple[np.ndarray, str]:
-    """uint8 images (N, 3, H, W) (an unconditional model: no labels) and the dataset id of the run name."""
+    """uint8 images (N, 3, H, W), no labels (an unconditional model), and the run name's dataset id."""
     if args.dataset == "cifar10":
         return load_cifar10(args.data_dir, args.download)[0], "cifar10"
     if args.dataset == "folder":
-        return load_image_folder(args.data_dir, args.img_size)[0], Path(args.data_dir).resolve().name or "folder"
+        folder_id = Path(args.data_dir).resolve().name or "folder"
+        return load_image_folder(args.data_dir, args.img_size)[0], folder_id
     return make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed)[0], "shapes"
 
 
@@ -452,7 +453,7 @@ class UNet(nn.Module):
         self.mid_attn = AttnBlock(current)
         self.mid_block2 = ResBlock(current, current, temb_channels, dropout)
 
-        # Up: num_res_blocks + 1 per level, each taking a skip connection, then nearest x2 and a conv3x3.
+        # Up: num_res_blocks + 1 per level, each taking a skip connection, then nearest x2, conv3x3.
         self.up_blocks, self.up_attns, self.upsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for _ in range(num_res_blocks + 1):
