@@ -161,19 +161,16 @@ class Args:
 # model eps's x0 estimate near t = T is far off, and only DDPM-1000 recovers; v's works at 20 steps.
 # tiny: the whole loop in seconds (cpu's U-Net, 60 steps); its samples are blobs.
 CPU_PRESET = dict(
-    dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2), num_res_blocks=1,
-    attn_resolutions=(8,), dropout=0.0, total_steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=100,
-    ema_decay=0.995, log_every=50, save_every=250, eval_every=500, first_sample_at=100, prediction="v",
-    sampler="dpm++", num_sampling_steps=20, num_eval_samples=128, num_samples=128, fid_num_samples=2000,
-    sample_batch_size=128,
-)
+    dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2),
+    num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, total_steps=2000, batch_size=64,
+    learning_rate=1e-3, warmup_steps=100, ema_decay=0.995, log_every=50, save_every=250,
+    eval_every=500, first_sample_at=100, prediction="v", sampler="dpm++", num_sampling_steps=20,
+    num_eval_samples=128, num_samples=128, fid_num_samples=2000, sample_batch_size=128)
 PRESETS = {"cpu": CPU_PRESET, "tiny": dict(
-    CPU_PRESET, num_shapes_images=256, total_steps=60, batch_size=16, warmup_steps=10, ema_decay=0.9, log_every=10,
-    save_every=30, eval_every=30, first_sample_at=0, num_sampling_steps=10, num_eval_samples=16, num_samples=16,
-    fid_num_samples=64, sample_batch_size=64,
-)}
-# Flags spelled otherwise on the command line (none here).
-FLAG_ALIASES: dict[str, str] = {}
+    CPU_PRESET, num_shapes_images=256, total_steps=60, batch_size=16, warmup_steps=10, ema_decay=0.9,
+    log_every=10, save_every=30, eval_every=30, first_sample_at=0, num_sampling_steps=10,
+    num_eval_samples=16, num_samples=16, fid_num_samples=64, sample_batch_size=64)}
+FLAG_ALIASES: dict[str, str] = {}  # flags spelled otherwise on the command line (none here)
 # A checkpoint's keys after its header, in checkpoint_state's order (restore_state reads them back).
 CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler", "train_generator")
 
@@ -313,14 +310,14 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels.astype(np.int64)
 
 
-def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str]:
-    """Returns uint8 images (N, 3, H, W), int64 labels, and the dataset id of the run name."""
+def load_dataset(args: Args) -> tuple[np.ndarray, str]:
+    """uint8 images (N, 3, H, W), no labels (an unconditional model), and the run name's dataset id."""
     if args.dataset == "cifar10":
-        return *load_cifar10(args.data_dir, args.download), "cifar10"
+        return load_cifar10(args.data_dir, args.download)[0], "cifar10"
     if args.dataset == "folder":
-        images, labels, _ = load_image_folder(args.data_dir, args.img_size)
-        return images, labels, Path(args.data_dir).resolve().name or "folder"
-    return *make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed), "shapes"
+        folder_id = Path(args.data_dir).resolve().name or "folder"
+        return load_image_folder(args.data_dir, args.img_size)[0], folder_id
+    return make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed)[0], "shapes"
 
 
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
@@ -406,24 +403,6 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(out).transpose(1, 2).reshape(b, c, h, w)
 
 
-class Downsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # TensorFlow's "SAME" padding: bottom/right only
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class UNet(nn.Module):
     """The DDPM U-Net: the noise eps(x_t, t) for images in [-1, 1] and integer timesteps t (B,)."""
 
@@ -437,7 +416,8 @@ class UNet(nn.Module):
         self.temb_dense2 = nn.Linear(temb_channels, temb_channels)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
-        # Down: num_res_blocks per level (+ attention at attn_resolutions), then stride 2 but last.
+        # Down: num_res_blocks per level (+ attention), then a stride-2 conv3x3 except at the end
+        # (in a dict: its weights' names stay downsamples.{level}.conv, as diffusers').
         self.down_blocks, self.down_attns, self.downsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         skip_channels, current, resolution = [channels], channels, img_size
         for level, mult in enumerate(channel_mult):
@@ -447,7 +427,7 @@ class UNet(nn.Module):
                 self.down_attns.append(AttnBlock(current) if resolution in attn_resolutions else nn.Identity())
                 skip_channels.append(current)
             if level != len(channel_mult) - 1:
-                self.downsamples.append(Downsample(current))
+                self.downsamples.append(nn.ModuleDict({"conv": nn.Conv2d(current, current, 3, stride=2)}))
                 skip_channels.append(current)
                 resolution //= 2
 
@@ -463,7 +443,7 @@ class UNet(nn.Module):
                 current = channels * mult
                 self.up_attns.append(AttnBlock(current) if resolution in attn_resolutions else nn.Identity())
             if level != 0:
-                self.upsamples.append(Upsample(current))
+                self.upsamples.append(nn.ModuleDict({"conv": nn.Conv2d(current, current, 3, padding=1)}))
                 resolution *= 2
 
         self.norm_out = nn.GroupNorm(32, current, eps=1e-6)
@@ -486,14 +466,14 @@ class UNet(nn.Module):
         for level in range(self.num_levels):
             for i in range(level * n, (level + 1) * n):
                 skips.append(h := self.down_attns[i](self.down_blocks[i](h, temb)))
-            if level < len(self.downsamples):
-                skips.append(h := self.downsamples[level](h))
+            if level < len(self.downsamples):  # TensorFlow's "SAME" padding: bottom/right only
+                skips.append(h := self.downsamples[level].conv(F.pad(h, (0, 1, 0, 1))))
         h = self.mid_block2(self.mid_attn(self.mid_block1(h, temb)), temb)
         for level in range(self.num_levels):
             for i in range(level * (n + 1), (level + 1) * (n + 1)):
                 h = self.up_attns[i](self.up_blocks[i](torch.cat([h, skips.pop()], dim=1), temb))
             if level < len(self.upsamples):
-                h = self.upsamples[level](h)
+                h = self.upsamples[level].conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -809,17 +789,6 @@ def ema_decay_at(step: int, decay: float) -> float:
 # The run's bookkeeping, each step of main() named.
 
 
-def resumed_run(args: Args, given: set[str]) -> tuple[Args, Optional[dict], Optional[Path]]:
-    """With --resume: the checkpoint's arguments (and the RESUME_MUTABLE flags given), the
-    checkpoint and its folder; else the flags', None, None."""
-    if not args.resume:
-        return args, None, None
-    path = resolve_checkpoint_path(args.resume)
-    checkpoint = load_checkpoint(path)
-    args = merge_resumed_args(args, given, checkpoint["args"])
-    return args, checkpoint, run_dir_of(path, trains=not args.sample_only)
-
-
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
                            device: torch.device):
     """--sample-only: --num-samples samples in the run's samples/; with --eval-fid, their FID."""
@@ -912,7 +881,12 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter",
 def main(args: Args, given: set[str]):
     # ---- setup: arguments (resumed: the checkpoint's), device, seeds, data, model, optimizer
     started = time.perf_counter()
-    args, checkpoint, run_dir = resumed_run(args, given)
+    checkpoint, run_dir = None, None
+    if args.resume:  # the checkpoint's arguments, with the RESUME_MUTABLE flags given
+        checkpoint_path = resolve_checkpoint_path(args.resume)
+        checkpoint = load_checkpoint(checkpoint_path)
+        args = merge_resumed_args(args, given, checkpoint["args"])
+        run_dir = run_dir_of(checkpoint_path, trains=not args.sample_only)
     check_args(args, torchrun_world()[0])
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
@@ -922,7 +896,7 @@ def main(args: Args, given: set[str]):
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
         check_step_memory(setup, args.batch_size, *step_memory_profile(args), args.dtype)
 
-    images_np, _, dataset_id = load_dataset(args)
+    images_np, dataset_id = load_dataset(args)
     images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no copies
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     model = build_model(args).to(device, memory_format=layout)
@@ -972,8 +946,7 @@ def main(args: Args, given: set[str]):
         t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
         noise = torch.randn((args.batch_size, *images.shape[1:]), generator=train_generator, device=device)
         x0 = images[indices[mine]].float() / 127.5 - 1.0  # uint8 -> [-1, 1]
-        if args.random_flip:
-            x0 = torch.where(flips[mine, None, None, None], x0.flip(3), x0)
+        x0 = torch.where(flips[mine, None, None, None] & args.random_flip, x0.flip(3), x0)
         loss = ddpm_loss(train_model, x0, t[mine], noise[mine], alphas_cumprod_device, autocast, args.channels_last,
                          args.prediction)
         optimizer.zero_grad(set_to_none=True)
@@ -993,14 +966,13 @@ def main(args: Args, given: set[str]):
             progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
         if step % args.log_every == 0 or step == args.total_steps:
             log_interval(writer, meter, scheduler, progress, step, run_dir)
-        # Every rank stops at the same step: all-reduced at a log step under torchrun, at once alone
-        stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         eval_now = step % args.eval_every == 0 or step == args.total_steps
         save_now = step % args.save_every == 0 or step == args.total_steps
-        if setup.is_main and not stopping and (eval_now or step == args.first_sample_at):
+        if setup.is_main and not stop.requested and (eval_now or step == args.first_sample_at):
             samples = log_samples(generate, args, step, eval_now, writer, run_dir, progress, started)
             judge = judge_samples(judge, samples, args, step, eval_now, writer)  # optional: judge
-            stopping = stop.sync(setup) if setup.world_size == 1 else stopping
+        # Every rank stops at the same step: all-reduced at a log step under torchrun, at once alone
+        stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         if save_now or stopping:
             save_run(run_dir, args, step, parts, meter, setup, len(images))
         if eval_now or save_now or step in (first_step + 1, args.first_sample_at):

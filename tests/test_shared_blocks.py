@@ -48,7 +48,6 @@ ALLOWLIST = {
     "guided_model_fn": "DiT guides on class labels, video on the caption and the actions",
     "UNet": "DDPM's U-Net and DIAMOND's denoiser U-Net are different networks, each as its paper",
     "ResBlock": "DDPM's block (time embedding added) and DIAMOND's (adaptive group norm), each as its paper",
-    "Downsample": "DDPM's TensorFlow SAME padding and DIAMOND's symmetric padding, each as its paper",
     "group_norm": "video's and DIAMOND's networks normalise differently (groups, eps, affine)",
     "to_uint8": "video returns numpy clips, DIAMOND a tensor of frames",
     "evaluate": "video scores clips, DIAMOND plays test episodes",
