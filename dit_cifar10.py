@@ -450,9 +450,8 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
-    """MAE's and DiT's fixed 2D sin-cos position embedding (grid_size^2, dim), row-major: the first
-    dim/2 channels encode the column, the last the row, each [sin(p w_i), cos(p w_i)], w_i =
-    10000^(-4i/dim)."""
+    """MAE's and DiT's fixed 2D sin-cos position embedding (grid_size^2, dim), row-major: channels
+    [:dim/2] encode the column, the rest the row, as [sin(p w_i), cos(p w_i)], w_i = 10000^(-4i/dim)."""
     quarter = dim // 4
     omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     angles = torch.arange(grid_size, dtype=torch.float64)[:, None] * omega[None, :]
@@ -462,7 +461,7 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]  # adaLN: one (shift, scale) per sample and channel
+    return x * (1 + scale) + shift  # adaLN: shift and scale (B, 1, D), one per sample and channel
 
 
 class Attention(nn.Module):
@@ -477,7 +476,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d_head)) v per head, fused kernel
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d_head)) v per head, fused
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -503,19 +502,16 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x: tokens (B, N, D); c: the conditioning (B, D), or adaLN-Single's modulation (B, 6D)."""
         if self.adaln == "single":
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-                self.scale_shift_table[None] + c.reshape(c.shape[0], 6, -1)).unbind(1)
-        elif self.adaln == "zero":
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+            mod = self.scale_shift_table + c.reshape(len(c), 6, -1)
         else:
-            shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
-            gate_msa, gate_mlp = (self.gamma_attn[None], self.gamma_mlp[None]) if self.adaln == "diagonal" else (1, 1)
-        x = x + self.gated(gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
-        return x + self.gated(gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
-
-    @staticmethod
-    def gated(gate, branch: torch.Tensor) -> torch.Tensor:
-        return branch if isinstance(gate, int) else gate[:, None] * branch  # gate (B or 1, D) broadcast over tokens
+            mod = self.adaLN_modulation(c).reshape(len(c), -1, x.shape[2])  # (B, 6 or 4, D)
+        mod = mod[:, :, None].unbind(1)  # each (B, 1, D): broadcast over the tokens
+        if len(mod) == 4:  # no gate from c: plain's is 1, diagonal's a learned (D,)
+            gates = (self.gamma_attn, self.gamma_mlp) if self.adaln == "diagonal" else (1, 1)
+            mod = (*mod[:2], gates[0], *mod[2:], gates[1])
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 class FinalLayer(nn.Module):
@@ -532,23 +528,22 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "scale_shift_table"):
-            shift, scale = (self.scale_shift_table[None] + c[:, None]).unbind(1)
+            shift, scale = (self.scale_shift_table + c[:, None])[:, :, None].unbind(1)
         else:
-            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+            shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
 class DiT(nn.Module):
-    """Predicts the noise eps(x_t, t, y) for images in [-1, 1], integer timesteps t (B,) and
-    labels y (B,), y = num_classes the null class (guidance); num_classes 0: unconditional, y is
-    ignored."""
+    """Predicts the noise eps(x_t, t, y) of images x_t (B, C, H, W) in [-1, 1], integer timesteps t
+    (B,) and labels y (B,), y = num_classes the null class; num_classes 0: unconditional, y unused."""
 
     def __init__(self, img_size: int = 32, patch: int = 4, in_channels: int = 3, width: int = 384, depth: int = 6,
                  heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 10, adaln: str = "zero"):
         super().__init__()
         self.img_size, self.patch, self.in_channels, self.num_classes, self.adaln = (
             img_size, patch, in_channels, num_classes, adaln)
-        self.x_embedder = nn.Conv2d(in_channels, width, patch, stride=patch)  # patchify: one token per P x P patch
+        self.x_embedder = nn.Conv2d(in_channels, width, patch, stride=patch)  # patchify: a token per P x P patch
         # A buffer, not a parameter: fixed, and not in the checkpoint (a function of the config).
         self.register_buffer("pos_embed", sincos_pos_embed_2d(width, img_size // patch)[None], persistent=False)
         self.t_embedder = nn.Sequential(nn.Linear(TIMESTEP_FREQUENCY_DIM, width), nn.SiLU(), nn.Linear(width, width))
@@ -558,29 +553,21 @@ class DiT(nn.Module):
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))  # the one shared modulation MLP
         self.blocks = nn.ModuleList(DiTBlock(width, heads, mlp_ratio, adaln) for _ in range(depth))
         self.final_layer = FinalLayer(width, patch, in_channels, adaln)
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        # As the reference: Xavier-uniform Linears, zero biases, the patch embedding as a Linear;
-        # N(0, 0.02) for the label table and timestep MLP; zero for adaLN modulations, the output.
+        # As the reference: Xavier-uniform Linears (the patch embedding as one), zero biases; N(0, 0.02) for the
+        # label table, the timestep MLP (and PixArt-alpha's t_block); zero adaLN modulations and output.
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        nn.init.xavier_uniform_(self.x_embedder.weight.view(self.x_embedder.weight.shape[0], -1))
+        nn.init.xavier_uniform_(self.x_embedder.weight.view(width, -1))
         nn.init.zeros_(self.x_embedder.bias)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.weight, std=0.02)
-        nn.init.normal_(self.t_embedder[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder[2].weight, std=0.02)
-        if self.adaln == "single":
-            nn.init.normal_(self.t_block[1].weight, std=0.02)  # as PixArt-alpha
-        for module in list(self.blocks) + [self.final_layer]:
-            if hasattr(module, "adaLN_modulation"):
-                nn.init.zeros_(module.adaLN_modulation[1].weight)
-                nn.init.zeros_(module.adaLN_modulation[1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        t_block = [self.t_block[1]] if adaln == "single" else []
+        for module in filter(None, [self.y_embedder, self.t_embedder[0], self.t_embedder[2], *t_block]):
+            nn.init.normal_(module.weight, std=0.02)
+        zero = [m.adaLN_modulation[1] for m in [*self.blocks, self.final_layer] if hasattr(m, "adaLN_modulation")]
+        for linear in zero + [self.final_layer.linear]:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, P*P*C) tokens -> (B, C, H, W) images; a token's pixels in (row, col, channel)."""
@@ -599,7 +586,6 @@ class DiT(nn.Module):
 
 
 def build_model(args: Args) -> DiT:
-    """The DiT of the flags (check_args has refused a patch or head count that does not divide)."""
     return DiT(args.img_size, args.patch, 3, args.width, args.depth, args.heads, args.mlp_ratio, args.num_classes,
                args.adaln)
 
