@@ -54,8 +54,7 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic and
-    CUBLAS_WORKSPACE_CONFIG, not torch's strict (slow) algorithms: a resume is close, not bitwise"""
+    """CPU: exact resume; CUDA: cudnn.deterministic, CUBLAS_WORKSPACE_CONFIG (close, not bitwise)"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -441,8 +440,8 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
     omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     angles = torch.arange(grid_size, dtype=torch.float64)[:, None] * omega[None, :]
     emb_1d = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (grid_size, dim/2)
-    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
-    return torch.cat([emb_1d[cols.flatten()], emb_1d[rows.flatten()]], dim=1).float()
+    columns, rows = emb_1d.repeat(grid_size, 1), emb_1d.repeat_interleave(grid_size, dim=0)  # token i g + j: column j, row i
+    return torch.cat([columns, rows], dim=1).float()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -1105,9 +1104,6 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter",
         print(f"saved checkpoint at step {step}", flush=True)
 
 
-# --------------------------------------------------------------------------------------------------
-
-
 def main(args: Args, given: set[str]):
     # ---- setup: arguments (resumed: the checkpoint's), device, seeds, data, model, optimizer
     started = time.perf_counter()
@@ -1170,8 +1166,7 @@ def main(args: Args, given: set[str]):
     first_step, step_timer = step, StepTimer(step, args.total_steps, setup)
     progress = progress_bar(args.total_steps, step, "train", "step", setup.is_main)
     while step < args.total_steps:
-        # Every rank draws the whole global batch (indices, flips, drops, t, noise) and takes its
-        # slice: 2 ranks at batch B compute exactly what 1 rank at batch B does.
+        # Every rank draws the global batch and takes its slice: 2 ranks at batch B compute what 1 rank does.
         indices = global_batch_indices(step, args.batch_size, len(images), args.seed).to(device, non_blocking=True)
         flips = torch.rand(args.batch_size, generator=train_generator, device=device) < 0.5
         if conditional:  # classifier-free guidance training: a label becomes the null class with p = class_dropout
