@@ -440,8 +440,8 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
     omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     angles = torch.arange(grid_size, dtype=torch.float64)[:, None] * omega[None, :]
     emb_1d = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (grid_size, dim/2)
-    columns, rows = emb_1d.repeat(grid_size, 1), emb_1d.repeat_interleave(grid_size, dim=0)  # token i g + j: column j, row i
-    return torch.cat([columns, rows], dim=1).float()
+    # token i g + j: column j (emb_1d tiled), row i (each emb_1d row repeated g times)
+    return torch.cat([emb_1d.repeat(grid_size, 1), emb_1d.repeat_interleave(grid_size, dim=0)], dim=1).float()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
