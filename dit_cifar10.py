@@ -981,10 +981,10 @@ def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint:
                         f"give one")
     if checkpoint is not None and checkpoint["format_version"] == 1:  # flags given now count steps already
         per_epoch = num_items // args.batch_size
-        old = {name: getattr(args, name) * per_epoch for name in ("save_every", "eval_every") if name not in given}
+        steps = {name: getattr(args, name) * per_epoch for name in ("save_every", "eval_every") if name not in given}
         if not {"epochs", "total_steps"} & given:
-            old["total_steps"] = args.epochs * per_epoch
-        args = replace(args, **old, epochs=args.epochs if "epochs" in given else None)
+            steps["total_steps"] = args.epochs * per_epoch
+        args = replace(args, **steps, epochs=args.epochs if "epochs" in given else None)
     if args.epochs is not None or args.total_steps is None:
         args = replace(args, total_steps=math.ceil((args.epochs or 100) * num_items / args.batch_size), epochs=None)
     return args
