@@ -2,11 +2,11 @@
 """Class-conditional Diffusion Transformer (adaLN-Zero and 3 other adaLN variants) with guidance.
 
     python dit_cifar10.py                                    # the seed's config: patch 4, width 384
-    python dit_cifar10.py --preset tiny                      # end to end on a CPU in seconds, offline
+    python dit_cifar10.py --preset tiny                      # end to end in seconds on a CPU
     python dit_cifar10.py --preset cpu                       # shapes of the asked class in minutes
-    python dit_cifar10.py --preset dit-s2 --adaln single --eval-fid  # DiT-S/2, adaLN-Single, 50k-sample FID
+    python dit_cifar10.py --preset dit-s2 --adaln single     # DiT-S/2 with adaLN-Single
     torchrun --standalone --nproc_per_node=8 dit_cifar10.py  # 8 GPUs, global batch 128
-    python dit_cifar10.py --dataset folder --data-dir my_images --num-classes 5  # a subfolder per class
+    python dit_cifar10.py --dataset folder --data-dir my_images --num-classes 5 --eval-fid
     python dit_cifar10.py --resume RUN_FOLDER --sample-only --class-label cat --cfg-scale 4
 """
 import contextlib
@@ -192,12 +192,12 @@ CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "schedule
 
 
 def check_args(args: Args, world_size: int):
-    """Settings that cannot work, refused in one line before data or a run folder (resumed: the merged args)."""
+    """Settings that cannot work, refused before data or a run folder (resumed: the merged args)."""
     check_arg_domains(args)
     if args.batch_size % world_size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} torchrun processes")
     if args.num_sampling_steps > args.timesteps:
-        raise UserError(f"--num-sampling-steps {args.num_sampling_steps} must not exceed --timesteps {args.timesteps}")
+        raise UserError(f"--num-sampling-steps must not exceed --timesteps {args.timesteps}")
     if args.beta_start > args.beta_end:
         raise UserError(f"--beta-start {args.beta_start} must not exceed --beta-end {args.beta_end}")
     if args.dataset == "cifar10" and args.img_size != 32:
@@ -208,13 +208,14 @@ def check_args(args: Args, world_size: int):
         raise UserError(f"--heads {args.heads} does not divide --width {args.width}: choose one that does")
     if args.width % 4:
         raise UserError(f"--width {args.width} must be divisible by 4 (the 2D sin-cos position embedding)")
-    label, classes = args.class_label, args.num_classes  # label: an index, or a name (looked up later)
-    if label is not None and (not classes or label.lstrip("-").isdigit() and not 0 <= int(label) < classes):
+    label, classes = args.class_label, args.num_classes  # label: an index or a name
+    if label is not None and (not classes or label.lstrip("-").isdigit()
+                              and not 0 <= int(label) < classes):
         raise UserError(f"--class-label {label} is out of range: the model has {classes} classes ("
                         + (f"0 to {classes - 1}, or a name)" if classes else "unconditional)"))
     if label is not None and not args.sample_only:
-        raise UserError("--class-label picks the class of --sample-only's samples: add --resume RUN --sample-only")
-    # Guidance mixes in eps(x_t, t, null): --class-dropout 0 leaves the null class at its random init.
+        raise UserError("--class-label picks the class of --sample-only's samples: add --sample-only")
+    # Guidance mixes in eps(x_t, t, null), and --class-dropout 0 leaves the null class at its init.
     if classes > 0 and args.class_dropout == 0 and args.cfg_scale != 1:
         raise UserError(f"--cfg-scale {args.cfg_scale:g} needs the null class, which --class-dropout 0 never trains: "
                         f"use --cfg-scale 1 (no guidance), or train with --class-dropout above 0 (DiT: 0.1)")
@@ -354,8 +355,8 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
 
 
 def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
-    """uint8 images (N, 3, H, W), int64 labels, the dataset id (run name) and the class names (label k
-    is class_names[k]; a folder's: its sorted subfolders)."""
+    """uint8 images (N, 3, H, W), int64 labels, the dataset id (run name) and the class names (label
+    k is class_names[k]; a folder's: its sorted subfolders)."""
     if args.dataset == "cifar10":
         images, labels = load_cifar10(args.data_dir, args.download)
         dataset_id, class_names = "cifar10", CIFAR10_CLASSES
@@ -370,7 +371,7 @@ def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
         dataset_id, class_names = "shapes", SHAPES_CLASSES
     if args.num_classes > 0 and args.num_classes != len(class_names):
         raise UserError(f"--num-classes {args.num_classes} disagrees with the data: {dataset_id} has "
-                        f"{len(class_names)} classes; use --num-classes {len(class_names)} (or 0: unconditional)")
+                        f"{len(class_names)} classes; use --num-classes {len(class_names)} (or 0)")
     return images, labels, dataset_id, class_names
 
 
@@ -418,7 +419,7 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 #   plain     adaLN (the paper's ablation): Linear(D, 4D), shift and scale only, no gate.
 #   single    adaLN-Single (PixArt-alpha): one Linear(D, 6D) on c for all blocks, plus a learned
 #             (6, D) table per block (N(0, 1/D)); the final layer adds a (2, D) table to c.
-#   diagonal  plain's shift and scale; each residual branch scaled by a learned, zero-init gamma (D,)
+#   diagonal  plain's shift and scale; each residual branch scaled by a learned zero-init gamma (D,)
 #             (CaiT's LayerScale), not conditioned on c. Every variant's output Linear starts at 0.
 
 TIMESTEP_FREQUENCY_DIM = 256  # the timestep's sinusoidal features before the MLP
@@ -435,13 +436,13 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
     """MAE's and DiT's fixed 2D sin-cos position embedding (grid_size^2, dim), row-major: channels
-    [:dim/2] encode the column, the rest the row, as [sin(p w_i), cos(p w_i)], w_i = 10000^(-4i/dim)."""
+    [:dim/2] encode the column, the rest the row, as [sin(p w), cos(p w)], w_i = 10000^(-4i/dim)."""
     quarter = dim // 4
     omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     angles = torch.arange(grid_size, dtype=torch.float64)[:, None] * omega[None, :]
     emb_1d = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (grid_size, dim/2)
-    # token i g + j: column j (emb_1d tiled), row i (each emb_1d row repeated g times)
-    return torch.cat([emb_1d.repeat(grid_size, 1), emb_1d.repeat_interleave(grid_size, dim=0)], dim=1).float()
+    columns, rows = emb_1d.repeat(grid_size, 1), emb_1d.repeat_interleave(grid_size, dim=0)
+    return torch.cat([columns, rows], dim=1).float()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -460,7 +461,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d_head)) v per head, fused
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d_head)) v, fused
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -519,15 +520,15 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Predicts the noise eps(x_t, t, y) of images x_t (B, C, H, W) in [-1, 1], integer timesteps t
-    (B,) and labels y (B,), y = num_classes the null class; num_classes 0: unconditional, y unused."""
+    """Predicts the noise eps(x_t, t, y) of images x_t (B, C, H, W) in [-1, 1], integer timesteps
+    t (B,) and labels y (B,), y = num_classes the null class; num_classes 0: y unused."""
 
     def __init__(self, img_size: int = 32, patch: int = 4, in_channels: int = 3, width: int = 384, depth: int = 6,
                  heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 10, adaln: str = "zero"):
         super().__init__()
         self.img_size, self.patch, self.in_channels, self.num_classes, self.adaln = (
             img_size, patch, in_channels, num_classes, adaln)
-        self.x_embedder = nn.Conv2d(in_channels, width, patch, stride=patch)  # patchify: a token per P x P patch
+        self.x_embedder = nn.Conv2d(in_channels, width, patch, stride=patch)  # patchify
         # A buffer, not a parameter: fixed, and not in the checkpoint (a function of the config).
         self.register_buffer("pos_embed", sincos_pos_embed_2d(width, img_size // patch)[None], persistent=False)
         self.t_embedder = nn.Sequential(nn.Linear(TIMESTEP_FREQUENCY_DIM, width), nn.SiLU(), nn.Linear(width, width))
@@ -537,19 +538,20 @@ class DiT(nn.Module):
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))  # the one shared modulation MLP
         self.blocks = nn.ModuleList(DiTBlock(width, heads, mlp_ratio, adaln) for _ in range(depth))
         self.final_layer = FinalLayer(width, patch, in_channels, adaln)
-        # As the reference: Xavier-uniform Linears (the patch embedding as one), zero biases; N(0, 0.02) for the
-        # label table, the timestep MLP (and PixArt-alpha's t_block); zero adaLN modulations and output.
+        # As the reference: Xavier-uniform Linears (the patch embedding as one), zero biases;
+        # N(0, 0.02) for the label table, the timestep MLP (and t_block); zero adaLN and output.
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.xavier_uniform_(self.x_embedder.weight.view(width, -1))
         nn.init.zeros_(self.x_embedder.bias)
-        t_block = [self.t_block[1]] if adaln == "single" else []
-        for module in filter(None, [self.y_embedder, self.t_embedder[0], self.t_embedder[2], *t_block]):
+        normal = [self.y_embedder, self.t_embedder[0], self.t_embedder[2]]
+        normal += [self.t_block[1]] if adaln == "single" else []
+        for module in filter(None, normal):  # y_embedder is None when unconditional
             nn.init.normal_(module.weight, std=0.02)
-        zero = [m.adaLN_modulation[1] for m in [*self.blocks, self.final_layer] if hasattr(m, "adaLN_modulation")]
-        for linear in zero + [self.final_layer.linear]:
+        layers = [*self.blocks, self.final_layer]
+        for linear in [m.adaLN_modulation[1] for m in layers if adaln != "single"] + [self.final_layer.linear]:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
@@ -845,8 +847,8 @@ def guided_model_fn(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale:
 
 def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: torch.Tensor, noise: torch.Tensor,
              alphas_cumprod: torch.Tensor, autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, y) ||^2, batch mean. x0, noise:
-    (B, 3, H, W); y: int64 (B,) labels (num_classes: the null class; None: unconditional); t: int64 (B,)."""
+    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, y) ||^2, batch mean;
+    y: int64 labels (B,), num_classes the null class, None: unconditional."""
     abar = alphas_cumprod[t].float()[:, None, None, None]
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # x_t ~ N(sqrt(abar_t) x0, (1-abar_t) I)
     with autocast:
@@ -922,7 +924,7 @@ def sample_grid(images: np.ndarray, columns: Optional[int] = None) -> np.ndarray
     if columns and len(images) > 256:
         rows = len(images) // columns
         columns = max(1, 256 // rows)  # the first images of each row
-        images = images.reshape(rows, -1, *images.shape[1:])[:, :columns].reshape(-1, *images.shape[1:])
+        images = np.concatenate([row[:columns] for row in np.split(images, rows)])
     return make_grid(images[:256], columns)
 
 
@@ -974,19 +976,20 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint: Optional[dict]) -> Args:
-    """--epochs (default 100 without --total-steps) as ceil(epochs N / B) optimizer steps. A format 1
-    checkpoint counted the run length, --save-every and --eval-every in epochs of N // B steps."""
+    """--epochs (default 100 without --total-steps) as ceil(epochs N / B) optimizer steps. Format 1
+    counted the run length, --save-every and --eval-every in epochs of N // B steps."""
     if {"epochs", "total_steps"} <= given:
-        raise UserError(f"--epochs {args.epochs} and --total-steps {args.total_steps} both set the run length: "
-                        f"give one")
-    if checkpoint is not None and checkpoint["format_version"] == 1:  # flags given now count steps already
-        per_epoch = num_items // args.batch_size
-        steps = {name: getattr(args, name) * per_epoch for name in ("save_every", "eval_every") if name not in given}
+        raise UserError(f"--epochs {args.epochs} and --total-steps {args.total_steps} both set the run "
+                        f"length: give one")
+    if checkpoint is not None and checkpoint["format_version"] == 1:  # flags given now count steps
+        epoch = num_items // args.batch_size  # format 1's epoch, in steps
+        steps = {k: getattr(args, k) * epoch for k in ("save_every", "eval_every") if k not in given}
         if not {"epochs", "total_steps"} & given:
-            steps["total_steps"] = args.epochs * per_epoch
+            steps["total_steps"] = args.epochs * epoch
         args = replace(args, **steps, epochs=args.epochs if "epochs" in given else None)
     if args.epochs is not None or args.total_steps is None:
-        args = replace(args, total_steps=math.ceil((args.epochs or 100) * num_items / args.batch_size), epochs=None)
+        epochs = args.epochs or 100
+        args = replace(args, total_steps=math.ceil(epochs * num_items / args.batch_size), epochs=None)
     return args
 
 
@@ -1124,7 +1127,7 @@ def main(args: Args, given: set[str]):
         check_step_memory(setup, args.batch_size, num_params, activations, args.dtype)
 
     images_np, labels_np, dataset_id, data_class_names = load_dataset(args)
-    images, labels = torch.from_numpy(images_np).to(device), torch.from_numpy(labels_np).to(device)  # no loader
+    images, labels = torch.from_numpy(images_np).to(device), torch.from_numpy(labels_np).to(device)
     args = run_length_in_steps(args, given, len(images), checkpoint)
     conditional = args.num_classes > 0
     class_names = (checkpoint or {}).get("class_names", data_class_names) if conditional else []
@@ -1156,7 +1159,7 @@ def main(args: Args, given: set[str]):
 
     # ---- the run folder (after the signal handlers: it gets a checkpoint), TensorBoard, throughput
     run_dir, writer = open_run(args, setup, run_dir, dataset_id, step, model, len(images), class_names)
-    meter = Meter(device, 3 * flops, peak_flops(setup, args.dtype), setup.world_size)  # 3x: forward and backward
+    meter = Meter(device, 3 * flops, peak_flops(setup, args.dtype), setup.world_size)  # 3x the forward
     train_model = wrap_for_training(model, args, setup)
     judge = None  # optional: judge
 
@@ -1166,7 +1169,7 @@ def main(args: Args, given: set[str]):
     first_step, step_timer = step, StepTimer(step, args.total_steps, setup)
     progress = progress_bar(args.total_steps, step, "train", "step", setup.is_main)
     while step < args.total_steps:
-        # Every rank draws the global batch and takes its slice: 2 ranks at batch B compute what 1 rank does.
+        # Each rank draws the whole global batch, then takes its slice: 2 ranks compute what 1 does.
         indices = global_batch_indices(step, args.batch_size, len(images), args.seed).to(device, non_blocking=True)
         flips = torch.rand(args.batch_size, generator=train_generator, device=device) < 0.5
         if conditional:  # classifier-free guidance training: a label becomes the null class with p = class_dropout
