@@ -572,8 +572,8 @@ class DiT(nn.Module):
 
 
 def build_model(args: Args) -> DiT:
-    return DiT(args.img_size, args.patch, 3, args.width, args.depth, args.heads, args.mlp_ratio, args.num_classes,
-               args.adaln)
+    return DiT(args.img_size, args.patch, 3, args.width, args.depth, args.heads, args.mlp_ratio,
+               args.num_classes, args.adaln)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -938,7 +938,7 @@ def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[
 
 
 def class_rows(num_classes: int, per_row: int) -> Optional[torch.Tensor]:
-    """Labels of a grid with a row of per_row images per class: 0, 0, ..., 1, 1, ... (None: unconditional)."""
+    """A grid's labels, a row of per_row images per class: 0, 0, ..., 1, 1, ... (None: unconditional)."""
     return torch.arange(num_classes).repeat_interleave(per_row) if num_classes > 0 else None
 
 
@@ -1172,7 +1172,7 @@ def main(args: Args, given: set[str]):
         # Each rank draws the whole global batch, then takes its slice: 2 ranks compute what 1 does.
         indices = global_batch_indices(step, args.batch_size, len(images), args.seed).to(device, non_blocking=True)
         flips = torch.rand(args.batch_size, generator=train_generator, device=device) < 0.5
-        if conditional:  # classifier-free guidance training: a label becomes the null class with p = class_dropout
+        if conditional:  # guidance training: a label becomes the null class with p = --class-dropout
             drops = torch.rand(args.batch_size, generator=train_generator, device=device) < args.class_dropout
         t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
         noise = torch.randn((args.batch_size, *images.shape[1:]), generator=train_generator, device=device)
