@@ -1,15 +1,12 @@
 # cleanworlds: DiT (Peebles & Xie 2023) on CIFAR-10. Docs, results: README.md, benchmark/RESULTS.md
-"""
-Class-conditional Diffusion Transformer (adaLN-Zero and 3 other adaLN variants) with guidance.
+"""Class-conditional Diffusion Transformer (adaLN-Zero and 3 other adaLN variants) with guidance.
 
     python dit_cifar10.py                                    # the seed's config: patch 4, width 384
-    python dit_cifar10.py --preset dit-s2 --eval-fid         # DiT-S/2 and its FID (50k samples)
-    python dit_cifar10.py --adaln single                     # or plain, diagonal (default: zero)
+    python dit_cifar10.py --preset tiny                      # end to end in seconds on a CPU
+    python dit_cifar10.py --preset cpu                       # shapes of the asked class in minutes
+    python dit_cifar10.py --preset dit-s2 --adaln single     # DiT-S/2 with adaLN-Single
     torchrun --standalone --nproc_per_node=8 dit_cifar10.py  # 8 GPUs, global batch 128
-    python dit_cifar10.py --preset tiny                      # end to end on a CPU, offline (shapes)
-    python dit_cifar10.py --preset cpu                       # the asked shapes in minutes, 2 cores
-Your images, a subfolder per class; sampling one class of a run with guidance:
-    python dit_cifar10.py --dataset folder --data-dir my_images --img-size 64 --num-classes 5
+    python dit_cifar10.py --dataset folder --data-dir my_images --num-classes 5 --eval-fid
     python dit_cifar10.py --resume RUN_FOLDER --sample-only --class-label cat --cfg-scale 4
 """
 import contextlib
@@ -57,8 +54,7 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic and
-    CUBLAS_WORKSPACE_CONFIG, not torch's strict (slow) algorithms: a resume is close, not bitwise"""
+    """CPU: exact resume; CUDA: cudnn.deterministic, CUBLAS_WORKSPACE_CONFIG (close, not bitwise)"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -139,7 +135,6 @@ class Args:
     """linear learning-rate warmup steps (0: none, as the reference DiT)"""
     max_grad_norm: Annotated[float, ">= 0"] = 0.0
     """gradient clipping norm (0 turns it off, as the reference DiT)"""
-    # Why the warm-up: at a constant 0.9999 the EMA holds 55% of the initial weights after 6,000 steps.
     ema_decay: Annotated[float, "[0, 1]"] = 0.9999
     """EMA decay of the sampling weights, warmed up: step t uses min(decay, (1 + t) / (10 + t))"""
     log_every: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 100
@@ -181,8 +176,7 @@ PRESETS = {
                  save_every=256, eval_every=512, sampler="ddim", num_sampling_steps=20,
                  cfg_scale=3.0, samples_per_class=4, num_samples=16, fid_num_samples=64,
                  sample_batch_size=64),
-    # Shapes of the asked class in minutes on 2 CPU cores: guidance 3 draws the asked class at
-    # this budget. The judge scores each evaluation, guided and at guidance 1.
+    # Shapes of the asked class in minutes on 2 CPU cores (guidance 3 draws it at this budget).
     "cpu": dict(dataset="shapes", img_size=16, num_shapes_images=4096, patch=2, width=128, depth=4,
                 heads=4, total_steps=2048, batch_size=64, learning_rate=1e-3, ema_decay=0.999,
                 log_every=32, save_every=256, eval_every=512, first_sample_at=100, sampler="ddim",
@@ -192,41 +186,37 @@ PRESETS = {
     "dit-s2": dict(patch=2, width=384, depth=12, heads=6),
     "dit-b2": dict(patch=2, width=768, depth=12, heads=12),
 }
-# Flags spelled otherwise on the command line (none here; diamond_atari.py's --game is --env-id).
-FLAG_ALIASES: dict[str, str] = {}
-# A checkpoint after its header, in checkpoint_state's order (args, step, every global RNG, each
-# part's state): restore_state reads them back, load_checkpoint refuses a file without one.
+FLAG_ALIASES: dict[str, str] = {}  # flags spelled otherwise (diamond_atari.py: --game, --env-id)
+# A checkpoint's contents in checkpoint_state's order (args, step, every RNG, each part's state)
 CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler", "train_generator")
 
 
 def check_args(args: Args, world_size: int):
-    """Settings that cannot work, refused at start-up in one line (before data or a run folder).
-    With --resume, the merged args: a --sample-only is checked as strictly as a new run."""
+    """Settings that cannot work, refused before data or a run folder (resumed: the merged args)."""
     check_arg_domains(args)
     if args.batch_size % world_size:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world_size} torchrun processes")
     if args.num_sampling_steps > args.timesteps:
-        raise UserError(f"--num-sampling-steps must be between 1 and --timesteps {args.timesteps}, "
-                        f"not {args.num_sampling_steps}")
+        raise UserError(f"--num-sampling-steps must not exceed --timesteps {args.timesteps}")
     if args.beta_start > args.beta_end:
         raise UserError(f"--beta-start {args.beta_start} must not exceed --beta-end {args.beta_end}")
+    if args.dataset == "cifar10" and args.img_size != 32:
+        raise UserError(f"CIFAR-10 images are 32x32: use --img-size 32, not {args.img_size}")
     if args.img_size % args.patch:
         raise UserError(f"--patch {args.patch} does not divide --img-size {args.img_size}: choose one that does")
     if args.width % args.heads:
         raise UserError(f"--heads {args.heads} does not divide --width {args.width}: choose one that does")
     if args.width % 4:
         raise UserError(f"--width {args.width} must be divisible by 4 (the 2D sin-cos position embedding)")
-    label = args.class_label  # an index, or a name (sample_from_checkpoint looks it up)
-    if label is not None and (not args.num_classes or label.lstrip("-").isdigit()
-                              and not 0 <= int(label) < args.num_classes):
-        raise UserError(f"--class-label {label} is out of range: the model has {args.num_classes} classes ("
-                        + (f"0 to {args.num_classes - 1}, or a name)" if args.num_classes else "unconditional)"))
+    label, classes = args.class_label, args.num_classes  # label: an index or a name
+    if label is not None and (not classes or label.lstrip("-").isdigit()
+                              and not 0 <= int(label) < classes):
+        raise UserError(f"--class-label {label} is out of range: the model has {classes} classes ("
+                        + (f"0 to {classes - 1}, or a name)" if classes else "unconditional)"))
     if label is not None and not args.sample_only:
-        raise UserError("--class-label picks the class of --sample-only's samples: give it with --resume RUN "
-                        "--sample-only (a training run samples every class)")
-    # Guidance mixes in eps(x_t, t, null); --class-dropout 0 never trains the null class's embedding
-    # (it keeps its random initialisation), so any scale but 1 steers the samples by noise.
-    if args.num_classes > 0 and args.class_dropout == 0 and args.cfg_scale != 1:
+        raise UserError("--class-label picks the class of --sample-only's samples: add --sample-only")
+    # Guidance mixes in eps(x_t, t, null), and --class-dropout 0 leaves the null class at its init.
+    if classes > 0 and args.class_dropout == 0 and args.cfg_scale != 1:
         raise UserError(f"--cfg-scale {args.cfg_scale:g} needs the null class, which --class-dropout 0 never trains: "
                         f"use --cfg-scale 1 (no guidance), or train with --class-dropout above 0 (DiT: 0.1)")
     if args.sample_only and not args.resume:
@@ -351,16 +341,13 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
 
 def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
     """uint8 images (N, 3, H, W), int64 labels, the dataset id (run name) and the class names (label
-    k is class_names[k]; a folder's: its sorted subfolders), as many as --num-classes unless that is
-    0."""
+    k is class_names[k]; a folder's: its sorted subfolders)."""
     if args.dataset == "cifar10":
         images, labels = load_cifar10(args.data_dir, args.download)
-        if args.img_size != 32:
-            raise UserError(f"CIFAR-10 images are 32x32: use --img-size 32, not {args.img_size}")
         dataset_id, class_names = "cifar10", CIFAR10_CLASSES
     elif args.dataset == "folder":
         images, labels, class_names = load_image_folder(args.data_dir, args.img_size)
-        dataset_id = Path(args.data_dir).resolve().name.replace("/", "_") or "folder"
+        dataset_id = Path(args.data_dir).resolve().name or "folder"
         if args.num_classes > 0 and (labels < 0).any():
             raise UserError(f"{(labels < 0).sum()} images lie directly in {args.data_dir} and so have no class: move "
                             f"them into a class subfolder, or train an unconditional model with --num-classes 0")
@@ -369,8 +356,7 @@ def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
         dataset_id, class_names = "shapes", SHAPES_CLASSES
     if args.num_classes > 0 and args.num_classes != len(class_names):
         raise UserError(f"--num-classes {args.num_classes} disagrees with the data: {dataset_id} has "
-                        f"{len(class_names)} classes; use --num-classes {len(class_names)} (or 0 for an unconditional "
-                        f"model)")
+                        f"{len(class_names)} classes; use --num-classes {len(class_names)} (or 0)")
     return images, labels, dataset_id, class_names
 
 
@@ -406,16 +392,15 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Model: DiT (Peebles & Xie 2023). The --adaln variants (c = t_emb + y_emb, D the width, LN without
-# affine parameters, modulate(h, shift, scale) = h (1 + scale) + shift):
+# Model: DiT (Peebles & Xie 2023). c = t_emb + y_emb, D the width, LN without affine parameters,
+# modulate(h, shift, scale) = h (1 + scale) + shift. The --adaln variants:
 #   zero      adaLN-Zero (the paper's): per block SiLU -> Linear(D, 6D) on c, zero-init: shift, scale
 #             and gate for attention and MLP, x += gate * Attn(modulate(LN(x), shift, scale)).
 #   plain     adaLN (the paper's ablation): Linear(D, 4D), shift and scale only, no gate.
 #   single    adaLN-Single (PixArt-alpha): one Linear(D, 6D) on c for all blocks, plus a learned
 #             (6, D) table per block (N(0, 1/D)); the final layer adds a (2, D) table to c.
-#   diagonal  plain's shift and scale, each residual branch scaled by a learned per-channel gamma
-#             (CaiT's LayerScale), not conditioned on c, zero-init.
-# Every variant zero-initialises the output Linear: the model starts at eps = 0.
+#   diagonal  plain's shift and scale; each residual branch scaled by a learned zero-init gamma (D,)
+#             (CaiT's LayerScale), not conditioned on c. Every variant's output Linear starts at 0.
 
 TIMESTEP_FREQUENCY_DIM = 256  # the timestep's sinusoidal features before the MLP
 
@@ -429,19 +414,18 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
-    """MAE's and DiT's fixed 2D sin-cos position embedding (grid_size^2, dim), row-major: the first
-    dim/2 channels encode the column, the last the row, each [sin(p w_i), cos(p w_i)], w_i =
-    10000^(-4i/dim)."""
+    """MAE's and DiT's fixed 2D sin-cos position embedding (grid_size^2, dim), row-major: channels
+    [:dim/2] encode the column, the rest the row, as [sin(p w), cos(p w)], w_i = 10000^(-4i/dim)."""
     quarter = dim // 4
     omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     angles = torch.arange(grid_size, dtype=torch.float64)[:, None] * omega[None, :]
     emb_1d = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (grid_size, dim/2)
-    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
-    return torch.cat([emb_1d[cols.flatten()], emb_1d[rows.flatten()]], dim=1).float()
+    columns, rows = emb_1d.repeat(grid_size, 1), emb_1d.repeat_interleave(grid_size, dim=0)
+    return torch.cat([columns, rows], dim=1).float()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]  # adaLN: one (shift, scale) per sample and channel
+    return x * (1 + scale) + shift  # adaLN: shift and scale (B, 1, D), one per sample and channel
 
 
 class Attention(nn.Module):
@@ -456,7 +440,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d_head)) v per head, fused kernel
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d_head)) v, fused
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -482,19 +466,16 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x: tokens (B, N, D); c: the conditioning (B, D), or adaLN-Single's modulation (B, 6D)."""
         if self.adaln == "single":
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-                self.scale_shift_table[None] + c.reshape(c.shape[0], 6, -1)).unbind(1)
-        elif self.adaln == "zero":
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+            mod = self.scale_shift_table + c.reshape(len(c), 6, -1)
         else:
-            shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
-            gate_msa, gate_mlp = (self.gamma_attn[None], self.gamma_mlp[None]) if self.adaln == "diagonal" else (1, 1)
-        x = x + self.gated(gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
-        return x + self.gated(gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
-
-    @staticmethod
-    def gated(gate, branch: torch.Tensor) -> torch.Tensor:
-        return branch if isinstance(gate, int) else gate[:, None] * branch  # gate (B or 1, D) broadcast over tokens
+            mod = self.adaLN_modulation(c).reshape(len(c), -1, x.shape[2])  # (B, 6 or 4, D)
+        mod = mod[:, :, None].unbind(1)  # each (B, 1, D): broadcast over the tokens
+        if len(mod) == 4:  # no gate from c: plain's is 1, diagonal's a learned (D,)
+            gates = (self.gamma_attn, self.gamma_mlp) if self.adaln == "diagonal" else (1, 1)
+            mod = (*mod[:2], gates[0], *mod[2:], gates[1])
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 class FinalLayer(nn.Module):
@@ -511,23 +492,22 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "scale_shift_table"):
-            shift, scale = (self.scale_shift_table[None] + c[:, None]).unbind(1)
+            shift, scale = (self.scale_shift_table + c[:, None])[:, :, None].unbind(1)
         else:
-            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+            shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
 class DiT(nn.Module):
-    """Predicts the noise eps(x_t, t, y) for images in [-1, 1], integer timesteps t (B,) and
-    labels y (B,), y = num_classes the null class (guidance); num_classes 0: unconditional, y is
-    ignored."""
+    """Predicts the noise eps(x_t, t, y) of images x_t (B, C, H, W) in [-1, 1], integer timesteps
+    t (B,) and labels y (B,), y = num_classes the null class; num_classes 0: y unused."""
 
     def __init__(self, img_size: int = 32, patch: int = 4, in_channels: int = 3, width: int = 384, depth: int = 6,
                  heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 10, adaln: str = "zero"):
         super().__init__()
         self.img_size, self.patch, self.in_channels, self.num_classes, self.adaln = (
             img_size, patch, in_channels, num_classes, adaln)
-        self.x_embedder = nn.Conv2d(in_channels, width, patch, stride=patch)  # patchify: one token per P x P patch
+        self.x_embedder = nn.Conv2d(in_channels, width, patch, stride=patch)  # patchify
         # A buffer, not a parameter: fixed, and not in the checkpoint (a function of the config).
         self.register_buffer("pos_embed", sincos_pos_embed_2d(width, img_size // patch)[None], persistent=False)
         self.t_embedder = nn.Sequential(nn.Linear(TIMESTEP_FREQUENCY_DIM, width), nn.SiLU(), nn.Linear(width, width))
@@ -537,29 +517,22 @@ class DiT(nn.Module):
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))  # the one shared modulation MLP
         self.blocks = nn.ModuleList(DiTBlock(width, heads, mlp_ratio, adaln) for _ in range(depth))
         self.final_layer = FinalLayer(width, patch, in_channels, adaln)
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        # As the reference: Xavier-uniform Linears, zero biases, the patch embedding as a Linear;
-        # N(0, 0.02) for the label table and timestep MLP; zero for adaLN modulations, the output.
+        # As the reference: Xavier-uniform Linears (the patch embedding as one), zero biases;
+        # N(0, 0.02) for the label table, the timestep MLP (and t_block); zero adaLN and output.
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        nn.init.xavier_uniform_(self.x_embedder.weight.view(self.x_embedder.weight.shape[0], -1))
+        nn.init.xavier_uniform_(self.x_embedder.weight.view(width, -1))
         nn.init.zeros_(self.x_embedder.bias)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.weight, std=0.02)
-        nn.init.normal_(self.t_embedder[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder[2].weight, std=0.02)
-        if self.adaln == "single":
-            nn.init.normal_(self.t_block[1].weight, std=0.02)  # as PixArt-alpha
-        for module in list(self.blocks) + [self.final_layer]:
-            if hasattr(module, "adaLN_modulation"):
-                nn.init.zeros_(module.adaLN_modulation[1].weight)
-                nn.init.zeros_(module.adaLN_modulation[1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        normal = [self.y_embedder, self.t_embedder[0], self.t_embedder[2]]
+        normal += [self.t_block[1]] if adaln == "single" else []
+        for module in filter(None, normal):  # y_embedder is None when unconditional
+            nn.init.normal_(module.weight, std=0.02)
+        layers = [*self.blocks, self.final_layer]
+        for linear in [m.adaLN_modulation[1] for m in layers if adaln != "single"] + [self.final_layer.linear]:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, P*P*C) tokens -> (B, C, H, W) images; a token's pixels in (row, col, channel)."""
@@ -578,9 +551,8 @@ class DiT(nn.Module):
 
 
 def build_model(args: Args) -> DiT:
-    """The DiT of the flags (check_args has refused a patch or head count that does not divide)."""
-    return DiT(args.img_size, args.patch, 3, args.width, args.depth, args.heads, args.mlp_ratio, args.num_classes,
-               args.adaln)
+    return DiT(args.img_size, args.patch, 3, args.width, args.depth, args.heads, args.mlp_ratio,
+               args.num_classes, args.adaln)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -810,9 +782,8 @@ def guided_model_fn(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale:
 
 def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: torch.Tensor, noise: torch.Tensor,
              alphas_cumprod: torch.Tensor, autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, y) ||^2, batch mean.
-    x0, noise: (B, 3, H, W) in [-1, 1], N(0, I); y: int64 (B,) labels (num_classes: the null class;
-    None: unconditional); t: int64 (B,); alphas_cumprod: (T,) on x0's device."""
+    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, y) ||^2, batch mean;
+    y: int64 labels (B,), num_classes the null class, None: unconditional."""
     abar = alphas_cumprod[t].float()[:, None, None, None]
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # x_t ~ N(sqrt(abar_t) x0, (1-abar_t) I)
     with autocast:
@@ -820,22 +791,16 @@ def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: t
     return F.mse_loss(eps_pred.float(), noise)
 
 
-def step_memory_profile(args: Args) -> tuple[int, float]:
-    """(parameters, activation bytes autograd saves per sample) of a training step, counted on the
-    meta device: the memory check runs before anything is allocated at full size."""
+def step_memory_profile(args: Args) -> tuple[int, float, float]:
+    """(parameters, activation bytes autograd saves, forward FLOPs) per image of a training step,
+    counted on the meta device: before anything is allocated at full size."""
     with torch.device("meta"):
         model = build_model(args)
         x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
         y = torch.zeros(1, dtype=torch.long) if args.num_classes > 0 else None
         activations = saved_activation_bytes(lambda: dit_loss(model, x0, y, t, x0, torch.ones(args.timesteps)))
-    return sum(p.numel() for p in model.parameters()), activations
-
-
-def train_flops_per_sample(args: Args) -> float:
-    """A training step's FLOPs per image, for MFU: 3x the forward's."""
-    example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long),
-               torch.zeros(1, dtype=torch.long) if args.num_classes > 0 else None)
-    return 3 * forward_flops(lambda: build_model(args), *example)
+    flops = forward_flops(lambda: build_model(args), x0, t, y)
+    return sum(p.numel() for p in model.parameters()), activations, flops
 
 
 # --------------------------------------------------------------------------------------------------
@@ -923,21 +888,19 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint: Optional[dict]) -> Args:
-    """The run length and cadence in optimizer steps: --epochs (default 100 without --total-steps)
-    becomes ceil(epochs N / B) steps; a format 1 checkpoint counted run length, --save-every and
-    --eval-every in epochs of N // B steps: converted. Both --epochs and --total-steps: UserError."""
+    """--epochs (default 100 without --total-steps) as ceil(epochs N / B) optimizer steps. Format 1
+    counted the run length, --save-every and --eval-every in epochs of N // B steps."""
     if {"epochs", "total_steps"} <= given:
-        raise UserError(f"--epochs {args.epochs} and --total-steps {args.total_steps} both set the run length; give "
-                        f"one")
-    if checkpoint is not None and checkpoint["format_version"] == 1:  # flags given now count steps already
-        steps_per_epoch = num_items // args.batch_size  # format 1's epoch
-        converted = {name: getattr(args, name) * steps_per_epoch for name in ("save_every", "eval_every")
-                     if name not in given}
+        raise UserError(f"--epochs {args.epochs} and --total-steps {args.total_steps} both set the run "
+                        f"length: give one")
+    if checkpoint is not None and checkpoint["format_version"] == 1:  # flags given now count steps
+        epoch = num_items // args.batch_size  # format 1's epoch, in steps
+        steps = {k: getattr(args, k) * epoch for k in ("save_every", "eval_every") if k not in given}
         if not {"epochs", "total_steps"} & given:
-            converted["total_steps"] = args.epochs * steps_per_epoch
-        args = replace(args, **converted, epochs=args.epochs if "epochs" in given else None)
+            steps["total_steps"] = args.epochs * epoch
+        args = replace(args, **steps, epochs=args.epochs if "epochs" in given else None)
     if args.epochs is not None or args.total_steps is None:
-        epochs = 100 if args.epochs is None else args.epochs
+        epochs = args.epochs or 100
         args = replace(args, total_steps=math.ceil(epochs * num_items / args.batch_size), epochs=None)
     return args
 
@@ -1048,9 +1011,6 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter",
         print(f"saved checkpoint at step {step}", flush=True)
 
 
-# --------------------------------------------------------------------------------------------------
-
-
 def main(args: Args, given: set[str]):
     # ---- setup: arguments (resumed: the checkpoint's), device, seeds, data, model, optimizer
     started = time.perf_counter()
@@ -1067,10 +1027,10 @@ def main(args: Args, given: set[str]):
     train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, drops, t, eps
     stop = StopFlag()  # SIGTERM/SIGINT now finish the step (or abandon sampling), save, exit 0
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
-        check_step_memory(setup, args.batch_size, *step_memory_profile(args), args.dtype)
+        num_params, activations, flops = step_memory_profile(args)
+        check_step_memory(setup, args.batch_size, num_params, activations, args.dtype)
 
     images_np, labels_np, dataset_id, data_class_names = load_dataset(args)
-    # uint8 on the device: no loader, no copies
     images, labels = torch.from_numpy(images_np).to(device), torch.from_numpy(labels_np).to(device)
     args = run_length_in_steps(args, given, len(images), checkpoint)
     conditional = args.num_classes > 0
@@ -1103,7 +1063,7 @@ def main(args: Args, given: set[str]):
 
     # ---- the run folder (after the signal handlers: it gets a checkpoint), TensorBoard, throughput
     run_dir, writer = open_run(args, setup, run_dir, dataset_id, step, model, len(images), class_names)
-    meter = Meter(device, train_flops_per_sample(args), peak_flops(setup, args.dtype), setup.world_size)
+    meter = Meter(device, 3 * flops, peak_flops(setup, args.dtype), setup.world_size)  # 3x the forward
     train_model = wrap_for_training(model, args, setup)
     judge = None  # optional: judge
 
@@ -1113,11 +1073,10 @@ def main(args: Args, given: set[str]):
     first_step, step_timer = step, StepTimer(step, args.total_steps, setup)
     progress = progress_bar(args.total_steps, step, "train", "step", setup.is_main)
     while step < args.total_steps:
-        # Every rank draws the whole global batch (indices, flips, drops, t, noise) and takes its
-        # slice: 2 ranks at batch B compute exactly what 1 rank at batch B does.
+        # Each rank draws the whole global batch, then takes its slice: 2 ranks compute what 1 does.
         indices = global_batch_indices(step, args.batch_size, len(images), args.seed).to(device, non_blocking=True)
         flips = torch.rand(args.batch_size, generator=train_generator, device=device) < 0.5
-        if conditional:  # classifier-free guidance training: a label becomes the null class with p = class_dropout
+        if conditional:  # guidance training: a label becomes the null class with p = --class-dropout
             drops = torch.rand(args.batch_size, generator=train_generator, device=device) < args.class_dropout
         t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
         noise = torch.randn((args.batch_size, *images.shape[1:]), generator=train_generator, device=device)

@@ -35,7 +35,6 @@ ALLOWLIST = {
     "build_model": "each script's own network",
     "load_dataset": "each script's own data",
     "step_memory_profile": "each script's own model and loss (the activations of one training step)",
-    "train_flops_per_sample": "each script's own network inputs (DiT's class labels)",
     "open_run": "DiT's start names its adaLN variant and its classes",
     "sample_from_checkpoint": "DiT samples one class or a row per class, with guidance",
     "log_samples": "DiT's grid has a row per class",
