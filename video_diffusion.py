@@ -51,8 +51,7 @@ OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
 COMPILE_BACKEND = "inductor"
 # A flag's unit, shown by --help (--save-every STEPS) and read by the tests: one meaning per name.
 STEPS = tyro.conf.arg(metavar="STEPS")
-# Beside an Args field: its domain ('>= 1', '[0, 1)'), and RESUME_MUTABLE if --resume may change it
-# (flag_marks).
+# Beside an Args field: its domain ('>= 1', '[0, 1)'), and RESUME_MUTABLE if --resume may change it.
 RESUME_MUTABLE = "resume-mutable"
 
 
@@ -63,8 +62,7 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic and
-    CUBLAS_WORKSPACE_CONFIG, not strict deterministic algorithms (too slow): CUDA resumes close"""
+    """CPU: exact resume at a fixed thread count; CUDA: cudnn.deterministic only (resumes close)"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -83,11 +81,9 @@ class Args:
     """a run folder or checkpoint file to continue exactly where it stopped"""
 # ==== BEGIN OPTIONAL: play ====
     play: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: play the model live (pip install pygame-ce): arrows steer, Enter restarts, Tab
-    switches to the real sprites world, R records an MP4, Esc quits"""
+    """with --resume: play the model live (pip install pygame-ce; keys in README.md)"""
     play_keys: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """headless play: one letter per step, N noop, U D L R, (Atari) F fire, Q E Z C the diagonals,
-    lowercase: the same with fire, / restart; writes the MP4 to {run}/play/"""
+    """headless play: a letter per step (N noop, U D L R, F fire, QEZC diagonals, / restart)"""
     play_caption: Annotated[Optional[str], RESUME_MUTABLE] = None
     """play: the caption the frames are generated with (default: null caption, keys alone steer)"""
     play_world: Annotated[Literal["imagined", "real", "both"], RESUME_MUTABLE] = "imagined"
@@ -106,11 +102,9 @@ class Args:
 
     # Data
     dataset: Literal["sprites", "atari", "folder"] = "sprites"
-    """sprites (generated), atari (random-policy clips of --env-id) or folder (the videos under
-    --data-dir, with captions.json {file name: caption} or captions.txt of name<TAB>caption lines if
-    there)"""
+    """sprites (generated), atari (random-policy --env-id clips), folder (--data-dir's videos)"""
     data_dir: Annotated[str, RESUME_MUTABLE] = "data"
-    """atari: episodes are recorded to {data_dir}/atari_v2/{env id}/; folder: the videos"""
+    """atari: episodes go to {data_dir}/atari_v2/{env id}/; folder: videos (+ captions.json/.txt)"""
     num_frames: Annotated[int, ">= 1"] = 16
     """frames per training clip"""
     img_size: Annotated[int, ">= 1"] = 64
@@ -120,8 +114,7 @@ class Args:
     num_distractors: Annotated[int, ">= 0"] = 2
     """sprites: bouncing grey squares that no action moves"""
     action_dim: Annotated[int, ">= 0"] = 0
-    """0: discrete actions (an embedding); > 0: continuous actions of this size, the seed's MLP
-    (sprites: 2)"""
+    """0: discrete actions (an embedding); 2: the sprites' continuous velocity (the seed's MLP)"""
     env_id: str = "Breakout-v5"
     """atari: the ALE game (Breakout, Breakout-v5 and ALE/Breakout-v5 are the same)"""
     num_atari_episodes: Annotated[int, ">= 1"] = 50
@@ -153,8 +146,7 @@ class Args:
     cond_drop_prob: Annotated[float, "[0, 1]"] = 0.1
     """p: training drops the caption to null with probability p, and independently the actions"""
     null_cond_prob: Annotated[float, "[0, 1]"] = 0.1
-    """q: probability of dropping both (the unconditional model of guidance: --cfg-scale other
-    than 1 needs q > 0)"""
+    """q: probability of dropping both (guidance's eps_u: --cfg-scale other than 1 needs q > 0)"""
     context_frames: Annotated[int, ">= 0"] = 4
     """k: frames the model is conditioned on to continue a video (autoregressive generation)"""
     context_prob: Annotated[float, "[0, 1]"] = 0.5
@@ -227,19 +219,16 @@ PRESETS = {
         log_every=10, save_every=20, eval_every=40, num_sampling_steps=4, num_eval_samples=8,
         num_samples=8, long_video_frames=12, sample_batch_size=8,
     ),
-    # Caption and action control in minutes on a CPU (benchmark/video_control.sh): tiny's U-Net on
-    # 8x8 sprites, each condition dropped alone half the time, guidance 3, metrics on 128 clips.
-    "cpu": dict(
-        dataset="sprites", num_frames=6, img_size=8, num_sprite_clips=2048, num_distractors=0,
-        model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-        num_heads=2, norm_groups=4, text_dim=32, text_layers=1, context_frames=3, prediction="v",
-        cond_drop_prob=0.5, null_cond_prob=0.1, cfg_scale=3.0, total_steps=2000, batch_size=32,
-        learning_rate=1e-3,
-        warmup_steps=10, ema_decay=0.9, log_every=100, save_every=500, eval_every=1000,
-        first_sample_at=100, num_sampling_steps=8, num_eval_samples=128, num_samples=16,
-        long_video_frames=6, sample_batch_size=128,
-    ),
 }
+# Caption and action control in minutes on a CPU (benchmark/video_control.sh): tiny's U-Net on 8x8
+# sprites, each condition dropped alone half the time, guidance 3, metrics on 128 clips.
+PRESETS["cpu"] = dict(
+    PRESETS["tiny"], num_frames=6, img_size=8, num_sprite_clips=2048, num_distractors=0,
+    context_frames=3, cond_drop_prob=0.5, cfg_scale=3.0, total_steps=2000, batch_size=32,
+    learning_rate=1e-3, log_every=100, save_every=500, eval_every=1000, first_sample_at=100,
+    num_sampling_steps=8, num_eval_samples=128, num_samples=16, long_video_frames=6,
+    sample_batch_size=128,
+)
 FLAG_ALIASES: dict[str, str] = {}  # flags spelled otherwise (diamond_atari.py: --game, --env-id)
 # What a checkpoint holds after its header, in checkpoint_state's order. The vocabulary and the
 # action count fix the model's shape: the run reads them before it builds it.
@@ -250,49 +239,40 @@ CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "schedule
 def check_args(args: Args, world_size: int):
     """Settings that cannot work, refused at start-up in one line (before data or a run folder)."""
     check_arg_domains(args)
-    levels, widths = len(args.channel_mult), sorted({args.model_channels * m for m in args.channel_mult})
+    halvings = len(args.channel_mult) - 1
+    widths = sorted({args.model_channels * m for m in args.channel_mult})
+    plays = args.play or args.play_keys is not None  # optional: play
     problems = [  # (refused when true, the line that says why and what to do)
         (args.batch_size % world_size,
          f"--batch-size {args.batch_size} is not divisible by the {world_size} torchrun processes"),
         (args.num_sampling_steps > args.timesteps,
-         f"--num-sampling-steps must be between 1 and --timesteps {args.timesteps}, "
-         f"not {args.num_sampling_steps}"),
-        ((args.play or args.play_keys is not None) and args.sample_only,  # optional: play
-         "--sample-only and --play are two uses of a checkpoint: give one of them"),  # optional: play
-        ((args.play or args.play_keys is not None) and not args.resume,  # optional: play
-         "--play needs --resume RUN_FOLDER_OR_CHECKPOINT (a trained action-conditioned model)"),  # optional: play
-        (args.sample_only and not args.resume,
-         "--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT"),
-        (args.img_size % 2 ** (levels - 1),
-         f"--img-size {args.img_size} must be divisible by 2^{levels - 1} "
-         f"(one halving per level of --channel-mult)"),
+         f"--num-sampling-steps must be between 1 and --timesteps {args.timesteps}"),
+        (plays and args.sample_only,  # optional: play
+         "--sample-only and --play are two uses of a checkpoint: give one"),  # optional: play
+        (plays and not args.resume, "--play needs --resume RUN_OR_CHECKPOINT"),  # optional: play
+        (args.sample_only and not args.resume, "--sample-only needs --resume RUN_OR_CHECKPOINT"),
+        (args.img_size % 2 ** halvings,
+         f"--img-size {args.img_size} must be divisible by 2^{halvings} (a halving per level)"),
         (any(w % args.num_heads for w in widths),
-         f"--num-heads {args.num_heads} must divide every level's width {widths} "
-         f"(--model-channels x --channel-mult)"),
+         f"--num-heads {args.num_heads} must divide every level's width {widths}"),
         (args.context_frames >= args.num_frames,
-         f"--context-frames must be between 0 and --num-frames - 1 = {args.num_frames - 1}, "
-         f"not {args.context_frames}"),
-        (args.context_noise_sampling_step >= args.timesteps
-         or args.context_noise_max_step > args.timesteps,
-         f"--context-noise-max-step must be <= --timesteps {args.timesteps} "
-         f"and --context-noise-sampling-step less"),
+         f"--context-frames must be between 0 and --num-frames - 1 = {args.num_frames - 1}"),
+        (max(args.context_noise_sampling_step + 1, args.context_noise_max_step) > args.timesteps,
+         f"--context-noise-max-step must be <= --timesteps {args.timesteps}, "
+         f"--context-noise-sampling-step less"),
         (args.long_video_frames < args.num_frames,
-         f"--long-video-frames {args.long_video_frames} must be at least "
-         f"--num-frames {args.num_frames}"),
+         f"--long-video-frames must be at least --num-frames {args.num_frames}"),
         (args.long_video_frames > args.num_frames and args.context_frames < 1,
          "--long-video-frames beyond --num-frames needs --context-frames of at least 1"),
         (args.action_dim and args.dataset != "sprites",
-         f"--action-dim {args.action_dim}: continuous actions exist in the sprites world only; "
-         f"drop it"),
+         "--action-dim: continuous actions exist in the sprites world only; drop it"),
         (args.action_dim not in (0, 2) and args.dataset == "sprites",
-         f"--action-dim {args.action_dim}: the sprites' action is a 2-d velocity; "
-         f"use --action-dim 2 (or 0: discrete)"),
+         "--action-dim: the sprites' action is a 2-d velocity; use --action-dim 2 (or 0)"),
         # Guidance extrapolates from eps_u, which --null-cond-prob trains on purpose (otherwise only
         # when both independent drops coincide, in p^2 of the samples).
         (args.null_cond_prob == 0 and args.cfg_scale != 1,
          f"--cfg-scale {args.cfg_scale:g} guides with the unconditional model, which "
-         f"--null-cond-prob 0 does not train; use --cfg-scale 1 (no guidance), or train with "
-         f"--null-cond-prob > 0"),
+         f"--null-cond-prob 0 does not train; use --cfg-scale 1 or --null-cond-prob > 0"),
     ]
     for refused, message in problems:
         if refused:
