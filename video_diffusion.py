@@ -306,16 +306,14 @@ DIRECTION_VECTORS = np.array([[0, -1], [0, 1], [-1, 0], [1, 0], [0, 0]], dtype=n
 
 
 def sprite_geometry(img_size: int) -> tuple[int, int, int]:
-    """Sprite side, distractor side and sprite speed (pixels per step) for a frame size (8 px: 2,
-    16: 4, 64: 8)."""
+    """Sprite side, distractor side and sprite speed in pixels per step (8 px: 2, 16: 4, 64: 8)."""
     size = max(2, img_size // 4) if img_size <= 16 else max(4, img_size // 8)
     return size, max(1, size // 2), max(1, img_size // 32)
 
 
 def sprite_positions(state: dict, actions: np.ndarray, img_size: int) -> np.ndarray:
-    """The sprite's top-left corner (T, 2) under the action leading into each frame (actions[0] is
-    ignored): discrete 0 noop, 1-4 DIRECTIONS; continuous a (dx, dy) velocity in sprite speeds. It
-    stops at the walls."""
+    """The sprite's top-left corner (T, 2) after the action into each frame (actions[0] is ignored):
+    discrete 0 noop, 1-4 DIRECTIONS; continuous a (dx, dy) in sprite speeds. Walls stop it."""
     size, _, speed = sprite_geometry(img_size)
     pos, out = np.array(state["sprite"], dtype=np.float32), []
     for i, a in enumerate(actions):
@@ -346,10 +344,9 @@ def render_sprite_clip(state: dict, actions: np.ndarray, img_size: int) -> np.nd
 
 def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_distractors: int = 1,
                          action_dim: int = 0, seed: int = 0) -> VideoData:
-    """Clips of a coloured square that the actions move, captioned "a red square moves right". Each
-    clip has a commanded direction d: each action is d with probability 3/4, else a noop or a
-    perpendicular move. The start is uniform whatever d (the first frame does not tell the
-    direction); a clip is redrawn until its net move is d."""
+    """Clips of a coloured square that the actions move, captioned "a red square moves right". A
+    clip's actions are its direction d 3/4 of the time, else a noop or a perpendicular move; its
+    start is uniform whatever d, and it is redrawn until its net move is d."""
     if num_frames < 2:
         raise UserError(f"--num-frames {num_frames}: a sprites clip needs at least 2 frames to "
                         f"show a move; use --num-frames 2 or more")
@@ -360,10 +357,10 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
         for _attempt in range(1000):
             d = int(rng.integers(4))
             xy = rng.integers(0, img_size - size + 1, size=2).tolist()  # independent of d
-            perpendicular = np.array([2, 3] if d < 2 else [0, 1])
             choice = rng.random(num_frames)
-            sideways = perpendicular[rng.integers(2, size=num_frames)] + 1
-            clip_actions = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways)).astype(np.int64)
+            sideways = np.array([3, 4] if d < 2 else [1, 2])[rng.integers(2, size=num_frames)]
+            clip_actions = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways))
+            clip_actions = clip_actions.astype(np.int64)
             clip_actions[0] = 0
             if action_dim > 0:  # a velocity: the discrete move scaled by U(0.6, 1), plus jitter
                 a = DIRECTION_VECTORS[clip_actions - 1] * rng.uniform(0.6, 1.0, (num_frames, 1))
@@ -381,15 +378,12 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
         else:
             raise UserError(f"--img-size {img_size} is too small for sprites moving over "
                             f"--num-frames {num_frames}")
-        caption = f"a {state['colour']} square moves {DIRECTIONS[d]}"
-        frames = render_sprite_clip(state, clip_actions, img_size)
-        clips.append((frames, clip_actions, caption, d, state))
+        clips.append((render_sprite_clip(state, clip_actions, img_size), clip_actions,
+                      f"a {state['colour']} square moves {DIRECTIONS[d]}", d, state))
     frames, actions, captions, directions, states = zip(*clips)
-    return VideoData(frames=np.concatenate(frames), actions=np.concatenate(actions),
-                     clip_starts=np.arange(num_clips, dtype=np.int64) * num_frames,
-                     captions=list(captions), directions=np.array(directions, dtype=np.int64),
-                     num_actions=0 if action_dim else 5, dataset_id="sprites",
-                     sprite_states=list(states))
+    starts = np.arange(num_clips) * num_frames
+    return VideoData(np.concatenate(frames), np.concatenate(actions), starts, list(captions),
+                     np.array(directions), 0 if action_dim else 5, "sprites", list(states))
 
 
 def resize_frame(rgb: np.ndarray, img_size: int) -> np.ndarray:
@@ -403,16 +397,20 @@ def resize_frame(rgb: np.ndarray, img_size: int) -> np.ndarray:
     return cv2.resize(square, (img_size, img_size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)
 
 
-def clips_of_episodes(episodes: list, num_frames: int) -> tuple[np.ndarray, np.ndarray, list]:
-    """Concatenates episodes' frames; clips are windows of num_frames, num_frames // 2 apart.
-    Returns the frames, the clip starts and each clip's (episode, start in it)."""
-    starts, owners, total = [], [], 0
+def clips_of_episodes(episodes: list, num_frames: int, caption: Callable, too_short: str,
+                      **fields) -> VideoData:
+    """VideoData of the episodes' frames, each (T, 3, H, W): windows of num_frames, num_frames // 2
+    apart, captioned caption(episode, start in it); too_short: the error if there are none."""
+    starts, captions, total = [], [], 0
     for e, frames in enumerate(episodes):
         for s in range(0, len(frames) - num_frames + 1, max(1, num_frames // 2)):
             starts.append(total + s)
-            owners.append((e, s))
+            captions.append(caption(e, s))
         total += len(frames)
-    return np.concatenate(episodes), np.array(starts, dtype=np.int64), owners
+    if not starts:
+        raise UserError(too_short)
+    return VideoData(np.concatenate(episodes), clip_starts=np.array(starts), captions=captions,
+                     directions=np.full(len(starts), -1), **fields)
 
 
 ATARI_AGENTS = {"Breakout": "paddle", "Pong": "paddle", "SpaceInvaders": "cannon",
@@ -441,8 +439,8 @@ def atari_ids(env_id: str) -> tuple[str, str, str]:
 def describe_atari_action(meaning: str) -> str:
     """ALE action meaning -> words: RIGHTFIRE -> "moves right and fires", NOOP -> "stays still"."""
     moves = [d.lower() for d in ("UP", "DOWN", "LEFT", "RIGHT") if d in meaning]
-    words = ((["moves " + " and ".join(moves)] if moves else [])
-             + (["fires"] if "FIRE" in meaning else []))
+    words = ["moves " + " and ".join(moves)] if moves else []
+    words += ["fires"] if "FIRE" in meaning else []
     return " and ".join(words) or "stays still"
 
 
@@ -464,21 +462,19 @@ def atari_step(env, action: int) -> tuple[np.ndarray, float, bool, bool]:
 
 
 def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_steps: int,
-                          img_size: int, seed: int, game: str):
-    """Random-policy episodes (each action held for 1-8 steps, so that motion shows) as episode
-    files, written atomically (a killed recording never leaves a half-written episode); existing
-    ones are kept."""
+                          img_size: int, seed: int, game: str) -> list[str]:
+    """Random-policy episodes (each action held 1-8 steps, so that motion shows) as episode files,
+    each written atomically (existing ones kept); returns the game's action meanings."""
     import gymnasium as gym
 
     folder.mkdir(parents=True, exist_ok=True)
-    missing = [i for i in range(num_episodes) if not (folder / f"episode_{i:05d}.npz").exists()]
-    if not missing:
-        return  # no emulator to start
-    # frameskip 1: atari_step repeats the action itself; no sticky actions: the recorded action is
-    # the one executed
+    # frameskip 1: atari_step repeats the action; no sticky actions: the recorded action is executed
     env = gym.make(gym_id, frameskip=1, repeat_action_probability=0.0)
     try:
-        for i in missing:
+        for i in range(num_episodes):
+            path, tmp = folder / f"episode_{i:05d}.npz", folder / f".episode_{i:05d}.tmp.npz"
+            if path.exists():
+                continue
             rng = np.random.default_rng(seed * 1_000_003 + i)
             obs, _ = env.reset(seed=seed * 1_000_003 + i)
             frames, steps, action, hold = [resize_frame(obs, img_size)], [], 0, 0
@@ -492,7 +488,6 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
                 if steps[-1][2] or steps[-1][3]:
                     break
             actions, rewards, terminated, truncated = (np.array(column) for column in zip(*steps))
-            path, tmp = folder / f"episode_{i:05d}.npz", folder / f".episode_{i:05d}.tmp.npz"
             try:
                 np.savez(tmp, obs=np.stack(frames).transpose(0, 2, 3, 1),
                          actions=actions.astype(np.int64), rewards=rewards.astype(np.float32),
@@ -500,11 +495,12 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
                 os.replace(tmp, path)
             except OSError as e:  # a full disk: one line; the episodes recorded so far are kept
                 raise TrainingFailure(f"cannot write the recorded episode {path} "
-                                      f"({e.strerror or e}): free disk space or make the folder "
-                                      f"writable, then start again") from None
+                                      f"({e.strerror or e}): free disk space or make the "
+                                      f"folder writable") from None
             finally:  # also after a Ctrl-C in the middle of the write: no temporary file left
                 with contextlib.suppress(OSError):
                     tmp.unlink(missing_ok=True)
+        return env.unwrapped.get_action_meanings()
     finally:
         env.close()
 
@@ -549,36 +545,26 @@ def read_episode(path: Path, num_actions: int, fix: str) -> dict:
 def load_atari_dataset(args: "Args") -> VideoData:
     """The episode files in atari_folder, recorded first if there are too few. Each clip's caption
     names the action held most often in it: "Breakout: the paddle moves left"."""
-    import gymnasium as gym
-
     gym_id, canonical, game = atari_ids(args.env_id)
     folder = atari_folder(args.data_dir, canonical)
-    record_atari_episodes(gym_id, folder, args.num_atari_episodes, args.atari_episode_steps,
-                          args.img_size, args.seed, game)
-    env = gym.make(gym_id)
-    meanings = env.unwrapped.get_action_meanings()
-    env.close()
-    episodes, episode_actions = [], []
+    meanings = record_atari_episodes(gym_id, folder, args.num_atari_episodes,
+                                     args.atari_episode_steps, args.img_size, args.seed, game)
+    episodes, actions = [], []
     for path in sorted(folder.glob("episode_*.npz"))[: args.num_atari_episodes]:
-        episode = read_episode(path, len(meanings), "delete it (a missing episode is recorded again)")
-        obs = episode["obs"]
-        if obs.shape[1:3] != (args.img_size, args.img_size):
-            obs = np.stack([resize_frame(o, args.img_size).transpose(1, 2, 0) for o in obs])
-        episodes.append(np.ascontiguousarray(obs.transpose(0, 3, 1, 2)))
-        episode_actions.append(np.concatenate([[0], episode["actions"]]))  # NOOP into frame 0
-    frames, starts, owners = clips_of_episodes(episodes, args.num_frames)
-    if len(starts) == 0:
-        raise UserError(f"no episode in {folder} has {args.num_frames} frames: raise "
-                        f"--atari-episode-steps or lower --num-frames")
-    captions = []
-    for e, s in owners:
-        held = np.bincount(episode_actions[e][s + 1: s + args.num_frames],
-                           minlength=len(meanings)).argmax()
-        agent = ATARI_AGENTS.get(game, 'player')
-        captions.append(f"{game}: the {agent} {describe_atari_action(meanings[held])}")
-    return VideoData(frames=frames, actions=np.concatenate(episode_actions), clip_starts=starts,
-                     captions=captions, directions=np.full(len(starts), -1, dtype=np.int64),
-                     num_actions=len(meanings), dataset_id=canonical)
+        episode = read_episode(path, len(meanings), "delete it (a missing one is recorded again)")
+        episodes.append(np.stack([resize_frame(obs, args.img_size) for obs in episode["obs"]]))
+        actions.append(np.concatenate([[0], episode["actions"]]))  # NOOP into frame 0
+
+    def caption(e: int, s: int) -> str:
+        held = np.bincount(actions[e][s + 1: s + args.num_frames], minlength=len(meanings)).argmax()
+        return f"{game}: the {agent} {describe_atari_action(meanings[held])}"
+
+    agent = ATARI_AGENTS.get(game, "player")
+    return clips_of_episodes(episodes, args.num_frames, caption,
+                             f"no episode in {folder} has {args.num_frames} frames: raise "
+                             f"--atari-episode-steps or lower --num-frames",
+                             actions=np.concatenate(actions), num_actions=len(meanings),
+                             dataset_id=canonical)
 
 
 def read_captions_file(path: Path) -> dict:
@@ -596,21 +582,17 @@ def read_captions_file(path: Path) -> dict:
 
 
 def read_video(path: Path, img_size: int) -> list[np.ndarray]:
-    """A video file's frames, each through resize_frame. An empty or unreadable file, or one OpenCV
-    decodes no frame of, is refused in one line naming it (FFmpeg's own "moov atom not found" names
-    no file)."""
+    """A video's frames through resize_frame; an empty, unreadable or undecodable file is refused in
+    one line naming it (FFmpeg's own "moov atom not found" names no file)."""
     import cv2
 
-    fix = "replace it with a video OpenCV can read or remove it"
     try:
         with path.open("rb") as f:
-            if not f.read(1):
-                raise UserError(f"{path}: empty file; {fix}")
+            empty = not f.read(1)
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror}); make it readable or "
                         f"remove it") from None
-    # FFmpeg writes to file descriptor 2 itself (OpenCV's log level does not reach it): silenced
-    # while the file opens
+    # FFmpeg writes to fd 2 itself (OpenCV's log level does not reach it): silenced while opening
     sys.stderr.flush()
     stderr_fd, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
@@ -627,8 +609,8 @@ def read_video(path: Path, img_size: int) -> list[np.ndarray]:
         ok, bgr = capture.read()
     capture.release()
     if not frames:
-        raise UserError(f"{path}: OpenCV decodes no frame of it (a cut or corrupt file, or a codec "
-                        f"its FFmpeg lacks); {fix}")
+        why = "empty file" if empty else "OpenCV decodes no frame (cut, corrupt, unknown codec)"
+        raise UserError(f"{path}: {why}; replace it with a video OpenCV can read or remove it")
     return frames
 
 
@@ -651,21 +633,15 @@ def load_video_folder(args: "Args") -> VideoData:
     captions_path = next((root / n for n in ("captions.json", "captions.txt")
                           if (root / n).is_file()), None)
     by_name = read_captions_file(captions_path) if captions_path else {}
-    episodes, episode_captions = [], []
+    episodes, captions = [], []
     for p in paths:
-        frames = read_video(p, args.img_size)
-        if len(frames) >= args.num_frames:
-            episodes.append(np.stack(frames))
-            keys = (str(p.relative_to(root)), p.name, p.stem)
-            episode_captions.append(next((by_name[k] for k in keys if k in by_name), ""))
-    if not episodes:
-        raise UserError(f"no video under {args.data_dir} has --num-frames {args.num_frames} "
-                        f"readable frames: check the files or lower --num-frames")
-    frames, starts, owners = clips_of_episodes(episodes, args.num_frames)
-    return VideoData(frames=frames, actions=None, clip_starts=starts,
-                     captions=[episode_captions[e] for e, _ in owners],
-                     directions=np.full(len(starts), -1, dtype=np.int64), num_actions=0,
-                     dataset_id="folder")
+        episodes.append(np.stack(read_video(p, args.img_size)))
+        names = (str(p.relative_to(root)), p.name, p.stem)
+        captions.append(next((by_name[k] for k in names if k in by_name), ""))
+    return clips_of_episodes(episodes, args.num_frames, lambda e, s: captions[e],
+                             f"no video under {args.data_dir} has --num-frames {args.num_frames} "
+                             f"readable frames: check the files or lower --num-frames",
+                             actions=None, num_actions=0, dataset_id="folder")
 
 
 def load_dataset(args: "Args") -> VideoData:
