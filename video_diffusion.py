@@ -790,9 +790,8 @@ class SinusoidalPosEmb(nn.Module):
 
 
 class ResBlock3D(nn.Module):
-    """GN-swish-conv(1x3x3), + Dense(swish(emb)) per frame, GN-swish-dropout-conv(1x3x3), shortcut;
-    then temporal mixing, + conv(3x1x1)(swish(GN(h))): a (2+1)D factorisation. Starts as the
-    identity (zero last convs)."""
+    """GN-swish-conv(1x3x3), + Dense(swish(emb)) per frame, GN-swish-dropout-conv(1x3x3), shortcut; then
+    temporal mixing, + conv(3x1x1)(swish(GN(h))): (2+1)D. Starts as the identity (zero last convs)."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0,
                  norm_groups: int = 32):
@@ -823,27 +822,10 @@ def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, lq, c)
 
 
-class CrossAttention(nn.Module):
-    """Video tokens (queries) attend to the caption's tokens (keys and values), as the seed's CrossAttention."""
-
-    def __init__(self, dim: int, context_dim: int, num_heads: int = 8):
-        super().__init__()
-        self.num_heads = num_heads
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(context_dim, dim)
-        self.to_v = nn.Linear(context_dim, dim)
-        self.to_out = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None):
-        mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, L): padding never attended
-        out = multi_head_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.num_heads, mask)
-        return self.to_out(out)
-
-
 class SpatioTemporalAttention(nn.Module):
     """Spatial self-attention (frames as batch), then temporal self-attention (pixels as batch) with
-    a learned relative position bias (any clip length works), then cross-attention to the caption;
-    each a residual branch."""
+    a learned relative position bias (any clip length works), then cross-attention from the video
+    tokens to the caption's (the seed's CrossAttention); each a residual branch."""
 
     def __init__(self, channels: int, num_heads: int = 8, norm_groups: int = 32, context_dim: int = 256,
                  max_relative_position: int = 32):
@@ -857,10 +839,14 @@ class SpatioTemporalAttention(nn.Module):
         self.temporal_out = nn.Linear(channels, channels)
         self.relative_bias = nn.Parameter(torch.zeros(2 * max_relative_position + 1, num_heads))
         self.cross_norm = nn.LayerNorm(channels)
-        self.cross_attn = CrossAttention(channels, context_dim, num_heads)
-        zero_(self.spatial_out, self.temporal_out, self.cross_attn.to_out)
+        self.cross_q = nn.Linear(channels, channels)
+        self.cross_k = nn.Linear(context_dim, channels)
+        self.cross_v = nn.Linear(context_dim, channels)
+        self.cross_out = nn.Linear(channels, channels)
+        zero_(self.spatial_out, self.temporal_out, self.cross_out)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None):
+        """x (B, C, T, H, W); context (B, L, context_dim) with context_mask (B, L), False at padding."""
         b, c, t, h, w = x.shape
         tokens = self.spatial_norm(x).permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)  # (B*T, HW, C)
         out = multi_head_attention(*self.spatial_qkv(tokens).chunk(3, dim=-1), self.num_heads)
@@ -874,25 +860,10 @@ class SpatioTemporalAttention(nn.Module):
         x = x + self.temporal_out(out).reshape(b, h, w, t, c).permute(0, 4, 3, 1, 2)
 
         tokens = self.cross_norm(x.permute(0, 2, 3, 4, 1).reshape(b, t * h * w, c))  # (B, THW, C)
-        out = self.cross_attn(tokens, context, context_mask)
-        return x + out.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
-
-
-class Downsample3D(nn.Sequential):  # a Sequential runs its modules in the order they are set
-    """Stride-2 conv over space only (1x3x3): the clip keeps its frames."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv3d(channels, channels, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
-
-
-class Upsample3D(nn.Sequential):
-    """Nearest x2 over space only, then a 1x3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.upsample = nn.Upsample(scale_factor=(1.0, 2.0, 2.0), mode="nearest")
-        self.conv = nn.Conv3d(channels, channels, (1, 3, 3), padding=(0, 1, 1))
+        mask = None if context_mask is None else context_mask[:, None, None, :]
+        out = multi_head_attention(self.cross_q(tokens), self.cross_k(context), self.cross_v(context),
+                                   self.num_heads, mask)
+        return x + self.cross_out(out).reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
 
 class TextEncoder(nn.Module):
@@ -928,9 +899,8 @@ class VideoDiffusionModel(nn.Module):
         self.num_actions, self.action_dim, self.max_text_len = num_actions, action_dim, max_text_len
         self.num_levels, self.num_res_blocks = len(channel_mult), num_res_blocks
         c, emb = model_channels, 4 * model_channels
-        self.time_embed = nn.Sequential(SinusoidalPosEmb(c), nn.Linear(c, emb), nn.GELU(), nn.Linear(emb, emb))
-        self.context_noise_embed = nn.Sequential(SinusoidalPosEmb(c), nn.Linear(c, emb), nn.GELU(),
-                                                 nn.Linear(emb, emb))
+        self.time_embed, self.context_noise_embed = (
+            nn.Sequential(SinusoidalPosEmb(c), nn.Linear(c, emb), nn.GELU(), nn.Linear(emb, emb)) for _ in range(2))
         text_heads = text_dim // 64 if text_dim % 64 == 0 else 1  # heads of width 64 where the width allows
         self.text_encoder = TextEncoder(vocab_size, text_dim, text_layers, text_heads, max_text_len)
         self.text_pool = nn.Linear(text_dim, emb)
@@ -944,10 +914,10 @@ class VideoDiffusionModel(nn.Module):
         # in: the noisy clip, the context frames and the context mask
         self.input_conv = nn.Conv3d(2 * in_channels + 1, c, (1, 3, 3), padding=(0, 1, 1))
         self.down_blocks, self.down_attns, self.downsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        skip_channels, current, resolution = [c], c, img_size
+        skip_channels, current = [c], c
 
-        def attention():
-            if resolution in attn_resolutions:
+        def attention(level: int) -> nn.Module:  # at the levels whose resolution is in attn_resolutions
+            if img_size // 2 ** level in attn_resolutions:
                 return SpatioTemporalAttention(current, num_heads, norm_groups, text_dim)
             return nn.Identity()
 
@@ -955,12 +925,11 @@ class VideoDiffusionModel(nn.Module):
             for _ in range(num_res_blocks):
                 self.down_blocks.append(ResBlock3D(current, c * mult, emb, dropout, norm_groups))
                 current = c * mult
-                self.down_attns.append(attention())
+                self.down_attns.append(attention(level))
                 skip_channels.append(current)
-            if level != len(channel_mult) - 1:
-                self.downsamples.append(Downsample3D(current))
+            if level != len(channel_mult) - 1:  # a stride-2 conv over space only: the clip keeps its frames
+                self.downsamples.append(nn.Conv3d(current, current, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)))
                 skip_channels.append(current)
-                resolution //= 2
         self.mid_block1 = ResBlock3D(current, current, emb, dropout, norm_groups)
         self.mid_attn = SpatioTemporalAttention(current, num_heads, norm_groups, text_dim)
         self.mid_block2 = ResBlock3D(current, current, emb, dropout, norm_groups)
@@ -969,10 +938,10 @@ class VideoDiffusionModel(nn.Module):
             for _ in range(num_res_blocks + 1):
                 self.up_blocks.append(ResBlock3D(current + skip_channels.pop(), c * mult, emb, dropout, norm_groups))
                 current = c * mult
-                self.up_attns.append(attention())
-            if level != 0:
-                self.upsamples.append(Upsample3D(current))
-                resolution *= 2
+                self.up_attns.append(attention(level))
+            if level != 0:  # nearest x2 over space only, then a 1x3x3 conv
+                self.upsamples.append(nn.Sequential(nn.Upsample(scale_factor=(1.0, 2.0, 2.0), mode="nearest"),
+                                                    nn.Conv3d(current, current, (1, 3, 3), padding=(0, 1, 1))))
         self.out_norm = group_norm(current, norm_groups)
         self.out = nn.Conv3d(current, in_channels, 3, padding=1)  # the seed's 3x3x3 output conv
         zero_(self.out)
@@ -981,21 +950,6 @@ class VideoDiffusionModel(nn.Module):
         tokens = torch.full((batch, self.max_text_len), PAD_ID, dtype=torch.long, device=device)
         tokens[:, 0] = NULL_ID
         return tokens
-
-    def embed_actions(self, actions: Optional[torch.Tensor], drop_actions: Optional[torch.Tensor], batch: int,
-                      num_frames: int, device: torch.device) -> torch.Tensor:
-        """(B, T, 4C): each frame's action embedding; the null action where actions is None or drop_actions (B,)."""
-        if self.action_dim > 0:
-            if actions is None:
-                return self.null_action.expand(batch, num_frames, -1)
-            encoded = self.action_encoder(actions.to(self.null_action.dtype))
-            return encoded if drop_actions is None else torch.where(drop_actions[:, None, None], self.null_action,
-                                                                    encoded)
-        if actions is None:
-            actions = torch.full((batch, num_frames), self.num_actions, dtype=torch.long, device=device)
-        elif drop_actions is not None:
-            actions = torch.where(drop_actions[:, None], self.num_actions, actions)
-        return self.action_encoder(actions)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: Optional[torch.Tensor] = None,
                 actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
@@ -1012,8 +966,16 @@ class VideoDiffusionModel(nn.Module):
         text_tokens, text_mask = self.text_encoder(self.null_text(b, x.device) if text is None else text)
         pooled = (text_tokens * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True)
         emb = (emb + self.text_pool(pooled))[:, None, :].expand(b, num_frames, -1)  # (B, T, 4C)
-        if self.action_encoder is not None:
-            emb = emb + self.embed_actions(actions, drop_actions, b, num_frames, x.device)
+        if self.action_dim > 0:  # the null action where actions is None or drop_actions
+            null = self.null_action.expand(b, num_frames, -1)
+            encoded = null if actions is None else self.action_encoder(actions.to(null.dtype))
+            emb = emb + (encoded if drop_actions is None else torch.where(drop_actions[:, None, None], null, encoded))
+        elif self.num_actions > 0:  # discrete: row num_actions is the null action
+            if actions is None:
+                actions = torch.full((b, num_frames), self.num_actions, dtype=torch.long, device=x.device)
+            elif drop_actions is not None:
+                actions = torch.where(drop_actions[:, None], self.num_actions, actions)
+            emb = emb + self.action_encoder(actions)
         if context is None or context_mask is None:
             mask, context = x.new_zeros(b, 1, num_frames, 1, 1), torch.zeros_like(x)
         else:
