@@ -769,20 +769,20 @@ def group_norm(channels: int, groups: int) -> nn.GroupNorm:
 
 
 def zero_(*modules: nn.Module):
-    """Zero weights and biases: a residual branch (or the output) starts at zero, so a block starts as the identity."""
+    """Zero weights and biases: a residual branch starts at zero, its block as the identity."""
     for module in modules:
         nn.init.zeros_(module.weight)
         nn.init.zeros_(module.bias)
 
 
 class SinusoidalPosEmb(nn.Module):
-    """Transformer sinusoids as in DDPM: [sin(t w_i), cos(t w_i)], w_i = exp(-ln(10000) i / (dim/2 - 1))."""
+    """DDPM's sinusoids: [sin(t w_i), cos(t w_i)], w_i = exp(-ln(10000) i / (dim/2 - 1))."""
 
     def __init__(self, dim: int):
         super().__init__()
         half = dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / (half - 1))
-        self.register_buffer("freqs", freqs, persistent=False)  # follows the module's device, not saved
+        self.register_buffer("freqs", freqs, persistent=False)  # follows the module's device
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         angles = t.to(self.freqs.dtype)[:, None] * self.freqs[None, :]
@@ -790,8 +790,8 @@ class SinusoidalPosEmb(nn.Module):
 
 
 class ResBlock3D(nn.Module):
-    """GN-swish-conv(1x3x3), + Dense(swish(emb)) per frame, GN-swish-dropout-conv(1x3x3), shortcut; then
-    temporal mixing, + conv(3x1x1)(swish(GN(h))): (2+1)D. Starts as the identity (zero last convs)."""
+    """GN-swish-conv(1x3x3), + Dense(swish(emb)) per frame, GN-swish-dropout-conv(1x3x3), shortcut;
+    then + conv(3x1x1)(swish(GN(h))) over time: (2+1)D. Starts as the identity (zero last convs)."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0,
                  norm_groups: int = 32):
@@ -809,14 +809,14 @@ class ResBlock3D(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb_proj(F.silu(emb)).permute(0, 2, 1)[:, :, :, None, None]  # (B, T, E) -> (B, C, T, 1, 1)
+        h = h + self.emb_proj(F.silu(emb)).permute(0, 2, 1)[:, :, :, None, None]  # (B, C, T, 1, 1)
         h = self.shortcut(x) + self.conv2(self.dropout(F.silu(self.norm2(h))))
         return h + self.temporal_conv(F.silu(self.temporal_norm(h)))
 
 
 def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
                          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(N, Lq, C), (N, Lk, C) -> (N, Lq, C): softmax(q k^T / sqrt(d) + mask) v per head, through SDPA."""
+    """(N, Lq, C), (N, Lk, C) -> (N, Lq, C): softmax(q k^T / sqrt(d) + mask) v per head (SDPA)."""
     n, lq, c = q.shape
     q, k, v = (z.reshape(n, z.shape[1], num_heads, c // num_heads).transpose(1, 2) for z in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, lq, c)
@@ -827,8 +827,8 @@ class SpatioTemporalAttention(nn.Module):
     a learned relative position bias (any clip length works), then cross-attention from the video
     tokens to the caption's (the seed's CrossAttention); each a residual branch."""
 
-    def __init__(self, channels: int, num_heads: int = 8, norm_groups: int = 32, context_dim: int = 256,
-                 max_relative_position: int = 32):
+    def __init__(self, channels: int, num_heads: int = 8, norm_groups: int = 32,
+                 context_dim: int = 256, max_relative_position: int = 32):
         super().__init__()
         self.num_heads, self.max_relative_position = num_heads, max_relative_position
         self.spatial_norm = group_norm(channels, norm_groups)
@@ -845,8 +845,8 @@ class SpatioTemporalAttention(nn.Module):
         self.cross_out = nn.Linear(channels, channels)
         zero_(self.spatial_out, self.temporal_out, self.cross_out)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None):
-        """x (B, C, T, H, W); context (B, L, context_dim) with context_mask (B, L), False at padding."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor]):
+        """x (B, C, T, H, W); context (B, L, context_dim), context_mask (B, L) False at padding."""
         b, c, t, h, w = x.shape
         tokens = self.spatial_norm(x).permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)  # (B*T, HW, C)
         out = multi_head_attention(*self.spatial_qkv(tokens).chunk(3, dim=-1), self.num_heads)
@@ -867,9 +867,9 @@ class SpatioTemporalAttention(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Learned word embeddings + positions -> a small pre-norm transformer -> (B, L, dim) tokens and their mask."""
+    """Learned word embeddings + positions -> a small pre-norm transformer -> (B, L, dim), mask."""
 
-    def __init__(self, vocab_size: int, dim: int = 256, depth: int = 2, num_heads: int = 4, max_len: int = 16):
+    def __init__(self, vocab_size: int, dim: int, depth: int, num_heads: int, max_len: int):
         super().__init__()
         self.token_embed = nn.Embedding(vocab_size, dim)
         self.pos_embed = nn.Parameter(torch.randn(max_len, dim) * 0.02)
@@ -879,7 +879,7 @@ class TextEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = tokens != PAD_ID  # (B, L): True for real tokens (every caption has one: a word or <null>)
+        mask = tokens != PAD_ID  # (B, L): every caption has a real token (a word or <null>)
         h = self.token_embed(tokens) + self.pos_embed[: tokens.shape[1]]
         return self.norm(self.blocks(h, src_key_padding_mask=~mask)), mask
 
@@ -891,7 +891,7 @@ class VideoDiffusionModel(nn.Module):
     embedded like the time."""
 
     def __init__(self, in_channels: int = 3, model_channels: int = 256, num_res_blocks: int = 2,
-                 channel_mult: tuple[int, ...] = (1, 2, 2), attn_resolutions: tuple[int, ...] = (32, 16),
+                 channel_mult: tuple = (1, 2, 2), attn_resolutions: tuple = (32, 16),
                  img_size: int = 64, num_heads: int = 8, norm_groups: int = 32, dropout: float = 0.0,
                  num_actions: int = 0, action_dim: int = 0, vocab_size: int = len(SPECIAL_TOKENS),
                  text_dim: int = 256, text_layers: int = 2, max_text_len: int = 16):
@@ -900,23 +900,25 @@ class VideoDiffusionModel(nn.Module):
         self.num_levels, self.num_res_blocks = len(channel_mult), num_res_blocks
         c, emb = model_channels, 4 * model_channels
         self.time_embed, self.context_noise_embed = (
-            nn.Sequential(SinusoidalPosEmb(c), nn.Linear(c, emb), nn.GELU(), nn.Linear(emb, emb)) for _ in range(2))
-        text_heads = text_dim // 64 if text_dim % 64 == 0 else 1  # heads of width 64 where the width allows
+            nn.Sequential(SinusoidalPosEmb(c), nn.Linear(c, emb), nn.GELU(), nn.Linear(emb, emb))
+            for _ in range(2))
+        text_heads = text_dim // 64 if text_dim % 64 == 0 else 1  # heads of width 64 if it can
         self.text_encoder = TextEncoder(vocab_size, text_dim, text_layers, text_heads, max_text_len)
         self.text_pool = nn.Linear(text_dim, emb)
         self.action_encoder = None
-        if action_dim > 0:  # the seed's ActionConditionedDiffusion: Linear(A, 256) -> ReLU -> Linear(256, 4C)
-            self.action_encoder = nn.Sequential(nn.Linear(action_dim, 256), nn.ReLU(), nn.Linear(256, emb))
+        if action_dim > 0:  # the seed's ActionConditionedDiffusion's MLP
+            self.action_encoder = nn.Sequential(nn.Linear(action_dim, 256), nn.ReLU(),
+                                                nn.Linear(256, emb))
             self.null_action = nn.Parameter(torch.zeros(emb))
         elif num_actions > 0:
-            self.action_encoder = nn.Embedding(num_actions + 1, emb)  # row num_actions: the null action
+            self.action_encoder = nn.Embedding(num_actions + 1, emb)  # row num_actions: null
 
         # in: the noisy clip, the context frames and the context mask
         self.input_conv = nn.Conv3d(2 * in_channels + 1, c, (1, 3, 3), padding=(0, 1, 1))
-        self.down_blocks, self.down_attns, self.downsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.down_blocks, self.down_attns, self.downsamples = (nn.ModuleList() for _ in range(3))
         skip_channels, current = [c], c
 
-        def attention(level: int) -> nn.Module:  # at the levels whose resolution is in attn_resolutions
+        def attention(level: int) -> nn.Module:  # if the level's resolution is in attn_resolutions
             if img_size // 2 ** level in attn_resolutions:
                 return SpatioTemporalAttention(current, num_heads, norm_groups, text_dim)
             return nn.Identity()
@@ -927,21 +929,22 @@ class VideoDiffusionModel(nn.Module):
                 current = c * mult
                 self.down_attns.append(attention(level))
                 skip_channels.append(current)
-            if level != len(channel_mult) - 1:  # a stride-2 conv over space only: the clip keeps its frames
-                self.downsamples.append(nn.Conv3d(current, current, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)))
+            if level != len(channel_mult) - 1:  # a stride-2 conv over space only: the frames stay
+                self.downsamples.append(nn.Conv3d(current, current, (1, 3, 3), (1, 2, 2), (0, 1, 1)))
                 skip_channels.append(current)
         self.mid_block1 = ResBlock3D(current, current, emb, dropout, norm_groups)
         self.mid_attn = SpatioTemporalAttention(current, num_heads, norm_groups, text_dim)
         self.mid_block2 = ResBlock3D(current, current, emb, dropout, norm_groups)
-        self.up_blocks, self.up_attns, self.upsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.up_blocks, self.up_attns, self.upsamples = (nn.ModuleList() for _ in range(3))
         for level, mult in reversed(list(enumerate(channel_mult))):
             for _ in range(num_res_blocks + 1):
-                self.up_blocks.append(ResBlock3D(current + skip_channels.pop(), c * mult, emb, dropout, norm_groups))
+                skip = skip_channels.pop()
+                self.up_blocks.append(ResBlock3D(current + skip, c * mult, emb, dropout, norm_groups))
                 current = c * mult
                 self.up_attns.append(attention(level))
             if level != 0:  # nearest x2 over space only, then a 1x3x3 conv
-                self.upsamples.append(nn.Sequential(nn.Upsample(scale_factor=(1.0, 2.0, 2.0), mode="nearest"),
-                                                    nn.Conv3d(current, current, (1, 3, 3), padding=(0, 1, 1))))
+                conv = nn.Conv3d(current, current, (1, 3, 3), padding=(0, 1, 1))
+                self.upsamples.append(nn.Sequential(nn.Upsample(scale_factor=(1.0, 2.0, 2.0)), conv))
         self.out_norm = group_norm(current, norm_groups)
         self.out = nn.Conv3d(current, in_channels, 3, padding=1)  # the seed's 3x3x3 output conv
         zero_(self.out)
@@ -969,10 +972,12 @@ class VideoDiffusionModel(nn.Module):
         if self.action_dim > 0:  # the null action where actions is None or drop_actions
             null = self.null_action.expand(b, num_frames, -1)
             encoded = null if actions is None else self.action_encoder(actions.to(null.dtype))
-            emb = emb + (encoded if drop_actions is None else torch.where(drop_actions[:, None, None], null, encoded))
+            if drop_actions is not None:
+                encoded = torch.where(drop_actions[:, None, None], null, encoded)
+            emb = emb + encoded
         elif self.num_actions > 0:  # discrete: row num_actions is the null action
             if actions is None:
-                actions = torch.full((b, num_frames), self.num_actions, dtype=torch.long, device=x.device)
+                actions = x.new_full((b, num_frames), self.num_actions, dtype=torch.long)
             elif drop_actions is not None:
                 actions = torch.where(drop_actions[:, None], self.num_actions, actions)
             emb = emb + self.action_encoder(actions)
@@ -999,7 +1004,8 @@ class VideoDiffusionModel(nn.Module):
         block = 0
         for level in range(self.num_levels):
             for _ in range(self.num_res_blocks + 1):
-                h = attend(self.up_attns[block], self.up_blocks[block](torch.cat([h, skips.pop()], dim=1), emb))
+                h = self.up_blocks[block](torch.cat([h, skips.pop()], dim=1), emb)
+                h = attend(self.up_attns[block], h)
                 block += 1
             if level != self.num_levels - 1:
                 h = self.upsamples[level](h)
@@ -1007,9 +1013,10 @@ class VideoDiffusionModel(nn.Module):
 
 
 def build_model(args: "Args", vocab_size: int, num_actions: int) -> VideoDiffusionModel:
-    return VideoDiffusionModel(3, args.model_channels, args.num_res_blocks, args.channel_mult, args.attn_resolutions,
-                               args.img_size, args.num_heads, args.norm_groups, args.dropout, num_actions,
-                               args.action_dim, vocab_size, args.text_dim, args.text_layers, args.max_text_len)
+    return VideoDiffusionModel(3, args.model_channels, args.num_res_blocks, args.channel_mult,
+                               args.attn_resolutions, args.img_size, args.num_heads, args.norm_groups,
+                               args.dropout, num_actions, args.action_dim, vocab_size,
+                               args.text_dim, args.text_layers, args.max_text_len)
 
 
 # --------------------------------------------------------------------------------------------------
