@@ -99,7 +99,6 @@ class Args:
     """torch.compile the training step's model (sampling runs the EMA model eagerly)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """autocast dtype on CUDA (float16 uses a GradScaler); the CPU always computes in float32"""
-
     # Data
     dataset: Literal["sprites", "atari", "folder"] = "sprites"
     """sprites (generated), atari (random-policy --env-id clips), folder (--data-dir's videos)"""
@@ -121,7 +120,6 @@ class Args:
     """atari: episodes recorded with a random policy (files already in the folder are reused)"""
     atari_episode_steps: Annotated[int, ">= 1"] = 1000
     """atari: at most this many steps per recorded episode"""
-
     # Model (the seed's 3D U-Net)
     model_channels: Annotated[int, ">= 1"] = 256
     """base channel count of the 3D U-Net"""
@@ -155,7 +153,6 @@ class Args:
     """context noise augmentation: context frames noised to a step in [0, this), told the model"""
     context_noise_sampling_step: Annotated[int, ">= 0", RESUME_MUTABLE] = 10
     """the context noise step used when generating (a little noise limits drift)"""
-
     # Diffusion
     prediction: Literal["eps", "v"] = "eps"
     """the net predicts eps (DDPM) or v = sqrt(abar) eps - sqrt(1-abar) x0 (Salimans and Ho 2022)"""
@@ -167,7 +164,6 @@ class Args:
     """beta_1 of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps"""
     beta_end: Annotated[float, "(0, 1)"] = 0.02
     """beta_T of the linear schedule at --timesteps 1000; times 1000/--timesteps, capped at 0.999"""
-
     # Training
     total_steps: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 200_000
     """optimizer steps to train for"""
@@ -189,7 +185,6 @@ class Args:
     """sample clips and compute the eval/ metrics with the EMA model every N steps"""
     first_sample_at: Annotated[int, STEPS, ">= 0", RESUME_MUTABLE] = 0
     """also sample 8 clips (no metrics) at this step: the run's first picture (0: none)"""
-
     # Sampling and evaluation
     sampler: Annotated[Literal["ddpm", "ddim", "dpm++"], RESUME_MUTABLE] = "ddim"
     """sampler for the samples, the metrics and --sample-only"""
@@ -268,8 +263,7 @@ def check_args(args: Args, world_size: int):
          "--action-dim: continuous actions exist in the sprites world only; drop it"),
         (args.action_dim not in (0, 2) and args.dataset == "sprites",
          "--action-dim: the sprites' action is a 2-d velocity; use --action-dim 2 (or 0)"),
-        # Guidance extrapolates from eps_u, which --null-cond-prob trains on purpose (otherwise only
-        # when both independent drops coincide, in p^2 of the samples).
+        # Guidance extrapolates from eps_u, which --null-cond-prob trains (else only p^2 of the samples)
         (args.null_cond_prob == 0 and args.cfg_scale != 1,
          f"--cfg-scale {args.cfg_scale:g} guides with the unconditional model, which "
          f"--null-cond-prob 0 does not train; use --cfg-scale 1 or --null-cond-prob > 0"),
@@ -344,9 +338,8 @@ def render_sprite_clip(state: dict, actions: np.ndarray, img_size: int) -> np.nd
 
 def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_distractors: int = 1,
                          action_dim: int = 0, seed: int = 0) -> VideoData:
-    """Clips of a coloured square that the actions move, captioned "a red square moves right". A
-    clip's actions are its direction d 3/4 of the time, else a noop or a perpendicular move; its
-    start is uniform whatever d, and it is redrawn until its net move is d."""
+    """Clips of a square moved by the actions ("a red square moves right"): direction d 3/4 of the
+    time, else a noop or a sideways move; the start is uniform, redrawn until the net move is d."""
     if num_frames < 2:
         raise UserError(f"--num-frames {num_frames}: a sprites clip needs at least 2 frames to "
                         f"show a move; use --num-frames 2 or more")
@@ -449,8 +442,7 @@ def atari_folder(data_dir: str, canonical: str) -> Path:
 
 
 def atari_step(env, action: int) -> tuple[np.ndarray, float, bool, bool]:
-    """One step as DIAMOND's AtariEnv.step: the action for 4 frames (the rewards summed, stopping at
-    the episode's end); the frame is the max over the last two (Atari sprites flicker)."""
+    """DIAMOND's AtariEnv.step: the action for 4 frames (rewards summed), the last two's max."""
     reward, last_frames = 0.0, []
     for _ in range(4):
         frame, r, terminated, truncated, _ = env.step(action)
@@ -751,9 +743,8 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 def noise_context(context: torch.Tensor, level: torch.Tensor, alphas_cumprod: torch.Tensor,
                   noise: torch.Tensor) -> torch.Tensor:
-    """Context noise augmentation: q(c_s | c) = sqrt(abar_s) c + sqrt(1 - abar_s) n at step
-    s = level (B,); level 0 is (almost) clean. The model is told s, so it learns how much to trust
-    its (possibly drifting) context."""
+    """Context noise augmentation: q(c_s | c) = sqrt(abar_s) c + sqrt(1 - abar_s) n, s = level (B,).
+    The model is told s, so it learns how much to trust its (possibly drifting) context."""
     abar = alphas_cumprod.to(context.device)[level].float()[:, None, None, None, None]
     return abar.sqrt() * context + (1 - abar).sqrt() * noise
 
@@ -823,9 +814,8 @@ def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_
 
 
 class SpatioTemporalAttention(nn.Module):
-    """Spatial self-attention (frames as batch), then temporal self-attention (pixels as batch) with
-    a learned relative position bias (any clip length works), then cross-attention from the video
-    tokens to the caption's (the seed's CrossAttention); each a residual branch."""
+    """Residual spatial self-attention (frames as batch), temporal self-attention (pixels as batch,
+    a learned relative position bias: any clip length), then cross-attention to the caption."""
 
     def __init__(self, channels: int, num_heads: int = 8, norm_groups: int = 32,
                  context_dim: int = 256, max_relative_position: int = 32):
@@ -887,8 +877,7 @@ class TextEncoder(nn.Module):
 class VideoDiffusionModel(nn.Module):
     """The 3D U-Net: eps(x_t, t | caption, actions, context) for clips (B, 3, T, H, W) in [-1, 1].
     The caption's mean token and each frame's action join the time embedding; context frames and
-    their mask join the input channels, the noisy input zeroed there, and their noise level is
-    embedded like the time."""
+    their mask join the input channels (x_t zeroed there), their noise level embedded like t."""
 
     def __init__(self, in_channels: int = 3, model_channels: int = 256, num_res_blocks: int = 2,
                  channel_mult: tuple = (1, 2, 2), attn_resolutions: tuple = (32, 16),
@@ -958,10 +947,9 @@ class VideoDiffusionModel(nn.Module):
                 actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
                 context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                 context_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, 3, T, H, W), t (B,) int; text (B, L) tokens (None: the null caption); actions
-        (B, T) int or (B, T, A) float (None: null); drop_actions (B,) bool; context (B, 3, T, H, W)
-        with context_mask (B, T) (1 for context frames) and context_noise (B,), the step the context
-        was noised to."""
+        """x (B, 3, T, H, W), t (B,) int; text (B, L) tokens (None: null); actions (B, T) int or
+        (B, T, A) float (None: null); drop_actions (B,) bool; context (B, 3, T, H, W), context_mask
+        (B, T) (1 at context frames), context_noise (B,): the step the context was noised to."""
         b, _, num_frames, height, width = x.shape
         emb = self.time_embed(t)
         if context_noise is not None:
@@ -1191,9 +1179,8 @@ def generate_long_video(model: nn.Module, alphas_cumprod: torch.Tensor, num_fram
                         num_context: int, shape: tuple, generator: torch.Generator,
                         text: Optional[torch.Tensor] = None, actions: Optional[torch.Tensor] = None,
                         drop_actions: Optional[torch.Tensor] = None, **sample_kwargs) -> torch.Tensor:
-    """Autoregressive video (B, 3, num_frames, H, W) in [-1, 1] from clips of `shape` (clip_frames
-    long), each after the first given the last num_context frames. actions (B, num_frames[, A])
-    cover the whole video."""
+    """Autoregressive video (B, 3, num_frames, H, W) in [-1, 1] from clips of `shape`, each after the
+    first given the last num_context frames; actions (B, num_frames[, A]) cover the whole video."""
 
     def actions_from(start: int) -> Optional[torch.Tensor]:  # the video's last action is held past its end
         index = torch.arange(start, start + clip_frames, device=generator.device).clamp(max=num_frames - 1)
