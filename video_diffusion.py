@@ -259,10 +259,8 @@ def check_args(args: Args, world_size: int):
          f"--long-video-frames must be at least --num-frames {args.num_frames}"),
         (args.long_video_frames > args.num_frames and args.context_frames < 1,
          "--long-video-frames beyond --num-frames needs --context-frames of at least 1"),
-        (args.action_dim and args.dataset != "sprites",
-         "--action-dim: continuous actions exist in the sprites world only; drop it"),
-        (args.action_dim not in (0, 2) and args.dataset == "sprites",
-         "--action-dim: the sprites' action is a 2-d velocity; use --action-dim 2 (or 0)"),
+        (args.action_dim and (args.action_dim != 2 or args.dataset != "sprites"),
+         "--action-dim: continuous actions are the sprites' 2-d velocity: --action-dim 2 or 0"),
         # Guidance extrapolates from eps_u, which --null-cond-prob trains (else only p^2 of the samples)
         (args.null_cond_prob == 0 and args.cfg_scale != 1,
          f"--cfg-scale {args.cfg_scale:g} guides with the unconditional model, which "
