@@ -350,8 +350,7 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
             xy = rng.integers(0, img_size - size + 1, size=2).tolist()  # independent of d
             choice = rng.random(num_frames)
             sideways = np.array([3, 4] if d < 2 else [1, 2])[rng.integers(2, size=num_frames)]
-            clip_actions = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways))
-            clip_actions = clip_actions.astype(np.int64)
+            clip_actions = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways))  # int64
             clip_actions[0] = 0
             if action_dim > 0:  # a velocity: the discrete move scaled by U(0.6, 1), plus jitter
                 a = DIRECTION_VECTORS[clip_actions - 1] * rng.uniform(0.6, 1.0, (num_frames, 1))
@@ -977,23 +976,20 @@ class VideoDiffusionModel(nn.Module):
         def attend(attn, h):
             return h if isinstance(attn, nn.Identity) else attn(h, text_tokens, text_mask)
 
-        skips, block = [h], 0
+        skips, n = [h], self.num_res_blocks  # blocks per level: n down, n + 1 up
         for level in range(self.num_levels):
-            for _ in range(self.num_res_blocks):
-                h = attend(self.down_attns[block], self.down_blocks[block](h, emb))
+            for i in range(level * n, (level + 1) * n):
+                h = attend(self.down_attns[i], self.down_blocks[i](h, emb))
                 skips.append(h)
-                block += 1
-            if level != self.num_levels - 1:
+            if level < len(self.downsamples):
                 h = self.downsamples[level](h)
                 skips.append(h)
         h = self.mid_block2(self.mid_attn(self.mid_block1(h, emb), text_tokens, text_mask), emb)
-        block = 0
         for level in range(self.num_levels):
-            for _ in range(self.num_res_blocks + 1):
-                h = self.up_blocks[block](torch.cat([h, skips.pop()], dim=1), emb)
-                h = attend(self.up_attns[block], h)
-                block += 1
-            if level != self.num_levels - 1:
+            for i in range(level * (n + 1), (level + 1) * (n + 1)):
+                h = self.up_blocks[i](torch.cat([h, skips.pop()], dim=1), emb)
+                h = attend(self.up_attns[i], h)
+            if level < len(self.upsamples):
                 h = self.upsamples[level](h)
         return self.out(F.silu(self.out_norm(h)))
 
