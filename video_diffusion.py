@@ -403,9 +403,8 @@ def clips_of_episodes(episodes: list, num_frames: int, caption: Callable, too_sh
                      directions=np.full(len(starts), -1), **fields)
 
 
-ATARI_AGENTS = {"Breakout": "paddle", "Pong": "paddle", "SpaceInvaders": "cannon",
-                "Freeway": "chicken", "Boxing": "boxer", "MsPacman": "pacman",
-                "Seaquest": "submarine"}
+ATARI_AGENTS = {"Breakout": "paddle", "Pong": "paddle", "Boxing": "boxer", "Freeway": "chicken",
+                "SpaceInvaders": "cannon", "MsPacman": "pacman", "Seaquest": "submarine"}
 
 
 def atari_ids(env_id: str) -> tuple[str, str, str]:
@@ -420,9 +419,8 @@ def atari_ids(env_id: str) -> tuple[str, str, str]:
                     if k.startswith("ALE/") and k.endswith("-v5")})
     if game not in games:
         close = difflib.get_close_matches(game, games, n=3)
-        raise UserError(f"unknown Atari game --env-id {env_id}"
-                        + (f": did you mean {', '.join(close)}?" if close
-                           else f" (known: {', '.join(games[:8])}, ...)"))
+        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(games[:8])}, ..."
+        raise UserError(f"unknown Atari game --env-id {env_id}: {hint}")
     return f"ALE/{game}-v5", f"{game}-v5", game
 
 
