@@ -1125,9 +1125,8 @@ def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Ten
 def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
                   num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """The chosen sampler's clips (B, 3, T, H, W) in [-1, 1]."""
-    if sampler == "ddpm":
-        respaced = num_steps if num_steps < len(alphas_cumprod) else None
-        x = ddpm_sample(model_fn, x_T, alphas_cumprod, respaced, generator=generator)
+    if sampler == "ddpm":  # num_steps = T: the paper's sampler, fewer: respaced
+        x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps, generator=generator)
     elif sampler == "ddim":  # x0 clipped to [-1, 1] at every step: an undertrained model's samples stay in range
         x = ddim_sample(model_fn, x_T, alphas_cumprod, num_steps, eta=eta, clip_denoised=True, generator=generator)
     else:
