@@ -11,8 +11,7 @@ The seed's setting (256 channels, 16 frames of 64x64, linear schedule, T = 1000)
     python video_diffusion.py --dataset folder --data-dir my_videos # your videos (+ captions.json)
     torchrun --standalone --nproc_per_node=8 video_diffusion.py --batch-size 64
 On a CPU, offline: end to end in seconds (tiny), action and text control in about 20 minutes (cpu):
-    python video_diffusion.py --preset tiny
-    python video_diffusion.py --preset cpu
+    python video_diffusion.py --preset tiny  # or --preset cpu
 Continue a run, or sample from it (MP4s in samples/, a long video); watch: tensorboard --logdir runs
     python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000
     python video_diffusion.py --resume RUN --sample-only --cfg-scale 3 --long-video-frames 64
