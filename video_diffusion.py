@@ -260,7 +260,7 @@ def check_args(args: Args, world_size: int):
          "--long-video-frames beyond --num-frames needs --context-frames of at least 1"),
         (args.action_dim and (args.action_dim != 2 or args.dataset != "sprites"),
          "--action-dim: continuous actions are the sprites' 2-d velocity: --action-dim 2 or 0"),
-        # Guidance extrapolates from eps_u, which --null-cond-prob trains (else only p^2 of the samples)
+        # Guidance extrapolates from eps_u, trained by --null-cond-prob (else in p^2 of the samples)
         (args.null_cond_prob == 0 and args.cfg_scale != 1,
          f"--cfg-scale {args.cfg_scale:g} guides with the unconditional model, which "
          f"--null-cond-prob 0 does not train; use --cfg-scale 1 or --null-cond-prob > 0"),
@@ -349,7 +349,7 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
             xy = rng.integers(0, img_size - size + 1, size=2).tolist()  # independent of d
             choice = rng.random(num_frames)
             sideways = np.array([3, 4] if d < 2 else [1, 2])[rng.integers(2, size=num_frames)]
-            clip_actions = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways))  # int64
+            clip_actions = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways))
             clip_actions[0] = 0
             if action_dim > 0:  # a velocity: the discrete move scaled by U(0.6, 1), plus jitter
                 a = DIRECTION_VECTORS[clip_actions - 1] * rng.uniform(0.6, 1.0, (num_frames, 1))
@@ -993,9 +993,9 @@ class VideoDiffusionModel(nn.Module):
 
 def build_model(args: "Args", vocab_size: int, num_actions: int) -> VideoDiffusionModel:
     return VideoDiffusionModel(3, args.model_channels, args.num_res_blocks, args.channel_mult,
-                               args.attn_resolutions, args.img_size, args.num_heads, args.norm_groups,
-                               args.dropout, num_actions, args.action_dim, vocab_size,
-                               args.text_dim, args.text_layers, args.max_text_len)
+                               args.attn_resolutions, args.img_size, args.num_heads,
+                               args.norm_groups, args.dropout, num_actions, args.action_dim,
+                               vocab_size, args.text_dim, args.text_layers, args.max_text_len)
 
 
 # --------------------------------------------------------------------------------------------------
