@@ -271,9 +271,8 @@ def check_args(args: Args, world_size: int):
 
 
 # --------------------------------------------------------------------------------------------------
-# Data: the sprites world (generated), Atari clips (recorded with a random policy into episode .npz
-# files), video folders. Each becomes uint8 frames (F, 3, H, W), the action that led into each
-# frame, and clips (a start index, a caption); a clip is frames[start : start + num_frames].
+# Data: the sprites world (generated), Atari clips (random-policy episode .npz files), video folders,
+# each a VideoData: frames, the action into each frame, clips frames[start : start + num_frames].
 
 
 @dataclass
@@ -744,9 +743,8 @@ def noise_context(context: torch.Tensor, level: torch.Tensor, alphas_cumprod: to
 
 
 # --------------------------------------------------------------------------------------------------
-# Model: the seed's 3D U-Net (VideoDiffusionModel), its blocks factorised over space and time as in
-# Video Diffusion Models. Tensors are (B, C, T, H, W); the conditioning vector is per frame
-# (B, T, 4C): time + context noise level + pooled caption + that frame's action.
+# Model: the seed's 3D U-Net, blocks factorised over space and time (Video Diffusion Models) on
+# (B, C, T, H, W); per frame (B, T, 4C): time + context noise level + pooled caption + action.
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
