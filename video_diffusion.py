@@ -11,8 +11,7 @@ The seed's setting (256 channels, 16 frames of 64x64, linear schedule, T = 1000)
     python video_diffusion.py --dataset folder --data-dir my_videos # your videos (+ captions.json)
     torchrun --standalone --nproc_per_node=8 video_diffusion.py --batch-size 64
 On a CPU, offline: end to end in seconds (tiny), action and text control in about 20 minutes (cpu):
-    python video_diffusion.py --preset tiny
-    python video_diffusion.py --preset cpu
+    python video_diffusion.py --preset tiny  # or --preset cpu
 Continue a run, or sample from it (MP4s in samples/, a long video); watch: tensorboard --logdir runs
     python video_diffusion.py --resume runs/sprites__video_diffusion__1__1700000000
     python video_diffusion.py --resume RUN --sample-only --cfg-scale 3 --long-video-frames 64
@@ -51,8 +50,7 @@ OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
 COMPILE_BACKEND = "inductor"
 # A flag's unit, shown by --help (--save-every STEPS) and read by the tests: one meaning per name.
 STEPS = tyro.conf.arg(metavar="STEPS")
-# Beside an Args field: its domain ('>= 1', '[0, 1)'), and RESUME_MUTABLE if --resume may change it
-# (flag_marks).
+# Beside an Args field: its domain ('>= 1', '[0, 1)'), and RESUME_MUTABLE if --resume may change it.
 RESUME_MUTABLE = "resume-mutable"
 
 
@@ -63,8 +61,7 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """CPU: deterministic (exact resume at a fixed thread count); CUDA: cudnn.deterministic and
-    CUBLAS_WORKSPACE_CONFIG, not strict deterministic algorithms (too slow): CUDA resumes close"""
+    """CPU: exact resume at a fixed thread count; CUDA: cudnn.deterministic only (resumes close)"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -83,11 +80,9 @@ class Args:
     """a run folder or checkpoint file to continue exactly where it stopped"""
 # ==== BEGIN OPTIONAL: play ====
     play: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: play the model live (pip install pygame-ce): arrows steer, Enter restarts, Tab
-    switches to the real sprites world, R records an MP4, Esc quits"""
+    """with --resume: play the model live (pip install pygame-ce; keys in README.md)"""
     play_keys: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """headless play: one letter per step, N noop, U D L R, (Atari) F fire, Q E Z C the diagonals,
-    lowercase: the same with fire, / restart; writes the MP4 to {run}/play/"""
+    """headless play: a letter per step (N noop, U D L R, F fire, QEZC diagonals, / restart)"""
     play_caption: Annotated[Optional[str], RESUME_MUTABLE] = None
     """play: the caption the frames are generated with (default: null caption, keys alone steer)"""
     play_world: Annotated[Literal["imagined", "real", "both"], RESUME_MUTABLE] = "imagined"
@@ -103,14 +98,11 @@ class Args:
     """torch.compile the training step's model (sampling runs the EMA model eagerly)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """autocast dtype on CUDA (float16 uses a GradScaler); the CPU always computes in float32"""
-
     # Data
     dataset: Literal["sprites", "atari", "folder"] = "sprites"
-    """sprites (generated), atari (random-policy clips of --env-id) or folder (the videos under
-    --data-dir, with captions.json {file name: caption} or captions.txt of name<TAB>caption lines if
-    there)"""
+    """sprites (generated), atari (random-policy --env-id clips), folder (--data-dir's videos)"""
     data_dir: Annotated[str, RESUME_MUTABLE] = "data"
-    """atari: episodes are recorded to {data_dir}/atari_v2/{env id}/; folder: the videos"""
+    """atari: episodes go to {data_dir}/atari_v2/{env id}/; folder: videos (+ captions.json/.txt)"""
     num_frames: Annotated[int, ">= 1"] = 16
     """frames per training clip"""
     img_size: Annotated[int, ">= 1"] = 64
@@ -120,15 +112,13 @@ class Args:
     num_distractors: Annotated[int, ">= 0"] = 2
     """sprites: bouncing grey squares that no action moves"""
     action_dim: Annotated[int, ">= 0"] = 0
-    """0: discrete actions (an embedding); > 0: continuous actions of this size, the seed's MLP
-    (sprites: 2)"""
+    """0: discrete actions (an embedding); 2: the sprites' continuous velocity (the seed's MLP)"""
     env_id: str = "Breakout-v5"
     """atari: the ALE game (Breakout, Breakout-v5 and ALE/Breakout-v5 are the same)"""
     num_atari_episodes: Annotated[int, ">= 1"] = 50
     """atari: episodes recorded with a random policy (files already in the folder are reused)"""
     atari_episode_steps: Annotated[int, ">= 1"] = 1000
     """atari: at most this many steps per recorded episode"""
-
     # Model (the seed's 3D U-Net)
     model_channels: Annotated[int, ">= 1"] = 256
     """base channel count of the 3D U-Net"""
@@ -153,8 +143,7 @@ class Args:
     cond_drop_prob: Annotated[float, "[0, 1]"] = 0.1
     """p: training drops the caption to null with probability p, and independently the actions"""
     null_cond_prob: Annotated[float, "[0, 1]"] = 0.1
-    """q: probability of dropping both (the unconditional model of guidance: --cfg-scale other
-    than 1 needs q > 0)"""
+    """q: probability of dropping both (guidance's eps_u: --cfg-scale other than 1 needs q > 0)"""
     context_frames: Annotated[int, ">= 0"] = 4
     """k: frames the model is conditioned on to continue a video (autoregressive generation)"""
     context_prob: Annotated[float, "[0, 1]"] = 0.5
@@ -163,7 +152,6 @@ class Args:
     """context noise augmentation: context frames noised to a step in [0, this), told the model"""
     context_noise_sampling_step: Annotated[int, ">= 0", RESUME_MUTABLE] = 10
     """the context noise step used when generating (a little noise limits drift)"""
-
     # Diffusion
     prediction: Literal["eps", "v"] = "eps"
     """the net predicts eps (DDPM) or v = sqrt(abar) eps - sqrt(1-abar) x0 (Salimans and Ho 2022)"""
@@ -175,7 +163,6 @@ class Args:
     """beta_1 of the linear schedule at --timesteps 1000; scaled by 1000/--timesteps"""
     beta_end: Annotated[float, "(0, 1)"] = 0.02
     """beta_T of the linear schedule at --timesteps 1000; times 1000/--timesteps, capped at 0.999"""
-
     # Training
     total_steps: Annotated[int, STEPS, ">= 1", RESUME_MUTABLE] = 200_000
     """optimizer steps to train for"""
@@ -197,7 +184,6 @@ class Args:
     """sample clips and compute the eval/ metrics with the EMA model every N steps"""
     first_sample_at: Annotated[int, STEPS, ">= 0", RESUME_MUTABLE] = 0
     """also sample 8 clips (no metrics) at this step: the run's first picture (0: none)"""
-
     # Sampling and evaluation
     sampler: Annotated[Literal["ddpm", "ddim", "dpm++"], RESUME_MUTABLE] = "ddim"
     """sampler for the samples, the metrics and --sample-only"""
@@ -227,19 +213,16 @@ PRESETS = {
         log_every=10, save_every=20, eval_every=40, num_sampling_steps=4, num_eval_samples=8,
         num_samples=8, long_video_frames=12, sample_batch_size=8,
     ),
-    # Caption and action control in minutes on a CPU (benchmark/video_control.sh): tiny's U-Net on
-    # 8x8 sprites, each condition dropped alone half the time, guidance 3, metrics on 128 clips.
-    "cpu": dict(
-        dataset="sprites", num_frames=6, img_size=8, num_sprite_clips=2048, num_distractors=0,
-        model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-        num_heads=2, norm_groups=4, text_dim=32, text_layers=1, context_frames=3, prediction="v",
-        cond_drop_prob=0.5, null_cond_prob=0.1, cfg_scale=3.0, total_steps=2000, batch_size=32,
-        learning_rate=1e-3,
-        warmup_steps=10, ema_decay=0.9, log_every=100, save_every=500, eval_every=1000,
-        first_sample_at=100, num_sampling_steps=8, num_eval_samples=128, num_samples=16,
-        long_video_frames=6, sample_batch_size=128,
-    ),
 }
+# Caption and action control in minutes on a CPU (benchmark/video_control.sh): tiny's U-Net on 8x8
+# sprites, each condition dropped alone half the time, guidance 3, metrics on 128 clips.
+PRESETS["cpu"] = dict(
+    PRESETS["tiny"], num_frames=6, img_size=8, num_sprite_clips=2048, num_distractors=0,
+    context_frames=3, cond_drop_prob=0.5, cfg_scale=3.0, total_steps=2000, batch_size=32,
+    learning_rate=1e-3, log_every=100, save_every=500, eval_every=1000, first_sample_at=100,
+    num_sampling_steps=8, num_eval_samples=128, num_samples=16, long_video_frames=6,
+    sample_batch_size=128,
+)
 FLAG_ALIASES: dict[str, str] = {}  # flags spelled otherwise (diamond_atari.py: --game, --env-id)
 # What a checkpoint holds after its header, in checkpoint_state's order. The vocabulary and the
 # action count fix the model's shape: the run reads them before it builds it.
@@ -250,49 +233,37 @@ CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "schedule
 def check_args(args: Args, world_size: int):
     """Settings that cannot work, refused at start-up in one line (before data or a run folder)."""
     check_arg_domains(args)
-    levels, widths = len(args.channel_mult), sorted({args.model_channels * m for m in args.channel_mult})
+    halvings = len(args.channel_mult) - 1
+    widths = sorted({args.model_channels * m for m in args.channel_mult})
+    plays = args.play or args.play_keys is not None  # optional: play
     problems = [  # (refused when true, the line that says why and what to do)
         (args.batch_size % world_size,
          f"--batch-size {args.batch_size} is not divisible by the {world_size} torchrun processes"),
         (args.num_sampling_steps > args.timesteps,
-         f"--num-sampling-steps must be between 1 and --timesteps {args.timesteps}, "
-         f"not {args.num_sampling_steps}"),
-        ((args.play or args.play_keys is not None) and args.sample_only,  # optional: play
-         "--sample-only and --play are two uses of a checkpoint: give one of them"),  # optional: play
-        ((args.play or args.play_keys is not None) and not args.resume,  # optional: play
-         "--play needs --resume RUN_FOLDER_OR_CHECKPOINT (a trained action-conditioned model)"),  # optional: play
-        (args.sample_only and not args.resume,
-         "--sample-only needs --resume RUN_FOLDER_OR_CHECKPOINT"),
-        (args.img_size % 2 ** (levels - 1),
-         f"--img-size {args.img_size} must be divisible by 2^{levels - 1} "
-         f"(one halving per level of --channel-mult)"),
+         f"--num-sampling-steps must be between 1 and --timesteps {args.timesteps}"),
+        (plays and args.sample_only,  # optional: play
+         "--sample-only and --play are two uses of a checkpoint: give one"),  # optional: play
+        (plays and not args.resume, "--play needs --resume RUN_OR_CHECKPOINT"),  # optional: play
+        (args.sample_only and not args.resume, "--sample-only needs --resume RUN_OR_CHECKPOINT"),
+        (args.img_size % 2 ** halvings,
+         f"--img-size {args.img_size} must be divisible by 2^{halvings} (a halving per level)"),
         (any(w % args.num_heads for w in widths),
-         f"--num-heads {args.num_heads} must divide every level's width {widths} "
-         f"(--model-channels x --channel-mult)"),
+         f"--num-heads {args.num_heads} must divide every level's width {widths}"),
         (args.context_frames >= args.num_frames,
-         f"--context-frames must be between 0 and --num-frames - 1 = {args.num_frames - 1}, "
-         f"not {args.context_frames}"),
-        (args.context_noise_sampling_step >= args.timesteps
-         or args.context_noise_max_step > args.timesteps,
-         f"--context-noise-max-step must be <= --timesteps {args.timesteps} "
-         f"and --context-noise-sampling-step less"),
+         f"--context-frames must be between 0 and --num-frames - 1 = {args.num_frames - 1}"),
+        (max(args.context_noise_sampling_step + 1, args.context_noise_max_step) > args.timesteps,
+         f"--context-noise-max-step must be <= --timesteps {args.timesteps}, "
+         f"--context-noise-sampling-step less"),
         (args.long_video_frames < args.num_frames,
-         f"--long-video-frames {args.long_video_frames} must be at least "
-         f"--num-frames {args.num_frames}"),
+         f"--long-video-frames must be at least --num-frames {args.num_frames}"),
         (args.long_video_frames > args.num_frames and args.context_frames < 1,
          "--long-video-frames beyond --num-frames needs --context-frames of at least 1"),
-        (args.action_dim and args.dataset != "sprites",
-         f"--action-dim {args.action_dim}: continuous actions exist in the sprites world only; "
-         f"drop it"),
-        (args.action_dim not in (0, 2) and args.dataset == "sprites",
-         f"--action-dim {args.action_dim}: the sprites' action is a 2-d velocity; "
-         f"use --action-dim 2 (or 0: discrete)"),
-        # Guidance extrapolates from eps_u, which --null-cond-prob trains on purpose (otherwise only
-        # when both independent drops coincide, in p^2 of the samples).
+        (args.action_dim and (args.action_dim != 2 or args.dataset != "sprites"),
+         "--action-dim: continuous actions are the sprites' 2-d velocity: --action-dim 2 or 0"),
+        # Guidance extrapolates from eps_u, trained by --null-cond-prob (else in p^2 of the samples)
         (args.null_cond_prob == 0 and args.cfg_scale != 1,
          f"--cfg-scale {args.cfg_scale:g} guides with the unconditional model, which "
-         f"--null-cond-prob 0 does not train; use --cfg-scale 1 (no guidance), or train with "
-         f"--null-cond-prob > 0"),
+         f"--null-cond-prob 0 does not train; use --cfg-scale 1 or --null-cond-prob > 0"),
     ]
     for refused, message in problems:
         if refused:
@@ -300,9 +271,8 @@ def check_args(args: Args, world_size: int):
 
 
 # --------------------------------------------------------------------------------------------------
-# Data: the sprites world (generated), Atari clips (recorded with a random policy into episode .npz
-# files), video folders. Each becomes uint8 frames (F, 3, H, W), the action that led into each
-# frame, and clips (a start index, a caption); a clip is frames[start : start + num_frames].
+# Data: the sprites world (generated), Atari clips (random-policy episode .npz files), video folders,
+# each a VideoData: frames, the action into each frame, clips frames[start : start + num_frames].
 
 
 @dataclass
@@ -326,16 +296,14 @@ DIRECTION_VECTORS = np.array([[0, -1], [0, 1], [-1, 0], [1, 0], [0, 0]], dtype=n
 
 
 def sprite_geometry(img_size: int) -> tuple[int, int, int]:
-    """Sprite side, distractor side and sprite speed (pixels per step) for a frame size (8 px: 2,
-    16: 4, 64: 8)."""
+    """Sprite side, distractor side and sprite speed in pixels per step (8 px: 2, 16: 4, 64: 8)."""
     size = max(2, img_size // 4) if img_size <= 16 else max(4, img_size // 8)
     return size, max(1, size // 2), max(1, img_size // 32)
 
 
 def sprite_positions(state: dict, actions: np.ndarray, img_size: int) -> np.ndarray:
-    """The sprite's top-left corner (T, 2) under the action leading into each frame (actions[0] is
-    ignored): discrete 0 noop, 1-4 DIRECTIONS; continuous a (dx, dy) velocity in sprite speeds. It
-    stops at the walls."""
+    """The sprite's top-left corner (T, 2) after the action into each frame (actions[0] is ignored):
+    discrete 0 noop, 1-4 DIRECTIONS; continuous a (dx, dy) in sprite speeds. Walls stop it."""
     size, _, speed = sprite_geometry(img_size)
     pos, out = np.array(state["sprite"], dtype=np.float32), []
     for i, a in enumerate(actions):
@@ -366,10 +334,8 @@ def render_sprite_clip(state: dict, actions: np.ndarray, img_size: int) -> np.nd
 
 def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_distractors: int = 1,
                          action_dim: int = 0, seed: int = 0) -> VideoData:
-    """Clips of a coloured square that the actions move, captioned "a red square moves right". Each
-    clip has a commanded direction d: each action is d with probability 3/4, else a noop or a
-    perpendicular move. The start is uniform whatever d (the first frame does not tell the
-    direction); a clip is redrawn until its net move is d."""
+    """Clips of a square moved by the actions ("a red square moves right"): direction d 3/4 of the
+    time, else a noop or a sideways move; the start is uniform, redrawn until the net move is d."""
     if num_frames < 2:
         raise UserError(f"--num-frames {num_frames}: a sprites clip needs at least 2 frames to "
                         f"show a move; use --num-frames 2 or more")
@@ -380,10 +346,9 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
         for _attempt in range(1000):
             d = int(rng.integers(4))
             xy = rng.integers(0, img_size - size + 1, size=2).tolist()  # independent of d
-            perpendicular = np.array([2, 3] if d < 2 else [0, 1])
             choice = rng.random(num_frames)
-            sideways = perpendicular[rng.integers(2, size=num_frames)] + 1
-            clip_actions = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways)).astype(np.int64)
+            sideways = np.array([3, 4] if d < 2 else [1, 2])[rng.integers(2, size=num_frames)]
+            clip_actions = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways))
             clip_actions[0] = 0
             if action_dim > 0:  # a velocity: the discrete move scaled by U(0.6, 1), plus jitter
                 a = DIRECTION_VECTORS[clip_actions - 1] * rng.uniform(0.6, 1.0, (num_frames, 1))
@@ -401,15 +366,12 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
         else:
             raise UserError(f"--img-size {img_size} is too small for sprites moving over "
                             f"--num-frames {num_frames}")
-        caption = f"a {state['colour']} square moves {DIRECTIONS[d]}"
-        frames = render_sprite_clip(state, clip_actions, img_size)
-        clips.append((frames, clip_actions, caption, d, state))
+        clips.append((render_sprite_clip(state, clip_actions, img_size), clip_actions,
+                      f"a {state['colour']} square moves {DIRECTIONS[d]}", d, state))
     frames, actions, captions, directions, states = zip(*clips)
-    return VideoData(frames=np.concatenate(frames), actions=np.concatenate(actions),
-                     clip_starts=np.arange(num_clips, dtype=np.int64) * num_frames,
-                     captions=list(captions), directions=np.array(directions, dtype=np.int64),
-                     num_actions=0 if action_dim else 5, dataset_id="sprites",
-                     sprite_states=list(states))
+    starts = np.arange(num_clips) * num_frames
+    return VideoData(np.concatenate(frames), np.concatenate(actions), starts, list(captions),
+                     np.array(directions), 0 if action_dim else 5, "sprites", list(states))
 
 
 def resize_frame(rgb: np.ndarray, img_size: int) -> np.ndarray:
@@ -423,21 +385,24 @@ def resize_frame(rgb: np.ndarray, img_size: int) -> np.ndarray:
     return cv2.resize(square, (img_size, img_size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)
 
 
-def clips_of_episodes(episodes: list, num_frames: int) -> tuple[np.ndarray, np.ndarray, list]:
-    """Concatenates episodes' frames; clips are windows of num_frames, num_frames // 2 apart.
-    Returns the frames, the clip starts and each clip's (episode, start in it)."""
-    starts, owners, total = [], [], 0
+def clips_of_episodes(episodes: list, num_frames: int, caption: Callable, too_short: str,
+                      **fields) -> VideoData:
+    """VideoData of the episodes' frames, each (T, 3, H, W): windows of num_frames, num_frames // 2
+    apart, captioned caption(episode, start in it); too_short: the error if there are none."""
+    starts, captions, total = [], [], 0
     for e, frames in enumerate(episodes):
         for s in range(0, len(frames) - num_frames + 1, max(1, num_frames // 2)):
             starts.append(total + s)
-            owners.append((e, s))
+            captions.append(caption(e, s))
         total += len(frames)
-    return np.concatenate(episodes), np.array(starts, dtype=np.int64), owners
+    if not starts:
+        raise UserError(too_short)
+    return VideoData(np.concatenate(episodes), clip_starts=np.array(starts), captions=captions,
+                     directions=np.full(len(starts), -1), **fields)
 
 
-ATARI_AGENTS = {"Breakout": "paddle", "Pong": "paddle", "SpaceInvaders": "cannon",
-                "Freeway": "chicken", "Boxing": "boxer", "MsPacman": "pacman",
-                "Seaquest": "submarine"}
+ATARI_AGENTS = {"Breakout": "paddle", "Pong": "paddle", "Boxing": "boxer", "Freeway": "chicken",
+                "SpaceInvaders": "cannon", "MsPacman": "pacman", "Seaquest": "submarine"}
 
 
 def atari_ids(env_id: str) -> tuple[str, str, str]:
@@ -452,17 +417,16 @@ def atari_ids(env_id: str) -> tuple[str, str, str]:
                     if k.startswith("ALE/") and k.endswith("-v5")})
     if game not in games:
         close = difflib.get_close_matches(game, games, n=3)
-        raise UserError(f"unknown Atari game --env-id {env_id}"
-                        + (f": did you mean {', '.join(close)}?" if close
-                           else f" (known: {', '.join(games[:8])}, ...)"))
+        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(games[:8])}, ..."
+        raise UserError(f"unknown Atari game --env-id {env_id}: {hint}")
     return f"ALE/{game}-v5", f"{game}-v5", game
 
 
 def describe_atari_action(meaning: str) -> str:
     """ALE action meaning -> words: RIGHTFIRE -> "moves right and fires", NOOP -> "stays still"."""
     moves = [d.lower() for d in ("UP", "DOWN", "LEFT", "RIGHT") if d in meaning]
-    words = ((["moves " + " and ".join(moves)] if moves else [])
-             + (["fires"] if "FIRE" in meaning else []))
+    words = ["moves " + " and ".join(moves)] if moves else []
+    words += ["fires"] if "FIRE" in meaning else []
     return " and ".join(words) or "stays still"
 
 
@@ -471,8 +435,7 @@ def atari_folder(data_dir: str, canonical: str) -> Path:
 
 
 def atari_step(env, action: int) -> tuple[np.ndarray, float, bool, bool]:
-    """One step as DIAMOND's AtariEnv.step: the action for 4 frames (the rewards summed, stopping at
-    the episode's end); the frame is the max over the last two (Atari sprites flicker)."""
+    """DIAMOND's AtariEnv.step: the action for 4 frames (rewards summed), the last two's max."""
     reward, last_frames = 0.0, []
     for _ in range(4):
         frame, r, terminated, truncated, _ = env.step(action)
@@ -484,21 +447,19 @@ def atari_step(env, action: int) -> tuple[np.ndarray, float, bool, bool]:
 
 
 def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_steps: int,
-                          img_size: int, seed: int, game: str):
-    """Random-policy episodes (each action held for 1-8 steps, so that motion shows) as episode
-    files, written atomically (a killed recording never leaves a half-written episode); existing
-    ones are kept."""
+                          img_size: int, seed: int, game: str) -> list[str]:
+    """Random-policy episodes (each action held 1-8 steps, so that motion shows) as episode files,
+    each written atomically (existing ones kept); returns the game's action meanings."""
     import gymnasium as gym
 
     folder.mkdir(parents=True, exist_ok=True)
-    missing = [i for i in range(num_episodes) if not (folder / f"episode_{i:05d}.npz").exists()]
-    if not missing:
-        return  # no emulator to start
-    # frameskip 1: atari_step repeats the action itself; no sticky actions: the recorded action is
-    # the one executed
+    # frameskip 1: atari_step repeats the action; no sticky actions: the recorded action is executed
     env = gym.make(gym_id, frameskip=1, repeat_action_probability=0.0)
     try:
-        for i in missing:
+        for i in range(num_episodes):
+            path, tmp = folder / f"episode_{i:05d}.npz", folder / f".episode_{i:05d}.tmp.npz"
+            if path.exists():
+                continue
             rng = np.random.default_rng(seed * 1_000_003 + i)
             obs, _ = env.reset(seed=seed * 1_000_003 + i)
             frames, steps, action, hold = [resize_frame(obs, img_size)], [], 0, 0
@@ -512,7 +473,6 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
                 if steps[-1][2] or steps[-1][3]:
                     break
             actions, rewards, terminated, truncated = (np.array(column) for column in zip(*steps))
-            path, tmp = folder / f"episode_{i:05d}.npz", folder / f".episode_{i:05d}.tmp.npz"
             try:
                 np.savez(tmp, obs=np.stack(frames).transpose(0, 2, 3, 1),
                          actions=actions.astype(np.int64), rewards=rewards.astype(np.float32),
@@ -520,11 +480,12 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
                 os.replace(tmp, path)
             except OSError as e:  # a full disk: one line; the episodes recorded so far are kept
                 raise TrainingFailure(f"cannot write the recorded episode {path} "
-                                      f"({e.strerror or e}): free disk space or make the folder "
-                                      f"writable, then start again") from None
+                                      f"({e.strerror or e}): free disk space or make the "
+                                      f"folder writable") from None
             finally:  # also after a Ctrl-C in the middle of the write: no temporary file left
                 with contextlib.suppress(OSError):
                     tmp.unlink(missing_ok=True)
+        return env.unwrapped.get_action_meanings()
     finally:
         env.close()
 
@@ -569,36 +530,26 @@ def read_episode(path: Path, num_actions: int, fix: str) -> dict:
 def load_atari_dataset(args: "Args") -> VideoData:
     """The episode files in atari_folder, recorded first if there are too few. Each clip's caption
     names the action held most often in it: "Breakout: the paddle moves left"."""
-    import gymnasium as gym
-
     gym_id, canonical, game = atari_ids(args.env_id)
     folder = atari_folder(args.data_dir, canonical)
-    record_atari_episodes(gym_id, folder, args.num_atari_episodes, args.atari_episode_steps,
-                          args.img_size, args.seed, game)
-    env = gym.make(gym_id)
-    meanings = env.unwrapped.get_action_meanings()
-    env.close()
-    episodes, episode_actions = [], []
+    meanings = record_atari_episodes(gym_id, folder, args.num_atari_episodes,
+                                     args.atari_episode_steps, args.img_size, args.seed, game)
+    episodes, actions = [], []
     for path in sorted(folder.glob("episode_*.npz"))[: args.num_atari_episodes]:
-        episode = read_episode(path, len(meanings), "delete it (a missing episode is recorded again)")
-        obs = episode["obs"]
-        if obs.shape[1:3] != (args.img_size, args.img_size):
-            obs = np.stack([resize_frame(o, args.img_size).transpose(1, 2, 0) for o in obs])
-        episodes.append(np.ascontiguousarray(obs.transpose(0, 3, 1, 2)))
-        episode_actions.append(np.concatenate([[0], episode["actions"]]))  # NOOP into frame 0
-    frames, starts, owners = clips_of_episodes(episodes, args.num_frames)
-    if len(starts) == 0:
-        raise UserError(f"no episode in {folder} has {args.num_frames} frames: raise "
-                        f"--atari-episode-steps or lower --num-frames")
-    captions = []
-    for e, s in owners:
-        held = np.bincount(episode_actions[e][s + 1: s + args.num_frames],
-                           minlength=len(meanings)).argmax()
-        agent = ATARI_AGENTS.get(game, 'player')
-        captions.append(f"{game}: the {agent} {describe_atari_action(meanings[held])}")
-    return VideoData(frames=frames, actions=np.concatenate(episode_actions), clip_starts=starts,
-                     captions=captions, directions=np.full(len(starts), -1, dtype=np.int64),
-                     num_actions=len(meanings), dataset_id=canonical)
+        episode = read_episode(path, len(meanings), "delete it (a missing one is recorded again)")
+        episodes.append(np.stack([resize_frame(obs, args.img_size) for obs in episode["obs"]]))
+        actions.append(np.concatenate([[0], episode["actions"]]))  # NOOP into frame 0
+
+    def caption(e: int, s: int) -> str:
+        held = np.bincount(actions[e][s + 1: s + args.num_frames], minlength=len(meanings)).argmax()
+        return f"{game}: the {agent} {describe_atari_action(meanings[held])}"
+
+    agent = ATARI_AGENTS.get(game, "player")
+    return clips_of_episodes(episodes, args.num_frames, caption,
+                             f"no episode in {folder} has {args.num_frames} frames: raise "
+                             f"--atari-episode-steps or lower --num-frames",
+                             actions=np.concatenate(actions), num_actions=len(meanings),
+                             dataset_id=canonical)
 
 
 def read_captions_file(path: Path) -> dict:
@@ -616,21 +567,17 @@ def read_captions_file(path: Path) -> dict:
 
 
 def read_video(path: Path, img_size: int) -> list[np.ndarray]:
-    """A video file's frames, each through resize_frame. An empty or unreadable file, or one OpenCV
-    decodes no frame of, is refused in one line naming it (FFmpeg's own "moov atom not found" names
-    no file)."""
+    """A video's frames through resize_frame; an empty, unreadable or undecodable file is refused in
+    one line naming it (FFmpeg's own "moov atom not found" names no file)."""
     import cv2
 
-    fix = "replace it with a video OpenCV can read or remove it"
     try:
         with path.open("rb") as f:
-            if not f.read(1):
-                raise UserError(f"{path}: empty file; {fix}")
+            empty = not f.read(1)
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror}); make it readable or "
                         f"remove it") from None
-    # FFmpeg writes to file descriptor 2 itself (OpenCV's log level does not reach it): silenced
-    # while the file opens
+    # FFmpeg writes to fd 2 itself (OpenCV's log level does not reach it): silenced while opening
     sys.stderr.flush()
     stderr_fd, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
@@ -647,8 +594,8 @@ def read_video(path: Path, img_size: int) -> list[np.ndarray]:
         ok, bgr = capture.read()
     capture.release()
     if not frames:
-        raise UserError(f"{path}: OpenCV decodes no frame of it (a cut or corrupt file, or a codec "
-                        f"its FFmpeg lacks); {fix}")
+        why = "empty file" if empty else "OpenCV decodes no frame (cut, corrupt, unknown codec)"
+        raise UserError(f"{path}: {why}; replace it with a video OpenCV can read or remove it")
     return frames
 
 
@@ -671,21 +618,15 @@ def load_video_folder(args: "Args") -> VideoData:
     captions_path = next((root / n for n in ("captions.json", "captions.txt")
                           if (root / n).is_file()), None)
     by_name = read_captions_file(captions_path) if captions_path else {}
-    episodes, episode_captions = [], []
+    episodes, captions = [], []
     for p in paths:
-        frames = read_video(p, args.img_size)
-        if len(frames) >= args.num_frames:
-            episodes.append(np.stack(frames))
-            keys = (str(p.relative_to(root)), p.name, p.stem)
-            episode_captions.append(next((by_name[k] for k in keys if k in by_name), ""))
-    if not episodes:
-        raise UserError(f"no video under {args.data_dir} has --num-frames {args.num_frames} "
-                        f"readable frames: check the files or lower --num-frames")
-    frames, starts, owners = clips_of_episodes(episodes, args.num_frames)
-    return VideoData(frames=frames, actions=None, clip_starts=starts,
-                     captions=[episode_captions[e] for e, _ in owners],
-                     directions=np.full(len(starts), -1, dtype=np.int64), num_actions=0,
-                     dataset_id="folder")
+        episodes.append(np.stack(read_video(p, args.img_size)))
+        names = (str(p.relative_to(root)), p.name, p.stem)
+        captions.append(next((by_name[k] for k in names if k in by_name), ""))
+    return clips_of_episodes(episodes, args.num_frames, lambda e, s: captions[e],
+                             f"no video under {args.data_dir} has --num-frames {args.num_frames} "
+                             f"readable frames: check the files or lower --num-frames",
+                             actions=None, num_actions=0, dataset_id="folder")
 
 
 def load_dataset(args: "Args") -> VideoData:
@@ -790,17 +731,15 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 def noise_context(context: torch.Tensor, level: torch.Tensor, alphas_cumprod: torch.Tensor,
                   noise: torch.Tensor) -> torch.Tensor:
-    """Context noise augmentation: q(c_s | c) = sqrt(abar_s) c + sqrt(1 - abar_s) n at step
-    s = level (B,); level 0 is (almost) clean. The model is told s, so it learns how much to trust
-    its (possibly drifting) context."""
+    """Context noise augmentation: q(c_s | c) = sqrt(abar_s) c + sqrt(1 - abar_s) n, s = level (B,).
+    The model is told s, so it learns how much to trust its (possibly drifting) context."""
     abar = alphas_cumprod.to(context.device)[level].float()[:, None, None, None, None]
     return abar.sqrt() * context + (1 - abar).sqrt() * noise
 
 
 # --------------------------------------------------------------------------------------------------
-# Model: the seed's 3D U-Net (VideoDiffusionModel), its blocks factorised over space and time as in
-# Video Diffusion Models. Tensors are (B, C, T, H, W); the conditioning vector is per frame
-# (B, T, 4C): time + context noise level + pooled caption + that frame's action.
+# Model: the seed's 3D U-Net, blocks factorised over space and time (Video Diffusion Models) on
+# (B, C, T, H, W); per frame (B, T, 4C): time + context noise level + pooled caption + action.
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -808,20 +747,20 @@ def group_norm(channels: int, groups: int) -> nn.GroupNorm:
 
 
 def zero_(*modules: nn.Module):
-    """Zero weights and biases: a residual branch (or the output) starts at zero, so a block starts as the identity."""
+    """Zero weights and biases: a residual branch starts at zero, its block as the identity."""
     for module in modules:
         nn.init.zeros_(module.weight)
         nn.init.zeros_(module.bias)
 
 
 class SinusoidalPosEmb(nn.Module):
-    """Transformer sinusoids as in DDPM: [sin(t w_i), cos(t w_i)], w_i = exp(-ln(10000) i / (dim/2 - 1))."""
+    """DDPM's sinusoids: [sin(t w_i), cos(t w_i)], w_i = exp(-ln(10000) i / (dim/2 - 1))."""
 
     def __init__(self, dim: int):
         super().__init__()
         half = dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / (half - 1))
-        self.register_buffer("freqs", freqs, persistent=False)  # follows the module's device, not saved
+        self.register_buffer("freqs", freqs, persistent=False)  # follows the module's device
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         angles = t.to(self.freqs.dtype)[:, None] * self.freqs[None, :]
@@ -830,8 +769,7 @@ class SinusoidalPosEmb(nn.Module):
 
 class ResBlock3D(nn.Module):
     """GN-swish-conv(1x3x3), + Dense(swish(emb)) per frame, GN-swish-dropout-conv(1x3x3), shortcut;
-    then temporal mixing, + conv(3x1x1)(swish(GN(h))): a (2+1)D factorisation. Starts as the
-    identity (zero last convs)."""
+    then + conv(3x1x1)(swish(GN(h))) over time: (2+1)D. Starts as the identity (zero last convs)."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0,
                  norm_groups: int = 32):
@@ -849,43 +787,25 @@ class ResBlock3D(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb_proj(F.silu(emb)).permute(0, 2, 1)[:, :, :, None, None]  # (B, T, E) -> (B, C, T, 1, 1)
+        h = h + self.emb_proj(F.silu(emb)).permute(0, 2, 1)[:, :, :, None, None]  # (B, C, T, 1, 1)
         h = self.shortcut(x) + self.conv2(self.dropout(F.silu(self.norm2(h))))
         return h + self.temporal_conv(F.silu(self.temporal_norm(h)))
 
 
 def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
                          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(N, Lq, C), (N, Lk, C) -> (N, Lq, C): softmax(q k^T / sqrt(d) + mask) v per head, through SDPA."""
+    """(N, Lq, C), (N, Lk, C) -> (N, Lq, C): softmax(q k^T / sqrt(d) + mask) v per head (SDPA)."""
     n, lq, c = q.shape
     q, k, v = (z.reshape(n, z.shape[1], num_heads, c // num_heads).transpose(1, 2) for z in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, lq, c)
 
 
-class CrossAttention(nn.Module):
-    """Video tokens (queries) attend to the caption's tokens (keys and values), as the seed's CrossAttention."""
-
-    def __init__(self, dim: int, context_dim: int, num_heads: int = 8):
-        super().__init__()
-        self.num_heads = num_heads
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(context_dim, dim)
-        self.to_v = nn.Linear(context_dim, dim)
-        self.to_out = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None):
-        mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, L): padding never attended
-        out = multi_head_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.num_heads, mask)
-        return self.to_out(out)
-
-
 class SpatioTemporalAttention(nn.Module):
-    """Spatial self-attention (frames as batch), then temporal self-attention (pixels as batch) with
-    a learned relative position bias (any clip length works), then cross-attention to the caption;
-    each a residual branch."""
+    """Residual spatial self-attention (frames as batch), temporal self-attention (pixels as batch,
+    a learned relative position bias: any clip length), then cross-attention to the caption."""
 
-    def __init__(self, channels: int, num_heads: int = 8, norm_groups: int = 32, context_dim: int = 256,
-                 max_relative_position: int = 32):
+    def __init__(self, channels: int, num_heads: int = 8, norm_groups: int = 32,
+                 context_dim: int = 256, max_relative_position: int = 32):
         super().__init__()
         self.num_heads, self.max_relative_position = num_heads, max_relative_position
         self.spatial_norm = group_norm(channels, norm_groups)
@@ -896,10 +816,14 @@ class SpatioTemporalAttention(nn.Module):
         self.temporal_out = nn.Linear(channels, channels)
         self.relative_bias = nn.Parameter(torch.zeros(2 * max_relative_position + 1, num_heads))
         self.cross_norm = nn.LayerNorm(channels)
-        self.cross_attn = CrossAttention(channels, context_dim, num_heads)
-        zero_(self.spatial_out, self.temporal_out, self.cross_attn.to_out)
+        self.cross_q = nn.Linear(channels, channels)
+        self.cross_k = nn.Linear(context_dim, channels)
+        self.cross_v = nn.Linear(context_dim, channels)
+        self.cross_out = nn.Linear(channels, channels)
+        zero_(self.spatial_out, self.temporal_out, self.cross_out)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor]):
+        """x (B, C, T, H, W); context (B, L, context_dim), context_mask (B, L) False at padding."""
         b, c, t, h, w = x.shape
         tokens = self.spatial_norm(x).permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)  # (B*T, HW, C)
         out = multi_head_attention(*self.spatial_qkv(tokens).chunk(3, dim=-1), self.num_heads)
@@ -913,31 +837,16 @@ class SpatioTemporalAttention(nn.Module):
         x = x + self.temporal_out(out).reshape(b, h, w, t, c).permute(0, 4, 3, 1, 2)
 
         tokens = self.cross_norm(x.permute(0, 2, 3, 4, 1).reshape(b, t * h * w, c))  # (B, THW, C)
-        out = self.cross_attn(tokens, context, context_mask)
-        return x + out.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
-
-
-class Downsample3D(nn.Sequential):  # a Sequential runs its modules in the order they are set
-    """Stride-2 conv over space only (1x3x3): the clip keeps its frames."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv3d(channels, channels, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
-
-
-class Upsample3D(nn.Sequential):
-    """Nearest x2 over space only, then a 1x3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.upsample = nn.Upsample(scale_factor=(1.0, 2.0, 2.0), mode="nearest")
-        self.conv = nn.Conv3d(channels, channels, (1, 3, 3), padding=(0, 1, 1))
+        mask = None if context_mask is None else context_mask[:, None, None, :]
+        out = multi_head_attention(self.cross_q(tokens), self.cross_k(context), self.cross_v(context),
+                                   self.num_heads, mask)
+        return x + self.cross_out(out).reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
 
 class TextEncoder(nn.Module):
-    """Learned word embeddings + positions -> a small pre-norm transformer -> (B, L, dim) tokens and their mask."""
+    """Learned word embeddings + positions -> a small pre-norm transformer -> (B, L, dim), mask."""
 
-    def __init__(self, vocab_size: int, dim: int = 256, depth: int = 2, num_heads: int = 4, max_len: int = 16):
+    def __init__(self, vocab_size: int, dim: int, depth: int, num_heads: int, max_len: int):
         super().__init__()
         self.token_embed = nn.Embedding(vocab_size, dim)
         self.pos_embed = nn.Parameter(torch.randn(max_len, dim) * 0.02)
@@ -947,7 +856,7 @@ class TextEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = tokens != PAD_ID  # (B, L): True for real tokens (every caption has one: a word or <null>)
+        mask = tokens != PAD_ID  # (B, L): every caption has a real token (a word or <null>)
         h = self.token_embed(tokens) + self.pos_embed[: tokens.shape[1]]
         return self.norm(self.blocks(h, src_key_padding_mask=~mask)), mask
 
@@ -955,11 +864,10 @@ class TextEncoder(nn.Module):
 class VideoDiffusionModel(nn.Module):
     """The 3D U-Net: eps(x_t, t | caption, actions, context) for clips (B, 3, T, H, W) in [-1, 1].
     The caption's mean token and each frame's action join the time embedding; context frames and
-    their mask join the input channels, the noisy input zeroed there, and their noise level is
-    embedded like the time."""
+    their mask join the input channels (x_t zeroed there), their noise level embedded like t."""
 
     def __init__(self, in_channels: int = 3, model_channels: int = 256, num_res_blocks: int = 2,
-                 channel_mult: tuple[int, ...] = (1, 2, 2), attn_resolutions: tuple[int, ...] = (32, 16),
+                 channel_mult: tuple = (1, 2, 2), attn_resolutions: tuple = (32, 16),
                  img_size: int = 64, num_heads: int = 8, norm_groups: int = 32, dropout: float = 0.0,
                  num_actions: int = 0, action_dim: int = 0, vocab_size: int = len(SPECIAL_TOKENS),
                  text_dim: int = 256, text_layers: int = 2, max_text_len: int = 16):
@@ -967,26 +875,27 @@ class VideoDiffusionModel(nn.Module):
         self.num_actions, self.action_dim, self.max_text_len = num_actions, action_dim, max_text_len
         self.num_levels, self.num_res_blocks = len(channel_mult), num_res_blocks
         c, emb = model_channels, 4 * model_channels
-        self.time_embed = nn.Sequential(SinusoidalPosEmb(c), nn.Linear(c, emb), nn.GELU(), nn.Linear(emb, emb))
-        self.context_noise_embed = nn.Sequential(SinusoidalPosEmb(c), nn.Linear(c, emb), nn.GELU(),
-                                                 nn.Linear(emb, emb))
-        text_heads = text_dim // 64 if text_dim % 64 == 0 else 1  # heads of width 64 where the width allows
+        self.time_embed, self.context_noise_embed = (
+            nn.Sequential(SinusoidalPosEmb(c), nn.Linear(c, emb), nn.GELU(), nn.Linear(emb, emb))
+            for _ in range(2))
+        text_heads = text_dim // 64 if text_dim % 64 == 0 else 1  # heads of width 64 if it can
         self.text_encoder = TextEncoder(vocab_size, text_dim, text_layers, text_heads, max_text_len)
         self.text_pool = nn.Linear(text_dim, emb)
         self.action_encoder = None
-        if action_dim > 0:  # the seed's ActionConditionedDiffusion: Linear(A, 256) -> ReLU -> Linear(256, 4C)
-            self.action_encoder = nn.Sequential(nn.Linear(action_dim, 256), nn.ReLU(), nn.Linear(256, emb))
+        if action_dim > 0:  # the seed's ActionConditionedDiffusion's MLP
+            self.action_encoder = nn.Sequential(nn.Linear(action_dim, 256), nn.ReLU(),
+                                                nn.Linear(256, emb))
             self.null_action = nn.Parameter(torch.zeros(emb))
         elif num_actions > 0:
-            self.action_encoder = nn.Embedding(num_actions + 1, emb)  # row num_actions: the null action
+            self.action_encoder = nn.Embedding(num_actions + 1, emb)  # row num_actions: null
 
         # in: the noisy clip, the context frames and the context mask
         self.input_conv = nn.Conv3d(2 * in_channels + 1, c, (1, 3, 3), padding=(0, 1, 1))
-        self.down_blocks, self.down_attns, self.downsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        skip_channels, current, resolution = [c], c, img_size
+        self.down_blocks, self.down_attns, self.downsamples = (nn.ModuleList() for _ in range(3))
+        skip_channels, current = [c], c
 
-        def attention():
-            if resolution in attn_resolutions:
+        def attention(level: int) -> nn.Module:  # if the level's resolution is in attn_resolutions
+            if img_size // 2 ** level in attn_resolutions:
                 return SpatioTemporalAttention(current, num_heads, norm_groups, text_dim)
             return nn.Identity()
 
@@ -994,24 +903,24 @@ class VideoDiffusionModel(nn.Module):
             for _ in range(num_res_blocks):
                 self.down_blocks.append(ResBlock3D(current, c * mult, emb, dropout, norm_groups))
                 current = c * mult
-                self.down_attns.append(attention())
+                self.down_attns.append(attention(level))
                 skip_channels.append(current)
-            if level != len(channel_mult) - 1:
-                self.downsamples.append(Downsample3D(current))
+            if level != len(channel_mult) - 1:  # a stride-2 conv over space only: the frames stay
+                self.downsamples.append(nn.Conv3d(current, current, (1, 3, 3), (1, 2, 2), (0, 1, 1)))
                 skip_channels.append(current)
-                resolution //= 2
         self.mid_block1 = ResBlock3D(current, current, emb, dropout, norm_groups)
         self.mid_attn = SpatioTemporalAttention(current, num_heads, norm_groups, text_dim)
         self.mid_block2 = ResBlock3D(current, current, emb, dropout, norm_groups)
-        self.up_blocks, self.up_attns, self.upsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.up_blocks, self.up_attns, self.upsamples = (nn.ModuleList() for _ in range(3))
         for level, mult in reversed(list(enumerate(channel_mult))):
             for _ in range(num_res_blocks + 1):
-                self.up_blocks.append(ResBlock3D(current + skip_channels.pop(), c * mult, emb, dropout, norm_groups))
+                skip = skip_channels.pop()
+                self.up_blocks.append(ResBlock3D(current + skip, c * mult, emb, dropout, norm_groups))
                 current = c * mult
-                self.up_attns.append(attention())
-            if level != 0:
-                self.upsamples.append(Upsample3D(current))
-                resolution *= 2
+                self.up_attns.append(attention(level))
+            if level != 0:  # nearest x2 over space only, then a 1x3x3 conv
+                conv = nn.Conv3d(current, current, (1, 3, 3), padding=(0, 1, 1))
+                self.upsamples.append(nn.Sequential(nn.Upsample(scale_factor=(1.0, 2.0, 2.0)), conv))
         self.out_norm = group_norm(current, norm_groups)
         self.out = nn.Conv3d(current, in_channels, 3, padding=1)  # the seed's 3x3x3 output conv
         zero_(self.out)
@@ -1021,29 +930,13 @@ class VideoDiffusionModel(nn.Module):
         tokens[:, 0] = NULL_ID
         return tokens
 
-    def embed_actions(self, actions: Optional[torch.Tensor], drop_actions: Optional[torch.Tensor], batch: int,
-                      num_frames: int, device: torch.device) -> torch.Tensor:
-        """(B, T, 4C): each frame's action embedding; the null action where actions is None or drop_actions (B,)."""
-        if self.action_dim > 0:
-            if actions is None:
-                return self.null_action.expand(batch, num_frames, -1)
-            encoded = self.action_encoder(actions.to(self.null_action.dtype))
-            return encoded if drop_actions is None else torch.where(drop_actions[:, None, None], self.null_action,
-                                                                    encoded)
-        if actions is None:
-            actions = torch.full((batch, num_frames), self.num_actions, dtype=torch.long, device=device)
-        elif drop_actions is not None:
-            actions = torch.where(drop_actions[:, None], self.num_actions, actions)
-        return self.action_encoder(actions)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: Optional[torch.Tensor] = None,
                 actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
                 context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                 context_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, 3, T, H, W), t (B,) int; text (B, L) tokens (None: the null caption); actions
-        (B, T) int or (B, T, A) float (None: null); drop_actions (B,) bool; context (B, 3, T, H, W)
-        with context_mask (B, T) (1 for context frames) and context_noise (B,), the step the context
-        was noised to."""
+        """x (B, 3, T, H, W), t (B,) int; text (B, L) tokens (None: null); actions (B, T) int or
+        (B, T, A) float (None: null); drop_actions (B,) bool; context (B, 3, T, H, W), context_mask
+        (B, T) (1 at context frames), context_noise (B,): the step the context was noised to."""
         b, _, num_frames, height, width = x.shape
         emb = self.time_embed(t)
         if context_noise is not None:
@@ -1051,8 +944,18 @@ class VideoDiffusionModel(nn.Module):
         text_tokens, text_mask = self.text_encoder(self.null_text(b, x.device) if text is None else text)
         pooled = (text_tokens * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True)
         emb = (emb + self.text_pool(pooled))[:, None, :].expand(b, num_frames, -1)  # (B, T, 4C)
-        if self.action_encoder is not None:
-            emb = emb + self.embed_actions(actions, drop_actions, b, num_frames, x.device)
+        if self.action_dim > 0:  # the null action where actions is None or drop_actions
+            null = self.null_action.expand(b, num_frames, -1)
+            encoded = null if actions is None else self.action_encoder(actions.to(null.dtype))
+            if drop_actions is not None:
+                encoded = torch.where(drop_actions[:, None, None], null, encoded)
+            emb = emb + encoded
+        elif self.num_actions > 0:  # discrete: row num_actions is the null action
+            if actions is None:
+                actions = x.new_full((b, num_frames), self.num_actions, dtype=torch.long)
+            elif drop_actions is not None:
+                actions = torch.where(drop_actions[:, None], self.num_actions, actions)
+            emb = emb + self.action_encoder(actions)
         if context is None or context_mask is None:
             mask, context = x.new_zeros(b, 1, num_frames, 1, 1), torch.zeros_like(x)
         else:
@@ -1063,30 +966,29 @@ class VideoDiffusionModel(nn.Module):
         def attend(attn, h):
             return h if isinstance(attn, nn.Identity) else attn(h, text_tokens, text_mask)
 
-        skips, block = [h], 0
+        skips, n = [h], self.num_res_blocks  # blocks per level: n down, n + 1 up
         for level in range(self.num_levels):
-            for _ in range(self.num_res_blocks):
-                h = attend(self.down_attns[block], self.down_blocks[block](h, emb))
+            for i in range(level * n, (level + 1) * n):
+                h = attend(self.down_attns[i], self.down_blocks[i](h, emb))
                 skips.append(h)
-                block += 1
-            if level != self.num_levels - 1:
+            if level < len(self.downsamples):
                 h = self.downsamples[level](h)
                 skips.append(h)
         h = self.mid_block2(self.mid_attn(self.mid_block1(h, emb), text_tokens, text_mask), emb)
-        block = 0
         for level in range(self.num_levels):
-            for _ in range(self.num_res_blocks + 1):
-                h = attend(self.up_attns[block], self.up_blocks[block](torch.cat([h, skips.pop()], dim=1), emb))
-                block += 1
-            if level != self.num_levels - 1:
+            for i in range(level * (n + 1), (level + 1) * (n + 1)):
+                h = self.up_blocks[i](torch.cat([h, skips.pop()], dim=1), emb)
+                h = attend(self.up_attns[i], h)
+            if level < len(self.upsamples):
                 h = self.upsamples[level](h)
         return self.out(F.silu(self.out_norm(h)))
 
 
 def build_model(args: "Args", vocab_size: int, num_actions: int) -> VideoDiffusionModel:
-    return VideoDiffusionModel(3, args.model_channels, args.num_res_blocks, args.channel_mult, args.attn_resolutions,
-                               args.img_size, args.num_heads, args.norm_groups, args.dropout, num_actions,
-                               args.action_dim, vocab_size, args.text_dim, args.text_layers, args.max_text_len)
+    return VideoDiffusionModel(3, args.model_channels, args.num_res_blocks, args.channel_mult,
+                               args.attn_resolutions, args.img_size, args.num_heads,
+                               args.norm_groups, args.dropout, num_actions, args.action_dim,
+                               vocab_size, args.text_dim, args.text_layers, args.max_text_len)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1202,9 +1104,8 @@ def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Ten
 def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
                   num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """The chosen sampler's clips (B, 3, T, H, W) in [-1, 1]."""
-    if sampler == "ddpm":
-        respaced = num_steps if num_steps < len(alphas_cumprod) else None
-        x = ddpm_sample(model_fn, x_T, alphas_cumprod, respaced, generator=generator)
+    if sampler == "ddpm":  # num_steps = T: the paper's sampler, fewer: respaced
+        x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps, generator=generator)
     elif sampler == "ddim":  # x0 clipped to [-1, 1] at every step: an undertrained model's samples stay in range
         x = ddim_sample(model_fn, x_T, alphas_cumprod, num_steps, eta=eta, clip_denoised=True, generator=generator)
     else:
@@ -1248,9 +1149,8 @@ def generate_long_video(model: nn.Module, alphas_cumprod: torch.Tensor, num_fram
                         num_context: int, shape: tuple, generator: torch.Generator,
                         text: Optional[torch.Tensor] = None, actions: Optional[torch.Tensor] = None,
                         drop_actions: Optional[torch.Tensor] = None, **sample_kwargs) -> torch.Tensor:
-    """Autoregressive video (B, 3, num_frames, H, W) in [-1, 1] from clips of `shape` (clip_frames
-    long), each after the first given the last num_context frames. actions (B, num_frames[, A])
-    cover the whole video."""
+    """Autoregressive video (B, 3, num_frames, H, W) in [-1, 1] from clips of `shape`, each after the
+    first given the last num_context frames; actions (B, num_frames[, A]) cover the whole video."""
 
     def actions_from(start: int) -> Optional[torch.Tensor]:  # the video's last action is held past its end
         index = torch.arange(start, start + clip_frames, device=generator.device).clamp(max=num_frames - 1)
