@@ -580,9 +580,8 @@ def save_episode(path: Path, episode: dict, run_dir: Optional[Path] = None):
 
 
 def read_episode(path: Path, num_actions: int, fix: str) -> dict:
-    """An episode .npz (docs/PROMISES.md section 3), read with allow_pickle=False (a file cannot run code) and checked
-    field by field; a bad file is refused with one line naming it, the field and `fix`. Returns the fields in their
-    dtypes."""
+    """An episode .npz (docs/PROMISES.md section 3) read with allow_pickle=False (a file cannot run code), checked field
+    by field (a bad file refused in one line naming it, the field and `fix`), its fields in their dtypes."""
     def bad(problem: str) -> UserError:
         return UserError(f"{path}: {problem}; {fix}")
 
@@ -608,8 +607,7 @@ def read_episode(path: Path, num_actions: int, fix: str) -> dict:
     if not np.isfinite(rewards).all():
         step = int(np.flatnonzero(~np.isfinite(rewards))[0])
         raise bad(f"rewards holds {rewards[step]} at step {step}: rewards must be finite")
-    return {"obs": obs, "actions": actions.astype(np.int64), "rewards": rewards.astype(np.float32),
-            "terminated": episode["terminated"], "truncated": episode["truncated"]}
+    return episode | {"actions": actions.astype(np.int64), "rewards": rewards.astype(np.float32)}
 
 
 def load_episode(path: Path, obs_size: int, num_actions: int, fix: str = "fix the file or remove it") -> dict:
@@ -1737,14 +1735,14 @@ def put_text(image: np.ndarray, text: str, x: int, y: int, scale: float = 0.4, c
 
 def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
     """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a black margin holding
-    one line of text per entry: what the window shows and the play MP4s hold."""
+    one line of text per entry (OpenCV's Hershey font): what the window shows and the play MP4s hold."""
     import cv2
 
     height = int(round(frame.shape[0] * size / frame.shape[1]))
     big = cv2.resize(np.ascontiguousarray(frame), (size, height), interpolation=cv2.INTER_NEAREST)
     margin = np.zeros((8 + 18 * len(lines), size, 3), dtype=np.uint8)
     for i, line in enumerate(lines):
-        put_text(margin, line, 6, 18 + 18 * i, 0.45)
+        cv2.putText(margin, line, (6, 18 + 18 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
     return np.concatenate([big, margin])
 
 
@@ -2466,10 +2464,10 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
     horizontal = "LEFT" if left and not right else "RIGHT" if right and not left else ""
     suffix = "FIRE" if fire else ""
     for name in (vertical + horizontal + suffix, horizontal + suffix, vertical + horizontal, horizontal,
-                 vertical + suffix, vertical, suffix):
+                 vertical + suffix, vertical, suffix, "NOOP"):
         if name and name in meanings:
             return meanings.index(name)
-    return meanings.index("NOOP") if "NOOP" in meanings else 0
+    return 0
 
 
 class ImaginedGame:

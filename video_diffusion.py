@@ -534,9 +534,8 @@ EPISODE_KEYS = {"obs": np.uint8, "actions": np.int64, "rewards": np.float32, "te
 
 
 def read_episode(path: Path, num_actions: int, fix: str) -> dict:
-    """An episode .npz (docs/PROMISES.md section 3), read with allow_pickle=False (a file cannot run code) and checked
-    field by field; a bad file is refused with one line naming it, the field and `fix`. Returns the fields in their
-    dtypes."""
+    """An episode .npz (docs/PROMISES.md section 3) read with allow_pickle=False (a file cannot run code), checked field
+    by field (a bad file refused in one line naming it, the field and `fix`), its fields in their dtypes."""
     def bad(problem: str) -> UserError:
         return UserError(f"{path}: {problem}; {fix}")
 
@@ -562,8 +561,7 @@ def read_episode(path: Path, num_actions: int, fix: str) -> dict:
     if not np.isfinite(rewards).all():
         step = int(np.flatnonzero(~np.isfinite(rewards))[0])
         raise bad(f"rewards holds {rewards[step]} at step {step}: rewards must be finite")
-    return {"obs": obs, "actions": actions.astype(np.int64), "rewards": rewards.astype(np.float32),
-            "terminated": episode["terminated"], "truncated": episode["truncated"]}
+    return episode | {"actions": actions.astype(np.int64), "rewards": rewards.astype(np.float32)}
 
 
 def load_atari_dataset(args: "Args") -> VideoData:
@@ -1293,10 +1291,9 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
                          context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                          context_level: Optional[torch.Tensor] = None, prediction: str = "eps",
                          autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """L_simple (Ho et al. eq. 14) = || target - f(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t,
-    conditions) ||^2, target eps or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0; x0, noise
-    (B, 3, T, H, W). Context frames (context_mask 1) are left out of the sum, still divided by the
-    clip's size (the same scale on every DDP rank)."""
+    """L_simple (Ho et al. eq. 14) = || target - f(x_t, t, conditions) ||^2, target eps or v = sqrt(abar_t) eps -
+    sqrt(1 - abar_t) x0; x0, noise (B, 3, T, H, W). Context frames (context_mask 1) count zero in the sum, which is
+    still divided by the clip's size (the same scale on every DDP rank)."""
     sqrt_abar = alphas_cumprod[t].sqrt().float()[:, None, None, None, None]
     sqrt_one_minus_abar = (1 - alphas_cumprod[t]).sqrt().float()[:, None, None, None, None]
     x_t = sqrt_abar * x0 + sqrt_one_minus_abar * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
@@ -1308,8 +1305,8 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
 
 
 class DeviceClips:
-    """Clips on the device as uint8 frames (no loader, no host-device copy per step), with their
-    caption tokens and actions; clip i is frames[starts[i] : starts[i] + num_frames]."""
+    """Clips on the device as uint8 frames (no loader, no host-device copy per step), with their caption tokens and
+    actions; clip i is frames[starts[i] : starts[i] + num_frames]."""
 
     def __init__(self, data: VideoData, vocabulary: list, args: Args, device: torch.device):
         self.args, self.device = args, device
@@ -1321,14 +1318,12 @@ class DeviceClips:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def frame_indices(self, index: torch.Tensor) -> torch.Tensor:
-        return self.starts[index][:, None] + torch.arange(self.args.num_frames, device=self.device)  # (B, T)
-
-    def real_clips(self, index: torch.Tensor) -> torch.Tensor:
-        return self.frames[self.frame_indices(index)].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0  # (B, 3, T, H, W)
-
-    def clip_actions(self, index: torch.Tensor) -> Optional[torch.Tensor]:
-        return None if self.actions is None else self.actions[self.frame_indices(index)]  # (B, T[, A])
+    def __getitem__(self, index: torch.Tensor) -> tuple:
+        """Clips index % len: real clips (B, 3, T, H, W) in [-1, 1], caption tokens, actions (B, T[, A]) or None."""
+        index = index % len(self)
+        frames = self.starts[index][:, None] + torch.arange(self.args.num_frames, device=self.device)  # (B, T)
+        actions = None if self.actions is None else self.actions[frames]
+        return self.frames[frames].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0, self.text[index], actions
 
     def batch(self, step: int, generator: torch.Generator, mine: slice, null_text: torch.Tensor,
               alphas_cumprod: torch.Tensor) -> dict:
@@ -1344,26 +1339,24 @@ class DeviceClips:
         drop_both = torch.rand(B, generator=generator, device=device) < args.null_cond_prob
         drop_text = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
         drop_actions = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
-        # Context: the first 1..k frames of some clips, noised to a level in
-        # [0, context_noise_max_step) that the model is told (context noise augmentation: generated
-        # context frames drift less at sampling).
+        # Context: the first 1..k frames of some clips, noised to a level in [0, context_noise_max_step) that the
+        # model is told (context noise augmentation: generated context frames drift less at sampling).
         use_context = torch.rand(B, generator=generator, device=device) < args.context_prob
         num_context = torch.randint(1, max(args.context_frames, 1) + 1, (B,), generator=generator, device=device)
         context_level = torch.randint(0, args.context_noise_max_step, (B,), generator=generator, device=device)
         context_noise = torch.randn((B, *clip_shape), generator=generator, device=device)
-        index = indices[mine]
-        x0 = self.real_clips(index)
+        x0, text, actions = self[indices[mine]]
         given = torch.arange(args.num_frames, device=device)[None, :] < num_context[mine, None]
         return dict(x0=x0, t=t[mine], noise=noise[mine], alphas_cumprod=alphas_cumprod,
-                    text=torch.where(drop_text[mine, None], null_text, self.text[index]),
-                    actions=self.clip_actions(index), drop_actions=drop_actions[mine],
+                    text=torch.where(drop_text[mine, None], null_text, text), actions=actions,
+                    drop_actions=drop_actions[mine], context_level=context_level[mine],
                     context=noise_context(x0, context_level[mine], alphas_cumprod, context_noise[mine]),
-                    context_mask=(use_context[mine, None] & given).float(), context_level=context_level[mine])
+                    context_mask=(use_context[mine, None] & given).float())
 
 
 def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[int, float, float]:
-    """(parameters, activation bytes autograd saves, forward FLOPs) per clip of a training step with
-    every condition given, counted on the meta device: before anything is allocated at full size."""
+    """(parameters, activation bytes autograd saves, forward FLOPs) per clip of a training step with every condition
+    given, counted on the meta device: before anything is allocated at full size."""
     with torch.device("meta"):
         model = build_model(args, vocab_size, num_actions)
         x0 = torch.zeros(1, 3, args.num_frames, args.img_size, args.img_size)
@@ -1377,40 +1370,33 @@ def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation: rollout PSNR with the true actions, with shuffled actions and of copying the last
-# frame (Genie's delta-PSNR: do the actions matter?), and on sprites whether the sprite moves the
-# way the caption or actions say.
+# Evaluation: rollout PSNR with the true actions, with shuffled actions and of copying the last frame (Genie's
+# delta-PSNR: do the actions matter?), and on sprites whether the sprite moves the way the caption or actions say.
 
 
 def rollout_psnr(predicted: np.ndarray, real: np.ndarray, first_frame: int = 0) -> float:
     """Mean over uint8 clips (B, 3, T, H, W) of the PSNR of frames first_frame.. (images in [0, 1], at most 100 dB)."""
-    p = predicted[:, :, first_frame:].astype(np.float64) / 255.0
-    r = real[:, :, first_frame:].astype(np.float64) / 255.0
-    mse = ((p - r) ** 2).reshape(len(p), -1).mean(1)
-    return float(np.mean([100.0 if m <= 1e-10 else min(100.0, 10 * math.log10(1.0 / m)) for m in mse]))
+    error = (predicted[:, :, first_frame:] / 255.0 - real[:, :, first_frame:] / 255.0) ** 2
+    return float(np.mean(np.minimum(100.0, -10 * np.log10(np.maximum(error.reshape(len(real), -1).mean(1), 1e-10)))))
 
 
-def direction_of_displacement(displacement: np.ndarray, min_pixels: float = 0.5) -> int:
-    """(dx, dy) -> index into DIRECTIONS of its dominant component, or -1 when it moved less than min_pixels."""
-    scores = [-displacement[1], displacement[1], -displacement[0], displacement[0]]
-    best = int(np.argmax(scores))
-    return best if scores[best] >= min_pixels else -1
+def direction_of_displacement(displacement: np.ndarray, min_pixels: float = 0.5) -> np.ndarray:
+    """(..., 2) displacements (dx, dy) -> index into DIRECTIONS of the dominant component; -1: less than min_pixels."""
+    dx, dy = displacement[..., 0], displacement[..., 1]
+    scores = np.stack([-dy, dy, -dx, dx], -1)
+    return np.where(scores.max(-1) >= min_pixels, scores.argmax(-1), -1)
 
 
 def movement_directions(clips: np.ndarray) -> np.ndarray:
-    """The direction each clip's (B, 3, T, H, W) sprite moved, first frame to last, from the
-    centroid of the saturated pixels (the sprite is the only coloured thing); -1: no sprite found,
-    or it did not move."""
-    x = clips.astype(np.float32) / 255.0
-    weight = np.clip(x.max(1) - x.min(1) - 0.4, 0, None)  # saturation: sprite colours have 0.67 to 0.8
-    h, w = weight.shape[-2:]
-    total = weight.sum((-1, -2))  # (B, T)
-    cx = (weight * np.arange(w)[None, None, None, :]).sum((-1, -2)) / np.maximum(total, 1e-8)
-    cy = (weight * np.arange(h)[None, None, :, None]).sum((-1, -2)) / np.maximum(total, 1e-8)
-    centroids = np.stack([cx, cy], -1)  # (B, T, 2)
-    found = (total[:, 0] > 0.2) & (total[:, -1] > 0.2)  # at least about one pixel of strong colour
-    return np.array([direction_of_displacement(c[-1] - c[0]) if f else -1 for c, f in zip(centroids, found)],
-                    dtype=np.int64)
+    """The direction each clip's (B, 3, T, H, W) sprite moved, first frame to last, from the centroid of the saturated
+    pixels (the sprite is the only coloured thing); -1: no sprite found, or it did not move."""
+    x = clips[:, :, [0, -1]].astype(np.float32) / 255.0
+    weight = np.clip(x.max(1) - x.min(1) - 0.4, 0, None)  # (B, 2, H, W) saturation: sprite colours have 0.67 to 0.8
+    total = weight.sum((-1, -2))
+    cx = (weight * np.arange(weight.shape[-1])).sum((-1, -2)) / np.maximum(total, 1e-8)
+    cy = (weight * np.arange(weight.shape[-2])[:, None]).sum((-1, -2)) / np.maximum(total, 1e-8)
+    found = (total > 0.2).all(1)  # at least about one pixel of strong colour in the first and the last frame
+    return np.where(found, direction_of_displacement(np.stack([cx[:, 1] - cx[:, 0], cy[:, 1] - cy[:, 0]], -1)), -1)
 
 
 def direction_accuracy(clips: np.ndarray, directions: np.ndarray) -> float:
@@ -1419,50 +1405,39 @@ def direction_accuracy(clips: np.ndarray, directions: np.ndarray) -> float:
 
 
 class EvalSampler(DeviceClips):
-    """Clips and long videos from a model (the EMA weights), conditioned on held-out clips. Seeded
-    generators: the same noise every time (samples comparable across steps), and the training RNGs
-    untouched (exact resume)."""
+    """Clips and long videos from a model (the EMA weights), conditioned on held-out clips. Seeded generators: the same
+    noise every time (samples comparable across steps), and the training RNGs untouched (exact resume)."""
 
     def __init__(self, model: nn.Module, alphas_cumprod: torch.Tensor, eval_data: VideoData, vocabulary: list,
                  args: Args, autocast, device: torch.device):
         super().__init__(eval_data, vocabulary, args, device)
-        self.model, self.alphas_cumprod = model, alphas_cumprod
+        self.model, self.alphas_cumprod, self.sample_kwargs = model, alphas_cumprod, sampling_kwargs(args, autocast)
         self.directions, self.captions = eval_data.directions, list(eval_data.captions)
         self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in self.captions]  # labels
         self.judge = None  # optional: judge
-        self.sample_kwargs = sampling_kwargs(args, autocast)
 
-    def batches(self, num: int):
-        """(index, real clips, caption tokens, actions) over the first num eval clips (cycled when num is larger)."""
-        for start in range(0, num, self.args.sample_batch_size):
-            index = torch.arange(start, min(num, start + self.args.sample_batch_size), device=self.device) % len(self)
-            yield index, self.real_clips(index), self.text[index], self.clip_actions(index)
-
-    def clips(self, num: int, use_text: bool = True, use_actions: bool = True, actions_shift: int = 0,
-              num_context: int = 0, text_shift: int = 0) -> np.ndarray:
-        """num uint8 clips conditioned on the eval clips' captions and/or actions (or another
-        clip's: shifted by text_shift / actions_shift) and/or their first num_context frames."""
-        generator = torch.Generator(device=self.device).manual_seed(self.args.seed + 10_000)
-        out = []
-        for index, real, _, _ in self.batches(num):
-            actions = self.clip_actions((index + actions_shift) % len(self))
-            text = self.text[(index + text_shift) % len(self)] if use_text else None
-            drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=self.device)
-            out.append(to_uint8(generate(self.model, self.alphas_cumprod, tuple(real.shape), generator, text, actions,
-                                         drop, real, num_context, **self.sample_kwargs)))
-        return np.concatenate(out)
-
-    def long_videos(self, num: int) -> np.ndarray:
-        """Autoregressive videos of --long-video-frames from the eval clips' captions and actions (repeated)."""
-        args = self.args
-        generator = torch.Generator(device=self.device).manual_seed(args.seed + 10_001)
-        out = []
-        for _, real, text, actions in self.batches(num):
-            if actions is not None:
-                actions = actions[:, torch.arange(args.long_video_frames, device=self.device) % args.num_frames]
-            out.append(to_uint8(generate_long_video(self.model, self.alphas_cumprod, args.long_video_frames,
-                                                    args.num_frames, args.context_frames, tuple(real.shape),
-                                                    generator, text, actions, **self.sample_kwargs)))
+    def clips(self, num: int, use_text: bool = True, use_actions: bool = True, num_context: int = 0,
+              text_shift: int = 0, actions_shift: int = 0, long: bool = False) -> np.ndarray:
+        """num uint8 clips (long: autoregressive videos of --long-video-frames, the actions repeated) conditioned on
+        the first num eval clips' captions and/or actions (or another clip's: shifted by text_shift / actions_shift)
+        and/or their first num_context frames."""
+        args, out = self.args, []
+        generator = torch.Generator(device=self.device).manual_seed(args.seed + (10_001 if long else 10_000))
+        for start in range(0, num, args.sample_batch_size):
+            index = torch.arange(start, min(num, start + args.sample_batch_size), device=self.device)
+            real, actions = self[index][0], self[index + actions_shift][2]
+            text = self[index + text_shift][1] if use_text else None
+            if long:
+                repeated = torch.arange(args.long_video_frames, device=self.device) % args.num_frames
+                clips = generate_long_video(
+                    self.model, self.alphas_cumprod, args.long_video_frames, args.num_frames, args.context_frames,
+                    tuple(real.shape), generator, text, None if actions is None else actions[:, repeated],
+                    **self.sample_kwargs)
+            else:
+                drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=self.device)
+                clips = generate(self.model, self.alphas_cumprod, tuple(real.shape), generator, text, actions, drop,
+                                 real, num_context, **self.sample_kwargs)
+            out.append(to_uint8(clips))
         return np.concatenate(out)
 
 
@@ -1584,9 +1559,8 @@ def sprite_colour_labels(captions: list) -> np.ndarray:
 
 
 def make_sprites_judge(args: Args, num_frames_scored: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
-    """The judge of the sprite's colour on single frames (trained once on 512 clips of 8 frames,
-    cached in {data_dir}/judge/), and at least 2 * num_frames_scored held-out real frames and their
-    colours."""
+    """The judge of the sprite's colour on single frames (trained once on 512 clips of 8 frames, cached in
+    {data_dir}/judge/), and at least 2 * num_frames_scored held-out real frames and their colours."""
     def frames_and_colours(data: VideoData) -> tuple[np.ndarray, np.ndarray]:
         return data.frames, np.repeat(sprite_colour_labels(data.captions), len(data.frames) // len(data.captions))
 
@@ -1613,55 +1587,47 @@ def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
 # ==== END OPTIONAL: judge ====
 
 
-def sample_clips(sampler: EvalSampler, writer, step: int, samples_dir: Path, num: int) -> np.ndarray:
-    """num clips from the eval clips' captions and actions into samples/, the first 8 as a strip (a
-    row per clip, named by its caption) in TensorBoard (samples/clips) and samples/ (PNG)."""
-    samples = sampler.clips(num)
+def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: bool = True) -> dict:
+    """Samples at one step from the eval clips' captions and actions: clips into samples/ (MP4, .npz), the first 8 as a
+    strip (a row per clip, named by its caption) in TensorBoard (samples/clips) and a PNG; full: --num-eval-samples
+    clips, the eval/ metrics (returned) and long videos, else 8 clips (the run's first picture)."""
+    args, k = sampler.args, sampler.args.context_frames
+    n = args.num_eval_samples if full else 8
+    samples = sampler.clips(n)
     write_samples(samples_dir, f"step{step:08d}", samples)
-    shown = samples[:8]
-    captions = (sampler.read_captions * len(shown))[:len(shown)]
-    strip = frame_strips(shown, [f"generated: {caption}" for caption in captions])
+    strip = frame_strips(samples[:8], [f"generated: {caption}" for caption in (sampler.read_captions * 8)[:n]])
     writer.add_image("samples/clips", strip, step, dataformats="HWC")
     write_png(samples_dir / f"step{step:08d}.png", strip)
-    return samples
-
-
-def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict:
-    """Samples (MP4, .npz, TensorBoard strips) and the eval/ metrics at one step; returns the metrics."""
-    args, n, k = sampler.args, sampler.args.num_eval_samples, sampler.args.context_frames
-    samples = sample_clips(sampler, writer, step, samples_dir, n)
+    if not full:
+        return {}
     metrics = {}
-    metrics.update(judge_clips(sampler, samples))  # optional: judge
+    metrics |= judge_clips(sampler, samples)  # optional: judge
     if sampler.actions is not None and k > 0:  # multi-step rollouts from the first k real frames, without the caption
-        real = np.concatenate([to_uint8(real) for _, real, _, _ in sampler.batches(n)])
+        real, _, actions = sampler[torch.arange(n, device=sampler.device)]
+        real = to_uint8(real)
         rollouts = {"true_actions": sampler.clips(n, use_text=False, num_context=k),
                     "shuffled_actions": sampler.clips(n, use_text=False, num_context=k, actions_shift=1),
                     "copy_last": np.repeat(real[:, :, k - 1: k], args.num_frames, axis=2)}
-        for name, clips in rollouts.items():
-            metrics[f"eval/psnr_{name}"] = rollout_psnr(clips, real, k)
+        metrics |= {f"eval/psnr_{name}": rollout_psnr(clips, real, k) for name, clips in rollouts.items()}
         # Genie's delta-PSNR: how much closer to the real clip the true actions bring a rollout
         metrics["eval/action_control_dpsnr"] = metrics["eval/psnr_true_actions"] - metrics["eval/psnr_shuffled_actions"]
         shown = min(4, n)  # real and generated rows in turn, named with the actions after the k given frames
-        actions = sampler.clip_actions(torch.arange(shown, device=sampler.device) % len(sampler)).cpu().numpy()
-        labels = [f"{row} {i}: {k} given, then {action_words(actions[i, k:], args.dataset)}"
+        labels = [f"{row} {i}: {k} given, then {action_words(actions[i, k:].cpu().numpy(), args.dataset)}"
                   for i in range(shown) for row in ("real", "generated")]
         pairs = np.stack([real[:shown], rollouts["true_actions"][:shown]], axis=1).reshape(2 * shown, *real.shape[1:])
         writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step, dataformats="HWC")
     if args.dataset == "sprites" and k > 0:
-        # Does the sprite go where the caption (alone) or the actions (alone) say, from the real
-        # first frame (where it starts, not where it goes)? "swapped": each first frame commanded
-        # with another clip's caption or actions; a model that learned a direction from anything but
-        # the command scores chance there.
-        directions = np.resize(sampler.directions, n)
-        others = sampler.directions[(np.arange(n) + 1) % len(sampler.directions)]
+        # Does the sprite go where the caption (alone) or the actions (alone) say, from the real first frame (where it
+        # starts, not where it goes)? "swapped": each first frame commanded with another clip's caption or actions; a
+        # model that learned a direction from anything but the command scores chance there.
         for kind, flags, shift in (("text", dict(use_actions=False), "text_shift"),
                                    ("action", dict(use_text=False), "actions_shift")):
-            own = sampler.clips(n, num_context=1, **flags)
-            swapped = sampler.clips(n, num_context=1, **flags, **{shift: 1})
-            metrics[f"eval/{kind}_direction_accuracy"] = direction_accuracy(own, directions)
-            metrics[f"eval/{kind}_direction_accuracy_swapped"] = direction_accuracy(swapped, others)
+            for swapped in (0, 1):
+                clips = sampler.clips(n, num_context=1, **flags, **{shift: swapped})
+                directions = sampler.directions[(np.arange(n) + swapped) % len(sampler.directions)]
+                metrics[f"eval/{kind}_direction_accuracy" + "_swapped" * swapped] = direction_accuracy(clips, directions)
     if args.long_video_frames > args.num_frames:
-        videos = sampler.long_videos(min(n, 4))
+        videos = sampler.clips(min(n, 4), long=True)
         write_samples(samples_dir, f"long_step{step:08d}", videos)
         labels = [f"generated {i} (autoregressive)" for i in range(len(videos))]
         writer.add_image("samples/long_video", frame_strips(videos, labels), step, dataformats="HWC")
@@ -1676,29 +1642,22 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict
 # Utilities: sample files (the shared machinery, at the end of the file, writes them).
 
 
-def put_text(image: np.ndarray, text: str, x: int, y: int, scale: float = 0.4, colour=(255, 255, 255)):
-    """Small text (OpenCV's Hershey font) with its baseline at (x, y), drawn into an RGB uint8 image in place."""
-    import cv2
-
-    cv2.putText(image, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
-
-
 def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
     """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a black margin holding
-    one line of text per entry: what the window shows and the play MP4s hold."""
+    one line of text per entry (OpenCV's Hershey font): what the window shows and the play MP4s hold."""
     import cv2
 
     height = int(round(frame.shape[0] * size / frame.shape[1]))
     big = cv2.resize(np.ascontiguousarray(frame), (size, height), interpolation=cv2.INTER_NEAREST)
     margin = np.zeros((8 + 18 * len(lines), size, 3), dtype=np.uint8)
     for i, line in enumerate(lines):
-        put_text(margin, line, 6, 18 + 18 * i, 0.45)
+        cv2.putText(margin, line, (6, 18 + 18 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
     return np.concatenate([big, margin])
 
 
 def frame_strips(clips: np.ndarray, labels: list[str]) -> np.ndarray:
-    """uint8 (N, 3, T, H, W) -> one uint8 (rows, width, 3) image: a row of frames per clip (enlarged
-    to 48 pixels high), each above its label."""
+    """uint8 (N, 3, T, H, W) -> one uint8 (rows, width, 3) image: a row of frames per clip (enlarged to 48 pixels
+    high), each above its label."""
     scale = max(1, 48 // clips.shape[3])
     rows = [make_grid(clip.transpose(1, 0, 2, 3), columns=clip.shape[1]) for clip in clips]
     return np.concatenate([with_caption(row, row.shape[1] * scale, [label]) for row, label in zip(rows, labels)])
@@ -1757,62 +1716,43 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
     horizontal = "LEFT" if left and not right else "RIGHT" if right and not left else ""
     suffix = "FIRE" if fire else ""
     for name in (vertical + horizontal + suffix, horizontal + suffix, vertical + horizontal, horizontal,
-                 vertical + suffix, vertical, suffix):
+                 vertical + suffix, vertical, suffix, "NOOP"):
         if name and name in meanings:
             return meanings.index(name)
-    return meanings.index("NOOP") if "NOOP" in meanings else 0
+    return 0
 
 
-class ImaginedVideo:
-    """The model as a game: reset() takes frames (1, 3, k, H, W) in [-1, 1] and the k actions that led into them from
-    starts(); step(action) shows next_frame(frames, actions (1, k + 1[, A])) (1, 3, H, W)."""
-    name = "video model"
-
-    def __init__(self, next_frame: Callable, starts: Callable, action_value: Callable):
-        self.next_frame, self.starts, self.action_value = next_frame, starts, action_value
-
-    @torch.no_grad()
-    def reset(self) -> np.ndarray:
-        self.frames, self.actions = self.starts()
-        return to_uint8(self.frames[0, :, -1]).transpose(1, 2, 0)
-
-    @torch.no_grad()
-    def step(self, action: int) -> tuple[np.ndarray, float, bool]:
-        new = self.action_value(action).to(self.actions.device, self.actions.dtype)[None, None]  # (1, 1[, A])
-        actions = torch.cat([self.actions, new], dim=1)
-        next_frame = self.next_frame(self.frames, actions).clamp(-1, 1)
-        self.frames = torch.cat([self.frames[:, :, 1:], next_frame[:, :, None]], dim=2)
-        self.actions = actions[:, 1:]
-        return to_uint8(next_frame[0]).transpose(1, 2, 0), 0.0, False
+def imagined_video(next_frame: Callable, frames: torch.Tensor, actions: torch.Tensor, action_values: torch.Tensor):
+    """The model as a game, a generator: it yields the last of frames (1, 3, k, H, W) in [-1, 1] (the actions (1, k[, A])
+    led into them), then for each action (an index into action_values) sent the frame next_frame makes from the last k
+    frames and actions (1, k + 1[, A]): theirs and the new one."""
+    frame = frames[0, :, -1]
+    while True:
+        action = yield to_uint8(frame).transpose(1, 2, 0)
+        actions = torch.cat([actions, action_values[action].to(actions)[None, None]], dim=1)
+        frame = next_frame(frames, actions).clamp(-1, 1)[0]
+        frames, actions = torch.cat([frames[:, :, 1:], frame[None, :, None]], dim=2), actions[:, 1:]
 
 
-class RealSprites:
-    """The sprites world itself from the same start, re-rendered under the start's actions and the keys'."""
-    name = "real sprites"
-
-    def __init__(self, state: dict, start_actions: np.ndarray, img_size: int, action_value: Callable):
-        self.state, self.start_actions, self.img_size, self.action_value = state, start_actions, img_size, action_value
-
-    def reset(self) -> np.ndarray:
-        self.history = list(self.start_actions)
-        return render_sprite_clip(self.state, np.array(self.history), self.img_size)[-1].transpose(1, 2, 0)
-
-    def step(self, action: int) -> tuple[np.ndarray, float, bool]:
-        self.history.append(self.action_value(action).numpy())
-        return render_sprite_clip(self.state, np.array(self.history), self.img_size)[-1].transpose(1, 2, 0), 0.0, False
+def real_sprites(state: dict, actions: np.ndarray, img_size: int, action_values: torch.Tensor):
+    """The sprites world itself as a game, a generator: a clip's start re-rendered under its actions and those sent."""
+    actions = list(actions)
+    while True:
+        action = yield render_sprite_clip(state, np.array(actions), img_size)[-1].transpose(1, 2, 0)
+        actions.append(action_values[action].numpy())
 
 
-def play_keys(game, steps: list[Optional[int]], meanings: list[str], size: int) -> dict:
-    """A headless session: the game played with the given actions (None: restart). Returns the raw
-    frames uint8 (T + 1, H, W, 3), the captioned frames for the MP4 and the frames per second."""
-    frames, actions, start = [game.reset()], [None], time.perf_counter()
-    for action in steps:
-        frames.append(game.reset() if action is None else game.step(action)[0])
-        actions.append(action)
+def play_keys(game: Callable, steps: list[Optional[int]], meanings: list[str], size: int, name: str = "") -> dict:
+    """A headless session: a game (a function starting imagined_video or real_sprites) played with the given actions
+    (None: restart). Returns the frames uint8 (T + 1, H, W, 3), the captioned ones for the MP4 and the frames/s."""
+    frames, start = [], time.perf_counter()
+    for action in [None, *steps]:
+        if action is None:  # a (re)start
+            session = game()
+        frames.append(next(session) if action is None else session.send(action))
     seconds = time.perf_counter() - start
-    shown = [with_caption(frame, size, [f"{game.name}  step {i}  action "
-                                        f"{'-' if action is None else meanings[action].lower()}"])
-             for i, (frame, action) in enumerate(zip(frames, actions))]
+    shown = [with_caption(frame, size, [f"{name}  step {i}  action {'-' if a is None else meanings[a].lower()}"])
+             for i, (frame, a) in enumerate(zip(frames, [None, *steps]))]
     return {"frames": np.stack(frames), "shown": np.stack(shown), "fps": len(steps) / max(seconds, 1e-9)}
 
 
@@ -1827,9 +1767,8 @@ def import_pygame():
 
 
 def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float):
-    """The live session: the model (Tab: the real sprites world) steps at most max_fps times a
-    second with the held keys' action; Enter restarts, R starts and stops recording (an MP4), Esc or
-    closing the window quits."""
+    """The live session: the model (Tab: the real sprites world) steps at most max_fps times a second with the held
+    keys' action; Enter restarts, R starts and stops recording (an MP4), Esc or closing the window quits."""
     pygame = import_pygame()
     pygame.display.init()  # the display alone: no audio device needed
     driver = pygame.display.get_driver()
@@ -1837,57 +1776,57 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
         raise UserError(f"no display to open a window on (SDL fell back to its {driver} driver): play headless with "
                         f"--play-keys KEYS, or set SDL_VIDEODRIVER={driver} to run the window unseen")
     screen, clock = pygame.display.set_mode((size, size + 8 + 18 * 2)), pygame.time.Clock()
-    modes, recording, shown = list(games), False, []
-    game = games[modes[0]]()
-    frame, step, action = game.reset(), 0, None
+    modes, recording, keys = list(games), None, {pygame.K_RETURN}  # recording: the frames shown since R
     while True:
-        events = pygame.event.get()
-        keys = {event.key for event in events if event.type == pygame.KEYDOWN}
-        running = pygame.K_ESCAPE not in keys and all(event.type != pygame.QUIT for event in events)
-        switch, toggle = pygame.K_TAB in keys and len(modes) > 1, pygame.K_r in keys
-        if recording and (toggle or switch or not running):
+        if recording is not None and keys & {pygame.K_r, pygame.K_TAB, pygame.K_ESCAPE}:
             path = out_dir / f"play_{modes[0]}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
-            write_mp4(path, np.stack(shown), fps=int(round(max_fps)))
+            write_mp4(path, np.stack(recording), fps=int(round(max_fps)))
             print(f"wrote {path}", flush=True)
-            recording, shown, toggle = False, [], False
-        if not running:
+            recording, keys = None, keys - {pygame.K_r}
+        if pygame.K_ESCAPE in keys:
             break
-        recording = recording or toggle
-        if switch:
+        recording = [] if pygame.K_r in keys else recording
+        if pygame.K_TAB in keys:
             modes.append(modes.pop(0))
-            game = games[modes[0]]()
-            print(f"now playing the {game.name}", flush=True)
-        if switch or pygame.K_RETURN in keys:
-            frame, step, action = game.reset(), 0, None
+            print(f"now playing the {modes[0]} world", flush=True)
+        if keys & {pygame.K_RETURN, pygame.K_TAB}:
+            game, step, action = games[modes[0]](), 0, None
+            frame = next(game)
         else:
             pressed = pygame.key.get_pressed()
             action = action_from_keys(*(pressed[key] for key in (pygame.K_UP, pygame.K_DOWN, pygame.K_LEFT,
                                                                  pygame.K_RIGHT, pygame.K_SPACE)), meanings)
-            frame, step = game.step(action)[0], step + 1
+            frame, step = game.send(action), step + 1
         image = with_caption(frame, size, [
-            f"{game.name}  step {step}  action {'-' if action is None else meanings[action].lower()}",
-            f"{clock.get_fps():.1f} fps" + ("  REC" if recording else "")])
-        shown += [image] if recording else []
+            f"{modes[0]}  step {step}  action {'-' if action is None else meanings[action].lower()}",
+            f"{clock.get_fps():.1f} fps" + ("" if recording is None else "  REC")])
+        if recording is not None:
+            recording.append(image)
         screen.blit(pygame.image.frombuffer(image.tobytes(), image.shape[1::-1], "RGB"), (0, 0))
         pygame.display.flip()
         clock.tick(max_fps)
+        events = pygame.event.get()
+        keys = {event.key for event in events if event.type == pygame.KEYDOWN}
+        keys |= {pygame.K_ESCAPE} if any(event.type == pygame.QUIT for event in events) else set()  # closed: Esc
+        keys -= {pygame.K_TAB} if len(modes) == 1 else set()  # nothing to switch to
     pygame.quit()
 
 
 def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=contextlib.nullcontext(),
                clip: Optional[int] = None) -> dict:
-    """The checkpoint's EMA model as a game from held-out clip `clip` (default: --seed's): each step
-    generates a clip whose first k = --context-frames frames are the last k shown, the new action
-    held after them, and shows frame k. Returns {"games": {"imagined": factory, "real": factory},
-    "meanings": action names, "caption"}."""
+    """The checkpoint's EMA model as a game from held-out clip `clip` (default: --seed's): each step generates a clip
+    whose first k = --context-frames frames are the last k shown, the new action held after them, and shows frame k.
+    Returns {"games": {"imagined": ..., "real": ...} (play_keys's games), "meanings": action names, "caption"}."""
     num_actions, vocabulary = checkpoint["num_actions"], checkpoint["vocabulary"]
     if args.dataset == "folder" or num_actions == 0 and args.action_dim == 0 or args.context_frames < 1:
         raise UserError(f"--play steers an action-conditioned model (sprites or Atari clips) frame by frame from its "
                         f"last frames: this run has --dataset {args.dataset}, --context-frames {args.context_frames}; "
                         f"train one with --dataset sprites or atari and --context-frames >= 1")
-    caption = args.play_caption or ""  # checked before any data is made
-    check_given_caption(caption, vocabulary, args.max_text_len)
-    caption = caption_as_read(caption, vocabulary, args.max_text_len)  # what is printed is what the model reads
+    if args.dataset != "sprites" and args.play_world != "imagined":
+        raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for real here; "
+                        f"give --play-world imagined")
+    check_given_caption(args.play_caption or "", vocabulary, args.max_text_len)  # before any data is made
+    caption = caption_as_read(args.play_caption or "", vocabulary, args.max_text_len)  # printed as the model reads it
     if args.dataset == "sprites":
         meanings = [name.upper() for name in SPRITE_ACTIONS]
         data = make_sprites_dataset(64, args.num_frames, args.img_size, args.num_distractors, args.action_dim,
@@ -1897,12 +1836,8 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
 
         data = load_atari_dataset(args)
         meanings = list(gym.make(atari_ids(args.env_id)[0]).unwrapped.get_action_meanings())
-
-    def action_value(action: int) -> torch.Tensor:  # a key's action as the model takes it
-        if args.action_dim:  # continuous: the move's velocity (noop: none)
-            return torch.from_numpy(DIRECTION_VECTORS[action - 1] if action else np.zeros(2, np.float32))
-        return torch.tensor(action, dtype=torch.long)
-
+    # each action as the model takes it; continuous: the move's velocity (DIRECTION_VECTORS[-1]: none, for noop)
+    values = torch.from_numpy(DIRECTION_VECTORS[np.arange(5) - 1]) if args.action_dim else torch.arange(len(meanings))
     model = build_model(args, len(vocabulary), num_actions).to(device).eval()
     model.load_state_dict(checkpoint["ema"])
     alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
@@ -1921,44 +1856,37 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
         return generate(model, alphas_cumprod, tuple(context.shape), generator, text, actions.to(device)[:, index],
                         None, context, k, **sampling_kwargs(args, autocast))[:, :, k]
 
-    games = {"imagined": lambda: ImaginedVideo(next_frame, lambda: (
-        start_frames.clone(), torch.from_numpy(start_actions).to(device)[None]), action_value)}
+    games = {"imagined": lambda: imagined_video(next_frame, start_frames, torch.from_numpy(start_actions)[None],
+                                                values)}
     if args.dataset == "sprites":
-        games["real"] = lambda: RealSprites(data.sprite_states[clip], start_actions, args.img_size, action_value)
-    elif args.play_world != "imagined":
-        raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for real here; "
-                        f"give --play-world imagined")
+        games["real"] = lambda: real_sprites(data.sprite_states[clip], start_actions, args.img_size, values)
     return {"games": games, "meanings": meanings, "caption": caption}
 
 
 def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, autocast):
-    """--play: the checkpoint's model as a game (play_games), in a window or (--play-keys) headless."""
+    """--play: the checkpoint's model as a game (play_games) in a window, or with --play-keys headless: each world of
+    --play-world played with the keys, its MP4 written to {run}/play/."""
     built = play_games(args, checkpoint, device, autocast)
-    steps = None if args.play_keys is None else parse_play_keys(args.play_keys, built["meanings"])
-    print(f"keys: {play_letters(built['meanings'])}" + (
+    games, meanings = built["games"], built["meanings"]
+    steps = None if args.play_keys is None else parse_play_keys(args.play_keys, meanings)
+    print(f"keys: {play_letters(meanings)}" + (
         f", {RESTART_LETTER} restart (--play-keys letters)" if steps is not None else
         "; window: arrows and space (fire) pick these, Enter restarts, Tab switches model / real world, "
         "R records, Esc quits"), flush=True)
     print(f"caption: {built['caption']!r}; sampler: {args.sampler}, {args.num_sampling_steps} steps per frame, cfg "
           f"scale {args.cfg_scale:g}", flush=True)
     if steps is None:
-        play_window(built["games"], built["meanings"], run_dir / "play", args.play_size, args.play_fps)
-    else:
-        play_headless(built["games"], steps, built["meanings"], run_dir / "play", args)
-
-
-def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], out_dir: Path, args: Args):
-    """--play-keys: each game of --play-world played with the keys; its MP4 written to out_dir."""
+        return play_window(games, meanings, run_dir / "play", args.play_size, args.play_fps)
     stamp = time.strftime("%Y%m%d_%H%M%S")
     for mode in ("imagined", "real") if args.play_world == "both" else (args.play_world,):
-        session, path = play_keys(games[mode](), steps, meanings, args.play_size), out_dir / f"play_{mode}_{stamp}.mp4"
+        session, path = play_keys(games[mode], steps, meanings, args.play_size, mode), run_dir / f"play/play_{mode}_{stamp}.mp4"
         write_mp4(path, session["shown"], fps=int(round(args.play_fps)))
         print(f"{mode}: {len(steps)} steps at {session['fps']:.2f} frames/s; wrote {path}", flush=True)
 
 
 def check_given_caption(caption: str, vocabulary: list, max_len: int):
-    """--play-caption: a word the model does not know (the untrained <unk>: it would steer nowhere)
-    is refused in one line; words beyond max_len are said in a notice."""
+    """--play-caption: a word the model does not know (it would be the untrained <unk>: it would steer nowhere) is
+    refused in one line; words beyond max_len are said in a notice."""
     unknown, words = unknown_words([caption], vocabulary, max_len), caption_words(caption)
     if unknown:
         known = vocabulary[len(SPECIAL_TOKENS):]
@@ -1976,7 +1904,7 @@ def check_given_caption(caption: str, vocabulary: list, max_len: int):
 
 
 # --------------------------------------------------------------------------------------------------
-# The run: sampling only, the run folder, logging, samples during training, checkpoints, main.
+# The run: sampling only, the run folder, logging, checkpoints, main.
 
 
 def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
@@ -1987,7 +1915,7 @@ def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
         path = write_samples(run_dir / "samples", stem, sampler.clips(args.num_samples))
         print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
         if args.long_video_frames > args.num_frames:
-            path = write_samples(run_dir / "samples", "long_" + stem, sampler.long_videos(min(args.num_samples, 4)))
+            path = write_samples(run_dir / "samples", f"long_{stem}", sampler.clips(min(args.num_samples, 4), long=True))
             print(f"wrote long videos of {args.long_video_frames} frames to {path}")
     except StopRequested:
         print("stopped by signal while sampling; nothing more was written")
@@ -2015,33 +1943,19 @@ def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoD
 
 
 def log_training(meter, scheduler, writer, progress, step: int, run_dir: Optional[Path]):
-    """A non-finite loss or gradient stops the run (one line, after the progress bar's last state);
-    rank 0 writes losses/mse, charts/* and (on CUDA) perf/mfu."""
+    """A non-finite loss or gradient stops the run (one line, after the progress bar's last state); rank 0 writes
+    losses/mse, charts/* and (on CUDA) perf/mfu."""
     if not meter.finite():
         progress.close()
         raise non_finite_failure(f"before step {step}", run_dir)
-    logged = meter.read()
+    logged = meter.read() | {"lr": scheduler.get_last_lr()[0]}
     if writer is not None:  # rank 0
         for tag, key in (("losses/mse", "loss"), ("charts/grad_norm", "grad_norm"), ("charts/SPS", "SPS"),
-                         ("perf/mfu", "mfu")):
+                         ("perf/mfu", "mfu"), ("charts/learning_rate", "lr")):
             if key in logged:  # MFU on CUDA only
                 writer.add_scalar(tag, logged[key], step)
-        writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
         progress.set_postfix(loss=f"{logged['loss']:.4f}", clips_s=f"{logged['SPS']:.1f}",
                              **({"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}))
-
-
-def evaluate_or_first_samples(sampler: EvalSampler, writer, step: int, run_dir: Path, evaluation: bool,
-                              progress, started: float):
-    """Rank 0's samples during training: an evaluation, or at --first-sample-at the run's first
-    picture. A signal abandons either; the checkpoint after it is saved."""
-    with contextlib.suppress(StopRequested):
-        if evaluation:
-            evaluate(sampler, writer, step, run_dir / "samples")
-        else:
-            sample_clips(sampler, writer, step, run_dir / "samples", 8)
-            progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
-                           f"start: {run_dir / 'samples' / f'step{step:08d}.png'}")
 
 
 
@@ -2156,7 +2070,11 @@ def main(args: Args, given: set[str]):
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         evaluation = step % args.eval_every == 0 or step == args.total_steps
         if setup.is_main and not stopping and (evaluation or step == args.first_sample_at):
-            evaluate_or_first_samples(sampler, writer, step, run_dir, evaluation, progress, started)
+            with contextlib.suppress(StopRequested):  # a signal abandons sampling; the checkpoint after it is saved
+                evaluate(sampler, writer, step, run_dir / "samples", full=evaluation)
+                if not evaluation:
+                    progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
+                                   f"start: {run_dir / 'samples' / f'step{step:08d}.png'}")
             stopping = stop.sync(setup) if setup.world_size == 1 else stopping
         if step % args.save_every == 0 or step == args.total_steps or stopping:
             save_run(run_dir, args, step, parts, meter, setup, len(clips))
