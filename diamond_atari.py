@@ -2463,11 +2463,9 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
     vertical = "UP" if up and not down else "DOWN" if down and not up else ""
     horizontal = "LEFT" if left and not right else "RIGHT" if right and not left else ""
     suffix = "FIRE" if fire else ""
-    for name in (vertical + horizontal + suffix, horizontal + suffix, vertical + horizontal, horizontal,
-                 vertical + suffix, vertical, suffix, "NOOP"):
-        if name and name in meanings:
-            return meanings.index(name)
-    return 0
+    names = (vertical + horizontal + suffix, horizontal + suffix, vertical + horizontal, horizontal, vertical + suffix,
+             vertical, suffix, "NOOP")
+    return next((meanings.index(name) for name in names if name and name in meanings), 0)
 
 
 class ImaginedGame:

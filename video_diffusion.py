@@ -1315,12 +1315,9 @@ class DeviceClips:
         self.actions = torch.from_numpy(data.actions).to(device) if data.actions is not None else None
         self.text = tokenize(data.captions, vocabulary, args.max_text_len).to(device)
 
-    def __len__(self) -> int:
-        return len(self.starts)
-
     def __getitem__(self, index: torch.Tensor) -> tuple:
-        """Clips index % len: real clips (B, 3, T, H, W) in [-1, 1], caption tokens, actions (B, T[, A]) or None."""
-        index = index % len(self)
+        """Clips index (cycled): real clips (B, 3, T, H, W) in [-1, 1], caption tokens, actions (B, T[, A]) or None."""
+        index = index % len(self.starts)
         frames = self.starts[index][:, None] + torch.arange(self.args.num_frames, device=self.device)  # (B, T)
         actions = None if self.actions is None else self.actions[frames]
         return self.frames[frames].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0, self.text[index], actions
@@ -1331,7 +1328,7 @@ class DeviceClips:
         rank, sliced to this rank's `mine` (2 ranks at batch B compute what 1 rank does)."""
         args, device, B = self.args, self.device, self.args.batch_size
         clip_shape = (3, args.num_frames, args.img_size, args.img_size)
-        indices = global_batch_indices(step, B, len(self), args.seed).to(device, non_blocking=True)
+        indices = global_batch_indices(step, B, len(self.starts), args.seed).to(device, non_blocking=True)
         t = torch.randint(0, args.timesteps, (B,), generator=generator, device=device)
         noise = torch.randn((B, *clip_shape), generator=generator, device=device)
         # Condition dropout for classifier-free guidance: both null with probability q = --null-cond-prob, else
@@ -1638,10 +1635,6 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: b
     return metrics
 
 
-# --------------------------------------------------------------------------------------------------
-# Utilities: sample files (the shared machinery, at the end of the file, writes them).
-
-
 def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
     """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a black margin holding
     one line of text per entry (OpenCV's Hershey font): what the window shows and the play MP4s hold."""
@@ -1715,11 +1708,9 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
     vertical = "UP" if up and not down else "DOWN" if down and not up else ""
     horizontal = "LEFT" if left and not right else "RIGHT" if right and not left else ""
     suffix = "FIRE" if fire else ""
-    for name in (vertical + horizontal + suffix, horizontal + suffix, vertical + horizontal, horizontal,
-                 vertical + suffix, vertical, suffix, "NOOP"):
-        if name and name in meanings:
-            return meanings.index(name)
-    return 0
+    names = (vertical + horizontal + suffix, horizontal + suffix, vertical + horizontal, horizontal, vertical + suffix,
+             vertical, suffix, "NOOP")
+    return next((meanings.index(name) for name in names if name and name in meanings), 0)
 
 
 def imagined_video(next_frame: Callable, frames: torch.Tensor, actions: torch.Tensor, action_values: torch.Tensor):
@@ -1825,8 +1816,18 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
     if args.dataset != "sprites" and args.play_world != "imagined":
         raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for real here; "
                         f"give --play-world imagined")
-    check_given_caption(args.play_caption or "", vocabulary, args.max_text_len)  # before any data is made
-    caption = caption_as_read(args.play_caption or "", vocabulary, args.max_text_len)  # printed as the model reads it
+    caption, known = args.play_caption or "", vocabulary[len(SPECIAL_TOKENS):]  # checked before any data is made
+    if unknown := unknown_words([caption], vocabulary, args.max_text_len):  # they would be the untrained <unk>
+        guesses = {w: difflib.get_close_matches(w, known, n=1) for w in unknown}
+        named = ", ".join(w + (f" (did you mean {guesses[w][0]}?)" if guesses[w] else "") for w in unknown)
+        raise UserError(f"--play-caption {caption!r}: the model does not know {named}: it learned the words of its "
+                        f"training captions only (an unknown word would be the untrained <unk>); its {len(known)} "
+                        f"words: {', '.join(known)}")
+    if len(words := caption_words(caption)) > args.max_text_len:
+        print(f"notice: --play-caption has {len(words)} words, more than the model's --max-text-len "
+              f"{args.max_text_len}: it reads {' '.join(words[:args.max_text_len])!r} and drops "
+              f"{' '.join(words[args.max_text_len:])!r}", flush=True)
+    caption = caption_as_read(caption, vocabulary, args.max_text_len)  # printed as the model reads it
     if args.dataset == "sprites":
         meanings = [name.upper() for name in SPRITE_ACTIONS]
         data = make_sprites_dataset(64, args.num_frames, args.img_size, args.num_distractors, args.action_dim,
@@ -1882,22 +1883,6 @@ def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, auto
         session, path = play_keys(games[mode], steps, meanings, args.play_size, mode), run_dir / f"play/play_{mode}_{stamp}.mp4"
         write_mp4(path, session["shown"], fps=int(round(args.play_fps)))
         print(f"{mode}: {len(steps)} steps at {session['fps']:.2f} frames/s; wrote {path}", flush=True)
-
-
-def check_given_caption(caption: str, vocabulary: list, max_len: int):
-    """--play-caption: a word the model does not know (it would be the untrained <unk>: it would steer nowhere) is
-    refused in one line; words beyond max_len are said in a notice."""
-    unknown, words = unknown_words([caption], vocabulary, max_len), caption_words(caption)
-    if unknown:
-        known = vocabulary[len(SPECIAL_TOKENS):]
-        guesses = {w: difflib.get_close_matches(w, known, n=1) for w in unknown}
-        named = ", ".join(w + (f" (did you mean {guesses[w][0]}?)" if guesses[w] else "") for w in unknown)
-        raise UserError(f"--play-caption {caption!r}: the model does not know {named}: it learned the words of its "
-                        f"training captions only (an unknown word would be the untrained <unk>); its {len(known)} "
-                        f"words: {', '.join(known)}")
-    if len(words) > max_len:
-        print(f"notice: --play-caption has {len(words)} words, more than the model's --max-text-len {max_len}: it "
-              f"reads {' '.join(words[:max_len])!r} and drops {' '.join(words[max_len:])!r}", flush=True)
 
 
 # ==== END OPTIONAL: play ====
@@ -2077,7 +2062,7 @@ def main(args: Args, given: set[str]):
                                    f"start: {run_dir / 'samples' / f'step{step:08d}.png'}")
             stopping = stop.sync(setup) if setup.world_size == 1 else stopping
         if step % args.save_every == 0 or step == args.total_steps or stopping:
-            save_run(run_dir, args, step, parts, meter, setup, len(clips))
+            save_run(run_dir, args, step, parts, meter, setup, len(clips.starts))
         if evaluation or step % args.save_every == 0 or step in (first_step + 1, args.first_sample_at):
             meter.restart_clock()  # sampling, saving and the first (compiling) step stay out of SPS
         if stopping:
