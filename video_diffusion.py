@@ -1621,8 +1621,8 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: b
                                    ("action", dict(use_text=False), "actions_shift")):
             for swapped in (0, 1):
                 clips = sampler.clips(n, num_context=1, **flags, **{shift: swapped})
-                directions = sampler.directions[(np.arange(n) + swapped) % len(sampler.directions)]
-                metrics[f"eval/{kind}_direction_accuracy" + "_swapped" * swapped] = direction_accuracy(clips, directions)
+                asked = sampler.directions[(np.arange(n) + swapped) % len(sampler.directions)]
+                metrics[f"eval/{kind}_direction_accuracy" + "_swapped" * swapped] = direction_accuracy(clips, asked)
     if args.long_video_frames > args.num_frames:
         videos = sampler.clips(min(n, 4), long=True)
         write_samples(samples_dir, f"long_step{step:08d}", videos)
@@ -1690,15 +1690,12 @@ def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
     letters = [letter for letter in keys if not letter.isspace()]
     for letter in letters:
         if letter not in index:
-            raise UserError(f"--play-keys: {letter!r} is no action of this model; its letters: "
-                            f"{play_letters(meanings)}, {RESTART_LETTER} restart")
+            known = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
+            raise UserError(f"--play-keys: {letter!r} is no action of this model; its letters: {known}, "
+                            f"{RESTART_LETTER} restart")
     if not letters:
         raise UserError("--play-keys is empty: give one letter per step, e.g. RRRDDD")
     return [index[letter] for letter in letters]
-
-
-def play_letters(meanings: list[str]) -> str:
-    return ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
 
 
 def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, meanings: list[str]) -> int:
@@ -1714,9 +1711,8 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
 
 
 def imagined_video(next_frame: Callable, frames: torch.Tensor, actions: torch.Tensor, action_values: torch.Tensor):
-    """The model as a game, a generator: it yields the last of frames (1, 3, k, H, W) in [-1, 1] (the actions (1, k[, A])
-    led into them), then for each action (an index into action_values) sent the frame next_frame makes from the last k
-    frames and actions (1, k + 1[, A]): theirs and the new one."""
+    """The model as a game, a generator: it yields the last of frames (1, 3, k, H, W) in [-1, 1], then for each action
+    sent (an index into action_values) next_frame(the last k frames, their actions and the new one (1, k + 1[, A]))."""
     frame = frames[0, :, -1]
     while True:
         action = yield to_uint8(frame).transpose(1, 2, 0)
@@ -1870,7 +1866,7 @@ def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, auto
     built = play_games(args, checkpoint, device, autocast)
     games, meanings = built["games"], built["meanings"]
     steps = None if args.play_keys is None else parse_play_keys(args.play_keys, meanings)
-    print(f"keys: {play_letters(meanings)}" + (
+    print("keys: " + ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings) + (
         f", {RESTART_LETTER} restart (--play-keys letters)" if steps is not None else
         "; window: arrows and space (fire) pick these, Enter restarts, Tab switches model / real world, "
         "R records, Esc quits"), flush=True)
@@ -1880,7 +1876,8 @@ def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, auto
         return play_window(games, meanings, run_dir / "play", args.play_size, args.play_fps)
     stamp = time.strftime("%Y%m%d_%H%M%S")
     for mode in ("imagined", "real") if args.play_world == "both" else (args.play_world,):
-        session, path = play_keys(games[mode], steps, meanings, args.play_size, mode), run_dir / f"play/play_{mode}_{stamp}.mp4"
+        session = play_keys(games[mode], steps, meanings, args.play_size, mode)
+        path = run_dir / "play" / f"play_{mode}_{stamp}.mp4"
         write_mp4(path, session["shown"], fps=int(round(args.play_fps)))
         print(f"{mode}: {len(steps)} steps at {session['fps']:.2f} frames/s; wrote {path}", flush=True)
 
@@ -1900,7 +1897,8 @@ def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
         path = write_samples(run_dir / "samples", stem, sampler.clips(args.num_samples))
         print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
         if args.long_video_frames > args.num_frames:
-            path = write_samples(run_dir / "samples", f"long_{stem}", sampler.clips(min(args.num_samples, 4), long=True))
+            videos = sampler.clips(min(args.num_samples, 4), long=True)
+            path = write_samples(run_dir / "samples", f"long_{stem}", videos)
             print(f"wrote long videos of {args.long_video_frames} frames to {path}")
     except StopRequested:
         print("stopped by signal while sampling; nothing more was written")
