@@ -1286,21 +1286,19 @@ def to_uint8(clips: torch.Tensor) -> np.ndarray:
 
 
 def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                         alphas_cumprod: torch.Tensor, text: Optional[torch.Tensor] = None,
-                         actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
-                         context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
-                         context_level: Optional[torch.Tensor] = None, prediction: str = "eps",
-                         autocast=contextlib.nullcontext()) -> torch.Tensor:
+                         alphas_cumprod: torch.Tensor, prediction: str = "eps", autocast=contextlib.nullcontext(),
+                         **conditions: Optional[torch.Tensor]) -> torch.Tensor:
     """L_simple (Ho et al. eq. 14) = || target - f(x_t, t, conditions) ||^2, target eps or v = sqrt(abar_t) eps -
-    sqrt(1 - abar_t) x0; x0, noise (B, 3, T, H, W). Context frames (context_mask 1) count zero in the sum, which is
-    still divided by the clip's size (the same scale on every DDP rank)."""
+    sqrt(1 - abar_t) x0; x0, noise (B, 3, T, H, W); conditions: the model's keyword arguments. Context frames
+    (context_mask 1) count zero in the sum, which is still divided by the clip's size (the same scale on every rank)."""
     sqrt_abar = alphas_cumprod[t].sqrt().float()[:, None, None, None, None]
     sqrt_one_minus_abar = (1 - alphas_cumprod[t]).sqrt().float()[:, None, None, None, None]
     x_t = sqrt_abar * x0 + sqrt_one_minus_abar * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
     with autocast:
-        output = model(x_t, t, text, actions, drop_actions, context, context_mask, context_level)
+        output = model(x_t, t, **conditions)
     target = sqrt_abar * noise - sqrt_one_minus_abar * x0 if prediction == "v" else noise
-    generated = 1.0 if context_mask is None else (1 - context_mask)[:, None, :, None, None]  # (B, 1, T, 1, 1)
+    mask = conditions.get("context_mask")
+    generated = 1.0 if mask is None else (1 - mask)[:, None, :, None, None]  # (B, 1, T, 1, 1)
     return ((output.float() - target) ** 2 * generated).mean()
 
 
@@ -1340,14 +1338,14 @@ class DeviceClips:
         # model is told (context noise augmentation: generated context frames drift less at sampling).
         use_context = torch.rand(B, generator=generator, device=device) < args.context_prob
         num_context = torch.randint(1, max(args.context_frames, 1) + 1, (B,), generator=generator, device=device)
-        context_level = torch.randint(0, args.context_noise_max_step, (B,), generator=generator, device=device)
-        context_noise = torch.randn((B, *clip_shape), generator=generator, device=device)
+        context_noise = torch.randint(0, args.context_noise_max_step, (B,), generator=generator, device=device)
+        context_eps = torch.randn((B, *clip_shape), generator=generator, device=device)
         x0, text, actions = self[indices[mine]]
         given = torch.arange(args.num_frames, device=device)[None, :] < num_context[mine, None]
         return dict(x0=x0, t=t[mine], noise=noise[mine], alphas_cumprod=alphas_cumprod,
                     text=torch.where(drop_text[mine, None], null_text, text), actions=actions,
-                    drop_actions=drop_actions[mine], context_level=context_level[mine],
-                    context=noise_context(x0, context_level[mine], alphas_cumprod, context_noise[mine]),
+                    drop_actions=drop_actions[mine], context_noise=context_noise[mine],
+                    context=noise_context(x0, context_noise[mine], alphas_cumprod, context_eps[mine]),
                     context_mask=(use_context[mine, None] & given).float())
 
 
@@ -1361,7 +1359,7 @@ def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[
         actions = (torch.zeros(1, args.num_frames, args.action_dim) if args.action_dim
                    else torch.zeros(1, args.num_frames, dtype=torch.long) if num_actions else None)
         activations = saved_activation_bytes(lambda: video_diffusion_loss(
-            model, x0, t, x0, torch.ones(args.timesteps), text, actions, prediction=args.prediction))
+            model, x0, t, x0, torch.ones(args.timesteps), args.prediction, text=text, actions=actions))
     flops = forward_flops(lambda: build_model(args, vocab_size, num_actions), x0, t, text, actions)
     return sum(p.numel() for p in model.parameters()), activations, flops
 

@@ -313,7 +313,7 @@ def test_loss_is_l_simple_on_the_frames_to_generate(prediction):
     mask = torch.zeros(2, 6)
     mask[0, :2] = 1  # the first clip has 2 context frames
     loss = vd.video_diffusion_loss(model, x0, t, noise, alphas_cumprod, context=x0, context_mask=mask,
-                                   context_level=torch.zeros(2, dtype=torch.long), prediction=prediction)
+                                   context_noise=torch.zeros(2, dtype=torch.long), prediction=prediction)
     abar = alphas_cumprod[t].float()[:, None, None, None, None]
     target = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if prediction == "v" else noise
     torch.testing.assert_close(loss, (target ** 2 * (1 - mask)[:, None, :, None, None]).mean())
