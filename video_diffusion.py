@@ -1590,7 +1590,7 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: b
     n = args.num_eval_samples if full else 8
     samples = sampler.clips(n)
     write_samples(samples_dir, f"step{step:08d}", samples)
-    strip = frame_strips(samples[:8], [f"generated: {caption}" for caption in (sampler.read_captions * 8)[:n]])
+    strip = frame_strips(samples[:8], [f"generated: {caption}" for caption in (sampler.read_captions * 8)[:8]])
     writer.add_image("samples/clips", strip, step, dataformats="HWC")
     write_png(samples_dir / f"step{step:08d}.png", strip)
     if not full:
