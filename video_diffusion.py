@@ -1288,9 +1288,8 @@ def to_uint8(clips: torch.Tensor) -> np.ndarray:
 def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                          alphas_cumprod: torch.Tensor, prediction: str = "eps", autocast=contextlib.nullcontext(),
                          **conditions: Optional[torch.Tensor]) -> torch.Tensor:
-    """L_simple (Ho et al. eq. 14) = || target - f(x_t, t, conditions) ||^2, target eps or v = sqrt(abar_t) eps -
-    sqrt(1 - abar_t) x0; x0, noise (B, 3, T, H, W); conditions: the model's keyword arguments. Context frames
-    (context_mask 1) count zero in the sum, which is still divided by the clip's size (the same scale on every rank)."""
+    """L_simple (Ho et al. eq. 14) = || target - f(x_t, t, conditions) ||^2, target eps or v; x0, noise (B, 3, T, H, W).
+    Context frames (context_mask 1) count zero, the sum still divided by the clip's size (the same on every rank)."""
     sqrt_abar = alphas_cumprod[t].sqrt().float()[:, None, None, None, None]
     sqrt_one_minus_abar = (1 - alphas_cumprod[t]).sqrt().float()[:, None, None, None, None]
     x_t = sqrt_abar * x0 + sqrt_one_minus_abar * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
@@ -1413,9 +1412,8 @@ class EvalSampler(DeviceClips):
 
     def clips(self, num: int, use_text: bool = True, use_actions: bool = True, num_context: int = 0,
               text_shift: int = 0, actions_shift: int = 0, long: bool = False) -> np.ndarray:
-        """num uint8 clips (long: autoregressive videos of --long-video-frames, the actions repeated) conditioned on
-        the first num eval clips' captions and/or actions (or another clip's: shifted by text_shift / actions_shift)
-        and/or their first num_context frames."""
+        """num uint8 clips (long: of --long-video-frames) from the first num eval clips' captions and/or actions (or
+        another clip's: text_shift, actions_shift) and/or their first num_context frames."""
         args, out = self.args, []
         generator = torch.Generator(device=self.device).manual_seed(args.seed + (10_001 if long else 10_000))
         for start in range(0, num, args.sample_batch_size):
@@ -1583,9 +1581,8 @@ def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
 
 
 def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: bool = True) -> dict:
-    """Samples at one step from the eval clips' captions and actions: clips into samples/ (MP4, .npz), the first 8 as a
-    strip (a row per clip, named by its caption) in TensorBoard (samples/clips) and a PNG; full: --num-eval-samples
-    clips, the eval/ metrics (returned) and long videos, else 8 clips (the run's first picture)."""
+    """Clips from the eval clips' captions and actions into samples/ (MP4, .npz; the first 8 as a strip named by their
+    captions in TensorBoard and a PNG); full: --num-eval-samples, long videos and the eval/ metrics, else 8."""
     args, k = sampler.args, sampler.args.context_frames
     n = args.num_eval_samples if full else 8
     samples = sampler.clips(n)
@@ -1800,8 +1797,7 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
 def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=contextlib.nullcontext(),
                clip: Optional[int] = None) -> dict:
     """The checkpoint's EMA model as a game from held-out clip `clip` (default: --seed's): each step generates a clip
-    whose first k = --context-frames frames are the last k shown, the new action held after them, and shows frame k.
-    Returns {"games": {"imagined": ..., "real": ...} (play_keys's games), "meanings": action names, "caption"}."""
+    of the last k = --context-frames frames shown, the new action held after them, and shows frame k."""
     num_actions, vocabulary = checkpoint["num_actions"], checkpoint["vocabulary"]
     if args.dataset == "folder" or num_actions == 0 and args.action_dim == 0 or args.context_frames < 1:
         raise UserError(f"--play steers an action-conditioned model (sprites or Atari clips) frame by frame from its "
