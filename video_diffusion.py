@@ -1770,7 +1770,6 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
         recording = [] if pygame.K_r in keys else recording
         if pygame.K_TAB in keys:
             modes.append(modes.pop(0))
-            print(f"now playing the {modes[0]} world", flush=True)
         if keys & {pygame.K_RETURN, pygame.K_TAB}:
             game, step, action = games[modes[0]](), 0, None
             frame = next(game)
@@ -1787,9 +1786,8 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
         screen.blit(pygame.image.frombuffer(image.tobytes(), image.shape[1::-1], "RGB"), (0, 0))
         pygame.display.flip()
         clock.tick(max_fps)
-        events = pygame.event.get()
-        keys = {event.key for event in events if event.type == pygame.KEYDOWN}
-        keys |= {pygame.K_ESCAPE} if any(event.type == pygame.QUIT for event in events) else set()  # closed: Esc
+        keys = {pygame.K_ESCAPE if event.type == pygame.QUIT else event.key  # closing the window is Esc
+                for event in pygame.event.get() if event.type in (pygame.QUIT, pygame.KEYDOWN)}
         keys -= {pygame.K_TAB} if len(modes) == 1 else set()  # nothing to switch to
     pygame.quit()
 
