@@ -1371,7 +1371,8 @@ def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[
 def rollout_psnr(predicted: np.ndarray, real: np.ndarray, first_frame: int = 0) -> float:
     """Mean over uint8 clips (B, 3, T, H, W) of the PSNR of frames first_frame.. (images in [0, 1], at most 100 dB)."""
     error = (predicted[:, :, first_frame:] / 255.0 - real[:, :, first_frame:] / 255.0) ** 2
-    return float(np.mean(np.minimum(100.0, -10 * np.log10(np.maximum(error.reshape(len(real), -1).mean(1), 1e-10)))))
+    mse = np.maximum(error.reshape(len(real), -1).mean(1), 1e-10)
+    return float(np.mean(np.minimum(100.0, 10 * np.log10(1.0 / mse))))
 
 
 def direction_of_displacement(displacement: np.ndarray, min_pixels: float = 0.5) -> np.ndarray:
