@@ -1286,10 +1286,10 @@ def to_uint8(clips: torch.Tensor) -> np.ndarray:
 
 
 def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                         alphas_cumprod: torch.Tensor, prediction: str = "eps", autocast=contextlib.nullcontext(),
-                         **conditions: Optional[torch.Tensor]) -> torch.Tensor:
-    """L_simple (Ho et al. eq. 14) = || target - f(x_t, t, conditions) ||^2, target eps or v; x0, noise (B, 3, T, H, W).
-    Context frames (context_mask 1) count zero, the sum still divided by the clip's size (the same on every rank)."""
+                         alphas_cumprod: torch.Tensor, prediction: str = "eps",
+                         autocast=contextlib.nullcontext(), **conditions) -> torch.Tensor:
+    """L_simple (Ho et al. eq. 14) = || eps or v - f(x_t, t, conditions) ||^2; x0, noise (B, 3, T, H, W).
+    Context frames (context_mask 1) count zero, the sum still divided by the clip's size."""
     sqrt_abar = alphas_cumprod[t].sqrt().float()[:, None, None, None, None]
     sqrt_one_minus_abar = (1 - alphas_cumprod[t]).sqrt().float()[:, None, None, None, None]
     x_t = sqrt_abar * x0 + sqrt_one_minus_abar * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
@@ -1302,39 +1302,39 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
 
 
 class DeviceClips:
-    """Clips on the device as uint8 frames (no loader, no host-device copy per step), with their caption tokens and
-    actions; clip i is frames[starts[i] : starts[i] + num_frames]."""
+    """Clips on the device as uint8 frames (no loader, no copy per step), caption tokens and actions;
+    clip i is frames[starts[i] : starts[i] + num_frames]."""
 
     def __init__(self, data: VideoData, vocabulary: list, args: Args, device: torch.device):
         self.args, self.device = args, device
         self.frames = torch.from_numpy(data.frames).to(device)
         self.starts = torch.from_numpy(data.clip_starts).to(device)
-        self.actions = torch.from_numpy(data.actions).to(device) if data.actions is not None else None
+        self.actions = None if data.actions is None else torch.from_numpy(data.actions).to(device)
         self.text = tokenize(data.captions, vocabulary, args.max_text_len).to(device)
 
     def __getitem__(self, index: torch.Tensor) -> tuple:
-        """Clips index (cycled): real clips (B, 3, T, H, W) in [-1, 1], caption tokens, actions (B, T[, A]) or None."""
+        """Clips index (cycled): clips (B, 3, T, H, W) in [-1, 1], tokens, actions (B, T[, A]) or None."""
         index = index % len(self.starts)
-        frames = self.starts[index][:, None] + torch.arange(self.args.num_frames, device=self.device)  # (B, T)
-        actions = None if self.actions is None else self.actions[frames]
-        return self.frames[frames].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0, self.text[index], actions
+        frames = self.starts[index][:, None] + torch.arange(self.args.num_frames, device=self.device)
+        clips = self.frames[frames].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0
+        return clips, self.text[index], None if self.actions is None else self.actions[frames]
 
     def batch(self, step: int, generator: torch.Generator, mine: slice, null_text: torch.Tensor,
               alphas_cumprod: torch.Tensor) -> dict:
-        """The step's batch as video_diffusion_loss's keyword arguments: the global batch, drawn identically on every
-        rank, sliced to this rank's `mine` (2 ranks at batch B compute what 1 rank does)."""
+        """The step's batch as video_diffusion_loss's keyword arguments: the global batch, drawn alike on
+        every rank, sliced to this rank's `mine` (2 ranks at batch B compute what 1 rank does)."""
         args, device, B = self.args, self.device, self.args.batch_size
         clip_shape = (3, args.num_frames, args.img_size, args.img_size)
         indices = global_batch_indices(step, B, len(self.starts), args.seed).to(device, non_blocking=True)
         t = torch.randint(0, args.timesteps, (B,), generator=generator, device=device)
         noise = torch.randn((B, *clip_shape), generator=generator, device=device)
-        # Condition dropout for classifier-free guidance: both null with probability q = --null-cond-prob, else
-        # the caption and the actions each with p = --cond-drop-prob, independently.
+        # Condition dropout for classifier-free guidance: both null with probability --null-cond-prob,
+        # else the caption and the actions each with p = --cond-drop-prob, independently.
         drop_both = torch.rand(B, generator=generator, device=device) < args.null_cond_prob
         drop_text = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
         drop_actions = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
-        # Context: the first 1..k frames of some clips, noised to a level in [0, context_noise_max_step) that the
-        # model is told (context noise augmentation: generated context frames drift less at sampling).
+        # Context: the first 1..k frames of some clips, noised to a level in [0, context_noise_max_step)
+        # that the model is told (context noise augmentation: generated context drifts less).
         use_context = torch.rand(B, generator=generator, device=device) < args.context_prob
         num_context = torch.randint(1, max(args.context_frames, 1) + 1, (B,), generator=generator, device=device)
         context_noise = torch.randint(0, args.context_noise_max_step, (B,), generator=generator, device=device)
@@ -1349,8 +1349,8 @@ class DeviceClips:
 
 
 def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[int, float, float]:
-    """(parameters, activation bytes autograd saves, forward FLOPs) per clip of a training step with every condition
-    given, counted on the meta device: before anything is allocated at full size."""
+    """(parameters, activation bytes autograd saves, forward FLOPs) per clip of a training step with
+    every condition given, counted on the meta device: before anything is allocated at full size."""
     with torch.device("meta"):
         model = build_model(args, vocab_size, num_actions)
         x0 = torch.zeros(1, 3, args.num_frames, args.img_size, args.img_size)
@@ -1364,34 +1364,35 @@ def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation: rollout PSNR with the true actions, with shuffled actions and of copying the last frame (Genie's
-# delta-PSNR: do the actions matter?), and on sprites whether the sprite moves the way the caption or actions say.
+# Evaluation: rollout PSNR with the true actions, with shuffled actions and of copying the last
+# frame (Genie's delta-PSNR: do the actions matter?), and on sprites whether the sprite moves the
+# way the caption or actions say.
 
 
 def rollout_psnr(predicted: np.ndarray, real: np.ndarray, first_frame: int = 0) -> float:
-    """Mean over uint8 clips (B, 3, T, H, W) of the PSNR of frames first_frame.. (images in [0, 1], at most 100 dB)."""
+    """Mean PSNR of uint8 clips (B, 3, T, H, W) from first_frame on (images in [0, 1], <= 100 dB)."""
     error = (predicted[:, :, first_frame:] / 255.0 - real[:, :, first_frame:] / 255.0) ** 2
     mse = np.maximum(error.reshape(len(real), -1).mean(1), 1e-10)
     return float(np.mean(np.minimum(100.0, 10 * np.log10(1.0 / mse))))
 
 
 def direction_of_displacement(displacement: np.ndarray, min_pixels: float = 0.5) -> np.ndarray:
-    """(..., 2) displacements (dx, dy) -> index into DIRECTIONS of the dominant component; -1: less than min_pixels."""
+    """(..., 2) displacements (dx, dy) -> DIRECTIONS index of the larger part; -1: under min_pixels."""
     dx, dy = displacement[..., 0], displacement[..., 1]
     scores = np.stack([-dy, dy, -dx, dx], -1)
     return np.where(scores.max(-1) >= min_pixels, scores.argmax(-1), -1)
 
 
 def movement_directions(clips: np.ndarray) -> np.ndarray:
-    """The direction each clip's (B, 3, T, H, W) sprite moved, first frame to last, from the centroid of the saturated
-    pixels (the sprite is the only coloured thing); -1: no sprite found, or it did not move."""
+    """The direction each clip's (B, 3, T, H, W) sprite moved, first frame to last, from the centroid
+    of the saturated pixels (the sprite is the only coloured thing); -1: no sprite, or no move."""
     x = clips[:, :, [0, -1]].astype(np.float32) / 255.0
-    weight = np.clip(x.max(1) - x.min(1) - 0.4, 0, None)  # (B, 2, H, W) saturation: sprite colours have 0.67 to 0.8
-    total = weight.sum((-1, -2))
+    weight = np.clip(x.max(1) - x.min(1) - 0.4, 0, None)  # saturation: sprite colours have 0.67 to 0.8
+    total = weight.sum((-1, -2))  # (B, 2): the first and the last frame
     cx = (weight * np.arange(weight.shape[-1])).sum((-1, -2)) / np.maximum(total, 1e-8)
     cy = (weight * np.arange(weight.shape[-2])[:, None]).sum((-1, -2)) / np.maximum(total, 1e-8)
-    found = (total > 0.2).all(1)  # at least about one pixel of strong colour in the first and the last frame
-    return np.where(found, direction_of_displacement(np.stack([cx[:, 1] - cx[:, 0], cy[:, 1] - cy[:, 0]], -1)), -1)
+    moved = direction_of_displacement(np.stack([cx[:, 1] - cx[:, 0], cy[:, 1] - cy[:, 0]], -1))
+    return np.where((total > 0.2).all(1), moved, -1)  # found: about one pixel of strong colour or more
 
 
 def direction_accuracy(clips: np.ndarray, directions: np.ndarray) -> float:
@@ -1400,37 +1401,38 @@ def direction_accuracy(clips: np.ndarray, directions: np.ndarray) -> float:
 
 
 class EvalSampler(DeviceClips):
-    """Clips and long videos from a model (the EMA weights), conditioned on held-out clips. Seeded generators: the same
-    noise every time (samples comparable across steps), and the training RNGs untouched (exact resume)."""
+    """Clips and long videos from a model (the EMA weights), conditioned on held-out clips. Seeded
+    generators: the same noise every time, and the training RNGs untouched (exact resume)."""
 
     def __init__(self, model: nn.Module, alphas_cumprod: torch.Tensor, eval_data: VideoData, vocabulary: list,
                  args: Args, autocast, device: torch.device):
         super().__init__(eval_data, vocabulary, args, device)
-        self.model, self.alphas_cumprod, self.sample_kwargs = model, alphas_cumprod, sampling_kwargs(args, autocast)
+        self.model, self.alphas_cumprod = model, alphas_cumprod
+        self.sample_kwargs = sampling_kwargs(args, autocast)
         self.directions, self.captions = eval_data.directions, list(eval_data.captions)
-        self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in self.captions]  # labels
+        self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in self.captions]
         self.judge = None  # optional: judge
 
     def clips(self, num: int, use_text: bool = True, use_actions: bool = True, num_context: int = 0,
               text_shift: int = 0, actions_shift: int = 0, long: bool = False) -> np.ndarray:
-        """num uint8 clips (long: of --long-video-frames) from the first num eval clips' captions and/or actions (or
-        another clip's: text_shift, actions_shift) and/or their first num_context frames."""
-        args, out = self.args, []
-        generator = torch.Generator(device=self.device).manual_seed(args.seed + (10_001 if long else 10_000))
+        """num uint8 clips (long: of --long-video-frames) from the first num eval clips' captions
+        and/or actions (or another clip's: text_shift, actions_shift), first num_context frames."""
+        args, out, device = self.args, [], self.device
+        generator = torch.Generator(device=device).manual_seed(args.seed + (10_001 if long else 10_000))
         for start in range(0, num, args.sample_batch_size):
-            index = torch.arange(start, min(num, start + args.sample_batch_size), device=self.device)
+            index = torch.arange(start, min(num, start + args.sample_batch_size), device=device)
             real, actions = self[index][0], self[index + actions_shift][2]
             text = self[index + text_shift][1] if use_text else None
-            if long:
-                repeated = torch.arange(args.long_video_frames, device=self.device) % args.num_frames
-                clips = generate_long_video(
-                    self.model, self.alphas_cumprod, args.long_video_frames, args.num_frames, args.context_frames,
-                    tuple(real.shape), generator, text, None if actions is None else actions[:, repeated],
-                    **self.sample_kwargs)
+            if long:  # the clips' actions repeated
+                repeat = torch.arange(args.long_video_frames, device=device) % args.num_frames
+                clips = generate_long_video(self.model, self.alphas_cumprod, args.long_video_frames,
+                                            args.num_frames, args.context_frames, tuple(real.shape), generator,
+                                            text, None if actions is None else actions[:, repeat],
+                                            **self.sample_kwargs)
             else:
-                drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=self.device)
-                clips = generate(self.model, self.alphas_cumprod, tuple(real.shape), generator, text, actions, drop,
-                                 real, num_context, **self.sample_kwargs)
+                drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=device)
+                clips = generate(self.model, self.alphas_cumprod, tuple(real.shape), generator, text,
+                                 actions, drop, real, num_context, **self.sample_kwargs)
             out.append(to_uint8(clips))
         return np.concatenate(out)
 
@@ -1548,13 +1550,13 @@ JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own sp
 
 
 def sprite_colour_labels(captions: list) -> np.ndarray:
-    """The index in SPRITE_COLOURS of the colour each sprites caption names ("a red square moves up" -> 0)."""
+    """The SPRITE_COLOURS index of the colour each sprites caption names ("a red square ..." -> 0)."""
     return np.array([next(i for i, c in enumerate(SPRITE_COLOURS) if c in caption.split()) for caption in captions])
 
 
 def make_sprites_judge(args: Args, num_frames_scored: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
-    """The judge of the sprite's colour on single frames (trained once on 512 clips of 8 frames, cached in
-    {data_dir}/judge/), and at least 2 * num_frames_scored held-out real frames and their colours."""
+    """The judge of the sprite's colour on single frames (trained once on 512 clips of 8 frames, cached
+    in {data_dir}/judge/), and at least 2 * num_frames_scored held-out real frames and their colours."""
     def frames_and_colours(data: VideoData) -> tuple[np.ndarray, np.ndarray]:
         return data.frames, np.repeat(sprite_colour_labels(data.captions), len(data.frames) // len(data.captions))
 
@@ -1567,7 +1569,7 @@ def make_sprites_judge(args: Args, num_frames_scored: int) -> tuple[JudgeNet, np
 
 
 def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
-    """eval/judge_* on sprites: every generated frame's sprite colour against its caption's (the judge made once)."""
+    """eval/judge_* on sprites: each generated frame's sprite colour against its caption's."""
     if sampler.args.dataset != "sprites":
         return {}
     n, num_frames = len(samples), samples.shape[2]
@@ -1582,43 +1584,47 @@ def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
 
 
 def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: bool = True) -> dict:
-    """Clips from the eval clips' captions and actions into samples/ (MP4, .npz; the first 8 as a strip named by their
-    captions in TensorBoard and a PNG); full: --num-eval-samples, long videos and the eval/ metrics, else 8."""
+    """Clips from the eval clips' captions and actions into samples/ (MP4, .npz; the first 8 as a strip
+    in TensorBoard and a PNG); full: --num-eval-samples, long videos and the eval/ metrics, else 8."""
     args, k = sampler.args, sampler.args.context_frames
     n = args.num_eval_samples if full else 8
     samples = sampler.clips(n)
     write_samples(samples_dir, f"step{step:08d}", samples)
-    strip = frame_strips(samples[:8], [f"generated: {caption}" for caption in (sampler.read_captions * 8)[:8]])
+    strip = frame_strips(samples[:8], [f"generated: {c}" for c in (sampler.read_captions * 8)[:8]])
     writer.add_image("samples/clips", strip, step, dataformats="HWC")
     write_png(samples_dir / f"step{step:08d}.png", strip)
     if not full:
         return {}
     metrics = {}
     metrics |= judge_clips(sampler, samples)  # optional: judge
-    if sampler.actions is not None and k > 0:  # multi-step rollouts from the first k real frames, without the caption
+    if sampler.actions is not None and k > 0:  # rollouts from the first k real frames, no caption
         real, _, actions = sampler[torch.arange(n, device=sampler.device)]
         real = to_uint8(real)
-        rollouts = {"true_actions": sampler.clips(n, use_text=False, num_context=k),
-                    "shuffled_actions": sampler.clips(n, use_text=False, num_context=k, actions_shift=1),
+        rollout = dict(use_text=False, num_context=k)
+        rollouts = {"true_actions": sampler.clips(n, **rollout),
+                    "shuffled_actions": sampler.clips(n, **rollout, actions_shift=1),
                     "copy_last": np.repeat(real[:, :, k - 1: k], args.num_frames, axis=2)}
-        metrics |= {f"eval/psnr_{name}": rollout_psnr(clips, real, k) for name, clips in rollouts.items()}
+        psnr = {name: rollout_psnr(clips, real, k) for name, clips in rollouts.items()}
+        metrics |= {f"eval/psnr_{name}": value for name, value in psnr.items()}
         # Genie's delta-PSNR: how much closer to the real clip the true actions bring a rollout
-        metrics["eval/action_control_dpsnr"] = metrics["eval/psnr_true_actions"] - metrics["eval/psnr_shuffled_actions"]
-        shown = min(4, n)  # real and generated rows in turn, named with the actions after the k given frames
+        metrics["eval/action_control_dpsnr"] = psnr["true_actions"] - psnr["shuffled_actions"]
+        shown = min(4, n)  # real and generated rows in turn, named by the actions after the k frames
         labels = [f"{row} {i}: {k} given, then {action_words(actions[i, k:].cpu().numpy(), args.dataset)}"
                   for i in range(shown) for row in ("real", "generated")]
-        pairs = np.stack([real[:shown], rollouts["true_actions"][:shown]], axis=1).reshape(2 * shown, *real.shape[1:])
-        writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step, dataformats="HWC")
+        pairs = np.stack([real[:shown], rollouts["true_actions"][:shown]], 1).reshape(-1, *real.shape[1:])
+        writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step,
+                         dataformats="HWC")
     if args.dataset == "sprites" and k > 0:
-        # Does the sprite go where the caption (alone) or the actions (alone) say, from the real first frame (where it
-        # starts, not where it goes)? "swapped": each first frame commanded with another clip's caption or actions; a
-        # model that learned a direction from anything but the command scores chance there.
+        # Does the sprite go where the caption (alone) or the actions (alone) say, from the real first
+        # frame (where it starts, not where it goes)? "swapped": each first frame commanded with another
+        # clip's caption or actions; a model that learned a direction from anything else scores chance.
         for kind, flags, shift in (("text", dict(use_actions=False), "text_shift"),
                                    ("action", dict(use_text=False), "actions_shift")):
             for swapped in (0, 1):
                 clips = sampler.clips(n, num_context=1, **flags, **{shift: swapped})
                 asked = sampler.directions[(np.arange(n) + swapped) % len(sampler.directions)]
-                metrics[f"eval/{kind}_direction_accuracy" + "_swapped" * swapped] = direction_accuracy(clips, asked)
+                tag = f"eval/{kind}_direction_accuracy" + "_swapped" * swapped
+                metrics[tag] = direction_accuracy(clips, asked)
     if args.long_video_frames > args.num_frames:
         videos = sampler.clips(min(n, 4), long=True)
         write_samples(samples_dir, f"long_step{step:08d}", videos)
@@ -1627,13 +1633,13 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: b
     for tag, value in metrics.items():
         writer.add_scalar(tag, value, step)
     if metrics:
-        print(f"eval at step {step}: " + ", ".join(f"{tag[5:]} {value:.3f}" for tag, value in metrics.items()))
+        print(f"eval at step {step}: " + ", ".join(f"{t[5:]} {v:.3f}" for t, v in metrics.items()))
     return metrics
 
 
 def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
-    """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a black margin holding
-    one line of text per entry (OpenCV's Hershey font): what the window shows and the play MP4s hold."""
+    """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a black
+    margin holding one line of text per entry: what the window shows and the play MP4s hold."""
     import cv2
 
     height = int(round(frame.shape[0] * size / frame.shape[1]))
@@ -1645,8 +1651,8 @@ def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
 
 
 def frame_strips(clips: np.ndarray, labels: list[str]) -> np.ndarray:
-    """uint8 (N, 3, T, H, W) -> one uint8 (rows, width, 3) image: a row of frames per clip (enlarged to 48 pixels
-    high), each above its label."""
+    """uint8 (N, 3, T, H, W) -> one uint8 (rows, width, 3) image: a row of frames per clip (enlarged
+    to 48 pixels high), each above its label."""
     scale = max(1, 48 // clips.shape[3])
     rows = [make_grid(clip.transpose(1, 0, 2, 3), columns=clip.shape[1]) for clip in clips]
     return np.concatenate([with_caption(row, row.shape[1] * scale, [label]) for row, label in zip(rows, labels)])
@@ -1673,7 +1679,7 @@ def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> P
 # (tests/test_optional_blocks.py checks it):
 #   sed '/^# ==== BEGIN OPTIONAL: play/,/^# ==== END OPTIONAL: play/d; /# optional: play$/d' video_diffusion.py > x.py
 
-# --play-keys letters: N noop, U D L R the sprite's moves, '/' restarts (DIAMOND's Atari games add fire, diagonals).
+# --play-keys letters: N noop, U D L R moves, '/' restarts (DIAMOND's Atari games add fire, diagonals).
 ACTION_LETTERS = {"NOOP": "N", "FIRE": "F", "UP": "U", "DOWN": "D", "LEFT": "L", "RIGHT": "R", "UPLEFT": "Q",
                   "UPRIGHT": "E", "DOWNLEFT": "Z", "DOWNRIGHT": "C", "UPFIRE": "u", "DOWNFIRE": "d", "LEFTFIRE": "l",
                   "RIGHTFIRE": "r", "UPLEFTFIRE": "q", "UPRIGHTFIRE": "e", "DOWNLEFTFIRE": "z", "DOWNRIGHTFIRE": "c"}
@@ -1681,7 +1687,7 @@ RESTART_LETTER = "/"
 
 
 def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
-    """--play-keys -> one action index per step (None: restart). A letter the model has no action for is refused."""
+    """--play-keys -> an action index per step (None: restart); a letter of no action is refused."""
     index = {ACTION_LETTERS.get(name, name): i for i, name in enumerate(meanings)} | {RESTART_LETTER: None}
     letters = [letter for letter in keys if not letter.isspace()]
     for letter in letters:
@@ -1695,39 +1701,40 @@ def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
 
 
 def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, meanings: list[str]) -> int:
-    """Held keys -> an action of `meanings`: UP/DOWN, then LEFT/RIGHT, then FIRE make the (ALE) name (UPLEFTFIRE ...);
-    a combination it lacks drops the vertical part, then fire (moving matters more): the sprites world's up-right is
-    RIGHT, Breakout's up-right and left+fire are RIGHT and LEFT."""
+    """Held keys -> an action of `meanings`: UP/DOWN, LEFT/RIGHT, FIRE make the (ALE) name (UPLEFTFIRE);
+    one it lacks drops the vertical part, then fire (moving matters more): the sprites world's
+    up-right is RIGHT, Breakout's up-right and left+fire are RIGHT and LEFT."""
     vertical = "UP" if up and not down else "DOWN" if down and not up else ""
     horizontal = "LEFT" if left and not right else "RIGHT" if right and not left else ""
     suffix = "FIRE" if fire else ""
-    names = (vertical + horizontal + suffix, horizontal + suffix, vertical + horizontal, horizontal, vertical + suffix,
-             vertical, suffix, "NOOP")
+    names = (vertical + horizontal + suffix, horizontal + suffix, vertical + horizontal,
+             horizontal, vertical + suffix, vertical, suffix, "NOOP")
     return next((meanings.index(name) for name in names if name and name in meanings), 0)
 
 
-def imagined_video(next_frame: Callable, frames: torch.Tensor, actions: torch.Tensor, action_values: torch.Tensor):
-    """The model as a game, a generator: it yields the last of frames (1, 3, k, H, W) in [-1, 1], then for each action
-    sent (an index into action_values) next_frame(the last k frames, their actions and the new one (1, k + 1[, A]))."""
+def imagined_video(next_frame: Callable, frames: torch.Tensor, actions: torch.Tensor, values: torch.Tensor):
+    """The model as a game (a generator): the last of frames (1, 3, k, H, W) in [-1, 1], then for each
+    action sent next_frame(the last k frames, their actions and values[action]: (1, k + 1[, A]))."""
     frame = frames[0, :, -1]
     while True:
         action = yield to_uint8(frame).transpose(1, 2, 0)
-        actions = torch.cat([actions, action_values[action].to(actions)[None, None]], dim=1)
+        actions = torch.cat([actions, values[action].to(actions)[None, None]], dim=1)
         frame = next_frame(frames, actions).clamp(-1, 1)[0]
         frames, actions = torch.cat([frames[:, :, 1:], frame[None, :, None]], dim=2), actions[:, 1:]
 
 
-def real_sprites(state: dict, actions: np.ndarray, img_size: int, action_values: torch.Tensor):
-    """The sprites world itself as a game, a generator: a clip's start re-rendered under its actions and those sent."""
+def real_sprites(state: dict, actions: np.ndarray, img_size: int, values: torch.Tensor):
+    """The sprites world as a game (a generator): a start re-rendered under its actions and those sent."""
     actions = list(actions)
     while True:
         action = yield render_sprite_clip(state, np.array(actions), img_size)[-1].transpose(1, 2, 0)
-        actions.append(action_values[action].numpy())
+        actions.append(values[action].numpy())
 
 
-def play_keys(game: Callable, steps: list[Optional[int]], meanings: list[str], size: int, name: str = "") -> dict:
-    """A headless session: a game (a function starting imagined_video or real_sprites) played with the given actions
-    (None: restart). Returns the frames uint8 (T + 1, H, W, 3), the captioned ones for the MP4 and the frames/s."""
+def play_keys(game: Callable, steps: list[Optional[int]], meanings: list[str], size: int,
+              name: str = "") -> dict:
+    """A headless session: game() (imagined_video, real_sprites) played with the actions (None: restart).
+    Returns the frames uint8 (T + 1, H, W, 3), the captioned ones for the MP4 and the frames/s."""
     frames, start = [], time.perf_counter()
     for action in [None, *steps]:
         if action is None:  # a (re)start
@@ -1750,8 +1757,8 @@ def import_pygame():
 
 
 def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float):
-    """The live session: the model (Tab: the real sprites world) steps at most max_fps times a second with the held
-    keys' action; Enter restarts, R starts and stops recording (an MP4), Esc or closing the window quits."""
+    """The live session: the model (Tab: the real sprites world) steps at most max_fps times a second
+    with the held keys' action; Enter restarts, R starts and stops recording (an MP4), Esc quits."""
     pygame = import_pygame()
     pygame.display.init()  # the display alone: no audio device needed
     driver = pygame.display.get_driver()
@@ -1759,7 +1766,7 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
         raise UserError(f"no display to open a window on (SDL fell back to its {driver} driver): play headless with "
                         f"--play-keys KEYS, or set SDL_VIDEODRIVER={driver} to run the window unseen")
     screen, clock = pygame.display.set_mode((size, size + 8 + 18 * 2)), pygame.time.Clock()
-    modes, recording, keys = list(games), None, {pygame.K_RETURN}  # recording: the frames shown since R
+    modes, recording, keys = list(games), None, {pygame.K_RETURN}  # recording: frames since R
     while True:
         if recording is not None and keys & {pygame.K_r, pygame.K_TAB, pygame.K_ESCAPE}:
             path = out_dir / f"play_{modes[0]}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
@@ -1776,8 +1783,8 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
             frame = next(game)
         else:
             pressed = pygame.key.get_pressed()
-            action = action_from_keys(*(pressed[key] for key in (pygame.K_UP, pygame.K_DOWN, pygame.K_LEFT,
-                                                                 pygame.K_RIGHT, pygame.K_SPACE)), meanings)
+            held = (pygame.K_UP, pygame.K_DOWN, pygame.K_LEFT, pygame.K_RIGHT, pygame.K_SPACE)
+            action = action_from_keys(*(pressed[key] for key in held), meanings)
             frame, step = game.send(action), step + 1
         image = with_caption(frame, size, [
             f"{modes[0]}  step {step}  action {'-' if action is None else meanings[action].lower()}",
@@ -1787,7 +1794,7 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
         screen.blit(pygame.image.frombuffer(image.tobytes(), image.shape[1::-1], "RGB"), (0, 0))
         pygame.display.flip()
         clock.tick(max_fps)
-        keys = {pygame.K_ESCAPE if event.type == pygame.QUIT else event.key  # closing the window is Esc
+        keys = {pygame.K_ESCAPE if event.type == pygame.QUIT else event.key  # closing it: Esc
                 for event in pygame.event.get() if event.type in (pygame.QUIT, pygame.KEYDOWN)}
         keys -= {pygame.K_TAB} if len(modes) == 1 else set()  # nothing to switch to
     pygame.quit()
@@ -1795,76 +1802,78 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
 
 def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=contextlib.nullcontext(),
                clip: Optional[int] = None) -> dict:
-    """The checkpoint's EMA model as a game from held-out clip `clip` (default: --seed's): each step generates a clip
-    of the last k = --context-frames frames shown, the new action held after them, and shows frame k."""
+    """The checkpoint's EMA model as a game from held-out clip `clip` (default: --seed's): each step
+    generates a clip of the last k = --context-frames frames shown and the new action, shows frame k."""
     num_actions, vocabulary = checkpoint["num_actions"], checkpoint["vocabulary"]
     if args.dataset == "folder" or num_actions == 0 and args.action_dim == 0 or args.context_frames < 1:
-        raise UserError(f"--play steers an action-conditioned model (sprites or Atari clips) frame by frame from its "
-                        f"last frames: this run has --dataset {args.dataset}, --context-frames {args.context_frames}; "
-                        f"train one with --dataset sprites or atari and --context-frames >= 1")
+        raise UserError(f"--play steers an action-conditioned model (sprites or Atari clips) frame by "
+                        f"frame from its last frames: this run has --dataset {args.dataset}, "
+                        f"--context-frames {args.context_frames}; train one with --dataset sprites or "
+                        f"atari and --context-frames >= 1")
     if args.dataset != "sprites" and args.play_world != "imagined":
-        raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for real here; "
-                        f"give --play-world imagined")
-    caption, known = args.play_caption or "", vocabulary[len(SPECIAL_TOKENS):]  # checked before any data is made
-    if unknown := unknown_words([caption], vocabulary, args.max_text_len):  # they would be the untrained <unk>
+        raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for "
+                        f"real here; give --play-world imagined")
+    caption, max_len = args.play_caption or "", args.max_text_len  # checked before any data is made
+    if unknown := unknown_words([caption], vocabulary, max_len):  # they would be the untrained <unk>
+        known = vocabulary[len(SPECIAL_TOKENS):]
         guesses = {w: difflib.get_close_matches(w, known, n=1) for w in unknown}
         named = ", ".join(w + (f" (did you mean {guesses[w][0]}?)" if guesses[w] else "") for w in unknown)
-        raise UserError(f"--play-caption {caption!r}: the model does not know {named}: it learned the words of its "
-                        f"training captions only (an unknown word would be the untrained <unk>); its {len(known)} "
-                        f"words: {', '.join(known)}")
-    if len(words := caption_words(caption)) > args.max_text_len:
-        print(f"notice: --play-caption has {len(words)} words, more than the model's --max-text-len "
-              f"{args.max_text_len}: it reads {' '.join(words[:args.max_text_len])!r} and drops "
-              f"{' '.join(words[args.max_text_len:])!r}", flush=True)
-    caption = caption_as_read(caption, vocabulary, args.max_text_len)  # printed as the model reads it
+        raise UserError(f"--play-caption {caption!r}: the model does not know {named}: it learned the "
+                        f"words of its training captions only (an unknown word would be the untrained "
+                        f"<unk>); its {len(known)} words: {', '.join(known)}")
+    if len(words := caption_words(caption)) > max_len:
+        print(f"notice: --play-caption has {len(words)} words, more than the model's --max-text-len {max_len}: "
+              f"it reads {' '.join(words[:max_len])!r} and drops {' '.join(words[max_len:])!r}", flush=True)
+    caption = caption_as_read(caption, vocabulary, max_len)  # printed as the model reads it
     if args.dataset == "sprites":
         meanings = [name.upper() for name in SPRITE_ACTIONS]
-        data = make_sprites_dataset(64, args.num_frames, args.img_size, args.num_distractors, args.action_dim,
-                                    seed=args.seed + 2_000)  # starts the model never trained on
+        data = make_sprites_dataset(64, args.num_frames, args.img_size, args.num_distractors,
+                                    args.action_dim, seed=args.seed + 2_000)  # starts never trained on
     else:  # Atari: starts from the run's recorded episodes, the game's own action names
         import gymnasium as gym
 
         data = load_atari_dataset(args)
         meanings = list(gym.make(atari_ids(args.env_id)[0]).unwrapped.get_action_meanings())
-    # each action as the model takes it; continuous: the move's velocity (DIRECTION_VECTORS[-1]: none, for noop)
-    values = torch.from_numpy(DIRECTION_VECTORS[np.arange(5) - 1]) if args.action_dim else torch.arange(len(meanings))
+    # each action as the model takes it; continuous: the move's velocity (DIRECTION_VECTORS[-1]: none)
+    values = (torch.from_numpy(DIRECTION_VECTORS[np.arange(5) - 1]) if args.action_dim
+              else torch.arange(len(meanings)))
     model = build_model(args, len(vocabulary), num_actions).to(device).eval()
     model.load_state_dict(checkpoint["ema"])
-    alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
-                                                            args.beta_end))
+    alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps,
+                                                            args.beta_start, args.beta_end))
     k, n = args.context_frames, args.num_frames
     text = tokenize([caption], vocabulary, args.max_text_len).to(device) if caption else None
     generator = torch.Generator(device=device).manual_seed(args.seed)
     clip = args.seed % len(data.clip_starts) if clip is None else clip
     start = int(data.clip_starts[clip])
-    start_frames = torch.from_numpy(data.frames[start: start + k]).to(device).permute(1, 0, 2, 3)[None] / 127.5 - 1
+    start_frames = torch.from_numpy(data.frames[start: start + k]).permute(1, 0, 2, 3)[None] / 127.5 - 1
     start_actions = data.actions[start: start + k]
 
     def next_frame(frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         context = F.pad(frames, (0, 0, 0, 0, 0, n - k))  # the last k frames, then n - k to generate
-        index = torch.arange(n, device=device).clamp(max=k)  # the new action leads into every frame after the context
-        return generate(model, alphas_cumprod, tuple(context.shape), generator, text, actions.to(device)[:, index],
-                        None, context, k, **sampling_kwargs(args, autocast))[:, :, k]
+        index = torch.arange(n, device=device).clamp(max=k)  # the new action into every later frame
+        return generate(model, alphas_cumprod, tuple(context.shape), generator, text,
+                        actions.to(device)[:, index], None, context, k, **sampling_kwargs(args, autocast))[:, :, k]
 
-    games = {"imagined": lambda: imagined_video(next_frame, start_frames, torch.from_numpy(start_actions)[None],
-                                                values)}
+    games = {"imagined": lambda: imagined_video(next_frame, start_frames.to(device),
+                                                torch.from_numpy(start_actions)[None], values)}
     if args.dataset == "sprites":
         games["real"] = lambda: real_sprites(data.sprite_states[clip], start_actions, args.img_size, values)
     return {"games": games, "meanings": meanings, "caption": caption}
 
 
 def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, autocast):
-    """--play: the checkpoint's model as a game (play_games) in a window, or with --play-keys headless: each world of
-    --play-world played with the keys, its MP4 written to {run}/play/."""
+    """--play: the checkpoint's model as a game (play_games) in a window, or with --play-keys headless:
+    each world of --play-world played with the keys, its MP4 written to {run}/play/."""
     built = play_games(args, checkpoint, device, autocast)
     games, meanings = built["games"], built["meanings"]
     steps = None if args.play_keys is None else parse_play_keys(args.play_keys, meanings)
-    print("keys: " + ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings) + (
-        f", {RESTART_LETTER} restart (--play-keys letters)" if steps is not None else
-        "; window: arrows and space (fire) pick these, Enter restarts, Tab switches model / real world, "
-        "R records, Esc quits"), flush=True)
-    print(f"caption: {built['caption']!r}; sampler: {args.sampler}, {args.num_sampling_steps} steps per frame, cfg "
-          f"scale {args.cfg_scale:g}", flush=True)
+    letters = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
+    print(f"keys: {letters}" + (f", {RESTART_LETTER} restart (--play-keys letters)" if steps is not None else
+                                "; window: arrows and space (fire) pick these, Enter restarts, Tab switches "
+                                "model / real world, R records, Esc quits"), flush=True)
+    print(f"caption: {built['caption']!r}; sampler: {args.sampler}, {args.num_sampling_steps} steps per "
+          f"frame, cfg scale {args.cfg_scale:g}", flush=True)
     if steps is None:
         return play_window(games, meanings, run_dir / "play", args.play_size, args.play_fps)
     stamp = time.strftime("%Y%m%d_%H%M%S")
@@ -1883,7 +1892,7 @@ def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, auto
 
 
 def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
-    """--sample-only: --num-samples clips (and long videos) into the run's samples/; a signal abandons them."""
+    """--sample-only: --num-samples clips (and long videos) into samples/; a signal abandons them."""
     args = sampler.args
     stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_{int(time.time())}"
     try:
@@ -1919,8 +1928,8 @@ def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoD
 
 
 def log_training(meter, scheduler, writer, progress, step: int, run_dir: Optional[Path]):
-    """A non-finite loss or gradient stops the run (one line, after the progress bar's last state); rank 0 writes
-    losses/mse, charts/* and (on CUDA) perf/mfu."""
+    """A non-finite loss or gradient stops the run (one line, after the progress bar's last state);
+    rank 0 writes losses/mse, charts/* and (on CUDA) perf/mfu."""
     if not meter.finite():
         progress.close()
         raise non_finite_failure(f"before step {step}", run_dir)
@@ -1959,7 +1968,7 @@ def main(args: Args, given: set[str]):
         checkpoint_path = resolve_checkpoint_path(args.resume)
         checkpoint = load_checkpoint(checkpoint_path)
         args = merge_resumed_args(args, given, checkpoint["args"])
-        trains = not args.sample_only  # --sample-only writes no checkpoint: it reads any checkpoint file
+        trains = not args.sample_only  # --sample-only writes no checkpoint: it reads any file
         trains = trains and not (args.play or args.play_keys is not None)  # optional: play
         run_dir = run_dir_of(checkpoint_path, trains)
     check_args(args, torchrun_world()[0])
@@ -1972,8 +1981,8 @@ def main(args: Args, given: set[str]):
 
     # ---- data: the training clips on the device, the held-out ones for evaluation, the words
     data = load_dataset(args)
-    # The vocabulary and the action count fix the model's shape: a resumed run takes its checkpoint's.
-    vocabulary = checkpoint["vocabulary"] if checkpoint is not None else build_vocabulary(data.captions)
+    # The vocabulary and the action count fix the model's shape: a resumed run takes its own.
+    vocabulary = build_vocabulary(data.captions) if checkpoint is None else checkpoint["vocabulary"]
     num_actions = checkpoint["num_actions"] if checkpoint is not None else data.num_actions
     if setup.is_main:  # captions cut to --max-text-len, words the resumed model never learned
         for line in data_caption_notices(data.captions, vocabulary, args.max_text_len):
@@ -1985,7 +1994,7 @@ def main(args: Args, given: set[str]):
                                                             args.beta_start, args.beta_end))
     clips, train_abar = DeviceClips(data, vocabulary, args, device), alphas_cumprod.to(device)
 
-    # ---- model, EMA, optimizer with linear warmup (lr_s = lr * min(1, (s + 1) / warmup)), resumed state
+    # ---- model, EMA, optimizer with warmup (lr_s = lr * min(1, (s + 1) / warmup)), resumed state
     model = build_model(args, len(vocabulary), num_actions).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=setup.use_cuda)
@@ -1995,11 +2004,11 @@ def main(args: Args, given: set[str]):
     parts = (model, ema_model, optimizer, scheduler, scaler, train_generator, vocabulary, num_actions)
     step = 0 if checkpoint is None else restore_state(checkpoint, *parts)
 
-    stop = StopFlag()  # from here on SIGTERM/SIGINT finish the step (or abandon sampling), save and exit 0
+    stop = StopFlag()  # now SIGTERM/SIGINT finish the step (or abandon sampling), save and exit 0
     # only the samplers call the EMA model: a signal abandons sampling within one network evaluation
     ema_model.register_forward_pre_hook(lambda module, inputs: stop.check())
     sampler = EvalSampler(ema_model, alphas_cumprod, eval_subset(data, args), vocabulary, args, autocast, device)
-    if args.sample_only or step >= args.total_steps:  # no training: --sample-only, or a finished run
+    if args.sample_only or step >= args.total_steps:  # --sample-only, or a finished run
         leave_process_group(setup.world_size)  # what follows is rank 0's alone
         if setup.is_main and args.sample_only:
             write_sample_only(sampler, run_dir, step)
@@ -2009,7 +2018,7 @@ def main(args: Args, given: set[str]):
         stop.restore()
         return
 
-    # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), throughput
+    # ---- the run folder (after the signal handlers: it always gets a checkpoint), throughput
     run_dir, writer = open_run(args, setup, run_dir, step, data, vocabulary, num_actions, num_params)
     meter = Meter(device, 3 * flops, peak_flops(setup, args.dtype), setup.world_size)
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
@@ -2042,11 +2051,11 @@ def main(args: Args, given: set[str]):
             progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
         if step % args.log_every == 0 or step == args.total_steps:
             log_training(meter, scheduler, writer, progress, step, run_dir)
-        # Every rank stops at the same step: all-reduced at the log boundary under torchrun, at once alone.
+        # Every rank stops at the same step: all-reduced at a log step under torchrun, at once alone.
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         evaluation = step % args.eval_every == 0 or step == args.total_steps
         if setup.is_main and not stopping and (evaluation or step == args.first_sample_at):
-            with contextlib.suppress(StopRequested):  # a signal abandons sampling; the checkpoint after it is saved
+            with contextlib.suppress(StopRequested):  # a signal abandons sampling, not the checkpoint
                 evaluate(sampler, writer, step, run_dir / "samples", full=evaluation)
                 if not evaluation:
                     progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
