@@ -1288,7 +1288,7 @@ def to_uint8(clips: torch.Tensor) -> np.ndarray:
 def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                          alphas_cumprod: torch.Tensor, prediction: str = "eps",
                          autocast=contextlib.nullcontext(), **conditions) -> torch.Tensor:
-    """L_simple (Ho et al. eq. 14) = || eps or v - f(x_t, t, conditions) ||^2; x0, noise (B, 3, T, H, W).
+    """L_simple (Ho et al. eq. 14) = || eps or v - f(x_t, t, conditions) ||^2, x0 (B, 3, T, H, W).
     Context frames (context_mask 1) count zero, the sum still divided by the clip's size."""
     sqrt_abar = alphas_cumprod[t].sqrt().float()[:, None, None, None, None]
     sqrt_one_minus_abar = (1 - alphas_cumprod[t]).sqrt().float()[:, None, None, None, None]
@@ -1302,7 +1302,7 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
 
 
 class DeviceClips:
-    """Clips on the device as uint8 frames (no loader, no copy per step), caption tokens and actions;
+    """Clips on the device as uint8 frames (no loader, no copies), caption tokens and actions;
     clip i is frames[starts[i] : starts[i] + num_frames]."""
 
     def __init__(self, data: VideoData, vocabulary: list, args: Args, device: torch.device):
@@ -1313,7 +1313,7 @@ class DeviceClips:
         self.text = tokenize(data.captions, vocabulary, args.max_text_len).to(device)
 
     def __getitem__(self, index: torch.Tensor) -> tuple:
-        """Clips index (cycled): clips (B, 3, T, H, W) in [-1, 1], tokens, actions (B, T[, A]) or None."""
+        """Clips `index` (cycled): (B, 3, T, H, W) in [-1, 1], tokens, actions (B, T[, A]) / None."""
         index = index % len(self.starts)
         frames = self.starts[index][:, None] + torch.arange(self.args.num_frames, device=self.device)
         clips = self.frames[frames].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0
@@ -1321,20 +1321,20 @@ class DeviceClips:
 
     def batch(self, step: int, generator: torch.Generator, mine: slice, null_text: torch.Tensor,
               alphas_cumprod: torch.Tensor) -> dict:
-        """The step's batch as video_diffusion_loss's keyword arguments: the global batch, drawn alike on
-        every rank, sliced to this rank's `mine` (2 ranks at batch B compute what 1 rank does)."""
+        """The step's batch as video_diffusion_loss's keyword arguments: the global batch, drawn
+        alike on every rank, sliced to this rank's `mine` (2 ranks at batch B compute as 1 rank)."""
         args, device, B = self.args, self.device, self.args.batch_size
         clip_shape = (3, args.num_frames, args.img_size, args.img_size)
         indices = global_batch_indices(step, B, len(self.starts), args.seed).to(device, non_blocking=True)
         t = torch.randint(0, args.timesteps, (B,), generator=generator, device=device)
         noise = torch.randn((B, *clip_shape), generator=generator, device=device)
-        # Condition dropout for classifier-free guidance: both null with probability --null-cond-prob,
-        # else the caption and the actions each with p = --cond-drop-prob, independently.
+        # Condition dropout for classifier-free guidance: both null with p = --null-cond-prob, else
+        # the caption and the actions each with p = --cond-drop-prob, independently.
         drop_both = torch.rand(B, generator=generator, device=device) < args.null_cond_prob
         drop_text = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
         drop_actions = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
-        # Context: the first 1..k frames of some clips, noised to a level in [0, context_noise_max_step)
-        # that the model is told (context noise augmentation: generated context drifts less).
+        # Context: the first 1..k frames of some clips, noised to a level the model is told, in
+        # [0, context_noise_max_step) (context noise augmentation: generated context drifts less).
         use_context = torch.rand(B, generator=generator, device=device) < args.context_prob
         num_context = torch.randint(1, max(args.context_frames, 1) + 1, (B,), generator=generator, device=device)
         context_noise = torch.randint(0, args.context_noise_max_step, (B,), generator=generator, device=device)
@@ -1370,29 +1370,29 @@ def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[
 
 
 def rollout_psnr(predicted: np.ndarray, real: np.ndarray, first_frame: int = 0) -> float:
-    """Mean PSNR of uint8 clips (B, 3, T, H, W) from first_frame on (images in [0, 1], <= 100 dB)."""
+    """Mean PSNR of uint8 clips (B, 3, T, H, W) from first_frame on (in [0, 1], <= 100 dB)."""
     error = (predicted[:, :, first_frame:] / 255.0 - real[:, :, first_frame:] / 255.0) ** 2
     mse = np.maximum(error.reshape(len(real), -1).mean(1), 1e-10)
     return float(np.mean(np.minimum(100.0, 10 * np.log10(1.0 / mse))))
 
 
 def direction_of_displacement(displacement: np.ndarray, min_pixels: float = 0.5) -> np.ndarray:
-    """(..., 2) displacements (dx, dy) -> DIRECTIONS index of the larger part; -1: under min_pixels."""
+    """(..., 2) moves (dx, dy) -> DIRECTIONS index of the larger part; -1: under min_pixels."""
     dx, dy = displacement[..., 0], displacement[..., 1]
     scores = np.stack([-dy, dy, -dx, dx], -1)
     return np.where(scores.max(-1) >= min_pixels, scores.argmax(-1), -1)
 
 
 def movement_directions(clips: np.ndarray) -> np.ndarray:
-    """The direction each clip's (B, 3, T, H, W) sprite moved, first frame to last, from the centroid
-    of the saturated pixels (the sprite is the only coloured thing); -1: no sprite, or no move."""
+    """The direction each clip's (B, 3, T, H, W) sprite moved, first frame to last, from the
+    centroid of its saturated pixels (the only coloured thing); -1: no sprite, or no move."""
     x = clips[:, :, [0, -1]].astype(np.float32) / 255.0
-    weight = np.clip(x.max(1) - x.min(1) - 0.4, 0, None)  # saturation: sprite colours have 0.67 to 0.8
+    weight = np.clip(x.max(1) - x.min(1) - 0.4, 0, None)  # saturation: sprites have 0.67 to 0.8
     total = weight.sum((-1, -2))  # (B, 2): the first and the last frame
     cx = (weight * np.arange(weight.shape[-1])).sum((-1, -2)) / np.maximum(total, 1e-8)
     cy = (weight * np.arange(weight.shape[-2])[:, None]).sum((-1, -2)) / np.maximum(total, 1e-8)
     moved = direction_of_displacement(np.stack([cx[:, 1] - cx[:, 0], cy[:, 1] - cy[:, 0]], -1))
-    return np.where((total > 0.2).all(1), moved, -1)  # found: about one pixel of strong colour or more
+    return np.where((total > 0.2).all(1), moved, -1)  # found: about a pixel of strong colour
 
 
 def direction_accuracy(clips: np.ndarray, directions: np.ndarray) -> float:
@@ -1550,13 +1550,13 @@ JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own sp
 
 
 def sprite_colour_labels(captions: list) -> np.ndarray:
-    """The SPRITE_COLOURS index of the colour each sprites caption names ("a red square ..." -> 0)."""
+    """The SPRITE_COLOURS index of the colour each caption names ("a red square ..." -> 0)."""
     return np.array([next(i for i, c in enumerate(SPRITE_COLOURS) if c in caption.split()) for caption in captions])
 
 
 def make_sprites_judge(args: Args, num_frames_scored: int) -> tuple[JudgeNet, np.ndarray, np.ndarray]:
-    """The judge of the sprite's colour on single frames (trained once on 512 clips of 8 frames, cached
-    in {data_dir}/judge/), and at least 2 * num_frames_scored held-out real frames and their colours."""
+    """The judge of the sprite's colour on single frames (trained once on 512 clips of 8 frames,
+    cached in {data_dir}/judge/), and >= 2 * num_frames_scored held-out real frames and colours."""
     def frames_and_colours(data: VideoData) -> tuple[np.ndarray, np.ndarray]:
         return data.frames, np.repeat(sprite_colour_labels(data.captions), len(data.frames) // len(data.captions))
 
@@ -1584,8 +1584,8 @@ def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
 
 
 def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: bool = True) -> dict:
-    """Clips from the eval clips' captions and actions into samples/ (MP4, .npz; the first 8 as a strip
-    in TensorBoard and a PNG); full: --num-eval-samples, long videos and the eval/ metrics, else 8."""
+    """Clips from the eval clips' captions and actions into samples/ (MP4, .npz; the first 8 as a
+    strip in TensorBoard and a PNG); full: --num-eval-samples, long videos, the eval/ metrics."""
     args, k = sampler.args, sampler.args.context_frames
     n = args.num_eval_samples if full else 8
     samples = sampler.clips(n)
@@ -1608,16 +1608,16 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: b
         metrics |= {f"eval/psnr_{name}": value for name, value in psnr.items()}
         # Genie's delta-PSNR: how much closer to the real clip the true actions bring a rollout
         metrics["eval/action_control_dpsnr"] = psnr["true_actions"] - psnr["shuffled_actions"]
-        shown = min(4, n)  # real and generated rows in turn, named by the actions after the k frames
+        shown = min(4, n)  # real and generated rows in turn, named by the actions after frame k
         labels = [f"{row} {i}: {k} given, then {action_words(actions[i, k:].cpu().numpy(), args.dataset)}"
                   for i in range(shown) for row in ("real", "generated")]
         pairs = np.stack([real[:shown], rollouts["true_actions"][:shown]], 1).reshape(-1, *real.shape[1:])
         writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step,
                          dataformats="HWC")
     if args.dataset == "sprites" and k > 0:
-        # Does the sprite go where the caption (alone) or the actions (alone) say, from the real first
-        # frame (where it starts, not where it goes)? "swapped": each first frame commanded with another
-        # clip's caption or actions; a model that learned a direction from anything else scores chance.
+        # Does the sprite go where the caption (alone) or the actions (alone) say, from the real
+        # first frame (where it starts, not where it goes)? "swapped": each first frame commanded
+        # with another clip's caption or actions, where a direction learned otherwise scores chance.
         for kind, flags, shift in (("text", dict(use_actions=False), "text_shift"),
                                    ("action", dict(use_text=False), "actions_shift")):
             for swapped in (0, 1):
@@ -1638,8 +1638,8 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: b
 
 
 def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
-    """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a black
-    margin holding one line of text per entry: what the window shows and the play MP4s hold."""
+    """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a
+    black margin with a line of text per entry: what the window shows and the play MP4s hold."""
     import cv2
 
     height = int(round(frame.shape[0] * size / frame.shape[1]))
@@ -1701,7 +1701,7 @@ def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
 
 
 def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, meanings: list[str]) -> int:
-    """Held keys -> an action of `meanings`: UP/DOWN, LEFT/RIGHT, FIRE make the (ALE) name (UPLEFTFIRE);
+    """Held keys -> an action of `meanings`: UP/DOWN, LEFT/RIGHT, FIRE make the ALE name (UPFIRE);
     one it lacks drops the vertical part, then fire (moving matters more): the sprites world's
     up-right is RIGHT, Breakout's up-right and left+fire are RIGHT and LEFT."""
     vertical = "UP" if up and not down else "DOWN" if down and not up else ""
@@ -1713,7 +1713,7 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
 
 
 def imagined_video(next_frame: Callable, frames: torch.Tensor, actions: torch.Tensor, values: torch.Tensor):
-    """The model as a game (a generator): the last of frames (1, 3, k, H, W) in [-1, 1], then for each
+    """The model as a game (a generator): the last of frames (1, 3, k, H, W) in [-1, 1], then per
     action sent next_frame(the last k frames, their actions and values[action]: (1, k + 1[, A]))."""
     frame = frames[0, :, -1]
     while True:
@@ -1724,7 +1724,7 @@ def imagined_video(next_frame: Callable, frames: torch.Tensor, actions: torch.Te
 
 
 def real_sprites(state: dict, actions: np.ndarray, img_size: int, values: torch.Tensor):
-    """The sprites world as a game (a generator): a start re-rendered under its actions and those sent."""
+    """The sprites world as a game (a generator): a start re-rendered under all actions so far."""
     actions = list(actions)
     while True:
         action = yield render_sprite_clip(state, np.array(actions), img_size)[-1].transpose(1, 2, 0)
@@ -1733,8 +1733,8 @@ def real_sprites(state: dict, actions: np.ndarray, img_size: int, values: torch.
 
 def play_keys(game: Callable, steps: list[Optional[int]], meanings: list[str], size: int,
               name: str = "") -> dict:
-    """A headless session: game() (imagined_video, real_sprites) played with the actions (None: restart).
-    Returns the frames uint8 (T + 1, H, W, 3), the captioned ones for the MP4 and the frames/s."""
+    """A headless session: game() (imagined_video, real_sprites) played with the actions (None:
+    restart). Returns the frames uint8 (T + 1, H, W, 3), the captioned ones (the MP4), frames/s."""
     frames, start = [], time.perf_counter()
     for action in [None, *steps]:
         if action is None:  # a (re)start
@@ -1757,8 +1757,8 @@ def import_pygame():
 
 
 def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float):
-    """The live session: the model (Tab: the real sprites world) steps at most max_fps times a second
-    with the held keys' action; Enter restarts, R starts and stops recording (an MP4), Esc quits."""
+    """The live session: the model (Tab: the real sprites world) steps at most max_fps times a
+    second with the held keys' action; Enter restarts, R starts/stops an MP4, Esc quits."""
     pygame = import_pygame()
     pygame.display.init()  # the display alone: no audio device needed
     driver = pygame.display.get_driver()
@@ -1803,7 +1803,7 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
 def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=contextlib.nullcontext(),
                clip: Optional[int] = None) -> dict:
     """The checkpoint's EMA model as a game from held-out clip `clip` (default: --seed's): each step
-    generates a clip of the last k = --context-frames frames shown and the new action, shows frame k."""
+    generates a clip from the last k = --context-frames frames and the new action; shows frame k."""
     num_actions, vocabulary = checkpoint["num_actions"], checkpoint["vocabulary"]
     if args.dataset == "folder" or num_actions == 0 and args.action_dim == 0 or args.context_frames < 1:
         raise UserError(f"--play steers an action-conditioned model (sprites or Atari clips) frame by "
@@ -1814,7 +1814,7 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
         raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for "
                         f"real here; give --play-world imagined")
     caption, max_len = args.play_caption or "", args.max_text_len  # checked before any data is made
-    if unknown := unknown_words([caption], vocabulary, max_len):  # they would be the untrained <unk>
+    if unknown := unknown_words([caption], vocabulary, max_len):  # each the untrained <unk>
         known = vocabulary[len(SPECIAL_TOKENS):]
         guesses = {w: difflib.get_close_matches(w, known, n=1) for w in unknown}
         named = ", ".join(w + (f" (did you mean {guesses[w][0]}?)" if guesses[w] else "") for w in unknown)
@@ -1828,13 +1828,13 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
     if args.dataset == "sprites":
         meanings = [name.upper() for name in SPRITE_ACTIONS]
         data = make_sprites_dataset(64, args.num_frames, args.img_size, args.num_distractors,
-                                    args.action_dim, seed=args.seed + 2_000)  # starts never trained on
+                                    args.action_dim, seed=args.seed + 2_000)  # unseen starts
     else:  # Atari: starts from the run's recorded episodes, the game's own action names
         import gymnasium as gym
 
         data = load_atari_dataset(args)
         meanings = list(gym.make(atari_ids(args.env_id)[0]).unwrapped.get_action_meanings())
-    # each action as the model takes it; continuous: the move's velocity (DIRECTION_VECTORS[-1]: none)
+    # each action as the model takes it; continuous: the velocity (DIRECTION_VECTORS[-1]: none)
     values = (torch.from_numpy(DIRECTION_VECTORS[np.arange(5) - 1]) if args.action_dim
               else torch.arange(len(meanings)))
     model = build_model(args, len(vocabulary), num_actions).to(device).eval()
@@ -1863,8 +1863,8 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
 
 
 def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, autocast):
-    """--play: the checkpoint's model as a game (play_games) in a window, or with --play-keys headless:
-    each world of --play-world played with the keys, its MP4 written to {run}/play/."""
+    """--play: the checkpoint's model as a game (play_games) in a window, or with --play-keys
+    headless: each world of --play-world played with the keys, its MP4 written to {run}/play/."""
     built = play_games(args, checkpoint, device, autocast)
     games, meanings = built["games"], built["meanings"]
     steps = None if args.play_keys is None else parse_play_keys(args.play_keys, meanings)
@@ -1892,7 +1892,7 @@ def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, auto
 
 
 def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
-    """--sample-only: --num-samples clips (and long videos) into samples/; a signal abandons them."""
+    """--sample-only: --num-samples clips (and long videos) into samples/; a signal stops it."""
     args = sampler.args
     stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_{int(time.time())}"
     try:
@@ -1977,7 +1977,7 @@ def main(args: Args, given: set[str]):
     seed_everything(args.seed)
     if args.play or args.play_keys is not None:  # optional: play
         return play(args, checkpoint, run_dir, device, autocast)  # optional: play
-    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # t, noise, drops, context
+    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # t, noise, drops ...
 
     # ---- data: the training clips on the device, the held-out ones for evaluation, the words
     data = load_dataset(args)
@@ -2051,11 +2051,11 @@ def main(args: Args, given: set[str]):
             progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
         if step % args.log_every == 0 or step == args.total_steps:
             log_training(meter, scheduler, writer, progress, step, run_dir)
-        # Every rank stops at the same step: all-reduced at a log step under torchrun, at once alone.
+        # Every rank stops at the same step: all-reduced at a log step under torchrun, else at once.
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         evaluation = step % args.eval_every == 0 or step == args.total_steps
         if setup.is_main and not stopping and (evaluation or step == args.first_sample_at):
-            with contextlib.suppress(StopRequested):  # a signal abandons sampling, not the checkpoint
+            with contextlib.suppress(StopRequested):  # a signal ends sampling, not the checkpoint
                 evaluate(sampler, writer, step, run_dir / "samples", full=evaluation)
                 if not evaluation:
                     progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
