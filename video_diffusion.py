@@ -534,8 +534,8 @@ EPISODE_KEYS = {"obs": np.uint8, "actions": np.int64, "rewards": np.float32, "te
 
 
 def read_episode(path: Path, num_actions: int, fix: str) -> dict:
-    """An episode .npz (docs/PROMISES.md section 3) read with allow_pickle=False (a file cannot run code), checked field
-    by field (a bad file refused in one line naming it, the field and `fix`), its fields in their dtypes."""
+    """An episode .npz (docs/PROMISES.md section 3) read with allow_pickle=False (no code runs) and
+    checked field by field: a bad file is refused in one line naming it, the field and `fix`."""
     def bad(problem: str) -> UserError:
         return UserError(f"{path}: {problem}; {fix}")
 
