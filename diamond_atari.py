@@ -580,9 +580,8 @@ def save_episode(path: Path, episode: dict, run_dir: Optional[Path] = None):
 
 
 def read_episode(path: Path, num_actions: int, fix: str) -> dict:
-    """An episode .npz (docs/PROMISES.md section 3), read with allow_pickle=False (a file cannot run code) and checked
-    field by field; a bad file is refused with one line naming it, the field and `fix`. Returns the fields in their
-    dtypes."""
+    """An episode .npz (docs/PROMISES.md section 3) read with allow_pickle=False (no code runs) and
+    checked field by field: a bad file is refused in one line naming it, the field and `fix`."""
     def bad(problem: str) -> UserError:
         return UserError(f"{path}: {problem}; {fix}")
 
@@ -608,8 +607,7 @@ def read_episode(path: Path, num_actions: int, fix: str) -> dict:
     if not np.isfinite(rewards).all():
         step = int(np.flatnonzero(~np.isfinite(rewards))[0])
         raise bad(f"rewards holds {rewards[step]} at step {step}: rewards must be finite")
-    return {"obs": obs, "actions": actions.astype(np.int64), "rewards": rewards.astype(np.float32),
-            "terminated": episode["terminated"], "truncated": episode["truncated"]}
+    return episode | {"actions": actions.astype(np.int64), "rewards": rewards.astype(np.float32)}
 
 
 def load_episode(path: Path, obs_size: int, num_actions: int, fix: str = "fix the file or remove it") -> dict:
@@ -1736,15 +1734,15 @@ def put_text(image: np.ndarray, text: str, x: int, y: int, scale: float = 0.4, c
 
 
 def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
-    """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a black margin holding
-    one line of text per entry: what the window shows and the play MP4s hold."""
+    """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a
+    black margin with a line of text per entry: what the window shows and the play MP4s hold."""
     import cv2
 
     height = int(round(frame.shape[0] * size / frame.shape[1]))
     big = cv2.resize(np.ascontiguousarray(frame), (size, height), interpolation=cv2.INTER_NEAREST)
     margin = np.zeros((8 + 18 * len(lines), size, 3), dtype=np.uint8)
     for i, line in enumerate(lines):
-        put_text(margin, line, 6, 18 + 18 * i, 0.45)
+        cv2.putText(margin, line, (6, 18 + 18 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
     return np.concatenate([big, margin])
 
 
@@ -2459,17 +2457,15 @@ def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
 
 
 def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, meanings: list[str]) -> int:
-    """Held keys -> an action of `meanings`: UP/DOWN, then LEFT/RIGHT, then FIRE make the (ALE) name (UPLEFTFIRE ...);
-    a combination it lacks drops the vertical part, then fire (moving matters more): the sprites world's up-right is
-    RIGHT, Breakout's up-right and left+fire are RIGHT and LEFT."""
+    """Held keys -> an action of `meanings`: UP/DOWN, LEFT/RIGHT, FIRE make the ALE name (UPFIRE);
+    one it lacks drops the vertical part, then fire (moving matters more): the sprites world's
+    up-right is RIGHT, Breakout's up-right and left+fire are RIGHT and LEFT."""
     vertical = "UP" if up and not down else "DOWN" if down and not up else ""
     horizontal = "LEFT" if left and not right else "RIGHT" if right and not left else ""
     suffix = "FIRE" if fire else ""
-    for name in (vertical + horizontal + suffix, horizontal + suffix, vertical + horizontal, horizontal,
-                 vertical + suffix, vertical, suffix):
-        if name and name in meanings:
-            return meanings.index(name)
-    return meanings.index("NOOP") if "NOOP" in meanings else 0
+    names = (vertical + horizontal + suffix, horizontal + suffix, vertical + horizontal,
+             horizontal, vertical + suffix, vertical, suffix, "NOOP")
+    return next((meanings.index(name) for name in names if name and name in meanings), 0)
 
 
 class ImaginedGame:

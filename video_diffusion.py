@@ -495,9 +495,8 @@ EPISODE_KEYS = {"obs": np.uint8, "actions": np.int64, "rewards": np.float32, "te
 
 
 def read_episode(path: Path, num_actions: int, fix: str) -> dict:
-    """An episode .npz (docs/PROMISES.md section 3), read with allow_pickle=False (a file cannot run code) and checked
-    field by field; a bad file is refused with one line naming it, the field and `fix`. Returns the fields in their
-    dtypes."""
+    """An episode .npz (docs/PROMISES.md section 3) read with allow_pickle=False (no code runs) and
+    checked field by field: a bad file is refused in one line naming it, the field and `fix`."""
     def bad(problem: str) -> UserError:
         return UserError(f"{path}: {problem}; {fix}")
 
@@ -523,8 +522,7 @@ def read_episode(path: Path, num_actions: int, fix: str) -> dict:
     if not np.isfinite(rewards).all():
         step = int(np.flatnonzero(~np.isfinite(rewards))[0])
         raise bad(f"rewards holds {rewards[step]} at step {step}: rewards must be finite")
-    return {"obs": obs, "actions": actions.astype(np.int64), "rewards": rewards.astype(np.float32),
-            "terminated": episode["terminated"], "truncated": episode["truncated"]}
+    return episode | {"actions": actions.astype(np.int64), "rewards": rewards.astype(np.float32)}
 
 
 def load_atari_dataset(args: "Args") -> VideoData:
@@ -1170,77 +1168,66 @@ def to_uint8(clips: torch.Tensor) -> np.ndarray:
 
 
 def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                         alphas_cumprod: torch.Tensor, text: Optional[torch.Tensor] = None,
-                         actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
-                         context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
-                         context_level: Optional[torch.Tensor] = None, prediction: str = "eps",
-                         autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """L_simple (Ho et al. eq. 14) = || target - f(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t,
-    conditions) ||^2, target eps or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0; x0, noise
-    (B, 3, T, H, W). Context frames (context_mask 1) are left out of the sum, still divided by the
-    clip's size (the same scale on every DDP rank)."""
+                         alphas_cumprod: torch.Tensor, prediction: str = "eps",
+                         autocast=contextlib.nullcontext(), **conditions) -> torch.Tensor:
+    """L_simple (Ho et al. eq. 14) = || eps or v - f(x_t, t, conditions) ||^2, x0 (B, 3, T, H, W).
+    Context frames (context_mask 1) count zero, the sum still divided by the clip's size."""
     sqrt_abar = alphas_cumprod[t].sqrt().float()[:, None, None, None, None]
     sqrt_one_minus_abar = (1 - alphas_cumprod[t]).sqrt().float()[:, None, None, None, None]
     x_t = sqrt_abar * x0 + sqrt_one_minus_abar * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
     with autocast:
-        output = model(x_t, t, text, actions, drop_actions, context, context_mask, context_level)
+        output = model(x_t, t, **conditions)
     target = sqrt_abar * noise - sqrt_one_minus_abar * x0 if prediction == "v" else noise
-    generated = 1.0 if context_mask is None else (1 - context_mask)[:, None, :, None, None]  # (B, 1, T, 1, 1)
+    mask = conditions.get("context_mask")
+    generated = 1.0 if mask is None else (1 - mask)[:, None, :, None, None]  # (B, 1, T, 1, 1)
     return ((output.float() - target) ** 2 * generated).mean()
 
 
 class DeviceClips:
-    """Clips on the device as uint8 frames (no loader, no host-device copy per step), with their
-    caption tokens and actions; clip i is frames[starts[i] : starts[i] + num_frames]."""
+    """Clips on the device as uint8 frames (no loader, no copies), caption tokens and actions;
+    clip i is frames[starts[i] : starts[i] + num_frames]."""
 
     def __init__(self, data: VideoData, vocabulary: list, args: Args, device: torch.device):
         self.args, self.device = args, device
         self.frames = torch.from_numpy(data.frames).to(device)
         self.starts = torch.from_numpy(data.clip_starts).to(device)
-        self.actions = torch.from_numpy(data.actions).to(device) if data.actions is not None else None
+        self.actions = None if data.actions is None else torch.from_numpy(data.actions).to(device)
         self.text = tokenize(data.captions, vocabulary, args.max_text_len).to(device)
 
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def frame_indices(self, index: torch.Tensor) -> torch.Tensor:
-        return self.starts[index][:, None] + torch.arange(self.args.num_frames, device=self.device)  # (B, T)
-
-    def real_clips(self, index: torch.Tensor) -> torch.Tensor:
-        return self.frames[self.frame_indices(index)].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0  # (B, 3, T, H, W)
-
-    def clip_actions(self, index: torch.Tensor) -> Optional[torch.Tensor]:
-        return None if self.actions is None else self.actions[self.frame_indices(index)]  # (B, T[, A])
+    def __getitem__(self, index: torch.Tensor) -> tuple:
+        """Clips `index` (cycled): (B, 3, T, H, W) in [-1, 1], tokens, actions (B, T[, A]) / None."""
+        index = index % len(self.starts)
+        frames = self.starts[index][:, None] + torch.arange(self.args.num_frames, device=self.device)
+        clips = self.frames[frames].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0
+        return clips, self.text[index], None if self.actions is None else self.actions[frames]
 
     def batch(self, step: int, generator: torch.Generator, mine: slice, null_text: torch.Tensor,
               alphas_cumprod: torch.Tensor) -> dict:
-        """The step's batch as video_diffusion_loss's keyword arguments: the global batch, drawn identically on every
-        rank, sliced to this rank's `mine` (2 ranks at batch B compute what 1 rank does)."""
+        """The step's batch as video_diffusion_loss's keyword arguments: the global batch, drawn
+        alike on every rank, sliced to this rank's `mine` (2 ranks at batch B compute as 1 rank)."""
         args, device, B = self.args, self.device, self.args.batch_size
         clip_shape = (3, args.num_frames, args.img_size, args.img_size)
-        indices = global_batch_indices(step, B, len(self), args.seed).to(device, non_blocking=True)
+        indices = global_batch_indices(step, B, len(self.starts), args.seed).to(device, non_blocking=True)
         t = torch.randint(0, args.timesteps, (B,), generator=generator, device=device)
         noise = torch.randn((B, *clip_shape), generator=generator, device=device)
-        # Condition dropout for classifier-free guidance: both null with probability q = --null-cond-prob, else
+        # Condition dropout for classifier-free guidance: both null with p = --null-cond-prob, else
         # the caption and the actions each with p = --cond-drop-prob, independently.
         drop_both = torch.rand(B, generator=generator, device=device) < args.null_cond_prob
         drop_text = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
         drop_actions = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
-        # Context: the first 1..k frames of some clips, noised to a level in
-        # [0, context_noise_max_step) that the model is told (context noise augmentation: generated
-        # context frames drift less at sampling).
+        # Context: the first 1..k frames of some clips, noised to a level the model is told, in
+        # [0, context_noise_max_step) (context noise augmentation: generated context drifts less).
         use_context = torch.rand(B, generator=generator, device=device) < args.context_prob
         num_context = torch.randint(1, max(args.context_frames, 1) + 1, (B,), generator=generator, device=device)
-        context_level = torch.randint(0, args.context_noise_max_step, (B,), generator=generator, device=device)
-        context_noise = torch.randn((B, *clip_shape), generator=generator, device=device)
-        index = indices[mine]
-        x0 = self.real_clips(index)
+        context_noise = torch.randint(0, args.context_noise_max_step, (B,), generator=generator, device=device)
+        context_eps = torch.randn((B, *clip_shape), generator=generator, device=device)
+        x0, text, actions = self[indices[mine]]
         given = torch.arange(args.num_frames, device=device)[None, :] < num_context[mine, None]
         return dict(x0=x0, t=t[mine], noise=noise[mine], alphas_cumprod=alphas_cumprod,
-                    text=torch.where(drop_text[mine, None], null_text, self.text[index]),
-                    actions=self.clip_actions(index), drop_actions=drop_actions[mine],
-                    context=noise_context(x0, context_level[mine], alphas_cumprod, context_noise[mine]),
-                    context_mask=(use_context[mine, None] & given).float(), context_level=context_level[mine])
+                    text=torch.where(drop_text[mine, None], null_text, text), actions=actions,
+                    drop_actions=drop_actions[mine], context_noise=context_noise[mine],
+                    context=noise_context(x0, context_noise[mine], alphas_cumprod, context_eps[mine]),
+                    context_mask=(use_context[mine, None] & given).float())
 
 
 def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[int, float, float]:
@@ -1253,7 +1240,7 @@ def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[
         actions = (torch.zeros(1, args.num_frames, args.action_dim) if args.action_dim
                    else torch.zeros(1, args.num_frames, dtype=torch.long) if num_actions else None)
         activations = saved_activation_bytes(lambda: video_diffusion_loss(
-            model, x0, t, x0, torch.ones(args.timesteps), text, actions, prediction=args.prediction))
+            model, x0, t, x0, torch.ones(args.timesteps), args.prediction, text=text, actions=actions))
     flops = forward_flops(lambda: build_model(args, vocab_size, num_actions), x0, t, text, actions)
     return sum(p.numel() for p in model.parameters()), activations, flops
 
@@ -1265,34 +1252,29 @@ def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[
 
 
 def rollout_psnr(predicted: np.ndarray, real: np.ndarray, first_frame: int = 0) -> float:
-    """Mean over uint8 clips (B, 3, T, H, W) of the PSNR of frames first_frame.. (images in [0, 1], at most 100 dB)."""
-    p = predicted[:, :, first_frame:].astype(np.float64) / 255.0
-    r = real[:, :, first_frame:].astype(np.float64) / 255.0
-    mse = ((p - r) ** 2).reshape(len(p), -1).mean(1)
-    return float(np.mean([100.0 if m <= 1e-10 else min(100.0, 10 * math.log10(1.0 / m)) for m in mse]))
+    """Mean PSNR of uint8 clips (B, 3, T, H, W) from first_frame on (in [0, 1], <= 100 dB)."""
+    error = (predicted[:, :, first_frame:] / 255.0 - real[:, :, first_frame:] / 255.0) ** 2
+    mse = np.maximum(error.reshape(len(real), -1).mean(1), 1e-10)
+    return float(np.mean(np.minimum(100.0, 10 * np.log10(1.0 / mse))))
 
 
-def direction_of_displacement(displacement: np.ndarray, min_pixels: float = 0.5) -> int:
-    """(dx, dy) -> index into DIRECTIONS of its dominant component, or -1 when it moved less than min_pixels."""
-    scores = [-displacement[1], displacement[1], -displacement[0], displacement[0]]
-    best = int(np.argmax(scores))
-    return best if scores[best] >= min_pixels else -1
+def direction_of_displacement(displacement: np.ndarray, min_pixels: float = 0.5) -> np.ndarray:
+    """(..., 2) moves (dx, dy) -> DIRECTIONS index of the larger part; -1: under min_pixels."""
+    dx, dy = displacement[..., 0], displacement[..., 1]
+    scores = np.stack([-dy, dy, -dx, dx], -1)
+    return np.where(scores.max(-1) >= min_pixels, scores.argmax(-1), -1)
 
 
 def movement_directions(clips: np.ndarray) -> np.ndarray:
     """The direction each clip's (B, 3, T, H, W) sprite moved, first frame to last, from the
-    centroid of the saturated pixels (the sprite is the only coloured thing); -1: no sprite found,
-    or it did not move."""
-    x = clips.astype(np.float32) / 255.0
-    weight = np.clip(x.max(1) - x.min(1) - 0.4, 0, None)  # saturation: sprite colours have 0.67 to 0.8
-    h, w = weight.shape[-2:]
-    total = weight.sum((-1, -2))  # (B, T)
-    cx = (weight * np.arange(w)[None, None, None, :]).sum((-1, -2)) / np.maximum(total, 1e-8)
-    cy = (weight * np.arange(h)[None, None, :, None]).sum((-1, -2)) / np.maximum(total, 1e-8)
-    centroids = np.stack([cx, cy], -1)  # (B, T, 2)
-    found = (total[:, 0] > 0.2) & (total[:, -1] > 0.2)  # at least about one pixel of strong colour
-    return np.array([direction_of_displacement(c[-1] - c[0]) if f else -1 for c, f in zip(centroids, found)],
-                    dtype=np.int64)
+    centroid of its saturated pixels (the only coloured thing); -1: no sprite, or no move."""
+    x = clips[:, :, [0, -1]].astype(np.float32) / 255.0
+    weight = np.clip(x.max(1) - x.min(1) - 0.4, 0, None)  # saturation: sprites have 0.67 to 0.8
+    total = weight.sum((-1, -2))  # (B, 2): the first and the last frame
+    cx = (weight * np.arange(weight.shape[-1])).sum((-1, -2)) / np.maximum(total, 1e-8)
+    cy = (weight * np.arange(weight.shape[-2])[:, None]).sum((-1, -2)) / np.maximum(total, 1e-8)
+    moved = direction_of_displacement(np.stack([cx[:, 1] - cx[:, 0], cy[:, 1] - cy[:, 0]], -1))
+    return np.where((total > 0.2).all(1), moved, -1)  # found: about a pixel of strong colour
 
 
 def direction_accuracy(clips: np.ndarray, directions: np.ndarray) -> float:
@@ -1302,49 +1284,38 @@ def direction_accuracy(clips: np.ndarray, directions: np.ndarray) -> float:
 
 class EvalSampler(DeviceClips):
     """Clips and long videos from a model (the EMA weights), conditioned on held-out clips. Seeded
-    generators: the same noise every time (samples comparable across steps), and the training RNGs
-    untouched (exact resume)."""
+    generators: the same noise every time, and the training RNGs untouched (exact resume)."""
 
     def __init__(self, model: nn.Module, alphas_cumprod: torch.Tensor, eval_data: VideoData, vocabulary: list,
                  args: Args, autocast, device: torch.device):
         super().__init__(eval_data, vocabulary, args, device)
         self.model, self.alphas_cumprod = model, alphas_cumprod
-        self.directions, self.captions = eval_data.directions, list(eval_data.captions)
-        self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in self.captions]  # labels
-        self.judge = None  # optional: judge
         self.sample_kwargs = sampling_kwargs(args, autocast)
+        self.directions, self.captions = eval_data.directions, list(eval_data.captions)
+        self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in self.captions]
+        self.judge = None  # optional: judge
 
-    def batches(self, num: int):
-        """(index, real clips, caption tokens, actions) over the first num eval clips (cycled when num is larger)."""
-        for start in range(0, num, self.args.sample_batch_size):
-            index = torch.arange(start, min(num, start + self.args.sample_batch_size), device=self.device) % len(self)
-            yield index, self.real_clips(index), self.text[index], self.clip_actions(index)
-
-    def clips(self, num: int, use_text: bool = True, use_actions: bool = True, actions_shift: int = 0,
-              num_context: int = 0, text_shift: int = 0) -> np.ndarray:
-        """num uint8 clips conditioned on the eval clips' captions and/or actions (or another
-        clip's: shifted by text_shift / actions_shift) and/or their first num_context frames."""
-        generator = torch.Generator(device=self.device).manual_seed(self.args.seed + 10_000)
-        out = []
-        for index, real, _, _ in self.batches(num):
-            actions = self.clip_actions((index + actions_shift) % len(self))
-            text = self.text[(index + text_shift) % len(self)] if use_text else None
-            drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=self.device)
-            out.append(to_uint8(generate(self.model, self.alphas_cumprod, tuple(real.shape), generator, text, actions,
-                                         drop, real, num_context, **self.sample_kwargs)))
-        return np.concatenate(out)
-
-    def long_videos(self, num: int) -> np.ndarray:
-        """Autoregressive videos of --long-video-frames from the eval clips' captions and actions (repeated)."""
-        args = self.args
-        generator = torch.Generator(device=self.device).manual_seed(args.seed + 10_001)
-        out = []
-        for _, real, text, actions in self.batches(num):
-            if actions is not None:
-                actions = actions[:, torch.arange(args.long_video_frames, device=self.device) % args.num_frames]
-            out.append(to_uint8(generate_long_video(self.model, self.alphas_cumprod, args.long_video_frames,
-                                                    args.num_frames, args.context_frames, tuple(real.shape),
-                                                    generator, text, actions, **self.sample_kwargs)))
+    def clips(self, num: int, use_text: bool = True, use_actions: bool = True, num_context: int = 0,
+              text_shift: int = 0, actions_shift: int = 0, long: bool = False) -> np.ndarray:
+        """num uint8 clips (long: of --long-video-frames) from the first num eval clips' captions
+        and/or actions (or another clip's: text_shift, actions_shift), first num_context frames."""
+        args, out, device = self.args, [], self.device
+        generator = torch.Generator(device=device).manual_seed(args.seed + (10_001 if long else 10_000))
+        for start in range(0, num, args.sample_batch_size):
+            index = torch.arange(start, min(num, start + args.sample_batch_size), device=device)
+            real, actions = self[index][0], self[index + actions_shift][2]
+            text = self[index + text_shift][1] if use_text else None
+            if long:  # the clips' actions repeated
+                repeat = torch.arange(args.long_video_frames, device=device) % args.num_frames
+                clips = generate_long_video(self.model, self.alphas_cumprod, args.long_video_frames,
+                                            args.num_frames, args.context_frames, tuple(real.shape), generator,
+                                            text, None if actions is None else actions[:, repeat],
+                                            **self.sample_kwargs)
+            else:
+                drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=device)
+                clips = generate(self.model, self.alphas_cumprod, tuple(real.shape), generator, text,
+                                 actions, drop, real, num_context, **self.sample_kwargs)
+            out.append(to_uint8(clips))
         return np.concatenate(out)
 
 
@@ -1425,14 +1396,13 @@ JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own sp
 
 
 def sprite_colour_labels(captions: list) -> np.ndarray:
-    """The index in SPRITE_COLOURS of the colour each sprites caption names ("a red square moves up" -> 0)."""
+    """The SPRITE_COLOURS index of the colour each caption names ("a red square ..." -> 0)."""
     return np.array([next(i for i, c in enumerate(SPRITE_COLOURS) if c in caption.split()) for caption in captions])
 
 
 def make_sprites_judge(args: Args, num_frames_scored: int) -> tuple[nn.Sequential, np.ndarray, np.ndarray]:
     """The judge of the sprite's colour on single frames (trained once on 512 clips of 8 frames,
-    cached in {data_dir}/judge/), and at least 2 * num_frames_scored held-out real frames and their
-    colours."""
+    cached in {data_dir}/judge/), and >= 2 * num_frames_scored held-out real frames and colours."""
     def frames_and_colours(data: VideoData) -> tuple[np.ndarray, np.ndarray]:
         return data.frames, np.repeat(sprite_colour_labels(data.captions), len(data.frames) // len(data.captions))
 
@@ -1445,7 +1415,7 @@ def make_sprites_judge(args: Args, num_frames_scored: int) -> tuple[nn.Sequentia
 
 
 def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
-    """eval/judge_* on sprites: every generated frame's sprite colour against its caption's (the judge made once)."""
+    """eval/judge_* on sprites: each generated frame's sprite colour against its caption's."""
     if sampler.args.dataset != "sprites":
         return {}
     n, num_frames = len(samples), samples.shape[2]
@@ -1459,86 +1429,70 @@ def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
 # ==== END OPTIONAL: judge ====
 
 
-def sample_clips(sampler: EvalSampler, writer, step: int, samples_dir: Path, num: int) -> np.ndarray:
-    """num clips from the eval clips' captions and actions into samples/, the first 8 as a strip (a
-    row per clip, named by its caption) in TensorBoard (samples/clips) and samples/ (PNG)."""
-    samples = sampler.clips(num)
+def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: bool = True) -> dict:
+    """Clips from the eval clips' captions and actions into samples/ (MP4, .npz; the first 8 as a
+    strip in TensorBoard and a PNG); full: --num-eval-samples, long videos, the eval/ metrics."""
+    args, k = sampler.args, sampler.args.context_frames
+    n = args.num_eval_samples if full else 8
+    samples = sampler.clips(n)
     write_samples(samples_dir, f"step{step:08d}", samples)
-    shown = samples[:8]
-    captions = (sampler.read_captions * len(shown))[:len(shown)]
-    strip = frame_strips(shown, [f"generated: {caption}" for caption in captions])
+    strip = frame_strips(samples[:8], [f"generated: {c}" for c in (sampler.read_captions * 8)[:8]])
     writer.add_image("samples/clips", strip, step, dataformats="HWC")
     write_png(samples_dir / f"step{step:08d}.png", strip)
-    return samples
-
-
-def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path) -> dict:
-    """Samples (MP4, .npz, TensorBoard strips) and the eval/ metrics at one step; returns the metrics."""
-    args, n, k = sampler.args, sampler.args.num_eval_samples, sampler.args.context_frames
-    samples = sample_clips(sampler, writer, step, samples_dir, n)
+    if not full:
+        return {}
     metrics = {}
-    metrics.update(judge_clips(sampler, samples))  # optional: judge
-    if sampler.actions is not None and k > 0:  # multi-step rollouts from the first k real frames, without the caption
-        real = np.concatenate([to_uint8(real) for _, real, _, _ in sampler.batches(n)])
-        rollouts = {"true_actions": sampler.clips(n, use_text=False, num_context=k),
-                    "shuffled_actions": sampler.clips(n, use_text=False, num_context=k, actions_shift=1),
+    metrics |= judge_clips(sampler, samples)  # optional: judge
+    if sampler.actions is not None and k > 0:  # rollouts from the first k real frames, no caption
+        real, _, actions = sampler[torch.arange(n, device=sampler.device)]
+        real = to_uint8(real)
+        rollout = dict(use_text=False, num_context=k)
+        rollouts = {"true_actions": sampler.clips(n, **rollout),
+                    "shuffled_actions": sampler.clips(n, **rollout, actions_shift=1),
                     "copy_last": np.repeat(real[:, :, k - 1: k], args.num_frames, axis=2)}
-        for name, clips in rollouts.items():
-            metrics[f"eval/psnr_{name}"] = rollout_psnr(clips, real, k)
+        psnr = {name: rollout_psnr(clips, real, k) for name, clips in rollouts.items()}
+        metrics |= {f"eval/psnr_{name}": value for name, value in psnr.items()}
         # Genie's delta-PSNR: how much closer to the real clip the true actions bring a rollout
-        metrics["eval/action_control_dpsnr"] = metrics["eval/psnr_true_actions"] - metrics["eval/psnr_shuffled_actions"]
-        shown = min(4, n)  # real and generated rows in turn, named with the actions after the k given frames
-        actions = sampler.clip_actions(torch.arange(shown, device=sampler.device) % len(sampler)).cpu().numpy()
-        labels = [f"{row} {i}: {k} given, then {action_words(actions[i, k:], args.dataset)}"
+        metrics["eval/action_control_dpsnr"] = psnr["true_actions"] - psnr["shuffled_actions"]
+        shown = min(4, n)  # real and generated rows in turn, named by the actions after frame k
+        labels = [f"{row} {i}: {k} given, then {action_words(actions[i, k:].cpu().numpy(), args.dataset)}"
                   for i in range(shown) for row in ("real", "generated")]
-        pairs = np.stack([real[:shown], rollouts["true_actions"][:shown]], axis=1).reshape(2 * shown, *real.shape[1:])
-        writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step, dataformats="HWC")
+        pairs = np.stack([real[:shown], rollouts["true_actions"][:shown]], 1).reshape(-1, *real.shape[1:])
+        writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step,
+                         dataformats="HWC")
     if args.dataset == "sprites" and k > 0:
         # Does the sprite go where the caption (alone) or the actions (alone) say, from the real
         # first frame (where it starts, not where it goes)? "swapped": each first frame commanded
-        # with another clip's caption or actions; a model that learned a direction from anything but
-        # the command scores chance there.
-        directions = np.resize(sampler.directions, n)
-        others = sampler.directions[(np.arange(n) + 1) % len(sampler.directions)]
+        # with another clip's caption or actions, where a direction learned otherwise scores chance.
         for kind, flags, shift in (("text", dict(use_actions=False), "text_shift"),
                                    ("action", dict(use_text=False), "actions_shift")):
-            own = sampler.clips(n, num_context=1, **flags)
-            swapped = sampler.clips(n, num_context=1, **flags, **{shift: 1})
-            metrics[f"eval/{kind}_direction_accuracy"] = direction_accuracy(own, directions)
-            metrics[f"eval/{kind}_direction_accuracy_swapped"] = direction_accuracy(swapped, others)
+            for swapped in (0, 1):
+                clips = sampler.clips(n, num_context=1, **flags, **{shift: swapped})
+                asked = sampler.directions[(np.arange(n) + swapped) % len(sampler.directions)]
+                tag = f"eval/{kind}_direction_accuracy" + "_swapped" * swapped
+                metrics[tag] = direction_accuracy(clips, asked)
     if args.long_video_frames > args.num_frames:
-        videos = sampler.long_videos(min(n, 4))
+        videos = sampler.clips(min(n, 4), long=True)
         write_samples(samples_dir, f"long_step{step:08d}", videos)
         labels = [f"generated {i} (autoregressive)" for i in range(len(videos))]
         writer.add_image("samples/long_video", frame_strips(videos, labels), step, dataformats="HWC")
     for tag, value in metrics.items():
         writer.add_scalar(tag, value, step)
     if metrics:
-        print(f"eval at step {step}: " + ", ".join(f"{tag[5:]} {value:.3f}" for tag, value in metrics.items()))
+        print(f"eval at step {step}: " + ", ".join(f"{t[5:]} {v:.3f}" for t, v in metrics.items()))
     return metrics
 
 
-# --------------------------------------------------------------------------------------------------
-# Utilities: sample files (the shared machinery, at the end of the file, writes them).
-
-
-def put_text(image: np.ndarray, text: str, x: int, y: int, scale: float = 0.4, colour=(255, 255, 255)):
-    """Small text (OpenCV's Hershey font) with its baseline at (x, y), drawn into an RGB uint8 image in place."""
-    import cv2
-
-    cv2.putText(image, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
-
-
 def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
-    """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a black margin holding
-    one line of text per entry: what the window shows and the play MP4s hold."""
+    """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a
+    black margin with a line of text per entry: what the window shows and the play MP4s hold."""
     import cv2
 
     height = int(round(frame.shape[0] * size / frame.shape[1]))
     big = cv2.resize(np.ascontiguousarray(frame), (size, height), interpolation=cv2.INTER_NEAREST)
     margin = np.zeros((8 + 18 * len(lines), size, 3), dtype=np.uint8)
     for i, line in enumerate(lines):
-        put_text(margin, line, 6, 18 + 18 * i, 0.45)
+        cv2.putText(margin, line, (6, 18 + 18 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
     return np.concatenate([big, margin])
 
 
@@ -1570,7 +1524,7 @@ def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> P
 # (tests/test_optional_blocks.py checks it):
 #   sed '/^# ==== BEGIN OPTIONAL: play/,/^# ==== END OPTIONAL: play/d; /# optional: play$/d' video_diffusion.py > x.py
 
-# --play-keys letters: N noop, U D L R the sprite's moves, '/' restarts (DIAMOND's Atari games add fire, diagonals).
+# --play-keys letters: N noop, U D L R moves, '/' restarts (DIAMOND's Atari games add fire, diagonals).
 ACTION_LETTERS = {"NOOP": "N", "FIRE": "F", "UP": "U", "DOWN": "D", "LEFT": "L", "RIGHT": "R", "UPLEFT": "Q",
                   "UPRIGHT": "E", "DOWNLEFT": "Z", "DOWNRIGHT": "C", "UPFIRE": "u", "DOWNFIRE": "d", "LEFTFIRE": "l",
                   "RIGHTFIRE": "r", "UPLEFTFIRE": "q", "UPRIGHTFIRE": "e", "DOWNLEFTFIRE": "z", "DOWNRIGHTFIRE": "c"}
@@ -1578,86 +1532,62 @@ RESTART_LETTER = "/"
 
 
 def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
-    """--play-keys -> one action index per step (None: restart). A letter the model has no action for is refused."""
+    """--play-keys -> an action index per step (None: restart); a letter of no action is refused."""
     index = {ACTION_LETTERS.get(name, name): i for i, name in enumerate(meanings)} | {RESTART_LETTER: None}
     letters = [letter for letter in keys if not letter.isspace()]
     for letter in letters:
         if letter not in index:
-            raise UserError(f"--play-keys: {letter!r} is no action of this model; its letters: "
-                            f"{play_letters(meanings)}, {RESTART_LETTER} restart")
+            known = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
+            raise UserError(f"--play-keys: {letter!r} is no action of this model; its letters: {known}, "
+                            f"{RESTART_LETTER} restart")
     if not letters:
         raise UserError("--play-keys is empty: give one letter per step, e.g. RRRDDD")
     return [index[letter] for letter in letters]
 
 
-def play_letters(meanings: list[str]) -> str:
-    return ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
-
-
 def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, meanings: list[str]) -> int:
-    """Held keys -> an action of `meanings`: UP/DOWN, then LEFT/RIGHT, then FIRE make the (ALE) name (UPLEFTFIRE ...);
-    a combination it lacks drops the vertical part, then fire (moving matters more): the sprites world's up-right is
-    RIGHT, Breakout's up-right and left+fire are RIGHT and LEFT."""
+    """Held keys -> an action of `meanings`: UP/DOWN, LEFT/RIGHT, FIRE make the ALE name (UPFIRE);
+    one it lacks drops the vertical part, then fire (moving matters more): the sprites world's
+    up-right is RIGHT, Breakout's up-right and left+fire are RIGHT and LEFT."""
     vertical = "UP" if up and not down else "DOWN" if down and not up else ""
     horizontal = "LEFT" if left and not right else "RIGHT" if right and not left else ""
     suffix = "FIRE" if fire else ""
-    for name in (vertical + horizontal + suffix, horizontal + suffix, vertical + horizontal, horizontal,
-                 vertical + suffix, vertical, suffix):
-        if name and name in meanings:
-            return meanings.index(name)
-    return meanings.index("NOOP") if "NOOP" in meanings else 0
+    names = (vertical + horizontal + suffix, horizontal + suffix, vertical + horizontal,
+             horizontal, vertical + suffix, vertical, suffix, "NOOP")
+    return next((meanings.index(name) for name in names if name and name in meanings), 0)
 
 
-class ImaginedVideo:
-    """The model as a game: reset() takes frames (1, 3, k, H, W) in [-1, 1] and the k actions that led into them from
-    starts(); step(action) shows next_frame(frames, actions (1, k + 1[, A])) (1, 3, H, W)."""
-    name = "video model"
-
-    def __init__(self, next_frame: Callable, starts: Callable, action_value: Callable):
-        self.next_frame, self.starts, self.action_value = next_frame, starts, action_value
-
-    @torch.no_grad()
-    def reset(self) -> np.ndarray:
-        self.frames, self.actions = self.starts()
-        return to_uint8(self.frames[0, :, -1]).transpose(1, 2, 0)
-
-    @torch.no_grad()
-    def step(self, action: int) -> tuple[np.ndarray, float, bool]:
-        new = self.action_value(action).to(self.actions.device, self.actions.dtype)[None, None]  # (1, 1[, A])
-        actions = torch.cat([self.actions, new], dim=1)
-        next_frame = self.next_frame(self.frames, actions).clamp(-1, 1)
-        self.frames = torch.cat([self.frames[:, :, 1:], next_frame[:, :, None]], dim=2)
-        self.actions = actions[:, 1:]
-        return to_uint8(next_frame[0]).transpose(1, 2, 0), 0.0, False
+def imagined_video(next_frame: Callable, frames: torch.Tensor, actions: torch.Tensor, values: torch.Tensor):
+    """The model as a game (a generator): the last of frames (1, 3, k, H, W) in [-1, 1], then per
+    action sent next_frame(the last k frames, their actions and values[action]: (1, k + 1[, A]))."""
+    frame = frames[0, :, -1]
+    while True:
+        action = yield to_uint8(frame).transpose(1, 2, 0)
+        actions = torch.cat([actions, values[action].to(actions)[None, None]], dim=1)
+        frame = next_frame(frames, actions).clamp(-1, 1)[0]
+        frames, actions = torch.cat([frames[:, :, 1:], frame[None, :, None]], dim=2), actions[:, 1:]
 
 
-class RealSprites:
-    """The sprites world itself from the same start, re-rendered under the start's actions and the keys'."""
-    name = "real sprites"
-
-    def __init__(self, state: dict, start_actions: np.ndarray, img_size: int, action_value: Callable):
-        self.state, self.start_actions, self.img_size, self.action_value = state, start_actions, img_size, action_value
-
-    def reset(self) -> np.ndarray:
-        self.history = list(self.start_actions)
-        return render_sprite_clip(self.state, np.array(self.history), self.img_size)[-1].transpose(1, 2, 0)
-
-    def step(self, action: int) -> tuple[np.ndarray, float, bool]:
-        self.history.append(self.action_value(action).numpy())
-        return render_sprite_clip(self.state, np.array(self.history), self.img_size)[-1].transpose(1, 2, 0), 0.0, False
+def real_sprites(state: dict, actions: np.ndarray, img_size: int, values: torch.Tensor):
+    """The sprites world as a game (a generator): a start re-rendered under all actions so far."""
+    actions = list(actions)
+    while True:
+        action = yield render_sprite_clip(state, np.array(actions), img_size)[-1].transpose(1, 2, 0)
+        actions.append(values[action].numpy())
 
 
-def play_keys(game, steps: list[Optional[int]], meanings: list[str], size: int) -> dict:
-    """A headless session: the game played with the given actions (None: restart). Returns the raw
-    frames uint8 (T + 1, H, W, 3), the captioned frames for the MP4 and the frames per second."""
-    frames, actions, start = [game.reset()], [None], time.perf_counter()
-    for action in steps:
-        frames.append(game.reset() if action is None else game.step(action)[0])
-        actions.append(action)
+def play_keys(game: Callable, steps: list[Optional[int]], meanings: list[str], size: int,
+              name: str = "") -> dict:
+    """A headless session: game() (imagined_video, real_sprites) played with the actions (None:
+    restart). Returns the frames uint8 (T + 1, H, W, 3), the captioned ones (the MP4), frames/s."""
+    frames, start = [], time.perf_counter()
+    for action in [None, *steps]:
+        if action is None:  # a (re)start
+            session = game()
+        frames.append(next(session) if action is None else session.send(action))
     seconds = time.perf_counter() - start
-    shown = [with_caption(frame, size, [f"{game.name}  step {i}  action "
-                                        f"{'-' if action is None else meanings[action].lower()}"])
-             for i, (frame, action) in enumerate(zip(frames, actions))]
+    shown = [with_caption(frame, size, [f"{name}  step {i}  action {'-' if a is None else meanings[a].lower()}"])
+             for i, (frame, a) in enumerate(zip(frames, [None, *steps]))]
     return {"frames": np.stack(frames), "shown": np.stack(shown), "fps": len(steps) / max(seconds, 1e-9)}
 
 
@@ -1673,8 +1603,7 @@ def import_pygame():
 
 def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float):
     """The live session: the model (Tab: the real sprites world) steps at most max_fps times a
-    second with the held keys' action; Enter restarts, R starts and stops recording (an MP4), Esc or
-    closing the window quits."""
+    second with the held keys' action; Enter restarts, R starts/stops an MP4, Esc quits."""
     pygame = import_pygame()
     pygame.display.init()  # the display alone: no audio device needed
     driver = pygame.display.get_driver()
@@ -1682,157 +1611,141 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
         raise UserError(f"no display to open a window on (SDL fell back to its {driver} driver): play headless with "
                         f"--play-keys KEYS, or set SDL_VIDEODRIVER={driver} to run the window unseen")
     screen, clock = pygame.display.set_mode((size, size + 8 + 18 * 2)), pygame.time.Clock()
-    modes, recording, shown = list(games), False, []
-    game = games[modes[0]]()
-    frame, step, action = game.reset(), 0, None
+    modes, recording, keys = list(games), None, {pygame.K_RETURN}  # recording: frames since R
     while True:
-        events = pygame.event.get()
-        keys = {event.key for event in events if event.type == pygame.KEYDOWN}
-        running = pygame.K_ESCAPE not in keys and all(event.type != pygame.QUIT for event in events)
-        switch, toggle = pygame.K_TAB in keys and len(modes) > 1, pygame.K_r in keys
-        if recording and (toggle or switch or not running):
+        if recording is not None and keys & {pygame.K_r, pygame.K_TAB, pygame.K_ESCAPE}:
             path = out_dir / f"play_{modes[0]}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
-            write_mp4(path, np.stack(shown), fps=int(round(max_fps)))
+            write_mp4(path, np.stack(recording), fps=int(round(max_fps)))
             print(f"wrote {path}", flush=True)
-            recording, shown, toggle = False, [], False
-        if not running:
+            recording, keys = None, keys - {pygame.K_r}
+        if pygame.K_ESCAPE in keys:
             break
-        recording = recording or toggle
-        if switch:
+        recording = [] if pygame.K_r in keys else recording
+        if pygame.K_TAB in keys:
             modes.append(modes.pop(0))
-            game = games[modes[0]]()
-            print(f"now playing the {game.name}", flush=True)
-        if switch or pygame.K_RETURN in keys:
-            frame, step, action = game.reset(), 0, None
+        if keys & {pygame.K_RETURN, pygame.K_TAB}:
+            game, step, action = games[modes[0]](), 0, None
+            frame = next(game)
         else:
             pressed = pygame.key.get_pressed()
-            action = action_from_keys(*(pressed[key] for key in (pygame.K_UP, pygame.K_DOWN, pygame.K_LEFT,
-                                                                 pygame.K_RIGHT, pygame.K_SPACE)), meanings)
-            frame, step = game.step(action)[0], step + 1
+            held = (pygame.K_UP, pygame.K_DOWN, pygame.K_LEFT, pygame.K_RIGHT, pygame.K_SPACE)
+            action = action_from_keys(*(pressed[key] for key in held), meanings)
+            frame, step = game.send(action), step + 1
         image = with_caption(frame, size, [
-            f"{game.name}  step {step}  action {'-' if action is None else meanings[action].lower()}",
-            f"{clock.get_fps():.1f} fps" + ("  REC" if recording else "")])
-        shown += [image] if recording else []
+            f"{modes[0]}  step {step}  action {'-' if action is None else meanings[action].lower()}",
+            f"{clock.get_fps():.1f} fps" + ("" if recording is None else "  REC")])
+        if recording is not None:
+            recording.append(image)
         screen.blit(pygame.image.frombuffer(image.tobytes(), image.shape[1::-1], "RGB"), (0, 0))
         pygame.display.flip()
         clock.tick(max_fps)
+        keys = {pygame.K_ESCAPE if event.type == pygame.QUIT else event.key  # closing it: Esc
+                for event in pygame.event.get() if event.type in (pygame.QUIT, pygame.KEYDOWN)}
+        keys -= {pygame.K_TAB} if len(modes) == 1 else set()  # nothing to switch to
     pygame.quit()
 
 
 def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=contextlib.nullcontext(),
                clip: Optional[int] = None) -> dict:
     """The checkpoint's EMA model as a game from held-out clip `clip` (default: --seed's): each step
-    generates a clip whose first k = --context-frames frames are the last k shown, the new action
-    held after them, and shows frame k. Returns {"games": {"imagined": factory, "real": factory},
-    "meanings": action names, "caption"}."""
+    generates a clip from the last k = --context-frames frames and the new action; shows frame k."""
     num_actions, vocabulary = checkpoint["num_actions"], checkpoint["vocabulary"]
     if args.dataset == "folder" or num_actions == 0 and args.action_dim == 0 or args.context_frames < 1:
-        raise UserError(f"--play steers an action-conditioned model (sprites or Atari clips) frame by frame from its "
-                        f"last frames: this run has --dataset {args.dataset}, --context-frames {args.context_frames}; "
-                        f"train one with --dataset sprites or atari and --context-frames >= 1")
-    caption = args.play_caption or ""  # checked before any data is made
-    check_given_caption(caption, vocabulary, args.max_text_len)
-    caption = caption_as_read(caption, vocabulary, args.max_text_len)  # what is printed is what the model reads
+        raise UserError(f"--play steers an action-conditioned model (sprites or Atari clips) frame by "
+                        f"frame from its last frames: this run has --dataset {args.dataset}, "
+                        f"--context-frames {args.context_frames}; train one with --dataset sprites or "
+                        f"atari and --context-frames >= 1")
+    if args.dataset != "sprites" and args.play_world != "imagined":
+        raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for "
+                        f"real here; give --play-world imagined")
+    caption, max_len = args.play_caption or "", args.max_text_len  # checked before any data is made
+    if unknown := unknown_words([caption], vocabulary, max_len):  # each the untrained <unk>
+        known = vocabulary[len(SPECIAL_TOKENS):]
+        guesses = {w: difflib.get_close_matches(w, known, n=1) for w in unknown}
+        named = ", ".join(w + (f" (did you mean {guesses[w][0]}?)" if guesses[w] else "") for w in unknown)
+        raise UserError(f"--play-caption {caption!r}: the model does not know {named}: it learned the "
+                        f"words of its training captions only (an unknown word would be the untrained "
+                        f"<unk>); its {len(known)} words: {', '.join(known)}")
+    if len(words := caption_words(caption)) > max_len:
+        print(f"notice: --play-caption has {len(words)} words, more than the model's --max-text-len {max_len}: "
+              f"it reads {' '.join(words[:max_len])!r} and drops {' '.join(words[max_len:])!r}", flush=True)
+    caption = caption_as_read(caption, vocabulary, max_len)  # printed as the model reads it
     if args.dataset == "sprites":
         meanings = [name.upper() for name in SPRITE_ACTIONS]
-        data = make_sprites_dataset(64, args.num_frames, args.img_size, args.num_distractors, args.action_dim,
-                                    seed=args.seed + 2_000)  # starts the model never trained on
+        data = make_sprites_dataset(64, args.num_frames, args.img_size, args.num_distractors,
+                                    args.action_dim, seed=args.seed + 2_000)  # unseen starts
     else:  # Atari: starts from the run's recorded episodes, the game's own action names
         import gymnasium as gym
 
         data = load_atari_dataset(args)
         meanings = list(gym.make(atari_ids(args.env_id)[0]).unwrapped.get_action_meanings())
-
-    def action_value(action: int) -> torch.Tensor:  # a key's action as the model takes it
-        if args.action_dim:  # continuous: the move's velocity (noop: none)
-            return torch.from_numpy(DIRECTION_VECTORS[action - 1] if action else np.zeros(2, np.float32))
-        return torch.tensor(action, dtype=torch.long)
-
+    # each action as the model takes it; continuous: the velocity (DIRECTION_VECTORS[-1]: none)
+    values = (torch.from_numpy(DIRECTION_VECTORS[np.arange(5) - 1]) if args.action_dim
+              else torch.arange(len(meanings)))
     model = build_model(args, len(vocabulary), num_actions).to(device).eval()
     model.load_state_dict(checkpoint["ema"])
-    alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
-                                                            args.beta_end))
+    alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps,
+                                                            args.beta_start, args.beta_end))
     k, n = args.context_frames, args.num_frames
     text = tokenize([caption], vocabulary, args.max_text_len).to(device) if caption else None
     generator = torch.Generator(device=device).manual_seed(args.seed)
     clip = args.seed % len(data.clip_starts) if clip is None else clip
     start = int(data.clip_starts[clip])
-    start_frames = torch.from_numpy(data.frames[start: start + k]).to(device).permute(1, 0, 2, 3)[None] / 127.5 - 1
+    start_frames = torch.from_numpy(data.frames[start: start + k]).permute(1, 0, 2, 3)[None] / 127.5 - 1
     start_actions = data.actions[start: start + k]
 
     def next_frame(frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         context = F.pad(frames, (0, 0, 0, 0, 0, n - k))  # the last k frames, then n - k to generate
-        index = torch.arange(n, device=device).clamp(max=k)  # the new action leads into every frame after the context
-        return generate(model, alphas_cumprod, tuple(context.shape), generator, text, actions.to(device)[:, index],
-                        None, context, k, **sampling_kwargs(args, autocast))[:, :, k]
+        index = torch.arange(n, device=device).clamp(max=k)  # the new action into every later frame
+        return generate(model, alphas_cumprod, tuple(context.shape), generator, text,
+                        actions.to(device)[:, index], None, context, k, **sampling_kwargs(args, autocast))[:, :, k]
 
-    games = {"imagined": lambda: ImaginedVideo(next_frame, lambda: (
-        start_frames.clone(), torch.from_numpy(start_actions).to(device)[None]), action_value)}
+    games = {"imagined": lambda: imagined_video(next_frame, start_frames.to(device),
+                                                torch.from_numpy(start_actions)[None], values)}
     if args.dataset == "sprites":
-        games["real"] = lambda: RealSprites(data.sprite_states[clip], start_actions, args.img_size, action_value)
-    elif args.play_world != "imagined":
-        raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for real here; "
-                        f"give --play-world imagined")
+        games["real"] = lambda: real_sprites(data.sprite_states[clip], start_actions, args.img_size, values)
     return {"games": games, "meanings": meanings, "caption": caption}
 
 
 def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, autocast):
-    """--play: the checkpoint's model as a game (play_games), in a window or (--play-keys) headless."""
+    """--play: the checkpoint's model as a game (play_games) in a window, or with --play-keys
+    headless: each world of --play-world played with the keys, its MP4 written to {run}/play/."""
     built = play_games(args, checkpoint, device, autocast)
-    steps = None if args.play_keys is None else parse_play_keys(args.play_keys, built["meanings"])
-    print(f"keys: {play_letters(built['meanings'])}" + (
-        f", {RESTART_LETTER} restart (--play-keys letters)" if steps is not None else
-        "; window: arrows and space (fire) pick these, Enter restarts, Tab switches model / real world, "
-        "R records, Esc quits"), flush=True)
-    print(f"caption: {built['caption']!r}; sampler: {args.sampler}, {args.num_sampling_steps} steps per frame, cfg "
-          f"scale {args.cfg_scale:g}", flush=True)
+    games, meanings = built["games"], built["meanings"]
+    steps = None if args.play_keys is None else parse_play_keys(args.play_keys, meanings)
+    letters = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
+    print(f"keys: {letters}" + (f", {RESTART_LETTER} restart (--play-keys letters)" if steps is not None else
+                                "; window: arrows and space (fire) pick these, Enter restarts, Tab switches "
+                                "model / real world, R records, Esc quits"), flush=True)
+    print(f"caption: {built['caption']!r}; sampler: {args.sampler}, {args.num_sampling_steps} steps per "
+          f"frame, cfg scale {args.cfg_scale:g}", flush=True)
     if steps is None:
-        play_window(built["games"], built["meanings"], run_dir / "play", args.play_size, args.play_fps)
-    else:
-        play_headless(built["games"], steps, built["meanings"], run_dir / "play", args)
-
-
-def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], out_dir: Path, args: Args):
-    """--play-keys: each game of --play-world played with the keys; its MP4 written to out_dir."""
+        return play_window(games, meanings, run_dir / "play", args.play_size, args.play_fps)
     stamp = time.strftime("%Y%m%d_%H%M%S")
     for mode in ("imagined", "real") if args.play_world == "both" else (args.play_world,):
-        session, path = play_keys(games[mode](), steps, meanings, args.play_size), out_dir / f"play_{mode}_{stamp}.mp4"
+        session = play_keys(games[mode], steps, meanings, args.play_size, mode)
+        path = run_dir / "play" / f"play_{mode}_{stamp}.mp4"
         write_mp4(path, session["shown"], fps=int(round(args.play_fps)))
         print(f"{mode}: {len(steps)} steps at {session['fps']:.2f} frames/s; wrote {path}", flush=True)
-
-
-def check_given_caption(caption: str, vocabulary: list, max_len: int):
-    """--play-caption: a word the model does not know (the untrained <unk>: it would steer nowhere)
-    is refused in one line; words beyond max_len are said in a notice."""
-    unknown, words = unknown_words([caption], vocabulary, max_len), caption_words(caption)
-    if unknown:
-        known = vocabulary[len(SPECIAL_TOKENS):]
-        guesses = {w: difflib.get_close_matches(w, known, n=1) for w in unknown}
-        named = ", ".join(w + (f" (did you mean {guesses[w][0]}?)" if guesses[w] else "") for w in unknown)
-        raise UserError(f"--play-caption {caption!r}: the model does not know {named}: it learned the words of its "
-                        f"training captions only (an unknown word would be the untrained <unk>); its {len(known)} "
-                        f"words: {', '.join(known)}")
-    if len(words) > max_len:
-        print(f"notice: --play-caption has {len(words)} words, more than the model's --max-text-len {max_len}: it "
-              f"reads {' '.join(words[:max_len])!r} and drops {' '.join(words[max_len:])!r}", flush=True)
 
 
 # ==== END OPTIONAL: play ====
 
 
 # --------------------------------------------------------------------------------------------------
-# The run: sampling only, the run folder, logging, samples during training, checkpoints, main.
+# The run: sampling only, the run folder, logging, checkpoints, main.
 
 
 def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
-    """--sample-only: --num-samples clips (and long videos) into the run's samples/; a signal abandons them."""
+    """--sample-only: --num-samples clips (and long videos) into samples/; a signal stops it."""
     args = sampler.args
     stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_{int(time.time())}"
     try:
         path = write_samples(run_dir / "samples", stem, sampler.clips(args.num_samples))
         print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
         if args.long_video_frames > args.num_frames:
-            path = write_samples(run_dir / "samples", "long_" + stem, sampler.long_videos(min(args.num_samples, 4)))
+            videos = sampler.clips(min(args.num_samples, 4), long=True)
+            path = write_samples(run_dir / "samples", f"long_{stem}", videos)
             print(f"wrote long videos of {args.long_video_frames} frames to {path}")
     except StopRequested:
         print("stopped by signal while sampling; nothing more was written")
@@ -1864,28 +1777,14 @@ def log_training(meter, scheduler, writer, progress, step: int, run_dir: Optiona
     if not meter.finite():
         progress.close()
         raise non_finite_failure(f"before step {step}", run_dir)
-    logged = meter.read()
+    logged = meter.read() | {"lr": scheduler.get_last_lr()[0]}
     if writer is not None:  # rank 0
         for tag, key in (("losses/mse", "loss"), ("charts/grad_norm", "grad_norm"), ("charts/SPS", "SPS"),
-                         ("perf/mfu", "mfu")):
+                         ("perf/mfu", "mfu"), ("charts/learning_rate", "lr")):
             if key in logged:  # MFU on CUDA only
                 writer.add_scalar(tag, logged[key], step)
-        writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
         progress.set_postfix(loss=f"{logged['loss']:.4f}", clips_s=f"{logged['SPS']:.1f}",
                              **({"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}))
-
-
-def evaluate_or_first_samples(sampler: EvalSampler, writer, step: int, run_dir: Path, evaluation: bool,
-                              progress, started: float):
-    """Rank 0's samples during training: an evaluation, or at --first-sample-at the run's first
-    picture. A signal abandons either; the checkpoint after it is saved."""
-    with contextlib.suppress(StopRequested):
-        if evaluation:
-            evaluate(sampler, writer, step, run_dir / "samples")
-        else:
-            sample_clips(sampler, writer, step, run_dir / "samples", 8)
-            progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
-                           f"start: {run_dir / 'samples' / f'step{step:08d}.png'}")
 
 
 
@@ -1912,7 +1811,7 @@ def main(args: Args, given: set[str]):
         checkpoint_path = resolve_checkpoint_path(args.resume)
         checkpoint = load_checkpoint(checkpoint_path)
         args = merge_resumed_args(args, given, checkpoint["args"])
-        trains = not args.sample_only  # --sample-only writes no checkpoint: it reads any checkpoint file
+        trains = not args.sample_only  # --sample-only writes no checkpoint: it reads any file
         trains = trains and not (args.play or args.play_keys is not None)  # optional: play
         run_dir = run_dir_of(checkpoint_path, trains)
     check_args(args, torchrun_world()[0])
@@ -1921,12 +1820,12 @@ def main(args: Args, given: set[str]):
     seed_everything(args.seed)
     if args.play or args.play_keys is not None:  # optional: play
         return play(args, checkpoint, run_dir, device, autocast)  # optional: play
-    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # t, noise, drops, context
+    train_generator = torch.Generator(device=device).manual_seed(args.seed)  # t, noise, drops ...
 
     # ---- data: the training clips on the device, the held-out ones for evaluation, the words
     data = load_dataset(args)
-    # The vocabulary and the action count fix the model's shape: a resumed run takes its checkpoint's.
-    vocabulary = checkpoint["vocabulary"] if checkpoint is not None else build_vocabulary(data.captions)
+    # The vocabulary and the action count fix the model's shape: a resumed run takes its own.
+    vocabulary = build_vocabulary(data.captions) if checkpoint is None else checkpoint["vocabulary"]
     num_actions = checkpoint["num_actions"] if checkpoint is not None else data.num_actions
     if setup.is_main:  # captions cut to --max-text-len, words the resumed model never learned
         for line in data_caption_notices(data.captions, vocabulary, args.max_text_len):
@@ -1938,7 +1837,7 @@ def main(args: Args, given: set[str]):
                                                             args.beta_start, args.beta_end))
     clips, train_abar = DeviceClips(data, vocabulary, args, device), alphas_cumprod.to(device)
 
-    # ---- model, EMA, optimizer with linear warmup (lr_s = lr * min(1, (s + 1) / warmup)), resumed state
+    # ---- model, EMA, optimizer with warmup (lr_s = lr * min(1, (s + 1) / warmup)), resumed state
     model = build_model(args, len(vocabulary), num_actions).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=setup.use_cuda)
@@ -1948,11 +1847,11 @@ def main(args: Args, given: set[str]):
     parts = (model, ema_model, optimizer, scheduler, scaler, train_generator, vocabulary, num_actions)
     step = 0 if checkpoint is None else restore_state(checkpoint, *parts)
 
-    stop = StopFlag()  # from here on SIGTERM/SIGINT finish the step (or abandon sampling), save and exit 0
+    stop = StopFlag()  # now SIGTERM/SIGINT finish the step (or abandon sampling), save and exit 0
     # only the samplers call the EMA model: a signal abandons sampling within one network evaluation
     ema_model.register_forward_pre_hook(lambda module, inputs: stop.check())
     sampler = EvalSampler(ema_model, alphas_cumprod, eval_subset(data, args), vocabulary, args, autocast, device)
-    if args.sample_only or step >= args.total_steps:  # no training: --sample-only, or a finished run
+    if args.sample_only or step >= args.total_steps:  # --sample-only, or a finished run
         leave_process_group(setup.world_size)  # what follows is rank 0's alone
         if setup.is_main and args.sample_only:
             write_sample_only(sampler, run_dir, step)
@@ -1962,7 +1861,7 @@ def main(args: Args, given: set[str]):
         stop.restore()
         return
 
-    # ---- the run folder (after the signal handlers: a run folder always gets a checkpoint), throughput
+    # ---- the run folder (after the signal handlers: it always gets a checkpoint), throughput
     run_dir, writer = open_run(args, setup, run_dir, step, data, vocabulary, num_actions, num_params)
     meter = Meter(device, 3 * flops, peak_flops(setup, args.dtype), setup.world_size)
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
@@ -1995,14 +1894,18 @@ def main(args: Args, given: set[str]):
             progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
         if step % args.log_every == 0 or step == args.total_steps:
             log_training(meter, scheduler, writer, progress, step, run_dir)
-        # Every rank stops at the same step: all-reduced at the log boundary under torchrun, at once alone.
+        # Every rank stops at the same step: all-reduced at a log step under torchrun, else at once.
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         evaluation = step % args.eval_every == 0 or step == args.total_steps
         if setup.is_main and not stopping and (evaluation or step == args.first_sample_at):
-            evaluate_or_first_samples(sampler, writer, step, run_dir, evaluation, progress, started)
+            with contextlib.suppress(StopRequested):  # a signal ends sampling, not the checkpoint
+                evaluate(sampler, writer, step, run_dir / "samples", full=evaluation)
+                if not evaluation:
+                    progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
+                                   f"start: {run_dir / 'samples' / f'step{step:08d}.png'}")
             stopping = stop.sync(setup) if setup.world_size == 1 else stopping
         if step % args.save_every == 0 or step == args.total_steps or stopping:
-            save_run(run_dir, args, step, parts, meter, setup, len(clips))
+            save_run(run_dir, args, step, parts, meter, setup, len(clips.starts))
         if evaluation or step % args.save_every == 0 or step in (first_step + 1, args.first_sample_at):
             meter.restart_clock()  # sampling, saving and the first (compiling) step stay out of SPS
         if stopping:

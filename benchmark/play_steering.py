@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
         built = vd.play_games(play_args, checkpoint, torch.device("cpu"), clip=start)
         keys = KEYS[start % len(KEYS)]
         actions = vd.parse_play_keys(keys, built["meanings"])
-        sessions = {mode: vd.play_keys(built["games"][mode](), actions, built["meanings"], 64)["frames"]
+        sessions = {mode: vd.play_keys(built["games"][mode], actions, built["meanings"], 64)["frames"]
                     for mode in ("real", "imagined")}
         real_moves, generated_moves = steps_moved(vd, sessions["real"]), steps_moved(vd, sessions["imagined"])
         for key, real, generated in zip(keys, real_moves, generated_moves):

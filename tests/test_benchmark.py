@@ -667,7 +667,10 @@ def test_play_steering_reads_the_sprites_moves_step_by_step():
     vd = steering.load_script("video_diffusion.py")
     data = vd.make_sprites_dataset(1, 6, 8, num_distractors=0, seed=3)
     meanings = [name.upper() for name in vd.SPRITE_ACTIONS]
-    game = vd.RealSprites(data.sprite_states[0], data.actions[:3], 8, lambda a: torch.tensor(a))
+
+    def game():
+        return vd.real_sprites(data.sprite_states[0], data.actions[:3], 8, torch.arange(5))
+
     frames = vd.play_keys(game, vd.parse_play_keys("RDLU", meanings), meanings, 32)["frames"]
     positions = vd.sprite_positions(data.sprite_states[0], np.array([*data.actions[:3], 4, 2, 3, 1]), 8)[2:]
     expected = [vd.direction_of_displacement(b - a) for a, b in zip(positions[:-1], positions[1:])]

@@ -52,7 +52,6 @@ ALLOWLIST = {
     "evaluate": "video scores clips, DIAMOND plays test episodes",
     "play": "video plays its sprites world, DIAMOND an Atari game (rewards, episodes)",
     "play_window": "video plays its sprites world, DIAMOND an Atari game (rewards, episodes)",
-    "play_headless": "video plays its sprites world, DIAMOND an Atari game (rewards, episodes)",
     "play_keys": "video plays its sprites world, DIAMOND an Atari game (rewards, episodes)",
     "parse_play_keys": "its messages name the model (video) or the game (DIAMOND)",
 }

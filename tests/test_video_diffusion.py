@@ -309,7 +309,7 @@ def test_loss_is_l_simple_on_the_frames_to_generate(prediction):
     mask = torch.zeros(2, 6)
     mask[0, :2] = 1  # the first clip has 2 context frames
     loss = vd.video_diffusion_loss(model, x0, t, noise, alphas_cumprod, context=x0, context_mask=mask,
-                                   context_level=torch.zeros(2, dtype=torch.long), prediction=prediction)
+                                   context_noise=torch.zeros(2, dtype=torch.long), prediction=prediction)
     abar = alphas_cumprod[t].float()[:, None, None, None, None]
     target = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if prediction == "v" else noise
     torch.testing.assert_close(loss, (target ** 2 * (1 - mask)[:, None, :, None, None]).mean())
@@ -779,10 +779,9 @@ def test_play_wiring_keys_reach_the_model_and_the_real_sprites_follow_them(tmp_p
         return torch.roll(frames[:, :, -1], shifts=int(actions[0, -1]) + 1, dims=-1)
 
     def game():
-        return vd.ImaginedVideo(next_frame, lambda: (start.clone(), torch.from_numpy(data.actions[:k])[None]),
-                                lambda a: torch.tensor(a))
+        return vd.imagined_video(next_frame, start, torch.from_numpy(data.actions[:k])[None], torch.arange(5))
 
-    runs = [vd.play_keys(game(), vd.parse_play_keys(keys, meanings), meanings, 64) for keys in ("RRU", "LLU", "RRU")]
+    runs = [vd.play_keys(game, vd.parse_play_keys(keys, meanings), meanings, 64) for keys in ("RRU", "LLU", "RRU")]
     first = data.frames[k - 1].transpose(1, 2, 0)
     assert np.array_equal(runs[0]["frames"][0], first)
     assert np.array_equal(runs[0]["frames"][1], np.roll(first, 5, axis=1))  # RIGHT is action 4
@@ -792,7 +791,7 @@ def test_play_wiring_keys_reach_the_model_and_the_real_sprites_follow_them(tmp_p
     vd.write_mp4(tmp_path / "play.mp4", runs[0]["shown"])
     assert len(read_mp4(tmp_path / "play.mp4")) == 4
     # the real sprites world from the same start follows the keys: right, right, then down
-    real = vd.play_keys(vd.RealSprites(data.sprite_states[0], data.actions[:k], 16, lambda a: torch.tensor(a)),
+    real = vd.play_keys(lambda: vd.real_sprites(data.sprite_states[0], data.actions[:k], 16, torch.arange(5)),
                         vd.parse_play_keys("RRDD", meanings), meanings, 64)
     assert np.array_equal(real["frames"][0], first)
     moves = vd.movement_directions(real["frames"].transpose(3, 0, 1, 2)[None, :, [0, 2]])
