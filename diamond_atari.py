@@ -1,24 +1,16 @@
 # cleanworlds: DIAMOND (Alonso et al. 2024) on Atari 100k. Docs: README.md, benchmark/RESULTS.md
-"""
-DIAMOND: a diffusion world model (EDM denoiser on the last 4 frames and actions), a reward/end model
-and an actor-critic trained in the world model's imagination, on Atari 100k, in one file.
+"""DIAMOND: a diffusion world model (EDM denoiser on the last 4 frames and actions), a reward/end model and an
+actor-critic trained in the world model's imagination, on Atari 100k, in one file.
 
-The paper's setting on one GPU (Breakout 132.5, mean human-normalised score 1.46 over 26 games):
-    python diamond_atari.py --env-id Breakout-v5
-TorchWM's network sizes (medium: the paper's); a CPU run in seconds, offline; bsuite's Catch:
-    python diamond_atari.py --env-id Pong-v5 --preset small
-    python diamond_atari.py --preset tiny
-    python diamond_atari.py --env-id Catch --preset tiny
-From recorded episodes (one .npz each, nothing collected); the world model alone:
-    python diamond_atari.py --env-id Breakout-v5 --dataset-dir path/to/episodes
+    python diamond_atari.py --env-id Breakout-v5  # the paper's setting, one GPU (Breakout 132.5, mean HNS 1.46)
+    python diamond_atari.py --env-id Pong-v5 --preset small  # TorchWM's sizes (medium: the paper's)
+    python diamond_atari.py --preset tiny  # seconds on a CPU, offline; add --env-id Catch for bsuite's Catch
+    python diamond_atari.py --env-id Breakout-v5 --dataset-dir path/to/episodes  # recorded .npz episodes
     python diamond_atari.py --world-model-only --env-id Breakout-v5
-Continue a run; its 100 test episodes; play its world model (pip install pygame-ce); see an episode:
-    python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000
-    python diamond_atari.py --resume RUN --eval-only
+    python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000  # or RUN --eval-only
     python diamond_atari.py --resume RUN --play  # optional: play
     python diamond_atari.py --resume RUN --play-keys FRRRLL --play-world both  # optional: play
     python diamond_atari.py --episode-to-mp4 RUN/episodes/episode_000000.npz
-    tensorboard --logdir runs
 """
 import contextlib
 import copy
@@ -48,10 +40,9 @@ import tyro
 SCRIPT_NAME = "diamond_atari.py"
 CHECKPOINT_FORMAT_VERSION = 3  # 2: global_step (the one TensorBoard step); 3: the imagined episodes
 OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
-# torch.compile's backend, read at each call (tests swap in their own)
-COMPILE_BACKEND = "inductor"
-# Marks beside an Args field: its unit (--save-every EPOCHS in --help), its domain ('>= 1',
-# '[0, 1)', checked at start-up) and RESUME_MUTABLE where --resume may change it (flag_marks).
+COMPILE_BACKEND = "inductor"  # read at each call (tests swap in their own)
+# Marks beside an Args field: its unit (EPOCHS in --help), its domain ('>= 1', '[0, 1)', checked at start-up) and
+# RESUME_MUTABLE where --resume may change it (flag_marks).
 EPOCHS, UPDATES = tyro.conf.arg(metavar="EPOCHS"), tyro.conf.arg(metavar="UPDATES")
 RESUME_MUTABLE = "resume-mutable"
 
@@ -84,11 +75,9 @@ class Args:
     """with --resume: only run --test-episodes test episodes with the checkpoint's agent"""
 # ==== BEGIN OPTIONAL: play ====
     play: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: play the world model in a window (pip install pygame-ce): arrows and space
-    (fire) act, Enter restarts, Tab switches to the real game, R records, Esc quits"""
+    """with --resume: play the world model in a window (pip install pygame-ce; the keys are printed at start)"""
     play_keys: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """headless play: a letter per step (N noop, F fire, U D L R, Q E Z C the diagonals, lowercase
-    with fire, / restart); MP4s (and real episodes' .npz) go to {run}/play/"""
+    """headless play, a letter per step (N F U D L R, diagonals Q E Z C, lowercase: with fire, / restart)"""
     play_world: Annotated[Literal["imagined", "real", "both"], RESUME_MUTABLE] = "imagined"
     """headless play: the world model (imagined), the real game, or both with the same keys"""
     play_size: Annotated[int, ">= 16", RESUME_MUTABLE] = 512
@@ -334,8 +323,6 @@ def check_args(args: Args, world_size: int):
     if args.obs_size % 2 ** max(len(args.diffusion_channels) - 1, len(args.actor_channels), 3):
         raise UserError(f"--obs-size {args.obs_size} must be divisible by 2^{len(args.actor_channels)} "
                         f"(the max-pools) and 2^{len(args.diffusion_channels) - 1} (the U-Net levels)")
-    if len(args.recency_weights) < 1:
-        raise UserError("--recency-weights needs at least one weight")
     if args.sigma_min >= args.sigma_max or args.train_sigma_min > args.train_sigma_max:
         raise UserError("need --sigma-min < --sigma-max and --train-sigma-min <= --train-sigma-max")
     if not args.initial_collection_steps <= args.max_initial_collection_steps <= args.env_step_budget:
@@ -391,21 +378,19 @@ def canonical_env_id(env_id: str) -> tuple[str, str]:
 
 
 class AtariEnv:
-    """One ALE game with DIAMOND's Atari 100k protocol: 1 to noop_max no-ops after a reset, each
-    action repeated frame_skip frames (the max over the last two), RGB resized to obs_size with
-    INTER_AREA. With end_on_life_loss (training) a lost life ends the episode, not the game."""
+    """One ALE game with DIAMOND's Atari 100k protocol: 1 to noop_max no-ops after a reset, each action repeated
+    frame_skip frames (the max over the last two), RGB resized to obs_size with INTER_AREA. With end_on_life_loss
+    (training) a lost life ends the episode, not the game."""
     ignored_flags = ()  # the Args fields this environment ignores
 
     def __init__(self, game: str, obs_size: int = 64, frame_skip: int = 4, noop_max: int = 30,
                  sticky_actions: bool = False, max_episode_steps: int = 27_000,
-                 end_on_life_loss: bool = True, generator: Optional[torch.Generator] = None,
-                 seed: int = 0):
+                 end_on_life_loss: bool = True, generator: Optional[torch.Generator] = None, seed: int = 0):
         # max_num_frames_per_episode=0: the time limit is counted here, in agent steps (our state)
         self.env = import_gym().make(f"ALE/{game}-v5", frameskip=1, full_action_space=False,
                                      repeat_action_probability=0.25 if sticky_actions else 0.0,
                                      max_num_frames_per_episode=0).unwrapped
-        self.ale, self.game = self.env.ale, game
-        self.num_actions = int(self.env.action_space.n)  # the minimal action set
+        self.ale, self.game, self.num_actions = self.env.ale, game, int(self.env.action_space.n)  # minimal set
         self.action_meanings = list(self.env.get_action_meanings())  # NOOP, FIRE, RIGHT, LEFT ...
         self.obs_size, self.frame_skip, self.noop_max = obs_size, frame_skip, noop_max
         self.max_episode_steps, self.end_on_life_loss = max_episode_steps, end_on_life_loss
@@ -416,8 +401,8 @@ class AtariEnv:
 
     def normalized_score(self, score: float) -> Optional[float]:
         """HNS = (score - random) / (human - random); None for a game without reference scores."""
-        scores = ATARI_SCORES.get(self.game)  # (random, human)
-        return None if scores is None else (score - scores[0]) / (scores[1] - scores[0])
+        low, high = ATARI_SCORES.get(self.game, (None, None))
+        return None if low is None else (score - low) / (high - low)
 
     def preprocess(self, frame: np.ndarray) -> np.ndarray:
         import cv2
@@ -427,14 +412,12 @@ class AtariEnv:
     def reset(self) -> np.ndarray:
         """A new game (with random no-ops) after a game over, else the next life of this game."""
         if self.game_over:
-            self.env.reset()
-            frame = self.ale.getScreenRGB()
+            frame, _ = self.env.reset()
             noops = torch.randint(1, self.noop_max + 1, (1,), generator=self.generator) if self.noop_max else 0
             for _ in range(int(noops)):
                 frame, _, terminated, truncated, _ = self.env.step(0)
                 if terminated or truncated:
-                    self.env.reset()
-                    frame = self.ale.getScreenRGB()
+                    frame, _ = self.env.reset()
             self.obs = self.preprocess(frame)
             self.game_over, self.lives, self.game_steps, self.game_return = False, self.ale.lives(), 0, 0.0
         return self.obs
@@ -473,10 +456,9 @@ class AtariEnv:
 
 
 class CatchEnv:
-    """bsuite's Catch (Osband et al. 2020) in RGB, AtariEnv's interface: a ball falls down a 10 x 5
-    grid; the paddle moves first; at the bottom +1 if the paddle is under the ball, else -1."""
-    rows, columns = 10, 5
-    moves = (-1, 0, 1)  # bsuite's _ACTIONS: left, no-op, right
+    """bsuite's Catch (Osband et al. 2020) in RGB, AtariEnv's interface: a ball falls down a 10 x 5 grid; the
+    paddle moves first; at the bottom +1 if the paddle is under the ball, else -1."""
+    rows, columns, moves = 10, 5, (-1, 0, 1)  # bsuite's _ACTIONS: left, no-op, right
     colours = {"cell": (40, 40, 40), "paddle": (40, 120, 255), "ball": (255, 220, 40)}
     ignored_flags = ("frame_skip", "noop_max", "sticky_actions", "max_episode_steps")
 
@@ -544,8 +526,8 @@ class CatchEnv:
 
 def make_env(args: Args, seed: int, generator: Optional[torch.Generator] = None,
              training: bool = True) -> Union[AtariEnv, CatchEnv]:
-    """The real environment of --env-id (uint8 frames (obs_size, obs_size, 3)); in training a lost
-    life ends the episode."""
+    """The real environment of --env-id (uint8 frames (obs_size, obs_size, 3)); in training a lost life ends the
+    episode."""
     game, _ = canonical_env_id(args.env_id)
     if game == "Catch":
         return CatchEnv(args.obs_size, seed)
@@ -649,10 +631,8 @@ class ReplayBuffer:
         return self.partial if index == -1 else self.episodes[index]
 
     def sampleable(self) -> list[int]:
-        ids = list(range(len(self.episodes)))
-        if self.partial is not None and len(self.partial["actions"]) > 0:
-            ids.append(-1)
-        return ids
+        partial = self.partial is not None and len(self.partial["actions"]) > 0
+        return list(range(len(self.episodes))) + [-1] * partial
 
     def num_transitions(self) -> int:
         return sum(len(self.episode(i)["actions"]) for i in self.sampleable())
@@ -721,22 +701,15 @@ def segment_obs(batch: dict, device: torch.device) -> torch.Tensor:
     return torch.where(batch["obs_mask"].to(device)[:, :, None, None, None], obs, 0.0)
 
 
-def sample_denoiser_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator,
-                          device: torch.device, ids: Optional[list[int]] = None) -> dict:
-    """Segments of c + 1 + num_autoregressive_steps frames: obs (B, L, 3, H, W), actions, mask."""
-    num_obs = args.num_conditioning_steps + 1 + args.num_autoregressive_steps
-    batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids), num_obs)
-    return {"obs": segment_obs(batch, device), "actions": batch["actions"].to(device),
-            "obs_mask": batch["obs_mask"].to(device)}
-
-
-def sample_reward_end_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator,
-                            device: torch.device, ids: Optional[list[int]] = None) -> dict:
-    """Segments of reward_segment_length frames from t - U{0..L-1}: obs, actions, rewards..."""
-    num_obs = args.reward_segment_length
-    batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids, True), num_obs)
-    return {"obs": segment_obs(batch, device),
-            **{key: batch[key].to(device) for key in ("actions", "rewards", "ends", "mask")}}
+def sample_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
+                 ids: Optional[list[int]] = None, reward_end: bool = False) -> dict:
+    """A batch on the device, obs (B, L, 3, H, W) in [-1, 1]: the denoiser's c + 1 + num_autoregressive_steps
+    frames, or the reward/end model's reward_segment_length frames from t - U{0..L-1}."""
+    c, n = args.num_conditioning_steps, args.num_autoregressive_steps
+    num_obs = args.reward_segment_length if reward_end else c + 1 + n
+    batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids, reward_end), num_obs)
+    keys = ("actions", "rewards", "ends", "mask") if reward_end else ("actions", "obs_mask")
+    return {"obs": segment_obs(batch, device), **{key: batch[key].to(device) for key in keys}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1171,9 +1144,8 @@ def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, 
 
 
 class WorldModelEnv:
-    """The imagined environments, which live across actor-critic updates as in DIAMOND's: each
-    starts from a real segment (the reward/end LSTM burnt in on it) and restarts at a sampled end
-    or after imagination_horizon steps. Its state goes into checkpoints."""
+    """The imagined environments, which live across actor-critic updates as in DIAMOND's: each starts from a real
+    segment (the reward/end LSTM burnt in on it) and restarts at a sampled end or after imagination_horizon steps."""
 
     def __init__(self, denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
                  args: Args, device: torch.device, generator: torch.Generator,
@@ -1183,12 +1155,12 @@ class WorldModelEnv:
         self.ids = ids  # episodes imagination starts from (None: all; --dataset-dir holds some out)
         self.device, self.generator, self.cpu_generator = device, generator, cpu_generator
         self.net, self.autocast = net, autocast
-        self.obs = self.act = self.hidden = self.age = self.actor_hidden = None  # until a reset
+        self.load_state_dict({})  # no imagined episode until the first rollout
 
     @torch.no_grad()
     def start(self, num_envs: int, refs: Optional[list[tuple[int, int]]] = None):
-        """Real segments, sampled or given as (episode, first frame): frames (n, c, 3, H, W),
-        actions (n, c) (the last slot for the actor's), the reward/end LSTM state after them."""
+        """Real segments, sampled or given as (episode, first frame): frames (n, c, 3, H, W), actions (n, c) (the
+        last slot for the actor's), the reward/end LSTM state after them."""
         c = self.args.num_conditioning_steps
         refs = self.buffer.sample_segments(num_envs, c, self.cpu_generator, self.ids) if refs is None else refs
         batch = self.buffer.segments(refs, c)
@@ -1197,12 +1169,6 @@ class WorldModelEnv:
             _, _, hidden = self.reward_end_model(obs[:, :-1], actions, obs[:, 1:])
         act = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)
         return obs, act, tuple(h.float() for h in hidden)  # LSTM states stay fp32 between steps
-
-    def reset(self):
-        """Starts every env: returns the current frames (n, 3, H, W) and the c - 1 earlier ones."""
-        self.obs, self.act, self.hidden = self.start(self.args.num_imagined_envs)
-        self.age = torch.zeros(self.args.num_imagined_envs, dtype=torch.long, device=self.device)
-        return self.obs[:, -1], self.obs[:, :-1]
 
     def state_dict(self) -> dict:
         if self.obs is None:
@@ -1228,20 +1194,13 @@ def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=cont
     return tuple(h.float() for h in hidden)
 
 
-def imagine(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, generator: torch.Generator,
-            autocast=contextlib.nullcontext()) -> dict[str, torch.Tensor]:
-    """backup_every more imagined steps, eager (the run's --compile'd denoiser network and autocast)
-    with the reference's restarts."""
-    return ImaginationGraphs(wm_env, actor_critic, args, wm_env.device, backend=None,
-                             autocast=autocast, eager=True)._rollout(generator)
-
-
 def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args,
                       generator: torch.Generator, autocast=contextlib.nullcontext(),
                       graphs: Optional["ImaginationGraphs"] = None):
-    """On backup_every more imagined steps (eager, or graphs' compiled ones): the value's MSE to the
-    lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
-    rollout = graphs.rollout(generator) if graphs else imagine(actor_critic, wm_env, args, generator, autocast)
+    """On backup_every more imagined steps (graphs' compiled ones, or eager with the reference's restarts): the
+    value's MSE to the lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
+    graphs = graphs or ImaginationGraphs(wm_env, actor_critic, args, wm_env.device, autocast=autocast, eager=True)
+    rollout = graphs.rollout(generator)
     logits, values, rewards, actions = rollout["logits"], rollout["values"], rollout["rewards"], rollout["actions"]
     with torch.no_grad():
         returns = lambda_returns(rewards, rollout["ends"], rollout["truncs"], rollout["bootstrap"],
@@ -1257,40 +1216,36 @@ def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Ar
 
 
 class ImaginationGraphs:
-    """The imagination step, written once: the policy step, the world-model step and the rollout,
-    compiled (backend: torch.compile's; "default": COMPILE_BACKEND) or not (None). The restarts are
-    the one difference: `eager` (the reference's) restarts an env from a fresh real segment once it
-    stops (a host sync); compiled, it swaps in its slot of a pool sampled before the rollout."""
+    """The imagination step, written once: the policy step, the world-model step and the rollout, compiled
+    (backend: torch.compile's) or not (None). The restarts are the one difference: `eager` (the reference's)
+    restarts an env from a fresh real segment once it stops (a host sync); compiled, it swaps in its slot of a pool
+    sampled before the rollout."""
 
-    def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args,
-                 device: torch.device, amp_dtype: Optional[torch.dtype] = None,
-                 backend: Union[str, Callable, None] = "default", mode: Optional[str] = None,
-                 stop=None, autocast=None, eager: bool = False):
+    def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args, device: torch.device,
+                 amp_dtype: Optional[torch.dtype] = None, backend: Union[str, Callable, None] = None,
+                 mode: Optional[str] = None, stop=None, autocast=None, eager: bool = False):
         self.wm_env, self.actor_critic, self.args, self.device = wm_env, actor_critic, args, device
         self.amp_dtype = amp_dtype  # bf16/fp16 autocast entered inside the graphs; None: float32
         self.autocast, self.eager, self.net = autocast, eager, wm_env.net if eager else None
         self.sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
-        self.backend = COMPILE_BACKEND if backend == "default" else backend  # read now: tests swap it
-        self.mode, self.stop = mode, stop  # stop: the run's StopFlag (a signal while compiling)
-        compile_fn = (lambda fn: fn) if self.backend is None else (
-            lambda fn: torch.compile(fn, backend=self.backend, mode=mode, dynamic=False))
-        self.policy, self.world_model = map(compile_fn, (self.policy_step, self.world_model_step))
+        self.backend, self.mode, self.stop = backend, mode, stop  # stop: the run's StopFlag (a signal while compiling)
+        self.policy, self.world_model = self.policy_step, self.world_model_step
+        if backend is not None:  # lstm_step reads LSTM weights, which dynamo refuses by default
+            torch._dynamo.config.allow_rnn = True
+            self.policy, self.world_model = (torch.compile(fn, backend=backend, mode=mode, dynamic=False)
+                                             for fn in (self.policy_step, self.world_model_step))
         # the compiled calls, and the first rollout's seconds (compilation included)
         self.calls, self.compile_seconds, self.reported = 0, None, False
-        if self.backend is not None:  # lstm_step reads LSTM weights, which dynamo refuses by default
-            torch._dynamo.config.allow_rnn = True
 
     def amp(self):
         """The autocast given, or one made where it is entered (in a compiled function)."""
-        if self.autocast is not None:
-            return self.autocast
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        if self.autocast is None and self.amp_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return self.autocast or contextlib.nullcontext()
 
     def policy_step(self, obs, hidden, stopped, start_hidden, final_value, uniform):
-        """The actor-critic on frames obs (n, 3, H, W), restarted envs taking start_hidden: logits,
-        value, action, bootstrap V'_(t-1) (V(s_t) or V(final frame)), the state used, the next."""
+        """The actor-critic on frames obs (n, 3, H, W), restarted envs taking start_hidden: logits, value, action,
+        bootstrap V'_(t-1) (V(s_t) or V(final frame)), the state used, the next."""
         hidden = tuple(torch.where(stopped[:, None], s, h) for s, h in zip(start_hidden, hidden))
         with self.amp():
             logits, value, new_hidden = self.actor_critic(obs, hidden)
@@ -1300,10 +1255,10 @@ class ImaginationGraphs:
 
     @torch.no_grad()
     def world_model_step(self, obs, act, hidden, age, action, actor_hidden, noise, uniforms, start):
-        """One step of every imagined env (its frames obs (n, c, 3, H, W), actions, reward/end
-        state, age) given the action, the actor's state, noise, uniforms (2, n) and the restart pool
-        (None: none): the next state, reward sign, end, truncated, stopped, V(final frame), and for
-        the checks the next frame, each D(x; sigma) and the reward/end logits."""
+        """One step of every imagined env (frames obs (n, c, 3, H, W), actions, reward/end state, age) given the
+        action, the actor's state, noise, uniforms (2, n) and the restart pool (None: none): the next state, reward
+        sign, end, truncated, stopped, V(final frame), and for the checks the next frame, each D(x; sigma) and the
+        reward/end logits."""
         act, raw = torch.cat([act[:, :-1], action[:, None]], dim=1), []
         with self.amp():
             next_obs = generate_next_obs(self.wm_env.denoiser, obs, act, self.args, net=self.net,
@@ -1330,8 +1285,10 @@ class ImaginationGraphs:
                 "end_logits": end_logits.float()}
 
     def rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """_rollout compiled: a failed compilation is one line, a signal during it a stop."""
-        first_compile = self.stop is not None and self.backend is not None and self.compile_seconds is None
+        """_rollout; compiled, a failed compilation is one line, a signal during it a stop."""
+        if self.backend is None:
+            return self._rollout(generator)
+        first_compile = self.stop is not None and self.compile_seconds is None
         if first_compile:
             self.stop.busy = "compiling the imagination step (" + (
                 "up to 20 minutes on a CPU)" if self.device.type == "cpu" else "minutes)")
@@ -1343,26 +1300,27 @@ class ImaginationGraphs:
                 self.stop.busy = ""
 
     def _rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """backup_every more steps of the persistent imagined episodes: logits (n, H, A) and values
-        (n, H) with gradients; bootstraps V'_t, actions, reward signs, ends, truncations (n, H)."""
+        """backup_every more steps of the persistent imagined episodes: logits (n, H, A) and values (n, H) with
+        gradients; bootstraps V'_t, actions, reward signs, ends, truncations (n, H)."""
         args, env, actor_critic, n = self.args, self.wm_env, self.actor_critic, self.args.num_imagined_envs
         begin = time.perf_counter()
         if env.obs is None:  # the first update: start the imagined episodes
-            env.actor_hidden = actor_burn_in(actor_critic, env.reset()[1], self.amp())
+            env.obs, env.act, env.hidden = env.start(n)
+            env.age = torch.zeros(n, dtype=torch.long, device=self.device)
+            env.actor_hidden = actor_burn_in(actor_critic, env.obs[:, :-1], self.amp())
         actor_hidden = tuple(h.detach().float() for h in env.actor_hidden)
         start, start_actor_hidden = None, actor_hidden  # eager: set at each restart
         if not self.eager:  # the restart pool, burnt in with the weights of this rollout
             start = env.start(n)
             start_actor_hidden = actor_burn_in(actor_critic, start[0][:, :-1], self.amp())
-        # every random number of the rollout, drawn before it from the run's generator
+        # every random number of the rollout, drawn before it from the run's generator: noise, and the uniforms of
+        # the action, the reward and the end
         noise = torch.randn((args.backup_every, *env.obs[:, -1].shape), generator=generator, device=self.device)
-        # uniforms of the action, the reward and the end
         uniforms = torch.rand((args.backup_every, 3, n), generator=generator, device=self.device)
         if self.device.type == "cuda":  # a new rollout: the graphs may reuse the memory of the last one's outputs
             torch.compiler.cudagraph_mark_step_begin()
         obs, act, hidden, age = env.obs, env.act, env.hidden, env.age
-        stopped = torch.zeros(n, dtype=torch.bool, device=self.device)
-        final_value = torch.zeros(n, device=self.device)
+        stopped, final_value = torch.zeros(n, dtype=torch.bool, device=self.device), torch.zeros(n, device=self.device)
         out = {key: [] for key in ("logits", "values", "bootstrap", "actions", "rewards", "ends", "truncs")}
         for t in range(args.backup_every):
             # step 0 (its LSTM state detached) runs uncompiled, as does the final value below (no gradient): the
@@ -1384,19 +1342,18 @@ class ImaginationGraphs:
                 start_actor_hidden = tuple(h.detach().float().index_copy(0, index, f)
                                            for h, f in zip(actor_hidden, fresh_actor))
             # copies: the next replay of the graphs may write over their outputs
-            for key, value_t in zip(out, (logits, value, bootstrap, action, step["reward"],
-                                          step["end"], step["truncated"])):
+            for key, value_t in zip(out, (logits, value, bootstrap, action, step["reward"], step["end"],
+                                          step["truncated"])):
                 out[key].append(value_t.clone())
         with torch.no_grad():  # V(s_H), without stepping the kept LSTM state
-            _, _, _, bootstrap, actor_hidden, _ = self.policy_step(obs[:, -1], actor_hidden,
-                                                                   stopped, start_actor_hidden,
-                                                                   final_value, uniforms[0, 0])
+            _, _, _, bootstrap, actor_hidden, _ = self.policy_step(obs[:, -1], actor_hidden, stopped,
+                                                                   start_actor_hidden, final_value, uniforms[0, 0])
         out["bootstrap"] = out["bootstrap"][1:] + [bootstrap.clone()]  # V'_t, the value after step t
         # the persistent state leaves the graphs' memory: a later replay may overwrite their outputs
         env.obs, env.act, env.age = obs.clone(), act.clone(), age.clone()
         env.hidden = tuple(h.float().clone() for h in hidden)
         env.actor_hidden = tuple(h.detach().clone() for h in actor_hidden)
-        if self.compile_seconds is None:
+        if self.compile_seconds is None and self.backend is not None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             self.compile_seconds = time.perf_counter() - begin
@@ -1405,8 +1362,8 @@ class ImaginationGraphs:
 
 @contextlib.contextmanager
 def compile_failures(stop, what: str, fix: str):
-    """torch.compile's failures inside (at a first forward or backward) as one line naming `what`
-    and the fix, or after a signal a stop; other errors keep their traceback."""
+    """torch.compile's failures inside (at a first forward or backward) as one line naming `what` and the fix, or
+    after a signal a stop; other errors keep their traceback."""
     try:
         yield
     except (StopRequested, TrainingFailure):
@@ -1425,15 +1382,14 @@ def compile_failures(stop, what: str, fix: str):
 
 def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: ActorCritic,
                        stop=None) -> Optional[ImaginationGraphs]:
-    """--imagination-graphs on (auto: on CUDA): the compiled step, CUDA graphs on CUDA
-    ("reduce-overhead", the run's autocast inside), inductor on the CPU; None: eager."""
+    """--imagination-graphs on (auto: on CUDA): the compiled step, CUDA graphs on CUDA ("reduce-overhead", the
+    run's autocast inside), inductor on the CPU; None: eager."""
     if args.world_model_only or args.imagination_graphs == "off" or (
             args.imagination_graphs == "auto" and not setup.use_cuda):
         return None
     amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    return ImaginationGraphs(wm_env, actor_critic, args, setup.device,
-                             amp_dtype if setup.use_cuda else None, backend=COMPILE_BACKEND,
-                             mode="reduce-overhead" if setup.use_cuda else None, stop=stop)
+    return ImaginationGraphs(wm_env, actor_critic, args, setup.device, amp_dtype if setup.use_cuda else None,
+                             COMPILE_BACKEND, "reduce-overhead" if setup.use_cuda else None, stop)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2071,13 +2027,13 @@ def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tenso
     rollout) and the extra values to log."""
     args, device, autocast = run.args, run.device, run.autocast
     if name == "denoiser":  # 6-frame segments, two predictions (the second on the first's 8-bit output)
-        batch = sample_denoiser_batch(run.buffer, args, run.cpu_generator, device, run.train_ids)
+        batch = sample_batch(run.buffer, args, run.cpu_generator, device, run.train_ids)
         with autocast:
             loss = denoiser_loss(run.learners["denoiser"].model, batch["obs"], batch["actions"],
                                  batch["obs_mask"], args, run.generator, run.denoiser_net)
         return loss, {}
     if name == "reward_end":  # 19-frame segments from t - U[0, 19), the LSTM from a zero state
-        batch = sample_reward_end_batch(run.buffer, args, run.cpu_generator, device, run.train_ids)
+        batch = sample_batch(run.buffer, args, run.cpu_generator, device, run.train_ids, reward_end=True)
         with autocast:
             loss = reward_end_loss(run.learners["reward_end"].model, batch)
         return loss, {}
