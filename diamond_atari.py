@@ -293,9 +293,7 @@ PRESETS = {
 }
 # Flags spelled otherwise on the command line: --game is the seed's name for --env-id.
 FLAG_ALIASES = {"--game": "env_id"}
-# What a checkpoint must hold to be resumed or evaluated (run_checkpoint writes them, restore_run
-# reads them back): the position in the run (epoch, phase, position in the phase, the global step),
-# the three models with their optimizers, every RNG, and the collector's state.
+# What a checkpoint must hold to be resumed or evaluated: run_checkpoint writes them, restore_run reads them back.
 CHECKPOINT_KEYS = {
     "args", "epoch", "phase", "position", "global_step", "env_steps", "num_buffer_files", "models",
     "optimizers", "schedulers", "scalers", "rng", "cpu_generator", "generator", "env", "partial",
@@ -766,12 +764,9 @@ def sample_categorical(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Ten
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on the weights of linear, convolution and LSTM layers only."""
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            is_weight = name == "weight" or name.startswith("weight_")
-            decayed = is_weight and isinstance(module, (nn.Linear, nn.Conv2d, nn.LSTM, nn.LSTMCell))
-            (decay if decayed else no_decay).append(p)
+    decay = [p for module in model.modules() if isinstance(module, (nn.Linear, nn.Conv2d, nn.LSTM, nn.LSTMCell))
+             for name, p in module.named_parameters(recurse=False) if name.startswith("weight")]
+    no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -945,12 +940,6 @@ class Denoiser(nn.Module):
         model_output = (self.net if net is None else net)(c_in * x, c_noise, obs / self.sigma_data, act).float()
         return model_output, c_skip * x + c_out * model_output
 
-    @torch.no_grad()
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, net=None):
-        """D(x; sigma) for sampling, quantised to 8 bits (quantize_8bit) as DIAMOND's reference."""
-        _, denoised = self(x, sigma, obs, act, net)
-        return quantize_8bit(denoised)
-
 
 def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, obs_mask: torch.Tensor, args: Args,
                   generator: torch.Generator, net=None) -> torch.Tensor:
@@ -1006,10 +995,8 @@ class RewardEndModel(nn.Module):
         b, t = act.shape
         cond = self.act_emb(act.reshape(b * t))
         x = self.conv_in(torch.cat([obs, next_obs], dim=2).flatten(0, 1))
-        for i, stage in enumerate(self.stages):
-            x, _ = stage(x, cond)
-            if i < 3:
-                x = self.downsamples[i](x)
+        for stage, downsample in zip(self.stages, [*self.downsamples, nn.Identity()]):
+            x = downsample(stage(x, cond)[0])
         x, _ = self.mid_blocks(x, cond)
         return x.reshape(b, t, -1)
 
@@ -1107,9 +1094,8 @@ def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, truncs: torch.Tens
 def euler_sample(denoise_fn: Callable, x_T: torch.Tensor, sigmas: torch.Tensor, order: int = 1) -> torch.Tensor:
     """Integrates dx/dsigma = (x - D(x; sigma)) / sigma over the sigmas (ending with 0), D =
     denoise_fn(x, sigma (B,)). order 1: Euler; 2: Heun but on the last step."""
-    x = x_T
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    x, sigmas = x_T, [float(sigma) for sigma in sigmas]
+    for sigma, sigma_next in zip(sigmas, sigmas[1:]):
         sigma_batch = torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float32)
         d = (x - denoise_fn(x, sigma_batch)) / sigma  # d = (x - D(x; sigma)) / sigma
         x_next = x + d * (sigma_next - sigma)
@@ -1424,7 +1410,7 @@ def run_schedule(args: Args, first_collection_steps: int = 0) -> list[int]:
 
 def lr_warmup_factor(step: int, warmup_steps: int) -> float:
     """Linear warmup from 0, as DIAMOND's reference: lr_s = lr * min(1, s / warmup_steps)."""
-    return 1.0 if step >= warmup_steps else step / max(1, warmup_steps)
+    return 1.0 if step >= warmup_steps else step / warmup_steps
 
 
 # --------------------------------------------------------------------------------------------------
