@@ -1,13 +1,14 @@
 # cleanworlds: DIAMOND (Alonso et al. 2024) on Atari 100k. Docs: README.md, benchmark/RESULTS.md
-"""DIAMOND: a diffusion world model (EDM denoiser on the last 4 frames and actions), a reward/end model and an
-actor-critic trained in the world model's imagination, on Atari 100k, in one file.
+"""
+DIAMOND: a diffusion world model (EDM denoiser on the last 4 frames and actions), a reward/end model
+and an actor-critic trained in the world model's imagination, on Atari 100k, in one file.
 
-    python diamond_atari.py --env-id Breakout-v5  # the paper's setting, one GPU (Breakout 132.5, mean HNS 1.46)
+    python diamond_atari.py --env-id Breakout-v5  # the paper's setting on one GPU (Breakout 132.5)
     python diamond_atari.py --env-id Pong-v5 --preset small  # TorchWM's sizes (medium: the paper's)
-    python diamond_atari.py --preset tiny  # seconds on a CPU, offline; add --env-id Catch for bsuite's Catch
-    python diamond_atari.py --env-id Breakout-v5 --dataset-dir path/to/episodes  # recorded .npz episodes
+    python diamond_atari.py --preset tiny  # seconds on a CPU, offline (--env-id Catch: bsuite's)
+    python diamond_atari.py --env-id Breakout-v5 --dataset-dir path/to/episodes  # recorded episodes
     python diamond_atari.py --world-model-only --env-id Breakout-v5
-    python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000  # or RUN --eval-only
+    python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000  # [--eval-only]
     python diamond_atari.py --resume RUN --play  # optional: play
     python diamond_atari.py --resume RUN --play-keys FRRRLL --play-world both  # optional: play
     python diamond_atari.py --episode-to-mp4 RUN/episodes/episode_000000.npz
@@ -41,8 +42,8 @@ SCRIPT_NAME = "diamond_atari.py"
 CHECKPOINT_FORMAT_VERSION = 3  # 2: global_step (the one TensorBoard step); 3: the imagined episodes
 OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
 COMPILE_BACKEND = "inductor"  # read at each call (tests swap in their own)
-# Marks beside an Args field: its unit (EPOCHS in --help), its domain ('>= 1', '[0, 1)', checked at start-up) and
-# RESUME_MUTABLE where --resume may change it (flag_marks).
+# Marks beside an Args field: its unit (--save-every EPOCHS in --help), its domain ('>= 1',
+# '[0, 1)', checked at start-up) and RESUME_MUTABLE where --resume may change it (flag_marks).
 EPOCHS, UPDATES = tyro.conf.arg(metavar="EPOCHS"), tyro.conf.arg(metavar="UPDATES")
 RESUME_MUTABLE = "resume-mutable"
 
@@ -75,9 +76,9 @@ class Args:
     """with --resume: only run --test-episodes test episodes with the checkpoint's agent"""
 # ==== BEGIN OPTIONAL: play ====
     play: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: play the world model in a window (pip install pygame-ce; the keys are printed at start)"""
+    """with --resume: play the world model in a window (pip install pygame-ce)"""
     play_keys: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """headless play, a letter per step (N F U D L R, diagonals Q E Z C, lowercase: with fire, / restart)"""
+    """headless play: one letter per step: N F U D L R, Q E Z C, lowercase with fire, / restart"""
     play_world: Annotated[Literal["imagined", "real", "both"], RESUME_MUTABLE] = "imagined"
     """headless play: the world model (imagined), the real game, or both with the same keys"""
     play_size: Annotated[int, ">= 16", RESUME_MUTABLE] = 512
@@ -293,7 +294,7 @@ PRESETS = {
 }
 # Flags spelled otherwise on the command line: --game is the seed's name for --env-id.
 FLAG_ALIASES = {"--game": "env_id"}
-# What a checkpoint must hold to be resumed or evaluated: run_checkpoint writes them, restore_run reads them back.
+# What a checkpoint must hold to be resumed (run_checkpoint writes them, restore_run reads them).
 CHECKPOINT_KEYS = {
     "args", "epoch", "phase", "position", "global_step", "env_steps", "num_buffer_files", "models",
     "optimizers", "schedulers", "scalers", "rng", "cpu_generator", "generator", "env", "partial",
@@ -376,19 +377,21 @@ def canonical_env_id(env_id: str) -> tuple[str, str]:
 
 
 class AtariEnv:
-    """One ALE game with DIAMOND's Atari 100k protocol: 1 to noop_max no-ops after a reset, each action repeated
-    frame_skip frames (the max over the last two), RGB resized to obs_size with INTER_AREA. With end_on_life_loss
-    (training) a lost life ends the episode, not the game."""
+    """One ALE game with DIAMOND's Atari 100k protocol: 1 to noop_max no-ops after a reset, each
+    action repeated frame_skip frames (the max over the last two), RGB resized to obs_size with
+    INTER_AREA. With end_on_life_loss (training) a lost life ends the episode, not the game."""
     ignored_flags = ()  # the Args fields this environment ignores
 
     def __init__(self, game: str, obs_size: int = 64, frame_skip: int = 4, noop_max: int = 30,
                  sticky_actions: bool = False, max_episode_steps: int = 27_000,
-                 end_on_life_loss: bool = True, generator: Optional[torch.Generator] = None, seed: int = 0):
+                 end_on_life_loss: bool = True, generator: Optional[torch.Generator] = None,
+                 seed: int = 0):
         # max_num_frames_per_episode=0: the time limit is counted here, in agent steps (our state)
         self.env = import_gym().make(f"ALE/{game}-v5", frameskip=1, full_action_space=False,
                                      repeat_action_probability=0.25 if sticky_actions else 0.0,
                                      max_num_frames_per_episode=0).unwrapped
-        self.ale, self.game, self.num_actions = self.env.ale, game, int(self.env.action_space.n)  # minimal set
+        self.ale, self.game = self.env.ale, game
+        self.num_actions = int(self.env.action_space.n)  # the minimal action set
         self.action_meanings = list(self.env.get_action_meanings())  # NOOP, FIRE, RIGHT, LEFT ...
         self.obs_size, self.frame_skip, self.noop_max = obs_size, frame_skip, noop_max
         self.max_episode_steps, self.end_on_life_loss = max_episode_steps, end_on_life_loss
@@ -454,8 +457,8 @@ class AtariEnv:
 
 
 class CatchEnv:
-    """bsuite's Catch (Osband et al. 2020) in RGB, AtariEnv's interface: a ball falls down a 10 x 5 grid; the
-    paddle moves first; at the bottom +1 if the paddle is under the ball, else -1."""
+    """bsuite's Catch (Osband et al. 2020) in RGB, AtariEnv's interface: a ball falls down a 10 x 5
+    grid; the paddle moves first; at the bottom +1 if the paddle is under the ball, else -1."""
     rows, columns, moves = 10, 5, (-1, 0, 1)  # bsuite's _ACTIONS: left, no-op, right
     colours = {"cell": (40, 40, 40), "paddle": (40, 120, 255), "ball": (255, 220, 40)}
     ignored_flags = ("frame_skip", "noop_max", "sticky_actions", "max_episode_steps")
@@ -524,8 +527,8 @@ class CatchEnv:
 
 def make_env(args: Args, seed: int, generator: Optional[torch.Generator] = None,
              training: bool = True) -> Union[AtariEnv, CatchEnv]:
-    """The real environment of --env-id (uint8 frames (obs_size, obs_size, 3)); in training a lost life ends the
-    episode."""
+    """The real environment of --env-id (uint8 frames (obs_size, obs_size, 3)); in training a lost
+    life ends the episode."""
     game, _ = canonical_env_id(args.env_id)
     if game == "Catch":
         return CatchEnv(args.obs_size, seed)
@@ -701,11 +704,12 @@ def segment_obs(batch: dict, device: torch.device) -> torch.Tensor:
 
 def sample_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
                  ids: Optional[list[int]] = None, reward_end: bool = False) -> dict:
-    """A batch on the device, obs (B, L, 3, H, W) in [-1, 1]: the denoiser's c + 1 + num_autoregressive_steps
-    frames, or the reward/end model's reward_segment_length frames from t - U{0..L-1}."""
-    c, n = args.num_conditioning_steps, args.num_autoregressive_steps
-    num_obs = args.reward_segment_length if reward_end else c + 1 + n
-    batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids, reward_end), num_obs)
+    """Segments on the device, obs (B, L, 3, H, W) in [-1, 1]: c + 1 + num_autoregressive_steps
+    frames (the denoiser's), or reward_segment_length from t - U{0..L-1} (reward_end)."""
+    num_obs = (args.reward_segment_length if reward_end
+               else args.num_conditioning_steps + 1 + args.num_autoregressive_steps)
+    refs = buffer.sample_segments(args.batch_size, num_obs, generator, ids, beyond_end=reward_end)
+    batch = buffer.segments(refs, num_obs)
     keys = ("actions", "rewards", "ends", "mask") if reward_end else ("actions", "obs_mask")
     return {"obs": segment_obs(batch, device), **{key: batch[key].to(device) for key in keys}}
 
@@ -764,7 +768,8 @@ def sample_categorical(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Ten
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on the weights of linear, convolution and LSTM layers only."""
-    decay = [p for module in model.modules() if isinstance(module, (nn.Linear, nn.Conv2d, nn.LSTM, nn.LSTMCell))
+    layers = (nn.Linear, nn.Conv2d, nn.LSTM, nn.LSTMCell)
+    decay = [p for module in model.modules() if isinstance(module, layers)
              for name, p in module.named_parameters(recurse=False) if name.startswith("weight")]
     no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -1130,8 +1135,9 @@ def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, 
 
 
 class WorldModelEnv:
-    """The imagined environments, which live across actor-critic updates as in DIAMOND's: each starts from a real
-    segment (the reward/end LSTM burnt in on it) and restarts at a sampled end or after imagination_horizon steps."""
+    """The imagined environments, which live across actor-critic updates as in DIAMOND's: each
+    starts from a real segment (the reward/end LSTM burnt in on it) and restarts at a sampled end
+    or after imagination_horizon steps. Its state goes into checkpoints."""
 
     def __init__(self, denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
                  args: Args, device: torch.device, generator: torch.Generator,
@@ -1145,8 +1151,8 @@ class WorldModelEnv:
 
     @torch.no_grad()
     def start(self, num_envs: int, refs: Optional[list[tuple[int, int]]] = None):
-        """Real segments, sampled or given as (episode, first frame): frames (n, c, 3, H, W), actions (n, c) (the
-        last slot for the actor's), the reward/end LSTM state after them."""
+        """Real segments, sampled or given as (episode, first frame): frames (n, c, 3, H, W),
+        actions (n, c) (the last slot for the actor's), the reward/end LSTM state after them."""
         c = self.args.num_conditioning_steps
         refs = self.buffer.sample_segments(num_envs, c, self.cpu_generator, self.ids) if refs is None else refs
         batch = self.buffer.segments(refs, c)
@@ -1183,9 +1189,11 @@ def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=cont
 def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args,
                       generator: torch.Generator, autocast=contextlib.nullcontext(),
                       graphs: Optional["ImaginationGraphs"] = None):
-    """On backup_every more imagined steps (graphs' compiled ones, or eager with the reference's restarts): the
-    value's MSE to the lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
-    graphs = graphs or ImaginationGraphs(wm_env, actor_critic, args, wm_env.device, autocast=autocast, eager=True)
+    """On backup_every more imagined steps (graphs' compiled ones, or eager): the value's MSE to the
+    lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
+    # eager: the run's --compile'd denoiser network and autocast
+    graphs = graphs or ImaginationGraphs(wm_env, actor_critic, args, wm_env.device,
+                                         autocast=autocast, eager=True)
     rollout = graphs.rollout(generator)
     logits, values, rewards, actions = rollout["logits"], rollout["values"], rollout["rewards"], rollout["actions"]
     with torch.no_grad():
@@ -1202,24 +1210,27 @@ def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Ar
 
 
 class ImaginationGraphs:
-    """The imagination step, written once: the policy step, the world-model step and the rollout, compiled
-    (backend: torch.compile's) or not (None). The restarts are the one difference: `eager` (the reference's)
-    restarts an env from a fresh real segment once it stops (a host sync); compiled, it swaps in its slot of a pool
-    sampled before the rollout."""
+    """The imagination step, written once: the policy step, the world-model step and the rollout,
+    compiled (backend: torch.compile's) or not (None). The restarts are the one difference: `eager`
+    (the reference's) restarts an env from a fresh real segment once it stops (a host sync);
+    compiled, it swaps in its slot of a pool sampled before the rollout."""
 
-    def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args, device: torch.device,
-                 amp_dtype: Optional[torch.dtype] = None, backend: Union[str, Callable, None] = None,
-                 mode: Optional[str] = None, stop=None, autocast=None, eager: bool = False):
+    def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args,
+                 device: torch.device, amp_dtype: Optional[torch.dtype] = None,
+                 backend: Union[str, Callable, None] = None, mode: Optional[str] = None,
+                 stop=None, autocast=None, eager: bool = False):
         self.wm_env, self.actor_critic, self.args, self.device = wm_env, actor_critic, args, device
         self.amp_dtype = amp_dtype  # bf16/fp16 autocast entered inside the graphs; None: float32
         self.autocast, self.eager, self.net = autocast, eager, wm_env.net if eager else None
         self.sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
-        self.backend, self.mode, self.stop = backend, mode, stop  # stop: the run's StopFlag (a signal while compiling)
+        self.backend, self.mode = backend, mode
+        self.stop = stop  # the run's StopFlag (a signal while compiling)
         self.policy, self.world_model = self.policy_step, self.world_model_step
         if backend is not None:  # lstm_step reads LSTM weights, which dynamo refuses by default
             torch._dynamo.config.allow_rnn = True
-            self.policy, self.world_model = (torch.compile(fn, backend=backend, mode=mode, dynamic=False)
-                                             for fn in (self.policy_step, self.world_model_step))
+            self.policy, self.world_model = (
+                torch.compile(fn, backend=backend, mode=mode, dynamic=False)
+                for fn in (self.policy_step, self.world_model_step))
         # the compiled calls, and the first rollout's seconds (compilation included)
         self.calls, self.compile_seconds, self.reported = 0, None, False
 
@@ -1230,8 +1241,8 @@ class ImaginationGraphs:
         return self.autocast or contextlib.nullcontext()
 
     def policy_step(self, obs, hidden, stopped, start_hidden, final_value, uniform):
-        """The actor-critic on frames obs (n, 3, H, W), restarted envs taking start_hidden: logits, value, action,
-        bootstrap V'_(t-1) (V(s_t) or V(final frame)), the state used, the next."""
+        """The actor-critic on frames obs (n, 3, H, W), restarted envs taking start_hidden: logits,
+        value, action, bootstrap V'_(t-1) (V(s_t) or V(final frame)), the state used, the next."""
         hidden = tuple(torch.where(stopped[:, None], s, h) for s, h in zip(start_hidden, hidden))
         with self.amp():
             logits, value, new_hidden = self.actor_critic(obs, hidden)
@@ -1241,10 +1252,10 @@ class ImaginationGraphs:
 
     @torch.no_grad()
     def world_model_step(self, obs, act, hidden, age, action, actor_hidden, noise, uniforms, start):
-        """One step of every imagined env (frames obs (n, c, 3, H, W), actions, reward/end state, age) given the
-        action, the actor's state, noise, uniforms (2, n) and the restart pool (None: none): the next state, reward
-        sign, end, truncated, stopped, V(final frame), and for the checks the next frame, each D(x; sigma) and the
-        reward/end logits."""
+        """One step of every imagined env (its frames obs (n, c, 3, H, W), actions, reward/end
+        state, age) given the action, the actor's state, noise, uniforms (2, n) and the restart pool
+        (None: none): the next state, reward sign, end, truncated, stopped, V(final frame), and for
+        the checks the next frame, each D(x; sigma) and the reward/end logits."""
         act, raw = torch.cat([act[:, :-1], action[:, None]], dim=1), []
         with self.amp():
             next_obs = generate_next_obs(self.wm_env.denoiser, obs, act, self.args, net=self.net,
@@ -1286,8 +1297,8 @@ class ImaginationGraphs:
                 self.stop.busy = ""
 
     def _rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """backup_every more steps of the persistent imagined episodes: logits (n, H, A) and values (n, H) with
-        gradients; bootstraps V'_t, actions, reward signs, ends, truncations (n, H)."""
+        """backup_every more steps of the persistent imagined episodes: logits (n, H, A) and values
+        (n, H) with gradients; bootstraps V'_t, actions, reward signs, ends, truncations (n, H)."""
         args, env, actor_critic, n = self.args, self.wm_env, self.actor_critic, self.args.num_imagined_envs
         begin = time.perf_counter()
         if env.obs is None:  # the first update: start the imagined episodes
@@ -1299,14 +1310,15 @@ class ImaginationGraphs:
         if not self.eager:  # the restart pool, burnt in with the weights of this rollout
             start = env.start(n)
             start_actor_hidden = actor_burn_in(actor_critic, start[0][:, :-1], self.amp())
-        # every random number of the rollout, drawn before it from the run's generator: noise, and the uniforms of
-        # the action, the reward and the end
+        # every random number of the rollout, drawn before it from the run's generator
         noise = torch.randn((args.backup_every, *env.obs[:, -1].shape), generator=generator, device=self.device)
+        # uniforms of the action, the reward and the end
         uniforms = torch.rand((args.backup_every, 3, n), generator=generator, device=self.device)
         if self.device.type == "cuda":  # a new rollout: the graphs may reuse the memory of the last one's outputs
             torch.compiler.cudagraph_mark_step_begin()
         obs, act, hidden, age = env.obs, env.act, env.hidden, env.age
-        stopped, final_value = torch.zeros(n, dtype=torch.bool, device=self.device), torch.zeros(n, device=self.device)
+        stopped = torch.zeros(n, dtype=torch.bool, device=self.device)
+        final_value = torch.zeros(n, device=self.device)
         out = {key: [] for key in ("logits", "values", "bootstrap", "actions", "rewards", "ends", "truncs")}
         for t in range(args.backup_every):
             # step 0 (its LSTM state detached) runs uncompiled, as does the final value below (no gradient): the
@@ -1328,12 +1340,13 @@ class ImaginationGraphs:
                 start_actor_hidden = tuple(h.detach().float().index_copy(0, index, f)
                                            for h, f in zip(actor_hidden, fresh_actor))
             # copies: the next replay of the graphs may write over their outputs
-            for key, value_t in zip(out, (logits, value, bootstrap, action, step["reward"], step["end"],
-                                          step["truncated"])):
+            for key, value_t in zip(out, (logits, value, bootstrap, action, step["reward"],
+                                          step["end"], step["truncated"])):
                 out[key].append(value_t.clone())
         with torch.no_grad():  # V(s_H), without stepping the kept LSTM state
-            _, _, _, bootstrap, actor_hidden, _ = self.policy_step(obs[:, -1], actor_hidden, stopped,
-                                                                   start_actor_hidden, final_value, uniforms[0, 0])
+            _, _, _, bootstrap, actor_hidden, _ = self.policy_step(obs[:, -1], actor_hidden,
+                                                                   stopped, start_actor_hidden,
+                                                                   final_value, uniforms[0, 0])
         out["bootstrap"] = out["bootstrap"][1:] + [bootstrap.clone()]  # V'_t, the value after step t
         # the persistent state leaves the graphs' memory: a later replay may overwrite their outputs
         env.obs, env.act, env.age = obs.clone(), act.clone(), age.clone()
@@ -1348,8 +1361,8 @@ class ImaginationGraphs:
 
 @contextlib.contextmanager
 def compile_failures(stop, what: str, fix: str):
-    """torch.compile's failures inside (at a first forward or backward) as one line naming `what` and the fix, or
-    after a signal a stop; other errors keep their traceback."""
+    """torch.compile's failures inside (at a first forward or backward) as one line naming `what`
+    and the fix, or after a signal a stop; other errors keep their traceback."""
     try:
         yield
     except (StopRequested, TrainingFailure):
@@ -1368,14 +1381,15 @@ def compile_failures(stop, what: str, fix: str):
 
 def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: ActorCritic,
                        stop=None) -> Optional[ImaginationGraphs]:
-    """--imagination-graphs on (auto: on CUDA): the compiled step, CUDA graphs on CUDA ("reduce-overhead", the
-    run's autocast inside), inductor on the CPU; None: eager."""
+    """--imagination-graphs on (auto: on CUDA): the compiled step, CUDA graphs on CUDA
+    ("reduce-overhead", the run's autocast inside), inductor on the CPU; None: eager."""
     if args.world_model_only or args.imagination_graphs == "off" or (
             args.imagination_graphs == "auto" and not setup.use_cuda):
         return None
     amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    return ImaginationGraphs(wm_env, actor_critic, args, setup.device, amp_dtype if setup.use_cuda else None,
-                             COMPILE_BACKEND, "reduce-overhead" if setup.use_cuda else None, stop)
+    return ImaginationGraphs(wm_env, actor_critic, args, setup.device,
+                             amp_dtype if setup.use_cuda else None, backend=COMPILE_BACKEND,
+                             mode="reduce-overhead" if setup.use_cuda else None, stop=stop)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2019,7 +2033,7 @@ def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tenso
                                  batch["obs_mask"], args, run.generator, run.denoiser_net)
         return loss, {}
     if name == "reward_end":  # 19-frame segments from t - U[0, 19), the LSTM from a zero state
-        batch = sample_batch(run.buffer, args, run.cpu_generator, device, run.train_ids, reward_end=True)
+        batch = sample_batch(run.buffer, args, run.cpu_generator, device, run.train_ids, True)
         with autocast:
             loss = reward_end_loss(run.learners["reward_end"].model, batch)
         return loss, {}
