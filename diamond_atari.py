@@ -215,9 +215,7 @@ class Args:
     recency_weights: Annotated[tuple[float, ...], "> 0"] = (0.1, 0.1, 0.1, 0.7)
     """replay sampling weight of each chronological slice of the episodes, oldest first"""
     learning_rate: Annotated[float, "> 0"] = 1e-4
-    """AdamW learning rate (all three components, unless --actor-critic-learning-rate is given)"""
-    actor_critic_learning_rate: Annotated[Optional[float], "> 0"] = None
-    """AdamW learning rate of the actor-critic alone (default: --learning-rate, as DIAMOND)"""
+    """AdamW learning rate (all three components, as DIAMOND)"""
     adam_eps: Annotated[float, "> 0"] = 1e-8
     """AdamW epsilon"""
     warmup_steps: Annotated[int, UPDATES, ">= 0"] = 100
@@ -1931,7 +1929,7 @@ def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> 
     for name, model in models.items():
         # AdamW, weight decay on the world model's weights only (DIAMOND: none for the actor-critic)
         weight_decay = 0.0 if name == "actor_critic" else args.weight_decay
-        lr = (name == "actor_critic" and args.actor_critic_learning_rate) or args.learning_rate
+        lr = args.learning_rate
         optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr,
                                       eps=args.adam_eps, fused=use_cuda)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_warmup_factor(s, args.warmup_steps))
