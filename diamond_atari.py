@@ -41,7 +41,8 @@ import tyro
 SCRIPT_NAME = "diamond_atari.py"
 CHECKPOINT_FORMAT_VERSION = 3  # 2: global_step (the one TensorBoard step); 3: the imagined episodes
 OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
-COMPILE_BACKEND = "inductor"  # read at each call (tests swap in their own)
+# torch.compile's backend, read at each call (tests swap in their own)
+COMPILE_BACKEND = "inductor"
 # Marks beside an Args field: its unit (--save-every EPOCHS in --help), its domain ('>= 1',
 # '[0, 1)', checked at start-up) and RESUME_MUTABLE where --resume may change it (flag_marks).
 EPOCHS, UPDATES = tyro.conf.arg(metavar="EPOCHS"), tyro.conf.arg(metavar="UPDATES")
@@ -998,9 +999,9 @@ class RewardEndModel(nn.Module):
         b, t = act.shape
         cond = self.act_emb(act.reshape(b * t))
         x = self.conv_in(torch.cat([obs, next_obs], dim=2).flatten(0, 1))
-        for stage, downsample in zip(self.stages, [*self.downsamples, nn.Identity()]):
+        for stage, downsample in zip(self.stages, self.downsamples):  # the last stage has none
             x = downsample(stage(x, cond)[0])
-        x, _ = self.mid_blocks(x, cond)
+        x, _ = self.mid_blocks(self.stages[-1](x, cond)[0], cond)
         return x.reshape(b, t, -1)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden=None):
@@ -1145,7 +1146,7 @@ class WorldModelEnv:
         self.ids = ids  # episodes imagination starts from (None: all; --dataset-dir holds some out)
         self.device, self.generator, self.cpu_generator = device, generator, cpu_generator
         self.net, self.autocast = net, autocast
-        self.load_state_dict({})  # no imagined episode until the first rollout
+        self.obs = self.act = self.hidden = self.age = self.actor_hidden = None  # until the first rollout
 
     @torch.no_grad()
     def start(self, num_envs: int, refs: Optional[list[tuple[int, int]]] = None):
