@@ -5,10 +5,12 @@ and an actor-critic trained in the world model's imagination, on Atari 100k, in 
 
     python diamond_atari.py --env-id Breakout-v5  # the paper's setting on one GPU (Breakout 132.5)
     python diamond_atari.py --env-id Pong-v5 --preset small  # TorchWM's sizes (medium: the paper's)
-    python diamond_atari.py --preset tiny  # seconds on a CPU, offline (--env-id Catch: bsuite's)
+    python diamond_atari.py --preset tiny  # seconds on a CPU, offline
+    python diamond_atari.py --env-id Catch --preset tiny  # bsuite's Catch
     python diamond_atari.py --env-id Breakout-v5 --dataset-dir path/to/episodes  # recorded episodes
     python diamond_atari.py --world-model-only --env-id Breakout-v5
-    python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000  # [--eval-only]
+    python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000
+    python diamond_atari.py --resume RUN --eval-only  # its 100 test episodes
     python diamond_atari.py --resume RUN --play  # optional: play
     python diamond_atari.py --resume RUN --play-keys FRRRLL --play-world both  # optional: play
     python diamond_atari.py --episode-to-mp4 RUN/episodes/episode_000000.npz
@@ -1161,6 +1163,12 @@ class WorldModelEnv:
         act = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)
         return obs, act, tuple(h.float() for h in hidden)  # LSTM states stay fp32 between steps
 
+    def reset(self):
+        """Starts every env: returns the current frames (n, 3, H, W) and the c - 1 earlier ones."""
+        self.obs, self.act, self.hidden = self.start(self.args.num_imagined_envs)
+        self.age = torch.zeros(self.args.num_imagined_envs, dtype=torch.long, device=self.device)
+        return self.obs[:, -1], self.obs[:, :-1]
+
     def state_dict(self) -> dict:
         if self.obs is None:
             return {}
@@ -1301,9 +1309,7 @@ class ImaginationGraphs:
         args, env, actor_critic, n = self.args, self.wm_env, self.actor_critic, self.args.num_imagined_envs
         begin = time.perf_counter()
         if env.obs is None:  # the first update: start the imagined episodes
-            env.obs, env.act, env.hidden = env.start(n)
-            env.age = torch.zeros(n, dtype=torch.long, device=self.device)
-            env.actor_hidden = actor_burn_in(actor_critic, env.obs[:, :-1], self.amp())
+            env.actor_hidden = actor_burn_in(actor_critic, env.reset()[1], self.amp())
         actor_hidden = tuple(h.detach().float() for h in env.actor_hidden)
         start, start_actor_hidden = None, actor_hidden  # eager: set at each restart
         if not self.eager:  # the restart pool, burnt in with the weights of this rollout
