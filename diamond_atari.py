@@ -1230,8 +1230,7 @@ class ImaginationGraphs:
         self.amp_dtype = amp_dtype  # bf16/fp16 autocast entered inside the graphs; None: float32
         self.autocast, self.eager, self.net = autocast, eager, wm_env.net if eager else None
         self.sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
-        self.backend, self.mode = backend, mode
-        self.stop = stop  # the run's StopFlag (a signal while compiling)
+        self.backend, self.mode, self.stop = backend, mode, stop  # stop: the run's StopFlag
         self.policy, self.world_model = self.policy_step, self.world_model_step
         if backend is not None:  # lstm_step reads LSTM weights, which dynamo refuses by default
             torch._dynamo.config.allow_rnn = True
