@@ -3,22 +3,17 @@
 DIAMOND: a diffusion world model (EDM denoiser on the last 4 frames and actions), a reward/end model
 and an actor-critic trained in the world model's imagination, on Atari 100k, in one file.
 
-The paper's setting on one GPU (Breakout 132.5, mean human-normalised score 1.46 over 26 games):
-    python diamond_atari.py --env-id Breakout-v5
-TorchWM's network sizes (medium: the paper's); a CPU run in seconds, offline; bsuite's Catch:
-    python diamond_atari.py --env-id Pong-v5 --preset small
-    python diamond_atari.py --preset tiny
-    python diamond_atari.py --env-id Catch --preset tiny
-From recorded episodes (one .npz each, nothing collected); the world model alone:
-    python diamond_atari.py --env-id Breakout-v5 --dataset-dir path/to/episodes
+    python diamond_atari.py --env-id Breakout-v5  # the paper's setting on one GPU (Breakout 132.5)
+    python diamond_atari.py --env-id Pong-v5 --preset small  # TorchWM's sizes (medium: the paper's)
+    python diamond_atari.py --preset tiny  # seconds on a CPU, offline
+    python diamond_atari.py --env-id Catch --preset tiny  # bsuite's Catch
+    python diamond_atari.py --env-id Breakout-v5 --dataset-dir path/to/episodes  # recorded episodes
     python diamond_atari.py --world-model-only --env-id Breakout-v5
-Continue a run; its 100 test episodes; play its world model (pip install pygame-ce); see an episode:
     python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000
-    python diamond_atari.py --resume RUN --eval-only
+    python diamond_atari.py --resume RUN --eval-only  # its 100 test episodes
     python diamond_atari.py --resume RUN --play  # optional: play
     python diamond_atari.py --resume RUN --play-keys FRRRLL --play-world both  # optional: play
     python diamond_atari.py --episode-to-mp4 RUN/episodes/episode_000000.npz
-    tensorboard --logdir runs
 """
 import contextlib
 import copy
@@ -84,11 +79,9 @@ class Args:
     """with --resume: only run --test-episodes test episodes with the checkpoint's agent"""
 # ==== BEGIN OPTIONAL: play ====
     play: Annotated[bool, RESUME_MUTABLE] = False
-    """with --resume: play the world model in a window (pip install pygame-ce): arrows and space
-    (fire) act, Enter restarts, Tab switches to the real game, R records, Esc quits"""
+    """with --resume: play the world model in a window (pip install pygame-ce)"""
     play_keys: Annotated[Optional[str], RESUME_MUTABLE] = None
-    """headless play: a letter per step (N noop, F fire, U D L R, Q E Z C the diagonals, lowercase
-    with fire, / restart); MP4s (and real episodes' .npz) go to {run}/play/"""
+    """headless play: one letter per step: N F U D L R, Q E Z C, lowercase with fire, / restart"""
     play_world: Annotated[Literal["imagined", "real", "both"], RESUME_MUTABLE] = "imagined"
     """headless play: the world model (imagined), the real game, or both with the same keys"""
     play_size: Annotated[int, ">= 16", RESUME_MUTABLE] = 512
@@ -225,9 +218,7 @@ class Args:
     recency_weights: Annotated[tuple[float, ...], "> 0"] = (0.1, 0.1, 0.1, 0.7)
     """replay sampling weight of each chronological slice of the episodes, oldest first"""
     learning_rate: Annotated[float, "> 0"] = 1e-4
-    """AdamW learning rate (all three components, unless --actor-critic-learning-rate is given)"""
-    actor_critic_learning_rate: Annotated[Optional[float], "> 0"] = None
-    """AdamW learning rate of the actor-critic alone (default: --learning-rate, as DIAMOND)"""
+    """AdamW learning rate (all three components, as DIAMOND)"""
     adam_eps: Annotated[float, "> 0"] = 1e-8
     """AdamW epsilon"""
     warmup_steps: Annotated[int, UPDATES, ">= 0"] = 100
@@ -304,9 +295,7 @@ PRESETS = {
 }
 # Flags spelled otherwise on the command line: --game is the seed's name for --env-id.
 FLAG_ALIASES = {"--game": "env_id"}
-# What a checkpoint must hold to be resumed or evaluated (run_checkpoint writes them, restore_run
-# reads them back): the position in the run (epoch, phase, position in the phase, the global step),
-# the three models with their optimizers, every RNG, and the collector's state.
+# What a checkpoint must hold to be resumed (run_checkpoint writes them, restore_run reads them).
 CHECKPOINT_KEYS = {
     "args", "epoch", "phase", "position", "global_step", "env_steps", "num_buffer_files", "models",
     "optimizers", "schedulers", "scalers", "rng", "cpu_generator", "generator", "env", "partial",
@@ -334,8 +323,6 @@ def check_args(args: Args, world_size: int):
     if args.obs_size % 2 ** max(len(args.diffusion_channels) - 1, len(args.actor_channels), 3):
         raise UserError(f"--obs-size {args.obs_size} must be divisible by 2^{len(args.actor_channels)} "
                         f"(the max-pools) and 2^{len(args.diffusion_channels) - 1} (the U-Net levels)")
-    if len(args.recency_weights) < 1:
-        raise UserError("--recency-weights needs at least one weight")
     if args.sigma_min >= args.sigma_max or args.train_sigma_min > args.train_sigma_max:
         raise UserError("need --sigma-min < --sigma-max and --train-sigma-min <= --train-sigma-max")
     if not args.initial_collection_steps <= args.max_initial_collection_steps <= args.env_step_budget:
@@ -416,8 +403,8 @@ class AtariEnv:
 
     def normalized_score(self, score: float) -> Optional[float]:
         """HNS = (score - random) / (human - random); None for a game without reference scores."""
-        scores = ATARI_SCORES.get(self.game)  # (random, human)
-        return None if scores is None else (score - scores[0]) / (scores[1] - scores[0])
+        low, high = ATARI_SCORES.get(self.game, (None, None))
+        return None if low is None else (score - low) / (high - low)
 
     def preprocess(self, frame: np.ndarray) -> np.ndarray:
         import cv2
@@ -427,14 +414,12 @@ class AtariEnv:
     def reset(self) -> np.ndarray:
         """A new game (with random no-ops) after a game over, else the next life of this game."""
         if self.game_over:
-            self.env.reset()
-            frame = self.ale.getScreenRGB()
+            frame, _ = self.env.reset()
             noops = torch.randint(1, self.noop_max + 1, (1,), generator=self.generator) if self.noop_max else 0
             for _ in range(int(noops)):
                 frame, _, terminated, truncated, _ = self.env.step(0)
                 if terminated or truncated:
-                    self.env.reset()
-                    frame = self.ale.getScreenRGB()
+                    frame, _ = self.env.reset()
             self.obs = self.preprocess(frame)
             self.game_over, self.lives, self.game_steps, self.game_return = False, self.ale.lives(), 0, 0.0
         return self.obs
@@ -475,8 +460,7 @@ class AtariEnv:
 class CatchEnv:
     """bsuite's Catch (Osband et al. 2020) in RGB, AtariEnv's interface: a ball falls down a 10 x 5
     grid; the paddle moves first; at the bottom +1 if the paddle is under the ball, else -1."""
-    rows, columns = 10, 5
-    moves = (-1, 0, 1)  # bsuite's _ACTIONS: left, no-op, right
+    rows, columns, moves = 10, 5, (-1, 0, 1)  # bsuite's _ACTIONS: left, no-op, right
     colours = {"cell": (40, 40, 40), "paddle": (40, 120, 255), "ball": (255, 220, 40)}
     ignored_flags = ("frame_skip", "noop_max", "sticky_actions", "max_episode_steps")
 
@@ -647,10 +631,8 @@ class ReplayBuffer:
         return self.partial if index == -1 else self.episodes[index]
 
     def sampleable(self) -> list[int]:
-        ids = list(range(len(self.episodes)))
-        if self.partial is not None and len(self.partial["actions"]) > 0:
-            ids.append(-1)
-        return ids
+        partial = self.partial is not None and len(self.partial["actions"]) > 0
+        return list(range(len(self.episodes))) + [-1] * partial
 
     def num_transitions(self) -> int:
         return sum(len(self.episode(i)["actions"]) for i in self.sampleable())
@@ -719,22 +701,16 @@ def segment_obs(batch: dict, device: torch.device) -> torch.Tensor:
     return torch.where(batch["obs_mask"].to(device)[:, :, None, None, None], obs, 0.0)
 
 
-def sample_denoiser_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator,
-                          device: torch.device, ids: Optional[list[int]] = None) -> dict:
-    """Segments of c + 1 + num_autoregressive_steps frames: obs (B, L, 3, H, W), actions, mask."""
-    num_obs = args.num_conditioning_steps + 1 + args.num_autoregressive_steps
-    batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids), num_obs)
-    return {"obs": segment_obs(batch, device), "actions": batch["actions"].to(device),
-            "obs_mask": batch["obs_mask"].to(device)}
-
-
-def sample_reward_end_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator,
-                            device: torch.device, ids: Optional[list[int]] = None) -> dict:
-    """Segments of reward_segment_length frames from t - U{0..L-1}: obs, actions, rewards..."""
-    num_obs = args.reward_segment_length
-    batch = buffer.segments(buffer.sample_segments(args.batch_size, num_obs, generator, ids, True), num_obs)
-    return {"obs": segment_obs(batch, device),
-            **{key: batch[key].to(device) for key in ("actions", "rewards", "ends", "mask")}}
+def sample_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
+                 ids: Optional[list[int]] = None, reward_end: bool = False) -> dict:
+    """Segments on the device, obs (B, L, 3, H, W) in [-1, 1]: c + 1 + num_autoregressive_steps
+    frames (the denoiser's), or reward_segment_length from t - U{0..L-1} (reward_end)."""
+    num_obs = (args.reward_segment_length if reward_end
+               else args.num_conditioning_steps + 1 + args.num_autoregressive_steps)
+    refs = buffer.sample_segments(args.batch_size, num_obs, generator, ids, beyond_end=reward_end)
+    batch = buffer.segments(refs, num_obs)
+    keys = ("actions", "rewards", "ends", "mask") if reward_end else ("actions", "obs_mask")
+    return {"obs": segment_obs(batch, device), **{key: batch[key].to(device) for key in keys}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -791,12 +767,10 @@ def sample_categorical(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Ten
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on the weights of linear, convolution and LSTM layers only."""
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            is_weight = name == "weight" or name.startswith("weight_")
-            decayed = is_weight and isinstance(module, (nn.Linear, nn.Conv2d, nn.LSTM, nn.LSTMCell))
-            (decay if decayed else no_decay).append(p)
+    layers = (nn.Linear, nn.Conv2d, nn.LSTM, nn.LSTMCell)
+    decay = [p for module in model.modules() if isinstance(module, layers)
+             for name, p in module.named_parameters(recurse=False) if name.startswith("weight")]
+    no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -970,12 +944,6 @@ class Denoiser(nn.Module):
         model_output = (self.net if net is None else net)(c_in * x, c_noise, obs / self.sigma_data, act).float()
         return model_output, c_skip * x + c_out * model_output
 
-    @torch.no_grad()
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, net=None):
-        """D(x; sigma) for sampling, quantised to 8 bits (quantize_8bit) as DIAMOND's reference."""
-        _, denoised = self(x, sigma, obs, act, net)
-        return quantize_8bit(denoised)
-
 
 def denoiser_loss(denoiser: Denoiser, obs: torch.Tensor, actions: torch.Tensor, obs_mask: torch.Tensor, args: Args,
                   generator: torch.Generator, net=None) -> torch.Tensor:
@@ -1031,11 +999,9 @@ class RewardEndModel(nn.Module):
         b, t = act.shape
         cond = self.act_emb(act.reshape(b * t))
         x = self.conv_in(torch.cat([obs, next_obs], dim=2).flatten(0, 1))
-        for i, stage in enumerate(self.stages):
-            x, _ = stage(x, cond)
-            if i < 3:
-                x = self.downsamples[i](x)
-        x, _ = self.mid_blocks(x, cond)
+        for stage, downsample in zip(self.stages, self.downsamples):  # the last stage has none
+            x = downsample(stage(x, cond)[0])
+        x, _ = self.mid_blocks(self.stages[-1](x, cond)[0], cond)
         return x.reshape(b, t, -1)
 
     def forward(self, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, hidden=None):
@@ -1132,9 +1098,8 @@ def lambda_returns(rewards: torch.Tensor, ends: torch.Tensor, truncs: torch.Tens
 def euler_sample(denoise_fn: Callable, x_T: torch.Tensor, sigmas: torch.Tensor, order: int = 1) -> torch.Tensor:
     """Integrates dx/dsigma = (x - D(x; sigma)) / sigma over the sigmas (ending with 0), D =
     denoise_fn(x, sigma (B,)). order 1: Euler; 2: Heun but on the last step."""
-    x = x_T
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    x, sigmas = x_T, [float(sigma) for sigma in sigmas]
+    for sigma, sigma_next in zip(sigmas, sigmas[1:]):
         sigma_batch = torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float32)
         d = (x - denoise_fn(x, sigma_batch)) / sigma  # d = (x - D(x; sigma)) / sigma
         x_next = x + d * (sigma_next - sigma)
@@ -1181,7 +1146,7 @@ class WorldModelEnv:
         self.ids = ids  # episodes imagination starts from (None: all; --dataset-dir holds some out)
         self.device, self.generator, self.cpu_generator = device, generator, cpu_generator
         self.net, self.autocast = net, autocast
-        self.obs = self.act = self.hidden = self.age = self.actor_hidden = None  # until a reset
+        self.obs = self.act = self.hidden = self.age = self.actor_hidden = None  # until the first rollout
 
     @torch.no_grad()
     def start(self, num_envs: int, refs: Optional[list[tuple[int, int]]] = None):
@@ -1226,20 +1191,15 @@ def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=cont
     return tuple(h.float() for h in hidden)
 
 
-def imagine(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args, generator: torch.Generator,
-            autocast=contextlib.nullcontext()) -> dict[str, torch.Tensor]:
-    """backup_every more imagined steps, eager (the run's --compile'd denoiser network and autocast)
-    with the reference's restarts."""
-    return ImaginationGraphs(wm_env, actor_critic, args, wm_env.device, backend=None,
-                             autocast=autocast, eager=True)._rollout(generator)
-
-
 def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args,
                       generator: torch.Generator, autocast=contextlib.nullcontext(),
                       graphs: Optional["ImaginationGraphs"] = None):
-    """On backup_every more imagined steps (eager, or graphs' compiled ones): the value's MSE to the
+    """On backup_every more imagined steps (graphs' compiled ones, or eager): the value's MSE to the
     lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
-    rollout = graphs.rollout(generator) if graphs else imagine(actor_critic, wm_env, args, generator, autocast)
+    # eager: the run's --compile'd denoiser network and autocast
+    graphs = graphs or ImaginationGraphs(wm_env, actor_critic, args, wm_env.device,
+                                         autocast=autocast, eager=True)
+    rollout = graphs.rollout(generator)
     logits, values, rewards, actions = rollout["logits"], rollout["values"], rollout["rewards"], rollout["actions"]
     with torch.no_grad():
         returns = lambda_returns(rewards, rollout["ends"], rollout["truncs"], rollout["bootstrap"],
@@ -1256,35 +1216,33 @@ def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Ar
 
 class ImaginationGraphs:
     """The imagination step, written once: the policy step, the world-model step and the rollout,
-    compiled (backend: torch.compile's; "default": COMPILE_BACKEND) or not (None). The restarts are
-    the one difference: `eager` (the reference's) restarts an env from a fresh real segment once it
-    stops (a host sync); compiled, it swaps in its slot of a pool sampled before the rollout."""
+    compiled (backend: torch.compile's) or not (None). The restarts are the one difference: `eager`
+    (the reference's) restarts an env from a fresh real segment once it stops (a host sync);
+    compiled, it swaps in its slot of a pool sampled before the rollout."""
 
     def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args,
                  device: torch.device, amp_dtype: Optional[torch.dtype] = None,
-                 backend: Union[str, Callable, None] = "default", mode: Optional[str] = None,
+                 backend: Union[str, Callable, None] = None, mode: Optional[str] = None,
                  stop=None, autocast=None, eager: bool = False):
         self.wm_env, self.actor_critic, self.args, self.device = wm_env, actor_critic, args, device
         self.amp_dtype = amp_dtype  # bf16/fp16 autocast entered inside the graphs; None: float32
         self.autocast, self.eager, self.net = autocast, eager, wm_env.net if eager else None
         self.sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
-        self.backend = COMPILE_BACKEND if backend == "default" else backend  # read now: tests swap it
-        self.mode, self.stop = mode, stop  # stop: the run's StopFlag (a signal while compiling)
-        compile_fn = (lambda fn: fn) if self.backend is None else (
-            lambda fn: torch.compile(fn, backend=self.backend, mode=mode, dynamic=False))
-        self.policy, self.world_model = map(compile_fn, (self.policy_step, self.world_model_step))
+        self.backend, self.mode, self.stop = backend, mode, stop  # stop: the run's StopFlag
+        self.policy, self.world_model = self.policy_step, self.world_model_step
+        if backend is not None:  # lstm_step reads LSTM weights, which dynamo refuses by default
+            torch._dynamo.config.allow_rnn = True
+            self.policy, self.world_model = (
+                torch.compile(fn, backend=backend, mode=mode, dynamic=False)
+                for fn in (self.policy_step, self.world_model_step))
         # the compiled calls, and the first rollout's seconds (compilation included)
         self.calls, self.compile_seconds, self.reported = 0, None, False
-        if self.backend is not None:  # lstm_step reads LSTM weights, which dynamo refuses by default
-            torch._dynamo.config.allow_rnn = True
 
     def amp(self):
         """The autocast given, or one made where it is entered (in a compiled function)."""
-        if self.autocast is not None:
-            return self.autocast
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        if self.autocast is None and self.amp_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return self.autocast or contextlib.nullcontext()
 
     def policy_step(self, obs, hidden, stopped, start_hidden, final_value, uniform):
         """The actor-critic on frames obs (n, 3, H, W), restarted envs taking start_hidden: logits,
@@ -1328,8 +1286,10 @@ class ImaginationGraphs:
                 "end_logits": end_logits.float()}
 
     def rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """_rollout compiled: a failed compilation is one line, a signal during it a stop."""
-        first_compile = self.stop is not None and self.backend is not None and self.compile_seconds is None
+        """_rollout; compiled, a failed compilation is one line, a signal during it a stop."""
+        if self.backend is None:
+            return self._rollout(generator)
+        first_compile = self.stop is not None and self.compile_seconds is None
         if first_compile:
             self.stop.busy = "compiling the imagination step (" + (
                 "up to 20 minutes on a CPU)" if self.device.type == "cpu" else "minutes)")
@@ -1394,7 +1354,7 @@ class ImaginationGraphs:
         env.obs, env.act, env.age = obs.clone(), act.clone(), age.clone()
         env.hidden = tuple(h.float().clone() for h in hidden)
         env.actor_hidden = tuple(h.detach().clone() for h in actor_hidden)
-        if self.compile_seconds is None:
+        if self.compile_seconds is None and self.backend is not None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             self.compile_seconds = time.perf_counter() - begin
@@ -1466,7 +1426,7 @@ def run_schedule(args: Args, first_collection_steps: int = 0) -> list[int]:
 
 def lr_warmup_factor(step: int, warmup_steps: int) -> float:
     """Linear warmup from 0, as DIAMOND's reference: lr_s = lr * min(1, s / warmup_steps)."""
-    return 1.0 if step >= warmup_steps else step / max(1, warmup_steps)
+    return 1.0 if step >= warmup_steps else step / warmup_steps
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1973,7 +1933,7 @@ def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> 
     for name, model in models.items():
         # AdamW, weight decay on the world model's weights only (DIAMOND: none for the actor-critic)
         weight_decay = 0.0 if name == "actor_critic" else args.weight_decay
-        lr = (name == "actor_critic" and args.actor_critic_learning_rate) or args.learning_rate
+        lr = args.learning_rate
         optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr,
                                       eps=args.adam_eps, fused=use_cuda)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_warmup_factor(s, args.warmup_steps))
@@ -2069,13 +2029,13 @@ def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tenso
     rollout) and the extra values to log."""
     args, device, autocast = run.args, run.device, run.autocast
     if name == "denoiser":  # 6-frame segments, two predictions (the second on the first's 8-bit output)
-        batch = sample_denoiser_batch(run.buffer, args, run.cpu_generator, device, run.train_ids)
+        batch = sample_batch(run.buffer, args, run.cpu_generator, device, run.train_ids)
         with autocast:
             loss = denoiser_loss(run.learners["denoiser"].model, batch["obs"], batch["actions"],
                                  batch["obs_mask"], args, run.generator, run.denoiser_net)
         return loss, {}
     if name == "reward_end":  # 19-frame segments from t - U[0, 19), the LSTM from a zero state
-        batch = sample_reward_end_batch(run.buffer, args, run.cpu_generator, device, run.train_ids)
+        batch = sample_batch(run.buffer, args, run.cpu_generator, device, run.train_ids, True)
         with autocast:
             loss = reward_end_loss(run.learners["reward_end"].model, batch)
         return loss, {}

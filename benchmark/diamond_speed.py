@@ -168,7 +168,8 @@ def measure(dia, run, repeats: int, warmup: int, figures: dict, row: str):
     if run.graphs is not None:
         rollout = lambda: run.graphs.rollout(run.generator)  # noqa: E731
     else:
-        rollout = lambda: dia.imagine(actor_critic, run.wm_env, args, run.generator)  # noqa: E731
+        eager = dia.ImaginationGraphs(run.wm_env, actor_critic, args, run.device, eager=True)
+        rollout = lambda: eager.rollout(run.generator)  # noqa: E731
     per_rollout = timed(rollout, run.device, repeats, warmup)  # with gradients, as in training
     done("imagination step", {key: value / args.backup_every for key, value in per_rollout.items()})
 

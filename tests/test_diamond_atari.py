@@ -1022,7 +1022,8 @@ def test_fast_path_step_agrees_with_the_eager_modules(dia, compiled_fast):
         act = torch.cat([env.act[:, :-1], action[:, None]], 1)
         sigmas = dia.karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho)
         _, denoised = env.denoiser(x["noise"], torch.full((3,), float(sigmas[0])), env.obs.flatten(1, 2), act)
-        next_obs = dia.euler_sample(lambda x_, sigma: env.denoiser.denoise(x_, sigma, env.obs.flatten(1, 2), act),
+        past = env.obs.flatten(1, 2)
+        next_obs = dia.euler_sample(lambda x_, sigma: dia.quantize_8bit(env.denoiser(x_, sigma, past, act)[1]),
                                     x["noise"], sigmas).clamp(-1, 1)
         ref_reward, ref_end, _ = env.reward_end_model(env.obs[:, -1:], action[:, None], next_obs[:, None], env.hidden)
     assert all(torch.equal(a.detach(), b) for a, b in zip(swapped, expected_hidden))

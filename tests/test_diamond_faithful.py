@@ -78,11 +78,11 @@ def test_denoiser_loss_is_the_mean_of_two_predictions_the_second_on_the_first_qu
 def test_denoiser_batch_has_six_frame_segments(dia):
     buffer = make_buffer(dia, [2, 7, 30])
     args = dia.Args(batch_size=64)
-    batch = dia.sample_denoiser_batch(buffer, args, torch.Generator().manual_seed(0), torch.device("cpu"))
+    batch = dia.sample_batch(buffer, args, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert batch["obs"].shape == (64, 6, 3, 8, 8) and batch["actions"].shape == (64, 5)
     assert batch["obs_mask"].shape == (64, 6) and batch["obs"].dtype == torch.float32
     args0 = dia.Args(batch_size=4, num_autoregressive_steps=0)
-    assert dia.sample_denoiser_batch(buffer, args0, torch.Generator(), torch.device("cpu"))["obs"].shape[1] == 5
+    assert dia.sample_batch(buffer, args0, torch.Generator(), torch.device("cpu"))["obs"].shape[1] == 5
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def test_segment_starts_as_the_reference_samples_them(dia):
     starts = np.array([s for _, s in buffer.sample_segments(20_000, 19, g, beyond_end=True)])
     assert starts.min() == -18 and starts.max() == 9
     args = dia.Args(batch_size=8)
-    batch = dia.sample_reward_end_batch(buffer, args, g, torch.device("cpu"))
+    batch = dia.sample_batch(buffer, args, g, torch.device("cpu"), reward_end=True)
     assert batch["obs"].shape[1] == 19 and batch["mask"].shape == (8, 18)
 
 
