@@ -980,7 +980,7 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
             if key in logged:
                 writer.add_scalar(tag, logged[key], step)
         mfu = {"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}
-        progress.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['SPS']:.0f}", **mfu)
+        progress.set_postfix(loss=f"{logged['loss']:.4f}", SPS=f"{logged['SPS']:.1f}", **mfu)
 
 
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,

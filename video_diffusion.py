@@ -1771,21 +1771,20 @@ def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoD
     return run_dir, writer
 
 
-def log_training(meter, scheduler, writer, progress, step: int, run_dir: Optional[Path]):
-    """A non-finite loss or gradient stops the run (one line, after the progress bar's last state);
-    rank 0 writes losses/mse, charts/* and (on CUDA) perf/mfu."""
+def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir: Optional[Path]):
+    """Logs a --log-every interval; a non-finite loss raises TrainingFailure."""
     if not meter.finite():
-        progress.close()
+        progress.close()  # end the progress line, so that the error is a line of its own
         raise non_finite_failure(f"before step {step}", run_dir)
-    logged = meter.read() | {"lr": scheduler.get_last_lr()[0]}
-    if writer is not None:  # rank 0
+    logged = meter.read()
+    if writer is not None:
+        writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
         for tag, key in (("losses/mse", "loss"), ("charts/grad_norm", "grad_norm"), ("charts/SPS", "SPS"),
-                         ("perf/mfu", "mfu"), ("charts/learning_rate", "lr")):
-            if key in logged:  # MFU on CUDA only
+                         ("perf/mfu", "mfu")):  # MFU on CUDA only
+            if key in logged:
                 writer.add_scalar(tag, logged[key], step)
-        progress.set_postfix(loss=f"{logged['loss']:.4f}", clips_s=f"{logged['SPS']:.1f}",
-                             **({"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}))
-
+        mfu = {"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}
+        progress.set_postfix(loss=f"{logged['loss']:.4f}", SPS=f"{logged['SPS']:.1f}", **mfu)
 
 
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
@@ -1893,7 +1892,7 @@ def main(args: Args, given: set[str]):
         if setup.is_main and (seconds := step_timer.seconds_per_step(step)) is not None:
             progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
         if step % args.log_every == 0 or step == args.total_steps:
-            log_training(meter, scheduler, writer, progress, step, run_dir)
+            log_interval(writer, meter, scheduler, progress, step, run_dir)
         # Every rank stops at the same step: all-reduced at a log step under torchrun, else at once.
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         evaluation = step % args.eval_every == 0 or step == args.total_steps
