@@ -1152,12 +1152,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
             given, flag = token if "=" in token else f"{token} {after}", "--" + flag[2:].removeprefix("no-")
             raise UserError(f"{flag} takes no value ({given}): give {flag} for on, "
                             f"--no-{flag[2:]} for off")
-    said = []  # else the first paragraph of tyro's box: its lines under the title, up to a rule
-    for line in box.getvalue().splitlines()[1:]:
-        if line.strip("│─╭╮╰╯- "):
-            said.append(line.strip("│ "))
-        elif said:
-            break
+    said = [line.strip("│ ") for line in box.getvalue().split("│ ─")[0].splitlines()[1:]  # else what
+            if line.strip("│─╰╯ ")]  # tyro's box says above its first rule, in one line
     raise UserError(f"{' '.join(said).rstrip('.') or 'a bad value'}; see {SCRIPT_NAME} --help")
 
 
@@ -1281,7 +1277,6 @@ def load_checkpoint(path: Path, trains: bool = False) -> dict:
             return not tree.is_floating_point() or bool(tree.isfinite().all())
         return all(map(finite, tree.values() if isinstance(tree, dict) else
                        tree if isinstance(tree, (list, tuple)) else ()))
-
     if bad := [key for key, value in checkpoint.items() if not finite(value)]:
         raise UserError(f"{path} holds non-finite values (in {bad[0]}); resume from an earlier one")
     return checkpoint
@@ -1513,15 +1508,14 @@ def lock_run(run_dir: Path):
     close_writer or the process, however it ends."""
     import fcntl
     if run_dir not in RUN_LOCKS or RUN_LOCKS[run_dir].closed:
-        lock = open(run_dir / "train.lock", "a")
+        RUN_LOCKS[run_dir] = open(run_dir / "train.lock", "a")
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(RUN_LOCKS[run_dir], fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            lock.close()
+            RUN_LOCKS.pop(run_dir).close()
             raise UserError(f"{run_dir} is being trained by another process, which holds "
-                            f"{lock.name}; wait for it to end (or stop it) before training this run"
-                            ) from None
-        RUN_LOCKS[run_dir] = lock
+                            f"{run_dir / 'train.lock'}; wait for it to end (or stop it) before "
+                            f"training this run") from None
     return RUN_LOCKS[run_dir]
 
 
@@ -1653,9 +1647,8 @@ def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor]) -> float:
 
 def check_step_memory(setup: Setup, batch_size: int, num_params: int,
                       activation_bytes_per_sample: float, dtype: str) -> float:
-    """Refuses a training step that cannot fit, naming the largest batch size that does. Per
-    process: 5 x 4 bytes per parameter (weights, gradients, two Adam moments, EMA) + its batch x
-    the activations saved per sample (halved under CUDA autocast)."""
+    """Refuses a step that cannot fit, naming the batch size that does. Per process: 5 x 4 bytes per
+    parameter (weights, grads, Adam's two moments, EMA) + its batch x activations (halved by autocast)."""
     per_sample = activation_bytes_per_sample * (0.5 if setup.use_cuda and dtype != "float32" else 1.0)
     fixed, available = 5 * 4 * num_params, available_memory(setup)
     needed = fixed + batch_size // setup.world_size * per_sample
