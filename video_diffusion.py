@@ -2342,13 +2342,12 @@ def load_checkpoint(path: Path, trains: bool = False) -> dict:
     except Exception:  # noqa: BLE001 - any failure to read the file is the same error
         raise UserError(f"cannot load checkpoint {path} (corrupt or not a checkpoint, or with "
                         f"Python objects that could run code); resume from another one") from None
-    found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
-    version, readable = found and checkpoint.get("format_version"), (*OLDER_CHECKPOINT_FORMATS,
-                                                                     CHECKPOINT_FORMAT_VERSION)
-    if found != SCRIPT_NAME or version not in readable:
-        raise UserError(f"{path} is a checkpoint of {found or 'something else'} (format {version}), "
-                        f"this script reads {SCRIPT_NAME}'s formats {', '.join(map(str, readable))}: "
-                        f"give one it wrote")
+    found = checkpoint if isinstance(checkpoint, dict) else {}
+    readable = (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)
+    if found.get("script") != SCRIPT_NAME or found.get("format_version") not in readable:
+        raise UserError(f"{path} is a checkpoint of {found.get('script') or 'something else'} (format "
+                        f"{found.get('format_version')}), this script reads {SCRIPT_NAME}'s formats "
+                        f"{', '.join(map(str, readable))}: give one it wrote")
     if missing := sorted(set(CHECKPOINT_KEYS) - set(checkpoint)):
         raise UserError(f"{path} lacks {', '.join(missing)}: not a whole {SCRIPT_NAME} checkpoint")
 
