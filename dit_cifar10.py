@@ -1292,7 +1292,7 @@ class Interrupted(BaseException):
     """A second Ctrl-C: quit without saving, exit 130 (no `except Exception` swallows it)."""
 
 
-def flag_field(token: str) -> Optional[str]:  # any spelling: '--total_steps=5', '--no-cuda', an alias
+def flag_field(token: str) -> Optional[str]:  # '--total_steps=5', '--no-cuda', an alias
     flag, names = token.split("=")[0], {f.name for f in fields(Args)}
     field = FLAG_ALIASES.get(flag, flag[2:].replace("-", "_"))
     field = field if field in names else field.removeprefix("no_")
@@ -1323,11 +1323,12 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
             maybe = f" (did you mean {' or '.join(close)}?)" if close else ""
             raise UserError(f"unknown flag {flag}{maybe}; {SCRIPT_NAME} --help lists the flags")
         if get_type_hints(Args).get(field) is bool and ("=" in token or after[:2] != "--"):
-            given, flag = token if "=" in token else f"{token} {after}", "--" + flag[2:].removeprefix("no-")
+            given = token if "=" in token else f"{token} {after}"
+            flag = "--" + flag[2:].removeprefix("no-")
             raise UserError(f"{flag} takes no value ({given}): give {flag} for on, "
                             f"--no-{flag[2:]} for off")
-    said = [line.strip("│ ") for line in box.getvalue().split("│ ─")[0].splitlines()[1:]  # else what
-            if line.strip("│─╰╯ ")]  # tyro's box says above its first rule, in one line
+    above_rule = box.getvalue().split("│ ─")[0].splitlines()[1:]  # else tyro's words
+    said = [line.strip("│ ") for line in above_rule if line.strip("│─╰╯ ")]
     raise UserError(f"{' '.join(said).rstrip('.') or 'a bad value'}; see {SCRIPT_NAME} --help")
 
 
@@ -1343,7 +1344,7 @@ def read_config(path: str) -> dict:
         values = yaml.safe_load(raw.decode()) if is_yaml else json.loads(raw.decode())
     except OSError as e:
         raise UserError(f"cannot read --config {path}: {e.strerror or e}") from None
-    except (ValueError, yaml.YAMLError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (ValueError, yaml.YAMLError) as e:  # ValueError: not UTF-8, or not JSON
         kind = "YAML" if is_yaml else "JSON (YAML needs a .yaml or .yml name)"
         problem = ("not a text file" if isinstance(e, UnicodeDecodeError)
                    else f"not valid {kind} ({str(e).splitlines()[0]})")
@@ -1374,8 +1375,9 @@ def normalise_args_dict(values: dict, source: str) -> dict:
             value = values[name] = "on" if value else "off"
         if not fits(value, hints[name]):
             expected = f"one of {', '.join(map(str, choices))}" if choices else hints[name]
-            raise UserError(f"{source}: {name} is {value!r}, not a valid --{name.replace('_', '-')} "
-                            f"(expected {getattr(expected, '__name__', expected)})")
+            expected = getattr(expected, "__name__", expected)
+            raise UserError(f"{source}: {name} is {value!r}, not a valid --{name.replace('_', '-')}"
+                            f" (expected {expected})")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
@@ -1390,9 +1392,10 @@ def flag_marks() -> tuple[dict[str, str], set[str]]:
 def check_arg_domains(args: Args):
     """Numeric flags finite and in their domains ('>= 0', '(0, 1]' ...); a plain run name."""
     for name, domain in flag_marks()[0].items():
-        value, flag, interval = getattr(args, name), f"--{name.replace('_', '-')}", domain[0] in "[("
+        value, flag = getattr(args, name), f"--{name.replace('_', '-')}"
         if value == ():
             raise UserError(f"{flag} needs at least one value")
+        interval = domain[0] in "[("  # else '> x' or '>= x'
         low, high = map(float, domain[1:-1].split(",") if interval else (domain[2:], "inf"))
         for x in [x for x in (value if isinstance(value, tuple) else (value,)) if x is not None]:
             above = low <= x if domain[0] == "[" or domain[:2] == ">=" else low < x
@@ -1400,8 +1403,8 @@ def check_arg_domains(args: Args):
                 must = f"{'' if math.isfinite(x) else 'a finite number '}{'in ' * interval}{domain}"
                 raise UserError(f"{flag} must be {must}, not {value}")
     if not args.exp_name or any(part in args.exp_name for part in ("/", "\\", "..")):
-        raise UserError(f"--exp-name {args.exp_name!r} must be a plain name (no '/', '\\' or '..'): "
-                        f"it names the run folder inside --output-dir")
+        raise UserError(f"--exp-name {args.exp_name!r} must be a plain name (no '/', '\\' or "
+                        f"'..'): it names the run folder inside --output-dir")
     if len(args.exp_name.encode()) > 200:  # a file system caps a name at 255 bytes
         raise UserError(f"--exp-name is {len(args.exp_name.encode())} bytes long: give at most 200")
 
@@ -1439,8 +1442,8 @@ def load_checkpoint(path: Path, trains: bool = False) -> dict:
     found = checkpoint if isinstance(checkpoint, dict) else {}
     readable = (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)
     if found.get("script") != SCRIPT_NAME or found.get("format_version") not in readable:
-        raise UserError(f"{path} is a checkpoint of {found.get('script') or 'something else'} (format "
-                        f"{found.get('format_version')}), this script reads {SCRIPT_NAME}'s formats "
+        raise UserError(f"{path} is a checkpoint of {found.get('script') or 'something else'} "
+                        f"(format {found.get('format_version')}); {SCRIPT_NAME} reads formats "
                         f"{', '.join(map(str, readable))}: give one it wrote")
     if missing := sorted(set(CHECKPOINT_KEYS) - set(checkpoint)):
         raise UserError(f"{path} lacks {', '.join(missing)}: not a whole {SCRIPT_NAME} checkpoint")
@@ -1762,7 +1765,7 @@ class Meter:
         self.sums += torch.stack([loss.detach().float(), grad_norm.detach().float()])
         self.steps, self.timed_samples = self.steps + 1, self.timed_samples + num_samples
 
-    def restart_clock(self):  # leaves out of the throughput what follows: compiling, sampling, saving
+    def restart_clock(self):  # what follows (compiling, sampling, saving) is no throughput
         self.timed_samples, self.clock = 0, time.perf_counter()
 
     def finite(self) -> bool:  # a host sync
@@ -1821,8 +1824,9 @@ def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor]) -> float:
 def check_step_memory(setup: Setup, batch_size: int, num_params: int,
                       activation_bytes_per_sample: float, dtype: str) -> float:
     """Refuses a step that cannot fit, naming the batch size that does. Per process: 5 x 4 bytes per
-    parameter (weights, grads, Adam's two moments, EMA) + its batch x activations (halved by autocast)."""
-    per_sample = activation_bytes_per_sample * (0.5 if setup.use_cuda and dtype != "float32" else 1.0)
+    parameter (weights, grads, Adam's two moments, EMA) + its batch x activations (halved by
+    autocast)."""
+    per_sample = activation_bytes_per_sample / (2 if setup.use_cuda and dtype != "float32" else 1)
     fixed, available = 5 * 4 * num_params, available_memory(setup)
     needed = fixed + batch_size // setup.world_size * per_sample
     if needed > available:
@@ -1900,8 +1904,8 @@ def run_main(main: Callable):
         message = f"{where}{e.strerror or e}; check the disk and the folder's permissions, then --resume"
         status = 1
     except (Interrupted, KeyboardInterrupt) as e:
-        message, status = ("interrupted by a second Ctrl-C: quit without saving (the last checkpoint, "
-                           "if any, is intact)" if isinstance(e, Interrupted) else
+        message, status = ("interrupted by a second Ctrl-C: quit without saving (the last "
+                           "checkpoint, if any, is intact)" if isinstance(e, Interrupted) else
                            "interrupted before the run started; nothing was saved"), 130
     finally:
         StopFlag.keep_handlers = False  # the process exits with its handlers; a caller gets its own
