@@ -884,7 +884,7 @@ def main(args: Args, given: set[str]):
     checkpoint, run_dir = None, None
     if args.resume:  # the checkpoint's arguments, with the RESUME_MUTABLE flags given
         checkpoint_path = resolve_checkpoint_path(args.resume)
-        checkpoint = load_checkpoint(checkpoint_path)
+        checkpoint = load_checkpoint(checkpoint_path, trains=not args.sample_only)  # a trainer locks first
         args = merge_resumed_args(args, given, checkpoint["args"])
         run_dir = run_dir_of(checkpoint_path, trains=not args.sample_only)
     check_args(args, torchrun_world()[0])
@@ -1016,55 +1016,44 @@ class Interrupted(BaseException):
     """A second Ctrl-C: quit without saving, exit 130 (no `except Exception` swallows it)."""
 
 
-def flag_field(token: str) -> Optional[str]:
-    """The Args field a token sets, in any spelling ('--total_steps=5', '--no-cuda', an alias)."""
-    names = {f.name for f in fields(Args)}
-    field = FLAG_ALIASES.get(token.split("=")[0], token.split("=")[0][2:].replace("-", "_"))
+def flag_field(token: str) -> Optional[str]:  # '--total_steps=5', '--no-cuda', an alias
+    flag, names = token.split("=")[0], {f.name for f in fields(Args)}
+    field = FLAG_ALIASES.get(flag, flag[2:].replace("-", "_"))
     field = field if field in names else field.removeprefix("no_")
-    return field if token.startswith("--") and field in names else None
+    return field if flag[:2] == "--" and field in names else None
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
-    """The args, and the fields given on the command line (which --resume may let change)."""
+    """The args (defaults < --preset < --config < flags) and the fields the command line gives."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    first = {flag_field(token): token.split("=", 1)[1] if "=" in token else after
-             for token, after in zip(argv, argv[1:] + [None])
-             if flag_field(token) in ("preset", "config")}  # they set the other flags' defaults
-    defaults = replace(Args(), **PRESETS.get(first.get("preset"), {}))  # tyro refuses unknown ones
-    if first.get("config") is not None:
-        defaults = replace(defaults, **read_config(first["config"]))
+    values = {flag_field(token): token.split("=", 1)[1] if "=" in token else after
+              for token, after in zip(argv, argv[1:] + ["--"])}
+    defaults = replace(Args(), **PRESETS.get(values.get("preset"), {}))  # tyro refuses others
+    if values.get("config", "--")[:2] != "--" and "resume" not in values:  # else the checkpoint's
+        defaults = replace(defaults, **read_config(values["config"]))
     box = io.StringIO()  # tyro's error box is many lines, ours is one
     try:
         with contextlib.redirect_stderr(box):
-            args = tyro.cli(Args, default=defaults, args=argv)
+            return tyro.cli(Args, default=defaults, args=argv), set(values) - {None}
     except SystemExit as e:
         if not e.code:  # --help
             raise
-        raise UserError(command_line_problem(argv, box.getvalue())) from None
-    return args, {name for name in map(flag_field, argv) if name is not None}
-
-
-def command_line_problem(argv: list[str], box: str) -> str:
-    """What tyro refused, in one line: an unknown flag, a value for an on/off flag, or its words."""
-    import difflib
-    for token, after in zip(argv, argv[1:] + ["--"]):
+    for token, after in zip(argv, argv[1:] + ["--"]):  # an unknown flag, a value for an on/off flag
         flag, field = token.split("=")[0], flag_field(token)
         if flag[:2] == "--" and field is None:
+            import difflib
             flags = [f"--{f.name.replace('_', '-')}" for f in fields(Args)] + list(FLAG_ALIASES)
             close = difflib.get_close_matches(flag.replace("_", "-"), flags, n=3)
             maybe = f" (did you mean {' or '.join(close)}?)" if close else ""
-            return f"unknown flag {flag}{maybe}; {SCRIPT_NAME} --help lists the flags"
+            raise UserError(f"unknown flag {flag}{maybe}; {SCRIPT_NAME} --help lists the flags")
         if get_type_hints(Args).get(field) is bool and ("=" in token or after[:2] != "--"):
             given = token if "=" in token else f"{token} {after}"
             flag = "--" + flag[2:].removeprefix("no-")
-            return f"{flag} takes no value ({given}): give {flag} for on, --no-{flag[2:]} for off"
-    said = []  # the box's first paragraph: the lines under its title, up to its first rule
-    for line in box.splitlines()[1:]:
-        if line.strip("│─╭╮╰╯- "):  # a rule: box characters, or dashes with no terminal
-            said.append(line.strip("│ "))
-        elif said:
-            break
-    return f"{' '.join(said).rstrip('.') or 'a bad value'}; see {SCRIPT_NAME} --help"
+            raise UserError(f"{flag} takes no value ({given}): give {flag} for on, "
+                            f"--no-{flag[2:]} for off")
+    above_rule = box.getvalue().split("│ ─")[0].splitlines()[1:]  # else tyro's words
+    said = [line.strip("│ ") for line in above_rule if line.strip("│─╰╯ ")]
+    raise UserError(f"{' '.join(said).rstrip('.') or 'a bad value'}; see {SCRIPT_NAME} --help")
 
 
 def read_config(path: str) -> dict:
@@ -1077,22 +1066,20 @@ def read_config(path: str) -> dict:
         if len(raw) > 2**20:
             raise UserError(f"--config {path} is larger than 1024 KiB: not a config; {fix}")
         values = yaml.safe_load(raw.decode()) if is_yaml else json.loads(raw.decode())
-    except UnicodeDecodeError:
-        raise UserError(f"--config {path} is not a text file: {fix}") from None
     except OSError as e:
         raise UserError(f"cannot read --config {path}: {e.strerror or e}") from None
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
+    except (ValueError, yaml.YAMLError) as e:  # ValueError: not UTF-8, or not JSON
         kind = "YAML" if is_yaml else "JSON (YAML needs a .yaml or .yml name)"
-        raise UserError(f"--config {path} is not valid {kind} ({str(e).splitlines()[0]}); "
-                        f"{fix}") from None
+        problem = ("not a text file" if isinstance(e, UnicodeDecodeError)
+                   else f"not valid {kind} ({str(e).splitlines()[0]})")
+        raise UserError(f"--config {path} is {problem}; {fix}") from None
     if not isinstance(values, dict):
         raise UserError(f"--config {path} must hold an object of flag names and values: {fix}")
     return normalise_args_dict(values, f"--config {path}")
 
 
 def normalise_args_dict(values: dict, source: str) -> dict:
-    """Args values read from a file (JSON, YAML, a checkpoint), each checked against its field's
-    type (a bool is no number, an int is a float); lists become tuples."""
+    """Args values from a file, each of its field's type (a bool is no int, an int is a float)."""
     def fits(value, hint) -> bool:
         origin, options = get_origin(hint), get_args(hint)
         if origin is Literal:
@@ -1127,17 +1114,18 @@ def flag_marks() -> tuple[dict[str, str], set[str]]:
 
 
 def check_arg_domains(args: Args):
-    """At start-up: numeric flags finite and in their domains ('>= 0', '(0, 1]' ...), a plain name."""
+    """Numeric flags finite and in their domains ('>= 0', '(0, 1]' ...); a plain run name."""
     for name, domain in flag_marks()[0].items():
-        value, interval = getattr(args, name), domain[0] in "[("
+        value, flag = getattr(args, name), f"--{name.replace('_', '-')}"
         if value == ():
-            raise UserError(f"--{name.replace('_', '-')} needs at least one value")
+            raise UserError(f"{flag} needs at least one value")
+        interval = domain[0] in "[("  # else '> x' or '>= x'
         low, high = map(float, domain[1:-1].split(",") if interval else (domain[2:], "inf"))
         for x in [x for x in (value if isinstance(value, tuple) else (value,)) if x is not None]:
             above = low <= x if domain[0] == "[" or domain[:2] == ">=" else low < x
             if not (math.isfinite(x) and above and (x <= high if domain[-1] == "]" else x < high)):
                 must = f"{'' if math.isfinite(x) else 'a finite number '}{'in ' * interval}{domain}"
-                raise UserError(f"--{name.replace('_', '-')} must be {must}, not {value}")
+                raise UserError(f"{flag} must be {must}, not {value}")
     if not args.exp_name or any(part in args.exp_name for part in ("/", "\\", "..")):
         raise UserError(f"--exp-name {args.exp_name!r} must be a plain name (no '/', '\\' or "
                         f"'..'): it names the run folder inside --output-dir")
@@ -1163,40 +1151,41 @@ def run_dir_of(checkpoint_path: Path, trains: bool) -> Path:
     return checkpoint_path.parent.parent if in_run else checkpoint_path.parent
 
 
-def load_checkpoint(path: Path) -> dict:
-    """weights_only=True (a malicious file cannot run code); refuses all but a whole, finite one."""
+def load_checkpoint(path: Path, trains: bool = False) -> dict:
+    """weights_only=True (a malicious file cannot run code); refuses all but a whole, finite one.
+    A trainer (rank 0) first locks the run, so that no other one saves after this read."""
+    if trains and path.parent.name == "checkpoints" and torchrun_world()[1] == 0:
+        lock_run(path.parent.parent)
     try:
-        with warnings.catch_warnings():  # torch's warning about a foreign pickle: the error line says it
+        with warnings.catch_warnings():  # torch's warning about a foreign pickle: the line says it
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read the file is the same error
+    except Exception:  # noqa: BLE001 - any failure to read the file is the same error
         raise UserError(f"cannot load checkpoint {path} (corrupt or not a checkpoint, or with "
                         f"Python objects that could run code); resume from another one") from None
-    found = checkpoint.get("script") if isinstance(checkpoint, dict) else None
+    found = checkpoint if isinstance(checkpoint, dict) else {}
     readable = (*OLDER_CHECKPOINT_FORMATS, CHECKPOINT_FORMAT_VERSION)
-    if found != SCRIPT_NAME:
-        raise UserError(f"{path} is a checkpoint of {found or 'something else'}, not {SCRIPT_NAME}: "
-                        f"give one {SCRIPT_NAME} wrote")
-    if checkpoint.get("format_version") not in readable:
-        raise UserError(f"{path} has checkpoint format {checkpoint.get('format_version')}, this "
-                        f"script reads {', '.join(map(str, readable))}: give one this script wrote")
+    if found.get("script") != SCRIPT_NAME or found.get("format_version") not in readable:
+        raise UserError(f"{path} is a checkpoint of {found.get('script') or 'something else'} "
+                        f"(format {found.get('format_version')}); {SCRIPT_NAME} reads formats "
+                        f"{', '.join(map(str, readable))}: give one it wrote")
     if missing := sorted(set(CHECKPOINT_KEYS) - set(checkpoint)):
         raise UserError(f"{path} lacks {', '.join(missing)}: not a whole {SCRIPT_NAME} checkpoint")
+
     def finite(tree) -> bool:  # every floating-point tensor in nested dicts and lists
         if isinstance(tree, torch.Tensor):
             return not tree.is_floating_point() or bool(tree.isfinite().all())
         return all(map(finite, tree.values() if isinstance(tree, dict) else
                        tree if isinstance(tree, (list, tuple)) else ()))
-
     if bad := [key for key, value in checkpoint.items() if not finite(value)]:
         raise UserError(f"{path} holds non-finite values (in {bad[0]}); resume from an earlier one")
     return checkpoint
 
 
 def error_reason(e: Exception) -> str:
-    """An exception's message in one short line, without torch's advice or "Error(s) in" header."""
-    lines = [line.strip() for line in str(e).split("WeightsUnpickler error:")[-1].splitlines()]
-    lines = [line for line in lines if line and not line.startswith("Error(s) in")]
+    """An exception's message in one short line, without torch's "Error(s) in" header."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Error(s) in")]
     return (lines[0] if lines else type(e).__name__)[:200]
 
 
@@ -1210,8 +1199,8 @@ def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
             raise UserError(f"{flag} is {getattr(run_args, name)!r} in the checkpoint and cannot "
                             f"change on --resume (only the run length, cadence, logging and "
                             f"sampling flags can); drop {flag} or start a new run")
-    changed = {name: getattr(args, name) for name in given & mutable - {"resume"}}
-    return replace(run_args, **changed, resume=args.resume)
+    return replace(run_args, **{name: getattr(args, name) for name in given & mutable},
+                   resume=args.resume)
 
 
 def checkpoint_state(args: Args, step: int, *parts, **extra) -> dict:
@@ -1242,8 +1231,8 @@ def restore_state(checkpoint: dict, *parts) -> int:
 
 
 def save_checkpoint(path: Path, state: dict):
-    """Atomic: a temporary file in the same folder, fsynced, then renamed over the old one. A failed
-    write is a TrainingFailure, with the temporary file removed and the old checkpoint intact."""
+    """Atomic: a temporary file, fsynced, renamed over the old one; a failed write is a
+    TrainingFailure, with the temporary file removed and the old checkpoint intact."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1252,15 +1241,14 @@ def save_checkpoint(path: Path, state: dict):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:  # a failed write (torch.save: a RuntimeError), or a second Ctrl-C
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if not isinstance(e, (OSError, RuntimeError)):
-            raise
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+    except (OSError, RuntimeError) as e:  # a failed write (torch.save's: a RuntimeError)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else error_reason(e)
         kept = f"the previous {path.name} is intact" if path.exists() else "it was not written"
         raise TrainingFailure(f"cannot write {path} ({reason}); {kept}: free disk space or make "
                               f"the folder writable, then --resume") from None
+    finally:  # whatever stopped the write, a second Ctrl-C too
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def non_finite_failure(where: str, run_dir: Optional[Path]) -> TrainingFailure:
@@ -1275,10 +1263,9 @@ def non_finite_failure(where: str, run_dir: Optional[Path]) -> TrainingFailure:
 def rng_state() -> dict:
     """Every global RNG as plain values (weights_only=True refuses numpy objects)."""
     name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    keys = torch.from_numpy(keys.astype(np.int64))
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [name, keys, int(pos), int(has_gauss), float(cached)],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
             "python": random.getstate()}
 
 
@@ -1311,8 +1298,7 @@ class Setup:
         self.is_main, self.use_cuda = self.rank == 0, self.device.type == "cuda"
 
 
-def torchrun_world() -> tuple[int, int, int]:
-    """(world_size, rank, local_rank) as torchrun sets them; (1, 0, 0) for `python script.py`."""
+def torchrun_world() -> tuple[int, int, int]:  # (1, 0, 0) for `python script.py`
     return tuple(int(os.environ.get(name, default)) for name, default in
                  (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")))
 
@@ -1323,15 +1309,15 @@ def setup_device(args: Args) -> Setup:
     use_cuda = args.cuda and torch.cuda.is_available()
     if args.cuda and not use_cuda and rank == 0:
         print("notice: CUDA is not available, running on the CPU")
-    if args.torch_deterministic and use_cuda:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
-    if world_size > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        if not use_cuda:
-            torch.set_num_threads(1)  # one thread per rank: the ranks do not fight over the cores
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+        if args.torch_deterministic:  # before the first cuBLAS call
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif world_size > 1:
+        torch.set_num_threads(1)  # one thread per rank: the ranks do not fight over the cores
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
     # cuDNN's determinism only: torch.use_deterministic_algorithms costs more than 10% on CUDA
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cudnn.benchmark = not args.torch_deterministic
@@ -1354,10 +1340,9 @@ def leave_process_group(world_size: int):
 
 
 class StopFlag:
-    """SIGTERM and SIGINT set a flag: training stops after the step, long work calls check() and is
-    abandoned. The first is acknowledged at once (naming `busy` work that must end first), a second
-    SIGINT raises Interrupted, more SIGTERMs never abort a save. Install before the run folder."""
-
+    """SIGTERM/SIGINT: training stops after its step, work calling check() is abandoned. The first
+    is acknowledged at once (naming `busy` work that must end first), a second SIGINT raises
+    Interrupted, more SIGTERMs never abort a save. Install before the run folder exists."""
     keep_handlers = False  # run_main sets it: the handlers stay until the process exits
 
     def __init__(self):
@@ -1380,7 +1365,7 @@ class StopFlag:
             raise StopRequested()
 
     def sync(self, setup: Setup) -> bool:
-        """Whether to stop, all-reduced under torchrun so that every rank stops at the same step."""
+        """Whether to stop, all-reduced under torchrun: every rank stops at the same step."""
         if setup.world_size > 1:
             flag = torch.tensor(float(self.requested), device=setup.device)
             dist.all_reduce(flag)
@@ -1388,7 +1373,6 @@ class StopFlag:
         return self.requested
 
     def restore(self):
-        """The previous handlers back; under run_main they stay, ignoring signals while it exits."""
         self.finished = True
         for sig, handler in self.previous.items() if not StopFlag.keep_handlers else ():
             signal.signal(sig, handler)
@@ -1416,24 +1400,37 @@ def create_run_dir(args: Args, run_id: str) -> Path:
     return run_dir
 
 
-def open_writer(args: Args, run_dir: Path, step: int):
-    """TensorBoard (and wandb) for the one trainer of the run: its flock on RUN/train.lock ends
-    with the process, however it ends. purge_step drops what a killed run logged after its save."""
+RUN_LOCKS = {}  # run folder -> its RUN/train.lock, open in this process (a flock is per open file)
+
+
+def lock_run(run_dir: Path):
+    """Makes this process the run's one trainer: a flock on RUN/train.lock, which ends with
+    close_writer or the process, however it ends."""
     import fcntl
+    if run_dir not in RUN_LOCKS or RUN_LOCKS[run_dir].closed:
+        RUN_LOCKS[run_dir] = open(run_dir / "train.lock", "a")
+        try:
+            fcntl.flock(RUN_LOCKS[run_dir], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            RUN_LOCKS.pop(run_dir).close()
+            raise UserError(f"{run_dir} is being trained by another process, which holds "
+                            f"{run_dir / 'train.lock'}; wait for it to end (or stop it) before "
+                            f"training this run") from None
+    return RUN_LOCKS[run_dir]
+
+
+def open_writer(args: Args, run_dir: Path, step: int):
+    """TensorBoard (and wandb) for the run's one trainer; purge_step drops what a killed run logged
+    after its last save."""
     from torch.utils.tensorboard import SummaryWriter
-    lock = open(run_dir / "train.lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise UserError(f"{run_dir} is being trained by another process, which holds {lock.name}; "
-                        f"wait for it to end (or stop it) before training this run") from None
+    lock = lock_run(run_dir)
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name,
                    id=run_dir.name, resume="allow", config=asdict(args), sync_tensorboard=True,
                    save_code=True)
     writer = SummaryWriter(str(run_dir), purge_step=step + 1 if step else None)
-    writer.run_lock = lock  # released by close_writer, or at the process's end
+    writer.run_lock = lock  # released by close_writer
     if step == 0:
         table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
@@ -1450,14 +1447,13 @@ def close_writer(args: Args, writer):
 
 
 def progress_bar(total: int, initial: int, desc: str, unit: str, enabled: bool = True):
-    """A tqdm bar with step, speed and ETA (the loss in its postfix); silent unless enabled."""
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled)
 
 
 def peak_flops(setup: Setup, dtype: str) -> Optional[float]:
-    """The MFU denominator on CUDA: dense bf16/fp16 FLOP/s, half for float32 (TF32), NaN for an
-    unknown GPU. None on a CPU, which logs throughput only."""
+    """The MFU denominator: dense bf16/fp16 FLOP/s, half for float32 (TF32), NaN for an unknown
+    GPU; None on a CPU, which logs throughput only."""
     if not setup.use_cuda:
         return None
     name = torch.cuda.get_device_name(setup.device)
@@ -1480,8 +1476,8 @@ def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> floa
 
 
 class Meter:
-    """Loss and gradient norm summed on the device (no host sync per step), global samples/s and,
-    given a peak, MFU = achieved / peak FLOP/s per process; read() syncs once per interval."""
+    """Loss and gradient norm summed on the device (no host sync per step); read() gives their
+    means, the global samples/s and, given a peak, MFU (achieved / peak FLOP/s per process)."""
 
     def __init__(self, device: torch.device, train_flops_per_sample: float, peak: Optional[float],
                  world_size: int = 1):
@@ -1491,25 +1487,20 @@ class Meter:
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, num_samples: int):
         self.sums += torch.stack([loss.detach().float(), grad_norm.detach().float()])
-        self.steps += 1
-        self.timed_samples += num_samples
+        self.steps, self.timed_samples = self.steps + 1, self.timed_samples + num_samples
 
-    def restart_clock(self):
-        """Leaves what follows out of the throughput: the compiling first step, sampling, saving."""
+    def restart_clock(self):  # what follows (compiling, sampling, saving) is no throughput
         self.timed_samples, self.clock = 0, time.perf_counter()
 
-    def finite(self) -> bool:
-        """Whether every loss and gradient norm since the last read() was finite (a host sync)."""
+    def finite(self) -> bool:  # a host sync
         return bool(self.sums.isfinite().all())
 
     def read(self) -> dict:
-        """The means since the last read, samples/s and MFU; then starts the next interval."""
         loss, grad_norm = (self.sums / max(self.steps, 1)).tolist()
-        seconds = max(time.perf_counter() - self.clock, 1e-9)
-        values = {"loss": loss, "grad_norm": grad_norm,
-                  "SPS": self.timed_samples * self.world_size / seconds}
+        rate = self.timed_samples / max(time.perf_counter() - self.clock, 1e-9)  # this process's
+        values = {"loss": loss, "grad_norm": grad_norm, "SPS": rate * self.world_size}
         if self.peak is not None:
-            values["mfu"] = self.timed_samples / seconds * self.flops / self.peak
+            values["mfu"] = rate * self.flops / self.peak
         self.sums.zero_()
         self.steps = 0
         self.restart_clock()
@@ -1517,15 +1508,15 @@ class Meter:
 
 
 def available_memory(setup: Setup) -> float:
-    """Bytes a training step may still take: CUDA's free memory; on a CPU the least of MemAvailable,
-    the cgroup's memory.max less its usage and RLIMIT_AS less the address space (inf: none read)."""
+    """Bytes a training step may take: CUDA's free memory; on a CPU the least of MemAvailable, the
+    cgroup's memory.max less its usage and RLIMIT_AS less the address space (inf: none read)."""
     if setup.use_cuda:
         return float(torch.cuda.mem_get_info(setup.device)[0])
     import resource
 
     def number(path: str, name: str = "") -> float:  # a file's number, or "Name: 123 kB" in bytes
-        lines = [line.split() for line in Path(path).read_text().splitlines() if line.startswith(name)]
-        return 1024 * float(lines[0][1]) if name else float(lines[0][0])
+        words = [line.split() for line in Path(path).read_text().splitlines() if line.startswith(name)]
+        return 1024 * float(words[0][1]) if name else float(words[0][0])
 
     address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
     address_space = math.inf if address_space == resource.RLIM_INFINITY else address_space
@@ -1539,8 +1530,8 @@ def available_memory(setup: Setup) -> float:
 
 
 def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor]) -> float:
-    """Bytes autograd keeps for the backward pass of loss_fn() (model and inputs on the meta
-    device); a tensor saved twice (or as views of one) counts once, weights not at all."""
+    """Bytes autograd keeps for the backward pass of loss_fn() (run on the meta device); a tensor
+    saved twice (or as views of one) counts once, weights not at all."""
     saved = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -1556,13 +1547,12 @@ def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor]) -> float:
 
 def check_step_memory(setup: Setup, batch_size: int, num_params: int,
                       activation_bytes_per_sample: float, dtype: str) -> float:
-    """Refuses a training step that cannot fit in available_memory(), naming the largest batch size
-    that fits. Per process: 5 x 4 bytes per parameter (weights, gradients, two Adam moments, EMA)
-    + its batch x the activations saved per sample (halved under CUDA autocast)."""
-    autocast = setup.use_cuda and dtype != "float32"
-    per_sample = activation_bytes_per_sample * (0.5 if autocast else 1.0)
-    fixed = 5 * 4 * num_params
-    needed, available = fixed + batch_size // setup.world_size * per_sample, available_memory(setup)
+    """Refuses a step that cannot fit, naming the batch size that does. Per process: 5 x 4 bytes per
+    parameter (weights, grads, Adam's two moments, EMA) + its batch x activations (halved by
+    autocast)."""
+    per_sample = activation_bytes_per_sample / (2 if setup.use_cuda and dtype != "float32" else 1)
+    fixed, available = 5 * 4 * num_params, available_memory(setup)
+    needed = fixed + batch_size // setup.world_size * per_sample
     if needed > available:
         fits = int((available - fixed) // per_sample) * setup.world_size if available > fixed else 0
         raise UserError(f"--batch-size {batch_size} needs about {needed / 2**30:.1f} GiB per "
@@ -1631,18 +1621,16 @@ def run_main(main: Callable):
     StopFlag.keep_handlers = True
     try:
         return main(*parse_args())
-    except Interrupted:
-        message = ("interrupted by a second Ctrl-C: quit without saving (the last checkpoint, if "
-                   "any, is intact)")
-        status = 130
     except (UserError, TrainingFailure) as e:
         message, status = str(e), 2 if isinstance(e, UserError) else 1
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         message = f"{where}{e.strerror or e}; check the disk and the folder's permissions, then --resume"
         status = 1
-    except KeyboardInterrupt:
-        message, status = "interrupted before the run started; nothing was saved", 130
+    except (Interrupted, KeyboardInterrupt) as e:
+        message, status = ("interrupted by a second Ctrl-C: quit without saving (the last "
+                           "checkpoint, if any, is intact)" if isinstance(e, Interrupted) else
+                           "interrupted before the run started; nothing was saved"), 130
     finally:
         StopFlag.keep_handlers = False  # the process exits with its handlers; a caller gets its own
     for bar in list(getattr(tqdm, "_instances", ())):
@@ -1650,9 +1638,6 @@ def run_main(main: Callable):
     if torchrun_world()[1] == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(status)
-
-
-# ==== END SHARED MACHINERY ====
 
 
 if __name__ == "__main__":

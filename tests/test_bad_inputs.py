@@ -781,27 +781,41 @@ def event_files(run_dir: Path) -> dict:
 def test_a_second_trainer_of_a_run_is_refused_and_a_reader_purges_nothing(script, short_runs, tmp_path, lock_holder,
                                                                           capsys):
     """Process A trains RUN (it holds the flock on RUN/train.lock). B, resuming RUN to train on, is refused in one line
-    naming the lock file, with nothing written; B asking for fewer steps than RUN has done says so and writes nothing
-    (no purging writer); --sample-only is allowed. A killed A leaves no stale lock: B then trains on."""
+    naming the lock file, with nothing written; --sample-only is allowed. A killed A leaves no stale lock; B asking
+    for fewer steps than RUN has done says so and writes nothing (no purging writer), then B trains on."""
     m = module(script)
     run_dir = tmp_path / "run"
     shutil.copytree(short_runs[script], run_dir)
     trainer = lock_holder(run_dir)
     before, checkpoint = event_files(run_dir), file_hash(run_dir / "checkpoints" / "latest.pt")
-    with pytest.raises(m.UserError) as refused:
-        m.main(*m.parse_args(["--resume", str(run_dir), "--total-steps", "4"]))
-    assert f"{run_dir} is being trained by another process, which holds {run_dir / 'train.lock'}" in str(
-        refused.value)
-    m.main(*m.parse_args(["--resume", str(run_dir), "--total-steps", "1"]))
-    assert "the run is already at step 2 of --total-steps 1" in capsys.readouterr().out
+    for total_steps in ("4", "1"):  # refused before the checkpoint is read: B cannot know it has nothing to train
+        with pytest.raises(m.UserError) as refused:
+            m.main(*m.parse_args(["--resume", str(run_dir), "--total-steps", total_steps]))
+        assert f"{run_dir} is being trained by another process, which holds {run_dir / 'train.lock'}" in str(
+            refused.value)
     m.main(*m.parse_args(["--resume", str(run_dir), "--sample-only", "--num-samples", "2"]))
-    assert event_files(run_dir) == before and file_hash(run_dir / "checkpoints" / "latest.pt") == checkpoint
     trainer.kill()  # A is SIGKILLed: the OS releases its lock
     trainer.wait()
+    capsys.readouterr()
+    m.main(*m.parse_args(["--resume", str(run_dir), "--total-steps", "1"]))
+    assert "the run is already at step 2 of --total-steps 1" in capsys.readouterr().out
+    assert event_files(run_dir) == before and file_hash(run_dir / "checkpoints" / "latest.pt") == checkpoint
     m.main(*m.parse_args(["--resume", str(run_dir), "--total-steps", "3", "--eval-every", "100"]))
     assert torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["step"] == 3
     assert lock_is_free(run_dir)  # released when the run ended
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_second_trainer_is_refused_before_it_reads_the_checkpoint(script, tmp_path, lock_holder):
+    """A trainer locks the run before it reads checkpoints/latest.pt: read first, a checkpoint the live trainer then
+    replaced could be trained on and saved over its newer one. Here the file is garbage: the lock is what is named."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest.pt").write_bytes(b"\x00garbage")
+    lock_holder(run_dir)
+    result = run_script(script, "--resume", run_dir, check=False)
+    assert_one_line_error(result, f"{run_dir} is being trained by another process")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
