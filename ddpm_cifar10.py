@@ -1029,7 +1029,10 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
     values = {flag_field(token): token.split("=", 1)[1] if "=" in token else after
               for token, after in zip(argv, argv[1:] + ["--"])}
     defaults = replace(Args(), **PRESETS.get(values.get("preset"), {}))  # tyro refuses others
-    if values.get("config", "--")[:2] != "--" and "resume" not in values:  # else the checkpoint's
+    if "config" in values and "resume" in values:
+        raise UserError("--config with --resume: a resumed run takes its arguments from its checkpoint; "
+                        "drop --config and give the flags a resume may change on the command line")
+    if values.get("config", "--")[:2] != "--":
         defaults = replace(defaults, **read_config(values["config"]))
     box = io.StringIO()  # tyro's error box is many lines, ours is one
     try:

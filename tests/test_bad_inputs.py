@@ -225,6 +225,15 @@ def test_bad_config_files_are_refused_by_name(script, tmp_path):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_a_config_given_with_resume_is_refused_not_ignored(script, tmp_path):
+    """A resumed run's arguments are its checkpoint's: a --config beside --resume would be silently ignored."""
+    m = module(script)
+    (tmp_path / "c.json").write_text(json.dumps({"seed": 3}))
+    with pytest.raises(m.UserError, match="--config with --resume"):
+        m.parse_args(["--resume", str(tmp_path), "--config", str(tmp_path / "c.json")])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_a_yaml_config_is_read(script, tmp_path):
     pytest.importorskip("yaml")
     m = module(script)
