@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import tyro
 
 SCRIPT_NAME = "video_diffusion.py"
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2  # 2: the cross-attention and resampling weights renamed
 OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
 # torch.compile's backend (--compile), read at each call: tests put a counting or failing one here
 COMPILE_BACKEND = "inductor"
