@@ -1475,17 +1475,15 @@ def lr_warmup_factor(step: int, warmup_steps: int) -> float:
 # Evaluation: test episodes, the human-normalised score, world-model metrics, rollout videos.
 
 
-def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv],
-                device: torch.device, autocast, stop, what: str, stopped: str, writer_at: Callable,
-                step: int, kind: str = "test"):
-    """The score the paper reports: --test-episodes full games, printed and logged under
-    eval/{kind}_* at `step`. A signal abandons them, logging nothing: the line `stopped` says so."""
+def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device: torch.device,
+                autocast, stop, what: str, stopped: str, writer_at: Callable, step: int, kind: str = "test"):
+    """The paper's score: --test-episodes full games, printed and logged as eval/{kind}_* at `step`. A signal
+    abandons them and logs nothing (the line `stopped` says so)."""
     try:
         returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003, device,
                                     autocast, check=stop.check)
     except StopRequested:
-        print(stopped, flush=True)
-        return
+        return print(stopped, flush=True)
     mean, score = float(np.mean(returns)), env.normalized_score(float(np.mean(returns)))
     line = f"{what}: mean return {mean:.2f} (std {np.std(returns):.2f})"
     if score is None:
@@ -1497,10 +1495,9 @@ def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, Catc
         line += f"; catch rate {(mean + 1) / 2:.3f} (random 0.2)"
     print(line, flush=True)
     with writer_at() as writer:
-        writer.add_scalar(f"eval/{kind}_episodic_return", mean, step)
-        writer.add_scalar(f"eval/{kind}_num_episodes", len(returns), step)
-        if score is not None:
-            writer.add_scalar(f"eval/{kind}_human_normalized_score", score, step)
+        for key, value in (("episodic_return", mean), ("num_episodes", len(returns)), ("human_normalized_score", score)):
+            if value is not None:
+                writer.add_scalar(f"eval/{kind}_{key}", value, step)
 
 
 @torch.no_grad()
@@ -1508,8 +1505,8 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
                       device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16,
                       check: Callable[[], None] = lambda: None, record: Optional[list] = None,
                       on_step: Callable[[], None] = lambda: None) -> list[float]:
-    """Returns of full games (epsilon 0, no life-loss ends), max_parallel at once, seeded by `seed`
-    alone. check() runs before each env and step, then on_step(); `record` gets the episodes."""
+    """Returns of full games (epsilon 0, no life-loss ends), max_parallel at once, seeded by `seed` alone. check()
+    runs before each env and step, then on_step(); `record` gets the episodes."""
     generator = torch.Generator().manual_seed(seed)
     returns = []
     while len(returns) < num_episodes:
@@ -1538,31 +1535,24 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
 
 
 @torch.no_grad()
-def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
-                    ids: list[int], args: Args, device: torch.device, seed: int, net=None,
-                    autocast=contextlib.nullcontext()) -> dict[str, float]:
-    """The mean training losses per segment on held-out episodes (ids), as DIAMOND tests its world
-    model: each frame a denoiser target once, each transition a reward/end target once."""
+def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, ids: list[int],
+                    args: Args, device: torch.device, seed: int, net=None, autocast=contextlib.nullcontext()) -> dict:
+    """The mean training losses on held-out episodes (ids), as DIAMOND tests its world model: each frame a denoiser
+    target once, each transition a reward/end target once."""
     generator = torch.Generator(device=device).manual_seed(seed)
-    c, length = args.num_conditioning_steps, args.reward_segment_length
-    num_predictions = 1 + args.num_autoregressive_steps
-    lengths = {i: len(buffer.episode(i)["actions"]) for i in ids}
-    # denoiser segments start at s = 1 - c, 1 - c + num_predictions, ...: targets s + c .. (1..T)
-    denoiser_refs = [(i, s) for i in ids for s in range(1 - c, lengths[i] - c + 1, num_predictions)]
-    # reward/end segments share their boundary frame: transitions 0..L-2, L-1..2L-3, ...
-    reward_refs = [(i, s) for i in ids for s in range(0, lengths[i], length - 1)]
+    c, length, k = args.num_conditioning_steps, args.reward_segment_length, 1 + args.num_autoregressive_steps
     losses = {}
-    for name, refs, num_obs in (("denoiser", denoiser_refs, c + num_predictions), ("reward_end", reward_refs, length)):
+    # denoiser segments start at 1 - c, 1 - c + k, ... (targets 1..T); reward/end segments share their boundary
+    # frame (transitions 0..L-2, L-1..2L-3, ...)
+    for name, first, stride, num_obs in (("denoiser", 1 - c, k, c + k), ("reward_end", 0, length - 1, length)):
+        refs = [(i, s) for i in ids for s in range(first, len(buffer.episode(i)["actions"]) + first, stride)]
         total = 0.0
-        for first in range(0, len(refs), args.batch_size):
-            chunk = refs[first: first + args.batch_size]
+        for chunk in (refs[j: j + args.batch_size] for j in range(0, len(refs), args.batch_size)):
             batch = {key: value.to(device) for key, value in buffer.segments(chunk, num_obs).items()}
             obs = segment_obs(batch, device)
             with autocast:
-                if name == "denoiser":
-                    loss = denoiser_loss(denoiser, obs, batch["actions"], batch["obs_mask"], args, generator, net)
-                else:
-                    loss = reward_end_loss(reward_end_model, {**batch, "obs": obs})
+                loss = (denoiser_loss(denoiser, obs, batch["actions"], batch["obs_mask"], args, generator, net)
+                        if name == "denoiser" else reward_end_loss(reward_end_model, {**batch, "obs": obs}))
             total += float(loss) * len(chunk)
         losses[f"{name}_test_loss"] = total / max(len(refs), 1)
     return losses
@@ -1572,13 +1562,12 @@ def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer
 def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
                         refs: list[tuple[int, int]], args: Args, device: torch.device, seed: int,
                         net=None, autocast=contextlib.nullcontext()) -> dict:
-    """On real transitions (episode, t): the sampled next frame's MSE beside copying the last frame,
-    over all pixels and those that change; reward-sign and end accuracy; under "counts" the (hits,
-    predicted, actual) counts of each class of RewardEndPools."""
+    """On real transitions (episode, t): the sampled next frame's MSE beside copying the last frame, over all pixels
+    and those that change; reward-sign and end accuracy; "counts": each class's (hits, predicted, actual)."""
     c = args.num_conditioning_steps
     generator = torch.Generator(device=device).manual_seed(seed)
     sums = dict.fromkeys(("mse", "copy", "mse_changed", "copy_changed", "changed", "pixels", "reward", "end"), 0.0)
-    counts = {name: [0, 0, 0] for name in RewardEndPools.classes}
+    counts = torch.zeros(len(RewardEndPools.classes), 3, dtype=torch.long)
     for first in range(0, len(refs), 64):
         batch = buffer.segments([(e, t - (c - 1)) for e, t in refs[first: first + 64]], c + 1)
         obs = segment_obs(batch, device)  # (B, c + 1, 3, H, W)
@@ -1597,43 +1586,40 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
         reward_guess, end_guess = reward_logits[:, -1].argmax(-1).cpu(), end_logits[:, -1].argmax(-1).cpu()
         sums["reward"] += float((reward_guess == reward).sum())
         sums["end"] += float((end_guess == end).sum())
-        # one-vs-rest per class: (predicted == actual == class, predicted == class, actual == class)
-        for name, (guess, actual, value) in zip(RewardEndPools.classes, [(reward_guess, reward, 0), (
-                reward_guess, reward, 1), (reward_guess, reward, 2), (end_guess, end, 1)]):
-            new = ((guess == value) & (actual == value), guess == value, actual == value)
-            counts[name] = [total + int(x.sum()) for total, x in zip(counts[name], new)]
+        # one-vs-rest per class (signs -1, 0, +1, the end): predicted == actual == class, predicted, actual
+        guess = torch.cat([F.one_hot(reward_guess, 3), end_guess[:, None]], 1).bool()
+        actual = torch.cat([F.one_hot(reward, 3), end[:, None]], 1).bool()
+        counts += torch.stack([guess & actual, guess, actual], -1).sum(0)
     n, changed, pixels = len(refs), max(sums["changed"], 1.0), sums["pixels"]
     return {"next_frame_mse": sums["mse"] / pixels, "copy_last_frame_mse": sums["copy"] / pixels,
             "next_frame_mse_changed": sums["mse_changed"] / changed,
             "copy_last_frame_mse_changed": sums["copy_changed"] / changed,
             "changed_pixel_fraction": sums["changed"] / pixels, "reward_accuracy": sums["reward"] / n,
-            "end_accuracy": sums["end"] / n, "counts": counts}
+            "end_accuracy": sums["end"] / n, "counts": dict(zip(RewardEndPools.classes, counts.tolist()))}
 
 
 class RewardEndPools:
-    """The reward/end model's recall and precision per class (reward signs -1, 0, +1; the end),
-    pooled until min_count actual (recall) or predicted (precision) examples, then taken and emptied:
-    rewards and ends are rare; no value is NaN or rests on fewer than min_count."""
+    """The reward/end model's recall and precision per class (reward signs -1, 0, +1; the end), pooled until
+    min_count actual (recall) or predicted (precision) examples, then taken and emptied: no value rests on fewer."""
     classes = ("reward_neg", "reward_zero", "reward_pos", "end")
 
     def __init__(self, min_count: int = 20):
         self.min_count = min_count
-        self.recall = {name: [0, 0] for name in self.classes}  # [hits, actual]
-        self.precision = {name: [0, 0] for name in self.classes}  # [hits, predicted]
+        self.recall, self.precision = ({name: [0, 0] for name in self.classes} for _ in "rp")  # [hits, total]
 
     def add(self, counts: dict[str, list[int]]):
-        """counts: (hits, predicted, actual) of each class, as world_model_metrics returns them."""
+        """counts: each class's (hits, predicted, actual), as world_model_metrics returns them."""
         for name, (hits, predicted, actual) in counts.items():
             for pools, total in ((self.recall, actual), (self.precision, predicted)):
                 pools[name] = [pools[name][0] + hits, pools[name][1] + total]
 
     def take(self) -> dict[str, float]:
-        """The full pools' values by tag (world_model/reward_recall_pos ...); those emptied."""
+        """The full pools' values by tag (reward_pos -> world_model/reward_recall_pos); those emptied."""
         values = {}
         for kind, pools in (("recall", self.recall), ("precision", self.precision)):
             for name, (hits, total) in pools.items():
                 if total >= self.min_count:
-                    what, _, sign = name.partition("_")  # reward_pos -> world_model/reward_recall_pos
+                    what, _, sign = name.partition("_")
                     values[f"world_model/{what}_{kind}" + (f"_{sign}" if sign else "")] = hits / total
                     pools[name] = [0, 0]
         return values
@@ -1774,8 +1760,8 @@ PHASES = ("collect", "world_model_eval", "denoiser", "reward_end", "actor_critic
 
 @dataclass
 class RunPosition:
-    """Where the run is: the epoch (from 1), the phase (an index into PHASES), the step in it (env
-    steps or updates), and the global step: the three models' updates, TensorBoard's x."""
+    """Where the run is: the epoch (from 1), the phase (an index into PHASES), the step in it (env steps or
+    updates), and the global step (the three models' updates, TensorBoard's x)."""
     epoch: int = 1
     phase: int = 0
     step: int = 0
@@ -1784,13 +1770,6 @@ class RunPosition:
     @property
     def name(self) -> str:
         return PHASES[self.phase]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "phase": self.name, "position": self.step, "global_step": self.global_step}
-
-    def load_state_dict(self, state: dict):
-        self.epoch, self.phase, self.step = state["epoch"], PHASES.index(state["phase"]), state["position"]
-        self.global_step = state["global_step"]
 
     def __str__(self) -> str:
         return f"epoch {self.epoch} ({self.name}, step {self.step}; global step {self.global_step})"
@@ -1809,17 +1788,14 @@ def add_step(episode: dict, action: int, obs: np.ndarray, reward: float, termina
 
 
 class Collector:
-    """The real environment and what is collected from it: the episode in progress, the actor's LSTM
-    state, the held-out transitions (since the world model was last measured), the reward/end pools
-    on them, and the newest env states, for imagined_and_real_returns."""
+    """The real env and what is collected from it: the episode in progress, the actor's LSTM state, the held-out
+    transitions (since the world model was last measured), the reward/end pools on them, the newest env states."""
     num_fork_starts = 8
 
-    def __init__(self, env: Union[AtariEnv, CatchEnv], buffer: ReplayBuffer,
-                 generator: torch.Generator, device: torch.device):
+    def __init__(self, env: Union[AtariEnv, CatchEnv], buffer: ReplayBuffer, generator: torch.Generator,
+                 device: torch.device):
         self.env, self.buffer, self.generator, self.device = env, buffer, generator, device
-        self.partial: Optional[dict] = None  # the episode in progress (new_episode's lists)
-        self.hidden = None  # the actor's LSTM state
-        self.env_steps = 0
+        self.partial, self.hidden, self.env_steps = None, None, 0  # new_episode's lists, the actor's LSTM state
         self.first_collection_steps = 0  # the first collection N, once epoch 1 has decided it (0: not yet)
         self.heldout = torch.zeros((0, 2), dtype=torch.long)  # (episode index in the buffer, t)
         self.reward_end_pools = RewardEndPools()
@@ -1827,12 +1803,11 @@ class Collector:
 
     @torch.no_grad()
     def step(self, actor_critic: ActorCritic, args: Args, autocast, random_policy: bool):
-        """One env step with the agent (epsilon-greedy over a sampled action) or a uniform random
-        policy. Returns the reward and, when the step ended a game, the game's (return, length)."""
+        """One env step with the agent (epsilon-greedy over a sampled action) or a uniform random policy. Returns
+        the reward and, when the step ended a game, the game's (return, length)."""
         if self.partial is None:
             self.partial = new_episode(self.env.reset())
-        # the transition about to be collected: (its episode's index in the buffer, t)
-        ref = (len(self.buffer.episodes), len(self.partial["actions"]))
+        ref = (len(self.buffer.episodes), len(self.partial["actions"]))  # the transition about to be collected
         if self.env_steps % max(1, args.num_heldout_transitions // self.num_fork_starts) == 0:
             self.fork_starts = (self.fork_starts + [(*ref, self.env.state_dict())])[-self.num_fork_starts:]
         explore = float(torch.rand(1, generator=self.generator)) < args.epsilon
@@ -1849,8 +1824,7 @@ class Collector:
         game = None
         if add_step(self.partial, action, obs, reward, terminated, truncated):
             self.buffer.add({key: np.asarray(value) for key, value in self.partial.items()})
-            if self.env.game_over:
-                game = (self.env.game_return, self.env.game_steps)
+            game = (self.env.game_return, self.env.game_steps) if self.env.game_over else None
             self.partial, self.hidden = None, None
         return reward, game
 
@@ -1859,30 +1833,35 @@ class Collector:
         self.buffer.partial = None if self.partial is None else ReplayBuffer.to_tensors(self.partial)
 
     def state_dict(self) -> dict:
-        return {"env": self.env.state_dict(), "env_steps": self.env_steps,
+        return {"env": self.env.state_dict(), "env_steps": self.env_steps, "heldout": self.heldout,
                 "partial": None if self.partial is None else ReplayBuffer.to_tensors(self.partial),
                 "first_collection_steps": self.first_collection_steps,
                 "collect_hidden": None if self.hidden is None else tuple(h.cpu() for h in self.hidden),
-                "heldout": self.heldout, "reward_end_pools": self.reward_end_pools.state_dict(),
+                "reward_end_pools": self.reward_end_pools.state_dict(),
                 "fork_starts": [{"episode": e, "t": t, "env": env} for e, t, env in self.fork_starts]}
 
     def load_state_dict(self, state: dict):
         self.env.load_state_dict(state["env"])
-        self.env_steps, self.heldout = state["env_steps"], state["heldout"]
-        self.first_collection_steps, partial = state["first_collection_steps"], state["partial"]
-        self.partial = None if partial is None else {
-            "obs": list(partial["obs"].permute(0, 2, 3, 1).numpy()),
-            **{key: partial[key].tolist() for key in ("actions", "rewards", "terminated", "truncated")}}
-        hidden = state["collect_hidden"]
+        self.env_steps, self.heldout, partial = state["env_steps"], state["heldout"], state["partial"]
+        self.first_collection_steps, hidden = state["first_collection_steps"], state["collect_hidden"]
+        self.partial = None if partial is None else {"obs": list(partial["obs"].permute(0, 2, 3, 1).numpy()), **{
+            key: partial[key].tolist() for key in ("actions", "rewards", "terminated", "truncated")}}
         self.hidden = None if hidden is None else tuple(h.to(self.device) for h in hidden)
         self.reward_end_pools.load_state_dict(state["reward_end_pools"])
         self.fork_starts = [(s["episode"], s["t"], s["env"]) for s in state["fork_starts"]]
 
 
 class EpochLog:
-    """An epoch's numbers. Losses and gradient norms are summed on the device (no host sync per
-    update) and written every log_every updates at the global step; the rest waits in `pending` for
-    the end of the epoch, before its checkpoint, so that a resumed run never writes a step twice."""
+    """An epoch's numbers. Losses and gradient norms are summed on the device (no host sync per update) and written
+    every log_every updates; the rest waits in `pending` for the end of the epoch, before its checkpoint, so that a
+    resumed run never writes a step twice."""
+    # the epoch's printed line: each tag's mean in the epoch (the losses: of their logged windows)
+    line = {"losses/denoiser": "denoiser loss", "losses/reward_end": "reward/end loss",
+            "losses/actor_critic": "actor-critic loss", "charts/episodic_return": "train return",
+            "eval/episodic_return": "eval return", "world_model/next_frame_mse_changed": "next-frame mse on changed "
+            "pixels", "world_model/copy_last_frame_mse_changed": "copy-last-frame", "world_model/reward_recall_pos":
+            "rew+ recall", "world_model/reward_precision_pos": "rew+ precision", "eval/imagined_minus_real_return":
+            "imag-real gap", "eval/imagined_return": "imag return", "eval/real_return": "real return"}
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -1911,34 +1890,13 @@ class EpochLog:
         self.sums = {}
         return means
 
-    def write_pending(self, writer, step: int):
-        for key, values in self.pending.items():
-            writer.add_scalar(key, float(np.mean(values)), step)
-
     def summary(self) -> list[str]:
-        """The epoch's printed line: mean losses and returns, the world model beside copying the
-        last frame, and when evaluated the reward +1's recall/precision, the imagined minus real
-        return, the top action."""
+        """The epoch's printed line (EpochLog.line), with the test episodes' most taken action."""
         values = {**self.means, **self.pending}
-        parts = [f"{label} {np.mean(values[key]):.4g}" for key, label in (
-            ("losses/denoiser", "denoiser loss"), ("losses/reward_end", "reward/end loss"),
-            ("losses/actor_critic", "actor-critic loss"), ("charts/episodic_return", "train return"),
-            ("eval/episodic_return", "eval return")) if key in values]
-        first = {key: value[0] for key, value in values.items()}
-        if "world_model/next_frame_mse_changed" in first:
-            parts.append(f"next-frame mse on changed pixels {first['world_model/next_frame_mse_changed']:.4g} "
-                         f"(copy-last-frame {first['world_model/copy_last_frame_mse_changed']:.4g})")
-        recall, precision = (first.get(f"world_model/reward_{kind}_pos") for kind in ("recall", "precision"))
-        if recall is not None or precision is not None:
-            parts.append("rew+ rec/prec " + "/".join("-" if v is None else f"{v:.2f}" for v in (recall, precision)))
-        if "eval/imagined_minus_real_return" in first:
-            parts.append(f"imag-real gap {first['eval/imagined_minus_real_return']:+.2f} (imag "
-                         f"{first['eval/imagined_return']:+.2f}, real {first['eval/real_return']:+.2f})")
-        shares = {key[18:]: value for key, value in first.items() if key.startswith("eval/action_share_")}
-        if shares:
-            top = max(shares, key=shares.get)
-            parts.append(f"top action {top} {shares[top]:.2f}")
-        return parts
+        parts = [f"{label} {np.mean(values[key]):.4g}" for key, label in self.line.items() if key in values]
+        shares = {key[18:]: value[0] for key, value in values.items() if key.startswith("eval/action_share_")}
+        top = max(shares, key=shares.get, default=None)
+        return parts + ([f"top action {top} {shares[top]:.2f}"] if top else [])
 
     def state_dict(self) -> dict:
         return {"epoch_log": {"pending": self.pending, "means": self.means},
@@ -1989,16 +1947,17 @@ def run_checkpoint(run, pos, log) -> dict:
     """checkpoints/latest.pt's contents (CHECKPOINT_KEYS), which restore_run puts back."""
     parts = {key: {name: getattr(learner, key[:-1]).state_dict() for name, learner in run.learners.items()}
              for key in ("models", "optimizers", "schedulers", "scalers")}
-    return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION,
-            "args": asdict(run.args), **pos.state_dict(), **run.collector.state_dict(), **log.state_dict(),
+    return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "args": asdict(run.args),
+            "epoch": pos.epoch, "phase": pos.name, "position": pos.step, "global_step": pos.global_step,
+            **run.collector.state_dict(), **log.state_dict(),
             "num_buffer_files": len(run.buffer.episodes) if run.args.dataset_dir is None else 0, **parts,
             "rng": rng_state(), "cpu_generator": run.cpu_generator.get_state(),
             "generator": run.generator.get_state().cpu(), "imagination": run.wm_env.state_dict()}
 
 
-def restore_run(checkpoint: dict, pos, collector, log, learners: dict[str, Learner], cpu_generator, generator):
-    """Puts run_checkpoint's state back (the episodes: once the buffer is read); weights of another
-    shape, or a damaged state, are one line."""
+def restore_run(checkpoint: dict, collector, log, learners: dict[str, Learner], cpu_generator, generator):
+    """Puts run_checkpoint's state back (the episodes: once the buffer is read) and returns the position; weights
+    of another shape, or a damaged state, are one line."""
     try:
         for name, learner in learners.items():
             for key in ("models", "optimizers", "schedulers", "scalers"):
@@ -2006,9 +1965,10 @@ def restore_run(checkpoint: dict, pos, collector, log, learners: dict[str, Learn
         set_rng_state(checkpoint["rng"])
         cpu_generator.set_state(checkpoint["cpu_generator"])
         generator.set_state(checkpoint["generator"])  # a CPU ByteTensor, for CUDA generators too
-        pos.load_state_dict(checkpoint)
         collector.load_state_dict(checkpoint)
         log.load_state_dict(checkpoint)
+        return RunPosition(checkpoint["epoch"], PHASES.index(checkpoint["phase"]), checkpoint["position"],
+                           checkpoint["global_step"])
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
         raise UserError(f"checkpoint weights do not fit this model, or its state is damaged ({error_reason(e)}); "
                         f"resume from another checkpoint") from None
@@ -2016,30 +1976,30 @@ def restore_run(checkpoint: dict, pos, collector, log, learners: dict[str, Learn
 
 @dataclass
 class Run:
-    """What the phases of an epoch share. cpu_generator: no-ops, exploration, replay sampling;
-    generator: diffusion noise, imagination."""
+    """What the phases of an epoch share. cpu_generator: no-ops, exploration, replay sampling; generator: diffusion
+    noise, imagination. train_ids: the episodes the world model trains on (None: all); denoiser_net: compiled with
+    --compile; graphs: the compiled imagination step, or None (eager); mfu_per_update: one denoiser update's FLOPs
+    over the device's peak FLOP/s (None on a CPU: no MFU)."""
     args: Args
     device: torch.device
     autocast: object
     generator: torch.Generator
     cpu_generator: torch.Generator
     buffer: ReplayBuffer
-    train_ids: Optional[list[int]]  # the episodes the world model trains on (None: all; --dataset-dir holds some out)
+    train_ids: Optional[list[int]]
     learners: dict[str, Learner]
-    denoiser_net: nn.Module  # the denoiser's network, compiled with --compile
+    denoiser_net: nn.Module
     wm_env: WorldModelEnv
-    graphs: Optional[ImaginationGraphs]  # the compiled imagination step (--imagination-graphs), or None: eager
+    graphs: Optional[ImaginationGraphs]
     collector: Collector
-    writer: object  # a SummaryWriter
-    stop: object  # the StopFlag
+    writer: object
+    stop: object
     run_dir: Path
-    denoiser_update_flops: float  # FLOPs of one denoiser update, for MFU
-    peak_flops: Optional[float]  # the device's peak FLOP/s on CUDA; None on a CPU (no MFU)
+    mfu_per_update: Optional[float]
 
     @property
     def schedule(self) -> list[int]:
-        """Env steps per epoch (run_schedule): final once epoch 1 has decided the first
-        collection."""
+        """Env steps per epoch (run_schedule): final once epoch 1 has decided the first collection."""
         return run_schedule(self.args, self.collector.first_collection_steps)
 
     @property
@@ -2047,15 +2007,14 @@ class Run:
         return len(self.schedule)
 
     def checked_net(self, *inputs):
-        """The denoiser's network uncompiled, for evaluations (their shapes vary); a signal abandons
-        them within a call (StopRequested)."""
+        """The denoiser's network uncompiled, for evaluations (their shapes vary); a signal abandons them within a
+        call (StopRequested)."""
         self.stop.check()
         return self.learners["denoiser"].model.net(*inputs)
 
 
 def phase_work(args: Args, schedule: list[int], name: str, epoch: int) -> int:
-    """A phase's work in an epoch: env steps, updates, or 1 (a measurement, an evaluation); 0: it
-    does not run. Epoch 1 trains longer; the actor-critic may start later."""
+    """A phase's work in an epoch: env steps, updates, or 1 (a measurement, an evaluation); 0: it does not run."""
     first = epoch == 1
     return {"collect": schedule[epoch - 1],
             "world_model_eval": int(schedule[epoch - 1] > 0 or args.dataset_dir is not None),
@@ -2067,34 +2026,31 @@ def phase_work(args: Args, schedule: list[int], name: str, epoch: int) -> int:
 
 
 def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One update's loss of a model on a fresh batch (real segments; the actor-critic: an imagined
-    rollout) and the extra values to log."""
-    args, device, autocast = run.args, run.device, run.autocast
-    if name == "denoiser":  # 6-frame segments, two predictions (the second on the first's 8-bit output)
-        batch = sample_denoiser_batch(run.buffer, args, run.cpu_generator, device, run.train_ids)
-        with autocast:
-            loss = denoiser_loss(run.learners["denoiser"].model, batch["obs"], batch["actions"],
-                                 batch["obs_mask"], args, run.generator, run.denoiser_net)
-        return loss, {}
-    if name == "reward_end":  # 19-frame segments from t - U[0, 19), the LSTM from a zero state
-        batch = sample_reward_end_batch(run.buffer, args, run.cpu_generator, device, run.train_ids)
-        with autocast:
-            loss = reward_end_loss(run.learners["reward_end"].model, batch)
-        return loss, {}
-    loss, parts = actor_critic_loss(run.learners["actor_critic"].model, run.wm_env, args,
-                                    run.generator, autocast, run.graphs)
-    return loss, {f"losses/{key}" if key in ("actor", "critic", "entropy") else f"charts/{key}": value
-                  for key, value in parts.items()}
+    """One update's loss of a model on a fresh batch (real segments; the actor-critic: an imagined rollout) and the
+    extra values to log."""
+    args, model = run.args, run.learners[name].model
+    if name == "actor_critic":
+        loss, parts = actor_critic_loss(model, run.wm_env, args, run.generator, run.autocast, run.graphs)
+        return loss, {f"losses/{key}" if key in ("actor", "critic", "entropy") else f"charts/{key}": value
+                      for key, value in parts.items()}
+    # denoiser: 6-frame segments, two predictions (the second on the first's 8-bit output); reward/end: 19-frame
+    # segments from t - U[0, 19), the LSTM from a zero state
+    sample = sample_denoiser_batch if name == "denoiser" else sample_reward_end_batch
+    batch = sample(run.buffer, args, run.cpu_generator, run.device, run.train_ids)
+    with run.autocast:
+        if name == "denoiser":
+            return denoiser_loss(model, batch["obs"], batch["actions"], batch["obs_mask"], args, run.generator,
+                                 run.denoiser_net), {}
+        return reward_end_loss(model, batch), {}
 
 
 def collect(run: Run, pos: RunPosition, log: EpochLog):
-    """Env steps with the agent (--world-model-only: random) until this epoch's share of the budget.
-    Epoch 1 decides the first collection N as DIAMOND: initial_collection_steps, then 100 more at a
-    time until the two rarer reward signs occur min_rare_rewards times, or the maximum."""
+    """Env steps with the agent (--world-model-only: random) until this epoch's share of the budget. Epoch 1 decides
+    the first collection N as DIAMOND: initial_collection_steps, then 100 more at a time until the two rarer reward
+    signs occur min_rare_rewards times, or the maximum."""
     args, buffer, collector = run.args, run.buffer, run.collector
-    # counts of the reward signs -1, 0, +1 in the buffer (the episode in progress included)
     counts = [sum(int((buffer.episode(i)["rewards"].sign() == sign).sum()) for i in buffer.sampleable())
-              for sign in (-1, 0, 1)]
+              for sign in (-1, 0, 1)]  # the reward signs in the buffer, the episode in progress included
     total = run.schedule[pos.epoch - 1]
     progress = progress_bar(total, pos.step, f"epoch {pos.epoch} collect", "env step")
     start, first = time.perf_counter(), pos.step
@@ -2122,13 +2078,12 @@ def collect(run: Run, pos: RunPosition, log: EpochLog):
 
 
 def measure_world_model(run: Run, pos: RunPosition, log: EpochLog):
-    """world_model/* on the transitions just collected (or --dataset-dir's held-out ones), never
-    trained on; the reward/end class counts go into the collector's pools."""
+    """world_model/* on the transitions just collected (or --dataset-dir's held-out ones), never trained on; the
+    reward/end class counts go into the collector's pools."""
     collector = run.collector
     refs = [(e if e < len(run.buffer.episodes) else -1, t) for e, t in collector.heldout.tolist()]
-    metrics = world_model_metrics(run.learners["denoiser"].model, run.learners["reward_end"].model,
-                                  run.buffer, refs, run.args, run.device,
-                                  run.args.seed * 7919 + pos.epoch, run.checked_net, run.autocast)
+    metrics = world_model_metrics(run.learners["denoiser"].model, run.learners["reward_end"].model, run.buffer, refs,
+                                  run.args, run.device, run.args.seed * 7919 + pos.epoch, run.checked_net, run.autocast)
     collector.reward_end_pools.add(metrics.pop("counts"))
     for key, value in metrics.items():
         log.add(f"world_model/{key}", value)
@@ -2137,25 +2092,24 @@ def measure_world_model(run: Run, pos: RunPosition, log: EpochLog):
 
 
 def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
-    """This epoch's updates of one model from pos.step on, until done or a signal (the update in
-    progress finishes first); losses written every log_every updates at the global step."""
+    """This epoch's updates of one model from pos.step on, until done or a signal (the update in progress finishes
+    first); losses written every log_every updates at the global step."""
     args, learner = run.args, run.learners[name]
     num_steps = phase_work(args, run.schedule, name, pos.epoch)
     progress = progress_bar(num_steps, pos.step, f"epoch {pos.epoch} {name}", "update")
     start, first = time.perf_counter(), pos.step
     learner.model.train()
-    suffix = "" if name == "denoiser" else f"_{name}"  # the denoiser's is charts/grad_norm
     # the first backward through a compiled graph compiles it: a failure is one line, as forward's
-    compiled = {"denoiser": ("the denoiser (--compile)", "without --compile") if args.compile else None,
-                "actor_critic": ("the imagination graphs", "with --imagination-graphs off") if run.graphs else None}
-    guard = (lambda: compile_failures(run.stop, *compiled[name])) if compiled.get(name) else contextlib.nullcontext
+    compiled = {"denoiser": args.compile and ("the denoiser (--compile)", "without --compile"),
+                "actor_critic": run.graphs and ("the imagination graphs", "with --imagination-graphs off")}.get(name)
+    guard = (lambda: compile_failures(run.stop, *compiled)) if compiled else contextlib.nullcontext
     while pos.step < num_steps and not run.stop.requested:
         with guard():
             loss, parts = phase_loss(run, name)
             grad_norm = learner.update(loss)
-        log.accumulate({f"losses/{name}": loss, f"charts/grad_norm{suffix}": grad_norm, **parts})
-        pos.step += 1
-        pos.global_step += 1
+        log.accumulate({f"losses/{name}": loss, "charts/grad_norm" + ("" if name == "denoiser" else f"_{name}"):
+                        grad_norm, **parts})
+        pos.step, pos.global_step = pos.step + 1, pos.global_step + 1
         progress.update(1)
         if pos.step % args.log_every == 0 or pos.step == num_steps:
             if not log.finite():
@@ -2171,8 +2125,8 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
             torch.cuda.synchronize()
         per_second = (pos.step - first) / (time.perf_counter() - start)
         log.add(f"perf/{name}_steps_per_s", per_second)
-        if name == "denoiser" and run.peak_flops is not None:  # MFU = achieved FLOP/s / peak FLOP/s, on CUDA only
-            log.add("perf/mfu", per_second * run.denoiser_update_flops / run.peak_flops)
+        if name == "denoiser" and run.mfu_per_update is not None:  # MFU = achieved / peak FLOP/s, on CUDA only
+            log.add("perf/mfu", per_second * run.mfu_per_update)
         if name == "actor_critic":
             log.add("perf/imagination_frames_per_s", per_second * args.num_imagined_envs * args.backup_every)
     graphs = run.graphs
@@ -2184,76 +2138,60 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
 
 
 def evaluate(run: Run, pos: RunPosition, log: EpochLog):
-    """An open-loop imagined rollout beside the real frames, test episodes (not in the last epoch:
-    the final test follows), test-set losses, the policy's diagnostics, the full reward/end pools. A
+    """An open-loop imagined rollout beside the real frames, test episodes (not in the last epoch: the final test
+    follows), the policy's action shares and imagined-vs-real return, test-set losses, the full reward/end pools. A
     signal abandons it (StopRequested) before anything is written or a pool emptied."""
-    args, epoch, seed = run.args, pos.epoch, run.args.seed * 7919 + pos.epoch
-    denoiser, reward_end_model = run.learners["denoiser"].model, run.learners["reward_end"].model
-    real, imagined, taken = imagined_vs_real(denoiser, run.buffer, args, run.device, seed,
-                                             run.checked_net, run.autocast)
-    returns, test_episodes = None, []
+    args, epoch, seed, collector = run.args, pos.epoch, run.args.seed * 7919 + pos.epoch, run.collector
+    denoiser, actor_critic = run.learners["denoiser"].model, run.learners["actor_critic"].model
+    real, imagined, taken = imagined_vs_real(denoiser, run.buffer, args, run.device, seed, run.checked_net,
+                                             run.autocast)
+    values, test_episodes = {}, []
     if not args.world_model_only and epoch < run.num_epochs:
         # with --dataset-dir, DIAMOND plays no game: these test episodes are this script's addition
         what = "real-game test episodes, not in DIAMOND's static-dataset mode" if args.dataset_dir else "test episodes"
         progress = progress_bar(None, 0, f"epoch {epoch} evaluate ({args.eval_episodes} {what})", "env step")
-        returns = run_test_episodes(run.learners["actor_critic"].model, args, args.eval_episodes,
-                                    seed, run.device, run.autocast, check=run.stop.check,
-                                    record=test_episodes, on_step=lambda: progress.update(1))
+        returns = run_test_episodes(actor_critic, args, args.eval_episodes, seed, run.device, run.autocast,
+                                    check=run.stop.check, record=test_episodes, on_step=lambda: progress.update(1))
         progress.close()
-    diagnostics = {} if args.world_model_only else policy_diagnostics(run, epoch, test_episodes)
-    # Test-set losses on episodes never trained on: --dataset-dir's held-out episodes, else (as
-    # DIAMOND) the test episodes just played; a --world-model-only run that collects plays none, so
-    # it has none.
+        mean = float(np.mean(returns))
+        values = {"eval/episodic_return": mean, "eval/human_normalized_score": collector.env.normalized_score(mean)}
+        # a policy collapsed onto one action shows in its shares
+        shares = action_shares(test_episodes, collector.env.num_actions)
+        values.update({f"eval/action_share_{m}": float(s) for m, s in zip(collector.env.action_meanings, shares)})
+    k = min(collector.num_fork_starts, args.num_imagined_envs, len(collector.fork_starts))
+    if k and not args.world_model_only:  # none with --dataset-dir
+        run.stop.check()  # an Atari env takes about a second to make
+        env = make_env(args, seed)  # a training env: a life lost ends the episode, as in the buffer
+        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
+        graphs = ImaginationGraphs(run.wm_env, actor_critic, args, run.device,
+                                   amp_dtype if run.device.type == "cuda" else None, backend=None)  # uncompiled: K envs
+        returns = imagined_and_real_returns(graphs, collector.fork_starts[-k:], env, args, seed, run.stop.check)
+        values.update({f"eval/{key}": value for key, value in returns.items()})
+    # test-set losses on episodes never trained on: --dataset-dir's held-out episodes, else (as DIAMOND) the test
+    # episodes just played (a --world-model-only run that collects plays none)
     held_out, ids = run.buffer, sorted(set(range(len(run.buffer.episodes))) - set(run.train_ids or []))
     if args.dataset_dir is None:
         held_out, ids = ReplayBuffer(None, None, args.num_conditioning_steps), list(range(len(test_episodes)))
         for episode in test_episodes:
             held_out.add(episode, write=False)
-    test_losses = test_set_losses(denoiser, reward_end_model, held_out, ids, args, run.device, seed,
-                                  run.checked_net, run.autocast) if ids else {}
+    if ids:
+        values.update({f"eval/{key}": value for key, value in test_set_losses(
+            denoiser, run.learners["reward_end"].model, held_out, ids, args, run.device, seed, run.checked_net,
+            run.autocast).items()})
     # a strip (real on top, imagined below, columns headed by the action taken into them), an MP4
-    names = [run.collector.env.action_meanings[a].lower() for a in taken]
+    names = [collector.env.action_meanings[a].lower() for a in taken]
     strip = labelled_rows([real, imagined], ["real", "imagined"], names)
     run.writer.add_image("samples/imagined_vs_real", strip, pos.global_step, dataformats="HWC")
     stem = run.run_dir / "samples" / f"rollout_epoch{epoch:05d}"
     write_png(stem.with_suffix(".png"), strip)
-    np.savez(stem.with_suffix(".npz"), np.concatenate([real, imagined]).transpose(0, 2, 3, 1))  # as FID tools read
     write_mp4(stem.with_suffix(".mp4"), np.stack([
         with_caption(np.concatenate([r, i], axis=2).transpose(1, 2, 0), 256,
                      ["left real, right imagined", f"step {k + 1}  action {names[k]}"])
         for k, (r, i) in enumerate(zip(real, imagined))]))
-    for key, value in {**{f"eval/{key}": value for key, value in test_losses.items()},
-                       **diagnostics, **run.collector.reward_end_pools.take()}.items():
-        log.add(key, value)
-    if returns is not None:
-        log.add("eval/episodic_return", float(np.mean(returns)))
-        score = run.collector.env.normalized_score(float(np.mean(returns)))
-        if score is not None:
-            log.add("eval/human_normalized_score", score)
+    for key, value in {**values, **collector.reward_end_pools.take()}.items():
+        if value is not None:
+            log.add(key, value)
 
-
-def policy_diagnostics(run: Run, epoch: int, test_episodes: list[dict]) -> dict[str, float]:
-    """eval/action_share_{ACTION} in the test episodes just played (a policy collapsed onto one
-    action shows there) and imagined_and_real_returns from the collector's saved states (none with
-    --dataset-dir)."""
-    args, collector = run.args, run.collector
-    values = {}
-    if test_episodes:
-        shares = action_shares(test_episodes, collector.env.num_actions)
-        values.update({f"eval/action_share_{meaning}": float(share)
-                       for meaning, share in zip(collector.env.action_meanings, shares)})
-    k = min(collector.num_fork_starts, args.num_imagined_envs, len(collector.fork_starts))
-    if k:
-        run.stop.check()  # an Atari env takes about a second to make
-        env = make_env(args, args.seed * 7919 + epoch)  # a training env: a life lost ends the episode, as in the buffer
-        cuda = run.device.type == "cuda"
-        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype) if cuda else None
-        graphs = ImaginationGraphs(run.wm_env, run.learners["actor_critic"].model, args, run.device, amp_dtype,
-                                   backend=None)  # the imagination step's functions, uncompiled: K envs, not n
-        returns = imagined_and_real_returns(graphs, collector.fork_starts[-k:], env, args,
-                                            args.seed * 7919 + epoch, run.stop.check)
-        values.update({f"eval/{key}": value for key, value in returns.items()})
-    return values
 
 
 def keep_agent_copy(folder: Path, epoch: int, actor_critic: ActorCritic, keep: int):
