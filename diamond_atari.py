@@ -32,7 +32,6 @@ import re
 import signal
 import sys
 import time
-import types
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -2193,7 +2192,6 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
             log.add(key, value)
 
 
-
 def keep_agent_copy(folder: Path, epoch: int, actor_critic: ActorCritic, keep: int):
     """checkpoints/agent_epoch_{epoch}.pt: the actor-critic's weights; the newest `keep` stay."""
     save_checkpoint(folder / f"agent_epoch_{epoch:05d}.pt", {k: v.cpu() for k, v in actor_critic.state_dict().items()})
@@ -2205,8 +2203,8 @@ def keep_agent_copy(folder: Path, epoch: int, actor_critic: ActorCritic, keep: i
 
 
 def work_left(args: Args, first_collection_steps: int, pos: RunPosition) -> dict[str, int]:
-    """Each phase's units of work from pos on: the current phase from its step, those before it in
-    the epoch none (N = initial_collection_steps until epoch 1 decides the first collection)."""
+    """Each phase's units of work from pos on: the current phase from its step, those before it in the epoch none
+    (N = initial_collection_steps until epoch 1 decides the first collection)."""
     schedule, left = run_schedule(args, first_collection_steps), {}
     for index, name in enumerate(PHASES):
         work = [phase_work(args, schedule, name, epoch) for epoch in range(pos.epoch, len(schedule) + 1)] or [0]
@@ -2221,21 +2219,24 @@ def seconds_left(seconds_per_unit: dict[str, float], left: dict[str, int]) -> fl
 
 def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, device: torch.device,
                 autocast, left: dict[str, int]) -> dict[str, float]:
-    """Seconds per update of each model with updates left, and per env step, timed before the run on
-    copies (models, a random episode, an env, generators); the global RNGs are put back. On a CPU, a
-    batch whose batch-1 time x the batch is over 2 s is estimated as that product."""
-    state = rng_state()
+    """Seconds per update of each model with updates left, and per env step, timed before the run on copies (models,
+    a random episode, an env, generators); the global RNGs are put back. On a CPU, a batch whose batch-1 time x the
+    batch is over 2 s is estimated as that product."""
+    state, rng = rng_state(), np.random.default_rng(0)
     copies = {name: copy.deepcopy(model) for name, model in models.items()}
-    learners = build_learners(args, copies, device.type == "cuda")
-    rng, length = np.random.default_rng(0), max(args.reward_segment_length, args.num_conditioning_steps + 2, 100)
+    length = max(args.reward_segment_length, args.num_conditioning_steps + 2, 100)
     buffer = ReplayBuffer(None, None, args.num_conditioning_steps)
     buffer.add({"obs": rng.integers(0, 256, (length + 1, args.obs_size, args.obs_size, 3), dtype=np.uint8),
                 "actions": rng.integers(0, num_actions, length), "rewards": np.zeros(length, np.float32),
                 "terminated": np.zeros(length, bool), "truncated": np.zeros(length, bool)}, write=False)
     generator, cpu_generator = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0)
+    run = Run(args, device, autocast, generator, cpu_generator, buffer, None,
+              build_learners(args, copies, device.type == "cuda"), copies["denoiser"].net, None, None,
+              Collector(make_env(args, args.seed + 1, torch.Generator().manual_seed(0)), buffer, cpu_generator,
+                        device) if left["collect"] else None, None, None, None, None)
 
     def timed(unit: Callable[[], object], most: int = 5) -> float:
-        """Seconds per call: a warm-up call (its figure if over 1 s), then the mean until 0.2 s or most."""
+        """Seconds per call: a warm-up call (its figure if over 1 s), then the mean until 0.2 s or most calls."""
         times = []
         while len(times) < 2 or (len(times) <= most and sum(times[1:]) < 0.2):
             start = time.perf_counter()
@@ -2249,14 +2250,10 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
 
     def update(name: str, batch: int) -> Callable[[], object]:
         """An update of a model's copy on a batch this size (actor-critic: imagined envs)."""
-        sized = replace(args, batch_size=batch, num_imagined_envs=batch)
-        net = copies["denoiser"].net
-        wm_env = WorldModelEnv(copies["denoiser"], copies["reward_end"], buffer, sized, device,
-                               generator, cpu_generator, net, autocast)
-        run = types.SimpleNamespace(args=sized, device=device, autocast=autocast, generator=generator, buffer=buffer,
-                                    cpu_generator=cpu_generator, train_ids=None, learners=learners,
-                                    denoiser_net=net, wm_env=wm_env, graphs=None)
-        return lambda: learners[name].update(phase_loss(run, name)[0])
+        run.args = replace(args, batch_size=batch, num_imagined_envs=batch)
+        run.wm_env = WorldModelEnv(copies["denoiser"], copies["reward_end"], buffer, run.args, device, generator,
+                                   cpu_generator, run.denoiser_net, autocast)
+        return lambda: run.learners[name].update(phase_loss(run, name)[0])
 
     seconds = {}
     for name in [name for name in ("denoiser", "reward_end", "actor_critic") if left[name]]:
@@ -2264,25 +2261,23 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
         one = timed(update(name, 1)) if device.type != "cuda" else 0.0
         seconds[name] = one * full if one * full > 2.0 else timed(update(name, full))
     if left["collect"]:
-        collector = Collector(make_env(args, args.seed + 1, torch.Generator().manual_seed(0)),
-                              buffer, cpu_generator, device)
-        seconds["collect"] = timed(lambda: collector.step(copies["actor_critic"], args, autocast,
-                                                          args.world_model_only), 100)
+        seconds["collect"] = timed(lambda: run.collector.step(copies["actor_critic"], args, autocast,
+                                                              args.world_model_only), 100)
     set_rng_state(state)
     return seconds
 
 
 def run_time_lines(seconds_per_unit: dict[str, float], left: dict[str, int], setup) -> list[str]:
-    """The shared run_time_notice in global steps (the three models' updates; collection's time
-    counted in), and above a day on a CPU the game sized for one."""
+    """The shared run_time_notice in global steps (the three models' updates; collection's time counted in), and
+    above a day on a CPU the game sized for one."""
     steps = left["denoiser"] + left["reward_end"] + left["actor_critic"]
     lines = run_time_notice(seconds_left(seconds_per_unit, left) / max(steps, 1), steps, setup)
     return lines[:1] + [line + "; on a CPU the game to learn is --env-id Catch --preset catch" for line in lines[1:]]
 
 
 def load_dataset_dir(args: Args, buffer: ReplayBuffer, num_actions: int) -> tuple[list[int], torch.Tensor]:
-    """--dataset-dir: every episode .npz into the buffer. Returns the training episodes and the
-    held-out transitions (in the last 10% of the episodes: where world_model/* is measured)."""
+    """--dataset-dir: every episode .npz into the buffer. Returns the training episodes and the held-out transitions
+    (in the last 10% of the episodes: where world_model/* is measured)."""
     if not Path(args.dataset_dir).is_dir():
         raise UserError(f"--dataset-dir {args.dataset_dir} is not a folder: give the folder of episode .npz files "
                         f"(resuming: put it back where the run read it)")
@@ -2291,27 +2286,27 @@ def load_dataset_dir(args: Args, buffer: ReplayBuffer, num_actions: int) -> tupl
         raise UserError(f"--dataset-dir {args.dataset_dir} has {len(paths)} episode .npz files (one per episode: "
                         f"obs, actions, rewards, terminated, truncated): give at least 2 (the last 10% are held out)")
     for path in paths:
-        buffer.add(load_episode(path, args.obs_size, num_actions, "fix it or move it out of --dataset-dir"),
-                   write=False)
+        buffer.add(load_episode(path, args.obs_size, num_actions, "fix it or move it out of --dataset-dir"), False)
     num_train = len(paths) - max(1, len(paths) // 10)
     pairs = [(e, t) for e in range(num_train, len(paths)) for t in range(len(buffer.episodes[e]["actions"]))]
     picks = np.linspace(0, len(pairs) - 1, min(args.num_heldout_transitions, len(pairs))).round().astype(int)
     return list(range(num_train)), torch.tensor([pairs[i] for i in picks], dtype=torch.long)
 
 
-def denoiser_update_flops(args: Args, num_actions: int) -> float:
-    """FLOPs of one denoiser update, for MFU: 3x the forward's per prediction."""
+def mfu_per_update(args: Args, num_actions: int, peak: Optional[float]) -> Optional[float]:
+    """One denoiser update's FLOPs (3x the forward's, per prediction) over the device's peak FLOP/s (None: no MFU)."""
+    if peak is None:
+        return None
     c = args.num_conditioning_steps
     example = (torch.zeros(1, 3, args.obs_size, args.obs_size), torch.zeros(1),
                torch.zeros(1, 3 * c, args.obs_size, args.obs_size), torch.zeros(1, c, dtype=torch.long))
     return 3 * args.batch_size * (1 + args.num_autoregressive_steps) * forward_flops(
-        lambda: build_models(args, num_actions)[0].net, *example)
+        lambda: build_models(args, num_actions)[0].net, *example) / peak
 
 
 def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float]:
-    """(parameters, bytes per segment of a world-model update, bytes per imagined env of an actor-
-    critic update: backup_every actor steps and a world-model step, bounded by what a prediction
-    saves), on the meta device; reward/end over all transitions (meta cannot index by a mask)."""
+    """(parameters, bytes per segment of a world-model update, bytes per imagined env of an actor-critic update:
+    backup_every actor steps and a world-model step, bounded by what a prediction saves), on the meta device."""
     c, size = args.num_conditioning_steps, args.obs_size
     with torch.device("meta"):
         denoiser, reward_end_model, actor_critic = build_models(args, num_actions)
@@ -2321,7 +2316,7 @@ def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float
         segment = (frames(num_obs), actions(num_obs - 1), torch.ones(1, num_obs, dtype=torch.bool))
         denoiser_bytes = saved_activation_bytes(lambda: denoiser_loss(denoiser, *segment, args, None))
 
-        def reward_end_step(length: int):
+        def reward_end_step(length: int):  # over all transitions: meta cannot index by a mask
             obs, classes = frames(length + 1), torch.zeros(length, dtype=torch.long)
             reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], actions(length), obs[:, 1:])
             return F.cross_entropy(reward_logits[0], classes) + F.cross_entropy(end_logits[0], classes)
@@ -2348,19 +2343,6 @@ def check_training_memory(setup, args: Args, num_actions: int):
                 "a training step", f"an actor-critic update ({args.backup_every} imagined steps)")) from None
 
 
-def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCritic,
-              env: Union[AtariEnv, CatchEnv], device: torch.device, autocast, stop):
-    """--eval-only: the checkpoint's agent scored, logged at its global step (eval/eval_only_*)."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    what = f"{args.test_episodes} test episodes with the agent of epoch {checkpoint['epoch'] - 1}"
-    print(f"running {what} ...", flush=True)
-    score_agent(args, actor_critic, env, device, autocast, stop, what,
-                "stopped by signal during the test episodes; nothing was logged",
-                lambda: SummaryWriter(str(run_dir)), checkpoint["global_step"], "eval_only")
-    stop.restore()
-
-
 # ==== BEGIN OPTIONAL: play ====
 # Play: the world model (or the real game) as a game, in a pygame window or headless from keys.
 # Optional: delete the play blocks (BEGIN line to END line: this one, the flags' in Args) and every
@@ -2378,22 +2360,16 @@ RESTART_LETTER = "/"
 
 def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
     """--play-keys -> one action index per step (None: restart). A letter the game has no action for is refused."""
-    index = {ACTION_LETTERS.get(name, name): i for i, name in enumerate(meanings)}
+    index = {ACTION_LETTERS.get(name, name): i for i, name in enumerate(meanings)} | {RESTART_LETTER: None}
     known = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
-    steps = []
-    for letter in keys:
-        if letter.isspace():
-            continue
-        if letter == RESTART_LETTER:
-            steps.append(None)
-        elif letter in index:
-            steps.append(index[letter])
-        else:
-            raise UserError(f"--play-keys: {letter!r} is no action of this game; its letters: {known}, "
-                            f"{RESTART_LETTER} restart")
-    if not steps:
+    letters = [letter for letter in keys if not letter.isspace()]
+    wrong = [letter for letter in letters if letter not in index]
+    if wrong:
+        raise UserError(f"--play-keys: {wrong[0]!r} is no action of this game; its letters: {known}, {RESTART_LETTER} "
+                        f"restart")
+    if not letters:
         raise UserError(f"--play-keys is empty: give one letter per step; the game's letters: {known}")
-    return steps
+    return [index[letter] for letter in letters]
 
 
 def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, meanings: list[str]) -> int:
@@ -2411,16 +2387,15 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
 
 
 class ImaginedGame:
-    """The world model as a game: reset() takes a real start (c frames, c - 1 actions) from starts()
-    and burns the reward/end LSTM in; step(action) asks next_frame(frames (1, c, 3, H, W), actions
-    (1, c)) for the next frame and samples the reward sign and the end (if a model is given)."""
+    """The world model as a game: reset() takes a real start (c frames, c - 1 actions) from starts() and burns the
+    reward/end LSTM in; step(action) asks next_frame(frames (1, c, 3, H, W), actions (1, c)) for the next frame and
+    samples the reward sign and the end (if a model is given)."""
     name = "world model"
 
     def __init__(self, next_frame: Callable, starts: Callable, reward_end_model: Optional[Callable] = None,
                  generator: Optional[torch.Generator] = None):
         self.next_frame, self.starts, self.reward_end_model = next_frame, starts, reward_end_model
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.obs = self.act = self.hidden = None
 
     @torch.no_grad()
     def reset(self) -> np.ndarray:
@@ -2451,39 +2426,34 @@ class ImaginedGame:
 
 
 class RealGame:
-    """The real game (training episodes: a life lost ends one) with ImaginedGame's interface; the
-    episodes played are kept as the episode .npz fields until take_episodes (the one in progress cut
-    short: truncated)."""
+    """The real game (training episodes: a life lost ends one) with ImaginedGame's interface; the episodes played
+    are kept as the episode .npz fields until take_episodes (the one in progress cut short: truncated)."""
     name = "real game"
 
     def __init__(self, env: Union[AtariEnv, CatchEnv]):
         self.env, self.finished, self.episode = env, [], None
 
-    def keep_episode(self):
-        """The episode in progress kept, truncated at its last step unless it ended there."""
+    def cut(self, obs: np.ndarray) -> np.ndarray:
+        """The episode so far kept (truncated unless it ended), a new one from obs."""
         if self.episode is not None and self.episode["actions"]:
-            self.episode["truncated"][-1] = not self.episode["terminated"][-1]
+            self.episode["truncated"][-1] = self.episode["truncated"][-1] or not self.episode["terminated"][-1]
             self.finished.append(self.episode)
-        self.episode = new_episode(self.env.obs) if self.episode is not None else None
+        self.episode = new_episode(obs)
+        return obs
 
     def reset(self) -> np.ndarray:
-        """A new game; the episode so far is kept (cut short)."""
-        self.keep_episode()
-        self.env.game_over = True
-        self.episode = new_episode(self.env.reset())
-        return self.episode["obs"][0]
+        self.env.game_over = True  # a new game, not the next life
+        return self.cut(self.env.reset())
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool]:
         obs, reward, terminated, truncated = self.env.step(action)
         if add_step(self.episode, action, obs, reward, terminated, truncated):  # kept; the next life or game
-            self.finished.append(self.episode)
-            obs = self.env.reset()
-            self.episode = new_episode(obs)
+            obs = self.cut(self.env.reset())
         return obs, reward, terminated or truncated
 
     def take_episodes(self) -> list[dict]:
-        """The episodes played since the last call, the one in progress cut short."""
-        self.keep_episode()
+        if self.episode is not None:
+            self.cut(self.env.obs)
         done, self.finished = self.finished, []
         return done
 
@@ -2538,9 +2508,9 @@ def import_pygame():
 
 def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float,
                 max_steps: Optional[int] = None) -> float:
-    """The live session: the world model (Tab: the real game) steps at most max_fps times a second
-    with the held keys' action; Enter restarts, R starts and stops recording, Esc or closing the
-    window quits. Returns the frames shown per second (max_steps: a timed session, benchmark/)."""
+    """The live session: the world model (Tab: the real game) steps at most max_fps times a second with the held
+    keys' action; Enter restarts, R starts and stops recording, Esc or closing the window quits. Returns the frames
+    shown per second (max_steps: a timed session, benchmark/)."""
     pygame = import_pygame()
     pygame.display.init()  # the display alone: no audio device needed
     driver = pygame.display.get_driver()
@@ -2577,8 +2547,8 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
             frame, step, total, reward, end, action, restart = game.reset(), 0, 0.0, 0.0, False, None, False
         else:
             pressed = pygame.key.get_pressed()
-            action = action_from_keys(pressed[pygame.K_UP], pressed[pygame.K_DOWN], pressed[pygame.K_LEFT],
-                                      pressed[pygame.K_RIGHT], pressed[pygame.K_SPACE], meanings)
+            action = action_from_keys(*(pressed[key] for key in (pygame.K_UP, pygame.K_DOWN, pygame.K_LEFT,
+                                                                 pygame.K_RIGHT, pygame.K_SPACE)), meanings)
             total = 0.0 if end else total
             frame, reward, end = game.step(action)
             step, total = step + 1, total + reward
@@ -2593,27 +2563,6 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
     return num_frames / (time.perf_counter() - started)
 
 
-def play_starts(args: Args, run_dir: Path, checkpoint: dict, num_actions: int, device: torch.device,
-                generator: torch.Generator, max_episodes: int = 16) -> Callable:
-    """ImaginedGame's starts(): a fresh real segment from up to max_episodes of the run's episodes
-    (or --dataset-dir's), as imagination starts."""
-    if args.dataset_dir is not None:
-        paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))
-    else:
-        paths = [run_dir / "episodes" / f"episode_{i:06d}.npz" for i in range(checkpoint["num_buffer_files"])]
-    if not paths:
-        raise UserError(f"{run_dir} has no episodes yet to start playing from; resume it for an epoch first")
-    buffer, c = ReplayBuffer(None, None, args.num_conditioning_steps), args.num_conditioning_steps
-    for i in torch.randperm(len(paths), generator=generator)[:max_episodes].sort().values.tolist():
-        buffer.add(load_episode(paths[i], args.obs_size, num_actions, "restore the run's episode files"), write=False)
-
-    def starts():
-        batch = buffer.segments(buffer.sample_segments(1, c, generator), c)
-        return segment_obs(batch, device), batch["actions"].to(device)
-
-    return starts
-
-
 def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
          reward_end_model: RewardEndModel, meanings: list[str], device: torch.device, autocast):
     """--play: the world model of a checkpoint as a game, in a window or (--play-keys) headless."""
@@ -2622,7 +2571,20 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
     reward_end_model.eval()
     generator = torch.Generator(device=device).manual_seed(args.seed)  # diffusion noise
     cpu_generator = torch.Generator().manual_seed(args.seed)  # starts, reward and end samples
-    starts = play_starts(args, run_dir, checkpoint, len(meanings), device, cpu_generator)
+    # the starts: fresh real segments of up to 16 of the run's episodes (or --dataset-dir's), as imagination's
+    if args.dataset_dir is not None:
+        paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))
+    else:
+        paths = [run_dir / "episodes" / f"episode_{i:06d}.npz" for i in range(checkpoint["num_buffer_files"])]
+    if not paths:
+        raise UserError(f"{run_dir} has no episodes yet to start playing from; resume it for an epoch first")
+    buffer, c = ReplayBuffer(None, None, args.num_conditioning_steps), args.num_conditioning_steps
+    for i in torch.randperm(len(paths), generator=cpu_generator)[:16].sort().values.tolist():
+        buffer.add(load_episode(paths[i], args.obs_size, len(meanings), "restore the run's episode files"), False)
+
+    def starts():
+        batch = buffer.segments(buffer.sample_segments(1, c, cpu_generator), c)
+        return segment_obs(batch, device), batch["actions"].to(device)
 
     def next_frame(obs, act):
         return generate_next_obs(denoiser, obs, act, args, generator, autocast=autocast)
@@ -2638,9 +2600,8 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
         "; window: arrows and space (fire) pick these, Enter restarts, Tab switches world model / real game, "
         "R records, Esc quits"), flush=True)
     print(f"sampler: {args.sampler}, {args.num_sampling_steps} denoising steps per frame", flush=True)
-    # Ctrl-C or SIGTERM ends a session like Esc (an unsaved recording is lost): play writes no
-    # checkpoint, so here a signal raises at once instead of setting the run's stop flag; the
-    # caller's handlers come back afterwards.
+    # Ctrl-C or SIGTERM ends a session like Esc (an unsaved recording is lost): play writes no checkpoint, so a
+    # signal raises at once here instead of setting the run's stop flag; the caller's handlers come back after.
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if steps is None:
@@ -2708,14 +2669,13 @@ def read_run_episodes(buffer: ReplayBuffer, run_dir: Path, checkpoint: Optional[
 
 
 def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: dict[str, nn.Module], setup):
-    """The run's folder, game, models, length, where it resumes and how long it takes (printed);
-    returns each phase's seconds per unit, timed on copies of the models."""
+    """The run's folder, game, models, length, where it resumes and how long it takes (printed); returns each
+    phase's seconds per unit, timed on copies of the models."""
     args, num_actions = run.args, run.collector.env.num_actions
-    print(f"run folder: {run.run_dir}")
     imagination = "eager" if run.graphs is None else "CUDA graphs" if setup.use_cuda else "compiled (inductor)"
     sizes = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
-    print(f"game: {game} ({num_actions} actions); parameters: " + ", ".join(f"{k} {v:,}" for k, v in sizes.items())
-          + f"; device: {run.device}; imagination: {imagination}")
+    print(f"run folder: {run.run_dir}\ngame: {game} ({num_actions} actions); parameters: "
+          f"{', '.join(f'{k} {v:,}' for k, v in sizes.items())}; device: {run.device}; imagination: {imagination}")
     for name, size in sizes.items() if not resumed else ():
         run.writer.add_scalar(f"charts/num_parameters_{name}", size, 0)
     length = f"the run: {run.num_epochs} epochs"
@@ -2740,25 +2700,15 @@ def save_position(run: Run, pos: RunPosition, log: EpochLog):
     print(f"saved checkpoint at epoch {where}", flush=True)
 
 
-def time_phase(pos: RunPosition, name: str, first_step: int, phase_start: float, seconds_per_unit: dict[str, float]):
-    """After a phase that worked: its seconds per unit (the ETA's rates); in epoch 1 a line saying
-    so."""
-    seconds = time.perf_counter() - phase_start
-    steps = pos.step - first_step
-    if steps > 0 or name in ("world_model_eval", "evaluate"):  # those two: one unit, no steps
-        seconds_per_unit[name] = seconds / max(steps, 1)
-    if pos.epoch == 1 and pos.step > first_step:
-        print(f"epoch 1: {name} done ({pos.step} steps, {seconds:.1f} s)", flush=True)
-
-
 def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, seconds_per_unit: dict[str, float]):
-    """An epoch's numbers written at the global step, its line printed with the ETA (each phase's
-    latest rate x what is left of it), and the agent kept every --save-agent-every epochs."""
+    """An epoch's numbers written at the global step, its line printed with the ETA (each phase's latest rate x what
+    is left of it), and the agent kept every --save-agent-every epochs."""
     args, collector = run.args, run.collector
     log.add("charts/epoch", pos.epoch)
     log.add("charts/env_steps", collector.env_steps)
     log.add("charts/buffer_transitions", run.buffer.num_transitions())
-    log.write_pending(run.writer, pos.global_step)
+    for key, values in log.pending.items():
+        run.writer.add_scalar(key, float(np.mean(values)), pos.global_step)
     eta = seconds_left(seconds_per_unit, work_left(args, collector.first_collection_steps, RunPosition(pos.epoch + 1)))
     print(f"epoch {pos.epoch}/{run.num_epochs} | env steps {collector.env_steps} | global step {pos.global_step} | "
           f"{' | '.join(log.summary())} | {time.perf_counter() - epoch_start:.1f} s, ETA {int(eta // 3600)}:"
@@ -2821,12 +2771,18 @@ def main(args: Args, given: set[str]):
     if args.dataset_dir is not None:
         train_ids, collector.heldout = load_dataset_dir(args, buffer, num_actions)
     if checkpoint is not None:
-        restore_run(checkpoint, pos, collector, log, learners, cpu_generator, generator)
+        pos = restore_run(checkpoint, collector, log, learners, cpu_generator, generator)
     # --compile: the U-Net of the denoiser's updates and the eager imagination (not evaluations)
     denoiser_net = torch.compile(denoiser.net, backend=COMPILE_BACKEND, dynamic=False) if args.compile else denoiser.net
 
-    if args.eval_only:  # the checkpoint's agent plays --test-episodes full games
-        return eval_only(args, checkpoint, run_dir, actor_critic, env, device, autocast, stop)
+    if args.eval_only:  # the checkpoint's agent plays --test-episodes full games, logged at its global step
+        from torch.utils.tensorboard import SummaryWriter
+
+        what = f"{args.test_episodes} test episodes with the agent of epoch {pos.epoch - 1}"
+        print(f"running {what} ...", flush=True)
+        score_agent(args, actor_critic, env, device, autocast, stop, what, "stopped by signal during the test "
+                    "episodes; nothing was logged", lambda: SummaryWriter(str(run_dir)), pos.global_step, "eval_only")
+        return stop.restore()
     if args.play or args.play_keys is not None:  # optional: play
         stop.restore()  # optional: play
         return play(args, run_dir, checkpoint, denoiser, reward_end_model, env.action_meanings,  # optional: play
@@ -2849,9 +2805,8 @@ def main(args: Args, given: set[str]):
     if checkpoint is not None:
         wm_env.load_state_dict(checkpoint["imagination"])
     graphs = imagination_graphs(args, setup, wm_env, actor_critic, stop)  # the compiled step, or None
-    run = Run(args, device, autocast, generator, cpu_generator, buffer, train_ids, learners,
-              denoiser_net, wm_env, graphs, collector, writer, stop, run_dir,
-              denoiser_update_flops(args, num_actions), peak_flops(setup, args.dtype))
+    run = Run(args, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net, wm_env,
+              graphs, collector, writer, stop, run_dir, mfu_per_update(args, num_actions, peak_flops(setup, args.dtype)))
     seconds_per_unit = announce_run(run, pos, checkpoint is not None, game, models, setup)
 
     # ---- train: DIAMOND's Algorithm 1, a phase at a time (a checkpoint may stop inside one)
@@ -2861,20 +2816,19 @@ def main(args: Args, given: set[str]):
         works = phase_work(args, run.schedule, name, pos.epoch) > 0
         works = works and (name != "world_model_eval" or len(collector.heldout) > 0)
         with contextlib.suppress(StopRequested):  # an evaluation abandoned: a resume restarts it
-            if works and name == "collect":  # experience in the real game
-                collect(run, pos, log)
-            elif works and name == "world_model_eval":  # the world model on what it has not trained on yet
-                measure_world_model(run, pos, log)
-            elif works and name in ("denoiser", "reward_end", "actor_critic"):  # the world model, the agent in it
+            if works and name in ("denoiser", "reward_end", "actor_critic"):  # the world model, the agent in it
                 train_model(run, name, pos, log)
-            elif works and name == "evaluate":
-                evaluate(run, pos, log)
+            elif works:  # experience in the real game, the world model on what it has not trained on, the tests
+                {"collect": collect, "world_model_eval": measure_world_model, "evaluate": evaluate}[name](run, pos, log)
         if stop.requested:  # the phase was cut short: save where it stands, not as done
             save_position(run, pos, log)
             print(f"stopped by signal at {pos}", flush=True)
             break
-        if works:
-            time_phase(pos, name, first_step, phase_start, seconds_per_unit)
+        seconds, steps = time.perf_counter() - phase_start, pos.step - first_step
+        if works and (steps or name in ("world_model_eval", "evaluate")):  # those two: one unit, no steps
+            seconds_per_unit[name] = seconds / max(steps, 1)  # the ETA's rates
+        if pos.epoch == 1 and steps:
+            print(f"epoch 1: {name} done ({pos.step} steps, {seconds:.1f} s)", flush=True)
         pos.phase, pos.step = pos.phase + 1, 0
         if pos.phase == len(PHASES):  # the end of the epoch: its numbers at the global step, maybe a save
             end_epoch(run, pos, log, epoch_start, seconds_per_unit)
