@@ -1476,8 +1476,7 @@ def lr_warmup_factor(step: int, warmup_steps: int) -> float:
 
 def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device: torch.device,
                 autocast, stop, what: str, stopped: str, writer_at: Callable, step: int, kind: str = "test"):
-    """The paper's score: --test-episodes full games, printed and logged as eval/{kind}_* at `step`. A signal
-    abandons them and logs nothing (the line `stopped` says so)."""
+    """The paper's score: --test-episodes full games, printed and logged as eval/{kind}_* (a signal: `stopped`)."""
     try:
         returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003, device,
                                     autocast, check=stop.check)
@@ -1494,7 +1493,7 @@ def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, Catc
         line += f"; catch rate {(mean + 1) / 2:.3f} (random 0.2)"
     print(line, flush=True)
     with writer_at() as writer:
-        for key, value in (("episodic_return", mean), ("num_episodes", len(returns)), ("human_normalized_score", score)):
+        for key, value in {"episodic_return": mean, "num_episodes": len(returns), "human_normalized_score": score}.items():
             if value is not None:
                 writer.add_scalar(f"eval/{kind}_{key}", value, step)
 
@@ -1504,8 +1503,7 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
                       device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16,
                       check: Callable[[], None] = lambda: None, record: Optional[list] = None,
                       on_step: Callable[[], None] = lambda: None) -> list[float]:
-    """Returns of full games (epsilon 0, no life-loss ends), max_parallel at once, seeded by `seed` alone. check()
-    runs before each env and step, then on_step(); `record` gets the episodes."""
+    """Returns of full games (epsilon 0, no life-loss ends), seeded by `seed` alone; `record` gets the episodes."""
     generator = torch.Generator().manual_seed(seed)
     returns = []
     while len(returns) < num_episodes:
@@ -1536,8 +1534,7 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
 @torch.no_grad()
 def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, ids: list[int],
                     args: Args, device: torch.device, seed: int, net=None, autocast=contextlib.nullcontext()) -> dict:
-    """The mean training losses on held-out episodes (ids), as DIAMOND tests its world model: each frame a denoiser
-    target once, each transition a reward/end target once."""
+    """DIAMOND's test losses on held-out episodes: each frame a denoiser target once, each transition a reward/end's."""
     generator = torch.Generator(device=device).manual_seed(seed)
     c, length, k = args.num_conditioning_steps, args.reward_segment_length, 1 + args.num_autoregressive_steps
     losses = {}
@@ -1634,8 +1631,7 @@ class RewardEndPools:
 def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, device: torch.device,
                      seed: int, net=None, autocast=contextlib.nullcontext()
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """An open-loop imagined rollout from a real segment with the real actions: real and imagined
-    frames uint8 (H, 3, h, w) (H = imagination_horizon at most) and the action taken into each."""
+    """An open-loop rollout with a real segment's actions: real, imagined frames uint8 (H, 3, h, w), actions taken."""
     c, horizon = args.num_conditioning_steps, args.imagination_horizon
     generator = torch.Generator().manual_seed(seed)
     ids = [i for i in buffer.sampleable() if len(buffer.episode(i)["actions"]) >= c + horizon] or buffer.sampleable()
@@ -1658,9 +1654,8 @@ def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, devic
 def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int, int, dict]],
                               env: Union[AtariEnv, CatchEnv], args: Args, seed: int,
                               check: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Mean sums of reward signs over the horizon from K starts (Collector.fork_starts) in the world
-    model and in the real game forked there, with the same actor state, actions and uniforms: the gap
-    that training in imagination exploits."""
+    """Mean sums of reward signs over the horizon from K starts (Collector.fork_starts) in the world model and in the
+    real game forked there, with the same actor state, actions and uniforms: the gap imagination training exploits."""
     c, horizon, device, k = args.num_conditioning_steps, args.imagination_horizon, graphs.device, len(starts)
     buffer = graphs.wm_env.buffer
     refs = [(episode if episode < len(buffer.episodes) else -1, t - (c - 1)) for episode, t, _ in starts]
@@ -1734,8 +1729,7 @@ def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
 
 
 def labelled_rows(rows: list[np.ndarray], row_labels: list[str], column_labels: list[str], pad: int = 2) -> np.ndarray:
-    """Rows of uint8 (N, 3, h, w) frames as one RGB image, each row named in a left margin and each
-    column (the action taken into that frame) in a top margin."""
+    """Rows of uint8 (N, 3, h, w) frames as one RGB image, rows and columns (the actions) labelled in its margins."""
     n, h = rows[0].shape[0], rows[0].shape[2]
     scale = max(1, 64 // h)  # small frames are enlarged (nearest), so that a label fits above each
     grids = [make_grid(row.repeat(scale, axis=2).repeat(scale, axis=3), columns=n, pad=pad) for row in rows]
@@ -1759,8 +1753,7 @@ PHASES = ("collect", "world_model_eval", "denoiser", "reward_end", "actor_critic
 
 @dataclass
 class RunPosition:
-    """Where the run is: the epoch (from 1), the phase (an index into PHASES), the step in it (env steps or
-    updates), and the global step (the three models' updates, TensorBoard's x)."""
+    """Where the run is: epoch (from 1), phase (PHASES index), step in it, global step (the models' updates)."""
     epoch: int = 1
     phase: int = 0
     step: int = 0
@@ -1787,8 +1780,7 @@ def add_step(episode: dict, action: int, obs: np.ndarray, reward: float, termina
 
 
 class Collector:
-    """The real env and what is collected from it: the episode in progress, the actor's LSTM state, the held-out
-    transitions (since the world model was last measured), the reward/end pools on them, the newest env states."""
+    """The real env and what is collected from it: the episode in progress, held-out transitions, env states."""
     num_fork_starts = 8
 
     def __init__(self, env: Union[AtariEnv, CatchEnv], buffer: ReplayBuffer, generator: torch.Generator,
@@ -1802,8 +1794,7 @@ class Collector:
 
     @torch.no_grad()
     def step(self, actor_critic: ActorCritic, args: Args, autocast, random_policy: bool):
-        """One env step with the agent (epsilon-greedy over a sampled action) or a uniform random policy. Returns
-        the reward and, when the step ended a game, the game's (return, length)."""
+        """One env step, epsilon-greedy or random: the reward and, when it ended a game, its (return, length)."""
         if self.partial is None:
             self.partial = new_episode(self.env.reset())
         ref = (len(self.buffer.episodes), len(self.partial["actions"]))  # the transition about to be collected
@@ -1955,8 +1946,7 @@ def run_checkpoint(run, pos, log) -> dict:
 
 
 def restore_run(checkpoint: dict, collector, log, learners: dict[str, Learner], cpu_generator, generator):
-    """Puts run_checkpoint's state back (the episodes: once the buffer is read) and returns the position; weights
-    of another shape, or a damaged state, are one line."""
+    """Puts run_checkpoint's state back and returns the position; a state that does not fit is one line."""
     try:
         for name, learner in learners.items():
             for key in ("models", "optimizers", "schedulers", "scalers"):
@@ -1975,10 +1965,7 @@ def restore_run(checkpoint: dict, collector, log, learners: dict[str, Learner], 
 
 @dataclass
 class Run:
-    """What the phases of an epoch share. cpu_generator: no-ops, exploration, replay sampling; generator: diffusion
-    noise, imagination. train_ids: the episodes the world model trains on (None: all); denoiser_net: compiled with
-    --compile; graphs: the compiled imagination step, or None (eager); mfu_per_update: one denoiser update's FLOPs
-    over the device's peak FLOP/s (None on a CPU: no MFU)."""
+    """What the phases of an epoch share (train_ids None: all episodes; graphs None: eager imagination)."""
     args: Args
     device: torch.device
     autocast: object
@@ -2006,8 +1993,7 @@ class Run:
         return len(self.schedule)
 
     def checked_net(self, *inputs):
-        """The denoiser's network uncompiled, for evaluations (their shapes vary); a signal abandons them within a
-        call (StopRequested)."""
+        """The denoiser's network uncompiled (evaluations' shapes vary); a signal abandons them within a call."""
         self.stop.check()
         return self.learners["denoiser"].model.net(*inputs)
 
@@ -2025,8 +2011,7 @@ def phase_work(args: Args, schedule: list[int], name: str, epoch: int) -> int:
 
 
 def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One update's loss of a model on a fresh batch (real segments; the actor-critic: an imagined rollout) and the
-    extra values to log."""
+    """One update's loss of a model on a fresh batch (the actor-critic's: imagined) and the extra values to log."""
     args, model = run.args, run.learners[name].model
     if name == "actor_critic":
         loss, parts = actor_critic_loss(model, run.wm_env, args, run.generator, run.autocast, run.graphs)
@@ -2077,8 +2062,7 @@ def collect(run: Run, pos: RunPosition, log: EpochLog):
 
 
 def measure_world_model(run: Run, pos: RunPosition, log: EpochLog):
-    """world_model/* on the transitions just collected (or --dataset-dir's held-out ones), never trained on; the
-    reward/end class counts go into the collector's pools."""
+    """world_model/* on the transitions just collected (or --dataset-dir's held-out ones), never trained on."""
     collector = run.collector
     refs = [(e if e < len(run.buffer.episodes) else -1, t) for e, t in collector.heldout.tolist()]
     metrics = world_model_metrics(run.learners["denoiser"].model, run.learners["reward_end"].model, run.buffer, refs,
@@ -2091,8 +2075,7 @@ def measure_world_model(run: Run, pos: RunPosition, log: EpochLog):
 
 
 def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
-    """This epoch's updates of one model from pos.step on, until done or a signal (the update in progress finishes
-    first); losses written every log_every updates at the global step."""
+    """This epoch's updates of one model from pos.step on, until done or a signal; losses every log_every."""
     args, learner = run.args, run.learners[name]
     num_steps = phase_work(args, run.schedule, name, pos.epoch)
     progress = progress_bar(num_steps, pos.step, f"epoch {pos.epoch} {name}", "update")
@@ -2203,8 +2186,7 @@ def keep_agent_copy(folder: Path, epoch: int, actor_critic: ActorCritic, keep: i
 
 
 def work_left(args: Args, first_collection_steps: int, pos: RunPosition) -> dict[str, int]:
-    """Each phase's units of work from pos on: the current phase from its step, those before it in the epoch none
-    (N = initial_collection_steps until epoch 1 decides the first collection)."""
+    """Each phase's units of work from pos on (N = initial_collection_steps until epoch 1 decides it)."""
     schedule, left = run_schedule(args, first_collection_steps), {}
     for index, name in enumerate(PHASES):
         work = [phase_work(args, schedule, name, epoch) for epoch in range(pos.epoch, len(schedule) + 1)] or [0]
@@ -2268,16 +2250,14 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
 
 
 def run_time_lines(seconds_per_unit: dict[str, float], left: dict[str, int], setup) -> list[str]:
-    """The shared run_time_notice in global steps (the three models' updates; collection's time counted in), and
-    above a day on a CPU the game sized for one."""
+    """The shared run_time_notice in global steps (collection's time counted in); above a day on a CPU, Catch."""
     steps = left["denoiser"] + left["reward_end"] + left["actor_critic"]
     lines = run_time_notice(seconds_left(seconds_per_unit, left) / max(steps, 1), steps, setup)
     return lines[:1] + [line + "; on a CPU the game to learn is --env-id Catch --preset catch" for line in lines[1:]]
 
 
 def load_dataset_dir(args: Args, buffer: ReplayBuffer, num_actions: int) -> tuple[list[int], torch.Tensor]:
-    """--dataset-dir: every episode .npz into the buffer. Returns the training episodes and the held-out transitions
-    (in the last 10% of the episodes: where world_model/* is measured)."""
+    """--dataset-dir into the buffer: returns the training episodes, the held-out transitions (the last 10%'s)."""
     if not Path(args.dataset_dir).is_dir():
         raise UserError(f"--dataset-dir {args.dataset_dir} is not a folder: give the folder of episode .npz files "
                         f"(resuming: put it back where the run read it)")
@@ -2331,8 +2311,7 @@ def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float
 
 
 def check_training_memory(setup, args: Args, num_actions: int):
-    """Refuses in one line, before anything is allocated at full size, updates that cannot fit: the
-    world model's at --batch-size, the actor-critic's at --num-imagined-envs."""
+    """One line before anything is allocated if the world model's or the actor-critic's update cannot fit."""
     num_params, per_segment, per_env = step_memory_profile(args, num_actions)
     check_step_memory(setup, args.batch_size, num_params, per_segment, args.dtype)
     if not args.world_model_only:
@@ -2467,9 +2446,8 @@ def caption_lines(game, meanings: list[str], step: int, action: Optional[int], r
 
 
 def play_keys(game, steps: list[Optional[int]], meanings: list[str], size: int) -> dict:
-    """A headless session: the game played with the given actions (None: restart). Returns the raw
-    frames uint8 (T + 1, H, W, 3), the captioned frames for the MP4, the rewards per step and the
-    frames per second."""
+    """The game played with the given actions (None: restart): raw frames uint8 (T + 1, H, W, 3), captioned frames
+    (the MP4's), rewards, frames per second."""
     frame, reward, end, total, action = game.reset(), 0.0, False, 0.0, None
     frames, shown, rewards = [], [], []
     start = time.perf_counter()
@@ -2616,8 +2594,7 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
 
 
 def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], out_dir: Path, args: Args):
-    """--play-keys: each game of --play-world played with the keys; its MP4 and (real game) episodes
-    written."""
+    """--play-keys: each game of --play-world played with the keys; its MP4 and (real game) episodes written."""
     stamp = time.strftime("%Y%m%d_%H%M%S")
     for mode in (("imagined", "real") if args.play_world == "both" else (args.play_world,)):
         game = games[mode]()
@@ -2660,8 +2637,7 @@ def env_notices(env: Union[AtariEnv, CatchEnv], game: str, given: set[str]):
 
 
 def read_run_episodes(buffer: ReplayBuffer, run_dir: Path, checkpoint: Optional[dict], args: Args, num_actions: int):
-    """This run's episodes: the first num_buffer_files files of episodes/ (a killed run may have
-    written more after its checkpoint; those are collected and written again)."""
+    """This run's episodes: the first num_buffer_files of episodes/ (those after were written after its checkpoint)."""
     buffer.folder = run_dir / "episodes"
     for i in range(checkpoint["num_buffer_files"] if checkpoint is not None else 0):
         buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions,
@@ -2669,8 +2645,7 @@ def read_run_episodes(buffer: ReplayBuffer, run_dir: Path, checkpoint: Optional[
 
 
 def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: dict[str, nn.Module], setup):
-    """The run's folder, game, models, length, where it resumes and how long it takes (printed); returns each
-    phase's seconds per unit, timed on copies of the models."""
+    """Prints the run's folder, game, models, length and ETA; returns each phase's seconds per unit."""
     args, num_actions = run.args, run.collector.env.num_actions
     imagination = "eager" if run.graphs is None else "CUDA graphs" if setup.use_cuda else "compiled (inductor)"
     sizes = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
@@ -2701,8 +2676,7 @@ def save_position(run: Run, pos: RunPosition, log: EpochLog):
 
 
 def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, seconds_per_unit: dict[str, float]):
-    """An epoch's numbers written at the global step, its line printed with the ETA (each phase's latest rate x what
-    is left of it), and the agent kept every --save-agent-every epochs."""
+    """An epoch's numbers written, its line printed with the ETA, the agent kept every --save-agent-every epochs."""
     args, collector = run.args, run.collector
     log.add("charts/epoch", pos.epoch)
     log.add("charts/env_steps", collector.env_steps)
@@ -2805,8 +2779,9 @@ def main(args: Args, given: set[str]):
     if checkpoint is not None:
         wm_env.load_state_dict(checkpoint["imagination"])
     graphs = imagination_graphs(args, setup, wm_env, actor_critic, stop)  # the compiled step, or None
+    mfu = mfu_per_update(args, num_actions, peak_flops(setup, args.dtype))
     run = Run(args, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net, wm_env,
-              graphs, collector, writer, stop, run_dir, mfu_per_update(args, num_actions, peak_flops(setup, args.dtype)))
+              graphs, collector, writer, stop, run_dir, mfu)
     seconds_per_unit = announce_run(run, pos, checkpoint is not None, game, models, setup)
 
     # ---- train: DIAMOND's Algorithm 1, a phase at a time (a checkpoint may stop inside one)
