@@ -1493,9 +1493,10 @@ def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, Catc
         line += f"; catch rate {(mean + 1) / 2:.3f} (random 0.2)"
     print(line, flush=True)
     with writer_at() as writer:
-        for key, value in {"episodic_return": mean, "num_episodes": len(returns), "human_normalized_score": score}.items():
-            if value is not None:
-                writer.add_scalar(f"eval/{kind}_{key}", value, step)
+        writer.add_scalar(f"eval/{kind}_episodic_return", mean, step)
+        writer.add_scalar(f"eval/{kind}_num_episodes", len(returns), step)
+        if score is not None:
+            writer.add_scalar(f"eval/{kind}_human_normalized_score", score, step)
 
 
 @torch.no_grad()
