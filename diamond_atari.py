@@ -1561,38 +1561,35 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
                         net=None, autocast=contextlib.nullcontext()) -> dict:
     """On real transitions (episode, t): the sampled next frame's MSE beside copying the last frame, over all pixels
     and those that change; reward-sign and end accuracy; "counts": each class's (hits, predicted, actual)."""
-    c = args.num_conditioning_steps
+    c, n = args.num_conditioning_steps, len(refs)
     generator = torch.Generator(device=device).manual_seed(seed)
-    sums = dict.fromkeys(("mse", "copy", "mse_changed", "copy_changed", "changed", "pixels", "reward", "end"), 0.0)
+    sums = [0.0] * 6  # squared errors of the sample and of the last frame, on all and on changed pixels; the pixels
     counts = torch.zeros(len(RewardEndPools.classes), 3, dtype=torch.long)
-    for first in range(0, len(refs), 64):
+    for first in range(0, n, 64):
         batch = buffer.segments([(e, t - (c - 1)) for e, t in refs[first: first + 64]], c + 1)
         obs = segment_obs(batch, device)  # (B, c + 1, 3, H, W)
         actions = batch["actions"].to(device)
         predicted = generate_next_obs(denoiser, obs[:, :-1], actions, args, generator, net, autocast)
         target, last, predicted = (obs[:, -1] + 1) / 2, (obs[:, -2] + 1) / 2, (predicted + 1) / 2  # in [0, 1]
         changed = ((target - last).abs().amax(dim=1, keepdim=True) > 0).float().expand_as(target)
-        for key, error in (("mse", (predicted - target) ** 2), ("copy", (last - target) ** 2)):
-            sums[key] += float(error.sum())
-            sums[f"{key}_changed"] += float((error * changed).sum())
-        sums["changed"] += float(changed.sum())
-        sums["pixels"] += target.numel()
+        mse, copy_error = (predicted - target) ** 2, (last - target) ** 2
+        sums = [total + float(x) for total, x in zip(sums, (mse.sum(), copy_error.sum(), (mse * changed).sum(), (
+            copy_error * changed).sum(), changed.sum(), target.numel()))]
         with autocast:
             reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], actions, obs[:, 1:])
-        reward, end = batch["rewards"][:, -1].sign().long() + 1, batch["ends"][:, -1].long()
-        reward_guess, end_guess = reward_logits[:, -1].argmax(-1).cpu(), end_logits[:, -1].argmax(-1).cpu()
-        sums["reward"] += float((reward_guess == reward).sum())
-        sums["end"] += float((end_guess == end).sum())
         # one-vs-rest per class (signs -1, 0, +1, the end): predicted == actual == class, predicted, actual
-        guess = torch.cat([F.one_hot(reward_guess, 3), end_guess[:, None]], 1).bool()
-        actual = torch.cat([F.one_hot(reward, 3), end[:, None]], 1).bool()
+        guess = torch.cat([F.one_hot(reward_logits[:, -1].argmax(-1).cpu(), 3),
+                           end_logits[:, -1].argmax(-1).cpu()[:, None]], 1).bool()
+        actual = torch.cat([F.one_hot(batch["rewards"][:, -1].sign().long() + 1, 3),
+                            batch["ends"][:, -1, None].long()], 1).bool()
         counts += torch.stack([guess & actual, guess, actual], -1).sum(0)
-    n, changed, pixels = len(refs), max(sums["changed"], 1.0), sums["pixels"]
-    return {"next_frame_mse": sums["mse"] / pixels, "copy_last_frame_mse": sums["copy"] / pixels,
-            "next_frame_mse_changed": sums["mse_changed"] / changed,
-            "copy_last_frame_mse_changed": sums["copy_changed"] / changed,
-            "changed_pixel_fraction": sums["changed"] / pixels, "reward_accuracy": sums["reward"] / n,
-            "end_accuracy": sums["end"] / n, "counts": dict(zip(RewardEndPools.classes, counts.tolist()))}
+    mse, copy_error, mse_changed, copy_changed, changed, pixels = sums
+    hits, predicted, actual = counts.T.tolist()  # end accuracy: hits + true negatives (n - predicted - actual + hits)
+    return {"next_frame_mse": mse / pixels, "copy_last_frame_mse": copy_error / pixels,
+            "next_frame_mse_changed": mse_changed / max(changed, 1.0),
+            "copy_last_frame_mse_changed": copy_changed / max(changed, 1.0), "changed_pixel_fraction": changed / pixels,
+            "reward_accuracy": sum(hits[:3]) / n, "end_accuracy": (n - predicted[3] - actual[3] + 2 * hits[3]) / n,
+            "counts": dict(zip(RewardEndPools.classes, counts.tolist()))}
 
 
 class RewardEndPools:
@@ -1982,16 +1979,8 @@ class Run:
     writer: object
     stop: object
     run_dir: Path
-    mfu_per_update: Optional[float]
-
-    @property
-    def schedule(self) -> list[int]:
-        """Env steps per epoch (run_schedule): final once epoch 1 has decided the first collection."""
-        return run_schedule(self.args, self.collector.first_collection_steps)
-
-    @property
-    def num_epochs(self) -> int:
-        return len(self.schedule)
+    mfu_per_update: Optional[float]  # one denoiser update's FLOPs / the device's peak FLOP/s (None: no MFU)
+    schedule: list[int]  # env steps per epoch (run_schedule), final once epoch 1 has decided the first collection
 
     def checked_net(self, *inputs):
         """The denoiser's network uncompiled (evaluations' shapes vary); a signal abandons them within a call."""
@@ -2044,9 +2033,10 @@ def collect(run: Run, pos: RunPosition, log: EpochLog):
         if not collector.first_collection_steps and extra >= 0 and extra % args.collection_steps_per_epoch == 0 and (
                 sum(sorted(counts)[:2]) >= args.min_rare_rewards or pos.step >= args.max_initial_collection_steps):
             collector.first_collection_steps = pos.step  # N: the run's schedule and length are now fixed
+            run.schedule = run_schedule(args, pos.step)
             total = progress.total = run.schedule[0]
             progress.write(f"first collection: {pos.step} env steps (reward signs -1/0/+1: {counts}); the run: "
-                           f"{run.num_epochs} epochs, {sum(run.schedule)} env steps", file=sys.stdout)
+                           f"{len(run.schedule)} epochs, {sum(run.schedule)} env steps", file=sys.stdout)
         if collector.first_collection_steps and pos.step >= total:
             break
         reward, game = collector.step(run.learners["actor_critic"].model, args, run.autocast, args.world_model_only)
@@ -2112,12 +2102,6 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
             log.add("perf/mfu", per_second * run.mfu_per_update)
         if name == "actor_critic":
             log.add("perf/imagination_frames_per_s", per_second * args.num_imagined_envs * args.backup_every)
-    graphs = run.graphs
-    if name == "actor_critic" and graphs is not None and graphs.compile_seconds is not None and not graphs.reported:
-        graphs.reported = True  # once per process: the first rollout traced and compiled the graphs
-        print(f"imagination graphs: compiled in {graphs.compile_seconds:.1f} s (the first rollout, compilation "
-              f"included); {graphs.calls} compiled calls so far", flush=True)
-        log.add("perf/imagination_compile_s", graphs.compile_seconds)
 
 
 def evaluate(run: Run, pos: RunPosition, log: EpochLog):
@@ -2129,7 +2113,7 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
     real, imagined, taken = imagined_vs_real(denoiser, run.buffer, args, run.device, seed, run.checked_net,
                                              run.autocast)
     values, test_episodes = {}, []
-    if not args.world_model_only and epoch < run.num_epochs:
+    if not args.world_model_only and epoch < len(run.schedule):
         # with --dataset-dir, DIAMOND plays no game: these test episodes are this script's addition
         what = "real-game test episodes, not in DIAMOND's static-dataset mode" if args.dataset_dir else "test episodes"
         progress = progress_bar(None, 0, f"epoch {epoch} evaluate ({args.eval_episodes} {what})", "env step")
@@ -2216,7 +2200,7 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
     run = Run(args, device, autocast, generator, cpu_generator, buffer, None,
               build_learners(args, copies, device.type == "cuda"), copies["denoiser"].net, None, None,
               Collector(make_env(args, args.seed + 1, torch.Generator().manual_seed(0)), buffer, cpu_generator,
-                        device) if left["collect"] else None, None, None, None, None)
+                        device) if left["collect"] else None, None, None, None, None, None)
 
     def timed(unit: Callable[[], object], most: int = 5) -> float:
         """Seconds per call: a warm-up call (its figure if over 1 s), then the mean until 0.2 s or most calls."""
@@ -2654,7 +2638,7 @@ def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: d
           f"{', '.join(f'{k} {v:,}' for k, v in sizes.items())}; device: {run.device}; imagination: {imagination}")
     for name, size in sizes.items() if not resumed else ():
         run.writer.add_scalar(f"charts/num_parameters_{name}", size, 0)
-    length = f"the run: {run.num_epochs} epochs"
+    length = f"the run: {len(run.schedule)} epochs"
     if not (run.collector.first_collection_steps or args.dataset_dir is not None):
         length += f" if the first collection is {args.initial_collection_steps} env steps (fixed when it ends)"
     print(length + ("" if args.dataset_dir else f", {sum(run.schedule)} env steps"), flush=True)
@@ -2685,7 +2669,7 @@ def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, sec
     for key, values in log.pending.items():
         run.writer.add_scalar(key, float(np.mean(values)), pos.global_step)
     eta = seconds_left(seconds_per_unit, work_left(args, collector.first_collection_steps, RunPosition(pos.epoch + 1)))
-    print(f"epoch {pos.epoch}/{run.num_epochs} | env steps {collector.env_steps} | global step {pos.global_step} | "
+    print(f"epoch {pos.epoch}/{len(run.schedule)} | env steps {collector.env_steps} | global step {pos.global_step} | "
           f"{' | '.join(log.summary())} | {time.perf_counter() - epoch_start:.1f} s, ETA {int(eta // 3600)}:"
           f"{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
     if not args.world_model_only and pos.epoch % args.save_agent_every == 0:
@@ -2696,11 +2680,11 @@ def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, sec
 def final_test(run: Run, pos: RunPosition):
     """The score the paper reports, after the last epoch (--eval-only runs it again)."""
     args = run.args
-    what = f"{args.test_episodes} test episodes after {run.num_epochs} epochs, {run.collector.env_steps} env steps"
+    what = f"{args.test_episodes} test episodes after {len(run.schedule)} epochs, {run.collector.env_steps} env steps"
     if args.dataset_dir:
         what += " (real-game test episodes: this script's addition, DIAMOND plays none with a static dataset)"
     score_agent(args, run.learners["actor_critic"].model, run.collector.env, run.device, run.autocast, run.stop,
-                what, f"stopped by signal at the test episodes after epoch {run.num_epochs}; run them with --resume "
+                what, f"stopped by signal at the test episodes after epoch {len(run.schedule)}; run them with --resume "
                 f"{run.run_dir} --eval-only", lambda: contextlib.nullcontext(run.writer), pos.global_step)
 
 
@@ -2782,12 +2766,12 @@ def main(args: Args, given: set[str]):
     graphs = imagination_graphs(args, setup, wm_env, actor_critic, stop)  # the compiled step, or None
     mfu = mfu_per_update(args, num_actions, peak_flops(setup, args.dtype))
     run = Run(args, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net, wm_env,
-              graphs, collector, writer, stop, run_dir, mfu)
+              graphs, collector, writer, stop, run_dir, mfu, run_schedule(args, collector.first_collection_steps))
     seconds_per_unit = announce_run(run, pos, checkpoint is not None, game, models, setup)
 
     # ---- train: DIAMOND's Algorithm 1, a phase at a time (a checkpoint may stop inside one)
     run_start, epoch_start = time.perf_counter(), time.perf_counter()
-    while pos.epoch <= run.num_epochs:
+    while pos.epoch <= len(run.schedule):
         name, phase_start, first_step = pos.name, time.perf_counter(), pos.step
         works = phase_work(args, run.schedule, name, pos.epoch) > 0
         works = works and (name != "world_model_eval" or len(collector.heldout) > 0)
@@ -2809,7 +2793,7 @@ def main(args: Args, given: set[str]):
         if pos.phase == len(PHASES):  # the end of the epoch: its numbers at the global step, maybe a save
             end_epoch(run, pos, log, epoch_start, seconds_per_unit)
             pos.epoch, pos.phase, epoch_start, log = pos.epoch + 1, 0, time.perf_counter(), EpochLog(device)
-            if (pos.epoch - 1) % args.save_every == 0 or pos.epoch > run.num_epochs:
+            if (pos.epoch - 1) % args.save_every == 0 or pos.epoch > len(run.schedule):
                 save_position(run, pos, log)
 
     # ---- the test: the score the paper reports (full games, epsilon 0), then teardown
