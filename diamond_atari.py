@@ -1626,29 +1626,6 @@ class RewardEndPools:
 
 
 @torch.no_grad()
-def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, device: torch.device,
-                     seed: int, net=None, autocast=contextlib.nullcontext()
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """An open-loop rollout with a real segment's actions: real, imagined frames uint8 (H, 3, h, w), actions taken."""
-    c, horizon = args.num_conditioning_steps, args.imagination_horizon
-    generator = torch.Generator().manual_seed(seed)
-    ids = [i for i in buffer.sampleable() if len(buffer.episode(i)["actions"]) >= c + horizon] or buffer.sampleable()
-    index = ids[int(torch.randint(len(ids), (1,), generator=generator))]
-    T = len(buffer.episode(index)["actions"])
-    horizon = min(horizon, T - c) if T > c else 1
-    start = int(torch.randint(max(T - c - horizon + 1, 1), (1,), generator=generator)) if T > c else -(c - 1)
-    batch = buffer.segments([(index, start)], c + horizon)
-    real, actions = segment_obs(batch, device), batch["actions"].to(device)
-    device_generator = torch.Generator(device=device).manual_seed(seed)
-    obs, imagined = real[:, :c], []
-    for k in range(horizon):
-        imagined.append(generate_next_obs(denoiser, obs, actions[:, k: k + c], args, device_generator, net, autocast))
-        obs = torch.cat([obs[:, 1:], imagined[-1][:, None]], dim=1)
-    taken = actions[0, c - 1: c - 1 + horizon].cpu().numpy()
-    return to_uint8(real[0, c:]).cpu().numpy(), to_uint8(torch.cat(imagined)).cpu().numpy(), taken
-
-
-@torch.no_grad()
 def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int, int, dict]],
                               env: Union[AtariEnv, CatchEnv], args: Args, seed: int,
                               check: Callable[[], None] = lambda: None) -> dict[str, float]:
@@ -1724,22 +1701,6 @@ def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
     for i, line in enumerate(lines):
         put_text(margin, line, 6, 18 + 18 * i, 0.45)
     return np.concatenate([big, margin])
-
-
-def labelled_rows(rows: list[np.ndarray], row_labels: list[str], column_labels: list[str], pad: int = 2) -> np.ndarray:
-    """Rows of uint8 (N, 3, h, w) frames as one RGB image, rows and columns (the actions) labelled in its margins."""
-    n, h = rows[0].shape[0], rows[0].shape[2]
-    scale = max(1, 64 // h)  # small frames are enlarged (nearest), so that a label fits above each
-    grids = [make_grid(row.repeat(scale, axis=2).repeat(scale, axis=3), columns=n, pad=pad) for row in rows]
-    left, top, cell = 8 + 7 * max(len(label) for label in row_labels), 16, h * scale + pad
-    image = np.zeros((top + sum(g.shape[0] for g in grids), left + grids[0].shape[1], 3), dtype=np.uint8)
-    for i, (grid, label) in enumerate(zip(grids, row_labels)):
-        y = top + i * grid.shape[0]
-        image[y: y + grid.shape[0], left:] = grid
-        put_text(image, label, 4, y + grid.shape[0] // 2 + 4, 0.35)
-    for i, label in enumerate(column_labels):
-        put_text(image, label[: max(1, cell // 6)], left + pad + i * cell, 12, 0.3)
-    return image
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2104,14 +2065,51 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
             log.add("perf/imagination_frames_per_s", per_second * args.num_imagined_envs * args.backup_every)
 
 
+@torch.no_grad()
+def write_rollout(run: Run, pos: RunPosition):
+    """An open-loop imagined rollout from a real segment with its actions, beside the real frames: a strip (real row
+    above imagined, columns headed by the action taken into them) in TensorBoard and samples/, and an MP4."""
+    args, buffer, device, seed = run.args, run.buffer, run.device, run.args.seed * 7919 + pos.epoch
+    c, horizon = args.num_conditioning_steps, args.imagination_horizon
+    generator = torch.Generator().manual_seed(seed)
+    ids = [i for i in buffer.sampleable() if len(buffer.episode(i)["actions"]) >= c + horizon] or buffer.sampleable()
+    index = ids[int(torch.randint(len(ids), (1,), generator=generator))]
+    T = len(buffer.episode(index)["actions"])
+    horizon = min(horizon, T - c) if T > c else 1
+    start = int(torch.randint(max(T - c - horizon + 1, 1), (1,), generator=generator)) if T > c else -(c - 1)
+    batch = buffer.segments([(index, start)], c + horizon)
+    real, actions = segment_obs(batch, device), batch["actions"].to(device)
+    device_generator = torch.Generator(device=device).manual_seed(seed)
+    obs, imagined = real[:, :c], []
+    for k in range(horizon):
+        imagined.append(generate_next_obs(run.learners["denoiser"].model, obs, actions[:, k: k + c], args,
+                                          device_generator, run.checked_net, run.autocast))
+        obs = torch.cat([obs[:, 1:], imagined[-1][:, None]], dim=1)
+    rows = to_uint8(real[0, c:]).cpu().numpy(), to_uint8(torch.cat(imagined)).cpu().numpy()  # (H, 3, h, w) each
+    names = [run.collector.env.action_meanings[a].lower() for a in actions[0, c - 1: c - 1 + horizon].tolist()]
+    scale = max(1, 64 // rows[0].shape[2])  # small frames are enlarged (nearest), so that a label fits above each
+    grids = [make_grid(row.repeat(scale, axis=2).repeat(scale, axis=3), columns=horizon, pad=2) for row in rows]
+    height, cell = grids[0].shape[0], rows[0].shape[2] * scale + 2
+    strip = np.zeros((16 + 2 * height, 64 + grids[0].shape[1], 3), dtype=np.uint8)
+    for i, (grid, label) in enumerate(zip(grids, ("real", "imagined"))):
+        strip[16 + i * height: 16 + (i + 1) * height, 64:] = grid
+        put_text(strip, label, 4, 16 + i * height + height // 2 + 4, 0.35)
+    for i, name in enumerate(names):
+        put_text(strip, name[: max(1, cell // 6)], 66 + i * cell, 12, 0.3)
+    run.writer.add_image("samples/imagined_vs_real", strip, pos.global_step, dataformats="HWC")
+    stem = run.run_dir / "samples" / f"rollout_epoch{pos.epoch:05d}"
+    write_png(stem.with_suffix(".png"), strip)
+    write_mp4(stem.with_suffix(".mp4"), np.stack([
+        with_caption(np.concatenate([r, i], axis=2).transpose(1, 2, 0), 256,
+                     ["left real, right imagined", f"step {k + 1}  action {names[k]}"])
+        for k, (r, i) in enumerate(zip(*rows))]))
+
+
 def evaluate(run: Run, pos: RunPosition, log: EpochLog):
-    """An open-loop imagined rollout beside the real frames, test episodes (not in the last epoch: the final test
-    follows), the policy's action shares and imagined-vs-real return, test-set losses, the full reward/end pools. A
-    signal abandons it (StopRequested) before anything is written or a pool emptied."""
+    """Test episodes (not in the last epoch: the final test follows), the policy's action shares and imagined-vs-real
+    return, test-set losses, the rollout, the full reward/end pools; a signal abandons it before anything is written."""
     args, epoch, seed, collector = run.args, pos.epoch, run.args.seed * 7919 + pos.epoch, run.collector
-    denoiser, actor_critic = run.learners["denoiser"].model, run.learners["actor_critic"].model
-    real, imagined, taken = imagined_vs_real(denoiser, run.buffer, args, run.device, seed, run.checked_net,
-                                             run.autocast)
+    actor_critic = run.learners["actor_critic"].model
     values, test_episodes = {}, []
     if not args.world_model_only and epoch < len(run.schedule):
         # with --dataset-dir, DIAMOND plays no game: these test episodes are this script's addition
@@ -2143,18 +2141,9 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
             held_out.add(episode, write=False)
     if ids:
         values.update({f"eval/{key}": value for key, value in test_set_losses(
-            denoiser, run.learners["reward_end"].model, held_out, ids, args, run.device, seed, run.checked_net,
-            run.autocast).items()})
-    # a strip (real on top, imagined below, columns headed by the action taken into them), an MP4
-    names = [collector.env.action_meanings[a].lower() for a in taken]
-    strip = labelled_rows([real, imagined], ["real", "imagined"], names)
-    run.writer.add_image("samples/imagined_vs_real", strip, pos.global_step, dataformats="HWC")
-    stem = run.run_dir / "samples" / f"rollout_epoch{epoch:05d}"
-    write_png(stem.with_suffix(".png"), strip)
-    write_mp4(stem.with_suffix(".mp4"), np.stack([
-        with_caption(np.concatenate([r, i], axis=2).transpose(1, 2, 0), 256,
-                     ["left real, right imagined", f"step {k + 1}  action {names[k]}"])
-        for k, (r, i) in enumerate(zip(real, imagined))]))
+            run.learners["denoiser"].model, run.learners["reward_end"].model, held_out, ids, args, run.device, seed,
+            run.checked_net, run.autocast).items()})
+    write_rollout(run, pos)
     for key, value in {**values, **collector.reward_end_pools.take()}.items():
         if value is not None:
             log.add(key, value)
