@@ -1878,17 +1878,16 @@ class Learner:
 
 
 def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> dict[str, Learner]:
+    """AdamW with weight decay on the world model's weights only (DIAMOND: none for the actor-critic)."""
     learners = {}
     for name, model in models.items():
-        # AdamW, weight decay on the world model's weights only (DIAMOND: none for the actor-critic)
-        weight_decay = 0.0 if name == "actor_critic" else args.weight_decay
         lr = (name == "actor_critic" and args.actor_critic_learning_rate) or args.learning_rate
-        optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr,
-                                      eps=args.adam_eps, fused=use_cuda)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_warmup_factor(s, args.warmup_steps))
+        optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.0 if name == "actor_critic" else args.weight_decay),
+                                      lr=lr, eps=args.adam_eps, fused=use_cuda)
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_warmup_factor(s, args.warmup_steps))
         scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16")
-        max_grad_norm = args.denoiser_max_grad_norm if name == "denoiser" else args.max_grad_norm
-        learners[name] = Learner(model, optimizer, scheduler, scaler, max_grad_norm)
+        max_norm = args.denoiser_max_grad_norm if name == "denoiser" else args.max_grad_norm
+        learners[name] = Learner(model, optimizer, warmup, scaler, max_norm)
     return learners
 
 
@@ -2422,13 +2421,11 @@ def caption_lines(game, meanings: list[str], step: int, action: Optional[int], r
 def play_keys(game, steps: list[Optional[int]], meanings: list[str], size: int) -> dict:
     """The game played with the given actions (None: restart): raw frames uint8 (T + 1, H, W, 3), captioned frames
     (the MP4's), rewards, frames per second."""
-    frame, reward, end, total, action = game.reset(), 0.0, False, 0.0, None
-    frames, shown, rewards = [], [], []
-    start = time.perf_counter()
+    frames, shown, rewards, start = [], [], [], time.perf_counter()
     for i, action in enumerate([None, *steps]):  # step 0: the start frame
-        if i and action is None:
+        if action is None:
             frame, reward, end, total = game.reset(), 0.0, False, 0.0
-        elif i:
+        else:
             frame, reward, end = game.step(action)
             total += reward
         frames.append(frame)
@@ -2602,22 +2599,6 @@ def episode_to_mp4(path: str, meanings: list[str], size: int = 256) -> Path:
 # main() and the steps it reads as
 
 
-def env_notices(env: Union[AtariEnv, CatchEnv], game: str, given: set[str]):
-    """Said before any work: the Atari protocol flags given on the command line that the game ignores."""
-    ignored = [f"--{name.replace('_', '-')}" for name in env.ignored_flags if name in given]
-    if ignored:
-        print(f"notice: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect on {game} (Atari "
-              f"protocol flags)", flush=True)
-
-
-def read_run_episodes(buffer: ReplayBuffer, run_dir: Path, checkpoint: Optional[dict], args: Args, num_actions: int):
-    """This run's episodes: the first num_buffer_files of episodes/ (those after were written after its checkpoint)."""
-    buffer.folder = run_dir / "episodes"
-    for i in range(checkpoint["num_buffer_files"] if checkpoint is not None else 0):
-        buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions,
-                                "restore the file the run wrote there, or start a new run"), write=False)
-
-
 def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: dict[str, nn.Module], setup):
     """Prints the run's folder, game, models, length and ETA; returns each phase's seconds per unit."""
     args, num_actions = run.args, run.collector.env.num_actions
@@ -2695,8 +2676,7 @@ def main(args: Args, given: set[str]):
     game, env_name = canonical_env_id(args.env_id)
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
-    # Two generators carry every random draw of training (their saved states make a resume exact);
-    # evaluations use generators seeded from (seed, epoch) and never move them.
+    # two generators carry every random draw of training; evaluations seed their own from (seed, epoch)
     seed_everything(args.seed)
     cpu_generator = torch.Generator().manual_seed(args.seed)  # no-ops, exploration, replay sampling
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # diffusion noise, imagination
@@ -2704,15 +2684,17 @@ def main(args: Args, given: set[str]):
 
     env = make_env(args, args.seed, cpu_generator)
     num_actions = env.num_actions  # the game's minimal action set sizes the networks
-    env_notices(env, game, given)
+    ignored = [f"--{name.replace('_', '-')}" for name in env.ignored_flags if name in given]
+    if ignored:  # Atari protocol flags that the game ignores
+        print(f"notice: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect on {game} (Atari "
+              f"protocol flags)", flush=True)
     if trains:  # will the updates fit? one line if not
         check_training_memory(setup, args, num_actions)
-    built = (model.to(device) for model in build_models(args, num_actions))
-    models = dict(zip(("denoiser", "reward_end", "actor_critic"), built))
+    built = build_models(args, num_actions)
+    models = {name: model.to(device) for name, model in zip(("denoiser", "reward_end", "actor_critic"), built)}
     denoiser, reward_end_model, actor_critic = models.values()
     learners = build_learners(args, models, setup.use_cuda)
-    # The replay buffer: this run's episodes, or the user's (sampled in proportion to their lengths:
-    # the recency weights are about the agent's own data)
+    # the user's episodes are sampled in proportion to their lengths (the recency weights are about the agent's data)
     buffer = ReplayBuffer(None, args.recency_weights if args.dataset_dir is None else None, args.num_conditioning_steps)
     collector, pos, log = Collector(env, buffer, cpu_generator, device), RunPosition(), EpochLog(device)
     train_ids = None  # None: every episode; with --dataset-dir, all but the held-out ones
@@ -2744,8 +2726,10 @@ def main(args: Args, given: set[str]):
     # ---- the run folder (after the signal handlers: always checkpointed), TensorBoard, episodes
     run_dir = run_dir or create_run_dir(args, env_name)
     writer = open_writer(args, run_dir, pos.global_step)
-    if args.dataset_dir is None:
-        read_run_episodes(buffer, run_dir, checkpoint, args, num_actions)
+    buffer.folder = run_dir / "episodes"  # its first num_buffer_files: any after were written after the checkpoint
+    for i in range(checkpoint["num_buffer_files"] if checkpoint is not None else 0):
+        buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions,
+                                "restore the file the run wrote there, or start a new run"), write=False)
     collector.share_partial()
     # the imagined episodes live across actor-critic updates, epochs and checkpoints, as in DIAMOND
     wm_env = WorldModelEnv(denoiser, reward_end_model, buffer, args, device, generator,
