@@ -1632,9 +1632,8 @@ def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int,
     """Mean sums of reward signs over the horizon from K starts (Collector.fork_starts) in the world model and in the
     real game forked there, with the same actor state, actions and uniforms: the gap imagination training exploits."""
     c, horizon, device, k = args.num_conditioning_steps, args.imagination_horizon, graphs.device, len(starts)
-    buffer = graphs.wm_env.buffer
-    refs = [(episode if episode < len(buffer.episodes) else -1, t - (c - 1)) for episode, t, _ in starts]
-    start = graphs.wm_env.start(k, refs)
+    num_episodes = len(graphs.wm_env.buffer.episodes)
+    start = graphs.wm_env.start(k, [(e if e < num_episodes else -1, t - (c - 1)) for e, t, _ in starts])
     start_hidden = actor_burn_in(graphs.actor_critic, start[0][:, :-1], graphs.amp())
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((horizon, k, 3, args.obs_size, args.obs_size), generator=generator).to(device)
@@ -1739,17 +1738,17 @@ def add_step(episode: dict, action: int, obs: np.ndarray, reward: float, termina
 
 
 class Collector:
-    """The real env and what is collected from it: the episode in progress, held-out transitions, env states."""
+    """The real env and what is collected from it: the episode in progress (new_episode's lists), the actor's LSTM
+    state, the first collection N (0: not decided yet), held-out transitions (episode, t), env states (episode, t,
+    state)."""
     num_fork_starts = 8
 
     def __init__(self, env: Union[AtariEnv, CatchEnv], buffer: ReplayBuffer, generator: torch.Generator,
                  device: torch.device):
         self.env, self.buffer, self.generator, self.device = env, buffer, generator, device
-        self.partial, self.hidden, self.env_steps = None, None, 0  # new_episode's lists, the actor's LSTM state
-        self.first_collection_steps = 0  # the first collection N, once epoch 1 has decided it (0: not yet)
-        self.heldout = torch.zeros((0, 2), dtype=torch.long)  # (episode index in the buffer, t)
+        self.partial, self.hidden, self.env_steps, self.first_collection_steps = None, None, 0, 0
+        self.heldout, self.fork_starts = torch.zeros((0, 2), dtype=torch.long), []
         self.reward_end_pools = RewardEndPools()
-        self.fork_starts: list[tuple[int, int, dict]] = []  # (episode index in the buffer, t, env state at t)
 
     @torch.no_grad()
     def step(self, actor_critic: ActorCritic, args: Args, autocast, random_policy: bool):
