@@ -2173,9 +2173,8 @@ def seconds_left(seconds_per_unit: dict[str, float], left: dict[str, int]) -> fl
 
 def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, device: torch.device,
                 autocast, left: dict[str, int]) -> dict[str, float]:
-    """Seconds per update of each model with updates left, and per env step, timed before the run on copies (models,
-    a random episode, an env, generators); the global RNGs are put back. On a CPU, a batch whose batch-1 time x the
-    batch is over 2 s is estimated as that product."""
+    """Seconds per update of each model with updates left, and per env step, timed on copies (models, a random
+    episode, an env, generators; the global RNGs put back). On a CPU, an update of batch 1 x the batch, if over 2 s."""
     state, rng = rng_state(), np.random.default_rng(0)
     copies = {name: copy.deepcopy(model) for name, model in models.items()}
     length = max(args.reward_segment_length, args.num_conditioning_steps + 2, 100)
@@ -2202,18 +2201,16 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
                 return times[0]
         return sum(times[1:]) / (len(times) - 1)
 
-    def update(name: str, batch: int) -> Callable[[], object]:
-        """An update of a model's copy on a batch this size (actor-critic: imagined envs)."""
-        run.args = replace(args, batch_size=batch, num_imagined_envs=batch)
-        run.wm_env = WorldModelEnv(copies["denoiser"], copies["reward_end"], buffer, run.args, device, generator,
-                                   cpu_generator, run.denoiser_net, autocast)
-        return lambda: run.learners[name].update(phase_loss(run, name)[0])
-
     seconds = {}
     for name in [name for name in ("denoiser", "reward_end", "actor_critic") if left[name]]:
         full = args.num_imagined_envs if name == "actor_critic" else args.batch_size
-        one = timed(update(name, 1)) if device.type != "cuda" else 0.0
-        seconds[name] = one * full if one * full > 2.0 else timed(update(name, full))
+        for batch in (1, full) if device.type != "cuda" else (full,):  # batch: segments, or imagined envs
+            run.args = replace(args, batch_size=batch, num_imagined_envs=batch)
+            run.wm_env = WorldModelEnv(copies["denoiser"], copies["reward_end"], buffer, run.args, device, generator,
+                                       cpu_generator, run.denoiser_net, autocast)
+            seconds[name] = timed(lambda: run.learners[name].update(phase_loss(run, name)[0])) * full / batch
+            if seconds[name] > 2.0:  # batch 1 x the batch: long enough to say that it is long
+                break
     if left["collect"]:
         seconds["collect"] = timed(lambda: run.collector.step(copies["actor_critic"], args, autocast,
                                                               args.world_model_only), 100)
