@@ -1780,36 +1780,11 @@ class Collector:
         """The episode in progress becomes the buffer's newest (sampled in training)."""
         self.buffer.partial = None if self.partial is None else ReplayBuffer.to_tensors(self.partial)
 
-    def state_dict(self) -> dict:
-        return {"env": self.env.state_dict(), "env_steps": self.env_steps, "heldout": self.heldout,
-                "partial": None if self.partial is None else ReplayBuffer.to_tensors(self.partial),
-                "first_collection_steps": self.first_collection_steps,
-                "collect_hidden": None if self.hidden is None else tuple(h.cpu() for h in self.hidden),
-                "reward_end_pools": self.reward_end_pools.state_dict(),
-                "fork_starts": [{"episode": e, "t": t, "env": env} for e, t, env in self.fork_starts]}
-
-    def load_state_dict(self, state: dict):
-        self.env.load_state_dict(state["env"])
-        self.env_steps, self.heldout, partial = state["env_steps"], state["heldout"], state["partial"]
-        self.first_collection_steps, hidden = state["first_collection_steps"], state["collect_hidden"]
-        self.partial = None if partial is None else {"obs": list(partial["obs"].permute(0, 2, 3, 1).numpy()), **{
-            key: partial[key].tolist() for key in ("actions", "rewards", "terminated", "truncated")}}
-        self.hidden = None if hidden is None else tuple(h.to(self.device) for h in hidden)
-        self.reward_end_pools.load_state_dict(state["reward_end_pools"])
-        self.fork_starts = [(s["episode"], s["t"], s["env"]) for s in state["fork_starts"]]
-
 
 class EpochLog:
     """An epoch's numbers. Losses and gradient norms are summed on the device (no host sync per update) and written
     every log_every updates; the rest waits in `pending` for the end of the epoch, before its checkpoint, so that a
     resumed run never writes a step twice."""
-    # the epoch's printed line: each tag's mean in the epoch (the losses: of their logged windows)
-    line = {"losses/denoiser": "denoiser loss", "losses/reward_end": "reward/end loss",
-            "losses/actor_critic": "actor-critic loss", "charts/episodic_return": "train return",
-            "eval/episodic_return": "eval return", "world_model/next_frame_mse_changed": "next-frame mse on changed "
-            "pixels", "world_model/copy_last_frame_mse_changed": "copy-last-frame", "world_model/reward_recall_pos":
-            "rew+ recall", "world_model/reward_precision_pos": "rew+ precision", "eval/imagined_minus_real_return":
-            "imag-real gap", "eval/imagined_return": "imag return", "eval/real_return": "real return"}
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -1837,22 +1812,6 @@ class EpochLog:
             self.means.setdefault(key, []).append(value)
         self.sums = {}
         return means
-
-    def summary(self) -> list[str]:
-        """The epoch's printed line (EpochLog.line), with the test episodes' most taken action."""
-        values = {**self.means, **self.pending}
-        parts = [f"{label} {np.mean(values[key]):.4g}" for key, label in self.line.items() if key in values]
-        shares = {key[18:]: value[0] for key, value in values.items() if key.startswith("eval/action_share_")}
-        top = max(shares, key=shares.get, default=None)
-        return parts + ([f"top action {top} {shares[top]:.2f}"] if top else [])
-
-    def state_dict(self) -> dict:
-        return {"epoch_log": {"pending": self.pending, "means": self.means},
-                "phase_sums": {key: value.item() for key, value in self.sums.items()}}
-
-    def load_state_dict(self, state: dict):
-        self.pending, self.means = state["epoch_log"]["pending"], state["epoch_log"]["means"]
-        self.sums = {key: torch.tensor(value, device=self.device) for key, value in state["phase_sums"].items()}
 
 
 @dataclass
@@ -1890,31 +1849,47 @@ def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> 
     return learners
 
 
-def run_checkpoint(run, pos, log) -> dict:
+def run_checkpoint(run, pos: RunPosition, log: EpochLog) -> dict:
     """checkpoints/latest.pt's contents (CHECKPOINT_KEYS), which restore_run puts back."""
+    collector, partial, hidden = run.collector, run.collector.partial, run.collector.hidden
     parts = {key: {name: getattr(learner, key[:-1]).state_dict() for name, learner in run.learners.items()}
              for key in ("models", "optimizers", "schedulers", "scalers")}
     return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "args": asdict(run.args),
             "epoch": pos.epoch, "phase": pos.name, "position": pos.step, "global_step": pos.global_step,
-            **run.collector.state_dict(), **log.state_dict(),
+            "env": collector.env.state_dict(), "env_steps": collector.env_steps, "heldout": collector.heldout,
+            "partial": None if partial is None else ReplayBuffer.to_tensors(partial),
+            "first_collection_steps": collector.first_collection_steps,
+            "collect_hidden": None if hidden is None else tuple(h.cpu() for h in hidden),
+            "reward_end_pools": collector.reward_end_pools.state_dict(),
+            "fork_starts": [{"episode": e, "t": t, "env": env} for e, t, env in collector.fork_starts],
+            "epoch_log": {"pending": log.pending, "means": log.means},
+            "phase_sums": {key: value.item() for key, value in log.sums.items()},
             "num_buffer_files": len(run.buffer.episodes) if run.args.dataset_dir is None else 0, **parts,
             "rng": rng_state(), "cpu_generator": run.cpu_generator.get_state(),
             "generator": run.generator.get_state().cpu(), "imagination": run.wm_env.state_dict()}
 
 
-def restore_run(checkpoint: dict, collector, log, learners: dict[str, Learner], cpu_generator, generator):
+def restore_run(state: dict, collector: Collector, log: EpochLog, learners: dict[str, Learner], cpu_generator,
+                generator) -> RunPosition:
     """Puts run_checkpoint's state back and returns the position; a state that does not fit is one line."""
     try:
         for name, learner in learners.items():
             for key in ("models", "optimizers", "schedulers", "scalers"):
-                getattr(learner, key[:-1]).load_state_dict(checkpoint[key][name])
-        set_rng_state(checkpoint["rng"])
-        cpu_generator.set_state(checkpoint["cpu_generator"])
-        generator.set_state(checkpoint["generator"])  # a CPU ByteTensor, for CUDA generators too
-        collector.load_state_dict(checkpoint)
-        log.load_state_dict(checkpoint)
-        return RunPosition(checkpoint["epoch"], PHASES.index(checkpoint["phase"]), checkpoint["position"],
-                           checkpoint["global_step"])
+                getattr(learner, key[:-1]).load_state_dict(state[key][name])
+        set_rng_state(state["rng"])
+        cpu_generator.set_state(state["cpu_generator"])
+        generator.set_state(state["generator"])  # a CPU ByteTensor, for CUDA generators too
+        collector.env.load_state_dict(state["env"])
+        collector.env_steps, collector.heldout, partial = state["env_steps"], state["heldout"], state["partial"]
+        collector.first_collection_steps, hidden = state["first_collection_steps"], state["collect_hidden"]
+        collector.partial = None if partial is None else {"obs": list(partial["obs"].permute(0, 2, 3, 1).numpy()), **{
+            key: partial[key].tolist() for key in ("actions", "rewards", "terminated", "truncated")}}
+        collector.hidden = None if hidden is None else tuple(h.to(collector.device) for h in hidden)
+        collector.reward_end_pools.load_state_dict(state["reward_end_pools"])
+        collector.fork_starts = [(s["episode"], s["t"], s["env"]) for s in state["fork_starts"]]
+        log.pending, log.means = state["epoch_log"]["pending"], state["epoch_log"]["means"]
+        log.sums = {key: torch.tensor(value, device=log.device) for key, value in state["phase_sums"].items()}
+        return RunPosition(state["epoch"], PHASES.index(state["phase"]), state["position"], state["global_step"])
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
         raise UserError(f"checkpoint weights do not fit this model, or its state is damaged ({error_reason(e)}); "
                         f"resume from another checkpoint") from None
@@ -2634,10 +2609,23 @@ def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, sec
     log.add("charts/buffer_transitions", run.buffer.num_transitions())
     for key, values in log.pending.items():
         run.writer.add_scalar(key, float(np.mean(values)), pos.global_step)
+    # the epoch's line: each tag's mean in the epoch (the losses: of their logged windows), the most taken action
+    values = {**log.means, **log.pending}
+    labels = {"losses/denoiser": "denoiser loss", "losses/reward_end": "reward/end loss",
+              "losses/actor_critic": "actor-critic loss", "charts/episodic_return": "train return",
+              "eval/episodic_return": "eval return", "world_model/next_frame_mse_changed": "next-frame mse (changed)",
+              "world_model/copy_last_frame_mse_changed": "copy-last-frame mse (changed)",
+              "world_model/reward_recall_pos": "rew+ recall", "world_model/reward_precision_pos": "rew+ precision",
+              "eval/imagined_minus_real_return": "imag-real gap", "eval/imagined_return": "imag return",
+              "eval/real_return": "real return"}
+    parts = [f"{label} {np.mean(values[key]):.4g}" for key, label in labels.items() if key in values]
+    shares = {key[18:]: value[0] for key, value in values.items() if key.startswith("eval/action_share_")}
+    top = max(shares, key=shares.get, default=None)
     eta = seconds_left(seconds_per_unit, work_left(args, collector.first_collection_steps, RunPosition(pos.epoch + 1)))
     print(f"epoch {pos.epoch}/{len(run.schedule)} | env steps {collector.env_steps} | global step {pos.global_step} | "
-          f"{' | '.join(log.summary())} | {time.perf_counter() - epoch_start:.1f} s, ETA {int(eta // 3600)}:"
-          f"{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
+          f"{' | '.join(parts + ([f'top action {top} {shares[top]:.2f}'] if top else []))} | "
+          f"{time.perf_counter() - epoch_start:.1f} s, ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:"
+          f"{int(eta % 60):02d}", flush=True)
     if not args.world_model_only and pos.epoch % args.save_agent_every == 0:
         keep_agent_copy(run.run_dir / "checkpoints", pos.epoch, run.learners["actor_critic"].model,
                         args.num_agents_to_keep)
