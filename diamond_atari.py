@@ -1476,7 +1476,7 @@ def lr_warmup_factor(step: int, warmup_steps: int) -> float:
 
 def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device: torch.device,
                 autocast, stop, what: str, stopped: str, writer_at: Callable, step: int, kind: str = "test"):
-    """The paper's score: --test-episodes full games, printed and logged as eval/{kind}_* (a signal: `stopped`)."""
+    """The paper's score: --test-episodes full games, printed and logged as eval/{kind}_*."""
     try:
         returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003, device,
                                     autocast, check=stop.check)
@@ -1504,7 +1504,7 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
                       device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16,
                       check: Callable[[], None] = lambda: None, record: Optional[list] = None,
                       on_step: Callable[[], None] = lambda: None) -> list[float]:
-    """Returns of full games (epsilon 0, no life-loss ends), seeded by `seed` alone; `record` gets the episodes."""
+    """Returns of full games (epsilon 0, no life-loss ends) seeded by `seed` alone."""
     generator = torch.Generator().manual_seed(seed)
     returns = []
     while len(returns) < num_episodes:
@@ -1535,7 +1535,8 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
 @torch.no_grad()
 def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, ids: list[int],
                     args: Args, device: torch.device, seed: int, net=None, autocast=contextlib.nullcontext()) -> dict:
-    """DIAMOND's test losses on held-out episodes: each frame a denoiser target once, each transition a reward/end's."""
+    """DIAMOND's test losses: each held-out frame a denoiser target once, each transition a
+    reward/end target once."""
     generator = torch.Generator(device=device).manual_seed(seed)
     c, length, k = args.num_conditioning_steps, args.reward_segment_length, 1 + args.num_autoregressive_steps
     losses = {}
@@ -1559,8 +1560,8 @@ def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer
 def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
                         refs: list[tuple[int, int]], args: Args, device: torch.device, seed: int,
                         net=None, autocast=contextlib.nullcontext()) -> dict:
-    """On real transitions (episode, t): the sampled next frame's MSE beside copying the last frame, over all pixels
-    and those that change; reward-sign and end accuracy; "counts": each class's (hits, predicted, actual)."""
+    """On real transitions (episode, t): the sampled next frame's MSE beside copying the last
+    frame, on all and on changed pixels; reward and end accuracy; each class's counts."""
     c, n = args.num_conditioning_steps, len(refs)
     generator = torch.Generator(device=device).manual_seed(seed)
     sums = [0.0] * 6  # squared errors of the sample and of the last frame, on all and on changed pixels; the pixels
@@ -1593,8 +1594,8 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
 
 
 class RewardEndPools:
-    """The reward/end model's recall and precision per class (reward signs -1, 0, +1; the end), pooled until
-    min_count actual (recall) or predicted (precision) examples, then taken and emptied: no value rests on fewer."""
+    """Recall and precision per class (reward signs -1, 0, +1; the end), each pooled until
+    min_count examples, then taken and emptied: no value rests on fewer."""
     classes = ("reward_neg", "reward_zero", "reward_pos", "end")
 
     def __init__(self, min_count: int = 20):
@@ -1608,7 +1609,7 @@ class RewardEndPools:
                 pools[name] = [pools[name][0] + hits, pools[name][1] + total]
 
     def take(self) -> dict[str, float]:
-        """The full pools' values by tag (reward_pos -> world_model/reward_recall_pos); those emptied."""
+        """The full pools' values by tag (world_model/reward_recall_pos ...), those emptied."""
         values = {}
         for kind, pools in (("recall", self.recall), ("precision", self.precision)):
             for name, (hits, total) in pools.items():
@@ -1629,8 +1630,9 @@ class RewardEndPools:
 def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int, int, dict]],
                               env: Union[AtariEnv, CatchEnv], args: Args, seed: int,
                               check: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Mean sums of reward signs over the horizon from K starts (Collector.fork_starts) in the world model and in the
-    real game forked there, with the same actor state, actions and uniforms: the gap imagination training exploits."""
+    """Mean sums of reward signs over the horizon from K starts (Collector.fork_starts), in
+    the world model and in the real game forked there, with the same actor state, actions
+    and uniforms: the gap that training in imagination exploits."""
     c, horizon, device, k = args.num_conditioning_steps, args.imagination_horizon, graphs.device, len(starts)
     num_episodes = len(graphs.wm_env.buffer.episodes)
     start = graphs.wm_env.start(k, [(e if e < num_episodes else -1, t - (c - 1)) for e, t, _ in starts])
@@ -1711,7 +1713,7 @@ PHASES = ("collect", "world_model_eval", "denoiser", "reward_end", "actor_critic
 
 @dataclass
 class RunPosition:
-    """Where the run is: epoch (from 1), phase (PHASES index), step in it, global step (the models' updates)."""
+    """Where the run is: epoch (from 1), phase, step in it, global step (all models' updates)."""
     epoch: int = 1
     phase: int = 0
     step: int = 0
@@ -1738,9 +1740,8 @@ def add_step(episode: dict, action: int, obs: np.ndarray, reward: float, termina
 
 
 class Collector:
-    """The real env and what is collected from it: the episode in progress (new_episode's lists), the actor's LSTM
-    state, the first collection N (0: not decided yet), held-out transitions (episode, t), env states (episode, t,
-    state)."""
+    """The real env, the episode in progress (new_episode's lists), the actor's LSTM state, the
+    first collection N (0: not decided), held-out transitions, env states to fork from."""
     num_fork_starts = 8
 
     def __init__(self, env: Union[AtariEnv, CatchEnv], buffer: ReplayBuffer, generator: torch.Generator,
@@ -1752,7 +1753,7 @@ class Collector:
 
     @torch.no_grad()
     def step(self, actor_critic: ActorCritic, args: Args, autocast, random_policy: bool):
-        """One env step, epsilon-greedy or random: the reward and, when it ended a game, its (return, length)."""
+        """One env step: the reward and, when it ended a game, its (return, length)."""
         if self.partial is None:
             self.partial = new_episode(self.env.reset())
         ref = (len(self.buffer.episodes), len(self.partial["actions"]))  # the transition about to be collected
@@ -1782,9 +1783,8 @@ class Collector:
 
 
 class EpochLog:
-    """An epoch's numbers. Losses and gradient norms are summed on the device (no host sync per update) and written
-    every log_every updates; the rest waits in `pending` for the end of the epoch, before its checkpoint, so that a
-    resumed run never writes a step twice."""
+    """An epoch's numbers. Losses are summed on the device and written every log_every updates;
+    the rest waits in `pending` for the epoch's end, so that a resume never writes a step twice."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -1836,7 +1836,7 @@ class Learner:
 
 
 def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> dict[str, Learner]:
-    """AdamW with weight decay on the world model's weights only (DIAMOND: none for the actor-critic)."""
+    """AdamW, weight decay on the world model only (DIAMOND: none for the actor-critic)."""
     learners = {}
     for name, model in models.items():
         lr = (name == "actor_critic" and args.actor_critic_learning_rate) or args.learning_rate
@@ -1871,7 +1871,7 @@ def run_checkpoint(run, pos: RunPosition, log: EpochLog) -> dict:
 
 def restore_run(state: dict, collector: Collector, log: EpochLog, learners: dict[str, Learner], cpu_generator,
                 generator) -> RunPosition:
-    """Puts run_checkpoint's state back and returns the position; a state that does not fit is one line."""
+    """Puts run_checkpoint's state back and returns the position, or says in one line why not."""
     try:
         for name, learner in learners.items():
             for key in ("models", "optimizers", "schedulers", "scalers"):
@@ -1897,7 +1897,7 @@ def restore_run(state: dict, collector: Collector, log: EpochLog, learners: dict
 
 @dataclass
 class Run:
-    """What the phases of an epoch share (train_ids None: all episodes; graphs None: eager imagination)."""
+    """What the phases of an epoch share (train_ids None: all episodes; graphs None: eager)."""
     args: Args
     device: torch.device
     autocast: object
@@ -1917,13 +1917,13 @@ class Run:
     schedule: list[int]  # env steps per epoch (run_schedule), final once epoch 1 has decided the first collection
 
     def checked_net(self, *inputs):
-        """The denoiser's network uncompiled (evaluations' shapes vary); a signal abandons them within a call."""
+        """The uncompiled denoiser network; a signal abandons an evaluation within a call."""
         self.stop.check()
         return self.learners["denoiser"].model.net(*inputs)
 
 
 def phase_work(args: Args, schedule: list[int], name: str, epoch: int) -> int:
-    """A phase's work in an epoch: env steps, updates, or 1 (a measurement, an evaluation); 0: it does not run."""
+    """A phase's work in an epoch: env steps, updates, 1 (an evaluation), or 0 (none)."""
     first = epoch == 1
     return {"collect": schedule[epoch - 1],
             "world_model_eval": int(schedule[epoch - 1] > 0 or args.dataset_dir is not None),
@@ -1935,7 +1935,7 @@ def phase_work(args: Args, schedule: list[int], name: str, epoch: int) -> int:
 
 
 def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One update's loss of a model on a fresh batch (the actor-critic's: imagined) and the extra values to log."""
+    """One update's loss of a model on a fresh batch, and the extra values to log."""
     args, model = run.args, run.learners[name].model
     if name == "actor_critic":
         loss, parts = actor_critic_loss(model, run.wm_env, args, run.generator, run.autocast, run.graphs)
@@ -1953,9 +1953,9 @@ def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tenso
 
 
 def collect(run: Run, pos: RunPosition, log: EpochLog):
-    """Env steps with the agent (--world-model-only: random) until this epoch's share of the budget. Epoch 1 decides
-    the first collection N as DIAMOND: initial_collection_steps, then 100 more at a time until the two rarer reward
-    signs occur min_rare_rewards times, or the maximum."""
+    """Env steps until this epoch's share of the budget. Epoch 1 decides the first collection N as
+    DIAMOND: initial_collection_steps, then 100 more at a time until the two rarer reward signs
+    occur min_rare_rewards times, or the maximum."""
     args, buffer, collector = run.args, run.buffer, run.collector
     counts = [sum(int((buffer.episode(i)["rewards"].sign() == sign).sum()) for i in buffer.sampleable())
               for sign in (-1, 0, 1)]  # the reward signs in the buffer, the episode in progress included
@@ -1987,7 +1987,7 @@ def collect(run: Run, pos: RunPosition, log: EpochLog):
 
 
 def measure_world_model(run: Run, pos: RunPosition, log: EpochLog):
-    """world_model/* on the transitions just collected (or --dataset-dir's held-out ones), never trained on."""
+    """world_model/* on the transitions just collected (or held out), never trained on."""
     collector = run.collector
     refs = [(e if e < len(run.buffer.episodes) else -1, t) for e, t in collector.heldout.tolist()]
     metrics = world_model_metrics(run.learners["denoiser"].model, run.learners["reward_end"].model, run.buffer, refs,
@@ -2000,7 +2000,7 @@ def measure_world_model(run: Run, pos: RunPosition, log: EpochLog):
 
 
 def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
-    """This epoch's updates of one model from pos.step on, until done or a signal; losses every log_every."""
+    """This epoch's updates of one model from pos.step on, until done or a signal."""
     args, learner = run.args, run.learners[name]
     num_steps = phase_work(args, run.schedule, name, pos.epoch)
     progress = progress_bar(num_steps, pos.step, f"epoch {pos.epoch} {name}", "update")
@@ -2040,8 +2040,8 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
 
 @torch.no_grad()
 def write_rollout(run: Run, pos: RunPosition):
-    """An open-loop imagined rollout from a real segment with its actions, beside the real frames: a strip (real row
-    above imagined, columns headed by the action taken into them) in TensorBoard and samples/, and an MP4."""
+    """An open-loop imagined rollout from a real segment with its actions: a strip (real row
+    above imagined, columns headed by the actions) in TensorBoard and samples/, an MP4."""
     args, buffer, device, seed = run.args, run.buffer, run.device, run.args.seed * 7919 + pos.epoch
     c, horizon = args.num_conditioning_steps, args.imagination_horizon
     generator = torch.Generator().manual_seed(seed)
@@ -2079,8 +2079,8 @@ def write_rollout(run: Run, pos: RunPosition):
 
 
 def evaluate(run: Run, pos: RunPosition, log: EpochLog):
-    """Test episodes (not in the last epoch: the final test follows), the policy's action shares and imagined-vs-real
-    return, test-set losses, the rollout, the full reward/end pools; a signal abandons it before anything is written."""
+    """Test episodes (not in the last epoch), action shares, imagined vs real returns, test-set
+    losses, the rollout, the full pools; a signal abandons it before anything is written."""
     args, epoch, seed, collector = run.args, pos.epoch, run.args.seed * 7919 + pos.epoch, run.collector
     actor_critic = run.learners["actor_critic"].model
     values, test_episodes = {}, []
@@ -2133,7 +2133,7 @@ def keep_agent_copy(folder: Path, epoch: int, actor_critic: ActorCritic, keep: i
 
 
 def work_left(args: Args, first_collection_steps: int, pos: RunPosition) -> dict[str, int]:
-    """Each phase's units of work from pos on (N = initial_collection_steps until epoch 1 decides it)."""
+    """Each phase's units of work from pos on (N: initial_collection_steps until decided)."""
     schedule, left = run_schedule(args, first_collection_steps), {}
     for index, name in enumerate(PHASES):
         work = [phase_work(args, schedule, name, epoch) for epoch in range(pos.epoch, len(schedule) + 1)] or [0]
@@ -2148,8 +2148,8 @@ def seconds_left(seconds_per_unit: dict[str, float], left: dict[str, int]) -> fl
 
 def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, device: torch.device,
                 autocast, left: dict[str, int]) -> dict[str, float]:
-    """Seconds per update of each model with updates left, and per env step, timed on copies (models, a random
-    episode, an env, generators; the global RNGs put back). On a CPU, an update of batch 1 x the batch, if over 2 s."""
+    """Seconds per update of each model and per env step, timed on copies (the global RNGs put
+    back). On a CPU, batch 1's time x the batch when that is over 2 s."""
     state, rng = rng_state(), np.random.default_rng(0)
     copies = {name: copy.deepcopy(model) for name, model in models.items()}
     length = max(args.reward_segment_length, args.num_conditioning_steps + 2, 100)
@@ -2164,7 +2164,7 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
                         device) if left["collect"] else None, None, None, None, None, None)
 
     def timed(unit: Callable[[], object], most: int = 5) -> float:
-        """Seconds per call: a warm-up call (its figure if over 1 s), then the mean until 0.2 s or most calls."""
+        """Seconds per call: a warm-up (its figure if over 1 s), then the mean until 0.2 s."""
         times = []
         while len(times) < 2 or (len(times) <= most and sum(times[1:]) < 0.2):
             start = time.perf_counter()
@@ -2194,14 +2194,14 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
 
 
 def run_time_lines(seconds_per_unit: dict[str, float], left: dict[str, int], setup) -> list[str]:
-    """The shared run_time_notice in global steps (collection's time counted in); above a day on a CPU, Catch."""
+    """The shared run_time_notice in global steps; above a day on a CPU, Catch."""
     steps = left["denoiser"] + left["reward_end"] + left["actor_critic"]
     lines = run_time_notice(seconds_left(seconds_per_unit, left) / max(steps, 1), steps, setup)
     return lines[:1] + [line + "; on a CPU the game to learn is --env-id Catch --preset catch" for line in lines[1:]]
 
 
 def load_dataset_dir(args: Args, buffer: ReplayBuffer, num_actions: int) -> tuple[list[int], torch.Tensor]:
-    """--dataset-dir into the buffer: returns the training episodes, the held-out transitions (the last 10%'s)."""
+    """--dataset-dir into the buffer: the training episodes, the last 10%'s transitions."""
     if not Path(args.dataset_dir).is_dir():
         raise UserError(f"--dataset-dir {args.dataset_dir} is not a folder: give the folder of episode .npz files "
                         f"(resuming: put it back where the run read it)")
@@ -2218,7 +2218,7 @@ def load_dataset_dir(args: Args, buffer: ReplayBuffer, num_actions: int) -> tupl
 
 
 def mfu_per_update(args: Args, num_actions: int, peak: Optional[float]) -> Optional[float]:
-    """One denoiser update's FLOPs (3x the forward's, per prediction) over the device's peak FLOP/s (None: no MFU)."""
+    """One denoiser update's FLOPs over the device's peak FLOP/s (None: no MFU)."""
     if peak is None:
         return None
     c = args.num_conditioning_steps
@@ -2229,8 +2229,8 @@ def mfu_per_update(args: Args, num_actions: int, peak: Optional[float]) -> Optio
 
 
 def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float]:
-    """(parameters, bytes per segment of a world-model update, bytes per imagined env of an actor-critic update:
-    backup_every actor steps and a world-model step, bounded by what a prediction saves), on the meta device."""
+    """(parameters, bytes per segment of a world-model update, bytes per imagined env of an
+    actor-critic update: backup_every actor steps and a world-model step), on meta."""
     c, size = args.num_conditioning_steps, args.obs_size
     with torch.device("meta"):
         denoiser, reward_end_model, actor_critic = build_models(args, num_actions)
@@ -2255,7 +2255,8 @@ def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float
 
 
 def check_training_memory(setup, args: Args, num_actions: int):
-    """One line before anything is allocated if the world model's or the actor-critic's update cannot fit."""
+    """One line, before any allocation, if the world model's or actor-critic's update
+    cannot fit."""
     num_params, per_segment, per_env = step_memory_profile(args, num_actions)
     check_step_memory(setup, args.batch_size, num_params, per_segment, args.dtype)
     if not args.world_model_only:
@@ -2282,7 +2283,7 @@ RESTART_LETTER = "/"
 
 
 def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
-    """--play-keys -> one action index per step (None: restart). A letter the game has no action for is refused."""
+    """--play-keys -> an action index per step (None: restart); unknown letters refused."""
     index = {ACTION_LETTERS.get(name, name): i for i, name in enumerate(meanings)} | {RESTART_LETTER: None}
     known = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
     letters = [letter for letter in keys if not letter.isspace()]
@@ -2310,9 +2311,9 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
 
 
 class ImaginedGame:
-    """The world model as a game: reset() takes a real start (c frames, c - 1 actions) from starts() and burns the
-    reward/end LSTM in; step(action) asks next_frame(frames (1, c, 3, H, W), actions (1, c)) for the next frame and
-    samples the reward sign and the end (if a model is given)."""
+    """The world model as a game: reset() takes a real start (c frames, c - 1 actions) from
+    starts(); step(action) asks next_frame(frames (1, c, 3, H, W), actions (1, c)) for the
+    next frame and samples the reward sign and the end (if a model is given)."""
     name = "world model"
 
     def __init__(self, next_frame: Callable, starts: Callable, reward_end_model: Optional[Callable] = None,
@@ -2349,8 +2350,8 @@ class ImaginedGame:
 
 
 class RealGame:
-    """The real game (training episodes: a life lost ends one) with ImaginedGame's interface; the episodes played
-    are kept as the episode .npz fields until take_episodes (the one in progress cut short: truncated)."""
+    """The real game (a life lost ends an episode) with ImaginedGame's interface; the episodes
+    played kept as .npz fields until take_episodes (the one in progress: truncated)."""
     name = "real game"
 
     def __init__(self, env: Union[AtariEnv, CatchEnv]):
@@ -2390,8 +2391,8 @@ def caption_lines(game, meanings: list[str], step: int, action: Optional[int], r
 
 
 def play_keys(game, steps: list[Optional[int]], meanings: list[str], size: int) -> dict:
-    """The game played with the given actions (None: restart): raw frames uint8 (T + 1, H, W, 3), captioned frames
-    (the MP4's), rewards, frames per second."""
+    """The game played with the actions (None: restart): frames uint8 (T + 1, H, W, 3), the
+    captioned frames, rewards, frames per second."""
     frames, shown, rewards, start = [], [], [], time.perf_counter()
     for i, action in enumerate([None, *steps]):  # step 0: the start frame
         if action is None:
@@ -2428,9 +2429,9 @@ def import_pygame():
 
 def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float,
                 max_steps: Optional[int] = None) -> float:
-    """The live session: the world model (Tab: the real game) steps at most max_fps times a second with the held
-    keys' action; Enter restarts, R starts and stops recording, Esc or closing the window quits. Returns the frames
-    shown per second (max_steps: a timed session, benchmark/)."""
+    """The live session: the world model (Tab: the real game) steps with the held keys' action
+    at most max_fps times a second; Enter restarts, R records, Esc quits. Returns the frames
+    per second (max_steps: a timed session, benchmark/)."""
     pygame = import_pygame()
     pygame.display.init()  # the display alone: no audio device needed
     driver = pygame.display.get_driver()
@@ -2536,7 +2537,7 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
 
 
 def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], out_dir: Path, args: Args):
-    """--play-keys: each game of --play-world played with the keys; its MP4 and (real game) episodes written."""
+    """--play-keys: each game of --play-world played; its MP4 and episodes written."""
     stamp = time.strftime("%Y%m%d_%H%M%S")
     for mode in (("imagined", "real") if args.play_world == "both" else (args.play_world,)):
         game = games[mode]()
@@ -2571,7 +2572,7 @@ def episode_to_mp4(path: str, meanings: list[str], size: int = 256) -> Path:
 
 
 def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: dict[str, nn.Module], setup):
-    """Prints the run's folder, game, models, length and ETA; returns each phase's seconds per unit."""
+    """Prints the run's folder, game, models, length and ETA; returns the phases' rates."""
     args, num_actions = run.args, run.collector.env.num_actions
     imagination = "eager" if run.graphs is None else "CUDA graphs" if setup.use_cuda else "compiled (inductor)"
     sizes = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
@@ -2602,7 +2603,7 @@ def save_position(run: Run, pos: RunPosition, log: EpochLog):
 
 
 def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, seconds_per_unit: dict[str, float]):
-    """An epoch's numbers written, its line printed with the ETA, the agent kept every --save-agent-every epochs."""
+    """An epoch's numbers written, its line printed, the agent kept every --save-agent-every."""
     args, collector = run.args, run.collector
     log.add("charts/epoch", pos.epoch)
     log.add("charts/env_steps", collector.env_steps)
