@@ -1540,8 +1540,8 @@ def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer
     generator = torch.Generator(device=device).manual_seed(seed)
     c, length, k = args.num_conditioning_steps, args.reward_segment_length, 1 + args.num_autoregressive_steps
     losses = {}
-    # denoiser segments start at 1 - c, 1 - c + k, ... (targets 1..T); reward/end segments share their boundary
-    # frame (transitions 0..L-2, L-1..2L-3, ...)
+    # denoiser segments start at 1 - c, 1 - c + k, ... (targets 1..T); reward/end segments share
+    # their boundary frame (transitions 0..L-2, L-1..2L-3, ...)
     for name, first, stride, num_obs in (("denoiser", 1 - c, k, c + k), ("reward_end", 0, length - 1, length)):
         refs = [(i, s) for i in ids for s in range(first, len(buffer.episode(i)["actions"]) + first, stride)]
         total = 0.0
@@ -1564,28 +1564,28 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
     frame, on all and on changed pixels; reward and end accuracy; each class's counts."""
     c, n = args.num_conditioning_steps, len(refs)
     generator = torch.Generator(device=device).manual_seed(seed)
-    sums = [0.0] * 6  # squared errors of the sample and of the last frame, on all and on changed pixels; the pixels
+    sums = [0.0] * 6  # the sample's and the last frame's squared errors, all and changed; pixels
     counts = torch.zeros(len(RewardEndPools.classes), 3, dtype=torch.long)
     for first in range(0, n, 64):
         batch = buffer.segments([(e, t - (c - 1)) for e, t in refs[first: first + 64]], c + 1)
         obs = segment_obs(batch, device)  # (B, c + 1, 3, H, W)
         actions = batch["actions"].to(device)
         predicted = generate_next_obs(denoiser, obs[:, :-1], actions, args, generator, net, autocast)
-        target, last, predicted = (obs[:, -1] + 1) / 2, (obs[:, -2] + 1) / 2, (predicted + 1) / 2  # in [0, 1]
+        target, last, predicted = (obs[:, -1] + 1) / 2, (obs[:, -2] + 1) / 2, (predicted + 1) / 2
         changed = ((target - last).abs().amax(dim=1, keepdim=True) > 0).float().expand_as(target)
         mse, copy_error = (predicted - target) ** 2, (last - target) ** 2
         sums = [total + float(x) for total, x in zip(sums, (mse.sum(), copy_error.sum(), (mse * changed).sum(), (
             copy_error * changed).sum(), changed.sum(), target.numel()))]
         with autocast:
             reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], actions, obs[:, 1:])
-        # one-vs-rest per class (signs -1, 0, +1, the end): predicted == actual == class, predicted, actual
+        # per class (signs -1, 0, +1, the end): predicted == actual == class, predicted, actual
         guess = torch.cat([F.one_hot(reward_logits[:, -1].argmax(-1).cpu(), 3),
                            end_logits[:, -1].argmax(-1).cpu()[:, None]], 1).bool()
         actual = torch.cat([F.one_hot(batch["rewards"][:, -1].sign().long() + 1, 3),
                             batch["ends"][:, -1, None].long()], 1).bool()
         counts += torch.stack([guess & actual, guess, actual], -1).sum(0)
     mse, copy_error, mse_changed, copy_changed, changed, pixels = sums
-    hits, predicted, actual = counts.T.tolist()  # end accuracy: hits + true negatives (n - predicted - actual + hits)
+    hits, predicted, actual = counts.T.tolist()  # the end's true negatives: n - predicted - actual + hits
     return {"next_frame_mse": mse / pixels, "copy_last_frame_mse": copy_error / pixels,
             "next_frame_mse_changed": mse_changed / max(changed, 1.0),
             "copy_last_frame_mse_changed": copy_changed / max(changed, 1.0), "changed_pixel_fraction": changed / pixels,
@@ -1600,7 +1600,7 @@ class RewardEndPools:
 
     def __init__(self, min_count: int = 20):
         self.min_count = min_count
-        self.recall, self.precision = ({name: [0, 0] for name in self.classes} for _ in "rp")  # [hits, total]
+        self.recall, self.precision = ({name: [0, 0] for name in self.classes} for _ in "rp")
 
     def add(self, counts: dict[str, list[int]]):
         """counts: each class's (hits, predicted, actual), as world_model_metrics returns them."""
@@ -1642,7 +1642,7 @@ def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int,
     uniforms = torch.rand((horizon, 3, k), generator=generator).to(device)  # action, reward, end
     no_restart, no_value = torch.zeros(k, dtype=torch.bool, device=device), torch.zeros(k, device=device)
 
-    def policy(frames, actor_hidden, t):  # the action at step t, and the actor's state stepped on the frames
+    def policy(frames, actor_hidden, t):  # step t's action, the actor's state stepped on the frames
         _, _, action, _, _, actor_hidden = graphs.policy_step(frames, actor_hidden, no_restart, actor_hidden,
                                                               no_value, uniforms[t, 0])
         return action, actor_hidden
@@ -1756,7 +1756,7 @@ class Collector:
         """One env step: the reward and, when it ended a game, its (return, length)."""
         if self.partial is None:
             self.partial = new_episode(self.env.reset())
-        ref = (len(self.buffer.episodes), len(self.partial["actions"]))  # the transition about to be collected
+        ref = (len(self.buffer.episodes), len(self.partial["actions"]))  # the coming transition
         if self.env_steps % max(1, args.num_heldout_transitions // self.num_fork_starts) == 0:
             self.fork_starts = (self.fork_starts + [(*ref, self.env.state_dict())])[-self.num_fork_starts:]
         explore = float(torch.rand(1, generator=self.generator)) < args.epsilon
@@ -1789,7 +1789,7 @@ class EpochLog:
     def __init__(self, device: torch.device):
         self.device = device
         self.pending: dict[str, list[float]] = {}  # written as means at the end of the epoch
-        self.means: dict[str, list[float]] = {}  # the losses' logged means, for the epoch's printed line
+        self.means: dict[str, list[float]] = {}  # the losses' logged means, for the epoch's line
         self.sums: dict[str, torch.Tensor] = {}  # the current log window, on the device
 
     def add(self, key: str, value: float):
@@ -1913,8 +1913,8 @@ class Run:
     writer: object
     stop: object
     run_dir: Path
-    mfu_per_update: Optional[float]  # one denoiser update's FLOPs / the device's peak FLOP/s (None: no MFU)
-    schedule: list[int]  # env steps per epoch (run_schedule), final once epoch 1 has decided the first collection
+    mfu_per_update: Optional[float]  # mfu_per_update's: None on a CPU (no MFU)
+    schedule: list[int]  # env steps per epoch (run_schedule), final once the first collection is
 
     def checked_net(self, *inputs):
         """The uncompiled denoiser network; a signal abandons an evaluation within a call."""
@@ -1941,8 +1941,8 @@ def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tenso
         loss, parts = actor_critic_loss(model, run.wm_env, args, run.generator, run.autocast, run.graphs)
         return loss, {f"losses/{key}" if key in ("actor", "critic", "entropy") else f"charts/{key}": value
                       for key, value in parts.items()}
-    # denoiser: 6-frame segments, two predictions (the second on the first's 8-bit output); reward/end: 19-frame
-    # segments from t - U[0, 19), the LSTM from a zero state
+    # denoiser: 6-frame segments, two predictions (the second on the first's 8-bit output);
+    # reward/end: 19-frame segments from t - U[0, 19), the LSTM from a zero state
     sample = sample_denoiser_batch if name == "denoiser" else sample_reward_end_batch
     batch = sample(run.buffer, args, run.cpu_generator, run.device, run.train_ids)
     with run.autocast:
@@ -1958,7 +1958,7 @@ def collect(run: Run, pos: RunPosition, log: EpochLog):
     occur min_rare_rewards times, or the maximum."""
     args, buffer, collector = run.args, run.buffer, run.collector
     counts = [sum(int((buffer.episode(i)["rewards"].sign() == sign).sum()) for i in buffer.sampleable())
-              for sign in (-1, 0, 1)]  # the reward signs in the buffer, the episode in progress included
+              for sign in (-1, 0, 1)]  # the reward signs in the buffer (the partial episode's too)
     total = run.schedule[pos.epoch - 1]
     progress = progress_bar(total, pos.step, f"epoch {pos.epoch} collect", "env step")
     start, first = time.perf_counter(), pos.step
@@ -1966,7 +1966,7 @@ def collect(run: Run, pos: RunPosition, log: EpochLog):
         extra = pos.step - args.initial_collection_steps
         if not collector.first_collection_steps and extra >= 0 and extra % args.collection_steps_per_epoch == 0 and (
                 sum(sorted(counts)[:2]) >= args.min_rare_rewards or pos.step >= args.max_initial_collection_steps):
-            collector.first_collection_steps = pos.step  # N: the run's schedule and length are now fixed
+            collector.first_collection_steps = pos.step  # N: the schedule is now fixed
             run.schedule = run_schedule(args, pos.step)
             total = progress.total = run.schedule[0]
             progress.write(f"first collection: {pos.step} env steps (reward signs -1/0/+1: {counts}); the run: "
@@ -1995,7 +1995,7 @@ def measure_world_model(run: Run, pos: RunPosition, log: EpochLog):
     collector.reward_end_pools.add(metrics.pop("counts"))
     for key, value in metrics.items():
         log.add(f"world_model/{key}", value)
-    if run.args.dataset_dir is None:  # trained on from now on: epochs that collect nothing log no world_model/*
+    if run.args.dataset_dir is None:  # trained on from now on: no collection, no world_model/*
         collector.heldout = collector.heldout[:0]
 
 
@@ -2021,9 +2021,9 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
         if pos.step % args.log_every == 0 or pos.step == num_steps:
             if not log.finite():
                 raise non_finite_failure(f"in epoch {pos.epoch} ({name}, update {pos.step})", run.run_dir)
-            count = pos.step % args.log_every or min(args.log_every, pos.step)  # updates in this window
+            count = pos.step % args.log_every or min(args.log_every, pos.step)  # in this window
             means = log.flush(run.writer, pos.global_step, count)
-            if name == "denoiser":  # one warmup schedule for the three (the actor-critic's peak may differ)
+            if name == "denoiser":  # the three models share one warmup schedule
                 run.writer.add_scalar("charts/learning_rate", learner.scheduler.get_last_lr()[0], pos.global_step)
             progress.set_postfix(loss=f"{means[f'losses/{name}']:.4f}")
     progress.close()
@@ -2032,7 +2032,7 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
             torch.cuda.synchronize()
         per_second = (pos.step - first) / (time.perf_counter() - start)
         log.add(f"perf/{name}_steps_per_s", per_second)
-        if name == "denoiser" and run.mfu_per_update is not None:  # MFU = achieved / peak FLOP/s, on CUDA only
+        if name == "denoiser" and run.mfu_per_update is not None:  # achieved / peak FLOP/s
             log.add("perf/mfu", per_second * run.mfu_per_update)
         if name == "actor_critic":
             log.add("perf/imagination_frames_per_s", per_second * args.num_imagined_envs * args.backup_every)
@@ -2058,9 +2058,9 @@ def write_rollout(run: Run, pos: RunPosition):
         imagined.append(generate_next_obs(run.learners["denoiser"].model, obs, actions[:, k: k + c], args,
                                           device_generator, run.checked_net, run.autocast))
         obs = torch.cat([obs[:, 1:], imagined[-1][:, None]], dim=1)
-    rows = to_uint8(real[0, c:]).cpu().numpy(), to_uint8(torch.cat(imagined)).cpu().numpy()  # (H, 3, h, w) each
+    rows = to_uint8(real[0, c:]).cpu().numpy(), to_uint8(torch.cat(imagined)).cpu().numpy()
     names = [run.collector.env.action_meanings[a].lower() for a in actions[0, c - 1: c - 1 + horizon].tolist()]
-    scale = max(1, 64 // rows[0].shape[2])  # small frames are enlarged (nearest), so that a label fits above each
+    scale = max(1, 64 // rows[0].shape[2])  # small frames enlarged (nearest): a label fits above each
     grids = [make_grid(row.repeat(scale, axis=2).repeat(scale, axis=3), columns=horizon, pad=2) for row in rows]
     height, cell = grids[0].shape[0], rows[0].shape[2] * scale + 2
     strip = np.zeros((16 + 2 * height, 64 + grids[0].shape[1], 3), dtype=np.uint8)
@@ -2101,12 +2101,12 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
         run.stop.check()  # an Atari env takes about a second to make
         env = make_env(args, seed)  # a training env: a life lost ends the episode, as in the buffer
         amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
-        graphs = ImaginationGraphs(run.wm_env, actor_critic, args, run.device,
-                                   amp_dtype if run.device.type == "cuda" else None, backend=None)  # uncompiled: K envs
+        graphs = ImaginationGraphs(run.wm_env, actor_critic, args, run.device,  # uncompiled: K envs
+                                   amp_dtype if run.device.type == "cuda" else None, backend=None)
         returns = imagined_and_real_returns(graphs, collector.fork_starts[-k:], env, args, seed, run.stop.check)
         values.update({f"eval/{key}": value for key, value in returns.items()})
-    # test-set losses on episodes never trained on: --dataset-dir's held-out episodes, else (as DIAMOND) the test
-    # episodes just played (a --world-model-only run that collects plays none)
+    # test-set losses on episodes never trained on: --dataset-dir's held-out ones, else (as
+    # DIAMOND) the test episodes just played (a --world-model-only run that collects has none)
     held_out, ids = run.buffer, sorted(set(range(len(run.buffer.episodes))) - set(run.train_ids or []))
     if args.dataset_dir is None:
         held_out, ids = ReplayBuffer(None, None, args.num_conditioning_steps), list(range(len(test_episodes)))
@@ -2179,7 +2179,7 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
     seconds = {}
     for name in [name for name in ("denoiser", "reward_end", "actor_critic") if left[name]]:
         full = args.num_imagined_envs if name == "actor_critic" else args.batch_size
-        for batch in (1, full) if device.type != "cuda" else (full,):  # batch: segments, or imagined envs
+        for batch in (1, full) if device.type != "cuda" else (full,):  # segments or imagined envs
             run.args = replace(args, batch_size=batch, num_imagined_envs=batch)
             run.wm_env = WorldModelEnv(copies["denoiser"], copies["reward_end"], buffer, run.args, device, generator,
                                        cpu_generator, run.denoiser_net, autocast)
@@ -2262,7 +2262,7 @@ def check_training_memory(setup, args: Args, num_actions: int):
     if not args.world_model_only:
         try:
             check_step_memory(setup, args.num_imagined_envs, num_params, per_env, args.dtype)
-        except UserError as e:  # the shared check names --batch-size: here the batch is the imagined envs
+        except UserError as e:  # the shared check names --batch-size: here, the imagined envs
             raise UserError(str(e).replace("--batch-size", "--num-imagined-envs").replace(
                 "a training step", f"an actor-critic update ({args.backup_every} imagined steps)")) from None
 
@@ -2325,7 +2325,7 @@ class ImaginedGame:
     def reset(self) -> np.ndarray:
         obs, actions = self.starts()
         self.obs, self.hidden = obs, None
-        self.act = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)  # the last slot: the player's
+        self.act = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)  # last: the player's
         if self.reward_end_model is not None:
             _, _, self.hidden = self.reward_end_model(obs[:, :-1], actions, obs[:, 1:])
         return to_uint8(obs[0, -1]).permute(1, 2, 0).cpu().numpy()
@@ -2335,7 +2335,7 @@ class ImaginedGame:
         self.act[:, -1] = action
         next_obs = self.next_frame(self.obs, self.act).clamp(-1, 1)
         reward, end = 0.0, False
-        if self.reward_end_model is not None:  # sampled, as in imagination: the reward sign and the end flag
+        if self.reward_end_model is not None:  # the reward sign and the end sampled, as in imagination
             reward_logits, end_logits, self.hidden = self.reward_end_model(
                 self.obs[:, -1:], self.act[:, -1:], next_obs[:, None], self.hidden)
             reward_probs, end_probs = (x[0, 0].float().softmax(-1).cpu() for x in (reward_logits, end_logits))
@@ -2371,7 +2371,7 @@ class RealGame:
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool]:
         obs, reward, terminated, truncated = self.env.step(action)
-        if add_step(self.episode, action, obs, reward, terminated, truncated):  # kept; the next life or game
+        if add_step(self.episode, action, obs, reward, terminated, truncated):  # the next life or game
             obs = self.cut(self.env.reset())
         return obs, reward, terminated or truncated
 
@@ -2492,7 +2492,7 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
     reward_end_model.eval()
     generator = torch.Generator(device=device).manual_seed(args.seed)  # diffusion noise
     cpu_generator = torch.Generator().manual_seed(args.seed)  # starts, reward and end samples
-    # the starts: fresh real segments of up to 16 of the run's episodes (or --dataset-dir's), as imagination's
+    # the starts: fresh real segments of up to 16 of the run's episodes (or --dataset-dir's)
     if args.dataset_dir is not None:
         paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))
     else:
@@ -2521,8 +2521,8 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
         "; window: arrows and space (fire) pick these, Enter restarts, Tab switches world model / real game, "
         "R records, Esc quits"), flush=True)
     print(f"sampler: {args.sampler}, {args.num_sampling_steps} denoising steps per frame", flush=True)
-    # Ctrl-C or SIGTERM ends a session like Esc (an unsaved recording is lost): play writes no checkpoint, so a
-    # signal raises at once here instead of setting the run's stop flag; the caller's handlers come back after.
+    # Ctrl-C or SIGTERM ends a session like Esc (an unsaved recording is lost): play writes no
+    # checkpoint, so a signal raises at once here; the caller's handlers come back after.
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if steps is None:
@@ -2610,7 +2610,7 @@ def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, sec
     log.add("charts/buffer_transitions", run.buffer.num_transitions())
     for key, values in log.pending.items():
         run.writer.add_scalar(key, float(np.mean(values)), pos.global_step)
-    # the epoch's line: each tag's mean in the epoch (the losses: of their logged windows), the most taken action
+    # the epoch's line: each tag's mean in the epoch (losses: of their logged windows), the top action
     values = {**log.means, **log.pending}
     labels = {"losses/denoiser": "denoiser loss", "losses/reward_end": "reward/end loss",
               "losses/actor_critic": "actor-critic loss", "charts/episodic_return": "train return",
@@ -2654,18 +2654,18 @@ def main(args: Args, given: set[str]):
         checkpoint_path = resolve_checkpoint_path(args.resume)
         checkpoint = load_checkpoint(checkpoint_path)
         args = merge_resumed_args(args, given, checkpoint["args"])
-        trains = not args.eval_only  # --eval-only writes no checkpoint: it reads any checkpoint file
+        trains = not args.eval_only  # --eval-only writes no checkpoint: any checkpoint file
         trains = trains and not (args.play or args.play_keys is not None)  # optional: play
         run_dir = run_dir_of(checkpoint_path, trains)
     check_args(args, torchrun_world()[0])
     game, env_name = canonical_env_id(args.env_id)
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
-    # two generators carry every random draw of training; evaluations seed their own from (seed, epoch)
+    # two generators carry every random draw of training; evaluations seed theirs from (seed, epoch)
     seed_everything(args.seed)
     cpu_generator = torch.Generator().manual_seed(args.seed)  # no-ops, exploration, replay sampling
-    generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # diffusion noise, imagination
-    stop = StopFlag()  # from here SIGTERM/SIGINT finish the step (or abandon an evaluation), save, exit 0
+    generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # diffusion, imagination
+    stop = StopFlag()  # from here SIGTERM/SIGINT finish the step (or abandon an evaluation), save
 
     env = make_env(args, args.seed, cpu_generator)
     num_actions = env.num_actions  # the game's minimal action set sizes the networks
@@ -2679,7 +2679,7 @@ def main(args: Args, given: set[str]):
     models = {name: model.to(device) for name, model in zip(("denoiser", "reward_end", "actor_critic"), built)}
     denoiser, reward_end_model, actor_critic = models.values()
     learners = build_learners(args, models, setup.use_cuda)
-    # the user's episodes are sampled in proportion to their lengths (the recency weights are about the agent's data)
+    # the user's episodes: sampled in proportion to their lengths (recency is about the agent's data)
     buffer = ReplayBuffer(None, args.recency_weights if args.dataset_dir is None else None, args.num_conditioning_steps)
     collector, pos, log = Collector(env, buffer, cpu_generator, device), RunPosition(), EpochLog(device)
     train_ids = None  # None: every episode; with --dataset-dir, all but the held-out ones
@@ -2690,7 +2690,7 @@ def main(args: Args, given: set[str]):
     # --compile: the U-Net of the denoiser's updates and the eager imagination (not evaluations)
     denoiser_net = torch.compile(denoiser.net, backend=COMPILE_BACKEND, dynamic=False) if args.compile else denoiser.net
 
-    if args.eval_only:  # the checkpoint's agent plays --test-episodes full games, logged at its global step
+    if args.eval_only:  # the checkpoint's agent plays --test-episodes full games
         from torch.utils.tensorboard import SummaryWriter
 
         what = f"{args.test_episodes} test episodes with the agent of epoch {pos.epoch - 1}"
@@ -2703,7 +2703,7 @@ def main(args: Args, given: set[str]):
         return play(args, run_dir, checkpoint, denoiser, reward_end_model, env.action_meanings,  # optional: play
                     device, autocast)  # optional: play
     num_epochs = len(run_schedule(args, collector.first_collection_steps))
-    if checkpoint is not None and pos.epoch > num_epochs:  # a finished run says so and writes nothing
+    if checkpoint is not None and pos.epoch > num_epochs:  # finished: say so, write nothing
         print(f"the run is already at epoch {pos.epoch - 1} of {num_epochs}: raise --num-epochs to train on, "
               f"or play its test episodes again with --eval-only", flush=True)
         return stop.restore()
@@ -2711,7 +2711,7 @@ def main(args: Args, given: set[str]):
     # ---- the run folder (after the signal handlers: always checkpointed), TensorBoard, episodes
     run_dir = run_dir or create_run_dir(args, env_name)
     writer = open_writer(args, run_dir, pos.global_step)
-    buffer.folder = run_dir / "episodes"  # its first num_buffer_files: any after were written after the checkpoint
+    buffer.folder = run_dir / "episodes"  # its first num_buffer_files (any after: after the checkpoint)
     for i in range(checkpoint["num_buffer_files"] if checkpoint is not None else 0):
         buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions,
                                 "restore the file the run wrote there, or start a new run"), write=False)
@@ -2721,7 +2721,7 @@ def main(args: Args, given: set[str]):
                            cpu_generator, denoiser_net, autocast, train_ids)
     if checkpoint is not None:
         wm_env.load_state_dict(checkpoint["imagination"])
-    graphs = imagination_graphs(args, setup, wm_env, actor_critic, stop)  # the compiled step, or None
+    graphs = imagination_graphs(args, setup, wm_env, actor_critic, stop)  # compiled, or None
     mfu = mfu_per_update(args, num_actions, peak_flops(setup, args.dtype))
     run = Run(args, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net, wm_env,
               graphs, collector, writer, stop, run_dir, mfu, run_schedule(args, collector.first_collection_steps))
@@ -2734,21 +2734,21 @@ def main(args: Args, given: set[str]):
         works = phase_work(args, run.schedule, name, pos.epoch) > 0
         works = works and (name != "world_model_eval" or len(collector.heldout) > 0)
         with contextlib.suppress(StopRequested):  # an evaluation abandoned: a resume restarts it
-            if works and name in ("denoiser", "reward_end", "actor_critic"):  # the world model, the agent in it
+            if works and name in ("denoiser", "reward_end", "actor_critic"):  # the models
                 train_model(run, name, pos, log)
-            elif works:  # experience in the real game, the world model on what it has not trained on, the tests
+            elif works:  # the real game, the world model measured, the evaluation
                 {"collect": collect, "world_model_eval": measure_world_model, "evaluate": evaluate}[name](run, pos, log)
         if stop.requested:  # the phase was cut short: save where it stands, not as done
             save_position(run, pos, log)
             print(f"stopped by signal at {pos}", flush=True)
             break
         seconds, steps = time.perf_counter() - phase_start, pos.step - first_step
-        if works and (steps or name in ("world_model_eval", "evaluate")):  # those two: one unit, no steps
+        if works and (steps or name in ("world_model_eval", "evaluate")):  # evaluations: 1 unit
             seconds_per_unit[name] = seconds / max(steps, 1)  # the ETA's rates
         if pos.epoch == 1 and steps:
             print(f"epoch 1: {name} done ({pos.step} steps, {seconds:.1f} s)", flush=True)
         pos.phase, pos.step = pos.phase + 1, 0
-        if pos.phase == len(PHASES):  # the end of the epoch: its numbers at the global step, maybe a save
+        if pos.phase == len(PHASES):  # the end of the epoch: its numbers, maybe a save
             end_epoch(run, pos, log, epoch_start, seconds_per_unit)
             pos.epoch, pos.phase, epoch_start, log = pos.epoch + 1, 0, time.perf_counter(), EpochLog(device)
             if (pos.epoch - 1) % args.save_every == 0 or pos.epoch > len(run.schedule):
