@@ -1474,12 +1474,12 @@ def lr_warmup_factor(step: int, warmup_steps: int) -> float:
 # Evaluation: test episodes, the human-normalised score, world-model metrics, rollout videos.
 
 
-def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device: torch.device,
-                autocast, stop, what: str, stopped: str, writer_at: Callable, step: int, kind: str = "test"):
+def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device,
+                autocast, stop, what: str, stopped: str, writer_at: Callable, step: int, kind="test"):
     """The paper's score: --test-episodes full games, printed and logged as eval/{kind}_*."""
     try:
-        returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003, device,
-                                    autocast, check=stop.check)
+        returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003,
+                                    device, autocast, check=stop.check)
     except StopRequested:
         return print(stopped, flush=True)
     mean, score = float(np.mean(returns)), env.normalized_score(float(np.mean(returns)))
@@ -1533,8 +1533,9 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
 
 
 @torch.no_grad()
-def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer, ids: list[int],
-                    args: Args, device: torch.device, seed: int, net=None, autocast=contextlib.nullcontext()) -> dict:
+def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
+                    ids: list[int], args: Args, device: torch.device, seed: int, net=None,
+                    autocast=contextlib.nullcontext()) -> dict:
     """DIAMOND's test losses: each held-out frame a denoiser target once, each transition a
     reward/end target once."""
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -1623,7 +1624,7 @@ class RewardEndPools:
         return copy.deepcopy({"recall": self.recall, "precision": self.precision})
 
     def load_state_dict(self, state: dict):
-        self.recall, self.precision = copy.deepcopy(state["recall"]), copy.deepcopy(state["precision"])
+        self.recall, self.precision = (copy.deepcopy(state[kind]) for kind in ("recall", "precision"))
 
 
 @torch.no_grad()
@@ -1744,8 +1745,8 @@ class Collector:
     first collection N (0: not decided), held-out transitions, env states to fork from."""
     num_fork_starts = 8
 
-    def __init__(self, env: Union[AtariEnv, CatchEnv], buffer: ReplayBuffer, generator: torch.Generator,
-                 device: torch.device):
+    def __init__(self, env: Union[AtariEnv, CatchEnv], buffer: ReplayBuffer,
+                 generator: torch.Generator, device: torch.device):
         self.env, self.buffer, self.generator, self.device = env, buffer, generator, device
         self.partial, self.hidden, self.env_steps, self.first_collection_steps = None, None, 0, 0
         self.heldout, self.fork_starts = torch.zeros((0, 2), dtype=torch.long), []
@@ -1869,8 +1870,8 @@ def run_checkpoint(run, pos: RunPosition, log: EpochLog) -> dict:
             "generator": run.generator.get_state().cpu(), "imagination": run.wm_env.state_dict()}
 
 
-def restore_run(state: dict, collector: Collector, log: EpochLog, learners: dict[str, Learner], cpu_generator,
-                generator) -> RunPosition:
+def restore_run(state: dict, collector: Collector, log: EpochLog, learners: dict[str, Learner],
+                cpu_generator, generator) -> RunPosition:
     """Puts run_checkpoint's state back and returns the position, or says in one line why not."""
     try:
         for name, learner in learners.items():
@@ -1990,8 +1991,9 @@ def measure_world_model(run: Run, pos: RunPosition, log: EpochLog):
     """world_model/* on the transitions just collected (or held out), never trained on."""
     collector = run.collector
     refs = [(e if e < len(run.buffer.episodes) else -1, t) for e, t in collector.heldout.tolist()]
-    metrics = world_model_metrics(run.learners["denoiser"].model, run.learners["reward_end"].model, run.buffer, refs,
-                                  run.args, run.device, run.args.seed * 7919 + pos.epoch, run.checked_net, run.autocast)
+    metrics = world_model_metrics(run.learners["denoiser"].model, run.learners["reward_end"].model,
+                                  run.buffer, refs, run.args, run.device, run.args.seed * 7919 + pos.epoch,
+                                  run.checked_net, run.autocast)
     collector.reward_end_pools.add(metrics.pop("counts"))
     for key, value in metrics.items():
         log.add(f"world_model/{key}", value)
