@@ -1601,7 +1601,8 @@ class RewardEndPools:
 
     def __init__(self, min_count: int = 20):
         self.min_count = min_count
-        self.recall, self.precision = ({name: [0, 0] for name in self.classes} for _ in "rp")
+        self.recall = {name: [0, 0] for name in self.classes}  # [hits, actual]
+        self.precision = {name: [0, 0] for name in self.classes}  # [hits, predicted]
 
     def add(self, counts: dict[str, list[int]]):
         """counts: each class's (hits, predicted, actual), as world_model_metrics returns them."""
