@@ -1475,7 +1475,7 @@ def lr_warmup_factor(step: int, warmup_steps: int) -> float:
 
 
 def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device,
-                autocast, stop, what: str, stopped: str, writer_at: Callable, step: int, kind="test"):
+                autocast, stop, what: str, stopped: str, writer_at, step: int, kind="test"):
     """The paper's score: --test-episodes full games, printed and logged as eval/{kind}_*."""
     try:
         returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003,
@@ -1586,7 +1586,7 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
                             batch["ends"][:, -1, None].long()], 1).bool()
         counts += torch.stack([guess & actual, guess, actual], -1).sum(0)
     mse, copy_error, mse_changed, copy_changed, changed, pixels = sums
-    hits, predicted, actual = counts.T.tolist()  # the end's true negatives: n - predicted - actual + hits
+    hits, predicted, actual = counts.T.tolist()  # the end's TN: n - predicted - actual + hits
     return {"next_frame_mse": mse / pixels, "copy_last_frame_mse": copy_error / pixels,
             "next_frame_mse_changed": mse_changed / max(changed, 1.0),
             "copy_last_frame_mse_changed": copy_changed / max(changed, 1.0), "changed_pixel_fraction": changed / pixels,
@@ -1625,7 +1625,7 @@ class RewardEndPools:
         return copy.deepcopy({"recall": self.recall, "precision": self.precision})
 
     def load_state_dict(self, state: dict):
-        self.recall, self.precision = (copy.deepcopy(state[kind]) for kind in ("recall", "precision"))
+        self.recall, self.precision = (copy.deepcopy(state[k]) for k in ("recall", "precision"))
 
 
 @torch.no_grad()
@@ -2063,7 +2063,7 @@ def write_rollout(run: Run, pos: RunPosition):
         obs = torch.cat([obs[:, 1:], imagined[-1][:, None]], dim=1)
     rows = to_uint8(real[0, c:]).cpu().numpy(), to_uint8(torch.cat(imagined)).cpu().numpy()
     names = [run.collector.env.action_meanings[a].lower() for a in actions[0, c - 1: c - 1 + horizon].tolist()]
-    scale = max(1, 64 // rows[0].shape[2])  # small frames enlarged (nearest): a label fits above each
+    scale = max(1, 64 // rows[0].shape[2])  # small frames enlarged: a label fits above each
     grids = [make_grid(row.repeat(scale, axis=2).repeat(scale, axis=3), columns=horizon, pad=2) for row in rows]
     height, cell = grids[0].shape[0], rows[0].shape[2] * scale + 2
     strip = np.zeros((16 + 2 * height, 64 + grids[0].shape[1], 3), dtype=np.uint8)
@@ -2328,7 +2328,7 @@ class ImaginedGame:
     def reset(self) -> np.ndarray:
         obs, actions = self.starts()
         self.obs, self.hidden = obs, None
-        self.act = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)  # last: the player's
+        self.act = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)  # last: player's
         if self.reward_end_model is not None:
             _, _, self.hidden = self.reward_end_model(obs[:, :-1], actions, obs[:, 1:])
         return to_uint8(obs[0, -1]).permute(1, 2, 0).cpu().numpy()
@@ -2338,7 +2338,7 @@ class ImaginedGame:
         self.act[:, -1] = action
         next_obs = self.next_frame(self.obs, self.act).clamp(-1, 1)
         reward, end = 0.0, False
-        if self.reward_end_model is not None:  # the reward sign and the end sampled, as in imagination
+        if self.reward_end_model is not None:  # sampled, as in imagination
             reward_logits, end_logits, self.hidden = self.reward_end_model(
                 self.obs[:, -1:], self.act[:, -1:], next_obs[:, None], self.hidden)
             reward_probs, end_probs = (x[0, 0].float().softmax(-1).cpu() for x in (reward_logits, end_logits))
@@ -2374,7 +2374,7 @@ class RealGame:
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool]:
         obs, reward, terminated, truncated = self.env.step(action)
-        if add_step(self.episode, action, obs, reward, terminated, truncated):  # the next life or game
+        if add_step(self.episode, action, obs, reward, terminated, truncated):  # next life or game
             obs = self.cut(self.env.reset())
         return obs, reward, terminated or truncated
 
@@ -2613,7 +2613,7 @@ def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, sec
     log.add("charts/buffer_transitions", run.buffer.num_transitions())
     for key, values in log.pending.items():
         run.writer.add_scalar(key, float(np.mean(values)), pos.global_step)
-    # the epoch's line: each tag's mean in the epoch (losses: of their logged windows), the top action
+    # the epoch's line: each tag's epoch mean (losses: of their windows), the top action
     values = {**log.means, **log.pending}
     labels = {"losses/denoiser": "denoiser loss", "losses/reward_end": "reward/end loss",
               "losses/actor_critic": "actor-critic loss", "charts/episodic_return": "train return",
@@ -2682,7 +2682,7 @@ def main(args: Args, given: set[str]):
     models = {name: model.to(device) for name, model in zip(("denoiser", "reward_end", "actor_critic"), built)}
     denoiser, reward_end_model, actor_critic = models.values()
     learners = build_learners(args, models, setup.use_cuda)
-    # the user's episodes: sampled in proportion to their lengths (recency is about the agent's data)
+    # the user's episodes: sampled by their lengths (recency is about the agent's data)
     buffer = ReplayBuffer(None, args.recency_weights if args.dataset_dir is None else None, args.num_conditioning_steps)
     collector, pos, log = Collector(env, buffer, cpu_generator, device), RunPosition(), EpochLog(device)
     train_ids = None  # None: every episode; with --dataset-dir, all but the held-out ones
@@ -2714,7 +2714,7 @@ def main(args: Args, given: set[str]):
     # ---- the run folder (after the signal handlers: always checkpointed), TensorBoard, episodes
     run_dir = run_dir or create_run_dir(args, env_name)
     writer = open_writer(args, run_dir, pos.global_step)
-    buffer.folder = run_dir / "episodes"  # its first num_buffer_files (any after: after the checkpoint)
+    buffer.folder = run_dir / "episodes"  # its first num_buffer_files (any after: after saving)
     for i in range(checkpoint["num_buffer_files"] if checkpoint is not None else 0):
         buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions,
                                 "restore the file the run wrote there, or start a new run"), write=False)
