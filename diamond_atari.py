@@ -27,7 +27,6 @@ import re
 import signal
 import sys
 import time
-import types
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -1236,7 +1235,7 @@ class ImaginationGraphs:
                 torch.compile(fn, backend=backend, mode=mode, dynamic=False)
                 for fn in (self.policy_step, self.world_model_step))
         # the compiled calls, and the first rollout's seconds (compilation included)
-        self.calls, self.compile_seconds, self.reported = 0, None, False
+        self.calls, self.compile_seconds = 0, None
 
     def amp(self):
         """The autocast given, or one made where it is entered (in a compiled function)."""
@@ -1433,17 +1432,14 @@ def lr_warmup_factor(step: int, warmup_steps: int) -> float:
 # Evaluation: test episodes, the human-normalised score, world-model metrics, rollout videos.
 
 
-def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv],
-                device: torch.device, autocast, stop, what: str, stopped: str, writer_at: Callable,
-                step: int, kind: str = "test"):
-    """The score the paper reports: --test-episodes full games, printed and logged under
-    eval/{kind}_* at `step`. A signal abandons them, logging nothing: the line `stopped` says so."""
+def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device,
+                autocast, stop, what: str, stopped: str, writer_at, step: int, kind="test"):
+    """The paper's score: --test-episodes full games, printed and logged as eval/{kind}_*."""
     try:
-        returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003, device,
-                                    autocast, check=stop.check)
+        returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003,
+                                    device, autocast, check=stop.check)
     except StopRequested:
-        print(stopped, flush=True)
-        return
+        return print(stopped, flush=True)
     mean, score = float(np.mean(returns)), env.normalized_score(float(np.mean(returns)))
     line = f"{what}: mean return {mean:.2f} (std {np.std(returns):.2f})"
     if score is None:
@@ -1466,8 +1462,7 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
                       device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16,
                       check: Callable[[], None] = lambda: None, record: Optional[list] = None,
                       on_step: Callable[[], None] = lambda: None) -> list[float]:
-    """Returns of full games (epsilon 0, no life-loss ends), max_parallel at once, seeded by `seed`
-    alone. check() runs before each env and step, then on_step(); `record` gets the episodes."""
+    """Returns of full games (epsilon 0, no life-loss ends) seeded by `seed` alone."""
     generator = torch.Generator().manual_seed(seed)
     returns = []
     while len(returns) < num_episodes:
@@ -1498,29 +1493,23 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
 @torch.no_grad()
 def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
                     ids: list[int], args: Args, device: torch.device, seed: int, net=None,
-                    autocast=contextlib.nullcontext()) -> dict[str, float]:
-    """The mean training losses per segment on held-out episodes (ids), as DIAMOND tests its world
-    model: each frame a denoiser target once, each transition a reward/end target once."""
+                    autocast=contextlib.nullcontext()) -> dict:
+    """DIAMOND's test losses: each held-out frame a denoiser target once, each transition a
+    reward/end target once."""
     generator = torch.Generator(device=device).manual_seed(seed)
-    c, length = args.num_conditioning_steps, args.reward_segment_length
-    num_predictions = 1 + args.num_autoregressive_steps
-    lengths = {i: len(buffer.episode(i)["actions"]) for i in ids}
-    # denoiser segments start at s = 1 - c, 1 - c + num_predictions, ...: targets s + c .. (1..T)
-    denoiser_refs = [(i, s) for i in ids for s in range(1 - c, lengths[i] - c + 1, num_predictions)]
-    # reward/end segments share their boundary frame: transitions 0..L-2, L-1..2L-3, ...
-    reward_refs = [(i, s) for i in ids for s in range(0, lengths[i], length - 1)]
+    c, length, k = args.num_conditioning_steps, args.reward_segment_length, 1 + args.num_autoregressive_steps
     losses = {}
-    for name, refs, num_obs in (("denoiser", denoiser_refs, c + num_predictions), ("reward_end", reward_refs, length)):
+    # denoiser segments start at 1 - c, 1 - c + k, ... (targets 1..T); reward/end segments share
+    # their boundary frame (transitions 0..L-2, L-1..2L-3, ...)
+    for name, first, stride, num_obs in (("denoiser", 1 - c, k, c + k), ("reward_end", 0, length - 1, length)):
+        refs = [(i, s) for i in ids for s in range(first, len(buffer.episode(i)["actions"]) + first, stride)]
         total = 0.0
-        for first in range(0, len(refs), args.batch_size):
-            chunk = refs[first: first + args.batch_size]
+        for chunk in (refs[j: j + args.batch_size] for j in range(0, len(refs), args.batch_size)):
             batch = {key: value.to(device) for key, value in buffer.segments(chunk, num_obs).items()}
             obs = segment_obs(batch, device)
             with autocast:
-                if name == "denoiser":
-                    loss = denoiser_loss(denoiser, obs, batch["actions"], batch["obs_mask"], args, generator, net)
-                else:
-                    loss = reward_end_loss(reward_end_model, {**batch, "obs": obs})
+                loss = (denoiser_loss(denoiser, obs, batch["actions"], batch["obs_mask"], args, generator, net)
+                        if name == "denoiser" else reward_end_loss(reward_end_model, {**batch, "obs": obs}))
             total += float(loss) * len(chunk)
         losses[f"{name}_test_loss"] = total / max(len(refs), 1)
     return losses
@@ -1530,48 +1519,42 @@ def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer
 def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
                         refs: list[tuple[int, int]], args: Args, device: torch.device, seed: int,
                         net=None, autocast=contextlib.nullcontext()) -> dict:
-    """On real transitions (episode, t): the sampled next frame's MSE beside copying the last frame,
-    over all pixels and those that change; reward-sign and end accuracy; under "counts" the (hits,
-    predicted, actual) counts of each class of RewardEndPools."""
-    c = args.num_conditioning_steps
+    """On real transitions (episode, t): the sampled next frame's MSE beside copying the last
+    frame, on all and on changed pixels; reward and end accuracy; each class's counts."""
+    c, n = args.num_conditioning_steps, len(refs)
     generator = torch.Generator(device=device).manual_seed(seed)
-    sums = dict.fromkeys(("mse", "copy", "mse_changed", "copy_changed", "changed", "pixels", "reward", "end"), 0.0)
-    counts = {name: [0, 0, 0] for name in RewardEndPools.classes}
-    for first in range(0, len(refs), 64):
+    sums = [0.0] * 6  # the sample's and the last frame's squared errors, all and changed; pixels
+    counts = torch.zeros(len(RewardEndPools.classes), 3, dtype=torch.long)
+    for first in range(0, n, 64):
         batch = buffer.segments([(e, t - (c - 1)) for e, t in refs[first: first + 64]], c + 1)
         obs = segment_obs(batch, device)  # (B, c + 1, 3, H, W)
         actions = batch["actions"].to(device)
         predicted = generate_next_obs(denoiser, obs[:, :-1], actions, args, generator, net, autocast)
-        target, last, predicted = (obs[:, -1] + 1) / 2, (obs[:, -2] + 1) / 2, (predicted + 1) / 2  # in [0, 1]
+        target, last, predicted = (obs[:, -1] + 1) / 2, (obs[:, -2] + 1) / 2, (predicted + 1) / 2
         changed = ((target - last).abs().amax(dim=1, keepdim=True) > 0).float().expand_as(target)
-        for key, error in (("mse", (predicted - target) ** 2), ("copy", (last - target) ** 2)):
-            sums[key] += float(error.sum())
-            sums[f"{key}_changed"] += float((error * changed).sum())
-        sums["changed"] += float(changed.sum())
-        sums["pixels"] += target.numel()
+        mse, copy_error = (predicted - target) ** 2, (last - target) ** 2
+        sums = [total + float(x) for total, x in zip(sums, (mse.sum(), copy_error.sum(), (mse * changed).sum(), (
+            copy_error * changed).sum(), changed.sum(), target.numel()))]
         with autocast:
             reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], actions, obs[:, 1:])
-        reward, end = batch["rewards"][:, -1].sign().long() + 1, batch["ends"][:, -1].long()
-        reward_guess, end_guess = reward_logits[:, -1].argmax(-1).cpu(), end_logits[:, -1].argmax(-1).cpu()
-        sums["reward"] += float((reward_guess == reward).sum())
-        sums["end"] += float((end_guess == end).sum())
-        # one-vs-rest per class: (predicted == actual == class, predicted == class, actual == class)
-        for name, (guess, actual, value) in zip(RewardEndPools.classes, [(reward_guess, reward, 0), (
-                reward_guess, reward, 1), (reward_guess, reward, 2), (end_guess, end, 1)]):
-            new = ((guess == value) & (actual == value), guess == value, actual == value)
-            counts[name] = [total + int(x.sum()) for total, x in zip(counts[name], new)]
-    n, changed, pixels = len(refs), max(sums["changed"], 1.0), sums["pixels"]
-    return {"next_frame_mse": sums["mse"] / pixels, "copy_last_frame_mse": sums["copy"] / pixels,
-            "next_frame_mse_changed": sums["mse_changed"] / changed,
-            "copy_last_frame_mse_changed": sums["copy_changed"] / changed,
-            "changed_pixel_fraction": sums["changed"] / pixels, "reward_accuracy": sums["reward"] / n,
-            "end_accuracy": sums["end"] / n, "counts": counts}
+        # per class (signs -1, 0, +1, the end): predicted == actual == class, predicted, actual
+        guess = torch.cat([F.one_hot(reward_logits[:, -1].argmax(-1).cpu(), 3),
+                           end_logits[:, -1].argmax(-1).cpu()[:, None]], 1).bool()
+        actual = torch.cat([F.one_hot(batch["rewards"][:, -1].sign().long() + 1, 3),
+                            batch["ends"][:, -1, None].long()], 1).bool()
+        counts += torch.stack([guess & actual, guess, actual], -1).sum(0)
+    mse, copy_error, mse_changed, copy_changed, changed, pixels = sums
+    hits, predicted, actual = counts.T.tolist()  # the end's TN: n - predicted - actual + hits
+    return {"next_frame_mse": mse / pixels, "copy_last_frame_mse": copy_error / pixels,
+            "next_frame_mse_changed": mse_changed / max(changed, 1.0),
+            "copy_last_frame_mse_changed": copy_changed / max(changed, 1.0), "changed_pixel_fraction": changed / pixels,
+            "reward_accuracy": sum(hits[:3]) / n, "end_accuracy": (n - predicted[3] - actual[3] + 2 * hits[3]) / n,
+            "counts": dict(zip(RewardEndPools.classes, counts.tolist()))}
 
 
 class RewardEndPools:
-    """The reward/end model's recall and precision per class (reward signs -1, 0, +1; the end),
-    pooled until min_count actual (recall) or predicted (precision) examples, then taken and emptied:
-    rewards and ends are rare; no value is NaN or rests on fewer than min_count."""
+    """Recall and precision per class (reward signs -1, 0, +1; the end), each pooled until
+    min_count examples, then taken and emptied: no value rests on fewer."""
     classes = ("reward_neg", "reward_zero", "reward_pos", "end")
 
     def __init__(self, min_count: int = 20):
@@ -1580,18 +1563,18 @@ class RewardEndPools:
         self.precision = {name: [0, 0] for name in self.classes}  # [hits, predicted]
 
     def add(self, counts: dict[str, list[int]]):
-        """counts: (hits, predicted, actual) of each class, as world_model_metrics returns them."""
+        """counts: each class's (hits, predicted, actual), as world_model_metrics returns them."""
         for name, (hits, predicted, actual) in counts.items():
             for pools, total in ((self.recall, actual), (self.precision, predicted)):
                 pools[name] = [pools[name][0] + hits, pools[name][1] + total]
 
     def take(self) -> dict[str, float]:
-        """The full pools' values by tag (world_model/reward_recall_pos ...); those emptied."""
+        """The full pools' values by tag (world_model/reward_recall_pos ...), those emptied."""
         values = {}
         for kind, pools in (("recall", self.recall), ("precision", self.precision)):
             for name, (hits, total) in pools.items():
                 if total >= self.min_count:
-                    what, _, sign = name.partition("_")  # reward_pos -> world_model/reward_recall_pos
+                    what, _, sign = name.partition("_")
                     values[f"world_model/{what}_{kind}" + (f"_{sign}" if sign else "")] = hits / total
                     pools[name] = [0, 0]
         return values
@@ -1600,51 +1583,26 @@ class RewardEndPools:
         return copy.deepcopy({"recall": self.recall, "precision": self.precision})
 
     def load_state_dict(self, state: dict):
-        self.recall, self.precision = copy.deepcopy(state["recall"]), copy.deepcopy(state["precision"])
-
-
-@torch.no_grad()
-def imagined_vs_real(denoiser: Denoiser, buffer: ReplayBuffer, args: Args, device: torch.device,
-                     seed: int, net=None, autocast=contextlib.nullcontext()
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """An open-loop imagined rollout from a real segment with the real actions: real and imagined
-    frames uint8 (H, 3, h, w) (H = imagination_horizon at most) and the action taken into each."""
-    c, horizon = args.num_conditioning_steps, args.imagination_horizon
-    generator = torch.Generator().manual_seed(seed)
-    ids = [i for i in buffer.sampleable() if len(buffer.episode(i)["actions"]) >= c + horizon] or buffer.sampleable()
-    index = ids[int(torch.randint(len(ids), (1,), generator=generator))]
-    T = len(buffer.episode(index)["actions"])
-    horizon = min(horizon, T - c) if T > c else 1
-    start = int(torch.randint(max(T - c - horizon + 1, 1), (1,), generator=generator)) if T > c else -(c - 1)
-    batch = buffer.segments([(index, start)], c + horizon)
-    real, actions = segment_obs(batch, device), batch["actions"].to(device)
-    device_generator = torch.Generator(device=device).manual_seed(seed)
-    obs, imagined = real[:, :c], []
-    for k in range(horizon):
-        imagined.append(generate_next_obs(denoiser, obs, actions[:, k: k + c], args, device_generator, net, autocast))
-        obs = torch.cat([obs[:, 1:], imagined[-1][:, None]], dim=1)
-    taken = actions[0, c - 1: c - 1 + horizon].cpu().numpy()
-    return to_uint8(real[0, c:]).cpu().numpy(), to_uint8(torch.cat(imagined)).cpu().numpy(), taken
+        self.recall, self.precision = (copy.deepcopy(state[k]) for k in ("recall", "precision"))
 
 
 @torch.no_grad()
 def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int, int, dict]],
                               env: Union[AtariEnv, CatchEnv], args: Args, seed: int,
                               check: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Mean sums of reward signs over the horizon from K starts (Collector.fork_starts) in the world
-    model and in the real game forked there, with the same actor state, actions and uniforms: the gap
-    that training in imagination exploits."""
+    """Mean sums of reward signs over the horizon from K starts (Collector.fork_starts), in
+    the world model and in the real game forked there, with the same actor state, actions
+    and uniforms: the gap that training in imagination exploits."""
     c, horizon, device, k = args.num_conditioning_steps, args.imagination_horizon, graphs.device, len(starts)
-    buffer = graphs.wm_env.buffer
-    refs = [(episode if episode < len(buffer.episodes) else -1, t - (c - 1)) for episode, t, _ in starts]
-    start = graphs.wm_env.start(k, refs)
+    num_episodes = len(graphs.wm_env.buffer.episodes)
+    start = graphs.wm_env.start(k, [(e if e < num_episodes else -1, t - (c - 1)) for e, t, _ in starts])
     start_hidden = actor_burn_in(graphs.actor_critic, start[0][:, :-1], graphs.amp())
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((horizon, k, 3, args.obs_size, args.obs_size), generator=generator).to(device)
     uniforms = torch.rand((horizon, 3, k), generator=generator).to(device)  # action, reward, end
     no_restart, no_value = torch.zeros(k, dtype=torch.bool, device=device), torch.zeros(k, device=device)
 
-    def policy(frames, actor_hidden, t):  # the action at step t, and the actor's state stepped on the frames
+    def policy(frames, actor_hidden, t):  # step t's action, the actor's state stepped on the frames
         _, _, action, _, _, actor_hidden = graphs.policy_step(frames, actor_hidden, no_restart, actor_hidden,
                                                               no_value, uniforms[t, 0])
         return action, actor_hidden
@@ -1706,23 +1664,6 @@ def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
     return np.concatenate([big, margin])
 
 
-def labelled_rows(rows: list[np.ndarray], row_labels: list[str], column_labels: list[str], pad: int = 2) -> np.ndarray:
-    """Rows of uint8 (N, 3, h, w) frames as one RGB image, each row named in a left margin and each
-    column (the action taken into that frame) in a top margin."""
-    n, h = rows[0].shape[0], rows[0].shape[2]
-    scale = max(1, 64 // h)  # small frames are enlarged (nearest), so that a label fits above each
-    grids = [make_grid(row.repeat(scale, axis=2).repeat(scale, axis=3), columns=n, pad=pad) for row in rows]
-    left, top, cell = 8 + 7 * max(len(label) for label in row_labels), 16, h * scale + pad
-    image = np.zeros((top + sum(g.shape[0] for g in grids), left + grids[0].shape[1], 3), dtype=np.uint8)
-    for i, (grid, label) in enumerate(zip(grids, row_labels)):
-        y = top + i * grid.shape[0]
-        image[y: y + grid.shape[0], left:] = grid
-        put_text(image, label, 4, y + grid.shape[0] // 2 + 4, 0.35)
-    for i, label in enumerate(column_labels):
-        put_text(image, label[: max(1, cell // 6)], left + pad + i * cell, 12, 0.3)
-    return image
-
-
 # --------------------------------------------------------------------------------------------------
 # The training loop's parts: the run's position, the collector, the epoch's log, the phases.
 
@@ -1732,8 +1673,7 @@ PHASES = ("collect", "world_model_eval", "denoiser", "reward_end", "actor_critic
 
 @dataclass
 class RunPosition:
-    """Where the run is: the epoch (from 1), the phase (an index into PHASES), the step in it (env
-    steps or updates), and the global step: the three models' updates, TensorBoard's x."""
+    """Where the run is: epoch (from 1), phase, step in it, global step (all models' updates)."""
     epoch: int = 1
     phase: int = 0
     step: int = 0
@@ -1742,13 +1682,6 @@ class RunPosition:
     @property
     def name(self) -> str:
         return PHASES[self.phase]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "phase": self.name, "position": self.step, "global_step": self.global_step}
-
-    def load_state_dict(self, state: dict):
-        self.epoch, self.phase, self.step = state["epoch"], PHASES.index(state["phase"]), state["position"]
-        self.global_step = state["global_step"]
 
     def __str__(self) -> str:
         return f"epoch {self.epoch} ({self.name}, step {self.step}; global step {self.global_step})"
@@ -1767,30 +1700,23 @@ def add_step(episode: dict, action: int, obs: np.ndarray, reward: float, termina
 
 
 class Collector:
-    """The real environment and what is collected from it: the episode in progress, the actor's LSTM
-    state, the held-out transitions (since the world model was last measured), the reward/end pools
-    on them, and the newest env states, for imagined_and_real_returns."""
+    """The real env, the episode in progress (new_episode's lists), the actor's LSTM state, the
+    first collection N (0: not decided), held-out transitions, env states to fork from."""
     num_fork_starts = 8
 
     def __init__(self, env: Union[AtariEnv, CatchEnv], buffer: ReplayBuffer,
                  generator: torch.Generator, device: torch.device):
         self.env, self.buffer, self.generator, self.device = env, buffer, generator, device
-        self.partial: Optional[dict] = None  # the episode in progress (new_episode's lists)
-        self.hidden = None  # the actor's LSTM state
-        self.env_steps = 0
-        self.first_collection_steps = 0  # the first collection N, once epoch 1 has decided it (0: not yet)
-        self.heldout = torch.zeros((0, 2), dtype=torch.long)  # (episode index in the buffer, t)
+        self.partial, self.hidden, self.env_steps, self.first_collection_steps = None, None, 0, 0
+        self.heldout, self.fork_starts = torch.zeros((0, 2), dtype=torch.long), []
         self.reward_end_pools = RewardEndPools()
-        self.fork_starts: list[tuple[int, int, dict]] = []  # (episode index in the buffer, t, env state at t)
 
     @torch.no_grad()
     def step(self, actor_critic: ActorCritic, args: Args, autocast, random_policy: bool):
-        """One env step with the agent (epsilon-greedy over a sampled action) or a uniform random
-        policy. Returns the reward and, when the step ended a game, the game's (return, length)."""
+        """One env step: the reward and, when it ended a game, its (return, length)."""
         if self.partial is None:
             self.partial = new_episode(self.env.reset())
-        # the transition about to be collected: (its episode's index in the buffer, t)
-        ref = (len(self.buffer.episodes), len(self.partial["actions"]))
+        ref = (len(self.buffer.episodes), len(self.partial["actions"]))  # the coming transition
         if self.env_steps % max(1, args.num_heldout_transitions // self.num_fork_starts) == 0:
             self.fork_starts = (self.fork_starts + [(*ref, self.env.state_dict())])[-self.num_fork_starts:]
         explore = float(torch.rand(1, generator=self.generator)) < args.epsilon
@@ -1807,8 +1733,7 @@ class Collector:
         game = None
         if add_step(self.partial, action, obs, reward, terminated, truncated):
             self.buffer.add({key: np.asarray(value) for key, value in self.partial.items()})
-            if self.env.game_over:
-                game = (self.env.game_return, self.env.game_steps)
+            game = (self.env.game_return, self.env.game_steps) if self.env.game_over else None
             self.partial, self.hidden = None, None
         return reward, game
 
@@ -1816,36 +1741,15 @@ class Collector:
         """The episode in progress becomes the buffer's newest (sampled in training)."""
         self.buffer.partial = None if self.partial is None else ReplayBuffer.to_tensors(self.partial)
 
-    def state_dict(self) -> dict:
-        return {"env": self.env.state_dict(), "env_steps": self.env_steps,
-                "partial": None if self.partial is None else ReplayBuffer.to_tensors(self.partial),
-                "first_collection_steps": self.first_collection_steps,
-                "collect_hidden": None if self.hidden is None else tuple(h.cpu() for h in self.hidden),
-                "heldout": self.heldout, "reward_end_pools": self.reward_end_pools.state_dict(),
-                "fork_starts": [{"episode": e, "t": t, "env": env} for e, t, env in self.fork_starts]}
-
-    def load_state_dict(self, state: dict):
-        self.env.load_state_dict(state["env"])
-        self.env_steps, self.heldout = state["env_steps"], state["heldout"]
-        self.first_collection_steps, partial = state["first_collection_steps"], state["partial"]
-        self.partial = None if partial is None else {
-            "obs": list(partial["obs"].permute(0, 2, 3, 1).numpy()),
-            **{key: partial[key].tolist() for key in ("actions", "rewards", "terminated", "truncated")}}
-        hidden = state["collect_hidden"]
-        self.hidden = None if hidden is None else tuple(h.to(self.device) for h in hidden)
-        self.reward_end_pools.load_state_dict(state["reward_end_pools"])
-        self.fork_starts = [(s["episode"], s["t"], s["env"]) for s in state["fork_starts"]]
-
 
 class EpochLog:
-    """An epoch's numbers. Losses and gradient norms are summed on the device (no host sync per
-    update) and written every log_every updates at the global step; the rest waits in `pending` for
-    the end of the epoch, before its checkpoint, so that a resumed run never writes a step twice."""
+    """An epoch's numbers. Losses are summed on the device and written every log_every updates;
+    the rest waits in `pending` for the epoch's end, so that a resume never writes a step twice."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.pending: dict[str, list[float]] = {}  # written as means at the end of the epoch
-        self.means: dict[str, list[float]] = {}  # the losses' logged means, for the epoch's printed line
+        self.means: dict[str, list[float]] = {}  # the losses' logged means, for the epoch's line
         self.sums: dict[str, torch.Tensor] = {}  # the current log window, on the device
 
     def add(self, key: str, value: float):
@@ -1868,43 +1772,6 @@ class EpochLog:
             self.means.setdefault(key, []).append(value)
         self.sums = {}
         return means
-
-    def write_pending(self, writer, step: int):
-        for key, values in self.pending.items():
-            writer.add_scalar(key, float(np.mean(values)), step)
-
-    def summary(self) -> list[str]:
-        """The epoch's printed line: mean losses and returns, the world model beside copying the
-        last frame, and when evaluated the reward +1's recall/precision, the imagined minus real
-        return, the top action."""
-        values = {**self.means, **self.pending}
-        parts = [f"{label} {np.mean(values[key]):.4g}" for key, label in (
-            ("losses/denoiser", "denoiser loss"), ("losses/reward_end", "reward/end loss"),
-            ("losses/actor_critic", "actor-critic loss"), ("charts/episodic_return", "train return"),
-            ("eval/episodic_return", "eval return")) if key in values]
-        first = {key: value[0] for key, value in values.items()}
-        if "world_model/next_frame_mse_changed" in first:
-            parts.append(f"next-frame mse on changed pixels {first['world_model/next_frame_mse_changed']:.4g} "
-                         f"(copy-last-frame {first['world_model/copy_last_frame_mse_changed']:.4g})")
-        recall, precision = (first.get(f"world_model/reward_{kind}_pos") for kind in ("recall", "precision"))
-        if recall is not None or precision is not None:
-            parts.append("rew+ rec/prec " + "/".join("-" if v is None else f"{v:.2f}" for v in (recall, precision)))
-        if "eval/imagined_minus_real_return" in first:
-            parts.append(f"imag-real gap {first['eval/imagined_minus_real_return']:+.2f} (imag "
-                         f"{first['eval/imagined_return']:+.2f}, real {first['eval/real_return']:+.2f})")
-        shares = {key[18:]: value for key, value in first.items() if key.startswith("eval/action_share_")}
-        if shares:
-            top = max(shares, key=shares.get)
-            parts.append(f"top action {top} {shares[top]:.2f}")
-        return parts
-
-    def state_dict(self) -> dict:
-        return {"epoch_log": {"pending": self.pending, "means": self.means},
-                "phase_sums": {key: value.item() for key, value in self.sums.items()}}
-
-    def load_state_dict(self, state: dict):
-        self.pending, self.means = state["epoch_log"]["pending"], state["epoch_log"]["means"]
-        self.sums = {key: torch.tensor(value, device=self.device) for key, value in state["phase_sums"].items()}
 
 
 @dataclass
@@ -1929,44 +1796,60 @@ class Learner:
 
 
 def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> dict[str, Learner]:
+    """AdamW, weight decay on the world model only (DIAMOND: none for the actor-critic)."""
     learners = {}
     for name, model in models.items():
-        # AdamW, weight decay on the world model's weights only (DIAMOND: none for the actor-critic)
-        weight_decay = 0.0 if name == "actor_critic" else args.weight_decay
         lr = args.learning_rate
-        optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr,
-                                      eps=args.adam_eps, fused=use_cuda)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_warmup_factor(s, args.warmup_steps))
+        optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.0 if name == "actor_critic" else args.weight_decay),
+                                      lr=lr, eps=args.adam_eps, fused=use_cuda)
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_warmup_factor(s, args.warmup_steps))
         scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16")
-        max_grad_norm = args.denoiser_max_grad_norm if name == "denoiser" else args.max_grad_norm
-        learners[name] = Learner(model, optimizer, scheduler, scaler, max_grad_norm)
+        max_norm = args.denoiser_max_grad_norm if name == "denoiser" else args.max_grad_norm
+        learners[name] = Learner(model, optimizer, warmup, scaler, max_norm)
     return learners
 
 
-def run_checkpoint(run, pos, log) -> dict:
+def run_checkpoint(run, pos: RunPosition, log: EpochLog) -> dict:
     """checkpoints/latest.pt's contents (CHECKPOINT_KEYS), which restore_run puts back."""
+    collector, partial, hidden = run.collector, run.collector.partial, run.collector.hidden
     parts = {key: {name: getattr(learner, key[:-1]).state_dict() for name, learner in run.learners.items()}
              for key in ("models", "optimizers", "schedulers", "scalers")}
-    return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION,
-            "args": asdict(run.args), **pos.state_dict(), **run.collector.state_dict(), **log.state_dict(),
+    return {"script": SCRIPT_NAME, "format_version": CHECKPOINT_FORMAT_VERSION, "args": asdict(run.args),
+            "epoch": pos.epoch, "phase": pos.name, "position": pos.step, "global_step": pos.global_step,
+            "env": collector.env.state_dict(), "env_steps": collector.env_steps, "heldout": collector.heldout,
+            "partial": None if partial is None else ReplayBuffer.to_tensors(partial),
+            "first_collection_steps": collector.first_collection_steps,
+            "collect_hidden": None if hidden is None else tuple(h.cpu() for h in hidden),
+            "reward_end_pools": collector.reward_end_pools.state_dict(),
+            "fork_starts": [{"episode": e, "t": t, "env": env} for e, t, env in collector.fork_starts],
+            "epoch_log": {"pending": log.pending, "means": log.means},
+            "phase_sums": {key: value.item() for key, value in log.sums.items()},
             "num_buffer_files": len(run.buffer.episodes) if run.args.dataset_dir is None else 0, **parts,
             "rng": rng_state(), "cpu_generator": run.cpu_generator.get_state(),
             "generator": run.generator.get_state().cpu(), "imagination": run.wm_env.state_dict()}
 
 
-def restore_run(checkpoint: dict, pos, collector, log, learners: dict[str, Learner], cpu_generator, generator):
-    """Puts run_checkpoint's state back (the episodes: once the buffer is read); weights of another
-    shape, or a damaged state, are one line."""
+def restore_run(state: dict, collector: Collector, log: EpochLog, learners: dict[str, Learner],
+                cpu_generator, generator) -> RunPosition:
+    """Puts run_checkpoint's state back and returns the position, or says in one line why not."""
     try:
         for name, learner in learners.items():
             for key in ("models", "optimizers", "schedulers", "scalers"):
-                getattr(learner, key[:-1]).load_state_dict(checkpoint[key][name])
-        set_rng_state(checkpoint["rng"])
-        cpu_generator.set_state(checkpoint["cpu_generator"])
-        generator.set_state(checkpoint["generator"])  # a CPU ByteTensor, for CUDA generators too
-        pos.load_state_dict(checkpoint)
-        collector.load_state_dict(checkpoint)
-        log.load_state_dict(checkpoint)
+                getattr(learner, key[:-1]).load_state_dict(state[key][name])
+        set_rng_state(state["rng"])
+        cpu_generator.set_state(state["cpu_generator"])
+        generator.set_state(state["generator"])  # a CPU ByteTensor, for CUDA generators too
+        collector.env.load_state_dict(state["env"])
+        collector.env_steps, collector.heldout, partial = state["env_steps"], state["heldout"], state["partial"]
+        collector.first_collection_steps, hidden = state["first_collection_steps"], state["collect_hidden"]
+        collector.partial = None if partial is None else {"obs": list(partial["obs"].permute(0, 2, 3, 1).numpy()), **{
+            key: partial[key].tolist() for key in ("actions", "rewards", "terminated", "truncated")}}
+        collector.hidden = None if hidden is None else tuple(h.to(collector.device) for h in hidden)
+        collector.reward_end_pools.load_state_dict(state["reward_end_pools"])
+        collector.fork_starts = [(s["episode"], s["t"], s["env"]) for s in state["fork_starts"]]
+        log.pending, log.means = state["epoch_log"]["pending"], state["epoch_log"]["means"]
+        log.sums = {key: torch.tensor(value, device=log.device) for key, value in state["phase_sums"].items()}
+        return RunPosition(state["epoch"], PHASES.index(state["phase"]), state["position"], state["global_step"])
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
         raise UserError(f"checkpoint weights do not fit this model, or its state is damaged ({error_reason(e)}); "
                         f"resume from another checkpoint") from None
@@ -1974,46 +1857,33 @@ def restore_run(checkpoint: dict, pos, collector, log, learners: dict[str, Learn
 
 @dataclass
 class Run:
-    """What the phases of an epoch share. cpu_generator: no-ops, exploration, replay sampling;
-    generator: diffusion noise, imagination."""
+    """What the phases of an epoch share (train_ids None: all episodes; graphs None: eager)."""
     args: Args
     device: torch.device
     autocast: object
     generator: torch.Generator
     cpu_generator: torch.Generator
     buffer: ReplayBuffer
-    train_ids: Optional[list[int]]  # the episodes the world model trains on (None: all; --dataset-dir holds some out)
+    train_ids: Optional[list[int]]
     learners: dict[str, Learner]
-    denoiser_net: nn.Module  # the denoiser's network, compiled with --compile
+    denoiser_net: nn.Module
     wm_env: WorldModelEnv
-    graphs: Optional[ImaginationGraphs]  # the compiled imagination step (--imagination-graphs), or None: eager
+    graphs: Optional[ImaginationGraphs]
     collector: Collector
-    writer: object  # a SummaryWriter
-    stop: object  # the StopFlag
+    writer: object
+    stop: object
     run_dir: Path
-    denoiser_update_flops: float  # FLOPs of one denoiser update, for MFU
-    peak_flops: Optional[float]  # the device's peak FLOP/s on CUDA; None on a CPU (no MFU)
-
-    @property
-    def schedule(self) -> list[int]:
-        """Env steps per epoch (run_schedule): final once epoch 1 has decided the first
-        collection."""
-        return run_schedule(self.args, self.collector.first_collection_steps)
-
-    @property
-    def num_epochs(self) -> int:
-        return len(self.schedule)
+    mfu_per_update: Optional[float]  # mfu_per_update's: None on a CPU (no MFU)
+    schedule: list[int]  # env steps per epoch (run_schedule), final once the first collection is
 
     def checked_net(self, *inputs):
-        """The denoiser's network uncompiled, for evaluations (their shapes vary); a signal abandons
-        them within a call (StopRequested)."""
+        """The uncompiled denoiser network; a signal abandons an evaluation within a call."""
         self.stop.check()
         return self.learners["denoiser"].model.net(*inputs)
 
 
 def phase_work(args: Args, schedule: list[int], name: str, epoch: int) -> int:
-    """A phase's work in an epoch: env steps, updates, or 1 (a measurement, an evaluation); 0: it
-    does not run. Epoch 1 trains longer; the actor-critic may start later."""
+    """A phase's work in an epoch: env steps, updates, 1 (an evaluation), or 0 (none)."""
     first = epoch == 1
     return {"collect": schedule[epoch - 1],
             "world_model_eval": int(schedule[epoch - 1] > 0 or args.dataset_dir is not None),
@@ -2025,34 +1895,29 @@ def phase_work(args: Args, schedule: list[int], name: str, epoch: int) -> int:
 
 
 def phase_loss(run: Run, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One update's loss of a model on a fresh batch (real segments; the actor-critic: an imagined
-    rollout) and the extra values to log."""
-    args, device, autocast = run.args, run.device, run.autocast
-    if name == "denoiser":  # 6-frame segments, two predictions (the second on the first's 8-bit output)
-        batch = sample_batch(run.buffer, args, run.cpu_generator, device, run.train_ids)
-        with autocast:
-            loss = denoiser_loss(run.learners["denoiser"].model, batch["obs"], batch["actions"],
-                                 batch["obs_mask"], args, run.generator, run.denoiser_net)
-        return loss, {}
-    if name == "reward_end":  # 19-frame segments from t - U[0, 19), the LSTM from a zero state
-        batch = sample_batch(run.buffer, args, run.cpu_generator, device, run.train_ids, True)
-        with autocast:
-            loss = reward_end_loss(run.learners["reward_end"].model, batch)
-        return loss, {}
-    loss, parts = actor_critic_loss(run.learners["actor_critic"].model, run.wm_env, args,
-                                    run.generator, autocast, run.graphs)
-    return loss, {f"losses/{key}" if key in ("actor", "critic", "entropy") else f"charts/{key}": value
-                  for key, value in parts.items()}
+    """One update's loss of a model on a fresh batch, and the extra values to log."""
+    args, model = run.args, run.learners[name].model
+    if name == "actor_critic":
+        loss, parts = actor_critic_loss(model, run.wm_env, args, run.generator, run.autocast, run.graphs)
+        return loss, {f"losses/{key}" if key in ("actor", "critic", "entropy") else f"charts/{key}": value
+                      for key, value in parts.items()}
+    # denoiser: 6-frame segments, two predictions (the second on the first's 8-bit output);
+    # reward/end: 19-frame segments from t - U[0, 19), the LSTM from a zero state
+    batch = sample_batch(run.buffer, args, run.cpu_generator, run.device, run.train_ids, name == "reward_end")
+    with run.autocast:
+        if name == "denoiser":
+            return denoiser_loss(model, batch["obs"], batch["actions"], batch["obs_mask"], args, run.generator,
+                                 run.denoiser_net), {}
+        return reward_end_loss(model, batch), {}
 
 
 def collect(run: Run, pos: RunPosition, log: EpochLog):
-    """Env steps with the agent (--world-model-only: random) until this epoch's share of the budget.
-    Epoch 1 decides the first collection N as DIAMOND: initial_collection_steps, then 100 more at a
-    time until the two rarer reward signs occur min_rare_rewards times, or the maximum."""
+    """Env steps until this epoch's share of the budget. Epoch 1 decides the first collection N as
+    DIAMOND: initial_collection_steps, then 100 more at a time until the two rarer reward signs
+    occur min_rare_rewards times, or the maximum."""
     args, buffer, collector = run.args, run.buffer, run.collector
-    # counts of the reward signs -1, 0, +1 in the buffer (the episode in progress included)
     counts = [sum(int((buffer.episode(i)["rewards"].sign() == sign).sum()) for i in buffer.sampleable())
-              for sign in (-1, 0, 1)]
+              for sign in (-1, 0, 1)]  # the reward signs in the buffer (the partial episode's too)
     total = run.schedule[pos.epoch - 1]
     progress = progress_bar(total, pos.step, f"epoch {pos.epoch} collect", "env step")
     start, first = time.perf_counter(), pos.step
@@ -2060,10 +1925,11 @@ def collect(run: Run, pos: RunPosition, log: EpochLog):
         extra = pos.step - args.initial_collection_steps
         if not collector.first_collection_steps and extra >= 0 and extra % args.collection_steps_per_epoch == 0 and (
                 sum(sorted(counts)[:2]) >= args.min_rare_rewards or pos.step >= args.max_initial_collection_steps):
-            collector.first_collection_steps = pos.step  # N: the run's schedule and length are now fixed
+            collector.first_collection_steps = pos.step  # N: the schedule is now fixed
+            run.schedule = run_schedule(args, pos.step)
             total = progress.total = run.schedule[0]
             progress.write(f"first collection: {pos.step} env steps (reward signs -1/0/+1: {counts}); the run: "
-                           f"{run.num_epochs} epochs, {sum(run.schedule)} env steps", file=sys.stdout)
+                           f"{len(run.schedule)} epochs, {sum(run.schedule)} env steps", file=sys.stdout)
         if collector.first_collection_steps and pos.step >= total:
             break
         reward, game = collector.step(run.learners["actor_critic"].model, args, run.autocast, args.world_model_only)
@@ -2080,47 +1946,44 @@ def collect(run: Run, pos: RunPosition, log: EpochLog):
 
 
 def measure_world_model(run: Run, pos: RunPosition, log: EpochLog):
-    """world_model/* on the transitions just collected (or --dataset-dir's held-out ones), never
-    trained on; the reward/end class counts go into the collector's pools."""
+    """world_model/* on the transitions just collected (or held out), never trained on."""
     collector = run.collector
     refs = [(e if e < len(run.buffer.episodes) else -1, t) for e, t in collector.heldout.tolist()]
     metrics = world_model_metrics(run.learners["denoiser"].model, run.learners["reward_end"].model,
-                                  run.buffer, refs, run.args, run.device,
-                                  run.args.seed * 7919 + pos.epoch, run.checked_net, run.autocast)
+                                  run.buffer, refs, run.args, run.device, run.args.seed * 7919 + pos.epoch,
+                                  run.checked_net, run.autocast)
     collector.reward_end_pools.add(metrics.pop("counts"))
     for key, value in metrics.items():
         log.add(f"world_model/{key}", value)
-    if run.args.dataset_dir is None:  # trained on from now on: epochs that collect nothing log no world_model/*
+    if run.args.dataset_dir is None:  # trained on from now on: no collection, no world_model/*
         collector.heldout = collector.heldout[:0]
 
 
 def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
-    """This epoch's updates of one model from pos.step on, until done or a signal (the update in
-    progress finishes first); losses written every log_every updates at the global step."""
+    """This epoch's updates of one model from pos.step on, until done or a signal."""
     args, learner = run.args, run.learners[name]
     num_steps = phase_work(args, run.schedule, name, pos.epoch)
     progress = progress_bar(num_steps, pos.step, f"epoch {pos.epoch} {name}", "update")
     start, first = time.perf_counter(), pos.step
     learner.model.train()
-    suffix = "" if name == "denoiser" else f"_{name}"  # the denoiser's is charts/grad_norm
     # the first backward through a compiled graph compiles it: a failure is one line, as forward's
-    compiled = {"denoiser": ("the denoiser (--compile)", "without --compile") if args.compile else None,
-                "actor_critic": ("the imagination graphs", "with --imagination-graphs off") if run.graphs else None}
-    guard = (lambda: compile_failures(run.stop, *compiled[name])) if compiled.get(name) else contextlib.nullcontext
+    compiled = {"denoiser": args.compile and ("the denoiser (--compile)", "without --compile"),
+                "actor_critic": run.graphs and ("the imagination graphs", "with --imagination-graphs off")}.get(name)
+    guard = (lambda: compile_failures(run.stop, *compiled)) if compiled else contextlib.nullcontext
     while pos.step < num_steps and not run.stop.requested:
         with guard():
             loss, parts = phase_loss(run, name)
             grad_norm = learner.update(loss)
-        log.accumulate({f"losses/{name}": loss, f"charts/grad_norm{suffix}": grad_norm, **parts})
-        pos.step += 1
-        pos.global_step += 1
+        log.accumulate({f"losses/{name}": loss, "charts/grad_norm" + ("" if name == "denoiser" else f"_{name}"):
+                        grad_norm, **parts})
+        pos.step, pos.global_step = pos.step + 1, pos.global_step + 1
         progress.update(1)
         if pos.step % args.log_every == 0 or pos.step == num_steps:
             if not log.finite():
                 raise non_finite_failure(f"in epoch {pos.epoch} ({name}, update {pos.step})", run.run_dir)
-            count = pos.step % args.log_every or min(args.log_every, pos.step)  # updates in this window
+            count = pos.step % args.log_every or min(args.log_every, pos.step)  # in this window
             means = log.flush(run.writer, pos.global_step, count)
-            if name == "denoiser":  # one warmup schedule for the three (the actor-critic's peak may differ)
+            if name == "denoiser":  # the three models share one warmup schedule
                 run.writer.add_scalar("charts/learning_rate", learner.scheduler.get_last_lr()[0], pos.global_step)
             progress.set_postfix(loss=f"{means[f'losses/{name}']:.4f}")
     progress.close()
@@ -2129,89 +1992,94 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
             torch.cuda.synchronize()
         per_second = (pos.step - first) / (time.perf_counter() - start)
         log.add(f"perf/{name}_steps_per_s", per_second)
-        if name == "denoiser" and run.peak_flops is not None:  # MFU = achieved FLOP/s / peak FLOP/s, on CUDA only
-            log.add("perf/mfu", per_second * run.denoiser_update_flops / run.peak_flops)
+        if name == "denoiser" and run.mfu_per_update is not None:  # achieved / peak FLOP/s
+            log.add("perf/mfu", per_second * run.mfu_per_update)
         if name == "actor_critic":
             log.add("perf/imagination_frames_per_s", per_second * args.num_imagined_envs * args.backup_every)
-    graphs = run.graphs
-    if name == "actor_critic" and graphs is not None and graphs.compile_seconds is not None and not graphs.reported:
-        graphs.reported = True  # once per process: the first rollout traced and compiled the graphs
-        print(f"imagination graphs: compiled in {graphs.compile_seconds:.1f} s (the first rollout, compilation "
-              f"included); {graphs.calls} compiled calls so far", flush=True)
-        log.add("perf/imagination_compile_s", graphs.compile_seconds)
+
+
+@torch.no_grad()
+def write_rollout(run: Run, pos: RunPosition):
+    """An open-loop imagined rollout from a real segment with its actions: a strip (real row
+    above imagined, columns headed by the actions) in TensorBoard and samples/, an MP4."""
+    args, buffer, device, seed = run.args, run.buffer, run.device, run.args.seed * 7919 + pos.epoch
+    c, horizon = args.num_conditioning_steps, args.imagination_horizon
+    generator = torch.Generator().manual_seed(seed)
+    ids = [i for i in buffer.sampleable() if len(buffer.episode(i)["actions"]) >= c + horizon] or buffer.sampleable()
+    index = ids[int(torch.randint(len(ids), (1,), generator=generator))]
+    T = len(buffer.episode(index)["actions"])
+    horizon = min(horizon, T - c) if T > c else 1
+    start = int(torch.randint(max(T - c - horizon + 1, 1), (1,), generator=generator)) if T > c else -(c - 1)
+    batch = buffer.segments([(index, start)], c + horizon)
+    real, actions = segment_obs(batch, device), batch["actions"].to(device)
+    device_generator = torch.Generator(device=device).manual_seed(seed)
+    obs, imagined = real[:, :c], []
+    for k in range(horizon):
+        imagined.append(generate_next_obs(run.learners["denoiser"].model, obs, actions[:, k: k + c], args,
+                                          device_generator, run.checked_net, run.autocast))
+        obs = torch.cat([obs[:, 1:], imagined[-1][:, None]], dim=1)
+    rows = to_uint8(real[0, c:]).cpu().numpy(), to_uint8(torch.cat(imagined)).cpu().numpy()
+    names = [run.collector.env.action_meanings[a].lower() for a in actions[0, c - 1: c - 1 + horizon].tolist()]
+    scale = max(1, 64 // rows[0].shape[2])  # small frames enlarged: a label fits above each
+    grids = [make_grid(row.repeat(scale, axis=2).repeat(scale, axis=3), columns=horizon, pad=2) for row in rows]
+    height, cell = grids[0].shape[0], rows[0].shape[2] * scale + 2
+    strip = np.zeros((16 + 2 * height, 64 + grids[0].shape[1], 3), dtype=np.uint8)
+    for i, (grid, label) in enumerate(zip(grids, ("real", "imagined"))):
+        strip[16 + i * height: 16 + (i + 1) * height, 64:] = grid
+        put_text(strip, label, 4, 16 + i * height + height // 2 + 4, 0.35)
+    for i, name in enumerate(names):
+        put_text(strip, name[: max(1, cell // 6)], 66 + i * cell, 12, 0.3)
+    run.writer.add_image("samples/imagined_vs_real", strip, pos.global_step, dataformats="HWC")
+    stem = run.run_dir / "samples" / f"rollout_epoch{pos.epoch:05d}"
+    write_png(stem.with_suffix(".png"), strip)
+    write_mp4(stem.with_suffix(".mp4"), np.stack([
+        with_caption(np.concatenate([r, i], axis=2).transpose(1, 2, 0), 256,
+                     ["left real, right imagined", f"step {k + 1}  action {names[k]}"])
+        for k, (r, i) in enumerate(zip(*rows))]))
 
 
 def evaluate(run: Run, pos: RunPosition, log: EpochLog):
-    """An open-loop imagined rollout beside the real frames, test episodes (not in the last epoch:
-    the final test follows), test-set losses, the policy's diagnostics, the full reward/end pools. A
-    signal abandons it (StopRequested) before anything is written or a pool emptied."""
-    args, epoch, seed = run.args, pos.epoch, run.args.seed * 7919 + pos.epoch
-    denoiser, reward_end_model = run.learners["denoiser"].model, run.learners["reward_end"].model
-    real, imagined, taken = imagined_vs_real(denoiser, run.buffer, args, run.device, seed,
-                                             run.checked_net, run.autocast)
-    returns, test_episodes = None, []
-    if not args.world_model_only and epoch < run.num_epochs:
+    """Test episodes (not in the last epoch), action shares, imagined vs real returns, test-set
+    losses, the rollout, the full pools; a signal abandons it before anything is written."""
+    args, epoch, seed, collector = run.args, pos.epoch, run.args.seed * 7919 + pos.epoch, run.collector
+    actor_critic = run.learners["actor_critic"].model
+    values, test_episodes = {}, []
+    if not args.world_model_only and epoch < len(run.schedule):
         # with --dataset-dir, DIAMOND plays no game: these test episodes are this script's addition
         what = "real-game test episodes, not in DIAMOND's static-dataset mode" if args.dataset_dir else "test episodes"
         progress = progress_bar(None, 0, f"epoch {epoch} evaluate ({args.eval_episodes} {what})", "env step")
-        returns = run_test_episodes(run.learners["actor_critic"].model, args, args.eval_episodes,
-                                    seed, run.device, run.autocast, check=run.stop.check,
-                                    record=test_episodes, on_step=lambda: progress.update(1))
+        returns = run_test_episodes(actor_critic, args, args.eval_episodes, seed, run.device, run.autocast,
+                                    check=run.stop.check, record=test_episodes, on_step=lambda: progress.update(1))
         progress.close()
-    diagnostics = {} if args.world_model_only else policy_diagnostics(run, epoch, test_episodes)
-    # Test-set losses on episodes never trained on: --dataset-dir's held-out episodes, else (as
-    # DIAMOND) the test episodes just played; a --world-model-only run that collects plays none, so
-    # it has none.
+        mean = float(np.mean(returns))
+        values = {"eval/episodic_return": mean, "eval/human_normalized_score": collector.env.normalized_score(mean)}
+        # a policy collapsed onto one action shows in its shares
+        shares = action_shares(test_episodes, collector.env.num_actions)
+        values.update({f"eval/action_share_{m}": float(s) for m, s in zip(collector.env.action_meanings, shares)})
+    k = min(collector.num_fork_starts, args.num_imagined_envs, len(collector.fork_starts))
+    if k and not args.world_model_only:  # none with --dataset-dir
+        run.stop.check()  # an Atari env takes about a second to make
+        env = make_env(args, seed)  # a training env: a life lost ends the episode, as in the buffer
+        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
+        graphs = ImaginationGraphs(run.wm_env, actor_critic, args, run.device,  # uncompiled: K envs
+                                   amp_dtype if run.device.type == "cuda" else None, backend=None)
+        returns = imagined_and_real_returns(graphs, collector.fork_starts[-k:], env, args, seed, run.stop.check)
+        values.update({f"eval/{key}": value for key, value in returns.items()})
+    # test-set losses on episodes never trained on: --dataset-dir's held-out ones, else (as
+    # DIAMOND) the test episodes just played (a --world-model-only run that collects has none)
     held_out, ids = run.buffer, sorted(set(range(len(run.buffer.episodes))) - set(run.train_ids or []))
     if args.dataset_dir is None:
         held_out, ids = ReplayBuffer(None, None, args.num_conditioning_steps), list(range(len(test_episodes)))
         for episode in test_episodes:
             held_out.add(episode, write=False)
-    test_losses = test_set_losses(denoiser, reward_end_model, held_out, ids, args, run.device, seed,
-                                  run.checked_net, run.autocast) if ids else {}
-    # a strip (real on top, imagined below, columns headed by the action taken into them), an MP4
-    names = [run.collector.env.action_meanings[a].lower() for a in taken]
-    strip = labelled_rows([real, imagined], ["real", "imagined"], names)
-    run.writer.add_image("samples/imagined_vs_real", strip, pos.global_step, dataformats="HWC")
-    stem = run.run_dir / "samples" / f"rollout_epoch{epoch:05d}"
-    write_png(stem.with_suffix(".png"), strip)
-    np.savez(stem.with_suffix(".npz"), np.concatenate([real, imagined]).transpose(0, 2, 3, 1))  # as FID tools read
-    write_mp4(stem.with_suffix(".mp4"), np.stack([
-        with_caption(np.concatenate([r, i], axis=2).transpose(1, 2, 0), 256,
-                     ["left real, right imagined", f"step {k + 1}  action {names[k]}"])
-        for k, (r, i) in enumerate(zip(real, imagined))]))
-    for key, value in {**{f"eval/{key}": value for key, value in test_losses.items()},
-                       **diagnostics, **run.collector.reward_end_pools.take()}.items():
-        log.add(key, value)
-    if returns is not None:
-        log.add("eval/episodic_return", float(np.mean(returns)))
-        score = run.collector.env.normalized_score(float(np.mean(returns)))
-        if score is not None:
-            log.add("eval/human_normalized_score", score)
-
-
-def policy_diagnostics(run: Run, epoch: int, test_episodes: list[dict]) -> dict[str, float]:
-    """eval/action_share_{ACTION} in the test episodes just played (a policy collapsed onto one
-    action shows there) and imagined_and_real_returns from the collector's saved states (none with
-    --dataset-dir)."""
-    args, collector = run.args, run.collector
-    values = {}
-    if test_episodes:
-        shares = action_shares(test_episodes, collector.env.num_actions)
-        values.update({f"eval/action_share_{meaning}": float(share)
-                       for meaning, share in zip(collector.env.action_meanings, shares)})
-    k = min(collector.num_fork_starts, args.num_imagined_envs, len(collector.fork_starts))
-    if k:
-        run.stop.check()  # an Atari env takes about a second to make
-        env = make_env(args, args.seed * 7919 + epoch)  # a training env: a life lost ends the episode, as in the buffer
-        cuda = run.device.type == "cuda"
-        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype) if cuda else None
-        graphs = ImaginationGraphs(run.wm_env, run.learners["actor_critic"].model, args, run.device, amp_dtype,
-                                   backend=None)  # the imagination step's functions, uncompiled: K envs, not n
-        returns = imagined_and_real_returns(graphs, collector.fork_starts[-k:], env, args,
-                                            args.seed * 7919 + epoch, run.stop.check)
-        values.update({f"eval/{key}": value for key, value in returns.items()})
-    return values
+    if ids:
+        values.update({f"eval/{key}": value for key, value in test_set_losses(
+            run.learners["denoiser"].model, run.learners["reward_end"].model, held_out, ids, args, run.device, seed,
+            run.checked_net, run.autocast).items()})
+    write_rollout(run, pos)
+    for key, value in {**values, **collector.reward_end_pools.take()}.items():
+        if value is not None:
+            log.add(key, value)
 
 
 def keep_agent_copy(folder: Path, epoch: int, actor_critic: ActorCritic, keep: int):
@@ -2225,8 +2093,7 @@ def keep_agent_copy(folder: Path, epoch: int, actor_critic: ActorCritic, keep: i
 
 
 def work_left(args: Args, first_collection_steps: int, pos: RunPosition) -> dict[str, int]:
-    """Each phase's units of work from pos on: the current phase from its step, those before it in
-    the epoch none (N = initial_collection_steps until epoch 1 decides the first collection)."""
+    """Each phase's units of work from pos on (N: initial_collection_steps until decided)."""
     schedule, left = run_schedule(args, first_collection_steps), {}
     for index, name in enumerate(PHASES):
         work = [phase_work(args, schedule, name, epoch) for epoch in range(pos.epoch, len(schedule) + 1)] or [0]
@@ -2241,21 +2108,23 @@ def seconds_left(seconds_per_unit: dict[str, float], left: dict[str, int]) -> fl
 
 def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, device: torch.device,
                 autocast, left: dict[str, int]) -> dict[str, float]:
-    """Seconds per update of each model with updates left, and per env step, timed before the run on
-    copies (models, a random episode, an env, generators); the global RNGs are put back. On a CPU, a
-    batch whose batch-1 time x the batch is over 2 s is estimated as that product."""
-    state = rng_state()
+    """Seconds per update of each model and per env step, timed on copies (the global RNGs put
+    back). On a CPU, batch 1's time x the batch when that is over 2 s."""
+    state, rng = rng_state(), np.random.default_rng(0)
     copies = {name: copy.deepcopy(model) for name, model in models.items()}
-    learners = build_learners(args, copies, device.type == "cuda")
-    rng, length = np.random.default_rng(0), max(args.reward_segment_length, args.num_conditioning_steps + 2, 100)
+    length = max(args.reward_segment_length, args.num_conditioning_steps + 2, 100)
     buffer = ReplayBuffer(None, None, args.num_conditioning_steps)
     buffer.add({"obs": rng.integers(0, 256, (length + 1, args.obs_size, args.obs_size, 3), dtype=np.uint8),
                 "actions": rng.integers(0, num_actions, length), "rewards": np.zeros(length, np.float32),
                 "terminated": np.zeros(length, bool), "truncated": np.zeros(length, bool)}, write=False)
     generator, cpu_generator = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0)
+    run = Run(args, device, autocast, generator, cpu_generator, buffer, None,
+              build_learners(args, copies, device.type == "cuda"), copies["denoiser"].net, None, None,
+              Collector(make_env(args, args.seed + 1, torch.Generator().manual_seed(0)), buffer, cpu_generator,
+                        device) if left["collect"] else None, None, None, None, None, None)
 
     def timed(unit: Callable[[], object], most: int = 5) -> float:
-        """Seconds per call: a warm-up call (its figure if over 1 s), then the mean until 0.2 s or most."""
+        """Seconds per call: a warm-up (its figure if over 1 s), then the mean until 0.2 s."""
         times = []
         while len(times) < 2 or (len(times) <= most and sum(times[1:]) < 0.2):
             start = time.perf_counter()
@@ -2267,42 +2136,32 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
                 return times[0]
         return sum(times[1:]) / (len(times) - 1)
 
-    def update(name: str, batch: int) -> Callable[[], object]:
-        """An update of a model's copy on a batch this size (actor-critic: imagined envs)."""
-        sized = replace(args, batch_size=batch, num_imagined_envs=batch)
-        net = copies["denoiser"].net
-        wm_env = WorldModelEnv(copies["denoiser"], copies["reward_end"], buffer, sized, device,
-                               generator, cpu_generator, net, autocast)
-        run = types.SimpleNamespace(args=sized, device=device, autocast=autocast, generator=generator, buffer=buffer,
-                                    cpu_generator=cpu_generator, train_ids=None, learners=learners,
-                                    denoiser_net=net, wm_env=wm_env, graphs=None)
-        return lambda: learners[name].update(phase_loss(run, name)[0])
-
     seconds = {}
     for name in [name for name in ("denoiser", "reward_end", "actor_critic") if left[name]]:
         full = args.num_imagined_envs if name == "actor_critic" else args.batch_size
-        one = timed(update(name, 1)) if device.type != "cuda" else 0.0
-        seconds[name] = one * full if one * full > 2.0 else timed(update(name, full))
+        for batch in (1, full) if device.type != "cuda" else (full,):  # segments or imagined envs
+            run.args = replace(args, batch_size=batch, num_imagined_envs=batch)
+            run.wm_env = WorldModelEnv(copies["denoiser"], copies["reward_end"], buffer, run.args, device, generator,
+                                       cpu_generator, run.denoiser_net, autocast)
+            seconds[name] = timed(lambda: run.learners[name].update(phase_loss(run, name)[0])) * full / batch
+            if seconds[name] > 2.0:  # batch 1 x the batch: long enough to say that it is long
+                break
     if left["collect"]:
-        collector = Collector(make_env(args, args.seed + 1, torch.Generator().manual_seed(0)),
-                              buffer, cpu_generator, device)
-        seconds["collect"] = timed(lambda: collector.step(copies["actor_critic"], args, autocast,
-                                                          args.world_model_only), 100)
+        seconds["collect"] = timed(lambda: run.collector.step(copies["actor_critic"], args, autocast,
+                                                              args.world_model_only), 100)
     set_rng_state(state)
     return seconds
 
 
 def run_time_lines(seconds_per_unit: dict[str, float], left: dict[str, int], setup) -> list[str]:
-    """The shared run_time_notice in global steps (the three models' updates; collection's time
-    counted in), and above a day on a CPU the game sized for one."""
+    """The shared run_time_notice in global steps; above a day on a CPU, Catch."""
     steps = left["denoiser"] + left["reward_end"] + left["actor_critic"]
     lines = run_time_notice(seconds_left(seconds_per_unit, left) / max(steps, 1), steps, setup)
     return lines[:1] + [line + "; on a CPU the game to learn is --env-id Catch --preset catch" for line in lines[1:]]
 
 
 def load_dataset_dir(args: Args, buffer: ReplayBuffer, num_actions: int) -> tuple[list[int], torch.Tensor]:
-    """--dataset-dir: every episode .npz into the buffer. Returns the training episodes and the
-    held-out transitions (in the last 10% of the episodes: where world_model/* is measured)."""
+    """--dataset-dir into the buffer: the training episodes, the last 10%'s transitions."""
     if not Path(args.dataset_dir).is_dir():
         raise UserError(f"--dataset-dir {args.dataset_dir} is not a folder: give the folder of episode .npz files "
                         f"(resuming: put it back where the run read it)")
@@ -2311,27 +2170,27 @@ def load_dataset_dir(args: Args, buffer: ReplayBuffer, num_actions: int) -> tupl
         raise UserError(f"--dataset-dir {args.dataset_dir} has {len(paths)} episode .npz files (one per episode: "
                         f"obs, actions, rewards, terminated, truncated): give at least 2 (the last 10% are held out)")
     for path in paths:
-        buffer.add(load_episode(path, args.obs_size, num_actions, "fix it or move it out of --dataset-dir"),
-                   write=False)
+        buffer.add(load_episode(path, args.obs_size, num_actions, "fix it or move it out of --dataset-dir"), False)
     num_train = len(paths) - max(1, len(paths) // 10)
     pairs = [(e, t) for e in range(num_train, len(paths)) for t in range(len(buffer.episodes[e]["actions"]))]
     picks = np.linspace(0, len(pairs) - 1, min(args.num_heldout_transitions, len(pairs))).round().astype(int)
     return list(range(num_train)), torch.tensor([pairs[i] for i in picks], dtype=torch.long)
 
 
-def denoiser_update_flops(args: Args, num_actions: int) -> float:
-    """FLOPs of one denoiser update, for MFU: 3x the forward's per prediction."""
+def mfu_per_update(args: Args, num_actions: int, peak: Optional[float]) -> Optional[float]:
+    """One denoiser update's FLOPs over the device's peak FLOP/s (None: no MFU)."""
+    if peak is None:
+        return None
     c = args.num_conditioning_steps
     example = (torch.zeros(1, 3, args.obs_size, args.obs_size), torch.zeros(1),
                torch.zeros(1, 3 * c, args.obs_size, args.obs_size), torch.zeros(1, c, dtype=torch.long))
     return 3 * args.batch_size * (1 + args.num_autoregressive_steps) * forward_flops(
-        lambda: build_models(args, num_actions)[0].net, *example)
+        lambda: build_models(args, num_actions)[0].net, *example) / peak
 
 
 def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float]:
-    """(parameters, bytes per segment of a world-model update, bytes per imagined env of an actor-
-    critic update: backup_every actor steps and a world-model step, bounded by what a prediction
-    saves), on the meta device; reward/end over all transitions (meta cannot index by a mask)."""
+    """(parameters, bytes per segment of a world-model update, bytes per imagined env of an
+    actor-critic update: backup_every actor steps and a world-model step), on meta."""
     c, size = args.num_conditioning_steps, args.obs_size
     with torch.device("meta"):
         denoiser, reward_end_model, actor_critic = build_models(args, num_actions)
@@ -2341,7 +2200,7 @@ def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float
         segment = (frames(num_obs), actions(num_obs - 1), torch.ones(1, num_obs, dtype=torch.bool))
         denoiser_bytes = saved_activation_bytes(lambda: denoiser_loss(denoiser, *segment, args, None))
 
-        def reward_end_step(length: int):
+        def reward_end_step(length: int):  # over all transitions: meta cannot index by a mask
             obs, classes = frames(length + 1), torch.zeros(length, dtype=torch.long)
             reward_logits, end_logits, _ = reward_end_model(obs[:, :-1], actions(length), obs[:, 1:])
             return F.cross_entropy(reward_logits[0], classes) + F.cross_entropy(end_logits[0], classes)
@@ -2356,29 +2215,16 @@ def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float
 
 
 def check_training_memory(setup, args: Args, num_actions: int):
-    """Refuses in one line, before anything is allocated at full size, updates that cannot fit: the
-    world model's at --batch-size, the actor-critic's at --num-imagined-envs."""
+    """One line, before any allocation, if the world model's or actor-critic's update
+    cannot fit."""
     num_params, per_segment, per_env = step_memory_profile(args, num_actions)
     check_step_memory(setup, args.batch_size, num_params, per_segment, args.dtype)
     if not args.world_model_only:
         try:
             check_step_memory(setup, args.num_imagined_envs, num_params, per_env, args.dtype)
-        except UserError as e:  # the shared check names --batch-size: here the batch is the imagined envs
+        except UserError as e:  # the shared check names --batch-size: here, the imagined envs
             raise UserError(str(e).replace("--batch-size", "--num-imagined-envs").replace(
                 "a training step", f"an actor-critic update ({args.backup_every} imagined steps)")) from None
-
-
-def eval_only(args: Args, checkpoint: dict, run_dir: Path, actor_critic: ActorCritic,
-              env: Union[AtariEnv, CatchEnv], device: torch.device, autocast, stop):
-    """--eval-only: the checkpoint's agent scored, logged at its global step (eval/eval_only_*)."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    what = f"{args.test_episodes} test episodes with the agent of epoch {checkpoint['epoch'] - 1}"
-    print(f"running {what} ...", flush=True)
-    score_agent(args, actor_critic, env, device, autocast, stop, what,
-                "stopped by signal during the test episodes; nothing was logged",
-                lambda: SummaryWriter(str(run_dir)), checkpoint["global_step"], "eval_only")
-    stop.restore()
 
 
 # ==== BEGIN OPTIONAL: play ====
@@ -2397,23 +2243,17 @@ RESTART_LETTER = "/"
 
 
 def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
-    """--play-keys -> one action index per step (None: restart). A letter the game has no action for is refused."""
-    index = {ACTION_LETTERS.get(name, name): i for i, name in enumerate(meanings)}
+    """--play-keys -> an action index per step (None: restart); unknown letters refused."""
+    index = {ACTION_LETTERS.get(name, name): i for i, name in enumerate(meanings)} | {RESTART_LETTER: None}
     known = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
-    steps = []
-    for letter in keys:
-        if letter.isspace():
-            continue
-        if letter == RESTART_LETTER:
-            steps.append(None)
-        elif letter in index:
-            steps.append(index[letter])
-        else:
-            raise UserError(f"--play-keys: {letter!r} is no action of this game; its letters: {known}, "
-                            f"{RESTART_LETTER} restart")
-    if not steps:
+    letters = [letter for letter in keys if not letter.isspace()]
+    wrong = [letter for letter in letters if letter not in index]
+    if wrong:
+        raise UserError(f"--play-keys: {wrong[0]!r} is no action of this game; its letters: {known}, {RESTART_LETTER} "
+                        f"restart")
+    if not letters:
         raise UserError(f"--play-keys is empty: give one letter per step; the game's letters: {known}")
-    return steps
+    return [index[letter] for letter in letters]
 
 
 def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, meanings: list[str]) -> int:
@@ -2429,22 +2269,21 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
 
 
 class ImaginedGame:
-    """The world model as a game: reset() takes a real start (c frames, c - 1 actions) from starts()
-    and burns the reward/end LSTM in; step(action) asks next_frame(frames (1, c, 3, H, W), actions
-    (1, c)) for the next frame and samples the reward sign and the end (if a model is given)."""
+    """The world model as a game: reset() takes a real start (c frames, c - 1 actions) from
+    starts(); step(action) asks next_frame(frames (1, c, 3, H, W), actions (1, c)) for the
+    next frame and samples the reward sign and the end (if a model is given)."""
     name = "world model"
 
     def __init__(self, next_frame: Callable, starts: Callable, reward_end_model: Optional[Callable] = None,
                  generator: Optional[torch.Generator] = None):
         self.next_frame, self.starts, self.reward_end_model = next_frame, starts, reward_end_model
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.obs = self.act = self.hidden = None
 
     @torch.no_grad()
     def reset(self) -> np.ndarray:
         obs, actions = self.starts()
         self.obs, self.hidden = obs, None
-        self.act = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)  # the last slot: the player's
+        self.act = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)  # last: player's
         if self.reward_end_model is not None:
             _, _, self.hidden = self.reward_end_model(obs[:, :-1], actions, obs[:, 1:])
         return to_uint8(obs[0, -1]).permute(1, 2, 0).cpu().numpy()
@@ -2454,7 +2293,7 @@ class ImaginedGame:
         self.act[:, -1] = action
         next_obs = self.next_frame(self.obs, self.act).clamp(-1, 1)
         reward, end = 0.0, False
-        if self.reward_end_model is not None:  # sampled, as in imagination: the reward sign and the end flag
+        if self.reward_end_model is not None:  # sampled, as in imagination
             reward_logits, end_logits, self.hidden = self.reward_end_model(
                 self.obs[:, -1:], self.act[:, -1:], next_obs[:, None], self.hidden)
             reward_probs, end_probs = (x[0, 0].float().softmax(-1).cpu() for x in (reward_logits, end_logits))
@@ -2469,39 +2308,34 @@ class ImaginedGame:
 
 
 class RealGame:
-    """The real game (training episodes: a life lost ends one) with ImaginedGame's interface; the
-    episodes played are kept as the episode .npz fields until take_episodes (the one in progress cut
-    short: truncated)."""
+    """The real game (a life lost ends an episode) with ImaginedGame's interface; the episodes
+    played kept as .npz fields until take_episodes (the one in progress: truncated)."""
     name = "real game"
 
     def __init__(self, env: Union[AtariEnv, CatchEnv]):
         self.env, self.finished, self.episode = env, [], None
 
-    def keep_episode(self):
-        """The episode in progress kept, truncated at its last step unless it ended there."""
+    def cut(self, obs: np.ndarray) -> np.ndarray:
+        """The episode so far kept (truncated unless it ended), a new one from obs."""
         if self.episode is not None and self.episode["actions"]:
-            self.episode["truncated"][-1] = not self.episode["terminated"][-1]
+            self.episode["truncated"][-1] = self.episode["truncated"][-1] or not self.episode["terminated"][-1]
             self.finished.append(self.episode)
-        self.episode = new_episode(self.env.obs) if self.episode is not None else None
+        self.episode = new_episode(obs)
+        return obs
 
     def reset(self) -> np.ndarray:
-        """A new game; the episode so far is kept (cut short)."""
-        self.keep_episode()
-        self.env.game_over = True
-        self.episode = new_episode(self.env.reset())
-        return self.episode["obs"][0]
+        self.env.game_over = True  # a new game, not the next life
+        return self.cut(self.env.reset())
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool]:
         obs, reward, terminated, truncated = self.env.step(action)
-        if add_step(self.episode, action, obs, reward, terminated, truncated):  # kept; the next life or game
-            self.finished.append(self.episode)
-            obs = self.env.reset()
-            self.episode = new_episode(obs)
+        if add_step(self.episode, action, obs, reward, terminated, truncated):  # next life or game
+            obs = self.cut(self.env.reset())
         return obs, reward, terminated or truncated
 
     def take_episodes(self) -> list[dict]:
-        """The episodes played since the last call, the one in progress cut short."""
-        self.keep_episode()
+        if self.episode is not None:
+            self.cut(self.env.obs)
         done, self.finished = self.finished, []
         return done
 
@@ -2515,16 +2349,13 @@ def caption_lines(game, meanings: list[str], step: int, action: Optional[int], r
 
 
 def play_keys(game, steps: list[Optional[int]], meanings: list[str], size: int) -> dict:
-    """A headless session: the game played with the given actions (None: restart). Returns the raw
-    frames uint8 (T + 1, H, W, 3), the captioned frames for the MP4, the rewards per step and the
-    frames per second."""
-    frame, reward, end, total, action = game.reset(), 0.0, False, 0.0, None
-    frames, shown, rewards = [], [], []
-    start = time.perf_counter()
+    """The game played with the actions (None: restart): frames uint8 (T + 1, H, W, 3), the
+    captioned frames, rewards, frames per second."""
+    frames, shown, rewards, start = [], [], [], time.perf_counter()
     for i, action in enumerate([None, *steps]):  # step 0: the start frame
-        if i and action is None:
+        if action is None:
             frame, reward, end, total = game.reset(), 0.0, False, 0.0
-        elif i:
+        else:
             frame, reward, end = game.step(action)
             total += reward
         frames.append(frame)
@@ -2556,9 +2387,9 @@ def import_pygame():
 
 def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float,
                 max_steps: Optional[int] = None) -> float:
-    """The live session: the world model (Tab: the real game) steps at most max_fps times a second
-    with the held keys' action; Enter restarts, R starts and stops recording, Esc or closing the
-    window quits. Returns the frames shown per second (max_steps: a timed session, benchmark/)."""
+    """The live session: the world model (Tab: the real game) steps with the held keys' action
+    at most max_fps times a second; Enter restarts, R records, Esc quits. Returns the frames
+    per second (max_steps: a timed session, benchmark/)."""
     pygame = import_pygame()
     pygame.display.init()  # the display alone: no audio device needed
     driver = pygame.display.get_driver()
@@ -2595,8 +2426,8 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
             frame, step, total, reward, end, action, restart = game.reset(), 0, 0.0, 0.0, False, None, False
         else:
             pressed = pygame.key.get_pressed()
-            action = action_from_keys(pressed[pygame.K_UP], pressed[pygame.K_DOWN], pressed[pygame.K_LEFT],
-                                      pressed[pygame.K_RIGHT], pressed[pygame.K_SPACE], meanings)
+            action = action_from_keys(*(pressed[key] for key in (pygame.K_UP, pygame.K_DOWN, pygame.K_LEFT,
+                                                                 pygame.K_RIGHT, pygame.K_SPACE)), meanings)
             total = 0.0 if end else total
             frame, reward, end = game.step(action)
             step, total = step + 1, total + reward
@@ -2611,27 +2442,6 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
     return num_frames / (time.perf_counter() - started)
 
 
-def play_starts(args: Args, run_dir: Path, checkpoint: dict, num_actions: int, device: torch.device,
-                generator: torch.Generator, max_episodes: int = 16) -> Callable:
-    """ImaginedGame's starts(): a fresh real segment from up to max_episodes of the run's episodes
-    (or --dataset-dir's), as imagination starts."""
-    if args.dataset_dir is not None:
-        paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))
-    else:
-        paths = [run_dir / "episodes" / f"episode_{i:06d}.npz" for i in range(checkpoint["num_buffer_files"])]
-    if not paths:
-        raise UserError(f"{run_dir} has no episodes yet to start playing from; resume it for an epoch first")
-    buffer, c = ReplayBuffer(None, None, args.num_conditioning_steps), args.num_conditioning_steps
-    for i in torch.randperm(len(paths), generator=generator)[:max_episodes].sort().values.tolist():
-        buffer.add(load_episode(paths[i], args.obs_size, num_actions, "restore the run's episode files"), write=False)
-
-    def starts():
-        batch = buffer.segments(buffer.sample_segments(1, c, generator), c)
-        return segment_obs(batch, device), batch["actions"].to(device)
-
-    return starts
-
-
 def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
          reward_end_model: RewardEndModel, meanings: list[str], device: torch.device, autocast):
     """--play: the world model of a checkpoint as a game, in a window or (--play-keys) headless."""
@@ -2640,7 +2450,20 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
     reward_end_model.eval()
     generator = torch.Generator(device=device).manual_seed(args.seed)  # diffusion noise
     cpu_generator = torch.Generator().manual_seed(args.seed)  # starts, reward and end samples
-    starts = play_starts(args, run_dir, checkpoint, len(meanings), device, cpu_generator)
+    # the starts: fresh real segments of up to 16 of the run's episodes (or --dataset-dir's)
+    if args.dataset_dir is not None:
+        paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))
+    else:
+        paths = [run_dir / "episodes" / f"episode_{i:06d}.npz" for i in range(checkpoint["num_buffer_files"])]
+    if not paths:
+        raise UserError(f"{run_dir} has no episodes yet to start playing from; resume it for an epoch first")
+    buffer, c = ReplayBuffer(None, None, args.num_conditioning_steps), args.num_conditioning_steps
+    for i in torch.randperm(len(paths), generator=cpu_generator)[:16].sort().values.tolist():
+        buffer.add(load_episode(paths[i], args.obs_size, len(meanings), "restore the run's episode files"), False)
+
+    def starts():
+        batch = buffer.segments(buffer.sample_segments(1, c, cpu_generator), c)
+        return segment_obs(batch, device), batch["actions"].to(device)
 
     def next_frame(obs, act):
         return generate_next_obs(denoiser, obs, act, args, generator, autocast=autocast)
@@ -2657,8 +2480,7 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
         "R records, Esc quits"), flush=True)
     print(f"sampler: {args.sampler}, {args.num_sampling_steps} denoising steps per frame", flush=True)
     # Ctrl-C or SIGTERM ends a session like Esc (an unsaved recording is lost): play writes no
-    # checkpoint, so here a signal raises at once instead of setting the run's stop flag; the
-    # caller's handlers come back afterwards.
+    # checkpoint, so a signal raises at once here; the caller's handlers come back after.
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if steps is None:
@@ -2673,8 +2495,7 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
 
 
 def play_headless(games: dict, steps: list[Optional[int]], meanings: list[str], out_dir: Path, args: Args):
-    """--play-keys: each game of --play-world played with the keys; its MP4 and (real game) episodes
-    written."""
+    """--play-keys: each game of --play-world played; its MP4 and episodes written."""
     stamp = time.strftime("%Y%m%d_%H%M%S")
     for mode in (("imagined", "real") if args.play_world == "both" else (args.play_world,)):
         game = games[mode]()
@@ -2708,35 +2529,16 @@ def episode_to_mp4(path: str, meanings: list[str], size: int = 256) -> Path:
 # main() and the steps it reads as
 
 
-def env_notices(env: Union[AtariEnv, CatchEnv], game: str, given: set[str]):
-    """Said before any work: the Atari protocol flags given on the command line that the game ignores."""
-    ignored = [f"--{name.replace('_', '-')}" for name in env.ignored_flags if name in given]
-    if ignored:
-        print(f"notice: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect on {game} (Atari "
-              f"protocol flags)", flush=True)
-
-
-def read_run_episodes(buffer: ReplayBuffer, run_dir: Path, checkpoint: Optional[dict], args: Args, num_actions: int):
-    """This run's episodes: the first num_buffer_files files of episodes/ (a killed run may have
-    written more after its checkpoint; those are collected and written again)."""
-    buffer.folder = run_dir / "episodes"
-    for i in range(checkpoint["num_buffer_files"] if checkpoint is not None else 0):
-        buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions,
-                                "restore the file the run wrote there, or start a new run"), write=False)
-
-
 def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: dict[str, nn.Module], setup):
-    """The run's folder, game, models, length, where it resumes and how long it takes (printed);
-    returns each phase's seconds per unit, timed on copies of the models."""
+    """Prints the run's folder, game, models, length and ETA; returns the phases' rates."""
     args, num_actions = run.args, run.collector.env.num_actions
-    print(f"run folder: {run.run_dir}")
     imagination = "eager" if run.graphs is None else "CUDA graphs" if setup.use_cuda else "compiled (inductor)"
     sizes = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
-    print(f"game: {game} ({num_actions} actions); parameters: " + ", ".join(f"{k} {v:,}" for k, v in sizes.items())
-          + f"; device: {run.device}; imagination: {imagination}")
+    print(f"run folder: {run.run_dir}\ngame: {game} ({num_actions} actions); parameters: "
+          f"{', '.join(f'{k} {v:,}' for k, v in sizes.items())}; device: {run.device}; imagination: {imagination}")
     for name, size in sizes.items() if not resumed else ():
         run.writer.add_scalar(f"charts/num_parameters_{name}", size, 0)
-    length = f"the run: {run.num_epochs} epochs"
+    length = f"the run: {len(run.schedule)} epochs"
     if not (run.collector.first_collection_steps or args.dataset_dir is not None):
         length += f" if the first collection is {args.initial_collection_steps} env steps (fixed when it ends)"
     print(length + ("" if args.dataset_dir else f", {sum(run.schedule)} env steps"), flush=True)
@@ -2758,29 +2560,31 @@ def save_position(run: Run, pos: RunPosition, log: EpochLog):
     print(f"saved checkpoint at epoch {where}", flush=True)
 
 
-def time_phase(pos: RunPosition, name: str, first_step: int, phase_start: float, seconds_per_unit: dict[str, float]):
-    """After a phase that worked: its seconds per unit (the ETA's rates); in epoch 1 a line saying
-    so."""
-    seconds = time.perf_counter() - phase_start
-    steps = pos.step - first_step
-    if steps > 0 or name in ("world_model_eval", "evaluate"):  # those two: one unit, no steps
-        seconds_per_unit[name] = seconds / max(steps, 1)
-    if pos.epoch == 1 and pos.step > first_step:
-        print(f"epoch 1: {name} done ({pos.step} steps, {seconds:.1f} s)", flush=True)
-
-
 def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, seconds_per_unit: dict[str, float]):
-    """An epoch's numbers written at the global step, its line printed with the ETA (each phase's
-    latest rate x what is left of it), and the agent kept every --save-agent-every epochs."""
+    """An epoch's numbers written, its line printed, the agent kept every --save-agent-every."""
     args, collector = run.args, run.collector
     log.add("charts/epoch", pos.epoch)
     log.add("charts/env_steps", collector.env_steps)
     log.add("charts/buffer_transitions", run.buffer.num_transitions())
-    log.write_pending(run.writer, pos.global_step)
+    for key, values in log.pending.items():
+        run.writer.add_scalar(key, float(np.mean(values)), pos.global_step)
+    # the epoch's line: each tag's epoch mean (losses: of their windows), the top action
+    values = {**log.means, **log.pending}
+    labels = {"losses/denoiser": "denoiser loss", "losses/reward_end": "reward/end loss",
+              "losses/actor_critic": "actor-critic loss", "charts/episodic_return": "train return",
+              "eval/episodic_return": "eval return", "world_model/next_frame_mse_changed": "next-frame mse (changed)",
+              "world_model/copy_last_frame_mse_changed": "copy-last-frame mse (changed)",
+              "world_model/reward_recall_pos": "rew+ recall", "world_model/reward_precision_pos": "rew+ precision",
+              "eval/imagined_minus_real_return": "imag-real gap", "eval/imagined_return": "imag return",
+              "eval/real_return": "real return"}
+    parts = [f"{label} {np.mean(values[key]):.4g}" for key, label in labels.items() if key in values]
+    shares = {key[18:]: value[0] for key, value in values.items() if key.startswith("eval/action_share_")}
+    top = max(shares, key=shares.get, default=None)
     eta = seconds_left(seconds_per_unit, work_left(args, collector.first_collection_steps, RunPosition(pos.epoch + 1)))
-    print(f"epoch {pos.epoch}/{run.num_epochs} | env steps {collector.env_steps} | global step {pos.global_step} | "
-          f"{' | '.join(log.summary())} | {time.perf_counter() - epoch_start:.1f} s, ETA {int(eta // 3600)}:"
-          f"{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
+    print(f"epoch {pos.epoch}/{len(run.schedule)} | env steps {collector.env_steps} | global step {pos.global_step} | "
+          f"{' | '.join(parts + ([f'top action {top} {shares[top]:.2f}'] if top else []))} | "
+          f"{time.perf_counter() - epoch_start:.1f} s, ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:"
+          f"{int(eta % 60):02d}", flush=True)
     if not args.world_model_only and pos.epoch % args.save_agent_every == 0:
         keep_agent_copy(run.run_dir / "checkpoints", pos.epoch, run.learners["actor_critic"].model,
                         args.num_agents_to_keep)
@@ -2789,11 +2593,11 @@ def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, sec
 def final_test(run: Run, pos: RunPosition):
     """The score the paper reports, after the last epoch (--eval-only runs it again)."""
     args = run.args
-    what = f"{args.test_episodes} test episodes after {run.num_epochs} epochs, {run.collector.env_steps} env steps"
+    what = f"{args.test_episodes} test episodes after {len(run.schedule)} epochs, {run.collector.env_steps} env steps"
     if args.dataset_dir:
         what += " (real-game test episodes: this script's addition, DIAMOND plays none with a static dataset)"
     score_agent(args, run.learners["actor_critic"].model, run.collector.env, run.device, run.autocast, run.stop,
-                what, f"stopped by signal at the test episodes after epoch {run.num_epochs}; run them with --resume "
+                what, f"stopped by signal at the test episodes after epoch {len(run.schedule)}; run them with --resume "
                 f"{run.run_dir} --eval-only", lambda: contextlib.nullcontext(run.writer), pos.global_step)
 
 
@@ -2815,42 +2619,49 @@ def main(args: Args, given: set[str]):
     game, env_name = canonical_env_id(args.env_id)
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
-    # Two generators carry every random draw of training (their saved states make a resume exact);
-    # evaluations use generators seeded from (seed, epoch) and never move them.
+    # two generators carry every random draw of training; evaluations seed theirs from (seed, epoch)
     seed_everything(args.seed)
     cpu_generator = torch.Generator().manual_seed(args.seed)  # no-ops, exploration, replay sampling
-    generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # diffusion noise, imagination
-    stop = StopFlag()  # from here SIGTERM/SIGINT finish the step (or abandon an evaluation), save, exit 0
+    generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # diffusion, imagination
+    stop = StopFlag()  # from here SIGTERM/SIGINT finish the step (or abandon an evaluation), save
 
     env = make_env(args, args.seed, cpu_generator)
     num_actions = env.num_actions  # the game's minimal action set sizes the networks
-    env_notices(env, game, given)
+    ignored = [f"--{name.replace('_', '-')}" for name in env.ignored_flags if name in given]
+    if ignored:  # Atari protocol flags that the game ignores
+        print(f"notice: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect on {game} (Atari "
+              f"protocol flags)", flush=True)
     if trains:  # will the updates fit? one line if not
         check_training_memory(setup, args, num_actions)
-    built = (model.to(device) for model in build_models(args, num_actions))
-    models = dict(zip(("denoiser", "reward_end", "actor_critic"), built))
+    built = build_models(args, num_actions)
+    models = {name: model.to(device) for name, model in zip(("denoiser", "reward_end", "actor_critic"), built)}
     denoiser, reward_end_model, actor_critic = models.values()
     learners = build_learners(args, models, setup.use_cuda)
-    # The replay buffer: this run's episodes, or the user's (sampled in proportion to their lengths:
-    # the recency weights are about the agent's own data)
+    # the user's episodes: sampled by their lengths (recency is about the agent's data)
     buffer = ReplayBuffer(None, args.recency_weights if args.dataset_dir is None else None, args.num_conditioning_steps)
     collector, pos, log = Collector(env, buffer, cpu_generator, device), RunPosition(), EpochLog(device)
     train_ids = None  # None: every episode; with --dataset-dir, all but the held-out ones
     if args.dataset_dir is not None:
         train_ids, collector.heldout = load_dataset_dir(args, buffer, num_actions)
     if checkpoint is not None:
-        restore_run(checkpoint, pos, collector, log, learners, cpu_generator, generator)
+        pos = restore_run(checkpoint, collector, log, learners, cpu_generator, generator)
     # --compile: the U-Net of the denoiser's updates and the eager imagination (not evaluations)
     denoiser_net = torch.compile(denoiser.net, backend=COMPILE_BACKEND, dynamic=False) if args.compile else denoiser.net
 
     if args.eval_only:  # the checkpoint's agent plays --test-episodes full games
-        return eval_only(args, checkpoint, run_dir, actor_critic, env, device, autocast, stop)
+        from torch.utils.tensorboard import SummaryWriter
+
+        what = f"{args.test_episodes} test episodes with the agent of epoch {pos.epoch - 1}"
+        print(f"running {what} ...", flush=True)
+        score_agent(args, actor_critic, env, device, autocast, stop, what, "stopped by signal during the test "
+                    "episodes; nothing was logged", lambda: SummaryWriter(str(run_dir)), pos.global_step, "eval_only")
+        return stop.restore()
     if args.play or args.play_keys is not None:  # optional: play
         stop.restore()  # optional: play
         return play(args, run_dir, checkpoint, denoiser, reward_end_model, env.action_meanings,  # optional: play
                     device, autocast)  # optional: play
     num_epochs = len(run_schedule(args, collector.first_collection_steps))
-    if checkpoint is not None and pos.epoch > num_epochs:  # a finished run says so and writes nothing
+    if checkpoint is not None and pos.epoch > num_epochs:  # finished: say so, write nothing
         print(f"the run is already at epoch {pos.epoch - 1} of {num_epochs}: raise --num-epochs to train on, "
               f"or play its test episodes again with --eval-only", flush=True)
         return stop.restore()
@@ -2858,46 +2669,47 @@ def main(args: Args, given: set[str]):
     # ---- the run folder (after the signal handlers: always checkpointed), TensorBoard, episodes
     run_dir = run_dir or create_run_dir(args, env_name)
     writer = open_writer(args, run_dir, pos.global_step)
-    if args.dataset_dir is None:
-        read_run_episodes(buffer, run_dir, checkpoint, args, num_actions)
+    buffer.folder = run_dir / "episodes"  # its first num_buffer_files (any after: after saving)
+    for i in range(checkpoint["num_buffer_files"] if checkpoint is not None else 0):
+        buffer.add(load_episode(buffer.folder / f"episode_{i:06d}.npz", args.obs_size, num_actions,
+                                "restore the file the run wrote there, or start a new run"), write=False)
     collector.share_partial()
     # the imagined episodes live across actor-critic updates, epochs and checkpoints, as in DIAMOND
     wm_env = WorldModelEnv(denoiser, reward_end_model, buffer, args, device, generator,
                            cpu_generator, denoiser_net, autocast, train_ids)
     if checkpoint is not None:
         wm_env.load_state_dict(checkpoint["imagination"])
-    graphs = imagination_graphs(args, setup, wm_env, actor_critic, stop)  # the compiled step, or None
-    run = Run(args, device, autocast, generator, cpu_generator, buffer, train_ids, learners,
-              denoiser_net, wm_env, graphs, collector, writer, stop, run_dir,
-              denoiser_update_flops(args, num_actions), peak_flops(setup, args.dtype))
+    graphs = imagination_graphs(args, setup, wm_env, actor_critic, stop)  # compiled, or None
+    mfu = mfu_per_update(args, num_actions, peak_flops(setup, args.dtype))
+    run = Run(args, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net, wm_env,
+              graphs, collector, writer, stop, run_dir, mfu, run_schedule(args, collector.first_collection_steps))
     seconds_per_unit = announce_run(run, pos, checkpoint is not None, game, models, setup)
 
     # ---- train: DIAMOND's Algorithm 1, a phase at a time (a checkpoint may stop inside one)
     run_start, epoch_start = time.perf_counter(), time.perf_counter()
-    while pos.epoch <= run.num_epochs:
+    while pos.epoch <= len(run.schedule):
         name, phase_start, first_step = pos.name, time.perf_counter(), pos.step
         works = phase_work(args, run.schedule, name, pos.epoch) > 0
         works = works and (name != "world_model_eval" or len(collector.heldout) > 0)
         with contextlib.suppress(StopRequested):  # an evaluation abandoned: a resume restarts it
-            if works and name == "collect":  # experience in the real game
-                collect(run, pos, log)
-            elif works and name == "world_model_eval":  # the world model on what it has not trained on yet
-                measure_world_model(run, pos, log)
-            elif works and name in ("denoiser", "reward_end", "actor_critic"):  # the world model, the agent in it
+            if works and name in ("denoiser", "reward_end", "actor_critic"):  # the models
                 train_model(run, name, pos, log)
-            elif works and name == "evaluate":
-                evaluate(run, pos, log)
+            elif works:  # the real game, the world model measured, the evaluation
+                {"collect": collect, "world_model_eval": measure_world_model, "evaluate": evaluate}[name](run, pos, log)
         if stop.requested:  # the phase was cut short: save where it stands, not as done
             save_position(run, pos, log)
             print(f"stopped by signal at {pos}", flush=True)
             break
-        if works:
-            time_phase(pos, name, first_step, phase_start, seconds_per_unit)
+        seconds, steps = time.perf_counter() - phase_start, pos.step - first_step
+        if works and (steps or name in ("world_model_eval", "evaluate")):  # evaluations: 1 unit
+            seconds_per_unit[name] = seconds / max(steps, 1)  # the ETA's rates
+        if pos.epoch == 1 and steps:
+            print(f"epoch 1: {name} done ({pos.step} steps, {seconds:.1f} s)", flush=True)
         pos.phase, pos.step = pos.phase + 1, 0
-        if pos.phase == len(PHASES):  # the end of the epoch: its numbers at the global step, maybe a save
+        if pos.phase == len(PHASES):  # the end of the epoch: its numbers, maybe a save
             end_epoch(run, pos, log, epoch_start, seconds_per_unit)
             pos.epoch, pos.phase, epoch_start, log = pos.epoch + 1, 0, time.perf_counter(), EpochLog(device)
-            if (pos.epoch - 1) % args.save_every == 0 or pos.epoch > run.num_epochs:
+            if (pos.epoch - 1) % args.save_every == 0 or pos.epoch > len(run.schedule):
                 save_position(run, pos, log)
 
     # ---- the test: the score the paper reports (full games, epsilon 0), then teardown

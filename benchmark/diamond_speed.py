@@ -129,7 +129,7 @@ def build_run(dia, args, device, num_actions: int, fast: bool, backend: str):
     graphs = dia.ImaginationGraphs(wm_env, models["actor_critic"], args, device, backend=backend, mode=mode) \
         if fast else None
     run = dia.Run(args, device, contextlib.nullcontext(), generator, cpu_generator, buffer, None, learners,
-                  denoiser_net, wm_env, graphs, None, None, None, None, 0.0, 1.0)
+                  denoiser_net, wm_env, graphs, None, None, None, None, None, None)
     return run
 
 
