@@ -57,7 +57,7 @@ class Args:
     seed: Annotated[int, ">= 0"] = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """CPU: deterministic (exact resume); CUDA: cudnn.deterministic only (a close resume)"""
+    """CPU: exact resume; CUDA: cudnn.deterministic, CUBLAS_WORKSPACE_CONFIG (close, not bitwise)"""
     cuda: Annotated[bool, RESUME_MUTABLE] = True
     """use CUDA when available (falls back to the CPU with a notice)"""
     track: Annotated[bool, RESUME_MUTABLE] = False
@@ -217,7 +217,9 @@ class Args:
     recency_weights: Annotated[tuple[float, ...], "> 0"] = (0.1, 0.1, 0.1, 0.7)
     """replay sampling weight of each chronological slice of the episodes, oldest first"""
     learning_rate: Annotated[float, "> 0"] = 1e-4
-    """AdamW learning rate (all three components, as DIAMOND)"""
+    """AdamW learning rate (all three components, unless --actor-critic-learning-rate is given)"""
+    actor_critic_learning_rate: Annotated[Optional[float], "> 0"] = None
+    """AdamW learning rate of the actor-critic alone (default: --learning-rate, as DIAMOND)"""
     adam_eps: Annotated[float, "> 0"] = 1e-8
     """AdamW epsilon"""
     warmup_steps: Annotated[int, UPDATES, ">= 0"] = 100
@@ -1799,7 +1801,7 @@ def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> 
     """AdamW, weight decay on the world model only (DIAMOND: none for the actor-critic)."""
     learners = {}
     for name, model in models.items():
-        lr = args.learning_rate
+        lr = (name == "actor_critic" and args.actor_critic_learning_rate) or args.learning_rate
         optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.0 if name == "actor_critic" else args.weight_decay),
                                       lr=lr, eps=args.adam_eps, fused=use_cuda)
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_warmup_factor(s, args.warmup_steps))
