@@ -8,6 +8,7 @@
     python ddpm_cifar10.py --dataset folder --data-dir my_images --img-size 64 --attn-resolutions 16
     python ddpm_cifar10.py --resume RUN --sample-only --sampler ddim --num-sampling-steps 50
 """
+import atexit
 import contextlib
 import copy
 import hashlib
@@ -1622,6 +1623,8 @@ def run_main(main: Callable):
     """One line on rank 0: exit 2 for bad input, 1 for a fault in the run, 130 for a Ctrl-C."""
     from tqdm import tqdm
     StopFlag.keep_handlers = True
+    for sig in (signal.SIGTERM, signal.SIGINT):  # Python's exit resets its handlers to kill: ignore at exit
+        atexit.register(signal.signal, sig, signal.SIG_IGN)
     try:
         return main(*parse_args())
     except (UserError, TrainingFailure) as e:

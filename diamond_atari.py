@@ -15,6 +15,7 @@ and an actor-critic trained in the world model's imagination, on Atari 100k, in 
     python diamond_atari.py --resume RUN --play-keys FRRRLL --play-world both  # optional: play
     python diamond_atari.py --episode-to-mp4 RUN/episodes/episode_000000.npz
 """
+import atexit
 import contextlib
 import copy
 import difflib
@@ -3279,6 +3280,8 @@ def run_main(main: Callable):
     """One line on rank 0: exit 2 for bad input, 1 for a fault in the run, 130 for a Ctrl-C."""
     from tqdm import tqdm
     StopFlag.keep_handlers = True
+    for sig in (signal.SIGTERM, signal.SIGINT):  # Python's exit resets its handlers to kill: ignore at exit
+        atexit.register(signal.signal, sig, signal.SIG_IGN)
     try:
         return main(*parse_args())
     except (UserError, TrainingFailure) as e:

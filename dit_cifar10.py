@@ -9,6 +9,7 @@
     python dit_cifar10.py --dataset folder --data-dir my_images --num-classes 5 --eval-fid
     python dit_cifar10.py --resume RUN_FOLDER --sample-only --class-label cat --cfg-scale 4
 """
+import atexit
 import contextlib
 import copy
 import hashlib
@@ -1760,6 +1761,8 @@ def run_main(main: Callable):
     """One line on rank 0: exit 2 for bad input, 1 for a fault in the run, 130 for a Ctrl-C."""
     from tqdm import tqdm
     StopFlag.keep_handlers = True
+    for sig in (signal.SIGTERM, signal.SIGINT):  # Python's exit resets its handlers to kill: ignore at exit
+        atexit.register(signal.signal, sig, signal.SIG_IGN)
     try:
         return main(*parse_args())
     except (UserError, TrainingFailure) as e:

@@ -19,6 +19,7 @@ Steer a sprites model live (pip install pygame-ce) or by keys (MP4s: {run}/play/
     python video_diffusion.py --resume RUN --play  # optional: play
     python video_diffusion.py --resume RUN --play-keys RRRDDD --play-world both  # optional: play
 """
+import atexit
 import contextlib
 import copy
 import difflib
@@ -2563,6 +2564,8 @@ def run_main(main: Callable):
     """One line on rank 0: exit 2 for bad input, 1 for a fault in the run, 130 for a Ctrl-C."""
     from tqdm import tqdm
     StopFlag.keep_handlers = True
+    for sig in (signal.SIGTERM, signal.SIGINT):  # Python's exit resets its handlers to kill: ignore at exit
+        atexit.register(signal.signal, sig, signal.SIG_IGN)
     try:
         return main(*parse_args())
     except (UserError, TrainingFailure) as e:

@@ -17,6 +17,7 @@ import pickle
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import warnings
 from dataclasses import fields, replace
@@ -370,7 +371,6 @@ def test_a_full_disk_during_a_run_is_one_line_exit_1_and_loses_nothing(script, s
     latest = run_dir / "checkpoints" / "latest.pt"
     before = file_hash(latest)
     length = ["--total-steps", "3"]
-    import subprocess
 
     result = subprocess.run([sys.executable, "-c", FULL_DISK, str(ROOT / script), "--resume", str(run_dir), *length],
                             cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
@@ -505,6 +505,21 @@ def test_sigint_during_sample_only_is_one_line_not_a_traceback(script, short_run
     out = capsys.readouterr().out
     assert "stopped by signal" in out and len(calls) <= 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the caller's handler is back
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_signal_while_the_process_exits_cannot_kill_it(script, tmp_path):
+    """Python's exit puts its signal handlers back to the default, so a SIGTERM landing after the run's last line
+    (a scheduler's, a user's) used to kill a finished run with 143: at exit the signals are ignored instead. Checked
+    from an exit hook that runs after the script's own (exit hooks run last registered, first run)."""
+    code = ("import atexit, runpy, signal, sys; "
+            "atexit.register(lambda: print('at exit', signal.getsignal(signal.SIGTERM) == signal.SIG_IGN, "
+            "signal.getsignal(signal.SIGINT) == signal.SIG_IGN)); "
+            f"sys.argv = [{str(ROOT / script)!r}, '--resume', {str(tmp_path / 'none')!r}]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=script_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "at exit True True" in result.stdout, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -663,7 +678,6 @@ def test_the_non_finite_message_says_whether_a_checkpoint_exists(script, tmp_pat
 @pytest.mark.parametrize("script", ["ddpm_cifar10.py"])
 def test_a_step_that_cannot_fit_under_rlimit_as_is_one_line_naming_the_batch_size(script, tmp_path):
     import resource
-    import subprocess
 
     limit = 6 * 2**30  # address space for python, torch and the data; the paper's step at batch 128 needs ~7 GiB more
 
@@ -754,7 +768,6 @@ time.sleep(120)
 @pytest.fixture
 def lock_holder():
     """Starts a process that holds RUN/train.lock, as a live trainer does; each is killed at the end."""
-    import subprocess
 
     children = []
 
@@ -862,7 +875,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def test_a_second_ctrl_c_quits_without_saving_and_the_last_checkpoint_stays(short_runs, tmp_path):
-    import subprocess
 
     run_dir = tmp_path / "run"
     shutil.copytree(short_runs["ddpm_cifar10.py"], run_dir)
