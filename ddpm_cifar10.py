@@ -884,10 +884,7 @@ def main(args: Args, given: set[str]):
     started = time.perf_counter()
     checkpoint, run_dir = None, None
     if args.resume:  # the checkpoint's arguments, with the RESUME_MUTABLE flags given
-        checkpoint_path = resolve_checkpoint_path(args.resume)
-        checkpoint = load_checkpoint(checkpoint_path, trains=not args.sample_only)  # a trainer locks first
-        args = merge_resumed_args(args, given, checkpoint["args"])
-        run_dir = run_dir_of(checkpoint_path, trains=not args.sample_only)
+        args, checkpoint, run_dir = resume_run(args, given, trains=not args.sample_only)
     check_args(args, torchrun_world()[0])
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
@@ -997,8 +994,7 @@ def main(args: Args, given: set[str]):
 
 # ==== BEGIN SHARED MACHINERY (docs/PROMISES.md) ====
 # Each definition is the same text in every script that carries it (tests/test_shared_blocks.py).
-# It reads the script's SCRIPT_NAME, CHECKPOINT_FORMAT_VERSION, OLDER_CHECKPOINT_FORMATS,
-# CHECKPOINT_KEYS, Args, PRESETS, FLAG_ALIASES and RESUME_MUTABLE.
+# It reads the script's SCRIPT_NAME, Args, PRESETS, FLAG_ALIASES, RESUME_MUTABLE and CHECKPOINT_*.
 
 
 class UserError(Exception):
@@ -1033,12 +1029,11 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
     if "config" in values and "resume" in values:
         raise UserError("--config with --resume: a resumed run takes its arguments from its checkpoint; "
                         "drop --config and give the flags a resume may change on the command line")
-    if values.get("config", "--")[:2] != "--":
-        defaults = replace(defaults, **read_config(values["config"]))
+    config = read_config(values["config"]) if values.get("config", "--")[:2] != "--" else []
     box = io.StringIO()  # tyro's error box is many lines, ours is one
     try:
         with contextlib.redirect_stderr(box):
-            return tyro.cli(Args, default=defaults, args=argv), set(values) - {None}
+            return tyro.cli(Args, default=defaults, args=config + argv), set(values) - {None}
     except SystemExit as e:
         if not e.code:  # --help
             raise
@@ -1057,11 +1052,13 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
                             f"--no-{flag[2:]} for off")
     above_rule = box.getvalue().split("│ ─")[0].splitlines()[1:]  # else tyro's words
     said = [line.strip("│ ") for line in above_rule if line.strip("│─╰╯ ")]
-    raise UserError(f"{' '.join(said).rstrip('.') or 'a bad value'}; see {SCRIPT_NAME} --help")
+    said = " ".join(said).rstrip(".") or "a bad value"
+    where = f" (on the command line or in --config {values['config']})" if config else ""
+    raise UserError(f"{said}{where}; see {SCRIPT_NAME} --help")
 
 
-def read_config(path: str) -> dict:
-    """--config: the config.json an earlier run wrote (an object of Args fields), or YAML."""
+def read_config(path: str) -> list[str]:
+    """--config: the config.json (or YAML) an earlier run wrote, as flags (tyro checks values)."""
     import yaml
     fix, is_yaml = "give an earlier run's config.json", path.lower().endswith((".yaml", ".yml"))
     try:
@@ -1079,33 +1076,25 @@ def read_config(path: str) -> dict:
         raise UserError(f"--config {path} is {problem}; {fix}") from None
     if not isinstance(values, dict):
         raise UserError(f"--config {path} must hold an object of flag names and values: {fix}")
-    return normalise_args_dict(values, f"--config {path}")
+    tokens, hints = [], get_type_hints(Args)
+    for name, value in normalise_args_dict(values, f"--config {path}").items():
+        flag = f"--{name.replace('_', '-')}"
+        if hints[name] is bool and not isinstance(value, bool):
+            raise UserError(f"--config {path}: {name} is {value!r}, not true or false")
+        if hints[name] is bool:
+            tokens.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, tuple):
+            tokens += [flag, *map(str, value)]
+        else:  # YAML 1.1 reads on/off as booleans; '=' lets a value start with '-'
+            value = ("on" if value else "off") if isinstance(value, bool) else value
+            tokens.append(f"{flag}={value}")
+    return tokens
 
 
 def normalise_args_dict(values: dict, source: str) -> dict:
-    """Args values from a file, each of its field's type (a bool is no int, an int is a float)."""
-    def fits(value, hint) -> bool:
-        origin, options = get_origin(hint), get_args(hint)
-        if origin is Literal:
-            return any(value == option and type(value) is type(option) for option in options)
-        if origin is tuple:  # tuple[int, ...]
-            return isinstance(value, (list, tuple)) and all(fits(v, options[0]) for v in value)
-        if origin is Union:
-            return any(fits(value, option) for option in options)
-        return type(value) is hint or (hint is float and type(value) is int)
-
-    hints = get_type_hints(Args)
-    for name, value in values.items():
-        if name not in hints:
-            raise UserError(f"{source} has a field this script does not know: {name}")
-        choices = get_args(hints[name]) if get_origin(hints[name]) is Literal else ()
-        if isinstance(value, bool) and "on" in choices:  # YAML 1.1 reads on/off as booleans
-            value = values[name] = "on" if value else "off"
-        if not fits(value, hints[name]):
-            expected = f"one of {', '.join(map(str, choices))}" if choices else hints[name]
-            expected = getattr(expected, "__name__", expected)
-            raise UserError(f"{source}: {name} is {value!r}, not a valid --{name.replace('_', '-')}"
-                            f" (expected {expected})")
+    """Args fields from a file (a config's, a checkpoint's), JSON's lists as tuples."""
+    if unknown := sorted(set(values) - {f.name for f in fields(Args)}):
+        raise UserError(f"{source} has a field this script does not know: {unknown[0]}")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
@@ -1137,22 +1126,31 @@ def check_arg_domains(args: Args):
         raise UserError(f"--exp-name is {len(args.exp_name.encode())} bytes long: give at most 200")
 
 
-def resolve_checkpoint_path(resume: str) -> Path:
-    path = Path(resume) / "checkpoints" / "latest.pt" if Path(resume).is_dir() else Path(resume)
+def resume_run(args: Args, given: set[str], trains: bool) -> tuple[Args, dict, Path]:
+    """--resume RUN or FILE: the run's args (flags change only RESUME_MUTABLE ones), its checkpoint
+    and the folder it writes in (RUN for RUN/checkpoints/*.pt, else the file's folder)."""
+    path = Path(args.resume)
+    path = path / "checkpoints" / "latest.pt" if path.is_dir() else path
     if not path.is_file():
-        raise UserError(f"--resume {resume}: no checkpoint at {path}; give a run folder or a file")
-    return path
-
-
-def run_dir_of(checkpoint_path: Path, trains: bool) -> Path:
-    """RUN for RUN/checkpoints/*.pt, else the file's folder. Training continues only from
-    RUN/checkpoints/latest.pt (from another file it would overwrite a newer checkpoint)."""
-    in_run = checkpoint_path.parent.name == "checkpoints"
-    if trains and not (in_run and checkpoint_path.name == "latest.pt"):
-        raise UserError(f"--resume {checkpoint_path}: training continues only from a run folder's "
+        raise UserError(f"--resume {args.resume}: no checkpoint at {path}; give a run folder or a "
+                        f"checkpoint file")
+    in_run = path.parent.name == "checkpoints"
+    if trains and not (in_run and path.name == "latest.pt"):  # or it overwrites a newer one
+        raise UserError(f"--resume {path}: training continues only from a run folder's "
                         f"checkpoints/latest.pt; copy the file to NEW_RUN/checkpoints/latest.pt "
                         f"and --resume NEW_RUN")
-    return checkpoint_path.parent.parent if in_run else checkpoint_path.parent
+    checkpoint = load_checkpoint(path, trains)
+    saved = Args(**normalise_args_dict(checkpoint["args"], "the checkpoint's args"))
+    mutable = flag_marks()[1]
+    for name in sorted(given - mutable - {"resume"}):
+        if getattr(args, name) != getattr(saved, name):
+            flag = f"--{name.replace('_', '-')}"
+            raise UserError(f"{flag} is {getattr(saved, name)!r} in the checkpoint and cannot "
+                            f"change on --resume (only the run length, cadence, logging and "
+                            f"sampling flags can); drop {flag} or start a new run")
+    saved = replace(saved, **{name: getattr(args, name) for name in given & mutable},
+                    resume=args.resume)
+    return saved, checkpoint, path.parent.parent if in_run else path.parent
 
 
 def load_checkpoint(path: Path, trains: bool = False) -> dict:
@@ -1193,20 +1191,6 @@ def error_reason(e: Exception) -> str:
     return (lines[0] if lines else type(e).__name__)[:200]
 
 
-def merge_resumed_args(args: Args, given: set[str], saved: dict) -> Args:
-    """The run's args from the checkpoint; flags may change only those marked RESUME_MUTABLE."""
-    run_args = Args(**normalise_args_dict(saved, "the checkpoint's args"))  # newer fields: defaults
-    mutable = flag_marks()[1]
-    for name in sorted(given - mutable - {"resume"}):
-        if getattr(args, name) != getattr(run_args, name):
-            flag = f"--{name.replace('_', '-')}"
-            raise UserError(f"{flag} is {getattr(run_args, name)!r} in the checkpoint and cannot "
-                            f"change on --resume (only the run length, cadence, logging and "
-                            f"sampling flags can); drop {flag} or start a new run")
-    return replace(run_args, **{name: getattr(args, name) for name in given & mutable},
-                   resume=args.resume)
-
-
 def checkpoint_state(args: Args, step: int, *parts, **extra) -> dict:
     """The header, then CHECKPOINT_KEYS in order: args, step, every global RNG, each part's state
     (its state_dict, a generator's state, or a plain value), then extra (not read back)."""
@@ -1235,8 +1219,7 @@ def restore_state(checkpoint: dict, *parts) -> int:
 
 
 def save_checkpoint(path: Path, state: dict):
-    """Atomic: a temporary file, fsynced, renamed over the old one; a failed write is a
-    TrainingFailure, with the temporary file removed and the old checkpoint intact."""
+    """Atomic (a temporary file, fsynced and renamed): a failed write is a TrainingFailure."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1344,9 +1327,8 @@ def leave_process_group(world_size: int):
 
 
 class StopFlag:
-    """SIGTERM/SIGINT: training stops after its step, work calling check() is abandoned. The first
-    is acknowledged at once (naming `busy` work that must end first), a second SIGINT raises
-    Interrupted, more SIGTERMs never abort a save. Install before the run folder exists."""
+    """SIGTERM/SIGINT: training stops after its step, work calling check() is abandoned; the first
+    is acknowledged at once, a second SIGINT raises Interrupted, a SIGTERM never aborts a save."""
     keep_handlers = False  # run_main sets it: the handlers stay until the process exits
 
     def __init__(self):
@@ -1408,8 +1390,7 @@ RUN_LOCKS = {}  # run folder -> its RUN/train.lock, open in this process (a floc
 
 
 def lock_run(run_dir: Path):
-    """Makes this process the run's one trainer: a flock on RUN/train.lock, which ends with
-    close_writer or the process, however it ends."""
+    """The run's one trainer holds a flock on RUN/train.lock until close_writer or its exit."""
     import fcntl
     if run_dir not in RUN_LOCKS or RUN_LOCKS[run_dir].closed:
         RUN_LOCKS[run_dir] = open(run_dir / "train.lock", "a")
@@ -1417,15 +1398,13 @@ def lock_run(run_dir: Path):
             fcntl.flock(RUN_LOCKS[run_dir], fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             RUN_LOCKS.pop(run_dir).close()
-            raise UserError(f"{run_dir} is being trained by another process, which holds "
-                            f"{run_dir / 'train.lock'}; wait for it to end (or stop it) before "
-                            f"training this run") from None
+            raise UserError(f"{run_dir} is being trained by another process, which holds {run_dir}/"
+                            f"train.lock; wait for it to end (or stop it) first") from None
     return RUN_LOCKS[run_dir]
 
 
 def open_writer(args: Args, run_dir: Path, step: int):
-    """TensorBoard (and wandb) for the run's one trainer; purge_step drops what a killed run logged
-    after its last save."""
+    """The one trainer's TensorBoard (and wandb); purge_step drops points logged after the save."""
     from torch.utils.tensorboard import SummaryWriter
     lock = lock_run(run_dir)
     if args.track:
@@ -1456,8 +1435,7 @@ def progress_bar(total: int, initial: int, desc: str, unit: str, enabled: bool =
 
 
 def peak_flops(setup: Setup, dtype: str) -> Optional[float]:
-    """The MFU denominator: dense bf16/fp16 FLOP/s, half for float32 (TF32), NaN for an unknown
-    GPU; None on a CPU, which logs throughput only."""
+    """MFU's denominator: dense bf16/fp16 FLOP/s (halved: TF32), NaN: unknown GPU, None: a CPU."""
     if not setup.use_cuda:
         return None
     name = torch.cuda.get_device_name(setup.device)

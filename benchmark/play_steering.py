@@ -77,8 +77,7 @@ def main(argv=None) -> dict:
         run_dir = runs[-1]
     else:
         run_dir = Path(args.run)
-    checkpoint = vd.load_checkpoint(vd.resolve_checkpoint_path(str(run_dir)))
-    play_args = vd.Args(**vd.normalise_args_dict(checkpoint["args"], "the checkpoint's args"))
+    play_args, checkpoint, _ = vd.resume_run(vd.Args(resume=str(run_dir)), set(), trains=False)
     followed = {key: [0, 0] for key in "UDLR"}  # key -> [steps the generated sprite followed, steps that count]
     rows, labels, names = [], [], []
     for start in range(min(args.starts, 64)):

@@ -287,8 +287,7 @@ def main(argv=None) -> dict:
         else:
             run_dir = Path(ns.run)
             train_command = f"(the run's config: {run_dir / 'config.json'})"
-        checkpoint = ddpm.load_checkpoint(ddpm.resolve_checkpoint_path(str(run_dir)))
-        args = ddpm.Args(**ddpm.normalise_args_dict(checkpoint["args"], str(run_dir)))
+        args, checkpoint, _ = ddpm.resume_run(ddpm.Args(resume=str(run_dir)), set(), trains=False)
         if args.dataset != "shapes":
             raise UserError(f"{run_dir} was trained on {args.dataset}; this benchmark scores models of the shapes data")
         unet = ddpm.build_model(args)

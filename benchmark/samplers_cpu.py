@@ -148,11 +148,10 @@ def main(argv=None) -> dict:
         raise UserError(f"--out-dir {opts.out_dir} is a file: give a folder")
     ddpm = load_script("ddpm_cifar10.py")
     try:
-        path = ddpm.resolve_checkpoint_path(opts.run)
-        checkpoint = ddpm.load_checkpoint(path)
+        args, checkpoint, _ = ddpm.resume_run(ddpm.Args(resume=opts.run), set(), trains=False)
+        path = Path(opts.run) / "checkpoints" / "latest.pt" if Path(opts.run).is_dir() else Path(opts.run)
     except ddpm.UserError as e:
         raise UserError(str(e).replace("--resume", "--run").replace("resume from", "give")) from None
-    args = ddpm.Args(**ddpm.normalise_args_dict(checkpoint["args"], "the checkpoint's args"))
     if args.dataset != "shapes":
         raise UserError(f"{opts.run} was trained on {args.dataset}: the judge knows the generated shapes only")
     for name, steps in samplers:
