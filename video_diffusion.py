@@ -1757,8 +1757,8 @@ def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoD
     """Rank 0's run folder (new unless resumed) and writer (else None); prints the run's start."""
     if not setup.is_main:
         return run_dir, None
-    run_dir, num_clips = run_dir or create_run_dir(args, data.dataset_id), len(data.clip_starts)
-    writer = open_writer(args, run_dir, step)
+    run_dir, writer = open_writer(args, run_dir, step, data.dataset_id)
+    num_clips = len(data.clip_starts)
     print(f"run folder: {run_dir}")
     if step > 0:
         print(f"resuming at step {step} of {args.total_steps}")
@@ -2004,25 +2004,20 @@ def read_config(path: str) -> list[str]:
     if not isinstance(values, dict):
         raise UserError(f"--config {path} must hold an object of flag names and values: {fix}")
     tokens, hints = [], get_type_hints(Args)
-    for name, value in normalise_args_dict(values, f"--config {path}").items():
+    for name, value in values.items():
         flag = f"--{name.replace('_', '-')}"
+        if name not in hints:
+            raise UserError(f"--config {path} has a field this script does not know: {name}")
         if hints[name] is bool and not isinstance(value, bool):
             raise UserError(f"--config {path}: {name} is {value!r}, not true or false")
         if hints[name] is bool:
             tokens.append(flag if value else f"--no-{flag[2:]}")
-        elif isinstance(value, tuple):
+        elif isinstance(value, list):
             tokens += [flag, *map(str, value)]
         else:  # YAML 1.1 reads on/off as booleans; '=' lets a value start with '-'
             value = ("on" if value else "off") if isinstance(value, bool) else value
             tokens.append(f"{flag}={value}")
     return tokens
-
-
-def normalise_args_dict(values: dict, source: str) -> dict:
-    """Args fields from a file (a config's, a checkpoint's), JSON's lists as tuples."""
-    if unknown := sorted(set(values) - {f.name for f in fields(Args)}):
-        raise UserError(f"{source} has a field this script does not know: {unknown[0]}")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
 def flag_marks() -> tuple[dict[str, str], set[str]]:
@@ -2067,7 +2062,9 @@ def resume_run(args: Args, given: set[str], trains: bool) -> tuple[Args, dict, P
                         f"checkpoints/latest.pt; copy the file to NEW_RUN/checkpoints/latest.pt "
                         f"and --resume NEW_RUN")
     checkpoint = load_checkpoint(path, trains)
-    saved = Args(**normalise_args_dict(checkpoint["args"], "the checkpoint's args"))
+    if unknown := sorted(set(checkpoint["args"]) - {f.name for f in fields(Args)}):
+        raise UserError(f"{path} has an argument this script does not know: {unknown[0]}")
+    saved = Args(**checkpoint["args"])
     mutable = flag_marks()[1]
     for name in sorted(given - mutable - {"resume"}):
         if getattr(args, name) != getattr(saved, name):
@@ -2176,10 +2173,10 @@ def non_finite_failure(where: str, run_dir: Optional[Path]) -> TrainingFailure:
 
 def rng_state() -> dict:
     """Every global RNG as plain values (weights_only=True refuses numpy objects)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    name, keys, *rest = np.random.get_state(legacy=True)
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest],
             "python": random.getstate()}
 
 
@@ -2187,10 +2184,9 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
 
 
 def seed_everything(seed: int):
@@ -2299,20 +2295,6 @@ def say_now(message: str):
         print(message, flush=True)
 
 
-def create_run_dir(args: Args, run_id: str) -> Path:
-    """{output_dir}/{run_id}__{exp_name}__{seed}__{unix time}/ with config.json, always new."""
-    run_dir = Path(args.output_dir) / f"{run_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    while run_dir.exists():
-        run_dir = run_dir.with_name(run_dir.name + "_")
-    try:
-        run_dir.mkdir(parents=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
-    except OSError as e:
-        raise UserError(f"--output-dir {args.output_dir}: cannot create the run folder {run_dir} "
-                        f"({e.strerror or e}); give a writable folder") from None
-    return run_dir
-
-
 RUN_LOCKS = {}  # run folder -> its RUN/train.lock, open in this process (a flock is per open file)
 
 
@@ -2330,9 +2312,21 @@ def lock_run(run_dir: Path):
     return RUN_LOCKS[run_dir]
 
 
-def open_writer(args: Args, run_dir: Path, step: int):
-    """The one trainer's TensorBoard (and wandb); purge_step drops points logged after the save."""
+def open_writer(args: Args, run_dir: Optional[Path], step: int, run_id: str) -> tuple[Path, object]:
+    """The one trainer's run folder (None: a new {run_id}__{exp_name}__{seed}__{unix time} with
+    config.json) and its TensorBoard (and wandb) writer, purging what a killed run logged later."""
     from torch.utils.tensorboard import SummaryWriter
+    if run_dir is None:
+        name = f"{run_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = Path(args.output_dir) / name
+        while run_dir.exists():
+            run_dir = run_dir.with_name(run_dir.name + "_")
+        try:
+            run_dir.mkdir(parents=True)
+            (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
+        except OSError as e:
+            raise UserError(f"--output-dir {args.output_dir}: cannot create the run folder "
+                            f"{run_dir} ({e.strerror or e}); give a writable folder") from None
     lock = lock_run(run_dir)
     if args.track:
         import wandb
@@ -2344,7 +2338,7 @@ def open_writer(args: Args, run_dir: Path, step: int):
     if step == 0:
         table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-    return writer
+    return run_dir, writer
 
 
 def close_writer(args: Args, writer):
@@ -2410,8 +2404,7 @@ class Meter:
         values = {"loss": loss, "grad_norm": grad_norm, "SPS": rate * self.world_size}
         if self.peak is not None:
             values["mfu"] = rate * self.flops / self.peak
-        self.sums.zero_()
-        self.steps = 0
+        self.sums, self.steps = torch.zeros_like(self.sums), 0
         self.restart_clock()
         return values
 
@@ -2439,8 +2432,7 @@ def available_memory(setup: Setup) -> float:
 
 
 def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor]) -> float:
-    """Bytes autograd keeps for the backward pass of loss_fn() (run on the meta device); a tensor
-    saved twice (or as views of one) counts once, weights not at all."""
+    """Bytes autograd saves for loss_fn()'s backward (meta device): each tensor once, no weights."""
     saved = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -2456,9 +2448,8 @@ def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor]) -> float:
 
 def check_step_memory(setup: Setup, batch_size: int, num_params: int,
                       activation_bytes_per_sample: float, dtype: str) -> float:
-    """Refuses a step that cannot fit, naming the batch size that does. Per process: 5 x 4 bytes per
-    parameter (weights, grads, Adam's two moments, EMA) + its batch x activations (halved by
-    autocast)."""
+    """Refuses a step that cannot fit, naming the batch size that does. Per process: 5 x 4 bytes a
+    parameter (weights, grads, Adam's moments, EMA) + batch x activations (halved by autocast)."""
     per_sample = activation_bytes_per_sample / (2 if setup.use_cuda and dtype != "float32" else 1)
     fixed, available = 5 * 4 * num_params, available_memory(setup)
     needed = fixed + batch_size // setup.world_size * per_sample
@@ -2483,10 +2474,8 @@ class StepTimer:
             return None
         if self.setup.use_cuda:
             torch.cuda.synchronize(self.setup.device)
-        if step == self.start_step:
-            self.clock = time.perf_counter()
-            return None
-        return (time.perf_counter() - self.clock) / (self.end_step - self.start_step)
+        elapsed, self.clock = time.perf_counter() - self.clock, time.perf_counter()
+        return elapsed / (self.end_step - self.start_step) if step == self.end_step else None
 
 
 def run_time_notice(seconds_per_step: float, remaining_steps: int, setup: Setup) -> list[str]:

@@ -446,11 +446,11 @@ def test_the_signal_handler_is_installed_before_the_run_folder_exists(script, tm
     class Created(Exception):
         pass
 
-    def create_run_dir(args, run_id):
+    def open_writer(args, run_dir, step, run_id):  # which creates a new run's folder
         seen["handler"] = signal.getsignal(signal.SIGTERM)
         raise Created
 
-    monkeypatch.setattr(m, "create_run_dir", create_run_dir)
+    monkeypatch.setattr(m, "open_writer", open_writer)
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Created):
         m.main(*m.parse_args([*TINY[script], "--output-dir", str(tmp_path)]))
@@ -856,11 +856,11 @@ def test_the_run_lock_is_taken_by_the_one_trainer_and_released_by_its_end(script
     m = module(script)
     holder = lock_holder(tmp_path)
     with pytest.raises(m.UserError, match="being trained by another process"):
-        m.open_writer(tiny_args(script), tmp_path, 0)
+        m.open_writer(tiny_args(script), tmp_path, 0, "")
     assert not list(tmp_path.glob("events.*"))
     holder.kill()
     holder.wait()
-    writer = m.open_writer(tiny_args(script), tmp_path, 0)
+    _, writer = m.open_writer(tiny_args(script), tmp_path, 0, "")
     assert not lock_is_free(tmp_path)
     m.close_writer(tiny_args(script), writer)
     assert lock_is_free(tmp_path)

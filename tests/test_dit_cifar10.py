@@ -75,7 +75,7 @@ def kill_on_line(*args, cwd, line: str, timeout=300):
 
 def load_ema_model(run_dir: Path):
     checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
-    args = dit.Args(**dit.normalise_args_dict(checkpoint["args"], "test"))
+    args = dit.Args(**checkpoint["args"])
     model = dit.build_model(args)
     model.load_state_dict(checkpoint["ema"])
     return model.eval(), args, checkpoint
