@@ -2620,7 +2620,6 @@ def main(args: Args, given: set[str]):
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
     # two generators carry every random draw of training; evaluations seed theirs from (seed, epoch)
-    seed_everything(args.seed)
     cpu_generator = torch.Generator().manual_seed(args.seed)  # no-ops, exploration, replay sampling
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)  # diffusion, imagination
     stop = StopFlag()  # from here SIGTERM/SIGINT finish the step (or abandon an evaluation), save
@@ -2778,10 +2777,9 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
             raise UserError(f"{flag} takes no value ({given}): give {flag} for on, "
                             f"--no-{flag[2:]} for off")
     above_rule = box.getvalue().split("│ ─")[0].splitlines()[1:]  # else tyro's words
-    said = [line.strip("│ ") for line in above_rule if line.strip("│─╰╯ ")]
-    said = " ".join(said).rstrip(".") or "a bad value"
+    said = " ".join(line.strip("│ ") for line in above_rule if line.strip("│─╰╯ ")).rstrip(".")
     where = f" (on the command line or in --config {values['config']})" if config else ""
-    raise UserError(f"{said}{where}; see {SCRIPT_NAME} --help")
+    raise UserError(f"{said or 'a bad value'}{where}; see {SCRIPT_NAME} --help")
 
 
 def read_config(path: str) -> list[str]:
@@ -2812,11 +2810,9 @@ def read_config(path: str) -> list[str]:
             raise UserError(f"--config {path}: {name} is {value!r}, not true or false")
         if hints[name] is bool:
             tokens.append(flag if value else f"--no-{flag[2:]}")
-        elif isinstance(value, list):
-            tokens += [flag, *map(str, value)]
-        else:  # YAML 1.1 reads on/off as booleans; '=' lets a value start with '-'
+        else:  # YAML 1.1 reads on/off as booleans
             value = ("on" if value else "off") if isinstance(value, bool) else value
-            tokens.append(f"{flag}={value}")
+            tokens += [flag, *map(str, value if isinstance(value, list) else [value])]
     return tokens
 
 
@@ -2861,7 +2857,9 @@ def resume_run(args: Args, given: set[str], trains: bool) -> tuple[Args, dict, P
         raise UserError(f"--resume {path}: training continues only from a run folder's "
                         f"checkpoints/latest.pt; copy the file to NEW_RUN/checkpoints/latest.pt "
                         f"and --resume NEW_RUN")
-    checkpoint = load_checkpoint(path, trains)
+    if trains and torchrun_world()[1] == 0:  # before the read: no trainer saves after it
+        lock_run(path.parent.parent)
+    checkpoint = load_checkpoint(path)
     if unknown := sorted(set(checkpoint["args"]) - {f.name for f in fields(Args)}):
         raise UserError(f"{path} has an argument this script does not know: {unknown[0]}")
     saved = Args(**checkpoint["args"])
@@ -2877,11 +2875,8 @@ def resume_run(args: Args, given: set[str], trains: bool) -> tuple[Args, dict, P
     return saved, checkpoint, path.parent.parent if in_run else path.parent
 
 
-def load_checkpoint(path: Path, trains: bool = False) -> dict:
-    """weights_only=True (a malicious file cannot run code); refuses all but a whole, finite one.
-    A trainer (rank 0) first locks the run, so that no other one saves after this read."""
-    if trains and path.parent.name == "checkpoints" and torchrun_world()[1] == 0:
-        lock_run(path.parent.parent)
+def load_checkpoint(path: Path) -> dict:
+    """weights_only=True (a malicious file cannot run code); refuses all but a whole, finite one."""
     try:
         with warnings.catch_warnings():  # torch's warning about a foreign pickle: the line says it
             warnings.simplefilter("ignore")
@@ -2910,8 +2905,7 @@ def load_checkpoint(path: Path, trains: bool = False) -> dict:
 
 def error_reason(e: Exception) -> str:
     """An exception's message in one short line, without torch's "Error(s) in" header."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith("Error(s) in")]
+    lines = [s.strip() for s in str(e).splitlines() if s.strip() and not s.startswith("Error(s)")]
     return (lines[0] if lines else type(e).__name__)[:200]
 
 
@@ -2962,13 +2956,6 @@ def set_rng_state(state: dict):
     random.setstate(state["python"])
 
 
-def seed_everything(seed: int):
-    """The same seed on every torchrun rank: every rank builds the same initial weights."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 @dataclass
 class Setup:
     """Where this process runs: its device and its place among torchrun's processes."""
@@ -2987,7 +2974,8 @@ def torchrun_world() -> tuple[int, int, int]:  # (1, 0, 0) for `python script.py
 
 
 def setup_device(args: Args) -> Setup:
-    """CUDA when asked and available (else the CPU, with a notice), determinism, TF32, torchrun."""
+    """CUDA when asked and available (else the CPU, with a notice), determinism, TF32, torchrun, and
+    the global RNGs seeded with --seed on every rank (every rank builds the same initial weights)."""
     world_size, rank, local_rank = torchrun_world()
     use_cuda = args.cuda and torch.cuda.is_available()
     if args.cuda and not use_cuda and rank == 0:
@@ -3005,6 +2993,9 @@ def setup_device(args: Args) -> Setup:
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cudnn.benchmark = not args.torch_deterministic
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32: ~free
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     return Setup(device, world_size, rank, local_rank)
 
 

@@ -700,7 +700,7 @@ def test_static_dataset_trains_the_whole_agent(tiny_run, tmp_path, dia):
     assert "charts/episodic_return" not in scalars and scalars["charts/env_steps"][-1][1] == 0
     assert "this script's addition" in result.stdout  # the real-game test is labelled as not DIAMOND's
     checkpoint = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
-    dia.seed_everything(1)  # the run's initial weights: seeded as main seeds them, then built
+    dia.setup_device(dia.Args(seed=1, cuda=False))  # the run's initial weights: seeded as main seeds them, then built
     initial = dia.build_models(dia.Args(**dia.PRESETS["tiny"]), 4)
     for name, model in zip(("denoiser", "reward_end", "actor_critic"), initial):
         trained = checkpoint["models"][name]
