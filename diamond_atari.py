@@ -2739,18 +2739,28 @@ class Interrupted(BaseException):
     """A second Ctrl-C: quit without saving, exit 130 (no `except Exception` swallows it)."""
 
 
-def flag_field(token: str) -> Optional[str]:  # '--total_steps=5', '--no-cuda', an alias
-    flag, names = token.split("=")[0], {f.name for f in fields(Args)}
-    field = FLAG_ALIASES.get(flag, flag[2:].replace("-", "_"))
-    field = field if field in names else field.removeprefix("no_")
-    return field if flag[:2] == "--" and field in names else None
-
-
 def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
-    """The args (defaults < --preset < --config < flags) and the fields the command line gives."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    values = {flag_field(token): token.split("=", 1)[1] if "=" in token else after
-              for token, after in zip(argv, argv[1:] + ["--"])}
+    """The args (defaults < --preset < --config < flags) and the fields the command line gives, in
+    any spelling (--total_steps=5, --no-cuda, an alias)."""
+    argv, hints, values = list(sys.argv[1:] if argv is None else argv), get_type_hints(Args), {}
+    for token, after in zip(argv, argv[1:] + ["--"]):  # an unknown flag, a value for an on/off flag
+        flag = token.split("=")[0]
+        field = FLAG_ALIASES.get(flag, flag[2:].replace("-", "_"))
+        field = field if field in hints else field.removeprefix("no_")
+        if flag[:2] != "--" or flag == "--help":
+            continue
+        if field not in hints:
+            import difflib
+            flags = [f"--{name.replace('_', '-')}" for name in hints] + list(FLAG_ALIASES)
+            close = difflib.get_close_matches(flag.replace("_", "-"), flags, n=3)
+            maybe = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise UserError(f"unknown flag {flag}{maybe}; {SCRIPT_NAME} --help lists the flags")
+        if hints[field] is bool and ("=" in token or after[:2] != "--"):
+            given = token if "=" in token else f"{token} {after}"
+            flag = "--" + flag[2:].removeprefix("no-")
+            raise UserError(f"{flag} takes no value ({given}): give {flag} for on, --no-{flag[2:]} "
+                            f"for off")
+        values[field] = token.split("=", 1)[1] if "=" in token else after
     defaults = replace(Args(), **PRESETS.get(values.get("preset"), {}))  # tyro refuses others
     if "config" in values and "resume" in values:
         raise UserError("--config with --resume: a resumed run takes its arguments from its checkpoint; "
@@ -2759,24 +2769,11 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
     box = io.StringIO()  # tyro's error box is many lines, ours is one
     try:
         with contextlib.redirect_stderr(box):
-            return tyro.cli(Args, default=defaults, args=config + argv), set(values) - {None}
+            return tyro.cli(Args, default=defaults, args=config + argv), set(values)
     except SystemExit as e:
         if not e.code:  # --help
             raise
-    for token, after in zip(argv, argv[1:] + ["--"]):  # an unknown flag, a value for an on/off flag
-        flag, field = token.split("=")[0], flag_field(token)
-        if flag[:2] == "--" and field is None:
-            import difflib
-            flags = [f"--{f.name.replace('_', '-')}" for f in fields(Args)] + list(FLAG_ALIASES)
-            close = difflib.get_close_matches(flag.replace("_", "-"), flags, n=3)
-            maybe = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise UserError(f"unknown flag {flag}{maybe}; {SCRIPT_NAME} --help lists the flags")
-        if get_type_hints(Args).get(field) is bool and ("=" in token or after[:2] != "--"):
-            given = token if "=" in token else f"{token} {after}"
-            flag = "--" + flag[2:].removeprefix("no-")
-            raise UserError(f"{flag} takes no value ({given}): give {flag} for on, "
-                            f"--no-{flag[2:]} for off")
-    above_rule = box.getvalue().split("│ ─")[0].splitlines()[1:]  # else tyro's words
+    above_rule = box.getvalue().split("│ ─")[0].splitlines()[1:]  # tyro's words
     said = " ".join(line.strip("│ ") for line in above_rule if line.strip("│─╰╯ ")).rstrip(".")
     where = f" (on the command line or in --config {values['config']})" if config else ""
     raise UserError(f"{said or 'a bad value'}{where}; see {SCRIPT_NAME} --help")
@@ -2975,7 +2972,7 @@ def torchrun_world() -> tuple[int, int, int]:  # (1, 0, 0) for `python script.py
 
 def setup_device(args: Args) -> Setup:
     """CUDA when asked and available (else the CPU, with a notice), determinism, TF32, torchrun, and
-    the global RNGs seeded with --seed on every rank (every rank builds the same initial weights)."""
+    the global RNGs seeded alike on every rank (every rank builds the same initial weights)."""
     world_size, rank, local_rank = torchrun_world()
     use_cuda = args.cuda and torch.cuda.is_available()
     if args.cuda and not use_cuda and rank == 0:
@@ -3015,12 +3012,10 @@ class StopFlag:
         self.requested, self.finished, self.busy = False, False, ""
         self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def request(self, signum, frame):
-        if self.finished:  # the run is over and the process is exiting: nothing is left to stop
-            return
-        if self.requested and signum == signal.SIGINT:
+    def request(self, signum, frame):  # once finished (the process exits) there is nothing to stop
+        if self.requested and signum == signal.SIGINT and not self.finished:
             raise Interrupted()
-        if not self.requested:
+        if not (self.requested or self.finished):
             busy = f"; {self.busy} must end first" if self.busy else ""
             say_now(f"stopping after this step, then saving{busy}; Ctrl-C again to quit without "
                     f"saving")
@@ -3084,14 +3079,13 @@ def open_writer(args: Args, run_dir: Optional[Path], step: int, run_id: str) -> 
         except OSError as e:
             raise UserError(f"--output-dir {args.output_dir}: cannot create the run folder "
                             f"{run_dir} ({e.strerror or e}); give a writable folder") from None
-    lock = lock_run(run_dir)
+    lock_run(run_dir)  # released by close_writer
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name,
                    id=run_dir.name, resume="allow", config=asdict(args), sync_tensorboard=True,
                    save_code=True)
     writer = SummaryWriter(str(run_dir), purge_step=step + 1 if step else None)
-    writer.run_lock = lock  # released by close_writer
     if step == 0:
         table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
@@ -3101,7 +3095,7 @@ def open_writer(args: Args, run_dir: Optional[Path], step: int, run_id: str) -> 
 def close_writer(args: Args, writer):
     if writer is not None:
         writer.close()
-        writer.run_lock.close()
+        RUN_LOCKS.pop(Path(writer.log_dir)).close()
     if args.track:
         import wandb
         wandb.finish()
@@ -3117,10 +3111,10 @@ def peak_flops(setup: Setup, dtype: str) -> Optional[float]:
     if not setup.use_cuda:
         return None
     name = torch.cuda.get_device_name(setup.device)
-    peaks = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-             "T4": 65e12, "A10G": 70e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
-    known = [flops for key, flops in peaks.items() if key in name] + [float("nan")]
-    peak = 756e12 if "H100" in name and "PCIe" in name else known[0]
+    peaks = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+             "L4": 121e12, "T4": 65e12, "A10G": 70e12, "A10": 125e12, "4090": 165e12, "3090": 71e12,
+             "V100": 125e12}
+    peak = next((flops for key, flops in peaks.items() if key in name), float("nan"))
     return peak / 2 if dtype == "float32" else peak
 
 
@@ -3129,8 +3123,7 @@ def forward_flops(build: Callable[[], nn.Module], *inputs: torch.Tensor) -> floa
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
         model = build().eval()
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(*(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs))
     return float(counter.get_total_flops())
 
