@@ -323,13 +323,12 @@ def load_dataset(args: Args) -> tuple[np.ndarray, str]:
 
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
     """The step-th global batch of an endless stream of per-epoch permutations (crossing epochs)."""
-    # The data order is a pure function of (seed, epoch), so the position in it is just the step counter: an exact
-    # resume needs no saved sampler state, and every torchrun rank agrees on the global batch.
+    # a pure function of (seed, step): exact resume needs no sampler state, and every torchrun rank agrees
     start = step * batch_size
     first, last = start // num_items, (start + batch_size - 1) // num_items  # the epochs the batch spans
     order = torch.cat([torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
                        for epoch in range(first, last + 1)])
-    return order[start - first * num_items: start - first * num_items + batch_size]
+    return order[start % num_items: start % num_items + batch_size]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -489,10 +488,8 @@ def build_model(args: Args) -> UNet:
 
 
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
-    """The S = num_steps timesteps (descending) visited before the last step to the clean image;
-    ValueError unless 1 <= S <= T. S = 1: [T-1]. "uniform": floor(i T / S), diffusers' "leading"
-    where S divides T; "linspace": round(linspace(0, T-1, S)), half to even, DiT's respacing;
-    "quadratic": int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice."""
+    """The S = num_steps timesteps (descending) before the last step to the clean image; S = 1: [T-1].
+    uniform: diffusers' "leading"; linspace: DiT's respacing; quadratic: the DDIM paper's CIFAR-10 one."""
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
     steps = {"uniform": np.arange(num_steps) * T // num_steps, "linspace": np.linspace(0, T - 1, num_steps).round(),
@@ -541,10 +538,9 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
     """DPM-Solver++(2M) (Lu et al. 2022) with diffusers' defaults (first order at both ends).
     clip_denoised: the paper's thresholding of x0 to [-1, 1]."""
     T, abar = len(alphas_cumprod), alphas_cumprod.tolist()
-    if not 1 <= num_steps <= T:
-        raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
-    timesteps = list(range(T - 1, -1, -1)) if num_steps == T else [  # S = T: rounding would repeat a timestep
-        int(s) for s in np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1]]
+    # diffusers' round(linspace(0, T-1, S+1))[:-1]; S = T: every timestep (rounding would repeat one)
+    timesteps = (ddim_timesteps(T, num_steps + 1, "linspace")[:-1] if 0 < num_steps < T
+                 else ddim_timesteps(T, num_steps))
     sigmas = [math.sqrt((1 - abar[t]) / abar[t]) for t in timesteps] + [0.0]
     x, previous_x0 = x_T, None
     for i, t in enumerate(timesteps):
@@ -552,8 +548,7 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
         alpha_s, alpha_t = 1 / math.sqrt(sigma_s ** 2 + 1), 1 / math.sqrt(sigma_t ** 2 + 1)
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         x0 = (x - sigma_s * alpha_s * eps) / alpha_s  # data prediction m = (x - sigma alpha eps) / alpha
-        if clip_denoised:
-            x0 = x0.clamp(-1, 1)
+        x0 = x0.clamp(-1, 1) if clip_denoised else x0
         if sigma_t == 0:  # lambda = +inf: the last step lands on the data prediction
             x = x0
         else:  # lambda = log(alpha / (sigma alpha)) = -log sigma, h = lambda_t - lambda_s
@@ -599,10 +594,9 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
         a = torch.rand(n, 1, 1, 1, generator=generator) * 0.6 + 0.4
         x[:n] = ((1 - a) * x[:n] + a * torch.randn(x[:n].shape, generator=generator)).clamp(-1, 1)
         y[:n] = num_classes
-        loss = F.cross_entropy(judge(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        F.cross_entropy(judge(x), y).backward()
         optimizer.step()
+        optimizer.zero_grad()
     save_checkpoint(path, judge.state_dict())  # atomic
     return judge.eval().requires_grad_(False)
 
@@ -842,10 +836,9 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
     logged = meter.read()
     if writer is not None:
         writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
-        for tag, key in (("losses/mse", "loss"), ("charts/grad_norm", "grad_norm"), ("charts/SPS", "SPS"),
-                         ("perf/mfu", "mfu")):  # MFU on CUDA only
-            if key in logged:
-                writer.add_scalar(tag, logged[key], step)
+        tags = {"loss": "losses/mse", "grad_norm": "charts/grad_norm", "SPS": "charts/SPS", "mfu": "perf/mfu"}
+        for key, value in logged.items():  # mfu on CUDA only
+            writer.add_scalar(tags[key], value, step)
         mfu = {"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}
         progress.set_postfix(loss=f"{logged['loss']:.4f}", SPS=f"{logged['SPS']:.1f}", **mfu)
 
