@@ -543,8 +543,7 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
                  else ddim_timesteps(T, num_steps))
     sigmas = [math.sqrt((1 - abar[t]) / abar[t]) for t in timesteps] + [0.0]
     x, previous_x0 = x_T, None
-    for i, t in enumerate(timesteps):
-        sigma_s, sigma_t = sigmas[i], sigmas[i + 1]  # sigma = sqrt((1-abar)/abar), alpha = 1/sqrt(sigma^2 + 1)
+    for i, (t, sigma_s, sigma_t) in enumerate(zip(timesteps, sigmas, sigmas[1:])):
         alpha_s, alpha_t = 1 / math.sqrt(sigma_s ** 2 + 1), 1 / math.sqrt(sigma_t ** 2 + 1)
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         x0 = (x - sigma_s * alpha_s * eps) / alpha_s  # data prediction m = (x - sigma alpha eps) / alpha
@@ -613,9 +612,8 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 @torch.no_grad()
 def judge_scores(judge: nn.Sequential, samples: np.ndarray, asked_labels: Optional[np.ndarray],
                  real_heldout: np.ndarray, real_labels: Optional[np.ndarray] = None) -> dict:
-    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share with
-    P(not "none") >= 0.9), class_accuracy (share of likeliest class asked_labels'), frechet (judge
-    features, vs real[:N]); *_real: real[:N] (vs real[N:2N]), the ceiling."""
+    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (P(not "none")
+    >= 0.9), class_accuracy (asked_labels), frechet (vs real[:N]); *_real: real[:N]'s (vs real[N:2N])."""
     n = len(samples)
     if len(real_heldout) < 2 * n:
         raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
@@ -800,9 +798,14 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
 
 def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
              num_images: int):
-    """Rank 0's run folder (new unless resumed) and writer (else None); prints the run's start."""
+    """The model the step calls (compiled by --compile, in DDP under torchrun); rank 0's run folder
+    (new unless resumed) and writer (else None); prints the run's start."""
+    train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
+    if setup.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
+                                                          if setup.use_cuda else None)
     if not setup.is_main:
-        return run_dir, None
+        return run_dir, None, train_model
     run_dir = run_dir or create_run_dir(args, dataset_id)
     writer = open_writer(args, run_dir, step)
     num_params = sum(p.numel() for p in model.parameters())
@@ -816,16 +819,7 @@ def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: st
     if num_images < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
         print(f"notice: {num_images:,} images, fewer than --batch-size {args.batch_size}: each batch holds images "
               f"more than once (it spans several epochs)")
-    return run_dir, writer
-
-
-def wrap_for_training(model: nn.Module, args: Args, setup: "Setup") -> nn.Module:
-    """The model the step calls: compiled (--compile), in DDP (torchrun); the rest use the plain."""
-    train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
-    if setup.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
-                                                          if setup.use_cuda else None)
-    return train_model
+    return run_dir, writer, train_model
 
 
 def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir: Optional[Path]):
@@ -921,9 +915,9 @@ def main(args: Args, given: set[str]):
         return
 
     # ---- the run folder (after the signal handlers: it gets a checkpoint), TensorBoard, throughput
-    run_dir, writer = open_run(args, setup, run_dir, dataset_id, step, model, len(images))
+    run_dir, writer, train_model = open_run(args, setup, run_dir, dataset_id, step, model,
+                                            len(images))
     meter = Meter(device, train_flops_per_sample(args), peak_flops(setup, args.dtype), setup.world_size)
-    train_model = wrap_for_training(model, args, setup)
     judge = None  # optional: judge
 
     # ---- train

@@ -990,9 +990,8 @@ def build_model(args: "Args", vocab_size: int, num_actions: int) -> VideoDiffusi
 
 
 # --------------------------------------------------------------------------------------------------
-# Samplers. Each takes model_fn(x_t, t) -> predicted noise for integer timesteps t of shape (B,),
-# the starting noise x_T (any shape: here (B, 3, T, H, W)), and alphas_cumprod (float64, length T).
-# Coefficients are computed in float64 and cast to x's dtype.
+# Samplers. Each takes model_fn(x_t, t) -> predicted noise for integer timesteps t (B,), the noise
+# x_T (here (B, 3, T, H, W)), and alphas_cumprod (float64, length T). Coefficients in float64.
 
 
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
@@ -1051,8 +1050,7 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
                  else ddim_timesteps(T, num_steps))
     sigmas = [math.sqrt((1 - abar[t]) / abar[t]) for t in timesteps] + [0.0]
     x, previous_x0 = x_T, None
-    for i, t in enumerate(timesteps):
-        sigma_s, sigma_t = sigmas[i], sigmas[i + 1]  # sigma = sqrt((1-abar)/abar), alpha = 1/sqrt(sigma^2 + 1)
+    for i, (t, sigma_s, sigma_t) in enumerate(zip(timesteps, sigmas, sigmas[1:])):
         alpha_s, alpha_t = 1 / math.sqrt(sigma_s ** 2 + 1), 1 / math.sqrt(sigma_t ** 2 + 1)
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         x0 = (x - sigma_s * alpha_s * eps) / alpha_s  # data prediction m = (x - sigma alpha eps) / alpha
@@ -1073,20 +1071,18 @@ def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Ten
                     context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                     context_noise: Optional[torch.Tensor] = None, autocast=contextlib.nullcontext(),
                     prediction: str = "eps", alphas_cumprod: Optional[torch.Tensor] = None) -> Callable:
-    """model_fn(x_t, t) -> eps guided on caption and actions, eps = eps_u + s (eps_c - eps_u) in one forward;
-    eps_u has the null caption and actions, the context frames (the past is no condition). v becomes
-    eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t (affine in v: guiding v or eps is the same)."""
+    """model_fn(x_t, t) -> eps = eps_u + s (eps_c - eps_u) in one forward, eps_u without caption and
+    actions but with the context frames; v: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         null_text = model.null_text(x.shape[0], x.device)
         drop = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) if drop_actions is None else drop_actions
         both = lambda z: None if z is None else torch.cat([z, z])  # noqa: E731
         with autocast:
-            eps = model(both(x), both(t), torch.cat([null_text if text is None else text, null_text]), both(actions),
-                        torch.cat([drop, torch.ones_like(drop)]), both(context), both(context_mask),
-                        both(context_noise)).to(x.dtype)
-        eps_c, eps_u = eps.chunk(2)
-        guided = eps_u + cfg_scale * (eps_c - eps_u)
+            eps_c, eps_u = model(both(x), both(t), torch.cat([null_text if text is None else text, null_text]),
+                                 both(actions), torch.cat([drop, torch.ones_like(drop)]), both(context),
+                                 both(context_mask), both(context_noise)).to(x.dtype).chunk(2)
+        guided = eps_u + cfg_scale * (eps_c - eps_u)  # in v or eps alike: eps is affine in v
         if prediction == "v":
             abar = alphas_cumprod.to(x.device)[t].to(x.dtype)[:, None, None, None, None]
             guided = abar.sqrt() * guided + (1 - abar).sqrt() * x
@@ -1369,9 +1365,8 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 @torch.no_grad()
 def judge_scores(judge: nn.Sequential, samples: np.ndarray, asked_labels: Optional[np.ndarray],
                  real_heldout: np.ndarray, real_labels: Optional[np.ndarray] = None) -> dict:
-    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share with
-    P(not "none") >= 0.9), class_accuracy (share of likeliest class asked_labels'), frechet (judge
-    features, vs real[:N]); *_real: real[:N] (vs real[N:2N]), the ceiling."""
+    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (P(not "none")
+    >= 0.9), class_accuracy (asked_labels), frechet (vs real[:N]); *_real: real[:N]'s (vs real[N:2N])."""
     n = len(samples)
     if len(real_heldout) < 2 * n:
         raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
