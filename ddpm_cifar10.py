@@ -732,7 +732,7 @@ def train_flops_per_sample(args: Args) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation: FID (torchmetrics) on CIFAR-10 and image folders; the judge on the generated shapes.
+# Evaluation (FID by torchmetrics; the judge is above) and the run's bookkeeping, main()'s steps.
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
@@ -776,10 +776,6 @@ def write_samples(folder: Path, stem: str, images: np.ndarray) -> Path:
 def ema_decay_at(step: int, decay: float) -> float:
     """d_t = min(decay, (1 + t) / (10 + t)): a function of the step alone (exact resume)."""
     return min(decay, (1 + step) / (10 + step))
-
-
-# --------------------------------------------------------------------------------------------------
-# The run's bookkeeping, each step of main() named.
 
 
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,

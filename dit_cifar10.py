@@ -797,8 +797,8 @@ def step_memory_profile(args: Args) -> tuple[int, float, float]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation: FID with torchmetrics (torch-fidelity's Inception, or any feature extractor) for
-# CIFAR-10 and image folders; on the generated shapes, the judge (the optional block above).
+# Evaluation (FID by torchmetrics; the judge is above) and the run's parts, main()'s steps: guided
+# EMA samples (abandoned on a signal) and their files, the run length, the start, logs, checkpoints.
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
@@ -833,11 +833,6 @@ def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], n
         writer.add_scalar("eval/fid", fid, step)
         writer.add_scalar("eval/fid_num_samples", num, step)
     return fid
-
-
-# --------------------------------------------------------------------------------------------------
-# The run's parts: samples from the EMA model (guided, abandoned on a signal) and their files,
-# the run length, sampling a checkpoint, the run's start, the log of each interval, the checkpoint.
 
 
 def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[torch.Tensor] = None,
