@@ -549,14 +549,12 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
         x0 = (x - sigma_s * alpha_s * eps) / alpha_s  # data prediction m = (x - sigma alpha eps) / alpha
         x0 = x0.clamp(-1, 1) if clip_denoised else x0
         if sigma_t == 0:  # lambda = +inf: the last step lands on the data prediction
-            x = x0
-        else:  # lambda = log(alpha / (sigma alpha)) = -log sigma, h = lambda_t - lambda_s
-            h = math.log(sigma_s / sigma_t)
-            # D = m0 + (m0 - m1) / (2 r0), r0 = (lambda_s - lambda_prev) / h; first order (D = m0) on the first step
-            d = x0 if previous_x0 is None else x0 + (x0 - previous_x0) * h / (2 * math.log(sigmas[i - 1] / sigma_s))
-            x = (sigma_t * alpha_t / (sigma_s * alpha_s)) * x - alpha_t * math.expm1(-h) * d  # x_t
+            return x0
+        h = math.log(sigma_s / sigma_t)  # h = lambda_t - lambda_s, lambda = -log sigma
+        # D = m0 + (m0 - m1) / (2 r0), r0 = (lambda_s - lambda_prev) / h; first order (D = m0) on the first step
+        d = x0 if previous_x0 is None else x0 + (x0 - previous_x0) * h / (2 * math.log(sigmas[i - 1] / sigma_s))
+        x = (sigma_t * alpha_t / (sigma_s * alpha_s)) * x - alpha_t * math.expm1(-h) * d  # x_t
         previous_x0 = x0
-    return x
 
 
 # ==== BEGIN OPTIONAL: judge ====
@@ -742,18 +740,16 @@ def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
 
         return FrechetInceptionDistance(feature=2048 if feature_extractor is None else feature_extractor)
     except Exception as e:  # noqa: BLE001 - no torchmetrics or torch-fidelity, or no Inception weights
-        reason = (str(e) or e.__class__.__name__).splitlines()[0]
         raise UserError(f"FID needs torchmetrics, torch-fidelity and the Inception weights "
                         f"pt_inception-2015-12-05-6726825d.pth (pip install -e '.[eval]'; offline, put the file in "
-                        f"{torch.hub.get_dir()}/checkpoints/): {reason}") from None
+                        f"{torch.hub.get_dir()}/checkpoints/): {error_reason(e)}") from None
 
 
 def evaluate_fid(fid_metric, generate: Callable[[int], np.ndarray], real_images: np.ndarray, args: Args,
                  device: torch.device, writer=None, step: int = 0) -> float:
     """FID of --fid-num-samples samples vs the training images (the paper's protocol), as eval/fid."""
     samples = generate(args.fid_num_samples)
-    fid_metric = fid_metric.to(device)
-    fid_metric.reset()
+    fid_metric.to(device).reset()  # a Module: moved in place
     for images, real in ((real_images, True), (samples, False)):
         for batch in torch.from_numpy(images).split(args.sample_batch_size):
             fid_metric.update(batch.to(device), real=real)

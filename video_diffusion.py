@@ -1056,14 +1056,12 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
         x0 = (x - sigma_s * alpha_s * eps) / alpha_s  # data prediction m = (x - sigma alpha eps) / alpha
         x0 = x0.clamp(-1, 1) if clip_denoised else x0
         if sigma_t == 0:  # lambda = +inf: the last step lands on the data prediction
-            x = x0
-        else:  # lambda = log(alpha / (sigma alpha)) = -log sigma, h = lambda_t - lambda_s
-            h = math.log(sigma_s / sigma_t)
-            # D = m0 + (m0 - m1) / (2 r0), r0 = (lambda_s - lambda_prev) / h; first order (D = m0) on the first step
-            d = x0 if previous_x0 is None else x0 + (x0 - previous_x0) * h / (2 * math.log(sigmas[i - 1] / sigma_s))
-            x = (sigma_t * alpha_t / (sigma_s * alpha_s)) * x - alpha_t * math.expm1(-h) * d  # x_t
+            return x0
+        h = math.log(sigma_s / sigma_t)  # h = lambda_t - lambda_s, lambda = -log sigma
+        # D = m0 + (m0 - m1) / (2 r0), r0 = (lambda_s - lambda_prev) / h; first order (D = m0) on the first step
+        d = x0 if previous_x0 is None else x0 + (x0 - previous_x0) * h / (2 * math.log(sigmas[i - 1] / sigma_s))
+        x = (sigma_t * alpha_t / (sigma_s * alpha_s)) * x - alpha_t * math.expm1(-h) * d  # x_t
         previous_x0 = x0
-    return x
 
 
 def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Tensor] = None,
@@ -1312,10 +1310,9 @@ class EvalSampler(DeviceClips):
 
 
 # ==== BEGIN OPTIONAL: judge ====
-# An offline sample-quality score on the generated sprites (FID needs Inception weights, and its values
-# mean nothing across datasets): a small CNN, trained once on real frames and cached, judges the samples
-# (eval/judge_*). Optional: delete this block and every line ending in "# optional: judge" (the script
-# runs as before without eval/judge_*; tests/test_optional_blocks.py checks it):
+# An offline sample-quality score on the generated sprites (FID needs Inception weights): a small CNN,
+# trained once on real frames and cached, judges the samples (eval/judge_*). Optional: delete this
+# block and every line ending in "# optional: judge" (tests/test_optional_blocks.py does):
 # sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' video_diffusion.py > x.py
 
 
