@@ -754,8 +754,7 @@ def evaluate_fid(fid_metric, generate: Callable[[int], np.ndarray], real_images:
         for batch in torch.from_numpy(images).split(args.sample_batch_size):
             fid_metric.update(batch.to(device), real=real)
     fid = float(fid_metric.compute())
-    print(f"FID ({args.fid_num_samples} samples vs {len(real_images)} training images, {args.sampler} "
-          f"{args.num_sampling_steps} steps): {fid:.3f}")
+    print(f"FID ({args.sampler} {args.num_sampling_steps} steps, {args.fid_num_samples} samples): {fid:.3f}")
     if writer is not None:
         writer.add_scalar("eval/fid", fid, step)
         writer.add_scalar("eval/fid_num_samples", args.fid_num_samples, step)
@@ -825,8 +824,7 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
         tags = {"loss": "losses/mse", "grad_norm": "charts/grad_norm", "SPS": "charts/SPS", "mfu": "perf/mfu"}
         for key, value in logged.items():  # mfu on CUDA only
             writer.add_scalar(tags[key], value, step)
-        mfu = {"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}
-        progress.set_postfix(loss=f"{logged['loss']:.4f}", SPS=f"{logged['SPS']:.1f}", **mfu)
+        progress.set_postfix({key: f"{value:.4g}" for key, value in logged.items()})
 
 
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,

@@ -759,9 +759,8 @@ def guided_model_fn(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale:
         with autocast:
             if labels is None or cfg_scale == 1.0:
                 return model(x, t, labels).float()
-            null_labels = torch.full_like(labels, model.num_classes)
-            eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels])).float()
-        eps_cond, eps_uncond = eps.chunk(2)
+            y = torch.cat([labels, torch.full_like(labels, model.num_classes)])  # num_classes: the null label
+            eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), y).float().chunk(2)
         return eps_uncond + cfg_scale * (eps_cond - eps_uncond)
 
     return model_fn
@@ -823,8 +822,7 @@ def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], n
             fid_metric.update(batch.to(device), real=real)
     fid = float(fid_metric.compute())
     guidance = f", guidance {args.cfg_scale:g}" if classes > 0 else ""
-    print(f"FID ({num} samples vs {len(real_images)} training images, {args.sampler} {args.num_sampling_steps} "
-          f"steps{guidance}): {fid:.3f}")
+    print(f"FID ({args.sampler} {args.num_sampling_steps} steps{guidance}, {num} samples): {fid:.3f}")
     if writer is not None:
         writer.add_scalar("eval/fid", fid, step)
         writer.add_scalar("eval/fid_num_samples", num, step)
@@ -938,8 +936,7 @@ def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: st
         writer.add_scalar("charts/num_parameters", num_params, 0)
     classes = f"{args.num_classes} classes" if args.num_classes > 0 else "unconditional"
     print(f"model: DiT with adaLN-{args.adaln}, {num_params:,} parameters; data: {num_images:,} images of "
-          f"{args.img_size}x{args.img_size}, {classes}; device: {setup.device}"
-          + (f" x {setup.world_size}" if setup.world_size > 1 else ""))
+          f"{args.img_size}x{args.img_size}, {classes}; device: {setup.device} x {setup.world_size}")
     if class_names:  # what --class-label accepts
         print("classes: " + ", ".join(f"{k} {name}" for k, name in enumerate(class_names)))
     return run_dir, writer, train_model
@@ -956,8 +953,7 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
         tags = {"loss": "losses/mse", "grad_norm": "charts/grad_norm", "SPS": "charts/SPS", "mfu": "perf/mfu"}
         for key, value in logged.items():  # mfu on CUDA only
             writer.add_scalar(tags[key], value, step)
-        mfu = {"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}
-        progress.set_postfix(loss=f"{logged['loss']:.4f}", SPS=f"{logged['SPS']:.1f}", **mfu)
+        progress.set_postfix({key: f"{value:.4g}" for key, value in logged.items()})
 
 
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,

@@ -1769,8 +1769,7 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
         tags = {"loss": "losses/mse", "grad_norm": "charts/grad_norm", "SPS": "charts/SPS", "mfu": "perf/mfu"}
         for key, value in logged.items():  # mfu on CUDA only
             writer.add_scalar(tags[key], value, step)
-        mfu = {"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}
-        progress.set_postfix(loss=f"{logged['loss']:.4f}", SPS=f"{logged['SPS']:.1f}", **mfu)
+        progress.set_postfix({key: f"{value:.4g}" for key, value in logged.items()})
 
 
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
