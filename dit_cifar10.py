@@ -362,8 +362,7 @@ def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
 
 
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
-    """The step-th global batch of an endless stream of per-epoch permutations (crossing epochs)."""
-    # a pure function of (seed, step): exact resume needs no sampler state, and every torchrun rank agrees
+    """The step-th global batch of the per-epoch permutations of (seed, epoch): ranks agree."""
     start = step * batch_size
     first, last = start // num_items, (start + batch_size - 1) // num_items  # the epochs the batch spans
     order = torch.cat([torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
@@ -571,7 +570,6 @@ def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int
     return [T - 1] if num_steps == 1 else [int(s) for s in steps[::-1]]
 
 
-@torch.no_grad()
 def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: Optional[int] = None,
                 variance: str = "fixed_large", clip_denoised: bool = True,
                 generator: Optional[torch.Generator] = None, spacing: str = "uniform") -> torch.Tensor:
@@ -609,10 +607,9 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 @torch.no_grad()
 def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
                       num_steps: int, clip_denoised: bool = False) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022) with diffusers' defaults (first order at both ends).
-    clip_denoised: the paper's thresholding of x0 to [-1, 1]."""
+    """DPM-Solver++(2M) (Lu et al. 2022) as diffusers': first order at both ends, timesteps
+    round(linspace(0, T-1, S+1))[:-1] (S = T: all); clip_denoised thresholds x0 to [-1, 1]."""
     T, abar = len(alphas_cumprod), alphas_cumprod.tolist()
-    # diffusers' round(linspace(0, T-1, S+1))[:-1]; S = T: every timestep (rounding would repeat one)
     timesteps = (ddim_timesteps(T, num_steps + 1, "linspace")[:-1] if 0 < num_steps < T
                  else ddim_timesteps(T, num_steps))
     sigmas = [math.sqrt((1 - abar[t]) / abar[t]) for t in timesteps] + [0.0]
@@ -972,15 +969,13 @@ def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, write
         return samples, labels
 
 
-def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
+def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup",
              **extra):
     """Rank 0 writes the checkpoint; a non-finite loss since the last check is a TrainingFailure."""
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
     if setup.is_main:
-        position = {"epoch": step * args.batch_size // num_items, "index": step * args.batch_size % num_items}
-        save_checkpoint(run_dir / "checkpoints" / "latest.pt",
-                        checkpoint_state(args, step, *parts, **extra, data_position=position))
+        save_checkpoint(run_dir / "checkpoints" / "latest.pt", checkpoint_state(args, step, *parts, **extra))
         print(f"saved checkpoint at step {step}", flush=True)
 
 
@@ -1085,7 +1080,7 @@ def main(args: Args, given: set[str]):
             judge = judge_samples(judge, samples, generate, args, step, eval_now, writer)  # optional: judge
             stopping = stop.sync(setup) if setup.world_size == 1 else stopping
         if save_now or stopping:
-            save_run(run_dir, args, step, parts, meter, setup, len(images), class_names=class_names)
+            save_run(run_dir, args, step, parts, meter, setup, class_names=class_names)
         if eval_now or save_now or step in (first_step + 1, args.first_sample_at):
             meter.restart_clock()  # sampling, saving and the first (compiling) step stay out of SPS
         if stopping:
