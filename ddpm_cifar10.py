@@ -677,8 +677,7 @@ def eps_from_output(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, al
 
 def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args, num: int,
                      autocast=contextlib.nullcontext(), should_stop: Callable[[], None] = lambda: None) -> np.ndarray:
-    """num uint8 images (num, 3, H, W) from the same noise each time (seed + 10,000); should_stop()
-    runs before every network evaluation."""
+    """num uint8 images (num, 3, H, W) from seed + 10,000's noise; should_stop() at each call."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
     abar = alphas_cumprod.to(device)  # once, not a copy per network evaluation
@@ -826,8 +825,7 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
 
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
                 started: float) -> Optional[np.ndarray]:
-    """EMA samples to TensorBoard and samples/: --num-eval-samples at an evaluation, 16 at
-    --first-sample-at. Returns them (None if a signal abandoned them)."""
+    """--num-eval-samples EMA samples (16 at --first-sample-at) in TensorBoard and samples/."""
     with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
         samples = generate(args.num_eval_samples if eval_now else 16)
         writer.add_image("samples/ema", make_grid(samples), step, dataformats="HWC")

@@ -341,8 +341,7 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
 
 
 def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
-    """uint8 images (N, 3, H, W), int64 labels, the dataset id (run name) and the class names (label
-    k is class_names[k]; a folder's: its sorted subfolders)."""
+    """uint8 images (N, 3, H, W), int64 labels, the run name's dataset id and the class names."""
     if args.dataset == "cifar10":
         images, labels = load_cifar10(args.data_dir, args.download)
         dataset_id, class_names = "cifar10", CIFAR10_CLASSES
@@ -711,8 +710,7 @@ def make_shapes_judge(args: Args, num_samples: int) -> tuple[nn.Sequential, np.n
 
 def judge_samples(judge, evaluated: Optional[tuple], generate: Callable, args: Args, step: int, eval_now: bool,
                   writer):
-    """eval/judge_* of an evaluation's shapes samples and labels (log_samples'), also without
-    guidance (_cfg1); returns the judge (made at the first evaluation)."""
+    """eval/judge_* of log_samples' evaluation, also without guidance (_cfg1); returns the judge."""
     from tqdm import tqdm  # a line of its own, not on the progress bar's
 
     if not (eval_now and evaluated is not None and args.dataset == "shapes"):
@@ -809,8 +807,7 @@ def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
 
 def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], np.ndarray], real_images: np.ndarray,
                  args: Args, device: torch.device, writer=None, step: int = 0) -> float:
-    """FID of --fid-num-samples samples, every class equally often, vs the training images (the
-    paper's protocol), printed and logged as eval/fid."""
+    """FID of --fid-num-samples samples, every class equally often, vs the training images."""
     num, classes = args.fid_num_samples, args.num_classes
     samples = generate(num, torch.arange(num) % classes if classes > 0 else None)
     fid_metric.to(device).reset()  # a Module: moved in place
@@ -837,8 +834,7 @@ def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[
 
 def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torch.Tensor], args: Args,
                      alphas_cumprod: torch.Tensor, autocast, stop: "StopFlag") -> np.ndarray:
-    """num uint8 (N, 3, H, W) samples of the given classes (None: unconditional), from the same
-    noise each time (seed + 10,000); stop.check() runs before every network evaluation."""
+    """num uint8 (N, 3, H, W) samples of class_labels (None: any), from seed + 10,000's noise."""
     device = next(ema_model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
     out, starts = [], range(0, num, args.sample_batch_size)
