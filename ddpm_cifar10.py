@@ -22,7 +22,6 @@ import signal
 import sys
 import tarfile
 import time
-import urllib.request
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -215,15 +214,11 @@ def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.n
         if not download:
             raise UserError(f"CIFAR-10 not found: {put}")
         root.mkdir(parents=True, exist_ok=True)
-        partial = archive.with_suffix(".part")
-        try:
-            print(f"downloading {CIFAR10_URL} to {root}/ ...", flush=True)
-            with urllib.request.urlopen(CIFAR10_URL, timeout=60) as response, open(partial, "wb") as f:
-                shutil.copyfileobj(response, f)
+        print(f"downloading {CIFAR10_URL} to {root}/ ...", flush=True)
+        try:  # into a temporary file, renamed once complete: a failed download leaves nothing
+            torch.hub.download_url_to_file(CIFAR10_URL, str(archive))
         except OSError as e:
-            partial.unlink(missing_ok=True)
             raise UserError(f"could not download CIFAR-10 ({e.__class__.__name__}): {put}") from None
-        os.replace(partial, archive)
     if not folder.is_dir():
         if hashlib.md5(archive.read_bytes()).hexdigest() != CIFAR10_MD5:
             raise UserError(f"{archive} is corrupt (md5 is not {CIFAR10_MD5}): delete it and download it again")
