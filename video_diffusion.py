@@ -1749,9 +1749,8 @@ def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoD
         writer.add_scalar("charts/num_parameters", num_params, 0)
     print(f"model: {num_params:,} parameters; data: {num_clips:,} clips, {len(vocabulary) - len(SPECIAL_TOKENS)} "
           f"words, {num_actions} actions; device: {setup.device}")
-    if num_clips < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
-        print(f"notice: {num_clips:,} clips, fewer than --batch-size {args.batch_size}: each batch holds clips "
-              f"more than once")
+    if num_clips < args.batch_size:  # it trains (batches cross epochs and repeat clips), but say so
+        print(f"notice: {num_clips:,} clips, fewer than --batch-size {args.batch_size}")
     return run_dir, writer
 
 
