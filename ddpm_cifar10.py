@@ -197,7 +197,8 @@ def check_args(args: Args, world_size: int):
 
 
 # --------------------------------------------------------------------------------------------------
-# Data: CIFAR-10 (binary, md5-checked), image folders, generated shapes, all as uint8 (N, 3, H, W).
+# Data: CIFAR-10 (binary, md5-checked), image folders, generated shapes, all as uint8 (N, 3, H, W);
+# the data order; the noise schedule, in float64 (cast where it is used).
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -323,10 +324,6 @@ def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) 
     order = torch.cat([torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
                        for epoch in range(first, last + 1)])
     return order[start % num_items: start % num_items + batch_size]
-
-
-# --------------------------------------------------------------------------------------------------
-# Noise schedule. Everything is computed in float64 and cast at the point of use.
 
 
 def make_beta_schedule(kind: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
