@@ -828,8 +828,7 @@ def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, write
         return samples
 
 
-def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup",
-             **extra):
+def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter, setup: "Setup", **extra):
     """Rank 0 writes the checkpoint; a non-finite loss since the last check is a TrainingFailure."""
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)

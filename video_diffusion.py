@@ -1768,8 +1768,7 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
         progress.set_postfix({key: f"{value:.4g}" for key, value in logged.items()})
 
 
-def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup",
-             **extra):
+def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter, setup: "Setup", **extra):
     """Rank 0 writes the checkpoint; a non-finite loss since the last check is a TrainingFailure."""
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
