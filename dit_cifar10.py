@@ -546,9 +546,8 @@ def build_model(args: Args) -> DiT:
 
 
 # --------------------------------------------------------------------------------------------------
-# Samplers. Each takes model_fn(x_t, t) -> predicted noise for integer timesteps t (B,), the noise
-# x_T, and alphas_cumprod (float64, length T). Coefficients in float64, cast to x's dtype. The class
-# labels and the guidance live inside model_fn (guided_model_fn, at the end of this section).
+# Samplers of model_fn(x_t, t) -> predicted noise (t: int64 (B,)), x_T, alphas_cumprod (float64, T);
+# the class labels and the guidance live inside model_fn (guided_model_fn, at the end).
 
 
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
@@ -620,9 +619,8 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
 
 
 # ==== BEGIN OPTIONAL: judge ====
-# An offline sample-quality score on the generated shapes (FID needs Inception weights): a small CNN,
-# trained once on real images and cached, judges the samples (eval/judge_*). Optional: delete this
-# block and every line ending in "# optional: judge" (tests/test_optional_blocks.py does):
+# A small CNN, trained once on real images and cached, judges the generated shapes offline (FID
+# needs Inception weights). To drop it, delete this block and each line ending "# optional: judge":
 #   sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' dit_cifar10.py > x.py
 
 

@@ -989,8 +989,7 @@ def build_model(args: "Args", vocab_size: int, num_actions: int) -> VideoDiffusi
 
 
 # --------------------------------------------------------------------------------------------------
-# Samplers. Each takes model_fn(x_t, t) -> predicted noise for integer timesteps t (B,), the noise
-# x_T (here (B, 3, T, H, W)), and alphas_cumprod (float64, length T). Coefficients in float64.
+# Samplers of model_fn(x_t, t) -> predicted noise (t: int64 (B,)), x_T, alphas_cumprod (float64, T)
 
 
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
@@ -1307,9 +1306,8 @@ class EvalSampler(DeviceClips):
 
 
 # ==== BEGIN OPTIONAL: judge ====
-# An offline sample-quality score on the generated sprites (FID needs Inception weights): a small CNN,
-# trained once on real frames and cached, judges the samples (eval/judge_*). Optional: delete this
-# block and every line ending in "# optional: judge" (tests/test_optional_blocks.py does):
+# A small CNN, trained once on real frames and cached, judges the generated sprites offline (FID
+# needs Inception weights). To drop it, delete this block and each line ending "# optional: judge":
 # sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' video_diffusion.py > x.py
 
 
