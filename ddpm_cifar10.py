@@ -327,9 +327,8 @@ def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) 
 
 
 def make_beta_schedule(kind: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """betas (T,) in float64, capped at 0.999. "linear": Ho et al.'s, both ends scaled by 1000 / T
-    as improved-diffusion does (a shorter schedule still ends in noise); "cosine": Nichol & Dhariwal."""
-    if kind == "linear":
+    """betas (T,) in float64, capped at 0.999: "linear" Ho et al.'s, "cosine" Nichol & Dhariwal."""
+    if kind == "linear":  # scaled as improved-diffusion's: a shorter schedule still ends in noise
         scale = 1000 / timesteps  # exactly 1.0 at T = 1000
         return torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64).clamp(max=0.999)
     # abar_t = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) pi/2), s = 0.008; beta_t = 1 - abar_t / abar_{t-1}
@@ -774,7 +773,7 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
 
 
 def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
-             num_images: int):
+             images: torch.Tensor):
     """The model the step calls (compiled by --compile, in DDP under torchrun); rank 0's run folder
     (new unless resumed) and writer (else None); prints the run's start."""
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
@@ -791,10 +790,10 @@ def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: st
         print(f"resuming at step {step} of {args.total_steps}")
     else:
         writer.add_scalar("charts/num_parameters", num_params, 0)
-    print(f"model: {num_params:,} parameters; data: {num_images:,} images of {args.img_size}x{args.img_size}; "
+    print(f"model: {num_params:,} parameters; data: {len(images):,} images of {args.img_size}x{args.img_size}; "
           f"device: {setup.device}{f' x {setup.world_size}' if setup.world_size > 1 else ''}")
-    if num_images < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
-        print(f"notice: {num_images:,} images, fewer than --batch-size {args.batch_size}: each batch holds images "
+    if len(images) < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
+        print(f"notice: {len(images):,} images, fewer than --batch-size {args.batch_size}: each batch holds images "
               f"more than once (it spans several epochs)")
     return run_dir, writer, train_model
 
@@ -887,8 +886,7 @@ def main(args: Args, given: set[str]):
         return
 
     # ---- the run folder (after the signal handlers: it gets a checkpoint), TensorBoard, throughput
-    run_dir, writer, train_model = open_run(args, setup, run_dir, dataset_id, step, model,
-                                            len(images))
+    run_dir, writer, train_model = open_run(args, setup, run_dir, dataset_id, step, model, images)
     meter = Meter(device, train_flops_per_sample(args), peak_flops(setup, args.dtype), setup.world_size)
     judge = None  # optional: judge
 

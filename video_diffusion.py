@@ -711,9 +711,8 @@ def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list
 
 
 def make_beta_schedule(kind: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """betas (T,) in float64, capped at 0.999. "linear": Ho et al.'s, both ends scaled by 1000 / T
-    as improved-diffusion does (a shorter schedule still ends in noise); "cosine": Nichol & Dhariwal."""
-    if kind == "linear":
+    """betas (T,) in float64, capped at 0.999: "linear" Ho et al.'s, "cosine" Nichol & Dhariwal."""
+    if kind == "linear":  # scaled as improved-diffusion's: a shorter schedule still ends in noise
         scale = 1000 / timesteps  # exactly 1.0 at T = 1000
         return torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64).clamp(max=0.999)
     # abar_t = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) pi/2), s = 0.008; beta_t = 1 - abar_t / abar_{t-1}
