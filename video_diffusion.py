@@ -1066,7 +1066,6 @@ def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Ten
                     prediction: str = "eps", alphas_cumprod: Optional[torch.Tensor] = None) -> Callable:
     """model_fn(x_t, t) -> eps = eps_u + s (eps_c - eps_u) in one forward, eps_u without caption and
     actions but with the context frames; v: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
-
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         null_text = model.null_text(x.shape[0], x.device)
         drop = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) if drop_actions is None else drop_actions
