@@ -552,8 +552,7 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
 
 def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
                         num_classes: int, seed: int) -> nn.Sequential:
-    """A CNN classifying images in [-1, 1] into num_classes + 1 classes, the last "none" (noise);
-    judge[:-1] gives the features Frechet compares. Cached, else trained on make_data()."""
+    """A CNN: images in [-1, 1] -> num_classes + 1 logits (the last "none"); cached or trained."""
     path = Path(cache_dir) / f"{key}_v2.pt"  # v2: a changed network never loads an old cache
     with torch.random.fork_rng(devices=[]):  # a pure function of seed: no draw from the run's RNG
         torch.manual_seed(seed)
@@ -585,11 +584,10 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
 
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """FID's d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two
-    feature sets (N, d), in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as torchmetrics."""
+    """FID's d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two (N, d) features."""
     a, b = feats_a.double(), feats_b.double()
     cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
-    trace_sqrt = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()
+    trace_sqrt = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()  # as torchmetrics
     return float((a.mean(0) - b.mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt)
 
 
@@ -642,8 +640,7 @@ def judge_samples(judge, samples: Optional[np.ndarray], args: Args, step: int, e
 
 def sample_images(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
                   num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """uint8 images (B, 3, H, W), x0 clipped to [-1, 1] at every step as Ho et al.'s code (DDIM and
-    DPM-Solver++ diverge without it on a briefly trained model)."""
+    """uint8 (B, 3, H, W), x0 clipped at each step as in Ho et al.'s code (young models diverge)."""
     if sampler == "ddpm":
         x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps, generator=generator)
     elif sampler == "ddim":
