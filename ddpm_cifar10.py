@@ -20,7 +20,6 @@ import random
 import shutil
 import signal
 import sys
-import tarfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
@@ -225,8 +224,7 @@ def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.n
             raise UserError(f"{archive} is corrupt (md5 is not {CIFAR10_MD5}): delete it and download it again")
         extracting = root / ".cifar-10-extracting"  # then renamed: a killed extraction leaves nothing
         shutil.rmtree(extracting, ignore_errors=True)
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(extracting, filter="data")
+        shutil.unpack_archive(archive, extracting, "gztar", filter="data")
         os.replace(extracting / "cifar-10-batches-bin", folder)
         shutil.rmtree(extracting)
     fix = f"delete the folder {folder} to extract (or download) CIFAR-10 again"
