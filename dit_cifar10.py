@@ -548,8 +548,8 @@ def build_model(args: Args) -> DiT:
 
 
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
-    """The S = num_steps timesteps (descending) before the last step to the clean image; S = 1: [T-1].
-    uniform: diffusers' "leading"; linspace: DiT's respacing; quadratic: the DDIM paper's CIFAR-10 one."""
+    """The S = num_steps timesteps (descending) before the last step to x0; S = 1: [T-1].
+    uniform: diffusers' "leading"; linspace: DiT's respacing; quadratic: DDIM's CIFAR-10 one."""
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
     steps = {"uniform": np.arange(num_steps) * T // num_steps, "linspace": np.linspace(0, T - 1, num_steps).round(),
@@ -665,8 +665,8 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 @torch.no_grad()
 def judge_scores(judge: nn.Sequential, samples: np.ndarray, asked_labels: Optional[np.ndarray],
                  real_heldout: np.ndarray, real_labels: Optional[np.ndarray] = None) -> dict:
-    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (P(not "none")
-    >= 0.9), class_accuracy (asked_labels), frechet (vs real[:N]); *_real: real[:N]'s (vs real[N:2N])."""
+    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (P(not
+    "none") >= 0.9), class_accuracy, frechet (vs real[:N]); *_real: real[:N]'s (vs real[N:2N])."""
     n = len(samples)
     if len(real_heldout) < 2 * n:
         raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
@@ -739,7 +739,7 @@ def guided_model_fn(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale:
         with autocast:
             if labels is None or cfg_scale == 1.0:
                 return model(x, t, labels).float()
-            y = torch.cat([labels, torch.full_like(labels, model.num_classes)])  # num_classes: the null label
+            y = torch.cat([labels, torch.full_like(labels, model.num_classes)])  # null: num_classes
             eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), y).float().chunk(2)
         return eps_uncond + cfg_scale * (eps_cond - eps_uncond)
 
@@ -801,7 +801,7 @@ def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], n
             fid_metric.update(batch.to(device), real=real)
     fid = float(fid_metric.compute())
     guidance = f", guidance {args.cfg_scale:g}" if classes > 0 else ""
-    print(f"FID ({args.sampler} {args.num_sampling_steps} steps{guidance}, {num} samples): {fid:.3f}")
+    print(f"FID of {num} samples{guidance}: {fid:.3f}")
     if writer is not None:
         writer.add_scalar("eval/fid", fid, step)
         writer.add_scalar("eval/fid_num_samples", num, step)
@@ -912,8 +912,8 @@ def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: st
     else:
         writer.add_scalar("charts/num_parameters", num_params, 0)
     classes = f"{args.num_classes} classes" if args.num_classes > 0 else "unconditional"
-    print(f"model: DiT with adaLN-{args.adaln}, {num_params:,} parameters; data: {num_images:,} images of "
-          f"{args.img_size}x{args.img_size}, {classes}; device: {setup.device} x {setup.world_size}")
+    print(f"model: DiT with adaLN-{args.adaln}, {num_params:,} parameters; data: {num_images:,} "
+          f"images of {args.img_size}px, {classes}; device: {setup.device} x {setup.world_size}")
     if class_names:  # what --class-label accepts
         print("classes: " + ", ".join(f"{k} {name}" for k, name in enumerate(class_names)))
     return run_dir, writer, train_model
@@ -927,9 +927,9 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
     logged = meter.read()
     if writer is not None:
         writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
-        tags = {"loss": "losses/mse", "grad_norm": "charts/grad_norm", "SPS": "charts/SPS", "mfu": "perf/mfu"}
+        tags = {"loss": "losses/mse", "mfu": "perf/mfu"}  # and charts/grad_norm, charts/SPS
         for key, value in logged.items():  # mfu on CUDA only
-            writer.add_scalar(tags[key], value, step)
+            writer.add_scalar(tags.get(key, f"charts/{key}"), value, step)
         progress.set_postfix({key: f"{value:.4g}" for key, value in logged.items()})
 
 
@@ -954,7 +954,8 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter, setup: "
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
     if setup.is_main:
-        save_checkpoint(run_dir / "checkpoints" / "latest.pt", checkpoint_state(args, step, *parts, **extra))
+        state = checkpoint_state(args, step, *parts, **extra)
+        save_checkpoint(run_dir / "checkpoints" / "latest.pt", state)
         print(f"saved checkpoint at step {step}", flush=True)
 
 

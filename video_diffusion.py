@@ -49,8 +49,7 @@ CHECKPOINT_FORMAT_VERSION = 2  # 2: the cross-attention and resampling weights r
 OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
 # torch.compile's backend (--compile), read at each call: tests put a counting or failing one here
 COMPILE_BACKEND = "inductor"
-# A flag's unit, shown by --help (--save-every STEPS) and read by the tests: one meaning per name.
-STEPS = tyro.conf.arg(metavar="STEPS")
+STEPS = tyro.conf.arg(metavar="STEPS")  # a flag's unit in --help (--save-every STEPS): one per name
 # Beside an Args field: its domain ('>= 1', '[0, 1)'), and RESUME_MUTABLE if --resume may change it.
 RESUME_MUTABLE = "resume-mutable"
 
@@ -992,8 +991,8 @@ def build_model(args: "Args", vocab_size: int, num_actions: int) -> VideoDiffusi
 
 
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
-    """The S = num_steps timesteps (descending) before the last step to the clean image; S = 1: [T-1].
-    uniform: diffusers' "leading"; linspace: DiT's respacing; quadratic: the DDIM paper's CIFAR-10 one."""
+    """The S = num_steps timesteps (descending) before the last step to x0; S = 1: [T-1].
+    uniform: diffusers' "leading"; linspace: DiT's respacing; quadratic: DDIM's CIFAR-10 one."""
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
     steps = {"uniform": np.arange(num_steps) * T // num_steps, "linspace": np.linspace(0, T - 1, num_steps).round(),
@@ -1353,8 +1352,8 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 @torch.no_grad()
 def judge_scores(judge: nn.Sequential, samples: np.ndarray, asked_labels: Optional[np.ndarray],
                  real_heldout: np.ndarray, real_labels: Optional[np.ndarray] = None) -> dict:
-    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (P(not "none")
-    >= 0.9), class_accuracy (asked_labels), frechet (vs real[:N]); *_real: real[:N]'s (vs real[N:2N])."""
+    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (P(not
+    "none") >= 0.9), class_accuracy, frechet (vs real[:N]); *_real: real[:N]'s (vs real[N:2N])."""
     n = len(samples)
     if len(real_heldout) < 2 * n:
         raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
@@ -1756,9 +1755,9 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
     logged = meter.read()
     if writer is not None:
         writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
-        tags = {"loss": "losses/mse", "grad_norm": "charts/grad_norm", "SPS": "charts/SPS", "mfu": "perf/mfu"}
+        tags = {"loss": "losses/mse", "mfu": "perf/mfu"}  # and charts/grad_norm, charts/SPS
         for key, value in logged.items():  # mfu on CUDA only
-            writer.add_scalar(tags[key], value, step)
+            writer.add_scalar(tags.get(key, f"charts/{key}"), value, step)
         progress.set_postfix({key: f"{value:.4g}" for key, value in logged.items()})
 
 
@@ -1767,7 +1766,8 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter, setup: "
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
     if setup.is_main:
-        save_checkpoint(run_dir / "checkpoints" / "latest.pt", checkpoint_state(args, step, *parts, **extra))
+        state = checkpoint_state(args, step, *parts, **extra)
+        save_checkpoint(run_dir / "checkpoints" / "latest.pt", state)
         print(f"saved checkpoint at step {step}", flush=True)
 
 
