@@ -354,7 +354,7 @@ def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
 
 
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
-    """The step-th global batch of the per-epoch permutations of (seed, epoch): ranks agree."""
+    """The step-th global batch of per-epoch shuffles of (seed, epoch): the step is the position."""
     start = step * batch_size
     first, last = start // num_items, (start + batch_size - 1) // num_items  # the epochs the batch spans
     order = torch.cat([torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
@@ -605,7 +605,7 @@ def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: tor
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         x0 = (x - sigma_s * alpha_s * eps) / alpha_s  # data prediction m = (x - sigma alpha eps) / alpha
         x0 = x0.clamp(-1, 1) if clip_denoised else x0
-        if sigma_t == 0:  # lambda = +inf: the last step lands on the data prediction
+        if sigma_t == 0:  # the last step (lambda = +inf) returns the data prediction
             return x0
         h = math.log(sigma_s / sigma_t)  # h = lambda_t - lambda_s, lambda = -log sigma
         # D = m0 + (m0 - m1) / (2 r0), r0 = (lambda_s - lambda_prev) / h; first order (D = m0) on the first step
