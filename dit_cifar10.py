@@ -21,9 +21,7 @@ import random
 import shutil
 import signal
 import sys
-import tarfile
 import time
-import urllib.request
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -225,7 +223,7 @@ def check_args(args: Args, world_size: int):
 
 
 # --------------------------------------------------------------------------------------------------
-# Data: CIFAR-10 (binary, md5-checked), image folders, generated shapes, all as uint8 (N, 3, H, W).
+# Data (CIFAR-10, image folders, shapes: uint8 (N, 3, H, W)), its order, noise schedule (float64)
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -241,22 +239,17 @@ def load_cifar10(data_dir: str, download: bool = True) -> tuple[np.ndarray, np.n
         if not download:
             raise UserError(f"CIFAR-10 not found: {put}")
         root.mkdir(parents=True, exist_ok=True)
-        partial = archive.with_suffix(".part")
-        try:
-            print(f"downloading {CIFAR10_URL} to {root}/ ...", flush=True)
-            with urllib.request.urlopen(CIFAR10_URL, timeout=60) as response, open(partial, "wb") as f:
-                shutil.copyfileobj(response, f)
+        print(f"downloading {CIFAR10_URL} to {root}/ ...", flush=True)
+        try:  # into a temporary file, renamed once complete: a failed download leaves nothing
+            torch.hub.download_url_to_file(CIFAR10_URL, str(archive))
         except OSError as e:
-            partial.unlink(missing_ok=True)
             raise UserError(f"could not download CIFAR-10 ({e.__class__.__name__}): {put}") from None
-        os.replace(partial, archive)
     if not folder.is_dir():
         if hashlib.md5(archive.read_bytes()).hexdigest() != CIFAR10_MD5:
             raise UserError(f"{archive} is corrupt (md5 is not {CIFAR10_MD5}): delete it and download it again")
         extracting = root / ".cifar-10-extracting"  # then renamed: a killed extraction leaves nothing
         shutil.rmtree(extracting, ignore_errors=True)
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(extracting, filter="data")
+        shutil.unpack_archive(archive, extracting, "gztar", filter="data")
         os.replace(extracting / "cifar-10-batches-bin", folder)
         shutil.rmtree(extracting)
     fix = f"delete the folder {folder} to extract (or download) CIFAR-10 again"
@@ -341,8 +334,7 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
 
 
 def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
-    """uint8 images (N, 3, H, W), int64 labels, the dataset id (run name) and the class names (label
-    k is class_names[k]; a folder's: its sorted subfolders)."""
+    """uint8 images (N, 3, H, W), int64 labels, the run name's dataset id and the class names."""
     if args.dataset == "cifar10":
         images, labels = load_cifar10(args.data_dir, args.download)
         dataset_id, class_names = "cifar10", CIFAR10_CLASSES
@@ -362,24 +354,17 @@ def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
 
 
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
-    """The step-th global batch of an endless stream of per-epoch permutations (crossing epochs)."""
-    # The data order is a pure function of (seed, epoch), so the position in it is just the step counter: an exact
-    # resume needs no saved sampler state, and every torchrun rank agrees on the global batch.
+    """The step-th global batch of per-epoch shuffles of (seed, epoch): the step is the position."""
     start = step * batch_size
     first, last = start // num_items, (start + batch_size - 1) // num_items  # the epochs the batch spans
     order = torch.cat([torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
                        for epoch in range(first, last + 1)])
-    return order[start - first * num_items: start - first * num_items + batch_size]
-
-
-# --------------------------------------------------------------------------------------------------
-# Noise schedule. Everything is computed in float64 and cast at the point of use.
+    return order[start % num_items: start % num_items + batch_size]
 
 
 def make_beta_schedule(kind: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """betas (T,) in float64, capped at 0.999. "linear": Ho et al.'s, both ends scaled by 1000 / T
-    as improved-diffusion does (a shorter schedule still ends in noise); "cosine": Nichol & Dhariwal."""
-    if kind == "linear":
+    """betas (T,) in float64, capped at 0.999: "linear" Ho et al.'s, "cosine" Nichol & Dhariwal."""
+    if kind == "linear":  # scaled as improved-diffusion's: a shorter schedule still ends in noise
         scale = 1000 / timesteps  # exactly 1.0 at T = 1000
         return torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64).clamp(max=0.999)
     # abar_t = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) pi/2), s = 0.008; beta_t = 1 - abar_t / abar_{t-1}
@@ -557,16 +542,13 @@ def build_model(args: Args) -> DiT:
 
 
 # --------------------------------------------------------------------------------------------------
-# Samplers. Each takes model_fn(x_t, t) -> predicted noise for integer timesteps t (B,), the noise
-# x_T, and alphas_cumprod (float64, length T). Coefficients in float64, cast to x's dtype. The class
-# labels and the guidance live inside model_fn (guided_model_fn, at the end of this section).
+# Samplers of model_fn(x_t, t) -> predicted noise (t: int64 (B,)), x_T, alphas_cumprod (float64, T);
+# the class labels and the guidance live inside model_fn (guided_model_fn, at the end).
 
 
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
-    """The S = num_steps timesteps (descending) visited before the last step to the clean image;
-    ValueError unless 1 <= S <= T. S = 1: [T-1]. "uniform": floor(i T / S), diffusers' "leading"
-    where S divides T; "linspace": round(linspace(0, T-1, S)), half to even, DiT's respacing;
-    "quadratic": int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice."""
+    """The S = num_steps timesteps (descending) before the last step to x0; S = 1: [T-1].
+    uniform: diffusers' "leading"; linspace: DiT's respacing; quadratic: DDIM's CIFAR-10 one."""
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
     steps = {"uniform": np.arange(num_steps) * T // num_steps, "linspace": np.linspace(0, T - 1, num_steps).round(),
@@ -574,7 +556,6 @@ def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int
     return [T - 1] if num_steps == 1 else [int(s) for s in steps[::-1]]
 
 
-@torch.no_grad()
 def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: Optional[int] = None,
                 variance: str = "fixed_large", clip_denoised: bool = True,
                 generator: Optional[torch.Generator] = None, spacing: str = "uniform") -> torch.Tensor:
@@ -612,44 +593,36 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 @torch.no_grad()
 def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
                       num_steps: int, clip_denoised: bool = False) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022) with diffusers' defaults (first order at both ends).
-    clip_denoised: the paper's thresholding of x0 to [-1, 1]."""
+    """DPM-Solver++(2M) (Lu et al. 2022) as diffusers': first order at both ends, timesteps
+    round(linspace(0, T-1, S+1))[:-1] (S = T: all); clip_denoised thresholds x0 to [-1, 1]."""
     T, abar = len(alphas_cumprod), alphas_cumprod.tolist()
-    if not 1 <= num_steps <= T:
-        raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
-    timesteps = list(range(T - 1, -1, -1)) if num_steps == T else [  # S = T: rounding would repeat a timestep
-        int(s) for s in np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1]]
+    timesteps = (ddim_timesteps(T, num_steps + 1, "linspace")[:-1] if 0 < num_steps < T
+                 else ddim_timesteps(T, num_steps))
     sigmas = [math.sqrt((1 - abar[t]) / abar[t]) for t in timesteps] + [0.0]
     x, previous_x0 = x_T, None
-    for i, t in enumerate(timesteps):
-        sigma_s, sigma_t = sigmas[i], sigmas[i + 1]  # sigma = sqrt((1-abar)/abar), alpha = 1/sqrt(sigma^2 + 1)
+    for i, (t, sigma_s, sigma_t) in enumerate(zip(timesteps, sigmas, sigmas[1:])):
         alpha_s, alpha_t = 1 / math.sqrt(sigma_s ** 2 + 1), 1 / math.sqrt(sigma_t ** 2 + 1)
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         x0 = (x - sigma_s * alpha_s * eps) / alpha_s  # data prediction m = (x - sigma alpha eps) / alpha
-        if clip_denoised:
-            x0 = x0.clamp(-1, 1)
-        if sigma_t == 0:  # lambda = +inf: the last step lands on the data prediction
-            x = x0
-        else:  # lambda = log(alpha / (sigma alpha)) = -log sigma, h = lambda_t - lambda_s
-            h = math.log(sigma_s / sigma_t)
-            # D = m0 + (m0 - m1) / (2 r0), r0 = (lambda_s - lambda_prev) / h; first order (D = m0) on the first step
-            d = x0 if previous_x0 is None else x0 + (x0 - previous_x0) * h / (2 * math.log(sigmas[i - 1] / sigma_s))
-            x = (sigma_t * alpha_t / (sigma_s * alpha_s)) * x - alpha_t * math.expm1(-h) * d  # x_t
+        x0 = x0.clamp(-1, 1) if clip_denoised else x0
+        if sigma_t == 0:  # the last step (lambda = +inf) returns the data prediction
+            return x0
+        h = math.log(sigma_s / sigma_t)  # h = lambda_t - lambda_s, lambda = -log sigma
+        # D = m0 + (m0 - m1) / (2 r0), r0 = (lambda_s - lambda_prev) / h; first order (D = m0) on the first step
+        d = x0 if previous_x0 is None else x0 + (x0 - previous_x0) * h / (2 * math.log(sigmas[i - 1] / sigma_s))
+        x = (sigma_t * alpha_t / (sigma_s * alpha_s)) * x - alpha_t * math.expm1(-h) * d  # x_t
         previous_x0 = x0
-    return x
 
 
 # ==== BEGIN OPTIONAL: judge ====
-# An offline sample-quality score on the generated shapes (FID needs Inception weights): a small CNN,
-# trained once on real images and cached, judges the samples (eval/judge_*). Optional: delete this
-# block and every line ending in "# optional: judge" (tests/test_optional_blocks.py does):
+# A small CNN, trained once on real images and cached, judges the generated shapes offline (FID
+# needs Inception weights). To drop it, delete this block and each line ending "# optional: judge":
 #   sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' dit_cifar10.py > x.py
 
 
 def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
                         num_classes: int, seed: int) -> nn.Sequential:
-    """A CNN classifying images in [-1, 1] into num_classes + 1 classes, the last "none" (noise);
-    judge[:-1] gives the features Frechet compares. Cached, else trained on make_data()."""
+    """A CNN: images in [-1, 1] -> num_classes + 1 logits (the last "none"); cached or trained."""
     path = Path(cache_dir) / f"{key}_v2.pt"  # v2: a changed network never loads an old cache
     with torch.random.fork_rng(devices=[]):  # a pure function of seed: no draw from the run's RNG
         torch.manual_seed(seed)
@@ -673,29 +646,25 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
         a = torch.rand(n, 1, 1, 1, generator=generator) * 0.6 + 0.4
         x[:n] = ((1 - a) * x[:n] + a * torch.randn(x[:n].shape, generator=generator)).clamp(-1, 1)
         y[:n] = num_classes
-        loss = F.cross_entropy(judge(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        F.cross_entropy(judge(x), y).backward()
         optimizer.step()
+        optimizer.zero_grad()
     save_checkpoint(path, judge.state_dict())  # atomic
     return judge.eval().requires_grad_(False)
 
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """FID's d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two
-    feature sets (N, d), in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as torchmetrics."""
+    """FID's d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two (N, d) features."""
     a, b = feats_a.double(), feats_b.double()
     cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
-    trace_sqrt = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()
+    trace_sqrt = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()  # as torchmetrics
     return float((a.mean(0) - b.mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt)
 
 
 @torch.no_grad()
 def judge_scores(judge: nn.Sequential, samples: np.ndarray, asked_labels: Optional[np.ndarray],
                  real_heldout: np.ndarray, real_labels: Optional[np.ndarray] = None) -> dict:
-    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share with
-    P(not "none") >= 0.9), class_accuracy (share of likeliest class asked_labels'), frechet (judge
-    features, vs real[:N]); *_real: real[:N] (vs real[N:2N]), the ceiling."""
+    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real ones; *_real: the ceiling."""
     n = len(samples)
     if len(real_heldout) < 2 * n:
         raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
@@ -724,8 +693,7 @@ def make_shapes_judge(args: Args, num_samples: int) -> tuple[nn.Sequential, np.n
 
 def judge_samples(judge, evaluated: Optional[tuple], generate: Callable, args: Args, step: int, eval_now: bool,
                   writer):
-    """eval/judge_* of an evaluation's shapes samples and labels (log_samples'), also without
-    guidance (_cfg1); returns the judge (made at the first evaluation)."""
+    """eval/judge_* of log_samples' evaluation, also without guidance (_cfg1); returns the judge."""
     from tqdm import tqdm  # a line of its own, not on the progress bar's
 
     if not (eval_now and evaluated is not None and args.dataset == "shapes"):
@@ -769,9 +737,8 @@ def guided_model_fn(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale:
         with autocast:
             if labels is None or cfg_scale == 1.0:
                 return model(x, t, labels).float()
-            null_labels = torch.full_like(labels, model.num_classes)
-            eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels])).float()
-        eps_cond, eps_uncond = eps.chunk(2)
+            y = torch.cat([labels, torch.full_like(labels, model.num_classes)])  # null: num_classes
+            eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), y).float().chunk(2)
         return eps_uncond + cfg_scale * (eps_cond - eps_uncond)
 
     return model_fn
@@ -805,8 +772,8 @@ def step_memory_profile(args: Args) -> tuple[int, float, float]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation: FID with torchmetrics (torch-fidelity's Inception, or any feature extractor) for
-# CIFAR-10 and image folders; on the generated shapes, the judge (the optional block above).
+# Evaluation (FID by torchmetrics; the judge is above) and the run's parts, main()'s steps: guided
+# EMA samples (abandoned on a signal) and their files, the run length, the start, logs, checkpoints.
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
@@ -816,36 +783,27 @@ def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
 
         return FrechetInceptionDistance(feature=2048 if feature_extractor is None else feature_extractor)
     except Exception as e:  # noqa: BLE001 - no torchmetrics or torch-fidelity, or no Inception weights
-        reason = (str(e) or e.__class__.__name__).splitlines()[0]
         raise UserError(f"FID needs torchmetrics, torch-fidelity and the Inception weights "
                         f"pt_inception-2015-12-05-6726825d.pth (pip install -e '.[eval]'; offline, put the file in "
-                        f"{torch.hub.get_dir()}/checkpoints/): {reason}") from None
+                        f"{torch.hub.get_dir()}/checkpoints/): {error_reason(e)}") from None
 
 
 def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], np.ndarray], real_images: np.ndarray,
                  args: Args, device: torch.device, writer=None, step: int = 0) -> float:
-    """FID of --fid-num-samples samples, every class equally often, vs the training images (the
-    paper's protocol), printed and logged as eval/fid."""
+    """FID of --fid-num-samples samples, every class equally often, vs the training images."""
     num, classes = args.fid_num_samples, args.num_classes
     samples = generate(num, torch.arange(num) % classes if classes > 0 else None)
-    fid_metric = fid_metric.to(device)
-    fid_metric.reset()
+    fid_metric.to(device).reset()  # a Module: moved in place
     for images, real in ((real_images, True), (samples, False)):
         for batch in torch.from_numpy(images).split(args.sample_batch_size):
             fid_metric.update(batch.to(device), real=real)
     fid = float(fid_metric.compute())
     guidance = f", guidance {args.cfg_scale:g}" if classes > 0 else ""
-    print(f"FID ({num} samples vs {len(real_images)} training images, {args.sampler} {args.num_sampling_steps} "
-          f"steps{guidance}): {fid:.3f}")
+    print(f"FID of {num} samples{guidance}: {fid:.3f}")
     if writer is not None:
         writer.add_scalar("eval/fid", fid, step)
         writer.add_scalar("eval/fid_num_samples", num, step)
     return fid
-
-
-# --------------------------------------------------------------------------------------------------
-# The run's parts: samples from the EMA model (guided, abandoned on a signal) and their files,
-# the run length, sampling a checkpoint, the run's start, the log of each interval, the checkpoint.
 
 
 def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[torch.Tensor] = None,
@@ -859,8 +817,7 @@ def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[
 
 def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torch.Tensor], args: Args,
                      alphas_cumprod: torch.Tensor, autocast, stop: "StopFlag") -> np.ndarray:
-    """num uint8 (N, 3, H, W) samples of the given classes (None: unconditional), from the same
-    noise each time (seed + 10,000); stop.check() runs before every network evaluation."""
+    """num uint8 (N, 3, H, W) samples of class_labels (None: any), from seed + 10,000's noise."""
     device = next(ema_model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
     out, starts = [], range(0, num, args.sample_batch_size)
@@ -910,14 +867,12 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
                            device: torch.device, class_names: list[str]):
     """--sample-only: --num-samples samples in samples/, a row of ceil(N / classes) per class or N
     of --class-label; with --eval-fid, their FID. A signal abandons them, writes nothing more."""
-    label = args.class_label  # an index (check_args checked its range) or a class name
-    if label is not None and not label.lstrip("-").isdigit() and label not in class_names:
-        raise UserError(f"--class-label {label!r} is not a class of this model: give an index "
-                        f"(0 to {len(class_names) - 1}) or one of {', '.join(map(repr, class_names))}")
-    if label is not None:
+    label, labels, columns, what = args.class_label, None, None, ""  # None: unconditional
+    if label is not None:  # an index (check_args checked its range) or a class name
+        if not label.lstrip("-").isdigit() and label not in class_names:
+            raise UserError(f"--class-label {label!r} is not a class of this model: give an index "
+                            f"(0 to {len(class_names) - 1}) or one of {', '.join(map(repr, class_names))}")
         label = int(label) if label.lstrip("-").isdigit() else class_names.index(label)
-    labels, columns, what = None, None, ""  # unconditional
-    if label is not None:
         labels, what = torch.full((args.num_samples,), label), f" of class {label} ({class_names[label]})"
     elif args.num_classes > 0:
         columns = math.ceil(args.num_samples / args.num_classes)
@@ -939,9 +894,13 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
 
 def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
              num_images: int, class_names: list[str]):
-    """Rank 0's run folder (new unless resumed) and writer (else None); prints the run's start."""
+    """The model to train (compiled, in DDP), rank 0's run folder and writer; prints the start."""
+    train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
+    if setup.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
+                                                          if setup.use_cuda else None)
     if not setup.is_main:
-        return run_dir, None
+        return run_dir, None, train_model
     run_dir, writer = open_writer(args, run_dir, step, dataset_id)
     num_params = sum(p.numel() for p in model.parameters())  # trainable only: the position embedding is a buffer
     print(f"run folder: {run_dir}")
@@ -950,21 +909,11 @@ def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: st
     else:
         writer.add_scalar("charts/num_parameters", num_params, 0)
     classes = f"{args.num_classes} classes" if args.num_classes > 0 else "unconditional"
-    print(f"model: DiT with adaLN-{args.adaln}, {num_params:,} parameters; data: {num_images:,} images of "
-          f"{args.img_size}x{args.img_size}, {classes}; device: {setup.device}"
-          + (f" x {setup.world_size}" if setup.world_size > 1 else ""))
+    print(f"model: DiT with adaLN-{args.adaln}, {num_params:,} parameters; data: {num_images:,} "
+          f"images of {args.img_size}px, {classes}; device: {setup.device} x {setup.world_size}")
     if class_names:  # what --class-label accepts
         print("classes: " + ", ".join(f"{k} {name}" for k, name in enumerate(class_names)))
-    return run_dir, writer
-
-
-def wrap_for_training(model: nn.Module, args: Args, setup: "Setup") -> nn.Module:
-    """The model the step calls: compiled (--compile), in DDP (torchrun); the rest use the plain."""
-    train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
-    if setup.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
-                                                          if setup.use_cuda else None)
-    return train_model
+    return run_dir, writer, train_model
 
 
 def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir: Optional[Path]):
@@ -975,12 +924,10 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
     logged = meter.read()
     if writer is not None:
         writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
-        for tag, key in (("losses/mse", "loss"), ("charts/grad_norm", "grad_norm"), ("charts/SPS", "SPS"),
-                         ("perf/mfu", "mfu")):  # MFU on CUDA only
-            if key in logged:
-                writer.add_scalar(tag, logged[key], step)
-        mfu = {"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}
-        progress.set_postfix(loss=f"{logged['loss']:.4f}", SPS=f"{logged['SPS']:.1f}", **mfu)
+        tags = {"loss": "losses/mse", "mfu": "perf/mfu"}  # and charts/grad_norm, charts/SPS
+        for key, value in logged.items():  # mfu on CUDA only
+            writer.add_scalar(tags.get(key, f"charts/{key}"), value, step)
+        progress.set_postfix({key: f"{value:.4g}" for key, value in logged.items()})
 
 
 def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
@@ -999,15 +946,13 @@ def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, write
         return samples, labels
 
 
-def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
-             **extra):
+def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter, setup: "Setup", **extra):
     """Rank 0 writes the checkpoint; a non-finite loss since the last check is a TrainingFailure."""
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
     if setup.is_main:
-        position = {"epoch": step * args.batch_size // num_items, "index": step * args.batch_size % num_items}
-        save_checkpoint(run_dir / "checkpoints" / "latest.pt",
-                        checkpoint_state(args, step, *parts, **extra, data_position=position))
+        state = checkpoint_state(args, step, *parts, **extra)
+        save_checkpoint(run_dir / "checkpoints" / "latest.pt", state)
         print(f"saved checkpoint at step {step}", flush=True)
 
 
@@ -1058,9 +1003,9 @@ def main(args: Args, given: set[str]):
         return
 
     # ---- the run folder (after the signal handlers: it gets a checkpoint), TensorBoard, throughput
-    run_dir, writer = open_run(args, setup, run_dir, dataset_id, step, model, len(images), class_names)
+    run_dir, writer, train_model = open_run(args, setup, run_dir, dataset_id, step, model, len(images),
+                                            class_names)
     meter = Meter(device, 3 * flops, peak_flops(setup, args.dtype), setup.world_size)  # 3x the forward
-    train_model = wrap_for_training(model, args, setup)
     judge = None  # optional: judge
 
     # ---- train
@@ -1108,7 +1053,7 @@ def main(args: Args, given: set[str]):
             judge = judge_samples(judge, samples, generate, args, step, eval_now, writer)  # optional: judge
             stopping = stop.sync(setup) if setup.world_size == 1 else stopping
         if save_now or stopping:
-            save_run(run_dir, args, step, parts, meter, setup, len(images), class_names=class_names)
+            save_run(run_dir, args, step, parts, meter, setup, class_names=class_names)
         if eval_now or save_now or step in (first_step + 1, args.first_sample_at):
             meter.restart_clock()  # sampling, saving and the first (compiling) step stay out of SPS
         if stopping:

@@ -49,8 +49,7 @@ CHECKPOINT_FORMAT_VERSION = 2  # 2: the cross-attention and resampling weights r
 OLDER_CHECKPOINT_FORMATS = ()  # formats a resume converts (none)
 # torch.compile's backend (--compile), read at each call: tests put a counting or failing one here
 COMPILE_BACKEND = "inductor"
-# A flag's unit, shown by --help (--save-every STEPS) and read by the tests: one meaning per name.
-STEPS = tyro.conf.arg(metavar="STEPS")
+STEPS = tyro.conf.arg(metavar="STEPS")  # a flag's unit in --help (--save-every STEPS): one per name
 # Beside an Args field: its domain ('>= 1', '[0, 1)'), and RESUME_MUTABLE if --resume may change it.
 RESUME_MUTABLE = "resume-mutable"
 
@@ -647,14 +646,12 @@ def eval_subset(data: VideoData, args: "Args") -> VideoData:
 
 
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
-    """The step-th global batch of an endless stream of per-epoch permutations (crossing epochs)."""
-    # The data order is a pure function of (seed, epoch), so the position in it is just the step counter: an exact
-    # resume needs no saved sampler state, and every torchrun rank agrees on the global batch.
+    """The step-th global batch of per-epoch shuffles of (seed, epoch): the step is the position."""
     start = step * batch_size
     first, last = start // num_items, (start + batch_size - 1) // num_items  # the epochs the batch spans
     order = torch.cat([torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
                        for epoch in range(first, last + 1)])
-    return order[start - first * num_items: start - first * num_items + batch_size]
+    return order[start % num_items: start % num_items + batch_size]
 
 
 # Words: a vocabulary built from the dataset's captions, learned with the model (a pretrained text
@@ -713,9 +710,8 @@ def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list
 
 
 def make_beta_schedule(kind: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """betas (T,) in float64, capped at 0.999. "linear": Ho et al.'s, both ends scaled by 1000 / T
-    as improved-diffusion does (a shorter schedule still ends in noise); "cosine": Nichol & Dhariwal."""
-    if kind == "linear":
+    """betas (T,) in float64, capped at 0.999: "linear" Ho et al.'s, "cosine" Nichol & Dhariwal."""
+    if kind == "linear":  # scaled as improved-diffusion's: a shorter schedule still ends in noise
         scale = 1000 / timesteps  # exactly 1.0 at T = 1000
         return torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64).clamp(max=0.999)
     # abar_t = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) pi/2), s = 0.008; beta_t = 1 - abar_t / abar_{t-1}
@@ -991,16 +987,12 @@ def build_model(args: "Args", vocab_size: int, num_actions: int) -> VideoDiffusi
 
 
 # --------------------------------------------------------------------------------------------------
-# Samplers. Each takes model_fn(x_t, t) -> predicted noise for integer timesteps t of shape (B,),
-# the starting noise x_T (any shape: here (B, 3, T, H, W)), and alphas_cumprod (float64, length T).
-# Coefficients are computed in float64 and cast to x's dtype.
+# Samplers of model_fn(x_t, t) -> predicted noise (t: int64 (B,)), x_T, alphas_cumprod (float64, T)
 
 
 def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int]:
-    """The S = num_steps timesteps (descending) visited before the last step to the clean image;
-    ValueError unless 1 <= S <= T. S = 1: [T-1]. "uniform": floor(i T / S), diffusers' "leading"
-    where S divides T; "linspace": round(linspace(0, T-1, S)), half to even, DiT's respacing;
-    "quadratic": int(linspace(0, sqrt(0.8 T), S)^2), the DDIM paper's CIFAR-10 choice."""
+    """The S = num_steps timesteps (descending) before the last step to x0; S = 1: [T-1].
+    uniform: diffusers' "leading"; linspace: DiT's respacing; quadratic: DDIM's CIFAR-10 one."""
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
     steps = {"uniform": np.arange(num_steps) * T // num_steps, "linspace": np.linspace(0, T - 1, num_steps).round(),
@@ -1008,7 +1000,6 @@ def ddim_timesteps(T: int, num_steps: int, spacing: str = "uniform") -> list[int
     return [T - 1] if num_steps == 1 else [int(s) for s in steps[::-1]]
 
 
-@torch.no_grad()
 def ddpm_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, num_steps: Optional[int] = None,
                 variance: str = "fixed_large", clip_denoised: bool = True,
                 generator: Optional[torch.Generator] = None, spacing: str = "uniform") -> torch.Tensor:
@@ -1046,31 +1037,25 @@ def ddim_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Ten
 @torch.no_grad()
 def dpm_solver_sample(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
                       num_steps: int, clip_denoised: bool = False) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022) with diffusers' defaults (first order at both ends).
-    clip_denoised: the paper's thresholding of x0 to [-1, 1]."""
+    """DPM-Solver++(2M) (Lu et al. 2022) as diffusers': first order at both ends, timesteps
+    round(linspace(0, T-1, S+1))[:-1] (S = T: all); clip_denoised thresholds x0 to [-1, 1]."""
     T, abar = len(alphas_cumprod), alphas_cumprod.tolist()
-    if not 1 <= num_steps <= T:
-        raise ValueError(f"num_steps must be between 1 and T = {T}, not {num_steps}")
-    timesteps = list(range(T - 1, -1, -1)) if num_steps == T else [  # S = T: rounding would repeat a timestep
-        int(s) for s in np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1]]
+    timesteps = (ddim_timesteps(T, num_steps + 1, "linspace")[:-1] if 0 < num_steps < T
+                 else ddim_timesteps(T, num_steps))
     sigmas = [math.sqrt((1 - abar[t]) / abar[t]) for t in timesteps] + [0.0]
     x, previous_x0 = x_T, None
-    for i, t in enumerate(timesteps):
-        sigma_s, sigma_t = sigmas[i], sigmas[i + 1]  # sigma = sqrt((1-abar)/abar), alpha = 1/sqrt(sigma^2 + 1)
+    for i, (t, sigma_s, sigma_t) in enumerate(zip(timesteps, sigmas, sigmas[1:])):
         alpha_s, alpha_t = 1 / math.sqrt(sigma_s ** 2 + 1), 1 / math.sqrt(sigma_t ** 2 + 1)
         eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
         x0 = (x - sigma_s * alpha_s * eps) / alpha_s  # data prediction m = (x - sigma alpha eps) / alpha
-        if clip_denoised:
-            x0 = x0.clamp(-1, 1)
-        if sigma_t == 0:  # lambda = +inf: the last step lands on the data prediction
-            x = x0
-        else:  # lambda = log(alpha / (sigma alpha)) = -log sigma, h = lambda_t - lambda_s
-            h = math.log(sigma_s / sigma_t)
-            # D = m0 + (m0 - m1) / (2 r0), r0 = (lambda_s - lambda_prev) / h; first order (D = m0) on the first step
-            d = x0 if previous_x0 is None else x0 + (x0 - previous_x0) * h / (2 * math.log(sigmas[i - 1] / sigma_s))
-            x = (sigma_t * alpha_t / (sigma_s * alpha_s)) * x - alpha_t * math.expm1(-h) * d  # x_t
+        x0 = x0.clamp(-1, 1) if clip_denoised else x0
+        if sigma_t == 0:  # the last step (lambda = +inf) returns the data prediction
+            return x0
+        h = math.log(sigma_s / sigma_t)  # h = lambda_t - lambda_s, lambda = -log sigma
+        # D = m0 + (m0 - m1) / (2 r0), r0 = (lambda_s - lambda_prev) / h; first order (D = m0) on the first step
+        d = x0 if previous_x0 is None else x0 + (x0 - previous_x0) * h / (2 * math.log(sigmas[i - 1] / sigma_s))
+        x = (sigma_t * alpha_t / (sigma_s * alpha_s)) * x - alpha_t * math.expm1(-h) * d  # x_t
         previous_x0 = x0
-    return x
 
 
 def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Tensor] = None,
@@ -1078,20 +1063,17 @@ def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Ten
                     context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                     context_noise: Optional[torch.Tensor] = None, autocast=contextlib.nullcontext(),
                     prediction: str = "eps", alphas_cumprod: Optional[torch.Tensor] = None) -> Callable:
-    """model_fn(x_t, t) -> eps guided on caption and actions, eps = eps_u + s (eps_c - eps_u) in one forward;
-    eps_u has the null caption and actions, the context frames (the past is no condition). v becomes
-    eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t (affine in v: guiding v or eps is the same)."""
-
+    """model_fn(x_t, t) -> eps = eps_u + s (eps_c - eps_u) in one forward, eps_u without caption and
+    actions but with the context frames; v: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         null_text = model.null_text(x.shape[0], x.device)
         drop = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) if drop_actions is None else drop_actions
         both = lambda z: None if z is None else torch.cat([z, z])  # noqa: E731
         with autocast:
-            eps = model(both(x), both(t), torch.cat([null_text if text is None else text, null_text]), both(actions),
-                        torch.cat([drop, torch.ones_like(drop)]), both(context), both(context_mask),
-                        both(context_noise)).to(x.dtype)
-        eps_c, eps_u = eps.chunk(2)
-        guided = eps_u + cfg_scale * (eps_c - eps_u)
+            eps_c, eps_u = model(both(x), both(t), torch.cat([null_text if text is None else text, null_text]),
+                                 both(actions), torch.cat([drop, torch.ones_like(drop)]), both(context),
+                                 both(context_mask), both(context_noise)).to(x.dtype).chunk(2)
+        guided = eps_u + cfg_scale * (eps_c - eps_u)  # in v or eps alike: eps is affine in v
         if prediction == "v":
             abar = alphas_cumprod.to(x.device)[t].to(x.dtype)[:, None, None, None, None]
             guided = abar.sqrt() * guided + (1 - abar).sqrt() * x
@@ -1321,17 +1303,14 @@ class EvalSampler(DeviceClips):
 
 
 # ==== BEGIN OPTIONAL: judge ====
-# An offline sample-quality score on the generated sprites (FID needs Inception weights, and its values
-# mean nothing across datasets): a small CNN, trained once on real frames and cached, judges the samples
-# (eval/judge_*). Optional: delete this block and every line ending in "# optional: judge" (the script
-# runs as before without eval/judge_*; tests/test_optional_blocks.py checks it):
+# A small CNN, trained once on real frames and cached, judges the generated sprites offline (FID
+# needs Inception weights). To drop it, delete this block and each line ending "# optional: judge":
 # sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' video_diffusion.py > x.py
 
 
 def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple[np.ndarray, np.ndarray]],
                         num_classes: int, seed: int) -> nn.Sequential:
-    """A CNN classifying images in [-1, 1] into num_classes + 1 classes, the last "none" (noise);
-    judge[:-1] gives the features Frechet compares. Cached, else trained on make_data()."""
+    """A CNN: images in [-1, 1] -> num_classes + 1 logits (the last "none"); cached or trained."""
     path = Path(cache_dir) / f"{key}_v2.pt"  # v2: a changed network never loads an old cache
     with torch.random.fork_rng(devices=[]):  # a pure function of seed: no draw from the run's RNG
         torch.manual_seed(seed)
@@ -1355,29 +1334,25 @@ def load_or_train_judge(cache_dir: Path, key: str, make_data: Callable[[], tuple
         a = torch.rand(n, 1, 1, 1, generator=generator) * 0.6 + 0.4
         x[:n] = ((1 - a) * x[:n] + a * torch.randn(x[:n].shape, generator=generator)).clamp(-1, 1)
         y[:n] = num_classes
-        loss = F.cross_entropy(judge(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        F.cross_entropy(judge(x), y).backward()
         optimizer.step()
+        optimizer.zero_grad()
     save_checkpoint(path, judge.state_dict())  # atomic
     return judge.eval().requires_grad_(False)
 
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """FID's d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of two
-    feature sets (N, d), in float64; Tr((S_a S_b)^(1/2)) from eigenvalues, as torchmetrics."""
+    """FID's d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two (N, d) features."""
     a, b = feats_a.double(), feats_b.double()
     cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (d, d), ddof 1
-    trace_sqrt = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()
+    trace_sqrt = torch.linalg.eigvals(cov_a @ cov_b).sqrt().real.sum()  # as torchmetrics
     return float((a.mean(0) - b.mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt)
 
 
 @torch.no_grad()
 def judge_scores(judge: nn.Sequential, samples: np.ndarray, asked_labels: Optional[np.ndarray],
                  real_heldout: np.ndarray, real_labels: Optional[np.ndarray] = None) -> dict:
-    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real images: recognised (share with
-    P(not "none") >= 0.9), class_accuracy (share of likeliest class asked_labels'), frechet (judge
-    features, vs real[:N]); *_real: real[:N] (vs real[N:2N]), the ceiling."""
+    """Scores of N uint8 samples (N, 3, H, W) against 2N held-out real ones; *_real: the ceiling."""
     n = len(samples)
     if len(real_heldout) < 2 * n:
         raise ValueError(f"judge_scores needs at least {2 * n} held-out real images, got {len(real_heldout)}")
@@ -1766,9 +1741,8 @@ def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoD
         writer.add_scalar("charts/num_parameters", num_params, 0)
     print(f"model: {num_params:,} parameters; data: {num_clips:,} clips, {len(vocabulary) - len(SPECIAL_TOKENS)} "
           f"words, {num_actions} actions; device: {setup.device}")
-    if num_clips < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
-        print(f"notice: {num_clips:,} clips, fewer than --batch-size {args.batch_size}: each batch holds clips "
-              f"more than once")
+    if num_clips < args.batch_size:  # it trains (batches cross epochs and repeat clips), but say so
+        print(f"notice: {num_clips:,} clips, fewer than --batch-size {args.batch_size}")
     return run_dir, writer
 
 
@@ -1780,23 +1754,19 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
     logged = meter.read()
     if writer is not None:
         writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
-        for tag, key in (("losses/mse", "loss"), ("charts/grad_norm", "grad_norm"), ("charts/SPS", "SPS"),
-                         ("perf/mfu", "mfu")):  # MFU on CUDA only
-            if key in logged:
-                writer.add_scalar(tag, logged[key], step)
-        mfu = {"mfu": f"{logged['mfu']:.1%}"} if "mfu" in logged else {}
-        progress.set_postfix(loss=f"{logged['loss']:.4f}", SPS=f"{logged['SPS']:.1f}", **mfu)
+        tags = {"loss": "losses/mse", "mfu": "perf/mfu"}  # and charts/grad_norm, charts/SPS
+        for key, value in logged.items():  # mfu on CUDA only
+            writer.add_scalar(tags.get(key, f"charts/{key}"), value, step)
+        progress.set_postfix({key: f"{value:.4g}" for key, value in logged.items()})
 
 
-def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter", setup: "Setup", num_items: int,
-             **extra):
+def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter, setup: "Setup", **extra):
     """Rank 0 writes the checkpoint; a non-finite loss since the last check is a TrainingFailure."""
     if not meter.finite():
         raise non_finite_failure(f"before step {step}", run_dir)
     if setup.is_main:
-        position = {"epoch": step * args.batch_size // num_items, "index": step * args.batch_size % num_items}
-        save_checkpoint(run_dir / "checkpoints" / "latest.pt",
-                        checkpoint_state(args, step, *parts, **extra, data_position=position))
+        state = checkpoint_state(args, step, *parts, **extra)
+        save_checkpoint(run_dir / "checkpoints" / "latest.pt", state)
         print(f"saved checkpoint at step {step}", flush=True)
 
 
@@ -1901,7 +1871,7 @@ def main(args: Args, given: set[str]):
                                    f"start: {run_dir / 'samples' / f'step{step:08d}.png'}")
             stopping = stop.sync(setup) if setup.world_size == 1 else stopping
         if step % args.save_every == 0 or step == args.total_steps or stopping:
-            save_run(run_dir, args, step, parts, meter, setup, len(clips.starts))
+            save_run(run_dir, args, step, parts, meter, setup)
         if evaluation or step % args.save_every == 0 or step in (first_step + 1, args.first_sample_at):
             meter.restart_clock()  # sampling, saving and the first (compiling) step stay out of SPS
         if stopping:
