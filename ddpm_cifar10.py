@@ -158,8 +158,8 @@ class Args:
     """batch size when generating many samples"""
 
 
-# cpu: recognisable 16x16 shapes in minutes on 2 cores; v-prediction, as a briefly trained eps model's x0
-# near t = T is far off (only DDPM-1000 recovers). tiny: the whole loop in seconds; its samples are blobs.
+# cpu: recognisable 16x16 shapes in minutes on 2 cores; v-prediction, as a briefly trained eps
+# model's x0 near t = T is far off (only DDPM-1000 recovers). tiny: the loop in seconds (blobs).
 CPU_PRESET = dict(
     dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2),
     num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, total_steps=2000, batch_size=64,
@@ -395,9 +395,9 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        # softmax(q k^T / sqrt(C)) v, one head; SDPA picks the fused kernel
-        out = F.scaled_dot_product_attention(*(proj(tokens)[:, None] for proj in (self.q, self.k, self.v)))
-        return x + self.proj_out(out[:, 0]).transpose(1, 2).reshape(x.shape)
+        q, k, v = self.q(tokens), self.k(tokens), self.v(tokens)  # softmax(q k^T / sqrt(C)) v
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return x + self.proj_out(out).transpose(1, 2).reshape(x.shape)
 
 
 class UNet(nn.Module):
@@ -445,8 +445,7 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(32, current, eps=1e-6)
         self.conv_out = nn.Conv2d(current, in_channels, 3, padding=1)
-        # As the original: Xavier-uniform (fan_avg), zero biases; zero for each residual branch's
-        # last conv, the attention outputs and the output conv: every block starts as the identity.
+        # As the original: Xavier-uniform, zero biases, zero last layers (blocks start as identity)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(module.weight)
@@ -903,19 +902,19 @@ def main(args: Args, given: set[str]):
         return generate_samples(ema_model, alphas_cumprod, args, num, autocast, stop.check)
 
     fid_metric = make_fid_metric() if args.eval_fid else None  # fails now, not after training
-
     if args.sample_only or step >= args.total_steps:  # nothing to train: sample, or say so
         leave_process_group(setup.world_size)  # sampling is rank 0's alone
         if setup.is_main and args.sample_only:
             sample_from_checkpoint(generate, args, run_dir, step, fid_metric, images_np, device)
         elif setup.is_main:  # a finished run says so and writes nothing (no purge)
-            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise it to train on")
+            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps "
+                  f"to train on")
         stop.restore()
         return
 
     # ---- the run folder (after the signal handlers: it gets a checkpoint), TensorBoard, throughput
     run_dir, writer = open_run(args, setup, run_dir, dataset_id, step, model, len(images))
-    meter = Meter(device, 3 * flops, peak_flops(setup, args.dtype), setup.world_size)  # 3x the forward
+    meter = Meter(device, 3 * flops, peak_flops(setup, args.dtype), setup.world_size)
     train_model = wrap_for_training(model, args, setup)
     judge = None  # optional: judge
 
@@ -925,16 +924,15 @@ def main(args: Args, given: set[str]):
     first_step, step_timer = step, StepTimer(step, args.total_steps, setup)
     progress = progress_bar(args.total_steps, step, "train", "step", setup.is_main)
     while step < args.total_steps:
-        # Every rank draws the whole global batch (indices, flips, t, noise) and takes its
-        # slice: 2 ranks at batch B compute exactly what 1 rank at batch B does.
+        # Every rank draws the whole global batch and takes its slice: 2 ranks compute what 1 does
         indices = global_batch_indices(step, args.batch_size, len(images), args.seed).to(device, non_blocking=True)
         flips = torch.rand(args.batch_size, generator=train_generator, device=device) < 0.5
         t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
         noise = torch.randn((args.batch_size, *images.shape[1:]), generator=train_generator, device=device)
         x0 = images[indices[mine]].float() / 127.5 - 1.0  # uint8 -> [-1, 1]
         x0 = torch.where(flips[mine, None, None, None] & args.random_flip, x0.flip(3), x0)
-        loss = ddpm_loss(train_model, x0, t[mine], noise[mine], alphas_cumprod, autocast, args.channels_last,
-                         args.prediction)
+        loss = ddpm_loss(train_model, x0, t[mine], noise[mine], alphas_cumprod, autocast,
+                         args.channels_last, args.prediction)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
