@@ -377,8 +377,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x))) + self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.shortcut(x) + h
+        return self.shortcut(x) + self.conv2(self.dropout(F.silu(self.norm2(h))))
 
 
 class AttnBlock(nn.Module):
