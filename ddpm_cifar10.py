@@ -411,8 +411,7 @@ class UNet(nn.Module):
         self.temb_dense2 = nn.Linear(temb_channels, temb_channels)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
-        # Down: num_res_blocks per level (+ attention), then a stride-2 conv3x3 except at the end
-        # (in a dict: its weights' names stay downsamples.{level}.conv, as diffusers').
+        # Down: res blocks (+ attention), stride-2 convs (named downsamples.{i}.conv, as diffusers)
         self.down_blocks, self.down_attns, self.downsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         skip_channels, current, resolution = [channels], channels, img_size
         for level, mult in enumerate(channel_mult):
