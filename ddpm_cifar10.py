@@ -158,7 +158,7 @@ class Args:
     """batch size when generating many samples"""
 
 
-# cpu: shapes in minutes; v-prediction (a short eps run's x0 is off near t = T). tiny: seconds
+# v-prediction: after a short run eps's x0 is far off near t = T (only DDPM-1000 recovers)
 CPU_PRESET = dict(
     dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2),
     num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, total_steps=2000, batch_size=64,
