@@ -155,9 +155,7 @@ class Args:
     """batch size when generating many samples"""
 
 
-# cpu: recognisable 16x16 shapes in minutes on 2 CPU cores. v-prediction: on a briefly trained
-# model eps's x0 estimate near t = T is far off, and only DDPM-1000 recovers; v's works at 20 steps.
-# tiny: the whole loop in seconds (cpu's U-Net, 60 steps); its samples are blobs.
+# v-prediction: after a short run eps's x0 is far off near t = T (only DDPM-1000 recovers)
 CPU_PRESET = dict(
     dataset="shapes", img_size=16, num_shapes_images=8192, channels=32, channel_mult=(1, 2),
     num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, total_steps=2000, batch_size=64,
@@ -363,10 +361,8 @@ class ResBlock(nn.Module):
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.shortcut(x) + h
+        h = self.conv1(F.silu(self.norm1(x))) + self.temb_proj(F.silu(temb))[:, :, None, None]
+        return self.shortcut(x) + self.conv2(self.dropout(F.silu(self.norm2(h))))
 
 
 class AttnBlock(nn.Module):
@@ -381,12 +377,10 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        tokens = self.norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
-        q, k, v = self.q(tokens), self.k(tokens), self.v(tokens)
-        # softmax(q k^T / sqrt(C)) v, one head; SDPA picks the fused kernel
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = self.q(tokens), self.k(tokens), self.v(tokens)  # softmax(q k^T / sqrt(C)) v
         out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
-        return x + self.proj_out(out).transpose(1, 2).reshape(b, c, h, w)
+        return x + self.proj_out(out).transpose(1, 2).reshape(x.shape)
 
 
 class UNet(nn.Module):
@@ -402,8 +396,7 @@ class UNet(nn.Module):
         self.temb_dense2 = nn.Linear(temb_channels, temb_channels)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
-        # Down: num_res_blocks per level (+ attention), then a stride-2 conv3x3 except at the end
-        # (in a dict: its weights' names stay downsamples.{level}.conv, as diffusers').
+        # Down: res blocks (+ attention), stride-2 convs (named downsamples.{i}.conv, as diffusers)
         self.down_blocks, self.down_attns, self.downsamples = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         skip_channels, current, resolution = [channels], channels, img_size
         for level, mult in enumerate(channel_mult):
@@ -434,16 +427,13 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(32, current, eps=1e-6)
         self.conv_out = nn.Conv2d(current, in_channels, 3, padding=1)
-        # As the original: Xavier-uniform (fan_avg), zero biases; zero for each residual branch's
-        # last conv, the attention outputs and the output conv: every block starts as the identity.
-        for module in self.modules():
+        # As the original: Xavier-uniform, zero biases, zero last layers (blocks start as identity)
+        for name, module in self.named_modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        last = [m.conv2 if isinstance(m, ResBlock) else m.proj_out for m in self.modules()
-                if isinstance(m, (ResBlock, AttnBlock))]
-        for layer in last + [self.conv_out]:
-            nn.init.zeros_(layer.weight)
+                if name.endswith(("conv2", "proj_out", "conv_out")):
+                    nn.init.zeros_(module.weight)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = self.temb_dense2(F.silu(self.temb_dense1(timestep_embedding(t, self.channels))))
@@ -691,19 +681,15 @@ def ddpm_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.
     return F.mse_loss(output.float(), target)
 
 
-def step_memory_profile(args: Args) -> tuple[int, float]:
-    """(parameters, activation bytes saved per sample) of a training step, on the meta device."""
-    with torch.device("meta"):
+def step_memory_profile(args: Args) -> tuple[int, float, float]:
+    """(parameters, activation bytes autograd saves, forward FLOPs) per image of a training step."""
+    with torch.device("meta"):  # nothing allocated, no random draw
         model = build_model(args)
         x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
-        return sum(p.numel() for p in model.parameters()), saved_activation_bytes(
+        activations = saved_activation_bytes(
             lambda: ddpm_loss(model, x0, t, x0, torch.ones(args.timesteps), prediction=args.prediction))
-
-
-def train_flops_per_sample(args: Args) -> float:
-    """A training step's FLOPs per image, for MFU: 3x the forward's."""
-    example = (torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long))
-    return 3 * forward_flops(lambda: build_model(args), *example)
+    flops = forward_flops(lambda: build_model(args), x0, t)
+    return sum(p.numel() for p in model.parameters()), activations, flops
 
 
 # --------------------------------------------------------------------------------------------------
@@ -824,9 +810,6 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter, setup: "
         print(f"saved checkpoint at step {step}", flush=True)
 
 
-# --------------------------------------------------------------------------------------------------
-
-
 def main(args: Args, given: set[str]):
     # ---- setup: arguments (resumed: the checkpoint's), device, seeds, data, model, optimizer
     started = time.perf_counter()
@@ -839,7 +822,8 @@ def main(args: Args, given: set[str]):
     train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, t, eps
     stop = StopFlag()  # SIGTERM/SIGINT now finish the step (or abandon sampling), save, exit 0
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
-        check_step_memory(setup, args.batch_size, *step_memory_profile(args), args.dtype)
+        num_params, activations, flops = step_memory_profile(args)
+        check_step_memory(setup, args.batch_size, num_params, activations, args.dtype)
 
     images_np, dataset_id = load_dataset(args)
     images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no copies
@@ -850,9 +834,8 @@ def main(args: Args, given: set[str]):
     # linear warmup: lr_s = lr * min(1, (s + 1) / warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
     scaler = torch.amp.GradScaler("cuda", enabled=setup.use_cuda and args.dtype == "float16")
-    alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start,
-                                                            args.beta_end))
-    alphas_cumprod_device = alphas_cumprod.float().to(device)
+    betas = make_beta_schedule(args.beta_schedule, args.timesteps, args.beta_start, args.beta_end)
+    alphas_cumprod = make_alphas_cumprod(betas).to(device)  # float64: cast where used
     parts = (model, ema_model, optimizer, scheduler, scaler, train_generator)  # as CHECKPOINT_KEYS
     step = 0 if checkpoint is None else restore_state(checkpoint, *parts)
 
@@ -860,7 +843,6 @@ def main(args: Args, given: set[str]):
         return generate_samples(ema_model, alphas_cumprod, args, num, autocast, stop.check)
 
     fid_metric = make_fid_metric() if args.eval_fid else None  # fails now, not after training
-
     if args.sample_only or step >= args.total_steps:  # nothing to train: sample, or say so
         leave_process_group(setup.world_size)  # sampling is rank 0's alone
         if setup.is_main and args.sample_only:
@@ -873,26 +855,24 @@ def main(args: Args, given: set[str]):
 
     # ---- the run folder (after the signal handlers: it gets a checkpoint), TensorBoard, throughput
     run_dir, writer, train_model = open_run(args, setup, run_dir, dataset_id, step, model, images)
-    meter = Meter(device, train_flops_per_sample(args), peak_flops(setup, args.dtype), setup.world_size)
+    meter = Meter(device, 3 * flops, peak_flops(setup, args.dtype), setup.world_size)
     judge = None  # optional: judge
 
     # ---- train
     local_batch = args.batch_size // setup.world_size
     mine = slice(setup.rank * local_batch, (setup.rank + 1) * local_batch)
-    first_step = step
-    step_timer = StepTimer(first_step, args.total_steps, setup)
+    first_step, step_timer = step, StepTimer(step, args.total_steps, setup)
     progress = progress_bar(args.total_steps, step, "train", "step", setup.is_main)
     while step < args.total_steps:
-        # Every rank draws the whole global batch (indices, flips, t, noise) and takes its
-        # slice: 2 ranks at batch B compute exactly what 1 rank at batch B does.
+        # Every rank draws the whole global batch and takes its slice: 2 ranks compute what 1 does
         indices = global_batch_indices(step, args.batch_size, len(images), args.seed).to(device, non_blocking=True)
         flips = torch.rand(args.batch_size, generator=train_generator, device=device) < 0.5
         t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
         noise = torch.randn((args.batch_size, *images.shape[1:]), generator=train_generator, device=device)
         x0 = images[indices[mine]].float() / 127.5 - 1.0  # uint8 -> [-1, 1]
         x0 = torch.where(flips[mine, None, None, None] & args.random_flip, x0.flip(3), x0)
-        loss = ddpm_loss(train_model, x0, t[mine], noise[mine], alphas_cumprod_device, autocast, args.channels_last,
-                         args.prediction)
+        loss = ddpm_loss(train_model, x0, t[mine], noise[mine], alphas_cumprod, autocast,
+                         args.channels_last, args.prediction)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
