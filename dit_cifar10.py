@@ -393,10 +393,10 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Model: DiT (Peebles & Xie 2023). c = t_emb + y_emb, D the width, LN without affine parameters,
-# modulate(h, shift, scale) = h (1 + scale) + shift. The --adaln variants:
+# Model: DiT (Peebles & Xie 2023). c = t_emb + y_emb, D the width; adaLN: modulate(x, shift, scale) =
+# LN(x) (1 + scale) + shift, LN without affine parameters. The --adaln variants:
 #   zero      adaLN-Zero (the paper's): per block SiLU -> Linear(D, 6D) on c, zero-init: shift, scale
-#             and gate for attention and MLP, x += gate * Attn(modulate(LN(x), shift, scale)).
+#             and gate for attention and MLP, x += gate * Attn(modulate(x, shift, scale)).
 #   plain     adaLN (the paper's ablation): Linear(D, 4D), shift and scale only, no gate.
 #   single    adaLN-Single (PixArt-alpha): one Linear(D, 6D) on c for all blocks, plus a learned
 #             (6, D) table per block (N(0, 1/D)); the final layer adds a (2, D) table to c.
@@ -426,23 +426,24 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift  # adaLN: shift and scale (B, 1, D), one per sample and channel
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift  # shift, scale (B, 1, D)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention over the tokens (fused qkv projection, SDPA)."""
+def add_modulation(layer: nn.Module, width: int, rows: int, adaln: str):
+    """The layer's rows of shifts, scales (and gates): adaLN-Single's (rows, D) table + c, else
+    SiLU -> Linear(D, rows D) of c."""
+    if adaln == "single":
+        layer.scale_shift_table = nn.Parameter(torch.randn(rows, width) / width ** 0.5)
+    else:
+        layer.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, rows * width))
 
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d_head)) v, fused
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+def modulations(layer: nn.Module, c: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
+    """add_modulation's rows for c, each (B, 1, D); adaLN-Single's c: t_block's (B, 6D) in a
+    block, (B, D) in the final layer."""
+    if hasattr(layer, "scale_shift_table"):
+        return (layer.scale_shift_table + c.reshape(len(c), -1, width))[:, :, None].unbind(1)
+    return layer.adaLN_modulation(c).reshape(len(c), -1, width)[:, :, None].unbind(1)
 
 
 class DiTBlock(nn.Module):
@@ -450,53 +451,28 @@ class DiTBlock(nn.Module):
 
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, adaln: str = "zero"):
         super().__init__()
-        self.adaln = adaln
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(width, heads)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.heads = heads
+        qkv, proj = nn.Linear(width, 3 * width), nn.Linear(width, width)  # fused q, k, v projection
+        self.attn = nn.ModuleDict(dict(qkv=qkv, proj=proj))  # the reference Attention's weight names
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
-        if adaln == "single":
-            self.scale_shift_table = nn.Parameter(torch.randn(6, width) / width ** 0.5)
-        else:
-            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, (6 if adaln == "zero" else 4) * width))
+        add_modulation(self, width, 4 if adaln in ("plain", "diagonal") else 6, adaln)
         if adaln == "diagonal":
             self.gamma_attn = nn.Parameter(torch.zeros(width))
             self.gamma_mlp = nn.Parameter(torch.zeros(width))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x: tokens (B, N, D); c: the conditioning (B, D), or adaLN-Single's modulation (B, 6D)."""
-        if self.adaln == "single":
-            mod = self.scale_shift_table + c.reshape(len(c), 6, -1)
-        else:
-            mod = self.adaLN_modulation(c).reshape(len(c), -1, x.shape[2])  # (B, 6 or 4, D)
-        mod = mod[:, :, None].unbind(1)  # each (B, 1, D): broadcast over the tokens
+        """x: tokens (B, N, D); c: the conditioning (B, D), or adaLN-Single's t_block(c) (B, 6D)."""
+        (b, n, d), mod = x.shape, modulations(self, c, x.shape[2])
         if len(mod) == 4:  # no gate from c: plain's is 1, diagonal's a learned (D,)
-            gates = (self.gamma_attn, self.gamma_mlp) if self.adaln == "diagonal" else (1, 1)
+            gates = getattr(self, "gamma_attn", 1), getattr(self, "gamma_mlp", 1)
             mod = (*mod[:2], gates[0], *mod[2:], gates[1])
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-
-
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then Linear(D, P*P*C) to the patch pixels, zero-initialised."""
-
-    def __init__(self, width: int, patch: int, out_channels: int, adaln: str = "zero"):
-        super().__init__()
-        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(width, patch * patch * out_channels)
-        if adaln == "single":
-            self.scale_shift_table = nn.Parameter(torch.randn(2, width) / width ** 0.5)
-        else:
-            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "scale_shift_table"):
-            shift, scale = (self.scale_shift_table + c[:, None])[:, :, None].unbind(1)
-        else:
-            shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        qkv = self.attn.qkv(modulate(x, shift_msa, scale_msa))
+        q, k, v = qkv.reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d_head)) v, fused
+        x = x + gate_msa * self.attn.proj(attn.transpose(1, 2).reshape(b, n, d))
+        return x + gate_mlp * self.mlp(modulate(x, shift_mlp, scale_mlp))
 
 
 class DiT(nn.Module):
@@ -506,8 +482,8 @@ class DiT(nn.Module):
     def __init__(self, img_size: int = 32, patch: int = 4, in_channels: int = 3, width: int = 384, depth: int = 6,
                  heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 10, adaln: str = "zero"):
         super().__init__()
-        self.img_size, self.patch, self.in_channels, self.num_classes, self.adaln = (
-            img_size, patch, in_channels, num_classes, adaln)
+        self.img_size, self.patch, self.in_channels = img_size, patch, in_channels
+        self.num_classes = num_classes
         self.x_embedder = nn.Conv2d(in_channels, width, patch, stride=patch)  # patchify
         # A buffer, not a parameter: fixed, and not in the checkpoint (a function of the config).
         self.register_buffer("pos_embed", sincos_pos_embed_2d(width, img_size // patch)[None], persistent=False)
@@ -517,7 +493,9 @@ class DiT(nn.Module):
         if adaln == "single":
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))  # the one shared modulation MLP
         self.blocks = nn.ModuleList(DiTBlock(width, heads, mlp_ratio, adaln) for _ in range(depth))
-        self.final_layer = FinalLayer(width, patch, in_channels, adaln)
+        self.final_layer = nn.Module()  # modulate, then Linear(D, P*P*C) to the patch pixels
+        self.final_layer.linear = nn.Linear(width, patch * patch * in_channels)
+        add_modulation(self.final_layer, width, 2, adaln)
         # As the reference: Xavier-uniform Linears (the patch embedding as one), zero biases;
         # N(0, 0.02) for the label table, the timestep MLP (and t_block); zero adaLN and output.
         for module in self.modules():
@@ -545,10 +523,11 @@ class DiT(nn.Module):
         c = self.t_embedder(timestep_embedding(t, TIMESTEP_FREQUENCY_DIM))
         if self.y_embedder is not None:
             c = c + self.y_embedder(y)  # c = t_emb + y_emb
-        block_c = self.t_block(c) if self.adaln == "single" else c
+        block_c = self.t_block(c) if hasattr(self, "t_block") else c
         for block in self.blocks:
             h = block(h, block_c)
-        return self.unpatchify(self.final_layer(h, c))
+        shift, scale = modulations(self.final_layer, c, h.shape[2])
+        return self.unpatchify(self.final_layer.linear(modulate(h, shift, scale)))
 
 
 def build_model(args: Args) -> DiT:
