@@ -39,7 +39,6 @@ import tyro
 SCRIPT_NAME = "dit_cifar10.py"
 CHECKPOINT_FORMAT_VERSION = 2  # 2: the run length and cadence in optimizer steps (1: in epochs)
 OLDER_CHECKPOINT_FORMATS = (1,)  # formats a resume converts (run_length_in_steps)
-# torch.compile's backend (--compile), read at each call: tests put a counting or failing one here
 COMPILE_BACKEND = "inductor"
 # A flag's unit, shown by --help (--save-every STEPS) and read by the tests: one meaning per name.
 STEPS, EPOCHS = tyro.conf.arg(metavar="STEPS"), tyro.conf.arg(metavar="EPOCHS")
@@ -78,7 +77,6 @@ class Args:
     """torch.compile the training step's model (sampling runs the EMA model eagerly)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """autocast dtype on CUDA (float16 uses a GradScaler); the CPU always computes in float32"""
-
     # Data
     dataset: Literal["cifar10", "folder", "shapes"] = "cifar10"
     """cifar10 (downloaded into --data-dir), folder (PNG/JPG, a subfolder per class) or shapes"""
@@ -94,7 +92,6 @@ class Args:
     """random horizontal flips"""
     num_classes: Annotated[int, ">= 0"] = 10
     """classes to condition on, as many as the data has (CIFAR-10, shapes: 10); 0: unconditional"""
-
     # Model (DiT, Peebles & Xie 2023)
     patch: Annotated[int, ">= 1"] = 4
     """patch size P: the image becomes (img_size/P)^2 tokens"""
@@ -110,7 +107,6 @@ class Args:
     """conditioning: zero (adaLN-Zero), plain (adaLN, no gate), single (adaLN-Single), diagonal"""
     class_dropout: Annotated[float, "[0, 1)"] = 0.1
     """probability that a training label becomes the null class (for guidance; 0: no guidance)"""
-
     # Diffusion
     timesteps: Annotated[int, ">= 1"] = 1000
     """number of diffusion steps T"""
@@ -120,7 +116,6 @@ class Args:
     """beta_1 of the linear schedule at T = 1000; scaled by 1000/T (improved diffusion)"""
     beta_end: Annotated[float, "(0, 1)"] = 0.02
     """beta_T of the linear schedule at T = 1000; scaled by 1000/T, capped at 0.999"""
-
     # Training
     total_steps: Annotated[Optional[int], STEPS, ">= 1", RESUME_MUTABLE] = None
     """optimizer steps to train for (default: --epochs 100, converted to steps)"""
@@ -146,7 +141,6 @@ class Args:
     """sample a grid (one row per class) from the EMA model every N optimizer steps"""
     first_sample_at: Annotated[int, STEPS, ">= 0", RESUME_MUTABLE] = 0
     """also sample 2 images per class (not judged) at this step: the run's first picture; 0: none"""
-
     # Sampling and evaluation
     sampler: Annotated[Literal["ddpm", "ddim", "dpm++"], RESUME_MUTABLE] = "ddpm"
     """sampler for the grids, --sample-only and FID"""
@@ -430,8 +424,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def add_modulation(layer: nn.Module, width: int, rows: int, adaln: str):
-    """The layer's rows of shifts, scales (and gates): adaLN-Single's (rows, D) table + c, else
-    SiLU -> Linear(D, rows D) of c."""
+    """Rows of shifts, scales (gates) of c: adaLN-Single's (rows, D) table, else SiLU -> Linear."""
     if adaln == "single":
         layer.scale_shift_table = nn.Parameter(torch.randn(rows, width) / width ** 0.5)
     else:
@@ -439,8 +432,7 @@ def add_modulation(layer: nn.Module, width: int, rows: int, adaln: str):
 
 
 def modulations(layer: nn.Module, c: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
-    """add_modulation's rows for c, each (B, 1, D); adaLN-Single's c: t_block's (B, 6D) in a
-    block, (B, D) in the final layer."""
+    """add_modulation's rows for c, each (B, 1, D) (adaLN-Single: table + t_block(c) or c)."""
     if hasattr(layer, "scale_shift_table"):
         return (layer.scale_shift_table + c.reshape(len(c), -1, width))[:, :, None].unbind(1)
     return layer.adaLN_modulation(c).reshape(len(c), -1, width)[:, :, None].unbind(1)
@@ -498,10 +490,9 @@ class DiT(nn.Module):
         add_modulation(self.final_layer, width, 2, adaln)
         # As the reference: Xavier-uniform Linears (the patch embedding as one), zero biases;
         # N(0, 0.02) for the label table, the timestep MLP (and t_block); zero adaLN and output.
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+        for linear in [module for module in self.modules() if isinstance(module, nn.Linear)]:
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
         nn.init.xavier_uniform_(self.x_embedder.weight.view(width, -1))
         nn.init.zeros_(self.x_embedder.bias)
         normal = [self.y_embedder, self.t_embedder[0], self.t_embedder[2]]
@@ -510,8 +501,7 @@ class DiT(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
         layers = [*self.blocks, self.final_layer]
         for linear in [m.adaLN_modulation[1] for m in layers if adaln != "single"] + [self.final_layer.linear]:
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
+            nn.init.zeros_(linear.weight)  # the bias is 0 already
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, P*P*C) tokens -> (B, C, H, W) images; a token's pixels in (row, col, channel)."""
@@ -756,19 +746,14 @@ def guided_model_fn(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale:
     return model_fn
 
 
-# --------------------------------------------------------------------------------------------------
-# Loss: L_simple of Ho et al. (eq. 14), the noise-prediction MSE at a uniform timestep, given y.
-
-
 def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: torch.Tensor, noise: torch.Tensor,
              alphas_cumprod: torch.Tensor, autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, y) ||^2, batch mean;
-    y: int64 labels (B,), num_classes the null class, None: unconditional."""
+    """Ho et al.'s L_simple (eq. 14): || eps - eps_theta(x_t, t, y) ||^2, batch mean; y: int64
+    labels (B,), num_classes the null class, None: unconditional."""
     abar = alphas_cumprod[t].float()[:, None, None, None]
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # x_t ~ N(sqrt(abar_t) x0, (1-abar_t) I)
     with autocast:
-        eps_pred = model(x_t, t, y)
-    return F.mse_loss(eps_pred.float(), noise)
+        return F.mse_loss(model(x_t, t, y).float(), noise)
 
 
 def step_memory_profile(args: Args) -> tuple[int, float, float]:
@@ -777,7 +762,7 @@ def step_memory_profile(args: Args) -> tuple[int, float, float]:
     with torch.device("meta"):
         model = build_model(args)
         x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
-        y = torch.zeros(1, dtype=torch.long) if args.num_classes > 0 else None
+        y = t if args.num_classes > 0 else None  # label 0
         activations = saved_activation_bytes(lambda: dit_loss(model, x0, y, t, x0, torch.ones(args.timesteps)))
     flops = forward_flops(lambda: build_model(args), x0, t, y)
     return sum(p.numel() for p in model.parameters()), activations, flops
@@ -880,8 +865,8 @@ def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint:
             steps["total_steps"] = args.epochs * epoch
         args = replace(args, **steps, epochs=args.epochs if "epochs" in given else None)
     if args.epochs is not None or args.total_steps is None:
-        epochs = args.epochs or 100
-        args = replace(args, total_steps=math.ceil(epochs * num_items / args.batch_size), epochs=None)
+        steps = math.ceil((args.epochs or 100) * num_items / args.batch_size)
+        args = replace(args, total_steps=steps, epochs=None)
     return args
 
 
@@ -1061,8 +1046,7 @@ def main(args: Args, given: set[str]):
         t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
         noise = torch.randn((args.batch_size, *images.shape[1:]), generator=train_generator, device=device)
         x0 = images[indices[mine]].float() / 127.5 - 1.0  # uint8 -> [-1, 1]
-        if args.random_flip:
-            x0 = torch.where(flips[mine, None, None, None], x0.flip(3), x0)
+        x0 = torch.where(flips[mine, None, None, None] & args.random_flip, x0.flip(3), x0)
         y = torch.where(drops[mine], args.num_classes, labels[indices[mine]]) if conditional else None
         loss = dit_loss(train_model, x0, y, t[mine], noise[mine], alphas_cumprod_device, autocast)
         optimizer.zero_grad(set_to_none=True)
@@ -1083,14 +1067,13 @@ def main(args: Args, given: set[str]):
             progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
         if step % args.log_every == 0 or step == args.total_steps:
             log_interval(writer, meter, scheduler, progress, step, run_dir)
-        # Every rank stops at the same step: all-reduced at a log step under torchrun, at once alone
-        stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         eval_now = step % args.eval_every == 0 or step == args.total_steps
         save_now = step % args.save_every == 0 or step == args.total_steps
-        if setup.is_main and not stopping and (eval_now or step == args.first_sample_at):
+        if setup.is_main and not stop.requested and (eval_now or step == args.first_sample_at):
             samples = log_samples(generate, args, step, eval_now, writer, run_dir, progress, started)
             judge = judge_samples(judge, samples, generate, args, step, eval_now, writer)  # optional: judge
-            stopping = stop.sync(setup) if setup.world_size == 1 else stopping
+        # Every rank stops at the same step: all-reduced at a log step under torchrun, at once alone
+        stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         if save_now or stopping:
             save_run(run_dir, args, step, parts, meter, setup, len(images), class_names=class_names)
         if eval_now or save_now or step in (first_step + 1, args.first_sample_at):
@@ -1103,12 +1086,12 @@ def main(args: Args, given: set[str]):
     # ---- the end: the final FID (rank 0's alone, after the process group is gone)
     progress.close()
     leave_process_group(setup.world_size)
-    if setup.is_main and args.eval_fid and step == args.total_steps:
-        with contextlib.suppress(StopRequested):
-            evaluate_fid(fid_metric, generate, images_np, args, device, writer, step)
-    close_writer(args, writer)
     if setup.is_main and step == args.total_steps:
+        if args.eval_fid:
+            with contextlib.suppress(StopRequested):
+                evaluate_fid(fid_metric, generate, images_np, args, device, writer, step)
         print(f"done: step {step}, checkpoint at {run_dir / 'checkpoints' / 'latest.pt'}")
+    close_writer(args, writer)
     stop.restore()
 
 
