@@ -42,8 +42,7 @@ OLDER_CHECKPOINT_FORMATS = (1,)  # formats a resume converts (run_length_in_step
 COMPILE_BACKEND = "inductor"
 # A flag's unit, shown by --help (--save-every STEPS) and read by the tests: one meaning per name.
 STEPS, EPOCHS = tyro.conf.arg(metavar="STEPS"), tyro.conf.arg(metavar="EPOCHS")
-# Beside an Args field: its domain ('>= 1', '[0, 1)': every numeric flag, checked at start-up), and
-# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling): flag_marks.
+# Beside an Args field: its domain ('>= 1': every number), RESUME_MUTABLE if --resume may change it
 RESUME_MUTABLE = "resume-mutable"
 
 
@@ -182,7 +181,6 @@ PRESETS = {
     "dit-b2": dict(patch=2, width=768, depth=12, heads=12),
 }
 FLAG_ALIASES: dict[str, str] = {}  # flags spelled otherwise (diamond_atari.py: --game, --env-id)
-# A checkpoint's contents in checkpoint_state's order (args, step, every RNG, each part's state)
 CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler", "train_generator")
 
 
@@ -411,8 +409,7 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
     """MAE's and DiT's fixed 2D sin-cos position embedding (grid_size^2, dim), row-major: channels
     [:dim/2] encode the column, the rest the row, as [sin(p w), cos(p w)], w_i = 10000^(-4i/dim)."""
-    quarter = dim // 4
-    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     angles = torch.arange(grid_size, dtype=torch.float64)[:, None] * omega[None, :]
     emb_1d = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (grid_size, dim/2)
     columns, rows = emb_1d.repeat(grid_size, 1), emb_1d.repeat_interleave(grid_size, dim=0)
