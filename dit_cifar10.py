@@ -76,7 +76,6 @@ class Args:
     """torch.compile the training step's model (sampling runs the EMA model eagerly)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """autocast dtype on CUDA (float16 uses a GradScaler); the CPU always computes in float32"""
-    # Data
     dataset: Literal["cifar10", "folder", "shapes"] = "cifar10"
     """cifar10 (downloaded into --data-dir), folder (PNG/JPG, a subfolder per class) or shapes"""
     data_dir: Annotated[str, RESUME_MUTABLE] = "data"
@@ -91,7 +90,6 @@ class Args:
     """random horizontal flips"""
     num_classes: Annotated[int, ">= 0"] = 10
     """classes to condition on, as many as the data has (CIFAR-10, shapes: 10); 0: unconditional"""
-    # Model (DiT, Peebles & Xie 2023)
     patch: Annotated[int, ">= 1"] = 4
     """patch size P: the image becomes (img_size/P)^2 tokens"""
     width: Annotated[int, ">= 1"] = 384
@@ -106,7 +104,6 @@ class Args:
     """conditioning: zero (adaLN-Zero), plain (adaLN, no gate), single (adaLN-Single), diagonal"""
     class_dropout: Annotated[float, "[0, 1)"] = 0.1
     """probability that a training label becomes the null class (for guidance; 0: no guidance)"""
-    # Diffusion
     timesteps: Annotated[int, ">= 1"] = 1000
     """number of diffusion steps T"""
     beta_schedule: Literal["linear", "cosine"] = "linear"
@@ -115,7 +112,6 @@ class Args:
     """beta_1 of the linear schedule at T = 1000; scaled by 1000/T (improved diffusion)"""
     beta_end: Annotated[float, "(0, 1)"] = 0.02
     """beta_T of the linear schedule at T = 1000; scaled by 1000/T, capped at 0.999"""
-    # Training
     total_steps: Annotated[Optional[int], STEPS, ">= 1", RESUME_MUTABLE] = None
     """optimizer steps to train for (default: --epochs 100, converted to steps)"""
     epochs: Annotated[Optional[int], EPOCHS, ">= 1", RESUME_MUTABLE] = None
@@ -140,7 +136,6 @@ class Args:
     """sample a grid (one row per class) from the EMA model every N optimizer steps"""
     first_sample_at: Annotated[int, STEPS, ">= 0", RESUME_MUTABLE] = 0
     """also sample 2 images per class (not judged) at this step: the run's first picture; 0: none"""
-    # Sampling and evaluation
     sampler: Annotated[Literal["ddpm", "ddim", "dpm++"], RESUME_MUTABLE] = "ddpm"
     """sampler for the grids, --sample-only and FID"""
     num_sampling_steps: Annotated[int, ">= 1", RESUME_MUTABLE] = 250
@@ -385,15 +380,14 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Model: DiT (Peebles & Xie 2023). c = t_emb + y_emb, D the width; adaLN: modulate(x, shift, scale) =
-# LN(x) (1 + scale) + shift, LN without affine parameters. The --adaln variants:
-#   zero      adaLN-Zero (the paper's): per block SiLU -> Linear(D, 6D) on c, zero-init: shift, scale
-#             and gate for attention and MLP, x += gate * Attn(modulate(x, shift, scale)).
-#   plain     adaLN (the paper's ablation): Linear(D, 4D), shift and scale only, no gate.
-#   single    adaLN-Single (PixArt-alpha): one Linear(D, 6D) on c for all blocks, plus a learned
-#             (6, D) table per block (N(0, 1/D)); the final layer adds a (2, D) table to c.
-#   diagonal  plain's shift and scale; each residual branch scaled by a learned zero-init gamma (D,)
-#             (CaiT's LayerScale), not conditioned on c. Every variant's output Linear starts at 0.
+# Model: DiT (Peebles & Xie 2023). c = t_emb + y_emb; a block's attention and MLP each read
+# modulate(x, shift, scale) = LN(x) (1 + scale) + shift (LN without affine) and add gate * output.
+# The final layer: modulate, then Linear(D, P*P*C) to the patch pixels, zero-init. --adaln:
+#   zero      adaLN-Zero (the paper's): SiLU -> Linear(D, 6D) of c per block, zero-init (the identity)
+#   plain     adaLN (the paper's ablation): Linear(D, 4D), shift and scale only, gate 1
+#   single    adaLN-Single (PixArt-alpha): one Linear(D, 6D) of c for all blocks, plus a learned (6, D)
+#             table per block (N(0, 1/D)); the final layer adds a (2, D) table to c
+#   diagonal  plain's shift and scale, gate a learned zero-init (D,) (CaiT's LayerScale), not from c
 
 TIMESTEP_FREQUENCY_DIM = 256  # the timestep's sinusoidal features before the MLP
 
@@ -481,7 +475,7 @@ class DiT(nn.Module):
         if adaln == "single":
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))  # the one shared modulation MLP
         self.blocks = nn.ModuleList(DiTBlock(width, heads, mlp_ratio, adaln) for _ in range(depth))
-        self.final_layer = nn.Module()  # modulate, then Linear(D, P*P*C) to the patch pixels
+        self.final_layer = nn.Module()  # a container: the reference's weight names
         self.final_layer.linear = nn.Linear(width, patch * patch * in_channels)
         add_modulation(self.final_layer, width, 2, adaln)
         # As the reference: Xavier-uniform Linears (the patch embedding as one), zero biases;
