@@ -203,7 +203,6 @@ def check_args(args: Args, world_size: int):
                         + (f"0 to {classes - 1}, or a name)" if classes else "unconditional)"))
     if label is not None and not args.sample_only:
         raise UserError("--class-label picks the class of --sample-only's samples: add --sample-only")
-    # Guidance mixes in eps(x_t, t, null), and --class-dropout 0 leaves the null class at its init.
     if classes > 0 and args.class_dropout == 0 and args.cfg_scale != 1:
         raise UserError(f"--cfg-scale {args.cfg_scale:g} needs the null class, which --class-dropout 0 never trains: "
                         f"use --cfg-scale 1 (no guidance), or train with --class-dropout above 0 (DiT: 0.1)")
@@ -747,12 +746,11 @@ def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: t
 
 
 def step_memory_profile(args: Args) -> tuple[int, float, float]:
-    """(parameters, activation bytes autograd saves, forward FLOPs) per image of a training step,
-    counted on the meta device: before anything is allocated at full size."""
+    """(parameters, activation bytes autograd saves, forward FLOPs) per image, on the meta device."""
     with torch.device("meta"):
         model = build_model(args)
         x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
-        y = t if args.num_classes > 0 else None  # label 0
+        y = torch.zeros(1, dtype=torch.long) if args.num_classes > 0 else None
         activations = saved_activation_bytes(lambda: dit_loss(model, x0, y, t, x0, torch.ones(args.timesteps)))
     flops = forward_flops(lambda: build_model(args), x0, t, y)
     return sum(p.numel() for p in model.parameters()), activations, flops
