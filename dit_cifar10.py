@@ -379,13 +379,13 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Model: DiT (Peebles & Xie 2023). c = t_emb + y_emb; a block's attention and MLP each read
-# modulate(x, shift, scale) = LN(x) (1 + scale) + shift (LN without affine) and add gate * output.
-# The final layer: modulate, then Linear(D, P*P*C) to the patch pixels, zero-init. --adaln:
-#   zero      adaLN-Zero (the paper's): SiLU -> Linear(D, 6D) of c per block, zero-init (the identity)
+# Model: DiT (Peebles & Xie 2023). c = t_emb + y_emb. A block's attention and MLP each read
+# modulate(x, shift, scale) = LN(x) (1 + scale) + shift (LN without affine) and add gate * output;
+# the final layer modulates, then maps each token to its P*P*C pixels (zero-init). --adaln:
+#   zero      adaLN-Zero (the paper's): SiLU -> Linear(D, 6D) of c per block, zero-init (identity)
 #   plain     adaLN (the paper's ablation): Linear(D, 4D), shift and scale only, gate 1
-#   single    adaLN-Single (PixArt-alpha): one Linear(D, 6D) of c for all blocks, plus a learned (6, D)
-#             table per block (N(0, 1/D)); the final layer adds a (2, D) table to c
+#   single    adaLN-Single (PixArt-alpha): one Linear(D, 6D) of c for all blocks, plus a learned
+#             (6, D) table per block (N(0, 1/D)); the final layer adds a (2, D) table to c
 #   diagonal  plain's shift and scale, gate a learned zero-init (D,) (CaiT's LayerScale), not from c
 
 TIMESTEP_FREQUENCY_DIM = 256  # the timestep's sinusoidal features before the MLP
@@ -435,7 +435,7 @@ class DiTBlock(nn.Module):
         super().__init__()
         self.heads = heads
         qkv, proj = nn.Linear(width, 3 * width), nn.Linear(width, width)  # fused q, k, v projection
-        self.attn = nn.ModuleDict(dict(qkv=qkv, proj=proj))  # the reference Attention's weight names
+        self.attn = nn.ModuleDict(dict(qkv=qkv, proj=proj))  # the reference Attention's names
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
         add_modulation(self, width, 4 if adaln in ("plain", "diagonal") else 6, adaln)
@@ -747,7 +747,7 @@ def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: t
 
 
 def step_memory_profile(args: Args) -> tuple[int, float, float]:
-    """(parameters, activation bytes autograd saves, forward FLOPs) per image, on the meta device."""
+    """(parameters, activation bytes autograd saves, forward FLOPs) per image (meta device)."""
     with torch.device("meta"):
         model = build_model(args)
         x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
