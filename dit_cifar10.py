@@ -464,8 +464,7 @@ class DiT(nn.Module):
     def __init__(self, img_size: int = 32, patch: int = 4, in_channels: int = 3, width: int = 384, depth: int = 6,
                  heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 10, adaln: str = "zero"):
         super().__init__()
-        self.patch, self.grid = patch, img_size // patch  # grid x grid tokens
-        self.in_channels, self.num_classes = in_channels, num_classes
+        self.patch, self.grid, self.num_classes = patch, img_size // patch, num_classes
         self.x_embedder = nn.Conv2d(in_channels, width, patch, stride=patch)  # patchify
         # A buffer, not a parameter: fixed, and not in the checkpoint (a function of the config).
         self.register_buffer("pos_embed", sincos_pos_embed_2d(width, img_size // patch)[None], persistent=False)
@@ -495,7 +494,7 @@ class DiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, P*P*C) tokens -> (B, C, H, W) images; a token's pixels in (row, col, channel)."""
-        b, p, c, g = x.shape[0], self.patch, self.in_channels, self.grid
+        b, p, c, g = x.shape[0], self.patch, x.shape[2] // self.patch ** 2, self.grid
         return x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
