@@ -467,7 +467,7 @@ class DiT(nn.Module):
         self.patch, self.grid, self.num_classes = patch, img_size // patch, num_classes
         self.x_embedder = nn.Conv2d(in_channels, width, patch, stride=patch)  # patchify
         # A buffer, not a parameter: fixed, and not in the checkpoint (a function of the config).
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(width, img_size // patch)[None], persistent=False)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(width, self.grid)[None], persistent=False)
         self.t_embedder = nn.Sequential(nn.Linear(TIMESTEP_FREQUENCY_DIM, width), nn.SiLU(), nn.Linear(width, width))
         # num_classes + 1 rows: the last is the null class of dropped labels (and guidance).
         self.y_embedder = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
