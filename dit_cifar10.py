@@ -37,12 +37,10 @@ import tyro
 SCRIPT_NAME = "dit_cifar10.py"
 CHECKPOINT_FORMAT_VERSION = 2  # 2: the run length and cadence in optimizer steps (1: in epochs)
 OLDER_CHECKPOINT_FORMATS = (1,)  # formats a resume converts (run_length_in_steps)
-# torch.compile's backend (--compile), read at each call: tests put a counting or failing one here
 COMPILE_BACKEND = "inductor"
 # A flag's unit, shown by --help (--save-every STEPS) and read by the tests: one meaning per name.
 STEPS, EPOCHS = tyro.conf.arg(metavar="STEPS"), tyro.conf.arg(metavar="EPOCHS")
-# Beside an Args field: its domain ('>= 1', '[0, 1)': every numeric flag, checked at start-up), and
-# RESUME_MUTABLE when --resume may change it (run length, cadence, logging, sampling): flag_marks.
+# Beside an Args field: its domain ('>= 1': every number), RESUME_MUTABLE if --resume may change it
 RESUME_MUTABLE = "resume-mutable"
 
 
@@ -76,8 +74,6 @@ class Args:
     """torch.compile the training step's model (sampling runs the EMA model eagerly)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """autocast dtype on CUDA (float16 uses a GradScaler); the CPU always computes in float32"""
-
-    # Data
     dataset: Literal["cifar10", "folder", "shapes"] = "cifar10"
     """cifar10 (downloaded into --data-dir), folder (PNG/JPG, a subfolder per class) or shapes"""
     data_dir: Annotated[str, RESUME_MUTABLE] = "data"
@@ -92,8 +88,6 @@ class Args:
     """random horizontal flips"""
     num_classes: Annotated[int, ">= 0"] = 10
     """classes to condition on, as many as the data has (CIFAR-10, shapes: 10); 0: unconditional"""
-
-    # Model (DiT, Peebles & Xie 2023)
     patch: Annotated[int, ">= 1"] = 4
     """patch size P: the image becomes (img_size/P)^2 tokens"""
     width: Annotated[int, ">= 1"] = 384
@@ -108,8 +102,6 @@ class Args:
     """conditioning: zero (adaLN-Zero), plain (adaLN, no gate), single (adaLN-Single), diagonal"""
     class_dropout: Annotated[float, "[0, 1)"] = 0.1
     """probability that a training label becomes the null class (for guidance; 0: no guidance)"""
-
-    # Diffusion
     timesteps: Annotated[int, ">= 1"] = 1000
     """number of diffusion steps T"""
     beta_schedule: Literal["linear", "cosine"] = "linear"
@@ -118,8 +110,6 @@ class Args:
     """beta_1 of the linear schedule at T = 1000; scaled by 1000/T (improved diffusion)"""
     beta_end: Annotated[float, "(0, 1)"] = 0.02
     """beta_T of the linear schedule at T = 1000; scaled by 1000/T, capped at 0.999"""
-
-    # Training
     total_steps: Annotated[Optional[int], STEPS, ">= 1", RESUME_MUTABLE] = None
     """optimizer steps to train for (default: --epochs 100, converted to steps)"""
     epochs: Annotated[Optional[int], EPOCHS, ">= 1", RESUME_MUTABLE] = None
@@ -144,8 +134,6 @@ class Args:
     """sample a grid (one row per class) from the EMA model every N optimizer steps"""
     first_sample_at: Annotated[int, STEPS, ">= 0", RESUME_MUTABLE] = 0
     """also sample 2 images per class (not judged) at this step: the run's first picture; 0: none"""
-
-    # Sampling and evaluation
     sampler: Annotated[Literal["ddpm", "ddim", "dpm++"], RESUME_MUTABLE] = "ddpm"
     """sampler for the grids, --sample-only and FID"""
     num_sampling_steps: Annotated[int, ">= 1", RESUME_MUTABLE] = 250
@@ -186,7 +174,6 @@ PRESETS = {
     "dit-b2": dict(patch=2, width=768, depth=12, heads=12),
 }
 FLAG_ALIASES: dict[str, str] = {}  # flags spelled otherwise (diamond_atari.py: --game, --env-id)
-# A checkpoint's contents in checkpoint_state's order (args, step, every RNG, each part's state)
 CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler", "train_generator")
 
 
@@ -214,7 +201,6 @@ def check_args(args: Args, world_size: int):
                         + (f"0 to {classes - 1}, or a name)" if classes else "unconditional)"))
     if label is not None and not args.sample_only:
         raise UserError("--class-label picks the class of --sample-only's samples: add --sample-only")
-    # Guidance mixes in eps(x_t, t, null), and --class-dropout 0 leaves the null class at its init.
     if classes > 0 and args.class_dropout == 0 and args.cfg_scale != 1:
         raise UserError(f"--cfg-scale {args.cfg_scale:g} needs the null class, which --class-dropout 0 never trains: "
                         f"use --cfg-scale 1 (no guidance), or train with --class-dropout above 0 (DiT: 0.1)")
@@ -378,15 +364,14 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Model: DiT (Peebles & Xie 2023). c = t_emb + y_emb, D the width, LN without affine parameters,
-# modulate(h, shift, scale) = h (1 + scale) + shift. The --adaln variants:
-#   zero      adaLN-Zero (the paper's): per block SiLU -> Linear(D, 6D) on c, zero-init: shift, scale
-#             and gate for attention and MLP, x += gate * Attn(modulate(LN(x), shift, scale)).
-#   plain     adaLN (the paper's ablation): Linear(D, 4D), shift and scale only, no gate.
-#   single    adaLN-Single (PixArt-alpha): one Linear(D, 6D) on c for all blocks, plus a learned
-#             (6, D) table per block (N(0, 1/D)); the final layer adds a (2, D) table to c.
-#   diagonal  plain's shift and scale; each residual branch scaled by a learned zero-init gamma (D,)
-#             (CaiT's LayerScale), not conditioned on c. Every variant's output Linear starts at 0.
+# Model: DiT (Peebles & Xie 2023). c = t_emb + y_emb. A block's attention and MLP each read
+# modulate(x, shift, scale) = LN(x) (1 + scale) + shift (LN without affine) and add gate * output;
+# the final layer modulates, then maps each token to its P*P*C pixels (zero-init). --adaln:
+#   zero      adaLN-Zero (the paper's): SiLU -> Linear(D, 6D) of c per block, zero-init (identity)
+#   plain     adaLN (the paper's ablation): Linear(D, 4D), shift and scale only, gate 1
+#   single    adaLN-Single (PixArt-alpha): one Linear(D, 6D) of c for all blocks, plus a learned
+#             (6, D) table per block (N(0, 1/D)); the final layer adds a (2, D) table to c
+#   diagonal  plain's shift and scale, gate a learned zero-init (D,) (CaiT's LayerScale), not from c
 
 TIMESTEP_FREQUENCY_DIM = 256  # the timestep's sinusoidal features before the MLP
 
@@ -402,8 +387,7 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
     """MAE's and DiT's fixed 2D sin-cos position embedding (grid_size^2, dim), row-major: channels
     [:dim/2] encode the column, the rest the row, as [sin(p w), cos(p w)], w_i = 10000^(-4i/dim)."""
-    quarter = dim // 4
-    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     angles = torch.arange(grid_size, dtype=torch.float64)[:, None] * omega[None, :]
     emb_1d = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (grid_size, dim/2)
     columns, rows = emb_1d.repeat(grid_size, 1), emb_1d.repeat_interleave(grid_size, dim=0)
@@ -411,23 +395,22 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift  # adaLN: shift and scale (B, 1, D), one per sample and channel
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift  # shift, scale (B, 1, D)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention over the tokens (fused qkv projection, SDPA)."""
+def add_modulation(layer: nn.Module, width: int, rows: int, adaln: str):
+    """Rows of shifts, scales (gates) of c: adaLN-Single's (rows, D) table, else SiLU -> Linear."""
+    if adaln == "single":
+        layer.scale_shift_table = nn.Parameter(torch.randn(rows, width) / width ** 0.5)
+    else:
+        layer.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, rows * width))
 
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d_head)) v, fused
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+def modulations(layer: nn.Module, c: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
+    """add_modulation's rows for c, each (B, 1, D) (adaLN-Single: table + t_block(c) or c)."""
+    if hasattr(layer, "scale_shift_table"):
+        return (layer.scale_shift_table + c.reshape(len(c), -1, width))[:, :, None].unbind(1)
+    return layer.adaLN_modulation(c).reshape(len(c), -1, width)[:, :, None].unbind(1)
 
 
 class DiTBlock(nn.Module):
@@ -435,53 +418,28 @@ class DiTBlock(nn.Module):
 
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, adaln: str = "zero"):
         super().__init__()
-        self.adaln = adaln
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(width, heads)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.heads = heads
+        qkv, proj = nn.Linear(width, 3 * width), nn.Linear(width, width)  # fused q, k, v projection
+        self.attn = nn.ModuleDict(dict(qkv=qkv, proj=proj))  # the reference Attention's names
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
-        if adaln == "single":
-            self.scale_shift_table = nn.Parameter(torch.randn(6, width) / width ** 0.5)
-        else:
-            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, (6 if adaln == "zero" else 4) * width))
+        add_modulation(self, width, 4 if adaln in ("plain", "diagonal") else 6, adaln)
         if adaln == "diagonal":
             self.gamma_attn = nn.Parameter(torch.zeros(width))
             self.gamma_mlp = nn.Parameter(torch.zeros(width))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x: tokens (B, N, D); c: the conditioning (B, D), or adaLN-Single's modulation (B, 6D)."""
-        if self.adaln == "single":
-            mod = self.scale_shift_table + c.reshape(len(c), 6, -1)
-        else:
-            mod = self.adaLN_modulation(c).reshape(len(c), -1, x.shape[2])  # (B, 6 or 4, D)
-        mod = mod[:, :, None].unbind(1)  # each (B, 1, D): broadcast over the tokens
+        """x: tokens (B, N, D); c: the conditioning (B, D), or adaLN-Single's t_block(c) (B, 6D)."""
+        (b, n, d), mod = x.shape, modulations(self, c, x.shape[2])
         if len(mod) == 4:  # no gate from c: plain's is 1, diagonal's a learned (D,)
-            gates = (self.gamma_attn, self.gamma_mlp) if self.adaln == "diagonal" else (1, 1)
+            gates = getattr(self, "gamma_attn", 1), getattr(self, "gamma_mlp", 1)
             mod = (*mod[:2], gates[0], *mod[2:], gates[1])
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-
-
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then Linear(D, P*P*C) to the patch pixels, zero-initialised."""
-
-    def __init__(self, width: int, patch: int, out_channels: int, adaln: str = "zero"):
-        super().__init__()
-        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(width, patch * patch * out_channels)
-        if adaln == "single":
-            self.scale_shift_table = nn.Parameter(torch.randn(2, width) / width ** 0.5)
-        else:
-            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "scale_shift_table"):
-            shift, scale = (self.scale_shift_table + c[:, None])[:, :, None].unbind(1)
-        else:
-            shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        qkv = self.attn.qkv(modulate(x, shift_msa, scale_msa))
+        q, k, v = qkv.reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d_head)) v, fused
+        x = x + gate_msa * self.attn.proj(attn.transpose(1, 2).reshape(b, n, d))
+        return x + gate_mlp * self.mlp(modulate(x, shift_mlp, scale_mlp))
 
 
 class DiT(nn.Module):
@@ -491,24 +449,24 @@ class DiT(nn.Module):
     def __init__(self, img_size: int = 32, patch: int = 4, in_channels: int = 3, width: int = 384, depth: int = 6,
                  heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 10, adaln: str = "zero"):
         super().__init__()
-        self.img_size, self.patch, self.in_channels, self.num_classes, self.adaln = (
-            img_size, patch, in_channels, num_classes, adaln)
+        self.patch, self.grid, self.num_classes = patch, img_size // patch, num_classes
         self.x_embedder = nn.Conv2d(in_channels, width, patch, stride=patch)  # patchify
         # A buffer, not a parameter: fixed, and not in the checkpoint (a function of the config).
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(width, img_size // patch)[None], persistent=False)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(width, self.grid)[None], persistent=False)
         self.t_embedder = nn.Sequential(nn.Linear(TIMESTEP_FREQUENCY_DIM, width), nn.SiLU(), nn.Linear(width, width))
         # num_classes + 1 rows: the last is the null class of dropped labels (and guidance).
         self.y_embedder = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
         if adaln == "single":
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))  # the one shared modulation MLP
         self.blocks = nn.ModuleList(DiTBlock(width, heads, mlp_ratio, adaln) for _ in range(depth))
-        self.final_layer = FinalLayer(width, patch, in_channels, adaln)
+        self.final_layer = nn.Module()  # a container: the reference's weight names
+        self.final_layer.linear = nn.Linear(width, patch * patch * in_channels)
+        add_modulation(self.final_layer, width, 2, adaln)
         # As the reference: Xavier-uniform Linears (the patch embedding as one), zero biases;
         # N(0, 0.02) for the label table, the timestep MLP (and t_block); zero adaLN and output.
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+        for linear in [module for module in self.modules() if isinstance(module, nn.Linear)]:
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
         nn.init.xavier_uniform_(self.x_embedder.weight.view(width, -1))
         nn.init.zeros_(self.x_embedder.bias)
         normal = [self.y_embedder, self.t_embedder[0], self.t_embedder[2]]
@@ -517,12 +475,11 @@ class DiT(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
         layers = [*self.blocks, self.final_layer]
         for linear in [m.adaLN_modulation[1] for m in layers if adaln != "single"] + [self.final_layer.linear]:
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
+            nn.init.zeros_(linear.weight)  # the bias is 0 already
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, P*P*C) tokens -> (B, C, H, W) images; a token's pixels in (row, col, channel)."""
-        b, p, c, g = x.shape[0], self.patch, self.in_channels, self.img_size // self.patch
+        b, p, c, g = x.shape[0], self.patch, x.shape[2] // self.patch ** 2, self.grid
         return x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -530,10 +487,11 @@ class DiT(nn.Module):
         c = self.t_embedder(timestep_embedding(t, TIMESTEP_FREQUENCY_DIM))
         if self.y_embedder is not None:
             c = c + self.y_embedder(y)  # c = t_emb + y_emb
-        block_c = self.t_block(c) if self.adaln == "single" else c
+        block_c = self.t_block(c) if hasattr(self, "t_block") else c
         for block in self.blocks:
             h = block(h, block_c)
-        return self.unpatchify(self.final_layer(h, c))
+        shift, scale = modulations(self.final_layer, c, h.shape[2])
+        return self.unpatchify(self.final_layer.linear(modulate(h, shift, scale)))
 
 
 def build_model(args: Args) -> DiT:
@@ -744,24 +702,18 @@ def guided_model_fn(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale:
     return model_fn
 
 
-# --------------------------------------------------------------------------------------------------
-# Loss: L_simple of Ho et al. (eq. 14), the noise-prediction MSE at a uniform timestep, given y.
-
-
 def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: torch.Tensor, noise: torch.Tensor,
              alphas_cumprod: torch.Tensor, autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, y) ||^2, batch mean;
-    y: int64 labels (B,), num_classes the null class, None: unconditional."""
+    """Ho et al.'s L_simple (eq. 14): || eps - eps_theta(x_t, t, y) ||^2, batch mean; y: int64
+    labels (B,), num_classes the null class, None: unconditional."""
     abar = alphas_cumprod[t].float()[:, None, None, None]
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # x_t ~ N(sqrt(abar_t) x0, (1-abar_t) I)
     with autocast:
-        eps_pred = model(x_t, t, y)
-    return F.mse_loss(eps_pred.float(), noise)
+        return F.mse_loss(model(x_t, t, y).float(), noise)
 
 
 def step_memory_profile(args: Args) -> tuple[int, float, float]:
-    """(parameters, activation bytes autograd saves, forward FLOPs) per image of a training step,
-    counted on the meta device: before anything is allocated at full size."""
+    """(parameters, activation bytes autograd saves, forward FLOPs) per image (meta device)."""
     with torch.device("meta"):
         model = build_model(args)
         x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
@@ -858,8 +810,8 @@ def run_length_in_steps(args: Args, given: set[str], num_items: int, checkpoint:
             steps["total_steps"] = args.epochs * epoch
         args = replace(args, **steps, epochs=args.epochs if "epochs" in given else None)
     if args.epochs is not None or args.total_steps is None:
-        epochs = args.epochs or 100
-        args = replace(args, total_steps=math.ceil(epochs * num_items / args.batch_size), epochs=None)
+        steps = math.ceil((args.epochs or 100) * num_items / args.batch_size)
+        args = replace(args, total_steps=steps, epochs=None)
     return args
 
 
@@ -1022,8 +974,7 @@ def main(args: Args, given: set[str]):
         t = torch.randint(0, args.timesteps, (args.batch_size,), generator=train_generator, device=device)
         noise = torch.randn((args.batch_size, *images.shape[1:]), generator=train_generator, device=device)
         x0 = images[indices[mine]].float() / 127.5 - 1.0  # uint8 -> [-1, 1]
-        if args.random_flip:
-            x0 = torch.where(flips[mine, None, None, None], x0.flip(3), x0)
+        x0 = torch.where(flips[mine, None, None, None] & args.random_flip, x0.flip(3), x0)
         y = torch.where(drops[mine], args.num_classes, labels[indices[mine]]) if conditional else None
         loss = dit_loss(train_model, x0, y, t[mine], noise[mine], alphas_cumprod_device, autocast)
         optimizer.zero_grad(set_to_none=True)
@@ -1044,14 +995,13 @@ def main(args: Args, given: set[str]):
             progress.write("\n".join(run_time_notice(seconds, args.total_steps - step, setup)))
         if step % args.log_every == 0 or step == args.total_steps:
             log_interval(writer, meter, scheduler, progress, step, run_dir)
-        # Every rank stops at the same step: all-reduced at a log step under torchrun, at once alone
-        stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         eval_now = step % args.eval_every == 0 or step == args.total_steps
         save_now = step % args.save_every == 0 or step == args.total_steps
-        if setup.is_main and not stopping and (eval_now or step == args.first_sample_at):
+        if setup.is_main and not stop.requested and (eval_now or step == args.first_sample_at):
             samples = log_samples(generate, args, step, eval_now, writer, run_dir, progress, started)
             judge = judge_samples(judge, samples, generate, args, step, eval_now, writer)  # optional: judge
-            stopping = stop.sync(setup) if setup.world_size == 1 else stopping
+        # Every rank stops at the same step: all-reduced at a log step under torchrun, at once alone
+        stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         if save_now or stopping:
             save_run(run_dir, args, step, parts, meter, setup, class_names=class_names)
         if eval_now or save_now or step in (first_step + 1, args.first_sample_at):
@@ -1064,12 +1014,12 @@ def main(args: Args, given: set[str]):
     # ---- the end: the final FID (rank 0's alone, after the process group is gone)
     progress.close()
     leave_process_group(setup.world_size)
-    if setup.is_main and args.eval_fid and step == args.total_steps:
-        with contextlib.suppress(StopRequested):
-            evaluate_fid(fid_metric, generate, images_np, args, device, writer, step)
-    close_writer(args, writer)
     if setup.is_main and step == args.total_steps:
+        if args.eval_fid:
+            with contextlib.suppress(StopRequested):
+                evaluate_fid(fid_metric, generate, images_np, args, device, writer, step)
         print(f"done: step {step}, checkpoint at {run_dir / 'checkpoints' / 'latest.pt'}")
+    close_writer(args, writer)
     stop.restore()
 
 
