@@ -306,13 +306,11 @@ def sprite_positions(state: dict, actions: np.ndarray, img_size: int) -> np.ndar
     """The sprite's top-left corner (T, 2) after the action into each frame (actions[0] is ignored):
     discrete 0 noop, 1-4 DIRECTIONS; continuous a (dx, dy) in sprite speeds. Walls stop it."""
     size, _, speed = sprite_geometry(img_size)
-    pos, out = np.array(state["sprite"], dtype=np.float32), []
-    for i, a in enumerate(actions):
-        if i > 0:
-            move = np.asarray(a, dtype=np.float32) if np.ndim(a) else DIRECTION_VECTORS[int(a) - 1]
-            pos = np.clip(pos + move * speed, 0, img_size - size)
-        out.append(np.round(pos))
-    return np.stack(out)
+    out = [np.array(state["sprite"], dtype=np.float32)]
+    for a in actions[1:]:
+        move = np.asarray(a, dtype=np.float32) if np.ndim(a) else DIRECTION_VECTORS[int(a) - 1]
+        out.append(np.clip(out[-1] + move * speed, 0, img_size - size))
+    return np.round(np.stack(out))
 
 
 def render_sprite_clip(state: dict, actions: np.ndarray, img_size: int) -> np.ndarray:
@@ -322,14 +320,13 @@ def render_sprite_clip(state: dict, actions: np.ndarray, img_size: int) -> np.nd
     dpos = np.array(state["distractors"], dtype=np.float32).reshape(-1, 2)
     dvel = np.array(state["distractor_velocities"], dtype=np.float32).reshape(-1, 2)
     frames = np.full((len(actions), img_size, img_size, 3), 20, dtype=np.uint8)  # a dark background
-    for i, (x, y) in enumerate(sprite_positions(state, actions, img_size).astype(int)):
-        if i > 0:
-            dpos = dpos + dvel
-            dvel = np.where((dpos < 0) | (dpos > img_size - dsize), -dvel, dvel)  # off the walls
-            dpos = np.clip(dpos, 0, img_size - dsize)
+    for frame, (x, y) in zip(frames, sprite_positions(state, actions, img_size).astype(int)):
         for dx, dy in np.round(dpos).astype(int):
-            frames[i, dy: dy + dsize, dx: dx + dsize] = 150
-        frames[i, y: y + size, x: x + size] = SPRITE_COLOURS[state["colour"]]  # last: always seen
+            frame[dy: dy + dsize, dx: dx + dsize] = 150
+        frame[y: y + size, x: x + size] = SPRITE_COLOURS[state["colour"]]  # last: always seen
+        dpos = dpos + dvel
+        dvel = np.where((dpos < 0) | (dpos > img_size - dsize), -dvel, dvel)  # off the walls
+        dpos = np.clip(dpos, 0, img_size - dsize)
     return frames.transpose(0, 3, 1, 2)
 
 
@@ -352,10 +349,9 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
             clip_actions = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways))
             clip_actions[0] = 0
             if action_dim > 0:  # a velocity: the discrete move scaled by U(0.6, 1), plus jitter
-                a = DIRECTION_VECTORS[clip_actions - 1] * rng.uniform(0.6, 1.0, (num_frames, 1))
-                a = a + rng.normal(0, 0.05, (num_frames, 2))
-                a[0] = 0
-                clip_actions = a.astype(np.float32)
+                clip_actions = (DIRECTION_VECTORS[clip_actions - 1] * rng.uniform(0.6, 1.0, (num_frames, 1))
+                                + rng.normal(0, 0.05, (num_frames, 2))).astype(np.float32)
+                clip_actions[0] = 0
             state = {"sprite": [float(xy[0]), float(xy[1])],
                      "colour": list(SPRITE_COLOURS)[int(rng.integers(4))],
                      "distractors": rng.uniform(0, img_size - dsize, (num_distractors, 2)).tolist(),
@@ -370,9 +366,8 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
         clips.append((render_sprite_clip(state, clip_actions, img_size), clip_actions,
                       f"a {state['colour']} square moves {DIRECTIONS[d]}", d, state))
     frames, actions, captions, directions, states = zip(*clips)
-    starts = np.arange(num_clips) * num_frames
-    return VideoData(np.concatenate(frames), np.concatenate(actions), starts, list(captions),
-                     np.array(directions), 0 if action_dim else 5, "sprites", list(states))
+    return VideoData(np.concatenate(frames), np.concatenate(actions), np.arange(num_clips) * num_frames,
+                     list(captions), np.array(directions), 0 if action_dim else 5, "sprites", list(states))
 
 
 def resize_frame(rgb: np.ndarray, img_size: int) -> np.ndarray:
