@@ -349,7 +349,8 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
             clip_actions = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways))
             clip_actions[0] = 0
             if action_dim > 0:  # a velocity: the discrete move scaled by U(0.6, 1), plus jitter
-                clip_actions = (DIRECTION_VECTORS[clip_actions - 1] * rng.uniform(0.6, 1.0, (num_frames, 1))
+                speeds = rng.uniform(0.6, 1.0, (num_frames, 1))
+                clip_actions = (DIRECTION_VECTORS[clip_actions - 1] * speeds
                                 + rng.normal(0, 0.05, (num_frames, 2))).astype(np.float32)
                 clip_actions[0] = 0
             state = {"sprite": [float(xy[0]), float(xy[1])],
@@ -366,8 +367,9 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
         clips.append((render_sprite_clip(state, clip_actions, img_size), clip_actions,
                       f"a {state['colour']} square moves {DIRECTIONS[d]}", d, state))
     frames, actions, captions, directions, states = zip(*clips)
-    return VideoData(np.concatenate(frames), np.concatenate(actions), np.arange(num_clips) * num_frames,
-                     list(captions), np.array(directions), 0 if action_dim else 5, "sprites", list(states))
+    starts = np.arange(num_clips) * num_frames
+    return VideoData(np.concatenate(frames), np.concatenate(actions), starts, list(captions),
+                     np.array(directions), 0 if action_dim else 5, "sprites", list(states))
 
 
 def resize_frame(rgb: np.ndarray, img_size: int) -> np.ndarray:
