@@ -1,9 +1,8 @@
 # cleanworlds: text- and action-conditioned video diffusion. Docs: README.md, benchmark/RESULTS.md
 """
-A 3D U-Net video diffusion model (Ho et al. 2022, "Video Diffusion Models") for controllable
-worlds: clips conditioned on a caption (cross-attention to a learned text encoder) and on per-frame
-actions (added to the time embedding), sampled with DDPM, DDIM or DPM-Solver++, and extended beyond
-the training length from the last k frames (context noise augmentation, as GameNGen and DIAMOND).
+A 3D U-Net video diffusion model (Ho et al. 2022) for controllable worlds: clips conditioned on a
+caption (cross-attention to a learned text encoder) and on per-frame actions (added to the time
+embedding), sampled with DDPM, DDIM or DPM-Solver++, and continued from their last k frames.
 
 The seed's setting (256 channels, 16 frames of 64x64, linear schedule, T = 1000), 1 GPU then 8:
     python video_diffusion.py                                       # the generated sprites world
@@ -204,17 +203,14 @@ class Args:
     """batch size when generating clips"""
 
 
-PRESETS = {
-    # The whole loop in seconds on a CPU; 4 DDIM steps keep its evaluation (7 sets of clips) short.
-    "tiny": dict(
-        dataset="sprites", num_frames=8, img_size=16, num_sprite_clips=256, num_distractors=1,
-        model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-        num_heads=2, norm_groups=4, text_dim=32, text_layers=1, context_frames=2, prediction="v",
-        total_steps=40, batch_size=8, learning_rate=2e-3, warmup_steps=10, ema_decay=0.9,
-        log_every=10, save_every=20, eval_every=40, num_sampling_steps=4, num_eval_samples=8,
-        num_samples=8, long_video_frames=12, sample_batch_size=8,
-    ),
-}
+# The whole loop in seconds on a CPU; 4 DDIM steps keep its evaluation (7 sets of clips) short.
+PRESETS = {"tiny": dict(
+    dataset="sprites", num_frames=8, img_size=16, num_sprite_clips=256, num_distractors=1,
+    model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+    num_heads=2, norm_groups=4, text_dim=32, text_layers=1, context_frames=2, prediction="v",
+    total_steps=40, batch_size=8, learning_rate=2e-3, warmup_steps=10, ema_decay=0.9,
+    log_every=10, save_every=20, eval_every=40, num_sampling_steps=4, num_eval_samples=8,
+    num_samples=8, long_video_frames=12, sample_batch_size=8)}
 # Caption and action control in minutes on a CPU (benchmark/video_control.sh): tiny's U-Net on 8x8
 # sprites, each condition dropped alone half the time, guidance 3, metrics on 128 clips.
 PRESETS["cpu"] = dict(
@@ -222,8 +218,7 @@ PRESETS["cpu"] = dict(
     context_frames=3, cond_drop_prob=0.5, cfg_scale=3.0, total_steps=2000, batch_size=32,
     learning_rate=1e-3, log_every=100, save_every=500, eval_every=1000, first_sample_at=100,
     num_sampling_steps=8, num_eval_samples=128, num_samples=16, long_video_frames=6,
-    sample_batch_size=128,
-)
+    sample_batch_size=128)
 FLAG_ALIASES: dict[str, str] = {}  # flags spelled otherwise (diamond_atari.py: --game, --env-id)
 # What a checkpoint holds after its header, in checkpoint_state's order. The vocabulary and the
 # action count fix the model's shape: the run reads them before it builds it.
@@ -422,9 +417,8 @@ def atari_ids(env_id: str) -> tuple[str, str, str]:
 
 def describe_atari_action(meaning: str) -> str:
     """ALE action meaning -> words: RIGHTFIRE -> "moves right and fires", NOOP -> "stays still"."""
-    moves = [d.lower() for d in ("UP", "DOWN", "LEFT", "RIGHT") if d in meaning]
-    words = ["moves " + " and ".join(moves)] if moves else []
-    words += ["fires"] if "FIRE" in meaning else []
+    moves = " and ".join(d.lower() for d in ("UP", "DOWN", "LEFT", "RIGHT") if d in meaning)
+    words = ([f"moves {moves}"] if moves else []) + (["fires"] if "FIRE" in meaning else [])
     return " and ".join(words) or "stays still"
 
 
@@ -527,9 +521,8 @@ def load_atari_dataset(args: "Args") -> VideoData:
 
     def caption(e: int, s: int) -> str:
         held = np.bincount(actions[e][s + 1: s + args.num_frames], minlength=len(meanings)).argmax()
-        return f"{game}: the {agent} {describe_atari_action(meanings[held])}"
+        return f"{game}: the {ATARI_AGENTS.get(game, 'player')} {describe_atari_action(meanings[held])}"
 
-    agent = ATARI_AGENTS.get(game, "player")
     return clips_of_episodes(episodes, args.num_frames, caption,
                              f"no episode in {folder} has {args.num_frames} frames: raise "
                              f"--atari-episode-steps or lower --num-frames",
