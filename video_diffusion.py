@@ -851,7 +851,7 @@ class VideoDiffusionModel(nn.Module):
                  text_dim: int = 256, text_layers: int = 2, max_text_len: int = 16):
         super().__init__()
         self.num_actions, self.action_dim, self.max_text_len = num_actions, action_dim, max_text_len
-        self.num_levels, self.num_res_blocks = len(channel_mult), num_res_blocks
+        self.num_res_blocks = num_res_blocks
         c, emb = model_channels, 4 * model_channels
         self.time_embed, self.context_noise_embed = (
             nn.Sequential(SinusoidalPosEmb(c), nn.Linear(c, emb), nn.GELU(), nn.Linear(emb, emb))
@@ -944,21 +944,16 @@ class VideoDiffusionModel(nn.Module):
         def attend(attn, h):
             return h if isinstance(attn, nn.Identity) else attn(h, text_tokens, text_mask)
 
-        skips, n = [h], self.num_res_blocks  # blocks per level: n down, n + 1 up
-        for level in range(self.num_levels):
-            for i in range(level * n, (level + 1) * n):
-                h = attend(self.down_attns[i], self.down_blocks[i](h, emb))
-                skips.append(h)
-            if level < len(self.downsamples):
-                h = self.downsamples[level](h)
-                skips.append(h)
+        skips, n = [h], self.num_res_blocks  # blocks per level: n down, n + 1 up, then a resampling
+        for i, (block, attn) in enumerate(zip(self.down_blocks, self.down_attns)):
+            skips.append(h := attend(attn, block(h, emb)))
+            if i % n == n - 1 and i // n < len(self.downsamples):
+                skips.append(h := self.downsamples[i // n](h))
         h = self.mid_block2(self.mid_attn(self.mid_block1(h, emb), text_tokens, text_mask), emb)
-        for level in range(self.num_levels):
-            for i in range(level * (n + 1), (level + 1) * (n + 1)):
-                h = self.up_blocks[i](torch.cat([h, skips.pop()], dim=1), emb)
-                h = attend(self.up_attns[i], h)
-            if level < len(self.upsamples):
-                h = self.upsamples[level](h)
+        for i, (block, attn) in enumerate(zip(self.up_blocks, self.up_attns)):
+            h = attend(attn, block(torch.cat([h, skips.pop()], dim=1), emb))
+            if i % (n + 1) == n and i // (n + 1) < len(self.upsamples):
+                h = self.upsamples[i // (n + 1)](h)
         return self.out(F.silu(self.out_norm(h)))
 
 
