@@ -530,20 +530,6 @@ def load_atari_dataset(args: "Args") -> VideoData:
                              dataset_id=canonical)
 
 
-def read_captions_file(path: Path) -> dict:
-    """{file name: caption} from JSON or name<TAB>caption lines; else one line naming the file."""
-    try:
-        text = path.read_text()
-        captions = json.loads(text) if path.suffix == ".json" else dict(
-            line.split("\t", 1) for line in text.splitlines() if line.strip())
-        if not isinstance(captions, dict):
-            raise ValueError("expected a JSON object {file name: caption}")
-        return {str(k): str(v) for k, v in captions.items()}
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read captions file {path} ({e}): use JSON {{name: caption}} or "
-                        f"name<TAB>caption lines") from None
-
-
 def read_video(path: Path, img_size: int) -> list[np.ndarray]:
     """A video's frames through resize_frame; an empty, unreadable or undecodable file is refused in
     one line naming it (FFmpeg's own "moov atom not found" names no file)."""
@@ -593,14 +579,21 @@ def load_video_folder(args: "Args") -> VideoData:
                    for name in names if Path(name).suffix.lower() in extensions)
     if not paths:
         raise UserError(f"no videos ({', '.join(sorted(extensions))}) under {args.data_dir}")
-    captions_path = next((root / n for n in ("captions.json", "captions.txt")
-                          if (root / n).is_file()), None)
-    by_name = read_captions_file(captions_path) if captions_path else {}
+    found = [p for p in (root / "captions.json", root / "captions.txt") if p.is_file()]
+    try:  # {file name: caption}: a JSON object or name<TAB>caption lines
+        text = found[0].read_text() if found else "{}"
+        by_name = json.loads(text) if not found or found[0].suffix == ".json" else dict(
+            line.split("\t", 1) for line in text.splitlines() if line.strip())
+        if not isinstance(by_name, dict):
+            raise ValueError("expected a JSON object {file name: caption}")
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read captions file {found[0]} ({e}): use JSON {{name: caption}} or "
+                        f"name<TAB>caption lines") from None
     episodes, captions = [], []
     for p in paths:
         episodes.append(np.stack(read_video(p, args.img_size)))
         names = (str(p.relative_to(root)), p.name, p.stem)
-        captions.append(next((by_name[k] for k in names if k in by_name), ""))
+        captions.append(next((str(by_name[k]) for k in names if k in by_name), ""))
     return clips_of_episodes(episodes, args.num_frames, lambda e, s: captions[e],
                              f"no video under {args.data_dir} has --num-frames {args.num_frames} "
                              f"readable frames: check the files or lower --num-frames",
