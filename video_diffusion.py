@@ -541,22 +541,17 @@ def read_video(path: Path, img_size: int) -> list[np.ndarray]:
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror}); make it readable or "
                         f"remove it") from None
-    # FFmpeg writes to fd 2 itself (OpenCV's log level does not reach it): silenced while opening
+    # FFmpeg writes to fd 2 itself (OpenCV's log level does not reach it): silenced while decoding
     sys.stderr.flush()
     stderr_fd, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        capture = cv2.VideoCapture(str(path))
-        ok, bgr = capture.read()
+        reads = iter(cv2.VideoCapture(str(path)).read, (False, None))  # (True, BGR) until the end
+        frames = [resize_frame(bgr[:, :, ::-1], img_size) for _, bgr in reads]
     finally:
         os.dup2(stderr_fd, 2)
         os.close(stderr_fd)
         os.close(devnull)
-    frames = []
-    while ok:
-        frames.append(resize_frame(bgr[:, :, ::-1], img_size))
-        ok, bgr = capture.read()
-    capture.release()
     if not frames:
         why = "empty file" if empty else "OpenCV decodes no frame (cut, corrupt, unknown codec)"
         raise UserError(f"{path}: {why}; replace it with a video OpenCV can read or remove it")
