@@ -382,16 +382,14 @@ def clips_of_episodes(episodes: list, num_frames: int, caption: Callable, too_sh
                       **fields) -> VideoData:
     """VideoData of the episodes' frames, each (T, 3, H, W): windows of num_frames, num_frames // 2
     apart, captioned caption(episode, start in it); too_short: the error if there are none."""
-    starts, captions, total = [], [], 0
-    for e, frames in enumerate(episodes):
-        for s in range(0, len(frames) - num_frames + 1, max(1, num_frames // 2)):
-            starts.append(total + s)
-            captions.append(caption(e, s))
-        total += len(frames)
-    if not starts:
+    windows = [(e, s) for e, frames in enumerate(episodes)
+               for s in range(0, len(frames) - num_frames + 1, max(1, num_frames // 2))]
+    if not windows:
         raise UserError(too_short)
-    return VideoData(np.concatenate(episodes), clip_starts=np.array(starts), captions=captions,
-                     directions=np.full(len(starts), -1), **fields)
+    first = np.cumsum([0] + [len(frames) for frames in episodes])  # each episode's first frame
+    return VideoData(np.concatenate(episodes), clip_starts=np.array([first[e] + s for e, s in windows]),
+                     captions=[caption(e, s) for e, s in windows], directions=np.full(len(windows), -1),
+                     **fields)
 
 
 ATARI_AGENTS = {"Breakout": "paddle", "Pong": "paddle", "Boxing": "boxer", "Freeway": "chicken",
@@ -406,8 +404,7 @@ def atari_ids(env_id: str) -> tuple[str, str, str]:
     gym.register_envs(ale_py)
     ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Warning)  # no banner: errors stay one line
     game = re.sub(r"(NoFrameskip)?(-v\d+)?$", "", env_id.split("/")[-1])
-    games = sorted({k[len("ALE/"): -len("-v5")] for k in gym.registry
-                    if k.startswith("ALE/") and k.endswith("-v5")})
+    games = sorted(m[1] for k in gym.registry if (m := re.fullmatch(r"ALE/(\w+)-v5", k)))
     if game not in games:
         close = difflib.get_close_matches(game, games, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(games[:8])}, ..."
