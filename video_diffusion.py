@@ -338,7 +338,7 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
     for _ in range(num_clips):
         for _attempt in range(1000):
             d = int(rng.integers(4))
-            xy = rng.integers(0, img_size - size + 1, size=2).tolist()  # independent of d
+            xy = rng.integers(0, img_size - size + 1, 2).astype(float).tolist()  # independent of d
             choice = rng.random(num_frames)
             sideways = np.array([3, 4] if d < 2 else [1, 2])[rng.integers(2, size=num_frames)]
             clip_actions = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways))
@@ -348,8 +348,7 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
                 clip_actions = (DIRECTION_VECTORS[clip_actions - 1] * speeds
                                 + rng.normal(0, 0.05, (num_frames, 2))).astype(np.float32)
                 clip_actions[0] = 0
-            state = {"sprite": [float(xy[0]), float(xy[1])],
-                     "colour": list(SPRITE_COLOURS)[int(rng.integers(4))],
+            state = {"sprite": xy, "colour": list(SPRITE_COLOURS)[int(rng.integers(4))],
                      "distractors": rng.uniform(0, img_size - dsize, (num_distractors, 2)).tolist(),
                      "distractor_velocities":
                          (rng.choice([-1.0, 1.0], (num_distractors, 2)) * speed).tolist()}
@@ -387,9 +386,9 @@ def clips_of_episodes(episodes: list, num_frames: int, caption: Callable, too_sh
     if not windows:
         raise UserError(too_short)
     first = np.cumsum([0] + [len(frames) for frames in episodes])  # each episode's first frame
-    return VideoData(np.concatenate(episodes), clip_starts=np.array([first[e] + s for e, s in windows]),
-                     captions=[caption(e, s) for e, s in windows], directions=np.full(len(windows), -1),
-                     **fields)
+    starts, captions = np.array([first[e] + s for e, s in windows]), [caption(*w) for w in windows]
+    return VideoData(np.concatenate(episodes), clip_starts=starts, captions=captions,
+                     directions=np.full(len(starts), -1), **fields)
 
 
 ATARI_AGENTS = {"Breakout": "paddle", "Pong": "paddle", "Boxing": "boxer", "Freeway": "chicken",
@@ -454,7 +453,7 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
             if terminated or truncated:
                 break
         columns = [np.stack(frames).transpose(0, 2, 3, 1), *zip(*steps)]  # as EPISODE_KEYS
-        episode = {key: np.array(c, dtype) for (key, dtype), c in zip(EPISODE_KEYS.items(), columns)}
+        episode = {k: np.array(c, dtype) for (k, dtype), c in zip(EPISODE_KEYS.items(), columns)}
         try:
             np.savez(tmp, **episode, caption=np.array([game]))
             os.replace(tmp, path)
@@ -516,9 +515,11 @@ def load_atari_dataset(args: "Args") -> VideoData:
         episodes.append(np.stack([resize_frame(obs, args.img_size) for obs in episode["obs"]]))
         actions.append(np.concatenate([[0], episode["actions"]]))  # NOOP into frame 0
 
+    agent = ATARI_AGENTS.get(game, "player")
+
     def caption(e: int, s: int) -> str:
         held = np.bincount(actions[e][s + 1: s + args.num_frames], minlength=len(meanings)).argmax()
-        return f"{game}: the {ATARI_AGENTS.get(game, 'player')} {describe_atari_action(meanings[held])}"
+        return f"{game}: the {agent} {describe_atari_action(meanings[held])}"
 
     return clips_of_episodes(episodes, args.num_frames, caption,
                              f"no episode in {folder} has {args.num_frames} frames: raise "
@@ -579,8 +580,8 @@ def load_video_folder(args: "Args") -> VideoData:
         if not isinstance(by_name, dict):
             raise ValueError("expected a JSON object {file name: caption}")
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read captions file {found[0]} ({e}): use JSON {{name: caption}} or "
-                        f"name<TAB>caption lines") from None
+        raise UserError(f"cannot read captions file {found[0]} ({e}): use JSON {{name: caption}} "
+                        f"or name<TAB>caption lines") from None
     episodes, captions = [], []
     for p in paths:
         episodes.append(np.stack(read_video(p, args.img_size)))
@@ -664,10 +665,9 @@ def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list
     model's vocabulary lacks (each read as the untrained <unk>)."""
     distinct = {tuple(caption_words(c)) for c in captions}
     cut = sum(len(words) > max_len for words in distinct)
-    unknown = unknown_words(captions, vocabulary, max_len)
     said = ([f"{cut} of {len(distinct)} captions are cut to their first --max-text-len "
              f"{max_len} words"] if cut else [])
-    if unknown:
+    if unknown := unknown_words(captions, vocabulary, max_len):
         said.append(f"words the model never learned, read as <unk>: {', '.join(unknown)}")
     return ["notice: " + "; ".join(said)] if said else []
 
