@@ -430,41 +430,41 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
 
     folder.mkdir(parents=True, exist_ok=True)
     # frameskip 1: the loop below repeats the action; no sticky actions: the recorded one is run
-    env = gym.make(gym_id, frameskip=1, repeat_action_probability=0.0)
-    for i in range(num_episodes):
-        path, tmp = folder / f"episode_{i:05d}.npz", folder / f".episode_{i:05d}.tmp.npz"
-        if path.exists():
-            continue
-        rng = np.random.default_rng(seed * 1_000_003 + i)
-        obs, _ = env.reset(seed=seed * 1_000_003 + i)
-        frames, steps, change = [resize_frame(obs, img_size)], [], 0
-        for step in range(max_steps):
-            if step == change:  # a new action, held for 1 to 8 steps
-                action = int(rng.integers(env.action_space.n))
-                change = step + int(rng.integers(1, 9))
-            reward, last = 0.0, []
-            for _ in range(4):  # DIAMOND's AtariEnv.step: 4 frames, rewards summed, last two's max
-                obs, r, terminated, truncated, _ = env.step(action)
-                reward, last = reward + float(r), (last + [obs])[-2:]
+    with gym.make(gym_id, frameskip=1, repeat_action_probability=0.0) as env:
+        for i in range(num_episodes):
+            path, tmp = folder / f"episode_{i:05d}.npz", folder / f".episode_{i:05d}.tmp.npz"
+            if path.exists():
+                continue
+            rng = np.random.default_rng(seed * 1_000_003 + i)
+            obs, _ = env.reset(seed=seed * 1_000_003 + i)
+            frames, steps, change = [resize_frame(obs, img_size)], [], 0
+            for step in range(max_steps):
+                if step == change:  # a new action, held for 1 to 8 steps
+                    action = int(rng.integers(env.action_space.n))
+                    change = step + int(rng.integers(1, 9))
+                reward, last = 0.0, []
+                for _ in range(4):  # DIAMOND's step: 4 frames, rewards summed, max of the last two
+                    obs, r, terminated, truncated, _ = env.step(action)
+                    reward, last = reward + float(r), (last + [obs])[-2:]
+                    if terminated or truncated:
+                        break
+                frames.append(resize_frame(np.maximum(last[0], last[-1]), img_size))
+                steps.append((action, reward, terminated, truncated or step == max_steps - 1))
                 if terminated or truncated:
                     break
-            frames.append(resize_frame(np.maximum(last[0], last[-1]), img_size))
-            steps.append((action, reward, terminated, truncated or step == max_steps - 1))
-            if terminated or truncated:
-                break
-        columns = [np.stack(frames).transpose(0, 2, 3, 1), *zip(*steps)]  # as EPISODE_KEYS
-        episode = {k: np.array(c, dtype) for (k, dtype), c in zip(EPISODE_KEYS.items(), columns)}
-        try:
-            np.savez(tmp, **episode, caption=np.array([game]))
-            os.replace(tmp, path)
-        except OSError as e:  # a full disk: one line; the episodes recorded so far are kept
-            raise TrainingFailure(f"cannot write the recorded episode {path} ({e.strerror or e})"
-                                  f": free disk space or make the folder writable") from None
-        finally:  # also after a Ctrl-C in the middle of the write: no temporary file left
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-    env.close()
-    return env.unwrapped.get_action_meanings()
+            columns = [np.stack(frames).transpose(0, 2, 3, 1), *zip(*steps)]  # as EPISODE_KEYS
+            episode = {k: np.array(c, t) for (k, t), c in zip(EPISODE_KEYS.items(), columns)}
+            try:
+                np.savez(tmp, **episode, caption=np.array([game]))
+                os.replace(tmp, path)
+            except OSError as e:  # a full disk: one line; the episodes recorded so far are kept
+                raise TrainingFailure(f"cannot write the recorded episode {path} "
+                                      f"({e.strerror or e}): free disk space or make the "
+                                      f"folder writable") from None
+            finally:  # also after a Ctrl-C in the middle of the write: no temporary file left
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+        return env.unwrapped.get_action_meanings()
 
 
 EPISODE_KEYS = {"obs": np.uint8, "actions": np.int64, "rewards": np.float32, "terminated": np.bool_,
