@@ -309,8 +309,7 @@ def sprite_positions(state: dict, actions: np.ndarray, img_size: int) -> np.ndar
 
 
 def render_sprite_clip(state: dict, actions: np.ndarray, img_size: int) -> np.ndarray:
-    """The sprites world, deterministic: uint8 (T, 3, H, W) from an initial state and the actions
-    (sprite_positions); the grey distractors bounce off the walls whatever the actions."""
+    """The sprites world: uint8 (T, 3, H, W) from a state and actions; distractors ignore them."""
     size, dsize, _ = sprite_geometry(img_size)
     dpos = np.array(state["distractors"], dtype=np.float32).reshape(-1, 2)
     dvel = np.array(state["distractor_velocities"], dtype=np.float32).reshape(-1, 2)
@@ -533,19 +532,18 @@ def read_video(path: Path, img_size: int) -> list[np.ndarray]:
     one line naming it (FFmpeg's own "moov atom not found" names no file)."""
     import cv2
 
-    try:
-        with path.open("rb") as f:
-            empty = not f.read(1)
-    except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror}); make it readable or "
-                        f"remove it") from None
     # FFmpeg writes to fd 2 itself (OpenCV's log level does not reach it): silenced while decoding
     sys.stderr.flush()
     stderr_fd, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
+        with path.open("rb") as f:
+            empty = not f.read(1)
         reads = iter(cv2.VideoCapture(str(path)).read, (False, None))  # (True, BGR) until the end
         frames = [resize_frame(bgr[:, :, ::-1], img_size) for _, bgr in reads]
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror}); make it readable or "
+                        f"remove it") from None
     finally:
         os.dup2(stderr_fd, 2)
         os.close(stderr_fd)
@@ -661,8 +659,7 @@ def unknown_words(captions: list, vocabulary: list, max_len: int) -> list[str]:
 
 
 def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list[str]:
-    """At most one notice: how many captions tokenize cuts to max_len words, and the words a resumed
-    model's vocabulary lacks (each read as the untrained <unk>)."""
+    """At most one notice: captions cut to max_len words, words a resumed model never learned."""
     distinct = {tuple(caption_words(c)) for c in captions}
     cut = sum(len(words) > max_len for words in distinct)
     said = ([f"{cut} of {len(distinct)} captions are cut to their first --max-text-len "
