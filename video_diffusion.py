@@ -841,7 +841,6 @@ class VideoDiffusionModel(nn.Module):
         text_heads = text_dim // 64 if text_dim % 64 == 0 else 1  # heads of width 64 if it can
         self.text_encoder = TextEncoder(vocab_size, text_dim, text_layers, text_heads, max_text_len)
         self.text_pool = nn.Linear(text_dim, emb)
-        self.action_encoder = None
         if action_dim > 0:  # the seed's ActionConditionedDiffusion's MLP
             self.action_encoder = nn.Sequential(nn.Linear(action_dim, 256), nn.ReLU(),
                                                 nn.Linear(256, emb))
