@@ -782,7 +782,7 @@ class SpatioTemporalAttention(nn.Module):
         self.cross_out = nn.Linear(channels, channels)
         zero_(self.spatial_out, self.temporal_out, self.cross_out)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor]):
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor):
         """x (B, C, T, H, W); context (B, L, context_dim), context_mask (B, L) False at padding."""
         b, c, t, h, w = x.shape
         tokens = self.spatial_norm(x).permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)  # (B*T, HW, C)
@@ -797,9 +797,8 @@ class SpatioTemporalAttention(nn.Module):
         x = x + self.temporal_out(out).reshape(b, h, w, t, c).permute(0, 4, 3, 1, 2)
 
         tokens = self.cross_norm(x.permute(0, 2, 3, 4, 1).reshape(b, t * h * w, c))  # (B, THW, C)
-        mask = None if context_mask is None else context_mask[:, None, None, :]
         out = multi_head_attention(self.cross_q(tokens), self.cross_k(context), self.cross_v(context),
-                                   self.num_heads, mask)
+                                   self.num_heads, context_mask[:, None, None, :])
         return x + self.cross_out(out).reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
 
