@@ -1,9 +1,8 @@
 # cleanworlds: text- and action-conditioned video diffusion. Docs: README.md, benchmark/RESULTS.md
 """
-A 3D U-Net video diffusion model (Ho et al. 2022, "Video Diffusion Models") for controllable
-worlds: clips conditioned on a caption (cross-attention to a learned text encoder) and on per-frame
-actions (added to the time embedding), sampled with DDPM, DDIM or DPM-Solver++, and extended beyond
-the training length from the last k frames (context noise augmentation, as GameNGen and DIAMOND).
+A 3D U-Net video diffusion model (Ho et al. 2022) for controllable worlds: clips conditioned on a
+caption (cross-attention to a learned text encoder) and on per-frame actions (added to the time
+embedding), sampled with DDPM, DDIM or DPM-Solver++, and continued from their last k frames.
 
 The seed's setting (256 channels, 16 frames of 64x64, linear schedule, T = 1000), 1 GPU then 8:
     python video_diffusion.py                                       # the generated sprites world
@@ -203,17 +202,14 @@ class Args:
     """batch size when generating clips"""
 
 
-PRESETS = {
-    # The whole loop in seconds on a CPU; 4 DDIM steps keep its evaluation (7 sets of clips) short.
-    "tiny": dict(
-        dataset="sprites", num_frames=8, img_size=16, num_sprite_clips=256, num_distractors=1,
-        model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-        num_heads=2, norm_groups=4, text_dim=32, text_layers=1, context_frames=2, prediction="v",
-        total_steps=40, batch_size=8, learning_rate=2e-3, warmup_steps=10, ema_decay=0.9,
-        log_every=10, save_every=20, eval_every=40, num_sampling_steps=4, num_eval_samples=8,
-        num_samples=8, long_video_frames=12, sample_batch_size=8,
-    ),
-}
+# The whole loop in seconds on a CPU; 4 DDIM steps keep its evaluation (7 sets of clips) short.
+PRESETS = {"tiny": dict(
+    dataset="sprites", num_frames=8, img_size=16, num_sprite_clips=256, num_distractors=1,
+    model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+    num_heads=2, norm_groups=4, text_dim=32, text_layers=1, context_frames=2, prediction="v",
+    total_steps=40, batch_size=8, learning_rate=2e-3, warmup_steps=10, ema_decay=0.9,
+    log_every=10, save_every=20, eval_every=40, num_sampling_steps=4, num_eval_samples=8,
+    num_samples=8, long_video_frames=12, sample_batch_size=8)}
 # Caption and action control in minutes on a CPU (benchmark/video_control.sh): tiny's U-Net on 8x8
 # sprites, each condition dropped alone half the time, guidance 3, metrics on 128 clips.
 PRESETS["cpu"] = dict(
@@ -221,8 +217,7 @@ PRESETS["cpu"] = dict(
     context_frames=3, cond_drop_prob=0.5, cfg_scale=3.0, total_steps=2000, batch_size=32,
     learning_rate=1e-3, log_every=100, save_every=500, eval_every=1000, first_sample_at=100,
     num_sampling_steps=8, num_eval_samples=128, num_samples=16, long_video_frames=6,
-    sample_batch_size=128,
-)
+    sample_batch_size=128)
 FLAG_ALIASES: dict[str, str] = {}  # flags spelled otherwise (diamond_atari.py: --game, --env-id)
 # What a checkpoint holds after its header, in checkpoint_state's order. The vocabulary and the
 # action count fix the model's shape: the run reads them before it builds it.
@@ -305,30 +300,26 @@ def sprite_positions(state: dict, actions: np.ndarray, img_size: int) -> np.ndar
     """The sprite's top-left corner (T, 2) after the action into each frame (actions[0] is ignored):
     discrete 0 noop, 1-4 DIRECTIONS; continuous a (dx, dy) in sprite speeds. Walls stop it."""
     size, _, speed = sprite_geometry(img_size)
-    pos, out = np.array(state["sprite"], dtype=np.float32), []
-    for i, a in enumerate(actions):
-        if i > 0:
-            move = np.asarray(a, dtype=np.float32) if np.ndim(a) else DIRECTION_VECTORS[int(a) - 1]
-            pos = np.clip(pos + move * speed, 0, img_size - size)
-        out.append(np.round(pos))
-    return np.stack(out)
+    out = [np.array(state["sprite"], dtype=np.float32)]
+    for a in actions[1:]:
+        move = np.asarray(a, dtype=np.float32) if np.ndim(a) else DIRECTION_VECTORS[int(a) - 1]
+        out.append(np.clip(out[-1] + move * speed, 0, img_size - size))
+    return np.round(np.stack(out))
 
 
 def render_sprite_clip(state: dict, actions: np.ndarray, img_size: int) -> np.ndarray:
-    """The sprites world, deterministic: uint8 (T, 3, H, W) from an initial state and the actions
-    (sprite_positions); the grey distractors bounce off the walls whatever the actions."""
+    """The sprites world: uint8 (T, 3, H, W) from a state and actions; distractors ignore them."""
     size, dsize, _ = sprite_geometry(img_size)
     dpos = np.array(state["distractors"], dtype=np.float32).reshape(-1, 2)
     dvel = np.array(state["distractor_velocities"], dtype=np.float32).reshape(-1, 2)
     frames = np.full((len(actions), img_size, img_size, 3), 20, dtype=np.uint8)  # a dark background
-    for i, (x, y) in enumerate(sprite_positions(state, actions, img_size).astype(int)):
-        if i > 0:
-            dpos = dpos + dvel
-            dvel = np.where((dpos < 0) | (dpos > img_size - dsize), -dvel, dvel)  # off the walls
-            dpos = np.clip(dpos, 0, img_size - dsize)
+    for frame, (x, y) in zip(frames, sprite_positions(state, actions, img_size).astype(int)):
         for dx, dy in np.round(dpos).astype(int):
-            frames[i, dy: dy + dsize, dx: dx + dsize] = 150
-        frames[i, y: y + size, x: x + size] = SPRITE_COLOURS[state["colour"]]  # last: always seen
+            frame[dy: dy + dsize, dx: dx + dsize] = 150
+        frame[y: y + size, x: x + size] = SPRITE_COLOURS[state["colour"]]  # last: always seen
+        dpos = dpos + dvel
+        dvel = np.where((dpos < 0) | (dpos > img_size - dsize), -dvel, dvel)  # off the walls
+        dpos = np.clip(dpos, 0, img_size - dsize)
     return frames.transpose(0, 3, 1, 2)
 
 
@@ -345,18 +336,17 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
     for _ in range(num_clips):
         for _attempt in range(1000):
             d = int(rng.integers(4))
-            xy = rng.integers(0, img_size - size + 1, size=2).tolist()  # independent of d
+            xy = rng.integers(0, img_size - size + 1, 2).astype(float).tolist()  # independent of d
             choice = rng.random(num_frames)
             sideways = np.array([3, 4] if d < 2 else [1, 2])[rng.integers(2, size=num_frames)]
             clip_actions = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways))
             clip_actions[0] = 0
             if action_dim > 0:  # a velocity: the discrete move scaled by U(0.6, 1), plus jitter
-                a = DIRECTION_VECTORS[clip_actions - 1] * rng.uniform(0.6, 1.0, (num_frames, 1))
-                a = a + rng.normal(0, 0.05, (num_frames, 2))
-                a[0] = 0
-                clip_actions = a.astype(np.float32)
-            state = {"sprite": [float(xy[0]), float(xy[1])],
-                     "colour": list(SPRITE_COLOURS)[int(rng.integers(4))],
+                speeds = rng.uniform(0.6, 1.0, (num_frames, 1))
+                clip_actions = (DIRECTION_VECTORS[clip_actions - 1] * speeds
+                                + rng.normal(0, 0.05, (num_frames, 2))).astype(np.float32)
+                clip_actions[0] = 0
+            state = {"sprite": xy, "colour": list(SPRITE_COLOURS)[int(rng.integers(4))],
                      "distractors": rng.uniform(0, img_size - dsize, (num_distractors, 2)).tolist(),
                      "distractor_velocities":
                          (rng.choice([-1.0, 1.0], (num_distractors, 2)) * speed).tolist()}
@@ -389,15 +379,13 @@ def clips_of_episodes(episodes: list, num_frames: int, caption: Callable, too_sh
                       **fields) -> VideoData:
     """VideoData of the episodes' frames, each (T, 3, H, W): windows of num_frames, num_frames // 2
     apart, captioned caption(episode, start in it); too_short: the error if there are none."""
-    starts, captions, total = [], [], 0
-    for e, frames in enumerate(episodes):
-        for s in range(0, len(frames) - num_frames + 1, max(1, num_frames // 2)):
-            starts.append(total + s)
-            captions.append(caption(e, s))
-        total += len(frames)
-    if not starts:
+    windows = [(e, s) for e, frames in enumerate(episodes)
+               for s in range(0, len(frames) - num_frames + 1, max(1, num_frames // 2))]
+    if not windows:
         raise UserError(too_short)
-    return VideoData(np.concatenate(episodes), clip_starts=np.array(starts), captions=captions,
+    first = np.cumsum([0] + [len(frames) for frames in episodes])  # each episode's first frame
+    starts, captions = np.array([first[e] + s for e, s in windows]), [caption(*w) for w in windows]
+    return VideoData(np.concatenate(episodes), clip_starts=starts, captions=captions,
                      directions=np.full(len(starts), -1), **fields)
 
 
@@ -413,8 +401,7 @@ def atari_ids(env_id: str) -> tuple[str, str, str]:
     gym.register_envs(ale_py)
     ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Warning)  # no banner: errors stay one line
     game = re.sub(r"(NoFrameskip)?(-v\d+)?$", "", env_id.split("/")[-1])
-    games = sorted({k[len("ALE/"): -len("-v5")] for k in gym.registry
-                    if k.startswith("ALE/") and k.endswith("-v5")})
+    games = sorted(m[1] for k in gym.registry if (m := re.fullmatch(r"ALE/(\w+)-v5", k)))
     if game not in games:
         close = difflib.get_close_matches(game, games, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(games[:8])}, ..."
@@ -424,26 +411,13 @@ def atari_ids(env_id: str) -> tuple[str, str, str]:
 
 def describe_atari_action(meaning: str) -> str:
     """ALE action meaning -> words: RIGHTFIRE -> "moves right and fires", NOOP -> "stays still"."""
-    moves = [d.lower() for d in ("UP", "DOWN", "LEFT", "RIGHT") if d in meaning]
-    words = ["moves " + " and ".join(moves)] if moves else []
-    words += ["fires"] if "FIRE" in meaning else []
+    moves = " and ".join(d.lower() for d in ("UP", "DOWN", "LEFT", "RIGHT") if d in meaning)
+    words = ([f"moves {moves}"] if moves else []) + (["fires"] if "FIRE" in meaning else [])
     return " and ".join(words) or "stays still"
 
 
 def atari_folder(data_dir: str, canonical: str) -> Path:
-    return Path(data_dir) / "atari_v2" / canonical  # v2: by atari_step (v1: ALE's last frame only)
-
-
-def atari_step(env, action: int) -> tuple[np.ndarray, float, bool, bool]:
-    """DIAMOND's AtariEnv.step: the action for 4 frames (rewards summed), the last two's max."""
-    reward, last_frames = 0.0, []
-    for _ in range(4):
-        frame, r, terminated, truncated, _ = env.step(action)
-        reward += float(r)
-        last_frames = (last_frames + [frame])[-2:]
-        if terminated or truncated:
-            break
-    return np.maximum(last_frames[0], last_frames[-1]), reward, terminated, truncated
+    return Path(data_dir) / "atari_v2" / canonical  # v2: DIAMOND's step (v1: ALE's last frame only)
 
 
 def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_steps: int,
@@ -453,30 +427,33 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
     import gymnasium as gym
 
     folder.mkdir(parents=True, exist_ok=True)
-    # frameskip 1: atari_step repeats the action; no sticky actions: the recorded action is executed
-    env = gym.make(gym_id, frameskip=1, repeat_action_probability=0.0)
-    try:
+    # frameskip 1: the loop below repeats the action; no sticky actions: the recorded one is run
+    with gym.make(gym_id, frameskip=1, repeat_action_probability=0.0) as env:
         for i in range(num_episodes):
             path, tmp = folder / f"episode_{i:05d}.npz", folder / f".episode_{i:05d}.tmp.npz"
             if path.exists():
                 continue
             rng = np.random.default_rng(seed * 1_000_003 + i)
             obs, _ = env.reset(seed=seed * 1_000_003 + i)
-            frames, steps, action, hold = [resize_frame(obs, img_size)], [], 0, 0
+            frames, steps, change = [resize_frame(obs, img_size)], [], 0
             for step in range(max_steps):
-                if hold == 0:
-                    action, hold = int(rng.integers(env.action_space.n)), int(rng.integers(1, 9))
-                hold -= 1
-                obs, reward, terminated, truncated = atari_step(env, action)
-                frames.append(resize_frame(obs, img_size))
+                if step == change:  # a new action, held for 1 to 8 steps
+                    action = int(rng.integers(env.action_space.n))
+                    change = step + int(rng.integers(1, 9))
+                reward, last = 0.0, []
+                for _ in range(4):  # DIAMOND's step: 4 frames, rewards summed, max of the last two
+                    obs, r, terminated, truncated, _ = env.step(action)
+                    reward, last = reward + float(r), (last + [obs])[-2:]
+                    if terminated or truncated:
+                        break
+                frames.append(resize_frame(np.maximum(last[0], last[-1]), img_size))
                 steps.append((action, reward, terminated, truncated or step == max_steps - 1))
-                if steps[-1][2] or steps[-1][3]:
+                if terminated or truncated:
                     break
-            actions, rewards, terminated, truncated = (np.array(column) for column in zip(*steps))
+            columns = [np.stack(frames).transpose(0, 2, 3, 1), *zip(*steps)]  # as EPISODE_KEYS
+            episode = {k: np.array(c, t) for (k, t), c in zip(EPISODE_KEYS.items(), columns)}
             try:
-                np.savez(tmp, obs=np.stack(frames).transpose(0, 2, 3, 1),
-                         actions=actions.astype(np.int64), rewards=rewards.astype(np.float32),
-                         terminated=terminated, truncated=truncated, caption=np.array([game]))
+                np.savez(tmp, **episode, caption=np.array([game]))
                 os.replace(tmp, path)
             except OSError as e:  # a full disk: one line; the episodes recorded so far are kept
                 raise TrainingFailure(f"cannot write the recorded episode {path} "
@@ -486,8 +463,6 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
                 with contextlib.suppress(OSError):
                     tmp.unlink(missing_ok=True)
         return env.unwrapped.get_action_meanings()
-    finally:
-        env.close()
 
 
 EPISODE_KEYS = {"obs": np.uint8, "actions": np.int64, "rewards": np.float32, "terminated": np.bool_,
@@ -538,11 +513,12 @@ def load_atari_dataset(args: "Args") -> VideoData:
         episodes.append(np.stack([resize_frame(obs, args.img_size) for obs in episode["obs"]]))
         actions.append(np.concatenate([[0], episode["actions"]]))  # NOOP into frame 0
 
+    agent = ATARI_AGENTS.get(game, "player")
+
     def caption(e: int, s: int) -> str:
         held = np.bincount(actions[e][s + 1: s + args.num_frames], minlength=len(meanings)).argmax()
         return f"{game}: the {agent} {describe_atari_action(meanings[held])}"
 
-    agent = ATARI_AGENTS.get(game, "player")
     return clips_of_episodes(episodes, args.num_frames, caption,
                              f"no episode in {folder} has {args.num_frames} frames: raise "
                              f"--atari-episode-steps or lower --num-frames",
@@ -550,47 +526,27 @@ def load_atari_dataset(args: "Args") -> VideoData:
                              dataset_id=canonical)
 
 
-def read_captions_file(path: Path) -> dict:
-    """{file name: caption} from JSON or name<TAB>caption lines; else one line naming the file."""
-    try:
-        text = path.read_text()
-        captions = json.loads(text) if path.suffix == ".json" else dict(
-            line.split("\t", 1) for line in text.splitlines() if line.strip())
-        if not isinstance(captions, dict):
-            raise ValueError("expected a JSON object {file name: caption}")
-        return {str(k): str(v) for k, v in captions.items()}
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read captions file {path} ({e}): use JSON {{name: caption}} or "
-                        f"name<TAB>caption lines") from None
-
-
 def read_video(path: Path, img_size: int) -> list[np.ndarray]:
     """A video's frames through resize_frame; an empty, unreadable or undecodable file is refused in
     one line naming it (FFmpeg's own "moov atom not found" names no file)."""
     import cv2
 
-    try:
-        with path.open("rb") as f:
-            empty = not f.read(1)
-    except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror}); make it readable or "
-                        f"remove it") from None
-    # FFmpeg writes to fd 2 itself (OpenCV's log level does not reach it): silenced while opening
+    # FFmpeg writes to fd 2 itself (OpenCV's log level does not reach it): silenced while decoding
     sys.stderr.flush()
     stderr_fd, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        capture = cv2.VideoCapture(str(path))
-        ok, bgr = capture.read()
+        with path.open("rb") as f:
+            empty = not f.read(1)
+        reads = iter(cv2.VideoCapture(str(path)).read, (False, None))  # (True, BGR) until the end
+        frames = [resize_frame(bgr[:, :, ::-1], img_size) for _, bgr in reads]
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror}); make it readable or "
+                        f"remove it") from None
     finally:
         os.dup2(stderr_fd, 2)
         os.close(stderr_fd)
         os.close(devnull)
-    frames = []
-    while ok:
-        frames.append(resize_frame(bgr[:, :, ::-1], img_size))
-        ok, bgr = capture.read()
-    capture.release()
     if not frames:
         why = "empty file" if empty else "OpenCV decodes no frame (cut, corrupt, unknown codec)"
         raise UserError(f"{path}: {why}; replace it with a video OpenCV can read or remove it")
@@ -613,14 +569,21 @@ def load_video_folder(args: "Args") -> VideoData:
                    for name in names if Path(name).suffix.lower() in extensions)
     if not paths:
         raise UserError(f"no videos ({', '.join(sorted(extensions))}) under {args.data_dir}")
-    captions_path = next((root / n for n in ("captions.json", "captions.txt")
-                          if (root / n).is_file()), None)
-    by_name = read_captions_file(captions_path) if captions_path else {}
+    found = [p for p in (root / "captions.json", root / "captions.txt") if p.is_file()]
+    try:  # {file name: caption}: a JSON object or name<TAB>caption lines
+        text = found[0].read_text() if found else "{}"
+        by_name = json.loads(text) if not found or found[0].suffix == ".json" else dict(
+            line.split("\t", 1) for line in text.splitlines() if line.strip())
+        if not isinstance(by_name, dict):
+            raise ValueError("expected a JSON object {file name: caption}")
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read captions file {found[0]} ({e}): use JSON {{name: caption}} "
+                        f"or name<TAB>caption lines") from None
     episodes, captions = [], []
     for p in paths:
         episodes.append(np.stack(read_video(p, args.img_size)))
         names = (str(p.relative_to(root)), p.name, p.stem)
-        captions.append(next((by_name[k] for k in names if k in by_name), ""))
+        captions.append(next((str(by_name[k]) for k in names if k in by_name), ""))
     return clips_of_episodes(episodes, args.num_frames, lambda e, s: captions[e],
                              f"no video under {args.data_dir} has --num-frames {args.num_frames} "
                              f"readable frames: check the files or lower --num-frames",
@@ -693,14 +656,12 @@ def unknown_words(captions: list, vocabulary: list, max_len: int) -> list[str]:
 
 
 def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list[str]:
-    """At most one notice: how many captions tokenize cuts to max_len words, and the words a resumed
-    model's vocabulary lacks (each read as the untrained <unk>)."""
+    """At most one notice: captions cut to max_len words, words a resumed model never learned."""
     distinct = {tuple(caption_words(c)) for c in captions}
     cut = sum(len(words) > max_len for words in distinct)
-    unknown = unknown_words(captions, vocabulary, max_len)
     said = ([f"{cut} of {len(distinct)} captions are cut to their first --max-text-len "
              f"{max_len} words"] if cut else [])
-    if unknown:
+    if unknown := unknown_words(captions, vocabulary, max_len):
         said.append(f"words the model never learned, read as <unk>: {', '.join(unknown)}")
     return ["notice: " + "; ".join(said)] if said else []
 
@@ -817,7 +778,7 @@ class SpatioTemporalAttention(nn.Module):
         self.cross_out = nn.Linear(channels, channels)
         zero_(self.spatial_out, self.temporal_out, self.cross_out)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor]):
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor):
         """x (B, C, T, H, W); context (B, L, context_dim), context_mask (B, L) False at padding."""
         b, c, t, h, w = x.shape
         tokens = self.spatial_norm(x).permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)  # (B*T, HW, C)
@@ -832,9 +793,8 @@ class SpatioTemporalAttention(nn.Module):
         x = x + self.temporal_out(out).reshape(b, h, w, t, c).permute(0, 4, 3, 1, 2)
 
         tokens = self.cross_norm(x.permute(0, 2, 3, 4, 1).reshape(b, t * h * w, c))  # (B, THW, C)
-        mask = None if context_mask is None else context_mask[:, None, None, :]
         out = multi_head_attention(self.cross_q(tokens), self.cross_k(context), self.cross_v(context),
-                                   self.num_heads, mask)
+                                   self.num_heads, context_mask[:, None, None, :])
         return x + self.cross_out(out).reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
 
@@ -868,7 +828,7 @@ class VideoDiffusionModel(nn.Module):
                  text_dim: int = 256, text_layers: int = 2, max_text_len: int = 16):
         super().__init__()
         self.num_actions, self.action_dim, self.max_text_len = num_actions, action_dim, max_text_len
-        self.num_levels, self.num_res_blocks = len(channel_mult), num_res_blocks
+        self.num_res_blocks = num_res_blocks
         c, emb = model_channels, 4 * model_channels
         self.time_embed, self.context_noise_embed = (
             nn.Sequential(SinusoidalPosEmb(c), nn.Linear(c, emb), nn.GELU(), nn.Linear(emb, emb))
@@ -876,7 +836,6 @@ class VideoDiffusionModel(nn.Module):
         text_heads = text_dim // 64 if text_dim % 64 == 0 else 1  # heads of width 64 if it can
         self.text_encoder = TextEncoder(vocab_size, text_dim, text_layers, text_heads, max_text_len)
         self.text_pool = nn.Linear(text_dim, emb)
-        self.action_encoder = None
         if action_dim > 0:  # the seed's ActionConditionedDiffusion's MLP
             self.action_encoder = nn.Sequential(nn.Linear(action_dim, 256), nn.ReLU(),
                                                 nn.Linear(256, emb))
@@ -961,21 +920,16 @@ class VideoDiffusionModel(nn.Module):
         def attend(attn, h):
             return h if isinstance(attn, nn.Identity) else attn(h, text_tokens, text_mask)
 
-        skips, n = [h], self.num_res_blocks  # blocks per level: n down, n + 1 up
-        for level in range(self.num_levels):
-            for i in range(level * n, (level + 1) * n):
-                h = attend(self.down_attns[i], self.down_blocks[i](h, emb))
-                skips.append(h)
-            if level < len(self.downsamples):
-                h = self.downsamples[level](h)
-                skips.append(h)
+        skips, n = [h], self.num_res_blocks  # blocks per level: n down, n + 1 up, then a resampling
+        for i, (block, attn) in enumerate(zip(self.down_blocks, self.down_attns)):
+            skips.append(h := attend(attn, block(h, emb)))
+            if i % n == n - 1 and i // n < len(self.downsamples):
+                skips.append(h := self.downsamples[i // n](h))
         h = self.mid_block2(self.mid_attn(self.mid_block1(h, emb), text_tokens, text_mask), emb)
-        for level in range(self.num_levels):
-            for i in range(level * (n + 1), (level + 1) * (n + 1)):
-                h = self.up_blocks[i](torch.cat([h, skips.pop()], dim=1), emb)
-                h = attend(self.up_attns[i], h)
-            if level < len(self.upsamples):
-                h = self.upsamples[level](h)
+        for i, (block, attn) in enumerate(zip(self.up_blocks, self.up_attns)):
+            h = attend(attn, block(torch.cat([h, skips.pop()], dim=1), emb))
+            if i % (n + 1) == n and i // (n + 1) < len(self.upsamples):
+                h = self.upsamples[i // (n + 1)](h)
         return self.out(F.silu(self.out_norm(h)))
 
 
