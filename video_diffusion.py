@@ -1126,8 +1126,7 @@ def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, gener
              prediction: str = "eps") -> torch.Tensor:
     """One clip (B, 3, T, H, W) in [-1, 1]; its first num_context frames are context's (given to the
     model noised to context_noise_step, as in training)."""
-    b, _, num_frames = shape[:3]
-    device = generator.device
+    (b, _, num_frames), device = shape[:3], generator.device
     mask = level = noisy_context = None
     if num_context > 0:
         mask = (torch.arange(num_frames, device=device) < num_context).float().expand(b, num_frames)
@@ -1144,22 +1143,22 @@ def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, gener
 
 
 @torch.no_grad()
-def generate_long_video(model: nn.Module, alphas_cumprod: torch.Tensor, num_frames: int, clip_frames: int,
-                        num_context: int, shape: tuple, generator: torch.Generator,
-                        text: Optional[torch.Tensor] = None, actions: Optional[torch.Tensor] = None,
-                        drop_actions: Optional[torch.Tensor] = None, **sample_kwargs) -> torch.Tensor:
-    """Autoregressive video (B, 3, num_frames, H, W) in [-1, 1] from clips of `shape`, each after the
-    first given the last num_context frames; actions (B, num_frames[, A]) cover the whole video."""
+def generate_long_video(model: nn.Module, alphas_cumprod: torch.Tensor, num_frames: int, num_context: int,
+                        shape: tuple, generator: torch.Generator, text: Optional[torch.Tensor] = None,
+                        actions: Optional[torch.Tensor] = None, **sample_kwargs) -> torch.Tensor:
+    """Autoregressive video (B, 3, num_frames, H, W) in [-1, 1] from clips of `shape`, each after the first
+    given the last num_context frames; actions (B, A_T[, A]) repeated over the video, the last held past it."""
+    clip_frames = shape[2]
 
-    def actions_from(start: int) -> Optional[torch.Tensor]:  # the video's last action is held past its end
+    def actions_from(start: int) -> Optional[torch.Tensor]:
         index = torch.arange(start, start + clip_frames, device=generator.device).clamp(max=num_frames - 1)
-        return None if actions is None else actions[:, index]
+        return None if actions is None else actions[:, index % actions.shape[1]]
 
-    video = generate(model, alphas_cumprod, shape, generator, text, actions_from(0), drop_actions, **sample_kwargs)
+    video = generate(model, alphas_cumprod, shape, generator, text, actions_from(0), **sample_kwargs)
     while video.shape[2] < num_frames:
         context = F.pad(video[:, :, -num_context:], (0, 0, 0, 0, 0, clip_frames - num_context))  # then zeros
         block = generate(model, alphas_cumprod, shape, generator, text, actions_from(video.shape[2] - num_context),
-                         drop_actions, context, num_context, **sample_kwargs)
+                         None, context, num_context, **sample_kwargs)
         video = torch.cat([video, block[:, :, num_context:]], dim=2)
     return video[:, :, :num_frames]
 
@@ -1278,11 +1277,6 @@ def movement_directions(clips: np.ndarray) -> np.ndarray:
     return np.where((total > 0.2).all(1), moved, -1)  # found: about a pixel of strong colour
 
 
-def direction_accuracy(clips: np.ndarray, directions: np.ndarray) -> float:
-    """Fraction of clips whose sprite moves in the given direction (chance: 1/4)."""
-    return float(np.mean(movement_directions(clips) == directions))
-
-
 class EvalSampler(DeviceClips):
     """Clips and long videos from a model (the EMA weights), conditioned on held-out clips. Seeded
     generators: the same noise every time, and the training RNGs untouched (exact resume)."""
@@ -1290,10 +1284,9 @@ class EvalSampler(DeviceClips):
     def __init__(self, model: nn.Module, alphas_cumprod: torch.Tensor, eval_data: VideoData, vocabulary: list,
                  args: Args, autocast, device: torch.device):
         super().__init__(eval_data, vocabulary, args, device)
-        self.model, self.alphas_cumprod = model, alphas_cumprod
+        self.model, self.alphas_cumprod, self.data = model, alphas_cumprod, eval_data
         self.sample_kwargs = sampling_kwargs(args, autocast)
-        self.directions, self.captions = eval_data.directions, list(eval_data.captions)
-        self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in self.captions]
+        self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in eval_data.captions]
         self.judge = None  # optional: judge
 
     def clips(self, num: int, use_text: bool = True, use_actions: bool = True, num_context: int = 0,
@@ -1306,11 +1299,9 @@ class EvalSampler(DeviceClips):
             index = torch.arange(start, min(num, start + args.sample_batch_size), device=device)
             real, actions = self[index][0], self[index + actions_shift][2]
             text = self[index + text_shift][1] if use_text else None
-            if long:  # the clips' actions repeated
-                repeat = torch.arange(args.long_video_frames, device=device) % args.num_frames
+            if long:
                 clips = generate_long_video(self.model, self.alphas_cumprod, args.long_video_frames,
-                                            args.num_frames, args.context_frames, tuple(real.shape), generator,
-                                            text, None if actions is None else actions[:, repeat],
+                                            args.context_frames, tuple(real.shape), generator, text, actions,
                                             **self.sample_kwargs)
             else:
                 drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=device)
@@ -1396,32 +1387,29 @@ def judge_scores(judge: nn.Sequential, samples: np.ndarray, asked_labels: Option
 JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own sprites sets (a run trains on --seed's)
 
 
-def sprite_colour_labels(captions: list) -> np.ndarray:
-    """The SPRITE_COLOURS index of the colour each caption names ("a red square ..." -> 0)."""
-    return np.array([next(i for i, c in enumerate(SPRITE_COLOURS) if c in caption.split()) for caption in captions])
-
-
-def make_sprites_judge(args: Args, num_frames_scored: int) -> tuple[nn.Sequential, np.ndarray, np.ndarray]:
-    """The judge of the sprite's colour on single frames (trained once on 512 clips of 8 frames,
-    cached in {data_dir}/judge/), and >= 2 * num_frames_scored held-out real frames and colours."""
-    def frames_and_colours(data: VideoData) -> tuple[np.ndarray, np.ndarray]:
-        return data.frames, np.repeat(sprite_colour_labels(data.captions), len(data.frames) // len(data.captions))
-
-    key = f"sprites_{args.img_size}px_{args.num_distractors}distractors_4classes_seed{JUDGE_DATA_SEED}"
-    judge = load_or_train_judge(Path(args.data_dir) / "judge", key, lambda: frames_and_colours(make_sprites_dataset(
-        512, 8, args.img_size, args.num_distractors, seed=JUDGE_DATA_SEED)), len(SPRITE_COLOURS), JUDGE_DATA_SEED)
-    heldout = make_sprites_dataset(-(-2 * num_frames_scored // args.num_frames), args.num_frames, args.img_size,
-                                   args.num_distractors, seed=JUDGE_HELDOUT_SEED)
-    return (judge, *frames_and_colours(heldout))
+def sprite_colour_labels(captions: list, frames_each: int = 1) -> np.ndarray:
+    """The SPRITE_COLOURS index of the colour each caption names ("a red square ..." -> 0), per frame."""
+    return np.repeat([next(i for i, c in enumerate(SPRITE_COLOURS) if c in caption.split()) for caption in captions],
+                     frames_each)
 
 
 def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
-    """eval/judge_* on sprites: each generated frame's sprite colour against its caption's."""
-    if sampler.args.dataset != "sprites":
+    """eval/judge_* on sprites: each generated frame's sprite colour against its caption's, by a CNN
+    trained once on 512 clips of 8 frames (cached in {data_dir}/judge/), beside 2N held-out frames."""
+    args, (n, _, num_frames) = sampler.args, samples.shape[:3]
+    if args.dataset != "sprites":
         return {}
-    n, num_frames = len(samples), samples.shape[2]
-    sampler.judge = sampler.judge or make_sprites_judge(sampler.args, n * num_frames)
-    asked = np.repeat(sprite_colour_labels((sampler.captions * n)[:n]), num_frames)
+    if sampler.judge is None:
+        def real(count: int, frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:  # frames, their colours
+            data = make_sprites_dataset(count, frames, args.img_size, args.num_distractors, seed=seed)
+            return data.frames, sprite_colour_labels(data.captions, len(data.frames) // len(data.captions))
+
+        key = f"sprites_{args.img_size}px_{args.num_distractors}distractors_4classes_seed{JUDGE_DATA_SEED}"
+        judge = load_or_train_judge(Path(args.data_dir) / "judge", key, lambda: real(512, 8, JUDGE_DATA_SEED),
+                                    len(SPRITE_COLOURS), JUDGE_DATA_SEED)
+        count = -(-2 * n * num_frames // args.num_frames)  # clips holding >= 2N held-out frames
+        sampler.judge = (judge, *real(count, args.num_frames, JUDGE_HELDOUT_SEED))
+    asked = sprite_colour_labels((list(sampler.data.captions) * n)[:n], num_frames)
     frames = samples.transpose(0, 2, 1, 3, 4).reshape(-1, 3, *samples.shape[3:])
     scores = judge_scores(sampler.judge[0], frames, asked, *sampler.judge[1:])
     return {f"eval/judge_{name}": value for name, value in scores.items()}
@@ -1469,9 +1457,9 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: b
                                    ("action", dict(use_text=False), "actions_shift")):
             for swapped in (0, 1):
                 clips = sampler.clips(n, num_context=1, **flags, **{shift: swapped})
-                asked = sampler.directions[(np.arange(n) + swapped) % len(sampler.directions)]
-                tag = f"eval/{kind}_direction_accuracy" + "_swapped" * swapped
-                metrics[tag] = direction_accuracy(clips, asked)
+                asked = sampler.data.directions[(np.arange(n) + swapped) % len(sampler.data.directions)]
+                hits = movement_directions(clips) == asked  # chance: 1/4
+                metrics[f"eval/{kind}_direction_accuracy" + "_swapped" * swapped] = float(hits.mean())
     if args.long_video_frames > args.num_frames:
         videos = sampler.clips(min(n, 4), long=True)
         write_samples(samples_dir, f"long_step{step:08d}", videos)
