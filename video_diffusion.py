@@ -1290,14 +1290,14 @@ class EvalSampler(DeviceClips):
         self.judge = None  # optional: judge
 
     def clips(self, num: int, use_text: bool = True, use_actions: bool = True, num_context: int = 0,
-              text_shift: int = 0, actions_shift: int = 0, long: bool = False) -> np.ndarray:
+              text_shift: int = 0, action_shift: int = 0, long: bool = False) -> np.ndarray:
         """num uint8 clips (long: of --long-video-frames) from the first num eval clips' captions
-        and/or actions (or another clip's: text_shift, actions_shift), first num_context frames."""
+        and/or actions (or another clip's: text_shift, action_shift), first num_context frames."""
         args, out, device = self.args, [], self.device
         generator = torch.Generator(device=device).manual_seed(args.seed + (10_001 if long else 10_000))
         for start in range(0, num, args.sample_batch_size):
             index = torch.arange(start, min(num, start + args.sample_batch_size), device=device)
-            real, actions = self[index][0], self[index + actions_shift][2]
+            real, actions = self[index][0], self[index + action_shift][2]
             text = self[index + text_shift][1] if use_text else None
             if long:
                 clips = generate_long_video(self.model, self.alphas_cumprod, args.long_video_frames,
@@ -1434,10 +1434,9 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: b
     metrics |= judge_clips(sampler, samples)  # optional: judge
     if sampler.actions is not None and k > 0:  # rollouts from the first k real frames, no caption
         real, _, actions = sampler[torch.arange(n, device=sampler.device)]
-        real = to_uint8(real)
-        rollout = dict(use_text=False, num_context=k)
+        real, rollout = to_uint8(real), dict(use_text=False, num_context=k)
         rollouts = {"true_actions": sampler.clips(n, **rollout),
-                    "shuffled_actions": sampler.clips(n, **rollout, actions_shift=1),
+                    "shuffled_actions": sampler.clips(n, **rollout, action_shift=1),
                     "copy_last": np.repeat(real[:, :, k - 1: k], args.num_frames, axis=2)}
         psnr = {name: rollout_psnr(clips, real, k) for name, clips in rollouts.items()}
         metrics |= {f"eval/psnr_{name}": value for name, value in psnr.items()}
@@ -1450,13 +1449,11 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: b
         writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step,
                          dataformats="HWC")
     if args.dataset == "sprites" and k > 0:
-        # Does the sprite go where the caption (alone) or the actions (alone) say, from the real
-        # first frame (where it starts, not where it goes)? "swapped": each first frame commanded
-        # with another clip's caption or actions, where a direction learned otherwise scores chance.
-        for kind, flags, shift in (("text", dict(use_actions=False), "text_shift"),
-                                   ("action", dict(use_text=False), "actions_shift")):
+        # Does the sprite go where the caption (alone) or the actions (alone) say, from the real first
+        # frame? "swapped": commanded with another clip's, where a direction learned otherwise scores chance.
+        for kind, alone in (("text", dict(use_actions=False)), ("action", dict(use_text=False))):
             for swapped in (0, 1):
-                clips = sampler.clips(n, num_context=1, **flags, **{shift: swapped})
+                clips = sampler.clips(n, num_context=1, **alone, **{f"{kind}_shift": swapped})
                 asked = sampler.data.directions[(np.arange(n) + swapped) % len(sampler.data.directions)]
                 hits = movement_directions(clips) == asked  # chance: 1/4
                 metrics[f"eval/{kind}_direction_accuracy" + "_swapped" * swapped] = float(hits.mean())
@@ -1486,8 +1483,7 @@ def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
 
 
 def frame_strips(clips: np.ndarray, labels: list[str]) -> np.ndarray:
-    """uint8 (N, 3, T, H, W) -> one uint8 (rows, width, 3) image: a row of frames per clip (enlarged
-    to 48 pixels high), each above its label."""
+    """uint8 clips (N, 3, T, H, W) -> one uint8 image: each clip's frames in a row, >= 48 px high, above its label."""
     scale = max(1, 48 // clips.shape[3])
     rows = [make_grid(clip.transpose(1, 0, 2, 3), columns=clip.shape[1]) for clip in clips]
     return np.concatenate([with_caption(row, row.shape[1] * scale, [label]) for row, label in zip(rows, labels)])
@@ -1524,11 +1520,10 @@ def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
     """--play-keys -> an action index per step (None: restart); a letter of no action is refused."""
     index = {ACTION_LETTERS.get(name, name): i for i, name in enumerate(meanings)} | {RESTART_LETTER: None}
     letters = [letter for letter in keys if not letter.isspace()]
-    for letter in letters:
-        if letter not in index:
-            known = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
-            raise UserError(f"--play-keys: {letter!r} is no action of this model; its letters: {known}, "
-                            f"{RESTART_LETTER} restart")
+    if unknown := [letter for letter in letters if letter not in index]:
+        known = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
+        raise UserError(f"--play-keys: {unknown[0]!r} is no action of this model; its letters: {known}, "
+                        f"{RESTART_LETTER} restart")
     if not letters:
         raise UserError("--play-keys is empty: give one letter per step, e.g. RRRDDD")
     return [index[letter] for letter in letters]
@@ -1640,10 +1635,9 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
     generates a clip from the last k = --context-frames frames and the new action; shows frame k."""
     num_actions, vocabulary = checkpoint["num_actions"], checkpoint["vocabulary"]
     if args.dataset == "folder" or num_actions == 0 and args.action_dim == 0 or args.context_frames < 1:
-        raise UserError(f"--play steers an action-conditioned model (sprites or Atari clips) frame by "
-                        f"frame from its last frames: this run has --dataset {args.dataset}, "
-                        f"--context-frames {args.context_frames}; train one with --dataset sprites or "
-                        f"atari and --context-frames >= 1")
+        raise UserError(f"--play needs a model trained with actions (--dataset sprites or atari) and "
+                        f"--context-frames >= 1; this run has --dataset {args.dataset}, "
+                        f"--context-frames {args.context_frames}")
     if args.dataset != "sprites" and args.play_world != "imagined":
         raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for "
                         f"real here; give --play-world imagined")
