@@ -1118,12 +1118,10 @@ def sampling_kwargs(args: Args, autocast) -> dict:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, generator: torch.Generator,
-             text: Optional[torch.Tensor] = None, actions: Optional[torch.Tensor] = None,
-             drop_actions: Optional[torch.Tensor] = None, context: Optional[torch.Tensor] = None,
-             num_context: int = 0, context_noise_step: int = 0, cfg_scale: float = 1.0, sampler: str = "ddim",
-             num_steps: int = 50, eta: float = 0.0, autocast=contextlib.nullcontext(),
-             prediction: str = "eps") -> torch.Tensor:
+def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, generator: torch.Generator, text=None,
+             actions=None, drop_actions=None, context=None, num_context: int = 0, context_noise_step: int = 0,
+             cfg_scale: float = 1.0, sampler: str = "ddim", num_steps: int = 50, eta: float = 0.0,
+             autocast=contextlib.nullcontext(), prediction: str = "eps") -> torch.Tensor:
     """One clip (B, 3, T, H, W) in [-1, 1]; its first num_context frames are context's (given to the
     model noised to context_noise_step, as in training)."""
     (b, _, num_frames), device = shape[:3], generator.device
@@ -1144,22 +1142,20 @@ def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, gener
 
 @torch.no_grad()
 def generate_long_video(model: nn.Module, alphas_cumprod: torch.Tensor, num_frames: int, num_context: int,
-                        shape: tuple, generator: torch.Generator, text: Optional[torch.Tensor] = None,
-                        actions: Optional[torch.Tensor] = None, **sample_kwargs) -> torch.Tensor:
-    """Autoregressive video (B, 3, num_frames, H, W) in [-1, 1] from clips of `shape`, each after the first
-    given the last num_context frames; actions (B, A_T[, A]) repeated over the video, the last held past it."""
-    clip_frames = shape[2]
-
-    def actions_from(start: int) -> Optional[torch.Tensor]:
-        index = torch.arange(start, start + clip_frames, device=generator.device).clamp(max=num_frames - 1)
-        return None if actions is None else actions[:, index % actions.shape[1]]
-
-    video = generate(model, alphas_cumprod, shape, generator, text, actions_from(0), **sample_kwargs)
+                        shape: tuple, generator: torch.Generator, text=None, actions=None, drop_actions=None,
+                        video: Optional[torch.Tensor] = None, **sample_kwargs) -> torch.Tensor:
+    """Video (B, 3, num_frames, H, W) in [-1, 1]: `video`'s frames (default none), then clips of
+    `shape`, each given the last num_context frames so far; actions (B, A_T[, A]) repeated over it."""
+    video = torch.zeros(*shape[:2], 0, *shape[3:], device=generator.device) if video is None else video
     while video.shape[2] < num_frames:
-        context = F.pad(video[:, :, -num_context:], (0, 0, 0, 0, 0, clip_frames - num_context))  # then zeros
-        block = generate(model, alphas_cumprod, shape, generator, text, actions_from(video.shape[2] - num_context),
-                         None, context, num_context, **sample_kwargs)
-        video = torch.cat([video, block[:, :, num_context:]], dim=2)
+        k = min(num_context, video.shape[2])  # the frames given to this clip
+        index = torch.arange(video.shape[2] - k, video.shape[2] - k + shape[2], device=generator.device)
+        index = index.clamp(max=num_frames - 1)  # the last action is held past the video's end
+        clip_actions = None if actions is None else actions[:, index % actions.shape[1]]
+        context = F.pad(video[:, :, video.shape[2] - k:], (0, 0, 0, 0, 0, shape[2] - k))  # then zeros
+        clip = generate(model, alphas_cumprod, shape, generator, text, clip_actions, drop_actions, context, k,
+                        **sample_kwargs)
+        video = torch.cat([video, clip[:, :, k:]], dim=2)
     return video[:, :, :num_frames]
 
 
@@ -1294,19 +1290,16 @@ class EvalSampler(DeviceClips):
         """num uint8 clips (long: of --long-video-frames) from the first num eval clips' captions
         and/or actions (or another clip's: text_shift, action_shift), first num_context frames."""
         args, out, device = self.args, [], self.device
+        length = args.long_video_frames if long else args.num_frames
         generator = torch.Generator(device=device).manual_seed(args.seed + (10_001 if long else 10_000))
         for start in range(0, num, args.sample_batch_size):
             index = torch.arange(start, min(num, start + args.sample_batch_size), device=device)
             real, actions = self[index][0], self[index + action_shift][2]
             text = self[index + text_shift][1] if use_text else None
-            if long:
-                clips = generate_long_video(self.model, self.alphas_cumprod, args.long_video_frames,
-                                            args.context_frames, tuple(real.shape), generator, text, actions,
-                                            **self.sample_kwargs)
-            else:
-                drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=device)
-                clips = generate(self.model, self.alphas_cumprod, tuple(real.shape), generator, text,
-                                 actions, drop, real, num_context, **self.sample_kwargs)
+            drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=device)
+            clips = generate_long_video(self.model, self.alphas_cumprod, length, args.context_frames,
+                                        tuple(real.shape), generator, text, actions, drop,
+                                        real[:, :, :num_context], **self.sample_kwargs)
             out.append(to_uint8(clips))
         return np.concatenate(out)
 
