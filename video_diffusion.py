@@ -1112,11 +1112,6 @@ def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
     return x.float().clamp(-1, 1)
 
 
-def sampling_kwargs(args: Args, autocast) -> dict:
-    return dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale, sampler=args.sampler,
-                num_steps=args.num_sampling_steps, eta=args.ddim_eta, autocast=autocast, prediction=args.prediction)
-
-
 @torch.no_grad()
 def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, generator: torch.Generator, text=None,
              actions=None, drop_actions=None, context=None, num_context: int = 0, context_noise_step: int = 0,
@@ -1281,7 +1276,9 @@ class EvalSampler(DeviceClips):
                  args: Args, autocast, device: torch.device):
         super().__init__(eval_data, vocabulary, args, device)
         self.model, self.alphas_cumprod, self.data = model, alphas_cumprod, eval_data
-        self.sample_kwargs = sampling_kwargs(args, autocast)
+        self.sample_kwargs = dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale,
+                                  sampler=args.sampler, num_steps=args.num_sampling_steps, eta=args.ddim_eta,
+                                  autocast=autocast, prediction=args.prediction)
         self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in eval_data.captions]
         self.judge = None  # optional: judge
 
@@ -1662,23 +1659,19 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
     model.load_state_dict(checkpoint["ema"])
     alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps,
                                                             args.beta_start, args.beta_end))
-    k, n = args.context_frames, args.num_frames
-    text = tokenize([caption], vocabulary, args.max_text_len).to(device) if caption else None
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    sampler = EvalSampler(model, alphas_cumprod, data, vocabulary, args, autocast, device)
     clip = args.seed % len(data.clip_starts) if clip is None else clip
-    start = int(data.clip_starts[clip])
-    start_frames = torch.from_numpy(data.frames[start: start + k]).permute(1, 0, 2, 3)[None] / 127.5 - 1
-    start_actions = data.actions[start: start + k]
+    real, _, actions = sampler[torch.tensor([clip], device=device)]
+    k, text = args.context_frames, tokenize([caption], vocabulary, max_len).to(device) if caption else None
+    generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    def next_frame(frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        context = F.pad(frames, (0, 0, 0, 0, 0, n - k))  # the last k frames, then n - k to generate
-        index = torch.arange(n, device=device).clamp(max=k)  # the new action into every later frame
-        return generate(model, alphas_cumprod, tuple(context.shape), generator, text,
-                        actions.to(device)[:, index], None, context, k, **sampling_kwargs(args, autocast))[:, :, k]
+    def next_frame(frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:  # from the last k frames
+        return generate_long_video(model, alphas_cumprod, k + 1, k, tuple(real.shape), generator, text, actions,
+                                   video=frames, **sampler.sample_kwargs)[:, :, k]
 
-    games = {"imagined": lambda: imagined_video(next_frame, start_frames.to(device),
-                                                torch.from_numpy(start_actions)[None], values)}
+    games = {"imagined": lambda: imagined_video(next_frame, real[:, :, :k], actions[:, :k], values)}
     if args.dataset == "sprites":
+        start_actions = actions[0, :k].cpu().numpy()
         games["real"] = lambda: real_sprites(data.sprite_states[clip], start_actions, args.img_size, values)
     return {"games": games, "meanings": meanings, "caption": caption}
 
