@@ -1178,8 +1178,9 @@ class DeviceClips:
     """Clips on the device as uint8 frames (no loader, no copies), caption tokens and actions;
     clip i is frames[starts[i] : starts[i] + num_frames]."""
 
-    def __init__(self, data: VideoData, vocabulary: list, args: Args, device: torch.device):
-        self.args, self.device = args, device
+    def __init__(self, data: VideoData, vocabulary: list, args: Args, device: torch.device,
+                 alphas_cumprod: torch.Tensor):
+        self.args, self.device, self.data, self.alphas_cumprod = args, device, data, alphas_cumprod.to(device)
         self.frames = torch.from_numpy(data.frames).to(device)
         self.starts = torch.from_numpy(data.clip_starts).to(device)
         self.actions = None if data.actions is None else torch.from_numpy(data.actions).to(device)
@@ -1192,11 +1193,10 @@ class DeviceClips:
         clips = self.frames[frames].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0
         return clips, self.text[index], None if self.actions is None else self.actions[frames]
 
-    def batch(self, step: int, generator: torch.Generator, mine: slice, null_text: torch.Tensor,
-              alphas_cumprod: torch.Tensor) -> dict:
+    def batch(self, step: int, generator: torch.Generator, mine: slice, null_text: torch.Tensor) -> dict:
         """The step's batch as video_diffusion_loss's keyword arguments: the global batch, drawn
         alike on every rank, sliced to this rank's `mine` (2 ranks at batch B compute as 1 rank)."""
-        args, device, B = self.args, self.device, self.args.batch_size
+        args, device, B, alphas_cumprod = self.args, self.device, self.args.batch_size, self.alphas_cumprod
         clip_shape = (3, args.num_frames, args.img_size, args.img_size)
         indices = global_batch_indices(step, B, len(self.starts), args.seed).to(device, non_blocking=True)
         t = torch.randint(0, args.timesteps, (B,), generator=generator, device=device)
@@ -1237,9 +1237,7 @@ def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation: rollout PSNR with the true actions, with shuffled actions and of copying the last
-# frame (Genie's delta-PSNR: do the actions matter?), and on sprites whether the sprite moves the
-# way the caption or actions say.
+# Evaluation: do the actions matter (Genie's delta-PSNR of rollouts), does the sprite go where told?
 
 
 def rollout_psnr(predicted: np.ndarray, real: np.ndarray, first_frame: int = 0) -> float:
@@ -1274,8 +1272,8 @@ class EvalSampler(DeviceClips):
 
     def __init__(self, model: nn.Module, alphas_cumprod: torch.Tensor, eval_data: VideoData, vocabulary: list,
                  args: Args, autocast, device: torch.device):
-        super().__init__(eval_data, vocabulary, args, device)
-        self.model, self.alphas_cumprod, self.data = model, alphas_cumprod, eval_data
+        super().__init__(eval_data, vocabulary, args, device, alphas_cumprod)
+        self.model = model
         self.sample_kwargs = dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale,
                                   sampler=args.sampler, num_steps=args.num_sampling_steps, eta=args.ddim_eta,
                                   autocast=autocast, prediction=args.prediction)
@@ -1302,10 +1300,8 @@ class EvalSampler(DeviceClips):
 
 
 # ==== BEGIN OPTIONAL: judge ====
-# An offline sample-quality score on the generated sprites (FID needs Inception weights, and its values
-# mean nothing across datasets): a small CNN, trained once on real frames and cached, judges the samples
-# (eval/judge_*). Optional: delete this block and every line ending in "# optional: judge" (the script
-# runs as before without eval/judge_*; tests/test_optional_blocks.py checks it):
+# eval/judge_*: a small CNN, trained once on real frames and cached, scores the generated sprites (FID
+# needs Inception weights and means nothing across datasets). To delete it and its marked lines:
 # sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' video_diffusion.py > x.py
 
 
@@ -1494,9 +1490,8 @@ def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> P
 
 
 # ==== BEGIN OPTIONAL: play ====
-# Play: a sprites model as a game, in a pygame window or headless from keys. Optional: delete the
-# play blocks (here and in Args) and every line ending in "# optional: play"
-# (tests/test_optional_blocks.py checks it):
+# Play: a model as a game, in a pygame window or headless from keys. To delete its blocks (here and
+# in Args) and its marked lines:
 #   sed '/^# ==== BEGIN OPTIONAL: play/,/^# ==== END OPTIONAL: play/d; /# optional: play$/d' video_diffusion.py > x.py
 
 # --play-keys letters: N noop, U D L R moves, '/' restarts (DIAMOND's Atari games add fire, diagonals).
@@ -1803,14 +1798,13 @@ def main(args: Args, given: set[str]):
         check_step_memory(setup, args.batch_size, num_params, activations, args.dtype)
     alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps,
                                                             args.beta_start, args.beta_end))
-    clips, train_abar = DeviceClips(data, vocabulary, args, device), alphas_cumprod.to(device)
+    clips = DeviceClips(data, vocabulary, args, device, alphas_cumprod)
 
     # ---- model, EMA, optimizer with warmup (lr_s = lr * min(1, (s + 1) / warmup)), resumed state
     model = build_model(args, len(vocabulary), num_actions).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=setup.use_cuda)
-    warmup = max(1, args.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
     scaler = torch.amp.GradScaler("cuda", enabled=setup.use_cuda and args.dtype == "float16")
     parts = (model, ema_model, optimizer, scheduler, scaler, train_generator, vocabulary, num_actions)
     step = 0 if checkpoint is None else restore_state(checkpoint, *parts)
@@ -1840,11 +1834,10 @@ def main(args: Args, given: set[str]):
     # ---- train
     local_batch = args.batch_size // setup.world_size
     mine = slice(setup.rank * local_batch, (setup.rank + 1) * local_batch)
-    first_step = step
-    step_timer = StepTimer(first_step, args.total_steps, setup)
+    first_step, step_timer = step, StepTimer(step, args.total_steps, setup)
     progress = progress_bar(args.total_steps, step, "train", "step", setup.is_main)
     while step < args.total_steps:
-        batch = clips.batch(step, train_generator, mine, model.null_text(local_batch, device), train_abar)
+        batch = clips.batch(step, train_generator, mine, model.null_text(local_batch, device))
         loss = video_diffusion_loss(train_model, **batch, prediction=args.prediction, autocast=autocast)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
