@@ -1113,43 +1113,30 @@ def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
 
 
 @torch.no_grad()
-def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, generator: torch.Generator, text=None,
-             actions=None, drop_actions=None, context=None, num_context: int = 0, context_noise_step: int = 0,
-             cfg_scale: float = 1.0, sampler: str = "ddim", num_steps: int = 50, eta: float = 0.0,
-             autocast=contextlib.nullcontext(), prediction: str = "eps") -> torch.Tensor:
-    """One clip (B, 3, T, H, W) in [-1, 1]; its first num_context frames are context's (given to the
-    model noised to context_noise_step, as in training)."""
-    (b, _, num_frames), device = shape[:3], generator.device
-    mask = level = noisy_context = None
-    if num_context > 0:
-        mask = (torch.arange(num_frames, device=device) < num_context).float().expand(b, num_frames)
-        level = torch.full((b,), context_noise_step, dtype=torch.long, device=device)
-        noise = torch.randn(context.shape, generator=generator, device=device)
-        noisy_context = noise_context(context, level, alphas_cumprod, noise)
-    x_T = torch.randn(shape, generator=generator, device=device)
-    model_fn = guided_model_fn(model, cfg_scale, text, actions, drop_actions, noisy_context, mask, level, autocast,
-                               prediction, alphas_cumprod)
-    x = sample_videos(model_fn, x_T, alphas_cumprod, sampler, num_steps, eta, generator)
-    if num_context > 0:
-        x[:, :, :num_context] = context[:, :, :num_context]
-    return x
-
-
-@torch.no_grad()
-def generate_long_video(model: nn.Module, alphas_cumprod: torch.Tensor, num_frames: int, num_context: int,
-                        shape: tuple, generator: torch.Generator, text=None, actions=None, drop_actions=None,
-                        video: Optional[torch.Tensor] = None, **sample_kwargs) -> torch.Tensor:
-    """Video (B, 3, num_frames, H, W) in [-1, 1]: `video`'s frames (default none), then clips of
-    `shape`, each given the last num_context frames so far; actions (B, A_T[, A]) repeated over it."""
-    video = torch.zeros(*shape[:2], 0, *shape[3:], device=generator.device) if video is None else video
+def generate_video(model: nn.Module, alphas_cumprod: torch.Tensor, num_frames: int, num_context: int, shape: tuple,
+                   generator: torch.Generator, text=None, actions=None, drop_actions=None, video=None,
+                   context_noise_step: int = 0, cfg_scale: float = 1.0, sampler: str = "ddim", num_steps: int = 50,
+                   eta: float = 0.0, autocast=contextlib.nullcontext(), prediction: str = "eps") -> torch.Tensor:
+    """Video (B, 3, num_frames, H, W) in [-1, 1]: `video`'s frames (default none), then clips of `shape`,
+    each given the last num_context frames so far (noised to context_noise_step, as in training);
+    actions (B, A_T[, A]) repeated over the video, the last held past its end."""
+    device, (b, _, clip_frames) = generator.device, shape[:3]
+    video = torch.zeros(*shape[:2], 0, *shape[3:], device=device) if video is None else video
     while video.shape[2] < num_frames:
         k = min(num_context, video.shape[2])  # the frames given to this clip
-        index = torch.arange(video.shape[2] - k, video.shape[2] - k + shape[2], device=generator.device)
-        index = index.clamp(max=num_frames - 1)  # the last action is held past the video's end
+        start, mask, level, context = video.shape[2] - k, None, None, None
+        index = torch.arange(start, start + clip_frames, device=device).clamp(max=num_frames - 1)
         clip_actions = None if actions is None else actions[:, index % actions.shape[1]]
-        context = F.pad(video[:, :, video.shape[2] - k:], (0, 0, 0, 0, 0, shape[2] - k))  # then zeros
-        clip = generate(model, alphas_cumprod, shape, generator, text, clip_actions, drop_actions, context, k,
-                        **sample_kwargs)
+        if k > 0:  # the given frames, then zeros to generate
+            mask = (torch.arange(clip_frames, device=device) < k).float().expand(b, clip_frames)
+            level = torch.full((b,), context_noise_step, dtype=torch.long, device=device)
+            given = F.pad(video[:, :, start:], (0, 0, 0, 0, 0, clip_frames - k))
+            noise = torch.randn(given.shape, generator=generator, device=device)
+            context = noise_context(given, level, alphas_cumprod, noise)
+        x_T = torch.randn(shape, generator=generator, device=device)
+        model_fn = guided_model_fn(model, cfg_scale, text, clip_actions, drop_actions, context, mask, level,
+                                   autocast, prediction, alphas_cumprod)
+        clip = sample_videos(model_fn, x_T, alphas_cumprod, sampler, num_steps, eta, generator)
         video = torch.cat([video, clip[:, :, k:]], dim=2)
     return video[:, :, :num_frames]
 
@@ -1292,9 +1279,8 @@ class EvalSampler(DeviceClips):
             real, actions = self[index][0], self[index + action_shift][2]
             text = self[index + text_shift][1] if use_text else None
             drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=device)
-            clips = generate_long_video(self.model, self.alphas_cumprod, length, args.context_frames,
-                                        tuple(real.shape), generator, text, actions, drop,
-                                        real[:, :, :num_context], **self.sample_kwargs)
+            clips = generate_video(self.model, self.alphas_cumprod, length, args.context_frames, tuple(real.shape),
+                                   generator, text, actions, drop, real[:, :, :num_context], **self.sample_kwargs)
             out.append(to_uint8(clips))
         return np.concatenate(out)
 
@@ -1388,7 +1374,7 @@ def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
     if sampler.judge is None:
         def real(count: int, frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:  # frames, their colours
             data = make_sprites_dataset(count, frames, args.img_size, args.num_distractors, seed=seed)
-            return data.frames, sprite_colour_labels(data.captions, len(data.frames) // len(data.captions))
+            return data.frames, sprite_colour_labels(data.captions, frames)
 
         key = f"sprites_{args.img_size}px_{args.num_distractors}distractors_4classes_seed{JUDGE_DATA_SEED}"
         judge = load_or_train_judge(Path(args.data_dir) / "judge", key, lambda: real(512, 8, JUDGE_DATA_SEED),
@@ -1432,8 +1418,7 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: b
         labels = [f"{row} {i}: {k} given, then {action_words(actions[i, k:].cpu().numpy(), args.dataset)}"
                   for i in range(shown) for row in ("real", "generated")]
         pairs = np.stack([real[:shown], rollouts["true_actions"][:shown]], 1).reshape(-1, *real.shape[1:])
-        writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step,
-                         dataformats="HWC")
+        writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step, dataformats="HWC")
     if args.dataset == "sprites" and k > 0:
         # Does the sprite go where the caption (alone) or the actions (alone) say, from the real first
         # frame? "swapped": commanded with another clip's, where a direction learned otherwise scores chance.
@@ -1550,10 +1535,8 @@ def play_keys(game: Callable, steps: list[Optional[int]], meanings: list[str], s
     """A headless session: game() (imagined_video, real_sprites) played with the actions (None:
     restart). Returns the frames uint8 (T + 1, H, W, 3), the captioned ones (the MP4), frames/s."""
     frames, start = [], time.perf_counter()
-    for action in [None, *steps]:
-        if action is None:  # a (re)start
-            session = game()
-        frames.append(next(session) if action is None else session.send(action))
+    for action in [None, *steps]:  # None: a (re)start
+        frames.append(next(session := game()) if action is None else session.send(action))
     seconds = time.perf_counter() - start
     shown = [with_caption(frame, size, [f"{name}  step {i}  action {'-' if a is None else meanings[a].lower()}"])
              for i, (frame, a) in enumerate(zip(frames, [None, *steps]))]
@@ -1581,6 +1564,7 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
                         f"--play-keys KEYS, or set SDL_VIDEODRIVER={driver} to run the window unseen")
     screen, clock = pygame.display.set_mode((size, size + 8 + 18 * 2)), pygame.time.Clock()
     modes, recording, keys = list(games), None, {pygame.K_RETURN}  # recording: frames since R
+    held = (pygame.K_UP, pygame.K_DOWN, pygame.K_LEFT, pygame.K_RIGHT, pygame.K_SPACE)  # action_from_keys's
     while True:
         if recording is not None and keys & {pygame.K_r, pygame.K_TAB, pygame.K_ESCAPE}:
             path = out_dir / f"play_{modes[0]}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
@@ -1596,9 +1580,7 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
             game, step, action = games[modes[0]](), 0, None
             frame = next(game)
         else:
-            pressed = pygame.key.get_pressed()
-            held = (pygame.K_UP, pygame.K_DOWN, pygame.K_LEFT, pygame.K_RIGHT, pygame.K_SPACE)
-            action = action_from_keys(*(pressed[key] for key in held), meanings)
+            action = action_from_keys(*(pygame.key.get_pressed()[key] for key in held), meanings)
             frame, step = game.send(action), step + 1
         image = with_caption(frame, size, [
             f"{modes[0]}  step {step}  action {'-' if action is None else meanings[action].lower()}",
@@ -1661,8 +1643,8 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
     def next_frame(frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:  # from the last k frames
-        return generate_long_video(model, alphas_cumprod, k + 1, k, tuple(real.shape), generator, text, actions,
-                                   video=frames, **sampler.sample_kwargs)[:, :, k]
+        return generate_video(model, alphas_cumprod, k + 1, k, tuple(real.shape), generator, text, actions,
+                              video=frames, **sampler.sample_kwargs)[:, :, k]
 
     games = {"imagined": lambda: imagined_video(next_frame, real[:, :, :k], actions[:, :k], values)}
     if args.dataset == "sprites":
