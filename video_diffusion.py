@@ -1630,8 +1630,7 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
         data = load_atari_dataset(args)
         meanings = list(gym.make(atari_ids(args.env_id)[0]).unwrapped.get_action_meanings())
     # each action as the model takes it; continuous: the velocity (DIRECTION_VECTORS[-1]: none)
-    values = (torch.from_numpy(DIRECTION_VECTORS[np.arange(5) - 1]) if args.action_dim
-              else torch.arange(len(meanings)))
+    values = torch.from_numpy(DIRECTION_VECTORS[np.arange(5) - 1]) if args.action_dim else torch.arange(len(meanings))
     model = build_model(args, len(vocabulary), num_actions).to(device).eval()
     model.load_state_dict(checkpoint["ema"])
     alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps,
@@ -1667,10 +1666,9 @@ def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, auto
           f"frame, cfg scale {args.cfg_scale:g}", flush=True)
     if steps is None:
         return play_window(games, meanings, run_dir / "play", args.play_size, args.play_fps)
-    stamp = time.strftime("%Y%m%d_%H%M%S")
     for mode in ("imagined", "real") if args.play_world == "both" else (args.play_world,):
         session = play_keys(games[mode], steps, meanings, args.play_size, mode)
-        path = run_dir / "play" / f"play_{mode}_{stamp}.mp4"
+        path = run_dir / "play" / f"play_{mode}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
         write_mp4(path, session["shown"], fps=int(round(args.play_fps)))
         print(f"{mode}: {len(steps)} steps at {session['fps']:.2f} frames/s; wrote {path}", flush=True)
 
@@ -1690,8 +1688,7 @@ def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
         path = write_samples(run_dir / "samples", stem, sampler.clips(args.num_samples))
         print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
         if args.long_video_frames > args.num_frames:
-            videos = sampler.clips(min(args.num_samples, 4), long=True)
-            path = write_samples(run_dir / "samples", f"long_{stem}", videos)
+            path = write_samples(run_dir / "samples", f"long_{stem}", sampler.clips(min(args.num_samples, 4), long=True))
             print(f"wrote long videos of {args.long_video_frames} frames to {path}")
     except StopRequested:
         print("stopped by signal while sampling; nothing more was written")
@@ -1852,16 +1849,15 @@ def main(args: Args, given: set[str]):
         if evaluation or step % args.save_every == 0 or step in (first_step + 1, args.first_sample_at):
             meter.restart_clock()  # sampling, saving and the first (compiling) step stay out of SPS
         if stopping:
-            if setup.is_main:
-                print(f"stopped by signal at step {step}", flush=True)
             break
 
     # ---- teardown
     progress.close()
     leave_process_group(setup.world_size)
     close_writer(args, writer)
-    if setup.is_main and step == args.total_steps:
-        print(f"done: step {step}, checkpoint at {run_dir / 'checkpoints' / 'latest.pt'}")
+    if setup.is_main:
+        print(f"stopped by signal at step {step}" if stopping else
+              f"done: step {step}, checkpoint at {run_dir / 'checkpoints' / 'latest.pt'}", flush=True)
     stop.restore()
 
 
