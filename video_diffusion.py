@@ -1165,8 +1165,7 @@ class DeviceClips:
     """Clips on the device as uint8 frames (no loader, no copies), caption tokens and actions;
     clip i is frames[starts[i] : starts[i] + num_frames]."""
 
-    def __init__(self, data: VideoData, vocabulary: list, args: Args, device: torch.device,
-                 alphas_cumprod: torch.Tensor):
+    def __init__(self, data: VideoData, vocabulary: list, args: Args, device: torch.device, alphas_cumprod):
         self.args, self.device, self.data, self.alphas_cumprod = args, device, data, alphas_cumprod.to(device)
         self.frames = torch.from_numpy(data.frames).to(device)
         self.starts = torch.from_numpy(data.clip_starts).to(device)
@@ -1188,13 +1187,11 @@ class DeviceClips:
         indices = global_batch_indices(step, B, len(self.starts), args.seed).to(device, non_blocking=True)
         t = torch.randint(0, args.timesteps, (B,), generator=generator, device=device)
         noise = torch.randn((B, *clip_shape), generator=generator, device=device)
-        # Condition dropout for classifier-free guidance: both null with p = --null-cond-prob, else
-        # the caption and the actions each with p = --cond-drop-prob, independently.
+        # Guidance's condition dropout: both null w.p. --null-cond-prob, else each w.p. --cond-drop-prob
         drop_both = torch.rand(B, generator=generator, device=device) < args.null_cond_prob
         drop_text = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
         drop_actions = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
-        # Context: the first 1..k frames of some clips, noised to a level the model is told, in
-        # [0, context_noise_max_step) (context noise augmentation: generated context drifts less).
+        # Context: the first 1..k frames of some clips, noised to a level the model is told (drifts less)
         use_context = torch.rand(B, generator=generator, device=device) < args.context_prob
         num_context = torch.randint(1, max(args.context_frames, 1) + 1, (B,), generator=generator, device=device)
         context_noise = torch.randint(0, args.context_noise_max_step, (B,), generator=generator, device=device)
@@ -1420,8 +1417,7 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: b
         pairs = np.stack([real[:shown], rollouts["true_actions"][:shown]], 1).reshape(-1, *real.shape[1:])
         writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step, dataformats="HWC")
     if args.dataset == "sprites" and k > 0:
-        # Does the sprite go where the caption (alone) or the actions (alone) say, from the real first
-        # frame? "swapped": commanded with another clip's, where a direction learned otherwise scores chance.
+        # Does the sprite go where the caption or the actions alone say? Swapped (another clip's): chance
         for kind, alone in (("text", dict(use_actions=False)), ("action", dict(use_text=False))):
             for swapped in (0, 1):
                 clips = sampler.clips(n, num_context=1, **alone, **{f"{kind}_shift": swapped})
@@ -1530,8 +1526,7 @@ def real_sprites(state: dict, actions: np.ndarray, img_size: int, values: torch.
         actions.append(values[action].numpy())
 
 
-def play_keys(game: Callable, steps: list[Optional[int]], meanings: list[str], size: int,
-              name: str = "") -> dict:
+def play_keys(game: Callable, steps: list[Optional[int]], meanings: list[str], size: int, name: str = "") -> dict:
     """A headless session: game() (imagined_video, real_sprites) played with the actions (None:
     restart). Returns the frames uint8 (T + 1, H, W, 3), the captioned ones (the MP4), frames/s."""
     frames, start = [], time.perf_counter()
@@ -1797,8 +1792,8 @@ def main(args: Args, given: set[str]):
         if setup.is_main and args.sample_only:
             write_sample_only(sampler, run_dir, step)
         elif setup.is_main:
-            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise "
-                  f"--total-steps to train on")
+            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps "
+                  f"to train on")
         stop.restore()
         return
 
