@@ -1105,7 +1105,7 @@ def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
     """The chosen sampler's clips (B, 3, T, H, W) in [-1, 1]."""
     if sampler == "ddpm":  # num_steps = T: the paper's sampler, fewer: respaced
         x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps, generator=generator)
-    elif sampler == "ddim":  # x0 clipped to [-1, 1] at every step: an undertrained model's samples stay in range
+    elif sampler == "ddim":  # x0 clipped at every step: an undertrained model's samples stay in range
         x = ddim_sample(model_fn, x_T, alphas_cumprod, num_steps, eta=eta, clip_denoised=True, generator=generator)
     else:
         x = dpm_solver_sample(model_fn, x_T, alphas_cumprod, num_steps)
@@ -1117,9 +1117,9 @@ def generate_video(model: nn.Module, alphas_cumprod: torch.Tensor, num_frames: i
                    generator: torch.Generator, text=None, actions=None, drop_actions=None, video=None,
                    context_noise_step: int = 0, cfg_scale: float = 1.0, sampler: str = "ddim", num_steps: int = 50,
                    eta: float = 0.0, autocast=contextlib.nullcontext(), prediction: str = "eps") -> torch.Tensor:
-    """Video (B, 3, num_frames, H, W) in [-1, 1]: `video`'s frames (default none), then clips of `shape`,
-    each given the last num_context frames so far (noised to context_noise_step, as in training);
-    actions (B, A_T[, A]) repeated over the video, the last held past its end."""
+    """Video (B, 3, num_frames, H, W) in [-1, 1]: `video`'s frames (default none), then clips of
+    `shape`, each given the last num_context frames so far (noised to context_noise_step, as in
+    training); actions (B, A_T[, A]) repeated over the video, the last held past its end."""
     device, (b, _, clip_frames) = generator.device, shape[:3]
     video = torch.zeros(*shape[:2], 0, *shape[3:], device=device) if video is None else video
     while video.shape[2] < num_frames:
@@ -1142,7 +1142,7 @@ def generate_video(model: nn.Module, alphas_cumprod: torch.Tensor, num_frames: i
 
 
 def to_uint8(clips: torch.Tensor) -> np.ndarray:
-    return ((clips.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()  # [-1, 1] -> {0..255}
+    return ((clips.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
 
 def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
@@ -1165,7 +1165,7 @@ class DeviceClips:
     """Clips on the device as uint8 frames (no loader, no copies), caption tokens and actions;
     clip i is frames[starts[i] : starts[i] + num_frames]."""
 
-    def __init__(self, data: VideoData, vocabulary: list, args: Args, device: torch.device, alphas_cumprod):
+    def __init__(self, data: VideoData, vocabulary: list, args: Args, device, alphas_cumprod: torch.Tensor):
         self.args, self.device, self.data, self.alphas_cumprod = args, device, data, alphas_cumprod.to(device)
         self.frames = torch.from_numpy(data.frames).to(device)
         self.starts = torch.from_numpy(data.clip_starts).to(device)
@@ -1173,25 +1173,25 @@ class DeviceClips:
         self.text = tokenize(data.captions, vocabulary, args.max_text_len).to(device)
 
     def __getitem__(self, index: torch.Tensor) -> tuple:
-        """Clips `index` (cycled): (B, 3, T, H, W) in [-1, 1], tokens, actions (B, T[, A]) / None."""
+        """Clips `index` (cycled): (B, 3, T, H, W) in [-1, 1], tokens, actions (B, T[, A]) or None."""
         index = index % len(self.starts)
         frames = self.starts[index][:, None] + torch.arange(self.args.num_frames, device=self.device)
         clips = self.frames[frames].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0
         return clips, self.text[index], None if self.actions is None else self.actions[frames]
 
-    def batch(self, step: int, generator: torch.Generator, mine: slice, null_text: torch.Tensor) -> dict:
+    def batch(self, step: int, generator: torch.Generator, mine: slice, null_text) -> dict:
         """The step's batch as video_diffusion_loss's keyword arguments: the global batch, drawn
         alike on every rank, sliced to this rank's `mine` (2 ranks at batch B compute as 1 rank)."""
-        args, device, B, alphas_cumprod = self.args, self.device, self.args.batch_size, self.alphas_cumprod
-        clip_shape = (3, args.num_frames, args.img_size, args.img_size)
+        args, device, B = self.args, self.device, self.args.batch_size
+        clip_shape, alphas_cumprod = (3, args.num_frames, args.img_size, args.img_size), self.alphas_cumprod
         indices = global_batch_indices(step, B, len(self.starts), args.seed).to(device, non_blocking=True)
         t = torch.randint(0, args.timesteps, (B,), generator=generator, device=device)
         noise = torch.randn((B, *clip_shape), generator=generator, device=device)
-        # Guidance's condition dropout: both null w.p. --null-cond-prob, else each w.p. --cond-drop-prob
+        # Guidance's dropout: both null w.p. --null-cond-prob, else each w.p. --cond-drop-prob
         drop_both = torch.rand(B, generator=generator, device=device) < args.null_cond_prob
         drop_text = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
         drop_actions = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
-        # Context: the first 1..k frames of some clips, noised to a level the model is told (drifts less)
+        # Context: the first 1..k frames of some clips, noised to a level the model is told
         use_context = torch.rand(B, generator=generator, device=device) < args.context_prob
         num_context = torch.randint(1, max(args.context_frames, 1) + 1, (B,), generator=generator, device=device)
         context_noise = torch.randint(0, args.context_noise_max_step, (B,), generator=generator, device=device)
@@ -1283,8 +1283,8 @@ class EvalSampler(DeviceClips):
 
 
 # ==== BEGIN OPTIONAL: judge ====
-# eval/judge_*: a small CNN, trained once on real frames and cached, scores the generated sprites (FID
-# needs Inception weights and means nothing across datasets). To delete it and its marked lines:
+# eval/judge_*: a small CNN, trained once on real frames and cached, scores the generated
+# sprites (FID needs Inception weights, meaningless here). To delete it and its marked lines:
 # sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' video_diffusion.py > x.py
 
 
@@ -1357,19 +1357,19 @@ JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own sp
 
 
 def sprite_colour_labels(captions: list, frames_each: int = 1) -> np.ndarray:
-    """The SPRITE_COLOURS index of the colour each caption names ("a red square ..." -> 0), per frame."""
-    return np.repeat([next(i for i, c in enumerate(SPRITE_COLOURS) if c in caption.split()) for caption in captions],
-                     frames_each)
+    """The SPRITE_COLOURS index of the colour each caption names ("a red square" -> 0), per frame."""
+    colours = [next(i for i, c in enumerate(SPRITE_COLOURS) if c in caption.split()) for caption in captions]
+    return np.repeat(colours, frames_each)
 
 
 def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
-    """eval/judge_* on sprites: each generated frame's sprite colour against its caption's, by a CNN
-    trained once on 512 clips of 8 frames (cached in {data_dir}/judge/), beside 2N held-out frames."""
+    """eval/judge_* on sprites: each generated frame's sprite colour against its caption's, by a
+    CNN trained once on 512 clips of 8 frames (cached in {data_dir}/judge/), beside 2N real ones."""
     args, (n, _, num_frames) = sampler.args, samples.shape[:3]
     if args.dataset != "sprites":
         return {}
     if sampler.judge is None:
-        def real(count: int, frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:  # frames, their colours
+        def real(count: int, frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:  # and colours
             data = make_sprites_dataset(count, frames, args.img_size, args.num_distractors, seed=seed)
             return data.frames, sprite_colour_labels(data.captions, frames)
 
@@ -1390,7 +1390,7 @@ def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
 def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: bool = True) -> dict:
     """Clips from the eval clips' captions and actions into samples/ (MP4, .npz; the first 8 as a
     strip in TensorBoard and a PNG); full: --num-eval-samples, long videos, the eval/ metrics."""
-    args, k = sampler.args, sampler.args.context_frames
+    args, k, metrics = sampler.args, sampler.args.context_frames, {}
     n = args.num_eval_samples if full else 8
     samples = sampler.clips(n)
     write_samples(samples_dir, f"step{step:08d}", samples)
@@ -1398,8 +1398,7 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: b
     writer.add_image("samples/clips", strip, step, dataformats="HWC")
     write_png(samples_dir / f"step{step:08d}.png", strip)
     if not full:
-        return {}
-    metrics = {}
+        return metrics
     metrics |= judge_clips(sampler, samples)  # optional: judge
     if sampler.actions is not None and k > 0:  # rollouts from the first k real frames, no caption
         real, _, actions = sampler[torch.arange(n, device=sampler.device)]
@@ -1417,13 +1416,13 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: b
         pairs = np.stack([real[:shown], rollouts["true_actions"][:shown]], 1).reshape(-1, *real.shape[1:])
         writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step, dataformats="HWC")
     if args.dataset == "sprites" and k > 0:
-        # Does the sprite go where the caption or the actions alone say? Swapped (another clip's): chance
+        # Does the sprite go where the caption or the actions alone say? Swapped: another clip's (chance)
         for kind, alone in (("text", dict(use_actions=False)), ("action", dict(use_text=False))):
-            for swapped in (0, 1):
+            for swapped, tag in ((0, ""), (1, "_swapped")):
                 clips = sampler.clips(n, num_context=1, **alone, **{f"{kind}_shift": swapped})
-                asked = sampler.data.directions[(np.arange(n) + swapped) % len(sampler.data.directions)]
+                asked = np.resize(np.roll(sampler.data.directions, -swapped), n)  # clip i + swapped's
                 hits = movement_directions(clips) == asked  # chance: 1/4
-                metrics[f"eval/{kind}_direction_accuracy" + "_swapped" * swapped] = float(hits.mean())
+                metrics[f"eval/{kind}_direction_accuracy{tag}"] = float(hits.mean())
     if args.long_video_frames > args.num_frames:
         videos = sampler.clips(min(n, 4), long=True)
         write_samples(samples_dir, f"long_step{step:08d}", videos)
@@ -1450,7 +1449,7 @@ def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
 
 
 def frame_strips(clips: np.ndarray, labels: list[str]) -> np.ndarray:
-    """uint8 clips (N, 3, T, H, W) -> one uint8 image: each clip's frames in a row, >= 48 px high, above its label."""
+    """uint8 clips (N, 3, T, H, W) -> one uint8 image: each clip's frames in a row above its label."""
     scale = max(1, 48 // clips.shape[3])
     rows = [make_grid(clip.transpose(1, 0, 2, 3), columns=clip.shape[1]) for clip in clips]
     return np.concatenate([with_caption(row, row.shape[1] * scale, [label]) for row, label in zip(rows, labels)])
@@ -1526,7 +1525,7 @@ def real_sprites(state: dict, actions: np.ndarray, img_size: int, values: torch.
         actions.append(values[action].numpy())
 
 
-def play_keys(game: Callable, steps: list[Optional[int]], meanings: list[str], size: int, name: str = "") -> dict:
+def play_keys(game: Callable, steps: list, meanings: list[str], size: int, name: str = "") -> dict:
     """A headless session: game() (imagined_video, real_sprites) played with the actions (None:
     restart). Returns the frames uint8 (T + 1, H, W, 3), the captioned ones (the MP4), frames/s."""
     frames, start = [], time.perf_counter()
@@ -1559,7 +1558,7 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
                         f"--play-keys KEYS, or set SDL_VIDEODRIVER={driver} to run the window unseen")
     screen, clock = pygame.display.set_mode((size, size + 8 + 18 * 2)), pygame.time.Clock()
     modes, recording, keys = list(games), None, {pygame.K_RETURN}  # recording: frames since R
-    held = (pygame.K_UP, pygame.K_DOWN, pygame.K_LEFT, pygame.K_RIGHT, pygame.K_SPACE)  # action_from_keys's
+    held = (pygame.K_UP, pygame.K_DOWN, pygame.K_LEFT, pygame.K_RIGHT, pygame.K_SPACE)
     while True:
         if recording is not None and keys & {pygame.K_r, pygame.K_TAB, pygame.K_ESCAPE}:
             path = out_dir / f"play_{modes[0]}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
@@ -1631,14 +1630,14 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
     alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps,
                                                             args.beta_start, args.beta_end))
     sampler = EvalSampler(model, alphas_cumprod, data, vocabulary, args, autocast, device)
-    clip = args.seed % len(data.clip_starts) if clip is None else clip
+    k, clip = args.context_frames, args.seed % len(data.clip_starts) if clip is None else clip
     real, _, actions = sampler[torch.tensor([clip], device=device)]
-    k, text = args.context_frames, tokenize([caption], vocabulary, max_len).to(device) if caption else None
+    text = tokenize([caption], vocabulary, max_len).to(device) if caption else None
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    def next_frame(frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:  # from the last k frames
-        return generate_video(model, alphas_cumprod, k + 1, k, tuple(real.shape), generator, text, actions,
-                              video=frames, **sampler.sample_kwargs)[:, :, k]
+    def next_frame(frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:  # frame k after frames
+        return generate_video(model, alphas_cumprod, k + 1, k, tuple(real.shape), generator, text,
+                              actions, video=frames, **sampler.sample_kwargs)[:, :, k]
 
     games = {"imagined": lambda: imagined_video(next_frame, real[:, :, :k], actions[:, :k], values)}
     if args.dataset == "sprites":
@@ -1683,7 +1682,8 @@ def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
         path = write_samples(run_dir / "samples", stem, sampler.clips(args.num_samples))
         print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
         if args.long_video_frames > args.num_frames:
-            path = write_samples(run_dir / "samples", f"long_{stem}", sampler.clips(min(args.num_samples, 4), long=True))
+            videos = sampler.clips(min(args.num_samples, 4), long=True)
+            path = write_samples(run_dir / "samples", f"long_{stem}", videos)
             print(f"wrote long videos of {args.long_video_frames} frames to {path}")
     except StopRequested:
         print("stopped by signal while sampling; nothing more was written")
@@ -1851,8 +1851,8 @@ def main(args: Args, given: set[str]):
     leave_process_group(setup.world_size)
     close_writer(args, writer)
     if setup.is_main:
-        print(f"stopped by signal at step {step}" if stopping else
-              f"done: step {step}, checkpoint at {run_dir / 'checkpoints' / 'latest.pt'}", flush=True)
+        print(f"stopped by signal at step {step}" if stopping else f"done: step {step}, checkpoint at "
+              f"{run_dir / 'checkpoints' / 'latest.pt'}", flush=True)
     stop.restore()
 
 
