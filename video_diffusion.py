@@ -1162,15 +1162,21 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
 
 
 class DeviceClips:
-    """Clips on the device as uint8 frames (no loader, no copies), caption tokens and actions;
-    clip i is frames[starts[i] : starts[i] + num_frames]."""
+    """Clips on the device as uint8 frames (no loader, no copies), caption tokens and actions (clip i
+    is frames[starts[i] : starts[i] + num_frames]), and a model's samples conditioned on them."""
 
-    def __init__(self, data: VideoData, vocabulary: list, args: Args, device, alphas_cumprod: torch.Tensor):
+    def __init__(self, data: VideoData, vocabulary: list, args: Args, device, alphas_cumprod: torch.Tensor,
+                 model: Optional[nn.Module] = None, autocast=contextlib.nullcontext()):
         self.args, self.device, self.data, self.alphas_cumprod = args, device, data, alphas_cumprod.to(device)
         self.frames = torch.from_numpy(data.frames).to(device)
         self.starts = torch.from_numpy(data.clip_starts).to(device)
         self.actions = None if data.actions is None else torch.from_numpy(data.actions).to(device)
         self.text = tokenize(data.captions, vocabulary, args.max_text_len).to(device)
+        self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in data.captions]
+        self.model, self.sample_kwargs = model, dict(  # generate_video's
+            context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale, sampler=args.sampler,
+            num_steps=args.num_sampling_steps, eta=args.ddim_eta, autocast=autocast, prediction=args.prediction)
+        self.judge = None  # optional: judge
 
     def __getitem__(self, index: torch.Tensor) -> tuple:
         """Clips `index` (cycled): (B, 3, T, H, W) in [-1, 1], tokens, actions (B, T[, A]) or None."""
@@ -1203,6 +1209,24 @@ class DeviceClips:
                     drop_actions=drop_actions[mine], context_noise=context_noise[mine],
                     context=noise_context(x0, context_noise[mine], alphas_cumprod, context_eps[mine]),
                     context_mask=(use_context[mine, None] & given).float())
+
+    def clips(self, num: int, use_text: bool = True, use_actions: bool = True, num_context: int = 0,
+              text_shift: int = 0, action_shift: int = 0, long: bool = False) -> np.ndarray:
+        """The model's num uint8 clips (long: of --long-video-frames) from the first num clips' captions
+        and/or actions (or another's: text_shift, action_shift) and first num_context frames. Seeded:
+        the same noise every time, and the training RNGs untouched (exact resume)."""
+        args, out, device = self.args, [], self.device
+        length = args.long_video_frames if long else args.num_frames
+        generator = torch.Generator(device=device).manual_seed(args.seed + (10_001 if long else 10_000))
+        for start in range(0, num, args.sample_batch_size):
+            index = torch.arange(start, min(num, start + args.sample_batch_size), device=device)
+            real, actions = self[index][0], self[index + action_shift][2]
+            text = self[index + text_shift][1] if use_text else None
+            drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=device)
+            clips = generate_video(self.model, self.alphas_cumprod, length, args.context_frames, tuple(real.shape),
+                                   generator, text, actions, drop, real[:, :, :num_context], **self.sample_kwargs)
+            out.append(to_uint8(clips))
+        return np.concatenate(out)
 
 
 def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[int, float, float]:
@@ -1248,38 +1272,6 @@ def movement_directions(clips: np.ndarray) -> np.ndarray:
     cy = (weight * np.arange(weight.shape[-2])[:, None]).sum((-1, -2)) / np.maximum(total, 1e-8)
     moved = direction_of_displacement(np.stack([cx[:, 1] - cx[:, 0], cy[:, 1] - cy[:, 0]], -1))
     return np.where((total > 0.2).all(1), moved, -1)  # found: about a pixel of strong colour
-
-
-class EvalSampler(DeviceClips):
-    """Clips and long videos from a model (the EMA weights), conditioned on held-out clips. Seeded
-    generators: the same noise every time, and the training RNGs untouched (exact resume)."""
-
-    def __init__(self, model: nn.Module, alphas_cumprod: torch.Tensor, eval_data: VideoData, vocabulary: list,
-                 args: Args, autocast, device: torch.device):
-        super().__init__(eval_data, vocabulary, args, device, alphas_cumprod)
-        self.model = model
-        self.sample_kwargs = dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale,
-                                  sampler=args.sampler, num_steps=args.num_sampling_steps, eta=args.ddim_eta,
-                                  autocast=autocast, prediction=args.prediction)
-        self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in eval_data.captions]
-        self.judge = None  # optional: judge
-
-    def clips(self, num: int, use_text: bool = True, use_actions: bool = True, num_context: int = 0,
-              text_shift: int = 0, action_shift: int = 0, long: bool = False) -> np.ndarray:
-        """num uint8 clips (long: of --long-video-frames) from the first num eval clips' captions
-        and/or actions (or another clip's: text_shift, action_shift), first num_context frames."""
-        args, out, device = self.args, [], self.device
-        length = args.long_video_frames if long else args.num_frames
-        generator = torch.Generator(device=device).manual_seed(args.seed + (10_001 if long else 10_000))
-        for start in range(0, num, args.sample_batch_size):
-            index = torch.arange(start, min(num, start + args.sample_batch_size), device=device)
-            real, actions = self[index][0], self[index + action_shift][2]
-            text = self[index + text_shift][1] if use_text else None
-            drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=device)
-            clips = generate_video(self.model, self.alphas_cumprod, length, args.context_frames, tuple(real.shape),
-                                   generator, text, actions, drop, real[:, :, :num_context], **self.sample_kwargs)
-            out.append(to_uint8(clips))
-        return np.concatenate(out)
 
 
 # ==== BEGIN OPTIONAL: judge ====
@@ -1362,12 +1354,10 @@ def sprite_colour_labels(captions: list, frames_each: int = 1) -> np.ndarray:
     return np.repeat(colours, frames_each)
 
 
-def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
-    """eval/judge_* on sprites: each generated frame's sprite colour against its caption's, by a
+def judge_clips(sampler: DeviceClips, samples: np.ndarray) -> dict:
+    """eval/judge_* of sprites: each generated frame's sprite colour against its caption's, by a
     CNN trained once on 512 clips of 8 frames (cached in {data_dir}/judge/), beside 2N real ones."""
     args, (n, _, num_frames) = sampler.args, samples.shape[:3]
-    if args.dataset != "sprites":
-        return {}
     if sampler.judge is None:
         def real(count: int, frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:  # and colours
             data = make_sprites_dataset(count, frames, args.img_size, args.num_distractors, seed=seed)
@@ -1387,7 +1377,7 @@ def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
 # ==== END OPTIONAL: judge ====
 
 
-def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: bool = True) -> dict:
+def evaluate(sampler: DeviceClips, writer, step: int, samples_dir: Path, full: bool = True) -> dict:
     """Clips from the eval clips' captions and actions into samples/ (MP4, .npz; the first 8 as a
     strip in TensorBoard and a PNG); full: --num-eval-samples, long videos, the eval/ metrics."""
     args, k, metrics = sampler.args, sampler.args.context_frames, {}
@@ -1399,7 +1389,7 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: b
     write_png(samples_dir / f"step{step:08d}.png", strip)
     if not full:
         return metrics
-    metrics |= judge_clips(sampler, samples)  # optional: judge
+    metrics |= judge_clips(sampler, samples) if args.dataset == "sprites" else {}  # optional: judge
     if sampler.actions is not None and k > 0:  # rollouts from the first k real frames, no caption
         real, _, actions = sampler[torch.arange(n, device=sampler.device)]
         real, rollout = to_uint8(real), dict(use_text=False, num_context=k)
@@ -1568,11 +1558,9 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
         if pygame.K_ESCAPE in keys:
             break
         recording = [] if pygame.K_r in keys else recording
-        if pygame.K_TAB in keys:
-            modes.append(modes.pop(0))
+        modes = modes[1:] + modes[:1] if pygame.K_TAB in keys else modes
         if keys & {pygame.K_RETURN, pygame.K_TAB}:
-            game, step, action = games[modes[0]](), 0, None
-            frame = next(game)
+            frame, step, action = next(game := games[modes[0]]()), 0, None
         else:
             action = action_from_keys(*(pygame.key.get_pressed()[key] for key in held), meanings)
             frame, step = game.send(action), step + 1
@@ -1629,7 +1617,7 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
     model.load_state_dict(checkpoint["ema"])
     alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps,
                                                             args.beta_start, args.beta_end))
-    sampler = EvalSampler(model, alphas_cumprod, data, vocabulary, args, autocast, device)
+    sampler = DeviceClips(data, vocabulary, args, device, alphas_cumprod, model, autocast)
     k, clip = args.context_frames, args.seed % len(data.clip_starts) if clip is None else clip
     real, _, actions = sampler[torch.tensor([clip], device=device)]
     text = tokenize([caption], vocabulary, max_len).to(device) if caption else None
@@ -1674,16 +1662,15 @@ def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, auto
 # The run: sampling only, the run folder, logging, checkpoints, main.
 
 
-def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
+def write_sample_only(sampler: DeviceClips, run_dir: Path, step: int):
     """--sample-only: --num-samples clips (and long videos) into samples/; a signal stops it."""
-    args = sampler.args
+    args, folder = sampler.args, run_dir / "samples"
     stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_{int(time.time())}"
     try:
-        path = write_samples(run_dir / "samples", stem, sampler.clips(args.num_samples))
+        path = write_samples(folder, stem, sampler.clips(args.num_samples))
         print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
         if args.long_video_frames > args.num_frames:
-            videos = sampler.clips(min(args.num_samples, 4), long=True)
-            path = write_samples(run_dir / "samples", f"long_{stem}", videos)
+            path = write_samples(folder, f"long_{stem}", sampler.clips(min(args.num_samples, 4), long=True))
             print(f"wrote long videos of {args.long_video_frames} frames to {path}")
     except StopRequested:
         print("stopped by signal while sampling; nothing more was written")
@@ -1786,7 +1773,7 @@ def main(args: Args, given: set[str]):
     stop = StopFlag()  # now SIGTERM/SIGINT finish the step (or abandon sampling), save and exit 0
     # only the samplers call the EMA model: a signal abandons sampling within one network evaluation
     ema_model.register_forward_pre_hook(lambda module, inputs: stop.check())
-    sampler = EvalSampler(ema_model, alphas_cumprod, eval_subset(data, args), vocabulary, args, autocast, device)
+    sampler = DeviceClips(eval_subset(data, args), vocabulary, args, device, alphas_cumprod, ema_model, autocast)
     if args.sample_only or step >= args.total_steps:  # --sample-only, or a finished run
         leave_process_group(setup.world_size)  # what follows is rank 0's alone
         if setup.is_main and args.sample_only:

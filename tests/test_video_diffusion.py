@@ -364,8 +364,8 @@ def judge_step0(args, n: int) -> dict:
     untrained = vd.build_model(args, len(vocabulary), data.num_actions).eval().requires_grad_(False)
     alphas_cumprod = vd.make_alphas_cumprod(vd.make_beta_schedule(args.beta_schedule, args.timesteps,
                                                                   args.beta_start, args.beta_end))
-    sampler = vd.EvalSampler(untrained, alphas_cumprod, vd.eval_subset(data, args), vocabulary, args,
-                             torch.autocast("cpu", enabled=False), torch.device("cpu"))
+    sampler = vd.DeviceClips(vd.eval_subset(data, args), vocabulary, args, torch.device("cpu"), alphas_cumprod,
+                             untrained, torch.autocast("cpu", enabled=False))
     scores = vd.judge_clips(sampler, sampler.clips(n))  # each frame of the (N, 3, T, H, W) uint8 clips
     return {k[len("eval/judge_"):]: v for k, v in scores.items()}
 
