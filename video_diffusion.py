@@ -1101,7 +1101,7 @@ def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Ten
 
 
 def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
-                  num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                  num_steps: int, eta: float = 0.0, generator=None) -> torch.Tensor:
     """The chosen sampler's clips (B, 3, T, H, W) in [-1, 1]."""
     if sampler == "ddpm":  # num_steps = T: the paper's sampler, fewer: respaced
         x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps, generator=generator)
@@ -1179,9 +1179,9 @@ class DeviceClips:
         self.judge = None  # optional: judge
 
     def __getitem__(self, index: torch.Tensor) -> tuple:
-        """Clips `index` (cycled): (B, 3, T, H, W) in [-1, 1], tokens, actions (B, T[, A]) or None."""
+        """Clips `index` (cycled): (B, 3, T, H, W) in [-1, 1], tokens, actions (B, T[, A])/None."""
         index = index % len(self.starts)
-        frames = self.starts[index][:, None] + torch.arange(self.args.num_frames, device=self.device)
+        frames = self.starts[index, None] + torch.arange(self.args.num_frames, device=self.device)
         clips = self.frames[frames].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0
         return clips, self.text[index], None if self.actions is None else self.actions[frames]
 
@@ -1366,8 +1366,7 @@ def judge_clips(sampler: DeviceClips, samples: np.ndarray) -> dict:
         key = f"sprites_{args.img_size}px_{args.num_distractors}distractors_4classes_seed{JUDGE_DATA_SEED}"
         judge = load_or_train_judge(Path(args.data_dir) / "judge", key, lambda: real(512, 8, JUDGE_DATA_SEED),
                                     len(SPRITE_COLOURS), JUDGE_DATA_SEED)
-        count = -(-2 * n * num_frames // args.num_frames)  # clips holding >= 2N held-out frames
-        sampler.judge = (judge, *real(count, args.num_frames, JUDGE_HELDOUT_SEED))
+        sampler.judge = (judge, *real(-(-2 * n * num_frames // args.num_frames), args.num_frames, JUDGE_HELDOUT_SEED))
     asked = sprite_colour_labels((list(sampler.data.captions) * n)[:n], num_frames)
     frames = samples.transpose(0, 2, 1, 3, 4).reshape(-1, 3, *samples.shape[3:])
     scores = judge_scores(sampler.judge[0], frames, asked, *sampler.judge[1:])
@@ -1401,7 +1400,7 @@ def evaluate(sampler: DeviceClips, writer, step: int, samples_dir: Path, full: b
         # Genie's delta-PSNR: how much closer to the real clip the true actions bring a rollout
         metrics["eval/action_control_dpsnr"] = psnr["true_actions"] - psnr["shuffled_actions"]
         shown = min(4, n)  # real and generated rows in turn, named by the actions after frame k
-        labels = [f"{row} {i}: {k} given, then {action_words(actions[i, k:].cpu().numpy(), args.dataset)}"
+        labels = [f"{row} {i}: {k} given, then {action_words(actions[i, k:], args.dataset)}"
                   for i in range(shown) for row in ("real", "generated")]
         pairs = np.stack([real[:shown], rollouts["true_actions"][:shown]], 1).reshape(-1, *real.shape[1:])
         writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step, dataformats="HWC")
@@ -1445,10 +1444,10 @@ def frame_strips(clips: np.ndarray, labels: list[str]) -> np.ndarray:
     return np.concatenate([with_caption(row, row.shape[1] * scale, [label]) for row, label in zip(rows, labels)])
 
 
-def action_words(actions: np.ndarray, dataset: str) -> str:
+def action_words(actions: torch.Tensor, dataset: str) -> str:
     """Actions (T,) discrete or (T, 2) velocities as words."""
     if actions.ndim == 2:
-        return " ".join(f"{a[0]:+.1f},{a[1]:+.1f}" for a in actions)
+        return " ".join(f"{a[0]:+.1f},{a[1]:+.1f}" for a in actions.tolist())
     return " ".join(SPRITE_ACTIONS[a] if dataset == "sprites" else f"a{a}" for a in actions.tolist())
 
 
@@ -1584,9 +1583,8 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
     generates a clip from the last k = --context-frames frames and the new action; shows frame k."""
     num_actions, vocabulary = checkpoint["num_actions"], checkpoint["vocabulary"]
     if args.dataset == "folder" or num_actions == 0 and args.action_dim == 0 or args.context_frames < 1:
-        raise UserError(f"--play needs a model trained with actions (--dataset sprites or atari) and "
-                        f"--context-frames >= 1; this run has --dataset {args.dataset}, "
-                        f"--context-frames {args.context_frames}")
+        raise UserError(f"--play needs a model trained with actions (--dataset sprites or atari) and --context-frames "
+                        f">= 1; this run has --dataset {args.dataset}, --context-frames {args.context_frames}")
     if args.dataset != "sprites" and args.play_world != "imagined":
         raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for "
                         f"real here; give --play-world imagined")
@@ -1623,9 +1621,9 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
     text = tokenize([caption], vocabulary, max_len).to(device) if caption else None
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    def next_frame(frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:  # frame k after frames
-        return generate_video(model, alphas_cumprod, k + 1, k, tuple(real.shape), generator, text,
-                              actions, video=frames, **sampler.sample_kwargs)[:, :, k]
+    def next_frame(frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:  # after the k frames
+        return generate_video(model, alphas_cumprod, k + 1, k, tuple(real.shape), generator, text, actions,
+                              video=frames, **sampler.sample_kwargs)[:, :, k]
 
     games = {"imagined": lambda: imagined_video(next_frame, real[:, :, :k], actions[:, :k], values)}
     if args.dataset == "sprites":
