@@ -1113,30 +1113,30 @@ def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
 
 
 @torch.no_grad()
-def generate_video(model: nn.Module, alphas_cumprod: torch.Tensor, num_frames: int, num_context: int, shape: tuple,
+def generate_video(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args, num_frames: int, shape: tuple,
                    generator: torch.Generator, text=None, actions=None, drop_actions=None, video=None,
-                   context_noise_step: int = 0, cfg_scale: float = 1.0, sampler: str = "ddim", num_steps: int = 50,
-                   eta: float = 0.0, autocast=contextlib.nullcontext(), prediction: str = "eps") -> torch.Tensor:
+                   autocast=contextlib.nullcontext()) -> torch.Tensor:
     """Video (B, 3, num_frames, H, W) in [-1, 1]: `video`'s frames (default none), then clips of
-    `shape`, each given the last num_context frames so far (noised to context_noise_step, as in
-    training); actions (B, A_T[, A]) repeated over the video, the last held past its end."""
+    `shape` by --sampler, each given the last --context-frames frames so far (noised as in training);
+    actions (B, A_T[, A]) repeated over the video, the last held past its end."""
     device, (b, _, clip_frames) = generator.device, shape[:3]
     video = torch.zeros(*shape[:2], 0, *shape[3:], device=device) if video is None else video
     while video.shape[2] < num_frames:
-        k = min(num_context, video.shape[2])  # the frames given to this clip
+        k = min(args.context_frames, video.shape[2])  # the frames given to this clip
         start, mask, level, context = video.shape[2] - k, None, None, None
         index = torch.arange(start, start + clip_frames, device=device).clamp(max=num_frames - 1)
         clip_actions = None if actions is None else actions[:, index % actions.shape[1]]
         if k > 0:  # the given frames, then zeros to generate
             mask = (torch.arange(clip_frames, device=device) < k).float().expand(b, clip_frames)
-            level = torch.full((b,), context_noise_step, dtype=torch.long, device=device)
+            level = torch.full((b,), args.context_noise_sampling_step, dtype=torch.long, device=device)
             given = F.pad(video[:, :, start:], (0, 0, 0, 0, 0, clip_frames - k))
             noise = torch.randn(given.shape, generator=generator, device=device)
             context = noise_context(given, level, alphas_cumprod, noise)
         x_T = torch.randn(shape, generator=generator, device=device)
-        model_fn = guided_model_fn(model, cfg_scale, text, clip_actions, drop_actions, context, mask, level,
-                                   autocast, prediction, alphas_cumprod)
-        clip = sample_videos(model_fn, x_T, alphas_cumprod, sampler, num_steps, eta, generator)
+        model_fn = guided_model_fn(model, args.cfg_scale, text, clip_actions, drop_actions, context, mask, level,
+                                   autocast, args.prediction, alphas_cumprod)
+        clip = sample_videos(model_fn, x_T, alphas_cumprod, args.sampler, args.num_sampling_steps, args.ddim_eta,
+                             generator)
         video = torch.cat([video, clip[:, :, k:]], dim=2)
     return video[:, :, :num_frames]
 
@@ -1173,9 +1173,7 @@ class DeviceClips:
         self.actions = None if data.actions is None else torch.from_numpy(data.actions).to(device)
         self.text = tokenize(data.captions, vocabulary, args.max_text_len).to(device)
         self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in data.captions]
-        self.model, self.sample_kwargs = model, dict(  # generate_video's
-            context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale, sampler=args.sampler,
-            num_steps=args.num_sampling_steps, eta=args.ddim_eta, autocast=autocast, prediction=args.prediction)
+        self.model, self.autocast = model, autocast
         self.judge = None  # optional: judge
 
     def __getitem__(self, index: torch.Tensor) -> tuple:
@@ -1223,8 +1221,8 @@ class DeviceClips:
             real, actions = self[index][0], self[index + action_shift][2]
             text = self[index + text_shift][1] if use_text else None
             drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=device)
-            clips = generate_video(self.model, self.alphas_cumprod, length, args.context_frames, tuple(real.shape),
-                                   generator, text, actions, drop, real[:, :, :num_context], **self.sample_kwargs)
+            clips = generate_video(self.model, self.alphas_cumprod, args, length, tuple(real.shape), generator, text,
+                                   actions, drop, real[:, :, :num_context], self.autocast)
             out.append(to_uint8(clips))
         return np.concatenate(out)
 
@@ -1622,8 +1620,8 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
     def next_frame(frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:  # after the k frames
-        return generate_video(model, alphas_cumprod, k + 1, k, tuple(real.shape), generator, text, actions,
-                              video=frames, **sampler.sample_kwargs)[:, :, k]
+        return generate_video(model, alphas_cumprod, args, k + 1, tuple(real.shape), generator, text, actions,
+                              video=frames, autocast=autocast)[:, :, k]
 
     games = {"imagined": lambda: imagined_video(next_frame, real[:, :, :k], actions[:, :k], values)}
     if args.dataset == "sprites":

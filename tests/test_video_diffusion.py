@@ -282,14 +282,15 @@ def test_autoregressive_generation_is_longer_than_training_clips_and_keeps_its_c
     alphas_cumprod = vd.make_alphas_cumprod(vd.make_beta_schedule("linear", 1000))
     text, actions = conditions(2, 19)
     generator = torch.Generator().manual_seed(0)
-    video = vd.generate_video(model, alphas_cumprod, 19, 2, (2, 3, 6, 16, 16), generator, text, actions,
-                              cfg_scale=1.5, num_steps=3)
+    args = vd.replace(vd.Args(), context_frames=2, cfg_scale=1.5, num_sampling_steps=3, context_noise_sampling_step=0)
+    video = vd.generate_video(model, alphas_cumprod, args, 19, (2, 3, 6, 16, 16), generator, text, actions)
     assert video.shape == (2, 3, 19, 16, 16)
     assert torch.isfinite(video).all() and video.abs().max() <= 1.0
     # a continuation block starts from the given frames: generate_video() keeps them in the result
     context = torch.rand(2, 3, 6, 16, 16) * 2 - 1
-    block = vd.generate_video(model, alphas_cumprod, 6, 2, (2, 3, 6, 16, 16), torch.Generator().manual_seed(0), text,
-                              actions[:, :6], None, context[:, :, :2], context_noise_step=10, num_steps=3)
+    args = vd.replace(args, cfg_scale=1.0, context_noise_sampling_step=10)
+    block = vd.generate_video(model, alphas_cumprod, args, 6, (2, 3, 6, 16, 16), torch.Generator().manual_seed(0),
+                              text, actions[:, :6], None, context[:, :, :2])
     assert block.shape == (2, 3, 6, 16, 16) and torch.equal(block[:, :, :2], context[:, :, :2])
 
 
