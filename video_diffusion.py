@@ -1655,21 +1655,7 @@ def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, auto
 
 
 # --------------------------------------------------------------------------------------------------
-# The run: sampling only, the run folder, logging, checkpoints, main.
-
-
-def write_sample_only(sampler: DeviceClips, run_dir: Path, step: int):
-    """--sample-only: --num-samples clips (and long videos) into samples/; a signal stops it."""
-    args, folder = sampler.args, run_dir / "samples"
-    stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_{int(time.time())}"
-    try:
-        path = write_samples(folder, stem, sampler.clips(args.num_samples))
-        print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
-        if args.long_video_frames > args.num_frames:
-            path = write_samples(folder, f"long_{stem}", sampler.clips(min(args.num_samples, 4), long=True))
-            print(f"wrote long videos of {args.long_video_frames} frames to {path}")
-    except StopRequested:
-        print("stopped by signal while sampling; nothing more was written")
+# The run: the run folder, logging, checkpoints, main (training, or sampling only).
 
 
 def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoData, vocabulary: list,
@@ -1725,8 +1711,6 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter: "Meter",
 def main(args: Args, given: set[str]):
     # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds
     checkpoint, run_dir, started = None, None, time.perf_counter()
-    if args.play and args.play_keys is None:  # optional: play
-        import_pygame()  # optional: play
     if args.resume:
         trains = not args.sample_only  # --sample-only writes no checkpoint: it reads any checkpoint file
         trains = trains and not (args.play or args.play_keys is not None)  # optional: play
@@ -1743,13 +1727,11 @@ def main(args: Args, given: set[str]):
     train_generator = torch.Generator(device=device).manual_seed(args.seed)  # t, noise, drops ...
 
     # ---- data: the training clips on the device, the held-out ones for evaluation, the words
-    data = load_dataset(args)
-    # The vocabulary and the action count fix the model's shape: a resumed run takes its own.
+    data = load_dataset(args)  # (a resumed run's vocabulary and action count: they fix the model's shape)
     vocabulary = build_vocabulary(data.captions) if checkpoint is None else checkpoint["vocabulary"]
     num_actions = checkpoint["num_actions"] if checkpoint is not None else data.num_actions
-    if setup.is_main:  # captions cut to --max-text-len, words the resumed model never learned
-        for line in data_caption_notices(data.captions, vocabulary, args.max_text_len):
-            print(line)
+    for line in data_caption_notices(data.captions, vocabulary, args.max_text_len) if setup.is_main else []:
+        print(line)  # captions cut to --max-text-len, words the resumed model never learned
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
         num_params, activations, flops = step_memory_profile(args, len(vocabulary), num_actions)
         check_step_memory(setup, args.batch_size, num_params, activations, args.dtype)
@@ -1772,8 +1754,17 @@ def main(args: Args, given: set[str]):
     sampler = DeviceClips(eval_subset(data, args), vocabulary, args, device, alphas_cumprod, ema_model, autocast)
     if args.sample_only or step >= args.total_steps:  # --sample-only, or a finished run
         leave_process_group(setup.world_size)  # what follows is rank 0's alone
+        stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_{time.time():.0f}"
         if setup.is_main and args.sample_only:
-            write_sample_only(sampler, run_dir, step)
+            try:  # --num-samples clips (and long videos) into samples/; a signal stops it
+                path = write_samples(run_dir / "samples", stem, sampler.clips(args.num_samples))
+                print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
+                if args.long_video_frames > args.num_frames:
+                    videos = sampler.clips(min(args.num_samples, 4), long=True)
+                    path = write_samples(run_dir / "samples", f"long_{stem}", videos)
+                    print(f"wrote long videos of {args.long_video_frames} frames to {path}")
+            except StopRequested:
+                print("stopped by signal while sampling; nothing more was written")
         elif setup.is_main:
             print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps "
                   f"to train on")
