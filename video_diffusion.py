@@ -1105,7 +1105,7 @@ def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
     """The chosen sampler's clips (B, 3, T, H, W) in [-1, 1]."""
     if sampler == "ddpm":  # num_steps = T: the paper's sampler, fewer: respaced
         x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps, generator=generator)
-    elif sampler == "ddim":  # x0 clipped at every step: an undertrained model's samples stay in range
+    elif sampler == "ddim":  # x0 clipped each step: an undertrained model's samples stay in range
         x = ddim_sample(model_fn, x_T, alphas_cumprod, num_steps, eta=eta, clip_denoised=True, generator=generator)
     else:
         x = dpm_solver_sample(model_fn, x_T, alphas_cumprod, num_steps)
@@ -1116,9 +1116,8 @@ def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
 def generate_video(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args, num_frames: int, shape: tuple,
                    generator: torch.Generator, text=None, actions=None, drop_actions=None, video=None,
                    autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """Video (B, 3, num_frames, H, W) in [-1, 1]: `video`'s frames (default none), then clips of
-    `shape` by --sampler, each given the last --context-frames frames so far (noised as in training);
-    actions (B, A_T[, A]) repeated over the video, the last held past its end."""
+    """Video (B, 3, num_frames, H, W) in [-1, 1]: `video` (default none), then --sampler's clips of
+    `shape`, each given the last --context-frames frames (noised); actions (B, A_T[, A]) repeated."""
     device, (b, _, clip_frames) = generator.device, shape[:3]
     video = torch.zeros(*shape[:2], 0, *shape[3:], device=device) if video is None else video
     while video.shape[2] < num_frames:
@@ -1145,9 +1144,8 @@ def to_uint8(clips: torch.Tensor) -> np.ndarray:
     return ((clips.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
 
-def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                         alphas_cumprod: torch.Tensor, prediction: str = "eps",
-                         autocast=contextlib.nullcontext(), **conditions) -> torch.Tensor:
+def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod,
+                         prediction: str = "eps", autocast=contextlib.nullcontext(), **conditions) -> torch.Tensor:
     """L_simple (Ho et al. eq. 14) = || eps or v - f(x_t, t, conditions) ||^2, x0 (B, 3, T, H, W).
     Context frames (context_mask 1) count zero, the sum still divided by the clip's size."""
     sqrt_abar = alphas_cumprod[t].sqrt().float()[:, None, None, None, None]
@@ -1162,10 +1160,10 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
 
 
 class DeviceClips:
-    """Clips on the device as uint8 frames (no loader, no copies), caption tokens and actions (clip i
-    is frames[starts[i] : starts[i] + num_frames]), and a model's samples conditioned on them."""
+    """Clips on the device as uint8 frames (no loader, no copies), caption tokens and actions (clip
+    i is frames[starts[i] : starts[i] + num_frames]), and a model's samples conditioned on them."""
 
-    def __init__(self, data: VideoData, vocabulary: list, args: Args, device, alphas_cumprod: torch.Tensor,
+    def __init__(self, data: VideoData, vocabulary: list, args: Args, device, alphas_cumprod,
                  model: Optional[nn.Module] = None, autocast=contextlib.nullcontext()):
         self.args, self.device, self.data, self.alphas_cumprod = args, device, data, alphas_cumprod.to(device)
         self.frames = torch.from_numpy(data.frames).to(device)
@@ -1186,8 +1184,8 @@ class DeviceClips:
     def batch(self, step: int, generator: torch.Generator, mine: slice, null_text) -> dict:
         """The step's batch as video_diffusion_loss's keyword arguments: the global batch, drawn
         alike on every rank, sliced to this rank's `mine` (2 ranks at batch B compute as 1 rank)."""
-        args, device, B = self.args, self.device, self.args.batch_size
-        clip_shape, alphas_cumprod = (3, args.num_frames, args.img_size, args.img_size), self.alphas_cumprod
+        args, device, B, abar = self.args, self.device, self.args.batch_size, self.alphas_cumprod
+        clip_shape = (3, args.num_frames, args.img_size, args.img_size)
         indices = global_batch_indices(step, B, len(self.starts), args.seed).to(device, non_blocking=True)
         t = torch.randint(0, args.timesteps, (B,), generator=generator, device=device)
         noise = torch.randn((B, *clip_shape), generator=generator, device=device)
@@ -1202,17 +1200,15 @@ class DeviceClips:
         context_eps = torch.randn((B, *clip_shape), generator=generator, device=device)
         x0, text, actions = self[indices[mine]]
         given = torch.arange(args.num_frames, device=device)[None, :] < num_context[mine, None]
-        return dict(x0=x0, t=t[mine], noise=noise[mine], alphas_cumprod=alphas_cumprod,
-                    text=torch.where(drop_text[mine, None], null_text, text), actions=actions,
-                    drop_actions=drop_actions[mine], context_noise=context_noise[mine],
-                    context=noise_context(x0, context_noise[mine], alphas_cumprod, context_eps[mine]),
-                    context_mask=(use_context[mine, None] & given).float())
+        return dict(x0=x0, t=t[mine], noise=noise[mine], alphas_cumprod=abar, actions=actions,
+                    text=torch.where(drop_text[mine, None], null_text, text), drop_actions=drop_actions[mine],
+                    context=noise_context(x0, context_noise[mine], abar, context_eps[mine]),
+                    context_noise=context_noise[mine], context_mask=(use_context[mine, None] & given).float())
 
     def clips(self, num: int, use_text: bool = True, use_actions: bool = True, num_context: int = 0,
               text_shift: int = 0, action_shift: int = 0, long: bool = False) -> np.ndarray:
-        """The model's num uint8 clips (long: of --long-video-frames) from the first num clips' captions
-        and/or actions (or another's: text_shift, action_shift) and first num_context frames. Seeded:
-        the same noise every time, and the training RNGs untouched (exact resume)."""
+        """The model's num uint8 clips (long: --long-video-frames) from the first num clips' captions,
+        actions (another's: *_shift), num_context frames; seeded (same noise, training RNGs untouched)."""
         args, out, device = self.args, [], self.device
         length = args.long_video_frames if long else args.num_frames
         generator = torch.Generator(device=device).manual_seed(args.seed + (10_001 if long else 10_000))
@@ -1221,8 +1217,8 @@ class DeviceClips:
             real, actions = self[index][0], self[index + action_shift][2]
             text = self[index + text_shift][1] if use_text else None
             drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=device)
-            clips = generate_video(self.model, self.alphas_cumprod, args, length, tuple(real.shape), generator, text,
-                                   actions, drop, real[:, :, :num_context], self.autocast)
+            clips = generate_video(self.model, self.alphas_cumprod, args, length, tuple(real.shape), generator,
+                                   text, actions, drop, real[:, :, :num_context], self.autocast)
             out.append(to_uint8(clips))
         return np.concatenate(out)
 
@@ -1347,8 +1343,8 @@ JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own sp
 
 
 def sprite_colour_labels(captions: list, frames_each: int = 1) -> np.ndarray:
-    """The SPRITE_COLOURS index of the colour each caption names ("a red square" -> 0), per frame."""
-    colours = [next(i for i, c in enumerate(SPRITE_COLOURS) if c in caption.split()) for caption in captions]
+    """Each caption's colour as a SPRITE_COLOURS index ("a red square" -> 0), frames_each times."""
+    colours = [next(i for i, c in enumerate(SPRITE_COLOURS) if c in s.split()) for s in captions]
     return np.repeat(colours, frames_each)
 
 
@@ -1357,7 +1353,7 @@ def judge_clips(sampler: DeviceClips, samples: np.ndarray) -> dict:
     CNN trained once on 512 clips of 8 frames (cached in {data_dir}/judge/), beside 2N real ones."""
     args, (n, _, num_frames) = sampler.args, samples.shape[:3]
     if sampler.judge is None:
-        def real(count: int, frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:  # and colours
+        def real(count: int, frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
             data = make_sprites_dataset(count, frames, args.img_size, args.num_distractors, seed=seed)
             return data.frames, sprite_colour_labels(data.captions, frames)
 
@@ -1393,21 +1389,20 @@ def evaluate(sampler: DeviceClips, writer, step: int, samples_dir: Path, full: b
         rollouts = {"true_actions": sampler.clips(n, **rollout),
                     "shuffled_actions": sampler.clips(n, **rollout, action_shift=1),
                     "copy_last": np.repeat(real[:, :, k - 1: k], args.num_frames, axis=2)}
-        psnr = {name: rollout_psnr(clips, real, k) for name, clips in rollouts.items()}
-        metrics |= {f"eval/psnr_{name}": value for name, value in psnr.items()}
+        metrics |= {f"eval/psnr_{name}": rollout_psnr(clips, real, k) for name, clips in rollouts.items()}
         # Genie's delta-PSNR: how much closer to the real clip the true actions bring a rollout
-        metrics["eval/action_control_dpsnr"] = psnr["true_actions"] - psnr["shuffled_actions"]
+        metrics["eval/action_control_dpsnr"] = metrics["eval/psnr_true_actions"] - metrics["eval/psnr_shuffled_actions"]
         shown = min(4, n)  # real and generated rows in turn, named by the actions after frame k
         labels = [f"{row} {i}: {k} given, then {action_words(actions[i, k:], args.dataset)}"
                   for i in range(shown) for row in ("real", "generated")]
         pairs = np.stack([real[:shown], rollouts["true_actions"][:shown]], 1).reshape(-1, *real.shape[1:])
         writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step, dataformats="HWC")
     if args.dataset == "sprites" and k > 0:
-        # Does the sprite go where the caption or the actions alone say? Swapped: another clip's (chance)
+        # Does the sprite go where the caption or actions alone say? Swapped: another clip's (chance)
         for kind, alone in (("text", dict(use_actions=False)), ("action", dict(use_text=False))):
             for swapped, tag in ((0, ""), (1, "_swapped")):
                 clips = sampler.clips(n, num_context=1, **alone, **{f"{kind}_shift": swapped})
-                asked = np.resize(np.roll(sampler.data.directions, -swapped), n)  # clip i + swapped's
+                asked = np.resize(np.roll(sampler.data.directions, -swapped), n)  # i + swapped's
                 hits = movement_directions(clips) == asked  # chance: 1/4
                 metrics[f"eval/{kind}_direction_accuracy{tag}"] = float(hits.mean())
     if args.long_video_frames > args.num_frames:
@@ -1436,7 +1431,7 @@ def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
 
 
 def frame_strips(clips: np.ndarray, labels: list[str]) -> np.ndarray:
-    """uint8 clips (N, 3, T, H, W) -> one uint8 image: each clip's frames in a row above its label."""
+    """uint8 clips (N, 3, T, H, W) -> a uint8 image: each clip's frames in a row above its label."""
     scale = max(1, 48 // clips.shape[3])
     rows = [make_grid(clip.transpose(1, 0, 2, 3), columns=clip.shape[1]) for clip in clips]
     return np.concatenate([with_caption(row, row.shape[1] * scale, [label]) for row, label in zip(rows, labels)])
@@ -1457,8 +1452,7 @@ def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> P
 
 
 # ==== BEGIN OPTIONAL: play ====
-# Play: a model as a game, in a pygame window or headless from keys. To delete its blocks (here and
-# in Args) and its marked lines:
+# Play: a model as a game, in a pygame window or headless. To delete it (here, in Args, marked lines):
 #   sed '/^# ==== BEGIN OPTIONAL: play/,/^# ==== END OPTIONAL: play/d; /# optional: play$/d' video_diffusion.py > x.py
 
 # --play-keys letters: N noop, U D L R moves, '/' restarts (DIAMOND's Atari games add fire, diagonals).
