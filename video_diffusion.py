@@ -1257,8 +1257,7 @@ def direction_of_displacement(displacement: np.ndarray, min_pixels: float = 0.5)
 
 
 def movement_directions(clips: np.ndarray) -> np.ndarray:
-    """The direction each clip's (B, 3, T, H, W) sprite moved, first frame to last, from the
-    centroid of its saturated pixels (the only coloured thing); -1: no sprite, or no move."""
+    """The DIRECTIONS index each clip's (B, 3, T, H, W) sprite moved, first frame to last (-1: none)."""
     x = clips[:, :, [0, -1]].astype(np.float32) / 255.0
     weight = np.clip(x.max(1) - x.min(1) - 0.4, 0, None)  # saturation: sprites have 0.67 to 0.8
     total = weight.sum((-1, -2))  # (B, 2): the first and the last frame
@@ -1269,8 +1268,7 @@ def movement_directions(clips: np.ndarray) -> np.ndarray:
 
 
 # ==== BEGIN OPTIONAL: judge ====
-# eval/judge_*: a small CNN, trained once on real frames and cached, scores the generated
-# sprites (FID needs Inception weights, meaningless here). To delete it and its marked lines:
+# eval/judge_* (FID needs Inception weights): a small CNN trained once on real frames, cached. To delete it:
 # sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' video_diffusion.py > x.py
 
 
@@ -1344,13 +1342,11 @@ JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own sp
 
 def sprite_colour_labels(captions: list, frames_each: int = 1) -> np.ndarray:
     """Each caption's colour as a SPRITE_COLOURS index ("a red square" -> 0), frames_each times."""
-    colours = [next(i for i, c in enumerate(SPRITE_COLOURS) if c in s.split()) for s in captions]
-    return np.repeat(colours, frames_each)
+    return np.repeat([next(i for i, c in enumerate(SPRITE_COLOURS) if c in s.split()) for s in captions], frames_each)
 
 
 def judge_clips(sampler: DeviceClips, samples: np.ndarray) -> dict:
-    """eval/judge_* of sprites: each generated frame's sprite colour against its caption's, by a
-    CNN trained once on 512 clips of 8 frames (cached in {data_dir}/judge/), beside 2N real ones."""
+    """eval/judge_*: each generated frame's sprite colour against its caption's, by a CNN cached in {data_dir}/judge/."""
     args, (n, _, num_frames) = sampler.args, samples.shape[:3]
     if sampler.judge is None:
         def real(count: int, frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1371,8 +1367,7 @@ def judge_clips(sampler: DeviceClips, samples: np.ndarray) -> dict:
 
 
 def evaluate(sampler: DeviceClips, writer, step: int, samples_dir: Path, full: bool = True) -> dict:
-    """Clips from the eval clips' captions and actions into samples/ (MP4, .npz; the first 8 as a
-    strip in TensorBoard and a PNG); full: --num-eval-samples, long videos, the eval/ metrics."""
+    """8 clips (full: --num-eval-samples, long videos, eval/ metrics) to samples/, a PNG and TensorBoard."""
     args, k, metrics = sampler.args, sampler.args.context_frames, {}
     n = args.num_eval_samples if full else 8
     samples = sampler.clips(n)
@@ -1625,16 +1620,14 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
 
 
 def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, autocast):
-    """--play: the checkpoint's model as a game (play_games) in a window, or with --play-keys
-    headless: each world of --play-world played with the keys, its MP4 written to {run}/play/."""
-    built = play_games(args, checkpoint, device, autocast)
-    games, meanings = built["games"], built["meanings"]
+    """--play: play_games' games in a window, or headless with --play-keys (each --play-world's MP4 in play/)."""
+    games, meanings, caption = play_games(args, checkpoint, device, autocast).values()
     steps = None if args.play_keys is None else parse_play_keys(args.play_keys, meanings)
     letters = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
     print(f"keys: {letters}" + (f", {RESTART_LETTER} restart (--play-keys letters)" if steps is not None else
                                 "; window: arrows and space (fire) pick these, Enter restarts, Tab switches "
                                 "model / real world, R records, Esc quits"), flush=True)
-    print(f"caption: {built['caption']!r}; sampler: {args.sampler}, {args.num_sampling_steps} steps per "
+    print(f"caption: {caption!r}; sampler: {args.sampler}, {args.num_sampling_steps} steps per "
           f"frame, cfg scale {args.cfg_scale:g}", flush=True)
     if steps is None:
         return play_window(games, meanings, run_dir / "play", args.play_size, args.play_fps)
@@ -1743,8 +1736,7 @@ def main(args: Args, given: set[str]):
     step = 0 if checkpoint is None else restore_state(checkpoint, *parts)
 
     stop = StopFlag()  # now SIGTERM/SIGINT finish the step (or abandon sampling), save and exit 0
-    # only the samplers call the EMA model: a signal abandons sampling within one network evaluation
-    ema_model.register_forward_pre_hook(lambda module, inputs: stop.check())
+    ema_model.register_forward_pre_hook(lambda module, inputs: stop.check())  # sampling stops within a step
     sampler = DeviceClips(eval_subset(data, args), vocabulary, args, device, alphas_cumprod, ema_model, autocast)
     if args.sample_only or step >= args.total_steps:  # --sample-only, or a finished run
         leave_process_group(setup.world_size)  # what follows is rank 0's alone
