@@ -1346,7 +1346,7 @@ def sprite_colour_labels(captions: list, frames_each: int = 1) -> np.ndarray:
 
 
 def judge_clips(sampler: DeviceClips, samples: np.ndarray) -> dict:
-    """eval/judge_*: each generated frame's sprite colour against its caption's, by a CNN cached in {data_dir}/judge/."""
+    """eval/judge_*: each generated frame's sprite colour against its caption's (a CNN cached in {data_dir}/judge)."""
     args, (n, _, num_frames) = sampler.args, samples.shape[:3]
     if sampler.judge is None:
         def real(count: int, frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
