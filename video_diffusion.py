@@ -1037,76 +1037,51 @@ def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Ten
 
 
 def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, sampler: str,
-                  num_steps: int, eta: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                  num_steps: int, eta: float = 0.0, generator=None) -> torch.Tensor:
     """The chosen sampler's clips (B, 3, T, H, W) in [-1, 1]."""
     if sampler == "ddpm":  # num_steps = T: the paper's sampler, fewer: respaced
         x = ddpm_sample(model_fn, x_T, alphas_cumprod, num_steps, generator=generator)
-    elif sampler == "ddim":  # x0 clipped to [-1, 1] at every step: an undertrained model's samples stay in range
+    elif sampler == "ddim":  # x0 clipped each step: an undertrained model's samples stay in range
         x = ddim_sample(model_fn, x_T, alphas_cumprod, num_steps, eta=eta, clip_denoised=True, generator=generator)
     else:
         x = dpm_solver_sample(model_fn, x_T, alphas_cumprod, num_steps)
     return x.float().clamp(-1, 1)
 
 
-def sampling_kwargs(args: Args, autocast) -> dict:
-    return dict(context_noise_step=args.context_noise_sampling_step, cfg_scale=args.cfg_scale, sampler=args.sampler,
-                num_steps=args.num_sampling_steps, eta=args.ddim_eta, autocast=autocast, prediction=args.prediction)
-
-
 @torch.no_grad()
-def generate(model: nn.Module, alphas_cumprod: torch.Tensor, shape: tuple, generator: torch.Generator,
-             text: Optional[torch.Tensor] = None, actions: Optional[torch.Tensor] = None,
-             drop_actions: Optional[torch.Tensor] = None, context: Optional[torch.Tensor] = None,
-             num_context: int = 0, context_noise_step: int = 0, cfg_scale: float = 1.0, sampler: str = "ddim",
-             num_steps: int = 50, eta: float = 0.0, autocast=contextlib.nullcontext(),
-             prediction: str = "eps") -> torch.Tensor:
-    """One clip (B, 3, T, H, W) in [-1, 1]; its first num_context frames are context's (given to the
-    model noised to context_noise_step, as in training)."""
-    b, _, num_frames = shape[:3]
-    device = generator.device
-    mask = level = noisy_context = None
-    if num_context > 0:
-        mask = (torch.arange(num_frames, device=device) < num_context).float().expand(b, num_frames)
-        level = torch.full((b,), context_noise_step, dtype=torch.long, device=device)
-        noise = torch.randn(context.shape, generator=generator, device=device)
-        noisy_context = noise_context(context, level, alphas_cumprod, noise)
-    x_T = torch.randn(shape, generator=generator, device=device)
-    model_fn = guided_model_fn(model, cfg_scale, text, actions, drop_actions, noisy_context, mask, level, autocast,
-                               prediction, alphas_cumprod)
-    x = sample_videos(model_fn, x_T, alphas_cumprod, sampler, num_steps, eta, generator)
-    if num_context > 0:
-        x[:, :, :num_context] = context[:, :, :num_context]
-    return x
-
-
-@torch.no_grad()
-def generate_long_video(model: nn.Module, alphas_cumprod: torch.Tensor, num_frames: int, clip_frames: int,
-                        num_context: int, shape: tuple, generator: torch.Generator,
-                        text: Optional[torch.Tensor] = None, actions: Optional[torch.Tensor] = None,
-                        drop_actions: Optional[torch.Tensor] = None, **sample_kwargs) -> torch.Tensor:
-    """Autoregressive video (B, 3, num_frames, H, W) in [-1, 1] from clips of `shape`, each after the
-    first given the last num_context frames; actions (B, num_frames[, A]) cover the whole video."""
-
-    def actions_from(start: int) -> Optional[torch.Tensor]:  # the video's last action is held past its end
-        index = torch.arange(start, start + clip_frames, device=generator.device).clamp(max=num_frames - 1)
-        return None if actions is None else actions[:, index]
-
-    video = generate(model, alphas_cumprod, shape, generator, text, actions_from(0), drop_actions, **sample_kwargs)
+def generate_video(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args, num_frames: int, shape: tuple,
+                   generator: torch.Generator, text=None, actions=None, drop_actions=None, video=None,
+                   autocast=contextlib.nullcontext()) -> torch.Tensor:
+    """Video (B, 3, num_frames, H, W) in [-1, 1]: `video` (default none), then --sampler's clips of
+    `shape`, each given the last --context-frames frames (noised); actions (B, A_T[, A]) repeated."""
+    device, (b, _, clip_frames) = generator.device, shape[:3]
+    video = torch.zeros(*shape[:2], 0, *shape[3:], device=device) if video is None else video
     while video.shape[2] < num_frames:
-        context = F.pad(video[:, :, -num_context:], (0, 0, 0, 0, 0, clip_frames - num_context))  # then zeros
-        block = generate(model, alphas_cumprod, shape, generator, text, actions_from(video.shape[2] - num_context),
-                         drop_actions, context, num_context, **sample_kwargs)
-        video = torch.cat([video, block[:, :, num_context:]], dim=2)
+        k = min(args.context_frames, video.shape[2])  # the frames given to this clip
+        start, mask, level, context = video.shape[2] - k, None, None, None
+        index = torch.arange(start, start + clip_frames, device=device).clamp(max=num_frames - 1)
+        clip_actions = None if actions is None else actions[:, index % actions.shape[1]]
+        if k > 0:  # the given frames, then zeros to generate
+            mask = (torch.arange(clip_frames, device=device) < k).float().expand(b, clip_frames)
+            level = torch.full((b,), args.context_noise_sampling_step, dtype=torch.long, device=device)
+            given = F.pad(video[:, :, start:], (0, 0, 0, 0, 0, clip_frames - k))
+            noise = torch.randn(given.shape, generator=generator, device=device)
+            context = noise_context(given, level, alphas_cumprod, noise)
+        x_T = torch.randn(shape, generator=generator, device=device)
+        model_fn = guided_model_fn(model, args.cfg_scale, text, clip_actions, drop_actions, context, mask, level,
+                                   autocast, args.prediction, alphas_cumprod)
+        clip = sample_videos(model_fn, x_T, alphas_cumprod, args.sampler, args.num_sampling_steps, args.ddim_eta,
+                             generator)
+        video = torch.cat([video, clip[:, :, k:]], dim=2)
     return video[:, :, :num_frames]
 
 
 def to_uint8(clips: torch.Tensor) -> np.ndarray:
-    return ((clips.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()  # [-1, 1] -> {0..255}
+    return ((clips.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
 
-def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                         alphas_cumprod: torch.Tensor, prediction: str = "eps",
-                         autocast=contextlib.nullcontext(), **conditions) -> torch.Tensor:
+def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod,
+                         prediction: str = "eps", autocast=contextlib.nullcontext(), **conditions) -> torch.Tensor:
     """L_simple (Ho et al. eq. 14) = || eps or v - f(x_t, t, conditions) ||^2, x0 (B, 3, T, H, W).
     Context frames (context_mask 1) count zero, the sum still divided by the clip's size."""
     sqrt_abar = alphas_cumprod[t].sqrt().float()[:, None, None, None, None]
@@ -1121,50 +1096,67 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
 
 
 class DeviceClips:
-    """Clips on the device as uint8 frames (no loader, no copies), caption tokens and actions;
-    clip i is frames[starts[i] : starts[i] + num_frames]."""
+    """Clips on the device as uint8 frames (no loader, no copies), caption tokens and actions (clip
+    i is frames[starts[i] : starts[i] + num_frames]), and a model's samples conditioned on them."""
 
-    def __init__(self, data: VideoData, vocabulary: list, args: Args, device: torch.device):
-        self.args, self.device = args, device
+    def __init__(self, data: VideoData, vocabulary: list, args: Args, device, alphas_cumprod,
+                 model: Optional[nn.Module] = None, autocast=contextlib.nullcontext()):
+        self.args, self.device, self.data, self.alphas_cumprod = args, device, data, alphas_cumprod.to(device)
         self.frames = torch.from_numpy(data.frames).to(device)
         self.starts = torch.from_numpy(data.clip_starts).to(device)
         self.actions = None if data.actions is None else torch.from_numpy(data.actions).to(device)
         self.text = tokenize(data.captions, vocabulary, args.max_text_len).to(device)
+        self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in data.captions]
+        self.model, self.autocast = model, autocast
+        self.judge = None  # optional: judge
 
     def __getitem__(self, index: torch.Tensor) -> tuple:
-        """Clips `index` (cycled): (B, 3, T, H, W) in [-1, 1], tokens, actions (B, T[, A]) / None."""
+        """Clips `index` (cycled): (B, 3, T, H, W) in [-1, 1], tokens, actions (B, T[, A])/None."""
         index = index % len(self.starts)
-        frames = self.starts[index][:, None] + torch.arange(self.args.num_frames, device=self.device)
+        frames = self.starts[index, None] + torch.arange(self.args.num_frames, device=self.device)
         clips = self.frames[frames].permute(0, 2, 1, 3, 4).float() / 127.5 - 1.0
         return clips, self.text[index], None if self.actions is None else self.actions[frames]
 
-    def batch(self, step: int, generator: torch.Generator, mine: slice, null_text: torch.Tensor,
-              alphas_cumprod: torch.Tensor) -> dict:
+    def batch(self, step: int, generator: torch.Generator, mine: slice, null_text) -> dict:
         """The step's batch as video_diffusion_loss's keyword arguments: the global batch, drawn
         alike on every rank, sliced to this rank's `mine` (2 ranks at batch B compute as 1 rank)."""
-        args, device, B = self.args, self.device, self.args.batch_size
+        args, device, B, abar = self.args, self.device, self.args.batch_size, self.alphas_cumprod
         clip_shape = (3, args.num_frames, args.img_size, args.img_size)
         indices = global_batch_indices(step, B, len(self.starts), args.seed).to(device, non_blocking=True)
         t = torch.randint(0, args.timesteps, (B,), generator=generator, device=device)
         noise = torch.randn((B, *clip_shape), generator=generator, device=device)
-        # Condition dropout for classifier-free guidance: both null with p = --null-cond-prob, else
-        # the caption and the actions each with p = --cond-drop-prob, independently.
+        # Guidance's dropout: both null w.p. --null-cond-prob, else each w.p. --cond-drop-prob
         drop_both = torch.rand(B, generator=generator, device=device) < args.null_cond_prob
         drop_text = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
         drop_actions = drop_both | (torch.rand(B, generator=generator, device=device) < args.cond_drop_prob)
-        # Context: the first 1..k frames of some clips, noised to a level the model is told, in
-        # [0, context_noise_max_step) (context noise augmentation: generated context drifts less).
+        # Context: the first 1..k frames of some clips, noised to a level the model is told
         use_context = torch.rand(B, generator=generator, device=device) < args.context_prob
         num_context = torch.randint(1, max(args.context_frames, 1) + 1, (B,), generator=generator, device=device)
         context_noise = torch.randint(0, args.context_noise_max_step, (B,), generator=generator, device=device)
         context_eps = torch.randn((B, *clip_shape), generator=generator, device=device)
         x0, text, actions = self[indices[mine]]
         given = torch.arange(args.num_frames, device=device)[None, :] < num_context[mine, None]
-        return dict(x0=x0, t=t[mine], noise=noise[mine], alphas_cumprod=alphas_cumprod,
-                    text=torch.where(drop_text[mine, None], null_text, text), actions=actions,
-                    drop_actions=drop_actions[mine], context_noise=context_noise[mine],
-                    context=noise_context(x0, context_noise[mine], alphas_cumprod, context_eps[mine]),
-                    context_mask=(use_context[mine, None] & given).float())
+        return dict(x0=x0, t=t[mine], noise=noise[mine], alphas_cumprod=abar, actions=actions,
+                    text=torch.where(drop_text[mine, None], null_text, text), drop_actions=drop_actions[mine],
+                    context=noise_context(x0, context_noise[mine], abar, context_eps[mine]),
+                    context_noise=context_noise[mine], context_mask=(use_context[mine, None] & given).float())
+
+    def clips(self, num: int, use_text: bool = True, use_actions: bool = True, num_context: int = 0,
+              text_shift: int = 0, action_shift: int = 0, long: bool = False) -> np.ndarray:
+        """The model's num uint8 clips (long: --long-video-frames) from the first num clips' captions,
+        actions (another's: *_shift), num_context frames; seeded (same noise, training RNGs untouched)."""
+        args, out, device = self.args, [], self.device
+        length = args.long_video_frames if long else args.num_frames
+        generator = torch.Generator(device=device).manual_seed(args.seed + (10_001 if long else 10_000))
+        for start in range(0, num, args.sample_batch_size):
+            index = torch.arange(start, min(num, start + args.sample_batch_size), device=device)
+            real, actions = self[index][0], self[index + action_shift][2]
+            text = self[index + text_shift][1] if use_text else None
+            drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=device)
+            clips = generate_video(self.model, self.alphas_cumprod, args, length, tuple(real.shape), generator,
+                                   text, actions, drop, real[:, :, :num_context], self.autocast)
+            out.append(to_uint8(clips))
+        return np.concatenate(out)
 
 
 def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[int, float, float]:
@@ -1183,9 +1175,7 @@ def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation: rollout PSNR with the true actions, with shuffled actions and of copying the last
-# frame (Genie's delta-PSNR: do the actions matter?), and on sprites whether the sprite moves the
-# way the caption or actions say.
+# Evaluation: do the actions matter (Genie's delta-PSNR of rollouts), does the sprite go where told?
 
 
 def rollout_psnr(predicted: np.ndarray, real: np.ndarray, first_frame: int = 0) -> float:
@@ -1203,8 +1193,7 @@ def direction_of_displacement(displacement: np.ndarray, min_pixels: float = 0.5)
 
 
 def movement_directions(clips: np.ndarray) -> np.ndarray:
-    """The direction each clip's (B, 3, T, H, W) sprite moved, first frame to last, from the
-    centroid of its saturated pixels (the only coloured thing); -1: no sprite, or no move."""
+    """The DIRECTIONS index each clip's (B, 3, T, H, W) sprite moved, first frame to last (-1: none)."""
     x = clips[:, :, [0, -1]].astype(np.float32) / 255.0
     weight = np.clip(x.max(1) - x.min(1) - 0.4, 0, None)  # saturation: sprites have 0.67 to 0.8
     total = weight.sum((-1, -2))  # (B, 2): the first and the last frame
@@ -1214,51 +1203,8 @@ def movement_directions(clips: np.ndarray) -> np.ndarray:
     return np.where((total > 0.2).all(1), moved, -1)  # found: about a pixel of strong colour
 
 
-def direction_accuracy(clips: np.ndarray, directions: np.ndarray) -> float:
-    """Fraction of clips whose sprite moves in the given direction (chance: 1/4)."""
-    return float(np.mean(movement_directions(clips) == directions))
-
-
-class EvalSampler(DeviceClips):
-    """Clips and long videos from a model (the EMA weights), conditioned on held-out clips. Seeded
-    generators: the same noise every time, and the training RNGs untouched (exact resume)."""
-
-    def __init__(self, model: nn.Module, alphas_cumprod: torch.Tensor, eval_data: VideoData, vocabulary: list,
-                 args: Args, autocast, device: torch.device):
-        super().__init__(eval_data, vocabulary, args, device)
-        self.model, self.alphas_cumprod = model, alphas_cumprod
-        self.sample_kwargs = sampling_kwargs(args, autocast)
-        self.directions, self.captions = eval_data.directions, list(eval_data.captions)
-        self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in self.captions]
-        self.judge = None  # optional: judge
-
-    def clips(self, num: int, use_text: bool = True, use_actions: bool = True, num_context: int = 0,
-              text_shift: int = 0, actions_shift: int = 0, long: bool = False) -> np.ndarray:
-        """num uint8 clips (long: of --long-video-frames) from the first num eval clips' captions
-        and/or actions (or another clip's: text_shift, actions_shift), first num_context frames."""
-        args, out, device = self.args, [], self.device
-        generator = torch.Generator(device=device).manual_seed(args.seed + (10_001 if long else 10_000))
-        for start in range(0, num, args.sample_batch_size):
-            index = torch.arange(start, min(num, start + args.sample_batch_size), device=device)
-            real, actions = self[index][0], self[index + actions_shift][2]
-            text = self[index + text_shift][1] if use_text else None
-            if long:  # the clips' actions repeated
-                repeat = torch.arange(args.long_video_frames, device=device) % args.num_frames
-                clips = generate_long_video(self.model, self.alphas_cumprod, args.long_video_frames,
-                                            args.num_frames, args.context_frames, tuple(real.shape), generator,
-                                            text, None if actions is None else actions[:, repeat],
-                                            **self.sample_kwargs)
-            else:
-                drop = torch.full((len(index),), not use_actions, dtype=torch.bool, device=device)
-                clips = generate(self.model, self.alphas_cumprod, tuple(real.shape), generator, text,
-                                 actions, drop, real, num_context, **self.sample_kwargs)
-            out.append(to_uint8(clips))
-        return np.concatenate(out)
-
-
 # ==== BEGIN OPTIONAL: judge ====
-# A small CNN, trained once on real frames and cached, judges the generated sprites offline (FID
-# needs Inception weights). To drop it, delete this block and each line ending "# optional: judge":
+# eval/judge_* (FID needs Inception weights): a small CNN trained once on real frames, cached. To delete it:
 # sed '/^# ==== BEGIN OPTIONAL: judge/,/^# ==== END OPTIONAL: judge/d; /# optional: judge$/d' video_diffusion.py > x.py
 
 
@@ -1325,32 +1271,24 @@ def judge_scores(judge: nn.Sequential, samples: np.ndarray, asked_labels: Option
 JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own sprites sets (a run trains on --seed's)
 
 
-def sprite_colour_labels(captions: list) -> np.ndarray:
-    """The SPRITE_COLOURS index of the colour each caption names ("a red square ..." -> 0)."""
-    return np.array([next(i for i, c in enumerate(SPRITE_COLOURS) if c in caption.split()) for caption in captions])
+def sprite_colour_labels(captions: list, frames_each: int = 1) -> np.ndarray:
+    """Each caption's colour as a SPRITE_COLOURS index ("a red square" -> 0), frames_each times."""
+    return np.repeat([next(i for i, c in enumerate(SPRITE_COLOURS) if c in s.split()) for s in captions], frames_each)
 
 
-def make_sprites_judge(args: Args, num_frames_scored: int) -> tuple[nn.Sequential, np.ndarray, np.ndarray]:
-    """The judge of the sprite's colour on single frames (trained once on 512 clips of 8 frames,
-    cached in {data_dir}/judge/), and >= 2 * num_frames_scored held-out real frames and colours."""
-    def frames_and_colours(data: VideoData) -> tuple[np.ndarray, np.ndarray]:
-        return data.frames, np.repeat(sprite_colour_labels(data.captions), len(data.frames) // len(data.captions))
+def judge_clips(sampler: DeviceClips, samples: np.ndarray) -> dict:
+    """eval/judge_*: each generated frame's sprite colour against its caption's (a CNN cached in {data_dir}/judge)."""
+    args, (n, _, num_frames) = sampler.args, samples.shape[:3]
+    if sampler.judge is None:
+        def real(count: int, frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+            data = make_sprites_dataset(count, frames, args.img_size, args.num_distractors, seed=seed)
+            return data.frames, sprite_colour_labels(data.captions, frames)
 
-    key = f"sprites_{args.img_size}px_{args.num_distractors}distractors_4classes_seed{JUDGE_DATA_SEED}"
-    judge = load_or_train_judge(Path(args.data_dir) / "judge", key, lambda: frames_and_colours(make_sprites_dataset(
-        512, 8, args.img_size, args.num_distractors, seed=JUDGE_DATA_SEED)), len(SPRITE_COLOURS), JUDGE_DATA_SEED)
-    heldout = make_sprites_dataset(-(-2 * num_frames_scored // args.num_frames), args.num_frames, args.img_size,
-                                   args.num_distractors, seed=JUDGE_HELDOUT_SEED)
-    return (judge, *frames_and_colours(heldout))
-
-
-def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
-    """eval/judge_* on sprites: each generated frame's sprite colour against its caption's."""
-    if sampler.args.dataset != "sprites":
-        return {}
-    n, num_frames = len(samples), samples.shape[2]
-    sampler.judge = sampler.judge or make_sprites_judge(sampler.args, n * num_frames)
-    asked = np.repeat(sprite_colour_labels((sampler.captions * n)[:n]), num_frames)
+        key = f"sprites_{args.img_size}px_{args.num_distractors}distractors_4classes_seed{JUDGE_DATA_SEED}"
+        judge = load_or_train_judge(Path(args.data_dir) / "judge", key, lambda: real(512, 8, JUDGE_DATA_SEED),
+                                    len(SPRITE_COLOURS), JUDGE_DATA_SEED)
+        sampler.judge = (judge, *real(-(-2 * n * num_frames // args.num_frames), args.num_frames, JUDGE_HELDOUT_SEED))
+    asked = sprite_colour_labels((list(sampler.data.captions) * n)[:n], num_frames)
     frames = samples.transpose(0, 2, 1, 3, 4).reshape(-1, 3, *samples.shape[3:])
     scores = judge_scores(sampler.judge[0], frames, asked, *sampler.judge[1:])
     return {f"eval/judge_{name}": value for name, value in scores.items()}
@@ -1359,10 +1297,9 @@ def judge_clips(sampler: EvalSampler, samples: np.ndarray) -> dict:
 # ==== END OPTIONAL: judge ====
 
 
-def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: bool = True) -> dict:
-    """Clips from the eval clips' captions and actions into samples/ (MP4, .npz; the first 8 as a
-    strip in TensorBoard and a PNG); full: --num-eval-samples, long videos, the eval/ metrics."""
-    args, k = sampler.args, sampler.args.context_frames
+def evaluate(sampler: DeviceClips, writer, step: int, samples_dir: Path, full: bool = True) -> dict:
+    """8 clips (full: --num-eval-samples, long videos, eval/ metrics) to samples/, a PNG and TensorBoard."""
+    args, k, metrics = sampler.args, sampler.args.context_frames, {}
     n = args.num_eval_samples if full else 8
     samples = sampler.clips(n)
     write_samples(samples_dir, f"step{step:08d}", samples)
@@ -1370,37 +1307,30 @@ def evaluate(sampler: EvalSampler, writer, step: int, samples_dir: Path, full: b
     writer.add_image("samples/clips", strip, step, dataformats="HWC")
     write_png(samples_dir / f"step{step:08d}.png", strip)
     if not full:
-        return {}
-    metrics = {}
-    metrics |= judge_clips(sampler, samples)  # optional: judge
+        return metrics
+    metrics |= judge_clips(sampler, samples) if args.dataset == "sprites" else {}  # optional: judge
     if sampler.actions is not None and k > 0:  # rollouts from the first k real frames, no caption
         real, _, actions = sampler[torch.arange(n, device=sampler.device)]
-        real = to_uint8(real)
-        rollout = dict(use_text=False, num_context=k)
+        real, rollout = to_uint8(real), dict(use_text=False, num_context=k)
         rollouts = {"true_actions": sampler.clips(n, **rollout),
-                    "shuffled_actions": sampler.clips(n, **rollout, actions_shift=1),
+                    "shuffled_actions": sampler.clips(n, **rollout, action_shift=1),
                     "copy_last": np.repeat(real[:, :, k - 1: k], args.num_frames, axis=2)}
-        psnr = {name: rollout_psnr(clips, real, k) for name, clips in rollouts.items()}
-        metrics |= {f"eval/psnr_{name}": value for name, value in psnr.items()}
+        metrics |= {f"eval/psnr_{name}": rollout_psnr(clips, real, k) for name, clips in rollouts.items()}
         # Genie's delta-PSNR: how much closer to the real clip the true actions bring a rollout
-        metrics["eval/action_control_dpsnr"] = psnr["true_actions"] - psnr["shuffled_actions"]
+        metrics["eval/action_control_dpsnr"] = metrics["eval/psnr_true_actions"] - metrics["eval/psnr_shuffled_actions"]
         shown = min(4, n)  # real and generated rows in turn, named by the actions after frame k
-        labels = [f"{row} {i}: {k} given, then {action_words(actions[i, k:].cpu().numpy(), args.dataset)}"
+        labels = [f"{row} {i}: {k} given, then {action_words(actions[i, k:], args.dataset)}"
                   for i in range(shown) for row in ("real", "generated")]
         pairs = np.stack([real[:shown], rollouts["true_actions"][:shown]], 1).reshape(-1, *real.shape[1:])
-        writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step,
-                         dataformats="HWC")
+        writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step, dataformats="HWC")
     if args.dataset == "sprites" and k > 0:
-        # Does the sprite go where the caption (alone) or the actions (alone) say, from the real
-        # first frame (where it starts, not where it goes)? "swapped": each first frame commanded
-        # with another clip's caption or actions, where a direction learned otherwise scores chance.
-        for kind, flags, shift in (("text", dict(use_actions=False), "text_shift"),
-                                   ("action", dict(use_text=False), "actions_shift")):
-            for swapped in (0, 1):
-                clips = sampler.clips(n, num_context=1, **flags, **{shift: swapped})
-                asked = sampler.directions[(np.arange(n) + swapped) % len(sampler.directions)]
-                tag = f"eval/{kind}_direction_accuracy" + "_swapped" * swapped
-                metrics[tag] = direction_accuracy(clips, asked)
+        # Does the sprite go where the caption or actions alone say? Swapped: another clip's (chance)
+        for kind, alone in (("text", dict(use_actions=False)), ("action", dict(use_text=False))):
+            for swapped, tag in ((0, ""), (1, "_swapped")):
+                clips = sampler.clips(n, num_context=1, **alone, **{f"{kind}_shift": swapped})
+                asked = np.resize(np.roll(sampler.data.directions, -swapped), n)  # i + swapped's
+                hits = movement_directions(clips) == asked  # chance: 1/4
+                metrics[f"eval/{kind}_direction_accuracy{tag}"] = float(hits.mean())
     if args.long_video_frames > args.num_frames:
         videos = sampler.clips(min(n, 4), long=True)
         write_samples(samples_dir, f"long_step{step:08d}", videos)
@@ -1427,17 +1357,16 @@ def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
 
 
 def frame_strips(clips: np.ndarray, labels: list[str]) -> np.ndarray:
-    """uint8 (N, 3, T, H, W) -> one uint8 (rows, width, 3) image: a row of frames per clip (enlarged
-    to 48 pixels high), each above its label."""
+    """uint8 clips (N, 3, T, H, W) -> a uint8 image: each clip's frames in a row above its label."""
     scale = max(1, 48 // clips.shape[3])
     rows = [make_grid(clip.transpose(1, 0, 2, 3), columns=clip.shape[1]) for clip in clips]
     return np.concatenate([with_caption(row, row.shape[1] * scale, [label]) for row, label in zip(rows, labels)])
 
 
-def action_words(actions: np.ndarray, dataset: str) -> str:
+def action_words(actions: torch.Tensor, dataset: str) -> str:
     """Actions (T,) discrete or (T, 2) velocities as words."""
     if actions.ndim == 2:
-        return " ".join(f"{a[0]:+.1f},{a[1]:+.1f}" for a in actions)
+        return " ".join(f"{a[0]:+.1f},{a[1]:+.1f}" for a in actions.tolist())
     return " ".join(SPRITE_ACTIONS[a] if dataset == "sprites" else f"a{a}" for a in actions.tolist())
 
 
@@ -1449,9 +1378,7 @@ def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> P
 
 
 # ==== BEGIN OPTIONAL: play ====
-# Play: a sprites model as a game, in a pygame window or headless from keys. Optional: delete the
-# play blocks (here and in Args) and every line ending in "# optional: play"
-# (tests/test_optional_blocks.py checks it):
+# Play: a model as a game, in a pygame window or headless. To delete it (here, in Args, marked lines):
 #   sed '/^# ==== BEGIN OPTIONAL: play/,/^# ==== END OPTIONAL: play/d; /# optional: play$/d' video_diffusion.py > x.py
 
 # --play-keys letters: N noop, U D L R moves, '/' restarts (DIAMOND's Atari games add fire, diagonals).
@@ -1465,11 +1392,10 @@ def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
     """--play-keys -> an action index per step (None: restart); a letter of no action is refused."""
     index = {ACTION_LETTERS.get(name, name): i for i, name in enumerate(meanings)} | {RESTART_LETTER: None}
     letters = [letter for letter in keys if not letter.isspace()]
-    for letter in letters:
-        if letter not in index:
-            known = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
-            raise UserError(f"--play-keys: {letter!r} is no action of this model; its letters: {known}, "
-                            f"{RESTART_LETTER} restart")
+    if unknown := [letter for letter in letters if letter not in index]:
+        known = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
+        raise UserError(f"--play-keys: {unknown[0]!r} is no action of this model; its letters: {known}, "
+                        f"{RESTART_LETTER} restart")
     if not letters:
         raise UserError("--play-keys is empty: give one letter per step, e.g. RRRDDD")
     return [index[letter] for letter in letters]
@@ -1506,15 +1432,12 @@ def real_sprites(state: dict, actions: np.ndarray, img_size: int, values: torch.
         actions.append(values[action].numpy())
 
 
-def play_keys(game: Callable, steps: list[Optional[int]], meanings: list[str], size: int,
-              name: str = "") -> dict:
+def play_keys(game: Callable, steps: list, meanings: list[str], size: int, name: str = "") -> dict:
     """A headless session: game() (imagined_video, real_sprites) played with the actions (None:
     restart). Returns the frames uint8 (T + 1, H, W, 3), the captioned ones (the MP4), frames/s."""
     frames, start = [], time.perf_counter()
-    for action in [None, *steps]:
-        if action is None:  # a (re)start
-            session = game()
-        frames.append(next(session) if action is None else session.send(action))
+    for action in [None, *steps]:  # None: a (re)start
+        frames.append(next(session := game()) if action is None else session.send(action))
     seconds = time.perf_counter() - start
     shown = [with_caption(frame, size, [f"{name}  step {i}  action {'-' if a is None else meanings[a].lower()}"])
              for i, (frame, a) in enumerate(zip(frames, [None, *steps]))]
@@ -1542,6 +1465,7 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
                         f"--play-keys KEYS, or set SDL_VIDEODRIVER={driver} to run the window unseen")
     screen, clock = pygame.display.set_mode((size, size + 8 + 18 * 2)), pygame.time.Clock()
     modes, recording, keys = list(games), None, {pygame.K_RETURN}  # recording: frames since R
+    held = (pygame.K_UP, pygame.K_DOWN, pygame.K_LEFT, pygame.K_RIGHT, pygame.K_SPACE)
     while True:
         if recording is not None and keys & {pygame.K_r, pygame.K_TAB, pygame.K_ESCAPE}:
             path = out_dir / f"play_{modes[0]}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
@@ -1551,15 +1475,11 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
         if pygame.K_ESCAPE in keys:
             break
         recording = [] if pygame.K_r in keys else recording
-        if pygame.K_TAB in keys:
-            modes.append(modes.pop(0))
+        modes = modes[1:] + modes[:1] if pygame.K_TAB in keys else modes
         if keys & {pygame.K_RETURN, pygame.K_TAB}:
-            game, step, action = games[modes[0]](), 0, None
-            frame = next(game)
+            frame, step, action = next(game := games[modes[0]]()), 0, None
         else:
-            pressed = pygame.key.get_pressed()
-            held = (pygame.K_UP, pygame.K_DOWN, pygame.K_LEFT, pygame.K_RIGHT, pygame.K_SPACE)
-            action = action_from_keys(*(pressed[key] for key in held), meanings)
+            action = action_from_keys(*(pygame.key.get_pressed()[key] for key in held), meanings)
             frame, step = game.send(action), step + 1
         image = with_caption(frame, size, [
             f"{modes[0]}  step {step}  action {'-' if action is None else meanings[action].lower()}",
@@ -1581,10 +1501,8 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
     generates a clip from the last k = --context-frames frames and the new action; shows frame k."""
     num_actions, vocabulary = checkpoint["num_actions"], checkpoint["vocabulary"]
     if args.dataset == "folder" or num_actions == 0 and args.action_dim == 0 or args.context_frames < 1:
-        raise UserError(f"--play steers an action-conditioned model (sprites or Atari clips) frame by "
-                        f"frame from its last frames: this run has --dataset {args.dataset}, "
-                        f"--context-frames {args.context_frames}; train one with --dataset sprites or "
-                        f"atari and --context-frames >= 1")
+        raise UserError(f"--play needs a model trained with actions (--dataset sprites or atari) and --context-frames "
+                        f">= 1; this run has --dataset {args.dataset}, --context-frames {args.context_frames}")
     if args.dataset != "sprites" and args.play_world != "imagined":
         raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for "
                         f"real here; give --play-world imagined")
@@ -1610,51 +1528,43 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
         data = load_atari_dataset(args)
         meanings = list(gym.make(atari_ids(args.env_id)[0]).unwrapped.get_action_meanings())
     # each action as the model takes it; continuous: the velocity (DIRECTION_VECTORS[-1]: none)
-    values = (torch.from_numpy(DIRECTION_VECTORS[np.arange(5) - 1]) if args.action_dim
-              else torch.arange(len(meanings)))
+    values = torch.from_numpy(DIRECTION_VECTORS[np.arange(5) - 1]) if args.action_dim else torch.arange(len(meanings))
     model = build_model(args, len(vocabulary), num_actions).to(device).eval()
     model.load_state_dict(checkpoint["ema"])
     alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps,
                                                             args.beta_start, args.beta_end))
-    k, n = args.context_frames, args.num_frames
-    text = tokenize([caption], vocabulary, args.max_text_len).to(device) if caption else None
+    sampler = DeviceClips(data, vocabulary, args, device, alphas_cumprod, model, autocast)
+    k, clip = args.context_frames, args.seed % len(data.clip_starts) if clip is None else clip
+    real, _, actions = sampler[torch.tensor([clip], device=device)]
+    text = tokenize([caption], vocabulary, max_len).to(device) if caption else None
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    clip = args.seed % len(data.clip_starts) if clip is None else clip
-    start = int(data.clip_starts[clip])
-    start_frames = torch.from_numpy(data.frames[start: start + k]).permute(1, 0, 2, 3)[None] / 127.5 - 1
-    start_actions = data.actions[start: start + k]
 
-    def next_frame(frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        context = F.pad(frames, (0, 0, 0, 0, 0, n - k))  # the last k frames, then n - k to generate
-        index = torch.arange(n, device=device).clamp(max=k)  # the new action into every later frame
-        return generate(model, alphas_cumprod, tuple(context.shape), generator, text,
-                        actions.to(device)[:, index], None, context, k, **sampling_kwargs(args, autocast))[:, :, k]
+    def next_frame(frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:  # after the k frames
+        return generate_video(model, alphas_cumprod, args, k + 1, tuple(real.shape), generator, text, actions,
+                              video=frames, autocast=autocast)[:, :, k]
 
-    games = {"imagined": lambda: imagined_video(next_frame, start_frames.to(device),
-                                                torch.from_numpy(start_actions)[None], values)}
+    games = {"imagined": lambda: imagined_video(next_frame, real[:, :, :k], actions[:, :k], values)}
     if args.dataset == "sprites":
+        start_actions = actions[0, :k].cpu().numpy()
         games["real"] = lambda: real_sprites(data.sprite_states[clip], start_actions, args.img_size, values)
     return {"games": games, "meanings": meanings, "caption": caption}
 
 
 def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, autocast):
-    """--play: the checkpoint's model as a game (play_games) in a window, or with --play-keys
-    headless: each world of --play-world played with the keys, its MP4 written to {run}/play/."""
-    built = play_games(args, checkpoint, device, autocast)
-    games, meanings = built["games"], built["meanings"]
+    """--play: play_games' games in a window, or headless with --play-keys (each --play-world's MP4 in play/)."""
+    games, meanings, caption = play_games(args, checkpoint, device, autocast).values()
     steps = None if args.play_keys is None else parse_play_keys(args.play_keys, meanings)
     letters = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
     print(f"keys: {letters}" + (f", {RESTART_LETTER} restart (--play-keys letters)" if steps is not None else
                                 "; window: arrows and space (fire) pick these, Enter restarts, Tab switches "
                                 "model / real world, R records, Esc quits"), flush=True)
-    print(f"caption: {built['caption']!r}; sampler: {args.sampler}, {args.num_sampling_steps} steps per "
+    print(f"caption: {caption!r}; sampler: {args.sampler}, {args.num_sampling_steps} steps per "
           f"frame, cfg scale {args.cfg_scale:g}", flush=True)
     if steps is None:
         return play_window(games, meanings, run_dir / "play", args.play_size, args.play_fps)
-    stamp = time.strftime("%Y%m%d_%H%M%S")
     for mode in ("imagined", "real") if args.play_world == "both" else (args.play_world,):
         session = play_keys(games[mode], steps, meanings, args.play_size, mode)
-        path = run_dir / "play" / f"play_{mode}_{stamp}.mp4"
+        path = run_dir / "play" / f"play_{mode}_{time.strftime('%Y%m%d_%H%M%S')}.mp4"
         write_mp4(path, session["shown"], fps=int(round(args.play_fps)))
         print(f"{mode}: {len(steps)} steps at {session['fps']:.2f} frames/s; wrote {path}", flush=True)
 
@@ -1663,22 +1573,7 @@ def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, auto
 
 
 # --------------------------------------------------------------------------------------------------
-# The run: sampling only, the run folder, logging, checkpoints, main.
-
-
-def write_sample_only(sampler: EvalSampler, run_dir: Path, step: int):
-    """--sample-only: --num-samples clips (and long videos) into samples/; a signal stops it."""
-    args = sampler.args
-    stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_{int(time.time())}"
-    try:
-        path = write_samples(run_dir / "samples", stem, sampler.clips(args.num_samples))
-        print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
-        if args.long_video_frames > args.num_frames:
-            videos = sampler.clips(min(args.num_samples, 4), long=True)
-            path = write_samples(run_dir / "samples", f"long_{stem}", videos)
-            print(f"wrote long videos of {args.long_video_frames} frames to {path}")
-    except StopRequested:
-        print("stopped by signal while sampling; nothing more was written")
+# The run: the run folder, logging, checkpoints, main (training, or sampling only).
 
 
 def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoData, vocabulary: list,
@@ -1729,8 +1624,6 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter, setup: "
 def main(args: Args, given: set[str]):
     # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds
     checkpoint, run_dir, started = None, None, time.perf_counter()
-    if args.play and args.play_keys is None:  # optional: play
-        import_pygame()  # optional: play
     if args.resume:
         trains = not args.sample_only  # --sample-only writes no checkpoint: it reads any checkpoint file
         trains = trains and not (args.play or args.play_keys is not None)  # optional: play
@@ -1743,41 +1636,46 @@ def main(args: Args, given: set[str]):
     train_generator = torch.Generator(device=device).manual_seed(args.seed)  # t, noise, drops ...
 
     # ---- data: the training clips on the device, the held-out ones for evaluation, the words
-    data = load_dataset(args)
-    # The vocabulary and the action count fix the model's shape: a resumed run takes its own.
+    data = load_dataset(args)  # (a resumed run's vocabulary and action count: they fix the model's shape)
     vocabulary = build_vocabulary(data.captions) if checkpoint is None else checkpoint["vocabulary"]
     num_actions = checkpoint["num_actions"] if checkpoint is not None else data.num_actions
-    if setup.is_main:  # captions cut to --max-text-len, words the resumed model never learned
-        for line in data_caption_notices(data.captions, vocabulary, args.max_text_len):
-            print(line)
+    for line in data_caption_notices(data.captions, vocabulary, args.max_text_len) if setup.is_main else []:
+        print(line)  # captions cut to --max-text-len, words the resumed model never learned
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
         num_params, activations, flops = step_memory_profile(args, len(vocabulary), num_actions)
         check_step_memory(setup, args.batch_size, num_params, activations, args.dtype)
     alphas_cumprod = make_alphas_cumprod(make_beta_schedule(args.beta_schedule, args.timesteps,
                                                             args.beta_start, args.beta_end))
-    clips, train_abar = DeviceClips(data, vocabulary, args, device), alphas_cumprod.to(device)
+    clips = DeviceClips(data, vocabulary, args, device, alphas_cumprod)
 
     # ---- model, EMA, optimizer with warmup (lr_s = lr * min(1, (s + 1) / warmup)), resumed state
     model = build_model(args, len(vocabulary), num_actions).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=setup.use_cuda)
-    warmup = max(1, args.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
     scaler = torch.amp.GradScaler("cuda", enabled=setup.use_cuda and args.dtype == "float16")
     parts = (model, ema_model, optimizer, scheduler, scaler, train_generator, vocabulary, num_actions)
     step = 0 if checkpoint is None else restore_state(checkpoint, *parts)
 
     stop = StopFlag()  # now SIGTERM/SIGINT finish the step (or abandon sampling), save and exit 0
-    # only the samplers call the EMA model: a signal abandons sampling within one network evaluation
-    ema_model.register_forward_pre_hook(lambda module, inputs: stop.check())
-    sampler = EvalSampler(ema_model, alphas_cumprod, eval_subset(data, args), vocabulary, args, autocast, device)
+    ema_model.register_forward_pre_hook(lambda module, inputs: stop.check())  # sampling stops within a step
+    sampler = DeviceClips(eval_subset(data, args), vocabulary, args, device, alphas_cumprod, ema_model, autocast)
     if args.sample_only or step >= args.total_steps:  # --sample-only, or a finished run
         leave_process_group(setup.world_size)  # what follows is rank 0's alone
+        stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_cfg{args.cfg_scale:g}_step{step}_{time.time():.0f}"
         if setup.is_main and args.sample_only:
-            write_sample_only(sampler, run_dir, step)
+            try:  # --num-samples clips (and long videos) into samples/; a signal stops it
+                path = write_samples(run_dir / "samples", stem, sampler.clips(args.num_samples))
+                print(f"wrote {args.num_samples} clips to {path} and {path.with_suffix('.npz')}")
+                if args.long_video_frames > args.num_frames:
+                    videos = sampler.clips(min(args.num_samples, 4), long=True)
+                    path = write_samples(run_dir / "samples", f"long_{stem}", videos)
+                    print(f"wrote long videos of {args.long_video_frames} frames to {path}")
+            except StopRequested:
+                print("stopped by signal while sampling; nothing more was written")
         elif setup.is_main:
-            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise "
-                  f"--total-steps to train on")
+            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps "
+                  f"to train on")
         stop.restore()
         return
 
@@ -1792,11 +1690,10 @@ def main(args: Args, given: set[str]):
     # ---- train
     local_batch = args.batch_size // setup.world_size
     mine = slice(setup.rank * local_batch, (setup.rank + 1) * local_batch)
-    first_step = step
-    step_timer = StepTimer(first_step, args.total_steps, setup)
+    first_step, step_timer = step, StepTimer(step, args.total_steps, setup)
     progress = progress_bar(args.total_steps, step, "train", "step", setup.is_main)
     while step < args.total_steps:
-        batch = clips.batch(step, train_generator, mine, model.null_text(local_batch, device), train_abar)
+        batch = clips.batch(step, train_generator, mine, model.null_text(local_batch, device))
         loss = video_diffusion_loss(train_model, **batch, prediction=args.prediction, autocast=autocast)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -1829,16 +1726,15 @@ def main(args: Args, given: set[str]):
         if evaluation or step % args.save_every == 0 or step in (first_step + 1, args.first_sample_at):
             meter.restart_clock()  # sampling, saving and the first (compiling) step stay out of SPS
         if stopping:
-            if setup.is_main:
-                print(f"stopped by signal at step {step}", flush=True)
             break
 
     # ---- teardown
     progress.close()
     leave_process_group(setup.world_size)
     close_writer(args, writer)
-    if setup.is_main and step == args.total_steps:
-        print(f"done: step {step}, checkpoint at {run_dir / 'checkpoints' / 'latest.pt'}")
+    if setup.is_main:
+        print(f"stopped by signal at step {step}" if stopping else f"done: step {step}, checkpoint at "
+              f"{run_dir / 'checkpoints' / 'latest.pt'}", flush=True)
     stop.restore()
 
 

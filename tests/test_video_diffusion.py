@@ -225,16 +225,21 @@ def test_the_first_frame_does_not_tell_the_direction(sprites):
     assert abs(means[3, 0] - means[2, 0]) < 0.2 * span and abs(means[1, 1] - means[0, 1]) < 0.2 * span
 
 
+def direction_accuracy(clips, directions) -> float:
+    """evaluate()'s eval/*_direction_accuracy: the share of clips whose sprite moves the given way."""
+    return float(np.mean(vd.movement_directions(clips) == directions))
+
+
 def test_real_clips_score_text_direction_accuracy_one_and_shuffled_captions_near_chance(sprites):
     clips = clips_of(sprites)
-    assert vd.direction_accuracy(clips, sprites.directions) == 1.0
+    assert direction_accuracy(clips, sprites.directions) == 1.0
     shuffled = np.random.default_rng(0).permutation(sprites.directions)
-    accuracy = vd.direction_accuracy(clips, shuffled)
+    accuracy = direction_accuracy(clips, shuffled)
     assert 0.15 < accuracy < 0.35  # chance is 1/4
     # with continuous actions too
     continuous = vd.make_sprites_dataset(40, 8, 16, num_distractors=1, action_dim=2, seed=4)
     assert continuous.actions.shape == (40 * 8, 2) and continuous.actions.dtype == np.float32
-    assert vd.direction_accuracy(clips_of(continuous), continuous.directions) == 1.0
+    assert direction_accuracy(clips_of(continuous), continuous.directions) == 1.0
 
 
 def test_true_actions_beat_shuffled_actions_in_rollout_psnr(sprites):
@@ -277,15 +282,16 @@ def test_autoregressive_generation_is_longer_than_training_clips_and_keeps_its_c
     alphas_cumprod = vd.make_alphas_cumprod(vd.make_beta_schedule("linear", 1000))
     text, actions = conditions(2, 19)
     generator = torch.Generator().manual_seed(0)
-    video = vd.generate_long_video(model, alphas_cumprod, 19, 6, 2, (2, 3, 6, 16, 16), generator, text, actions,
-                                   cfg_scale=1.5, num_steps=3)
+    args = vd.replace(vd.Args(), context_frames=2, cfg_scale=1.5, num_sampling_steps=3, context_noise_sampling_step=0)
+    video = vd.generate_video(model, alphas_cumprod, args, 19, (2, 3, 6, 16, 16), generator, text, actions)
     assert video.shape == (2, 3, 19, 16, 16)
     assert torch.isfinite(video).all() and video.abs().max() <= 1.0
-    # a continuation block starts from the given frames: generate() copies its context into the result
+    # a continuation block starts from the given frames: generate_video() keeps them in the result
     context = torch.rand(2, 3, 6, 16, 16) * 2 - 1
-    block = vd.generate(model, alphas_cumprod, (2, 3, 6, 16, 16), torch.Generator().manual_seed(0), text,
-                        actions[:, :6], None, context, 2, context_noise_step=10, num_steps=3)
-    assert torch.equal(block[:, :, :2], context[:, :, :2])
+    args = vd.replace(args, cfg_scale=1.0, context_noise_sampling_step=10)
+    block = vd.generate_video(model, alphas_cumprod, args, 6, (2, 3, 6, 16, 16), torch.Generator().manual_seed(0),
+                              text, actions[:, :6], None, context[:, :, :2])
+    assert block.shape == (2, 3, 6, 16, 16) and torch.equal(block[:, :, :2], context[:, :, :2])
 
 
 def test_context_noise_is_q_sample_at_the_given_level():
@@ -359,13 +365,10 @@ def judge_step0(args, n: int) -> dict:
     untrained = vd.build_model(args, len(vocabulary), data.num_actions).eval().requires_grad_(False)
     alphas_cumprod = vd.make_alphas_cumprod(vd.make_beta_schedule(args.beta_schedule, args.timesteps,
                                                                   args.beta_start, args.beta_end))
-    sampler = vd.EvalSampler(untrained, alphas_cumprod, vd.eval_subset(data, args), vocabulary, args,
-                             torch.autocast("cpu", enabled=False), torch.device("cpu"))
-    samples = sampler.clips(n)  # (N, 3, T, H, W) uint8
-    frames = samples.transpose(0, 2, 1, 3, 4).reshape(-1, *samples.shape[1:2], *samples.shape[3:])
-    asked = np.repeat(vd.sprite_colour_labels((sampler.captions * n)[:n]), samples.shape[2])
-    judge, heldout, heldout_labels = vd.make_sprites_judge(args, len(frames))
-    return vd.judge_scores(judge, frames, asked, heldout, heldout_labels)
+    sampler = vd.DeviceClips(vd.eval_subset(data, args), vocabulary, args, torch.device("cpu"), alphas_cumprod,
+                             untrained, torch.autocast("cpu", enabled=False))
+    scores = vd.judge_clips(sampler, sampler.clips(n))  # each frame of the (N, 3, T, H, W) uint8 clips
+    return {k[len("eval/judge_"):]: v for k, v in scores.items()}
 
 
 @pytest.mark.slow
