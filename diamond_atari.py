@@ -4,15 +4,11 @@ DIAMOND: a diffusion world model (EDM denoiser on the last 4 frames and actions)
 and an actor-critic trained in the world model's imagination, on Atari 100k, in one file.
 
     python diamond_atari.py --env-id Breakout-v5  # the paper's setting on one GPU (Breakout 132.5)
-    python diamond_atari.py --env-id Pong-v5 --preset small  # TorchWM's sizes (medium: the paper's)
-    python diamond_atari.py --preset tiny  # seconds on a CPU, offline
-    python diamond_atari.py --env-id Catch --preset tiny  # bsuite's Catch
+    python diamond_atari.py --env-id Catch --preset tiny  # bsuite's Catch, seconds on a CPU
     python diamond_atari.py --env-id Breakout-v5 --dataset-dir path/to/episodes  # recorded episodes
-    python diamond_atari.py --world-model-only --env-id Breakout-v5
     python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000
     python diamond_atari.py --resume RUN --eval-only  # its 100 test episodes
     python diamond_atari.py --resume RUN --play  # optional: play
-    python diamond_atari.py --resume RUN --play-keys FRRRLL --play-world both  # optional: play
     python diamond_atari.py --episode-to-mp4 RUN/episodes/episode_000000.npz
 """
 import atexit
@@ -363,8 +359,7 @@ def import_gym():
 
 
 def canonical_env_id(env_id: str) -> tuple[str, str]:
-    """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 or Breakout -> ("Breakout",
-    "Breakout-v5") (one protocol for all); Catch -> ("Catch", "Catch"), without the emulator."""
+    """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 -> ("Breakout", "Breakout-v5")."""
     if env_id.strip().lower() == "catch":
         return "Catch", "Catch"
     match = re.fullmatch(r"(?:ALE/)?([A-Za-z0-9]+?)(?:NoFrameskip-v4|-v5|-v4)?", env_id.strip())
@@ -454,8 +449,8 @@ class AtariEnv:
         import ale_py
 
         self.ale.restoreState(ale_py.ALEState(state["ale"].numpy().tobytes()))
-        self.game_over, self.lives = state["game_over"], state["lives"]
-        self.game_steps, self.game_return = state["game_steps"], state["game_return"]
+        for key in ("game_over", "lives", "game_steps", "game_return"):
+            setattr(self, key, state[key])
         self.obs = state["obs"].numpy().copy()
 
 
@@ -465,6 +460,8 @@ class CatchEnv:
     rows, columns, moves = 10, 5, (-1, 0, 1)  # bsuite's _ACTIONS: left, no-op, right
     colours = {"cell": (40, 40, 40), "paddle": (40, 120, 255), "ball": (255, 220, 40)}
     ignored_flags = ("frame_skip", "noop_max", "sticky_actions", "max_episode_steps")
+    state_keys = ("ball_row", "ball_col", "paddle_col", "game_over", "game_steps", "game_return")
+    normalized_score = AtariEnv.normalized_score  # None: Catch has no reference scores
 
     def __init__(self, obs_size: int = 64, seed: int = 0):
         if obs_size < self.rows:
@@ -476,9 +473,6 @@ class CatchEnv:
         self.ball_row, self.ball_col, self.paddle_col = 0, 0, self.columns // 2
         self.game_over, self.game_steps, self.game_return = True, 0, 0.0
         self.obs = self.render()
-
-    def normalized_score(self, score: float) -> Optional[float]:
-        return None  # no reference scores
 
     def cell_pixels(self, row: int, col: int) -> tuple[slice, slice]:
         """The frame's (rows, columns) of a grid cell: the grid is centred."""
@@ -516,22 +510,19 @@ class CatchEnv:
 
     def state_dict(self) -> dict:
         # the Generator's state: PCG64's 128-bit ints as plain Python ints (weights_only loads them)
-        return {"ball_row": self.ball_row, "ball_col": self.ball_col, "paddle_col": self.paddle_col,
-                "game_over": self.game_over, "game_steps": self.game_steps,
-                "game_return": self.game_return, "rng": self.rng.bit_generator.state}
+        state = {key: getattr(self, key) for key in self.state_keys}
+        return state | {"rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict):
-        self.ball_row, self.ball_col = state["ball_row"], state["ball_col"]
-        self.paddle_col, self.game_over = state["paddle_col"], state["game_over"]
-        self.game_steps, self.game_return = state["game_steps"], state["game_return"]
+        for key in self.state_keys:
+            setattr(self, key, state[key])
         self.rng.bit_generator.state = state["rng"]
         self.obs = self.render()  # the frame is a function of the state
 
 
 def make_env(args: Args, seed: int, generator: Optional[torch.Generator] = None,
              training: bool = True) -> Union[AtariEnv, CatchEnv]:
-    """The real environment of --env-id (uint8 frames (obs_size, obs_size, 3)); in training a lost
-    life ends the episode."""
+    """The real environment of --env-id; in training a lost life ends the episode."""
     game, _ = canonical_env_id(args.env_id)
     if game == "Catch":
         return CatchEnv(args.obs_size, seed)
@@ -554,15 +545,14 @@ def save_episode(path: Path, episode: dict, run_dir: Optional[Path] = None):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:  # a failed write, or a second Ctrl-C in the middle of it
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if not isinstance(e, OSError):
-            raise
+    except OSError as e:
         then = "" if run_dir is None else ", then " + (
             f"--resume {run_dir}" if (run_dir / "checkpoints" / "latest.pt").exists() else "start the run again")
         raise TrainingFailure(f"cannot write the episode {path} ({e.strerror or e}): free disk space or make "
                               f"the folder writable{then}") from None
+    finally:  # whatever stopped the write, a second Ctrl-C too
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def read_episode(path: Path, num_actions: int, fix: str) -> dict:
@@ -643,8 +633,8 @@ class ReplayBuffer:
         """P(episode) for ids, oldest first: with k recency weights and n >= k episodes, w_s shared
         by the n // k episodes of slice s (the newest takes the n % k left); else T_i / sum T."""
         n, weights = len(ids), self.recency_weights
-        lengths = torch.tensor([len(self.episode(i)["actions"]) for i in ids], dtype=torch.float64)
         if weights is None or n < len(weights):
+            lengths = torch.tensor([len(self.episode(i)["actions"]) for i in ids]).double()
             return lengths / lengths.sum()
         k = len(weights)
         sizes = [n // k] * (k - 1) + [n // k + n % k]  # oldest first; the newest takes the rest
@@ -657,11 +647,12 @@ class ReplayBuffer:
         + 1 + U{0..L-1}) - L, or with beyond_end (reward/end) start = t - U{0..L-1}."""
         ids = self.sampleable() if ids is None else ids
         chosen = torch.multinomial(self.episode_weights(ids), batch_size, replacement=True, generator=generator)
-        lengths = torch.tensor([len(self.episode(ids[k])["actions"]) for k in chosen.tolist()])
+        episodes = [ids[k] for k in chosen.tolist()]
+        lengths = torch.tensor([len(self.episode(i)["actions"]) for i in episodes])
         t = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * lengths).long()  # U{0..T-1}
         offset = torch.randint(num_obs, (batch_size,), generator=generator)  # U{0..L-1}
         starts = t - offset if beyond_end else torch.minimum(lengths, t + 1 + offset) - num_obs
-        return [(ids[k], s) for k, s in zip(chosen.tolist(), starts.tolist())]
+        return list(zip(episodes, starts.tolist()))
 
     def segments(self, refs: list[tuple[int, int]], num_obs: int) -> dict:
         """Segments of L frames at (episode, start): obs uint8 (B, L, 3, H, W), obs_mask (B, L)
@@ -672,8 +663,7 @@ class ReplayBuffer:
             T = len(ep["actions"])
             frames = torch.arange(start, start + num_obs)
             real_frame = (frames >= 0) & (frames <= T)
-            steps = frames[:-1]
-            valid, clipped = (steps >= 0) & (steps < T), steps.clamp(0, T - 1)
+            valid, clipped = (frames[:-1] >= 0) & (frames[:-1] < T), frames[:-1].clamp(0, T - 1)
             out["obs"].append(ep["obs"][frames.clamp(0, T)] * real_frame[:, None, None, None])
             out["obs_mask"].append(real_frame)
             out["actions"].append(torch.where(valid, ep["actions"][clipped], 0))
@@ -709,7 +699,7 @@ def sample_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, d
     frames (the denoiser's), or reward_segment_length from t - U{0..L-1} (reward_end)."""
     num_obs = (args.reward_segment_length if reward_end
                else args.num_conditioning_steps + 1 + args.num_autoregressive_steps)
-    refs = buffer.sample_segments(args.batch_size, num_obs, generator, ids, beyond_end=reward_end)
+    refs = buffer.sample_segments(args.batch_size, num_obs, generator, ids, reward_end)
     batch = buffer.segments(refs, num_obs)
     keys = ("actions", "rewards", "ends", "mask") if reward_end else ("actions", "obs_mask")
     return {"obs": segment_obs(batch, device), **{key: batch[key].to(device) for key in keys}}
@@ -726,8 +716,7 @@ def edm_preconditioning(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_offs
     c_in = 1 / (sigma_eff ** 2 + sigma_data ** 2).sqrt()  # unit-variance network input
     c_skip = sigma_data ** 2 / (sigma_eff ** 2 + sigma_data ** 2)
     c_out = sigma_eff * c_skip.sqrt()  # = sigma_eff sigma_data / sqrt(sigma_eff^2 + sigma_data^2)
-    c_noise = sigma_eff.log() / 4
-    return c_in, c_skip, c_out, c_noise
+    return c_in, c_skip, c_out, sigma_eff.log() / 4
 
 
 def karras_sigmas(n: int, sigma_min: float = 2e-3, sigma_max: float = 5.0, rho: float = 7.0) -> torch.Tensor:
@@ -861,23 +850,17 @@ class ResBlocks(nn.Module):
         return x, outputs
 
 
-class Downsample(nn.Module):
-    def __init__(self, channels: int):
+class Resample(nn.Module):
+    """A 3x3 conv with stride 2 (orthogonal init), or after a 2x nearest upsampling (up)."""
+
+    def __init__(self, channels: int, up: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-        nn.init.orthogonal_(self.conv.weight)
+        self.up, self.conv = up, nn.Conv2d(channels, channels, 3, stride=1 if up else 2, padding=1)
+        if not up:
+            nn.init.orthogonal_(self.conv.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else x)
 
 
 class UNet(nn.Module):
@@ -894,8 +877,8 @@ class UNet(nn.Module):
             self.up_blocks.append(ResBlocks([2 * c] * res_blocks + [c + c_prev],
                                             [c] * res_blocks + [c_prev], cond_dim))
         self.mid_blocks = ResBlocks([channels[-1]] * 2, [channels[-1]] * 2, cond_dim, attention=True)
-        self.downsamples = nn.ModuleList([nn.Identity()] + [Downsample(c) for c in channels[:-1]])
-        self.upsamples = nn.ModuleList([nn.Identity()] + [Upsample(c) for c in reversed(channels[:-1])])
+        self.downsamples = nn.ModuleList([nn.Identity()] + [Resample(c) for c in channels[:-1]])
+        self.upsamples = nn.ModuleList([nn.Identity()] + [Resample(c, True) for c in channels[-2::-1]])
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -939,8 +922,7 @@ class Denoiser(nn.Module):
         self.net, self.sigma_data, self.sigma_offset_noise = net, sigma_data, sigma_offset_noise
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, net=None):
-        """(F's output, D(x)) of x (B, 3, H, W), sigma (B,), obs (B, 4*3, H, W), act (B, 4); net:
-        the (compiled) network to call."""
+        """(F's output, D(x)) of x (B, 3, H, W), sigma (B,), obs (B, 4*3, H, W), act (B, 4)."""
         c_in, c_skip, c_out, c_noise = edm_preconditioning(sigma.float(), self.sigma_data, self.sigma_offset_noise)
         c_in, c_skip, c_out = (c[:, None, None, None] for c in (c_in, c_skip, c_out))
         model_output = (self.net if net is None else net)(c_in * x, c_noise, obs / self.sigma_data, act).float()
@@ -990,7 +972,7 @@ class RewardEndModel(nn.Module):
         self.conv_in = nn.Conv2d(2 * img_channels, channels, 3, padding=1)
         # 4 stages of 2 ResBlocks, 3 downsamples between them, then 2 ResBlocks with attention
         self.stages = nn.ModuleList(ResBlocks([channels] * 2, [channels] * 2, cond_dim) for _ in range(4))
-        self.downsamples = nn.ModuleList(Downsample(channels) for _ in range(3))
+        self.downsamples = nn.ModuleList(Resample(channels) for _ in range(3))
         self.mid_blocks = ResBlocks([channels] * 2, [channels] * 2, cond_dim, attention=True)
         self.lstm = nn.LSTM(channels * (obs_size // 8) ** 2, lstm_dim, batch_first=True)
         self.head = nn.Sequential(nn.Linear(lstm_dim, lstm_dim), nn.SiLU(), nn.Linear(lstm_dim, 3 + 2, bias=False))
