@@ -1085,7 +1085,7 @@ def euler_sample(denoise_fn: Callable, x_T: torch.Tensor, sigmas: torch.Tensor, 
     x, sigmas = x_T, [float(sigma) for sigma in sigmas]
     for sigma, sigma_next in zip(sigmas, sigmas[1:]):
         sigma_batch = torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float32)
-        d = (x - denoise_fn(x, sigma_batch)) / sigma  # d = (x - D(x; sigma)) / sigma
+        d = (x - denoise_fn(x, sigma_batch)) / sigma
         x_next = x + d * (sigma_next - sigma)
         if order == 2 and sigma_next > 0:  # Heun: average the slopes at both ends of the step
             d_next = (x_next - denoise_fn(x_next, torch.full_like(sigma_batch, sigma_next))) / sigma_next
@@ -1104,14 +1104,12 @@ def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, 
         sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
     if noise is None:
         noise = torch.randn(obs[:, -1].shape, generator=generator, device=obs.device)
-    past = obs.flatten(1, 2)
+    raw = [] if raw is None else raw
 
     def denoise_fn(x, sigma):
         with autocast:
-            _, denoised = denoiser(x, sigma, past, act, net)
-        if raw is not None:
-            raw.append(denoised)
-        return quantize_8bit(denoised)
+            raw.append(denoiser(x, sigma, obs.flatten(1, 2), act, net)[1])
+        return quantize_8bit(raw[-1])
 
     x_T = sigmas[0] * noise if args.edm_initial_noise else noise  # DIAMOND's x_T ~ N(0, I)
     return euler_sample(denoise_fn, x_T, sigmas, order=2 if args.sampler == "heun" else 1).clamp(-1, 1)
@@ -1130,7 +1128,7 @@ class WorldModelEnv:
         self.ids = ids  # episodes imagination starts from (None: all; --dataset-dir holds some out)
         self.device, self.generator, self.cpu_generator = device, generator, cpu_generator
         self.net, self.autocast = net, autocast
-        self.obs = self.act = self.hidden = self.age = self.actor_hidden = None  # until the first rollout
+        self.load_state_dict({})  # no imagined episodes until the first rollout
 
     @torch.no_grad()
     def start(self, num_envs: int, refs: Optional[list[tuple[int, int]]] = None):
@@ -1162,8 +1160,8 @@ class WorldModelEnv:
         self.obs = self.act = self.hidden = self.age = self.actor_hidden = None
         if state:
             self.obs, self.act, self.age = (state[key].to(self.device) for key in ("obs", "act", "age"))
-            self.hidden = tuple(h.to(self.device).float() for h in state["hidden"])
-            self.actor_hidden = tuple(h.to(self.device) for h in state["actor_hidden"])
+            self.hidden, self.actor_hidden = (tuple(h.to(self.device).float() for h in state[key])
+                                              for key in ("hidden", "actor_hidden"))
 
 
 def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=contextlib.nullcontext()):
@@ -1180,29 +1178,27 @@ def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Ar
                       graphs: Optional["ImaginationGraphs"] = None):
     """On backup_every more imagined steps (graphs' compiled ones, or eager): the value's MSE to the
     lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
-    # eager: the run's --compile'd denoiser network and autocast
     graphs = graphs or ImaginationGraphs(wm_env, actor_critic, args, wm_env.device,
                                          autocast=autocast, eager=True)
     rollout = graphs.rollout(generator)
-    logits, values, rewards, actions = rollout["logits"], rollout["values"], rollout["rewards"], rollout["actions"]
+    logits, values, rewards, ends = (rollout[k] for k in ("logits", "values", "rewards", "ends"))
     with torch.no_grad():
-        returns = lambda_returns(rewards, rollout["ends"], rollout["truncs"], rollout["bootstrap"],
+        returns = lambda_returns(rewards, ends, rollout["truncs"], rollout["bootstrap"],
                                  args.discount_factor, args.td_lambda)
     log_probs = logits.log_softmax(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
     advantage = (returns - values).detach()
-    actor_loss = -(log_probs.gather(-1, actions[..., None])[..., 0] * advantage).mean()
+    actor_loss = -(log_probs.gather(-1, rollout["actions"][..., None])[..., 0] * advantage).mean()
     critic_loss = F.mse_loss(values, returns)
     loss = actor_loss + critic_loss - args.entropy_weight * entropy
     return loss, {"actor": actor_loss.detach(), "critic": critic_loss.detach(), "entropy": entropy.detach(),
-                  "imagined_reward": rewards.mean(), "imagined_end": rollout["ends"].mean()}
+                  "imagined_reward": rewards.mean(), "imagined_end": ends.mean()}
 
 
 class ImaginationGraphs:
-    """The imagination step, written once: the policy step, the world-model step and the rollout,
-    compiled (backend: torch.compile's) or not (None). The restarts are the one difference: `eager`
-    (the reference's) restarts an env from a fresh real segment once it stops (a host sync);
-    compiled, it swaps in its slot of a pool sampled before the rollout."""
+    """The imagination step, written once: the policy step and the world-model step, compiled
+    (backend) or not (None). The one difference: `eager` (the reference's) restarts an env from a
+    fresh real segment once it stops (a host sync); compiled, it takes its slot of a pool."""
 
     def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args,
                  device: torch.device, amp_dtype: Optional[torch.dtype] = None,
@@ -1213,14 +1209,12 @@ class ImaginationGraphs:
         self.autocast, self.eager, self.net = autocast, eager, wm_env.net if eager else None
         self.sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
         self.backend, self.mode, self.stop = backend, mode, stop  # stop: the run's StopFlag
-        self.policy, self.world_model = self.policy_step, self.world_model_step
+        self.policy, self.world_model, self.calls = self.policy_step, self.world_model_step, 0
         if backend is not None:  # lstm_step reads LSTM weights, which dynamo refuses by default
             torch._dynamo.config.allow_rnn = True
             self.policy, self.world_model = (
                 torch.compile(fn, backend=backend, mode=mode, dynamic=False)
                 for fn in (self.policy_step, self.world_model_step))
-        # the compiled calls, and the first rollout's seconds (compilation included)
-        self.calls, self.compile_seconds = 0, None
 
     def amp(self):
         """The autocast given, or one made where it is entered (in a compiled function)."""
@@ -1240,16 +1234,16 @@ class ImaginationGraphs:
 
     @torch.no_grad()
     def world_model_step(self, obs, act, hidden, age, action, actor_hidden, noise, uniforms, start):
-        """One step of every imagined env (its frames obs (n, c, 3, H, W), actions, reward/end
-        state, age) given the action, the actor's state, noise, uniforms (2, n) and the restart pool
-        (None: none): the next state, reward sign, end, truncated, stopped, V(final frame), and for
-        the checks the next frame, each D(x; sigma) and the reward/end logits."""
-        act, raw = torch.cat([act[:, :-1], action[:, None]], dim=1), []
+        """One step of every imagined env (frames obs (n, c, 3, H, W), actions, reward/end state,
+        age) given the action, the actor's state, noise, uniforms (2, n) and the restart pool (or
+        None): the next state, reward sign, end, truncated, stopped, V(final frame); for the checks
+        the next frame, each D(x; sigma) and the reward/end logits."""
+        act, raw, env = torch.cat([act[:, :-1], action[:, None]], dim=1), [], self.wm_env
         with self.amp():
-            next_obs = generate_next_obs(self.wm_env.denoiser, obs, act, self.args, net=self.net,
+            next_obs = generate_next_obs(env.denoiser, obs, act, self.args, net=self.net,
                                          noise=noise, sigmas=self.sigmas, raw=raw)
-            reward_logits, end_logits, hidden = self.wm_env.reward_end_model.step(obs[:, -1], action, next_obs,
-                                                                                   hidden)
+            reward_logits, end_logits, hidden = env.reward_end_model.step(obs[:, -1], action,
+                                                                          next_obs, hidden)
             _, final_value, _ = self.actor_critic(next_obs, actor_hidden)  # V(final frame), if it stops
         reward = sample_categorical(reward_logits, uniforms[0]) - 1
         end = sample_categorical(end_logits, uniforms[1])
@@ -1273,43 +1267,39 @@ class ImaginationGraphs:
         """_rollout; compiled, a failed compilation is one line, a signal during it a stop."""
         if self.backend is None:
             return self._rollout(generator)
-        first_compile = self.stop is not None and self.compile_seconds is None
-        if first_compile:
-            self.stop.busy = "compiling the imagination step (" + (
-                "up to 20 minutes on a CPU)" if self.device.type == "cpu" else "minutes)")
-        try:
-            with compile_failures(self.stop, "the imagination graphs", "with --imagination-graphs off"):
-                return self._rollout(generator)
-        finally:
-            if first_compile:
-                self.stop.busy = ""
+        busy = self.calls == 0 and "compiling the imagination step (" + (
+            "up to 20 minutes on a CPU)" if self.device.type == "cpu" else "minutes)")
+        fix = "with --imagination-graphs off"
+        with compile_failures(self.stop, "the imagination graphs", fix, busy):
+            return self._rollout(generator)
 
     def _rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """backup_every more steps of the persistent imagined episodes: logits (n, H, A) and values
         (n, H) with gradients; bootstraps V'_t, actions, reward signs, ends, truncations (n, H)."""
-        args, env, actor_critic, n = self.args, self.wm_env, self.actor_critic, self.args.num_imagined_envs
-        begin = time.perf_counter()
+        args, env, n = self.args, self.wm_env, self.args.num_imagined_envs
         if env.obs is None:  # the first update: start the imagined episodes
-            env.actor_hidden = actor_burn_in(actor_critic, env.reset()[1], self.amp())
+            env.actor_hidden = actor_burn_in(self.actor_critic, env.reset()[1], self.amp())
         actor_hidden = tuple(h.detach().float() for h in env.actor_hidden)
         start, start_actor_hidden = None, actor_hidden  # eager: set at each restart
         if not self.eager:  # the restart pool, burnt in with the weights of this rollout
             start = env.start(n)
-            start_actor_hidden = actor_burn_in(actor_critic, start[0][:, :-1], self.amp())
-        # every random number of the rollout, drawn before it from the run's generator
-        noise = torch.randn((args.backup_every, *env.obs[:, -1].shape), generator=generator, device=self.device)
-        # uniforms of the action, the reward and the end
-        uniforms = torch.rand((args.backup_every, 3, n), generator=generator, device=self.device)
-        if self.device.type == "cuda":  # a new rollout: the graphs may reuse the memory of the last one's outputs
+            start_actor_hidden = actor_burn_in(self.actor_critic, start[0][:, :-1], self.amp())
+        # every random number of the rollout, drawn before it: the noise, the uniforms of the
+        # action, the reward and the end
+        device, steps = self.device, args.backup_every
+        noise = torch.randn((steps, *env.obs[:, -1].shape), generator=generator, device=device)
+        uniforms = torch.rand((steps, 3, n), generator=generator, device=device)
+        if device.type == "cuda":  # a new rollout: the graphs may reuse the last outputs' memory
             torch.compiler.cudagraph_mark_step_begin()
         obs, act, hidden, age = env.obs, env.act, env.hidden, env.age
-        stopped = torch.zeros(n, dtype=torch.bool, device=self.device)
-        final_value = torch.zeros(n, device=self.device)
+        stopped = torch.zeros(n, dtype=torch.bool, device=device)
+        final_value = torch.zeros(n, device=device)
         out = {key: [] for key in ("logits", "values", "bootstrap", "actions", "rewards", "ends", "truncs")}
-        for t in range(args.backup_every):
-            # step 0 (its LSTM state detached) runs uncompiled, as does the final value below (no gradient): the
-            # compiled policy step sees one grad mode and one requires_grad pattern, so it compiles once
-            logits, value, action, bootstrap, _, actor_hidden = (self.policy if t > 0 else self.policy_step)(
+        for t in range(steps):
+            # step 0 (its LSTM state detached) runs uncompiled, as does the final value (no
+            # gradient): the compiled policy step sees one grad mode and requires_grad pattern
+            policy = self.policy if t > 0 else self.policy_step
+            logits, value, action, bootstrap, _, actor_hidden = policy(
                 obs[:, -1], actor_hidden, stopped, start_actor_hidden, final_value, uniforms[t, 0])
             step = self.world_model(obs, act, hidden, age, action, tuple(h.detach() for h in actor_hidden),
                                     noise[t], uniforms[t, 1:], start)
@@ -1319,7 +1309,7 @@ class ImaginationGraphs:
             if self.eager and stopped.any():  # a host sync, as DIAMOND's: fresh real segments
                 index = stopped.nonzero()[:, 0]
                 fresh_obs, fresh_act, fresh_hidden = env.start(len(index))
-                fresh_actor = actor_burn_in(actor_critic, fresh_obs[:, :-1], self.amp())
+                fresh_actor = actor_burn_in(self.actor_critic, fresh_obs[:, :-1], self.amp())
                 obs, act = obs.index_copy(0, index, fresh_obs), act.index_copy(0, index, fresh_act)
                 age = age.index_fill(0, index, 0)
                 hidden = tuple(h.index_copy(1, index, f) for h, f in zip(hidden, fresh_hidden))
@@ -1330,25 +1320,23 @@ class ImaginationGraphs:
                                           step["end"], step["truncated"])):
                 out[key].append(value_t.clone())
         with torch.no_grad():  # V(s_H), without stepping the kept LSTM state
-            _, _, _, bootstrap, actor_hidden, _ = self.policy_step(obs[:, -1], actor_hidden,
-                                                                   stopped, start_actor_hidden,
-                                                                   final_value, uniforms[0, 0])
+            _, _, _, bootstrap, actor_hidden, _ = self.policy_step(
+                obs[:, -1], actor_hidden, stopped, start_actor_hidden, final_value, uniforms[0, 0])
         out["bootstrap"] = out["bootstrap"][1:] + [bootstrap.clone()]  # V'_t, the value after step t
         # the persistent state leaves the graphs' memory: a later replay may overwrite their outputs
         env.obs, env.act, env.age = obs.clone(), act.clone(), age.clone()
         env.hidden = tuple(h.float().clone() for h in hidden)
         env.actor_hidden = tuple(h.detach().clone() for h in actor_hidden)
-        if self.compile_seconds is None and self.backend is not None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.compile_seconds = time.perf_counter() - begin
         return {key: torch.stack(value, 1) for key, value in out.items()}
 
 
 @contextlib.contextmanager
-def compile_failures(stop, what: str, fix: str):
+def compile_failures(stop, what: str, fix: str, busy: str = ""):
     """torch.compile's failures inside (at a first forward or backward) as one line naming `what`
-    and the fix, or after a signal a stop; other errors keep their traceback."""
+    and the fix, or after a signal a stop; other errors keep their traceback. busy: what a signal's
+    acknowledgement says meanwhile (the run waits for the compilation)."""
+    if busy and stop is not None:
+        stop.busy = busy
     try:
         yield
     except (StopRequested, TrainingFailure):
@@ -1363,6 +1351,9 @@ def compile_failures(stop, what: str, fix: str):
         last = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
         raise TrainingFailure(f"compiling {what} failed ({type(e).__name__}: {last}); rerun {fix}, or delete "
                               f"torch's compile cache ({cache}) if a stopped compilation left it broken") from None
+    finally:
+        if busy and stop is not None:
+            stop.busy = ""
 
 
 def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: ActorCritic,
@@ -1372,10 +1363,9 @@ def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: A
     if args.world_model_only or args.imagination_graphs == "off" or (
             args.imagination_graphs == "auto" and not setup.use_cuda):
         return None
-    amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    return ImaginationGraphs(wm_env, actor_critic, args, setup.device,
-                             amp_dtype if setup.use_cuda else None, backend=COMPILE_BACKEND,
-                             mode="reduce-overhead" if setup.use_cuda else None, stop=stop)
+    amp_dtype = getattr(torch, args.dtype) if setup.use_cuda and args.dtype != "float32" else None
+    return ImaginationGraphs(wm_env, actor_critic, args, setup.device, amp_dtype, COMPILE_BACKEND,
+                             "reduce-overhead" if setup.use_cuda else None, stop)
 
 
 # --------------------------------------------------------------------------------------------------
