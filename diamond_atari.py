@@ -375,9 +375,8 @@ def canonical_env_id(env_id: str) -> tuple[str, str]:
 
 
 class AtariEnv:
-    """One ALE game with DIAMOND's Atari 100k protocol: 1 to noop_max no-ops after a reset, each
-    action repeated frame_skip frames (the max over the last two), RGB resized to obs_size with
-    INTER_AREA. With end_on_life_loss (training) a lost life ends the episode, not the game."""
+    """One ALE game, Atari 100k as DIAMOND: 1..noop_max no-ops after a reset, frame_skip repeats
+    (the max of the last two), INTER_AREA resize; end_on_life_loss: a lost life ends the episode."""
     ignored_flags = ()  # the Args fields this environment ignores
 
     def __init__(self, game: str, obs_size: int = 64, frame_skip: int = 4, noop_max: int = 30,
@@ -598,9 +597,8 @@ def load_episode(path: Path, obs_size: int, num_actions: int, fix: str = "fix th
 
 
 class ReplayBuffer:
-    """Finished episodes (a .npz each in the run folder) and the one being collected (`partial`),
-    sampled as DIAMOND's: an episode by the recency weights, t ~ U{0..T-1}, a segment around t.
-    Frames outside the episode are padding: mid-grey, action 0, masked out of every loss."""
+    """Finished episodes (a .npz each) and the one being collected (`partial`), sampled as DIAMOND:
+    episode by recency, t ~ U{0..T-1}, a segment around t; padding (grey, action 0) masked out."""
 
     def __init__(self, folder: Optional[Path], recency_weights: Optional[tuple[float, ...]],
                  num_conditioning_steps: int):
@@ -1116,9 +1114,8 @@ def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, 
 
 
 class WorldModelEnv:
-    """The imagined environments, which live across actor-critic updates as in DIAMOND's: each
-    starts from a real segment (the reward/end LSTM burnt in on it) and restarts at a sampled end
-    or after imagination_horizon steps. Its state goes into checkpoints."""
+    """The imagined envs, living across actor-critic updates as DIAMOND's: each starts from a real
+    segment (reward/end LSTM burnt in), restarts at a sampled end or the horizon; checkpointed."""
 
     def __init__(self, denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
                  args: Args, device: torch.device, generator: torch.Generator,
@@ -1196,9 +1193,8 @@ def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Ar
 
 
 class ImaginationGraphs:
-    """The imagination step, written once: the policy step and the world-model step, compiled
-    (backend) or not (None). The one difference: `eager` (the reference's) restarts an env from a
-    fresh real segment once it stops (a host sync); compiled, it takes its slot of a pool."""
+    """The policy and world-model steps, compiled (backend) or not; `eager` (the reference's)
+    restarts a stopped env from a fresh real segment (a host sync), compiled from a pool."""
 
     def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args,
                  device: torch.device, amp_dtype: Optional[torch.dtype] = None,
@@ -1234,10 +1230,9 @@ class ImaginationGraphs:
 
     @torch.no_grad()
     def world_model_step(self, obs, act, hidden, age, action, actor_hidden, noise, uniforms, start):
-        """One step of every imagined env (frames obs (n, c, 3, H, W), actions, reward/end state,
-        age) given the action, the actor's state, noise, uniforms (2, n) and the restart pool (or
-        None): the next state, reward sign, end, truncated, stopped, V(final frame); for the checks
-        the next frame, each D(x; sigma) and the reward/end logits."""
+        """Every imagined env (frames obs (n, c, 3, H, W), actions, reward/end state, age) stepped
+        by action, noise, uniforms (2, n), restart pool (or None): the next state, reward sign, end,
+        stopped, V(final frame); for the checks the next frame, D(x; sigma) and the logits."""
         act, raw, env = torch.cat([act[:, :-1], action[:, None]], dim=1), [], self.wm_env
         with self.amp():
             next_obs = generate_next_obs(env.denoiser, obs, act, self.args, net=self.net,
@@ -1332,9 +1327,8 @@ class ImaginationGraphs:
 
 @contextlib.contextmanager
 def compile_failures(stop, what: str, fix: str, busy: str = ""):
-    """torch.compile's failures inside (at a first forward or backward) as one line naming `what`
-    and the fix, or after a signal a stop; other errors keep their traceback. busy: what a signal's
-    acknowledgement says meanwhile (the run waits for the compilation)."""
+    """torch.compile's failures inside as one line naming `what` and the fix, or after a signal a
+    stop; other errors keep their traceback. busy: what must end before a signal stops the run."""
     if busy and stop is not None:
         stop.busy = busy
     try:
@@ -1374,9 +1368,8 @@ def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: A
 
 def collection_schedule(first_collection_steps: int, env_step_budget: int = 100_000,
                         steps_per_epoch: int = 100, final_epochs: int = 50) -> list[int]:
-    """Env steps collected in each epoch (item e - 1 for epoch e), as DIAMOND spends the budget: the
-    first collection N plus steps_per_epoch in epoch 1, steps_per_epoch until the budget is spent,
-    then final_epochs that only train (N = 5000: 950 + 50)."""
+    """Env steps collected in epoch e (item e - 1) as DIAMOND spends the budget: N plus
+    steps_per_epoch, steps_per_epoch until it is spent, final_epochs of 0 (N = 5000: 950 + 50)."""
     remaining = env_step_budget - first_collection_steps
     collecting_epochs = max(1, math.ceil(remaining / steps_per_epoch))  # epoch 1 always collects (the first N)
     steps = [min(steps_per_epoch, remaining - steps_per_epoch * e) for e in range(collecting_epochs)]
