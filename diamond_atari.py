@@ -4,15 +4,11 @@ DIAMOND: a diffusion world model (EDM denoiser on the last 4 frames and actions)
 and an actor-critic trained in the world model's imagination, on Atari 100k, in one file.
 
     python diamond_atari.py --env-id Breakout-v5  # the paper's setting on one GPU (Breakout 132.5)
-    python diamond_atari.py --env-id Pong-v5 --preset small  # TorchWM's sizes (medium: the paper's)
-    python diamond_atari.py --preset tiny  # seconds on a CPU, offline
-    python diamond_atari.py --env-id Catch --preset tiny  # bsuite's Catch
+    python diamond_atari.py --env-id Catch --preset tiny  # bsuite's Catch, seconds on a CPU
     python diamond_atari.py --env-id Breakout-v5 --dataset-dir path/to/episodes  # recorded episodes
-    python diamond_atari.py --world-model-only --env-id Breakout-v5
     python diamond_atari.py --resume runs/Breakout-v5__diamond_atari__1__1700000000
     python diamond_atari.py --resume RUN --eval-only  # its 100 test episodes
     python diamond_atari.py --resume RUN --play  # optional: play
-    python diamond_atari.py --resume RUN --play-keys FRRRLL --play-world both  # optional: play
     python diamond_atari.py --episode-to-mp4 RUN/episodes/episode_000000.npz
 """
 import atexit
@@ -363,8 +359,7 @@ def import_gym():
 
 
 def canonical_env_id(env_id: str) -> tuple[str, str]:
-    """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 or Breakout -> ("Breakout",
-    "Breakout-v5") (one protocol for all); Catch -> ("Catch", "Catch"), without the emulator."""
+    """Breakout-v5, ALE/Breakout-v5, BreakoutNoFrameskip-v4 -> ("Breakout", "Breakout-v5")."""
     if env_id.strip().lower() == "catch":
         return "Catch", "Catch"
     match = re.fullmatch(r"(?:ALE/)?([A-Za-z0-9]+?)(?:NoFrameskip-v4|-v5|-v4)?", env_id.strip())
@@ -380,9 +375,8 @@ def canonical_env_id(env_id: str) -> tuple[str, str]:
 
 
 class AtariEnv:
-    """One ALE game with DIAMOND's Atari 100k protocol: 1 to noop_max no-ops after a reset, each
-    action repeated frame_skip frames (the max over the last two), RGB resized to obs_size with
-    INTER_AREA. With end_on_life_loss (training) a lost life ends the episode, not the game."""
+    """One ALE game, Atari 100k as DIAMOND: 1..noop_max no-ops after a reset, frame_skip repeats
+    (the max of the last two), INTER_AREA resize; end_on_life_loss: a lost life ends the episode."""
     ignored_flags = ()  # the Args fields this environment ignores
 
     def __init__(self, game: str, obs_size: int = 64, frame_skip: int = 4, noop_max: int = 30,
@@ -454,8 +448,8 @@ class AtariEnv:
         import ale_py
 
         self.ale.restoreState(ale_py.ALEState(state["ale"].numpy().tobytes()))
-        self.game_over, self.lives = state["game_over"], state["lives"]
-        self.game_steps, self.game_return = state["game_steps"], state["game_return"]
+        for key in ("game_over", "lives", "game_steps", "game_return"):
+            setattr(self, key, state[key])
         self.obs = state["obs"].numpy().copy()
 
 
@@ -465,6 +459,8 @@ class CatchEnv:
     rows, columns, moves = 10, 5, (-1, 0, 1)  # bsuite's _ACTIONS: left, no-op, right
     colours = {"cell": (40, 40, 40), "paddle": (40, 120, 255), "ball": (255, 220, 40)}
     ignored_flags = ("frame_skip", "noop_max", "sticky_actions", "max_episode_steps")
+    state_keys = ("ball_row", "ball_col", "paddle_col", "game_over", "game_steps", "game_return")
+    normalized_score = AtariEnv.normalized_score  # None: Catch has no reference scores
 
     def __init__(self, obs_size: int = 64, seed: int = 0):
         if obs_size < self.rows:
@@ -476,9 +472,6 @@ class CatchEnv:
         self.ball_row, self.ball_col, self.paddle_col = 0, 0, self.columns // 2
         self.game_over, self.game_steps, self.game_return = True, 0, 0.0
         self.obs = self.render()
-
-    def normalized_score(self, score: float) -> Optional[float]:
-        return None  # no reference scores
 
     def cell_pixels(self, row: int, col: int) -> tuple[slice, slice]:
         """The frame's (rows, columns) of a grid cell: the grid is centred."""
@@ -516,22 +509,19 @@ class CatchEnv:
 
     def state_dict(self) -> dict:
         # the Generator's state: PCG64's 128-bit ints as plain Python ints (weights_only loads them)
-        return {"ball_row": self.ball_row, "ball_col": self.ball_col, "paddle_col": self.paddle_col,
-                "game_over": self.game_over, "game_steps": self.game_steps,
-                "game_return": self.game_return, "rng": self.rng.bit_generator.state}
+        state = {key: getattr(self, key) for key in self.state_keys}
+        return state | {"rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict):
-        self.ball_row, self.ball_col = state["ball_row"], state["ball_col"]
-        self.paddle_col, self.game_over = state["paddle_col"], state["game_over"]
-        self.game_steps, self.game_return = state["game_steps"], state["game_return"]
+        for key in self.state_keys:
+            setattr(self, key, state[key])
         self.rng.bit_generator.state = state["rng"]
         self.obs = self.render()  # the frame is a function of the state
 
 
 def make_env(args: Args, seed: int, generator: Optional[torch.Generator] = None,
              training: bool = True) -> Union[AtariEnv, CatchEnv]:
-    """The real environment of --env-id (uint8 frames (obs_size, obs_size, 3)); in training a lost
-    life ends the episode."""
+    """The real environment of --env-id; in training a lost life ends the episode."""
     game, _ = canonical_env_id(args.env_id)
     if game == "Catch":
         return CatchEnv(args.obs_size, seed)
@@ -554,15 +544,14 @@ def save_episode(path: Path, episode: dict, run_dir: Optional[Path] = None):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:  # a failed write, or a second Ctrl-C in the middle of it
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if not isinstance(e, OSError):
-            raise
+    except OSError as e:
         then = "" if run_dir is None else ", then " + (
             f"--resume {run_dir}" if (run_dir / "checkpoints" / "latest.pt").exists() else "start the run again")
         raise TrainingFailure(f"cannot write the episode {path} ({e.strerror or e}): free disk space or make "
                               f"the folder writable{then}") from None
+    finally:  # whatever stopped the write, a second Ctrl-C too
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def read_episode(path: Path, num_actions: int, fix: str) -> dict:
@@ -608,9 +597,8 @@ def load_episode(path: Path, obs_size: int, num_actions: int, fix: str = "fix th
 
 
 class ReplayBuffer:
-    """Finished episodes (a .npz each in the run folder) and the one being collected (`partial`),
-    sampled as DIAMOND's: an episode by the recency weights, t ~ U{0..T-1}, a segment around t.
-    Frames outside the episode are padding: mid-grey, action 0, masked out of every loss."""
+    """Finished episodes (a .npz each) and the one being collected (`partial`), sampled as DIAMOND:
+    episode by recency, t ~ U{0..T-1}, a segment around t; padding (grey, action 0) masked out."""
 
     def __init__(self, folder: Optional[Path], recency_weights: Optional[tuple[float, ...]],
                  num_conditioning_steps: int):
@@ -643,8 +631,8 @@ class ReplayBuffer:
         """P(episode) for ids, oldest first: with k recency weights and n >= k episodes, w_s shared
         by the n // k episodes of slice s (the newest takes the n % k left); else T_i / sum T."""
         n, weights = len(ids), self.recency_weights
-        lengths = torch.tensor([len(self.episode(i)["actions"]) for i in ids], dtype=torch.float64)
         if weights is None or n < len(weights):
+            lengths = torch.tensor([len(self.episode(i)["actions"]) for i in ids]).double()
             return lengths / lengths.sum()
         k = len(weights)
         sizes = [n // k] * (k - 1) + [n // k + n % k]  # oldest first; the newest takes the rest
@@ -657,11 +645,12 @@ class ReplayBuffer:
         + 1 + U{0..L-1}) - L, or with beyond_end (reward/end) start = t - U{0..L-1}."""
         ids = self.sampleable() if ids is None else ids
         chosen = torch.multinomial(self.episode_weights(ids), batch_size, replacement=True, generator=generator)
-        lengths = torch.tensor([len(self.episode(ids[k])["actions"]) for k in chosen.tolist()])
+        episodes = [ids[k] for k in chosen.tolist()]
+        lengths = torch.tensor([len(self.episode(i)["actions"]) for i in episodes])
         t = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * lengths).long()  # U{0..T-1}
         offset = torch.randint(num_obs, (batch_size,), generator=generator)  # U{0..L-1}
         starts = t - offset if beyond_end else torch.minimum(lengths, t + 1 + offset) - num_obs
-        return [(ids[k], s) for k, s in zip(chosen.tolist(), starts.tolist())]
+        return list(zip(episodes, starts.tolist()))
 
     def segments(self, refs: list[tuple[int, int]], num_obs: int) -> dict:
         """Segments of L frames at (episode, start): obs uint8 (B, L, 3, H, W), obs_mask (B, L)
@@ -672,8 +661,7 @@ class ReplayBuffer:
             T = len(ep["actions"])
             frames = torch.arange(start, start + num_obs)
             real_frame = (frames >= 0) & (frames <= T)
-            steps = frames[:-1]
-            valid, clipped = (steps >= 0) & (steps < T), steps.clamp(0, T - 1)
+            valid, clipped = (frames[:-1] >= 0) & (frames[:-1] < T), frames[:-1].clamp(0, T - 1)
             out["obs"].append(ep["obs"][frames.clamp(0, T)] * real_frame[:, None, None, None])
             out["obs_mask"].append(real_frame)
             out["actions"].append(torch.where(valid, ep["actions"][clipped], 0))
@@ -709,7 +697,7 @@ def sample_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, d
     frames (the denoiser's), or reward_segment_length from t - U{0..L-1} (reward_end)."""
     num_obs = (args.reward_segment_length if reward_end
                else args.num_conditioning_steps + 1 + args.num_autoregressive_steps)
-    refs = buffer.sample_segments(args.batch_size, num_obs, generator, ids, beyond_end=reward_end)
+    refs = buffer.sample_segments(args.batch_size, num_obs, generator, ids, reward_end)
     batch = buffer.segments(refs, num_obs)
     keys = ("actions", "rewards", "ends", "mask") if reward_end else ("actions", "obs_mask")
     return {"obs": segment_obs(batch, device), **{key: batch[key].to(device) for key in keys}}
@@ -726,8 +714,7 @@ def edm_preconditioning(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_offs
     c_in = 1 / (sigma_eff ** 2 + sigma_data ** 2).sqrt()  # unit-variance network input
     c_skip = sigma_data ** 2 / (sigma_eff ** 2 + sigma_data ** 2)
     c_out = sigma_eff * c_skip.sqrt()  # = sigma_eff sigma_data / sqrt(sigma_eff^2 + sigma_data^2)
-    c_noise = sigma_eff.log() / 4
-    return c_in, c_skip, c_out, c_noise
+    return c_in, c_skip, c_out, sigma_eff.log() / 4
 
 
 def karras_sigmas(n: int, sigma_min: float = 2e-3, sigma_max: float = 5.0, rho: float = 7.0) -> torch.Tensor:
@@ -861,23 +848,17 @@ class ResBlocks(nn.Module):
         return x, outputs
 
 
-class Downsample(nn.Module):
-    def __init__(self, channels: int):
+class Resample(nn.Module):
+    """A 3x3 conv with stride 2 (orthogonal init), or after a 2x nearest upsampling (up)."""
+
+    def __init__(self, channels: int, up: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-        nn.init.orthogonal_(self.conv.weight)
+        self.up, self.conv = up, nn.Conv2d(channels, channels, 3, stride=1 if up else 2, padding=1)
+        if not up:
+            nn.init.orthogonal_(self.conv.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else x)
 
 
 class UNet(nn.Module):
@@ -894,8 +875,8 @@ class UNet(nn.Module):
             self.up_blocks.append(ResBlocks([2 * c] * res_blocks + [c + c_prev],
                                             [c] * res_blocks + [c_prev], cond_dim))
         self.mid_blocks = ResBlocks([channels[-1]] * 2, [channels[-1]] * 2, cond_dim, attention=True)
-        self.downsamples = nn.ModuleList([nn.Identity()] + [Downsample(c) for c in channels[:-1]])
-        self.upsamples = nn.ModuleList([nn.Identity()] + [Upsample(c) for c in reversed(channels[:-1])])
+        self.downsamples = nn.ModuleList([nn.Identity()] + [Resample(c) for c in channels[:-1]])
+        self.upsamples = nn.ModuleList([nn.Identity()] + [Resample(c, True) for c in channels[-2::-1]])
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -939,8 +920,7 @@ class Denoiser(nn.Module):
         self.net, self.sigma_data, self.sigma_offset_noise = net, sigma_data, sigma_offset_noise
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, obs: torch.Tensor, act: torch.Tensor, net=None):
-        """(F's output, D(x)) of x (B, 3, H, W), sigma (B,), obs (B, 4*3, H, W), act (B, 4); net:
-        the (compiled) network to call."""
+        """(F's output, D(x)) of x (B, 3, H, W), sigma (B,), obs (B, 4*3, H, W), act (B, 4)."""
         c_in, c_skip, c_out, c_noise = edm_preconditioning(sigma.float(), self.sigma_data, self.sigma_offset_noise)
         c_in, c_skip, c_out = (c[:, None, None, None] for c in (c_in, c_skip, c_out))
         model_output = (self.net if net is None else net)(c_in * x, c_noise, obs / self.sigma_data, act).float()
@@ -990,7 +970,7 @@ class RewardEndModel(nn.Module):
         self.conv_in = nn.Conv2d(2 * img_channels, channels, 3, padding=1)
         # 4 stages of 2 ResBlocks, 3 downsamples between them, then 2 ResBlocks with attention
         self.stages = nn.ModuleList(ResBlocks([channels] * 2, [channels] * 2, cond_dim) for _ in range(4))
-        self.downsamples = nn.ModuleList(Downsample(channels) for _ in range(3))
+        self.downsamples = nn.ModuleList(Resample(channels) for _ in range(3))
         self.mid_blocks = ResBlocks([channels] * 2, [channels] * 2, cond_dim, attention=True)
         self.lstm = nn.LSTM(channels * (obs_size // 8) ** 2, lstm_dim, batch_first=True)
         self.head = nn.Sequential(nn.Linear(lstm_dim, lstm_dim), nn.SiLU(), nn.Linear(lstm_dim, 3 + 2, bias=False))
@@ -1103,7 +1083,7 @@ def euler_sample(denoise_fn: Callable, x_T: torch.Tensor, sigmas: torch.Tensor, 
     x, sigmas = x_T, [float(sigma) for sigma in sigmas]
     for sigma, sigma_next in zip(sigmas, sigmas[1:]):
         sigma_batch = torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float32)
-        d = (x - denoise_fn(x, sigma_batch)) / sigma  # d = (x - D(x; sigma)) / sigma
+        d = (x - denoise_fn(x, sigma_batch)) / sigma
         x_next = x + d * (sigma_next - sigma)
         if order == 2 and sigma_next > 0:  # Heun: average the slopes at both ends of the step
             d_next = (x_next - denoise_fn(x_next, torch.full_like(sigma_batch, sigma_next))) / sigma_next
@@ -1122,23 +1102,20 @@ def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, 
         sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
     if noise is None:
         noise = torch.randn(obs[:, -1].shape, generator=generator, device=obs.device)
-    past = obs.flatten(1, 2)
+    raw = [] if raw is None else raw
 
     def denoise_fn(x, sigma):
         with autocast:
-            _, denoised = denoiser(x, sigma, past, act, net)
-        if raw is not None:
-            raw.append(denoised)
-        return quantize_8bit(denoised)
+            raw.append(denoiser(x, sigma, obs.flatten(1, 2), act, net)[1])
+        return quantize_8bit(raw[-1])
 
     x_T = sigmas[0] * noise if args.edm_initial_noise else noise  # DIAMOND's x_T ~ N(0, I)
     return euler_sample(denoise_fn, x_T, sigmas, order=2 if args.sampler == "heun" else 1).clamp(-1, 1)
 
 
 class WorldModelEnv:
-    """The imagined environments, which live across actor-critic updates as in DIAMOND's: each
-    starts from a real segment (the reward/end LSTM burnt in on it) and restarts at a sampled end
-    or after imagination_horizon steps. Its state goes into checkpoints."""
+    """The imagined envs, living across actor-critic updates as DIAMOND's: each starts from a real
+    segment (reward/end LSTM burnt in), restarts at a sampled end or the horizon; checkpointed."""
 
     def __init__(self, denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
                  args: Args, device: torch.device, generator: torch.Generator,
@@ -1148,7 +1125,7 @@ class WorldModelEnv:
         self.ids = ids  # episodes imagination starts from (None: all; --dataset-dir holds some out)
         self.device, self.generator, self.cpu_generator = device, generator, cpu_generator
         self.net, self.autocast = net, autocast
-        self.obs = self.act = self.hidden = self.age = self.actor_hidden = None  # until the first rollout
+        self.load_state_dict({})  # no imagined episodes until the first rollout
 
     @torch.no_grad()
     def start(self, num_envs: int, refs: Optional[list[tuple[int, int]]] = None):
@@ -1180,8 +1157,8 @@ class WorldModelEnv:
         self.obs = self.act = self.hidden = self.age = self.actor_hidden = None
         if state:
             self.obs, self.act, self.age = (state[key].to(self.device) for key in ("obs", "act", "age"))
-            self.hidden = tuple(h.to(self.device).float() for h in state["hidden"])
-            self.actor_hidden = tuple(h.to(self.device) for h in state["actor_hidden"])
+            self.hidden, self.actor_hidden = (tuple(h.to(self.device).float() for h in state[key])
+                                              for key in ("hidden", "actor_hidden"))
 
 
 def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=contextlib.nullcontext()):
@@ -1198,29 +1175,26 @@ def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Ar
                       graphs: Optional["ImaginationGraphs"] = None):
     """On backup_every more imagined steps (graphs' compiled ones, or eager): the value's MSE to the
     lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
-    # eager: the run's --compile'd denoiser network and autocast
     graphs = graphs or ImaginationGraphs(wm_env, actor_critic, args, wm_env.device,
                                          autocast=autocast, eager=True)
     rollout = graphs.rollout(generator)
-    logits, values, rewards, actions = rollout["logits"], rollout["values"], rollout["rewards"], rollout["actions"]
+    logits, values, rewards, ends = (rollout[k] for k in ("logits", "values", "rewards", "ends"))
     with torch.no_grad():
-        returns = lambda_returns(rewards, rollout["ends"], rollout["truncs"], rollout["bootstrap"],
+        returns = lambda_returns(rewards, ends, rollout["truncs"], rollout["bootstrap"],
                                  args.discount_factor, args.td_lambda)
     log_probs = logits.log_softmax(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
     advantage = (returns - values).detach()
-    actor_loss = -(log_probs.gather(-1, actions[..., None])[..., 0] * advantage).mean()
+    actor_loss = -(log_probs.gather(-1, rollout["actions"][..., None])[..., 0] * advantage).mean()
     critic_loss = F.mse_loss(values, returns)
     loss = actor_loss + critic_loss - args.entropy_weight * entropy
     return loss, {"actor": actor_loss.detach(), "critic": critic_loss.detach(), "entropy": entropy.detach(),
-                  "imagined_reward": rewards.mean(), "imagined_end": rollout["ends"].mean()}
+                  "imagined_reward": rewards.mean(), "imagined_end": ends.mean()}
 
 
 class ImaginationGraphs:
-    """The imagination step, written once: the policy step, the world-model step and the rollout,
-    compiled (backend: torch.compile's) or not (None). The restarts are the one difference: `eager`
-    (the reference's) restarts an env from a fresh real segment once it stops (a host sync);
-    compiled, it swaps in its slot of a pool sampled before the rollout."""
+    """The policy and world-model steps, compiled (backend) or not; `eager` (the reference's)
+    restarts a stopped env from a fresh real segment (a host sync), compiled from a pool."""
 
     def __init__(self, wm_env: WorldModelEnv, actor_critic: ActorCritic, args: Args,
                  device: torch.device, amp_dtype: Optional[torch.dtype] = None,
@@ -1231,14 +1205,12 @@ class ImaginationGraphs:
         self.autocast, self.eager, self.net = autocast, eager, wm_env.net if eager else None
         self.sigmas = karras_sigmas(args.num_sampling_steps, args.sigma_min, args.sigma_max, args.rho).tolist()
         self.backend, self.mode, self.stop = backend, mode, stop  # stop: the run's StopFlag
-        self.policy, self.world_model = self.policy_step, self.world_model_step
+        self.policy, self.world_model, self.calls = self.policy_step, self.world_model_step, 0
         if backend is not None:  # lstm_step reads LSTM weights, which dynamo refuses by default
             torch._dynamo.config.allow_rnn = True
             self.policy, self.world_model = (
                 torch.compile(fn, backend=backend, mode=mode, dynamic=False)
                 for fn in (self.policy_step, self.world_model_step))
-        # the compiled calls, and the first rollout's seconds (compilation included)
-        self.calls, self.compile_seconds = 0, None
 
     def amp(self):
         """The autocast given, or one made where it is entered (in a compiled function)."""
@@ -1258,16 +1230,15 @@ class ImaginationGraphs:
 
     @torch.no_grad()
     def world_model_step(self, obs, act, hidden, age, action, actor_hidden, noise, uniforms, start):
-        """One step of every imagined env (its frames obs (n, c, 3, H, W), actions, reward/end
-        state, age) given the action, the actor's state, noise, uniforms (2, n) and the restart pool
-        (None: none): the next state, reward sign, end, truncated, stopped, V(final frame), and for
-        the checks the next frame, each D(x; sigma) and the reward/end logits."""
-        act, raw = torch.cat([act[:, :-1], action[:, None]], dim=1), []
+        """Every imagined env (frames obs (n, c, 3, H, W), actions, reward/end state, age) stepped
+        by action, noise, uniforms (2, n), restart pool (or None): the next state, reward sign, end,
+        stopped, V(final frame); for the checks the next frame, D(x; sigma) and the logits."""
+        act, raw, env = torch.cat([act[:, :-1], action[:, None]], dim=1), [], self.wm_env
         with self.amp():
-            next_obs = generate_next_obs(self.wm_env.denoiser, obs, act, self.args, net=self.net,
+            next_obs = generate_next_obs(env.denoiser, obs, act, self.args, net=self.net,
                                          noise=noise, sigmas=self.sigmas, raw=raw)
-            reward_logits, end_logits, hidden = self.wm_env.reward_end_model.step(obs[:, -1], action, next_obs,
-                                                                                   hidden)
+            reward_logits, end_logits, hidden = env.reward_end_model.step(obs[:, -1], action,
+                                                                          next_obs, hidden)
             _, final_value, _ = self.actor_critic(next_obs, actor_hidden)  # V(final frame), if it stops
         reward = sample_categorical(reward_logits, uniforms[0]) - 1
         end = sample_categorical(end_logits, uniforms[1])
@@ -1291,43 +1262,39 @@ class ImaginationGraphs:
         """_rollout; compiled, a failed compilation is one line, a signal during it a stop."""
         if self.backend is None:
             return self._rollout(generator)
-        first_compile = self.stop is not None and self.compile_seconds is None
-        if first_compile:
-            self.stop.busy = "compiling the imagination step (" + (
-                "up to 20 minutes on a CPU)" if self.device.type == "cpu" else "minutes)")
-        try:
-            with compile_failures(self.stop, "the imagination graphs", "with --imagination-graphs off"):
-                return self._rollout(generator)
-        finally:
-            if first_compile:
-                self.stop.busy = ""
+        busy = self.calls == 0 and "compiling the imagination step (" + (
+            "up to 20 minutes on a CPU)" if self.device.type == "cpu" else "minutes)")
+        fix = "with --imagination-graphs off"
+        with compile_failures(self.stop, "the imagination graphs", fix, busy):
+            return self._rollout(generator)
 
     def _rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """backup_every more steps of the persistent imagined episodes: logits (n, H, A) and values
         (n, H) with gradients; bootstraps V'_t, actions, reward signs, ends, truncations (n, H)."""
-        args, env, actor_critic, n = self.args, self.wm_env, self.actor_critic, self.args.num_imagined_envs
-        begin = time.perf_counter()
+        args, env, n = self.args, self.wm_env, self.args.num_imagined_envs
         if env.obs is None:  # the first update: start the imagined episodes
-            env.actor_hidden = actor_burn_in(actor_critic, env.reset()[1], self.amp())
+            env.actor_hidden = actor_burn_in(self.actor_critic, env.reset()[1], self.amp())
         actor_hidden = tuple(h.detach().float() for h in env.actor_hidden)
         start, start_actor_hidden = None, actor_hidden  # eager: set at each restart
         if not self.eager:  # the restart pool, burnt in with the weights of this rollout
             start = env.start(n)
-            start_actor_hidden = actor_burn_in(actor_critic, start[0][:, :-1], self.amp())
-        # every random number of the rollout, drawn before it from the run's generator
-        noise = torch.randn((args.backup_every, *env.obs[:, -1].shape), generator=generator, device=self.device)
-        # uniforms of the action, the reward and the end
-        uniforms = torch.rand((args.backup_every, 3, n), generator=generator, device=self.device)
-        if self.device.type == "cuda":  # a new rollout: the graphs may reuse the memory of the last one's outputs
+            start_actor_hidden = actor_burn_in(self.actor_critic, start[0][:, :-1], self.amp())
+        # every random number of the rollout, drawn before it: the noise, the uniforms of the
+        # action, the reward and the end
+        device, steps = self.device, args.backup_every
+        noise = torch.randn((steps, *env.obs[:, -1].shape), generator=generator, device=device)
+        uniforms = torch.rand((steps, 3, n), generator=generator, device=device)
+        if device.type == "cuda":  # a new rollout: the graphs may reuse the last outputs' memory
             torch.compiler.cudagraph_mark_step_begin()
         obs, act, hidden, age = env.obs, env.act, env.hidden, env.age
-        stopped = torch.zeros(n, dtype=torch.bool, device=self.device)
-        final_value = torch.zeros(n, device=self.device)
+        stopped = torch.zeros(n, dtype=torch.bool, device=device)
+        final_value = torch.zeros(n, device=device)
         out = {key: [] for key in ("logits", "values", "bootstrap", "actions", "rewards", "ends", "truncs")}
-        for t in range(args.backup_every):
-            # step 0 (its LSTM state detached) runs uncompiled, as does the final value below (no gradient): the
-            # compiled policy step sees one grad mode and one requires_grad pattern, so it compiles once
-            logits, value, action, bootstrap, _, actor_hidden = (self.policy if t > 0 else self.policy_step)(
+        for t in range(steps):
+            # step 0 (its LSTM state detached) runs uncompiled, as does the final value (no
+            # gradient): the compiled policy step sees one grad mode and requires_grad pattern
+            policy = self.policy if t > 0 else self.policy_step
+            logits, value, action, bootstrap, _, actor_hidden = policy(
                 obs[:, -1], actor_hidden, stopped, start_actor_hidden, final_value, uniforms[t, 0])
             step = self.world_model(obs, act, hidden, age, action, tuple(h.detach() for h in actor_hidden),
                                     noise[t], uniforms[t, 1:], start)
@@ -1337,7 +1304,7 @@ class ImaginationGraphs:
             if self.eager and stopped.any():  # a host sync, as DIAMOND's: fresh real segments
                 index = stopped.nonzero()[:, 0]
                 fresh_obs, fresh_act, fresh_hidden = env.start(len(index))
-                fresh_actor = actor_burn_in(actor_critic, fresh_obs[:, :-1], self.amp())
+                fresh_actor = actor_burn_in(self.actor_critic, fresh_obs[:, :-1], self.amp())
                 obs, act = obs.index_copy(0, index, fresh_obs), act.index_copy(0, index, fresh_act)
                 age = age.index_fill(0, index, 0)
                 hidden = tuple(h.index_copy(1, index, f) for h, f in zip(hidden, fresh_hidden))
@@ -1348,25 +1315,22 @@ class ImaginationGraphs:
                                           step["end"], step["truncated"])):
                 out[key].append(value_t.clone())
         with torch.no_grad():  # V(s_H), without stepping the kept LSTM state
-            _, _, _, bootstrap, actor_hidden, _ = self.policy_step(obs[:, -1], actor_hidden,
-                                                                   stopped, start_actor_hidden,
-                                                                   final_value, uniforms[0, 0])
+            _, _, _, bootstrap, actor_hidden, _ = self.policy_step(
+                obs[:, -1], actor_hidden, stopped, start_actor_hidden, final_value, uniforms[0, 0])
         out["bootstrap"] = out["bootstrap"][1:] + [bootstrap.clone()]  # V'_t, the value after step t
         # the persistent state leaves the graphs' memory: a later replay may overwrite their outputs
         env.obs, env.act, env.age = obs.clone(), act.clone(), age.clone()
         env.hidden = tuple(h.float().clone() for h in hidden)
         env.actor_hidden = tuple(h.detach().clone() for h in actor_hidden)
-        if self.compile_seconds is None and self.backend is not None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.compile_seconds = time.perf_counter() - begin
         return {key: torch.stack(value, 1) for key, value in out.items()}
 
 
 @contextlib.contextmanager
-def compile_failures(stop, what: str, fix: str):
-    """torch.compile's failures inside (at a first forward or backward) as one line naming `what`
-    and the fix, or after a signal a stop; other errors keep their traceback."""
+def compile_failures(stop, what: str, fix: str, busy: str = ""):
+    """torch.compile's failures inside as one line naming `what` and the fix, or after a signal a
+    stop; other errors keep their traceback. busy: what must end before a signal stops the run."""
+    if busy and stop is not None:
+        stop.busy = busy
     try:
         yield
     except (StopRequested, TrainingFailure):
@@ -1381,6 +1345,9 @@ def compile_failures(stop, what: str, fix: str):
         last = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
         raise TrainingFailure(f"compiling {what} failed ({type(e).__name__}: {last}); rerun {fix}, or delete "
                               f"torch's compile cache ({cache}) if a stopped compilation left it broken") from None
+    finally:
+        if busy and stop is not None:
+            stop.busy = ""
 
 
 def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: ActorCritic,
@@ -1390,10 +1357,9 @@ def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: A
     if args.world_model_only or args.imagination_graphs == "off" or (
             args.imagination_graphs == "auto" and not setup.use_cuda):
         return None
-    amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    return ImaginationGraphs(wm_env, actor_critic, args, setup.device,
-                             amp_dtype if setup.use_cuda else None, backend=COMPILE_BACKEND,
-                             mode="reduce-overhead" if setup.use_cuda else None, stop=stop)
+    amp_dtype = getattr(torch, args.dtype) if setup.use_cuda and args.dtype != "float32" else None
+    return ImaginationGraphs(wm_env, actor_critic, args, setup.device, amp_dtype, COMPILE_BACKEND,
+                             "reduce-overhead" if setup.use_cuda else None, stop)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1402,9 +1368,8 @@ def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: A
 
 def collection_schedule(first_collection_steps: int, env_step_budget: int = 100_000,
                         steps_per_epoch: int = 100, final_epochs: int = 50) -> list[int]:
-    """Env steps collected in each epoch (item e - 1 for epoch e), as DIAMOND spends the budget: the
-    first collection N plus steps_per_epoch in epoch 1, steps_per_epoch until the budget is spent,
-    then final_epochs that only train (N = 5000: 950 + 50)."""
+    """Env steps collected in epoch e (item e - 1) as DIAMOND spends the budget: N plus
+    steps_per_epoch, steps_per_epoch until it is spent, final_epochs of 0 (N = 5000: 950 + 50)."""
     remaining = env_step_budget - first_collection_steps
     collecting_epochs = max(1, math.ceil(remaining / steps_per_epoch))  # epoch 1 always collects (the first N)
     steps = [min(steps_per_epoch, remaining - steps_per_epoch * e) for e in range(collecting_epochs)]

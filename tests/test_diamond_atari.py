@@ -983,7 +983,7 @@ def test_fast_path_is_compiled_bitwise_as_eager_and_actually_taken(dia, compiled
     assert s.env.age.max() < s.args.imagination_horizon
     # taken: per update backup_every world-model calls and backup_every - 1 policy calls (step 0 and the final value
     # run uncompiled), each a dynamo-compiled frame
-    assert s.graphs.calls == 2 * (2 * s.args.backup_every - 1) and s.graphs.compile_seconds > 0
+    assert s.graphs.calls == 2 * (2 * s.args.backup_every - 1)
     assert counters["stats"]["calls_captured"] > 100 and counters["stats"]["unique_graphs"] >= 2
     assert not counters.get("graph_break"), counters.get("graph_break")  # each step is one graph
 
@@ -1187,7 +1187,7 @@ def test_a_failed_or_interrupted_compilation_is_one_line_or_a_stop(dia):
     def graphs_raising(error, requested):
         graphs = dia.ImaginationGraphs.__new__(dia.ImaginationGraphs)
         graphs.stop = SimpleNamespace(requested=requested, busy="")
-        graphs.backend, graphs.compile_seconds, graphs.device = "inductor", None, torch.device("cpu")
+        graphs.backend, graphs.calls, graphs.device = "inductor", 0, torch.device("cpu")
 
         def failing_rollout(generator):
             busy.append(graphs.stop.busy)
