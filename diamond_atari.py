@@ -2251,11 +2251,9 @@ def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
     known = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
     letters = [letter for letter in keys if not letter.isspace()]
     wrong = [letter for letter in letters if letter not in index]
-    if wrong:
-        raise UserError(f"--play-keys: {wrong[0]!r} is no action of this game; its letters: {known}, {RESTART_LETTER} "
-                        f"restart")
-    if not letters:
-        raise UserError(f"--play-keys is empty: give one letter per step; the game's letters: {known}")
+    if wrong or not letters:
+        what = f"{wrong[0]!r} is no action of this game" if wrong else "empty, give one letter per step"
+        raise UserError(f"--play-keys: {what}; its letters: {known}, {RESTART_LETTER} restart")
     return [index[letter] for letter in letters]
 
 
@@ -2272,9 +2270,9 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
 
 
 class ImaginedGame:
-    """The world model as a game: reset() takes a real start (c frames, c - 1 actions) from
-    starts(); step(action) asks next_frame(frames (1, c, 3, H, W), actions (1, c)) for the
-    next frame and samples the reward sign and the end (if a model is given)."""
+    """The world model as a game: reset() takes a real start (frames (1, c, 3, H, W), actions
+    (1, c - 1)) from starts(); step(action) samples the next frame by next_frame(frames, actions
+    (1, c)), the reward sign and the end by the reward/end model (if given)."""
     name = "world model"
 
     def __init__(self, next_frame: Callable, starts: Callable, reward_end_model: Optional[Callable] = None,
@@ -2284,12 +2282,11 @@ class ImaginedGame:
 
     @torch.no_grad()
     def reset(self) -> np.ndarray:
-        obs, actions = self.starts()
-        self.obs, self.hidden = obs, None
-        self.act = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)  # last: player's
+        self.obs, actions = self.starts()
+        self.act, self.hidden = F.pad(actions, (0, 1)), None  # the last action: the player's
         if self.reward_end_model is not None:
-            _, _, self.hidden = self.reward_end_model(obs[:, :-1], actions, obs[:, 1:])
-        return to_uint8(obs[0, -1]).permute(1, 2, 0).cpu().numpy()
+            _, _, self.hidden = self.reward_end_model(self.obs[:, :-1], actions, self.obs[:, 1:])
+        return to_uint8(self.obs[0, -1]).permute(1, 2, 0).cpu().numpy()
 
     @torch.no_grad()
     def step(self, action: int) -> tuple[np.ndarray, float, bool]:
@@ -2302,8 +2299,7 @@ class ImaginedGame:
             reward_probs, end_probs = (x[0, 0].float().softmax(-1).cpu() for x in (reward_logits, end_logits))
             reward = float(torch.multinomial(reward_probs, 1, generator=self.generator)) - 1.0
             end = bool(torch.multinomial(end_probs, 1, generator=self.generator))
-        self.obs = torch.cat([self.obs[:, 1:], next_obs[:, None]], dim=1)
-        self.act = torch.cat([self.act[:, 1:], torch.zeros_like(self.act[:, :1])], dim=1)
+        self.obs, self.act = torch.cat([self.obs[:, 1:], next_obs[:, None]], dim=1), F.pad(self.act[:, 1:], (0, 1))
         return to_uint8(next_obs[0]).permute(1, 2, 0).cpu().numpy(), reward, end
 
     def take_episodes(self) -> list[dict]:
@@ -2311,8 +2307,8 @@ class ImaginedGame:
 
 
 class RealGame:
-    """The real game (a life lost ends an episode) with ImaginedGame's interface; the episodes
-    played kept as .npz fields until take_episodes (the one in progress: truncated)."""
+    """The real game (a life lost ends an episode) as ImaginedGame; the episodes played kept as
+    .npz fields until take_episodes (the one in progress: truncated)."""
     name = "real game"
 
     def __init__(self, env: Union[AtariEnv, CatchEnv]):
@@ -2321,7 +2317,7 @@ class RealGame:
     def cut(self, obs: np.ndarray) -> np.ndarray:
         """The episode so far kept (truncated unless it ended), a new one from obs."""
         if self.episode is not None and self.episode["actions"]:
-            self.episode["truncated"][-1] = self.episode["truncated"][-1] or not self.episode["terminated"][-1]
+            self.episode["truncated"][-1] |= not self.episode["terminated"][-1]
             self.finished.append(self.episode)
         self.episode = new_episode(obs)
         return obs
@@ -2337,34 +2333,33 @@ class RealGame:
         return obs, reward, terminated or truncated
 
     def take_episodes(self) -> list[dict]:
-        if self.episode is not None:
-            self.cut(self.env.obs)
+        self.cut(self.env.obs)
         done, self.finished = self.finished, []
         return done
 
 
-def caption_lines(game, meanings: list[str], step: int, action: Optional[int], reward: float, total: float,
-                  end: bool, fps: Optional[float] = None, recording: bool = False) -> list[str]:
-    what = meanings[action].lower() if action is not None else "-"
-    line = f"{game.name}  step {step}  action {what}  reward {reward:+g}  return {total:g}" + ("  END" if end else "")
-    status = (f"{fps:.1f} fps  " if fps is not None else "") + ("REC" if recording else "")
-    return [line, status] if status else [line]
+def play_session(game, meanings: list[str]):
+    """A session as a generator: sent an action (None: restart), yields the frame, its caption
+    (step, action, reward, return, end) and the reward."""
+    action = None
+    while True:
+        if action is None:
+            frame, reward, end, step, total = game.reset(), 0.0, False, 0, 0.0
+        else:
+            frame, reward, end = game.step(action)
+            step, total = step + 1, total + reward
+        what = "-" if action is None else meanings[action].lower()
+        action = yield frame, (f"{game.name}  step {step}  action {what}  reward {reward:+g}  return {total:g}"
+                               + ("  END" if end else "")), reward
+        total = 0.0 if end else total
 
 
 def play_keys(game, steps: list[Optional[int]], meanings: list[str], size: int) -> dict:
     """The game played with the actions (None: restart): frames uint8 (T + 1, H, W, 3), the
     captioned frames, rewards, frames per second."""
-    frames, shown, rewards, start = [], [], [], time.perf_counter()
-    for i, action in enumerate([None, *steps]):  # step 0: the start frame
-        if action is None:
-            frame, reward, end, total = game.reset(), 0.0, False, 0.0
-        else:
-            frame, reward, end = game.step(action)
-            total += reward
-        frames.append(frame)
-        rewards.append(reward)
-        shown.append(with_caption(frame, size, caption_lines(game, meanings, i, action, reward, total, end)))
-        total = 0.0 if end else total
+    session, start = play_session(game, meanings), time.perf_counter()
+    frames, lines, rewards = zip(*[session.send(action) for action in [None, *steps]])
+    shown = [with_caption(frame, size, [line]) for frame, line in zip(frames, lines)]
     return {"frames": np.stack(frames), "shown": np.stack(shown), "rewards": rewards[1:],
             "fps": len(steps) / max(time.perf_counter() - start, 1e-9)}
 
@@ -2390,57 +2385,44 @@ def import_pygame():
 
 def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float,
                 max_steps: Optional[int] = None) -> float:
-    """The live session: the world model (Tab: the real game) steps with the held keys' action
-    at most max_fps times a second; Enter restarts, R records, Esc quits. Returns the frames
-    per second (max_steps: a timed session, benchmark/)."""
+    """The live session: the world model (Tab: the real game) steps with the held keys' action at
+    most max_fps times a second; Enter restarts, R records, Esc quits. Returns frames per second."""
     pygame = import_pygame()
     pygame.display.init()  # the display alone: no audio device needed
     driver = pygame.display.get_driver()
     if driver in ("offscreen", "dummy") and not os.environ.get("SDL_VIDEODRIVER"):  # no screen: SDL fell back
-        pygame.quit()
         raise UserError(f"no display to open a window on (SDL fell back to its {driver} driver): play headless with "
                         f"--play-keys KEYS, or set SDL_VIDEODRIVER={driver} to run the window unseen")
-    try:
-        screen = pygame.display.set_mode((size, size + 8 + 18 * 2))
-    except pygame.error as e:
-        raise UserError(f"cannot open a window ({e}); play headless with --play-keys KEYS") from None
-    pygame.display.set_caption(f"cleanworlds play: {SCRIPT_NAME}")
-    clock, mode, recording, shown = pygame.time.Clock(), "imagined", False, []
-    game, restart, num_frames, started = games[mode](), True, 0, time.perf_counter()
+    screen, clock = pygame.display.set_mode((size, size + 8 + 18 * 2)), pygame.time.Clock()
+    modes, game, recording, keys, num_frames, started = list(games), None, None, set(), 0, time.perf_counter()
     while max_steps is None or num_frames < max_steps:
-        events = [(event.type, getattr(event, "key", None)) for event in pygame.event.get()]
-        quits = (pygame.QUIT, None) in events or (pygame.KEYDOWN, pygame.K_ESCAPE) in events
-        switch, toggle = ((pygame.KEYDOWN, key) in events for key in (pygame.K_TAB, pygame.K_r))
-        if recording and (toggle or switch or quits):  # a switch or quitting ends a recording too
-            stem = f"play_{mode}_{time.strftime('%Y%m%d_%H%M%S')}"
-            for path in save_play_files(out_dir, stem, np.stack(shown), game.take_episodes(), max_fps):
+        if recording is not None and keys & {pygame.K_r, pygame.K_TAB, pygame.K_ESCAPE}:  # the recording ends
+            stem = f"play_{modes[0]}_{time.strftime('%Y%m%d_%H%M%S')}"
+            for path in save_play_files(out_dir, stem, np.stack(recording), game.take_episodes(), max_fps):
                 print(f"wrote {path}", flush=True)
-            recording = toggle = False
-        if quits:
+            recording, keys = None, keys - {pygame.K_r}
+        if pygame.K_ESCAPE in keys:
             break
-        if toggle:
-            recording, shown = True, []
-            game.take_episodes()  # what was played before is not recorded
-        if switch:
-            mode = "real" if mode == "imagined" else "imagined"
-            game, restart = games[mode](), True
+        if pygame.K_r in keys:  # what was played before is not recorded
+            recording, _ = [], game.take_episodes()
+        if pygame.K_TAB in keys:
+            modes.append(modes.pop(0))
+        if game is None or pygame.K_TAB in keys:
+            game = games[modes[0]]()
+            session = play_session(game, meanings)
             print(f"now playing the {game.name}", flush=True)
-        if restart or (pygame.KEYDOWN, pygame.K_RETURN) in events:
-            frame, step, total, reward, end, action, restart = game.reset(), 0, 0.0, 0.0, False, None, False
-        else:
-            pressed = pygame.key.get_pressed()
-            action = action_from_keys(*(pressed[key] for key in (pygame.K_UP, pygame.K_DOWN, pygame.K_LEFT,
-                                                                 pygame.K_RIGHT, pygame.K_SPACE)), meanings)
-            total = 0.0 if end else total
-            frame, reward, end = game.step(action)
-            step, total = step + 1, total + reward
-        image = with_caption(frame, size, caption_lines(game, meanings, step, action, reward, total,
-                                                        end, clock.get_fps(), recording))
-        shown += [image] if recording else []
-        screen.blit(pygame.image.frombuffer(image.tobytes(), (image.shape[1], image.shape[0]), "RGB"), (0, 0))
+        pressed = pygame.key.get_pressed()
+        held = (pygame.K_UP, pygame.K_DOWN, pygame.K_LEFT, pygame.K_RIGHT, pygame.K_SPACE)
+        restart = num_frames == 0 or keys & {pygame.K_RETURN, pygame.K_TAB}
+        frame, line, _ = session.send(None if restart else action_from_keys(*(pressed[k] for k in held), meanings))
+        image = with_caption(frame, size, [line, f"{clock.get_fps():.1f} fps" + ("" if recording is None else "  REC")])
+        recording = None if recording is None else recording + [image]
+        screen.blit(pygame.image.frombuffer(image.tobytes(), image.shape[1::-1], "RGB"), (0, 0))
         pygame.display.flip()
-        num_frames += 1
         clock.tick(max_fps)
+        num_frames += 1
+        keys = {pygame.K_ESCAPE if event.type == pygame.QUIT else event.key  # closing it: Esc
+                for event in pygame.event.get() if event.type in (pygame.QUIT, pygame.KEYDOWN)}
     pygame.quit()
     return num_frames / (time.perf_counter() - started)
 
@@ -2454,10 +2436,9 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
     generator = torch.Generator(device=device).manual_seed(args.seed)  # diffusion noise
     cpu_generator = torch.Generator().manual_seed(args.seed)  # starts, reward and end samples
     # the starts: fresh real segments of up to 16 of the run's episodes (or --dataset-dir's)
-    if args.dataset_dir is not None:
-        paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))
-    else:
-        paths = [run_dir / "episodes" / f"episode_{i:06d}.npz" for i in range(checkpoint["num_buffer_files"])]
+    paths = ([run_dir / "episodes" / f"episode_{i:06d}.npz" for i in range(checkpoint["num_buffer_files"])]
+             if args.dataset_dir is None else sorted(p for p in Path(args.dataset_dir).glob("*.npz")
+                                                     if not p.name.startswith(".")))
     if not paths:
         raise UserError(f"{run_dir} has no episodes yet to start playing from; resume it for an epoch first")
     buffer, c = ReplayBuffer(None, None, args.num_conditioning_steps), args.num_conditioning_steps
@@ -2468,13 +2449,11 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
         batch = buffer.segments(buffer.sample_segments(1, c, cpu_generator), c)
         return segment_obs(batch, device), batch["actions"].to(device)
 
-    def next_frame(obs, act):
-        return generate_next_obs(denoiser, obs, act, args, generator, autocast=autocast)
-
     def reward_end(*inputs):
         with autocast:
             return reward_end_model(*inputs)
 
+    next_frame = lambda obs, act: generate_next_obs(denoiser, obs, act, args, generator, autocast=autocast)  # noqa
     games = {"imagined": lambda: ImaginedGame(next_frame, starts, reward_end, cpu_generator),
              "real": lambda: RealGame(make_env(args, args.seed))}
     print("keys: " + ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings) + (
@@ -2482,8 +2461,8 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
         "; window: arrows and space (fire) pick these, Enter restarts, Tab switches world model / real game, "
         "R records, Esc quits"), flush=True)
     print(f"sampler: {args.sampler}, {args.num_sampling_steps} denoising steps per frame", flush=True)
-    # Ctrl-C or SIGTERM ends a session like Esc (an unsaved recording is lost): play writes no
-    # checkpoint, so a signal raises at once here; the caller's handlers come back after.
+    # play writes no checkpoint: Ctrl-C or SIGTERM ends a session at once, like Esc (an unsaved
+    # recording is lost); the caller's handlers come back after
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if steps is None:
