@@ -1435,37 +1435,38 @@ def lr_warmup_factor(step: int, warmup_steps: int) -> float:
 # Evaluation: test episodes, the human-normalised score, world-model metrics, rollout videos.
 
 
-def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device,
-                autocast, stop, what: str, stopped: str, writer_at, step: int, kind="test"):
-    """The paper's score: --test-episodes full games, printed and logged as eval/{kind}_*."""
+def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device, autocast, stop,
+                what: str, run_dir: Path, step: int, writer=None):
+    """The paper's score: --test-episodes full games, printed and logged as eval/test_* into the
+    run's writer, or (--eval-only: no writer) as eval/eval_only_* by a writer of its own."""
     try:
         returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003,
                                     device, autocast, check=stop.check)
     except StopRequested:
-        return print(stopped, flush=True)
-    mean, score = float(np.mean(returns)), env.normalized_score(float(np.mean(returns)))
-    line = f"{what}: mean return {mean:.2f} (std {np.std(returns):.2f})"
+        return print(f"stopped by signal during the {what}; nothing was logged (play them with --resume {run_dir} "
+                     f"--eval-only)", flush=True)
+    mean = float(np.mean(returns))
+    score, line = env.normalized_score(mean), f"{what}: mean return {mean:.2f} (std {np.std(returns):.2f})"
     if score is None:
         line += f" ({env.game} has no random/human reference scores here: raw score only)"
     else:
         low, high = ATARI_SCORES[env.game]
         line += f"; human-normalised score {score:.3f} = ({mean:.2f} - random {low}) / (human {high} - random {low})"
-    if env.game == "Catch":  # a game returns +1 or -1
-        line += f"; catch rate {(mean + 1) / 2:.3f} (random 0.2)"
-    print(line, flush=True)
-    with writer_at() as writer:
-        writer.add_scalar(f"eval/{kind}_episodic_return", mean, step)
-        writer.add_scalar(f"eval/{kind}_num_episodes", len(returns), step)
-        if score is not None:
-            writer.add_scalar(f"eval/{kind}_human_normalized_score", score, step)
+    print(line + (f"; catch rate {(mean + 1) / 2:.3f} (random 0.2)" if env.game == "Catch" else ""), flush=True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    with contextlib.nullcontext(writer) if writer else SummaryWriter(str(run_dir)) as tensorboard:
+        for key, value in {"episodic_return": mean, "num_episodes": len(returns), "human_normalized_score": score}.items():
+            if value is not None:
+                tensorboard.add_scalar(f"eval/{'eval_only' if writer is None else 'test'}_{key}", value, step)
 
 
 @torch.no_grad()
 def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, seed: int,
                       device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16,
-                      check: Callable[[], None] = lambda: None, record: Optional[list] = None,
-                      on_step: Callable[[], None] = lambda: None) -> list[float]:
-    """Returns of full games (epsilon 0, no life-loss ends) seeded by `seed` alone."""
+                      check: Callable[[], None] = lambda: None, record: Optional[list] = None) -> list[float]:
+    """Returns of full games (epsilon 0, no life-loss ends) seeded by `seed` alone; check() before
+    each env is made and each step; the episodes appended to record."""
     generator = torch.Generator().manual_seed(seed)
     returns = []
     while len(returns) < num_episodes:
@@ -1477,7 +1478,6 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
         hidden, active = None, list(range(len(envs)))
         while active:
             check()
-            on_step()
             obs = np.stack([episodes[i]["obs"][-1] for i in active])
             with autocast:
                 logits, _, hidden = actor_critic(to_float(torch.from_numpy(obs).permute(0, 3, 1, 2).to(device)), hidden)
@@ -1497,8 +1497,7 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
 def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
                     ids: list[int], args: Args, device: torch.device, seed: int, net=None,
                     autocast=contextlib.nullcontext()) -> dict:
-    """DIAMOND's test losses: each held-out frame a denoiser target once, each transition a
-    reward/end target once."""
+    """DIAMOND's test losses: each held-out frame a denoiser target once, each transition a reward/end one."""
     generator = torch.Generator(device=device).manual_seed(seed)
     c, length, k = args.num_conditioning_steps, args.reward_segment_length, 1 + args.num_autoregressive_steps
     losses = {}
@@ -1562,14 +1561,13 @@ class RewardEndPools:
 
     def __init__(self, min_count: int = 20):
         self.min_count = min_count
-        self.recall = {name: [0, 0] for name in self.classes}  # [hits, actual]
-        self.precision = {name: [0, 0] for name in self.classes}  # [hits, predicted]
+        self.load_state_dict({kind: {name: [0, 0] for name in self.classes} for kind in ("recall", "precision")})
 
     def add(self, counts: dict[str, list[int]]):
         """counts: each class's (hits, predicted, actual), as world_model_metrics returns them."""
-        for name, (hits, predicted, actual) in counts.items():
-            for pools, total in ((self.recall, actual), (self.precision, predicted)):
-                pools[name] = [pools[name][0] + hits, pools[name][1] + total]
+        for name, (hits, predicted, actual) in counts.items():  # the pools: [hits, actual or predicted]
+            self.recall[name] = [self.recall[name][0] + hits, self.recall[name][1] + actual]
+            self.precision[name] = [self.precision[name][0] + hits, self.precision[name][1] + predicted]
 
     def take(self) -> dict[str, float]:
         """The full pools' values by tag (world_model/reward_recall_pos ...), those emptied."""
@@ -1586,16 +1584,15 @@ class RewardEndPools:
         return copy.deepcopy({"recall": self.recall, "precision": self.precision})
 
     def load_state_dict(self, state: dict):
-        self.recall, self.precision = (copy.deepcopy(state[k]) for k in ("recall", "precision"))
+        self.recall, self.precision = copy.deepcopy(state["recall"]), copy.deepcopy(state["precision"])
 
 
 @torch.no_grad()
 def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int, int, dict]],
                               env: Union[AtariEnv, CatchEnv], args: Args, seed: int,
                               check: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Mean sums of reward signs over the horizon from K starts (Collector.fork_starts), in
-    the world model and in the real game forked there, with the same actor state, actions
-    and uniforms: the gap that training in imagination exploits."""
+    """Mean sums of reward signs over the horizon from K starts (Collector.fork_starts) in the world model and in
+    the real game forked there, same actor state, actions, uniforms: the gap imagination exploits."""
     c, horizon, device, k = args.num_conditioning_steps, args.imagination_horizon, graphs.device, len(starts)
     num_episodes = len(graphs.wm_env.buffer.episodes)
     start = graphs.wm_env.start(k, [(e if e < num_episodes else -1, t - (c - 1)) for e, t, _ in starts])
@@ -1645,13 +1642,6 @@ def action_shares(episodes: list[dict], num_actions: int) -> np.ndarray:
     counts = sum((np.bincount(np.asarray(e["actions"], np.int64), minlength=num_actions) for e in episodes),
                  np.zeros(num_actions))
     return counts / max(counts.sum(), 1.0)
-
-
-def put_text(image: np.ndarray, text: str, x: int, y: int, scale: float = 0.4, colour=(255, 255, 255)):
-    """Small text (OpenCV's Hershey font) with its baseline at (x, y), drawn into an RGB uint8 image in place."""
-    import cv2
-
-    cv2.putText(image, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
 
 
 def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
@@ -1746,22 +1736,19 @@ class Collector:
 
 
 class EpochLog:
-    """An epoch's numbers. Losses are summed on the device and written every log_every updates;
-    the rest waits in `pending` for the epoch's end, so that a resume never writes a step twice."""
+    """An epoch's numbers: losses summed on the device and written every log_every updates; the
+    rest pending until the epoch's end, so that a resume never writes a step twice."""
 
     def __init__(self, device: torch.device):
-        self.device = device
-        self.pending: dict[str, list[float]] = {}  # written as means at the end of the epoch
+        self.device, self.pending, self.sums = device, {}, {}  # sums: the current log window's
         self.means: dict[str, list[float]] = {}  # the losses' logged means, for the epoch's line
-        self.sums: dict[str, torch.Tensor] = {}  # the current log window, on the device
 
     def add(self, key: str, value: float):
         self.pending.setdefault(key, []).append(float(value))
 
     def accumulate(self, values: dict[str, torch.Tensor]):
         for key, value in values.items():
-            value = value.detach().float()
-            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+            self.sums[key] = self.sums[key] + value.detach().float() if key in self.sums else value.detach().float()
 
     def finite(self) -> bool:
         """Whether every loss and gradient norm of the current window is finite (a host sync)."""
@@ -1769,11 +1756,10 @@ class EpochLog:
 
     def flush(self, writer, step: int, count: int) -> dict[str, float]:
         """Writes the window's means over its `count` updates at `step`; a new window starts."""
-        means = {key: value.item() / count for key, value in self.sums.items()}
+        means, self.sums = {key: value.item() / count for key, value in self.sums.items()}, {}
         for key, value in means.items():
             writer.add_scalar(key, value, step)
             self.means.setdefault(key, []).append(value)
-        self.sums = {}
         return means
 
 
@@ -2003,8 +1989,8 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
 
 @torch.no_grad()
 def write_rollout(run: Run, pos: RunPosition):
-    """An open-loop imagined rollout from a real segment with its actions: a strip (real row
-    above imagined, columns headed by the actions) in TensorBoard and samples/, an MP4."""
+    """An open-loop imagined rollout from a real segment with its actions: a strip (real row above
+    imagined, each frame above its action) in TensorBoard and samples/, an MP4."""
     args, buffer, device, seed = run.args, run.buffer, run.device, run.args.seed * 7919 + pos.epoch
     c, horizon = args.num_conditioning_steps, args.imagination_horizon
     generator = torch.Generator().manual_seed(seed)
@@ -2021,24 +2007,16 @@ def write_rollout(run: Run, pos: RunPosition):
         imagined.append(generate_next_obs(run.learners["denoiser"].model, obs, actions[:, k: k + c], args,
                                           device_generator, run.checked_net, run.autocast))
         obs = torch.cat([obs[:, 1:], imagined[-1][:, None]], dim=1)
-    rows = to_uint8(real[0, c:]).cpu().numpy(), to_uint8(torch.cat(imagined)).cpu().numpy()
+    rows = [to_uint8(x).permute(0, 2, 3, 1).cpu().numpy() for x in (real[0, c:], torch.cat(imagined))]
     names = [run.collector.env.action_meanings[a].lower() for a in actions[0, c - 1: c - 1 + horizon].tolist()]
-    scale = max(1, 64 // rows[0].shape[2])  # small frames enlarged: a label fits above each
-    grids = [make_grid(row.repeat(scale, axis=2).repeat(scale, axis=3), columns=horizon, pad=2) for row in rows]
-    height, cell = grids[0].shape[0], rows[0].shape[2] * scale + 2
-    strip = np.zeros((16 + 2 * height, 64 + grids[0].shape[1], 3), dtype=np.uint8)
-    for i, (grid, label) in enumerate(zip(grids, ("real", "imagined"))):
-        strip[16 + i * height: 16 + (i + 1) * height, 64:] = grid
-        put_text(strip, label, 4, 16 + i * height + height // 2 + 4, 0.35)
-    for i, name in enumerate(names):
-        put_text(strip, name[: max(1, cell // 6)], 66 + i * cell, 12, 0.3)
+    size = max(64, rows[0].shape[2])  # small frames enlarged: an action's name fits under each
+    strip = np.concatenate([with_caption(np.concatenate([with_caption(frame, size, [name]) for frame, name in zip(
+        row, names)], axis=1), size * horizon, [label]) for row, label in zip(rows, ("real", "imagined"))])
     run.writer.add_image("samples/imagined_vs_real", strip, pos.global_step, dataformats="HWC")
     stem = run.run_dir / "samples" / f"rollout_epoch{pos.epoch:05d}"
     write_png(stem.with_suffix(".png"), strip)
-    write_mp4(stem.with_suffix(".mp4"), np.stack([
-        with_caption(np.concatenate([r, i], axis=2).transpose(1, 2, 0), 256,
-                     ["left real, right imagined", f"step {k + 1}  action {names[k]}"])
-        for k, (r, i) in enumerate(zip(*rows))]))
+    write_mp4(stem.with_suffix(".mp4"), np.stack([with_caption(np.concatenate(pair, axis=1), 256, [
+        "left real, right imagined", f"step {k + 1}  action {names[k]}"]) for k, pair in enumerate(zip(*rows))]))
 
 
 def evaluate(run: Run, pos: RunPosition, log: EpochLog):
@@ -2572,17 +2550,6 @@ def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, sec
                         args.num_agents_to_keep)
 
 
-def final_test(run: Run, pos: RunPosition):
-    """The score the paper reports, after the last epoch (--eval-only runs it again)."""
-    args = run.args
-    what = f"{args.test_episodes} test episodes after {len(run.schedule)} epochs, {run.collector.env_steps} env steps"
-    if args.dataset_dir:
-        what += " (real-game test episodes: this script's addition, DIAMOND plays none with a static dataset)"
-    score_agent(args, run.learners["actor_critic"].model, run.collector.env, run.device, run.autocast, run.stop,
-                what, f"stopped by signal at the test episodes after epoch {len(run.schedule)}; run them with --resume "
-                f"{run.run_dir} --eval-only", lambda: contextlib.nullcontext(run.writer), pos.global_step)
-
-
 def main(args: Args, given: set[str]):
     # ---- setup: the arguments (a resumed run's from its checkpoint), device, seeds, env, models
     checkpoint, run_dir, trains = None, None, True
@@ -2631,12 +2598,9 @@ def main(args: Args, given: set[str]):
     denoiser_net = torch.compile(denoiser.net, backend=COMPILE_BACKEND, dynamic=False) if args.compile else denoiser.net
 
     if args.eval_only:  # the checkpoint's agent plays --test-episodes full games
-        from torch.utils.tensorboard import SummaryWriter
-
         what = f"{args.test_episodes} test episodes with the agent of epoch {pos.epoch - 1}"
         print(f"running {what} ...", flush=True)
-        score_agent(args, actor_critic, env, device, autocast, stop, what, "stopped by signal during the test "
-                    "episodes; nothing was logged", lambda: SummaryWriter(str(run_dir)), pos.global_step, "eval_only")
+        score_agent(args, actor_critic, env, device, autocast, stop, what, run_dir, pos.global_step)
         return stop.restore()
     if args.play or args.play_keys is not None:  # optional: play
         stop.restore()  # optional: play
@@ -2696,7 +2660,10 @@ def main(args: Args, given: set[str]):
 
     # ---- the test: the score the paper reports (full games, epsilon 0), then teardown
     if not stop.requested and not args.world_model_only:
-        final_test(run, pos)
+        what = f"{args.test_episodes} test episodes after {len(run.schedule)} epochs, {collector.env_steps} env steps"
+        if args.dataset_dir:
+            what += " (real-game test episodes: this script's addition, DIAMOND plays none with a static dataset)"
+        score_agent(args, actor_critic, env, device, autocast, stop, what, run_dir, pos.global_step, writer)
     print(f"{'stopped' if stop.requested else 'done'} after {time.perf_counter() - run_start:.1f} s: {run_dir}")
     close_writer(args, writer)
     stop.restore()
