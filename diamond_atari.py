@@ -1517,6 +1517,9 @@ def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer
     return losses
 
 
+REWARD_END_CLASSES = ("reward_neg", "reward_zero", "reward_pos", "end")  # world_model_metrics' counts
+
+
 @torch.no_grad()
 def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
                         refs: list[tuple[int, int]], args: Args, device: torch.device, seed: int,
@@ -1526,7 +1529,7 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
     c, n = args.num_conditioning_steps, len(refs)
     generator = torch.Generator(device=device).manual_seed(seed)
     sums = [0.0] * 6  # the sample's and the last frame's squared errors, all and changed; pixels
-    counts = torch.zeros(len(RewardEndPools.classes), 3, dtype=torch.long)
+    counts = torch.zeros(len(REWARD_END_CLASSES), 3, dtype=torch.long)
     for first in range(0, n, 64):
         batch = buffer.segments([(e, t - (c - 1)) for e, t in refs[first: first + 64]], c + 1)
         obs = segment_obs(batch, device)  # (B, c + 1, 3, H, W)
@@ -1551,40 +1554,28 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
             "next_frame_mse_changed": mse_changed / max(changed, 1.0),
             "copy_last_frame_mse_changed": copy_changed / max(changed, 1.0), "changed_pixel_fraction": changed / pixels,
             "reward_accuracy": sum(hits[:3]) / n, "end_accuracy": (n - predicted[3] - actual[3] + 2 * hits[3]) / n,
-            "counts": dict(zip(RewardEndPools.classes, counts.tolist()))}
+            "counts": dict(zip(REWARD_END_CLASSES, counts.tolist()))}
 
 
-class RewardEndPools:
-    """Recall and precision per class (reward signs -1, 0, +1; the end), each pooled until
-    min_count examples, then taken and emptied: no value rests on fewer."""
-    classes = ("reward_neg", "reward_zero", "reward_pos", "end")
+def add_to_pools(pools: dict, counts: dict[str, list[int]]):
+    """Each class's (hits, predicted, actual), as world_model_metrics counts them, added to the
+    pools: {"recall": {class: [hits, actual]}, "precision": {class: [hits, predicted]}}."""
+    for name, (hits, predicted, actual) in counts.items():
+        for kind, total in (("recall", actual), ("precision", predicted)):
+            pools[kind][name] = [pools[kind][name][0] + hits, pools[kind][name][1] + total]
 
-    def __init__(self, min_count: int = 20):
-        self.min_count = min_count
-        self.load_state_dict({kind: {name: [0, 0] for name in self.classes} for kind in ("recall", "precision")})
 
-    def add(self, counts: dict[str, list[int]]):
-        """counts: each class's (hits, predicted, actual), as world_model_metrics returns them."""
-        for name, (hits, predicted, actual) in counts.items():  # the pools: [hits, actual or predicted]
-            self.recall[name] = [self.recall[name][0] + hits, self.recall[name][1] + actual]
-            self.precision[name] = [self.precision[name][0] + hits, self.precision[name][1] + predicted]
-
-    def take(self) -> dict[str, float]:
-        """The full pools' values by tag (world_model/reward_recall_pos ...), those emptied."""
-        values = {}
-        for kind, pools in (("recall", self.recall), ("precision", self.precision)):
-            for name, (hits, total) in pools.items():
-                if total >= self.min_count:
-                    what, _, sign = name.partition("_")
-                    values[f"world_model/{what}_{kind}" + (f"_{sign}" if sign else "")] = hits / total
-                    pools[name] = [0, 0]
-        return values
-
-    def state_dict(self) -> dict:
-        return copy.deepcopy({"recall": self.recall, "precision": self.precision})
-
-    def load_state_dict(self, state: dict):
-        self.recall, self.precision = copy.deepcopy(state["recall"]), copy.deepcopy(state["precision"])
+def take_pooled(pools: dict, min_count: int = 20) -> dict[str, float]:
+    """The pools of min_count examples or more as values by tag (world_model/reward_recall_pos ...),
+    those emptied: no value rests on fewer."""
+    values = {}
+    for kind, pool in pools.items():
+        for name, (hits, total) in pool.items():
+            if total >= min_count:
+                what, _, sign = name.partition("_")
+                values[f"world_model/{what}_{kind}" + (f"_{sign}" if sign else "")] = hits / total
+                pool[name] = [0, 0]
+    return values
 
 
 @torch.no_grad()
@@ -1702,7 +1693,8 @@ class Collector:
         self.env, self.buffer, self.generator, self.device = env, buffer, generator, device
         self.partial, self.hidden, self.env_steps, self.first_collection_steps = None, None, 0, 0
         self.heldout, self.fork_starts = torch.zeros((0, 2), dtype=torch.long), []
-        self.reward_end_pools = RewardEndPools()
+        self.reward_end_pools = {kind: {name: [0, 0] for name in REWARD_END_CLASSES}  # add_to_pools's
+                                 for kind in ("recall", "precision")}
 
     @torch.no_grad()
     def step(self, actor_critic: ActorCritic, args: Args, autocast, random_policy: bool):
@@ -1763,14 +1755,17 @@ class EpochLog:
         return means
 
 
-@dataclass
 class Learner:
-    """A model with its AdamW, warmup schedule, grad scaler (fp16 only) and clipping norm."""
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    max_grad_norm: float
+    """A model with its AdamW (weight decay on the world model only, as DIAMOND), warmup schedule,
+    grad scaler (fp16 only) and clipping norm."""
+
+    def __init__(self, name: str, model: nn.Module, args: Args, use_cuda: bool):
+        lr = (name == "actor_critic" and args.actor_critic_learning_rate) or args.learning_rate
+        decay = 0.0 if name == "actor_critic" else args.weight_decay
+        self.model, self.max_grad_norm = model, args.denoiser_max_grad_norm if name == "denoiser" else args.max_grad_norm
+        self.optimizer = torch.optim.AdamW(weight_decay_groups(model, decay), lr=lr, eps=args.adam_eps, fused=use_cuda)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_warmup_factor(s, args.warmup_steps))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16")
 
     def update(self, loss: torch.Tensor) -> torch.Tensor:
         """One gradient step on the loss; returns the gradient norm before clipping."""
@@ -1785,17 +1780,7 @@ class Learner:
 
 
 def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> dict[str, Learner]:
-    """AdamW, weight decay on the world model only (DIAMOND: none for the actor-critic)."""
-    learners = {}
-    for name, model in models.items():
-        lr = (name == "actor_critic" and args.actor_critic_learning_rate) or args.learning_rate
-        optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.0 if name == "actor_critic" else args.weight_decay),
-                                      lr=lr, eps=args.adam_eps, fused=use_cuda)
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_warmup_factor(s, args.warmup_steps))
-        scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16")
-        max_norm = args.denoiser_max_grad_norm if name == "denoiser" else args.max_grad_norm
-        learners[name] = Learner(model, optimizer, warmup, scaler, max_norm)
-    return learners
+    return {name: Learner(name, model, args, use_cuda) for name, model in models.items()}
 
 
 def run_checkpoint(run, pos: RunPosition, log: EpochLog) -> dict:
@@ -1809,7 +1794,7 @@ def run_checkpoint(run, pos: RunPosition, log: EpochLog) -> dict:
             "partial": None if partial is None else ReplayBuffer.to_tensors(partial),
             "first_collection_steps": collector.first_collection_steps,
             "collect_hidden": None if hidden is None else tuple(h.cpu() for h in hidden),
-            "reward_end_pools": collector.reward_end_pools.state_dict(),
+            "reward_end_pools": collector.reward_end_pools,
             "fork_starts": [{"episode": e, "t": t, "env": env} for e, t, env in collector.fork_starts],
             "epoch_log": {"pending": log.pending, "means": log.means},
             "phase_sums": {key: value.item() for key, value in log.sums.items()},
@@ -1834,7 +1819,7 @@ def restore_run(state: dict, collector: Collector, log: EpochLog, learners: dict
         collector.partial = None if partial is None else {"obs": list(partial["obs"].permute(0, 2, 3, 1).numpy()), **{
             key: partial[key].tolist() for key in ("actions", "rewards", "terminated", "truncated")}}
         collector.hidden = None if hidden is None else tuple(h.to(collector.device) for h in hidden)
-        collector.reward_end_pools.load_state_dict(state["reward_end_pools"])
+        collector.reward_end_pools = state["reward_end_pools"]
         collector.fork_starts = [(s["episode"], s["t"], s["env"]) for s in state["fork_starts"]]
         log.pending, log.means = state["epoch_log"]["pending"], state["epoch_log"]["means"]
         log.sums = {key: torch.tensor(value, device=log.device) for key, value in state["phase_sums"].items()}
@@ -1941,7 +1926,7 @@ def measure_world_model(run: Run, pos: RunPosition, log: EpochLog):
     metrics = world_model_metrics(run.learners["denoiser"].model, run.learners["reward_end"].model,
                                   run.buffer, refs, run.args, run.device, run.args.seed * 7919 + pos.epoch,
                                   run.checked_net, run.autocast)
-    collector.reward_end_pools.add(metrics.pop("counts"))
+    add_to_pools(collector.reward_end_pools, metrics.pop("counts"))
     for key, value in metrics.items():
         log.add(f"world_model/{key}", value)
     if run.args.dataset_dir is None:  # trained on from now on: no collection, no world_model/*
@@ -2058,7 +2043,7 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
             run.learners["denoiser"].model, run.learners["reward_end"].model, held_out, ids, args, run.device, seed,
             run.checked_net, run.autocast).items()})
     write_rollout(run, pos)
-    for key, value in {**values, **collector.reward_end_pools.take()}.items():
+    for key, value in {**values, **take_pooled(collector.reward_end_pools)}.items():
         if value is not None:
             log.add(key, value)
 
@@ -2099,23 +2084,19 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
                 "actions": rng.integers(0, num_actions, length), "rewards": np.zeros(length, np.float32),
                 "terminated": np.zeros(length, bool), "truncated": np.zeros(length, bool)}, write=False)
     generator, cpu_generator = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0)
-    run = Run(args, device, autocast, generator, cpu_generator, buffer, None,
-              build_learners(args, copies, device.type == "cuda"), copies["denoiser"].net, None, None,
-              Collector(make_env(args, args.seed + 1, torch.Generator().manual_seed(0)), buffer, cpu_generator,
-                        device) if left["collect"] else None, None, None, None, None, None)
+    run = Run(args, device, autocast, generator, cpu_generator, buffer, None, build_learners(
+        args, copies, device.type == "cuda"), copies["denoiser"].net, *[None] * 8)
 
-    def timed(unit: Callable[[], object], most: int = 5) -> float:
-        """Seconds per call: a warm-up (its figure if over 1 s), then the mean until 0.2 s."""
-        times = []
-        while len(times) < 2 or (len(times) <= most and sum(times[1:]) < 0.2):
+    def timed(unit: Callable[[], object], calls: int = 2) -> float:
+        """Seconds per call: a warm-up call's if it took over 1 s, else the mean of `calls` more."""
+        def once() -> float:
             start = time.perf_counter()
             unit()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-            if times[0] > 1.0:
-                return times[0]
-        return sum(times[1:]) / (len(times) - 1)
+            return time.perf_counter() - start
+        first = once()
+        return first if first > 1.0 else sum(once() for _ in range(calls)) / calls
 
     seconds = {}
     for name in [name for name in ("denoiser", "reward_end", "actor_critic") if left[name]]:
@@ -2128,8 +2109,10 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
             if seconds[name] > 2.0:  # batch 1 x the batch: long enough to say that it is long
                 break
     if left["collect"]:
-        seconds["collect"] = timed(lambda: run.collector.step(copies["actor_critic"], args, autocast,
-                                                              args.world_model_only), 100)
+        collector = Collector(make_env(args, args.seed + 1, torch.Generator().manual_seed(0)), buffer, cpu_generator,
+                              device)
+        seconds["collect"] = timed(lambda: collector.step(copies["actor_critic"], args, autocast,
+                                                          args.world_model_only), 50)
     set_rng_state(state)
     return seconds
 
