@@ -1455,8 +1455,9 @@ def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, Catc
     print(line + (f"; catch rate {(mean + 1) / 2:.3f} (random 0.2)" if env.game == "Catch" else ""), flush=True)
     from torch.utils.tensorboard import SummaryWriter
 
+    values = {"episodic_return": mean, "num_episodes": len(returns), "human_normalized_score": score}
     with contextlib.nullcontext(writer) if writer else SummaryWriter(str(run_dir)) as tensorboard:
-        for key, value in {"episodic_return": mean, "num_episodes": len(returns), "human_normalized_score": score}.items():
+        for key, value in values.items():
             if value is not None:
                 tensorboard.add_scalar(f"eval/{'eval_only' if writer is None else 'test'}_{key}", value, step)
 
@@ -1762,9 +1763,12 @@ class Learner:
     def __init__(self, name: str, model: nn.Module, args: Args, use_cuda: bool):
         lr = (name == "actor_critic" and args.actor_critic_learning_rate) or args.learning_rate
         decay = 0.0 if name == "actor_critic" else args.weight_decay
-        self.model, self.max_grad_norm = model, args.denoiser_max_grad_norm if name == "denoiser" else args.max_grad_norm
-        self.optimizer = torch.optim.AdamW(weight_decay_groups(model, decay), lr=lr, eps=args.adam_eps, fused=use_cuda)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_warmup_factor(s, args.warmup_steps))
+        self.model = model
+        self.max_grad_norm = args.denoiser_max_grad_norm if name == "denoiser" else args.max_grad_norm
+        self.optimizer = torch.optim.AdamW(weight_decay_groups(model, decay), lr=lr, eps=args.adam_eps,
+                                           fused=use_cuda)
+        warmup = lambda step: lr_warmup_factor(step, args.warmup_steps)  # noqa: E731
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup)
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16")
 
     def update(self, loss: torch.Tensor) -> torch.Tensor:
@@ -2007,21 +2011,18 @@ def write_rollout(run: Run, pos: RunPosition):
 def evaluate(run: Run, pos: RunPosition, log: EpochLog):
     """Test episodes (not in the last epoch), action shares, imagined vs real returns, test-set
     losses, the rollout, the full pools; a signal abandons it before anything is written."""
-    args, epoch, seed, collector = run.args, pos.epoch, run.args.seed * 7919 + pos.epoch, run.collector
-    actor_critic = run.learners["actor_critic"].model
-    values, test_episodes = {}, []
-    if not args.world_model_only and epoch < len(run.schedule):
+    args, seed, collector, env = run.args, run.args.seed * 7919 + pos.epoch, run.collector, run.collector.env
+    actor_critic, values, test_episodes = run.learners["actor_critic"].model, {}, []
+    if not args.world_model_only and pos.epoch < len(run.schedule):
         # with --dataset-dir, DIAMOND plays no game: these test episodes are this script's addition
         what = "real-game test episodes, not in DIAMOND's static-dataset mode" if args.dataset_dir else "test episodes"
-        progress = progress_bar(None, 0, f"epoch {epoch} evaluate ({args.eval_episodes} {what})", "env step")
+        progress = progress_bar(None, 0, f"epoch {pos.epoch} evaluate ({args.eval_episodes} {what})", "env step")
         returns = run_test_episodes(actor_critic, args, args.eval_episodes, seed, run.device, run.autocast,
-                                    check=run.stop.check, record=test_episodes, on_step=lambda: progress.update(1))
+                                    check=lambda: (run.stop.check(), progress.update(1)), record=test_episodes)
         progress.close()
-        mean = float(np.mean(returns))
-        values = {"eval/episodic_return": mean, "eval/human_normalized_score": collector.env.normalized_score(mean)}
-        # a policy collapsed onto one action shows in its shares
-        shares = action_shares(test_episodes, collector.env.num_actions)
-        values.update({f"eval/action_share_{m}": float(s) for m, s in zip(collector.env.action_meanings, shares)})
+        mean, shares = float(np.mean(returns)), action_shares(test_episodes, env.num_actions)  # a collapsed policy
+        values = {"eval/episodic_return": mean, "eval/human_normalized_score": env.normalized_score(mean),
+                  **{f"eval/action_share_{m}": float(s) for m, s in zip(env.action_meanings, shares)}}
     k = min(collector.num_fork_starts, args.num_imagined_envs, len(collector.fork_starts))
     if k and not args.world_model_only:  # none with --dataset-dir
         run.stop.check()  # an Atari env takes about a second to make
@@ -2179,8 +2180,7 @@ def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float
 
 
 def check_training_memory(setup, args: Args, num_actions: int):
-    """One line, before any allocation, if the world model's or actor-critic's update
-    cannot fit."""
+    """One line, before any allocation, if the world model's or actor-critic's update cannot fit."""
     num_params, per_segment, per_env = step_memory_profile(args, num_actions)
     check_step_memory(setup, args.batch_size, num_params, per_segment, args.dtype)
     if not args.world_model_only:
