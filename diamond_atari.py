@@ -1982,13 +1982,8 @@ def write_rollout(run: Run, pos: RunPosition):
     imagined, each frame above its action) in TensorBoard and samples/, an MP4."""
     args, buffer, device, seed = run.args, run.buffer, run.device, run.args.seed * 7919 + pos.epoch
     c, horizon = args.num_conditioning_steps, args.imagination_horizon
-    generator = torch.Generator().manual_seed(seed)
-    ids = [i for i in buffer.sampleable() if len(buffer.episode(i)["actions"]) >= c + horizon] or buffer.sampleable()
-    index = ids[int(torch.randint(len(ids), (1,), generator=generator))]
-    T = len(buffer.episode(index)["actions"])
-    horizon = min(horizon, T - c) if T > c else 1
-    start = int(torch.randint(max(T - c - horizon + 1, 1), (1,), generator=generator)) if T > c else -(c - 1)
-    batch = buffer.segments([(index, start)], c + horizon)
+    refs = buffer.sample_segments(1, c + horizon, torch.Generator().manual_seed(seed))  # its own draws
+    batch = buffer.segments(refs, c + horizon)
     real, actions = segment_obs(batch, device), batch["actions"].to(device)
     device_generator = torch.Generator(device=device).manual_seed(seed)
     obs, imagined = real[:, :c], []
@@ -1999,8 +1994,9 @@ def write_rollout(run: Run, pos: RunPosition):
     rows = [to_uint8(x).permute(0, 2, 3, 1).cpu().numpy() for x in (real[0, c:], torch.cat(imagined))]
     names = [run.collector.env.action_meanings[a].lower() for a in actions[0, c - 1: c - 1 + horizon].tolist()]
     size = max(64, rows[0].shape[2])  # small frames enlarged: an action's name fits under each
-    strip = np.concatenate([with_caption(np.concatenate([with_caption(frame, size, [name]) for frame, name in zip(
-        row, names)], axis=1), size * horizon, [label]) for row, label in zip(rows, ("real", "imagined"))])
+    cells = [[with_caption(frame, size, [name]) for frame, name in zip(row, names)] for row in rows]
+    strip = np.concatenate([with_caption(np.concatenate(row, axis=1), size * horizon, [label])
+                            for row, label in zip(cells, ("real", "imagined"))])
     run.writer.add_image("samples/imagined_vs_real", strip, pos.global_step, dataformats="HWC")
     stem = run.run_dir / "samples" / f"rollout_epoch{pos.epoch:05d}"
     write_png(stem.with_suffix(".png"), strip)
