@@ -1533,8 +1533,7 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
     counts = torch.zeros(len(REWARD_END_CLASSES), 3, dtype=torch.long)
     for first in range(0, n, 64):
         batch = buffer.segments([(e, t - (c - 1)) for e, t in refs[first: first + 64]], c + 1)
-        obs = segment_obs(batch, device)  # (B, c + 1, 3, H, W)
-        actions = batch["actions"].to(device)
+        obs, actions = segment_obs(batch, device), batch["actions"].to(device)  # obs (B, c + 1, 3, H, W)
         predicted = generate_next_obs(denoiser, obs[:, :-1], actions, args, generator, net, autocast)
         target, last, predicted = (obs[:, -1] + 1) / 2, (obs[:, -2] + 1) / 2, (predicted + 1) / 2
         changed = ((target - last).abs().amax(dim=1, keepdim=True) > 0).float().expand_as(target)
@@ -1637,8 +1636,7 @@ def action_shares(episodes: list[dict], num_actions: int) -> np.ndarray:
 
 
 def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
-    """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a
-    black margin with a line of text per entry: what the window shows and the play MP4s hold."""
+    """A uint8 (h, w, 3) frame enlarged to width size (nearest: sharp pixels) above a line of text per entry."""
     import cv2
 
     height = int(round(frame.shape[0] * size / frame.shape[1]))
@@ -2189,9 +2187,8 @@ def check_training_memory(setup, args: Args, num_actions: int):
 
 # ==== BEGIN OPTIONAL: play ====
 # Play: the world model (or the real game) as a game, in a pygame window or headless from keys.
-# Optional: delete the play blocks (BEGIN line to END line: this one, the flags' in Args) and every
-# line ending in "# optional: play": the script trains as before (tests/test_optional_blocks.py
-# checks it):
+# Optional: without the play blocks (here, in Args) and the lines ending in "# optional: play", the
+# script trains as before (tests/test_optional_blocks.py):
 #   sed '/^# ==== BEGIN OPTIONAL: play/,/^# ==== END OPTIONAL: play/d; /# optional: play$/d' diamond_atari.py > x.py
 
 # --play-keys letters of the 18 Atari actions: N noop, F fire, U/D/L/R, the diagonals around S on
@@ -2215,9 +2212,8 @@ def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
 
 
 def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, meanings: list[str]) -> int:
-    """Held keys -> an action of `meanings`: UP/DOWN, LEFT/RIGHT, FIRE make the ALE name (UPFIRE);
-    one it lacks drops the vertical part, then fire (moving matters more): the sprites world's
-    up-right is RIGHT, Breakout's up-right and left+fire are RIGHT and LEFT."""
+    """Held keys -> an action of `meanings` (ALE names: UPFIRE); a name it lacks drops the vertical
+    part, then fire (moving matters more): Breakout's up-right and left+fire are RIGHT and LEFT."""
     vertical = "UP" if up and not down else "DOWN" if down and not up else ""
     horizontal = "LEFT" if left and not right else "RIGHT" if right and not left else ""
     suffix = "FIRE" if fire else ""
@@ -2227,9 +2223,8 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
 
 
 class ImaginedGame:
-    """The world model as a game: reset() takes a real start (frames (1, c, 3, H, W), actions
-    (1, c - 1)) from starts(); step(action) samples the next frame by next_frame(frames, actions
-    (1, c)), the reward sign and the end by the reward/end model (if given)."""
+    """The world model as a game from starts()' real frames (1, c, 3, H, W) and actions (1, c - 1):
+    next_frame(frames, actions (1, c)) samples the next frame, the reward/end model (if any) the rest."""
     name = "world model"
 
     def __init__(self, next_frame: Callable, starts: Callable, reward_end_model: Optional[Callable] = None,
@@ -2265,33 +2260,29 @@ class ImaginedGame:
 
 class RealGame:
     """The real game (a life lost ends an episode) as ImaginedGame; the episodes played kept as
-    .npz fields until take_episodes (the one in progress: truncated)."""
+    .npz fields until take_episodes."""
     name = "real game"
 
     def __init__(self, env: Union[AtariEnv, CatchEnv]):
-        self.env, self.finished, self.episode = env, [], None
-
-    def cut(self, obs: np.ndarray) -> np.ndarray:
-        """The episode so far kept (truncated unless it ended), a new one from obs."""
-        if self.episode is not None and self.episode["actions"]:
-            self.episode["truncated"][-1] |= not self.episode["terminated"][-1]
-            self.finished.append(self.episode)
-        self.episode = new_episode(obs)
-        return obs
+        self.env, self.episodes = env, []
 
     def reset(self) -> np.ndarray:
         self.env.game_over = True  # a new game, not the next life
-        return self.cut(self.env.reset())
+        self.episodes.append(new_episode(self.env.reset()))
+        return self.episodes[-1]["obs"][0]
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool]:
         obs, reward, terminated, truncated = self.env.step(action)
-        if add_step(self.episode, action, obs, reward, terminated, truncated):  # next life or game
-            obs = self.cut(self.env.reset())
-        return obs, reward, terminated or truncated
+        if add_step(self.episodes[-1], action, obs, reward, terminated, truncated):  # next life or game
+            self.episodes.append(new_episode(self.env.reset()))
+        return self.episodes[-1]["obs"][-1], reward, terminated or truncated
 
     def take_episodes(self) -> list[dict]:
-        self.cut(self.env.obs)
-        done, self.finished = self.finished, []
+        """The episodes played (one cut short: truncated); the next goes on from the last frame."""
+        done = [episode for episode in self.episodes if episode["actions"]]
+        for episode in done:
+            episode["truncated"][-1] |= not episode["terminated"][-1]
+        self.episodes = [new_episode(self.env.obs)]
         return done
 
 
