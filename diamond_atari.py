@@ -1468,8 +1468,7 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
                       check: Callable[[], None] = lambda: None, record: Optional[list] = None) -> list[float]:
     """Returns of full games (epsilon 0, no life-loss ends) seeded by `seed` alone; check() before
     each env is made and each step; the episodes appended to record."""
-    generator = torch.Generator().manual_seed(seed)
-    returns = []
+    generator, returns = torch.Generator().manual_seed(seed), []
     while len(returns) < num_episodes:
         envs = []
         for i in range(min(max_parallel, num_episodes - len(returns))):
@@ -1499,9 +1498,8 @@ def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer
                     ids: list[int], args: Args, device: torch.device, seed: int, net=None,
                     autocast=contextlib.nullcontext()) -> dict:
     """DIAMOND's test losses: each held-out frame a denoiser target once, each transition a reward/end one."""
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator, losses = torch.Generator(device=device).manual_seed(seed), {}
     c, length, k = args.num_conditioning_steps, args.reward_segment_length, 1 + args.num_autoregressive_steps
-    losses = {}
     # denoiser segments start at 1 - c, 1 - c + k, ... (targets 1..T); reward/end segments share
     # their boundary frame (transitions 0..L-2, L-1..2L-3, ...)
     for name, first, stride, num_obs in (("denoiser", 1 - c, k, c + k), ("reward_end", 0, length - 1, length)):
@@ -2067,18 +2065,15 @@ def seconds_left(seconds_per_unit: dict[str, float], left: dict[str, int]) -> fl
     return sum(units * seconds_per_unit.get(name, 0.0) for name, units in left.items())
 
 
-def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, device: torch.device,
-                autocast, left: dict[str, int]) -> dict[str, float]:
-    """Seconds per update of each model and per env step, timed on copies (the global RNGs put
-    back). On a CPU, batch 1's time x the batch when that is over 2 s."""
-    state, rng = rng_state(), np.random.default_rng(0)
-    copies = {name: copy.deepcopy(model) for name, model in models.items()}
-    length = max(args.reward_segment_length, args.num_conditioning_steps + 2, 100)
-    buffer = ReplayBuffer(None, None, args.num_conditioning_steps)
-    buffer.add({"obs": rng.integers(0, 256, (length + 1, args.obs_size, args.obs_size, 3), dtype=np.uint8),
-                "actions": rng.integers(0, num_actions, length), "rewards": np.zeros(length, np.float32),
-                "terminated": np.zeros(length, bool), "truncated": np.zeros(length, bool)}, write=False)
+def time_phases(args: Args, models: dict[str, nn.Module], device: torch.device, autocast,
+                left: dict[str, int]) -> dict[str, float]:
+    """Seconds per env step and per update of each model, timed on copies and an env of their own
+    (the global RNGs put back). On a CPU, batch 1's time x the batch when that is over 2 s."""
+    state, copies = rng_state(), {name: copy.deepcopy(model) for name, model in models.items()}
     generator, cpu_generator = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0)
+    buffer = ReplayBuffer(None, None, args.num_conditioning_steps)  # filled by the timed env steps
+    collector = Collector(make_env(args, args.seed + 1, torch.Generator().manual_seed(0)), buffer, cpu_generator,
+                          device)
     run = Run(args, device, autocast, generator, cpu_generator, buffer, None, build_learners(
         args, copies, device.type == "cuda"), copies["denoiser"].net, *[None] * 8)
 
@@ -2093,7 +2088,9 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
         first = once()
         return first if first > 1.0 else sum(once() for _ in range(calls)) / calls
 
-    seconds = {}
+    policy = copies["actor_critic"]
+    seconds = {"collect": timed(lambda: collector.step(policy, args, autocast, args.world_model_only), 100)}
+    collector.share_partial()  # the buffer the updates sample
     for name in [name for name in ("denoiser", "reward_end", "actor_critic") if left[name]]:
         full = args.num_imagined_envs if name == "actor_critic" else args.batch_size
         for batch in (1, full) if device.type != "cuda" else (full,):  # segments or imagined envs
@@ -2103,11 +2100,6 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
             seconds[name] = timed(lambda: run.learners[name].update(phase_loss(run, name)[0])) * full / batch
             if seconds[name] > 2.0:  # batch 1 x the batch: long enough to say that it is long
                 break
-    if left["collect"]:
-        collector = Collector(make_env(args, args.seed + 1, torch.Generator().manual_seed(0)), buffer, cpu_generator,
-                              device)
-        seconds["collect"] = timed(lambda: collector.step(copies["actor_critic"], args, autocast,
-                                                          args.world_model_only), 50)
     set_rng_state(state)
     return seconds
 
@@ -2475,7 +2467,7 @@ def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: d
     if resumed:
         print(f"resuming at {pos}", flush=True)
     left = work_left(args, run.collector.first_collection_steps, pos)
-    seconds_per_unit = time_phases(args, models, num_actions, run.device, run.autocast, left)
+    seconds_per_unit = time_phases(args, models, run.device, run.autocast, left)
     print("\n".join(run_time_lines(seconds_per_unit, left, setup)), flush=True)
     return seconds_per_unit
 

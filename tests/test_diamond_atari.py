@@ -667,8 +667,7 @@ def test_timing_the_phases_leaves_the_models_and_the_rngs_as_they_were(dia):
     models = dict(zip(("denoiser", "reward_end", "actor_critic"), dia.build_models(args, 3)))
     weights = {name: {k: v.clone() for k, v in model.state_dict().items()} for name, model in models.items()}
     rngs = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
-    seconds = dia.time_phases(args, models, 3, torch.device("cpu"), contextlib.nullcontext(),
-                              dict.fromkeys(dia.PHASES, 1))
+    seconds = dia.time_phases(args, models, torch.device("cpu"), contextlib.nullcontext(), dict.fromkeys(dia.PHASES, 1))
     assert set(seconds) == {"denoiser", "reward_end", "actor_critic", "collect"}
     assert all(0 < value < 10 for value in seconds.values()), seconds
     assert torch.equal(rngs[0], torch.get_rng_state()) and (rngs[1] == np.random.get_state()[1]).all()
