@@ -1990,9 +1990,9 @@ def write_rollout(run: Run, pos: RunPosition):
     rows = [to_uint8(x).permute(0, 2, 3, 1).cpu().numpy() for x in (real[0, c:], torch.cat(imagined))]
     names = [run.collector.env.action_meanings[a].lower() for a in actions[0, c - 1: c - 1 + horizon].tolist()]
     size = max(64, rows[0].shape[2])  # small frames enlarged: an action's name fits under each
-    cells = [[with_caption(frame, size, [name]) for frame, name in zip(row, names)] for row in rows]
-    strip = np.concatenate([with_caption(np.concatenate(row, axis=1), size * horizon, [label])
-                            for row, label in zip(cells, ("real", "imagined"))])
+    cells = [np.stack([with_caption(frame, size, [name]) for frame, name in zip(row, names)]) for row in rows]
+    grids = [make_grid(row.transpose(0, 3, 1, 2), columns=horizon) for row in cells]
+    strip = np.concatenate([with_caption(g, g.shape[1], [label]) for g, label in zip(grids, ("real", "imagined"))])
     run.writer.add_image("samples/imagined_vs_real", strip, pos.global_step, dataformats="HWC")
     stem = run.run_dir / "samples" / f"rollout_epoch{pos.epoch:05d}"
     write_png(stem.with_suffix(".png"), strip)
@@ -2139,16 +2139,15 @@ def mfu_per_update(args: Args, num_actions: int, peak: Optional[float]) -> Optio
         lambda: build_models(args, num_actions)[0].net, *example) / peak
 
 
-def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float]:
-    """(parameters, bytes per segment of a world-model update, bytes per imagined env of an
-    actor-critic update: backup_every actor steps and a world-model step), on meta."""
-    c, size = args.num_conditioning_steps, args.obs_size
-    with torch.device("meta"):
+def check_training_memory(setup, args: Args, num_actions: int):
+    """One line, before any allocation, if a world-model update (per segment) or an actor-critic
+    update (per imagined env: backup_every actor steps and a world-model step) cannot fit."""
+    c, size, k = args.num_conditioning_steps, args.obs_size, 1 + args.num_autoregressive_steps
+    with torch.device("meta"):  # the saved activations, counted without compute
         denoiser, reward_end_model, actor_critic = build_models(args, num_actions)
         frames = lambda n: torch.zeros(1, n, 3, size, size)  # noqa: E731 - one segment of n frames
         actions = lambda n: torch.zeros(1, n, dtype=torch.long)  # noqa: E731
-        num_obs = c + 1 + args.num_autoregressive_steps
-        segment = (frames(num_obs), actions(num_obs - 1), torch.ones(1, num_obs, dtype=torch.bool))
+        segment = (frames(c + k), actions(c + k - 1), torch.ones(1, c + k, dtype=torch.bool))
         denoiser_bytes = saved_activation_bytes(lambda: denoiser_loss(denoiser, *segment, args, None))
 
         def reward_end_step(length: int):  # over all transitions: meta cannot index by a mask
@@ -2157,19 +2156,13 @@ def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float
             return F.cross_entropy(reward_logits[0], classes) + F.cross_entropy(end_logits[0], classes)
 
         reward_end_bytes = saved_activation_bytes(lambda: reward_end_step(args.reward_segment_length - 1))
-        world_model_step = max(denoiser_bytes / (1 + args.num_autoregressive_steps),
-                               saved_activation_bytes(lambda: reward_end_step(1)))
+        world_model_step = max(denoiser_bytes / k, saved_activation_bytes(lambda: reward_end_step(1)))
         actor_hidden = (torch.zeros(1, args.actor_lstm_dim), torch.zeros(1, args.actor_lstm_dim))
         actor_bytes = saved_activation_bytes(lambda: actor_critic(frames(1)[:, 0], actor_hidden))
     num_params = sum(p.numel() for model in (denoiser, reward_end_model, actor_critic) for p in model.parameters())
-    return num_params, max(denoiser_bytes, reward_end_bytes), args.backup_every * actor_bytes + world_model_step
-
-
-def check_training_memory(setup, args: Args, num_actions: int):
-    """One line, before any allocation, if the world model's or actor-critic's update cannot fit."""
-    num_params, per_segment, per_env = step_memory_profile(args, num_actions)
-    check_step_memory(setup, args.batch_size, num_params, per_segment, args.dtype)
+    check_step_memory(setup, args.batch_size, num_params, max(denoiser_bytes, reward_end_bytes), args.dtype)
     if not args.world_model_only:
+        per_env = args.backup_every * actor_bytes + world_model_step
         try:
             check_step_memory(setup, args.num_imagined_envs, num_params, per_env, args.dtype)
         except UserError as e:  # the shared check names --batch-size: here, the imagined envs
