@@ -1978,8 +1978,9 @@ def write_rollout(run: Run, pos: RunPosition):
     imagined, each frame above its action) in TensorBoard and samples/, an MP4."""
     args, buffer, device, seed = run.args, run.buffer, run.device, run.args.seed * 7919 + pos.epoch
     c, horizon = args.num_conditioning_steps, args.imagination_horizon
-    refs = buffer.sample_segments(1, c + horizon, torch.Generator().manual_seed(seed))  # its own draws
-    batch = buffer.segments(refs, c + horizon)
+    (index, start), = buffer.sample_segments(1, c + horizon, torch.Generator().manual_seed(seed))
+    start = max(start, min(0, len(buffer.episode(index)["actions"]) + 1 - c - horizon))  # no padding if it fits
+    batch = buffer.segments([(index, start)], c + horizon)
     real, actions = segment_obs(batch, device), batch["actions"].to(device)
     device_generator = torch.Generator(device=device).manual_seed(seed)
     obs, imagined = real[:, :c], []
@@ -2364,8 +2365,6 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
          reward_end_model: RewardEndModel, meanings: list[str], device: torch.device, autocast):
     """--play: the world model of a checkpoint as a game, in a window or (--play-keys) headless."""
     steps = parse_play_keys(args.play_keys, meanings) if args.play_keys is not None else None
-    denoiser.eval()
-    reward_end_model.eval()
     generator = torch.Generator(device=device).manual_seed(args.seed)  # diffusion noise
     cpu_generator = torch.Generator().manual_seed(args.seed)  # starts, reward and end samples
     # the starts: fresh real segments of up to 16 of the run's episodes (or --dataset-dir's)
@@ -2559,8 +2558,8 @@ def main(args: Args, given: set[str]):
         return stop.restore()
     if args.play or args.play_keys is not None:  # optional: play
         stop.restore()  # optional: play
-        return play(args, run_dir, checkpoint, denoiser, reward_end_model, env.action_meanings,  # optional: play
-                    device, autocast)  # optional: play
+        return play(args, run_dir, checkpoint, denoiser.eval(), reward_end_model.eval(),  # optional: play
+                    env.action_meanings, device, autocast)  # optional: play
     num_epochs = len(run_schedule(args, collector.first_collection_steps))
     if checkpoint is not None and pos.epoch > num_epochs:  # finished: say so, write nothing
         print(f"the run is already at epoch {pos.epoch - 1} of {num_epochs}: raise --num-epochs to train on, "
