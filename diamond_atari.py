@@ -1435,37 +1435,38 @@ def lr_warmup_factor(step: int, warmup_steps: int) -> float:
 # Evaluation: test episodes, the human-normalised score, world-model metrics, rollout videos.
 
 
-def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device, autocast, stop,
-                what: str, run_dir: Path, step: int, writer=None):
+def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device, autocast,
+                stop, what: str, run_dir: Path, step: int, writer=None):
     """The paper's score: --test-episodes full games, printed and logged as eval/test_* into the
     run's writer, or (--eval-only: no writer) as eval/eval_only_* by a writer of its own."""
     try:
         returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003,
                                     device, autocast, check=stop.check)
     except StopRequested:
-        return print(f"stopped by signal during the {what}; nothing was logged (play them with --resume {run_dir} "
-                     f"--eval-only)", flush=True)
-    mean = float(np.mean(returns))
-    score, line = env.normalized_score(mean), f"{what}: mean return {mean:.2f} (std {np.std(returns):.2f})"
+        return print(f"stopped by signal during the {what}; nothing was logged (play them with "
+                     f"--resume {run_dir} --eval-only)", flush=True)
+    mean, std = float(np.mean(returns)), np.std(returns)
+    score, line = env.normalized_score(mean), f"{what}: mean return {mean:.2f} (std {std:.2f})"
     if score is None:
         line += f" ({env.game} has no random/human reference scores here: raw score only)"
     else:
         low, high = ATARI_SCORES[env.game]
         line += f"; human-normalised score {score:.3f} = ({mean:.2f} - random {low}) / (human {high} - random {low})"
-    print(line + (f"; catch rate {(mean + 1) / 2:.3f} (random 0.2)" if env.game == "Catch" else ""), flush=True)
+    catch = f"; catch rate {(mean + 1) / 2:.3f} (random 0.2)" if env.game == "Catch" else ""  # returns: +1, -1
+    print(line + catch, flush=True)
     from torch.utils.tensorboard import SummaryWriter
 
-    values = {"episodic_return": mean, "num_episodes": len(returns), "human_normalized_score": score}
+    kind, values = "test" if writer else "eval_only", (len(returns), mean, score)
     with contextlib.nullcontext(writer) if writer else SummaryWriter(str(run_dir)) as tensorboard:
-        for key, value in values.items():
+        for key, value in zip(("num_episodes", "episodic_return", "human_normalized_score"), values):
             if value is not None:
-                tensorboard.add_scalar(f"eval/{'eval_only' if writer is None else 'test'}_{key}", value, step)
+                tensorboard.add_scalar(f"eval/{kind}_{key}", value, step)
 
 
 @torch.no_grad()
 def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, seed: int,
                       device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16,
-                      check: Callable[[], None] = lambda: None, record: Optional[list] = None) -> list[float]:
+                      check: Callable = lambda: None, record: Optional[list] = None) -> list[float]:
     """Returns of full games (epsilon 0, no life-loss ends) seeded by `seed` alone; check() before
     each env is made and each step; the episodes appended to record."""
     generator, returns = torch.Generator().manual_seed(seed), []
@@ -1497,7 +1498,7 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
 def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
                     ids: list[int], args: Args, device: torch.device, seed: int, net=None,
                     autocast=contextlib.nullcontext()) -> dict:
-    """DIAMOND's test losses: each held-out frame a denoiser target once, each transition a reward/end one."""
+    """DIAMOND's test losses: each held-out frame a denoiser target, each transition a reward/end one."""
     generator, losses = torch.Generator(device=device).manual_seed(seed), {}
     c, length, k = args.num_conditioning_steps, args.reward_segment_length, 1 + args.num_autoregressive_steps
     # denoiser segments start at 1 - c, 1 - c + k, ... (targets 1..T); reward/end segments share
@@ -1516,7 +1517,7 @@ def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer
     return losses
 
 
-REWARD_END_CLASSES = ("reward_neg", "reward_zero", "reward_pos", "end")  # world_model_metrics' counts
+REWARD_END_CLASSES = ("reward_neg", "reward_zero", "reward_pos", "end")  # world_model_metrics counts
 
 
 @torch.no_grad()
@@ -1531,7 +1532,7 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
     counts = torch.zeros(len(REWARD_END_CLASSES), 3, dtype=torch.long)
     for first in range(0, n, 64):
         batch = buffer.segments([(e, t - (c - 1)) for e, t in refs[first: first + 64]], c + 1)
-        obs, actions = segment_obs(batch, device), batch["actions"].to(device)  # obs (B, c + 1, 3, H, W)
+        obs, actions = segment_obs(batch, device), batch["actions"].to(device)  # (B, c + 1, 3, H, W)
         predicted = generate_next_obs(denoiser, obs[:, :-1], actions, args, generator, net, autocast)
         target, last, predicted = (obs[:, -1] + 1) / 2, (obs[:, -2] + 1) / 2, (predicted + 1) / 2
         changed = ((target - last).abs().amax(dim=1, keepdim=True) > 0).float().expand_as(target)
@@ -1580,8 +1581,8 @@ def take_pooled(pools: dict, min_count: int = 20) -> dict[str, float]:
 def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int, int, dict]],
                               env: Union[AtariEnv, CatchEnv], args: Args, seed: int,
                               check: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Mean sums of reward signs over the horizon from K starts (Collector.fork_starts) in the world model and in
-    the real game forked there, same actor state, actions, uniforms: the gap imagination exploits."""
+    """Mean sums of reward signs over the horizon from K starts (Collector.fork_starts) in the world
+    model and the real game forked there, same actor state, actions, uniforms: what imagination exploits."""
     c, horizon, device, k = args.num_conditioning_steps, args.imagination_horizon, graphs.device, len(starts)
     num_episodes = len(graphs.wm_env.buffer.episodes)
     start = graphs.wm_env.start(k, [(e if e < num_episodes else -1, t - (c - 1)) for e, t, _ in starts])
@@ -1690,8 +1691,8 @@ class Collector:
         self.env, self.buffer, self.generator, self.device = env, buffer, generator, device
         self.partial, self.hidden, self.env_steps, self.first_collection_steps = None, None, 0, 0
         self.heldout, self.fork_starts = torch.zeros((0, 2), dtype=torch.long), []
-        self.reward_end_pools = {kind: {name: [0, 0] for name in REWARD_END_CLASSES}  # add_to_pools's
-                                 for kind in ("recall", "precision")}
+        self.reward_end_pools = {kind: {name: [0, 0] for name in REWARD_END_CLASSES}
+                                 for kind in ("recall", "precision")}  # add_to_pools's
 
     @torch.no_grad()
     def step(self, actor_critic: ActorCritic, args: Args, autocast, random_policy: bool):
@@ -1737,7 +1738,8 @@ class EpochLog:
 
     def accumulate(self, values: dict[str, torch.Tensor]):
         for key, value in values.items():
-            self.sums[key] = self.sums[key] + value.detach().float() if key in self.sums else value.detach().float()
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
 
     def finite(self) -> bool:
         """Whether every loss and gradient norm of the current window is finite (a host sync)."""
@@ -1759,8 +1761,8 @@ class Learner:
     def __init__(self, name: str, model: nn.Module, args: Args, use_cuda: bool):
         lr = (name == "actor_critic" and args.actor_critic_learning_rate) or args.learning_rate
         decay = 0.0 if name == "actor_critic" else args.weight_decay
-        self.model = model
-        self.max_grad_norm = args.denoiser_max_grad_norm if name == "denoiser" else args.max_grad_norm
+        norm = args.denoiser_max_grad_norm if name == "denoiser" else args.max_grad_norm
+        self.model, self.max_grad_norm = model, norm
         self.optimizer = torch.optim.AdamW(weight_decay_groups(model, decay), lr=lr, eps=args.adam_eps,
                                            fused=use_cuda)
         warmup = lambda step: lr_warmup_factor(step, args.warmup_steps)  # noqa: E731
@@ -1979,7 +1981,7 @@ def write_rollout(run: Run, pos: RunPosition):
     args, buffer, device, seed = run.args, run.buffer, run.device, run.args.seed * 7919 + pos.epoch
     c, horizon = args.num_conditioning_steps, args.imagination_horizon
     (index, start), = buffer.sample_segments(1, c + horizon, torch.Generator().manual_seed(seed))
-    start = max(start, min(0, len(buffer.episode(index)["actions"]) + 1 - c - horizon))  # no padding if it fits
+    start = max(start, min(0, len(buffer.episode(index)["actions"]) + 1 - c - horizon))  # all real if it can
     batch = buffer.segments([(index, start)], c + horizon)
     real, actions = segment_obs(batch, device), batch["actions"].to(device)
     device_generator = torch.Generator(device=device).manual_seed(seed)
@@ -1993,7 +1995,8 @@ def write_rollout(run: Run, pos: RunPosition):
     size = max(64, rows[0].shape[2])  # small frames enlarged: an action's name fits under each
     cells = [np.stack([with_caption(frame, size, [name]) for frame, name in zip(row, names)]) for row in rows]
     grids = [make_grid(row.transpose(0, 3, 1, 2), columns=horizon) for row in cells]
-    strip = np.concatenate([with_caption(g, g.shape[1], [label]) for g, label in zip(grids, ("real", "imagined"))])
+    strip = np.concatenate([with_caption(grid, grid.shape[1], [label])
+                            for grid, label in zip(grids, ("real", "imagined"))])
     run.writer.add_image("samples/imagined_vs_real", strip, pos.global_step, dataformats="HWC")
     stem = run.run_dir / "samples" / f"rollout_epoch{pos.epoch:05d}"
     write_png(stem.with_suffix(".png"), strip)
@@ -2004,7 +2007,8 @@ def write_rollout(run: Run, pos: RunPosition):
 def evaluate(run: Run, pos: RunPosition, log: EpochLog):
     """Test episodes (not in the last epoch), action shares, imagined vs real returns, test-set
     losses, the rollout, the full pools; a signal abandons it before anything is written."""
-    args, seed, collector, env = run.args, run.args.seed * 7919 + pos.epoch, run.collector, run.collector.env
+    args, collector, env = run.args, run.collector, run.collector.env
+    seed = args.seed * 7919 + pos.epoch
     actor_critic, values, test_episodes = run.learners["actor_critic"].model, {}, []
     if not args.world_model_only and pos.epoch < len(run.schedule):
         # with --dataset-dir, DIAMOND plays no game: these test episodes are this script's addition
@@ -2013,7 +2017,8 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
         returns = run_test_episodes(actor_critic, args, args.eval_episodes, seed, run.device, run.autocast,
                                     check=lambda: (run.stop.check(), progress.update(1)), record=test_episodes)
         progress.close()
-        mean, shares = float(np.mean(returns)), action_shares(test_episodes, env.num_actions)  # a collapsed policy
+        # the action shares: a policy collapsed onto one action shows there
+        mean, shares = float(np.mean(returns)), action_shares(test_episodes, env.num_actions)
         values = {"eval/episodic_return": mean, "eval/human_normalized_score": env.normalized_score(mean),
                   **{f"eval/action_share_{m}": float(s) for m, s in zip(env.action_meanings, shares)}}
     k = min(collector.num_fork_starts, args.num_imagined_envs, len(collector.fork_starts))
