@@ -1456,8 +1456,8 @@ def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, Catc
     print(line + catch, flush=True)
     from torch.utils.tensorboard import SummaryWriter
 
-    kind, values = "test" if writer else "eval_only", (len(returns), mean, score)
-    with contextlib.nullcontext(writer) if writer else SummaryWriter(str(run_dir)) as tensorboard:
+    kind, values = "eval_only" if writer is None else "test", (len(returns), mean, score)
+    with SummaryWriter(str(run_dir)) if writer is None else contextlib.nullcontext(writer) as tensorboard:
         for key, value in zip(("num_episodes", "episodic_return", "human_normalized_score"), values):
             if value is not None:
                 tensorboard.add_scalar(f"eval/{kind}_{key}", value, step)
@@ -1738,8 +1738,8 @@ class EpochLog:
 
     def accumulate(self, values: dict[str, torch.Tensor]):
         for key, value in values.items():
-            value = value.detach().float()
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
+            value = value.detach().float()  # cloned below: a CUDA graph's output is overwritten
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
 
     def finite(self) -> bool:
         """Whether every loss and gradient norm of the current window is finite (a host sync)."""
@@ -1980,7 +1980,7 @@ def write_rollout(run: Run, pos: RunPosition):
     imagined, each frame above its action) in TensorBoard and samples/, an MP4."""
     args, buffer, device, seed = run.args, run.buffer, run.device, run.args.seed * 7919 + pos.epoch
     c, horizon = args.num_conditioning_steps, args.imagination_horizon
-    (index, start), = buffer.sample_segments(1, c + horizon, torch.Generator().manual_seed(seed))
+    [(index, start)] = buffer.sample_segments(1, c + horizon, torch.Generator().manual_seed(seed))
     start = max(start, min(0, len(buffer.episode(index)["actions"]) + 1 - c - horizon))  # all real if it can
     batch = buffer.segments([(index, start)], c + horizon)
     real, actions = segment_obs(batch, device), batch["actions"].to(device)
