@@ -2565,9 +2565,9 @@ def main(args: Args, given: set[str]):
         stop.restore()  # optional: play
         return play(args, run_dir, checkpoint, denoiser.eval(), reward_end_model.eval(),  # optional: play
                     env.action_meanings, device, autocast)  # optional: play
-    num_epochs = len(run_schedule(args, collector.first_collection_steps))
-    if checkpoint is not None and pos.epoch > num_epochs:  # finished: say so, write nothing
-        print(f"the run is already at epoch {pos.epoch - 1} of {num_epochs}: raise --num-epochs to train on, "
+    schedule = run_schedule(args, collector.first_collection_steps)  # final once the first collection is
+    if checkpoint is not None and pos.epoch > len(schedule):  # finished: say so, write nothing
+        print(f"the run is already at epoch {pos.epoch - 1} of {len(schedule)}: raise --num-epochs to train on, "
               f"or play its test episodes again with --eval-only", flush=True)
         return stop.restore()
 
@@ -2587,7 +2587,7 @@ def main(args: Args, given: set[str]):
     graphs = imagination_graphs(args, setup, wm_env, actor_critic, stop)  # compiled, or None
     mfu = mfu_per_update(args, num_actions, peak_flops(setup, args.dtype))
     run = Run(args, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net, wm_env,
-              graphs, collector, writer, stop, run_dir, mfu, run_schedule(args, collector.first_collection_steps))
+              graphs, collector, writer, stop, run_dir, mfu, schedule)
     seconds_per_unit = announce_run(run, pos, checkpoint is not None, game, models, setup)
 
     # ---- train: DIAMOND's Algorithm 1, a phase at a time (a checkpoint may stop inside one)
