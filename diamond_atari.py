@@ -1400,39 +1400,41 @@ def lr_warmup_factor(step: int, warmup_steps: int) -> float:
 # Evaluation: test episodes, the human-normalised score, world-model metrics, rollout videos.
 
 
-def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device,
-                autocast, stop, what: str, stopped: str, writer_at, step: int, kind="test"):
-    """The paper's score: --test-episodes full games, printed and logged as eval/{kind}_*."""
+def score_agent(args: Args, actor_critic: ActorCritic, env: Union[AtariEnv, CatchEnv], device, autocast,
+                stop, what: str, run_dir: Path, step: int, writer=None):
+    """The paper's score: --test-episodes full games, printed and logged as eval/test_* into the
+    run's writer, or (--eval-only: no writer) as eval/eval_only_* by a writer of its own."""
     try:
         returns = run_test_episodes(actor_critic, args, args.test_episodes, args.seed * 7919 + 1_000_003,
                                     device, autocast, check=stop.check)
     except StopRequested:
-        return print(stopped, flush=True)
-    mean, score = float(np.mean(returns)), env.normalized_score(float(np.mean(returns)))
-    line = f"{what}: mean return {mean:.2f} (std {np.std(returns):.2f})"
+        return print(f"stopped by signal during the {what}; nothing was logged (play them with "
+                     f"--resume {run_dir} --eval-only)", flush=True)
+    mean, std = float(np.mean(returns)), np.std(returns)
+    score, line = env.normalized_score(mean), f"{what}: mean return {mean:.2f} (std {std:.2f})"
     if score is None:
         line += f" ({env.game} has no random/human reference scores here: raw score only)"
     else:
         low, high = ATARI_SCORES[env.game]
         line += f"; human-normalised score {score:.3f} = ({mean:.2f} - random {low}) / (human {high} - random {low})"
-    if env.game == "Catch":  # a game returns +1 or -1
-        line += f"; catch rate {(mean + 1) / 2:.3f} (random 0.2)"
-    print(line, flush=True)
-    with writer_at() as writer:
-        writer.add_scalar(f"eval/{kind}_episodic_return", mean, step)
-        writer.add_scalar(f"eval/{kind}_num_episodes", len(returns), step)
-        if score is not None:
-            writer.add_scalar(f"eval/{kind}_human_normalized_score", score, step)
+    catch = f"; catch rate {(mean + 1) / 2:.3f} (random 0.2)" if env.game == "Catch" else ""  # returns: +1, -1
+    print(line + catch, flush=True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    kind, values = "eval_only" if writer is None else "test", (len(returns), mean, score)
+    with SummaryWriter(str(run_dir)) if writer is None else contextlib.nullcontext(writer) as tensorboard:
+        for key, value in zip(("num_episodes", "episodic_return", "human_normalized_score"), values):
+            if value is not None:
+                tensorboard.add_scalar(f"eval/{kind}_{key}", value, step)
 
 
 @torch.no_grad()
 def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, seed: int,
                       device: torch.device, autocast=contextlib.nullcontext(), max_parallel: int = 16,
-                      check: Callable[[], None] = lambda: None, record: Optional[list] = None,
-                      on_step: Callable[[], None] = lambda: None) -> list[float]:
-    """Returns of full games (epsilon 0, no life-loss ends) seeded by `seed` alone."""
-    generator = torch.Generator().manual_seed(seed)
-    returns = []
+                      check: Callable = lambda: None, record: Optional[list] = None) -> list[float]:
+    """Returns of full games (epsilon 0, no life-loss ends) seeded by `seed` alone; check() before
+    each env is made and each step; the episodes appended to record."""
+    generator, returns = torch.Generator().manual_seed(seed), []
     while len(returns) < num_episodes:
         envs = []
         for i in range(min(max_parallel, num_episodes - len(returns))):
@@ -1442,7 +1444,6 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
         hidden, active = None, list(range(len(envs)))
         while active:
             check()
-            on_step()
             obs = np.stack([episodes[i]["obs"][-1] for i in active])
             with autocast:
                 logits, _, hidden = actor_critic(to_float(torch.from_numpy(obs).permute(0, 3, 1, 2).to(device)), hidden)
@@ -1462,11 +1463,9 @@ def run_test_episodes(actor_critic: ActorCritic, args: Args, num_episodes: int, 
 def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
                     ids: list[int], args: Args, device: torch.device, seed: int, net=None,
                     autocast=contextlib.nullcontext()) -> dict:
-    """DIAMOND's test losses: each held-out frame a denoiser target once, each transition a
-    reward/end target once."""
-    generator = torch.Generator(device=device).manual_seed(seed)
+    """DIAMOND's test losses: each held-out frame a denoiser target, each transition a reward/end one."""
+    generator, losses = torch.Generator(device=device).manual_seed(seed), {}
     c, length, k = args.num_conditioning_steps, args.reward_segment_length, 1 + args.num_autoregressive_steps
-    losses = {}
     # denoiser segments start at 1 - c, 1 - c + k, ... (targets 1..T); reward/end segments share
     # their boundary frame (transitions 0..L-2, L-1..2L-3, ...)
     for name, first, stride, num_obs in (("denoiser", 1 - c, k, c + k), ("reward_end", 0, length - 1, length)):
@@ -1483,6 +1482,9 @@ def test_set_losses(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer
     return losses
 
 
+REWARD_END_CLASSES = ("reward_neg", "reward_zero", "reward_pos", "end")  # world_model_metrics counts
+
+
 @torch.no_grad()
 def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
                         refs: list[tuple[int, int]], args: Args, device: torch.device, seed: int,
@@ -1492,11 +1494,10 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
     c, n = args.num_conditioning_steps, len(refs)
     generator = torch.Generator(device=device).manual_seed(seed)
     sums = [0.0] * 6  # the sample's and the last frame's squared errors, all and changed; pixels
-    counts = torch.zeros(len(RewardEndPools.classes), 3, dtype=torch.long)
+    counts = torch.zeros(len(REWARD_END_CLASSES), 3, dtype=torch.long)
     for first in range(0, n, 64):
         batch = buffer.segments([(e, t - (c - 1)) for e, t in refs[first: first + 64]], c + 1)
-        obs = segment_obs(batch, device)  # (B, c + 1, 3, H, W)
-        actions = batch["actions"].to(device)
+        obs, actions = segment_obs(batch, device), batch["actions"].to(device)  # (B, c + 1, 3, H, W)
         predicted = generate_next_obs(denoiser, obs[:, :-1], actions, args, generator, net, autocast)
         target, last, predicted = (obs[:, -1] + 1) / 2, (obs[:, -2] + 1) / 2, (predicted + 1) / 2
         changed = ((target - last).abs().amax(dim=1, keepdim=True) > 0).float().expand_as(target)
@@ -1517,50 +1518,36 @@ def world_model_metrics(denoiser: Denoiser, reward_end_model: RewardEndModel, bu
             "next_frame_mse_changed": mse_changed / max(changed, 1.0),
             "copy_last_frame_mse_changed": copy_changed / max(changed, 1.0), "changed_pixel_fraction": changed / pixels,
             "reward_accuracy": sum(hits[:3]) / n, "end_accuracy": (n - predicted[3] - actual[3] + 2 * hits[3]) / n,
-            "counts": dict(zip(RewardEndPools.classes, counts.tolist()))}
+            "counts": dict(zip(REWARD_END_CLASSES, counts.tolist()))}
 
 
-class RewardEndPools:
-    """Recall and precision per class (reward signs -1, 0, +1; the end), each pooled until
-    min_count examples, then taken and emptied: no value rests on fewer."""
-    classes = ("reward_neg", "reward_zero", "reward_pos", "end")
+def add_to_pools(pools: dict, counts: dict[str, list[int]]):
+    """Each class's (hits, predicted, actual), as world_model_metrics counts them, added to the
+    pools: {"recall": {class: [hits, actual]}, "precision": {class: [hits, predicted]}}."""
+    for name, (hits, predicted, actual) in counts.items():
+        for kind, total in (("recall", actual), ("precision", predicted)):
+            pools[kind][name] = [pools[kind][name][0] + hits, pools[kind][name][1] + total]
 
-    def __init__(self, min_count: int = 20):
-        self.min_count = min_count
-        self.recall = {name: [0, 0] for name in self.classes}  # [hits, actual]
-        self.precision = {name: [0, 0] for name in self.classes}  # [hits, predicted]
 
-    def add(self, counts: dict[str, list[int]]):
-        """counts: each class's (hits, predicted, actual), as world_model_metrics returns them."""
-        for name, (hits, predicted, actual) in counts.items():
-            for pools, total in ((self.recall, actual), (self.precision, predicted)):
-                pools[name] = [pools[name][0] + hits, pools[name][1] + total]
-
-    def take(self) -> dict[str, float]:
-        """The full pools' values by tag (world_model/reward_recall_pos ...), those emptied."""
-        values = {}
-        for kind, pools in (("recall", self.recall), ("precision", self.precision)):
-            for name, (hits, total) in pools.items():
-                if total >= self.min_count:
-                    what, _, sign = name.partition("_")
-                    values[f"world_model/{what}_{kind}" + (f"_{sign}" if sign else "")] = hits / total
-                    pools[name] = [0, 0]
-        return values
-
-    def state_dict(self) -> dict:
-        return copy.deepcopy({"recall": self.recall, "precision": self.precision})
-
-    def load_state_dict(self, state: dict):
-        self.recall, self.precision = (copy.deepcopy(state[k]) for k in ("recall", "precision"))
+def take_pooled(pools: dict, min_count: int = 20) -> dict[str, float]:
+    """The pools of min_count examples or more as values by tag (world_model/reward_recall_pos ...),
+    those emptied: no value rests on fewer."""
+    values = {}
+    for kind, pool in pools.items():
+        for name, (hits, total) in pool.items():
+            if total >= min_count:
+                what, _, sign = name.partition("_")
+                values[f"world_model/{what}_{kind}" + (f"_{sign}" if sign else "")] = hits / total
+                pool[name] = [0, 0]
+    return values
 
 
 @torch.no_grad()
 def imagined_and_real_returns(graphs: ImaginationGraphs, starts: list[tuple[int, int, dict]],
                               env: Union[AtariEnv, CatchEnv], args: Args, seed: int,
                               check: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Mean sums of reward signs over the horizon from K starts (Collector.fork_starts), in
-    the world model and in the real game forked there, with the same actor state, actions
-    and uniforms: the gap that training in imagination exploits."""
+    """Mean sums of reward signs over the horizon from K starts (Collector.fork_starts) in the world
+    model and the real game forked there, same actor state, actions, uniforms: what imagination exploits."""
     c, horizon, device, k = args.num_conditioning_steps, args.imagination_horizon, graphs.device, len(starts)
     num_episodes = len(graphs.wm_env.buffer.episodes)
     start = graphs.wm_env.start(k, [(e if e < num_episodes else -1, t - (c - 1)) for e, t, _ in starts])
@@ -1612,16 +1599,8 @@ def action_shares(episodes: list[dict], num_actions: int) -> np.ndarray:
     return counts / max(counts.sum(), 1.0)
 
 
-def put_text(image: np.ndarray, text: str, x: int, y: int, scale: float = 0.4, colour=(255, 255, 255)):
-    """Small text (OpenCV's Hershey font) with its baseline at (x, y), drawn into an RGB uint8 image in place."""
-    import cv2
-
-    cv2.putText(image, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
-
-
 def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
-    """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a
-    black margin with a line of text per entry: what the window shows and the play MP4s hold."""
+    """A uint8 (h, w, 3) frame enlarged to width size (nearest: sharp pixels) above a line of text per entry."""
     import cv2
 
     height = int(round(frame.shape[0] * size / frame.shape[1]))
@@ -1677,7 +1656,8 @@ class Collector:
         self.env, self.buffer, self.generator, self.device = env, buffer, generator, device
         self.partial, self.hidden, self.env_steps, self.first_collection_steps = None, None, 0, 0
         self.heldout, self.fork_starts = torch.zeros((0, 2), dtype=torch.long), []
-        self.reward_end_pools = RewardEndPools()
+        self.reward_end_pools = {kind: {name: [0, 0] for name in REWARD_END_CLASSES}
+                                 for kind in ("recall", "precision")}  # add_to_pools's
 
     @torch.no_grad()
     def step(self, actor_critic: ActorCritic, args: Args, autocast, random_policy: bool):
@@ -1711,21 +1691,19 @@ class Collector:
 
 
 class EpochLog:
-    """An epoch's numbers. Losses are summed on the device and written every log_every updates;
-    the rest waits in `pending` for the epoch's end, so that a resume never writes a step twice."""
+    """An epoch's numbers: losses summed on the device and written every log_every updates; the
+    rest pending until the epoch's end, so that a resume never writes a step twice."""
 
     def __init__(self, device: torch.device):
-        self.device = device
-        self.pending: dict[str, list[float]] = {}  # written as means at the end of the epoch
+        self.device, self.pending, self.sums = device, {}, {}  # sums: the current log window's
         self.means: dict[str, list[float]] = {}  # the losses' logged means, for the epoch's line
-        self.sums: dict[str, torch.Tensor] = {}  # the current log window, on the device
 
     def add(self, key: str, value: float):
         self.pending.setdefault(key, []).append(float(value))
 
     def accumulate(self, values: dict[str, torch.Tensor]):
         for key, value in values.items():
-            value = value.detach().float()
+            value = value.detach().float()  # cloned below: a CUDA graph's output is overwritten
             self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
 
     def finite(self) -> bool:
@@ -1734,22 +1712,27 @@ class EpochLog:
 
     def flush(self, writer, step: int, count: int) -> dict[str, float]:
         """Writes the window's means over its `count` updates at `step`; a new window starts."""
-        means = {key: value.item() / count for key, value in self.sums.items()}
+        means, self.sums = {key: value.item() / count for key, value in self.sums.items()}, {}
         for key, value in means.items():
             writer.add_scalar(key, value, step)
             self.means.setdefault(key, []).append(value)
-        self.sums = {}
         return means
 
 
-@dataclass
 class Learner:
-    """A model with its AdamW, warmup schedule, grad scaler (fp16 only) and clipping norm."""
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    max_grad_norm: float
+    """A model with its AdamW (weight decay on the world model only, as DIAMOND), warmup schedule,
+    grad scaler (fp16 only) and clipping norm."""
+
+    def __init__(self, name: str, model: nn.Module, args: Args, use_cuda: bool):
+        lr = (name == "actor_critic" and args.actor_critic_learning_rate) or args.learning_rate
+        decay = 0.0 if name == "actor_critic" else args.weight_decay
+        norm = args.denoiser_max_grad_norm if name == "denoiser" else args.max_grad_norm
+        self.model, self.max_grad_norm = model, norm
+        self.optimizer = torch.optim.AdamW(weight_decay_groups(model, decay), lr=lr, eps=args.adam_eps,
+                                           fused=use_cuda)
+        warmup = lambda step: lr_warmup_factor(step, args.warmup_steps)  # noqa: E731
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16")
 
     def update(self, loss: torch.Tensor) -> torch.Tensor:
         """One gradient step on the loss; returns the gradient norm before clipping."""
@@ -1764,17 +1747,7 @@ class Learner:
 
 
 def build_learners(args: Args, models: dict[str, nn.Module], use_cuda: bool) -> dict[str, Learner]:
-    """AdamW, weight decay on the world model only (DIAMOND: none for the actor-critic)."""
-    learners = {}
-    for name, model in models.items():
-        lr = (name == "actor_critic" and args.actor_critic_learning_rate) or args.learning_rate
-        optimizer = torch.optim.AdamW(weight_decay_groups(model, 0.0 if name == "actor_critic" else args.weight_decay),
-                                      lr=lr, eps=args.adam_eps, fused=use_cuda)
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_warmup_factor(s, args.warmup_steps))
-        scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and args.dtype == "float16")
-        max_norm = args.denoiser_max_grad_norm if name == "denoiser" else args.max_grad_norm
-        learners[name] = Learner(model, optimizer, warmup, scaler, max_norm)
-    return learners
+    return {name: Learner(name, model, args, use_cuda) for name, model in models.items()}
 
 
 def run_checkpoint(run, pos: RunPosition, log: EpochLog) -> dict:
@@ -1788,7 +1761,7 @@ def run_checkpoint(run, pos: RunPosition, log: EpochLog) -> dict:
             "partial": None if partial is None else ReplayBuffer.to_tensors(partial),
             "first_collection_steps": collector.first_collection_steps,
             "collect_hidden": None if hidden is None else tuple(h.cpu() for h in hidden),
-            "reward_end_pools": collector.reward_end_pools.state_dict(),
+            "reward_end_pools": collector.reward_end_pools,
             "fork_starts": [{"episode": e, "t": t, "env": env} for e, t, env in collector.fork_starts],
             "epoch_log": {"pending": log.pending, "means": log.means},
             "phase_sums": {key: value.item() for key, value in log.sums.items()},
@@ -1813,7 +1786,7 @@ def restore_run(state: dict, collector: Collector, log: EpochLog, learners: dict
         collector.partial = None if partial is None else {"obs": list(partial["obs"].permute(0, 2, 3, 1).numpy()), **{
             key: partial[key].tolist() for key in ("actions", "rewards", "terminated", "truncated")}}
         collector.hidden = None if hidden is None else tuple(h.to(collector.device) for h in hidden)
-        collector.reward_end_pools.load_state_dict(state["reward_end_pools"])
+        collector.reward_end_pools = state["reward_end_pools"]
         collector.fork_starts = [(s["episode"], s["t"], s["env"]) for s in state["fork_starts"]]
         log.pending, log.means = state["epoch_log"]["pending"], state["epoch_log"]["means"]
         log.sums = {key: torch.tensor(value, device=log.device) for key, value in state["phase_sums"].items()}
@@ -1920,7 +1893,7 @@ def measure_world_model(run: Run, pos: RunPosition, log: EpochLog):
     metrics = world_model_metrics(run.learners["denoiser"].model, run.learners["reward_end"].model,
                                   run.buffer, refs, run.args, run.device, run.args.seed * 7919 + pos.epoch,
                                   run.checked_net, run.autocast)
-    collector.reward_end_pools.add(metrics.pop("counts"))
+    add_to_pools(collector.reward_end_pools, metrics.pop("counts"))
     for key, value in metrics.items():
         log.add(f"world_model/{key}", value)
     if run.args.dataset_dir is None:  # trained on from now on: no collection, no world_model/*
@@ -1968,16 +1941,12 @@ def train_model(run: Run, name: str, pos: RunPosition, log: EpochLog):
 
 @torch.no_grad()
 def write_rollout(run: Run, pos: RunPosition):
-    """An open-loop imagined rollout from a real segment with its actions: a strip (real row
-    above imagined, columns headed by the actions) in TensorBoard and samples/, an MP4."""
+    """An open-loop imagined rollout from a real segment with its actions: a strip (real row above
+    imagined, each frame above its action) in TensorBoard and samples/, an MP4."""
     args, buffer, device, seed = run.args, run.buffer, run.device, run.args.seed * 7919 + pos.epoch
     c, horizon = args.num_conditioning_steps, args.imagination_horizon
-    generator = torch.Generator().manual_seed(seed)
-    ids = [i for i in buffer.sampleable() if len(buffer.episode(i)["actions"]) >= c + horizon] or buffer.sampleable()
-    index = ids[int(torch.randint(len(ids), (1,), generator=generator))]
-    T = len(buffer.episode(index)["actions"])
-    horizon = min(horizon, T - c) if T > c else 1
-    start = int(torch.randint(max(T - c - horizon + 1, 1), (1,), generator=generator)) if T > c else -(c - 1)
+    [(index, start)] = buffer.sample_segments(1, c + horizon, torch.Generator().manual_seed(seed))
+    start = max(start, min(0, len(buffer.episode(index)["actions"]) + 1 - c - horizon))  # all real if it can
     batch = buffer.segments([(index, start)], c + horizon)
     real, actions = segment_obs(batch, device), batch["actions"].to(device)
     device_generator = torch.Generator(device=device).manual_seed(seed)
@@ -1986,44 +1955,37 @@ def write_rollout(run: Run, pos: RunPosition):
         imagined.append(generate_next_obs(run.learners["denoiser"].model, obs, actions[:, k: k + c], args,
                                           device_generator, run.checked_net, run.autocast))
         obs = torch.cat([obs[:, 1:], imagined[-1][:, None]], dim=1)
-    rows = to_uint8(real[0, c:]).cpu().numpy(), to_uint8(torch.cat(imagined)).cpu().numpy()
+    rows = [to_uint8(x).permute(0, 2, 3, 1).cpu().numpy() for x in (real[0, c:], torch.cat(imagined))]
     names = [run.collector.env.action_meanings[a].lower() for a in actions[0, c - 1: c - 1 + horizon].tolist()]
-    scale = max(1, 64 // rows[0].shape[2])  # small frames enlarged: a label fits above each
-    grids = [make_grid(row.repeat(scale, axis=2).repeat(scale, axis=3), columns=horizon, pad=2) for row in rows]
-    height, cell = grids[0].shape[0], rows[0].shape[2] * scale + 2
-    strip = np.zeros((16 + 2 * height, 64 + grids[0].shape[1], 3), dtype=np.uint8)
-    for i, (grid, label) in enumerate(zip(grids, ("real", "imagined"))):
-        strip[16 + i * height: 16 + (i + 1) * height, 64:] = grid
-        put_text(strip, label, 4, 16 + i * height + height // 2 + 4, 0.35)
-    for i, name in enumerate(names):
-        put_text(strip, name[: max(1, cell // 6)], 66 + i * cell, 12, 0.3)
+    size = max(64, rows[0].shape[2])  # small frames enlarged: an action's name fits under each
+    cells = [np.stack([with_caption(frame, size, [name]) for frame, name in zip(row, names)]) for row in rows]
+    grids = [make_grid(row.transpose(0, 3, 1, 2), columns=horizon) for row in cells]
+    strip = np.concatenate([with_caption(grid, grid.shape[1], [label])
+                            for grid, label in zip(grids, ("real", "imagined"))])
     run.writer.add_image("samples/imagined_vs_real", strip, pos.global_step, dataformats="HWC")
     stem = run.run_dir / "samples" / f"rollout_epoch{pos.epoch:05d}"
     write_png(stem.with_suffix(".png"), strip)
-    write_mp4(stem.with_suffix(".mp4"), np.stack([
-        with_caption(np.concatenate([r, i], axis=2).transpose(1, 2, 0), 256,
-                     ["left real, right imagined", f"step {k + 1}  action {names[k]}"])
-        for k, (r, i) in enumerate(zip(*rows))]))
+    write_mp4(stem.with_suffix(".mp4"), np.stack([with_caption(np.concatenate(pair, axis=1), 256, [
+        "left real, right imagined", f"step {k + 1}  action {names[k]}"]) for k, pair in enumerate(zip(*rows))]))
 
 
 def evaluate(run: Run, pos: RunPosition, log: EpochLog):
     """Test episodes (not in the last epoch), action shares, imagined vs real returns, test-set
     losses, the rollout, the full pools; a signal abandons it before anything is written."""
-    args, epoch, seed, collector = run.args, pos.epoch, run.args.seed * 7919 + pos.epoch, run.collector
-    actor_critic = run.learners["actor_critic"].model
-    values, test_episodes = {}, []
-    if not args.world_model_only and epoch < len(run.schedule):
+    args, collector, env = run.args, run.collector, run.collector.env
+    seed = args.seed * 7919 + pos.epoch
+    actor_critic, values, test_episodes = run.learners["actor_critic"].model, {}, []
+    if not args.world_model_only and pos.epoch < len(run.schedule):
         # with --dataset-dir, DIAMOND plays no game: these test episodes are this script's addition
         what = "real-game test episodes, not in DIAMOND's static-dataset mode" if args.dataset_dir else "test episodes"
-        progress = progress_bar(None, 0, f"epoch {epoch} evaluate ({args.eval_episodes} {what})", "env step")
+        progress = progress_bar(None, 0, f"epoch {pos.epoch} evaluate ({args.eval_episodes} {what})", "env step")
         returns = run_test_episodes(actor_critic, args, args.eval_episodes, seed, run.device, run.autocast,
-                                    check=run.stop.check, record=test_episodes, on_step=lambda: progress.update(1))
+                                    check=lambda: (run.stop.check(), progress.update(1)), record=test_episodes)
         progress.close()
-        mean = float(np.mean(returns))
-        values = {"eval/episodic_return": mean, "eval/human_normalized_score": collector.env.normalized_score(mean)}
-        # a policy collapsed onto one action shows in its shares
-        shares = action_shares(test_episodes, collector.env.num_actions)
-        values.update({f"eval/action_share_{m}": float(s) for m, s in zip(collector.env.action_meanings, shares)})
+        # the action shares: a policy collapsed onto one action shows there
+        mean, shares = float(np.mean(returns)), action_shares(test_episodes, env.num_actions)
+        values = {"eval/episodic_return": mean, "eval/human_normalized_score": env.normalized_score(mean),
+                  **{f"eval/action_share_{m}": float(s) for m, s in zip(env.action_meanings, shares)}}
     k = min(collector.num_fork_starts, args.num_imagined_envs, len(collector.fork_starts))
     if k and not args.world_model_only:  # none with --dataset-dir
         run.stop.check()  # an Atari env takes about a second to make
@@ -2045,7 +2007,7 @@ def evaluate(run: Run, pos: RunPosition, log: EpochLog):
             run.learners["denoiser"].model, run.learners["reward_end"].model, held_out, ids, args, run.device, seed,
             run.checked_net, run.autocast).items()})
     write_rollout(run, pos)
-    for key, value in {**values, **collector.reward_end_pools.take()}.items():
+    for key, value in {**values, **take_pooled(collector.reward_end_pools)}.items():
         if value is not None:
             log.add(key, value)
 
@@ -2074,37 +2036,32 @@ def seconds_left(seconds_per_unit: dict[str, float], left: dict[str, int]) -> fl
     return sum(units * seconds_per_unit.get(name, 0.0) for name, units in left.items())
 
 
-def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, device: torch.device,
-                autocast, left: dict[str, int]) -> dict[str, float]:
-    """Seconds per update of each model and per env step, timed on copies (the global RNGs put
-    back). On a CPU, batch 1's time x the batch when that is over 2 s."""
-    state, rng = rng_state(), np.random.default_rng(0)
-    copies = {name: copy.deepcopy(model) for name, model in models.items()}
-    length = max(args.reward_segment_length, args.num_conditioning_steps + 2, 100)
-    buffer = ReplayBuffer(None, None, args.num_conditioning_steps)
-    buffer.add({"obs": rng.integers(0, 256, (length + 1, args.obs_size, args.obs_size, 3), dtype=np.uint8),
-                "actions": rng.integers(0, num_actions, length), "rewards": np.zeros(length, np.float32),
-                "terminated": np.zeros(length, bool), "truncated": np.zeros(length, bool)}, write=False)
+def time_phases(args: Args, models: dict[str, nn.Module], device: torch.device, autocast,
+                left: dict[str, int]) -> dict[str, float]:
+    """Seconds per env step and per update of each model, timed on copies and an env of their own
+    (the global RNGs put back). On a CPU, batch 1's time x the batch when that is over 2 s."""
+    state, copies = rng_state(), {name: copy.deepcopy(model) for name, model in models.items()}
     generator, cpu_generator = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0)
-    run = Run(args, device, autocast, generator, cpu_generator, buffer, None,
-              build_learners(args, copies, device.type == "cuda"), copies["denoiser"].net, None, None,
-              Collector(make_env(args, args.seed + 1, torch.Generator().manual_seed(0)), buffer, cpu_generator,
-                        device) if left["collect"] else None, None, None, None, None, None)
+    buffer = ReplayBuffer(None, None, args.num_conditioning_steps)  # filled by the timed env steps
+    collector = Collector(make_env(args, args.seed + 1, torch.Generator().manual_seed(0)), buffer, cpu_generator,
+                          device)
+    run = Run(args, device, autocast, generator, cpu_generator, buffer, None, build_learners(
+        args, copies, device.type == "cuda"), copies["denoiser"].net, *[None] * 8)
 
-    def timed(unit: Callable[[], object], most: int = 5) -> float:
-        """Seconds per call: a warm-up (its figure if over 1 s), then the mean until 0.2 s."""
-        times = []
-        while len(times) < 2 or (len(times) <= most and sum(times[1:]) < 0.2):
+    def timed(unit: Callable[[], object], calls: int = 2) -> float:
+        """Seconds per call: a warm-up call's if it took over 1 s, else the mean of `calls` more."""
+        def once() -> float:
             start = time.perf_counter()
             unit()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-            if times[0] > 1.0:
-                return times[0]
-        return sum(times[1:]) / (len(times) - 1)
+            return time.perf_counter() - start
+        first = once()
+        return first if first > 1.0 else sum(once() for _ in range(calls)) / calls
 
-    seconds = {}
+    policy = copies["actor_critic"]
+    seconds = {"collect": timed(lambda: collector.step(policy, args, autocast, args.world_model_only), 100)}
+    collector.share_partial()  # the buffer the updates sample
     for name in [name for name in ("denoiser", "reward_end", "actor_critic") if left[name]]:
         full = args.num_imagined_envs if name == "actor_critic" else args.batch_size
         for batch in (1, full) if device.type != "cuda" else (full,):  # segments or imagined envs
@@ -2114,9 +2071,6 @@ def time_phases(args: Args, models: dict[str, nn.Module], num_actions: int, devi
             seconds[name] = timed(lambda: run.learners[name].update(phase_loss(run, name)[0])) * full / batch
             if seconds[name] > 2.0:  # batch 1 x the batch: long enough to say that it is long
                 break
-    if left["collect"]:
-        seconds["collect"] = timed(lambda: run.collector.step(copies["actor_critic"], args, autocast,
-                                                              args.world_model_only), 100)
     set_rng_state(state)
     return seconds
 
@@ -2156,16 +2110,15 @@ def mfu_per_update(args: Args, num_actions: int, peak: Optional[float]) -> Optio
         lambda: build_models(args, num_actions)[0].net, *example) / peak
 
 
-def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float]:
-    """(parameters, bytes per segment of a world-model update, bytes per imagined env of an
-    actor-critic update: backup_every actor steps and a world-model step), on meta."""
-    c, size = args.num_conditioning_steps, args.obs_size
-    with torch.device("meta"):
+def check_training_memory(setup, args: Args, num_actions: int):
+    """One line, before any allocation, if a world-model update (per segment) or an actor-critic
+    update (per imagined env: backup_every actor steps and a world-model step) cannot fit."""
+    c, size, k = args.num_conditioning_steps, args.obs_size, 1 + args.num_autoregressive_steps
+    with torch.device("meta"):  # the saved activations, counted without compute
         denoiser, reward_end_model, actor_critic = build_models(args, num_actions)
         frames = lambda n: torch.zeros(1, n, 3, size, size)  # noqa: E731 - one segment of n frames
         actions = lambda n: torch.zeros(1, n, dtype=torch.long)  # noqa: E731
-        num_obs = c + 1 + args.num_autoregressive_steps
-        segment = (frames(num_obs), actions(num_obs - 1), torch.ones(1, num_obs, dtype=torch.bool))
+        segment = (frames(c + k), actions(c + k - 1), torch.ones(1, c + k, dtype=torch.bool))
         denoiser_bytes = saved_activation_bytes(lambda: denoiser_loss(denoiser, *segment, args, None))
 
         def reward_end_step(length: int):  # over all transitions: meta cannot index by a mask
@@ -2174,20 +2127,13 @@ def step_memory_profile(args: Args, num_actions: int) -> tuple[int, float, float
             return F.cross_entropy(reward_logits[0], classes) + F.cross_entropy(end_logits[0], classes)
 
         reward_end_bytes = saved_activation_bytes(lambda: reward_end_step(args.reward_segment_length - 1))
-        world_model_step = max(denoiser_bytes / (1 + args.num_autoregressive_steps),
-                               saved_activation_bytes(lambda: reward_end_step(1)))
+        world_model_step = max(denoiser_bytes / k, saved_activation_bytes(lambda: reward_end_step(1)))
         actor_hidden = (torch.zeros(1, args.actor_lstm_dim), torch.zeros(1, args.actor_lstm_dim))
         actor_bytes = saved_activation_bytes(lambda: actor_critic(frames(1)[:, 0], actor_hidden))
     num_params = sum(p.numel() for model in (denoiser, reward_end_model, actor_critic) for p in model.parameters())
-    return num_params, max(denoiser_bytes, reward_end_bytes), args.backup_every * actor_bytes + world_model_step
-
-
-def check_training_memory(setup, args: Args, num_actions: int):
-    """One line, before any allocation, if the world model's or actor-critic's update
-    cannot fit."""
-    num_params, per_segment, per_env = step_memory_profile(args, num_actions)
-    check_step_memory(setup, args.batch_size, num_params, per_segment, args.dtype)
+    check_step_memory(setup, args.batch_size, num_params, max(denoiser_bytes, reward_end_bytes), args.dtype)
     if not args.world_model_only:
+        per_env = args.backup_every * actor_bytes + world_model_step
         try:
             check_step_memory(setup, args.num_imagined_envs, num_params, per_env, args.dtype)
         except UserError as e:  # the shared check names --batch-size: here, the imagined envs
@@ -2197,9 +2143,8 @@ def check_training_memory(setup, args: Args, num_actions: int):
 
 # ==== BEGIN OPTIONAL: play ====
 # Play: the world model (or the real game) as a game, in a pygame window or headless from keys.
-# Optional: delete the play blocks (BEGIN line to END line: this one, the flags' in Args) and every
-# line ending in "# optional: play": the script trains as before (tests/test_optional_blocks.py
-# checks it):
+# Optional: without the play blocks (here, in Args) and the lines ending in "# optional: play", the
+# script trains as before (tests/test_optional_blocks.py):
 #   sed '/^# ==== BEGIN OPTIONAL: play/,/^# ==== END OPTIONAL: play/d; /# optional: play$/d' diamond_atari.py > x.py
 
 # --play-keys letters of the 18 Atari actions: N noop, F fire, U/D/L/R, the diagonals around S on
@@ -2216,18 +2161,15 @@ def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
     known = ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings)
     letters = [letter for letter in keys if not letter.isspace()]
     wrong = [letter for letter in letters if letter not in index]
-    if wrong:
-        raise UserError(f"--play-keys: {wrong[0]!r} is no action of this game; its letters: {known}, {RESTART_LETTER} "
-                        f"restart")
-    if not letters:
-        raise UserError(f"--play-keys is empty: give one letter per step; the game's letters: {known}")
+    if wrong or not letters:
+        what = f"{wrong[0]!r} is no action of this game" if wrong else "empty, give one letter per step"
+        raise UserError(f"--play-keys: {what}; its letters: {known}, {RESTART_LETTER} restart")
     return [index[letter] for letter in letters]
 
 
 def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, meanings: list[str]) -> int:
-    """Held keys -> an action of `meanings`: UP/DOWN, LEFT/RIGHT, FIRE make the ALE name (UPFIRE);
-    one it lacks drops the vertical part, then fire (moving matters more): the sprites world's
-    up-right is RIGHT, Breakout's up-right and left+fire are RIGHT and LEFT."""
+    """Held keys -> an action of `meanings` (ALE names: UPFIRE); a name it lacks drops the vertical
+    part, then fire (moving matters more): Breakout's up-right and left+fire are RIGHT and LEFT."""
     vertical = "UP" if up and not down else "DOWN" if down and not up else ""
     horizontal = "LEFT" if left and not right else "RIGHT" if right and not left else ""
     suffix = "FIRE" if fire else ""
@@ -2237,9 +2179,8 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
 
 
 class ImaginedGame:
-    """The world model as a game: reset() takes a real start (c frames, c - 1 actions) from
-    starts(); step(action) asks next_frame(frames (1, c, 3, H, W), actions (1, c)) for the
-    next frame and samples the reward sign and the end (if a model is given)."""
+    """The world model as a game from starts()' real frames (1, c, 3, H, W) and actions (1, c - 1):
+    next_frame(frames, actions (1, c)) samples the next frame, the reward/end model (if any) the rest."""
     name = "world model"
 
     def __init__(self, next_frame: Callable, starts: Callable, reward_end_model: Optional[Callable] = None,
@@ -2249,12 +2190,11 @@ class ImaginedGame:
 
     @torch.no_grad()
     def reset(self) -> np.ndarray:
-        obs, actions = self.starts()
-        self.obs, self.hidden = obs, None
-        self.act = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)  # last: player's
+        self.obs, actions = self.starts()
+        self.act, self.hidden = F.pad(actions, (0, 1)), None  # the last action: the player's
         if self.reward_end_model is not None:
-            _, _, self.hidden = self.reward_end_model(obs[:, :-1], actions, obs[:, 1:])
-        return to_uint8(obs[0, -1]).permute(1, 2, 0).cpu().numpy()
+            _, _, self.hidden = self.reward_end_model(self.obs[:, :-1], actions, self.obs[:, 1:])
+        return to_uint8(self.obs[0, -1]).permute(1, 2, 0).cpu().numpy()
 
     @torch.no_grad()
     def step(self, action: int) -> tuple[np.ndarray, float, bool]:
@@ -2267,8 +2207,7 @@ class ImaginedGame:
             reward_probs, end_probs = (x[0, 0].float().softmax(-1).cpu() for x in (reward_logits, end_logits))
             reward = float(torch.multinomial(reward_probs, 1, generator=self.generator)) - 1.0
             end = bool(torch.multinomial(end_probs, 1, generator=self.generator))
-        self.obs = torch.cat([self.obs[:, 1:], next_obs[:, None]], dim=1)
-        self.act = torch.cat([self.act[:, 1:], torch.zeros_like(self.act[:, :1])], dim=1)
+        self.obs, self.act = torch.cat([self.obs[:, 1:], next_obs[:, None]], dim=1), F.pad(self.act[:, 1:], (0, 1))
         return to_uint8(next_obs[0]).permute(1, 2, 0).cpu().numpy(), reward, end
 
     def take_episodes(self) -> list[dict]:
@@ -2276,60 +2215,55 @@ class ImaginedGame:
 
 
 class RealGame:
-    """The real game (a life lost ends an episode) with ImaginedGame's interface; the episodes
-    played kept as .npz fields until take_episodes (the one in progress: truncated)."""
+    """The real game (a life lost ends an episode) as ImaginedGame; the episodes played kept as
+    .npz fields until take_episodes."""
     name = "real game"
 
     def __init__(self, env: Union[AtariEnv, CatchEnv]):
-        self.env, self.finished, self.episode = env, [], None
-
-    def cut(self, obs: np.ndarray) -> np.ndarray:
-        """The episode so far kept (truncated unless it ended), a new one from obs."""
-        if self.episode is not None and self.episode["actions"]:
-            self.episode["truncated"][-1] = self.episode["truncated"][-1] or not self.episode["terminated"][-1]
-            self.finished.append(self.episode)
-        self.episode = new_episode(obs)
-        return obs
+        self.env, self.episodes = env, []
 
     def reset(self) -> np.ndarray:
         self.env.game_over = True  # a new game, not the next life
-        return self.cut(self.env.reset())
+        self.episodes.append(new_episode(self.env.reset()))
+        return self.episodes[-1]["obs"][0]
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool]:
         obs, reward, terminated, truncated = self.env.step(action)
-        if add_step(self.episode, action, obs, reward, terminated, truncated):  # next life or game
-            obs = self.cut(self.env.reset())
-        return obs, reward, terminated or truncated
+        if add_step(self.episodes[-1], action, obs, reward, terminated, truncated):  # next life or game
+            self.episodes.append(new_episode(self.env.reset()))
+        return self.episodes[-1]["obs"][-1], reward, terminated or truncated
 
     def take_episodes(self) -> list[dict]:
-        if self.episode is not None:
-            self.cut(self.env.obs)
-        done, self.finished = self.finished, []
+        """The episodes played (one cut short: truncated); the next goes on from the last frame."""
+        done = [episode for episode in self.episodes if episode["actions"]]
+        for episode in done:
+            episode["truncated"][-1] |= not episode["terminated"][-1]
+        self.episodes = [new_episode(self.env.obs)]
         return done
 
 
-def caption_lines(game, meanings: list[str], step: int, action: Optional[int], reward: float, total: float,
-                  end: bool, fps: Optional[float] = None, recording: bool = False) -> list[str]:
-    what = meanings[action].lower() if action is not None else "-"
-    line = f"{game.name}  step {step}  action {what}  reward {reward:+g}  return {total:g}" + ("  END" if end else "")
-    status = (f"{fps:.1f} fps  " if fps is not None else "") + ("REC" if recording else "")
-    return [line, status] if status else [line]
+def play_session(game, meanings: list[str]):
+    """A session as a generator: sent an action (None: restart), yields the frame, its caption
+    (step, action, reward, return, end) and the reward."""
+    action = None
+    while True:
+        if action is None:
+            frame, reward, end, step, total = game.reset(), 0.0, False, 0, 0.0
+        else:
+            frame, reward, end = game.step(action)
+            step, total = step + 1, total + reward
+        what = "-" if action is None else meanings[action].lower()
+        action = yield frame, (f"{game.name}  step {step}  action {what}  reward {reward:+g}  return {total:g}"
+                               + ("  END" if end else "")), reward
+        total = 0.0 if end else total
 
 
 def play_keys(game, steps: list[Optional[int]], meanings: list[str], size: int) -> dict:
     """The game played with the actions (None: restart): frames uint8 (T + 1, H, W, 3), the
     captioned frames, rewards, frames per second."""
-    frames, shown, rewards, start = [], [], [], time.perf_counter()
-    for i, action in enumerate([None, *steps]):  # step 0: the start frame
-        if action is None:
-            frame, reward, end, total = game.reset(), 0.0, False, 0.0
-        else:
-            frame, reward, end = game.step(action)
-            total += reward
-        frames.append(frame)
-        rewards.append(reward)
-        shown.append(with_caption(frame, size, caption_lines(game, meanings, i, action, reward, total, end)))
-        total = 0.0 if end else total
+    session, start = play_session(game, meanings), time.perf_counter()
+    frames, lines, rewards = zip(*[session.send(action) for action in [None, *steps]])
+    shown = [with_caption(frame, size, [line]) for frame, line in zip(frames, lines)]
     return {"frames": np.stack(frames), "shown": np.stack(shown), "rewards": rewards[1:],
             "fps": len(steps) / max(time.perf_counter() - start, 1e-9)}
 
@@ -2355,57 +2289,44 @@ def import_pygame():
 
 def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float,
                 max_steps: Optional[int] = None) -> float:
-    """The live session: the world model (Tab: the real game) steps with the held keys' action
-    at most max_fps times a second; Enter restarts, R records, Esc quits. Returns the frames
-    per second (max_steps: a timed session, benchmark/)."""
+    """The live session: the world model (Tab: the real game) steps with the held keys' action at
+    most max_fps times a second; Enter restarts, R records, Esc quits. Returns frames per second."""
     pygame = import_pygame()
     pygame.display.init()  # the display alone: no audio device needed
     driver = pygame.display.get_driver()
     if driver in ("offscreen", "dummy") and not os.environ.get("SDL_VIDEODRIVER"):  # no screen: SDL fell back
-        pygame.quit()
         raise UserError(f"no display to open a window on (SDL fell back to its {driver} driver): play headless with "
                         f"--play-keys KEYS, or set SDL_VIDEODRIVER={driver} to run the window unseen")
-    try:
-        screen = pygame.display.set_mode((size, size + 8 + 18 * 2))
-    except pygame.error as e:
-        raise UserError(f"cannot open a window ({e}); play headless with --play-keys KEYS") from None
-    pygame.display.set_caption(f"cleanworlds play: {SCRIPT_NAME}")
-    clock, mode, recording, shown = pygame.time.Clock(), "imagined", False, []
-    game, restart, num_frames, started = games[mode](), True, 0, time.perf_counter()
+    screen, clock = pygame.display.set_mode((size, size + 8 + 18 * 2)), pygame.time.Clock()
+    modes, game, recording, keys, num_frames, started = list(games), None, None, set(), 0, time.perf_counter()
     while max_steps is None or num_frames < max_steps:
-        events = [(event.type, getattr(event, "key", None)) for event in pygame.event.get()]
-        quits = (pygame.QUIT, None) in events or (pygame.KEYDOWN, pygame.K_ESCAPE) in events
-        switch, toggle = ((pygame.KEYDOWN, key) in events for key in (pygame.K_TAB, pygame.K_r))
-        if recording and (toggle or switch or quits):  # a switch or quitting ends a recording too
-            stem = f"play_{mode}_{time.strftime('%Y%m%d_%H%M%S')}"
-            for path in save_play_files(out_dir, stem, np.stack(shown), game.take_episodes(), max_fps):
+        if recording is not None and keys & {pygame.K_r, pygame.K_TAB, pygame.K_ESCAPE}:  # the recording ends
+            stem = f"play_{modes[0]}_{time.strftime('%Y%m%d_%H%M%S')}"
+            for path in save_play_files(out_dir, stem, np.stack(recording), game.take_episodes(), max_fps):
                 print(f"wrote {path}", flush=True)
-            recording = toggle = False
-        if quits:
+            recording, keys = None, keys - {pygame.K_r}
+        if pygame.K_ESCAPE in keys:
             break
-        if toggle:
-            recording, shown = True, []
-            game.take_episodes()  # what was played before is not recorded
-        if switch:
-            mode = "real" if mode == "imagined" else "imagined"
-            game, restart = games[mode](), True
+        if pygame.K_r in keys:  # what was played before is not recorded
+            recording, _ = [], game.take_episodes()
+        if pygame.K_TAB in keys:
+            modes.append(modes.pop(0))
+        if game is None or pygame.K_TAB in keys:
+            game = games[modes[0]]()
+            session = play_session(game, meanings)
             print(f"now playing the {game.name}", flush=True)
-        if restart or (pygame.KEYDOWN, pygame.K_RETURN) in events:
-            frame, step, total, reward, end, action, restart = game.reset(), 0, 0.0, 0.0, False, None, False
-        else:
-            pressed = pygame.key.get_pressed()
-            action = action_from_keys(*(pressed[key] for key in (pygame.K_UP, pygame.K_DOWN, pygame.K_LEFT,
-                                                                 pygame.K_RIGHT, pygame.K_SPACE)), meanings)
-            total = 0.0 if end else total
-            frame, reward, end = game.step(action)
-            step, total = step + 1, total + reward
-        image = with_caption(frame, size, caption_lines(game, meanings, step, action, reward, total,
-                                                        end, clock.get_fps(), recording))
-        shown += [image] if recording else []
-        screen.blit(pygame.image.frombuffer(image.tobytes(), (image.shape[1], image.shape[0]), "RGB"), (0, 0))
+        pressed = pygame.key.get_pressed()
+        held = (pygame.K_UP, pygame.K_DOWN, pygame.K_LEFT, pygame.K_RIGHT, pygame.K_SPACE)
+        restart = num_frames == 0 or keys & {pygame.K_RETURN, pygame.K_TAB}
+        frame, line, _ = session.send(None if restart else action_from_keys(*(pressed[k] for k in held), meanings))
+        image = with_caption(frame, size, [line, f"{clock.get_fps():.1f} fps" + ("" if recording is None else "  REC")])
+        recording = None if recording is None else recording + [image]
+        screen.blit(pygame.image.frombuffer(image.tobytes(), image.shape[1::-1], "RGB"), (0, 0))
         pygame.display.flip()
-        num_frames += 1
         clock.tick(max_fps)
+        num_frames += 1
+        keys = {pygame.K_ESCAPE if event.type == pygame.QUIT else event.key  # closing it: Esc
+                for event in pygame.event.get() if event.type in (pygame.QUIT, pygame.KEYDOWN)}
     pygame.quit()
     return num_frames / (time.perf_counter() - started)
 
@@ -2414,15 +2335,12 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
          reward_end_model: RewardEndModel, meanings: list[str], device: torch.device, autocast):
     """--play: the world model of a checkpoint as a game, in a window or (--play-keys) headless."""
     steps = parse_play_keys(args.play_keys, meanings) if args.play_keys is not None else None
-    denoiser.eval()
-    reward_end_model.eval()
     generator = torch.Generator(device=device).manual_seed(args.seed)  # diffusion noise
     cpu_generator = torch.Generator().manual_seed(args.seed)  # starts, reward and end samples
     # the starts: fresh real segments of up to 16 of the run's episodes (or --dataset-dir's)
-    if args.dataset_dir is not None:
-        paths = sorted(p for p in Path(args.dataset_dir).glob("*.npz") if not p.name.startswith("."))
-    else:
-        paths = [run_dir / "episodes" / f"episode_{i:06d}.npz" for i in range(checkpoint["num_buffer_files"])]
+    paths = ([run_dir / "episodes" / f"episode_{i:06d}.npz" for i in range(checkpoint["num_buffer_files"])]
+             if args.dataset_dir is None else sorted(p for p in Path(args.dataset_dir).glob("*.npz")
+                                                     if not p.name.startswith(".")))
     if not paths:
         raise UserError(f"{run_dir} has no episodes yet to start playing from; resume it for an epoch first")
     buffer, c = ReplayBuffer(None, None, args.num_conditioning_steps), args.num_conditioning_steps
@@ -2433,13 +2351,11 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
         batch = buffer.segments(buffer.sample_segments(1, c, cpu_generator), c)
         return segment_obs(batch, device), batch["actions"].to(device)
 
-    def next_frame(obs, act):
-        return generate_next_obs(denoiser, obs, act, args, generator, autocast=autocast)
-
     def reward_end(*inputs):
         with autocast:
             return reward_end_model(*inputs)
 
+    next_frame = lambda obs, act: generate_next_obs(denoiser, obs, act, args, generator, autocast=autocast)  # noqa
     games = {"imagined": lambda: ImaginedGame(next_frame, starts, reward_end, cpu_generator),
              "real": lambda: RealGame(make_env(args, args.seed))}
     print("keys: " + ", ".join(f"{ACTION_LETTERS.get(name, name)} {name.lower()}" for name in meanings) + (
@@ -2447,8 +2363,8 @@ def play(args: Args, run_dir: Path, checkpoint: dict, denoiser: Denoiser,
         "; window: arrows and space (fire) pick these, Enter restarts, Tab switches world model / real game, "
         "R records, Esc quits"), flush=True)
     print(f"sampler: {args.sampler}, {args.num_sampling_steps} denoising steps per frame", flush=True)
-    # Ctrl-C or SIGTERM ends a session like Esc (an unsaved recording is lost): play writes no
-    # checkpoint, so a signal raises at once here; the caller's handlers come back after.
+    # play writes no checkpoint: Ctrl-C or SIGTERM ends a session at once, like Esc (an unsaved
+    # recording is lost); the caller's handlers come back after
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if steps is None:
@@ -2513,7 +2429,7 @@ def announce_run(run: Run, pos: RunPosition, resumed: bool, game: str, models: d
     if resumed:
         print(f"resuming at {pos}", flush=True)
     left = work_left(args, run.collector.first_collection_steps, pos)
-    seconds_per_unit = time_phases(args, models, num_actions, run.device, run.autocast, left)
+    seconds_per_unit = time_phases(args, models, run.device, run.autocast, left)
     print("\n".join(run_time_lines(seconds_per_unit, left, setup)), flush=True)
     return seconds_per_unit
 
@@ -2556,17 +2472,6 @@ def end_epoch(run: Run, pos: RunPosition, log: EpochLog, epoch_start: float, sec
     if not args.world_model_only and pos.epoch % args.save_agent_every == 0:
         keep_agent_copy(run.run_dir / "checkpoints", pos.epoch, run.learners["actor_critic"].model,
                         args.num_agents_to_keep)
-
-
-def final_test(run: Run, pos: RunPosition):
-    """The score the paper reports, after the last epoch (--eval-only runs it again)."""
-    args = run.args
-    what = f"{args.test_episodes} test episodes after {len(run.schedule)} epochs, {run.collector.env_steps} env steps"
-    if args.dataset_dir:
-        what += " (real-game test episodes: this script's addition, DIAMOND plays none with a static dataset)"
-    score_agent(args, run.learners["actor_critic"].model, run.collector.env, run.device, run.autocast, run.stop,
-                what, f"stopped by signal at the test episodes after epoch {len(run.schedule)}; run them with --resume "
-                f"{run.run_dir} --eval-only", lambda: contextlib.nullcontext(run.writer), pos.global_step)
 
 
 def main(args: Args, given: set[str]):
@@ -2613,20 +2518,17 @@ def main(args: Args, given: set[str]):
     denoiser_net = torch.compile(denoiser.net, backend=COMPILE_BACKEND, dynamic=False) if args.compile else denoiser.net
 
     if args.eval_only:  # the checkpoint's agent plays --test-episodes full games
-        from torch.utils.tensorboard import SummaryWriter
-
         what = f"{args.test_episodes} test episodes with the agent of epoch {pos.epoch - 1}"
         print(f"running {what} ...", flush=True)
-        score_agent(args, actor_critic, env, device, autocast, stop, what, "stopped by signal during the test "
-                    "episodes; nothing was logged", lambda: SummaryWriter(str(run_dir)), pos.global_step, "eval_only")
+        score_agent(args, actor_critic, env, device, autocast, stop, what, run_dir, pos.global_step)
         return stop.restore()
     if args.play or args.play_keys is not None:  # optional: play
         stop.restore()  # optional: play
-        return play(args, run_dir, checkpoint, denoiser, reward_end_model, env.action_meanings,  # optional: play
-                    device, autocast)  # optional: play
-    num_epochs = len(run_schedule(args, collector.first_collection_steps))
-    if checkpoint is not None and pos.epoch > num_epochs:  # finished: say so, write nothing
-        print(f"the run is already at epoch {pos.epoch - 1} of {num_epochs}: raise --num-epochs to train on, "
+        return play(args, run_dir, checkpoint, denoiser.eval(), reward_end_model.eval(),  # optional: play
+                    env.action_meanings, device, autocast)  # optional: play
+    schedule = run_schedule(args, collector.first_collection_steps)  # final once the first collection is
+    if checkpoint is not None and pos.epoch > len(schedule):  # finished: say so, write nothing
+        print(f"the run is already at epoch {pos.epoch - 1} of {len(schedule)}: raise --num-epochs to train on, "
               f"or play its test episodes again with --eval-only", flush=True)
         return stop.restore()
 
@@ -2645,7 +2547,7 @@ def main(args: Args, given: set[str]):
     graphs = imagination_graphs(args, setup, wm_env, actor_critic, stop)  # compiled, or None
     mfu = mfu_per_update(args, num_actions, peak_flops(setup, args.dtype))
     run = Run(args, device, autocast, generator, cpu_generator, buffer, train_ids, learners, denoiser_net, wm_env,
-              graphs, collector, writer, stop, run_dir, mfu, run_schedule(args, collector.first_collection_steps))
+              graphs, collector, writer, stop, run_dir, mfu, schedule)
     seconds_per_unit = announce_run(run, pos, checkpoint is not None, game, models, setup)
 
     # ---- train: DIAMOND's Algorithm 1, a phase at a time (a checkpoint may stop inside one)
@@ -2677,7 +2579,10 @@ def main(args: Args, given: set[str]):
 
     # ---- the test: the score the paper reports (full games, epsilon 0), then teardown
     if not stop.requested and not args.world_model_only:
-        final_test(run, pos)
+        what = f"{args.test_episodes} test episodes after {len(run.schedule)} epochs, {collector.env_steps} env steps"
+        if args.dataset_dir:
+            what += " (real-game test episodes: this script's addition, DIAMOND plays none with a static dataset)"
+        score_agent(args, actor_critic, env, device, autocast, stop, what, run_dir, pos.global_step, writer)
     print(f"{'stopped' if stop.requested else 'done'} after {time.perf_counter() - run_start:.1f} s: {run_dir}")
     close_writer(args, writer)
     stop.restore()

@@ -1344,8 +1344,7 @@ def evaluate(sampler: DeviceClips, writer, step: int, samples_dir: Path, full: b
 
 
 def with_caption(frame: np.ndarray, size: int, lines: list[str]) -> np.ndarray:
-    """A uint8 (h, w, 3) frame enlarged to width size (nearest: the pixels stay sharp), above a
-    black margin with a line of text per entry: what the window shows and the play MP4s hold."""
+    """A uint8 (h, w, 3) frame enlarged to width size (nearest: sharp pixels) above a line of text per entry."""
     import cv2
 
     height = int(round(frame.shape[0] * size / frame.shape[1]))
@@ -1402,9 +1401,8 @@ def parse_play_keys(keys: str, meanings: list[str]) -> list[Optional[int]]:
 
 
 def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, meanings: list[str]) -> int:
-    """Held keys -> an action of `meanings`: UP/DOWN, LEFT/RIGHT, FIRE make the ALE name (UPFIRE);
-    one it lacks drops the vertical part, then fire (moving matters more): the sprites world's
-    up-right is RIGHT, Breakout's up-right and left+fire are RIGHT and LEFT."""
+    """Held keys -> an action of `meanings` (ALE names: UPFIRE); a name it lacks drops the vertical
+    part, then fire (moving matters more): Breakout's up-right and left+fire are RIGHT and LEFT."""
     vertical = "UP" if up and not down else "DOWN" if down and not up else ""
     horizontal = "LEFT" if left and not right else "RIGHT" if right and not left else ""
     suffix = "FIRE" if fire else ""

@@ -306,26 +306,26 @@ def test_denoiser_learns_next_frame_better_than_copying(dia, torch_threads):
 
 
 def test_reward_end_pools_log_a_class_once_it_has_20_examples_and_never_nan(dia, tmp_path):
-    pools = dia.RewardEndPools()
+    pools = {kind: {name: [0, 0] for name in dia.REWARD_END_CLASSES} for kind in ("recall", "precision")}
     # (hits, predicted, actual) per class, as world_model_metrics counts them
-    pools.add({"reward_neg": [0, 0, 3], "reward_zero": [20, 22, 25], "reward_pos": [3, 5, 12], "end": [2, 30, 10]})
-    assert pools.take() == {"world_model/reward_recall_zero": 20 / 25, "world_model/reward_precision_zero": 20 / 22,
-                            "world_model/end_precision": 2 / 30}
+    dia.add_to_pools(pools, {"reward_neg": [0, 0, 3], "reward_zero": [20, 22, 25], "reward_pos": [3, 5, 12],
+                             "end": [2, 30, 10]})
+    assert dia.take_pooled(pools) == {"world_model/reward_recall_zero": 20 / 25,
+                                      "world_model/reward_precision_zero": 20 / 22, "world_model/end_precision": 2 / 30}
     # what a checkpoint holds between two measurements: the pools not yet taken, as plain numbers
-    torch.save(pools.state_dict(), tmp_path / "pools.pt")
-    restored = dia.RewardEndPools()
-    restored.load_state_dict(torch.load(tmp_path / "pools.pt", weights_only=True))
-    assert restored.recall == pools.recall and restored.precision == pools.precision
+    torch.save(pools, tmp_path / "pools.pt")
+    restored = torch.load(tmp_path / "pools.pt", weights_only=True)
+    assert restored["recall"] == pools["recall"] and restored["precision"] == pools["precision"]
     counts = {"reward_neg": [0, 0, 1], "reward_zero": [1, 2, 3], "reward_pos": [6, 10, 9], "end": [5, 4, 12]}
     for p in (pools, restored):
-        p.add(counts)
+        dia.add_to_pools(p, counts)
     # +1: recall over 12 + 9 = 21 actual (pooled across both), precision over 5 + 10 = 15 predicted (not yet);
     # zero and end precision started again after they were taken; -1 was never predicted and occurs 4 times
     expected = {"world_model/reward_recall_pos": 9 / 21, "world_model/end_recall": 7 / 22}
-    assert pools.take() == expected and restored.take() == expected
-    assert pools.precision["reward_pos"] == [9, 15] and pools.recall["reward_pos"] == [0, 0]
-    assert pools.precision["reward_neg"] == [0, 0] and pools.recall["reward_neg"] == [0, 4]
-    assert pools.take() == {}  # nothing new: nothing logged, no 0/0
+    assert dia.take_pooled(pools) == expected and dia.take_pooled(restored) == expected
+    assert pools["precision"]["reward_pos"] == [9, 15] and pools["recall"]["reward_pos"] == [0, 0]
+    assert pools["precision"]["reward_neg"] == [0, 0] and pools["recall"]["reward_neg"] == [0, 4]
+    assert dia.take_pooled(pools) == {}  # nothing new: nothing logged, no 0/0
 
 
 def test_world_model_metrics_count_each_class_by_hand(dia):
@@ -667,8 +667,7 @@ def test_timing_the_phases_leaves_the_models_and_the_rngs_as_they_were(dia):
     models = dict(zip(("denoiser", "reward_end", "actor_critic"), dia.build_models(args, 3)))
     weights = {name: {k: v.clone() for k, v in model.state_dict().items()} for name, model in models.items()}
     rngs = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
-    seconds = dia.time_phases(args, models, 3, torch.device("cpu"), contextlib.nullcontext(),
-                              dict.fromkeys(dia.PHASES, 1))
+    seconds = dia.time_phases(args, models, torch.device("cpu"), contextlib.nullcontext(), dict.fromkeys(dia.PHASES, 1))
     assert set(seconds) == {"denoiser", "reward_end", "actor_critic", "collect"}
     assert all(0 < value < 10 for value in seconds.values()), seconds
     assert torch.equal(rngs[0], torch.get_rng_state()) and (rngs[1] == np.random.get_state()[1]).all()
