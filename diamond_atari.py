@@ -2610,10 +2610,9 @@ class Interrupted(BaseException):
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[Args, set[str]]:
-    """The args (defaults < --preset < --config < flags) and the fields the command line gives, in
-    any spelling (--total_steps=5, --no-cuda, an alias)."""
+    """The args (defaults < --preset < --config < flags) and the fields the command line gives."""
     argv, hints, values = list(sys.argv[1:] if argv is None else argv), get_type_hints(Args), {}
-    for token, after in zip(argv, argv[1:] + ["--"]):  # an unknown flag, a value for an on/off flag
+    for token, after in zip(argv, argv[1:] + ["--"]):  # '--total_steps=5', '--no-cuda', an alias
         flag = token.split("=")[0]
         field = FLAG_ALIASES.get(flag, flag[2:].replace("-", "_"))
         field = field if field in hints else field.removeprefix("no_")
@@ -2670,16 +2669,16 @@ def read_config(path: str) -> list[str]:
         raise UserError(f"--config {path} must hold an object of flag names and values: {fix}")
     tokens, hints = [], get_type_hints(Args)
     for name, value in values.items():
-        flag = f"--{name.replace('_', '-')}"
         if name not in hints:
             raise UserError(f"--config {path} has a field this script does not know: {name}")
+        flag = f"--{name.replace('_', '-')}"
         if hints[name] is bool and not isinstance(value, bool):
             raise UserError(f"--config {path}: {name} is {value!r}, not true or false")
         if hints[name] is bool:
             tokens.append(flag if value else f"--no-{flag[2:]}")
-        else:  # YAML 1.1 reads on/off as booleans
+        else:  # YAML 1.1 reads on/off as booleans; '=': a value may start with '-'
             value = ("on" if value else "off") if isinstance(value, bool) else value
-            tokens += [flag, *map(str, value if isinstance(value, list) else [value])]
+            tokens += [flag, *map(str, value)] if isinstance(value, list) else [f"{flag}={value}"]
     return tokens
 
 
@@ -2720,11 +2719,7 @@ def resume_run(args: Args, given: set[str], trains: bool) -> tuple[Args, dict, P
         raise UserError(f"--resume {args.resume}: no checkpoint at {path}; give a run folder or a "
                         f"checkpoint file")
     in_run = path.parent.name == "checkpoints"
-    if trains and not (in_run and path.name == "latest.pt"):  # or it overwrites a newer one
-        raise UserError(f"--resume {path}: training continues only from a run folder's "
-                        f"checkpoints/latest.pt; copy the file to NEW_RUN/checkpoints/latest.pt "
-                        f"and --resume NEW_RUN")
-    if trains and torchrun_world()[1] == 0:  # before the read: no trainer saves after it
+    if trains and in_run and torchrun_world()[1] == 0:  # before the read: no trainer saves after it
         lock_run(path.parent.parent)
     checkpoint = load_checkpoint(path)
     if unknown := sorted(set(checkpoint["args"]) - {f.name for f in fields(Args)}):
@@ -2737,6 +2732,10 @@ def resume_run(args: Args, given: set[str], trains: bool) -> tuple[Args, dict, P
             raise UserError(f"{flag} is {getattr(saved, name)!r} in the checkpoint and cannot "
                             f"change on --resume (only the run length, cadence, logging and "
                             f"sampling flags can); drop {flag} or start a new run")
+    if trains and not (in_run and path.name == "latest.pt"):  # or it overwrites a newer one
+        raise UserError(f"--resume {path}: training continues only from a run folder's "
+                        f"checkpoints/latest.pt; copy the file to NEW_RUN/checkpoints/latest.pt "
+                        f"and --resume NEW_RUN")
     saved = replace(saved, **{name: getattr(args, name) for name in given & mutable},
                     resume=args.resume)
     return saved, checkpoint, path.parent.parent if in_run else path.parent
@@ -2923,7 +2922,7 @@ RUN_LOCKS = {}  # run folder -> its RUN/train.lock, open in this process (a floc
 def lock_run(run_dir: Path):
     """The run's one trainer holds a flock on RUN/train.lock until close_writer or its exit."""
     import fcntl
-    if run_dir not in RUN_LOCKS or RUN_LOCKS[run_dir].closed:
+    if run_dir not in RUN_LOCKS:
         RUN_LOCKS[run_dir] = open(run_dir / "train.lock", "a")
         try:
             fcntl.flock(RUN_LOCKS[run_dir], fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2931,7 +2930,6 @@ def lock_run(run_dir: Path):
             RUN_LOCKS.pop(run_dir).close()
             raise UserError(f"{run_dir} is being trained by another process, which holds {run_dir}/"
                             f"train.lock; wait for it to end (or stop it) first") from None
-    return RUN_LOCKS[run_dir]
 
 
 def open_writer(args: Args, run_dir: Optional[Path], step: int, run_id: str) -> tuple[Path, object]:

@@ -729,10 +729,10 @@ def test_training_continues_only_from_a_runs_latest_checkpoint(script, tmp_path)
         return m.resume_run(m.Args(resume=str(path)), set(), trains)[2]
 
     assert run_dir_of(run / "checkpoints" / "latest.pt", trains=True) == run
-    m.RUN_LOCKS.pop(run).close()  # taken as the run's trainer
     for path in elsewhere:
         with pytest.raises(m.UserError, match="latest.pt"):
             run_dir_of(path, trains=True)
+    m.RUN_LOCKS.pop(run).close()  # taken as the run's trainer
     assert run_dir_of(run / "checkpoints" / "backup.pt", trains=False) == run  # sampling writes into the run
     assert run_dir_of(tmp_path / "loose.pt", trains=False) == tmp_path  # ...or beside a loose file
 
