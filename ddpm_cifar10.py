@@ -301,16 +301,6 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels.astype(np.int64)
 
 
-def load_dataset(args: Args) -> tuple[np.ndarray, str]:
-    """uint8 images (N, 3, H, W), no labels (an unconditional model), and the run name's dataset id."""
-    if args.dataset == "cifar10":
-        return load_cifar10(args.data_dir, args.download)[0], "cifar10"
-    if args.dataset == "folder":
-        folder_id = Path(args.data_dir).resolve().name or "folder"
-        return load_image_folder(args.data_dir, args.img_size)[0], folder_id
-    return make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed)[0], "shapes"
-
-
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
     """The step-th global batch of per-epoch shuffles of (seed, epoch): the step is the position."""
     start = step * batch_size
@@ -607,16 +597,14 @@ def make_shapes_judge(args: Args, num_samples: int) -> tuple[nn.Sequential, np.n
     return (judge, *make_shapes_dataset(2 * num_samples, args.img_size, seed=JUDGE_HELDOUT_SEED))
 
 
-def judge_samples(judge, samples: Optional[np.ndarray], args: Args, step: int, eval_now: bool, writer):
+def judge_samples(judge, samples: Optional[np.ndarray], args: Args, step: int, eval_now: bool, writer, progress):
     """eval/judge_* of an evaluation's shapes samples; returns the judge (made at the first one)."""
-    from tqdm import tqdm  # a line of its own, not on the progress bar's
-
     if eval_now and samples is not None and args.dataset == "shapes":
         judge = judge or make_shapes_judge(args, args.num_eval_samples)
         scores = judge_scores(judge[0], samples, None, judge[1], judge[2])
         for name, value in scores.items():
             writer.add_scalar(f"eval/judge_{name}", value, step)
-        tqdm.write(f"judge at step {step}: " + ", ".join(f"{k} {v:.3g}" for k, v in scores.items()))
+        progress.write(f"judge at step {step}: " + ", ".join(f"{k} {v:.3g}" for k, v in scores.items()))
     return judge
 
 
@@ -681,17 +669,6 @@ def ddpm_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.
     return F.mse_loss(output.float(), target)
 
 
-def step_memory_profile(args: Args) -> tuple[int, float, float]:
-    """(parameters, activation bytes autograd saves, forward FLOPs) per image of a training step."""
-    with torch.device("meta"):  # nothing allocated, no random draw
-        model = build_model(args)
-        x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
-        activations = saved_activation_bytes(
-            lambda: ddpm_loss(model, x0, t, x0, torch.ones(args.timesteps), prediction=args.prediction))
-    flops = forward_flops(lambda: build_model(args), x0, t)
-    return sum(p.numel() for p in model.parameters()), activations, flops
-
-
 # --------------------------------------------------------------------------------------------------
 # Evaluation (FID by torchmetrics; the judge is above) and the run's bookkeeping, main()'s steps.
 
@@ -749,30 +726,6 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
         print("stopped by signal while sampling; nothing more was written")
 
 
-def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
-             images: torch.Tensor):
-    """The model to train (compiled, in DDP), rank 0's run folder and writer; prints the start."""
-    train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
-    if setup.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
-                                                          if setup.use_cuda else None)
-    if not setup.is_main:
-        return run_dir, None, train_model
-    run_dir, writer = open_writer(args, run_dir, step, dataset_id)
-    num_params = sum(p.numel() for p in model.parameters())
-    print(f"run folder: {run_dir}")
-    if step > 0:
-        print(f"resuming at step {step} of {args.total_steps}")
-    else:
-        writer.add_scalar("charts/num_parameters", num_params, 0)
-    print(f"model: {num_params:,} parameters; data: {len(images):,} images of {args.img_size}x{args.img_size}; "
-          f"device: {setup.device}{f' x {setup.world_size}' if setup.world_size > 1 else ''}")
-    if len(images) < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
-        print(f"notice: {len(images):,} images, fewer than --batch-size {args.batch_size}: each batch holds images "
-              f"more than once (it spans several epochs)")
-    return run_dir, writer, train_model
-
-
 def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir: Optional[Path]):
     """Logs a --log-every interval; a non-finite loss raises TrainingFailure."""
     if not meter.finite():
@@ -813,19 +766,28 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter, setup: "
 def main(args: Args, given: set[str]):
     # ---- setup: arguments (resumed: the checkpoint's), device, seeds, data, model, optimizer
     started = time.perf_counter()
-    checkpoint, run_dir = None, None
-    if args.resume:  # the checkpoint's arguments, with the RESUME_MUTABLE flags given
-        args, checkpoint, run_dir = resume_run(args, given, trains=not args.sample_only)
+    args, checkpoint, run_dir = resume_run(args, given, not args.sample_only) if args.resume else (args, None, None)
     check_args(args, torchrun_world()[0])
     setup = setup_device(args)
     device, autocast = setup.device, autocast_context(setup, args.dtype)
     train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, t, eps
     stop = StopFlag()  # SIGTERM/SIGINT now finish the step (or abandon sampling), save, exit 0
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
-        num_params, activations, flops = step_memory_profile(args)
+        with torch.device("meta"):  # per image; nothing allocated, no random draw
+            meta_model = build_model(args)
+            x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
+            activations = saved_activation_bytes(
+                lambda: ddpm_loss(meta_model, x0, t, x0, torch.ones(args.timesteps), prediction=args.prediction))
+        flops = forward_flops(lambda: build_model(args), x0, t)
+        num_params = sum(p.numel() for p in meta_model.parameters())
         check_step_memory(setup, args.batch_size, num_params, activations, args.dtype)
 
-    images_np, dataset_id = load_dataset(args)
+    if args.dataset == "cifar10":  # uint8 (N, 3, H, W); no labels (an unconditional model)
+        images_np = load_cifar10(args.data_dir, args.download)[0]
+    elif args.dataset == "folder":
+        images_np = load_image_folder(args.data_dir, args.img_size)[0]
+    else:
+        images_np = make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed)[0]
     images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no copies
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     model = build_model(args).to(device, memory_format=layout)
@@ -854,7 +816,24 @@ def main(args: Args, given: set[str]):
         return
 
     # ---- the run folder (after the signal handlers: it gets a checkpoint), TensorBoard, throughput
-    run_dir, writer, train_model = open_run(args, setup, run_dir, dataset_id, step, model, images)
+    train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
+    if setup.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
+                                                          if setup.use_cuda else None)
+    writer = None
+    if setup.is_main:
+        run_id = (Path(args.data_dir).resolve().name or "folder") if args.dataset == "folder" else args.dataset
+        run_dir, writer = open_writer(args, run_dir, step, run_id)
+        print(f"run folder: {run_dir}")
+        if step > 0:
+            print(f"resuming at step {step} of {args.total_steps}")
+        else:
+            writer.add_scalar("charts/num_parameters", num_params, 0)
+        print(f"model: {num_params:,} parameters; data: {len(images):,} images of {args.img_size}x{args.img_size}; "
+              f"device: {setup.device}{f' x {setup.world_size}' if setup.world_size > 1 else ''}")
+        if len(images) < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
+            print(f"notice: {len(images):,} images, fewer than --batch-size {args.batch_size}: each batch holds "
+                  f"images more than once (it spans several epochs)")
     meter = Meter(device, 3 * flops, peak_flops(setup, args.dtype), setup.world_size)
     judge = None  # optional: judge
 
@@ -894,7 +873,7 @@ def main(args: Args, given: set[str]):
         save_now = step % args.save_every == 0 or step == args.total_steps
         if setup.is_main and not stop.requested and (eval_now or step == args.first_sample_at):
             samples = log_samples(generate, args, step, eval_now, writer, run_dir, progress, started)
-            judge = judge_samples(judge, samples, args, step, eval_now, writer)  # optional: judge
+            judge = judge_samples(judge, samples, args, step, eval_now, writer, progress)  # optional: judge
         # Every rank stops at the same step: all-reduced at a log step under torchrun, at once alone
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         if save_now or stopping:
