@@ -427,8 +427,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = self.temb_dense2(F.silu(self.temb_dense1(timestep_embedding(t, self.channels))))
-        h = self.conv_in(x)
-        skips, n = [h], self.num_res_blocks
+        skips, n = [h := self.conv_in(x)], self.num_res_blocks
         for level in range(self.num_levels):
             for i in range(level * n, (level + 1) * n):
                 skips.append(h := self.down_attns[i](self.down_blocks[i](h, temb)))
@@ -639,12 +638,11 @@ def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args,
     """num uint8 images (num, 3, H, W) from seed + 10,000's noise; should_stop() at each call."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
-    abar = alphas_cumprod.to(device)  # once, not a copy per network evaluation
 
     def model_fn(x, t):
         should_stop()
         with autocast:
-            return eps_from_output(model(x, t).float(), x, t, abar, args.prediction)
+            return eps_from_output(model(x, t).float(), x, t, alphas_cumprod, args.prediction)
 
     out = []
     for start in range(0, num, args.sample_batch_size):
@@ -656,13 +654,11 @@ def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args,
 
 
 def ddpm_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
-              autocast=contextlib.nullcontext(), channels_last: bool = False, prediction: str = "eps") -> torch.Tensor:
+              autocast=contextlib.nullcontext(), layout=torch.contiguous_format, prediction="eps") -> torch.Tensor:
     """L_simple = || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2, batch mean (Ho
     et al. eq. 14); v's target: sqrt(abar_t) eps - sqrt(1 - abar_t) x0. x0, noise: (B, 3, H, W)."""
     abar = alphas_cumprod[t].float()[:, None, None, None]
-    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-    if channels_last:
-        x_t = x_t.contiguous(memory_format=torch.channels_last)
+    x_t = (abar.sqrt() * x0 + (1 - abar).sqrt() * noise).contiguous(memory_format=layout)
     with autocast:
         output = model(x_t, t)
     target = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if prediction == "v" else noise
@@ -820,10 +816,9 @@ def main(args: Args, given: set[str]):
     if setup.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
                                                           if setup.use_cuda else None)
-    writer = None
+    run_id = (Path(args.data_dir).resolve().name or "folder") if args.dataset == "folder" else args.dataset
+    run_dir, writer = open_writer(args, run_dir, step, run_id) if setup.is_main else (run_dir, None)
     if setup.is_main:
-        run_id = (Path(args.data_dir).resolve().name or "folder") if args.dataset == "folder" else args.dataset
-        run_dir, writer = open_writer(args, run_dir, step, run_id)
         print(f"run folder: {run_dir}")
         if step > 0:
             print(f"resuming at step {step} of {args.total_steps}")
@@ -850,8 +845,8 @@ def main(args: Args, given: set[str]):
         noise = torch.randn((args.batch_size, *images.shape[1:]), generator=train_generator, device=device)
         x0 = images[indices[mine]].float() / 127.5 - 1.0  # uint8 -> [-1, 1]
         x0 = torch.where(flips[mine, None, None, None] & args.random_flip, x0.flip(3), x0)
-        loss = ddpm_loss(train_model, x0, t[mine], noise[mine], alphas_cumprod, autocast,
-                         args.channels_last, args.prediction)
+        loss = ddpm_loss(train_model, x0, t[mine], noise[mine], alphas_cumprod, autocast, layout,
+                         args.prediction)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
