@@ -301,6 +301,15 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels.astype(np.int64)
 
 
+def load_dataset(args: Args) -> tuple[np.ndarray, str]:
+    """uint8 images (N, 3, H, W), no labels (an unconditional model), and the run name's dataset id."""
+    if args.dataset == "cifar10":
+        return load_cifar10(args.data_dir, args.download)[0], "cifar10"
+    if args.dataset == "folder":
+        return load_image_folder(args.data_dir, args.img_size)[0], Path(args.data_dir).resolve().name or "folder"
+    return make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed)[0], "shapes"
+
+
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
     """The step-th global batch of per-epoch shuffles of (seed, epoch): the step is the position."""
     start = step * batch_size
@@ -645,9 +654,8 @@ def generate_samples(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args,
             return eps_from_output(model(x, t).float(), x, t, alphas_cumprod, args.prediction)
 
     out = []
-    for start in range(0, num, args.sample_batch_size):
-        x_T = torch.randn((min(args.sample_batch_size, num - start), 3, args.img_size, args.img_size),
-                          generator=generator, device=device)
+    for batch in torch.arange(num).split(args.sample_batch_size):
+        x_T = torch.randn(len(batch), 3, args.img_size, args.img_size, generator=generator, device=device)
         out.append(sample_images(model_fn, x_T, alphas_cumprod, args.sampler, args.num_sampling_steps, args.ddim_eta,
                                  generator).cpu())
     return torch.cat(out).numpy()
@@ -709,17 +717,21 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
-                           device: torch.device):
-    """--sample-only: --num-samples samples in the run's samples/; with --eval-fid, their FID."""
-    try:
-        samples = generate(args.num_samples)
-        stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_step{step}_{int(time.time())}"
-        path = write_samples(run_dir / "samples", stem, samples)
-        print(f"wrote {len(samples)} samples to {path} and {path.with_suffix('.npz')}")
-        if args.eval_fid:
-            evaluate_fid(fid_metric, generate, images_np, args, device)
-    except StopRequested:
-        print("stopped by signal while sampling; nothing more was written")
+                           setup: "Setup"):
+    """Nothing to train: --sample-only's samples (with --eval-fid, their FID), or a line saying so."""
+    leave_process_group(setup.world_size)  # sampling is rank 0's alone
+    if setup.is_main and not args.sample_only:  # it writes nothing (no purge)
+        print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise it to train on")
+    elif setup.is_main:
+        try:
+            samples = generate(args.num_samples)
+            stem = f"sample_only_{args.sampler}{args.num_sampling_steps}_step{step}_{int(time.time())}"
+            path = write_samples(run_dir / "samples", stem, samples)
+            print(f"wrote {len(samples)} samples to {path} and {path.with_suffix('.npz')}")
+            if args.eval_fid:
+                evaluate_fid(fid_metric, generate, images_np, args, setup.device)
+        except StopRequested:
+            print("stopped by signal while sampling; nothing more was written")
 
 
 def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir: Optional[Path]):
@@ -778,12 +790,7 @@ def main(args: Args, given: set[str]):
         num_params = sum(p.numel() for p in meta_model.parameters())
         check_step_memory(setup, args.batch_size, num_params, activations, args.dtype)
 
-    if args.dataset == "cifar10":  # uint8 (N, 3, H, W); no labels (an unconditional model)
-        images_np = load_cifar10(args.data_dir, args.download)[0]
-    elif args.dataset == "folder":
-        images_np = load_image_folder(args.data_dir, args.img_size)[0]
-    else:
-        images_np = make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed)[0]
+    images_np, dataset_id = load_dataset(args)
     images = torch.from_numpy(images_np).to(device)  # uint8 on the device: no loader, no copies
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     model = build_model(args).to(device, memory_format=layout)
@@ -802,22 +809,15 @@ def main(args: Args, given: set[str]):
 
     fid_metric = make_fid_metric() if args.eval_fid else None  # fails now, not after training
     if args.sample_only or step >= args.total_steps:  # nothing to train: sample, or say so
-        leave_process_group(setup.world_size)  # sampling is rank 0's alone
-        if setup.is_main and args.sample_only:
-            sample_from_checkpoint(generate, args, run_dir, step, fid_metric, images_np, device)
-        elif setup.is_main:  # a finished run says so and writes nothing (no purge)
-            print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise --total-steps "
-                  f"to train on")
+        sample_from_checkpoint(generate, args, run_dir, step, fid_metric, images_np, setup)
         stop.restore()
         return
 
     # ---- the run folder (after the signal handlers: it gets a checkpoint), TensorBoard, throughput
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
     if setup.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
-                                                          if setup.use_cuda else None)
-    run_id = (Path(args.data_dir).resolve().name or "folder") if args.dataset == "folder" else args.dataset
-    run_dir, writer = open_writer(args, run_dir, step, run_id) if setup.is_main else (run_dir, None)
+        train_model = nn.parallel.DistributedDataParallel(train_model, [setup.local_rank] if setup.use_cuda else None)
+    run_dir, writer = open_writer(args, run_dir, step, dataset_id) if setup.is_main else (run_dir, None)
     if setup.is_main:
         print(f"run folder: {run_dir}")
         if step > 0:
