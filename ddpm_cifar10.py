@@ -605,7 +605,7 @@ def make_shapes_judge(args: Args, num_samples: int) -> tuple[nn.Sequential, np.n
     return (judge, *make_shapes_dataset(2 * num_samples, args.img_size, seed=JUDGE_HELDOUT_SEED))
 
 
-def judge_samples(judge, samples: Optional[np.ndarray], args: Args, step: int, eval_now: bool, writer, progress):
+def judge_samples(judge, samples, args: Args, step: int, eval_now: bool, writer, progress):
     """eval/judge_* of an evaluation's shapes samples; returns the judge (made at the first one)."""
     if eval_now and samples is not None and args.dataset == "shapes":
         judge = judge or make_shapes_judge(args, args.num_eval_samples)
@@ -718,7 +718,7 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: int, fid_metric, images_np: np.ndarray,
                            setup: "Setup"):
-    """Nothing to train: --sample-only's samples (with --eval-fid, their FID), or a line saying so."""
+    """Nothing to train: write --sample-only's samples (--eval-fid: their FID), or say so."""
     leave_process_group(setup.world_size)  # sampling is rank 0's alone
     if setup.is_main and not args.sample_only:  # it writes nothing (no purge)
         print(f"the run is already at step {step} of --total-steps {args.total_steps}: raise it to train on")
@@ -782,12 +782,12 @@ def main(args: Args, given: set[str]):
     stop = StopFlag()  # SIGTERM/SIGINT now finish the step (or abandon sampling), save, exit 0
     if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
         with torch.device("meta"):  # per image; nothing allocated, no random draw
-            meta_model = build_model(args)
+            unet = build_model(args)
             x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
             activations = saved_activation_bytes(
-                lambda: ddpm_loss(meta_model, x0, t, x0, torch.ones(args.timesteps), prediction=args.prediction))
+                lambda: ddpm_loss(unet, x0, t, x0, torch.ones(args.timesteps), prediction=args.prediction))
         flops = forward_flops(lambda: build_model(args), x0, t)
-        num_params = sum(p.numel() for p in meta_model.parameters())
+        num_params = sum(p.numel() for p in unet.parameters())
         check_step_memory(setup, args.batch_size, num_params, activations, args.dtype)
 
     images_np, dataset_id = load_dataset(args)
@@ -826,7 +826,7 @@ def main(args: Args, given: set[str]):
             writer.add_scalar("charts/num_parameters", num_params, 0)
         print(f"model: {num_params:,} parameters; data: {len(images):,} images of {args.img_size}x{args.img_size}; "
               f"device: {setup.device}{f' x {setup.world_size}' if setup.world_size > 1 else ''}")
-        if len(images) < args.batch_size:  # it trains (global_batch_indices crosses epochs), but say so
+        if len(images) < args.batch_size:  # it trains (a batch spans epochs), but say so
             print(f"notice: {len(images):,} images, fewer than --batch-size {args.batch_size}: each batch holds "
                   f"images more than once (it spans several epochs)")
     meter = Meter(device, 3 * flops, peak_flops(setup, args.dtype), setup.world_size)
