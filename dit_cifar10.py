@@ -712,17 +712,6 @@ def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: t
         return F.mse_loss(model(x_t, t, y).float(), noise)
 
 
-def step_memory_profile(args: Args) -> tuple[int, float, float]:
-    """(parameters, activation bytes autograd saves, forward FLOPs) per image (meta device)."""
-    with torch.device("meta"):
-        model = build_model(args)
-        x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
-        y = torch.zeros(1, dtype=torch.long) if args.num_classes > 0 else None
-        activations = saved_activation_bytes(lambda: dit_loss(model, x0, y, t, x0, torch.ones(args.timesteps)))
-    flops = forward_flops(lambda: build_model(args), x0, t, y)
-    return sum(p.numel() for p in model.parameters()), activations, flops
-
-
 # --------------------------------------------------------------------------------------------------
 # Evaluation (FID by torchmetrics; the judge is above) and the run's parts, main()'s steps: guided
 # EMA samples (abandoned on a signal) and their files, the run length, the start, logs, checkpoints.
@@ -919,9 +908,14 @@ def main(args: Args, given: set[str]):
     device, autocast = setup.device, autocast_context(setup, args.dtype)
     train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, drops, t, eps
     stop = StopFlag()  # SIGTERM/SIGINT now finish the step (or abandon sampling), save, exit 0
-    if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
-        num_params, activations, flops = step_memory_profile(args)
-        check_step_memory(setup, args.batch_size, num_params, activations, args.dtype)
+    with torch.device("meta"):  # will a training step fit? (one line naming --batch-size if not)
+        model = build_model(args)
+        x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
+        y = torch.zeros(1, dtype=torch.long) if args.num_classes > 0 else None
+        activations = saved_activation_bytes(lambda: dit_loss(model, x0, y, t, x0, torch.ones(args.timesteps)))
+    flops = forward_flops(lambda: build_model(args), x0, t, y)  # per image
+    if not args.sample_only:
+        check_step_memory(setup, args.batch_size, sum(p.numel() for p in model.parameters()), activations, args.dtype)
 
     images_np, labels_np, dataset_id, data_class_names = load_dataset(args)
     images, labels = torch.from_numpy(images_np).to(device), torch.from_numpy(labels_np).to(device)
