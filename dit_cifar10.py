@@ -649,14 +649,13 @@ def make_shapes_judge(args: Args, num_samples: int) -> tuple[nn.Sequential, np.n
     return (judge, *make_shapes_dataset(2 * num_samples, args.img_size, seed=JUDGE_HELDOUT_SEED))
 
 
-def judge_samples(judge, evaluated: Optional[tuple], generate: Callable, args: Args, step: int, eval_now: bool,
-                  writer):
-    """eval/judge_* of log_samples' evaluation, also without guidance (_cfg1); returns the judge."""
+def judge_samples(judge, samples: Optional[np.ndarray], labels: Optional[torch.Tensor], generate: Callable,
+                  args: Args, step: int, eval_now: bool, writer):
+    """eval/judge_* of an evaluation's grid, also without guidance (_cfg1); returns the judge."""
     from tqdm import tqdm  # a line of its own, not on the progress bar's
 
-    if not (eval_now and evaluated is not None and args.dataset == "shapes"):
+    if not (eval_now and samples is not None and args.dataset == "shapes"):
         return judge
-    samples, labels = evaluated
     judge = judge or make_shapes_judge(args, len(samples))
     judged = [("", samples)]
     if args.num_classes > 0 and args.cfg_scale != 1.0:  # the same noise without guidance: what guidance adds
@@ -713,8 +712,7 @@ def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: t
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation (FID by torchmetrics; the judge is above) and the run's parts, main()'s steps: guided
-# EMA samples (abandoned on a signal) and their files, the run length, the start, logs, checkpoints.
+# Evaluation (FID by torchmetrics; the judge is above) and main()'s steps: samples, run length, start
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
@@ -730,7 +728,7 @@ def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
 
 
 def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], np.ndarray], real_images: np.ndarray,
-                 args: Args, device: torch.device, writer=None, step: int = 0) -> float:
+                 args: Args, device: torch.device, writer=None, step: int = 0):
     """FID of --fid-num-samples samples, every class equally often, vs the training images."""
     num, classes = args.fid_num_samples, args.num_classes
     samples = generate(num, torch.arange(num) % classes if classes > 0 else None)
@@ -739,12 +737,10 @@ def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], n
         for batch in torch.from_numpy(images).split(args.sample_batch_size):
             fid_metric.update(batch.to(device), real=real)
     fid = float(fid_metric.compute())
-    guidance = f", guidance {args.cfg_scale:g}" if classes > 0 else ""
-    print(f"FID of {num} samples{guidance}: {fid:.3f}")
+    print(f"FID of {num} samples" + (f", guidance {args.cfg_scale:g}" if classes > 0 else "") + f": {fid:.3f}")
     if writer is not None:
         writer.add_scalar("eval/fid", fid, step)
         writer.add_scalar("eval/fid_num_samples", num, step)
-    return fid
 
 
 def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[torch.Tensor] = None,
@@ -871,22 +867,6 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
         progress.set_postfix({key: f"{value:.4g}" for key, value in logged.items()})
 
 
-def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
-                started: float) -> Optional[tuple[np.ndarray, Optional[torch.Tensor]]]:
-    """EMA samples, a row per class (8 unconditional), to TensorBoard and samples/: --samples-per-class
-    at an evaluation, 2 at --first-sample-at. Returns them and labels, None if a signal stopped them."""
-    per_row = args.samples_per_class if eval_now else 2
-    labels = torch.arange(args.num_classes).repeat_interleave(per_row) if args.num_classes > 0 else None
-    with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
-        samples = generate(per_row * (args.num_classes or 8), labels)
-        writer.add_image("samples/ema", make_grid(samples[:256], per_row), step, dataformats="HWC")
-        path = write_samples(run_dir / "samples", f"step{step:08d}", samples, labels, per_row)
-        if not eval_now:
-            progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
-                           f"start: {path}")
-        return samples, labels
-
-
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter, setup: "Setup", **extra):
     """Rank 0 writes the checkpoint; a non-finite loss since the last check is a TrainingFailure."""
     if not meter.finite():
@@ -992,8 +972,17 @@ def main(args: Args, given: set[str]):
         eval_now = step % args.eval_every == 0 or step == args.total_steps
         save_now = step % args.save_every == 0 or step == args.total_steps
         if setup.is_main and not stop.requested and (eval_now or step == args.first_sample_at):
-            samples = log_samples(generate, args, step, eval_now, writer, run_dir, progress, started)
-            judge = judge_samples(judge, samples, generate, args, step, eval_now, writer)  # optional: judge
+            # EMA samples, a row per class (8 unconditional): --samples-per-class, 2 at --first-sample-at
+            per_row, samples = args.samples_per_class if eval_now else 2, None  # None: a signal stopped them
+            y_grid = torch.arange(args.num_classes).repeat_interleave(per_row) if conditional else None
+            with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
+                samples = generate(per_row * (args.num_classes or 8), y_grid)
+                writer.add_image("samples/ema", make_grid(samples[:256], per_row), step, dataformats="HWC")
+                path = write_samples(run_dir / "samples", f"step{step:08d}", samples, y_grid, per_row)
+                if not eval_now:
+                    progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after "
+                                   f"the start: {path}")
+            judge = judge_samples(judge, samples, y_grid, generate, args, step, eval_now, writer)  # optional: judge
         # Every rank stops at the same step: all-reduced at a log step under torchrun, at once alone
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         if save_now or stopping:
