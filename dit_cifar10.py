@@ -829,6 +829,30 @@ def sample_from_checkpoint(generate: Callable, args: Args, run_dir: Path, step: 
         print("stopped by signal while sampling; nothing more was written")
 
 
+def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: str, step: int, model: nn.Module,
+             num_images: int, class_names: list[str]):
+    """The model to train (compiled, in DDP), rank 0's run folder and writer; prints the start."""
+    train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
+    if setup.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
+                                                          if setup.use_cuda else None)
+    if not setup.is_main:
+        return run_dir, None, train_model
+    run_dir, writer = open_writer(args, run_dir, step, dataset_id)
+    num_params = sum(p.numel() for p in model.parameters())  # trainable only: the position embedding is a buffer
+    print(f"run folder: {run_dir}")
+    if step > 0:
+        print(f"resuming at step {step} of {args.total_steps}")
+    else:
+        writer.add_scalar("charts/num_parameters", num_params, 0)
+    classes = f"{args.num_classes} classes" if args.num_classes > 0 else "unconditional"
+    print(f"model: DiT with adaLN-{args.adaln}, {num_params:,} parameters; data: {num_images:,} "
+          f"images of {args.img_size}px, {classes}; device: {setup.device} x {setup.world_size}")
+    if class_names:  # what --class-label accepts
+        print("classes: " + ", ".join(f"{k} {name}" for k, name in enumerate(class_names)))
+    return run_dir, writer, train_model
+
+
 def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir: Optional[Path]):
     """Logs a --log-every interval; a non-finite loss raises TrainingFailure."""
     if not meter.finite():
@@ -865,14 +889,13 @@ def main(args: Args, given: set[str]):
     train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, drops, t, eps
     stop = StopFlag()  # SIGTERM/SIGINT now finish the step (or abandon sampling), save, exit 0
     with torch.device("meta"):  # will a training step fit? (one line naming --batch-size if not)
-        probe = build_model(args)
+        model = build_model(args)
         x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
         y = torch.zeros(1, dtype=torch.long) if args.num_classes > 0 else None
-        activations = saved_activation_bytes(lambda: dit_loss(probe, x0, y, t, x0, torch.ones(args.timesteps)))
+        activations = saved_activation_bytes(lambda: dit_loss(model, x0, y, t, x0, torch.ones(args.timesteps)))
     flops = forward_flops(lambda: build_model(args), x0, t, y)  # per image
     if not args.sample_only:
-        num_params = sum(p.numel() for p in probe.parameters())  # the position embedding is a buffer
-        check_step_memory(setup, args.batch_size, num_params, activations, args.dtype)
+        check_step_memory(setup, args.batch_size, sum(p.numel() for p in model.parameters()), activations, args.dtype)
 
     images_np, labels_np, dataset_id, data_class_names = load_dataset(args)
     images, labels = torch.from_numpy(images_np).to(device), torch.from_numpy(labels_np).to(device)
@@ -905,25 +928,9 @@ def main(args: Args, given: set[str]):
         stop.restore()
         return
 
-    # ---- the model to train (compiled, in DDP), rank 0's run folder (after the signal handlers: it gets a
-    # checkpoint), TensorBoard and the start's lines, throughput
-    train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
-    if setup.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
-                                                          if setup.use_cuda else None)
-    writer = None
-    if setup.is_main:
-        run_dir, writer = open_writer(args, run_dir, step, dataset_id)
-        print(f"run folder: {run_dir}")
-        if step > 0:
-            print(f"resuming at step {step} of {args.total_steps}")
-        else:
-            writer.add_scalar("charts/num_parameters", num_params, 0)
-        classes = f"{len(class_names)} classes" if class_names else "unconditional"
-        print(f"model: DiT with adaLN-{args.adaln}, {num_params:,} parameters; data: {len(images):,} images of "
-              f"{args.img_size}px, {classes}; device: {setup.device} x {setup.world_size}")
-        if class_names:  # what --class-label accepts
-            print("classes: " + ", ".join(f"{k} {name}" for k, name in enumerate(class_names)))
+    # ---- the run folder (after the signal handlers: it gets a checkpoint), TensorBoard, throughput
+    run_dir, writer, train_model = open_run(args, setup, run_dir, dataset_id, step, model, len(images),
+                                            class_names)
     meter = Meter(device, 3 * flops, peak_flops(setup, args.dtype), setup.world_size)  # 3x the forward
     judge = None  # optional: judge
 
