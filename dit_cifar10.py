@@ -712,7 +712,7 @@ def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: t
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation (FID by torchmetrics; the judge is above) and main()'s steps: samples, run length, start
+# Evaluation (FID; the judge is above) and main()'s steps: samples, the run length, the start, logs
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
@@ -737,7 +737,8 @@ def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], n
         for batch in torch.from_numpy(images).split(args.sample_batch_size):
             fid_metric.update(batch.to(device), real=real)
     fid = float(fid_metric.compute())
-    print(f"FID of {num} samples" + (f", guidance {args.cfg_scale:g}" if classes > 0 else "") + f": {fid:.3f}")
+    guidance = f", guidance {args.cfg_scale:g}" if classes > 0 else ""
+    print(f"FID of {num} samples{guidance}: {fid:.3f}")
     if writer is not None:
         writer.add_scalar("eval/fid", fid, step)
         writer.add_scalar("eval/fid_num_samples", num, step)
@@ -750,6 +751,18 @@ def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[
     write_png(folder / f"{stem}.png", make_grid(images[:256], columns))
     np.savez(folder / f"{stem}.npz", images.transpose(0, 2, 3, 1), *([] if labels is None else [labels.numpy()]))
     return folder / f"{stem}.png"
+
+
+def step_memory_profile(args: Args, setup: "Setup") -> float:
+    """Refuses a --batch-size whose step won't fit (meta device); returns forward FLOPs per image."""
+    with torch.device("meta"):
+        model = build_model(args)
+        x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
+        y = torch.zeros(1, dtype=torch.long) if args.num_classes > 0 else None
+        activations = saved_activation_bytes(lambda: dit_loss(model, x0, y, t, x0, torch.ones(args.timesteps)))
+    num_params = sum(p.numel() for p in model.parameters())
+    check_step_memory(setup, args.batch_size, num_params, activations, args.dtype)
+    return forward_flops(lambda: build_model(args), x0, t, y)
 
 
 def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torch.Tensor], args: Args,
@@ -834,8 +847,7 @@ def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: st
     """The model to train (compiled, in DDP), rank 0's run folder and writer; prints the start."""
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
     if setup.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
-                                                          if setup.use_cuda else None)
+        train_model = nn.parallel.DistributedDataParallel(train_model)  # on the model's device
     if not setup.is_main:
         return run_dir, None, train_model
     run_dir, writer = open_writer(args, run_dir, step, dataset_id)
@@ -888,14 +900,7 @@ def main(args: Args, given: set[str]):
     device, autocast = setup.device, autocast_context(setup, args.dtype)
     train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, drops, t, eps
     stop = StopFlag()  # SIGTERM/SIGINT now finish the step (or abandon sampling), save, exit 0
-    with torch.device("meta"):  # will a training step fit? (one line naming --batch-size if not)
-        model = build_model(args)
-        x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
-        y = torch.zeros(1, dtype=torch.long) if args.num_classes > 0 else None
-        activations = saved_activation_bytes(lambda: dit_loss(model, x0, y, t, x0, torch.ones(args.timesteps)))
-    flops = forward_flops(lambda: build_model(args), x0, t, y)  # per image
-    if not args.sample_only:
-        check_step_memory(setup, args.batch_size, sum(p.numel() for p in model.parameters()), activations, args.dtype)
+    flops = None if args.sample_only else step_memory_profile(args, setup)  # too big: one line, exit 2
 
     images_np, labels_np, dataset_id, data_class_names = load_dataset(args)
     images, labels = torch.from_numpy(images_np).to(device), torch.from_numpy(labels_np).to(device)
@@ -972,17 +977,17 @@ def main(args: Args, given: set[str]):
         eval_now = step % args.eval_every == 0 or step == args.total_steps
         save_now = step % args.save_every == 0 or step == args.total_steps
         if setup.is_main and not stop.requested and (eval_now or step == args.first_sample_at):
-            # EMA samples, a row per class (8 unconditional): --samples-per-class, 2 at --first-sample-at
-            per_row, samples = args.samples_per_class if eval_now else 2, None  # None: a signal stopped them
-            y_grid = torch.arange(args.num_classes).repeat_interleave(per_row) if conditional else None
-            with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
-                samples = generate(per_row * (args.num_classes or 8), y_grid)
+            # EMA samples in a row per class (8 unconditional); None: a signal abandoned them (not the save)
+            per_row, samples = args.samples_per_class if eval_now else 2, None
+            rows = torch.arange(args.num_classes).repeat_interleave(per_row) if conditional else None
+            with contextlib.suppress(StopRequested):
+                samples = generate(per_row * (args.num_classes or 8), rows)
                 writer.add_image("samples/ema", make_grid(samples[:256], per_row), step, dataformats="HWC")
-                path = write_samples(run_dir / "samples", f"step{step:08d}", samples, y_grid, per_row)
+                path = write_samples(run_dir / "samples", f"step{step:08d}", samples, rows, per_row)
                 if not eval_now:
-                    progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after "
-                                   f"the start: {path}")
-            judge = judge_samples(judge, samples, y_grid, generate, args, step, eval_now, writer)  # optional: judge
+                    progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s "
+                                   f"after the start: {path}")
+            judge = judge_samples(judge, samples, rows, generate, args, step, eval_now, writer)  # optional: judge
         # Every rank stops at the same step: all-reduced at a log step under torchrun, at once alone
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         if save_now or stopping:
