@@ -649,8 +649,8 @@ def make_shapes_judge(args: Args, num_samples: int) -> tuple[nn.Sequential, np.n
     return (judge, *make_shapes_dataset(2 * num_samples, args.img_size, seed=JUDGE_HELDOUT_SEED))
 
 
-def judge_samples(judge, samples: Optional[np.ndarray], labels: Optional[torch.Tensor], generate: Callable,
-                  args: Args, step: int, eval_now: bool, writer):
+def judge_samples(judge, samples: Optional[np.ndarray], labels: Optional[torch.Tensor],
+                  generate: Callable, args: Args, step: int, eval_now: bool, writer):
     """eval/judge_* of an evaluation's grid, also without guidance (_cfg1); returns the judge."""
     from tqdm import tqdm  # a line of its own, not on the progress bar's
 
@@ -754,7 +754,7 @@ def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[
 
 
 def step_memory_profile(args: Args, setup: "Setup") -> float:
-    """Refuses a --batch-size whose step won't fit (meta device); returns forward FLOPs per image."""
+    """Refuses a --batch-size whose step won't fit (one line); returns forward FLOPs per image."""
     with torch.device("meta"):
         model = build_model(args)
         x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
@@ -900,7 +900,7 @@ def main(args: Args, given: set[str]):
     device, autocast = setup.device, autocast_context(setup, args.dtype)
     train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, drops, t, eps
     stop = StopFlag()  # SIGTERM/SIGINT now finish the step (or abandon sampling), save, exit 0
-    flops = None if args.sample_only else step_memory_profile(args, setup)  # too big: one line, exit 2
+    flops = None if args.sample_only else step_memory_profile(args, setup)  # too big: exit 2
 
     images_np, labels_np, dataset_id, data_class_names = load_dataset(args)
     images, labels = torch.from_numpy(images_np).to(device), torch.from_numpy(labels_np).to(device)
@@ -977,7 +977,7 @@ def main(args: Args, given: set[str]):
         eval_now = step % args.eval_every == 0 or step == args.total_steps
         save_now = step % args.save_every == 0 or step == args.total_steps
         if setup.is_main and not stop.requested and (eval_now or step == args.first_sample_at):
-            # EMA samples in a row per class (8 unconditional); None: a signal abandoned them (not the save)
+            # EMA samples, a row per class (8 unconditional); None: a signal abandoned them
             per_row, samples = args.samples_per_class if eval_now else 2, None
             rows = torch.arange(args.num_classes).repeat_interleave(per_row) if conditional else None
             with contextlib.suppress(StopRequested):
@@ -985,8 +985,8 @@ def main(args: Args, given: set[str]):
                 writer.add_image("samples/ema", make_grid(samples[:256], per_row), step, dataformats="HWC")
                 path = write_samples(run_dir / "samples", f"step{step:08d}", samples, rows, per_row)
                 if not eval_now:
-                    progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s "
-                                   f"after the start: {path}")
+                    seconds = f"{time.perf_counter() - started:.0f} s"
+                    progress.write(f"first samples at step {step}, {seconds} after the start: {path}")
             judge = judge_samples(judge, samples, rows, generate, args, step, eval_now, writer)  # optional: judge
         # Every rank stops at the same step: all-reduced at a log step under torchrun, at once alone
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
