@@ -321,9 +321,9 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
 
 def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
     """uint8 images (N, 3, H, W), int64 labels, the run name's dataset id and the class names."""
+    dataset_id, class_names = args.dataset, SHAPES_CLASSES if args.dataset == "shapes" else CIFAR10_CLASSES
     if args.dataset == "cifar10":
         images, labels = load_cifar10(args.data_dir, args.download)
-        dataset_id, class_names = "cifar10", CIFAR10_CLASSES
     elif args.dataset == "folder":
         images, labels, class_names = load_image_folder(args.data_dir, args.img_size)
         dataset_id = Path(args.data_dir).resolve().name or "folder"
@@ -332,7 +332,6 @@ def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
                             f"them into a class subfolder, or train an unconditional model with --num-classes 0")
     else:
         images, labels = make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed)
-        dataset_id, class_names = "shapes", SHAPES_CLASSES
     if args.num_classes > 0 and args.num_classes != len(class_names):
         raise UserError(f"--num-classes {args.num_classes} disagrees with the data: {dataset_id} has "
                         f"{len(class_names)} classes; use --num-classes {len(class_names)} (or 0)")
