@@ -321,9 +321,9 @@ def make_shapes_dataset(num_images: int, img_size: int, num_classes: int = 10, s
 
 def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
     """uint8 images (N, 3, H, W), int64 labels, the run name's dataset id and the class names."""
+    dataset_id, class_names = args.dataset, SHAPES_CLASSES if args.dataset == "shapes" else CIFAR10_CLASSES
     if args.dataset == "cifar10":
         images, labels = load_cifar10(args.data_dir, args.download)
-        dataset_id, class_names = "cifar10", CIFAR10_CLASSES
     elif args.dataset == "folder":
         images, labels, class_names = load_image_folder(args.data_dir, args.img_size)
         dataset_id = Path(args.data_dir).resolve().name or "folder"
@@ -332,7 +332,6 @@ def load_dataset(args: Args) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
                             f"them into a class subfolder, or train an unconditional model with --num-classes 0")
     else:
         images, labels = make_shapes_dataset(args.num_shapes_images, args.img_size, seed=args.seed)
-        dataset_id, class_names = "shapes", SHAPES_CLASSES
     if args.num_classes > 0 and args.num_classes != len(class_names):
         raise UserError(f"--num-classes {args.num_classes} disagrees with the data: {dataset_id} has "
                         f"{len(class_names)} classes; use --num-classes {len(class_names)} (or 0)")
@@ -649,14 +648,13 @@ def make_shapes_judge(args: Args, num_samples: int) -> tuple[nn.Sequential, np.n
     return (judge, *make_shapes_dataset(2 * num_samples, args.img_size, seed=JUDGE_HELDOUT_SEED))
 
 
-def judge_samples(judge, evaluated: Optional[tuple], generate: Callable, args: Args, step: int, eval_now: bool,
-                  writer):
-    """eval/judge_* of log_samples' evaluation, also without guidance (_cfg1); returns the judge."""
+def judge_samples(judge, samples: Optional[np.ndarray], labels: Optional[torch.Tensor],
+                  generate: Callable, args: Args, step: int, eval_now: bool, writer):
+    """eval/judge_* of an evaluation's grid, also without guidance (_cfg1); returns the judge."""
     from tqdm import tqdm  # a line of its own, not on the progress bar's
 
-    if not (eval_now and evaluated is not None and args.dataset == "shapes"):
+    if not (eval_now and samples is not None and args.dataset == "shapes"):
         return judge
-    samples, labels = evaluated
     judge = judge or make_shapes_judge(args, len(samples))
     judged = [("", samples)]
     if args.num_classes > 0 and args.cfg_scale != 1.0:  # the same noise without guidance: what guidance adds
@@ -712,20 +710,8 @@ def dit_loss(model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor], t: t
         return F.mse_loss(model(x_t, t, y).float(), noise)
 
 
-def step_memory_profile(args: Args) -> tuple[int, float, float]:
-    """(parameters, activation bytes autograd saves, forward FLOPs) per image (meta device)."""
-    with torch.device("meta"):
-        model = build_model(args)
-        x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
-        y = torch.zeros(1, dtype=torch.long) if args.num_classes > 0 else None
-        activations = saved_activation_bytes(lambda: dit_loss(model, x0, y, t, x0, torch.ones(args.timesteps)))
-    flops = forward_flops(lambda: build_model(args), x0, t, y)
-    return sum(p.numel() for p in model.parameters()), activations, flops
-
-
 # --------------------------------------------------------------------------------------------------
-# Evaluation (FID by torchmetrics; the judge is above) and the run's parts, main()'s steps: guided
-# EMA samples (abandoned on a signal) and their files, the run length, the start, logs, checkpoints.
+# Evaluation (FID; the judge is above) and main()'s steps: samples, the run length, the start, logs
 
 
 def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
@@ -741,7 +727,7 @@ def make_fid_metric(feature_extractor: Optional[nn.Module] = None):
 
 
 def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], np.ndarray], real_images: np.ndarray,
-                 args: Args, device: torch.device, writer=None, step: int = 0) -> float:
+                 args: Args, device: torch.device, writer=None, step: int = 0):
     """FID of --fid-num-samples samples, every class equally often, vs the training images."""
     num, classes = args.fid_num_samples, args.num_classes
     samples = generate(num, torch.arange(num) % classes if classes > 0 else None)
@@ -755,7 +741,6 @@ def evaluate_fid(fid_metric, generate: Callable[[int, Optional[torch.Tensor]], n
     if writer is not None:
         writer.add_scalar("eval/fid", fid, step)
         writer.add_scalar("eval/fid_num_samples", num, step)
-    return fid
 
 
 def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[torch.Tensor] = None,
@@ -765,6 +750,18 @@ def write_samples(folder: Path, stem: str, images: np.ndarray, labels: Optional[
     write_png(folder / f"{stem}.png", make_grid(images[:256], columns))
     np.savez(folder / f"{stem}.npz", images.transpose(0, 2, 3, 1), *([] if labels is None else [labels.numpy()]))
     return folder / f"{stem}.png"
+
+
+def step_memory_profile(args: Args, setup: "Setup") -> float:
+    """Refuses a --batch-size whose step won't fit (one line); returns forward FLOPs per image."""
+    with torch.device("meta"):
+        model = build_model(args)
+        x0, t = torch.zeros(1, 3, args.img_size, args.img_size), torch.zeros(1, dtype=torch.long)
+        y = torch.zeros(1, dtype=torch.long) if args.num_classes > 0 else None
+        activations = saved_activation_bytes(lambda: dit_loss(model, x0, y, t, x0, torch.ones(args.timesteps)))
+    num_params = sum(p.numel() for p in model.parameters())
+    check_step_memory(setup, args.batch_size, num_params, activations, args.dtype)
+    return forward_flops(lambda: build_model(args), x0, t, y)
 
 
 def generate_samples(ema_model: nn.Module, num: int, class_labels: Optional[torch.Tensor], args: Args,
@@ -849,8 +846,7 @@ def open_run(args: Args, setup: "Setup", run_dir: Optional[Path], dataset_id: st
     """The model to train (compiled, in DDP), rank 0's run folder and writer; prints the start."""
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
     if setup.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[setup.local_rank]
-                                                          if setup.use_cuda else None)
+        train_model = nn.parallel.DistributedDataParallel(train_model)  # on the model's device
     if not setup.is_main:
         return run_dir, None, train_model
     run_dir, writer = open_writer(args, run_dir, step, dataset_id)
@@ -882,22 +878,6 @@ def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir
         progress.set_postfix({key: f"{value:.4g}" for key, value in logged.items()})
 
 
-def log_samples(generate: Callable, args: Args, step: int, eval_now: bool, writer, run_dir: Path, progress,
-                started: float) -> Optional[tuple[np.ndarray, Optional[torch.Tensor]]]:
-    """EMA samples, a row per class (8 unconditional), to TensorBoard and samples/: --samples-per-class
-    at an evaluation, 2 at --first-sample-at. Returns them and labels, None if a signal stopped them."""
-    per_row = args.samples_per_class if eval_now else 2
-    labels = torch.arange(args.num_classes).repeat_interleave(per_row) if args.num_classes > 0 else None
-    with contextlib.suppress(StopRequested):  # a signal abandons the grid, not the checkpoint
-        samples = generate(per_row * (args.num_classes or 8), labels)
-        writer.add_image("samples/ema", make_grid(samples[:256], per_row), step, dataformats="HWC")
-        path = write_samples(run_dir / "samples", f"step{step:08d}", samples, labels, per_row)
-        if not eval_now:
-            progress.write(f"first samples at step {step}, {time.perf_counter() - started:.0f} s after the "
-                           f"start: {path}")
-        return samples, labels
-
-
 def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter, setup: "Setup", **extra):
     """Rank 0 writes the checkpoint; a non-finite loss since the last check is a TrainingFailure."""
     if not meter.finite():
@@ -919,9 +899,7 @@ def main(args: Args, given: set[str]):
     device, autocast = setup.device, autocast_context(setup, args.dtype)
     train_generator = torch.Generator(device=device).manual_seed(args.seed)  # flips, drops, t, eps
     stop = StopFlag()  # SIGTERM/SIGINT now finish the step (or abandon sampling), save, exit 0
-    if not args.sample_only:  # will a training step fit? (one line naming --batch-size if not)
-        num_params, activations, flops = step_memory_profile(args)
-        check_step_memory(setup, args.batch_size, num_params, activations, args.dtype)
+    flops = None if args.sample_only else step_memory_profile(args, setup)  # too big: exit 2
 
     images_np, labels_np, dataset_id, data_class_names = load_dataset(args)
     images, labels = torch.from_numpy(images_np).to(device), torch.from_numpy(labels_np).to(device)
@@ -998,8 +976,17 @@ def main(args: Args, given: set[str]):
         eval_now = step % args.eval_every == 0 or step == args.total_steps
         save_now = step % args.save_every == 0 or step == args.total_steps
         if setup.is_main and not stop.requested and (eval_now or step == args.first_sample_at):
-            samples = log_samples(generate, args, step, eval_now, writer, run_dir, progress, started)
-            judge = judge_samples(judge, samples, generate, args, step, eval_now, writer)  # optional: judge
+            # EMA samples, a row per class (8 unconditional); None: a signal abandoned them
+            per_row, samples = args.samples_per_class if eval_now else 2, None
+            rows = torch.arange(args.num_classes).repeat_interleave(per_row) if conditional else None
+            with contextlib.suppress(StopRequested):
+                samples = generate(per_row * (args.num_classes or 8), rows)
+                writer.add_image("samples/ema", make_grid(samples[:256], per_row), step, dataformats="HWC")
+                path = write_samples(run_dir / "samples", f"step{step:08d}", samples, rows, per_row)
+                if not eval_now:
+                    seconds = f"{time.perf_counter() - started:.0f} s"
+                    progress.write(f"first samples at step {step}, {seconds} after the start: {path}")
+            judge = judge_samples(judge, samples, rows, generate, args, step, eval_now, writer)  # optional: judge
         # Every rank stops at the same step: all-reduced at a log step under torchrun, at once alone
         stopping = stop.sync(setup) if setup.world_size == 1 or step % args.log_every == 0 else False
         if save_now or stopping:

@@ -37,7 +37,6 @@ ALLOWLIST = {
     "step_memory_profile": "each script's own model and loss (the activations of one training step)",
     "open_run": "DiT's start names its adaLN variant and its classes",
     "sample_from_checkpoint": "DiT samples one class or a row per class, with guidance",
-    "log_samples": "DiT's grid has a row per class",
     "judge_samples": "DiT judges the class of each row, with and without guidance",
     "evaluate_fid": "DiT samples every class in turn, with guidance",
     "write_samples": "each script's own sample files (grid, class rows, MP4 clips)",
