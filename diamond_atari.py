@@ -691,8 +691,7 @@ def segment_obs(batch: dict, device: torch.device) -> torch.Tensor:
 
 def sample_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
                  ids: Optional[list[int]] = None, reward_end: bool = False) -> dict:
-    """Segments on the device, obs (B, L, 3, H, W) in [-1, 1]: c + 1 + num_autoregressive_steps
-    frames (the denoiser's), or reward_segment_length from t - U{0..L-1} (reward_end)."""
+    """Segments on the device, obs in [-1, 1]: the denoiser's, or (reward_end) the reward/end's."""
     num_obs = (args.reward_segment_length if reward_end
                else args.num_conditioning_steps + 1 + args.num_autoregressive_steps)
     refs = buffer.sample_segments(args.batch_size, num_obs, generator, ids, reward_end)
