@@ -473,17 +473,16 @@ class CatchEnv:
         self.game_over, self.game_steps, self.game_return = True, 0, 0.0
         self.obs = self.render()
 
-    def cell_pixels(self, row: int, col: int) -> tuple[slice, slice]:
-        """The frame's (rows, columns) of a grid cell: the grid is centred."""
+    def cell_pixels(self, row: int, col: int, rows: int = 1, cols: int = 1) -> tuple[slice, slice]:
+        """The frame's pixels of rows x cols cells from cell (row, col): the grid is centred."""
         top = (self.obs_size - self.rows * self.cell) // 2 + row * self.cell
         left = (self.obs_size - self.columns * self.cell) // 2 + col * self.cell
-        return slice(top, top + self.cell), slice(left, left + self.cell)
+        return slice(top, top + rows * self.cell), slice(left, left + cols * self.cell)
 
     def render(self) -> np.ndarray:
         """uint8 (obs_size, obs_size, 3): grey cells, a blue paddle, a yellow ball."""
         frame = np.zeros((self.obs_size, self.obs_size, 3), dtype=np.uint8)
-        top, left = (pixels.start for pixels in self.cell_pixels(0, 0))
-        frame[top: top + self.rows * self.cell, left: left + self.columns * self.cell] = self.colours["cell"]
+        frame[self.cell_pixels(0, 0, self.rows, self.columns)] = self.colours["cell"]
         frame[self.cell_pixels(self.rows - 1, self.paddle_col)] = self.colours["paddle"]
         frame[self.cell_pixels(self.ball_row, self.ball_col)] = self.colours["ball"]
         return frame
