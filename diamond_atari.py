@@ -378,6 +378,7 @@ class AtariEnv:
     """One ALE game, Atari 100k as DIAMOND: 1..noop_max no-ops after a reset, frame_skip repeats
     (the max of the last two), INTER_AREA resize; end_on_life_loss: a lost life ends the episode."""
     ignored_flags = ()  # the Args fields this environment ignores
+    state_keys = ("game_over", "lives", "game_steps", "game_return")
 
     def __init__(self, game: str, obs_size: int = 64, frame_skip: int = 4, noop_max: int = 30,
                  sticky_actions: bool = False, max_episode_steps: int = 27_000,
@@ -439,16 +440,15 @@ class AtariEnv:
 
     def state_dict(self) -> dict:
         # the emulator and its RNG (sticky actions), serialised to bytes -> a uint8 tensor
-        ale_state = self.ale.cloneState(include_rng=True).serialize()
-        return {"ale": torch.frombuffer(bytearray(ale_state), dtype=torch.uint8).clone(),
-                "game_over": self.game_over, "lives": self.lives, "game_steps": self.game_steps,
-                "game_return": self.game_return, "obs": torch.from_numpy(self.obs.copy())}
+        ale_state = bytearray(self.ale.cloneState(include_rng=True).serialize())
+        state = {k: getattr(self, k) for k in self.state_keys} | {"obs": torch.tensor(self.obs)}
+        return state | {"ale": torch.frombuffer(ale_state, dtype=torch.uint8).clone()}
 
     def load_state_dict(self, state: dict):
         import ale_py
 
         self.ale.restoreState(ale_py.ALEState(state["ale"].numpy().tobytes()))
-        for key in ("game_over", "lives", "game_steps", "game_return"):
+        for key in self.state_keys:
             setattr(self, key, state[key])
         self.obs = state["obs"].numpy().copy()
 
@@ -473,17 +473,16 @@ class CatchEnv:
         self.game_over, self.game_steps, self.game_return = True, 0, 0.0
         self.obs = self.render()
 
-    def cell_pixels(self, row: int, col: int) -> tuple[slice, slice]:
-        """The frame's (rows, columns) of a grid cell: the grid is centred."""
+    def cell_pixels(self, row: int, col: int, rows: int = 1, cols: int = 1) -> tuple[slice, slice]:
+        """The frame's pixels of rows x cols cells from cell (row, col): the grid is centred."""
         top = (self.obs_size - self.rows * self.cell) // 2 + row * self.cell
         left = (self.obs_size - self.columns * self.cell) // 2 + col * self.cell
-        return slice(top, top + self.cell), slice(left, left + self.cell)
+        return slice(top, top + rows * self.cell), slice(left, left + cols * self.cell)
 
     def render(self) -> np.ndarray:
         """uint8 (obs_size, obs_size, 3): grey cells, a blue paddle, a yellow ball."""
         frame = np.zeros((self.obs_size, self.obs_size, 3), dtype=np.uint8)
-        top, left = (pixels.start for pixels in self.cell_pixels(0, 0))
-        frame[top: top + self.rows * self.cell, left: left + self.columns * self.cell] = self.colours["cell"]
+        frame[self.cell_pixels(0, 0, self.rows, self.columns)] = self.colours["cell"]
         frame[self.cell_pixels(self.rows - 1, self.paddle_col)] = self.colours["paddle"]
         frame[self.cell_pixels(self.ball_row, self.ball_col)] = self.colours["ball"]
         return frame
@@ -534,8 +533,7 @@ EPISODE_KEYS = {"obs": np.uint8, "actions": np.int64, "rewards": np.float32, "te
 
 
 def save_episode(path: Path, episode: dict, run_dir: Optional[Path] = None):
-    """One .npz per episode (docs/PROMISES.md section 3), written atomically; a failed write is one
-    line naming the file (and, for a run's episode, how to go on), leaving no temporary file."""
+    """One .npz per episode, written atomically; a failed write is one line naming the file."""
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -597,8 +595,7 @@ def load_episode(path: Path, obs_size: int, num_actions: int, fix: str = "fix th
 
 
 class ReplayBuffer:
-    """Finished episodes (a .npz each) and the one being collected (`partial`), sampled as DIAMOND:
-    episode by recency, t ~ U{0..T-1}, a segment around t; padding (grey, action 0) masked out."""
+    """Finished episodes (a .npz each) and the one being collected (`partial`), sampled."""
 
     def __init__(self, folder: Optional[Path], recency_weights: Optional[tuple[float, ...]],
                  num_conditioning_steps: int):
@@ -693,8 +690,7 @@ def segment_obs(batch: dict, device: torch.device) -> torch.Tensor:
 
 def sample_batch(buffer: ReplayBuffer, args: Args, generator: torch.Generator, device: torch.device,
                  ids: Optional[list[int]] = None, reward_end: bool = False) -> dict:
-    """Segments on the device, obs (B, L, 3, H, W) in [-1, 1]: c + 1 + num_autoregressive_steps
-    frames (the denoiser's), or reward_segment_length from t - U{0..L-1} (reward_end)."""
+    """Segments on the device, obs in [-1, 1]: the denoiser's, or (reward_end) the reward/end's."""
     num_obs = (args.reward_segment_length if reward_end
                else args.num_conditioning_steps + 1 + args.num_autoregressive_steps)
     refs = buffer.sample_segments(args.batch_size, num_obs, generator, ids, reward_end)
@@ -1114,8 +1110,7 @@ def generate_next_obs(denoiser: Denoiser, obs: torch.Tensor, act: torch.Tensor, 
 
 
 class WorldModelEnv:
-    """The imagined envs, living across actor-critic updates as DIAMOND's: each starts from a real
-    segment (reward/end LSTM burnt in), restarts at a sampled end or the horizon; checkpointed."""
+    """DIAMOND's imagined envs: started from real segments, going on across actor-critic updates."""
 
     def __init__(self, denoiser: Denoiser, reward_end_model: RewardEndModel, buffer: ReplayBuffer,
                  args: Args, device: torch.device, generator: torch.Generator,
@@ -1129,8 +1124,7 @@ class WorldModelEnv:
 
     @torch.no_grad()
     def start(self, num_envs: int, refs: Optional[list[tuple[int, int]]] = None):
-        """Real segments, sampled or given as (episode, first frame): frames (n, c, 3, H, W),
-        actions (n, c) (the last slot for the actor's), the reward/end LSTM state after them."""
+        """Real segments (sampled, or refs): frames (n, c, 3, H, W), actions (n, c), LSTM state."""
         c = self.args.num_conditioning_steps
         refs = self.buffer.sample_segments(num_envs, c, self.cpu_generator, self.ids) if refs is None else refs
         batch = self.buffer.segments(refs, c)
@@ -1139,12 +1133,6 @@ class WorldModelEnv:
             _, _, hidden = self.reward_end_model(obs[:, :-1], actions, obs[:, 1:])
         act = torch.cat([actions, torch.zeros_like(actions[:, :1])], dim=1)
         return obs, act, tuple(h.float() for h in hidden)  # LSTM states stay fp32 between steps
-
-    def reset(self):
-        """Starts every env: returns the current frames (n, 3, H, W) and the c - 1 earlier ones."""
-        self.obs, self.act, self.hidden = self.start(self.args.num_imagined_envs)
-        self.age = torch.zeros(self.args.num_imagined_envs, dtype=torch.long, device=self.device)
-        return self.obs[:, -1], self.obs[:, :-1]
 
     def state_dict(self) -> dict:
         if self.obs is None:
@@ -1173,8 +1161,7 @@ def actor_burn_in(actor_critic: ActorCritic, frames: torch.Tensor, autocast=cont
 def actor_critic_loss(actor_critic: ActorCritic, wm_env: WorldModelEnv, args: Args,
                       generator: torch.Generator, autocast=contextlib.nullcontext(),
                       graphs: Optional["ImaginationGraphs"] = None):
-    """On backup_every more imagined steps (graphs' compiled ones, or eager): the value's MSE to the
-    lambda-returns, REINFORCE with the baseline V, and an entropy bonus."""
+    """On backup_every more imagined steps: V's MSE to lambda-returns, REINFORCE, entropy bonus."""
     graphs = graphs or ImaginationGraphs(wm_env, actor_critic, args, wm_env.device,
                                          autocast=autocast, eager=True)
     rollout = graphs.rollout(generator)
@@ -1230,9 +1217,8 @@ class ImaginationGraphs:
 
     @torch.no_grad()
     def world_model_step(self, obs, act, hidden, age, action, actor_hidden, noise, uniforms, start):
-        """Every imagined env (frames obs (n, c, 3, H, W), actions, reward/end state, age) stepped
-        by action, noise, uniforms (2, n), restart pool (or None): the next state, reward sign, end,
-        stopped, V(final frame); for the checks the next frame, D(x; sigma) and the logits."""
+        """Every imagined env stepped by action, noise, uniforms (2, n), stopped ones restarted
+        from the pool `start` (or None): next state, reward sign, end, V(final frame), checks."""
         act, raw, env = torch.cat([act[:, :-1], action[:, None]], dim=1), [], self.wm_env
         with self.amp():
             next_obs = generate_next_obs(env.denoiser, obs, act, self.args, net=self.net,
@@ -1264,23 +1250,23 @@ class ImaginationGraphs:
             return self._rollout(generator)
         busy = self.calls == 0 and "compiling the imagination step (" + (
             "up to 20 minutes on a CPU)" if self.device.type == "cpu" else "minutes)")
-        fix = "with --imagination-graphs off"
-        with compile_failures(self.stop, "the imagination graphs", fix, busy):
+        with compile_failures(self.stop, "the imagination graphs", "with --imagination-graphs off",
+                              busy):
             return self._rollout(generator)
 
     def _rollout(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """backup_every more steps of the persistent imagined episodes: logits (n, H, A) and values
-        (n, H) with gradients; bootstraps V'_t, actions, reward signs, ends, truncations (n, H)."""
+        """backup_every more imagined steps: logits (n, H, A), values (n, H), the rest (n, H)."""
         args, env, n = self.args, self.wm_env, self.args.num_imagined_envs
         if env.obs is None:  # the first update: start the imagined episodes
-            env.actor_hidden = actor_burn_in(self.actor_critic, env.reset()[1], self.amp())
+            env.obs, env.act, env.hidden = env.start(n)
+            env.age = torch.zeros(n, dtype=torch.long, device=self.device)
+            env.actor_hidden = actor_burn_in(self.actor_critic, env.obs[:, :-1], self.amp())
         actor_hidden = tuple(h.detach().float() for h in env.actor_hidden)
         start, start_actor_hidden = None, actor_hidden  # eager: set at each restart
         if not self.eager:  # the restart pool, burnt in with the weights of this rollout
             start = env.start(n)
             start_actor_hidden = actor_burn_in(self.actor_critic, start[0][:, :-1], self.amp())
-        # every random number of the rollout, drawn before it: the noise, the uniforms of the
-        # action, the reward and the end
+        # every random number of the rollout, drawn first: noise, uniforms of action, reward, end
         device, steps = self.device, args.backup_every
         noise = torch.randn((steps, *env.obs[:, -1].shape), generator=generator, device=device)
         uniforms = torch.rand((steps, 3, n), generator=generator, device=device)
@@ -1352,8 +1338,7 @@ def compile_failures(stop, what: str, fix: str, busy: str = ""):
 
 def imagination_graphs(args: Args, setup, wm_env: WorldModelEnv, actor_critic: ActorCritic,
                        stop=None) -> Optional[ImaginationGraphs]:
-    """--imagination-graphs on (auto: on CUDA): the compiled step, CUDA graphs on CUDA
-    ("reduce-overhead", the run's autocast inside), inductor on the CPU; None: eager."""
+    """The compiled imagination step (CUDA graphs on CUDA) of --imagination-graphs; None: eager."""
     if args.world_model_only or args.imagination_graphs == "off" or (
             args.imagination_graphs == "auto" and not setup.use_cuda):
         return None
