@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Annotated, Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Callable, Literal, Optional, get_type_hints
 
 import numpy as np
 import torch
