@@ -1574,25 +1574,6 @@ def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, auto
 # The run: the run folder, logging, checkpoints, main (training, or sampling only).
 
 
-def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoData, vocabulary: list,
-             num_actions: int, num_params: int):
-    """Rank 0's run folder (new unless resumed) and writer (else None); prints the run's start."""
-    if not setup.is_main:
-        return run_dir, None
-    run_dir, writer = open_writer(args, run_dir, step, data.dataset_id)
-    num_clips = len(data.clip_starts)
-    print(f"run folder: {run_dir}")
-    if step > 0:
-        print(f"resuming at step {step} of {args.total_steps}")
-    else:
-        writer.add_scalar("charts/num_parameters", num_params, 0)
-    print(f"model: {num_params:,} parameters; data: {num_clips:,} clips, {len(vocabulary) - len(SPECIAL_TOKENS)} "
-          f"words, {num_actions} actions; device: {setup.device}")
-    if num_clips < args.batch_size:  # it trains (batches cross epochs and repeat clips), but say so
-        print(f"notice: {num_clips:,} clips, fewer than --batch-size {args.batch_size}")
-    return run_dir, writer
-
-
 def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir: Optional[Path]):
     """Logs a --log-every interval; a non-finite loss raises TrainingFailure."""
     if not meter.finite():
@@ -1615,8 +1596,6 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter, setup: "
         state = checkpoint_state(args, step, *parts, **extra)
         save_checkpoint(run_dir / "checkpoints" / "latest.pt", state)
         print(f"saved checkpoint at step {step}", flush=True)
-
-
 
 
 def main(args: Args, given: set[str]):
@@ -1678,7 +1657,19 @@ def main(args: Args, given: set[str]):
         return
 
     # ---- the run folder (after the signal handlers: it always gets a checkpoint), throughput
-    run_dir, writer = open_run(args, setup, run_dir, step, data, vocabulary, num_actions, num_params)
+    writer = None
+    if setup.is_main:  # rank 0's run folder (new unless resumed) and writer
+        run_dir, writer = open_writer(args, run_dir, step, data.dataset_id)
+        num_clips, words = len(data.clip_starts), len(vocabulary) - len(SPECIAL_TOKENS)
+        print(f"run folder: {run_dir}")
+        if step > 0:
+            print(f"resuming at step {step} of {args.total_steps}")
+        else:
+            writer.add_scalar("charts/num_parameters", num_params, 0)
+        print(f"model: {num_params:,} parameters; data: {num_clips:,} clips, {words} words, {num_actions} actions; "
+              f"device: {setup.device}")
+        if num_clips < args.batch_size:  # it trains (batches cross epochs and repeat clips), but say so
+            print(f"notice: {num_clips:,} clips, fewer than --batch-size {args.batch_size}")
     meter = Meter(device, 3 * flops, peak_flops(setup, args.dtype), setup.world_size)
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
     if setup.world_size > 1:
