@@ -644,15 +644,7 @@ def tokenize(captions: list, vocabulary: list, max_len: int) -> torch.Tensor:
 
 def caption_as_read(caption: str, vocabulary: list, max_len: int) -> str:
     """The caption as tokenize gives it to the model: its first max_len words, unknown as <unk>."""
-    known = set(vocabulary)
-    return " ".join(w if w in known else "<unk>" for w in caption_words(caption)[:max_len])
-
-
-def unknown_words(captions: list, vocabulary: list, max_len: int) -> list[str]:
-    """The words in the first max_len of each caption that the vocabulary lacks, by first use."""
-    known = set(vocabulary)
-    return list(dict.fromkeys(w for c in captions for w in caption_words(c)[:max_len]
-                              if w not in known))
+    return " ".join(w if w in vocabulary else "<unk>" for w in caption_words(caption)[:max_len])
 
 
 def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list[str]:
@@ -661,7 +653,9 @@ def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list
     cut = sum(len(words) > max_len for words in distinct)
     said = ([f"{cut} of {len(distinct)} captions are cut to their first --max-text-len "
              f"{max_len} words"] if cut else [])
-    if unknown := unknown_words(captions, vocabulary, max_len):
+    known = set(vocabulary)
+    if unknown := dict.fromkeys(w for c in captions for w in caption_words(c)[:max_len]
+                                if w not in known):  # in order of first use
         said.append(f"words the model never learned, read as <unk>: {', '.join(unknown)}")
     return ["notice: " + "; ".join(said)] if said else []
 
@@ -1505,7 +1499,7 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
         raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for "
                         f"real here; give --play-world imagined")
     caption, max_len = args.play_caption or "", args.max_text_len  # checked before any data is made
-    if unknown := unknown_words([caption], vocabulary, max_len):  # each the untrained <unk>
+    if unknown := dict.fromkeys(w for w in caption_words(caption)[:max_len] if w not in vocabulary):
         known = vocabulary[len(SPECIAL_TOKENS):]
         guesses = {w: difflib.get_close_matches(w, known, n=1) for w in unknown}
         named = ", ".join(w + (f" (did you mean {guesses[w][0]}?)" if guesses[w] else "") for w in unknown)
