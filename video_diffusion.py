@@ -219,8 +219,7 @@ PRESETS["cpu"] = dict(
     num_sampling_steps=8, num_eval_samples=128, num_samples=16, long_video_frames=6,
     sample_batch_size=128)
 FLAG_ALIASES: dict[str, str] = {}  # flags spelled otherwise (diamond_atari.py: --game, --env-id)
-# What a checkpoint holds after its header, in checkpoint_state's order. The vocabulary and the
-# action count fix the model's shape: the run reads them before it builds it.
+# A checkpoint after its header; the vocabulary and action count fix the model's shape (read first).
 CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler",
                    "train_generator", "vocabulary", "num_actions")
 
@@ -297,8 +296,7 @@ def sprite_geometry(img_size: int) -> tuple[int, int, int]:
 
 
 def sprite_positions(state: dict, actions: np.ndarray, img_size: int) -> np.ndarray:
-    """The sprite's top-left corner (T, 2) after the action into each frame (actions[0] is ignored):
-    discrete 0 noop, 1-4 DIRECTIONS; continuous a (dx, dy) in sprite speeds. Walls stop it."""
+    """The sprite's top-left corner (T, 2) after each action (index or (dx, dy)); walls stop it."""
     size, _, speed = sprite_geometry(img_size)
     out = [np.array(state["sprite"], dtype=np.float32)]
     for a in actions[1:]:
@@ -325,8 +323,7 @@ def render_sprite_clip(state: dict, actions: np.ndarray, img_size: int) -> np.nd
 
 def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_distractors: int = 1,
                          action_dim: int = 0, seed: int = 0) -> VideoData:
-    """Clips of a square moved by the actions ("a red square moves right"): direction d 3/4 of the
-    time, else a noop or a sideways move; the start is uniform, redrawn until the net move is d."""
+    """Clips of a square moved by the actions ("a red square moves right"), 3/4 of them as said."""
     if num_frames < 2:
         raise UserError(f"--num-frames {num_frames}: a sprites clip needs at least 2 frames to "
                         f"show a move; use --num-frames 2 or more")
@@ -340,12 +337,11 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
             choice = rng.random(num_frames)
             sideways = np.array([3, 4] if d < 2 else [1, 2])[rng.integers(2, size=num_frames)]
             clip_actions = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways))
-            clip_actions[0] = 0
             if action_dim > 0:  # a velocity: the discrete move scaled by U(0.6, 1), plus jitter
                 speeds = rng.uniform(0.6, 1.0, (num_frames, 1))
                 clip_actions = (DIRECTION_VECTORS[clip_actions - 1] * speeds
                                 + rng.normal(0, 0.05, (num_frames, 2))).astype(np.float32)
-                clip_actions[0] = 0
+            clip_actions[0] = 0
             state = {"sprite": xy, "colour": list(SPRITE_COLOURS)[int(rng.integers(4))],
                      "distractors": rng.uniform(0, img_size - dsize, (num_distractors, 2)).tolist(),
                      "distractor_velocities":
@@ -377,8 +373,7 @@ def resize_frame(rgb: np.ndarray, img_size: int) -> np.ndarray:
 
 def clips_of_episodes(episodes: list, num_frames: int, caption: Callable, too_short: str,
                       **fields) -> VideoData:
-    """VideoData of the episodes' frames, each (T, 3, H, W): windows of num_frames, num_frames // 2
-    apart, captioned caption(episode, start in it); too_short: the error if there are none."""
+    """VideoData: windows of num_frames, num_frames // 2 apart, captioned caption(episode, start)"""
     windows = [(e, s) for e, frames in enumerate(episodes)
                for s in range(0, len(frames) - num_frames + 1, max(1, num_frames // 2))]
     if not windows:
@@ -422,8 +417,7 @@ def atari_folder(data_dir: str, canonical: str) -> Path:
 
 def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_steps: int,
                           img_size: int, seed: int, game: str) -> list[str]:
-    """Random-policy episodes (each action held 1-8 steps, so that motion shows) as episode files,
-    each written atomically (existing ones kept); returns the game's action meanings."""
+    """Random-policy episode files (actions held 1-8 steps), written atomically; action names."""
     import gymnasium as gym
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -501,8 +495,7 @@ def read_episode(path: Path, num_actions: int, fix: str) -> dict:
 
 
 def load_atari_dataset(args: "Args") -> VideoData:
-    """The episode files in atari_folder, recorded first if there are too few. Each clip's caption
-    names the action held most often in it: "Breakout: the paddle moves left"."""
+    """Recorded episodes' clips, captioned by the action held most: "Breakout: the paddle moves up"."""
     gym_id, canonical, game = atari_ids(args.env_id)
     folder = atari_folder(args.data_dir, canonical)
     meanings = record_atari_episodes(gym_id, folder, args.num_atari_episodes,
@@ -527,8 +520,7 @@ def load_atari_dataset(args: "Args") -> VideoData:
 
 
 def read_video(path: Path, img_size: int) -> list[np.ndarray]:
-    """A video's frames through resize_frame; an empty, unreadable or undecodable file is refused in
-    one line naming it (FFmpeg's own "moov atom not found" names no file)."""
+    """A video's frames through resize_frame; an empty or undecodable file is refused, named."""
     import cv2
 
     # FFmpeg writes to fd 2 itself (OpenCV's log level does not reach it): silenced while decoding
@@ -617,9 +609,8 @@ def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) 
     return order[start % num_items: start % num_items + batch_size]
 
 
-# Words: a vocabulary built from the dataset's captions, learned with the model (a pretrained text
-# encoder needs a hub). Token 0 pads; the empty caption is the single token <null>: the null
-# condition for guidance.
+# Words: a vocabulary of the dataset's captions, learned with the model (no hub). Token 0 pads; the
+# empty caption is the single token <null>: the null condition for guidance.
 SPECIAL_TOKENS = ["<pad>", "<null>", "<unk>"]
 PAD_ID, NULL_ID, UNK_ID = 0, 1, 2
 
@@ -1090,8 +1081,7 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
 
 
 class DeviceClips:
-    """Clips on the device as uint8 frames (no loader, no copies), caption tokens and actions (clip
-    i is frames[starts[i] : starts[i] + num_frames]), and a model's samples conditioned on them."""
+    """Clips on the device (uint8 frames, no loader), caption tokens, actions; a model's samples."""
 
     def __init__(self, data: VideoData, vocabulary: list, args: Args, device, alphas_cumprod,
                  model: Optional[nn.Module] = None, autocast=contextlib.nullcontext()):
@@ -1154,8 +1144,7 @@ class DeviceClips:
 
 
 def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[int, float, float]:
-    """(parameters, activation bytes autograd saves, forward FLOPs) per clip of a training step with
-    every condition given, counted on the meta device: before anything is allocated at full size."""
+    """(parameters, saved activation bytes, forward FLOPs) of one clip's training step, on meta."""
     with torch.device("meta"):
         model = build_model(args, vocab_size, num_actions)
         x0 = torch.zeros(1, 3, args.num_frames, args.img_size, args.img_size)
