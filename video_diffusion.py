@@ -495,7 +495,7 @@ def read_episode(path: Path, num_actions: int, fix: str) -> dict:
 
 
 def load_atari_dataset(args: "Args") -> VideoData:
-    """Recorded episodes' clips, captioned by the action held most: "Breakout: the paddle moves up"."""
+    """Recorded episodes' clips, captioned by the action held most ("the paddle moves left")."""
     gym_id, canonical, game = atari_ids(args.env_id)
     folder = atari_folder(args.data_dir, canonical)
     meanings = record_atari_episodes(gym_id, folder, args.num_atari_episodes,
