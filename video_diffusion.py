@@ -593,8 +593,7 @@ def eval_subset(data: VideoData, args: "Args") -> VideoData:
     """The clips the metrics use: held-out sprites (another seed), or clips spread over the data."""
     n = args.num_eval_samples
     if args.dataset == "sprites":
-        return make_sprites_dataset(n, args.num_frames, args.img_size, args.num_distractors,
-                                    args.action_dim, seed=args.seed + 1_000)
+        return load_dataset(replace(args, num_sprite_clips=n, seed=args.seed + 1_000))
     chosen = np.linspace(0, len(data.clip_starts) - 1, n).round().astype(np.int64)
     return replace(data, clip_starts=data.clip_starts[chosen],
                    captions=[data.captions[i] for i in chosen], directions=data.directions[chosen])
@@ -802,9 +801,8 @@ class TextEncoder(nn.Module):
 
 
 class VideoDiffusionModel(nn.Module):
-    """The 3D U-Net: eps(x_t, t | caption, actions, context) for clips (B, 3, T, H, W) in [-1, 1].
-    The caption's mean token and each frame's action join the time embedding; context frames and
-    their mask join the input channels (x_t zeroed there), their noise level embedded like t."""
+    """The 3D U-Net: eps(x_t, t | caption, actions, context) for clips (B, 3, T, H, W) in [-1, 1];
+    context frames and their mask join the input channels (x_t zeroed there)."""
 
     def __init__(self, in_channels: int = 3, model_channels: int = 256, num_res_blocks: int = 2,
                  channel_mult: tuple = (1, 2, 2), attn_resolutions: tuple = (32, 16),
@@ -1414,8 +1412,7 @@ def real_sprites(state: dict, actions: np.ndarray, img_size: int, values: torch.
 
 
 def play_keys(game: Callable, steps: list, meanings: list[str], size: int, name: str = "") -> dict:
-    """A headless session: game() (imagined_video, real_sprites) played with the actions (None:
-    restart). Returns the frames uint8 (T + 1, H, W, 3), the captioned ones (the MP4), frames/s."""
+    """game() played headless with steps (None: restart): frames, captioned ones (MP4), frames/s."""
     frames, start = [], time.perf_counter()
     for action in [None, *steps]:  # None: a (re)start
         frames.append(next(session := game()) if action is None else session.send(action))
