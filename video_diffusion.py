@@ -1065,8 +1065,7 @@ def to_uint8(clips: torch.Tensor) -> np.ndarray:
 
 def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod,
                          prediction: str = "eps", autocast=contextlib.nullcontext(), **conditions) -> torch.Tensor:
-    """L_simple (Ho et al. eq. 14) = || eps or v - f(x_t, t, conditions) ||^2, x0 (B, 3, T, H, W).
-    Context frames (context_mask 1) count zero, the sum still divided by the clip's size."""
+    """L_simple (Ho et al. eq. 14): mean || eps or v - f(x_t, t) ||^2, context frames as zero."""
     sqrt_abar = alphas_cumprod[t].sqrt().float()[:, None, None, None, None]
     sqrt_one_minus_abar = (1 - alphas_cumprod[t]).sqrt().float()[:, None, None, None, None]
     x_t = sqrt_abar * x0 + sqrt_one_minus_abar * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
@@ -1393,8 +1392,7 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
 
 
 def imagined_video(next_frame: Callable, frames: torch.Tensor, actions: torch.Tensor, values: torch.Tensor):
-    """The model as a game (a generator): the last of frames (1, 3, k, H, W) in [-1, 1], then per
-    action sent next_frame(the last k frames, their actions and values[action]: (1, k + 1[, A]))."""
+    """The model as a game (a generator): the last of frames (1, 3, k, H, W), then one per action."""
     frame = frames[0, :, -1]
     while True:
         action = yield to_uint8(frame).transpose(1, 2, 0)
@@ -1498,8 +1496,7 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
     caption = caption_as_read(caption, vocabulary, max_len)  # printed as the model reads it
     if args.dataset == "sprites":
         meanings = [name.upper() for name in SPRITE_ACTIONS]
-        data = make_sprites_dataset(64, args.num_frames, args.img_size, args.num_distractors,
-                                    args.action_dim, seed=args.seed + 2_000)  # unseen starts
+        data = load_dataset(replace(args, num_sprite_clips=64, seed=args.seed + 2_000))  # unseen
     else:  # Atari: starts from the run's recorded episodes, the game's own action names
         import gymnasium as gym
 
