@@ -284,8 +284,7 @@ class VideoData:
 SPRITE_COLOURS = {"red": (230, 40, 40), "green": (40, 210, 40), "blue": (50, 90, 245),
                   "yellow": (235, 215, 30)}
 DIRECTIONS = ["up", "down", "left", "right"]  # sprites: discrete action i + 1 goes DIRECTIONS[i]
-SPRITE_ACTIONS = ["noop"] + DIRECTIONS
-# (dx, dy), y down; then noop
+SPRITE_ACTIONS = ["noop"] + DIRECTIONS  # below: DIRECTIONS' (dx, dy), y down, then noop's
 DIRECTION_VECTORS = np.array([[0, -1], [0, 1], [-1, 0], [1, 0], [0, 0]], dtype=np.float32)
 
 
@@ -1035,8 +1034,7 @@ def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
 def generate_video(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args, num_frames: int, shape: tuple,
                    generator: torch.Generator, text=None, actions=None, drop_actions=None, video=None,
                    autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """Video (B, 3, num_frames, H, W) in [-1, 1]: `video` (default none), then --sampler's clips of
-    `shape`, each given the last --context-frames frames (noised); actions (B, A_T[, A]) repeated."""
+    """Video (B, 3, num_frames, H, W): `video`, then clips of `shape`, each given the last k frames."""
     device, (b, _, clip_frames) = generator.device, shape[:3]
     video = torch.zeros(*shape[:2], 0, *shape[3:], device=device) if video is None else video
     while video.shape[2] < num_frames:
@@ -1099,8 +1097,7 @@ class DeviceClips:
         return clips, self.text[index], None if self.actions is None else self.actions[frames]
 
     def batch(self, step: int, generator: torch.Generator, mine: slice, null_text) -> dict:
-        """The step's batch as video_diffusion_loss's keyword arguments: the global batch, drawn
-        alike on every rank, sliced to this rank's `mine` (2 ranks at batch B compute as 1 rank)."""
+        """The loss's kwargs: the global batch, drawn alike on every rank, sliced to `mine`."""
         args, device, B, abar = self.args, self.device, self.args.batch_size, self.alphas_cumprod
         clip_shape = (3, args.num_frames, args.img_size, args.img_size)
         indices = global_batch_indices(step, B, len(self.starts), args.seed).to(device, non_blocking=True)
@@ -1473,8 +1470,7 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
 
 def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=contextlib.nullcontext(),
                clip: Optional[int] = None) -> dict:
-    """The checkpoint's EMA model as a game from held-out clip `clip` (default: --seed's): each step
-    generates a clip from the last k = --context-frames frames and the new action; shows frame k."""
+    """The EMA model as a game from held-out clip `clip`: each step, frame k of a clip given k."""
     num_actions, vocabulary = checkpoint["num_actions"], checkpoint["vocabulary"]
     if args.dataset == "folder" or num_actions == 0 and args.action_dim == 0 or args.context_frames < 1:
         raise UserError(f"--play needs a model trained with actions (--dataset sprites or atari) and --context-frames "
