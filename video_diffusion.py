@@ -1034,7 +1034,7 @@ def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
 def generate_video(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args, num_frames: int, shape: tuple,
                    generator: torch.Generator, text=None, actions=None, drop_actions=None, video=None,
                    autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """Video (B, 3, num_frames, H, W): `video`, then clips of `shape`, each given the last k frames."""
+    """Video (B, 3, num_frames, H, W): `video`, then clips of `shape` given its last k frames."""
     device, (b, _, clip_frames) = generator.device, shape[:3]
     video = torch.zeros(*shape[:2], 0, *shape[3:], device=device) if video is None else video
     while video.shape[2] < num_frames:
