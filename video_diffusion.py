@@ -210,8 +210,7 @@ PRESETS = {"tiny": dict(
     total_steps=40, batch_size=8, learning_rate=2e-3, warmup_steps=10, ema_decay=0.9,
     log_every=10, save_every=20, eval_every=40, num_sampling_steps=4, num_eval_samples=8,
     num_samples=8, long_video_frames=12, sample_batch_size=8)}
-# Caption and action control in minutes on a CPU (benchmark/video_control.sh): tiny's U-Net on 8x8
-# sprites, each condition dropped alone half the time, guidance 3, metrics on 128 clips.
+# Caption and action control in CPU minutes (benchmark/video_control.sh): tiny's U-Net, 8x8 sprites
 PRESETS["cpu"] = dict(
     PRESETS["tiny"], num_frames=6, img_size=8, num_sprite_clips=2048, num_distractors=0,
     context_frames=3, cond_drop_prob=0.5, cfg_scale=3.0, total_steps=2000, batch_size=32,
@@ -570,11 +569,9 @@ def load_video_folder(args: "Args") -> VideoData:
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read captions file {found[0]} ({e}): use JSON {{name: caption}} "
                         f"or name<TAB>caption lines") from None
-    episodes, captions = [], []
-    for p in paths:
-        episodes.append(np.stack(read_video(p, args.img_size)))
-        names = (str(p.relative_to(root)), p.name, p.stem)
-        captions.append(next((str(by_name[k]) for k in names if k in by_name), ""))
+    episodes = [np.stack(read_video(p, args.img_size)) for p in paths]
+    names = [(str(p.relative_to(root)), p.name, p.stem) for p in paths]  # the keys of a caption
+    captions = [next((str(by_name[k]) for k in keys if k in by_name), "") for keys in names]
     return clips_of_episodes(episodes, args.num_frames, lambda e, s: captions[e],
                              f"no video under {args.data_dir} has --num-frames {args.num_frames} "
                              f"readable frames: check the files or lower --num-frames",
@@ -740,8 +737,7 @@ def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_
 
 
 class SpatioTemporalAttention(nn.Module):
-    """Residual spatial self-attention (frames as batch), temporal self-attention (pixels as batch,
-    a learned relative position bias: any clip length), then cross-attention to the caption."""
+    """Residual spatial, temporal (relative position bias) and caption cross-attention."""
 
     def __init__(self, channels: int, num_heads: int = 8, norm_groups: int = 32,
                  context_dim: int = 256, max_relative_position: int = 32):
@@ -800,8 +796,7 @@ class TextEncoder(nn.Module):
 
 
 class VideoDiffusionModel(nn.Module):
-    """The 3D U-Net: eps(x_t, t | caption, actions, context) for clips (B, 3, T, H, W) in [-1, 1];
-    context frames and their mask join the input channels (x_t zeroed there)."""
+    """The 3D U-Net: eps(x_t, t | caption, actions, context frames) for clips (B, 3, T, H, W)."""
 
     def __init__(self, in_channels: int = 3, model_channels: int = 256, num_res_blocks: int = 2,
                  channel_mult: tuple = (1, 2, 2), attn_resolutions: tuple = (32, 16),
@@ -1121,8 +1116,7 @@ class DeviceClips:
 
     def clips(self, num: int, use_text: bool = True, use_actions: bool = True, num_context: int = 0,
               text_shift: int = 0, action_shift: int = 0, long: bool = False) -> np.ndarray:
-        """The model's num uint8 clips (long: --long-video-frames) from the first num clips' captions,
-        actions (another's: *_shift), num_context frames; seeded (same noise, training RNGs untouched)."""
+        """num seeded uint8 clips, conditioned as the first num clips (*_shift: another's)."""
         args, out, device = self.args, [], self.device
         length = args.long_video_frames if long else args.num_frames
         generator = torch.Generator(device=device).manual_seed(args.seed + (10_001 if long else 10_000))
