@@ -857,9 +857,8 @@ class VideoDiffusionModel(nn.Module):
         zero_(self.out)
 
     def null_text(self, batch: int, device: torch.device) -> torch.Tensor:
-        tokens = torch.full((batch, self.max_text_len), PAD_ID, dtype=torch.long, device=device)
-        tokens[:, 0] = NULL_ID
-        return tokens
+        null = torch.full((batch, 1), NULL_ID, dtype=torch.long, device=device)  # then <pad>s
+        return F.pad(null, (0, self.max_text_len - 1), value=PAD_ID)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: Optional[torch.Tensor] = None,
                 actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
