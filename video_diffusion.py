@@ -364,8 +364,7 @@ def resize_frame(rgb: np.ndarray, img_size: int) -> np.ndarray:
 
     h, w = rgb.shape[:2]
     side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    square = rgb[top: top + side, left: left + side]
+    square = rgb[(h - side) // 2:, (w - side) // 2:][:side, :side]  # the center square
     return cv2.resize(square, (img_size, img_size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)
 
 
@@ -1075,8 +1074,7 @@ class DeviceClips:
     def __init__(self, data: VideoData, vocabulary: list, args: Args, device, alphas_cumprod,
                  model: Optional[nn.Module] = None, autocast=contextlib.nullcontext()):
         self.args, self.device, self.data, self.alphas_cumprod = args, device, data, alphas_cumprod.to(device)
-        self.frames = torch.from_numpy(data.frames).to(device)
-        self.starts = torch.from_numpy(data.clip_starts).to(device)
+        self.frames, self.starts = (torch.from_numpy(a).to(device) for a in (data.frames, data.clip_starts))
         self.actions = None if data.actions is None else torch.from_numpy(data.actions).to(device)
         self.text = tokenize(data.captions, vocabulary, args.max_text_len).to(device)
         self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in data.captions]
