@@ -1074,7 +1074,8 @@ class DeviceClips:
     def __init__(self, data: VideoData, vocabulary: list, args: Args, device, alphas_cumprod,
                  model: Optional[nn.Module] = None, autocast=contextlib.nullcontext()):
         self.args, self.device, self.data, self.alphas_cumprod = args, device, data, alphas_cumprod.to(device)
-        self.frames, self.starts = (torch.from_numpy(a).to(device) for a in (data.frames, data.clip_starts))
+        self.frames = torch.from_numpy(data.frames).to(device)
+        self.starts = torch.from_numpy(data.clip_starts).to(device)
         self.actions = None if data.actions is None else torch.from_numpy(data.actions).to(device)
         self.text = tokenize(data.captions, vocabulary, args.max_text_len).to(device)
         self.read_captions = [caption_as_read(c, vocabulary, args.max_text_len) for c in data.captions]
