@@ -1631,9 +1631,9 @@ def main(args: Args, given: set[str]):
             print(f"resuming at step {step} of {args.total_steps}")
         else:
             writer.add_scalar("charts/num_parameters", num_params, 0)
-        print(f"model: {num_params:,} parameters; data: {num_clips:,} clips, {words} words, {num_actions} actions; "
-              f"device: {setup.device}")
-        if num_clips < args.batch_size:  # it trains (batches cross epochs and repeat clips), but say so
+        print(f"model: {num_params:,} parameters; data: {num_clips:,} clips, {words} words, "
+              f"{num_actions} actions; device: {setup.device}")
+        if num_clips < args.batch_size:  # it trains (batches cross epochs, repeat clips), but say so
             print(f"notice: {num_clips:,} clips, fewer than --batch-size {args.batch_size}")
     meter = Meter(device, 3 * flops, peak_flops(setup, args.dtype), setup.world_size)
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
