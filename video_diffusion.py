@@ -1381,7 +1381,7 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
 
 
 def imagined_video(next_frame: Callable, frames: torch.Tensor, actions: torch.Tensor, values: torch.Tensor):
-    """The model as a game (a generator): the last of frames (1, 3, k, H, W), then one per action."""
+    """A generator, the model as a game: the last of frames (1, 3, k, H, W), then one per action."""
     frame = frames[0, :, -1]
     while True:
         action = yield to_uint8(frame).transpose(1, 2, 0)
@@ -1633,7 +1633,7 @@ def main(args: Args, given: set[str]):
             writer.add_scalar("charts/num_parameters", num_params, 0)
         print(f"model: {num_params:,} parameters; data: {num_clips:,} clips, {words} words, "
               f"{num_actions} actions; device: {setup.device}")
-        if num_clips < args.batch_size:  # it trains (batches cross epochs, repeat clips), but say so
+        if num_clips < args.batch_size:  # it trains (batches cross epochs, repeat clips): say so
             print(f"notice: {num_clips:,} clips, fewer than --batch-size {args.batch_size}")
     meter = Meter(device, 3 * flops, peak_flops(setup, args.dtype), setup.world_size)
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
