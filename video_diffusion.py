@@ -264,8 +264,7 @@ def check_args(args: Args, world_size: int):
 
 
 # --------------------------------------------------------------------------------------------------
-# Data: the sprites world (generated), Atari clips (random-policy episode .npz files), video folders,
-# each a VideoData: frames, the action into each frame, clips frames[start : start + num_frames].
+# Data: the sprites world (generated), Atari clips (random-policy episodes), video folders.
 
 
 @dataclass
@@ -629,7 +628,8 @@ def tokenize(captions: list, vocabulary: list, max_len: int) -> torch.Tensor:
 
 def caption_as_read(caption: str, vocabulary: list, max_len: int) -> str:
     """The caption as tokenize gives it to the model: its first max_len words, unknown as <unk>."""
-    return " ".join(w if w in vocabulary else "<unk>" for w in caption_words(caption)[:max_len])
+    known = set(vocabulary)
+    return " ".join(w if w in known else "<unk>" for w in caption_words(caption)[:max_len])
 
 
 def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list[str]:
@@ -1240,24 +1240,23 @@ def judge_scores(judge: nn.Sequential, samples: np.ndarray, asked_labels: Option
 JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own sprites sets (a run trains on --seed's)
 
 
-def sprite_colour_labels(captions: list, frames_each: int = 1) -> np.ndarray:
-    """Each caption's colour as a SPRITE_COLOURS index ("a red square" -> 0), frames_each times."""
-    return np.repeat([next(i for i, c in enumerate(SPRITE_COLOURS) if c in s.split()) for s in captions], frames_each)
-
-
 def judge_clips(sampler: DeviceClips, samples: np.ndarray) -> dict:
     """eval/judge_*: each generated frame's sprite colour against its caption's (a CNN cached in {data_dir}/judge)."""
     args, (n, _, num_frames) = sampler.args, samples.shape[:3]
+
+    def colour_labels(captions: list, frames_each: int) -> np.ndarray:  # "a red square ..." -> 0
+        return np.repeat([list(SPRITE_COLOURS).index(c.split()[1]) for c in captions], frames_each)
+
     if sampler.judge is None:
         def real(count: int, frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
             data = make_sprites_dataset(count, frames, args.img_size, args.num_distractors, seed=seed)
-            return data.frames, sprite_colour_labels(data.captions, frames)
+            return data.frames, colour_labels(data.captions, frames)
 
         key = f"sprites_{args.img_size}px_{args.num_distractors}distractors_4classes_seed{JUDGE_DATA_SEED}"
         judge = load_or_train_judge(Path(args.data_dir) / "judge", key, lambda: real(512, 8, JUDGE_DATA_SEED),
                                     len(SPRITE_COLOURS), JUDGE_DATA_SEED)
         sampler.judge = (judge, *real(-(-2 * n * num_frames // args.num_frames), args.num_frames, JUDGE_HELDOUT_SEED))
-    asked = sprite_colour_labels((list(sampler.data.captions) * n)[:n], num_frames)
+    asked = colour_labels((list(sampler.data.captions) * n)[:n], num_frames)
     frames = samples.transpose(0, 2, 1, 3, 4).reshape(-1, 3, *samples.shape[3:])
     scores = judge_scores(sampler.judge[0], frames, asked, *sampler.judge[1:])
     return {f"eval/judge_{name}": value for name, value in scores.items()}
@@ -1287,8 +1286,14 @@ def evaluate(sampler: DeviceClips, writer, step: int, samples_dir: Path, full: b
         metrics |= {f"eval/psnr_{name}": rollout_psnr(clips, real, k) for name, clips in rollouts.items()}
         # Genie's delta-PSNR: how much closer to the real clip the true actions bring a rollout
         metrics["eval/action_control_dpsnr"] = metrics["eval/psnr_true_actions"] - metrics["eval/psnr_shuffled_actions"]
+        def words(a: torch.Tensor) -> str:  # actions (T,) or velocities (T, 2) in words
+            if a.ndim == 2:
+                return " ".join(f"{v[0]:+.1f},{v[1]:+.1f}" for v in a.tolist())
+            return " ".join(SPRITE_ACTIONS[i] if args.dataset == "sprites" else f"a{i}"
+                            for i in a.tolist())
+
         shown = min(4, n)  # real and generated rows in turn, named by the actions after frame k
-        labels = [f"{row} {i}: {k} given, then {action_words(actions[i, k:], args.dataset)}"
+        labels = [f"{row} {i}: {k} given, then {words(actions[i, k:])}"
                   for i in range(shown) for row in ("real", "generated")]
         pairs = np.stack([real[:shown], rollouts["true_actions"][:shown]], 1).reshape(-1, *real.shape[1:])
         writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step, dataformats="HWC")
@@ -1329,13 +1334,6 @@ def frame_strips(clips: np.ndarray, labels: list[str]) -> np.ndarray:
     scale = max(1, 48 // clips.shape[3])
     rows = [make_grid(clip.transpose(1, 0, 2, 3), columns=clip.shape[1]) for clip in clips]
     return np.concatenate([with_caption(row, row.shape[1] * scale, [label]) for row, label in zip(rows, labels)])
-
-
-def action_words(actions: torch.Tensor, dataset: str) -> str:
-    """Actions (T,) discrete or (T, 2) velocities as words."""
-    if actions.ndim == 2:
-        return " ".join(f"{a[0]:+.1f},{a[1]:+.1f}" for a in actions.tolist())
-    return " ".join(SPRITE_ACTIONS[a] if dataset == "sprites" else f"a{a}" for a in actions.tolist())
 
 
 def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> Path:
@@ -1539,6 +1537,25 @@ def play(args: Args, checkpoint: dict, run_dir: Path, device: torch.device, auto
 # The run: the run folder, logging, checkpoints, main (training, or sampling only).
 
 
+def open_run(args: Args, setup, run_dir: Optional[Path], step: int, data: VideoData, vocabulary: list,
+             num_actions: int, num_params: int):
+    """Rank 0's run folder (new unless resumed) and writer (else None); prints the run's start."""
+    if not setup.is_main:
+        return run_dir, None
+    run_dir, writer = open_writer(args, run_dir, step, data.dataset_id)
+    num_clips = len(data.clip_starts)
+    print(f"run folder: {run_dir}")
+    if step > 0:
+        print(f"resuming at step {step} of {args.total_steps}")
+    else:
+        writer.add_scalar("charts/num_parameters", num_params, 0)
+    print(f"model: {num_params:,} parameters; data: {num_clips:,} clips, {len(vocabulary) - len(SPECIAL_TOKENS)} "
+          f"words, {num_actions} actions; device: {setup.device}")
+    if num_clips < args.batch_size:  # it trains (batches cross epochs and repeat clips), but say so
+        print(f"notice: {num_clips:,} clips, fewer than --batch-size {args.batch_size}")
+    return run_dir, writer
+
+
 def log_interval(writer, meter: "Meter", scheduler, progress, step: int, run_dir: Optional[Path]):
     """Logs a --log-every interval; a non-finite loss raises TrainingFailure."""
     if not meter.finite():
@@ -1622,19 +1639,7 @@ def main(args: Args, given: set[str]):
         return
 
     # ---- the run folder (after the signal handlers: it always gets a checkpoint), throughput
-    writer = None
-    if setup.is_main:  # rank 0's run folder (new unless resumed) and writer
-        run_dir, writer = open_writer(args, run_dir, step, data.dataset_id)
-        num_clips, words = len(data.clip_starts), len(vocabulary) - len(SPECIAL_TOKENS)
-        print(f"run folder: {run_dir}")
-        if step > 0:
-            print(f"resuming at step {step} of {args.total_steps}")
-        else:
-            writer.add_scalar("charts/num_parameters", num_params, 0)
-        print(f"model: {num_params:,} parameters; data: {num_clips:,} clips, {words} words, "
-              f"{num_actions} actions; device: {setup.device}")
-        if num_clips < args.batch_size:  # it trains (batches cross epochs, repeat clips): say so
-            print(f"notice: {num_clips:,} clips, fewer than --batch-size {args.batch_size}")
+    run_dir, writer = open_run(args, setup, run_dir, step, data, vocabulary, num_actions, num_params)
     meter = Meter(device, 3 * flops, peak_flops(setup, args.dtype), setup.world_size)
     train_model = torch.compile(model, backend=COMPILE_BACKEND) if args.compile else model
     if setup.world_size > 1:
