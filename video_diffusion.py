@@ -666,8 +666,7 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 def noise_context(context: torch.Tensor, level: torch.Tensor, alphas_cumprod: torch.Tensor,
                   noise: torch.Tensor) -> torch.Tensor:
-    """Context noise augmentation: q(c_s | c) = sqrt(abar_s) c + sqrt(1 - abar_s) n, s = level (B,).
-    The model is told s, so it learns how much to trust its (possibly drifting) context."""
+    """Context noise: q(c_s | c) = sqrt(abar_s) c + sqrt(1 - abar_s) n; s = level (B,) is told."""
     abar = alphas_cumprod.to(context.device)[level].float()[:, None, None, None, None]
     return abar.sqrt() * context + (1 - abar).sqrt() * noise
 
@@ -703,8 +702,7 @@ class SinusoidalPosEmb(nn.Module):
 
 
 class ResBlock3D(nn.Module):
-    """GN-swish-conv(1x3x3), + Dense(swish(emb)) per frame, GN-swish-dropout-conv(1x3x3), shortcut;
-    then + conv(3x1x1)(swish(GN(h))) over time: (2+1)D. Starts as the identity (zero last convs)."""
+    """(2+1)D: GN-swish-conv(1x3x3) + emb, GN-swish-dropout-conv(1x3x3), shortcut, + conv(3x1x1)."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0,
                  norm_groups: int = 32):
@@ -863,9 +861,8 @@ class VideoDiffusionModel(nn.Module):
                 actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
                 context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                 context_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, 3, T, H, W), t (B,) int; text (B, L) tokens (None: null); actions (B, T) int or
-        (B, T, A) float (None: null); drop_actions (B,) bool; context (B, 3, T, H, W), context_mask
-        (B, T) (1 at context frames), context_noise (B,): the step the context was noised to."""
+        """x (B, 3, T, H, W), t (B,); text (B, L), actions (B, T) or (B, T, A) (None: null),
+        drop_actions (B,); context like x, context_mask (B, T) (1: given), context_noise (B,)."""
         b, _, num_frames, height, width = x.shape
         emb = self.time_embed(t)
         if context_noise is not None:
