@@ -989,8 +989,7 @@ def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Ten
                     context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                     context_noise: Optional[torch.Tensor] = None, autocast=contextlib.nullcontext(),
                     prediction: str = "eps", alphas_cumprod: Optional[torch.Tensor] = None) -> Callable:
-    """model_fn(x_t, t) -> eps = eps_u + s (eps_c - eps_u) in one forward, eps_u without caption and
-    actions but with the context frames; v: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
+    """model_fn(x_t, t) -> eps_u + s (eps_c - eps_u) in one forward; eps_u: null caption, actions."""
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         null_text = model.null_text(x.shape[0], x.device)
         drop = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) if drop_actions is None else drop_actions
@@ -1415,8 +1414,7 @@ def import_pygame():
 
 
 def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float):
-    """The live session: the model (Tab: the real sprites world) steps at most max_fps times a
-    second with the held keys' action; Enter restarts, R starts/stops an MP4, Esc quits."""
+    """The live session: the model (Tab: the real world), at most max_fps steps a second."""
     pygame = import_pygame()
     pygame.display.init()  # the display alone: no audio device needed
     driver = pygame.display.get_driver()
