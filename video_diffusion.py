@@ -989,7 +989,7 @@ def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Ten
                     context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                     context_noise: Optional[torch.Tensor] = None, autocast=contextlib.nullcontext(),
                     prediction: str = "eps", alphas_cumprod: Optional[torch.Tensor] = None) -> Callable:
-    """model_fn(x_t, t) -> eps_u + s (eps_c - eps_u) in one forward; eps_u: null caption, actions."""
+    """model_fn(x_t, t) -> eps_u + s (eps_c - eps_u) in one forward; eps_u: null caption, actions"""
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         null_text = model.null_text(x.shape[0], x.device)
         drop = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) if drop_actions is None else drop_actions
