@@ -446,8 +446,9 @@ def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_step
                 np.savez(tmp, **episode, caption=np.array([game]))
                 os.replace(tmp, path)
             except OSError as e:  # a full disk: one line; the episodes recorded so far are kept
-                raise TrainingFailure(f"cannot write the recorded episode {path} ({e.strerror or e})"
-                                      f": free disk space or make the folder writable") from None
+                raise TrainingFailure(f"cannot write the recorded episode {path} "
+                                      f"({e.strerror or e}): free disk space or make the "
+                                      f"folder writable") from None
             finally:  # also after a Ctrl-C in the middle of the write: no temporary file left
                 with contextlib.suppress(OSError):
                     tmp.unlink(missing_ok=True)
