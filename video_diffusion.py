@@ -1576,7 +1576,7 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter, setup: "
 
 
 def main(args: Args, given: set[str]):
-    # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds
+    # ---- setup: the arguments (a resumed run's from its checkpoint), the device, seeds, the data
     checkpoint, run_dir, started = None, None, time.perf_counter()
     if args.resume:
         trains = not args.sample_only  # --sample-only writes no checkpoint: it reads any checkpoint file
@@ -1588,8 +1588,6 @@ def main(args: Args, given: set[str]):
     if args.play or args.play_keys is not None:  # optional: play
         return play(args, checkpoint, run_dir, device, autocast)  # optional: play
     train_generator = torch.Generator(device=device).manual_seed(args.seed)  # t, noise, drops ...
-
-    # ---- data: the training clips on the device, the held-out ones for evaluation, the words
     data = load_dataset(args)  # (a resumed run's vocabulary and action count: they fix the model's shape)
     vocabulary = build_vocabulary(data.captions) if checkpoint is None else checkpoint["vocabulary"]
     num_actions = checkpoint["num_actions"] if checkpoint is not None else data.num_actions
