@@ -210,8 +210,7 @@ PRESETS = {"tiny": dict(
     total_steps=40, batch_size=8, learning_rate=2e-3, warmup_steps=10, ema_decay=0.9,
     log_every=10, save_every=20, eval_every=40, num_sampling_steps=4, num_eval_samples=8,
     num_samples=8, long_video_frames=12, sample_batch_size=8)}
-# Caption and action control in minutes on a CPU (benchmark/video_control.sh): tiny's U-Net on 8x8
-# sprites, each condition dropped alone half the time, guidance 3, metrics on 128 clips.
+# Caption and action control in CPU minutes (benchmark/video_control.sh): tiny's U-Net, 8x8 sprites
 PRESETS["cpu"] = dict(
     PRESETS["tiny"], num_frames=6, img_size=8, num_sprite_clips=2048, num_distractors=0,
     context_frames=3, cond_drop_prob=0.5, cfg_scale=3.0, total_steps=2000, batch_size=32,
@@ -219,8 +218,7 @@ PRESETS["cpu"] = dict(
     num_sampling_steps=8, num_eval_samples=128, num_samples=16, long_video_frames=6,
     sample_batch_size=128)
 FLAG_ALIASES: dict[str, str] = {}  # flags spelled otherwise (diamond_atari.py: --game, --env-id)
-# What a checkpoint holds after its header, in checkpoint_state's order. The vocabulary and the
-# action count fix the model's shape: the run reads them before it builds it.
+# A checkpoint after its header; the vocabulary and action count fix the model's shape (read first).
 CHECKPOINT_KEYS = ("args", "step", "rng", "model", "ema", "optimizer", "scheduler", "scaler",
                    "train_generator", "vocabulary", "num_actions")
 
@@ -266,8 +264,7 @@ def check_args(args: Args, world_size: int):
 
 
 # --------------------------------------------------------------------------------------------------
-# Data: the sprites world (generated), Atari clips (random-policy episode .npz files), video folders,
-# each a VideoData: frames, the action into each frame, clips frames[start : start + num_frames].
+# Data: the sprites world (generated), Atari clips (random-policy episodes), video folders.
 
 
 @dataclass
@@ -285,8 +282,7 @@ class VideoData:
 SPRITE_COLOURS = {"red": (230, 40, 40), "green": (40, 210, 40), "blue": (50, 90, 245),
                   "yellow": (235, 215, 30)}
 DIRECTIONS = ["up", "down", "left", "right"]  # sprites: discrete action i + 1 goes DIRECTIONS[i]
-SPRITE_ACTIONS = ["noop"] + DIRECTIONS
-# (dx, dy), y down; then noop
+SPRITE_ACTIONS = ["noop"] + DIRECTIONS  # below: DIRECTIONS' (dx, dy), y down, then noop's
 DIRECTION_VECTORS = np.array([[0, -1], [0, 1], [-1, 0], [1, 0], [0, 0]], dtype=np.float32)
 
 
@@ -297,8 +293,7 @@ def sprite_geometry(img_size: int) -> tuple[int, int, int]:
 
 
 def sprite_positions(state: dict, actions: np.ndarray, img_size: int) -> np.ndarray:
-    """The sprite's top-left corner (T, 2) after the action into each frame (actions[0] is ignored):
-    discrete 0 noop, 1-4 DIRECTIONS; continuous a (dx, dy) in sprite speeds. Walls stop it."""
+    """The sprite's top-left corner (T, 2) after each action (index or (dx, dy)); walls stop it."""
     size, _, speed = sprite_geometry(img_size)
     out = [np.array(state["sprite"], dtype=np.float32)]
     for a in actions[1:]:
@@ -325,8 +320,7 @@ def render_sprite_clip(state: dict, actions: np.ndarray, img_size: int) -> np.nd
 
 def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_distractors: int = 1,
                          action_dim: int = 0, seed: int = 0) -> VideoData:
-    """Clips of a square moved by the actions ("a red square moves right"): direction d 3/4 of the
-    time, else a noop or a sideways move; the start is uniform, redrawn until the net move is d."""
+    """Clips of a square moved by the actions ("a red square moves right"), 3/4 of them as said."""
     if num_frames < 2:
         raise UserError(f"--num-frames {num_frames}: a sprites clip needs at least 2 frames to "
                         f"show a move; use --num-frames 2 or more")
@@ -340,12 +334,11 @@ def make_sprites_dataset(num_clips: int, num_frames: int, img_size: int, num_dis
             choice = rng.random(num_frames)
             sideways = np.array([3, 4] if d < 2 else [1, 2])[rng.integers(2, size=num_frames)]
             clip_actions = np.where(choice < 0.75, d + 1, np.where(choice < 0.85, 0, sideways))
-            clip_actions[0] = 0
             if action_dim > 0:  # a velocity: the discrete move scaled by U(0.6, 1), plus jitter
                 speeds = rng.uniform(0.6, 1.0, (num_frames, 1))
                 clip_actions = (DIRECTION_VECTORS[clip_actions - 1] * speeds
                                 + rng.normal(0, 0.05, (num_frames, 2))).astype(np.float32)
-                clip_actions[0] = 0
+            clip_actions[0] = 0
             state = {"sprite": xy, "colour": list(SPRITE_COLOURS)[int(rng.integers(4))],
                      "distractors": rng.uniform(0, img_size - dsize, (num_distractors, 2)).tolist(),
                      "distractor_velocities":
@@ -370,15 +363,13 @@ def resize_frame(rgb: np.ndarray, img_size: int) -> np.ndarray:
 
     h, w = rgb.shape[:2]
     side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    square = rgb[top: top + side, left: left + side]
+    square = rgb[(h - side) // 2:, (w - side) // 2:][:side, :side]  # the center square
     return cv2.resize(square, (img_size, img_size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)
 
 
 def clips_of_episodes(episodes: list, num_frames: int, caption: Callable, too_short: str,
                       **fields) -> VideoData:
-    """VideoData of the episodes' frames, each (T, 3, H, W): windows of num_frames, num_frames // 2
-    apart, captioned caption(episode, start in it); too_short: the error if there are none."""
+    """VideoData: windows of num_frames, num_frames // 2 apart, captioned caption(episode, start)"""
     windows = [(e, s) for e, frames in enumerate(episodes)
                for s in range(0, len(frames) - num_frames + 1, max(1, num_frames // 2))]
     if not windows:
@@ -422,8 +413,7 @@ def atari_folder(data_dir: str, canonical: str) -> Path:
 
 def record_atari_episodes(gym_id: str, folder: Path, num_episodes: int, max_steps: int,
                           img_size: int, seed: int, game: str) -> list[str]:
-    """Random-policy episodes (each action held 1-8 steps, so that motion shows) as episode files,
-    each written atomically (existing ones kept); returns the game's action meanings."""
+    """Random-policy episode files (actions held 1-8 steps), written atomically; action names."""
     import gymnasium as gym
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -501,8 +491,7 @@ def read_episode(path: Path, num_actions: int, fix: str) -> dict:
 
 
 def load_atari_dataset(args: "Args") -> VideoData:
-    """The episode files in atari_folder, recorded first if there are too few. Each clip's caption
-    names the action held most often in it: "Breakout: the paddle moves left"."""
+    """Recorded episodes' clips, captioned by the action held most ("the paddle moves left")."""
     gym_id, canonical, game = atari_ids(args.env_id)
     folder = atari_folder(args.data_dir, canonical)
     meanings = record_atari_episodes(gym_id, folder, args.num_atari_episodes,
@@ -527,8 +516,7 @@ def load_atari_dataset(args: "Args") -> VideoData:
 
 
 def read_video(path: Path, img_size: int) -> list[np.ndarray]:
-    """A video's frames through resize_frame; an empty, unreadable or undecodable file is refused in
-    one line naming it (FFmpeg's own "moov atom not found" names no file)."""
+    """A video's frames through resize_frame; an empty or undecodable file is refused, named."""
     import cv2
 
     # FFmpeg writes to fd 2 itself (OpenCV's log level does not reach it): silenced while decoding
@@ -579,11 +567,9 @@ def load_video_folder(args: "Args") -> VideoData:
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read captions file {found[0]} ({e}): use JSON {{name: caption}} "
                         f"or name<TAB>caption lines") from None
-    episodes, captions = [], []
-    for p in paths:
-        episodes.append(np.stack(read_video(p, args.img_size)))
-        names = (str(p.relative_to(root)), p.name, p.stem)
-        captions.append(next((str(by_name[k]) for k in names if k in by_name), ""))
+    episodes = [np.stack(read_video(p, args.img_size)) for p in paths]
+    names = [(str(p.relative_to(root)), p.name, p.stem) for p in paths]  # the keys of a caption
+    captions = [next((str(by_name[k]) for k in keys if k in by_name), "") for keys in names]
     return clips_of_episodes(episodes, args.num_frames, lambda e, s: captions[e],
                              f"no video under {args.data_dir} has --num-frames {args.num_frames} "
                              f"readable frames: check the files or lower --num-frames",
@@ -601,8 +587,7 @@ def eval_subset(data: VideoData, args: "Args") -> VideoData:
     """The clips the metrics use: held-out sprites (another seed), or clips spread over the data."""
     n = args.num_eval_samples
     if args.dataset == "sprites":
-        return make_sprites_dataset(n, args.num_frames, args.img_size, args.num_distractors,
-                                    args.action_dim, seed=args.seed + 1_000)
+        return load_dataset(replace(args, num_sprite_clips=n, seed=args.seed + 1_000))
     chosen = np.linspace(0, len(data.clip_starts) - 1, n).round().astype(np.int64)
     return replace(data, clip_starts=data.clip_starts[chosen],
                    captions=[data.captions[i] for i in chosen], directions=data.directions[chosen])
@@ -617,9 +602,8 @@ def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) 
     return order[start % num_items: start % num_items + batch_size]
 
 
-# Words: a vocabulary built from the dataset's captions, learned with the model (a pretrained text
-# encoder needs a hub). Token 0 pads; the empty caption is the single token <null>: the null
-# condition for guidance.
+# Words: a vocabulary of the dataset's captions, learned with the model (no hub). Token 0 pads; the
+# empty caption is the single token <null>: the null condition for guidance.
 SPECIAL_TOKENS = ["<pad>", "<null>", "<unk>"]
 PAD_ID, NULL_ID, UNK_ID = 0, 1, 2
 
@@ -648,20 +632,15 @@ def caption_as_read(caption: str, vocabulary: list, max_len: int) -> str:
     return " ".join(w if w in known else "<unk>" for w in caption_words(caption)[:max_len])
 
 
-def unknown_words(captions: list, vocabulary: list, max_len: int) -> list[str]:
-    """The words in the first max_len of each caption that the vocabulary lacks, by first use."""
-    known = set(vocabulary)
-    return list(dict.fromkeys(w for c in captions for w in caption_words(c)[:max_len]
-                              if w not in known))
-
-
 def data_caption_notices(captions: list, vocabulary: list, max_len: int) -> list[str]:
     """At most one notice: captions cut to max_len words, words a resumed model never learned."""
     distinct = {tuple(caption_words(c)) for c in captions}
     cut = sum(len(words) > max_len for words in distinct)
     said = ([f"{cut} of {len(distinct)} captions are cut to their first --max-text-len "
              f"{max_len} words"] if cut else [])
-    if unknown := unknown_words(captions, vocabulary, max_len):
+    known = set(vocabulary)
+    if unknown := dict.fromkeys(w for c in captions for w in caption_words(c)[:max_len]
+                                if w not in known):  # in order of first use
         said.append(f"words the model never learned, read as <unk>: {', '.join(unknown)}")
     return ["notice: " + "; ".join(said)] if said else []
 
@@ -687,8 +666,7 @@ def make_alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 def noise_context(context: torch.Tensor, level: torch.Tensor, alphas_cumprod: torch.Tensor,
                   noise: torch.Tensor) -> torch.Tensor:
-    """Context noise augmentation: q(c_s | c) = sqrt(abar_s) c + sqrt(1 - abar_s) n, s = level (B,).
-    The model is told s, so it learns how much to trust its (possibly drifting) context."""
+    """Context noise: q(c_s | c) = sqrt(abar_s) c + sqrt(1 - abar_s) n; s = level (B,) is told."""
     abar = alphas_cumprod.to(context.device)[level].float()[:, None, None, None, None]
     return abar.sqrt() * context + (1 - abar).sqrt() * noise
 
@@ -724,8 +702,7 @@ class SinusoidalPosEmb(nn.Module):
 
 
 class ResBlock3D(nn.Module):
-    """GN-swish-conv(1x3x3), + Dense(swish(emb)) per frame, GN-swish-dropout-conv(1x3x3), shortcut;
-    then + conv(3x1x1)(swish(GN(h))) over time: (2+1)D. Starts as the identity (zero last convs)."""
+    """(2+1)D: GN-swish-conv(1x3x3) + emb, GN-swish-dropout-conv(1x3x3), shortcut, + conv(3x1x1)."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0,
                  norm_groups: int = 32):
@@ -757,8 +734,7 @@ def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_
 
 
 class SpatioTemporalAttention(nn.Module):
-    """Residual spatial self-attention (frames as batch), temporal self-attention (pixels as batch,
-    a learned relative position bias: any clip length), then cross-attention to the caption."""
+    """Residual spatial, temporal (relative position bias) and caption cross-attention."""
 
     def __init__(self, channels: int, num_heads: int = 8, norm_groups: int = 32,
                  context_dim: int = 256, max_relative_position: int = 32):
@@ -817,9 +793,7 @@ class TextEncoder(nn.Module):
 
 
 class VideoDiffusionModel(nn.Module):
-    """The 3D U-Net: eps(x_t, t | caption, actions, context) for clips (B, 3, T, H, W) in [-1, 1].
-    The caption's mean token and each frame's action join the time embedding; context frames and
-    their mask join the input channels (x_t zeroed there), their noise level embedded like t."""
+    """The 3D U-Net: eps(x_t, t | caption, actions, context frames) for clips (B, 3, T, H, W)."""
 
     def __init__(self, in_channels: int = 3, model_channels: int = 256, num_res_blocks: int = 2,
                  channel_mult: tuple = (1, 2, 2), attn_resolutions: tuple = (32, 16),
@@ -880,17 +854,15 @@ class VideoDiffusionModel(nn.Module):
         zero_(self.out)
 
     def null_text(self, batch: int, device: torch.device) -> torch.Tensor:
-        tokens = torch.full((batch, self.max_text_len), PAD_ID, dtype=torch.long, device=device)
-        tokens[:, 0] = NULL_ID
-        return tokens
+        null = torch.full((batch, 1), NULL_ID, dtype=torch.long, device=device)  # then <pad>s
+        return F.pad(null, (0, self.max_text_len - 1), value=PAD_ID)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: Optional[torch.Tensor] = None,
                 actions: Optional[torch.Tensor] = None, drop_actions: Optional[torch.Tensor] = None,
                 context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                 context_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, 3, T, H, W), t (B,) int; text (B, L) tokens (None: null); actions (B, T) int or
-        (B, T, A) float (None: null); drop_actions (B,) bool; context (B, 3, T, H, W), context_mask
-        (B, T) (1 at context frames), context_noise (B,): the step the context was noised to."""
+        """x (B, 3, T, H, W), t (B,); text (B, L), actions (B, T) or (B, T, A) (None: null),
+        drop_actions (B,); context like x, context_mask (B, T) (1: given), context_noise (B,)."""
         b, _, num_frames, height, width = x.shape
         emb = self.time_embed(t)
         if context_noise is not None:
@@ -1017,8 +989,7 @@ def guided_model_fn(model: nn.Module, cfg_scale: float, text: Optional[torch.Ten
                     context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
                     context_noise: Optional[torch.Tensor] = None, autocast=contextlib.nullcontext(),
                     prediction: str = "eps", alphas_cumprod: Optional[torch.Tensor] = None) -> Callable:
-    """model_fn(x_t, t) -> eps = eps_u + s (eps_c - eps_u) in one forward, eps_u without caption and
-    actions but with the context frames; v: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t."""
+    """model_fn(x_t, t) -> eps_u + s (eps_c - eps_u) in one forward; eps_u: null caption, actions"""
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         null_text = model.null_text(x.shape[0], x.device)
         drop = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) if drop_actions is None else drop_actions
@@ -1052,8 +1023,7 @@ def sample_videos(model_fn: Callable, x_T: torch.Tensor, alphas_cumprod: torch.T
 def generate_video(model: nn.Module, alphas_cumprod: torch.Tensor, args: Args, num_frames: int, shape: tuple,
                    generator: torch.Generator, text=None, actions=None, drop_actions=None, video=None,
                    autocast=contextlib.nullcontext()) -> torch.Tensor:
-    """Video (B, 3, num_frames, H, W) in [-1, 1]: `video` (default none), then --sampler's clips of
-    `shape`, each given the last --context-frames frames (noised); actions (B, A_T[, A]) repeated."""
+    """Video (B, 3, num_frames, H, W): `video`, then clips of `shape` given its last k frames."""
     device, (b, _, clip_frames) = generator.device, shape[:3]
     video = torch.zeros(*shape[:2], 0, *shape[3:], device=device) if video is None else video
     while video.shape[2] < num_frames:
@@ -1082,8 +1052,7 @@ def to_uint8(clips: torch.Tensor) -> np.ndarray:
 
 def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod,
                          prediction: str = "eps", autocast=contextlib.nullcontext(), **conditions) -> torch.Tensor:
-    """L_simple (Ho et al. eq. 14) = || eps or v - f(x_t, t, conditions) ||^2, x0 (B, 3, T, H, W).
-    Context frames (context_mask 1) count zero, the sum still divided by the clip's size."""
+    """L_simple (Ho et al. eq. 14): mean || eps or v - f(x_t, t) ||^2, context frames as zero."""
     sqrt_abar = alphas_cumprod[t].sqrt().float()[:, None, None, None, None]
     sqrt_one_minus_abar = (1 - alphas_cumprod[t]).sqrt().float()[:, None, None, None, None]
     x_t = sqrt_abar * x0 + sqrt_one_minus_abar * noise  # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
@@ -1096,8 +1065,7 @@ def video_diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, no
 
 
 class DeviceClips:
-    """Clips on the device as uint8 frames (no loader, no copies), caption tokens and actions (clip
-    i is frames[starts[i] : starts[i] + num_frames]), and a model's samples conditioned on them."""
+    """Clips on the device (uint8 frames, no loader), caption tokens, actions; a model's samples."""
 
     def __init__(self, data: VideoData, vocabulary: list, args: Args, device, alphas_cumprod,
                  model: Optional[nn.Module] = None, autocast=contextlib.nullcontext()):
@@ -1118,8 +1086,7 @@ class DeviceClips:
         return clips, self.text[index], None if self.actions is None else self.actions[frames]
 
     def batch(self, step: int, generator: torch.Generator, mine: slice, null_text) -> dict:
-        """The step's batch as video_diffusion_loss's keyword arguments: the global batch, drawn
-        alike on every rank, sliced to this rank's `mine` (2 ranks at batch B compute as 1 rank)."""
+        """The loss's kwargs: the global batch, drawn alike on every rank, sliced to `mine`."""
         args, device, B, abar = self.args, self.device, self.args.batch_size, self.alphas_cumprod
         clip_shape = (3, args.num_frames, args.img_size, args.img_size)
         indices = global_batch_indices(step, B, len(self.starts), args.seed).to(device, non_blocking=True)
@@ -1143,8 +1110,7 @@ class DeviceClips:
 
     def clips(self, num: int, use_text: bool = True, use_actions: bool = True, num_context: int = 0,
               text_shift: int = 0, action_shift: int = 0, long: bool = False) -> np.ndarray:
-        """The model's num uint8 clips (long: --long-video-frames) from the first num clips' captions,
-        actions (another's: *_shift), num_context frames; seeded (same noise, training RNGs untouched)."""
+        """num seeded uint8 clips, conditioned as the first num clips (*_shift: another's)."""
         args, out, device = self.args, [], self.device
         length = args.long_video_frames if long else args.num_frames
         generator = torch.Generator(device=device).manual_seed(args.seed + (10_001 if long else 10_000))
@@ -1160,8 +1126,7 @@ class DeviceClips:
 
 
 def step_memory_profile(args: Args, vocab_size: int, num_actions: int) -> tuple[int, float, float]:
-    """(parameters, activation bytes autograd saves, forward FLOPs) per clip of a training step with
-    every condition given, counted on the meta device: before anything is allocated at full size."""
+    """(parameters, saved activation bytes, forward FLOPs) of one clip's training step, on meta."""
     with torch.device("meta"):
         model = build_model(args, vocab_size, num_actions)
         x0 = torch.zeros(1, 3, args.num_frames, args.img_size, args.img_size)
@@ -1271,24 +1236,23 @@ def judge_scores(judge: nn.Sequential, samples: np.ndarray, asked_labels: Option
 JUDGE_DATA_SEED, JUDGE_HELDOUT_SEED = 1_000_001, 1_000_002  # the judge's own sprites sets (a run trains on --seed's)
 
 
-def sprite_colour_labels(captions: list, frames_each: int = 1) -> np.ndarray:
-    """Each caption's colour as a SPRITE_COLOURS index ("a red square" -> 0), frames_each times."""
-    return np.repeat([next(i for i, c in enumerate(SPRITE_COLOURS) if c in s.split()) for s in captions], frames_each)
-
-
 def judge_clips(sampler: DeviceClips, samples: np.ndarray) -> dict:
     """eval/judge_*: each generated frame's sprite colour against its caption's (a CNN cached in {data_dir}/judge)."""
     args, (n, _, num_frames) = sampler.args, samples.shape[:3]
+
+    def colour_labels(captions: list, frames_each: int) -> np.ndarray:  # "a red square ..." -> 0
+        return np.repeat([list(SPRITE_COLOURS).index(c.split()[1]) for c in captions], frames_each)
+
     if sampler.judge is None:
         def real(count: int, frames: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
             data = make_sprites_dataset(count, frames, args.img_size, args.num_distractors, seed=seed)
-            return data.frames, sprite_colour_labels(data.captions, frames)
+            return data.frames, colour_labels(data.captions, frames)
 
         key = f"sprites_{args.img_size}px_{args.num_distractors}distractors_4classes_seed{JUDGE_DATA_SEED}"
         judge = load_or_train_judge(Path(args.data_dir) / "judge", key, lambda: real(512, 8, JUDGE_DATA_SEED),
                                     len(SPRITE_COLOURS), JUDGE_DATA_SEED)
         sampler.judge = (judge, *real(-(-2 * n * num_frames // args.num_frames), args.num_frames, JUDGE_HELDOUT_SEED))
-    asked = sprite_colour_labels((list(sampler.data.captions) * n)[:n], num_frames)
+    asked = colour_labels((list(sampler.data.captions) * n)[:n], num_frames)
     frames = samples.transpose(0, 2, 1, 3, 4).reshape(-1, 3, *samples.shape[3:])
     scores = judge_scores(sampler.judge[0], frames, asked, *sampler.judge[1:])
     return {f"eval/judge_{name}": value for name, value in scores.items()}
@@ -1318,8 +1282,14 @@ def evaluate(sampler: DeviceClips, writer, step: int, samples_dir: Path, full: b
         metrics |= {f"eval/psnr_{name}": rollout_psnr(clips, real, k) for name, clips in rollouts.items()}
         # Genie's delta-PSNR: how much closer to the real clip the true actions bring a rollout
         metrics["eval/action_control_dpsnr"] = metrics["eval/psnr_true_actions"] - metrics["eval/psnr_shuffled_actions"]
+        def words(a: torch.Tensor) -> str:  # actions (T,) or velocities (T, 2) in words
+            if a.ndim == 2:
+                return " ".join(f"{v[0]:+.1f},{v[1]:+.1f}" for v in a.tolist())
+            return " ".join(SPRITE_ACTIONS[i] if args.dataset == "sprites" else f"a{i}"
+                            for i in a.tolist())
+
         shown = min(4, n)  # real and generated rows in turn, named by the actions after frame k
-        labels = [f"{row} {i}: {k} given, then {action_words(actions[i, k:], args.dataset)}"
+        labels = [f"{row} {i}: {k} given, then {words(actions[i, k:])}"
                   for i in range(shown) for row in ("real", "generated")]
         pairs = np.stack([real[:shown], rollouts["true_actions"][:shown]], 1).reshape(-1, *real.shape[1:])
         writer.add_image("samples/rollouts_true_actions", frame_strips(pairs, labels), step, dataformats="HWC")
@@ -1360,13 +1330,6 @@ def frame_strips(clips: np.ndarray, labels: list[str]) -> np.ndarray:
     scale = max(1, 48 // clips.shape[3])
     rows = [make_grid(clip.transpose(1, 0, 2, 3), columns=clip.shape[1]) for clip in clips]
     return np.concatenate([with_caption(row, row.shape[1] * scale, [label]) for row, label in zip(rows, labels)])
-
-
-def action_words(actions: torch.Tensor, dataset: str) -> str:
-    """Actions (T,) discrete or (T, 2) velocities as words."""
-    if actions.ndim == 2:
-        return " ".join(f"{a[0]:+.1f},{a[1]:+.1f}" for a in actions.tolist())
-    return " ".join(SPRITE_ACTIONS[a] if dataset == "sprites" else f"a{a}" for a in actions.tolist())
 
 
 def write_samples(folder: Path, stem: str, clips: np.ndarray, fps: int = 8) -> Path:
@@ -1412,8 +1375,7 @@ def action_from_keys(up: bool, down: bool, left: bool, right: bool, fire: bool, 
 
 
 def imagined_video(next_frame: Callable, frames: torch.Tensor, actions: torch.Tensor, values: torch.Tensor):
-    """The model as a game (a generator): the last of frames (1, 3, k, H, W) in [-1, 1], then per
-    action sent next_frame(the last k frames, their actions and values[action]: (1, k + 1[, A]))."""
+    """A generator, the model as a game: the last of frames (1, 3, k, H, W), then one per action."""
     frame = frames[0, :, -1]
     while True:
         action = yield to_uint8(frame).transpose(1, 2, 0)
@@ -1431,8 +1393,7 @@ def real_sprites(state: dict, actions: np.ndarray, img_size: int, values: torch.
 
 
 def play_keys(game: Callable, steps: list, meanings: list[str], size: int, name: str = "") -> dict:
-    """A headless session: game() (imagined_video, real_sprites) played with the actions (None:
-    restart). Returns the frames uint8 (T + 1, H, W, 3), the captioned ones (the MP4), frames/s."""
+    """game() played headless with steps (None: restart): frames, captioned ones (MP4), frames/s."""
     frames, start = [], time.perf_counter()
     for action in [None, *steps]:  # None: a (re)start
         frames.append(next(session := game()) if action is None else session.send(action))
@@ -1453,8 +1414,7 @@ def import_pygame():
 
 
 def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_fps: float):
-    """The live session: the model (Tab: the real sprites world) steps at most max_fps times a
-    second with the held keys' action; Enter restarts, R starts/stops an MP4, Esc quits."""
+    """The live session: the model (Tab: the real world), at most max_fps steps a second."""
     pygame = import_pygame()
     pygame.display.init()  # the display alone: no audio device needed
     driver = pygame.display.get_driver()
@@ -1495,8 +1455,7 @@ def play_window(games: dict, meanings: list[str], out_dir: Path, size: int, max_
 
 def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=contextlib.nullcontext(),
                clip: Optional[int] = None) -> dict:
-    """The checkpoint's EMA model as a game from held-out clip `clip` (default: --seed's): each step
-    generates a clip from the last k = --context-frames frames and the new action; shows frame k."""
+    """The EMA model as a game from held-out clip `clip`: each step, frame k of a clip given k."""
     num_actions, vocabulary = checkpoint["num_actions"], checkpoint["vocabulary"]
     if args.dataset == "folder" or num_actions == 0 and args.action_dim == 0 or args.context_frames < 1:
         raise UserError(f"--play needs a model trained with actions (--dataset sprites or atari) and --context-frames "
@@ -1505,7 +1464,7 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
         raise UserError(f"--play-world {args.play_world}: only the sprites world can be played for "
                         f"real here; give --play-world imagined")
     caption, max_len = args.play_caption or "", args.max_text_len  # checked before any data is made
-    if unknown := unknown_words([caption], vocabulary, max_len):  # each the untrained <unk>
+    if unknown := dict.fromkeys(w for w in caption_words(caption)[:max_len] if w not in vocabulary):
         known = vocabulary[len(SPECIAL_TOKENS):]
         guesses = {w: difflib.get_close_matches(w, known, n=1) for w in unknown}
         named = ", ".join(w + (f" (did you mean {guesses[w][0]}?)" if guesses[w] else "") for w in unknown)
@@ -1518,8 +1477,7 @@ def play_games(args: Args, checkpoint: dict, device: torch.device, autocast=cont
     caption = caption_as_read(caption, vocabulary, max_len)  # printed as the model reads it
     if args.dataset == "sprites":
         meanings = [name.upper() for name in SPRITE_ACTIONS]
-        data = make_sprites_dataset(64, args.num_frames, args.img_size, args.num_distractors,
-                                    args.action_dim, seed=args.seed + 2_000)  # unseen starts
+        data = load_dataset(replace(args, num_sprite_clips=64, seed=args.seed + 2_000))  # unseen
     else:  # Atari: starts from the run's recorded episodes, the game's own action names
         import gymnasium as gym
 
@@ -1617,10 +1575,8 @@ def save_run(run_dir: Path, args: Args, step: int, parts: tuple, meter, setup: "
         print(f"saved checkpoint at step {step}", flush=True)
 
 
-
-
 def main(args: Args, given: set[str]):
-    # ---- setup: the arguments (a resumed run's come from its checkpoint), the device, seeds
+    # ---- setup: the arguments (a resumed run's from its checkpoint), the device, seeds, the data
     checkpoint, run_dir, started = None, None, time.perf_counter()
     if args.resume:
         trains = not args.sample_only  # --sample-only writes no checkpoint: it reads any checkpoint file
@@ -1632,8 +1588,6 @@ def main(args: Args, given: set[str]):
     if args.play or args.play_keys is not None:  # optional: play
         return play(args, checkpoint, run_dir, device, autocast)  # optional: play
     train_generator = torch.Generator(device=device).manual_seed(args.seed)  # t, noise, drops ...
-
-    # ---- data: the training clips on the device, the held-out ones for evaluation, the words
     data = load_dataset(args)  # (a resumed run's vocabulary and action count: they fix the model's shape)
     vocabulary = build_vocabulary(data.captions) if checkpoint is None else checkpoint["vocabulary"]
     num_actions = checkpoint["num_actions"] if checkpoint is not None else data.num_actions
