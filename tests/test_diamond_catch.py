@@ -410,7 +410,8 @@ def test_catch_diagnosis_reads_states_steps_catch_as_a_model_and_reports_a_run(d
     model = diagnosis.catch_as_model(dia, dia.WorldModelEnv)(denoiser, reward_end, buffer, args, torch.device("cpu"),
                                                               torch.Generator().manual_seed(0),
                                                               torch.Generator().manual_seed(1))
-    model.reset()
+    model.obs, model.act, model.hidden = model.start(3)  # the imagined envs started, as the first rollout does
+    model.age = torch.zeros(3, dtype=torch.long)
     games = [dia.CatchEnv(32, seed=s) for s in range(3)]
     for game in games:
         game.reset()
